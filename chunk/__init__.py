@@ -1,0 +1,1 @@
+"""Chunk server: local disks, extents, replication, snapshots and the iSCSI target."""

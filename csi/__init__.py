@@ -1,0 +1,1 @@
+"""CSI driver: Identity, Controller and Node services (issue: CSI driver)."""

@@ -1,0 +1,1 @@
+"""Meta server: the cluster's control plane over etcd (API, leader election, placement, liveness)."""

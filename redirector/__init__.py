@@ -1,0 +1,1 @@
+"""iSCSI login redirector on the cluster VIP (issue: redirector)."""

@@ -1,0 +1,256 @@
+"""The one place tests start real processes: etcd, meta, chunk servers, the CLI.
+
+Everything binds 127.0.0.1 on ports the kernel hands out, runs in a temp
+directory, and is stopped (SIGTERM, then SIGKILL) by the fixture that made it.
+Waits poll a condition with a deadline; nothing sleeps for a fixed time and
+hopes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - remembered for the failure message
+            last_exc = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    popen: subprocess.Popen | None = None
+
+    def start(self) -> "Proc":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env=self.env, cwd=ROOT,
+                                      start_new_session=True)
+        logf.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, timeout: float = 10) -> None:
+        if not self.alive():
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Etcd:
+    """A real etcd on loopback, optionally with mutual TLS."""
+    workdir: Path
+    tls: dict[str, str] | None = None     # ca_file, cert_file, key_file (server side)
+    client_port: int = field(default_factory=free_port)
+    peer_port: int = field(default_factory=free_port)
+    proc: Proc | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = 20) -> "Etcd":
+        scheme = "https" if self.tls else "http"
+        url = f"{scheme}://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        argv = [ETCD, "--name", "t", "--data-dir", str(self.workdir / "etcd-data"),
+                "--listen-client-urls", url, "--advertise-client-urls", url,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"t={peer}", "--log-level", "warn"]
+        if self.tls:
+            argv += ["--cert-file", self.tls["cert_file"], "--key-file", self.tls["key_file"],
+                     "--trusted-ca-file", self.tls["ca_file"], "--client-cert-auth"]
+        env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
+        self.proc = Proc("etcd", argv, self.workdir / "etcd.log", env=env).start()
+        wait_for(lambda: port_open(self.client_port) or not self.proc.alive(), timeout, "etcd port")
+        if not self.proc.alive():
+            raise RuntimeError("etcd exited:\n" + self.proc.log())
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+    def kill(self) -> None:
+        if self.proc:
+            self.proc.kill()
+
+
+def unique_prefix() -> str:
+    return f"/t-{uuid.uuid4().hex[:10]}"
+
+
+def write_config(path: Path, sections: dict[str, dict]) -> Path:
+    import tomli_w
+    path.write_text(tomli_w.dumps({k: {kk: vv for kk, vv in v.items() if vv is not None}
+                                   for k, v in sections.items()}))
+    return path
+
+
+@dataclass
+class Cluster:
+    """etcd (shared) + meta servers + chunk servers for one test, under its own prefix."""
+    workdir: Path
+    etcd: Etcd
+    prefix: str = field(default_factory=unique_prefix)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    metas: list[Proc] = field(default_factory=list)
+    meta_ports: list[int] = field(default_factory=list)
+    chunks: list[Proc] = field(default_factory=list)
+    lease_ttl: int = 3
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.token_file = self.workdir / "token"
+        self.token_file.write_text(self.token + "\n")
+        self.token_file.chmod(0o600)
+
+    @property
+    def client_config(self) -> Path:
+        return self.workdir / "client.toml"
+
+    def _write_client_config(self) -> None:
+        write_config(self.client_config, {
+            "client": {"endpoints": [f"http://127.0.0.1:{p}" for p in self.meta_ports],
+                       "token_file": str(self.token_file), "timeout": 10.0},
+            "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
+        })
+
+    def start_meta(self, wait: bool = True) -> Proc:
+        port = free_port()
+        i = len(self.metas)
+        cfg = write_config(self.workdir / f"meta{i}.toml", {
+            "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
+            "meta": {"listen": f"127.0.0.1:{port}", "token_file": str(self.token_file),
+                     "lease_ttl": self.lease_ttl, "meta_id": f"meta{i}"},
+        })
+        p = Proc(f"meta{i}", [PY, "-m", "meta.server", "--config", str(cfg)],
+                 self.workdir / f"meta{i}.log").start()
+        self.metas.append(p)
+        self.meta_ports.append(port)
+        self._write_client_config()
+        if wait:
+            wait_for(lambda: port_open(port) or not p.alive(), 20, f"meta{i} port")
+            assert p.alive(), p.log()
+        return p
+
+    def start_chunk(self, labels: dict[str, str] | None = None, capacity: str = "10Gi",
+                    index: int | None = None) -> Proc:
+        i = len(self.chunks) if index is None else index
+        data = self.workdir / f"chunk{i}"
+        cfg = write_config(self.workdir / f"chunk{i}.toml", {
+            "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
+            "chunk": {"data_dir": str(data), "disks": [f"{data}/disk0:{capacity}"],
+                      "data_port": free_port(), "portal": f"127.0.0.1:{free_port()}",
+                      "labels": labels or {}, "lease_ttl": self.lease_ttl},
+        })
+        p = Proc(f"chunk{i}", [PY, "-m", "chunk.server", "--config", str(cfg)],
+                 self.workdir / f"chunk{i}.log").start()
+        if index is None:
+            self.chunks.append(p)
+        else:
+            self.chunks[index] = p
+        return p
+
+    def cli(self, *args: str, check: bool = False, input: str | None = None,
+            env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        full_env = dict(os.environ, ZSTORE_CONFIG=str(self.client_config), **(env or {}))
+        r = subprocess.run([PY, "-m", "zstore.cli.main", *args], capture_output=True, text=True,
+                           env=full_env, cwd=ROOT, input=input, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"zstore {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def cli_json(self, *args: str) -> object:
+        r = self.cli(*args, "--json", check=True)
+        return json.loads(r.stdout)
+
+    def wait_chunks_up(self, n: int, timeout: float = 30) -> list[dict]:
+        def ok():
+            r = self.cli("chunk", "list", "--json")
+            if r.returncode != 0:
+                return None
+            chunks = json.loads(r.stdout)
+            return chunks if sum(c["status"] == "up" for c in chunks) >= n else None
+        return wait_for(ok, timeout, f"{n} chunk servers up")
+
+    def stop(self) -> None:
+        for p in self.chunks + self.metas:
+            p.stop()
+
+
+@contextlib.contextmanager
+def cluster(workdir: Path, etcd: Etcd, metas: int = 1, chunks: int = 0,
+            labels: list[dict[str, str]] | None = None) -> Iterator[Cluster]:
+    c = Cluster(workdir=workdir, etcd=etcd)
+    try:
+        for _ in range(metas):
+            c.start_meta()
+        for i in range(chunks):
+            c.start_chunk(labels=(labels[i] if labels else None))
+        yield c
+    finally:
+        c.stop()

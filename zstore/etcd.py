@@ -1,0 +1,144 @@
+"""The etcd client every daemon uses: aetcd, plus mutual TLS and clear errors.
+
+aetcd only ever opens ``grpc.aio.insecure_channel``. ``Client`` overrides
+``connect``, the one place the channel is made, and can open a secure channel
+with a CA and a client certificate instead; everything else (KV, txn, lease,
+watch) is aetcd's own code path. Several endpoints become one gRPC target
+(``ipv4:a:p,b:p``) so gRPC itself fails over between etcd members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aetcd
+import aetcd.watcher
+import grpc
+from aetcd import exceptions as aetcd_exc
+from aetcd import rpc
+
+from .config import EtcdConfig
+
+log = logging.getLogger(__name__)
+
+
+class EtcdUnavailable(RuntimeError):
+    """etcd could not be reached (or did not answer in time)."""
+
+
+UNAVAILABLE_ERRORS = (aetcd_exc.ConnectionFailedError, aetcd_exc.ConnectionTimeoutError,
+                      asyncio.TimeoutError, EtcdUnavailable)
+
+
+def _target(endpoints: list[str]) -> str:
+    hosts = [e.split("://", 1)[-1].rstrip("/") for e in endpoints]
+    if len(hosts) == 1:
+        return hosts[0]
+    if all(h[0].isdigit() for h in hosts):
+        return "ipv4:" + ",".join(hosts)
+    return hosts[0]
+
+
+class Client(aetcd.Client):
+    """aetcd client whose channel we build: plain, or mutually authenticated TLS.
+
+    Only ``connect`` differs from aetcd's: it opens our channel and then sets
+    up the same stubs and watcher aetcd would.
+    """
+
+    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None, **kw):
+        super().__init__(host=target, port=0, **kw)
+        self._target = target
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        self._is_connecting = True
+        try:
+            opts = list(self._options.items())
+            if self._credentials is not None:
+                self.channel = rpc.secure_channel(self._target, self._credentials, options=opts)
+            else:
+                self.channel = rpc.insecure_channel(self._target, options=opts)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel),
+                                                  timeout=self._timeout, metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+def client(cfg: EtcdConfig) -> aetcd.Client:
+    """A not-yet-connected client for ``cfg`` (TLS when a CA file is set)."""
+    target = _target(cfg.endpoints)
+    timeout = cfg.timeout
+    options = {"grpc.keepalive_time_ms": 10_000, "grpc.keepalive_timeout_ms": 5_000,
+               "grpc.initial_reconnect_backoff_ms": 200, "grpc.max_reconnect_backoff_ms": 2_000}
+    if cfg.ca_file:
+        if bool(cfg.cert_file) != bool(cfg.key_file):
+            from .config import ConfigError
+            raise ConfigError("etcd.cert_file and etcd.key_file must be given together")
+        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        creds = grpc.ssl_channel_credentials(root_certificates=read(cfg.ca_file),
+                                             private_key=read(cfg.key_file),
+                                             certificate_chain=read(cfg.cert_file))
+        return Client(target, credentials=creds, timeout=timeout, options=options)
+    return Client(target, timeout=timeout, options=options)
+
+
+def describe(cfg: EtcdConfig) -> str:
+    return ",".join(cfg.endpoints)
+
+
+async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
+                       on_snapshot: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]],
+                       on_event: Callable[[aetcd.rtypes.Event], Awaitable[None]],
+                       stop: asyncio.Event, retry_delay: float = 1.0) -> None:
+    """Mirror a prefix: a full listing, then events from the next revision on.
+
+    On any watch failure (etcd restart, compaction, network) it lists again and
+    re-watches, so the caller's view converges instead of silently freezing.
+    """
+    while not stop.is_set():
+        try:
+            listing = await etcd.get_prefix(prefix)
+            rev = listing.header.revision if listing.header else 0
+            await on_snapshot([(kv.key, kv.value) for kv in listing])
+            watch = await etcd.watch_prefix(prefix, start_revision=rev + 1)
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                it = watch.__aiter__()
+                while not stop.is_set():
+                    nxt = asyncio.ensure_future(it.__anext__())
+                    done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    if nxt not in done:
+                        nxt.cancel()
+                        break
+                    await on_event(nxt.result())
+            finally:
+                stopper.cancel()
+                try:
+                    await watch.cancel()
+                except Exception:  # noqa: BLE001 - best effort on a broken channel
+                    pass
+        except asyncio.CancelledError:
+            raise
+        except StopAsyncIteration:
+            pass
+        except Exception as e:  # noqa: BLE001 - keep mirroring through etcd outages
+            log.warning("watch on %s failed (%s); relisting in %.1fs", prefix.decode(), e, retry_delay)
+        if not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), retry_delay)
+            except asyncio.TimeoutError:
+                pass

@@ -1,0 +1,101 @@
+"""The etcd key layout: the one module that knows where things live.
+
+Everything sits under a configurable prefix (default ``/zstore``), so several
+clusters (or test runs) can share one etcd. Layout::
+
+    {p}/cluster                          ClusterInfo
+    {p}/meta/leader                      LeaderRecord    (leader's lease)
+    {p}/meta/epoch                       decimal int, +1 per leadership change
+    {p}/meta/members/{meta_id}           MetaMember      (member's lease)
+    {p}/chunks/{chunk_id}/info           ChunkInfo       (written by the chunk server)
+    {p}/chunks/{chunk_id}/live           ChunkLive       (chunk server's lease)
+    {p}/chunks/{chunk_id}/admin          ChunkAdmin      (written by the meta leader)
+    {p}/volumes/id/{volume_id}           Volume
+    {p}/volumes/name/{name}              volume_id       (name -> id, same txn as the record)
+    {p}/snapshots/id/{snapshot_id}       Snapshot
+    {p}/snapshots/name/{volume_id}/{name} snapshot_id
+    {p}/targets/{index:04d}              Target
+    {p}/luns/{index:04d}/{lun:03d}       LunMapping      (slot taken = key exists)
+    {p}/acl/{volume_id}/{initiator}      AclEntry
+    {p}/chap/{target}/{initiator}        ChapRecord      (target '*' = all targets)
+
+Fixed-width numbers keep etcd's byte order equal to numeric order, which the
+LUN allocator and paginated listings rely on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote
+
+
+def _seg(s: str) -> str:
+    """Make a user-supplied string safe as one key segment (no '/')."""
+    return quote(s, safe="-._:@*")
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "/zstore"
+
+    def __post_init__(self) -> None:
+        p = "/" + self.prefix.strip("/")
+        if p == "/":
+            raise ValueError("etcd prefix must not be empty")
+        object.__setattr__(self, "prefix", p)
+
+    def _k(self, *parts: str) -> bytes:
+        return "/".join((self.prefix, *parts)).encode()
+
+    def _dir(self, *parts: str) -> bytes:
+        return self._k(*parts) + b"/"
+
+    # cluster and meta
+    def cluster(self) -> bytes: return self._k("cluster")
+    def leader(self) -> bytes: return self._k("meta", "leader")
+    def epoch(self) -> bytes: return self._k("meta", "epoch")
+    def meta_members(self) -> bytes: return self._dir("meta", "members")
+    def meta_member(self, meta_id: str) -> bytes: return self._k("meta", "members", _seg(meta_id))
+
+    # chunk servers
+    def chunks(self) -> bytes: return self._dir("chunks")
+    def chunk_info(self, cid: str) -> bytes: return self._k("chunks", _seg(cid), "info")
+    def chunk_live(self, cid: str) -> bytes: return self._k("chunks", _seg(cid), "live")
+    def chunk_admin(self, cid: str) -> bytes: return self._k("chunks", _seg(cid), "admin")
+    def chunk_dir(self, cid: str) -> bytes: return self._dir("chunks", _seg(cid))
+
+    @staticmethod
+    def chunk_key_parts(key: bytes, chunks_prefix: bytes) -> tuple[str, str] | None:
+        """(chunk_id, kind) of a key under ``chunks()``, kind in info|live|admin."""
+        rest = key[len(chunks_prefix):].decode().split("/")
+        return (rest[0], rest[1]) if len(rest) == 2 else None
+
+    # volumes and snapshots
+    def volumes(self) -> bytes: return self._dir("volumes", "id")
+    def volume(self, vid: str) -> bytes: return self._k("volumes", "id", vid)
+    def volume_names(self) -> bytes: return self._dir("volumes", "name")
+    def volume_name(self, name: str) -> bytes: return self._k("volumes", "name", _seg(name))
+    def snapshots(self) -> bytes: return self._dir("snapshots", "id")
+    def snapshot(self, sid: str) -> bytes: return self._k("snapshots", "id", sid)
+    def snapshot_names(self, vid: str) -> bytes: return self._dir("snapshots", "name", vid)
+    def snapshot_name(self, vid: str, name: str) -> bytes:
+        return self._k("snapshots", "name", vid, _seg(name))
+
+    # targets, LUNs, ACLs, CHAP
+    def targets(self) -> bytes: return self._dir("targets")
+    def target(self, index: int) -> bytes: return self._k("targets", f"{index:04d}")
+    def luns(self) -> bytes: return self._dir("luns")
+    def target_luns(self, index: int) -> bytes: return self._dir("luns", f"{index:04d}")
+    def lun(self, index: int, lun: int) -> bytes: return self._k("luns", f"{index:04d}", f"{lun:03d}")
+
+    @staticmethod
+    def lun_key_parts(key: bytes) -> tuple[int, int]:
+        t, lun = key.decode().rsplit("/", 2)[-2:]
+        return int(t), int(lun)
+
+    def acls(self) -> bytes: return self._dir("acl")
+    def volume_acl(self, vid: str) -> bytes: return self._dir("acl", vid)
+    def acl(self, vid: str, initiator: str) -> bytes: return self._k("acl", vid, _seg(initiator))
+    def chaps(self) -> bytes: return self._dir("chap")
+    def chap(self, target: str, initiator: str) -> bytes:
+        return self._k("chap", _seg(target), _seg(initiator))

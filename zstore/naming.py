@@ -1,0 +1,58 @@
+"""Names the outside world sees: target IQNs, WWNs, and validation of user names.
+
+Target IQNs are stable for the life of the cluster: they derive from the
+cluster id and the target's index, never from volume names (volumes move
+between nothing; a rename would otherwise break every initiator's node DB).
+
+The WWN is an NAA-6 (IEEE Registered Extended) designator derived from the
+volume id. The company id is ``0x5A5354`` ("ZST"), a locally administered CID
+(bit 0x02 of the first octet set), which is what a non-registered vendor may
+use. The CSI node plugin finds disks by ``/dev/disk/by-id/wwn-0x<wwn>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+IQN_DOMAIN = "iqn.2026-01.io.zstore"
+MAX_TARGETS = 4096
+MAX_LUNS_PER_TARGET = 255          # LUN numbers 1..255; LUN 0 is left unused
+COMPANY_ID = 0x5A5354
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# RFC 3720 3.2.6.3: iqn.yyyy-mm.reversed.domain[:anything], or eui.<16 hex>, or naa.<16|32 hex>
+_IQN_RE = re.compile(
+    r"^(iqn\.\d{4}-\d{2}\.[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[^\s]+)?|eui\.[0-9A-Fa-f]{16}"
+    r"|naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?)$")
+
+
+class NameError_(ValueError):
+    """A user-supplied name that is not acceptable."""
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise NameError_(
+            f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit")
+    return name
+
+
+def check_iqn(iqn: str) -> str:
+    if not isinstance(iqn, str) or len(iqn) > 223 or not _IQN_RE.match(iqn.strip()):
+        raise NameError_(
+            f"invalid initiator name {iqn!r}: expected an iSCSI name such as "
+            "iqn.2004-10.com.example:host1 (lower case), eui.<16 hex> or naa.<hex>")
+    return iqn.strip()
+
+
+def target_iqn(cluster_id: str, index: int) -> str:
+    return f"{IQN_DOMAIN}:{cluster_id[:8]}.t{index:04d}"
+
+
+def volume_wwn(volume_id: str) -> str:
+    """32 hex digits: NAA 6, 24-bit company id, 100 bits from the volume id."""
+    digest = int.from_bytes(hashlib.sha256(volume_id.encode()).digest()[:13], "big") >> 4
+    value = (0x6 << 124) | (COMPANY_ID << 100) | (digest & ((1 << 100) - 1))
+    return f"{value:032x}"

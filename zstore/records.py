@@ -1,0 +1,215 @@
+"""Typed records stored in etcd.
+
+Every record is a dataclass with a ``schema`` field (its schema version) and
+is stored as JSON, so ``etcdctl get`` stays readable during an incident.
+Decoding ignores unknown fields, so an older daemon can read a record a newer
+one wrote; a record whose schema is newer than this code knows is refused
+rather than misread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+T = TypeVar("T", bound="Record")
+
+
+class RecordError(ValueError):
+    """A stored value that does not decode as the expected record."""
+
+
+@dataclass
+class Record:
+    SCHEMA: ClassVar[int] = 1
+    schema: int = field(default=0, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if not self.schema:
+            self.schema = self.SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        if not isinstance(data, dict):
+            raise RecordError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
+        schema = data.get("schema", 1)
+        if not isinstance(schema, int) or schema > cls.SCHEMA:
+            raise RecordError(f"{cls.__name__}: schema {schema!r} is newer than this code ({cls.SCHEMA})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as e:
+            raise RecordError(f"{cls.__name__}: {e}") from None
+
+    @classmethod
+    def decode(cls: type[T], raw: bytes) -> T:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RecordError(f"{cls.__name__}: not JSON: {e}") from None
+        return cls.from_dict(data)
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+@dataclass
+class ClusterInfo(Record):
+    """Written once by the first meta server; the id seeds IQNs."""
+    cluster_id: str
+    name: str = "zstore"
+    created: float = field(default_factory=now)
+
+
+@dataclass
+class LeaderRecord(Record):
+    """Value of the leader key, held under the leader's lease.
+
+    ``epoch`` grows by one at every change of leader; every write the leader
+    makes compares this exact value, so a deposed leader cannot write.
+    """
+    meta_id: str
+    url: str
+    epoch: int
+    since: float = field(default_factory=now)
+
+
+@dataclass
+class MetaMember(Record):
+    meta_id: str
+    url: str
+    started: float = field(default_factory=now)
+
+
+@dataclass
+class Disk(Record):
+    path: str
+    capacity: int
+    used: int = 0
+    state: str = "ok"            # ok | full | failed
+
+
+@dataclass
+class ChunkInfo(Record):
+    """What a chunk server says about itself; written by the chunk server only."""
+    chunk_id: str
+    hostname: str
+    address: str                 # host the chunk server is reached at
+    data_port: int               # replication port
+    portal: str                  # iSCSI portal host:port
+    labels: dict[str, str] = field(default_factory=dict)
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    registered: float = field(default_factory=now)
+
+    @property
+    def capacity(self) -> int:
+        return sum(int(d.get("capacity", 0)) for d in self.disks if d.get("state", "ok") != "failed")
+
+    @property
+    def used(self) -> int:
+        return sum(int(d.get("used", 0)) for d in self.disks if d.get("state", "ok") != "failed")
+
+
+@dataclass
+class ChunkLive(Record):
+    """Held under the chunk server's lease: exists exactly while it is alive."""
+    chunk_id: str
+    pid: int
+    started: float
+    lease_ttl: int
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    heartbeat: float = field(default_factory=now)
+
+
+@dataclass
+class ChunkAdmin(Record):
+    """Administrative state of a chunk server; written by the meta leader only."""
+    chunk_id: str
+    state: str = "active"        # active | draining
+    down_since: float | None = None
+    changed: float = field(default_factory=now)
+
+
+@dataclass
+class Volume(Record):
+    volume_id: str
+    name: str
+    size: int
+    replicas: int
+    thin: bool = True
+    block_size: int = 512
+    placement: list[str] = field(default_factory=list)   # chunk ids of the planned replica set
+    target_index: int = 0
+    lun: int = 0
+    wwn: str = ""
+    source_snapshot: str | None = None                    # snapshot id a clone was made from
+    state: str = "available"     # available | deleted (kept while snapshots reference it)
+    created: float = field(default_factory=now)
+    request_name: str | None = None
+
+
+@dataclass
+class Snapshot(Record):
+    snapshot_id: str
+    name: str
+    volume_id: str
+    size: int
+    state: str = "ready"         # ready | deleted (kept while clones reference it)
+    created: float = field(default_factory=now)
+
+
+@dataclass
+class Target(Record):
+    index: int
+    iqn: str
+    created: float = field(default_factory=now)
+
+
+@dataclass
+class LunMapping(Record):
+    target_index: int
+    lun: int
+    volume_id: str
+    readonly: bool = False
+
+
+@dataclass
+class AclEntry(Record):
+    volume_id: str
+    initiator: str
+    readonly: bool = False
+    added: float = field(default_factory=now)
+
+
+@dataclass
+class ChapRecord(Record):
+    """CHAP credentials an initiator uses on a target ('*' = every target).
+
+    The secrets are readable by the daemons that authenticate logins and never
+    leave the meta API (``public()`` drops them).
+    """
+    target: str
+    initiator: str
+    user: str
+    secret: str
+    mutual_user: str | None = None
+    mutual_secret: str | None = None
+    changed: float = field(default_factory=now)
+
+    def public(self) -> dict[str, Any]:
+        return {"target": self.target, "initiator": self.initiator, "user": self.user,
+                "mutual": self.mutual_user is not None, "mutual_user": self.mutual_user,
+                "changed": self.changed}
+
+    def __repr__(self) -> str:  # never print secrets, even in a traceback
+        return f"ChapRecord(target={self.target!r}, initiator={self.initiator!r}, user={self.user!r})"
