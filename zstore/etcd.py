@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import aetcd
+import aetcd.utils
 import aetcd.watcher
 import grpc
 from aetcd import exceptions as aetcd_exc
@@ -77,6 +78,21 @@ class Client(aetcd.Client):
         finally:
             self._is_connecting = False
 
+    async def range(self, start: bytes, end: bytes, limit: int = 0,
+                    keys_only: bool = False) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """Sorted ``[(key, value)]`` in [start, end) with etcd's own ``limit``; and "more".
+
+        aetcd's range calls have no limit, which paginated listings need.
+        """
+        await self.connect()
+        req = rpc.RangeRequest(key=start, range_end=end, limit=limit, keys_only=keys_only,
+                               sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.KEY)
+        try:
+            resp = await self.kvstub.Range(req, timeout=self._timeout, metadata=self.metadata)
+        except rpc.AioRpcError as e:
+            aetcd_exc._handle_exception(e)
+        return [(kv.key, kv.value) for kv in resp.kvs], resp.more
+
 
 def client(cfg: EtcdConfig) -> aetcd.Client:
     """A not-yet-connected client for ``cfg`` (TLS when a CA file is set)."""
@@ -94,6 +110,10 @@ def client(cfg: EtcdConfig) -> aetcd.Client:
                                              certificate_chain=read(cfg.cert_file))
         return Client(target, credentials=creds, timeout=timeout, options=options)
     return Client(target, timeout=timeout, options=options)
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    return aetcd.utils.prefix_range_end(prefix)
 
 
 def describe(cfg: EtcdConfig) -> str:

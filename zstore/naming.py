@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from .errors import InvalidArgument
+
 IQN_DOMAIN = "iqn.2026-01.io.zstore"
 MAX_TARGETS = 4096
 MAX_LUNS_PER_TARGET = 255          # LUN numbers 1..255; LUN 0 is left unused
@@ -27,12 +29,12 @@ _IQN_RE = re.compile(
     r"|naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?)$")
 
 
-class NameError_(ValueError):
+class NameError_(InvalidArgument):
     """A user-supplied name that is not acceptable."""
 
 
 def check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise NameError_(
             f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
@@ -40,7 +42,7 @@ def check_name(kind: str, name: str) -> str:
 
 
 def check_iqn(iqn: str) -> str:
-    if not isinstance(iqn, str) or len(iqn) > 223 or not _IQN_RE.match(iqn.strip()):
+    if not isinstance(iqn, str) or len(iqn) > 223 or not _IQN_RE.fullmatch(iqn.strip()):
         raise NameError_(
             f"invalid initiator name {iqn!r}: expected an iSCSI name such as "
             "iqn.2004-10.com.example:host1 (lower case), eui.<16 hex> or naa.<hex>")

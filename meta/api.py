@@ -1,0 +1,283 @@
+"""HTTP handlers of the meta API v1 (docs/api.md): JSON in, JSON out.
+
+Handlers only translate between HTTP and the operations in chunks/volumes/
+exports; authentication, forwarding to the leader and error mapping are
+middlewares in server.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from zstore.errors import InvalidArgument
+from zstore.records import Snapshot, Volume
+
+from . import chunks, exports, volumes
+from .context import Ctx
+
+routes = web.RouteTableDef()
+PREFIX = "/api/v1"
+
+
+def ctx_of(request: web.Request) -> Ctx:
+    return request.app["ctx"]
+
+
+async def body_of(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidArgument("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("request body must be a JSON object")
+    return data
+
+
+def flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+async def volume_view(ctx: Ctx, vol: Volume, views: list[chunks.ChunkView] | None = None) -> dict[str, Any]:
+    views = views if views is not None else await chunks.list_chunks(ctx)
+    by_id = {v.chunk_id: v for v in views}
+    d = vol.to_dict()
+    d.pop("request_name", None)
+    d["target_iqn"] = await exports.target_iqn_of(ctx, vol)
+    d["placement"] = []
+    for cid in vol.placement:
+        v = by_id.get(cid)
+        d["placement"].append({"chunk_id": cid, "hostname": v.info.hostname if v and v.info else "",
+                               "address": v.info.address if v and v.info else "",
+                               "portal": v.info.portal if v and v.info else "",
+                               "labels": v.info.labels if v and v.info else {},
+                               "status": ("up" if v.up else "down") if v else "removed"})
+    d["acl"] = [e.initiator for e in await volumes.acl_entries(ctx, vol.volume_id)]
+    return d
+
+
+async def snapshot_view(ctx: Ctx, snap: Snapshot) -> dict[str, Any]:
+    d = snap.to_dict()
+    vol, _ = await ctx.get(ctx.keys.volume(snap.volume_id), Volume)
+    d["volume"] = vol.name if vol and vol.state != "deleted" else None
+    return d
+
+
+# --- cluster -------------------------------------------------------------
+
+@routes.get(PREFIX + "/health")
+async def health(request: web.Request) -> web.Response:
+    el = request.app["election"]
+    return ok({"ok": True, "meta_id": el.meta_id, "leader": el.is_leader})
+
+
+@routes.get(PREFIX + "/cluster")
+async def cluster_status(request: web.Request) -> web.Response:
+    ctx, el = ctx_of(request), request.app["election"]
+    info = await ctx.cluster()
+    leader = await el.current()
+    members = await ctx.list_raw(ctx.keys.meta_members())
+    from zstore.records import MetaMember
+    metas = [MetaMember.decode(v) for _, v in members]
+    views = await chunks.list_chunks(ctx)
+    vols = [v for _, v in await ctx.list(ctx.keys.volumes(), Volume) if v.state != "deleted"]
+    snaps = await volumes.list_snapshots(ctx)
+    targets = await ctx.list_raw(ctx.keys.targets(), keys_only=True)
+    up = [v for v in views if v.up]
+    return ok({
+        "cluster_id": info.cluster_id, "name": info.name,
+        "etcd": {"endpoints": request.app["config"].etcd.endpoints, "ok": True},
+        "leader": leader.to_dict() if leader else None,
+        "metas": [{"meta_id": m.meta_id, "url": m.url, "leader": bool(leader and leader.meta_id == m.meta_id)}
+                  for m in sorted(metas, key=lambda m: m.meta_id)],
+        "chunks": {"total": len(views), "up": len(up), "down": len(views) - len(up),
+                   "draining": sum(v.draining for v in views)},
+        "capacity": {"total": sum(v.capacity for v in up), "used": sum(v.used for v in up),
+                     "provisioned": sum(v.size * v.replicas for v in vols)},
+        "volumes": len(vols), "snapshots": len(snaps), "targets": len(targets),
+        "auth_failures": request.app["auth_failures"][0],
+        "answered_by": el.meta_id,
+    })
+
+
+@routes.get(PREFIX + "/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    el = request.app["election"]
+    lines = [
+        "# HELP zstore_meta_auth_failures_total API calls refused for a missing or wrong token.",
+        "# TYPE zstore_meta_auth_failures_total counter",
+        f"zstore_meta_auth_failures_total {request.app['auth_failures'][0]}",
+        "# HELP zstore_meta_is_leader 1 if this meta server is the leader.",
+        "# TYPE zstore_meta_is_leader gauge",
+        f"zstore_meta_is_leader {int(el.is_leader)}",
+        "# HELP zstore_meta_forwarded_total Writes forwarded to the leader.",
+        "# TYPE zstore_meta_forwarded_total counter",
+        f"zstore_meta_forwarded_total {request.app['forwarded'][0]}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+@routes.get(PREFIX + "/meta/leader")
+async def leader(request: web.Request) -> web.Response:
+    rec = await request.app["election"].current()
+    if rec is None:
+        from zstore.errors import Unavailable
+        raise Unavailable("no meta leader is elected", hint="retry in a few seconds")
+    return ok(rec.to_dict())
+
+
+# --- chunk servers ---------------------------------------------------------
+
+@routes.get(PREFIX + "/chunks")
+async def chunk_list(request: web.Request) -> web.Response:
+    return ok({"chunks": [v.to_dict() for v in await chunks.list_chunks(ctx_of(request))]})
+
+
+@routes.get(PREFIX + "/chunks/{id}")
+async def chunk_get(request: web.Request) -> web.Response:
+    return ok((await chunks.get_chunk(ctx_of(request), request.match_info["id"])).to_dict())
+
+
+@routes.post(PREFIX + "/chunks/{id}/drain")
+async def chunk_drain(request: web.Request) -> web.Response:
+    return ok((await chunks.set_admin_state(ctx_of(request), request.match_info["id"], "draining")).to_dict())
+
+
+@routes.post(PREFIX + "/chunks/{id}/undrain")
+async def chunk_undrain(request: web.Request) -> web.Response:
+    return ok((await chunks.set_admin_state(ctx_of(request), request.match_info["id"], "active")).to_dict())
+
+
+@routes.delete(PREFIX + "/chunks/{id}")
+async def chunk_remove(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    vols = [v for _, v in await ctx.list(ctx.keys.volumes(), Volume)]
+    removed = await chunks.remove_chunk(ctx, request.match_info["id"], flag(request, "force"), vols)
+    return ok({"removed": removed})
+
+
+# --- volumes -----------------------------------------------------------------
+
+@routes.post(PREFIX + "/volumes")
+async def volume_create(request: web.Request) -> web.Response:
+    ctx, b = ctx_of(request), await body_of(request)
+    vol, created = await volumes.create_volume(
+        ctx, b.get("name", ""), b.get("size"), b.get("replicas", 3), b.get("thin", True),
+        b.get("source_snapshot"))
+    return ok(await volume_view(ctx, vol), 201 if created else 200)
+
+
+@routes.get(PREFIX + "/volumes")
+async def volume_list(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise InvalidArgument(f"invalid limit {request.query.get('limit')!r}: must be a number") from None
+    vols, nxt = await volumes.list_volumes(ctx, limit, request.query.get("start_after") or None)
+    views = await chunks.list_chunks(ctx)
+    return ok({"volumes": [await volume_view(ctx, v, views) for v in vols], "next": nxt})
+
+
+@routes.get(PREFIX + "/volumes/{ref}")
+async def volume_get(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    vol, _ = await volumes.find_volume(ctx, request.match_info["ref"])
+    return ok(await volume_view(ctx, vol))
+
+
+@routes.post(PREFIX + "/volumes/{ref}/resize")
+async def volume_resize(request: web.Request) -> web.Response:
+    ctx, b = ctx_of(request), await body_of(request)
+    if "size" not in b:
+        raise InvalidArgument("a new size is required, e.g. {\"size\": \"20Gi\"}")
+    vol = await volumes.resize_volume(ctx, request.match_info["ref"], b["size"])
+    return ok(await volume_view(ctx, vol))
+
+
+@routes.delete(PREFIX + "/volumes/{ref}")
+async def volume_delete(request: web.Request) -> web.Response:
+    vid = await volumes.delete_volume(ctx_of(request), request.match_info["ref"], flag(request, "force"))
+    return ok({"deleted": vid})
+
+
+# --- snapshots ---------------------------------------------------------------
+
+@routes.post(PREFIX + "/volumes/{ref}/snapshots")
+async def snapshot_create(request: web.Request) -> web.Response:
+    ctx, b = ctx_of(request), await body_of(request)
+    snap, created = await volumes.create_snapshot(ctx, request.match_info["ref"], b.get("name", ""))
+    return ok(await snapshot_view(ctx, snap), 201 if created else 200)
+
+
+@routes.get(PREFIX + "/snapshots")
+async def snapshot_list(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    snaps = await volumes.list_snapshots(ctx, request.query.get("volume") or None)
+    return ok({"snapshots": [await snapshot_view(ctx, s) for s in snaps]})
+
+
+@routes.get(PREFIX + "/snapshots/{id}")
+async def snapshot_get(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    return ok(await snapshot_view(ctx, await volumes.resolve_snapshot(ctx, request.match_info["id"])))
+
+
+@routes.delete(PREFIX + "/volumes/{ref}/snapshots/{snap}")
+async def snapshot_delete(request: web.Request) -> web.Response:
+    sid = await volumes.delete_snapshot(ctx_of(request), request.match_info["ref"], request.match_info["snap"])
+    return ok({"deleted": sid})
+
+
+# --- targets, ACLs, CHAP -----------------------------------------------------------
+
+@routes.get(PREFIX + "/targets")
+async def target_list(request: web.Request) -> web.Response:
+    return ok({"targets": await exports.list_targets(ctx_of(request))})
+
+
+@routes.get(PREFIX + "/volumes/{ref}/acl")
+async def acl_list(request: web.Request) -> web.Response:
+    vol, entries = await exports.list_acl(ctx_of(request), request.match_info["ref"])
+    return ok({"volume": vol.name, "initiators": [
+        {"initiator": e.initiator, "readonly": e.readonly, "added": e.added} for e in entries]})
+
+
+@routes.put(PREFIX + "/volumes/{ref}/acl/{iqn}")
+async def acl_add(request: web.Request) -> web.Response:
+    b = await body_of(request)
+    e = await exports.add_acl(ctx_of(request), request.match_info["ref"], request.match_info["iqn"],
+                              b.get("readonly", False))
+    return ok({"initiator": e.initiator, "readonly": e.readonly, "added": e.added})
+
+
+@routes.delete(PREFIX + "/volumes/{ref}/acl/{iqn}")
+async def acl_remove(request: web.Request) -> web.Response:
+    return ok({"removed": await exports.remove_acl(ctx_of(request), request.match_info["ref"],
+                                                   request.match_info["iqn"])})
+
+
+@routes.get(PREFIX + "/chap")
+async def chap_list(request: web.Request) -> web.Response:
+    return ok({"chap": await exports.list_chap(ctx_of(request))})
+
+
+@routes.put(PREFIX + "/chap")
+async def chap_set(request: web.Request) -> web.Response:
+    rec = await exports.set_chap(ctx_of(request), await body_of(request))
+    return ok(rec.public())
+
+
+@routes.delete(PREFIX + "/chap")
+async def chap_clear(request: web.Request) -> web.Response:
+    b = await body_of(request)
+    await exports.clear_chap(ctx_of(request), b.get("target", ""), b.get("initiator", ""))
+    return ok({"removed": True})

@@ -1,0 +1,165 @@
+"""Chunk servers as the meta service sees them: registration + liveness + admin state.
+
+A chunk server writes ``info`` (what it is) and ``live`` (under its lease:
+that it is alive right now); the meta leader writes ``admin`` (drain state,
+when it went down). Status is derived from the live key, so it is exactly as
+fresh as etcd's lease expiry: a dead server shows down within its TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from zstore.errors import Conflict, NotFound
+from zstore.records import ChunkAdmin, ChunkInfo, ChunkLive, Volume, now
+
+from .context import Ctx
+from .placement import Candidate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkView:
+    info: ChunkInfo | None
+    live: ChunkLive | None
+    admin: ChunkAdmin | None
+    chunk_id: str
+
+    @property
+    def up(self) -> bool:
+        return self.live is not None
+
+    @property
+    def draining(self) -> bool:
+        return self.admin is not None and self.admin.state == "draining"
+
+    @property
+    def disks(self) -> list[dict[str, Any]]:
+        if self.live and self.live.disks:
+            return self.live.disks
+        return self.info.disks if self.info else []
+
+    @property
+    def capacity(self) -> int:
+        return sum(int(d.get("capacity", 0)) for d in self.disks if d.get("state", "ok") != "failed")
+
+    @property
+    def used(self) -> int:
+        return sum(int(d.get("used", 0)) for d in self.disks if d.get("state", "ok") != "failed")
+
+    @property
+    def free(self) -> int:
+        return sum(max(int(d.get("capacity", 0)) - int(d.get("used", 0)), 0)
+                   for d in self.disks if d.get("state", "ok") == "ok")
+
+    def to_dict(self) -> dict[str, Any]:
+        i = self.info
+        return {
+            "chunk_id": self.chunk_id,
+            "hostname": i.hostname if i else "",
+            "address": i.address if i else "",
+            "data_port": i.data_port if i else 0,
+            "portal": i.portal if i else "",
+            "labels": i.labels if i else {},
+            "capacity": self.capacity,
+            "used": self.used,
+            "status": "up" if self.up else "down",
+            "state": self.admin.state if self.admin else "active",
+            "down_since": None if self.up else (self.admin.down_since if self.admin else None),
+            "heartbeat": self.live.heartbeat if self.live else None,
+            "started": self.live.started if self.live else None,
+            "disks": self.disks,
+            "registered": i.registered if i else None,
+        }
+
+
+async def list_chunks(ctx: Ctx) -> list[ChunkView]:
+    base = ctx.keys.chunks()
+    parts: dict[str, dict[str, bytes]] = {}
+    for key, value in await ctx.list_raw(base):
+        kp = ctx.keys.chunk_key_parts(key, base)
+        if kp:
+            parts.setdefault(kp[0], {})[kp[1]] = value
+    views = []
+    for cid, p in sorted(parts.items()):
+        if "info" not in p:
+            continue        # a half-removed or never-registered id: nothing to show
+        views.append(ChunkView(
+            info=ChunkInfo.decode(p["info"]),
+            live=ChunkLive.decode(p["live"]) if "live" in p else None,
+            admin=ChunkAdmin.decode(p["admin"]) if "admin" in p else None,
+            chunk_id=cid))
+    return views
+
+
+async def get_chunk(ctx: Ctx, chunk_id: str) -> ChunkView:
+    for v in await list_chunks(ctx):
+        if v.chunk_id == chunk_id:
+            return v
+    matches = [v for v in await list_chunks(ctx) if v.chunk_id.startswith(chunk_id) and len(chunk_id) >= 4]
+    if len(matches) == 1:
+        return matches[0]
+    raise NotFound(f"chunk server {chunk_id!r} not found", hint="see `zstore chunk list`")
+
+
+def candidates(views: list[ChunkView]) -> tuple[list[Candidate], int]:
+    """Usable placement targets (up, active) and how many servers are not usable."""
+    usable = [v for v in views if v.up and not v.draining]
+    return ([Candidate(chunk_id=v.chunk_id, free=v.free, labels=v.info.labels if v.info else {},
+                       host=v.info.hostname if v.info else "") for v in usable],
+            len(views) - len(usable))
+
+
+async def set_admin_state(ctx: Ctx, chunk_id: str, state: str) -> ChunkView:
+    view = await get_chunk(ctx, chunk_id)
+    key = ctx.keys.chunk_admin(view.chunk_id)
+    for _ in range(10):
+        admin, rev = await ctx.get(key, ChunkAdmin)
+        admin = admin or ChunkAdmin(chunk_id=view.chunk_id)
+        if admin.state == state:
+            break
+        admin.state, admin.changed = state, now()
+        cmp = ctx.unchanged(key, rev) if rev else ctx.absent(key)
+        if await ctx.txn([cmp], [ctx.put(key, admin)]):
+            log.info("chunk server %s is now %s", view.chunk_id, state)
+            break
+    return await get_chunk(ctx, view.chunk_id)
+
+
+async def remove_chunk(ctx: Ctx, chunk_id: str, force: bool, volumes: list[Volume]) -> str:
+    view = await get_chunk(ctx, chunk_id)
+    holders = [v.name for v in volumes if view.chunk_id in v.placement]
+    if view.up and not force:
+        raise Conflict(f"chunk server {view.chunk_id} is up",
+                       hint="stop it first, or drain it and pass --force to remove it anyway")
+    if holders and not force:
+        raise Conflict(f"chunk server {view.chunk_id} holds replicas of {len(holders)} volume(s): "
+                       + ", ".join(holders[:5]) + ("..." if len(holders) > 5 else ""),
+                       hint="wait for recovery to move them, or pass --force", volumes=holders)
+    await ctx.txn([], [ctx.delete(ctx.keys.chunk_dir(view.chunk_id), prefix=True)])
+    log.warning("chunk server %s removed from the cluster%s", view.chunk_id, " (forced)" if force else "")
+    return view.chunk_id
+
+
+async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool) -> None:
+    """Leader bookkeeping: remember when a chunk server went down (for recovery grace)."""
+    key = ctx.keys.chunk_admin(chunk_id)
+    if await ctx.get_raw(ctx.keys.chunk_info(chunk_id)) is None:
+        return
+    for _ in range(5):
+        admin, rev = await ctx.get(key, ChunkAdmin)
+        admin = admin or ChunkAdmin(chunk_id=chunk_id)
+        want = None if up else (admin.down_since or now())
+        if admin.down_since == want and rev:
+            return
+        admin.down_since = want
+        cmp = ctx.unchanged(key, rev) if rev else ctx.absent(key)
+        if await ctx.txn([cmp], [ctx.put(key, admin)]):
+            if up:
+                log.info("chunk server %s is up", chunk_id)
+            else:
+                log.warning("chunk server %s is DOWN (lease expired or revoked)", chunk_id)
+            return

@@ -1,0 +1,304 @@
+"""Volumes and snapshots: create (idempotent by name), resize, delete, clone.
+
+Creation follows the journal pattern ceph-csi uses for CSI idempotency, in
+one etcd transaction: the volume record, its name -> id mapping and its LUN
+slot are written together only if the name and the slot are still free. Of
+any number of concurrent creates of one name exactly one transaction wins;
+the others re-read, find the winner and either return it (same parameters) or
+fail with a conflict (different ones).
+
+A volume with snapshots, or a snapshot with clones, is not erased when
+deleted: its name is freed and it is kept as a tombstone (state ``deleted``)
+until nothing references it, because clones share its data (copy-on-write).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from zstore import naming
+from zstore.etcd import prefix_end
+from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound
+from zstore.records import AclEntry, LunMapping, Snapshot, Target, Volume
+from zstore.units import SizeError, format_size, parse_size
+
+from . import chunks as chunkmod
+from .context import Ctx
+from .placement import place
+
+log = logging.getLogger(__name__)
+
+MiB = 2**20
+MAX_VOLUME_SIZE = 2**50          # 1 PiB
+MAX_RETRIES = 64
+
+
+def check_size(value: Any, what: str = "size") -> int:
+    try:
+        size = parse_size(value)
+    except SizeError as e:
+        raise InvalidArgument(str(e)) from None
+    if size <= 0:
+        raise InvalidArgument(f"invalid {what} {value!r}: must be greater than zero")
+    size = -(-size // MiB) * MiB
+    if size > MAX_VOLUME_SIZE:
+        raise InvalidArgument(f"invalid {what} {value!r}: larger than the maximum {format_size(MAX_VOLUME_SIZE)}")
+    return size
+
+
+def check_replicas(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3:
+        raise InvalidArgument(f"invalid replica count {value!r}: must be 1, 2 or 3")
+    return value
+
+
+async def find_volume(ctx: Ctx, ref: str) -> tuple[Volume, int]:
+    """A live volume by name or id, with its mod revision."""
+    if not isinstance(ref, str) or not ref:
+        raise InvalidArgument("a volume name is required")
+    vid = await ctx.get_raw(ctx.keys.volume_name(ref))
+    if vid is None and len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
+        vid = ref.encode()
+    if vid is not None:
+        vol, rev = await ctx.get(ctx.keys.volume(vid.decode()), Volume)
+        if vol is not None and vol.state != "deleted":
+            return vol, rev
+    raise NotFound(f"volume {ref!r} not found", hint="see `zstore volume list`")
+
+
+async def _free_lun_slot(ctx: Ctx) -> tuple[int, int, bool]:
+    """(target index, lun, target exists) of the lowest free slot."""
+    used: dict[int, set[int]] = {}
+    for key, _ in await ctx.list_raw(ctx.keys.luns(), keys_only=True):
+        t, lun = ctx.keys.lun_key_parts(key)
+        used.setdefault(t, set()).add(lun)
+    existing = {int(k.decode().rsplit("/", 1)[-1]) for k, _ in
+                await ctx.list_raw(ctx.keys.targets(), keys_only=True)}
+    for t in range(ctx.max_targets):
+        taken = used.get(t, set())
+        if len(taken) < ctx.luns_per_target:
+            lun = next(n for n in range(1, ctx.luns_per_target + 1) if n not in taken)
+            return t, lun, t in existing
+    raise InsufficientResources(
+        f"no free LUN slot: all {ctx.max_targets} targets have {ctx.luns_per_target} LUNs",
+        hint="delete unused volumes")
+
+
+def _same_request(vol: Volume, size: int, replicas: int, thin: bool, source: str | None) -> str | None:
+    """Why an existing volume does not match a create request, or None if it does."""
+    if vol.size != size:
+        return f"size {format_size(vol.size)} (asked {format_size(size)})"
+    if vol.replicas != replicas:
+        return f"{vol.replicas} replicas (asked {replicas})"
+    if vol.thin != thin:
+        return "thin provisioning" if vol.thin else "thick provisioning"
+    if vol.source_snapshot != source:
+        return "another content source"
+    return None
+
+
+async def resolve_snapshot(ctx: Ctx, ref: str) -> Snapshot:
+    """``VOLUME@SNAP`` or a snapshot id."""
+    if "@" in ref:
+        vname, sname = ref.split("@", 1)
+        vol, _ = await find_volume(ctx, vname)
+        sid = await ctx.get_raw(ctx.keys.snapshot_name(vol.volume_id, sname))
+        if sid is None:
+            raise NotFound(f"snapshot {sname!r} of volume {vname!r} not found",
+                           hint=f"see `zstore snapshot list {vname}`")
+        ref = sid.decode()
+    snap, _ = await ctx.get(ctx.keys.snapshot(ref), Snapshot)
+    if snap is None or snap.state == "deleted":
+        raise NotFound(f"snapshot {ref!r} not found", hint="see `zstore snapshot list`")
+    return snap
+
+
+async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin: bool = True,
+                        source_snapshot: str | None = None) -> tuple[Volume, bool]:
+    """(volume, created). Idempotent by name."""
+    naming.check_name("volume", name)
+    if not isinstance(thin, bool):
+        raise InvalidArgument(f"invalid value for thin: {thin!r} (true or false)")
+    source: Snapshot | None = None
+    if source_snapshot:
+        source = await resolve_snapshot(ctx, source_snapshot)
+        if size is None:
+            size = source.size
+    if size is None:
+        raise InvalidArgument("a size is required, e.g. 10Gi")
+    size = check_size(size)
+    replicas = check_replicas(replicas)
+    if source and size < source.size:
+        raise InvalidArgument(f"a clone must be at least as large as its snapshot ({format_size(source.size)})")
+    sid = source.snapshot_id if source else None
+    name_key = ctx.keys.volume_name(name)
+    cluster = await ctx.cluster()
+
+    for _ in range(MAX_RETRIES):
+        existing = await ctx.get_raw(name_key)
+        if existing is not None:
+            vol, _ = await ctx.get(ctx.keys.volume(existing.decode()), Volume)
+            if vol is None:
+                continue        # racing a delete; look again
+            why = _same_request(vol, size, replicas, thin, sid)
+            if why:
+                raise Conflict(f"volume {name!r} already exists with {why}",
+                               hint="pick another name, or delete the existing volume first")
+            return vol, False
+        views = await chunkmod.list_chunks(ctx)
+        cands, unusable = chunkmod.candidates(views)
+        placement = place(cands, replicas, need=0 if thin else size, unusable=unusable)
+        t, lun, target_exists = await _free_lun_slot(ctx)
+        vid = uuid.uuid4().hex
+        vol = Volume(volume_id=vid, name=name, size=size, replicas=replicas, thin=thin,
+                     placement=placement, target_index=t, lun=lun, wwn=naming.volume_wwn(vid),
+                     source_snapshot=sid)
+        lun_key = ctx.keys.lun(t, lun)
+        compare = [ctx.absent(name_key), ctx.absent(lun_key)]
+        ops = [ctx.put(ctx.keys.volume(vid), vol), ctx.put(name_key, vid),
+               ctx.put(lun_key, LunMapping(target_index=t, lun=lun, volume_id=vid))]
+        target_key = ctx.keys.target(t)
+        if not target_exists:
+            compare.append(ctx.absent(target_key))
+            ops.append(ctx.put(target_key, Target(index=t, iqn=naming.target_iqn(cluster.cluster_id, t))))
+        if sid:
+            compare.append(ctx.t.version(ctx.keys.snapshot(sid)) > 0)
+        if await ctx.txn(compare, ops):
+            log.info("volume %s (%s) created: %s, %d replicas on %s, target %d lun %d",
+                     name, vid, format_size(size), replicas, ",".join(placement), t, lun)
+            return vol, True
+    raise Conflict(f"could not create volume {name!r}: too much concurrent change", hint="retry")
+
+
+async def resize_volume(ctx: Ctx, ref: str, size: Any) -> Volume:
+    new = check_size(size)
+    for _ in range(MAX_RETRIES):
+        vol, rev = await find_volume(ctx, ref)
+        if new < vol.size:
+            raise InvalidArgument(
+                f"cannot shrink volume {vol.name!r} from {format_size(vol.size)} to {format_size(new)}",
+                hint="volumes only grow; shrinking would cut off data")
+        if new == vol.size:
+            return vol
+        old = vol.size
+        vol.size = new
+        if await ctx.txn([ctx.unchanged(ctx.keys.volume(vol.volume_id), rev)],
+                         [ctx.put(ctx.keys.volume(vol.volume_id), vol)]):
+            log.info("volume %s grown from %s to %s", vol.name, format_size(old), format_size(new))
+            return vol
+    raise Conflict(f"could not resize volume {ref!r}: too much concurrent change", hint="retry")
+
+
+async def acl_entries(ctx: Ctx, vid: str) -> list[AclEntry]:
+    return [rec for _, rec in await ctx.list(ctx.keys.volume_acl(vid), AclEntry)]
+
+
+async def delete_volume(ctx: Ctx, ref: str, force: bool = False) -> str:
+    for _ in range(MAX_RETRIES):
+        vol, rev = await find_volume(ctx, ref)
+        acl = await acl_entries(ctx, vol.volume_id)
+        if acl and not force:
+            who = ", ".join(a.initiator for a in acl[:3]) + ("..." if len(acl) > 3 else "")
+            raise Conflict(f"volume {vol.name!r} is exported to {len(acl)} initiator(s): {who}",
+                           hint=f"remove them with `zstore acl remove {vol.name} IQN`, or delete with --force")
+        snaps = await _snapshots_of(ctx, vol.volume_id)
+        vkey = ctx.keys.volume(vol.volume_id)
+        ops = [ctx.delete(ctx.keys.volume_name(vol.name)),
+               ctx.delete(ctx.keys.lun(vol.target_index, vol.lun)),
+               ctx.delete(ctx.keys.volume_acl(vol.volume_id), prefix=True)]
+        if snaps:
+            vol.state = "deleted"
+            ops.append(ctx.put(vkey, vol))
+        else:
+            ops.append(ctx.delete(vkey))
+        if await ctx.txn([ctx.unchanged(vkey, rev)], ops):
+            log.info("volume %s (%s) deleted%s%s", vol.name, vol.volume_id, " (forced)" if acl else "",
+                     f"; kept as a tombstone for {len(snaps)} snapshot(s)" if snaps else "")
+            await collect_garbage(ctx)
+            return vol.volume_id
+    raise Conflict(f"could not delete volume {ref!r}: too much concurrent change", hint="retry")
+
+
+async def _snapshots_of(ctx: Ctx, vid: str) -> list[Snapshot]:
+    return [s for _, s in await ctx.list(ctx.keys.snapshots(), Snapshot) if s.volume_id == vid]
+
+
+async def create_snapshot(ctx: Ctx, volume: str, name: str) -> tuple[Snapshot, bool]:
+    naming.check_name("snapshot", name)
+    for _ in range(MAX_RETRIES):
+        vol, rev = await find_volume(ctx, volume)
+        name_key = ctx.keys.snapshot_name(vol.volume_id, name)
+        existing = await ctx.get_raw(name_key)
+        if existing is not None:
+            snap, _ = await ctx.get(ctx.keys.snapshot(existing.decode()), Snapshot)
+            if snap is not None:
+                return snap, False
+            continue
+        sid = uuid.uuid4().hex
+        snap = Snapshot(snapshot_id=sid, name=name, volume_id=vol.volume_id, size=vol.size)
+        if await ctx.txn([ctx.absent(name_key), ctx.t.version(ctx.keys.volume(vol.volume_id)) > 0],
+                         [ctx.put(ctx.keys.snapshot(sid), snap), ctx.put(name_key, sid)]):
+            log.info("snapshot %s@%s (%s) created", vol.name, name, sid)
+            return snap, True
+    raise Conflict(f"could not snapshot {volume!r}: too much concurrent change", hint="retry")
+
+
+async def list_snapshots(ctx: Ctx, volume: str | None = None) -> list[Snapshot]:
+    snaps = [s for _, s in await ctx.list(ctx.keys.snapshots(), Snapshot) if s.state != "deleted"]
+    if volume:
+        vol, _ = await find_volume(ctx, volume)
+        snaps = [s for s in snaps if s.volume_id == vol.volume_id]
+    return sorted(snaps, key=lambda s: (s.volume_id, s.created, s.name))
+
+
+async def delete_snapshot(ctx: Ctx, volume: str, name: str) -> str:
+    snap = await resolve_snapshot(ctx, f"{volume}@{name}")
+    skey = ctx.keys.snapshot(snap.snapshot_id)
+    clones = [v for _, v in await ctx.list(ctx.keys.volumes(), Volume)
+              if v.source_snapshot == snap.snapshot_id]
+    ops = [ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name))]
+    if clones:
+        snap.state = "deleted"
+        ops.append(ctx.put(skey, snap))
+    else:
+        ops.append(ctx.delete(skey))
+    if not await ctx.txn([ctx.t.version(skey) > 0], ops):
+        raise NotFound(f"snapshot {volume}@{name} not found")
+    log.info("snapshot %s@%s (%s) deleted%s", volume, name, snap.snapshot_id,
+             f"; kept for {len(clones)} clone(s)" if clones else "")
+    await collect_garbage(ctx)
+    return snap.snapshot_id
+
+
+async def collect_garbage(ctx: Ctx) -> None:
+    """Erase tombstones nothing references any more (repeats until stable)."""
+    for _ in range(8):
+        vols = {v.volume_id: v for _, v in await ctx.list(ctx.keys.volumes(), Volume)}
+        snaps = {s.snapshot_id: s for _, s in await ctx.list(ctx.keys.snapshots(), Snapshot)}
+        changed = False
+        for s in snaps.values():
+            if s.state == "deleted" and not any(v.source_snapshot == s.snapshot_id for v in vols.values()):
+                changed |= await ctx.txn([ctx.t.version(ctx.keys.snapshot(s.snapshot_id)) > 0],
+                                         [ctx.delete(ctx.keys.snapshot(s.snapshot_id))])
+        for v in vols.values():
+            if v.state == "deleted" and not any(s.volume_id == v.volume_id for s in snaps.values()):
+                changed |= await ctx.txn([ctx.t.version(ctx.keys.volume(v.volume_id)) > 0],
+                                         [ctx.delete(ctx.keys.volume(v.volume_id))])
+        if not changed:
+            return
+
+
+async def list_volumes(ctx: Ctx, limit: int = 100, start_after: str | None = None) -> tuple[list[Volume], str | None]:
+    if not 1 <= limit <= 1000:
+        raise InvalidArgument(f"invalid limit {limit}: must be 1..1000")
+    base = ctx.keys.volume_names()
+    start = ctx.keys.volume_name(start_after) + b"\x00" if start_after else base
+    kvs, more = await ctx.etcd.range(start, prefix_end(base), limit=limit)
+    vols = []
+    for _, vid in kvs:
+        vol, _ = await ctx.get(ctx.keys.volume(vid.decode()), Volume)
+        if vol is not None and vol.state != "deleted":
+            vols.append(vol)
+    return vols, (kvs[-1][0][len(base):].decode() if more and kvs else None)

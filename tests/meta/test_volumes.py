@@ -1,0 +1,233 @@
+"""Volume, snapshot, LUN, ACL and CHAP operations against a real etcd."""
+
+import asyncio
+
+import pytest
+
+from meta import chunks, exports, volumes
+from tests.meta.helpers import GiB, make_ctx, register_chunk
+from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound
+from zstore.records import LunMapping, Target, Volume
+
+
+@pytest.fixture
+async def ctx(etcd_client, etcd_config):
+    c = make_ctx(etcd_client, etcd_config)
+    for i, zone in enumerate("abc"):
+        await register_chunk(c, f"c{i}", labels={"zone": zone})
+    return c
+
+
+async def test_create_places_replicas_on_distinct_chunks(ctx):
+    vol, created = await volumes.create_volume(ctx, "v1", "1Gi", 3)
+    assert created and vol.size == GiB and sorted(vol.placement) == ["c0", "c1", "c2"]
+    assert vol.lun == 1 and vol.target_index == 0 and len(vol.wwn) == 32 and vol.wwn[0] == "6"
+    t, _ = await ctx.get(ctx.keys.target(0), Target)
+    assert t.iqn.endswith(".t0000")
+    m, _ = await ctx.get(ctx.keys.lun(0, 1), LunMapping)
+    assert m.volume_id == vol.volume_id
+
+
+async def test_create_is_idempotent_and_conflicts_on_other_size(ctx):
+    a, c1 = await volumes.create_volume(ctx, "v1", "1Gi", 2)
+    b, c2 = await volumes.create_volume(ctx, "v1", 2**30, 2)
+    assert c1 and not c2 and a.volume_id == b.volume_id
+    with pytest.raises(Conflict) as e:
+        await volumes.create_volume(ctx, "v1", "2Gi", 2)
+    assert "already exists with size 1Gi (asked 2Gi)" in e.value.message
+    with pytest.raises(Conflict):
+        await volumes.create_volume(ctx, "v1", "1Gi", 3)
+
+
+async def test_twenty_concurrent_creates_yield_one_volume(ctx):
+    results = await asyncio.gather(*[volumes.create_volume(ctx, "same", "1Gi", 3) for _ in range(20)])
+    assert len({v.volume_id for v, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    vols = await ctx.list(ctx.keys.volumes(), Volume)
+    assert len(vols) == 1
+    assert len(await ctx.list_raw(ctx.keys.luns())) == 1
+
+
+async def test_concurrent_creates_of_different_names_get_distinct_luns(ctx):
+    res = await asyncio.gather(*[volumes.create_volume(ctx, f"v{i}", "1Gi", 1) for i in range(12)])
+    slots = {(v.target_index, v.lun) for v, _ in res}
+    assert len(slots) == 12
+
+
+async def test_luns_fill_a_target_then_move_to_the_next(etcd_client, etcd_config):
+    ctx = make_ctx(etcd_client, etcd_config, luns_per_target=3, max_targets=2)
+    await register_chunk(ctx, "c0")
+    got = [(await volumes.create_volume(ctx, f"v{i}", "1Mi", 1))[0] for i in range(6)]
+    assert [(v.target_index, v.lun) for v in got] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    with pytest.raises(InsufficientResources):
+        await volumes.create_volume(ctx, "v6", "1Mi", 1)
+    await volumes.delete_volume(ctx, "v1")
+    v, _ = await volumes.create_volume(ctx, "v7", "1Mi", 1)
+    assert (v.target_index, v.lun) == (0, 2)
+    targets = await exports.list_targets(ctx)
+    assert [t["luns"] for t in targets] == [3, 3]
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "abc", "1.5", "10Zi", "", None, 2**51])
+async def test_invalid_sizes(ctx, size):
+    with pytest.raises(InvalidArgument):
+        await volumes.create_volume(ctx, "bad", size, 1)
+    assert await ctx.list(ctx.keys.volumes(), Volume) == []
+
+
+@pytest.mark.parametrize("replicas", [0, 4, "3", True, None])
+async def test_invalid_replicas(ctx, replicas):
+    with pytest.raises(InvalidArgument):
+        await volumes.create_volume(ctx, "bad", "1Gi", replicas)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "-x", "x" * 129, "sp ace", "ü"])
+async def test_invalid_names(ctx, name):
+    with pytest.raises(InvalidArgument):
+        await volumes.create_volume(ctx, name, "1Gi", 1)
+
+
+async def test_sizes_round_up_to_mib(ctx):
+    v, _ = await volumes.create_volume(ctx, "odd", 1000, 1)
+    assert v.size == 2**20
+
+
+async def test_too_many_replicas_for_the_cluster(etcd_client, etcd_config):
+    ctx = make_ctx(etcd_client, etcd_config)
+    await register_chunk(ctx, "a")
+    await register_chunk(ctx, "b")
+    await register_chunk(ctx, "dead", live=False)
+    with pytest.raises(InsufficientResources) as e:
+        await volumes.create_volume(ctx, "v", "1Gi", 3)
+    assert "only 2 chunk server(s)" in e.value.message and "1 are down or draining" in e.value.message
+    assert await ctx.list_raw(ctx.keys.volume_names()) == []
+
+
+async def test_draining_chunk_gets_no_new_replicas(ctx):
+    await chunks.set_admin_state(ctx, "c1", "draining")
+    v, _ = await volumes.create_volume(ctx, "v", "1Gi", 2)
+    assert sorted(v.placement) == ["c0", "c2"]
+    with pytest.raises(InsufficientResources):
+        await volumes.create_volume(ctx, "w", "1Gi", 3)
+    await chunks.set_admin_state(ctx, "c1", "active")
+    assert (await volumes.create_volume(ctx, "w", "1Gi", 3))[1]
+
+
+async def test_thick_volume_needs_free_space(etcd_client, etcd_config):
+    ctx = make_ctx(etcd_client, etcd_config)
+    await register_chunk(ctx, "small", capacity=GiB)
+    await register_chunk(ctx, "big", capacity=100 * GiB)
+    with pytest.raises(InsufficientResources):
+        await volumes.create_volume(ctx, "thick", "10Gi", 2, thin=False)
+    v, _ = await volumes.create_volume(ctx, "thin", "10Gi", 2, thin=True)
+    assert sorted(v.placement) == ["big", "small"]
+
+
+async def test_resize_grows_only(ctx):
+    await volumes.create_volume(ctx, "v", "1Gi", 1)
+    assert (await volumes.resize_volume(ctx, "v", "2Gi")).size == 2 * GiB
+    assert (await volumes.resize_volume(ctx, "v", "2Gi")).size == 2 * GiB
+    with pytest.raises(InvalidArgument) as e:
+        await volumes.resize_volume(ctx, "v", "1Gi")
+    assert "cannot shrink" in e.value.message
+    with pytest.raises(NotFound):
+        await volumes.resize_volume(ctx, "nope", "1Gi")
+
+
+async def test_delete_refused_while_exported_unless_forced(ctx):
+    await volumes.create_volume(ctx, "v", "1Gi", 1)
+    await exports.add_acl(ctx, "v", "iqn.2004-10.com.example:host1")
+    with pytest.raises(Conflict) as e:
+        await volumes.delete_volume(ctx, "v")
+    assert "exported to 1 initiator" in e.value.message
+    await volumes.delete_volume(ctx, "v", force=True)
+    with pytest.raises(NotFound):
+        await volumes.find_volume(ctx, "v")
+    assert await ctx.list_raw(ctx.keys.acls()) == []
+    assert await ctx.list_raw(ctx.keys.luns()) == []
+
+
+async def test_snapshots_and_clones(ctx):
+    v, _ = await volumes.create_volume(ctx, "v", "1Gi", 2)
+    s, created = await volumes.create_snapshot(ctx, "v", "s1")
+    s2, created2 = await volumes.create_snapshot(ctx, "v", "s1")
+    assert created and not created2 and s.snapshot_id == s2.snapshot_id and s.size == GiB
+    clone, _ = await volumes.create_volume(ctx, "c", None, 2, source_snapshot="v@s1")
+    assert clone.source_snapshot == s.snapshot_id and clone.size == GiB
+    with pytest.raises(InvalidArgument):
+        await volumes.create_volume(ctx, "small", "1Mi", 2, source_snapshot="v@s1")
+    with pytest.raises(NotFound):
+        await volumes.create_volume(ctx, "x", None, 2, source_snapshot="v@nope")
+    # Deleting the source volume keeps it as a tombstone while its snapshot lives.
+    await volumes.delete_volume(ctx, "v")
+    with pytest.raises(NotFound):
+        await volumes.find_volume(ctx, "v")
+    assert (await ctx.get(ctx.keys.volume(v.volume_id), Volume))[0].state == "deleted"
+    # The name is free again.
+    v2, created = await volumes.create_volume(ctx, "v", "1Gi", 2)
+    assert created and v2.volume_id != v.volume_id
+    # Snapshots survive their volume's deletion and are listed.
+    assert [x.snapshot_id for x in await volumes.list_snapshots(ctx)] == [s.snapshot_id]
+
+
+async def test_tombstones_are_collected_when_unreferenced(ctx):
+    v, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    s, _ = await volumes.create_snapshot(ctx, "v", "s")
+    c, _ = await volumes.create_volume(ctx, "c", None, 1, source_snapshot="v@s")
+    await volumes.delete_snapshot(ctx, "v", "s")        # kept: the clone references it
+    assert await ctx.get_raw(ctx.keys.snapshot(s.snapshot_id)) is not None
+    assert await volumes.list_snapshots(ctx) == []
+    await volumes.delete_volume(ctx, "v")               # snapshot tombstone still there -> kept
+    assert await ctx.get_raw(ctx.keys.volume(v.volume_id)) is not None
+    await volumes.delete_volume(ctx, "c")               # last reference gone: all erased
+    assert await ctx.get_raw(ctx.keys.snapshot(s.snapshot_id)) is None
+    assert await ctx.get_raw(ctx.keys.volume(v.volume_id)) is None
+    assert await ctx.get_raw(ctx.keys.volume(c.volume_id)) is None
+
+
+async def test_list_pagination(ctx):
+    for i in range(7):
+        await volumes.create_volume(ctx, f"vol{i:02d}", "1Mi", 1)
+    names, token = [], None
+    while True:
+        page, token = await volumes.list_volumes(ctx, limit=3, start_after=token)
+        names += [v.name for v in page]
+        if token is None:
+            break
+    assert names == [f"vol{i:02d}" for i in range(7)]
+
+
+async def test_acl_add_is_idempotent_and_validates(ctx):
+    await volumes.create_volume(ctx, "v", "1Gi", 1)
+    iqn = "iqn.1994-05.com.redhat:abc"
+    a = await exports.add_acl(ctx, "v", iqn)
+    b = await exports.add_acl(ctx, "v", iqn)
+    assert a.added == b.added
+    _, entries = await exports.list_acl(ctx, "v")
+    assert [e.initiator for e in entries] == [iqn]
+    with pytest.raises(InvalidArgument):
+        await exports.add_acl(ctx, "v", "not an iqn")
+    await exports.remove_acl(ctx, "v", iqn)
+    with pytest.raises(NotFound):
+        await exports.remove_acl(ctx, "v", iqn)
+
+
+async def test_chap_secrets_never_listed(ctx):
+    v, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    rec = await exports.set_chap(ctx, {"target": "v", "initiator": "iqn.2004-10.com.example:h1",
+                                       "user": "u1", "secret": "supersecret123",
+                                       "mutual_user": "tgt", "mutual_secret": "othersecret456"})
+    assert rec.target.endswith(".t0000")
+    listed = await exports.list_chap(ctx)
+    assert listed and "supersecret123" not in repr(listed) and "othersecret456" not in repr(listed)
+    assert "supersecret123" not in repr(rec)
+    assert listed[0]["mutual"] is True
+    with pytest.raises(InvalidArgument):
+        await exports.set_chap(ctx, {"target": "*", "initiator": "iqn.2004-10.com.example:h1",
+                                     "user": "u", "secret": "short"})
+    with pytest.raises(InvalidArgument):
+        await exports.set_chap(ctx, {"target": "*", "initiator": "iqn.2004-10.com.example:h1",
+                                     "user": "u", "secret": "samesecret123", "mutual_user": "m",
+                                     "mutual_secret": "samesecret123"})
+    await exports.clear_chap(ctx, "v", "iqn.2004-10.com.example:h1")
+    assert await exports.list_chap(ctx) == []
