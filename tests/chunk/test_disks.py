@@ -1,0 +1,82 @@
+"""Disk specs, preparation and probing, and the atomic id files (no etcd needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from chunk import disks
+from chunk.identity import IdentityError, load_or_create, write_atomic
+from zstore.config import ConfigError
+
+
+def test_parse_spec_with_and_without_capacity(tmp_path: Path):
+    assert disks.parse_spec(f"{tmp_path}/d0:10Gi") == disks.DiskSpec(tmp_path / "d0", 10 * 2**30)
+    assert disks.parse_spec(f"{tmp_path}/d0") == disks.DiskSpec(tmp_path / "d0", None)
+    assert disks.parse_spec("rel/d1:1M").path == Path(os.path.abspath("rel/d1"))
+
+
+@pytest.mark.parametrize("spec, msg", [("/d:lots", "invalid size"), ("/d:0", "must be positive"),
+                                       (":10Gi", "missing path"), ("", "empty disk spec")])
+def test_parse_spec_rejects_bad_input(spec: str, msg: str):
+    with pytest.raises(ConfigError, match=msg):
+        disks.parse_spec(spec)
+
+
+def test_prepare_creates_dir_and_stable_disk_id(tmp_path: Path):
+    spec = disks.DiskSpec(tmp_path / "a" / "disk0", 2**30)
+    first = disks.prepare(spec)
+    assert first.disk_id and first.error is None
+    assert (spec.path / disks.DISK_ID_FILE).read_text().strip() == first.disk_id
+    assert disks.prepare(spec).disk_id == first.disk_id
+
+
+def test_probe_reports_capacity_usage_and_state(tmp_path: Path):
+    d = disks.prepare(disks.DiskSpec(tmp_path / "disk0", 10 * 2**20))
+    (d.path / "blob").write_bytes(b"x" * 300_000)
+    rec = disks.probe(d)
+    assert rec["state"] == "ok" and rec["capacity"] == 10 * 2**20 and rec["disk_id"] == d.disk_id
+    assert 300_000 <= rec["used"] < 400_000          # allocated bytes: the blob plus the id file
+    (d.path / "big").write_bytes(b"y" * (10 * 2**20))
+    assert disks.probe(d)["state"] == "full"
+
+
+def test_probe_without_capacity_uses_filesystem_size(tmp_path: Path):
+    d = disks.prepare(disks.DiskSpec(tmp_path / "disk0"))
+    st = os.statvfs(tmp_path)
+    assert disks.probe(d)["capacity"] == st.f_blocks * st.f_frsize
+
+
+def test_unusable_directory_is_failed_not_fatal(tmp_path: Path):
+    (tmp_path / "file").write_text("not a dir")
+    bad = disks.prepare(disks.DiskSpec(tmp_path / "file" / "disk0", 2**30))
+    good = disks.prepare(disks.DiskSpec(tmp_path / "disk1", 2**30))
+    recs = disks.probe_all([bad, good])
+    assert recs[0]["state"] == "failed" and "Not a directory" in recs[0]["error"]
+    assert recs[1]["state"] == "ok"
+    assert not disks.all_failed(recs) and disks.all_failed(recs[:1])
+
+
+def test_vanished_or_swapped_disk_is_failed(tmp_path: Path):
+    d = disks.prepare(disks.DiskSpec(tmp_path / "disk0", 2**30))
+    (d.path / disks.DISK_ID_FILE).write_text("0" * 32 + "\n")   # another filesystem's id
+    assert "changed" in disks.probe(d)["error"]
+    for p in d.path.iterdir():
+        p.unlink()
+    d.path.rmdir()
+    assert disks.probe(d) | {"error": None} == {
+        "path": str(d.path), "capacity": 2**30, "used": 0, "state": "failed", "schema": 1,
+        "disk_id": d.disk_id, "error": None}
+
+
+def test_id_file_is_created_once_and_validated(tmp_path: Path):
+    path = tmp_path / "chunk-id"
+    cid, created = load_or_create(path)
+    assert created and len(cid) == 32
+    assert load_or_create(path) == (cid, False)
+    assert not [p for p in tmp_path.iterdir() if p.name != "chunk-id"]   # no temp file left
+    write_atomic(path, b"garbage\n")
+    with pytest.raises(IdentityError, match="not hold a valid id"):
+        load_or_create(path)
