@@ -1,0 +1,154 @@
+"""Rendering of API records for people: aligned tables and key/value blocks.
+
+Machine consumers use ``--json``; everything here is for eyes, so values are
+shortened (sizes as ``1Gi``, times as local ``YYYY-MM-DD HH:MM:SS``) and empty
+values shown as ``-`` so columns never collapse.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+from zstore.units import format_size
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False)
+
+
+def cell(value: Any) -> str:
+    if value is None or value == "" or value == [] or value == {}:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def size(value: Any) -> str:
+    return format_size(int(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def when(ts: Any) -> str:
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or ts <= 0:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Columns padded to their widest cell, two spaces apart; no trailing blanks."""
+    body = [[cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in body:
+        for i, v in enumerate(row):
+            widths[i] = max(widths[i], len(v))
+    lines = []
+    for row in [list(headers), *body]:
+        lines.append("  ".join(v.ljust(widths[i]) for i, v in enumerate(row)).rstrip())
+    return "\n".join(lines)
+
+
+def fields(pairs: Sequence[tuple[str, Any]]) -> str:
+    """``key  value`` lines with the values aligned."""
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{k.ljust(width)}  {cell(v)}".rstrip() for k, v in pairs)
+
+
+# -- one renderer per record kind ------------------------------------------------
+
+def cluster_status(c: Mapping[str, Any]) -> str:
+    leader = c.get("leader") or {}
+    metas = c.get("metas") or []
+    etcd = c.get("etcd") or {}
+    chunks = c.get("chunks") or {}
+    cap = c.get("capacity") or {}
+    lead = (f"{leader.get('meta_id')} at {leader.get('url')} (epoch {leader.get('epoch')}, "
+            f"since {when(leader.get('since'))})") if leader else "none elected"
+    pairs: list[tuple[str, Any]] = [
+        ("cluster", f"{c.get('name', '-')} ({c.get('cluster_id', '-')})"),
+        ("leader", lead),
+        ("meta servers", ", ".join(f"{m.get('meta_id')}{' (leader)' if m.get('leader') else ''}"
+                                   for m in metas) or "-"),
+        ("etcd", f"{'ok' if etcd.get('ok') else 'UNREACHABLE'} ({cell(etcd.get('endpoints'))})"),
+        ("chunk servers", f"{chunks.get('total', 0)} total, {chunks.get('up', 0)} up, "
+                          f"{chunks.get('down', 0)} down, {chunks.get('draining', 0)} draining"),
+        ("capacity", f"{size(cap.get('total', 0))} total, {size(cap.get('used', 0))} used"),
+        ("volumes", c.get("volumes", 0)),
+        ("snapshots", c.get("snapshots", 0)),
+        ("targets", c.get("targets", 0)),
+        ("auth failures", c.get("auth_failures", 0)),
+        ("answered by", c.get("answered_by")),
+    ]
+    return fields(pairs)
+
+
+def chunk_table(chunks: Sequence[Mapping[str, Any]]) -> str:
+    return table(
+        ["ID", "HOSTNAME", "ADDRESS", "PORTAL", "STATUS", "STATE", "CAPACITY", "USED", "LABELS"],
+        [[c.get("chunk_id"), c.get("hostname"),
+          f"{c.get('address')}:{c.get('data_port')}" if c.get("data_port") else c.get("address"),
+          c.get("portal"), c.get("status"), c.get("state"), size(c.get("capacity")),
+          size(c.get("used")), c.get("labels")] for c in chunks])
+
+
+def volume_table(volumes: Sequence[Mapping[str, Any]]) -> str:
+    return table(
+        ["NAME", "SIZE", "REPLICAS", "PROVISIONING", "STATE", "TARGET", "LUN", "ACL", "ID"],
+        [[v.get("name"), size(v.get("size")), v.get("replicas"),
+          "thin" if v.get("thin", True) else "thick", v.get("state"),
+          f"t{v['target_index']}" if isinstance(v.get("target_index"), int) else None,
+          v.get("lun"), len(v.get("acl") or []), v.get("volume_id")] for v in volumes])
+
+
+def volume_detail(v: Mapping[str, Any]) -> str:
+    acl = v.get("acl") or []
+    head = fields([
+        ("name", v.get("name")),
+        ("id", v.get("volume_id")),
+        ("size", f"{size(v.get('size'))} ({v.get('size')} bytes)"),
+        ("replicas", v.get("replicas")),
+        ("provisioning", "thin" if v.get("thin", True) else "thick"),
+        ("block size", v.get("block_size")),
+        ("state", v.get("state")),
+        ("created", when(v.get("created"))),
+        ("source snapshot", v.get("source_snapshot")),
+        ("target", v.get("target_iqn")),
+        ("LUN", v.get("lun")),
+        ("WWN", v.get("wwn")),
+        ("ACL", ", ".join(str(a) for a in acl) if acl else "none (no initiator may log in)"),
+    ])
+    placement = v.get("placement") or []
+    reps = table(["CHUNK", "HOSTNAME", "ADDRESS", "STATUS", "LABELS"],
+                 [[p.get("chunk_id"), p.get("hostname"), p.get("address"), p.get("status"),
+                   p.get("labels")] for p in placement]) if placement else "(no replicas placed)"
+    return f"{head}\n\nreplicas:\n{reps}"
+
+
+def snapshot_table(snaps: Sequence[Mapping[str, Any]]) -> str:
+    return table(["VOLUME", "NAME", "SIZE", "STATE", "CREATED", "ID"],
+                 [[s.get("volume"), s.get("name"), size(s.get("size")), s.get("state"),
+                   when(s.get("created")), s.get("snapshot_id")] for s in snaps])
+
+
+def target_table(targets: Sequence[Mapping[str, Any]]) -> str:
+    return table(["INDEX", "IQN", "LUNS", "VOLUMES"],
+                 [[t.get("index"), t.get("iqn"), t.get("luns"), t.get("volumes")] for t in targets])
+
+
+def acl_table(entries: Sequence[Mapping[str, Any]]) -> str:
+    return table(["INITIATOR", "ACCESS", "ADDED"],
+                 [[e.get("initiator"), "read-only" if e.get("readonly") else "read-write",
+                   when(e.get("added"))] for e in entries])
+
+
+def chap_table(entries: Sequence[Mapping[str, Any]]) -> str:
+    """Public fields only: the API never returns secrets and neither do we."""
+    return table(["TARGET", "INITIATOR", "USER", "MUTUAL USER", "CHANGED"],
+                 [[e.get("target"), e.get("initiator"), e.get("user"),
+                   e.get("mutual_user") if e.get("mutual") or e.get("mutual_user") else None,
+                   when(e.get("changed"))] for e in entries])
