@@ -254,3 +254,43 @@ def cluster(workdir: Path, etcd: Etcd, metas: int = 1, chunks: int = 0,
         yield c
     finally:
         c.stop()
+
+
+async def async_wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    """``wait_for`` for async tests: ``cond`` may be a coroutine function."""
+    import asyncio
+    import inspect
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - remembered for the failure message
+            last_exc = e
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def free_port_range(n: int, start: int = 20000, end: int = 60000) -> int:
+    """A base port ``b`` with ``b .. b+n-1`` all free on 127.0.0.1 right now."""
+    import random
+    for _ in range(200):
+        base = random.randrange(start, end - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")

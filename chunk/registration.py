@@ -1,0 +1,215 @@
+"""Keep a chunk server registered in etcd for as long as it runs.
+
+Two records: ``chunks/{id}/info`` (what the server is; no lease, rewritten at
+every registration) and ``chunks/{id}/live`` (held under a lease, so it exists
+exactly while the server is alive and reachable). The meta leader shows a
+chunk server ``up`` while its live key exists.
+
+The loop never gives up: etcd unreachable at start or later is logged and
+retried with backoff; when the lease turns out to have expired (a long outage,
+a paused process) a new one is granted and everything is written again. On
+stop the lease is revoked so the server shows down at once rather than after
+the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+
+import aetcd
+from aetcd import exceptions as aetcd_exc
+
+from zstore.keys import Keys
+from zstore.records import ChunkInfo, ChunkLive, now
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DiskProbe = Callable[[], Awaitable[list[dict[str, Any]]]]
+InfoBuilder = Callable[[list[dict[str, Any]]], ChunkInfo]
+
+
+class LeaseLost(Exception):
+    """The lease expired or was revoked behind our back; register again."""
+
+
+class _Stopped(Exception):
+    """Stop was requested while an etcd call was in flight."""
+
+
+def _lease_not_found(e: BaseException) -> bool:
+    return isinstance(e, aetcd_exc.ClientError) and "lease not found" in str(e)
+
+
+class Backoff:
+    """Exponential backoff with jitter, so many servers don't retry in lockstep."""
+
+    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
+        self.first, self.cap, self._next = first, cap, first
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self._next = self.first
+
+
+class Registration:
+    """Holds the chunk server's etcd registration; ``run`` until ``stop`` is set."""
+
+    def __init__(self, etcd: aetcd.Client, keys: Keys, chunk_id: str, *, lease_ttl: int,
+                 build_info: InfoBuilder, probe_disks: DiskProbe, endpoints: str = "etcd",
+                 refresh_interval: float = 10.0, backoff: Backoff | None = None) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        self.chunk_id = chunk_id
+        self.lease_ttl = lease_ttl
+        self.build_info = build_info
+        self.probe_disks = probe_disks
+        self.endpoints = endpoints
+        self.refresh_interval = refresh_interval
+        self.backoff = backoff or Backoff()
+        self.started = now()
+        self.lease: aetcd.leases.Lease | None = None
+        self.registered = asyncio.Event()      # set while registered (for callers and tests)
+        self._stop = asyncio.Event()
+        self._outage_since: float | None = None
+        self._outage_logged = 0.0
+
+    # -- the loop -----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        while not stop.is_set():
+            try:
+                await self._register()
+                self.backoff.reset()
+                await self._hold()
+            except _Stopped:
+                break
+            except LeaseLost as e:
+                self.registered.clear()
+                self.lease = None
+                log.warning("lost the etcd lease (%s); registering again", e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - etcd down or erroring: retry, never exit
+                self.registered.clear()
+                delay = self.backoff.next()
+                self._note_outage(e, f"retrying in {delay:.1f}s")
+                if await self._sleep(delay):
+                    break
+        await self._unregister()
+
+    async def _register(self) -> None:
+        disks = await self.probe_disks()
+        info = self.build_info(disks)
+        await self._call(self.etcd.put(self.keys.chunk_info(self.chunk_id), info.encode()))
+        lease = await self._call(self.etcd.lease(self.lease_ttl))
+        self.lease = lease
+        if lease.ttl != self.lease_ttl:
+            log.warning("etcd granted a %ds lease instead of the %ds asked for", lease.ttl, self.lease_ttl)
+        await self._put_live(disks)
+        self.registered.set()
+        self._recovered()
+        log.info("registered chunk server %s in etcd at %s (lease %x, ttl %ds)",
+                 self.chunk_id, self.endpoints, lease.id, lease.ttl)
+
+    async def _hold(self) -> None:
+        """Keep the lease alive every ttl/3 and refresh the live record; return on stop."""
+        assert self.lease is not None
+        interval = max(0.2, self.lease_ttl / 3)
+        next_refresh = time.monotonic() + self.refresh_interval
+        while True:
+            if await self._sleep(interval):
+                raise _Stopped
+            try:
+                reply = await self._call(self.etcd.refresh_lease(self.lease.id), timeout=interval * 1.5)
+                if reply is None or reply.TTL <= 0:
+                    raise LeaseLost(f"lease {self.lease.id:x} expired")
+                if time.monotonic() >= next_refresh:
+                    await self._put_live(await self.probe_disks())
+                    next_refresh = time.monotonic() + self.refresh_interval
+                self._recovered()
+            except (LeaseLost, _Stopped, asyncio.CancelledError):
+                raise
+            except Exception as e:  # noqa: BLE001
+                if _lease_not_found(e):
+                    raise LeaseLost(f"lease {self.lease.id:x} not found") from None
+                self._note_outage(e, "keeping the lease alive as soon as it answers")
+
+    async def _put_live(self, disks: list[dict[str, Any]]) -> None:
+        assert self.lease is not None
+        live = ChunkLive(chunk_id=self.chunk_id, pid=os.getpid(), started=self.started,
+                         lease_ttl=self.lease.ttl, disks=disks)
+        try:
+            await self._call(self.etcd.put(self.keys.chunk_live(self.chunk_id), live.encode(),
+                                           lease=self.lease))
+        except aetcd_exc.ClientError as e:
+            if _lease_not_found(e):
+                raise LeaseLost(f"lease {self.lease.id:x} not found") from None
+            raise
+
+    async def _unregister(self) -> None:
+        self.registered.clear()
+        lease, self.lease = self.lease, None
+        if lease is None:
+            return
+        try:
+            await asyncio.wait_for(self.etcd.revoke_lease(lease.id), 2.0)
+            log.info("revoked lease %x: chunk server %s shows down now", lease.id, self.chunk_id)
+        except Exception as e:  # noqa: BLE001 - best effort; the lease expires by itself
+            log.warning("could not revoke lease %x (%s); it expires within %ds",
+                        lease.id, _describe(e), lease.ttl)
+
+    # -- helpers ------------------------------------------------------------------
+
+    async def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Await an etcd call, abandoning it (``_Stopped``) as soon as stop is set."""
+        task = asyncio.ensure_future(asyncio.wait_for(coro, timeout) if timeout else coro)
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if task not in done:
+            task.cancel()
+            raise _Stopped
+        return task.result()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, or return True early when stop is set."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _note_outage(self, e: BaseException, action: str) -> None:
+        t = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = self._outage_logged = t
+            log.warning("etcd at %s is unreachable or failing (%s); %s", self.endpoints, _describe(e), action)
+        elif t - self._outage_logged >= 30:
+            self._outage_logged = t
+            log.warning("still no etcd at %s after %.0fs (%s); %s",
+                        self.endpoints, t - self._outage_since, _describe(e), action)
+        else:
+            log.debug("etcd call failed: %s", _describe(e))
+
+    def _recovered(self) -> None:
+        if self._outage_since is not None:
+            log.info("etcd at %s answers again after %.1fs", self.endpoints, time.monotonic() - self._outage_since)
+            self._outage_since = None
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

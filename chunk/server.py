@@ -1,0 +1,259 @@
+"""The chunk server daemon: ``python -m chunk.server --config FILE`` (``zstore-chunk``).
+
+For now it prepares its identity and disks and keeps itself registered in
+etcd (see ``registration``); the iSCSI target and the storage engine will hang
+off this same process. It runs until SIGTERM/SIGINT, then revokes its lease so
+the cluster sees it down at once, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from zstore import config as zconfig
+from zstore import etcd as zetcd
+from zstore import logs
+from zstore.config import Config, ConfigError
+from zstore.keys import Keys
+from zstore.records import ChunkInfo
+
+from . import disks as zdisks
+from .identity import IdentityError, load_or_create
+from .registration import Registration
+
+log = logging.getLogger("chunk.server")
+
+PROG = "zstore-chunk"
+CHUNK_ID_FILE = "chunk-id"
+LOCK_FILE = "lock"
+EXIT_SETUP = 1      # environment problem: data dir unusable, all disks failed, server already running
+EXIT_USAGE = 2      # bad flags or config
+
+EPILOG = """\
+Flags override the config file (--config, else $ZSTORE_CONFIG, else
+/etc/zstore/zstore.toml), which overrides ZSTORE_CHUNK_* variables' defaults.
+--label adds to the labels from the config. Exit status: 0 after SIGTERM or
+SIGINT, 2 for bad flags or config, 1 when it cannot start (data dir unusable,
+already running on this data dir, every disk failed).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (and exit 2), as for config errors."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see --help)", EXIT_USAGE)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="zstore chunk server", epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--data-dir", metavar="DIR", help="where the chunk id and default disk live")
+    p.add_argument("--disk", action="append", metavar="PATH[:CAPACITY]",
+                   help="a disk directory, optionally with a capacity like 10Gi (repeatable; "
+                        "without a capacity the filesystem's size is used)")
+    p.add_argument("--address", help="host other servers reach this one at")
+    p.add_argument("--data-port", metavar="PORT", help="replication port")
+    p.add_argument("--portal", metavar="HOST:PORT", help="iSCSI portal")
+    p.add_argument("--label", action="append", metavar="K=V", help="placement label (repeatable)")
+    p.add_argument("--etcd-endpoints", metavar="A,B", help="etcd endpoints, comma-separated")
+    p.add_argument("--prefix", help="etcd key prefix")
+    p.add_argument("--lease-ttl", metavar="SECONDS", help="liveness lease TTL")
+    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--log-file", metavar="FILE", help="log here instead of stderr")
+    return p
+
+
+def load_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
+    """Config file + env + flags; raises ConfigError."""
+    env = dict(os.environ if env is None else env)
+    path = zconfig.find_config_file(args.config, env)
+    cfg = zconfig.load(path, env=env, overrides={
+        "chunk.data_dir": args.data_dir, "chunk.disks": args.disk, "chunk.address": args.address,
+        "chunk.data_port": args.data_port, "chunk.portal": args.portal,
+        "chunk.lease_ttl": args.lease_ttl, "etcd.endpoints": args.etcd_endpoints,
+        "etcd.prefix": args.prefix, "log.level": args.log_level, "log.file": args.log_file,
+    })
+    for item in args.label or []:
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise ConfigError(f"--label {item!r}: use KEY=VALUE")
+        cfg.chunk.labels[k.strip()] = v.strip()
+    return cfg
+
+
+def _check_port(where: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: {port} is not a port (1-65535)")
+
+
+def validate(cfg: Config) -> list[zdisks.DiskSpec]:
+    """Check everything that can be checked before touching disk; return the disk specs."""
+    c = cfg.chunk
+    if not c.data_dir:
+        raise ConfigError("chunk.data_dir must be set")
+    if not c.address:
+        raise ConfigError("chunk.address must be set")
+    _check_port("chunk.data_port", c.data_port)
+    host, sep, port = c.portal.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"chunk.portal: {c.portal!r} is not HOST:PORT")
+    _check_port("chunk.portal", int(port))
+    if not 2 <= c.lease_ttl <= 600:
+        raise ConfigError(f"chunk.lease_ttl: {c.lease_ttl} must be between 2 and 600 seconds")
+    for k in c.labels:
+        if not k or "=" in k or "," in k:
+            raise ConfigError(f"chunk.labels: invalid label key {k!r}")
+    if not cfg.etcd.endpoints:
+        raise ConfigError("etcd.endpoints must not be empty")
+    try:
+        Keys(cfg.etcd.prefix)
+    except ValueError as e:
+        raise ConfigError(f"etcd.prefix: {e}") from None
+    if logging.getLevelName(cfg.log.level.upper()) not in range(0, 100):
+        raise ConfigError(f"log.level: unknown level {cfg.log.level!r}")
+    specs = [zdisks.parse_spec(d) for d in c.disks] or [
+        zdisks.DiskSpec(Path(os.path.abspath(c.data_dir)) / "disk0")]
+    seen: set[Path] = set()
+    for s in specs:
+        if s.path in seen:
+            raise ConfigError(f"disk {s.path} is listed twice")
+        seen.add(s.path)
+    return specs
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data dir for our lifetime: one server per chunk id."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        fail(f"data dir {data_dir} is in use by another chunk server (pid {holder})", EXIT_SETUP)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class ChunkServer:
+    """Identity, disks and registration of one chunk server."""
+
+    def __init__(self, cfg: Config, chunk_id: str, disks: list[zdisks.LocalDisk]) -> None:
+        self.cfg = cfg
+        self.chunk_id = chunk_id
+        self.disks = disks
+        self.hostname = socket.gethostname()
+        self._states: dict[str, str] = {}
+
+    def info(self, disk_records: list[dict[str, Any]]) -> ChunkInfo:
+        c = self.cfg.chunk
+        return ChunkInfo(chunk_id=self.chunk_id, hostname=self.hostname, address=c.address,
+                         data_port=c.data_port, portal=c.portal, labels=dict(c.labels),
+                         disks=disk_records)
+
+    async def probe_disks(self) -> list[dict[str, Any]]:
+        records = await asyncio.to_thread(zdisks.probe_all, self.disks)
+        self._log_changes(records)
+        return records
+
+    def _log_changes(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            before = self._states.get(r["path"])
+            if before != r["state"]:
+                self._states[r["path"]] = r["state"]
+                if r["state"] == "failed":
+                    log.error("disk %s failed: %s", r["path"], r.get("error"))
+                elif r["state"] == "full":
+                    log.warning("disk %s is full (%d of %d bytes used)", r["path"], r["used"], r["capacity"])
+                elif before is not None:
+                    log.info("disk %s is %s again", r["path"], r["state"])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        etcd = zetcd.client(self.cfg.etcd)
+        reg = Registration(etcd, Keys(self.cfg.etcd.prefix), self.chunk_id,
+                           lease_ttl=self.cfg.chunk.lease_ttl, build_info=self.info,
+                           probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd))
+        try:
+            await reg.run(stop)
+        finally:
+            try:
+                await asyncio.wait_for(etcd.close(), 2.0)
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
+
+
+async def _serve(server: ChunkServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("got %s; stopping", sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await server.run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args)
+        specs = validate(cfg)
+    except ConfigError as e:
+        fail(str(e), EXIT_USAGE)
+    logs.setup("chunk", cfg.log.level, cfg.log.file)
+
+    data_dir = Path(os.path.abspath(cfg.chunk.data_dir))
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = lock_data_dir(data_dir)
+        chunk_id, created = load_or_create(data_dir / CHUNK_ID_FILE)
+    except (OSError, IdentityError) as e:
+        fail(f"data dir {data_dir}: {getattr(e, 'strerror', None) or e}", EXIT_SETUP)
+    log.info("%s chunk id %s in %s", "created" if created else "using", chunk_id, data_dir)
+
+    disks = [zdisks.prepare(s) for s in specs]
+    server = ChunkServer(cfg, chunk_id, disks)
+    records = zdisks.probe_all(disks)
+    server._log_changes(records)
+    if zdisks.all_failed(records):
+        reasons = "; ".join(f"{r['path']}: {r.get('error')}" for r in records)
+        log.error("every disk failed (%s); not starting", reasons)
+        fail(f"every disk failed: {reasons}", EXIT_SETUP)
+    for r in records:
+        if r["state"] != "failed":
+            log.info("disk %s (%s): capacity %d, used %d, %s",
+                     r["path"], r["disk_id"], r["capacity"], r["used"], r["state"])
+
+    try:
+        import uvloop
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    try:
+        run(_serve(server))
+    finally:
+        os.close(lock_fd)
+    log.info("chunk server %s stopped", chunk_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The chunk server registers itself in a real etcd and shows down when it dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import PY, ROOT, Cluster, Etcd, Proc, async_wait_for, free_port, write_config
+from zstore import etcd as zetcd
+from zstore.config import EtcdConfig
+from zstore.keys import Keys
+from zstore.records import ChunkInfo, ChunkLive
+
+TTL = 3
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, etcd_server: Etcd, etcd_config):
+    c = Cluster(workdir=tmp_path, etcd=etcd_server, prefix=etcd_config.prefix, lease_ttl=TTL)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def keys(etcd_config) -> Keys:
+    return Keys(etcd_config.prefix)
+
+
+def chunk_id_of(c: Cluster, i: int) -> str:
+    return (c.workdir / f"chunk{i}" / "chunk-id").read_text().strip()
+
+
+async def wait_live(etcd_client, keys: Keys, proc: Proc, c: Cluster, i: int, timeout: float = 15):
+    """Wait for chunk ``i`` (run by ``proc``) to be live; return (chunk_id, ChunkLive, lease)."""
+    async def live():
+        assert proc.alive(), proc.log()
+        got = await etcd_client.get(keys.chunk_live(chunk_id_of(c, i)))
+        return got and (ChunkLive.decode(got.value), got.lease)
+    rec, lease = await async_wait_for(live, timeout, f"chunk{i} live key")
+    return rec.chunk_id, rec, lease
+
+
+async def test_registers_info_and_live(cluster: Cluster, etcd_client, keys: Keys):
+    p = cluster.start_chunk(labels={"zone": "a"}, capacity="10Gi")
+    cid, live, lease = await wait_live(etcd_client, keys, p, cluster, 0)
+    assert live.pid == p.pid and live.lease_ttl == TTL and lease != 0
+    assert [d["state"] for d in live.disks] == ["ok"]
+    info = ChunkInfo.decode((await etcd_client.get(keys.chunk_info(cid))).value)
+    assert info.labels == {"zone": "a"} and info.address == "127.0.0.1"
+    assert info.portal.startswith("127.0.0.1:") and info.data_port > 0 and info.hostname
+    assert info.disks[0]["path"] == str(cluster.workdir / "chunk0" / "disk0")
+    assert info.capacity == 10 * 2**30
+    assert (cluster.workdir / "chunk0" / "disk0" / "disk-id").exists()
+
+
+async def test_id_persists_across_restart(cluster: Cluster, etcd_client, keys: Keys):
+    p = cluster.start_chunk()
+    cid, first, _ = await wait_live(etcd_client, keys, p, cluster, 0)
+    p.stop()
+    assert p.popen.returncode == 0, p.log()
+    p2 = cluster.start_chunk(index=0)
+    cid2, second, _ = await wait_live(etcd_client, keys, p2, cluster, 0)
+    assert cid2 == cid and second.pid == p2.pid != first.pid
+    listing = await etcd_client.get_prefix(keys.chunks())
+    assert {Keys.chunk_key_parts(kv.key, keys.chunks())[0] for kv in listing} == {cid}
+
+
+async def test_sigkill_live_key_expires_within_ttl(cluster: Cluster, etcd_client, keys: Keys):
+    p = cluster.start_chunk()
+    cid, _, _ = await wait_live(etcd_client, keys, p, cluster, 0)
+    p.kill()
+    await async_wait_for(lambda: _absent(etcd_client, keys.chunk_live(cid)), TTL + 3, "live key to expire")
+    assert await etcd_client.get(keys.chunk_info(cid)) is not None     # info outlives the process
+
+
+async def test_sigterm_revokes_lease_promptly(cluster: Cluster, etcd_client, keys: Keys):
+    p = cluster.start_chunk()
+    cid, _, _ = await wait_live(etcd_client, keys, p, cluster, 0)
+    p.popen.send_signal(signal.SIGTERM)
+    await async_wait_for(lambda: _absent(etcd_client, keys.chunk_live(cid)), 1.5, "live key removed on SIGTERM")
+    assert p.popen.wait(5) == 0
+    assert "revoked lease" in p.log()
+
+
+async def test_lost_lease_is_replaced(cluster: Cluster, etcd_client, keys: Keys):
+    p = cluster.start_chunk()
+    cid, _, lease = await wait_live(etcd_client, keys, p, cluster, 0)
+    await etcd_client.revoke_lease(lease)          # as if it had expired during an outage
+
+    async def new_lease():
+        got = await etcd_client.get(keys.chunk_live(cid))
+        return got is not None and got.lease != lease
+    await async_wait_for(new_lease, TTL + 5, "re-registration under a new lease")
+    assert "lost the etcd lease" in p.log()
+
+
+async def test_failed_disk_is_reported(cluster: Cluster, etcd_client, keys: Keys, etcd_config):
+    (cluster.workdir / "not-a-dir").write_text("x")
+    p = _start(cluster, etcd_config, disks=[f"{cluster.workdir}/chunk0/disk0:1Gi",
+                                            f"{cluster.workdir}/not-a-dir/disk1:1Gi"])
+    cid, live, _ = await wait_live(etcd_client, keys, p, cluster, 0)
+    assert [d["state"] for d in live.disks] == ["ok", "failed"]
+    info = ChunkInfo.decode((await etcd_client.get(keys.chunk_info(cid))).value)
+    assert "Not a directory" in info.disks[1]["error"] and info.capacity == 2**30
+    assert "disk1 failed" in p.log()
+
+
+async def test_starts_before_etcd_and_registers_when_it_appears(tmp_path: Path, etcd_config):
+    late = Etcd(tmp_path / "late-etcd")
+    late.workdir.mkdir()
+    c = Cluster(workdir=tmp_path / "c", etcd=late, prefix=etcd_config.prefix, lease_ttl=TTL)
+    try:
+        p = c.start_chunk()
+        await async_wait_for(lambda: "unreachable" in p.log(), 15, "the chunk server to report etcd down")
+        assert p.alive()
+        late.start()
+        client = zetcd.client(EtcdConfig(endpoints=[late.endpoint], prefix=etcd_config.prefix))
+        try:
+            await wait_live(client, Keys(etcd_config.prefix), p, c, 0, timeout=20)
+        finally:
+            await client.close()
+    finally:
+        c.stop()
+        late.stop()
+
+
+def test_all_disks_failed_exits_1(tmp_path: Path, etcd_config):
+    (tmp_path / "f").write_text("x")
+    r = _run(["--data-dir", str(tmp_path / "d"), "--disk", f"{tmp_path}/f/d0:1Gi",
+              "--etcd-endpoints", etcd_config.endpoints[0], "--prefix", etcd_config.prefix])
+    assert r.returncode == 1 and "every disk failed" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-port", "many"], "chunk.data_port: 'many' is not a valid int"),
+    (["--disk", "/tmp/x:lots"], "invalid size"),
+    (["--portal", "nohostport"], "chunk.portal"),
+    (["--label", "novalue"], "use KEY=VALUE"),
+    (["--lease-ttl", "1"], "chunk.lease_ttl"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--config", "/nonexistent/chunk.toml"], "does not exist"),
+])
+def test_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], message: str):
+    r = _run(["--data-dir", str(tmp_path / "d"), *args])
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and r.stderr.startswith("zstore-chunk: error:")
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()            # nothing touched before the config is valid
+
+
+def test_bad_config_file_exits_2(tmp_path: Path):
+    cfg = write_config(tmp_path / "c.toml", {"chunk": {"data_dir": str(tmp_path), "bogus": 1}})
+    r = _run(["--config", str(cfg)])
+    assert r.returncode == 2 and "unknown config key chunk.bogus" in r.stderr
+
+
+async def test_second_server_on_same_data_dir_refused(cluster: Cluster, etcd_client, keys: Keys):
+    p = cluster.start_chunk()
+    await wait_live(etcd_client, keys, p, cluster, 0)
+    r = _run(["--config", str(cluster.workdir / "chunk0.toml")])
+    assert r.returncode == 1 and f"in use by another chunk server (pid {p.pid})" in r.stderr
+
+
+async def _absent(etcd_client, key: bytes) -> bool:
+    return await etcd_client.get(key) is None
+
+
+def _start(c: Cluster, etcd_config, disks: list[str]) -> Proc:
+    cfg = write_config(c.workdir / "chunk0.toml", {
+        "etcd": {"endpoints": etcd_config.endpoints, "prefix": etcd_config.prefix},
+        "chunk": {"data_dir": str(c.workdir / "chunk0"), "disks": disks, "lease_ttl": TTL,
+                  "data_port": free_port(), "portal": f"127.0.0.1:{free_port()}"},
+    })
+    p = Proc("chunk0", [PY, "-m", "chunk.server", "--config", str(cfg)], c.workdir / "chunk0.log").start()
+    c.chunks.append(p)
+    return p
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZSTORE_")}
+    return subprocess.run([PY, "-m", "chunk.server", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=30)
