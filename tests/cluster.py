@@ -224,6 +224,27 @@ class Cluster:
             raise AssertionError(f"zstore {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
         return r
 
+    def api(self, method: str, path: str, body: object = None, token: str | None = "default",
+            meta: int = 0, timeout: float = 15) -> tuple[int, object]:
+        """One raw meta API call: (HTTP status, decoded JSON body)."""
+        import urllib.error
+        import urllib.request
+        headers = {"Content-Type": "application/json"}
+        if token == "default":
+            token = self.token
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(f"http://127.0.0.1:{self.meta_ports[meta]}/api/v1{path}",
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw, status = r.read(), r.status
+        except urllib.error.HTTPError as e:
+            raw, status = e.read(), e.code
+        ctype_json = raw[:1] in (b"{", b"[")
+        return status, (json.loads(raw) if ctype_json else raw.decode())
+
     def cli_json(self, *args: str) -> object:
         r = self.cli(*args, "--json", check=True)
         return json.loads(r.stdout)
