@@ -36,9 +36,9 @@ _GLOBALS = ("config", "state_dir", "endpoint", "json")
 class Ctx:
     """What a handler needs: the parsed args, a lazily built client, and stdout."""
 
-    def __init__(self, args: argparse.Namespace, out: TextIO = sys.stdout):
+    def __init__(self, args: argparse.Namespace, out: TextIO | None = None):
         self.args = args
-        self.out = out
+        self.out = out if out is not None else sys.stdout
         self._client: MetaClient | None = None
 
     @property
@@ -208,7 +208,7 @@ def cmd_volume_create(ctx: Ctx) -> int:
 def _create_volume(ctx: Ctx, body: dict[str, Any]) -> int:
     r: Response = ctx.client.request("POST", "/volumes", body)
     v = r.data
-    verb = "created" if r.status == 201 else "already exists, unchanged:"
+    verb = "created:" if r.status == 201 else "already exists, unchanged:"
     return ctx.done(v, f"volume {v.get('name')} {verb} {_volume_summary(v)}")
 
 

@@ -77,7 +77,8 @@ def cluster_status(c: Mapping[str, Any]) -> str:
         ("etcd", f"{'ok' if etcd.get('ok') else 'UNREACHABLE'} ({cell(etcd.get('endpoints'))})"),
         ("chunk servers", f"{chunks.get('total', 0)} total, {chunks.get('up', 0)} up, "
                           f"{chunks.get('down', 0)} down, {chunks.get('draining', 0)} draining"),
-        ("capacity", f"{size(cap.get('total', 0))} total, {size(cap.get('used', 0))} used"),
+        ("capacity", f"{size(cap.get('total', 0))} total, {size(cap.get('used', 0))} used"
+                     + (f", {size(cap['provisioned'])} provisioned" if "provisioned" in cap else "")),
         ("volumes", c.get("volumes", 0)),
         ("snapshots", c.get("snapshots", 0)),
         ("targets", c.get("targets", 0)),
@@ -135,9 +136,21 @@ def snapshot_table(snaps: Sequence[Mapping[str, Any]]) -> str:
                    when(s.get("created")), s.get("snapshot_id")] for s in snaps])
 
 
+def _lun_volumes(vols: Any) -> list[str]:
+    """Target volumes as ``LUN:NAME``; docs/api.md lists bare names, the server ``{lun, volume}``."""
+    out = []
+    for v in vols or []:
+        if isinstance(v, Mapping):
+            out.append(f"{v.get('lun')}:{v.get('volume') or '(deleted)'}")
+        else:
+            out.append(str(v))
+    return out
+
+
 def target_table(targets: Sequence[Mapping[str, Any]]) -> str:
     return table(["INDEX", "IQN", "LUNS", "VOLUMES"],
-                 [[t.get("index"), t.get("iqn"), t.get("luns"), t.get("volumes")] for t in targets])
+                 [[t.get("index"), t.get("iqn"), t.get("luns"), _lun_volumes(t.get("volumes"))]
+                  for t in targets])
 
 
 def acl_table(entries: Sequence[Mapping[str, Any]]) -> str:
