@@ -49,3 +49,9 @@ def test_secret_file(tmp_path):
         read_secret_file(str(tmp_path / "e"), "token")
     with pytest.raises(ConfigError, match="cannot read token"):
         read_secret_file(str(tmp_path / "missing"), "token")
+
+
+def test_shipped_example_config_loads():
+    from pathlib import Path
+    cfg = load(Path(__file__).resolve().parents[2] / "deploy" / "zstore.toml.example", env={})
+    assert cfg.chunk.labels == {"zone": "z1", "rack": "r3"} and len(cfg.etcd.endpoints) == 3
