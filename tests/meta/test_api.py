@@ -108,6 +108,12 @@ def test_leader_failover_within_10s_and_writes_keep_working(tmp_path, etcd_serve
         assert new["epoch"] > epoch
         status, _ = c.api("POST", "/volumes", {"name": "after", "size": "1Gi", "replicas": 1}, meta=other)
         assert status == 201
+        # The CLI's config still lists both meta servers, the dead one first when meta0 led:
+        # it keeps working without new flags.
+        r = c.cli("volume", "create", "via-cli", "--size", "1Gi", "--replicas", "1")
+        assert r.returncode == 0, r.stderr
+        status = c.cli_json("cluster", "status")
+        assert status["leader"]["meta_id"] == f"meta{other}" and status["leader"]["epoch"] == new["epoch"]
 
 
 def test_etcd_down_is_503_and_nothing_half_written(tmp_path):
@@ -132,3 +138,19 @@ def test_etcd_down_is_503_and_nothing_half_written(tmp_path):
                      30, "writes after etcd came back")
     finally:
         own.stop()
+
+
+def test_chap_secrets_stay_out_of_answers_and_logs(three: Cluster):
+    c = three
+    assert c.api("POST", "/volumes", {"name": "v", "size": "1Gi", "replicas": 1})[0] == 201
+    secret, mutual = "initiator-secret-42", "target-secret-4242"
+    status, body = c.api("PUT", "/chap", {"target": "v", "initiator": "iqn.2004-10.com.example:h1",
+                                          "user": "h1", "secret": secret, "mutual_user": "t",
+                                          "mutual_secret": mutual})
+    assert status == 200 and body["mutual"] is True
+    status, body = c.api("PUT", "/chap", {"target": "v", "initiator": "iqn.2004-10.com.example:h1",
+                                          "user": "h1", "secret": "short"})
+    assert status == 400 and "short" not in body["error"]["message"]
+    _, listed = c.api("GET", "/chap")
+    everything = repr(listed) + c.metas[0].log()
+    assert len(listed["chap"]) == 1 and secret not in everything and mutual not in everything
