@@ -135,26 +135,27 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
             rev = listing.header.revision if listing.header else 0
             await on_snapshot([(kv.key, kv.value) for kv in listing])
             watch = await etcd.watch_prefix(prefix, start_revision=rev + 1)
-            stopper = asyncio.create_task(stop.wait())
+
+            async def consume() -> None:
+                async for event in watch:
+                    await on_event(event)
+
+            consumer = asyncio.ensure_future(consume())
+            stopper = asyncio.ensure_future(stop.wait())
             try:
-                it = watch.__aiter__()
-                while not stop.is_set():
-                    nxt = asyncio.ensure_future(it.__anext__())
-                    done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    if nxt not in done:
-                        nxt.cancel()
-                        break
-                    await on_event(nxt.result())
+                done, _ = await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if consumer in done:
+                    consumer.result()       # raises what broke the watch; relist below
             finally:
                 stopper.cancel()
+                consumer.cancel()
+                await asyncio.gather(consumer, stopper, return_exceptions=True)
                 try:
                     await watch.cancel()
                 except Exception:  # noqa: BLE001 - best effort on a broken channel
                     pass
         except asyncio.CancelledError:
             raise
-        except StopAsyncIteration:
-            pass
         except Exception as e:  # noqa: BLE001 - keep mirroring through etcd outages
             log.warning("watch on %s failed (%s); relisting in %.1fs", prefix.decode(), e, retry_delay)
         if not stop.is_set():

@@ -1,0 +1,63 @@
+"""The chunk server's mirror of export state follows etcd changes live."""
+
+import asyncio
+
+import pytest
+
+from chunk.catalog import Catalog
+from meta import exports, volumes
+from tests.cluster import async_wait_for
+from tests.meta.helpers import make_ctx, register_chunk
+
+H1 = "iqn.2004-10.com.example:h1"
+H2 = "iqn.2004-10.com.example:h2"
+
+
+@pytest.fixture
+async def setup(etcd_client, etcd_config):
+    ctx = make_ctx(etcd_client, etcd_config)
+    await register_chunk(ctx, "c0")
+    stop = asyncio.Event()
+    cat = Catalog(etcd_client, ctx.keys)
+    await cat.start(stop)
+    yield ctx, cat
+    stop.set()
+    await cat.close()
+
+
+async def test_masking_follows_acl_changes(setup):
+    ctx, cat = setup
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    await async_wait_for(lambda: cat.target(iqn), 5, "target mirrored")
+    assert cat.visible_luns(iqn, H1) == {} and cat.visible_targets(H1) == []
+    await exports.add_acl(ctx, "v", H1)
+    await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun), 5, "ACL mirrored")
+    assert list(cat.visible_luns(iqn, H1)) == [vol.lun] and cat.visible_targets(H1) == [iqn]
+    assert cat.lun_access(iqn, H2, vol.lun) is None
+    await exports.remove_acl(ctx, "v", H1)
+    await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun) is None, 5, "ACL removal mirrored")
+
+
+async def test_readonly_acl_and_chap_lookup_order(setup):
+    ctx, cat = setup
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    await exports.add_acl(ctx, "v", H1, readonly=True)
+    await exports.set_chap(ctx, {"target": "*", "initiator": H1, "user": "any", "secret": "cluster-wide-secret"})
+    await exports.set_chap(ctx, {"target": iqn, "initiator": H1, "user": "own", "secret": "per-target-secret"})
+    await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun) and len(cat.chap) == 2, 5, "mirrored")
+    assert cat.lun_access(iqn, H1, vol.lun)[1] is True
+    assert cat.chap_for(iqn, H1).user == "own"
+    assert cat.chap_for("iqn.other:t", H1).user == "any"
+    assert cat.chap_for(iqn, H2) is None
+
+
+async def test_deleted_volume_disappears(setup):
+    ctx, cat = setup
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    await exports.add_acl(ctx, "v", H1)
+    await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun), 5, "visible")
+    await volumes.delete_volume(ctx, "v", force=True)
+    await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun) is None, 5, "gone")
