@@ -478,11 +478,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                              ("down", cmd_down, "stop the local cluster")):
         p = top.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
-        if up_mod is not None:
+        if up_mod is not None:       # up.py brings its own --state-dir
             getattr(up_mod, f"add_{name}_arguments")(p)
         else:
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        _add_globals(p, "s_", suppress=True)
     return parser
 
 
