@@ -116,14 +116,13 @@ def read_chap_secrets(secret_file: str | None, mutual_user: str | None,
         raise errors.InvalidArgument("--mutual-secret-file needs --mutual-user")
     secret = read_secret_file(secret_file, "CHAP secret") if secret_file else None
     mutual = read_secret_file(mutual_secret_file, "mutual CHAP secret") if mutual_secret_file else None
-    wanted = [w for w, have in (("CHAP secret", secret), ("mutual CHAP secret", mutual if mutual_user else ""))
-              if have is None]
+    wanted = (["CHAP secret"] if secret is None else []) + \
+             (["mutual CHAP secret"] if mutual_user and mutual is None else [])
     if wanted:
-        got = _secrets_from_stdin(stdin, wanted) if not _isatty(stdin) else _secrets_by_prompt(prompt, wanted)
-        if secret is None:
-            secret = got.pop(0)
-        if mutual_user and mutual is None:
-            mutual = got.pop(0)
+        read = _secrets_by_prompt if _isatty(stdin) else _secrets_from_stdin
+        got = dict(zip(wanted, read(stdin, prompt, wanted)))
+        secret = got.get("CHAP secret", secret)
+        mutual = got.get("mutual CHAP secret", mutual)
     assert secret is not None
     for what, value in (("CHAP secret", secret), ("mutual CHAP secret", mutual)):
         if value is not None:
@@ -144,18 +143,19 @@ def _isatty(f: TextIO) -> bool:
         return False
 
 
-def _secrets_from_stdin(stdin: TextIO, wanted: list[str]) -> list[str]:
+def _secrets_from_stdin(stdin: TextIO, prompt: Callable[[str], str], wanted: list[str]) -> list[str]:
+    """One secret per line, in the order of ``wanted``."""
     lines = [line.strip() for line in stdin.read().splitlines()]
-    got = [line for line in lines[:len(wanted)]]
-    if len(got) < len(wanted) or not all(got):
-        missing = wanted[len([g for g in got if g]):]
-        raise errors.InvalidArgument(
-            f"no {missing[0]} on stdin (expected {len(wanted)} line(s): {', '.join(wanted)})",
-            "pipe the secret in, or use --secret-file FILE / --mutual-secret-file FILE")
-    return got
+    for i, what in enumerate(wanted):
+        if i >= len(lines) or not lines[i]:
+            raise errors.InvalidArgument(
+                f"no {what} on stdin (expected {len(wanted)} line(s): {', '.join(wanted)})",
+                "pipe the secret in, or use --secret-file FILE / --mutual-secret-file FILE")
+    return lines[:len(wanted)]
 
 
-def _secrets_by_prompt(prompt: Callable[[str], str], wanted: list[str]) -> list[str]:
+def _secrets_by_prompt(stdin: TextIO, prompt: Callable[[str], str], wanted: list[str]) -> list[str]:
+    """Typed twice without echo, so a typo does not lock an initiator out."""
     got = []
     for what in wanted:
         first = prompt(f"{what}: ").strip()
