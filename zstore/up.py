@@ -142,13 +142,20 @@ class Layout:
     metas: int = 1
     chunk_capacity: str = DEFAULT_CHUNK_CAPACITY
 
-    token = property(lambda self: self.state_dir / "token")
-    client_config = property(lambda self: self.state_dir / "zstore.toml")
-    pidfile = property(lambda self: self.state_dir / "up.pid")
-    statefile = property(lambda self: self.state_dir / "up.json")
-    logs = property(lambda self: self.state_dir / "logs")
-    etcd_data = property(lambda self: self.state_dir / "etcd")
-    etcd_endpoint = property(lambda self: f"127.0.0.1:{self.base_port}")
+    @property
+    def token(self) -> Path: return self.state_dir / "token"
+    @property
+    def client_config(self) -> Path: return self.state_dir / "zstore.toml"
+    @property
+    def pidfile(self) -> Path: return self.state_dir / "up.pid"
+    @property
+    def statefile(self) -> Path: return self.state_dir / "up.json"
+    @property
+    def logs(self) -> Path: return self.state_dir / "logs"
+    @property
+    def etcd_data(self) -> Path: return self.state_dir / "etcd"
+    @property
+    def etcd_endpoint(self) -> str: return f"127.0.0.1:{self.base_port}"
 
     def meta_port(self, i: int) -> int: return self.base_port + 10 + i
     def meta_url(self, i: int) -> str: return f"http://127.0.0.1:{self.meta_port(i)}"
