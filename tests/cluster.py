@@ -217,7 +217,7 @@ class Cluster:
 
     def cli(self, *args: str, check: bool = False, input: str | None = None,
             env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        full_env = dict(os.environ, ZSTORE_CONFIG=str(self.client_config), **(env or {}))
+        full_env = {**os.environ, "ZSTORE_CONFIG": str(self.client_config), **(env or {})}
         r = subprocess.run([PY, "-m", "zstore.cli.main", *args], capture_output=True, text=True,
                            env=full_env, cwd=ROOT, input=input, timeout=timeout)
         if check and r.returncode != 0:
