@@ -160,6 +160,7 @@ class Cluster:
     metas: list[Proc] = field(default_factory=list)
     meta_ports: list[int] = field(default_factory=list)
     chunks: list[Proc] = field(default_factory=list)
+    portals: list[int] = field(default_factory=list)      # iSCSI portal port of chunk i
     lease_ttl: int = 3
 
     def __post_init__(self) -> None:
@@ -201,11 +202,14 @@ class Cluster:
                     index: int | None = None) -> Proc:
         i = len(self.chunks) if index is None else index
         data = self.workdir / f"chunk{i}"
+        if index is None:
+            self.portals.append(free_port())
         cfg = write_config(self.workdir / f"chunk{i}.toml", {
             "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
             "chunk": {"data_dir": str(data), "disks": [f"{data}/disk0:{capacity}"],
-                      "data_port": free_port(), "portal": f"127.0.0.1:{free_port()}",
-                      "labels": labels or {}, "lease_ttl": self.lease_ttl},
+                      "data_port": free_port(), "portal": f"127.0.0.1:{self.portals[i]}",
+                      "labels": labels or {}, "lease_ttl": self.lease_ttl,
+                      "volume_dir": str(self.workdir / "volumes")},
         })
         p = Proc(f"chunk{i}", [PY, "-m", "chunk.server", "--config", str(cfg)],
                  self.workdir / f"chunk{i}.log").start()

@@ -53,6 +53,11 @@ class ChunkConfig:
     portal: str = "127.0.0.1:3260"
     labels: dict[str, str] = field(default_factory=dict)
     lease_ttl: int = 5                   # a dead chunk server is shown down within this
+    # Interim data path until the replicated storage engine lands: one sparse file
+    # per volume here. Chunk servers that share this directory (as under `zstore up`)
+    # serve the same data, so any of them can serve any LUN. Default: data_dir/volumes.
+    volume_dir: str | None = None
+    iscsi_nop_interval: float = 15.0     # idle seconds before a NOP-In ping; dead initiators are dropped
 
 
 @dataclass

@@ -222,7 +222,10 @@ def write_configs(layout: Layout) -> None:
         _write(layout.state_dir / f"chunk{i}.toml", tomli_w.dumps({"etcd": etcd, "chunk": {
             "data_dir": str(d), "disks": [f"{d / 'disk0'}:{layout.chunk_capacity}"],
             "address": "127.0.0.1", "data_port": layout.data_port(i), "portal": layout.portal(i),
-            "labels": {"zone": f"z{i}"}, "lease_ttl": 5}}))
+            "labels": {"zone": f"z{i}"}, "lease_ttl": 5,
+            # One shared volume directory: until the replicated engine lands, this is
+            # what makes the three local chunk servers serve the same data.
+            "volume_dir": str(layout.state_dir / "volumes")}}))
     # Paths relative to this file's directory, so the CLI works from anywhere.
     _write(layout.client_config, tomli_w.dumps({
         "client": {"endpoints": [layout.meta_url(i) for i in range(layout.metas)], "token_file": "token"},
