@@ -1,0 +1,489 @@
+"""Full-feature phase of one iSCSI connection (RFC 7143, ErrorRecoveryLevel 0).
+
+We negotiate MaxConnections=1, so a session has exactly one connection and
+this class is both. It owns the command window (CmdSN ordering,
+ExpCmdSN/MaxCmdSN), write data collection (immediate data, unsolicited
+Data-Out, R2T), Data-In, NOP pings, task management, Text (SendTargets) and
+Logout. SCSI semantics live in ``chunk.scsi``; which LUNs this initiator may
+use comes from a ``LunResolver`` consulted on every command, so ACL changes
+apply to the next command.
+
+Responses are written with ``writelines`` and no per-PDU drain: the reader
+loop applies back-pressure only when the socket buffer is large, which lets
+many completions share one send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from . import pdu as P
+from .constants import (RESERVED_TAG, AsyncEvent, LogoutReason, LogoutResponseCode, RejectReason,
+                        ScsiStatus, TmfFunction, TmfResponse)
+from .errors import ProtocolError
+from .negotiation import SessionParams
+from .text import decode_text, encode_text
+
+log = logging.getLogger(__name__)
+
+SERIAL_MASK = 0xFFFFFFFF
+WRITE_BUFFER_HIGH = 4 << 20
+
+
+def sn_lt(a: int, b: int) -> bool:
+    """RFC 1982 serial-number "a < b" for 32-bit CmdSN/StatSN."""
+    return a != b and ((b - a) & SERIAL_MASK) < 0x80000000
+
+
+def sn_lte(a: int, b: int) -> bool:
+    return a == b or sn_lt(a, b)
+
+
+class LunResolver(Protocol):
+    """What the session asks the target about LUNs (implemented over the catalog)."""
+
+    def unit(self, lun: int) -> Any | None:            # a chunk.scsi LogicalUnit, or None if masked
+        ...
+
+    def visible_luns(self) -> list[int]:
+        ...
+
+    def send_targets(self, which: str) -> list[tuple[str, list[str]]]:
+        """[(target iqn, [TargetAddress values])] for a SendTargets=``which`` request."""
+        ...
+
+
+@dataclass(eq=False)
+class Task:
+    cmd: P.ScsiCommand
+    lun: int
+    unit: Any
+    want: int = 0                       # data-out bytes the initiator will send (EDTL)
+    buf: bytearray | None = None
+    data: bytes | memoryview | None = None
+    received: int = 0
+    unsolicited_done: bool = True
+    next_r2t_offset: int = 0
+    r2tsn: int = 0
+    outstanding: dict[int, tuple[int, int]] = field(default_factory=dict)   # ttt -> (offset, length)
+    aborted: bool = False
+    runner: asyncio.Task | None = None
+
+
+class Session:
+    """One logged-in connection in full-feature phase."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 params: SessionParams, *, isid: bytes, tsih: int, statsn: int, expcmdsn: int,
+                 resolver: LunResolver, scsi: Any, nexus: Any, window: int = 128,
+                 nop_interval: float = 15.0, nop_timeout: float = 15.0,
+                 on_close: Callable[["Session"], None] | None = None):
+        self.r, self.w, self.p = reader, writer, params
+        self.isid, self.tsih = isid, tsih
+        self.statsn = statsn & SERIAL_MASK
+        self.expcmdsn = expcmdsn & SERIAL_MASK
+        self.window = window
+        self.resolver, self.scsi, self.nexus = resolver, scsi, nexus
+        self.nop_interval, self.nop_timeout = nop_interval, nop_timeout
+        self.on_close = on_close
+        self.tasks: dict[int, Task] = {}          # ITT -> task (received, not yet answered)
+        self.pending: dict[int, P.PDU] = {}       # CmdSN -> out-of-order non-immediate request
+        self._ttt = 0x1000
+        self._r2t_owner: dict[int, Task] = {}     # TTT -> task
+        self._nop_ttt: dict[int, float] = {}      # our NOP-In pings awaiting an answer
+        self._last_rx = time.monotonic()
+        self._closing = False
+        self._logout_requested = False
+        self.hd, self.dd = params.header_digest, params.data_digest
+        self.mrdsl = params.max_recv_data_segment_length
+        self.msdsl = params.max_send_data_segment_length
+
+    # --- sending --------------------------------------------------------------
+
+    @property
+    def maxcmdsn(self) -> int:
+        free = max(self.window - len(self.tasks), 0)
+        return (self.expcmdsn + free - 1) & SERIAL_MASK
+
+    def _send(self, pdu: P.PDU, status: bool = True) -> None:
+        """Stamp StatSN/ExpCmdSN/MaxCmdSN and queue on the socket."""
+        if status:
+            pdu.statsn = self.statsn
+            self.statsn = (self.statsn + 1) & SERIAL_MASK
+        elif hasattr(pdu, "statsn"):
+            pdu.statsn = self.statsn
+        pdu.expcmdsn = self.expcmdsn
+        pdu.maxcmdsn = self.maxcmdsn
+        if not self._closing or isinstance(pdu, (P.LogoutResponse, P.TaskMgmtResponse, P.Reject)):
+            self.w.writelines(pdu.encode(self.hd, self.dd))
+
+    def _reject(self, reason: int, header: bytes | None) -> None:
+        rej = P.Reject(reason=reason, data=(header or b"")[:48])
+        self._send(rej)
+
+    def _new_ttt(self) -> int:
+        self._ttt = (self._ttt + 1) & 0x7FFFFFFF or 1
+        return self._ttt
+
+    # --- main loop --------------------------------------------------------------
+
+    async def run(self) -> None:
+        pinger = asyncio.ensure_future(self._pinger())
+        try:
+            while not self._closing:
+                try:
+                    pdu = await P.read_pdu(self.r, self.hd, self.dd, self.mrdsl)
+                except ProtocolError as e:
+                    log.info("%s: %s", self.nexus.initiator, e)
+                    self._reject(e.reason, e.header)
+                    if e.fatal:
+                        break
+                    continue
+                if pdu is None:
+                    break
+                self._last_rx = time.monotonic()
+                await self._dispatch(pdu)
+                if self.w.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                    await self.w.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            pinger.cancel()
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        for t in list(self.tasks.values()):
+            t.aborted = True
+        runners = [t.runner for t in self.tasks.values() if t.runner]
+        if runners:
+            await asyncio.gather(*runners, return_exceptions=True)
+        self.tasks.clear()
+        try:
+            self.w.close()
+        except Exception:  # noqa: BLE001
+            pass
+        if self.on_close:
+            self.on_close(self)
+
+    async def close(self) -> None:
+        """Drop the connection (session reinstatement, target reset, shutdown)."""
+        self._closing = True
+        try:
+            self.w.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def request_logout(self, within: int = 10) -> None:
+        """Async message asking the initiator to log out (used for draining)."""
+        if self._logout_requested:
+            return
+        self._logout_requested = True
+        msg = P.AsyncMessage(lun=0, event=AsyncEvent.LOGOUT_REQUESTED, parameter3=within)
+        self._send(msg, status=True)
+
+    async def _pinger(self) -> None:
+        """Target-initiated NOP-In pings: find dead initiators on idle connections."""
+        while True:
+            await asyncio.sleep(self.nop_interval)
+            now = time.monotonic()
+            if any(now - sent > self.nop_timeout for sent in self._nop_ttt.values()):
+                log.warning("%s: no answer to NOP-In within %.0fs; dropping the connection",
+                            self.nexus.initiator, self.nop_timeout)
+                await self.close()
+                return
+            if now - self._last_rx >= self.nop_interval and not self._nop_ttt:
+                ttt = self._new_ttt()
+                self._nop_ttt[ttt] = now
+                self._send(P.NopIn(itt=RESERVED_TAG, ttt=ttt, lun=0), status=False)
+
+    # --- command ordering ----------------------------------------------------------
+
+    async def _dispatch(self, pdu: P.PDU) -> None:
+        if isinstance(pdu, P.DataOut):
+            self._data_out(pdu)
+            return
+        if isinstance(pdu, P.SnackRequest):
+            self._reject(RejectReason.COMMAND_NOT_SUPPORTED, pdu.header())
+            return
+        if isinstance(pdu, P.LoginRequest):
+            self._reject(RejectReason.PROTOCOL_ERROR, pdu.header())
+            self._closing = True
+            return
+        if isinstance(pdu, P.NopOut) and pdu.itt == RESERVED_TAG:
+            self._nop_ttt.pop(pdu.ttt, None)       # answer to our ping; carries no CmdSN
+            return
+        if pdu.immediate:
+            await self._execute(pdu)
+            return
+        cmdsn = pdu.cmdsn
+        if cmdsn == self.expcmdsn:
+            self.expcmdsn = (self.expcmdsn + 1) & SERIAL_MASK
+            await self._execute(pdu)
+            while self.expcmdsn in self.pending:
+                nxt = self.pending.pop(self.expcmdsn)
+                self.expcmdsn = (self.expcmdsn + 1) & SERIAL_MASK
+                await self._execute(nxt)
+        elif sn_lt(self.expcmdsn, cmdsn) and sn_lte(cmdsn, (self.expcmdsn + self.window) & SERIAL_MASK):
+            self.pending.setdefault(cmdsn, pdu)     # early: hold until the gap fills
+        # else: outside the window or a duplicate: silently ignored (RFC 7143 §4.2.2.1)
+
+    async def _execute(self, pdu: P.PDU) -> None:
+        if isinstance(pdu, P.ScsiCommand):
+            self._scsi_command(pdu)
+        elif isinstance(pdu, P.NopOut):
+            self._send(P.NopIn(itt=pdu.itt, ttt=RESERVED_TAG, lun=pdu.lun, data=pdu.data))
+        elif isinstance(pdu, P.TaskMgmtRequest):
+            await self._task_mgmt(pdu)
+        elif isinstance(pdu, P.TextRequest):
+            self._text(pdu)
+        elif isinstance(pdu, P.LogoutRequest):
+            await self._logout(pdu)
+        else:
+            self._reject(RejectReason.COMMAND_NOT_SUPPORTED, pdu.header())
+
+    # --- SCSI commands ---------------------------------------------------------------
+
+    def _scsi_command(self, cmd: P.ScsiCommand) -> None:
+        if cmd.itt in self.tasks:
+            self._reject(RejectReason.TASK_IN_PROGRESS, cmd.header())
+            return
+        try:
+            lun = P.decode_lun(cmd.lun)
+        except ValueError:
+            lun = -1
+        cdb = cmd.cdb
+        unit = self.resolver.unit(lun) if lun >= 0 else None
+        task = Task(cmd=cmd, lun=lun, unit=unit)
+        self.tasks[cmd.itt] = task
+        if cdb[0] == 0xA0 or unit is None:      # REPORT LUNS, or a LUN this initiator may not see
+            self._finish_inline(task, self._no_unit_result(task))
+            return
+        if cmd.write and cmd.expected_length:
+            task.want = cmd.expected_length
+            imm = cmd.data
+            if len(imm) > task.want or len(imm) > self.p.first_burst_length:
+                self.tasks.pop(cmd.itt, None)
+                self._reject(RejectReason.PROTOCOL_ERROR, cmd.header())
+                return
+            task.received = len(imm)
+            if task.received == task.want:
+                task.data = imm
+            else:
+                task.buf = bytearray(task.want)
+                task.buf[:len(imm)] = imm
+            task.unsolicited_done = cmd.final or self.p.initial_r2t
+            task.next_r2t_offset = task.received
+            if task.received < task.want:
+                if task.unsolicited_done:
+                    self._send_r2ts(task)
+                return
+        elif cmd.data:
+            # Immediate data with no W bit: protocol error.
+            self.tasks.pop(cmd.itt, None)
+            self._reject(RejectReason.PROTOCOL_ERROR, cmd.header())
+            return
+        self._start(task)
+
+    def _no_unit_result(self, task: Task):
+        cdb = task.cmd.cdb
+        if cdb[0] == 0xA0:
+            return self.scsi.report_luns(self.resolver.visible_luns(), cdb)
+        return self.scsi.lun_not_supported(cdb)
+
+    def _finish_inline(self, task: Task, result) -> None:
+        self.tasks.pop(task.cmd.itt, None)
+        self._respond(task, result)
+
+    def _send_r2ts(self, task: Task) -> None:
+        maxb = self.p.max_burst_length
+        while task.next_r2t_offset < task.want and len(task.outstanding) < self.p.max_outstanding_r2t:
+            off = task.next_r2t_offset
+            length = min(maxb, task.want - off)
+            ttt = self._new_ttt()
+            task.outstanding[ttt] = (off, length)
+            self._r2t_owner[ttt] = task
+            r2t = P.R2T(itt=task.cmd.itt, ttt=ttt, lun=task.cmd.lun, r2tsn=task.r2tsn,
+                        buffer_offset=off, desired_length=length)
+            task.r2tsn += 1
+            task.next_r2t_offset += length
+            self._send(r2t, status=False)
+
+    def _data_out(self, d: P.DataOut) -> None:
+        if d.ttt == RESERVED_TAG:
+            task = self.tasks.get(d.itt)
+            if task is None or task.unsolicited_done or self.p.initial_r2t:
+                self._reject(RejectReason.PROTOCOL_ERROR, d.header())
+                return
+        else:
+            task = self._r2t_owner.get(d.ttt)
+            if task is None or task.cmd.itt != d.itt:
+                self._reject(RejectReason.INVALID_PDU_FIELD, d.header())
+                return
+        n = len(d.data)
+        end = d.buffer_offset + n
+        if task.buf is None or end > task.want:
+            self._reject(RejectReason.PROTOCOL_ERROR, d.header())
+            return
+        task.buf[d.buffer_offset:end] = d.data
+        task.received += n
+        if d.ttt == RESERVED_TAG:
+            if d.final:
+                task.unsolicited_done = True
+                task.next_r2t_offset = max(task.next_r2t_offset, end)
+                self._send_r2ts(task)
+        elif d.final:
+            task.outstanding.pop(d.ttt, None)
+            self._r2t_owner.pop(d.ttt, None)
+            self._send_r2ts(task)
+        if task.received >= task.want and not task.outstanding and task.unsolicited_done:
+            task.data = memoryview(task.buf)
+            self._start(task)
+
+    def _start(self, task: Task) -> None:
+        task.runner = asyncio.ensure_future(self._run(task))
+
+    async def _run(self, task: Task) -> None:
+        cmd = task.cmd
+        try:
+            result = await task.unit.execute(cmd.cdb, task.data, cmd.expected_length, self.nexus)
+        except Exception:  # noqa: BLE001 - one command's bug must not kill the session
+            log.exception("%s: SCSI command %#04x failed", self.nexus.initiator, cmd.cdb[0])
+            result = self.scsi.internal_error()
+        if self.tasks.get(cmd.itt) is task:
+            del self.tasks[cmd.itt]
+        if not task.aborted and not self._closing:
+            self._respond(task, result)
+
+    def _respond(self, task: Task, result) -> None:
+        cmd = task.cmd
+        data = result.data
+        edtl = cmd.expected_length
+        status = result.status
+        if cmd.write and not cmd.read:
+            needed = task.unit.data_out_length(cmd.cdb) if task.unit is not None else 0
+            resid = edtl - needed
+            self._send(P.ScsiResponse(
+                itt=cmd.itt, status=status, underflow=resid > 0, overflow=resid < 0,
+                residual=abs(resid), data=P.ScsiResponse.sense_segment(result.sense) if result.sense else b""))
+            return
+        n = len(data) if data is not None else 0
+        sent = min(n, edtl)
+        resid = edtl - n
+        datasn = 0
+        if sent:
+            mv = memoryview(data)[:sent] if not isinstance(data, memoryview) else data[:sent]
+            seg, burst = self.msdsl, self.p.max_burst_length
+            off = 0
+            good = status == ScsiStatus.GOOD and not result.sense
+            while off < sent:
+                length = min(seg, sent - off, burst - (off % burst))
+                last = off + length >= sent
+                din = P.DataIn(itt=cmd.itt, lun=cmd.lun, datasn=datasn, buffer_offset=off,
+                               data=mv[off:off + length],
+                               final=last or (off + length) % burst == 0)
+                if last and good:
+                    din.status_present, din.final, din.status = True, True, status
+                    din.underflow, din.overflow, din.residual = resid > 0, resid < 0, abs(resid)
+                    self._send(din, status=True)
+                    return
+                self._send(din, status=False)
+                datasn += 1
+                off += length
+        self._send(P.ScsiResponse(
+            itt=cmd.itt, status=status, underflow=resid > 0, overflow=resid < 0, residual=abs(resid),
+            expdatasn=datasn, data=P.ScsiResponse.sense_segment(result.sense) if result.sense else b""))
+
+    # --- task management -----------------------------------------------------------
+
+    async def _abort(self, tasks: list[Task]) -> None:
+        runners = []
+        for t in tasks:
+            t.aborted = True
+            for ttt in list(t.outstanding):
+                self._r2t_owner.pop(ttt, None)
+            self.tasks.pop(t.cmd.itt, None)
+            if t.runner is not None and not t.runner.done():
+                runners.append(t.runner)
+        if runners:      # a running command finishes; its response is suppressed
+            await asyncio.gather(*runners, return_exceptions=True)
+
+    async def _task_mgmt(self, req: P.TaskMgmtRequest) -> None:
+        fn = req.function
+        resp = TmfResponse.FUNCTION_COMPLETE
+        try:
+            lun = P.decode_lun(req.lun)
+        except ValueError:
+            lun = -1
+        if fn == TmfFunction.ABORT_TASK:
+            task = self.tasks.get(req.referenced_task_tag)
+            if task is not None:
+                await self._abort([task])
+            else:
+                pending = [sn for sn, p in self.pending.items() if p.itt == req.referenced_task_tag]
+                for sn in pending:
+                    self.pending[sn] = P.NopOut(itt=RESERVED_TAG, cmdsn=sn)   # consumes its CmdSN
+                if not pending and not (sn_lt(req.refcmdsn, self.expcmdsn)
+                                        and sn_lt(req.refcmdsn, req.cmdsn)):
+                    resp = TmfResponse.TASK_DOES_NOT_EXIST
+        elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
+            unit = self.resolver.unit(lun) if lun >= 0 else None
+            if unit is None:
+                resp = TmfResponse.LUN_DOES_NOT_EXIST
+            else:
+                await self._abort([t for t in self.tasks.values() if t.lun == lun])
+                if fn == TmfFunction.LOGICAL_UNIT_RESET and hasattr(unit, "reset"):
+                    unit.reset(self.nexus)
+        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            await self._abort(list(self.tasks.values()))
+            self._send(P.TaskMgmtResponse(itt=req.itt, response=resp))
+            if fn == TmfFunction.TARGET_COLD_RESET:
+                await self.w.drain()
+                await self.close()
+            return
+        elif fn == TmfFunction.TASK_REASSIGN:
+            resp = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
+        else:
+            resp = TmfResponse.NOT_SUPPORTED
+        self._send(P.TaskMgmtResponse(itt=req.itt, response=resp))
+
+    # --- text and logout -------------------------------------------------------------
+
+    def _text(self, req: P.TextRequest) -> None:
+        try:
+            pairs = decode_text(req.data)
+        except ProtocolError as e:
+            self._reject(e.reason, req.header())
+            return
+        out: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets":
+                for iqn, addrs in self.resolver.send_targets(value):
+                    out.append(("TargetName", iqn))
+                    out.extend(("TargetAddress", a) for a in addrs)
+            else:
+                out.append((key, "NotUnderstood"))
+        body = encode_text(out)
+        if len(body) > self.msdsl:
+            body = body[:self.msdsl]
+            body = body[:body.rfind(b"\0") + 1]       # whole keys only
+        self._send(P.TextResponse(itt=req.itt, final=True, ttt=RESERVED_TAG, data=body))
+
+    async def _logout(self, req: P.LogoutRequest) -> None:
+        if req.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
+            self._send(P.LogoutResponse(itt=req.itt, response=LogoutResponseCode.RECOVERY_NOT_SUPPORTED))
+            return
+        runners = [t.runner for t in self.tasks.values() if t.runner and not t.runner.done()]
+        if runners:          # in-flight commands finish and answer before the logout does
+            await asyncio.gather(*runners, return_exceptions=True)
+        self._send(P.LogoutResponse(itt=req.itt, response=LogoutResponseCode.SUCCESS,
+                                    time2wait=0, time2retain=0))
+        try:
+            await self.w.drain()
+        except ConnectionError:
+            pass
+        self._closing = True

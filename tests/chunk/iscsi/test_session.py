@@ -1,0 +1,268 @@
+"""Full-feature phase over a real TCP socket, with hand-built initiator PDUs.
+
+The SCSI layer is replaced by a small recording unit behind the same narrow
+interface (execute / data_out_length); the real one is exercised end to end
+by tests/chunk/iscsi/test_initiators.py with real initiators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+
+from chunk.iscsi import pdu as P
+from chunk.iscsi.constants import RESERVED_TAG, TmfFunction, TmfResponse
+from chunk.iscsi.negotiation import SessionParams
+from chunk.iscsi.session import Session, sn_lt
+
+
+@dataclass
+class Result:
+    status: int
+    data: bytes | None = None
+    sense: bytes | None = None
+
+
+class RecordingUnit:
+    """READ(10) returns a pattern; WRITE(10) records data; opcode 0xFF blocks until released."""
+
+    def __init__(self):
+        self.writes: list[tuple[int, bytes]] = []
+        self.order: list[int] = []
+        self.release = asyncio.Event()
+
+    def data_out_length(self, cdb: bytes) -> int:
+        if cdb[0] == 0x2A:
+            return struct.unpack_from(">H", cdb, 7)[0] * 512
+        return 0
+
+    async def execute(self, cdb, data_out, expected_length, nexus):
+        self.order.append(cdb[1])
+        if cdb[0] == 0x28:
+            lba, = struct.unpack_from(">I", cdb, 2)
+            n, = struct.unpack_from(">H", cdb, 7)
+            return Result(0, bytes((lba + i) & 0xFF for i in range(n * 512)))
+        if cdb[0] == 0x2A:
+            lba, = struct.unpack_from(">I", cdb, 2)
+            self.writes.append((lba, bytes(data_out)))
+            return Result(0)
+        if cdb[0] == 0xFF:
+            await self.release.wait()
+            return Result(0)
+        return Result(2, None, bytes([0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x20, 0, 0, 0, 0, 0]))
+
+
+class Resolver:
+    def __init__(self, unit):
+        self.u = unit
+
+    def unit(self, lun):
+        return self.u if lun == 1 else None
+
+    def visible_luns(self):
+        return [1]
+
+    def send_targets(self, which):
+        return [("iqn.2026-01.io.zstore:test.t0000", ["127.0.0.1:3260,1"])]
+
+
+FAKE_SCSI = SimpleNamespace(
+    report_luns=lambda luns, cdb: Result(0, struct.pack(">I4x", 8 * len(luns)) + b"".join(
+        struct.pack(">Q", P.encode_lun(n)) for n in luns)),
+    lun_not_supported=lambda cdb: Result(2, None, bytes([0x70, 0, 5, 0, 0, 0, 0, 10] + [0] * 4 + [0x25, 0, 0, 0, 0, 0])),
+    internal_error=lambda: Result(2, None, bytes([0x70, 0, 4, 0, 0, 0, 0, 10] + [0] * 4 + [0x44, 0, 0, 0, 0, 0])),
+)
+
+
+def params(**kw) -> SessionParams:
+    base = dict(initiator_name="iqn.2026-01.test:i", target_name="iqn.2026-01.test:t",
+                max_recv_data_segment_length=65536, max_send_data_segment_length=8192,
+                max_burst_length=65536, first_burst_length=16384, initial_r2t=False,
+                immediate_data=True, max_outstanding_r2t=1)
+    base.update(kw)
+    return SessionParams(**base)
+
+
+class Harness:
+    def __init__(self, p: SessionParams, unit=None, window=128):
+        self.p = p
+        self.unit = unit or RecordingUnit()
+        self.window = window
+        self.session: Session | None = None
+
+    async def __aenter__(self):
+        async def handle(r, w):
+            self.session = Session(r, w, self.p, isid=b"\x80" + bytes(5), tsih=7, statsn=100, expcmdsn=1,
+                                   resolver=Resolver(self.unit), scsi=FAKE_SCSI,
+                                   nexus=SimpleNamespace(initiator="i"), window=self.window,
+                                   nop_interval=3600, nop_timeout=3600)
+            await self.session.run()
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.r, self.w = await asyncio.open_connection("127.0.0.1", port)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.w.close()
+        self.server.close()
+
+    def send(self, pdu: P.PDU) -> None:
+        self.w.write(pdu.to_bytes())
+
+    async def recv(self, timeout: float = 5) -> P.PDU:
+        return await asyncio.wait_for(
+            P.read_pdu(self.r, max_recv_data_segment_length=1 << 20, opcodes=frozenset(range(0x20, 0x40))),
+            timeout)
+
+
+def read10(lba: int, blocks: int, itt: int, cmdsn: int) -> P.ScsiCommand:
+    cdb = struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0).ljust(16, b"\0")
+    return P.ScsiCommand(itt=itt, cmdsn=cmdsn, lun=P.encode_lun(1), read=True, expected_length=blocks * 512,
+                         cdb=cdb)
+
+
+def write10(lba: int, blocks: int, itt: int, cmdsn: int, data: bytes = b"", final: bool = True,
+            edtl: int | None = None) -> P.ScsiCommand:
+    cdb = struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0).ljust(16, b"\0")
+    return P.ScsiCommand(itt=itt, cmdsn=cmdsn, lun=P.encode_lun(1), write=True, final=final,
+                         expected_length=blocks * 512 if edtl is None else edtl, cdb=cdb, data=data)
+
+
+def test_serial_number_arithmetic_wraps():
+    assert sn_lt(0xFFFFFFFF, 0) and sn_lt(1, 2) and not sn_lt(2, 1) and not sn_lt(5, 5)
+
+
+async def test_read_is_split_into_data_in_pdus_with_status_in_the_last():
+    async with Harness(params(max_send_data_segment_length=8192)) as h:
+        h.send(read10(0, 64, itt=1, cmdsn=1))          # 32 KiB -> four 8 KiB Data-In PDUs
+        got = [await h.recv() for _ in range(4)]
+        assert all(isinstance(x, P.DataIn) for x in got)
+        assert [x.datasn for x in got] == [0, 1, 2, 3]
+        assert [x.buffer_offset for x in got] == [0, 8192, 16384, 24576]
+        assert not any(x.status_present for x in got[:3]) and got[3].status_present and got[3].final
+        assert b"".join(x.data for x in got) == bytes(i & 0xFF for i in range(64 * 512))
+        assert got[3].statsn == 100 and got[3].expcmdsn == 2
+
+
+async def test_residual_underflow_and_overflow_on_reads():
+    async with Harness(params()) as h:
+        cmd = read10(0, 2, itt=1, cmdsn=1)
+        cmd.expected_length = 2048                      # asks for more than the command returns
+        h.send(cmd)
+        d = await h.recv()
+        assert d.status_present and d.underflow and d.residual == 1024
+        cmd = read10(0, 2, itt=2, cmdsn=2)
+        cmd.expected_length = 512                       # less than the command returns
+        h.send(cmd)
+        d = await h.recv()
+        assert d.status_present and d.overflow and d.residual == 512 and len(d.data) == 512
+
+
+async def test_write_with_immediate_unsolicited_and_r2t_data():
+    p = params(first_burst_length=8192, max_burst_length=16384, initial_r2t=False)
+    async with Harness(p) as h:
+        payload = bytes(range(256)) * 128               # 32 KiB
+        h.send(write10(10, 64, itt=5, cmdsn=1, data=payload[:4096], final=False))
+        h.send(P.DataOut(itt=5, ttt=RESERVED_TAG, final=True, datasn=0, buffer_offset=4096,
+                         data=payload[4096:8192]))
+        r2t = await h.recv()
+        assert isinstance(r2t, P.R2T) and r2t.buffer_offset == 8192 and r2t.desired_length == 16384
+        h.send(P.DataOut(itt=5, ttt=r2t.ttt, final=True, datasn=0, buffer_offset=8192,
+                         data=payload[8192:24576]))
+        r2t2 = await h.recv()
+        assert isinstance(r2t2, P.R2T) and r2t2.buffer_offset == 24576 and r2t2.r2tsn == 1
+        h.send(P.DataOut(itt=5, ttt=r2t2.ttt, final=True, datasn=0, buffer_offset=24576,
+                         data=payload[24576:]))
+        resp = await h.recv()
+        assert isinstance(resp, P.ScsiResponse) and resp.status == 0 and resp.itt == 5
+        assert h.unit.writes == [(10, payload)]
+
+
+async def test_out_of_order_cmdsn_is_held_until_the_gap_fills():
+    async with Harness(params()) as h:
+        h.send(read10(2, 1, itt=12, cmdsn=3))
+        h.send(read10(1, 1, itt=11, cmdsn=2))
+        await asyncio.sleep(0.1)
+        assert h.unit.order == []                       # CmdSN 1 is missing: nothing runs yet
+        h.send(read10(0, 1, itt=10, cmdsn=1))
+        got = [await h.recv() for _ in range(3)]
+        assert sorted(x.itt for x in got) == [10, 11, 12]
+        assert got[-1].expcmdsn == 4
+
+
+async def test_commands_outside_the_window_are_ignored():
+    async with Harness(params(), window=4) as h:
+        h.send(read10(0, 1, itt=1, cmdsn=50))           # far beyond MaxCmdSN: silently dropped
+        h.send(P.NopOut(itt=9, cmdsn=1, immediate=True, data=b"ping"))
+        nop = await h.recv()
+        assert isinstance(nop, P.NopIn) and nop.itt == 9 and nop.data == b"ping"
+        assert nop.maxcmdsn == 4                        # ExpCmdSN 1 + window 4 - 1
+
+
+async def test_abort_task_suppresses_the_response():
+    unit = RecordingUnit()
+    async with Harness(params(), unit=unit) as h:
+        cdb = bytes([0xFF, 7]).ljust(16, b"\0")
+        h.send(P.ScsiCommand(itt=21, cmdsn=1, lun=P.encode_lun(1), cdb=cdb))
+        await asyncio.sleep(0.05)
+        h.send(P.TaskMgmtRequest(itt=22, cmdsn=2, immediate=True, function=TmfFunction.ABORT_TASK,
+                                 lun=P.encode_lun(1), referenced_task_tag=21, refcmdsn=1))
+        await asyncio.sleep(0.05)
+        unit.release.set()
+        tmf = await h.recv()
+        assert isinstance(tmf, P.TaskMgmtResponse) and tmf.itt == 22
+        assert tmf.response == TmfResponse.FUNCTION_COMPLETE
+        h.send(P.NopOut(itt=23, cmdsn=2, immediate=True))
+        nxt = await h.recv()
+        assert isinstance(nxt, P.NopIn) and nxt.itt == 23   # no SCSI Response for task 21 came first
+
+
+async def test_abort_of_unknown_task_reports_it():
+    async with Harness(params()) as h:
+        h.send(P.TaskMgmtRequest(itt=30, cmdsn=1, immediate=True, function=TmfFunction.ABORT_TASK,
+                                 lun=P.encode_lun(1), referenced_task_tag=999, refcmdsn=5))
+        tmf = await h.recv()
+        assert tmf.response == TmfResponse.TASK_DOES_NOT_EXIST
+
+
+async def test_masked_lun_and_report_luns():
+    async with Harness(params()) as h:
+        cmd = read10(0, 1, itt=1, cmdsn=1)
+        cmd.lun = P.encode_lun(5)
+        h.send(cmd)
+        resp = await h.recv()
+        assert isinstance(resp, P.ScsiResponse) and resp.status == 2 and resp.sense[12] == 0x25
+        cdb = struct.pack(">BBBBBBIBB", 0xA0, 0, 0, 0, 0, 0, 4096, 0, 0).ljust(16, b"\0")
+        h.send(P.ScsiCommand(itt=2, cmdsn=2, read=True, expected_length=4096, cdb=cdb))
+        d = await h.recv()
+        assert d.status_present and d.data[8:16] == struct.pack(">Q", P.encode_lun(1))
+
+
+async def test_text_send_targets_and_logout():
+    async with Harness(params()) as h:
+        h.send(P.TextRequest(itt=40, cmdsn=1, final=True, data=b"SendTargets=All\0"))
+        t = await h.recv()
+        assert isinstance(t, P.TextResponse)
+        assert t.data == b"TargetName=iqn.2026-01.io.zstore:test.t0000\0TargetAddress=127.0.0.1:3260,1\0"
+        h.send(P.LogoutRequest(itt=41, cmdsn=2, reason=0))
+        lo = await h.recv()
+        assert isinstance(lo, P.LogoutResponse) and lo.response == 0
+        assert await asyncio.wait_for(h.r.read(), 5) == b""      # the target closed the connection
+
+
+async def test_garbage_gets_reject_and_snack_is_not_supported():
+    async with Harness(params()) as h:
+        h.send(P.SnackRequest(itt=50))
+        rej = await h.recv()
+        assert isinstance(rej, P.Reject) and rej.reason == 0x05
+        bad = bytearray(P.NopOut(itt=51, cmdsn=1, immediate=True).to_bytes())
+        bad[0] = 0x1C                                   # no such opcode
+        h.w.write(bytes(bad))
+        rej = await h.recv()
+        assert isinstance(rej, P.Reject)
+        h.send(P.NopOut(itt=52, cmdsn=1, immediate=True))
+        assert (await h.recv()).itt == 52               # the connection still works
