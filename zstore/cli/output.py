@@ -121,7 +121,7 @@ def volume_detail(v: Mapping[str, Any]) -> str:
         ("target", v.get("target_iqn")),
         ("LUN", v.get("lun")),
         ("WWN", v.get("wwn")),
-        ("ACL", ", ".join(str(a) for a in acl) if acl else "none (no initiator may log in)"),
+        ("ACL", ", ".join(str(a) for a in acl) if acl else "none (the LUN is visible to no initiator)"),
     ])
     placement = v.get("placement") or []
     reps = table(["CHUNK", "HOSTNAME", "ADDRESS", "STATUS", "LABELS"],
