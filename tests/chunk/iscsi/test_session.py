@@ -47,6 +47,8 @@ class RecordingUnit:
             n, = struct.unpack_from(">H", cdb, 7)
             return Result(0, bytes((lba + i) & 0xFF for i in range(n * 512)))
         if cdb[0] == 0x2A:
+            if data_out is None or len(data_out) != self.data_out_length(cdb):
+                return Result(2, None, bytes([0x70, 0, 5, 0, 0, 0, 0, 10] + [0] * 4 + [0x24, 0, 0, 0, 0, 0]))
             lba, = struct.unpack_from(">I", cdb, 2)
             self.writes.append((lba, bytes(data_out)))
             return Result(0)
