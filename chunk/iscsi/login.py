@@ -121,7 +121,7 @@ async def login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, poli
         log.info("login from %s redirected to %s", state.who, r.address)
         await state.fail(LoginStatus.TARGET_MOVED_TEMPORARILY, [("TargetAddress", r.address)])
     except LoginError as e:
-        log.info("login from %s refused (%s): %s", state.who, LoginStatus(e.status).name, e)
+        log.info("login from %s refused (%s): %s", state.who, _status_name(e.status), e)
         await state.fail(e.status)
     except _Close as e:
         log.info("login from %s dropped: %s", state.who, e)
@@ -177,6 +177,8 @@ class _Login:
 
     def _step(self, req: P.LoginRequest, pairs: Pairs) -> tuple[Pairs, bool, Stage]:
         """One complete request text -> (answer, may we transit, to which stage)."""
+        log.debug("login from %s: stage %d, T=%d NSG=%d, keys %s", self.who, self.stage,
+                  req.transit, req.nsg, [k for k, _ in pairs])      # names only: no secrets
         answer, security = self.neg.process(pairs, self.stage)
         if not self.admitted:
             self._admit()
@@ -316,12 +318,14 @@ class _Login:
         """Failure or redirect response; T, C, CSG and NSG are reserved (zero) in it."""
         try:
             await self._write(self._response(status, encode_text(pairs)))
-        except (ConnectionError, asyncio.TimeoutError, TextError) as e:
-            log.info("login from %s: could not send status %#06x: %s", self.who, status, e)
+        except Exception as e:  # noqa: BLE001 - we are closing anyway
+            log.info("login from %s: could not send status %#06x: %r", self.who, status, e)
 
     async def _write(self, resp: P.LoginResponse) -> None:
+        """Queue and flush one response. Bounded by the per-PDU timeout, not the
+        login deadline, so the last response still goes out near the deadline."""
         self.w.writelines(resp.encode())
-        await asyncio.wait_for(self.w.drain(), self._remaining(self.pdu_timeout))
+        await asyncio.wait_for(self.w.drain(), self.pdu_timeout)
 
     # --- requests -----------------------------------------------------------------------
 
@@ -382,6 +386,13 @@ class _Login:
             return self.text.feed(req.data, req.cont)
         except TextError as e:
             raise LoginError(f"bad login text: {e}") from None
+
+
+def _status_name(status: int) -> str:
+    try:
+        return LoginStatus(status).name
+    except ValueError:
+        return f"{status:#06x}"
 
 
 def _check_flags(req: P.LoginRequest) -> None:
