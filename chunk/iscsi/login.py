@@ -216,7 +216,10 @@ class _Login:
             raise _Redirect(address)
         secrets = self.policy.chap_for(target, p.initiator_name)
         if secrets is not None:
-            self.chap = _chap_target(secrets)
+            try:
+                self.chap = _chap_target(secrets)
+            except ValueError as e:     # e.g. one secret for both directions: our config's fault
+                raise LoginError(f"unusable CHAP configuration: {e}", LoginStatus.TARGET_ERROR)
             if self.stage != Stage.SECURITY:
                 raise AuthenticationError("CHAP required but the login skips the security stage")
 

@@ -81,6 +81,7 @@ class LoginServer:
         self.policy, self.prefs, self.after, self.kw = policy, prefs or TargetPreferences(), after, login_kw
         self.results: asyncio.Queue[LoginResult | None] = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
+        self.clients: list[Client] = []
 
     async def __aenter__(self) -> LoginServer:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -88,6 +89,8 @@ class LoginServer:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        for c in self.clients:
+            c.close()
         self.server.close()
         for t in self.tasks:
             t.cancel()
@@ -108,7 +111,9 @@ class LoginServer:
         return await asyncio.wait_for(self.results.get(), STEP)
 
     async def connect(self) -> Client:
-        return Client(*await asyncio.open_connection("127.0.0.1", self.port))
+        c = Client(*await asyncio.open_connection("127.0.0.1", self.port))
+        self.clients.append(c)
+        return c
 
 
 class Client:
@@ -322,6 +327,14 @@ async def test_mutual_chap_without_target_credentials_fails():
         resp, _ = await chap_login(c, CHAP.secret, [("CHAP_I", "1"), ("CHAP_C", "0x" + "ab" * 16)])
         assert resp.status == LoginStatus.AUTHENTICATION_FAILURE
         assert await c.closed()
+
+
+async def test_unusable_chap_configuration_is_a_target_error():
+    same = Secrets("alice", CHAP.secret, "zstore", CHAP.secret)   # RFC 7143 §12.1.3 forbids
+    async with LoginServer(Policy(chap=same)) as srv:
+        c = await srv.connect()
+        await failed_with(c, LoginStatus.TARGET_ERROR, names() + [("AuthMethod", "CHAP")],
+                          csg=0, nsg=1, transit=True)
 
 
 async def test_chap_required_but_initiator_offers_none():
