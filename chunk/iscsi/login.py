@@ -167,7 +167,7 @@ class _Login:
         while True:
             pairs = self._assemble(req)
             if pairs is None:                     # C=1: ask for the rest of the text
-                await self._send(req, b"")
+                await self._send(b"")
                 req = await self._next()
                 continue
             answer, transit, nsg = self._step(req, pairs)
@@ -273,17 +273,17 @@ class _Login:
         request). Returns the request to process next, and whether login is done."""
         pieces = split_text(encode_text(answer), LOGIN_SEGMENT)
         for piece in pieces[:-1]:
-            await self._send(req, piece, cont=True)
+            await self._send(piece, cont=True)
             req = await self._next()
             if req.cont or req.data:
                 raise LoginError("Login Request with text while our response is continued")
         # Only transit if *this* request asked to (§11.13.6); else it will ask again.
         if not (transit and req.transit):
-            await self._send(req, pieces[-1])
+            await self._send(pieces[-1])
             return await self._next(), False
         if nsg == Stage.FULL_FEATURE:
             self.tsih = self._new_tsih()
-        await self._send(req, pieces[-1], transit=True, nsg=nsg)
+        await self._send(pieces[-1], transit=True, nsg=nsg)
         self.stage = nsg
         if nsg == Stage.FULL_FEATURE:
             return req, True
@@ -310,8 +310,9 @@ class _Login:
         self.statsn = (self.statsn + 1) & SERIAL_MASK
         return resp
 
-    async def _send(self, req: P.LoginRequest, data: bytes, *, transit: bool = False,
-                    cont: bool = False, nsg: Stage = Stage.SECURITY) -> None:
+    async def _send(self, data: bytes, *, transit: bool = False, cont: bool = False,
+                    nsg: Stage = Stage.SECURITY) -> None:
+        """A success-class response; only the final one carries our TSIH."""
         final = transit and nsg == Stage.FULL_FEATURE
         resp = self._response(LoginStatus.SUCCESS, data, transit=transit, cont=cont, nsg=nsg,
                               tsih=self.tsih if final else None)

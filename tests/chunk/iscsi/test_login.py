@@ -721,3 +721,13 @@ async def test_iscsi_ls_follows_redirect():
             assert (await redirector.result()).params.discovery
             assert await redirector.result() is None                # the redirected login
             assert (await real.result()).params.target_name == TARGET
+
+
+@needs_libiscsi
+async def test_iscsi_ls_header_digest_takes_effect_after_login():
+    """Digests are negotiated in login and used from the first full-feature PDU on."""
+    async with LoginServer(Policy(), after=serve_minimal) as srv:
+        rc, out = await iscsi_ls(f"iscsi://127.0.0.1:{srv.port}?header_digest=crc32c")
+        assert rc == 0, out
+        assert f"Target:{TARGET}" in out
+        assert (await srv.result()).params.header_digest
