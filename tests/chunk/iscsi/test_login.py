@@ -20,7 +20,7 @@ import pytest
 from chunk.iscsi import pdu as P
 from chunk.iscsi.chap import chap_response, decode_binary
 from chunk.iscsi.constants import (RESERVED_TAG, TARGET_OPCODES, LoginStatus, LogoutResponseCode,
-                                   ScsiStatus, Stage)
+                                   ScsiStatus)
 from chunk.iscsi.login import LoginResult, login
 from chunk.iscsi.negotiation import TargetPreferences
 from chunk.iscsi.text import decode_text, encode_text
