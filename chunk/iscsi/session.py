@@ -69,7 +69,8 @@ class Task:
     unsolicited_done: bool = True
     next_r2t_offset: int = 0
     r2tsn: int = 0
-    outstanding: dict[int, tuple[int, int]] = field(default_factory=dict)   # ttt -> (offset, length)
+    outstanding: dict[int, list[int]] = field(default_factory=dict)   # ttt -> [offset, length, next DataSN, received]
+    unsol_datasn: int = 0
     aborted: bool = False
     runner: asyncio.Task | None = None
 
@@ -91,6 +92,7 @@ class Session:
         self.nop_interval, self.nop_timeout = nop_interval, nop_timeout
         self.on_close = on_close
         self.tasks: dict[int, Task] = {}          # ITT -> task (received, not yet answered)
+        self.units_used: set[Any] = set()         # LUs told when this nexus goes away
         self.pending: dict[int, P.PDU] = {}       # CmdSN -> out-of-order non-immediate request
         self._ttt = 0x1000
         self._r2t_owner: dict[int, Task] = {}     # TTT -> task
@@ -163,6 +165,10 @@ class Session:
         if runners:
             await asyncio.gather(*runners, return_exceptions=True)
         self.tasks.clear()
+        for unit in self.units_used:
+            lost = getattr(unit, "nexus_lost", None)
+            if lost:
+                lost(self.nexus)
         try:
             self.w.close()
         except Exception:  # noqa: BLE001
@@ -260,6 +266,8 @@ class Session:
         unit = self.resolver.unit(lun) if lun >= 0 else None
         task = Task(cmd=cmd, lun=lun, unit=unit)
         self.tasks[cmd.itt] = task
+        if unit is not None and unit not in self.units_used:
+            self.units_used.add(unit)
         if cdb[0] == 0xA0 or unit is None:      # REPORT LUNS, or a LUN this initiator may not see
             self._finish_inline(task, self._no_unit_result(task))
             return
@@ -305,7 +313,7 @@ class Session:
             off = task.next_r2t_offset
             length = min(maxb, task.want - off)
             ttt = self._new_ttt()
-            task.outstanding[ttt] = (off, length)
+            task.outstanding[ttt] = [off, length, 0, 0]
             self._r2t_owner[ttt] = task
             r2t = P.R2T(itt=task.cmd.itt, ttt=ttt, lun=task.cmd.lun, r2tsn=task.r2tsn,
                         buffer_offset=off, desired_length=length)
@@ -314,35 +322,55 @@ class Session:
             self._send(r2t, status=False)
 
     def _data_out(self, d: P.DataOut) -> None:
+        """File one Data-Out. DataSN and offsets must run in order (we negotiate
+        DataPDUInOrder=Yes); at ErrorRecoveryLevel 0 a gap is a protocol error
+        that ends the connection, as the RFC and libiscsi's conformance tests expect."""
+        seq = None
         if d.ttt == RESERVED_TAG:
             task = self.tasks.get(d.itt)
             if task is None or task.unsolicited_done or self.p.initial_r2t:
-                self._reject(RejectReason.PROTOCOL_ERROR, d.header())
+                self._protocol_error(d, "unsolicited Data-Out not allowed here")
                 return
+            expected_sn, expected_off = task.unsol_datasn, task.received
         else:
             task = self._r2t_owner.get(d.ttt)
             if task is None or task.cmd.itt != d.itt:
                 self._reject(RejectReason.INVALID_PDU_FIELD, d.header())
                 return
+            seq = task.outstanding[d.ttt]
+            expected_sn, expected_off = seq[2], seq[0] + seq[3]
         n = len(d.data)
         end = d.buffer_offset + n
-        if task.buf is None or end > task.want:
-            self._reject(RejectReason.PROTOCOL_ERROR, d.header())
+        if d.datasn != expected_sn or d.buffer_offset != expected_off:
+            self._protocol_error(d, f"Data-Out DataSN {d.datasn}/offset {d.buffer_offset}, expected "
+                                    f"{expected_sn}/{expected_off}")
+            return
+        if task.buf is None or end > task.want or (seq is not None and seq[3] + n > seq[1]):
+            self._protocol_error(d, "Data-Out beyond the solicited or expected length")
             return
         task.buf[d.buffer_offset:end] = d.data
         task.received += n
-        if d.ttt == RESERVED_TAG:
+        if seq is None:
+            task.unsol_datasn += 1
             if d.final:
                 task.unsolicited_done = True
                 task.next_r2t_offset = max(task.next_r2t_offset, end)
                 self._send_r2ts(task)
-        elif d.final:
-            task.outstanding.pop(d.ttt, None)
-            self._r2t_owner.pop(d.ttt, None)
-            self._send_r2ts(task)
+        else:
+            seq[2] += 1
+            seq[3] += n
+            if d.final:
+                task.outstanding.pop(d.ttt, None)
+                self._r2t_owner.pop(d.ttt, None)
+                self._send_r2ts(task)
         if task.received >= task.want and not task.outstanding and task.unsolicited_done:
             task.data = memoryview(task.buf)
             self._start(task)
+
+    def _protocol_error(self, pdu: P.PDU, why: str) -> None:
+        log.info("%s: protocol error: %s; closing the connection", self.nexus.initiator, why)
+        self._reject(RejectReason.PROTOCOL_ERROR, pdu.header())
+        self._closing = True
 
     def _start(self, task: Task) -> None:
         task.runner = asyncio.ensure_future(self._run(task))

@@ -268,3 +268,16 @@ async def test_garbage_gets_reject_and_snack_is_not_supported():
         assert isinstance(rej, P.Reject)
         h.send(P.NopOut(itt=52, cmdsn=1, immediate=True))
         assert (await h.recv()).itt == 52               # the connection still works
+
+
+async def test_data_out_with_a_wrong_datasn_ends_the_connection():
+    p = params(initial_r2t=True, immediate_data=False, max_burst_length=1024)
+    async with Harness(p) as h:
+        h.send(write10(0, 2, itt=60, cmdsn=1, final=True))
+        r2t = await h.recv()
+        assert isinstance(r2t, P.R2T) and r2t.desired_length == 1024
+        h.send(P.DataOut(itt=60, ttt=r2t.ttt, datasn=1, buffer_offset=0, data=bytes(512)))   # should be 0
+        rej = await h.recv()
+        assert isinstance(rej, P.Reject) and rej.reason == 0x04
+        assert await asyncio.wait_for(h.r.read(), 5) == b""
+        assert h.unit.writes == []
