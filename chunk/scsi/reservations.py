@@ -1,0 +1,300 @@
+"""Persistent reservations (SPC-4 5.12) and SPC-2 RESERVE/RELEASE for one LU.
+
+All state sits behind ``ReservationState`` so that a cluster-wide variant
+(registrations in etcd, shared by every chunk server exporting the volume) can
+replace the in-memory one: the mutating calls are ``async`` and return the
+unit attentions to establish instead of posting them, and the hot-path check
+``conflicts()`` only reads local state.
+
+Not supported, and reported so in REPORT CAPABILITIES: APTPL (persist through
+power loss), SPEC_I_PT, ALL_TG_PT, REGISTER AND MOVE.  PREEMPT AND ABORT is
+executed as PREEMPT: aborting the preempted nexuses' tasks is the transport's
+job (it owns the task lists).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .cdb import U32
+from .nexus import Nexus
+from .sense import (ASC_INVALID_RELEASE_OF_PR, ASC_REGISTRATIONS_PREEMPTED,
+                    ASC_RESERVATIONS_PREEMPTED, ASC_RESERVATIONS_RELEASED, ILLEGAL_REQUEST,
+                    ReservationConflict, ScsiError, invalid_field_in_cdb,
+                    invalid_field_in_param, param_list_length_error)
+
+
+class PrType(IntEnum):
+    WRITE_EXCLUSIVE = 1
+    EXCLUSIVE_ACCESS = 3
+    WRITE_EXCLUSIVE_REGISTRANTS_ONLY = 5
+    EXCLUSIVE_ACCESS_REGISTRANTS_ONLY = 6
+    WRITE_EXCLUSIVE_ALL_REGISTRANTS = 7
+    EXCLUSIVE_ACCESS_ALL_REGISTRANTS = 8
+
+
+_TYPES = frozenset(int(t) for t in PrType)
+_ALL_REGISTRANTS = frozenset((7, 8))
+_REGISTRANTS_ACCESS = frozenset((5, 6, 7, 8))     # registered nexuses may read and write
+_READS_SHARED = frozenset((1, 5, 7))              # write exclusive: anyone may read
+
+
+class Access(IntEnum):
+    """How a command is treated by reservations (SPC-4 table 66, SBC-3 table 13)."""
+    ALWAYS = 0        # INQUIRY, REPORT LUNS, REQUEST SENSE, RSOC...: never conflicts
+    NON_MEDIUM = 1    # TEST UNIT READY, READ CAPACITY, PR IN/OUT: conflicts only with SPC-2
+    READ = 2          # reads medium or mode data: shared under the write-exclusive types
+    WRITE = 3         # modifies medium or mode data
+
+
+# PR OUT service actions
+REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER_IGNORE, \
+    REGISTER_AND_MOVE = range(8)
+
+UnitAttentions = list[tuple[Nexus, tuple[int, int]]]
+
+
+@dataclass
+class Registration:
+    key: int
+
+
+def transport_id(initiator: str) -> bytes:
+    """iSCSI TransportID (SPC-4 7.6.4.6): format 01b when the name carries an ISID."""
+    fmt = 0x40 if ",i,0x" in initiator else 0x00
+    name = initiator.encode() + b"\0"
+    name += bytes(-len(name) % 4)
+    if len(name) < 20:
+        name = name.ljust(20, b"\0")
+    return bytes((fmt | 0x05, 0)) + struct.pack(">H", len(name)) + name
+
+
+class ReservationState:
+    """In-memory reservation state of one logical unit."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.registrations: dict[Nexus, Registration] = {}
+        self.holder: Nexus | None = None     # PR holder (for *_ALL_REGISTRANTS: who reserved)
+        self.type = 0                         # PrType of the reservation, 0 when none
+        self.spc2: Nexus | None = None        # SPC-2 RESERVE(6) holder
+
+    # -- checks ----------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Cheap hot-path test: is any reservation (PR or SPC-2) in place?"""
+        return self.holder is not None or self.spc2 is not None
+
+    def is_holder(self, n: Nexus) -> bool:
+        if self.holder is None:
+            return False
+        if self.type in _ALL_REGISTRANTS:
+            return n in self.registrations
+        return n == self.holder
+
+    def conflicts(self, n: Nexus, access: Access) -> bool:
+        if access == Access.ALWAYS:
+            return False
+        if self.spc2 is not None and self.spc2 != n:
+            return True
+        if self.holder is None or access == Access.NON_MEDIUM or self.is_holder(n):
+            return False
+        if access == Access.READ and self.type in _READS_SHARED:
+            return False
+        return not (self.type in _REGISTRANTS_ACCESS and n in self.registrations)
+
+    # -- SPC-2 RESERVE(6) / RELEASE(6) --------------------------------------------
+
+    async def spc2_reserve(self, n: Nexus) -> None:
+        # SPC-4 5.12.3 (CRH=1): RESERVE conflicts while any PR registration exists
+        if self.registrations or (self.spc2 is not None and self.spc2 != n):
+            raise ReservationConflict()
+        self.spc2 = n
+
+    async def spc2_release(self, n: Nexus) -> None:
+        # RELEASE from a non-holder, or while registrations exist, is GOOD and does nothing
+        if self.spc2 == n:
+            self.spc2 = None
+
+    async def nexus_lost(self, n: Nexus) -> None:
+        """I_T nexus loss releases an SPC-2 reservation; PR state survives it."""
+        if self.spc2 == n:
+            self.spc2 = None
+
+    async def reset(self) -> None:
+        """LOGICAL UNIT RESET / hard reset: SPC-2 reservations go, PRs stay."""
+        self.spc2 = None
+
+    # -- PERSISTENT RESERVE IN -------------------------------------------------
+
+    def prin(self, cdb: bytes) -> bytes:
+        sa = cdb[1] & 0x1F
+        if sa == 0:                                   # READ KEYS
+            keys = b"".join(struct.pack(">Q", r.key) for r in self.registrations.values())
+            return struct.pack(">II", self.generation, len(keys)) + keys
+        if sa == 1:                                   # READ RESERVATION
+            if self.holder is None:
+                return struct.pack(">II", self.generation, 0)
+            key = 0 if self.type in _ALL_REGISTRANTS else self.registrations[self.holder].key
+            return struct.pack(">IIQ4xxBxx", self.generation, 16, key, self.type)
+        if sa == 2:                                   # REPORT CAPABILITIES
+            # CRH; TMV with ALLOW COMMANDS 0; every type; no SIP_C/ATP_C/PTPL_C
+            return struct.pack(">HBBBBxx", 8, 0x10, 0x80, 0xEA, 0x01)
+        if sa == 3:                                   # READ FULL STATUS
+            out = []
+            for n, r in self.registrations.items():
+                tid = transport_id(n.initiator)
+                holder = self.is_holder(n)
+                out.append(struct.pack(">Q4xBB4xHI", r.key, 0x01 if holder else 0,
+                                       self.type if holder else 0, n.relative_port_id,
+                                       len(tid)) + tid)
+            body = b"".join(out)
+            return struct.pack(">II", self.generation, len(body)) + body
+        raise invalid_field_in_cdb(1, 4)
+
+    # -- PERSISTENT RESERVE OUT ------------------------------------------------
+
+    async def prout(self, n: Nexus, cdb: bytes, data: bytes | memoryview) -> UnitAttentions:
+        """Execute PR OUT; returns the unit attentions to establish.
+
+        Raises ``ReservationConflict`` or ``ScsiError``; state is unchanged
+        when it raises.
+        """
+        sa = cdb[1] & 0x1F
+        scope, rtype = cdb[2] >> 4, cdb[2] & 0x0F
+        if sa > REGISTER_AND_MOVE or sa == REGISTER_AND_MOVE:
+            raise invalid_field_in_cdb(1, 4)
+        if U32(cdb, 5)[0] != 24:
+            raise param_list_length_error()
+        key, sark = struct.unpack_from(">QQ", data, 0)
+        flags = data[20]
+        if flags & 0x08:                              # SPEC_I_PT: not supported
+            raise invalid_field_in_param(20, 3)
+        if flags & 0x04:                              # ALL_TG_PT: not supported
+            raise invalid_field_in_param(20, 2)
+        if flags & 0x01 and sa in (REGISTER, REGISTER_IGNORE):   # APTPL: not supported
+            raise invalid_field_in_param(20, 0)
+
+        reg = self.registrations.get(n)
+        if sa in (REGISTER, REGISTER_IGNORE):
+            return self._register(n, reg, key, sark, ignore=sa == REGISTER_IGNORE)
+        if reg is None or reg.key != key:
+            raise ReservationConflict()
+        if sa == CLEAR:
+            uas = [(m, ASC_RESERVATIONS_PREEMPTED) for m in self.registrations if m != n]
+            self.registrations.clear()
+            self._drop_reservation()
+            self.generation += 1
+            return uas
+        if scope != 0:
+            raise invalid_field_in_cdb(2, 7)
+        if sa == RESERVE:
+            if rtype not in _TYPES:
+                raise invalid_field_in_cdb(2, 3)
+            if self.holder is not None:
+                if self.is_holder(n) and self.type == rtype:
+                    return []
+                raise ReservationConflict()
+            self.holder, self.type = n, rtype
+            return []
+        if sa == RELEASE:
+            if self.holder is None or not self.is_holder(n):
+                return []
+            if rtype != self.type:
+                raise ScsiError(ILLEGAL_REQUEST, ASC_INVALID_RELEASE_OF_PR)
+            released = self.type
+            self._drop_reservation()
+            if released in (PrType.WRITE_EXCLUSIVE, PrType.EXCLUSIVE_ACCESS):
+                return []
+            return [(m, ASC_RESERVATIONS_RELEASED) for m in self.registrations if m != n]
+        # PREEMPT, PREEMPT AND ABORT
+        if rtype not in _TYPES:
+            raise invalid_field_in_cdb(2, 3)
+        return self._preempt(n, sark, rtype)
+
+    def _register(self, n: Nexus, reg: Registration | None, key: int, sark: int,
+                  ignore: bool) -> UnitAttentions:
+        if reg is None:
+            if key != 0 and not ignore:
+                raise ReservationConflict()
+            if sark == 0:
+                return []
+            self.registrations[n] = Registration(sark)
+            self.generation += 1
+            return []
+        if not ignore and key != reg.key:
+            raise ReservationConflict()
+        self.generation += 1
+        if sark != 0:
+            reg.key = sark
+            return []
+        return self._unregister(n)
+
+    def _unregister(self, n: Nexus) -> UnitAttentions:
+        del self.registrations[n]
+        if self.holder is None:
+            return []
+        if self.type in _ALL_REGISTRANTS:
+            if not self.registrations:
+                self._drop_reservation()
+            elif self.holder == n:
+                self.holder = next(iter(self.registrations))
+            return []
+        if self.holder != n:
+            return []
+        released = self.type
+        self._drop_reservation()
+        if released in (PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY,
+                        PrType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY):
+            return [(m, ASC_RESERVATIONS_RELEASED) for m in self.registrations]
+        return []
+
+    def _remove(self, victims: list[Nexus]) -> UnitAttentions:
+        for m in victims:
+            del self.registrations[m]
+        return [(m, ASC_REGISTRATIONS_PREEMPTED) for m in victims]
+
+    def _preempt(self, n: Nexus, sark: int, rtype: int) -> UnitAttentions:
+        if self.holder is None or (self.type not in _ALL_REGISTRANTS
+                                   and sark != self.registrations[self.holder].key):
+            # no reservation, or SARK names registrants other than the holder:
+            # only registrations are removed (SPC-4 5.12.11.4.3)
+            if sark == 0:
+                raise invalid_field_in_param(8)
+            victims = [m for m, r in self.registrations.items() if r.key == sark and m != n]
+            if not victims:
+                raise ReservationConflict()
+            self.generation += 1
+            return self._remove(victims)
+        if self.type in _ALL_REGISTRANTS:
+            if sark != 0:
+                victims = [m for m, r in self.registrations.items()
+                           if r.key == sark and m != n]
+                if not victims:
+                    raise ReservationConflict()
+                self.generation += 1
+                return self._remove(victims)
+            victims = [m for m in self.registrations if m != n]
+        else:
+            victims = [m for m, r in self.registrations.items() if r.key == sark and m != n]
+        changed = rtype != self.type
+        uas = self._remove(victims)
+        self.holder, self.type = n, rtype
+        self.generation += 1
+        if changed:
+            uas += [(m, ASC_RESERVATIONS_RELEASED) for m in self.registrations if m != n]
+        return uas
+
+    def _drop_reservation(self) -> None:
+        self.holder, self.type = None, 0
+
+
+def prout_data_length(cdb: bytes) -> int:
+    return U32(cdb, 5)[0]
+
+
+__all__ = ["Access", "PrType", "ReservationState", "Registration", "transport_id",
+           "prout_data_length"]
