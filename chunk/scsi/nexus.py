@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Nexus:
+class Nexus(NamedTuple):
     """I_T nexus identity; hashable, used as the key for reservations and unit attentions.
+
+    A NamedTuple rather than a frozen dataclass: it is hashed on every
+    command, and a tuple hashes several times faster.
 
     ``initiator`` is the initiator port name, for iSCSI the initiator name plus
     ISID (``iqn...,i,0x23d000000001``); ``target_port`` likewise

@@ -8,7 +8,7 @@ produced: the control mode page reports D_SENSE=0 and does not let it change.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # -- status (SAM-5) -----------------------------------------------------------
 GOOD = 0x00
@@ -60,11 +60,13 @@ ASC_INSUFFICIENT_REG_RESOURCES = (0x55, 0x04)
 
 
 
-@dataclass(frozen=True, slots=True)
-class ScsiResult:
+class ScsiResult(NamedTuple):
     """Outcome of one command: status, data-in (already cut to the allocation
     length; the transport cuts it to the expected transfer length and reports
-    residuals) and fixed-format sense for CHECK CONDITION."""
+    residuals) and fixed-format sense for CHECK CONDITION.
+
+    Immutable and cheap to build (one per command): a NamedTuple.
+    """
     status: int
     data: bytes | memoryview | None = None
     sense: bytes | None = None

@@ -219,6 +219,8 @@ class LogicalUnit:
                       nexus: Nexus) -> ScsiResult:
         if self.dev.size != self._size:
             self._capacity_changed()
+        if not cdb:
+            return ScsiResult(CHECK_CONDITION, None, invalid_opcode().sense())
         code = cdb[0]
         if nexus not in self._seen:
             self._seen.add(nexus)
