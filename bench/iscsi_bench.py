@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -449,6 +450,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="CI smoke: 2 s per measurement and a 256 MiB volume")
     p.add_argument("--seconds", type=int, metavar="N", help="seconds per measurement (default 10, --quick 2)")
     p.add_argument("--size", type=parse_size, metavar="SIZE", help="volume size (default 1Gi, --quick 256Mi)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="measure each line N times, alternating which target goes first; "
+                        "report the median (default 1)")
     p.add_argument("--only", choices=("tgtd", "zstore"), help="measure one target alone")
     p.add_argument("--tgtd-params", choices=("stock", "matched"), default="stock",
                    help="tgtd's session parameters: Debian's defaults (default), or matched to what "
@@ -460,8 +464,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.seconds = args.seconds or (2 if args.quick else 10)
     args.size = args.size or (256 * MiB if args.quick else GiB)
-    if args.seconds < 1:
-        p.error("--seconds must be at least 1")
+    if args.seconds < 1 or args.repeat < 1:
+        p.error("--seconds and --repeat must be at least 1")
     return args
 
 
@@ -496,15 +500,21 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(FIRST_WRITE, lambda t: first_write(t, args.size))]
         plan += [(m, lambda t, m=m: measure(m, t, args.seconds)) for m in METRICS]
         for m, fn in plan:
-            got: dict[str, float] = {}
-            for name, t in targets.items():
-                try:
-                    got[name] = fn(t)
-                    say(f"  {name:<7} {m.label:<34} {m.tool:<10} {fmt(m, got[name]):>10} {m.unit}")
-                except BenchError as e:
-                    errors.append(f"{name}: {e}")
-                    say(f"!! {name} {m.label}: {e}")
-            rows.append((m, got))
+            samples: dict[str, list[float]] = {name: [] for name in targets}
+            failed: set[str] = set()
+            for rep in range(1 if m is FIRST_WRITE else args.repeat):
+                order = list(targets.items())[::-1 if rep % 2 else 1]   # alternate who goes first
+                for name, t in order:
+                    if name in failed:
+                        continue
+                    try:
+                        samples[name].append(fn(t))
+                        say(f"  {name:<7} {m.label:<34} {m.tool:<10} {fmt(m, samples[name][-1]):>10} {m.unit}")
+                    except BenchError as e:
+                        failed.add(name)
+                        errors.append(f"{name}: {e}")
+                        say(f"!! {name} {m.label}: {e}")
+            rows.append((m, {name: statistics.median(v) for name, v in samples.items() if v}))
     except KeyboardInterrupt:
         say("\ninterrupted: stopping the targets")
         errors.append("interrupted")
@@ -519,8 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     if rows:
+        median = f", median of {args.repeat}" if args.repeat > 1 else ""
         print(f"zstore iSCSI target vs tgtd: {args.size // MiB} MiB volume, {args.seconds} s per "
-              f"measurement, initiator {INITIATOR}, tgtd params {args.tgtd_params}")
+              f"measurement{median}, tgtd params {args.tgtd_params}, initiator {INITIATOR}")
         print(machine(f"{start_load:.2f} at start, {os.getloadavg()[0]:.2f} at end"))
         print()
         print(table(rows))
