@@ -292,9 +292,4 @@ class ReservationState:
         self.holder, self.type = None, 0
 
 
-def prout_data_length(cdb: bytes) -> int:
-    return U32(cdb, 5)[0]
-
-
-__all__ = ["Access", "PrType", "ReservationState", "Registration", "transport_id",
-           "prout_data_length"]
+__all__ = ["Access", "PrType", "ReservationState", "Registration", "transport_id"]
