@@ -27,6 +27,9 @@ from zstore.keys import Keys
 from zstore.records import ChunkInfo
 
 from . import disks as zdisks
+from .catalog import Catalog
+from .iscsi.target import IscsiTarget, TargetConfig
+from .localvolumes import LocalVolumes
 from .identity import IdentityError, load_or_create
 from .registration import Registration
 
@@ -184,14 +187,30 @@ class ChunkServer:
                 elif before is not None:
                     log.info("disk %s is %s again", r["path"], r["state"])
 
+    def target_config(self) -> TargetConfig:
+        c = self.cfg.chunk
+        host, _, port = c.portal.rpartition(":")
+        return TargetConfig(host=host.strip("[]"), port=int(port), advertise=c.portal,
+                            nop_interval=c.iscsi_nop_interval, nop_timeout=c.iscsi_nop_interval)
+
     async def run(self, stop: asyncio.Event) -> None:
         etcd = zetcd.client(self.cfg.etcd)
-        reg = Registration(etcd, Keys(self.cfg.etcd.prefix), self.chunk_id,
+        keys = Keys(self.cfg.etcd.prefix)
+        reg = Registration(etcd, keys, self.chunk_id,
                            lease_ttl=self.cfg.chunk.lease_ttl, build_info=self.info,
                            probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd))
+        catalog = Catalog(etcd, keys)
+        volume_dir = self.cfg.chunk.volume_dir or os.path.join(os.path.abspath(self.cfg.chunk.data_dir), "volumes")
+        target = IscsiTarget(self.target_config(), catalog, LocalVolumes(volume_dir).open)
+        # Listen at once; until the catalog's first listing arrives, logins find no target.
+        syncing = asyncio.ensure_future(catalog.start(stop))
+        await target.start()
         try:
             await reg.run(stop)
         finally:
+            await target.stop()
+            syncing.cancel()
+            await catalog.close()
             try:
                 await asyncio.wait_for(etcd.close(), 2.0)
             except Exception:  # noqa: BLE001 - exiting anyway

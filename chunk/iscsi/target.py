@@ -1,0 +1,237 @@
+"""The built-in iSCSI target of a chunk server: portal, logins, sessions, LUNs.
+
+Policy comes from the export catalog (etcd, mirrored by watches); data goes
+through a BlockDevice per volume, opened on first use. One LogicalUnit is
+kept per (volume, read-only) pair and shared by every session, so SCSI state
+such as reservations and unit attentions is per LU, not per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from chunk import scsi
+import chunk.scsi.sense  # noqa: F401  (scsi.sense.fixed_sense)
+from chunk.catalog import Catalog
+
+from .login import LoginResult, login
+from .negotiation import TargetPreferences
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TargetConfig:
+    host: str = "127.0.0.1"
+    port: int = 3260
+    advertise: str | None = None          # "host:port" put in SendTargets answers
+    tpgt: int = 1
+    prefs: TargetPreferences = field(default_factory=TargetPreferences)
+    login_timeout: float = 15.0
+    max_connections: int = 1024
+    nop_interval: float = 15.0
+    nop_timeout: float = 15.0
+    window: int = 128
+
+
+class Units:
+    """LogicalUnits by (volume id, read-only), created on first use."""
+
+    def __init__(self, catalog: Catalog, open_device: Callable[[Any, bool], Any]):
+        self.catalog = catalog
+        self.open_device = open_device
+        self._units: dict[tuple[str, bool], Any] = {}
+        catalog.on_change(self._on_catalog)
+
+    def get(self, volume, readonly: bool):
+        key = (volume.volume_id, readonly)
+        unit = self._units.get(key)
+        if unit is None:
+            dev = self.open_device(volume, readonly)
+            unit = scsi.LogicalUnit(dev, scsi.LunIdentity(wwn=volume.wwn, serial=volume.volume_id[:32],
+                                                          lun=volume.lun))
+            self._units[key] = unit
+        return unit
+
+    def close(self) -> None:
+        for unit in self._units.values():
+            close = getattr(unit.dev, "close", None)
+            if close:
+                close()
+        self._units.clear()
+
+    def _on_catalog(self, kind: str) -> None:
+        if kind != "volumes":
+            return
+        for (vid, ro), unit in list(self._units.items()):
+            vol = self.catalog.volumes.get(vid)
+            if vol is None or vol.state == "deleted":
+                self._units.pop((vid, ro), None)
+                close = getattr(unit.dev, "close", None)
+                if close:
+                    close()
+            elif vol.size > unit.dev.size:
+                unit.dev.resize(vol.size)        # the LU notices and posts CAPACITY DATA HAS CHANGED
+
+
+class ScsiGlue:
+    """The target-level SCSI answers a session needs besides an LU's own."""
+
+    @staticmethod
+    def report_luns(luns: list[int], cdb: bytes):
+        return scsi.report_luns_command(cdb, luns)
+
+    lun_not_supported = staticmethod(scsi.lun_not_supported)
+
+    @staticmethod
+    def internal_error():
+        return scsi.ScsiResult(0x02, None, scsi.sense.fixed_sense(0x04, 0x44, 0x00))
+
+
+class SessionView:
+    """What one session may see: LUNs of its target that its initiator is on the ACL of."""
+
+    def __init__(self, target: "IscsiTarget", initiator: str, target_iqn: str | None):
+        self.t, self.initiator, self.target_iqn = target, initiator, target_iqn
+
+    def unit(self, lun: int):
+        if self.target_iqn is None:
+            return None
+        access = self.t.catalog.lun_access(self.target_iqn, self.initiator, lun)
+        if access is None:
+            return None
+        return self.t.units.get(*access)
+
+    def visible_luns(self) -> list[int]:
+        if self.target_iqn is None:
+            return []
+        return list(self.t.catalog.visible_luns(self.target_iqn, self.initiator))
+
+    def send_targets(self, which: str) -> list[tuple[str, list[str]]]:
+        visible = self.t.catalog.visible_targets(self.initiator)
+        if which == "All":
+            names = visible
+        elif which == "":
+            names = [self.target_iqn] if self.target_iqn else []
+        else:
+            names = [which] if which in visible or which == self.target_iqn else []
+        return [(n, [f"{self.t.advertise},{self.t.cfg.tpgt}"]) for n in names]
+
+
+class LoginPolicyImpl:
+    def __init__(self, target: "IscsiTarget"):
+        self.t = target
+
+    def target_exists(self, iqn: str) -> bool:
+        return self.t.catalog.target(iqn) is not None
+
+    def chap_for(self, target_iqn: str | None, initiator: str):
+        return self.t.catalog.chap_for(target_iqn or "*", initiator)
+
+    def redirect(self, initiator: str, target_iqn: str | None) -> str | None:
+        return None
+
+    def new_tsih(self) -> int:
+        while True:
+            tsih = random.randint(1, 0xFFFF)
+            if tsih not in self.t.tsihs:
+                return tsih
+
+
+class IscsiTarget:
+    def __init__(self, cfg: TargetConfig, catalog: Catalog, open_device: Callable[[Any, bool], Any]):
+        self.cfg, self.catalog = cfg, catalog
+        self.units = Units(catalog, open_device)
+        self.advertise = cfg.advertise or f"{cfg.host}:{cfg.port}"
+        self.sessions: dict[tuple[str, bytes, str | None], Session] = {}
+        self.tsihs: set[int] = set()
+        self.policy = LoginPolicyImpl(self)
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.cfg.host, self.cfg.port,
+                                                  limit=1 << 20, backlog=256, reuse_address=True)
+        log.info("iSCSI target listening on %s:%d (advertised as %s)", self.cfg.host, self.cfg.port,
+                 self.advertise)
+
+    async def stop(self) -> None:
+        if self._server:
+            self._server.close()
+        for s in list(self.sessions.values()):
+            await s.close()
+        for t in list(self._conns):
+            t.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+        self.units.close()
+
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._conns.add(task)
+        try:
+            if len(self._conns) > self.cfg.max_connections:
+                log.warning("refusing connection from %s: %d connections open",
+                            writer.get_extra_info("peername"), len(self._conns))
+                return
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+                    except OSError:
+                        pass
+            result = await login(reader, writer, self.policy, self.cfg.prefs, tpgt=self.cfg.tpgt,
+                                 first_pdu_timeout=self.cfg.login_timeout)
+            if result is None:
+                return
+            await self._serve(reader, writer, result)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - one connection must never take the target down
+            log.exception("connection from %s failed", writer.get_extra_info("peername"))
+        finally:
+            self._conns.discard(task)
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _serve(self, reader, writer, r: LoginResult) -> None:
+        p = r.params
+        discovery = p.session_type == "Discovery"
+        target_iqn = None if discovery else p.target_name
+        key = (p.initiator_name, r.isid, target_iqn)
+        old = self.sessions.get(key)
+        if old is not None:                       # session reinstatement (RFC 7143 §6.3.5)
+            log.info("reinstating session of %s isid %s", p.initiator_name, r.isid.hex())
+            await old.close()
+        tpgt = self.cfg.tpgt
+        nexus = scsi.Nexus(initiator=f"{p.initiator_name},i,0x{r.isid.hex()}",
+                           target_port=f"{target_iqn or 'discovery'},t,0x{tpgt:04x}",
+                           relative_port_id=tpgt)
+        sess = Session(reader, writer, p, isid=r.isid, tsih=r.tsih, statsn=r.statsn, expcmdsn=r.expcmdsn,
+                       resolver=SessionView(self, p.initiator_name, target_iqn), scsi=ScsiGlue, nexus=nexus,
+                       window=self.cfg.window, nop_interval=self.cfg.nop_interval,
+                       nop_timeout=self.cfg.nop_timeout, on_close=lambda s: self._closed(key, s))
+        self.sessions[key] = sess
+        self.tsihs.add(r.tsih)
+        log.info("%s session: %s -> %s (tsih %d)", "discovery" if discovery else "normal",
+                 p.initiator_name, target_iqn or "-", r.tsih)
+        await sess.run()
+
+    def _closed(self, key, sess: Session) -> None:
+        if self.sessions.get(key) is sess:
+            del self.sessions[key]
+        self.tsihs.discard(sess.tsih)
