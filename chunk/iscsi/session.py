@@ -230,19 +230,24 @@ class Session:
         if cmdsn == self.expcmdsn:
             self.expcmdsn = (self.expcmdsn + 1) & SERIAL_MASK
             await self._execute(pdu)
-            while self.expcmdsn in self.pending:
-                nxt = self.pending.pop(self.expcmdsn)
-                self.expcmdsn = (self.expcmdsn + 1) & SERIAL_MASK
-                await self._execute(nxt)
+            await self._drain()
         elif sn_lt(self.expcmdsn, cmdsn) and sn_lte(cmdsn, (self.expcmdsn + self.window) & SERIAL_MASK):
             self.pending.setdefault(cmdsn, pdu)     # early: hold until the gap fills
         # else: outside the window or a duplicate: silently ignored (RFC 7143 §4.2.2.1)
+
+    async def _drain(self) -> None:
+        """Run held requests whose turn has come."""
+        while self.expcmdsn in self.pending:
+            nxt = self.pending.pop(self.expcmdsn)
+            self.expcmdsn = (self.expcmdsn + 1) & SERIAL_MASK
+            await self._execute(nxt)
 
     async def _execute(self, pdu: P.PDU) -> None:
         if isinstance(pdu, P.ScsiCommand):
             self._scsi_command(pdu)
         elif isinstance(pdu, P.NopOut):
-            self._send(P.NopIn(itt=pdu.itt, ttt=RESERVED_TAG, lun=pdu.lun, data=pdu.data))
+            if pdu.itt != RESERVED_TAG:       # RESERVED_TAG: a placeholder for an aborted CmdSN
+                self._send(P.NopIn(itt=pdu.itt, ttt=RESERVED_TAG, lun=pdu.lun, data=pdu.data))
         elif isinstance(pdu, P.TaskMgmtRequest):
             await self._task_mgmt(pdu)
         elif isinstance(pdu, P.TextRequest):
@@ -455,8 +460,16 @@ class Session:
                 pending = [sn for sn, p in self.pending.items() if p.itt == req.referenced_task_tag]
                 for sn in pending:
                     self.pending[sn] = P.NopOut(itt=RESERVED_TAG, cmdsn=sn)   # consumes its CmdSN
-                if not pending and not (sn_lt(req.refcmdsn, self.expcmdsn)
-                                        and sn_lt(req.refcmdsn, req.cmdsn)):
+                ref = req.refcmdsn
+                never_received = (sn_lte(self.expcmdsn, ref) and sn_lte(ref, self.maxcmdsn)
+                                  and sn_lt(ref, req.cmdsn) and ref not in self.pending)
+                if never_received:
+                    # RFC 7143 §11.5.1: a command inside the window that never arrived
+                    # counts as received (and aborted), so the window can move on.
+                    self.pending[ref] = P.NopOut(itt=RESERVED_TAG, cmdsn=ref)
+                    await self._drain()
+                elif not pending:
+                    # Already answered (or never existed): the initiator has or will get its response.
                     resp = TmfResponse.TASK_DOES_NOT_EXIST
         elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
             unit = self.resolver.unit(lun) if lun >= 0 else None

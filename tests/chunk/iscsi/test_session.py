@@ -281,3 +281,24 @@ async def test_data_out_with_a_wrong_datasn_ends_the_connection():
         assert isinstance(rej, P.Reject) and rej.reason == 0x04
         assert await asyncio.wait_for(h.r.read(), 5) == b""
         assert h.unit.writes == []
+
+
+async def test_abort_of_a_command_already_answered_is_task_does_not_exist():
+    async with Harness(params()) as h:
+        h.send(read10(0, 1, itt=70, cmdsn=1))
+        assert (await h.recv()).itt == 70
+        h.send(P.TaskMgmtRequest(itt=71, cmdsn=2, immediate=True, function=TmfFunction.ABORT_TASK,
+                                 lun=P.encode_lun(1), referenced_task_tag=70, refcmdsn=1))
+        assert (await h.recv()).response == TmfResponse.TASK_DOES_NOT_EXIST
+
+
+async def test_abort_of_a_lost_command_consumes_its_cmdsn():
+    async with Harness(params()) as h:
+        # CmdSN 1 never arrives; the initiator aborts it, then sends CmdSN 2.
+        h.send(P.TaskMgmtRequest(itt=80, cmdsn=2, immediate=True, function=TmfFunction.ABORT_TASK,
+                                 lun=P.encode_lun(1), referenced_task_tag=79, refcmdsn=1))
+        tmf = await h.recv()
+        assert tmf.response == TmfResponse.FUNCTION_COMPLETE and tmf.expcmdsn == 2
+        h.send(read10(0, 1, itt=81, cmdsn=2))
+        d = await h.recv()
+        assert d.itt == 81 and d.status_present
