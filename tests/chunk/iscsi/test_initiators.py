@@ -148,3 +148,18 @@ def test_chap_wrong_secret_fails_right_one_works(two_chunks: Cluster):
     assert bad.returncode != 0
     good = run("iscsi-inq", "-i", INIT, url(c, vol, creds="init1%right-secret-123@"))
     assert good.returncode == 0, good.stderr
+
+
+def test_mutual_chap_with_libiscsi(two_chunks: Cluster):
+    c = two_chunks
+    vol = make_volume(c)
+    wait_visible(c, vol)
+    assert c.api("PUT", "/chap", {"target": "v", "initiator": INIT, "user": "init1", "secret": "initiator-secret-1",
+                                  "mutual_user": "target1", "mutual_secret": "target-secret-22"})[0] == 200
+    base = url(c, vol, creds="init1%initiator-secret-1@")
+    wait_for(lambda: run("iscsi-inq", "-i", INIT, url(c, vol)).returncode != 0, 15, "CHAP required")
+    good = run("iscsi-inq", "-i", INIT, f"{base}?target_user=target1&target_password=target-secret-22")
+    assert good.returncode == 0, good.stderr
+    # The initiator refuses a target that cannot prove the mutual secret it expects.
+    bad = run("iscsi-inq", "-i", INIT, f"{base}?target_user=target1&target_password=not-the-target-secret")
+    assert bad.returncode != 0
