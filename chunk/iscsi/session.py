@@ -26,7 +26,7 @@ from .constants import (RESERVED_TAG, AsyncEvent, LogoutReason, LogoutResponseCo
                         ScsiStatus, TmfFunction, TmfResponse)
 from .errors import ProtocolError
 from .negotiation import SessionParams
-from .text import decode_text, encode_text
+from .text import TextAssembler, encode_text, split_text
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class Session:
         self._ttt = 0x1000
         self._r2t_owner: dict[int, Task] = {}     # TTT -> task
         self._nop_ttt: dict[int, float] = {}      # our NOP-In pings awaiting an answer
+        self._text_in = TextAssembler()
+        self._text_out: dict[int | None, list[bytes]] = {}   # TTT -> pieces of a long text answer
         self._last_rx = time.monotonic()
         self._closing = False
         self._logout_requested = False
@@ -495,10 +497,26 @@ class Session:
     # --- text and logout -------------------------------------------------------------
 
     def _text(self, req: P.TextRequest) -> None:
+        """Text negotiation in full feature phase: SendTargets, continued both ways.
+
+        A long answer (thousands of targets) goes out in pieces of at most the
+        initiator's MaxRecvDataSegmentLength with the C bit set; the initiator
+        fetches each next piece with an empty request carrying our TTT.
+        """
+        if req.ttt != RESERVED_TAG:
+            rest = self._text_out.get(req.ttt)
+            if rest is None or req.data:
+                self._reject(RejectReason.PROTOCOL_ERROR, req.header())
+                return
+            self._text_piece(req.itt, req.ttt, rest)
+            return
         try:
-            pairs = decode_text(req.data)
+            pairs = self._text_in.feed(req.data, req.cont)
         except ProtocolError as e:
             self._reject(e.reason, req.header())
+            return
+        if pairs is None:                 # the initiator continues its text: ask for the rest
+            self._send(P.TextResponse(itt=req.itt, final=False, ttt=self._new_ttt()))
             return
         out: list[tuple[str, str]] = []
         for key, value in pairs:
@@ -508,11 +526,18 @@ class Session:
                     out.extend(("TargetAddress", a) for a in addrs)
             else:
                 out.append((key, "NotUnderstood"))
-        body = encode_text(out)
-        if len(body) > self.msdsl:
-            body = body[:self.msdsl]
-            body = body[:body.rfind(b"\0") + 1]       # whole keys only
-        self._send(P.TextResponse(itt=req.itt, final=True, ttt=RESERVED_TAG, data=body))
+        self._text_piece(req.itt, None, split_text(encode_text(out), self.msdsl))
+
+    def _text_piece(self, itt: int, ttt: int | None, pieces: list[bytes]) -> None:
+        self._text_out.pop(ttt, None)
+        first, rest = pieces[0], pieces[1:]
+        if rest:
+            ttt = self._new_ttt()
+            self._text_out.clear()            # one text exchange at a time per connection
+            self._text_out[ttt] = rest
+            self._send(P.TextResponse(itt=itt, final=False, cont=True, ttt=ttt, data=first))
+        else:
+            self._send(P.TextResponse(itt=itt, final=True, ttt=RESERVED_TAG, data=first))
 
     async def _logout(self, req: P.LogoutRequest) -> None:
         if req.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:

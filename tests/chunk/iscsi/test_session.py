@@ -90,16 +90,17 @@ def params(**kw) -> SessionParams:
 
 
 class Harness:
-    def __init__(self, p: SessionParams, unit=None, window=128):
+    def __init__(self, p: SessionParams, unit=None, window=128, resolver_cls=None):
         self.p = p
         self.unit = unit or RecordingUnit()
+        self.resolver_cls = resolver_cls or Resolver
         self.window = window
         self.session: Session | None = None
 
     async def __aenter__(self):
         async def handle(r, w):
             self.session = Session(r, w, self.p, isid=b"\x80" + bytes(5), tsih=7, statsn=100, expcmdsn=1,
-                                   resolver=Resolver(self.unit), scsi=FAKE_SCSI,
+                                   resolver=self.resolver_cls(self.unit), scsi=FAKE_SCSI,
                                    nexus=SimpleNamespace(initiator="i"), window=self.window,
                                    nop_interval=3600, nop_timeout=3600)
             await self.session.run()
@@ -302,3 +303,25 @@ async def test_abort_of_a_lost_command_consumes_its_cmdsn():
         h.send(read10(0, 1, itt=81, cmdsn=2))
         d = await h.recv()
         assert d.itt == 81 and d.status_present
+
+
+async def test_long_send_targets_answer_is_continued():
+    class Many(Resolver):
+        def send_targets(self, which):
+            return [(f"iqn.2026-01.io.zstore:test.t{i:04d}", ["127.0.0.1:3260,1"]) for i in range(400)]
+
+    async with Harness(params(max_send_data_segment_length=1024), resolver_cls=Many) as h:
+        h.send(P.TextRequest(itt=90, cmdsn=1, final=True, data=b"SendTargets=All\0"))
+        body = b""
+        cmdsn = 2
+        while True:
+            t = await h.recv()
+            assert isinstance(t, P.TextResponse) and len(t.data) <= 1024
+            body += t.data
+            if t.final:
+                break
+            assert t.cont and t.ttt != RESERVED_TAG
+            h.send(P.TextRequest(itt=90, cmdsn=cmdsn, final=True, ttt=t.ttt))
+            cmdsn += 1
+        names = [kv for kv in body.split(b"\0") if kv.startswith(b"TargetName=")]
+        assert len(names) == 400 and names[-1].endswith(b"t0399")
