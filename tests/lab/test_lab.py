@@ -9,6 +9,8 @@ and the netns through the scripts' own traps.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -17,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.cluster import PY, Cluster, Etcd, Proc, free_port, port_open, wait_for, write_config
 
 LAB = Path(__file__).resolve().parent
 STATE = Path(os.environ.get("ZSTORE_LAB_DIR", "/tmp/zstore-lab"))
@@ -101,3 +105,112 @@ def test_kernel_initiator_against_reference_tgtd(lab_image):
     assert rc == 0 and "test-initiator (NET=tap): PASSED" in out, \
         f"rc={rc}\n--- guest:\n{tail(guest)}\n--- host:\n{tail(out)}"
     assert "initiator test PASSED" in guest
+
+
+# ---- zstore's own target ---------------------------------------------------------------------
+HOST_IP = os.environ.get("LAB_HOST_IP", "192.168.77.1")
+PORTAL = f"{HOST_IP}:3260"
+GUEST_IQN = "iqn.2026-01.io.zstore.lab:guest"     # the "Kubernetes node"
+HOST_IQN = "iqn.2026-01.io.zstore.lab:host"       # the host-side read-back
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def lab_netns(name: str):
+    """A lab netns (lo + tap, see lab-netns.sh) that this thread works inside until the end.
+
+    setns(2) moves only the calling thread: the sockets it opens and the processes it starts
+    (etcd, meta, chunk server, CLI, qemu-img, run-vm.sh) live in the netns, where 127.0.0.1 is
+    the netns's own loopback. So tests/cluster.py's helpers work unchanged, and nothing is ever
+    bound outside the netns. The netns is removed after its processes are stopped."""
+    subprocess.run([str(LAB / "lab-netns.sh"), "up", name], check=True, timeout=30)
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {name}")
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the host netns")
+    finally:
+        os.close(home)
+        subprocess.run([str(LAB / "lab-netns.sh"), "down", name], timeout=30)
+
+
+def start_chunk_at(c: Cluster, portal: str) -> Proc:
+    """Cluster.start_chunk, but with the iSCSI portal on the lab tap's address."""
+    data = c.workdir / "chunk0"
+    cfg = write_config(c.workdir / "chunk0.toml", {
+        "etcd": {"endpoints": [c.etcd.endpoint], "prefix": c.prefix},
+        "chunk": {"data_dir": str(data), "disks": [f"{data}/disk0:4Gi"], "address": "127.0.0.1",
+                  "data_port": free_port(), "portal": portal, "lease_ttl": c.lease_ttl,
+                  "volume_dir": str(c.workdir / "volumes")},
+        "log": {"level": "DEBUG"},
+    })
+    p = Proc("chunk0", [PY, "-m", "chunk.server", "--config", str(cfg)], c.workdir / "chunk0.log").start()
+    c.chunks.append(p)
+    return p
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT + VM_TIMEOUT + 180)
+def test_kernel_initiator_against_zstore(lab_image, tmp_path):
+    """The Linux kernel initiator against a zstore chunk server's built-in target.
+
+    etcd, a meta server and a chunk server all run inside a lab netns (the chunk server's portal
+    is the tap address there, etcd and meta on the netns's loopback). The guest logs in as a
+    Kubernetes node would: SendTargets discovery, login, the disk found by its WWN under
+    /dev/disk/by-id, mkfs.ext4, mount, a payload written and read back after a remount, logout.
+    Then the host reads the whole LUN back through the target with qemu's libiscsi driver and
+    finds the guest's file, byte for byte, in the ext4 image."""
+    share = tmp_path / "share"
+    share.mkdir()
+    payload = os.urandom(8 << 20)
+    (share / "payload").write_bytes(payload)
+    ns = f"labz{os.getpid()}"
+    with lab_netns(ns):
+        etcd = Etcd(tmp_path / "etcd").start()
+        c = Cluster(workdir=tmp_path / "cluster", etcd=etcd)
+        try:
+            c.start_meta()
+            chunk = start_chunk_at(c, PORTAL)
+            c.wait_chunks_up(1)
+            wait_for(lambda: port_open(3260, HOST_IP) or not chunk.alive(), 20, "chunk server portal")
+            assert chunk.alive(), chunk.log()
+            c.cli("volume", "create", "labvol", "--size", "128Mi", "--replicas", "1", check=True)
+            for iqn in (GUEST_IQN, HOST_IQN):
+                c.cli("acl", "add", "labvol", iqn, check=True)
+            vol = c.cli_json("volume", "show", "labvol")
+            iqn, lun, wwn = vol["target_iqn"], vol["lun"], vol["wwn"]
+            # the target answers (and its catalog has the ACL) before we spend a VM boot on it
+            url = f"iscsi://{PORTAL}/{iqn}/{lun}"
+            wait_for(lambda: subprocess.run(["iscsi-inq", "-i", HOST_IQN, url], capture_output=True,
+                                            timeout=10).returncode == 0, 30, f"iscsi-inq {url}")
+
+            rc, out = run_script("zstore-initiator", [
+                str(LAB / "run-vm.sh"), "--netns", ns, "--share", str(share), "--timeout", str(VM_TIMEOUT),
+                str(LAB / "zstore-guest.sh"), PORTAL, iqn, str(lun), wwn, GUEST_IQN], VM_TIMEOUT + 30)
+            guest = guest_log(out)
+            assert rc == 0 and "zstore initiator test PASSED" in guest, \
+                f"rc={rc}\n--- guest:\n{tail(guest)}\n--- host:\n{tail(out)}\n--- chunk:\n{tail(chunk.log())}"
+
+            # read the LUN back through the target (qemu's iscsi driver is libiscsi)
+            image = tmp_path / "readback.img"
+            subprocess.run(["qemu-img", "convert", "-O", "raw", "--image-opts",
+                            f"driver=iscsi,transport=tcp,portal={PORTAL},target={iqn},lun={lun},"
+                            f"initiator-name={HOST_IQN}", str(image)], check=True, timeout=120)
+            assert image.stat().st_size == vol["size"]
+            subprocess.run(["debugfs", "-R", f"dump /payload {tmp_path / 'payload.out'}", str(image)],
+                           check=True, capture_output=True, timeout=60)
+            assert (tmp_path / "payload.out").read_bytes() == payload
+            hello = subprocess.run(["debugfs", "-R", "cat /hello.txt", str(image)], capture_output=True,
+                                   text=True, timeout=60).stdout
+            assert hello == "hello from the kernel initiator\n"
+        finally:
+            c.stop()
+            etcd.stop()
