@@ -108,6 +108,8 @@ def _check_port(where: str, port: int) -> None:
 def validate(cfg: Config) -> list[zdisks.DiskSpec]:
     """Check everything that can be checked before touching disk; return the disk specs."""
     c = cfg.chunk
+    if c.event_loop not in ("asyncio", "uvloop"):
+        raise ConfigError(f"chunk.event_loop: {c.event_loop!r} must be asyncio or uvloop")
     if not c.data_dir:
         raise ConfigError("chunk.data_dir must be set")
     if not c.address:
@@ -261,11 +263,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("disk %s (%s): capacity %d, used %d, %s",
                      r["path"], r["disk_id"], r["capacity"], r["used"], r["state"])
 
-    try:
-        import uvloop
-        run = uvloop.run
-    except ImportError:
-        run = asyncio.run
+    run = asyncio.run
+    if cfg.chunk.event_loop == "uvloop":
+        try:
+            import uvloop
+            run = uvloop.run
+        except ImportError:
+            log.warning("uvloop is not installed; using asyncio's default event loop")
     try:
         run(_serve(server))
     finally:

@@ -75,6 +75,35 @@ class Task:
     runner: asyncio.Task | None = None
 
 
+class _Continue:
+    """Awaitable that resumes a coroutine which already ran up to its first wait."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro, first):
+        self.coro, self.first = coro, first
+
+    def __await__(self):
+        pending = self.first
+        while True:
+            try:
+                sent = yield pending
+            except BaseException as e:          # noqa: BLE001 - cancellation, forwarded
+                try:
+                    pending = self.coro.throw(e)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    pending = self.coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro, first):
+    return await _Continue(coro, first)
+
+
 class Session:
     """One logged-in connection in full-feature phase."""
 
@@ -98,6 +127,9 @@ class Session:
         self._r2t_owner: dict[int, Task] = {}     # TTT -> task
         self._nop_ttt: dict[int, float] = {}      # our NOP-In pings awaiting an answer
         self._text_in = TextAssembler()
+        self._out: list[bytes | memoryview] = []
+        self._in_batch = False
+        self._flush_pending = False
         self._text_out: dict[int | None, list[bytes]] = {}   # TTT -> pieces of a long text answer
         self._last_rx = time.monotonic()
         self._closing = False
@@ -123,7 +155,18 @@ class Session:
         pdu.expcmdsn = self.expcmdsn
         pdu.maxcmdsn = self.maxcmdsn
         if not self._closing or isinstance(pdu, (P.LogoutResponse, P.TaskMgmtResponse, P.Reject)):
-            self.w.writelines(pdu.encode(self.hd, self.dd))
+            self._out.extend(pdu.encode(self.hd, self.dd))
+            if not self._in_batch and not self._flush_pending:
+                self._flush_pending = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Hand everything queued to the socket in one writelines (one send, mostly)."""
+        self._flush_pending = False
+        if self._out:
+            out, self._out = self._out, []
+            if not self.w.is_closing():
+                self.w.writelines(out)
 
     def _reject(self, reason: int, header: bytes | None) -> None:
         rej = P.Reject(reason=reason, data=(header or b"")[:48])
@@ -150,8 +193,17 @@ class Session:
                 if pdu is None:
                     break
                 self._last_rx = time.monotonic()
-                await self._dispatch(pdu)
+                # While more requests are already buffered, answers accumulate and
+                # go out together once the buffer runs dry.
+                self._in_batch = True
+                try:
+                    await self._dispatch(pdu)
+                finally:
+                    self._in_batch = False
+                if len(self.r._buffer) < 48:        # noqa: SLF001 - StreamReader's buffer
+                    self._flush()
                 if self.w.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                    self._flush()
                     await self.w.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -167,6 +219,7 @@ class Session:
         if runners:
             await asyncio.gather(*runners, return_exceptions=True)
         self.tasks.clear()
+        self._flush()
         for unit in self.units_used:
             lost = getattr(unit, "nexus_lost", None)
             if lost:
@@ -186,7 +239,7 @@ class Session:
         except Exception:  # noqa: BLE001
             pass
 
-    async def request_logout(self, within: int = 10) -> None:
+    async def request_logout(self, within: int = 10) -> None:  # noqa: D401
         """Async message asking the initiator to log out (used for draining)."""
         if self._logout_requested:
             return
@@ -380,7 +433,18 @@ class Session:
         self._closing = True
 
     def _start(self, task: Task) -> None:
-        task.runner = asyncio.ensure_future(self._run(task))
+        """Run the command inline as far as it goes without waiting.
+
+        A page-cache read or write completes without ever suspending, so it is
+        answered here with no Task at all; only a command that really waits
+        (a flush, a replica round trip) continues in a Task of its own.
+        """
+        coro = self._run(task)
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration:
+            return
+        task.runner = asyncio.ensure_future(_resume(coro, waiting_on))
 
     async def _run(self, task: Task) -> None:
         cmd = task.cmd
@@ -485,6 +549,7 @@ class Session:
             await self._abort(list(self.tasks.values()))
             self._send(P.TaskMgmtResponse(itt=req.itt, response=resp))
             if fn == TmfFunction.TARGET_COLD_RESET:
+                self._flush()
                 await self.w.drain()
                 await self.close()
             return
@@ -548,6 +613,7 @@ class Session:
             await asyncio.gather(*runners, return_exceptions=True)
         self._send(P.LogoutResponse(itt=req.itt, response=LogoutResponseCode.SUCCESS,
                                     time2wait=0, time2retain=0))
+        self._flush()
         try:
             await self.w.drain()
         except ConnectionError:
