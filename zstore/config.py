@@ -64,6 +64,17 @@ class ChunkConfig:
 
 
 @dataclass
+class RedirectorConfig:
+    vip: str = "127.0.0.2"               # the only address initiators need to know
+    port: int = 3260
+    interface: str | None = None         # where the VIP is added; None: a loopback VIP (no ARP)
+    redirector_id: str | None = None     # default: hostname + port
+    lease_ttl: int = 3                   # VIP failover takes about this long
+    login_timeout: float = 10.0
+    max_connections: int = 1024
+
+
+@dataclass
 class ClientConfig:
     endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:7490"])
     token_file: str | None = None
@@ -82,6 +93,7 @@ class Config:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    redirector: RedirectorConfig = field(default_factory=RedirectorConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = field(default=None, compare=False)
@@ -193,7 +205,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] = os.environ,
     for key, value in env.items():
         if key.startswith("ZSTORE_") and key.count("_") >= 2:
             section, _, name = key[len("ZSTORE_"):].lower().partition("_")
-            if section in ("etcd", "meta", "chunk", "client", "log"):
+            if section in ("etcd", "meta", "chunk", "redirector", "client", "log"):
                 cfg.set(section, name, value)
     if overrides:
         cfg.apply(overrides)
@@ -202,7 +214,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] = os.environ,
 
 def _resolve_relative(cfg: Config, base: Path) -> None:
     """File paths in a config file are relative to that file, so a state dir can move."""
-    for sect in (cfg.etcd, cfg.meta, cfg.chunk, cfg.client, cfg.log):
+    for sect in (cfg.etcd, cfg.meta, cfg.chunk, cfg.redirector, cfg.client, cfg.log):
         for f in dataclasses.fields(sect):
             if f.name.endswith(("_file", "_dir")):
                 v = getattr(sect, f.name)

@@ -18,6 +18,10 @@ clusters (or test runs) can share one etcd. Layout::
     {p}/luns/{index:04d}/{lun:03d}       LunMapping      (slot taken = key exists)
     {p}/acl/{volume_id}/{initiator}      AclEntry
     {p}/chap/{target}/{initiator}        ChapRecord      (target '*' = all targets)
+    {p}/redirector/vip                   VipRecord       (VIP holder's lease)
+    {p}/redirector/epoch                 decimal int, +1 per change of VIP holder
+    {p}/redirector/members/{id}          RedirectorMember (member's lease)
+    {p}/redirects/{target}/{initiator}   RedirectRecord  (sticky choice of chunk server)
 
 Fixed-width numbers keep etcd's byte order equal to numeric order, which the
 LUN allocator and paginated listings rely on.
@@ -96,6 +100,15 @@ class Keys:
     def acls(self) -> bytes: return self._dir("acl")
     def volume_acl(self, vid: str) -> bytes: return self._dir("acl", vid)
     def acl(self, vid: str, initiator: str) -> bytes: return self._k("acl", vid, _seg(initiator))
+    # redirector
+    def vip(self) -> bytes: return self._k("redirector", "vip")
+    def vip_epoch(self) -> bytes: return self._k("redirector", "epoch")
+    def redirector_members(self) -> bytes: return self._dir("redirector", "members")
+    def redirector_member(self, rid: str) -> bytes: return self._k("redirector", "members", _seg(rid))
+    def redirects(self) -> bytes: return self._dir("redirects")
+    def redirect(self, target: str, initiator: str) -> bytes:
+        return self._k("redirects", _seg(target), _seg(initiator))
+
     def chaps(self) -> bytes: return self._dir("chap")
     def chap(self, target: str, initiator: str) -> bytes:
         return self._k("chap", _seg(target), _seg(initiator))

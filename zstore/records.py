@@ -129,6 +129,34 @@ class ChunkLive(Record):
     lease_ttl: int
     disks: list[dict[str, Any]] = field(default_factory=list)
     heartbeat: float = field(default_factory=now)
+    sessions: list[dict[str, Any]] = field(default_factory=list)   # [{initiator, target, type}]
+
+
+@dataclass
+class VipRecord(Record):
+    """Who holds the iSCSI VIP; under the holder's lease. ``epoch`` +1 per new holder."""
+    redirector_id: str
+    vip: str                     # address
+    port: int
+    epoch: int
+    interface: str | None = None
+    since: float = field(default_factory=now)
+
+
+@dataclass
+class RedirectorMember(Record):
+    redirector_id: str
+    hostname: str
+    started: float = field(default_factory=now)
+
+
+@dataclass
+class RedirectRecord(Record):
+    """Sticky login redirect: sessions of this initiator to this target go to ``chunk_id``."""
+    target: str
+    initiator: str
+    chunk_id: str
+    chosen: float = field(default_factory=now)
 
 
 @dataclass
