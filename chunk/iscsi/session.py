@@ -179,7 +179,7 @@ class Session:
     # --- main loop --------------------------------------------------------------
 
     async def run(self) -> None:
-        pinger = asyncio.ensure_future(self._pinger())
+        self._pinger_task = asyncio.ensure_future(self._pinger())
         try:
             while not self._closing:
                 try:
@@ -208,7 +208,7 @@ class Session:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            pinger.cancel()
+            self._pinger_task.cancel()
             await self._shutdown()
 
     async def _shutdown(self) -> None:

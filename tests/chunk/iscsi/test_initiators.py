@@ -163,3 +163,26 @@ def test_mutual_chap_with_libiscsi(two_chunks: Cluster):
     # The initiator refuses a target that cannot prove the mutual secret it expects.
     bad = run("iscsi-inq", "-i", INIT, f"{base}?target_user=target1&target_password=not-the-target-secret")
     assert bad.returncode != 0
+
+
+def test_several_luns_and_sessions_at_once(two_chunks: Cluster, tmp_path):
+    c = two_chunks
+    a = make_volume(c, "a", size="64Mi")
+    b = make_volume(c, "b", size="64Mi")
+    assert a["target_iqn"] == b["target_iqn"] and {a["lun"], b["lun"]} == {1, 2}   # volumes share a target
+    wait_visible(c, a)
+    wait_visible(c, b)
+    ls = run("iscsi-ls", "-i", INIT, "-s", f"iscsi://127.0.0.1:{c.portals[0]}").stdout.decode().replace(" ", "")
+    assert "Lun:1" in ls and "Lun:2" in ls
+    # Four concurrent sessions (two per LUN, one per chunk server) writing distinct patterns.
+    procs = []
+    for vol, pattern in ((a, 0x11), (b, 0x22)):
+        for chunk in (0, 1):
+            opts = (f"driver=iscsi,transport=tcp,portal=127.0.0.1:{c.portals[chunk]},target={vol['target_iqn']},"
+                    f"lun={vol['lun']},initiator-name={INIT}")
+            off = chunk * 8 * 2**20
+            procs.append(subprocess.Popen(
+                ["qemu-io", "--image-opts", opts, "-c", f"write -P {pattern:#x} {off} 8M",
+                 "-c", f"read -P {pattern:#x} {off} 8M"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert all(p.returncode == 0 and "Pattern verification failed" not in o for p, o in zip(procs, outs)), outs

@@ -325,3 +325,36 @@ async def test_long_send_targets_answer_is_continued():
             cmdsn += 1
         names = [kv for kv in body.split(b"\0") if kv.startswith(b"TargetName=")]
         assert len(names) == 400 and names[-1].endswith(b"t0399")
+
+
+async def test_silent_initiator_is_pinged_then_dropped():
+    h = Harness(params())
+    async with h:
+        h.send(P.NopOut(itt=1, cmdsn=1, immediate=True))
+        assert (await h.recv()).itt == 1
+        h.session.nop_interval = h.session.nop_timeout = 0.2      # shorten for the test
+        h.session._pinger_task.cancel()
+        h.session._pinger_task = asyncio.ensure_future(h.session._pinger())
+        ping = await h.recv(timeout=5)
+        assert isinstance(ping, P.NopIn) and ping.itt == RESERVED_TAG and ping.ttt != RESERVED_TAG
+        # We never answer: the target gives up on us and closes the connection.
+        assert await asyncio.wait_for(h.r.read(), 5) == b""
+
+
+async def test_answered_pings_keep_the_connection():
+    h = Harness(params())
+    async with h:
+        h.send(P.NopOut(itt=1, cmdsn=1, immediate=True))
+        assert (await h.recv()).itt == 1
+        h.session.nop_interval = h.session.nop_timeout = 0.2
+        h.session._pinger_task.cancel()
+        h.session._pinger_task = asyncio.ensure_future(h.session._pinger())
+        for _ in range(3):
+            ping = await h.recv(timeout=5)
+            assert isinstance(ping, P.NopIn) and ping.ttt != RESERVED_TAG
+            h.send(P.NopOut(itt=RESERVED_TAG, ttt=ping.ttt, immediate=True, cmdsn=1))
+        h.send(P.NopOut(itt=2, cmdsn=1, immediate=True))
+        got = await h.recv()
+        while isinstance(got, P.NopIn) and got.itt == RESERVED_TAG:
+            got = await h.recv()
+        assert got.itt == 2
