@@ -1,0 +1,216 @@
+"""Which chunk server a login goes to: live membership + sticky choices, mirrored from etcd.
+
+Two prefixes are followed by watches (``zetcd.watch_prefix``: list, watch,
+relist on failure): ``chunks/`` (info/live/admin of each chunk server, combined
+the way ``meta/chunks.py`` does: up = the live key exists, draining = admin
+state) and ``redirects/`` (the sticky RedirectRecords). ``choose()`` is then a
+pair of dict look-ups and at most one hash: no etcd round trip per login, so
+a login storm after a failover costs etcd nothing but the record writes.
+
+Sticky first: an initiator keeps going to the chunk server it was sent to
+while that server is up and not draining, so adding a chunk server does not
+move existing sessions on their next reconnect. Otherwise the rendezvous hash
+picks among usable servers and the choice is recorded. The record is written
+behind the login (coalesced per pair, batched, retried), never awaited: a
+record is only a hint, re-validated against liveness at every use, so a lost
+or late write at worst costs one re-pick, and it needs no fencing by the VIP
+epoch either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aetcd
+
+from zstore import etcd as zetcd
+from zstore.keys import Keys
+from zstore.records import ChunkAdmin, ChunkInfo, ChunkLive, RecordError, RedirectRecord
+
+from . import hashing
+
+log = logging.getLogger(__name__)
+
+WRITE_BATCH = 64            # puts per etcd transaction (etcd's default limit is 128 ops)
+WRITE_RETRY = 1.0           # seconds before retrying failed record writes
+
+
+@dataclass
+class ChunkState:
+    """One chunk server as the redirector sees it (records decoded; None = key absent)."""
+    chunk_id: str
+    info: ChunkInfo | None = None
+    live: ChunkLive | None = None
+    admin: ChunkAdmin | None = None
+
+    @property
+    def usable(self) -> bool:
+        """May receive new logins: registered with a portal, up, not draining."""
+        return (self.info is not None and bool(self.info.portal) and self.live is not None
+                and not (self.admin is not None and self.admin.state == "draining"))
+
+
+class Members:
+    def __init__(self, etcd: aetcd.Client, keys: Keys):
+        self.etcd, self.keys = etcd, keys
+        self.chunks: dict[str, ChunkState] = {}
+        self.redirects: dict[tuple[str, str], RedirectRecord] = {}     # (target, initiator) -> record
+        self._usable: list[str] = []
+        self._raw_chunks: dict[str, dict[str, bytes]] = {}      # chunk id -> kind -> value
+        self._redirect_keys: dict[bytes, tuple[str, str]] = {}
+        self._pending: dict[tuple[str, str], RedirectRecord] = {}
+        self._wake = asyncio.Event()
+        self._synced = {"chunks": asyncio.Event(), "redirects": asyncio.Event()}
+        self._tasks: list[asyncio.Task] = []
+
+    # -- the decision (hot: once per login) ------------------------------------------
+
+    def usable(self) -> list[str]:
+        """Ids of chunk servers that may take new logins now."""
+        return list(self._usable)
+
+    def choose(self, initiator: str, target: str) -> str | None:
+        """Portal ("host:port") to redirect this login to, None if no chunk server is usable."""
+        rec = self.redirects.get((target, initiator))
+        if rec is not None:
+            c = self.chunks.get(rec.chunk_id)
+            if c is not None and c.usable:
+                log.info("redirect %s -> %s: chunk %s at %s (sticky)", initiator, target, c.chunk_id,
+                         c.info.portal)
+                return c.info.portal
+        cid = hashing.pick(initiator, target, self._usable)
+        if cid is None:
+            log.warning("redirect %s -> %s: no chunk server is up and active", initiator, target)
+            return None
+        c = self.chunks[cid]
+        why = f"hashed; was {rec.chunk_id}, now unusable" if rec else "hashed"
+        log.info("redirect %s -> %s: chunk %s at %s (%s)", initiator, target, cid, c.info.portal, why)
+        self._remember(RedirectRecord(target=target, initiator=initiator, chunk_id=cid))
+        return c.info.portal
+
+    def _remember(self, rec: RedirectRecord) -> None:
+        self.redirects[(rec.target, rec.initiator)] = rec
+        self._pending[(rec.target, rec.initiator)] = rec
+        self._wake.set()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self, stop: asyncio.Event) -> None:
+        """Start mirroring and the record writer; returns after both first listings."""
+        self._tasks += [
+            asyncio.ensure_future(zetcd.watch_prefix(self.etcd, self.keys.chunks(), self._chunks_snapshot,
+                                                     self._chunks_event, stop)),
+            asyncio.ensure_future(zetcd.watch_prefix(self.etcd, self.keys.redirects(),
+                                                     self._redirects_snapshot, self._redirects_event, stop)),
+            asyncio.ensure_future(self._writer(stop)),
+        ]
+        await asyncio.gather(*(e.wait() for e in self._synced.values()))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    # -- chunk servers ----------------------------------------------------------------
+
+    async def _chunks_snapshot(self, kvs: list[tuple[bytes, bytes]]) -> None:
+        self._raw_chunks, self.chunks = {}, {}
+        for key, value in kvs:
+            self._set_raw(key, value)
+        for cid in list(self._raw_chunks):
+            self._rebuild(cid)
+        self._refresh_usable()
+        self._synced["chunks"].set()
+
+    async def _chunks_event(self, ev) -> None:
+        cid = self._set_raw(ev.kv.key, ev.kv.value if ev.kind == "PUT" else None)
+        if cid is not None:
+            self._rebuild(cid)
+            self._refresh_usable()
+
+    def _set_raw(self, key: bytes, value: bytes | None) -> str | None:
+        """Store (or with None, drop) one chunks/ value; returns its chunk id."""
+        parts = self.keys.chunk_key_parts(key, self.keys.chunks())
+        if parts is None:
+            return None
+        cid, kind = parts
+        if value is not None:
+            self._raw_chunks.setdefault(cid, {})[kind] = value
+        elif cid in self._raw_chunks:
+            self._raw_chunks[cid].pop(kind, None)
+        return cid
+
+    def _rebuild(self, cid: str) -> None:
+        state = ChunkState(cid)
+        raw_kinds = self._raw_chunks.get(cid, {})
+        for kind, cls in (("info", ChunkInfo), ("live", ChunkLive), ("admin", ChunkAdmin)):
+            raw = raw_kinds.get(kind)
+            if raw is None:
+                continue
+            try:
+                setattr(state, kind, cls.decode(raw))
+            except RecordError as e:
+                log.error("ignoring unreadable %s record of chunk server %s: %s", kind, cid, e)
+        if not raw_kinds:
+            self.chunks.pop(cid, None)
+            self._raw_chunks.pop(cid, None)
+        else:
+            self.chunks[cid] = state
+
+    def _refresh_usable(self) -> None:
+        usable = sorted(cid for cid, c in self.chunks.items() if c.usable)
+        if usable != self._usable:
+            log.info("chunk servers taking logins: %s", ", ".join(usable) or "none")
+        self._usable = usable
+
+    # -- sticky records -------------------------------------------------------------
+
+    async def _redirects_snapshot(self, kvs: list[tuple[bytes, bytes]]) -> None:
+        self._redirect_keys, self.redirects = {}, {}
+        for key, value in kvs:
+            self._put_redirect(key, value)
+        for pair, rec in self._pending.items():      # our own writes still on their way
+            self.redirects[pair] = rec
+        self._synced["redirects"].set()
+
+    async def _redirects_event(self, ev) -> None:
+        if ev.kind == "PUT":
+            self._put_redirect(ev.kv.key, ev.kv.value)
+        else:
+            pair = self._redirect_keys.pop(ev.kv.key, None)
+            if pair is not None:
+                self.redirects.pop(pair, None)
+
+    def _put_redirect(self, key: bytes, value: bytes) -> None:
+        try:
+            rec = RedirectRecord.decode(value)
+        except RecordError as e:
+            log.error("ignoring unreadable redirect record %s: %s", key.decode(errors="replace"), e)
+            return
+        pair = (rec.target, rec.initiator)
+        self._redirect_keys[key] = pair
+        self.redirects[pair] = rec
+
+    async def _writer(self, stop: asyncio.Event) -> None:
+        """Write remembered choices behind the logins: coalesced per pair, batched, retried."""
+        while not stop.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = list(self._pending.items())[:WRITE_BATCH]
+                for pair, _ in batch:
+                    del self._pending[pair]
+                ops = [self.etcd.transactions.put(self.keys.redirect(*pair), rec.encode())
+                       for pair, rec in batch]
+                try:
+                    await self.etcd.transaction(compare=[], success=ops, failure=[])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - etcd down: keep the choices, retry
+                    log.warning("could not record %d redirect choice(s) (%s); retrying", len(batch), e)
+                    for pair, rec in batch:
+                        self._pending.setdefault(pair, rec)   # a newer choice wins
+                    await asyncio.sleep(WRITE_RETRY)
