@@ -1,0 +1,220 @@
+"""The iSCSI portal on the VIP: answers logins with redirects and serves discovery.
+
+A Normal-session login is answered, as soon as its first Login Request text
+is complete, with "target moved temporarily" (0x0101) and the chosen chunk
+server's portal (``Members.choose``); an unknown target gets 0x0203 and, with
+no chunk server up, 0x0301 "service unavailable". Temporary, not permanent:
+open-iscsi and libiscsi then reconnect to the VIP after losing the chunk
+server, and get a fresh choice (field notes §5).
+
+Redirect before CHAP (``login.py`` does it in that order; this is why we keep
+it). The redirector then needs no per-target CHAP secrets for normal logins,
+and the chunk server, which does hold them, authenticates the real session;
+redirecting after CHAP would authenticate twice per login and would make the
+VIP holder a second place that must get every secret right. The cost: the
+redirect tells an unauthenticated client which chunk server serves a target
+it names, i.e. the chunk portals, which are reachable and not secret anyway;
+and open-iscsi logs a harmless "Login authentication failed" (conn error
+1020) before the redirected login succeeds (open-iscsi #117).
+
+Discovery sessions are served here (with discovery CHAP if configured):
+SendTargets lists only the targets the initiator may see, each at the VIP,
+never at a chunk server, so what the initiator records is the address that
+survives failures.
+
+Every connection is its own asyncio task with a bounded login (first PDU,
+each PDU and the whole login within ``login_timeout``); connections are
+capped in total and per peer address (a quarter of the total), so a flood or
+a pile of half-open connections from one host cannot lock the others out;
+discovery sessions live at most ``DISCOVERY_LIFETIME``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+from collections import Counter
+
+from chunk import scsi
+from chunk.iscsi.constants import LoginStatus
+from chunk.iscsi.errors import LoginError
+from chunk.iscsi.login import login
+from chunk.iscsi.negotiation import TargetPreferences
+from chunk.iscsi.session import Session
+from chunk.iscsi.target import ScsiGlue
+
+log = logging.getLogger(__name__)
+
+TPGT = 1                    # the chunk servers' portal group tag too
+PER_HOST_SHARE = 4          # one peer address may hold at most 1/4 of the connections
+DISCOVERY_LIFETIME = 120.0  # seconds; initiators log out right after SendTargets
+NOP_INTERVAL = 10.0
+
+
+def address(host: str, port: int) -> str:
+    """``host:port`` as a TargetAddress wants it (IPv6 in brackets)."""
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"{host}:{port}"
+
+
+class RedirectPolicy:
+    """login()'s LoginPolicy: targets from the catalog, redirects from Members."""
+
+    def __init__(self, catalog, members, tsihs: set[int]):
+        self.catalog, self.members, self.tsihs = catalog, members, tsihs
+
+    def target_exists(self, target_iqn: str) -> bool:
+        return self.catalog.target(target_iqn) is not None
+
+    def chap_for(self, target_iqn: str | None, initiator: str):
+        # Only discovery sessions get this far: normal logins are redirected first.
+        return self.catalog.chap_for(target_iqn or "*", initiator)
+
+    def redirect(self, initiator: str, target_iqn: str | None) -> str | None:
+        if target_iqn is None:
+            return None                         # discovery: served here
+        portal = self.members.choose(initiator, target_iqn)
+        if portal is None:
+            raise LoginError("no chunk server is up to serve the target",
+                             LoginStatus.SERVICE_UNAVAILABLE)
+        return portal
+
+    def new_tsih(self) -> int:
+        while True:
+            tsih = random.randint(1, 0xFFFF)
+            if tsih not in self.tsihs:
+                return tsih
+
+
+class DiscoveryView:
+    """A discovery session's resolver: no LUNs, SendTargets at the VIP only."""
+
+    def __init__(self, catalog, initiator: str, vip: str):
+        self.catalog, self.initiator, self.vip = catalog, initiator, vip
+
+    def unit(self, lun: int) -> None:
+        return None
+
+    def visible_luns(self) -> list[int]:
+        return []
+
+    def send_targets(self, which: str) -> list[tuple[str, list[str]]]:
+        visible = self.catalog.visible_targets(self.initiator)
+        if which == "All":
+            names = visible
+        else:                       # "" names the session's target: a discovery session has none
+            names = [which] if which in visible else []
+        return [(n, [f"{self.vip},{TPGT}"]) for n in names]
+
+
+class RedirectPortal:
+    """Listens on one address while told to; one bounded task per connection."""
+
+    def __init__(self, catalog, members, *, login_timeout: float, max_connections: int,
+                 prefs: TargetPreferences | None = None,
+                 discovery_lifetime: float = DISCOVERY_LIFETIME):
+        self.catalog, self.members = catalog, members
+        self.login_timeout, self.max_connections = login_timeout, max_connections
+        self.per_host = max(1, max_connections // PER_HOST_SHARE)
+        self.prefs = prefs or TargetPreferences()
+        self.discovery_lifetime = discovery_lifetime
+        self.tsihs: set[int] = set()
+        self.policy = RedirectPolicy(catalog, members, self.tsihs)
+        self.advertise = ""
+        self.refused = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: dict[asyncio.Task, str] = {}
+        self._hosts: Counter[str] = Counter()
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    def connection_count(self) -> int:
+        return len(self._conns)
+
+    async def open(self, host: str, port: int) -> None:
+        """Start listening on ``host:port`` (raises OSError if it cannot bind)."""
+        if self._server is not None:
+            return
+        self.advertise = address(host, port)
+        self._server = await asyncio.start_server(self._handle, host, port, backlog=1024,
+                                                  reuse_address=True)
+        log.info("redirecting iSCSI logins on %s", self.advertise)
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection (the VIP is no longer ours)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            log.info("stopped listening on %s", self.advertise)
+        tasks = list(self._conns)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if server is not None:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if peer else "?"
+        self._conns[task] = host
+        self._hosts[host] += 1
+        try:
+            if len(self._conns) > self.max_connections or self._hosts[host] > self.per_host:
+                self.refused += 1
+                if self.refused % 100 == 1:
+                    log.warning("refusing connection from %s: %d open (%d from it); %d refused so far",
+                                host, len(self._conns), self._hosts[host], self.refused)
+                return
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = self.login_timeout
+            result = await login(reader, writer, self.policy, self.prefs, tpgt=TPGT,
+                                 first_pdu_timeout=t, pdu_timeout=t, deadline=t)
+            if result is None:
+                return                          # redirected, refused, or dropped
+            if result.params.session_type != "Discovery":
+                log.error("normal session from %s was not redirected; closing", host)
+                return
+            await self._discovery(reader, writer, result)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        except Exception:  # noqa: BLE001 - one connection must never take the portal down
+            log.exception("connection from %s failed", host)
+        finally:
+            del self._conns[task]
+            self._hosts[host] -= 1
+            if self._hosts[host] <= 0:
+                del self._hosts[host]
+            writer.close()
+
+    async def _discovery(self, reader, writer, r) -> None:
+        p = r.params
+        nexus = scsi.Nexus(initiator=f"{p.initiator_name},i,0x{r.isid.hex()}",
+                           target_port=f"discovery,t,0x{TPGT:04x}", relative_port_id=TPGT)
+        sess = Session(reader, writer, p, isid=r.isid, tsih=r.tsih, statsn=r.statsn,
+                       expcmdsn=r.expcmdsn, resolver=DiscoveryView(self.catalog, p.initiator_name,
+                                                                   self.advertise),
+                       scsi=ScsiGlue, nexus=nexus, nop_interval=NOP_INTERVAL, nop_timeout=NOP_INTERVAL)
+        self.tsihs.add(r.tsih)
+        log.info("discovery session: %s (tsih %d)", p.initiator_name, r.tsih)
+        try:
+            await asyncio.wait_for(sess.run(), self.discovery_lifetime)
+        except asyncio.TimeoutError:
+            log.info("discovery session of %s closed after %.0fs", p.initiator_name,
+                     self.discovery_lifetime)
+        finally:
+            self.tsihs.discard(r.tsih)
