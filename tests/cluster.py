@@ -1,4 +1,4 @@
-"""The one place tests start real processes: etcd, meta, chunk servers, the CLI.
+"""The one place tests start real processes: etcd, meta, chunk servers, redirectors, the CLI.
 
 Everything binds 127.0.0.1 on ports the kernel hands out, runs in a temp
 directory, and is stopped (SIGTERM, then SIGKILL) by the fixture that made it.
@@ -27,9 +27,9 @@ PY = sys.executable
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -161,6 +161,8 @@ class Cluster:
     meta_ports: list[int] = field(default_factory=list)
     chunks: list[Proc] = field(default_factory=list)
     portals: list[int] = field(default_factory=list)      # iSCSI portal port of chunk i
+    redirectors: list[Proc] = field(default_factory=list)
+    vips: list[tuple[str, int]] = field(default_factory=list)   # (VIP, port) of redirector i
     lease_ttl: int = 3
 
     def __post_init__(self) -> None:
@@ -219,6 +221,26 @@ class Cluster:
             self.chunks[index] = p
         return p
 
+    def start_redirector(self, vip: str = "127.0.0.2", port: int | None = None, wait: bool = True,
+                         **settings: object) -> Proc:
+        """A redirector for this cluster's VIP; ``settings`` go to its [redirector] section.
+        With ``wait``, returns once it holds the VIP and listens (only one can)."""
+        i = len(self.redirectors)
+        port = port or free_port(vip)
+        cfg = write_config(self.workdir / f"redirector{i}.toml", {
+            "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
+            "redirector": {"vip": vip, "port": port, "redirector_id": f"redirector{i}",
+                           "lease_ttl": self.lease_ttl, **settings},
+        })
+        p = Proc(f"redirector{i}", [PY, "-m", "redirector.server", "--config", str(cfg)],
+                 self.workdir / f"redirector{i}.log").start()
+        self.redirectors.append(p)
+        self.vips.append((vip, port))
+        if wait:
+            wait_for(lambda: port_open(port, vip) or not p.alive(), 30, f"redirector{i} on {vip}:{port}")
+            assert p.alive(), p.log()
+        return p
+
     def cli(self, *args: str, check: bool = False, input: str | None = None,
             env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
         full_env = {**os.environ, "ZSTORE_CONFIG": str(self.client_config), **(env or {})}
@@ -263,7 +285,7 @@ class Cluster:
         return wait_for(ok, timeout, f"{n} chunk servers up")
 
     def stop(self) -> None:
-        for p in self.chunks + self.metas:
+        for p in self.redirectors + self.chunks + self.metas:
             p.stop()
 
 

@@ -1,0 +1,222 @@
+"""The redirector daemon: ``python -m redirector.server --config FILE`` (``zstore-redirector``).
+
+Initiators know one address, the VIP. Whichever redirector holds it
+(``vip.VipHolder``: an etcd lease, epoch +1 per holder) listens there and
+answers each Normal login with a temporary redirect to a chunk server
+(``members``: sticky record, else rendezvous hash over live, non-draining
+chunk servers) and serves discovery itself (``portal``). The other
+redirectors stand by, mirroring the same state, so a takeover serves its
+first login at once.
+
+State comes only from watches (catalog: targets, ACLs, CHAP; members: chunk
+servers and sticky records): nothing per login waits on etcd. A redirector
+campaigns for the VIP only after both mirrors have their first listing, so a
+fresh holder never answers "no such target" out of ignorance.
+
+Runs until SIGTERM/SIGINT, then gives the VIP back (lease revoked, so a
+standby takes over at once rather than after the lease TTL) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import NoReturn, Sequence
+
+from chunk.catalog import Catalog
+from zstore import config as zconfig
+from zstore import etcd as zetcd
+from zstore import logs
+from zstore.config import Config, ConfigError
+from zstore.keys import Keys
+from zstore.records import VipRecord
+
+from .members import Members
+from .portal import RedirectPortal
+
+log = logging.getLogger("redirector.server")
+
+PROG = "zstore-redirector"
+EXIT_USAGE = 2
+SYNC_WARN = 5.0            # seconds without etcd listings before we say so
+
+EPILOG = """\
+Flags override the config file (--config, else $ZSTORE_CONFIG, else
+/etc/zstore/zstore.toml), which overrides ZSTORE_REDIRECTOR_* variables' defaults.
+Exit status: 0 after SIGTERM or SIGINT, 2 for bad flags or config.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (and exit 2), as for config errors."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see --help)")
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="zstore iSCSI login redirector on the VIP", epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--vip", metavar="ADDRESS", help="the address initiators log in to")
+    p.add_argument("--port", metavar="PORT", help="iSCSI port on the VIP (default 3260)")
+    p.add_argument("--interface", metavar="IFACE", help="where to add the VIP (default: none, "
+                                                        "the address must already be local)")
+    p.add_argument("--redirector-id", metavar="ID", help="stable name (default: hostname:port)")
+    p.add_argument("--lease-ttl", metavar="SECONDS", help="VIP lease TTL: failover takes about this")
+    p.add_argument("--login-timeout", metavar="SECONDS", help="bound on each connection's login")
+    p.add_argument("--max-connections", metavar="N", help="connections held at once")
+    p.add_argument("--etcd-endpoints", metavar="A,B", help="etcd endpoints, comma-separated")
+    p.add_argument("--prefix", help="etcd key prefix")
+    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--log-file", metavar="FILE", help="log here instead of stderr")
+    return p
+
+
+def load_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
+    """Config file + env + flags; raises ConfigError."""
+    env = dict(os.environ if env is None else env)
+    path = zconfig.find_config_file(args.config, env)
+    return zconfig.load(path, env=env, overrides={
+        "redirector.vip": args.vip, "redirector.port": args.port,
+        "redirector.interface": args.interface, "redirector.redirector_id": args.redirector_id,
+        "redirector.lease_ttl": args.lease_ttl, "redirector.login_timeout": args.login_timeout,
+        "redirector.max_connections": args.max_connections,
+        "etcd.endpoints": args.etcd_endpoints, "etcd.prefix": args.prefix,
+        "log.level": args.log_level, "log.file": args.log_file,
+    })
+
+
+def validate(cfg: Config) -> None:
+    """Everything checkable before touching the network; fills in the default id."""
+    r = cfg.redirector
+    try:
+        ipaddress.ip_address(r.vip)
+    except ValueError:
+        raise ConfigError(f"redirector.vip: {r.vip!r} is not an IP address") from None
+    if not 1 <= r.port <= 65535:
+        raise ConfigError(f"redirector.port: {r.port} is not a port (1-65535)")
+    if not 1 <= r.lease_ttl <= 600:
+        raise ConfigError(f"redirector.lease_ttl: {r.lease_ttl} must be between 1 and 600 seconds")
+    if not 0 < r.login_timeout <= 300:
+        raise ConfigError(f"redirector.login_timeout: {r.login_timeout} must be in (0, 300] seconds")
+    if not 1 <= r.max_connections <= 1_000_000:
+        raise ConfigError(f"redirector.max_connections: {r.max_connections} must be 1..1000000")
+    if r.interface is not None and not r.interface.strip():
+        raise ConfigError("redirector.interface must not be blank")
+    if not r.redirector_id:
+        r.redirector_id = f"{socket.gethostname()}:{r.port}"
+    if not cfg.etcd.endpoints:
+        raise ConfigError("etcd.endpoints must not be empty")
+    try:
+        Keys(cfg.etcd.prefix)
+    except ValueError as e:
+        raise ConfigError(f"etcd.prefix: {e}") from None
+    if logging.getLevelName(cfg.log.level.upper()) not in range(0, 100):
+        raise ConfigError(f"log.level: unknown level {cfg.log.level!r}")
+
+
+class Redirector:
+    """Mirrors, portal and VIP campaign of one redirector process."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.etcd = zetcd.client(cfg.etcd)
+        self.keys = Keys(cfg.etcd.prefix)
+        self.catalog = Catalog(self.etcd, self.keys)
+        self.members = Members(self.etcd, self.keys)
+        r = cfg.redirector
+        self.portal = RedirectPortal(self.catalog, self.members, login_timeout=r.login_timeout,
+                                     max_connections=r.max_connections)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from .vip import VipHolder           # imported here: the portal and mirrors do not need it
+        try:
+            if not await self._sync(stop):
+                return
+            holder = VipHolder(self.etcd, self.keys, self.cfg.redirector, self.cfg.redirector.redirector_id)
+            log.info("redirector %s campaigning for VIP %s:%d", self.cfg.redirector.redirector_id,
+                     self.cfg.redirector.vip, self.cfg.redirector.port)
+            await holder.run(stop, self._on_acquire, self._on_release)
+        finally:
+            await self.portal.close()
+            await self.members.close()
+            await self.catalog.close()
+            try:
+                await asyncio.wait_for(self.etcd.close(), 2.0)
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
+
+    async def _sync(self, stop: asyncio.Event) -> bool:
+        """First listings of both mirrors; False if stopped first."""
+        synced = asyncio.ensure_future(asyncio.gather(self.catalog.start(stop), self.members.start(stop)))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait({synced, stopped}, timeout=SYNC_WARN,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                log.warning("no listing from etcd at %s after %.0fs; still trying",
+                            zetcd.describe(self.cfg.etcd), SYNC_WARN)
+                await asyncio.wait({synced, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if synced.done():
+                synced.result()
+                log.info("catalog and chunk servers mirrored: %d targets, %d chunk servers usable",
+                         len(self.catalog.targets), len(self.members.usable()))
+                return True
+            return False
+        finally:
+            stopped.cancel()
+            if not synced.done():
+                synced.cancel()
+            await asyncio.gather(synced, stopped, return_exceptions=True)
+
+    async def _on_acquire(self, rec: VipRecord) -> None:
+        # An OSError (port taken, address not local) tells the holder to give the VIP up.
+        await self.portal.open(rec.vip, rec.port)
+
+    async def _on_release(self) -> None:
+        await self.portal.close()
+
+
+async def _serve(cfg: Config) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("got %s; stopping", sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await Redirector(cfg).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args)
+        validate(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    logs.setup("redirector", cfg.log.level, cfg.log.file)
+    r = cfg.redirector
+    log.info("redirector %s starting: VIP %s:%d%s, etcd %s%s", r.redirector_id, r.vip, r.port,
+             f" on {r.interface}" if r.interface else "", zetcd.describe(cfg.etcd), cfg.etcd.prefix)
+    asyncio.run(_serve(cfg))
+    log.info("redirector %s stopped", r.redirector_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
