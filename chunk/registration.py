@@ -3,7 +3,11 @@
 Two records: ``chunks/{id}/info`` (what the server is; no lease, rewritten at
 every registration) and ``chunks/{id}/live`` (held under a lease, so it exists
 exactly while the server is alive and reachable). The meta leader shows a
-chunk server ``up`` while its live key exists.
+chunk server ``up`` while its live key exists. The live record also lists the
+server's iSCSI sessions; it is rewritten within ``debounce`` seconds of a
+session coming or going (``sessions_changed``), so an admin, and whoever
+moves initiators around, sees where each initiator is logged in now rather
+than at the next periodic refresh.
 
 The loop never gives up: etcd unreachable at start or later is logged and
 retried with backoff; when the lease turns out to have expired (a long outage,
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DiskProbe = Callable[[], Awaitable[list[dict[str, Any]]]]
 InfoBuilder = Callable[[list[dict[str, Any]]], ChunkInfo]
+SessionLister = Callable[[], list[dict[str, Any]]]
 
 
 class LeaseLost(Exception):
@@ -66,7 +71,8 @@ class Registration:
 
     def __init__(self, etcd: aetcd.Client, keys: Keys, chunk_id: str, *, lease_ttl: int,
                  build_info: InfoBuilder, probe_disks: DiskProbe, endpoints: str = "etcd",
-                 refresh_interval: float = 10.0, backoff: Backoff | None = None) -> None:
+                 refresh_interval: float = 10.0, backoff: Backoff | None = None,
+                 sessions: SessionLister | None = None, debounce: float = 0.3) -> None:
         self.etcd = etcd
         self.keys = keys
         self.chunk_id = chunk_id
@@ -76,12 +82,21 @@ class Registration:
         self.endpoints = endpoints
         self.refresh_interval = refresh_interval
         self.backoff = backoff or Backoff()
+        self.sessions = sessions
+        self.debounce = debounce
         self.started = now()
         self.lease: aetcd.leases.Lease | None = None
         self.registered = asyncio.Event()      # set while registered (for callers and tests)
         self._stop = asyncio.Event()
         self._outage_since: float | None = None
         self._outage_logged = 0.0
+        self._disks: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()        # sessions came or went since the last write
+        self._stale = False                    # a prompt rewrite failed: redo it with the keepalive
+
+    def sessions_changed(self) -> None:
+        """Ask for a prompt rewrite of the live record (debounced); safe to call often."""
+        self._changed.set()
 
     # -- the loop -----------------------------------------------------------------
 
@@ -109,34 +124,45 @@ class Registration:
         await self._unregister()
 
     async def _register(self) -> None:
-        disks = await self.probe_disks()
+        disks = self._disks = await self.probe_disks()
         info = self.build_info(disks)
         await self._call(self.etcd.put(self.keys.chunk_info(self.chunk_id), info.encode()))
         lease = await self._call(self.etcd.lease(self.lease_ttl))
         self.lease = lease
         if lease.ttl != self.lease_ttl:
             log.warning("etcd granted a %ds lease instead of the %ds asked for", lease.ttl, self.lease_ttl)
-        await self._put_live(disks)
+        self._changed.clear()
+        await self._put_live()
         self.registered.set()
         self._recovered()
         log.info("registered chunk server %s in etcd at %s (lease %x, ttl %ds)",
                  self.chunk_id, self.endpoints, lease.id, lease.ttl)
 
     async def _hold(self) -> None:
-        """Keep the lease alive every ttl/3 and refresh the live record; return on stop."""
+        """Keep the lease alive every ttl/3, rewrite the live record every refresh
+        interval and soon after sessions change; return on stop."""
         assert self.lease is not None
         interval = max(0.2, self.lease_ttl / 3)
+        next_keepalive = time.monotonic() + interval
         next_refresh = time.monotonic() + self.refresh_interval
         while True:
-            if await self._sleep(interval):
-                raise _Stopped
+            changed = await self._wait_change(next_keepalive - time.monotonic())
             try:
+                if changed:
+                    await self._publish_change()
+                if time.monotonic() < next_keepalive:
+                    continue
+                next_keepalive = time.monotonic() + interval
                 reply = await self._call(self.etcd.refresh_lease(self.lease.id), timeout=interval * 1.5)
                 if reply is None or reply.TTL <= 0:
                     raise LeaseLost(f"lease {self.lease.id:x} expired")
                 if time.monotonic() >= next_refresh:
-                    await self._put_live(await self.probe_disks())
+                    self._disks = await self.probe_disks()
+                    self._stale = True
                     next_refresh = time.monotonic() + self.refresh_interval
+                if self._stale:
+                    await self._put_live(timeout=interval * 1.5)
+                    self._stale = False
                 self._recovered()
             except (LeaseLost, _Stopped, asyncio.CancelledError):
                 raise
@@ -145,13 +171,36 @@ class Registration:
                     raise LeaseLost(f"lease {self.lease.id:x} not found") from None
                 self._note_outage(e, "keeping the lease alive as soon as it answers")
 
-    async def _put_live(self, disks: list[dict[str, Any]]) -> None:
+    async def _wait_change(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a session change (True); raise _Stopped on stop."""
+        if timeout > 0 and not self._changed.is_set():
+            waiters = {asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(self._stop.wait())}
+            try:
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+        if self._stop.is_set():
+            raise _Stopped
+        return self._changed.is_set()
+
+    async def _publish_change(self) -> None:
+        """Rewrite the live record once changes settle: one write per burst of logins."""
+        if await self._sleep(self.debounce):
+            raise _Stopped
+        self._changed.clear()
+        self._stale = True          # until this write lands; the keepalive tick retries it
+        await self._put_live(timeout=max(1.0, self.lease_ttl / 2))
+        self._stale = False
+
+    async def _put_live(self, timeout: float | None = None) -> None:
         assert self.lease is not None
         live = ChunkLive(chunk_id=self.chunk_id, pid=os.getpid(), started=self.started,
-                         lease_ttl=self.lease.ttl, disks=disks)
+                         lease_ttl=self.lease.ttl, disks=self._disks,
+                         sessions=self.sessions() if self.sessions else [])
         try:
             await self._call(self.etcd.put(self.keys.chunk_live(self.chunk_id), live.encode(),
-                                           lease=self.lease))
+                                           lease=self.lease), timeout=timeout)
         except aetcd_exc.ClientError as e:
             if _lease_not_found(e):
                 raise LeaseLost(f"lease {self.lease.id:x} not found") from None

@@ -198,12 +198,14 @@ class ChunkServer:
     async def run(self, stop: asyncio.Event) -> None:
         etcd = zetcd.client(self.cfg.etcd)
         keys = Keys(self.cfg.etcd.prefix)
-        reg = Registration(etcd, keys, self.chunk_id,
-                           lease_ttl=self.cfg.chunk.lease_ttl, build_info=self.info,
-                           probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd))
         catalog = Catalog(etcd, keys)
         volume_dir = self.cfg.chunk.volume_dir or os.path.join(os.path.abspath(self.cfg.chunk.data_dir), "volumes")
         target = IscsiTarget(self.target_config(), catalog, LocalVolumes(volume_dir).open)
+        reg = Registration(etcd, keys, self.chunk_id,
+                           lease_ttl=self.cfg.chunk.lease_ttl, build_info=self.info,
+                           probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd),
+                           sessions=target.session_list)
+        target.on_sessions_changed(reg.sessions_changed)
         # Listen at once; until the catalog's first listing arrives, logins find no target.
         syncing = asyncio.ensure_future(catalog.start(stop))
         await target.start()

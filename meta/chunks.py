@@ -72,6 +72,7 @@ class ChunkView:
             "heartbeat": self.live.heartbeat if self.live else None,
             "started": self.live.started if self.live else None,
             "disks": self.disks,
+            "sessions": self.live.sessions if self.live else [],
             "registered": i.registered if i else None,
         }
 

@@ -201,7 +201,8 @@ class Cluster:
         return p
 
     def start_chunk(self, labels: dict[str, str] | None = None, capacity: str = "10Gi",
-                    index: int | None = None) -> Proc:
+                    index: int | None = None, options: dict | None = None) -> Proc:
+        """A chunk server; ``options`` adds to (or overrides) its ``[chunk]`` config."""
         i = len(self.chunks) if index is None else index
         data = self.workdir / f"chunk{i}"
         if index is None:
@@ -211,7 +212,7 @@ class Cluster:
             "chunk": {"data_dir": str(data), "disks": [f"{data}/disk0:{capacity}"],
                       "data_port": free_port(), "portal": f"127.0.0.1:{self.portals[i]}",
                       "labels": labels or {}, "lease_ttl": self.lease_ttl,
-                      "volume_dir": str(self.workdir / "volumes")},
+                      "volume_dir": str(self.workdir / "volumes"), **(options or {})},
         })
         p = Proc(f"chunk{i}", [PY, "-m", "chunk.server", "--config", str(cfg)],
                  self.workdir / f"chunk{i}.log").start()

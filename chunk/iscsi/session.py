@@ -134,6 +134,7 @@ class Session:
         self._last_rx = time.monotonic()
         self._closing = False
         self._logout_requested = False
+        self.since = round(time.time(), 3)         # wall clock, for session listings
         self.hd, self.dd = params.header_digest, params.data_digest
         self.mrdsl = params.max_recv_data_segment_length
         self.msdsl = params.max_send_data_segment_length

@@ -4,6 +4,9 @@ Policy comes from the export catalog (etcd, mirrored by watches); data goes
 through a BlockDevice per volume, opened on first use. One LogicalUnit is
 kept per (volume, read-only) pair and shared by every session, so SCSI state
 such as reservations and unit attentions is per LU, not per connection.
+
+The session table is published (``session_list``, listeners told of every
+login and logout) so the cluster can see which initiator is where.
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ class IscsiTarget:
         self.policy = LoginPolicyImpl(self)
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
+        self._session_listeners: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.cfg.host, self.cfg.port,
@@ -173,6 +177,28 @@ class IscsiTarget:
 
     def session_count(self) -> int:
         return len(self.sessions)
+
+    def session_list(self) -> list[dict[str, Any]]:
+        """The sessions as published in the chunk server's live record."""
+        out = []
+        for (initiator, isid, target_iqn), s in self.sessions.items():
+            peer = s.w.get_extra_info("peername")
+            out.append({"initiator": initiator, "target": target_iqn,
+                        "type": "discovery" if target_iqn is None else "normal",
+                        "since": s.since, "isid": isid.hex(), "tsih": s.tsih,
+                        "peer": f"{peer[0]}:{peer[1]}" if peer else None})
+        return sorted(out, key=lambda d: (d["since"], d["initiator"]))
+
+    def on_sessions_changed(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` after every login into and end of a session."""
+        self._session_listeners.append(fn)
+
+    def _sessions_changed(self) -> None:
+        for fn in self._session_listeners:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a listener must not break logins
+                log.exception("session listener failed")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -227,6 +253,7 @@ class IscsiTarget:
                        nop_timeout=self.cfg.nop_timeout, on_close=lambda s: self._closed(key, s))
         self.sessions[key] = sess
         self.tsihs.add(r.tsih)
+        self._sessions_changed()
         log.info("%s session: %s -> %s (tsih %d)", "discovery" if discovery else "normal",
                  p.initiator_name, target_iqn or "-", r.tsih)
         await sess.run()
@@ -234,4 +261,5 @@ class IscsiTarget:
     def _closed(self, key, sess: Session) -> None:
         if self.sessions.get(key) is sess:
             del self.sessions[key]
+            self._sessions_changed()
         self.tsihs.discard(sess.tsih)

@@ -61,10 +61,12 @@ def test_chunk_list_and_drain(three: Cluster) -> None:
     chunks = three.cli_json("chunk", "list")
     assert sorted(c["labels"]["zone"] for c in chunks) == ["a", "b", "c"]
     table = rows(ok(three, "chunk", "list"))
-    assert table[0] == ["ID", "HOSTNAME", "ADDRESS", "PORTAL", "STATUS", "STATE", "CAPACITY", "USED", "LABELS"]
+    assert table[0] == ["ID", "HOSTNAME", "ADDRESS", "PORTAL", "STATUS", "STATE", "SESSIONS", "CAPACITY",
+                        "USED", "LABELS"]
     by_id = {r[0]: r for r in table[1:]}
     for c in chunks:
-        assert by_id[c["chunk_id"]][3:7] == [c["portal"], "up", "active", "10Gi"]
+        assert c["sessions"] == []
+        assert by_id[c["chunk_id"]][3:8] == [c["portal"], "up", "active", "0", "10Gi"]
     cid = chunks[0]["chunk_id"]
     assert f"chunk server {cid} is draining" in ok(three, "chunk", "drain", cid)
     try:

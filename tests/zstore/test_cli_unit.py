@@ -304,9 +304,18 @@ def test_table_aligns_columns_and_shows_blanks_as_dashes() -> None:
 def test_chunk_table() -> None:
     lines = output.chunk_table([CHUNK]).splitlines()
     assert lines[0].split() == ["ID", "HOSTNAME", "ADDRESS", "PORTAL", "STATUS", "STATE",
-                                "CAPACITY", "USED", "LABELS"]
+                                "SESSIONS", "CAPACITY", "USED", "LABELS"]
     assert lines[1].split() == ["c-aaa", "node-a", "127.0.0.1:7500", "127.0.0.1:3261", "up",
-                                "draining", "10Gi", "1Gi", "zone=a"]
+                                "draining", "0", "10Gi", "1Gi", "zone=a"]
+
+
+def test_chunk_table_counts_normal_sessions_of_servers_that_are_up() -> None:
+    sessions = [{"initiator": "iqn.2004-10.com.example:h", "target": "iqn.t", "type": "normal", "since": 1.0},
+                {"initiator": "iqn.2004-10.com.example:g", "target": "iqn.t", "type": "normal", "since": 2.0},
+                {"initiator": "iqn.2004-10.com.example:h", "target": None, "type": "discovery", "since": 3.0}]
+    up = output.chunk_table([{**CHUNK, "sessions": sessions}]).splitlines()[1].split()
+    down = output.chunk_table([{**CHUNK, "status": "down", "sessions": sessions}]).splitlines()[1].split()
+    assert up[6] == "2" and down[6] == "-"
 
 
 def test_volume_detail_shows_export_and_replicas() -> None:

@@ -90,11 +90,19 @@ def cluster_status(c: Mapping[str, Any]) -> str:
 
 def chunk_table(chunks: Sequence[Mapping[str, Any]]) -> str:
     return table(
-        ["ID", "HOSTNAME", "ADDRESS", "PORTAL", "STATUS", "STATE", "CAPACITY", "USED", "LABELS"],
+        ["ID", "HOSTNAME", "ADDRESS", "PORTAL", "STATUS", "STATE", "SESSIONS", "CAPACITY", "USED",
+         "LABELS"],
         [[c.get("chunk_id"), c.get("hostname"),
           f"{c.get('address')}:{c.get('data_port')}" if c.get("data_port") else c.get("address"),
-          c.get("portal"), c.get("status"), c.get("state"), size(c.get("capacity")),
+          c.get("portal"), c.get("status"), c.get("state"), _session_count(c), size(c.get("capacity")),
           size(c.get("used")), c.get("labels")] for c in chunks])
+
+
+def _session_count(chunk: Mapping[str, Any]) -> str:
+    """Normal (I/O) sessions; a down server's last list is stale, so it shows none."""
+    if chunk.get("status") != "up":
+        return "-"
+    return str(sum(s.get("type") != "discovery" for s in chunk.get("sessions") or []))
 
 
 def volume_table(volumes: Sequence[Mapping[str, Any]]) -> str:

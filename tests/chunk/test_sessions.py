@@ -1,0 +1,123 @@
+"""Chunk servers publish their iSCSI sessions in their live records.
+
+Real processes throughout: etcd, a meta server, two chunk servers on loopback,
+qemu-io (libiscsi) as a long-lived initiator.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.cluster import Cluster, Etcd, port_open, wait_for
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (shutil.which("iscsi-inq") and shutil.which("qemu-io")),
+                                 reason="libiscsi-bin and qemu-utils are needed")]
+
+INIT = "iqn.2026-01.io.zstore.test:sessions"
+PROMPT = 5.0           # a session change shows within this (the periodic refresh is 10 s)
+
+
+@pytest.fixture
+def two(tmp_path, etcd_server: Etcd):
+    c = Cluster(workdir=tmp_path, etcd=etcd_server)
+    try:
+        c.start_meta()
+        for _ in range(2):
+            c.start_chunk()
+        c.wait_chunks_up(2)
+        for port in c.portals:
+            wait_for(lambda: port_open(port), 20, f"portal {port}")
+        yield c
+    finally:
+        c.stop()
+
+
+def make_volume(c: Cluster, initiators: tuple[str, ...] = (INIT,)) -> dict:
+    status, vol = c.api("POST", "/volumes", {"name": "v", "size": "64Mi", "replicas": 1})
+    assert status == 201, vol
+    for iqn in initiators:
+        assert c.api("PUT", f"/volumes/v/acl/{iqn}")[0] == 200
+    url = f"iscsi://127.0.0.1:{c.portals[0]}/{vol['target_iqn']}/{vol['lun']}"
+    wait_for(lambda: subprocess.run(["iscsi-inq", "-i", INIT, url], capture_output=True, timeout=30)
+             .returncode == 0, 20, "the LUN to be served")
+    return vol
+
+
+def chunk_by_portal(c: Cluster, i: int) -> dict:
+    status, body = c.api("GET", "/chunks")
+    assert status == 200, body
+    return next(ch for ch in body["chunks"] if ch["portal"] == f"127.0.0.1:{c.portals[i]}")
+
+
+def sessions(c: Cluster, i: int, initiator: str = INIT) -> list[dict]:
+    return [s for s in chunk_by_portal(c, i)["sessions"] if s["initiator"] == initiator]
+
+
+class QemuIo:
+    """One interactive qemu-io: a libiscsi session that lives as long as the process."""
+
+    def __init__(self, c: Cluster, vol: dict, chunk: int):
+        opts = (f"driver=iscsi,transport=tcp,portal=127.0.0.1:{c.portals[chunk]},"
+                f"target={vol['target_iqn']},lun={vol['lun']},initiator-name={INIT}")
+        self.p = subprocess.Popen(["qemu-io", "--image-opts", opts], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def cmd(self, line: str) -> str:
+        """Run one command; its output ends with a rate line or '<cmd> failed: ...'."""
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        out = []
+        while True:
+            s = self.p.stdout.readline()
+            out.append(s)
+            if "ops/sec" in s or s.startswith(("read failed", "write failed")) or not s:
+                return "".join(out)
+
+    def quit(self) -> None:
+        self.p.stdin.write("quit\n")
+        self.p.stdin.flush()
+        self.p.wait(20)
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(10)
+
+
+def test_sessions_show_up_in_chunk_list_and_go_away(two: Cluster):
+    c = two
+    vol = make_volume(c)
+    q = QemuIo(c, vol, chunk=0)
+    try:
+        assert "ops/sec" in q.cmd("write -P 0x11 0 4096")
+        t0 = time.monotonic()
+        got = wait_for(lambda: sessions(c, 0), PROMPT, "the qemu-io session in the chunk list")
+        print(f"session listed {time.monotonic() - t0:.2f}s after the first command")
+        s, = got
+        assert s["type"] == "normal" and s["target"] == vol["target_iqn"]
+        assert abs(s["since"] - time.time()) < 60 and s["tsih"] > 0 and s["peer"].startswith("127.0.0.1:")
+        assert sessions(c, 1) == []
+        # the CLI: the whole list in JSON, a count of normal sessions in the table
+        listed = {ch["portal"]: ch for ch in c.cli_json("chunk", "list")}
+        assert [x["initiator"] for x in listed[f"127.0.0.1:{c.portals[0]}"]["sessions"]] == [INIT]
+        table = c.cli("chunk", "list", check=True).stdout.splitlines()
+        col = table[0].split().index("SESSIONS")
+        counts = {r.split()[3]: r.split()[col] for r in table[1:]}
+        assert counts == {f"127.0.0.1:{c.portals[0]}": "1", f"127.0.0.1:{c.portals[1]}": "0"}
+        q.quit()
+        t0 = time.monotonic()
+        wait_for(lambda: not sessions(c, 0), PROMPT, "the session to leave the list")
+        print(f"session gone from the list {time.monotonic() - t0:.2f}s after qemu-io quit")
+    finally:
+        q.kill()
+
+
+def test_chunk_list_json_has_sessions_for_every_chunk(two: Cluster):
+    r = two.cli("chunk", "list", "--json", check=True)
+    assert all(ch["sessions"] == [] for ch in json.loads(r.stdout))
