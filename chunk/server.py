@@ -28,6 +28,7 @@ from zstore.records import ChunkInfo
 
 from . import disks as zdisks
 from .catalog import Catalog
+from .drain import AdminFollower
 from .iscsi.target import IscsiTarget, TargetConfig
 from .localvolumes import LocalVolumes
 from .identity import IdentityError, load_or_create
@@ -121,6 +122,8 @@ def validate(cfg: Config) -> list[zdisks.DiskSpec]:
     _check_port("chunk.portal", int(port))
     if not 2 <= c.lease_ttl <= 600:
         raise ConfigError(f"chunk.lease_ttl: {c.lease_ttl} must be between 2 and 600 seconds")
+    if not 0 <= c.drain_grace <= 3600:
+        raise ConfigError(f"chunk.drain_grace: {c.drain_grace} must be between 0 and 3600 seconds")
     for k in c.labels:
         if not k or "=" in k or "," in k:
             raise ConfigError(f"chunk.labels: invalid label key {k!r}")
@@ -193,7 +196,8 @@ class ChunkServer:
         c = self.cfg.chunk
         host, _, port = c.portal.rpartition(":")
         return TargetConfig(host=host.strip("[]"), port=int(port), advertise=c.portal,
-                            nop_interval=c.iscsi_nop_interval, nop_timeout=c.iscsi_nop_interval)
+                            nop_interval=c.iscsi_nop_interval, nop_timeout=c.iscsi_nop_interval,
+                            drain_grace=c.drain_grace)
 
     async def run(self, stop: asyncio.Event) -> None:
         etcd = zetcd.client(self.cfg.etcd)
@@ -206,13 +210,17 @@ class ChunkServer:
                            probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd),
                            sessions=target.session_list)
         target.on_sessions_changed(reg.sessions_changed)
+        admin = AdminFollower(etcd, keys, self.chunk_id,
+                              on_state=lambda state: target.set_draining(state == "draining"))
         # Listen at once; until the catalog's first listing arrives, logins find no target.
         syncing = asyncio.ensure_future(catalog.start(stop))
+        following = asyncio.ensure_future(admin.run(stop))
         await target.start()
         try:
             await reg.run(stop)
         finally:
             await target.stop()
+            following.cancel()
             syncing.cancel()
             await catalog.close()
             try:

@@ -58,6 +58,9 @@ class ChunkConfig:
     # serve the same data, so any of them can serve any LUN. Default: data_dir/volumes.
     volume_dir: str | None = None
     iscsi_nop_interval: float = 15.0     # idle seconds before a NOP-In ping; dead initiators are dropped
+    # A draining chunk server asks its initiators to log out, and closes the sessions
+    # still open this many seconds later (once their in-flight commands are answered).
+    drain_grace: float = 10.0
     # asyncio's own loop measured faster than uvloop for the target's batched socket
     # writes on our machines (bench/iscsi_bench.py); "uvloop" switches.
     event_loop: str = "asyncio"

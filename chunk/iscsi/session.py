@@ -134,6 +134,7 @@ class Session:
         self._last_rx = time.monotonic()
         self._closing = False
         self._logout_requested = False
+        self._frozen_maxcmdsn: int | None = None   # set while closing down: grant no new CmdSNs
         self.since = round(time.time(), 3)         # wall clock, for session listings
         self.hd, self.dd = params.header_digest, params.data_digest
         self.mrdsl = params.max_recv_data_segment_length
@@ -143,6 +144,8 @@ class Session:
 
     @property
     def maxcmdsn(self) -> int:
+        if self._frozen_maxcmdsn is not None:
+            return self._frozen_maxcmdsn
         free = max(self.window - len(self.tasks), 0)
         return (self.expcmdsn + free - 1) & SERIAL_MASK
 
@@ -240,6 +243,10 @@ class Session:
         except Exception:  # noqa: BLE001
             pass
 
+    @property
+    def logout_requested(self) -> bool:
+        return self._logout_requested
+
     async def request_logout(self, within: int = 10) -> None:  # noqa: D401
         """Async message asking the initiator to log out (used for draining)."""
         if self._logout_requested:
@@ -247,6 +254,35 @@ class Session:
         self._logout_requested = True
         msg = P.AsyncMessage(lun=0, event=AsyncEvent.LOGOUT_REQUESTED, parameter3=within)
         self._send(msg, status=True)
+
+    def forget_logout_request(self) -> None:
+        """The reason for asking went away (undrain): a later drain asks again."""
+        self._logout_requested = False
+
+    async def close_when_idle(self, timeout: float = 30.0) -> None:
+        """Close the connection at a moment no command is in flight, or after ``timeout``.
+
+        MaxCmdSN stops advancing first (it may not move back, RFC 7143 §4.2.2.1),
+        so an initiator under load runs out of window and the commands it has
+        sent get answered; the ones it has not sent yet it reissues after it
+        logs in again, somewhere else. Cancelling reopens the window."""
+        self._frozen_maxcmdsn = self.maxcmdsn
+        deadline = time.monotonic() + timeout
+        try:
+            while (self.tasks or self.pending) and not self._closing and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if self.tasks or self.pending:
+                log.warning("%s: %d commands still in flight after %.0fs; closing anyway",
+                            self.nexus.initiator, len(self.tasks) + len(self.pending), timeout)
+            self._flush()
+            try:
+                await asyncio.wait_for(self.w.drain(), max(0.1, deadline - time.monotonic()))
+            except (ConnectionError, asyncio.TimeoutError):
+                pass
+        except asyncio.CancelledError:
+            self._frozen_maxcmdsn = None
+            raise
+        await self.close()
 
     async def _pinger(self) -> None:
         """Target-initiated NOP-In pings: find dead initiators on idle connections."""

@@ -6,7 +6,10 @@ kept per (volume, read-only) pair and shared by every session, so SCSI state
 such as reservations and unit attentions is per LU, not per connection.
 
 The session table is published (``session_list``, listeners told of every
-login and logout) so the cluster can see which initiator is where.
+login and logout) so the cluster can see which initiator is where. A draining
+target (``set_draining``) asks its normal sessions to log out and closes the
+ones still there after a grace period, so initiators log in again through the
+VIP and land on another chunk server; new logins are still served.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class TargetConfig:
     nop_interval: float = 15.0
     nop_timeout: float = 15.0
     window: int = 128
+    drain_grace: float = 10.0             # seconds a draining target waits for logouts
+    drain_idle_timeout: float = 30.0      # then: wait at most this for in-flight I/O, then close
 
 
 class Units:
@@ -158,6 +163,8 @@ class IscsiTarget:
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
         self._session_listeners: list[Callable[[], None]] = []
+        self.draining = False
+        self._drain_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.cfg.host, self.cfg.port,
@@ -166,6 +173,8 @@ class IscsiTarget:
                  self.advertise)
 
     async def stop(self) -> None:
+        if self._drain_task:
+            self._drain_task.cancel()
         if self._server:
             self._server.close()
         for s in list(self.sessions.values()):
@@ -199,6 +208,36 @@ class IscsiTarget:
                 fn()
             except Exception:  # noqa: BLE001 - a listener must not break logins
                 log.exception("session listener failed")
+
+    # -- draining -------------------------------------------------------------------
+
+    def set_draining(self, draining: bool) -> None:
+        """Start or stop moving initiators off this target (idempotent)."""
+        if draining == self.draining:
+            return
+        self.draining = draining
+        if self._drain_task:
+            self._drain_task.cancel()
+            self._drain_task = None
+        if draining:
+            self._drain_task = asyncio.ensure_future(self._drain())
+        else:
+            for s in self.sessions.values():
+                s.forget_logout_request()
+            log.info("draining stopped; sessions stay")
+
+    async def _drain(self) -> None:
+        """Ask every normal session to log out; close those still here after the grace."""
+        grace = self.cfg.drain_grace
+        asked = [s for (_, _, t), s in self.sessions.items() if t is not None]
+        log.info("draining: asking %d sessions to log out within %.0fs", len(asked), grace)
+        for s in asked:
+            await s.request_logout(within=max(1, round(grace)))
+        await asyncio.sleep(grace)
+        left = [s for s in asked if s in self.sessions.values()]
+        if left:
+            log.info("draining: closing %d sessions that did not log out", len(left))
+            await asyncio.gather(*(s.close_when_idle(self.cfg.drain_idle_timeout) for s in left))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

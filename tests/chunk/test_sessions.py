@@ -1,11 +1,13 @@
-"""Chunk servers publish their iSCSI sessions in their live records.
+"""Chunk servers publish their iSCSI sessions, and draining moves initiators off.
 
 Real processes throughout: etcd, a meta server, two chunk servers on loopback,
-qemu-io (libiscsi) as a long-lived initiator.
+qemu-io (libiscsi) as a long-lived initiator, and a hand-built initiator that
+ignores the target's logout request, to see the target close it after the grace.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -13,6 +15,9 @@ import time
 
 import pytest
 
+from chunk.iscsi import pdu as P
+from chunk.iscsi.constants import TARGET_OPCODES, AsyncEvent
+from chunk.iscsi.text import encode_text
 from tests.cluster import Cluster, Etcd, port_open, wait_for
 
 pytestmark = [pytest.mark.slow,
@@ -20,6 +25,8 @@ pytestmark = [pytest.mark.slow,
                                  reason="libiscsi-bin and qemu-utils are needed")]
 
 INIT = "iqn.2026-01.io.zstore.test:sessions"
+STUBBORN = "iqn.2026-01.io.zstore.test:stubborn"
+GRACE = 2.0            # chunk.drain_grace for these servers: keep the tests short
 PROMPT = 5.0           # a session change shows within this (the periodic refresh is 10 s)
 
 
@@ -29,7 +36,7 @@ def two(tmp_path, etcd_server: Etcd):
     try:
         c.start_meta()
         for _ in range(2):
-            c.start_chunk()
+            c.start_chunk(options={"drain_grace": GRACE})
         c.wait_chunks_up(2)
         for port in c.portals:
             wait_for(lambda: port_open(port), 20, f"portal {port}")
@@ -116,6 +123,83 @@ def test_sessions_show_up_in_chunk_list_and_go_away(two: Cluster):
         print(f"session gone from the list {time.monotonic() - t0:.2f}s after qemu-io quit")
     finally:
         q.kill()
+
+
+def test_drain_asks_sessions_to_log_out_and_still_accepts_logins(two: Cluster):
+    c = two
+    vol = make_volume(c)
+    q = QemuIo(c, vol, chunk=0)
+    cid = chunk_by_portal(c, 0)["chunk_id"]
+    try:
+        assert "ops/sec" in q.cmd("write -P 0x5a 0 65536")
+        first, = wait_for(lambda: sessions(c, 0), PROMPT, "the qemu-io session")
+        c.cli("chunk", "drain", cid, check=True)
+        # libiscsi honours the request: it logs out (the session leaves the list) and logs in
+        # again at the portal it knows, which a draining server still accepts
+        wait_for(lambda: all(s["tsih"] != first["tsih"] for s in sessions(c, 0)), GRACE + PROMPT,
+                 "the first session to log out")
+        assert "ops/sec" in q.cmd("read -P 0x5a 0 65536")
+        second, = wait_for(lambda: sessions(c, 0), PROMPT, "the new session")
+        assert second["tsih"] != first["tsih"]
+        log = c.chunks[0].log()
+        assert "draining: asking 1 sessions to log out" in log
+        time.sleep(GRACE + 0.5)
+        log = c.chunks[0].log()
+        assert "did not log out" not in log          # it did; and the new session is left alone
+        assert [s["tsih"] for s in sessions(c, 0)] == [second["tsih"]]
+        c.cli("chunk", "undrain", cid, check=True)
+        wait_for(lambda: "admin state draining -> active" in c.chunks[0].log(), 10, "undrain to arrive")
+    finally:
+        q.kill()
+
+
+class StubbornInitiator:
+    """Logs in by hand and never logs out, whatever the target asks."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.r, self.w = reader, writer
+
+    @classmethod
+    async def login(cls, port: int, target_iqn: str) -> "StubbornInitiator":
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        pairs = [("InitiatorName", STUBBORN), ("SessionType", "Normal"), ("TargetName", target_iqn),
+                 ("HeaderDigest", "None"), ("DataDigest", "None")]
+        w.write(P.LoginRequest(transit=True, csg=1, nsg=3, isid=bytes.fromhex("80aabbccddee"), itt=1,
+                               cid=1, cmdsn=1, expstatsn=0, data=encode_text(pairs)).to_bytes())
+        resp = await asyncio.wait_for(P.read_pdu(r, opcodes=TARGET_OPCODES), 10)
+        assert isinstance(resp, P.LoginResponse) and resp.status == 0 and resp.transit, resp
+        return cls(r, w)
+
+    async def next_pdu(self, timeout: float) -> P.PDU | None:
+        """The next PDU, or None at EOF (the target closed the connection)."""
+        try:
+            return await asyncio.wait_for(P.read_pdu(self.r, opcodes=TARGET_OPCODES), timeout)
+        except asyncio.IncompleteReadError:
+            return None
+
+    def close(self) -> None:
+        self.w.close()
+
+
+async def test_drain_closes_sessions_that_ignore_the_logout_request(two: Cluster):
+    c = two
+    vol = await asyncio.to_thread(make_volume, c, (INIT, STUBBORN))
+    ini = await StubbornInitiator.login(c.portals[1], vol["target_iqn"])
+    try:
+        await asyncio.to_thread(wait_for, lambda: sessions(c, 1, STUBBORN), PROMPT, "the session listed")
+        cid = (await asyncio.to_thread(chunk_by_portal, c, 1))["chunk_id"]
+        await asyncio.to_thread(c.cli, "chunk", "drain", cid, check=True)
+        msg = await ini.next_pdu(10)
+        asked = time.monotonic()
+        assert isinstance(msg, P.AsyncMessage) and msg.event == AsyncEvent.LOGOUT_REQUESTED, msg
+        assert msg.parameter3 == round(GRACE)          # "log out within" seconds
+        assert await ini.next_pdu(GRACE + 10) is None   # we did not: the target closes the connection
+        waited = time.monotonic() - asked
+        assert GRACE - 0.5 < waited < GRACE + 5, waited
+        await asyncio.to_thread(wait_for, lambda: not sessions(c, 1, STUBBORN), PROMPT, "the session gone")
+        assert "draining: closing 1 sessions that did not log out" in c.chunks[1].log()
+    finally:
+        ini.close()
 
 
 def test_chunk_list_json_has_sessions_for_every_chunk(two: Cluster):

@@ -179,7 +179,8 @@ def cmd_chunk_list(ctx: Ctx) -> int:
 
 def cmd_chunk_drain(ctx: Ctx) -> int:
     c = ctx.client.post(f"/chunks/{seg(ctx.args.id)}/drain")
-    return ctx.done(c, f"chunk server {ctx.args.id} is draining: no new replicas will be placed on it")
+    return ctx.done(c, f"chunk server {ctx.args.id} is draining: no new replicas will be placed on it, "
+                       "and its iSCSI initiators are asked to log in elsewhere")
 
 
 def cmd_chunk_undrain(ctx: Ctx) -> int:
@@ -406,7 +407,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     g = group("chunk", "chunk servers")
     leaf(g, "list", cmd_chunk_list, "list chunk servers with status, state and capacity")
-    for name, func, help in (("drain", cmd_chunk_drain, "place no new replicas on a chunk server"),
+    for name, func, help in (("drain", cmd_chunk_drain, "place no new replicas on a chunk server and move its "
+                                                         "iSCSI initiators elsewhere"),
                              ("undrain", cmd_chunk_undrain, "make a draining chunk server active again")):
         leaf(g, name, func, help).add_argument("id", metavar="ID")
     p = leaf(g, "remove", cmd_chunk_remove, "forget a chunk server (it must be down and empty)")

@@ -358,3 +358,47 @@ async def test_answered_pings_keep_the_connection():
         while isinstance(got, P.NopIn) and got.itt == RESERVED_TAG:
             got = await h.recv()
         assert got.itt == 2
+
+
+async def test_logout_request_is_an_async_message_sent_once():
+    async with Harness(params()) as h:
+        h.send(P.NopOut(itt=1, cmdsn=1, immediate=True))
+        assert (await h.recv()).itt == 1
+        await h.session.request_logout(within=7)
+        await h.session.request_logout(within=7)          # asked already: not twice
+        h.send(P.NopOut(itt=2, cmdsn=1, immediate=True))
+        msg = await h.recv()
+        assert isinstance(msg, P.AsyncMessage) and msg.event == 1 and msg.parameter3 == 7
+        assert (await h.recv()).itt == 2
+        assert h.session.logout_requested
+        h.session.forget_logout_request()
+        await h.session.request_logout(within=7)          # a later drain asks again
+        assert isinstance(await h.recv(), P.AsyncMessage)
+
+
+async def test_close_when_idle_answers_in_flight_commands_first_and_grants_no_new_cmdsn():
+    unit = RecordingUnit()
+    async with Harness(params(), unit=unit) as h:
+        h.send(P.NopOut(itt=1, cmdsn=1, immediate=True))
+        granted = (await h.recv()).maxcmdsn
+        h.send(P.ScsiCommand(itt=2, cmdsn=1, lun=P.encode_lun(1), cdb=bytes([0xFF, 1]).ljust(16, b"\0")))
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(h.session.close_when_idle(timeout=10))
+        await asyncio.sleep(0.2)
+        assert not closing.done()                          # the command is still running
+        unit.release.set()
+        rsp = await h.recv()
+        assert isinstance(rsp, P.ScsiResponse) and rsp.itt == 2 and rsp.status == 0
+        assert rsp.maxcmdsn == granted                    # the window stopped moving
+        await asyncio.wait_for(closing, 5)
+        assert await asyncio.wait_for(h.r.read(), 5) == b""
+
+
+async def test_close_when_idle_gives_up_waiting_after_the_timeout():
+    unit = RecordingUnit()
+    async with Harness(params(), unit=unit) as h:
+        h.send(P.ScsiCommand(itt=2, cmdsn=1, lun=P.encode_lun(1), cdb=bytes([0xFF, 1]).ljust(16, b"\0")))
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(h.session.close_when_idle(timeout=0.3), 5)
+        assert await asyncio.wait_for(h.r.read(), 5) == b""
+        unit.release.set()
