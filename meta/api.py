@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from zstore.errors import InvalidArgument
-from zstore.records import Snapshot, Volume
+from zstore.records import RecordError, Snapshot, VipRecord, Volume
 
 from . import chunks, exports, volumes
 from .context import Ctx
@@ -79,6 +79,19 @@ async def health(request: web.Request) -> web.Response:
     return ok({"ok": True, "meta_id": el.meta_id, "leader": el.is_leader})
 
 
+def vip_view(raw: bytes | None) -> dict[str, Any] | None:
+    """Where initiators log in and which redirector answers there (null: nobody holds the VIP)."""
+    if raw is None:
+        return None
+    try:
+        rec = VipRecord.decode(raw)
+    except RecordError:
+        return None
+    host = f"[{rec.vip}]" if ":" in rec.vip else rec.vip
+    return {"portal": f"{host}:{rec.port}", "holder": rec.redirector_id, "epoch": rec.epoch,
+            "since": rec.since, "interface": rec.interface}
+
+
 @routes.get(PREFIX + "/cluster")
 async def cluster_status(request: web.Request) -> web.Response:
     ctx, el = ctx_of(request), request.app["election"]
@@ -96,6 +109,7 @@ async def cluster_status(request: web.Request) -> web.Response:
         "cluster_id": info.cluster_id, "name": info.name,
         "etcd": {"endpoints": request.app["config"].etcd.endpoints, "ok": True},
         "leader": leader.to_dict() if leader else None,
+        "vip": vip_view(await ctx.get_raw(ctx.keys.vip())),
         "metas": [{"meta_id": m.meta_id, "url": m.url, "leader": bool(leader and leader.meta_id == m.meta_id)}
                   for m in sorted(metas, key=lambda m: m.meta_id)],
         "chunks": {"total": len(views), "up": len(up), "down": len(views) - len(up),

@@ -69,9 +69,13 @@ def cluster_status(c: Mapping[str, Any]) -> str:
     cap = c.get("capacity") or {}
     lead = (f"{leader.get('meta_id')} at {leader.get('url')} (epoch {leader.get('epoch')}, "
             f"since {when(leader.get('since'))})") if leader else "none elected"
+    vip = c.get("vip") or {}
+    portal = (f"{vip.get('portal')} held by {vip.get('holder')} (epoch {vip.get('epoch')}, "
+              f"since {when(vip.get('since'))})") if vip else "not held (no redirector serves it)"
     pairs: list[tuple[str, Any]] = [
         ("cluster", f"{c.get('name', '-')} ({c.get('cluster_id', '-')})"),
         ("leader", lead),
+        ("iSCSI VIP", portal),
         ("meta servers", ", ".join(f"{m.get('meta_id')}{' (leader)' if m.get('leader') else ''}"
                                    for m in metas) or "-"),
         ("etcd", f"{'ok' if etcd.get('ok') else 'UNREACHABLE'} ({cell(etcd.get('endpoints'))})"),
