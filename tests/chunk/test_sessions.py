@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.slow,
 INIT = "iqn.2026-01.io.zstore.test:sessions"
 STUBBORN = "iqn.2026-01.io.zstore.test:stubborn"
 GRACE = 2.0            # chunk.drain_grace for these servers: keep the tests short
+VIP = "127.0.0.2"      # the redirector's portal (a loopback address: no ARP)
 PROMPT = 5.0           # a session change shows within this (the periodic refresh is 10 s)
 
 
@@ -69,8 +70,9 @@ def sessions(c: Cluster, i: int, initiator: str = INIT) -> list[dict]:
 class QemuIo:
     """One interactive qemu-io: a libiscsi session that lives as long as the process."""
 
-    def __init__(self, c: Cluster, vol: dict, chunk: int):
-        opts = (f"driver=iscsi,transport=tcp,portal=127.0.0.1:{c.portals[chunk]},"
+    def __init__(self, c: Cluster, vol: dict, chunk: int | None = None, portal: str | None = None):
+        portal = portal or f"127.0.0.1:{c.portals[chunk]}"
+        opts = (f"driver=iscsi,transport=tcp,portal={portal},"
                 f"target={vol['target_iqn']},lun={vol['lun']},initiator-name={INIT}")
         self.p = subprocess.Popen(["qemu-io", "--image-opts", opts], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -149,6 +151,33 @@ def test_drain_asks_sessions_to_log_out_and_still_accepts_logins(two: Cluster):
         assert [s["tsih"] for s in sessions(c, 0)] == [second["tsih"]]
         c.cli("chunk", "undrain", cid, check=True)
         wait_for(lambda: "admin state draining -> active" in c.chunks[0].log(), 10, "undrain to arrive")
+    finally:
+        q.kill()
+
+
+def test_drain_moves_a_vip_session_to_the_other_chunk_server(two: Cluster):
+    """The whole point: an initiator that logged in through the VIP is asked to log out,
+    logs in at the VIP again, and the redirector (which skips draining servers) sends it
+    to the other chunk server; its data is there (interim storage: one shared volume dir)."""
+    c = two
+    vol = make_volume(c)
+    c.start_redirector(VIP)
+    host, port = c.vips[0]
+    q = QemuIo(c, vol, portal=f"{host}:{port}")
+    try:
+        assert "ops/sec" in q.cmd("write -P 0x77 0 65536")
+        on = wait_for(lambda: [i for i in (0, 1) if sessions(c, i)], PROMPT, "the session on a chunk server")
+        assert len(on) == 1, on
+        src, dst = on[0], 1 - on[0]
+        c.cli("chunk", "drain", chunk_by_portal(c, src)["chunk_id"], check=True)
+        t0 = time.monotonic()
+        wait_for(lambda: sessions(c, dst) and not sessions(c, src), GRACE + PROMPT,
+                 "the session to move to the other chunk server")
+        print(f"session moved chunk{src} -> chunk{dst} {time.monotonic() - t0:.2f}s after the drain")
+        assert "ops/sec" in q.cmd("read -P 0x77 0 65536")
+        assert "ops/sec" in q.cmd("write -P 0x78 65536 4096")
+        assert sessions(c, src) == []
+        assert "did not log out" not in c.chunks[src].log()
     finally:
         q.kill()
 
