@@ -5,7 +5,9 @@ etcd on that address, and is where the "initiator" connects from; netns ``a`` an
 two redirector hosts, each with an ``eth0`` veth on the bridge. A ``tests.redirector.vipd``
 process in each runs a VipHolder that answers TCP on VIP:3260 while it holds the VIP. So a
 failover is observed the way an initiator sees it: through ARP (gratuitous, from the new
-holder) and a TCP connect to the VIP. Nothing is bound outside these namespaces.
+holder) and a TCP connect to the VIP. The last test runs the real daemons instead
+(``redirector.server`` on a and b, meta and a chunk server in c) and logs in with libiscsi
+through the VIP. Nothing is bound outside these namespaces.
 """
 
 from __future__ import annotations
@@ -355,3 +357,72 @@ def test_partitioned_holder_releases_before_the_other_takes_over(lan: Lan):
              lan.get(Keys(lan.prefix).redirector_member("rA")), 20, "rA back as a standby")
     time.sleep(1.0)
     assert lan.ask() == "rB 2" and not lan.has_vip("a")
+
+
+# ---- the real daemons ----------------------------------------------------------------------
+
+INIT = "iqn.2026-01.io.zstore.test:vip-init"
+
+
+@needs_root
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not shutil.which("iscsi-ls"), reason="libiscsi-bin is not installed")
+def test_two_redirector_daemons_iscsi_through_the_vip_after_sigkill(lan: Lan):
+    """meta and a chunk server (portal 10.77.0.1:3261) run in the client's netns, a redirector
+    daemon (zstore-redirector, VIP on eth0) on each of a and b. libiscsi in the client knows only
+    the VIP: discovery and a login (redirected to the chunk server) work before and after the
+    holder is SIGKILLed, and cluster status names the new holder."""
+    import types
+    from tests.cluster import Cluster, write_config
+    url = f"iscsi://{VIP}:{PORT}"
+
+    def redirector(host: str, rid: str) -> Proc:
+        cfg = write_config(lan.workdir / f"{rid}.toml", {
+            "etcd": {"endpoints": [ETCD_URL], "prefix": lan.prefix},
+            "redirector": {"vip": VIP, "port": PORT, "interface": "eth0", "redirector_id": rid,
+                           "lease_ttl": TTL, "login_timeout": 5.0}})
+        p = Proc(rid, lan.exec(host, PY, "-m", "redirector.server", "--config", str(cfg)),
+                 lan.workdir / f"{rid}.log").start()
+        lan.procs.append(p)
+        return p
+
+    def iscsi(*argv: str, timeout: float = 20) -> subprocess.CompletedProcess:
+        return sh(*lan.exec("c", *argv), check=False, timeout=timeout)
+
+    with lan.inside("c"):            # meta, chunk server and the CLI live in the client's netns
+        c = Cluster(workdir=lan.workdir / "cluster", etcd=types.SimpleNamespace(endpoint=ETCD_URL[7:]),
+                    prefix=lan.prefix, lease_ttl=TTL)
+        try:
+            c.start_meta()
+            c.start_chunk(options={"portal": "10.77.0.1:3261"})
+            c.wait_chunks_up(1)
+            assert c.api("POST", "/volumes", {"name": "v", "size": "64Mi", "replicas": 1})[0] == 201
+            assert c.api("PUT", f"/volumes/v/acl/{INIT}")[0] == 200
+            vol = c.api("GET", "/volumes/v")[1]
+            lun_url = f"{url}/{vol['target_iqn']}/{vol['lun']}"
+
+            a = redirector("a", "rA")
+            wait_for(lambda: "holding VIP" in a.log(), 30, f"rA to hold the VIP\n{lan.logs()}")
+            b = redirector("b", "rB")
+            wait_for(lambda: "campaigning for VIP" in b.log(), 30, "rB to campaign")
+            wait_for(lambda: iscsi("iscsi-inq", "-i", INIT, lun_url).returncode == 0, 30,
+                     "iscsi-inq through the VIP (held by rA)")
+            assert c.api("GET", "/cluster")[1]["vip"]["holder"] == "rA"
+
+            t0 = time.monotonic()
+            a.kill()
+            wait_for(lambda: iscsi("iscsi-inq", "-i", INIT, lun_url, timeout=2).returncode == 0, 10,
+                     "iscsi-inq through the VIP (held by rB)", interval=0.05)
+            took = time.monotonic() - t0
+            print(f"\niSCSI login through the VIP works again {took:.2f}s after SIGKILL of the "
+                  f"holding redirector daemon")
+            assert took < 6.0, lan.logs()
+            ls = iscsi("iscsi-ls", "-i", INIT, "-s", url)
+            assert ls.returncode == 0 and vol["target_iqn"] in ls.stdout, ls.stdout + ls.stderr
+            assert f"Portal:{VIP}:{PORT},1" in ls.stdout and lan.has_vip("b")
+            st = c.api("GET", "/cluster")[1]["vip"]
+            assert (st["holder"], st["epoch"], st["portal"], st["interface"]) == ("rB", 2, f"{VIP}:{PORT}", "eth0")
+            assert f"redirect {INIT} -> {vol['target_iqn']}: chunk" in b.log()
+        finally:
+            c.stop()
