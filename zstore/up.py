@@ -1,11 +1,12 @@
 """``zstore up`` / ``zstore down``: a whole cluster on this machine with one command.
 
 ``up`` runs in the foreground as a supervisor: it starts an embedded etcd,
-the meta server(s) and N chunk servers as child processes, waits until each
-stage answers, prints where everything is, and stops them all in reverse
-order (chunks, metas, etcd) on Ctrl-C, SIGTERM or ``zstore down``. Everything
-lives in one state directory, so a second ``up`` reuses the token, the etcd
-data and the chunk ids.
+the meta server(s), the iSCSI redirector on the VIP 127.0.0.2 (a loopback
+address, so it needs no privileges) and N chunk servers as child processes,
+waits until each stage answers, prints where everything is, and stops them
+all in reverse order (redirector, chunks, metas, etcd) on Ctrl-C, SIGTERM or
+``zstore down``. Everything lives in one state directory, so a second ``up``
+reuses the token, the etcd data and the chunk ids.
 
 Children run in their own sessions, so a Ctrl-C in the terminal reaches only
 the supervisor, which then controls the shutdown order. On Linux each child
@@ -19,7 +20,7 @@ Layout of the state dir::
     zstore.toml      client config the CLI finds by itself
     up.pid           supervisor pid, flock'ed while it runs
     up.json          what runs now (pids, ports), for ``down`` and for tests
-    etcd/            etcd data          metaN.toml, chunkN.toml   daemon configs
+    etcd/            etcd data          metaN.toml, chunkN.toml, redirector.toml  daemon configs
     chunkN/          chunk data dir     logs/NAME.log             each child's output
 """
 
@@ -47,6 +48,8 @@ DEFAULT_BASE_PORT = 7480
 DEFAULT_CHUNK_CAPACITY = "20Gi"
 MAX_METAS = MAX_CHUNKS = 10          # port blocks of 10: metas base+10.., chunks base+20.. and +30..
 PREFIX = "/zstore"
+VIP = "127.0.0.2"                    # the redirector's address: the one portal initiators need
+DEFAULT_VIP_PORT = 3260
 STOP_GRACE = 10.0                    # SIGTERM, then SIGKILL after this
 READY_TIMEOUT = 30.0
 LEADER_TIMEOUT = 20.0
@@ -54,12 +57,14 @@ ETCD_MISSING = "etcd not found; install Debian's etcd-server"
 
 UP_EPILOG = """\
 Runs in the foreground; Ctrl-C (or `zstore down` from another terminal) stops
-every process, chunk servers first and etcd last. State is kept in the state
-dir (default: $ZSTORE_STATE_DIR, else ~/.local/state/zstore), so running it
-again brings back the same cluster. Ports used: BASE (etcd client), BASE+1
-(etcd peer), BASE+10+i (meta i), BASE+20+i (chunk i data), BASE+30+i (chunk i
-iSCSI portal). Exit status: 0 after a clean stop, 1 when the cluster could not
-be started, 2 for bad arguments.
+every process, the redirector and chunk servers first and etcd last. State is
+kept in the state dir (default: $ZSTORE_STATE_DIR, else
+~/.local/state/zstore), so running it again brings back the same cluster.
+Ports used: BASE (etcd client), BASE+1 (etcd peer), BASE+10+i (meta i),
+BASE+20+i (chunk i data), BASE+30+i (chunk i iSCSI portal), and
+127.0.0.2:VIP_PORT (the redirector, where initiators log in).
+Exit status: 0 after a clean stop, 1 when the cluster could not be started,
+2 for bad arguments.
 """
 
 DOWN_EPILOG = """\
@@ -114,6 +119,8 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                         help="meta servers to run (default 1)")
     parser.add_argument("--base-port", type=_count(1024, 65535 - 40), default=DEFAULT_BASE_PORT,
                         metavar="PORT", help=f"first of 40 ports to use (default {DEFAULT_BASE_PORT})")
+    parser.add_argument("--vip-port", type=_count(1, 65535), default=DEFAULT_VIP_PORT, metavar="PORT",
+                        help=f"iSCSI port of the redirector on {VIP} (default {DEFAULT_VIP_PORT})")
     parser.add_argument("--chunk-capacity", type=_capacity, default=DEFAULT_CHUNK_CAPACITY,
                         metavar="SIZE", help=f"capacity of each chunk server's file-backed disk "
                                              f"(default {DEFAULT_CHUNK_CAPACITY})")
@@ -141,6 +148,7 @@ class Layout:
     chunks: int = 3
     metas: int = 1
     chunk_capacity: str = DEFAULT_CHUNK_CAPACITY
+    vip_port: int = DEFAULT_VIP_PORT
 
     @property
     def token(self) -> Path: return self.state_dir / "token"
@@ -162,6 +170,13 @@ class Layout:
     def chunk_dir(self, i: int) -> Path: return self.state_dir / f"chunk{i}"
     def data_port(self, i: int) -> int: return self.base_port + 20 + i
     def portal(self, i: int) -> str: return f"127.0.0.1:{self.base_port + 30 + i}"
+    @property
+    def redirector_config(self) -> Path: return self.state_dir / "redirector.toml"
+
+    def vip_url(self) -> str:
+        """``iscsi://`` URL prefix of the VIP portal (port left out when it is the default)."""
+        port = "" if self.vip_port == DEFAULT_VIP_PORT else f":{self.vip_port}"
+        return f"iscsi://{VIP}{port}"
 
     def ports(self) -> list[tuple[int, str]]:
         ports = [(self.base_port, "etcd client"), (self.base_port + 1, "etcd peer")]
@@ -188,6 +203,13 @@ def check_ports(layout: Layout) -> None:
                 last = layout.base_port + 39
                 raise UpError(f"port {port} ({what}) is in use; start on other ports with "
                               f"--base-port (this cluster uses {layout.base_port}-{last})") from None
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((VIP, layout.vip_port))
+        except OSError as e:
+            raise UpError(f"port {layout.vip_port} on {VIP} (the redirector's VIP) is unusable: "
+                          f"{e.strerror}; choose another with --vip-port") from None
 
 
 # -- files in the state dir --------------------------------------------------------
@@ -226,6 +248,8 @@ def write_configs(layout: Layout) -> None:
             # One shared volume directory: until the replicated engine lands, this is
             # what makes the three local chunk servers serve the same data.
             "volume_dir": str(layout.state_dir / "volumes")}}))
+    _write(layout.redirector_config, tomli_w.dumps({"etcd": etcd, "redirector": {
+        "vip": VIP, "port": layout.vip_port, "redirector_id": "redirector0", "lease_ttl": 3}}))
     # Paths relative to this file's directory, so the CLI works from anywhere.
     _write(layout.client_config, tomli_w.dumps({
         "client": {"endpoints": [layout.meta_url(i) for i in range(layout.metas)], "token_file": "token"},
@@ -326,7 +350,7 @@ def child_env() -> dict[str, str]:
 @dataclass
 class Child:
     name: str
-    kind: str                      # etcd | meta | chunk
+    kind: str                      # etcd | meta | redirector | chunk
     argv: list[str]
     log_path: Path
     proc: asyncio.subprocess.Process | None = None
@@ -427,6 +451,12 @@ class Supervisor:
         for i, m in enumerate(metas):
             await self.wait_until(f"meta{i} health at {lay.meta_url(i)}", [m],
                                   lambda i=i: _health(lay.meta_port(i)))
+        # Before the chunk servers: it needs only etcd, and answers "service unavailable"
+        # until one is up.
+        redirector = await self.spawn("redirector", "redirector", [
+            sys.executable, "-m", "redirector.server", "--config", str(lay.redirector_config)])
+        await self.wait_until(f"redirector on {VIP}:{lay.vip_port}", [redirector],
+                              lambda: _port_open(lay.vip_port, VIP))
         chunks = [await self.spawn(f"chunk{i}", "chunk", [
             sys.executable, "-m", "chunk.server", "--config", str(lay.state_dir / f"chunk{i}.toml")])
             for i in range(lay.chunks)]
@@ -515,6 +545,7 @@ class Supervisor:
             "pid": os.getpid(), "state_dir": str(lay.state_dir), "base_port": lay.base_port,
             "etcd": lay.etcd_endpoint, "metas": [lay.meta_url(i) for i in range(lay.metas)],
             "config": str(lay.client_config), "leader": self.leader,
+            "redirector": {"vip": VIP, "port": lay.vip_port, "url": lay.vip_url()},
             "children": [{"name": c.name, "kind": c.kind, "pid": c.proc.pid if c.proc else None,
                           "alive": not c.exited, "log": str(c.log_path)} for c in self.children],
             "chunks": [{"name": f"chunk{i}", "chunk_id": self.chunk_ids.get(f"chunk{i}"),
@@ -535,6 +566,7 @@ class Supervisor:
         for i in range(lay.chunks):
             cid = self.chunk_ids.get(f"chunk{i}", "?")
             lines.append(f"  chunk{i}     {cid}  portal {lay.portal(i)}  zone z{i}")
+        lines.append(f"  iSCSI VIP  {lay.vip_url()}/<target>/<lun>  (discovery: iscsi-ls {lay.vip_url()})")
         lines += [f"  state dir  {lay.state_dir}", f"  config     {lay.client_config}",
                   f"  logs       {lay.logs}/"]
         if lay.state_dir != default_state_dir().absolute():
@@ -553,7 +585,8 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         self.stopping = True
-        for kind, label in (("chunk", "chunk servers"), ("meta", "meta servers"), ("etcd", "etcd")):
+        for kind, label in (("redirector", "redirector"), ("chunk", "chunk servers"),
+                            ("meta", "meta servers"), ("etcd", "etcd")):
             group = [c for c in self.children if c.kind == kind and not c.exited]
             if group:
                 say(f"stopping {label} ...")
@@ -606,9 +639,9 @@ async def _health(port: int) -> dict[str, Any] | None:
         writer.close()
 
 
-async def _port_open(port: int) -> bool:
+async def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
     except (OSError, asyncio.TimeoutError):
         return False
     writer.close()
@@ -620,7 +653,8 @@ async def _port_open(port: int) -> bool:
 def run_up(args: argparse.Namespace) -> int:
     layout = Layout(_state_dir(args), base_port=getattr(args, "base_port", DEFAULT_BASE_PORT),
                     chunks=getattr(args, "chunks", 3), metas=getattr(args, "metas", 1),
-                    chunk_capacity=getattr(args, "chunk_capacity", DEFAULT_CHUNK_CAPACITY))
+                    chunk_capacity=getattr(args, "chunk_capacity", DEFAULT_CHUNK_CAPACITY),
+                    vip_port=getattr(args, "vip_port", DEFAULT_VIP_PORT))
     lock = PidLock(layout.pidfile)
     try:
         etcd_bin = find_etcd()
@@ -677,9 +711,9 @@ def run_down(args: argparse.Namespace) -> int:
 
 
 def _stop_leftovers(state_dir: Path, leftovers: list[tuple[str, int]]) -> int:
-    """The supervisor is gone but children are not: stop them, chunks first."""
+    """The supervisor is gone but children are not: stop them, the redirector and chunks first."""
     say(f"the zstore up of {state_dir} is gone but left {len(leftovers)} process(es); stopping them")
-    order = {"chunk": 0, "meta": 1, "etcd": 2}
+    order = {"redirector": 0, "chunk": 1, "meta": 2, "etcd": 3}
     for _, group in sorted(_group(leftovers, order).items()):
         for _, pid in group:
             _kill_quietly(pid, signal.SIGTERM)

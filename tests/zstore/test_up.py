@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import PY, ROOT, free_port_range, wait_for
+from tests.cluster import PY, ROOT, free_port, free_port_range, wait_for
 
 BANNER_END = "try: zstore cluster status"
 
@@ -35,6 +35,8 @@ class Up:
     def __init__(self, state: Path, base: int, *extra: str) -> None:
         self.state, self.base = state, base
         self.out = state.parent / f"up-{base}-{len(list(state.parent.glob('up-*.out')))}.out"
+        if "--vip-port" not in extra:       # 3260 on 127.0.0.2 may be another cluster's on this host
+            extra = ("--vip-port", str(free_port("127.0.0.2")), *extra)
         with open(self.out, "wb") as f:
             self.popen = subprocess.Popen(
                 [PY, "-m", "zstore.up", "--state-dir", str(state), "--base-port", str(base), *extra],
