@@ -71,8 +71,12 @@ class Members:
         """Ids of chunk servers that may take new logins now."""
         return list(self._usable)
 
-    def choose(self, initiator: str, target: str) -> str | None:
-        """Portal ("host:port") to redirect this login to, None if no chunk server is usable."""
+    def choose(self, initiator: str, target: str, record: bool = True) -> str | None:
+        """Portal ("host:port") to redirect this login to, None if no chunk server is usable.
+
+        ``record=False`` picks without writing a record: the caller passes it for
+        initiators that may see nothing on the target, so that made-up initiator
+        names cannot fill etcd with records."""
         rec = self.redirects.get((target, initiator))
         if rec is not None:
             c = self.chunks.get(rec.chunk_id)
@@ -87,7 +91,8 @@ class Members:
         c = self.chunks[cid]
         why = f"hashed; was {rec.chunk_id}, now unusable" if rec else "hashed"
         log.info("redirect %s -> %s: chunk %s at %s (%s)", initiator, target, cid, c.info.portal, why)
-        self._remember(RedirectRecord(target=target, initiator=initiator, chunk_id=cid))
+        if record:
+            self._remember(RedirectRecord(target=target, initiator=initiator, chunk_id=cid))
         return c.info.portal
 
     def _remember(self, rec: RedirectRecord) -> None:

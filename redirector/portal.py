@@ -80,7 +80,11 @@ class RedirectPolicy:
     def redirect(self, initiator: str, target_iqn: str | None) -> str | None:
         if target_iqn is None:
             return None                         # discovery: served here
-        portal = self.members.choose(initiator, target_iqn)
+        # Only initiators on an ACL of this target get a sticky record (bounded by
+        # what admins configured); the others are redirected all the same, and the
+        # chunk server shows them no LUN, exactly as it would without us.
+        portal = self.members.choose(initiator, target_iqn,
+                                     record=bool(self.catalog.visible_luns(target_iqn, initiator)))
         if portal is None:
             raise LoginError("no chunk server is up to serve the target",
                              LoginStatus.SERVICE_UNAVAILABLE)

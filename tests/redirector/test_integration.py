@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import shutil
 import subprocess
 import time
@@ -241,11 +240,10 @@ def test_floods_half_open_and_garbage_do_not_block_a_good_initiator(vip_cluster:
     redirected = [i for i, s in enumerate(flood) if s == LoginStatus.TARGET_MOVED_TEMPORARILY]
     assert len(redirected) >= 64 and all(s in (LoginStatus.TARGET_MOVED_TEMPORARILY, None) for s in flood)
     assert c.redirectors[0].alive()
-    # Each redirected flood login was recorded (written behind the logins, batched).
+    # The flood's made-up initiators are on no ACL: redirected, but none left a record in etcd.
     target = vol["target_iqn"]
-    sample = random.sample(redirected, 5)
-    wait_for(lambda: all(sticky(c, target, f"iqn.2026-01.io.zstore.test:flood{i}") for i in sample), 15,
-             "flood choices recorded")
+    assert sticky(c, target) is not None
+    assert not any(sticky(c, target, f"iqn.2026-01.io.zstore.test:flood{i}") for i in redirected[:20])
     # And the redirector still serves afterwards.
     assert run("iscsi-inq", "-i", INIT, vip_url(c, vol)).returncode == 0
 

@@ -65,6 +65,18 @@ async def test_hash_pick_is_recorded_and_sticks(members):
     assert m.choose(INIT, TARGET) == portal
 
 
+async def test_choice_without_record_is_not_written_or_remembered(members):
+    m, etcd, keys = members
+    for i, cid in enumerate(("c1", "c2", "c3")):
+        await add_chunk(etcd, keys, cid, 4000 + i)
+    await async_wait_for(lambda: len(m.usable()) == 3, 10, "3 usable chunk servers")
+    assert m.choose("iqn.x:nobody", TARGET, record=False) is not None
+    assert m.choose(INIT, TARGET) is not None                    # this one is written...
+    await async_wait_for(lambda: stored(etcd, keys), 10, "INIT's record")
+    assert (TARGET, "iqn.x:nobody") not in m.redirects            # ...the other never was
+    assert await stored(etcd, keys, initiator="iqn.x:nobody") is None
+
+
 async def test_down_or_draining_sticky_chunk_is_replaced(members):
     m, etcd, keys = members
     for i, cid in enumerate(("c1", "c2", "c3")):

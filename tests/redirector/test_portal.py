@@ -38,14 +38,20 @@ class FakeCatalog:
     def visible_targets(self, initiator):
         return sorted(self.visible.get(initiator, []))
 
+    def visible_luns(self, target, initiator):
+        return {1: object()} if target in self.visible.get(initiator, []) else {}
+
 
 @dataclass
 class FakeMembers:
     portal: str | None = CHUNK
     asked: list[tuple[str, str]] = field(default_factory=list)
+    recorded: list[tuple[str, str]] = field(default_factory=list)
 
-    def choose(self, initiator, target):
+    def choose(self, initiator, target, record=True):
         self.asked.append((initiator, target))
+        if record:
+            self.recorded.append((initiator, target))
         return self.portal
 
 
@@ -67,8 +73,13 @@ async def test_normal_login_is_redirected_without_tpgt(portal):
     assert resp.status == LoginStatus.TARGET_MOVED_TEMPORARILY
     assert keys == {"TargetAddress": CHUNK}          # no ",tpgt" in a redirect (RFC 7143 §13.8)
     assert not resp.transit and resp.tsih == 0
-    assert members.asked == [(INIT, T1)]
+    assert members.asked == members.recorded == [(INIT, T1)]
     assert await c.closed()
+    # Not on the target's ACL: redirected too (the chunk server masks), but nothing is recorded.
+    s = await RawInitiator.connect("127.0.0.2", port)
+    resp, keys = await s.login(STRANGER, T1)
+    assert resp.status == LoginStatus.TARGET_MOVED_TEMPORARILY and keys == {"TargetAddress": CHUNK}
+    assert members.asked[-1] == (STRANGER, T1) and members.recorded == [(INIT, T1)]
 
 
 async def test_unknown_target_and_no_chunk_server(portal):
