@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -143,17 +144,19 @@ def lab_netns(name: str):
         subprocess.run([str(LAB / "lab-netns.sh"), "down", name], timeout=30)
 
 
-def start_chunk_at(c: Cluster, portal: str) -> Proc:
-    """Cluster.start_chunk, but with the iSCSI portal on the lab tap's address."""
-    data = c.workdir / "chunk0"
-    cfg = write_config(c.workdir / "chunk0.toml", {
+def start_chunk_at(c: Cluster, portal: str, i: int = 0) -> Proc:
+    """Cluster.start_chunk, but with the iSCSI portal on the lab tap's address. Every chunk
+    server of a cluster shares one volume dir (interim storage), so any of them serves any LUN."""
+    data = c.workdir / f"chunk{i}"
+    cfg = write_config(c.workdir / f"chunk{i}.toml", {
         "etcd": {"endpoints": [c.etcd.endpoint], "prefix": c.prefix},
         "chunk": {"data_dir": str(data), "disks": [f"{data}/disk0:4Gi"], "address": "127.0.0.1",
                   "data_port": free_port(), "portal": portal, "lease_ttl": c.lease_ttl,
                   "volume_dir": str(c.workdir / "volumes")},
         "log": {"level": "DEBUG"},
     })
-    p = Proc("chunk0", [PY, "-m", "chunk.server", "--config", str(cfg)], c.workdir / "chunk0.log").start()
+    p = Proc(f"chunk{i}", [PY, "-m", "chunk.server", "--config", str(cfg)],
+             c.workdir / f"chunk{i}.log").start()
     c.chunks.append(p)
     return p
 
@@ -211,6 +214,107 @@ def test_kernel_initiator_against_zstore(lab_image, tmp_path):
             hello = subprocess.run(["debugfs", "-R", "cat /hello.txt", str(image)], capture_output=True,
                                    text=True, timeout=60).stdout
             assert hello == "hello from the kernel initiator\n"
+        finally:
+            c.stop()
+            etcd.stop()
+
+
+# ---- failover through the redirector's VIP ---------------------------------------------------
+VIP = PORTAL                                         # the redirector holds the tap address's 3260
+FAILOVER_PORTALS = [f"{HOST_IP}:{port}" for port in (3261, 3262, 3263)]
+STALL_LIMIT = 60.0       # the guest's replacement_timeout: I/O would fail past it
+
+
+def failover_line(guest: str) -> dict[str, str]:
+    """The guest's ``FAILOVER k=v ...`` summary."""
+    line = next(l for l in guest.splitlines() if l.startswith("FAILOVER "))
+    return dict(kv.split("=", 1) for kv in line.split()[1:])
+
+
+def hook_log(out: str) -> str:
+    for line in out.splitlines():
+        if line.startswith("run-vm: run dir "):
+            f = Path(line.split()[3]) / "hook.log"
+            return f.read_text(errors="replace") if f.exists() else ""
+    return ""
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT + VM_TIMEOUT + 360)
+def test_kernel_failover_through_vip(lab_image, tmp_path):
+    """The kernel initiator survives losing its chunk server, through the redirector's VIP.
+
+    etcd, a meta server, three chunk servers (portals 192.168.77.1:3261-3263, one shared volume
+    dir) and a redirector holding the VIP 192.168.77.1:3260 run inside a lab netns. The guest
+    discovers and logs in at the VIP only, is redirected to a chunk server, finds the LUN by
+    WWN, makes ext4, copies a payload and starts an O_DIRECT write loop. Through the lab hook
+    the host then finds which chunk server holds the guest's session (the session lists the
+    chunk servers publish) and SIGKILLs it. open-iscsi reconnects to the VIP, the redirector
+    (the dead server's lease gone) sends it to a live chunk server, the loop finishes, the
+    filesystem stays read-write and every file verifies after a remount. The longest gap
+    between two completed writes is the I/O stall, printed and bounded."""
+    share = tmp_path / "share"
+    share.mkdir()
+    payload = os.urandom(8 << 20)
+    (share / "payload").write_bytes(payload)
+    ns = f"labf{os.getpid()}"
+    with lab_netns(ns):
+        etcd = Etcd(tmp_path / "etcd").start()
+        c = Cluster(workdir=tmp_path / "cluster", etcd=etcd)
+        try:
+            c.start_meta()
+            pids = {portal: start_chunk_at(c, portal, i).pid for i, portal in enumerate(FAILOVER_PORTALS)}
+            c.wait_chunks_up(3)
+            for portal in FAILOVER_PORTALS:
+                wait_for(lambda: port_open(int(portal.rsplit(":", 1)[1]), HOST_IP), 20, f"portal {portal}")
+            redirector = c.start_redirector(HOST_IP, 3260)
+            c.cli("volume", "create", "failvol", "--size", "128Mi", "--replicas", "1", check=True)
+            for iqn in (GUEST_IQN, HOST_IQN):
+                c.cli("acl", "add", "failvol", iqn, check=True)
+            vol = c.cli_json("volume", "show", "failvol")
+            iqn, lun, wwn = vol["target_iqn"], vol["lun"], vol["wwn"]
+            # every chunk server and the redirector know the LUN before we spend a VM boot on it
+            for where in [*FAILOVER_PORTALS, VIP]:
+                url = f"iscsi://{where}/{iqn}/{lun}"
+                wait_for(lambda: subprocess.run(["iscsi-inq", "-i", HOST_IQN, url], capture_output=True,
+                                                timeout=10).returncode == 0, 30, f"iscsi-inq {url}")
+
+            killed_file = tmp_path / "killed.json"
+            spec = tmp_path / "hook.json"
+            spec.write_text(json.dumps({"api": f"http://127.0.0.1:{c.meta_ports[0]}",
+                                        "token_file": str(c.token_file), "initiator": GUEST_IQN,
+                                        "pids": pids, "out": str(killed_file)}))
+            hook = f"{PY} {LAB / 'kill-session-holder.py'} {spec}"
+            rc, out = run_script("zstore-failover", [
+                str(LAB / "run-vm.sh"), "--netns", ns, "--share", str(share), "--hook", hook,
+                "--timeout", str(VM_TIMEOUT + 120), str(LAB / "zstore-failover-guest.sh"),
+                VIP, iqn, str(lun), wwn, GUEST_IQN], VM_TIMEOUT + 150)
+            guest = guest_log(out)
+            logs = "\n".join(f"--- {p.name}:\n{tail(p.log(), 25)}" for p in [*c.chunks, redirector])
+            assert rc == 0 and "zstore failover test PASSED" in guest, \
+                f"rc={rc}\n--- guest:\n{tail(guest, 80)}\n--- hook:\n{hook_log(out)}\n--- host:\n{tail(out)}\n{logs}"
+
+            result = failover_line(guest)
+            killed = json.loads(killed_file.read_text())
+            stall = float(result["stall"])
+            print(f"\nfailover: session on {result['portal_before']} (SIGKILLed), then on "
+                  f"{result['portal_after']}; I/O stall {stall:.1f}s (median write {result['typical']}s, "
+                  f"{result['writes']} writes)")
+            assert killed["portal"] == result["portal_before"]
+            assert result["portal_after"] in FAILOVER_PORTALS and result["portal_after"] != killed["portal"]
+            assert stall < STALL_LIMIT
+            assert not c.chunks[FAILOVER_PORTALS.index(killed["portal"])].alive()
+
+            # and the data is where any chunk server serves it: read back through the VIP
+            image = tmp_path / "readback.img"
+            subprocess.run(["qemu-img", "convert", "-O", "raw", "--image-opts",
+                            f"driver=iscsi,transport=tcp,portal={VIP},target={iqn},lun={lun},"
+                            f"initiator-name={HOST_IQN}", str(image)], check=True, timeout=120)
+            subprocess.run(["debugfs", "-R", f"dump /payload {tmp_path / 'payload.out'}", str(image)],
+                           check=True, capture_output=True, timeout=60)
+            assert (tmp_path / "payload.out").read_bytes() == payload
+            after = subprocess.run(["debugfs", "-R", "cat /after.txt", str(image)], capture_output=True,
+                                   text=True, timeout=60).stdout
+            assert after == "after failover\n"
         finally:
             c.stop()
             etcd.stop()
