@@ -120,7 +120,9 @@ class VipHolder:
 
     @property
     def holding(self) -> bool:
-        return self._record is not None
+        """True while we hold the VIP and our lease is surely alive (false a little before
+        ``on_release`` runs, never after)."""
+        return self._record is not None and time.monotonic() < self._trusted_until()
 
     @property
     def record(self) -> VipRecord | None:
