@@ -20,6 +20,7 @@ epoch either.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from dataclasses import dataclass
 
@@ -50,6 +51,21 @@ class ChunkState:
         """May receive new logins: registered with a portal, up, not draining."""
         return (self.info is not None and bool(self.info.portal) and self.live is not None
                 and not (self.admin is not None and self.admin.state == "draining"))
+
+    @property
+    def portal(self) -> str:
+        """Where initiators reach its target. A portal bound to every address
+        (0.0.0.0, [::]) is reached at the chunk server's own address instead."""
+        assert self.info is not None
+        host, sep, port = self.info.portal.rpartition(":")
+        try:
+            wildcard = sep and ipaddress.ip_address(host.strip("[]")).is_unspecified
+        except ValueError:
+            wildcard = False
+        if not wildcard or not self.info.address:
+            return self.info.portal
+        a = self.info.address
+        return f"[{a}]:{port}" if ":" in a and not a.startswith("[") else f"{a}:{port}"
 
 
 class Members:
@@ -82,18 +98,18 @@ class Members:
             c = self.chunks.get(rec.chunk_id)
             if c is not None and c.usable:
                 log.info("redirect %s -> %s: chunk %s at %s (sticky)", initiator, target, c.chunk_id,
-                         c.info.portal)
-                return c.info.portal
+                         c.portal)
+                return c.portal
         cid = hashing.pick(initiator, target, self._usable)
         if cid is None:
             log.warning("redirect %s -> %s: no chunk server is up and active", initiator, target)
             return None
         c = self.chunks[cid]
         why = f"hashed; was {rec.chunk_id}, now unusable" if rec else "hashed"
-        log.info("redirect %s -> %s: chunk %s at %s (%s)", initiator, target, cid, c.info.portal, why)
+        log.info("redirect %s -> %s: chunk %s at %s (%s)", initiator, target, cid, c.portal, why)
         if record:
             self._remember(RedirectRecord(target=target, initiator=initiator, chunk_id=cid))
-        return c.info.portal
+        return c.portal
 
     def _remember(self, rec: RedirectRecord) -> None:
         self.redirects[(rec.target, rec.initiator)] = rec

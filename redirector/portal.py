@@ -39,12 +39,16 @@ import socket
 from collections import Counter
 
 from chunk import scsi
+from chunk.catalog import Catalog
 from chunk.iscsi.constants import LoginStatus
 from chunk.iscsi.errors import LoginError
-from chunk.iscsi.login import login
+from chunk.iscsi.login import LoginResult, login
 from chunk.iscsi.negotiation import TargetPreferences
 from chunk.iscsi.session import Session
 from chunk.iscsi.target import ScsiGlue
+from zstore.records import ChapRecord
+
+from .members import Members
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +71,13 @@ def address(host: str, port: int) -> str:
 class RedirectPolicy:
     """login()'s LoginPolicy: targets from the catalog, redirects from Members."""
 
-    def __init__(self, catalog, members, tsihs: set[int]):
+    def __init__(self, catalog: Catalog, members: Members, tsihs: set[int]):
         self.catalog, self.members, self.tsihs = catalog, members, tsihs
 
     def target_exists(self, target_iqn: str) -> bool:
         return self.catalog.target(target_iqn) is not None
 
-    def chap_for(self, target_iqn: str | None, initiator: str):
+    def chap_for(self, target_iqn: str | None, initiator: str) -> ChapRecord | None:
         # Only discovery sessions get this far: normal logins are redirected first.
         return self.catalog.chap_for(target_iqn or "*", initiator)
 
@@ -100,7 +104,7 @@ class RedirectPolicy:
 class DiscoveryView:
     """A discovery session's resolver: no LUNs, SendTargets at the VIP only."""
 
-    def __init__(self, catalog, initiator: str, vip: str):
+    def __init__(self, catalog: Catalog, initiator: str, vip: str):
         self.catalog, self.initiator, self.vip = catalog, initiator, vip
 
     def unit(self, lun: int) -> None:
@@ -121,7 +125,7 @@ class DiscoveryView:
 class RedirectPortal:
     """Listens on one address while told to; one bounded task per connection."""
 
-    def __init__(self, catalog, members, *, login_timeout: float, max_connections: int,
+    def __init__(self, catalog: Catalog, members: Members, *, login_timeout: float, max_connections: int,
                  prefs: TargetPreferences | None = None,
                  discovery_lifetime: float = DISCOVERY_LIFETIME):
         self.catalog, self.members = catalog, members
@@ -205,7 +209,8 @@ class RedirectPortal:
                 del self._hosts[host]
             writer.close()
 
-    async def _discovery(self, reader, writer, r) -> None:
+    async def _discovery(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         r: LoginResult) -> None:
         p = r.params
         nexus = scsi.Nexus(initiator=f"{p.initiator_name},i,0x{r.isid.hex()}",
                            target_port=f"discovery,t,0x{TPGT:04x}", relative_port_id=TPGT)

@@ -110,6 +110,18 @@ async def _is(rec_coro, chunk_id: str) -> bool:
     return rec is not None and rec.chunk_id == chunk_id
 
 
+def test_wildcard_portal_is_reached_at_the_chunk_address():
+    from redirector.members import ChunkState
+
+    def state(portal: str, address: str = "10.0.0.7") -> ChunkState:
+        return ChunkState("c", info=ChunkInfo(chunk_id="c", hostname="h", address=address, data_port=1,
+                                              portal=portal))
+    assert state("0.0.0.0:3261").portal == "10.0.0.7:3261"
+    assert state("[::]:3261", "fd00::7").portal == "[fd00::7]:3261"
+    assert state("10.0.0.8:3261").portal == "10.0.0.8:3261"
+    assert state("storage-1.example:3261").portal == "storage-1.example:3261"
+
+
 async def test_registered_but_not_live_is_not_usable_and_garbage_is_ignored(members):
     m, etcd, keys = members
     await add_chunk(etcd, keys, "c1", 4000, live=False)

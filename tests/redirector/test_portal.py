@@ -6,7 +6,6 @@ TCP on loopback (127.0.0.x sources stand for different hosts).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 
