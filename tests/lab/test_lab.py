@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -239,19 +240,20 @@ def hook_log(out: str) -> str:
     return ""
 
 
-@pytest.mark.timeout(BUILD_TIMEOUT + VM_TIMEOUT + 360)
-def test_kernel_failover_through_vip(lab_image, tmp_path):
-    """The kernel initiator survives losing its chunk server, through the redirector's VIP.
+@dataclass
+class VipMove:
+    """What one VIP run saw: the guest's FAILOVER summary, the hook's record, the processes."""
+    result: dict[str, str]
+    hook: dict
+    chunks: list[Proc]
+    guest: str
 
-    etcd, a meta server, three chunk servers (portals 192.168.77.1:3261-3263, one shared volume
-    dir) and a redirector holding the VIP 192.168.77.1:3260 run inside a lab netns. The guest
-    discovers and logs in at the VIP only, is redirected to a chunk server, finds the LUN by
-    WWN, makes ext4, copies a payload and starts an O_DIRECT write loop. Through the lab hook
-    the host then finds which chunk server holds the guest's session (the session lists the
-    chunk servers publish) and SIGKILLs it. open-iscsi reconnects to the VIP, the redirector
-    (the dead server's lease gone) sends it to a live chunk server, the loop finishes, the
-    filesystem stays read-write and every file verifies after a remount. The longest gap
-    between two completed writes is the I/O stall, printed and bounded."""
+
+def run_vip_move(tmp_path: Path, action: str) -> VipMove:
+    """etcd, meta, three chunk servers and a redirector on the VIP in a lab netns; the guest
+    logs in at the VIP and writes in a loop while the hook takes its chunk server away
+    (``kill``: SIGKILL, ``drain``: ``zstore chunk drain``); the guest checks that the session
+    moved and every byte verifies; the host then reads the payload back through the VIP."""
     share = tmp_path / "share"
     share.mkdir()
     payload = os.urandom(8 << 20)
@@ -278,13 +280,13 @@ def test_kernel_failover_through_vip(lab_image, tmp_path):
                 wait_for(lambda: subprocess.run(["iscsi-inq", "-i", HOST_IQN, url], capture_output=True,
                                                 timeout=10).returncode == 0, 30, f"iscsi-inq {url}")
 
-            killed_file = tmp_path / "killed.json"
+            hook_out = tmp_path / "hook-result.json"
             spec = tmp_path / "hook.json"
             spec.write_text(json.dumps({"api": f"http://127.0.0.1:{c.meta_ports[0]}",
                                         "token_file": str(c.token_file), "initiator": GUEST_IQN,
-                                        "pids": pids, "out": str(killed_file)}))
-            hook = f"{PY} {LAB / 'kill-session-holder.py'} {spec}"
-            rc, out = run_script("zstore-failover", [
+                                        "pids": pids, "out": str(hook_out), "action": action}))
+            hook = f"{PY} {LAB / 'session-holder-hook.py'} {spec}"
+            rc, out = run_script(f"zstore-vip-{action}", [
                 str(LAB / "run-vm.sh"), "--netns", ns, "--share", str(share), "--hook", hook,
                 "--timeout", str(VM_TIMEOUT + 120), str(LAB / "zstore-failover-guest.sh"),
                 VIP, iqn, str(lun), wwn, GUEST_IQN], VM_TIMEOUT + 150)
@@ -292,17 +294,10 @@ def test_kernel_failover_through_vip(lab_image, tmp_path):
             logs = "\n".join(f"--- {p.name}:\n{tail(p.log(), 25)}" for p in [*c.chunks, redirector])
             assert rc == 0 and "zstore failover test PASSED" in guest, \
                 f"rc={rc}\n--- guest:\n{tail(guest, 80)}\n--- hook:\n{hook_log(out)}\n--- host:\n{tail(out)}\n{logs}"
-
-            result = failover_line(guest)
-            killed = json.loads(killed_file.read_text())
-            stall = float(result["stall"])
-            print(f"\nfailover: session on {result['portal_before']} (SIGKILLed), then on "
-                  f"{result['portal_after']}; I/O stall {stall:.1f}s (median write {result['typical']}s, "
-                  f"{result['writes']} writes)")
-            assert killed["portal"] == result["portal_before"]
-            assert result["portal_after"] in FAILOVER_PORTALS and result["portal_after"] != killed["portal"]
-            assert stall < STALL_LIMIT
-            assert not c.chunks[FAILOVER_PORTALS.index(killed["portal"])].alive()
+            moved = VipMove(failover_line(guest), json.loads(hook_out.read_text()), list(c.chunks), guest)
+            assert moved.hook["portal"] == moved.result["portal_before"]
+            assert moved.result["portal_after"] in FAILOVER_PORTALS
+            assert moved.result["portal_after"] != moved.hook["portal"]
 
             # and the data is where any chunk server serves it: read back through the VIP
             image = tmp_path / "readback.img"
@@ -315,6 +310,50 @@ def test_kernel_failover_through_vip(lab_image, tmp_path):
             after = subprocess.run(["debugfs", "-R", "cat /after.txt", str(image)], capture_output=True,
                                    text=True, timeout=60).stdout
             assert after == "after failover\n"
+            return moved
         finally:
             c.stop()
             etcd.stop()
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT + VM_TIMEOUT + 360)
+def test_kernel_failover_through_vip(lab_image, tmp_path):
+    """The kernel initiator survives losing its chunk server, through the redirector's VIP.
+
+    etcd, a meta server, three chunk servers (portals 192.168.77.1:3261-3263, one shared volume
+    dir) and a redirector holding the VIP 192.168.77.1:3260 run inside a lab netns. The guest
+    discovers and logs in at the VIP only, is redirected to a chunk server, finds the LUN by
+    WWN, makes ext4, copies a payload and starts an O_DIRECT write loop. Through the lab hook
+    the host then finds which chunk server holds the guest's session (the session lists the
+    chunk servers publish) and SIGKILLs it. open-iscsi reconnects to the VIP, the redirector
+    (the dead server's lease gone) sends it to a live chunk server, the loop finishes, the
+    filesystem stays read-write and every file verifies after a remount. The longest gap
+    between two completed writes is the I/O stall, printed and bounded."""
+    moved = run_vip_move(tmp_path, "kill")
+    r = moved.result
+    stall = float(r["stall"])
+    print(f"\nfailover: session on {r['portal_before']} (SIGKILLed), then on {r['portal_after']}; "
+          f"I/O stall {stall:.1f}s (median write {r['typical']}s, {r['writes']} writes)")
+    assert stall < STALL_LIMIT
+    assert not moved.chunks[FAILOVER_PORTALS.index(moved.hook["portal"])].alive()
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT + VM_TIMEOUT + 360)
+def test_kernel_drain_moves_the_session_through_vip(lab_image, tmp_path):
+    """``zstore chunk drain`` moves the kernel initiator off, as it moves libiscsi.
+
+    The same set-up as the failover test, but the hook drains the chunk server holding the
+    guest's session instead of killing it: the chunk server sends an Async Message asking for
+    a logout, open-iscsi logs out, logs in again at the VIP (its persistent portal) and the
+    redirector, which skips draining servers, sends it to another one, all while the write
+    loop runs. open-iscsi honours the request, so the grace-period close never has to act."""
+    moved = run_vip_move(tmp_path, "drain")
+    r = moved.result
+    print(f"\ndrain: session on {r['portal_before']} (drained), then on {r['portal_after']}; "
+          f"longest write {float(r['stall']):.1f}s (median {r['typical']}s, {r['writes']} writes)")
+    drained = moved.chunks[FAILOVER_PORTALS.index(moved.hook["portal"])]
+    log = drained.log()
+    assert drained.alive() or drained.popen.returncode == 0
+    assert "draining: asking 1 sessions to log out" in log
+    assert "did not log out" not in log
+    assert float(r["stall"]) < STALL_LIMIT

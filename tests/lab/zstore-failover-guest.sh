@@ -1,7 +1,8 @@
 #!/bin/bash
-# Guest side of the failover test: the kernel initiator logs in through the redirector's VIP,
-# the host SIGKILLs the chunk server holding the session while a write loop runs, and the
-# session must come back through the VIP on another chunk server with every byte intact.
+# Guest side of the VIP tests: the kernel initiator logs in through the redirector's VIP,
+# the host takes the chunk server holding the session away (SIGKILL, or drain) while a write
+# loop runs, and the session must come back through the VIP on another chunk server with every
+# byte intact. ("FAILOVER ... stall": the longest gap between two completed writes.)
 # Args: VIP_PORTAL TARGET_IQN LUN WWN INITIATOR_IQN
 #   /share/payload is copied onto the volume before the loop (the host reads it back later).
 # Prints "FAILOVER portal_before=... portal_after=... stall=S typical=S writes=N" for the host.
@@ -84,7 +85,7 @@ write_loop > /tmp/loop.log 2>&1 &
 LOOP=$!
 for _ in $(seq 600); do [ "$(cat /tmp/done.count 2>/dev/null || echo 0)" -ge 5 ] && break; sleep 0.1; done
 [ "$(cat /tmp/done.count 2>/dev/null || echo 0)" -ge 5 ] || die "the write loop does not progress"
-step "asking the host to SIGKILL the chunk server holding the session ($BEFORE)"
+step "asking the host to take away the chunk server holding the session ($BEFORE)"
 lab_host_hook 60 || die "host hook failed ($?)"
 step "host hook done; waiting for the loop"
 LRC=0; wait $LOOP || LRC=$?
