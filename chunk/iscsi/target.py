@@ -301,4 +301,6 @@ class IscsiTarget:
         if self.sessions.get(key) is sess:
             del self.sessions[key]
             self._sessions_changed()
+            log.info("%s session ended: %s -> %s (tsih %d)", "discovery" if key[2] is None else "normal",
+                     key[0], key[2] or "-", sess.tsih)
         self.tsihs.discard(sess.tsih)
