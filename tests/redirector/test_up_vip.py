@@ -48,6 +48,32 @@ def test_up_serves_iscsi_through_the_vip(tmp_path: Path):
         assert f"Portal:127.0.0.2:{vip_port},1" in ls.stdout, ls.stdout + ls.stderr
         assert "redirect " in (state / "logs" / "redirector.log").read_text()
 
+        # qemu-io through the VIP: its session sits on the chunk server the hash picks,
+        # as the chunk servers' own session lists show, and I/O works.
+        from redirector import hashing
+        opts = (f"driver=iscsi,transport=tcp,portal=127.0.0.2:{vip_port},target={vol['target_iqn']},"
+                f"lun={vol['lun']},initiator-name={INIT}")
+        io = subprocess.Popen(["qemu-io", "--image-opts", opts], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        try:
+            io.stdin.write("write -P 0x3c 0 64k\n")
+            io.stdin.flush()
+            assert "ops/sec" in io.stdout.readline() + io.stdout.readline()
+
+            def holders():
+                chunks = _call(base, token, "GET", "/chunks")["chunks"]
+                return [ch["chunk_id"] for ch in chunks
+                        if any(s["initiator"] == INIT and s["type"] == "normal" for s in ch.get("sessions", []))]
+            on = wait_for(lambda: holders(), 10, "the qemu-io session in a chunk server's session list")
+            all_ids = [ch["chunk_id"] for ch in _call(base, token, "GET", "/chunks")["chunks"]]
+            assert on == [hashing.pick(INIT, vol["target_iqn"], all_ids)]
+            io.stdin.write("read -P 0x3c 0 64k\n")
+            io.stdin.flush()
+            assert "ops/sec" in io.stdout.readline() + io.stdout.readline()
+        finally:
+            io.kill()
+            io.wait(10)
+
         r = zstore_down(state)
         assert r.returncode == 0, r.stdout + r.stderr
         assert up.popen.wait(30) == 0
