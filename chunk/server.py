@@ -13,7 +13,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, NoReturn, Sequence
 from zstore import config as zconfig
 from zstore import etcd as zetcd
 from zstore import logs
+from zstore.daemon import stop_on_signals
 from zstore.config import Config, ConfigError
 from zstore.keys import Keys
 from zstore.records import ChunkInfo
@@ -230,16 +230,7 @@ class ChunkServer:
 
 
 async def _serve(server: ChunkServer) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        log.info("got %s; stopping", sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    await server.run(stop)
+    await server.run(stop_on_signals(log))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import logging
 import os
-import signal
 import ssl
 import sys
 from typing import Any
@@ -24,6 +23,7 @@ from aiohttp import web
 from zstore import config as zconfig
 from zstore import etcd as zetcd
 from zstore import logs
+from zstore.daemon import stop_on_signals
 from zstore.errors import Unauthenticated, Unavailable, ZError
 from zstore.keys import Keys
 from zstore.records import RecordError
@@ -213,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup("meta", cfg.log.level, cfg.log.file)
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
+        await serve(cfg, stop_on_signals(log))
 
     try:
         asyncio.run(run())

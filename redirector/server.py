@@ -24,7 +24,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import sys
 from typing import NoReturn, Sequence
@@ -33,6 +32,7 @@ from chunk.catalog import Catalog
 from zstore import config as zconfig
 from zstore import etcd as zetcd
 from zstore import logs
+from zstore.daemon import stop_on_signals
 from zstore.config import Config, ConfigError
 from zstore.keys import Keys
 from zstore.records import VipRecord
@@ -190,16 +190,7 @@ class Redirector:
 
 
 async def _serve(cfg: Config) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        log.info("got %s; stopping", sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    await Redirector(cfg).run(stop)
+    await Redirector(cfg).run(stop_on_signals(log))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

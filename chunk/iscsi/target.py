@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from chunk import scsi
-import chunk.scsi.sense  # noqa: F401  (scsi.sense.fixed_sense)
 from chunk.catalog import Catalog
 
 from .login import LoginResult, login
