@@ -111,14 +111,6 @@ class ChunkInfo(Record):
     disks: list[dict[str, Any]] = field(default_factory=list)
     registered: float = field(default_factory=now)
 
-    @property
-    def capacity(self) -> int:
-        return sum(int(d.get("capacity", 0)) for d in self.disks if d.get("state", "ok") != "failed")
-
-    @property
-    def used(self) -> int:
-        return sum(int(d.get("used", 0)) for d in self.disks if d.get("state", "ok") != "failed")
-
 
 @dataclass
 class ChunkLive(Record):
