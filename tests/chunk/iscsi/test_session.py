@@ -135,6 +135,15 @@ def write10(lba: int, blocks: int, itt: int, cmdsn: int, data: bytes = b"", fina
                          expected_length=blocks * 512 if edtl is None else edtl, cdb=cdb, data=data)
 
 
+async def until(cond, timeout: float = 5.0) -> None:
+    """Wait for a condition on the server side (never a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
 def test_serial_number_arithmetic_wraps():
     assert sn_lt(0xFFFFFFFF, 0) and sn_lt(1, 2) and not sn_lt(2, 1) and not sn_lt(5, 5)
 
@@ -211,10 +220,10 @@ async def test_abort_task_suppresses_the_response():
     async with Harness(params(), unit=unit) as h:
         cdb = bytes([0xFF, 7]).ljust(16, b"\0")
         h.send(P.ScsiCommand(itt=21, cmdsn=1, lun=P.encode_lun(1), cdb=cdb))
-        await asyncio.sleep(0.05)
+        await until(lambda: unit.order)                       # the command is running
         h.send(P.TaskMgmtRequest(itt=22, cmdsn=2, immediate=True, function=TmfFunction.ABORT_TASK,
                                  lun=P.encode_lun(1), referenced_task_tag=21, refcmdsn=1))
-        await asyncio.sleep(0.05)
+        await until(lambda: 21 not in h.session.tasks)        # the abort has taken it
         unit.release.set()
         tmf = await h.recv()
         assert isinstance(tmf, P.TaskMgmtResponse) and tmf.itt == 22
@@ -382,7 +391,7 @@ async def test_close_when_idle_answers_in_flight_commands_first_and_grants_no_ne
         h.send(P.NopOut(itt=1, cmdsn=1, immediate=True))
         granted = (await h.recv()).maxcmdsn
         h.send(P.ScsiCommand(itt=2, cmdsn=1, lun=P.encode_lun(1), cdb=bytes([0xFF, 1]).ljust(16, b"\0")))
-        await asyncio.sleep(0.05)
+        await until(lambda: unit.order)
         closing = asyncio.ensure_future(h.session.close_when_idle(timeout=10))
         await asyncio.sleep(0.2)
         assert not closing.done()                          # the command is still running
@@ -398,7 +407,7 @@ async def test_close_when_idle_gives_up_waiting_after_the_timeout():
     unit = RecordingUnit()
     async with Harness(params(), unit=unit) as h:
         h.send(P.ScsiCommand(itt=2, cmdsn=1, lun=P.encode_lun(1), cdb=bytes([0xFF, 1]).ljust(16, b"\0")))
-        await asyncio.sleep(0.05)
+        await until(lambda: unit.order)
         await asyncio.wait_for(h.session.close_when_idle(timeout=0.3), 5)
         assert await asyncio.wait_for(h.r.read(), 5) == b""
         unit.release.set()
