@@ -1,0 +1,251 @@
+"""The chunk-to-chunk replication frame codec.
+
+A frame on the wire is a 4-byte big-endian payload length followed by a
+msgpack array ``[op, id, volume, extent, epoch, generation, offset, length,
+data, status]``.  An array, not a map: field names would cost more than the
+header itself on every 4 KiB write.  Decoders ignore trailing fields they do
+not know, so later versions can append fields.
+
+``id`` is chosen by the sender of a request and echoed in its reply; replies
+may come back in any order, so one connection carries many outstanding
+requests (pipelining) and a slow disk on one extent does not hold up others.
+A request has ``status`` None; a reply carries a ``Status``.
+
+The length prefix is checked against ``max_frame`` *before* any payload is
+read, so a peer (or garbage) cannot make the reader buffer gigabytes.  Every
+way a byte stream can be wrong maps to a ``FrameError`` subclass; after one,
+the connection is out of sync and must be closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import struct
+import itertools
+from dataclasses import dataclass, replace
+from typing import Any
+
+import msgpack
+
+__all__ = [
+    "Op", "Status", "Frame", "FrameError", "FrameTooLarge", "TruncatedFrame", "MalformedFrame",
+    "MAX_DATA", "MAX_FRAME", "encode", "decode", "FrameReader", "FrameWriter", "Pipeline",
+]
+
+MAX_DATA = 1 << 20                   # largest data payload of one frame
+MAX_FRAME = MAX_DATA + 4096          # plus room for the header fields
+_LEN = struct.Struct(">I")
+
+
+class Op(enum.IntEnum):
+    READ = 1
+    WRITE = 2
+    FLUSH = 3
+    UNMAP = 4
+    PING = 5
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    STALE_EPOCH = 1          # the request's epoch is older than the replica's: fenced
+    CHECKSUM = 2             # the replica's copy failed its checksum; ask another replica
+    NO_EXTENT = 3
+    IO_ERROR = 4
+    INVALID = 5              # out of range, unknown op
+
+
+class FrameError(Exception):
+    """The byte stream is not a valid frame sequence; close the connection."""
+
+
+class FrameTooLarge(FrameError):
+    """The length prefix exceeds the agreed maximum frame size."""
+
+
+class TruncatedFrame(FrameError):
+    """The stream ended inside a frame."""
+
+
+class MalformedFrame(FrameError):
+    """The payload is not msgpack, or not a frame (wrong shape or field types)."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    op: Op
+    id: int
+    volume: str = ""
+    extent: int = 0
+    epoch: int = 0
+    generation: int = 0
+    offset: int = 0
+    length: int = 0
+    data: bytes | memoryview | None = None
+    status: Status | None = None
+
+    def reply(self, status: Status = Status.OK, data: bytes | memoryview | None = None) -> Frame:
+        """The answer to this request: same op, id and addressing, without its data."""
+        return Frame(self.op, self.id, self.volume, self.extent, self.epoch, self.generation,
+                     self.offset, self.length, data, status)
+
+
+def encode(frame: Frame) -> bytes:
+    """Length prefix + payload; ``ValueError`` if it would exceed ``MAX_FRAME``."""
+    body = msgpack.packb([int(frame.op), frame.id, frame.volume, frame.extent, frame.epoch,
+                          frame.generation, frame.offset, frame.length, frame.data,
+                          None if frame.status is None else int(frame.status)])
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _LEN.pack(len(body)) + body
+
+
+_INT_FIELDS = ("id", "extent", "epoch", "generation", "offset", "length")
+
+
+def decode(payload: bytes | memoryview) -> Frame:
+    """One payload (without its length prefix) to a Frame, or ``MalformedFrame``."""
+    try:
+        fields: Any = msgpack.unpackb(payload, raw=False, use_list=True)
+    except Exception as e:            # ExtraData, FormatError, UnicodeDecodeError, ValueError...
+        raise MalformedFrame(f"not msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(fields, list) or len(fields) < 10:
+        raise MalformedFrame(f"not a frame array: {fields!r:.60}")
+    op, ident, volume, extent, epoch, generation, offset, length, data, status = fields[:10]
+    for name, value in zip(_INT_FIELDS, (ident, extent, epoch, generation, offset, length)):
+        if type(value) is not int or value < 0:
+            raise MalformedFrame(f"field {name} is {value!r:.40}, not a non-negative int")
+    if not isinstance(volume, str):
+        raise MalformedFrame(f"volume is {type(volume).__name__}, not str")
+    if data is not None and not isinstance(data, bytes):
+        raise MalformedFrame(f"data is {type(data).__name__}, not bin")
+    try:
+        op = Op(op)
+        status = None if status is None else Status(status)
+    except ValueError as e:
+        raise MalformedFrame(str(e)) from None
+    return Frame(op, ident, volume, extent, epoch, generation, offset, length, data, status)
+
+
+class FrameReader:
+    """Frames from an ``asyncio.StreamReader``; ``None`` at a clean end of stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_frame: int = MAX_FRAME) -> None:
+        self._reader = reader
+        self.max_frame = max_frame
+
+    async def read(self) -> Frame | None:
+        try:
+            prefix = await self._reader.readexactly(_LEN.size)
+        except asyncio.IncompleteReadError as e:
+            if not e.partial:
+                return None
+            raise TruncatedFrame(f"stream ended inside a length prefix ({len(e.partial)} bytes)") from None
+        (n,) = _LEN.unpack(prefix)
+        if n > self.max_frame:
+            raise FrameTooLarge(f"frame of {n} bytes exceeds {self.max_frame}")
+        try:
+            payload = await self._reader.readexactly(n)
+        except asyncio.IncompleteReadError as e:
+            raise TruncatedFrame(f"stream ended after {len(e.partial)} of {n} bytes") from None
+        return decode(payload)
+
+    def __aiter__(self) -> FrameReader:
+        return self
+
+    async def __anext__(self) -> Frame:
+        frame = await self.read()
+        if frame is None:
+            raise StopAsyncIteration
+        return frame
+
+
+class FrameWriter:
+    """Frames to an ``asyncio.StreamWriter``.
+
+    ``write`` only buffers, so a burst of requests or replies leaves in one
+    send; ``drain`` applies the transport's flow control.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    def write(self, frame: Frame) -> None:
+        self._writer.write(encode(frame))
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    async def send(self, frame: Frame) -> None:
+        self.write(frame)
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+class Pipeline:
+    """The requesting side of one connection: many outstanding calls, replies in any order.
+
+    ``call`` numbers the request, sends it and waits for the reply with that
+    id; one reader task routes replies.  If the connection fails, every
+    outstanding call fails with the same error (the caller then picks
+    another replica or reconnects).
+    """
+
+    def __init__(self, reader: FrameReader, writer: FrameWriter) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._ids = itertools.count(1)
+        self._issued = 0
+        self._waiting: dict[int, asyncio.Future[Frame]] = {}
+        self._error: BaseException | None = None
+        self._task = asyncio.get_running_loop().create_task(self._route())
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._waiting)
+
+    async def call(self, request: Frame) -> Frame:
+        if self._error is not None:
+            raise ConnectionError(f"connection failed: {self._error}")
+        ident = self._issued = next(self._ids)
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._waiting[ident] = fut
+        try:
+            await self._writer.send(replace(request, id=ident))
+            return await fut
+        finally:
+            self._waiting.pop(ident, None)
+
+    async def _route(self) -> None:
+        try:
+            async for frame in self._reader:
+                if frame.status is None or not 0 < frame.id <= self._issued:
+                    raise MalformedFrame(f"unexpected frame id {frame.id} op {frame.op.name}")
+                fut = self._waiting.get(frame.id)     # None: that call was cancelled
+                if fut is not None and not fut.done():
+                    fut.set_result(frame)
+            error: BaseException = ConnectionError("connection closed by peer")
+        except (FrameError, ConnectionError, OSError) as e:
+            error = e
+        self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"connection failed: {error}"))
+
+    async def close(self) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._fail(ConnectionError("pipeline closed"))
+        await self._writer.close()
