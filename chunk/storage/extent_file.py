@@ -63,6 +63,7 @@ BLOCK_SIZE = 4096
 EXTENT_SIZE = 64 << 20
 FORMAT = 1
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
+assert array("I").itemsize == 4, "the .crc format needs 4-byte unsigned ints"
 
 
 class ExtentError(Exception):
@@ -118,6 +119,9 @@ class ExtentHeader:
         if not isinstance(fields, dict) or fields.get("format") != FORMAT:
             raise HeaderError(f"{path}: unknown header format {fields!r:.80}")
         known = {k: fields[k] for k in cls.__dataclass_fields__ if k in fields}
+        if not isinstance(known.get("volume"), str) or any(
+                type(v) is not int or v < 0 for k, v in known.items() if k != "volume"):
+            raise HeaderError(f"{path}: bad header fields {fields!r:.120}")
         try:
             return cls(**known)
         except TypeError as e:

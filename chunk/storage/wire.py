@@ -119,6 +119,8 @@ def decode(payload: bytes | memoryview) -> Frame:
         raise MalformedFrame(f"volume is {type(volume).__name__}, not str")
     if data is not None and not isinstance(data, bytes):
         raise MalformedFrame(f"data is {type(data).__name__}, not bin")
+    if type(op) is not int or (status is not None and type(status) is not int):
+        raise MalformedFrame(f"op {op!r:.20} / status {status!r:.20} are not ints")
     try:
         op = Op(op)
         status = None if status is None else Status(status)

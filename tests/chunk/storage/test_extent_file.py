@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import crc32c
+import msgpack
 import pytest
 
 from chunk.storage.extent_file import (
@@ -153,3 +155,9 @@ def test_set_header_persists_epoch(ext: ExtentFile, tmp_path: Path):
     assert ext.epoch == 9
     with ExtentFile.open(tmp_path, "vol1", 3) as again:
         assert (again.header.epoch, again.header.generation) == (9, 4)
+
+
+def test_header_with_wrong_field_types_is_rejected():
+    body = msgpack.packb({"format": 1, "volume": "v", "extent": "0", "epoch": 0})
+    with pytest.raises(HeaderError, match="bad header fields"):
+        ExtentHeader.decode(crc32c.crc32c(body).to_bytes(4, "big") + body)

@@ -46,6 +46,7 @@ def test_memoryview_data_and_trailing_fields_from_newer_peers():
     msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, "text", None]),       # data not bin
     msgpack.packb([1, 1, "v", 0, 0, 0, 0, True, None, None]),      # bool is not a length
     msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, 77]),           # unknown status
+    msgpack.packb([True, 1, "v", 0, 0, 0, 0, 0, None, None]),      # bool is not an op
     msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None]) + b"\x00",   # trailing bytes
 ])
 def test_garbage_payloads_are_malformed(payload: bytes):
