@@ -1,0 +1,50 @@
+"""The CSI plugin's view of the meta JSON API: the CLI's MetaClient, run off the event loop.
+
+Reusing ``zstore.cli.client.MetaClient`` keeps one implementation of endpoint
+failover, leader retries and token handling; a CSI call is a handful of small
+requests, so a worker thread per call costs nothing that matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from zstore.cli.client import MetaClient, seg
+from zstore.config import Config
+
+__all__ = ["Meta", "seg"]
+
+
+class Meta:
+    def __init__(self, client: MetaClient, probe_client: MetaClient | None = None):
+        self.client = client
+        # Probe must answer "not ready" quickly instead of retrying through a failover.
+        self.probe_client = probe_client or client
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Meta":
+        main = MetaClient.from_config(cfg.client, config_source=cfg.source)
+        probe = MetaClient.from_config(cfg.client, config_source=cfg.source, retry_for=0.0)
+        probe.timeout = min(probe.timeout, 3.0)
+        return cls(main, probe)
+
+    async def get(self, path: str, **query: Any) -> Any:
+        return await asyncio.to_thread(self.client.get, path, **query)
+
+    async def post(self, path: str, body: Any = None) -> Any:
+        return await asyncio.to_thread(self.client.post, path, body)
+
+    async def put(self, path: str, body: Any = None) -> Any:
+        return await asyncio.to_thread(self.client.put, path, body)
+
+    async def delete(self, path: str, **query: Any) -> Any:
+        return await asyncio.to_thread(self.client.delete, path, None, **query)
+
+    async def ready(self) -> bool:
+        """True when a meta server answers an authenticated call and sees a leader."""
+        try:
+            await asyncio.to_thread(self.probe_client.get, "/meta/leader")
+        except Exception:  # noqa: BLE001 - any failure means "not ready", Probe says so
+            return False
+        return True
