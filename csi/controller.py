@@ -1,0 +1,373 @@
+"""CSI Controller service: a thin translation of CSI calls into meta API calls.
+
+The CSI volume id is the meta ``volume_id`` (the API accepts it wherever it
+accepts a name), the CSI node id is the node's iSCSI initiator IQN, and
+publishing a volume to a node means putting that IQN on the volume's ACL.
+Idempotency comes from the meta API (create by name, ACL put/delete); this
+module adds the CSI rules on top: capacity ranges, access modes and the spec's
+error codes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import grpc
+
+from csi import csi_pb2 as pb
+from csi import csi_pb2_grpc as pbg
+from csi.meta import Meta, seg
+from csi.status import Abort, guard, invalid
+from zstore import errors
+
+MiB = 1 << 20
+DEFAULT_SIZE = 1 << 30           # when the CO gives no capacity range at all
+MAX_VOLUME_SIZE = 1 << 50        # matches what we advertise in GetCapacity
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")   # a volume name, as the meta API's
+
+Mode = pb.VolumeCapability.AccessMode
+SINGLE_NODE = {Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_ONLY,
+               Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_MULTI_WRITER}
+READ_ONLY = {Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY}
+
+RPC = pb.ControllerServiceCapability.RPC
+CAPABILITIES = [RPC.CREATE_DELETE_VOLUME, RPC.PUBLISH_UNPUBLISH_VOLUME, RPC.LIST_VOLUMES,
+                RPC.GET_CAPACITY, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.PUBLISH_READONLY,
+                RPC.EXPAND_VOLUME, RPC.LIST_VOLUMES_PUBLISHED_NODES, RPC.VOLUME_CONDITION,
+                RPC.GET_VOLUME, RPC.SINGLE_NODE_MULTI_WRITER]
+
+
+def round_up(n: int) -> int:
+    return -(-n // MiB) * MiB
+
+
+def size_for(cr: pb.CapacityRange | None, floor: int = 0) -> int:
+    """The size to create for a capacity range: at least ``required`` (and ``floor``, a
+    clone's source size), rounded up to a MiB as the meta API does; OUT_OF_RANGE when that
+    exceeds ``limit``."""
+    required = cr.required_bytes if cr else 0
+    limit = cr.limit_bytes if cr else 0
+    if required < 0 or limit < 0:
+        raise invalid("capacity_range: required_bytes and limit_bytes must not be negative")
+    if required == 0 and limit == 0 and floor == 0:
+        size = DEFAULT_SIZE
+    elif required == 0 and floor == 0:
+        size = min(DEFAULT_SIZE, limit // MiB * MiB)
+        if size == 0:
+            raise Abort(grpc.StatusCode.OUT_OF_RANGE,
+                        f"limit_bytes {limit} is below the smallest volume (1 MiB)")
+    else:
+        size = round_up(max(required, floor))
+    if limit and size > limit:
+        raise Abort(grpc.StatusCode.OUT_OF_RANGE,
+                    f"volumes are sized in whole MiB: {size} bytes needed, limit_bytes is {limit}")
+    if size > MAX_VOLUME_SIZE:
+        raise Abort(grpc.StatusCode.OUT_OF_RANGE, f"{size} bytes is over the maximum {MAX_VOLUME_SIZE}")
+    return size
+
+
+def check_capabilities(caps: Any, what: str = "volume_capabilities") -> None:
+    """INVALID_ARGUMENT unless every capability names an access type and a mode we serve.
+    An iSCSI LUN can be shared as a raw block device, but a filesystem on it can be
+    written from one node only."""
+    if not caps:
+        raise invalid(f"{what} is required")
+    for c in caps:
+        if not c.HasField("block") and not c.HasField("mount"):
+            raise invalid(f"{what}: each capability needs block or mount")
+        if c.access_mode.mode == Mode.UNKNOWN:
+            raise invalid(f"{what}: access_mode is required")
+        if unsupported(c):
+            raise invalid(f"{what}: {Mode.Mode.Name(c.access_mode.mode)} is not supported for mount volumes")
+
+
+def unsupported(c: pb.VolumeCapability) -> bool:
+    return c.HasField("mount") and c.access_mode.mode in (Mode.MULTI_NODE_SINGLE_WRITER,
+                                                          Mode.MULTI_NODE_MULTI_WRITER)
+
+
+def require(value: str, name: str) -> str:
+    if not value:
+        raise invalid(f"{name} is required")
+    return value
+
+
+def parse_params(params: Any) -> dict[str, Any]:
+    """StorageClass parameters we understand: ``replicas`` (1-3) and ``thin`` (true/false)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key.startswith("csi.storage.k8s.io/"):
+            continue        # added by the external-provisioner, not ours
+        if key == "replicas":
+            if value not in ("1", "2", "3"):
+                raise invalid(f"parameter replicas={value!r}: must be 1, 2 or 3")
+            out["replicas"] = int(value)
+        elif key == "thin":
+            if value.lower() not in ("true", "false"):
+                raise invalid(f"parameter thin={value!r}: must be true or false")
+            out["thin"] = value.lower() == "true"
+        else:
+            raise invalid(f"unknown parameter {key!r} (known: replicas, thin)")
+    return out
+
+
+class Controller(pbg.ControllerServicer):
+    def __init__(self, meta: Meta, portal: str):
+        self.meta = meta
+        self.portal = portal    # the VIP: the only address a node needs to log in
+
+    # -- helpers ---------------------------------------------------------------
+
+    def context_of(self, vol: dict[str, Any]) -> dict[str, str]:
+        return {"targetIQN": vol["target_iqn"], "lun": str(vol["lun"]), "wwn": vol["wwn"],
+                "portal": self.portal}
+
+    def volume_msg(self, vol: dict[str, Any]) -> pb.Volume:
+        v = pb.Volume(capacity_bytes=vol["size"], volume_id=vol["volume_id"],
+                      volume_context=self.context_of(vol))
+        if vol.get("source_snapshot"):
+            v.content_source.snapshot.snapshot_id = vol["source_snapshot"]
+        return v
+
+    async def volume(self, volume_id: str) -> dict[str, Any]:
+        """The volume record, NOT_FOUND (via the API) when it does not exist."""
+        return await self.meta.get(f"/volumes/{seg(volume_id)}")
+
+    @staticmethod
+    def condition(vol: dict[str, Any]) -> pb.VolumeCondition:
+        down = [p["chunk_id"][:8] for p in vol.get("placement", []) if p["status"] != "up"]
+        if down:
+            return pb.VolumeCondition(abnormal=True, message=f"replicas on chunk servers not up: {down}")
+        return pb.VolumeCondition(abnormal=False, message=vol.get("state", ""))
+
+    # -- volumes -----------------------------------------------------------------
+
+    @guard
+    async def CreateVolume(self, request: pb.CreateVolumeRequest,
+                           context: grpc.aio.ServicerContext) -> pb.CreateVolumeResponse:
+        require(request.name, "name")
+        check_capabilities(request.volume_capabilities)
+        body: dict[str, Any] = {"name": request.name, **parse_params(request.parameters)}
+        floor = 0
+        src = request.volume_content_source
+        if request.HasField("volume_content_source"):
+            if src.HasField("volume"):
+                raise invalid("cloning from a volume is not supported; snapshot it and clone the snapshot")
+            sid = require(src.snapshot.snapshot_id, "volume_content_source.snapshot.snapshot_id")
+            snap = await self.meta.get(f"/snapshots/{seg(sid)}")
+            floor = snap["size"]
+            body["source_snapshot"] = snap["snapshot_id"]
+        body["size"] = size_for(request.capacity_range if request.HasField("capacity_range") else None,
+                                floor)
+        vol = await self.meta.post("/volumes", body)
+        return pb.CreateVolumeResponse(volume=self.volume_msg(vol))
+
+    @guard
+    async def DeleteVolume(self, request: pb.DeleteVolumeRequest,
+                           context: grpc.aio.ServicerContext) -> pb.DeleteVolumeResponse:
+        vid = require(request.volume_id, "volume_id")
+        try:
+            await self.meta.delete(f"/volumes/{seg(vid)}")
+        except errors.NotFound:
+            pass                    # already gone: success, as the spec asks
+        except errors.Conflict as e:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"volume {vid} is in use: {e.message}")
+        return pb.DeleteVolumeResponse()
+
+    @guard
+    async def ControllerPublishVolume(self, request: pb.ControllerPublishVolumeRequest,
+                                      context: grpc.aio.ServicerContext) -> pb.ControllerPublishVolumeResponse:
+        vid = require(request.volume_id, "volume_id")
+        node = require(request.node_id, "node_id")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        check_capabilities([request.volume_capability], "volume_capability")
+        mode = request.volume_capability.access_mode.mode
+        readonly = request.readonly or mode in READ_ONLY
+        vol = await self.volume(vid)
+        acl = await self.meta.get(f"/volumes/{seg(vid)}/acl")
+        entries = {e["initiator"]: e for e in acl["initiators"]}
+        mine = entries.get(node)
+        if mine is not None and bool(mine["readonly"]) != readonly:
+            raise Abort(grpc.StatusCode.ALREADY_EXISTS,
+                        f"volume {vid} is already published to {node} with readonly={mine['readonly']}")
+        others = [i for i in entries if i != node]
+        if mode in SINGLE_NODE and others:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"volume {vid} is published to {others[0]} and its access mode is single-node")
+        if mine is None:
+            await self.meta.put(f"/volumes/{seg(vid)}/acl/{seg(node)}", {"readonly": readonly})
+        ctx = self.context_of(vol)
+        ctx["readonly"] = "true" if readonly else "false"
+        return pb.ControllerPublishVolumeResponse(publish_context=ctx)
+
+    @guard
+    async def ControllerUnpublishVolume(self, request: pb.ControllerUnpublishVolumeRequest,
+                                        context: grpc.aio.ServicerContext) -> pb.ControllerUnpublishVolumeResponse:
+        """Idempotent: an unknown volume or node is already unpublished. An empty node_id
+        means every node, as the spec says."""
+        vid = require(request.volume_id, "volume_id")
+        try:
+            if request.node_id:
+                nodes = [request.node_id]
+            else:
+                nodes = [e["initiator"] for e in
+                         (await self.meta.get(f"/volumes/{seg(vid)}/acl"))["initiators"]]
+            for node in nodes:
+                try:
+                    await self.meta.delete(f"/volumes/{seg(vid)}/acl/{seg(node)}")
+                except errors.NotFound:
+                    pass
+        except errors.NotFound:
+            pass
+        return pb.ControllerUnpublishVolumeResponse()
+
+    @guard
+    async def ValidateVolumeCapabilities(self, request: pb.ValidateVolumeCapabilitiesRequest,
+                                         context: grpc.aio.ServicerContext) -> pb.ValidateVolumeCapabilitiesResponse:
+        vid = require(request.volume_id, "volume_id")
+        if not request.volume_capabilities:
+            raise invalid("volume_capabilities is required")
+        await self.volume(vid)
+        for c in request.volume_capabilities:
+            if (not c.HasField("block") and not c.HasField("mount")) or c.access_mode.mode == Mode.UNKNOWN \
+                    or unsupported(c):
+                return pb.ValidateVolumeCapabilitiesResponse(message="unsupported capability: " + str(c).strip())
+        extra = set(request.parameters) - {"replicas", "thin"}
+        if any(not k.startswith("csi.storage.k8s.io/") for k in extra):
+            return pb.ValidateVolumeCapabilitiesResponse(message=f"unknown parameters {sorted(extra)}")
+        return pb.ValidateVolumeCapabilitiesResponse(confirmed=pb.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context, volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters))
+
+    @guard
+    async def ListVolumes(self, request: pb.ListVolumesRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ListVolumesResponse:
+        """Pages follow the meta API's (sorted by name); the token is the last name served."""
+        if request.max_entries < 0:
+            raise invalid("max_entries must not be negative")
+        token = request.starting_token
+        if token and not _TOKEN_RE.fullmatch(token):
+            raise Abort(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not one we handed out")
+        limit = min(request.max_entries or 1000, 1000)
+        page = await self.meta.get("/volumes", limit=limit, start_after=token or None)
+        entries = [pb.ListVolumesResponse.Entry(
+            volume=self.volume_msg(v),
+            status=pb.ListVolumesResponse.VolumeStatus(published_node_ids=v.get("acl", []),
+                                                       volume_condition=self.condition(v)))
+            for v in page["volumes"]]
+        return pb.ListVolumesResponse(entries=entries, next_token=page.get("next") or "")
+
+    @guard
+    async def ControllerGetVolume(self, request: pb.ControllerGetVolumeRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.ControllerGetVolumeResponse:
+        vol = await self.volume(require(request.volume_id, "volume_id"))
+        return pb.ControllerGetVolumeResponse(
+            volume=self.volume_msg(vol),
+            status=pb.ControllerGetVolumeResponse.VolumeStatus(published_node_ids=vol.get("acl", []),
+                                                               volume_condition=self.condition(vol)))
+
+    @guard
+    async def GetCapacity(self, request: pb.GetCapacityRequest,
+                          context: grpc.aio.ServicerContext) -> pb.GetCapacityResponse:
+        """Free raw space divided by the replica count the parameters ask for (default 3)."""
+        for c in request.volume_capabilities:
+            if unsupported(c):
+                return pb.GetCapacityResponse(available_capacity=0)
+        params = parse_params(request.parameters)
+        cap = (await self.meta.get("/cluster"))["capacity"]
+        free = max(0, cap["total"] - cap["used"])
+        resp = pb.GetCapacityResponse(available_capacity=free // params.get("replicas", 3))
+        resp.maximum_volume_size.value = MAX_VOLUME_SIZE
+        resp.minimum_volume_size.value = MiB
+        return resp
+
+    @guard
+    async def ControllerGetCapabilities(self, request: pb.ControllerGetCapabilitiesRequest,
+                                        context: grpc.aio.ServicerContext) -> pb.ControllerGetCapabilitiesResponse:
+        return pb.ControllerGetCapabilitiesResponse(capabilities=[
+            pb.ControllerServiceCapability(rpc=RPC(type=t)) for t in CAPABILITIES])
+
+    @guard
+    async def ControllerExpandVolume(self, request: pb.ControllerExpandVolumeRequest,
+                                     context: grpc.aio.ServicerContext) -> pb.ControllerExpandVolumeResponse:
+        vid = require(request.volume_id, "volume_id")
+        if not request.HasField("capacity_range"):
+            raise invalid("capacity_range is required")
+        size = size_for(request.capacity_range)
+        vol = await self.volume(vid)
+        if vol["size"] < size:
+            vol = await self.meta.post(f"/volumes/{seg(vid)}/resize", {"size": size})
+        elif request.capacity_range.limit_bytes and vol["size"] > request.capacity_range.limit_bytes:
+            raise Abort(grpc.StatusCode.OUT_OF_RANGE,
+                        f"volume is already {vol['size']} bytes, over limit_bytes; volumes do not shrink")
+        # A filesystem must grow on the node too; a raw block device is done here.
+        mount = request.HasField("volume_capability") and request.volume_capability.HasField("mount")
+        return pb.ControllerExpandVolumeResponse(capacity_bytes=vol["size"], node_expansion_required=mount)
+
+    # -- snapshots ---------------------------------------------------------------
+
+    @staticmethod
+    def snapshot_msg(s: dict[str, Any]) -> pb.Snapshot:
+        snap = pb.Snapshot(size_bytes=s["size"], snapshot_id=s["snapshot_id"],
+                           source_volume_id=s["volume_id"], ready_to_use=True)
+        created = float(s.get("created") or 0)
+        snap.creation_time.seconds = int(created)
+        snap.creation_time.nanos = int((created - int(created)) * 1e9)
+        return snap
+
+    @guard
+    async def CreateSnapshot(self, request: pb.CreateSnapshotRequest,
+                             context: grpc.aio.ServicerContext) -> pb.CreateSnapshotResponse:
+        """Snapshot names are per volume in zstore but global in CSI: the same name on
+        another volume is ALREADY_EXISTS."""
+        vid = require(request.source_volume_id, "source_volume_id")
+        name = require(request.name, "name")
+        for s in (await self.meta.get("/snapshots"))["snapshots"]:
+            if s["name"] == name and s["volume_id"] != vid:
+                raise Abort(grpc.StatusCode.ALREADY_EXISTS,
+                            f"snapshot {name!r} exists for another volume ({s['volume_id']})")
+        snap = await self.meta.post(f"/volumes/{seg(vid)}/snapshots", {"name": name})
+        return pb.CreateSnapshotResponse(snapshot=self.snapshot_msg(snap))
+
+    @guard
+    async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest,
+                             context: grpc.aio.ServicerContext) -> pb.DeleteSnapshotResponse:
+        sid = require(request.snapshot_id, "snapshot_id")
+        try:
+            snap = await self.meta.get(f"/snapshots/{seg(sid)}")
+            vol = snap.get("volume") or snap["volume_id"]
+            await self.meta.delete(f"/volumes/{seg(vol)}/snapshots/{seg(snap['name'])}")
+        except errors.NotFound:
+            pass
+        return pb.DeleteSnapshotResponse()
+
+    @guard
+    async def ListSnapshots(self, request: pb.ListSnapshotsRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ListSnapshotsResponse:
+        """The meta API lists snapshots in one answer; the token is an offset into it."""
+        if request.max_entries < 0:
+            raise invalid("max_entries must not be negative")
+        try:
+            start = int(request.starting_token or "0")
+            if start < 0:
+                raise ValueError
+        except ValueError:
+            raise Abort(grpc.StatusCode.ABORTED,
+                        f"starting_token {request.starting_token!r} is not one we handed out") from None
+        if request.snapshot_id:
+            try:
+                snaps = [await self.meta.get(f"/snapshots/{seg(request.snapshot_id)}")]
+            except errors.NotFound:
+                snaps = []
+        else:
+            snaps = (await self.meta.get("/snapshots"))["snapshots"]
+        if request.source_volume_id:
+            snaps = [s for s in snaps if s["volume_id"] == request.source_volume_id]
+        if start > len(snaps):
+            raise Abort(grpc.StatusCode.ABORTED, f"starting_token {start} is past the end")
+        end = len(snaps) if not request.max_entries else min(len(snaps), start + request.max_entries)
+        return pb.ListSnapshotsResponse(
+            entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.snapshot_msg(s)) for s in snaps[start:end]],
+            next_token=str(end) if end < len(snaps) else "")

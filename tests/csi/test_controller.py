@@ -1,0 +1,267 @@
+"""The CSI plugin in-process over a unix socket, against a real cluster (etcd, meta, 3 chunk servers)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi import csi_pb2 as pb
+from csi import csi_pb2_grpc as pbg
+from csi.meta import Meta
+from csi.server import build_server, listen
+from tests.cluster import cluster
+from zstore import config as zconfig
+
+pytestmark = pytest.mark.slow
+
+MiB, GiB = 1 << 20, 1 << 30
+PORTAL = "127.0.0.2:3260"
+NODE_A = "iqn.2026-01.io.example:node-a"
+NODE_B = "iqn.2026-01.io.example:node-b"
+Mode = pb.VolumeCapability.AccessMode
+
+
+def cap(mode: int = Mode.SINGLE_NODE_WRITER, mount: bool = True) -> pb.VolumeCapability:
+    c = pb.VolumeCapability(access_mode=Mode(mode=mode))
+    if mount:
+        c.mount.fs_type = "ext4"
+    else:
+        c.block.SetInParent()
+    return c
+
+
+def name(prefix: str = "pvc") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def zcluster(tmp_path_factory, etcd_server):
+    with cluster(tmp_path_factory.mktemp("csi"), etcd_server, metas=1, chunks=3) as c:
+        c.wait_chunks_up(3)
+        yield c
+
+
+@pytest.fixture
+async def stubs(zcluster, tmp_path: Path):
+    meta = Meta.from_config(zconfig.load(zcluster.client_config))
+    server = build_server(meta, PORTAL, "controller")
+    sock = tmp_path / "csi.sock"
+    listen(server, f"unix://{sock}")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"unix:{sock}") as ch:
+        yield pbg.IdentityStub(ch), pbg.ControllerStub(ch)
+    await server.stop(None)
+
+
+async def expect(code: grpc.StatusCode, call) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await call
+    assert ei.value.code() == code, ei.value.details()
+
+
+async def create(ctl, n: str | None = None, size: int = 64 * MiB, **kw) -> pb.Volume:
+    req = pb.CreateVolumeRequest(name=n or name(), volume_capabilities=[cap()],
+                                 capacity_range=pb.CapacityRange(required_bytes=size), **kw)
+    return (await ctl.CreateVolume(req)).volume
+
+
+async def test_identity(stubs):
+    ident, _ = stubs
+    info = await ident.GetPluginInfo(pb.GetPluginInfoRequest())
+    assert info.name == "csi.zstore.io" and info.vendor_version
+    caps = (await ident.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())).capabilities
+    assert any(c.service.type == pb.PluginCapability.Service.CONTROLLER_SERVICE for c in caps)
+    assert any(c.volume_expansion.type == pb.PluginCapability.VolumeExpansion.ONLINE for c in caps)
+    assert (await ident.Probe(pb.ProbeRequest())).ready.value is True
+
+
+async def test_probe_not_ready_without_meta(tmp_path: Path):
+    from zstore.cli.client import MetaClient
+    from tests.cluster import free_port
+    client = MetaClient([f"http://127.0.0.1:{free_port()}"], token="x", retry_for=0.0, timeout=1.0)
+    server = build_server(Meta(client), PORTAL, "controller")
+    listen(server, f"unix://{tmp_path / 'p.sock'}")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'p.sock'}") as ch:
+            assert (await pbg.IdentityStub(ch).Probe(pb.ProbeRequest())).ready.value is False
+    finally:
+        await server.stop(None)
+
+
+async def test_create_is_idempotent_and_conflicts(stubs, zcluster):
+    _, ctl = stubs
+    n = name()
+    v1 = await create(ctl, n, 100 * MiB + 1, parameters={"replicas": "2", "thin": "true"})
+    assert v1.capacity_bytes == 101 * MiB
+    ctx = v1.volume_context
+    assert ctx["portal"] == PORTAL and ctx["targetIQN"].startswith("iqn.") and ctx["lun"] and ctx["wwn"]
+    v2 = await create(ctl, n, 100 * MiB + 1, parameters={"replicas": "2", "thin": "true"})
+    assert v2.volume_id == v1.volume_id
+    status, rec = zcluster.api("GET", f"/volumes/{v1.volume_id}")
+    assert status == 200 and rec["name"] == n and rec["replicas"] == 2
+    await expect(grpc.StatusCode.ALREADY_EXISTS, create(ctl, n, 200 * MiB))
+
+
+async def test_capacity_range(stubs):
+    _, ctl = stubs
+    req = pb.CreateVolumeRequest(name=name(), volume_capabilities=[cap()],
+                                 capacity_range=pb.CapacityRange(required_bytes=MiB + 1, limit_bytes=MiB + 2))
+    await expect(grpc.StatusCode.OUT_OF_RANGE, ctl.CreateVolume(req))
+    req = pb.CreateVolumeRequest(name=name(), volume_capabilities=[cap()],
+                                 capacity_range=pb.CapacityRange(limit_bytes=8 * MiB + 5))
+    assert (await ctl.CreateVolume(req)).volume.capacity_bytes == 8 * MiB
+
+
+async def test_bad_requests(stubs):
+    _, ctl = stubs
+    INVALID = grpc.StatusCode.INVALID_ARGUMENT
+    await expect(INVALID, ctl.CreateVolume(pb.CreateVolumeRequest(volume_capabilities=[cap()])))
+    await expect(INVALID, ctl.CreateVolume(pb.CreateVolumeRequest(name=name())))
+    await expect(INVALID, ctl.CreateVolume(pb.CreateVolumeRequest(
+        name=name(), volume_capabilities=[cap(Mode.MULTI_NODE_MULTI_WRITER, mount=True)])))
+    await expect(INVALID, ctl.CreateVolume(pb.CreateVolumeRequest(
+        name=name(), volume_capabilities=[cap()], parameters={"replicas": "7"})))
+    await expect(INVALID, ctl.DeleteVolume(pb.DeleteVolumeRequest()))
+    await expect(INVALID, ctl.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(volume_id="x")))
+    await expect(INVALID, ctl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(volume_id="x")))
+    await expect(INVALID, ctl.CreateSnapshot(pb.CreateSnapshotRequest(name="s")))
+    await expect(grpc.StatusCode.NOT_FOUND, ctl.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=uuid.uuid4().hex, node_id=NODE_A, volume_capability=cap())))
+    await expect(grpc.StatusCode.NOT_FOUND, ctl.ControllerGetVolume(
+        pb.ControllerGetVolumeRequest(volume_id=uuid.uuid4().hex)))
+    await expect(grpc.StatusCode.NOT_FOUND, ctl.ValidateVolumeCapabilities(
+        pb.ValidateVolumeCapabilitiesRequest(volume_id=uuid.uuid4().hex, volume_capabilities=[cap()])))
+
+
+async def test_delete_unknown_is_ok(stubs):
+    _, ctl = stubs
+    await ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=uuid.uuid4().hex))
+    await ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=uuid.uuid4().hex))
+
+
+async def test_publish_unpublish_acl(stubs, zcluster):
+    _, ctl = stubs
+    v = await create(ctl)
+
+    def acl() -> dict[str, bool]:
+        status, body = zcluster.api("GET", f"/volumes/{v.volume_id}/acl")
+        assert status == 200, body
+        return {e["initiator"]: e["readonly"] for e in body["initiators"]}
+
+    req = pb.ControllerPublishVolumeRequest(volume_id=v.volume_id, node_id=NODE_A, volume_capability=cap())
+    pc = (await ctl.ControllerPublishVolume(req)).publish_context
+    assert pc["targetIQN"] == v.volume_context["targetIQN"] and pc["lun"] == v.volume_context["lun"]
+    assert pc["wwn"] == v.volume_context["wwn"] and pc["portal"] == PORTAL
+    assert acl() == {NODE_A: False}
+    await ctl.ControllerPublishVolume(req)                       # idempotent
+    assert acl() == {NODE_A: False}
+    # Same node, other readonly flag: incompatible -> ALREADY_EXISTS.
+    ro = pb.ControllerPublishVolumeRequest(volume_id=v.volume_id, node_id=NODE_A, volume_capability=cap(),
+                                           readonly=True)
+    await expect(grpc.StatusCode.ALREADY_EXISTS, ctl.ControllerPublishVolume(ro))
+    # Single-node volume to a second node -> FAILED_PRECONDITION.
+    other = pb.ControllerPublishVolumeRequest(volume_id=v.volume_id, node_id=NODE_B, volume_capability=cap())
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, ctl.ControllerPublishVolume(other))
+    # Deleting a published volume -> FAILED_PRECONDITION.
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id)))
+    got = await ctl.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=v.volume_id))
+    assert list(got.status.published_node_ids) == [NODE_A]
+
+    unpub = pb.ControllerUnpublishVolumeRequest(volume_id=v.volume_id, node_id=NODE_A)
+    await ctl.ControllerUnpublishVolume(unpub)
+    assert acl() == {}
+    await ctl.ControllerUnpublishVolume(unpub)                   # idempotent
+    await ctl.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+        volume_id=uuid.uuid4().hex, node_id=NODE_A))              # unknown volume: OK
+
+    # Multi-node readers may share it, readonly.
+    for node in (NODE_A, NODE_B):
+        await ctl.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+            volume_id=v.volume_id, node_id=node, volume_capability=cap(Mode.MULTI_NODE_READER_ONLY)))
+    assert acl() == {NODE_A: True, NODE_B: True}
+    await ctl.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=v.volume_id))
+    assert acl() == {}
+    await ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
+    assert zcluster.api("GET", f"/volumes/{v.volume_id}")[0] == 404
+
+
+async def test_snapshot_and_clone(stubs, zcluster):
+    _, ctl = stubs
+    v = await create(ctl, size=32 * MiB)
+    sname = name("snapshot")
+    s = (await ctl.CreateSnapshot(pb.CreateSnapshotRequest(source_volume_id=v.volume_id, name=sname))).snapshot
+    assert s.ready_to_use and s.source_volume_id == v.volume_id and s.size_bytes == 32 * MiB
+    again = (await ctl.CreateSnapshot(pb.CreateSnapshotRequest(source_volume_id=v.volume_id, name=sname))).snapshot
+    assert again.snapshot_id == s.snapshot_id
+    w = await create(ctl, size=16 * MiB)
+    await expect(grpc.StatusCode.ALREADY_EXISTS,
+                 ctl.CreateSnapshot(pb.CreateSnapshotRequest(source_volume_id=w.volume_id, name=sname)))
+
+    listed = await ctl.ListSnapshots(pb.ListSnapshotsRequest(source_volume_id=v.volume_id))
+    assert [e.snapshot.snapshot_id for e in listed.entries] == [s.snapshot_id]
+    one = await ctl.ListSnapshots(pb.ListSnapshotsRequest(snapshot_id=s.snapshot_id))
+    assert [e.snapshot.snapshot_id for e in one.entries] == [s.snapshot_id]
+    await expect(grpc.StatusCode.ABORTED, ctl.ListSnapshots(pb.ListSnapshotsRequest(starting_token="x")))
+
+    src = pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=s.snapshot_id))
+    clone = (await ctl.CreateVolume(pb.CreateVolumeRequest(
+        name=name(), volume_capabilities=[cap()], volume_content_source=src))).volume
+    assert clone.capacity_bytes == 32 * MiB
+    assert clone.content_source.snapshot.snapshot_id == s.snapshot_id
+    assert zcluster.api("GET", f"/volumes/{clone.volume_id}")[1]["source_snapshot"] == s.snapshot_id
+    missing = pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=uuid.uuid4().hex))
+    await expect(grpc.StatusCode.NOT_FOUND, ctl.CreateVolume(pb.CreateVolumeRequest(
+        name=name(), volume_capabilities=[cap()], volume_content_source=missing)))
+
+    await ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id))
+    await ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id))
+    assert zcluster.api("GET", f"/snapshots/{s.snapshot_id}")[0] == 404
+
+
+async def test_expand(stubs, zcluster):
+    _, ctl = stubs
+    v = await create(ctl, size=16 * MiB)
+    r = await ctl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=v.volume_id, capacity_range=pb.CapacityRange(required_bytes=48 * MiB), volume_capability=cap()))
+    assert r.capacity_bytes == 48 * MiB and r.node_expansion_required
+    assert zcluster.api("GET", f"/volumes/{v.volume_id}")[1]["size"] == 48 * MiB
+    r = await ctl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=v.volume_id, capacity_range=pb.CapacityRange(required_bytes=32 * MiB),
+        volume_capability=cap(mount=False)))
+    assert r.capacity_bytes == 48 * MiB and not r.node_expansion_required
+    await expect(grpc.StatusCode.NOT_FOUND, ctl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=uuid.uuid4().hex, capacity_range=pb.CapacityRange(required_bytes=GiB))))
+
+
+async def test_list_paging_and_capacity(stubs):
+    _, ctl = stubs
+    ids = {(await create(ctl, name("list"), 8 * MiB)).volume_id for _ in range(3)}
+    seen: list[str] = []
+    token = ""
+    for _ in range(100):
+        page = await ctl.ListVolumes(pb.ListVolumesRequest(max_entries=2, starting_token=token))
+        assert len(page.entries) <= 2
+        seen += [e.volume.volume_id for e in page.entries]
+        token = page.next_token
+        if not token:
+            break
+    assert ids <= set(seen) and len(seen) == len(set(seen))
+    await expect(grpc.StatusCode.ABORTED, ctl.ListVolumes(pb.ListVolumesRequest(starting_token="!bad")))
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, ctl.ListVolumes(pb.ListVolumesRequest(max_entries=-1)))
+
+    cap3 = await ctl.GetCapacity(pb.GetCapacityRequest())
+    cap1 = await ctl.GetCapacity(pb.GetCapacityRequest(parameters={"replicas": "1"}))
+    assert cap1.available_capacity > cap3.available_capacity > 0
+    caps = await ctl.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest())
+    assert pb.ControllerServiceCapability.RPC.EXPAND_VOLUME in {c.rpc.type for c in caps.capabilities}
+
+    vcap = await ctl.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=next(iter(ids)), volume_capabilities=[cap(Mode.MULTI_NODE_MULTI_WRITER, mount=False)]))
+    assert vcap.HasField("confirmed")
+    vcap = await ctl.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=next(iter(ids)), volume_capabilities=[cap(Mode.MULTI_NODE_MULTI_WRITER, mount=True)]))
+    assert not vcap.HasField("confirmed") and vcap.message
