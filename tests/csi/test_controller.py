@@ -265,3 +265,43 @@ async def test_list_paging_and_capacity(stubs):
     vcap = await ctl.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
         volume_id=next(iter(ids)), volume_capabilities=[cap(Mode.MULTI_NODE_MULTI_WRITER, mount=True)]))
     assert not vcap.HasField("confirmed") and vcap.message
+
+
+async def test_snapshot_outlives_its_volume(stubs, zcluster):
+    """A clone from a snapshot works after the source volume is deleted; deleting that
+    snapshot is refused (FAILED_PRECONDITION) until the meta API can do it, never faked."""
+    _, ctl = stubs
+    v = await create(ctl, size=8 * MiB)
+    s = (await ctl.CreateSnapshot(pb.CreateSnapshotRequest(source_volume_id=v.volume_id,
+                                                           name=name("snapshot")))).snapshot
+    await ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
+    src = pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=s.snapshot_id))
+    clone = (await ctl.CreateVolume(pb.CreateVolumeRequest(
+        name=name(), volume_capabilities=[cap()], volume_content_source=src))).volume
+    assert clone.capacity_bytes == 8 * MiB
+    await expect(grpc.StatusCode.FAILED_PRECONDITION,
+                 ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id)))
+    assert zcluster.api("GET", f"/snapshots/{s.snapshot_id}")[0] == 200
+
+
+def test_server_process(zcluster, tmp_path: Path):
+    """``python -m csi.server`` reads the zstore config and serves on a unix socket."""
+    import subprocess
+    import sys
+    from tests.cluster import ROOT, wait_for
+    sock = tmp_path / "s" / "csi.sock"
+    p = subprocess.Popen([sys.executable, "-m", "csi.server", "--endpoint", f"unix://{sock}",
+                          "--mode", "controller", "--config", str(zcluster.client_config)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: sock.exists() or p.poll() is not None, 20, "the CSI socket")
+        assert p.poll() is None, p.stdout.read().decode()
+        with grpc.insecure_channel(f"unix:{sock}") as ch:
+            info = pbg.IdentityStub(ch).GetPluginInfo(pb.GetPluginInfoRequest(), timeout=10)
+            assert info.name == "csi.zstore.io"
+            assert pbg.IdentityStub(ch).Probe(pb.ProbeRequest(), timeout=10).ready.value
+            vols = pbg.ControllerStub(ch).ListVolumes(pb.ListVolumesRequest(max_entries=1), timeout=10)
+            assert len(vols.entries) <= 1
+    finally:
+        p.terminate()
+        assert p.wait(15) == 0
