@@ -196,6 +196,10 @@ class Controller(pbg.ControllerServicer):
         if mode in SINGLE_NODE and others:
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                         f"volume {vid} is published to {others[0]} and its access mode is single-node")
+        writers = [i for i in others if not entries[i]["readonly"]]
+        if mode == Mode.MULTI_NODE_SINGLE_WRITER and not readonly and writers:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"volume {vid} already has a writer, {writers[0]}; publish readonly")
         if mine is None:
             await self.meta.put(f"/volumes/{seg(vid)}/acl/{seg(node)}", {"readonly": readonly})
         ctx = self.context_of(vol)

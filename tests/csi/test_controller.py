@@ -185,6 +185,18 @@ async def test_publish_unpublish_acl(stubs, zcluster):
     assert acl() == {NODE_A: True, NODE_B: True}
     await ctl.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=v.volume_id))
     assert acl() == {}
+
+    # Raw block, one writer among many: a second writer is refused, a reader is not.
+    single_writer = cap(Mode.MULTI_NODE_SINGLE_WRITER, mount=False)
+    await ctl.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=v.volume_id, node_id=NODE_A, volume_capability=single_writer))
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, ctl.ControllerPublishVolume(
+        pb.ControllerPublishVolumeRequest(volume_id=v.volume_id, node_id=NODE_B, volume_capability=single_writer)))
+    await ctl.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=v.volume_id, node_id=NODE_B, volume_capability=single_writer, readonly=True))
+    assert acl() == {NODE_A: False, NODE_B: True}
+    await ctl.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=v.volume_id))
+    assert acl() == {}
     await ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
     assert zcluster.api("GET", f"/volumes/{v.volume_id}")[0] == 404
 
