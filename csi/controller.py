@@ -338,22 +338,12 @@ class Controller(pbg.ControllerServicer):
     @guard
     async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest,
                              context: grpc.aio.ServicerContext) -> pb.DeleteSnapshotResponse:
-        """The meta API deletes a snapshot by volume name and snapshot name; once the
-        source volume is deleted it has no call for it, and we say so rather than
-        report a success that leaves the snapshot behind."""
+        """By id, so snapshots whose source volume is gone can be deleted too; unknown = done."""
         sid = require(request.snapshot_id, "snapshot_id")
         try:
-            snap = await self.meta.get(f"/snapshots/{seg(sid)}")
+            await self.meta.delete(f"/snapshots/{seg(sid)}")
         except errors.NotFound:
-            return pb.DeleteSnapshotResponse()
-        if not snap.get("volume"):
-            raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                        f"snapshot {sid}: its source volume is deleted and the meta API cannot "
-                        "delete such snapshots yet")
-        try:
-            await self.meta.delete(f"/volumes/{seg(snap['volume'])}/snapshots/{seg(snap['name'])}")
-        except errors.NotFound:
-            pass                    # deleted meanwhile
+            pass
         return pb.DeleteSnapshotResponse()
 
     @guard

@@ -245,6 +245,11 @@ async def snapshot_get(request: web.Request) -> web.Response:
     return ok(await snapshot_view(ctx, await volumes.resolve_snapshot(ctx, request.match_info["id"])))
 
 
+@routes.delete(PREFIX + "/snapshots/{id}")
+async def snapshot_delete_by_id(request: web.Request) -> web.Response:
+    return ok({"deleted": await volumes.delete_snapshot_by_id(ctx_of(request), request.match_info["id"])})
+
+
 @routes.delete(PREFIX + "/volumes/{ref}/snapshots/{snap}")
 async def snapshot_delete(request: web.Request) -> web.Response:
     sid = await volumes.delete_snapshot(ctx_of(request), request.match_info["ref"], request.match_info["snap"])

@@ -254,7 +254,15 @@ async def list_snapshots(ctx: Ctx, volume: str | None = None) -> list[Snapshot]:
 
 
 async def delete_snapshot(ctx: Ctx, volume: str, name: str) -> str:
-    snap = await resolve_snapshot(ctx, f"{volume}@{name}")
+    return await delete_snapshot_record(ctx, await resolve_snapshot(ctx, f"{volume}@{name}"))
+
+
+async def delete_snapshot_by_id(ctx: Ctx, sid: str) -> str:
+    """By id: also reaches snapshots whose source volume was deleted (CSI deletes this way)."""
+    return await delete_snapshot_record(ctx, await resolve_snapshot(ctx, sid))
+
+
+async def delete_snapshot_record(ctx: Ctx, snap: Snapshot) -> str:
     skey = ctx.keys.snapshot(snap.snapshot_id)
     clones = [v for _, v in await ctx.list(ctx.keys.volumes(), Volume)
               if v.source_snapshot == snap.snapshot_id]
@@ -265,8 +273,8 @@ async def delete_snapshot(ctx: Ctx, volume: str, name: str) -> str:
     else:
         ops.append(ctx.delete(skey))
     if not await ctx.txn([ctx.t.version(skey) > 0], ops):
-        raise NotFound(f"snapshot {volume}@{name} not found")
-    log.info("snapshot %s@%s (%s) deleted%s", volume, name, snap.snapshot_id,
+        raise NotFound(f"snapshot {snap.name} ({snap.snapshot_id}) not found")
+    log.info("snapshot %s (%s) deleted%s", snap.name, snap.snapshot_id,
              f"; kept for {len(clones)} clone(s)" if clones else "")
     await collect_garbage(ctx)
     return snap.snapshot_id

@@ -231,3 +231,15 @@ async def test_chap_secrets_never_listed(ctx):
                                      "mutual_secret": "samesecret123"})
     await exports.clear_chap(ctx, "v", "iqn.2004-10.com.example:h1")
     assert await exports.list_chap(ctx) == []
+
+
+async def test_snapshot_of_a_deleted_volume_can_be_deleted_by_id(ctx):
+    v, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    s, _ = await volumes.create_snapshot(ctx, "v", "s")
+    await volumes.delete_volume(ctx, "v")                    # tombstoned: the snapshot references it
+    assert await ctx.get_raw(ctx.keys.volume(v.volume_id)) is not None
+    await volumes.delete_snapshot_by_id(ctx, s.snapshot_id)
+    assert await ctx.get_raw(ctx.keys.snapshot(s.snapshot_id)) is None
+    assert await ctx.get_raw(ctx.keys.volume(v.volume_id)) is None     # last reference gone
+    with pytest.raises(NotFound):
+        await volumes.delete_snapshot_by_id(ctx, s.snapshot_id)

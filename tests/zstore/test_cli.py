@@ -183,6 +183,18 @@ def test_snapshots_and_clone(three: Cluster) -> None:
 
 # -- exports: targets, ACLs, CHAP ------------------------------------------------------------------
 
+def test_snapshot_of_a_deleted_volume_is_deleted_by_id(three: Cluster) -> None:
+    import json
+    ok(three, "volume", "create", "gone", "--size", "64Mi", "--replicas", "1")
+    snap = json.loads(ok(three, "snapshot", "create", "gone@keep", "--json"))
+    ok(three, "volume", "delete", "gone")
+    listed = json.loads(ok(three, "snapshot", "list", "--json"))
+    assert [s["volume"] for s in listed if s["snapshot_id"] == snap["snapshot_id"]] == [None]
+    assert "deleted snapshot" in ok(three, "snapshot", "delete", snap["snapshot_id"])
+    assert all(s["snapshot_id"] != snap["snapshot_id"] for s in json.loads(ok(three, "snapshot", "list", "--json")))
+    fails(three, 3, "snapshot", "delete", snap["snapshot_id"])
+
+
 def test_acl_and_targets(three: Cluster) -> None:
     ok(three, "volume", "create", "shared", "--size", "1Gi", "--replicas", "1")
     vol = three.cli_json("volume", "show", "shared")

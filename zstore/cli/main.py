@@ -284,9 +284,18 @@ def cmd_snapshot_list(ctx: Ctx) -> int:
 
 
 def cmd_snapshot_delete(ctx: Ctx) -> int:
+    a = ctx.args
+    if a.snapshot is None and a.volume and "@" not in a.volume and _is_id(a.volume):
+        # A snapshot id alone: also reaches snapshots whose volume was deleted.
+        r = ctx.client.delete(f"/snapshots/{seg(a.volume)}")
+        return ctx.done(r, f"deleted snapshot {a.volume}")
     vol, snap = snapshot_ref(ctx.args.volume, ctx.args.snapshot)
     r = ctx.client.delete(f"/volumes/{seg(vol)}/snapshots/{seg(snap)}")
     return ctx.done(r, f"deleted snapshot {vol}@{snap}")
+
+
+def _is_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def cmd_target_list(ctx: Ctx) -> int:
@@ -443,7 +452,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     for name, func, help in (("create", cmd_snapshot_create, "snapshot a volume (idempotent)"),
                              ("delete", cmd_snapshot_delete, "delete a snapshot")):
         p = leaf(g, name, func, help)
-        p.add_argument("volume", metavar="VOLUME", help="VOLUME, or VOLUME@SNAP alone")
+        p.add_argument("volume", metavar="VOLUME",
+                       help="VOLUME, or VOLUME@SNAP alone (delete also takes a snapshot id)")
         p.add_argument("snapshot", metavar="SNAP", nargs="?")
     leaf(g, "list", cmd_snapshot_list, "list snapshots, of one volume or all").add_argument(
         "volume", metavar="VOLUME", nargs="?")
