@@ -186,3 +186,27 @@ def test_several_luns_and_sessions_at_once(two_chunks: Cluster, tmp_path):
                  "-c", f"read -P {pattern:#x} {off} 8M"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outs = [p.communicate(timeout=120)[0].decode() for p in procs]
     assert all(p.returncode == 0 and "Pattern verification failed" not in o for p, o in zip(procs, outs)), outs
+
+
+def test_session_reinstatement_closes_the_old_connection(two_chunks: Cluster):
+    """A new login with the same initiator, ISID and target replaces the old session (RFC 7143 6.3.5)."""
+    import asyncio
+
+    from tests.redirector.iscsi_client import RawInitiator
+    c = two_chunks
+    vol = make_volume(c)
+    wait_visible(c, vol)
+
+    async def scenario():
+        old = await RawInitiator.connect("127.0.0.1", c.portals[0])
+        resp, _ = await old.login(INIT, vol["target_iqn"])
+        assert resp.status_class == 0 and resp.tsih
+        new = await RawInitiator.connect("127.0.0.1", c.portals[0])
+        resp2, _ = await new.login(INIT, vol["target_iqn"])
+        assert resp2.status_class == 0 and resp2.tsih != resp.tsih
+        assert await old.closed()                       # the old connection is dropped
+        assert (await new.send_targets("")) == [("TargetName", vol["target_iqn"]),
+                                                ("TargetAddress", f"127.0.0.1:{c.portals[0]},1")]
+        new.close()
+
+    asyncio.run(scenario())
