@@ -769,3 +769,376 @@ class Controller:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class NodeStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.NodeStageVolume = channel.unary_unary(
+                '/csi.v1.Node/NodeStageVolume',
+                request_serializer=csi__pb2.NodeStageVolumeRequest.SerializeToString,
+                response_deserializer=csi__pb2.NodeStageVolumeResponse.FromString,
+                _registered_method=True)
+        self.NodeUnstageVolume = channel.unary_unary(
+                '/csi.v1.Node/NodeUnstageVolume',
+                request_serializer=csi__pb2.NodeUnstageVolumeRequest.SerializeToString,
+                response_deserializer=csi__pb2.NodeUnstageVolumeResponse.FromString,
+                _registered_method=True)
+        self.NodePublishVolume = channel.unary_unary(
+                '/csi.v1.Node/NodePublishVolume',
+                request_serializer=csi__pb2.NodePublishVolumeRequest.SerializeToString,
+                response_deserializer=csi__pb2.NodePublishVolumeResponse.FromString,
+                _registered_method=True)
+        self.NodeUnpublishVolume = channel.unary_unary(
+                '/csi.v1.Node/NodeUnpublishVolume',
+                request_serializer=csi__pb2.NodeUnpublishVolumeRequest.SerializeToString,
+                response_deserializer=csi__pb2.NodeUnpublishVolumeResponse.FromString,
+                _registered_method=True)
+        self.NodeGetVolumeStats = channel.unary_unary(
+                '/csi.v1.Node/NodeGetVolumeStats',
+                request_serializer=csi__pb2.NodeGetVolumeStatsRequest.SerializeToString,
+                response_deserializer=csi__pb2.NodeGetVolumeStatsResponse.FromString,
+                _registered_method=True)
+        self.NodeExpandVolume = channel.unary_unary(
+                '/csi.v1.Node/NodeExpandVolume',
+                request_serializer=csi__pb2.NodeExpandVolumeRequest.SerializeToString,
+                response_deserializer=csi__pb2.NodeExpandVolumeResponse.FromString,
+                _registered_method=True)
+        self.NodeGetCapabilities = channel.unary_unary(
+                '/csi.v1.Node/NodeGetCapabilities',
+                request_serializer=csi__pb2.NodeGetCapabilitiesRequest.SerializeToString,
+                response_deserializer=csi__pb2.NodeGetCapabilitiesResponse.FromString,
+                _registered_method=True)
+        self.NodeGetInfo = channel.unary_unary(
+                '/csi.v1.Node/NodeGetInfo',
+                request_serializer=csi__pb2.NodeGetInfoRequest.SerializeToString,
+                response_deserializer=csi__pb2.NodeGetInfoResponse.FromString,
+                _registered_method=True)
+
+
+class NodeServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def NodeStageVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NodeUnstageVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NodePublishVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NodeUnpublishVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NodeGetVolumeStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NodeExpandVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NodeGetCapabilities(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NodeGetInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'NodeStageVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeStageVolume,
+                    request_deserializer=csi__pb2.NodeStageVolumeRequest.FromString,
+                    response_serializer=csi__pb2.NodeStageVolumeResponse.SerializeToString,
+            ),
+            'NodeUnstageVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeUnstageVolume,
+                    request_deserializer=csi__pb2.NodeUnstageVolumeRequest.FromString,
+                    response_serializer=csi__pb2.NodeUnstageVolumeResponse.SerializeToString,
+            ),
+            'NodePublishVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodePublishVolume,
+                    request_deserializer=csi__pb2.NodePublishVolumeRequest.FromString,
+                    response_serializer=csi__pb2.NodePublishVolumeResponse.SerializeToString,
+            ),
+            'NodeUnpublishVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeUnpublishVolume,
+                    request_deserializer=csi__pb2.NodeUnpublishVolumeRequest.FromString,
+                    response_serializer=csi__pb2.NodeUnpublishVolumeResponse.SerializeToString,
+            ),
+            'NodeGetVolumeStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeGetVolumeStats,
+                    request_deserializer=csi__pb2.NodeGetVolumeStatsRequest.FromString,
+                    response_serializer=csi__pb2.NodeGetVolumeStatsResponse.SerializeToString,
+            ),
+            'NodeExpandVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeExpandVolume,
+                    request_deserializer=csi__pb2.NodeExpandVolumeRequest.FromString,
+                    response_serializer=csi__pb2.NodeExpandVolumeResponse.SerializeToString,
+            ),
+            'NodeGetCapabilities': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeGetCapabilities,
+                    request_deserializer=csi__pb2.NodeGetCapabilitiesRequest.FromString,
+                    response_serializer=csi__pb2.NodeGetCapabilitiesResponse.SerializeToString,
+            ),
+            'NodeGetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeGetInfo,
+                    request_deserializer=csi__pb2.NodeGetInfoRequest.FromString,
+                    response_serializer=csi__pb2.NodeGetInfoResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'csi.v1.Node', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('csi.v1.Node', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Node:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def NodeStageVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Node/NodeStageVolume',
+            csi__pb2.NodeStageVolumeRequest.SerializeToString,
+            csi__pb2.NodeStageVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeUnstageVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Node/NodeUnstageVolume',
+            csi__pb2.NodeUnstageVolumeRequest.SerializeToString,
+            csi__pb2.NodeUnstageVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodePublishVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Node/NodePublishVolume',
+            csi__pb2.NodePublishVolumeRequest.SerializeToString,
+            csi__pb2.NodePublishVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeUnpublishVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Node/NodeUnpublishVolume',
+            csi__pb2.NodeUnpublishVolumeRequest.SerializeToString,
+            csi__pb2.NodeUnpublishVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeGetVolumeStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Node/NodeGetVolumeStats',
+            csi__pb2.NodeGetVolumeStatsRequest.SerializeToString,
+            csi__pb2.NodeGetVolumeStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeExpandVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Node/NodeExpandVolume',
+            csi__pb2.NodeExpandVolumeRequest.SerializeToString,
+            csi__pb2.NodeExpandVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeGetCapabilities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Node/NodeGetCapabilities',
+            csi__pb2.NodeGetCapabilitiesRequest.SerializeToString,
+            csi__pb2.NodeGetCapabilitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeGetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Node/NodeGetInfo',
+            csi__pb2.NodeGetInfoRequest.SerializeToString,
+            csi__pb2.NodeGetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -14,7 +14,7 @@ PLUGIN_NAME = "csi.zstore.io"
 
 
 class Identity(pbg.IdentityServicer):
-    def __init__(self, meta: Meta, controller: bool = True):
+    def __init__(self, meta: Meta | None, controller: bool = True):
         self.meta = meta
         self.controller = controller   # node-only plugins must not claim CONTROLLER_SERVICE
 
@@ -37,4 +37,6 @@ class Identity(pbg.IdentityServicer):
                     context: grpc.aio.ServicerContext) -> pb.ProbeResponse:
         """Not ready (rather than an error) while the meta API is unreachable: the plugin
         itself is healthy, restarting it would not help."""
+        if self.meta is None:          # a node-only plugin does not talk to the meta API
+            return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
         return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=await self.meta.ready()))

@@ -2,11 +2,11 @@
 
 ``--mode controller`` runs Identity + Controller (the Deployment next to the
 external-provisioner/attacher/resizer/snapshotter sidecars); ``--mode node``
-and ``both`` are accepted so the DaemonSet can be wired now, but the Node
-service is not written yet, so they serve Identity only (plus Controller for
-``both``). Meta endpoints and token come from the ``[client]`` section of
+runs Identity + Node (the DaemonSet; no meta API needed), ``both`` all three. Meta endpoints and token come from the ``[client]`` section of
 the usual zstore config, the iSCSI portal handed to nodes from ``[redirector]``
-(its VIP and port) unless ``--portal`` says otherwise.
+(its VIP and port) unless ``--portal`` says otherwise. Every RPC is logged once
+with its gRPC code and duration (``csi.rpclog``); ``--metrics-port`` serves
+per-RPC Prometheus counters and latency histograms (``csi.metrics``).
 """
 
 from __future__ import annotations
@@ -24,17 +24,27 @@ from csi import csi_pb2_grpc as pbg
 from csi.controller import Controller
 from csi.identity import Identity
 from csi.meta import Meta
+from csi.metrics import Metrics, serve_metrics
+from csi.rpclog import RpcLogInterceptor
+from csi.host import Host
+from csi.node import Node, initiator_iqn
 from zstore import config as zconfig
+from zstore.logs import RedactingFilter
 
 log = logging.getLogger("zstore.csi")
 
 
-def build_server(meta: Meta, portal: str, mode: str = "controller") -> grpc.aio.Server:
+def build_server(meta: Meta | None, portal: str, mode: str = "controller",
+                 node: Node | None = None) -> grpc.aio.Server:
     server = grpc.aio.server()
     controller = mode in ("controller", "both")
     pbg.add_IdentityServicer_to_server(Identity(meta, controller=controller), server)
     if controller:
+        assert meta is not None
         pbg.add_ControllerServicer_to_server(Controller(meta, portal), server)
+    if mode in ("node", "both"):
+        assert node is not None, "node mode needs a Node"
+        pbg.add_NodeServicer_to_server(node, server)
     return server
 
 
@@ -50,8 +60,8 @@ def listen(server: grpc.aio.Server, endpoint: str) -> None:
         raise SystemExit(f"cannot listen on {endpoint}")
 
 
-async def serve(endpoint: str, meta: Meta, portal: str, mode: str) -> None:
-    server = build_server(meta, portal, mode)
+async def serve(endpoint: str, meta: Meta | None, portal: str, mode: str, node: Node | None = None) -> None:
+    server = build_server(meta, portal, mode, node)
     listen(server, endpoint)
     await server.start()
     log.info("zstore CSI plugin (%s) listening on %s, portal %s", mode, endpoint, portal)
@@ -61,6 +71,8 @@ async def serve(endpoint: str, meta: Meta, portal: str, mode: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(grace=5)
+    if runner is not None:
+        await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,14 +81,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mode", choices=("controller", "node", "both"), default="controller")
     ap.add_argument("--config", help="zstore config file ([client] and [redirector] are used)")
     ap.add_argument("--portal", help="iSCSI portal HOST:PORT for nodes (default: the VIP from the config)")
+    ap.add_argument("--node-id", help="node mode: the node id (default: the IQN in /etc/iscsi/initiatorname.iscsi)")
+    ap.add_argument("--host-cmd-prefix", default="",
+                    help='node mode: prefix for host tools, e.g. "nsenter -t 1 -a --" in a container')
+    ap.add_argument("--state-dir", default="/var/lib/zstore-csi",
+                    help="node mode: where the attach facts of staged volumes are kept")
+    ap.add_argument("--device-timeout", type=float, default=60.0,
+                    help="node mode: seconds to wait for a volume's disk to appear")
+    ap.add_argument("--metrics-port", type=int, metavar="PORT",
+                    help="serve Prometheus metrics on http://ADDRESS:PORT/metrics (default: off)")
+    ap.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+                    help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 in a pod)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = zconfig.load(zconfig.find_config_file(args.config))
-    portal = args.portal or f"{cfg.redirector.vip}:{cfg.redirector.port}"
-    if args.mode != "controller":
-        log.warning("the Node service is not implemented yet: serving Identity%s only",
-                    " and Controller" if args.mode == "both" else "")
-    asyncio.run(serve(args.endpoint, Meta.from_config(cfg), portal, args.mode))
+    for handler in logging.getLogger().handlers:   # the token never reaches a log line
+        handler.addFilter(RedactingFilter())
+    node = None
+    if args.mode in ("node", "both"):
+        node = Node(args.node_id or initiator_iqn(), Host(args.host_cmd_prefix), args.state_dir,
+                    args.device_timeout)
+    meta, portal = None, args.portal or ""
+    if args.mode != "node" or args.config:
+        cfg = zconfig.load(zconfig.find_config_file(args.config))
+        portal = args.portal or f"{cfg.redirector.vip}:{cfg.redirector.port}"
+        meta = Meta.from_config(cfg)
+    asyncio.run(serve(args.endpoint, meta, portal, args.mode, node))
 
 
 if __name__ == "__main__":

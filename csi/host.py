@@ -1,0 +1,55 @@
+"""Running host tools (iscsiadm, mount, mkfs, ...) through a configurable prefix.
+
+In a Kubernetes DaemonSet the plugin runs in a container, but iscsid and the
+kernel's iSCSI netlink are not namespaced: there is one iscsid per host, so
+the tools must run in the host's namespaces (``nsenter -t 1 -a --``, field
+notes §2 item 9). Outside a container the prefix is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+from typing import Sequence
+
+import grpc
+
+from csi.status import Abort
+
+log = logging.getLogger("zstore.csi.host")
+
+
+class HostError(Abort):
+    """A host tool failed: INTERNAL unless the caller maps it to something better."""
+
+    def __init__(self, message: str, rc: int | None = None, stderr: str = ""):
+        super().__init__(grpc.StatusCode.INTERNAL, message)
+        self.rc = rc
+        self.stderr = stderr
+
+
+class Host:
+    def __init__(self, prefix: str = "", timeout: float = 120.0):
+        self.prefix = shlex.split(prefix)
+        self.timeout = timeout
+
+    async def run(self, argv: Sequence[str], ok: Sequence[int] = (0,),
+                  input: bytes | None = None) -> tuple[int, str, str]:
+        """Run ``prefix + argv``; return (rc, stdout, stderr), HostError if rc is not in ``ok``."""
+        cmd = [*self.prefix, *argv]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(input), self.timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise HostError(f"{shlex.join(cmd)}: timed out after {self.timeout}s")
+        rc = proc.returncode or 0
+        o, e = out.decode(errors="replace"), err.decode(errors="replace")
+        log.debug("%s -> %d", shlex.join(cmd), rc)
+        if rc not in ok:
+            raise HostError(f"{shlex.join(cmd)}: exit {rc}: {e.strip() or o.strip()}", rc, e)
+        return rc, o, e

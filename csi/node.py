@@ -1,0 +1,323 @@
+"""CSI Node service: attach a zstore volume with the host's kernel initiator and mount it.
+
+The portal handed over by the controller is the redirector's VIP, so a session
+survives losing its chunk server. Nothing is remembered in memory: staged and
+published mean "is a mount point", attached means "the kernel has a session to
+the target and a disk with the volume's WWN". The few facts unstage needs and
+cannot derive (target, WWN: unstage gets only the volume id) are written next
+to nothing else, in ``state_dir/<volume id>.json`` on disk. Calls on the same
+volume id are serialized; on different volumes they run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from csi import csi_pb2 as pb
+from csi import csi_pb2_grpc as pbg
+from csi.host import Host, HostError
+from csi.iscsiadm import Iscsiadm
+from csi.mounts import mount_at
+from csi.status import Abort, guard, invalid
+
+log = logging.getLogger("zstore.csi.node")
+
+INITIATOR_FILE = Path("/etc/iscsi/initiatorname.iscsi")
+FS_TYPES = ("ext4", "xfs")
+RPC = pb.NodeServiceCapability.RPC
+CAPABILITIES = [RPC.STAGE_UNSTAGE_VOLUME, RPC.EXPAND_VOLUME, RPC.GET_VOLUME_STATS]
+Mode = pb.VolumeCapability.AccessMode
+READ_ONLY = {Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY}
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def initiator_iqn(path: Path = INITIATOR_FILE) -> str:
+    """The ``InitiatorName=`` of open-iscsi's config: the node id the controller puts on ACLs."""
+    for line in path.read_text().splitlines():
+        key, _, value = line.strip().partition("=")
+        if key == "InitiatorName" and value:
+            return value.strip()
+    raise ValueError(f"no InitiatorName in {path}")
+
+
+def volume_id(request: Any) -> str:
+    if not request.volume_id:
+        raise invalid("volume_id is required")
+    if not _ID_RE.match(request.volume_id):
+        raise invalid(f"volume_id {request.volume_id!r} is not a zstore volume id")
+    return request.volume_id
+
+
+def required_path(request: Any, field: str) -> str:
+    p = getattr(request, field)
+    if not p:
+        raise invalid(f"{field} is required")
+    if not os.path.isabs(p):
+        raise invalid(f"{field} must be an absolute path")
+    return os.path.normpath(p)
+
+
+def check_capability(cap: pb.VolumeCapability) -> str:
+    """'block' or the filesystem type; INVALID_ARGUMENT for what we cannot do."""
+    if not cap.HasField("access_mode") or cap.access_mode.mode == Mode.UNKNOWN:
+        raise invalid("volume_capability.access_mode is required")
+    kind = cap.WhichOneof("access_type")
+    if kind is None:
+        raise invalid("volume_capability needs block or mount")
+    if kind == "block":
+        return "block"
+    fs = cap.mount.fs_type or "ext4"
+    if fs not in FS_TYPES:
+        raise invalid(f"fs_type {fs!r} is not supported (one of {', '.join(FS_TYPES)})")
+    return fs
+
+
+def attach_info(request: Any) -> dict[str, str]:
+    """Target, LUN, WWN and portal from publish_context (over volume_context)."""
+    ctx = {**request.volume_context, **request.publish_context}
+    missing = [k for k in ("targetIQN", "lun", "wwn", "portal") if not ctx.get(k)]
+    if missing:
+        raise invalid(f"publish_context/volume_context lack {', '.join(missing)}")
+    wwn = ctx["wwn"].lower().removeprefix("0x")
+    if not re.fullmatch(r"[0-9a-f]{16,32}", wwn):
+        raise invalid(f"wwn {ctx['wwn']!r} is not a hex NAA id")
+    return {"target": ctx["targetIQN"], "lun": ctx["lun"], "wwn": wwn, "portal": ctx["portal"]}
+
+
+def by_id(wwn: str) -> Path:
+    return Path(f"/dev/disk/by-id/wwn-0x{wwn}")
+
+
+class Node(pbg.NodeServicer):
+    def __init__(self, node_id: str, host: Host | None = None, state_dir: str = "/var/lib/zstore-csi",
+                 device_timeout: float = 60.0):
+        self.node_id = node_id
+        self.host = host or Host()
+        self.iscsi = Iscsiadm(self.host)
+        self.state_dir = Path(state_dir)
+        self.device_timeout = device_timeout
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    # ---- state on disk ----
+    def _state_path(self, vid: str) -> Path:
+        return self.state_dir / f"{vid}.json"
+
+    def _load(self, vid: str) -> dict[str, str] | None:
+        try:
+            return json.loads(self._state_path(vid).read_text())
+        except FileNotFoundError:
+            return None
+
+    def _save(self, vid: str, info: dict[str, str]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_path(vid).with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self._state_path(vid))
+
+    # ---- devices ----
+    async def _wait_device(self, wwn: str) -> str:
+        """The /dev/sdX of the WWN; NOT_FOUND when udev never publishes it."""
+        link = by_id(wwn)
+        deadline = time.monotonic() + self.device_timeout
+        while True:
+            if link.exists():
+                return os.path.realpath(link)
+            if time.monotonic() > deadline:
+                raise Abort(grpc.StatusCode.NOT_FOUND, f"{link} did not appear within {self.device_timeout:.0f}s")
+            await asyncio.sleep(0.2)
+
+    async def _remove_device(self, dev: str) -> None:
+        """Flush and delete the SCSI device, so that no stale sdX stays behind the LUN."""
+        name = os.path.basename(dev)
+        await self.host.run(["blockdev", "--flushbufs", dev], ok=(0, 1))
+        delete = Path(f"/sys/block/{name}/device/delete")
+        if delete.exists():
+            delete.write_text("1")
+        for _ in range(50):
+            if not Path(f"/sys/block/{name}").exists():
+                return
+            await asyncio.sleep(0.1)
+
+    async def _size(self, dev: str) -> int:
+        _, out, _ = await self.host.run(["blockdev", "--getsize64", dev])
+        return int(out.strip())
+
+    # ---- RPCs ----
+    @guard
+    async def NodeGetInfo(self, request: pb.NodeGetInfoRequest,
+                          context: grpc.aio.ServicerContext) -> pb.NodeGetInfoResponse:
+        return pb.NodeGetInfoResponse(node_id=self.node_id)
+
+    @guard
+    async def NodeGetCapabilities(self, request: pb.NodeGetCapabilitiesRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.NodeGetCapabilitiesResponse:
+        return pb.NodeGetCapabilitiesResponse(capabilities=[
+            pb.NodeServiceCapability(rpc=RPC(type=t)) for t in CAPABILITIES])
+
+    @guard
+    async def NodeStageVolume(self, request: pb.NodeStageVolumeRequest,
+                              context: grpc.aio.ServicerContext) -> pb.NodeStageVolumeResponse:
+        vid = volume_id(request)
+        staging = required_path(request, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        kind = check_capability(request.volume_capability)
+        info = attach_info(request)
+        async with self._locks[vid]:
+            self._save(vid, {**info, "kind": kind})
+            try:
+                await self.iscsi.attach(info["target"], info["portal"])
+            except HostError as e:
+                raise Abort(grpc.StatusCode.UNAVAILABLE, f"iSCSI login to {info['target']}: {e}")
+            dev = await self._wait_device(info["wwn"])
+            if kind == "block":
+                return pb.NodeStageVolumeResponse()
+            m = mount_at(staging)
+            if m is not None:
+                if os.path.realpath(m.source) != dev:
+                    raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{staging} has {m.source} mounted, not {dev}")
+                return pb.NodeStageVolumeResponse()
+            rc, out, _ = await self.host.run(["blkid", "-p", "-s", "TYPE", "-o", "value", dev], ok=(0, 2))
+            fs = out.strip() if rc == 0 else ""
+            if not fs:
+                await self.host.run([f"mkfs.{kind}", *(["-F", "-q"] if kind == "ext4" else ["-q"]), dev])
+                fs = kind
+            os.makedirs(staging, exist_ok=True)
+            opts = list(request.volume_capability.mount.mount_flags)
+            if request.volume_capability.access_mode.mode in READ_ONLY:
+                opts.append("ro")
+            await self.host.run(["mount", "-t", fs, *(["-o", ",".join(opts)] if opts else []), dev, staging])
+        return pb.NodeStageVolumeResponse()
+
+    @guard
+    async def NodeUnstageVolume(self, request: pb.NodeUnstageVolumeRequest,
+                                context: grpc.aio.ServicerContext) -> pb.NodeUnstageVolumeResponse:
+        vid = volume_id(request)
+        staging = required_path(request, "staging_target_path")
+        async with self._locks[vid]:
+            m = mount_at(staging)
+            dev = os.path.realpath(m.source) if m is not None and m.source.startswith("/dev/") else None
+            if m is not None:
+                await self.host.run(["umount", staging])
+            info = self._load(vid)
+            if info is None:
+                return pb.NodeUnstageVolumeResponse()      # never staged here, or done already
+            link = by_id(info["wwn"])
+            if dev is None and link.exists():
+                dev = os.path.realpath(link)
+            if dev is not None:
+                await self._remove_device(dev)
+            s = await self.iscsi.session_for(info["target"], detail=True)
+            if s is not None and not [d for d in s.disks if f"/dev/{d}" != dev]:
+                await self.iscsi.logout(s.sid)
+            self._state_path(vid).unlink(missing_ok=True)
+        return pb.NodeUnstageVolumeResponse()
+
+    @guard
+    async def NodePublishVolume(self, request: pb.NodePublishVolumeRequest,
+                                context: grpc.aio.ServicerContext) -> pb.NodePublishVolumeResponse:
+        vid = volume_id(request)
+        staging = required_path(request, "staging_target_path")
+        target = required_path(request, "target_path")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        kind = check_capability(request.volume_capability)
+        ro = request.readonly or request.volume_capability.access_mode.mode in READ_ONLY
+        async with self._locks[vid]:
+            if mount_at(target) is not None:
+                return pb.NodePublishVolumeResponse()
+            if kind == "block":
+                info = self._load(vid)
+                if info is None or not by_id(info["wwn"]).exists():
+                    raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"volume {vid} is not staged")
+                src = os.path.realpath(by_id(info["wwn"]))
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                Path(target).touch()
+            else:
+                if mount_at(staging) is None:
+                    raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"volume {vid} is not staged at {staging}")
+                src = staging
+                os.makedirs(target, exist_ok=True)
+            await self.host.run(["mount", "--bind", src, target])
+            if ro:
+                await self.host.run(["mount", "-o", "remount,bind,ro", target])
+        return pb.NodePublishVolumeResponse()
+
+    @guard
+    async def NodeUnpublishVolume(self, request: pb.NodeUnpublishVolumeRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.NodeUnpublishVolumeResponse:
+        vid = volume_id(request)
+        target = required_path(request, "target_path")
+        async with self._locks[vid]:
+            while mount_at(target) is not None:
+                await self.host.run(["umount", target])
+            p = Path(target)
+            if p.is_dir():
+                p.rmdir()
+            elif p.exists():
+                p.unlink()
+        return pb.NodeUnpublishVolumeResponse()
+
+    @guard
+    async def NodeGetVolumeStats(self, request: pb.NodeGetVolumeStatsRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.NodeGetVolumeStatsResponse:
+        volume_id(request)
+        path = required_path(request, "volume_path")
+        if not os.path.exists(path) or mount_at(path) is None:
+            raise Abort(grpc.StatusCode.NOT_FOUND, f"{path} is not a published volume")
+        U = pb.VolumeUsage
+        if not os.path.isdir(path):
+            size = await self._size(path)
+            return pb.NodeGetVolumeStatsResponse(usage=[U(total=size, unit=U.BYTES)])
+        st = os.statvfs(path)
+        return pb.NodeGetVolumeStatsResponse(usage=[
+            U(total=st.f_blocks * st.f_frsize, available=st.f_bavail * st.f_frsize,
+              used=(st.f_blocks - st.f_bfree) * st.f_frsize, unit=U.BYTES),
+            U(total=st.f_files, available=st.f_favail, used=st.f_files - st.f_ffree, unit=U.INODES)])
+
+    @guard
+    async def NodeExpandVolume(self, request: pb.NodeExpandVolumeRequest,
+                               context: grpc.aio.ServicerContext) -> pb.NodeExpandVolumeResponse:
+        vid = volume_id(request)
+        path = required_path(request, "volume_path")
+        async with self._locks[vid]:
+            info = self._load(vid)
+            if info is None or not by_id(info["wwn"]).exists():
+                raise Abort(grpc.StatusCode.NOT_FOUND, f"volume {vid} is not staged on this node")
+            dev = os.path.realpath(by_id(info["wwn"]))
+            want = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
+            s = await self.iscsi.session_for(info["target"])
+            if s is not None:
+                await self.iscsi.rescan(s.sid)
+            rescan = Path(f"/sys/block/{os.path.basename(dev)}/device/rescan")
+            deadline = time.monotonic() + self.device_timeout
+            while True:
+                if rescan.exists():
+                    rescan.write_text("1")
+                size = await self._size(dev)
+                if size >= want:
+                    break
+                if time.monotonic() > deadline:
+                    raise Abort(grpc.StatusCode.INTERNAL, f"{dev} is {size} bytes, not {want}, after a rescan")
+                await asyncio.sleep(0.5)
+            block = info.get("kind") == "block" or (
+                request.HasField("volume_capability") and request.volume_capability.HasField("block"))
+            if not block:
+                m = mount_at(path)
+                if m is None:
+                    raise Abort(grpc.StatusCode.NOT_FOUND, f"{path} is not mounted")
+                if m.fstype == "xfs":
+                    await self.host.run(["xfs_growfs", path])
+                else:
+                    await self.host.run(["resize2fs", dev])
+        return pb.NodeExpandVolumeResponse(capacity_bytes=size)

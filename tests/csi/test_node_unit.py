@@ -1,0 +1,258 @@
+"""The Node service without a kernel: argument validation, error codes, and iscsiadm/mountinfo
+parsing against outputs recorded from the lab VM (open-iscsi 2.1.8, Debian bookworm).
+The lab test tests/lab/test_lab.py::test_csi_node_lifecycle is the real proof."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi import csi_pb2 as pb
+from csi import csi_pb2_grpc as pbg
+from csi.host import Host
+from csi.iscsiadm import Iscsiadm, parse_discovery, parse_session_disks, parse_sessions
+from csi.mounts import mount_at, parse_mountinfo
+from csi.node import Node, initiator_iqn
+from csi.server import build_server, listen
+
+SESSION = """tcp: [1] 192.168.77.1:3263,1 iqn.2026-01.io.zstore:1d24d4f9.t0000 (non-flash)
+tcp: [3] 192.168.77.1:3261,1 iqn.2026-01.io.zstore:99515c1d.t0000 (non-flash)
+"""
+SESSION_P3 = """iSCSI Transport Class version 2.0-870
+version 2.1.8
+Target: iqn.2026-01.io.zstore:1d24d4f9.t0000 (non-flash)
+	Current Portal: 192.168.77.1:3263,1
+	Persistent Portal: 192.168.77.1:3260,1
+		**********
+		Interface:
+		**********
+		Iface Name: default
+		Iface Transport: tcp
+		Iface Initiatorname: iqn.2026-01.io.zstore.lab:guest
+		Iface IPaddress: 192.168.77.2
+		SID: 1
+		iSCSI Connection State: LOGGED IN
+		iSCSI Session State: LOGGED_IN
+		Internal iscsid Session State: NO CHANGE
+		************************
+		Attached SCSI devices:
+		************************
+		Host Number: 0	State: running
+		scsi0 Channel 00 Id 0 Lun: 1
+			Attached scsi disk sda		State: running
+		scsi0 Channel 00 Id 0 Lun: 2
+			Attached scsi disk sdb		State: running
+Target: iqn.2026-01.io.zstore:99515c1d.t0000 (non-flash)
+	Current Portal: 192.168.77.1:3261,1
+	Persistent Portal: 192.168.77.1:3260,1
+		SID: 3
+		iSCSI Session State: LOGGED_IN
+		************************
+		Attached SCSI devices:
+		************************
+		Host Number: 2	State: running
+"""
+DISCOVERY = """192.168.77.1:3260,1 iqn.2026-01.io.zstore:1d24d4f9.t0000
+192.168.77.1:3260,1 iqn.2026-01.io.zstore:99515c1d.t0000
+"""
+MOUNTINFO = r"""22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 22 8:0 / /var/lib/kubelet/plugins/staging\040dir rw,relatime shared:20 - ext4 /dev/sda rw
+41 22 8:0 / /var/lib/kubelet/pods/p1/volumes/mount rw,relatime shared:20 - ext4 /dev/sda rw
+42 22 0:5 /sdb /var/lib/kubelet/pods/p2/dev/blk rw,nosuid - devtmpfs udev rw,size=1000k
+"""
+
+
+def test_parse_sessions():
+    s = parse_sessions(SESSION)
+    assert [(x.sid, x.portal, x.tpgt, x.target) for x in s] == [
+        (1, "192.168.77.1:3263", 1, "iqn.2026-01.io.zstore:1d24d4f9.t0000"),
+        (3, "192.168.77.1:3261", 1, "iqn.2026-01.io.zstore:99515c1d.t0000")]
+    assert parse_sessions("iscsiadm: No active sessions.\n") == []
+
+
+def test_parse_session_disks():
+    assert parse_session_disks(SESSION_P3) == {1: ["sda", "sdb"], 3: []}
+
+
+def test_parse_discovery():
+    assert parse_discovery(DISCOVERY) == [("192.168.77.1:3260", "iqn.2026-01.io.zstore:1d24d4f9.t0000"),
+                                          ("192.168.77.1:3260", "iqn.2026-01.io.zstore:99515c1d.t0000")]
+
+
+def test_parse_mountinfo():
+    table = parse_mountinfo(MOUNTINFO)
+    m = mount_at("/var/lib/kubelet/plugins/staging dir/", table)
+    assert m is not None and m.source == "/dev/sda" and m.fstype == "ext4"
+    assert mount_at("/var/lib/kubelet/pods/p2/dev/blk", table).root == "/sdb"
+    assert mount_at("/nowhere", table) is None
+
+
+def test_initiator_iqn(tmp_path: Path):
+    f = tmp_path / "initiatorname.iscsi"
+    f.write_text("## DO NOT EDIT\nInitiatorName=iqn.1993-08.org.debian:01:abc\n")
+    assert initiator_iqn(f) == "iqn.1993-08.org.debian:01:abc"
+
+
+class FakeHost(Host):
+    """Answers iscsiadm from canned outputs and records every command."""
+
+    def __init__(self, answers: dict[tuple[str, ...], tuple[int, str]]):
+        super().__init__()
+        self.answers = answers
+        self.calls: list[list[str]] = []
+
+    async def run(self, argv, ok=(0,), input=None):
+        self.calls.append(list(argv))
+        rc, out = self.answers.get(tuple(argv), (0, ""))
+        if rc not in ok:
+            from csi.host import HostError
+            raise HostError(f"{argv}: exit {rc}", rc)
+        return rc, out, ""
+
+
+async def test_attach_rescans_an_existing_session_instead_of_logging_in():
+    host = FakeHost({("iscsiadm", "-m", "session"): (0, SESSION)})
+    s = await Iscsiadm(host).attach("iqn.2026-01.io.zstore:99515c1d.t0000", "192.168.77.1:3260")
+    assert s.sid == 3
+    assert ["iscsiadm", "-m", "session", "-r", "3", "--rescan"] in host.calls
+    assert not any("--login" in c for c in host.calls)
+
+
+async def test_attach_logs_in_when_there_is_no_session():
+    state = {"n": 0}
+
+    class H(FakeHost):
+        async def run(self, argv, ok=(0,), input=None):
+            if argv[:3] == ["iscsiadm", "-m", "session"] and len(argv) == 3:
+                self.calls.append(list(argv))
+                state["n"] += 1
+                return (21, "", "") if state["n"] == 1 else (0, SESSION, "")
+            return await super().run(argv, ok, input)
+
+    host = H({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", "192.168.77.1:3260"): (0, DISCOVERY),
+              ("iscsiadm", "-m", "node", "-T", "iqn.2026-01.io.zstore:1d24d4f9.t0000", "-p",
+               "192.168.77.1:3260", "--login"): (15, "")})      # 15: session exists, a success
+    s = await Iscsiadm(host).attach("iqn.2026-01.io.zstore:1d24d4f9.t0000", "192.168.77.1:3260")
+    assert s.sid == 1
+
+
+# ---- the service over a unix socket: validation and error codes ----
+@pytest.fixture
+async def stub(tmp_path: Path):
+    node = Node("iqn.2026-01.io.example:node-a", FakeHost({("iscsiadm", "-m", "session"): (21, "")}),
+                state_dir=str(tmp_path / "state"), device_timeout=0.5)
+    server = build_server(None, "", "node", node)
+    sock = tmp_path / "csi.sock"
+    listen(server, f"unix://{sock}")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"unix:{sock}") as ch:
+        yield pbg.NodeStub(ch), pbg.IdentityStub(ch), tmp_path
+    await server.stop(None)
+
+
+def cap(block: bool = False, fs: str = "ext4") -> pb.VolumeCapability:
+    c = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(
+        mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+    if block:
+        c.block.SetInParent()
+    else:
+        c.mount.fs_type = fs
+    return c
+
+
+CTX = {"targetIQN": "iqn.2026-01.io.zstore:1d24d4f9.t0000", "lun": "1",
+       "wwn": "6001405" + "0" * 25, "portal": "192.168.77.1:3260"}
+
+
+async def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await call
+    return e.value.code()
+
+
+async def test_info_and_capabilities(stub):
+    node, ident, _ = stub
+    assert (await node.NodeGetInfo(pb.NodeGetInfoRequest())).node_id == "iqn.2026-01.io.example:node-a"
+    caps = {c.rpc.type for c in (await node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())).capabilities}
+    R = pb.NodeServiceCapability.RPC
+    assert caps == {R.STAGE_UNSTAGE_VOLUME, R.EXPAND_VOLUME, R.GET_VOLUME_STATS}
+    assert (await ident.Probe(pb.ProbeRequest())).ready.value
+    plugin = await ident.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
+    assert not any(c.HasField("service") for c in plugin.capabilities)
+
+
+async def test_stage_argument_errors(stub):
+    node, _, tmp = stub
+    st = str(tmp / "staging")
+    INVALID = grpc.StatusCode.INVALID_ARGUMENT
+    R = pb.NodeStageVolumeRequest
+    assert await code_of(node.NodeStageVolume(R(staging_target_path=st, volume_capability=cap(),
+                                                publish_context=CTX))) == INVALID
+    assert await code_of(node.NodeStageVolume(R(volume_id="v1", volume_capability=cap(),
+                                                publish_context=CTX))) == INVALID
+    assert await code_of(node.NodeStageVolume(R(volume_id="v1", staging_target_path="rel",
+                                                volume_capability=cap(), publish_context=CTX))) == INVALID
+    assert await code_of(node.NodeStageVolume(R(volume_id="v1", staging_target_path=st,
+                                                publish_context=CTX))) == INVALID
+    assert await code_of(node.NodeStageVolume(R(volume_id="v1", staging_target_path=st,
+                                                volume_capability=cap(fs="btrfs"), publish_context=CTX))) == INVALID
+    no_mode = pb.VolumeCapability()
+    no_mode.mount.SetInParent()
+    assert await code_of(node.NodeStageVolume(R(volume_id="v1", staging_target_path=st,
+                                                volume_capability=no_mode, publish_context=CTX))) == INVALID
+    assert await code_of(node.NodeStageVolume(R(volume_id="v1", staging_target_path=st, volume_capability=cap(),
+                                                publish_context={**CTX, "wwn": ""}))) == INVALID
+
+
+async def test_stage_unavailable_when_the_target_is_not_advertised(stub):
+    node, _, tmp = stub
+    code = await code_of(node.NodeStageVolume(pb.NodeStageVolumeRequest(
+        volume_id="v1", staging_target_path=str(tmp / "st"), volume_capability=cap(), publish_context=CTX)))
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_device_that_never_appears_is_not_found(tmp_path: Path):
+    host = FakeHost({("iscsiadm", "-m", "session"): (0, SESSION)})
+    node = Node("n", host, state_dir=str(tmp_path), device_timeout=0.3)
+
+    class Ctx:
+        async def abort(self, code, msg):
+            raise RuntimeError(code)
+
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(pb.NodeStageVolumeRequest(
+            volume_id="v1", staging_target_path=str(tmp_path / "st"), volume_capability=cap(),
+            publish_context=CTX), Ctx())
+    assert e.value.args[0] == grpc.StatusCode.NOT_FOUND
+
+
+async def test_unstage_unpublish_are_idempotent_on_nothing(stub):
+    node, _, tmp = stub
+    await node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id="v1", staging_target_path=str(tmp / "st")))
+    await node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="v1", target_path=str(tmp / "t")))
+    assert await code_of(node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="v1"))) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert await code_of(node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(staging_target_path="/x"))) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_publish_before_stage_is_failed_precondition(stub):
+    node, _, tmp = stub
+    code = await code_of(node.NodePublishVolume(pb.NodePublishVolumeRequest(
+        volume_id="v1", staging_target_path=str(tmp / "st"), target_path=str(tmp / "t"), volume_capability=cap())))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert await code_of(node.NodePublishVolume(pb.NodePublishVolumeRequest(
+        volume_id="v1", staging_target_path=str(tmp / "st"), volume_capability=cap()))) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_stats_and_expand_errors(stub):
+    node, _, tmp = stub
+    assert await code_of(node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
+        volume_id="v1", volume_path=str(tmp / "nope")))) == grpc.StatusCode.NOT_FOUND
+    assert await code_of(node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id="v1"))) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert await code_of(node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
+        volume_id="v1", volume_path=str(tmp / "t")))) == grpc.StatusCode.NOT_FOUND
