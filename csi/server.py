@@ -2,11 +2,12 @@
 
 ``--mode controller`` runs Identity + Controller (the Deployment next to the
 external-provisioner/attacher/resizer/snapshotter sidecars); ``--mode node``
-runs Identity + Node (the DaemonSet; no meta API needed), ``both`` all three. Meta endpoints and token come from the ``[client]`` section of
-the usual zstore config, the iSCSI portal handed to nodes from ``[redirector]``
-(its VIP and port) unless ``--portal`` says otherwise. Every RPC is logged once
-with its gRPC code and duration (``csi.rpclog``); ``--metrics-port`` serves
-per-RPC Prometheus counters and latency histograms (``csi.metrics``).
+runs Identity + Node (the DaemonSet; no meta API needed), ``both`` all three.
+Meta endpoints and token come from the ``[client]`` section of the usual
+zstore config, the iSCSI portal handed to nodes from ``[redirector]`` (its VIP
+and port) unless ``--portal`` says otherwise. Every RPC is logged once with its
+gRPC code and duration (``csi.rpclog``); ``--metrics-port`` serves per-RPC
+Prometheus counters and latency histograms (``csi.metrics``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from csi import csi_pb2_grpc as pbg
 from csi.controller import Controller
 from csi.identity import Identity
 from csi.meta import Meta
-from csi.metrics import Metrics, serve_metrics
-from csi.rpclog import RpcLogInterceptor
 from csi.host import Host
+from csi.metrics import Metrics, serve_metrics
 from csi.node import Node, initiator_iqn
+from csi.rpclog import RpcLogInterceptor
 from zstore import config as zconfig
 from zstore.logs import RedactingFilter
 
@@ -35,8 +36,8 @@ log = logging.getLogger("zstore.csi")
 
 
 def build_server(meta: Meta | None, portal: str, mode: str = "controller",
-                 node: Node | None = None) -> grpc.aio.Server:
-    server = grpc.aio.server()
+                 node: Node | None = None, metrics: Metrics | None = None) -> grpc.aio.Server:
+    server = grpc.aio.server(interceptors=[RpcLogInterceptor(metrics)])
     controller = mode in ("controller", "both")
     pbg.add_IdentityServicer_to_server(Identity(meta, controller=controller), server)
     if controller:
@@ -60,10 +61,13 @@ def listen(server: grpc.aio.Server, endpoint: str) -> None:
         raise SystemExit(f"cannot listen on {endpoint}")
 
 
-async def serve(endpoint: str, meta: Meta | None, portal: str, mode: str, node: Node | None = None) -> None:
-    server = build_server(meta, portal, mode, node)
+async def serve(endpoint: str, meta: Meta | None, portal: str, mode: str, node: Node | None = None,
+                metrics_port: int | None = None, metrics_address: str = "127.0.0.1") -> None:
+    metrics = Metrics() if metrics_port is not None else None
+    server = build_server(meta, portal, mode, node, metrics)
     listen(server, endpoint)
     await server.start()
+    runner = await serve_metrics(metrics, metrics_port, metrics_address) if metrics else None
     log.info("zstore CSI plugin (%s) listening on %s, portal %s", mode, endpoint, portal)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = zconfig.load(zconfig.find_config_file(args.config))
         portal = args.portal or f"{cfg.redirector.vip}:{cfg.redirector.port}"
         meta = Meta.from_config(cfg)
-    asyncio.run(serve(args.endpoint, meta, portal, args.mode, node))
+    asyncio.run(serve(args.endpoint, meta, portal, args.mode, node, args.metrics_port, args.metrics_address))
 
 
 if __name__ == "__main__":
