@@ -2,10 +2,11 @@
 
 ``up`` runs in the foreground as a supervisor: it starts an embedded etcd,
 the meta server(s), the iSCSI redirector on the VIP 127.0.0.2 (a loopback
-address, so it needs no privileges) and N chunk servers as child processes,
-waits until each stage answers, prints where everything is, and stops them
-all in reverse order (redirector, chunks, metas, etcd) on Ctrl-C, SIGTERM or
-``zstore down``. Everything lives in one state directory, so a second ``up``
+address, so it needs no privileges), N chunk servers and the CSI driver
+(controller mode on ``DIR/csi.sock``: the node mode needs root and open-iscsi)
+as child processes, waits until each stage answers, prints where everything
+is, and stops them all in reverse order (CSI, redirector, chunks, metas, etcd)
+on Ctrl-C, SIGTERM or ``zstore down``. Everything lives in one state directory, so a second ``up``
 reuses the token, the etcd data and the chunk ids.
 
 Children run in their own sessions, so a Ctrl-C in the terminal reaches only
@@ -20,6 +21,7 @@ Layout of the state dir::
     zstore.toml      client config the CLI finds by itself
     up.pid           supervisor pid, flock'ed while it runs
     up.json          what runs now (pids, ports), for ``down`` and for tests
+    csi.sock         the CSI driver's gRPC socket (Identity + Controller)
     etcd/            etcd data          metaN.toml, chunkN.toml, redirector.toml  daemon configs
     chunkN/          chunk data dir     logs/NAME.log             each child's output
 """
@@ -54,6 +56,7 @@ STOP_GRACE = 10.0                    # SIGTERM, then SIGKILL after this
 READY_TIMEOUT = 30.0
 LEADER_TIMEOUT = 20.0
 ETCD_MISSING = "etcd not found; install Debian's etcd-server"
+UNIX_PATH_MAX = 107                  # sun_path is 108 bytes with the trailing NUL
 
 UP_EPILOG = """\
 Runs in the foreground; Ctrl-C (or `zstore down` from another terminal) stops
@@ -62,7 +65,8 @@ kept in the state dir (default: $ZSTORE_STATE_DIR, else
 ~/.local/state/zstore), so running it again brings back the same cluster.
 Ports used: BASE (etcd client), BASE+1 (etcd peer), BASE+10+i (meta i),
 BASE+20+i (chunk i data), BASE+30+i (chunk i iSCSI portal), and
-127.0.0.2:VIP_PORT (the redirector, where initiators log in).
+127.0.0.2:VIP_PORT (the redirector, where initiators log in). The CSI driver
+(controller) listens on the unix socket DIR/csi.sock.
 Exit status: 0 after a clean stop, 1 when the cluster could not be started,
 2 for bad arguments.
 """
@@ -172,6 +176,8 @@ class Layout:
     def portal(self, i: int) -> str: return f"127.0.0.1:{self.base_port + 30 + i}"
     @property
     def redirector_config(self) -> Path: return self.state_dir / "redirector.toml"
+    @property
+    def csi_socket(self) -> Path: return self.state_dir / "csi.sock"
 
     def vip_url(self) -> str:
         """``iscsi://`` URL prefix of the VIP portal (port left out when it is the default)."""
@@ -194,6 +200,9 @@ def find_etcd() -> str:
 
 
 def check_ports(layout: Layout) -> None:
+    if len(str(layout.csi_socket).encode()) > UNIX_PATH_MAX:
+        raise UpError(f"the state dir path is too long for a unix socket in it ({layout.csi_socket}); "
+                      "choose a shorter --state-dir")
     for port, what in layout.ports():
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -350,7 +359,7 @@ def child_env() -> dict[str, str]:
 @dataclass
 class Child:
     name: str
-    kind: str                      # etcd | meta | redirector | chunk
+    kind: str                      # etcd | meta | redirector | chunk | csi
     argv: list[str]
     log_path: Path
     proc: asyncio.subprocess.Process | None = None
@@ -466,6 +475,13 @@ class Supervisor:
         if metas:
             self.leader = await self.wait_until("a meta leader", metas, self._leader,
                                                 timeout=LEADER_TIMEOUT, required=False)
+        # Last: a client of the meta API like any other (Probe says "not ready" without a leader).
+        csi = await self.spawn("csi", "csi", [
+            sys.executable, "-m", "csi.server", "--endpoint", f"unix://{lay.csi_socket}",
+            "--mode", "controller", "--config", str(lay.client_config),
+            "--portal", f"{VIP}:{lay.vip_port}"])
+        await self.wait_until(f"CSI driver on {lay.csi_socket}", [csi],
+                              lambda: csi_plugin_name(lay.csi_socket))
 
     async def spawn(self, name: str, kind: str, argv: list[str]) -> Child:
         child = Child(name, kind, argv, self.layout.logs / f"{name}.log")
@@ -546,6 +562,7 @@ class Supervisor:
             "etcd": lay.etcd_endpoint, "metas": [lay.meta_url(i) for i in range(lay.metas)],
             "config": str(lay.client_config), "leader": self.leader,
             "redirector": {"vip": VIP, "port": lay.vip_port, "url": lay.vip_url()},
+            "csi": {"endpoint": f"unix://{lay.csi_socket}", "mode": "controller"},
             "children": [{"name": c.name, "kind": c.kind, "pid": c.proc.pid if c.proc else None,
                           "alive": not c.exited, "log": str(c.log_path)} for c in self.children],
             "chunks": [{"name": f"chunk{i}", "chunk_id": self.chunk_ids.get(f"chunk{i}"),
@@ -567,6 +584,7 @@ class Supervisor:
             cid = self.chunk_ids.get(f"chunk{i}", "?")
             lines.append(f"  chunk{i}     {cid}  portal {lay.portal(i)}  zone z{i}")
         lines.append(f"  iSCSI VIP  {lay.vip_url()}/<target>/<lun>  (discovery: iscsi-ls {lay.vip_url()})")
+        lines.append(f"  CSI        unix://{lay.csi_socket}  (csi.zstore.io, controller)")
         lines += [f"  state dir  {lay.state_dir}", f"  config     {lay.client_config}",
                   f"  logs       {lay.logs}/"]
         if lay.state_dir != default_state_dir().absolute():
@@ -585,7 +603,7 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         self.stopping = True
-        for kind, label in (("redirector", "redirector"), ("chunk", "chunk servers"),
+        for kind, label in (("csi", "CSI driver"), ("redirector", "redirector"), ("chunk", "chunk servers"),
                             ("meta", "meta servers"), ("etcd", "etcd")):
             group = [c for c in self.children if c.kind == kind and not c.exited]
             if group:
@@ -637,6 +655,21 @@ async def _health(port: int) -> dict[str, Any] | None:
         return None
     finally:
         writer.close()
+
+
+async def csi_plugin_name(sock: Path) -> str | None:
+    """The plugin name GetPluginInfo answers on ``sock``, or None while it does not answer."""
+    if not sock.is_socket():
+        return None
+    import grpc
+    from csi import csi_pb2 as pb
+    from csi import csi_pb2_grpc as pbg
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as ch:
+            info = await pbg.IdentityStub(ch).GetPluginInfo(pb.GetPluginInfoRequest(), timeout=2)
+    except grpc.aio.AioRpcError:
+        return None
+    return info.name or None
 
 
 async def _port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -711,9 +744,9 @@ def run_down(args: argparse.Namespace) -> int:
 
 
 def _stop_leftovers(state_dir: Path, leftovers: list[tuple[str, int]]) -> int:
-    """The supervisor is gone but children are not: stop them, the redirector and chunks first."""
+    """The supervisor is gone but children are not: stop them, the CSI driver, redirector and chunks first."""
     say(f"the zstore up of {state_dir} is gone but left {len(leftovers)} process(es); stopping them")
-    order = {"redirector": 0, "chunk": 1, "meta": 2, "etcd": 3}
+    order = {"csi": 0, "redirector": 0, "chunk": 1, "meta": 2, "etcd": 3}
     for _, group in sorted(_group(leftovers, order).items()):
         for _, pid in group:
             _kill_quietly(pid, signal.SIGTERM)

@@ -84,6 +84,18 @@ def zstore_down(state: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=90)
 
 
+def csi_identity(sock: Path):
+    """GetPluginInfo and Probe over the driver's unix socket, as kubelet's sidecars call them."""
+    import grpc
+    from csi import csi_pb2 as pb
+    from csi import csi_pb2_grpc as pbg
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        ident = pbg.IdentityStub(ch)
+        info = ident.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=10)
+        ready = ident.Probe(pb.ProbeRequest(), timeout=10).ready.value
+    return info, ready
+
+
 @pytest.mark.slow
 def test_up_down_up(tmp_path: Path):
     state = tmp_path / "state"
@@ -107,6 +119,12 @@ def test_up_down_up(tmp_path: Path):
         assert sorted(c["portal"] for c in chunks) == [f"127.0.0.1:{base + 30 + i}" for i in range(3)]
         assert api(base, "/meta/leader", token)["meta_id"] == "meta0"
 
+        # The CSI driver (controller) answers on the socket the banner names.
+        assert f"CSI        unix://{state}/csi.sock" in out
+        assert json.loads((state / "up.json").read_text())["csi"]["endpoint"] == f"unix://{state}/csi.sock"
+        info, ready = csi_identity(state / "csi.sock")
+        assert info.name == "csi.zstore.io" and ready
+
         for pid in first.child_pids:          # the token is never on a command line or in a log
             assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
         assert all(token not in p.read_text(errors="replace") for p in (state / "logs").iterdir())
@@ -118,8 +136,8 @@ def test_up_down_up(tmp_path: Path):
         assert f"already running from {state} (pid {first.popen.pid}); stop it with zstore down" in r.stderr
 
         # A dead chunk server is reported, not restarted, and the cluster sees it down.
-        chunk1 = json.loads((state / "up.json").read_text())["children"][-2]
-        assert chunk1["name"] == "chunk1"
+        chunk1 = next(c for c in json.loads((state / "up.json").read_text())["children"]
+                      if c["name"] == "chunk1")
         os.kill(chunk1["pid"], signal.SIGKILL)
         wait_for(lambda: "!! chunk1 was killed by SIGKILL (not restarted)" in first.output(), 10,
                  "the supervisor to report chunk1")
@@ -133,6 +151,7 @@ def test_up_down_up(tmp_path: Path):
         assert not (state / "up.pid").exists()
         assert not [pid for pid in first.child_pids if _alive(pid)]
         out = first.output()
+        assert out.index("stopping CSI driver") < out.index("stopping chunk servers")
         assert out.index("stopping chunk servers") < out.index("stopping meta servers") < out.index("stopping etcd")
 
         r = zstore_down(state)
