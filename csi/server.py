@@ -79,7 +79,8 @@ async def serve(endpoint: str, meta: Meta | None, portal: str, mode: str, node: 
         await runner.cleanup()
 
 
-def main(argv: list[str] | None = None) -> None:
+def arg_parser() -> argparse.ArgumentParser:
+    """Apart from main() so tests can check the flags the Kubernetes manifests pass."""
     ap = argparse.ArgumentParser(prog="zstore-csi", description=__doc__.splitlines()[0])
     ap.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"))
     ap.add_argument("--mode", choices=("controller", "node", "both"), default="controller")
@@ -96,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="serve Prometheus metrics on http://ADDRESS:PORT/metrics (default: off)")
     ap.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
                     help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 in a pod)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:   # the token never reaches a log line
         handler.addFilter(RedactingFilter())

@@ -197,3 +197,57 @@ def test_config_map_is_a_valid_zstore_config():
         mount = next(m for c in spec["containers"] for m in c.get("volumeMounts", []) if m["name"] == vol)
         assert cfg.client.token_file == cfg.meta.token_file == mount["mountPath"] + "/token"
     assert cfg.redirector.vip and cfg.redirector.interface
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion, with made-up values for the downward API."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+FAKE_DOWNWARD = {"POD_IP": "10.1.2.3", "NODE_IP": "10.0.0.21", "NODE_NAME": "node-a", "POD_NAME": "x-0"}
+
+
+def test_driver_flags_are_accepted():
+    """The zstore-csi args in both workloads parse with the real server's parser."""
+    from csi.server import arg_parser
+    for wl, mode in (("zstore-csi-controller", "controller"), ("zstore-csi-node", "node")):
+        c = container(wl, "zstore-csi")
+        args = arg_parser().parse_args([_expand(a, FAKE_DOWNWARD) for a in c["args"]])
+        assert args.mode == mode and args.endpoint == "unix:///csi/csi.sock"
+        assert args.config.startswith(next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "config"))
+    # The controller's metrics port is the one the pod declares.
+    c = container("zstore-csi-controller", "zstore-csi")
+    args = arg_parser().parse_args(c["args"])
+    assert {p["containerPort"] for p in c["ports"]} >= {args.metrics_port}
+    node = arg_parser().parse_args(container("zstore-csi-node", "zstore-csi")["args"])
+    mounts = {m["mountPath"] for m in container("zstore-csi-node", "zstore-csi")["volumeMounts"]}
+    assert node.state_dir in mounts        # staged-volume facts survive a restart
+
+
+def test_commands_are_our_console_scripts():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for wl, spec in pod_specs():
+        for c in spec["containers"]:
+            if c["image"].startswith("zstore:"):
+                assert c["command"][0] in scripts, f"{wl}/{c['name']}"
+
+
+def test_pod_configs_load(tmp_path: Path):
+    """zstore.toml plus each pod's ZSTORE_* env loads as the daemon would load it."""
+    from zstore import config as zconfig
+    path = tmp_path / "zstore.toml"
+    path.write_text(one("ConfigMap", "zstore-config")["data"]["zstore.toml"])
+    for wl, spec in pod_specs():
+        for c in spec["containers"]:
+            env = {e["name"]: _expand(e["value"], FAKE_DOWNWARD) for e in c.get("env", []) if "value" in e}
+            for name in env:
+                if name.startswith("ZSTORE_"):
+                    section = name[len("ZSTORE_"):].split("_", 1)[0].lower()
+                    assert section in ("etcd", "meta", "chunk", "redirector", "client", "log"), name
+            cfg = zconfig.load(path, env=env)          # unknown keys or bad values raise
+            if wl == "zstore-meta":
+                assert cfg.meta.advertise_url == "http://10.1.2.3:7490"
+            if wl == "zstore-chunk":
+                assert cfg.chunk.address == "10.0.0.21" and cfg.chunk.portal == "10.0.0.21:3261"
+                assert cfg.chunk.labels == {"host": "node-a"}
+                assert cfg.chunk.data_dir in {m["mountPath"] for m in c["volumeMounts"]}
