@@ -3,13 +3,18 @@
 Check the session list before logging in ("duplicate logins crash iscsiadm"),
 treat exit 15 (session exists) as success, and key everything on the target
 IQN rather than on the device, so cleanup still works when the device is gone.
-Parsing is kept in pure functions so the recorded outputs can be unit-tested.
+Sessions are logged in with ``node.session.scan = manual`` and only our LUN is
+scanned: zstore serves many volumes as LUNs of one target, and an automatic
+scan would attach every one of them, so no session could ever be told apart
+as unused. Parsing is kept in pure functions so the recorded outputs can be
+unit-tested.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from csi.host import Host, HostError
 
@@ -66,8 +71,17 @@ def parse_discovery(out: str) -> list[tuple[str, str]]:
 
 
 class Iscsiadm:
-    def __init__(self, host: Host):
+    def __init__(self, host: Host, sysfs: Path = Path("/sys")):
         self.host = host
+        self.sysfs = sysfs
+
+    def scsi_host(self, sid: int) -> str:
+        """The SCSI host (``host2``) of an iSCSI session: the session's sysfs parent."""
+        return (self.sysfs / "class" / "iscsi_session" / f"session{sid}" / "device").resolve().parent.name
+
+    def scan_lun(self, sid: int, lun: int | str) -> None:
+        """Ask the kernel to scan just this LUN of the session (any channel and target id)."""
+        (self.sysfs / "class" / "scsi_host" / self.scsi_host(sid) / "scan").write_text(f"- - {int(lun)}")
 
     async def sessions(self, detail: bool = False) -> list[Session]:
         rc, out, err = await self.host.run(["iscsiadm", "-m", "session"], ok=(0, EXIT_NO_OBJS))
@@ -94,19 +108,20 @@ class Iscsiadm:
         await self.host.run(["iscsiadm", "-m", "node", "-T", target, "-p", portal, "--login"],
                             ok=(0, EXIT_SESSION_EXISTS))
 
-    async def attach(self, target: str, portal: str) -> Session:
-        """Log in unless a session to the target exists; otherwise rescan it for our LUN."""
-        s = await self.session_for(target)
-        if s is not None:
-            await self.rescan(s.sid)
-            return s
-        found = await self.discover(portal)
-        if not any(t == target for _, t in found):
-            raise HostError(f"target {target} not advertised at {portal} (discovery: {found})")
-        await self.login(target, portal)
+    async def attach(self, target: str, portal: str, lun: int | str) -> Session:
+        """Log in (scan manual) unless a session to the target exists; then scan our LUN."""
         s = await self.session_for(target)
         if s is None:
-            raise HostError(f"no session to {target} after login")
+            found = await self.discover(portal)
+            if not any(t == target for _, t in found):
+                raise HostError(f"target {target} not advertised at {portal} (discovery: {found})")
+            await self.host.run(["iscsiadm", "-m", "node", "-T", target, "-p", portal, "-o", "update",
+                                 "-n", "node.session.scan", "-v", "manual"])
+            await self.login(target, portal)
+            s = await self.session_for(target)
+            if s is None:
+                raise HostError(f"no session to {target} after login")
+        self.scan_lun(s.sid, lun)
         return s
 
     async def rescan(self, sid: int) -> None:

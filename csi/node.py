@@ -91,6 +91,8 @@ def attach_info(request: Any) -> dict[str, str]:
     wwn = ctx["wwn"].lower().removeprefix("0x")
     if not re.fullmatch(r"[0-9a-f]{16,32}", wwn):
         raise invalid(f"wwn {ctx['wwn']!r} is not a hex NAA id")
+    if not ctx["lun"].isdigit():
+        raise invalid(f"lun {ctx['lun']!r} is not a number")
     return {"target": ctx["targetIQN"], "lun": ctx["lun"], "wwn": wwn, "portal": ctx["portal"]}
 
 
@@ -176,8 +178,8 @@ class Node(pbg.NodeServicer):
         async with self._locks[vid]:
             self._save(vid, {**info, "kind": kind})
             try:
-                await self.iscsi.attach(info["target"], info["portal"])
-            except HostError as e:
+                await self.iscsi.attach(info["target"], info["portal"], info["lun"])
+            except (HostError, OSError) as e:
                 raise Abort(grpc.StatusCode.UNAVAILABLE, f"iSCSI login to {info['target']}: {e}")
             dev = await self._wait_device(info["wwn"])
             if kind == "block":
@@ -296,9 +298,8 @@ class Node(pbg.NodeServicer):
                 raise Abort(grpc.StatusCode.NOT_FOUND, f"volume {vid} is not staged on this node")
             dev = os.path.realpath(by_id(info["wwn"]))
             want = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
-            s = await self.iscsi.session_for(info["target"])
-            if s is not None:
-                await self.iscsi.rescan(s.sid)
+            # the device's own rescan re-reads its capacity; a session rescan would attach
+            # every other LUN of the target as well
             rescan = Path(f"/sys/block/{os.path.basename(dev)}/device/rescan")
             deadline = time.monotonic() + self.device_timeout
             while True:

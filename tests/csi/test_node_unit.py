@@ -1,5 +1,6 @@
 """The Node service without a kernel: argument validation, error codes, and iscsiadm/mountinfo
-parsing against outputs recorded from the lab VM (open-iscsi 2.1.8, Debian bookworm).
+parsing: ``-m session -P 3`` recorded in the lab VM (open-iscsi 2.1.8, Debian bookworm), the
+``-m session`` and discovery lines in the formats seen there.
 The lab test tests/lab/test_lab.py::test_csi_node_lifecycle is the real proof."""
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from csi.mounts import mount_at, parse_mountinfo
 from csi.node import Node, initiator_iqn
 from csi.server import build_server, listen
 
-SESSION = """tcp: [1] 192.168.77.1:3263,1 iqn.2026-01.io.zstore:1d24d4f9.t0000 (non-flash)
+SESSION = """tcp: [1] 192.168.77.1:3260,1 iqn.2026-01.io.zstore:1d24d4f9.t0000 (non-flash)
 tcp: [3] 192.168.77.1:3261,1 iqn.2026-01.io.zstore:99515c1d.t0000 (non-flash)
 """
+# recorded in the lab VM (tests/lab/test_lab.py::test_csi_node_lifecycle, before scan=manual):
+# three volumes are LUNs 1-3 of one target, and a login attached all three
 SESSION_P3 = """iSCSI Transport Class version 2.0-870
 version 2.1.8
-Target: iqn.2026-01.io.zstore:1d24d4f9.t0000 (non-flash)
-	Current Portal: 192.168.77.1:3263,1
+Target: iqn.2026-01.io.zstore:53b85932.t0000 (non-flash)
+	Current Portal: 192.168.77.1:3261,1
 	Persistent Portal: 192.168.77.1:3260,1
 		**********
 		Interface:
@@ -32,10 +35,38 @@ Target: iqn.2026-01.io.zstore:1d24d4f9.t0000 (non-flash)
 		Iface Transport: tcp
 		Iface Initiatorname: iqn.2026-01.io.zstore.lab:guest
 		Iface IPaddress: 192.168.77.2
+		Iface HWaddress: default
+		Iface Netdev: default
 		SID: 1
 		iSCSI Connection State: LOGGED IN
 		iSCSI Session State: LOGGED_IN
 		Internal iscsid Session State: NO CHANGE
+		*********
+		Timeouts:
+		*********
+		Recovery Timeout: 120
+		Target Reset Timeout: 30
+		LUN Reset Timeout: 30
+		Abort Timeout: 15
+		*****
+		CHAP:
+		*****
+		username: <empty>
+		password: ********
+		username_in: <empty>
+		password_in: ********
+		************************
+		Negotiated iSCSI params:
+		************************
+		HeaderDigest: None
+		DataDigest: None
+		MaxRecvDataSegmentLength: 262144
+		MaxXmitDataSegmentLength: 262144
+		FirstBurstLength: 65536
+		MaxBurstLength: 1048576
+		ImmediateData: Yes
+		InitialR2T: No
+		MaxOutstandingR2T: 1
 		************************
 		Attached SCSI devices:
 		************************
@@ -44,15 +75,8 @@ Target: iqn.2026-01.io.zstore:1d24d4f9.t0000 (non-flash)
 			Attached scsi disk sda		State: running
 		scsi0 Channel 00 Id 0 Lun: 2
 			Attached scsi disk sdb		State: running
-Target: iqn.2026-01.io.zstore:99515c1d.t0000 (non-flash)
-	Current Portal: 192.168.77.1:3261,1
-	Persistent Portal: 192.168.77.1:3260,1
-		SID: 3
-		iSCSI Session State: LOGGED_IN
-		************************
-		Attached SCSI devices:
-		************************
-		Host Number: 2	State: running
+		scsi0 Channel 00 Id 0 Lun: 3
+			Attached scsi disk sdc		State: running
 """
 DISCOVERY = """192.168.77.1:3260,1 iqn.2026-01.io.zstore:1d24d4f9.t0000
 192.168.77.1:3260,1 iqn.2026-01.io.zstore:99515c1d.t0000
@@ -67,13 +91,13 @@ MOUNTINFO = r"""22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
 def test_parse_sessions():
     s = parse_sessions(SESSION)
     assert [(x.sid, x.portal, x.tpgt, x.target) for x in s] == [
-        (1, "192.168.77.1:3263", 1, "iqn.2026-01.io.zstore:1d24d4f9.t0000"),
+        (1, "192.168.77.1:3260", 1, "iqn.2026-01.io.zstore:1d24d4f9.t0000"),
         (3, "192.168.77.1:3261", 1, "iqn.2026-01.io.zstore:99515c1d.t0000")]
     assert parse_sessions("iscsiadm: No active sessions.\n") == []
 
 
 def test_parse_session_disks():
-    assert parse_session_disks(SESSION_P3) == {1: ["sda", "sdb"], 3: []}
+    assert parse_session_disks(SESSION_P3) == {1: ["sda", "sdb", "sdc"]}
 
 
 def test_parse_discovery():
@@ -112,15 +136,28 @@ class FakeHost(Host):
         return rc, out, ""
 
 
-async def test_attach_rescans_an_existing_session_instead_of_logging_in():
+def fake_sysfs(tmp_path: Path, sid: int, host: str) -> Path:
+    """/sys/class/iscsi_session/sessionN/device -> .../hostH/sessionN, and hostH's scan file."""
+    sys = tmp_path / "sys"
+    dev = sys / "devices" / "platform" / host / f"session{sid}"
+    dev.mkdir(parents=True)
+    (sys / "class" / "iscsi_session" / f"session{sid}").mkdir(parents=True)
+    (sys / "class" / "iscsi_session" / f"session{sid}" / "device").symlink_to(dev)
+    (sys / "class" / "scsi_host" / host).mkdir(parents=True)
+    (sys / "class" / "scsi_host" / host / "scan").write_text("")
+    return sys
+
+
+async def test_attach_scans_our_lun_on_an_existing_session_instead_of_logging_in(tmp_path: Path):
     host = FakeHost({("iscsiadm", "-m", "session"): (0, SESSION)})
-    s = await Iscsiadm(host).attach("iqn.2026-01.io.zstore:99515c1d.t0000", "192.168.77.1:3260")
+    sys = fake_sysfs(tmp_path, 3, "host2")
+    s = await Iscsiadm(host, sys).attach("iqn.2026-01.io.zstore:99515c1d.t0000", "192.168.77.1:3260", "7")
     assert s.sid == 3
-    assert ["iscsiadm", "-m", "session", "-r", "3", "--rescan"] in host.calls
-    assert not any("--login" in c for c in host.calls)
+    assert (sys / "class" / "scsi_host" / "host2" / "scan").read_text() == "- - 7"
+    assert not any("--login" in c or "--rescan" in c for c in host.calls)
 
 
-async def test_attach_logs_in_when_there_is_no_session():
+async def test_attach_logs_in_with_manual_scan_when_there_is_no_session(tmp_path: Path):
     state = {"n": 0}
 
     class H(FakeHost):
@@ -131,11 +168,15 @@ async def test_attach_logs_in_when_there_is_no_session():
                 return (21, "", "") if state["n"] == 1 else (0, SESSION, "")
             return await super().run(argv, ok, input)
 
-    host = H({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", "192.168.77.1:3260"): (0, DISCOVERY),
-              ("iscsiadm", "-m", "node", "-T", "iqn.2026-01.io.zstore:1d24d4f9.t0000", "-p",
-               "192.168.77.1:3260", "--login"): (15, "")})      # 15: session exists, a success
-    s = await Iscsiadm(host).attach("iqn.2026-01.io.zstore:1d24d4f9.t0000", "192.168.77.1:3260")
+    target, vip = "iqn.2026-01.io.zstore:1d24d4f9.t0000", "192.168.77.1:3260"
+    host = H({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", vip): (0, DISCOVERY),
+              ("iscsiadm", "-m", "node", "-T", target, "-p", vip, "--login"): (15, "")})  # 15: session exists
+    sys = fake_sysfs(tmp_path, 1, "host0")
+    s = await Iscsiadm(host, sys).attach(target, vip, 1)
     assert s.sid == 1
+    scan = ["iscsiadm", "-m", "node", "-T", target, "-p", vip, "-o", "update", "-n", "node.session.scan", "-v", "manual"]
+    assert host.calls.index(scan) < host.calls.index(["iscsiadm", "-m", "node", "-T", target, "-p", vip, "--login"])
+    assert (sys / "class" / "scsi_host" / "host0" / "scan").read_text() == "- - 1"
 
 
 # ---- the service over a unix socket: validation and error codes ----
@@ -204,6 +245,8 @@ async def test_stage_argument_errors(stub):
                                                 volume_capability=no_mode, publish_context=CTX))) == INVALID
     assert await code_of(node.NodeStageVolume(R(volume_id="v1", staging_target_path=st, volume_capability=cap(),
                                                 publish_context={**CTX, "wwn": ""}))) == INVALID
+    assert await code_of(node.NodeStageVolume(R(volume_id="v1", staging_target_path=st, volume_capability=cap(),
+                                                publish_context={**CTX, "lun": "x"}))) == INVALID
 
 
 async def test_stage_unavailable_when_the_target_is_not_advertised(stub):
@@ -216,6 +259,7 @@ async def test_stage_unavailable_when_the_target_is_not_advertised(stub):
 async def test_device_that_never_appears_is_not_found(tmp_path: Path):
     host = FakeHost({("iscsiadm", "-m", "session"): (0, SESSION)})
     node = Node("n", host, state_dir=str(tmp_path), device_timeout=0.3)
+    node.iscsi = Iscsiadm(host, fake_sysfs(tmp_path, 1, "host0"))
 
     class Ctx:
         async def abort(self, code, msg):
