@@ -357,3 +357,90 @@ def test_kernel_drain_moves_the_session_through_vip(lab_image, tmp_path):
     assert "draining: asking 1 sessions to log out" in log
     assert "did not log out" not in log
     assert float(r["stall"]) < STALL_LIMIT
+
+
+# ---- the CSI node plugin ---------------------------------------------------------------------
+CSI_PORTALS = [f"{HOST_IP}:3261"]
+
+
+def csi_share(share: Path) -> None:
+    """What the guest needs to run the plugin with the host's Python packages: the guest's
+    python3 is Debian's 3.11 like the venv's, and Debian's grpcio is too old for the stubs.
+    Hard links: instant, and 9p shows them as plain files."""
+    import sysconfig
+    site = Path(sysconfig.get_paths()["purelib"])
+    subprocess.run(["cp", "-al", str(site), str(share / "site")], check=True)
+    root = LAB.parent.parent
+    for d in ("csi", "zstore"):
+        shutil.copytree(root / d, share / "repo" / d, ignore=shutil.ignore_patterns("__pycache__"))
+    (share / "repo" / "tests" / "lab").mkdir(parents=True)
+    shutil.copy(LAB / "csi-node-client.py", share / "repo" / "tests" / "lab")
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT + VM_TIMEOUT + 400)
+def test_csi_node_lifecycle(lab_image, tmp_path):
+    """The CSI node plugin attaches zstore volumes with the kernel initiator, as on a Kubernetes node.
+
+    etcd, meta, a chunk server (192.168.77.1:3261) and a redirector on the VIP 192.168.77.1:3260
+    run in a lab netns; three volumes (ext4, xfs, raw block) get the guest's IQN on their ACL
+    before boot. In the guest, ``python -m csi.server --mode node`` runs on a unix socket and
+    csi-node-client.py drives it like kubelet: NodeGetInfo must return the IQN from
+    /etc/iscsi/initiatorname.iscsi; per volume NodeStage (discovery + login at the VIP, the disk
+    found by WWN, mkfs, mount) twice, a plugin restart, NodePublish twice, an 8 MiB payload
+    written, stats, (ext4: the host grows the volume through the lab hook and NodeExpandVolume
+    grows the device and resize2fs the filesystem), NodeUnpublish + NodeUnstage twice each, after
+    which the session and the disk are gone; then stage + readonly publish again must find the
+    payload intact (no second mkfs) and a write refused."""
+    share = tmp_path / "share"
+    share.mkdir()
+    payload = os.urandom(8 << 20)
+    (share / "payload").write_bytes(payload)
+    csi_share(share)
+    ns = f"labc{os.getpid()}"
+    with lab_netns(ns):
+        etcd = Etcd(tmp_path / "etcd").start()
+        c = Cluster(workdir=tmp_path / "cluster", etcd=etcd)
+        try:
+            c.start_meta()
+            for i, portal in enumerate(CSI_PORTALS):
+                start_chunk_at(c, portal, i)
+            c.wait_chunks_up(len(CSI_PORTALS))
+            for portal in CSI_PORTALS:
+                wait_for(lambda: port_open(int(portal.rsplit(":", 1)[1]), HOST_IP), 20, f"portal {portal}")
+            redirector = c.start_redirector(HOST_IP, 3260)
+            volumes = []
+            for kind in ("ext4", "xfs", "block"):
+                name = f"csi-{kind}"
+                size = "512Mi" if kind == "xfs" else "128Mi"      # mkfs.xfs 6.x wants more than 300 MB
+                c.cli("volume", "create", name, "--size", size, "--replicas", "1", check=True)
+                for iqn in (GUEST_IQN, HOST_IQN):
+                    c.cli("acl", "add", name, iqn, check=True)
+                v = c.cli_json("volume", "show", name)
+                url = f"iscsi://{VIP}/{v['target_iqn']}/{v['lun']}"
+                wait_for(lambda: subprocess.run(["iscsi-inq", "-i", HOST_IQN, url], capture_output=True,
+                                                timeout=10).returncode == 0, 30, f"iscsi-inq {url}")
+                # publish_context exactly as the Controller hands it over
+                ctx = {"targetIQN": v["target_iqn"], "lun": str(v["lun"]), "wwn": v["wwn"], "portal": VIP}
+                vol = {"id": v.get("volume_id") or name, "kind": kind, "ctx": ctx}
+                if kind == "ext4":
+                    vol["expand_to"] = 256 << 20
+                volumes.append(vol)
+            (share / "spec.json").write_text(json.dumps({
+                "node_id": GUEST_IQN, "volumes": volumes,
+                "plugin": ["python3", "-m", "csi.server", "--mode", "node", "--endpoint", "unix:///run/csi/csi.sock",
+                           "--state-dir", "/var/lib/zstore-csi", "--device-timeout", "60"]}))
+            hook = (f"cd {LAB.parent.parent} && ZSTORE_CONFIG={c.client_config} {PY} -m zstore.cli.main "
+                    f"volume resize csi-ext4 --size 256Mi")
+            rc, out = run_script("csi-node", [
+                str(LAB / "run-vm.sh"), "--netns", ns, "--share", str(share), "--hook", hook,
+                "--timeout", str(VM_TIMEOUT + 240), str(LAB / "csi-node-guest.sh"), GUEST_IQN], VM_TIMEOUT + 270)
+            guest = guest_log(out)
+            logs = "\n".join(f"--- {p.name}:\n{tail(p.log(), 25)}" for p in [*c.chunks, redirector])
+            assert rc == 0 and "csi node test PASSED" in guest, \
+                f"rc={rc}\n--- guest:\n{tail(guest, 120)}\n--- hook:\n{hook_log(out)}\n--- host:\n{tail(out)}\n{logs}"
+            for kind in ("ext4", "xfs", "block"):
+                assert f"CSI NODE {kind} PASSED" in guest
+            print("\n" + "\n".join(l for l in guest.splitlines() if l.startswith(("===", "CSI NODE", "expand:"))))
+        finally:
+            c.stop()
+            etcd.stop()
