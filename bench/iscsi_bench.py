@@ -98,11 +98,14 @@ def free_ports(n: int) -> int:
 
 
 def parse_size(text: str) -> int:
-    """``1Gi``, ``256Mi``, ``1073741824``: whole MiB, since the first write pass uses 1 MiB requests."""
-    m = re.fullmatch(r"(\d+)\s*([KMGT]i?)?B?", text.strip(), re.I)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 1Gi, 256Mi)")
-    n = int(m[1]) * {None: 1, "K": KiB, "M": MiB, "G": GiB, "T": GiB << 10}[(m[2] or "")[:1].upper() or None]
+    """zstore's own size syntax (``1Gi``, ``256Mi``); whole MiB, since the first write pass
+    uses 1 MiB requests."""
+    from zstore.units import SizeError
+    from zstore.units import parse_size as zstore_size
+    try:
+        n = zstore_size(text)
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if n < 16 * MiB or n % MiB:
         raise argparse.ArgumentTypeError("size must be a whole number of MiB, at least 16Mi")
     return n
