@@ -109,6 +109,9 @@ class Node(pbg.NodeServicer):
         self.state_dir = Path(state_dir)
         self.device_timeout = device_timeout
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # volumes share targets (they are LUNs of one): a login/scan for one volume must not
+        # interleave with the "last disk gone, log out" of another
+        self._target_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     # ---- state on disk ----
     def _state_path(self, vid: str) -> Path:
@@ -177,11 +180,12 @@ class Node(pbg.NodeServicer):
         info = attach_info(request)
         async with self._locks[vid]:
             self._save(vid, {**info, "kind": kind})
-            try:
-                await self.iscsi.attach(info["target"], info["portal"], info["lun"])
-            except (HostError, OSError) as e:
-                raise Abort(grpc.StatusCode.UNAVAILABLE, f"iSCSI login to {info['target']}: {e}")
-            dev = await self._wait_device(info["wwn"])
+            async with self._target_locks[info["target"]]:
+                try:
+                    await self.iscsi.attach(info["target"], info["portal"], info["lun"])
+                except (HostError, OSError) as e:
+                    raise Abort(grpc.StatusCode.UNAVAILABLE, f"iSCSI login to {info['target']}: {e}")
+                dev = await self._wait_device(info["wwn"])
             if kind == "block":
                 return pb.NodeStageVolumeResponse()
             m = mount_at(staging)
@@ -217,11 +221,12 @@ class Node(pbg.NodeServicer):
             link = by_id(info["wwn"])
             if dev is None and link.exists():
                 dev = os.path.realpath(link)
-            if dev is not None:
-                await self._remove_device(dev)
-            s = await self.iscsi.session_for(info["target"], detail=True)
-            if s is not None and not [d for d in s.disks if f"/dev/{d}" != dev]:
-                await self.iscsi.logout(s.sid)
+            async with self._target_locks[info["target"]]:
+                if dev is not None:
+                    await self._remove_device(dev)
+                s = await self.iscsi.session_for(info["target"], detail=True)
+                if s is not None and not [d for d in s.disks if f"/dev/{d}" != dev]:
+                    await self.iscsi.logout(s.sid)
             self._state_path(vid).unlink(missing_ok=True)
         return pb.NodeUnstageVolumeResponse()
 

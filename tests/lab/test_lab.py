@@ -390,7 +390,8 @@ def test_csi_node_lifecycle(lab_image, tmp_path):
     written, stats, (ext4: the host grows the volume through the lab hook and NodeExpandVolume
     grows the device and resize2fs the filesystem), NodeUnpublish + NodeUnstage twice each, after
     which the session and the disk are gone; then stage + readonly publish again must find the
-    payload intact (no second mkfs) and a write refused."""
+    payload intact (no second mkfs) and a write refused. Finally two volumes (LUNs of one
+    target) are staged together: unstaging one must keep the session the other still uses."""
     share = tmp_path / "share"
     share.mkdir()
     payload = os.urandom(8 << 20)
@@ -438,7 +439,7 @@ def test_csi_node_lifecycle(lab_image, tmp_path):
             logs = "\n".join(f"--- {p.name}:\n{tail(p.log(), 25)}" for p in [*c.chunks, redirector])
             assert rc == 0 and "csi node test PASSED" in guest, \
                 f"rc={rc}\n--- guest:\n{tail(guest, 120)}\n--- hook:\n{hook_log(out)}\n--- host:\n{tail(out)}\n{logs}"
-            for kind in ("ext4", "xfs", "block"):
+            for kind in ("ext4", "xfs", "block", "shared target"):
                 assert f"CSI NODE {kind} PASSED" in guest
             print("\n" + "\n".join(l for l in guest.splitlines() if l.startswith(("===", "CSI NODE", "expand:"))))
         finally:
