@@ -300,3 +300,22 @@ async def test_stats_and_expand_errors(stub):
         grpc.StatusCode.INVALID_ARGUMENT
     assert await code_of(node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
         volume_id="v1", volume_path=str(tmp / "t")))) == grpc.StatusCode.NOT_FOUND
+
+
+def test_node_wire_numbers():
+    """Spot checks of the Node messages against the CSI spec's field numbers and enum values."""
+    def num(msg, field: str) -> int:
+        return msg.DESCRIPTOR.fields_by_name[field].number
+    assert [num(pb.NodePublishVolumeRequest, f) for f in
+            ("volume_id", "publish_context", "staging_target_path", "target_path", "volume_capability",
+             "readonly", "secrets", "volume_context")] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [num(pb.NodeStageVolumeRequest, f) for f in
+            ("volume_id", "publish_context", "staging_target_path", "volume_capability", "secrets",
+             "volume_context")] == [1, 2, 3, 4, 5, 6]
+    assert num(pb.NodeExpandVolumeRequest, "staging_target_path") == 4
+    assert num(pb.NodeGetVolumeStatsRequest, "staging_target_path") == 3
+    assert num(pb.NodeGetInfoResponse, "accessible_topology") == 3
+    assert num(pb.VolumeUsage, "unit") == 4
+    R = pb.NodeServiceCapability.RPC
+    assert (R.STAGE_UNSTAGE_VOLUME, R.GET_VOLUME_STATS, R.EXPAND_VOLUME, R.VOLUME_MOUNT_GROUP) == (1, 2, 3, 6)
+    assert pb.DESCRIPTOR.services_by_name["Node"].full_name == "csi.v1.Node"
