@@ -1,4 +1,5 @@
-"""Numbers from RFC 7143 (iSCSI), SAM-5/SPC-4 (SCSI status, sense) in one place.
+"""Numbers from RFC 7143 (iSCSI) and SAM-5 status codes; sense keys and ASC/ASCQ live with
+the SCSI layer in chunk/scsi/sense.py, the one place that builds sense data.
 
 IntEnums so that logs and test failures print names, while the values stay
 plain ints on the hot path (``Opcode.SCSI_COMMAND == 0x01``).
@@ -173,57 +174,6 @@ class ScsiStatus(IntEnum):
     TASK_SET_FULL = 0x28
     ACA_ACTIVE = 0x30
     TASK_ABORTED = 0x40
-
-
-class SenseKey(IntEnum):
-    """SPC-4 sense keys."""
-    NO_SENSE = 0x0
-    RECOVERED_ERROR = 0x1
-    NOT_READY = 0x2
-    MEDIUM_ERROR = 0x3
-    HARDWARE_ERROR = 0x4
-    ILLEGAL_REQUEST = 0x5
-    UNIT_ATTENTION = 0x6
-    DATA_PROTECT = 0x7
-    BLANK_CHECK = 0x8
-    VENDOR_SPECIFIC = 0x9
-    COPY_ABORTED = 0xA
-    ABORTED_COMMAND = 0xB
-    VOLUME_OVERFLOW = 0xD
-    MISCOMPARE = 0xE
-
-
-class Asc(IntEnum):
-    """(ASC << 8 | ASCQ) pairs the target reports, from SPC-4 Annex D."""
-    NO_ADDITIONAL_SENSE = 0x0000
-    LUN_NOT_READY_CAUSE_NOT_REPORTABLE = 0x0400
-    LUN_NOT_READY_BECOMING_READY = 0x0401
-    WRITE_ERROR = 0x0C00
-    UNRECOVERED_READ_ERROR = 0x1100
-    PARAMETER_LIST_LENGTH_ERROR = 0x1A00
-    MISCOMPARE_DURING_VERIFY = 0x1D00
-    INVALID_COMMAND_OPERATION_CODE = 0x2000
-    LBA_OUT_OF_RANGE = 0x2100
-    INVALID_FIELD_IN_CDB = 0x2400
-    LOGICAL_UNIT_NOT_SUPPORTED = 0x2500
-    INVALID_FIELD_IN_PARAMETER_LIST = 0x2600
-    WRITE_PROTECTED = 0x2700
-    POWER_ON_RESET_OR_BUS_DEVICE_RESET = 0x2900
-    PARAMETERS_CHANGED = 0x2A00
-    CAPACITY_DATA_HAS_CHANGED = 0x2A09
-    REPORTED_LUNS_DATA_HAS_CHANGED = 0x3F0E
-    SAVING_PARAMETERS_NOT_SUPPORTED = 0x3900
-    INTERNAL_TARGET_FAILURE = 0x4400
-    COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = 0x2F00
-    SPACE_ALLOCATION_FAILED_WRITE_PROTECT = 0x2707
-
-    @property
-    def asc(self) -> int:
-        return self >> 8
-
-    @property
-    def ascq(self) -> int:
-        return self & 0xFF
 
 
 class ChapAlgorithm(IntEnum):

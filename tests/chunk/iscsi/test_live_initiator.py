@@ -17,7 +17,8 @@ import pytest
 
 from chunk.iscsi import pdu as P
 from chunk.iscsi.chap import ChapCredentials, ChapTarget, select_auth_method
-from chunk.iscsi.constants import (RESERVED_TAG, LoginStatus, ScsiStatus, SenseKey, Stage)
+from chunk.iscsi.constants import RESERVED_TAG, LoginStatus, ScsiStatus, Stage
+from chunk.scsi.sense import ILLEGAL_REQUEST
 from chunk.iscsi.errors import IscsiError, LoginError
 from chunk.iscsi.negotiation import LoginNegotiator, TargetPreferences, negotiate_full_feature
 from chunk.iscsi.text import TextAssembler, encode_text
@@ -151,7 +152,7 @@ class MiniTarget:
             elif isinstance(req, P.ScsiCommand) and req.cdb[0] == 0x00:   # TEST UNIT READY
                 self.send(writer, P.ScsiResponse(status=ScsiStatus.GOOD, **common), hd, dd)
             elif isinstance(req, P.ScsiCommand):
-                sense = bytes([0x70, 0, SenseKey.ILLEGAL_REQUEST, 0, 0, 0, 0, 10]) \
+                sense = bytes([0x70, 0, ILLEGAL_REQUEST, 0, 0, 0, 0, 10]) \
                     + bytes(4) + bytes([0x20, 0]) + bytes(4)
                 self.send(writer, P.ScsiResponse(status=ScsiStatus.CHECK_CONDITION,
                                                  data=P.ScsiResponse.sense_segment(sense),

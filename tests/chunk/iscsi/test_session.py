@@ -12,7 +12,6 @@ import struct
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import pytest
 
 from chunk.iscsi import pdu as P
 from chunk.iscsi.constants import RESERVED_TAG, TmfFunction, TmfResponse
