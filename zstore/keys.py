@@ -22,6 +22,11 @@ clusters (or test runs) can share one etcd. Layout::
     {p}/redirector/epoch                 decimal int, +1 per change of VIP holder
     {p}/redirector/members/{id}          RedirectorMember (member's lease)
     {p}/redirects/{target}/{initiator}   RedirectRecord  (sticky choice of chunk server)
+    {p}/cluster/peer-secret              hex secret chunk servers prove to each other
+    {p}/extents/{volume_id}/{index:08d}  ExtentRecord    (replica set of one extent)
+    {p}/owners/{volume_id}               VolumeOwner     (writer's epoch; not leased)
+    {p}/volops/{volume_id}/{op_id}       VolumeOp        (snapshot barrier, revert)
+    {p}/recovery/{volume_id}/{index:08d} RecoveryTask
 
 Fixed-width numbers keep etcd's byte order equal to numeric order, which the
 LUN allocator and paginated listings rely on.
@@ -112,3 +117,23 @@ class Keys:
     def chaps(self) -> bytes: return self._dir("chap")
     def chap(self, target: str, initiator: str) -> bytes:
         return self._k("chap", _seg(target), _seg(initiator))
+
+    # storage engine (docs/storage.md)
+    def peer_secret(self) -> bytes: return self._k("cluster", "peer-secret")
+    def all_extents(self) -> bytes: return self._dir("extents")
+    def extents(self, vid: str) -> bytes: return self._dir("extents", vid)
+    def extent(self, vid: str, index: int) -> bytes: return self._k("extents", vid, f"{index:08d}")
+    def owners(self) -> bytes: return self._dir("owners")
+    def owner(self, vid: str) -> bytes: return self._k("owners", vid)
+    def all_volops(self) -> bytes: return self._dir("volops")
+    def volops(self, vid: str) -> bytes: return self._dir("volops", vid)
+    def volop(self, vid: str, op_id: str) -> bytes: return self._k("volops", vid, op_id)
+    def all_recovery(self) -> bytes: return self._dir("recovery")
+    def recovery(self, vid: str) -> bytes: return self._dir("recovery", vid)
+    def recovery_task(self, vid: str, index: int) -> bytes: return self._k("recovery", vid, f"{index:08d}")
+
+    @staticmethod
+    def extent_key_parts(key: bytes) -> tuple[str, int]:
+        """(volume id, index) of an extent or recovery-task key."""
+        vid, index = key.decode().rsplit("/", 2)[-2:]
+        return vid, int(index)

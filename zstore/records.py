@@ -176,6 +176,57 @@ class Volume(Record):
     state: str = "available"     # available | deleted (kept while snapshots reference it)
     created: float = field(default_factory=now)
     request_name: str | None = None
+    snap_seq: int = 1            # write sequence; taking a snapshot freezes it and adds 1
+
+
+@dataclass
+class ExtentRecord(Record):
+    """Replica set of one 64 MiB extent of a volume (docs/storage.md)."""
+    volume_id: str
+    index: int
+    replicas: list[str] = field(default_factory=list)     # in-sync chunk ids
+    generation: int = 1                                   # +1 per change of replicas
+    stale: dict[str, int] = field(default_factory=dict)   # dropped chunk id -> generation dropped at
+    created: float = field(default_factory=now)
+
+
+@dataclass
+class VolumeOwner(Record):
+    """The one coordinator allowed to write a volume; ``epoch`` +1 per acquisition."""
+    volume_id: str
+    chunk_id: str
+    epoch: int
+    released: bool = False
+    since: float = field(default_factory=now)
+
+
+@dataclass
+class VolumeOp(Record):
+    """A volume operation only its coordinator may run (snapshot barrier, revert)."""
+    op_id: str
+    volume_id: str
+    kind: str                    # snapshot | revert
+    snapshot_id: str
+    executor: str                # chunk id
+    state: str = "pending"       # pending | done | failed
+    error: str | None = None
+    created: float = field(default_factory=now)
+
+
+@dataclass
+class RecoveryTask(Record):
+    """Bring one extent back to full replica count: resync a stale copy or rebuild a new one."""
+    volume_id: str
+    index: int
+    target: str                  # chunk id receiving the copy
+    kind: str                    # resync | rebuild
+    executor: str                # chunk id running the copy (the volume's coordinator)
+    generation: int              # extent generation the task was planned at
+    done_bytes: int = 0
+    total_bytes: int = 0
+    state: str = "pending"       # pending | running
+    error: str | None = None
+    created: float = field(default_factory=now)
 
 
 @dataclass
@@ -184,7 +235,8 @@ class Snapshot(Record):
     name: str
     volume_id: str
     size: int
-    state: str = "ready"         # ready | deleted (kept while clones reference it)
+    state: str = "ready"         # creating | ready | deleted (kept while clones reference it)
+    seq: int = 0                 # the volume's snap_seq when taken (its COW view)
     created: float = field(default_factory=now)
 
 
