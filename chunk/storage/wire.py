@@ -2,9 +2,12 @@
 
 A frame on the wire is a 4-byte big-endian payload length followed by a
 msgpack array ``[op, id, volume, extent, epoch, generation, offset, length,
-data, status]``.  An array, not a map: field names would cost more than the
-header itself on every 4 KiB write.  Decoders ignore trailing fields they do
-not know, so later versions can append fields.
+data, status, seq, args]``.  An array, not a map: field names would cost more
+than the header itself on every 4 KiB write.  ``seq`` is the write sequence
+(or the snapshot view of a read) and ``args`` a small map of op-specific
+extras (docs/storage.md, "Replica protocol").  Decoders accept the older
+10-field arrays (seq 0, no args) and ignore trailing fields they do not know,
+so later versions can append fields.
 
 ``id`` is chosen by the sender of a request and echoed in its reply; replies
 may come back in any order, so one connection carries many outstanding
@@ -44,6 +47,14 @@ class Op(enum.IntEnum):
     FLUSH = 3
     UNMAP = 4
     PING = 5
+    HELLO = 6                # peer authentication, must be the first frame (peer_auth)
+    CREATE = 7
+    REVERT = 8
+    EXPORT = 9
+    IMPORT = 10
+    DIGEST = 11
+    SETGEN = 12
+    STAT = 13
 
 
 class Status(enum.IntEnum):
@@ -53,6 +64,10 @@ class Status(enum.IntEnum):
     NO_EXTENT = 3
     IO_ERROR = 4
     INVALID = 5              # out of range, unknown op
+    NO_SPACE = 6             # no disk of this server can hold a new extent
+    STALE_GENERATION = 7     # the request's replica-set generation is older than the replica's
+    CONFLICT = 8             # IMPORT: the replica changed since the token was taken
+    DENIED = 9               # not authenticated, or a mutation without an ownership epoch
 
 
 class FrameError(Exception):
@@ -83,24 +98,28 @@ class Frame:
     length: int = 0
     data: bytes | memoryview | None = None
     status: Status | None = None
+    seq: int = 0
+    args: dict[str, Any] | None = None
 
-    def reply(self, status: Status = Status.OK, data: bytes | memoryview | None = None) -> Frame:
-        """The answer to this request: same op, id and addressing, without its data."""
+    def reply(self, status: Status = Status.OK, data: bytes | memoryview | None = None,
+              args: dict[str, Any] | None = None) -> Frame:
+        """The answer to this request: same op, id, addressing and seq, without its data/args."""
         return Frame(self.op, self.id, self.volume, self.extent, self.epoch, self.generation,
-                     self.offset, self.length, data, status)
+                     self.offset, self.length, data, status, self.seq, args)
 
 
 def encode(frame: Frame) -> bytes:
     """Length prefix + payload; ``ValueError`` if it would exceed ``MAX_FRAME``."""
     body = msgpack.packb([int(frame.op), frame.id, frame.volume, frame.extent, frame.epoch,
                           frame.generation, frame.offset, frame.length, frame.data,
-                          None if frame.status is None else int(frame.status)])
+                          None if frame.status is None else int(frame.status), frame.seq,
+                          frame.args])
     if len(body) > MAX_FRAME:
         raise ValueError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
     return _LEN.pack(len(body)) + body
 
 
-_INT_FIELDS = ("id", "extent", "epoch", "generation", "offset", "length")
+_INT_FIELDS = ("id", "extent", "epoch", "generation", "offset", "length", "seq")
 
 
 def decode(payload: bytes | memoryview) -> Frame:
@@ -112,13 +131,18 @@ def decode(payload: bytes | memoryview) -> Frame:
     if not isinstance(fields, list) or len(fields) < 10:
         raise MalformedFrame(f"not a frame array: {fields!r:.60}")
     op, ident, volume, extent, epoch, generation, offset, length, data, status = fields[:10]
-    for name, value in zip(_INT_FIELDS, (ident, extent, epoch, generation, offset, length)):
+    seq = fields[10] if len(fields) > 10 else 0
+    args = fields[11] if len(fields) > 11 else None
+    for name, value in zip(_INT_FIELDS, (ident, extent, epoch, generation, offset, length, seq)):
         if type(value) is not int or value < 0:
             raise MalformedFrame(f"field {name} is {value!r:.40}, not a non-negative int")
     if not isinstance(volume, str):
         raise MalformedFrame(f"volume is {type(volume).__name__}, not str")
     if data is not None and not isinstance(data, bytes):
         raise MalformedFrame(f"data is {type(data).__name__}, not bin")
+    if args is not None and (not isinstance(args, dict)
+                             or not all(isinstance(k, str) for k in args)):
+        raise MalformedFrame(f"args is not a map with str keys: {args!r:.60}")
     if type(op) is not int or (status is not None and type(status) is not int):
         raise MalformedFrame(f"op {op!r:.20} / status {status!r:.20} are not ints")
     try:
@@ -126,7 +150,8 @@ def decode(payload: bytes | memoryview) -> Frame:
         status = None if status is None else Status(status)
     except ValueError as e:
         raise MalformedFrame(str(e)) from None
-    return Frame(op, ident, volume, extent, epoch, generation, offset, length, data, status)
+    return Frame(op, ident, volume, extent, epoch, generation, offset, length, data, status,
+                 seq, args)
 
 
 class FrameReader:

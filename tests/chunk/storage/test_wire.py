@@ -31,8 +31,36 @@ def test_round_trip_request_and_reply():
 def test_memoryview_data_and_trailing_fields_from_newer_peers():
     frame = Frame(Op.WRITE, 1, "v", data=memoryview(b"xyz"))
     assert wire.decode(wire.encode(frame)[4:]).data == b"xyz"
-    newer = msgpack.packb([2, 1, "v", 0, 0, 0, 0, 0, None, None, "future", 1])
-    assert wire.decode(newer).op is Op.WRITE
+    newer = msgpack.packb([2, 1, "v", 0, 0, 0, 0, 0, None, None, 9, {"fua": True}, "future", 1])
+    got = wire.decode(newer)
+    assert got.op is Op.WRITE and got.seq == 9 and got.args == {"fua": True}
+
+
+def test_seq_and_args_round_trip_and_replies_keep_seq():
+    req = Frame(Op.READ, 3, "v", 1, epoch=2, offset=0, length=8192, seq=17)
+    assert wire.decode(wire.encode(req)[4:]) == req
+    rep = req.reply(Status.OK, b"d" * 8192, {"present": b"\x03"})
+    assert rep.seq == 17 and rep.args == {"present": b"\x03"}
+    back = wire.decode(wire.encode(rep)[4:])
+    assert back == rep and isinstance(back.args["present"], bytes)
+    assert Frame(Op.PING, 1).reply().args is None
+
+
+def test_old_ten_field_frames_still_decode():
+    old = msgpack.packb([2, 4, "v", 1, 3, 2, 4096, 3, b"abc", None])
+    assert wire.decode(old) == Frame(Op.WRITE, 4, "v", 1, 3, 2, 4096, 3, b"abc", None, 0, None)
+
+
+def test_new_ops_and_statuses_keep_the_old_numbers():
+    assert [Op.READ, Op.WRITE, Op.FLUSH, Op.UNMAP, Op.PING] == [1, 2, 3, 4, 5]
+    assert [Status.OK, Status.STALE_EPOCH, Status.CHECKSUM, Status.NO_EXTENT, Status.IO_ERROR,
+            Status.INVALID] == [0, 1, 2, 3, 4, 5]
+    assert len({int(o) for o in Op}) == len(Op) and len({int(s) for s in Status}) == len(Status)
+    for name in ("HELLO", "CREATE", "REVERT", "EXPORT", "IMPORT", "DIGEST", "SETGEN", "STAT"):
+        assert wire.decode(wire.encode(Frame(Op[name], 1))[4:]).op is Op[name]
+    for name in ("NO_SPACE", "STALE_GENERATION", "CONFLICT", "DENIED"):
+        rep = Frame(Op.PING, 1).reply(Status[name])
+        assert wire.decode(wire.encode(rep)[4:]).status is Status[name]
 
 
 @pytest.mark.parametrize("payload", [
@@ -47,6 +75,11 @@ def test_memoryview_data_and_trailing_fields_from_newer_peers():
     msgpack.packb([1, 1, "v", 0, 0, 0, 0, True, None, None]),      # bool is not a length
     msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, 77]),           # unknown status
     msgpack.packb([True, 1, "v", 0, 0, 0, 0, 0, None, None]),      # bool is not an op
+    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None, -1]),     # negative seq
+    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None, "s"]),    # seq not int
+    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None, 0, [1]]), # args not a map
+    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None, 0, {b"k": 1}]),   # bin key
+    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None, 0, {1: 1}], strict_types=False),  # int key
     msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None]) + b"\x00",   # trailing bytes
 ])
 def test_garbage_payloads_are_malformed(payload: bytes):
