@@ -35,8 +35,11 @@ class Host:
         self.timeout = timeout
 
     async def run(self, argv: Sequence[str], ok: Sequence[int] = (0,),
-                  input: bytes | None = None) -> tuple[int, str, str]:
-        """Run ``prefix + argv``; return (rc, stdout, stderr), HostError if rc is not in ``ok``."""
+                  input: bytes | None = None, secret: Sequence[str] = ()) -> tuple[int, str, str]:
+        """Run ``prefix + argv``; return (rc, stdout, stderr), HostError if rc is not in ``ok``.
+
+        Strings in ``secret`` (CHAP passwords passed as iscsiadm values) are masked in the
+        messages and log lines about the command."""
         cmd = [*self.prefix, *argv]
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
@@ -46,10 +49,18 @@ class Host:
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
-            raise HostError(f"{shlex.join(cmd)}: timed out after {self.timeout}s")
+            raise HostError(mask(f"{shlex.join(cmd)}: timed out after {self.timeout}s", secret))
         rc = proc.returncode or 0
         o, e = out.decode(errors="replace"), err.decode(errors="replace")
-        log.debug("%s -> %d", shlex.join(cmd), rc)
+        log.debug("%s -> %d", mask(shlex.join(cmd), secret), rc)
         if rc not in ok:
-            raise HostError(f"{shlex.join(cmd)}: exit {rc}: {e.strip() or o.strip()}", rc, e)
+            raise HostError(mask(f"{shlex.join(cmd)}: exit {rc}: {e.strip() or o.strip()}", secret), rc,
+                            mask(e, secret))
         return rc, o, e
+
+
+def mask(text: str, secrets: Sequence[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(shlex.quote(s), "***").replace(s, "***")
+    return text

@@ -8,18 +8,30 @@ scanned: zstore serves many volumes as LUNs of one target, and an automatic
 scan would attach every one of them, so no session could ever be told apart
 as unused. Parsing is kept in pure functions so the recorded outputs can be
 unit-tested.
+
+CHAP (``csi.chap``) is written into our node record (and, for discovery, the
+discovery record) right before the login; a failed login deletes the node
+record again, and so does the last logout, so no record, with or without
+credentials in it, outlives the volumes that needed it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from csi.chap import Chap, secrets_of
 from csi.host import Host, HostError
 
 EXIT_NO_OBJS = 21          # "No active sessions" / no records found
-EXIT_SESSION_EXISTS = 15   # login: "session exists"
+EXIT_SESSION_EXISTS = 15   # login: "session exists"; -o new: record exists
+EXIT_AUTH_FAILED = 24      # login: "iSCSI login failed due to authorization failure"
+
+
+class AuthFailed(HostError):
+    """The target refused our CHAP credentials (or asked for CHAP and we had none)."""
 
 _SESSION_RE = re.compile(r"^\S+: \[(\d+)\] (\S+?),(\d+) (\S+)")
 
@@ -98,29 +110,68 @@ class Iscsiadm:
     async def session_for(self, target: str, detail: bool = False) -> Session | None:
         return next((s for s in await self.sessions(detail) if s.target == target), None)
 
-    async def discover(self, portal: str) -> list[tuple[str, str]]:
-        _, out, _ = await self.host.run(["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal])
+    async def discover(self, portal: str, chap: Chap | None = None) -> list[tuple[str, str]]:
+        """SendTargets at the portal; with CHAP through a discovery record that carries it."""
+        if chap is None:
+            _, out, _ = await self.host.run(["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal])
+            return parse_discovery(out)
+        db = ["iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", portal]
+        await self.host.run([*db, "-o", "new"], ok=(0, EXIT_SESSION_EXISTS))
+        for name, value in chap.settings("discovery.sendtargets.auth"):
+            await self.host.run([*db, "-o", "update", "-n", name, "-v", value], secret=chap.secrets())
+        try:
+            _, out, _ = await self.host.run([*db, "--discover"])
+        except HostError as e:
+            if e.rc == EXIT_AUTH_FAILED:
+                raise AuthFailed(f"discovery CHAP at {portal} refused: {e}", e.rc, e.stderr) from None
+            raise
         return parse_discovery(out)
+
+    async def configure(self, target: str, portal: str, chap: Chap | None) -> None:
+        """Our node record's settings: scan manual, and CHAP from the request or none at all
+        (a record left from an earlier CHAP login must not log in with stale credentials)."""
+        node = ["iscsiadm", "-m", "node", "-T", target, "-p", portal, "-o", "update"]
+        settings = [("node.session.scan", "manual")]
+        settings += chap.settings("node.session.auth") if chap else [("node.session.auth.authmethod", "None")]
+        for name, value in settings:
+            await self.host.run([*node, "-n", name, "-v", value], secret=secrets_of(chap))
 
     async def login(self, target: str, portal: str) -> None:
         """Log in through the portal we were given (the VIP), which stays the node record's
         persistent portal, so reconnects after a failover go back through the redirector."""
-        await self.host.run(["iscsiadm", "-m", "node", "-T", target, "-p", portal, "--login"],
-                            ok=(0, EXIT_SESSION_EXISTS))
+        try:
+            await self.host.run(["iscsiadm", "-m", "node", "-T", target, "-p", portal, "--login"],
+                                ok=(0, EXIT_SESSION_EXISTS))
+        except HostError as e:
+            if e.rc == EXIT_AUTH_FAILED:
+                raise AuthFailed(f"CHAP login to {target} at {portal} refused: {e}", e.rc, e.stderr) from None
+            raise
 
-    async def attach(self, target: str, portal: str, lun: int | str) -> Session:
-        """Log in (scan manual) unless a session to the target exists; then scan our LUN."""
+    async def forget(self, target: str, portal: str) -> None:
+        """Delete our node record (CHAP secrets included); nothing to do when it is gone."""
+        await self.host.run(["iscsiadm", "-m", "node", "-T", target, "-p", portal, "-o", "delete"],
+                            ok=(0, EXIT_NO_OBJS))
+
+    async def attach(self, target: str, portal: str, lun: int | str, chap: Chap | None = None,
+                     discovery_chap: Chap | None = None) -> Session:
+        """Log in (scan manual, CHAP as given) unless a session to the target exists; then scan
+        our LUN. A failed login leaves no node record behind."""
         s = await self.session_for(target)
         if s is None:
-            found = await self.discover(portal)
+            found = await self.discover(portal, discovery_chap)
             if not any(t == target for _, t in found):
                 raise HostError(f"target {target} not advertised at {portal} (discovery: {found})")
-            await self.host.run(["iscsiadm", "-m", "node", "-T", target, "-p", portal, "-o", "update",
-                                 "-n", "node.session.scan", "-v", "manual"])
-            await self.login(target, portal)
-            s = await self.session_for(target)
-            if s is None:
-                raise HostError(f"no session to {target} after login")
+            try:
+                await self.configure(target, portal, chap)
+                await self.login(target, portal)
+                s = await self.session_for(target)
+                if s is None:
+                    raise HostError(f"no session to {target} after login")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    if await self.session_for(target) is None:
+                        await self.forget(target, portal)
+                raise
         self.scan_lun(s.sid, lun)
         return s
 
@@ -129,3 +180,8 @@ class Iscsiadm:
 
     async def logout(self, sid: int) -> None:
         await self.host.run(["iscsiadm", "-m", "session", "-r", str(sid), "--logout"], ok=(0, EXIT_NO_OBJS))
+
+    async def detach(self, s: Session, portal: str) -> None:
+        """Log the session out and delete its node record: the last disk of the target is gone."""
+        await self.logout(s.sid)
+        await self.forget(s.target, portal)

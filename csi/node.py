@@ -25,9 +25,10 @@ import grpc
 
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc as pbg
+from csi.chap import ChapError, from_secrets
 from csi.host import Host, HostError
-from csi.iscsiadm import Iscsiadm
-from csi.mounts import mount_at
+from csi.iscsiadm import AuthFailed, Iscsiadm
+from csi.mounts import mount_at, mounts
 from csi.status import Abort, guard, invalid
 
 log = logging.getLogger("zstore.csi.node")
@@ -153,6 +154,21 @@ class Node(pbg.NodeServicer):
                 return
             await asyncio.sleep(0.1)
 
+    async def _sync_ro(self, name: str) -> None:
+        """Make the raw disk ``name`` (sdX) read-only exactly while every publish of it is.
+
+        A ro bind mount of a device node does not stop writes through it (the kernel checks
+        the device, not the mount the node was opened through), so a readonly raw block
+        publish sets the device's own ro flag; derived from the mount table each time, so a
+        restart changes nothing."""
+        flag = Path(f"/sys/block/{name}/ro")
+        if not flag.exists():
+            return
+        pubs = [m for m in mounts() if m.fstype == "devtmpfs" and m.root == f"/{name}"]
+        want = bool(pubs) and all("ro" in m.options.split(",") for m in pubs)
+        if want != (flag.read_text().strip() == "1"):
+            await self.host.run(["blockdev", "--setro" if want else "--setrw", f"/dev/{name}"])
+
     async def _size(self, dev: str) -> int:
         _, out, _ = await self.host.run(["blockdev", "--getsize64", dev])
         return int(out.strip())
@@ -178,12 +194,21 @@ class Node(pbg.NodeServicer):
             raise invalid("volume_capability is required")
         kind = check_capability(request.volume_capability)
         info = attach_info(request)
+        try:
+            chap, discovery_chap = from_secrets(request.secrets)
+        except ChapError as e:
+            raise invalid(str(e))
         async with self._locks[vid]:
             self._save(vid, {**info, "kind": kind})
             async with self._target_locks[info["target"]]:
                 try:
-                    await self.iscsi.attach(info["target"], info["portal"], info["lun"])
+                    await self.iscsi.attach(info["target"], info["portal"], info["lun"], chap, discovery_chap)
                 except (HostError, OSError) as e:
+                    if not by_id(info["wwn"]).exists():     # nothing attached: nothing to unstage
+                        self._state_path(vid).unlink(missing_ok=True)
+                    if isinstance(e, AuthFailed):
+                        raise Abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    f"iSCSI login to {info['target']}: {e} (check the node-stage secret)")
                     raise Abort(grpc.StatusCode.UNAVAILABLE, f"iSCSI login to {info['target']}: {e}")
                 dev = await self._wait_device(info["wwn"])
             if kind == "block":
@@ -226,7 +251,7 @@ class Node(pbg.NodeServicer):
                     await self._remove_device(dev)
                 s = await self.iscsi.session_for(info["target"], detail=True)
                 if s is not None and not [d for d in s.disks if f"/dev/{d}" != dev]:
-                    await self.iscsi.logout(s.sid)
+                    await self.iscsi.detach(s, info["portal"])
             self._state_path(vid).unlink(missing_ok=True)
         return pb.NodeUnstageVolumeResponse()
 
@@ -241,7 +266,10 @@ class Node(pbg.NodeServicer):
         kind = check_capability(request.volume_capability)
         ro = request.readonly or request.volume_capability.access_mode.mode in READ_ONLY
         async with self._locks[vid]:
-            if mount_at(target) is not None:
+            m = mount_at(target)
+            if m is not None:
+                if kind == "block" and m.fstype == "devtmpfs":
+                    await self._sync_ro(m.root.lstrip("/"))   # a restart may have come in between
                 return pb.NodePublishVolumeResponse()
             if kind == "block":
                 info = self._load(vid)
@@ -258,6 +286,8 @@ class Node(pbg.NodeServicer):
             await self.host.run(["mount", "--bind", src, target])
             if ro:
                 await self.host.run(["mount", "-o", "remount,bind,ro", target])
+            if kind == "block":
+                await self._sync_ro(os.path.basename(src))
         return pb.NodePublishVolumeResponse()
 
     @guard
@@ -266,13 +296,18 @@ class Node(pbg.NodeServicer):
         vid = volume_id(request)
         target = required_path(request, "target_path")
         async with self._locks[vid]:
-            while mount_at(target) is not None:
+            disks = set()
+            while (m := mount_at(target)) is not None:
+                if m.fstype == "devtmpfs" and m.root != "/":
+                    disks.add(m.root.lstrip("/"))
                 await self.host.run(["umount", target])
             p = Path(target)
             if p.is_dir():
                 p.rmdir()
             elif p.exists():
                 p.unlink()
+            for name in disks:                  # the last readonly publish gone: writable again
+                await self._sync_ro(name)
         return pb.NodeUnpublishVolumeResponse()
 
     @guard

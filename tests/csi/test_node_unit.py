@@ -127,7 +127,7 @@ class FakeHost(Host):
         self.answers = answers
         self.calls: list[list[str]] = []
 
-    async def run(self, argv, ok=(0,), input=None):
+    async def run(self, argv, ok=(0,), input=None, secret=()):
         self.calls.append(list(argv))
         rc, out = self.answers.get(tuple(argv), (0, ""))
         if rc not in ok:
@@ -161,12 +161,12 @@ async def test_attach_logs_in_with_manual_scan_when_there_is_no_session(tmp_path
     state = {"n": 0}
 
     class H(FakeHost):
-        async def run(self, argv, ok=(0,), input=None):
+        async def run(self, argv, ok=(0,), input=None, secret=()):
             if argv[:3] == ["iscsiadm", "-m", "session"] and len(argv) == 3:
                 self.calls.append(list(argv))
                 state["n"] += 1
                 return (21, "", "") if state["n"] == 1 else (0, SESSION, "")
-            return await super().run(argv, ok, input)
+            return await super().run(argv, ok, input, secret)
 
     target, vip = "iqn.2026-01.io.zstore:1d24d4f9.t0000", "192.168.77.1:3260"
     host = H({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", vip): (0, DISCOVERY),
@@ -319,3 +319,100 @@ def test_node_wire_numbers():
     R = pb.NodeServiceCapability.RPC
     assert (R.STAGE_UNSTAGE_VOLUME, R.GET_VOLUME_STATS, R.EXPAND_VOLUME, R.VOLUME_MOUNT_GROUP) == (1, 2, 3, 6)
     assert pb.DESCRIPTOR.services_by_name["Node"].full_name == "csi.v1.Node"
+
+
+# ---- CHAP from the request's secrets ----
+TARGET, VIP = "iqn.2026-01.io.zstore:1d24d4f9.t0000", "192.168.77.1:3260"
+PW, PW_IN, DPW = "chap-password-1", "mutual-password-2", "discovery-pass-3"
+SECRETS = {"node.session.auth.username": "guest", "node.session.auth.password": PW,
+           "node.session.auth.username_in": "target", "node.session.auth.password_in": PW_IN}
+
+
+class LoginHost(FakeHost):
+    """No session until a login succeeds (login answers from ``answers`` as usual)."""
+
+    def __init__(self, answers):
+        super().__init__(answers)
+        self.logged_in = False
+
+    async def run(self, argv, ok=(0,), input=None, secret=()):
+        if list(argv) == ["iscsiadm", "-m", "session"]:
+            self.calls.append(list(argv))
+            return (0, SESSION, "") if self.logged_in else (21, "", "")
+        rc, out, err = await super().run(argv, ok, input, secret)
+        if "--login" in argv:
+            self.logged_in = True
+        return rc, out, err
+
+
+def node_cmd(*rest: str) -> list[str]:
+    return ["iscsiadm", "-m", "node", "-T", TARGET, "-p", VIP, *rest]
+
+
+async def test_chap_is_written_to_the_node_record_before_login(tmp_path: Path):
+    from csi.chap import from_secrets
+    chap, disc = from_secrets({**SECRETS, "discovery.sendtargets.auth.username": "disc",
+                               "discovery.sendtargets.auth.password": DPW})
+    db = ["iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", VIP]
+    host = LoginHost({(*db, "--discover"): (0, DISCOVERY)})
+    await Iscsiadm(host, fake_sysfs(tmp_path, 1, "host0")).attach(TARGET, VIP, 1, chap, disc)
+    c = host.calls
+    upd = node_cmd("-o", "update", "-n")
+    for name, value in [("node.session.scan", "manual"), ("node.session.auth.authmethod", "CHAP"),
+                        ("node.session.auth.username", "guest"), ("node.session.auth.password", PW),
+                        ("node.session.auth.username_in", "target"), ("node.session.auth.password_in", PW_IN)]:
+        assert c.index([*upd, name, "-v", value]) < c.index(node_cmd("--login"))
+    for name, value in [("discovery.sendtargets.auth.authmethod", "CHAP"),
+                        ("discovery.sendtargets.auth.username", "disc"),
+                        ("discovery.sendtargets.auth.password", DPW)]:
+        assert c.index([*db, "-o", "new"]) < c.index([*db, "-o", "update", "-n", name, "-v", value]) \
+            < c.index([*db, "--discover"])
+
+
+async def test_no_secrets_clear_chap_on_a_reused_record(tmp_path: Path):
+    host = LoginHost({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", VIP): (0, DISCOVERY)})
+    await Iscsiadm(host, fake_sysfs(tmp_path, 1, "host0")).attach(TARGET, VIP, 1)
+    assert node_cmd("-o", "update", "-n", "node.session.auth.authmethod", "-v", "None") in host.calls
+
+
+async def test_refused_chap_login_deletes_the_node_record(tmp_path: Path):
+    from csi.chap import from_secrets
+    from csi.iscsiadm import AuthFailed
+    host = LoginHost({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", VIP): (0, DISCOVERY),
+                      tuple(node_cmd("--login")): (24, "")})
+    with pytest.raises(AuthFailed):
+        await Iscsiadm(host, fake_sysfs(tmp_path, 1, "host0")).attach(TARGET, VIP, 1, from_secrets(SECRETS)[0])
+    assert host.calls[-1] == node_cmd("-o", "delete")
+
+
+async def test_stage_with_refused_chap_is_unauthenticated_and_leaves_nothing(tmp_path: Path, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    host = LoginHost({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", VIP): (0, DISCOVERY),
+                      tuple(node_cmd("--login")): (24, "")})
+    node = Node("n", host, state_dir=str(tmp_path / "state"), device_timeout=0.3)
+    server = build_server(None, "", "node", node)
+    listen(server, f"unix://{tmp_path / 's'}")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{tmp_path / 's'}") as ch:
+            stub = pbg.NodeStub(ch)
+            req = pb.NodeStageVolumeRequest(volume_id="v1", staging_target_path=str(tmp_path / "st"),
+                                            volume_capability=cap(), publish_context=CTX, secrets=SECRETS)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.NodeStageVolume(req)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "node-stage secret" in e.value.details() and PW not in e.value.details()
+            partial = pb.NodeStageVolumeRequest()
+            partial.CopyFrom(req)
+            del partial.secrets["node.session.auth.password"]
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.NodeStageVolume(partial)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "node.session.auth.password" in e.value.details()
+    finally:
+        await server.stop(None)
+    assert not list((tmp_path / "state").glob("*")), "a failed stage left its state file"
+    assert host.calls[-1] == node_cmd("-o", "delete")
+    assert not any(PW in r.getMessage() or PW_IN in r.getMessage() for r in caplog.records)
+    assert any("NodeStageVolume UNAUTHENTICATED" in r.getMessage() for r in caplog.records)
