@@ -1,0 +1,195 @@
+"""Local repair: replace a block that failed its checksum with an in-sync peer's copy.
+
+A replica that finds a bad block (a read by the replica server, or the
+scrubber) does not wait for the coordinator: it fetches that block's state
+from another in-sync replica (EXPORT, epoch 0: read-only) and installs it
+(``import_``). The coordinator stays the only writer, so the install is
+conditional: ``if_unchanged`` carries the extent's mutation counter taken at
+the same instant the block was found still bad. Any write that lands
+afterwards makes the import a CONFLICT instead of being overwritten by the
+peer's possibly older copy; a write that landed before it left the block
+verifying, and then there is nothing to repair. That closes the race with a
+write in flight to both replicas, whichever it reaches first.
+
+Repairs are queued (deduplicated, bounded: a disk that rots everywhere must
+not make this server hoard work) and run one at a time in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from zstore.keys import Keys
+from zstore.records import ExtentRecord
+
+from .extent_file import BLOCK_SIZE
+from .peers import Address, Peers, UnknownPeer
+from .replica_client import PeerUnavailable, ReplicaError
+
+log = logging.getLogger(__name__)
+
+BlockKey = tuple[str, int, int]          # (volume id, extent index, block index)
+
+
+class LocalRepair:
+    def __init__(self, store, client, peers: Peers, keys: Keys, etcd, chunk_id: str, *,
+                 max_queue: int = 4096, retries: int = 4, retry_delay: float = 0.05) -> None:
+        self.store = store
+        self.client = client
+        self.peers = peers
+        self.keys = keys
+        self.etcd = etcd
+        self.chunk_id = chunk_id
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.checksum_errors = 0     # distinct bad blocks reported (scheduled)
+        self.repaired = 0
+        self.repair_failed = 0
+        self.dropped = 0             # reports refused because the queue was full
+        self._queue: asyncio.Queue[BlockKey] = asyncio.Queue(max_queue)
+        self._pending: set[BlockKey] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+
+    # -- queue -----------------------------------------------------------------
+
+    def schedule(self, vid: str, idx: int, block: int) -> bool:
+        """Queue a repair of one block; False when already queued or the queue is full."""
+        key = (vid, int(idx), int(block))
+        if key in self._pending:
+            return False
+        try:
+            self._queue.put_nowait(key)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            log.warning("repair queue full: %s/%d block %d not queued (the scrubber finds it again)",
+                        vid, idx, block)
+            return False
+        self._pending.add(key)
+        self._idle.clear()
+        self.checksum_errors += 1
+        log.warning("checksum error in %s/%d block %d: repair queued", vid, idx, block)
+        return True
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="local-repair")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every queued repair has finished; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        return {"checksum_errors": self.checksum_errors, "repaired": self.repaired,
+                "repair_failed": self.repair_failed, "dropped": self.dropped,
+                "queued": len(self._pending)}
+
+    async def _run(self) -> None:
+        while True:
+            key = await self._queue.get()
+            try:
+                ok = await self.repair_block(*key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad repair must not stop the worker
+                log.exception("repair of %s/%d block %d crashed", *key)
+                ok = False
+            finally:
+                self._pending.discard(key)
+                if not self._pending:
+                    self._idle.set()
+            if ok:
+                self.repaired += 1
+            else:
+                self.repair_failed += 1
+
+    # -- one repair ------------------------------------------------------------
+
+    async def extent_peers(self, vid: str, idx: int) -> tuple[ExtentRecord | None, list[tuple[str, Address]]]:
+        """The extent record and (chunk id, address) of its in-sync replicas other than this one.
+
+        Read fresh from etcd: a cached replica set could name a replica that
+        was dropped because it missed writes, and copying from it would
+        install old data.
+        """
+        got = await self.etcd.get(self.keys.extent(vid, idx))
+        if got is None:
+            return None, []
+        rec = ExtentRecord.decode(got.value)
+        out = []
+        for cid in rec.replicas:
+            if cid == self.chunk_id:
+                continue
+            try:
+                out.append((cid, await self.peers.address(cid)))
+            except UnknownPeer as e:
+                log.warning("%s/%d: %s", vid, idx, e)
+        return rec, out
+
+    async def in_sync_peers(self, vid: str, idx: int) -> list[tuple[str, Address]]:
+        return (await self.extent_peers(vid, idx))[1]
+
+    def _still_bad(self, vid: str, idx: int, block: int) -> bool:
+        return block in self.store.verify(vid, idx, block, 1)
+
+    async def repair_block(self, vid: str, idx: int, block: int) -> bool:
+        """Make ``block`` verify again from a peer's copy; True when it does."""
+        offset = block * BLOCK_SIZE
+        for attempt in range(self.retries):
+            if attempt:
+                await asyncio.sleep(self.retry_delay * attempt)
+            try:
+                peers = await self.in_sync_peers(vid, idx)
+            except Exception as e:  # noqa: BLE001 - etcd down: retry, then give up
+                log.warning("repair %s/%d block %d: extent record unreadable: %s", vid, idx, block, e)
+                continue
+            if not self.store.has(vid, idx):
+                log.info("repair %s/%d block %d: extent deleted meanwhile", vid, idx, block)
+                return False
+            # No await between the check and the token (see the module docstring).
+            if not self._still_bad(vid, idx, block):
+                log.info("%s/%d block %d verifies again (rewritten meanwhile)", vid, idx, block)
+                return True
+            token = self.store.stat(vid, idx)["mutations"]
+            if not peers:
+                log.error("repair %s/%d block %d: no other in-sync replica", vid, idx, block)
+                return False
+            for cid, addr in peers:
+                try:
+                    blob, _ = await self.client.export(addr, vid, idx, offset, BLOCK_SIZE)
+                except (PeerUnavailable, ReplicaError, OSError, asyncio.TimeoutError) as e:
+                    log.warning("repair %s/%d block %d: export from %s failed: %s",
+                                vid, idx, block, cid, e)
+                    self.peers.forget(cid)
+                    continue
+                if not self.store.has(vid, idx):
+                    # Deleted (reclaimed) during the export: import_ would recreate it.
+                    log.info("repair %s/%d block %d: extent deleted meanwhile", vid, idx, block)
+                    return False
+                if not self.store.import_(vid, idx, blob, if_unchanged=token):
+                    log.info("repair %s/%d block %d: a write landed meanwhile; checking again",
+                             vid, idx, block)
+                    break
+                if not self._still_bad(vid, idx, block):
+                    log.warning("repaired %s/%d block %d from %s", vid, idx, block, cid)
+                    return True
+                log.error("repair %s/%d block %d: the copy from %s does not verify either",
+                          vid, idx, block, cid)
+                token = self.store.stat(vid, idx)["mutations"]
+        if not self._still_bad(vid, idx, block):
+            return True
+        log.error("repair of %s/%d block %d failed", vid, idx, block)
+        return False

@@ -1,0 +1,167 @@
+"""LocalRepair against real stores, replica servers and etcd."""
+
+from __future__ import annotations
+
+import pytest
+
+from chunk.storage.extent_file import BLOCK_SIZE
+from chunk.storage.repair import LocalRepair
+from chunk.storage.replica_client import ChecksumFailed
+from chunk.storage.peers import Peers
+from zstore.keys import Keys
+
+from .replica_nodes import Nodes, block
+
+pytestmark = pytest.mark.timeout(60)
+
+VID = "vol-1"
+
+
+@pytest.fixture
+async def nodes(tmp_path, etcd_client, etcd_config):
+    n = Nodes(tmp_path, etcd_client, Keys(etcd_config.prefix))
+    try:
+        yield n
+    finally:
+        await n.close()
+
+
+async def two(nodes, data=None):
+    a, b = await nodes.add("A"), await nodes.add("B")
+    await nodes.extent(VID, 0, ["A", "B"], data or {2: block("two"), 3: block("three"), 4: block(4)})
+    return a, b
+
+
+async def test_corrupt_block_is_repaired_from_the_peer(nodes):
+    a, b = await two(nodes)
+    b.corrupt(VID, 0, 3)
+    assert b.store.verify(VID, 0) == [3]
+    assert a.store.digest(VID, 0) == b.store.digest(VID, 0)   # crcs agree, only the data rotted
+
+    b.repair.start()
+    assert b.repair.schedule(VID, 0, 3)
+    assert not b.repair.schedule(VID, 0, 3), "a queued block is not queued twice"
+    assert await b.repair.wait_idle(10)
+
+    assert b.store.verify(VID, 0) == []
+    data, present = b.store.read(VID, 0, 3 * BLOCK_SIZE, BLOCK_SIZE)
+    assert data == block("three") and present == b"\x01"
+    assert b.store.digest(VID, 0) == a.store.digest(VID, 0)
+    assert b.repair.status() == {"checksum_errors": 1, "repaired": 1, "repair_failed": 0,
+                                 "dropped": 0, "queued": 0}
+
+
+async def test_a_peer_read_of_a_rotten_block_triggers_the_repair(nodes):
+    """The replica server's checksum hook schedules the repair (the chunk server's wiring)."""
+    a, b = await two(nodes)
+    b.corrupt(VID, 0, 2)
+    b.repair.start()
+    with pytest.raises(ChecksumFailed):
+        await a.client.read(("127.0.0.1", b.server.port), VID, 0, 2 * BLOCK_SIZE, BLOCK_SIZE)
+    assert await b.repair.wait_idle(10)
+    assert b.repair.repaired == 1
+    data, _ = await a.client.read(("127.0.0.1", b.server.port), VID, 0, 2 * BLOCK_SIZE, BLOCK_SIZE)
+    assert data == block("two")
+
+
+async def test_dead_peer_is_skipped(nodes):
+    a = await nodes.add("A")
+    b = await nodes.add("B")
+    await nodes.add_dead("C")
+    await nodes.extent(VID, 0, ["C", "A", "B"], {5: block("five")})
+    b.corrupt(VID, 0, 5)
+    assert await b.repair.repair_block(VID, 0, 5)
+    assert b.store.verify(VID, 0) == []
+    assert b.store.read(VID, 0, 5 * BLOCK_SIZE, BLOCK_SIZE)[0] == block("five")
+
+
+async def test_no_in_sync_peer_means_failure_and_nothing_changes(nodes):
+    a, b = await two(nodes)
+    # A was dropped from the extent: its copy may be old, so it must not be used.
+    await nodes.extent(VID, 1, ["B"], {0: block("x")})
+    a.store.create(VID, 1, 1)
+    a.store.write(VID, 1, 0, block("old"), 1)
+    b.corrupt(VID, 1, 0)
+    b.repair.start()
+    b.repair.schedule(VID, 1, 0)
+    assert await b.repair.wait_idle(10)
+    assert b.repair.repair_failed == 1 and b.repair.repaired == 0
+    assert b.store.verify(VID, 1) == [0]
+
+
+async def test_block_rewritten_before_the_repair_is_left_alone(nodes):
+    a, b = await two(nodes)
+    b.corrupt(VID, 0, 4)
+    # The coordinator's write reaches B first (A's copy is still the old one).
+    b.store.write(VID, 0, 4 * BLOCK_SIZE, block("new"), 1)
+    assert await b.repair.repair_block(VID, 0, 4)
+    assert b.store.read(VID, 0, 4 * BLOCK_SIZE, BLOCK_SIZE)[0] == block("new")
+
+
+class RacingClient:
+    """The real client, but a coordinator write lands on the repairing replica mid-export."""
+
+    def __init__(self, inner, on_export) -> None:
+        self.inner, self.on_export, self.exports = inner, on_export, 0
+
+    async def export(self, *args, **kw):
+        got = await self.inner.export(*args, **kw)
+        self.exports += 1
+        if self.exports == 1:
+            self.on_export()
+        return got
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_repair_racing_a_write_does_not_clobber_it(nodes, etcd_client, etcd_config):
+    a, b = await two(nodes)
+    b.corrupt(VID, 0, 3)
+
+    # A partial write (one sector) cannot land on a rotten block: it is RMW and
+    # would fail. A whole-block write does, and then the peer's export (taken
+    # before the write reached A) is old: importing it would lose the write.
+    def write_lands():
+        b.store.write(VID, 0, 3 * BLOCK_SIZE, block("newer"), 1)
+
+    keys = Keys(etcd_config.prefix)
+    racing = RacingClient(b.client, write_lands)
+    repair = LocalRepair(b.store, racing, Peers(etcd_client, keys), keys, etcd_client, "B")
+    before = b.store.stat(VID, 0)["mutations"]
+    assert await repair.repair_block(VID, 0, 3)
+    assert racing.exports == 1, "the conflict is seen, and the rewritten block needs no second copy"
+    assert b.store.stat(VID, 0)["mutations"] == before + 1, "only the write changed the extent"
+    assert b.store.read(VID, 0, 3 * BLOCK_SIZE, BLOCK_SIZE)[0] == block("newer")
+    assert b.store.verify(VID, 0) == []
+
+
+async def test_conflict_on_another_block_retries_and_repairs(nodes, etcd_client, etcd_config):
+    """A write elsewhere in the extent also conflicts; the retry then installs the copy."""
+    a, b = await two(nodes)
+    b.corrupt(VID, 0, 3)
+
+    def write_elsewhere():
+        for n in (a, b):
+            n.store.write(VID, 0, 7 * BLOCK_SIZE, block("seven"), 1)
+
+    keys = Keys(etcd_config.prefix)
+    racing = RacingClient(b.client, write_elsewhere)
+    repair = LocalRepair(b.store, racing, Peers(etcd_client, keys), keys, etcd_client, "B",
+                         retry_delay=0.01)
+    assert await repair.repair_block(VID, 0, 3)
+    assert racing.exports == 2
+    assert b.store.read(VID, 0, 3 * BLOCK_SIZE, BLOCK_SIZE)[0] == block("three")
+    assert b.store.read(VID, 0, 7 * BLOCK_SIZE, BLOCK_SIZE)[0] == block("seven")
+    assert b.store.digest(VID, 0) == a.store.digest(VID, 0)
+
+
+async def test_queue_is_bounded(nodes, etcd_client, etcd_config):
+    a, b = await two(nodes)
+    keys = Keys(etcd_config.prefix)
+    repair = LocalRepair(b.store, b.client, Peers(etcd_client, keys), keys, etcd_client, "B",
+                         max_queue=2)
+    assert repair.schedule(VID, 0, 1) and repair.schedule(VID, 0, 2)
+    assert not repair.schedule(VID, 0, 3)
+    assert repair.status()["dropped"] == 1 and repair.status()["queued"] == 2
+    assert repair.checksum_errors == 2
