@@ -307,6 +307,44 @@ class ExtentFile:
                 runs.append((off, BLOCK_SIZE))
         return runs
 
+    # -- for the replica store ---------------------------------------------------
+
+    @property
+    def crcs(self) -> array:
+        """The in-memory checksum table (0 = absent block); read-only for callers."""
+        return self._crcs
+
+    def read_blocks(self, first: int, count: int) -> bytearray:
+        """Whole blocks ``first .. first+count-1``, verified (absent ones as zeros)."""
+        self._check_range(first * BLOCK_SIZE, count * BLOCK_SIZE)
+        return self._read_blocks(first, count)
+
+    def verify(self, first: int, count: int) -> list[int]:
+        """Indexes of present blocks in the run whose data fails its checksum (scrub)."""
+        self._check_range(first * BLOCK_SIZE, count * BLOCK_SIZE)
+        bad = []
+        step = 256                              # 1 MiB reads
+        for start in range(first, first + count, step):
+            n = min(step, first + count - start)
+            if not any(self._crcs[start:start + n]):
+                continue
+            buf = memoryview(bytearray(n * BLOCK_SIZE))
+            done = 0
+            while done < len(buf):
+                got = os.preadv(self._data, [buf[done:]], start * BLOCK_SIZE + done)
+                if got == 0:
+                    break
+                done += got
+            for k in range(n):
+                stored = self._crcs[start + k]
+                if stored and block_crc(start + k, buf[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE]) != stored:
+                    bad.append(start + k)
+        return bad
+
+    def allocated_bytes(self) -> int:
+        """Bytes the file system allocated for this extent's files."""
+        return sum(os.fstat(fd).st_blocks * 512 for fd in (self._data, self._crc))
+
     # -- internals -------------------------------------------------------------
 
     def _check_range(self, offset: int, length: int) -> None:

@@ -1,0 +1,902 @@
+"""Every extent replica on this chunk server's disks, with copy-on-write snapshot versions.
+
+Snapshots are sequence numbers (docs/storage.md, "Snapshots"): each live 4 KiB
+block remembers the seq it was last written at; writing block b at seq W when
+b is present with seq w < W first preserves the old block as a *version*
+(origin=w, key=W-1).  A view at seq s reads the version with origin <= s <= key,
+else the live block if its seq <= s, else the block is absent at s.
+
+On-disk layout per extent, in the disk directory (``v`` = volume, ``i`` = index)::
+
+    v.i.data/.crc/.hdr  live data, crc32c per block, header (``ExtentFile``)
+    v.i.seq             uint32 LE per block: seq the block was last written or
+                        unmapped at (0 = never); absent blocks keep theirs so a
+                        revert knows they changed after the snapshot
+    v.i.v/K.vdata       versions with key K: sparse, block b at b*4096
+    v.i.v/K.vidx        per block b at b*8: crc32c (seeded with b, 0 = none),
+                        origin, both uint32 LE
+
+A block has at most one version per key (once written at W its seq is W, so
+its next version gets a larger key), hence one pair of files per key and a
+fixed slot per block.  ``trim`` punches dropped versions out of ``.vdata`` and
+unlinks a key's files once they hold nothing: the space really is freed.
+Versions are verified against their crc on every read, like live blocks.
+
+Order of a write at seq W (crash safety):
+
+1. COW: the old blocks are read (verified) and written to ``K.vdata``, then
+   their ``K.vidx`` entries; if anything was copied, both files (and the
+   directory, for a new key) are fdatasync'd *before* step 3, so a snapshot's
+   block that was durable stays durable whatever the page cache writes back
+   first.  This costs one fdatasync per write call that had to preserve
+   blocks (the first overwrite of a block after a snapshot), never on the
+   no-snapshot path (``cow_sync=False`` turns it off, for tests or when the
+   caller accepts snapshot loss on a host crash).
+2. ``.seq`` := W for the range.
+3. live data, then its crcs (``ExtentFile.write``); ``fua`` then flushes.
+
+SIGKILL of the process loses nothing that a completed ``pwrite`` put in the
+page cache, so every acknowledged write survives.  Killed between steps, the
+state is still consistent: versions win over live data in a view, so a
+version written in step 1 is correct whatever happens to the live block; a
+retried write finds the (b, W-1) version already there and keeps it (a
+version is never overwritten by a later COW into the same key); seq W with
+the old data (killed after 2) just means the unacknowledged write did not
+happen.  ``flush`` fdatasyncs versions, then live data, crcs and ``.seq``,
+so flushed writes survive a host crash; an unflushed block torn on disk fails
+its checksum (``ChecksumError``), it is never returned silently.
+
+Errors: ENOSPC/EDQUOT from the file system -> ``StoreFull`` and the disk is
+marked full (until a delete or trim frees space on it); other ``OSError`` ->
+``StoreIOError``; checksum failures -> ``ChecksumError``; stale epochs ->
+``StaleEpochError``.  Calls are synchronous (page-cache I/O); only ``flush``,
+``fua`` writes and COW writes wait for the device.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import hashlib
+import os
+import shutil
+import struct
+import sys
+from array import array
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import msgpack
+
+from chunk.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+
+from .extent_file import (
+    BLOCK_SIZE, EXTENT_SIZE, ChecksumError, ExtentError, ExtentFile, ExtentHeader, block_crc,
+)
+from .fencing import EpochFence
+
+__all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "ReplicaStore"]
+
+_MAX_SEQ = 0xFFFFFFFF
+_CHUNK = 1 << 20                     # internal unit of large unmaps / reverts
+_ENTRY = struct.Struct("<II")        # version slot: crc, origin
+_BLOB_FORMAT = 1
+_LITTLE = sys.byteorder == "little"
+
+
+class StoreError(Exception):
+    """Base of the replica store's errors."""
+
+
+class NoExtent(StoreError):
+    """The extent has no replica on this server."""
+
+
+class StoreFull(StoreError):
+    """No space: the file system said ENOSPC, or no disk can take a new extent."""
+
+
+class StoreIOError(StoreError):
+    """The disk failed an I/O (EIO and friends)."""
+
+
+def _le(a: array) -> bytes:
+    if _LITTLE:
+        return a.tobytes()
+    b = array("I", a)
+    b.byteswap()
+    return b.tobytes()
+
+
+def _from_le(raw: bytes) -> array:
+    a = array("I")
+    a.frombytes(raw)
+    if not _LITTLE:
+        a.byteswap()
+    return a
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytearray:
+    buf = bytearray(length)
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break                     # short sparse file: the rest reads as zeros
+        done += n
+    return buf
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Versions:
+    """The versions of one extent with one key: block -> (origin, crc)."""
+
+    def __init__(self, vdir: Path, key: int, create: bool) -> None:
+        self.key = key
+        self.data_path = vdir / f"{key}.vdata"
+        self.idx_path = vdir / f"{key}.vidx"
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        self.data_fd = os.open(self.data_path, flags, 0o600)
+        try:
+            self.idx_fd = os.open(self.idx_path, flags, 0o600)
+        except BaseException:
+            os.close(self.data_fd)
+            raise
+        self.entries: dict[int, tuple[int, int]] = {}
+        if not create:
+            size = os.fstat(self.idx_fd).st_size // 8 * 8
+            raw = _from_le(bytes(_pread_all(self.idx_fd, size, 0)))
+            for b in range(len(raw) // 2):
+                crc = raw[2 * b]
+                if crc:
+                    self.entries[b] = (raw[2 * b + 1], crc)
+        self._punch = True
+
+    def read(self, block: int) -> bytes:
+        origin, crc = self.entries[block]
+        data = bytes(_pread_all(self.data_fd, BLOCK_SIZE, block * BLOCK_SIZE))
+        actual = block_crc(block, data)
+        if actual != crc:
+            raise ChecksumError(str(self.data_path), block, crc, actual)
+        return data
+
+    def check(self, block: int) -> bool:
+        try:
+            self.read(block)
+        except ChecksumError:
+            return False
+        return True
+
+    def put(self, blocks: list[tuple[int, int, bytes | memoryview]]) -> None:
+        """Store (block, origin, data) versions: all data first, then their slots."""
+        for b, _, data in blocks:
+            _pwrite_all(self.data_fd, data, b * BLOCK_SIZE)
+        for b, origin, data in blocks:
+            crc = block_crc(b, data)
+            os.pwrite(self.idx_fd, _ENTRY.pack(crc, origin), b * 8)
+            self.entries[b] = (origin, crc)
+
+    def drop(self, blocks: list[int]) -> None:
+        """Forget versions: slot first (so a crash never pairs a slot with punched data)."""
+        for b in blocks:
+            os.pwrite(self.idx_fd, bytes(8), b * 8)
+            self.entries.pop(b, None)
+        for b in blocks:
+            if self._punch:
+                try:
+                    fallocate(self.data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                              b * BLOCK_SIZE, BLOCK_SIZE)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    self._punch = False
+
+    def sync(self) -> None:
+        os.fdatasync(self.data_fd)
+        os.fdatasync(self.idx_fd)
+
+    def allocated(self) -> int:
+        return sum(os.fstat(fd).st_blocks * 512 for fd in (self.data_fd, self.idx_fd))
+
+    def close(self) -> None:
+        for fd in (self.data_fd, self.idx_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.data_fd = self.idx_fd = -1
+
+    def unlink(self) -> None:
+        self.close()
+        self.data_path.unlink(missing_ok=True)
+        self.idx_path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Disk:
+    path: Path
+    limit: int | None
+    failed: bool = False
+    enospc: bool = False
+    replicas: set = field(default_factory=set)     # (vid, idx) on this disk
+
+
+class _Replica:
+    """One open extent replica: live ExtentFile + seq table + versions by key."""
+
+    def __init__(self, disk: _Disk, ext: ExtentFile, seq_fd: int, seqs: array,
+                 vdir: Path) -> None:
+        self.disk = disk
+        self.ext = ext
+        self.seq_fd = seq_fd
+        self.seqs = seqs
+        self.vdir = vdir
+        self.versions: dict[int, _Versions] = {}
+        self.keys: list[int] = []              # sorted keys of self.versions
+        self.mutations = 0
+        # A lower bound of the seqs of present blocks: a write at W <= floor
+        # cannot need COW, the no-snapshot fast path.
+        self.floor = min((s for s in seqs if s), default=_MAX_SEQ)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.seqs)
+
+    def base(self) -> Path:
+        return self.ext.base
+
+    def load_versions(self) -> None:
+        if not self.vdir.is_dir():
+            return
+        for p in self.vdir.glob("*.vidx"):
+            key = int(p.name.split(".")[0])
+            v = _Versions(self.vdir, key, create=False)
+            if v.entries:
+                self.versions[key] = v
+            else:
+                v.unlink()
+        self.keys = sorted(self.versions)
+
+    def versions_for(self, key: int) -> _Versions:
+        v = self.versions.get(key)
+        if v is None:
+            new_dir = not self.vdir.is_dir()
+            self.vdir.mkdir(mode=0o700, exist_ok=True)
+            v = _Versions(self.vdir, key, create=True)
+            self.versions[key] = v
+            bisect.insort(self.keys, key)
+            _fsync_dir(self.vdir)
+            if new_dir:
+                _fsync_dir(self.vdir.parent)
+        return v
+
+    def drop_key_if_empty(self, key: int) -> None:
+        v = self.versions.get(key)
+        if v is not None and not v.entries:
+            v.unlink()
+            del self.versions[key]
+            self.keys.remove(key)
+
+    def store_seqs(self, first: int, new: array) -> None:
+        if self.seqs[first:first + len(new)] == new:
+            return
+        self.seqs[first:first + len(new)] = new
+        _pwrite_all(self.seq_fd, _le(new), first * 4)
+
+    def view_source(self, block: int, s: int) -> _Versions | None:
+        """The version holding ``block`` at view ``s``, if any."""
+        for key in self.keys[bisect.bisect_left(self.keys, s):]:
+            e = self.versions[key].entries.get(block)
+            if e is not None:
+                return self.versions[key] if e[0] <= s else None
+        return None
+
+    def block_versions(self, first: int, end: int) -> dict[int, list[tuple[int, int, int]]]:
+        """block -> [(key, origin, crc)] (keys ascending) for blocks in [first, end)."""
+        out: dict[int, list[tuple[int, int, int]]] = {}
+        for key in self.keys:
+            entries = self.versions[key].entries
+            if end - first < len(entries):
+                items = ((b, entries.get(b)) for b in range(first, end))
+            else:
+                items = ((b, e) for b, e in entries.items() if first <= b < end)
+            for b, e in items:
+                if e is not None:
+                    out.setdefault(b, []).append((key, e[0], e[1]))
+        return out
+
+    def flush(self) -> None:
+        for v in self.versions.values():
+            v.sync()
+        self.ext.flush()
+        os.fdatasync(self.seq_fd)
+
+    def allocated(self) -> int:
+        return (self.ext.allocated_bytes() + os.fstat(self.seq_fd).st_blocks * 512
+                + sum(v.allocated() for v in self.versions.values()))
+
+    def close(self) -> None:
+        for v in self.versions.values():
+            v.close()
+        self.ext.close()
+        if self.seq_fd >= 0:
+            os.close(self.seq_fd)
+            self.seq_fd = -1
+
+
+def _seq_path(base: Path) -> Path:
+    return base.with_name(base.name + ".seq")
+
+
+def _vdir(base: Path) -> Path:
+    return base.with_name(base.name + ".v")
+
+
+def _check_seq(seq: int) -> None:
+    if type(seq) is not int or not 0 < seq <= _MAX_SEQ:
+        raise ValueError(f"seq {seq!r} out of range 1..{_MAX_SEQ}")
+
+
+class ReplicaStore:
+    """All extent replicas on this server's disks; see the module docstring."""
+
+    def __init__(self, disks: list[tuple[str | Path, int | None]], *,
+                 extent_size: int = EXTENT_SIZE, cow_sync: bool = True) -> None:
+        self.extent_size = extent_size
+        self.cow_sync = cow_sync
+        self.fence = EpochFence()
+        self.bad: list[Path] = []
+        self._disks: list[_Disk] = []
+        self._replicas: dict[tuple[str, int], _Replica] = {}
+        for path, limit in disks:
+            disk = _Disk(Path(path), limit)
+            self._disks.append(disk)
+            try:
+                disk.path.mkdir(parents=True, exist_ok=True)
+                self.bad.extend(self.fence.scan(disk.path))
+                headers = sorted(disk.path.glob("*.hdr"))
+            except OSError:
+                disk.failed = True
+                continue
+            for hdr in headers:
+                if hdr in self.bad:
+                    continue
+                try:
+                    header = ExtentHeader.decode(hdr.read_bytes(), str(hdr))
+                    key = (header.volume, header.extent)
+                    if key in self._replicas:
+                        raise StoreError(f"{hdr}: duplicate of {self._replicas[key].base()}")
+                    self._replicas[key] = self._open(disk, header.volume, header.extent)
+                    disk.replicas.add(key)
+                except (ExtentError, StoreError, OSError, ValueError):
+                    self.bad.append(hdr)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _open(self, disk: _Disk, vid: str, idx: int) -> _Replica:
+        ext = ExtentFile.open(disk.path, vid, idx)
+        try:
+            seq_path = _seq_path(ext.base)
+            seq_fd = os.open(seq_path, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            ext.close()
+            raise
+        rep = None
+        try:
+            want = ext.size // BLOCK_SIZE * 4
+            raw = bytes(_pread_all(seq_fd, want, 0))
+            if os.fstat(seq_fd).st_size != want:
+                raise StoreError(f"{seq_path}: {os.fstat(seq_fd).st_size} bytes, expected {want}")
+            rep = _Replica(disk, ext, seq_fd, _from_le(raw), _vdir(ext.base))
+            rep.load_versions()
+            return rep
+        except BaseException:
+            if rep is not None:
+                rep.close()
+            else:
+                ext.close()
+                os.close(seq_fd)
+            raise
+
+    def close(self) -> None:
+        for rep in self._replicas.values():
+            rep.close()
+        self._replicas.clear()
+
+    def __enter__(self) -> ReplicaStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _io(self, disk: _Disk | None) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if disk is not None:
+                    disk.enospc = True
+                raise StoreFull(str(e)) from e
+            raise StoreIOError(str(e)) from e
+
+    def _get(self, vid: str, idx: int) -> _Replica:
+        rep = self._replicas.get((vid, idx))
+        if rep is None:
+            raise NoExtent(f"extent {vid}/{idx} is not on this server")
+        return rep
+
+    def _used(self, disk: _Disk) -> tuple[int, int]:
+        """(capacity, used) bytes of a disk: our allocations against a limit, else the fs."""
+        if disk.limit is not None:
+            used = sum(self._replicas[k].allocated() for k in disk.replicas)
+            return disk.limit, used
+        st = os.statvfs(disk.path)
+        total = st.f_blocks * st.f_frsize
+        return total, total - st.f_bavail * st.f_frsize
+
+    def _state(self, disk: _Disk, capacity: int, used: int) -> str:
+        if disk.failed:
+            return "failed"
+        if disk.enospc or used >= capacity:
+            return "full"
+        return "ok"
+
+    def create(self, vid: str, idx: int, generation: int) -> None:
+        if (vid, idx) in self._replicas:
+            return
+        if "/" in vid or vid.startswith(".") or not vid or idx < 0:
+            raise ValueError(f"bad extent name {vid!r}/{idx}")
+        best, best_free = None, -1
+        for disk in self._disks:
+            if disk.failed or disk.enospc:
+                continue
+            try:
+                capacity, used = self._used(disk)
+            except OSError:
+                continue
+            free = capacity - used
+            if free >= self.extent_size and free > best_free:
+                best, best_free = disk, free
+        if best is None:
+            raise StoreFull(f"no disk can take extent {vid}/{idx}")
+        with self._io(best):
+            base = best.path / f"{vid}.{idx}"
+            # The .seq table before the header: the header marks the extent complete.
+            seq_path = _seq_path(base)
+            fd = os.open(seq_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, self.extent_size // BLOCK_SIZE * 4)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            shutil.rmtree(_vdir(base), ignore_errors=True)     # leftovers of a torn delete
+            ExtentFile.create(best.path, vid, idx, generation=generation,
+                              extent_size=self.extent_size).close()
+            self._replicas[(vid, idx)] = self._open(best, vid, idx)
+            best.replicas.add((vid, idx))
+
+    def has(self, vid: str, idx: int) -> bool:
+        return (vid, idx) in self._replicas
+
+    def extents(self) -> list[tuple[str, int]]:
+        return sorted(self._replicas)
+
+    def delete(self, vid: str, idx: int) -> None:
+        rep = self._get(vid, idx)
+        base = rep.base()
+        with self._io(rep.disk):
+            rep.close()
+            del self._replicas[(vid, idx)]
+            rep.disk.replicas.discard((vid, idx))
+            # Header first: without it the rest is garbage a restart ignores.
+            for suffix in (".hdr", ".data", ".crc", ".seq"):
+                base.with_name(base.name + suffix).unlink(missing_ok=True)
+            shutil.rmtree(_vdir(base), ignore_errors=True)
+            _fsync_dir(rep.disk.path)
+            rep.disk.enospc = False
+
+    def usage(self) -> list[dict]:
+        out = []
+        for disk in self._disks:
+            try:
+                capacity, used = self._used(disk)
+            except OSError:
+                disk.failed = True
+                capacity, used = disk.limit or 0, 0
+            out.append({"path": str(disk.path), "capacity": capacity, "used": used,
+                        "state": self._state(disk, capacity, used)})
+        return out
+
+    # -- metadata --------------------------------------------------------------
+
+    def admit(self, vid: str, idx: int, epoch: int) -> None:
+        rep = self._get(vid, idx)
+        if epoch == 0:
+            return
+        with self._io(rep.disk):
+            self.fence.admit(rep.ext, epoch)
+
+    def stat(self, vid: str, idx: int) -> dict:
+        rep = self._get(vid, idx)
+        with self._io(rep.disk):
+            allocated = rep.allocated()
+        h = rep.ext.header
+        return {"generation": h.generation, "epoch": h.epoch, "mutations": rep.mutations,
+                "allocated": allocated, "disk": str(rep.disk.path)}
+
+    def set_generation(self, vid: str, idx: int, generation: int) -> None:
+        rep = self._get(vid, idx)
+        with self._io(rep.disk):
+            rep.ext.set_header(generation=generation)
+
+    def flush(self, vid: str, idx: int) -> None:
+        rep = self._get(vid, idx)
+        with self._io(rep.disk):
+            rep.flush()
+
+    # -- I/O -------------------------------------------------------------------
+
+    def _blocks(self, rep: _Replica, offset: int, length: int) -> tuple[int, int]:
+        if offset < 0 or length < 0 or offset + length > rep.ext.size:
+            raise ValueError(f"range {offset}+{length} outside the extent ({rep.ext.size} bytes)")
+        if length == 0:
+            return offset // BLOCK_SIZE, 0
+        first = offset // BLOCK_SIZE
+        return first, (offset + length - 1) // BLOCK_SIZE - first + 1
+
+    def read(self, vid: str, idx: int, offset: int, length: int, view: int = 0) -> tuple[bytes, bytes]:
+        rep = self._get(vid, idx)
+        first, n = self._blocks(rep, offset, length)
+        if n == 0:
+            return b"", b""
+        start = offset - first * BLOCK_SIZE
+        with self._io(rep.disk):
+            crcs = rep.ext.crcs[first:first + n]
+            if view == 0:
+                data = rep.ext.read(offset, length)
+                if 0 not in crcs:
+                    return data, _bitmap((n, True))
+                if not any(crcs):
+                    return data, _bitmap((n, False))
+                return data, _bitmap([c != 0 for c in crcs])
+            buf = bytearray(n * BLOCK_SIZE)
+            present = [False] * n
+            seqs = rep.seqs[first:first + n]
+            live_run: list[int] = []
+
+            def read_live() -> None:
+                if live_run:
+                    a = live_run[0]
+                    buf[(a - first) * BLOCK_SIZE:(a - first + len(live_run)) * BLOCK_SIZE] = \
+                        rep.ext.read_blocks(a, len(live_run))
+                    live_run.clear()
+
+            for k in range(n):
+                b = first + k
+                src = rep.view_source(b, view) if rep.keys else None
+                if src is not None:
+                    read_live()
+                    buf[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE] = src.read(b)
+                    present[k] = True
+                elif crcs[k] and seqs[k] <= view:
+                    live_run.append(b)
+                    present[k] = True
+                else:
+                    read_live()
+            read_live()
+        return bytes(buf[start:start + length]), _bitmap(present)
+
+    def _cow(self, rep: _Replica, first: int, n: int, seq: int) -> None:
+        """Preserve every present block of the run with block seq < ``seq`` (step 1)."""
+        if seq <= rep.floor:
+            return
+        crcs, seqs = rep.ext.crcs, rep.seqs
+        need = [b for b in range(first, first + n) if crcs[b] and seqs[b] < seq]
+        if not need:
+            return
+        key = seq - 1
+        existing = rep.versions.get(key)
+        if existing is not None:     # a retried COW: the first copy is the true old block
+            need = [b for b in need if b not in existing.entries]
+            if not need:
+                return
+        items = []
+        for run_start, run_len in _runs(need):
+            data = rep.ext.read_blocks(run_start, run_len)
+            for k in range(run_len):
+                b = run_start + k
+                items.append((b, seqs[b], memoryview(data)[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE]))
+        v = rep.versions_for(key)
+        v.put(items)
+        if self.cow_sync:
+            v.sync()
+
+    def write(self, vid: str, idx: int, offset: int, data, seq: int, fua: bool = False) -> None:
+        rep = self._get(vid, idx)
+        view = memoryview(data).cast("B")
+        first, n = self._blocks(rep, offset, len(view))
+        _check_seq(seq)
+        if n == 0:
+            return
+        with self._io(rep.disk):
+            rep.mutations += 1
+            self._cow(rep, first, n, seq)
+            rep.store_seqs(first, array("I", [seq]) * n)
+            rep.ext.write(offset, view)
+            if seq < rep.floor:
+                rep.floor = seq
+            if fua:
+                rep.flush()
+
+    def unmap(self, vid: str, idx: int, offset: int, length: int, seq: int,
+              zero: bool = False) -> None:
+        rep = self._get(vid, idx)
+        first, n = self._blocks(rep, offset, length)
+        _check_seq(seq)
+        if n == 0:
+            return
+        with self._io(rep.disk):
+            rep.mutations += 1
+            end = offset + length
+            for a in range(offset, end, _CHUNK):
+                b = min(end, a + _CHUNK)
+                f, m = self._blocks(rep, a, b - a)
+                self._cow(rep, f, m, seq)
+                rep.store_seqs(f, array("I", [seq]) * m)
+                if zero:
+                    rep.ext.write(a, bytes(b - a))
+                else:
+                    rep.ext.unmap(a, b - a)
+            rep.floor = min(rep.floor, seq)      # zeros (or partial edges) present at seq
+
+    def revert(self, vid: str, idx: int, to_seq: int, seq: int) -> None:
+        rep = self._get(vid, idx)
+        _check_seq(seq)
+        if to_seq < 0:
+            raise ValueError(f"to_seq {to_seq} < 0")
+        with self._io(rep.disk):
+            rep.mutations += 1
+            seqs = rep.seqs
+            changed = [b for b in range(rep.blocks) if seqs[b] > to_seq]
+            for run_start, run_len in _runs(changed):
+                for a in range(run_start, run_start + run_len, _CHUNK // BLOCK_SIZE):
+                    m = min(_CHUNK // BLOCK_SIZE, run_start + run_len - a)
+                    self._revert_run(rep, a, m, to_seq, seq)
+            if seq < rep.floor:
+                rep.floor = seq
+
+    def _revert_run(self, rep: _Replica, first: int, n: int, to_seq: int, seq: int) -> None:
+        # The view at to_seq: only versions can hold it (these blocks' live seq > to_seq).
+        targets: list[bytes | None] = []
+        for b in range(first, first + n):
+            src = rep.view_source(b, to_seq) if rep.keys else None
+            targets.append(src.read(b) if src is not None else None)
+        self._cow(rep, first, n, seq)
+        rep.store_seqs(first, array("I", [seq]) * n)
+        k = 0
+        while k < n:
+            j = k
+            while j < n and (targets[j] is None) == (targets[k] is None):
+                j += 1
+            off, ln = (first + k) * BLOCK_SIZE, (j - k) * BLOCK_SIZE
+            if targets[k] is None:
+                if any(rep.ext.crcs[first + k:first + j]):
+                    rep.ext.unmap(off, ln)
+            else:
+                rep.ext.write(off, b"".join(targets[k:j]))     # type: ignore[arg-type]
+            k = j
+
+    # -- replication -----------------------------------------------------------
+
+    def export(self, vid: str, idx: int, offset: int, length: int,
+               max_bytes: int = 768 << 10) -> tuple[bytes, int | None]:
+        rep = self._get(vid, idx)
+        if offset % BLOCK_SIZE or length % BLOCK_SIZE:
+            raise ValueError(f"export range {offset}+{length} is not {BLOCK_SIZE}-aligned")
+        first, n = self._blocks(rep, offset, length)
+        end = first + n
+        live, versions = [], []
+        size, nxt = 64, None
+        with self._io(rep.disk):
+            vers = rep.block_versions(first, end) if rep.keys else {}
+            crcs, seqs = rep.ext.crcs, rep.seqs
+            for b in range(first, end):
+                vlist = vers.get(b, ())
+                if not seqs[b] and not crcs[b] and not vlist:
+                    continue
+                cost = 24 + (BLOCK_SIZE + 8 if crcs[b] else 0) + len(vlist) * (BLOCK_SIZE + 24)
+                if size + cost > max_bytes and (live or versions):
+                    nxt = b * BLOCK_SIZE
+                    break
+                size += cost
+                if crcs[b]:
+                    live.append([b, seqs[b], crcs[b], bytes(rep.ext.read_blocks(b, 1))])
+                elif seqs[b]:
+                    live.append([b, seqs[b], 0, None])
+                for key, origin, crc in vlist:
+                    versions.append([b, origin, key, crc, rep.versions[key].read(b)])
+        blob_end = nxt if nxt is not None else end * BLOCK_SIZE
+        blob = msgpack.packb({"format": _BLOB_FORMAT, "offset": offset, "end": blob_end,
+                              "live": live, "versions": versions})
+        return blob, nxt
+
+    def import_(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None) -> bool:
+        state = _parse_blob(blob)
+        rep = self._replicas.get((vid, idx))
+        if rep is None:
+            if if_unchanged not in (None, 0):     # a missing extent has had no mutations
+                return False
+            self.create(vid, idx, 0)
+            rep = self._get(vid, idx)
+        elif if_unchanged is not None and rep.mutations != if_unchanged:
+            return False
+        first, n = self._blocks(rep, state["offset"], state["end"] - state["offset"])
+        if n == 0:
+            return True
+        end = first + n
+        with self._io(rep.disk):
+            rep.mutations += 1
+            # Versions: replace every version of the range by the blob's.
+            for key in list(rep.keys):
+                v = rep.versions[key]
+                gone = [b for b in v.entries if first <= b < end]
+                if gone:
+                    v.drop(gone)
+                    rep.drop_key_if_empty(key)
+            by_key: dict[int, list] = {}
+            for b, origin, key, _crc, data in state["versions"]:
+                by_key.setdefault(key, []).append((b, origin, data))
+            for key, items in sorted(by_key.items()):
+                rep.versions_for(key).put(items)
+            if by_key and self.cow_sync:
+                for key in by_key:
+                    rep.versions[key].sync()
+            # Live blocks: seqs, then data runs, absent runs punched.
+            new_seqs = array("I", bytes(4 * n))
+            data: dict[int, bytes] = {}
+            for b, s, _crc, d in state["live"]:
+                new_seqs[b - first] = s
+                if d is not None:
+                    data[b] = d
+            rep.store_seqs(first, new_seqs)
+            k = first
+            while k < end:
+                j = k
+                while j < end and (j in data) == (k in data):
+                    j += 1
+                if k in data:
+                    rep.ext.write(k * BLOCK_SIZE, b"".join(data[b] for b in range(k, j)))
+                elif any(rep.ext.crcs[k:j]):
+                    rep.ext.unmap(k * BLOCK_SIZE, (j - k) * BLOCK_SIZE)
+                k = j
+            present = [s for s in new_seqs if s]
+            if present:
+                rep.floor = min(rep.floor, min(present))
+        return True
+
+    def digest(self, vid: str, idx: int) -> bytes:
+        rep = self._get(vid, idx)
+        h = hashlib.sha256()
+        crcs, seqs = rep.ext.crcs, rep.seqs
+        pack = struct.Struct("<III").pack
+        h.update(b"live")
+        h.update(b"".join(pack(b, seqs[b], c) for b, c in enumerate(crcs) if c))
+        h.update(b"versions")
+        vers = rep.block_versions(0, rep.blocks)
+        vpack = struct.Struct("<IIII").pack
+        h.update(b"".join(vpack(b, origin, key, crc)
+                          for b in sorted(vers) for key, origin, crc in vers[b]))
+        return h.digest()
+
+    # -- maintenance -----------------------------------------------------------
+
+    def verify(self, vid: str, idx: int, first_block: int = 0, count: int | None = None) -> list[int]:
+        rep = self._get(vid, idx)
+        if count is None:
+            count = rep.blocks - first_block
+        if first_block < 0 or count < 0 or first_block + count > rep.blocks:
+            raise ValueError(f"blocks {first_block}+{count} outside the extent ({rep.blocks})")
+        with self._io(rep.disk):
+            bad = set(rep.ext.verify(first_block, count))
+            for b, vlist in rep.block_versions(first_block, first_block + count).items():
+                for key, _, _ in vlist:
+                    if not rep.versions[key].check(b):
+                        bad.add(b)
+        return sorted(bad)
+
+    def trim(self, vid: str, idx: int, snapshot_seqs: set[int]) -> int:
+        rep = self._get(vid, idx)
+        snaps = sorted(snapshot_seqs)
+        freed = 0
+        with self._io(rep.disk):
+            for key in list(rep.keys):
+                v = rep.versions[key]
+                gone = []
+                for b, (origin, _) in v.entries.items():
+                    i = bisect.bisect_left(snaps, origin)
+                    if i == len(snaps) or snaps[i] > key:
+                        gone.append(b)
+                if not gone:
+                    continue
+                freed += len(gone)
+                if len(gone) == len(v.entries):
+                    v.entries.clear()
+                else:
+                    v.drop(gone)
+                rep.drop_key_if_empty(key)
+            if freed:
+                rep.disk.enospc = False
+        return freed
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """Sorted block indexes as (start, length) runs."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
+def _bitmap(present) -> bytes:
+    """1 bit per block, LSB first; ``present`` is a list of bools or (n, all_value)."""
+    if isinstance(present, tuple):
+        n, value = present
+        if not value:
+            return bytes((n + 7) // 8)
+        out = bytearray(b"\xff" * ((n + 7) // 8))
+        if n % 8:
+            out[-1] = (1 << (n % 8)) - 1
+        return bytes(out)
+    out = bytearray((len(present) + 7) // 8)
+    for k, p in enumerate(present):
+        if p:
+            out[k >> 3] |= 1 << (k & 7)
+    return bytes(out)
+
+
+def _parse_blob(blob: bytes) -> dict:
+    """Decode and check an export blob; bad input raises StoreError, nothing applied."""
+    try:
+        state = msgpack.unpackb(blob)
+    except Exception as e:            # msgpack raises several unrelated types
+        raise StoreError(f"import: blob is not msgpack: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != _BLOB_FORMAT:
+        raise StoreError("import: unknown blob format")
+    try:
+        o, e = state["offset"], state["end"]
+        if not (isinstance(o, int) and isinstance(e, int) and 0 <= o <= e
+                and o % BLOCK_SIZE == 0 and e % BLOCK_SIZE == 0):
+            raise StoreError(f"import: bad range {o}..{e}")
+        lo, hi = o // BLOCK_SIZE, e // BLOCK_SIZE
+        for b, s, crc, d in state["live"]:
+            if not lo <= b < hi or not 0 < s <= _MAX_SEQ:
+                raise StoreError(f"import: bad live block {b} seq {s}")
+            if d is not None and (len(d) != BLOCK_SIZE or block_crc(b, d) != crc):
+                raise StoreError(f"import: live block {b} fails its checksum")
+        for b, origin, key, crc, d in state["versions"]:
+            if not lo <= b < hi or not 0 <= origin <= key <= _MAX_SEQ:
+                raise StoreError(f"import: bad version of block {b} ({origin}, {key})")
+            if len(d) != BLOCK_SIZE or block_crc(b, d) != crc:
+                raise StoreError(f"import: version ({origin}, {key}) of block {b} fails its checksum")
+    except (KeyError, TypeError, ValueError) as err:
+        raise StoreError(f"import: malformed blob: {err}") from None
+    return state

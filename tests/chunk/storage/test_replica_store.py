@@ -1,0 +1,439 @@
+"""ReplicaStore: COW snapshot views by seq, revert, trim, export/import, restart, checksums.
+
+Real files in tmp_path, no mocks.  Most tests use a small extent size so a
+whole-extent model comparison stays cheap; the default size is covered too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from chunk.storage.extent_file import BLOCK_SIZE, EXTENT_SIZE, ChecksumError
+from chunk.storage.fencing import StaleEpochError
+from chunk.storage.replica_store import NoExtent, ReplicaStore, StoreError, StoreFull
+
+pytestmark = pytest.mark.timeout(120)
+
+BLOCKS = 32
+SIZE = BLOCKS * BLOCK_SIZE
+V = "vol-a"
+
+
+def _pat(n: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed * 13 + (i >> 12)) % 251 for i in range(n))
+
+
+def _bits(bitmap: bytes, n: int) -> list[bool]:
+    return [bool(bitmap[k >> 3] >> (k & 7) & 1) for k in range(n)]
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = ReplicaStore([(tmp_path / "d0", None)], extent_size=SIZE)
+    yield s
+    s.close()
+
+
+def test_snapshot_view_keeps_old_data(store: ReplicaStore):
+    store.create(V, 0, 1)
+    a, b = _pat(2 * BLOCK_SIZE, 1), _pat(BLOCK_SIZE, 2)
+    store.write(V, 0, 0, a, seq=1)
+    store.write(V, 0, BLOCK_SIZE, b, seq=2)          # after a snapshot with seq 1
+    live, present = store.read(V, 0, 0, 3 * BLOCK_SIZE)
+    assert live == a[:BLOCK_SIZE] + b + bytes(BLOCK_SIZE)
+    assert _bits(present, 3) == [True, True, False]
+    old, present = store.read(V, 0, 0, 2 * BLOCK_SIZE, view=1)
+    assert old == a and _bits(present, 2) == [True, True]
+    assert store.read(V, 0, 0, 2 * BLOCK_SIZE, view=2)[0] == a[:BLOCK_SIZE] + b
+    # a second write in the same seq does not make another version
+    store.write(V, 0, BLOCK_SIZE, _pat(BLOCK_SIZE, 3), seq=2)
+    assert store.read(V, 0, BLOCK_SIZE, BLOCK_SIZE, view=1)[0] == a[BLOCK_SIZE:]
+    # view 0 is live; blocks written after the view are absent in it
+    store.write(V, 0, 5 * BLOCK_SIZE, b, seq=2)
+    data, present = store.read(V, 0, 5 * BLOCK_SIZE, BLOCK_SIZE, view=1)
+    assert data == bytes(BLOCK_SIZE) and _bits(present, 1) == [False]
+
+
+def test_partial_block_writes_and_unaligned_reads(store: ReplicaStore):
+    store.create(V, 0, 1)
+    store.write(V, 0, 100, b"x" * 50, seq=1)
+    data, present = store.read(V, 0, 0, BLOCK_SIZE + 10)
+    assert data == bytes(100) + b"x" * 50 + bytes(BLOCK_SIZE + 10 - 150)
+    assert _bits(present, 2) == [True, False]
+    store.write(V, 0, BLOCK_SIZE - 5, b"y" * 10, seq=2)     # straddles blocks 0 and 1
+    data, _ = store.read(V, 0, 90, BLOCK_SIZE)
+    expect = bytearray(SIZE)
+    expect[100:150] = b"x" * 50
+    expect[BLOCK_SIZE - 5:BLOCK_SIZE + 5] = b"y" * 10
+    assert data == expect[90:90 + BLOCK_SIZE]
+    old, present = store.read(V, 0, 0, 2 * BLOCK_SIZE, view=1)
+    assert old[:BLOCK_SIZE] == bytes(100) + b"x" * 50 + bytes(BLOCK_SIZE - 150)
+    assert _bits(present, 2) == [True, False]
+
+
+def test_unmap_absent_versus_zero(store: ReplicaStore):
+    store.create(V, 0, 1)
+    store.write(V, 0, 0, _pat(8 * BLOCK_SIZE, 1), seq=1)
+    store.unmap(V, 0, 0, 2 * BLOCK_SIZE, seq=2)
+    store.unmap(V, 0, 4 * BLOCK_SIZE, 2 * BLOCK_SIZE, seq=2, zero=True)
+    data, present = store.read(V, 0, 0, 8 * BLOCK_SIZE)
+    assert _bits(present, 8) == [False, False, True, True, True, True, True, True]
+    expect = bytearray(_pat(8 * BLOCK_SIZE, 1))
+    expect[:2 * BLOCK_SIZE] = bytes(2 * BLOCK_SIZE)
+    expect[4 * BLOCK_SIZE:6 * BLOCK_SIZE] = bytes(2 * BLOCK_SIZE)
+    assert data == expect
+    assert store.read(V, 0, 0, 8 * BLOCK_SIZE, view=1)[0] == _pat(8 * BLOCK_SIZE, 1)
+    # unmapping an absent block needs no version; whole-extent unmap works
+    store.unmap(V, 0, 0, SIZE, seq=3)
+    data, present = store.read(V, 0, 0, SIZE)
+    assert data == bytes(SIZE) and not any(present)
+    assert store.read(V, 0, 0, 8 * BLOCK_SIZE, view=2)[0] == expect
+
+
+def test_revert_restores_view_and_keeps_newer_snapshots(store: ReplicaStore):
+    store.create(V, 0, 1)
+    a = _pat(4 * BLOCK_SIZE, 1)
+    store.write(V, 0, 0, a, seq=1)                         # snapshot 1 = a
+    store.write(V, 0, BLOCK_SIZE, _pat(BLOCK_SIZE, 2), seq=2)
+    store.write(V, 0, 6 * BLOCK_SIZE, _pat(BLOCK_SIZE, 3), seq=2)   # absent at 1
+    store.unmap(V, 0, 2 * BLOCK_SIZE, BLOCK_SIZE, seq=2)   # snapshot 2 = this state
+    snap2 = store.read(V, 0, 0, SIZE)
+    store.write(V, 0, 3 * BLOCK_SIZE, _pat(BLOCK_SIZE, 4), seq=3)
+    store.revert(V, 0, to_seq=1, seq=3)
+    data, present = store.read(V, 0, 0, SIZE)
+    assert data == a + bytes(SIZE - len(a))
+    assert _bits(present, BLOCKS) == [True] * 4 + [False] * (BLOCKS - 4)
+    assert store.read(V, 0, 0, SIZE, view=2) == snap2       # newer snapshot unharmed
+    assert store.read(V, 0, 0, 4 * BLOCK_SIZE, view=1)[0] == a
+    store.revert(V, 0, to_seq=2, seq=4)
+    assert store.read(V, 0, 0, SIZE) == snap2
+    assert store.read(V, 0, 0, SIZE, view=3)[0] == a + bytes(SIZE - len(a))
+
+
+def test_trim_frees_space_and_keeps_needed_versions(store: ReplicaStore, tmp_path: Path):
+    store.create(V, 0, 1)
+    store.write(V, 0, 0, _pat(SIZE, 1), seq=1)               # snapshot 1
+    store.write(V, 0, 0, _pat(SIZE, 2), seq=2)               # snapshot 2
+    store.write(V, 0, 0, _pat(SIZE // 2, 3), seq=3)
+    store.flush(V, 0)
+    before = store.stat(V, 0)["allocated"]
+    assert before >= 3 * SIZE // 2 + SIZE
+    assert store.trim(V, 0, {1, 2}) == 0
+    assert store.trim(V, 0, {2}) == BLOCKS                   # versions (1, 1) go
+    after = store.stat(V, 0)["allocated"]
+    assert after <= before - SIZE
+    assert not (tmp_path / "d0" / f"{V}.0.v" / "1.vdata").exists()
+    assert store.read(V, 0, 0, SIZE, view=2)[0] == _pat(SIZE, 2)
+    data, present = store.read(V, 0, 0, SIZE, view=1)       # gone: only live at seq<=1 is left
+    assert not any(present) and data == bytes(SIZE)
+    # a version spanning several snapshots stays while any of them exists
+    store.write(V, 0, 0, _pat(BLOCK_SIZE, 4), seq=5)        # version (3, 4) of block 0
+    assert store.trim(V, 0, {4}) == BLOCKS // 2              # (2, 2) of blocks 16.. gone
+    assert store.read(V, 0, 0, BLOCK_SIZE, view=4)[0] == _pat(BLOCK_SIZE, 3)
+    assert store.trim(V, 0, set()) >= 1
+    assert store.stat(V, 0)["allocated"] < after
+
+
+def _populate(store: ReplicaStore, vid: str, rng: random.Random, blocks: int) -> None:
+    """Several snapshots' worth of writes, unmaps and partial writes."""
+    store.create(vid, 0, 1)
+    for seq in range(1, 6):
+        for _ in range(12):
+            off = rng.randrange(blocks * BLOCK_SIZE - 1)
+            n = rng.randrange(1, min(3 * BLOCK_SIZE, blocks * BLOCK_SIZE - off) + 1)
+            kind = rng.random()
+            if kind < 0.7:
+                store.write(vid, 0, off, rng.randbytes(n), seq=seq)
+            else:
+                store.unmap(vid, 0, off, n, seq=seq, zero=kind < 0.8)
+
+
+def test_export_import_round_trip_equal_digest(tmp_path: Path):
+    with ReplicaStore([(tmp_path / "a", None)], extent_size=SIZE) as src, \
+            ReplicaStore([(tmp_path / "b", None)], extent_size=SIZE) as dst:
+        _populate(src, V, random.Random(5), BLOCKS)
+        blob, nxt = src.export(V, 0, 0, SIZE, max_bytes=64 << 20)
+        assert nxt is None
+        assert dst.import_(V, 0, blob)
+        assert dst.stat(V, 0)["generation"] == 0
+        assert dst.digest(V, 0) == src.digest(V, 0)
+        for view in range(0, 6):
+            assert dst.read(V, 0, 0, SIZE, view) == src.read(V, 0, 0, SIZE, view)
+        # in small pieces, over an existing different state
+        with ReplicaStore([(tmp_path / "c", None)], extent_size=SIZE) as third:
+            _populate(third, V, random.Random(99), BLOCKS)
+            assert third.digest(V, 0) != src.digest(V, 0)
+            offset, calls = 0, 0
+            while True:
+                blob, nxt = src.export(V, 0, offset, SIZE - offset, max_bytes=3 * BLOCK_SIZE)
+                assert len(blob) <= 3 * BLOCK_SIZE or nxt is None or nxt == offset + BLOCK_SIZE
+                assert third.import_(V, 0, blob)
+                calls += 1
+                if nxt is None:
+                    break
+                assert nxt > offset
+                offset = nxt
+            assert calls > 5
+            assert third.digest(V, 0) == src.digest(V, 0)
+            for view in range(0, 6):
+                assert third.read(V, 0, 0, SIZE, view) == src.read(V, 0, 0, SIZE, view)
+
+
+def test_import_if_unchanged_conflict(tmp_path: Path):
+    with ReplicaStore([(tmp_path / "a", None)], extent_size=SIZE) as src, \
+            ReplicaStore([(tmp_path / "b", None)], extent_size=SIZE) as dst:
+        src.create(V, 0, 1)
+        src.write(V, 0, 0, _pat(BLOCK_SIZE, 1), seq=1)
+        blob, _ = src.export(V, 0, 0, SIZE)
+        dst.create(V, 0, 1)
+        token = dst.stat(V, 0)["mutations"]
+        dst.write(V, 0, BLOCK_SIZE, _pat(BLOCK_SIZE, 2), seq=1)      # races the repair
+        assert dst.stat(V, 0)["mutations"] != token
+        assert dst.import_(V, 0, blob, if_unchanged=token) is False
+        assert dst.read(V, 0, BLOCK_SIZE, BLOCK_SIZE)[0] == _pat(BLOCK_SIZE, 2)   # nothing applied
+        assert dst.read(V, 0, 0, BLOCK_SIZE)[0] == bytes(BLOCK_SIZE)
+        token = dst.stat(V, 0)["mutations"]
+        assert dst.import_(V, 0, blob, if_unchanged=token) is True
+        assert dst.digest(V, 0) == src.digest(V, 0)
+        assert dst.stat(V, 0)["mutations"] == token + 1
+        with pytest.raises(StoreError):
+            dst.import_(V, 0, b"\x01garbage")
+
+
+def test_restart_keeps_everything(tmp_path: Path):
+    disks = [(tmp_path / "a", None), (tmp_path / "b", None)]
+    with ReplicaStore(disks, extent_size=SIZE) as s:
+        _populate(s, V, random.Random(7), BLOCKS)
+        _populate(s, "vol-b", random.Random(8), BLOCKS)
+        s.set_generation(V, 0, 7)
+        s.admit(V, 0, 4)
+        views = {v: s.read(V, 0, 0, SIZE, v) for v in range(6)}
+        digests = {k: s.digest(*k) for k in s.extents()}
+        stat = s.stat(V, 0)
+    with ReplicaStore(disks, extent_size=SIZE) as s:       # not flushed: page cache suffices
+        assert s.bad == []
+        assert {k: s.digest(*k) for k in s.extents()} == digests
+        assert {v: s.read(V, 0, 0, SIZE, v) for v in range(6)} == views
+        st = s.stat(V, 0)
+        assert (st["generation"], st["epoch"], st["disk"]) == (7, 4, stat["disk"])
+        with pytest.raises(StaleEpochError):
+            s.admit(V, 0, 3)
+        s.write(V, 0, 0, b"z" * BLOCK_SIZE, seq=6)          # COW works after reopen
+        assert s.read(V, 0, 0, SIZE, 5) == views[0]
+
+
+def _flip(path: Path, offset: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        b = os.pread(fd, 1, offset)
+        os.pwrite(fd, bytes([b[0] ^ 0x40]), offset)
+    finally:
+        os.close(fd)
+
+
+def test_flipped_byte_raises_checksum_error_and_verify_reports(store: ReplicaStore, tmp_path: Path):
+    store.create(V, 0, 1)
+    store.write(V, 0, 0, _pat(8 * BLOCK_SIZE, 1), seq=1)
+    store.write(V, 0, 0, _pat(2 * BLOCK_SIZE, 2), seq=2)     # versions of blocks 0, 1
+    store.flush(V, 0)
+    assert store.verify(V, 0) == []
+    _flip(tmp_path / "d0" / f"{V}.0.data", 5 * BLOCK_SIZE + 9)
+    _flip(tmp_path / "d0" / f"{V}.0.v" / "1.vdata", BLOCK_SIZE + 3)
+    with pytest.raises(ChecksumError) as info:
+        store.read(V, 0, 0, 8 * BLOCK_SIZE)
+    assert info.value.block == 5
+    with pytest.raises(ChecksumError) as info:
+        store.read(V, 0, 0, 2 * BLOCK_SIZE, view=1)
+    assert info.value.block == 1
+    assert store.read(V, 0, 0, BLOCK_SIZE, view=1)[0] == _pat(BLOCK_SIZE, 1)
+    assert store.verify(V, 0) == [1, 5]
+    assert store.verify(V, 0, 2, 3) == []
+    assert store.verify(V, 0, 0, 2) == [1]
+    with pytest.raises(ChecksumError):
+        store.export(V, 0, 0, SIZE)           # never ships bad data to a peer
+
+
+def test_fence_stale_epoch(store: ReplicaStore):
+    store.create(V, 0, 1)
+    store.create(V, 1, 1)
+    store.admit(V, 0, 5)
+    store.admit(V, 0, 5)
+    with pytest.raises(StaleEpochError):
+        store.admit(V, 1, 4)                   # the fence is per volume
+    store.admit(V, 1, 0)                       # read-only users always pass
+    store.admit(V, 1, 6)
+    assert store.stat(V, 1)["epoch"] == 6
+    with pytest.raises(NoExtent):
+        store.admit(V, 2, 6)
+
+
+def test_full_disk_and_placement(tmp_path: Path):
+    with ReplicaStore([(tmp_path / "small", 10 << 20)]) as s:
+        with pytest.raises(StoreFull):
+            s.create(V, 0, 1)
+        assert s.usage()[0]["capacity"] == 10 << 20
+    limit = 3 * EXTENT_SIZE // 2
+    with ReplicaStore([(tmp_path / "a", limit), (tmp_path / "b", limit + (1 << 20))]) as s:
+        s.create(V, 0, 1)                      # the disk with the most free space
+        assert s.stat(V, 0)["disk"] == str(tmp_path / "b")
+        s.create(V, 0, 1)                      # idempotent
+        s.write(V, 0, 0, _pat(2 << 20, 1), seq=1)          # b now has less free space than a
+        s.create(V, 1, 1)
+        assert s.stat(V, 1)["disk"] == str(tmp_path / "a")
+        s.write(V, 1, 0, b"\x5a" * (EXTENT_SIZE // 2 + BLOCK_SIZE), seq=1)    # thin: counts what is written
+        usage = {u["path"]: u for u in s.usage()}
+        assert usage[str(tmp_path / "a")]["used"] > EXTENT_SIZE // 2
+        assert usage[str(tmp_path / "a")]["state"] == "ok"
+        s.create(V, 2, 1)
+        assert s.stat(V, 2)["disk"] == str(tmp_path / "b")
+        s.write(V, 2, 0, b"\x5b" * (EXTENT_SIZE // 2 + BLOCK_SIZE), seq=1)
+        with pytest.raises(StoreFull):          # neither has 64 MiB left
+            s.create(V, 3, 1)
+        s.delete(V, 1)
+        s.create(V, 3, 1)
+        assert sorted(s.extents()) == [(V, 0), (V, 2), (V, 3)]
+        with pytest.raises(NoExtent):
+            s.read(V, 1, 0, 1)
+
+
+def test_digest_equal_for_equal_state_on_different_disks(tmp_path: Path):
+    with ReplicaStore([(tmp_path / "a", None)], extent_size=SIZE) as a, \
+            ReplicaStore([(tmp_path / "x", None), (tmp_path / "y", None)], extent_size=SIZE) as b:
+        b.create("other", 0, 1)                 # a different layout on b
+        _populate(a, V, random.Random(3), BLOCKS)
+        _populate(b, V, random.Random(3), BLOCKS)
+        assert a.digest(V, 0) == b.digest(V, 0)
+        assert len(a.digest(V, 0)) == 32
+        b.write(V, 0, 0, b"q", seq=5)
+        assert a.digest(V, 0) != b.digest(V, 0)
+
+
+def test_default_extent_size_no_snapshot_path(tmp_path: Path):
+    """The hot path: seq 1 only, no versions are ever made, the seq table is written once."""
+    with ReplicaStore([(tmp_path / "d", None)]) as s:
+        s.create(V, 9, 1)
+        data = _pat(1 << 20, 1)
+        for i in range(4):
+            s.write(V, 9, EXTENT_SIZE - (1 << 20), data, seq=1, fua=i == 3)
+        assert s.read(V, 9, EXTENT_SIZE - (1 << 20), 1 << 20)[0] == data
+        assert not (tmp_path / "d" / f"{V}.9.v").exists()
+        seqs = (tmp_path / "d" / f"{V}.9.seq").read_bytes()
+        assert seqs[-1024:] == b"\x01\x00\x00\x00" * 256 and seqs[:-1024] == bytes(len(seqs) - 1024)
+        assert s.digest(V, 9) != s.digest(V, 9)[::-1]
+
+
+def test_bad_extent_reported_not_fatal(tmp_path: Path):
+    with ReplicaStore([(tmp_path / "d", None)], extent_size=SIZE) as s:
+        s.create(V, 0, 1)
+        s.create(V, 1, 1)
+        s.write(V, 1, 0, b"k", seq=1)
+    (tmp_path / "d" / f"{V}.0.hdr").write_bytes(b"junk")
+    (tmp_path / "d" / f"{V}.1.seq").write_bytes(b"short")
+    with ReplicaStore([(tmp_path / "d", None)], extent_size=SIZE) as s:
+        assert sorted(p.name for p in s.bad) == [f"{V}.0.hdr", f"{V}.1.hdr"]
+        assert s.extents() == []
+
+
+# -- model-based ---------------------------------------------------------------------
+
+
+class _Model:
+    """Per block: bytes (present) or None (absent); snapshots are frozen copies."""
+
+    def __init__(self) -> None:
+        self.live: list[bytes | None] = [None] * BLOCKS
+        self.snaps: dict[int, list[bytes | None]] = {}
+        self.seq = 1
+
+    def write(self, off: int, data: bytes) -> None:
+        end = off + len(data)
+        for b in range(off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1):
+            blk = bytearray(self.live[b] or bytes(BLOCK_SIZE))
+            lo, hi = max(off, b * BLOCK_SIZE), min(end, (b + 1) * BLOCK_SIZE)
+            blk[lo - b * BLOCK_SIZE:hi - b * BLOCK_SIZE] = data[lo - off:hi - off]
+            self.live[b] = bytes(blk)
+
+    def unmap(self, off: int, n: int, zero: bool) -> None:
+        if zero:
+            self.write(off, bytes(n))
+            return
+        end = off + n
+        for b in range(off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1):
+            if off <= b * BLOCK_SIZE and (b + 1) * BLOCK_SIZE <= end:
+                self.live[b] = None
+            else:
+                lo, hi = max(off, b * BLOCK_SIZE), min(end, (b + 1) * BLOCK_SIZE)
+                self.write(lo, bytes(hi - lo))
+
+    def image(self, blocks: list[bytes | None]) -> tuple[bytes, list[bool]]:
+        return (b"".join(x or bytes(BLOCK_SIZE) for x in blocks), [x is not None for x in blocks])
+
+
+def _check(store: ReplicaStore, model: _Model) -> None:
+    data, present = store.read(V, 0, 0, SIZE)
+    assert (data, _bits(present, BLOCKS)) == model.image(model.live)
+    for s, blocks in model.snaps.items():
+        data, present = store.read(V, 0, 0, SIZE, view=s)
+        assert (data, _bits(present, BLOCKS)) == model.image(blocks), f"view {s}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_ops_match_model(tmp_path: Path, seed: int):
+    rng = random.Random(seed)
+    disks = [(tmp_path / "d", None)]
+    store = ReplicaStore(disks, extent_size=SIZE, cow_sync=False)
+    model = _Model()
+    store.create(V, 0, 1)
+    try:
+        for step in range(250):
+            r = rng.random()
+            off = rng.randrange(SIZE - 1)
+            n = rng.randrange(1, min(4 * BLOCK_SIZE, SIZE - off) + 1)
+            if rng.random() < 0.5:              # aligned ops are the common case
+                off -= off % BLOCK_SIZE
+                n = max(BLOCK_SIZE, n - n % BLOCK_SIZE)
+                n = min(n, SIZE - off)
+            if r < 0.5:
+                data = rng.randbytes(n)
+                store.write(V, 0, off, data, seq=model.seq)
+                model.write(off, data)
+            elif r < 0.62:
+                zero = rng.random() < 0.4
+                store.unmap(V, 0, off, n, seq=model.seq, zero=zero)
+                model.unmap(off, n, zero)
+            elif r < 0.74:                      # take a snapshot
+                model.snaps[model.seq] = list(model.live)
+                model.seq += 1
+            elif r < 0.8 and model.snaps:       # revert (a write at the current seq)
+                to = rng.choice(sorted(model.snaps))
+                store.revert(V, 0, to_seq=to, seq=model.seq)
+                model.live = list(model.snaps[to])
+            elif r < 0.86 and model.snaps:      # delete a snapshot, trim
+                del model.snaps[rng.choice(sorted(model.snaps))]
+                store.trim(V, 0, set(model.snaps))
+            elif r < 0.9:                       # restart
+                store.close()
+                store = ReplicaStore(disks, extent_size=SIZE, cow_sync=False)
+                assert store.bad == []
+            elif r < 0.95:                      # the replica re-copied through export/import
+                with ReplicaStore([(tmp_path / f"copy{step}", None)], extent_size=SIZE) as other:
+                    offset = 0
+                    while offset is not None:
+                        blob, offset_next = store.export(V, 0, offset, SIZE - offset, max_bytes=5 * BLOCK_SIZE)
+                        other.import_(V, 0, blob)
+                        offset = offset_next
+                    assert other.digest(V, 0) == store.digest(V, 0)
+            if step % 10 == 0:
+                _check(store, model)
+        _check(store, model)
+        assert store.verify(V, 0) == []
+        store.trim(V, 0, set())
+        model.snaps.clear()
+        _check(store, model)
+        assert not list((tmp_path / "d" / f"{V}.0.v").glob("*.vdata"))
+    finally:
+        store.close()
