@@ -1,0 +1,221 @@
+"""Background scrubbing: find rotten blocks before a read does, and replicas that disagree.
+
+Two checks per local extent, one extent at a time, forever (a pass, then a
+pause until ``interval`` after the pass started):
+
+- checksums: ``store.verify`` over the extent in slices of at most 4 MiB, each
+  in a worker thread (it reads the disk; the event loop keeps serving I/O),
+  throttled by a token bucket to ``rate_bytes_per_s`` so client I/O keeps
+  the disk. A bad block is confirmed by re-verifying it on the event loop
+  (a write racing the threaded read can look torn) and handed to
+  ``LocalRepair``, which copies it from an in-sync peer.
+- agreement: when this chunk is an in-sync replica, the extent's digest is
+  compared with every other in-sync replica's (DIGEST, epoch 0). Writes in
+  flight make replicas differ for a moment, so a difference counts only when
+  it is seen again ``recheck_delay`` seconds later. Confirmed mismatches are
+  logged, counted and listed in ``status()`` but not repaired here: both
+  copies verify, so nothing local says which one is right, and the volume's
+  coordinator is the only writer; an operator (or a resync) settles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .extent_file import BLOCK_SIZE, EXTENT_SIZE
+from .replica_client import PeerUnavailable, ReplicaError
+
+log = logging.getLogger(__name__)
+
+MAX_SLICE = 4 << 20
+
+
+class TokenBucket:
+    """At most ``rate`` bytes per second on average, bursts up to ``burst`` bytes."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if rate <= 0:
+            raise ValueError(f"scrub rate must be positive, got {rate}")
+        self.rate, self.burst = float(rate), float(burst)
+        self._tokens = self.burst
+        self._last = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= n
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
+
+
+class Scrubber:
+    def __init__(self, store, repair, rate_bytes_per_s: float = 16 << 20,
+                 interval: float = 86400.0, *, recheck_delay: float = 3.0,
+                 compare_digests: bool = True) -> None:
+        self.store = store
+        self.repair = repair
+        self.interval = interval
+        self.recheck_delay = recheck_delay
+        self.compare_digests = compare_digests
+        # One slice is at most a second's worth of budget, so the throttle stays smooth.
+        blocks = max(1, min(MAX_SLICE, int(rate_bytes_per_s)) // BLOCK_SIZE)
+        self.slice_blocks = blocks
+        self.bucket = TokenBucket(rate_bytes_per_s, blocks * BLOCK_SIZE)
+        self.passes = 0
+        self.extents_scrubbed = 0     # since start
+        self.bytes_scrubbed = 0
+        self.errors = 0               # bad blocks found (and handed to repair)
+        self.mismatches = 0           # confirmed digest disagreements
+        self.mismatched: dict[tuple[str, int], list[str]] = {}
+        self.last_pass_start: float | None = None
+        self.last_pass_end: float | None = None
+        self.last_pass_duration: float | None = None
+        self.current: tuple[str, int] | None = None
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="scrubber")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.run_pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a broken pass must not end scrubbing
+                log.exception("scrub pass failed")
+            await asyncio.sleep(max(1.0, self.interval - (time.monotonic() - started)))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "passes": self.passes, "extents_scrubbed": self.extents_scrubbed,
+            "bytes_scrubbed": self.bytes_scrubbed, "errors": self.errors,
+            "mismatches": self.mismatches,
+            "mismatched": [{"volume": v, "extent": i, "peers": p}
+                           for (v, i), p in sorted(self.mismatched.items())],
+            "current": list(self.current) if self.current else None,
+            "last_pass_start": self.last_pass_start, "last_pass_end": self.last_pass_end,
+            "last_pass_duration": self.last_pass_duration,
+            "repair": self.repair.status(),
+        }
+
+    # -- passes ----------------------------------------------------------------
+
+    async def run_pass(self) -> dict[str, int]:
+        """Scrub every local extent once; returns this pass's counts."""
+        self.last_pass_start = time.time()
+        t0 = time.monotonic()
+        counts = {"extents": 0, "bytes": 0, "bad_blocks": 0, "mismatches": 0}
+        for vid, idx in sorted(self.store.extents()):
+            self.current = (vid, idx)
+            try:
+                got = await self.scrub_extent(vid, idx)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - deleted meanwhile, or one broken extent
+                if self.store.has(vid, idx):
+                    log.warning("scrubbing %s/%d failed: %s", vid, idx, e)
+                continue
+            for k, v in got.items():
+                counts[k] += v
+        self.current = None
+        self.passes += 1
+        self.last_pass_end = time.time()
+        self.last_pass_duration = time.monotonic() - t0
+        log.info("scrub pass %d: %d extents, %d bytes, %d bad blocks, %d mismatches in %.1fs",
+                 self.passes, counts["extents"], counts["bytes"], counts["bad_blocks"],
+                 counts["mismatches"], self.last_pass_duration)
+        return counts
+
+    async def _verify_slice(self, vid: str, idx: int, first: int, count: int) -> list[int]:
+        """``store.verify`` in a worker thread; on the loop if the threaded read keeps racing.
+
+        The store's own structures are changed by the event loop only; a
+        version added while the thread walks them raises RuntimeError
+        ("changed size during iteration"), which just means: try again.
+        """
+        for _ in range(3):
+            try:
+                return await asyncio.to_thread(self.store.verify, vid, idx, first, count)
+            except RuntimeError:
+                await asyncio.sleep(0.01)
+        return self.store.verify(vid, idx, first, count)
+
+    async def scrub_extent(self, vid: str, idx: int) -> dict[str, int]:
+        counts = {"extents": 1, "bytes": 0, "bad_blocks": 0, "mismatches": 0}
+        blocks = getattr(self.store, "extent_size", EXTENT_SIZE) // BLOCK_SIZE
+        # verify reads only where something is allocated: charge the throttle
+        # for what the disk holds, not for the extent's nominal size.
+        budget = int(self.store.stat(vid, idx)["allocated"])
+        bad: list[int] = []
+        if budget:                       # nothing allocated: nothing on disk to read
+            for first in range(0, blocks, self.slice_blocks):
+                count = min(self.slice_blocks, blocks - first)
+                charge = min(budget, count * BLOCK_SIZE)
+                if charge:
+                    await self.bucket.take(charge)
+                    budget -= charge
+                    counts["bytes"] += charge
+                    self.bytes_scrubbed += charge
+                bad.extend(await self._verify_slice(vid, idx, first, count))
+        for block in bad:
+            if block in self.store.verify(vid, idx, block, 1):     # confirmed on the loop
+                counts["bad_blocks"] += 1
+                self.errors += 1
+                self.repair.schedule(vid, idx, block)
+        if counts["bad_blocks"]:
+            # Compare digests only after the repairs: a rotten block is not a disagreement.
+            await self.repair.wait_idle(timeout=60.0)
+        if self.compare_digests:
+            counts["mismatches"] = await self._compare(vid, idx)
+        self.extents_scrubbed += 1
+        return counts
+
+    async def _differing(self, vid: str, idx: int, peers) -> list[str]:
+        local = self.store.digest(vid, idx)
+        differ = []
+        for cid, addr in peers:
+            try:
+                theirs = await self.repair.client.digest(addr, vid, idx)
+            except (PeerUnavailable, ReplicaError, OSError, asyncio.TimeoutError) as e:
+                log.info("digest of %s/%d from %s unavailable: %s", vid, idx, cid, e)
+                continue
+            if theirs != local:
+                differ.append(cid)
+        return differ
+
+    async def _compare(self, vid: str, idx: int) -> int:
+        rec, peers = await self.repair.extent_peers(vid, idx)
+        if rec is None or self.repair.chunk_id not in rec.replicas or not peers:
+            return 0        # not an in-sync replica: a resync owns this copy, nothing to compare
+        differ = await self._differing(vid, idx, peers)
+        if differ:
+            await asyncio.sleep(self.recheck_delay)
+            rec, peers = await self.repair.extent_peers(vid, idx)
+            if rec is None or self.repair.chunk_id not in rec.replicas:
+                return 0
+            again = set(await self._differing(vid, idx, [p for p in peers if p[0] in differ]))
+            differ = [c for c in differ if c in again]
+        if not differ:
+            self.mismatched.pop((vid, idx), None)
+            return 0
+        self.mismatches += 1
+        self.mismatched[(vid, idx)] = sorted(differ)
+        log.error("replicas of %s/%d disagree: this chunk (%s) and %s have different digests "
+                  "twice %.0fs apart; not repaired automatically (the coordinator owns writes)",
+                  vid, idx, self.repair.chunk_id, ", ".join(differ), self.recheck_delay)
+        return 1
