@@ -237,6 +237,11 @@ class Pipeline:
     def outstanding(self) -> int:
         return len(self._waiting)
 
+    @property
+    def failed(self) -> BaseException | None:
+        """Why the connection is unusable (lost, closed), or None while it works."""
+        return self._error
+
     async def call(self, request: Frame) -> Frame:
         if self._error is not None:
             raise ConnectionError(f"connection failed: {self._error}")

@@ -1,0 +1,267 @@
+"""Calls to peers' replica servers: one authenticated, pipelined connection per peer.
+
+Connections are dialled on first use (connect + HELLO bounded by
+``connect_timeout``) and shared by every caller, so a coordinator's parallel
+writes to one peer travel as a pipeline over one socket.  Every failure to
+get an answer (refused, reset, authentication failed, no reply within
+``timeout``) raises ``PeerUnavailable``: to the coordinator that replica has
+failed.  A timed-out call also drops the connection, because a peer that
+stopped answering one request is not trusted with the next; the next call
+re-dials.  After a failed dial, calls fail fast for ``redial_interval``
+seconds instead of each waiting out its own connect timeout against a dead
+host.
+
+A reply with a non-OK status raises ``ReplicaError`` (a subclass per status
+the callers act on); ``call`` itself returns the raw reply frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .peer_auth import AuthError, client_handshake
+from .wire import Frame, FrameError, FrameReader, FrameWriter, Op, Pipeline, Status
+
+__all__ = [
+    "Address", "ReplicaClient", "PeerUnavailable", "ReplicaError", "StaleEpoch",
+    "ChecksumFailed", "NoSpace", "NoExtentError", "Conflict", "Denied", "InvalidRequest",
+    "ReplicaIOError",
+]
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+
+class PeerUnavailable(Exception):
+    """No answer from the peer (connect, authentication, timeout or lost connection)."""
+
+    def __init__(self, addr: Address, reason: str) -> None:
+        super().__init__(f"peer {addr[0]}:{addr[1]} unavailable: {reason}")
+        self.addr = addr
+        self.reason = reason
+
+
+class ReplicaError(Exception):
+    """The peer answered with a non-OK status; ``args_`` holds the reply's args."""
+
+    def __init__(self, status: Status, args: dict[str, Any] | None = None) -> None:
+        detail = (args or {}).get("error")
+        super().__init__(f"{status.name}{': ' + str(detail) if detail else ''}")
+        self.status = status
+        self.reply_args = args or {}
+
+
+class StaleEpoch(ReplicaError):
+    """Fenced: a newer owner exists (``highest`` is its epoch)."""
+
+    @property
+    def highest(self) -> int:
+        return int(self.reply_args.get("highest", 0))
+
+
+class ChecksumFailed(ReplicaError):
+    """The peer's copy failed its checksum (it repairs itself); read another replica."""
+
+    @property
+    def block(self) -> int | None:
+        return self.reply_args.get("block")
+
+
+class NoSpace(ReplicaError):
+    pass
+
+
+class NoExtentError(ReplicaError):
+    pass
+
+
+class Conflict(ReplicaError):
+    pass
+
+
+class Denied(ReplicaError):
+    pass
+
+
+class InvalidRequest(ReplicaError):
+    pass
+
+
+class ReplicaIOError(ReplicaError):
+    pass
+
+
+_ERRORS: dict[Status, type[ReplicaError]] = {
+    Status.STALE_EPOCH: StaleEpoch, Status.CHECKSUM: ChecksumFailed, Status.NO_SPACE: NoSpace,
+    Status.NO_EXTENT: NoExtentError, Status.CONFLICT: Conflict, Status.DENIED: Denied,
+    Status.INVALID: InvalidRequest, Status.IO_ERROR: ReplicaIOError,
+}
+
+
+def check(reply: Frame) -> Frame:
+    """The reply if OK, else the matching ``ReplicaError``."""
+    if reply.status is Status.OK:
+        return reply
+    assert reply.status is not None
+    raise _ERRORS.get(reply.status, ReplicaError)(reply.status, reply.args)
+
+
+class _Peer:
+    def __init__(self) -> None:
+        self.pipe: Pipeline | None = None
+        self.lock = asyncio.Lock()
+        self.failed_at = 0.0
+        self.failure = ""
+
+
+class ReplicaClient:
+    def __init__(self, secret: bytes, cluster_id: str, chunk_id: str, timeout: float = 5.0, *,
+                 connect_timeout: float | None = None, redial_interval: float = 0.5) -> None:
+        self.secret = secret
+        self.cluster_id = cluster_id
+        self.chunk_id = chunk_id
+        self.timeout = timeout
+        self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        self.redial_interval = redial_interval
+        self._peers: dict[Address, _Peer] = {}
+        self._closed = False
+
+    # -- connections -------------------------------------------------------------
+
+    async def _pipeline(self, addr: Address) -> Pipeline:
+        peer = self._peers.setdefault(addr, _Peer())
+        pipe = peer.pipe
+        if pipe is not None and pipe.failed is None:
+            return pipe
+        async with peer.lock:
+            if self._closed:
+                raise PeerUnavailable(addr, "client closed")
+            if peer.pipe is not None and peer.pipe.failed is None:
+                return peer.pipe
+            if peer.pipe is not None:
+                await peer.pipe.close()
+                peer.pipe = None
+            if time.monotonic() - peer.failed_at < self.redial_interval:
+                raise PeerUnavailable(addr, f"recently failed: {peer.failure}")
+            try:
+                peer.pipe = await asyncio.wait_for(self._dial(addr), self.connect_timeout)
+            except asyncio.TimeoutError:
+                self._dial_failed(addr, peer, f"connect timed out after {self.connect_timeout:g}s")
+            except (OSError, AuthError, FrameError) as e:
+                self._dial_failed(addr, peer, f"{type(e).__name__}: {e}")
+            return peer.pipe
+
+    def _dial_failed(self, addr: Address, peer: _Peer, reason: str) -> None:
+        peer.failed_at, peer.failure = time.monotonic(), reason
+        log.warning("replica peer %s:%d: %s", addr[0], addr[1], reason)
+        raise PeerUnavailable(addr, reason)
+
+    async def _dial(self, addr: Address) -> Pipeline:
+        reader, writer = await asyncio.open_connection(*addr)
+        frames, out = FrameReader(reader), FrameWriter(writer)
+        try:
+            await client_handshake(frames, out, self.secret, self.cluster_id, self.chunk_id)
+        except BaseException:
+            writer.close()
+            raise
+        return Pipeline(frames, out)
+
+    async def _drop(self, addr: Address, pipe: Pipeline) -> None:
+        peer = self._peers.get(addr)
+        if peer is not None and peer.pipe is pipe:
+            peer.pipe = None
+        await pipe.close()
+
+    async def close(self) -> None:
+        """Close every connection; outstanding calls fail with PeerUnavailable."""
+        self._closed = True
+        pipes = [p.pipe for p in self._peers.values() if p.pipe is not None]
+        for p in self._peers.values():
+            p.pipe = None
+        for pipe in pipes:
+            await pipe.close()
+
+    # -- calls -------------------------------------------------------------------
+
+    async def call(self, addr: Address, frame: Frame, timeout: float | None = None) -> Frame:
+        """Send one request, return its reply (any status); ``PeerUnavailable`` if none."""
+        addr = (addr[0], int(addr[1]))
+        if self._closed:
+            raise PeerUnavailable(addr, "client closed")
+        pipe = await self._pipeline(addr)
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(pipe.call(frame), limit)
+        except asyncio.TimeoutError:
+            await self._drop(addr, pipe)
+            raise PeerUnavailable(addr, f"{frame.op.name} timed out after {limit:g}s") from None
+        except (ConnectionError, OSError, FrameError) as e:
+            await self._drop(addr, pipe)
+            raise PeerUnavailable(addr, f"{frame.op.name}: {e}") from None
+
+    async def _ok(self, addr: Address, frame: Frame, timeout: float | None = None) -> Frame:
+        return check(await self.call(addr, frame, timeout))
+
+    async def read(self, addr: Address, vid: str, idx: int, off: int, length: int,
+                   epoch: int = 0, view: int = 0) -> tuple[bytes, bytes]:
+        """(data, present bitmap: 1 bit per 4 KiB block of the range, LSB first)."""
+        rep = await self._ok(addr, Frame(Op.READ, 0, vid, idx, epoch, 0, off, length, seq=view))
+        present = (rep.args or {}).get("present", b"")
+        return bytes(rep.data or b""), bytes(present)
+
+    async def write(self, addr: Address, vid: str, idx: int, off: int, data: bytes,
+                    epoch: int, seq: int, generation: int = 0, fua: bool = False) -> None:
+        await self._ok(addr, Frame(Op.WRITE, 0, vid, idx, epoch, generation, off, len(data), data,
+                                   seq=seq, args={"fua": True} if fua else None))
+
+    async def unmap(self, addr: Address, vid: str, idx: int, off: int, length: int,
+                    epoch: int, seq: int, generation: int = 0, zero: bool = False) -> None:
+        await self._ok(addr, Frame(Op.UNMAP, 0, vid, idx, epoch, generation, off, length,
+                                   seq=seq, args={"zero": True} if zero else None))
+
+    async def flush(self, addr: Address, vid: str, idx: int, epoch: int,
+                    timeout: float | None = None) -> None:
+        await self._ok(addr, Frame(Op.FLUSH, 0, vid, idx, epoch), timeout)
+
+    async def revert(self, addr: Address, vid: str, idx: int, epoch: int, to_seq: int, seq: int,
+                     generation: int = 0) -> None:
+        await self._ok(addr, Frame(Op.REVERT, 0, vid, idx, epoch, generation, seq=seq,
+                                   args={"to": to_seq}))
+
+    async def create(self, addr: Address, vid: str, idx: int, generation: int, epoch: int) -> None:
+        await self._ok(addr, Frame(Op.CREATE, 0, vid, idx, epoch, generation))
+
+    async def export(self, addr: Address, vid: str, idx: int, off: int, length: int,
+                     epoch: int = 0) -> tuple[bytes, int | None]:
+        """(blob of block states, offset to continue at or None when done)."""
+        rep = await self._ok(addr, Frame(Op.EXPORT, 0, vid, idx, epoch, 0, off, length))
+        return bytes(rep.data or b""), (rep.args or {}).get("next")
+
+    async def import_(self, addr: Address, vid: str, idx: int, blob: bytes, epoch: int,
+                      generation: int = 0, if_unchanged: Any = None) -> bool:
+        """True when installed; False when ``if_unchanged`` no longer matched (CONFLICT)."""
+        rep = await self.call(addr, Frame(Op.IMPORT, 0, vid, idx, epoch, generation, 0, len(blob),
+                                          blob, args={"if_unchanged": if_unchanged}))
+        if rep.status is Status.CONFLICT:
+            return False
+        check(rep)
+        return True
+
+    async def digest(self, addr: Address, vid: str, idx: int, epoch: int = 0) -> bytes:
+        return bytes((await self._ok(addr, Frame(Op.DIGEST, 0, vid, idx, epoch))).data or b"")
+
+    async def setgen(self, addr: Address, vid: str, idx: int, generation: int, epoch: int) -> None:
+        await self._ok(addr, Frame(Op.SETGEN, 0, vid, idx, epoch, generation))
+
+    async def stat(self, addr: Address, vid: str, idx: int, epoch: int = 0) -> dict[str, Any]:
+        return dict((await self._ok(addr, Frame(Op.STAT, 0, vid, idx, epoch))).args or {})
+
+    async def ping(self, addr: Address, timeout: float | None = None) -> float:
+        """Round-trip time in seconds."""
+        start = time.monotonic()
+        await self._ok(addr, Frame(Op.PING, 0), timeout)
+        return time.monotonic() - start

@@ -1,0 +1,344 @@
+"""Serves this chunk server's ``ReplicaStore`` to its peers on the data port.
+
+One connection per peer carries many outstanding requests (wire.Pipeline on
+the other end).  After the HELLO handshake (peer_auth, bounded by
+``auth_timeout``; nothing touches the disk before it succeeds) each request
+runs as soon as it is read:
+
+* Store calls are synchronous file I/O and run inline on the event loop, in
+  arrival order, so two pipelined writes to one block land in the order the
+  coordinator sent them.  Only fdatasync (FLUSH, FUA writes) goes to a thread;
+  those replies go out when the sync completes, overtaking nothing else.
+* Replies are queued and written together once per loop iteration (a burst of
+  requests read from one segment is answered with one send).  When the
+  socket's send buffer is backed up, the reader stops reading (TCP
+  back-pressure), and at most ``max_inflight`` syncs are outstanding per
+  connection.
+
+Ownership fencing: every op naming a volume first passes ``store.admit``
+with the request's epoch.  Epoch 0 is the read-only user (snapshot export,
+read-only LUN): allowed for READ, EXPORT, DIGEST and STAT without admission,
+DENIED for everything else.
+
+Errors map to statuses (``_failure``); a frame that cannot be decoded, or a
+reply sent to us, closes the connection: the stream is out of sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import Counter
+from typing import Any, Awaitable, Callable
+
+from .extent_file import ChecksumError
+from .fencing import StaleEpochError
+from .peer_auth import AuthError, server_handshake
+from .replica_store import NoExtent, StoreError, StoreFull, StoreIOError
+from .wire import MAX_DATA, Frame, FrameError, FrameReader, FrameWriter, Op, Status, encode
+
+__all__ = ["ReplicaServer"]
+
+log = logging.getLogger(__name__)
+
+# Ops a read-only user (epoch 0) may send; they skip admission then.
+READ_ONLY = frozenset({Op.READ, Op.EXPORT, Op.DIGEST, Op.STAT})
+HIGH_WATER = 4 << 20           # bytes of unsent replies before the reader waits for the socket
+
+ChecksumHook = Callable[[str, int, int], "Awaitable[None] | None"]
+
+
+class _Conn:
+    """One authenticated peer connection: its reply queue and outstanding syncs."""
+
+    def __init__(self, writer: asyncio.StreamWriter, peer: str) -> None:
+        self.writer = writer
+        self.peer = peer
+        self.queue: list[bytes] = []
+        self.queued = 0
+        self.flush_scheduled = False
+        self.tasks: set[asyncio.Task] = set()
+        self.closed = False
+
+    def send(self, frame: Frame) -> None:
+        try:
+            raw = encode(frame)
+        except ValueError as e:           # a store answer too big for a frame: a bug, not the peer's
+            log.error("reply to %s %s does not fit a frame: %s", self.peer, frame.op.name, e)
+            raw = encode(frame.reply(Status.IO_ERROR, args={"error": "reply too large"}))
+        if self.closed:
+            return
+        self.queue.append(raw)
+        self.queued += len(raw)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        if self.queue and not self.closed and not self.writer.is_closing():
+            if len(self.queue) == 1:
+                self.writer.write(self.queue[0])
+            else:
+                self.writer.writelines(self.queue)
+        self.queue.clear()
+        self.queued = 0
+
+    def backed_up(self) -> bool:
+        return self.queued + self.writer.transport.get_write_buffer_size() > HIGH_WATER
+
+
+class ReplicaServer:
+    """The replication port: authenticated peers reading and writing extent replicas."""
+
+    def __init__(self, store, secret: bytes, cluster_id: str, host: str = "127.0.0.1",
+                 port: int = 0, *, auth_timeout: float = 10.0, max_inflight: int = 64,
+                 on_checksum_error: ChecksumHook | None = None) -> None:
+        self.store = store
+        self.secret = secret
+        self.cluster_id = cluster_id
+        self.host = host
+        self._port = port
+        self.auth_timeout = auth_timeout
+        self.max_inflight = max_inflight
+        self.on_checksum_error = on_checksum_error
+        self.requests: Counter[str] = Counter()          # op name -> requests served
+        self.errors: Counter[tuple[str, str]] = Counter()  # (op, status) -> non-OK replies
+        self.auth_failures = 0
+        self.dropped = 0                                 # connections closed for bad frames
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task] = set()
+        self._hooks: set[asyncio.Task] = set()
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when constructed with port 0)."""
+        if self._server is not None and self._server.sockets:
+            return self._server.sockets[0].getsockname()[1]
+        return self._port
+
+    @property
+    def connections(self) -> int:
+        return len(self._handlers)
+
+    def counters(self) -> dict[str, int]:
+        """Flat counters for the metrics endpoint."""
+        out = {f"requests.{op}": n for op, n in self.requests.items()}
+        out.update({f"errors.{op}.{st}": n for (op, st), n in self.errors.items()})
+        out["auth_failures"] = self.auth_failures
+        out["dropped_connections"] = self.dropped
+        out["connections"] = self.connections
+        return out
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self._port)
+        log.info("replica server listening on %s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection (outstanding syncs finish on their own)."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, *self._hooks, return_exceptions=True)
+
+    # -- connections -----------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        where = writer.get_extra_info("peername")
+        frames, out = FrameReader(reader), FrameWriter(writer)
+        conn: _Conn | None = None
+        try:
+            try:
+                peer = await asyncio.wait_for(
+                    server_handshake(frames, out, self.secret, self.cluster_id), self.auth_timeout)
+            except (AuthError, FrameError, asyncio.TimeoutError, ConnectionError, OSError) as e:
+                self.auth_failures += 1
+                log.warning("replica connection from %s refused: %s: %s", where,
+                            type(e).__name__, e)
+                return
+            conn = _Conn(writer, f"{peer}@{where}")
+            await self._requests(frames, conn)
+        except (ConnectionError, OSError) as e:
+            log.info("replica connection %s lost: %s", conn.peer if conn else where, e)
+        finally:
+            self._handlers.discard(task)
+            if conn is not None:
+                conn.flush()
+                conn.closed = True
+                for t in conn.tasks:
+                    t.cancel()
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _requests(self, frames: FrameReader, conn: _Conn) -> None:
+        while True:
+            try:
+                frame = await frames.read()
+            except FrameError as e:
+                self.dropped += 1
+                log.warning("closing replica connection %s: %s", conn.peer, e)
+                return
+            if frame is None:
+                break
+            if frame.status is not None:
+                self.dropped += 1
+                log.warning("closing replica connection %s: it sent a reply (%s id %d)",
+                            conn.peer, frame.op.name, frame.id)
+                return
+            self._handle(conn, frame)
+            if conn.backed_up():
+                conn.flush()
+                await conn.writer.drain()
+            while len(conn.tasks) >= self.max_inflight:
+                await asyncio.wait(set(conn.tasks), return_when=asyncio.FIRST_COMPLETED)
+        # Clean end of stream: answer what is still syncing, then close.
+        if conn.tasks:
+            await asyncio.wait(set(conn.tasks))
+        conn.flush()
+        await conn.writer.drain()
+
+    # -- requests ----------------------------------------------------------------
+
+    def _handle(self, conn: _Conn, frame: Frame) -> None:
+        """Run one request; reply now, or from a task when it must wait for a sync."""
+        self.requests[frame.op.name] += 1
+        try:
+            result = self._execute(frame)
+        except Exception as e:
+            self._reply(conn, self._failure(frame, e))
+            return
+        if isinstance(result, Frame):
+            self._reply(conn, result)
+            return
+        task = asyncio.get_running_loop().create_task(self._finish(conn, frame, result))
+        conn.tasks.add(task)
+        task.add_done_callback(conn.tasks.discard)
+
+    async def _finish(self, conn: _Conn, frame: Frame, sync: Callable[[], None]) -> None:
+        try:
+            await asyncio.to_thread(sync)
+            reply = frame.reply(Status.OK)
+        except Exception as e:
+            reply = self._failure(frame, e)
+        self._reply(conn, reply)
+
+    def _reply(self, conn: _Conn, reply: Frame) -> None:
+        if reply.status is not Status.OK:
+            assert reply.status is not None
+            self.errors[(reply.op.name, reply.status.name)] += 1
+        conn.send(reply)
+
+    def _execute(self, f: Frame) -> Frame | Callable[[], None]:
+        """The reply, or a blocking sync to run in a thread before replying OK."""
+        st, vid, idx = self.store, f.volume, f.extent
+        if f.op is Op.PING:
+            return f.reply()
+        if f.op is Op.HELLO:
+            raise ValueError("already authenticated")
+        if not vid:
+            raise ValueError(f"{f.op.name} needs a volume")
+        if f.epoch == 0:
+            if f.op not in READ_ONLY:
+                return f.reply(Status.DENIED, args={"error": f"{f.op.name} needs an ownership epoch"})
+        elif f.op is Op.CREATE:
+            st.create(vid, idx, _positive(f.generation, "generation"))
+            st.admit(vid, idx, f.epoch)
+            return f.reply()
+        else:
+            st.admit(vid, idx, f.epoch)
+
+        if f.op is Op.READ:
+            if f.length > MAX_DATA:
+                raise ValueError(f"read of {f.length} bytes exceeds {MAX_DATA}")
+            data, present = st.read(vid, idx, f.offset, f.length, view=f.seq)
+            return f.reply(Status.OK, data, {"present": bytes(present)})
+        if f.op is Op.WRITE:
+            if f.data is None:
+                raise ValueError("WRITE without data")
+            if f.length not in (0, len(f.data)):
+                raise ValueError(f"WRITE length {f.length} but {len(f.data)} data bytes")
+            fua = _arg(f, "fua", bool, False)
+            st.write(vid, idx, f.offset, f.data, f.seq, fua=False)
+            return (lambda: st.flush(vid, idx)) if fua else f.reply()
+        if f.op is Op.UNMAP:
+            st.unmap(vid, idx, f.offset, f.length, f.seq, zero=_arg(f, "zero", bool, False))
+            return f.reply()
+        if f.op is Op.FLUSH:
+            return lambda: st.flush(vid, idx)
+        if f.op is Op.REVERT:
+            to = _arg(f, "to", int, None)
+            if to is None or to < 0:
+                raise ValueError("REVERT needs args.to, a snapshot seq >= 0")
+            st.revert(vid, idx, to, f.seq)
+            return f.reply()
+        if f.op is Op.EXPORT:
+            blob, nxt = st.export(vid, idx, f.offset, f.length)
+            return f.reply(Status.OK, blob, {"next": nxt})
+        if f.op is Op.IMPORT:
+            if f.data is None:
+                raise ValueError("IMPORT without data")
+            token = (f.args or {}).get("if_unchanged")
+            if st.import_(vid, idx, f.data, if_unchanged=token):
+                return f.reply()
+            return f.reply(Status.CONFLICT)
+        if f.op is Op.DIGEST:
+            return f.reply(Status.OK, st.digest(vid, idx))
+        if f.op is Op.SETGEN:
+            st.set_generation(vid, idx, _positive(f.generation, "generation"))
+            return f.reply()
+        if f.op is Op.STAT:
+            return f.reply(Status.OK, args=dict(st.stat(vid, idx)))
+        raise ValueError(f"op {f.op.name} is not served here")
+
+    def _failure(self, f: Frame, e: BaseException) -> Frame:
+        if isinstance(e, StaleEpochError):
+            return f.reply(Status.STALE_EPOCH, args={"highest": e.highest})
+        if isinstance(e, ChecksumError):
+            self._checksum_hook(f.volume, f.extent, e.block)
+            return f.reply(Status.CHECKSUM, args={"block": e.block})
+        if isinstance(e, NoExtent):
+            return f.reply(Status.NO_EXTENT, args={"error": str(e)})
+        if isinstance(e, StoreFull):
+            return f.reply(Status.NO_SPACE, args={"error": str(e)})
+        if isinstance(e, (StoreIOError, OSError)):
+            log.error("%s %s.%d: I/O error: %s", f.op.name, f.volume, f.extent, e)
+            return f.reply(Status.IO_ERROR, args={"error": str(e)})
+        if isinstance(e, (ValueError, StoreError)):   # bad range/alignment/seq, bad IMPORT blob
+            return f.reply(Status.INVALID, args={"error": str(e)})
+        log.exception("%s %s.%d failed unexpectedly", f.op.name, f.volume, f.extent, exc_info=e)
+        return f.reply(Status.IO_ERROR, args={"error": f"{type(e).__name__}: {e}"})
+
+    def _checksum_hook(self, vid: str, idx: int, block: int) -> None:
+        if self.on_checksum_error is None:
+            return
+        try:
+            result = self.on_checksum_error(vid, idx, block)
+        except Exception:
+            log.exception("checksum hook for %s.%d block %d failed", vid, idx, block)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._hooks.add(task)
+            task.add_done_callback(self._hooks.discard)
+
+
+def _arg(f: Frame, name: str, kind: type, default: Any) -> Any:
+    value = (f.args or {}).get(name, default)
+    if value is not default and (type(value) is not kind):
+        raise ValueError(f"args.{name} is {value!r:.40}, not {kind.__name__}")
+    return value
+
+
+def _positive(value: int, name: str) -> int:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0")
+    return value

@@ -1,0 +1,252 @@
+"""ReplicaClient against real ReplicaServers (loopback sockets, ReplicaStore in tmp_path)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from chunk.storage import peer_auth
+from chunk.storage.extent_file import BLOCK_SIZE
+from chunk.storage.replica_client import (
+    ChecksumFailed, Conflict, Denied, InvalidRequest, NoExtentError, PeerUnavailable,
+    ReplicaClient, ReplicaError, StaleEpoch,
+)
+from chunk.storage.replica_server import ReplicaServer
+from chunk.storage.replica_store import ReplicaStore
+from chunk.storage.wire import FrameReader, FrameWriter, Status
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"k" * 32
+CLUSTER = "cluster-1"
+EXTENT = 4 << 20
+VID = "vol-1"
+
+
+class Node:
+    """One chunk server's replica side: a store and its server."""
+
+    def __init__(self, path: Path, port: int = 0) -> None:
+        self.path, self.port = path, port
+        self.store: ReplicaStore | None = None
+        self.server: ReplicaServer | None = None
+
+    async def start(self) -> Node:
+        self.store = ReplicaStore([(self.path, None)], extent_size=EXTENT, cow_sync=False)
+        self.server = ReplicaServer(self.store, SECRET, CLUSTER, "127.0.0.1", self.port)
+        await self.server.start()
+        self.port = self.server.port
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path):
+    started = [await Node(tmp_path / f"n{i}").start() for i in range(2)]
+    yield started
+    for n in started:
+        await n.stop()
+
+
+@pytest.fixture
+async def client():
+    c = ReplicaClient(SECRET, CLUSTER, "chunk-test", timeout=2.0, redial_interval=0.1)
+    yield c
+    await c.close()
+
+
+async def test_every_op_round_trips(nodes, client):
+    a, b = nodes
+    await client.create(a.addr, VID, 0, generation=1, epoch=1)
+    await client.create(a.addr, VID, 0, generation=1, epoch=1)       # idempotent
+    await client.write(a.addr, VID, 0, 0, b"A" * 8192, epoch=1, seq=1)
+    await client.write(a.addr, VID, 0, 0, b"B" * 4096, epoch=1, seq=2, fua=True)
+    data, present = await client.read(a.addr, VID, 0, 0, 3 * BLOCK_SIZE, epoch=1)
+    assert data == b"B" * 4096 + b"A" * 4096 + bytes(4096) and present == bytes([0b011])
+    old, _ = await client.read(a.addr, VID, 0, 0, 4096, epoch=0, view=1)     # snapshot view
+    assert old == b"A" * 4096
+    await client.unmap(a.addr, VID, 0, 4096, 4096, epoch=1, seq=2)
+    assert (await client.read(a.addr, VID, 0, 4096, 4096, epoch=1))[1] == b"\x00"
+    await client.flush(a.addr, VID, 0, epoch=1)
+    await client.revert(a.addr, VID, 0, epoch=1, to_seq=1, seq=3)
+    assert (await client.read(a.addr, VID, 0, 0, 8192, epoch=1))[0] == b"A" * 8192
+    await client.setgen(a.addr, VID, 0, generation=4, epoch=1)
+    st = await client.stat(a.addr, VID, 0)
+    assert st["generation"] == 4 and st["epoch"] == 1
+
+    # resync a to b: EXPORT -> IMPORT, then the digests agree
+    await client.create(b.addr, VID, 0, generation=4, epoch=1)
+    off = 0
+    while off is not None:
+        blob, off_next = await client.export(a.addr, VID, 0, off, EXTENT - off)
+        assert await client.import_(b.addr, VID, 0, blob, epoch=1)
+        off = off_next
+    assert await client.digest(a.addr, VID, 0) == await client.digest(b.addr, VID, 0)
+    token = (await client.stat(b.addr, VID, 0))["mutations"]
+    assert not await client.import_(b.addr, VID, 0, blob, epoch=1, if_unchanged=token + 1)
+    assert await client.import_(b.addr, VID, 0, blob, epoch=1, if_unchanged=token)
+    assert await client.ping(a.addr) < 2.0
+
+
+async def test_statuses_become_typed_errors(nodes, client):
+    a, _ = nodes
+    await client.create(a.addr, VID, 0, generation=1, epoch=7)
+    with pytest.raises(StaleEpoch) as e:
+        await client.write(a.addr, VID, 0, 0, b"x", epoch=6, seq=1)
+    assert e.value.highest == 7 and e.value.status is Status.STALE_EPOCH
+    with pytest.raises(Denied):
+        await client.write(a.addr, VID, 0, 0, b"x", epoch=0, seq=1)
+    with pytest.raises(InvalidRequest, match="outside"):
+        await client.write(a.addr, VID, 0, EXTENT, b"x", epoch=7, seq=1)
+    with pytest.raises(NoExtentError):
+        await client.read(a.addr, "nope", 0, 0, 4096)
+    with pytest.raises(ReplicaError):
+        await client.revert(a.addr, VID, 0, epoch=7, to_seq=-1, seq=2)
+    assert issubclass(Conflict, ReplicaError) and issubclass(ChecksumFailed, ReplicaError)
+
+
+async def test_concurrent_calls_share_one_connection(nodes, client):
+    a, _ = nodes
+    await client.create(a.addr, VID, 0, generation=1, epoch=1)
+    n = 200
+    blocks = [os.urandom(BLOCK_SIZE) for _ in range(n)]
+    await asyncio.gather(*(client.write(a.addr, VID, 0, i * BLOCK_SIZE, blocks[i], epoch=1,
+                                        seq=1, fua=(i % 25 == 0)) for i in range(n)))
+    got = await asyncio.gather(*(client.read(a.addr, VID, 0, i * BLOCK_SIZE, BLOCK_SIZE, epoch=1)
+                                 for i in range(n)))
+    assert [d for d, _ in got] == blocks
+    assert a.server.connections == 1 and a.server.auth_failures == 0
+
+
+async def test_server_gone_then_back_on_the_same_port(nodes, client):
+    a, _ = nodes
+    await client.create(a.addr, VID, 0, generation=1, epoch=1)
+    port = a.port
+    # calls in flight when the server dies fail with PeerUnavailable, none hang
+    calls = [asyncio.ensure_future(client.write(a.addr, VID, 0, i * 4096, b"w" * 4096, epoch=1,
+                                                seq=1, fua=True)) for i in range(50)]
+    await asyncio.sleep(0)
+    await a.stop()
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+    assert all(r is None or isinstance(r, PeerUnavailable) for r in results), results
+    with pytest.raises(PeerUnavailable) as e:
+        await client.ping(a.addr)
+    assert e.value.addr == ("127.0.0.1", port)
+    # back (restarted on the same disk and port): the client re-dials by itself
+    a.port = port
+    await a.start()
+    await asyncio.sleep(0.15)                       # past redial_interval
+    await client.ping(a.addr)
+    assert (await client.stat(a.addr, VID, 0))["epoch"] == 1
+
+
+async def _hang_after_auth(reader, writer, seen: asyncio.Queue) -> None:
+    """A peer that authenticates, then reads requests and never answers."""
+    frames, out = FrameReader(reader), FrameWriter(writer)
+    try:
+        await peer_auth.server_handshake(frames, out, SECRET, CLUSTER)
+        async for f in frames:
+            await seen.put(f)
+    except (ConnectionError, peer_auth.AuthError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_peer_killed_mid_call_then_a_real_server_takes_over(tmp_path, client):
+    seen: asyncio.Queue = asyncio.Queue()
+    handlers: list[asyncio.Task] = []
+
+    async def handle(r, w):
+        handlers.append(asyncio.current_task())
+        await _hang_after_auth(r, w, seen)
+
+    hung = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = hung.sockets[0].getsockname()[1]
+    addr = ("127.0.0.1", port)
+    call = asyncio.ensure_future(client.ping(addr, timeout=30))
+    await asyncio.wait_for(seen.get(), 5)              # the request reached the peer
+    assert not call.done()
+    hung.close()
+    for t in handlers:                                  # the peer dies: its socket closes
+        t.cancel()
+    with pytest.raises(PeerUnavailable):
+        await asyncio.wait_for(call, 5)
+    await hung.wait_closed()
+
+    node = await Node(tmp_path / "n", port).start()
+    try:
+        await asyncio.sleep(0.15)
+        assert await client.ping(addr) < 2
+    finally:
+        await node.stop()
+
+
+async def test_timeouts_are_bounded(client):
+    loop = asyncio.get_running_loop()
+    seen: asyncio.Queue = asyncio.Queue()
+
+    async def silent(reader, writer):                 # accepts, never says HELLO back
+        await reader.read()
+        writer.close()
+
+    mute = await asyncio.start_server(silent, "127.0.0.1", 0)
+    hang = await asyncio.start_server(lambda r, w: _hang_after_auth(r, w, seen), "127.0.0.1", 0)
+    c = ReplicaClient(SECRET, CLUSTER, "chunk-test", timeout=0.5, redial_interval=0)
+    try:
+        start = loop.time()
+        with pytest.raises(PeerUnavailable, match="connect timed out"):
+            await c.ping(("127.0.0.1", mute.sockets[0].getsockname()[1]))
+        assert 0.4 < loop.time() - start < 2
+
+        addr = ("127.0.0.1", hang.sockets[0].getsockname()[1])
+        start = loop.time()
+        with pytest.raises(PeerUnavailable, match="timed out"):
+            await c.ping(addr)
+        assert 0.4 < loop.time() - start < 2
+        # the next call re-dials (a fresh connection), and is bounded again
+        with pytest.raises(PeerUnavailable, match="timed out"):
+            await c.stat(addr, VID, 0)
+        assert seen.qsize() == 2
+
+        # nothing listening: refused at once, then failing fast until redial_interval passes
+        free = ("127.0.0.1", addr[1])
+        hang.close()
+        await hang.wait_closed()
+        start = loop.time()
+        with pytest.raises(PeerUnavailable):
+            await c.ping(free)
+        assert loop.time() - start < 1
+    finally:
+        await c.close()
+        mute.close()
+        hang.close()
+        await mute.wait_closed()
+        await hang.wait_closed()
+
+
+async def test_wrong_secret_is_peer_unavailable(nodes):
+    a, _ = nodes
+    c = ReplicaClient(b"w" * 32, CLUSTER, "intruder", timeout=1.0)
+    try:
+        with pytest.raises(PeerUnavailable, match="AuthError"):
+            await c.create(a.addr, VID, 0, generation=1, epoch=1)
+        with pytest.raises(PeerUnavailable, match="recently failed"):   # fails fast meanwhile
+            await c.ping(a.addr)
+    finally:
+        await c.close()
+    assert not a.store.has(VID, 0)

@@ -1,0 +1,332 @@
+"""The replica server over real loopback sockets with a real ReplicaStore in tmp_path.
+
+Requests are sent as raw frames (peer_auth's client side + wire.Pipeline), so
+these tests pin the server's protocol independently of replica_client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from chunk.storage import peer_auth, wire
+from chunk.storage.extent_file import BLOCK_SIZE
+from chunk.storage.replica_server import ReplicaServer
+from chunk.storage.replica_store import ReplicaStore
+from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Pipeline, Status
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"s" * 32
+CLUSTER = "cluster-1"
+EXTENT = 4 << 20
+VID = "vol-1"
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture
+async def served(tmp_path: Path):
+    """(server, store, disk dir, checksum hook calls)."""
+    disk = tmp_path / "disk"
+    store = ReplicaStore([(disk, None)], extent_size=EXTENT, cow_sync=False)
+    bad: list[tuple[str, int, int]] = []
+    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=1.0,
+                           on_checksum_error=lambda v, i, b: bad.append((v, i, b)))
+    await server.start()
+    yield server, store, disk, bad
+    await server.stop()
+    store.close()
+
+
+async def _raw(server: ReplicaServer) -> tuple[FrameReader, FrameWriter]:
+    r, w = await asyncio.open_connection("127.0.0.1", server.port)
+    return FrameReader(r), FrameWriter(w)
+
+
+async def _authed(server: ReplicaServer) -> Pipeline:
+    reader, writer = await _raw(server)
+    await asyncio.wait_for(
+        peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "chunk-test"), 5)
+    return Pipeline(reader, writer)
+
+
+async def _call(pipe: Pipeline, frame: Frame) -> Frame:
+    return await asyncio.wait_for(pipe.call(frame), 10)
+
+
+async def _closed(reader: FrameReader) -> bool:
+    """True when the server closed the connection (after any replies already sent)."""
+    try:
+        while (await asyncio.wait_for(reader.read(), 5)) is not None:
+            pass
+    except (ConnectionError, wire.FrameError):
+        pass
+    return True
+
+
+def _write(off: int, data: bytes, seq: int = 1, epoch: int = 1, fua: bool = False) -> Frame:
+    return Frame(Op.WRITE, 0, VID, 0, epoch, 1, off, len(data), data, seq=seq,
+                 args={"fua": True} if fua else None)
+
+
+def _read(off: int, length: int, epoch: int = 1, view: int = 0) -> Frame:
+    return Frame(Op.READ, 0, VID, 0, epoch, 0, off, length, seq=view)
+
+
+async def test_handshake_then_requests(served):
+    server, store, disk, _ = served
+    pipe = await _authed(server)
+    try:
+        assert (await _call(pipe, Frame(Op.PING, 0))).status is Status.OK
+        rep = await _call(pipe, Frame(Op.CREATE, 0, VID, 0, 1, 1))
+        assert rep.status is Status.OK and store.has(VID, 0)
+        rep = await _call(pipe, _write(8192, b"x" * 5000, seq=1))
+        assert rep.status is Status.OK and rep.seq == 1
+        rep = await _call(pipe, _read(4096, 3 * BLOCK_SIZE))
+        assert rep.status is Status.OK
+        assert rep.data == bytes(4096) + b"x" * 5000 + bytes(3 * 4096 - 4096 - 5000)
+        assert rep.args["present"] == bytes([0b110])            # LSB first: blocks 2,3 of 1..3
+        stat = (await _call(pipe, Frame(Op.STAT, 0, VID, 0, 1))).args
+        assert stat["generation"] == 1 and stat["epoch"] == 1 and stat["mutations"] >= 1
+        assert (await _call(pipe, Frame(Op.SETGEN, 0, VID, 0, 1, 5))).status is Status.OK
+        assert store.stat(VID, 0)["generation"] == 5
+        digest = await _call(pipe, Frame(Op.DIGEST, 0, VID, 0, 0))
+        assert digest.status is Status.OK and digest.data == store.digest(VID, 0)
+        assert (await _call(pipe, Frame(Op.HELLO, 0))).status is Status.INVALID
+        assert server.requests["WRITE"] == 1 and server.connections == 1
+        assert server.counters()["errors.HELLO.INVALID"] == 1
+    finally:
+        await pipe.close()
+
+
+async def test_wrong_secret_is_denied_and_touches_nothing(served):
+    server, store, disk, _ = served
+    before = _files(disk)
+    reader, writer = await _raw(server)
+    await writer.send(Frame(Op.HELLO, 1, args={"cluster": CLUSTER, "chunk_id": "evil",
+                                               "nonce": peer_auth.new_nonce()}))
+    first = await asyncio.wait_for(reader.read(), 5)
+    assert first.status is Status.OK
+    # A forged proof, followed at once by a CREATE hoping to slip through.
+    await writer.send(Frame(Op.HELLO, 2, args={"proof": peer_auth.client_proof(
+        b"wrong" * 7, first.args["nonce"], b"\0" * 32)}))
+    await writer.send(Frame(Op.CREATE, 3, VID, 0, 1, 1))
+    denied = await asyncio.wait_for(reader.read(), 5)
+    assert denied.status is Status.DENIED and denied.id == 2
+    assert await _closed(reader)
+    await writer.close()
+    assert not store.has(VID, 0) and _files(disk) == before
+    assert server.auth_failures == 1
+
+    # a client holding a different secret gives up on the server's proof itself
+    reader, writer = await _raw(server)
+    with pytest.raises(peer_auth.AuthError):
+        await asyncio.wait_for(peer_auth.client_handshake(reader, writer, b"x" * 32, CLUSTER, "c"), 5)
+    await writer.close()
+    assert _files(disk) == before
+
+
+@pytest.mark.parametrize("first", [
+    Frame(Op.CREATE, 1, VID, 0, 1, 1),
+    Frame(Op.WRITE, 1, VID, 0, 1, 1, 0, 4, b"abcd", seq=1),
+    Frame(Op.PING, 1),
+])
+async def test_first_frame_must_be_hello(served, first: Frame):
+    server, store, disk, _ = served
+    before = _files(disk)
+    reader, writer = await _raw(server)
+    await writer.send(first)
+    assert await asyncio.wait_for(reader.read(), 5) is None        # closed without an answer
+    await writer.close()
+    assert _files(disk) == before and not store.has(VID, 0)
+
+
+@pytest.mark.parametrize("junk", [
+    b"GET / HTTP/1.1\r\n\r\n",                         # length prefix of ~1.2 GB: refused unread
+    struct.pack(">I", 3) + b"\xc1\xc1\xc1",             # not msgpack
+    struct.pack(">I", 5) + msgpack.packb([1, 2, 3]),   # not a frame
+])
+async def test_garbage_closes_the_connection(served, junk: bytes):
+    server, store, disk, _ = served
+    before = _files(disk)
+    # before authentication
+    reader, writer = await _raw(server)
+    writer._writer.write(junk)
+    assert await _closed(reader)
+    await writer.close()
+    # after authentication: the server hangs up; the pipeline fails
+    pipe = await _authed(server)
+    pipe._writer._writer.write(junk)
+    with pytest.raises(ConnectionError):
+        await _call(pipe, Frame(Op.PING, 0))
+    await pipe.close()
+    assert _files(disk) == before and server.dropped == 1
+
+
+async def test_a_reply_frame_from_the_client_closes_the_connection(served):
+    server, *_ = served
+    pipe = await _authed(server)
+    pipe._writer.write(Frame(Op.PING, 1).reply())
+    with pytest.raises(ConnectionError):
+        await _call(pipe, Frame(Op.PING, 0))
+    await pipe.close()
+
+
+async def test_silent_client_is_cut_off_by_the_auth_timeout(served):
+    server, *_ = served
+    reader, writer = await _raw(server)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await asyncio.wait_for(reader.read(), 5) is None
+    assert 0.9 <= loop.time() - start < 4
+    await writer.close()
+
+
+async def test_many_pipelined_writes_and_reads_on_one_connection(served):
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    pipe = await _authed(server)
+    try:
+        n = 300
+        blocks = {i: os.urandom(BLOCK_SIZE) for i in range(n)}
+        writes = [asyncio.ensure_future(_call(pipe, _write(i * BLOCK_SIZE, blocks[i], seq=1,
+                                                              fua=(i % 17 == 0))))
+                  for i in range(n)]
+        assert all(r.status is Status.OK for r in await asyncio.gather(*writes))
+        reads = [asyncio.ensure_future(_call(pipe, _read(i * BLOCK_SIZE, BLOCK_SIZE)))
+                 for i in range(n)]
+        got = await asyncio.gather(*reads)
+        assert [r.data for r in got] == [blocks[i] for i in range(n)]
+        assert all(r.args["present"] == b"\x01" for r in got)
+        assert server.connections == 1 and server.requests["READ"] == n
+        assert pipe.outstanding == 0
+    finally:
+        await pipe.close()
+
+
+async def test_replies_overtake_a_slow_flush(served):
+    """FLUSH syncs in a thread; a PING sent after it in the same segment is answered first."""
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    reader, writer = await _raw(server)
+    await peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "c")
+    burst = (wire.encode(Frame(Op.FLUSH, 10, VID, 0, 1))
+             + wire.encode(Frame(Op.PING, 11))
+             + wire.encode(Frame(Op.WRITE, 12, VID, 0, 1, 1, 0, 4096, b"a" * 4096, seq=1)))
+    writer._writer.write(burst)
+    replies = [await asyncio.wait_for(reader.read(), 5) for _ in range(3)]
+    assert [r.id for r in replies][-1] == 10          # the flush reply comes last
+    assert all(r.status is Status.OK for r in replies)
+    await writer.close()
+
+
+async def test_epochs_fence_and_epoch_zero_is_read_only(served):
+    server, store, disk, _ = served
+    store.create(VID, 0, 1)
+    pipe = await _authed(server)
+    try:
+        assert (await _call(pipe, _write(0, b"new" * 100, epoch=5))).status is Status.OK
+        stale = await _call(pipe, _write(0, b"old" * 100, epoch=3))
+        assert stale.status is Status.STALE_EPOCH and stale.args == {"highest": 5}
+        assert store.read(VID, 0, 0, 3)[0] == b"new"
+        denied = await _call(pipe, _write(0, b"ro", epoch=0))
+        assert denied.status is Status.DENIED
+        for op in (Op.FLUSH, Op.SETGEN, Op.CREATE):
+            assert (await _call(pipe, Frame(op, 0, VID, 0, 0, 2))).status is Status.DENIED
+        unmap = Frame(Op.UNMAP, 0, VID, 0, 0, 0, 0, 4096, seq=2)
+        assert (await _call(pipe, unmap)).status is Status.DENIED
+        ro = await _call(pipe, _read(0, 3, epoch=0))
+        assert ro.status is Status.OK and ro.data == b"new"
+        assert (await _call(pipe, Frame(Op.STAT, 0, VID, 0, 0))).args["epoch"] == 5
+        assert store.read(VID, 0, 0, 3)[0] == b"new"
+        assert server.errors[("WRITE", "DENIED")] == 1
+        assert server.errors[("WRITE", "STALE_EPOCH")] == 1
+    finally:
+        await pipe.close()
+
+
+async def test_invalid_requests_get_invalid_with_a_message(served):
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    pipe = await _authed(server)
+    try:
+        cases = [
+            _write(EXTENT - 2, b"abcd"),                               # past the extent end
+            _read(EXTENT, 4096),
+            _read(0, wire.MAX_DATA + 4096),                            # reply would not fit
+            Frame(Op.WRITE, 0, VID, 0, 1, 1, 0, 4, b"abcd", seq=0),    # seq 0
+            Frame(Op.WRITE, 0, VID, 0, 1, 1, 0, 0, None, seq=1),       # no data
+            Frame(Op.WRITE, 0, VID, 0, 1, 1, 0, 4, b"abcd", seq=1, args={"fua": "yes"}),
+            Frame(Op.REVERT, 0, VID, 0, 1, 1, seq=2),                  # no args.to
+            Frame(Op.EXPORT, 0, VID, 0, 0, 0, 100, 4096),              # unaligned
+            Frame(Op.IMPORT, 0, VID, 0, 1, 1, 0, 3, b"bad", args={}),  # not a blob
+            Frame(Op.READ, 0, "", 0, 1, 0, 0, 4096),                   # no volume
+            Frame(Op.SETGEN, 0, VID, 0, 1, 0),                         # generation 0
+        ]
+        for frame in cases:
+            rep = await _call(pipe, frame)
+            assert rep.status is Status.INVALID, frame
+            assert isinstance(rep.args["error"], str) and rep.args["error"], frame
+        # the connection is still fine
+        assert (await _call(pipe, Frame(Op.PING, 0))).status is Status.OK
+        missing = await _call(pipe, Frame(Op.READ, 0, "other", 0, 1, 0, 0, 4096))
+        assert missing.status is Status.NO_EXTENT
+    finally:
+        await pipe.close()
+
+
+async def test_checksum_error_is_reported_and_hooked(served):
+    server, store, disk, bad = served
+    store.create(VID, 0, 1)
+    store.write(VID, 0, 0, b"z" * (3 * BLOCK_SIZE), 1)
+    store.flush(VID, 0)
+    data_file = next(disk.glob(f"{VID}.0.data"))
+    with open(data_file, "r+b") as f:                       # rot one bit of block 1
+        f.seek(BLOCK_SIZE + 7)
+        f.write(b"Y")
+    store.close()                                           # drop the page cache's clean copy
+    server.store = store = ReplicaStore([(disk, None)], extent_size=EXTENT, cow_sync=False)
+    pipe = await _authed(server)
+    try:
+        rep = await _call(pipe, _read(0, 3 * BLOCK_SIZE, epoch=0))
+        assert rep.status is Status.CHECKSUM and rep.args == {"block": 1}
+        assert bad == [(VID, 0, 1)]
+        ok = await _call(pipe, _read(2 * BLOCK_SIZE, BLOCK_SIZE, epoch=0))
+        assert ok.status is Status.OK and ok.data == b"z" * BLOCK_SIZE
+    finally:
+        await pipe.close()
+        store.close()
+
+
+async def test_export_import_revert_unmap(served, tmp_path: Path):
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    pipe = await _authed(server)
+    try:
+        await _call(pipe, _write(0, b"1" * 8192, seq=1))
+        await _call(pipe, _write(0, b"2" * 4096, seq=2))             # COW keeps seq-1 block 0
+        rev = await _call(pipe, Frame(Op.REVERT, 0, VID, 0, 1, 1, seq=3, args={"to": 1}))
+        assert rev.status is Status.OK
+        assert store.read(VID, 0, 0, 8192)[0] == b"1" * 8192
+        um = await _call(pipe, Frame(Op.UNMAP, 0, VID, 0, 1, 1, 4096, 4096, seq=3))
+        assert um.status is Status.OK and store.read(VID, 0, 4096, 4096)[1] == b"\x00"
+        ex = await _call(pipe, Frame(Op.EXPORT, 0, VID, 0, 0, 0, 0, 1 << 20))
+        assert ex.status is Status.OK and ex.args == {"next": None}
+        store.create("vol-2", 0, 1)
+        imp = await _call(pipe, Frame(Op.IMPORT, 0, "vol-2", 0, 1, 1, 0, len(ex.data), ex.data,
+                                      args={"if_unchanged": None}))
+        assert imp.status is Status.OK
+        assert store.read("vol-2", 0, 0, 8192) == store.read(VID, 0, 0, 8192)
+        conflict = await _call(pipe, Frame(Op.IMPORT, 0, "vol-2", 0, 1, 1, 0, len(ex.data),
+                                           ex.data, args={"if_unchanged": 12345}))
+        assert conflict.status is Status.CONFLICT
+    finally:
+        await pipe.close()
