@@ -1,0 +1,177 @@
+"""Reclaim space: delete local extents nobody needs, trim unneeded COW versions.
+
+Three things free space on a chunk server (docs/storage.md, "Deleting a
+snapshot"):
+
+- the volume record is gone: every local extent of it goes;
+- the extent moved elsewhere: its record exists, names this chunk neither as
+  in-sync nor as stale, has a newer generation than the local copy, and no
+  recovery task is copying onto this chunk: the local extent goes;
+- a snapshot was deleted: versions no remaining snapshot record of the volume
+  (tombstones included: clones read through them) needs are trimmed, once
+  per change of that set or of the extent's generation (a resync or rebuild
+  may import versions its source had not trimmed yet, and ends with SETGEN).
+
+Every decision comes from a fresh etcd read, never from a cache, and any
+failed read ends the run before anything else is deleted. A missing cluster
+record means a wrong prefix or an empty etcd, where every volume would look
+deleted: the reclaimer then refuses to delete at all.
+
+Snapshot race: a snapshot taken between our listing and the trim is not in
+the listing, so its versions must be protected another way. Its seq is at
+least the volume's ``snap_seq`` S read *before* the listing, and a version
+it needs contains its seq; so seqs S .. S+``SEQ_MARGIN``-1 are kept too,
+which covers that many snapshots taken during one run's few milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from zstore.keys import Keys
+from zstore.records import ExtentRecord, RecoveryTask, Snapshot, Volume
+
+log = logging.getLogger(__name__)
+
+SEQ_MARGIN = 16
+
+
+class ReclaimRefused(RuntimeError):
+    """The run stopped without deleting: etcd does not look like this cluster's."""
+
+
+class Reclaimer:
+    def __init__(self, store, etcd, keys: Keys, chunk_id: str, interval: float = 60.0) -> None:
+        self.store = store
+        self.etcd = etcd
+        self.keys = keys
+        self.chunk_id = chunk_id
+        self.interval = interval
+        self.deleted = 0              # extents deleted, since start
+        self.trimmed = 0              # versions trimmed, since start
+        self.runs = 0
+        self.last_run: float | None = None
+        self.last_error: str | None = None
+        self._trimmed_with: dict[tuple[str, int], tuple[frozenset[int], int]] = {}
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="reclaimer")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - keep going; the next run reads afresh
+                log.warning("reclaim run failed, nothing more deleted: %s", e)
+
+    def status(self) -> dict[str, Any]:
+        return {"runs": self.runs, "deleted": self.deleted, "trimmed": self.trimmed,
+                "last_run": self.last_run, "last_error": self.last_error}
+
+    # -- one run ---------------------------------------------------------------
+
+    async def run_once(self) -> dict[str, Any]:
+        """One pass over the local extents; raises (having stopped) when an etcd read fails."""
+        async with self._lock:
+            try:
+                summary = await self._run()
+            except Exception as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                raise
+            self.runs += 1
+            self.last_run = time.time()
+            self.last_error = None
+            return summary
+
+    async def _run(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {"deleted": [], "trimmed": 0, "extents": 0}
+        local: dict[str, list[int]] = defaultdict(list)
+        for vid, idx in self.store.extents():
+            local[vid].append(idx)
+        summary["extents"] = sum(map(len, local.values()))
+        for key in [k for k in self._trimmed_with if k[1] not in local.get(k[0], ())]:
+            del self._trimmed_with[key]       # deleted by someone else meanwhile
+        if not local:
+            return summary
+        if await self.etcd.get(self.keys.cluster()) is None:
+            raise ReclaimRefused(f"no cluster record at {self.keys.cluster().decode()}: "
+                                 "wrong prefix or empty etcd; not deleting anything")
+
+        # Volume records first, the snapshot listing after (see the module docstring).
+        volumes: dict[str, Volume | None] = {}
+        for vid in local:
+            got = await self.etcd.get(self.keys.volume(vid))
+            volumes[vid] = None if got is None else Volume.decode(got.value)
+        seqs: dict[str, set[int]] = defaultdict(set)
+        for kv in await self.etcd.get_prefix(self.keys.snapshots()):
+            snap = Snapshot.decode(kv.value)
+            if snap.seq > 0:
+                seqs[snap.volume_id].add(snap.seq)
+
+        for vid, indexes in sorted(local.items()):
+            vol = volumes[vid]
+            if vol is None:
+                for idx in sorted(indexes):
+                    self._delete(vid, idx, "its volume is deleted")
+                    summary["deleted"].append((vid, idx))
+                continue
+            records = {}
+            for kv in await self.etcd.get_prefix(self.keys.extents(vid)):
+                rec = ExtentRecord.decode(kv.value)
+                records[rec.index] = rec
+            keep = frozenset(seqs[vid]) | frozenset(range(vol.snap_seq, vol.snap_seq + SEQ_MARGIN))
+            tasks: dict[int, RecoveryTask] | None = None
+            for idx in sorted(indexes):
+                rec = records.get(idx)
+                if rec is not None and self._moved_away(vid, idx, rec):
+                    if tasks is None:       # read only when a deletion is on the table
+                        tasks = {}
+                        for kv in await self.etcd.get_prefix(self.keys.recovery(vid)):
+                            t = RecoveryTask.decode(kv.value)
+                            tasks[t.index] = t
+                    task = tasks.get(idx)
+                    if task is None or task.target != self.chunk_id:
+                        self._delete(vid, idx, f"moved to {rec.replicas} at generation {rec.generation}")
+                        summary["deleted"].append((vid, idx))
+                        continue
+                # A resync/rebuild can import versions a peer had not trimmed yet; it
+                # ends with a new generation, so that counts as a change too.
+                memo = (keep, int(self.store.stat(vid, idx)["generation"]))
+                if self._trimmed_with.get((vid, idx)) != memo:
+                    n = self.store.trim(vid, idx, set(keep))
+                    self._trimmed_with[(vid, idx)] = memo
+                    if n:
+                        log.info("trimmed %d versions of %s/%d (snapshot seqs %s)",
+                                 n, vid, idx, sorted(seqs[vid]))
+                    self.trimmed += n
+                    summary["trimmed"] += n
+        return summary
+
+    def _moved_away(self, vid: str, idx: int, rec: ExtentRecord) -> bool:
+        if self.chunk_id in rec.replicas or self.chunk_id in rec.stale:
+            return False
+        return rec.generation > int(self.store.stat(vid, idx)["generation"])
+
+    def _delete(self, vid: str, idx: int, why: str) -> None:
+        log.warning("deleting local extent %s/%d: %s", vid, idx, why)
+        self.store.delete(vid, idx)
+        self._trimmed_with.pop((vid, idx), None)
+        self.deleted += 1

@@ -1,0 +1,212 @@
+"""Reclaimer against a real store and real etcd (and an unreachable one)."""
+
+from __future__ import annotations
+
+import pytest
+
+from chunk.storage.extent_file import BLOCK_SIZE
+from chunk.storage.reclaim import ReclaimRefused, Reclaimer
+from chunk.storage.replica_store import ReplicaStore
+from tests.cluster import free_port
+from zstore import etcd as zetcd
+from zstore.config import EtcdConfig
+from zstore.keys import Keys
+from zstore.records import ClusterInfo, ExtentRecord, RecoveryTask, Snapshot, Volume
+
+from .replica_nodes import EXTENT, block
+
+pytestmark = pytest.mark.timeout(60)
+
+ME = "chunk-me"
+
+
+@pytest.fixture
+def keys(etcd_config):
+    return Keys(etcd_config.prefix)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT, cow_sync=False)
+    yield s
+    s.close()
+
+
+async def put(etcd, key, rec):
+    await etcd.put(key, rec.encode())
+
+
+async def volume(etcd, keys, vid, snap_seq=1, **kw):
+    await put(etcd, keys.volume(vid), Volume(volume_id=vid, name=vid, size=EXTENT * 4, replicas=2,
+                                             snap_seq=snap_seq, **kw))
+
+
+async def extent(etcd, keys, store, vid, idx, replicas=(ME,), generation=1, **kw):
+    await put(etcd, keys.extent(vid, idx), ExtentRecord(volume_id=vid, index=idx,
+                                                       replicas=list(replicas),
+                                                       generation=generation, **kw))
+    store.create(vid, idx, generation)
+    store.write(vid, idx, 0, block(idx + 1), 1)
+
+
+async def snapshot(etcd, keys, sid, vid, seq, state="ready"):
+    await put(etcd, keys.snapshot(sid), Snapshot(snapshot_id=sid, name=sid, volume_id=vid,
+                                                 size=EXTENT * 4, state=state, seq=seq))
+
+
+@pytest.fixture
+async def cluster(etcd_client, keys):
+    await put(etcd_client, keys.cluster(), ClusterInfo(cluster_id="c1"))
+    return etcd_client
+
+
+async def test_extents_of_deleted_volumes_go_and_others_stay(cluster, keys, store):
+    etcd = cluster
+    await volume(etcd, keys, "v1")
+    await volume(etcd, keys, "v2", state="deleted")      # kept while snapshots reference it
+    for vid, idx in (("v1", 0), ("v1", 1), ("v2", 0), ("v3", 0), ("v3", 2)):
+        await extent(etcd, keys, store, vid, idx)
+    await etcd.delete(keys.volume("v3"))                 # v3 was deleted
+
+    r = Reclaimer(store, etcd, keys, ME, interval=3600)
+    summary = await r.run_once()
+    assert sorted(summary["deleted"]) == [("v3", 0), ("v3", 2)]
+    assert store.extents() == [("v1", 0), ("v1", 1), ("v2", 0)]
+
+    await etcd.delete(keys.volume("v2"))
+    assert (await r.run_once())["deleted"] == [("v2", 0)]
+    assert store.extents() == [("v1", 0), ("v1", 1)]
+    assert (await r.run_once())["deleted"] == []
+    assert r.status()["deleted"] == 3 and r.status()["runs"] == 3 and r.status()["last_error"] is None
+
+
+async def test_extent_moved_elsewhere_is_deleted_only_when_clearly_not_ours(cluster, keys, store):
+    etcd = cluster
+    await volume(etcd, keys, "v1")
+    for idx in range(5):
+        await extent(etcd, keys, store, "v1", idx, generation=1)
+    # 0: moved away after a rebuild, newer generation -> delete
+    await put(etcd, keys.extent("v1", 0), ExtentRecord("v1", 0, ["x", "y"], generation=3))
+    # 1: dropped as stale, awaiting resync -> keep
+    await put(etcd, keys.extent("v1", 1), ExtentRecord("v1", 1, ["x"], generation=2, stale={ME: 2}))
+    # 2: still in sync -> keep
+    await put(etcd, keys.extent("v1", 2), ExtentRecord("v1", 2, ["x", ME], generation=4))
+    # 3: a rebuild onto this chunk is copying (not joined yet) -> keep
+    await put(etcd, keys.extent("v1", 3), ExtentRecord("v1", 3, ["x"], generation=5))
+    await put(etcd, keys.recovery_task("v1", 3), RecoveryTask("v1", 3, target=ME, kind="rebuild",
+                                                              executor="x", generation=5))
+    # 4: record not newer than the local copy -> keep
+    await put(etcd, keys.extent("v1", 4), ExtentRecord("v1", 4, ["x"], generation=1))
+
+    summary = await Reclaimer(store, etcd, keys, ME).run_once()
+    assert summary["deleted"] == [("v1", 0)]
+    assert store.extents() == [("v1", i) for i in (1, 2, 3, 4)]
+
+
+async def test_versions_of_deleted_snapshots_are_trimmed(cluster, keys, store):
+    etcd = cluster
+    await volume(etcd, keys, "v1", snap_seq=1)
+    await extent(etcd, keys, store, "v1", 0)               # block 0 = block(1) at seq 1
+    # s1 taken (seq 1), overwrite at seq 2; s2 (seq 2), overwrite at seq 3; s3 (seq 3), at seq 4.
+    for seq, fill in ((2, "two"), (3, "three"), (4, "four")):
+        store.write("v1", 0, 0, block(fill), seq)
+    await volume(etcd, keys, "v1", snap_seq=4)
+    await snapshot(etcd, keys, "s1", "v1", 1)
+    await snapshot(etcd, keys, "s2", "v1", 2, state="deleted")   # tombstone: a clone reads it
+    await snapshot(etcd, keys, "s3", "v1", 3)
+    await snapshot(etcd, keys, "other", "v9", 2)                   # another volume's
+
+    def view(s):
+        data, present = store.read("v1", 0, 0, BLOCK_SIZE, view=s)
+        return data if present == b"\x01" else None
+
+    assert [view(s) for s in (1, 2, 3)] == [block(1), block("two"), block("three")]
+    r = Reclaimer(store, etcd, keys, ME)
+    assert (await r.run_once())["trimmed"] == 0
+
+    await etcd.delete(keys.snapshot("s1"))
+    summary = await r.run_once()
+    assert summary["trimmed"] == 1 and summary["deleted"] == []
+    assert view(1) is None                                  # s1's version is gone
+    assert view(2) == block("two") and view(3) == block("three")
+    assert store.read("v1", 0, 0, BLOCK_SIZE)[0] == block("four")
+
+    await etcd.delete(keys.snapshot("s3"))
+    assert (await r.run_once())["trimmed"] == 1
+    assert view(2) == block("two")
+    assert r.status()["trimmed"] == 2
+
+
+async def test_trim_runs_again_only_when_the_set_or_generation_changes(cluster, keys, store,
+                                                                          tmp_path):
+    etcd = cluster
+    await volume(etcd, keys, "v1", snap_seq=3)
+    await extent(etcd, keys, store, "v1", 0)
+    store.write("v1", 0, 0, block("two"), 2)                # version (1, 1)
+    r = Reclaimer(store, etcd, keys, ME)
+    assert (await r.run_once())["trimmed"] == 1             # no snapshot has seq 1
+
+    # A resync brings the old version back from a peer that had not trimmed yet.
+    with ReplicaStore([(tmp_path / "peer", None)], extent_size=EXTENT, cow_sync=False) as peer:
+        peer.create("v1", 0, 1)
+        peer.write("v1", 0, 0, block(1), 1)
+        peer.write("v1", 0, 0, block("two"), 2)
+        blob, _ = peer.export("v1", 0, 0, BLOCK_SIZE)
+    assert store.import_("v1", 0, blob)
+    assert store.read("v1", 0, 0, BLOCK_SIZE, view=1)[1] == b"\x01"
+    assert (await r.run_once())["trimmed"] == 0             # nothing changed as far as it knows
+    store.set_generation("v1", 0, 2)                        # the resync ends with SETGEN
+    assert (await r.run_once())["trimmed"] == 1
+    assert store.read("v1", 0, 0, BLOCK_SIZE, view=1)[1] == b"\x00"
+
+
+async def test_snapshot_taken_during_a_run_keeps_its_versions(cluster, keys, store):
+    """A version for a snapshot not yet in the listing (seq >= the volume's snap_seq) stays."""
+    etcd = cluster
+    await volume(etcd, keys, "v1", snap_seq=3)
+    await extent(etcd, keys, store, "v1", 0)
+    store.write("v1", 0, 0, block("at 3"), 3)
+    store.write("v1", 0, 0, block("at 4"), 4)               # version (3, 3): a snapshot at seq 3
+    r = Reclaimer(store, etcd, keys, ME)
+    await r.run_once()
+    data, present = store.read("v1", 0, 0, BLOCK_SIZE, view=3)
+    assert present == b"\x01" and data == block("at 3")
+
+
+async def test_nothing_deleted_when_etcd_is_unreachable(keys, store, tmp_path):
+    store.create("v3", 0, 1)
+    store.write("v3", 0, 0, block(7), 1)
+    dead = zetcd.client(EtcdConfig(endpoints=[f"127.0.0.1:{free_port()}"], prefix=keys.prefix,
+                                   timeout=1.0))
+    await dead.connect()
+    try:
+        r = Reclaimer(store, dead, keys, ME)
+        with pytest.raises(zetcd.UNAVAILABLE_ERRORS):
+            await r.run_once()
+        assert store.extents() == [("v3", 0)]
+        assert r.status()["last_error"] and r.status()["runs"] == 0
+    finally:
+        await dead.close()
+
+
+async def test_nothing_deleted_without_the_cluster_record(etcd_client, keys, store):
+    """A wrong prefix (or an empty etcd) makes every volume look deleted: refuse."""
+    store.create("v1", 0, 1)
+    with pytest.raises(ReclaimRefused):
+        await Reclaimer(store, etcd_client, keys, ME).run_once()
+    assert store.extents() == [("v1", 0)]
+
+
+async def test_periodic_loop_runs(cluster, keys, store):
+    import asyncio
+    store.create("gone", 0, 1)
+    r = Reclaimer(store, cluster, keys, ME, interval=0.05)
+    r.start()
+    try:
+        for _ in range(100):
+            if not store.extents():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await r.stop()
+    assert store.extents() == [] and r.status()["runs"] >= 1
