@@ -15,7 +15,7 @@ from aiohttp import web
 from zstore.errors import InvalidArgument
 from zstore.records import RecordError, Snapshot, VipRecord, Volume
 
-from . import chunks, exports, volumes
+from . import chunks, exports, extents, recovery, volops, volumes
 from .context import Ctx
 
 routes = web.RouteTableDef()
@@ -93,6 +93,7 @@ def vip_view(raw: bytes | None) -> dict[str, Any] | None:
 
 
 @routes.get(PREFIX + "/cluster")
+@routes.get(PREFIX + "/cluster/status")
 async def cluster_status(request: web.Request) -> web.Response:
     ctx, el = ctx_of(request), request.app["election"]
     info = await ctx.cluster()
@@ -115,7 +116,9 @@ async def cluster_status(request: web.Request) -> web.Response:
         "chunks": {"total": len(views), "up": len(up), "down": len(views) - len(up),
                    "draining": sum(v.draining for v in views)},
         "capacity": {"total": sum(v.capacity for v in up), "used": sum(v.used for v in up),
+                     "free": sum(v.free for v in up),
                      "provisioned": sum(v.size * v.replicas for v in vols)},
+        "recovery": await recovery.cluster_status(ctx),
         "volumes": len(vols), "snapshots": len(snaps), "targets": len(targets),
         "auth_failures": request.app["auth_failures"][0],
         "answered_by": el.meta_id,
@@ -205,7 +208,7 @@ async def volume_list(request: web.Request) -> web.Response:
 async def volume_get(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     vol, _ = await volumes.find_volume(ctx, request.match_info["ref"])
-    return ok(await volume_view(ctx, vol))
+    return ok({**await volume_view(ctx, vol), **await recovery.volume_status(ctx, vol)})
 
 
 @routes.post(PREFIX + "/volumes/{ref}/resize")
@@ -228,7 +231,7 @@ async def volume_delete(request: web.Request) -> web.Response:
 @routes.post(PREFIX + "/volumes/{ref}/snapshots")
 async def snapshot_create(request: web.Request) -> web.Response:
     ctx, b = ctx_of(request), await body_of(request)
-    snap, created = await volumes.create_snapshot(ctx, request.match_info["ref"], b.get("name", ""))
+    snap, created = await volops.create_snapshot(ctx, request.match_info["ref"], b.get("name", ""))
     return ok(await snapshot_view(ctx, snap), 201 if created else 200)
 
 
@@ -254,6 +257,65 @@ async def snapshot_delete_by_id(request: web.Request) -> web.Response:
 async def snapshot_delete(request: web.Request) -> web.Response:
     sid = await volumes.delete_snapshot(ctx_of(request), request.match_info["ref"], request.match_info["snap"])
     return ok({"deleted": sid})
+
+
+@routes.post(PREFIX + "/volumes/{ref}/revert")
+async def volume_revert(request: web.Request) -> web.Response:
+    ctx, b = ctx_of(request), await body_of(request)
+    vol, snap = await volops.revert_volume(ctx, request.match_info["ref"], b.get("snapshot", ""))
+    return ok({"volume": vol.name, "volume_id": vol.volume_id, "snapshot": snap.name,
+               "snapshot_id": snap.snapshot_id, "seq": snap.seq, "reverted": True})
+
+
+# --- extents (the storage engine's map; used by chunk servers) ---------------------------
+
+def query_int(request: web.Request, name: str, default: int | None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidArgument(f"invalid {name} {raw!r}: must be a number") from None
+
+
+@routes.get(PREFIX + "/volumes/{ref}/extents")
+async def extent_list(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    vol, _ = await volumes.find_volume(ctx, request.match_info["ref"])
+    recs, nxt = await extents.list_extents(ctx, vol.volume_id, query_int(request, "limit", 1000) or 0,
+                                           query_int(request, "start_after", None))
+    return ok({"volume_id": vol.volume_id, "extent_size": extents.EXTENT_SIZE,
+               "extents": [r.to_dict() for r in recs], "next": nxt})
+
+
+@routes.get(PREFIX + "/extents/{vid}/{index}")
+async def extent_get(request: web.Request) -> web.Response:
+    m = request.match_info
+    rec, _ = await extents.get_extent(ctx_of(request), m["vid"], extents.check_index(m["index"]))
+    return ok(rec.to_dict())
+
+
+@routes.post(PREFIX + "/extents/{vid}/{index}")
+async def extent_allocate(request: web.Request) -> web.Response:
+    m = request.match_info
+    rec, created = await extents.allocate(ctx_of(request), m["vid"], m["index"])
+    return ok(rec.to_dict(), 201 if created else 200)
+
+
+@routes.post(PREFIX + "/extents/{vid}/{index}/drop")
+async def extent_drop(request: web.Request) -> web.Response:
+    m, b = request.match_info, await body_of(request)
+    rec, changed = await extents.drop(ctx_of(request), m["vid"], m["index"], b.get("chunk_id"),
+                                      b.get("generation"), b.get("reason", ""))
+    return ok({**rec.to_dict(), "changed": changed})
+
+
+@routes.post(PREFIX + "/extents/{vid}/{index}/join")
+async def extent_join(request: web.Request) -> web.Response:
+    m, b = request.match_info, await body_of(request)
+    rec = await extents.join(ctx_of(request), m["vid"], m["index"], b.get("chunk_id"), b.get("generation"))
+    return ok(rec.to_dict())
 
 
 # --- targets, ACLs, CHAP -----------------------------------------------------------

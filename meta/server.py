@@ -29,12 +29,15 @@ from zstore.keys import Keys
 from zstore.records import RecordError
 
 from . import api, liveness
+from .recovery import Recovery
 from .context import Ctx
 from .election import Election
 
 log = logging.getLogger("meta")
 FORWARDED = "X-Zstore-Forwarded"
 HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+LONG_CALLS = ("/revert", "/snapshots")
+LONG_CALL_TIMEOUT = 90
 
 
 def error_response(err: ZError) -> web.Response:
@@ -95,12 +98,15 @@ async def leader_mw(request: web.Request, handler) -> web.StreamResponse:
     if leader.meta_id == election.meta_id:
         raise Unavailable("this meta server is re-establishing leadership", hint="retry in a few seconds")
     body = await request.read()
+    # Snapshot and revert wait for a chunk server (up to 10 s / 60 s): give them longer.
+    timeout = aiohttp.ClientTimeout(total=LONG_CALL_TIMEOUT if request.path.endswith(LONG_CALLS) else 30)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
     headers[FORWARDED] = election.meta_id
     url = leader.url.rstrip("/") + request.rel_url.path_qs
     request.app["forwarded"][0] += 1
     try:
-        async with request.app["http"].request(request.method, url, data=body, headers=headers) as r:
+        async with request.app["http"].request(request.method, url, data=body, headers=headers,
+                                               timeout=timeout) as r:
             payload = await r.read()
             return web.Response(body=payload, status=r.status, content_type=r.content_type)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -148,6 +154,8 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
         raise zconfig.ConfigError("meta.token_file is required: every API call must carry the cluster token")
     logs.redact(token)
     host, port = split_hostport(cfg.meta.listen)
+    if cfg.meta.recovery_grace < 0 or cfg.meta.recovery_concurrency < 1:
+        raise zconfig.ConfigError("meta.recovery_grace must be >= 0 and meta.recovery_concurrency >= 1")
     ssl_ctx = None
     if cfg.meta.tls_cert_file or cfg.meta.tls_key_file:
         if not (cfg.meta.tls_cert_file and cfg.meta.tls_key_file):
@@ -162,12 +170,15 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
     leader_tasks: dict[str, Any] = {}
 
     def on_change(leading: bool) -> None:
-        task = leader_tasks.pop("liveness", None)
-        if task:
-            task.cancel()
+        for name in ("liveness", "recovery"):
+            task = leader_tasks.pop(name, None)
+            if task:
+                task.cancel()
         if leading:
             leader_stop = asyncio.Event()
             leader_tasks["liveness"] = asyncio.ensure_future(liveness.follow(ctx, leader_stop))
+            rec = Recovery(ctx, grace=cfg.meta.recovery_grace, concurrency=cfg.meta.recovery_concurrency)
+            leader_tasks["recovery"] = asyncio.ensure_future(rec.run(leader_stop))
 
     election = Election(etcd, keys, meta_id, url, cfg.meta.lease_ttl, on_change)
     ctx = Ctx(etcd=etcd, keys=keys, fence=election.fence)

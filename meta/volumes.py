@@ -124,6 +124,9 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
     source: Snapshot | None = None
     if source_snapshot:
         source = await resolve_snapshot(ctx, source_snapshot)
+        if source.state != "ready":
+            raise Conflict(f"snapshot {source.name!r} is still being created",
+                           hint="retry once `zstore snapshot list` shows it ready")
         if size is None:
             size = source.size
     if size is None:
@@ -191,6 +194,14 @@ async def resize_volume(ctx: Ctx, ref: str, size: Any) -> Volume:
     raise Conflict(f"could not resize volume {ref!r}: too much concurrent change", hint="retry")
 
 
+def erase_ops(ctx: Ctx, vid: str) -> list:
+    """Deleting a volume record for good also deletes its storage-engine records (same txn):
+    extent map, owner, pending ops, recovery tasks. Chunk servers then reclaim the data."""
+    return [ctx.delete(ctx.keys.volume(vid)), ctx.delete(ctx.keys.extents(vid), prefix=True),
+            ctx.delete(ctx.keys.owner(vid)), ctx.delete(ctx.keys.volops(vid), prefix=True),
+            ctx.delete(ctx.keys.recovery(vid), prefix=True)]
+
+
 async def acl_entries(ctx: Ctx, vid: str) -> list[AclEntry]:
     return [rec for _, rec in await ctx.list(ctx.keys.volume_acl(vid), AclEntry)]
 
@@ -212,7 +223,7 @@ async def delete_volume(ctx: Ctx, ref: str, force: bool = False) -> str:
             vol.state = "deleted"
             ops.append(ctx.put(vkey, vol))
         else:
-            ops.append(ctx.delete(vkey))
+            ops += erase_ops(ctx, vol.volume_id)
         if await ctx.txn([ctx.unchanged(vkey, rev)], ops):
             log.info("volume %s (%s) deleted%s%s", vol.name, vol.volume_id, " (forced)" if acl else "",
                      f"; kept as a tombstone for {len(snaps)} snapshot(s)" if snaps else "")
@@ -223,26 +234,6 @@ async def delete_volume(ctx: Ctx, ref: str, force: bool = False) -> str:
 
 async def _snapshots_of(ctx: Ctx, vid: str) -> list[Snapshot]:
     return [s for _, s in await ctx.list(ctx.keys.snapshots(), Snapshot) if s.volume_id == vid]
-
-
-async def create_snapshot(ctx: Ctx, volume: str, name: str) -> tuple[Snapshot, bool]:
-    naming.check_name("snapshot", name)
-    for _ in range(MAX_RETRIES):
-        vol, rev = await find_volume(ctx, volume)
-        name_key = ctx.keys.snapshot_name(vol.volume_id, name)
-        existing = await ctx.get_raw(name_key)
-        if existing is not None:
-            snap, _ = await ctx.get(ctx.keys.snapshot(existing.decode()), Snapshot)
-            if snap is not None:
-                return snap, False
-            continue
-        sid = uuid.uuid4().hex
-        snap = Snapshot(snapshot_id=sid, name=name, volume_id=vol.volume_id, size=vol.size)
-        if await ctx.txn([ctx.absent(name_key), ctx.t.version(ctx.keys.volume(vol.volume_id)) > 0],
-                         [ctx.put(ctx.keys.snapshot(sid), snap), ctx.put(name_key, sid)]):
-            log.info("snapshot %s@%s (%s) created", vol.name, name, sid)
-            return snap, True
-    raise Conflict(f"could not snapshot {volume!r}: too much concurrent change", hint="retry")
 
 
 async def list_snapshots(ctx: Ctx, volume: str | None = None) -> list[Snapshot]:
@@ -293,7 +284,7 @@ async def collect_garbage(ctx: Ctx) -> None:
         for v in vols.values():
             if v.state == "deleted" and not any(s.volume_id == v.volume_id for s in snaps.values()):
                 changed |= await ctx.txn([ctx.t.version(ctx.keys.volume(v.volume_id)) > 0],
-                                         [ctx.delete(ctx.keys.volume(v.volume_id))])
+                                         erase_ops(ctx, v.volume_id))
         if not changed:
             return
 

@@ -42,6 +42,10 @@ class MetaConfig:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     lease_ttl: int = 5                   # leader lease; failover takes about this long
+    # A stale replica whose chunk server has been down this long is rebuilt elsewhere
+    # (a shorter outage resyncs only what changed when the server returns).
+    recovery_grace: float = 600.0
+    recovery_concurrency: int = 4        # recovery tasks (extent copies) at once, cluster-wide
 
 
 @dataclass

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from meta import chunks, exports, volumes
+from meta import chunks, exports, volops, volumes
 from tests.meta.helpers import GiB, make_ctx, register_chunk
 from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound
 from zstore.records import LunMapping, Target, Volume
@@ -149,8 +149,8 @@ async def test_delete_refused_while_exported_unless_forced(ctx):
 
 async def test_snapshots_and_clones(ctx):
     v, _ = await volumes.create_volume(ctx, "v", "1Gi", 2)
-    s, created = await volumes.create_snapshot(ctx, "v", "s1")
-    s2, created2 = await volumes.create_snapshot(ctx, "v", "s1")
+    s, created = await volops.create_snapshot(ctx, "v", "s1")
+    s2, created2 = await volops.create_snapshot(ctx, "v", "s1")
     assert created and not created2 and s.snapshot_id == s2.snapshot_id and s.size == GiB
     clone, _ = await volumes.create_volume(ctx, "c", None, 2, source_snapshot="v@s1")
     assert clone.source_snapshot == s.snapshot_id and clone.size == GiB
@@ -172,7 +172,7 @@ async def test_snapshots_and_clones(ctx):
 
 async def test_tombstones_are_collected_when_unreferenced(ctx):
     v, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
-    s, _ = await volumes.create_snapshot(ctx, "v", "s")
+    s, _ = await volops.create_snapshot(ctx, "v", "s")
     c, _ = await volumes.create_volume(ctx, "c", None, 1, source_snapshot="v@s")
     await volumes.delete_snapshot(ctx, "v", "s")        # kept: the clone references it
     assert await ctx.get_raw(ctx.keys.snapshot(s.snapshot_id)) is not None
@@ -235,7 +235,7 @@ async def test_chap_secrets_never_listed(ctx):
 
 async def test_snapshot_of_a_deleted_volume_can_be_deleted_by_id(ctx):
     v, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
-    s, _ = await volumes.create_snapshot(ctx, "v", "s")
+    s, _ = await volops.create_snapshot(ctx, "v", "s")
     await volumes.delete_volume(ctx, "v")                    # tombstoned: the snapshot references it
     assert await ctx.get_raw(ctx.keys.volume(v.volume_id)) is not None
     await volumes.delete_snapshot_by_id(ctx, s.snapshot_id)

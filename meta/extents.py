@@ -1,0 +1,233 @@
+"""The extent map in etcd: allocate (place) an extent, drop a replica, join a replica.
+
+One ``ExtentRecord`` per allocated 64 MiB extent (docs/storage.md). Only the
+meta leader changes these records, each change one compare-and-swap
+transaction on the record's mod revision, so concurrent callers (a
+coordinator dropping a failed replica while recovery joins another) are
+serialized by etcd: whoever lost re-reads and decides again.
+
+``generation`` grows by one at every change of ``replicas``; drop and join
+name the generation they saw, so a decision taken on an old view is never
+applied to a newer one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from zstore.errors import Conflict, InvalidArgument, NotFound
+from zstore.etcd import prefix_end
+from zstore.records import ExtentRecord, RecoveryTask, Volume
+
+from . import chunks as chunkmod
+from .context import Ctx
+from .placement import DOMAIN_LEVELS, Candidate, place
+
+log = logging.getLogger(__name__)
+
+# Must equal chunk.storage.extent_file.EXTENT_SIZE (a test checks); kept here so the
+# meta server does not import the chunk server's storage code.
+EXTENT_SIZE = 64 * 2**20
+MAX_RETRIES = 64
+
+
+def extent_count(size: int) -> int:
+    return -(-size // EXTENT_SIZE)
+
+
+def check_index(value: Any) -> int:
+    """An extent index from JSON or a URL path: a whole number >= 0."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"invalid extent index {value!r}: must be a whole number >= 0")
+    return value
+
+
+def check_generation(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"invalid generation {value!r}: must be a whole number >= 1")
+    return value
+
+
+def check_chunk_id(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument("a chunk_id is required")
+    return value
+
+
+async def volume_by_id(ctx: Ctx, vid: str) -> tuple[Volume, int]:
+    """A live (not deleted) volume by id, or NotFound."""
+    if not isinstance(vid, str) or not vid or "/" in vid:
+        raise InvalidArgument(f"invalid volume id {vid!r}")
+    vol, rev = await ctx.get(ctx.keys.volume(vid), Volume)
+    if vol is None or vol.state == "deleted":
+        raise NotFound(f"volume {vid!r} not found", hint="see `zstore volume list`")
+    return vol, rev
+
+
+async def get_extent(ctx: Ctx, vid: str, index: int) -> tuple[ExtentRecord, int]:
+    rec, rev = await ctx.get(ctx.keys.extent(vid, index), ExtentRecord)
+    if rec is None:
+        raise NotFound(f"extent {index} of volume {vid} is not allocated",
+                       hint=f"allocate it with POST /api/v1/extents/{vid}/{index}")
+    return rec, rev
+
+
+def candidate_of(view: chunkmod.ChunkView) -> Candidate:
+    return Candidate(chunk_id=view.chunk_id, free=view.free, labels=view.info.labels if view.info else {},
+                     host=view.info.hostname if view.info else "")
+
+
+def usable(view: chunkmod.ChunkView, need: int) -> bool:
+    """Live, active and with room: a chunk server that may receive a new replica."""
+    return view.up and not view.draining and view.free > 0 and view.free >= need
+
+
+def place_more(pool: list[Candidate], keep: list[Candidate], n: int, need: int,
+               rng: random.Random | None = None) -> list[str]:
+    """``n`` more chunk ids from ``pool``, spread away from the failure domains of ``keep``.
+
+    Same policy as ``placement.place`` (fewest shared zones, then racks, then
+    hosts; capacity-weighted among equals), but counting the replicas that
+    already exist, which rebuilds and partially usable plans need.
+    """
+    rng = rng or random.Random()
+    taken = {c.chunk_id for c in keep}
+    fit = [c for c in pool if c.chunk_id not in taken and c.free >= need and c.free > 0]
+    if len(fit) < n:
+        # Let place() phrase the error exactly as volume creation does.
+        place(fit, n, need=need)
+    chosen = list(keep)
+    picked: list[str] = []
+    for _ in range(n):
+        def penalty(c: Candidate) -> tuple[int, ...]:
+            return tuple(sum(1 for x in chosen if x.domain(lvl) == c.domain(lvl) and c.domain(lvl))
+                         for lvl in DOMAIN_LEVELS)
+        best = min(penalty(c) for c in fit)
+        tier = [c for c in fit if penalty(c) == best]
+        pick = rng.choices(tier, weights=[max(c.free, 1) for c in tier], k=1)[0]
+        chosen.append(pick)
+        picked.append(pick.chunk_id)
+        fit.remove(pick)
+    return picked
+
+
+def place_extent(vol: Volume, views: list[chunkmod.ChunkView]) -> list[str]:
+    """Replica set for a new extent: the volume's planned placement when all of it is usable."""
+    need = 0 if vol.thin else EXTENT_SIZE
+    by_id = {v.chunk_id: v for v in views}
+    plan = list(dict.fromkeys(vol.placement))
+    if len(plan) == vol.replicas and all(c in by_id and usable(by_id[c], need) for c in plan):
+        return plan
+    keep = [candidate_of(by_id[c]) for c in plan if c in by_id and usable(by_id[c], need)][:vol.replicas]
+    pool = [candidate_of(v) for v in views if usable(v, need)]
+    if len(pool) < vol.replicas:
+        cands, unusable = chunkmod.candidates(views)
+        place(cands, vol.replicas, need=need, unusable=unusable)     # raises the clear error
+    return [c.chunk_id for c in keep] + place_more(pool, keep, vol.replicas - len(keep), need)
+
+
+async def allocate(ctx: Ctx, vid: str, index: Any) -> tuple[ExtentRecord, bool]:
+    """(record, created). Idempotent: an existing record is returned unchanged."""
+    index = check_index(index)
+    key = ctx.keys.extent(vid, index)
+    for _ in range(MAX_RETRIES):
+        rec, _ = await ctx.get(key, ExtentRecord)
+        if rec is not None:
+            return rec, False
+        vol, _ = await volume_by_id(ctx, vid)
+        count = extent_count(vol.size)
+        if index >= count:
+            raise InvalidArgument(
+                f"extent index {index} is beyond the end of volume {vol.name!r} "
+                f"({vol.size} bytes = {count} extent(s) of {EXTENT_SIZE} bytes)")
+        replicas = place_extent(vol, await chunkmod.list_chunks(ctx))
+        rec = ExtentRecord(volume_id=vid, index=index, replicas=replicas)
+        if await ctx.txn([ctx.absent(key), ctx.t.version(ctx.keys.volume(vid)) > 0], [ctx.put(key, rec)]):
+            log.info("extent %s/%d allocated on %s", vid, index, ",".join(replicas))
+            return rec, True
+    raise Conflict(f"could not allocate extent {index} of {vid}: too much concurrent change", hint="retry")
+
+
+async def drop(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
+               reason: str = "") -> tuple[ExtentRecord, bool]:
+    """Remove a failed replica: (record, changed).
+
+    A generation older than the record's means the caller decided on an old
+    view: nothing changes and it gets the current record to re-read.
+    """
+    index, chunk_id, generation = check_index(index), check_chunk_id(chunk_id), check_generation(generation)
+    reason = str(reason or "no reason given")[:500]
+    key = ctx.keys.extent(vid, index)
+    for _ in range(MAX_RETRIES):
+        rec, rev = await get_extent(ctx, vid, index)
+        if generation < rec.generation or chunk_id not in rec.replicas:
+            return rec, False
+        if generation > rec.generation:
+            raise Conflict(f"generation {generation} of extent {vid}/{index} does not exist yet "
+                           f"(current {rec.generation})", record=rec.to_dict())
+        if rec.replicas == [chunk_id]:
+            raise Conflict(f"refusing to drop {chunk_id}: it holds the last in-sync replica of "
+                           f"extent {vid}/{index}", hint="fail the I/O instead; the data lives only there",
+                           record=rec.to_dict())
+        rec.replicas = [c for c in rec.replicas if c != chunk_id]
+        rec.stale[chunk_id] = rec.generation
+        rec.generation += 1
+        if await ctx.txn([ctx.unchanged(key, rev)], [ctx.put(key, rec)]):
+            log.warning("extent %s/%d: dropped replica on %s at generation %d (%s); in sync: %s",
+                        vid, index, chunk_id, rec.generation - 1, reason, ",".join(rec.replicas))
+            return rec, True
+    raise Conflict(f"could not drop a replica of {vid}/{index}: too much concurrent change", hint="retry")
+
+
+async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any) -> ExtentRecord:
+    """Add a replica that has been brought in sync at ``generation``; 409 otherwise."""
+    index, chunk_id, generation = check_index(index), check_chunk_id(chunk_id), check_generation(generation)
+    key = ctx.keys.extent(vid, index)
+    task_key = ctx.keys.recovery_task(vid, index)
+    for _ in range(MAX_RETRIES):
+        rec, rev = await get_extent(ctx, vid, index)
+        vol, _ = await volume_by_id(ctx, vid)
+        if generation != rec.generation or chunk_id in rec.replicas:
+            why = ("it is already in sync" if chunk_id in rec.replicas
+                   else f"generation {generation} is not the current {rec.generation}")
+            raise Conflict(f"{chunk_id} cannot join extent {vid}/{index}: {why}",
+                           hint="re-read the extent record and resync again", record=rec.to_dict())
+        if len(rec.replicas) >= vol.replicas:
+            raise Conflict(f"{chunk_id} cannot join extent {vid}/{index}: it already has "
+                           f"{len(rec.replicas)} of {vol.replicas} replicas", record=rec.to_dict())
+        if await ctx.get_raw(ctx.keys.chunk_info(chunk_id)) is None:
+            raise NotFound(f"chunk server {chunk_id!r} not found", hint="see `zstore chunk list`")
+        rec.replicas.append(chunk_id)
+        rec.stale.pop(chunk_id, None)
+        rec.generation += 1
+        compare, ops = [ctx.unchanged(key, rev)], [ctx.put(key, rec)]
+        task, task_rev = await ctx.get(task_key, RecoveryTask)
+        if task is not None and task.target == chunk_id:
+            compare.append(ctx.unchanged(task_key, task_rev))
+            ops.append(ctx.delete(task_key))
+        if await ctx.txn(compare, ops):
+            log.info("extent %s/%d: %s joined at generation %d; in sync: %s%s", vid, index, chunk_id,
+                     rec.generation, ",".join(rec.replicas), " (recovery task done)" if len(ops) > 1 else "")
+            return rec
+    raise Conflict(f"could not join a replica to {vid}/{index}: too much concurrent change", hint="retry")
+
+
+async def list_extents(ctx: Ctx, vid: str, limit: int = 1000,
+                       start_after: int | None = None) -> tuple[list[ExtentRecord], int | None]:
+    """A page of a volume's extent records in index order, and the index to continue after."""
+    if not 1 <= limit <= 10000:
+        raise InvalidArgument(f"invalid limit {limit}: must be 1..10000")
+    base = ctx.keys.extents(vid)
+    start = ctx.keys.extent(vid, start_after) + b"\x00" if start_after is not None else base
+    kvs, more = await ctx.etcd.range(start, prefix_end(base), limit=limit)
+    recs = [ExtentRecord.decode(v) for _, v in kvs]
+    return recs, (recs[-1].index if more and recs else None)
+
+
+async def all_extents(ctx: Ctx, vid: str | None = None) -> list[ExtentRecord]:
+    prefix = ctx.keys.extents(vid) if vid else ctx.keys.all_extents()
+    return [ExtentRecord.decode(v) for _, v in await ctx.list_raw(prefix)]

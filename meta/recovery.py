@@ -1,0 +1,275 @@
+"""Leader loop: degraded extents -> recovery tasks (resync a stale copy, rebuild a new one).
+
+Every ``period`` seconds the meta leader looks at every extent with fewer
+in-sync replicas than its volume asks for, fewest first, and keeps at most
+``concurrency`` ``RecoveryTask`` records in etcd (docs/storage.md):
+
+* a stale replica whose chunk server is live and active -> ``resync`` to it
+  (it has most of the data; only the difference is copied);
+* else, once the stale chunk server has been down longer than ``grace``, is
+  draining, removed, or has no usable disk -> ``rebuild`` on a newly placed
+  chunk server, spread away from the remaining replicas' failure domains.
+
+A replica on a chunk server down past the grace that is still listed as in
+sync (nothing wrote the extent, so nobody dropped it) is dropped here first.
+The last replica is never dropped.
+
+Each task is run by the volume's live owner (the coordinator: it must order
+the copy with its own writes), else by the target, which then acquires
+ownership. Tasks whose extent or volume is gone, that are no longer needed,
+or whose target became unusable are deleted; a task whose executor is no
+longer the right one is handed over. The chunk servers run the tasks
+(chunk/storage/recovery.py) and ``join`` the target when done, which deletes
+the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from zstore.errors import InsufficientResources, Unavailable
+from zstore.records import ExtentRecord, RecoveryTask, Volume, VolumeOwner
+
+from . import chunks as chunkmod
+from .context import Ctx
+from .extents import EXTENT_SIZE, candidate_of, place_more, usable
+from .placement import Candidate
+
+log = logging.getLogger(__name__)
+
+PERIOD = 2.0
+
+OK, WAITING, GONE = "ok", "waiting", "gone"
+
+
+def chunk_state(view: chunkmod.ChunkView | None, grace: float, now: float) -> str:
+    """What a (stale) replica's chunk server is good for.
+
+    ok: can be resynced; waiting: down within the grace (it may come back
+    with its data); gone: rebuild elsewhere.
+    """
+    if view is None:
+        return GONE                                   # removed from the cluster
+    if view.up:
+        if view.draining or view.free <= 0:           # free counts only disks in state ok
+            return GONE
+        return OK
+    since = view.admin.down_since if view.admin else None
+    if since is not None and now - since > grace:
+        return GONE
+    return WAITING
+
+
+def is_dead(view: chunkmod.ChunkView | None, grace: float, now: float) -> bool:
+    """Removed, or down past the grace: its replicas are no longer in sync."""
+    return chunk_state(view, grace, now) == GONE and (view is None or not view.up)
+
+
+@dataclass
+class World:
+    """One consistent-enough read of everything a recovery pass looks at."""
+    volumes: dict[str, Volume]
+    views: dict[str, chunkmod.ChunkView]
+    extents: dict[tuple[str, int], tuple[ExtentRecord, int]]
+    tasks: dict[tuple[str, int], tuple[RecoveryTask, int]]
+    owners: dict[str, VolumeOwner]
+
+    def executor_for(self, vid: str, target: str) -> str:
+        owner = self.owners.get(vid)
+        if owner and not owner.released and owner.chunk_id in self.views and self.views[owner.chunk_id].up:
+            return owner.chunk_id
+        return target
+
+
+async def read_world(ctx: Ctx) -> World:
+    vols = {v.volume_id: v for _, v in await ctx.list(ctx.keys.volumes(), Volume)}
+    views = {v.chunk_id: v for v in await chunkmod.list_chunks(ctx)}
+    kvs = await ctx.etcd.get_prefix(ctx.keys.all_extents())
+    extents = {}
+    for kv in kvs:
+        rec = ExtentRecord.decode(kv.value)
+        extents[(rec.volume_id, rec.index)] = (rec, kv.mod_revision)
+    tasks = {}
+    for kv in await ctx.etcd.get_prefix(ctx.keys.all_recovery()):
+        t = RecoveryTask.decode(kv.value)
+        tasks[ctx.keys.extent_key_parts(kv.key)] = (t, kv.mod_revision)
+    owners = {o.volume_id: o for _, o in await ctx.list(ctx.keys.owners(), VolumeOwner)}
+    return World(vols, views, extents, tasks, owners)
+
+
+@dataclass
+class Recovery:
+    """The leader's recovery scheduler; ``step`` is one pass (tests call it directly)."""
+    ctx: Ctx
+    grace: float = 600.0
+    concurrency: int = 4
+    period: float = PERIOD
+    _warned: set[tuple[str, int]] = field(default_factory=set)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("recovery scheduler running (grace %.0fs, at most %d task(s))", self.grace, self.concurrency)
+        while not stop.is_set():
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Unavailable as e:
+                log.info("recovery pass stopped: %s", e.message)
+            except Exception:  # noqa: BLE001 - keep scheduling through etcd hiccups and bad records
+                log.exception("recovery pass failed; retrying in %.0fs", self.period)
+            try:
+                await asyncio.wait_for(stop.wait(), self.period)
+            except asyncio.TimeoutError:
+                pass
+
+    async def step(self, now: float | None = None) -> dict[str, Any]:
+        """Drop dead replicas, tidy tasks, plan new ones. Returns what it did."""
+        now = time.time() if now is None else now
+        ctx = self.ctx
+        done: dict[str, Any] = {"dropped": [], "deleted": [], "reassigned": [], "created": []}
+        world = await read_world(ctx)
+        if await self._drop_dead(world, now, done):
+            world = await read_world(ctx)
+        await self._tidy(world, now, done)
+        await self._plan(world, now, done)
+        return done
+
+    async def _drop_dead(self, w: World, now: float, done: dict[str, Any]) -> bool:
+        changed = False
+        for (vid, index), (rec, rev) in w.extents.items():
+            dropped = []
+            for c in [c for c in rec.replicas if is_dead(w.views.get(c), self.grace, now)]:
+                if len(rec.replicas) <= 1:
+                    break                             # never the last copy
+                rec.replicas.remove(c)
+                rec.stale[c] = rec.generation
+                rec.generation += 1
+                dropped.append(c)
+            if not dropped:
+                continue
+            key = self.ctx.keys.extent(vid, index)
+            if await self.ctx.txn([self.ctx.unchanged(key, rev)], [self.ctx.put(key, rec)]):
+                changed = True
+                done["dropped"] += [(vid, index, c) for c in dropped]
+                log.warning("extent %s/%d: dropped replica(s) on %s (down longer than %.0fs); in sync: %s",
+                            vid, index, ",".join(dropped), self.grace, ",".join(rec.replicas))
+        return changed
+
+    async def _tidy(self, w: World, now: float, done: dict[str, Any]) -> None:
+        ctx = self.ctx
+        for (vid, index), (task, rev) in list(w.tasks.items()):
+            key = ctx.keys.recovery_task(vid, index)
+            vol = w.volumes.get(vid)
+            ext = w.extents.get((vid, index))
+            why = None
+            if vol is None or ext is None:
+                why = "its volume or extent is gone"
+            elif len(ext[0].replicas) >= vol.replicas:
+                why = "the extent has all its replicas"
+            elif task.target in ext[0].replicas:
+                why = "the target is in sync"
+            elif chunk_state(w.views.get(task.target), self.grace, now) != OK:
+                why = f"the target {task.target} is not usable"
+            if why:
+                if await ctx.txn([ctx.unchanged(key, rev)], [ctx.delete(key)]):
+                    log.info("recovery task %s/%d (%s to %s) removed: %s", vid, index, task.kind,
+                             task.target, why)
+                    done["deleted"].append((vid, index))
+                    del w.tasks[(vid, index)]
+                continue
+            want = w.executor_for(vid, task.target)
+            if want != task.executor:
+                old = task.executor
+                task.executor, task.state = want, "pending"
+                if await ctx.txn([ctx.unchanged(key, rev)], [ctx.put(key, task)]):
+                    log.info("recovery task %s/%d handed from %s to %s", vid, index, old, want)
+                    done["reassigned"].append((vid, index, want))
+
+    async def _plan(self, w: World, now: float, done: dict[str, Any]) -> None:
+        ctx = self.ctx
+        slots = self.concurrency - len(w.tasks)
+        degraded = sorted(((rec, rev) for (vid, _), (rec, rev) in w.extents.items()
+                           if vid in w.volumes and len(rec.replicas) < w.volumes[vid].replicas),
+                          key=lambda x: (len(x[0].replicas), x[0].volume_id, x[0].index))
+        for rec, rev in degraded:
+            if slots <= 0:
+                break
+            vid, index = rec.volume_id, rec.index
+            if (vid, index) in w.tasks or not rec.replicas:
+                continue
+            vol = w.volumes[vid]
+            states = {c: chunk_state(w.views.get(c), self.grace, now)
+                      for c in rec.stale if c not in rec.replicas}
+            ok_stale = sorted((c for c, s in states.items() if s == OK), key=lambda c: -rec.stale[c])
+            waiting = [c for c, s in states.items() if s == WAITING]
+            gone = [c for c, s in states.items() if s == GONE]
+            new = ExtentRecord.from_dict(rec.to_dict())
+            if ok_stale:
+                kind, target = "resync", ok_stale[0]
+            elif vol.replicas - len(rec.replicas) > len(waiting):
+                pool = [candidate_of(v) for v in w.views.values() if usable(v, EXTENT_SIZE)
+                        and v.chunk_id not in rec.replicas and v.chunk_id not in rec.stale]
+                keep = [candidate_of(w.views[c]) if c in w.views else Candidate(chunk_id=c, free=0)
+                        for c in rec.replicas]
+                try:
+                    target = place_more(pool, keep, 1, EXTENT_SIZE)[0]
+                except InsufficientResources as e:
+                    if (vid, index) not in self._warned:
+                        self._warned.add((vid, index))
+                        log.warning("extent %s/%d has %d of %d replicas and cannot be rebuilt: %s",
+                                    vid, index, len(rec.replicas), vol.replicas, e.message)
+                    continue
+                kind = "rebuild"
+                for c in gone:
+                    new.stale.pop(c, None)
+            else:
+                continue                               # wait for the stale copies' servers to return
+            self._warned.discard((vid, index))
+            task = RecoveryTask(volume_id=vid, index=index, target=target, kind=kind,
+                                executor=w.executor_for(vid, target), generation=rec.generation,
+                                total_bytes=EXTENT_SIZE)
+            tkey, ekey = ctx.keys.recovery_task(vid, index), ctx.keys.extent(vid, index)
+            ops = [ctx.put(tkey, task)]
+            if new.stale != rec.stale:
+                ops.append(ctx.put(ekey, new))
+            if await ctx.txn([ctx.absent(tkey), ctx.unchanged(ekey, rev)], ops):
+                slots -= 1
+                w.tasks[(vid, index)] = (task, 0)
+                done["created"].append((vid, index, kind, target))
+                log.info("extent %s/%d (%d of %d replicas): %s to %s, run by %s", vid, index,
+                         len(rec.replicas), vol.replicas, kind, target, task.executor)
+
+
+# --- status ---------------------------------------------------------------------------
+
+def task_view(task: RecoveryTask, vol: Volume | None) -> dict[str, Any]:
+    return {"volume": vol.name if vol else None, "volume_id": task.volume_id, "index": task.index,
+            "kind": task.kind, "target": task.target, "executor": task.executor,
+            "done_bytes": task.done_bytes, "total_bytes": task.total_bytes, "state": task.state,
+            "error": task.error}
+
+
+async def cluster_status(ctx: Ctx) -> dict[str, Any]:
+    """The ``recovery`` block of ``GET /cluster``."""
+    w = await read_world(ctx)
+    degraded = sum(1 for (vid, _), (rec, _) in w.extents.items()
+                   if vid in w.volumes and len(rec.replicas) < w.volumes[vid].replicas)
+    tasks = [task_view(t, w.volumes.get(vid)) for (vid, _), (t, _) in sorted(w.tasks.items())]
+    return {"degraded_extents": degraded, "tasks": tasks,
+            "bytes_done": sum(t["done_bytes"] for t in tasks),
+            "bytes_total": sum(t["total_bytes"] for t in tasks)}
+
+
+async def volume_status(ctx: Ctx, vol: Volume) -> dict[str, Any]:
+    """Extents allocated / degraded and this volume's recovery tasks."""
+    vid = vol.volume_id
+    recs = [ExtentRecord.decode(v) for _, v in await ctx.list_raw(ctx.keys.extents(vid))]
+    tasks = [task_view(t, vol) for _, t in await ctx.list(ctx.keys.recovery(vid), RecoveryTask)]
+    return {"extents": {"total": -(-vol.size // EXTENT_SIZE), "allocated": len(recs),
+                        "degraded": sum(1 for r in recs if len(r.replicas) < vol.replicas)},
+            "recovery": {"tasks": tasks, "bytes_done": sum(t["done_bytes"] for t in tasks),
+                         "bytes_total": sum(t["total_bytes"] for t in tasks)}}

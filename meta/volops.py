@@ -1,0 +1,231 @@
+"""Volume operations that must be ordered with the volume's writes: snapshot, revert.
+
+Snapshot barrier (docs/storage.md): a snapshot is ``Snapshot(state="creating")``
+until one etcd transaction sets ``volume.snap_seq += 1``, ``snapshot.seq =
+old snap_seq`` and ``state = "ready"``. While a coordinator serves the volume
+(its ``VolumeOwner`` is not released and its chunk server is live) only that
+coordinator may run the transaction, because it must first pause writes so
+none straddles the change: the meta writes a ``VolumeOp(kind="snapshot")``
+for it and waits. With no live owner the meta runs the transaction itself,
+comparing the owner key's mod revision, so an owner appearing meanwhile makes
+it fail and go through the op instead.
+
+Revert is always done by a chunk server (it rewrites blocks on the replicas):
+the live owner, else one that then acquires ownership.
+
+The op id of a snapshot is derived from the snapshot id, so a retried create
+finds and waits for the same op instead of making a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from zstore import naming
+from zstore.errors import Conflict, InvalidArgument, NotFound, Unavailable, ZError
+from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner
+
+from . import chunks as chunkmod
+from .context import Ctx
+from .volumes import MAX_RETRIES, find_volume, resolve_snapshot
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_TIMEOUT = 10.0
+REVERT_TIMEOUT = 60.0
+POLL = 0.05
+
+
+def snapshot_op_id(sid: str) -> str:
+    return f"snapshot-{sid}"
+
+
+async def live_owner(ctx: Ctx, vid: str) -> tuple[VolumeOwner | None, int]:
+    """(the owner if it is not released and its chunk server is live, else None; the owner key's mod revision)."""
+    owner, rev = await ctx.get(ctx.keys.owner(vid), VolumeOwner)
+    if owner is None or owner.released:
+        return None, rev
+    if await ctx.get_raw(ctx.keys.chunk_live(owner.chunk_id)) is None:
+        return None, rev
+    return owner, rev
+
+
+async def _is_live(ctx: Ctx, chunk_id: str) -> bool:
+    return await ctx.get_raw(ctx.keys.chunk_live(chunk_id)) is not None
+
+
+# --- snapshot ------------------------------------------------------------------
+
+async def create_snapshot(ctx: Ctx, volume: str, name: str,
+                          timeout: float = SNAPSHOT_TIMEOUT) -> tuple[Snapshot, bool]:
+    """(snapshot, created). Idempotent by name; returns once the snapshot is ready."""
+    naming.check_name("snapshot", name)
+    deadline = time.monotonic() + timeout
+    for _ in range(MAX_RETRIES):
+        vol, _ = await find_volume(ctx, volume)
+        name_key = ctx.keys.snapshot_name(vol.volume_id, name)
+        existing = await ctx.get_raw(name_key)
+        if existing is not None:
+            snap, _ = await ctx.get(ctx.keys.snapshot(existing.decode()), Snapshot)
+            if snap is None:
+                continue
+            if snap.state == "creating":
+                return await _finish(ctx, vol, snap, deadline), False
+            return snap, False
+        sid = uuid.uuid4().hex
+        snap = Snapshot(snapshot_id=sid, name=name, volume_id=vol.volume_id, size=vol.size, state="creating")
+        if await ctx.txn([ctx.absent(name_key), ctx.t.version(ctx.keys.volume(vol.volume_id)) > 0],
+                         [ctx.put(ctx.keys.snapshot(sid), snap), ctx.put(name_key, sid)]):
+            log.info("snapshot %s@%s (%s) being created", vol.name, name, sid)
+            return await _finish(ctx, vol, snap, deadline), True
+    raise Conflict(f"could not snapshot {volume!r}: too much concurrent change", hint="retry")
+
+
+async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Snapshot:
+    """Bring a ``creating`` snapshot to ready: through its op when a coordinator serves the
+    volume, else by the seq transaction here. Each pass re-reads everything."""
+    vid, sid = vol.volume_id, snap.snapshot_id
+    skey, vkey, okey = ctx.keys.snapshot(sid), ctx.keys.volume(vid), ctx.keys.owner(vid)
+    op_key = ctx.keys.volop(vid, snapshot_op_id(sid))
+    while True:
+        cur, srev = await ctx.get(skey, Snapshot)
+        if cur is None or cur.state == "deleted":
+            raise NotFound(f"snapshot {snap.name!r} was deleted while being created")
+        op, op_rev = await ctx.get(op_key, VolumeOp)
+        if cur.state == "ready":
+            if op is not None:
+                await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.delete(op_key)])
+            return cur
+        if op is not None and op.state == "failed":
+            await ctx.txn([ctx.unchanged(op_key, op_rev), ctx.unchanged(skey, srev)],
+                          [ctx.delete(op_key), ctx.delete(skey),
+                           ctx.delete(ctx.keys.snapshot_name(vid, cur.name))])
+            log.warning("snapshot %s (%s) of volume %s failed on %s: %s",
+                        cur.name, sid, vol.name, op.executor, op.error)
+            raise ZError(f"snapshot {cur.name!r} of volume {vol.name!r} failed on chunk server "
+                         f"{op.executor}: {op.error or 'no reason given'}", hint="retry the create")
+        v, vrev = await ctx.get(vkey, Volume)
+        if v is None:
+            raise NotFound(f"volume {vol.name!r} was deleted while being snapshotted")
+        owner, orev = await live_owner(ctx, vid)
+        if owner is not None:
+            if op is None or op.executor != owner.chunk_id:
+                # Hand the op to the coordinator now serving the volume.
+                new = VolumeOp(op_id=snapshot_op_id(sid), volume_id=vid, kind="snapshot",
+                               snapshot_id=sid, executor=owner.chunk_id)
+                cmp = ctx.unchanged(op_key, op_rev) if op else ctx.absent(op_key)
+                if await ctx.txn([cmp, ctx.unchanged(okey, orev), ctx.unchanged(skey, srev)],
+                                 [ctx.put(op_key, new)]):
+                    log.info("snapshot %s (%s) of volume %s: waiting for its coordinator on %s",
+                             cur.name, sid, vol.name, owner.chunk_id)
+                continue
+        else:
+            # Nobody serves the volume: take the snapshot here. The owner key's mod
+            # revision is compared, so a coordinator that acquired ownership since fails it.
+            cur.seq, cur.state = v.snap_seq, "ready"
+            v.snap_seq += 1
+            compare = [ctx.t.mod(okey) == orev, ctx.unchanged(vkey, vrev), ctx.unchanged(skey, srev)]
+            ops = [ctx.put(vkey, v), ctx.put(skey, cur)]
+            if op is not None:
+                compare.append(ctx.unchanged(op_key, op_rev))
+                ops.append(ctx.delete(op_key))
+            if await ctx.txn(compare, ops):
+                log.info("snapshot %s@%s (%s) ready at seq %d (no coordinator; taken by the meta)",
+                         vol.name, cur.name, sid, cur.seq)
+                return cur
+            continue
+        if time.monotonic() >= deadline:
+            raise Unavailable(
+                f"snapshot {cur.name!r} of volume {vol.name!r} is still waiting for the volume's "
+                f"coordinator on chunk server {op.executor}",
+                hint="the request stays pending: repeat the same create to keep waiting for it")
+        await asyncio.sleep(POLL)
+
+
+# --- revert ---------------------------------------------------------------------
+
+async def _revert_snapshot(ctx: Ctx, vol: Volume, ref: str) -> Snapshot:
+    if not isinstance(ref, str) or not ref:
+        raise InvalidArgument("a snapshot is required: its name, VOLUME@SNAP or its id")
+    if "@" not in ref:
+        sid = await ctx.get_raw(ctx.keys.snapshot_name(vol.volume_id, ref))
+        if sid is not None:
+            ref = sid.decode()
+    snap = await resolve_snapshot(ctx, ref)
+    if snap.volume_id != vol.volume_id:
+        raise Conflict(f"snapshot {snap.name!r} ({snap.snapshot_id}) is not a snapshot of volume {vol.name!r}",
+                       hint=f"see `zstore snapshot list {vol.name}`")
+    if snap.state != "ready":
+        raise Conflict(f"snapshot {snap.name!r} is still being created", hint="retry when it is ready")
+    return snap
+
+
+async def _revert_executor(ctx: Ctx, vol: Volume) -> str:
+    """The live owner, else a live active chunk of the planned placement, else any live one."""
+    owner, _ = await live_owner(ctx, vol.volume_id)
+    if owner is not None:
+        return owner.chunk_id
+    views = await chunkmod.list_chunks(ctx)
+    live = [v for v in views if v.up and not v.draining] or [v for v in views if v.up]
+    planned = [v for v in live if v.chunk_id in vol.placement]
+    pick = planned or live
+    if not pick:
+        raise Unavailable(f"no chunk server is up to revert volume {vol.name!r}",
+                          hint="start a chunk server and retry")
+    return pick[0].chunk_id
+
+
+async def revert_volume(ctx: Ctx, volume: str, snapshot: str,
+                        timeout: float = REVERT_TIMEOUT) -> tuple[Volume, Snapshot]:
+    """Revert a volume to one of its snapshots (online); returns once a chunk server did it."""
+    deadline = time.monotonic() + timeout
+    vol, _ = await find_volume(ctx, volume)
+    snap = await _revert_snapshot(ctx, vol, snapshot)
+    vid = vol.volume_id
+    # A retry of the same revert waits for the op already pending.
+    pending = [(k, op) for k, op in await ctx.list(ctx.keys.volops(vid), VolumeOp)
+               if op.kind == "revert" and op.state == "pending" and op.snapshot_id == snap.snapshot_id]
+    if pending:
+        op_key = pending[0][0]
+    else:
+        op = VolumeOp(op_id=uuid.uuid4().hex, volume_id=vid, kind="revert",
+                      snapshot_id=snap.snapshot_id, executor=await _revert_executor(ctx, vol))
+        op_key = ctx.keys.volop(vid, op.op_id)
+        if not await ctx.txn([ctx.absent(op_key), ctx.t.version(ctx.keys.volume(vid)) > 0,
+                              ctx.t.version(ctx.keys.snapshot(snap.snapshot_id)) > 0],
+                             [ctx.put(op_key, op)]):
+            raise Conflict(f"volume {vol.name!r} or snapshot {snap.name!r} changed meanwhile", hint="retry")
+        log.info("volume %s: revert to snapshot %s (seq %d) handed to %s", vol.name, snap.name, snap.seq,
+                 op.executor)
+    while True:
+        op, op_rev = await ctx.get(op_key, VolumeOp)
+        if op is None:
+            raise ZError(f"the revert of volume {vol.name!r} was cancelled (its op record disappeared)",
+                         hint="check that the volume still exists and retry")
+        if op.state == "done":
+            await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.delete(op_key)])
+            log.info("volume %s reverted to snapshot %s by %s", vol.name, snap.name, op.executor)
+            return vol, snap
+        if op.state == "failed":
+            await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.delete(op_key)])
+            raise ZError(f"revert of volume {vol.name!r} to {snap.name!r} failed on chunk server "
+                         f"{op.executor}: {op.error or 'no reason given'}", hint="retry the revert")
+        # Re-route if the executor died or another coordinator now owns the volume.
+        owner, _ = await live_owner(ctx, vid)
+        want = owner.chunk_id if owner else (op.executor if await _is_live(ctx, op.executor)
+                                             else await _revert_executor(ctx, vol))
+        if want != op.executor:
+            log.warning("volume %s: revert moves from %s to %s", vol.name, op.executor, want)
+            op.executor = want
+            await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.put(op_key, op)])
+            continue
+        if time.monotonic() >= deadline:
+            raise Unavailable(
+                f"the revert of volume {vol.name!r} to snapshot {snap.name!r} is still running on "
+                f"chunk server {op.executor}",
+                hint="it continues: repeat the same revert to keep waiting for it")
+        await asyncio.sleep(POLL)
+

@@ -1,0 +1,243 @@
+"""Snapshot barrier and revert against a real etcd.
+
+The chunk-side executor of volume ops lives in chunk/storage; here the test
+plays it with the etcd transactions docs/storage.md prescribes, which is a
+test of the meta's half of the protocol.
+"""
+
+import asyncio
+
+import pytest
+
+from meta import volops, volumes
+from tests.meta.helpers import make_ctx, register_chunk
+from zstore.errors import Conflict, NotFound, Unavailable, ZError
+from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner
+
+
+@pytest.fixture
+async def ctx(etcd_client, etcd_config):
+    c = make_ctx(etcd_client, etcd_config)
+    for i, zone in enumerate("abc"):
+        await register_chunk(c, f"c{i}", labels={"zone": zone})
+    return c
+
+
+async def own(ctx, vid, chunk_id, epoch=1, released=False):
+    await ctx.etcd.put(ctx.keys.owner(vid), VolumeOwner(volume_id=vid, chunk_id=chunk_id, epoch=epoch,
+                                                        released=released).encode())
+
+
+async def ops_of(ctx, vid):
+    return [op for _, op in await ctx.list(ctx.keys.volops(vid), VolumeOp)]
+
+
+class Executor:
+    """Runs the ops assigned to ``chunk_id`` the way a coordinator does."""
+
+    def __init__(self, ctx, chunk_id, fail: str | None = None, delay: float = 0.0):
+        self.ctx, self.chunk_id, self.fail, self.delay = ctx, chunk_id, fail, delay
+        self.ran: list[VolumeOp] = []
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self):
+        self.task = asyncio.ensure_future(self.loop())
+        return self
+
+    async def __aexit__(self, *exc):
+        self.stop.set()
+        await self.task
+
+    async def loop(self):
+        ctx = self.ctx
+        while not self.stop.is_set():
+            for kv in await ctx.etcd.get_prefix(ctx.keys.all_volops()):
+                op = VolumeOp.decode(kv.value)
+                if op.executor == self.chunk_id and op.state == "pending":
+                    await asyncio.sleep(self.delay)
+                    await self.execute(op, kv.key, kv.mod_revision)
+            await asyncio.sleep(0.02)
+
+    async def execute(self, op, key, op_rev):
+        ctx, t = self.ctx, self.ctx.etcd.transactions
+        okey, vkey, skey = ctx.keys.owner(op.volume_id), ctx.keys.volume(op.volume_id), ctx.keys.snapshot(op.snapshot_id)
+        _, orev = await ctx.get(okey, VolumeOwner)
+        vol, vrev = await ctx.get(vkey, Volume)
+        snap, srev = await ctx.get(skey, Snapshot)
+        compare = [t.mod(okey) == orev, t.mod(vkey) == vrev, t.mod(key) == op_rev, t.mod(skey) == srev]
+        if self.fail:
+            op.state, op.error = "failed", self.fail
+            ops = [t.put(key, op.encode())]
+        elif op.kind == "snapshot":
+            snap.seq, snap.state = vol.snap_seq, "ready"
+            vol.snap_seq += 1
+            op.state = "done"
+            ops = [t.put(vkey, vol.encode()), t.put(skey, snap.encode()), t.put(key, op.encode())]
+        else:
+            op.state = "done"                         # revert: the replicas would rewrite blocks here
+            ops = [t.put(key, op.encode())]
+        ok, _ = await ctx.etcd.transaction(compare=compare, success=ops, failure=[])
+        if ok:
+            self.ran.append(op)
+
+
+async def test_snapshot_without_owner_sets_seq_and_bumps_snap_seq(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    assert vol.snap_seq == 1
+    s1, created = await volops.create_snapshot(ctx, "v", "s1")
+    assert created and s1.state == "ready" and s1.seq == 1
+    s2, _ = await volops.create_snapshot(ctx, "v", "s2")
+    assert s2.seq == 2
+    again, created = await volops.create_snapshot(ctx, "v", "s1")
+    assert not created and again.snapshot_id == s1.snapshot_id and again.seq == 1
+    v, _ = await ctx.get(ctx.keys.volume(vol.volume_id), Volume)
+    assert v.snap_seq == 3
+    assert await ops_of(ctx, vol.volume_id) == []
+
+
+async def test_released_or_dead_owner_does_not_block_snapshots(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await own(ctx, vol.volume_id, "c0", released=True)
+    assert (await volops.create_snapshot(ctx, "v", "a", timeout=2))[0].seq == 1
+    await own(ctx, vol.volume_id, "c1", epoch=2)
+    await ctx.etcd.delete(ctx.keys.chunk_live("c1"))                # its chunk server is dead
+    assert (await volops.create_snapshot(ctx, "v", "b", timeout=2))[0].seq == 2
+    assert await ops_of(ctx, vol.volume_id) == []
+
+
+async def test_live_owner_runs_the_snapshot_op(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await own(ctx, vol.volume_id, "c1")
+    async with Executor(ctx, "c1") as ex:
+        snap, created = await volops.create_snapshot(ctx, "v", "s", timeout=5)
+        assert created and snap.state == "ready" and snap.seq == 1
+        assert [(op.kind, op.snapshot_id) for op in ex.ran] == [("snapshot", snap.snapshot_id)]
+    v, _ = await ctx.get(ctx.keys.volume(vol.volume_id), Volume)
+    assert v.snap_seq == 2
+    assert await ops_of(ctx, vol.volume_id) == []              # the meta cleans up the done op
+
+
+async def test_snapshot_times_out_cleanly_and_a_retry_waits_for_the_same_op(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await own(ctx, vol.volume_id, "c2")
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(Unavailable) as e:
+        await volops.create_snapshot(ctx, "v", "s", timeout=0.5)
+    assert asyncio.get_running_loop().time() - t0 < 3
+    assert "still waiting for the volume's coordinator on chunk server c2" in e.value.message
+    snaps = await volumes.list_snapshots(ctx, "v")
+    assert [(s.name, s.state) for s in snaps] == [("s", "creating")]
+    pending = await ops_of(ctx, vol.volume_id)
+    assert [(op.kind, op.executor, op.state) for op in pending] == [("snapshot", "c2", "pending")]
+    with pytest.raises(Unavailable):                             # a second timeout: still one op
+        await volops.create_snapshot(ctx, "v", "s", timeout=0.3)
+    assert len(await ops_of(ctx, vol.volume_id)) == 1
+    with pytest.raises(Conflict):                                # no clone of a half-made snapshot
+        await volumes.create_volume(ctx, "clone", None, 1, source_snapshot="v@s")
+    async with Executor(ctx, "c2") as ex:
+        snap, created = await volops.create_snapshot(ctx, "v", "s", timeout=5)
+    assert not created and snap.snapshot_id == snaps[0].snapshot_id and snap.seq == 1
+    assert len(ex.ran) == 1 and await ops_of(ctx, vol.volume_id) == []
+
+
+async def test_snapshot_op_moves_when_the_owner_dies_or_changes(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    vid = vol.volume_id
+    await own(ctx, vid, "c0")
+    with pytest.raises(Unavailable):
+        await volops.create_snapshot(ctx, "v", "s", timeout=0.3)
+    await own(ctx, vid, "c1", epoch=2)                # another coordinator took over
+    async with Executor(ctx, "c1") as ex:
+        snap, _ = await volops.create_snapshot(ctx, "v", "s", timeout=5)
+    assert snap.seq == 1 and [op.executor for op in ex.ran] == ["c1"]
+    # Owner c1 dies mid-wait: the meta takes the snapshot itself.
+    waiting = asyncio.ensure_future(volops.create_snapshot(ctx, "v", "t", timeout=5))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    await ctx.etcd.delete(ctx.keys.chunk_live("c1"))
+    snap, _ = await waiting
+    assert snap.state == "ready" and snap.seq == 2
+    assert await ops_of(ctx, vid) == []
+
+
+async def test_failed_snapshot_frees_the_name(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await own(ctx, vol.volume_id, "c0")
+    async with Executor(ctx, "c0", fail="writes did not drain"):
+        with pytest.raises(ZError) as e:
+            await volops.create_snapshot(ctx, "v", "s", timeout=5)
+    assert "writes did not drain" in e.value.message
+    assert await volumes.list_snapshots(ctx, "v") == []
+    assert await ops_of(ctx, vol.volume_id) == []
+    v, _ = await ctx.get(ctx.keys.volume(vol.volume_id), Volume)
+    assert v.snap_seq == 1
+    async with Executor(ctx, "c0"):
+        assert (await volops.create_snapshot(ctx, "v", "s", timeout=5))[1]
+
+
+async def test_concurrent_creates_of_one_name_make_one_snapshot(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await own(ctx, vol.volume_id, "c0")
+    async with Executor(ctx, "c0", delay=0.2) as ex:
+        got = await asyncio.gather(*[volops.create_snapshot(ctx, "v", "s", timeout=5) for _ in range(5)])
+    assert len({s.snapshot_id for s, _ in got}) == 1 and sum(c for _, c in got) == 1
+    assert len(ex.ran) == 1
+    v, _ = await ctx.get(ctx.keys.volume(vol.volume_id), Volume)
+    assert v.snap_seq == 2
+
+
+async def test_revert_runs_on_the_live_owner(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    s, _ = await volops.create_snapshot(ctx, "v", "s")
+    await own(ctx, vol.volume_id, "c2")
+    async with Executor(ctx, "c2") as ex:
+        v, snap = await volops.revert_volume(ctx, "v", "s", timeout=5)
+    assert snap.snapshot_id == s.snapshot_id
+    assert [(op.kind, op.snapshot_id, op.executor) for op in ex.ran] == [("revert", s.snapshot_id, "c2")]
+    assert await ops_of(ctx, vol.volume_id) == []
+    # By id and as VOL@SNAP too.
+    for ref in (s.snapshot_id, "v@s"):
+        async with Executor(ctx, "c2"):
+            assert (await volops.revert_volume(ctx, "v", ref, timeout=5))[1].snapshot_id == s.snapshot_id
+
+
+async def test_revert_without_owner_goes_to_a_planned_chunk(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 2)
+    await register_chunk(ctx, "c3")
+    await volops.create_snapshot(ctx, "v", "s")
+    with pytest.raises(Unavailable) as e:
+        await volops.revert_volume(ctx, "v", "s", timeout=0.3)
+    assert "still running" in e.value.message
+    [op] = await ops_of(ctx, vol.volume_id)
+    assert op.kind == "revert" and op.executor in vol.placement
+    await ctx.etcd.delete(ctx.keys.chunk_live(op.executor))         # it dies: the op moves
+    other = next(c for c in vol.placement if c != op.executor)
+    async with Executor(ctx, other) as ex:
+        await volops.revert_volume(ctx, "v", "s", timeout=5)         # the retry waits for the same op
+    assert [o.op_id for o in ex.ran] == [op.op_id]
+
+
+async def test_revert_refuses_another_volumes_snapshot(ctx):
+    await volumes.create_volume(ctx, "v", "1Gi", 1)
+    await volumes.create_volume(ctx, "w", "1Gi", 1)
+    await volops.create_snapshot(ctx, "w", "s")
+    with pytest.raises(Conflict) as e:
+        await volops.revert_volume(ctx, "v", "w@s", timeout=1)
+    assert "not a snapshot of volume 'v'" in e.value.message
+    with pytest.raises(NotFound):
+        await volops.revert_volume(ctx, "v", "s", timeout=1)
+    with pytest.raises(NotFound):
+        await volops.revert_volume(ctx, "nope", "w@s", timeout=1)
+    assert await ctx.list_raw(ctx.keys.all_volops()) == []
+
+
+async def test_failed_revert_is_reported(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    await volops.create_snapshot(ctx, "v", "s")
+    await own(ctx, vol.volume_id, "c0")
+    async with Executor(ctx, "c0", fail="replica c1 unreachable"):
+        with pytest.raises(ZError) as e:
+            await volops.revert_volume(ctx, "v", "s", timeout=5)
+    assert "replica c1 unreachable" in e.value.message
+    assert await ops_of(ctx, vol.volume_id) == []
