@@ -424,16 +424,20 @@ class ReplicaStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @staticmethod
+    def _fail(disk: _Disk | None, e: OSError) -> StoreError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if disk is not None:
+                disk.enospc = True
+            return StoreFull(str(e))
+        return StoreIOError(str(e))
+
     @contextmanager
     def _io(self, disk: _Disk | None) -> Iterator[None]:
         try:
             yield
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                if disk is not None:
-                    disk.enospc = True
-                raise StoreFull(str(e)) from e
-            raise StoreIOError(str(e)) from e
+            raise self._fail(disk, e) from e
 
     def _get(self, vid: str, idx: int) -> _Replica:
         rep = self._replicas.get((vid, idx))
@@ -565,41 +569,48 @@ class ReplicaStore:
         first, n = self._blocks(rep, offset, length)
         if n == 0:
             return b"", b""
-        start = offset - first * BLOCK_SIZE
-        with self._io(rep.disk):
-            crcs = rep.ext.crcs[first:first + n]
-            if view == 0:
+        crcs = rep.ext.crcs[first:first + n]
+        if view == 0:                        # live: straight to the ExtentFile
+            try:
                 data = rep.ext.read(offset, length)
-                if 0 not in crcs:
-                    return data, _bitmap((n, True))
-                if not any(crcs):
-                    return data, _bitmap((n, False))
-                return data, _bitmap([c != 0 for c in crcs])
-            buf = bytearray(n * BLOCK_SIZE)
-            present = [False] * n
-            seqs = rep.seqs[first:first + n]
-            live_run: list[int] = []
+            except OSError as e:
+                raise self._fail(rep.disk, e) from e
+            if 0 not in crcs:
+                return data, _bitmap((n, True))
+            if not any(crcs):
+                return data, _bitmap((n, False))
+            return data, _bitmap([c != 0 for c in crcs])
+        with self._io(rep.disk):
+            return self._read_view(rep, offset, length, first, n, crcs, view)
 
-            def read_live() -> None:
-                if live_run:
-                    a = live_run[0]
-                    buf[(a - first) * BLOCK_SIZE:(a - first + len(live_run)) * BLOCK_SIZE] = \
-                        rep.ext.read_blocks(a, len(live_run))
-                    live_run.clear()
+    def _read_view(self, rep: _Replica, offset: int, length: int, first: int, n: int,
+                   crcs: array, view: int) -> tuple[bytes, bytes]:
+        start = offset - first * BLOCK_SIZE
+        buf = bytearray(n * BLOCK_SIZE)
+        present = [False] * n
+        seqs = rep.seqs[first:first + n]
+        live_run: list[int] = []
 
-            for k in range(n):
-                b = first + k
-                src = rep.view_source(b, view) if rep.keys else None
-                if src is not None:
-                    read_live()
-                    buf[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE] = src.read(b)
-                    present[k] = True
-                elif crcs[k] and seqs[k] <= view:
-                    live_run.append(b)
-                    present[k] = True
-                else:
-                    read_live()
-            read_live()
+        def read_live() -> None:
+            if live_run:
+                a = live_run[0]
+                buf[(a - first) * BLOCK_SIZE:(a - first + len(live_run)) * BLOCK_SIZE] = \
+                    rep.ext.read_blocks(a, len(live_run))
+                live_run.clear()
+
+        for k in range(n):
+            b = first + k
+            src = rep.view_source(b, view) if rep.keys else None
+            if src is not None:
+                read_live()
+                buf[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE] = src.read(b)
+                present[k] = True
+            elif crcs[k] and seqs[k] <= view:
+                live_run.append(b)
+                present[k] = True
+            else:
+                read_live()
+        read_live()
         return bytes(buf[start:start + length]), _bitmap(present)
 
     def _cow(self, rep: _Replica, first: int, n: int, seq: int) -> None:
@@ -634,15 +645,18 @@ class ReplicaStore:
         _check_seq(seq)
         if n == 0:
             return
-        with self._io(rep.disk):
-            rep.mutations += 1
-            self._cow(rep, first, n, seq)
+        rep.mutations += 1
+        try:
+            if seq > rep.floor:
+                self._cow(rep, first, n, seq)
             rep.store_seqs(first, array("I", [seq]) * n)
             rep.ext.write(offset, view)
             if seq < rep.floor:
                 rep.floor = seq
             if fua:
                 rep.flush()
+        except OSError as e:
+            raise self._fail(rep.disk, e) from e
 
     def unmap(self, vid: str, idx: int, offset: int, length: int, seq: int,
               zero: bool = False) -> None:
