@@ -153,6 +153,10 @@ class ReplicaClient:
                 self._dial_failed(addr, peer, f"connect timed out after {self.connect_timeout:g}s")
             except (OSError, AuthError, FrameError) as e:
                 self._dial_failed(addr, peer, f"{type(e).__name__}: {e}")
+            if self._closed:                   # closed while we were dialling
+                await peer.pipe.close()
+                peer.pipe = None
+                raise PeerUnavailable(addr, "client closed")
             return peer.pipe
 
     def _dial_failed(self, addr: Address, peer: _Peer, reason: str) -> None:

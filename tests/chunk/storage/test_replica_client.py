@@ -196,6 +196,24 @@ async def test_peer_killed_mid_call_then_a_real_server_takes_over(tmp_path, clie
         await node.stop()
 
 
+async def test_close_fails_outstanding_calls(client):
+    seen: asyncio.Queue = asyncio.Queue()
+    hang = await asyncio.start_server(lambda r, w: _hang_after_auth(r, w, seen), "127.0.0.1", 0)
+    addr = ("127.0.0.1", hang.sockets[0].getsockname()[1])
+    try:
+        calls = [asyncio.ensure_future(client.ping(addr, timeout=30)) for _ in range(3)]
+        for _ in calls:
+            await asyncio.wait_for(seen.get(), 5)
+        await client.close()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        assert all(isinstance(r, PeerUnavailable) for r in results)
+        with pytest.raises(PeerUnavailable, match="closed"):
+            await client.ping(addr)
+    finally:
+        hang.close()
+        await hang.wait_closed()
+
+
 async def test_timeouts_are_bounded(client):
     loop = asyncio.get_running_loop()
     seen: asyncio.Queue = asyncio.Queue()

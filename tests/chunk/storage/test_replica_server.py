@@ -152,7 +152,7 @@ async def test_first_frame_must_be_hello(served, first: Frame):
 @pytest.mark.parametrize("junk", [
     b"GET / HTTP/1.1\r\n\r\n",                         # length prefix of ~1.2 GB: refused unread
     struct.pack(">I", 3) + b"\xc1\xc1\xc1",             # not msgpack
-    struct.pack(">I", 5) + msgpack.packb([1, 2, 3]),   # not a frame
+    struct.pack(">I", 4) + msgpack.packb([1, 2, 3]),   # not a frame
 ])
 async def test_garbage_closes_the_connection(served, junk: bytes):
     server, store, disk, _ = served
