@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="host other servers reach this one at")
     p.add_argument("--data-port", metavar="PORT", help="replication port")
     p.add_argument("--portal", metavar="HOST:PORT", help="iSCSI portal")
+    p.add_argument("--frontend", choices=("builtin", "lio"),
+                   help="iSCSI target: builtin (default) or the kernel's LIO with TCMU")
     p.add_argument("--label", action="append", metavar="K=V", help="placement label (repeatable)")
     p.add_argument("--etcd-endpoints", metavar="A,B", help="etcd endpoints, comma-separated")
     p.add_argument("--prefix", help="etcd key prefix")
@@ -89,7 +91,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     path = zconfig.find_config_file(args.config, env)
     cfg = zconfig.load(path, env=env, overrides={
         "chunk.data_dir": args.data_dir, "chunk.disks": args.disk, "chunk.address": args.address,
-        "chunk.data_port": args.data_port, "chunk.portal": args.portal,
+        "chunk.data_port": args.data_port, "chunk.portal": args.portal, "chunk.frontend": args.frontend,
         "chunk.lease_ttl": args.lease_ttl, "etcd.endpoints": args.etcd_endpoints,
         "etcd.prefix": args.prefix, "log.level": args.log_level, "log.file": args.log_file,
     })
@@ -120,6 +122,8 @@ def validate(cfg: Config) -> list[zdisks.DiskSpec]:
     if not sep or not host or not port.isdigit():
         raise ConfigError(f"chunk.portal: {c.portal!r} is not HOST:PORT")
     _check_port("chunk.portal", int(port))
+    if c.frontend not in ("builtin", "lio"):
+        raise ConfigError(f"chunk.frontend: {c.frontend!r} must be builtin or lio")
     if not 2 <= c.lease_ttl <= 600:
         raise ConfigError(f"chunk.lease_ttl: {c.lease_ttl} must be between 2 and 600 seconds")
     if not 0 <= c.drain_grace <= 3600:
@@ -199,12 +203,20 @@ class ChunkServer:
                             nop_interval=c.iscsi_nop_interval, nop_timeout=c.iscsi_nop_interval,
                             drain_grace=c.drain_grace)
 
+    def frontend(self, catalog: Catalog, open_device):
+        """The iSCSI frontend over the volumes: the built-in target, or LIO + TCMU."""
+        if self.cfg.chunk.frontend == "lio":
+            from .lio import LioFrontend
+            return LioFrontend(self.cfg.chunk.portal, catalog, open_device,
+                               Path(os.path.abspath(self.cfg.chunk.data_dir)))
+        return IscsiTarget(self.target_config(), catalog, open_device)
+
     async def run(self, stop: asyncio.Event) -> None:
         etcd = zetcd.client(self.cfg.etcd)
         keys = Keys(self.cfg.etcd.prefix)
         catalog = Catalog(etcd, keys)
         volume_dir = self.cfg.chunk.volume_dir or os.path.join(os.path.abspath(self.cfg.chunk.data_dir), "volumes")
-        target = IscsiTarget(self.target_config(), catalog, LocalVolumes(volume_dir).open)
+        target = self.frontend(catalog, LocalVolumes(volume_dir).open)
         reg = Registration(etcd, keys, self.chunk_id,
                            lease_ttl=self.cfg.chunk.lease_ttl, build_info=self.info,
                            probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd),
@@ -241,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
     logs.setup("chunk", cfg.log.level, cfg.log.file)
+    if cfg.chunk.frontend == "lio":
+        from .lio import LioUnavailable, check_kernel
+        try:
+            check_kernel()
+        except LioUnavailable as e:
+            fail(str(e), EXIT_SETUP)
 
     data_dir = Path(os.path.abspath(cfg.chunk.data_dir))
     try:

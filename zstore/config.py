@@ -57,6 +57,9 @@ class ChunkConfig:
     portal: str = "127.0.0.1:3260"
     labels: dict[str, str] = field(default_factory=dict)
     lease_ttl: int = 5                   # a dead chunk server is shown down within this
+    # iSCSI frontend: "builtin" (our own target on chunk.portal) or "lio" (the kernel's LIO
+    # target on chunk.portal, configured from etcd, data served here through TCMU).
+    frontend: str = "builtin"
     # Interim data path until the replicated storage engine lands: one sparse file
     # per volume here. Chunk servers that share this directory (as under `zstore up`)
     # serve the same data, so any of them can serve any LUN. Default: data_dir/volumes.
