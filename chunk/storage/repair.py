@@ -78,6 +78,10 @@ class LocalRepair:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="local-repair")
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:

@@ -12,10 +12,14 @@ pause until ``interval`` after the pass started):
 - agreement: when this chunk is an in-sync replica, the extent's digest is
   compared with every other in-sync replica's (DIGEST, epoch 0). Writes in
   flight make replicas differ for a moment, so a difference counts only when
-  it is seen again ``recheck_delay`` seconds later. Confirmed mismatches are
-  logged, counted and listed in ``status()`` but not repaired here: both
-  copies verify, so nothing local says which one is right, and the volume's
-  coordinator is the only writer; an operator (or a resync) settles it.
+  it is seen again ``recheck_delay`` seconds later. Each server's reclaimer
+  trims versions of a deleted snapshot on its own schedule, so replicas can
+  also differ for up to a reclaim interval; a difference seen twice is
+  therefore only *suspected* (``status()["suspected"]``) until it shows again
+  in the next pass (``confirm_passes``; passes are hours apart). Confirmed
+  mismatches are logged, counted and listed in ``status()`` but not repaired
+  here: both copies verify, so nothing local says which one is right, and the
+  volume's coordinator is the only writer; an operator (or a resync) settles it.
 """
 
 from __future__ import annotations
@@ -55,12 +59,13 @@ class TokenBucket:
 class Scrubber:
     def __init__(self, store, repair, rate_bytes_per_s: float = 16 << 20,
                  interval: float = 86400.0, *, recheck_delay: float = 3.0,
-                 compare_digests: bool = True) -> None:
+                 compare_digests: bool = True, confirm_passes: int = 2) -> None:
         self.store = store
         self.repair = repair
         self.interval = interval
         self.recheck_delay = recheck_delay
         self.compare_digests = compare_digests
+        self.confirm_passes = max(1, confirm_passes)
         # One slice is at most a second's worth of budget, so the throttle stays smooth.
         blocks = max(1, min(MAX_SLICE, int(rate_bytes_per_s)) // BLOCK_SIZE)
         self.slice_blocks = blocks
@@ -71,15 +76,19 @@ class Scrubber:
         self.errors = 0               # bad blocks found (and handed to repair)
         self.mismatches = 0           # confirmed digest disagreements
         self.mismatched: dict[tuple[str, int], list[str]] = {}
+        self.suspected: dict[tuple[str, int], tuple[list[str], int]] = {}   # -> (peers, passes seen)
         self.last_pass_start: float | None = None
         self.last_pass_end: float | None = None
         self.last_pass_duration: float | None = None
         self.current: tuple[str, int] | None = None
+        self._seen_this_pass: set[tuple[str, int]] = set()
         self._task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
+        """Start scrubbing (and the repair worker it hands bad blocks to)."""
+        self.repair.start()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="scrubber")
 
@@ -107,6 +116,8 @@ class Scrubber:
             "mismatches": self.mismatches,
             "mismatched": [{"volume": v, "extent": i, "peers": p}
                            for (v, i), p in sorted(self.mismatched.items())],
+            "suspected": [{"volume": v, "extent": i, "peers": p, "passes": n}
+                          for (v, i), (p, n) in sorted(self.suspected.items())],
             "current": list(self.current) if self.current else None,
             "last_pass_start": self.last_pass_start, "last_pass_end": self.last_pass_end,
             "last_pass_duration": self.last_pass_duration,
@@ -120,6 +131,7 @@ class Scrubber:
         self.last_pass_start = time.time()
         t0 = time.monotonic()
         counts = {"extents": 0, "bytes": 0, "bad_blocks": 0, "mismatches": 0}
+        self._seen_this_pass = set()
         for vid, idx in sorted(self.store.extents()):
             self.current = (vid, idx)
             try:
@@ -133,6 +145,8 @@ class Scrubber:
             for k, v in got.items():
                 counts[k] += v
         self.current = None
+        for key in [k for k in self.suspected if k not in self._seen_this_pass]:
+            del self.suspected[key]        # agreed this pass (or the extent is gone)
         self.passes += 1
         self.last_pass_end = time.time()
         self.last_pass_duration = time.monotonic() - t0
@@ -177,7 +191,7 @@ class Scrubber:
                 counts["bad_blocks"] += 1
                 self.errors += 1
                 self.repair.schedule(vid, idx, block)
-        if counts["bad_blocks"]:
+        if counts["bad_blocks"] and self.repair.running:
             # Compare digests only after the repairs: a rotten block is not a disagreement.
             await self.repair.wait_idle(timeout=60.0)
         if self.compare_digests:
@@ -210,12 +224,30 @@ class Scrubber:
                 return 0
             again = set(await self._differing(vid, idx, [p for p in peers if p[0] in differ]))
             differ = [c for c in differ if c in again]
+        key = (vid, idx)
         if not differ:
-            self.mismatched.pop((vid, idx), None)
+            self.mismatched.pop(key, None)
+            self.suspected.pop(key, None)
             return 0
+        self._seen_this_pass.add(key)
+        if key in self.mismatched:           # already reported; still disagreeing
+            self.mismatched[key] = sorted(differ)
+            return 1
+        prev_peers, seen = self.suspected.get(key, ([], 0))
+        if set(differ) & set(prev_peers) or not prev_peers:
+            seen += 1
+        else:
+            seen = 1
+        self.suspected[key] = (sorted(differ), seen)
+        if seen < self.confirm_passes:
+            log.warning("replicas of %s/%d differ from %s twice %.0fs apart; confirming next pass "
+                        "(a snapshot trim may not have reached every replica yet)",
+                        vid, idx, ", ".join(differ), self.recheck_delay)
+            return 0
+        del self.suspected[key]
         self.mismatches += 1
-        self.mismatched[(vid, idx)] = sorted(differ)
+        self.mismatched[key] = sorted(differ)
         log.error("replicas of %s/%d disagree: this chunk (%s) and %s have different digests "
-                  "twice %.0fs apart; not repaired automatically (the coordinator owns writes)",
-                  vid, idx, self.repair.chunk_id, ", ".join(differ), self.recheck_delay)
+                  "in %d passes; not repaired automatically (the coordinator owns writes)",
+                  vid, idx, self.repair.chunk_id, ", ".join(differ), self.confirm_passes)
         return 1

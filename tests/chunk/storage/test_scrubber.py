@@ -65,10 +65,17 @@ async def test_persistent_disagreement_is_reported_not_repaired(nodes):
     b.store.write(VID, 0, 7 * BLOCK_SIZE, block("only on B"), 1)
     scrub = Scrubber(b.store, b.repair, rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.2)
     counts = await scrub.run_pass()
-    assert counts["mismatches"] == 1 and counts["bad_blocks"] == 0
+    assert counts["mismatches"] == 0 and counts["bad_blocks"] == 0
     st = scrub.status()
-    assert st["mismatches"] == 1
+    assert st["mismatches"] == 0 and st["mismatched"] == []
+    assert st["suspected"] == [{"volume": VID, "extent": 0, "peers": ["A"], "passes": 1}]
+
+    assert (await scrub.run_pass())["mismatches"] == 1       # the next pass confirms it
+    st = scrub.status()
+    assert st["mismatches"] == 1 and st["suspected"] == []
     assert st["mismatched"] == [{"volume": VID, "extent": 0, "peers": ["A"]}]
+    assert (await scrub.run_pass())["mismatches"] == 1       # still there, counted once
+    assert scrub.status()["mismatches"] == 1
     # Not repaired: neither side was touched.
     assert b.store.read(VID, 0, 7 * BLOCK_SIZE, BLOCK_SIZE)[0] == block("only on B")
     assert a.store.read(VID, 0, 7 * BLOCK_SIZE, BLOCK_SIZE)[1] == b"\x00"
@@ -77,6 +84,31 @@ async def test_persistent_disagreement_is_reported_not_repaired(nodes):
     a.store.write(VID, 0, 7 * BLOCK_SIZE, block("only on B"), 1)
     await scrub.run_pass()
     assert scrub.status()["mismatched"] == [] and scrub.status()["mismatches"] == 1
+
+
+async def test_one_pass_confirmation_when_configured(nodes):
+    a, b = await setup(nodes)
+    b.store.write(VID, 1, 7 * BLOCK_SIZE, block("only on B"), 1)
+    scrub = Scrubber(b.store, b.repair, rate_bytes_per_s=64 << 20, interval=3600,
+                     recheck_delay=0.1, confirm_passes=1)
+    assert (await scrub.run_pass())["mismatches"] == 1
+    assert scrub.status()["mismatched"] == [{"volume": VID, "extent": 1, "peers": ["A"]}]
+
+
+async def test_trim_not_yet_done_everywhere_is_only_suspected(nodes):
+    """Reclaimers trim a deleted snapshot's versions on their own schedules."""
+    a, b = await setup(nodes)
+    for n in (a, b):
+        n.store.write(VID, 0, BLOCK_SIZE, block("one, later"), 2)   # version (1, 1) on both
+    assert a.store.digest(VID, 0) == b.store.digest(VID, 0)
+    assert a.store.trim(VID, 0, set()) == 1                          # A's reclaimer ran first
+    scrub = Scrubber(b.store, b.repair, rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1)
+    await scrub.run_pass()
+    assert [s["peers"] for s in scrub.status()["suspected"]] == [["A"]]
+    assert b.store.trim(VID, 0, set()) == 1                          # then B's
+    await scrub.run_pass()
+    st = scrub.status()
+    assert st["suspected"] == [] and st["mismatched"] == [] and st["mismatches"] == 0
 
 
 async def test_transient_disagreement_of_a_write_in_flight_is_not_counted(nodes):
@@ -124,3 +156,19 @@ async def test_throttle_paces_the_pass(nodes):
 async def test_token_bucket_rejects_nonsense():
     with pytest.raises(ValueError):
         TokenBucket(0, 1)
+
+
+async def test_background_loop_scrubs_and_repairs(nodes):
+    a, b = await setup(nodes)
+    b.corrupt(VID, 0, 300)
+    scrub = Scrubber(b.store, b.repair, rate_bytes_per_s=64 << 20, interval=0.1, recheck_delay=0.1)
+    scrub.start()                      # starts the repair worker too
+    try:
+        for _ in range(200):
+            if scrub.status()["passes"] >= 1:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await scrub.stop()
+    assert scrub.status()["passes"] >= 1
+    assert b.repair.repaired == 1 and b.store.verify(VID, 0) == []
