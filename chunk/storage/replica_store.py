@@ -12,21 +12,21 @@ On-disk layout per extent, in the disk directory (``v`` = volume, ``i`` = index)
     v.i.seq             uint32 LE per block: seq the block was last written or
                         unmapped at (0 = never); absent blocks keep theirs so a
                         revert knows they changed after the snapshot
-    v.i.v/K.vdata       versions with key K: sparse, block b at b*4096
-    v.i.v/K.vidx        per block b at b*8: crc32c (seeded with b, 0 = none),
-                        origin, both uint32 LE
+    v.i.v/K.ver         versions with key K, sparse: per block b at b*8 a slot
+                        (crc32c seeded with b, 0 = none; origin; uint32 LE),
+                        then from the next 4 KiB boundary block b's data at b*4096
 
 A block has at most one version per key (once written at W its seq is W, so
-its next version gets a larger key), hence one pair of files per key and a
-fixed slot per block.  ``trim`` punches dropped versions out of ``.vdata`` and
-unlinks a key's files once they hold nothing: the space really is freed.
+its next version gets a larger key), hence one file per key with a
+fixed slot per block.  ``trim`` punches dropped versions out of ``K.ver`` and
+unlinks a key's file once it holds nothing: the space really is freed.
 Versions are verified against their crc on every read, like live blocks.
 
 Order of a write at seq W (crash safety):
 
-1. COW: the old blocks are read (verified) and written to ``K.vdata``, then
-   their ``K.vidx`` entries; if anything was copied, both files (and the
-   directory, for a new key) are fdatasync'd *before* step 3, so a snapshot's
+1. COW: the old blocks are read (verified) and written to ``K.ver``, then
+   their slots; if anything was copied, the file (and the directory, for a
+   new key) is fdatasync'd *before* step 3, so a snapshot's
    block that was durable stays durable whatever the page cache writes back
    first.  This costs one fdatasync per write call that had to preserve
    blocks (the first overwrite of a block after a snapshot), never on the
@@ -146,35 +146,39 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _Versions:
-    """The versions of one extent with one key: block -> (origin, crc)."""
+    """The versions of one extent with one key, in one file ``K.ver``.
 
-    def __init__(self, vdir: Path, key: int, create: bool) -> None:
+    The file starts with a slot per block (crc, origin; crc 0 = no version),
+    ``blocks * 8`` bytes, then block b's data at ``data_at + b*4096``.  One
+    file means one fd and one fdatasync per COW; it is sparse, so only the
+    versions present take space.
+    """
+
+    def __init__(self, vdir: Path, key: int, blocks: int, create: bool) -> None:
         self.key = key
-        self.data_path = vdir / f"{key}.vdata"
-        self.idx_path = vdir / f"{key}.vidx"
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        self.data_fd = os.open(self.data_path, flags, 0o600)
-        try:
-            self.idx_fd = os.open(self.idx_path, flags, 0o600)
-        except BaseException:
-            os.close(self.data_fd)
-            raise
-        self.entries: dict[int, tuple[int, int]] = {}
-        if not create:
-            size = os.fstat(self.idx_fd).st_size // 8 * 8
-            raw = _from_le(bytes(_pread_all(self.idx_fd, size, 0)))
-            for b in range(len(raw) // 2):
-                crc = raw[2 * b]
-                if crc:
-                    self.entries[b] = (raw[2 * b + 1], crc)
+        self.path = vdir / f"{key}.ver"
+        self.data_at = -(-blocks * 8 // BLOCK_SIZE) * BLOCK_SIZE
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        self.fd = os.open(self.path, flags, 0o600)
+        self.entries: dict[int, tuple[int, int]] = {}     # block -> (origin, crc)
         self._punch = True
+        if not create:
+            try:
+                raw = _from_le(bytes(_pread_all(self.fd, blocks * 8, 0)))
+            except BaseException:
+                self.close()
+                raise
+            for b in [k for k, c in enumerate(raw[0::2]) if c]:
+                self.entries[b] = (raw[2 * b + 1], raw[2 * b])
 
     def read(self, block: int) -> bytes:
         origin, crc = self.entries[block]
-        data = bytes(_pread_all(self.data_fd, BLOCK_SIZE, block * BLOCK_SIZE))
+        data = os.pread(self.fd, BLOCK_SIZE, self.data_at + block * BLOCK_SIZE)
+        if len(data) != BLOCK_SIZE:
+            data = data + bytes(BLOCK_SIZE - len(data))
         actual = block_crc(block, data)
         if actual != crc:
-            raise ChecksumError(str(self.data_path), block, crc, actual)
+            raise ChecksumError(str(self.path), block, crc, actual)
         return data
 
     def check(self, block: int) -> bool:
@@ -187,44 +191,46 @@ class _Versions:
     def put(self, blocks: list[tuple[int, int, bytes | memoryview]]) -> None:
         """Store (block, origin, data) versions: all data first, then their slots."""
         for b, _, data in blocks:
-            _pwrite_all(self.data_fd, data, b * BLOCK_SIZE)
+            _pwrite_all(self.fd, data, self.data_at + b * BLOCK_SIZE)
         for b, origin, data in blocks:
             crc = block_crc(b, data)
-            os.pwrite(self.idx_fd, _ENTRY.pack(crc, origin), b * 8)
+            os.pwrite(self.fd, _ENTRY.pack(crc, origin), b * 8)
             self.entries[b] = (origin, crc)
 
     def drop(self, blocks: list[int]) -> None:
         """Forget versions: slot first (so a crash never pairs a slot with punched data)."""
         for b in blocks:
-            os.pwrite(self.idx_fd, bytes(8), b * 8)
+            os.pwrite(self.fd, bytes(8), b * 8)
             self.entries.pop(b, None)
-        for b in blocks:
-            if self._punch:
-                try:
-                    fallocate(self.data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                              b * BLOCK_SIZE, BLOCK_SIZE)
-                except OSError as e:
-                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                        raise
-                    self._punch = False
+        if not self._punch:
+            return
+        for start, n in _runs(sorted(blocks)):
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                          self.data_at + start * BLOCK_SIZE, n * BLOCK_SIZE)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._punch = False
+                return
 
     def sync(self) -> None:
-        os.fdatasync(self.data_fd)
-        os.fdatasync(self.idx_fd)
+        fd = self.fd
+        if fd >= 0:                  # trimmed away meanwhile (flush runs in a thread)
+            os.fdatasync(fd)
 
     def allocated(self) -> int:
-        return sum(os.fstat(fd).st_blocks * 512 for fd in (self.data_fd, self.idx_fd))
+        fd = self.fd
+        return os.fstat(fd).st_blocks * 512 if fd >= 0 else 0
 
     def close(self) -> None:
-        for fd in (self.data_fd, self.idx_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.data_fd = self.idx_fd = -1
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
     def unlink(self) -> None:
         self.close()
-        self.data_path.unlink(missing_ok=True)
-        self.idx_path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -263,9 +269,9 @@ class _Replica:
     def load_versions(self) -> None:
         if not self.vdir.is_dir():
             return
-        for p in self.vdir.glob("*.vidx"):
+        for p in self.vdir.glob("*.ver"):
             key = int(p.name.split(".")[0])
-            v = _Versions(self.vdir, key, create=False)
+            v = _Versions(self.vdir, key, self.blocks, create=False)
             if v.entries:
                 self.versions[key] = v
             else:
@@ -277,7 +283,7 @@ class _Replica:
         if v is None:
             new_dir = not self.vdir.is_dir()
             self.vdir.mkdir(mode=0o700, exist_ok=True)
-            v = _Versions(self.vdir, key, create=True)
+            v = _Versions(self.vdir, key, self.blocks, create=True)
             self.versions[key] = v
             bisect.insort(self.keys, key)
             _fsync_dir(self.vdir)
@@ -321,14 +327,14 @@ class _Replica:
         return out
 
     def flush(self) -> None:
-        for v in self.versions.values():
+        for v in list(self.versions.values()):      # may run in a worker thread
             v.sync()
         self.ext.flush()
         os.fdatasync(self.seq_fd)
 
     def allocated(self) -> int:
         return (self.ext.allocated_bytes() + os.fstat(self.seq_fd).st_blocks * 512
-                + sum(v.allocated() for v in self.versions.values()))
+                + sum(v.allocated() for v in list(self.versions.values())))
 
     def close(self) -> None:
         for v in self.versions.values():

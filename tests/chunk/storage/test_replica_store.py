@@ -126,7 +126,7 @@ def test_trim_frees_space_and_keeps_needed_versions(store: ReplicaStore, tmp_pat
     assert store.trim(V, 0, {2}) == BLOCKS                   # versions (1, 1) go
     after = store.stat(V, 0)["allocated"]
     assert after <= before - SIZE
-    assert not (tmp_path / "d0" / f"{V}.0.v" / "1.vdata").exists()
+    assert not (tmp_path / "d0" / f"{V}.0.v" / "1.ver").exists()
     assert store.read(V, 0, 0, SIZE, view=2)[0] == _pat(SIZE, 2)
     data, present = store.read(V, 0, 0, SIZE, view=1)       # gone: only live at seq<=1 is left
     assert not any(present) and data == bytes(SIZE)
@@ -242,7 +242,7 @@ def test_flipped_byte_raises_checksum_error_and_verify_reports(store: ReplicaSto
     store.flush(V, 0)
     assert store.verify(V, 0) == []
     _flip(tmp_path / "d0" / f"{V}.0.data", 5 * BLOCK_SIZE + 9)
-    _flip(tmp_path / "d0" / f"{V}.0.v" / "1.vdata", BLOCK_SIZE + 3)
+    _flip(tmp_path / "d0" / f"{V}.0.v" / "1.ver", BLOCK_SIZE + BLOCK_SIZE + 3)   # slots, then block 1
     with pytest.raises(ChecksumError) as info:
         store.read(V, 0, 0, 8 * BLOCK_SIZE)
     assert info.value.block == 5
@@ -434,6 +434,6 @@ def test_random_ops_match_model(tmp_path: Path, seed: int):
         store.trim(V, 0, set())
         model.snaps.clear()
         _check(store, model)
-        assert not list((tmp_path / "d" / f"{V}.0.v").glob("*.vdata"))
+        assert not list((tmp_path / "d" / f"{V}.0.v").glob("*.ver"))
     finally:
         store.close()
