@@ -1,0 +1,438 @@
+"""LIO frontend: the kernel's iSCSI target exports what etcd says, and the chunk
+server serves the data of every LUN through TCMU (``chunk.tcmu``).
+
+The desired state comes from the same export catalog the built-in target uses
+(targets, LUN mappings, volumes, ACLs, CHAP), and is applied with rtslib-fb:
+
+* one LIO iSCSI target per zstore target, with one TPG (tag 1) holding this
+  server's portal (``chunk.portal``);
+* per LUN mapping, a LUN over a ``user:`` backstore named ``zs-<volume id>``
+  with config ``zstore/<volume id>``; the chunk server maps that backstore's
+  uio device and runs its command ring through a ``LogicalUnit`` over the
+  volume's BlockDevice (``open_device(volume, readonly)``, as the built-in target);
+* per initiator on a volume's ACL, a NodeACL with a MappedLUN (write-protected
+  when the ACL entry or the mapping is read-only): LUN masking;
+* CHAP per NodeACL from ``catalog.chap_for``: userid/password, mutual ones
+  when set, and the NodeACL's ``authentication`` attribute on, so an initiator
+  with credentials cannot skip them; NodeACLs without credentials log in
+  without CHAP (TPG ``authentication`` 0, i.e. per ACL).
+
+It is applied at start (LIO forgets everything on reboot; after a restart of
+the chunk server alone, the existing objects are found and kept: nothing is
+created twice) and again after every catalog change (etcd watches). Only our
+objects are touched: targets listed in ``<data dir>/lio-owned.json`` (written
+before a target is created) and user backstores whose config is
+``zstore/...``; anything else in LIO stays as it is.
+
+configfs writes run in a thread: removing a LUN waits in the kernel for its
+outstanding commands, which this process's event loop must keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from chunk import scsi
+from chunk.catalog import Catalog
+from chunk.tcmu import uio as tuio
+from chunk.tcmu.loop import CommandLoop
+from zstore.records import Volume
+
+log = logging.getLogger(__name__)
+
+CONFIGFS = Path("/sys/kernel/config")
+HANDLER = "zstore"                 # the user: backstore's subtype (config = "zstore/<volume id>")
+TPG_TAG = 1
+MAX_SECTORS_BYTES = 1 << 20        # per command; the LU's Block Limits say 8 MiB, LIO splits nothing
+DATA_AREA_MB = 64                  # room for the queued commands' data in the TCMU data area
+OWNED_FILE = "lio-owned.json"
+
+
+class LioUnavailable(Exception):
+    """This kernel or system cannot run the LIO frontend; the message names what is missing."""
+
+
+def check_kernel(configfs: Path = CONFIGFS, sys_module: Path = Path("/sys/module")) -> None:
+    """Load LIO's modules if we can, then say in one message everything still missing."""
+    missing = []
+    try:
+        import rtslib_fb  # noqa: F401
+    except ImportError:
+        missing.append("the rtslib-fb Python package (pip install rtslib-fb, or apt install python3-rtslib-fb)")
+    try:
+        subprocess.run(["modprobe", "-a", "configfs", "target_core_mod", "iscsi_target_mod", "target_core_user"],
+                       capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    if not configfs.is_dir() or not os.path.ismount(configfs):
+        missing.append(f"configfs mounted at {configfs}")
+    for mod, what in (("target_core_mod", "LIO core"), ("iscsi_target_mod", "LIO iSCSI fabric"),
+                      ("target_core_user", "TCMU"), ("uio", "userspace I/O")):
+        if not (sys_module / mod).is_dir():
+            missing.append(f"kernel module {mod} ({what})")
+    if missing:
+        raise LioUnavailable("the lio frontend needs " + "; ".join(missing))
+
+
+# -- the desired state -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Chap:
+    user: str
+    secret: str
+    mutual_user: str | None = None
+    mutual_secret: str | None = None
+
+
+@dataclass
+class AclSpec:
+    mapped: dict[int, bool] = field(default_factory=dict)     # LUN -> write-protected
+    chap: Chap | None = None
+
+
+@dataclass
+class TargetSpec:
+    iqn: str
+    luns: dict[int, str] = field(default_factory=dict)        # LUN -> backstore name
+    acls: dict[str, AclSpec] = field(default_factory=dict)    # initiator -> masking + CHAP
+
+
+@dataclass
+class Desired:
+    backstores: dict[str, Volume] = field(default_factory=dict)
+    targets: dict[str, TargetSpec] = field(default_factory=dict)
+
+
+def backstore_name(volume_id: str) -> str:
+    return f"zs-{volume_id}"
+
+
+def desired_state(catalog: Catalog) -> Desired:
+    """What LIO should hold for this catalog (pure: no configfs)."""
+    d = Desired()
+    by_index = {t.index: t for t in catalog.targets.values()}
+    for t in catalog.targets.values():
+        d.targets[t.iqn] = TargetSpec(t.iqn)
+    for (ti, lun), m in sorted(catalog.luns.items()):
+        t = by_index.get(ti)
+        vol = catalog.volumes.get(m.volume_id)
+        if t is None or vol is None or vol.state == "deleted":
+            continue
+        name = backstore_name(vol.volume_id)
+        d.backstores[name] = vol
+        spec = d.targets[t.iqn]
+        spec.luns[lun] = name
+        for initiator, entry in sorted(catalog.acl.get(vol.volume_id, {}).items()):
+            acl = spec.acls.setdefault(initiator, AclSpec())
+            acl.mapped[lun] = bool(entry.readonly or m.readonly)
+    for spec in d.targets.values():
+        for initiator, acl in spec.acls.items():
+            c = catalog.chap_for(spec.iqn, initiator)
+            if c is not None:
+                acl.chap = Chap(c.user, c.secret, c.mutual_user, c.mutual_secret)
+    return d
+
+
+# -- applying it with rtslib-fb (synchronous: runs in a thread) -----------------------------
+
+class Owned:
+    """The targets this chunk server created, kept across restarts in the data dir."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.targets = set(json.loads(path.read_text()).get("targets", []))
+        except FileNotFoundError:
+            self.targets = set()
+        except (OSError, ValueError) as e:
+            raise LioUnavailable(f"{path}: unreadable ({e}); remove it only if LIO holds no zstore target")
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"targets": sorted(self.targets)}))
+        os.replace(tmp, self.path)
+
+
+@dataclass(frozen=True)
+class Backstore:
+    name: str
+    path: str               # its configfs dir
+    uio_name: str           # the name its /dev/uioN carries in sysfs
+
+
+class LioConfig:
+    def __init__(self, portal_host: str, portal_port: int, owned: Owned):
+        import rtslib_fb as rts
+        self.rts = rts
+        self.root = rts.RTSRoot()
+        self.host, self.port, self.owned = portal_host, portal_port, owned
+
+    # backstores ---------------------------------------------------------------------
+
+    def _ours(self) -> dict[str, Any]:
+        out = {}
+        for so in self.root.storage_objects:
+            if so.plugin == "user" and (so.config or "").startswith(HANDLER + "/"):
+                out[so.name] = so
+        return out
+
+    def _describe(self, so) -> Backstore:
+        m = re.search(r"/user_(\d+)/", so.path + "/")
+        return Backstore(so.name, so.path, tuio.uio_name(int(m.group(1)), so.name, so.config))
+
+    def ensure_backstores(self, want: dict[str, Volume]) -> dict[str, Backstore]:
+        have = self._ours()
+        out = {}
+        for name, vol in want.items():
+            so = have.get(name)
+            if so is None:
+                bs = vol.block_size or 512
+                so = self.rts.UserBackedStorageObject(
+                    name, config=f"{HANDLER}/{vol.volume_id}", size=vol.size, wwn=vol.volume_id,
+                    hw_max_sectors=MAX_SECTORS_BYTES // bs,
+                    control=f"max_data_area_mb={DATA_AREA_MB},hw_block_size={bs}")
+                log.info("LIO: created backstore user/%s (%d bytes)", name, vol.size)
+            out[name] = self._describe(so)
+        return out
+
+    def stale_backstores(self, want: dict[str, Volume]) -> list[str]:
+        return [n for n in self._ours() if n not in want]
+
+    def delete_backstore(self, name: str) -> None:
+        so = self._ours().get(name)
+        if so is not None:
+            so.delete()
+            log.info("LIO: deleted backstore user/%s", name)
+
+    def reset_ring(self, bs: Backstore) -> None:
+        with open(os.path.join(bs.path, "action", "reset_ring"), "w") as f:
+            f.write("2")          # 2: fail the queued commands with CHECK CONDITION
+
+    # targets ------------------------------------------------------------------------
+
+    def apply_targets(self, d: Desired, backstores: dict[str, Backstore]) -> None:
+        rts = self.rts
+        iscsi = rts.FabricModule("iscsi")
+        existing = {t.wwn: t for t in self.root.targets if t.fabric_module.name == "iscsi"}
+        for iqn, spec in d.targets.items():
+            t = existing.get(iqn)
+            if t is not None and iqn not in self.owned.targets:
+                log.error("LIO: target %s exists and was not made by zstore; leaving it alone", iqn)
+                continue
+            if t is None:
+                self.owned.targets.add(iqn)
+                self.owned.save()                    # before it exists: a crash cannot orphan it
+                t = rts.Target(iscsi, iqn, mode="create")
+                log.info("LIO: created target %s", iqn)
+            self._apply_tpg(t, spec, backstores)
+        for iqn in sorted(self.owned.targets - set(d.targets)):
+            t = existing.get(iqn)
+            if t is not None:
+                t.delete()
+                log.info("LIO: deleted target %s", iqn)
+            self.owned.targets.discard(iqn)
+            self.owned.save()
+
+    def _apply_tpg(self, t, spec: TargetSpec, backstores: dict[str, Backstore]) -> None:
+        rts = self.rts
+        tpgs = {tpg.tag: tpg for tpg in t.tpgs}
+        tpg = tpgs.get(TPG_TAG) or rts.TPG(t, TPG_TAG, mode="create")
+        for tag, other in tpgs.items():
+            if tag != TPG_TAG:
+                other.delete()
+        for name, value in (("authentication", "0"), ("generate_node_acls", "0"),
+                            ("demo_mode_write_protect", "1"), ("cache_dynamic_acls", "0")):
+            if tpg.get_attribute(name) != value:
+                tpg.set_attribute(name, value)
+        portals = {(p.ip_address, p.port): p for p in tpg.network_portals}
+        if (self.host, self.port) not in portals:
+            rts.NetworkPortal(tpg, self.host, self.port, mode="create")
+        for key, p in portals.items():
+            if key != (self.host, self.port):
+                p.delete()
+        # LUNs: a LUN whose backstore is wrong is re-made
+        luns = {lun.lun: lun for lun in tpg.luns}
+        for n, lun in list(luns.items()):
+            want = spec.luns.get(n)
+            so = lun.storage_object
+            if want is None or so.name != want or so.plugin != "user":
+                lun.delete()                     # its MappedLUNs go with it
+                del luns[n]
+                log.info("LIO: %s LUN %d removed", spec.iqn, n)
+        for n, name in spec.luns.items():
+            if n not in luns and name in backstores:
+                so = rts.UserBackedStorageObject(name)
+                luns[n] = rts.LUN(tpg, n, so)
+                log.info("LIO: %s LUN %d -> user/%s", spec.iqn, n, name)
+        # NodeACLs, MappedLUNs, CHAP
+        acls = {a.node_wwn: a for a in tpg.node_acls}
+        for initiator, a in acls.items():
+            if initiator not in spec.acls:
+                a.delete()
+                log.info("LIO: %s: removed ACL %s", spec.iqn, initiator)
+        for initiator, want in spec.acls.items():
+            a = acls.get(initiator)
+            if a is None:
+                a = rts.NodeACL(tpg, initiator, mode="create")
+                log.info("LIO: %s: added ACL %s", spec.iqn, initiator)
+            mapped = {m.mapped_lun: m for m in a.mapped_luns}
+            for n, m in mapped.items():
+                if n not in want.mapped or m.tpg_lun.lun != n or bool(m.write_protect) != want.mapped[n]:
+                    m.delete()
+                    mapped.pop(n)
+            for n, wp in want.mapped.items():
+                if n not in mapped and n in luns:
+                    rts.MappedLUN(a, n, n, write_protect=wp)
+            self._apply_chap(a, want.chap)
+        if not tpg.enable:
+            tpg.enable = True
+
+    def _apply_chap(self, a, chap: Chap | None) -> None:
+        want = {"chap_userid": chap.user if chap else "", "chap_password": chap.secret if chap else "",
+                "chap_mutual_userid": (chap.mutual_user or "") if chap else "",
+                "chap_mutual_password": (chap.mutual_secret or "") if chap else ""}
+        for attr, value in want.items():
+            if (getattr(a, attr) or "") != value:
+                setattr(a, attr, value)
+        auth = "1" if chap else "0"
+        try:
+            if a.get_attribute("authentication") != auth:
+                a.set_attribute("authentication", auth)
+        except self.rts.RTSLibError:
+            log.warning("LIO: this kernel has no per-ACL authentication attribute; CHAP for %s "
+                        "is offered but not enforced", a.node_wwn)
+
+    # what LIO holds now (for logs and tests) -----------------------------------------
+
+    def sessions(self) -> list[dict[str, Any]]:
+        out = []
+        for t in self.root.targets:
+            if t.wwn not in self.owned.targets:
+                continue
+            for tpg in t.tpgs:
+                for a in tpg.node_acls:
+                    try:
+                        info = Path(a.path, "info").read_text()
+                    except OSError:
+                        continue
+                    if "No active" not in info:
+                        out.append({"initiator": a.node_wwn, "target": t.wwn, "type": "normal",
+                                    "since": None, "frontend": "lio"})
+        return out
+
+
+# -- the frontend the chunk server runs ------------------------------------------------------
+
+class LioFrontend:
+    """What ``ChunkServer`` runs instead of ``IscsiTarget`` when ``chunk.frontend = "lio"``."""
+
+    def __init__(self, portal: str, catalog: Catalog, open_device: Callable[[Any, bool], Any],
+                 state_dir: Path):
+        host, _, port = portal.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.catalog, self.open_device = catalog, open_device
+        self.owned = Owned(Path(state_dir) / OWNED_FILE)
+        self.cfg: LioConfig | None = None
+        self.loops: dict[str, tuple[CommandLoop, Any, Any]] = {}   # backstore -> (loop, uio, dev)
+        self._lock = asyncio.Lock()
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.applied = 0
+
+    async def start(self) -> None:
+        self.cfg = await asyncio.to_thread(LioConfig, self.host, self.port, self.owned)
+        await self._catalog_synced()
+        await self.reconcile()
+        self.catalog.on_change(lambda kind: self._dirty.set())
+        self._task = asyncio.ensure_future(self._follow())
+        log.info("LIO frontend: portal %s:%d, %d LUNs served through TCMU", self.host, self.port,
+                 len(self.loops))
+
+    async def _catalog_synced(self) -> None:
+        """Apply nothing before the catalog's first full listing: an empty catalog would
+        read as "delete every target", and a restart must leave LIO as it was."""
+        while not (self.catalog._synced and all(e.is_set() for e in self.catalog._synced.values())):
+            await asyncio.sleep(0.05)
+
+    async def _follow(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(0.1)             # a change touches several sections: apply once
+            self._dirty.clear()
+            try:
+                await self.reconcile()
+            except Exception:  # noqa: BLE001 - keep following; the next change retries
+                log.exception("LIO: applying the catalog failed")
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            cfg = self.cfg
+            d = desired_state(self.catalog)
+            backstores = await asyncio.to_thread(cfg.ensure_backstores, d.backstores)
+            for name, bs in backstores.items():
+                if name not in self.loops:
+                    await self._attach(bs, d.backstores[name])
+            await asyncio.to_thread(cfg.apply_targets, d, backstores)
+            for name in await asyncio.to_thread(cfg.stale_backstores, d.backstores):
+                await self._detach(name)
+                await asyncio.to_thread(cfg.delete_backstore, name)
+            for name in [n for n in self.loops if n not in backstores]:
+                await self._detach(name)
+            self.applied += 1
+
+    async def _attach(self, bs: Backstore, vol: Volume) -> None:
+        found = None
+        for _ in range(50):                       # udev may lag behind configfs
+            found = tuio.find(bs.uio_name)
+            if found and os.path.exists(f"/dev/{found}"):
+                break
+            await asyncio.sleep(0.1)
+        if not found:
+            log.error("LIO: no uio device named %s for backstore %s", bs.uio_name, bs.name)
+            return
+        dev = self.open_device(vol, False)
+        unit = scsi.LogicalUnit(dev, scsi.LunIdentity(wwn=vol.wwn, serial=vol.volume_id[:32], lun=vol.lun),
+                                power_on_ua=False)
+        u = tuio.UioDevice(found)
+        loop = CommandLoop(u, unit, name=f"{bs.name}({found})", reset_ring=lambda: self.cfg.reset_ring(bs))
+        loop.start()
+        self.loops[bs.name] = (loop, u, dev)
+        log.info("LIO: serving backstore %s on /dev/%s (%d-byte map)", bs.name, found, u.size)
+
+    async def _detach(self, name: str) -> None:
+        entry = self.loops.pop(name, None)
+        if entry is None:
+            return
+        loop, u, dev = entry
+        await loop.stop()
+        u.close()
+        close = getattr(dev, "close", None)
+        if close:
+            close()
+
+    async def stop(self) -> None:
+        """Stop serving. LIO keeps its configuration: the next start picks it up again."""
+        if self._task:
+            self._task.cancel()
+        for name in list(self.loops):
+            await self._detach(name)
+
+    # the parts of IscsiTarget's interface the chunk server uses ---------------------------
+
+    def session_list(self) -> list[dict[str, Any]]:
+        return self.cfg.sessions() if self.cfg else []
+
+    def on_sessions_changed(self, fn: Callable[[], None]) -> None:
+        """LIO does not tell us about logins; sessions are read when the record is written."""
+
+    def set_draining(self, draining: bool) -> None:
+        if draining:
+            log.warning("draining is not supported by the lio frontend: sessions stay")
