@@ -141,6 +141,7 @@ class Scrubber:
             except Exception as e:  # noqa: BLE001 - deleted meanwhile, or one broken extent
                 if self.store.has(vid, idx):
                     log.warning("scrubbing %s/%d failed: %s", vid, idx, e)
+                    self._seen_this_pass.add((vid, idx))    # keep a suspicion we could not check
                 continue
             for k, v in got.items():
                 counts[k] += v

@@ -65,7 +65,7 @@ async def test_a_peer_read_of_a_rotten_block_triggers_the_repair(nodes):
 
 
 async def test_dead_peer_is_skipped(nodes):
-    a = await nodes.add("A")
+    await nodes.add("A")
     b = await nodes.add("B")
     await nodes.add_dead("C")
     await nodes.extent(VID, 0, ["C", "A", "B"], {5: block("five")})
