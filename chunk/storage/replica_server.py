@@ -166,6 +166,9 @@ class ReplicaServer:
             await self._requests(frames, conn)
         except (ConnectionError, OSError) as e:
             log.info("replica connection %s lost: %s", conn.peer if conn else where, e)
+        except asyncio.CancelledError:
+            # stop(): end quietly (asyncio's stream callback would log a cancelled task)
+            pass
         finally:
             self._handlers.discard(task)
             if conn is not None:

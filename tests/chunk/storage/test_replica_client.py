@@ -169,10 +169,10 @@ async def _hang_after_auth(reader, writer, seen: asyncio.Queue) -> None:
 
 async def test_peer_killed_mid_call_then_a_real_server_takes_over(tmp_path, client):
     seen: asyncio.Queue = asyncio.Queue()
-    handlers: list[asyncio.Task] = []
+    sockets: list[asyncio.StreamWriter] = []
 
     async def handle(r, w):
-        handlers.append(asyncio.current_task())
+        sockets.append(w)
         await _hang_after_auth(r, w, seen)
 
     hung = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -182,8 +182,8 @@ async def test_peer_killed_mid_call_then_a_real_server_takes_over(tmp_path, clie
     await asyncio.wait_for(seen.get(), 5)              # the request reached the peer
     assert not call.done()
     hung.close()
-    for t in handlers:                                  # the peer dies: its socket closes
-        t.cancel()
+    for w in sockets:                                   # the peer dies: its kernel resets the socket
+        w.transport.abort()
     with pytest.raises(PeerUnavailable):
         await asyncio.wait_for(call, 5)
     await hung.wait_closed()

@@ -212,6 +212,21 @@ async def test_many_pipelined_writes_and_reads_on_one_connection(served):
         await pipe.close()
 
 
+async def test_large_pipelined_reads_apply_back_pressure(served):
+    """48 MiB of replies in flight on one connection: the reply queue drains, nothing is lost."""
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    payload = os.urandom(wire.MAX_DATA)
+    store.write(VID, 0, 0, payload, 1)
+    pipe = await _authed(server)
+    try:
+        got = await asyncio.gather(*(_call(pipe, _read(0, wire.MAX_DATA, epoch=0))
+                                     for _ in range(48)))
+        assert all(r.status is Status.OK and r.data == payload for r in got)
+    finally:
+        await pipe.close()
+
+
 async def test_replies_overtake_a_slow_flush(served):
     """FLUSH syncs in a thread; a PING sent after it in the same segment is answered first."""
     server, store, _, _ = served
