@@ -7,6 +7,7 @@ import pytest
 from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.repair import LocalRepair
 from chunk.storage.replica_client import ChecksumFailed
+from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.peers import Peers
 from zstore.keys import Keys
 
@@ -165,3 +166,17 @@ async def test_queue_is_bounded(nodes, etcd_client, etcd_config):
     assert not repair.schedule(VID, 0, 3)
     assert repair.status()["dropped"] == 1 and repair.status()["queued"] == 2
     assert repair.checksum_errors == 2
+
+
+async def test_peer_that_moved_port_is_found_again(nodes):
+    """A restarted peer re-registers on a new port; the cached address is dropped on failure."""
+    a, b = await two(nodes)
+    b.corrupt(VID, 0, 2)
+    b.corrupt(VID, 0, 3)
+    assert await b.repair.repair_block(VID, 0, 2)          # caches A's address
+    await a.server.stop()
+    a.server = ReplicaServer(a.store, a.server.secret, a.server.cluster_id, "127.0.0.1", 0)
+    await a.server.start()
+    await nodes.register("A", a.server.port)
+    assert await b.repair.repair_block(VID, 0, 3)
+    assert b.store.verify(VID, 0) == []
