@@ -315,12 +315,15 @@ class _Replica:
     def block_versions(self, first: int, end: int) -> dict[int, list[tuple[int, int, int]]]:
         """block -> [(key, origin, crc)] (keys ascending) for blocks in [first, end)."""
         out: dict[int, list[tuple[int, int, int]]] = {}
-        for key in self.keys:
-            entries = self.versions[key].entries
+        for key in list(self.keys):          # copies: verify runs in a worker thread
+            v = self.versions.get(key)
+            if v is None:
+                continue
+            entries = v.entries
             if end - first < len(entries):
                 items = ((b, entries.get(b)) for b in range(first, end))
             else:
-                items = ((b, e) for b, e in entries.items() if first <= b < end)
+                items = ((b, e) for b, e in list(entries.items()) if first <= b < end)
             for b, e in items:
                 if e is not None:
                     out.setdefault(b, []).append((key, e[0], e[1]))
@@ -836,8 +839,15 @@ class ReplicaStore:
             bad = set(rep.ext.verify(first_block, count))
             for b, vlist in rep.block_versions(first_block, first_block + count).items():
                 for key, _, _ in vlist:
-                    if not rep.versions[key].check(b):
-                        bad.add(b)
+                    v = rep.versions.get(key)
+                    try:
+                        if v is not None and not v.check(b):
+                            bad.add(b)
+                    except KeyError:
+                        pass                 # trimmed meanwhile (worker thread)
+                    except OSError:
+                        if v.fd >= 0:
+                            raise
         return sorted(bad)
 
     def trim(self, vid: str, idx: int, snapshot_seqs: set[int]) -> int:

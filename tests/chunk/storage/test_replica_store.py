@@ -437,3 +437,100 @@ def test_random_ops_match_model(tmp_path: Path, seed: int):
         assert not list((tmp_path / "d" / f"{V}.0.v").glob("*.ver"))
     finally:
         store.close()
+
+
+# -- crashes and full file systems ---------------------------------------------------
+
+_CRASH_OPS = """
+s.create("v", 0, 3)
+s.write("v", 0, 0, b"a" * 8 * BS, seq=1)
+s.write("v", 0, BS, b"b" * BS, seq=2)
+s.unmap("v", 0, 2 * BS, BS, seq=2)
+s.unmap("v", 0, 3 * BS, BS, seq=2, zero=True)
+s.write("v", 0, 4 * BS + 5, b"c" * 10, seq=3)
+s.revert("v", 0, to_seq=1, seq=4)
+s.write("v", 0, 6 * BS, b"d" * BS, seq=4)
+s.set_generation("v", 0, 9)
+"""
+
+
+def test_sigkill_keeps_acknowledged_unflushed_writes(tmp_path: Path):
+    """A writer killed with SIGKILL after its calls returned, nothing flushed:
+    the page cache holds it all, the reopened store has the same state."""
+    from tests.cluster import Proc, wait_for
+    import sys
+    script = ("import time\nfrom pathlib import Path\n"
+              "from chunk.storage.replica_store import ReplicaStore\n"
+              f"BS = {BLOCK_SIZE}\n"
+              f"s = ReplicaStore([({str(tmp_path / 'crash')!r}, None)], extent_size={SIZE})\n"
+              + _CRASH_OPS +
+              f"Path({str(tmp_path / 'acked')!r}).write_text('1')\ntime.sleep(60)\n")
+    proc = Proc("writer", [sys.executable, "-c", script], tmp_path / "writer.log").start()
+    try:
+        wait_for(lambda: (tmp_path / "acked").exists() or not proc.alive(), 30, "writer acked")
+        assert proc.alive(), proc.log()
+    finally:
+        proc.kill()                           # SIGKILL: no close, no flush
+    with ReplicaStore([(tmp_path / "ref", None)], extent_size=SIZE) as ref, \
+            ReplicaStore([(tmp_path / "crash", None)], extent_size=SIZE) as s:
+        exec(_CRASH_OPS, {"s": ref, "BS": BLOCK_SIZE})
+        assert s.bad == []
+        assert s.digest("v", 0) == ref.digest("v", 0)
+        for view in range(5):
+            assert s.read("v", 0, 0, SIZE, view) == ref.read("v", 0, 0, SIZE, view)
+        assert s.stat("v", 0)["generation"] == 9
+
+
+def test_cow_retried_after_a_crash_keeps_the_first_copy(store: ReplicaStore):
+    """Killed after step 1 (version written) but before the live write: the live
+    block is still old, a retry must not replace the version; and a write that
+    landed in live data without its seq (host crash, unflushed) must not be
+    preserved over the true old version either."""
+    store.create(V, 0, 1)
+    store.write(V, 0, 0, _pat(BLOCK_SIZE, 1), seq=1)
+    rep = store._replicas[(V, 0)]
+    store._cow(rep, 0, 1, 2)                            # step 1 only, then "killed"
+    assert store.read(V, 0, 0, BLOCK_SIZE, view=1)[0] == _pat(BLOCK_SIZE, 1)
+    rep.ext.write(0, _pat(BLOCK_SIZE, 2))                # new data, seq table still 1
+    assert store.read(V, 0, 0, BLOCK_SIZE, view=1)[0] == _pat(BLOCK_SIZE, 1)   # version wins
+    store.write(V, 0, 0, _pat(BLOCK_SIZE, 3), seq=2)     # the retry
+    assert store.read(V, 0, 0, BLOCK_SIZE, view=1)[0] == _pat(BLOCK_SIZE, 1)
+    assert store.read(V, 0, 0, BLOCK_SIZE)[0] == _pat(BLOCK_SIZE, 3)
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    return libc.mount(b"tmpfs", str(path).encode(), b"tmpfs", 0, f"size={size}".encode()) == 0
+
+
+def _umount(path: Path) -> None:
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.umount2(str(path).encode(), 2)                  # MNT_DETACH
+
+
+def test_enospc_is_store_full_and_marks_the_disk(tmp_path: Path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not _mount_tmpfs(mnt, "1m"):
+        pytest.skip("cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)")
+    try:
+        blocks = 64
+        with ReplicaStore([(mnt, None)], extent_size=blocks * BLOCK_SIZE) as s:
+            for i in range(4):                           # thin: all fit while empty
+                s.create(V, i, 1)
+            with pytest.raises(StoreFull):
+                for i in range(4):
+                    s.write(V, i, 0, b"\x77" * (blocks * BLOCK_SIZE), seq=1)
+            assert s.usage()[0]["state"] == "full"
+            with pytest.raises(StoreFull):
+                s.create(V, 9, 1)
+            assert s.read(V, 0, 0, BLOCK_SIZE)[0] == b"\x77" * BLOCK_SIZE    # what was written stays
+            s.delete(V, 0)
+            assert s.usage()[0]["state"] == "ok"
+            s.create(V, 9, 1)
+    finally:
+        _umount(mnt)
