@@ -67,6 +67,18 @@ class EpochFence:
                 bad.append(hdr)
         return bad
 
+    def admit_volume(self, volume: str, epoch: int) -> None:
+        """Admit ``epoch`` for a volume with no extent here (yet): in memory only.
+
+        The caller persists it by creating the extent with
+        ``epoch=highest(volume)``; until then a crash forgets it, which is
+        harmless: nothing of the volume is on this replica to protect.
+        """
+        highest = self._highest.get(volume, 0)
+        if epoch < highest:
+            raise StaleEpochError(volume, epoch, highest)
+        self._highest[volume] = epoch
+
     def admit(self, extent: ExtentFile, epoch: int) -> None:
         """Let a request with ``epoch`` run against ``extent``, or raise ``StaleEpochError``.
 

@@ -270,7 +270,9 @@ class _Replica:
         if not self.vdir.is_dir():
             return
         for p in self.vdir.glob("*.ver"):
-            key = int(p.name.split(".")[0])
+            if not p.name[:-4].isdigit():
+                continue                     # not ours (a stray or temporary file)
+            key = int(p.name[:-4])
             v = _Versions(self.vdir, key, self.blocks, create=False)
             if v.entries:
                 self.versions[key] = v
@@ -500,6 +502,7 @@ class ReplicaStore:
                 os.close(fd)
             shutil.rmtree(_vdir(base), ignore_errors=True)     # leftovers of a torn delete
             ExtentFile.create(best.path, vid, idx, generation=generation,
+                              epoch=self.fence.highest(vid),
                               extent_size=self.extent_size).close()
             self._replicas[(vid, idx)] = self._open(best, vid, idx)
             best.replicas.add((vid, idx))
@@ -539,8 +542,17 @@ class ReplicaStore:
     # -- metadata --------------------------------------------------------------
 
     def admit(self, vid: str, idx: int, epoch: int) -> None:
-        rep = self._get(vid, idx)
+        """Fence: raise ``StaleEpochError`` if ``epoch`` is below the volume's highest.
+
+        Epoch 0 (read-only users) always passes.  For an extent not here the
+        volume's epoch is checked and remembered (so CREATE or IMPORT of a new
+        extent can be admitted first; the created header then carries it).
+        """
         if epoch == 0:
+            return
+        rep = self._replicas.get((vid, idx))
+        if rep is None:
+            self.fence.admit_volume(vid, epoch)
             return
         with self._io(rep.disk):
             self.fence.admit(rep.ext, epoch)

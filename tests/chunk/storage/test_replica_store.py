@@ -267,8 +267,14 @@ def test_fence_stale_epoch(store: ReplicaStore):
     store.admit(V, 1, 0)                       # read-only users always pass
     store.admit(V, 1, 6)
     assert store.stat(V, 1)["epoch"] == 6
+    # an extent not here yet: the volume's epoch still fences, and a new extent keeps it
+    with pytest.raises(StaleEpochError):
+        store.admit(V, 2, 5)
+    store.admit(V, 2, 7)
+    store.create(V, 2, 1)
+    assert store.stat(V, 2)["epoch"] == 7
     with pytest.raises(NoExtent):
-        store.admit(V, 2, 6)
+        store.read(V, 3, 0, 1)
 
 
 def test_full_disk_and_placement(tmp_path: Path):
