@@ -10,9 +10,9 @@ import asyncio
 import pytest
 
 from meta import volops, volumes
-from tests.meta.helpers import make_ctx, register_chunk
+from tests.meta.helpers import Executor, make_ctx, own, register_chunk
 from zstore.errors import Conflict, NotFound, Unavailable, ZError
-from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner
+from zstore.records import Volume, VolumeOp
 
 
 @pytest.fixture
@@ -23,63 +23,8 @@ async def ctx(etcd_client, etcd_config):
     return c
 
 
-async def own(ctx, vid, chunk_id, epoch=1, released=False):
-    await ctx.etcd.put(ctx.keys.owner(vid), VolumeOwner(volume_id=vid, chunk_id=chunk_id, epoch=epoch,
-                                                        released=released).encode())
-
-
 async def ops_of(ctx, vid):
     return [op for _, op in await ctx.list(ctx.keys.volops(vid), VolumeOp)]
-
-
-class Executor:
-    """Runs the ops assigned to ``chunk_id`` the way a coordinator does."""
-
-    def __init__(self, ctx, chunk_id, fail: str | None = None, delay: float = 0.0):
-        self.ctx, self.chunk_id, self.fail, self.delay = ctx, chunk_id, fail, delay
-        self.ran: list[VolumeOp] = []
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task | None = None
-
-    async def __aenter__(self):
-        self.task = asyncio.ensure_future(self.loop())
-        return self
-
-    async def __aexit__(self, *exc):
-        self.stop.set()
-        await self.task
-
-    async def loop(self):
-        ctx = self.ctx
-        while not self.stop.is_set():
-            for kv in await ctx.etcd.get_prefix(ctx.keys.all_volops()):
-                op = VolumeOp.decode(kv.value)
-                if op.executor == self.chunk_id and op.state == "pending":
-                    await asyncio.sleep(self.delay)
-                    await self.execute(op, kv.key, kv.mod_revision)
-            await asyncio.sleep(0.02)
-
-    async def execute(self, op, key, op_rev):
-        ctx, t = self.ctx, self.ctx.etcd.transactions
-        okey, vkey, skey = ctx.keys.owner(op.volume_id), ctx.keys.volume(op.volume_id), ctx.keys.snapshot(op.snapshot_id)
-        _, orev = await ctx.get(okey, VolumeOwner)
-        vol, vrev = await ctx.get(vkey, Volume)
-        snap, srev = await ctx.get(skey, Snapshot)
-        compare = [t.mod(okey) == orev, t.mod(vkey) == vrev, t.mod(key) == op_rev, t.mod(skey) == srev]
-        if self.fail:
-            op.state, op.error = "failed", self.fail
-            ops = [t.put(key, op.encode())]
-        elif op.kind == "snapshot":
-            snap.seq, snap.state = vol.snap_seq, "ready"
-            vol.snap_seq += 1
-            op.state = "done"
-            ops = [t.put(vkey, vol.encode()), t.put(skey, snap.encode()), t.put(key, op.encode())]
-        else:
-            op.state = "done"                         # revert: the replicas would rewrite blocks here
-            ops = [t.put(key, op.encode())]
-        ok, _ = await ctx.etcd.transaction(compare=compare, success=ops, failure=[])
-        if ok:
-            self.ran.append(op)
 
 
 async def test_snapshot_without_owner_sets_seq_and_bumps_snap_seq(ctx):

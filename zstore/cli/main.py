@@ -177,6 +177,10 @@ def cmd_chunk_list(ctx: Ctx) -> int:
     return ctx.show(ctx.client.get("/chunks")["chunks"], output.chunk_table)
 
 
+def cmd_chunk_show(ctx: Ctx) -> int:
+    return ctx.show(ctx.client.get(f"/chunks/{seg(ctx.args.id)}"), output.chunk_detail)
+
+
 def cmd_chunk_drain(ctx: Ctx) -> int:
     c = ctx.client.post(f"/chunks/{seg(ctx.args.id)}/drain")
     return ctx.done(c, f"chunk server {ctx.args.id} is draining: no new replicas will be placed on it, "
@@ -252,6 +256,16 @@ def cmd_volume_delete(ctx: Ctx) -> int:
     return ctx.done(r, f"deleted volume {ctx.args.name}")
 
 
+def cmd_volume_revert(ctx: Ctx) -> int:
+    """Online revert: a chunk server rewrites what changed since the snapshot (up to a minute)."""
+    a = ctx.args
+    vol, snap = snapshot_ref(a.volume, a.snapshot)
+    client = ctx.client
+    client.timeout = max(client.timeout, 75.0)     # the meta waits up to 60 s for the chunk server
+    r = client.post(f"/volumes/{seg(vol)}/revert", {"snapshot": snap})
+    return ctx.done(r, f"volume {vol} reverted to snapshot {snap}")
+
+
 def cmd_volume_clone(ctx: Ctx) -> int:
     """A clone is a volume created from a snapshot; its size defaults to the snapshot's."""
     a = ctx.args
@@ -273,6 +287,7 @@ def cmd_volume_clone(ctx: Ctx) -> int:
 
 def cmd_snapshot_create(ctx: Ctx) -> int:
     vol, snap = snapshot_ref(ctx.args.volume, ctx.args.snapshot)
+    ctx.client.timeout = max(ctx.client.timeout, 20.0)   # the meta waits up to 10 s for the volume's writer
     r = ctx.client.request("POST", f"/volumes/{seg(vol)}/snapshots", {"name": snap})
     verb = "created" if r.status == 201 else "already exists"
     return ctx.done(r.data, f"snapshot {vol}@{snap} {verb} ({output.size((r.data or {}).get('size'))})")
@@ -416,6 +431,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     g = group("chunk", "chunk servers")
     leaf(g, "list", cmd_chunk_list, "list chunk servers with status, state and capacity")
+    leaf(g, "show", cmd_chunk_show, "one chunk server with its disks' capacity and use").add_argument(
+        "id", metavar="ID")
     for name, func, help in (("drain", cmd_chunk_drain, "place no new replicas on a chunk server and move its "
                                                          "iSCSI initiators elsewhere"),
                              ("undrain", cmd_chunk_undrain, "make a draining chunk server active again")):
@@ -441,6 +458,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = leaf(g, "delete", cmd_volume_delete, "delete a volume")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--force", action="store_true", help="delete even while initiators are on its ACL")
+    p = leaf(g, "revert", cmd_volume_revert, "revert a volume to one of its snapshots (online)")
+    p.add_argument("volume", metavar="VOLUME", help="VOLUME, or VOLUME@SNAP alone")
+    p.add_argument("snapshot", metavar="SNAP", nargs="?")
     p = leaf(g, "clone", cmd_volume_clone, "create a volume from a snapshot")
     p.add_argument("source", metavar="VOLUME@SNAP")
     p.add_argument("name", metavar="NEWNAME")

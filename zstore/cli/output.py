@@ -82,14 +82,66 @@ def cluster_status(c: Mapping[str, Any]) -> str:
         ("chunk servers", f"{chunks.get('total', 0)} total, {chunks.get('up', 0)} up, "
                           f"{chunks.get('down', 0)} down, {chunks.get('draining', 0)} draining"),
         ("capacity", f"{size(cap.get('total', 0))} total, {size(cap.get('used', 0))} used"
+                     + (f", {size(cap['free'])} free" if "free" in cap else "")
                      + (f", {size(cap['provisioned'])} provisioned" if "provisioned" in cap else "")),
+        ("recovery", recovery_summary(c.get("recovery"))),
         ("volumes", c.get("volumes", 0)),
         ("snapshots", c.get("snapshots", 0)),
         ("targets", c.get("targets", 0)),
         ("auth failures", c.get("auth_failures", 0)),
         ("answered by", c.get("answered_by")),
     ]
-    return fields(pairs)
+    text = fields(pairs)
+    tasks = (c.get("recovery") or {}).get("tasks") or []
+    if tasks:
+        text += "\n\nrecovery tasks:\n" + task_table(tasks)
+    return text
+
+
+def percent(done: Any, total: Any) -> str:
+    if not isinstance(done, int) or not isinstance(total, int) or total <= 0:
+        return "-"
+    return f"{min(100.0, 100.0 * done / total):.0f}%"
+
+
+def recovery_summary(r: Mapping[str, Any] | None) -> str:
+    if not r:
+        return "-"
+    degraded, tasks = r.get("degraded_extents", 0), r.get("tasks") or []
+    if not degraded and not tasks:
+        return "all extents fully replicated"
+    return (f"{degraded} degraded extent(s), {len(tasks)} recovery task(s), "
+            f"{size(r.get('bytes_done', 0))} of {size(r.get('bytes_total', 0))} copied "
+            f"({percent(r.get('bytes_done'), r.get('bytes_total'))})")
+
+
+def task_table(tasks: Sequence[Mapping[str, Any]]) -> str:
+    return table(["VOLUME", "EXTENT", "KIND", "TARGET", "EXECUTOR", "STATE", "PROGRESS", "ERROR"],
+                 [[t.get("volume") or t.get("volume_id"), t.get("index"), t.get("kind"), t.get("target"),
+                   t.get("executor"), t.get("state"),
+                   f"{percent(t.get('done_bytes'), t.get('total_bytes'))} of {size(t.get('total_bytes'))}",
+                   t.get("error")] for t in tasks])
+
+
+def chunk_detail(c: Mapping[str, Any]) -> str:
+    head = fields([
+        ("id", c.get("chunk_id")),
+        ("hostname", c.get("hostname")),
+        ("address", f"{c.get('address')}:{c.get('data_port')}" if c.get("data_port") else c.get("address")),
+        ("portal", c.get("portal")),
+        ("status", c.get("status")),
+        ("state", c.get("state")),
+        ("down since", when(c.get("down_since"))),
+        ("labels", c.get("labels")),
+        ("capacity", f"{size(c.get('capacity'))} total, {size(c.get('used'))} used"),
+        ("sessions", _session_count(c)),
+    ])
+    disks = c.get("disks") or []
+    rows = [[d.get("path"), d.get("state", "ok"), size(d.get("capacity")), size(d.get("used")),
+             size(max(int(d.get("capacity", 0)) - int(d.get("used", 0)), 0))
+             if isinstance(d.get("capacity"), int) else None] for d in disks]
+    return f"{head}\n\ndisks:\n" + (table(["PATH", "STATE", "CAPACITY", "USED", "FREE"], rows)
+                                      if rows else "(none reported)")
 
 
 def chunk_table(chunks: Sequence[Mapping[str, Any]]) -> str:
@@ -134,12 +186,32 @@ def volume_detail(v: Mapping[str, Any]) -> str:
         ("LUN", v.get("lun")),
         ("WWN", v.get("wwn")),
         ("ACL", ", ".join(str(a) for a in acl) if acl else "none (the LUN is visible to no initiator)"),
+        *_extent_pairs(v),
     ])
     placement = v.get("placement") or []
     reps = table(["CHUNK", "HOSTNAME", "ADDRESS", "STATUS", "LABELS"],
                  [[p.get("chunk_id"), p.get("hostname"), p.get("address"), p.get("status"),
                    p.get("labels")] for p in placement]) if placement else "(no replicas placed)"
-    return f"{head}\n\nreplicas:\n{reps}"
+    text = f"{head}\n\nreplicas:\n{reps}"
+    tasks = (v.get("recovery") or {}).get("tasks") or []
+    if tasks:
+        text += "\n\nrecovery:\n" + task_table(tasks)
+    return text
+
+
+def _extent_pairs(v: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Storage state, shown by `volume show` (the single-volume answer carries it)."""
+    ext, rec = v.get("extents"), v.get("recovery") or {}
+    if not isinstance(ext, Mapping):
+        return []
+    pairs: list[tuple[str, Any]] = [
+        ("extents", f"{ext.get('allocated', 0)} of {ext.get('total', 0)} allocated, "
+                    f"{ext.get('degraded', 0)} degraded")]
+    if rec.get("tasks"):
+        pairs.append(("recovery", f"{len(rec['tasks'])} task(s), {size(rec.get('bytes_done', 0))} of "
+                                  f"{size(rec.get('bytes_total', 0))} copied "
+                                  f"({percent(rec.get('bytes_done'), rec.get('bytes_total'))})"))
+    return pairs
 
 
 def snapshot_table(snaps: Sequence[Mapping[str, Any]]) -> str:
