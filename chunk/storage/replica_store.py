@@ -566,8 +566,11 @@ class ReplicaStore:
                 "allocated": allocated, "disk": str(rep.disk.path)}
 
     def set_generation(self, vid: str, idx: int, generation: int) -> None:
+        """Durably record the generation; the extent is flushed first, because a
+        generation claims the data is in sync (after a resync's imports)."""
         rep = self._get(vid, idx)
         with self._io(rep.disk):
+            rep.flush()
             rep.ext.set_header(generation=generation)
 
     def flush(self, vid: str, idx: int) -> None:
@@ -741,6 +744,14 @@ class ReplicaStore:
 
     def export(self, vid: str, idx: int, offset: int, length: int,
                max_bytes: int = 768 << 10) -> tuple[bytes, int | None]:
+        """The full state of a block-aligned range as a msgpack blob for ``import_``.
+
+        ``{format, offset, end, live: [[block, seq, crc, data|None]],
+        versions: [[block, origin, key, crc, data]]}``: every block of
+        [offset, end) not listed is absent with seq 0 and has no versions.
+        Stops before a block that would push the blob past ``max_bytes``
+        (at least one block is always included) and returns where to go on.
+        """
         rep = self._get(vid, idx)
         if offset % BLOCK_SIZE or length % BLOCK_SIZE:
             raise ValueError(f"export range {offset}+{length} is not {BLOCK_SIZE}-aligned")
@@ -772,6 +783,12 @@ class ReplicaStore:
         return blob, nxt
 
     def import_(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None) -> bool:
+        """Make the blob's range exactly the exported state (live, seqs, versions).
+
+        The blob is checked whole (crc of every block) before anything is
+        applied.  Not flushed: a resync ends with ``set_generation``, which
+        flushes first.
+        """
         state = _parse_blob(blob)
         rep = self._replicas.get((vid, idx))
         if rep is None:
@@ -799,9 +816,6 @@ class ReplicaStore:
                 by_key.setdefault(key, []).append((b, origin, data))
             for key, items in sorted(by_key.items()):
                 rep.versions_for(key).put(items)
-            if by_key and self.cow_sync:
-                for key in by_key:
-                    rep.versions[key].sync()
             # Live blocks: seqs, then data runs, absent runs punched.
             new_seqs = array("I", bytes(4 * n))
             data: dict[int, bytes] = {}
@@ -826,6 +840,8 @@ class ReplicaStore:
         return True
 
     def digest(self, vid: str, idx: int) -> bytes:
+        """sha256 of the logical state (not the layout): live (block, seq, crc) of
+        present blocks, then versions (block, origin, key, crc), sorted."""
         rep = self._get(vid, idx)
         h = hashlib.sha256()
         crcs, seqs = rep.ext.crcs, rep.seqs
@@ -863,6 +879,7 @@ class ReplicaStore:
         return sorted(bad)
 
     def trim(self, vid: str, idx: int, snapshot_seqs: set[int]) -> int:
+        """Drop versions no snapshot in ``snapshot_seqs`` reads; returns blocks freed."""
         rep = self._get(vid, idx)
         snaps = sorted(snapshot_seqs)
         freed = 0
