@@ -124,10 +124,16 @@ def place_extent(vol: Volume, views: list[chunkmod.ChunkView]) -> list[str]:
         return plan
     keep = [candidate_of(by_id[c]) for c in plan if c in by_id and usable(by_id[c], need)][:vol.replicas]
     pool = [candidate_of(v) for v in views if usable(v, need)]
-    if len(pool) < vol.replicas:
+    if not pool:
         cands, unusable = chunkmod.candidates(views)
         place(cands, vol.replicas, need=need, unusable=unusable)     # raises the clear error
-    return [c.chunk_id for c in keep] + place_more(pool, keep, vol.replicas - len(keep), need)
+    if len(pool) < vol.replicas:
+        # Degraded, not refused: the write goes on where placement allows (as writes do on
+        # surviving replicas), and the recovery loop adds the missing copies when it can.
+        log.warning("volume %s: only %d usable chunk server(s) for %d replicas; placing a degraded "
+                    "extent", vol.name, len(pool), vol.replicas)
+    want = min(vol.replicas, len(pool))
+    return [c.chunk_id for c in keep] + place_more(pool, keep, want - len(keep), need)
 
 
 async def allocate(ctx: Ctx, vid: str, index: Any) -> tuple[ExtentRecord, bool]:
@@ -196,11 +202,18 @@ async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any) -
                    else f"generation {generation} is not the current {rec.generation}")
             raise Conflict(f"{chunk_id} cannot join extent {vid}/{index}: {why}",
                            hint="re-read the extent record and resync again", record=rec.to_dict())
-        if len(rec.replicas) >= vol.replicas:
-            raise Conflict(f"{chunk_id} cannot join extent {vid}/{index}: it already has "
-                           f"{len(rec.replicas)} of {vol.replicas} replicas", record=rec.to_dict())
-        if await ctx.get_raw(ctx.keys.chunk_info(chunk_id)) is None:
+        views = {v.chunk_id: v for v in await chunkmod.list_chunks(ctx)}
+        if chunk_id not in views:
             raise NotFound(f"chunk server {chunk_id!r} not found", hint="see `zstore chunk list`")
+        leaving = None
+        if len(rec.replicas) >= vol.replicas:
+            # A full extent takes a new replica only in place of one on a draining server
+            # (recovery evacuates those): the swap is one change of the replica set.
+            leaving = next((c for c in rec.replicas if c in views and views[c].draining), None)
+            if leaving is None:
+                raise Conflict(f"{chunk_id} cannot join extent {vid}/{index}: it already has "
+                               f"{len(rec.replicas)} of {vol.replicas} replicas", record=rec.to_dict())
+            rec.replicas.remove(leaving)
         rec.replicas.append(chunk_id)
         rec.stale.pop(chunk_id, None)
         rec.generation += 1
@@ -210,8 +223,9 @@ async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any) -
             compare.append(ctx.unchanged(task_key, task_rev))
             ops.append(ctx.delete(task_key))
         if await ctx.txn(compare, ops):
-            log.info("extent %s/%d: %s joined at generation %d; in sync: %s%s", vid, index, chunk_id,
-                     rec.generation, ",".join(rec.replicas), " (recovery task done)" if len(ops) > 1 else "")
+            log.info("extent %s/%d: %s joined at generation %d%s; in sync: %s%s", vid, index, chunk_id,
+                     rec.generation, f" in place of draining {leaving}" if leaving else "",
+                     ",".join(rec.replicas), " (recovery task done)" if len(ops) > 1 else "")
             return rec
     raise Conflict(f"could not join a replica to {vid}/{index}: too much concurrent change", hint="retry")
 

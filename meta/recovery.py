@@ -10,6 +10,10 @@ in-sync replicas than its volume asks for, fewest first, and keeps at most
   draining, removed, or has no usable disk -> ``rebuild`` on a newly placed
   chunk server, spread away from the remaining replicas' failure domains.
 
+With slots left over, replicas on draining chunk servers are moved: a
+``rebuild`` to a new server whose ``join`` replaces the draining replica in
+one change, so the extent never has fewer copies while a server drains.
+
 A replica on a chunk server down past the grace that is still listed as in
 sync (nothing wrote the extent, so nobody dropped it) is dropped here first.
 The last replica is never dropped.
@@ -168,7 +172,7 @@ class Recovery:
             why = None
             if vol is None or ext is None:
                 why = "its volume or extent is gone"
-            elif len(ext[0].replicas) >= vol.replicas:
+            elif not self._needs_work(ext[0], vol, w):
                 why = "the extent has all its replicas"
             elif task.target in ext[0].replicas:
                 why = "the target is in sync"
@@ -189,12 +193,74 @@ class Recovery:
                     log.info("recovery task %s/%d handed from %s to %s", vid, index, old, want)
                     done["reassigned"].append((vid, index, want))
 
+    @staticmethod
+    def _draining(rec: ExtentRecord, w: World) -> list[str]:
+        return [c for c in rec.replicas if c in w.views and w.views[c].draining]
+
+    def _needs_work(self, rec: ExtentRecord, vol: Volume, w: World) -> bool:
+        """Degraded, or full but with a replica to move off a draining server."""
+        return len(rec.replicas) < vol.replicas or bool(self._draining(rec, w))
+
     async def _plan(self, w: World, now: float, done: dict[str, Any]) -> None:
-        ctx = self.ctx
         slots = self.concurrency - len(w.tasks)
         degraded = sorted(((rec, rev) for (vid, _), (rec, rev) in w.extents.items()
                            if vid in w.volumes and len(rec.replicas) < w.volumes[vid].replicas),
                           key=lambda x: (len(x[0].replicas), x[0].volume_id, x[0].index))
+        slots = await self._plan_degraded(w, now, done, degraded, slots)
+        # Then, with what is left, move replicas off draining servers (the copy joins in
+        # place of the draining replica, so the extent never has fewer copies meanwhile).
+        for (vid, index), (rec, rev) in sorted(w.extents.items()):
+            if slots <= 0:
+                break
+            vol = w.volumes.get(vid)
+            if vol is None or (vid, index) in w.tasks or len(rec.replicas) < vol.replicas:
+                continue
+            leaving = self._draining(rec, w)
+            if not leaving:
+                continue
+            stay = [c for c in rec.replicas if c != leaving[0]]
+            target = self._place(w, rec, stay, vol)
+            if target and await self._create(w, rec, rev, rec, vol, "rebuild", target, done):
+                slots -= 1
+
+    def _place(self, w: World, rec: ExtentRecord, keep_ids: list[str], vol: Volume) -> str | None:
+        """A new chunk server for a copy of ``rec``, away from ``keep_ids``' failure domains."""
+        pool = [candidate_of(v) for v in w.views.values() if usable(v, EXTENT_SIZE)
+                and v.chunk_id not in rec.replicas and v.chunk_id not in rec.stale]
+        keep = [candidate_of(w.views[c]) if c in w.views else Candidate(chunk_id=c, free=0) for c in keep_ids]
+        try:
+            target = place_more(pool, keep, 1, EXTENT_SIZE)[0]
+        except InsufficientResources as e:
+            key = (rec.volume_id, rec.index)
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("extent %s/%d (%d of %d replicas) has no place for a new copy: %s",
+                            rec.volume_id, rec.index, len(rec.replicas), vol.replicas, e.message)
+            return None
+        self._warned.discard((rec.volume_id, rec.index))
+        return target
+
+    async def _create(self, w: World, rec: ExtentRecord, rev: int, new: ExtentRecord, vol: Volume,
+                      kind: str, target: str, done: dict[str, Any]) -> bool:
+        """One txn: the task, if the extent is unchanged (and its pruned stale map, if any)."""
+        ctx, vid, index = self.ctx, rec.volume_id, rec.index
+        task = RecoveryTask(volume_id=vid, index=index, target=target, kind=kind,
+                            executor=w.executor_for(vid, target), generation=rec.generation,
+                            total_bytes=EXTENT_SIZE)
+        tkey, ekey = ctx.keys.recovery_task(vid, index), ctx.keys.extent(vid, index)
+        ops = [ctx.put(tkey, task)]
+        if new.stale != rec.stale:
+            ops.append(ctx.put(ekey, new))
+        if not await ctx.txn([ctx.absent(tkey), ctx.unchanged(ekey, rev)], ops):
+            return False
+        w.tasks[(vid, index)] = (task, 0)
+        done["created"].append((vid, index, kind, target))
+        log.info("extent %s/%d (%d of %d replicas): %s to %s, run by %s", vid, index,
+                 len(rec.replicas), vol.replicas, kind, target, task.executor)
+        return True
+
+    async def _plan_degraded(self, w: World, now: float, done: dict[str, Any],
+                             degraded: list[tuple[ExtentRecord, int]], slots: int) -> int:
         for rec, rev in degraded:
             if slots <= 0:
                 break
@@ -211,37 +277,17 @@ class Recovery:
             if ok_stale:
                 kind, target = "resync", ok_stale[0]
             elif vol.replicas - len(rec.replicas) > len(waiting):
-                pool = [candidate_of(v) for v in w.views.values() if usable(v, EXTENT_SIZE)
-                        and v.chunk_id not in rec.replicas and v.chunk_id not in rec.stale]
-                keep = [candidate_of(w.views[c]) if c in w.views else Candidate(chunk_id=c, free=0)
-                        for c in rec.replicas]
-                try:
-                    target = place_more(pool, keep, 1, EXTENT_SIZE)[0]
-                except InsufficientResources as e:
-                    if (vid, index) not in self._warned:
-                        self._warned.add((vid, index))
-                        log.warning("extent %s/%d has %d of %d replicas and cannot be rebuilt: %s",
-                                    vid, index, len(rec.replicas), vol.replicas, e.message)
+                target = self._place(w, rec, rec.replicas, vol)
+                if target is None:
                     continue
                 kind = "rebuild"
                 for c in gone:
                     new.stale.pop(c, None)
             else:
                 continue                               # wait for the stale copies' servers to return
-            self._warned.discard((vid, index))
-            task = RecoveryTask(volume_id=vid, index=index, target=target, kind=kind,
-                                executor=w.executor_for(vid, target), generation=rec.generation,
-                                total_bytes=EXTENT_SIZE)
-            tkey, ekey = ctx.keys.recovery_task(vid, index), ctx.keys.extent(vid, index)
-            ops = [ctx.put(tkey, task)]
-            if new.stale != rec.stale:
-                ops.append(ctx.put(ekey, new))
-            if await ctx.txn([ctx.absent(tkey), ctx.unchanged(ekey, rev)], ops):
+            if await self._create(w, rec, rev, new, vol, kind, target, done):
                 slots -= 1
-                w.tasks[(vid, index)] = (task, 0)
-                done["created"].append((vid, index, kind, target))
-                log.info("extent %s/%d (%d of %d replicas): %s to %s, run by %s", vid, index,
-                         len(rec.replicas), vol.replicas, kind, target, task.executor)
+        return slots
 
 
 # --- status ---------------------------------------------------------------------------

@@ -30,17 +30,13 @@ from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner
 
 from . import chunks as chunkmod
 from .context import Ctx
-from .volumes import MAX_RETRIES, find_volume, resolve_snapshot
+from .volumes import MAX_RETRIES, find_volume, resolve_snapshot, snapshot_op_id
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT = 10.0
 REVERT_TIMEOUT = 60.0
 POLL = 0.05
-
-
-def snapshot_op_id(sid: str) -> str:
-    return f"snapshot-{sid}"
 
 
 async def live_owner(ctx: Ctx, vid: str) -> tuple[VolumeOwner | None, int]:

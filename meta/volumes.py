@@ -35,6 +35,11 @@ MAX_VOLUME_SIZE = 2**50          # 1 PiB
 MAX_RETRIES = 64
 
 
+def snapshot_op_id(sid: str) -> str:
+    """The id of a snapshot's barrier op: one per snapshot, so a retried create finds it."""
+    return f"snapshot-{sid}"
+
+
 def check_size(value: Any, what: str = "size") -> int:
     try:
         size = parse_size(value)
@@ -257,7 +262,9 @@ async def delete_snapshot_record(ctx: Ctx, snap: Snapshot) -> str:
     skey = ctx.keys.snapshot(snap.snapshot_id)
     clones = [v for _, v in await ctx.list(ctx.keys.volumes(), Volume)
               if v.source_snapshot == snap.snapshot_id]
-    ops = [ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name))]
+    # A snapshot deleted while still being created takes its pending barrier op along.
+    ops = [ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name)),
+           ctx.delete(ctx.keys.volop(snap.volume_id, snapshot_op_id(snap.snapshot_id)))]
     if clones:
         snap.state = "deleted"
         ops.append(ctx.put(skey, snap))

@@ -198,3 +198,25 @@ async def test_volume_status_counts_extents_and_tasks(ctx):
     assert st["extents"] == {"total": 16, "allocated": 2, "degraded": 1}
     [t] = st["recovery"]["tasks"]
     assert (t["volume"], t["index"], t["kind"], t["target"]) == ("v", 5, "resync", "c1")
+
+
+async def test_replicas_move_off_a_draining_server_after_degraded_ones(ctx):
+    full = await extent_on(ctx, "full", ["c0", "c1", "c2"])
+    weak = await extent_on(ctx, "weak", ["c0", "c4", "c3"])
+    await extents.drop(ctx, weak.volume_id, 0, "c3", 1, "test")
+    await chunks.set_admin_state(ctx, "c1", "draining")
+    rec = Recovery(ctx, grace=GRACE, concurrency=1)
+    assert [v for v, *_ in (await rec.step())["created"]] == [weak.volume_id]     # degraded first
+    rec.concurrency = 2
+    did = await rec.step()
+    assert did["created"] == [(full.volume_id, 0, "rebuild", "c3")]    # zone d: away from c0's a
+    assert (await rec.step())["deleted"] == []                          # needed although full
+    # The copy is done: it joins in place of the draining replica, in one change.
+    got = await extents.join(ctx, full.volume_id, 0, "c3", 1)
+    assert got.replicas == ["c0", "c2", "c3"] and got.generation == 2 and got.stale == {}
+    assert await task_of(ctx, full.volume_id) is None
+    assert (await rec.step())["created"] == []                          # nothing left to move
+    # Without a draining replica a full extent takes no one.
+    with pytest.raises(Exception) as e:
+        await extents.join(ctx, full.volume_id, 0, "c4", 2)
+    assert "already has 3 of 3" in str(e.value)

@@ -186,3 +186,14 @@ async def test_failed_revert_is_reported(ctx):
             await volops.revert_volume(ctx, "v", "s", timeout=5)
     assert "replica c1 unreachable" in e.value.message
     assert await ops_of(ctx, vol.volume_id) == []
+
+
+async def test_deleting_a_snapshot_being_created_removes_its_op(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    await own(ctx, vol.volume_id, "c0")
+    with pytest.raises(Unavailable):
+        await volops.create_snapshot(ctx, "v", "s", timeout=0.2)
+    assert len(await ops_of(ctx, vol.volume_id)) == 1
+    await volumes.delete_snapshot(ctx, "v", "s")
+    assert await ops_of(ctx, vol.volume_id) == []
+    assert await volumes.list_snapshots(ctx, "v") == []
