@@ -164,6 +164,7 @@ class Owned:
 @dataclass(frozen=True)
 class Backstore:
     name: str
+    index: int              # of its user_N HBA dir
     path: str               # its configfs dir
     uio_name: str           # the name its /dev/uioN carries in sysfs
 
@@ -185,8 +186,8 @@ class LioConfig:
         return out
 
     def _describe(self, so) -> Backstore:
-        m = re.search(r"/user_(\d+)/", so.path + "/")
-        return Backstore(so.name, so.path, tuio.uio_name(int(m.group(1)), so.name, so.config))
+        index = int(re.search(r"/user_(\d+)/", so.path + "/").group(1))
+        return Backstore(so.name, index, so.path, tuio.uio_name(index, so.name, so.config))
 
     def ensure_backstores(self, want: dict[str, Volume]) -> dict[str, Backstore]:
         have = self._ours()
@@ -269,7 +270,7 @@ class LioConfig:
                 log.info("LIO: %s LUN %d removed", spec.iqn, n)
         for n, name in spec.luns.items():
             if n not in luns and name in backstores:
-                so = rts.UserBackedStorageObject(name)
+                so = rts.UserBackedStorageObject(name, index=backstores[name].index)
                 luns[n] = rts.LUN(tpg, n, so)
                 log.info("LIO: %s LUN %d -> user/%s", spec.iqn, n, name)
         # NodeACLs, MappedLUNs, CHAP
@@ -391,7 +392,7 @@ class LioFrontend:
     async def _attach(self, bs: Backstore, vol: Volume) -> None:
         found = None
         for _ in range(50):                       # udev may lag behind configfs
-            found = tuio.find(bs.uio_name)
+            found = tuio.find(bs.uio_name, suffix=bs.uio_name.split("/", 2)[2])
             if found and os.path.exists(f"/dev/{found}"):
                 break
             await asyncio.sleep(0.1)

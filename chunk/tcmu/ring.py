@@ -10,9 +10,11 @@ little-endian on x86, ``__packed``):
   8-byte aligned entries. Each starts with ``u32 len_op`` (length | opcode in the
   low 3 bits), ``u16 cmd_id``, ``u8 kflags``, ``u8 uflags``. Opcodes: PAD (skip
   it), CMD, TMR (a notice; needs no answer).
-* a CMD request: ``u32 iov_cnt, u32 iov_bidi_cnt, u32 iov_dif_cnt, u64 cdb_off,
-  u64 pad, u64 pad`` then ``iov_cnt + bidi + dif`` ``struct iovec {u64 base,
-  u64 len}`` whose bases, like ``cdb_off``, are offsets into the mapping.
+* a CMD request: ``u32 iov_cnt, u32 iov_bidi_cnt, u32 iov_dif_cnt``, 4 bytes of
+  padding (the request struct inside the packed entry is not itself packed, so
+  ``u64 cdb_off`` sits 8-aligned at entry offset 24), ``u64 pad, u64 pad``, then at
+  entry offset 48 ``iov_cnt + bidi + dif`` ``struct iovec {u64 base, u64 len}``
+  whose bases, like ``cdb_off``, are offsets into the mapping.
 * the response overwrites the same entry: ``u8 scsi_status, u8, u16, u32
   read_len, char sense[96]`` at offset 8.
 
@@ -48,9 +50,9 @@ UFLAG_READ_LEN = 0x2
 
 SENSE_BUFFERSIZE = 96
 HDR = struct.Struct("<IHBB")                 # len_op, cmd_id, kflags, uflags
-REQ = struct.Struct("<IIIQQQ")               # iov_cnt, bidi, dif, cdb_off, pad, pad (at 8)
+REQ = struct.Struct("<IIIIQQQ")              # iov_cnt, bidi, dif, (align), cdb_off, pad, pad (at 8)
 IOV = struct.Struct("<QQ")                   # iov_base (offset into the map), iov_len
-REQ_IOV_OFF = HDR.size + REQ.size            # 44
+REQ_IOV_OFF = HDR.size + REQ.size            # 48
 RSP = struct.Struct("<BBHI")                 # scsi_status, pad, pad, read_len (at 8)
 RSP_SENSE_OFF = HDR.size + RSP.size          # 16
 ENTRY_MIN = RSP_SENSE_OFF + SENSE_BUFFERSIZE # sizeof(struct tcmu_cmd_entry) = 112
@@ -140,7 +142,7 @@ def parse_entry(buf, mb: Mailbox, map_size: int, pos: int) -> Entry:
     if length < ENTRY_MIN:
         raise RingError(f"TCMU CMD entry at ring offset {pos} is {length} bytes, "
                         f"shorter than a response ({ENTRY_MIN})")
-    iov_cnt, bidi, dif, cdb_off, _, _ = REQ.unpack_from(buf, base + HDR.size)
+    iov_cnt, bidi, dif, _, cdb_off, _, _ = REQ.unpack_from(buf, base + HDR.size)
     try:
         if REQ_IOV_OFF + (iov_cnt + bidi + dif) * IOV.size > length:
             raise EntryError(f"{iov_cnt}+{bidi}+{dif} iovecs do not fit a {length}-byte entry")

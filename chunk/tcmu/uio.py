@@ -24,16 +24,24 @@ def uio_name(hba_index: int, device: str, config: str) -> str:
     return f"tcm-user/{hba_index}/{device}/{config}"
 
 
-def find(name: str, sys_uio: Path = SYS_UIO) -> str | None:
-    """``uioN`` whose sysfs name is ``name``, else None."""
+def find(name: str, sys_uio: Path = SYS_UIO, suffix: str | None = None) -> str | None:
+    """``uioN`` whose sysfs name is ``name``; else, with ``suffix`` ("<device>/<config>"), the
+    one TCMU device whose name ends so (whatever HBA number the kernel put in); else None."""
     if not sys_uio.is_dir():
         return None
+    names = {}
     for d in sorted(sys_uio.iterdir()):
         try:
-            if (d / "name").read_text().strip() == name:
-                return d.name
+            names[d.name] = (d / "name").read_text().strip()
         except OSError:
             continue
+    for uio, n in names.items():
+        if n == name:
+            return uio
+    if suffix:
+        hits = [u for u, n in names.items() if n.startswith("tcm-user/") and n.endswith("/" + suffix)]
+        if len(hits) == 1:
+            return hits[0]
     return None
 
 

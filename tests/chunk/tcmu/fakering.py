@@ -89,14 +89,18 @@ class FakeKernel:
         if bad_iov:
             iovs = [(self.size - 16, 4096)]
         cdb_len = (len(cdb) + 7) // 8 * 8
-        length = max(44 + 16 * len(iovs), 112) + cdb_len
+        # base_command_size: max(offsetof(struct tcmu_cmd_entry, req.iov[n]), sizeof(entry))
+        length = max(48 + 16 * len(iovs), 112) + cdb_len
         length = (length + ALIGN - 1) // ALIGN * ALIGN
         pos = self._put_entry(length, 1, cmd_id)
         base = CMDR_OFF + pos
         cdb_off = base + length - cdb_len
-        struct.pack_into("<IIIQQQ", self.buf, base + 8, len(iovs), 0, 0, cdb_off, 0, 0)
+        # req: u32 iov_cnt @8, u32 iov_bidi_cnt @12, u32 iov_dif_cnt @16, u64 cdb_off @24 (the
+        # req struct is not packed: 8-aligned), u64 __pad1 @32, u64 __pad2 @40, iov[] @48
+        struct.pack_into("<III", self.buf, base + 8, len(iovs), 0, 0)
+        struct.pack_into("<Q", self.buf, base + 24, cdb_off)
         for i, (b, k) in enumerate(iovs):
-            struct.pack_into("<QQ", self.buf, base + 44 + 16 * i, b, k)
+            struct.pack_into("<QQ", self.buf, base + 48 + 16 * i, b, k)
         self.buf[cdb_off:cdb_off + len(cdb)] = cdb
         self.answers[cmd_id] = {"iovs": iovs}
         struct.pack_into("<I", self.buf, 12, self.head)

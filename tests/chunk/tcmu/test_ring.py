@@ -123,3 +123,21 @@ def test_scatter_fills_iovecs_in_order():
     data = bytes(range(256)) * 10
     assert ring.scatter(k.buf, e.iovs, data) == 2560
     assert k.data_in(cid)[:2560] == data
+
+
+def test_request_field_offsets_inside_the_entry():
+    """struct tcmu_cmd_entry is __packed, its req struct is not: after the three u32 counts
+    comes 4 bytes of padding, cdb_off at 24 and the iovecs at 48 (what the kernel writes;
+    reading cdb_off at 20 gives offset << 32, as a first lab run showed)."""
+    buf = bytearray(1 << 16)
+    struct.pack_into("<HHIII", buf, 0, 2, 3, 128, 4096, 128)           # head after one entry
+    entry = 128
+    struct.pack_into("<IHBB", buf, entry, 128 | 1, 42, 0, 0)
+    struct.pack_into("<III", buf, entry + 8, 1, 0, 0)
+    struct.pack_into("<I", buf, entry + 20, 0xDEADBEEF)                  # padding: must be ignored
+    struct.pack_into("<Q", buf, entry + 24, entry + 112)                 # cdb_off
+    struct.pack_into("<QQ", buf, entry + 48, 8192, 512)                  # iov[0]
+    buf[entry + 112:entry + 118] = bytes([0x12, 0, 0, 0, 36, 0])
+    mb = ring.read_mailbox(buf, len(buf))
+    (e,) = ring.pending(buf, mb, len(buf), 0, 128)
+    assert (e.cmd_id, e.cdb, e.iovs, e.error) == (42, bytes([0x12, 0, 0, 0, 36, 0]), ((8192, 512),), None)
