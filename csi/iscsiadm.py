@@ -111,19 +111,20 @@ class Iscsiadm:
         return next((s for s in await self.sessions(detail) if s.target == target), None)
 
     async def discover(self, portal: str, chap: Chap | None = None) -> list[tuple[str, str]]:
-        """SendTargets at the portal; with CHAP through a discovery record that carries it."""
-        if chap is None:
-            _, out, _ = await self.host.run(["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal])
-            return parse_discovery(out)
+        """SendTargets at the portal through its discovery record, whose auth settings are set
+        every time: CHAP as given, or none (not a previous call's credentials)."""
         db = ["iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", portal]
-        await self.host.run([*db, "-o", "new"], ok=(0, EXIT_SESSION_EXISTS))
-        for name, value in chap.settings("discovery.sendtargets.auth"):
-            await self.host.run([*db, "-o", "update", "-n", name, "-v", value], secret=chap.secrets())
+        # create the record if missing; an existing one is fine (a real failure shows in the update)
+        await self.host.run([*db, "-o", "new"], ok=range(256))
+        prefix = "discovery.sendtargets.auth"
+        for name, value in chap.settings(prefix) if chap else [(f"{prefix}.authmethod", "None")]:
+            await self.host.run([*db, "-o", "update", "-n", name, "-v", value], secret=secrets_of(chap))
         try:
             _, out, _ = await self.host.run([*db, "--discover"])
         except HostError as e:
             if e.rc == EXIT_AUTH_FAILED:
-                raise AuthFailed(f"discovery CHAP at {portal} refused: {e}", e.rc, e.stderr) from None
+                raise AuthFailed(f"SendTargets discovery at {portal} refused (CHAP, iscsiadm exit 24)",
+                                 e.rc, e.stderr) from None
             raise
         return parse_discovery(out)
 
@@ -144,7 +145,8 @@ class Iscsiadm:
                                 ok=(0, EXIT_SESSION_EXISTS))
         except HostError as e:
             if e.rc == EXIT_AUTH_FAILED:
-                raise AuthFailed(f"CHAP login to {target} at {portal} refused: {e}", e.rc, e.stderr) from None
+                raise AuthFailed(f"login to {target} at {portal} refused (CHAP, iscsiadm exit 24)",
+                                 e.rc, e.stderr) from None
             raise
 
     async def forget(self, target: str, portal: str) -> None:

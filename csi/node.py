@@ -208,7 +208,7 @@ class Node(pbg.NodeServicer):
                         self._state_path(vid).unlink(missing_ok=True)
                     if isinstance(e, AuthFailed):
                         raise Abort(grpc.StatusCode.UNAUTHENTICATED,
-                                    f"iSCSI login to {info['target']}: {e} (check the node-stage secret)")
+                                    f"iSCSI {e}: check the CHAP credentials in the node-stage secret")
                     raise Abort(grpc.StatusCode.UNAVAILABLE, f"iSCSI login to {info['target']}: {e}")
                 dev = await self._wait_device(info["wwn"])
             if kind == "block":

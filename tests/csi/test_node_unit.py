@@ -169,7 +169,7 @@ async def test_attach_logs_in_with_manual_scan_when_there_is_no_session(tmp_path
             return await super().run(argv, ok, input, secret)
 
     target, vip = "iqn.2026-01.io.zstore:1d24d4f9.t0000", "192.168.77.1:3260"
-    host = H({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", vip): (0, DISCOVERY),
+    host = H({("iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", vip, "--discover"): (0, DISCOVERY),
               ("iscsiadm", "-m", "node", "-T", target, "-p", vip, "--login"): (15, "")})  # 15: session exists
     sys = fake_sysfs(tmp_path, 1, "host0")
     s = await Iscsiadm(host, sys).attach(target, vip, 1)
@@ -370,15 +370,17 @@ async def test_chap_is_written_to_the_node_record_before_login(tmp_path: Path):
 
 
 async def test_no_secrets_clear_chap_on_a_reused_record(tmp_path: Path):
-    host = LoginHost({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", VIP): (0, DISCOVERY)})
+    host = LoginHost({("iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", VIP, "--discover"): (0, DISCOVERY)})
     await Iscsiadm(host, fake_sysfs(tmp_path, 1, "host0")).attach(TARGET, VIP, 1)
     assert node_cmd("-o", "update", "-n", "node.session.auth.authmethod", "-v", "None") in host.calls
+    assert ["iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", VIP, "-o", "update", "-n",
+            "discovery.sendtargets.auth.authmethod", "-v", "None"] in host.calls
 
 
 async def test_refused_chap_login_deletes_the_node_record(tmp_path: Path):
     from csi.chap import from_secrets
     from csi.iscsiadm import AuthFailed
-    host = LoginHost({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", VIP): (0, DISCOVERY),
+    host = LoginHost({("iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", VIP, "--discover"): (0, DISCOVERY),
                       tuple(node_cmd("--login")): (24, "")})
     with pytest.raises(AuthFailed):
         await Iscsiadm(host, fake_sysfs(tmp_path, 1, "host0")).attach(TARGET, VIP, 1, from_secrets(SECRETS)[0])
@@ -388,7 +390,7 @@ async def test_refused_chap_login_deletes_the_node_record(tmp_path: Path):
 async def test_stage_with_refused_chap_is_unauthenticated_and_leaves_nothing(tmp_path: Path, caplog):
     import logging
     caplog.set_level(logging.DEBUG)
-    host = LoginHost({("iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", VIP): (0, DISCOVERY),
+    host = LoginHost({("iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", VIP, "--discover"): (0, DISCOVERY),
                       tuple(node_cmd("--login")): (24, "")})
     node = Node("n", host, state_dir=str(tmp_path / "state"), device_timeout=0.3)
     server = build_server(None, "", "node", node)
@@ -403,6 +405,7 @@ async def test_stage_with_refused_chap_is_unauthenticated_and_leaves_nothing(tmp
                 await stub.NodeStageVolume(req)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "node-stage secret" in e.value.details() and PW not in e.value.details()
+            assert e.value.details().startswith(f"iSCSI login to {TARGET} at {VIP} refused (CHAP")
             partial = pb.NodeStageVolumeRequest()
             partial.CopyFrom(req)
             del partial.secrets["node.session.auth.password"]

@@ -97,6 +97,21 @@ def test_storage_classes():
         assert 1 <= int(c["parameters"]["replicas"]) <= 3      # what the controller accepts
 
 
+def test_chap_storage_class_names_a_secret_the_node_plugin_accepts():
+    """node-stage-secret-name/namespace name an existing Secret whose keys make a CHAP config."""
+    from csi.chap import from_secrets
+    chap_classes = [c for c in by_kind("StorageClass")
+                    if "csi.storage.k8s.io/node-stage-secret-name" in c["parameters"]]
+    assert chap_classes, "no StorageClass with a node-stage secret"
+    for c in chap_classes:
+        p = c["parameters"]
+        sec = one("Secret", p["csi.storage.k8s.io/node-stage-secret-name"])
+        assert sec["metadata"]["namespace"] == p["csi.storage.k8s.io/node-stage-secret-namespace"]
+        session, discovery = from_secrets(sec["stringData"])
+        assert session is not None and session.username and session.password
+        assert discovery is not None
+
+
 def test_namespaced_objects_are_in_zstore():
     cluster_scoped = {"Namespace", "CSIDriver", "StorageClass", "VolumeSnapshotClass",
                       "ClusterRole", "ClusterRoleBinding"}
