@@ -224,3 +224,15 @@ async def test_tombstoned_volume_keeps_extents_until_collected(ctx):
     await volumes.delete_snapshot_by_id(ctx, snap.snapshot_id)
     assert await ctx.get_raw(ctx.keys.volume(vol.volume_id)) is None
     assert await ctx.list_raw(ctx.keys.extents(vol.volume_id)) == []
+
+
+async def test_too_few_usable_servers_place_a_degraded_extent(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    for cid in ("c0", "c1", "c2", "c3"):
+        await chunks.set_admin_state(ctx, cid, "draining")
+    rec, _ = await extents.allocate(ctx, vol.volume_id, 0)
+    assert rec.replicas == ["c4"]                      # the writes go on; recovery adds copies
+    await chunks.set_admin_state(ctx, "c4", "draining")
+    with pytest.raises(InsufficientResources) as e:
+        await extents.allocate(ctx, vol.volume_id, 1)
+    assert "5 are down or draining" in e.value.message
