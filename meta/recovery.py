@@ -39,6 +39,7 @@ from zstore.errors import InsufficientResources, Unavailable
 from zstore.records import ExtentRecord, RecoveryTask, Volume, VolumeOwner
 
 from . import chunks as chunkmod
+from . import volops
 from .context import Ctx
 from .extents import EXTENT_SIZE, candidate_of, place_more, usable
 from .placement import Candidate
@@ -46,6 +47,7 @@ from .placement import Candidate
 log = logging.getLogger(__name__)
 
 PERIOD = 2.0
+FAILING_PASSES = 3       # a rebuild failing this many passes in a row is replanned (maybe elsewhere)
 
 OK, WAITING, GONE = "ok", "waiting", "gone"
 
@@ -113,6 +115,7 @@ class Recovery:
     concurrency: int = 4
     period: float = PERIOD
     _warned: set[tuple[str, int]] = field(default_factory=set)
+    _failing: dict[tuple[str, int], int] = field(default_factory=dict)
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("recovery scheduler running (grace %.0fs, at most %d task(s))", self.grace, self.concurrency)
@@ -135,6 +138,7 @@ class Recovery:
         now = time.time() if now is None else now
         ctx = self.ctx
         done: dict[str, Any] = {"dropped": [], "deleted": [], "reassigned": [], "created": []}
+        await volops.tidy_ops(ctx, now)
         world = await read_world(ctx)
         if await self._drop_dead(world, now, done):
             world = await read_world(ctx)
@@ -178,6 +182,8 @@ class Recovery:
                 why = "the target is in sync"
             elif chunk_state(w.views.get(task.target), self.grace, now) != OK:
                 why = f"the target {task.target} is not usable"
+            elif task.kind == "rebuild" and self._keeps_failing(vid, index, task):
+                why = f"it failed {FAILING_PASSES} times in a row ({task.error}); placing it again"
             if why:
                 if await ctx.txn([ctx.unchanged(key, rev)], [ctx.delete(key)]):
                     log.info("recovery task %s/%d (%s to %s) removed: %s", vid, index, task.kind,
@@ -192,6 +198,18 @@ class Recovery:
                 if await ctx.txn([ctx.unchanged(key, rev)], [ctx.put(key, task)]):
                     log.info("recovery task %s/%d handed from %s to %s", vid, index, old, want)
                     done["reassigned"].append((vid, index, want))
+
+    def _keeps_failing(self, vid: str, index: int, task: RecoveryTask) -> bool:
+        """Count passes that see the task with an error; a success (no error) resets."""
+        key = (vid, index)
+        if not task.error:
+            self._failing.pop(key, None)
+            return False
+        self._failing[key] = self._failing.get(key, 0) + 1
+        if self._failing[key] < FAILING_PASSES:
+            return False
+        del self._failing[key]
+        return True
 
     @staticmethod
     def _draining(rec: ExtentRecord, w: World) -> list[str]:

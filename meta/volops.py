@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT_TIMEOUT = 10.0
 REVERT_TIMEOUT = 60.0
 POLL = 0.05
+FINISHED_OP_TTL = 120.0         # a done/failed op nobody waited for is tidied up after this
 
 
 async def live_owner(ctx: Ctx, vid: str) -> tuple[VolumeOwner | None, int]:
@@ -225,3 +226,32 @@ async def revert_volume(ctx: Ctx, volume: str, snapshot: str,
                 hint="it continues: repeat the same revert to keep waiting for it")
         await asyncio.sleep(POLL)
 
+
+
+# --- tidying (a leader duty, run with the recovery loop) ----------------------------------
+
+async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_TTL) -> list[str]:
+    """Remove finished ops whose caller stopped waiting (timed out, gave up).
+
+    A done op is only a receipt. A failed snapshot op also takes its
+    ``creating`` snapshot and name with it, exactly as a waiting create would
+    have, so the name can be used again. Pending ops are left to their waiters.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    for kv in await ctx.etcd.get_prefix(ctx.keys.all_volops()):
+        op = VolumeOp.decode(kv.value)
+        if op.state == "pending" or now - op.created < ttl:
+            continue
+        compare, ops = [ctx.unchanged(kv.key, kv.mod_revision)], [ctx.delete(kv.key)]
+        if op.kind == "snapshot" and op.state == "failed":
+            skey = ctx.keys.snapshot(op.snapshot_id)
+            snap, srev = await ctx.get(skey, Snapshot)
+            if snap is not None and snap.state == "creating":
+                compare.append(ctx.unchanged(skey, srev))
+                ops += [ctx.delete(skey), ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name))]
+        if await ctx.txn(compare, ops):
+            log.info("volume op %s (%s, %s) tidied up%s", op.op_id, op.kind, op.state,
+                     f": {op.error}" if op.error else "")
+            removed.append(op.op_id)
+    return removed

@@ -220,3 +220,20 @@ async def test_replicas_move_off_a_draining_server_after_degraded_ones(ctx):
     with pytest.raises(Exception) as e:
         await extents.join(ctx, full.volume_id, 0, "c4", 2)
     assert "already has 3 of 3" in str(e.value)
+
+
+async def test_a_rebuild_that_keeps_failing_is_placed_again(ctx):
+    vol = await extent_on(ctx, "v", ["c0", "c1", "c2"])
+    vid = vol.volume_id
+    await extents.drop(ctx, vid, 0, "c0", 1, "test")
+    await down(ctx, "c0", ago=GRACE * 2)
+    rec = Recovery(ctx, grace=GRACE)
+    await rec.step()
+    task = await task_of(ctx, vid)
+    task.error = "NO_SPACE on the target"                # as the executing chunk server records it
+    await ctx.etcd.put(ctx.keys.recovery_task(vid, 0), task.encode())
+    assert (await rec.step())["deleted"] == []
+    assert (await rec.step())["deleted"] == []
+    did = await rec.step()
+    assert did["deleted"] == [(vid, 0)] and len(did["created"]) == 1    # replanned in the same pass
+    assert (await task_of(ctx, vid)).error is None

@@ -197,3 +197,25 @@ async def test_deleting_a_snapshot_being_created_removes_its_op(ctx):
     await volumes.delete_snapshot(ctx, "v", "s")
     assert await ops_of(ctx, vol.volume_id) == []
     assert await volumes.list_snapshots(ctx, "v") == []
+
+
+async def test_finished_ops_nobody_waited_for_are_tidied(ctx):
+    import time
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    vid = vol.volume_id
+    await own(ctx, vid, "c0")
+    for name in ("gone", "kept"):
+        with pytest.raises(Unavailable):
+            await volops.create_snapshot(ctx, "v", name, timeout=0.2)
+    by_snap = {}
+    for kv in await ctx.etcd.get_prefix(ctx.keys.volops(vid)):
+        op = VolumeOp.decode(kv.value)
+        by_snap[op.snapshot_id] = (kv.key, op)
+    snaps = {s.name: s for s in await volumes.list_snapshots(ctx, "v")}
+    key, op = by_snap[snaps["gone"].snapshot_id]
+    op.state, op.error = "failed", "disk on fire"
+    await ctx.etcd.put(key, op.encode())
+    assert await volops.tidy_ops(ctx) == []                       # too recent
+    assert await volops.tidy_ops(ctx, now=time.time() + 3600) == [op.op_id]
+    assert [s.name for s in await volumes.list_snapshots(ctx, "v")] == ["kept"]   # name free again
+    assert len(await ops_of(ctx, vid)) == 1                                       # pending one stays
