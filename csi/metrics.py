@@ -11,7 +11,10 @@ import logging
 import threading
 from collections import defaultdict
 
-from aiohttp import web
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # aiohttp only when metrics are served: it is most of the plugin's start time
+    from aiohttp import web
 
 log = logging.getLogger("zstore.csi")
 
@@ -60,6 +63,8 @@ class Metrics:
 async def serve_metrics(metrics: Metrics, port: int, host: str = "127.0.0.1") -> web.AppRunner:
     """GET /metrics on HOST:PORT (loopback unless asked: the numbers name volumes' RPCs,
     nothing secret, but nobody else needs them by default). Returns the runner to clean up."""
+    from aiohttp import web
+
     async def handle(_request: web.Request) -> web.Response:
         return web.Response(body=metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
