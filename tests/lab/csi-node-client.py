@@ -45,15 +45,23 @@ class Plugin:
 
     def start(self) -> pbg.NodeStub:
         log = open("/tmp/plugin.log", "ab")
+        t0 = time.monotonic()
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
-        ch = grpc.insecure_channel(f"unix:{SOCK}")
+        # short reconnect backoff: the socket appears only once the new process is up, and
+        # gRPC's default backoff would keep waiting seconds after that
+        ch = grpc.insecure_channel(f"unix:{SOCK}", options=[
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 500)])
         grpc.channel_ready_future(ch).result(timeout=120)
+        print(f"plugin up in {time.monotonic() - t0:.1f}s", flush=True)
         return pbg.NodeStub(ch)
 
     def stop(self) -> None:
         assert self.proc is not None
+        t0 = time.monotonic()
         self.proc.terminate()
         self.proc.wait(30)
+        print(f"plugin stopped in {time.monotonic() - t0:.1f}s", flush=True)
 
 
 def cap(kind: str, ro: bool = False) -> pb.VolumeCapability:
@@ -72,6 +80,29 @@ def mounted(path: str) -> bool:
 def sessions() -> str:
     r = sh("iscsiadm -m session", check=False)
     return r.stdout if r.returncode == 0 else ""
+
+
+def records() -> str:
+    """``iscsiadm -m node``: the node records (a CHAP password would be kept in one)."""
+    r = sh("iscsiadm -m node", check=False)
+    return r.stdout if r.returncode == 0 else ""
+
+
+def refused(call, code: grpc.StatusCode) -> str:
+    """Run a call that must fail with ``code``; return the error's details."""
+    try:
+        call()
+    except grpc.RpcError as e:
+        assert e.code() == code, f"{e.code()} ({e.details()}), expected {code}"
+        return e.details()
+    raise SystemExit(f"FAIL: the call succeeded, expected {code}")
+
+
+def without_secrets(req):
+    out = type(req)()
+    out.CopyFrom(req)
+    out.ClearField("secrets")
+    return out
 
 
 def sha(path: str) -> str:
@@ -99,11 +130,30 @@ def main() -> None:
         Path(staging).mkdir(parents=True, exist_ok=True)
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         stage = pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging,
-                                          volume_capability=cap(kind), publish_context=ctx)
+                                          volume_capability=cap(kind), publish_context=ctx,
+                                          secrets=vol.get("secrets", {}))
         publish = pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging, target_path=target,
                                               volume_capability=cap(kind), publish_context=ctx)
 
-        step(f"[{kind}] NodeStageVolume (twice: idempotent)")
+        if vol.get("secrets"):
+            step(f"[{kind}] CHAP required: partial secrets, no secrets, a wrong password are refused")
+            partial = pb.NodeStageVolumeRequest()
+            partial.CopyFrom(stage)
+            del partial.secrets["node.session.auth.password"]
+            print("partial:", refused(lambda: node.NodeStageVolume(partial), grpc.StatusCode.INVALID_ARGUMENT))
+            wrong = pb.NodeStageVolumeRequest()
+            wrong.CopyFrom(stage)
+            wrong.secrets["node.session.auth.password"] = "wrong-password-0123"
+            for label, req in (("no secrets", without_secrets(stage)), ("wrong password", wrong)):
+                why = refused(lambda: node.NodeStageVolume(req), grpc.StatusCode.UNAUTHENTICATED)
+                print(f"{label}: UNAUTHENTICATED {why}", flush=True)
+                assert "wrong-password" not in why and not any(v in why for v in vol["secrets"].values())
+                assert ctx["targetIQN"] not in sessions(), f"{label}: session left: {sessions()}"
+                assert ctx["targetIQN"] not in records(), f"{label}: node record left: {records()}"
+                assert not Path(f"/var/lib/zstore-csi/{vid}.json").exists(), f"{label}: state file left"
+                assert not os.path.exists(byid) and not mounted(staging)
+
+        step(f"[{kind}] NodeStageVolume (twice: idempotent){' with CHAP' if vol.get('secrets') else ''}")
         node.NodeStageVolume(stage)
         node.NodeStageVolume(stage)
         assert ctx["targetIQN"] in sessions(), sessions()
@@ -150,6 +200,11 @@ def main() -> None:
             if kind != "block":
                 assert stats.usage[0].total > before, "the filesystem did not grow"
 
+        if kind != "xfs":   # (the mount path is ext4's; a restart costs 20-50 s under TCG)
+            step(f"[{kind}] plugin restart between publish and unpublish")
+            plugin.stop()
+            node = plugin.start()
+
         step(f"[{kind}] NodeUnpublishVolume (twice) + NodeUnstageVolume (twice)")
         node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target))
         node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target))
@@ -159,25 +214,38 @@ def main() -> None:
         sh("udevadm settle")
         assert not mounted(staging)
         assert ctx["targetIQN"] not in sessions(), f"session still there: {sessions()}"
+        assert ctx["targetIQN"] not in records(), f"node record still there: {records()}"
         assert not os.path.exists(byid), f"{byid} still there"
 
+        # (for the CHAP volume the lab hook has cleared CHAP on the target: no secrets now)
         step(f"[{kind}] stage + publish readonly again: the data survived (no second mkfs)")
         sh("echo 3 > /proc/sys/vm/drop_caches")
-        node.NodeStageVolume(stage)
+        node.NodeStageVolume(without_secrets(stage))
         ro = pb.NodePublishVolumeRequest()
         ro.CopyFrom(publish)
         ro.readonly = True
         node.NodePublishVolume(ro)
         if kind == "block":
+            # a ro bind mount does not stop writes to a device node: the plugin sets the disk ro
+            assert sh(f"blockdev --getro {byid}").stdout.strip() == "1", "readonly publish: disk not ro"
+            try:
+                with open(target, "r+b") as f:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                print(f"readonly raw block: write refused ({e})", flush=True)
+            else:
+                raise SystemExit("FAIL: readonly raw block publish is writable")
             with open(target, "rb") as f:
                 got = hashlib.sha256(f.read(len(payload))).hexdigest()
         else:
             got = sha(f"{target}/payload")
             assert sh(f"touch '{target}/x'", check=False).returncode != 0, "readonly publish is writable"
         assert got == want, f"checksum {got} != {want}"
-        # (a raw block publish stays writable although bind-mounted ro: the kernel does not
-        # apply a mount's ro flag to device nodes; see the node plugin's known gaps)
         node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target))
+        if kind == "block":
+            assert sh(f"blockdev --getro {byid}").stdout.strip() == "0", "disk still ro after unpublish"
         node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging))
         sh("udevadm settle")
         assert ctx["targetIQN"] not in sessions(), f"session still there: {sessions()}"
@@ -201,6 +269,21 @@ def main() -> None:
     assert not sessions(), f"session left after the last unstage: {sessions()}"
     print("CSI NODE shared target PASSED", flush=True)
     plugin.stop()
+
+    step("nothing leaked: sessions, node records, mounts, SCSI disks, state files")
+    assert not sessions(), sessions()
+    assert not records(), f"node records left: {records()}"
+    left = [m for m in sh("findmnt -rn -o TARGET").stdout.split()
+            if m.startswith(("/var/lib/kubelet", "/tmp/both-"))]
+    assert not left, f"mounts left: {left}"
+    wwids = sh("cat /sys/block/sd*/device/wwid 2>/dev/null", check=False).stdout.lower()
+    for vol in spec["volumes"]:
+        wwn = vol["ctx"]["wwn"].lower().removeprefix("0x")
+        assert wwn not in wwids, f"SCSI disk of {vol['id']} left: {wwids}"
+        assert not os.path.exists(f"/dev/disk/by-id/wwn-0x{wwn}")
+    state = list(Path("/var/lib/zstore-csi").glob("*"))
+    assert not state, f"state files left: {state}"
+    print("CSI NODE no leaks PASSED", flush=True)
 
 
 if __name__ == "__main__":

@@ -377,7 +377,7 @@ def csi_share(share: Path) -> None:
     shutil.copy(LAB / "csi-node-client.py", share / "repo" / "tests" / "lab")
 
 
-@pytest.mark.timeout(BUILD_TIMEOUT + VM_TIMEOUT + 400)
+@pytest.mark.timeout(BUILD_TIMEOUT + VM_TIMEOUT + 700)   # seven plugin (re)starts: 3-6 min under TCG, more when loaded
 def test_csi_node_lifecycle(lab_image, tmp_path):
     """The CSI node plugin attaches zstore volumes with the kernel initiator, as on a Kubernetes node.
 
@@ -391,12 +391,22 @@ def test_csi_node_lifecycle(lab_image, tmp_path):
     grows the device and resize2fs the filesystem), NodeUnpublish + NodeUnstage twice each, after
     which the session and the disk are gone; then stage + readonly publish again must find the
     payload intact (no second mkfs) and a write refused. Finally two volumes (LUNs of one
-    target) are staged together: unstaging one must keep the session the other still uses."""
+    target) are staged together: unstaging one must keep the session the other still uses.
+
+    CHAP: the host sets CHAP for the ext4 volume's target and the guest's IQN (``zstore chap
+    set``), and for target '*' (which zstore asks of SendTargets discovery) with other
+    credentials, before boot. Staging it without secrets or with a wrong password must fail with
+    UNAUTHENTICATED and leave no session, node record or state file; with the secrets in the
+    request it logs in. The lab hook (the ext4 resize) clears CHAP again, so the later stages
+    log in without. The plugin is restarted between stage and publish and between publish and
+    unpublish; a readonly raw block publish must refuse writes; at the end nothing is left:
+    no session, node record, mount, SCSI disk or state file."""
     share = tmp_path / "share"
     share.mkdir()
     payload = os.urandom(8 << 20)
     (share / "payload").write_bytes(payload)
     csi_share(share)
+    chap_secret, disc_secret = os.urandom(12).hex(), os.urandom(12).hex()
     ns = f"labc{os.getpid()}"
     with lab_netns(ns):
         etcd = Etcd(tmp_path / "etcd").start()
@@ -425,21 +435,33 @@ def test_csi_node_lifecycle(lab_image, tmp_path):
                 vol = {"id": v.get("volume_id") or name, "kind": kind, "ctx": ctx}
                 if kind == "ext4":
                     vol["expand_to"] = 256 << 20
+                    # CHAP for this volume's target and the guest, and for discovery (target '*',
+                    # as deploy/kubernetes suggests); the lab hook clears both again
+                    for target, user, secret in ((name, "csi-node", chap_secret), ("*", "csi-disc", disc_secret)):
+                        (tmp_path / "chap").write_text(secret + "\n")
+                        c.cli("chap", "set", target, GUEST_IQN, "--user", user, "--secret-file",
+                              str(tmp_path / "chap"), check=True)
+                    vol["secrets"] = {"node.session.auth.username": "csi-node",
+                                      "node.session.auth.password": chap_secret,
+                                      "discovery.sendtargets.auth.username": "csi-disc",
+                                      "discovery.sendtargets.auth.password": disc_secret}
                 volumes.append(vol)
             (share / "spec.json").write_text(json.dumps({
                 "node_id": GUEST_IQN, "volumes": volumes,
                 "plugin": ["python3", "-m", "csi.server", "--mode", "node", "--endpoint", "unix:///run/csi/csi.sock",
                            "--state-dir", "/var/lib/zstore-csi", "--device-timeout", "60"]}))
             hook = (f"cd {LAB.parent.parent} && ZSTORE_CONFIG={c.client_config} {PY} -m zstore.cli.main "
-                    f"volume resize csi-ext4 --size 256Mi")
+                    f"volume resize csi-ext4 --size 256Mi && ZSTORE_CONFIG={c.client_config} {PY} -m "
+                    f"zstore.cli.main chap clear csi-ext4 {GUEST_IQN} && ZSTORE_CONFIG={c.client_config} {PY} "
+                    f"-m zstore.cli.main chap clear '*' {GUEST_IQN}")
             rc, out = run_script("csi-node", [
                 str(LAB / "run-vm.sh"), "--netns", ns, "--share", str(share), "--hook", hook,
-                "--timeout", str(VM_TIMEOUT + 240), str(LAB / "csi-node-guest.sh"), GUEST_IQN], VM_TIMEOUT + 270)
+                "--timeout", str(VM_TIMEOUT + 540), str(LAB / "csi-node-guest.sh"), GUEST_IQN], VM_TIMEOUT + 570)
             guest = guest_log(out)
             logs = "\n".join(f"--- {p.name}:\n{tail(p.log(), 25)}" for p in [*c.chunks, redirector])
             assert rc == 0 and "csi node test PASSED" in guest, \
                 f"rc={rc}\n--- guest:\n{tail(guest, 120)}\n--- hook:\n{hook_log(out)}\n--- host:\n{tail(out)}\n{logs}"
-            for kind in ("ext4", "xfs", "block", "shared target"):
+            for kind in ("ext4", "xfs", "block", "shared target", "no leaks"):
                 assert f"CSI NODE {kind} PASSED" in guest
             print("\n" + "\n".join(l for l in guest.splitlines() if l.startswith(("===", "CSI NODE", "expand:"))))
         finally:
