@@ -28,7 +28,7 @@ from csi import csi_pb2_grpc as pbg
 from csi.chap import ChapError, from_secrets
 from csi.host import Host, HostError
 from csi.iscsiadm import AuthFailed, Iscsiadm
-from csi.mounts import mount_at, mounts
+from csi.mounts import MOUNTINFO, mount_at, mounts
 from csi.status import Abort, guard, invalid
 
 log = logging.getLogger("zstore.csi.node")
@@ -103,8 +103,10 @@ def by_id(wwn: str) -> Path:
 
 class Node(pbg.NodeServicer):
     def __init__(self, node_id: str, host: Host | None = None, state_dir: str = "/var/lib/zstore-csi",
-                 device_timeout: float = 60.0):
+                 device_timeout: float = 60.0, sysfs: Path = Path("/sys"), mountinfo: Path = MOUNTINFO):
         self.node_id = node_id
+        self.sysfs = sysfs              # for the raw disks' ro flag; tests point both elsewhere
+        self.mountinfo = mountinfo
         self.host = host or Host()
         self.iscsi = Iscsiadm(self.host)
         self.state_dir = Path(state_dir)
@@ -161,10 +163,10 @@ class Node(pbg.NodeServicer):
         the device, not the mount the node was opened through), so a readonly raw block
         publish sets the device's own ro flag; derived from the mount table each time, so a
         restart changes nothing."""
-        flag = Path(f"/sys/block/{name}/ro")
+        flag = self.sysfs / "block" / name / "ro"
         if not flag.exists():
             return
-        pubs = [m for m in mounts() if m.fstype == "devtmpfs" and m.root == f"/{name}"]
+        pubs = [m for m in mounts(self.mountinfo) if m.fstype == "devtmpfs" and m.root == f"/{name}"]
         want = bool(pubs) and all("ro" in m.options.split(",") for m in pubs)
         if want != (flag.read_text().strip() == "1"):
             await self.host.run(["blockdev", "--setro" if want else "--setrw", f"/dev/{name}"])

@@ -419,3 +419,31 @@ async def test_stage_with_refused_chap_is_unauthenticated_and_leaves_nothing(tmp
     assert host.calls[-1] == node_cmd("-o", "delete")
     assert not any(PW in r.getMessage() or PW_IN in r.getMessage() for r in caplog.records)
     assert any("NodeStageVolume UNAUTHENTICATED" in r.getMessage() for r in caplog.records)
+
+
+# ---- readonly raw block: the disk's own ro flag follows its publishes ----
+@pytest.mark.parametrize("pubs, ro_now, want", [
+    (["ro"], "0", ["blockdev", "--setro", "/dev/sdb"]),          # the only publish is readonly
+    (["ro", "rw"], "0", None),                                   # a writer is still there
+    (["ro", "rw"], "1", ["blockdev", "--setrw", "/dev/sdb"]),    # ...so a ro disk is made rw
+    ([], "1", ["blockdev", "--setrw", "/dev/sdb"]),              # the last publish went away
+    (["ro", "ro"], "1", None),                                   # already right: nothing to run
+    ([], "0", None),
+])
+async def test_raw_disk_ro_flag_follows_the_publishes(tmp_path: Path, pubs, ro_now, want):
+    sys = tmp_path / "sys"
+    (sys / "block" / "sdb").mkdir(parents=True)
+    (sys / "block" / "sdb" / "ro").write_text(ro_now + "\n")
+    lines = ["22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw",
+             # a filesystem publish of another disk, and a bind of sdb's partition: not ours
+             "40 22 8:0 / /var/lib/kubelet/pods/p0/volumes/mount ro,relatime - ext4 /dev/sda rw",
+             "41 22 0:5 /sdb1 /var/lib/kubelet/pods/p0/dev/part ro,nosuid - devtmpfs udev rw"]
+    for i, opt in enumerate(pubs):
+        lines.append(f"{50 + i} 22 0:5 /sdb /var/lib/kubelet/pods/p{i}/dev/blk {opt},nosuid - devtmpfs udev rw")
+    (tmp_path / "mountinfo").write_text("\n".join(lines) + "\n")
+    host = FakeHost({})
+    node = Node("n", host, state_dir=str(tmp_path / "state"), sysfs=sys, mountinfo=tmp_path / "mountinfo")
+    await node._sync_ro("sdb")
+    assert host.calls == ([want] if want else [])
+    await node._sync_ro("sdz")          # a disk that is gone: nothing to do
+    assert host.calls == ([want] if want else [])
