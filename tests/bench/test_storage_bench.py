@@ -1,0 +1,75 @@
+"""Smoke test of bench/storage_bench.py: the whole bench runs at tiny sizes, prints both columns,
+and leaves no process or file behind. The numbers themselves are not judged here (a timed test
+only measures how busy the box is); bench/README.md says where they are."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench" / "storage_bench.py"
+TOOLS = ("tgtd", "tgtadm", "iscsi-perf", "iscsi-inq", "qemu-img", "qemu-io", "etcd")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120),
+              pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in TOOLS),
+                                 reason="needs root and tgt, libiscsi-bin, qemu-utils, etcd")]
+
+
+def number(cell: str) -> float:
+    return float(cell.rstrip("x").replace(",", ""))
+
+
+@pytest.fixture
+def short_dir():
+    """zstore up puts unix sockets in its state dir: pytest's tmp_path is too long for them."""
+    d = Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_quick_run_prints_both_columns_and_cleans_up(short_dir):
+    tmp_path = short_dir
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZSTORE_")}
+    r = subprocess.run([sys.executable, str(BENCH), "--quick", "--size", "16Mi", "--duration", "0.5",
+                        "--snapshots", "2", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=110)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+
+    # Snapshots: both sizes timed, a ratio and the flatness verdict.
+    snap = re.search(r"^median ms\s+([\d.,]+)\s+([\d.,]+)\s+([\d.]+)x$", out, re.M)
+    assert snap, out
+    assert number(snap[1]) > 0 and number(snap[2]) > 0
+    assert re.search(r"^flat \(metadata only\): (yes|NO) ", out, re.M), out
+
+    # I/O: tgtd beside 1, 2 and 3 replicas, a value in every cell and every ratio.
+    header = next(l for l in out.splitlines() if l.startswith("metric "))
+    assert header.split()[2:6] == ["tgtd", "zstore-r1", "zstore-r2", "zstore-r3"], header
+    for label in ("4 KiB random write, QD1", "4 KiB random write, QD32", "1 MiB seq write, QD8 (overwrite)",
+                  "4 KiB random read, QD32"):
+        row = next(l for l in out.splitlines() if l.startswith(label))
+        cells = row[len(label):].split()[1:]              # after the unit
+        assert len(cells) == 7, row
+        assert all(number(c) > 0 for c in cells), row
+    assert re.search(r"^goal zstore-r2 .*: (MET|NOT MET) \(", out, re.M), out
+    assert re.search(r"^goal zstore-r3 .*: (MET|NOT MET) \(", out, re.M), out
+
+    # Nothing left behind: the work dir is gone and no process still runs from it.
+    assert list(tmp_path.iterdir()) == []
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", leftover.stdout
+
+
+def test_bad_arguments_exit_2():
+    r = subprocess.run([sys.executable, str(BENCH), "--duration", "0"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=30)
+    assert r.returncode == 2
+    assert "--duration" in r.stderr
