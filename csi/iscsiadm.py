@@ -28,6 +28,8 @@ from csi.host import Host, HostError
 EXIT_NO_OBJS = 21          # "No active sessions" / no records found
 EXIT_SESSION_EXISTS = 15   # login: "session exists"; -o new: record exists
 EXIT_AUTH_FAILED = 24      # login: "iSCSI login failed due to authorization failure"
+EXIT_FATAL_LOGIN = 19      # "non-retryable iSCSI login failure": also what the initiator's own
+                           # rejection of the target's mutual CHAP answer gives (seen in the lab)
 
 
 class AuthFailed(HostError):
@@ -137,7 +139,7 @@ class Iscsiadm:
         for name, value in settings:
             await self.host.run([*node, "-n", name, "-v", value], secret=secrets_of(chap))
 
-    async def login(self, target: str, portal: str) -> None:
+    async def login(self, target: str, portal: str, chap: Chap | None = None) -> None:
         """Log in through the portal we were given (the VIP), which stays the node record's
         persistent portal, so reconnects after a failover go back through the redirector."""
         try:
@@ -147,6 +149,12 @@ class Iscsiadm:
             if e.rc == EXIT_AUTH_FAILED:
                 raise AuthFailed(f"login to {target} at {portal} refused (CHAP, iscsiadm exit 24)",
                                  e.rc, e.stderr) from None
+            if e.rc == EXIT_FATAL_LOGIN and chap is not None and chap.username_in:
+                # discovery has just listed the target, so with mutual CHAP this is the target
+                # failing to prove the secret we expect (iscsiadm does not say which)
+                raise AuthFailed(f"login to {target} at {portal} failed (iscsiadm exit 19, non-retryable): "
+                                 f"with mutual CHAP, most likely the target did not prove "
+                                 f"node.session.auth.password_in", e.rc, e.stderr) from None
             raise
 
     async def forget(self, target: str, portal: str) -> None:
@@ -165,7 +173,7 @@ class Iscsiadm:
                 raise HostError(f"target {target} not advertised at {portal} (discovery: {found})")
             try:
                 await self.configure(target, portal, chap)
-                await self.login(target, portal)
+                await self.login(target, portal, chap)
                 s = await self.session_for(target)
                 if s is None:
                     raise HostError(f"no session to {target} after login")

@@ -387,6 +387,23 @@ async def test_refused_chap_login_deletes_the_node_record(tmp_path: Path):
     assert host.calls[-1] == node_cmd("-o", "delete")
 
 
+async def test_mutual_chap_fatal_login_is_an_auth_failure_one_way_is_not(tmp_path: Path):
+    """exit 19 (non-retryable) is what the initiator's rejection of the target's mutual answer
+    gives; without mutual CHAP it stays a plain login failure (UNAVAILABLE upstream)."""
+    from csi.chap import Chap
+    from csi.host import HostError
+    from csi.iscsiadm import AuthFailed
+    answers = {("iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", VIP, "--discover"): (0, DISCOVERY),
+               tuple(node_cmd("--login")): (19, "")}
+    with pytest.raises(AuthFailed, match="password_in"):
+        await Iscsiadm(LoginHost(answers), fake_sysfs(tmp_path / "a", 1, "host0")).attach(
+            TARGET, VIP, 1, Chap("guest", PW, "target", PW_IN))
+    with pytest.raises(HostError) as e:
+        await Iscsiadm(LoginHost(answers), fake_sysfs(tmp_path / "b", 1, "host0")).attach(
+            TARGET, VIP, 1, Chap("guest", PW))
+    assert not isinstance(e.value, AuthFailed) and e.value.rc == 19
+
+
 async def test_stage_with_refused_chap_is_unauthenticated_and_leaves_nothing(tmp_path: Path, caplog):
     import logging
     caplog.set_level(logging.DEBUG)
