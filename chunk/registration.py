@@ -72,7 +72,8 @@ class Registration:
     def __init__(self, etcd: aetcd.Client, keys: Keys, chunk_id: str, *, lease_ttl: int,
                  build_info: InfoBuilder, probe_disks: DiskProbe, endpoints: str = "etcd",
                  refresh_interval: float = 10.0, backoff: Backoff | None = None,
-                 sessions: SessionLister | None = None, debounce: float = 0.3) -> None:
+                 sessions: SessionLister | None = None, debounce: float = 0.3,
+                 storage: Callable[[], dict[str, Any]] | None = None) -> None:
         self.etcd = etcd
         self.keys = keys
         self.chunk_id = chunk_id
@@ -83,6 +84,7 @@ class Registration:
         self.refresh_interval = refresh_interval
         self.backoff = backoff or Backoff()
         self.sessions = sessions
+        self.storage = storage
         self.debounce = debounce
         self.started = now()
         self.lease: aetcd.leases.Lease | None = None
@@ -197,7 +199,8 @@ class Registration:
         assert self.lease is not None
         live = ChunkLive(chunk_id=self.chunk_id, pid=os.getpid(), started=self.started,
                          lease_ttl=self.lease.ttl, disks=self._disks,
-                         sessions=self.sessions() if self.sessions else [])
+                         sessions=self.sessions() if self.sessions else [],
+                         storage=self._storage())
         try:
             await self._call(self.etcd.put(self.keys.chunk_live(self.chunk_id), live.encode(),
                                            lease=self.lease), timeout=timeout)
@@ -205,6 +208,15 @@ class Registration:
             if _lease_not_found(e):
                 raise LeaseLost(f"lease {self.lease.id:x} not found") from None
             raise
+
+    def _storage(self) -> dict[str, Any]:
+        if self.storage is None:
+            return {}
+        try:
+            return self.storage()
+        except Exception:  # noqa: BLE001 - counters must never cost the registration
+            log.exception("storage status failed")
+            return {}
 
     async def _unregister(self) -> None:
         self.registered.clear()

@@ -1,9 +1,10 @@
 """The chunk server daemon: ``python -m chunk.server --config FILE`` (``zstore-chunk``).
 
-For now it prepares its identity and disks and keeps itself registered in
-etcd (see ``registration``); the iSCSI target and the storage engine will hang
-off this same process. It runs until SIGTERM/SIGINT, then revokes its lease so
-the cluster sees it down at once, and exits 0.
+It prepares its identity and disks, keeps itself registered in etcd (see
+``registration``), runs the storage engine (``storage/engine.py``: its extent
+replicas, the replication port, coordinators for the volumes it serves) and
+the iSCSI frontend over it. It runs until SIGTERM/SIGINT, then revokes its
+lease so the cluster sees it down at once, and exits 0.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import resource
 import socket
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ from zstore import config as zconfig
 from zstore import etcd as zetcd
 from zstore import logs
 from zstore.daemon import stop_on_signals
-from zstore.config import Config, ConfigError
+from zstore.config import Config, ConfigError, read_secret_file
 from zstore.keys import Keys
 from zstore.records import ChunkInfo
 
@@ -30,7 +32,8 @@ from . import disks as zdisks
 from .catalog import Catalog
 from .drain import AdminFollower
 from .iscsi.target import IscsiTarget, TargetConfig
-from .localvolumes import LocalVolumes
+from .storage.engine import StorageEngine
+from .storage.extent_file import EXTENT_SIZE
 from .identity import IdentityError, load_or_create
 from .registration import Registration
 
@@ -126,6 +129,13 @@ def validate(cfg: Config) -> list[zdisks.DiskSpec]:
         raise ConfigError(f"chunk.frontend: {c.frontend!r} must be builtin or lio")
     if not 2 <= c.lease_ttl <= 600:
         raise ConfigError(f"chunk.lease_ttl: {c.lease_ttl} must be between 2 and 600 seconds")
+    if not 0.1 <= c.replica_timeout <= 300:
+        raise ConfigError(f"chunk.replica_timeout: {c.replica_timeout} must be between 0.1 and 300 seconds")
+    if not 1 <= c.min_write_replicas <= 3:
+        raise ConfigError(f"chunk.min_write_replicas: {c.min_write_replicas} must be 1, 2 or 3")
+    for name in ("recovery_rate", "scrub_rate"):
+        if getattr(c, name) <= 0:
+            raise ConfigError(f"chunk.{name}: must be greater than 0 (MiB/s)")
     if not 0 <= c.drain_grace <= 3600:
         raise ConfigError(f"chunk.drain_grace: {c.drain_grace} must be between 0 and 3600 seconds")
     for k in c.labels:
@@ -172,6 +182,7 @@ class ChunkServer:
         self.disks = disks
         self.hostname = socket.gethostname()
         self._states: dict[str, str] = {}
+        self.engine: StorageEngine | None = None
 
     def info(self, disk_records: list[dict[str, Any]]) -> ChunkInfo:
         c = self.cfg.chunk
@@ -181,8 +192,25 @@ class ChunkServer:
 
     async def probe_disks(self) -> list[dict[str, Any]]:
         records = await asyncio.to_thread(zdisks.probe_all, self.disks)
+        if self.engine is not None:
+            self._merge_store_view(records, self.engine.store.usage())
         self._log_changes(records)
         return records
+
+    @staticmethod
+    def _merge_store_view(records: list[dict[str, Any]], usage: list[dict[str, Any]]) -> None:
+        """A disk the extent store can no longer put a new extent on is full for placement
+        too (it hit ENOSPC, or has less than one extent of room left)."""
+        by_path = {u["path"]: u for u in usage}
+        for r in records:
+            u = by_path.get(r["path"])
+            if u is None or r["state"] != "ok":
+                continue
+            if u["state"] == "failed":
+                r["state"] = "failed"
+                r["error"] = "the extent store cannot use it"
+            elif u["state"] == "full" or u["capacity"] - u["used"] < EXTENT_SIZE:
+                r["state"] = "full"
 
     def _log_changes(self, records: list[dict[str, Any]]) -> None:
         for r in records:
@@ -203,6 +231,16 @@ class ChunkServer:
                             nop_interval=c.iscsi_nop_interval, nop_timeout=c.iscsi_nop_interval,
                             drain_grace=c.drain_grace)
 
+    def storage_engine(self, etcd, keys: Keys) -> StorageEngine:
+        c = self.cfg.chunk
+        usable = [(str(d.path), d.spec.capacity) for d in self.disks if d.error is None]
+        return StorageEngine(etcd, keys, self.chunk_id, usable, listen=(c.address, c.data_port),
+                             token=read_secret_file(self.cfg.client.token_file, "meta token"),
+                             meta_ca=self.cfg.client.ca_file, replica_timeout=c.replica_timeout,
+                             min_write_replicas=c.min_write_replicas,
+                             recovery_rate=c.recovery_rate * 2**20, scrub_rate=c.scrub_rate * 2**20,
+                             scrub_interval=c.scrub_interval)
+
     def frontend(self, catalog: Catalog, open_device):
         """The iSCSI frontend over the volumes: the built-in target, or LIO + TCMU."""
         if self.cfg.chunk.frontend == "lio":
@@ -215,12 +253,13 @@ class ChunkServer:
         etcd = zetcd.client(self.cfg.etcd)
         keys = Keys(self.cfg.etcd.prefix)
         catalog = Catalog(etcd, keys)
-        volume_dir = self.cfg.chunk.volume_dir or os.path.join(os.path.abspath(self.cfg.chunk.data_dir), "volumes")
-        target = self.frontend(catalog, LocalVolumes(volume_dir).open)
+        engine = self.engine = self.storage_engine(etcd, keys)
+        starting = asyncio.ensure_future(engine.run_start(stop))
+        target = self.frontend(catalog, engine.open)
         reg = Registration(etcd, keys, self.chunk_id,
                            lease_ttl=self.cfg.chunk.lease_ttl, build_info=self.info,
                            probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd),
-                           sessions=target.session_list)
+                           sessions=target.session_list, storage=engine.status)
         target.on_sessions_changed(reg.sessions_changed)
         admin = AdminFollower(etcd, keys, self.chunk_id,
                               on_state=lambda state: target.set_draining(state == "draining"))
@@ -235,6 +274,9 @@ class ChunkServer:
             following.cancel()
             syncing.cancel()
             await catalog.close()
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await engine.stop()
             try:
                 await asyncio.wait_for(etcd.close(), 2.0)
             except Exception:  # noqa: BLE001 - exiting anyway
@@ -243,6 +285,16 @@ class ChunkServer:
 
 async def _serve(server: ChunkServer) -> None:
     await server.run(stop_on_signals(log))
+
+
+def _raise_fd_limit() -> None:
+    """Each open extent replica holds a few descriptors (data, checksums, seqs, versions)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -269,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"data dir {data_dir}: {getattr(e, 'strerror', None) or e}", EXIT_SETUP)
     log.info("%s chunk id %s in %s", "created" if created else "using", chunk_id, data_dir)
 
+    _raise_fd_limit()
     disks = [zdisks.prepare(s) for s in specs]
     server = ChunkServer(cfg, chunk_id, disks)
     records = zdisks.probe_all(disks)

@@ -73,6 +73,7 @@ class ChunkView:
             "started": self.live.started if self.live else None,
             "disks": self.disks,
             "sessions": self.live.sessions if self.live else [],
+            "storage": self.live.storage if self.live else {},
             "registered": i.registered if i else None,
         }
 

@@ -182,13 +182,13 @@ class Cluster:
             "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
         })
 
-    def start_meta(self, wait: bool = True) -> Proc:
+    def start_meta(self, wait: bool = True, options: dict | None = None) -> Proc:
         port = free_port()
         i = len(self.metas)
         cfg = write_config(self.workdir / f"meta{i}.toml", {
             "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
             "meta": {"listen": f"127.0.0.1:{port}", "token_file": str(self.token_file),
-                     "lease_ttl": self.lease_ttl, "meta_id": f"meta{i}"},
+                     "lease_ttl": self.lease_ttl, "meta_id": f"meta{i}", **(options or {})},
         })
         p = Proc(f"meta{i}", [PY, "-m", "meta.server", "--config", str(cfg)],
                  self.workdir / f"meta{i}.log").start()
@@ -200,6 +200,13 @@ class Cluster:
             assert p.alive(), p.log()
         return p
 
+    def _data_port(self, i: int) -> int:
+        """A chunk server keeps its replication port across restarts, as in production."""
+        ports = self.__dict__.setdefault("_data_ports", {})
+        if i not in ports:
+            ports[i] = free_port()
+        return ports[i]
+
     def start_chunk(self, labels: dict[str, str] | None = None, capacity: str = "10Gi",
                     index: int | None = None, options: dict | None = None) -> Proc:
         """A chunk server; ``options`` adds to (or overrides) its ``[chunk]`` config."""
@@ -210,9 +217,10 @@ class Cluster:
         cfg = write_config(self.workdir / f"chunk{i}.toml", {
             "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
             "chunk": {"data_dir": str(data), "disks": [f"{data}/disk0:{capacity}"],
-                      "data_port": free_port(), "portal": f"127.0.0.1:{self.portals[i]}",
+                      "data_port": self._data_port(i), "portal": f"127.0.0.1:{self.portals[i]}",
                       "labels": labels or {}, "lease_ttl": self.lease_ttl,
-                      "volume_dir": str(self.workdir / "volumes"), **(options or {})},
+                      **(options or {})},
+            "client": {"token_file": str(self.token_file)},
         })
         p = Proc(f"chunk{i}", [PY, "-m", "chunk.server", "--config", str(cfg)],
                  self.workdir / f"chunk{i}.log").start()
@@ -292,13 +300,15 @@ class Cluster:
 
 @contextlib.contextmanager
 def cluster(workdir: Path, etcd: Etcd, metas: int = 1, chunks: int = 0,
-            labels: list[dict[str, str]] | None = None) -> Iterator[Cluster]:
+            labels: list[dict[str, str]] | None = None, meta_options: dict | None = None,
+            chunk_options: dict | None = None, capacities: list[str] | None = None) -> Iterator[Cluster]:
     c = Cluster(workdir=workdir, etcd=etcd)
     try:
         for _ in range(metas):
-            c.start_meta()
+            c.start_meta(options=meta_options)
         for i in range(chunks):
-            c.start_chunk(labels=(labels[i] if labels else None))
+            c.start_chunk(labels=(labels[i] if labels else None), options=chunk_options,
+                          **({"capacity": capacities[i]} if capacities else {}))
         yield c
     finally:
         c.stop()

@@ -60,10 +60,12 @@ class ChunkConfig:
     # iSCSI frontend: "builtin" (our own target on chunk.portal) or "lio" (the kernel's LIO
     # target on chunk.portal, configured from etcd, data served here through TCMU).
     frontend: str = "builtin"
-    # Interim data path until the replicated storage engine lands: one sparse file
-    # per volume here. Chunk servers that share this directory (as under `zstore up`)
-    # serve the same data, so any of them can serve any LUN. Default: data_dir/volumes.
-    volume_dir: str | None = None
+    # Replication and recovery (docs/storage.md).
+    replica_timeout: float = 5.0         # a replica silent this long is failed and dropped
+    min_write_replicas: int = 1          # writes continue while at least this many replicas take them
+    recovery_rate: float = 64.0          # MiB/s one recovery copy may use (client I/O keeps priority)
+    scrub_rate: float = 16.0             # MiB/s the background checksum scrubber reads
+    scrub_interval: float = 86400.0      # seconds between the starts of two full scrub passes
     iscsi_nop_interval: float = 15.0     # idle seconds before a NOP-In ping; dead initiators are dropped
     # A draining chunk server asks its initiators to log out, and closes the sessions
     # still open this many seconds later (once their in-flight commands are answered).

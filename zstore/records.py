@@ -122,6 +122,7 @@ class ChunkLive(Record):
     disks: list[dict[str, Any]] = field(default_factory=list)
     heartbeat: float = field(default_factory=now)
     sessions: list[dict[str, Any]] = field(default_factory=list)   # [{initiator, target, type}]
+    storage: dict[str, Any] = field(default_factory=dict)          # storage engine counters
 
 
 @dataclass

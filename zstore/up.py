@@ -253,10 +253,9 @@ def write_configs(layout: Layout) -> None:
         _write(layout.state_dir / f"chunk{i}.toml", tomli_w.dumps({"etcd": etcd, "chunk": {
             "data_dir": str(d), "disks": [f"{d / 'disk0'}:{layout.chunk_capacity}"],
             "address": "127.0.0.1", "data_port": layout.data_port(i), "portal": layout.portal(i),
-            "labels": {"zone": f"z{i}"}, "lease_ttl": 5,
-            # One shared volume directory: until the replicated engine lands, this is
-            # what makes the three local chunk servers serve the same data.
-            "volume_dir": str(layout.state_dir / "volumes")}}))
+            "labels": {"zone": f"z{i}"}, "lease_ttl": 5},
+            # chunk servers call the meta leader (extent allocation, replica drops)
+            "client": {"token_file": str(layout.token)}}))
     _write(layout.redirector_config, tomli_w.dumps({"etcd": etcd, "redirector": {
         "vip": VIP, "port": layout.vip_port, "redirector_id": "redirector0", "lease_ttl": 3}}))
     # Paths relative to this file's directory, so the CLI works from anywhere.

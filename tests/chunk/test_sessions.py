@@ -158,7 +158,7 @@ def test_drain_asks_sessions_to_log_out_and_still_accepts_logins(two: Cluster):
 def test_drain_moves_a_vip_session_to_the_other_chunk_server(two: Cluster):
     """The whole point: an initiator that logged in through the VIP is asked to log out,
     logs in at the VIP again, and the redirector (which skips draining servers) sends it
-    to the other chunk server; its data is there (interim storage: one shared volume dir)."""
+    to the other chunk server; its data is there (any chunk server reads the volume's replicas)."""
     c = two
     vol = make_volume(c)
     c.start_redirector(VIP)

@@ -146,14 +146,14 @@ def lab_netns(name: str):
 
 
 def start_chunk_at(c: Cluster, portal: str, i: int = 0) -> Proc:
-    """Cluster.start_chunk, but with the iSCSI portal on the lab tap's address. Every chunk
-    server of a cluster shares one volume dir (interim storage), so any of them serves any LUN."""
+    """Cluster.start_chunk, but with the iSCSI portal on the lab tap's address. Chunk servers
+    replicate to each other on loopback; any of them serves any LUN."""
     data = c.workdir / f"chunk{i}"
     cfg = write_config(c.workdir / f"chunk{i}.toml", {
         "etcd": {"endpoints": [c.etcd.endpoint], "prefix": c.prefix},
         "chunk": {"data_dir": str(data), "disks": [f"{data}/disk0:4Gi"], "address": "127.0.0.1",
-                  "data_port": free_port(), "portal": portal, "lease_ttl": c.lease_ttl,
-                  "volume_dir": str(c.workdir / "volumes")},
+                  "data_port": free_port(), "portal": portal, "lease_ttl": c.lease_ttl},
+        "client": {"token_file": str(c.token_file)},
         "log": {"level": "DEBUG"},
     })
     p = Proc(f"chunk{i}", [PY, "-m", "chunk.server", "--config", str(cfg)],
@@ -269,7 +269,8 @@ def run_vip_move(tmp_path: Path, action: str) -> VipMove:
             for portal in FAILOVER_PORTALS:
                 wait_for(lambda: port_open(int(portal.rsplit(":", 1)[1]), HOST_IP), 20, f"portal {portal}")
             redirector = c.start_redirector(HOST_IP, 3260)
-            c.cli("volume", "create", "failvol", "--size", "128Mi", "--replicas", "1", check=True)
+            # three replicas: the chunk server the hook takes away holds one, the others carry on
+            c.cli("volume", "create", "failvol", "--size", "128Mi", "--replicas", "3", check=True)
             for iqn in (GUEST_IQN, HOST_IQN):
                 c.cli("acl", "add", "failvol", iqn, check=True)
             vol = c.cli_json("volume", "show", "failvol")
@@ -320,8 +321,8 @@ def run_vip_move(tmp_path: Path, action: str) -> VipMove:
 def test_kernel_failover_through_vip(lab_image, tmp_path):
     """The kernel initiator survives losing its chunk server, through the redirector's VIP.
 
-    etcd, a meta server, three chunk servers (portals 192.168.77.1:3261-3263, one shared volume
-    dir) and a redirector holding the VIP 192.168.77.1:3260 run inside a lab netns. The guest
+    etcd, a meta server, three chunk servers (portals 192.168.77.1:3261-3263, a volume with a
+    replica on each) and a redirector holding the VIP 192.168.77.1:3260 run inside a lab netns. The guest
     discovers and logs in at the VIP only, is redirected to a chunk server, finds the LUN by
     WWN, makes ext4, copies a payload and starts an O_DIRECT write loop. Through the lab hook
     the host then finds which chunk server holds the guest's session (the session lists the

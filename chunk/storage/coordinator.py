@@ -1,0 +1,756 @@
+"""The I/O coordinator: one volume's BlockDevice over its extents' replicas.
+
+The chunk server that serves a LUN runs one of these per volume. It is the
+volume's only writer (ownership epoch, see ``ownership``), which is what lets
+it keep the invariants the rest of the engine relies on:
+
+- a write is acknowledged only when every in-sync replica has it, or the
+  ones that failed were dropped from the extent in etcd first (through the
+  meta leader), so an acknowledged write is never only on a replica the map
+  no longer trusts;
+- snapshots freeze ``seq`` between writes (``WriteGate``), so a write is
+  entirely before or entirely after a snapshot;
+- a resync copies a range only while no write to it is in flight
+  (``RangeLocks``), and writes behind the copy cursor go to the new replica
+  too, so the copy converges while the volume stays online.
+
+A *view* (``view_seq``) is a read-only coordinator of a snapshot: reads carry
+the view seq and never take ownership. Clones read absent blocks through
+their parent's view (``parent``), recursively.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from chunk.blockdev import MediumError, NoSpaceError, ReadOnlyError
+from zstore import etcd as zetcd
+from zstore.records import ExtentRecord, RecoveryTask, Snapshot, Volume, VolumeOp
+
+from . import ownership
+from . import replicas as rk
+from .extent_file import BLOCK_SIZE, EXTENT_SIZE
+from .metaclient import MetaError
+from .wire import MAX_DATA
+
+if TYPE_CHECKING:
+    from .engine import StorageEngine
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 1 << 20
+
+
+class FencedError(MediumError):
+    """Another chunk server took the volume over while this write was in flight."""
+
+
+class WriteGate:
+    """Writes enter shared; a barrier (snapshot, revert) waits for them and holds new ones."""
+
+    def __init__(self) -> None:
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._lock = asyncio.Lock()
+
+    async def enter(self) -> None:
+        while not self._open.is_set():
+            await self._open.wait()
+        self._inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+        self._open.clear()
+        await self._idle.wait()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._open.set()
+        self._lock.release()
+
+
+class RangeLocks:
+    """In-flight write ranges per extent, and at most one range a copy holds per extent."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[int, dict[int, tuple[int, int]]] = {}
+        self._busy: dict[int, tuple[int, int]] = {}
+        self._next = 0
+        self._changed = asyncio.Event()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def begin(self, idx: int, lo: int, hi: int) -> int:
+        while True:
+            b = self._busy.get(idx)
+            if b is None or hi <= b[0] or lo >= b[1]:
+                break
+            await self._changed.wait()
+        self._next += 1
+        self._inflight.setdefault(idx, {})[self._next] = (lo, hi)
+        return self._next
+
+    def end(self, idx: int, token: int) -> None:
+        d = self._inflight.get(idx)
+        if d is not None:
+            d.pop(token, None)
+            if not d:
+                del self._inflight[idx]
+        if self._busy:
+            self._wake()
+
+    async def hold(self, idx: int, lo: int, hi: int) -> None:
+        """Block new writes to [lo, hi) of extent idx and wait for the ones in flight there."""
+        while idx in self._busy:
+            await self._changed.wait()
+        self._busy[idx] = (lo, hi)
+        while any(not (e <= lo or s >= hi) for s, e in self._inflight.get(idx, {}).values()):
+            await self._changed.wait()
+
+    def release(self, idx: int) -> None:
+        self._busy.pop(idx, None)
+        self._wake()
+
+
+@dataclass
+class Dirty:
+    """Blocks written to an extent since ``chunk`` was dropped from it by this coordinator."""
+    generation: int            # the generation the chunk was dropped at (ExtentRecord.stale)
+    seq: int                   # our seq then: a snapshot since makes the log insufficient
+    blocks: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Sync:
+    target: str
+    replica: Any
+    cursor: int = 0            # bytes of the extent already copied
+    failed: str | None = None
+
+
+def _blocks(lo: int, hi: int) -> range:
+    return range(lo // BLOCK_SIZE, (hi + BLOCK_SIZE - 1) // BLOCK_SIZE)
+
+
+def _absent_runs(present: bytes, nblocks: int) -> list[tuple[int, int]]:
+    """Runs [a, b) of block positions whose bit is clear."""
+    runs: list[tuple[int, int]] = []
+    full = nblocks // 8
+    if present[:full] == b"\xff" * full and all((present[full] >> k) & 1 for k in range(nblocks % 8)):
+        return runs
+    start = None
+    for k in range(nblocks):
+        bit = (present[k >> 3] >> (k & 7)) & 1 if (k >> 3) < len(present) else 0
+        if not bit and start is None:
+            start = k
+        elif bit and start is not None:
+            runs.append((start, k))
+            start = None
+    if start is not None:
+        runs.append((start, nblocks))
+    return runs
+
+
+class Coordinator:
+    def __init__(self, engine: "StorageEngine", volume: Volume, view_seq: int = 0) -> None:
+        self.engine = engine
+        self.volume = volume
+        self.vid = volume.volume_id
+        self.block_size = volume.block_size
+        self.thin = volume.thin
+        self._size = volume.size
+        self.view_seq = view_seq
+        self.readonly = bool(view_seq)
+        self.epoch = 0
+        self.owner_rev = 0
+        self.seq = volume.snap_seq
+        self.extents: dict[int, ExtentRecord] = {}
+        self.parent: Coordinator | None = None
+        self.refs = 0
+        self._ready_task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+        self._watch: asyncio.Task | None = None
+        self._synced = asyncio.Event()
+        self._gate = WriteGate()
+        self._locks = RangeLocks()
+        self._alloc: dict[int, asyncio.Future] = {}
+        self._drops: dict[tuple[int, str], asyncio.Future] = {}
+        self._owner_lock = asyncio.Lock()
+        self._dirty: dict[tuple[int, str], Dirty] = {}
+        self._sync: dict[int, Sync] = {}
+        self._unflushed: set[int] = set()
+        self.counters = {"read_retries": 0, "checksum_errors": 0, "drops": 0, "fenced": 0}
+
+    # -- geometry ----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def resize(self, size: int) -> None:
+        if size > self._size:
+            self._size = size
+
+    @property
+    def is_clone(self) -> bool:
+        return bool(self.volume.source_snapshot)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def ready(self) -> None:
+        if self._ready_task is None:
+            self._ready_task = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._ready_task)
+
+    async def _open(self) -> None:
+        e = self.engine
+        await e.started.wait()
+        if self.volume.source_snapshot:
+            got = await e.etcd.get(e.keys.snapshot(self.volume.source_snapshot))
+            if got is None:
+                raise MediumError(f"volume {self.vid}: source snapshot {self.volume.source_snapshot} is gone")
+            snap = Snapshot.decode(got.value)
+            self.parent = await e.view(snap.volume_id, snap.seq)
+
+        async def on_snapshot(kvs):
+            fresh = {}
+            for _, v in kvs:
+                rec = ExtentRecord.decode(v)
+                fresh[rec.index] = rec
+            for idx, rec in fresh.items():
+                self._adopt(rec)
+            for idx in list(self.extents):
+                if idx not in fresh:
+                    self.extents.pop(idx)
+            self._synced.set()
+
+        async def on_event(ev):
+            if ev.kind == "PUT":
+                self._adopt(ExtentRecord.decode(ev.kv.value))
+            else:
+                _, idx = e.keys.extent_key_parts(ev.kv.key)
+                self.extents.pop(idx, None)
+
+        self._watch = asyncio.ensure_future(
+            zetcd.watch_prefix(e.etcd, e.keys.extents(self.vid), on_snapshot, on_event, self._stop))
+        await self._synced.wait()
+
+    def _adopt(self, rec: ExtentRecord) -> None:
+        cur = self.extents.get(rec.index)
+        if cur is None or rec.generation >= cur.generation:
+            self.extents[rec.index] = rec
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if self.epoch:
+            try:
+                await ownership.release(self.engine.etcd, self.engine.keys, self.vid,
+                                        self.engine.chunk_id, self.epoch)
+            except Exception as e:  # noqa: BLE001 - best effort; the epoch still fences
+                log.warning("volume %s: could not release ownership: %s", self.vid, e)
+        if self.parent is not None:
+            await self.engine.release(self.parent)
+
+    async def ensure_owner(self, force: bool = False) -> None:
+        if self.view_seq:
+            raise ReadOnlyError("snapshot views are read-only")
+        if self.epoch and not force:
+            return
+        async with self._owner_lock:
+            if self.epoch and not force:
+                return
+            try:
+                epoch, rev, vol = await ownership.acquire(self.engine.etcd, self.engine.keys,
+                                                          self.vid, self.engine.chunk_id)
+            except ownership.OwnershipError as e:
+                raise MediumError(str(e)) from None
+            self.epoch, self.owner_rev, self.seq = epoch, rev, vol.snap_seq
+            self.volume = vol
+            self._size = max(self._size, vol.size)
+
+    # -- reads -------------------------------------------------------------------
+
+    def _split(self, offset: int, length: int):
+        end = offset + length
+        pos = offset
+        while pos < end:
+            idx = pos // EXTENT_SIZE
+            eoff = pos - idx * EXTENT_SIZE
+            n = min(end - pos, EXTENT_SIZE - eoff, MAX_DATA)   # one frame's worth per call
+            yield idx, eoff, n
+            pos += n
+
+    async def read(self, offset: int, length: int) -> bytes:
+        await self.ready()
+        if length <= 0:
+            return b""
+        if offset + length > self._size:           # a parent view smaller than its clone
+            keep = max(0, self._size - offset)
+            head = await self.read(offset, keep) if keep else b""
+            return head + bytes(length - keep)
+        parts = list(self._split(offset, length))
+        if len(parts) == 1:
+            return await self._read_part(*parts[0])
+        return b"".join(await asyncio.gather(*(self._read_part(*p) for p in parts)))
+
+    async def _read_part(self, idx: int, eoff: int, n: int) -> bytes:
+        rec = self.extents.get(idx)
+        if rec is None or not rec.replicas:
+            if self.parent is not None:
+                return await self.parent.read(idx * EXTENT_SIZE + eoff, n)
+            return bytes(n)
+        data, present = await self._read_replicas(rec, eoff, n)
+        if present is None:                          # no replica has the extent yet
+            return await self.parent.read(idx * EXTENT_SIZE + eoff, n) if self.parent else bytes(n)
+        if self.parent is None:
+            return data
+        first = eoff // BLOCK_SIZE
+        nblocks = len(_blocks(eoff, eoff + n))
+        runs = _absent_runs(present, nblocks)
+        if not runs:
+            return data
+        buf = bytearray(data)
+        for a, b in runs:
+            lo = max(eoff, (first + a) * BLOCK_SIZE)
+            hi = min(eoff + n, (first + b) * BLOCK_SIZE)
+            buf[lo - eoff:hi - eoff] = await self.parent.read(idx * EXTENT_SIZE + lo, hi - lo)
+        return bytes(buf)
+
+    def _read_order(self, rec: ExtentRecord) -> list[str]:
+        me = self.engine.chunk_id
+        order = list(rec.replicas)
+        if me in order:
+            order.remove(me)
+            order.insert(0, me)
+        return order
+
+    async def _read_replicas(self, rec: ExtentRecord, eoff: int, n: int) -> tuple[bytes, bytes | None]:
+        last: Exception | None = None
+        missing = 0
+        order = self._read_order(rec)
+        for cid in order:
+            try:
+                r = self.engine.cached_replica(cid) or await self.engine.replica(cid)
+                return await r.read(self.vid, rec.index, eoff, n, 0, self.view_seq)
+            except rk.ReplicaFailed as e:
+                last = e
+                self.counters["read_retries"] += 1
+                if e.kind == rk.UNAVAILABLE:
+                    self.engine.forget_peer(cid)
+                if e.kind == rk.CHECKSUM:
+                    self.counters["checksum_errors"] += 1
+                    log.warning("volume %s extent %d: %s; reading another replica", self.vid, rec.index, e)
+                elif e.kind == rk.NO_EXTENT:
+                    missing += 1
+                else:
+                    log.warning("volume %s extent %d: read failed on %s: %s", self.vid, rec.index, cid, e)
+            except Exception as e:  # noqa: BLE001 - e.g. unknown peer
+                last = e
+        if missing == len(order):
+            return b"", None
+        raise MediumError(f"volume {self.vid} extent {rec.index}: no replica could serve the read ({last})")
+
+    # -- writes ------------------------------------------------------------------
+
+    async def write(self, offset: int, data, fua: bool = False) -> None:
+        await self.ready()
+        await self.ensure_owner()
+        view = memoryview(data).cast("B")
+        if self.is_clone and (offset % BLOCK_SIZE or len(view) % BLOCK_SIZE):
+            # Whole blocks only, so a partial block never mixes our zeros with the parent's data.
+            lo = offset // BLOCK_SIZE * BLOCK_SIZE
+            hi = -(-(offset + len(view)) // BLOCK_SIZE) * BLOCK_SIZE
+            buf = bytearray(await self.read(lo, hi - lo))
+            buf[offset - lo:offset - lo + len(view)] = view
+            offset, view = lo, memoryview(buf)
+        await self._mutate("write", offset, view, len(view), fua=fua)
+
+    async def unmap(self, offset: int, length: int) -> None:
+        await self.ready()
+        await self.ensure_owner()
+        await self._mutate("unmap", offset, None, length, zero=self.is_clone)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await self.ready()
+        await self.ensure_owner()
+        await self._mutate("unmap", offset, None, length, zero=self.is_clone or not self.thin)
+
+    async def _mutate(self, op: str, offset: int, view, length: int, fua: bool = False,
+                      zero: bool = False) -> None:
+        await self._gate.enter()
+        try:
+            jobs = []
+            for idx, eoff, n in self._split(offset, length):
+                if op == "unmap" and not zero and idx not in self.extents:
+                    continue                       # absent already reads as zeros
+                part = view[idx * EXTENT_SIZE + eoff - offset:][:n] if view is not None else None
+                jobs.append(self._mutate_extent(op, idx, eoff, n, part, fua, zero))
+            if len(jobs) == 1:
+                await jobs[0]
+            elif jobs:
+                results = await asyncio.gather(*jobs, return_exceptions=True)
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
+        finally:
+            self._gate.leave()
+
+    async def _mutate_extent(self, op, idx, eoff, n, part, fua, zero) -> None:
+        if idx not in self.extents:
+            await self._allocate(idx)
+        token = await self._locks.begin(idx, eoff, eoff + n)
+        try:
+            for attempt in range(4):
+                rec = self.extents[idx]
+                targets = self.engine.cached_replicas(rec.replicas) or \
+                    [await self.engine.replica(c) for c in rec.replicas]
+                sync = self._sync.get(idx)
+                if sync is not None and sync.failed is None and eoff < sync.cursor:
+                    targets.append(sync.replica)
+                epoch, seq = self.epoch, self.seq
+                if op == "write":
+                    calls = [r.write(self.vid, idx, eoff, part, epoch, seq, fua) for r in targets]
+                else:
+                    calls = [r.unmap(self.vid, idx, eoff, n, epoch, seq, zero) for r in targets]
+                if len(calls) == 1:
+                    try:
+                        await calls[0]
+                        results: list = [None]
+                    except Exception as e:  # noqa: BLE001
+                        results = [e]
+                else:
+                    results = await asyncio.gather(*calls, return_exceptions=True)
+                failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
+                if not failed:
+                    break
+                if any(isinstance(res, rk.ReplicaFailed) and res.kind == rk.STALE_EPOCH for _, res in failed):
+                    self.counters["fenced"] += 1
+                    log.warning("volume %s: fenced at epoch %d (another server took it over); "
+                                "taking it back", self.vid, epoch)
+                    await self.ensure_owner(force=True)
+                    continue
+                await self._handle_failures(idx, rec, failed, eoff, eoff + n)
+                break
+            else:
+                raise FencedError(f"volume {self.vid}: lost ownership repeatedly; write not done")
+            self._mark_dirty(idx, eoff, eoff + n)
+            if not fua:
+                self._unflushed.add(idx)
+        finally:
+            self._locks.end(idx, token)
+
+    async def _handle_failures(self, idx, rec, failed, lo, hi) -> None:
+        no_space = 0
+        for r, res in failed:
+            kind = res.kind if isinstance(res, rk.ReplicaFailed) else rk.IO
+            if kind == rk.UNAVAILABLE:
+                self.engine.forget_peer(r.chunk_id)
+            sync = self._sync.get(idx)
+            if sync is not None and r is sync.replica and r.chunk_id not in rec.replicas:
+                sync.failed = f"{kind}: {res}"
+                continue
+            no_space += kind == rk.NO_SPACE
+            log.warning("volume %s extent %d: replica %s failed (%s); dropping it", self.vid, idx,
+                        r.chunk_id, res)
+            try:
+                await self._drop(idx, r.chunk_id, f"{kind}: {res}")
+            except MediumError:
+                if kind == rk.NO_SPACE:       # the last replica is full: say so, not "I/O error"
+                    raise NoSpaceError(f"volume {self.vid} extent {idx}: {res}") from None
+                raise
+        left = len(self.extents[idx].replicas)
+        if left < max(1, self.engine.min_write_replicas):
+            if no_space:
+                raise NoSpaceError(f"volume {self.vid} extent {idx}: no replica has space left")
+            raise MediumError(f"volume {self.vid} extent {idx}: only {left} replica(s) left")
+
+    async def _drop(self, idx: int, chunk_id: str, reason: str) -> None:
+        key = (idx, chunk_id)
+        fut = self._drops.get(key)
+        if fut is None:
+            fut = self._drops[key] = asyncio.ensure_future(self._drop_once(idx, chunk_id, reason))
+            fut.add_done_callback(lambda _f: self._drops.pop(key, None))
+        await asyncio.shield(fut)
+
+    async def _drop_once(self, idx: int, chunk_id: str, reason: str) -> None:
+        for _ in range(5):
+            rec = self.extents[idx]
+            if chunk_id not in rec.replicas:
+                return
+            try:
+                data = await self.engine.meta.call("POST", f"/extents/{self.vid}/{idx}/drop", {
+                    "chunk_id": chunk_id, "generation": rec.generation, "reason": reason[:200]})
+            except MetaError as e:
+                raise MediumError(f"volume {self.vid} extent {idx}: cannot drop failed replica "
+                                  f"{chunk_id}: {e}") from None
+            new = ExtentRecord.from_dict(data.get("extent", data))
+            self._adopt(new)
+            if chunk_id not in new.replicas:
+                self.counters["drops"] += 1
+                gen = new.stale.get(chunk_id)
+                if gen is not None:
+                    self._dirty[(idx, chunk_id)] = Dirty(generation=gen, seq=self.seq)
+                return
+        raise MediumError(f"volume {self.vid} extent {idx}: could not drop replica {chunk_id}")
+
+    def _mark_dirty(self, idx: int, lo: int, hi: int) -> None:
+        if not self._dirty:
+            return
+        for (i, _c), d in self._dirty.items():
+            if i == idx:
+                d.blocks.update(_blocks(lo, hi))
+
+    async def _allocate(self, idx: int) -> None:
+        fut = self._alloc.get(idx)
+        if fut is None:
+            fut = self._alloc[idx] = asyncio.ensure_future(self._allocate_once(idx))
+            fut.add_done_callback(lambda _f: self._alloc.pop(idx, None))
+        await asyncio.shield(fut)
+
+    async def _allocate_once(self, idx: int) -> None:
+        try:
+            data = await self.engine.meta.call("POST", f"/extents/{self.vid}/{idx}", {})
+        except MetaError as e:
+            if e.status == 507:
+                raise NoSpaceError(f"volume {self.vid}: cannot place extent {idx}: {e}") from None
+            raise MediumError(f"volume {self.vid}: cannot allocate extent {idx}: {e}") from None
+        rec = ExtentRecord.from_dict(data.get("extent", data))
+        results = []
+        for cid in rec.replicas:
+            try:
+                r = await self.engine.replica(cid)
+                await r.create(self.vid, idx, self.epoch, rec.generation)
+                results.append(None)
+            except Exception as e:  # noqa: BLE001
+                results.append(e)
+        self._adopt(rec)
+        failed = [(await self.engine.replica(c), res) for c, res in zip(rec.replicas, results)
+                  if isinstance(res, BaseException)]
+        if failed:
+            await self._handle_failures(idx, rec, failed, 0, 0)
+
+    async def flush(self) -> None:
+        await self.ready()
+        pending, self._unflushed = self._unflushed, set()
+        if not pending:
+            return
+
+        async def one(idx: int) -> None:
+            rec = self.extents[idx]
+            targets = [await self.engine.replica(c) for c in rec.replicas]
+            results = await asyncio.gather(*(r.flush(self.vid, idx, self.epoch) for r in targets),
+                                           return_exceptions=True)
+            failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
+            if failed:
+                await self._handle_failures(idx, rec, failed, 0, 0)
+
+        results = await asyncio.gather(*(one(i) for i in sorted(pending)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self._unflushed |= pending
+            raise errors[0]
+
+    # -- volume operations (snapshot barrier, revert) ----------------------------
+
+    async def run_volop(self, op: VolumeOp) -> None:
+        """Run a snapshot barrier or a revert as this volume's owner; record the outcome."""
+        e = self.engine
+        await self.ready()
+        async with self._gate:
+            await self.ensure_owner()
+            error = None
+            try:
+                snap_got = await e.etcd.get(e.keys.snapshot(op.snapshot_id))
+                if snap_got is None:
+                    raise MediumError(f"snapshot {op.snapshot_id} not found")
+                snap = Snapshot.decode(snap_got.value)
+                if op.kind == "snapshot":
+                    await self._commit_snapshot(op, snap, snap_got.mod_revision)
+                    return
+                if op.kind == "revert":
+                    if snap.volume_id != self.vid or not snap.seq:
+                        raise MediumError(f"snapshot {snap.snapshot_id} is not a ready snapshot of this volume")
+                    await self._revert(snap.seq)
+                else:
+                    raise MediumError(f"unknown volume operation {op.kind!r}")
+            except Exception as ex:  # noqa: BLE001 - reported on the op record
+                error = str(ex) or type(ex).__name__
+                log.error("volume %s: %s %s failed: %s", self.vid, op.kind, op.op_id, error)
+            await self._finish_op(op, error)
+
+    async def _commit_snapshot(self, op: VolumeOp, snap: Snapshot, snap_rev: int) -> None:
+        e = self.engine
+        t = e.etcd.transactions
+        for _ in range(8):
+            vol_got = await e.etcd.get(e.keys.volume(self.vid))
+            if vol_got is None:
+                raise MediumError(f"volume {self.vid} is gone")
+            vol = Volume.decode(vol_got.value)
+            if snap.state != "creating":
+                break
+            old = vol.snap_seq
+            vol.snap_seq = old + 1
+            snap.seq, snap.state = old, "ready"
+            op.state, op.error = "done", None
+            ok, _ = await e.etcd.transaction(
+                compare=[t.mod(e.keys.owner(self.vid)) == self.owner_rev,
+                         t.mod(e.keys.volume(self.vid)) == vol_got.mod_revision,
+                         t.mod(e.keys.snapshot(snap.snapshot_id)) == snap_rev],
+                success=[t.put(e.keys.volume(self.vid), vol.encode()),
+                         t.put(e.keys.snapshot(snap.snapshot_id), snap.encode()),
+                         t.put(e.keys.volop(self.vid, op.op_id), op.encode())], failure=[])
+            if ok:
+                self.seq = old + 1
+                self.volume = vol
+                self._dirty.clear()            # logs from before a snapshot cannot resync versions
+                log.info("volume %s: snapshot %s at seq %d", self.vid, snap.snapshot_id, old)
+                return
+            got = await e.etcd.get(e.keys.snapshot(snap.snapshot_id))
+            if got is None:
+                raise MediumError("snapshot deleted while being taken")
+            snap, snap_rev = Snapshot.decode(got.value), got.mod_revision
+            owner = await e.etcd.get(e.keys.owner(self.vid))
+            if owner is None or owner.mod_revision != self.owner_rev:
+                raise MediumError("ownership moved during the snapshot")
+        await self._finish_op(op, None)
+
+    async def _revert(self, to_seq: int) -> None:
+        for idx in sorted(self.extents):
+            rec = self.extents[idx]
+            targets = [await self.engine.replica(c) for c in rec.replicas]
+            results = await asyncio.gather(*(r.revert(self.vid, idx, self.epoch, to_seq, self.seq)
+                                             for r in targets), return_exceptions=True)
+            failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
+            if failed:
+                await self._handle_failures(idx, rec, failed, 0, EXTENT_SIZE)
+        self._dirty.clear()
+        log.info("volume %s reverted to seq %d", self.vid, to_seq)
+
+    async def _finish_op(self, op: VolumeOp, error: str | None) -> None:
+        e = self.engine
+        op.state, op.error = ("failed", error) if error else ("done", None)
+        key = e.keys.volop(self.vid, op.op_id)
+        t = e.etcd.transactions
+        await e.etcd.transaction(compare=[t.version(key) > 0], success=[t.put(key, op.encode())], failure=[])
+
+    # -- recovery ----------------------------------------------------------------
+
+    async def run_recovery(self, task: RecoveryTask, task_rev: int, rate: float) -> None:
+        """Copy extent ``task.index`` to ``task.target`` online, then have the meta join it."""
+        e = self.engine
+        await self.ready()
+        await self.ensure_owner()
+        idx = task.index
+        rec = self.extents.get(idx)
+        if rec is None:
+            raise MediumError(f"extent {idx} of {self.vid} is not allocated")
+        if task.target in rec.replicas:
+            return
+        sources = self._read_order(rec)
+        if not sources:
+            raise MediumError(f"extent {idx} of {self.vid} has no in-sync replica to copy from")
+        source = await e.replica(sources[0])
+        target = await e.replica(task.target)
+        gen = rec.generation
+        dirty = self._dirty.get((idx, task.target))
+        ranges: list[tuple[int, int]]
+        if (task.kind == "resync" and dirty is not None and dirty.seq == self.seq
+                and rec.stale.get(task.target) == dirty.generation):
+            ranges = _runs(sorted(dirty.blocks))
+            mode = f"{len(dirty.blocks)} dirty blocks"
+        else:
+            ranges = [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
+            mode = "full"
+        await target.create(self.vid, idx, self.epoch, 1)
+        sync = self._sync[idx] = Sync(task.target, target)
+        try:
+            for attempt in range(2):
+                total = sum(n for _, n in ranges)
+                log.info("volume %s extent %d: %s to %s (%s, %d bytes) from %s", self.vid, idx,
+                         task.kind, task.target, mode, total, source.chunk_id)
+                # A dirty-block copy: the target is in sync everywhere else, so it takes every
+                # write from now on. A full copy: only writes behind the cursor.
+                sync.cursor = 0 if mode == "full" else EXTENT_SIZE
+                task_rev = await self._copy(task, task_rev, source, target, sync, ranges, rate, total)
+                sync.cursor = EXTENT_SIZE
+                # Proof, not hope: with the extent quiet, both replicas must agree exactly.
+                await self._locks.hold(idx, 0, EXTENT_SIZE)
+                try:
+                    same = await source.digest(self.vid, idx) == await target.digest(self.vid, idx)
+                finally:
+                    self._locks.release(idx)
+                if same:
+                    break
+                log.warning("volume %s extent %d: %s differs from %s after a %s copy; copying in full",
+                            self.vid, idx, task.target, source.chunk_id, mode)
+                mode = "full"
+                ranges = [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
+            else:
+                raise MediumError(f"extent {idx}: {task.target} still differs after a full copy")
+            await target.setgen(self.vid, idx, self.epoch, gen + 1)
+            try:
+                data = await e.meta.call("POST", f"/extents/{self.vid}/{idx}/join",
+                                         {"chunk_id": task.target, "generation": gen})
+            except MetaError as ex:
+                raise MediumError(f"join of {task.target} refused: {ex}") from None
+            self._adopt(ExtentRecord.from_dict(data.get("extent", data)))
+            self._dirty.pop((idx, task.target), None)
+            log.info("volume %s extent %d: %s joined at generation %d", self.vid, idx, task.target,
+                     self.extents[idx].generation)
+        finally:
+            self._sync.pop(idx, None)
+
+    async def _copy(self, task, task_rev, source, target, sync, ranges, rate, total) -> int:
+        idx = task.index
+        done = 0
+        last_report = time.monotonic()
+        for off, n in ranges:
+            await self._locks.hold(idx, off, off + n)
+            try:
+                pos, end = off, off + n
+                while pos is not None and pos < end:
+                    blob, nxt = await source.export(self.vid, idx, pos, end - pos, self.epoch)
+                    await target.import_(self.vid, idx, blob, self.epoch)
+                    pos = nxt
+                sync.cursor = max(sync.cursor, off + n)
+            finally:
+                self._locks.release(idx)
+            if sync.failed:
+                raise MediumError(f"target {task.target} failed during the copy: {sync.failed}")
+            done += n
+            if rate > 0:
+                await asyncio.sleep(n / rate)
+            if time.monotonic() - last_report > 1.0:
+                last_report = time.monotonic()
+                task_rev = await self.engine.report_progress(task, task_rev, done, total)
+        await self.engine.report_progress(task, task_rev, total, total)
+        return task_rev
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """Sorted block indexes -> (byte offset, length) runs."""
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        off = b * BLOCK_SIZE
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + BLOCK_SIZE)
+        else:
+            out.append((off, BLOCK_SIZE))
+    return out

@@ -1,0 +1,401 @@
+"""The chunk server's storage engine: its replica store and server, and its coordinators.
+
+One ``StorageEngine`` per chunk server. It owns the local ``ReplicaStore``
+(served to peers on the replication port), hands the iSCSI target one
+``VolumeDevice`` per (volume, read-only) through ``open`` — all backed by one
+shared ``Coordinator`` per volume — and runs what is assigned to this server
+in etcd: volume operations (snapshot barriers, reverts) and recovery tasks.
+Background upkeep (scrubbing, reclaiming) also hangs off it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from chunk.blockdev import ReadOnlyError
+from zstore import etcd as zetcd
+from zstore.keys import Keys
+from zstore.records import ClusterInfo, RecordError, RecoveryTask, Volume, VolumeOp
+
+from . import replicas as rk
+from .coordinator import Coordinator
+from .metaclient import MetaClient
+from .peer_auth import load_or_create_secret
+from .peers import Peers
+from .reclaim import Reclaimer
+from .repair import LocalRepair
+from .replica_client import ReplicaClient
+from .replica_server import ReplicaServer
+from .replica_store import ReplicaStore
+from .scrubber import Scrubber
+
+log = logging.getLogger(__name__)
+
+
+class VolumeDevice:
+    """What the SCSI layer sees: a BlockDevice over the volume's shared coordinator."""
+
+    def __init__(self, engine: "StorageEngine", coord: Coordinator, readonly: bool) -> None:
+        self._engine, self._coord = engine, coord
+        self.block_size = coord.block_size
+        self.thin = coord.thin
+        self.readonly = readonly or coord.readonly
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._coord.size
+
+    def resize(self, size: int) -> None:
+        self._coord.resize(size)
+
+    async def read(self, offset: int, length: int):
+        return await self._coord.read(offset, length)
+
+    async def write(self, offset: int, data, fua: bool = False) -> None:
+        if self.readonly:
+            raise ReadOnlyError("read-only")
+        await self._coord.write(offset, data, fua)
+
+    async def flush(self) -> None:
+        if not self.readonly:
+            await self._coord.flush()
+
+    async def unmap(self, offset: int, length: int) -> None:
+        if self.readonly:
+            raise ReadOnlyError("read-only")
+        await self._coord.unmap(offset, length)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        if self.readonly:
+            raise ReadOnlyError("read-only")
+        await self._coord.write_zeroes(offset, length)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine._release_soon(self._coord)
+
+
+class StorageEngine:
+    def __init__(self, etcd, keys: Keys, chunk_id: str, disks: list[tuple[str | Path, int | None]], *,
+                 listen: tuple[str, int], token: str | None, meta_ca: str | None = None,
+                 replica_timeout: float = 5.0, min_write_replicas: int = 1,
+                 recovery_rate: float = 64 << 20, scrub_rate: float = 16 << 20,
+                 scrub_interval: float = 3600.0, reclaim_interval: float = 30.0) -> None:
+        self.etcd, self.keys, self.chunk_id = etcd, keys, chunk_id
+        self.store = ReplicaStore(disks)
+        self.listen = listen
+        self.meta = MetaClient(etcd, keys, token, ca_file=meta_ca)
+        self.peers = Peers(etcd, keys)
+        self.replica_timeout = replica_timeout
+        self.min_write_replicas = min_write_replicas
+        self.recovery_rate = recovery_rate
+        self.scrub_rate, self.scrub_interval = scrub_rate, scrub_interval
+        self.reclaim_interval = reclaim_interval
+        self.client: ReplicaClient | None = None
+        self.server: ReplicaServer | None = None
+        self.repair: LocalRepair | None = None
+        self.scrubber: Scrubber | None = None
+        self.reclaimer: Reclaimer | None = None
+        self._local: rk.LocalReplica | None = None
+        self._remote: dict[str, rk.RemoteReplica] = {}
+        self._coords: dict[tuple[str, int], Coordinator] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._running: dict[str, asyncio.Task] = {}          # op/task key -> task
+        self._recovery_slots = asyncio.Semaphore(2)
+        self._stop = asyncio.Event()
+        self.started = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def run_start(self, stop: asyncio.Event, retry: float = 1.0) -> None:
+        """``start``, retried until etcd answers: a chunk server may come up before etcd, and
+        its registration must not wait for the engine. I/O waits on ``started``."""
+        warned = False
+        while not stop.is_set():
+            try:
+                await self.start(stop)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - etcd not there yet, port busy...
+                if not warned:
+                    log.warning("storage engine cannot start yet (%s); retrying", e)
+                    warned = True
+                try:
+                    await asyncio.wait_for(stop.wait(), retry)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def start(self, stop: asyncio.Event) -> None:
+        """Start serving replicas and following assignments; returns once the port listens."""
+        secret = await load_or_create_secret(self.etcd, self.keys)
+        cluster_id = await self._cluster_id(stop)
+        self.client = ReplicaClient(secret, cluster_id, self.chunk_id, timeout=self.replica_timeout)
+        self.repair = LocalRepair(self.store, self.client, self.peers, self.keys, self.etcd, self.chunk_id)
+        self._local = rk.LocalReplica(self.chunk_id, self.store, on_checksum_error=self.repair.schedule)
+        self.server = ReplicaServer(self.store, secret, cluster_id, self.listen[0], self.listen[1],
+                                    on_checksum_error=self.repair.schedule)
+        await self.server.start()
+        self.scrubber = Scrubber(self.store, self.repair, rate_bytes_per_s=self.scrub_rate,
+                                 interval=self.scrub_interval)
+        self.reclaimer = Reclaimer(self.store, self.etcd, self.keys, self.chunk_id,
+                                   interval=self.reclaim_interval)
+        for worker in (self.repair, self.scrubber, self.reclaimer):
+            worker.start()
+        for coro in (self._follow(self.keys.all_volops(), self._on_volop),
+                     self._follow(self.keys.all_recovery(), self._on_recovery)):
+            self._tasks.append(asyncio.ensure_future(coro))
+        self.started.set()
+        log.info("storage engine: %d extent(s) on %d disk(s); replication port %s:%d",
+                 len(self.store.extents()), len(self.store.usage()), self.listen[0], self.server.port)
+
+    async def _cluster_id(self, stop: asyncio.Event) -> str:
+        """The cluster id (peers prove it in the handshake); created here if no meta has yet.
+
+        The record is write-once, put-if-absent, exactly as the meta does it, so
+        whoever comes first defines it and everybody reads the same value.
+        """
+        key = self.keys.cluster()
+        t = self.etcd.transactions
+        fresh = ClusterInfo(cluster_id=uuid.uuid4().hex)
+        await self.etcd.transaction(compare=[t.version(key) == 0], success=[t.put(key, fresh.encode())],
+                                    failure=[])
+        got = await self.etcd.get(key)
+        return ClusterInfo.decode(got.value).cluster_id
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for t in [*self._tasks, *self._running.values()]:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._running.values(), return_exceptions=True)
+        for worker in (self.scrubber, self.reclaimer, self.repair):
+            if worker is not None:
+                await worker.stop()
+        for c in list(self._coords.values()):
+            await c.close()
+        self._coords.clear()
+        if self.server is not None:
+            await self.server.stop()
+        if self.client is not None:
+            await self.client.close()
+        await self.meta.close()
+        self.store.close()
+
+    # -- replicas and coordinators -----------------------------------------------
+
+    async def replica(self, chunk_id: str):
+        if chunk_id == self.chunk_id:
+            assert self._local is not None
+            return self._local
+        r = self._remote.get(chunk_id)
+        if r is None:
+            addr = await self.peers.address(chunk_id)
+            r = self._remote[chunk_id] = rk.RemoteReplica(chunk_id, addr, self.client)
+        return r
+
+    def cached_replica(self, chunk_id: str):
+        """The replica handle without an await, or None (hot path: one per I/O)."""
+        return self._local if chunk_id == self.chunk_id else self._remote.get(chunk_id)
+
+    def cached_replicas(self, chunk_ids: list[str]):
+        out = []
+        for c in chunk_ids:
+            r = self._local if c == self.chunk_id else self._remote.get(c)
+            if r is None:
+                return None
+            out.append(r)
+        return out
+
+    def forget_peer(self, chunk_id: str) -> None:
+        self._remote.pop(chunk_id, None)
+        self.peers.forget(chunk_id)
+
+    def open(self, volume: Volume, readonly: bool, view_seq: int = 0) -> VolumeDevice:
+        """The opener the iSCSI target (and TCMU) calls: synchronous; I/O waits for readiness.
+
+        ``view_seq`` > 0 opens the volume as of that snapshot seq, read-only (a snapshot
+        exported as a LUN)."""
+        key = (volume.volume_id, view_seq)
+        coord = self._coords.get(key)
+        if coord is None:
+            coord = self._coords[key] = Coordinator(self, volume, view_seq=view_seq)
+        coord.refs += 1
+        return VolumeDevice(self, coord, readonly or bool(view_seq))
+
+    async def coordinator(self, vid: str) -> Coordinator:
+        """A referenced coordinator for ``vid`` (fresh volume record); ``release`` it after."""
+        coord = self._coords.get((vid, 0))
+        if coord is None:
+            got = await self.etcd.get(self.keys.volume(vid))
+            if got is None:
+                raise LookupError(f"volume {vid} does not exist")
+            coord = self._coords.get((vid, 0))
+            if coord is None:
+                coord = self._coords[(vid, 0)] = Coordinator(self, Volume.decode(got.value))
+        coord.refs += 1
+        return coord
+
+    async def view(self, vid: str, seq: int) -> Coordinator:
+        """A read-only coordinator of volume ``vid`` as of snapshot seq ``seq`` (clone parents)."""
+        key = (vid, seq)
+        coord = self._coords.get(key)
+        if coord is None:
+            got = await self.etcd.get(self.keys.volume(vid))
+            if got is None:
+                raise LookupError(f"volume {vid} (a clone's parent) does not exist")
+            coord = self._coords.get(key)
+            if coord is None:
+                coord = self._coords[key] = Coordinator(self, Volume.decode(got.value), view_seq=seq)
+        coord.refs += 1
+        return coord
+
+    async def release(self, coord: Coordinator) -> None:
+        coord.refs -= 1
+        if coord.refs <= 0:
+            key = (coord.vid, coord.view_seq)
+            if self._coords.get(key) is coord:
+                del self._coords[key]
+            await coord.close()
+
+    def _release_soon(self, coord: Coordinator) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            coord.refs -= 1
+            return
+        t = asyncio.ensure_future(self.release(coord))
+        self._tasks.append(t)
+        t.add_done_callback(lambda _t: self._tasks.remove(_t) if _t in self._tasks else None)
+
+    # -- assignments: volume operations and recovery tasks ------------------------
+
+    async def _follow(self, prefix: bytes, handler) -> None:
+        async def on_snapshot(kvs):
+            for key, value in kvs:
+                await handler(key, value)
+
+        async def on_event(ev):
+            if ev.kind == "PUT":
+                await handler(ev.kv.key, ev.kv.value)
+
+        await zetcd.watch_prefix(self.etcd, prefix, on_snapshot, on_event, self._stop)
+
+    def _spawn(self, key: str, coro) -> None:
+        if key in self._running:
+            coro.close()
+            return
+        t = asyncio.ensure_future(coro)
+        self._running[key] = t
+        t.add_done_callback(lambda _t: self._running.pop(key, None))
+
+    async def _on_volop(self, key: bytes, value: bytes) -> None:
+        try:
+            op = VolumeOp.decode(value)
+        except RecordError as e:
+            log.error("ignoring unreadable volume op %s: %s", key.decode(), e)
+            return
+        if op.executor != self.chunk_id or op.state != "pending":
+            return
+        self._spawn(f"op/{op.op_id}", self._run_volop(op))
+
+    async def _run_volop(self, op: VolumeOp) -> None:
+        try:
+            coord = await self.coordinator(op.volume_id)
+        except LookupError as e:
+            log.warning("volume op %s: %s", op.op_id, e)
+            return
+        try:
+            await coord.run_volop(op)
+        finally:
+            await self.release(coord)
+
+    async def _on_recovery(self, key: bytes, value: bytes) -> None:
+        try:
+            task = RecoveryTask.decode(value)
+        except RecordError as e:
+            log.error("ignoring unreadable recovery task %s: %s", key.decode(), e)
+            return
+        if task.executor != self.chunk_id:
+            return
+        self._spawn(f"recovery/{task.volume_id}/{task.index}", self._run_recovery(task))
+
+    async def _run_recovery(self, task: RecoveryTask) -> None:
+        key = self.keys.recovery_task(task.volume_id, task.index)
+        async with self._recovery_slots:
+            got = await self.etcd.get(key)
+            if got is None:
+                return
+            task = RecoveryTask.decode(got.value)
+            if task.executor != self.chunk_id:
+                return
+            task.state, task.error = "running", None
+            rev = await self._put_task(key, task, got.mod_revision)
+            if rev is None:
+                return
+            try:
+                coord = await self.coordinator(task.volume_id)
+            except LookupError:
+                return
+            try:
+                await coord.run_recovery(task, rev, self.recovery_rate)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded on the task; the meta retries it
+                log.error("recovery of %s extent %d to %s failed: %s", task.volume_id, task.index,
+                          task.target, e)
+                got = await self.etcd.get(key)
+                if got is not None:
+                    cur = RecoveryTask.decode(got.value)
+                    cur.state, cur.error = "pending", str(e)[:300]
+                    await self._put_task(key, cur, got.mod_revision)
+                await asyncio.sleep(2.0)             # no hot loop on a persistent failure
+            finally:
+                await self.release(coord)
+
+    async def _put_task(self, key: bytes, task: RecoveryTask, rev: int) -> int | None:
+        t = self.etcd.transactions
+        ok, _ = await self.etcd.transaction(compare=[t.mod(key) == rev],
+                                            success=[t.put(key, task.encode())], failure=[])
+        if not ok:
+            return None
+        got = await self.etcd.get(key)
+        return None if got is None else got.mod_revision
+
+    async def report_progress(self, task: RecoveryTask, rev: int, done: int, total: int) -> int:
+        """Write copy progress to the task (for `zstore cluster status`); the new mod revision."""
+        key = self.keys.recovery_task(task.volume_id, task.index)
+        task.done_bytes, task.total_bytes = done, total
+        new = await self._put_task(key, task, rev)
+        if new is None:
+            got = await self.etcd.get(key)
+            if got is None:
+                raise RuntimeError("recovery task deleted")
+            cur = RecoveryTask.decode(got.value)
+            if cur.executor != self.chunk_id:
+                raise RuntimeError(f"task reassigned to {cur.executor}")
+            cur.done_bytes, cur.total_bytes, cur.state = done, total, "running"
+            new = await self._put_task(key, cur, got.mod_revision) or got.mod_revision
+        return new
+
+    def status(self) -> dict[str, Any]:
+        """Counters an admin sees in `zstore chunk list/show` (published with the live record)."""
+        rep = self.repair.status() if self.repair else {}
+        scrub = self.scrubber.status() if self.scrubber else {}
+        reads = sum(c.counters["checksum_errors"] for c in self._coords.values())
+        usage = self.store.usage()
+        return {
+            "extents": len(self.store.extents()), "open_volumes": len(self._coords),
+            "allocated": sum(d.get("used", 0) for d in usage),
+            "checksum_errors": max(rep.get("checksum_errors", 0), reads),
+            "repaired": rep.get("repaired", 0), "repair_failed": rep.get("repair_failed", 0),
+            "scrub_passes": scrub.get("passes", 0), "scrubbed_bytes": scrub.get("bytes_scrubbed", 0),
+            "scrub_mismatches": scrub.get("mismatches", 0),
+            "replica_drops": sum(c.counters["drops"] for c in self._coords.values()),
+            "recovering": sorted(k for k in self._running if k.startswith("recovery/")),
+        }

@@ -1,0 +1,157 @@
+"""One interface over "a replica of an extent", local or remote.
+
+The coordinator talks to its own chunk server's store directly (no socket,
+no copy) and to peers through the replica client; both look the same here,
+and every failure becomes one ``ReplicaFailed`` whose ``kind`` tells the
+coordinator what to do: try another replica (read), drop it (write), or stop
+because it was fenced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+from .extent_file import ChecksumError
+from .fencing import StaleEpochError
+
+# kinds
+UNAVAILABLE = "unavailable"      # no answer: dead, partitioned, timed out
+CHECKSUM = "checksum"
+IO = "io"
+NO_EXTENT = "no_extent"
+NO_SPACE = "no_space"
+STALE_EPOCH = "stale_epoch"
+INVALID = "invalid"
+CONFLICT = "conflict"
+
+
+class ReplicaFailed(Exception):
+    def __init__(self, chunk_id: str, kind: str, detail: str = "") -> None:
+        super().__init__(f"replica on {chunk_id}: {kind}{': ' + detail if detail else ''}")
+        self.chunk_id, self.kind, self.detail = chunk_id, kind, detail
+
+
+class LocalReplica:
+    """This server's own ReplicaStore, called inline (page-cache I/O)."""
+
+    def __init__(self, chunk_id: str, store, on_checksum_error=None) -> None:
+        self.chunk_id, self.store = chunk_id, store
+        self._on_checksum = on_checksum_error
+
+    def _fail(self, vid: str, idx: int, e: Exception) -> ReplicaFailed:
+        from .replica_store import NoExtent, StoreFull
+        if isinstance(e, StaleEpochError):
+            return ReplicaFailed(self.chunk_id, STALE_EPOCH, str(e))
+        if isinstance(e, ChecksumError):
+            if self._on_checksum:
+                self._on_checksum(vid, idx, e.block)
+            return ReplicaFailed(self.chunk_id, CHECKSUM, str(e))
+        if isinstance(e, NoExtent):
+            return ReplicaFailed(self.chunk_id, NO_EXTENT, str(e))
+        if isinstance(e, StoreFull) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return ReplicaFailed(self.chunk_id, NO_SPACE, str(e))
+        if isinstance(e, ValueError):
+            return ReplicaFailed(self.chunk_id, INVALID, str(e))
+        return ReplicaFailed(self.chunk_id, IO, f"{type(e).__name__}: {e}")
+
+    def _run(self, vid, idx, epoch, fn, *args, **kw):
+        try:
+            if epoch:
+                self.store.admit(vid, idx, epoch)
+            return fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
+            raise self._fail(vid, idx, e) from None
+
+    async def read(self, vid, idx, off, length, epoch, view=0):
+        return self._run(vid, idx, epoch, self.store.read, vid, idx, off, length, view)
+
+    async def write(self, vid, idx, off, data, epoch, seq, fua=False):
+        self._run(vid, idx, epoch, self.store.write, vid, idx, off, data, seq)
+        if fua:
+            await self.flush(vid, idx, epoch)
+
+    async def unmap(self, vid, idx, off, length, epoch, seq, zero=False):
+        self._run(vid, idx, epoch, self.store.unmap, vid, idx, off, length, seq, zero)
+
+    async def flush(self, vid, idx, epoch):
+        try:
+            await asyncio.to_thread(self.store.flush, vid, idx)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(vid, idx, e) from None
+
+    async def create(self, vid, idx, epoch, generation):
+        self._run(vid, idx, 0, self.store.create, vid, idx, generation)   # admit needs the extent
+        self._run(vid, idx, epoch, lambda: None)
+
+    async def revert(self, vid, idx, epoch, to_seq, seq):
+        self._run(vid, idx, epoch, self.store.revert, vid, idx, to_seq, seq)
+
+    async def export(self, vid, idx, off, length, epoch=0):
+        return self._run(vid, idx, epoch, self.store.export, vid, idx, off, length)
+
+    async def import_(self, vid, idx, blob, epoch):
+        ok = self._run(vid, idx, epoch, self.store.import_, vid, idx, blob)
+        if ok is False:
+            raise ReplicaFailed(self.chunk_id, CONFLICT)
+
+    async def setgen(self, vid, idx, epoch, generation):
+        self._run(vid, idx, epoch, self.store.set_generation, vid, idx, generation)
+
+    async def digest(self, vid, idx):
+        return self._run(vid, idx, 0, self.store.digest, vid, idx)
+
+
+class RemoteReplica:
+    """A peer's store through the pipelined replica client."""
+
+    def __init__(self, chunk_id: str, addr: tuple[str, int], client) -> None:
+        self.chunk_id, self.addr, self.client = chunk_id, addr, client
+
+    async def _call(self, coro):
+        from . import replica_client as rc
+        try:
+            return await coro
+        except rc.PeerUnavailable as e:
+            raise ReplicaFailed(self.chunk_id, UNAVAILABLE, str(e)) from None
+        except rc.ReplicaError as e:
+            raise ReplicaFailed(self.chunk_id, _status_kind(e), str(e)) from None
+
+    async def read(self, vid, idx, off, length, epoch, view=0):
+        return await self._call(self.client.read(self.addr, vid, idx, off, length, epoch=epoch, view=view))
+
+    async def write(self, vid, idx, off, data, epoch, seq, fua=False):
+        await self._call(self.client.write(self.addr, vid, idx, off, data, epoch=epoch, seq=seq, fua=fua))
+
+    async def unmap(self, vid, idx, off, length, epoch, seq, zero=False):
+        await self._call(self.client.unmap(self.addr, vid, idx, off, length, epoch=epoch, seq=seq, zero=zero))
+
+    async def flush(self, vid, idx, epoch):
+        await self._call(self.client.flush(self.addr, vid, idx, epoch=epoch))
+
+    async def create(self, vid, idx, epoch, generation):
+        await self._call(self.client.create(self.addr, vid, idx, epoch=epoch, generation=generation))
+
+    async def revert(self, vid, idx, epoch, to_seq, seq):
+        await self._call(self.client.revert(self.addr, vid, idx, epoch=epoch, to_seq=to_seq, seq=seq))
+
+    async def export(self, vid, idx, off, length, epoch=0):
+        return await self._call(self.client.export(self.addr, vid, idx, off, length, epoch=epoch))
+
+    async def import_(self, vid, idx, blob, epoch):
+        ok = await self._call(self.client.import_(self.addr, vid, idx, blob, epoch=epoch))
+        if ok is False:
+            raise ReplicaFailed(self.chunk_id, CONFLICT)
+
+    async def setgen(self, vid, idx, epoch, generation):
+        await self._call(self.client.setgen(self.addr, vid, idx, epoch=epoch, generation=generation))
+
+    async def digest(self, vid, idx):
+        return await self._call(self.client.digest(self.addr, vid, idx))
+
+
+def _status_kind(e) -> str:
+    from .wire import Status
+    return {Status.STALE_EPOCH: STALE_EPOCH, Status.CHECKSUM: CHECKSUM, Status.NO_EXTENT: NO_EXTENT,
+            Status.IO_ERROR: IO, Status.NO_SPACE: NO_SPACE, Status.INVALID: INVALID,
+            Status.CONFLICT: CONFLICT}.get(getattr(e, "status", None), IO)
