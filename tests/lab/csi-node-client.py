@@ -136,7 +136,7 @@ def main() -> None:
                                               volume_capability=cap(kind), publish_context=ctx)
 
         if vol.get("secrets"):
-            step(f"[{kind}] CHAP required: partial secrets, no secrets, a wrong password are refused")
+            step(f"[{kind}] CHAP required: partial secrets, no secrets, wrong passwords are refused")
             partial = pb.NodeStageVolumeRequest()
             partial.CopyFrom(stage)
             del partial.secrets["node.session.auth.password"]
@@ -144,7 +144,13 @@ def main() -> None:
             wrong = pb.NodeStageVolumeRequest()
             wrong.CopyFrom(stage)
             wrong.secrets["node.session.auth.password"] = "wrong-password-0123"
-            for label, req in (("no secrets", without_secrets(stage)), ("wrong password", wrong)):
+            cases = [("no secrets", without_secrets(stage)), ("wrong password", wrong)]
+            if "node.session.auth.password_in" in stage.secrets:
+                wrong_in = pb.NodeStageVolumeRequest()
+                wrong_in.CopyFrom(stage)
+                wrong_in.secrets["node.session.auth.password_in"] = "wrong-password-4567"
+                cases.append(("mutual: the target does not know the secret we expect", wrong_in))
+            for label, req in cases:
                 why = refused(lambda: node.NodeStageVolume(req), grpc.StatusCode.UNAUTHENTICATED)
                 print(f"{label}: UNAUTHENTICATED {why}", flush=True)
                 assert "wrong-password" not in why and not any(v in why for v in vol["secrets"].values())

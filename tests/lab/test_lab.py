@@ -394,9 +394,10 @@ def test_csi_node_lifecycle(lab_image, tmp_path):
     payload intact (no second mkfs) and a write refused. Finally two volumes (LUNs of one
     target) are staged together: unstaging one must keep the session the other still uses.
 
-    CHAP: the host sets CHAP for the ext4 volume's target and the guest's IQN (``zstore chap
-    set``), and for target '*' (which zstore asks of SendTargets discovery) with other
-    credentials, before boot. Staging it without secrets or with a wrong password must fail with
+    CHAP: the host sets mutual CHAP for the ext4 volume's target and the guest's IQN (``zstore
+    chap set``), and for target '*' (which zstore asks of SendTargets discovery) with other
+    credentials, before boot. Staging it without secrets, with a wrong password or expecting
+    another target secret (mutual) must fail with
     UNAUTHENTICATED and leave no session, node record or state file; with the secrets in the
     request it logs in. The lab hook (the ext4 resize) clears CHAP again, so the later stages
     log in without. The plugin is restarted between stage and publish and between publish and
@@ -407,7 +408,7 @@ def test_csi_node_lifecycle(lab_image, tmp_path):
     payload = os.urandom(8 << 20)
     (share / "payload").write_bytes(payload)
     csi_share(share)
-    chap_secret, disc_secret = os.urandom(12).hex(), os.urandom(12).hex()
+    chap_secret, target_secret, disc_secret = (os.urandom(12).hex() for _ in range(3))
     ns = f"labc{os.getpid()}"
     with lab_netns(ns):
         etcd = Etcd(tmp_path / "etcd").start()
@@ -436,14 +437,20 @@ def test_csi_node_lifecycle(lab_image, tmp_path):
                 vol = {"id": v.get("volume_id") or name, "kind": kind, "ctx": ctx}
                 if kind == "ext4":
                     vol["expand_to"] = 256 << 20
-                    # CHAP for this volume's target and the guest, and for discovery (target '*',
-                    # as deploy/kubernetes suggests); the lab hook clears both again
-                    for target, user, secret in ((name, "csi-node", chap_secret), ("*", "csi-disc", disc_secret)):
+                    # mutual CHAP for this volume's target and the guest, and one-way CHAP for
+                    # discovery (target '*', as deploy/kubernetes suggests); the hook clears both
+                    (tmp_path / "chap-in").write_text(target_secret + "\n")
+                    for target, user, secret, mutual in (
+                            (name, "csi-node", chap_secret, ["--mutual-user", "zstore-target",
+                                                             "--mutual-secret-file", str(tmp_path / "chap-in")]),
+                            ("*", "csi-disc", disc_secret, [])):
                         (tmp_path / "chap").write_text(secret + "\n")
                         c.cli("chap", "set", target, GUEST_IQN, "--user", user, "--secret-file",
-                              str(tmp_path / "chap"), check=True)
+                              str(tmp_path / "chap"), *mutual, check=True)
                     vol["secrets"] = {"node.session.auth.username": "csi-node",
                                       "node.session.auth.password": chap_secret,
+                                      "node.session.auth.username_in": "zstore-target",
+                                      "node.session.auth.password_in": target_secret,
                                       "discovery.sendtargets.auth.username": "csi-disc",
                                       "discovery.sendtargets.auth.password": disc_secret}
                 volumes.append(vol)
