@@ -425,6 +425,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def quiet_say(text: str) -> None:
+    """Progress during clean-up, which must go on if stderr is a closed pipe."""
+    try:
+        say(text)
+    except OSError:
+        pass
+
+
 def on_signal(signum, frame):
     """Ctrl-C and SIGTERM: one clean-up path. The flag is for the load loop: a KeyboardInterrupt
     raised inside a ctypes callback is swallowed by ctypes, the flag is not."""
@@ -509,13 +517,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)    # let the clean-up finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        say("stopping tgtd and zstore ...")
-        tgtd.stop()
-        z.stop()
-        if args.keep:
-            say(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        try:                                            # stderr may be gone (a closed pipe):
+            quiet_say("stopping tgtd and zstore ...")   # stop and remove all the same
+            tgtd.stop()
+        finally:
+            try:
+                z.stop()
+            finally:
+                if args.keep:
+                    quiet_say(f"kept {workdir}")
+                else:
+                    shutil.rmtree(workdir, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"zstore storage engine vs tgtd: I/O volumes {args.size // MiB} MiB, {args.duration:g} s per "
           f"measurement, tgtd params {args.tgtd_params}, initiator {INITIATOR}, "
