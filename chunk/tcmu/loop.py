@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Callable
 
@@ -54,6 +55,7 @@ class CommandLoop:
         self.commands = 0
         self.failed_entries = 0
         self.resets = 0
+        self.busy = 0.0          # seconds spent in the SCSI layer, summed over commands
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -71,6 +73,9 @@ class CommandLoop:
             await asyncio.wait(list(self._tasks), timeout=timeout)
         for t in list(self._tasks):
             t.cancel()
+        if self.commands:
+            log.info("%s: served %d commands, %.1f ms each in the SCSI layer on average",
+                     self.name, self.commands, 1000 * self.busy / self.commands)
 
     # -- the ring --------------------------------------------------------------------
 
@@ -102,6 +107,7 @@ class CommandLoop:
     async def _run(self, e: ring.Entry, gen: int) -> None:
         buf, unit = self.dev.buf, self.unit
         read_len = None
+        t0 = time.monotonic()
         try:
             want = unit.data_out_length(e.cdb)
             data_out = ring.gather(buf, e.iovs, min(want, e.data_length)) if want else None
@@ -113,6 +119,7 @@ class CommandLoop:
         except Exception:  # noqa: BLE001 - one command must not take the LUN down
             log.exception("%s: command %s failed", self.name, e.cdb[:1].hex())
             status, sense = CHECK_CONDITION, INTERNAL_TARGET_FAILURE
+        self.busy += time.monotonic() - t0
         if gen != self._generation:          # the ring was reset under us: the kernel failed it
             return
         self._results[e.cmd_id] = (status, sense, read_len)
