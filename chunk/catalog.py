@@ -1,26 +1,53 @@
 """What this chunk server may export, mirrored from etcd by watches.
 
 Every chunk server can serve every target and LUN, so each keeps a local
-copy of the export state — targets, LUN mappings, volumes, ACLs and CHAP
-credentials — and follows changes through etcd watches. Logins and commands
+copy of the export state — targets, LUN mappings, volumes, snapshots, ACLs
+and CHAP credentials — and follows changes through etcd watches. Logins and commands
 consult only this copy (dict look-ups): no etcd or meta round trip per I/O or
 per login, and ACL changes apply to the very next command.
+
+A LUN resolves to a ``LunExport``: a volume (read-only if its ACL entry or
+mapping says so), or a snapshot exported read-only — the snapshot's volume
+viewed at the snapshot's ``seq``, with the snapshot's own WWN, serial and size
+(docs/storage.md). A snapshot LUN's ACL is keyed by the snapshot id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import aetcd
 
 from zstore import etcd as zetcd
-from zstore import logs
+from zstore import logs, naming
 from zstore.keys import Keys
-from zstore.records import AclEntry, ChapRecord, LunMapping, RecordError, Target, Volume
+from zstore.records import AclEntry, ChapRecord, LunMapping, RecordError, Snapshot, Target, Volume
 
 log = logging.getLogger(__name__)
+
+
+class LunExport(NamedTuple):
+    """What one LUN serves to one initiator (indexable as (volume, readonly, ...))."""
+    volume: Volume
+    readonly: bool
+    view_seq: int = 0                # > 0: the volume as of this snapshot seq (a snapshot LUN)
+    wwn: str = ""
+    serial: str = ""
+    size: int = 0
+    lun: int = 0
+    snapshot_id: str | None = None
+
+    @property
+    def unit_key(self) -> tuple[str, int, bool]:
+        """One LogicalUnit per (volume id, view seq, read-only), shared by every session."""
+        return self.volume.volume_id, self.view_seq, self.readonly
+
+    @property
+    def export_id(self) -> str:
+        """The snapshot id of a snapshot LUN, else the volume id (names its backstore, ACL)."""
+        return self.snapshot_id or self.volume.volume_id
 
 
 class Catalog:
@@ -30,7 +57,8 @@ class Catalog:
         self._target_by_index: dict[int, Target] = {}
         self.luns: dict[tuple[int, int], LunMapping] = {}    # (target index, lun) -> mapping
         self.volumes: dict[str, Volume] = {}                 # volume id -> Volume
-        self.acl: dict[str, dict[str, AclEntry]] = {}        # volume id -> initiator -> entry
+        self.snapshots: dict[str, Snapshot] = {}             # snapshot id -> Snapshot
+        self.acl: dict[str, dict[str, AclEntry]] = {}        # volume or snapshot id -> initiator -> entry
         self.chap: dict[tuple[str, str], ChapRecord] = {}    # (target iqn | '*', initiator) -> creds
         self._raw: dict[str, dict[bytes, bytes]] = {}
         self._listeners: list[Callable[[str], None]] = []
@@ -42,39 +70,50 @@ class Catalog:
     def target(self, iqn: str) -> Target | None:
         return self.targets.get(iqn)
 
-    def visible_luns(self, target_iqn: str, initiator: str) -> dict[int, tuple[Volume, bool]]:
-        """LUN number -> (volume, readonly) this initiator may see on this target."""
+    def resolve(self, m: LunMapping, entry: AclEntry | None = None) -> LunExport | None:
+        """What mapping ``m`` serves (read-only as ``entry`` says), or None if it serves nothing
+        now: its volume is gone or deleted, or its snapshot is gone or not ready."""
+        vol = self.volumes.get(m.volume_id)
+        if vol is None or vol.state == "deleted":
+            return None
+        if m.snapshot_id is None:
+            return LunExport(vol, bool(m.readonly or (entry is not None and entry.readonly)), 0,
+                             vol.wwn, vol.volume_id[:32], vol.size, m.lun)
+        snap = self.snapshots.get(m.snapshot_id)
+        if snap is None or snap.state != "ready" or snap.seq <= 0 or snap.volume_id != vol.volume_id:
+            return None
+        return LunExport(vol, True, snap.seq, naming.snapshot_wwn(snap.snapshot_id), snap.snapshot_id[:32],
+                         snap.size, m.lun, snap.snapshot_id)
+
+    def _access(self, m: LunMapping, initiator: str) -> LunExport | None:
+        entry = self.acl.get(m.snapshot_id or m.volume_id, {}).get(initiator)
+        return None if entry is None else self.resolve(m, entry)
+
+    def visible_luns(self, target_iqn: str, initiator: str) -> dict[int, LunExport]:
+        """LUN number -> what it serves, for the LUNs this initiator may see on this target."""
         t = self.targets.get(target_iqn)
         if t is None:
             return {}
         out = {}
         for (ti, lun), m in self.luns.items():
-            if ti != t.index:
-                continue
-            entry = self.acl.get(m.volume_id, {}).get(initiator)
-            vol = self.volumes.get(m.volume_id)
-            if entry is not None and vol is not None and vol.state != "deleted":
-                out[lun] = (vol, entry.readonly or m.readonly)
+            if ti == t.index:
+                ex = self._access(m, initiator)
+                if ex is not None:
+                    out[lun] = ex
         return dict(sorted(out.items()))
 
-    def lun_access(self, target_iqn: str, initiator: str, lun: int) -> tuple[Volume, bool] | None:
-        """(volume, readonly) if this initiator may use this LUN right now, else None."""
+    def lun_access(self, target_iqn: str, initiator: str, lun: int) -> LunExport | None:
+        """What this LUN serves if this initiator may use it right now, else None."""
         t = self.targets.get(target_iqn)
         if t is None:
             return None
         m = self.luns.get((t.index, lun))
-        if m is None:
-            return None
-        entry = self.acl.get(m.volume_id, {}).get(initiator)
-        vol = self.volumes.get(m.volume_id)
-        if entry is None or vol is None or vol.state == "deleted":
-            return None
-        return vol, entry.readonly or m.readonly
+        return None if m is None else self._access(m, initiator)
 
     def visible_targets(self, initiator: str) -> list[str]:
         """Targets with at least one LUN this initiator may see (SendTargets answers only these)."""
-        allowed_vols = {vid for vid, entries in self.acl.items() if initiator in entries}
-        idx = {ti for (ti, _), m in self.luns.items() if m.volume_id in allowed_vols}
+        allowed = {xid for xid, entries in self.acl.items() if initiator in entries}
+        idx = {ti for (ti, _), m in self.luns.items() if (m.snapshot_id or m.volume_id) in allowed}
         return sorted(self._target_by_index[i].iqn for i in idx if i in self._target_by_index)
 
     def chap_for(self, target_iqn: str, initiator: str) -> ChapRecord | None:
@@ -86,15 +125,15 @@ class Catalog:
         return None
 
     def on_change(self, fn: Callable[[str], None]) -> None:
-        """Call ``fn(kind)`` after each change (kind: targets|luns|volumes|acl|chap)."""
+        """Call ``fn(kind)`` after each change (kind: targets|luns|volumes|snapshots|acl|chap)."""
         self._listeners.append(fn)
 
     # -- mirroring -------------------------------------------------------------
 
     def _sections(self) -> dict[str, bytes]:
         k = self.keys
-        return {"targets": k.targets(), "luns": k.luns(), "volumes": k.volumes(), "acl": k.acls(),
-                "chap": k.chaps()}
+        return {"targets": k.targets(), "luns": k.luns(), "volumes": k.volumes(),
+                "snapshots": k.snapshots(), "acl": k.acls(), "chap": k.chaps()}
 
     def _rebuild(self, kind: str) -> None:
         raw = self._raw.get(kind, {})
@@ -116,12 +155,15 @@ class Catalog:
         elif kind == "volumes":
             vs = [v for v in (decode(Volume, v) for v in raw.values()) if v]
             self.volumes = {v.volume_id: v for v in vs}
+        elif kind == "snapshots":
+            ss = [x for x in (decode(Snapshot, v) for v in raw.values()) if x]
+            self.snapshots = {x.snapshot_id: x for x in ss}
         elif kind == "acl":
             acl: dict[str, dict[str, AclEntry]] = {}
             for v in raw.values():
                 e = decode(AclEntry, v)
                 if e:
-                    acl.setdefault(e.volume_id, {})[e.initiator] = e
+                    acl.setdefault(e.export_id, {})[e.initiator] = e
             self.acl = acl
         elif kind == "chap":
             chap = {}

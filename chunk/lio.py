@@ -6,10 +6,11 @@ The desired state comes from the same export catalog the built-in target uses
 
 * one LIO iSCSI target per zstore target, with one TPG (tag 1) holding this
   server's portal (``chunk.portal``);
-* per LUN mapping, a LUN over a ``user:`` backstore named ``zs-<volume id>``
-  with config ``zstore/<volume id>``; the chunk server maps that backstore's
-  uio device and runs its command ring through a ``LogicalUnit`` over the
-  volume's BlockDevice (``open_device(volume, readonly)``, as the built-in target);
+* per LUN mapping, a LUN over a ``user:`` backstore named ``zs-<id>`` with
+  config ``zstore/<id>`` (the volume id, or the snapshot id of a snapshot
+  exported read-only); the chunk server maps that backstore's uio device and
+  runs its command ring through a ``LogicalUnit`` over the device
+  ``chunk.lun_device.open_export`` opens, as the built-in target does;
 * per initiator on a volume's ACL, a NodeACL with a MappedLUN (write-protected
   when the ACL entry or the mapping is read-only): LUN masking;
 * CHAP per NodeACL from ``catalog.chap_for``: userid/password, mutual ones
@@ -41,11 +42,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from chunk import scsi
-from chunk.catalog import Catalog
+from chunk.catalog import Catalog, LunExport
+from chunk.lun_device import open_export
 from chunk.tcmu import uio as tuio
 from chunk.tcmu.loop import CommandLoop
-from zstore.records import Volume
-
 log = logging.getLogger(__name__)
 
 CONFIGFS = Path("/sys/kernel/config")
@@ -107,12 +107,13 @@ class TargetSpec:
 
 @dataclass
 class Desired:
-    backstores: dict[str, Volume] = field(default_factory=dict)
+    backstores: dict[str, LunExport] = field(default_factory=dict)
     targets: dict[str, TargetSpec] = field(default_factory=dict)
 
 
-def backstore_name(volume_id: str) -> str:
-    return f"zs-{volume_id}"
+def backstore_name(export_id: str) -> str:
+    """``zs-`` + the volume id, or the snapshot id of a snapshot LUN."""
+    return f"zs-{export_id}"
 
 
 def desired_state(catalog: Catalog) -> Desired:
@@ -123,14 +124,14 @@ def desired_state(catalog: Catalog) -> Desired:
         d.targets[t.iqn] = TargetSpec(t.iqn)
     for (ti, lun), m in sorted(catalog.luns.items()):
         t = by_index.get(ti)
-        vol = catalog.volumes.get(m.volume_id)
-        if t is None or vol is None or vol.state == "deleted":
+        ex = catalog.resolve(m)
+        if t is None or ex is None:
             continue
-        name = backstore_name(vol.volume_id)
-        d.backstores[name] = vol
+        name = backstore_name(ex.export_id)
+        d.backstores[name] = ex
         spec = d.targets[t.iqn]
         spec.luns[lun] = name
-        for initiator, entry in sorted(catalog.acl.get(vol.volume_id, {}).items()):
+        for initiator, entry in sorted(catalog.acl.get(ex.export_id, {}).items()):
             acl = spec.acls.setdefault(initiator, AclSpec())
             acl.mapped[lun] = bool(entry.readonly or m.readonly)
     for spec in d.targets.values():
@@ -189,22 +190,22 @@ class LioConfig:
         index = int(re.search(r"/user_(\d+)/", so.path + "/").group(1))
         return Backstore(so.name, index, so.path, tuio.uio_name(index, so.name, so.config))
 
-    def ensure_backstores(self, want: dict[str, Volume]) -> dict[str, Backstore]:
+    def ensure_backstores(self, want: dict[str, LunExport]) -> dict[str, Backstore]:
         have = self._ours()
         out = {}
-        for name, vol in want.items():
+        for name, ex in want.items():
             so = have.get(name)
             if so is None:
-                bs = vol.block_size or 512
+                bs = ex.volume.block_size or 512
                 so = self.rts.UserBackedStorageObject(
-                    name, config=f"{HANDLER}/{vol.volume_id}", size=vol.size, wwn=vol.volume_id,
+                    name, config=f"{HANDLER}/{ex.export_id}", size=ex.size, wwn=ex.serial,
                     hw_max_sectors=MAX_SECTORS_BYTES // bs,
                     control=f"max_data_area_mb={DATA_AREA_MB},hw_block_size={bs}")
-                log.info("LIO: created backstore user/%s (%d bytes)", name, vol.size)
+                log.info("LIO: created backstore user/%s (%d bytes)", name, ex.size)
             out[name] = self._describe(so)
         return out
 
-    def stale_backstores(self, want: dict[str, Volume]) -> list[str]:
+    def stale_backstores(self, want: dict[str, LunExport]) -> list[str]:
         return [n for n in self._ours() if n not in want]
 
     def delete_backstore(self, name: str) -> None:
@@ -335,7 +336,7 @@ class LioConfig:
 class LioFrontend:
     """What ``ChunkServer`` runs instead of ``IscsiTarget`` when ``chunk.frontend = "lio"``."""
 
-    def __init__(self, portal: str, catalog: Catalog, open_device: Callable[[Any, bool], Any],
+    def __init__(self, portal: str, catalog: Catalog, open_device: Callable[..., Any],
                  state_dir: Path):
         host, _, port = portal.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
@@ -389,7 +390,7 @@ class LioFrontend:
                 await self._detach(name)
             self.applied += 1
 
-    async def _attach(self, bs: Backstore, vol: Volume) -> None:
+    async def _attach(self, bs: Backstore, ex: LunExport) -> None:
         found = None
         for _ in range(50):                       # udev may lag behind configfs
             found = tuio.find(bs.uio_name, suffix=bs.uio_name.split("/", 2)[2])
@@ -399,9 +400,8 @@ class LioFrontend:
         if not found:
             log.error("LIO: no uio device named %s for backstore %s", bs.uio_name, bs.name)
             return
-        dev = self.open_device(vol, False)
-        unit = scsi.LogicalUnit(dev, scsi.LunIdentity(wwn=vol.wwn, serial=vol.volume_id[:32], lun=vol.lun),
-                                power_on_ua=False)
+        dev, ident = open_export(self.open_device, ex)     # write protection: the MappedLUN's
+        unit = scsi.LogicalUnit(dev, ident, power_on_ua=False)
         u = tuio.UioDevice(found)
         loop = CommandLoop(u, unit, name=f"{bs.name}({found})", reset_ring=lambda: self.cfg.reset_ring(bs))
         loop.start()

@@ -16,7 +16,7 @@ from aiohttp import web
 from zstore.errors import InvalidArgument
 from zstore.records import RecordError, Snapshot, VipRecord, Volume
 
-from . import chunks, exports, extents, recovery, volops, volumes
+from . import chunks, exports, extents, recovery, snapshot_exports, volops, volumes
 from .context import Ctx
 
 routes = web.RouteTableDef()
@@ -65,10 +65,17 @@ async def volume_view(ctx: Ctx, vol: Volume, views: list[chunks.ChunkView] | Non
     return d
 
 
-async def snapshot_view(ctx: Ctx, snap: Snapshot) -> dict[str, Any]:
+async def snapshot_view(ctx: Ctx, snap: Snapshot, slots: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """The record, its volume's name and its export (null, or target, LUN, WWN and ACL).
+    ``slots`` (snapshot_exports.exported_slots) saves a read per snapshot in listings."""
     d = snap.to_dict()
     vol, _ = await ctx.get(ctx.keys.volume(snap.volume_id), Volume)
     d["volume"] = vol.name if vol and vol.state != "deleted" else None
+    d["export"] = None
+    if slots is None or snap.snapshot_id in slots:
+        m, _ = await snapshot_exports.export_state(ctx, snap.snapshot_id)
+        if m is not None:
+            d["export"] = await snapshot_exports.export_view(ctx, snap, m, d["volume"])
     return d
 
 
@@ -246,7 +253,8 @@ async def snapshot_create(request: web.Request) -> web.Response:
 async def snapshot_list(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     snaps = await volumes.list_snapshots(ctx, request.query.get("volume") or None)
-    return ok({"snapshots": [await snapshot_view(ctx, s) for s in snaps]})
+    slots = await snapshot_exports.exported_slots(ctx)
+    return ok({"snapshots": [await snapshot_view(ctx, s, slots) for s in snaps]})
 
 
 @routes.get(PREFIX + "/snapshots/{id}")
@@ -257,13 +265,46 @@ async def snapshot_get(request: web.Request) -> web.Response:
 
 @routes.delete(PREFIX + "/snapshots/{id}")
 async def snapshot_delete_by_id(request: web.Request) -> web.Response:
-    return ok({"deleted": await volumes.delete_snapshot_by_id(ctx_of(request), request.match_info["id"])})
+    return ok({"deleted": await volumes.delete_snapshot_by_id(ctx_of(request), request.match_info["id"],
+                                                              flag(request, "force"))})
 
 
 @routes.delete(PREFIX + "/volumes/{ref}/snapshots/{snap}")
 async def snapshot_delete(request: web.Request) -> web.Response:
-    sid = await volumes.delete_snapshot(ctx_of(request), request.match_info["ref"], request.match_info["snap"])
+    sid = await volumes.delete_snapshot(ctx_of(request), request.match_info["ref"], request.match_info["snap"],
+                                        flag(request, "force"))
     return ok({"deleted": sid})
+
+
+@routes.post(PREFIX + "/snapshots/{id}/export")
+async def snapshot_export(request: web.Request) -> web.Response:
+    view, created = await snapshot_exports.export_snapshot(ctx_of(request), request.match_info["id"])
+    return ok(view, 201 if created else 200)
+
+
+@routes.delete(PREFIX + "/snapshots/{id}/export")
+async def snapshot_unexport(request: web.Request) -> web.Response:
+    snap, removed = await snapshot_exports.unexport_snapshot(ctx_of(request), request.match_info["id"])
+    return ok({"unexported": snap.snapshot_id, "removed": removed})
+
+
+@routes.get(PREFIX + "/snapshots/{id}/acl")
+async def snapshot_acl_list(request: web.Request) -> web.Response:
+    snap, entries = await exports.list_snapshot_acl(ctx_of(request), request.match_info["id"])
+    return ok({"snapshot_id": snap.snapshot_id, "initiators": [
+        {"initiator": e.initiator, "readonly": True, "added": e.added} for e in entries]})
+
+
+@routes.put(PREFIX + "/snapshots/{id}/acl/{iqn}")
+async def snapshot_acl_add(request: web.Request) -> web.Response:
+    e = await exports.add_snapshot_acl(ctx_of(request), request.match_info["id"], request.match_info["iqn"])
+    return ok({"initiator": e.initiator, "readonly": True, "added": e.added})
+
+
+@routes.delete(PREFIX + "/snapshots/{id}/acl/{iqn}")
+async def snapshot_acl_remove(request: web.Request) -> web.Response:
+    return ok({"removed": await exports.remove_snapshot_acl(ctx_of(request), request.match_info["id"],
+                                                            request.match_info["iqn"])})
 
 
 @routes.post(PREFIX + "/volumes/{ref}/revert")
@@ -334,8 +375,8 @@ async def target_list(request: web.Request) -> web.Response:
 
 @routes.get(PREFIX + "/volumes/{ref}/acl")
 async def acl_list(request: web.Request) -> web.Response:
-    vol, entries = await exports.list_acl(ctx_of(request), request.match_info["ref"])
-    return ok({"volume": vol.name, "initiators": [
+    name, entries = await exports.list_acl(ctx_of(request), request.match_info["ref"])
+    return ok({"volume": name, "initiators": [
         {"initiator": e.initiator, "readonly": e.readonly, "added": e.added} for e in entries]})
 
 

@@ -1,6 +1,8 @@
 """How volumes are exported: targets, LUN masking (ACLs) and CHAP credentials.
 
 LUN masking: a LUN is visible to no initiator until one is put on its ACL.
+A ``VOLUME@SNAP`` reference names an exported snapshot's LUN (its ACL lives
+under the snapshot id; see snapshot_exports.py): always read-only.
 CHAP secrets are stored in etcd for the daemons that verify logins, and this
 module only ever hands out their public form (no secrets).
 """
@@ -12,10 +14,12 @@ from typing import Any
 
 from zstore import logs, naming
 from zstore.errors import InvalidArgument, NotFound
-from zstore.records import AclEntry, ChapRecord, LunMapping, Target, Volume, now
+from zstore.errors import Conflict
+from zstore.records import AclEntry, ChapRecord, LunMapping, Snapshot, Target, Volume, now
 
+from . import snapshot_exports
 from .context import Ctx
-from .volumes import find_volume
+from .volumes import find_volume, resolve_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +28,24 @@ async def list_targets(ctx: Ctx) -> list[dict[str, Any]]:
     targets = [t for _, t in await ctx.list(ctx.keys.targets(), Target)]
     luns = [m for _, m in await ctx.list(ctx.keys.luns(), LunMapping)]
     vols = {v.volume_id: v for _, v in await ctx.list(ctx.keys.volumes(), Volume)}
+    snaps = {s.snapshot_id: s for _, s in await ctx.list(ctx.keys.snapshots(), Snapshot)} \
+        if any(m.snapshot_id for m in luns) else {}
+
+    def name(m: LunMapping) -> str | None:
+        vol = vols.get(m.volume_id)
+        if vol is None or vol.state == "deleted":
+            return None
+        if m.snapshot_id is None:
+            return vol.name
+        snap = snaps.get(m.snapshot_id)
+        return f"{vol.name}@{snap.name}" if snap else None
+
     out = []
     for t in sorted(targets, key=lambda t: t.index):
         mine = sorted((m for m in luns if m.target_index == t.index), key=lambda m: m.lun)
         out.append({"index": t.index, "iqn": t.iqn, "luns": len(mine),
-                    "volumes": [{"lun": m.lun, "volume": vols[m.volume_id].name if m.volume_id in vols else None}
+                    "volumes": [{"lun": m.lun, "volume": name(m), **({"snapshot_id": m.snapshot_id}
+                                                                    if m.snapshot_id else {})}
                                 for m in mine]})
     return out
 
@@ -41,10 +58,41 @@ async def target_iqn_of(ctx: Ctx, vol: Volume) -> str:
     return t.iqn
 
 
-async def add_acl(ctx: Ctx, volume: str, initiator: str, readonly: bool = False) -> AclEntry:
+def is_snapshot_ref(ref: str) -> bool:
+    return isinstance(ref, str) and "@" in ref
+
+
+async def _exported_snapshot(ctx: Ctx, ref: str) -> tuple[Snapshot, int]:
+    """(snapshot, mod revision of its export pointer); Conflict if it is not exported."""
+    snap = await resolve_snapshot(ctx, ref)
+    _, rev = await snapshot_exports.export_state(ctx, snap.snapshot_id)
+    if not rev:
+        raise Conflict(f"snapshot {ref!r} is not exported",
+                       hint=f"export it first with `zstore snapshot export {ref}`")
+    return snap, rev
+
+
+async def add_snapshot_acl(ctx: Ctx, ref: str, initiator: str) -> AclEntry:
+    """Let an initiator see an exported snapshot's LUN (read-only, whatever was asked)."""
     initiator = naming.check_iqn(initiator)
+    snap, rev = await _exported_snapshot(ctx, ref)
+    key = ctx.keys.acl(snap.snapshot_id, initiator)
+    existing, _ = await ctx.get(key, AclEntry)
+    if existing is not None:
+        return existing
+    entry = AclEntry(volume_id=snap.volume_id, initiator=initiator, readonly=True, snapshot_id=snap.snapshot_id)
+    if not await ctx.txn([ctx.unchanged(ctx.keys.snapshot_lun(snap.snapshot_id), rev)], [ctx.put(key, entry)]):
+        raise Conflict(f"snapshot {ref!r} was unexported meanwhile", hint="export it again, then retry")
+    log.info("initiator %s may now read snapshot %s (%s)", initiator, ref, snap.snapshot_id)
+    return entry
+
+
+async def add_acl(ctx: Ctx, volume: str, initiator: str, readonly: bool = False) -> AclEntry:
     if not isinstance(readonly, bool):
         raise InvalidArgument(f"invalid readonly value {readonly!r} (true or false)")
+    if is_snapshot_ref(volume):
+        return await add_snapshot_acl(ctx, volume, initiator)
+    initiator = naming.check_iqn(initiator)
     vol, _ = await find_volume(ctx, volume)
     key = ctx.keys.acl(vol.volume_id, initiator)
     existing, _ = await ctx.get(key, AclEntry)
@@ -57,7 +105,19 @@ async def add_acl(ctx: Ctx, volume: str, initiator: str, readonly: bool = False)
     return entry
 
 
+async def remove_snapshot_acl(ctx: Ctx, ref: str, initiator: str) -> str:
+    snap = await resolve_snapshot(ctx, ref)
+    key = ctx.keys.acl(snap.snapshot_id, initiator)
+    if not await ctx.txn([ctx.t.version(key) > 0], [ctx.delete(key)]):
+        raise NotFound(f"initiator {initiator!r} is not on the ACL of snapshot {ref!r}",
+                       hint=f"see `zstore acl list {ref}`")
+    log.info("initiator %s removed from snapshot %s (%s)", initiator, ref, snap.snapshot_id)
+    return initiator
+
+
 async def remove_acl(ctx: Ctx, volume: str, initiator: str) -> str:
+    if is_snapshot_ref(volume):
+        return await remove_snapshot_acl(ctx, volume, initiator)
     vol, _ = await find_volume(ctx, volume)
     key = ctx.keys.acl(vol.volume_id, initiator)
     if not await ctx.txn([ctx.t.version(key) > 0], [ctx.delete(key)]):
@@ -67,10 +127,19 @@ async def remove_acl(ctx: Ctx, volume: str, initiator: str) -> str:
     return initiator
 
 
-async def list_acl(ctx: Ctx, volume: str) -> tuple[Volume, list[AclEntry]]:
+async def list_snapshot_acl(ctx: Ctx, ref: str) -> tuple[Snapshot, list[AclEntry]]:
+    snap = await resolve_snapshot(ctx, ref)
+    return snap, await snapshot_exports.export_acl(ctx, snap.snapshot_id)
+
+
+async def list_acl(ctx: Ctx, volume: str) -> tuple[str, list[AclEntry]]:
+    """(the name the ACL is listed under: the volume's, or VOLUME@SNAP as given; entries)."""
+    if is_snapshot_ref(volume):
+        _, entries = await list_snapshot_acl(ctx, volume)
+        return volume, entries
     vol, _ = await find_volume(ctx, volume)
     entries = [e for _, e in await ctx.list(ctx.keys.volume_acl(vol.volume_id), AclEntry)]
-    return vol, sorted(entries, key=lambda e: e.initiator)
+    return vol.name, sorted(entries, key=lambda e: e.initiator)
 
 
 async def _chap_target(ctx: Ctx, target: str) -> str:
@@ -83,6 +152,11 @@ async def _chap_target(ctx: Ctx, target: str) -> str:
         if not any(t.iqn == target for _, t in await ctx.list(ctx.keys.targets(), Target)):
             raise NotFound(f"target {target!r} not found", hint="see `zstore target list`")
         return target
+    if is_snapshot_ref(target):
+        m, _ = await snapshot_exports.export_state(ctx, (await _exported_snapshot(ctx, target))[0].snapshot_id)
+        if m is None:
+            raise NotFound(f"the LUN of snapshot {target!r} is gone", hint="export it again")
+        return await snapshot_exports.target_iqn_at(ctx, m.target_index)
     vol, _ = await find_volume(ctx, target)
     return await target_iqn_of(ctx, vol)
 

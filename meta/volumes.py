@@ -25,6 +25,7 @@ from zstore.records import AclEntry, LunMapping, Snapshot, Target, Volume
 from zstore.units import SizeError, format_size, parse_size
 
 from . import chunks as chunkmod
+from . import snapshot_exports
 from .context import Ctx
 from .placement import place
 
@@ -91,6 +92,19 @@ async def _free_lun_slot(ctx: Ctx) -> tuple[int, int, bool]:
         hint="delete unused volumes")
 
 
+async def slot_txn(ctx: Ctx, m: LunMapping, target_exists: bool) -> tuple[list, list]:
+    """(compare, ops) taking the free slot ``m`` names, creating its target if it is new."""
+    lun_key = ctx.keys.lun(m.target_index, m.lun)
+    compare, ops = [ctx.absent(lun_key)], [ctx.put(lun_key, m)]
+    if not target_exists:
+        target_key = ctx.keys.target(m.target_index)
+        cluster = await ctx.cluster()
+        compare.append(ctx.absent(target_key))
+        ops.append(ctx.put(target_key, Target(index=m.target_index,
+                                              iqn=naming.target_iqn(cluster.cluster_id, m.target_index))))
+    return compare, ops
+
+
 def _same_request(vol: Volume, size: int, replicas: int, thin: bool, source: str | None) -> str | None:
     """Why an existing volume does not match a create request, or None if it does."""
     if vol.size != size:
@@ -142,7 +156,6 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
         raise InvalidArgument(f"a clone must be at least as large as its snapshot ({format_size(source.size)})")
     sid = source.snapshot_id if source else None
     name_key = ctx.keys.volume_name(name)
-    cluster = await ctx.cluster()
 
     for _ in range(MAX_RETRIES):
         existing = await ctx.get_raw(name_key)
@@ -163,14 +176,9 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
         vol = Volume(volume_id=vid, name=name, size=size, replicas=replicas, thin=thin,
                      placement=placement, target_index=t, lun=lun, wwn=naming.volume_wwn(vid),
                      source_snapshot=sid)
-        lun_key = ctx.keys.lun(t, lun)
-        compare = [ctx.absent(name_key), ctx.absent(lun_key)]
-        ops = [ctx.put(ctx.keys.volume(vid), vol), ctx.put(name_key, vid),
-               ctx.put(lun_key, LunMapping(target_index=t, lun=lun, volume_id=vid))]
-        target_key = ctx.keys.target(t)
-        if not target_exists:
-            compare.append(ctx.absent(target_key))
-            ops.append(ctx.put(target_key, Target(index=t, iqn=naming.target_iqn(cluster.cluster_id, t))))
+        compare, ops = await slot_txn(ctx, LunMapping(target_index=t, lun=lun, volume_id=vid), target_exists)
+        compare.append(ctx.absent(name_key))
+        ops += [ctx.put(ctx.keys.volume(vid), vol), ctx.put(name_key, vid)]
         if sid:
             compare.append(ctx.t.version(ctx.keys.snapshot(sid)) > 0)
         if await ctx.txn(compare, ops):
@@ -224,12 +232,26 @@ async def delete_volume(ctx: Ctx, ref: str, force: bool = False) -> str:
         ops = [ctx.delete(ctx.keys.volume_name(vol.name)),
                ctx.delete(ctx.keys.lun(vol.target_index, vol.lun)),
                ctx.delete(ctx.keys.volume_acl(vol.volume_id), prefix=True)]
+        # Its snapshots' exports go with it (compared, so an export made meanwhile retries us).
+        compare = [ctx.unchanged(vkey, rev)]
+        for s in snaps:
+            m, prev = await snapshot_exports.export_state(ctx, s.snapshot_id)
+            compare.append(snapshot_exports.pointer_unchanged(ctx, s.snapshot_id, prev))
+            if not prev:
+                continue
+            users = await snapshot_exports.export_acl(ctx, s.snapshot_id)
+            if users and not force:
+                raise Conflict(f"snapshot {vol.name}@{s.name} is exported to {len(users)} initiator(s): "
+                               + ", ".join(a.initiator for a in users[:3]) + ("..." if len(users) > 3 else ""),
+                               hint=f"unexport it with `zstore snapshot unexport {vol.name}@{s.name}`, "
+                                    "or delete the volume with --force")
+            ops += snapshot_exports.drop_ops(ctx, s.snapshot_id, m)
         if snaps:
             vol.state = "deleted"
             ops.append(ctx.put(vkey, vol))
         else:
             ops += erase_ops(ctx, vol.volume_id)
-        if await ctx.txn([ctx.unchanged(vkey, rev)], ops):
+        if await ctx.txn(compare, ops):
             log.info("volume %s (%s) deleted%s%s", vol.name, vol.volume_id, " (forced)" if acl else "",
                      f"; kept as a tombstone for {len(snaps)} snapshot(s)" if snaps else "")
             await collect_garbage(ctx)
@@ -249,28 +271,40 @@ async def list_snapshots(ctx: Ctx, volume: str | None = None) -> list[Snapshot]:
     return sorted(snaps, key=lambda s: (s.volume_id, s.created, s.name))
 
 
-async def delete_snapshot(ctx: Ctx, volume: str, name: str) -> str:
-    return await delete_snapshot_record(ctx, await resolve_snapshot(ctx, f"{volume}@{name}"))
+async def delete_snapshot(ctx: Ctx, volume: str, name: str, force: bool = False) -> str:
+    return await delete_snapshot_record(ctx, await resolve_snapshot(ctx, f"{volume}@{name}"), force)
 
 
-async def delete_snapshot_by_id(ctx: Ctx, sid: str) -> str:
+async def delete_snapshot_by_id(ctx: Ctx, sid: str, force: bool = False) -> str:
     """By id: also reaches snapshots whose source volume was deleted (CSI deletes this way)."""
-    return await delete_snapshot_record(ctx, await resolve_snapshot(ctx, sid))
+    return await delete_snapshot_record(ctx, await resolve_snapshot(ctx, sid), force)
 
 
-async def delete_snapshot_record(ctx: Ctx, snap: Snapshot) -> str:
+async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) -> str:
+    """An exported snapshot is deleted only with ``force``, which unexports it in the same txn."""
     skey = ctx.keys.snapshot(snap.snapshot_id)
+    m, prev = await snapshot_exports.export_state(ctx, snap.snapshot_id)
+    if prev and not force:
+        where = f" as LUN {m.lun} of target {await snapshot_exports.target_iqn_at(ctx, m.target_index)}" if m else ""
+        raise Conflict(f"snapshot {snap.name!r} is exported{where}",
+                       hint=f"unexport it first (`zstore snapshot unexport VOLUME@{snap.name}`), "
+                            "or delete it with --force")
     clones = [v for _, v in await ctx.list(ctx.keys.volumes(), Volume)
               if v.source_snapshot == snap.snapshot_id]
     # A snapshot deleted while still being created takes its pending barrier op along.
     ops = [ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name)),
            ctx.delete(ctx.keys.volop(snap.volume_id, snapshot_op_id(snap.snapshot_id)))]
+    if prev:
+        ops += snapshot_exports.drop_ops(ctx, snap.snapshot_id, m)
     if clones:
         snap.state = "deleted"
         ops.append(ctx.put(skey, snap))
     else:
         ops.append(ctx.delete(skey))
-    if not await ctx.txn([ctx.t.version(skey) > 0], ops):
+    if not await ctx.txn([ctx.t.version(skey) > 0,
+                          snapshot_exports.pointer_unchanged(ctx, snap.snapshot_id, prev)], ops):
+        if (await snapshot_exports.export_state(ctx, snap.snapshot_id))[1] != prev:
+            raise Conflict(f"snapshot {snap.name!r} was exported or unexported meanwhile", hint="retry")
         raise NotFound(f"snapshot {snap.name} ({snap.snapshot_id}) not found")
     log.info("snapshot %s (%s) deleted%s", snap.name, snap.snapshot_id,
              f"; kept for {len(clones)} clone(s)" if clones else "")
@@ -292,6 +326,7 @@ async def collect_garbage(ctx: Ctx) -> None:
             if v.state == "deleted" and not any(s.volume_id == v.volume_id for s in snaps.values()):
                 changed |= await ctx.txn([ctx.t.version(ctx.keys.volume(v.volume_id)) > 0],
                                          erase_ops(ctx, v.volume_id))
+        changed |= await snapshot_exports.collect_orphans(ctx, vols, snaps)
         if not changed:
             return
 

@@ -14,9 +14,11 @@ clusters (or test runs) can share one etcd. Layout::
     {p}/volumes/name/{name}              volume_id       (name -> id, same txn as the record)
     {p}/snapshots/id/{snapshot_id}       Snapshot
     {p}/snapshots/name/{volume_id}/{name} snapshot_id
+    {p}/snapshots/lun/{snapshot_id}      "{index:04d}/{lun:03d}" (the snapshot's read-only LUN)
     {p}/targets/{index:04d}              Target
     {p}/luns/{index:04d}/{lun:03d}       LunMapping      (slot taken = key exists)
     {p}/acl/{volume_id}/{initiator}      AclEntry
+    {p}/acl/{snapshot_id}/{initiator}    AclEntry        (of a snapshot's LUN; ids are unique uuids)
     {p}/chap/{target}/{initiator}        ChapRecord      (target '*' = all targets)
     {p}/redirector/vip                   VipRecord       (VIP holder's lease)
     {p}/redirector/epoch                 decimal int, +1 per change of VIP holder
@@ -89,6 +91,8 @@ class Keys:
     def snapshot_names(self, vid: str) -> bytes: return self._dir("snapshots", "name", vid)
     def snapshot_name(self, vid: str, name: str) -> bytes:
         return self._k("snapshots", "name", vid, _seg(name))
+    def snapshot_luns(self) -> bytes: return self._dir("snapshots", "lun")
+    def snapshot_lun(self, sid: str) -> bytes: return self._k("snapshots", "lun", sid)
 
     # targets, LUNs, ACLs, CHAP
     def targets(self) -> bytes: return self._dir("targets")

@@ -58,3 +58,9 @@ def volume_wwn(volume_id: str) -> str:
     digest = int.from_bytes(hashlib.sha256(volume_id.encode()).digest()[:13], "big") >> 4
     value = (0x6 << 124) | (COMPANY_ID << 100) | (digest & ((1 << 100) - 1))
     return f"{value:032x}"
+
+
+def snapshot_wwn(snapshot_id: str) -> str:
+    """The WWN of a snapshot's read-only LUN: the volume scheme applied to the snapshot id
+    (a uuid like volume ids, so it never equals a volume's WWN)."""
+    return volume_wwn(snapshot_id)

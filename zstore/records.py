@@ -250,18 +250,44 @@ class Target(Record):
 
 @dataclass
 class LunMapping(Record):
+    """One LUN slot: a volume, or (``snapshot_id`` set) a snapshot of it exported read-only.
+
+    A snapshot mapping is written as schema 2 so that code which does not know
+    ``snapshot_id`` refuses it instead of serving the live volume in its place;
+    volume mappings stay schema 1.
+    """
+    SCHEMA: ClassVar[int] = 2
     target_index: int
     lun: int
     volume_id: str
     readonly: bool = False
+    snapshot_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.schema:
+            self.schema = 2 if self.snapshot_id else 1
 
 
 @dataclass
 class AclEntry(Record):
+    """An initiator allowed to see a LUN. Stored at ``acl/{volume id}/...`` for a volume and at
+    ``acl/{snapshot id}/...`` (``snapshot_id`` set, schema 2, always read-only) for an exported
+    snapshot, so older readers never take it for access to the live volume."""
+    SCHEMA: ClassVar[int] = 2
     volume_id: str
     initiator: str
     readonly: bool = False
     added: float = field(default_factory=now)
+    snapshot_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.schema:
+            self.schema = 2 if self.snapshot_id else 1
+
+    @property
+    def export_id(self) -> str:
+        """The id its ACL is keyed by: the snapshot's for a snapshot LUN, else the volume's."""
+        return self.snapshot_id or self.volume_id
 
 
 @dataclass

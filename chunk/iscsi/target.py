@@ -2,8 +2,9 @@
 
 Policy comes from the export catalog (etcd, mirrored by watches); data goes
 through a BlockDevice per volume, opened on first use. One LogicalUnit is
-kept per (volume, read-only) pair and shared by every session, so SCSI state
-such as reservations and unit attentions is per LU, not per connection.
+kept per (volume, view seq, read-only) — view seq > 0 for a snapshot exported
+as a LUN — and shared by every session, so SCSI state such as reservations and
+unit attentions is per LU, not per connection.
 
 The session table is published (``session_list``, listeners told of every
 login and logout) so the cluster can see which initiator is where. A draining
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from chunk import scsi
-from chunk.catalog import Catalog
+from chunk.catalog import Catalog, LunExport
+from chunk.lun_device import open_export
 
 from .login import LoginResult, login
 from .negotiation import TargetPreferences
@@ -48,22 +50,22 @@ class TargetConfig:
 
 
 class Units:
-    """LogicalUnits by (volume id, read-only), created on first use."""
+    """LogicalUnits by (volume id, view seq, read-only), created on first use.
 
-    def __init__(self, catalog: Catalog, open_device: Callable[[Any, bool], Any]):
+    ``open_device(volume, readonly[, view_seq])`` is the storage engine's opener."""
+
+    def __init__(self, catalog: Catalog, open_device: Callable[..., Any]):
         self.catalog = catalog
         self.open_device = open_device
-        self._units: dict[tuple[str, bool], Any] = {}
+        self._units: dict[tuple[str, int, bool], Any] = {}
         catalog.on_change(self._on_catalog)
 
-    def get(self, volume, readonly: bool):
-        key = (volume.volume_id, readonly)
-        unit = self._units.get(key)
+    def get(self, ex: LunExport):
+        unit = self._units.get(ex.unit_key)
         if unit is None:
-            dev = self.open_device(volume, readonly)
-            unit = scsi.LogicalUnit(dev, scsi.LunIdentity(wwn=volume.wwn, serial=volume.volume_id[:32],
-                                                          lun=volume.lun))
-            self._units[key] = unit
+            dev, ident = open_export(self.open_device, ex)
+            unit = scsi.LogicalUnit(dev, ident)
+            self._units[ex.unit_key] = unit
         return unit
 
     def close(self) -> None:
@@ -74,16 +76,18 @@ class Units:
         self._units.clear()
 
     def _on_catalog(self, kind: str) -> None:
-        if kind != "volumes":
+        if kind not in ("volumes", "snapshots"):
             return
-        for (vid, ro), unit in list(self._units.items()):
+        live_views = {(s.volume_id, s.seq) for s in self.catalog.snapshots.values() if s.state == "ready"}
+        for key, unit in list(self._units.items()):
+            vid, seq, _ = key
             vol = self.catalog.volumes.get(vid)
-            if vol is None or vol.state == "deleted":
-                self._units.pop((vid, ro), None)
+            if vol is None or vol.state == "deleted" or (seq and (vid, seq) not in live_views):
+                self._units.pop(key, None)
                 close = getattr(unit.dev, "close", None)
                 if close:
                     close()
-            elif vol.size > unit.dev.size:
+            elif not seq and vol.size > unit.dev.size:
                 unit.dev.resize(vol.size)        # the LU notices and posts CAPACITY DATA HAS CHANGED
 
 
@@ -113,7 +117,7 @@ class SessionView:
         access = self.t.catalog.lun_access(self.target_iqn, self.initiator, lun)
         if access is None:
             return None
-        return self.t.units.get(*access)
+        return self.t.units.get(access)
 
     def visible_luns(self) -> list[int]:
         if self.target_iqn is None:
@@ -152,7 +156,7 @@ class LoginPolicyImpl:
 
 
 class IscsiTarget:
-    def __init__(self, cfg: TargetConfig, catalog: Catalog, open_device: Callable[[Any, bool], Any]):
+    def __init__(self, cfg: TargetConfig, catalog: Catalog, open_device: Callable[..., Any]):
         self.cfg, self.catalog = cfg, catalog
         self.units = Units(catalog, open_device)
         self.advertise = cfg.advertise or f"{cfg.host}:{cfg.port}"

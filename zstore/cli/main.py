@@ -302,11 +302,35 @@ def cmd_snapshot_delete(ctx: Ctx) -> int:
     a = ctx.args
     if a.snapshot is None and a.volume and "@" not in a.volume and _is_id(a.volume):
         # A snapshot id alone: also reaches snapshots whose volume was deleted.
-        r = ctx.client.delete(f"/snapshots/{seg(a.volume)}")
+        r = ctx.client.delete(f"/snapshots/{seg(a.volume)}", force=a.force)
         return ctx.done(r, f"deleted snapshot {a.volume}")
     vol, snap = snapshot_ref(ctx.args.volume, ctx.args.snapshot)
-    r = ctx.client.delete(f"/volumes/{seg(vol)}/snapshots/{seg(snap)}")
+    r = ctx.client.delete(f"/volumes/{seg(vol)}/snapshots/{seg(snap)}", force=a.force)
     return ctx.done(r, f"deleted snapshot {vol}@{snap}")
+
+
+def _snapshot_id_or_ref(a: argparse.Namespace) -> str:
+    """The path segment naming a snapshot: its id, or VOLUME@SNAP."""
+    if a.snapshot is None and "@" not in a.volume and _is_id(a.volume):
+        return a.volume
+    vol, snap = snapshot_ref(a.volume, a.snapshot)
+    return f"{vol}@{snap}"
+
+
+def cmd_snapshot_export(ctx: Ctx) -> int:
+    ref = _snapshot_id_or_ref(ctx.args)
+    r: Response = ctx.client.request("POST", f"/snapshots/{seg(ref)}/export")
+    e = r.data or {}
+    verb = "exported read-only as" if r.status == 201 else "is already exported as"
+    msg = (f"snapshot {ref} {verb} LUN {e.get('lun')} of target {e.get('target_iqn')} (WWN {e.get('wwn')})"
+           + ("" if e.get("acl") else f"; no initiator sees it yet: `zstore acl add {ref} IQN`"))
+    return ctx.done(e, msg)
+
+
+def cmd_snapshot_unexport(ctx: Ctx) -> int:
+    ref = _snapshot_id_or_ref(ctx.args)
+    r = ctx.client.delete(f"/snapshots/{seg(ref)}/export")
+    return ctx.done(r, f"snapshot {ref} unexported" if r.get("removed") else f"snapshot {ref} was not exported")
 
 
 def _is_id(text: str) -> bool:
@@ -320,6 +344,8 @@ def cmd_target_list(ctx: Ctx) -> int:
 def cmd_acl_add(ctx: Ctx) -> int:
     a = ctx.args
     e = ctx.client.put(f"/volumes/{seg(a.volume)}/acl/{seg(a.initiator)}", {"readonly": a.readonly})
+    if "@" in a.volume:
+        return ctx.done(e, f"initiator {a.initiator} may read snapshot {a.volume} (read-only)")
     mode = "read-only" if a.readonly else "read-write"
     return ctx.done(e, f"initiator {a.initiator} may access volume {a.volume} ({mode})")
 
@@ -327,7 +353,8 @@ def cmd_acl_add(ctx: Ctx) -> int:
 def cmd_acl_remove(ctx: Ctx) -> int:
     a = ctx.args
     r = ctx.client.delete(f"/volumes/{seg(a.volume)}/acl/{seg(a.initiator)}")
-    return ctx.done(r, f"initiator {a.initiator} may no longer access volume {a.volume}")
+    what = "snapshot" if "@" in a.volume else "volume"
+    return ctx.done(r, f"initiator {a.initiator} may no longer access {what} {a.volume}")
 
 
 def cmd_acl_list(ctx: Ctx) -> int:
@@ -470,20 +497,25 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     g = group("snapshot", "snapshots")
     for name, func, help in (("create", cmd_snapshot_create, "snapshot a volume (idempotent)"),
-                             ("delete", cmd_snapshot_delete, "delete a snapshot")):
+                             ("delete", cmd_snapshot_delete, "delete a snapshot"),
+                             ("export", cmd_snapshot_export, "export a snapshot as a read-only LUN "
+                                                             "(idempotent; then `zstore acl add VOLUME@SNAP IQN`)"),
+                             ("unexport", cmd_snapshot_unexport, "remove a snapshot's LUN and its ACL")):
         p = leaf(g, name, func, help)
         p.add_argument("volume", metavar="VOLUME",
-                       help="VOLUME, or VOLUME@SNAP alone (delete also takes a snapshot id)")
+                       help="VOLUME, or VOLUME@SNAP alone (all but create also take a snapshot id)")
         p.add_argument("snapshot", metavar="SNAP", nargs="?")
+        if name == "delete":
+            p.add_argument("--force", action="store_true", help="delete even while exported (unexports it)")
     leaf(g, "list", cmd_snapshot_list, "list snapshots, of one volume or all").add_argument(
         "volume", metavar="VOLUME", nargs="?")
 
     g = group("target", "iSCSI targets")
     leaf(g, "list", cmd_target_list, "list targets with their LUNs and volumes")
 
-    g = group("acl", "which initiators may access a volume")
+    g = group("acl", "which initiators may access a volume or an exported snapshot (VOLUME@SNAP)")
     p = leaf(g, "add", cmd_acl_add, "allow an initiator to access a volume")
-    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("volume", metavar="VOLUME", help="VOLUME, or VOLUME@SNAP (always read-only)")
     p.add_argument("initiator", metavar="INITIATOR_IQN")
     p.add_argument("--readonly", action="store_true", help="read-only access")
     p = leaf(g, "remove", cmd_acl_remove, "revoke an initiator's access")

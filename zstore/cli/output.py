@@ -214,10 +214,18 @@ def _extent_pairs(v: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return pairs
 
 
+def _snapshot_export(e: Any) -> str | None:
+    """``TARGET LUN n (k initiators)`` for an exported snapshot, else None."""
+    if not isinstance(e, Mapping):
+        return None
+    return f"{e.get('target_iqn')} LUN {e.get('lun')} ({len(e.get('acl') or [])} initiator(s))"
+
+
 def snapshot_table(snaps: Sequence[Mapping[str, Any]]) -> str:
-    return table(["VOLUME", "NAME", "SIZE", "STATE", "CREATED", "ID"],
+    return table(["VOLUME", "NAME", "SIZE", "STATE", "CREATED", "ID", "EXPORT"],
                  [[s.get("volume"), s.get("name"), size(s.get("size")), s.get("state"),
-                   when(s.get("created")), s.get("snapshot_id")] for s in snaps])
+                   when(s.get("created")), s.get("snapshot_id"), _snapshot_export(s.get("export"))]
+                  for s in snaps])
 
 
 def _lun_volumes(vols: Any) -> list[str]:
