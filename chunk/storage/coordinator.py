@@ -426,17 +426,19 @@ class Coordinator:
                     targets.append(sync.replica)
                 epoch, seq = self.epoch, self.seq
                 if op == "write":
-                    calls = [r.write(self.vid, idx, eoff, part, epoch, seq, fua) for r in targets]
+                    # Remote writes leave now (no task per replica); the local one runs on await.
+                    calls = [r.start_write(self.vid, idx, eoff, part, epoch, seq, fua)
+                             if hasattr(r, "start_write") else r.write(self.vid, idx, eoff, part, epoch, seq, fua)
+                             for r in targets]
                 else:
                     calls = [r.unmap(self.vid, idx, eoff, n, epoch, seq, zero) for r in targets]
-                if len(calls) == 1:
+                results: list = []
+                for call in calls:
                     try:
-                        await calls[0]
-                        results: list = [None]
-                    except Exception as e:  # noqa: BLE001
-                        results = [e]
-                else:
-                    results = await asyncio.gather(*calls, return_exceptions=True)
+                        await call
+                        results.append(None)
+                    except Exception as e:  # noqa: BLE001 - sorted out below
+                        results.append(e)
                 failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
                 if not failed:
                     break

@@ -174,6 +174,13 @@ class ReplicaClient:
             raise
         return Pipeline(frames, out)
 
+    def _drop_soon(self, addr: Address, pipe: Pipeline) -> None:
+        """Detach now (the next call dials afresh), close in the background."""
+        peer = self._peers.get(addr)
+        if peer is not None and peer.pipe is pipe:
+            peer.pipe = None
+        asyncio.get_running_loop().create_task(pipe.close())
+
     async def _drop(self, addr: Address, pipe: Pipeline) -> None:
         peer = self._peers.get(addr)
         if peer is not None and peer.pipe is pipe:
@@ -191,20 +198,37 @@ class ReplicaClient:
 
     # -- calls -------------------------------------------------------------------
 
+    def start(self, addr: Address, frame: Frame, timeout: float | None = None) -> asyncio.Future | None:
+        """The hot path: send on an established connection and return the reply's future
+        (no task, no await, no timer of its own: the connection's watchdog fails it when
+        overdue). None when there is no usable connection yet: use ``call``, which dials.
+        The future fails with ConnectionError: ``unavailable`` maps it to PeerUnavailable."""
+        peer = self._peers.get(addr)
+        pipe = peer.pipe if peer is not None else None
+        if pipe is None or pipe.failed is not None or self._closed:
+            return None
+        try:
+            fut = pipe.start(frame, self.timeout if timeout is None else timeout)
+        except (ConnectionError, OSError, ValueError):
+            return None
+        if pipe.backed_up:
+            asyncio.get_running_loop().create_task(pipe.drain())
+        return fut
+
+    @staticmethod
+    def unavailable(addr: Address, frame: Frame, e: BaseException) -> PeerUnavailable:
+        return PeerUnavailable(addr, f"{frame.op.name}: {e}")
+
     async def call(self, addr: Address, frame: Frame, timeout: float | None = None) -> Frame:
         """Send one request, return its reply (any status); ``PeerUnavailable`` if none."""
         addr = (addr[0], int(addr[1]))
         if self._closed:
             raise PeerUnavailable(addr, "client closed")
         pipe = await self._pipeline(addr)
-        limit = self.timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(pipe.call(frame), limit)
-        except asyncio.TimeoutError:
-            await self._drop(addr, pipe)
-            raise PeerUnavailable(addr, f"{frame.op.name} timed out after {limit:g}s") from None
-        except (ConnectionError, OSError, FrameError) as e:
-            await self._drop(addr, pipe)
+            return await pipe.call(frame, self.timeout if timeout is None else timeout)
+        except (ConnectionError, OSError, FrameError, ValueError) as e:
+            self._drop_soon(addr, pipe)
             raise PeerUnavailable(addr, f"{frame.op.name}: {e}") from None
 
     async def _ok(self, addr: Address, frame: Frame, timeout: float | None = None) -> Frame:
