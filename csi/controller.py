@@ -315,7 +315,10 @@ class Controller(pbg.ControllerServicer):
     @staticmethod
     def snapshot_msg(s: dict[str, Any]) -> pb.Snapshot:
         snap = pb.Snapshot(size_bytes=s["size"], snapshot_id=s["snapshot_id"],
-                           source_volume_id=s["volume_id"], ready_to_use=True)
+                           source_volume_id=s["volume_id"],
+                           # "creating" until the volume's coordinator has passed the snapshot
+                           # barrier; the external-snapshotter polls until it is ready
+                           ready_to_use=s.get("state", "ready") == "ready")
         created = float(s.get("created") or 0)
         snap.creation_time.seconds = int(created)
         snap.creation_time.nanos = int((created - int(created)) * 1e9)

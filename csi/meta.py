@@ -25,6 +25,8 @@ class Meta:
     @classmethod
     def from_config(cls, cfg: Config) -> "Meta":
         main = MetaClient.from_config(cfg.client, config_source=cfg.source)
+        # A snapshot waits (up to 10 s) for the volume's coordinator to pass its write barrier.
+        main.timeout = max(main.timeout, 30.0)
         probe = MetaClient.from_config(cfg.client, config_source=cfg.source, retry_for=0.0)
         probe.timeout = min(probe.timeout, 3.0)
         return cls(main, probe)
