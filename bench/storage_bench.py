@@ -234,6 +234,30 @@ class Cluster(Zstore):
         wait_login(f"zstore volume {name}", t, 30)
         return t
 
+    def replica_drops(self) -> int:
+        """Replicas dropped from extents so far, over all chunk servers (their heartbeat counters)."""
+        return sum(int((c.get("storage") or {}).get("replica_drops") or 0)
+                   for c in self.api("GET", "/chunks").get("chunks", []))
+
+    def settle(self, names: list[str], timeout: float) -> tuple[float, int]:
+        """Wait until no volume in ``names`` has degraded extents or recovery tasks, so the timed
+        lines do not run beside a resync; (seconds waited, most degraded extents seen at once)."""
+        t0, worst = time.monotonic(), 0
+        while True:
+            busy = 0
+            for name in names:
+                v = self.api("GET", f"/volumes/{name}")
+                busy += int((v.get("extents") or {}).get("degraded") or 0) + \
+                    len((v.get("recovery") or {}).get("tasks") or [])
+            worst = max(worst, busy)
+            waited = time.monotonic() - t0
+            if not busy:
+                return waited, worst
+            if waited > timeout:
+                raise BenchError(f"volumes {', '.join(names)} still degraded or recovering after "
+                                 f"{timeout:.0f}s")
+            time.sleep(1)
+
     def api(self, method: str, path: str, body: object = None) -> object:
         req = urllib.request.Request(f"{self.meta_url}/api/v1{path}", method=method,
                                      data=None if body is None else json.dumps(body).encode(),
@@ -460,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, float]] = {}
     columns: list[str] = []
     calib: tuple[float, float] | None = None
+    settled: tuple[float, int, int] | None = None
     try:
         say("starting zstore (etcd, meta, 3 chunk servers) ...")
         z.start_cluster()
@@ -508,6 +533,17 @@ def main(argv: list[str] | None = None) -> int:
                         failed.add(name)
                         errors.append(f"{name}: {e}")
                         say(f"!! {name} {line.label}: {e}")
+                if line.key == "fill":
+                    names = [f"io-r{r}" for r in REPLICAS if f"zstore-r{r}" in targets]
+                    try:
+                        settled = z.settle(names, 120)
+                        time.sleep(3)                   # a heartbeat, for the drop counters
+                        settled = (*settled, z.replica_drops())
+                        say(f"  first pass settled: waited {settled[0]:.0f} s for recovery, "
+                            f"{settled[2]} replica drops so far")
+                    except BenchError as e:
+                        errors.append(f"zstore: {e}")
+                        say(f"!! zstore: {e}")
     except BenchError as e:
         errors.append(str(e))
         say(f"!! {e}")
@@ -540,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(io_table(results, columns))
         print()
+        if settled:
+            print(f"after the first pass: {settled[2]} replicas dropped from extents (all chunk servers, "
+                  f"whole run so far), up to {settled[1]} extents/tasks degraded at once; waited "
+                  f"{settled[0]:.0f} s for recovery before the timed lines")
         print("\n".join(goals(results)))
     if calib:
         print(f"calibration, 4 KiB random read QD32 on tgtd: this script's initiator {calib[0]:,.0f} IOPS, "
