@@ -76,9 +76,13 @@ class Units:
         self._units.clear()
 
     def _on_catalog(self, kind: str) -> None:
-        if kind not in ("volumes", "snapshots"):
+        """Close units whose volume is gone, and snapshot units whose snapshot is no longer exported
+        (their view coordinators follow etcd for nothing); grow volume units that grew."""
+        if kind not in ("volumes", "snapshots", "luns"):
             return
-        live_views = {(s.volume_id, s.seq) for s in self.catalog.snapshots.values() if s.state == "ready"}
+        cat = self.catalog
+        live_views = {(ex.volume.volume_id, ex.view_seq) for ex in
+                      (cat.resolve(m) for m in cat.luns.values() if m.snapshot_id) if ex is not None}
         for key, unit in list(self._units.items()):
             vid, seq, _ = key
             vol = self.catalog.volumes.get(vid)

@@ -149,9 +149,17 @@ def test_snapshot_lun_reads_the_snapshot_and_refuses_writes(tmp_path, etcd_serve
         snap_wwn, vol_wwn = wwn_of(c, snap_lun, 0), wwn_of(c, vol, 0)
         assert snap_wwn == exp["wwn"] and vol_wwn == vol["wwn"] and snap_wwn != vol_wwn
 
-        # Unexport: the LUN is gone for everyone; the snapshot itself stays.
+        # Unexport: the LUN is gone for everyone, and chunk1 closes the snapshot's view (it keeps the
+        # volume, which iscsi-ls opened there); the snapshot itself stays.
+        chunk1 = (c.workdir / "chunk1" / "chunk-id").read_text().strip()
+
+        def open_volumes() -> int:
+            return c.cli_json("chunk", "show", chunk1)["storage"].get("open_volumes", -1)
+
+        wait_for(lambda: open_volumes() == 2, 30, "chunk1 serving the volume and the snapshot view")
         c.cli("snapshot", "unexport", "v@s", check=True)
         wait_for(lambda: run("iscsi-inq", "-i", INIT, url(c, snap_lun, 0), timeout=15).returncode != 0,
                  20, "the unexported LUN gone")
+        wait_for(lambda: open_volumes() == 1, 30, "the snapshot view closed on chunk1")
         assert [s["name"] for s in c.cli_json("snapshot", "list", "v")] == ["s"]
         qemu_io(c, vol, 0, "read -P 0xbb 0 2M")
