@@ -111,3 +111,29 @@ def test_frontend_flag_is_validated(tmp_path: Path):
     r = subprocess.run([PY, "-m", "chunk.server", "--frontend", "spdk", "--data-dir", str(tmp_path / "d")],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
     assert r.returncode == 2 and "invalid choice: 'spdk'" in r.stderr
+
+
+async def test_desired_state_serves_a_snapshot_export_on_its_own_backstore(setup):
+    """A snapshot LUN gets backstore zs-<snapshot id> sized as the snapshot, write-protected
+    MappedLUNs for the initiators on the snapshot's ACL only, and is served as the volume's view
+    at the snapshot's seq."""
+    from meta import snapshot_exports, volops
+    ctx, cat = setup
+    v, _ = await volumes.create_volume(ctx, "v", "64Mi", 1)
+    s, _ = await volops.create_snapshot(ctx, "v", "s")
+    await volumes.resize_volume(ctx, "v", "128Mi")
+    view, _ = await snapshot_exports.export_snapshot(ctx, "v@s")
+    await exports.add_acl(ctx, "v", H1)
+    await exports.add_acl(ctx, "v@s", H2)
+    await async_wait_for(lambda: s.snapshot_id in cat.acl and v.volume_id in cat.acl and len(cat.luns) == 2
+                         and s.snapshot_id in cat.snapshots and cat.volumes.get(v.volume_id, v).size > v.size,
+                         5, "catalog")
+    d = lio.desired_state(cat)
+    name = lio.backstore_name(s.snapshot_id)
+    ex = d.backstores[name]
+    assert (ex.size, ex.view_seq, ex.readonly, ex.wwn) == (64 << 20, s.seq, True, view["wwn"])
+    assert d.backstores[lio.backstore_name(v.volume_id)].size == 128 << 20
+    t = d.targets[view["target_iqn"]]
+    assert t.luns[view["lun"]] == name
+    assert t.acls[H2].mapped == {view["lun"]: True}               # write-protected
+    assert view["lun"] not in t.acls[H1].mapped                   # the volume's initiator: masked

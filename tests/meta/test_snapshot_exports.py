@@ -109,6 +109,9 @@ async def test_acl_masks_the_snapshot_lun_separately_from_the_volume(ctx, etcd_c
         targets = await exports.list_targets(ctx)
         names = {(t["iqn"], v["lun"]): v["volume"] for t in targets for v in t["volumes"]}
         assert names[(iqn, lun)] == "v@s" and names[(vol_iqn, vol.lun)] == "v"
+        # CHAP for the snapshot's target may be named by VOL@SNAP, too.
+        rec = await exports.set_chap(ctx, {"target": "v@s", "initiator": H1, "user": "u", "secret": "s" * 12})
+        assert rec.target == iqn
         await exports.remove_acl(ctx, "v@s", H1)
         await async_wait_for(lambda: cat.lun_access(iqn, H1, lun) is None, 5, "ACL removal mirrored")
         with pytest.raises(NotFound):
