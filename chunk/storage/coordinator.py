@@ -182,6 +182,7 @@ class Coordinator:
         self.parent: Coordinator | None = None
         self.refs = 0
         self._ready_task: asyncio.Task | None = None
+        self._is_ready = False
         self._stop = asyncio.Event()
         self._watch: asyncio.Task | None = None
         self._synced = asyncio.Event()
@@ -212,9 +213,12 @@ class Coordinator:
     # -- lifecycle ---------------------------------------------------------------
 
     async def ready(self) -> None:
+        if self._is_ready:                       # hot path: every I/O passes here
+            return
         if self._ready_task is None:
             self._ready_task = asyncio.ensure_future(self._open())
         await asyncio.shield(self._ready_task)
+        self._is_ready = True
 
     async def _open(self) -> None:
         e = self.engine

@@ -554,6 +554,8 @@ class ReplicaStore:
         if rep is None:
             self.fence.admit_volume(vid, epoch)
             return
+        if rep.ext.header.epoch == epoch and self.fence.highest(vid) == epoch:
+            return                         # hot path: the owner we already know, on its extent
         with self._io(rep.disk):
             self.fence.admit(rep.ext, epoch)
 
