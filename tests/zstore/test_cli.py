@@ -164,7 +164,7 @@ def test_snapshots_and_clone(three: Cluster) -> None:
     assert sorted(s["name"] for s in snaps) == ["s1", "s2"]
     assert all(s["volume"] == "src" and s["size"] == GiB for s in snaps)
     table = rows(ok(three, "snapshot", "list"))
-    assert table[0] == ["VOLUME", "NAME", "SIZE", "STATE", "CREATED", "ID"]
+    assert table[0] == ["VOLUME", "NAME", "SIZE", "STATE", "CREATED", "ID", "EXPORT"]
     assert ["src", "s1", "1Gi"] in [r[:3] for r in table[1:]]
 
     assert "volume copy created: 1Gi" in ok(three, "volume", "clone", "src@s1", "copy")
