@@ -417,7 +417,8 @@ class Coordinator:
             self._gate.leave()
 
     async def _mutate_extent(self, op, idx, eoff, n, part, fua, zero) -> None:
-        if idx not in self.extents:
+        # The record can arrive by watch before its replicas are CREATEd: wait for those too.
+        if idx not in self.extents or idx in self._alloc:
             await self._allocate(idx)
         token = await self._locks.begin(idx, eoff, eoff + n)
         try:
@@ -526,6 +527,8 @@ class Coordinator:
     async def _allocate(self, idx: int) -> None:
         fut = self._alloc.get(idx)
         if fut is None:
+            if idx in self.extents:
+                return
             fut = self._alloc[idx] = asyncio.ensure_future(self._allocate_once(idx))
             fut.add_done_callback(lambda _f: self._alloc.pop(idx, None))
         await asyncio.shield(fut)

@@ -286,3 +286,18 @@ def test_full_disk_gives_enospc_and_keeps_what_was_written(tmp_path, etcd_server
         wait_disk_full(c, chunk_ids(c)[0])
         status, body = c.api("POST", "/volumes", {"name": "more", "size": "1Gi", "replicas": 1})
         assert status == 507 and "free space" in body["error"]["message"], body
+
+
+@pytest.mark.timeout(180)
+def test_concurrent_first_writes_to_a_fresh_extent_drop_nothing(tmp_path, etcd_server):
+    """32 writes in flight into a never-written extent: one allocation, every replica CREATEd
+    before any write reaches it (the extent record can arrive by watch before that)."""
+    with cluster(tmp_path, etcd_server, metas=1, chunks=2) as c:
+        c.wait_chunks_up(2)
+        vol = make_volume(c, "fresh", "256Mi", 2)
+        wait_served(c, vol, 0)
+        r = run("qemu-img", "bench", "--image-opts", "-w", "-d", "32", "-s", "4096", "-S", str(8 * MiB + 4096),
+                "-c", "128", opts(c, vol, 0), timeout=120)
+        assert r.returncode == 0, r.stderr
+        ex = extents(c, "fresh")
+        assert len(ex) == 4 and all(len(e["replicas"]) == 2 and not e["stale"] for e in ex), ex
