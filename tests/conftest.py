@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Etcd, cluster, unique_prefix
+from tests.cluster import Etcd, cluster, unique_prefix, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +34,8 @@ async def etcd_client(etcd_config):
 
 @pytest.fixture
 def meta_cluster(tmp_path: Path, etcd_server):
-    """One meta server, no chunk servers."""
+    """One meta server, no chunk servers; yielded once it leads (writes need a leader, and
+    a loaded machine can take a few seconds to elect one)."""
     with cluster(tmp_path, etcd_server, metas=1) as c:
+        wait_for(lambda: c.api("GET", "/meta/leader")[0] == 200, 30, "a meta leader")
         yield c
