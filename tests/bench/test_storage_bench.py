@@ -23,6 +23,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120),
                                  reason="needs root and tgt, libiscsi-bin, qemu-utils, etcd")]
 
 
+def run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """The bench to completion; if it overruns, SIGTERM (its clean-up path) rather than
+    subprocess.run's SIGKILL, which would leave its zstore cluster and tgtd running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZSTORE_")}
+    p = subprocess.Popen([sys.executable, str(BENCH), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        out, err = p.communicate(timeout=60)
+        pytest.fail(f"storage_bench.py {' '.join(args)} overran {timeout:.0f}s\n{out}\n{err}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
 def number(cell: str) -> float:
     return float(cell.rstrip("x").replace(",", ""))
 
@@ -37,10 +52,8 @@ def short_dir():
 
 def test_quick_run_prints_both_columns_and_cleans_up(short_dir):
     tmp_path = short_dir
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZSTORE_")}
-    r = subprocess.run([sys.executable, str(BENCH), "--quick", "--size", "16Mi", "--duration", "0.5",
-                        "--snapshots", "2", "--workdir", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=110)
+    r = run_bench("--quick", "--size", "16Mi", "--duration", "0.5", "--snapshots", "2",
+                  "--workdir", str(tmp_path), timeout=100)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
 
@@ -69,7 +82,6 @@ def test_quick_run_prints_both_columns_and_cleans_up(short_dir):
 
 
 def test_bad_arguments_exit_2():
-    r = subprocess.run([sys.executable, str(BENCH), "--duration", "0"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=30)
+    r = run_bench("--duration", "0", timeout=30)
     assert r.returncode == 2
     assert "--duration" in r.stderr
