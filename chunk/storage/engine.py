@@ -199,6 +199,10 @@ class StorageEngine:
             r = self._remote[chunk_id] = rk.RemoteReplica(chunk_id, addr, self.client)
         return r
 
+    def local_store_for(self, rec):
+        """This server's store if it holds an in-sync replica of ``rec`` (reads go there)."""
+        return self.store if self._local is not None and self.chunk_id in rec.replicas else None
+
     def cached_replica(self, chunk_id: str):
         """The replica handle without an await, or None (hot path: one per I/O)."""
         return self._local if chunk_id == self.chunk_id else self._remote.get(chunk_id)
