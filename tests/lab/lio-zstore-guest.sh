@@ -76,7 +76,7 @@ python3 -c "import rtslib_fb; print('LIO_STATE targets', [t.wwn for t in rtslib_
 echo "LIO_OBJECTS luns=$(ls $TPG/lun | wc -l) acls=$(ls $TPG/acls | wc -l) backstores=$(ls -d /sys/kernel/config/target/core/user_*/zs-* | wc -l)"
 
 step "host: iscsi-test-cu against LIO and the built-in target (lab hook)"
-hook_rc=0; lab_host_hook 1500 || hook_rc=$?
+hook_rc=0; lab_host_hook 2000 || hook_rc=$?
 step "hook exited $hook_rc"
 [ $hook_rc = 0 ] || die "host conformance hook failed ($hook_rc)"
 
@@ -127,6 +127,17 @@ for _ in $(seq 200); do [ ! -d "$TPG/acls/$EXTRA" ] && break; sleep 0.1; done
 [ ! -d "$TPG/acls/$EXTRA" ] || die "ACL $EXTRA still in LIO after acl remove"
 step "LIO ACL live add/remove PASSED"
 
+step "a volume deleted in etcd leaves LIO: its LUN, backstore and uio device go, the rest stays"
+LUN_BC=$(j 'luns["bi-conf"]'); BC_SO=zs-$(j 'vids["bi-conf"]')
+ls -d /sys/kernel/config/target/core/user_*/"$BC_SO" >/dev/null || die "no backstore $BC_SO to begin with"
+zstore volume delete bi-conf --force >/dev/null
+gone() { [ ! -d "$TPG/lun/lun_$LUN_BC" ] && ! ls -d /sys/kernel/config/target/core/user_*/"$BC_SO" >/dev/null 2>&1 \
+         && ! grep -q "/$BC_SO/" /sys/class/uio/uio*/name 2>/dev/null; }
+for _ in $(seq 300); do gone && break; sleep 0.1; done
+gone || die "LUN $LUN_BC / backstore $BC_SO still in LIO after the volume was deleted"
+[ -d "$TPG/lun/lun_$LUN_DATA" ] || die "LUN $LUN_DATA went too"
+echo "LIO_DELETE lun=$LUN_BC backstore=$BC_SO gone; luns=$(ls $TPG/lun | wc -l) backstores=$(ls -d /sys/kernel/config/target/core/user_*/zs-* | wc -l)"
+
 step "benchmark: LIO+TCMU vs the built-in target, both served by chunk servers in this VM"
 HB=$(login_scan "$BI_PORTAL" $LUN_BB)
 DEV_BB=/dev/disk/by-path/ip-$BI_PORTAL-iscsi-$IQN-lun-$LUN_BB
@@ -140,6 +151,7 @@ lio_state > /tmp/state.before
 kill -TERM "$(cat /tmp/chunk-lio.pid)"
 for _ in $(seq 300); do kill -0 "$(cat /tmp/chunk-lio.pid)" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$(cat /tmp/chunk-lio.pid)" 2>/dev/null && die "lio chunk server did not stop"
+grep -o 'zs-[0-9a-f]*(uio[0-9]*): served .*' /job/chunk-lio.log || true
 lio_state > /tmp/state.stopped
 start_lio
 wait_applied 2
