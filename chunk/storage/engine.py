@@ -330,37 +330,54 @@ class StorageEngine:
         self._spawn(f"recovery/{task.volume_id}/{task.index}", self._run_recovery(task))
 
     async def _run_recovery(self, task: RecoveryTask) -> None:
+        """Run the task while it stays assigned to us, retrying with backoff: a target can be
+        unreachable for a while (killed, its lease not yet expired, restarting), and nothing
+        else re-triggers a task that failed here (the meta only re-plans failing rebuilds)."""
         key = self.keys.recovery_task(task.volume_id, task.index)
-        async with self._recovery_slots:
+        backoff = 1.0
+        while not self._stop.is_set():
+            async with self._recovery_slots:
+                outcome = await self._recovery_attempt(key)
+            if outcome is not False:
+                return                               # done, or no longer ours / gone
+            try:
+                await asyncio.wait_for(self._stop.wait(), backoff)
+            except asyncio.TimeoutError:
+                pass
+            backoff = min(backoff * 2, 15.0)
+
+    async def _recovery_attempt(self, key: bytes) -> bool | None:
+        """True: copied and joined. None: nothing to do (gone, reassigned). False: failed."""
+        got = await self.etcd.get(key)
+        if got is None:
+            return None
+        task = RecoveryTask.decode(got.value)
+        if task.executor != self.chunk_id:
+            return None
+        task.state, task.error = "running", None
+        rev = await self._put_task(key, task, got.mod_revision)
+        if rev is None:
+            return False                             # changed under us: read it again
+        try:
+            coord = await self.coordinator(task.volume_id)
+        except LookupError:
+            return None
+        try:
+            await coord.run_recovery(task, rev, self.recovery_rate)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded on the task for the status; retried
+            log.error("recovery of %s extent %d to %s failed: %s", task.volume_id, task.index,
+                      task.target, e)
             got = await self.etcd.get(key)
-            if got is None:
-                return
-            task = RecoveryTask.decode(got.value)
-            if task.executor != self.chunk_id:
-                return
-            task.state, task.error = "running", None
-            rev = await self._put_task(key, task, got.mod_revision)
-            if rev is None:
-                return
-            try:
-                coord = await self.coordinator(task.volume_id)
-            except LookupError:
-                return
-            try:
-                await coord.run_recovery(task, rev, self.recovery_rate)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - recorded on the task; the meta retries it
-                log.error("recovery of %s extent %d to %s failed: %s", task.volume_id, task.index,
-                          task.target, e)
-                got = await self.etcd.get(key)
-                if got is not None:
-                    cur = RecoveryTask.decode(got.value)
-                    cur.state, cur.error = "pending", str(e)[:300]
-                    await self._put_task(key, cur, got.mod_revision)
-                await asyncio.sleep(2.0)             # no hot loop on a persistent failure
-            finally:
-                await self.release(coord)
+            if got is not None:
+                cur = RecoveryTask.decode(got.value)
+                cur.state, cur.error = "pending", str(e)[:300]
+                await self._put_task(key, cur, got.mod_revision)
+            return False
+        finally:
+            await self.release(coord)
 
     async def _put_task(self, key: bytes, task: RecoveryTask, rev: int) -> int | None:
         t = self.etcd.transactions
