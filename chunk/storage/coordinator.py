@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 1 << 20
+# How long one request keeps taking a fenced volume back before failing with FencedError.
+# Two servers writing one volume (multipath across chunk servers) alternate ownership;
+# each round makes progress, so this only bounds a pathological case.
+RETAKE_WINDOW = 20.0
 
 
 class FencedError(MediumError):
@@ -272,22 +277,71 @@ class Coordinator:
         if self.parent is not None:
             await self.engine.release(self.parent)
 
-    async def ensure_owner(self, force: bool = False) -> None:
+    async def ensure_owner(self) -> None:
         if self.view_seq:
             raise ReadOnlyError("snapshot views are read-only")
-        if self.epoch and not force:
+        if self.epoch:
             return
         async with self._owner_lock:
-            if self.epoch and not force:
-                return
-            try:
-                epoch, rev, vol = await ownership.acquire(self.engine.etcd, self.engine.keys,
-                                                          self.vid, self.engine.chunk_id)
-            except ownership.OwnershipError as e:
-                raise MediumError(str(e)) from None
-            self.epoch, self.owner_rev, self.seq = epoch, rev, vol.snap_seq
-            self.volume = vol
-            self._size = max(self._size, vol.size)
+            if not self.epoch:
+                await self._acquire()
+
+    async def _acquire(self) -> None:
+        try:
+            epoch, rev, vol = await ownership.acquire(self.engine.etcd, self.engine.keys,
+                                                      self.vid, self.engine.chunk_id)
+        except ownership.OwnershipError as e:
+            raise MediumError(str(e)) from None
+        self.epoch, self.owner_rev, self.seq = epoch, rev, vol.snap_seq
+        self.volume = vol
+        self._size = max(self._size, vol.size)
+
+    async def _retake(self, lost: int, attempt: int, deadline: float) -> None:
+        """A replica refused epoch ``lost``: another server took the volume over; take it back.
+
+        Once per lost epoch, not once per fenced request (a burst of fenced requests would
+        otherwise raise the epoch once each and fence the other server as many times), and
+        after a random pause growing with ``attempt``, so two servers writing one volume
+        alternate in bursts that each complete instead of fencing each other forever.
+        """
+        self.counters["fenced"] += 1
+        if time.monotonic() > deadline:
+            raise FencedError(f"volume {self.vid}: lost ownership repeatedly; request not done")
+        async with self._owner_lock:
+            if self.epoch != lost:
+                return                         # already taken back since that request left
+            log.warning("volume %s: fenced at epoch %d (another server took it over); "
+                        "taking it back", self.vid, lost)
+            await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** attempt)))
+            await self._acquire()
+
+    @staticmethod
+    def _fenced(failed) -> bool:
+        return any(isinstance(res, rk.ReplicaFailed) and res.kind == rk.STALE_EPOCH for _, res in failed)
+
+    async def _on_replicas(self, idx: int, op, lo: int = 0, hi: int = 0, rec: ExtentRecord | None = None):
+        """Run ``op(replica, epoch)`` on every replica of extent ``idx`` in parallel.
+
+        A fenced epoch is taken back and the whole call repeated (never a reason to drop
+        a replica); any other failure drops that replica through the meta
+        (``_handle_failures``). ``rec`` pins the replica set (allocation, before the record
+        is adopted); it is adopted before failures are handled.
+        """
+        deadline = time.monotonic() + RETAKE_WINDOW
+        for attempt in range(1 << 30):
+            cur = rec or self.extents[idx]
+            targets = [await self.engine.replica(c) for c in cur.replicas]
+            epoch = self.epoch
+            results = await asyncio.gather(*(op(r, epoch) for r in targets), return_exceptions=True)
+            failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
+            if self._fenced(failed):
+                await self._retake(epoch, attempt, deadline)
+                continue
+            if rec is not None:
+                self._adopt(rec)
+            if failed:
+                await self._handle_failures(idx, cur, failed, lo, hi)
+            return
 
     # -- reads -------------------------------------------------------------------
 
@@ -435,7 +489,8 @@ class Coordinator:
             await self._allocate(idx)
         token = await self._locks.begin(idx, eoff, eoff + n)
         try:
-            for attempt in range(4):
+            deadline, absent_waits = 0.0, 0
+            for attempt in range(1 << 30):
                 rec = self.extents[idx]
                 targets = self.engine.cached_replicas(rec.replicas) or \
                     [await self.engine.replica(c) for c in rec.replicas]
@@ -460,21 +515,38 @@ class Coordinator:
                 failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
                 if not failed:
                     break
-                if any(isinstance(res, rk.ReplicaFailed) and res.kind == rk.STALE_EPOCH for _, res in failed):
-                    self.counters["fenced"] += 1
-                    log.warning("volume %s: fenced at epoch %d (another server took it over); "
-                                "taking it back", self.vid, epoch)
-                    await self.ensure_owner(force=True)
+                if self._fenced(failed):
+                    deadline = deadline or time.monotonic() + RETAKE_WINDOW
+                    await self._retake(epoch, attempt, deadline)
                     continue
+                if all(isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT for _, res in failed):
+                    if await self._await_creation(idx, rec, targets, failed, absent_waits):
+                        absent_waits += 1
+                        continue
                 await self._handle_failures(idx, rec, failed, eoff, eoff + n)
                 break
-            else:
-                raise FencedError(f"volume {self.vid}: lost ownership repeatedly; write not done")
             self._mark_dirty(idx, eoff, eoff + n)
             if not fua:
                 self._unflushed.add(idx)
         finally:
             self._locks.end(idx, token)
+
+    async def _await_creation(self, idx: int, rec: ExtentRecord, targets, failed, waits: int) -> bool:
+        """Replicas of a mapped extent said NO_EXTENT: True to retry the request, False to drop them.
+
+        Another server may have allocated the extent and not CREATEd its replicas yet (we saw the
+        record by watch): wait a little for that. If every replica of the record still lacks
+        it, nothing was ever acknowledged there, so create it as the allocator would have (it may
+        have died in between). A replica missing an extent the others have lost it: dropped.
+        """
+        if waits < 6:
+            await asyncio.sleep(0.01 * 2 ** waits)          # 0.63 s in all
+            return True
+        if waits == 6 and len(failed) == len(rec.replicas) and all(r.chunk_id in rec.replicas for r, _ in failed):
+            log.warning("volume %s extent %d: no replica has it; creating it", self.vid, idx)
+            await self._on_replicas(idx, lambda r, epoch: r.create(self.vid, idx, epoch, rec.generation))
+            return True
+        return False
 
     async def _handle_failures(self, idx, rec, failed, lo, hi) -> None:
         no_space = 0
@@ -554,19 +626,7 @@ class Coordinator:
                 raise NoSpaceError(f"volume {self.vid}: cannot place extent {idx}: {e}") from None
             raise MediumError(f"volume {self.vid}: cannot allocate extent {idx}: {e}") from None
         rec = ExtentRecord.from_dict(data.get("extent", data))
-        results = []
-        for cid in rec.replicas:
-            try:
-                r = await self.engine.replica(cid)
-                await r.create(self.vid, idx, self.epoch, rec.generation)
-                results.append(None)
-            except Exception as e:  # noqa: BLE001
-                results.append(e)
-        self._adopt(rec)
-        failed = [(await self.engine.replica(c), res) for c, res in zip(rec.replicas, results)
-                  if isinstance(res, BaseException)]
-        if failed:
-            await self._handle_failures(idx, rec, failed, 0, 0)
+        await self._on_replicas(idx, lambda r, epoch: r.create(self.vid, idx, epoch, rec.generation), rec=rec)
 
     async def flush(self) -> None:
         await self.ready()
@@ -574,16 +634,10 @@ class Coordinator:
         if not pending:
             return
 
-        async def one(idx: int) -> None:
-            rec = self.extents[idx]
-            targets = [await self.engine.replica(c) for c in rec.replicas]
-            results = await asyncio.gather(*(r.flush(self.vid, idx, self.epoch) for r in targets),
-                                           return_exceptions=True)
-            failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
-            if failed:
-                await self._handle_failures(idx, rec, failed, 0, 0)
+        def flush_one(idx: int):
+            return self._on_replicas(idx, lambda r, epoch: r.flush(self.vid, idx, epoch))
 
-        results = await asyncio.gather(*(one(i) for i in sorted(pending)), return_exceptions=True)
+        results = await asyncio.gather(*(flush_one(i) for i in sorted(pending)), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self._unflushed |= pending
@@ -655,13 +709,8 @@ class Coordinator:
 
     async def _revert(self, to_seq: int) -> None:
         for idx in sorted(self.extents):
-            rec = self.extents[idx]
-            targets = [await self.engine.replica(c) for c in rec.replicas]
-            results = await asyncio.gather(*(r.revert(self.vid, idx, self.epoch, to_seq, self.seq)
-                                             for r in targets), return_exceptions=True)
-            failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
-            if failed:
-                await self._handle_failures(idx, rec, failed, 0, EXTENT_SIZE)
+            await self._on_replicas(idx, lambda r, epoch: r.revert(self.vid, idx, epoch, to_seq, self.seq),
+                                    0, EXTENT_SIZE)
         self._dirty.clear()
         log.info("volume %s reverted to seq %d", self.vid, to_seq)
 
