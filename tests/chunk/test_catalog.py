@@ -1,32 +1,14 @@
 """The chunk server's mirror of export state follows etcd changes live."""
 
-import asyncio
-
-import pytest
-
-from chunk.catalog import Catalog
 from meta import exports, volumes
 from tests.cluster import async_wait_for
-from tests.meta.helpers import make_ctx, register_chunk
 
 H1 = "iqn.2004-10.com.example:h1"
 H2 = "iqn.2004-10.com.example:h2"
 
 
-@pytest.fixture
-async def setup(etcd_client, etcd_config):
-    ctx = make_ctx(etcd_client, etcd_config)
-    await register_chunk(ctx, "c0")
-    stop = asyncio.Event()
-    cat = Catalog(etcd_client, ctx.keys)
-    await cat.start(stop)
-    yield ctx, cat
-    stop.set()
-    await cat.close()
-
-
-async def test_masking_follows_acl_changes(setup):
-    ctx, cat = setup
+async def test_masking_follows_acl_changes(catalog_setup):
+    ctx, cat = catalog_setup
     vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
     iqn = (await exports.list_targets(ctx))[0]["iqn"]
     await async_wait_for(lambda: cat.target(iqn), 5, "target mirrored")
@@ -39,8 +21,8 @@ async def test_masking_follows_acl_changes(setup):
     await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun) is None, 5, "ACL removal mirrored")
 
 
-async def test_readonly_acl_and_chap_lookup_order(setup):
-    ctx, cat = setup
+async def test_readonly_acl_and_chap_lookup_order(catalog_setup):
+    ctx, cat = catalog_setup
     vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
     iqn = (await exports.list_targets(ctx))[0]["iqn"]
     await exports.add_acl(ctx, "v", H1, readonly=True)
@@ -53,8 +35,8 @@ async def test_readonly_acl_and_chap_lookup_order(setup):
     assert cat.chap_for(iqn, H2) is None
 
 
-async def test_deleted_volume_disappears(setup):
-    ctx, cat = setup
+async def test_deleted_volume_disappears(catalog_setup):
+    ctx, cat = catalog_setup
     vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
     iqn = (await exports.list_targets(ctx))[0]["iqn"]
     await exports.add_acl(ctx, "v", H1)

@@ -4,7 +4,6 @@ LIO and serving the TCMU rings is proven in the kernel lab (tests/lab/test_lab_l
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 from pathlib import Path
@@ -12,29 +11,15 @@ from pathlib import Path
 import pytest
 
 from chunk import lio
-from chunk.catalog import Catalog
 from meta import exports, volumes
 from tests.cluster import PY, ROOT, async_wait_for, free_port
-from tests.meta.helpers import make_ctx, register_chunk
 
 H1 = "iqn.2004-10.com.example:h1"
 H2 = "iqn.2004-10.com.example:h2"
 
 
-@pytest.fixture
-async def setup(etcd_client, etcd_config):
-    ctx = make_ctx(etcd_client, etcd_config)
-    await register_chunk(ctx, "c0")
-    stop = asyncio.Event()
-    cat = Catalog(etcd_client, ctx.keys)
-    await cat.start(stop)
-    yield ctx, cat
-    stop.set()
-    await cat.close()
-
-
-async def test_desired_state_masks_luns_per_acl_and_carries_chap(setup):
-    ctx, cat = setup
+async def test_desired_state_masks_luns_per_acl_and_carries_chap(catalog_setup):
+    ctx, cat = catalog_setup
     a, _ = await volumes.create_volume(ctx, "a", "64Mi", 1)
     b, _ = await volumes.create_volume(ctx, "b", "32Mi", 1)
     await exports.add_acl(ctx, "a", H1)
@@ -61,8 +46,8 @@ async def test_desired_state_masks_luns_per_acl_and_carries_chap(setup):
     assert H2 not in lio.desired_state(cat).targets[iqn].acls
 
 
-async def test_deleted_volume_leaves_no_backstore(setup):
-    ctx, cat = setup
+async def test_deleted_volume_leaves_no_backstore(catalog_setup):
+    ctx, cat = catalog_setup
     v, _ = await volumes.create_volume(ctx, "gone", "16Mi", 1)
     await exports.add_acl(ctx, "gone", H1)
     await async_wait_for(lambda: v.volume_id in cat.acl and cat.luns and cat.targets and cat.volumes, 5, "catalog")
@@ -113,12 +98,12 @@ def test_frontend_flag_is_validated(tmp_path: Path):
     assert r.returncode == 2 and "invalid choice: 'spdk'" in r.stderr
 
 
-async def test_desired_state_serves_a_snapshot_export_on_its_own_backstore(setup):
+async def test_desired_state_serves_a_snapshot_export_on_its_own_backstore(catalog_setup):
     """A snapshot LUN gets backstore zs-<snapshot id> sized as the snapshot, write-protected
     MappedLUNs for the initiators on the snapshot's ACL only, and is served as the volume's view
     at the snapshot's seq."""
     from meta import snapshot_exports, volops
-    ctx, cat = setup
+    ctx, cat = catalog_setup
     v, _ = await volumes.create_volume(ctx, "v", "64Mi", 1)
     s, _ = await volops.create_snapshot(ctx, "v", "s")
     await volumes.resize_volume(ctx, "v", "128Mi")
