@@ -13,7 +13,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
 
@@ -128,9 +127,11 @@ def test_replica_killed_during_writes_loses_nothing_and_resyncs(tmp_path, etcd_s
         src.write_bytes(payload)
         writer = subprocess.Popen(["qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts",
                                    str(src), opts(c, vol, 0)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        # SIGKILL a replica (not the chunk server serving the LUN) while the copy runs.
-        wait_for(lambda: len(extents(c, "r3")) >= 1 or writer.poll() is not None, 60, "first extent")
-        time.sleep(0.5)
+        # SIGKILL a replica (not the chunk server serving the LUN) while the copy runs: once
+        # extent 1 is allocated the copy is past 64 MiB with 128 MiB still to write.
+        wait_for(lambda: any(e["index"] == 1 for e in extents(c, "r3")) or writer.poll() is not None, 60,
+                 "extent 1 allocated")
+        assert writer.poll() is None, f"the copy ended before the kill: {writer.communicate()[1].decode()}"
         c.chunks[2].kill()
         out, err = writer.communicate(timeout=240)
         assert writer.returncode == 0, err.decode()
