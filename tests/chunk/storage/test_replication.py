@@ -56,6 +56,15 @@ def qemu_io(c: Cluster, vol: dict, chunk: int, *cmds: str, timeout: float = 120)
     return out
 
 
+def write_argv(c: Cluster, vol: dict, chunk: int, src) -> list[str]:
+    """qemu-img copying the raw image ``src`` onto the LUN through chunk server ``chunk``."""
+    return ["qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts", str(src), opts(c, vol, chunk)]
+
+
+def write_image(c: Cluster, vol: dict, chunk: int, src) -> subprocess.CompletedProcess:
+    return run(*write_argv(c, vol, chunk, src), timeout=240)
+
+
 def read_back(c: Cluster, vol: dict, chunk: int, dest) -> bytes:
     r = run("qemu-img", "convert", "-O", "raw", "--image-opts", opts(c, vol, chunk), str(dest), timeout=300)
     assert r.returncode == 0, r.stderr
@@ -125,8 +134,7 @@ def test_replica_killed_during_writes_loses_nothing_and_resyncs(tmp_path, etcd_s
         src = tmp_path / "src.img"
         payload = os.urandom(192 * MiB)
         src.write_bytes(payload)
-        writer = subprocess.Popen(["qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts",
-                                   str(src), opts(c, vol, 0)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        writer = subprocess.Popen(write_argv(c, vol, 0, src), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         # SIGKILL a replica (not the chunk server serving the LUN) while the copy runs: once
         # extent 1 is allocated the copy is past 64 MiB with 128 MiB still to write.
         wait_for(lambda: any(e["index"] == 1 for e in extents(c, "r3")) or writer.poll() is not None, 60,
@@ -222,8 +230,7 @@ def test_chunk_down_past_grace_is_rebuilt_elsewhere(tmp_path, etcd_server):
         wait_served(c, vol, 0)
         payload = os.urandom(128 * MiB)
         (tmp_path / "src.img").write_bytes(payload)
-        r = run("qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts", str(tmp_path / "src.img"),
-                opts(c, vol, 0), timeout=240)
+        r = write_image(c, vol, 0, tmp_path / "src.img")
         assert r.returncode == 0, r.stderr
         ids = chunk_ids(c)
         holders = {cid for e in extents(c, "g") for cid in e["replicas"]}
@@ -257,8 +264,7 @@ def test_full_disk_on_one_chunk_server(tmp_path, etcd_server):
         wait_served(c, vol, 0)
         payload = os.urandom(256 * MiB)
         (tmp_path / "src.img").write_bytes(payload)
-        r = run("qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts", str(tmp_path / "src.img"),
-                opts(c, vol, 0), timeout=240)
+        r = write_image(c, vol, 0, tmp_path / "src.img")
         assert r.returncode == 0, r.stderr
         assert read_back(c, vol, 1, tmp_path / "back.img") == payload
         ex = extents(c, "big")
@@ -277,8 +283,7 @@ def test_full_disk_gives_enospc_and_keeps_what_was_written(tmp_path, etcd_server
         wait_served(c, vol, 0)
         payload = os.urandom(256 * MiB)
         (tmp_path / "src.img").write_bytes(payload)
-        r = run("qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts", str(tmp_path / "src.img"),
-                opts(c, vol, 0), timeout=240)
+        r = write_image(c, vol, 0, tmp_path / "src.img")
         assert r.returncode != 0 and b"No space left on device" in r.stderr, r.stderr
         done = len(extents(c, "only"))
         assert done >= 1
