@@ -43,16 +43,21 @@ def url(c: Cluster, lun: dict, chunk: int) -> str:
     return f"iscsi://127.0.0.1:{c.portals[chunk]}/{lun['target_iqn']}/{lun['lun']}"
 
 
-def wwn_of(c: Cluster, lun: dict, chunk: int, initiator: str = INIT) -> str:
-    """The logical unit's NAA designator in VPD page 0x83 (iscsi-inq prints its 16 bytes raw)."""
+def wwn_of(c: Cluster, lun: dict, chunk: int, initiator: str = INIT) -> bytes:
+    """The logical unit's NAA designator in VPD page 0x83 as iscsi-inq prints it: raw, with
+    printf's %s, so it stops at the first zero byte (compare with ``printed_wwn``)."""
     r = run("iscsi-inq", "-i", initiator, "-e", "1", "-c", "131", url(c, lun, chunk), timeout=15)
     out = r.stdout
     assert r.returncode == 0, out.decode(errors="backslashreplace") + r.stderr.decode()
     at = out.find(b"Designator Type:(3) NAA")
     assert at >= 0, out.decode(errors="backslashreplace")
     start = out.index(b"Designator:[", at) + len(b"Designator:[")
-    assert out[start + 16:start + 17] == b"]", out[start:start + 20]
-    return out[start:start + 16].hex()
+    return out[start:out.index(b"]\n", start)]
+
+
+def printed_wwn(wwn_hex: str) -> bytes:
+    """What iscsi-inq prints for a 16-byte designator: up to its first zero byte."""
+    return bytes.fromhex(wwn_hex).split(b"\0")[0]
 
 
 def luns_seen(c: Cluster, initiator: str, target: str, chunk: int) -> set[int]:
@@ -147,7 +152,8 @@ def test_snapshot_lun_reads_the_snapshot_and_refuses_writes(tmp_path, etcd_serve
 
         # VPD 0x83: the snapshot LUN carries its own WWN.
         snap_wwn, vol_wwn = wwn_of(c, snap_lun, 0), wwn_of(c, vol, 0)
-        assert snap_wwn == exp["wwn"] and vol_wwn == vol["wwn"] and snap_wwn != vol_wwn
+        assert snap_wwn == printed_wwn(exp["wwn"]) and vol_wwn == printed_wwn(vol["wwn"]), (snap_wwn, vol_wwn)
+        assert exp["wwn"] != vol["wwn"] and len(exp["wwn"]) == len(vol["wwn"]) == 32
 
         # Unexport: the LUN is gone for everyone, and chunk1 closes the snapshot's view (it keeps the
         # volume, which iscsi-ls opened there); the snapshot itself stays.
