@@ -362,7 +362,8 @@ async def extent_drop(request: web.Request) -> web.Response:
 @routes.post(PREFIX + "/extents/{vid}/{index}/join")
 async def extent_join(request: web.Request) -> web.Response:
     m, b = request.match_info, await body_of(request)
-    rec = await extents.join(ctx_of(request), m["vid"], m["index"], b.get("chunk_id"), b.get("generation"))
+    rec = await extents.join(ctx_of(request), m["vid"], m["index"], b.get("chunk_id"), b.get("generation"),
+                             b.get("epoch"))
     return ok(rec.to_dict())
 
 

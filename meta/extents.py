@@ -19,7 +19,7 @@ from typing import Any
 
 from zstore.errors import Conflict, InvalidArgument, NotFound
 from zstore.etcd import prefix_end
-from zstore.records import ExtentRecord, RecoveryTask, Volume
+from zstore.records import ExtentRecord, RecoveryTask, Volume, VolumeOwner
 
 from . import chunks as chunkmod
 from .context import Ctx
@@ -189,13 +189,31 @@ async def drop(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
     raise Conflict(f"could not drop a replica of {vid}/{index}: too much concurrent change", hint="retry")
 
 
-async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any) -> ExtentRecord:
-    """Add a replica that has been brought in sync at ``generation``; 409 otherwise."""
+async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
+               epoch: Any = None) -> ExtentRecord:
+    """Add a replica that has been brought in sync at ``generation``; 409 otherwise.
+
+    With ``epoch`` (the copying coordinator's ownership epoch) the join also requires that
+    epoch to still own the volume, in the same transaction: another server that took the
+    volume over meanwhile may have written the extent without the new replica (it was not in
+    its copy), so the copy is not proof any more.
+    """
     index, chunk_id, generation = check_index(index), check_chunk_id(chunk_id), check_generation(generation)
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1):
+        raise InvalidArgument(f"invalid epoch {epoch!r}: must be a whole number >= 1")
     key = ctx.keys.extent(vid, index)
     task_key = ctx.keys.recovery_task(vid, index)
+    owner_key = ctx.keys.owner(vid)
     for _ in range(MAX_RETRIES):
         rec, rev = await get_extent(ctx, vid, index)
+        owner_compare = []
+        if epoch is not None:
+            owner, owner_rev = await ctx.get(owner_key, VolumeOwner)
+            if owner is None or owner.epoch != epoch:
+                raise Conflict(f"{chunk_id} cannot join extent {vid}/{index}: epoch {epoch} no longer "
+                               f"owns the volume (now {owner.epoch if owner else 'none'})",
+                               hint="copy again as the volume's owner", record=rec.to_dict())
+            owner_compare = [ctx.unchanged(owner_key, owner_rev)]
         vol, _ = await volume_by_id(ctx, vid)
         if generation != rec.generation or chunk_id in rec.replicas:
             why = ("it is already in sync" if chunk_id in rec.replicas
@@ -217,7 +235,7 @@ async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any) -
         rec.replicas.append(chunk_id)
         rec.stale.pop(chunk_id, None)
         rec.generation += 1
-        compare, ops = [ctx.unchanged(key, rev)], [ctx.put(key, rec)]
+        compare, ops = [ctx.unchanged(key, rev), *owner_compare], [ctx.put(key, rec)]
         task, task_rev = await ctx.get(task_key, RecoveryTask)
         if task is not None and task.target == chunk_id:
             compare.append(ctx.unchanged(task_key, task_rev))

@@ -295,6 +295,15 @@ class Coordinator:
         self.epoch, self.owner_rev, self.seq = epoch, rev, vol.snap_seq
         self.volume = vol
         self._size = max(self._size, vol.size)
+        await self._refresh_extents()
+
+    async def _refresh_extents(self) -> None:
+        """Read the extent map after taking ownership: the watch may still lag behind changes
+        made before our ownership transaction (a replica joined by the previous owner), and a
+        write must not go to a replica set older than that."""
+        e = self.engine
+        for kv in await e.etcd.get_prefix(e.keys.extents(self.vid)):
+            self._adopt(ExtentRecord.decode(kv.value))
 
     async def _retake(self, lost: int, attempt: int, deadline: float) -> None:
         """A replica refused epoch ``lost``: another server took the volume over; take it back.
@@ -312,6 +321,9 @@ class Coordinator:
                 return                         # already taken back since that request left
             log.warning("volume %s: fenced at epoch %d (another server took it over); "
                         "taking it back", self.vid, lost)
+            # The other owner wrote without our dirty logs: resyncs planned from them would
+            # miss its writes, so those replicas get a full copy instead.
+            self._dirty.clear()
             await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** attempt)))
             await self._acquire()
 
@@ -778,7 +790,7 @@ class Coordinator:
             await target.setgen(self.vid, idx, self.epoch, gen + 1)
             try:
                 data = await e.meta.call("POST", f"/extents/{self.vid}/{idx}/join",
-                                         {"chunk_id": task.target, "generation": gen})
+                                         {"chunk_id": task.target, "generation": gen, "epoch": self.epoch})
             except MetaError as ex:
                 raise MediumError(f"join of {task.target} refused: {ex}") from None
             self._adopt(ExtentRecord.from_dict(data.get("extent", data)))

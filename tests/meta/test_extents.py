@@ -7,7 +7,7 @@ import pytest
 from meta import chunks, extents, volumes
 from tests.meta.helpers import make_ctx, register_chunk
 from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound
-from zstore.records import ExtentRecord, RecoveryTask
+from zstore.records import ExtentRecord, RecoveryTask, VolumeOwner
 
 MiB = 2**20
 ZONES = {"c0": "a", "c1": "a", "c2": "b", "c3": "c", "c4": "c"}
@@ -176,6 +176,28 @@ async def test_join_keeps_a_task_for_another_target(ctx):
     assert await ctx.get_raw(ctx.keys.recovery_task(vid, 0)) is not None
     with pytest.raises(NotFound):
         await extents.join(ctx, vid, 0, "nobody", 4)
+
+
+async def test_join_with_an_epoch_requires_that_epoch_to_still_own_the_volume(ctx):
+    """A copy made by an owner that was taken over meanwhile proves nothing: the new owner may
+    have written the extent without the joining replica."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    vid = vol.volume_id
+    rec, _ = await extents.allocate(ctx, vid, 0)
+    a = rec.replicas[0]
+    await extents.drop(ctx, vid, 0, a, 1, "test")                 # generation 2
+    with pytest.raises(Conflict) as e:
+        await extents.join(ctx, vid, 0, a, 2, 3)                   # no owner at all
+    assert "no longer owns" in e.value.message
+    await ctx.etcd.put(ctx.keys.owner(vid), VolumeOwner(volume_id=vid, chunk_id="c9", epoch=4).encode())
+    with pytest.raises(Conflict) as e:
+        await extents.join(ctx, vid, 0, a, 2, 3)                   # epoch 4 took over from 3
+    assert "epoch 3 no longer owns the volume (now 4)" in e.value.message
+    with pytest.raises(InvalidArgument):
+        await extents.join(ctx, vid, 0, a, 2, "4")
+    assert (await extents.get_extent(ctx, vid, 0))[0].generation == 2     # nothing changed
+    rec = await extents.join(ctx, vid, 0, a, 2, 4)                 # the owner's copy joins
+    assert a in rec.replicas and rec.generation == 3
 
 
 async def test_list_pages_in_index_order(ctx):
