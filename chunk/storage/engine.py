@@ -143,7 +143,7 @@ class StorageEngine:
                                     on_checksum_error=self.repair.schedule)
         await self.server.start()
         self.scrubber = Scrubber(self.store, self.repair, rate_bytes_per_s=self.scrub_rate,
-                                 interval=self.scrub_interval)
+                                 interval=self.scrub_interval, drop=self._drop_replica)
         self.reclaimer = Reclaimer(self.store, self.etcd, self.keys, self.chunk_id,
                                    interval=self.reclaim_interval)
         for worker in (self.repair, self.scrubber, self.reclaimer):
@@ -404,6 +404,11 @@ class StorageEngine:
             new = await self._put_task(key, cur, got.mod_revision) or got.mod_revision
         return new
 
+    async def _drop_replica(self, vid: str, idx: int, chunk_id: str, generation: int, reason: str) -> None:
+        """Drop a replica from an extent through the meta leader (the scrubber's repair)."""
+        await self.meta.call("POST", f"/extents/{vid}/{idx}/drop",
+                             {"chunk_id": chunk_id, "generation": generation, "reason": reason[:200]})
+
     def status(self) -> dict[str, Any]:
         """Counters an admin sees in `zstore chunk list/show` (published with the live record)."""
         rep = self.repair.status() if self.repair else {}
@@ -417,6 +422,7 @@ class StorageEngine:
             "repaired": rep.get("repaired", 0), "repair_failed": rep.get("repair_failed", 0),
             "scrub_passes": scrub.get("passes", 0), "scrubbed_bytes": scrub.get("bytes_scrubbed", 0),
             "scrub_mismatches": scrub.get("mismatches", 0),
+            "scrub_resyncs": scrub.get("resyncs_requested", 0),
             "replica_drops": sum(c.counters["drops"] for c in self._coords.values()),
             "recovering": sorted(k for k in self._running if k.startswith("recovery/")),
         }

@@ -17,9 +17,16 @@ pause until ``interval`` after the pass started):
   also differ for up to a reclaim interval; a difference seen twice is
   therefore only *suspected* (``status()["suspected"]``) until it shows again
   in the next pass (``confirm_passes``; passes are hours apart). Confirmed
-  mismatches are logged, counted and listed in ``status()`` but not repaired
-  here: both copies verify, so nothing local says which one is right, and the
-  volume's coordinator is the only writer; an operator (or a resync) settles it.
+  mismatches are logged, counted and listed in ``status()``, and repaired when
+  a ``drop`` callback is given (the engine's goes through the meta leader):
+  both copies verify, so nothing local says which is right; the majority of
+  the in-sync replicas that answered wins, a tie goes to the side holding the
+  extent record's first replica, and only the winning side acts: it drops each
+  replica that disagrees with it from the extent (generation +1), which makes
+  the meta's recovery loop resync it in full from an agreeing replica, digests
+  compared at the end. Replicas differing there only ever held writes that
+  were never acknowledged (an acknowledged write is on every in-sync replica),
+  so either copy is a correct outcome; what matters is that they converge.
 """
 
 from __future__ import annotations
@@ -59,9 +66,10 @@ class TokenBucket:
 class Scrubber:
     def __init__(self, store, repair, rate_bytes_per_s: float = 16 << 20,
                  interval: float = 86400.0, *, recheck_delay: float = 3.0,
-                 compare_digests: bool = True, confirm_passes: int = 2) -> None:
+                 compare_digests: bool = True, confirm_passes: int = 2, drop=None) -> None:
         self.store = store
         self.repair = repair
+        self.drop = drop                  # async (vid, idx, chunk_id, generation, reason) or None
         self.interval = interval
         self.recheck_delay = recheck_delay
         self.compare_digests = compare_digests
@@ -76,6 +84,7 @@ class Scrubber:
         self.errors = 0               # bad blocks found (and handed to repair)
         self.mismatches = 0           # confirmed digest disagreements
         self.mismatched: dict[tuple[str, int], list[str]] = {}
+        self.resyncs_requested = 0    # replicas dropped (to be resynced) after a confirmed mismatch
         self.suspected: dict[tuple[str, int], tuple[list[str], int]] = {}   # -> (peers, passes seen)
         self.last_pass_start: float | None = None
         self.last_pass_end: float | None = None
@@ -113,7 +122,7 @@ class Scrubber:
         return {
             "passes": self.passes, "extents_scrubbed": self.extents_scrubbed,
             "bytes_scrubbed": self.bytes_scrubbed, "errors": self.errors,
-            "mismatches": self.mismatches,
+            "mismatches": self.mismatches, "resyncs_requested": self.resyncs_requested,
             "mismatched": [{"volume": v, "extent": i, "peers": p}
                            for (v, i), p in sorted(self.mismatched.items())],
             "suspected": [{"volume": v, "extent": i, "peers": p, "passes": n}
@@ -200,7 +209,7 @@ class Scrubber:
         self.extents_scrubbed += 1
         return counts
 
-    async def _differing(self, vid: str, idx: int, peers) -> list[str]:
+    async def _differing(self, vid: str, idx: int, peers, agreeing: list[str] | None = None) -> list[str]:
         local = self.store.digest(vid, idx)
         differ = []
         for cid, addr in peers:
@@ -211,13 +220,16 @@ class Scrubber:
                 continue
             if theirs != local:
                 differ.append(cid)
+            elif agreeing is not None:
+                agreeing.append(cid)
         return differ
 
     async def _compare(self, vid: str, idx: int) -> int:
         rec, peers = await self.repair.extent_peers(vid, idx)
         if rec is None or self.repair.chunk_id not in rec.replicas or not peers:
             return 0        # not an in-sync replica: a resync owns this copy, nothing to compare
-        differ = await self._differing(vid, idx, peers)
+        agreeing: list[str] = []
+        differ = await self._differing(vid, idx, peers, agreeing)
         if differ:
             await asyncio.sleep(self.recheck_delay)
             rec, peers = await self.repair.extent_peers(vid, idx)
@@ -225,6 +237,7 @@ class Scrubber:
                 return 0
             again = set(await self._differing(vid, idx, [p for p in peers if p[0] in differ]))
             differ = [c for c in differ if c in again]
+            agreeing = [c for c in agreeing if c in rec.replicas]
         key = (vid, idx)
         if not differ:
             self.mismatched.pop(key, None)
@@ -233,6 +246,7 @@ class Scrubber:
         self._seen_this_pass.add(key)
         if key in self.mismatched:           # already reported; still disagreeing
             self.mismatched[key] = sorted(differ)
+            await self._resolve(rec, differ, agreeing)
             return 1
         prev_peers, seen = self.suspected.get(key, ([], 0))
         if set(differ) & set(prev_peers) or not prev_peers:
@@ -249,6 +263,31 @@ class Scrubber:
         self.mismatches += 1
         self.mismatched[key] = sorted(differ)
         log.error("replicas of %s/%d disagree: this chunk (%s) and %s have different digests "
-                  "in %d passes; not repaired automatically (the coordinator owns writes)",
-                  vid, idx, self.repair.chunk_id, ", ".join(differ), self.confirm_passes)
+                  "in %d passes", vid, idx, self.repair.chunk_id, ", ".join(differ), self.confirm_passes)
+        await self._resolve(rec, differ, agreeing)
         return 1
+
+    async def _resolve(self, rec, differ: list[str], agreeing: list[str]) -> None:
+        """If this side wins (see the module doc), drop the replicas that disagree with it."""
+        if self.drop is None:
+            return
+        mine = 1 + len(agreeing)
+        if mine < len(differ) or (mine == len(differ) and rec.replicas[0] not in
+                                  [self.repair.chunk_id, *agreeing]):
+            log.warning("replicas of %s/%d: this chunk's copy is the minority; the other side resyncs it",
+                        rec.volume_id, rec.index)
+            return
+        for cid in differ:
+            try:
+                await self.drop(rec.volume_id, rec.index, cid, rec.generation,
+                                f"scrub: digest differs from {self.repair.chunk_id}'s")
+                rec, _ = await self.repair.extent_peers(rec.volume_id, rec.index)   # generation +1
+                if rec is None:
+                    return
+            except Exception as e:  # noqa: BLE001 - reported, tried again next pass
+                log.error("replicas of %s/%d: could not drop %s for a resync: %s",
+                          rec.volume_id, rec.index, cid, e)
+                continue
+            self.resyncs_requested += 1
+            log.warning("replicas of %s/%d: dropped %s (its copy disagrees); recovery resyncs it",
+                        rec.volume_id, rec.index, cid)

@@ -192,3 +192,58 @@ async def test_background_loop_scrubs_and_repairs(nodes):
         await scrub.stop()
     assert scrub.status()["passes"] >= 1
     assert b.repair.repaired == 1 and b.store.verify(VID, 0) == []
+
+
+def meta_drop(etcd_client, keys: Keys):
+    """The scrubber's drop callback, going to the meta's own drop (what the API runs) on real etcd."""
+    from meta import extents
+    from meta.context import Ctx
+    ctx = Ctx(etcd=etcd_client, keys=keys)
+    calls = []
+
+    async def drop(vid, idx, chunk_id, generation, reason):
+        calls.append((vid, idx, chunk_id, generation))
+        await extents.drop(ctx, vid, idx, chunk_id, generation, reason)
+    return drop, calls
+
+
+async def record(nodes, vid, idx):
+    from zstore.records import ExtentRecord
+    got = await nodes.etcd.get(nodes.keys.extent(vid, idx))
+    return ExtentRecord.decode(got.value)
+
+
+async def test_confirmed_disagreement_drops_the_minority_replica_for_a_resync(nodes, etcd_client):
+    """Three replicas, one holds a block the others do not (a write never acknowledged): the
+    majority side drops it from the extent, which is what makes recovery resync it in full;
+    the minority side's own scrubber does nothing."""
+    a, b, c = await nodes.add("A"), await nodes.add("B"), await nodes.add("C")
+    await nodes.extent(VID, 0, ["A", "B", "C"], {1: block("one")})
+    b.store.write(VID, 0, 7 * BLOCK_SIZE, block("only on B"), 1)
+    drop, calls = meta_drop(etcd_client, nodes.keys)
+    on_b = Scrubber(b.store, b.repair, rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1,
+                    confirm_passes=1, drop=drop)
+    assert (await on_b.run_pass())["mismatches"] == 1
+    assert calls == [] and on_b.status()["resyncs_requested"] == 0      # outvoted 2 to 1
+    on_a = Scrubber(a.store, a.repair, rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1,
+                    confirm_passes=1, drop=drop)
+    assert (await on_a.run_pass())["mismatches"] == 1
+    assert calls == [(VID, 0, "B", 1)] and on_a.status()["resyncs_requested"] == 1
+    rec = await record(nodes, VID, 0)
+    assert rec.replicas == ["A", "C"] and rec.stale == {"B": 1} and rec.generation == 2
+    # Both copies left untouched by the scrubber: the resync (recovery) rewrites B's.
+    assert b.store.read(VID, 0, 7 * BLOCK_SIZE, BLOCK_SIZE)[0] == block("only on B")
+    assert (await on_a.run_pass())["mismatches"] == 0                   # B is out of the set now
+
+
+async def test_a_tie_goes_to_the_side_holding_the_first_replica(nodes, etcd_client):
+    a, b = await setup(nodes)                                          # extents 0 and 1 on [A, B]
+    b.store.write(VID, 1, 9 * BLOCK_SIZE, block("only on B"), 1)
+    drop, calls = meta_drop(etcd_client, nodes.keys)
+    kw = dict(rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1, confirm_passes=1, drop=drop)
+    assert (await Scrubber(b.store, b.repair, **kw).run_pass())["mismatches"] == 1
+    assert calls == []                                                 # B is not the first replica
+    assert (await Scrubber(a.store, a.repair, **kw).run_pass())["mismatches"] == 1
+    assert calls == [(VID, 1, "B", 1)]
+    assert (await record(nodes, VID, 1)).replicas == ["A"]
+    assert (await record(nodes, VID, 0)).replicas == ["A", "B"]        # the agreeing extent is left
