@@ -35,6 +35,10 @@ from zstore.keys import Keys
 from zstore.records import VipRecord
 
 VIP, PORT, TTL = "10.77.0.100", 3260, 3
+# How long a test watches a standby campaign and lose. Deliberately a fixed wait, not a poll: it
+# proves that nothing happens (the standby does not take the held VIP), and a campaign that
+# loses leaves no trace to poll for. A standby tries every VipHolder.poll = 0.25 s (ttl 2-3 s).
+STANDBY_WATCH = 1.0
 ETCD_URL = "http://10.77.0.1:2379"
 HOST_IP = {"a": "10.77.0.11", "b": "10.77.0.12"}
 CLONE_NEWNET = 0x40000000
@@ -84,7 +88,7 @@ async def test_one_holder_then_handover_on_stop_and_on_record_loss(etcd_client, 
     t2 = asyncio.ensure_future(h2.run(s2, e2.acquire, e2.release))
     try:
         await async_wait_for(lambda: etcd_client.get(keys.redirector_member("r2")), 10, "r2 registered")
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(STANDBY_WATCH)               # r2 campaigns ~4 times and loses
         assert h1.holding and not h2.holding and h1.record.epoch == 1
         cur = await h2.current()
         assert cur.redirector_id == "r1" and cur.vip == "127.0.0.2" and cur.port == 3260
@@ -263,7 +267,7 @@ def test_failover_on_sigkill_of_the_holder(lan: Lan):
     assert lan.get(Keys(lan.prefix).vip_epoch()) == "1"
     b = lan.start_vipd("b", "rB")
     wait_for(lambda: lan.get(Keys(lan.prefix).redirector_member("rB")), 15, "rB registered")
-    time.sleep(1.0)
+    time.sleep(STANDBY_WATCH)                             # rB campaigns and loses
     assert lan.ask() == "rA 1" and not lan.has_vip("b"), lan.logs()
 
     # SIGKILL the holder: rB serves the VIP (address, ARP, listener) within 5 s
@@ -355,7 +359,7 @@ def test_partitioned_holder_releases_before_the_other_takes_over(lan: Lan):
     sh("ip", "-n", lan.ns["c"], "link", "set", "ha", "up")
     wait_for(lambda: "acquired" not in a.log().split("released", 1)[1] and
              lan.get(Keys(lan.prefix).redirector_member("rA")), 20, "rA back as a standby")
-    time.sleep(1.0)
+    time.sleep(STANDBY_WATCH)                             # rA, back, campaigns and loses
     assert lan.ask() == "rB 2" and not lan.has_vip("a")
 
 
