@@ -396,10 +396,15 @@ class ExtentFile:
 
     def _write_blocks(self, first: int, view: memoryview) -> None:
         count = len(view) // BLOCK_SIZE
-        new = array("I", (block_crc(first + k, view[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE])
-                          for k in range(count)))
-        off, done = first * BLOCK_SIZE, 0
-        while done < len(view):                 # data before checksums
+        crc = _crc32c.crc32c
+        if count == 1:                          # the hot path: one 4 KiB block
+            new = array("I", [crc(view, first & 0xFFFFFFFF) or 1])
+        else:
+            new = array("I", [crc(view[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE], (first + k) & 0xFFFFFFFF) or 1
+                              for k in range(count)])
+        off = first * BLOCK_SIZE
+        done = os.pwrite(self._data, view, off)     # data before checksums
+        while done < len(view):
             done += os.pwrite(self._data, view[done:], off + done)
         self._store_crcs(first, new)
 
@@ -409,7 +414,7 @@ class ExtentFile:
         if sys.byteorder != "little":
             raw = array("I", new)
             raw.byteswap()
-        data = raw.tobytes()
-        done = 0
+        data = memoryview(raw).cast("B")        # no copy
+        done = os.pwrite(self._crc, data, first * 4)
         while done < len(data):
             done += os.pwrite(self._crc, data[done:], first * 4 + done)
