@@ -110,6 +110,9 @@ def check(reply: Frame) -> Frame:
     raise _ERRORS.get(reply.status, ReplicaError)(reply.status, reply.args)
 
 
+_FUA = {"fua": True}
+
+
 class _Peer:
     def __init__(self) -> None:
         self.pipe: Pipeline | None = None
@@ -209,6 +212,22 @@ class ReplicaClient:
             return None
         try:
             fut = pipe.start(frame, self.timeout if timeout is None else timeout)
+        except (ConnectionError, OSError, ValueError):
+            return None
+        if pipe.backed_up:
+            asyncio.get_running_loop().create_task(pipe.drain())
+        return fut
+
+    def start_write(self, addr: Address, vid: str, idx: int, off: int, data: bytes | memoryview,
+                    epoch: int, seq: int, fua: bool = False) -> asyncio.Future | None:
+        """``start`` of a WRITE without building a request Frame (the replicated-write hot path)."""
+        peer = self._peers.get(addr)
+        pipe = peer.pipe if peer is not None else None
+        if pipe is None or pipe.failed is not None or self._closed:
+            return None
+        try:
+            fut = pipe.start_fields(Op.WRITE, vid, idx, epoch, 0, off, len(data), data, seq,
+                                    _FUA if fua else None, self.timeout)
         except (ConnectionError, OSError, ValueError):
             return None
         if pipe.backed_up:

@@ -36,7 +36,10 @@ from .extent_file import ChecksumError
 from .fencing import StaleEpochError
 from .peer_auth import AuthError, server_handshake
 from .replica_store import NoExtent, StoreError, StoreFull, StoreIOError
-from .wire import MAX_DATA, Frame, FrameError, FrameReader, FrameWriter, Op, Status, encode
+from .wire import (
+    MAX_DATA, Frame, FrameError, FrameReader, FrameWriter, Op, Status, VersionMismatch, encode,
+    legacy_refusal,
+)
 
 __all__ = ["ReplicaServer"]
 
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 # Ops a read-only user (epoch 0) may send; they skip admission then.
 READ_ONLY = frozenset({Op.READ, Op.EXPORT, Op.DIGEST, Op.STAT})
 HIGH_WATER = 4 << 20           # bytes of unsent replies before the reader waits for the socket
+_NAMES = {op: op.name for op in Op}    # Enum.name is a property lookup per call
+_STATUS_NAMES = {st: st.name for st in Status}
 
 ChecksumHook = Callable[[str, int, int], "Awaitable[None] | None"]
 
@@ -159,6 +164,8 @@ class ReplicaServer:
                     server_handshake(frames, out, self.secret, self.cluster_id), self.auth_timeout)
             except (AuthError, FrameError, asyncio.TimeoutError, ConnectionError, OSError) as e:
                 self.auth_failures += 1
+                if isinstance(e, VersionMismatch) and e.legacy:
+                    writer.write(legacy_refusal(str(e)))     # an older peer logs why
                 log.warning("replica connection from %s refused: %s: %s", where,
                             type(e).__name__, e)
                 return
@@ -183,26 +190,28 @@ class ReplicaServer:
                 pass
 
     async def _requests(self, frames: FrameReader, conn: _Conn) -> None:
+        handle, tasks, limit = self._handle, conn.tasks, self.max_inflight
         while True:
             try:
-                frame = await frames.read()
+                batch = await frames.read_many()       # every request of the segment read
             except FrameError as e:
                 self.dropped += 1
                 log.warning("closing replica connection %s: %s", conn.peer, e)
                 return
-            if frame is None:
+            if not batch:
                 break
-            if frame.status is not None:
-                self.dropped += 1
-                log.warning("closing replica connection %s: it sent a reply (%s id %d)",
-                            conn.peer, frame.op.name, frame.id)
-                return
-            self._handle(conn, frame)
-            if conn.backed_up():
-                conn.flush()
-                await conn.writer.drain()
-            while len(conn.tasks) >= self.max_inflight:
-                await asyncio.wait(set(conn.tasks), return_when=asyncio.FIRST_COMPLETED)
+            for frame in batch:
+                if frame.status is not None:
+                    self.dropped += 1
+                    log.warning("closing replica connection %s: it sent a reply (%s id %d)",
+                                conn.peer, frame.op.name, frame.id)
+                    return
+                handle(conn, frame)
+                if conn.backed_up():
+                    conn.flush()
+                    await conn.writer.drain()
+                while len(tasks) >= limit:
+                    await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
         # Clean end of stream: answer what is still syncing, then close.
         if conn.tasks:
             await asyncio.wait(set(conn.tasks))
@@ -213,7 +222,7 @@ class ReplicaServer:
 
     def _handle(self, conn: _Conn, frame: Frame) -> None:
         """Run one request; reply now, or from a task when it must wait for a sync."""
-        self.requests[frame.op.name] += 1
+        self.requests[_NAMES[frame.op]] += 1
         try:
             result = self._execute(frame)
         except Exception as e:
@@ -237,7 +246,7 @@ class ReplicaServer:
     def _reply(self, conn: _Conn, reply: Frame) -> None:
         if reply.status is not Status.OK:
             assert reply.status is not None
-            self.errors[(reply.op.name, reply.status.name)] += 1
+            self.errors[(_NAMES[reply.op], _STATUS_NAMES[reply.status])] += 1
         conn.send(reply)
 
     def _execute(self, f: Frame) -> Frame | Callable[[], None]:

@@ -14,6 +14,9 @@ import errno
 
 from .extent_file import ChecksumError
 from .fencing import StaleEpochError
+from .wire import Status
+
+_OK = Status.OK
 
 # kinds
 UNAVAILABLE = "unavailable"      # no answer: dead, partitioned, timed out
@@ -125,21 +128,22 @@ class RemoteReplica:
 
     def start_write(self, vid, idx, off, data, epoch, seq, fua=False):
         """Send the write now (no task) and return a coroutine awaiting its outcome."""
-        from .wire import Frame, Op
-        fut = self.client.start(self.addr, Frame(Op.WRITE, 0, vid, idx, epoch, 0, off, len(data), data,
-                                                 seq=seq, args={"fua": True} if fua else None))
+        fut = self.client.start_write(self.addr, vid, idx, off, data, epoch, seq, fua)
         if fut is None:                                   # not connected yet: dial on await
             return self.write(vid, idx, off, data, epoch, seq, fua)
         return self._reply(fut)
 
     async def _reply(self, fut):
-        from . import replica_client as rc
         try:
-            rc.check(await fut)
+            reply = await fut
         except (ConnectionError, OSError) as e:
             raise ReplicaFailed(self.chunk_id, UNAVAILABLE, f"{self.addr[0]}:{self.addr[1]}: {e}") from None
-        except rc.ReplicaError as e:
-            raise ReplicaFailed(self.chunk_id, _status_kind(e), str(e)) from None
+        if reply.status is not _OK:
+            from . import replica_client as rc
+            try:
+                rc.check(reply)
+            except rc.ReplicaError as e:
+                raise ReplicaFailed(self.chunk_id, _status_kind(e), str(e)) from None
 
     async def unmap(self, vid, idx, off, length, epoch, seq, zero=False):
         await self._call(self.client.unmap(self.addr, vid, idx, off, length, epoch=epoch, seq=seq, zero=zero))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 from pathlib import Path
 
 import pytest
 
-from chunk.storage import peer_auth
+from chunk.storage import peer_auth, wire
 from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.replica_client import (
     ChecksumFailed, Conflict, Denied, InvalidRequest, NoExtentError, PeerUnavailable,
@@ -16,7 +17,7 @@ from chunk.storage.replica_client import (
 )
 from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.replica_store import ReplicaStore
-from chunk.storage.wire import FrameReader, FrameWriter, Status
+from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Status
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -165,6 +166,26 @@ async def _hang_after_auth(reader, writer, seen: asyncio.Queue) -> None:
         pass
     finally:
         writer.close()
+
+
+async def test_a_peer_of_another_wire_version_is_unavailable_with_the_reason(client):
+    async def newer(reader, writer):
+        await reader.read(100)
+        body = bytearray(wire.encode(Frame(Op.HELLO, 1).reply(Status.OK))[4:])
+        body[0] = wire.VERSION + 1
+        writer.write(struct.pack(">I", len(body)) + body)
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(newer, "127.0.0.1", 0)
+    try:
+        with pytest.raises(PeerUnavailable) as e:
+            await client.ping(("127.0.0.1", server.sockets[0].getsockname()[1]))
+        assert "VersionMismatch" in str(e.value) and f"version {wire.VERSION + 1}" in str(e.value)
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_peer_killed_mid_call_then_a_real_server_takes_over(tmp_path, client):

@@ -180,6 +180,23 @@ async def test_a_reply_frame_from_the_client_closes_the_connection(served):
     await pipe.close()
 
 
+async def test_an_older_peer_is_told_the_wire_version_in_its_own_format(served):
+    """A version-1 (msgpack) HELLO gets a version-1 DENIED naming both versions, then EOF."""
+    server, store, disk, _ = served
+    before = _files(disk)
+    r, w = await asyncio.open_connection("127.0.0.1", server.port)
+    hello = msgpack.packb([int(Op.HELLO), 1, "", 0, 0, 0, 0, 0, None, None, 0,
+                           {"cluster": CLUSTER, "chunk_id": "old", "nonce": b"n" * 32}])
+    w.write(struct.pack(">I", len(hello)) + hello)
+    (n,) = struct.unpack(">I", await asyncio.wait_for(r.readexactly(4), 5))
+    answer = msgpack.unpackb(await r.readexactly(n))
+    assert answer[:2] == [int(Op.HELLO), 1] and answer[9] == Status.DENIED
+    assert "version 1" in answer[11]["error"] and f"version {wire.VERSION}" in answer[11]["error"]
+    assert await asyncio.wait_for(r.read(), 5) == b""                 # then closed
+    w.close()
+    assert server.auth_failures == 1 and _files(disk) == before
+
+
 async def test_silent_client_is_cut_off_by_the_auth_timeout(served):
     server, *_ = served
     reader, writer = await _raw(server)

@@ -1,8 +1,9 @@
-"""Replication frames: codec round trip, typed errors, pipelining over real loopback sockets."""
+"""Replication frames: codec round trip, typed errors, batched reads, pipelining over real loopback sockets."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import struct
 
@@ -12,7 +13,7 @@ import pytest
 from chunk.storage import wire
 from chunk.storage.wire import (
     Frame, FrameReader, FrameTooLarge, FrameWriter, MalformedFrame, Op, Pipeline, Status,
-    TruncatedFrame,
+    TruncatedFrame, VersionMismatch,
 )
 
 
@@ -21,19 +22,25 @@ def test_round_trip_request_and_reply():
                 data=b"abcd")
     raw = wire.encode(req)
     assert struct.unpack(">I", raw[:4])[0] == len(raw) - 4
+    assert raw[4] == wire.VERSION and raw.endswith(b"abcd")        # the payload travels raw
     assert wire.decode(raw[4:]) == req
     rep = req.reply(Status.STALE_EPOCH)
     assert rep.data is None and rep.status is Status.STALE_EPOCH and rep.id == 7
     assert wire.decode(wire.encode(rep)[4:]) == rep
-    assert len(wire.encode(Frame(Op.READ, 1, "v", 0, 1, 0, 0, 4096))) < 40   # compact
+    assert len(wire.encode(Frame(Op.READ, 1, "v", 0, 1, 0, 0, 4096))) == 4 + HDR + 1
 
 
-def test_memoryview_data_and_trailing_fields_from_newer_peers():
+def test_memoryview_data_empty_data_and_empty_args_are_kept_apart_from_none():
     frame = Frame(Op.WRITE, 1, "v", data=memoryview(b"xyz"))
     assert wire.decode(wire.encode(frame)[4:]).data == b"xyz"
-    newer = msgpack.packb([2, 1, "v", 0, 0, 0, 0, 0, None, None, 9, {"fua": True}, "future", 1])
-    got = wire.decode(newer)
-    assert got.op is Op.WRITE and got.seq == 9 and got.args == {"fua": True}
+    assert wire.decode(wire.encode(Frame(Op.WRITE, 1, data=b""))[4:]).data == b""
+    assert wire.decode(wire.encode(Frame(Op.PING, 1))[4:]).data is None
+    assert wire.decode(wire.encode(Frame(Op.PING, 1, args={}))[4:]).args == {}
+    big = Frame(Op.READ, 2**64 - 1, "ünïcode-vol", 2**64 - 1, 2**64 - 1, 2**64 - 1, 2**64 - 1,
+                2**64 - 1, b"d", Status.DENIED, 2**64 - 1, {"error": "x"})
+    assert wire.decode(wire.encode(big)[4:]) == big
+    back = wire.decode(memoryview(wire.encode(big))[4:])             # decode takes a view too
+    assert back == big and type(back.data) is bytes and type(back.op) is Op
 
 
 def test_seq_and_args_round_trip_and_replies_keep_seq():
@@ -46,9 +53,25 @@ def test_seq_and_args_round_trip_and_replies_keep_seq():
     assert Frame(Op.PING, 1).reply().args is None
 
 
-def test_old_ten_field_frames_still_decode():
-    old = msgpack.packb([2, 4, "v", 1, 3, 2, 4096, 3, b"abc", None])
-    assert wire.decode(old) == Frame(Op.WRITE, 4, "v", 1, 3, 2, 4096, 3, b"abc", None, 0, None)
+def test_other_wire_versions_are_refused_by_name():
+    old = msgpack.packb([2, 4, "v", 1, 3, 2, 4096, 3, b"abc", None, 1, None])   # version 1
+    with pytest.raises(VersionMismatch) as e:
+        wire.decode(old)
+    assert e.value.legacy and "version 1" in str(e.value) and f"version {wire.VERSION}" in str(e.value)
+    newer = bytearray(wire.encode(Frame(Op.PING, 1))[4:])
+    newer[0] = wire.VERSION + 1
+    with pytest.raises(VersionMismatch) as e:
+        wire.decode(bytes(newer))
+    assert not e.value.legacy and f"version {wire.VERSION + 1}" in str(e.value)
+    with pytest.raises(VersionMismatch):                             # even when short
+        wire.decode(b"\x9c\x01")
+
+
+def test_legacy_refusal_is_a_version_1_denied_hello():
+    body = wire.legacy_refusal("upgrade")[4:]
+    fields = msgpack.unpackb(body)
+    assert fields[0] == Op.HELLO and fields[1] == 1 and fields[9] == Status.DENIED
+    assert fields[11] == {"error": "upgrade"}
 
 
 def test_new_ops_and_statuses_keep_the_old_numbers():
@@ -63,40 +86,64 @@ def test_new_ops_and_statuses_keep_the_old_numbers():
         assert wire.decode(wire.encode(rep)[4:]).status is Status[name]
 
 
+HDR = 66
+
+
+def _body(op=1, status=0xFF, flags=0, vol=b"v", args=b"", data=b"", vlen=None, alen=None,
+          version=None) -> bytes:
+    """A frame body built field by field, so each field can be wrong on its own."""
+    head = struct.pack(">BBBBQQQQQQQHI", wire.VERSION if version is None else version, op, status,
+                       flags, 1, 0, 0, 0, 0, 0, 0, len(vol) if vlen is None else vlen,
+                       len(args) if alen is None else alen)
+    return head + vol + args + data
+
+
+def test_hand_built_body_decodes():
+    f = wire.decode(_body(op=2, flags=3, vol=b"vv", args=msgpack.packb({"fua": True}), data=b"xy"))
+    assert (f.op, f.volume, f.args, f.data, f.status) == (Op.WRITE, "vv", {"fua": True}, b"xy", None)
+
+
 @pytest.mark.parametrize("payload", [
-    b"\xc1",                                           # never-used msgpack byte
-    b"\x93\x01",                                       # array cut short
-    msgpack.packb({"op": 1}),                          # a map, not an array
-    msgpack.packb([1, 2, 3]),                          # too few fields
-    msgpack.packb([99, 1, "v", 0, 0, 0, 0, 0, None, None]),        # unknown op
-    msgpack.packb([1, -1, "v", 0, 0, 0, 0, 0, None, None]),        # negative id
-    msgpack.packb([1, 1, 5, 0, 0, 0, 0, 0, None, None]),           # volume not str
-    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, "text", None]),       # data not bin
-    msgpack.packb([1, 1, "v", 0, 0, 0, 0, True, None, None]),      # bool is not a length
-    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, 77]),           # unknown status
-    msgpack.packb([True, 1, "v", 0, 0, 0, 0, 0, None, None]),      # bool is not an op
-    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None, -1]),     # negative seq
-    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None, "s"]),    # seq not int
-    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None, 0, [1]]), # args not a map
-    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None, 0, {b"k": 1}]),   # bin key
-    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None, 0, {1: 1}], strict_types=False),  # int key
-    msgpack.packb([1, 1, "v", 0, 0, 0, 0, 0, None, None]) + b"\x00",   # trailing bytes
+    b"",                                               # nothing at all
+    _body()[:HDR - 1],                                 # header cut short
+    _body(op=99),                                      # unknown op
+    _body(op=0),
+    _body(status=77),                                  # unknown status
+    _body(flags=4),                                    # unknown flag
+    _body(vlen=200),                                   # volume runs past the frame
+    _body(flags=2, args=msgpack.packb({}), alen=50),   # args run past the frame
+    _body(vol=b"\xff\xfe"),                            # volume not UTF-8
+    _body(flags=2, args=b"\xc1"),                      # args not msgpack
+    _body(flags=2, args=b"\x93\x01"),                  # args cut short
+    _body(flags=2, args=msgpack.packb([1])),           # args not a map
+    _body(flags=2, args=msgpack.packb({b"k": 1})),     # bin key
+    _body(flags=2, args=msgpack.packb({1: 1}, strict_types=False)),   # int key
+    _body(flags=2, args=msgpack.packb({}) + b"\x00"),  # trailing bytes inside args
+    _body(args=msgpack.packb({})),                     # args bytes without the args flag
+    _body(data=b"x"),                                  # trailing bytes without the data flag
 ])
-def test_garbage_payloads_are_malformed(payload: bytes):
+def test_garbage_bodies_are_malformed(payload: bytes):
     with pytest.raises(MalformedFrame):
         wire.decode(payload)
 
 
-def test_encode_refuses_oversized_frames():
+def test_encode_refuses_oversized_frames_and_fields_that_do_not_fit():
     with pytest.raises(ValueError):
         wire.encode(Frame(Op.WRITE, 1, "v", data=bytes(wire.MAX_FRAME)))
+    with pytest.raises(ValueError):
+        wire.encode(Frame(Op.WRITE, 1, "v", offset=-1))
+    with pytest.raises(ValueError):
+        wire.encode(Frame(Op.WRITE, 2**64, "v"))
+    with pytest.raises(ValueError):
+        wire.encode(Frame(Op.WRITE, 1, "v" * 70000))                # volume length is 16 bits
 
 
-def _reader(data: bytes) -> FrameReader:
+def _reader(data: bytes, eof: bool = True, max_frame: int = 1024) -> FrameReader:
     r = asyncio.StreamReader()
     r.feed_data(data)
-    r.feed_eof()
-    return FrameReader(r, max_frame=1024)
+    if eof:
+        r.feed_eof()
+    return FrameReader(r, max_frame=max_frame)
 
 
 async def test_stream_errors_are_typed():
@@ -107,11 +154,68 @@ async def test_stream_errors_are_typed():
         await _reader(good[:2]).read()                         # inside the prefix
     with pytest.raises(TruncatedFrame):
         await _reader(good[:-1]).read()                        # inside the payload
-    huge = _reader(struct.pack(">I", 1 << 30))                 # rejected before reading on
+    huge = _reader(struct.pack(">I", 1 << 30), eof=False)      # rejected before reading on
     with pytest.raises(FrameTooLarge):
-        await huge.read()
+        await asyncio.wait_for(huge.read(), 5)
     with pytest.raises(MalformedFrame):
         await _reader(struct.pack(">I", 3) + b"\xc1\xc1\xc1").read()
+    with pytest.raises(TruncatedFrame):                        # a big frame cut short
+        await _reader(wire.encode(Frame(Op.WRITE, 1, data=bytes(200_000)))[:150_000],
+                      max_frame=wire.MAX_FRAME).read()
+
+
+async def test_one_read_yields_every_complete_frame_and_keeps_the_rest():
+    frames = [wire.encode(Frame(Op.WRITE, i, "v", data=bytes([i]) * 4096)) for i in range(1, 33)]
+    stream = b"".join(frames)
+    r = _reader(stream + frames[0][:10], eof=False, max_frame=wire.MAX_FRAME)
+    got = await asyncio.wait_for(r.read_many(), 5)
+    assert [f.id for f in got] == list(range(1, 16))           # 64 KiB read: the first 15 whole
+    while len(got) < 32:                                       # 64 KiB more per read
+        more = await asyncio.wait_for(r.read_many(), 5)
+        assert 0 < len(more) <= 16
+        got += more
+    assert [f.id for f in got] == list(range(1, 33))
+    assert all(f.data == bytes([f.id]) * 4096 for f in got)
+    reading = asyncio.ensure_future(r.read_many())             # 10 bytes of the next: it waits
+    await asyncio.sleep(0.05)
+    assert not reading.done()
+    r._reader.feed_data(frames[0][10:])
+    r._reader.feed_eof()
+    assert [f.id for f in await asyncio.wait_for(reading, 5)] == [1]
+    assert await r.read_many() == [] and await r.read() is None
+
+
+async def test_frames_cut_at_every_byte_and_a_frame_bigger_than_one_read():
+    big = wire.encode(Frame(Op.WRITE, 9, "v", data=os.urandom(wire.MAX_DATA)))
+    small = wire.encode(Frame(Op.PING, 3))
+    stream = small + big + small
+    sr = asyncio.StreamReader()
+    reader = FrameReader(sr)
+
+    async def feed() -> None:
+        for i in range(0, 300):                                # byte by byte at first
+            sr.feed_data(stream[i:i + 1])
+            await asyncio.sleep(0)
+        for i in range(300, len(stream), 7001):                # then odd-sized pieces
+            sr.feed_data(stream[i:i + 7001])
+            await asyncio.sleep(0)
+        sr.feed_eof()
+
+    feeder = asyncio.ensure_future(feed())
+    got = [f async for f in reader]
+    await feeder
+    assert [f.id for f in got] == [3, 9, 3]
+    assert got[1].data == big[4 + HDR + 1:]
+
+
+async def test_frames_before_a_bad_one_are_delivered_then_the_error():
+    good = wire.encode(Frame(Op.PING, 1))
+    r = _reader(good + good + struct.pack(">I", 3) + b"\xc1\xc1\xc1" + good)
+    assert [f.id for f in await r.read_many()] == [1, 1]
+    with pytest.raises(MalformedFrame):
+        await r.read_many()
+    with pytest.raises(MalformedFrame):                        # and it stays failed
+        await r.read()
 
 
 async def _serve_out_of_order(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
