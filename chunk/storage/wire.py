@@ -46,7 +46,7 @@ __all__ = [
 VERSION = 2                          # 1 was the msgpack array format
 MAX_DATA = 1 << 20                   # largest data payload of one frame
 MAX_FRAME = MAX_DATA + 4096          # plus room for the header fields
-READ_SIZE = 1 << 16                  # bytes asked of the socket per read
+READ_SIZE = 1 << 18                  # bytes asked of the socket per read (QD32 of 4 KiB is ~130 KiB)
 _LEN = struct.Struct(">I")
 #: version, op, status (0xff: request), flags, id, extent, epoch, generation, offset, length,
 #: seq, volume bytes, args bytes
