@@ -9,8 +9,9 @@ runs as soon as it is read:
   arrival order, so two pipelined writes to one block land in the order the
   coordinator sent them.  Only fdatasync (FLUSH, FUA writes) goes to a thread;
   those replies go out when the sync completes, overtaking nothing else.
-* Replies are queued and written together once per loop iteration (a burst of
-  requests read from one segment is answered with one send).  When the
+* Requests are cut out of the stream a socket read (up to wire.READ_SIZE) at
+  a time and handled in order; their replies are queued and written together
+  once per loop iteration (a QD32 burst is answered with one send).  When the
   socket's send buffer is backed up, the reader stops reading (TCP
   back-pressure), and at most ``max_inflight`` syncs are outstanding per
   connection.
