@@ -34,7 +34,7 @@ from zstore.records import ExtentRecord, RecoveryTask, Snapshot, Volume, VolumeO
 
 from . import ownership
 from . import replicas as rk
-from .extent_file import BLOCK_SIZE, EXTENT_SIZE
+from .extent_file import BLOCK_SIZE, EXTENT_SIZE, block_runs
 from .metaclient import MetaError
 from .wire import MAX_DATA
 
@@ -512,9 +512,7 @@ class Coordinator:
                 epoch, seq = self.epoch, self.seq
                 if op == "write":
                     # Remote writes leave now (no task per replica); the local one runs on await.
-                    calls = [r.start_write(self.vid, idx, eoff, part, epoch, seq, fua)
-                             if hasattr(r, "start_write") else r.write(self.vid, idx, eoff, part, epoch, seq, fua)
-                             for r in targets]
+                    calls = [r.start_write(self.vid, idx, eoff, part, epoch, seq, fua) for r in targets]
                 else:
                     calls = [r.unmap(self.vid, idx, eoff, n, epoch, seq, zero) for r in targets]
                 results: list = []
@@ -756,7 +754,7 @@ class Coordinator:
         ranges: list[tuple[int, int]]
         if (task.kind == "resync" and dirty is not None and dirty.seq == self.seq
                 and rec.stale.get(task.target) == dirty.generation):
-            ranges = _runs(sorted(dirty.blocks))
+            ranges = block_runs(sorted(dirty.blocks))
             mode = f"{len(dirty.blocks)} dirty blocks"
         else:
             ranges = [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
@@ -827,13 +825,3 @@ class Coordinator:
         return task_rev
 
 
-def _runs(blocks: list[int]) -> list[tuple[int, int]]:
-    """Sorted block indexes -> (byte offset, length) runs."""
-    out: list[tuple[int, int]] = []
-    for b in blocks:
-        off = b * BLOCK_SIZE
-        if out and out[-1][0] + out[-1][1] == off:
-            out[-1] = (out[-1][0], out[-1][1] + BLOCK_SIZE)
-        else:
-            out.append((off, BLOCK_SIZE))
-    return out

@@ -91,6 +91,18 @@ def block_crc(index: int, block: bytes | memoryview) -> int:
     return _crc32c.crc32c(block, index & 0xFFFFFFFF) or 1
 
 
+def block_runs(blocks) -> list[tuple[int, int]]:
+    """Ascending block indexes -> (byte offset, length) runs of adjacent blocks."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        off = b * BLOCK_SIZE
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], runs[-1][1] + BLOCK_SIZE)
+        else:
+            runs.append((off, BLOCK_SIZE))
+    return runs
+
+
 @dataclass(frozen=True)
 class ExtentHeader:
     volume: str
@@ -306,14 +318,7 @@ class ExtentFile:
 
     def allocated_ranges(self) -> list[tuple[int, int]]:
         """The allocated blocks as (offset, length) byte runs: what a rebuild copies."""
-        runs: list[tuple[int, int]] = []
-        for i in self.allocated_blocks():
-            off = i * BLOCK_SIZE
-            if runs and runs[-1][0] + runs[-1][1] == off:
-                runs[-1] = (runs[-1][0], runs[-1][1] + BLOCK_SIZE)
-            else:
-                runs.append((off, BLOCK_SIZE))
-        return runs
+        return block_runs(self.allocated_blocks())
 
     # -- for the replica store ---------------------------------------------------
 
