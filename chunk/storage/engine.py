@@ -299,12 +299,8 @@ class StorageEngine:
         t.add_done_callback(lambda _t: self._running.pop(key, None))
 
     async def _on_volop(self, key: bytes, value: bytes) -> None:
-        try:
-            op = VolumeOp.decode(value)
-        except RecordError as e:
-            log.error("ignoring unreadable volume op %s: %s", key.decode(), e)
-            return
-        if op.executor != self.chunk_id or op.state != "pending":
+        op = _decoded(VolumeOp, key, value, "volume op")
+        if op is None or op.executor != self.chunk_id or op.state != "pending":
             return
         self._spawn(f"op/{op.op_id}", self._run_volop(op))
 
@@ -320,12 +316,8 @@ class StorageEngine:
             await self.release(coord)
 
     async def _on_recovery(self, key: bytes, value: bytes) -> None:
-        try:
-            task = RecoveryTask.decode(value)
-        except RecordError as e:
-            log.error("ignoring unreadable recovery task %s: %s", key.decode(), e)
-            return
-        if task.executor != self.chunk_id:
+        task = _decoded(RecoveryTask, key, value, "recovery task")
+        if task is None or task.executor != self.chunk_id:
             return
         self._spawn(f"recovery/{task.volume_id}/{task.index}", self._run_recovery(task))
 
@@ -426,3 +418,12 @@ class StorageEngine:
             "replica_drops": sum(c.counters["drops"] for c in self._coords.values()),
             "recovering": sorted(k for k in self._running if k.startswith("recovery/")),
         }
+
+
+def _decoded(cls, key: bytes, value: bytes, what: str):
+    """The record a watched key holds, or None (logged) when it cannot be read."""
+    try:
+        return cls.decode(value)
+    except RecordError as e:
+        log.error("ignoring unreadable %s %s: %s", what, key.decode(), e)
+        return None
