@@ -206,28 +206,21 @@ class ReplicaClient:
         (no task, no await, no timer of its own: the connection's watchdog fails it when
         overdue). None when there is no usable connection yet: use ``call``, which dials.
         The future fails with ConnectionError: ``unavailable`` maps it to PeerUnavailable."""
-        peer = self._peers.get(addr)
-        pipe = peer.pipe if peer is not None else None
-        if pipe is None or pipe.failed is not None or self._closed:
-            return None
-        try:
-            fut = pipe.start(frame, self.timeout if timeout is None else timeout)
-        except (ConnectionError, OSError, ValueError):
-            return None
-        if pipe.backed_up:
-            asyncio.get_running_loop().create_task(pipe.drain())
-        return fut
+        return self._start(addr, lambda pipe: pipe.start(frame, self.timeout if timeout is None else timeout))
 
     def start_write(self, addr: Address, vid: str, idx: int, off: int, data: bytes | memoryview,
                     epoch: int, seq: int, fua: bool = False) -> asyncio.Future | None:
         """``start`` of a WRITE without building a request Frame (the replicated-write hot path)."""
+        return self._start(addr, lambda pipe: pipe.start_fields(
+            Op.WRITE, vid, idx, epoch, 0, off, len(data), data, seq, _FUA if fua else None, self.timeout))
+
+    def _start(self, addr: Address, send) -> asyncio.Future | None:
         peer = self._peers.get(addr)
         pipe = peer.pipe if peer is not None else None
         if pipe is None or pipe.failed is not None or self._closed:
             return None
         try:
-            fut = pipe.start_fields(Op.WRITE, vid, idx, epoch, 0, off, len(data), data, seq,
-                                    _FUA if fua else None, self.timeout)
+            fut = send(pipe)
         except (ConnectionError, OSError, ValueError):
             return None
         if pipe.backed_up:

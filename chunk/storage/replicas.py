@@ -74,6 +74,8 @@ class LocalReplica:
         if fua:
             await self.flush(vid, idx, epoch)
 
+    start_write = write        # the coordinator's one call for every replica; runs on await
+
     async def unmap(self, vid, idx, off, length, epoch, seq, zero=False):
         self._run(vid, idx, epoch, self.store.unmap, vid, idx, off, length, seq, zero)
 
