@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from tests.cluster import Cluster, cluster, port_open, wait_for
+from tests.cluster import Cluster, cluster, wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not shutil.which("qemu-io"), reason="qemu-utils is not installed")]
@@ -38,6 +38,16 @@ def make_volume(c: Cluster, name: str, size: str, replicas: int) -> dict:
     status, vol = c.api("POST", "/volumes", {"name": name, "size": size, "replicas": replicas})
     assert status == 201, vol
     assert c.api("PUT", f"/volumes/{name}/acl/{INIT}")[0] == 200
+    return vol
+
+
+def serving_volume(c: Cluster, chunks: int, name: str, size: str, replicas: int,
+                   served_on: tuple[int, ...] = (0,)) -> dict:
+    """Once ``chunks`` chunk servers are up: a new volume, its LUN answering on ``served_on``."""
+    c.wait_chunks_up(chunks)
+    vol = make_volume(c, name, size, replicas)
+    for chunk in served_on:
+        wait_served(c, vol, chunk)
     return vol
 
 
@@ -127,10 +137,7 @@ def wait_disk_full(c: Cluster, chunk_id: str) -> None:
 @pytest.mark.timeout(300)
 def test_replica_killed_during_writes_loses_nothing_and_resyncs(tmp_path, etcd_server):
     with cluster(tmp_path, etcd_server, metas=1, chunks=3, chunk_options={"replica_timeout": 2.0}) as c:
-        c.wait_chunks_up(3)
-        vol = make_volume(c, "r3", "192Mi", 3)
-        for i in (0, 1):
-            wait_served(c, vol, i)
+        vol = serving_volume(c, 3, "r3", "192Mi", 3, served_on=(0, 1))
         src = tmp_path / "src.img"
         payload = os.urandom(192 * MiB)
         src.write_bytes(payload)
@@ -164,9 +171,7 @@ def test_replica_killed_during_writes_loses_nothing_and_resyncs(tmp_path, etcd_s
 @pytest.mark.timeout(240)
 def test_snapshot_clone_and_revert(tmp_path, etcd_server):
     with cluster(tmp_path, etcd_server, metas=1, chunks=2) as c:
-        c.wait_chunks_up(2)
-        vol = make_volume(c, "s", "128Mi", 2)
-        wait_served(c, vol, 0)
+        vol = serving_volume(c, 2, "s", "128Mi", 2)
         qemu_io(c, vol, 0, "write -P 0xaa 0 4M", "write -P 0xaa 100M 1M")
         c.cli("snapshot", "create", "s", "snap", check=True)
         qemu_io(c, vol, 0, "write -P 0xbb 0 2M", "write -P 0xbb 100M 4k")
@@ -192,9 +197,7 @@ def test_snapshot_clone_and_revert(tmp_path, etcd_server):
 @pytest.mark.timeout(240)
 def test_flipped_bytes_are_detected_served_around_and_repaired(tmp_path, etcd_server):
     with cluster(tmp_path, etcd_server, metas=1, chunks=2) as c:
-        c.wait_chunks_up(2)
-        vol = make_volume(c, "f", "64Mi", 2)
-        wait_served(c, vol, 0)
+        vol = serving_volume(c, 2, "f", "64Mi", 2)
         qemu_io(c, vol, 0, "write -P 0x5a 0 8M", "flush")
         ext = extents(c, "f")
         assert len(ext) == 1 and len(ext[0]["replicas"]) == 2
@@ -226,9 +229,7 @@ def test_flipped_bytes_are_detected_served_around_and_repaired(tmp_path, etcd_se
 def test_chunk_down_past_grace_is_rebuilt_elsewhere(tmp_path, etcd_server):
     with cluster(tmp_path, etcd_server, metas=1, chunks=3, meta_options={"recovery_grace": 3},
                  chunk_options={"replica_timeout": 2.0}) as c:
-        c.wait_chunks_up(3)
-        vol = make_volume(c, "g", "128Mi", 2)
-        wait_served(c, vol, 0)
+        vol = serving_volume(c, 3, "g", "128Mi", 2)
         payload = os.urandom(128 * MiB)
         (tmp_path / "src.img").write_bytes(payload)
         r = write_image(c, vol, 0, tmp_path / "src.img")
@@ -259,10 +260,8 @@ def test_full_disk_on_one_chunk_server(tmp_path, etcd_server):
     """Writes go on where placement allows; where it cannot, a clear ENOSPC and nothing lost."""
     with cluster(tmp_path, etcd_server, metas=1, chunks=3, capacities=["10Gi", "10Gi", "96Mi"],
                  chunk_options={"replica_timeout": 2.0}) as c:
-        c.wait_chunks_up(3)
+        vol = serving_volume(c, 3, "big", "256Mi", 3)
         ids = chunk_ids(c)
-        vol = make_volume(c, "big", "256Mi", 3)
-        wait_served(c, vol, 0)
         payload = os.urandom(256 * MiB)
         (tmp_path / "src.img").write_bytes(payload)
         r = write_image(c, vol, 0, tmp_path / "src.img")
@@ -279,9 +278,7 @@ def test_full_disk_gives_enospc_and_keeps_what_was_written(tmp_path, etcd_server
     """Where no replica has room, the initiator gets SPACE ALLOCATION FAILED (ENOSPC), and
     everything acknowledged before reads back."""
     with cluster(tmp_path, etcd_server, metas=1, chunks=1, capacities=["160Mi"]) as c:
-        c.wait_chunks_up(1)
-        vol = make_volume(c, "only", "256Mi", 1)
-        wait_served(c, vol, 0)
+        vol = serving_volume(c, 1, "only", "256Mi", 1)
         payload = os.urandom(256 * MiB)
         (tmp_path / "src.img").write_bytes(payload)
         r = write_image(c, vol, 0, tmp_path / "src.img")
@@ -300,9 +297,7 @@ def test_concurrent_first_writes_to_a_fresh_extent_drop_nothing(tmp_path, etcd_s
     """32 writes in flight into a never-written extent: one allocation, every replica CREATEd
     before any write reaches it (the extent record can arrive by watch before that)."""
     with cluster(tmp_path, etcd_server, metas=1, chunks=2) as c:
-        c.wait_chunks_up(2)
-        vol = make_volume(c, "fresh", "256Mi", 2)
-        wait_served(c, vol, 0)
+        vol = serving_volume(c, 2, "fresh", "256Mi", 2)
         r = run("qemu-img", "bench", "--image-opts", "-w", "-d", "32", "-s", "4096", "-S", str(8 * MiB + 4096),
                 "-c", "128", opts(c, vol, 0), timeout=120)
         assert r.returncode == 0, r.stderr
@@ -316,10 +311,7 @@ def test_two_servers_writing_one_volume_both_succeed_and_drop_nothing(tmp_path, 
     each other and take ownership back in turns; every write completes, no replica is dropped
     for being fenced, and a third server reads exactly what was written."""
     with cluster(tmp_path, etcd_server, metas=1, chunks=3) as c:
-        c.wait_chunks_up(3)
-        vol = make_volume(c, "shared", "128Mi", 3)
-        for chunk in range(3):
-            wait_served(c, vol, chunk)
+        vol = serving_volume(c, 3, "shared", "128Mi", 3, served_on=(0, 1, 2))
         slot = 512 * 1024                  # 3 rounds x 64 slots = 96 MiB: two extents
         procs = []
         for chunk, pattern in ((0, 0x11), (1, 0x22)):
