@@ -70,6 +70,28 @@ def _stop_group(p: subprocess.Popen) -> None:
             continue
 
 
+def read_lun(portal: str, iqn: str, lun: int, image: Path, timeout: float = 120) -> Path:
+    """The whole LUN into ``image``, through a target (qemu's iscsi driver is libiscsi)."""
+    subprocess.run(["qemu-img", "convert", "-O", "raw", "--image-opts",
+                    f"driver=iscsi,transport=tcp,portal={portal},target={iqn},lun={lun},"
+                    f"initiator-name={HOST_IQN}", str(image)], check=True, timeout=timeout)
+    return image
+
+
+def ext4_file(image: Path, name: str) -> bytes:
+    """A file's bytes from the ext4 filesystem in ``image`` (debugfs, no mount needed)."""
+    out = image.with_name(image.name + "." + name.strip("/").replace("/", "_"))
+    subprocess.run(["debugfs", "-R", f"dump {name} {out}", str(image)], check=True, capture_output=True,
+                   timeout=60)
+    return out.read_bytes()
+
+
+def ext4_text(image: Path, name: str) -> str:
+    """A small text file from the ext4 filesystem in ``image`` ("" if it is not there)."""
+    return subprocess.run(["debugfs", "-R", f"cat {name}", str(image)], capture_output=True, text=True,
+                          timeout=60).stdout
+
+
 def tail(text: str, n: int = 60) -> str:
     return "\n".join(text.splitlines()[-n:])
 
@@ -204,17 +226,10 @@ def test_kernel_initiator_against_zstore(lab_image, tmp_path):
                 f"rc={rc}\n--- guest:\n{tail(guest)}\n--- host:\n{tail(out)}\n--- chunk:\n{tail(chunk.log())}"
 
             # read the LUN back through the target (qemu's iscsi driver is libiscsi)
-            image = tmp_path / "readback.img"
-            subprocess.run(["qemu-img", "convert", "-O", "raw", "--image-opts",
-                            f"driver=iscsi,transport=tcp,portal={PORTAL},target={iqn},lun={lun},"
-                            f"initiator-name={HOST_IQN}", str(image)], check=True, timeout=120)
+            image = read_lun(PORTAL, iqn, lun, tmp_path / "readback.img")
             assert image.stat().st_size == vol["size"]
-            subprocess.run(["debugfs", "-R", f"dump /payload {tmp_path / 'payload.out'}", str(image)],
-                           check=True, capture_output=True, timeout=60)
-            assert (tmp_path / "payload.out").read_bytes() == payload
-            hello = subprocess.run(["debugfs", "-R", "cat /hello.txt", str(image)], capture_output=True,
-                                   text=True, timeout=60).stdout
-            assert hello == "hello from the kernel initiator\n"
+            assert ext4_file(image, "/payload") == payload
+            assert ext4_text(image, "/hello.txt") == "hello from the kernel initiator\n"
         finally:
             c.stop()
             etcd.stop()
@@ -301,16 +316,9 @@ def run_vip_move(tmp_path: Path, action: str) -> VipMove:
             assert moved.result["portal_after"] != moved.hook["portal"]
 
             # and the data is where any chunk server serves it: read back through the VIP
-            image = tmp_path / "readback.img"
-            subprocess.run(["qemu-img", "convert", "-O", "raw", "--image-opts",
-                            f"driver=iscsi,transport=tcp,portal={VIP},target={iqn},lun={lun},"
-                            f"initiator-name={HOST_IQN}", str(image)], check=True, timeout=120)
-            subprocess.run(["debugfs", "-R", f"dump /payload {tmp_path / 'payload.out'}", str(image)],
-                           check=True, capture_output=True, timeout=60)
-            assert (tmp_path / "payload.out").read_bytes() == payload
-            after = subprocess.run(["debugfs", "-R", "cat /after.txt", str(image)], capture_output=True,
-                                   text=True, timeout=60).stdout
-            assert after == "after failover\n"
+            image = read_lun(VIP, iqn, lun, tmp_path / "readback.img")
+            assert ext4_file(image, "/payload") == payload
+            assert ext4_text(image, "/after.txt") == "after failover\n"
             return moved
         finally:
             c.stop()

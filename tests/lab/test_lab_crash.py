@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ETCD, PY, ROOT, Proc, free_port, port_open, wait_for, write_config
-from tests.lab.test_lab import (BUILD_TIMEOUT, HOST_IP, HOST_IQN, LAB, LOGS, guest_log, hook_log, lab_image,
+from tests.cluster import PY, ROOT, write_config
+from tests.lab.test_lab import (BUILD_TIMEOUT, HOST_IQN, LAB, LOGS, guest_log, hook_log, lab_image,
                                 lab_netns, run_script, tail)
 from tests.lab.test_lab_lio import HostSide, make_share
 
@@ -49,28 +49,7 @@ class ControlPlane(HostSide):
     chunk server is the only one, so the volume's replica is placed there."""
 
     def start(self) -> None:
-        url, peer = f"http://{self.etcd_ep}", f"http://127.0.0.1:{free_port()}"
-        etcd = Proc("etcd", [ETCD, "--name", "lab", "--data-dir", str(self.w / "etcd-data"),
-                             "--listen-client-urls", url, "--advertise-client-urls", url,
-                             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                             "--initial-cluster", f"lab={peer}", "--log-level", "warn"],
-                    self.w / "etcd.log").start()
-        self.procs.append(etcd)
-        wait_for(lambda: port_open(self.etcd_port, HOST_IP) or not etcd.alive(), 20, "etcd")
-        meta = write_config(self.w / "meta.toml", {
-            "etcd": {"endpoints": [self.etcd_ep], "prefix": self.prefix},
-            "meta": {"listen": f"{HOST_IP}:{self.meta_port}", "advertise_url": self.meta_url,
-                     "token_file": str(self.token_file), "lease_ttl": 3, "meta_id": "meta0"}})
-        m = Proc("meta0", [PY, "-m", "meta.server", "--config", str(meta)], self.w / "meta0.log").start()
-        self.procs.append(m)
-        wait_for(lambda: port_open(self.meta_port, HOST_IP) or not m.alive(), 30, "meta")
-        assert m.alive(), m.log()
-        self.client_config = write_config(self.w / "client.toml", {
-            "client": {"endpoints": [self.meta_url], "token_file": str(self.token_file), "timeout": 20.0},
-            "etcd": {"endpoints": [self.etcd_ep], "prefix": self.prefix}})
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}:\n{tail(p.log(), 30)}" for p in self.procs[1:])
+        self.start_control_plane()
 
 
 def payloads(d: Path) -> dict:

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.cluster import ETCD, PY, ROOT, Proc, free_port, port_open, wait_for, write_config
 from tests.conformance import INITIATOR, INITIATOR_2
-from tests.lab.test_lab import (BUILD_TIMEOUT, GUEST_IQN, HOST_IP, HOST_IQN, LAB, guest_log, hook_log,
-                                lab_image, lab_netns, run_script, tail)
+from tests.lab.test_lab import (BUILD_TIMEOUT, GUEST_IQN, HOST_IP, HOST_IQN, LAB, ext4_file, ext4_text,
+                                guest_log, hook_log, lab_image, lab_netns, read_lun, run_script, tail)
 
 __all__ = ["lab_image"]        # the fixture, shared with test_lab.py
 
@@ -74,6 +72,15 @@ class HostSide:
         self.procs: list[Proc] = []
 
     def start(self) -> None:
+        self.start_control_plane()
+        cfg = write_config(self.w / "chunk-host.toml", self.chunk_config(
+            str(self.w / "chunk-host"), HOST_IP, free_port(HOST_IP), HOST_PORTAL, str(self.token_file), "builtin"))
+        self.chunk = Proc("chunk-host", [PY, "-m", "chunk.server", "--config", str(cfg)],
+                          self.w / "chunk-host.log").start()
+        self.procs.append(self.chunk)
+
+    def start_control_plane(self) -> None:
+        """etcd and the meta server on the tap address, and the CLI's client config."""
         url, peer = f"http://{self.etcd_ep}", f"http://127.0.0.1:{free_port()}"
         etcd = Proc("etcd", [ETCD, "--name", "lab", "--data-dir", str(self.w / "etcd-data"),
                              "--listen-client-urls", url, "--advertise-client-urls", url,
@@ -93,11 +100,6 @@ class HostSide:
         self.client_config = write_config(self.w / "client.toml", {
             "client": {"endpoints": [self.meta_url], "token_file": str(self.token_file), "timeout": 20.0},
             "etcd": {"endpoints": [self.etcd_ep], "prefix": self.prefix}})
-        cfg = write_config(self.w / "chunk-host.toml", self.chunk_config(
-            str(self.w / "chunk-host"), HOST_IP, free_port(HOST_IP), HOST_PORTAL, str(self.token_file), "builtin"))
-        self.chunk = Proc("chunk-host", [PY, "-m", "chunk.server", "--config", str(cfg)],
-                          self.w / "chunk-host.log").start()
-        self.procs.append(self.chunk)
 
     def chunk_config(self, data_dir: str, address: str, data_port: int, portal: str, token: str,
                      frontend: str, capacity: str = "4Gi", lease_ttl: int = 3) -> dict:
@@ -233,16 +235,9 @@ def test_lio_frontend_through_tcmu(lab_image, tmp_path):
             assert totals["lio"][0] > 0
 
             # the data is in the volume: read it back through the host's own chunk server
-            image = tmp_path / "readback.img"
-            subprocess.run(["qemu-img", "convert", "-O", "raw", "--image-opts",
-                            f"driver=iscsi,transport=tcp,portal={HOST_PORTAL},target={iqn},lun={luns['lio-data']},"
-                            f"initiator-name={HOST_IQN}", str(image)], check=True, timeout=300)
-            subprocess.run(["debugfs", "-R", f"dump /payload {tmp_path / 'payload.out'}", str(image)],
-                           check=True, capture_output=True, timeout=60)
-            assert (tmp_path / "payload.out").read_bytes() == payload
+            image = read_lun(HOST_PORTAL, iqn, luns["lio-data"], tmp_path / "readback.img", timeout=300)
+            assert ext4_file(image, "/payload") == payload
             for name, text in (("hello.txt", "written through LIO and TCMU\n"), ("after.txt", "after restart\n")):
-                got = subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True,
-                                     text=True, timeout=60).stdout
-                assert got == text, name
+                assert ext4_text(image, f"/{name}") == text, name
         finally:
             host.stop()
