@@ -83,9 +83,13 @@ def sessions_logged(c: Cluster, i: int, target: str, initiator: str = INIT) -> i
 
 
 def wait_served(c: Cluster, vol: dict) -> None:
-    """Redirector and chunk servers learn of the volume by watch: wait until a login works."""
+    """Redirector and chunk servers learn of the volume by watch: wait until a login works
+    and the VIP's discovery lists the target (a login is redirected before the redirector's
+    own catalog has the target; SendTargets answers from that catalog)."""
     wait_for(lambda: run("iscsi-inq", "-i", INIT, vip_url(c, vol)).returncode == 0, 20,
              "the LUN to be served through the VIP")
+    wait_for(lambda: vol["target_iqn"] in run("iscsi-ls", "-i", INIT, vip_url(c)).stdout, 20,
+             "the target in the VIP's discovery")
 
 
 def sticky_after_login(c: Cluster, target: str):
