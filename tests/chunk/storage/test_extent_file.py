@@ -161,3 +161,36 @@ def test_header_with_wrong_field_types_is_rejected():
     body = msgpack.packb({"format": 1, "volume": "v", "extent": "0", "epoch": 0})
     with pytest.raises(HeaderError, match="bad header fields"):
         ExtentHeader.decode(crc32c.crc32c(body).to_bytes(4, "big") + body)
+
+
+def test_write_block_leaves_the_same_files_as_write(ext: ExtentFile, tmp_path: Path):
+    """The 4 KiB hot path: same .data and .crc bytes as ``write``, from bytes or a view."""
+    other = ExtentFile.create(tmp_path, "vol1", 4, extent_size=SIZE)
+    try:
+        blocks = {0: _pattern(BLOCK_SIZE, 1), 5: _pattern(BLOCK_SIZE, 2),
+                  SIZE // BLOCK_SIZE - 1: _pattern(BLOCK_SIZE, 3)}
+        buf = b"hdr" + blocks[5] + b"tail"
+        for b, data in blocks.items():
+            other.write(b * BLOCK_SIZE, data)
+            ext.write_block(b, memoryview(buf)[3:3 + BLOCK_SIZE] if b == 5 else data)
+        ext.write_block(0, blocks[0])                                  # rewrite: same crc
+        for suffix in (".data", ".crc"):
+            assert (tmp_path / f"vol1.3{suffix}").read_bytes() == \
+                (tmp_path / f"vol1.4{suffix}").read_bytes()
+        assert ext.crcs == other.crcs and ext.allocated_blocks() == sorted(blocks)
+        ext.close()
+        with ExtentFile.open(tmp_path, "vol1", 3) as again:           # the crcs were persisted
+            assert again.read(5 * BLOCK_SIZE, BLOCK_SIZE) == blocks[5]
+    finally:
+        other.close()
+
+
+def test_write_block_errors_are_those_of_write(ext: ExtentFile):
+    for index in (-1, SIZE // BLOCK_SIZE):
+        with pytest.raises(ValueError, match="outside the extent"):
+            ext.write_block(index, bytes(BLOCK_SIZE))
+    ext.write_block(2, b"short")                      # not a whole block: a partial write
+    assert ext.read(2 * BLOCK_SIZE, 8) == b"short\0\0\0"
+    ext.close()
+    with pytest.raises(ValueError, match="closed"):
+        ext.write_block(0, bytes(BLOCK_SIZE))

@@ -540,3 +540,75 @@ def test_enospc_is_store_full_and_marks_the_disk(tmp_path: Path):
             s.create(V, 9, 1)
     finally:
         _umount(mnt)
+
+
+# -- the one-block write path (every replicated 4 KiB write) ------------------------------
+
+def _files(disk: Path, vid: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(disk.glob(f"{vid}.0.*")) if p.is_file()}
+
+
+def test_one_block_writes_match_the_general_path(tmp_path: Path):
+    """4 KiB aligned bytes/views take the one-block path; bytearrays take the general one.
+    Same seqs, snapshots (COW), rewrites: same files, views and digest."""
+    rng = random.Random(7)
+    fast = ReplicaStore([(tmp_path / "fast", None)], extent_size=SIZE, cow_sync=False)
+    slow = ReplicaStore([(tmp_path / "slow", None)], extent_size=SIZE, cow_sync=False)
+    try:
+        for s in (fast, slow):
+            s.create(V, 0, 1)
+        seq = 1
+        for step in range(300):
+            if step % 40 == 39:
+                seq += 1                                       # a snapshot at seq - 1
+            off = rng.randrange(BLOCKS) * BLOCK_SIZE
+            data = rng.randbytes(BLOCK_SIZE)
+            payload = memoryview(b"xx" + data)[2:] if step % 2 else data
+            fast.write(V, 0, off, payload, seq)
+            slow.write(V, 0, off, bytearray(data), seq)
+        assert fast.digest(V, 0) == slow.digest(V, 0)
+        for view in range(seq + 1):
+            assert fast.read(V, 0, 0, SIZE, view) == slow.read(V, 0, 0, SIZE, view)
+        assert _files(tmp_path / "fast", V) == _files(tmp_path / "slow", V)
+        assert fast.stat(V, 0)["mutations"] == slow.stat(V, 0)["mutations"] == 300
+    finally:
+        fast.close()
+        slow.close()
+    with ReplicaStore([(tmp_path / "fast", None)], extent_size=SIZE) as again:   # persisted
+        assert again.bad == [] and again.verify(V, 0) == []
+
+
+def test_one_block_write_errors_are_those_of_the_general_path(store: ReplicaStore):
+    store.create(V, 0, 1)
+    block = bytes(BLOCK_SIZE)
+    with pytest.raises(ValueError, match="outside the extent"):
+        store.write(V, 0, SIZE, block, seq=1)
+    with pytest.raises(ValueError, match="outside the extent"):
+        store.write(V, 0, -BLOCK_SIZE, block, seq=1)
+    for bad_seq in (0, 2**32, -1):
+        with pytest.raises(ValueError, match="seq"):
+            store.write(V, 0, 0, block, seq=bad_seq)
+    with pytest.raises(NoExtent):
+        store.write(V, 9, 0, block, seq=1)
+    with pytest.raises(TypeError):                         # not contiguous: refused, not garbled
+        store.write(V, 0, 0, memoryview(bytes(2 * BLOCK_SIZE))[::2], seq=1)
+    assert store.stat(V, 0)["mutations"] == 0 and store.read(V, 0, 0, SIZE)[1] == bytes(BLOCKS // 8)
+
+
+def test_admit_write_is_admit_then_write(store: ReplicaStore):
+    store.create(V, 0, 1)
+    store.admit_write(V, 0, 5, 0, _pat(BLOCK_SIZE, 1), 1)        # a new owner: header first
+    assert store.stat(V, 0)["epoch"] == 5
+    store.admit_write(V, 0, 5, BLOCK_SIZE, _pat(BLOCK_SIZE, 2), 1)   # the known owner
+    with pytest.raises(StaleEpochError) as e:
+        store.admit_write(V, 0, 4, 0, _pat(BLOCK_SIZE, 3), 1)
+    assert e.value.highest == 5
+    assert store.read(V, 0, 0, 2 * BLOCK_SIZE)[0] == _pat(BLOCK_SIZE, 1) + _pat(BLOCK_SIZE, 2)
+    store.admit_write(V, 0, 6, 100, b"abc", 1)                    # partial: the general path
+    assert store.read(V, 0, 100, 3)[0] == b"abc" and store.stat(V, 0)["epoch"] == 6
+    # an extent not here: the volume's epoch is fenced (and remembered) before NoExtent
+    with pytest.raises(NoExtent):
+        store.admit_write(V, 1, 7, 0, _pat(BLOCK_SIZE, 4), 1)
+    with pytest.raises(StaleEpochError):
+        store.admit(V, 1, 6)
+    assert store.stat(V, 0)["mutations"] == 3
