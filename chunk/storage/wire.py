@@ -39,8 +39,8 @@ import msgpack
 
 __all__ = [
     "Op", "Status", "Frame", "FrameError", "FrameTooLarge", "TruncatedFrame", "MalformedFrame",
-    "VersionMismatch", "VERSION", "MAX_DATA", "MAX_FRAME", "encode", "decode", "FrameReader",
-    "FrameWriter", "Pipeline",
+    "VersionMismatch", "VERSION", "MAX_DATA", "MAX_FRAME", "HEADER_SIZE", "encode", "decode",
+    "decode_at", "plain_write", "encode_write_ok", "FrameReader", "FrameWriter", "Pipeline",
 ]
 
 VERSION = 2                          # 1 was the msgpack array format
@@ -52,6 +52,7 @@ _LEN = struct.Struct(">I")
 #: seq, volume bytes, args bytes
 _HDR = struct.Struct(">BBBBQQQQQQQHI")
 _HEAD = struct.Struct(">IBBBBQQQQQQQHI")        # the length prefix + _HDR, for encoding
+HEADER_SIZE = _HDR.size
 _REQUEST = 0xFF
 _HAS_DATA, _HAS_ARGS = 1, 2
 
@@ -181,6 +182,39 @@ def decode(payload: bytes | memoryview) -> Frame:
     return _decode(payload, 0, len(payload))
 
 
+def decode_at(buf: bytes, start: int, n: int) -> Frame:
+    """The frame whose body is ``buf[start:start + n]`` (a span of ``read_spans``)."""
+    return _decode(buf, start, n)
+
+
+_PLAIN_WRITE = (VERSION, int(Op.WRITE), _REQUEST, _HAS_DATA)     # a request with data only
+
+
+def plain_write(buf: bytes, start: int, n: int) -> tuple | None:
+    """The header fields (as ``_HDR`` unpacks them) of the body ``buf[start:start + n]`` if it is
+    a well-formed WRITE request with a volume and data and no args, else None.
+
+    The replica server's write fast path: such a frame needs no Frame object, and
+    every body this accepts ``decode_at`` decodes without error (except a volume
+    that is not UTF-8, which the caller decodes itself).  None means "take the
+    general path", which also reports whatever is wrong with the frame.
+    """
+    if n < _HDR.size:
+        return None
+    h = _HDR.unpack_from(buf, start)
+    if h[:4] != _PLAIN_WRITE or h[12] or not 0 < h[11] <= n - _HDR.size:
+        return None
+    return h
+
+
+def encode_write_ok(h: tuple, volume: bytes) -> bytes:
+    """``encode(frame.reply())`` of the WRITE whose ``plain_write`` fields are ``h`` and whose
+    volume bytes are ``volume``: one ``struct`` call instead of a Frame and ``encode``."""
+    vlen = h[11]
+    return _HEAD.pack(_HDR.size + vlen, VERSION, h[1], int(Status.OK), 0, h[4], h[5], h[6], h[7], h[8], h[9],
+                      h[10], vlen, 0) + volume
+
+
 def _decode(buf: bytes, start: int, n: int) -> Frame:
     """The frame whose body is ``buf[start:start + n]``."""
     if n < _HDR.size:
@@ -259,6 +293,23 @@ def split(buf: bytes, max_frame: int = MAX_FRAME) -> tuple[list[Frame], int, Fra
     return frames, pos, None
 
 
+def spans(buf: bytes, max_frame: int = MAX_FRAME) -> tuple[list[tuple[int, int]], int,
+                                                          FrameError | None]:
+    """``split`` without decoding: the (body start, body length) of every complete frame."""
+    out: list[tuple[int, int]] = []
+    pos, end = 0, len(buf)
+    unpack = _LEN.unpack_from
+    while end - pos >= 4:
+        (n,) = unpack(buf, pos)
+        if n > max_frame:
+            return out, pos, FrameTooLarge(f"frame of {n} bytes exceeds {max_frame}")
+        if end - pos - 4 < n:
+            break
+        out.append((pos + 4, n))
+        pos += 4 + n
+    return out, pos, None
+
+
 class FrameReader:
     """Frames from an ``asyncio.StreamReader``; ``None`` (or ``[]``) at a clean end of stream.
 
@@ -289,16 +340,35 @@ class FrameReader:
         if self._ready:
             ready, self._ready = self._ready, []
             return ready
+        return (await self._read(split))[1]
+
+    def take_ready(self) -> list[Frame]:
+        """Frames already decoded by ``read`` but not handed out yet (before ``read_spans``)."""
+        ready, self._ready = self._ready, []
+        return ready
+
+    async def read_spans(self) -> tuple[bytes, list[tuple[int, int]]]:
+        """``read_many`` undecoded: (buffer, (body start, body length) of every complete frame);
+        no spans at a clean end of stream.  The caller decodes each (``plain_write``,
+        ``decode_at``); ``take_ready`` first if ``read`` was used.  The replica server's loop:
+        a 4 KiB write then costs no Frame object."""
+        assert not self._ready, "take_ready() first"
+        return await self._read(spans)
+
+    async def _read(self, cut) -> tuple[bytes, list]:
+        """(buffer, items) from ``cut`` (``split`` or ``spans``) of what the socket has, at least
+        one item; (b"", []) at a clean end of stream.  A ``FrameError`` after some items is
+        raised by the next call, so the items before it are still served."""
         if self._error is not None:
             raise self._error
         buf = self._buf
         while True:
             if buf:
-                frames, used, error = split(buf, self.max_frame)
-                if frames:
+                items, used, error = cut(buf, self.max_frame)
+                if items:
                     self._buf = buf[used:] if used < len(buf) else b""
                     self._error = error
-                    return frames
+                    return buf, items
                 if error is not None:
                     raise error
             need = _LEN.unpack_from(buf)[0] + 4 - len(buf) if len(buf) >= 4 else 0
@@ -313,7 +383,7 @@ class FrameReader:
                 if not more:
                     self._buf = b""
                     if not buf:
-                        return []
+                        return b"", []
                     if len(buf) < 4:
                         raise TruncatedFrame(f"stream ended inside a length prefix ({len(buf)} bytes)")
                     raise TruncatedFrame(f"stream ended after {len(buf) - 4} of "

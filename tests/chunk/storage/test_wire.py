@@ -275,3 +275,88 @@ async def test_lost_connection_fails_every_outstanding_call():
         await pipe.close()
         server.close()
         await server.wait_closed()
+
+
+# -- the replica server's write fast path: plain_write / encode_write_ok / read_spans ---------
+
+def _plain(ident: int = 5, vol: str = "vol-ü", data: bytes = b"d" * 4096, **kw) -> Frame:
+    return Frame(Op.WRITE, ident, vol, kw.pop("extent", 3), kw.pop("epoch", 7),
+                 kw.pop("generation", 2), kw.pop("offset", 8192), len(data), data,
+                 seq=kw.pop("seq", 11), **kw)
+
+
+@pytest.mark.parametrize("frame", [
+    _plain(),
+    _plain(2**64 - 1, "v", b"x", extent=2**64 - 1, epoch=2**64 - 1, generation=2**64 - 1,
+           offset=2**64 - 1, seq=2**64 - 1),
+    Frame(Op.WRITE, 9, "v", 1, 1, 0, 0, 0, b"abc", seq=1),          # length 0: the data says
+])
+def test_plain_write_reply_is_byte_identical_to_the_general_encoding(frame: Frame):
+    raw = wire.encode(frame)
+    h = wire.plain_write(raw, 4, len(raw) - 4)
+    assert h is not None
+    vol = frame.volume.encode()
+    assert wire.encode_write_ok(h, vol) == wire.encode(wire.decode(raw[4:]).reply())
+    assert wire.decode_at(raw, 4, len(raw) - 4) == frame
+
+
+@pytest.mark.parametrize("body", [
+    wire.encode(_plain(args={"fua": True}))[4:],                   # args: FUA and friends
+    wire.encode(Frame(Op.WRITE, 1, "v", 0, 1, seq=1))[4:],         # no data
+    wire.encode(_plain(vol=""))[4:],                               # no volume
+    wire.encode(_plain().reply())[4:],                             # a reply
+    wire.encode(Frame(Op.READ, 1, "v", 0, 1, 0, 0, 4096))[4:],     # another op
+    _body(op=2, flags=1, data=b"abcd", version=1),                 # another version
+    _body(op=2, flags=1 | 4, data=b"abcd"),                        # unknown flags
+    _body(op=2, flags=1, vol=b"v", vlen=200, data=b"abcd"),        # volume past the end
+    _body(op=2, flags=1, alen=3, data=b"abcd"),                    # args bytes without the flag
+    _body(op=2, flags=1)[:HDR - 1],                                # short header
+])
+def test_plain_write_leaves_everything_else_to_the_general_path(body: bytes):
+    assert wire.plain_write(body, 0, len(body)) is None
+
+
+def test_plain_write_reads_inside_a_larger_buffer():
+    a, b = wire.encode(_plain(1, "a")), wire.encode(_plain(2, "bb", b"z" * 10))
+    buf = a + b
+    spans, used, error = wire.spans(buf)
+    assert spans == [(4, len(a) - 4), (len(a) + 4, len(b) - 4)] and used == len(buf)
+    assert error is None
+    h = wire.plain_write(buf, *spans[1])
+    assert h[4] == 2 and buf[spans[1][0] + HDR:spans[1][0] + HDR + h[11]] == b"bb"
+    assert wire.encode_write_ok(h, b"bb") == wire.encode(_plain(2, "bb", b"z" * 10).reply())
+
+
+def test_spans_stop_at_an_incomplete_frame_and_report_an_oversized_one():
+    frame = wire.encode(_plain())
+    assert wire.spans(frame + frame[:10]) == ([(4, len(frame) - 4)], len(frame), None)
+    spans, used, error = wire.spans(frame + struct.pack(">I", 5000), max_frame=4200)
+    assert spans == [(4, len(frame) - 4)] and used == len(frame)
+    assert isinstance(error, FrameTooLarge)
+
+
+async def test_read_spans_cuts_like_read_many_and_raises_after_the_good_frames():
+    frames = [wire.encode(_plain(i, data=bytes([i]) * 4096)) for i in range(1, 9)]
+    bad = struct.pack(">I", 3) + b"\xc1\xc1\xc1"
+    r = _reader(b"".join(frames) + struct.pack(">I", 2**30), max_frame=wire.MAX_FRAME)
+    got = []
+    with pytest.raises(FrameTooLarge):
+        while True:
+            buf, spans = await r.read_spans()
+            got += [wire.decode_at(buf, s, n) for s, n in spans]
+    assert [f.id for f in got] == list(range(1, 9)) and got[3].data == bytes([4]) * 4096
+    # spans are not decoded: a malformed body is the caller's to find (decode_at raises)
+    r = _reader(frames[0] + bad + b"", max_frame=wire.MAX_FRAME)
+    buf, spans = await r.read_spans()
+    assert len(spans) == 2
+    with pytest.raises(MalformedFrame):
+        wire.decode_at(buf, *spans[1])
+    assert await r.read_spans() == (b"", [])                       # then a clean end
+
+
+async def test_take_ready_hands_over_frames_read_ahead_by_read():
+    frames = b"".join(wire.encode(Frame(Op.PING, i)) for i in (1, 2, 3))
+    r = _reader(frames + wire.encode(_plain(4)), max_frame=wire.MAX_FRAME)
+    assert (await r.read()).id == 1
+    assert [f.id for f in r.take_ready()] == [2, 3, 4] and r.take_ready() == []
+    assert await r.read_spans() == (b"", [])
