@@ -476,6 +476,15 @@ class Session:
         answered here with no Task at all; only a command that really waits
         (a flush, a replica round trip) continues in a Task of its own.
         """
+        unit = task.unit
+        fut = unit.write_nowait(task.cmd.cdb, task.data, self.nexus) if unit.fast_writes else None
+        if fut is not None:
+            if fut.done():
+                self._write_done(task, fut)
+            else:
+                task.runner = fut
+                fut.add_done_callback(lambda f: self._write_done(task, f))
+            return
         coro = self._run(task)
         try:
             waiting_on = coro.send(None)
@@ -494,6 +503,19 @@ class Session:
             del self.tasks[cmd.itt]
         if not task.aborted and not self._closing:
             self._respond(task, result)
+
+    def _write_done(self, task: Task, fut) -> None:
+        """Answer a write the unit ran on its fast path (``write_nowait``)."""
+        cmd = task.cmd
+        try:
+            result = task.unit.finish_nowait(fut)
+        except Exception:  # noqa: BLE001 - as in _run: one command's bug must not kill the session
+            log.exception("%s: SCSI command %#04x failed", self.nexus.initiator, cmd.cdb[0])
+            result = self.scsi.internal_error()
+        if self.tasks.get(cmd.itt) is task:
+            del self.tasks[cmd.itt]
+        if not task.aborted and not self._closing:
+            self._respond(task, result)      # _send flushes soon when outside a batch
 
     def _respond(self, task: Task, result) -> None:
         cmd = task.cmd

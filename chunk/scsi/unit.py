@@ -72,6 +72,10 @@ def _first_difference(a: bytes | memoryview, b: bytes | memoryview) -> int:
     return lo + min(len(chunk_a), len(chunk_b))
 
 
+_W10 = struct.Struct(">IxH").unpack_from        # WRITE(10): LBA, TRANSFER LENGTH
+_W16 = struct.Struct(">QI").unpack_from         # WRITE(16)
+
+
 class LogicalUnit:
     """One SCSI logical unit (a volume) as seen through any transport."""
 
@@ -122,6 +126,8 @@ class LogicalUnit:
         self._drained: asyncio.Event | None = None
         self._exclusive: asyncio.Event | None = None
         self._exclusive_lock = asyncio.Lock()
+        self._dev_nowait = getattr(dev, "write_nowait", None)
+        self.fast_writes = self._dev_nowait is not None    # the transport may call write_nowait
 
         h = self._dispatch = {}
         A = Access
@@ -266,6 +272,62 @@ class LogicalUnit:
         if isinstance(out, ScsiResult):
             return out
         return ScsiResult(GOOD, out)
+
+    # -- the write fast path (no coroutine per command) -------------------------
+
+    def write_nowait(self, cdb: bytes, data_out, nexus: Nexus):
+        """Start a plain WRITE(10)/WRITE(16) on the device without a coroutine, or None.
+
+        The common case of a replicated write costs a Task and a resumed chain of
+        coroutines per command on the general path, which on this box was a large
+        share of the CPU per write. Here it is a few checks and the device's own
+        ``write_nowait``; the result is the device's future, to be passed to
+        ``finish_nowait`` once done. Anything unusual (a unit attention, a
+        reservation, a new nexus, FUA or write-through, write protection,
+        protection info, an out-of-range or short transfer, an atomic command
+        running) returns None with nothing done: ``execute`` then handles it with
+        every check and error of the general path.
+        """
+        start = self._dev_nowait
+        if start is None or self._ua or self._exclusive is not None or nexus not in self._seen:
+            return None
+        code = cdb[0]
+        if code == op.WRITE_10 and len(cdb) >= 10:
+            lba, n = _W10(cdb, 2)
+        elif code == op.WRITE_16 and len(cdb) >= 16:
+            lba, n = _W16(cdb, 2)
+        else:
+            return None
+        rs = self.reservations
+        if (cdb[1] & 0xE8 or not n or lba + n > self.num_blocks or n > self.max_transfer
+                or rs.holder is not None or rs.spc2 is not None or self.dev.size != self._size
+                or not self.modes.wce or self.modes.swp or self.dev.readonly):
+            return None
+        nbytes = n * self.block_size
+        if data_out is None or len(data_out) != nbytes:
+            return None
+        fut = start(lba * self.block_size, data_out)
+        if fut is not None:
+            self._inflight += 1
+        return fut
+
+    def finish_nowait(self, fut) -> ScsiResult:
+        """The SCSI result of a write started by ``write_nowait`` whose future is done."""
+        self._end_write()
+        if fut.cancelled():
+            return ScsiResult(CHECK_CONDITION, None, fixed_sense(MEDIUM_ERROR, *ASC_WRITE_ERROR))
+        e = fut.exception()
+        if e is None:
+            return RESULT_GOOD
+        if isinstance(e, ScsiError):
+            return ScsiResult(CHECK_CONDITION, None, e.sense())
+        if isinstance(e, MediumError):
+            return ScsiResult(CHECK_CONDITION, None, fixed_sense(MEDIUM_ERROR, *ASC_WRITE_ERROR))
+        if isinstance(e, NoSpaceError):
+            return ScsiResult(CHECK_CONDITION, None, fixed_sense(DATA_PROTECT, *ASC_SPACE_ALLOC_FAILED_WP))
+        if isinstance(e, ReadOnlyError):
+            return ScsiResult(CHECK_CONDITION, None, write_protected().sense())
+        raise e
 
     # -- nexus and unit attention management (called by the transport) --------
 

@@ -71,6 +71,14 @@ class WriteGate:
         self._inflight += 1
         self._idle.clear()
 
+    def try_enter(self) -> bool:
+        """``enter`` when it would not wait (the write fast path); False when a barrier holds."""
+        if not self._open.is_set():
+            return False
+        self._inflight += 1
+        self._idle.clear()
+        return True
+
     def leave(self) -> None:
         self._inflight -= 1
         if self._inflight == 0:
@@ -105,6 +113,15 @@ class RangeLocks:
             if b is None or hi <= b[0] or lo >= b[1]:
                 break
             await self._changed.wait()
+        self._next += 1
+        self._inflight.setdefault(idx, {})[self._next] = (lo, hi)
+        return self._next
+
+    def try_begin(self, idx: int, lo: int, hi: int) -> int | None:
+        """``begin`` when it would not wait, else None (the write fast path)."""
+        b = self._busy.get(idx)
+        if b is not None and lo < b[1] and hi > b[0]:
+            return None
         self._next += 1
         self._inflight.setdefault(idx, {})[self._next] = (lo, hi)
         return self._next
@@ -168,6 +185,32 @@ def _absent_runs(present: bytes, nblocks: int) -> list[tuple[int, int]]:
     if start is not None:
         runs.append((start, nblocks))
     return runs
+
+
+class _PendingWrite:
+    """One fast-path write waiting for its remote replicas' replies."""
+
+    __slots__ = ("coord", "done", "idx", "eoff", "n", "view", "rec", "targets", "epoch", "token",
+                 "outcomes", "left")
+
+    def __init__(self, coord, done, idx, eoff, n, view, rec, targets, epoch, token) -> None:
+        self.coord, self.done = coord, done
+        self.idx, self.eoff, self.n, self.view = idx, eoff, n, view
+        self.rec, self.targets, self.epoch, self.token = rec, targets, epoch, token
+        self.outcomes: list = [None] * len(targets)
+        self.left = 0
+
+    def make_callback(self, k: int, replica):
+        def replied(fut) -> None:
+            if fut.cancelled() or fut.exception() is not None or fut.result().status is not rk.OK:
+                self.outcomes[k] = replica.outcome(fut)
+            self.left -= 1
+            if not self.left:
+                self.settle()
+        return replied
+
+    def settle(self) -> None:
+        self.coord._write_settled(self)
 
 
 class Coordinator:
@@ -501,8 +544,23 @@ class Coordinator:
             await self._allocate(idx)
         token = await self._locks.begin(idx, eoff, eoff + n)
         try:
-            deadline, absent_waits = 0.0, 0
-            for attempt in range(1 << 30):
+            await self._replicate(op, idx, eoff, n, part, fua, zero)
+        finally:
+            self._locks.end(idx, token)
+
+    async def _replicate(self, op, idx, eoff, n, part, fua, zero, first=None) -> None:
+        """Apply one mutation to every replica of an extent until it is acknowledged.
+
+        ``first``: (record, replicas, outcomes, epoch) of an attempt already made (the
+        fast path's, whose outcomes are None or the ReplicaFailed of each replica); its
+        failures are handled like those of any other attempt.
+        """
+        deadline, absent_waits = 0.0, 0
+        for attempt in range(1 << 30):
+            if first is not None:
+                rec, targets, results, epoch = first
+                first = None
+            else:
                 rec = self.extents[idx]
                 targets = self.engine.cached_replicas(rec.replicas) or \
                     [await self.engine.replica(c) for c in rec.replicas]
@@ -515,31 +573,120 @@ class Coordinator:
                     calls = [r.start_write(self.vid, idx, eoff, part, epoch, seq, fua) for r in targets]
                 else:
                     calls = [r.unmap(self.vid, idx, eoff, n, epoch, seq, zero) for r in targets]
-                results: list = []
+                results = []
                 for call in calls:
                     try:
                         await call
                         results.append(None)
                     except Exception as e:  # noqa: BLE001 - sorted out below
                         results.append(e)
-                failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
-                if not failed:
-                    break
-                if self._fenced(failed):
-                    deadline = deadline or time.monotonic() + RETAKE_WINDOW
-                    await self._retake(epoch, attempt, deadline)
-                    continue
-                if all(isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT for _, res in failed):
-                    if await self._await_creation(idx, rec, targets, failed, absent_waits):
-                        absent_waits += 1
-                        continue
-                await self._handle_failures(idx, rec, failed, eoff, eoff + n)
+            failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
+            if not failed:
                 break
-            self._mark_dirty(idx, eoff, eoff + n)
-            if not fua:
-                self._unflushed.add(idx)
+            if self._fenced(failed):
+                deadline = deadline or time.monotonic() + RETAKE_WINDOW
+                await self._retake(epoch, attempt, deadline)
+                continue
+            if all(isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT for _, res in failed):
+                if await self._await_creation(idx, rec, targets, failed, absent_waits):
+                    absent_waits += 1
+                    continue
+            await self._handle_failures(idx, rec, failed, eoff, eoff + n)
+            break
+        self._mark_dirty(idx, eoff, eoff + n)
+        if not fua:
+            self._unflushed.add(idx)
+
+    # -- the write fast path -------------------------------------------------------
+
+    def write_nowait(self, offset: int, data) -> asyncio.Future | None:
+        """``write`` (no FUA) without a Task or coroutine: a future, or None with nothing done.
+
+        The general path cost a Task and a chain of resumed coroutines per replicated
+        write, a large share of the coordinator's CPU. This one is taken when nothing is
+        unusual: ready and owned, no barrier, one mapped extent not being allocated or
+        copied, every replica cached and every remote one connected, no copy holding the
+        range. The local replica is written inline, remote writes leave on their
+        pipelines, and the future completes from the replies' callbacks. A failed or
+        fenced replica goes to ``_replicate`` in a Task (failures are rare), which handles
+        it exactly as on the general path before the future completes.
+        """
+        if not self._is_ready or not self.epoch or self.view_seq:
+            return None
+        view = memoryview(data).cast("B")
+        n = len(view)
+        idx, eoff = divmod(offset, EXTENT_SIZE)
+        if eoff + n > EXTENT_SIZE or n > MAX_DATA or idx in self._alloc or idx in self._sync:
+            return None
+        if self.is_clone and (offset % BLOCK_SIZE or n % BLOCK_SIZE):
+            return None
+        rec = self.extents.get(idx)
+        if rec is None:
+            return None
+        targets = self.engine.cached_replicas(rec.replicas)
+        if not targets:
+            return None
+        local = None
+        for r in targets:
+            if isinstance(r, rk.LocalReplica):
+                local = r
+            elif not r.connected:
+                return None
+        if not self._gate.try_enter():
+            return None
+        token = self._locks.try_begin(idx, eoff, eoff + n)
+        if token is None:
+            self._gate.leave()
+            return None
+        vid, epoch, seq = self.vid, self.epoch, self.seq
+        done = asyncio.get_running_loop().create_future()
+        pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, token)
+        outcomes = pending.outcomes
+        for k, r in enumerate(targets):
+            if r is local:
+                continue
+            fut = r.send_write(vid, idx, eoff, view, epoch, seq)
+            if fut is None:
+                outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent")
+            else:
+                pending.left += 1
+                fut.add_done_callback(pending.make_callback(k, r))
+        if local is not None:
+            try:
+                local.write_now(vid, idx, eoff, view, epoch, seq)
+            except rk.ReplicaFailed as e:
+                outcomes[targets.index(local)] = e
+        if not pending.left:
+            pending.settle()
+        return done
+
+    def _write_settled(self, p: "_PendingWrite") -> None:
+        """Every replica of a fast-path write answered: finish it, or hand failures on."""
+        if any(o is not None for o in p.outcomes):
+            asyncio.get_running_loop().create_task(self._write_recover(p))
+            return
+        self._mark_dirty(p.idx, p.eoff, p.eoff + p.n)
+        self._unflushed.add(p.idx)
+        self._locks.end(p.idx, p.token)
+        self._gate.leave()
+        if not p.done.done():
+            p.done.set_result(None)
+
+    async def _write_recover(self, p: "_PendingWrite") -> None:
+        try:
+            await self._replicate("write", p.idx, p.eoff, p.n, p.view, False, False,
+                                  first=(p.rec, p.targets, p.outcomes, p.epoch))
+        except BaseException as e:  # noqa: BLE001 - the initiator gets it as the write's outcome
+            if not p.done.done():
+                p.done.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+        else:
+            if not p.done.done():
+                p.done.set_result(None)
         finally:
-            self._locks.end(idx, token)
+            self._locks.end(p.idx, p.token)
+            self._gate.leave()
 
     async def _await_creation(self, idx: int, rec: ExtentRecord, targets, failed, waits: int) -> bool:
         """Replicas of a mapped extent said NO_EXTENT: True to retry the request, False to drop them.

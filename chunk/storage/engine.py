@@ -61,6 +61,10 @@ class VolumeDevice:
             raise ReadOnlyError("read-only")
         await self._coord.write(offset, data, fua)
 
+    def write_nowait(self, offset: int, data):
+        """The coordinator's write fast path (no FUA): a future, or None to use ``write``."""
+        return None if self.readonly else self._coord.write_nowait(offset, data)
+
     async def flush(self) -> None:
         if not self.readonly:
             await self._coord.flush()

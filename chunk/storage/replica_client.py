@@ -214,6 +214,12 @@ class ReplicaClient:
         return self._start(addr, lambda pipe: pipe.start_fields(
             Op.WRITE, vid, idx, epoch, 0, off, len(data), data, seq, _FUA if fua else None, self.timeout))
 
+    def connected(self, addr: Address) -> bool:
+        """An established, healthy connection to ``addr`` exists (``start`` would send now)."""
+        peer = self._peers.get(addr)
+        return peer is not None and peer.pipe is not None and peer.pipe.failed is None \
+            and not self._closed
+
     def _start(self, addr: Address, send) -> asyncio.Future | None:
         peer = self._peers.get(addr)
         pipe = peer.pipe if peer is not None else None

@@ -16,7 +16,7 @@ from .extent_file import ChecksumError
 from .fencing import StaleEpochError
 from .wire import Status
 
-_OK = Status.OK
+OK = _OK = Status.OK
 
 # kinds
 UNAVAILABLE = "unavailable"      # no answer: dead, partitioned, timed out
@@ -75,6 +75,10 @@ class LocalReplica:
             await self.flush(vid, idx, epoch)
 
     start_write = write        # the coordinator's one call for every replica; runs on await
+
+    def write_now(self, vid, idx, off, data, epoch, seq) -> None:
+        """``write`` without FUA and without a coroutine (the coordinator's fast path)."""
+        self._run(vid, idx, epoch, self.store.write, vid, idx, off, data, seq)
 
     async def unmap(self, vid, idx, off, length, epoch, seq, zero=False):
         self._run(vid, idx, epoch, self.store.unmap, vid, idx, off, length, seq, zero)
@@ -137,15 +141,40 @@ class RemoteReplica:
 
     async def _reply(self, fut):
         try:
-            reply = await fut
-        except (ConnectionError, OSError) as e:
-            raise ReplicaFailed(self.chunk_id, UNAVAILABLE, f"{self.addr[0]}:{self.addr[1]}: {e}") from None
-        if reply.status is not _OK:
-            from . import replica_client as rc
-            try:
-                rc.check(reply)
-            except rc.ReplicaError as e:
-                raise ReplicaFailed(self.chunk_id, _status_kind(e), str(e)) from None
+            await fut
+        except Exception:  # noqa: BLE001 - read from the future below
+            pass
+        failure = self.outcome(fut)
+        if failure is not None:
+            raise failure
+
+    @property
+    def connected(self) -> bool:
+        """A request sent now leaves at once (no dial): the fast path's precondition."""
+        return self.client.connected(self.addr)
+
+    def send_write(self, vid, idx, off, data, epoch, seq):
+        """Send a WRITE (no FUA) on the open connection: the reply's future, or None."""
+        return self.client.start_write(self.addr, vid, idx, off, data, epoch, seq)
+
+    def outcome(self, fut) -> ReplicaFailed | None:
+        """None if the done reply future ``fut`` says OK, else the failure it means."""
+        if fut.cancelled():
+            return ReplicaFailed(self.chunk_id, UNAVAILABLE, "request cancelled")
+        e = fut.exception()
+        if e is not None:
+            if isinstance(e, (ConnectionError, OSError)):
+                return ReplicaFailed(self.chunk_id, UNAVAILABLE, f"{self.addr[0]}:{self.addr[1]}: {e}")
+            return ReplicaFailed(self.chunk_id, IO, f"{type(e).__name__}: {e}")
+        reply = fut.result()
+        if reply.status is _OK:
+            return None
+        from . import replica_client as rc
+        try:
+            rc.check(reply)
+        except rc.ReplicaError as e:
+            return ReplicaFailed(self.chunk_id, _status_kind(e), str(e))
+        return None
 
     async def unmap(self, vid, idx, off, length, epoch, seq, zero=False):
         await self._call(self.client.unmap(self.addr, vid, idx, off, length, epoch=epoch, seq=seq, zero=zero))

@@ -29,6 +29,8 @@ class Result:
 class RecordingUnit:
     """READ(10) returns a pattern; WRITE(10) records data; opcode 0xFF blocks until released."""
 
+    fast_writes = False                 # no write_nowait: every command takes execute()
+
     def __init__(self):
         self.writes: list[tuple[int, bytes]] = []
         self.order: list[int] = []
