@@ -362,3 +362,99 @@ async def test_export_import_revert_unmap(served, tmp_path: Path):
         assert conflict.status is Status.CONFLICT
     finally:
         await pipe.close()
+
+
+# -- the WRITE fast path (plain writes: data, a volume, no args) ------------------------------
+
+async def _authed_raw(server: ReplicaServer) -> tuple[FrameReader, FrameWriter]:
+    reader, writer = await _raw(server)
+    await asyncio.wait_for(peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "c"), 5)
+    return reader, writer
+
+
+async def test_fast_and_general_write_replies_are_byte_identical(served):
+    """A plain WRITE (fast path) and a FUA one (general path, synced in a thread) are answered
+    with exactly the bytes ``encode(frame.reply())`` gives, in one segment."""
+    server, store, _, _ = served
+    store.create("vol-ü", 2, 1)
+    reader, writer = await _authed_raw(server)
+    plain = Frame(Op.WRITE, 2**40, "vol-ü", 2, 3, 9, 4096, BLOCK_SIZE, b"p" * BLOCK_SIZE, seq=7)
+    zero_length = Frame(Op.WRITE, 41, "vol-ü", 2, 3, 0, 8192, 0, b"q" * 100, seq=7)
+    fua = Frame(Op.WRITE, 42, "vol-ü", 2, 3, 9, 0, BLOCK_SIZE, b"f" * BLOCK_SIZE, seq=7,
+                args={"fua": True})
+    writer.write_bytes(wire.encode(plain) + wire.encode(zero_length) + wire.encode(fua))
+    expected = [wire.encode(f.reply()) for f in (plain, zero_length, fua)]
+    got = await asyncio.wait_for(reader._reader.readexactly(sum(map(len, expected))), 5)
+    assert got == b"".join(expected)
+    assert store.read("vol-ü", 2, 0, 2 * BLOCK_SIZE)[0] == b"f" * BLOCK_SIZE + b"p" * BLOCK_SIZE
+    assert store.read("vol-ü", 2, 8192, 100)[0] == b"q" * 100
+    assert server.requests["WRITE"] == 3 and not server.errors
+    await writer.close()
+
+
+async def test_fast_path_writes_keep_every_error_reply_and_counter(served):
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    pipe = await _authed(server)
+    try:
+        block = b"b" * BLOCK_SIZE
+        assert (await _call(pipe, _write(0, block, epoch=5))).status is Status.OK
+        cases = [
+            (_write(0, b"o" * BLOCK_SIZE, epoch=4), Status.STALE_EPOCH, {"highest": 5}),
+            (_write(0, b"r" * BLOCK_SIZE, epoch=0), Status.DENIED, None),
+            (Frame(Op.WRITE, 0, "nope", 0, 5, 1, 0, 4, b"abcd", seq=1), Status.NO_EXTENT, None),
+            (_write(EXTENT, block, epoch=5), Status.INVALID, None),
+            (_write(4096, block, seq=2**32, epoch=5), Status.INVALID, None),
+            (Frame(Op.WRITE, 0, VID, 0, 5, 1, 0, 5, b"abcd", seq=1), Status.INVALID, None),
+        ]
+        for frame, status, args in cases:
+            rep = await _call(pipe, frame)
+            assert rep.status is status, frame
+            assert (rep.volume, rep.offset, rep.seq) == (frame.volume, frame.offset, frame.seq)
+            if args is not None:
+                assert rep.args == args
+            else:
+                assert isinstance(rep.args["error"], str) and rep.args["error"]
+        assert store.read(VID, 0, 0, BLOCK_SIZE)[0] == block and store.stat(VID, 0)["mutations"] == 1
+        assert server.requests["WRITE"] == 1 + len(cases)
+        assert dict(server.errors) == {("WRITE", "STALE_EPOCH"): 1, ("WRITE", "DENIED"): 1,
+                                       ("WRITE", "NO_EXTENT"): 1, ("WRITE", "INVALID"): 3}
+    finally:
+        await pipe.close()
+
+
+async def test_a_plain_write_with_a_volume_that_is_not_utf8_closes_the_connection(served):
+    server, store, disk, _ = served
+    store.create(VID, 0, 1)
+    before = _files(disk)
+    reader, writer = await _authed_raw(server)
+    ok = wire.encode(_write(0, b"k" * BLOCK_SIZE))
+    head = struct.pack(">BBBBQQQQQQQHI", wire.VERSION, Op.WRITE, 0xFF, 1, 9, 0, 1, 1, 0, 4, 1,
+                       2, 0)
+    bad = head + b"\xff\xfe" + b"abcd"
+    writer.write_bytes(ok + struct.pack(">I", len(bad)) + bad + ok)
+    first = await asyncio.wait_for(reader.read(), 5)
+    assert first.status is Status.OK                                # the frame before it is served
+    assert await _closed(reader)
+    await writer.close()
+    assert server.dropped == 1 and server.requests["WRITE"] == 1
+    assert _files(disk) == before
+
+
+async def test_requests_pipelined_behind_the_hello_are_served(served):
+    """Frames that arrive with the HELLO proof were read ahead by the handshake."""
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    reader, writer = await _raw(server)
+    nonce_c = peer_auth.new_nonce()
+    await writer.send(Frame(Op.HELLO, 1, args={"cluster": CLUSTER, "chunk_id": "c",
+                                               "nonce": nonce_c}))
+    first = await asyncio.wait_for(reader.read(), 5)
+    proof = peer_auth.client_proof(SECRET, first.args["nonce"], nonce_c)
+    writer.write_bytes(wire.encode(Frame(Op.HELLO, 2, args={"proof": proof}))
+                       + wire.encode(Frame(Op.WRITE, 3, VID, 0, 1, 1, 0, 4, b"abcd", seq=1))
+                       + wire.encode(Frame(Op.PING, 4)))
+    replies = [await asyncio.wait_for(reader.read(), 5) for _ in range(3)]
+    assert [(r.id, r.status) for r in replies] == [(2, Status.OK), (3, Status.OK), (4, Status.OK)]
+    assert store.read(VID, 0, 0, 4)[0] == b"abcd"
+    await writer.close()
