@@ -206,11 +206,8 @@ class _PendingWrite:
                 self.outcomes[k] = replica.outcome(fut)
             self.left -= 1
             if not self.left:
-                self.settle()
+                self.coord._write_settled(self)
         return replied
-
-    def settle(self) -> None:
-        self.coord._write_settled(self)
 
 
 class Coordinator:
@@ -242,6 +239,7 @@ class Coordinator:
         self._dirty: dict[tuple[int, str], Dirty] = {}
         self._sync: dict[int, Sync] = {}
         self._unflushed: set[int] = set()
+        self._routes: dict[int, tuple] = {}      # idx -> the write fast path's replica route
         self.counters = {"read_retries": 0, "checksum_errors": 0, "drops": 0, "fenced": 0}
 
     # -- geometry ----------------------------------------------------------------
@@ -623,14 +621,14 @@ class Coordinator:
         rec = self.extents.get(idx)
         if rec is None:
             return None
-        targets = self.engine.cached_replicas(rec.replicas)
-        if not targets:
-            return None
-        local = None
-        for r in targets:
-            if isinstance(r, rk.LocalReplica):
-                local = r
-            elif not r.connected:
+        route = self._routes.get(idx)
+        if route is None or route[0] is not rec or route[1] != self.engine.replicas_version:
+            route = self._route(idx, rec)
+            if route is None:
+                return None
+        _, _, targets, local, remotes = route
+        for _, r in remotes:
+            if not r.connected:
                 return None
         if not self._gate.try_enter():
             return None
@@ -642,9 +640,7 @@ class Coordinator:
         done = asyncio.get_running_loop().create_future()
         pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, token)
         outcomes = pending.outcomes
-        for k, r in enumerate(targets):
-            if r is local:
-                continue
+        for k, r in remotes:
             fut = r.send_write(vid, idx, eoff, view, epoch, seq)
             if fut is None:
                 outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent")
@@ -657,8 +653,19 @@ class Coordinator:
             except rk.ReplicaFailed as e:
                 outcomes[targets.index(local)] = e
         if not pending.left:
-            pending.settle()
+            self._write_settled(pending)
         return done
+
+    def _route(self, idx: int, rec: ExtentRecord):
+        """(rec, replicas version, replicas, local one or None, [(position, remote)]) for the
+        fast path, cached per extent until the record or a replica handle changes."""
+        targets = self.engine.cached_replicas(rec.replicas)
+        if not targets:
+            return None
+        local = next((r for r in targets if isinstance(r, rk.LocalReplica)), None)
+        remotes = [(k, r) for k, r in enumerate(targets) if r is not local]
+        route = self._routes[idx] = (rec, self.engine.replicas_version, targets, local, remotes)
+        return route
 
     def _write_settled(self, p: "_PendingWrite") -> None:
         """Every replica of a fast-path write answered: finish it, or hand failures on."""

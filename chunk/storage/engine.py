@@ -108,6 +108,7 @@ class StorageEngine:
         self.reclaimer: Reclaimer | None = None
         self._local: rk.LocalReplica | None = None
         self._remote: dict[str, rk.RemoteReplica] = {}
+        self.replicas_version = 0          # bumped when a replica handle appears or is forgotten
         self._coords: dict[tuple[str, int], Coordinator] = {}
         self._tasks: list[asyncio.Task] = []
         self._running: dict[str, asyncio.Task] = {}          # op/task key -> task
@@ -201,6 +202,7 @@ class StorageEngine:
         if r is None:
             addr = await self.peers.address(chunk_id)
             r = self._remote[chunk_id] = rk.RemoteReplica(chunk_id, addr, self.client)
+            self.replicas_version += 1
         return r
 
     def local_store_for(self, rec):
@@ -222,6 +224,7 @@ class StorageEngine:
 
     def forget_peer(self, chunk_id: str) -> None:
         self._remote.pop(chunk_id, None)
+        self.replicas_version += 1
         self.peers.forget(chunk_id)
 
     def open(self, volume: Volume, readonly: bool, view_seq: int = 0) -> VolumeDevice:
