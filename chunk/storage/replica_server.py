@@ -256,8 +256,8 @@ class ReplicaServer:
     def _write(self, conn: _Conn, buf: bytes, view: memoryview, start: int, n: int,
                h: tuple) -> bool:
         """The fast path of a ``plain_write`` WRITE (no args, so no FUA): the checks, store calls
-        and counters of ``_handle``/``_execute`` without a Frame, the reply encoded by one
-        ``struct`` call.  False (nothing done) when the general path must take it: epoch 0, a
+        and counters of ``_handle``/``_execute`` without a Frame, the reply cut from the
+        request's own header.  False (nothing done) when the general path must take it: epoch 0, a
         length that does not match the data, a volume that is not UTF-8.  Every error goes
         through ``_failure`` exactly as on the general path.  The OK reply is queued for the
         flush that ``_requests`` does at the end of the segment."""
@@ -282,7 +282,7 @@ class ReplicaServer:
         except Exception as e:
             self._reply(conn, self._failure(decode_at(buf, start, n), e))
             return True
-        reply = encode_write_ok(h, raw)
+        reply = encode_write_ok(buf, start, vlen)
         conn.queue.append(reply)
         conn.queued += len(reply)
         return True

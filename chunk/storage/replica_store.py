@@ -688,22 +688,24 @@ class ReplicaStore:
 
     def _write(self, rep: _Replica, offset: int, data, seq: int, fua: bool) -> None:
         tp = type(data)
-        if (not fua and type(seq) is int and 0 < seq <= _MAX_SEQ and not offset % BLOCK_SIZE
-                and 0 <= offset < rep.ext.size
-                and (len(data) if tp is bytes else data.nbytes if tp is memoryview
-                     and data.c_contiguous else 0) == BLOCK_SIZE):
+        ext = rep.ext
+        if (not offset % BLOCK_SIZE and (data.nbytes if tp is memoryview and data.c_contiguous
+                                         else len(data) if tp is bytes else 0) == BLOCK_SIZE
+                and not fua and type(seq) is int and 0 < seq <= _MAX_SEQ
+                and 0 <= offset < ext.size):
             # One aligned block (every replicated 4 KiB write): the steps below without the
             # run arithmetic; COW (a snapshot since the block was written) takes the long way.
             b = offset // BLOCK_SIZE
-            if seq <= rep.floor or not rep.ext.crcs[b] or rep.seqs[b] >= seq:
+            floor, seqs = rep.floor, rep.seqs
+            if seq <= floor or not ext.crcs[b] or seqs[b] >= seq:
                 rep.mutations += 1
                 try:
-                    if rep.seqs[b] != seq:
+                    if seqs[b] != seq:
                         rep.store_seq(b, seq)
-                    rep.ext.write_block(b, data)
+                    ext.write_block(b, data)
                 except OSError as e:
                     raise self._fail(rep.disk, e) from e
-                if seq < rep.floor:
+                if seq < floor:
                     rep.floor = seq
                 return
         view = memoryview(data).cast("B")

@@ -207,12 +207,19 @@ def plain_write(buf: bytes, start: int, n: int) -> tuple | None:
     return h
 
 
-def encode_write_ok(h: tuple, volume: bytes) -> bytes:
-    """``encode(frame.reply())`` of the WRITE whose ``plain_write`` fields are ``h`` and whose
-    volume bytes are ``volume``: one ``struct`` call instead of a Frame and ``encode``."""
-    vlen = h[11]
-    return _HEAD.pack(_HDR.size + vlen, VERSION, h[1], int(Status.OK), 0, h[4], h[5], h[6], h[7], h[8], h[9],
-                      h[10], vlen, 0) + volume
+def encode_write_ok(buf: bytes, start: int, vlen: int) -> bytes:
+    """``encode(frame.reply())`` of the ``plain_write`` WRITE whose body starts at ``start``
+    with a ``vlen``-byte volume.  The reply's header after (version, op, status, flags) and
+    its volume are the request's bytes verbatim (same id, addressing, seq; no args), so it is
+    a cached prefix plus one slice: no Frame, no ``struct`` call."""
+    prefix = _OK_PREFIX.get(vlen)
+    if prefix is None:
+        prefix = _OK_PREFIX[vlen] = _LEN.pack(_HDR.size + vlen) + bytes(
+            (VERSION, int(Op.WRITE), int(Status.OK), 0))
+    return prefix + buf[start + 4:start + _HDR.size + vlen]
+
+
+_OK_PREFIX: dict[int, bytes] = {}        # volume length -> length prefix + first 4 header bytes
 
 
 def _decode(buf: bytes, start: int, n: int) -> Frame:

@@ -295,8 +295,9 @@ def test_plain_write_reply_is_byte_identical_to_the_general_encoding(frame: Fram
     raw = wire.encode(frame)
     h = wire.plain_write(raw, 4, len(raw) - 4)
     assert h is not None
-    vol = frame.volume.encode()
-    assert wire.encode_write_ok(h, vol) == wire.encode(wire.decode(raw[4:]).reply())
+    vlen = len(frame.volume.encode())
+    assert h[11] == vlen
+    assert wire.encode_write_ok(raw, 4, vlen) == wire.encode(wire.decode(raw[4:]).reply())
     assert wire.decode_at(raw, 4, len(raw) - 4) == frame
 
 
@@ -324,7 +325,7 @@ def test_plain_write_reads_inside_a_larger_buffer():
     assert error is None
     h = wire.plain_write(buf, *spans[1])
     assert h[4] == 2 and buf[spans[1][0] + HDR:spans[1][0] + HDR + h[11]] == b"bb"
-    assert wire.encode_write_ok(h, b"bb") == wire.encode(_plain(2, "bb", b"z" * 10).reply())
+    assert wire.encode_write_ok(buf, spans[1][0], 2) == wire.encode(_plain(2, "bb", b"z" * 10).reply())
 
 
 def test_spans_stop_at_an_incomplete_frame_and_report_an_oversized_one():
