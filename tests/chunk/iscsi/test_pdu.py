@@ -327,3 +327,148 @@ def test_decode_pdu_short_buffers():
 
 def test_every_opcode_value_has_a_class():
     assert set(P.PDU_CLASSES) == {int(o) for o in Opcode}
+
+
+# --- read_buffered: every complete PDU in the reader's buffer, without awaiting ------
+
+def _initiator_samples() -> list[P.PDU]:
+    return [p for p in _samples() if type(p).opcode in INITIATOR_OPCODES]
+
+
+@pytest.mark.parametrize("hd,dd", [(False, False), (True, False), (False, True), (True, True)])
+async def test_read_buffered_takes_every_complete_pdu_and_leaves_a_partial_one(hd, dd):
+    pdus = _initiator_samples() + [P.ScsiCommand(itt=7, cmdsn=8, write=True, data=b"abcdefg"),
+                                   P.ScsiCommand(itt=9, read=True, expected_length=512)]
+    wire = b"".join(p.to_bytes(hd, dd) for p in pdus)
+    partial = P.DataOut(itt=3, data=bytes(100)).to_bytes(hd, dd)[:90]
+    kw = dict(header_digest=hd, data_digest=dd, max_recv_data_segment_length=8192)
+    reader = asyncio.StreamReader()
+    reader.feed_data(wire + partial)
+    assert P.read_buffered(reader, **kw) == pdus
+    assert bytes(reader._buffer) == partial                  # waits for read_pdu
+    assert P.read_buffered(reader, **kw) == []
+    ref = asyncio.StreamReader()                               # read_pdu decodes the same
+    ref.feed_data(wire)
+    assert [await P.read_pdu(ref, **kw) for _ in pdus] == pdus
+
+
+async def test_read_buffered_needs_a_whole_header():
+    reader = asyncio.StreamReader()
+    reader.feed_data(READ10_PDU[:47])
+    assert P.read_buffered(reader) == [] and len(reader._buffer) == 47
+
+
+async def test_read_buffered_leaves_everything_when_the_reader_failed():
+    reader = asyncio.StreamReader()
+    reader.feed_data(P.NopOut(itt=1).to_bytes())
+    reader.set_exception(ConnectionResetError())
+    assert P.read_buffered(reader) == [] and len(reader._buffer) == 48
+
+
+def _bad_unknown_opcode() -> bytes:
+    bad = bytearray(P.NopOut(data=b"abcd").to_bytes())
+    bad[0] = 0x07
+    return bytes(bad)
+
+
+def _bad_header_digest() -> bytes:
+    wire = bytearray(P.NopOut(itt=3, data=b"xy").to_bytes(header_digest=True))
+    wire[20] ^= 1
+    return bytes(wire)
+
+
+def _bad_data_digest() -> bytes:
+    wire = bytearray(P.DataOut(itt=4, data=b"hello").to_bytes(data_digest=True))
+    wire[49] ^= 0x20
+    return bytes(wire)
+
+
+def _bad_ahs() -> bytes:
+    wire = bytearray(P.ScsiCommand(cdb=bytes(32)).to_bytes())
+    wire[48:50] = b"\x00\x40"
+    return bytes(wire)
+
+
+@pytest.mark.parametrize("bad,kw,error", [
+    (_bad_unknown_opcode(), {}, UnknownOpcode),
+    (P.NopIn().to_bytes(), {}, UnknownOpcode),                 # a target opcode from the initiator
+    (P.DataOut(data=bytes(9000)).to_bytes(), {}, SegmentTooLong),
+    (_bad_header_digest(), {"header_digest": True}, HeaderDigestError),
+    (_bad_data_digest(), {"data_digest": True}, DataDigestError),
+    (_bad_ahs(), {}, MalformedPDU),
+], ids=["unknown", "target-opcode", "too-long", "header-digest", "data-digest", "ahs"])
+async def test_read_buffered_fails_like_read_pdu(bad, kw, error):
+    """Same error, same header, same bytes consumed; the PDUs before it are kept."""
+    first = P.NopOut(itt=1, cmdsn=1)
+    after = P.NopOut(itt=2, cmdsn=2)
+    hd, dd = kw.get("header_digest", False), kw.get("data_digest", False)
+    wire = first.to_bytes(hd, dd) + bad + after.to_bytes(hd, dd)
+    reader = asyncio.StreamReader()
+    reader.feed_data(wire)
+    got = P.read_buffered(reader, **kw)
+    ref = asyncio.StreamReader()
+    ref.feed_data(wire)
+    assert await P.read_pdu(ref, **kw) == first
+    with pytest.raises(error) as e:
+        await P.read_pdu(ref, **kw)
+    assert got[0] == first and len(got) == 2
+    assert type(got[1]) is error and got[1].header == e.value.header and got[1].fatal == e.value.fatal
+    assert bytes(reader._buffer) == bytes(ref._buffer)
+
+
+async def test_read_buffered_resumes_a_paused_transport():
+    """A burst far past the reader's limit (which pauses the transport) arrives whole
+    when most of it is taken by read_buffered."""
+    got = asyncio.Queue()
+
+    async def handle(r, w):
+        while True:
+            for pdu in P.read_buffered(r):
+                got.put_nowait(pdu)
+            pdu = await P.read_pdu(r)
+            if pdu is None:
+                break
+            got.put_nowait(pdu)
+        w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=4096)
+    try:
+        _, w = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        cmds = [P.ScsiCommand(itt=i, cmdsn=i, write=True, expected_length=4096, data=bytes([i & 0xFF]) * 4096)
+                for i in range(200)]
+        w.write(b"".join(c.to_bytes() for c in cmds))
+        await w.drain()
+        back = [await asyncio.wait_for(got.get(), 5) for _ in cmds]
+        assert back == cmds
+        w.close()
+    finally:
+        server.close()
+
+
+# --- hand-packed response headers ---------------------------------------------------
+
+@pytest.mark.parametrize("resid", [0, 512, -512])
+@pytest.mark.parametrize("status", [ScsiStatus.GOOD, ScsiStatus.CHECK_CONDITION])
+def test_encode_scsi_response_matches_the_pdu_class(status, resid):
+    fast = P.encode_scsi_response(0xDEADBEEF, status, 7, 8, 40, 3, resid)
+    ref = P.ScsiResponse(itt=0xDEADBEEF, status=status, statsn=7, expcmdsn=8, maxcmdsn=40, expdatasn=3,
+                         underflow=resid > 0, overflow=resid < 0, residual=abs(resid)).header()
+    assert fast == ref
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_encode_data_in_without_status_matches_the_pdu_class(final):
+    lun = P.encode_lun(3)
+    fast = P.encode_data_in(11, lun, 4096, 9, 10, 42, 2, 8192, final)
+    ref = P.DataIn(itt=11, lun=lun, statsn=9, expcmdsn=10, maxcmdsn=42, datasn=2, buffer_offset=8192,
+                   final=final, data=bytes(4096)).header()
+    assert fast == ref
+
+
+@pytest.mark.parametrize("resid", [0, 100, -100])
+def test_encode_data_in_with_status_matches_the_pdu_class(resid):
+    fast = P.encode_data_in(12, 0, 1000, 9, 10, 42, 0, 0, True, ScsiStatus.GOOD, resid)
+    ref = P.DataIn(itt=12, statsn=9, expcmdsn=10, maxcmdsn=42, final=True, status_present=True,
+                   status=ScsiStatus.GOOD, underflow=resid > 0, overflow=resid < 0, residual=abs(resid),
+                   data=bytes(1000)).header()
+    assert fast == ref
