@@ -9,12 +9,13 @@ runs as soon as it is read:
   arrival order, so two pipelined writes to one block land in the order the
   coordinator sent them.  Only fdatasync (FLUSH, FUA writes) goes to a thread;
   those replies go out when the sync completes, overtaking nothing else.
-* Requests are cut out of the stream a socket read (up to wire.READ_SIZE) at
-  a time and handled in order; their replies are queued and written together
-  at the end of the segment (a QD32 burst is answered with one send).  When
-  the socket's send buffer is backed up, the reader stops reading (TCP
-  back-pressure), and at most ``max_inflight`` syncs are outstanding per
-  connection.
+* Requests are cut straight out of each segment the socket delivers, in the
+  protocol's callback (``_Stream``: no StreamReader copies, no task wakeup per
+  segment), and handled in order; their replies are queued and written
+  together at the end of the segment (a QD32 burst is answered with one
+  send).  When the socket's send buffer is backed up, reading pauses (TCP
+  back-pressure) until the connection's task has drained it, and at most
+  ``max_inflight`` syncs are outstanding per connection.
 * A plain WRITE (data, no args: every replicated 4 KiB write but FUA) takes a
   fast path (``_write``): header fields straight from the buffer, one store
   call, the OK reply packed in one go; no Frame objects.  Anything unusual or
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import struct
 from collections import Counter
 from typing import Any, Awaitable, Callable
 
@@ -42,8 +44,9 @@ from .fencing import StaleEpochError
 from .peer_auth import AuthError, server_handshake
 from .replica_store import NoExtent, StoreError, StoreFull, StoreIOError
 from .wire import (
-    HEADER_SIZE, MAX_DATA, READ_SIZE, Frame, FrameError, FrameReader, FrameWriter, Op, Status,
-    VersionMismatch, decode_at, encode, encode_write_ok, legacy_refusal, plain_write,
+    HEADER_SIZE, MAX_DATA, MAX_FRAME, READ_SIZE, Frame, FrameError, FrameReader, FrameWriter, Op,
+    Status, TruncatedFrame, VersionMismatch, decode_at, encode, encode_write_ok, legacy_refusal,
+    plain_write, spans,
 )
 
 __all__ = ["ReplicaServer"]
@@ -53,9 +56,8 @@ log = logging.getLogger(__name__)
 # Ops a read-only user (epoch 0) may send; they skip admission then.
 READ_ONLY = frozenset({Op.READ, Op.EXPORT, Op.DIGEST, Op.STAT})
 HIGH_WATER = 4 << 20           # bytes of unsent replies before the reader waits for the socket
-# The StreamReader pauses the socket above 2x its limit (64 KiB by default): a QD32 burst of
-# 4 KiB writes (~130 KiB) then cost a pause and a resume (two epoll_ctl) per read.
-STREAM_LIMIT = 4 * READ_SIZE
+HANDSHAKE_BUFFER = 4 * READ_SIZE   # unread bytes of a connection not authenticated yet: pause
+_LEN = struct.Struct(">I")
 _NAMES = {op: op.name for op in Op}    # Enum.name is a property lookup per call
 _STATUS_NAMES = {st: st.name for st in Status}
 
@@ -102,6 +104,268 @@ class _Conn:
         return self.queued + self.writer.transport.get_write_buffer_size() > HIGH_WATER
 
 
+class _Inbox:
+    """The handshake's byte source: what ``FrameReader`` uses of a StreamReader (``read``,
+    ``readexactly``), fed by ``_Link`` until the peer is authenticated.  Above
+    ``HANDSHAKE_BUFFER`` unread bytes the socket is paused, so a peer that has not
+    authenticated cannot make the server buffer without limit."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+        self.buf = bytearray()
+        self.eof = False
+        self.error: BaseException | None = None
+        self.paused = False
+        self._waiter: asyncio.Future | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > HANDSHAKE_BUFFER and not self.paused:
+            self.paused = True
+            self._link.pause()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self.eof = True
+        self._wake()
+
+    def lost(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self.eof = True
+        else:
+            self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._link.resume()
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    async def read(self, n: int) -> bytes:
+        while True:
+            if self.error is not None:
+                raise self.error
+            if self.buf:
+                return self._take(n)
+            if self.eof:
+                return b""
+            await self._wait()
+
+    async def readexactly(self, n: int) -> bytes:
+        while True:
+            if self.error is not None:
+                raise self.error
+            if len(self.buf) >= n:
+                return self._take(n)
+            if self.eof:
+                raise asyncio.IncompleteReadError(self._take(len(self.buf)), n)
+            await self._wait()
+
+
+class _Link(asyncio.StreamReaderProtocol):
+    """One peer connection: its bytes go to the handshake's ``_Inbox``, then (``attach``)
+    straight to the request parser, ``_Stream``.
+
+    A StreamReaderProtocol for its ``StreamWriter`` (flow control, ``wait_closed``); no
+    StreamReader is fed: it copied every segment twice and cost a task wakeup per segment.
+    """
+
+    def __init__(self, server: ReplicaServer) -> None:
+        loop = asyncio.get_running_loop()
+        self._unused = asyncio.StreamReader(loop=loop)     # the writer's; gets only EOF/errors
+        super().__init__(self._unused, lambda _r, w: server._serve(self, w), loop=loop)
+        self.inbox = _Inbox(self)
+        self._sink: _Inbox | _Stream = self.inbox
+        self._transport_ref: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport_ref = transport                    # type: ignore[assignment]
+        super().connection_made(transport)
+
+    def attach(self, stream: _Stream) -> None:
+        self._sink = stream
+        if self.inbox.paused:
+            self.inbox.paused = False
+            self.resume()
+
+    def pause(self) -> None:
+        if self._transport_ref is not None and not self._transport_ref.is_closing():
+            self._transport_ref.pause_reading()
+
+    def resume(self) -> None:
+        if self._transport_ref is not None and not self._transport_ref.is_closing():
+            self._transport_ref.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self._sink.feed(data)
+
+    def eof_received(self) -> bool:
+        self._sink.feed_eof()
+        return True                                        # keep writing: replies still due
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._sink.lost(exc)
+
+
+_BLOCKED, _EOF, _CLOSE = "blocked", "eof", "close"
+
+
+class _Stream:
+    """The requests of an authenticated connection, served as they arrive (in ``feed``, on
+    the protocol's callback): complete frames are cut straight out of each received segment,
+    an incomplete one is kept in pieces until it is whole.
+
+    What cannot be done in a callback is left to the connection's task through
+    ``next()``: waiting for the socket (replies backed up) or for syncs (``max_inflight``),
+    with reading paused meanwhile (``_BLOCKED``, then ``resume``); the end of the stream
+    (``_EOF``); a frame error, a reply frame (``_CLOSE``) or a lost connection (the error).
+    """
+
+    def __init__(self, server: ReplicaServer, conn: _Conn, link: _Link) -> None:
+        self.server, self.conn, self.link = server, conn, link
+        self._pieces: list[bytes] = []     # an incomplete frame (and what followed it)
+        self._have = 0                     # bytes in _pieces
+        self._need = 0                     # bytes its frame needs (0: length prefix incomplete)
+        self._rest: tuple[bytes, int] | None = None   # (buffer, position) to go on at, blocked
+        self._late: list[bytes] = []       # received while blocked (reading is paused then)
+        self._eof = False
+        self._state: Any = None            # the next event for the task
+        self._waiter: asyncio.Future | None = None
+
+    # -- the protocol side -------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self._rest is not None:
+            self._late.append(data)         # blocked: kept for resume
+            return
+        if self._state is not None or self.conn.closed:
+            return                          # the connection is ending
+        if self._pieces:
+            self._pieces.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return
+            data = b"".join(self._pieces)
+            self._pieces.clear()
+            self._have = 0
+        self._run(data, 0)
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        if self._state is None and self._rest is None:
+            self._end()
+
+    def lost(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self.feed_eof()
+        else:
+            self._signal(exc, force=True)
+
+    def _run(self, buf: bytes, pos: int) -> None:
+        """Serve every complete frame of ``buf`` from ``pos``; keep an incomplete rest."""
+        server, conn = self.server, self.conn
+        write, tasks, limit = server._write, conn.tasks, server.max_inflight
+        cut, used, error = spans(buf, MAX_FRAME, pos)
+        view = memoryview(buf)
+        for start, n in cut:
+            h = plain_write(buf, start, n)
+            if h is not None and write(conn, buf, view, start, n, h):
+                continue
+            try:
+                frame = decode_at(buf, start, n)
+            except FrameError as e:
+                self._signal(e)
+                return
+            if not server._request(conn, frame):
+                self._signal(_CLOSE)
+                return
+            if conn.backed_up() or len(tasks) >= limit:
+                self._block(buf, start + n)
+                return
+        if error is not None:
+            self._signal(error)
+            return
+        if used < len(buf):
+            rest = buf[used:] if used else buf
+            self._pieces.append(rest)
+            self._have = len(rest)
+            self._need = _LEN.unpack_from(rest)[0] + 4 if len(rest) >= 4 else 0
+        conn.flush()                        # the segment's replies, in one send
+        if conn.backed_up():
+            self._block(b"", 0)
+        elif self._eof:
+            self._end()
+
+    def _block(self, buf: bytes, pos: int) -> None:
+        self._rest = (buf, pos)
+        self.conn.flush()                   # what is answered goes out while we wait
+        self.link.pause()
+        self._signal(_BLOCKED)
+
+    def _end(self) -> None:
+        if not self._pieces:
+            self._signal(_EOF)
+            return
+        raw = b"".join(self._pieces)
+        if len(raw) < 4:
+            self._signal(TruncatedFrame(f"stream ended inside a length prefix ({len(raw)} bytes)"))
+        else:
+            self._signal(TruncatedFrame(f"stream ended after {len(raw) - 4} of "
+                                        f"{_LEN.unpack_from(raw)[0]} bytes"))
+
+    def _signal(self, state: Any, force: bool = False) -> None:
+        if self._state is None or force:
+            self._state = state
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the task side -------------------------------------------------------------------
+
+    async def next(self) -> Any:
+        """The next event (above); ``_BLOCKED`` is consumed by calling ``resume``."""
+        if self._state is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._state
+
+    def resume(self) -> None:
+        """Go on after ``_BLOCKED`` once the task has waited for the socket or the syncs."""
+        if self._state is not _BLOCKED:
+            return
+        self._state = None
+        (buf, pos), self._rest = self._rest or (b"", 0), None
+        late, self._late = self._late, []
+        self.link.resume()
+        if buf:                             # nothing is in _pieces then
+            if late:
+                buf, pos = buf[pos:] + b"".join(late), 0
+            self._run(buf, pos)
+        else:
+            for data in late:
+                self.feed(data)
+        if self._state is None and self._rest is None and self._eof:
+            self._end()
+
+    def feed_raw(self, raw: bytes) -> None:
+        """Bytes read ahead during the handshake, before anything newer."""
+        if raw:
+            self._run(raw, 0)
+
+
 class ReplicaServer:
     """The replication port: authenticated peers reading and writing extent replicas."""
 
@@ -146,8 +410,8 @@ class ReplicaServer:
         return out
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self._port,
-                                                  limit=STREAM_LIMIT)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Link(self), self.host, self._port)
         log.info("replica server listening on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
@@ -161,12 +425,12 @@ class ReplicaServer:
 
     # -- connections -----------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, link: _Link, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
         where = writer.get_extra_info("peername")
-        frames, out = FrameReader(reader), FrameWriter(writer)
+        frames, out = FrameReader(link.inbox), FrameWriter(writer)  # type: ignore[arg-type]
         conn: _Conn | None = None
         try:
             try:
@@ -180,7 +444,7 @@ class ReplicaServer:
                             type(e).__name__, e)
                 return
             conn = _Conn(writer, f"{peer}@{where}")
-            await self._requests(frames, conn)
+            await self._requests(frames, conn, link)
         except (ConnectionError, OSError) as e:
             log.info("replica connection %s lost: %s", conn.peer if conn else where, e)
         except asyncio.CancelledError:
@@ -199,40 +463,47 @@ class ReplicaServer:
             except (ConnectionError, OSError):
                 pass
 
-    async def _requests(self, frames: FrameReader, conn: _Conn) -> None:
-        """Serve requests in arrival order until the peer closes (or breaks the stream)."""
+    async def _requests(self, frames: FrameReader, conn: _Conn, link: _Link) -> None:
+        """Serve requests in arrival order until the peer closes (or breaks the stream).
+
+        Frames are served by ``_Stream`` as they arrive; this task only waits when it must
+        (socket backed up, ``max_inflight`` syncs) and ends the connection.
+        """
         tasks, limit = conn.tasks, self.max_inflight
-        for frame in frames.take_ready():              # pipelined behind the HELLO
+        ready, raw, error = frames.detach()
+        for frame in ready:                             # pipelined behind the HELLO
             if not self._request(conn, frame):
                 return
+        if error is not None:
+            self._drop(conn, error)
+            return
+        inbox = link.inbox
+        stream = _Stream(self, conn, link)
+        link.attach(stream)
+        stream.feed_raw(raw + bytes(inbox.buf) if inbox.buf else raw)
+        inbox.buf.clear()
+        if inbox.error is not None:
+            stream.lost(inbox.error)
+        elif inbox.eof:
+            stream.feed_eof()
         while True:
-            try:
-                buf, spans = await frames.read_spans()  # every request of the segment read
-            except FrameError as e:
-                self._drop(conn, e)
-                return
-            if not spans:
-                break
-            view = memoryview(buf)
-            for start, n in spans:
-                h = plain_write(buf, start, n)
-                if h is not None and self._write(conn, buf, view, start, n, h):
-                    continue
-                try:
-                    frame = decode_at(buf, start, n)
-                except FrameError as e:
-                    self._drop(conn, e)
-                    return
-                if not self._request(conn, frame):
-                    return
+            event = await stream.next()
+            if event is _BLOCKED:
                 if conn.backed_up():
                     conn.flush()
                     await conn.writer.drain()
                 while len(tasks) >= limit:
                     await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
-            conn.flush()                               # the segment's replies, in one send
-            if conn.backed_up():
-                await conn.writer.drain()
+                stream.resume()
+            elif event is _EOF:
+                break
+            elif event is _CLOSE:
+                return
+            elif isinstance(event, FrameError):
+                self._drop(conn, event)
+                return
+            else:
+                raise event                            # the connection was lost
         # Clean end of stream: answer what is still syncing, then close.
         if conn.tasks:
             await asyncio.wait(set(conn.tasks))

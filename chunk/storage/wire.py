@@ -40,7 +40,8 @@ import msgpack
 __all__ = [
     "Op", "Status", "Frame", "FrameError", "FrameTooLarge", "TruncatedFrame", "MalformedFrame",
     "VersionMismatch", "VERSION", "MAX_DATA", "MAX_FRAME", "HEADER_SIZE", "encode", "decode",
-    "decode_at", "plain_write", "encode_write_ok", "FrameReader", "FrameWriter", "Pipeline",
+    "decode_at", "spans", "plain_write", "encode_write_ok", "FrameReader", "FrameWriter",
+    "Pipeline",
 ]
 
 VERSION = 2                          # 1 was the msgpack array format
@@ -183,7 +184,7 @@ def decode(payload: bytes | memoryview) -> Frame:
 
 
 def decode_at(buf: bytes, start: int, n: int) -> Frame:
-    """The frame whose body is ``buf[start:start + n]`` (a span of ``read_spans``)."""
+    """The frame whose body is ``buf[start:start + n]`` (a span of ``spans``)."""
     return _decode(buf, start, n)
 
 
@@ -300,11 +301,12 @@ def split(buf: bytes, max_frame: int = MAX_FRAME) -> tuple[list[Frame], int, Fra
     return frames, pos, None
 
 
-def spans(buf: bytes, max_frame: int = MAX_FRAME) -> tuple[list[tuple[int, int]], int,
-                                                          FrameError | None]:
-    """``split`` without decoding: the (body start, body length) of every complete frame."""
+def spans(buf: bytes, max_frame: int = MAX_FRAME, start: int = 0) -> tuple[
+        list[tuple[int, int]], int, FrameError | None]:
+    """``split`` without decoding, from ``start``: the (body start, body length) of every
+    complete frame, the position after the last, and the error that stopped the cut."""
     out: list[tuple[int, int]] = []
-    pos, end = 0, len(buf)
+    pos, end = start, len(buf)
     unpack = _LEN.unpack_from
     while end - pos >= 4:
         (n,) = unpack(buf, pos)
@@ -347,35 +349,16 @@ class FrameReader:
         if self._ready:
             ready, self._ready = self._ready, []
             return ready
-        return (await self._read(split))[1]
-
-    def take_ready(self) -> list[Frame]:
-        """Frames already decoded by ``read`` but not handed out yet (before ``read_spans``)."""
-        ready, self._ready = self._ready, []
-        return ready
-
-    async def read_spans(self) -> tuple[bytes, list[tuple[int, int]]]:
-        """``read_many`` undecoded: (buffer, (body start, body length) of every complete frame);
-        no spans at a clean end of stream.  The caller decodes each (``plain_write``,
-        ``decode_at``); ``take_ready`` first if ``read`` was used.  The replica server's loop:
-        a 4 KiB write then costs no Frame object."""
-        assert not self._ready, "take_ready() first"
-        return await self._read(spans)
-
-    async def _read(self, cut) -> tuple[bytes, list]:
-        """(buffer, items) from ``cut`` (``split`` or ``spans``) of what the socket has, at least
-        one item; (b"", []) at a clean end of stream.  A ``FrameError`` after some items is
-        raised by the next call, so the items before it are still served."""
         if self._error is not None:
             raise self._error
         buf = self._buf
         while True:
             if buf:
-                items, used, error = cut(buf, self.max_frame)
-                if items:
+                frames, used, error = split(buf, self.max_frame)
+                if frames:
                     self._buf = buf[used:] if used < len(buf) else b""
                     self._error = error
-                    return buf, items
+                    return frames
                 if error is not None:
                     raise error
             need = _LEN.unpack_from(buf)[0] + 4 - len(buf) if len(buf) >= 4 else 0
@@ -390,12 +373,20 @@ class FrameReader:
                 if not more:
                     self._buf = b""
                     if not buf:
-                        return b"", []
+                        return []
                     if len(buf) < 4:
                         raise TruncatedFrame(f"stream ended inside a length prefix ({len(buf)} bytes)")
                     raise TruncatedFrame(f"stream ended after {len(buf) - 4} of "
                                          f"{len(buf) - 4 + need} bytes")
             buf = buf + more if buf else more
+
+    def detach(self) -> tuple[list[Frame], bytes, FrameError | None]:
+        """Hand over what was read ahead (frames decoded, bytes not yet parsed, an error found
+        after them) to a parser that takes the connection over (the replica server's, after
+        the handshake); the reader is empty afterwards."""
+        ready, raw, error = self._ready, self._buf, self._error
+        self._ready, self._buf, self._error = [], b"", None
+        return ready, raw, error
 
     def __aiter__(self) -> FrameReader:
         return self

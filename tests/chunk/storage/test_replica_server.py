@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import struct
 from pathlib import Path
 
@@ -415,7 +416,8 @@ async def test_fast_path_writes_keep_every_error_reply_and_counter(served):
                 assert rep.args == args
             else:
                 assert isinstance(rep.args["error"], str) and rep.args["error"]
-        assert store.read(VID, 0, 0, BLOCK_SIZE)[0] == block and store.stat(VID, 0)["mutations"] == 1
+        assert store.read(VID, 0, 0, BLOCK_SIZE)[0] == block
+        assert store.stat(VID, 0)["mutations"] == 1
         assert server.requests["WRITE"] == 1 + len(cases)
         assert dict(server.errors) == {("WRITE", "STALE_EPOCH"): 1, ("WRITE", "DENIED"): 1,
                                        ("WRITE", "NO_EXTENT"): 1, ("WRITE", "INVALID"): 3}
@@ -458,3 +460,116 @@ async def test_requests_pipelined_behind_the_hello_are_served(served):
     assert [(r.id, r.status) for r in replies] == [(2, Status.OK), (3, Status.OK), (4, Status.OK)]
     assert store.read(VID, 0, 0, 4)[0] == b"abcd"
     await writer.close()
+
+
+# -- the connection after the handshake: frames straight from the socket ----------------------
+
+@pytest.fixture
+async def narrow(tmp_path: Path):
+    """A server with room for only two syncs in flight per connection."""
+    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT, cow_sync=False)
+    store.create(VID, 0, 1)
+    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, max_inflight=2)
+    await server.start()
+    yield server, store
+    await server.stop()
+    store.close()
+
+
+async def test_max_inflight_syncs_pause_the_connection_then_it_goes_on(narrow):
+    """FUA writes between plain ones, in one segment, with room for two syncs: the reader
+    waits for syncs and resumes where it stopped; every write lands in order."""
+    server, store = narrow
+    reader, writer = await _authed_raw(server)
+    frames, last = [], {}
+    for i in range(60):
+        block = i % 7
+        data = bytes([i]) * BLOCK_SIZE
+        frames.append(Frame(Op.WRITE, i + 1, VID, 0, 1, 1, block * BLOCK_SIZE, BLOCK_SIZE, data,
+                            seq=1, args={"fua": True} if i % 3 == 0 else None))
+        last[block] = data
+    writer.write_bytes(b"".join(wire.encode(f) for f in frames))
+    replies = [await asyncio.wait_for(reader.read(), 10) for _ in frames]
+    assert sorted(r.id for r in replies) == list(range(1, 61))
+    assert all(r.status is Status.OK for r in replies)
+    for block, data in last.items():
+        assert store.read(VID, 0, block * BLOCK_SIZE, BLOCK_SIZE)[0] == data
+    assert server.requests["WRITE"] == 60
+    await writer.close()
+
+
+async def test_frames_cut_anywhere_by_the_socket_are_served(served):
+    """Requests trickle in at odd sizes (byte by byte at first), and a 1 MiB write spans many
+    segments: every frame is put together and answered once."""
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    reader, writer = await _authed_raw(server)
+    big = os.urandom(wire.MAX_DATA)
+    frames = [Frame(Op.WRITE, 1, VID, 0, 1, 1, 0, BLOCK_SIZE, b"a" * BLOCK_SIZE, seq=1),
+              Frame(Op.PING, 2),
+              Frame(Op.WRITE, 3, VID, 0, 1, 1, BLOCK_SIZE, len(big), big, seq=1),
+              Frame(Op.WRITE, 4, VID, 0, 1, 1, 100, 3, b"xyz", seq=1)]
+    stream = b"".join(wire.encode(f) for f in frames)
+    sock = writer._writer
+    for i in range(200):
+        sock.write(stream[i:i + 1])
+        await sock.drain()
+        await asyncio.sleep(0)
+    for i in range(200, len(stream), 7001):
+        sock.write(stream[i:i + 7001])
+        await sock.drain()
+    replies = [await asyncio.wait_for(reader.read(), 10) for _ in frames]
+    assert [r.id for r in replies] == [1, 2, 3, 4] and all(r.status is Status.OK for r in replies)
+    assert store.read(VID, 0, BLOCK_SIZE, len(big))[0] == big
+    assert store.read(VID, 0, 0, 200)[0] == b"a" * 100 + b"xyz" + b"a" * 97
+    await writer.close()
+
+
+async def test_a_clean_end_of_stream_answers_pending_syncs_first(served):
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    reader, writer = await _authed_raw(server)
+    writer.write_bytes(wire.encode(Frame(Op.WRITE, 1, VID, 0, 1, 1, 0, 4, b"abcd", seq=1))
+                       + wire.encode(Frame(Op.FLUSH, 2, VID, 0, 1)))
+    writer._writer.write_eof()
+    replies = [await asyncio.wait_for(reader.read(), 5) for _ in range(2)]
+    assert {(r.id, r.status) for r in replies} == {(1, Status.OK), (2, Status.OK)}
+    assert await asyncio.wait_for(reader.read(), 5) is None        # then closed
+    await writer.close()
+    assert server.dropped == 0
+
+
+async def test_a_stream_ending_inside_a_frame_is_dropped_after_the_complete_ones(served):
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    reader, writer = await _authed_raw(server)
+    cut = wire.encode(Frame(Op.WRITE, 2, VID, 0, 1, 1, 0, 4, b"efgh", seq=1))[:-2]
+    writer.write_bytes(wire.encode(Frame(Op.WRITE, 1, VID, 0, 1, 1, 0, 4, b"abcd", seq=1)) + cut)
+    writer._writer.write_eof()
+    assert (await asyncio.wait_for(reader.read(), 5)).id == 1
+    assert await _closed(reader)
+    await writer.close()
+    assert server.dropped == 1 and store.read(VID, 0, 0, 4)[0] == b"abcd"
+
+
+async def test_a_peer_that_vanishes_mid_stream_is_cleaned_up(served):
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    reader, writer = await _authed_raw(server)
+    # half a frame, then a reset
+    writer.write_bytes(wire.encode(Frame(Op.WRITE, 1, VID, 0, 1, 1, 0, BLOCK_SIZE,
+                                         b"r" * BLOCK_SIZE, seq=1))[:1000])
+    await writer.drain()
+    sock = writer._writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # RST
+    writer.abort()
+    for _ in range(100):
+        if server.connections == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert server.connections == 0 and server.dropped == 0
+    pipe = await _authed(server)                                   # the server serves on
+    try:
+        assert (await _call(pipe, Frame(Op.PING, 0))).status is Status.OK
+    finally:
+        await pipe.close()

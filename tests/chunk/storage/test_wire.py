@@ -325,7 +325,8 @@ def test_plain_write_reads_inside_a_larger_buffer():
     assert error is None
     h = wire.plain_write(buf, *spans[1])
     assert h[4] == 2 and buf[spans[1][0] + HDR:spans[1][0] + HDR + h[11]] == b"bb"
-    assert wire.encode_write_ok(buf, spans[1][0], 2) == wire.encode(_plain(2, "bb", b"z" * 10).reply())
+    expected = wire.encode(_plain(2, "bb", b"z" * 10).reply())
+    assert wire.encode_write_ok(buf, spans[1][0], 2) == expected
 
 
 def test_spans_stop_at_an_incomplete_frame_and_report_an_oversized_one():
@@ -336,28 +337,27 @@ def test_spans_stop_at_an_incomplete_frame_and_report_an_oversized_one():
     assert isinstance(error, FrameTooLarge)
 
 
-async def test_read_spans_cuts_like_read_many_and_raises_after_the_good_frames():
-    frames = [wire.encode(_plain(i, data=bytes([i]) * 4096)) for i in range(1, 9)]
+def test_spans_cut_from_a_start_and_leave_decoding_to_the_caller():
+    frames = [wire.encode(_plain(i, data=bytes([i]) * 4096)) for i in range(1, 4)]
     bad = struct.pack(">I", 3) + b"\xc1\xc1\xc1"
-    r = _reader(b"".join(frames) + struct.pack(">I", 2**30), max_frame=wire.MAX_FRAME)
-    got = []
-    with pytest.raises(FrameTooLarge):
-        while True:
-            buf, spans = await r.read_spans()
-            got += [wire.decode_at(buf, s, n) for s, n in spans]
-    assert [f.id for f in got] == list(range(1, 9)) and got[3].data == bytes([4]) * 4096
-    # spans are not decoded: a malformed body is the caller's to find (decode_at raises)
-    r = _reader(frames[0] + bad + b"", max_frame=wire.MAX_FRAME)
-    buf, spans = await r.read_spans()
-    assert len(spans) == 2
-    with pytest.raises(MalformedFrame):
-        wire.decode_at(buf, *spans[1])
-    assert await r.read_spans() == (b"", [])                       # then a clean end
+    buf = b"".join(frames) + bad + frames[0][:30]
+    cut, used, error = wire.spans(buf, start=len(frames[0]))        # from the second frame
+    assert [wire.decode_at(buf, s, n).id for s, n in cut[:2]] == [2, 3]
+    assert used == len(buf) - 30 and error is None and len(cut) == 3
+    with pytest.raises(MalformedFrame):                              # spans do not decode
+        wire.decode_at(buf, *cut[2])
 
 
-async def test_take_ready_hands_over_frames_read_ahead_by_read():
+async def test_detach_hands_over_what_the_handshake_read_ahead():
     frames = b"".join(wire.encode(Frame(Op.PING, i)) for i in (1, 2, 3))
-    r = _reader(frames + wire.encode(_plain(4)), max_frame=wire.MAX_FRAME)
+    tail = wire.encode(_plain(4))
+    r = _reader(frames + tail[:100], max_frame=wire.MAX_FRAME)
     assert (await r.read()).id == 1
-    assert [f.id for f in r.take_ready()] == [2, 3, 4] and r.take_ready() == []
-    assert await r.read_spans() == (b"", [])
+    ready, raw, error = r.detach()
+    assert [f.id for f in ready] == [2, 3] and raw == tail[:100] and error is None
+    assert r.detach() == ([], b"", None)
+    # an error found after the frames handed over is handed over too
+    r = _reader(frames + struct.pack(">I", 2**30), max_frame=wire.MAX_FRAME)
+    assert (await r.read()).id == 1
+    ready, raw, error = r.detach()
+    assert [f.id for f in ready] == [2, 3] and isinstance(error, FrameTooLarge)
