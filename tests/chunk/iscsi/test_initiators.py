@@ -185,7 +185,9 @@ def test_several_luns_and_sessions_at_once(two_chunks: Cluster, tmp_path):
                 ["qemu-io", "--image-opts", opts, "-c", f"write -P {pattern:#x} {off} 8M",
                  "-c", f"read -P {pattern:#x} {off} 8M"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outs = [p.communicate(timeout=120)[0].decode() for p in procs]
-    assert all(p.returncode == 0 and "Pattern verification failed" not in o for p, o in zip(procs, outs)), outs
+    bad = [f"session {k} (exit {p.returncode}): {o}" for k, (p, o) in enumerate(zip(procs, outs))
+           if p.returncode != 0 or "Pattern verification failed" in o]
+    assert not bad, "\n".join(bad)
 
 
 def test_session_reinstatement_closes_the_old_connection(two_chunks: Cluster):
