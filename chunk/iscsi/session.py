@@ -8,6 +8,8 @@ Logout. SCSI semantics live in ``chunk.scsi``; which LUNs this initiator may
 use comes from a ``LunResolver`` consulted on every command, so ACL changes
 apply to the next command.
 
+Requests are taken in batches: every complete PDU already received is decoded
+in one call (``P.read_buffered``), and only an incomplete one is awaited.
 Responses are written with ``writelines`` and no per-PDU drain: the reader
 loop applies back-pressure only when the socket buffer is large, which lets
 many completions share one send.
@@ -57,7 +59,7 @@ class LunResolver(Protocol):
         ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     cmd: P.ScsiCommand
     lun: int
@@ -164,6 +166,26 @@ class Session:
                 self._flush_pending = True
                 asyncio.get_running_loop().call_soon(self._flush)
 
+    def _queue(self, hdr: bytes, data: bytes | memoryview = b"") -> None:
+        """What ``_send`` does after stamping, for a header packed by hand (no AHS):
+        a Data-In or SCSI Response, dropped while closing."""
+        if self._closing:
+            return
+        out = self._out
+        out.append(hdr)
+        if self.hd:
+            out.append(P.digest(hdr))
+        if data:
+            out.append(data)
+            pad = P._PAD[len(data) & 3]           # noqa: SLF001
+            if pad:
+                out.append(pad)
+            if self.dd:
+                out.append(P.digest(data, pad))
+        if not self._in_batch and not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
         """Hand everything queued to the socket in one writelines (one send, mostly)."""
         self._flush_pending = False
@@ -184,27 +206,50 @@ class Session:
 
     async def run(self) -> None:
         self._pinger_task = asyncio.ensure_future(self._pinger())
+        r, hd, dd, mrdsl = self.r, self.hd, self.dd, self.mrdsl
+        ScsiCommand = P.ScsiCommand
         try:
             while not self._closing:
-                try:
-                    pdu = await P.read_pdu(self.r, self.hd, self.dd, self.mrdsl)
-                except ProtocolError as e:
-                    log.info("%s: %s", self.nexus.initiator, e)
-                    self._reject(e.reason, e.header)
-                    if e.fatal:
-                        break
-                    continue
-                if pdu is None:
-                    break
-                self._last_rx = time.monotonic()
+                # Every complete PDU already received, in one go; await only for more.
+                batch = P.read_buffered(r, hd, dd, mrdsl)
+                if not batch:
+                    try:
+                        pdu = await P.read_pdu(r, hd, dd, mrdsl)
+                    except ProtocolError as e:
+                        batch = [e]
+                    else:
+                        if pdu is None:
+                            break
+                        batch = [pdu]
                 # While more requests are already buffered, answers accumulate and
                 # go out together once the buffer runs dry.
                 self._in_batch = True
+                fatal = False
                 try:
-                    await self._dispatch(pdu)
+                    for pdu in batch:
+                        if self._closing:
+                            break
+                        if isinstance(pdu, ProtocolError):
+                            log.info("%s: %s", self.nexus.initiator, pdu)
+                            self._reject(pdu.reason, pdu.header)
+                            if pdu.fatal:
+                                fatal = True
+                                break
+                            continue
+                        self._last_rx = time.monotonic()
+                        if type(pdu) is ScsiCommand and not pdu.immediate and pdu.cmdsn == self.expcmdsn:
+                            # _dispatch -> _execute -> _drain for the in-order command, inline
+                            self.expcmdsn = (self.expcmdsn + 1) & SERIAL_MASK
+                            self._scsi_command(pdu)
+                            if self.pending:
+                                await self._drain()
+                        else:
+                            await self._dispatch(pdu)
                 finally:
                     self._in_batch = False
-                if len(self.r._buffer) < 48:        # noqa: SLF001 - StreamReader's buffer
+                if fatal:
+                    break
+                if len(r._buffer) < 48:        # noqa: SLF001 - StreamReader's buffer
                     self._flush()
                 if self.w.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
                     self._flush()
@@ -355,13 +400,11 @@ class Session:
         if cmd.itt in self.tasks:
             self._reject(RejectReason.TASK_IN_PROGRESS, cmd.header())
             return
-        try:
-            lun = P.decode_lun(cmd.lun)
-        except ValueError:
-            lun = -1
+        raw = cmd.lun
+        lun = -1 if raw >> 63 else (raw >> 48) & 0x3FFF     # P.decode_lun, inline: once per command
         cdb = cmd.cdb
         unit = self.resolver.unit(lun) if lun >= 0 else None
-        task = Task(cmd=cmd, lun=lun, unit=unit)
+        task = Task(cmd, lun, unit)
         self.tasks[cmd.itt] = task
         if unit is not None and unit not in self.units_used:
             self.units_used.add(unit)
@@ -477,7 +520,8 @@ class Session:
         (a flush, a replica round trip) continues in a Task of its own.
         """
         unit = task.unit
-        fut = unit.write_nowait(task.cmd.cdb, task.data, self.nexus) if unit.fast_writes else None
+        data = task.data     # write_nowait declines a command without data: not asked then
+        fut = unit.write_nowait(task.cmd.cdb, data, self.nexus) if data is not None and unit.fast_writes else None
         if fut is not None:
             if fut.done():
                 self._write_done(task, fut)
@@ -518,43 +562,67 @@ class Session:
             self._respond(task, result)      # _send flushes soon when outside a batch
 
     def _respond(self, task: Task, result) -> None:
+        """Answer a command: Data-In (the last one carrying the status when GOOD) and/or
+        a SCSI Response. Headers without sense data are packed directly (``P.encode_*``,
+        byte-identical to the PDU classes); a response with sense takes ``_send``."""
         cmd = task.cmd
         data = result.data
         edtl = cmd.expected_length
         status = result.status
+        sense = result.sense
         if cmd.write and not cmd.read:
             needed = task.unit.data_out_length(cmd.cdb) if task.unit is not None else 0
             resid = edtl - needed
-            self._send(P.ScsiResponse(
-                itt=cmd.itt, status=status, underflow=resid > 0, overflow=resid < 0,
-                residual=abs(resid), data=P.ScsiResponse.sense_segment(result.sense) if result.sense else b""))
+            if sense:
+                self._send(P.ScsiResponse(
+                    itt=cmd.itt, status=status, underflow=resid > 0, overflow=resid < 0,
+                    residual=abs(resid), data=P.ScsiResponse.sense_segment(sense)))
+                return
+            statsn = self.statsn
+            self.statsn = (statsn + 1) & SERIAL_MASK
+            self._queue(P.encode_scsi_response(cmd.itt, status, statsn, self.expcmdsn, self.maxcmdsn,
+                                               0, resid))
             return
         n = len(data) if data is not None else 0
         sent = min(n, edtl)
         resid = edtl - n
         datasn = 0
+        if sent and sent <= self.msdsl and sent <= self.p.max_burst_length and status == ScsiStatus.GOOD \
+                and not sense:       # the common read: one Data-In that carries the status
+            statsn = self.statsn
+            self.statsn = (statsn + 1) & SERIAL_MASK
+            self._queue(P.encode_data_in(cmd.itt, cmd.lun, sent, statsn, self.expcmdsn, self.maxcmdsn,
+                                         0, 0, True, status, resid), data if sent == n else memoryview(data)[:sent])
+            return
         if sent:
             mv = memoryview(data)[:sent] if not isinstance(data, memoryview) else data[:sent]
             seg, burst = self.msdsl, self.p.max_burst_length
             off = 0
-            good = status == ScsiStatus.GOOD and not result.sense
+            good = status == ScsiStatus.GOOD and not sense
+            itt, lun = cmd.itt, cmd.lun
             while off < sent:
                 length = min(seg, sent - off, burst - (off % burst))
                 last = off + length >= sent
-                din = P.DataIn(itt=cmd.itt, lun=cmd.lun, datasn=datasn, buffer_offset=off,
-                               data=mv[off:off + length],
-                               final=last or (off + length) % burst == 0)
+                piece = mv[off:off + length]
                 if last and good:
-                    din.status_present, din.final, din.status = True, True, status
-                    din.underflow, din.overflow, din.residual = resid > 0, resid < 0, abs(resid)
-                    self._send(din, status=True)
+                    statsn = self.statsn
+                    self.statsn = (statsn + 1) & SERIAL_MASK
+                    self._queue(P.encode_data_in(itt, lun, length, statsn, self.expcmdsn, self.maxcmdsn,
+                                                 datasn, off, True, status, resid), piece)
                     return
-                self._send(din, status=False)
+                self._queue(P.encode_data_in(itt, lun, length, self.statsn, self.expcmdsn, self.maxcmdsn,
+                                             datasn, off, last or (off + length) % burst == 0), piece)
                 datasn += 1
                 off += length
-        self._send(P.ScsiResponse(
-            itt=cmd.itt, status=status, underflow=resid > 0, overflow=resid < 0, residual=abs(resid),
-            expdatasn=datasn, data=P.ScsiResponse.sense_segment(result.sense) if result.sense else b""))
+        if sense:
+            self._send(P.ScsiResponse(
+                itt=cmd.itt, status=status, underflow=resid > 0, overflow=resid < 0, residual=abs(resid),
+                expdatasn=datasn, data=P.ScsiResponse.sense_segment(sense)))
+            return
+        statsn = self.statsn
+        self.statsn = (statsn + 1) & SERIAL_MASK
+        self._queue(P.encode_scsi_response(cmd.itt, status, statsn, self.expcmdsn, self.maxcmdsn,
+                                           datasn, resid))
 
     # --- task management -----------------------------------------------------------
 

@@ -412,3 +412,106 @@ async def test_close_when_idle_gives_up_waiting_after_the_timeout():
         await asyncio.wait_for(h.session.close_when_idle(timeout=0.3), 5)
         assert await asyncio.wait_for(h.r.read(), 5) == b""
         unit.release.set()
+
+
+# --- reading several PDUs per segment, and PDUs split across segments -------------
+
+async def test_every_command_of_one_segment_is_answered_in_order():
+    async with Harness(params()) as h:
+        cmds = []
+        for i in range(40):
+            if i % 2:
+                cmds.append(read10(i, 1, itt=100 + i, cmdsn=1 + i))
+            else:
+                cmds.append(write10(i, 1, itt=100 + i, cmdsn=1 + i, data=bytes([i]) * 512))
+        h.w.write(b"".join(c.to_bytes() for c in cmds))       # one segment: one batch on the target
+        got = [await h.recv() for _ in cmds]
+        assert [g.itt for g in got] == [c.itt for c in cmds]
+        assert [g.statsn for g in got] == list(range(100, 140))
+        assert all((g.status_present if i % 2 else isinstance(g, P.ScsiResponse)) for i, g in enumerate(got))
+        assert got[-1].expcmdsn == 41
+        assert h.unit.writes == [(i, bytes([i]) * 512) for i in range(0, 40, 2)]
+
+
+async def test_pdus_split_across_segments_are_reassembled():
+    async with Harness(params()) as h:
+        wire = b"".join(c.to_bytes() for c in (
+            write10(7, 8, itt=1, cmdsn=1, data=bytes(range(256)) * 16), read10(3, 1, itt=2, cmdsn=2),
+            write10(9, 1, itt=3, cmdsn=3, data=b"\xab" * 512)))
+        for a, b in ((0, 20), (20, 47), (47, 48), (48, 3000), (3000, 4200), (4200, len(wire) - 10),
+                     (len(wire) - 10, len(wire))):
+            h.w.write(wire[a:b])
+            await h.w.drain()
+            await asyncio.sleep(0.01)                          # lets the target read each piece alone
+        got = [await h.recv() for _ in range(3)]
+        assert [g.itt for g in got] == [1, 2, 3] and [g.statsn for g in got] == [100, 101, 102]
+        assert got[1].data == bytes(3 + i & 0xFF for i in range(512))
+        assert h.unit.writes == [(7, bytes(range(256)) * 16), (9, b"\xab" * 512)]
+
+
+async def test_an_error_inside_a_batch_is_rejected_in_place():
+    """A malformed PDU between good ones: the earlier ones are answered, the bad one
+    gets a Reject, and the later ones still run (the stream stayed framed)."""
+    bad = bytearray(P.NopOut(data=b"abcd").to_bytes())
+    bad[0] = 0x07
+    async with Harness(params()) as h:
+        h.w.write(read10(0, 1, itt=1, cmdsn=1).to_bytes() + bytes(bad) + read10(1, 1, itt=2, cmdsn=2).to_bytes())
+        got = [await h.recv() for _ in range(3)]
+        assert got[0].itt == 1 and isinstance(got[1], P.Reject) and got[1].data == bytes(bad[:48])
+        assert got[2].itt == 2 and got[2].status_present
+
+
+# --- the write fast path (unit.write_nowait) ------------------------------------
+
+class NowaitUnit(RecordingUnit):
+    """WRITE(10) through write_nowait: immediately done for LBA 0, else when the test lands it."""
+
+    fast_writes = True
+
+    def __init__(self):
+        super().__init__()
+        self.futs: list[asyncio.Future] = []
+
+    def write_nowait(self, cdb, data, nexus):
+        if cdb[0] != 0x2A:
+            return None
+        lba, = struct.unpack_from(">I", cdb, 2)
+        self.writes.append((lba, bytes(data)))
+        fut = asyncio.get_running_loop().create_future()
+        if lba == 0:
+            fut.set_result(None)
+        else:
+            self.futs.append(fut)
+        return fut
+
+    def finish_nowait(self, fut):
+        return Result(0) if fut.exception() is None else Result(2, None, bytes([0x70, 0, 3] + [0] * 15))
+
+
+async def test_fast_path_writes_are_answered_when_their_future_completes():
+    async with Harness(params(), unit=NowaitUnit()) as h:
+        h.w.write(write10(5, 1, itt=1, cmdsn=1, data=b"a" * 512).to_bytes()
+                  + write10(0, 1, itt=2, cmdsn=2, data=b"b" * 512).to_bytes()
+                  + read10(0, 1, itt=3, cmdsn=3).to_bytes())
+        first = [await h.recv() for _ in range(2)]           # done at once: answered first
+        assert [g.itt for g in first] == [2, 3] and first[0].status == 0 and first[0].statsn == 100
+        await until(lambda: h.unit.futs)
+        h.unit.futs[0].set_exception(OSError("lost"))
+        late = await h.recv()
+        assert isinstance(late, P.ScsiResponse) and late.itt == 1 and late.status == 2 and late.sense
+        assert late.statsn == 102 and not h.session.tasks
+
+
+async def test_header_and_data_digests_on_batched_requests_and_packed_answers():
+    async with Harness(params(header_digest=True, data_digest=True)) as h:
+        cmds = [write10(4, 1, itt=1, cmdsn=1, data=b"w" * 512), read10(4, 1, itt=2, cmdsn=2),
+                read10(0, 64, itt=3, cmdsn=3)]                   # 32 KiB: four Data-In
+        h.w.write(b"".join(c.to_bytes(True, True) for c in cmds))
+        kw = dict(header_digest=True, data_digest=True, max_recv_data_segment_length=1 << 20,
+                  opcodes=frozenset(range(0x20, 0x40)))
+        got = [await asyncio.wait_for(P.read_pdu(h.r, **kw), 5) for _ in range(6)]   # digests checked
+        assert isinstance(got[0], P.ScsiResponse) and got[0].itt == 1 and got[0].status == 0
+        assert got[1].itt == 2 and got[1].status_present and got[1].data == bytes((4 + i) & 0xFF for i in range(512))
+        assert [g.datasn for g in got[2:]] == [0, 1, 2, 3] and got[5].status_present
+        assert [g.statsn for g in (got[0], got[1], got[5])] == [100, 101, 102]
+        assert h.unit.writes == [(4, b"w" * 512)]
