@@ -61,6 +61,7 @@ class Catalog:
         self.acl: dict[str, dict[str, AclEntry]] = {}        # volume or snapshot id -> initiator -> entry
         self.chap: dict[tuple[str, str], ChapRecord] = {}    # (target iqn | '*', initiator) -> creds
         self._raw: dict[str, dict[bytes, bytes]] = {}
+        self.generation = 0          # bumped on every change: lets readers cache what they derived
         self._listeners: list[Callable[[str], None]] = []
         self._synced: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task] = []
@@ -174,6 +175,7 @@ class Catalog:
                     logs.redact(c.mutual_secret)
                     chap[(c.target, c.initiator)] = c
             self.chap = chap
+        self.generation += 1
         for fn in self._listeners:
             try:
                 fn(kind)

@@ -114,14 +114,28 @@ class SessionView:
 
     def __init__(self, target: "IscsiTarget", initiator: str, target_iqn: str | None):
         self.t, self.initiator, self.target_iqn = target, initiator, target_iqn
+        self._units: dict[int, Any] = {}       # LUN -> unit (or None), for catalog generation _gen
+        self._gen = -1
 
     def unit(self, lun: int):
-        if self.target_iqn is None:
-            return None
-        access = self.t.catalog.lun_access(self.target_iqn, self.initiator, lun)
-        if access is None:
-            return None
-        return self.t.units.get(access)
+        """Asked on every command: answered from a per-session cache that any catalog
+        change empties, so an ACL or mapping change still applies to the next command."""
+        cat = self.t.catalog
+        if self._gen != cat.generation:
+            self._units.clear()
+            self._gen = cat.generation
+        else:
+            try:
+                return self._units[lun]
+            except KeyError:
+                pass
+        unit = None
+        if self.target_iqn is not None:
+            access = cat.lun_access(self.target_iqn, self.initiator, lun)
+            if access is not None:
+                unit = self.t.units.get(access)
+        self._units[lun] = unit
+        return unit
 
     def visible_luns(self) -> list[int]:
         if self.target_iqn is None:

@@ -43,3 +43,35 @@ async def test_deleted_volume_disappears(catalog_setup):
     await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun), 5, "visible")
     await volumes.delete_volume(ctx, "v", force=True)
     await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun) is None, 5, "gone")
+
+
+async def test_session_view_caches_units_until_the_catalog_changes(catalog_setup):
+    """A session asks for its unit on every command: the answer is cached per session,
+    and every catalog change (here the ACL turning read-only, then going away) drops it."""
+    from types import SimpleNamespace
+
+    from chunk.blockdev import MemoryBlockDevice
+    from chunk.iscsi.target import SessionView, Units
+
+    ctx, cat = catalog_setup
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    opened = []
+
+    def open_device(volume, readonly, view_seq=0):
+        opened.append(readonly)
+        return MemoryBlockDevice(1 << 20, readonly=readonly)
+
+    view = SessionView(SimpleNamespace(catalog=cat, units=Units(cat, open_device)), H1, iqn)
+    assert view.unit(vol.lun) is None
+    gen = cat.generation
+    await exports.add_acl(ctx, "v", H1)
+    await async_wait_for(lambda: cat.generation > gen and view.unit(vol.lun) is not None, 5, "ACL mirrored")
+    unit = view.unit(vol.lun)
+    assert view.unit(vol.lun) is unit and opened == [False]       # cached: no second look-up
+    assert view.unit(vol.lun + 1) is None
+    await exports.add_acl(ctx, "v", H1, readonly=True)
+    await async_wait_for(lambda: view.unit(vol.lun) is not unit, 5, "read-only ACL mirrored")
+    assert opened == [False, True]
+    await exports.remove_acl(ctx, "v", H1)
+    await async_wait_for(lambda: view.unit(vol.lun) is None, 5, "ACL removal mirrored")
