@@ -202,7 +202,8 @@ class _PendingWrite:
 
     def make_callback(self, k: int, replica):
         def replied(fut) -> None:
-            if fut.cancelled() or fut.exception() is not None or fut.result().status is not rk.OK:
+            if (fut.cancelled() or fut.exception() is not None or fut.result().status is not rk.OK) \
+                    and self.outcomes[k] is None:
                 self.outcomes[k] = replica.outcome(fut)
             self.left -= 1
             if not self.left:
@@ -240,7 +241,9 @@ class Coordinator:
         self._sync: dict[int, Sync] = {}
         self._unflushed: set[int] = set()
         self._routes: dict[int, tuple] = {}      # idx -> the write fast path's replica route
-        self.counters = {"read_retries": 0, "checksum_errors": 0, "drops": 0, "fenced": 0}
+        self._recovering: set[asyncio.Task] = set()   # fast-path writes whose replicas failed
+        self.counters = {"read_retries": 0, "checksum_errors": 0, "drops": 0, "fenced": 0,
+                         "fast_writes": 0, "fast_write_handoffs": 0}
 
     # -- geometry ----------------------------------------------------------------
 
@@ -614,7 +617,7 @@ class Coordinator:
         view = memoryview(data).cast("B")
         n = len(view)
         idx, eoff = divmod(offset, EXTENT_SIZE)
-        if eoff + n > EXTENT_SIZE or n > MAX_DATA or idx in self._alloc or idx in self._sync:
+        if eoff + n > EXTENT_SIZE or idx in self._alloc or idx in self._sync:
             return None
         if self.is_clone and (offset % BLOCK_SIZE or n % BLOCK_SIZE):
             return None
@@ -637,16 +640,27 @@ class Coordinator:
             self._gate.leave()
             return None
         vid, epoch, seq = self.vid, self.epoch, self.seq
+        self.counters["fast_writes"] += 1
         done = asyncio.get_running_loop().create_future()
         pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, token)
         outcomes = pending.outcomes
         for k, r in remotes:
-            fut = r.send_write(vid, idx, eoff, view, epoch, seq)
-            if fut is None:
-                outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent")
-            else:
+            if n <= MAX_DATA:
+                fut = r.send_write(vid, idx, eoff, view, epoch, seq)
+                if fut is None:
+                    outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent")
+                else:
+                    pending.left += 1
+                    fut.add_done_callback(pending.make_callback(k, r))
+                continue
+            replied = pending.make_callback(k, r)
+            for pos in range(0, n, MAX_DATA):               # one frame carries MAX_DATA at most
+                fut = r.send_write(vid, idx, eoff + pos, view[pos:pos + MAX_DATA], epoch, seq)
+                if fut is None:
+                    outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent")
+                    break
                 pending.left += 1
-                fut.add_done_callback(pending.make_callback(k, r))
+                fut.add_done_callback(replied)
         if local is not None:
             try:
                 local.write_now(vid, idx, eoff, view, epoch, seq)
@@ -670,7 +684,10 @@ class Coordinator:
     def _write_settled(self, p: "_PendingWrite") -> None:
         """Every replica of a fast-path write answered: finish it, or hand failures on."""
         if any(o is not None for o in p.outcomes):
-            asyncio.get_running_loop().create_task(self._write_recover(p))
+            self.counters["fast_write_handoffs"] += 1
+            task = asyncio.get_running_loop().create_task(self._write_recover(p))
+            self._recovering.add(task)                 # the loop keeps only a weak reference
+            task.add_done_callback(self._recovering.discard)
             return
         self._mark_dirty(p.idx, p.eoff, p.eoff + p.n)
         self._unflushed.add(p.idx)
@@ -681,13 +698,21 @@ class Coordinator:
 
     async def _write_recover(self, p: "_PendingWrite") -> None:
         try:
-            await self._replicate("write", p.idx, p.eoff, p.n, p.view, False, False,
-                                  first=(p.rec, p.targets, p.outcomes, p.epoch))
-        except BaseException as e:  # noqa: BLE001 - the initiator gets it as the write's outcome
+            # The general path's unit is one frame's worth: a longer write is redone piece by
+            # piece, the first piece with the fast attempt's outcomes (a replica that failed any
+            # piece failed the write), the rest afresh on whatever replica set that leaves.
+            first = (p.rec, p.targets, p.outcomes, p.epoch)
+            for pos in range(0, p.n, MAX_DATA):
+                m = min(MAX_DATA, p.n - pos)
+                await self._replicate("write", p.idx, p.eoff + pos, m, p.view[pos:pos + m], False,
+                                      False, first=first)
+                first = None
+        except asyncio.CancelledError:          # shutting down: the session gets no answer
+            p.done.cancel()
+            raise
+        except Exception as e:  # noqa: BLE001 - the initiator gets it as the write's outcome
             if not p.done.done():
                 p.done.set_exception(e)
-            if not isinstance(e, Exception):
-                raise
         else:
             if not p.done.done():
                 p.done.set_result(None)

@@ -109,6 +109,7 @@ class StorageEngine:
         self._local: rk.LocalReplica | None = None
         self._remote: dict[str, rk.RemoteReplica] = {}
         self.replicas_version = 0          # bumped when a replica handle appears or is forgotten
+        self._retired: dict[str, int] = {}   # counters of coordinators closed since start
         self._coords: dict[tuple[str, int], Coordinator] = {}
         self._tasks: list[asyncio.Task] = []
         self._running: dict[str, asyncio.Task] = {}          # op/task key -> task
@@ -272,6 +273,8 @@ class StorageEngine:
             key = (coord.vid, coord.view_seq)
             if self._coords.get(key) is coord:
                 del self._coords[key]
+            for name, n in coord.counters.items():     # `chunk list` counts since start
+                self._retired[name] = self._retired.get(name, 0) + n
             await coord.close()
 
     def _release_soon(self, coord: Coordinator) -> None:
@@ -408,11 +411,15 @@ class StorageEngine:
         await self.meta.call("POST", f"/extents/{vid}/{idx}/drop",
                              {"chunk_id": chunk_id, "generation": generation, "reason": reason[:200]})
 
+    def _coordinator_total(self, name: str) -> int:
+        """A coordinator counter summed over the open ones and those closed since start."""
+        return self._retired.get(name, 0) + sum(c.counters[name] for c in self._coords.values())
+
     def status(self) -> dict[str, Any]:
         """Counters an admin sees in `zstore chunk list/show` (published with the live record)."""
         rep = self.repair.status() if self.repair else {}
         scrub = self.scrubber.status() if self.scrubber else {}
-        reads = sum(c.counters["checksum_errors"] for c in self._coords.values())
+        reads = self._coordinator_total("checksum_errors")
         usage = self.store.usage()
         return {
             "extents": len(self.store.extents()), "open_volumes": len(self._coords),
@@ -422,7 +429,11 @@ class StorageEngine:
             "scrub_passes": scrub.get("passes", 0), "scrubbed_bytes": scrub.get("bytes_scrubbed", 0),
             "scrub_mismatches": scrub.get("mismatches", 0),
             "scrub_resyncs": scrub.get("resyncs_requested", 0),
-            "replica_drops": sum(c.counters["drops"] for c in self._coords.values()),
+            "replica_drops": self._coordinator_total("drops"),
+            # writes that took the coordinator's fast path, and those of them handed to the
+            # general path because a replica failed or was fenced
+            "fast_writes": self._coordinator_total("fast_writes"),
+            "fast_write_handoffs": self._coordinator_total("fast_write_handoffs"),
             "recovering": sorted(k for k in self._running if k.startswith("recovery/")),
         }
 

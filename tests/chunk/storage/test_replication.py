@@ -166,6 +166,14 @@ def test_replica_killed_during_writes_loses_nothing_and_resyncs(tmp_path, etcd_s
             assert len(per) == 3 and len(set(per.values())) == 1, (idx, per)
         back = read_back(c, vol, 2, tmp_path / "back2.img")
         assert back == payload
+        # The copy went through the coordinator's write fast path (counted in `chunk list`).
+        serving = chunk_ids(c)[0]
+        wait_for(lambda: storage_counter(c, serving, "fast_writes") > 0, 30, "fast-path writes counted")
+
+
+def storage_counter(c: Cluster, chunk_id: str, name: str) -> int:
+    rows = {r["chunk_id"]: r for r in c.cli_json("chunk", "list")}
+    return int((rows[chunk_id].get("storage") or {}).get(name) or 0)
 
 
 @pytest.mark.timeout(240)
