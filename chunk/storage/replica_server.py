@@ -531,7 +531,7 @@ class ReplicaServer:
         request's own header.  False (nothing done) when the general path must take it: epoch 0, a
         length that does not match the data, a volume that is not UTF-8.  Every error goes
         through ``_failure`` exactly as on the general path.  The OK reply is queued for the
-        flush that ``_requests`` does at the end of the segment."""
+        flush at the end of the segment (``_Stream._run``)."""
         epoch, vlen = h[6], h[11]
         pos = start + HEADER_SIZE
         length = h[9]

@@ -277,7 +277,7 @@ async def test_lost_connection_fails_every_outstanding_call():
         await server.wait_closed()
 
 
-# -- the replica server's write fast path: plain_write / encode_write_ok / read_spans ---------
+# -- the replica server's write fast path: plain_write / encode_write_ok / spans / detach --
 
 def _plain(ident: int = 5, vol: str = "vol-ü", data: bytes = b"d" * 4096, **kw) -> Frame:
     return Frame(Op.WRITE, ident, vol, kw.pop("extent", 3), kw.pop("epoch", 7),
