@@ -99,7 +99,7 @@ async def _drive(port: int, pid: int, seconds: float, qd: int) -> tuple[float, f
             exc = None if fut.cancelled() else fut.exception()   # retrieved even after the end
             if finished.done():
                 return
-            if exc is None and fut.result().status != 0:
+            if exc is None and fut.result() is not None and fut.result().status != 0:
                 exc = RuntimeError(f"WRITE answered {fut.result().status!r} {fut.result().args}")
             if exc is not None:
                 failed.append(exc)

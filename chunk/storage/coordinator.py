@@ -202,7 +202,8 @@ class _PendingWrite:
 
     def make_callback(self, k: int, replica):
         def replied(fut) -> None:
-            if (fut.cancelled() or fut.exception() is not None or fut.result().status is not rk.OK) \
+            # None: a plain OK (start_write); anything else is looked at by ``outcome``
+            if (fut.cancelled() or fut.exception() is not None or fut.result() is not None) \
                     and self.outcomes[k] is None:
                 self.outcomes[k] = replica.outcome(fut)
             self.left -= 1

@@ -210,9 +210,13 @@ class ReplicaClient:
 
     def start_write(self, addr: Address, vid: str, idx: int, off: int, data: bytes | memoryview,
                     epoch: int, seq: int, fua: bool = False) -> asyncio.Future | None:
-        """``start`` of a WRITE without building a request Frame (the replicated-write hot path)."""
-        return self._start(addr, lambda pipe: pipe.start_fields(
-            Op.WRITE, vid, idx, epoch, 0, off, len(data), data, seq, _FUA if fua else None, self.timeout))
+        """``start`` of a WRITE without building a request Frame (the replicated-write hot path).
+        Its future resolves to None for a plain OK reply (no Frame decoded), else to the reply."""
+        if fua:
+            return self._start(addr, lambda pipe: pipe.start_fields(
+                Op.WRITE, vid, idx, epoch, 0, off, len(data), data, seq, _FUA, self.timeout))
+        return self._start(addr, lambda pipe: pipe.start_write(vid, idx, epoch, off, data, seq,
+                                                               self.timeout))
 
     def connected(self, addr: Address) -> bool:
         """An established, healthy connection to ``addr`` exists (``start`` would send now)."""

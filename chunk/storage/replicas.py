@@ -171,7 +171,7 @@ class RemoteReplica:
                 return ReplicaFailed(self.chunk_id, UNAVAILABLE, f"{self.addr[0]}:{self.addr[1]}: {e}")
             return ReplicaFailed(self.chunk_id, IO, f"{type(e).__name__}: {e}")
         reply = fut.result()
-        if reply.status is _OK:
+        if reply is None or reply.status is _OK:        # None: start_write's plain OK
             return None
         from . import replica_client as rc
         try:

@@ -55,6 +55,7 @@ _HDR = struct.Struct(">BBBBQQQQQQQHI")
 _HEAD = struct.Struct(">IBBBBQQQQQQQHI")        # the length prefix + _HDR, for encoding
 HEADER_SIZE = _HDR.size
 _REQUEST = 0xFF
+_REPLY_HEAD = struct.Struct(">BBBBQ")          # version, op, status, flags, id: a reply's kind
 _HAS_DATA, _HAS_ARGS = 1, 2
 
 
@@ -189,6 +190,7 @@ def decode_at(buf: bytes, start: int, n: int) -> Frame:
 
 
 _PLAIN_WRITE = (VERSION, int(Op.WRITE), _REQUEST, _HAS_DATA)     # a request with data only
+_PLAIN_WRITE_OK = (VERSION, int(Op.WRITE), int(Status.OK), 0)     # its OK reply: no data, no args
 
 
 def plain_write(buf: bytes, start: int, n: int) -> tuple | None:
@@ -361,24 +363,56 @@ class FrameReader:
                     return frames
                 if error is not None:
                     raise error
-            need = _LEN.unpack_from(buf)[0] + 4 - len(buf) if len(buf) >= 4 else 0
-            if need > READ_SIZE:
-                try:
-                    more = await self._reader.readexactly(need)
-                except asyncio.IncompleteReadError as e:
-                    raise TruncatedFrame(f"stream ended after {len(buf) - 4 + len(e.partial)} of "
-                                         f"{len(buf) - 4 + need} bytes") from None
-            else:
-                more = await self._reader.read(READ_SIZE)
-                if not more:
-                    self._buf = b""
-                    if not buf:
-                        return []
-                    if len(buf) < 4:
-                        raise TruncatedFrame(f"stream ended inside a length prefix ({len(buf)} bytes)")
-                    raise TruncatedFrame(f"stream ended after {len(buf) - 4} of "
-                                         f"{len(buf) - 4 + need} bytes")
-            buf = buf + more if buf else more
+            buf = await self._more(buf)
+            if buf is None:
+                return []
+
+    async def read_spans(self) -> tuple[bytes, list[tuple[int, int]]]:
+        """``read_many`` without decoding (the replica client's reply path): a buffer and the
+        (body start, body length) of every frame complete in it, at least one; ``(b"", [])``
+        at a clean end of stream. Frames already decoded (``pending``) come from
+        ``read_many`` first."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        while True:
+            if buf:
+                cut, used, error = spans(buf, self.max_frame)
+                if cut:
+                    self._buf = buf[used:] if used < len(buf) else b""
+                    self._error = error
+                    return buf, cut
+                if error is not None:
+                    raise error
+            buf = await self._more(buf)
+            if buf is None:
+                return b"", []
+
+    @property
+    def pending(self) -> bool:
+        """Frames decoded ahead (by ``read``) wait to be taken with ``read_many``."""
+        return bool(self._ready)
+
+    async def _more(self, buf: bytes) -> bytes | None:
+        """``buf`` with the next bytes from the socket; None at a clean end of stream."""
+        need = _LEN.unpack_from(buf)[0] + 4 - len(buf) if len(buf) >= 4 else 0
+        if need > READ_SIZE:
+            try:
+                more = await self._reader.readexactly(need)
+            except asyncio.IncompleteReadError as e:
+                raise TruncatedFrame(f"stream ended after {len(buf) - 4 + len(e.partial)} of "
+                                     f"{len(buf) - 4 + need} bytes") from None
+        else:
+            more = await self._reader.read(READ_SIZE)
+            if not more:
+                self._buf = b""
+                if not buf:
+                    return None
+                if len(buf) < 4:
+                    raise TruncatedFrame(f"stream ended inside a length prefix ({len(buf)} bytes)")
+                raise TruncatedFrame(f"stream ended after {len(buf) - 4} of "
+                                     f"{len(buf) - 4 + need} bytes")
+        return buf + more if buf else more
 
     def detach(self) -> tuple[list[Frame], bytes, FrameError | None]:
         """Hand over what was read ahead (frames decoded, bytes not yet parsed, an error found
@@ -456,6 +490,7 @@ class Pipeline:
         self._issued = 0
         self._waiting: dict[int, asyncio.Future[Frame]] = {}
         self._deadline: dict[int, tuple[float, float, int]] = {}   # id -> (due, limit, op)
+        self._lite: set[int] = set()        # ids of start_write requests (an OK resolves to None)
         self._error: BaseException | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -494,6 +529,22 @@ class Pipeline:
         ident = next(self._ids)
         raw = encode_fields(op, ident, volume, extent, epoch, generation, offset, length, data,
                             None, seq, args)
+        return self._queue(ident, raw, op, timeout)
+
+    def start_write(self, volume: str, extent: int, epoch: int, offset: int,
+                    data: bytes | memoryview, seq: int, timeout: float | None) -> asyncio.Future:
+        """A WRITE (no args) whose future resolves to None when the reply is a plain OK (any
+        other reply: its Frame). The replicated-write hot path: the OK reply, every write's
+        answer, is recognised from its first header bytes and never decoded into a Frame."""
+        if self._error is not None:
+            raise ConnectionError(f"connection failed: {self._error}")
+        ident = next(self._ids)
+        raw = encode_fields(Op.WRITE, ident, volume, extent, epoch, 0, offset, len(data), data,
+                            None, seq, None)
+        self._lite.add(ident)
+        return self._queue(ident, raw, Op.WRITE, timeout)
+
+    def _queue(self, ident: int, raw: bytes, op: int, timeout: float | None) -> asyncio.Future:
         self._issued = ident
         loop = self._loop
         fut: asyncio.Future[Frame] = loop.create_future()
@@ -543,26 +594,46 @@ class Pipeline:
         return await fut
 
     async def _route(self) -> None:
-        waiting, deadline = self._waiting, self._deadline
-        read_many = self._reader.read_many
+        waiting, deadline, lite = self._waiting, self._deadline, self._lite
+        reader = self._reader
+        head = _REPLY_HEAD.unpack_from
         try:
             while True:
-                frames = await read_many()
-                if not frames:
+                if reader.pending:
+                    for frame in await reader.read_many():
+                        self._deliver(frame)
+                    continue
+                buf, cut = await reader.read_spans()
+                if not cut:
                     break
-                for frame in frames:
-                    ident = frame.id
-                    if frame.status is None or not 0 < ident <= self._issued:
-                        raise MalformedFrame(f"unexpected frame id {ident} op {frame.op.name}")
-                    if deadline:
-                        deadline.pop(ident, None)
-                    fut = waiting.pop(ident, None)
-                    if fut is not None and not fut.done():   # done: the caller gave up (cancelled)
-                        fut.set_result(frame)
+                for start, n in cut:
+                    if n >= _HDR.size:
+                        h = head(buf, start)
+                        ident = h[4]
+                        if h[:4] == _PLAIN_WRITE_OK and ident in lite:
+                            lite.discard(ident)
+                            if deadline:
+                                deadline.pop(ident, None)
+                            fut = waiting.pop(ident, None)
+                            if fut is not None and not fut.done():
+                                fut.set_result(None)
+                            continue
+                    self._deliver(_decode(buf, start, n))
             error: BaseException = ConnectionError("connection closed by peer")
         except (FrameError, ConnectionError, OSError) as e:
             error = e
         self._fail(error)
+
+    def _deliver(self, frame: Frame) -> None:
+        ident = frame.id
+        if frame.status is None or not 0 < ident <= self._issued:
+            raise MalformedFrame(f"unexpected frame id {ident} op {frame.op.name}")
+        self._lite.discard(ident)
+        if self._deadline:
+            self._deadline.pop(ident, None)
+        fut = self._waiting.pop(ident, None)
+        if fut is not None and not fut.done():   # done: the caller gave up (cancelled)
+            fut.set_result(frame)
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
@@ -572,6 +643,7 @@ class Pipeline:
             self._watch = None
         waiting, self._waiting = self._waiting, {}
         self._deadline.clear()
+        self._lite.clear()
         for fut in waiting.values():
             if not fut.done():
                 fut.set_exception(ConnectionError(f"connection failed: {error}"))

@@ -289,3 +289,26 @@ async def test_wrong_secret_is_peer_unavailable(nodes):
     finally:
         await c.close()
     assert not a.store.has(VID, 0)
+
+
+async def test_start_write_resolves_plain_oks_to_none_and_anything_else_to_the_reply(nodes, client):
+    """The hot path's replies: an OK is recognised undecoded (None); errors keep their Frame,
+    interleaved on one connection with ordinary calls whose replies are decoded as before."""
+    a, _ = nodes
+    await client.create(a.addr, VID, 0, generation=1, epoch=3)
+    await client.ping(a.addr)                                  # connected: start_write sends now
+    blocks = [os.urandom(BLOCK_SIZE) for _ in range(40)]
+    futs = [client.start_write(a.addr, VID, 0, i * BLOCK_SIZE, blocks[i], 3, 1) for i in range(40)]
+    stale = client.start_write(a.addr, VID, 0, 0, b"s" * BLOCK_SIZE, 2, 1)           # older epoch
+    outside = client.start_write(a.addr, VID, 0, EXTENT, b"o" * BLOCK_SIZE, 3, 1)    # past the end
+    reads = [client.read(a.addr, VID, 0, i * BLOCK_SIZE, BLOCK_SIZE, epoch=3) for i in range(40)]
+    assert all(f is not None for f in futs + [stale, outside])
+    assert await asyncio.wait_for(asyncio.gather(*futs), 10) == [None] * 40
+    rep = await asyncio.wait_for(stale, 10)
+    assert rep.status is Status.STALE_EPOCH and rep.args == {"highest": 3} and rep.op is Op.WRITE
+    rep = await asyncio.wait_for(outside, 10)
+    assert rep.status is Status.INVALID and "outside" in rep.args["error"]
+    assert [d for d, _ in await asyncio.gather(*reads)] == blocks
+    fua = client.start_write(a.addr, VID, 0, 0, blocks[0], 3, 1, fua=True)          # a FUA write
+    rep = await asyncio.wait_for(fua, 10)
+    assert rep is not None and rep.status is Status.OK             # not a start_write: decoded
