@@ -397,7 +397,9 @@ class Session:
     # --- SCSI commands ---------------------------------------------------------------
 
     def _scsi_command(self, cmd: P.ScsiCommand) -> None:
-        if cmd.itt in self.tasks:
+        itt = cmd.itt
+        tasks = self.tasks
+        if itt in tasks:
             self._reject(RejectReason.TASK_IN_PROGRESS, cmd.header())
             return
         raw = cmd.lun
@@ -405,29 +407,32 @@ class Session:
         cdb = cmd.cdb
         unit = self.resolver.unit(lun) if lun >= 0 else None
         task = Task(cmd, lun, unit)
-        self.tasks[cmd.itt] = task
+        tasks[itt] = task
         if unit is not None and unit not in self.units_used:
             self.units_used.add(unit)
         if cdb[0] == 0xA0 or unit is None:      # REPORT LUNS, or a LUN this initiator may not see
             self._finish_inline(task, self._no_unit_result(task))
             return
-        if cmd.write and cmd.expected_length:
-            task.want = cmd.expected_length
+        want = cmd.expected_length
+        if cmd.write and want:
+            task.want = want
             imm = cmd.data
-            if len(imm) > task.want or len(imm) > self.p.first_burst_length:
-                self.tasks.pop(cmd.itt, None)
+            n = len(imm)
+            p = self.p
+            if n > want or n > p.first_burst_length:
+                tasks.pop(itt, None)
                 self._reject(RejectReason.PROTOCOL_ERROR, cmd.header())
                 return
-            task.received = len(imm)
-            if task.received == task.want:
+            task.received = n
+            if n == want:
                 task.data = imm
             else:
-                task.buf = bytearray(task.want)
-                task.buf[:len(imm)] = imm
-            task.unsolicited_done = cmd.final or self.p.initial_r2t
-            task.next_r2t_offset = task.received
-            if task.received < task.want:
-                if task.unsolicited_done:
+                buf = task.buf = bytearray(want)
+                buf[:n] = imm
+            done = task.unsolicited_done = cmd.final or p.initial_r2t
+            task.next_r2t_offset = n
+            if n < want:
+                if done:
                     self._send_r2ts(task)
                 return
         elif cmd.data:
@@ -559,11 +564,13 @@ class Session:
         if self.tasks.get(cmd.itt) is task:
             del self.tasks[cmd.itt]
         if not task.aborted and not self._closing:
-            self._respond(task, result)      # _send flushes soon when outside a batch
+            # write_nowait took it only if the data is exactly data_out_length(cdb), and a
+            # unit only grows: that length, without asking the unit again.
+            self._respond(task, result, len(task.data))      # flushed soon when outside a batch
 
-    def _respond(self, task: Task, result) -> None:
+    def _respond(self, task: Task, result, needed: int = -1) -> None:
         """Answer a command: Data-In (the last one carrying the status when GOOD) and/or
-        a SCSI Response. Headers without sense data are packed directly (``P.encode_*``,
+        a SCSI Response (``needed``: the data-out length of a write, when known). Headers without sense data are packed directly (``P.encode_*``,
         byte-identical to the PDU classes); a response with sense takes ``_send``."""
         cmd = task.cmd
         data = result.data
@@ -571,7 +578,8 @@ class Session:
         status = result.status
         sense = result.sense
         if cmd.write and not cmd.read:
-            needed = task.unit.data_out_length(cmd.cdb) if task.unit is not None else 0
+            if needed < 0:
+                needed = task.unit.data_out_length(cmd.cdb) if task.unit is not None else 0
             resid = edtl - needed
             if sense:
                 self._send(P.ScsiResponse(
