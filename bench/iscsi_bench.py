@@ -188,6 +188,10 @@ class Tgtd:
     ctl: int = 0
     made_socket: bool = False
 
+    def pids(self) -> dict[str, int]:
+        """tgtd's pid by name (storage_bench's CPU accounting)."""
+        return {"tgtd": self.proc.pid} if self.proc is not None else {}
+
     def adm(self, *args: str) -> str:
         return run(["tgtadm", "-C", str(self.ctl), "--lld", "iscsi", *args], 15, "tgtadm")
 

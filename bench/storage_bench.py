@@ -234,6 +234,12 @@ class Cluster(Zstore):
         wait_login(f"zstore volume {name}", t, 30)
         return t
 
+    def pids(self) -> dict[str, int]:
+        """The chunk servers' pids by name (``zstore up``'s up.json)."""
+        state = json.loads((self.state_dir / "up.json").read_text())
+        return {c["name"]: int(c["pid"]) for c in state.get("children", [])
+                if c.get("kind") == "chunk" and c.get("pid")}
+
     def replica_drops(self) -> int:
         """Replicas dropped from extents so far, over all chunk servers (their heartbeat counters)."""
         return sum(int((c.get("storage") or {}).get("replica_drops") or 0)
@@ -376,6 +382,39 @@ def measure(line: Line, t: Target, size: int, seconds: float) -> float:
     return load_rate(t, size, 4 * KiB, 1 if line.key == "w1" else 32, seconds)
 
 
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_cpu(line: Line, t: Target, size: int, seconds: float,
+                pids: dict[str, int]) -> tuple[float, dict[str, float]]:
+    """``measure``, plus the CPU microseconds per operation each process spent meanwhile
+    (``pids``: name -> pid; "initiator" is this process, where IscsiLoad runs)."""
+    before = {name: proc_cpu(pid) for name, pid in pids.items()}
+    mine = time.process_time()
+    v = measure(line, t, size, seconds)
+    ops = max(1.0, v * seconds)
+    per = {name: (proc_cpu(pid) - before[name]) * 1e6 / ops for name, pid in pids.items()}
+    per["initiator"] = (time.process_time() - mine) * 1e6 / ops
+    return v, per
+
+
+def cpu_table(cpu: dict[str, dict[str, float]]) -> str:
+    """Where a 4 KiB random write at QD32 spends CPU, per column (busiest process first)."""
+    out = ["CPU per 4 KiB random write, QD32 (us, utime+stime from /proc during that line):"]
+    for col, per in cpu.items():
+        procs = sorted(((v, k) for k, v in per.items() if k != "initiator"), reverse=True)
+        parts = ", ".join(f"{k} {v:.0f}" for v, k in procs if v >= 0.5)
+        out.append(f"  {col:<10} initiator {per.get('initiator', 0):.0f}; {parts or '-'}; "
+                   f"all {sum(per.values()):.0f}")
+    return "\n".join(out)
+
+
 def read_back(t: Target, size: int) -> None:
     """The filled pattern is there: no column is fast by dropping writes."""
     reads = [c for off in (0, size // 2, size - MiB) for c in ("-c", f"read -P {PATTERN} {off} 1M")]
@@ -482,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     snaps: tuple[SnapResult, SnapResult] | None = None
     results: dict[str, dict[str, float]] = {}
+    cpu: dict[str, dict[str, float]] = {}
     columns: list[str] = []
     calib: tuple[float, float] | None = None
     settled: tuple[float, int, int] | None = None
@@ -524,7 +564,11 @@ def main(argv: list[str] | None = None) -> int:
                     if name in failed:
                         continue
                     try:
-                        v = measure(line, t, args.size, args.duration)
+                        if line.key == "w32":
+                            v, cpu[name] = measure_cpu(line, t, args.size, args.duration,
+                                                       tgtd.pids() if name == "tgtd" else z.pids())
+                        else:
+                            v = measure(line, t, args.size, args.duration)
                         if line.key == "fill":
                             read_back(t, args.size)
                         results.setdefault(line.key, {})[name] = v
@@ -581,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"whole run so far), up to {settled[1]} extents/tasks degraded at once; waited "
                   f"{settled[0]:.0f} s for recovery before the timed lines")
         print("\n".join(goals(results)))
+        if cpu:
+            print()
+            print(cpu_table(cpu))
     if calib:
         print(f"calibration, 4 KiB random read QD32 on tgtd: this script's initiator {calib[0]:,.0f} IOPS, "
               f"iscsi-perf {calib[1]:,.0f} IOPS ({calib[0] / calib[1]:.2f}x)")
