@@ -526,7 +526,12 @@ class Session:
         """
         unit = task.unit
         data = task.data     # write_nowait declines a command without data: not asked then
-        fut = unit.write_nowait(task.cmd.cdb, data, self.nexus) if data is not None and unit.fast_writes else None
+        try:
+            fut = unit.write_nowait(task.cmd.cdb, data, self.nexus) if data is not None and unit.fast_writes else None
+        except Exception:  # noqa: BLE001 - as in _run: one command's bug must not kill the session
+            log.exception("%s: SCSI command %#04x failed", self.nexus.initiator, task.cmd.cdb[0])
+            self._finish_inline(task, self.scsi.internal_error())
+            return
         if fut is not None:
             if fut.done():
                 self._write_done(task, fut)

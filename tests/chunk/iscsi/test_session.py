@@ -515,3 +515,16 @@ async def test_header_and_data_digests_on_batched_requests_and_packed_answers():
         assert [g.datasn for g in got[2:]] == [0, 1, 2, 3] and got[5].status_present
         assert [g.statsn for g in (got[0], got[1], got[5])] == [100, 101, 102]
         assert h.unit.writes == [(4, b"w" * 512)]
+
+
+async def test_a_fast_path_that_raises_answers_internal_error_and_the_session_goes_on():
+    class Broken(NowaitUnit):
+        def write_nowait(self, cdb, data, nexus):
+            raise RuntimeError("bug")
+
+    async with Harness(params(), unit=Broken()) as h:
+        h.w.write(write10(5, 1, itt=1, cmdsn=1, data=b"a" * 512).to_bytes()
+                  + read10(0, 1, itt=2, cmdsn=2).to_bytes())
+        got = [await h.recv() for _ in range(2)]
+        assert isinstance(got[0], P.ScsiResponse) and got[0].itt == 1 and got[0].status == 2
+        assert got[1].itt == 2 and got[1].status_present and not h.session.tasks
