@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -339,3 +340,41 @@ def test_two_servers_writing_one_volume_both_succeed_and_drop_nothing(tmp_path, 
             assert back[s * slot:(s + 1) * slot] == want, f"slot {s}"
         ex = extents(c, "shared")
         assert ex and all(len(e["replicas"]) == 3 and not e["stale"] for e in ex), ex
+
+
+@pytest.mark.timeout(240)
+def test_snapshots_between_fast_path_writes_in_flight(tmp_path, etcd_server):
+    """Snapshots taken while 32 fast-path writes are in flight: each waits for the writes it
+    must (the write gate) and completes, no write fails, nothing is dropped, and the replicas
+    end identical. A fast-path write that left the gate or a range lock held would hang the
+    barrier here."""
+    with cluster(tmp_path, etcd_server, metas=1, chunks=2) as c:
+        vol = serving_volume(c, 2, "g", "64Mi", 2)
+        qemu_io(c, vol, 0, "write -P 0x11 0 64M")          # allocated: later writes take the fast path
+        writer = subprocess.Popen(
+            ["qemu-img", "bench", "-w", "-d", "32", "-s", "4096", "-c", "60000", "-t", "none",
+             "--pattern=0xa5", "--image-opts", opts(c, vol, 0)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            made = 0
+            for k in range(3):
+                time.sleep(0.3)
+                if writer.poll() is not None:
+                    break
+                c.cli("snapshot", "create", "g", f"s{k}", check=True, timeout=30)
+                made += 1
+            out, err = writer.communicate(timeout=180)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+        assert writer.returncode == 0, err.decode()
+        assert made >= 1, "the writer ended before any snapshot was taken"
+        serving, peer = chunk_ids(c)[:2]
+        assert all(len(e["replicas"]) == 2 for e in extents(c, "g")), extents(c, "g")
+        wait_for(lambda: storage_counter(c, serving, "fast_writes") > 0, 30, "fast-path writes counted")
+        assert storage_counter(c, serving, "replica_drops") == 0
+        d = digests(c, vol["volume_id"])
+        assert d and all(len(per) == 2 and len(set(per.values())) == 1 for per in d.values()), d
+        # the volume reads what the bench wrote
+        qemu_io(c, vol, 0, "read -P 0xa5 0 4M")
