@@ -528,9 +528,8 @@ class Session:
         data = task.data     # write_nowait declines a command without data: not asked then
         try:
             fut = unit.write_nowait(task.cmd.cdb, data, self.nexus) if data is not None and unit.fast_writes else None
-        except Exception:  # noqa: BLE001 - as in _run: one command's bug must not kill the session
-            log.exception("%s: SCSI command %#04x failed", self.nexus.initiator, task.cmd.cdb[0])
-            self._finish_inline(task, self.scsi.internal_error())
+        except Exception:  # noqa: BLE001 - one command's bug must not kill the session
+            self._finish_inline(task, self._command_failed(task))
             return
         if fut is not None:
             if fut.done():
@@ -551,27 +550,30 @@ class Session:
         try:
             result = await task.unit.execute(cmd.cdb, task.data, cmd.expected_length, self.nexus)
         except Exception:  # noqa: BLE001 - one command's bug must not kill the session
-            log.exception("%s: SCSI command %#04x failed", self.nexus.initiator, cmd.cdb[0])
-            result = self.scsi.internal_error()
-        if self.tasks.get(cmd.itt) is task:
-            del self.tasks[cmd.itt]
-        if not task.aborted and not self._closing:
-            self._respond(task, result)
+            result = self._command_failed(task)
+        self._complete(task, result)
 
     def _write_done(self, task: Task, fut) -> None:
         """Answer a write the unit ran on its fast path (``write_nowait``)."""
-        cmd = task.cmd
         try:
             result = task.unit.finish_nowait(fut)
-        except Exception:  # noqa: BLE001 - as in _run: one command's bug must not kill the session
-            log.exception("%s: SCSI command %#04x failed", self.nexus.initiator, cmd.cdb[0])
-            result = self.scsi.internal_error()
-        if self.tasks.get(cmd.itt) is task:
-            del self.tasks[cmd.itt]
+        except Exception:  # noqa: BLE001 - one command's bug must not kill the session
+            result = self._command_failed(task)
+        # write_nowait took it only if the data is exactly data_out_length(cdb), and a
+        # unit only grows: that length, without asking the unit again.
+        self._complete(task, result, len(task.data))      # flushed soon when outside a batch
+
+    def _command_failed(self, task: Task):
+        log.exception("%s: SCSI command %#04x failed", self.nexus.initiator, task.cmd.cdb[0])
+        return self.scsi.internal_error()
+
+    def _complete(self, task: Task, result, needed: int = -1) -> None:
+        """A running command is done: forget it, and answer unless aborted or closing."""
+        itt = task.cmd.itt
+        if self.tasks.get(itt) is task:
+            del self.tasks[itt]
         if not task.aborted and not self._closing:
-            # write_nowait took it only if the data is exactly data_out_length(cdb), and a
-            # unit only grows: that length, without asking the unit again.
-            self._respond(task, result, len(task.data))      # flushed soon when outside a batch
+            self._respond(task, result, needed)
 
     def _respond(self, task: Task, result, needed: int = -1) -> None:
         """Answer a command: Data-In (the last one carrying the status when GOOD) and/or

@@ -76,6 +76,11 @@ _W10 = struct.Struct(">IxH").unpack_from        # WRITE(10): LBA, TRANSFER LENGT
 _W16 = struct.Struct(">QI").unpack_from         # WRITE(16)
 
 
+# Failures a command is answered with (CHECK CONDITION or RESERVATION CONFLICT), see
+# ``_error_result``; anything else is a bug the transport answers as INTERNAL TARGET FAILURE.
+_ANSWERED = (ScsiError, ReservationConflict, MediumError, NoSpaceError, ReadOnlyError)
+
+
 class LogicalUnit:
     """One SCSI logical unit (a volume) as seen through any transport."""
 
@@ -252,21 +257,8 @@ class LogicalUnit:
                 return RESULT_RESERVATION_CONFLICT
         try:
             out = await handler(cdb, data_out, expected_length, nexus)
-        except ScsiError as e:
-            return ScsiResult(CHECK_CONDITION, None, e.sense())
-        except ReservationConflict:
-            return RESULT_RESERVATION_CONFLICT
-        except MediumError:
-            asc = ASC_WRITE_ERROR if access == Access.WRITE else ASC_UNRECOVERED_READ
-            return ScsiResult(CHECK_CONDITION, None, fixed_sense(MEDIUM_ERROR, *asc))
-        except NoSpaceError:
-            # SBC-3 4.7.3.6: a thin LU out of backing space reports SPACE ALLOCATION
-            # FAILED WRITE PROTECT.  Not MEDIUM ERROR: nothing is wrong with the
-            # medium, and hosts (Linux: BLK_STS_NOSPC) must not mark sectors bad.
-            return ScsiResult(CHECK_CONDITION, None,
-                              fixed_sense(DATA_PROTECT, *ASC_SPACE_ALLOC_FAILED_WP))
-        except ReadOnlyError:
-            return ScsiResult(CHECK_CONDITION, None, write_protected().sense())
+        except _ANSWERED as e:
+            return self._error_result(e, access)
         if out is None:
             return RESULT_GOOD
         if isinstance(out, ScsiResult):
@@ -319,15 +311,27 @@ class LogicalUnit:
         e = fut.exception()
         if e is None:
             return RESULT_GOOD
+        if isinstance(e, _ANSWERED):
+            return self._error_result(e, Access.WRITE)
+        raise e
+
+    @staticmethod
+    def _error_result(e: BaseException, access: Access) -> ScsiResult:
+        """The SCSI answer to a command that failed with one of ``_ANSWERED``."""
         if isinstance(e, ScsiError):
             return ScsiResult(CHECK_CONDITION, None, e.sense())
+        if isinstance(e, ReservationConflict):
+            return RESULT_RESERVATION_CONFLICT
         if isinstance(e, MediumError):
-            return ScsiResult(CHECK_CONDITION, None, fixed_sense(MEDIUM_ERROR, *ASC_WRITE_ERROR))
+            asc = ASC_WRITE_ERROR if access == Access.WRITE else ASC_UNRECOVERED_READ
+            return ScsiResult(CHECK_CONDITION, None, fixed_sense(MEDIUM_ERROR, *asc))
         if isinstance(e, NoSpaceError):
-            return ScsiResult(CHECK_CONDITION, None, fixed_sense(DATA_PROTECT, *ASC_SPACE_ALLOC_FAILED_WP))
-        if isinstance(e, ReadOnlyError):
-            return ScsiResult(CHECK_CONDITION, None, write_protected().sense())
-        raise e
+            # SBC-3 4.7.3.6: a thin LU out of backing space reports SPACE ALLOCATION
+            # FAILED WRITE PROTECT.  Not MEDIUM ERROR: nothing is wrong with the
+            # medium, and hosts (Linux: BLK_STS_NOSPC) must not mark sectors bad.
+            return ScsiResult(CHECK_CONDITION, None,
+                              fixed_sense(DATA_PROTECT, *ASC_SPACE_ALLOC_FAILED_WP))
+        return ScsiResult(CHECK_CONDITION, None, write_protected().sense())     # ReadOnlyError
 
     # -- nexus and unit attention management (called by the transport) --------
 

@@ -351,37 +351,28 @@ class FrameReader:
         if self._ready:
             ready, self._ready = self._ready, []
             return ready
-        if self._error is not None:
-            raise self._error
-        buf = self._buf
-        while True:
-            if buf:
-                frames, used, error = split(buf, self.max_frame)
-                if frames:
-                    self._buf = buf[used:] if used < len(buf) else b""
-                    self._error = error
-                    return frames
-                if error is not None:
-                    raise error
-            buf = await self._more(buf)
-            if buf is None:
-                return []
+        return (await self._cut(split))[1]
 
     async def read_spans(self) -> tuple[bytes, list[tuple[int, int]]]:
         """``read_many`` without decoding (the replica client's reply path): a buffer and the
         (body start, body length) of every frame complete in it, at least one; ``(b"", [])``
         at a clean end of stream. Frames already decoded (``pending``) come from
         ``read_many`` first."""
+        return await self._cut(spans)
+
+    async def _cut(self, parse) -> tuple[bytes, list]:
+        """(buffer, what ``parse`` (``split`` or ``spans``) cut from it: at least one item),
+        reading until a frame is complete; ``(b"", [])`` at a clean end of stream."""
         if self._error is not None:
             raise self._error
         buf = self._buf
         while True:
             if buf:
-                cut, used, error = spans(buf, self.max_frame)
-                if cut:
+                items, used, error = parse(buf, self.max_frame)
+                if items:
                     self._buf = buf[used:] if used < len(buf) else b""
                     self._error = error
-                    return buf, cut
+                    return buf, items
                 if error is not None:
                     raise error
             buf = await self._more(buf)
