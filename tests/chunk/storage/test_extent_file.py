@@ -9,6 +9,7 @@ import crc32c
 import msgpack
 import pytest
 
+from chunk.storage import extent_file
 from chunk.storage.extent_file import (
     BLOCK_SIZE, EXTENT_SIZE, ChecksumError, ExtentFile, ExtentHeader, HeaderError,
 )
@@ -194,3 +195,26 @@ def test_write_block_errors_are_those_of_write(ext: ExtentFile):
     ext.close()
     with pytest.raises(ValueError, match="closed"):
         ext.write_block(0, bytes(BLOCK_SIZE))
+
+
+def test_large_writes_reach_data_in_small_pieces_even_when_short(ext: ExtentFile, monkeypatch):
+    """A 200 KiB write goes to .data as pwrites of at most WRITE_PIECE (large ones would make
+    the kernel cache it in large folios, which makes every later 4 KiB write there slow), and
+    short pwrites are resumed where they stopped."""
+    real = os.pwrite
+    sizes: list[int] = []
+
+    def short_pwrite(fd, data, offset):
+        if fd == ext._data:                                 # noqa: SLF001
+            sizes.append(len(data))
+            data = memoryview(data)[:max(BLOCK_SIZE, len(data) // 2)]   # the kernel may stop early
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    payload = _pattern(50 * BLOCK_SIZE, seed=9)
+    ext.write(4 * BLOCK_SIZE, payload)
+    monkeypatch.undo()
+    assert sizes and max(sizes) <= extent_file.WRITE_PIECE and sum(sizes) > len(payload)
+    assert ext.read(4 * BLOCK_SIZE, len(payload)) == payload
+    with ExtentFile.open(ext.base.parent, "vol1", 3) as again:      # checksums on disk agree
+        assert again.read(4 * BLOCK_SIZE, len(payload)) == payload
