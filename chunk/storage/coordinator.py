@@ -201,11 +201,10 @@ class _PendingWrite:
         self.left = 0
 
     def make_callback(self, k: int, replica):
-        def replied(fut) -> None:
-            # None: a plain OK (start_write); anything else is looked at by ``outcome``
-            if (fut.cancelled() or fut.exception() is not None or fut.result() is not None) \
-                    and self.outcomes[k] is None:
-                self.outcomes[k] = replica.outcome(fut)
+        def replied(reply) -> None:
+            # None: a plain OK (send_write); anything else is looked at by ``outcome_of``
+            if reply is not None and self.outcomes[k] is None:
+                self.outcomes[k] = replica.outcome_of(reply)
             self.left -= 1
             if not self.left:
                 self.coord._write_settled(self)
@@ -645,23 +644,14 @@ class Coordinator:
         done = asyncio.get_running_loop().create_future()
         pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, token)
         outcomes = pending.outcomes
-        for k, r in remotes:
-            if n <= MAX_DATA:
-                fut = r.send_write(vid, idx, eoff, view, epoch, seq)
-                if fut is None:
-                    outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent")
-                else:
-                    pending.left += 1
-                    fut.add_done_callback(pending.make_callback(k, r))
-                continue
+        for k, r in remotes:                                # replies come later, never inside
             replied = pending.make_callback(k, r)
             for pos in range(0, n, MAX_DATA):               # one frame carries MAX_DATA at most
-                fut = r.send_write(vid, idx, eoff + pos, view[pos:pos + MAX_DATA], epoch, seq)
-                if fut is None:
+                if not r.send_write(vid, idx, eoff + pos, view[pos:pos + MAX_DATA] if n > MAX_DATA
+                                    else view, epoch, seq, replied):
                     outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent")
                     break
                 pending.left += 1
-                fut.add_done_callback(replied)
         if local is not None:
             try:
                 local.write_now(vid, idx, eoff, view, epoch, seq)

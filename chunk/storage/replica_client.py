@@ -215,8 +215,34 @@ class ReplicaClient:
         if fua:
             return self._start(addr, lambda pipe: pipe.start_fields(
                 Op.WRITE, vid, idx, epoch, 0, off, len(data), data, seq, _FUA, self.timeout))
-        return self._start(addr, lambda pipe: pipe.start_write(vid, idx, epoch, off, data, seq,
-                                                               self.timeout))
+        fut = asyncio.get_running_loop().create_future()
+
+        def answered(result) -> None:
+            if fut.done():
+                return
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+        return fut if self.send_write(addr, vid, idx, off, data, epoch, seq, answered) else None
+
+    def send_write(self, addr: Address, vid: str, idx: int, off: int, data: bytes | memoryview,
+                   epoch: int, seq: int, on_reply) -> bool:
+        """A WRITE (no FUA) on the open connection, answered through ``on_reply`` (None for a
+        plain OK, else the reply Frame or the connection's exception; see
+        ``Pipeline.start_write``). False, with nothing sent, when no healthy connection is
+        open: the coordinator's fast path then declines or counts that replica failed."""
+        peer = self._peers.get(addr)
+        pipe = peer.pipe if peer is not None else None
+        if pipe is None or pipe.failed is not None or self._closed:
+            return False
+        try:
+            pipe.start_write(vid, idx, epoch, off, data, seq, self.timeout, on_reply)
+        except (ConnectionError, OSError, ValueError):
+            return False
+        if pipe.backed_up:
+            asyncio.get_running_loop().create_task(pipe.drain())
+        return True
 
     def connected(self, addr: Address) -> bool:
         """An established, healthy connection to ``addr`` exists (``start`` would send now)."""

@@ -154,20 +154,26 @@ class RemoteReplica:
         """A request sent now leaves at once (no dial): the fast path's precondition."""
         return self.client.connected(self.addr)
 
-    def send_write(self, vid, idx, off, data, epoch, seq):
-        """Send a WRITE (no FUA) on the open connection: the reply's future, or None."""
-        return self.client.start_write(self.addr, vid, idx, off, data, epoch, seq)
+    def send_write(self, vid, idx, off, data, epoch, seq, on_reply) -> bool:
+        """Send a WRITE (no FUA) on the open connection; ``on_reply`` gets its answer (see
+        ``outcome_of``). False if it could not be sent."""
+        return self.client.send_write(self.addr, vid, idx, off, data, epoch, seq, on_reply)
 
     def outcome(self, fut) -> ReplicaFailed | None:
         """None if the done reply future ``fut`` says OK, else the failure it means."""
         if fut.cancelled():
             return ReplicaFailed(self.chunk_id, UNAVAILABLE, "request cancelled")
         e = fut.exception()
-        if e is not None:
+        return self.outcome_of(e if e is not None else fut.result())
+
+    def outcome_of(self, reply) -> ReplicaFailed | None:
+        """None if a reply says OK, else the failure it means; ``reply`` is None (a plain OK),
+        a reply Frame, or the exception the request failed with."""
+        if isinstance(reply, BaseException):
+            e = reply
             if isinstance(e, (ConnectionError, OSError)):
                 return ReplicaFailed(self.chunk_id, UNAVAILABLE, f"{self.addr[0]}:{self.addr[1]}: {e}")
             return ReplicaFailed(self.chunk_id, IO, f"{type(e).__name__}: {e}")
-        reply = fut.result()
         if reply is None or reply.status is _OK:        # None: start_write's plain OK
             return None
         from . import replica_client as rc

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import struct
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -43,6 +44,8 @@ __all__ = [
     "decode_at", "spans", "plain_write", "encode_write_ok", "FrameReader", "FrameWriter",
     "Pipeline",
 ]
+
+log = logging.getLogger(__name__)
 
 VERSION = 2                          # 1 was the msgpack array format
 MAX_DATA = 1 << 20                   # largest data payload of one frame
@@ -481,7 +484,8 @@ class Pipeline:
         self._issued = 0
         self._waiting: dict[int, asyncio.Future[Frame]] = {}
         self._deadline: dict[int, tuple[float, float, int]] = {}   # id -> (due, limit, op)
-        self._lite: set[int] = set()        # ids of start_write requests (an OK resolves to None)
+        # start_write id -> on_reply(None for a plain OK | the reply Frame | the exception)
+        self._lite: dict[int, Callable[[Any], None]] = {}
         self._error: BaseException | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -491,7 +495,7 @@ class Pipeline:
 
     @property
     def outstanding(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._lite)
 
     @property
     def failed(self) -> BaseException | None:
@@ -523,23 +527,30 @@ class Pipeline:
         return self._queue(ident, raw, op, timeout)
 
     def start_write(self, volume: str, extent: int, epoch: int, offset: int,
-                    data: bytes | memoryview, seq: int, timeout: float | None) -> asyncio.Future:
-        """A WRITE (no args) whose future resolves to None when the reply is a plain OK (any
-        other reply: its Frame). The replicated-write hot path: the OK reply, every write's
-        answer, is recognised from its first header bytes and never decoded into a Frame."""
+                    data: bytes | memoryview, seq: int, timeout: float | None,
+                    on_reply: Callable[[Any], None]) -> None:
+        """A WRITE (no args) whose answer is handed to ``on_reply``: None for a plain OK, the
+        reply Frame for any other, the exception if the connection fails or the reply is
+        overdue. Called from the reply's routing, with no future and no loop turn between:
+        the replicated-write hot path, where the OK reply, every write's answer, is
+        recognised from its first header bytes and never decoded into a Frame."""
         if self._error is not None:
             raise ConnectionError(f"connection failed: {self._error}")
         ident = next(self._ids)
         raw = encode_fields(Op.WRITE, ident, volume, extent, epoch, 0, offset, len(data), data,
                             None, seq, None)
-        self._lite.add(ident)
-        return self._queue(ident, raw, Op.WRITE, timeout)
+        self._lite[ident] = on_reply
+        self._enqueue(ident, raw, Op.WRITE, timeout)
 
     def _queue(self, ident: int, raw: bytes, op: int, timeout: float | None) -> asyncio.Future:
+        fut: asyncio.Future[Frame] = self._loop.create_future()
+        self._waiting[ident] = fut
+        self._enqueue(ident, raw, op, timeout)
+        return fut
+
+    def _enqueue(self, ident: int, raw: bytes, op: int, timeout: float | None) -> None:
         self._issued = ident
         loop = self._loop
-        fut: asyncio.Future[Frame] = loop.create_future()
-        self._waiting[ident] = fut
         self._out.append(raw)
         if timeout is not None:
             self._deadline[ident] = (loop.time() + timeout, timeout, op)
@@ -548,7 +559,6 @@ class Pipeline:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return fut
 
     def _check(self) -> None:
         self._watch = None
@@ -585,7 +595,7 @@ class Pipeline:
         return await fut
 
     async def _route(self) -> None:
-        waiting, deadline, lite = self._waiting, self._deadline, self._lite
+        deadline, lite = self._deadline, self._lite
         reader = self._reader
         head = _REPLY_HEAD.unpack_from
         try:
@@ -601,14 +611,13 @@ class Pipeline:
                     if n >= _HDR.size:
                         h = head(buf, start)
                         ident = h[4]
-                        if h[:4] == _PLAIN_WRITE_OK and ident in lite:
-                            lite.discard(ident)
-                            if deadline:
-                                deadline.pop(ident, None)
-                            fut = waiting.pop(ident, None)
-                            if fut is not None and not fut.done():
-                                fut.set_result(None)
-                            continue
+                        if h[:4] == _PLAIN_WRITE_OK:
+                            on_reply = lite.pop(ident, None)
+                            if on_reply is not None:
+                                if deadline:
+                                    deadline.pop(ident, None)
+                                _answer(on_reply, None)
+                                continue
                     self._deliver(_decode(buf, start, n))
             error: BaseException = ConnectionError("connection closed by peer")
         except (FrameError, ConnectionError, OSError) as e:
@@ -619,9 +628,12 @@ class Pipeline:
         ident = frame.id
         if frame.status is None or not 0 < ident <= self._issued:
             raise MalformedFrame(f"unexpected frame id {ident} op {frame.op.name}")
-        self._lite.discard(ident)
         if self._deadline:
             self._deadline.pop(ident, None)
+        on_reply = self._lite.pop(ident, None)
+        if on_reply is not None:
+            _answer(on_reply, frame)
+            return
         fut = self._waiting.pop(ident, None)
         if fut is not None and not fut.done():   # done: the caller gave up (cancelled)
             fut.set_result(frame)
@@ -633,11 +645,14 @@ class Pipeline:
             self._watch.cancel()
             self._watch = None
         waiting, self._waiting = self._waiting, {}
+        lite = list(self._lite.values())
+        self._lite.clear()              # _route holds this dict: a late reply finds nothing
         self._deadline.clear()
-        self._lite.clear()
         for fut in waiting.values():
             if not fut.done():
                 fut.set_exception(ConnectionError(f"connection failed: {error}"))
+        for on_reply in lite:
+            _answer(on_reply, ConnectionError(f"connection failed: {error}"))
 
     async def close(self) -> None:
         self._task.cancel()
@@ -647,6 +662,14 @@ class Pipeline:
             pass
         self._fail(ConnectionError("pipeline closed"))
         await self._writer.close()
+
+
+def _answer(on_reply: Callable[[Any], None], result: Any) -> None:
+    """Call a start_write callback; a bug in one must not take the connection's routing down."""
+    try:
+        on_reply(result)
+    except Exception:  # noqa: BLE001 - logged like a failing future callback
+        log.exception("replica write reply callback failed")
 
 
 def legacy_refusal(message: str) -> bytes:

@@ -277,6 +277,60 @@ async def test_lost_connection_fails_every_outstanding_call():
         await server.wait_closed()
 
 
+
+async def test_start_write_answers_each_callback_once_ok_error_or_failure():
+    """start_write's on_reply: None for a plain OK, the Frame for any other reply, and the
+    connection's error for writes left unanswered when a reply is overdue; each callback is
+    called exactly once (a late reply after the failure finds nothing), and one that raises
+    does not stop the routing of the others."""
+    async def answer(reader, writer):
+        frames, out = FrameReader(reader), FrameWriter(writer)
+        async for req in frames:
+            if req.offset == 4096 * 7:
+                continue                              # never answered: the watchdog fails it
+            out.write(req.reply(Status.STALE_EPOCH if req.offset == 0 else Status.OK))
+            await out.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    pipe = Pipeline(FrameReader(r), FrameWriter(w))
+    got: dict[int, list] = {i: [] for i in range(8)}
+
+    def on_reply(i):
+        def cb(result):
+            got[i].append(result)
+            if i == 3:
+                raise RuntimeError("a buggy callback")
+        return cb
+    try:
+        for i in range(7):
+            pipe.start_write("v", 0, 1, i * 4096, b"d" * 4096, 1, None, on_reply(i))
+        assert pipe.outstanding == 7
+        for _ in range(200):
+            if all(got[i] for i in range(7)):
+                break
+            await asyncio.sleep(0.01)
+        assert got[0][0].status is Status.STALE_EPOCH            # decoded: not a plain OK
+        assert [got[i] for i in range(1, 7)] == [[None]] * 6
+        assert pipe.outstanding == 0
+        pipe.start_write("v", 0, 1, 7 * 4096, b"d" * 4096, 1, 0.2, on_reply(7))
+        for _ in range(300):
+            if got[7]:
+                break
+            await asyncio.sleep(0.01)
+        assert len(got[7]) == 1 and isinstance(got[7][0], ConnectionError)
+        assert "timed out" in str(got[7][0])
+        assert pipe.failed is not None and pipe.outstanding == 0
+        with pytest.raises(ConnectionError):
+            pipe.start_write("v", 0, 1, 0, b"d" * 4096, 1, None, on_reply(0))
+        await asyncio.sleep(0.05)
+        assert len(got[7]) == 1 and len(got[0]) == 1            # nothing answered twice
+    finally:
+        await pipe.close()
+        server.close()
+        await server.wait_closed()
+
 # -- the replica server's write fast path: plain_write / encode_write_ok / spans / detach --
 
 def _plain(ident: int = 5, vol: str = "vol-ü", data: bytes = b"d" * 4096, **kw) -> Frame:
