@@ -396,22 +396,32 @@ def measure_cpu(line: Line, t: Target, size: int, seconds: float,
     """``measure``, plus the CPU microseconds per operation each process spent meanwhile
     (``pids``: name -> pid; "initiator" is this process, where IscsiLoad runs)."""
     before = {name: proc_cpu(pid) for name, pid in pids.items()}
+    box = box_ticks()
     mine = time.process_time()
     v = measure(line, t, size, seconds)
     ops = max(1.0, v * seconds)
     per = {name: (proc_cpu(pid) - before[name]) * 1e6 / ops for name, pid in pids.items()}
     per["initiator"] = (time.process_time() - mine) * 1e6 / ops
+    spent = [b - a for a, b in zip(box, box_ticks())]
+    per["_idle"] = 100.0 * (spent[3] + spent[4]) / max(1, sum(spent))     # idle + iowait
     return v, per
+
+
+def box_ticks() -> list[int]:
+    """The machine's CPU time so far by kind (user nice system idle iowait irq softirq steal),
+    /proc/stat's first line: an idle box means one process, not the machine, was the limit."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
 
 
 def cpu_table(cpu: dict[str, dict[str, float]]) -> str:
     """Where a 4 KiB random write at QD32 spends CPU, per column (busiest process first)."""
     out = ["CPU per 4 KiB random write, QD32 (us, utime+stime from /proc during that line):"]
     for col, per in cpu.items():
-        procs = sorted(((v, k) for k, v in per.items() if k != "initiator"), reverse=True)
+        procs = sorted(((v, k) for k, v in per.items() if k not in ("initiator", "_idle")), reverse=True)
         parts = ", ".join(f"{k} {v:.0f}" for v, k in procs if v >= 0.5)
         out.append(f"  {col:<10} initiator {per.get('initiator', 0):.0f}; {parts or '-'}; "
-                   f"all {sum(per.values()):.0f}")
+                   f"all {sum(v for k, v in per.items() if k != '_idle'):.0f}; "
+                   f"machine {per.get('_idle', 0):.0f}% idle")
     return "\n".join(out)
 
 

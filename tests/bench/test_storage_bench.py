@@ -74,6 +74,9 @@ def test_quick_run_prints_both_columns_and_cleans_up(short_dir):
         assert all(number(c) > 0 for c in cells), row
     assert re.search(r"^goal zstore-r2 .*: (MET|NOT MET) \(", out, re.M), out
     assert re.search(r"^goal zstore-r3 .*: (MET|NOT MET) \(", out, re.M), out
+    # Where a QD32 write's CPU went, per column, and how idle the machine was meanwhile.
+    for col in ("tgtd", "zstore-r1", "zstore-r2", "zstore-r3"):
+        assert re.search(rf"^  {col} +initiator \d+; .*; all \d+; machine \d+% idle$", out, re.M), out
 
     # Nothing left behind: the work dir is gone and no process still runs from it.
     assert list(tmp_path.iterdir()) == []
