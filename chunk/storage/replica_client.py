@@ -232,36 +232,31 @@ class ReplicaClient:
         plain OK, else the reply Frame or the connection's exception; see
         ``Pipeline.start_write``). False, with nothing sent, when no healthy connection is
         open: the coordinator's fast path then declines or counts that replica failed."""
-        peer = self._peers.get(addr)
-        pipe = peer.pipe if peer is not None else None
-        if pipe is None or pipe.failed is not None or self._closed:
-            return False
-        try:
-            pipe.start_write(vid, idx, epoch, off, data, seq, self.timeout, on_reply)
-        except (ConnectionError, OSError, ValueError):
-            return False
-        if pipe.backed_up:
-            asyncio.get_running_loop().create_task(pipe.drain())
-        return True
+        return self._start(addr, lambda pipe: pipe.start_write(
+            vid, idx, epoch, off, data, seq, self.timeout, on_reply) or True) is not None
 
     def connected(self, addr: Address) -> bool:
         """An established, healthy connection to ``addr`` exists (``start`` would send now)."""
-        peer = self._peers.get(addr)
-        return peer is not None and peer.pipe is not None and peer.pipe.failed is None \
-            and not self._closed
+        return self._usable(addr) is not None
 
-    def _start(self, addr: Address, send) -> asyncio.Future | None:
+    def _usable(self, addr: Address) -> Pipeline | None:
         peer = self._peers.get(addr)
         pipe = peer.pipe if peer is not None else None
-        if pipe is None or pipe.failed is not None or self._closed:
+        return None if pipe is None or pipe.failed is not None or self._closed else pipe
+
+    def _start(self, addr: Address, send):
+        """``send(pipe)`` on the usable connection to ``addr``: its result, or None if there is
+        none or sending failed at once."""
+        pipe = self._usable(addr)
+        if pipe is None:
             return None
         try:
-            fut = send(pipe)
+            result = send(pipe)
         except (ConnectionError, OSError, ValueError):
             return None
         if pipe.backed_up:
             asyncio.get_running_loop().create_task(pipe.drain())
-        return fut
+        return result
 
     @staticmethod
     def unavailable(addr: Address, frame: Frame, e: BaseException) -> PeerUnavailable:
