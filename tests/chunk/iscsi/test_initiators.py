@@ -170,8 +170,9 @@ def test_several_luns_and_sessions_at_once(two_chunks: Cluster, tmp_path):
     a = make_volume(c, "a", size="64Mi")
     b = make_volume(c, "b", size="64Mi")
     assert a["target_iqn"] == b["target_iqn"] and {a["lun"], b["lun"]} == {1, 2}   # volumes share a target
-    wait_visible(c, a)
-    wait_visible(c, b)
+    for vol in (a, b):          # both chunk servers serve both LUNs below: each learns by its own watch
+        for chunk in (0, 1):
+            wait_visible(c, vol, chunk=chunk)
     ls = run("iscsi-ls", "-i", INIT, "-s", f"iscsi://127.0.0.1:{c.portals[0]}").stdout.decode().replace(" ", "")
     assert "Lun:1" in ls and "Lun:2" in ls
     # Four concurrent sessions (two per LUN, one per chunk server) writing distinct patterns.
