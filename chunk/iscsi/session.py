@@ -574,6 +574,8 @@ class Session:
             del self.tasks[itt]
         if not task.aborted and not self._closing:
             self._respond(task, result, needed)
+            if not self.tasks and not self._in_batch:
+                self._flush()        # nothing else in flight (QD1): no batch to wait for
 
     def _respond(self, task: Task, result, needed: int = -1) -> None:
         """Answer a command: Data-In (the last one carrying the status when GOOD) and/or

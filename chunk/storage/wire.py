@@ -551,11 +551,16 @@ class Pipeline:
     def _enqueue(self, ident: int, raw: bytes, op: int, timeout: float | None) -> None:
         self._issued = ident
         loop = self._loop
-        self._out.append(raw)
         if timeout is not None:
             self._deadline[ident] = (loop.time() + timeout, timeout, op)
             if self._watch is None:
                 self._watch = loop.call_later(min(timeout, 0.25), self._check)
+        if len(self._waiting) + len(self._lite) == 1 and not self._out:
+            # The only request in flight on an idle connection (QD1): there is nothing to
+            # batch it with, so it leaves now rather than a loop turn later.
+            self._writer.write_bytes(raw)
+            return
+        self._out.append(raw)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)

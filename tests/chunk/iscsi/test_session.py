@@ -528,3 +528,24 @@ async def test_a_fast_path_that_raises_answers_internal_error_and_the_session_go
         got = [await h.recv() for _ in range(2)]
         assert isinstance(got[0], P.ScsiResponse) and got[0].itt == 1 and got[0].status == 2
         assert got[1].itt == 2 and got[1].status_present and not h.session.tasks
+
+
+async def test_the_last_command_in_flight_is_answered_at_once_others_wait_for_the_turn():
+    """Outside a batch, an answer waits for the end of the loop turn so that completions
+    arriving together share a send; but when no other command is in flight (QD1) there is
+    nothing to wait for, and it goes out at once."""
+    async with Harness(params(), unit=NowaitUnit()) as h:
+        h.w.write(write10(5, 1, itt=1, cmdsn=1, data=b"a" * 512).to_bytes()
+                  + write10(6, 1, itt=2, cmdsn=2, data=b"b" * 512).to_bytes())
+        await until(lambda: len(h.unit.futs) == 2)
+        s = h.session
+        h.unit.futs[0].set_result(None)
+        await asyncio.sleep(0)                     # its completion ran; itt 2 is still in flight
+        assert s._out and s._flush_pending        # noqa: SLF001 - queued for the turn's end
+        await asyncio.sleep(0)
+        assert not s._out                          # noqa: SLF001
+        h.unit.futs[1].set_result(None)
+        await asyncio.sleep(0)                     # the last one in flight
+        assert not s._out and not s.tasks          # noqa: SLF001 - already handed to the socket
+        got = [await h.recv() for _ in range(2)]
+        assert [g.itt for g in got] == [1, 2] and all(g.status == 0 for g in got)

@@ -331,6 +331,52 @@ async def test_start_write_answers_each_callback_once_ok_error_or_failure():
         server.close()
         await server.wait_closed()
 
+
+class _CountingWriter(FrameWriter):
+    """A FrameWriter that records when bytes are handed to the transport."""
+
+    def __init__(self, writer):
+        super().__init__(writer)
+        self.sends: list[int] = []
+
+    def write_bytes(self, data: bytes) -> None:
+        self.sends.append(len(data))
+        super().write_bytes(data)
+
+
+async def test_an_idle_connection_sends_at_once_a_busy_one_at_the_turns_end():
+    """The only request in flight leaves inside start_write (QD1: nothing to batch it with);
+    requests behind it are batched into one send at the end of the loop turn."""
+    async def ok(reader, writer):
+        frames, out = FrameReader(reader), FrameWriter(writer)
+        async for req in frames:
+            out.write(req.reply(Status.OK))
+            await out.drain()
+
+    server = await asyncio.start_server(ok, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    cw = _CountingWriter(w)
+    pipe = Pipeline(FrameReader(r), cw)
+    got: list = []
+    try:
+        pipe.start_write("v", 0, 1, 0, b"d" * 4096, 1, 5.0, got.append)
+        assert len(cw.sends) == 1                     # sent before any loop turn
+        for k in range(1, 4):
+            pipe.start_write("v", 0, 1, k * 4096, b"d" * 4096, 1, 5.0, got.append)
+        assert len(cw.sends) == 1                     # queued behind the first
+        await asyncio.sleep(0)
+        assert len(cw.sends) == 2 and cw.sends[1] > 3 * 4096     # the three in one send
+        for _ in range(200):
+            if len(got) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [None] * 4 and pipe.outstanding == 0
+    finally:
+        await pipe.close()
+        server.close()
+        await server.wait_closed()
+
 # -- the replica server's write fast path: plain_write / encode_write_ok / spans / detach --
 
 def _plain(ident: int = 5, vol: str = "vol-ü", data: bytes = b"d" * 4096, **kw) -> Frame:
