@@ -485,6 +485,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "256 KiB segments, as iscsi_bench.py --tgtd-params matched), or Debian's stock ones")
     p.add_argument("--calibrate", action="store_true",
                    help="also print this script's initiator against iscsi-perf, random reads on tgtd")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="measure every timed line N times, alternating which column goes first, and "
+                        "report the median (the first pass is written once)")
     p.add_argument("--workdir", type=Path, metavar="DIR", help="parent of the work dir (default /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, state) for debugging")
     args = p.parse_args(argv)
@@ -493,8 +496,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.size = args.size or (128 * MiB if args.quick else GiB)
     if args.snapshots is None:
         args.snapshots = 3 if args.quick else 7
-    if args.duration < 0.5 or args.snapshots < 1:
-        p.error("--duration must be at least 0.5 and --snapshots at least 1")
+    if args.duration < 0.5 or args.snapshots < 1 or not 1 <= args.repeat <= 20:
+        p.error("--duration must be at least 0.5, --snapshots at least 1 and --repeat 1..20")
     return args
 
 
@@ -570,23 +573,34 @@ def main(argv: list[str] | None = None) -> int:
                                     max(1, round(args.duration))))
             failed: set[str] = set()
             for line in LINES:
-                for name, t in targets.items():
-                    if name in failed:
-                        continue
-                    try:
-                        if line.key == "w32":
-                            v, cpu[name] = measure_cpu(line, t, args.size, args.duration,
-                                                       tgtd.pids() if name == "tgtd" else z.pids())
-                        else:
-                            v = measure(line, t, args.size, args.duration)
-                        if line.key == "fill":
-                            read_back(t, args.size)
-                        results.setdefault(line.key, {})[name] = v
-                        say(f"  {name:<10} {line.label:<34} {v:>10,.1f} {line.unit}")
-                    except BenchError as e:
-                        failed.add(name)
-                        errors.append(f"{name}: {e}")
-                        say(f"!! {name} {line.label}: {e}")
+                runs: dict[str, list[float]] = {}
+                cpu_runs: dict[str, list[dict[str, float]]] = {}
+                for rep in range(1 if line.key == "fill" else args.repeat):
+                    order = list(targets.items())           # alternate who goes first
+                    for name, t in (order if rep % 2 == 0 else order[::-1]):
+                        if name in failed:
+                            continue
+                        try:
+                            if line.key == "w32":
+                                v, per = measure_cpu(line, t, args.size, args.duration,
+                                                     tgtd.pids() if name == "tgtd" else z.pids())
+                                cpu_runs.setdefault(name, []).append(per)
+                            else:
+                                v = measure(line, t, args.size, args.duration)
+                            if line.key == "fill":
+                                read_back(t, args.size)
+                            runs.setdefault(name, []).append(v)
+                            say(f"  {name:<10} {line.label:<34} {v:>10,.1f} {line.unit}")
+                        except BenchError as e:
+                            failed.add(name)
+                            errors.append(f"{name}: {e}")
+                            say(f"!! {name} {line.label}: {e}")
+                for name, vs in runs.items():
+                    if name not in failed:
+                        results.setdefault(line.key, {})[name] = statistics.median(vs)
+                for name, pers in cpu_runs.items():                 # the mean of each process's share
+                    if name not in failed:
+                        cpu[name] = {k: statistics.fmean(p.get(k, 0.0) for p in pers) for k in pers[0]}
                 if line.key == "fill":
                     names = [f"io-r{r}" for r in REPLICAS if f"zstore-r{r}" in targets]
                     try:
@@ -619,8 +633,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     shutil.rmtree(workdir, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    median = f" (median of {args.repeat}, alternated)" if args.repeat > 1 else ""
     print(f"zstore storage engine vs tgtd: I/O volumes {args.size // MiB} MiB, {args.duration:g} s per "
-          f"measurement, tgtd params {args.tgtd_params}, initiator {INITIATOR}, "
+          f"measurement{median}, tgtd params {args.tgtd_params}, initiator {INITIATOR}, "
           f"{time.monotonic() - began:.0f} s in all")
     print(machine(f"{start_load:.2f} at start, {os.getloadavg()[0]:.2f} at end"))
     if snaps:

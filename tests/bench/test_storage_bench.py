@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "storage_bench.py"
 TOOLS = ("tgtd", "tgtadm", "iscsi-perf", "iscsi-inq", "qemu-img", "qemu-io", "etcd")
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120),
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
               pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in TOOLS),
                                  reason="needs root and tgt, libiscsi-bin, qemu-utils, etcd")]
 
@@ -52,10 +52,16 @@ def short_dir():
 
 def test_quick_run_prints_both_columns_and_cleans_up(short_dir):
     tmp_path = short_dir
-    r = run_bench("--quick", "--size", "16Mi", "--duration", "0.5", "--snapshots", "2",
-                  "--workdir", str(tmp_path), timeout=100)
+    r = run_bench("--quick", "--size", "16Mi", "--duration", "0.5", "--snapshots", "2", "--repeat", "2",
+                  "--workdir", str(tmp_path), timeout=150)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
+
+    assert "(median of 2, alternated)" in out, out
+    # every timed line twice per column (the first pass once), in both orders
+    for col in ("tgtd", "zstore-r1", "zstore-r2", "zstore-r3"):
+        assert len(re.findall(rf"^  {col} +4 KiB random write, QD32 ", r.stderr, re.M)) == 2, r.stderr
+        assert len(re.findall(rf"^  {col} +1 MiB seq write, QD8 \(first pass\) ", r.stderr, re.M)) == 1
 
     # Snapshots: both sizes timed, a ratio and the flatness verdict.
     snap = re.search(r"^median ms\s+([\d.,]+)\s+([\d.,]+)\s+([\d.]+)x$", out, re.M)
@@ -88,3 +94,5 @@ def test_bad_arguments_exit_2():
     r = run_bench("--duration", "0", timeout=30)
     assert r.returncode == 2
     assert "--duration" in r.stderr
+    r = run_bench("--repeat", "0", timeout=30)
+    assert r.returncode == 2 and "--repeat" in r.stderr
