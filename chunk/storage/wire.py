@@ -555,7 +555,7 @@ class Pipeline:
             self._deadline[ident] = (loop.time() + timeout, timeout, op)
             if self._watch is None:
                 self._watch = loop.call_later(min(timeout, 0.25), self._check)
-        if len(self._waiting) + len(self._lite) == 1 and not self._out:
+        if self.outstanding == 1 and not self._out:
             # The only request in flight on an idle connection (QD1): there is nothing to
             # batch it with, so it leaves now rather than a loop turn later.
             self._writer.write_bytes(raw)
