@@ -187,6 +187,7 @@ class Tgtd:
     proc: subprocess.Popen | None = None
     ctl: int = 0
     made_socket: bool = False
+    prefilled: bool = False            # the image is already there, written: keep it
 
     def pids(self) -> dict[str, int]:
         """tgtd's pid by name (storage_bench's CPU accounting)."""
@@ -203,8 +204,9 @@ class Tgtd:
             raise BenchError("no free tgtd control port in 40-999")
         port = free_ports(1)
         image = self.workdir / "tgtd-lun1.img"
-        with open(image, "wb") as f:
-            f.truncate(self.size)                       # sparse, like a fresh thin zstore volume
+        if not self.prefilled:
+            with open(image, "wb") as f:
+                f.truncate(self.size)                   # sparse, like a fresh thin zstore volume
         log = self.workdir / "tgtd.log"
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
