@@ -55,43 +55,57 @@ class FencedError(MediumError):
 
 
 class WriteGate:
-    """Writes enter shared; a barrier (snapshot, revert) waits for them and holds new ones."""
+    """Writes enter shared; a barrier (snapshot, revert) waits for them and holds new ones.
+
+    Entering and leaving touch two plain attributes: they run on every write, and an
+    ``asyncio.Event`` set or cleared per write cost more than the rest of the gate. The
+    events exist only while a barrier holds the gate."""
 
     def __init__(self) -> None:
         self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._open = asyncio.Event()
-        self._open.set()
+        self._closed: asyncio.Event | None = None    # set when the barrier's holder reopens
+        self._drained: asyncio.Future | None = None  # the barrier's wait for writes in flight
         self._lock = asyncio.Lock()
 
     async def enter(self) -> None:
-        while not self._open.is_set():
-            await self._open.wait()
+        while self._closed is not None:
+            await self._closed.wait()
         self._inflight += 1
-        self._idle.clear()
 
     def try_enter(self) -> bool:
         """``enter`` when it would not wait (the write fast path); False when a barrier holds."""
-        if not self._open.is_set():
+        if self._closed is not None:
             return False
         self._inflight += 1
-        self._idle.clear()
         return True
 
     def leave(self) -> None:
         self._inflight -= 1
-        if self._inflight == 0:
-            self._idle.set()
+        if not self._inflight and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     async def __aenter__(self) -> None:
         await self._lock.acquire()
-        self._open.clear()
-        await self._idle.wait()
+        self._closed = asyncio.Event()
+        if self._inflight:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await self._drained
+            except BaseException:
+                self._reopen()
+                raise
+            finally:
+                self._drained = None
 
     async def __aexit__(self, *exc: object) -> None:
-        self._open.set()
-        self._lock.release()
+        self._reopen()
+
+    def _reopen(self) -> None:
+        closed, self._closed = self._closed, None
+        if closed is not None:
+            closed.set()
+        if self._lock.locked():
+            self._lock.release()
 
 
 class RangeLocks:
@@ -674,7 +688,8 @@ class Coordinator:
 
     def _write_settled(self, p: "_PendingWrite") -> None:
         """Every replica of a fast-path write answered: finish it, or hand failures on."""
-        if any(o is not None for o in p.outcomes):
+        outcomes = p.outcomes
+        if outcomes.count(None) != len(outcomes):          # a failure (no generator: every write)
             self.counters["fast_write_handoffs"] += 1
             task = asyncio.get_running_loop().create_task(self._write_recover(p))
             self._recovering.add(task)                 # the loop keeps only a weak reference
