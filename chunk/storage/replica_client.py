@@ -232,8 +232,17 @@ class ReplicaClient:
         plain OK, else the reply Frame or the connection's exception; see
         ``Pipeline.start_write``). False, with nothing sent, when no healthy connection is
         open: the coordinator's fast path then declines or counts that replica failed."""
-        return self._start(addr, lambda pipe: pipe.start_write(
-            vid, idx, epoch, off, data, seq, self.timeout, on_reply) or True) is not None
+        pipe = self._usable(addr)
+        if pipe is None:
+            return False
+        try:
+            pipe.start_write(vid, idx, epoch, off, data, seq, self.timeout, on_reply)
+        except (ConnectionError, OSError, ValueError):
+            return False
+        # Not ``_start``: no closure per write, and no backlog check, whose drain task only
+        # flushes early; the pipeline flushes at the end of this loop turn anyway, and the
+        # session's command window bounds what can pile up.
+        return True
 
     def connected(self, addr: Address) -> bool:
         """An established, healthy connection to ``addr`` exists (``start`` would send now)."""

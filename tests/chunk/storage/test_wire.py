@@ -461,3 +461,23 @@ async def test_detach_hands_over_what_the_handshake_read_ahead():
     assert (await r.read()).id == 1
     ready, raw, error = r.detach()
     assert [f.id for f in ready] == [2, 3] and isinstance(error, FrameTooLarge)
+
+
+@pytest.mark.parametrize("volume, data", [("vol-a", b"x" * 4096), ("ünïcode-vol", memoryview(b"abc")),
+                                          ("v", memoryview(bytearray(wire.MAX_DATA))), ("w", b"")])
+def test_encode_write_is_byte_identical_to_encode_fields(volume: str, data):
+    """The replicated write's encoder: the general encoding of the same WRITE, twice (the
+    second time from the cached volume bytes)."""
+    for _ in range(2):
+        fast = wire.encode_write(9, volume, 3, 5, 8192, data, 7)
+        assert fast == wire.encode_fields(Op.WRITE, 9, volume, 3, 5, 0, 8192, len(data), data,
+                                          None, 7, None)
+        assert wire.decode(fast[4:]) == Frame(Op.WRITE, 9, volume, 3, 5, 0, 8192, len(data),
+                                              bytes(data), seq=7)
+
+
+def test_encode_write_refuses_what_encode_fields_refuses():
+    with pytest.raises(ValueError, match="exceeds"):
+        wire.encode_write(1, "v", 0, 1, 0, bytes(wire.MAX_FRAME), 1)
+    with pytest.raises(ValueError, match="out of range"):
+        wire.encode_write(1, "v", 0, 2**64, 0, b"x", 1)
