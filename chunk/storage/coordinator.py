@@ -154,8 +154,12 @@ class RangeLocks:
         while idx in self._busy:
             await self._changed.wait()
         self._busy[idx] = (lo, hi)
-        while any(not (e <= lo or s >= hi) for s, e in self._inflight.get(idx, {}).values()):
-            await self._changed.wait()
+        try:
+            while any(not (e <= lo or s >= hi) for s, e in self._inflight.get(idx, {}).values()):
+                await self._changed.wait()
+        except BaseException:           # cancelled while waiting: the caller's finally never runs
+            self.release(idx)
+            raise
 
     def release(self, idx: int) -> None:
         self._busy.pop(idx, None)
