@@ -255,6 +255,7 @@ class Coordinator:
         self._alloc: dict[int, asyncio.Future] = {}
         self._drops: dict[tuple[int, str], asyncio.Future] = {}
         self._owner_lock = asyncio.Lock()
+        self._flush_lock = asyncio.Lock()
         self._dirty: dict[tuple[int, str], Dirty] = {}
         self._sync: dict[int, Sync] = {}
         self._unflushed: set[int] = set()
@@ -284,13 +285,19 @@ class Coordinator:
             return
         if self._ready_task is None:
             self._ready_task = asyncio.ensure_future(self._open())
-        await asyncio.shield(self._ready_task)
+        task = self._ready_task
+        try:
+            await asyncio.shield(task)
+        except BaseException:
+            if task.done() and not task.cancelled() and self._ready_task is task:
+                self._ready_task = None     # it failed (etcd, say): the next I/O tries again
+            raise
         self._is_ready = True
 
     async def _open(self) -> None:
         e = self.engine
         await e.started.wait()
-        if self.volume.source_snapshot:
+        if self.volume.source_snapshot and self.parent is None:
             got = await e.etcd.get(e.keys.snapshot(self.volume.source_snapshot))
             if got is None:
                 raise MediumError(f"volume {self.vid}: source snapshot {self.volume.source_snapshot} is gone")
@@ -354,10 +361,13 @@ class Coordinator:
                                                       self.vid, self.engine.chunk_id)
         except ownership.OwnershipError as e:
             raise MediumError(str(e)) from None
+        # The extent map first, ownership second: ``ensure_owner`` trusts a nonzero epoch, so
+        # a refresh that fails or is cancelled must leave none behind (the next attempt takes
+        # a new epoch, fencing only this one).
+        await self._refresh_extents()
         self.epoch, self.owner_rev, self.seq = epoch, rev, vol.snap_seq
         self.volume = vol
         self._size = max(self._size, vol.size)
-        await self._refresh_extents()
 
     async def _refresh_extents(self) -> None:
         """Read the extent map after taking ownership: the watch may still lag behind changes
@@ -828,19 +838,31 @@ class Coordinator:
         await self._on_replicas(idx, lambda r, epoch: r.create(self.vid, idx, epoch, rec.generation), rec=rec)
 
     async def flush(self) -> None:
+        """Make every write acknowledged so far durable on every replica.
+
+        One flush at a time: a second SYNCHRONIZE CACHE arriving while one is in flight
+        must not answer GOOD before the extents the first took are durable, so it waits
+        for it, then flushes what was written since. Extents taken by a flush that fails or
+        is cancelled go back to the unflushed set."""
         await self.ready()
-        pending, self._unflushed = self._unflushed, set()
-        if not pending:
-            return
+        async with self._flush_lock:
+            pending, self._unflushed = self._unflushed, set()
+            if not pending:
+                return
 
-        def flush_one(idx: int):
-            return self._on_replicas(idx, lambda r, epoch: r.flush(self.vid, idx, epoch))
+            def flush_one(idx: int):
+                return self._on_replicas(idx, lambda r, epoch: r.flush(self.vid, idx, epoch))
 
-        results = await asyncio.gather(*(flush_one(i) for i in sorted(pending)), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            self._unflushed |= pending
-            raise errors[0]
+            try:
+                results = await asyncio.gather(*(flush_one(i) for i in sorted(pending)),
+                                               return_exceptions=True)
+            except BaseException:
+                self._unflushed |= pending
+                raise
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                self._unflushed |= pending
+                raise errors[0]
 
     # -- volume operations (snapshot barrier, revert) ----------------------------
 
