@@ -268,8 +268,12 @@ class Node(pbg.NodeServicer):
         kind = check_capability(request.volume_capability)
         ro = request.readonly or request.volume_capability.access_mode.mode in READ_ONLY
         async with self._locks[vid]:
-            m = mount_at(target)
+            m = mount_at(target, mounts(self.mountinfo))
             if m is not None:
+                if ro and "ro" not in m.options.split(","):
+                    # A publish cut short between the bind and its ro remount (the plugin
+                    # restarted, or the call was cancelled): finish it, never answer rw as ro.
+                    await self.host.run(["mount", "-o", "remount,bind,ro", target])
                 if kind == "block" and m.fstype == "devtmpfs":
                     await self._sync_ro(m.root.lstrip("/"))   # a restart may have come in between
                 return pb.NodePublishVolumeResponse()

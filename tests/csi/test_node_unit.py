@@ -464,3 +464,25 @@ async def test_raw_disk_ro_flag_follows_the_publishes(tmp_path: Path, pubs, ro_n
     assert host.calls == ([want] if want else [])
     await node._sync_ro("sdz")          # a disk that is gone: nothing to do
     assert host.calls == ([want] if want else [])
+
+
+@pytest.mark.parametrize("block", [False, True])
+async def test_a_readonly_publish_cut_short_after_the_bind_is_finished_on_retry(tmp_path: Path, block):
+    """The bind is there but still rw (the plugin died, or the call was cancelled, before the
+    ro remount): the retry remounts it ro instead of answering success for a writable mount."""
+    target = tmp_path / "pods" / "p0" / "vol"
+    line = (f"60 22 0:5 /sdb {target} rw,nosuid - devtmpfs udev rw" if block
+            else f"60 22 8:16 / {target} rw,relatime - ext4 /dev/sdb rw")
+    (tmp_path / "mountinfo").write_text("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n" + line + "\n")
+    host = FakeHost({})
+    node = Node("n", host, state_dir=str(tmp_path / "state"), sysfs=tmp_path / "sys",
+                mountinfo=tmp_path / "mountinfo")
+    req = pb.NodePublishVolumeRequest(volume_id="v1", staging_target_path=str(tmp_path / "st"),
+                                      target_path=str(target), volume_capability=cap(block=block),
+                                      readonly=True)
+    await node.NodePublishVolume(req, None)
+    assert host.calls == [["mount", "-o", "remount,bind,ro", str(target)]]
+    host.calls.clear()
+    req.readonly = False                 # a rw publish already there: nothing to do
+    await node.NodePublishVolume(req, None)
+    assert host.calls == []
