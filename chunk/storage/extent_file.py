@@ -313,11 +313,11 @@ class ExtentFile:
         done = os.pwrite(self._data, block, off)     # data before checksums
         while done < BLOCK_SIZE:
             done += os.pwrite(self._data, memoryview(block)[done:], off + done)
-        self._crcs[index] = crc
         entry = _CRC_ENTRY.pack(crc)
         done = os.pwrite(self._crc, entry, index * 4)
         while done < 4:
             done += os.pwrite(self._crc, entry[done:], index * 4 + done)
+        self._crcs[index] = crc                      # after the file: see _store_crcs
 
     def unmap(self, offset: int, length: int) -> None:
         """Deallocate: whole blocks are punched out, partial edges are zeroed."""
@@ -451,7 +451,9 @@ class ExtentFile:
         self._store_crcs(first, new)
 
     def _store_crcs(self, first: int, new: array) -> None:
-        self._crcs[first:first + len(new)] = new
+        """Checksums to the file, then to memory. The other order let a failed write (a full
+        disk allocating the sparse ``.crc``) leave memory ahead of the file: reads and flushes
+        went on fine, and after a restart the block failed its checksum on every replica."""
         raw = new
         if sys.byteorder != "little":
             raw = array("I", new)
@@ -460,3 +462,4 @@ class ExtentFile:
         done = os.pwrite(self._crc, data, first * 4)
         while done < len(data):
             done += os.pwrite(self._crc, data[done:], first * 4 + done)
+        self._crcs[first:first + len(new)] = new

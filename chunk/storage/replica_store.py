@@ -302,15 +302,17 @@ class _Replica:
             self.keys.remove(key)
 
     def store_seqs(self, first: int, new: array) -> None:
+        """File first, memory after: a write that fails (a full disk allocating the sparse
+        ``.seq``) leaves memory saying what the file says, so a retry writes it again."""
         if self.seqs[first:first + len(new)] == new:
             return
-        self.seqs[first:first + len(new)] = new
         _pwrite_all(self.seq_fd, _le(new), first * 4)
+        self.seqs[first:first + len(new)] = new
 
     def store_seq(self, block: int, seq: int) -> None:
         """``store_seqs`` of one block whose seq differs (the 4 KiB write path)."""
-        self.seqs[block] = seq
         _pwrite_all(self.seq_fd, _SEQ.pack(seq), block * 4)
+        self.seqs[block] = seq
 
     def view_source(self, block: int, s: int) -> _Versions | None:
         """The version holding ``block`` at view ``s``, if any."""
@@ -699,14 +701,14 @@ class ReplicaStore:
             floor, seqs = rep.floor, rep.seqs
             if seq <= floor or not ext.crcs[b] or seqs[b] >= seq:
                 rep.mutations += 1
+                if seq < floor:                 # before: it must bound even a half-done write
+                    rep.floor = seq
                 try:
                     if seqs[b] != seq:
                         rep.store_seq(b, seq)
                     ext.write_block(b, data)
                 except OSError as e:
                     raise self._fail(rep.disk, e) from e
-                if seq < floor:
-                    rep.floor = seq
                 return
         view = memoryview(data).cast("B")
         first, n = self._blocks(rep, offset, len(view))
@@ -717,10 +719,9 @@ class ReplicaStore:
         try:
             if seq > rep.floor:
                 self._cow(rep, first, n, seq)
+            rep.floor = min(rep.floor, seq)     # before the blocks change, as above
             rep.store_seqs(first, array("I", [seq]) * n)
             rep.ext.write(offset, view)
-            if seq < rep.floor:
-                rep.floor = seq
             if fua:
                 rep.flush()
         except OSError as e:

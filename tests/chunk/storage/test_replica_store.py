@@ -612,3 +612,84 @@ def test_admit_write_is_admit_then_write(store: ReplicaStore):
     with pytest.raises(StaleEpochError):
         store.admit(V, 1, 6)
     assert store.stat(V, 0)["mutations"] == 3
+
+
+def _fail_writes_to(monkeypatch, fd: int, times: int = 1) -> None:
+    """The next ``times`` pwrites to ``fd`` fail with ENOSPC (a full disk allocating a page of
+    a sparse ``.crc`` or ``.seq``); everything else is written for real."""
+    import errno
+    real = os.pwrite
+    left = [times]
+
+    def pwrite(f, data, off):
+        if f == fd and left[0]:
+            left[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, data, off)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+@pytest.mark.parametrize("block", [BLOCK_SIZE, 3 * BLOCK_SIZE])     # the 4 KiB path and the general one
+def test_a_failed_checksum_write_never_reads_back_as_good(tmp_path: Path, monkeypatch, block):
+    """Memory must not get ahead of the ``.crc`` file: the failed write's block fails its
+    checksum at once (a coordinator serves it from another replica and repairs it), not
+    only after a restart, and a retry makes it good in memory and on disk alike."""
+    d = tmp_path / "d0"
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    s.create(V, 0, 1)
+    old, new = _pat(block, 1), _pat(block, 2)
+    s.write(V, 0, 0, old, seq=1)
+    s.flush(V, 0)
+    _fail_writes_to(monkeypatch, s._replicas[(V, 0)].ext._crc)        # noqa: SLF001
+    with pytest.raises(StoreFull):
+        s.write(V, 0, 0, new, seq=1)
+    with pytest.raises(ChecksumError):
+        s.read(V, 0, 0, block)
+    s.close()
+    s = ReplicaStore([(d, None)], extent_size=SIZE)                     # the same after a restart
+    with pytest.raises(ChecksumError):
+        s.read(V, 0, 0, block)
+    s.write(V, 0, 0, new, seq=1)                                         # the initiator retries
+    s.close()
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    assert s.read(V, 0, 0, block)[0] == new
+    s.close()
+
+
+@pytest.mark.parametrize("block", [BLOCK_SIZE, 3 * BLOCK_SIZE])
+def test_a_failed_seq_write_is_written_again_and_snapshots_stay_right(tmp_path: Path, monkeypatch, block):
+    """A block overwritten after a snapshot (seq 1 -> 2) whose ``.seq`` write failed: the retry
+    writes it again, so after a restart the snapshot still shows the old data and a revert
+    brings it back."""
+    d = tmp_path / "d0"
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    s.create(V, 0, 1)
+    old, new = _pat(block, 3), _pat(block, 4)
+    s.write(V, 0, 0, old, seq=1)
+    _fail_writes_to(monkeypatch, s._replicas[(V, 0)].seq_fd)            # noqa: SLF001
+    with pytest.raises(StoreFull):
+        s.write(V, 0, 0, new, seq=2)
+    s.write(V, 0, 0, new, seq=2)
+    s.flush(V, 0)
+    s.close()
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    assert s.read(V, 0, 0, block)[0] == new
+    assert s.read(V, 0, 0, block, view=1)[0] == old
+    s.revert(V, 0, to_seq=1, seq=3)
+    assert s.read(V, 0, 0, block)[0] == old
+    s.close()
+
+
+def test_a_failed_first_write_into_an_extent_does_not_leak_into_a_snapshot(tmp_path: Path, monkeypatch):
+    """The first write into a fresh extent fails at its checksum: the block stays unwritten
+    (zeros), so a snapshot taken then reads zeros even after the block is written later."""
+    s = ReplicaStore([(tmp_path / "d0", None)], extent_size=SIZE)
+    s.create(V, 0, 1)
+    _fail_writes_to(monkeypatch, s._replicas[(V, 0)].ext._crc)        # noqa: SLF001
+    with pytest.raises(StoreFull):
+        s.write(V, 0, 0, _pat(BLOCK_SIZE, 5), seq=5)
+    assert s.read(V, 0, 0, BLOCK_SIZE)[0] == bytes(BLOCK_SIZE)
+    s.write(V, 0, 0, _pat(BLOCK_SIZE, 6), seq=6)                          # after a snapshot at 5
+    assert s.read(V, 0, 0, BLOCK_SIZE, view=5)[0] == bytes(BLOCK_SIZE)
+    assert s.read(V, 0, 0, BLOCK_SIZE)[0] == _pat(BLOCK_SIZE, 6)
+    s.close()
