@@ -58,6 +58,7 @@ from __future__ import annotations
 import bisect
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import struct
@@ -66,7 +67,7 @@ from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import msgpack
 
@@ -76,6 +77,8 @@ from .extent_file import (
     BLOCK_SIZE, EXTENT_SIZE, ChecksumError, ExtentError, ExtentFile, ExtentHeader, block_crc,
 )
 from .fencing import EpochFence
+
+log = logging.getLogger(__name__)
 
 __all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "ReplicaStore"]
 
@@ -380,6 +383,9 @@ class ReplicaStore:
         self.cow_sync = cow_sync
         self.fence = EpochFence()
         self.bad: list[Path] = []
+        # Extents whose files are here but did not open (a flipped bit in the header, EIO):
+        # they answer IO errors, never NO_EXTENT, which a coordinator reads as zeros.
+        self.broken: dict[tuple[str, int], tuple[str, Path]] = {}    # -> (why, its .hdr)
         self._disks: list[_Disk] = []
         self._replicas: dict[tuple[str, int], _Replica] = {}
         for path, limit in disks:
@@ -394,6 +400,7 @@ class ReplicaStore:
                 continue
             for hdr in headers:
                 if hdr in self.bad:
+                    self._broken(hdr, "its fence record did not read")
                     continue
                 try:
                     header = ExtentHeader.decode(hdr.read_bytes(), str(hdr))
@@ -402,8 +409,18 @@ class ReplicaStore:
                         raise StoreError(f"{hdr}: duplicate of {self._replicas[key].base()}")
                     self._replicas[key] = self._open(disk, header.volume, header.extent)
                     disk.replicas.add(key)
-                except (ExtentError, StoreError, OSError, ValueError):
+                except (ExtentError, StoreError, OSError, ValueError) as e:
                     self.bad.append(hdr)
+                    self._broken(hdr, str(e))
+        for key, (why, _) in self.broken.items():
+            log.error("extent %s/%d is on disk but does not open (%s): it answers I/O errors "
+                      "until it is repaired or deleted", key[0], key[1], why)
+
+    def _broken(self, hdr: Path, why: str) -> None:
+        """Remember the extent ``hdr`` names (``<volume>.<index>.hdr``) as broken."""
+        vid, _, idx = hdr.name[:-len(".hdr")].rpartition(".")
+        if vid and idx.isdigit() and (vid, int(idx)) not in self._replicas:
+            self.broken[(vid, int(idx))] = (why, hdr)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -461,8 +478,14 @@ class ReplicaStore:
     def _get(self, vid: str, idx: int) -> _Replica:
         rep = self._replicas.get((vid, idx))
         if rep is None:
-            raise NoExtent(f"extent {vid}/{idx} is not on this server")
+            self._absent(vid, idx)
         return rep
+
+    def _absent(self, vid: str, idx: int) -> NoReturn:
+        broken = self.broken.get((vid, idx))
+        if broken is not None:
+            raise StoreIOError(f"extent {vid}/{idx} is here but does not open: {broken[0]}")
+        raise NoExtent(f"extent {vid}/{idx} is not on this server")
 
     def _used(self, disk: _Disk) -> tuple[int, int]:
         """(capacity, used) bytes of a disk: our allocations against a limit, else the fs."""
@@ -483,6 +506,8 @@ class ReplicaStore:
     def create(self, vid: str, idx: int, generation: int) -> None:
         if (vid, idx) in self._replicas:
             return
+        if (vid, idx) in self.broken:       # refused before anything of it is touched
+            self._absent(vid, idx)
         if "/" in vid or vid.startswith(".") or not vid or idx < 0:
             raise ValueError(f"bad extent name {vid!r}/{idx}")
         best, best_free = None, -1
@@ -522,6 +547,15 @@ class ReplicaStore:
         return sorted(self._replicas)
 
     def delete(self, vid: str, idx: int) -> None:
+        broken = self.broken.pop((vid, idx), None)
+        if broken is not None and (vid, idx) not in self._replicas:
+            base = broken[1].with_name(broken[1].name[:-len(".hdr")])
+            with self._io(None):
+                for suffix in (".hdr", ".data", ".crc", ".seq"):
+                    base.with_name(base.name + suffix).unlink(missing_ok=True)
+                shutil.rmtree(_vdir(base), ignore_errors=True)
+                _fsync_dir(base.parent)
+            return
         rep = self._get(vid, idx)
         base = rep.base()
         with self._io(rep.disk):
@@ -675,7 +709,7 @@ class ReplicaStore:
     def write(self, vid: str, idx: int, offset: int, data, seq: int, fua: bool = False) -> None:
         rep = self._replicas.get((vid, idx))
         if rep is None:
-            raise NoExtent(f"extent {vid}/{idx} is not on this server")
+            self._absent(vid, idx)
         self._write(rep, offset, data, seq, fua)
 
     def admit_write(self, vid: str, idx: int, epoch: int, offset: int, data, seq: int) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from chunk.storage.extent_file import BLOCK_SIZE, EXTENT_SIZE, ChecksumError
 from chunk.storage.fencing import StaleEpochError
-from chunk.storage.replica_store import NoExtent, ReplicaStore, StoreError, StoreFull
+from chunk.storage.replica_store import NoExtent, ReplicaStore, StoreError, StoreFull, StoreIOError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -692,4 +692,35 @@ def test_a_failed_first_write_into_an_extent_does_not_leak_into_a_snapshot(tmp_p
     s.write(V, 0, 0, _pat(BLOCK_SIZE, 6), seq=6)                          # after a snapshot at 5
     assert s.read(V, 0, 0, BLOCK_SIZE, view=5)[0] == bytes(BLOCK_SIZE)
     assert s.read(V, 0, 0, BLOCK_SIZE)[0] == _pat(BLOCK_SIZE, 6)
+    s.close()
+
+
+def test_an_extent_that_does_not_open_answers_io_errors_not_absent(tmp_path: Path):
+    """One bit of a header rots: after a restart the extent must not look absent (NO_EXTENT,
+    which a coordinator reads as zeros when every replica says it); it answers I/O errors,
+    a CREATE leaves its files alone, and DELETE removes them so it can be made anew."""
+    d = tmp_path / "d0"
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    s.create(V, 0, 1)
+    s.write(V, 0, 0, _pat(BLOCK_SIZE, 7), seq=1)
+    s.flush(V, 0)
+    s.close()
+    hdr = d / f"{V}.0.hdr"
+    raw = bytearray(hdr.read_bytes())
+    raw[-1] ^= 1
+    hdr.write_bytes(bytes(raw))
+    seq_before = (d / f"{V}.0.seq").read_bytes()
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    assert not s.has(V, 0) and (V, 0) in s.broken
+    for call in (lambda: s.read(V, 0, 0, BLOCK_SIZE), lambda: s.write(V, 0, 0, _pat(BLOCK_SIZE, 8), seq=1),
+                 lambda: s.admit_write(V, 0, 1, 0, _pat(BLOCK_SIZE, 8), 1), lambda: s.create(V, 0, 2)):
+        with pytest.raises(StoreIOError, match="does not open"):
+            call()
+    assert (d / f"{V}.0.seq").read_bytes() == seq_before
+    with pytest.raises(NoExtent):
+        s.read(V, 1, 0, BLOCK_SIZE)                     # a truly absent one is still absent
+    s.delete(V, 0)
+    assert not list(d.glob(f"{V}.0.*"))
+    s.create(V, 0, 2)
+    assert s.read(V, 0, 0, BLOCK_SIZE)[0] == bytes(BLOCK_SIZE)
     s.close()
