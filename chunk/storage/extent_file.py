@@ -189,6 +189,10 @@ class ExtentFile:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, size)
+                if path is crc:
+                    # Allocated now (0.1% of the extent), so a checksum write never meets a
+                    # full disk: only the data write can, and it comes first.
+                    os.posix_fallocate(fd, 0, size)
                 os.fsync(fd)
             finally:
                 os.close(fd)

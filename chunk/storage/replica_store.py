@@ -530,6 +530,7 @@ class ReplicaStore:
             fd = os.open(seq_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, self.extent_size // BLOCK_SIZE * 4)
+                os.posix_fallocate(fd, 0, self.extent_size // BLOCK_SIZE * 4)   # as .crc: no ENOSPC later
                 os.fsync(fd)
             finally:
                 os.close(fd)
