@@ -758,6 +758,20 @@ class Coordinator:
         return False
 
     async def _handle_failures(self, idx, rec, failed, lo, hi) -> None:
+        insync = set(rec.replicas)
+        kinds = {res.kind if isinstance(res, rk.ReplicaFailed) else rk.IO
+                 for r, res in failed if r.chunk_id in insync}
+        refused = len([1 for r, _ in failed if r.chunk_id in insync])
+        if insync and refused == len(insync) and len(kinds) == 1 and kinds <= {rk.NO_SPACE, rk.INVALID}:
+            # Every in-sync replica refused the request itself (all full, or a request none
+            # takes): nothing is wrong with any one of them, and dropping all but the last
+            # would cost the extent its redundancy for a full cluster.
+            res = next(res for r, res in failed if r.chunk_id in insync)
+            log.warning("volume %s extent %d: every replica refused (%s); keeping them all",
+                        self.vid, idx, res)
+            if rk.NO_SPACE in kinds:
+                raise NoSpaceError(f"volume {self.vid} extent {idx}: no replica has space left ({res})")
+            raise MediumError(f"volume {self.vid} extent {idx}: every replica refused: {res}")
         no_space = 0
         for r, res in failed:
             kind = res.kind if isinstance(res, rk.ReplicaFailed) else rk.IO

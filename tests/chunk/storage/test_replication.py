@@ -301,6 +301,22 @@ def test_full_disk_gives_enospc_and_keeps_what_was_written(tmp_path, etcd_server
         assert status == 507 and "free space" in body["error"]["message"], body
 
 
+@pytest.mark.timeout(240)
+def test_a_full_cluster_refuses_writes_and_drops_no_replica(tmp_path, etcd_server):
+    """Every replica is full: the initiator gets ENOSPC, and no extent loses a replica over
+    it (a full disk is not a failed replica when all of them are full)."""
+    with cluster(tmp_path, etcd_server, metas=1, chunks=2, capacities=["160Mi", "160Mi"]) as c:
+        vol = serving_volume(c, 2, "twofull", "256Mi", 2)
+        payload = os.urandom(256 * MiB)
+        (tmp_path / "src.img").write_bytes(payload)
+        r = write_image(c, vol, 0, tmp_path / "src.img")
+        assert r.returncode != 0 and b"No space left on device" in r.stderr, r.stderr
+        ex = extents(c, "twofull")
+        assert ex and all(len(e["replicas"]) == 2 and not e["stale"] for e in ex), ex
+        back = read_back(c, vol, 0, tmp_path / "back.img")
+        assert back[:64 * MiB] == payload[:64 * MiB]
+
+
 @pytest.mark.timeout(180)
 def test_concurrent_first_writes_to_a_fresh_extent_drop_nothing(tmp_path, etcd_server):
     """32 writes in flight into a never-written extent: one allocation, every replica CREATEd
