@@ -820,7 +820,11 @@ class Coordinator:
             if chunk_id not in new.replicas:
                 self.counters["drops"] += 1
                 gen = new.stale.get(chunk_id)
-                if gen is not None:
+                # The writes from now on are logged so a replica that comes back needs only
+                # those. Not after an I/O or checksum failure: the replica may also have lost
+                # writes from before (a failed fdatasync drops dirty pages), so it is copied
+                # whole when it returns.
+                if gen is not None and not reason.startswith((rk.IO + ":", rk.CHECKSUM + ":")):
                     self._dirty[(idx, chunk_id)] = Dirty(generation=gen, seq=self.seq)
                 return
         raise MediumError(f"volume {self.vid} extent {idx}: could not drop replica {chunk_id}")

@@ -420,7 +420,7 @@ class ReplicaStore:
         """Remember the extent ``hdr`` names (``<volume>.<index>.hdr``) as broken."""
         vid, _, idx = hdr.name[:-len(".hdr")].rpartition(".")
         if vid and idx.isdigit() and (vid, int(idx)) not in self._replicas:
-            self.broken[(vid, int(idx))] = (why, hdr)
+            self.broken[(vid, int(idx))] = (f"it did not open: {why}", hdr)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -484,7 +484,7 @@ class ReplicaStore:
     def _absent(self, vid: str, idx: int) -> NoReturn:
         broken = self.broken.get((vid, idx))
         if broken is not None:
-            raise StoreIOError(f"extent {vid}/{idx} is here but does not open: {broken[0]}")
+            raise StoreIOError(f"extent {vid}/{idx} is here but unusable: {broken[0]}")
         raise NoExtent(f"extent {vid}/{idx} is not on this server")
 
     def _used(self, disk: _Disk) -> tuple[int, int]:
@@ -614,14 +614,36 @@ class ReplicaStore:
         """Durably record the generation; the extent is flushed first, because a
         generation claims the data is in sync (after a resync's imports)."""
         rep = self._get(vid, idx)
+        self._durable(rep)
         with self._io(rep.disk):
-            rep.flush()
             rep.ext.set_header(generation=generation)
 
     def flush(self, vid: str, idx: int) -> None:
-        rep = self._get(vid, idx)
-        with self._io(rep.disk):
+        self._durable(self._get(vid, idx))
+
+    def _durable(self, rep: _Replica) -> None:
+        """``rep.flush()``. A failed fdatasync breaks the replica for good: the kernel may
+        have dropped the dirty pages it could not write and will report success next time,
+        so nothing written to it since its last good flush can be trusted to be on disk.
+        It answers I/O errors from then on (``broken``), and an EIO marks its disk failed
+        (no new extents there); a coordinator drops it and copies it in full elsewhere."""
+        try:
             rep.flush()
+        except OSError as e:
+            key = (rep.ext.header.volume, rep.ext.header.extent)
+            if self._replicas.get(key) is rep:
+                del self._replicas[key]
+                rep.disk.replicas.discard(key)
+                self.broken[key] = (f"a flush failed: {e}", rep.base().with_name(rep.base().name + ".hdr"))
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    rep.disk.failed = True
+                log.error("extent %s/%d: fdatasync failed (%s): replica broken%s", key[0], key[1], e,
+                          "" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f", disk {rep.disk.path} failed")
+                try:
+                    rep.close()
+                except OSError:
+                    pass
+            raise self._fail(rep.disk, e) from e
 
     # -- I/O -------------------------------------------------------------------
 
@@ -757,10 +779,10 @@ class ReplicaStore:
             rep.floor = min(rep.floor, seq)     # before the blocks change, as above
             rep.store_seqs(first, array("I", [seq]) * n)
             rep.ext.write(offset, view)
-            if fua:
-                rep.flush()
         except OSError as e:
             raise self._fail(rep.disk, e) from e
+        if fua:
+            self._durable(rep)
 
     def unmap(self, vid: str, idx: int, offset: int, length: int, seq: int,
               zero: bool = False) -> None:

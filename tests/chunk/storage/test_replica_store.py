@@ -714,7 +714,7 @@ def test_an_extent_that_does_not_open_answers_io_errors_not_absent(tmp_path: Pat
     assert not s.has(V, 0) and (V, 0) in s.broken
     for call in (lambda: s.read(V, 0, 0, BLOCK_SIZE), lambda: s.write(V, 0, 0, _pat(BLOCK_SIZE, 8), seq=1),
                  lambda: s.admit_write(V, 0, 1, 0, _pat(BLOCK_SIZE, 8), 1), lambda: s.create(V, 0, 2)):
-        with pytest.raises(StoreIOError, match="does not open"):
+        with pytest.raises(StoreIOError, match="unusable: it did not open"):
             call()
     assert (d / f"{V}.0.seq").read_bytes() == seq_before
     with pytest.raises(NoExtent):
@@ -723,4 +723,37 @@ def test_an_extent_that_does_not_open_answers_io_errors_not_absent(tmp_path: Pat
     assert not list(d.glob(f"{V}.0.*"))
     s.create(V, 0, 2)
     assert s.read(V, 0, 0, BLOCK_SIZE)[0] == bytes(BLOCK_SIZE)
+    s.close()
+
+
+def test_a_failed_flush_breaks_the_replica_for_good(tmp_path: Path, monkeypatch):
+    """fdatasync fails once (EIO): the kernel may have dropped the pages it could not write
+    and report success next time, so the replica must not be trusted again: every later call
+    fails, its disk is marked failed, and only DELETE (then a fresh CREATE) clears it."""
+    import errno
+    d = tmp_path / "d0"
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    s.create(V, 0, 1)
+    s.create(V, 1, 1)
+    s.write(V, 0, 0, _pat(BLOCK_SIZE, 9), seq=1)
+    real, calls = os.fdatasync, []
+
+    def fdatasync(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(StoreIOError):
+        s.flush(V, 0)
+    for call in (lambda: s.flush(V, 0), lambda: s.read(V, 0, 0, BLOCK_SIZE),
+                 lambda: s.write(V, 0, 0, _pat(BLOCK_SIZE, 9), seq=1, fua=True)):
+        with pytest.raises(StoreIOError, match="unusable: a flush failed"):
+            call()
+    assert s.usage()[0]["state"] == "failed"
+    assert s.read(V, 1, 0, BLOCK_SIZE)[0] == bytes(BLOCK_SIZE)        # the disk's other extents still read
+    with pytest.raises(StoreIOError):
+        s.write(V, 0, 0, _pat(BLOCK_SIZE, 9), seq=1, fua=True)
+    s.delete(V, 0)
+    assert not list(d.glob(f"{V}.0.*"))
     s.close()
