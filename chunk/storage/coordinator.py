@@ -115,26 +115,44 @@ class RangeLocks:
         self._inflight: dict[int, dict[int, tuple[int, int]]] = {}
         self._busy: dict[int, tuple[int, int]] = {}
         self._next = 0
+        self._waiting = 0                  # begin() calls waiting for an overlapping write
         self._changed = asyncio.Event()
 
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _free(self, idx: int, lo: int, hi: int) -> bool:
+        """No copy holds [lo, hi) of extent idx and no write in flight overlaps it.
+
+        Overlapping mutations run one after the other: each reaches the replicas in its own
+        order (a remote sent at once, the local one inline or on await, an UNMAP one replica
+        after another), so two at once could land in different orders on different replicas
+        and leave them disagreeing with both acknowledged."""
+        b = self._busy.get(idx)
+        if b is not None and lo < b[1] and hi > b[0]:
+            return False
+        d = self._inflight.get(idx)
+        if d:
+            for s, e in d.values():
+                if lo < e and hi > s:
+                    return False
+        return True
+
     async def begin(self, idx: int, lo: int, hi: int) -> int:
-        while True:
-            b = self._busy.get(idx)
-            if b is None or hi <= b[0] or lo >= b[1]:
-                break
-            await self._changed.wait()
+        while not self._free(idx, lo, hi):
+            self._waiting += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
         self._next += 1
         self._inflight.setdefault(idx, {})[self._next] = (lo, hi)
         return self._next
 
     def try_begin(self, idx: int, lo: int, hi: int) -> int | None:
         """``begin`` when it would not wait, else None (the write fast path)."""
-        b = self._busy.get(idx)
-        if b is not None and lo < b[1] and hi > b[0]:
+        if not self._free(idx, lo, hi):
             return None
         self._next += 1
         self._inflight.setdefault(idx, {})[self._next] = (lo, hi)
@@ -146,7 +164,7 @@ class RangeLocks:
             d.pop(token, None)
             if not d:
                 del self._inflight[idx]
-        if self._busy:
+        if self._busy or self._waiting:
             self._wake()
 
     async def hold(self, idx: int, lo: int, hi: int) -> None:
@@ -948,8 +966,14 @@ class Coordinator:
 
     async def _revert(self, to_seq: int) -> None:
         for idx in sorted(self.extents):
-            await self._on_replicas(idx, lambda r, epoch: r.revert(self.vid, idx, epoch, to_seq, self.seq),
-                                    0, EXTENT_SIZE)
+            # Held: a recovery copy of this extent must not join between the revert of the
+            # in-sync replicas and its own (it would join unreverted).
+            await self._locks.hold(idx, 0, EXTENT_SIZE)
+            try:
+                await self._on_replicas(idx, lambda r, epoch: r.revert(self.vid, idx, epoch, to_seq, self.seq),
+                                        0, EXTENT_SIZE)
+            finally:
+                self._locks.release(idx)
         self._dirty.clear()
         log.info("volume %s reverted to seq %d", self.vid, to_seq)
 
@@ -1000,30 +1024,37 @@ class Coordinator:
                 sync.cursor = 0 if mode == "full" else EXTENT_SIZE
                 task_rev = await self._copy(task, task_rev, source, target, sync, ranges, rate, total)
                 sync.cursor = EXTENT_SIZE
+                await target.flush(self.vid, idx, self.epoch)   # so SETGEN's flush, held, is short
                 # Proof, not hope: with the extent quiet, both replicas must agree exactly.
+                # Quiet until the join: a write, flush or revert between the proof and the
+                # join would reach the target only through ``_sync`` (or not at all) and
+                # could fail there unseen while it joins as in sync.
                 await self._locks.hold(idx, 0, EXTENT_SIZE)
                 try:
-                    same = await source.digest(self.vid, idx) == await target.digest(self.vid, idx)
+                    if sync.failed:
+                        raise MediumError(f"target {task.target} failed during the copy: {sync.failed}")
+                    epoch = self.epoch
+                    if await source.digest(self.vid, idx) == await target.digest(self.vid, idx):
+                        await target.setgen(self.vid, idx, epoch, gen + 1)
+                        try:
+                            data = await e.meta.call("POST", f"/extents/{self.vid}/{idx}/join",
+                                                     {"chunk_id": task.target, "generation": gen,
+                                                      "epoch": epoch})
+                        except MetaError as ex:
+                            raise MediumError(f"join of {task.target} refused: {ex}") from None
+                        self._adopt(ExtentRecord.from_dict(data.get("extent", data)))
+                        self._dirty.pop((idx, task.target), None)
+                        self._sync.pop(idx, None)
+                        log.info("volume %s extent %d: %s joined at generation %d", self.vid, idx,
+                                 task.target, self.extents[idx].generation)
+                        return
                 finally:
                     self._locks.release(idx)
-                if same:
-                    break
                 log.warning("volume %s extent %d: %s differs from %s after a %s copy; copying in full",
                             self.vid, idx, task.target, source.chunk_id, mode)
                 mode = "full"
                 ranges = [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
-            else:
-                raise MediumError(f"extent {idx}: {task.target} still differs after a full copy")
-            await target.setgen(self.vid, idx, self.epoch, gen + 1)
-            try:
-                data = await e.meta.call("POST", f"/extents/{self.vid}/{idx}/join",
-                                         {"chunk_id": task.target, "generation": gen, "epoch": self.epoch})
-            except MetaError as ex:
-                raise MediumError(f"join of {task.target} refused: {ex}") from None
-            self._adopt(ExtentRecord.from_dict(data.get("extent", data)))
-            self._dirty.pop((idx, task.target), None)
-            log.info("volume %s extent %d: %s joined at generation %d", self.vid, idx, task.target,
-                     self.extents[idx].generation)
+            raise MediumError(f"extent {idx}: {task.target} still differs after a full copy")
         finally:
             self._sync.pop(idx, None)
 

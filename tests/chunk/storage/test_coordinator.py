@@ -1,7 +1,8 @@
 """Coordinator pieces that need no cluster: the write gate snapshots and reverts close, the
-range locks a copy holds, flush ordering and taking ownership. The last two drive a real
-Coordinator over a stand-in engine (only ``replica``, ``etcd.get_prefix`` and ``keys`` are
-used there); tests/chunk/storage/test_replication.py runs the same code on a real cluster."""
+range locks, flush ordering, taking ownership, a resync's join and overlapping writes. The
+later ones drive a real Coordinator over stand-ins for the engine, the meta and the replicas
+(in-memory: offset -> bytes, applied in arrival order); tests/chunk/storage/test_replication.py
+runs the same code on a real cluster."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from chunk.storage import coordinator as coordinator_module
 from chunk.storage.coordinator import Coordinator, RangeLocks, WriteGate
-from zstore.records import ExtentRecord, Volume
+from chunk.storage.coordinator import EXTENT_SIZE
+from zstore.records import ExtentRecord, RecoveryTask, Volume
 
 
 async def _barrier(gate: WriteGate, held: asyncio.Event, release: asyncio.Event) -> None:
@@ -226,4 +228,151 @@ def test_a_failed_open_is_tried_again_by_the_next_io():
         with pytest.raises(coordinator_module.MediumError, match="is gone"):
             await c.ready()                             # not the first error again: a new try
         assert etcd.calls == 2
+    asyncio.run(main())
+
+
+def test_overlapping_writes_wait_for_each_other_and_others_do_not():
+    async def main():
+        locks = RangeLocks()
+        t = locks.try_begin(0, 0, 8192)
+        assert locks.try_begin(0, 4096, 12288) is None          # overlaps: the fast path declines
+        other = locks.try_begin(0, 8192, 12288)                 # touching, not overlapping
+        assert other is not None and locks.try_begin(1, 0, 8192) is not None
+        waiter = asyncio.create_task(locks.begin(0, 0, 4096))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        locks.end(0, t)
+        locks.end(0, await asyncio.wait_for(waiter, 1))
+        locks.end(0, other)
+    asyncio.run(main())
+
+
+class _MemReplica:
+    """A replica in memory: writes and unmaps apply when they arrive, replies come later."""
+
+    def __init__(self, chunk_id: str, delay: float = 0.002) -> None:
+        self.chunk_id, self.delay, self.connected = chunk_id, delay, True
+        self.state: dict[int, bytes] = {}
+        self.fail: str | None = None
+
+    def start_write(self, vid, idx, off, data, epoch, seq, fua=False):
+        async def reply():
+            if self.fail:
+                from chunk.storage import replicas as rk
+                raise rk.ReplicaFailed(self.chunk_id, self.fail, "injected")
+            self.state[off] = bytes(data)
+            await asyncio.sleep(self.delay)
+        return reply()
+
+    def send_write(self, vid, idx, off, data, epoch, seq, on_reply):
+        self.state[off] = bytes(data)
+        asyncio.get_running_loop().call_later(self.delay, on_reply, None)
+        return True
+
+    def outcome_of(self, reply):
+        return None
+
+    async def unmap(self, vid, idx, off, n, epoch, seq, zero=False):
+        self.state[off] = bytes(n)
+        await asyncio.sleep(self.delay)
+
+    async def create(self, *args):
+        pass
+
+    async def flush(self, *args):
+        pass
+
+    async def export(self, vid, idx, pos, n, epoch=0):
+        return ({k: v for k, v in self.state.items() if pos <= k < pos + n}, pos, pos + n), None
+
+    async def import_(self, vid, idx, blob, epoch):
+        data, lo, hi = blob
+        for k in [k for k in self.state if lo <= k < hi]:
+            del self.state[k]
+        self.state.update(data)
+
+    async def digest(self, vid, idx):
+        await asyncio.sleep(0)
+        return sorted(self.state.items())
+
+    async def setgen(self, *args):
+        await asyncio.sleep(0.02)
+
+
+class _Meta:
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+
+    async def call(self, method, path, body):
+        await asyncio.sleep(0.01)
+        idx = int(path.split("/")[3])
+        rec = self.coord.extents[idx]
+        new = ExtentRecord(rec.volume_id, idx, list(rec.replicas), rec.generation + 1, dict(rec.stale))
+        if path.endswith("/join"):
+            new.replicas.append(body["chunk_id"])
+            new.stale.pop(body["chunk_id"], None)
+        return {"extent": new.to_dict()}
+
+
+class _MemEngine:
+    chunk_id, replicas_version, min_write_replicas = "me", 1, 1
+
+    def __init__(self, reps) -> None:
+        self.reps = reps
+
+    async def replica(self, chunk_id):
+        return self.reps[chunk_id]
+
+    def cached_replicas(self, chunk_ids):
+        return [self.reps[c] for c in chunk_ids]
+
+    def forget_peer(self, chunk_id):
+        pass
+
+    async def report_progress(self, task, rev, done, total):
+        return rev
+
+
+def _mem_coordinator(reps: dict, replicas: list[str]) -> Coordinator:
+    c = Coordinator(_MemEngine(reps), Volume(volume_id="v", name="v", size=EXTENT_SIZE, replicas=3))
+    c._is_ready, c.epoch = True, 7                      # noqa: SLF001
+    c.extents[0] = ExtentRecord("v", 0, list(replicas), 3, {})
+    c.engine.meta = _Meta(c)
+    return c
+
+
+def test_a_write_during_a_resyncs_join_waits_and_reaches_the_joined_replica():
+    """Between the digest that proves the target equal and the join, the extent is held: a
+    write arriving then (here: while the target's SETGEN runs) waits, and lands on the
+    joined replica too; a target failing such a write can no longer join unseen."""
+    async def main():
+        a, b, c = _MemReplica("A"), _MemReplica("B"), _MemReplica("C")
+        coord = _mem_coordinator({"A": a, "B": b, "C": c}, ["A", "B"])
+        coord.extents[0].stale = {"C": 2}
+        writes = []
+        setgen = c.setgen
+
+        async def setgen_then_write(*args):
+            writes.append(asyncio.create_task(coord.write(4096, b"\x55" * 4096)))
+            await asyncio.sleep(0.01)
+            assert not writes[0].done()                 # held until the join
+            await setgen(*args)
+        c.setgen = setgen_then_write
+        await coord.run_recovery(RecoveryTask("v", 0, "C", "resync", "me", 3), 1, 0)
+        await asyncio.wait_for(writes[0], 1)
+        assert coord.extents[0].replicas == ["A", "B", "C"]
+        assert a.state[4096] == b.state[4096] == c.state[4096] == b"\x55" * 4096
+    asyncio.run(main())
+
+
+def test_an_unmap_in_flight_keeps_an_overlapping_fast_write_out_so_replicas_agree():
+    async def main():
+        reps = {k: _MemReplica(k, 0.01) for k in "ABC"}
+        coord = _mem_coordinator(reps, ["A", "B", "C"])
+        unmap = asyncio.create_task(coord.unmap(0, 4096))
+        await asyncio.sleep(0.005)                      # sent to A, waiting for its reply
+        assert coord.write_nowait(0, b"\x77" * 4096) is None
+        write = asyncio.create_task(coord.write(0, b"\x77" * 4096))
+        await asyncio.gather(unmap, write)
+        assert len({r.state[0] for r in reps.values()}) == 1     # one order on every replica
     asyncio.run(main())
