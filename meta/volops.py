@@ -62,7 +62,7 @@ async def create_snapshot(ctx: Ctx, volume: str, name: str,
     naming.check_name("snapshot", name)
     deadline = time.monotonic() + timeout
     for _ in range(MAX_RETRIES):
-        vol, _ = await find_volume(ctx, volume)
+        vol, vrev = await find_volume(ctx, volume)
         name_key = ctx.keys.snapshot_name(vol.volume_id, name)
         existing = await ctx.get_raw(name_key)
         if existing is not None:
@@ -74,8 +74,12 @@ async def create_snapshot(ctx: Ctx, volume: str, name: str,
             return snap, False
         sid = uuid.uuid4().hex
         snap = Snapshot(snapshot_id=sid, name=name, volume_id=vol.volume_id, size=vol.size, state="creating")
-        if await ctx.txn([ctx.absent(name_key), ctx.t.version(ctx.keys.volume(vol.volume_id)) > 0],
-                         [ctx.put(ctx.keys.snapshot(sid), snap), ctx.put(name_key, sid)]):
+        # The volume is put back unchanged so its revision moves: a delete that listed its
+        # snapshots before this one existed fails its compare and looks again (else it would
+        # erase the volume under a snapshot record left "creating" for ever).
+        vkey = ctx.keys.volume(vol.volume_id)
+        if await ctx.txn([ctx.absent(name_key), ctx.unchanged(vkey, vrev)],
+                         [ctx.put(ctx.keys.snapshot(sid), snap), ctx.put(name_key, sid), ctx.put(vkey, vol)]):
             log.info("snapshot %s@%s (%s) being created", vol.name, name, sid)
             return await _finish(ctx, vol, snap, deadline), True
     raise Conflict(f"could not snapshot {volume!r}: too much concurrent change", hint="retry")

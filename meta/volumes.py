@@ -180,7 +180,15 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
         compare.append(ctx.absent(name_key))
         ops += [ctx.put(ctx.keys.volume(vid), vol), ctx.put(name_key, vid)]
         if sid:
-            compare.append(ctx.t.version(ctx.keys.snapshot(sid)) > 0)
+            # The snapshot is put back unchanged so its revision moves: a delete (or garbage
+            # collection) that listed the volumes before this clone existed fails its compare
+            # on that revision and looks again, instead of deleting the clone's parent.
+            skey = ctx.keys.snapshot(sid)
+            snap, srev = await ctx.get(skey, Snapshot)
+            if snap is None or snap.state != "ready":
+                raise NotFound(f"snapshot {source.name!r} was deleted")
+            compare.append(ctx.unchanged(skey, srev))
+            ops.append(ctx.put(skey, snap))
         if await ctx.txn(compare, ops):
             log.info("volume %s (%s) created: %s, %d replicas on %s, target %d lun %d",
                      name, vid, format_size(size), replicas, ",".join(placement), t, lun)
@@ -283,29 +291,38 @@ async def delete_snapshot_by_id(ctx: Ctx, sid: str, force: bool = False) -> str:
 async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) -> str:
     """An exported snapshot is deleted only with ``force``, which unexports it in the same txn."""
     skey = ctx.keys.snapshot(snap.snapshot_id)
-    m, prev = await snapshot_exports.export_state(ctx, snap.snapshot_id)
-    if prev and not force:
-        where = f" as LUN {m.lun} of target {await snapshot_exports.target_iqn_at(ctx, m.target_index)}" if m else ""
-        raise Conflict(f"snapshot {snap.name!r} is exported{where}",
-                       hint=f"unexport it first (`zstore snapshot unexport VOLUME@{snap.name}`), "
-                            "or delete it with --force")
-    clones = [v for _, v in await ctx.list(ctx.keys.volumes(), Volume)
-              if v.source_snapshot == snap.snapshot_id]
-    # A snapshot deleted while still being created takes its pending barrier op along.
-    ops = [ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name)),
-           ctx.delete(ctx.keys.volop(snap.volume_id, snapshot_op_id(snap.snapshot_id)))]
-    if prev:
-        ops += snapshot_exports.drop_ops(ctx, snap.snapshot_id, m)
-    if clones:
-        snap.state = "deleted"
-        ops.append(ctx.put(skey, snap))
-    else:
-        ops.append(ctx.delete(skey))
-    if not await ctx.txn([ctx.t.version(skey) > 0,
+    for _ in range(MAX_RETRIES):
+        cur, srev = await ctx.get(skey, Snapshot)      # read before the clones are listed: see below
+        if cur is None:
+            raise NotFound(f"snapshot {snap.name} ({snap.snapshot_id}) not found")
+        snap = cur
+        m, prev = await snapshot_exports.export_state(ctx, snap.snapshot_id)
+        if prev and not force:
+            where = f" as LUN {m.lun} of target {await snapshot_exports.target_iqn_at(ctx, m.target_index)}" if m else ""
+            raise Conflict(f"snapshot {snap.name!r} is exported{where}",
+                           hint=f"unexport it first (`zstore snapshot unexport VOLUME@{snap.name}`), "
+                                "or delete it with --force")
+        clones = [v for _, v in await ctx.list(ctx.keys.volumes(), Volume)
+                  if v.source_snapshot == snap.snapshot_id]
+        # A snapshot deleted while still being created takes its pending barrier op along.
+        ops = [ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name)),
+               ctx.delete(ctx.keys.volop(snap.volume_id, snapshot_op_id(snap.snapshot_id)))]
+        if prev:
+            ops += snapshot_exports.drop_ops(ctx, snap.snapshot_id, m)
+        if clones:
+            snap.state = "deleted"
+            ops.append(ctx.put(skey, snap))
+        else:
+            ops.append(ctx.delete(skey))
+        # Unchanged since before the clones were listed: a clone made meanwhile moved it, and
+        # this looks again (it is then kept as a tombstone for that clone).
+        if await ctx.txn([ctx.unchanged(skey, srev),
                           snapshot_exports.pointer_unchanged(ctx, snap.snapshot_id, prev)], ops):
+            break
         if (await snapshot_exports.export_state(ctx, snap.snapshot_id))[1] != prev:
             raise Conflict(f"snapshot {snap.name!r} was exported or unexported meanwhile", hint="retry")
-        raise NotFound(f"snapshot {snap.name} ({snap.snapshot_id}) not found")
+    else:
+        raise Conflict(f"could not delete snapshot {snap.name!r}: too much concurrent change", hint="retry")
     log.info("snapshot %s (%s) deleted%s", snap.name, snap.snapshot_id,
              f"; kept for {len(clones)} clone(s)" if clones else "")
     await collect_garbage(ctx)
@@ -315,13 +332,18 @@ async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) 
 async def collect_garbage(ctx: Ctx) -> None:
     """Erase tombstones nothing references any more (repeats until stable)."""
     for _ in range(8):
-        vols = {v.volume_id: v for _, v in await ctx.list(ctx.keys.volumes(), Volume)}
+        # Snapshots (with their revisions) before volumes: a clone created after this listing
+        # moves its snapshot's revision, so the delete below fails its compare instead of
+        # erasing a parent the volume listing did not show a clone of yet.
+        snap_revs = {kv.key: kv.mod_revision for kv in await ctx.etcd.get_prefix(ctx.keys.snapshots())}
         snaps = {s.snapshot_id: s for _, s in await ctx.list(ctx.keys.snapshots(), Snapshot)}
+        vols = {v.volume_id: v for _, v in await ctx.list(ctx.keys.volumes(), Volume)}
         changed = False
         for s in snaps.values():
-            if s.state == "deleted" and not any(v.source_snapshot == s.snapshot_id for v in vols.values()):
-                changed |= await ctx.txn([ctx.t.version(ctx.keys.snapshot(s.snapshot_id)) > 0],
-                                         [ctx.delete(ctx.keys.snapshot(s.snapshot_id))])
+            skey = ctx.keys.snapshot(s.snapshot_id)
+            if (s.state == "deleted" and skey in snap_revs
+                    and not any(v.source_snapshot == s.snapshot_id for v in vols.values())):
+                changed |= await ctx.txn([ctx.unchanged(skey, snap_revs[skey])], [ctx.delete(skey)])
         for v in vols.values():
             if v.state == "deleted" and not any(s.volume_id == v.volume_id for s in snaps.values()):
                 changed |= await ctx.txn([ctx.t.version(ctx.keys.volume(v.volume_id)) > 0],

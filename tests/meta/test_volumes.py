@@ -243,3 +243,46 @@ async def test_snapshot_of_a_deleted_volume_can_be_deleted_by_id(ctx):
     assert await ctx.get_raw(ctx.keys.volume(v.volume_id)) is None     # last reference gone
     with pytest.raises(NotFound):
         await volumes.delete_snapshot_by_id(ctx, s.snapshot_id)
+
+
+async def test_a_clone_made_while_its_snapshot_is_deleted_keeps_its_parent(ctx, monkeypatch):
+    """The delete lists the volumes (no clone yet), then a clone of the snapshot commits, then
+    the delete's transaction runs: it must fail its compare and keep the snapshot as the
+    clone's parent (a tombstone), not erase it."""
+    await volumes.create_volume(ctx, "v", "1Gi", 2)
+    snap, _ = await volops.create_snapshot(ctx, "v", "s")
+    real, cloned = ctx.list, []
+
+    async def list_then_clone(prefix, cls):
+        got = await real(prefix, cls)
+        if prefix == ctx.keys.volumes() and not cloned:
+            cloned.append(await volumes.create_volume(ctx, "clone", None, 2, source_snapshot="v@s"))
+        return got
+    monkeypatch.setattr(ctx, "list", list_then_clone)
+    await volumes.delete_snapshot(ctx, "v", "s")
+    kept, _ = await ctx.get(ctx.keys.snapshot(snap.snapshot_id), type(snap))
+    assert cloned and kept is not None and kept.state == "deleted"
+    assert cloned[0][0].source_snapshot == snap.snapshot_id
+
+
+async def test_a_snapshot_made_while_its_volume_is_deleted_keeps_the_volume(ctx, monkeypatch):
+    """The delete lists the snapshots (none yet), then a snapshot of the volume commits its
+    first record, then the delete's transaction runs: it must look again and keep the volume
+    as a tombstone for that snapshot, not erase it from under it."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 2)
+
+    async def no_finish(ctx_, vol_, snap, deadline):       # the snapshot stays "creating"
+        return snap
+    monkeypatch.setattr(volops, "_finish", no_finish)
+    real, made = volumes._snapshots_of, []                 # noqa: SLF001
+
+    async def list_then_snapshot(ctx_, vid):
+        got = await real(ctx_, vid)
+        if not made:
+            made.append((await volops.create_snapshot(ctx, "v", "s"))[0])
+        return got
+    monkeypatch.setattr(volumes, "_snapshots_of", list_then_snapshot)
+    await volumes.delete_volume(ctx, "v")
+    kept, _ = await ctx.get(ctx.keys.volume(vol.volume_id), Volume)
+    assert made and kept is not None and kept.state == "deleted"
+    assert (await ctx.get(ctx.keys.snapshot(made[0].snapshot_id), type(made[0])))[0] is not None
