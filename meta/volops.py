@@ -188,7 +188,8 @@ async def revert_volume(ctx: Ctx, volume: str, snapshot: str,
     vid = vol.volume_id
     # A retry of the same revert waits for the op already pending.
     pending = [(k, op) for k, op in await ctx.list(ctx.keys.volops(vid), VolumeOp)
-               if op.kind == "revert" and op.state == "pending" and op.snapshot_id == snap.snapshot_id]
+               if op.kind == "revert" and op.state in ("pending", "running")
+               and op.snapshot_id == snap.snapshot_id]
     if pending:
         op_key = pending[0][0]
     else:
@@ -214,13 +215,15 @@ async def revert_volume(ctx: Ctx, volume: str, snapshot: str,
             await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.delete(op_key)])
             raise ZError(f"revert of volume {vol.name!r} to {snap.name!r} failed on chunk server "
                          f"{op.executor}: {op.error or 'no reason given'}", hint="retry the revert")
-        # Re-route if the executor died or another coordinator now owns the volume.
+        # Re-route if the executor died or another coordinator now owns the volume; a revert
+        # its executor has claimed (running) moves only if that executor is no longer live.
+        executor_live = await _is_live(ctx, op.executor)
         owner, _ = await live_owner(ctx, vid)
-        want = owner.chunk_id if owner else (op.executor if await _is_live(ctx, op.executor)
+        want = owner.chunk_id if owner else (op.executor if executor_live
                                              else await _revert_executor(ctx, vol))
-        if want != op.executor:
+        if want != op.executor and not (op.state == "running" and executor_live):
             log.warning("volume %s: revert moves from %s to %s", vol.name, op.executor, want)
-            op.executor = want
+            op.executor, op.state = want, "pending"
             await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.put(op_key, op)])
             continue
         if time.monotonic() >= deadline:
@@ -239,13 +242,13 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
 
     A done op is only a receipt. A failed snapshot op also takes its
     ``creating`` snapshot and name with it, exactly as a waiting create would
-    have, so the name can be used again. Pending ops are left to their waiters.
+    have, so the name can be used again. Pending and running ops are left to their waiters.
     """
     now = time.time() if now is None else now
     removed = []
     for kv in await ctx.etcd.get_prefix(ctx.keys.all_volops()):
         op = VolumeOp.decode(kv.value)
-        if op.state == "pending" or now - op.created < ttl:
+        if op.state in ("pending", "running") or now - op.created < ttl:
             continue
         compare, ops = [ctx.unchanged(kv.key, kv.mod_revision)], [ctx.delete(kv.key)]
         if op.kind == "snapshot" and op.state == "failed":

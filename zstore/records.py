@@ -209,7 +209,7 @@ class VolumeOp(Record):
     kind: str                    # snapshot | revert
     snapshot_id: str
     executor: str                # chunk id
-    state: str = "pending"       # pending | done | failed
+    state: str = "pending"       # pending | running (claimed by executor) | done | failed
     error: str | None = None
     created: float = field(default_factory=now)
 

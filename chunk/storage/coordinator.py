@@ -908,6 +908,9 @@ class Coordinator:
         await self.ready()
         async with self._gate:
             await self.ensure_owner()
+            claimed = await self._claim_op(op)
+            if claimed is None:
+                return                  # reassigned or finished meanwhile: not ours to run
             error = None
             try:
                 snap_got = await e.etcd.get(e.keys.snapshot(op.snapshot_id))
@@ -915,20 +918,46 @@ class Coordinator:
                     raise MediumError(f"snapshot {op.snapshot_id} not found")
                 snap = Snapshot.decode(snap_got.value)
                 if op.kind == "snapshot":
-                    await self._commit_snapshot(op, snap, snap_got.mod_revision)
+                    await self._commit_snapshot(op, snap, snap_got.mod_revision, claimed)
                     return
                 if op.kind == "revert":
                     if snap.volume_id != self.vid or not snap.seq:
                         raise MediumError(f"snapshot {snap.snapshot_id} is not a ready snapshot of this volume")
-                    await self._revert(snap.seq)
+                    await self._revert(snap.seq, op, claimed)
                 else:
                     raise MediumError(f"unknown volume operation {op.kind!r}")
             except Exception as ex:  # noqa: BLE001 - reported on the op record
                 error = str(ex) or type(ex).__name__
                 log.error("volume %s: %s %s failed: %s", self.vid, op.kind, op.op_id, error)
-            await self._finish_op(op, error)
+            await self._finish_op(op, error, claimed)
 
-    async def _commit_snapshot(self, op: VolumeOp, snap: Snapshot, snap_rev: int) -> None:
+    async def _claim_op(self, op: VolumeOp) -> bytes | None:
+        """Mark ``op`` running here, by compare-and-swap on its record; the bytes written, or
+        None if the record no longer assigns it to this server (the meta re-routed it, it
+        finished). Finishing compares those bytes, so a server that lost the op (its lease
+        lapsed and the meta gave it to another) can neither report on it nor go on with it
+        (``_revert`` checks before each extent): a late "done" from it once let a revert
+        still running elsewhere roll back writes made after the user saw it finish."""
+        e = self.engine
+        key = e.keys.volop(self.vid, op.op_id)
+        got = await e.etcd.get(key)
+        if got is None:
+            return None
+        cur = VolumeOp.decode(got.value)
+        if cur.executor != e.chunk_id or cur.state not in ("pending", "running"):
+            return None
+        cur.state = "running"
+        claimed = cur.encode()
+        t = e.etcd.transactions
+        ok, _ = await e.etcd.transaction(compare=[t.mod(key) == got.mod_revision],
+                                         success=[t.put(key, claimed)], failure=[])
+        return claimed if ok else None
+
+    async def _still_claimed(self, op: VolumeOp, claimed: bytes) -> bool:
+        got = await self.engine.etcd.get(self.engine.keys.volop(self.vid, op.op_id))
+        return got is not None and got.value == claimed
+
+    async def _commit_snapshot(self, op: VolumeOp, snap: Snapshot, snap_rev: int, claimed: bytes) -> None:
         e = self.engine
         t = e.etcd.transactions
         for _ in range(8):
@@ -945,7 +974,8 @@ class Coordinator:
             ok, _ = await e.etcd.transaction(
                 compare=[t.mod(e.keys.owner(self.vid)) == self.owner_rev,
                          t.mod(e.keys.volume(self.vid)) == vol_got.mod_revision,
-                         t.mod(e.keys.snapshot(snap.snapshot_id)) == snap_rev],
+                         t.mod(e.keys.snapshot(snap.snapshot_id)) == snap_rev,
+                         t.value(e.keys.volop(self.vid, op.op_id)) == claimed],
                 success=[t.put(e.keys.volume(self.vid), vol.encode()),
                          t.put(e.keys.snapshot(snap.snapshot_id), snap.encode()),
                          t.put(e.keys.volop(self.vid, op.op_id), op.encode())], failure=[])
@@ -962,10 +992,14 @@ class Coordinator:
             owner = await e.etcd.get(e.keys.owner(self.vid))
             if owner is None or owner.mod_revision != self.owner_rev:
                 raise MediumError("ownership moved during the snapshot")
-        await self._finish_op(op, None)
+            if not await self._still_claimed(op, claimed):
+                raise MediumError(f"snapshot op {op.op_id} was handed to another server")
+        await self._finish_op(op, None, claimed)
 
-    async def _revert(self, to_seq: int) -> None:
+    async def _revert(self, to_seq: int, op: VolumeOp | None = None, claimed: bytes = b"") -> None:
         for idx in sorted(self.extents):
+            if op is not None and not await self._still_claimed(op, claimed):
+                raise MediumError(f"revert {op.op_id} was handed to another server; stopping")
             # Held: a recovery copy of this extent must not join between the revert of the
             # in-sync replicas and its own (it would join unreverted).
             await self._locks.hold(idx, 0, EXTENT_SIZE)
@@ -977,12 +1011,16 @@ class Coordinator:
         self._dirty.clear()
         log.info("volume %s reverted to seq %d", self.vid, to_seq)
 
-    async def _finish_op(self, op: VolumeOp, error: str | None) -> None:
+    async def _finish_op(self, op: VolumeOp, error: str | None, claimed: bytes) -> None:
         e = self.engine
         op.state, op.error = ("failed", error) if error else ("done", None)
         key = e.keys.volop(self.vid, op.op_id)
         t = e.etcd.transactions
-        await e.etcd.transaction(compare=[t.version(key) > 0], success=[t.put(key, op.encode())], failure=[])
+        ok, _ = await e.etcd.transaction(compare=[t.value(key) == claimed],
+                                         success=[t.put(key, op.encode())], failure=[])
+        if not ok:
+            log.warning("volume %s: %s %s was handed elsewhere meanwhile; not reporting %s",
+                        self.vid, op.kind, op.op_id, op.state)
 
     # -- recovery ----------------------------------------------------------------
 

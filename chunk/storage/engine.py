@@ -310,7 +310,8 @@ class StorageEngine:
 
     async def _on_volop(self, key: bytes, value: bytes) -> None:
         op = _decoded(VolumeOp, key, value, "volume op")
-        if op is None or op.executor != self.chunk_id or op.state != "pending":
+        # "running" here too: this server claimed it before a restart (it claims it again).
+        if op is None or op.executor != self.chunk_id or op.state not in ("pending", "running"):
             return
         self._spawn(f"op/{op.op_id}", self._run_volop(op))
 

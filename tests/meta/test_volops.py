@@ -219,3 +219,27 @@ async def test_finished_ops_nobody_waited_for_are_tidied(ctx):
     assert await volops.tidy_ops(ctx, now=time.time() + 3600) == [op.op_id]
     assert [s.name for s in await volumes.list_snapshots(ctx, "v")] == ["kept"]   # name free again
     assert len(await ops_of(ctx, vid)) == 1                                       # pending one stays
+
+
+async def test_a_revert_claimed_by_a_live_executor_is_not_moved_to_the_owner(ctx):
+    """A revert marked running by its executor stays with it while that executor is live,
+    even when another server now owns the volume: moving it would run the revert twice at
+    once, and the first could report done while the second still rolls blocks back."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 2)
+    await volops.create_snapshot(ctx, "v", "s")
+    with pytest.raises(Unavailable):
+        await volops.revert_volume(ctx, "v", "s", timeout=0.3)     # handed to a placed chunk
+    [op] = await ops_of(ctx, vol.volume_id)
+    op.state = "running"                                          # its executor claimed it
+    await ctx.etcd.put(ctx.keys.volop(vol.volume_id, op.op_id), op.encode())
+    other = next(c for c in ("c0", "c1", "c2") if c != op.executor)
+    await own(ctx, vol.volume_id, other)
+    with pytest.raises(Unavailable):
+        await volops.revert_volume(ctx, "v", "s", timeout=0.3)     # the retry waits for it
+    [still] = await ops_of(ctx, vol.volume_id)
+    assert (still.executor, still.state) == (op.executor, "running")
+    assert await volops.tidy_ops(ctx, now=still.created + 10**6) == []   # never tidied while running
+    await ctx.etcd.delete(ctx.keys.chunk_live(op.executor))        # its executor dies: it moves
+    async with Executor(ctx, other) as ex:
+        await volops.revert_volume(ctx, "v", "s", timeout=5)
+    assert [o.op_id for o in ex.ran] == [op.op_id]
