@@ -88,6 +88,12 @@ class Registration:
         self.debounce = debounce
         self.started = now()
         self.lease: aetcd.leases.Lease | None = None
+        # Until when (time.monotonic) the lease surely holds: the last grant or keepalive was
+        # *sent* then minus the margin, so etcd expires it later than this. The storage engine
+        # starts no write after it (``Coordinator.ensure_owner``): once etcd expires the lease
+        # the meta treats this server as down and may snapshot or hand out its volumes.
+        self.lease_deadline = 0.0
+        self.lease_gen = 0                     # +1 per lease granted: a coordinator re-takes ownership
         self.registered = asyncio.Event()      # set while registered (for callers and tests)
         self._stop = asyncio.Event()
         self._outage_since: float | None = None
@@ -129,8 +135,11 @@ class Registration:
         disks = self._disks = await self.probe_disks()
         info = self.build_info(disks)
         await self._call(self.etcd.put(self.keys.chunk_info(self.chunk_id), info.encode()))
+        sent = time.monotonic()
         lease = await self._call(self.etcd.lease(self.lease_ttl))
         self.lease = lease
+        self.lease_gen += 1
+        self._held(sent, lease.ttl)
         if lease.ttl != self.lease_ttl:
             log.warning("etcd granted a %ds lease instead of the %ds asked for", lease.ttl, self.lease_ttl)
         self._changed.clear()
@@ -155,9 +164,11 @@ class Registration:
                 if time.monotonic() < next_keepalive:
                     continue
                 next_keepalive = time.monotonic() + interval
+                sent = time.monotonic()
                 reply = await self._call(self.etcd.refresh_lease(self.lease.id), timeout=interval * 1.5)
                 if reply is None or reply.TTL <= 0:
                     raise LeaseLost(f"lease {self.lease.id:x} expired")
+                self._held(sent, reply.TTL)
                 if time.monotonic() >= next_refresh:
                     self._disks = await self.probe_disks()
                     self._stale = True
@@ -172,6 +183,14 @@ class Registration:
                 if _lease_not_found(e):
                     raise LeaseLost(f"lease {self.lease.id:x} not found") from None
                 self._note_outage(e, "keeping the lease alive as soon as it answers")
+
+    def _held(self, sent: float, ttl: int) -> None:
+        """The lease holds for ``ttl`` s from when it was asked for; keep a third of it (at
+        least 0.5 s) as margin for clock rates and the writes still in flight."""
+        self.lease_deadline = max(self.lease_deadline, sent + ttl - max(0.5, ttl / 3))
+
+    def lease_valid(self) -> bool:
+        return time.monotonic() < self.lease_deadline
 
     async def _wait_change(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for a session change (True); raise _Stopped on stop."""

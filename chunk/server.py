@@ -260,6 +260,7 @@ class ChunkServer:
                            lease_ttl=self.cfg.chunk.lease_ttl, build_info=self.info,
                            probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd),
                            sessions=target.session_list, storage=engine.status)
+        engine.lease = reg                 # writes start only while this server's lease holds
         target.on_sessions_changed(reg.sessions_changed)
         admin = AdminFollower(etcd, keys, self.chunk_id,
                               on_state=lambda state: target.set_draining(state == "draining"))

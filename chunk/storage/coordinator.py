@@ -48,6 +48,7 @@ COPY_CHUNK = 1 << 20
 # Two servers writing one volume (multipath across chunk servers) alternate ownership;
 # each round makes progress, so this only bounds a pathological case.
 RETAKE_WINDOW = 20.0
+LEASE_POLL = 0.1      # how often a write waiting for the server's etcd lease looks again
 
 
 class FencedError(MediumError):
@@ -273,6 +274,7 @@ class Coordinator:
         self._alloc: dict[int, asyncio.Future] = {}
         self._drops: dict[tuple[int, str], asyncio.Future] = {}
         self._owner_lock = asyncio.Lock()
+        self._lease_gen = 0                      # the server lease generation ownership was taken in
         self._flush_lock = asyncio.Lock()
         self._dirty: dict[tuple[int, str], Dirty] = {}
         self._sync: dict[int, Sync] = {}
@@ -367,6 +369,18 @@ class Coordinator:
     async def ensure_owner(self) -> None:
         if self.view_seq:
             raise ReadOnlyError("snapshot views are read-only")
+        lease = self.engine.lease
+        if lease is not None:
+            # No write starts while this server's etcd lease may have lapsed: by then the meta
+            # may have taken a snapshot itself or handed the volume on, and only a write at a
+            # fresh seq under a fresh epoch is safe. A new lease means exactly that happened
+            # or could have: ownership is taken again (new epoch, the volume's current seq).
+            while time.monotonic() >= lease.lease_deadline:
+                await asyncio.sleep(LEASE_POLL)
+            if lease.lease_gen != self._lease_gen:
+                async with self._owner_lock:
+                    if lease.lease_gen != self._lease_gen:
+                        self.epoch = 0
         if self.epoch:
             return
         async with self._owner_lock:
@@ -374,6 +388,8 @@ class Coordinator:
                 await self._acquire()
 
     async def _acquire(self) -> None:
+        lease = self.engine.lease
+        lease_gen = lease.lease_gen if lease is not None else 0
         try:
             epoch, rev, vol = await ownership.acquire(self.engine.etcd, self.engine.keys,
                                                       self.vid, self.engine.chunk_id)
@@ -383,6 +399,7 @@ class Coordinator:
         # a refresh that fails or is cancelled must leave none behind (the next attempt takes
         # a new epoch, fencing only this one).
         await self._refresh_extents()
+        self._lease_gen = lease_gen
         self.epoch, self.owner_rev, self.seq = epoch, rev, vol.snap_seq
         self.volume = vol
         self._size = max(self._size, vol.size)
@@ -660,6 +677,10 @@ class Coordinator:
         """
         if not self._is_ready or not self.epoch or self.view_seq:
             return None
+        lease = self.engine.lease
+        if lease is not None and (lease.lease_gen != self._lease_gen
+                                  or time.monotonic() >= lease.lease_deadline):
+            return None                 # ensure_owner (general path) waits or re-takes ownership
         view = memoryview(data).cast("B")
         n = len(view)
         idx, eoff = divmod(offset, EXTENT_SIZE)

@@ -86,6 +86,7 @@ class VolumeDevice:
 
 
 class StorageEngine:
+    lease = None        # the server's Registration (lease_deadline, lease_gen); None: no gate
     def __init__(self, etcd, keys: Keys, chunk_id: str, disks: list[tuple[str | Path, int | None]], *,
                  listen: tuple[str, int], token: str | None, meta_ca: str | None = None,
                  replica_timeout: float = 5.0, min_write_replicas: int = 1,

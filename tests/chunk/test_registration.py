@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from chunk.registration import Registration
 from tests.cluster import PY, ROOT, Cluster, Etcd, Proc, async_wait_for, free_port, write_config
 from zstore import etcd as zetcd
 from zstore.config import EtcdConfig
@@ -185,3 +188,34 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZSTORE_")}
     return subprocess.run([PY, "-m", "chunk.server", *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=30)
+
+
+async def test_the_lease_deadline_tracks_keepalives_and_a_new_lease_bumps_its_generation(etcd_client, keys: Keys):
+    """In-process, against the real etcd: while registered the lease is valid until about
+    two thirds of a TTL after the last keepalive was sent; a lease lost behind its back is
+    replaced and counted (coordinators then take ownership again)."""
+    def info(disks):
+        return ChunkInfo(chunk_id="lease-test", hostname="h", address="127.0.0.1", data_port=1,
+                    portal="127.0.0.1:3260", disks=disks)
+
+    async def disks():
+        return []
+    reg = Registration(etcd_client, keys, "lease-test", lease_ttl=TTL, build_info=info, probe_disks=disks)
+    assert not reg.lease_valid() and reg.lease_gen == 0
+    stop = asyncio.Event()
+    task = asyncio.create_task(reg.run(stop))
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 10)
+        assert reg.lease_valid() and reg.lease_gen == 1
+        assert 0 < reg.lease_deadline - time.monotonic() <= TTL - TTL / 3 + 0.1
+        await asyncio.sleep(TTL)                        # keepalives every TTL/3 keep it valid
+        assert reg.lease_valid() and reg.lease_gen == 1
+        await etcd_client.revoke_lease(reg.lease.id)
+
+        async def replaced():
+            return reg.lease_gen == 2 and reg.registered.is_set()
+        await async_wait_for(replaced, TTL + 5, "a new lease")
+        assert reg.lease_valid()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

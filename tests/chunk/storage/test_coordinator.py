@@ -135,7 +135,7 @@ class _Replica:
 
 
 class _Engine:
-    chunk_id = "c1"
+    chunk_id, lease = "c1", None
 
     def __init__(self, replica=None, etcd=None) -> None:
         self.rep, self.etcd = replica, etcd
@@ -315,7 +315,8 @@ class _Meta:
 
 
 class _MemEngine:
-    chunk_id, replicas_version, min_write_replicas = "me", 1, 1
+    chunk_id, replicas_version, min_write_replicas, lease = "me", 1, 1, None
+    etcd = keys = None                                  # only the stand-in ownership.acquire sees them
 
     def __init__(self, reps) -> None:
         self.reps = reps
@@ -375,4 +376,48 @@ def test_an_unmap_in_flight_keeps_an_overlapping_fast_write_out_so_replicas_agre
         write = asyncio.create_task(coord.write(0, b"\x77" * 4096))
         await asyncio.gather(unmap, write)
         assert len({r.state[0] for r in reps.values()}) == 1     # one order on every replica
+    asyncio.run(main())
+
+
+class _Lease:
+    def __init__(self) -> None:
+        self.lease_deadline, self.lease_gen = 0.0, 1
+
+
+def test_no_write_starts_while_the_lease_may_have_lapsed_and_a_new_lease_retakes_ownership(monkeypatch):
+    """A server whose etcd lease may have expired (the meta then treats it as down and may
+    snapshot or hand out its volumes) starts no write: the fast path declines, the general
+    path waits. Under a new lease, ownership is taken again: a new epoch, the current seq."""
+    import time
+    acquired = []
+
+    async def acquire(etcd, keys, vid, chunk_id):
+        acquired.append(vid)
+        return 7 + len(acquired), 100 + len(acquired), Volume(volume_id=vid, name=vid, size=EXTENT_SIZE,
+                                                              replicas=3, snap_seq=1 + len(acquired))
+    monkeypatch.setattr(coordinator_module.ownership, "acquire", acquire)
+
+    async def main():
+        reps = {k: _MemReplica(k) for k in "ABC"}
+        coord = _mem_coordinator(reps, ["A", "B", "C"])
+
+        async def no_refresh():
+            pass
+        coord._refresh_extents = no_refresh                 # noqa: SLF001 - the map is set up here
+        lease = coord.engine.lease = _Lease()
+        coord.epoch = 0
+        write = asyncio.create_task(coord.write(0, b"a" * 4096))
+        await asyncio.sleep(0.3)
+        assert not write.done() and not acquired              # waiting for the lease
+        lease.lease_deadline = time.monotonic() + 30
+        await asyncio.wait_for(write, 2)
+        assert acquired and coord.epoch == 8 and coord.seq == 2
+        assert coord.write_nowait(4096, b"b" * 4096) is not None        # fresh lease: fast path
+        await asyncio.sleep(0.05)
+        lease.lease_gen += 1                                  # the lease lapsed and was granted anew
+        assert coord.write_nowait(8192, b"c" * 4096) is None
+        await coord.write(8192, b"c" * 4096)
+        assert coord.epoch == 9 and coord.seq == 3 and len(acquired) == 2
+        lease.lease_deadline = time.monotonic() - 1
+        assert coord.write_nowait(0, b"d" * 4096) is None
     asyncio.run(main())
