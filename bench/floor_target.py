@@ -44,6 +44,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import crc32c
 import msgpack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,15 +60,23 @@ _SENSE_INVALID_OPCODE = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x20, 
 
 # -- the replica ---------------------------------------------------------------------
 
-class _ReplicaConn(asyncio.Protocol):
-    """pwrite each ``(tag, offset, data)`` fed, answer the batch with one list of tags."""
+class _MsgpackConn(asyncio.Protocol):
+    """A TCP_NODELAY connection fed into a msgpack stream unpacker."""
 
-    def __init__(self, fd: int):
-        self.fd, self.unpacker, self.t = fd, msgpack.Unpacker(use_list=False), None
+    def __init__(self):
+        self.unpacker, self.t = msgpack.Unpacker(use_list=False), None
 
     def connection_made(self, transport):
         self.t = transport
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _ReplicaConn(_MsgpackConn):
+    """pwrite each ``(tag, offset, data)`` fed, answer the batch with one list of tags."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
 
     def data_received(self, data):
         self.unpacker.feed(data)
@@ -90,13 +99,10 @@ async def serve_replica(port: int, path: str) -> None:
 
 # -- the target ----------------------------------------------------------------------
 
-class _Peer(asyncio.Protocol):
+class _Peer(_MsgpackConn):
     def __init__(self, session: "_Session"):
-        self.s, self.unpacker, self.t = session, msgpack.Unpacker(use_list=False), None
-
-    def connection_made(self, transport):
-        self.t = transport
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__()
+        self.s = session
 
     def data_received(self, data):
         self.unpacker.feed(data)
@@ -169,7 +175,6 @@ class _Session:
                 return
             os.pwrite(self.fd, data, offset)
             if self.crc_fd:
-                import crc32c
                 for i in range(0, dsl, 4096):
                     crc = crc32c.crc32c(data[i:i + 4096])
                     os.pwrite(self.crc_fd, crc.to_bytes(4, "little"), (offset + i) // 4096 * 4)

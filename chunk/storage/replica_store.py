@@ -141,6 +141,15 @@ def _pread_all(fd: int, length: int, offset: int) -> bytearray:
     return buf
 
 
+def _remove_extent(base: Path) -> None:
+    """Delete an extent's files, the header first: without it the rest is garbage a restart
+    ignores."""
+    for suffix in (".hdr", ".data", ".crc", ".seq"):
+        base.with_name(base.name + suffix).unlink(missing_ok=True)
+    shutil.rmtree(_vdir(base), ignore_errors=True)
+    _fsync_dir(base.parent)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -550,12 +559,8 @@ class ReplicaStore:
     def delete(self, vid: str, idx: int) -> None:
         broken = self.broken.pop((vid, idx), None)
         if broken is not None and (vid, idx) not in self._replicas:
-            base = broken[1].with_name(broken[1].name[:-len(".hdr")])
             with self._io(None):
-                for suffix in (".hdr", ".data", ".crc", ".seq"):
-                    base.with_name(base.name + suffix).unlink(missing_ok=True)
-                shutil.rmtree(_vdir(base), ignore_errors=True)
-                _fsync_dir(base.parent)
+                _remove_extent(broken[1].with_name(broken[1].name[:-len(".hdr")]))
             return
         rep = self._get(vid, idx)
         base = rep.base()
@@ -563,11 +568,7 @@ class ReplicaStore:
             rep.close()
             del self._replicas[(vid, idx)]
             rep.disk.replicas.discard((vid, idx))
-            # Header first: without it the rest is garbage a restart ignores.
-            for suffix in (".hdr", ".data", ".crc", ".seq"):
-                base.with_name(base.name + suffix).unlink(missing_ok=True)
-            shutil.rmtree(_vdir(base), ignore_errors=True)
-            _fsync_dir(rep.disk.path)
+            _remove_extent(base)
             rep.disk.enospc = False
 
     def usage(self) -> list[dict]:
