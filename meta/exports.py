@@ -19,7 +19,7 @@ from zstore.records import AclEntry, ChapRecord, LunMapping, Snapshot, Target, V
 
 from . import snapshot_exports
 from .context import Ctx
-from .volumes import find_volume, resolve_snapshot
+from .volumes import MAX_RETRIES, find_volume, resolve_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +93,22 @@ async def add_acl(ctx: Ctx, volume: str, initiator: str, readonly: bool = False)
     if is_snapshot_ref(volume):
         return await add_snapshot_acl(ctx, volume, initiator)
     initiator = naming.check_iqn(initiator)
-    vol, _ = await find_volume(ctx, volume)
-    key = ctx.keys.acl(vol.volume_id, initiator)
-    existing, _ = await ctx.get(key, AclEntry)
-    if existing is not None and existing.readonly == readonly:
-        return existing
-    entry = AclEntry(volume_id=vol.volume_id, initiator=initiator, readonly=readonly)
-    if not await ctx.txn([ctx.t.version(ctx.keys.volume(vol.volume_id)) > 0], [ctx.put(key, entry)]):
-        raise NotFound(f"volume {volume!r} not found")
-    log.info("initiator %s may now access volume %s%s", initiator, vol.name, " (read-only)" if readonly else "")
-    return entry
+    # Compared with the volume record's revision, not its existence: a delete that keeps
+    # the record as a tombstone (its snapshots live on) has already dropped the volume's
+    # ACL, and an entry put after it would outlive the volume. A retry sees the tombstone.
+    for _ in range(MAX_RETRIES):
+        vol, rev = await find_volume(ctx, volume)
+        key = ctx.keys.acl(vol.volume_id, initiator)
+        existing, _ = await ctx.get(key, AclEntry)
+        if existing is not None and existing.readonly == readonly:
+            return existing
+        entry = AclEntry(volume_id=vol.volume_id, initiator=initiator, readonly=readonly)
+        if await ctx.txn([ctx.unchanged(ctx.keys.volume(vol.volume_id), rev)], [ctx.put(key, entry)]):
+            log.info("initiator %s may now access volume %s%s", initiator, vol.name,
+                     " (read-only)" if readonly else "")
+            return entry
+    raise Conflict(f"could not add {initiator!r} to volume {volume!r}: too much concurrent change",
+                   hint="retry")
 
 
 async def remove_snapshot_acl(ctx: Ctx, ref: str, initiator: str) -> str:

@@ -217,10 +217,12 @@ async def resize_volume(ctx: Ctx, ref: str, size: Any) -> Volume:
 
 def erase_ops(ctx: Ctx, vid: str) -> list:
     """Deleting a volume record for good also deletes its storage-engine records (same txn):
-    extent map, owner, pending ops, recovery tasks. Chunk servers then reclaim the data."""
+    extent map, owner, pending ops, recovery tasks, and any ACL entry left. Chunk servers
+    then reclaim the data."""
     return [ctx.delete(ctx.keys.volume(vid)), ctx.delete(ctx.keys.extents(vid), prefix=True),
             ctx.delete(ctx.keys.owner(vid)), ctx.delete(ctx.keys.volops(vid), prefix=True),
-            ctx.delete(ctx.keys.recovery(vid), prefix=True)]
+            ctx.delete(ctx.keys.recovery(vid), prefix=True),
+            ctx.delete(ctx.keys.volume_acl(vid), prefix=True)]
 
 
 async def acl_entries(ctx: Ctx, vid: str) -> list[AclEntry]:

@@ -185,6 +185,32 @@ async def test_tombstones_are_collected_when_unreferenced(ctx):
     assert await ctx.get_raw(ctx.keys.volume(c.volume_id)) is None
 
 
+async def test_acl_added_during_a_tombstoning_delete_is_refused(ctx, monkeypatch):
+    """add_acl found the volume, then a delete kept it as a tombstone (a snapshot lives) and
+    dropped its ACL: the entry must not be put after that, where it would outlive the volume."""
+    v, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    s, _ = await volops.create_snapshot(ctx, "v", "s")
+    real = exports.find_volume
+    raced = []
+
+    async def find_then_delete(ctx_, ref):
+        found = await real(ctx_, ref)
+        if not raced:
+            raced.append(ref)
+            await volumes.delete_volume(ctx, "v")
+        return found
+
+    monkeypatch.setattr(exports, "find_volume", find_then_delete)
+    with pytest.raises(NotFound):
+        await exports.add_acl(ctx, "v", "iqn.2004-10.com.example:late")
+    assert raced and await ctx.list_raw(ctx.keys.acls()) == []
+    # The tombstone goes with its last snapshot, and with it anything under its ACL prefix.
+    assert await ctx.txn([], [ctx.put(ctx.keys.acl(v.volume_id, "iqn.2004-10.com.example:stray"), b"x")])
+    await volumes.delete_snapshot_by_id(ctx, s.snapshot_id)
+    assert await ctx.get_raw(ctx.keys.volume(v.volume_id)) is None
+    assert await ctx.list_raw(ctx.keys.acls()) == []
+
+
 async def test_list_pagination(ctx):
     for i in range(7):
         await volumes.create_volume(ctx, f"vol{i:02d}", "1Mi", 1)
