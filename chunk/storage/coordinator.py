@@ -1071,7 +1071,18 @@ class Coordinator:
         else:
             ranges = [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
             mode = "full"
-        await target.create(self.vid, idx, self.epoch, 1)
+        try:
+            await target.create(self.vid, idx, self.epoch, 1)
+        except rk.ReplicaFailed as ex:
+            if ex.kind != rk.IO:
+                raise
+            # Its copy is here but does not open: not in sync, so not needed. A fresh one,
+            # copied in full (the dirty blocks alone would sit on nothing).
+            log.warning("volume %s extent %d: %s holds a copy that does not open (%s); replacing it",
+                        self.vid, idx, task.target, ex.detail)
+            await target.create(self.vid, idx, self.epoch, 1, discard_broken=True)
+            ranges = [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
+            mode = "full"
         sync = self._sync[idx] = Sync(task.target, target)
         try:
             for attempt in range(2):

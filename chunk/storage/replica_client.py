@@ -312,8 +312,10 @@ class ReplicaClient:
         await self._ok(addr, Frame(Op.REVERT, 0, vid, idx, epoch, generation, seq=seq,
                                    args={"to": to_seq}))
 
-    async def create(self, addr: Address, vid: str, idx: int, generation: int, epoch: int) -> None:
-        await self._ok(addr, Frame(Op.CREATE, 0, vid, idx, epoch, generation))
+    async def create(self, addr: Address, vid: str, idx: int, generation: int, epoch: int,
+                     discard_broken: bool = False) -> None:
+        await self._ok(addr, Frame(Op.CREATE, 0, vid, idx, epoch, generation,
+                                   args={"discard_broken": True} if discard_broken else None))
 
     async def export(self, addr: Address, vid: str, idx: int, off: int, length: int,
                      epoch: int = 0) -> tuple[bytes, int | None]:

@@ -602,7 +602,8 @@ class ReplicaServer:
             if f.op not in READ_ONLY:
                 return f.reply(Status.DENIED, args={"error": f"{f.op.name} needs an ownership epoch"})
         elif f.op is Op.CREATE:
-            st.create(vid, idx, _positive(f.generation, "generation"))
+            st.create(vid, idx, _positive(f.generation, "generation"),
+                      _arg(f, "discard_broken", bool, False))
             st.admit(vid, idx, f.epoch)
             return f.reply()
         else:

@@ -512,11 +512,18 @@ class ReplicaStore:
             return "full"
         return "ok"
 
-    def create(self, vid: str, idx: int, generation: int) -> None:
+    def create(self, vid: str, idx: int, generation: int, discard_broken: bool = False) -> None:
+        """Make an empty replica here (nothing if one is here). A copy that did not open is
+        refused, untouched, unless ``discard_broken``: a recovery target, whose copy is not
+        in sync anyway and is about to be copied in full from an in-sync one."""
         if (vid, idx) in self._replicas:
             return
         if (vid, idx) in self.broken:       # refused before anything of it is touched
-            self._absent(vid, idx)
+            if not discard_broken:
+                self._absent(vid, idx)
+            log.warning("extent %s/%d: discarding the copy that did not open (%s) for a fresh one",
+                        vid, idx, self.broken[(vid, idx)][0])
+            self.delete(vid, idx)
         if "/" in vid or vid.startswith(".") or not vid or idx < 0:
             raise ValueError(f"bad extent name {vid!r}/{idx}")
         best, best_free = None, -1

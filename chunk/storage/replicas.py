@@ -95,8 +95,8 @@ class LocalReplica:
         except Exception as e:  # noqa: BLE001
             raise self._fail(vid, idx, e) from None
 
-    async def create(self, vid, idx, epoch, generation):
-        self._run(vid, idx, 0, self.store.create, vid, idx, generation)   # admit needs the extent
+    async def create(self, vid, idx, epoch, generation, discard_broken=False):
+        self._run(vid, idx, 0, self.store.create, vid, idx, generation, discard_broken)   # admit needs the extent
         self._run(vid, idx, epoch, lambda: None)
 
     async def revert(self, vid, idx, epoch, to_seq, seq):
@@ -194,8 +194,9 @@ class RemoteReplica:
     async def flush(self, vid, idx, epoch):
         await self._call(self.client.flush(self.addr, vid, idx, epoch=epoch))
 
-    async def create(self, vid, idx, epoch, generation):
-        await self._call(self.client.create(self.addr, vid, idx, epoch=epoch, generation=generation))
+    async def create(self, vid, idx, epoch, generation, discard_broken=False):
+        await self._call(self.client.create(self.addr, vid, idx, epoch=epoch, generation=generation,
+                                            discard_broken=discard_broken))
 
     async def revert(self, vid, idx, epoch, to_seq, seq):
         await self._call(self.client.revert(self.addr, vid, idx, epoch=epoch, to_seq=to_seq, seq=seq))

@@ -366,6 +366,32 @@ def test_a_write_during_a_resyncs_join_waits_and_reaches_the_joined_replica():
     asyncio.run(main())
 
 
+def test_a_recovery_target_whose_copy_does_not_open_gets_a_fresh_one_copied_in_full():
+    """A resync target holds a copy that does not open (its CREATE answers an I/O error):
+    the recovery asks for a fresh replica in its place and copies the whole extent, not
+    only the dirty blocks, which would sit on nothing; then it joins."""
+    async def main():
+        from chunk.storage import replicas as rk
+        from chunk.storage.coordinator import Dirty
+        a, b, c = _MemReplica("A"), _MemReplica("B"), _MemReplica("C")
+        a.state = {0: b"\x01" * 4096, 8192: b"\x02" * 4096}
+        b.state = dict(a.state)
+        coord = _mem_coordinator({"A": a, "B": b, "C": c}, ["A", "B"])
+        coord.extents[0].stale = {"C": 2}
+        coord._dirty[(0, "C")] = Dirty(2, coord.seq, {2})  # noqa: SLF001 - only block 2 written
+        calls = []
+
+        async def create(vid, idx, epoch, generation, discard_broken=False):
+            calls.append(discard_broken)
+            if not discard_broken:
+                raise rk.ReplicaFailed("C", rk.IO, "extent is here but unusable")
+        c.create = create
+        await coord.run_recovery(RecoveryTask("v", 0, "C", "resync", "me", 3), 1, 0)
+        assert calls == [False, True]
+        assert c.state == a.state and coord.extents[0].replicas == ["A", "B", "C"]
+    asyncio.run(main())
+
+
 def test_an_unmap_in_flight_keeps_an_overlapping_fast_write_out_so_replicas_agree():
     async def main():
         reps = {k: _MemReplica(k, 0.01) for k in "ABC"}

@@ -120,6 +120,31 @@ async def test_statuses_become_typed_errors(nodes, client):
     assert issubclass(Conflict, ReplicaError) and issubclass(ChecksumFailed, ReplicaError)
 
 
+async def test_a_copy_that_does_not_open_is_refused_by_create_and_replaced_on_request(tmp_path, client):
+    """After a restart an extent's header does not decode: a plain CREATE (an allocation)
+    leaves its files alone with an I/O error; a recovery's CREATE (discard_broken) replaces
+    it with an empty replica, which then takes writes."""
+    n = await Node(tmp_path / "n").start()
+    try:
+        await client.create(n.addr, VID, 0, generation=1, epoch=1)
+        await client.write(n.addr, VID, 0, 0, b"\x11" * BLOCK_SIZE, epoch=1, seq=1)
+        await n.stop()
+        hdr = tmp_path / "n" / f"{VID}.0.hdr"
+        hdr.write_bytes(hdr.read_bytes()[:-1] + bytes([hdr.read_bytes()[-1] ^ 1]))
+        n.port = n.port                                 # the same port again
+        await n.start()
+        with pytest.raises(ReplicaError, match="does not open|unusable") as e:
+            await client.create(n.addr, VID, 0, generation=1, epoch=2)
+        assert e.value.status is Status.IO_ERROR and hdr.exists()
+        await client.create(n.addr, VID, 0, generation=1, epoch=2, discard_broken=True)
+        data, present = await client.read(n.addr, VID, 0, 0, BLOCK_SIZE)
+        assert bytes(data) == bytes(BLOCK_SIZE)
+        await client.write(n.addr, VID, 0, 0, b"\x22" * BLOCK_SIZE, epoch=2, seq=1)
+        assert bytes((await client.read(n.addr, VID, 0, 0, BLOCK_SIZE))[0]) == b"\x22" * BLOCK_SIZE
+    finally:
+        await n.stop()
+
+
 async def test_concurrent_calls_share_one_connection(nodes, client):
     a, _ = nodes
     await client.create(a.addr, VID, 0, generation=1, epoch=1)
