@@ -939,6 +939,7 @@ class Coordinator:
                     raise MediumError(f"snapshot {op.snapshot_id} not found")
                 snap = Snapshot.decode(snap_got.value)
                 if op.kind == "snapshot":
+                    await self._fence_all()
                     await self._commit_snapshot(op, snap, snap_got.mod_revision, claimed)
                     return
                 if op.kind == "revert":
@@ -951,6 +952,50 @@ class Coordinator:
                 error = str(ex) or type(ex).__name__
                 log.error("volume %s: %s %s failed: %s", self.vid, op.kind, op.op_id, error)
             await self._finish_op(op, error, claimed)
+
+    async def _fence_all(self) -> None:
+        """Before a snapshot commits: every chunk server has admitted our epoch for the volume.
+
+        Replicas learn a new epoch only from requests carrying it, so a deposed owner (paths
+        to two chunk servers, or a server whose lease lapsed with writes in flight) could go
+        on writing, at the old seq, to extents we never touched, and a write landing after
+        the commit would join the snapshot. Fenced, every replica of every extent refuses
+        it, and so does every server a new extent could be created on. A server that does
+        not answer is dropped from the extents it holds while another of their replicas was
+        fenced (they resync in full later); the snapshot fails if it is an extent's only
+        replica. One request per server, so the cost does not grow with the volume."""
+        holds: dict[str, list[int]] = {}
+        for idx, rec in sorted(self.extents.items()):
+            for c in rec.replicas:
+                holds.setdefault(c, []).append(idx)
+        servers = sorted(set(holds) | set(await self.engine.chunk_ids()))
+        epoch = self.epoch
+
+        async def fence(chunk_id: str) -> None:
+            try:
+                r = await self.engine.replica(chunk_id)
+            except LookupError as e:                   # registered meanwhile unregistered
+                raise rk.ReplicaFailed(chunk_id, rk.UNAVAILABLE, str(e)) from None
+            await r.fence(self.vid, holds[chunk_id][0] if chunk_id in holds else 0, epoch)
+
+        results = await asyncio.gather(*(fence(c) for c in servers), return_exceptions=True)
+        failed = {c: res for c, res in zip(servers, results) if res is not None}
+        for c, res in failed.items():
+            if isinstance(res, rk.ReplicaFailed) and res.kind == rk.STALE_EPOCH:
+                raise FencedError(f"volume {self.vid}: another server took it over; snapshot not taken")
+            if not isinstance(res, Exception):
+                raise res
+        for c, res in failed.items():
+            if c not in holds:
+                log.info("volume %s: %s not fenced before a snapshot (%s); it holds none of it", self.vid, c, res)
+                continue
+            for idx in holds[c]:
+                if not any(o not in failed for o in self.extents[idx].replicas if o != c):
+                    raise MediumError(f"volume {self.vid} extent {idx}: no replica could be fenced "
+                                      f"before the snapshot ({c}: {res})")
+                log.warning("volume %s extent %d: %s not fenced before a snapshot (%s); dropping it",
+                            self.vid, idx, c, res)
+                await self._drop(idx, c, f"{rk.UNAVAILABLE}: not fenced before a snapshot: {res}")
 
     async def _claim_op(self, op: VolumeOp) -> bytes | None:
         """Mark ``op`` running here, by compare-and-swap on its record; the bytes written, or

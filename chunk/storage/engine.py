@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from urllib.parse import unquote
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,16 @@ class StorageEngine:
             r = self._remote[chunk_id] = rk.RemoteReplica(chunk_id, addr, self.client)
             self.replicas_version += 1
         return r
+
+    async def chunk_ids(self) -> list[str]:
+        """Every chunk server registered in the cluster (live or not)."""
+        base = self.keys.chunks()
+        out = set()
+        for kv in await self.etcd.get_prefix(base):
+            kp = self.keys.chunk_key_parts(kv.key, base)
+            if kp and kp[1] == "info":
+                out.add(unquote(kp[0]))
+        return sorted(out)
 
     def local_store_for(self, rec):
         """This server's store if it holds an in-sync replica of ``rec`` (reads go there)."""

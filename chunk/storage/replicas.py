@@ -99,6 +99,10 @@ class LocalReplica:
         self._run(vid, idx, 0, self.store.create, vid, idx, generation, discard_broken)   # admit needs the extent
         self._run(vid, idx, epoch, lambda: None)
 
+    async def fence(self, vid, idx, epoch):
+        """Raise this server's fence for the volume to ``epoch`` (extent ``idx`` here or not)."""
+        self._run(vid, idx, epoch, lambda: None)
+
     async def revert(self, vid, idx, epoch, to_seq, seq):
         self._run(vid, idx, epoch, self.store.revert, vid, idx, to_seq, seq)
 
@@ -197,6 +201,16 @@ class RemoteReplica:
     async def create(self, vid, idx, epoch, generation, discard_broken=False):
         await self._call(self.client.create(self.addr, vid, idx, epoch=epoch, generation=generation,
                                             discard_broken=discard_broken))
+
+    async def fence(self, vid, idx, epoch):
+        """Raise the peer's fence for the volume to ``epoch``: a STAT carrying it, which the
+        peer admits before anything else, so NO_EXTENT (nothing of ``idx`` there) still
+        means fenced (in the peer's memory then, for a volume it holds nothing of)."""
+        try:
+            await self._call(self.client.stat(self.addr, vid, idx, epoch=epoch))
+        except ReplicaFailed as e:
+            if e.kind != NO_EXTENT:
+                raise
 
     async def revert(self, vid, idx, epoch, to_seq, seq):
         await self._call(self.client.revert(self.addr, vid, idx, epoch=epoch, to_seq=to_seq, seq=seq))

@@ -12,7 +12,7 @@ import pytest
 
 from chunk.storage import coordinator as coordinator_module
 from chunk.storage.coordinator import Coordinator, RangeLocks, WriteGate
-from chunk.storage.coordinator import EXTENT_SIZE
+from chunk.storage.coordinator import EXTENT_SIZE, MediumError
 from zstore.records import ExtentRecord, RecoveryTask, Volume
 
 
@@ -311,6 +311,9 @@ class _Meta:
         if path.endswith("/join"):
             new.replicas.append(body["chunk_id"])
             new.stale.pop(body["chunk_id"], None)
+        if path.endswith("/drop"):
+            new.replicas.remove(body["chunk_id"])
+            new.stale[body["chunk_id"]] = new.generation
         return {"extent": new.to_dict()}
 
 
@@ -332,6 +335,9 @@ class _MemEngine:
 
     async def report_progress(self, task, rev, done, total):
         return rev
+
+    async def chunk_ids(self):
+        return sorted(self.reps)
 
 
 def _mem_coordinator(reps: dict, replicas: list[str]) -> Coordinator:
@@ -389,6 +395,47 @@ def test_a_recovery_target_whose_copy_does_not_open_gets_a_fresh_one_copied_in_f
         await coord.run_recovery(RecoveryTask("v", 0, "C", "resync", "me", 3), 1, 0)
         assert calls == [False, True]
         assert c.state == a.state and coord.extents[0].replicas == ["A", "B", "C"]
+    asyncio.run(main())
+
+
+class _FencedReplica(_MemReplica):
+    """A replica server's per-volume epoch fence, as the store keeps it."""
+
+    def __init__(self, chunk_id: str, highest: int = 0, down: bool = False) -> None:
+        super().__init__(chunk_id)
+        self.highest, self.down = highest, down
+
+    async def fence(self, vid, idx, epoch):
+        from chunk.storage import replicas as rk
+        if self.down:
+            raise rk.ReplicaFailed(self.chunk_id, rk.UNAVAILABLE, "no answer")
+        if epoch < self.highest:
+            raise rk.ReplicaFailed(self.chunk_id, rk.STALE_EPOCH, f"seen {self.highest}")
+        self.highest = epoch
+
+
+def test_before_a_snapshot_every_server_is_fenced_and_one_that_does_not_answer_is_dropped():
+    """A deposed owner could go on writing at the old seq to replicas the new owner never
+    touched, into the snapshot about to be committed. _fence_all raises the epoch on every
+    server (those holding nothing of the volume too: a new extent could be made there),
+    drops a silent one from the extents where another replica was fenced, and refuses the
+    snapshot where none was, or where another server already took the volume over."""
+    async def main():
+        from chunk.storage.coordinator import FencedError
+        reps = {c: _FencedReplica(c, highest=5) for c in "ABC"}
+        reps["D"] = _FencedReplica("D", highest=5, down=True)
+        coord = _mem_coordinator(reps, ["A", "D"])                  # extent 0 on A and D
+        coord.extents[1] = ExtentRecord("v", 1, ["B"], 3, {})
+        await coord._fence_all()                                    # noqa: SLF001
+        assert [reps[c].highest for c in "ABC"] == [7, 7, 7]
+        assert coord.extents[0].replicas == ["A"] and coord.extents[1].replicas == ["B"]
+        reps["B"].down = True                                       # extent 1's only replica
+        with pytest.raises(MediumError, match="no replica could be fenced"):
+            await coord._fence_all()                                # noqa: SLF001
+        reps["B"].down = False
+        reps["C"].highest = 9                                       # another owner since
+        with pytest.raises(FencedError):
+            await coord._fence_all()                                # noqa: SLF001
     asyncio.run(main())
 
 

@@ -145,6 +145,24 @@ async def test_a_copy_that_does_not_open_is_refused_by_create_and_replaced_on_re
         await n.stop()
 
 
+async def test_a_fence_raises_the_volumes_epoch_even_where_the_extent_is_not(nodes, client):
+    """RemoteReplica.fence (a STAT carrying the epoch): the peer admits the epoch before it
+    looks for the extent, so an absent one still fences the volume there, and a deposed
+    owner's CREATE or WRITE with an older epoch is refused afterwards."""
+    from chunk.storage import replicas as rk
+    a, b = nodes
+    await client.create(a.addr, VID, 0, generation=1, epoch=5)
+    await rk.RemoteReplica("a", a.addr, client).fence(VID, 0, 9)         # the extent is here
+    await rk.RemoteReplica("b", b.addr, client).fence(VID, 3, 9)         # nothing of VID there
+    with pytest.raises(StaleEpoch):
+        await client.write(a.addr, VID, 0, 0, b"x" * BLOCK_SIZE, epoch=5, seq=1)
+    with pytest.raises(StaleEpoch):
+        await client.create(b.addr, VID, 1, generation=1, epoch=5)
+    with pytest.raises(rk.ReplicaFailed) as e:
+        await rk.RemoteReplica("a", a.addr, client).fence(VID, 0, 8)
+    assert e.value.kind == rk.STALE_EPOCH
+
+
 async def test_concurrent_calls_share_one_connection(nodes, client):
     a, _ = nodes
     await client.create(a.addr, VID, 0, generation=1, epoch=1)
