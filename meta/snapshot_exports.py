@@ -155,17 +155,29 @@ async def exported_slots(ctx: Ctx) -> dict[str, tuple[int, int]]:
     return out
 
 
-async def collect_orphans(ctx: Ctx, vols: dict[str, Volume], snaps: dict[str, Snapshot]) -> bool:
+async def collect_orphans(ctx: Ctx) -> bool:
     """Drop exports whose snapshot or volume is gone or deleted (the backstop after crashes
-    and races with deletes). True if anything was dropped."""
+    and races with deletes). True if anything was dropped.
+
+    Each export's snapshot and volume are read after its pointer, and compared unchanged
+    in the drop: a listing taken before would not show a snapshot taken and exported since,
+    and its fresh export was dropped as an orphan."""
     changed = False
     for sid in await exported_slots(ctx):
-        snap = snaps.get(sid)
-        vol = vols.get(snap.volume_id) if snap else None
+        m, rev = await export_state(ctx, sid)
+        if not rev:
+            continue
+        skey = ctx.keys.snapshot(sid)
+        snap, srev = await ctx.get(skey, Snapshot)
+        compare = [pointer_unchanged(ctx, sid, rev), ctx.absent(skey) if snap is None else ctx.unchanged(skey, srev)]
+        vol = None
+        if snap is not None:
+            vkey = ctx.keys.volume(snap.volume_id)
+            vol, vrev = await ctx.get(vkey, Volume)
+            compare.append(ctx.absent(vkey) if vol is None else ctx.unchanged(vkey, vrev))
         if snap is not None and snap.state != "deleted" and vol is not None and vol.state != "deleted":
             continue
-        m, rev = await export_state(ctx, sid)
-        if rev and await ctx.txn([pointer_unchanged(ctx, sid, rev)], drop_ops(ctx, sid, m)):
+        if await ctx.txn(compare, drop_ops(ctx, sid, m)):
             log.info("dropped the export of snapshot %s: its %s is gone", sid,
                      "snapshot" if snap is None or snap.state == "deleted" else "volume")
             changed = True

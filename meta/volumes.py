@@ -346,11 +346,17 @@ async def collect_garbage(ctx: Ctx) -> None:
             if (s.state == "deleted" and skey in snap_revs
                     and not any(v.source_snapshot == s.snapshot_id for v in vols.values())):
                 changed |= await ctx.txn([ctx.unchanged(skey, snap_revs[skey])], [ctx.delete(skey)])
+        # Snapshots again, after the volumes: a snapshot taken and then its volume deleted
+        # between the first listing and the volume listing shows here, and keeps the
+        # tombstone (the first listing missed it, and erasing the volume lost its data).
+        # A tombstone takes no new snapshot, so this listing cannot miss one of it.
+        vol_revs = {kv.key: kv.mod_revision for kv in await ctx.etcd.get_prefix(ctx.keys.volumes())}
+        owners = {s.volume_id for _, s in await ctx.list(ctx.keys.snapshots(), Snapshot)}
         for v in vols.values():
-            if v.state == "deleted" and not any(s.volume_id == v.volume_id for s in snaps.values()):
-                changed |= await ctx.txn([ctx.t.version(ctx.keys.volume(v.volume_id)) > 0],
-                                         erase_ops(ctx, v.volume_id))
-        changed |= await snapshot_exports.collect_orphans(ctx, vols, snaps)
+            vkey = ctx.keys.volume(v.volume_id)
+            if v.state == "deleted" and v.volume_id not in owners and vkey in vol_revs:
+                changed |= await ctx.txn([ctx.unchanged(vkey, vol_revs[vkey])], erase_ops(ctx, v.volume_id))
+        changed |= await snapshot_exports.collect_orphans(ctx)
         if not changed:
             return
 

@@ -212,3 +212,27 @@ async def test_api_and_cli(tmp_path, etcd_server, etcd_client):
         assert r.returncode == 0, r.stderr
         assert await ctx.list_raw(ctx.keys.snapshot_luns()) == []
         assert [v["volume"] for t in (await api("GET", "/targets"))[1]["targets"] for v in t["volumes"]] == ["v"]
+
+
+async def test_garbage_collection_keeps_an_export_newer_than_its_listings(ctx, monkeypatch):
+    """The collector lists snapshots and volumes, then exports: a snapshot taken and exported
+    in between is missing from the first listings, and its fresh export must not be dropped
+    as an orphan. An export whose snapshot is really gone still goes."""
+    await volumes.create_volume(ctx, "v", "1Gi", 1)
+    real_list, raced = ctx.list, []
+
+    async def list_then_export(prefix, cls):
+        got = await real_list(prefix, cls)
+        if prefix == ctx.keys.volumes() and not raced:     # after both listings of the pass
+            raced.append(await snap(ctx, "v", "fresh"))
+            await snapshot_exports.export_snapshot(ctx, "v@fresh")
+        return got
+
+    monkeypatch.setattr(ctx, "list", list_then_export)
+    await volumes.collect_garbage(ctx)
+    assert raced and raced[0].snapshot_id in await snapshot_exports.exported_slots(ctx)
+    monkeypatch.setattr(ctx, "list", real_list)
+    # Gone for real (its record erased behind the meta's back): dropped.
+    await ctx.txn([], [ctx.delete(ctx.keys.snapshot(raced[0].snapshot_id))])
+    assert await snapshot_exports.collect_orphans(ctx)
+    assert await snapshot_exports.exported_slots(ctx) == {}

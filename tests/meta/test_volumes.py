@@ -211,6 +211,28 @@ async def test_acl_added_during_a_tombstoning_delete_is_refused(ctx, monkeypatch
     assert await ctx.list_raw(ctx.keys.acls()) == []
 
 
+async def test_garbage_collection_keeps_a_tombstone_whose_snapshot_came_after_its_listing(ctx, monkeypatch):
+    """The collector lists snapshots, then volumes. A snapshot taken and its volume deleted
+    in between: the volume shows as a tombstone and the first listing has no snapshot of it.
+    Erasing it then would take the extent map the snapshot's data lives in."""
+    v, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    real_list, raced = ctx.list, []
+
+    async def list_with_race(prefix, cls):
+        if prefix == ctx.keys.volumes() and not raced:
+            raced.append(True)
+            await volops.create_snapshot(ctx, "v", "s")
+            await volumes.delete_volume(ctx, "v")
+        return await real_list(prefix, cls)
+
+    monkeypatch.setattr(ctx, "list", list_with_race)
+    await volumes.collect_garbage(ctx)
+    assert raced
+    vol, _ = await ctx.get(ctx.keys.volume(v.volume_id), Volume)
+    assert vol is not None and vol.state == "deleted"
+    assert [s.name for s in await volumes.list_snapshots(ctx)] == ["s"]
+
+
 async def test_list_pagination(ctx):
     for i in range(7):
         await volumes.create_volume(ctx, f"vol{i:02d}", "1Mi", 1)
