@@ -164,6 +164,31 @@ async def _revert_snapshot(ctx: Ctx, vol: Volume, ref: str) -> Snapshot:
     return snap
 
 
+async def _create_revert_op(ctx: Ctx, vol: Volume, snap: Snapshot) -> bytes:
+    """Write a revert op for ``snap``; its key.
+
+    The snapshot is put back unchanged in the same transaction: its revision moves, so a
+    delete of it that read it before this op existed fails its compare, looks again and
+    finds the revert (it refuses while one is pending or running: the revert needs the
+    snapshot's block versions until it is done)."""
+    vid = vol.volume_id
+    skey = ctx.keys.snapshot(snap.snapshot_id)
+    for _ in range(MAX_RETRIES):
+        cur, srev = await ctx.get(skey, Snapshot)
+        if cur is None or cur.state == "deleted":
+            raise NotFound(f"snapshot {snap.name!r} ({snap.snapshot_id}) was deleted meanwhile")
+        op = VolumeOp(op_id=uuid.uuid4().hex, volume_id=vid, kind="revert",
+                      snapshot_id=snap.snapshot_id, executor=await _revert_executor(ctx, vol))
+        op_key = ctx.keys.volop(vid, op.op_id)
+        if await ctx.txn([ctx.absent(op_key), ctx.t.version(ctx.keys.volume(vid)) > 0,
+                          ctx.unchanged(skey, srev)],
+                         [ctx.put(op_key, op), ctx.put(skey, cur)]):
+            log.info("volume %s: revert to snapshot %s (seq %d) handed to %s", vol.name, snap.name,
+                     snap.seq, op.executor)
+            return op_key
+    raise Conflict(f"volume {vol.name!r} or snapshot {snap.name!r} changed meanwhile", hint="retry")
+
+
 async def _revert_executor(ctx: Ctx, vol: Volume) -> str:
     """The live owner, else a live active chunk of the planned placement, else any live one."""
     owner, _ = await live_owner(ctx, vol.volume_id)
@@ -190,18 +215,7 @@ async def revert_volume(ctx: Ctx, volume: str, snapshot: str,
     pending = [(k, op) for k, op in await ctx.list(ctx.keys.volops(vid), VolumeOp)
                if op.kind == "revert" and op.state in ("pending", "running")
                and op.snapshot_id == snap.snapshot_id]
-    if pending:
-        op_key = pending[0][0]
-    else:
-        op = VolumeOp(op_id=uuid.uuid4().hex, volume_id=vid, kind="revert",
-                      snapshot_id=snap.snapshot_id, executor=await _revert_executor(ctx, vol))
-        op_key = ctx.keys.volop(vid, op.op_id)
-        if not await ctx.txn([ctx.absent(op_key), ctx.t.version(ctx.keys.volume(vid)) > 0,
-                              ctx.t.version(ctx.keys.snapshot(snap.snapshot_id)) > 0],
-                             [ctx.put(op_key, op)]):
-            raise Conflict(f"volume {vol.name!r} or snapshot {snap.name!r} changed meanwhile", hint="retry")
-        log.info("volume %s: revert to snapshot %s (seq %d) handed to %s", vol.name, snap.name, snap.seq,
-                 op.executor)
+    op_key = pending[0][0] if pending else await _create_revert_op(ctx, vol, snap)
     while True:
         op, op_rev = await ctx.get(op_key, VolumeOp)
         if op is None:

@@ -21,7 +21,7 @@ from typing import Any
 from zstore import naming
 from zstore.etcd import prefix_end
 from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound
-from zstore.records import AclEntry, LunMapping, Snapshot, Target, Volume
+from zstore.records import AclEntry, LunMapping, Snapshot, Target, Volume, VolumeOp
 from zstore.units import SizeError, format_size, parse_size
 
 from . import chunks as chunkmod
@@ -295,9 +295,17 @@ async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) 
     skey = ctx.keys.snapshot(snap.snapshot_id)
     for _ in range(MAX_RETRIES):
         cur, srev = await ctx.get(skey, Snapshot)      # read before the clones are listed: see below
-        if cur is None:
+        if cur is None or cur.state == "deleted":
+            # Deleted meanwhile (a retry after a failed compare): its name may already belong
+            # to a new snapshot, whose name key this delete must not take along.
             raise NotFound(f"snapshot {snap.name} ({snap.snapshot_id}) not found")
         snap = cur
+        # A revert to it needs its versions until done (reclaim trims them once it is gone);
+        # a revert made after this read moves the snapshot's revision: the compare below.
+        if any(op.kind == "revert" and op.snapshot_id == snap.snapshot_id and op.state in ("pending", "running")
+               for _, op in await ctx.list(ctx.keys.volops(snap.volume_id), VolumeOp)):
+            raise Conflict(f"snapshot {snap.name!r} is the target of a revert still running",
+                           hint="wait for the revert to finish (repeat it to wait), then delete")
         m, prev = await snapshot_exports.export_state(ctx, snap.snapshot_id)
         if prev and not force:
             where = f" as LUN {m.lun} of target {await snapshot_exports.target_iqn_at(ctx, m.target_index)}" if m else ""

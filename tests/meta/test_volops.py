@@ -243,3 +243,67 @@ async def test_a_revert_claimed_by_a_live_executor_is_not_moved_to_the_owner(ctx
     async with Executor(ctx, other) as ex:
         await volops.revert_volume(ctx, "v", "s", timeout=5)
     assert [o.op_id for o in ex.ran] == [op.op_id]
+
+
+async def test_a_snapshot_is_not_deleted_while_a_revert_to_it_runs(ctx):
+    """The revert's executor needs the snapshot's block versions until it is done, and the
+    chunk servers trim the versions of a deleted snapshot: a delete is refused (409) while
+    a revert to it is pending or running, and allowed once it is done."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await volops.create_snapshot(ctx, "v", "s")
+    await own(ctx, vol.volume_id, "c1")
+    with pytest.raises(Unavailable):
+        await volops.revert_volume(ctx, "v", "s", timeout=0.3)         # still pending on c1
+    with pytest.raises(Conflict, match="revert still running"):
+        await volumes.delete_snapshot(ctx, "v", "s")
+    async with Executor(ctx, "c1"):
+        await volops.revert_volume(ctx, "v", "s", timeout=5)
+    await volumes.delete_snapshot(ctx, "v", "s")
+    assert await volumes.list_snapshots(ctx, "v") == []
+
+
+async def test_a_delete_that_read_the_snapshot_before_a_revert_was_made_looks_again(ctx, monkeypatch):
+    """The delete lists the volume's ops, then commits comparing the snapshot's revision: a
+    revert made in between puts the snapshot back, so the delete's compare fails and its
+    second look finds the revert."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await volops.create_snapshot(ctx, "v", "s")
+    await own(ctx, vol.volume_id, "c1")
+    real_list, raced = ctx.list, []
+
+    async def list_then_revert(prefix, cls):
+        got = await real_list(prefix, cls)
+        if prefix == ctx.keys.volops(vol.volume_id) and not raced:
+            raced.append(True)
+            with pytest.raises(Unavailable):
+                await volops.revert_volume(ctx, "v", "s", timeout=0.2)
+        return got
+
+    monkeypatch.setattr(ctx, "list", list_then_revert)
+    with pytest.raises(Conflict, match="revert still running"):
+        await volumes.delete_snapshot(ctx, "v", "s")
+    assert raced and [s.name for s in await volumes.list_snapshots(ctx, "v")] == ["s"]
+
+
+async def test_a_retried_snapshot_delete_never_takes_a_new_snapshots_name(ctx, monkeypatch):
+    """A delete whose first compare failed because another delete made the snapshot a
+    tombstone (a clone keeps it), after which a new snapshot took the name: the retry sees
+    the tombstone and stops (NotFound) instead of deleting the new snapshot's name key."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await volops.create_snapshot(ctx, "v", "s")
+    await volumes.create_volume(ctx, "c", None, 1, source_snapshot="v@s")
+    real_txn, raced = ctx.txn, []
+
+    async def txn_after_a_race(compare, success):
+        if not raced:                                                # the delete's own txn
+            raced.append(True)
+            await volumes.delete_snapshot(ctx, "v", "s")             # tombstone: the clone keeps it
+            await volops.create_snapshot(ctx, "v", "s")              # the name, taken again
+        return await real_txn(compare, success)
+
+    monkeypatch.setattr(ctx, "txn", txn_after_a_race)
+    with pytest.raises(NotFound):
+        await volumes.delete_snapshot(ctx, "v", "s")
+    assert raced
+    assert [s.name for s in await volumes.list_snapshots(ctx, "v")] == ["s"]
+    assert await ctx.get_raw(ctx.keys.snapshot_name(vol.volume_id, "s")) is not None
