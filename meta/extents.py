@@ -214,7 +214,12 @@ async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
                                f"owns the volume (now {owner.epoch if owner else 'none'})",
                                hint="copy again as the volume's owner", record=rec.to_dict())
             owner_compare = [ctx.unchanged(owner_key, owner_rev)]
-        vol, _ = await volume_by_id(ctx, vid)
+        # A deleted volume kept as a tombstone for its snapshots still needs its copies: its
+        # extents hold the snapshots' data (erasing it takes the extent records, which the
+        # compare below would then see).
+        vol, _ = await ctx.get(ctx.keys.volume(vid), Volume)
+        if vol is None:
+            raise NotFound(f"volume {vid!r} not found", hint="see `zstore volume list`")
         if generation != rec.generation or chunk_id in rec.replicas:
             why = ("it is already in sync" if chunk_id in rec.replicas
                    else f"generation {generation} is not the current {rec.generation}")

@@ -248,6 +248,22 @@ async def test_tombstoned_volume_keeps_extents_until_collected(ctx):
     assert await ctx.list_raw(ctx.keys.extents(vol.volume_id)) == []
 
 
+async def test_a_tombstoned_volumes_extent_takes_its_recovered_replica_back(ctx):
+    """A deleted volume kept for its snapshot still holds the snapshot's data in its extents:
+    a replica dropped while it was down must be able to join again after a resync (the join
+    answered 404 for a tombstone, and the recovery task retried for ever, holding a slot)."""
+    from meta import volops
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    vid = vol.volume_id
+    rec, _ = await extents.allocate(ctx, vid, 0)
+    a = rec.replicas[0]
+    await extents.drop(ctx, vid, 0, a, 1, "test")                  # generation 2
+    await volops.create_snapshot(ctx, "v", "s")
+    await volumes.delete_volume(ctx, "v")                          # a tombstone now
+    rec = await extents.join(ctx, vid, 0, a, 2)
+    assert a in rec.replicas and rec.generation == 3
+
+
 async def test_too_few_usable_servers_place_a_degraded_extent(ctx):
     vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
     for cid in ("c0", "c1", "c2", "c3"):
