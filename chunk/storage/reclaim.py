@@ -149,9 +149,15 @@ class Reclaimer:
                             tasks[t.index] = t
                     task = tasks.get(idx)
                     if task is None or task.target != self.chunk_id:
-                        self._delete(vid, idx, f"moved to {rec.replicas} at generation {rec.generation}")
-                        summary["deleted"].append((vid, idx))
-                        continue
+                        # The record again, read after the tasks: a rebuild onto this server
+                        # can join (its task deleted in the same txn) between the listing and
+                        # the task read, and this copy is then the in-sync one.
+                        got = await self.etcd.get(self.keys.extent(vid, idx))
+                        rec = ExtentRecord.decode(got.value) if got is not None else None
+                        if rec is not None and self._moved_away(vid, idx, rec):
+                            self._delete(vid, idx, f"moved to {rec.replicas} at generation {rec.generation}")
+                            summary["deleted"].append((vid, idx))
+                            continue
                 # A resync/rebuild can import versions a peer had not trimmed yet; it
                 # ends with a new generation, so that counts as a change too.
                 memo = (keep, int(self.store.stat(vid, idx)["generation"]))

@@ -160,6 +160,33 @@ async def test_trim_runs_again_only_when_the_set_or_generation_changes(cluster, 
     assert store.read("v1", 0, 0, BLOCK_SIZE, view=1)[1] == b"\x00"
 
 
+async def test_a_rebuild_that_joins_during_the_run_keeps_its_copy(cluster, keys, store):
+    """The run lists the extent records (this server not in the set, a rebuild copying onto
+    it), then reads the recovery tasks only when a deletion is on the table. If the rebuild
+    finishes in between (SETGEN here, then the join adds this server and deletes its task in
+    one txn), the task read finds no task: the copy, now in sync, must stay."""
+    etcd = cluster
+    await volume(etcd, keys, "v1")
+    await extent(etcd, keys, store, "v1", 0, generation=1)
+    await put(etcd, keys.extent("v1", 0), ExtentRecord("v1", 0, ["x"], generation=5))
+    await put(etcd, keys.recovery_task("v1", 0), RecoveryTask("v1", 0, target=ME, kind="rebuild",
+                                                              executor="x", generation=5))
+
+    class JoinDuringTaskRead:
+        def __getattr__(self, name):
+            return getattr(etcd, name)
+
+        async def get_prefix(self, prefix):
+            if prefix == keys.recovery("v1"):
+                store.set_generation("v1", 0, 6)
+                await put(etcd, keys.extent("v1", 0), ExtentRecord("v1", 0, ["x", ME], generation=6))
+                await etcd.delete(keys.recovery_task("v1", 0))
+            return await etcd.get_prefix(prefix)
+
+    summary = await Reclaimer(store, JoinDuringTaskRead(), keys, ME).run_once()
+    assert summary["deleted"] == [] and store.extents() == [("v1", 0)]
+
+
 async def test_snapshot_taken_during_a_run_keeps_its_versions(cluster, keys, store):
     """A version for a snapshot not yet in the listing (seq >= the volume's snap_seq) stays."""
     etcd = cluster
