@@ -150,7 +150,13 @@ class Recovery:
         changed = False
         for (vid, index), (rec, rev) in w.extents.items():
             dropped = []
-            for c in [c for c in rec.replicas if is_dead(w.views.get(c), self.grace, now)]:
+            dead = [c for c in rec.replicas if is_dead(w.views.get(c), self.grace, now)]
+            # Only beside a replica whose server is up: with every replica's server down, the
+            # one dropped may be the one that comes back (it holds every acknowledged write)
+            # while the kept one never does, and nothing would make it in sync again.
+            if not any((v := w.views.get(c)) is not None and v.up for c in rec.replicas if c not in dead):
+                continue
+            for c in dead:
                 if len(rec.replicas) <= 1:
                     break                             # never the last copy
                 rec.replicas.remove(c)

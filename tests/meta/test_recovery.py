@@ -113,6 +113,23 @@ async def test_replicas_of_a_long_dead_chunk_are_dropped_by_the_loop(ctx):
     assert lone.replicas == ["c1"] and lone.generation == 1
 
 
+async def test_no_replica_is_dropped_while_every_replica_server_is_down(ctx):
+    """Both servers of a 2-replica extent are down, one past the grace: dropping it would keep
+    the other as the only in-sync copy, and if that one never returns while the dropped one
+    does, nothing could bring the extent back. Nothing is dropped until a server is up again;
+    then the dead one goes as usual."""
+    vol = await extent_on(ctx, "v", ["c0", "c1"])
+    vid = vol.volume_id
+    await down(ctx, "c0", ago=GRACE * 2)
+    await down(ctx, "c1", ago=10)
+    rec = Recovery(ctx, grace=GRACE)
+    assert (await rec.step())["dropped"] == []
+    got, _ = await extents.get_extent(ctx, vid, 0)
+    assert got.replicas == ["c0", "c1"] and got.generation == 1
+    await up(ctx, "c1")
+    assert (await rec.step())["dropped"] == [(vid, 0, "c0")]
+
+
 async def test_fewest_replicas_first_and_concurrency(ctx):
     a = await extent_on(ctx, "a", ["c0", "c1", "c2"])
     b = await extent_on(ctx, "b", ["c0", "c1", "c2"])
