@@ -179,7 +179,7 @@ class Recovery:
             key = ctx.keys.recovery_task(vid, index)
             vol = w.volumes.get(vid)
             ext = w.extents.get((vid, index))
-            why = None
+            why, forget = None, False
             if vol is None or ext is None:
                 why = "its volume or extent is gone"
             elif not self._needs_work(ext[0], vol, w):
@@ -188,10 +188,23 @@ class Recovery:
                 why = "the target is in sync"
             elif chunk_state(w.views.get(task.target), self.grace, now) != OK:
                 why = f"the target {task.target} is not usable"
-            elif task.kind == "rebuild" and self._keeps_failing(vid, index, task):
+            elif self._keeps_failing(vid, index, task):
                 why = f"it failed {FAILING_PASSES} times in a row ({task.error}); placing it again"
+                # A resync that keeps failing (its copy unusable, no room to replace it) would
+                # be planned again onto the same stale copy: that copy is forgotten instead,
+                # and the extent gets a rebuild like any other missing replica.
+                forget = task.kind == "resync" and task.target in ext[0].stale
             if why:
-                if await ctx.txn([ctx.unchanged(key, rev)], [ctx.delete(key)]):
+                compare, ops = [ctx.unchanged(key, rev)], [ctx.delete(key)]
+                if forget:
+                    new = ExtentRecord.from_dict(ext[0].to_dict())
+                    new.stale.pop(task.target, None)
+                    ekey = ctx.keys.extent(vid, index)
+                    compare.append(ctx.unchanged(ekey, ext[1]))
+                    ops.append(ctx.put(ekey, new))
+                if await ctx.txn(compare, ops):
+                    if forget:
+                        w.extents.pop((vid, index), None)      # planned afresh next pass
                     log.info("recovery task %s/%d (%s to %s) removed: %s", vid, index, task.kind,
                              task.target, why)
                     done["deleted"].append((vid, index))

@@ -254,3 +254,25 @@ async def test_a_rebuild_that_keeps_failing_is_placed_again(ctx):
     did = await rec.step()
     assert did["deleted"] == [(vid, 0)] and len(did["created"]) == 1    # replanned in the same pass
     assert (await task_of(ctx, vid)).error is None
+
+
+async def test_a_resync_that_keeps_failing_forgets_the_stale_copy_and_rebuilds(ctx):
+    """A returned server whose stale copy cannot be brought back (broken, and too little room
+    for a fresh one) failed its resync for ever, planned again onto the same copy each time.
+    After a few failed passes the stale copy is forgotten and the extent is rebuilt."""
+    vol = await extent_on(ctx, "v", ["c0", "c1", "c2"])
+    vid = vol.volume_id
+    await extents.drop(ctx, vid, 0, "c0", 1, "test")
+    rec = Recovery(ctx, grace=GRACE)
+    assert (await rec.step())["created"] == [(vid, 0, "resync", "c0")]
+    task = await task_of(ctx, vid)
+    task.error = "NO_SPACE on the target"
+    await ctx.etcd.put(ctx.keys.recovery_task(vid, 0), task.encode())
+    assert (await rec.step())["deleted"] == []
+    assert (await rec.step())["deleted"] == []
+    assert (await rec.step())["deleted"] == [(vid, 0)]
+    got, _ = await extents.get_extent(ctx, vid, 0)
+    assert got.stale == {} and got.replicas == ["c1", "c2"]
+    did = await rec.step()
+    assert [(k, t) for _, _, k, t in did["created"]] == [("rebuild", (await task_of(ctx, vid)).target)]
+
