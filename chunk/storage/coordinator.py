@@ -1096,6 +1096,9 @@ class Coordinator:
         await self.ready()
         await self.ensure_owner()
         idx = task.index
+        got = await e.etcd.get(e.keys.extent(self.vid, idx))   # the watch may lag: "in sync" is
+        if got is not None:                                    # taken from etcd, not the cache
+            self._adopt(ExtentRecord.decode(got.value))
         rec = self.extents.get(idx)
         if rec is None:
             raise MediumError(f"extent {idx} of {self.vid} is not allocated")

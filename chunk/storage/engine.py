@@ -115,6 +115,7 @@ class StorageEngine:
         self._coords: dict[tuple[str, int], Coordinator] = {}
         self._tasks: list[asyncio.Task] = []
         self._running: dict[str, asyncio.Task] = {}          # op/task key -> task
+        self._rerun: dict[str, Any] = {}                     # key -> start again when it ends
         self._recovery_slots = asyncio.Semaphore(2)
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
@@ -312,20 +313,29 @@ class StorageEngine:
 
         await zetcd.watch_prefix(self.etcd, prefix, on_snapshot, on_event, self._stop)
 
-    def _spawn(self, key: str, coro) -> None:
+    def _spawn(self, key: str, start) -> None:
+        """Run ``start()`` as the one task for ``key``. An assignment arriving while it runs
+        starts it once more after it ends: the running one may have read the record just
+        before the meta handed it back here, and would otherwise end with nobody on it."""
         if key in self._running:
-            coro.close()
+            self._rerun[key] = start
             return
-        t = asyncio.ensure_future(coro)
+        t = asyncio.ensure_future(start())
         self._running[key] = t
-        t.add_done_callback(lambda _t: self._running.pop(key, None))
+
+        def ended(_t) -> None:
+            self._running.pop(key, None)
+            again = self._rerun.pop(key, None)
+            if again is not None and not self._stop.is_set():
+                self._spawn(key, again)
+        t.add_done_callback(ended)
 
     async def _on_volop(self, key: bytes, value: bytes) -> None:
         op = _decoded(VolumeOp, key, value, "volume op")
         # "running" here too: this server claimed it before a restart (it claims it again).
         if op is None or op.executor != self.chunk_id or op.state not in ("pending", "running"):
             return
-        self._spawn(f"op/{op.op_id}", self._run_volop(op))
+        self._spawn(f"op/{op.op_id}", lambda: self._run_volop(op))
 
     async def _run_volop(self, op: VolumeOp) -> None:
         try:
@@ -342,7 +352,7 @@ class StorageEngine:
         task = _decoded(RecoveryTask, key, value, "recovery task")
         if task is None or task.executor != self.chunk_id:
             return
-        self._spawn(f"recovery/{task.volume_id}/{task.index}", self._run_recovery(task))
+        self._spawn(f"recovery/{task.volume_id}/{task.index}", lambda: self._run_recovery(task))
 
     async def _run_recovery(self, task: RecoveryTask) -> None:
         """Run the task while it stays assigned to us, retrying with backoff: a target can be

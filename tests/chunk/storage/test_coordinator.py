@@ -13,6 +13,7 @@ import pytest
 from chunk.storage import coordinator as coordinator_module
 from chunk.storage.coordinator import Coordinator, RangeLocks, WriteGate
 from chunk.storage.coordinator import EXTENT_SIZE, MediumError
+from zstore.keys import Keys
 from zstore.records import ExtentRecord, RecoveryTask, Volume
 
 
@@ -317,9 +318,16 @@ class _Meta:
         return {"extent": new.to_dict()}
 
 
+class _NoRecords:
+    """etcd as a fresh read sees it here: no record (the coordinator's own map is the truth)."""
+
+    async def get(self, key):
+        return None
+
+
 class _MemEngine:
     chunk_id, replicas_version, min_write_replicas, lease = "me", 1, 1, None
-    etcd = keys = None                                  # only the stand-in ownership.acquire sees them
+    etcd, keys = _NoRecords(), Keys("/test")
 
     def __init__(self, reps) -> None:
         self.reps = reps
@@ -395,6 +403,27 @@ def test_a_recovery_target_whose_copy_does_not_open_gets_a_fresh_one_copied_in_f
         await coord.run_recovery(RecoveryTask("v", 0, "C", "resync", "me", 3), 1, 0)
         assert calls == [False, True]
         assert c.state == a.state and coord.extents[0].replicas == ["A", "B", "C"]
+    asyncio.run(main())
+
+
+def test_a_recovery_reads_the_extent_record_fresh_before_calling_the_target_in_sync():
+    """The coordinator's extent map follows etcd by watch and may lag: it still lists the
+    target in sync (generation 3) while etcd has dropped it (generation 4). The task must
+    not end as done on that view; the copy runs and the target joins."""
+    async def main():
+        a, b, c = _MemReplica("A"), _MemReplica("B"), _MemReplica("C")
+        a.state = {0: b"\x07" * 4096}
+        b.state = dict(a.state)
+        coord = _mem_coordinator({"A": a, "B": b, "C": c}, ["A", "B", "C"])
+        fresh = ExtentRecord("v", 0, ["A", "B"], 4, {"C": 3})
+
+        class Etcd:
+            async def get(self, key):
+                return type("KV", (), {"value": fresh.encode()})() if key == coord.engine.keys.extent("v", 0) else None
+        coord.engine.etcd = Etcd()
+        await coord.run_recovery(RecoveryTask("v", 0, "C", "resync", "me", 4), 1, 0)
+        assert c.state == a.state and coord.extents[0].replicas == ["A", "B", "C"]
+        assert coord.extents[0].generation == 5
     asyncio.run(main())
 
 
