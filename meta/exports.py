@@ -81,7 +81,11 @@ async def add_snapshot_acl(ctx: Ctx, ref: str, initiator: str) -> AclEntry:
     if existing is not None:
         return existing
     entry = AclEntry(volume_id=snap.volume_id, initiator=initiator, readonly=True, snapshot_id=snap.snapshot_id)
-    if not await ctx.txn([ctx.unchanged(ctx.keys.snapshot_lun(snap.snapshot_id), rev)], [ctx.put(key, entry)]):
+    # The export pointer is put back unchanged, moving its revision: a volume delete without
+    # force that listed this export's ACL before the entry fails its compare and looks again.
+    pkey = ctx.keys.snapshot_lun(snap.snapshot_id)
+    pointer = await ctx.get_raw(pkey)
+    if pointer is None or not await ctx.txn([ctx.unchanged(pkey, rev)], [ctx.put(key, entry), ctx.put(pkey, pointer)]):
         raise Conflict(f"snapshot {ref!r} was unexported meanwhile", hint="export it again, then retry")
     log.info("initiator %s may now read snapshot %s (%s)", initiator, ref, snap.snapshot_id)
     return entry
@@ -103,7 +107,10 @@ async def add_acl(ctx: Ctx, volume: str, initiator: str, readonly: bool = False)
         if existing is not None and existing.readonly == readonly:
             return existing
         entry = AclEntry(volume_id=vol.volume_id, initiator=initiator, readonly=readonly)
-        if await ctx.txn([ctx.unchanged(ctx.keys.volume(vol.volume_id), rev)], [ctx.put(key, entry)]):
+        # The volume record is put back unchanged: its revision moves, so a delete without
+        # force that read the ACL before this entry fails its compare, reads again and refuses.
+        vkey = ctx.keys.volume(vol.volume_id)
+        if await ctx.txn([ctx.unchanged(vkey, rev)], [ctx.put(key, entry), ctx.put(vkey, vol)]):
             log.info("initiator %s may now access volume %s%s", initiator, vol.name,
                      " (read-only)" if readonly else "")
             return entry
@@ -203,6 +210,8 @@ async def set_chap(ctx: Ctx, body: dict[str, Any]) -> ChapRecord:
 
 async def clear_chap(ctx: Ctx, target: str, initiator: str) -> None:
     target = await _chap_target(ctx, target)
+    if not isinstance(initiator, str) or not initiator:
+        raise InvalidArgument("an initiator is required: its IQN, or '*'")
     key = ctx.keys.chap(target, initiator)
     if not await ctx.txn([ctx.t.version(key) > 0], [ctx.delete(key)]):
         raise NotFound(f"no CHAP credentials for initiator {initiator!r} on target {target!r}",

@@ -120,6 +120,8 @@ def _same_request(vol: Volume, size: int, replicas: int, thin: bool, source: str
 
 async def resolve_snapshot(ctx: Ctx, ref: str) -> Snapshot:
     """``VOLUME@SNAP`` or a snapshot id."""
+    if not isinstance(ref, str) or not ref:
+        raise InvalidArgument(f"invalid snapshot {ref!r:.60}: VOLUME@SNAP or a snapshot id")
     if "@" in ref:
         vname, sname = ref.split("@", 1)
         vol, _ = await find_volume(ctx, vname)

@@ -7,6 +7,7 @@ copied from a PVC means the same thing here.
 
 from __future__ import annotations
 
+import math
 import re
 
 _SUFFIX = {
@@ -36,6 +37,8 @@ def parse_size(text: str | int) -> int:
             "e.g. 10Gi, 500Mi, 1T or 4096")
     number, suffix = m.groups()
     value = float(number) * _SUFFIX[suffix] if "." in number else int(number) * _SUFFIX[suffix]
+    if not math.isfinite(value):
+        raise SizeError(f"invalid size {text!r:.60}: too large")
     if value != int(value):
         raise SizeError(f"invalid size {text!r}: not a whole number of bytes")
     return int(value)

@@ -233,6 +233,35 @@ async def test_garbage_collection_keeps_a_tombstone_whose_snapshot_came_after_it
     assert [s.name for s in await volumes.list_snapshots(ctx)] == ["s"]
 
 
+async def test_an_acl_entry_added_during_a_delete_without_force_makes_it_refuse(ctx, monkeypatch):
+    """A delete without force reads the ACL (empty), then commits. An initiator added in
+    between moves the volume's revision, so the delete looks again and refuses instead of
+    removing a volume someone was just given."""
+    await volumes.create_volume(ctx, "v", "1Gi", 1)
+    real, raced = volumes.acl_entries, []
+
+    async def read_then_add(ctx_, vid):
+        got = await real(ctx_, vid)
+        if not raced:
+            raced.append(True)
+            await exports.add_acl(ctx, "v", "iqn.2004-10.com.example:new")
+        return got
+
+    monkeypatch.setattr(volumes, "acl_entries", read_then_add)
+    with pytest.raises(Conflict, match="exported to 1 initiator"):
+        await volumes.delete_volume(ctx, "v")
+    assert raced and (await volumes.find_volume(ctx, "v"))[0].name == "v"
+
+
+async def test_wrongly_typed_references_are_invalid_arguments(ctx):
+    await volumes.create_volume(ctx, "v", "1Gi", 1)
+    for bad in (5, ["@"], ""):
+        with pytest.raises(InvalidArgument):
+            await volumes.create_volume(ctx, "c", None, 1, source_snapshot=bad)
+    with pytest.raises(InvalidArgument):
+        await exports.clear_chap(ctx, "v", 5)
+
+
 async def test_list_pagination(ctx):
     for i in range(7):
         await volumes.create_volume(ctx, f"vol{i:02d}", "1Mi", 1)
