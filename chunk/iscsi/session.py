@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SERIAL_MASK = 0xFFFFFFFF
 WRITE_BUFFER_HIGH = 4 << 20
+OUT_BATCH_MAX = 256             # queued answer pieces that make a batch go out before it ends
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -64,7 +65,8 @@ class Task:
     cmd: P.ScsiCommand
     lun: int
     unit: Any
-    want: int = 0                       # data-out bytes the initiator will send (EDTL)
+    want: int = 0                       # data-out bytes the command uses: buffered and solicited
+    edtl: int = 0                       # data-out bytes the initiator may send (EDTL); beyond want: dropped
     buf: bytearray | None = None
     data: bytes | memoryview | None = None
     received: int = 0
@@ -237,7 +239,8 @@ class Session:
                                 break
                             continue
                         self._last_rx = time.monotonic()
-                        if type(pdu) is ScsiCommand and not pdu.immediate and pdu.cmdsn == self.expcmdsn:
+                        if type(pdu) is ScsiCommand and not pdu.immediate and pdu.cmdsn == self.expcmdsn \
+                                and len(self.tasks) < self.window and self._frozen_maxcmdsn is None:
                             # _dispatch -> _execute -> _drain for the in-order command, inline
                             self.expcmdsn = (self.expcmdsn + 1) & SERIAL_MASK
                             self._scsi_command(pdu)
@@ -245,6 +248,12 @@ class Session:
                                 await self._drain()
                         else:
                             await self._dispatch(pdu)
+                        if len(self._out) > OUT_BATCH_MAX:
+                            # Commands answered inline (reads of unwritten blocks, errors) pile
+                            # their data up here until the batch ends: bound it by the socket.
+                            self._flush()
+                            if self.w.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                                await self.w.drain()
                 finally:
                     self._in_batch = False
                 if fatal:
@@ -361,9 +370,14 @@ class Session:
             self._nop_ttt.pop(pdu.ttt, None)       # answer to our ping; carries no CmdSN
             return
         if pdu.immediate:
+            if isinstance(pdu, P.ScsiCommand) and len(self.tasks) >= 2 * self.window:
+                self._reject(RejectReason.IMMEDIATE_COMMAND_REJECT, pdu.header())   # no CmdSN window for these
+                return
             await self._execute(pdu)
             return
         cmdsn = pdu.cmdsn
+        if not sn_lte(cmdsn, self.maxcmdsn):
+            return      # beyond the window we granted: ignored (RFC 7143 §4.2.2.1), no task made
         if cmdsn == self.expcmdsn:
             self.expcmdsn = (self.expcmdsn + 1) & SERIAL_MASK
             await self._execute(pdu)
@@ -413,25 +427,35 @@ class Session:
         if cdb[0] == 0xA0 or unit is None:      # REPORT LUNS, or a LUN this initiator may not see
             self._finish_inline(task, self._no_unit_result(task))
             return
-        want = cmd.expected_length
-        if cmd.write and want:
-            task.want = want
+        edtl = cmd.expected_length
+        if cmd.write and edtl:
             imm = cmd.data
             n = len(imm)
             p = self.p
-            if n > want or n > p.first_burst_length:
+            if n > edtl or n > p.first_burst_length:
                 tasks.pop(itt, None)
                 self._reject(RejectReason.PROTOCOL_ERROR, cmd.header())
                 return
-            task.received = n
-            if n == want:
+            if n == edtl:               # all of it came with the command (the common small write)
+                task.want = task.edtl = task.received = task.next_r2t_offset = n
                 task.data = imm
-            else:
-                buf = task.buf = bytearray(want)
-                buf[:n] = imm
+                self._start(task)
+                return
+            # Buffered and solicited: what the CDB uses, never more than EDTL. EDTL is only
+            # the initiator's word: one command claiming 4 GiB must not allocate 4 GiB. Data
+            # sent beyond it (unsolicited) is taken and dropped, and answered as a residual.
+            want = unit.data_out_length(cdb)
+            if want > edtl:
+                want = edtl
+            task.want, task.edtl, task.received = want, edtl, n
             done = task.unsolicited_done = cmd.final or p.initial_r2t
             task.next_r2t_offset = n
-            if n < want:
+            if done and n >= want:
+                task.data = imm if n == want else memoryview(imm)[:want]
+            else:
+                buf = task.buf = bytearray(want)
+                k = min(n, want)
+                buf[:k] = imm[:k]
                 if done:
                     self._send_r2ts(task)
                 return
@@ -485,15 +509,24 @@ class Session:
             seq = task.outstanding[d.ttt]
             expected_sn, expected_off = seq[2], seq[0] + seq[3]
         n = len(d.data)
-        end = d.buffer_offset + n
-        if d.datasn != expected_sn or d.buffer_offset != expected_off:
-            self._protocol_error(d, f"Data-Out DataSN {d.datasn}/offset {d.buffer_offset}, expected "
+        off = d.buffer_offset
+        end = off + n
+        if d.datasn != expected_sn or off != expected_off:
+            self._protocol_error(d, f"Data-Out DataSN {d.datasn}/offset {off}, expected "
                                     f"{expected_sn}/{expected_off}")
             return
-        if task.buf is None or end > task.want or (seq is not None and seq[3] + n > seq[1]):
+        if task.buf is None or end > (task.edtl if seq is None else task.want) \
+                or (seq is not None and seq[3] + n > seq[1]):
             self._protocol_error(d, "Data-Out beyond the solicited or expected length")
             return
-        task.buf[d.buffer_offset:end] = d.data
+        if seq is not None and d.final and seq[3] + n != seq[1]:
+            # The R2T's sequence ends short: nothing would ever complete the command.
+            self._protocol_error(d, f"Data-Out sequence ended at {seq[3] + n} of {seq[1]} solicited bytes")
+            return
+        if end <= task.want:
+            task.buf[off:end] = d.data
+        elif off < task.want:                   # unsolicited data beyond what the command uses
+            task.buf[off:task.want] = memoryview(d.data)[:task.want - off]
         task.received += n
         if seq is None:
             task.unsol_datasn += 1
@@ -586,7 +619,10 @@ class Session:
         edtl = cmd.expected_length
         status = result.status
         sense = result.sense
-        if cmd.write and not cmd.read:
+        if (cmd.write and not cmd.read) or (not cmd.read and needed < 0 and task.unit is not None
+                                            and (needed := task.unit.data_out_length(cmd.cdb)) > 0):
+            # A data-out command sent without the W bit is answered as one too: its residual
+            # says none of its data was taken (it was not sent), never a plain GOOD.
             if needed < 0:
                 needed = task.unit.data_out_length(cmd.cdb) if task.unit is not None else 0
             resid = edtl - needed

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 
 from chunk.iscsi import pdu as P
-from chunk.iscsi.constants import RESERVED_TAG, TmfFunction, TmfResponse
+from chunk.iscsi.constants import RESERVED_TAG, RejectReason, TmfFunction, TmfResponse
 from chunk.iscsi.negotiation import SessionParams
 from chunk.iscsi.session import Session, sn_lt
 
@@ -549,3 +549,76 @@ async def test_the_last_command_in_flight_is_answered_at_once_others_wait_for_th
         assert not s._out and not s.tasks          # noqa: SLF001 - already handed to the socket
         got = [await h.recv() for _ in range(2)]
         assert [g.itt for g in got] == [1, 2] and all(g.status == 0 for g in got)
+
+
+async def test_a_huge_expected_length_buffers_only_what_the_command_uses():
+    """EDTL is the initiator's word: a WRITE(10) of one block claiming 4 GiB must not make the
+    target allocate 4 GiB. It solicits the block, drops nothing it needs, and answers the rest
+    as an underflow residual."""
+    async with Harness(params(initial_r2t=True)) as h:
+        h.send(write10(3, 1, itt=1, cmdsn=1, edtl=0xFFFFFFFF))
+        r2t = await h.recv()
+        assert isinstance(r2t, P.R2T) and r2t.buffer_offset == 0 and r2t.desired_length == 512
+        task = h.session.tasks[1]
+        assert len(task.buf) == 512
+        h.send(P.DataOut(itt=1, ttt=r2t.ttt, final=True, datasn=0, buffer_offset=0, data=b"\x5a" * 512))
+        resp = await h.recv()
+        assert isinstance(resp, P.ScsiResponse) and resp.status == 0
+        assert resp.underflow and resp.residual == 0xFFFFFFFF - 512
+        assert h.unit.writes == [(3, b"\x5a" * 512)]
+
+
+async def test_unsolicited_data_beyond_what_the_command_uses_is_taken_and_dropped():
+    async with Harness(params(initial_r2t=False)) as h:
+        h.send(write10(4, 1, itt=2, cmdsn=1, data=b"\x11" * 512, final=False, edtl=2048))
+        h.send(P.DataOut(itt=2, ttt=RESERVED_TAG, final=True, datasn=0, buffer_offset=512,
+                         data=b"\x22" * 1536))
+        resp = await h.recv()
+        assert isinstance(resp, P.ScsiResponse) and resp.status == 0
+        assert resp.underflow and resp.residual == 1536
+        assert h.unit.writes == [(4, b"\x11" * 512)]
+
+
+async def test_a_solicited_sequence_ending_short_ends_the_connection():
+    """F=1 on a Data-Out before the R2T's length is reached: nothing would ever complete the
+    command (it held its buffer and a window slot for good); a protocol error instead."""
+    async with Harness(params(initial_r2t=True)) as h:
+        h.send(write10(0, 4, itt=3, cmdsn=1))
+        r2t = await h.recv()
+        h.send(P.DataOut(itt=3, ttt=r2t.ttt, final=True, datasn=0, buffer_offset=0, data=b"x" * 512))
+        rej = await h.recv()
+        assert isinstance(rej, P.Reject)
+        assert await asyncio.wait_for(h.r.read(), 5) == b""          # the target closed it
+
+
+async def test_a_full_window_takes_no_more_commands_and_immediate_ones_are_bounded():
+    """In-order commands beyond the MaxCmdSN granted are ignored (they used to become tasks
+    without limit); immediate ones, which have no window, are refused past twice its size."""
+    async with Harness(params(), window=2) as h:
+        for i in range(2):
+            h.send(P.ScsiCommand(itt=10 + i, cmdsn=1 + i, lun=P.encode_lun(1), cdb=bytes([0xFF]) + bytes(15)))
+        await until(lambda: len(h.session.tasks) == 2)
+        h.send(read10(0, 1, itt=20, cmdsn=3))                         # the window is full: ignored
+        for i in range(4):
+            h.send(P.ScsiCommand(itt=30 + i, cmdsn=3, immediate=True, lun=P.encode_lun(1),
+                                 cdb=bytes([0xFF]) + bytes(15)))
+        for _ in range(2):                                            # 32 and 33: tasks at 4
+            rej = await h.recv()
+            assert isinstance(rej, P.Reject) and rej.reason == RejectReason.IMMEDIATE_COMMAND_REJECT
+        assert sorted(h.session.tasks) == [10, 11, 30, 31]
+        h.unit.release.set()
+        got = [await h.recv() for _ in range(4)]
+        assert sorted(r.itt for r in got) == [10, 11, 30, 31]
+        assert all(isinstance(r, P.ScsiResponse) for r in got)
+        assert h.session.expcmdsn == 3                                # CmdSN 3 was not taken
+
+
+async def test_a_write_sent_without_the_w_bit_is_not_a_plain_good():
+    """WRITE(10) of 2 blocks with W=0 and EDTL=0: no data came, so the answer must say so (an
+    overflow residual of the whole transfer, as with W=1), never GOOD with no residual."""
+    async with Harness(params()) as h:
+        cdb = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 2, 0).ljust(16, b"\0")
+        h.send(P.ScsiCommand(itt=40, cmdsn=1, lun=P.encode_lun(1), expected_length=0, cdb=cdb))
+        resp = await h.recv()
+        assert isinstance(resp, P.ScsiResponse)
+        assert resp.overflow and resp.residual == 1024
