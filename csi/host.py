@@ -50,6 +50,14 @@ class Host:
             proc.kill()
             await proc.wait()
             raise HostError(mask(f"{shlex.join(cmd)}: timed out after {self.timeout}s", secret))
+        except BaseException:
+            # Cancelled (the CO's deadline passed) or failed: the command must not outlive the
+            # call. A mkfs left running while the retry probes the device finds no filesystem
+            # yet and formats it again, or mounts one still being written.
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
         rc = proc.returncode or 0
         o, e = out.decode(errors="replace"), err.decode(errors="replace")
         log.debug("%s -> %d", mask(shlex.join(cmd), secret), rc)

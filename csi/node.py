@@ -101,6 +101,39 @@ def by_id(wwn: str) -> Path:
     return Path(f"/dev/disk/by-id/wwn-0x{wwn}")
 
 
+def _read_head(dev: str, length: int = 1 << 20) -> None:
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.pread(fd, length, 0)
+    finally:
+        os.close(fd)
+
+
+async def probe_device(host: Host, dev: str, read_timeout: float = 30.0) -> str:
+    """The filesystem type on ``dev``, or "" only when it is provably blank (mkfs may run).
+
+    ``blkid -p`` exits 0 for a partition table with no filesystem on the whole disk (no
+    TYPE then), and exits 2 both for "no signature" and for a device it could not read:
+    either way "blank" would format a disk holding data (a cloned VM image, a LUN failing
+    its reads). A partition table or an unnamed signature is refused; exit 2 counts as
+    blank only once the head of the device reads."""
+    rc, out, _ = await host.run(["blkid", "-p", "-o", "export", dev], ok=(0, 2))
+    if rc == 0:
+        tags = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        if tags.get("TYPE"):
+            return tags["TYPE"]
+        what = f"a {tags['PTTYPE']} partition table" if tags.get("PTTYPE") else "data blkid cannot name"
+        raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{dev} holds {what} and no filesystem: not formatting it; "
+                    "use it as a raw block volume, or wipe it (wipefs) if it is not needed")
+    try:
+        await asyncio.wait_for(asyncio.to_thread(_read_head, dev), read_timeout)
+    except (OSError, asyncio.TimeoutError) as e:
+        raise Abort(grpc.StatusCode.UNAVAILABLE,
+                    f"{dev} does not read ({type(e).__name__}: {e}): not formatting it")
+    return ""
+
+
 class Node(pbg.NodeServicer):
     def __init__(self, node_id: str, host: Host | None = None, state_dir: str = "/var/lib/zstore-csi",
                  device_timeout: float = 60.0, sysfs: Path = Path("/sys"), mountinfo: Path = MOUNTINFO):
@@ -220,8 +253,7 @@ class Node(pbg.NodeServicer):
                 if os.path.realpath(m.source) != dev:
                     raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{staging} has {m.source} mounted, not {dev}")
                 return pb.NodeStageVolumeResponse()
-            rc, out, _ = await self.host.run(["blkid", "-p", "-s", "TYPE", "-o", "value", dev], ok=(0, 2))
-            fs = out.strip() if rc == 0 else ""
+            fs = await probe_device(self.host, dev)
             if not fs:
                 await self.host.run([f"mkfs.{kind}", *(["-F", "-q"] if kind == "ext4" else ["-q"]), dev])
                 fs = kind

@@ -39,3 +39,22 @@ async def test_timeout_kills_the_tool():
         pytest.skip("no sleep")
     with pytest.raises(HostError, match="timed out"):
         await Host("env --", timeout=0.3).run(["sleep", "5"])
+
+
+async def test_a_cancelled_call_does_not_leave_its_tool_running(tmp_path):
+    """The CO's deadline cancels the call: the tool (a mkfs, say) must end with it, or the
+    retry probes a device it is still writing."""
+    import asyncio
+    import os
+    pidfile = tmp_path / "pid"
+    task = asyncio.ensure_future(Host("").run(["sh", "-c", f'echo $$ > {pidfile}; exec sleep 30']))
+    for _ in range(500):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.01)
+    pid = int(pidfile.read_text())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)                                  # killed and reaped

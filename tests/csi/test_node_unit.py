@@ -486,3 +486,29 @@ async def test_a_readonly_publish_cut_short_after_the_bind_is_finished_on_retry(
     req.readonly = False                 # a rw publish already there: nothing to do
     await node.NodePublishVolume(req, None)
     assert host.calls == []
+
+
+async def test_only_a_provably_blank_device_counts_as_blank(tmp_path: Path):
+    """NodeStage formats what probe_device calls blank. Real blkid on real files: a filesystem
+    is named; a partition table without a filesystem on the whole disk (blkid exits 0 with
+    no TYPE) is refused; zeros are blank; a device that does not read is not blank."""
+    import subprocess
+    from csi.node import probe_device
+    from csi.status import Abort
+    host = Host("")
+    fs = tmp_path / "fs.img"
+    fs.write_bytes(bytes(8 << 20))
+    subprocess.run(["mkfs.ext4", "-F", "-q", str(fs)], check=True)
+    assert await probe_device(host, str(fs)) == "ext4"
+    pt = bytearray(8 << 20)                              # an MBR: one Linux partition at 1 MiB
+    pt[446:462] = bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") + (4096).to_bytes(4, "little")
+    pt[510:512] = b"\x55\xaa"
+    (tmp_path / "pt.img").write_bytes(bytes(pt))
+    with pytest.raises(Abort) as e:
+        await probe_device(host, str(tmp_path / "pt.img"))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "partition table" in e.value.message
+    (tmp_path / "zero.img").write_bytes(bytes(8 << 20))
+    assert await probe_device(host, str(tmp_path / "zero.img")) == ""
+    with pytest.raises(Abort) as e:
+        await probe_device(host, str(tmp_path / "gone"))
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
