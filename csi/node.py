@@ -239,13 +239,16 @@ class Node(pbg.NodeServicer):
                 try:
                     await self.iscsi.attach(info["target"], info["portal"], info["lun"], chap, discovery_chap)
                 except (HostError, OSError) as e:
-                    if not by_id(info["wwn"]).exists():     # nothing attached: nothing to unstage
-                        self._state_path(vid).unlink(missing_ok=True)
+                    await self._undo_stage(vid, info, None)
                     if isinstance(e, AuthFailed):
                         raise Abort(grpc.StatusCode.UNAUTHENTICATED,
                                     f"iSCSI {e}: check the CHAP credentials in the node-stage secret")
                     raise Abort(grpc.StatusCode.UNAVAILABLE, f"iSCSI login to {info['target']}: {e}")
-                dev = await self._wait_device(info["wwn"])
+                try:
+                    dev = await self._wait_device(info["wwn"])
+                except Abort:
+                    await self._undo_stage(vid, info, None)
+                    raise
             if kind == "block":
                 return pb.NodeStageVolumeResponse()
             m = mount_at(staging)
@@ -253,16 +256,54 @@ class Node(pbg.NodeServicer):
                 if os.path.realpath(m.source) != dev:
                     raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{staging} has {m.source} mounted, not {dev}")
                 return pb.NodeStageVolumeResponse()
-            fs = await probe_device(self.host, dev)
-            if not fs:
-                await self.host.run([f"mkfs.{kind}", *(["-F", "-q"] if kind == "ext4" else ["-q"]), dev])
-                fs = kind
-            os.makedirs(staging, exist_ok=True)
-            opts = list(request.volume_capability.mount.mount_flags)
-            if request.volume_capability.access_mode.mode in READ_ONLY:
-                opts.append("ro")
-            await self.host.run(["mount", "-t", fs, *(["-o", ",".join(opts)] if opts else []), dev, staging])
+            try:
+                fs = await probe_device(self.host, dev)
+                if not fs:
+                    await self.host.run([f"mkfs.{kind}", *(["-F", "-q"] if kind == "ext4" else ["-q"]), dev])
+                    fs = kind
+                os.makedirs(staging, exist_ok=True)
+                opts = list(request.volume_capability.mount.mount_flags)
+                if request.volume_capability.access_mode.mode in READ_ONLY:
+                    opts.append("ro")
+                await self.host.run(["mount", "-t", fs, *(["-o", ",".join(opts)] if opts else []), dev, staging])
+            except Exception:
+                if mount_at(staging) is None:
+                    async with self._target_locks[info["target"]]:
+                        await self._undo_stage(vid, info, dev)
+                raise
         return pb.NodeStageVolumeResponse()
+
+    async def _undo_stage(self, vid: str, info: dict[str, str], dev: str | None) -> None:
+        """A NodeStage that failed after logging in leaves nothing behind (under the target
+        lock): a final error tells the CO nothing was staged, so no NodeUnstage would ever
+        come for the session, the disk and the node record (which may hold CHAP secrets)."""
+        try:
+            await self._release(info, dev)
+        except Exception as e:  # noqa: BLE001 - the stage's own error is the one to report
+            log.warning("volume %s: undoing a failed stage: %s", vid, e)
+            return
+        self._state_path(vid).unlink(missing_ok=True)
+
+    def _users(self, dev: str) -> list[str]:
+        """Mount points still using the disk ``dev``: its filesystem, or a bind of its node."""
+        name = os.path.basename(dev)
+        return [m.target for m in mounts(self.mountinfo)
+                if os.path.realpath(m.source) == dev
+                or (m.fstype == "devtmpfs" and m.root == f"/{name}")]
+
+    async def _release(self, info: dict[str, str], dev: str | None) -> None:
+        """Under the target lock: delete the disk ``dev`` (FAILED_PRECONDITION while anything
+        still mounts it: a publish not yet unpublished, a second staging path), then log out
+        of the target once no disk of it is left."""
+        if dev is not None:
+            users = self._users(dev)
+            if users:
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{dev} is still mounted at {', '.join(users[:3])}: unpublish it first")
+            await self._remove_device(dev)
+        s = await self.iscsi.session_for(info["target"], detail=True)
+        if s is not None and not [d for d in s.disks if f"/dev/{d}" != dev]:
+            await self.iscsi.detach(s, info["portal"])
 
     @guard
     async def NodeUnstageVolume(self, request: pb.NodeUnstageVolumeRequest,
@@ -281,11 +322,7 @@ class Node(pbg.NodeServicer):
             if dev is None and link.exists():
                 dev = os.path.realpath(link)
             async with self._target_locks[info["target"]]:
-                if dev is not None:
-                    await self._remove_device(dev)
-                s = await self.iscsi.session_for(info["target"], detail=True)
-                if s is not None and not [d for d in s.disks if f"/dev/{d}" != dev]:
-                    await self.iscsi.detach(s, info["portal"])
+                await self._release(info, dev)
             self._state_path(vid).unlink(missing_ok=True)
         return pb.NodeUnstageVolumeResponse()
 

@@ -270,6 +270,10 @@ async def test_device_that_never_appears_is_not_found(tmp_path: Path):
             volume_id="v1", staging_target_path=str(tmp_path / "st"), volume_capability=cap(),
             publish_context=CTX), Ctx())
     assert e.value.args[0] == grpc.StatusCode.NOT_FOUND
+    # A final error: the CO will not unstage, so the stage undid itself (no disk of the
+    # target left: logged out, node record gone, no state file).
+    assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls
+    assert not list(tmp_path.glob("*.json"))
 
 
 async def test_unstage_unpublish_are_idempotent_on_nothing(stub):
@@ -433,7 +437,7 @@ async def test_stage_with_refused_chap_is_unauthenticated_and_leaves_nothing(tmp
     finally:
         await server.stop(None)
     assert not list((tmp_path / "state").glob("*")), "a failed stage left its state file"
-    assert host.calls[-1] == node_cmd("-o", "delete")
+    assert node_cmd("-o", "delete") in host.calls and not any("--logout" in c for c in host.calls)
     assert not any(PW in r.getMessage() or PW_IN in r.getMessage() for r in caplog.records)
     assert any("NodeStageVolume UNAUTHENTICATED" in r.getMessage() for r in caplog.records)
 
@@ -512,3 +516,66 @@ async def test_only_a_provably_blank_device_counts_as_blank(tmp_path: Path):
     with pytest.raises(Abort) as e:
         await probe_device(host, str(tmp_path / "gone"))
     assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+class AbortCtx:
+    """The servicer context as guard uses it: abort raises (code, message)."""
+
+    async def abort(self, code, msg):
+        raise RuntimeError(code, msg)
+
+
+def _staged_node(tmp_path: Path, monkeypatch, answers: dict, mountinfo: str = "") -> tuple[Node, FakeHost, str]:
+    """A node whose volume's disk is a file behind a by-id link in tmp_path."""
+    import csi.node as node_mod
+    dev = tmp_path / "sdq"
+    dev.write_bytes(bytes(1 << 20))
+    link = tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}"
+    link.parent.mkdir()
+    link.symlink_to(dev)
+    monkeypatch.setattr(node_mod, "by_id", lambda wwn: tmp_path / "by-id" / f"wwn-0x{wwn}")
+    (tmp_path / "mountinfo").write_text("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n" + mountinfo)
+    host = FakeHost({("iscsiadm", "-m", "session"): (0, SESSION), **answers})
+    node = Node("n", host, state_dir=str(tmp_path / "state"), device_timeout=0.3,
+                mountinfo=tmp_path / "mountinfo", sysfs=tmp_path / "sys")
+    node.iscsi = Iscsiadm(host, fake_sysfs(tmp_path, 1, "host0"))
+    return node, host, str(dev)
+
+
+async def test_a_stage_whose_mount_fails_logs_out_and_leaves_nothing(tmp_path: Path, monkeypatch):
+    """mkfs done, mount refused (bad mount_flags, say): INTERNAL is final, so no NodeUnstage
+    would come; the session, the disk and the state must not stay behind."""
+    st = tmp_path / "st"
+    node, host, dev = _staged_node(tmp_path, monkeypatch, {})
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (0, "DEVNAME=x\nTYPE=ext4\n")
+    host.answers[("mount", "-t", "ext4", "-o", "bogus", dev, str(st))] = (32, "")
+    req = pb.NodeStageVolumeRequest(volume_id="v1", staging_target_path=str(st), volume_capability=cap(),
+                                    publish_context=CTX)
+    req.volume_capability.mount.mount_flags.append("bogus")
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(req, AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.INTERNAL
+    assert ["blockdev", "--flushbufs", dev] in host.calls
+    assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls
+    assert not list((tmp_path / "state").glob("*"))
+
+
+async def test_unstage_refuses_while_a_publish_still_uses_the_disk(tmp_path: Path, monkeypatch):
+    """NodeUnstage before NodeUnpublish (a kubelet restart's cleanup order): the bind at the
+    publish path keeps the filesystem alive after the staging path is unmounted, and deleting
+    the disk under it loses its dirty data. FAILED_PRECONDITION until it is unpublished."""
+    pub = tmp_path / "pods" / "p0" / "vol"
+    node, host, dev = _staged_node(tmp_path, monkeypatch, {},
+                                   mountinfo=f"61 22 8:16 / {pub} rw,relatime - ext4 {tmp_path / 'sdq'} rw\n")
+    node._save("v1", {**{k: CTX[k] for k in ("wwn", "portal", "lun")}, "target": CTX["targetIQN"],
+                      "kind": "ext4"})
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+            volume_id="v1", staging_target_path=str(tmp_path / "st")), AbortCtx())
+    assert e.value.args == (grpc.StatusCode.FAILED_PRECONDITION, f"{tmp_path / 'sdq'} is still mounted at {pub}: unpublish it first")
+    assert not any("--logout" in c for c in host.calls) and ["blockdev", "--flushbufs", dev] not in host.calls
+    (tmp_path / "mountinfo").write_text("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n")
+    await node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+        volume_id="v1", staging_target_path=str(tmp_path / "st")), AbortCtx())
+    assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls
+
