@@ -172,6 +172,8 @@ class Controller(pbg.ControllerServicer):
         except errors.NotFound:
             pass                    # already gone: success, as the spec asks
         except errors.Conflict as e:
+            if e.details.get("retry"):
+                raise
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"volume {vid} is in use: {e.message}")
         return pb.DeleteVolumeResponse()
 
@@ -347,6 +349,10 @@ class Controller(pbg.ControllerServicer):
             await self.meta.delete(f"/snapshots/{seg(sid)}")
         except errors.NotFound:
             pass
+        except errors.Conflict as e:       # exported, or a revert to it still running
+            if e.details.get("retry"):
+                raise
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"snapshot {sid} is in use: {e.message}")
         return pb.DeleteSnapshotResponse()
 
     @guard

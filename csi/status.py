@@ -35,6 +35,10 @@ class Abort(Exception):
 
 
 def code_of(err: errors.ZError) -> grpc.StatusCode:
+    """A conflict the meta marks ``retry`` (contention, a snapshot not ready yet) is ABORTED:
+    worth repeating, unlike a name taken with other parameters (ALREADY_EXISTS)."""
+    if isinstance(err, errors.Conflict) and err.details.get("retry"):
+        return grpc.StatusCode.ABORTED
     return _BY_ERROR.get(type(err), grpc.StatusCode.INTERNAL)
 
 

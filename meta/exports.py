@@ -115,7 +115,7 @@ async def add_acl(ctx: Ctx, volume: str, initiator: str, readonly: bool = False)
                      " (read-only)" if readonly else "")
             return entry
     raise Conflict(f"could not add {initiator!r} to volume {volume!r}: too much concurrent change",
-                   hint="retry")
+                   hint="retry", retry=True)
 
 
 async def remove_snapshot_acl(ctx: Ctx, ref: str, initiator: str) -> str:

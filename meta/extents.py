@@ -155,7 +155,7 @@ async def allocate(ctx: Ctx, vid: str, index: Any) -> tuple[ExtentRecord, bool]:
         if await ctx.txn([ctx.absent(key), ctx.t.version(ctx.keys.volume(vid)) > 0], [ctx.put(key, rec)]):
             log.info("extent %s/%d allocated on %s", vid, index, ",".join(replicas))
             return rec, True
-    raise Conflict(f"could not allocate extent {index} of {vid}: too much concurrent change", hint="retry")
+    raise Conflict(f"could not allocate extent {index} of {vid}: too much concurrent change", hint="retry", retry=True)
 
 
 async def drop(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
@@ -186,7 +186,7 @@ async def drop(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
             log.warning("extent %s/%d: dropped replica on %s at generation %d (%s); in sync: %s",
                         vid, index, chunk_id, rec.generation - 1, reason, ",".join(rec.replicas))
             return rec, True
-    raise Conflict(f"could not drop a replica of {vid}/{index}: too much concurrent change", hint="retry")
+    raise Conflict(f"could not drop a replica of {vid}/{index}: too much concurrent change", hint="retry", retry=True)
 
 
 async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
@@ -250,7 +250,7 @@ async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
                      rec.generation, f" in place of draining {leaving}" if leaving else "",
                      ",".join(rec.replicas), " (recovery task done)" if len(ops) > 1 else "")
             return rec
-    raise Conflict(f"could not join a replica to {vid}/{index}: too much concurrent change", hint="retry")
+    raise Conflict(f"could not join a replica to {vid}/{index}: too much concurrent change", hint="retry", retry=True)
 
 
 async def list_extents(ctx: Ctx, vid: str, limit: int = 1000,

@@ -109,7 +109,7 @@ async def export_snapshot(ctx: Ctx, ref: str) -> tuple[dict[str, Any], bool]:
             continue                                   # deleted meanwhile: resolve says so
         if snap.state != "ready" or not snap.seq:
             raise Conflict(f"snapshot {snap.name!r} is still being created",
-                           hint="retry once `zstore snapshot list` shows it ready")
+                           hint="retry once `zstore snapshot list` shows it ready", retry=True)
         vkey = ctx.keys.volume(snap.volume_id)
         vol, vrev = await ctx.get(vkey, Volume)
         if vol is None or vol.state == "deleted":
@@ -127,7 +127,7 @@ async def export_snapshot(ctx: Ctx, ref: str) -> tuple[dict[str, Any], bool]:
             log.info("snapshot %s@%s (%s) exported read-only as target %d lun %d",
                      vol.name, snap.name, sid, t, lun)
             return await export_view(ctx, snap, m, vol.name), True
-    raise Conflict(f"could not export snapshot {ref!r}: too much concurrent change", hint="retry")
+    raise Conflict(f"could not export snapshot {ref!r}: too much concurrent change", hint="retry", retry=True)
 
 
 async def unexport_snapshot(ctx: Ctx, ref: str) -> tuple[Snapshot, bool]:
@@ -141,7 +141,7 @@ async def unexport_snapshot(ctx: Ctx, ref: str) -> tuple[Snapshot, bool]:
             log.info("snapshot %s (%s) unexported%s", snap.name, snap.snapshot_id,
                      f" (was target {m.target_index} lun {m.lun})" if m else "")
             return snap, True
-    raise Conflict(f"could not unexport snapshot {ref!r}: too much concurrent change", hint="retry")
+    raise Conflict(f"could not unexport snapshot {ref!r}: too much concurrent change", hint="retry", retry=True)
 
 
 async def exported_slots(ctx: Ctx) -> dict[str, tuple[int, int]]:

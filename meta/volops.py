@@ -82,7 +82,7 @@ async def create_snapshot(ctx: Ctx, volume: str, name: str,
                          [ctx.put(ctx.keys.snapshot(sid), snap), ctx.put(name_key, sid), ctx.put(vkey, vol)]):
             log.info("snapshot %s@%s (%s) being created", vol.name, name, sid)
             return await _finish(ctx, vol, snap, deadline), True
-    raise Conflict(f"could not snapshot {volume!r}: too much concurrent change", hint="retry")
+    raise Conflict(f"could not snapshot {volume!r}: too much concurrent change", hint="retry", retry=True)
 
 
 async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Snapshot:
@@ -186,7 +186,7 @@ async def _create_revert_op(ctx: Ctx, vol: Volume, snap: Snapshot) -> bytes:
             log.info("volume %s: revert to snapshot %s (seq %d) handed to %s", vol.name, snap.name,
                      snap.seq, op.executor)
             return op_key
-    raise Conflict(f"volume {vol.name!r} or snapshot {snap.name!r} changed meanwhile", hint="retry")
+    raise Conflict(f"volume {vol.name!r} or snapshot {snap.name!r} changed meanwhile", hint="retry", retry=True)
 
 
 async def _revert_executor(ctx: Ctx, vol: Volume) -> str:

@@ -147,7 +147,7 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
         source = await resolve_snapshot(ctx, source_snapshot)
         if source.state != "ready":
             raise Conflict(f"snapshot {source.name!r} is still being created",
-                           hint="retry once `zstore snapshot list` shows it ready")
+                           hint="retry once `zstore snapshot list` shows it ready", retry=True)
         if size is None:
             size = source.size
     if size is None:
@@ -195,7 +195,7 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
             log.info("volume %s (%s) created: %s, %d replicas on %s, target %d lun %d",
                      name, vid, format_size(size), replicas, ",".join(placement), t, lun)
             return vol, True
-    raise Conflict(f"could not create volume {name!r}: too much concurrent change", hint="retry")
+    raise Conflict(f"could not create volume {name!r}: too much concurrent change", hint="retry", retry=True)
 
 
 async def resize_volume(ctx: Ctx, ref: str, size: Any) -> Volume:
@@ -214,7 +214,7 @@ async def resize_volume(ctx: Ctx, ref: str, size: Any) -> Volume:
                          [ctx.put(ctx.keys.volume(vol.volume_id), vol)]):
             log.info("volume %s grown from %s to %s", vol.name, format_size(old), format_size(new))
             return vol
-    raise Conflict(f"could not resize volume {ref!r}: too much concurrent change", hint="retry")
+    raise Conflict(f"could not resize volume {ref!r}: too much concurrent change", hint="retry", retry=True)
 
 
 def erase_ops(ctx: Ctx, vid: str) -> list:
@@ -268,7 +268,7 @@ async def delete_volume(ctx: Ctx, ref: str, force: bool = False) -> str:
                      f"; kept as a tombstone for {len(snaps)} snapshot(s)" if snaps else "")
             await collect_garbage(ctx)
             return vol.volume_id
-    raise Conflict(f"could not delete volume {ref!r}: too much concurrent change", hint="retry")
+    raise Conflict(f"could not delete volume {ref!r}: too much concurrent change", hint="retry", retry=True)
 
 
 async def _snapshots_of(ctx: Ctx, vid: str) -> list[Snapshot]:
@@ -332,9 +332,9 @@ async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) 
                           snapshot_exports.pointer_unchanged(ctx, snap.snapshot_id, prev)], ops):
             break
         if (await snapshot_exports.export_state(ctx, snap.snapshot_id))[1] != prev:
-            raise Conflict(f"snapshot {snap.name!r} was exported or unexported meanwhile", hint="retry")
+            raise Conflict(f"snapshot {snap.name!r} was exported or unexported meanwhile", hint="retry", retry=True)
     else:
-        raise Conflict(f"could not delete snapshot {snap.name!r}: too much concurrent change", hint="retry")
+        raise Conflict(f"could not delete snapshot {snap.name!r}: too much concurrent change", hint="retry", retry=True)
     log.info("snapshot %s (%s) deleted%s", snap.name, snap.snapshot_id,
              f"; kept for {len(clones)} clone(s)" if clones else "")
     await collect_garbage(ctx)

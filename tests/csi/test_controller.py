@@ -229,9 +229,22 @@ async def test_snapshot_and_clone(stubs, zcluster):
     await expect(grpc.StatusCode.NOT_FOUND, ctl.CreateVolume(pb.CreateVolumeRequest(
         name=name(), volume_capabilities=[cap()], volume_content_source=missing)))
 
+    # Exported as a LUN: in use, FAILED_PRECONDITION (the spec's code), not ALREADY_EXISTS.
+    assert zcluster.api("POST", f"/snapshots/{s.snapshot_id}/export")[0] == 201
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id)))
+    assert zcluster.api("DELETE", f"/snapshots/{s.snapshot_id}/export")[0] == 200
     await ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id))
     await ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id))
     assert zcluster.api("GET", f"/snapshots/{s.snapshot_id}")[0] == 404
+
+
+def test_a_conflict_worth_repeating_is_aborted_others_keep_their_code():
+    from csi.status import code_of
+    from zstore import errors
+    assert code_of(errors.Conflict("too much concurrent change", retry=True)) == grpc.StatusCode.ABORTED
+    assert code_of(errors.from_dict({"code": "conflict", "message": "x", "details": {"retry": True}}, 409)) \
+        == grpc.StatusCode.ABORTED                                  # as it arrives from the meta
+    assert code_of(errors.Conflict("name taken with other parameters")) == grpc.StatusCode.ALREADY_EXISTS
 
 
 async def test_expand(stubs, zcluster):
