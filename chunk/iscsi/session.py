@@ -129,6 +129,7 @@ class Session:
         self.pending: dict[int, P.PDU] = {}       # CmdSN -> out-of-order non-immediate request
         self._ttt = 0x1000
         self._r2t_owner: dict[int, Task] = {}     # TTT -> task
+        self._discarding: dict[int, None] = {}    # ITTs answered before their unsolicited data came
         self._nop_ttt: dict[int, float] = {}      # our NOP-In pings awaiting an answer
         self._text_in = TextAssembler()
         self._out: list[bytes | memoryview] = []
@@ -425,6 +426,12 @@ class Session:
         if unit is not None and unit not in self.units_used:
             self.units_used.add(unit)
         if cdb[0] == 0xA0 or unit is None:      # REPORT LUNS, or a LUN this initiator may not see
+            if cmd.write and not cmd.final and not self.p.initial_r2t:
+                # Its unsolicited Data-Out still comes after this answer: taken and dropped, as
+                # LIO does, not a protocol error ending the session (a LUN masked mid-I/O).
+                if len(self._discarding) >= self.window:
+                    del self._discarding[next(iter(self._discarding))]
+                self._discarding[itt] = None
             self._finish_inline(task, self._no_unit_result(task))
             return
         edtl = cmd.expected_length
@@ -497,6 +504,10 @@ class Session:
         seq = None
         if d.ttt == RESERVED_TAG:
             task = self.tasks.get(d.itt)
+            if task is None and d.itt in self._discarding:
+                if d.final:
+                    del self._discarding[d.itt]
+                return
             if task is None or task.unsolicited_done or self.p.initial_r2t:
                 self._protocol_error(d, "unsolicited Data-Out not allowed here")
                 return

@@ -622,3 +622,19 @@ async def test_a_write_sent_without_the_w_bit_is_not_a_plain_good():
         resp = await h.recv()
         assert isinstance(resp, P.ScsiResponse)
         assert resp.overflow and resp.residual == 1024
+
+
+async def test_unsolicited_data_of_a_write_answered_at_once_is_dropped_not_fatal():
+    """A WRITE to a LUN this initiator may not see (masked mid-I/O) is answered at once; the
+    Data-Out the initiator had still to send for it (InitialR2T=No) is dropped, and the
+    session goes on, as with LIO."""
+    async with Harness(params(initial_r2t=False)) as h:
+        cmd = write10(0, 4, itt=50, cmdsn=1, data=b"a" * 512, final=False)
+        cmd.lun = P.encode_lun(5)                                     # masked
+        h.send(cmd)
+        resp = await h.recv()
+        assert isinstance(resp, P.ScsiResponse) and resp.status == 2 and resp.itt == 50
+        h.send(P.DataOut(itt=50, ttt=RESERVED_TAG, final=True, datasn=0, buffer_offset=512, data=b"b" * 1536))
+        h.send(P.NopOut(itt=51, cmdsn=2, immediate=True, data=b"still here"))
+        nop = await h.recv()
+        assert isinstance(nop, P.NopIn) and nop.itt == 51 and not h.session._discarding   # noqa: SLF001
