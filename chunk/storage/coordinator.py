@@ -224,6 +224,11 @@ def _absent_runs(present: bytes, nblocks: int) -> list[tuple[int, int]]:
     return runs
 
 
+def _whole_extent() -> list[tuple[int, int]]:
+    """A full copy's ranges: the extent in COPY_CHUNK pieces."""
+    return [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
+
+
 class _PendingWrite:
     """One fast-path write waiting for its remote replicas' replies."""
 
@@ -1117,7 +1122,7 @@ class Coordinator:
             ranges = block_runs(sorted(dirty.blocks))
             mode = f"{len(dirty.blocks)} dirty blocks"
         else:
-            ranges = [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
+            ranges = _whole_extent()
             mode = "full"
         try:
             await target.create(self.vid, idx, self.epoch, 1)
@@ -1129,7 +1134,7 @@ class Coordinator:
             log.warning("volume %s extent %d: %s holds a copy that does not open (%s); replacing it",
                         self.vid, idx, task.target, ex.detail)
             await target.create(self.vid, idx, self.epoch, 1, discard_broken=True)
-            ranges = [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
+            ranges = _whole_extent()
             mode = "full"
         sync = self._sync[idx] = Sync(task.target, target)
         try:
@@ -1171,7 +1176,7 @@ class Coordinator:
                 log.warning("volume %s extent %d: %s differs from %s after a %s copy; copying in full",
                             self.vid, idx, task.target, source.chunk_id, mode)
                 mode = "full"
-                ranges = [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
+                ranges = _whole_extent()
             raise MediumError(f"extent {idx}: {task.target} still differs after a full copy")
         finally:
             self._sync.pop(idx, None)
