@@ -10,7 +10,9 @@ error codes.
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections import defaultdict
 from typing import Any
 
 import grpc
@@ -116,6 +118,10 @@ class Controller(pbg.ControllerServicer):
     def __init__(self, meta: Meta, portal: str):
         self.meta = meta
         self.portal = portal    # the VIP: the only address a node needs to log in
+        # Publish reads the ACL, checks the access mode against it, then adds the node: two
+        # publishes of one volume at once must not both pass the check (two writers of a
+        # single-node volume). One controller runs at a time (the sidecars' leader election).
+        self._publish_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -187,6 +193,10 @@ class Controller(pbg.ControllerServicer):
         check_capabilities([request.volume_capability], "volume_capability")
         mode = request.volume_capability.access_mode.mode
         readonly = request.readonly or mode in READ_ONLY
+        async with self._publish_locks[vid]:
+            return await self._publish(vid, node, mode, readonly)
+
+    async def _publish(self, vid: str, node: str, mode: int, readonly: bool) -> pb.ControllerPublishVolumeResponse:
         vol = await self.volume(vid)
         acl = await self.meta.get(f"/volumes/{seg(vid)}/acl")
         entries = {e["initiator"]: e for e in acl["initiators"]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import uuid
 from pathlib import Path
 
@@ -177,6 +179,18 @@ async def test_publish_unpublish_acl(stubs, zcluster):
     await ctl.ControllerUnpublishVolume(unpub)                   # idempotent
     await ctl.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
         volume_id=uuid.uuid4().hex, node_id=NODE_A))              # unknown volume: OK
+
+    # Two publishes of the single-node volume to two nodes at once: exactly one gets it (each
+    # reads the ACL before either writes it, without the controller's per-volume lock).
+    got = await asyncio.gather(*(ctl.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=v.volume_id, node_id=n, volume_capability=cap())) for n in (NODE_A, NODE_B)),
+        return_exceptions=True)
+    assert sum(isinstance(g, pb.ControllerPublishVolumeResponse) for g in got) == 1
+    assert [g.code() for g in got if not isinstance(g, pb.ControllerPublishVolumeResponse)] == \
+        [grpc.StatusCode.FAILED_PRECONDITION]
+    assert len(acl()) == 1
+    await ctl.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=v.volume_id))
+    assert acl() == {}
 
     # Multi-node readers may share it, readonly.
     for node in (NODE_A, NODE_B):
