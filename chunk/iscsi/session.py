@@ -132,6 +132,7 @@ class Session:
         self._discarding: dict[int, None] = {}    # ITTs answered before their unsolicited data came
         self._nop_ttt: dict[int, float] = {}      # our NOP-In pings awaiting an answer
         self._text_in = TextAssembler()
+        self._text_in_ttt: int | None = None     # TTT the initiator's next text piece carries
         self._out: list[bytes | memoryview] = []
         self._in_batch = False
         self._flush_pending = False
@@ -759,9 +760,12 @@ class Session:
         initiator's MaxRecvDataSegmentLength with the C bit set; the initiator
         fetches each next piece with an empty request carrying our TTT.
         """
-        if req.ttt != RESERVED_TAG:
+        if req.ttt != RESERVED_TAG and req.ttt == self._text_in_ttt:
+            self._text_in_ttt = None      # the next piece of the initiator's own text (C bit)
+        elif req.ttt != RESERVED_TAG:
             rest = self._text_out.get(req.ttt)
             if rest is None or req.data:
+                self._text_in = TextAssembler()
                 self._reject(RejectReason.PROTOCOL_ERROR, req.header())
                 return
             self._text_piece(req.itt, req.ttt, rest)
@@ -769,10 +773,12 @@ class Session:
         try:
             pairs = self._text_in.feed(req.data, req.cont)
         except ProtocolError as e:
+            self._text_in = TextAssembler()
             self._reject(e.reason, req.header())
             return
         if pairs is None:                 # the initiator continues its text: ask for the rest
-            self._send(P.TextResponse(itt=req.itt, final=False, ttt=self._new_ttt()))
+            self._text_in_ttt = self._new_ttt()     # which its next piece carries (11.10.4)
+            self._send(P.TextResponse(itt=req.itt, final=False, ttt=self._text_in_ttt))
             return
         out: list[tuple[str, str]] = []
         for key, value in pairs:

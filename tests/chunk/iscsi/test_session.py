@@ -638,3 +638,17 @@ async def test_unsolicited_data_of_a_write_answered_at_once_is_dropped_not_fatal
         h.send(P.NopOut(itt=51, cmdsn=2, immediate=True, data=b"still here"))
         nop = await h.recv()
         assert isinstance(nop, P.NopIn) and nop.itt == 51 and not h.session._discarding   # noqa: SLF001
+
+
+async def test_a_text_request_continued_by_the_initiator_carries_the_ttt_given_for_it():
+    """RFC 7143 11.10.4: the initiator sends its text in pieces (C bit); the target answers
+    each with an empty response and a TTT, which the next piece carries. That piece used to be
+    rejected (the TTT was looked up among the target's own pieces only)."""
+    async with Harness(params()) as h:
+        h.send(P.TextRequest(itt=60, cmdsn=1, final=False, cont=True, data=b"SendTar"))
+        ask = await h.recv()
+        assert isinstance(ask, P.TextResponse) and not ask.final and ask.ttt != RESERVED_TAG
+        h.send(P.TextRequest(itt=60, cmdsn=2, final=True, ttt=ask.ttt, data=b"gets=All\0"))
+        t = await h.recv()
+        assert isinstance(t, P.TextResponse) and t.final
+        assert t.data.startswith(b"TargetName=iqn.2026-01.io.zstore:test.t0000\0")
