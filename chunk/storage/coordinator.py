@@ -569,23 +569,67 @@ class Coordinator:
         await self.ensure_owner()
         view = memoryview(data).cast("B")
         if self.is_clone and (offset % BLOCK_SIZE or len(view) % BLOCK_SIZE):
-            # Whole blocks only, so a partial block never mixes our zeros with the parent's data.
-            lo = offset // BLOCK_SIZE * BLOCK_SIZE
-            hi = -(-(offset + len(view)) // BLOCK_SIZE) * BLOCK_SIZE
-            buf = bytearray(await self.read(lo, hi - lo))
-            buf[offset - lo:offset - lo + len(view)] = view
-            offset, view = lo, memoryview(buf)
+            await self._clone_blocks(offset, view, fua)
+            return
         await self._mutate("write", offset, view, len(view), fua=fua)
 
     async def unmap(self, offset: int, length: int) -> None:
         await self.ready()
         await self.ensure_owner()
-        await self._mutate("unmap", offset, None, length, zero=self.is_clone)
+        await self._zero_range(offset, length, zero=self.is_clone)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         await self.ready()
         await self.ensure_owner()
-        await self._mutate("unmap", offset, None, length, zero=self.is_clone or not self.thin)
+        await self._zero_range(offset, length, zero=self.is_clone or not self.thin)
+
+    async def _zero_range(self, offset: int, length: int, zero: bool) -> None:
+        """A clone's block that is absent reads as its parent's: zeroing part of one must
+        write that block whole (the rest of it from the parent), or the replica stores the
+        block as present with zeros around the range. Its partial edge blocks go through
+        ``_clone_blocks``; whole blocks are unmapped (zeroed) as on any volume."""
+        end = offset + length
+        if not self.is_clone or not (offset % BLOCK_SIZE or end % BLOCK_SIZE) or length <= 0:
+            await self._mutate("unmap", offset, None, length, zero=zero)
+            return
+        lo = -(-offset // BLOCK_SIZE) * BLOCK_SIZE           # first whole block
+        hi = end // BLOCK_SIZE * BLOCK_SIZE                   # end of the last whole block
+        if lo >= hi:                                          # inside one block
+            await self._clone_blocks(offset, memoryview(bytes(length)), False)
+            return
+        if offset < lo:
+            await self._clone_blocks(offset, memoryview(bytes(lo - offset)), False)
+        await self._mutate("unmap", lo, None, hi - lo, zero=zero)
+        if hi < end:
+            await self._clone_blocks(hi, memoryview(bytes(end - hi)), False)
+
+    async def _clone_blocks(self, offset: int, view, fua: bool) -> None:
+        """Write ``view`` to a clone as whole blocks, the rest of each edge block read back
+        (ours or the parent's) under the range lock of the widened blocks, so a concurrent
+        write to the same block waits instead of being overwritten by stale bytes it read."""
+        end = offset + len(view)
+        lo = offset // BLOCK_SIZE * BLOCK_SIZE
+        hi = -(-end // BLOCK_SIZE) * BLOCK_SIZE
+        await self._gate.enter()
+        try:
+            for idx, eoff, n in self._split(lo, hi - lo):
+                base = idx * EXTENT_SIZE
+                if idx not in self.extents or idx in self._alloc:
+                    await self._allocate(idx)
+                token = await self._locks.begin(idx, eoff, eoff + n)
+                try:
+                    a, b = max(offset, base + eoff), min(end, base + eoff + n)   # ours in this piece
+                    buf = bytearray(n)
+                    if a > base + eoff:                                       # head: read back
+                        buf[:a - base - eoff] = await self._read_part(idx, eoff, a - base - eoff)
+                    if b < base + eoff + n:                                   # tail: read back
+                        buf[b - base - eoff:] = await self._read_part(idx, b - base, base + eoff + n - b)
+                    buf[a - base - eoff:b - base - eoff] = view[a - offset:b - offset]
+                    await self._replicate("write", idx, eoff, n, memoryview(buf), fua, False)
+                finally:
+                    self._locks.end(idx, token)
+        finally:
+            self._gate.leave()
 
     async def _mutate(self, op: str, offset: int, view, length: int, fua: bool = False,
                       zero: bool = False) -> None:

@@ -197,6 +197,13 @@ def test_snapshot_clone_and_revert(tmp_path, etcd_server):
         qemu_io(c, clone, 1, "read -P 0xaa 0 1M", "read -P 0xcc 1M 512", "read -P 0xaa 1049088 3145216",
                 "read -P 0xcc 101M 64k", "read -P 0xaa 100M 1M")
         qemu_io(c, vol, 0, "read -P 0xbb 0 2M", "read -P 0xaa 2M 2M")      # the source is untouched
+        # Partial blocks of a clone: two sector writes into one block at once both land (each
+        # reads the rest of the block back under the block's lock), and zeroing one sector
+        # keeps the parent's data in the rest of its block.
+        qemu_io(c, clone, 1, "aio_write -P 0x11 3M 512", "aio_write -P 0x22 3146240 512", "aio_flush",
+                "write -z 2M 512")
+        qemu_io(c, clone, 1, "read -P 0x11 3M 512", "read -P 0x22 3146240 512", "read -P 0xaa 3146752 3072",
+                "read -P 0 2M 512", "read -P 0xaa 2097664 3584")
         # Revert brings A back (online, through the owner of the volume).
         c.cli("volume", "revert", "s", "snap", check=True)
         qemu_io(c, vol, 0, "read -P 0xaa 0 4M", "read -P 0xaa 100M 1M", "read -P 0 4M 1M")
