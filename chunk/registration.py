@@ -73,7 +73,11 @@ class Registration:
                  build_info: InfoBuilder, probe_disks: DiskProbe, endpoints: str = "etcd",
                  refresh_interval: float = 10.0, backoff: Backoff | None = None,
                  sessions: SessionLister | None = None, debounce: float = 0.3,
-                 storage: Callable[[], dict[str, Any]] | None = None) -> None:
+                 storage: Callable[[], dict[str, Any]] | None = None,
+                 revoke_on_stop: bool = True) -> None:
+        # False: ``run`` ends without revoking; the owner calls ``unregister`` once its writes
+        # have stopped (a revoked lease lets the meta snapshot this server's volumes itself).
+        self.revoke_on_stop = revoke_on_stop
         self.etcd = etcd
         self.keys = keys
         self.chunk_id = chunk_id
@@ -120,6 +124,7 @@ class Registration:
             except LeaseLost as e:
                 self.registered.clear()
                 self.lease = None
+                self.lease_deadline = 0.0          # no write starts until a new lease holds
                 log.warning("lost the etcd lease (%s); registering again", e)
             except asyncio.CancelledError:
                 raise
@@ -129,6 +134,13 @@ class Registration:
                 self._note_outage(e, f"retrying in {delay:.1f}s")
                 if await self._sleep(delay):
                     break
+        self.lease_deadline = 0.0                  # stopping: no write starts from now on
+        if self.revoke_on_stop:
+            await self._unregister()
+
+    async def unregister(self) -> None:
+        """Revoke the lease (the live key goes with it): after ``run`` with revoke_on_stop
+        False, once nothing of this server writes any more."""
         await self._unregister()
 
     async def _register(self) -> None:
@@ -239,6 +251,7 @@ class Registration:
 
     async def _unregister(self) -> None:
         self.registered.clear()
+        self.lease_deadline = 0.0
         lease, self.lease = self.lease, None
         if lease is None:
             return

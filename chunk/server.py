@@ -259,7 +259,7 @@ class ChunkServer:
         reg = Registration(etcd, keys, self.chunk_id,
                            lease_ttl=self.cfg.chunk.lease_ttl, build_info=self.info,
                            probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd),
-                           sessions=target.session_list, storage=engine.status)
+                           sessions=target.session_list, storage=engine.status, revoke_on_stop=False)
         engine.lease = reg                 # writes start only while this server's lease holds
         target.on_sessions_changed(reg.sessions_changed)
         admin = AdminFollower(etcd, keys, self.chunk_id,
@@ -278,6 +278,10 @@ class ChunkServer:
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
             await engine.stop()
+            # Only now: the sessions are gone and the coordinators released their volumes. A
+            # lease revoked earlier let the meta take a snapshot itself (it sees no live
+            # owner) while writes at the old seq still landed, inside the snapshot.
+            await reg.unregister()
             try:
                 await asyncio.wait_for(etcd.close(), 2.0)
             except Exception:  # noqa: BLE001 - exiting anyway

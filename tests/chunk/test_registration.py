@@ -219,3 +219,28 @@ async def test_the_lease_deadline_tracks_keepalives_and_a_new_lease_bumps_its_ge
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_stopping_ends_writes_at_once_and_revokes_only_when_asked(etcd_client, keys: Keys):
+    """The chunk server stops its sessions and releases its volumes before the lease goes: a
+    revoked lease makes the meta snapshot the volumes itself, so writes still landing then
+    would fall into the snapshot. Stopping sets the deadline to now (no write starts), the
+    live key stays until ``unregister``."""
+    def info(disks):
+        return ChunkInfo(chunk_id="stop-test", hostname="h", address="127.0.0.1", data_port=1,
+                         portal="127.0.0.1:3260", disks=disks)
+
+    async def disks():
+        return []
+    reg = Registration(etcd_client, keys, "stop-test", lease_ttl=TTL, build_info=info, probe_disks=disks,
+                       revoke_on_stop=False)
+    stop = asyncio.Event()
+    task = asyncio.create_task(reg.run(stop))
+    await asyncio.wait_for(reg.registered.wait(), 10)
+    assert reg.lease_valid()
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert not reg.lease_valid()
+    assert await etcd_client.get(keys.chunk_live("stop-test")) is not None     # not revoked yet
+    await reg.unregister()
+    assert await etcd_client.get(keys.chunk_live("stop-test")) is None
