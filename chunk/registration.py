@@ -78,6 +78,7 @@ class Registration:
         # False: ``run`` ends without revoking; the owner calls ``unregister`` once its writes
         # have stopped (a revoked lease lets the meta snapshot this server's volumes itself).
         self.revoke_on_stop = revoke_on_stop
+        self.serve_when: Callable[[], Awaitable[Any]] | None = None   # awaited before the live key
         self.etcd = etcd
         self.keys = keys
         self.chunk_id = chunk_id
@@ -147,6 +148,8 @@ class Registration:
         disks = self._disks = await self.probe_disks()
         info = self.build_info(disks)
         await self._call(self.etcd.put(self.keys.chunk_info(self.chunk_id), info.encode()))
+        if self.serve_when is not None:
+            await self._call(self.serve_when())
         sent = time.monotonic()
         lease = await self._call(self.etcd.lease(self.lease_ttl))
         self.lease = lease

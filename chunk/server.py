@@ -267,6 +267,10 @@ class ChunkServer:
         # Listen at once; until the catalog's first listing arrives, logins find no target.
         syncing = asyncio.ensure_future(catalog.start(stop))
         following = asyncio.ensure_future(admin.run(stop))
+        # Live (the key that makes redirectors send initiators here) only once the catalog
+        # holds its first listing: before that every login finds no target, which an
+        # initiator may take as final.
+        reg.serve_when = lambda: asyncio.shield(syncing)
         await target.start()
         try:
             await reg.run(stop)

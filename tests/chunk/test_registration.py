@@ -244,3 +244,31 @@ async def test_stopping_ends_writes_at_once_and_revokes_only_when_asked(etcd_cli
     assert await etcd_client.get(keys.chunk_live("stop-test")) is not None     # not revoked yet
     await reg.unregister()
     assert await etcd_client.get(keys.chunk_live("stop-test")) is None
+
+
+async def test_the_live_key_waits_for_serve_when(etcd_client, keys: Keys):
+    """The chunk server shows live (redirectors send initiators to it) only once it can serve:
+    its catalog has its first listing (``serve_when``); its info record is written before."""
+    def info(disks):
+        return ChunkInfo(chunk_id="gate-test", hostname="h", address="127.0.0.1", data_port=1,
+                         portal="127.0.0.1:3260", disks=disks)
+
+    async def disks():
+        return []
+    gate = asyncio.Event()
+    reg = Registration(etcd_client, keys, "gate-test", lease_ttl=TTL, build_info=info, probe_disks=disks)
+    reg.serve_when = gate.wait
+    stop = asyncio.Event()
+    task = asyncio.create_task(reg.run(stop))
+    try:
+        async def info_written():
+            return await etcd_client.get(keys.chunk_info("gate-test")) is not None
+        await async_wait_for(info_written, 10, "the info record")
+        await asyncio.sleep(0.3)
+        assert await etcd_client.get(keys.chunk_live("gate-test")) is None and not reg.lease_valid()
+        gate.set()
+        await asyncio.wait_for(reg.registered.wait(), 10)
+        assert await etcd_client.get(keys.chunk_live("gate-test")) is not None
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
