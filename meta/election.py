@@ -90,6 +90,13 @@ class Election:
                         if reply is None or reply.TTL <= 0:
                             raise LookupError("lease expired")
                         refreshed = self._last_refresh = time.monotonic()
+                        if self.record is not None:
+                            # Ours by lease is not enough: the key can be deleted or rewritten
+                            # behind us (an operator, a restore) while the lease lives on, and a
+                            # leader whose fence fails every write must let another lead.
+                            got = await self.etcd.get(self.keys.leader())
+                            if got is None or got.value != self._value:
+                                self._step_down("the leader key no longer names this server")
                     if self.record is None:
                         await self._try_acquire()
                     elif not self.is_leader:
