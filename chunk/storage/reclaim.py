@@ -158,9 +158,10 @@ class Reclaimer:
                             self._delete(vid, idx, f"moved to {rec.replicas} at generation {rec.generation}")
                             summary["deleted"].append((vid, idx))
                             continue
-                # A resync/rebuild can import versions a peer had not trimmed yet; it
-                # ends with a new generation, so that counts as a change too.
-                memo = (keep, int(self.store.stat(vid, idx)["generation"]))
+                # A resync/rebuild can import versions a peer had not trimmed yet (it ends with
+                # a new generation), and so can a block repair (it does not): both count.
+                st = self.store.stat(vid, idx)
+                memo = (keep, int(st["generation"]), int(st.get("imports", 0)))
                 if self._trimmed_with.get((vid, idx)) != memo:
                     n = self.store.trim(vid, idx, set(keep))
                     self._trimmed_with[(vid, idx)] = memo

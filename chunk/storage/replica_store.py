@@ -268,6 +268,7 @@ class _Replica:
         self.versions: dict[int, _Versions] = {}
         self.keys: list[int] = []              # sorted keys of self.versions
         self.mutations = 0
+        self.imports = 0                       # IMPORTs applied: they can bring back trimmed versions
         # A lower bound of the seqs of present blocks: a write at W <= floor
         # cannot need COW, the no-snapshot fast path.
         self.floor = min((s for s in seqs if s), default=_MAX_SEQ)
@@ -616,7 +617,7 @@ class ReplicaStore:
             allocated = rep.allocated()
         h = rep.ext.header
         return {"generation": h.generation, "epoch": h.epoch, "mutations": rep.mutations,
-                "allocated": allocated, "disk": str(rep.disk.path)}
+                "imports": rep.imports, "allocated": allocated, "disk": str(rep.disk.path)}
 
     def set_generation(self, vid: str, idx: int, generation: int) -> None:
         """Durably record the generation; the extent is flushed first, because a
@@ -914,6 +915,7 @@ class ReplicaStore:
         end = first + n
         with self._io(rep.disk):
             rep.mutations += 1
+            rep.imports += 1
             # Versions: replace every version of the range by the blob's.
             for key in list(rep.keys):
                 v = rep.versions[key]
