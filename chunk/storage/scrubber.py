@@ -272,6 +272,13 @@ class Scrubber:
         if self.drop is None:
             return
         mine = 1 + len(agreeing)
+        if mine + len(differ) < len(rec.replicas):
+            # A replica did not answer (or changed its mind on the recheck): with its vote
+            # missing, a copy in the minority of the whole set could win a tie and drop a
+            # good one. Decided in a pass where every replica answers.
+            log.warning("replicas of %s/%d: not every replica answered; deciding in a later pass",
+                        rec.volume_id, rec.index)
+            return
         if mine < len(differ) or (mine == len(differ) and rec.replicas[0] not in
                                   [self.repair.chunk_id, *agreeing]):
             log.warning("replicas of %s/%d: this chunk's copy is the minority; the other side resyncs it",

@@ -247,3 +247,18 @@ async def test_a_tie_goes_to_the_side_holding_the_first_replica(nodes, etcd_clie
     assert calls == [(VID, 1, "B", 1)]
     assert (await record(nodes, VID, 1)).replicas == ["A"]
     assert (await record(nodes, VID, 0)).replicas == ["A", "B"]        # the agreeing extent is left
+
+
+async def test_no_replica_is_dropped_while_a_vote_is_missing(nodes, etcd_client):
+    """Three replicas, C does not answer its digest: A (the first replica) disagrees with B.
+    Counting only the answers, A would win the 1-1 tie and drop B although C may agree with
+    B; nothing is dropped until every replica answers."""
+    a, b = await nodes.add("A"), await nodes.add("B")
+    await nodes.add_dead("C")                                      # registered, not answering
+    await nodes.extent(VID, 0, ["A", "B", "C"], {1: block("one")})
+    a.store.write(VID, 0, 7 * BLOCK_SIZE, block("only on A"), 1)
+    drop, calls = meta_drop(etcd_client, nodes.keys)
+    on_a = Scrubber(a.store, a.repair, rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1,
+                    confirm_passes=1, drop=drop)
+    assert (await on_a.run_pass())["mismatches"] == 1
+    assert calls == [] and (await record(nodes, VID, 0)).replicas == ["A", "B", "C"]
