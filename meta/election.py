@@ -110,6 +110,7 @@ class Election:
             except (LookupError, *UNAVAILABLE_ERRORS) as e:
                 self._step_down(f"{type(e).__name__}: {e}")
                 log.warning("etcd session lost (%s); retrying", e)
+                await self._drop_lease()
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)
                 except asyncio.TimeoutError:
@@ -120,12 +121,18 @@ class Election:
                 await asyncio.sleep(1.0)
         await self.resign()
 
-    async def resign(self) -> None:
-        """Give up leadership at once (clean shutdown): revoke the lease."""
+    async def _drop_lease(self) -> None:
+        """Revoke the current lease, best effort. After a lost session the leader key may
+        still live under it: left alone it would keep every meta server (this one under its
+        next lease too) from leading until the old lease's TTL ran out."""
         lease, self._lease = self._lease, None
-        self._step_down("shutting down")
         if lease is not None:
             try:
                 await asyncio.wait_for(self.etcd.revoke_lease(lease.id), 2)
             except Exception:  # noqa: BLE001 - etcd may be gone; the lease then just expires
                 pass
+
+    async def resign(self) -> None:
+        """Give up leadership at once (clean shutdown): revoke the lease."""
+        self._step_down("shutting down")
+        await self._drop_lease()

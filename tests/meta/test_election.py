@@ -32,3 +32,49 @@ async def test_a_leader_whose_key_is_taken_away_steps_down_and_stands_again(etcd
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+class _RefreshFailsOnce:
+    """The real client, except that one lease refresh times out: a lost etcd session as the
+    election loop sees it, while the lease itself lives on in etcd."""
+
+    def __init__(self, client):
+        self._client, self.failed = client, False
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    async def refresh_lease(self, lease_id):
+        if not self.failed:
+            self.failed = True
+            raise asyncio.TimeoutError("refresh timed out")
+        return await self._client.refresh_lease(lease_id)
+
+
+async def test_a_lost_session_revokes_its_lease_so_the_leader_key_is_freed(etcd_client, etcd_config):
+    """The loop gave up a session and granted a new lease, but left the old one, and the
+    leader key under it, to expire: no meta server could lead for up to a TTL. The old lease
+    is revoked now, and leadership comes back at once under the new one."""
+    keys = Keys(etcd_config.prefix)
+    client = _RefreshFailsOnce(etcd_client)
+    e = Election(client, keys, "m1", "http://127.0.0.1:1", ttl=30)
+    stop = asyncio.Event()
+    task = asyncio.create_task(e.run(stop))
+    try:
+        async def leading():
+            return e.is_leader
+        await async_wait_for(leading, 10, "leadership")
+        first, old_lease = e.record.epoch, e._lease.id
+
+        async def session_lost():
+            return client.failed and not e.is_leader
+        await async_wait_for(session_lost, 15, "the refresh to fail")
+
+        async def again():
+            return e.is_leader and e.record.epoch > first
+        await async_wait_for(again, 10, "a new election well inside the old lease's 30 s TTL")
+        info = await etcd_client.get_lease_info(old_lease)
+        assert info.TTL == -1, "the old lease still lives"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
