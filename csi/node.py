@@ -5,8 +5,10 @@ survives losing its chunk server. Nothing is remembered in memory: staged and
 published mean "is a mount point", attached means "the kernel has a session to
 the target and a disk with the volume's WWN". The few facts unstage needs and
 cannot derive (target, WWN: unstage gets only the volume id) are written next
-to nothing else, in ``state_dir/<volume id>.json`` on disk. Calls on the same
-volume id are serialized; on different volumes they run concurrently.
+to nothing else, in ``state_dir/<volume id>.json`` on disk. A call on a volume id
+that has another in flight is answered ABORTED at once (the spec's "operation
+pending for volume"), rather than queued behind a call that may be stuck in a
+login; calls on different volumes run concurrently.
 """
 
 from __future__ import annotations
@@ -149,6 +151,13 @@ class Node(pbg.NodeServicer):
         # interleave with the "last disk gone, log out" of another
         self._target_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
+    def _exclusive(self, vid: str) -> asyncio.Lock:
+        """The volume's lock, free (ABORTED otherwise): taken with no await in between."""
+        lock = self._locks[vid]
+        if lock.locked():
+            raise Abort(grpc.StatusCode.ABORTED, f"an operation on volume {vid} is in progress; retry")
+        return lock
+
     # ---- state on disk ----
     def _state_path(self, vid: str) -> Path:
         return self.state_dir / f"{vid}.json"
@@ -233,7 +242,7 @@ class Node(pbg.NodeServicer):
             chap, discovery_chap = from_secrets(request.secrets)
         except ChapError as e:
             raise invalid(str(e))
-        async with self._locks[vid]:
+        async with self._exclusive(vid):
             self._save(vid, {**info, "kind": kind})
             async with self._target_locks[info["target"]]:
                 try:
@@ -310,7 +319,7 @@ class Node(pbg.NodeServicer):
                                 context: grpc.aio.ServicerContext) -> pb.NodeUnstageVolumeResponse:
         vid = volume_id(request)
         staging = required_path(request, "staging_target_path")
-        async with self._locks[vid]:
+        async with self._exclusive(vid):
             m = mount_at(staging)
             dev = os.path.realpath(m.source) if m is not None and m.source.startswith("/dev/") else None
             if m is not None:
@@ -336,9 +345,15 @@ class Node(pbg.NodeServicer):
             raise invalid("volume_capability is required")
         kind = check_capability(request.volume_capability)
         ro = request.readonly or request.volume_capability.access_mode.mode in READ_ONLY
-        async with self._locks[vid]:
+        async with self._exclusive(vid):
             m = mount_at(target, mounts(self.mountinfo))
             if m is not None:
+                if (m.fstype == "devtmpfs") != (kind == "block"):
+                    raise Abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"{target} is published as a {'raw block' if kind != 'block' else 'filesystem'}"
+                                f" volume, not as asked")
+                if not ro and "ro" in m.options.split(","):
+                    raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{target} is published readonly, not read-write")
                 if ro and "ro" not in m.options.split(","):
                     # A publish cut short between the bind and its ro remount (the plugin
                     # restarted, or the call was cancelled): finish it, never answer rw as ro.
@@ -370,7 +385,7 @@ class Node(pbg.NodeServicer):
                                   context: grpc.aio.ServicerContext) -> pb.NodeUnpublishVolumeResponse:
         vid = volume_id(request)
         target = required_path(request, "target_path")
-        async with self._locks[vid]:
+        async with self._exclusive(vid):
             disks = set()
             while (m := mount_at(target)) is not None:
                 if m.fstype == "devtmpfs" and m.root != "/":
@@ -407,7 +422,7 @@ class Node(pbg.NodeServicer):
                                context: grpc.aio.ServicerContext) -> pb.NodeExpandVolumeResponse:
         vid = volume_id(request)
         path = required_path(request, "volume_path")
-        async with self._locks[vid]:
+        async with self._exclusive(vid):
             info = self._load(vid)
             if info is None or not by_id(info["wwn"]).exists():
                 raise Abort(grpc.StatusCode.NOT_FOUND, f"volume {vid} is not staged on this node")

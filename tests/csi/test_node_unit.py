@@ -5,6 +5,7 @@ The lab test tests/lab/test_lab.py::test_csi_node_lifecycle is the real proof.""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -579,3 +580,89 @@ async def test_unstage_refuses_while_a_publish_still_uses_the_disk(tmp_path: Pat
         volume_id="v1", staging_target_path=str(tmp_path / "st")), AbortCtx())
     assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls
 
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What ``guard`` needs of a servicer context when a handler is called directly."""
+
+    async def abort(self, code, message):
+        raise _Aborted(code, message)
+
+
+class _UmountWaits(FakeHost):
+    """``umount`` waits for ``release``, then takes the mount out of the mountinfo file."""
+
+    def __init__(self, mountinfo: Path):
+        super().__init__({})
+        self.mountinfo, self.release, self.umounting = mountinfo, asyncio.Event(), asyncio.Event()
+
+    async def run(self, argv, ok=(0,), input=None, secret=()):
+        if argv[0] == "umount":
+            self.umounting.set()
+            await self.release.wait()
+            lines = self.mountinfo.read_text().splitlines()
+            self.mountinfo.write_text("".join(f"{x}\n" for x in lines if f" {argv[1]} " not in x))
+        return await super().run(argv, ok, input, secret)
+
+
+async def test_a_call_on_a_volume_with_one_in_flight_is_aborted_at_once(tmp_path: Path, monkeypatch):
+    """A second call on the same volume waited behind the first for as long as that took (a
+    hung login, a slow umount): the spec's answer is ABORTED at once, and the CO retries.
+    Other volumes are not held up."""
+    target = tmp_path / "pods" / "p0" / "vol"
+    target.mkdir(parents=True)
+    mi = tmp_path / "mountinfo"
+    mi.write_text("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+                  f"60 22 8:16 / {target} rw,relatime - ext4 /dev/sdb rw\n")
+    monkeypatch.setattr("csi.node.mount_at", lambda path, table=None: mount_at(path, table or _table(mi)))
+    host = _UmountWaits(mi)
+    node = Node("n", host, state_dir=str(tmp_path / "state"), sysfs=tmp_path / "sys", mountinfo=mi)
+    ctx = _Context()
+    first = asyncio.create_task(node.NodeUnpublishVolume(
+        pb.NodeUnpublishVolumeRequest(volume_id="v1", target_path=str(target)), ctx))
+    await asyncio.wait_for(host.umounting.wait(), 5)
+    with pytest.raises(_Aborted) as e:
+        await asyncio.wait_for(node.NodeUnpublishVolume(
+            pb.NodeUnpublishVolumeRequest(volume_id="v1", target_path=str(target)), ctx), 5)
+    assert e.value.args[0] == grpc.StatusCode.ABORTED and "v1" in e.value.args[1]
+    other = tmp_path / "pods" / "p1" / "vol"
+    await node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="v2", target_path=str(other)), ctx)
+    host.release.set()
+    await asyncio.wait_for(first, 5)
+    assert not target.exists()
+    await node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="v1", target_path=str(target)), ctx)
+
+
+def _table(mi: Path):
+    from csi.mounts import mounts
+    return mounts(mi)
+
+
+@pytest.mark.parametrize("line, block, readonly", [
+    ("rw,relatime - ext4 /dev/sdb rw", True, False),      # a filesystem there, raw block asked
+    ("rw,nosuid - devtmpfs udev rw", False, False),       # a raw disk there, a filesystem asked
+    ("ro,relatime - ext4 /dev/sdb rw", False, False),     # readonly there, read-write asked
+    ("ro,nosuid - devtmpfs udev rw", True, False),
+])
+async def test_a_publish_incompatible_with_the_one_there_is_already_exists(tmp_path: Path, line, block, readonly):
+    """Publish answered success for whatever was mounted at the target path: a read-write
+    request over a readonly publish, or block over filesystem. The spec's answer is
+    ALREADY_EXISTS, and nothing is run."""
+    target = tmp_path / "pods" / "p0" / "vol"
+    root = "/sdb" if "devtmpfs" in line else "/"
+    (tmp_path / "mountinfo").write_text("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+                                        f"60 22 8:16 {root} {target} {line}\n")
+    host = FakeHost({})
+    node = Node("n", host, state_dir=str(tmp_path / "state"), sysfs=tmp_path / "sys",
+                mountinfo=tmp_path / "mountinfo")
+    req = pb.NodePublishVolumeRequest(volume_id="v1", staging_target_path=str(tmp_path / "st"),
+                                      target_path=str(target), volume_capability=cap(block=block),
+                                      readonly=readonly)
+    with pytest.raises(_Aborted) as e:
+        await node.NodePublishVolume(req, _Context())
+    assert e.value.args[0] == grpc.StatusCode.ALREADY_EXISTS
+    assert host.calls == []
