@@ -15,6 +15,9 @@ _SUFFIX = {
     "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
 }
+# No real size needs more digits than this (1 PiB is 16); a longer run is refused
+# before int() sees it, which would raise a plain ValueError past 4300 digits.
+_MAX_DIGITS = 64
 _RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGTP]i?|)[bB]?\s*$")
 
 
@@ -36,7 +39,13 @@ def parse_size(text: str | int) -> int:
             f"invalid size {text!r}: use a number with an optional suffix, "
             "e.g. 10Gi, 500Mi, 1T or 4096")
     number, suffix = m.groups()
-    value = float(number) * _SUFFIX[suffix] if "." in number else int(number) * _SUFFIX[suffix]
+    if len(number) > _MAX_DIGITS:
+        raise SizeError(f"invalid size {text!r:.60}: too many digits")
+    try:
+        value = (float(number) * _SUFFIX[suffix] if "." in number
+                 else int(number) * _SUFFIX[suffix])
+    except ValueError:
+        raise SizeError(f"invalid size {text!r:.60}: not a number") from None
     if not math.isfinite(value):
         raise SizeError(f"invalid size {text!r:.60}: too large")
     if value != int(value):

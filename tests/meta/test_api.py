@@ -63,6 +63,12 @@ def test_volume_lifecycle_over_http(three: Cluster):
     assert c.api("GET", "/volumes/v1")[0] == 404
 
 
+def test_a_size_of_5000_digits_is_400_not_500(meta_cluster: Cluster):
+    status, body = meta_cluster.api("POST", "/volumes", {"name": "v", "size": "9" * 5000})
+    assert status == 400 and "too many digits" in body["error"]["message"]
+    assert meta_cluster.api("GET", "/volumes/v")[0] == 404
+
+
 def test_bad_json_body(meta_cluster: Cluster):
     import urllib.request
     import urllib.error

@@ -68,7 +68,7 @@ async def test_luns_fill_a_target_then_move_to_the_next(etcd_client, etcd_config
     assert [t["luns"] for t in targets] == [3, 3]
 
 
-@pytest.mark.parametrize("size", ["0", "-1", "abc", "1.5", "10Zi", "", None, 2**51])
+@pytest.mark.parametrize("size", ["0", "-1", "abc", "1.5", "10Zi", "", None, 2**51, "9" * 5000])
 async def test_invalid_sizes(ctx, size):
     with pytest.raises(InvalidArgument):
         await volumes.create_volume(ctx, "bad", size, 1)

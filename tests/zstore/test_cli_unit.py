@@ -169,7 +169,9 @@ def test_global_options_before_and_after_the_subcommand() -> None:
     ["volume", "create", "v1", "--size", "0"],
     ["volume", "resize", "v1", "--size", "lots"],
     ["volume", "clone", "v1@s1", "v2", "--size", "-1"],
-])
+    ["volume", "create", "v1", "--size", "9" * 5000],
+    ["volume", "resize", "v1", "--size", "9" * 5000 + "Gi"],
+], ids=["bad-suffix", "zero", "word", "negative", "5000-digits", "5000-digits-Gi"])
 def test_bad_sizes_exit_2_before_any_network_call(argv: list[str], capsys, dead_url: str) -> None:
     code, out, err = run(["--endpoint", dead_url, *argv], capsys)
     assert code == 2

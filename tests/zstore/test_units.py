@@ -13,7 +13,7 @@ def test_parse(text, want):
 
 
 @pytest.mark.parametrize("text", ["", "abc", "10Zi", "-1", "1.3", "1e9", "Gi", True, -5, "10 Gi Gi",
-                                  "9" * 400 + ".5"])
+                                  "9" * 400 + ".5", "9" * 5000, "9" * 5000 + "Gi", "9" * 65])
 def test_parse_rejects(text):
     with pytest.raises(SizeError):
         parse_size(text)
@@ -23,3 +23,9 @@ def test_parse_rejects(text):
                                     (5 * 2**40, "5Ti")])
 def test_format(n, want):
     assert format_size(n) == want
+
+
+def test_a_huge_digit_run_is_a_size_error_with_a_short_message():
+    with pytest.raises(SizeError) as e:
+        parse_size("9" * 5000)
+    assert "too many digits" in str(e.value) and len(str(e.value)) < 200
