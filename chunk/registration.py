@@ -13,7 +13,8 @@ The loop never gives up: etcd unreachable at start or later is logged and
 retried with backoff; when the lease turns out to have expired (a long outage,
 a paused process) a new one is granted and everything is written again. On
 stop the lease is revoked so the server shows down at once rather than after
-the TTL.
+the TTL; or, with ``revoke_on_stop=False``, kept alive (keepalives only) until
+``unregister``, so it cannot expire while the server is still shutting down.
 """
 
 from __future__ import annotations
@@ -74,11 +75,13 @@ class Registration:
                  refresh_interval: float = 10.0, backoff: Backoff | None = None,
                  sessions: SessionLister | None = None, debounce: float = 0.3,
                  storage: Callable[[], dict[str, Any]] | None = None,
-                 revoke_on_stop: bool = True) -> None:
-        # False: ``run`` ends without revoking; the owner calls ``unregister`` once its writes
-        # have stopped (a revoked lease lets the meta snapshot this server's volumes itself).
+                 revoke_on_stop: bool = True,
+                 serve_when: Callable[[], Awaitable[Any]] | None = None) -> None:
+        # False: ``run`` ends without revoking but keeps the lease alive; the owner calls
+        # ``unregister`` once its writes have stopped (a revoked or expired lease lets the
+        # meta snapshot this server's volumes itself).
         self.revoke_on_stop = revoke_on_stop
-        self.serve_when: Callable[[], Awaitable[Any]] | None = None   # awaited before the live key
+        self.serve_when = serve_when           # awaited before the live key is written
         self.etcd = etcd
         self.keys = keys
         self.chunk_id = chunk_id
@@ -106,6 +109,7 @@ class Registration:
         self._disks: list[dict[str, Any]] = []
         self._changed = asyncio.Event()        # sessions came or went since the last write
         self._stale = False                    # a prompt rewrite failed: redo it with the keepalive
+        self._keeper: asyncio.Task | None = None   # keepalives between stop and ``unregister``
 
     def sessions_changed(self) -> None:
         """Ask for a prompt rewrite of the live record (debounced); safe to call often."""
@@ -138,11 +142,33 @@ class Registration:
         self.lease_deadline = 0.0                  # stopping: no write starts from now on
         if self.revoke_on_stop:
             await self._unregister()
+        elif self.lease is not None:
+            # Shutting down (sessions, replica writes) can take longer than the lease has left;
+            # expiring then would let the meta see no owner while writes still land.
+            self._keeper = asyncio.ensure_future(self._keep_alive(self.lease))
 
     async def unregister(self) -> None:
         """Revoke the lease (the live key goes with it): after ``run`` with revoke_on_stop
         False, once nothing of this server writes any more."""
         await self._unregister()
+
+    async def _keep_alive(self, lease: aetcd.leases.Lease) -> None:
+        """Refresh ``lease`` every ttl/3 until cancelled by ``unregister``. Stop is set, so
+        this bypasses ``_call``; ``lease_deadline`` stays 0: no write starts meanwhile."""
+        interval = max(0.2, self.lease_ttl / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reply = await asyncio.wait_for(self.etcd.refresh_lease(lease.id), interval * 1.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - etcd down: try again next tick
+                if _lease_not_found(e):
+                    return
+                log.debug("keepalive while stopping failed: %s", _describe(e))
+                continue
+            if reply is None or reply.TTL <= 0:
+                return                              # gone already: nothing left to keep
 
     async def _register(self) -> None:
         disks = self._disks = await self.probe_disks()
@@ -253,6 +279,10 @@ class Registration:
             return {}
 
     async def _unregister(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+            self._keeper = None
         self.registered.clear()
         self.lease_deadline = 0.0
         lease, self.lease = self.lease, None

@@ -256,21 +256,20 @@ class ChunkServer:
         engine = self.engine = self.storage_engine(etcd, keys)
         starting = asyncio.ensure_future(engine.run_start(stop))
         target = self.frontend(catalog, engine.open)
+        # Listen at once; until the catalog's first listing arrives, logins find no target.
+        syncing = asyncio.ensure_future(catalog.start(stop))
+        # Live (the key that makes redirectors send initiators here) only once the catalog
+        # holds its first listing.
         reg = Registration(etcd, keys, self.chunk_id,
                            lease_ttl=self.cfg.chunk.lease_ttl, build_info=self.info,
                            probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd),
-                           sessions=target.session_list, storage=engine.status, revoke_on_stop=False)
+                           sessions=target.session_list, storage=engine.status, revoke_on_stop=False,
+                           serve_when=lambda: asyncio.shield(syncing))
         engine.lease = reg                 # writes start only while this server's lease holds
         target.on_sessions_changed(reg.sessions_changed)
         admin = AdminFollower(etcd, keys, self.chunk_id,
                               on_state=lambda state: target.set_draining(state == "draining"))
-        # Listen at once; until the catalog's first listing arrives, logins find no target.
-        syncing = asyncio.ensure_future(catalog.start(stop))
         following = asyncio.ensure_future(admin.run(stop))
-        # Live (the key that makes redirectors send initiators here) only once the catalog
-        # holds its first listing: before that every login finds no target, which an
-        # initiator may take as final.
-        reg.serve_when = lambda: asyncio.shield(syncing)
         await target.start()
         try:
             await reg.run(stop)
@@ -284,7 +283,8 @@ class ChunkServer:
             await engine.stop()
             # Only now: the sessions are gone and the coordinators released their volumes. A
             # lease revoked earlier let the meta take a snapshot itself (it sees no live
-            # owner) while writes at the old seq still landed, inside the snapshot.
+            # owner) while writes at the old seq still landed, inside the snapshot; so until
+            # here ``reg`` keeps the lease alive (keepalives only, no write starts).
             await reg.unregister()
             try:
                 await asyncio.wait_for(etcd.close(), 2.0)

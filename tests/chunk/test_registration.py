@@ -256,8 +256,8 @@ async def test_the_live_key_waits_for_serve_when(etcd_client, keys: Keys):
     async def disks():
         return []
     gate = asyncio.Event()
-    reg = Registration(etcd_client, keys, "gate-test", lease_ttl=TTL, build_info=info, probe_disks=disks)
-    reg.serve_when = gate.wait
+    reg = Registration(etcd_client, keys, "gate-test", lease_ttl=TTL, build_info=info, probe_disks=disks,
+                       serve_when=gate.wait)
     stop = asyncio.Event()
     task = asyncio.create_task(reg.run(stop))
     try:
@@ -272,3 +272,29 @@ async def test_the_live_key_waits_for_serve_when(etcd_client, keys: Keys):
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_a_stopping_server_keeps_its_lease_until_unregister(etcd_client, keys: Keys):
+    """Stopping takes a while (sessions end, replica writes time out after seconds): the lease
+    must not expire meanwhile, or the meta sees no owner while writes still land. So after
+    ``run`` ends the lease is kept alive, without letting writes start, until ``unregister``."""
+    def info(disks):
+        return ChunkInfo(chunk_id="keep-test", hostname="h", address="127.0.0.1", data_port=1,
+                         portal="127.0.0.1:3260", disks=disks)
+
+    async def disks():
+        return []
+    reg = Registration(etcd_client, keys, "keep-test", lease_ttl=2, build_info=info, probe_disks=disks,
+                       revoke_on_stop=False)
+    stop = asyncio.Event()
+    task = asyncio.create_task(reg.run(stop))
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await asyncio.sleep(3)                          # longer than the whole TTL
+        assert not reg.lease_valid()
+        assert await etcd_client.get(keys.chunk_live("keep-test")) is not None
+    finally:
+        await reg.unregister()
+    assert await etcd_client.get(keys.chunk_live("keep-test")) is None
