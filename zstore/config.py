@@ -202,9 +202,13 @@ def load(path: str | Path | None = None, env: Mapping[str, str] = os.environ,
     if path is not None:
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
         for section, values in data.items():
@@ -238,9 +242,11 @@ def read_secret_file(path: str | None, what: str) -> str | None:
     if not path:
         return None
     try:
-        value = Path(path).read_text().strip()
+        value = Path(path).read_text(encoding="utf-8").strip()
     except OSError as e:
         raise ConfigError(f"cannot read {what} file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:      # never quote the bytes: they may be the secret
+        raise ConfigError(f"{what} file {path} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"{what} file {path} is empty")
     return value

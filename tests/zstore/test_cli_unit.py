@@ -284,6 +284,42 @@ def test_bad_secrets_are_refused_without_echoing_them(stdin: str, mutual: str | 
     assert "initiator-secret" not in e.value.message and "short" not in e.value.message
 
 
+BINARY = b"\xff\xfe\x00secret-\x9c\x81bytes"
+
+
+def test_a_binary_secret_file_exits_2_naming_the_file(tmp_path, capsys, dead_url: str) -> None:
+    (tmp_path / "s").write_bytes(BINARY)
+    code, out, err = run(["--endpoint", dead_url, "chap", "set", "*", "iqn.2004-10.com.example:h",
+                          "--user", "u", "--secret-file", str(tmp_path / "s")], capsys)
+    assert (code, out) == (2, "")
+    assert f"CHAP secret file {tmp_path / 's'} is not UTF-8 text" in err
+    assert "Traceback" not in err and "secret-" not in err
+
+
+def test_a_binary_config_file_exits_2_naming_the_file(tmp_path, capsys) -> None:
+    (tmp_path / "c.toml").write_bytes(b"[client]\nendpoints = [\"http://x:1\"]\n# " + BINARY + b"\n")
+    code, out, err = run(["--config", str(tmp_path / "c.toml"), "volume", "list"], capsys)
+    assert (code, out) == (2, "")
+    assert f"config file {tmp_path / 'c.toml'} is not UTF-8 text" in err
+    assert "Traceback" not in err
+
+
+def test_a_binary_token_file_exits_2_naming_the_file(tmp_path, capsys, monkeypatch, dead_url) -> None:
+    monkeypatch.delenv("ZSTORE_TOKEN", raising=False)
+    (tmp_path / "token").write_bytes(BINARY)
+    (tmp_path / "c.toml").write_text(f'[client]\nendpoints = ["{dead_url}"]\ntoken_file = "token"\n')
+    code, out, err = run(["--config", str(tmp_path / "c.toml"), "volume", "list"], capsys)
+    assert (code, out) == (2, "")
+    assert f"token file {tmp_path / 'token'} is not UTF-8 text" in err
+    assert "Traceback" not in err and "secret-" not in err
+
+
+def test_a_directory_as_config_file_exits_2(tmp_path, capsys) -> None:
+    code, out, err = run(["--config", str(tmp_path), "volume", "list"], capsys)
+    assert (code, out) == (2, "")
+    assert f"cannot read config file {tmp_path}" in err
+
+
 def test_chap_set_sends_the_secret_only_in_the_body(fake: FakeMeta, monkeypatch, capsys) -> None:
     fake.route("PUT", "/chap", 200, {"target": "*", "initiator": "iqn.2004-10.com.example:h",
                                      "user": "u", "mutual": False, "mutual_user": None, "changed": 1.0})
