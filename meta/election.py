@@ -86,10 +86,11 @@ class Election:
                 refreshed = time.monotonic()
                 while not stop.is_set():
                     if time.monotonic() - refreshed >= self.ttl / 3:
+                        sent = time.monotonic()     # etcd restarts the TTL no earlier than this
                         reply = await self.etcd.refresh_lease(self._lease.id)
                         if reply is None or reply.TTL <= 0:
                             raise LookupError("lease expired")
-                        refreshed = self._last_refresh = time.monotonic()
+                        refreshed = self._last_refresh = sent
                         if self.record is not None:
                             # Ours by lease is not enough: the key can be deleted or rewritten
                             # behind us (an operator, a restore) while the lease lives on, and a
@@ -118,6 +119,7 @@ class Election:
             except Exception:  # noqa: BLE001 - the election loop must survive anything
                 self._step_down("unexpected error")
                 log.exception("election loop error")
+                await self._drop_lease()
                 await asyncio.sleep(1.0)
         await self.resign()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from meta.election import Election
 from tests.cluster import async_wait_for
 from zstore.keys import Keys
@@ -38,8 +40,8 @@ class _RefreshFailsOnce:
     """The real client, except that one lease refresh times out: a lost etcd session as the
     election loop sees it, while the lease itself lives on in etcd."""
 
-    def __init__(self, client):
-        self._client, self.failed = client, False
+    def __init__(self, client, error: Exception):
+        self._client, self.error, self.failed = client, error, False
 
     def __getattr__(self, name):
         return getattr(self._client, name)
@@ -47,16 +49,18 @@ class _RefreshFailsOnce:
     async def refresh_lease(self, lease_id):
         if not self.failed:
             self.failed = True
-            raise asyncio.TimeoutError("refresh timed out")
+            raise self.error
         return await self._client.refresh_lease(lease_id)
 
 
-async def test_a_lost_session_revokes_its_lease_so_the_leader_key_is_freed(etcd_client, etcd_config):
+@pytest.mark.parametrize("error", [asyncio.TimeoutError("refresh timed out"), RuntimeError("unexpected")])
+async def test_a_lost_session_revokes_its_lease_so_the_leader_key_is_freed(etcd_client, etcd_config, error):
     """The loop gave up a session and granted a new lease, but left the old one, and the
     leader key under it, to expire: no meta server could lead for up to a TTL. The old lease
-    is revoked now, and leadership comes back at once under the new one."""
+    is revoked now, and leadership comes back at once under the new one: after an etcd
+    error, and after anything unexpected."""
     keys = Keys(etcd_config.prefix)
-    client = _RefreshFailsOnce(etcd_client)
+    client = _RefreshFailsOnce(etcd_client, error)
     e = Election(client, keys, "m1", "http://127.0.0.1:1", ttl=30)
     stop = asyncio.Event()
     task = asyncio.create_task(e.run(stop))
