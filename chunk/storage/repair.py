@@ -2,14 +2,14 @@
 
 A replica that finds a bad block (a read by the replica server, or the
 scrubber) does not wait for the coordinator: it fetches that block's state
-from another in-sync replica (EXPORT, epoch 0: read-only) and installs it
-(``import_``). The coordinator stays the only writer, so the install is
-conditional: ``if_unchanged`` carries the extent's mutation counter taken at
-the same instant the block was found still bad. Any write that lands
-afterwards makes the import a CONFLICT instead of being overwritten by the
-peer's possibly older copy; a write that landed before it left the block
-verifying, and then there is nothing to repair. That closes the race with a
-write in flight to both replicas, whichever it reaches first.
+from another in-sync replica (EXPORT, epoch 0: read-only) and mends only what
+fails here (``ReplicaStore.mend``), never the whole block state: the rot may
+be in a snapshot version while the live block holds a write the peer has not
+received yet, and installing the peer's copy would undo it. The coordinator
+stays the only writer, so the mend is also conditional: ``if_unchanged``
+carries the extent's mutation counter taken at the same instant the block was
+found still bad, and any write that lands afterwards makes it a CONFLICT
+(checked again) instead of racing the peer's possibly older copy.
 
 Repairs are queued (deduplicated, bounded: a disk that rots everywhere must
 not make this server hoard work) and run one at a time in the background.
@@ -180,10 +180,10 @@ class LocalRepair:
                     self.peers.forget(cid)
                     continue
                 if not self.store.has(vid, idx):
-                    # Deleted (reclaimed) during the export: import_ would recreate it.
+                    # Deleted (reclaimed) during the export: nothing left to mend.
                     log.info("repair %s/%d block %d: extent deleted meanwhile", vid, idx, block)
                     return False
-                if not self.store.import_(vid, idx, blob, if_unchanged=token):
+                if not self.store.mend(vid, idx, blob, if_unchanged=token):
                     log.info("repair %s/%d block %d: a write landed meanwhile; checking again",
                              vid, idx, block)
                     break

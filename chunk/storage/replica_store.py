@@ -951,6 +951,60 @@ class ReplicaStore:
                 rep.floor = min(rep.floor, min(present))
         return True
 
+    def mend(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None) -> bool:
+        """Repair from a peer's export blob only what fails its checksum here.
+
+        Not ``import_``: the peer may not have received a write this replica
+        already took, and a live block that verifies is a finished write, so
+        installing the peer's state wholesale could undo an acknowledged write.
+        A failing version is replaced by the blob's with the same (key, origin);
+        a failing live block by the blob's, and only then are versions the
+        blob has and this replica lacks added (its new seq may need them).
+        Nothing that verifies is dropped.  False when the extent is not here or
+        its mutation counter is not ``if_unchanged`` (a write landed).
+        """
+        state = _parse_blob(blob)
+        rep = self._replicas.get((vid, idx))
+        if rep is None or (if_unchanged is not None and rep.mutations != if_unchanged):
+            return False
+        first, n = self._blocks(rep, state["offset"], state["end"] - state["offset"])
+        live = {b: (s, d) for b, s, _crc, d in state["live"]}
+        versions: dict[int, list[tuple[int, int, bytes]]] = {}
+        for b, origin, key, _crc, d in state["versions"]:
+            versions.setdefault(b, []).append((key, origin, d))
+        with self._io(rep.disk):
+            rep.mutations += 1
+            bad_live = set(rep.ext.verify(first, n))
+            for b in range(first, first + n):
+                # Versions first, as in a COW: a view prefers them to the live block.
+                self._mend_versions(rep, b, versions.get(b, ()), fill=b in bad_live)
+                if b in bad_live:
+                    self._mend_live(rep, b, *live.get(b, (0, None)))
+        return True
+
+    @staticmethod
+    def _mend_versions(rep: _Replica, b: int, peer: list | tuple, fill: bool) -> None:
+        """Replace failing versions of block ``b`` by the peer's; add missing ones if ``fill``."""
+        for key, origin, data in peer:
+            v = rep.versions.get(key)
+            entry = v.entries.get(b) if v is not None else None
+            if entry is None and fill:
+                rep.imports += 1                 # it may be one the reclaimer trimmed here
+            elif entry is None or entry[0] != origin or v.check(b):
+                continue
+            rep.versions_for(key).put([(b, origin, data)])
+
+    @staticmethod
+    def _mend_live(rep: _Replica, b: int, seq: int, data: bytes | None) -> None:
+        """Install the peer's live block ``b`` (seq, then data or absent) over a failing one."""
+        if data is not None:
+            rep.floor = min(rep.floor, seq)      # before the block changes, as in a write
+        rep.store_seq(b, seq)
+        if data is not None:
+            rep.ext.write(b * BLOCK_SIZE, data)
+        else:
+            rep.ext.unmap(b * BLOCK_SIZE, BLOCK_SIZE)
+
     def digest(self, vid: str, idx: int) -> bytes:
         """sha256 of the logical state (not the layout): live (block, seq, crc) of
         present blocks, then versions (block, origin, key, crc), sorted."""

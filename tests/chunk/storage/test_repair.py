@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from chunk.storage.extent_file import BLOCK_SIZE
@@ -11,7 +14,7 @@ from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.peers import Peers
 from zstore.keys import Keys
 
-from .replica_nodes import Nodes, block
+from .replica_nodes import EXTENT, Nodes, block
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -180,3 +183,54 @@ async def test_peer_that_moved_port_is_found_again(nodes):
     await nodes.register("A", a.server.port)
     assert await b.repair.repair_block(VID, 0, 3)
     assert b.store.verify(VID, 0) == []
+
+
+def rot_version(node, vid: str, idx: int, key: int, blk: int) -> None:
+    """Flip one byte of a snapshot version's data in ``K.ver`` (slots, then block data)."""
+    path = Path(node.store.stat(vid, idx)["disk"]) / f"{vid}.{idx}.v" / f"{key}.ver"
+    data_at = -(-(EXTENT // BLOCK_SIZE) * 8 // BLOCK_SIZE) * BLOCK_SIZE
+    fd = os.open(path, os.O_RDWR)
+    try:
+        off = data_at + blk * BLOCK_SIZE + 100
+        os.pwrite(fd, bytes([os.pread(fd, 1, off)[0] ^ 0xFF]), off)
+    finally:
+        os.close(fd)
+
+
+async def snapshotted(nodes):
+    """Block 3 written at seq 1 then 2 on both replicas: a version (key 1, origin 1)."""
+    a, b = await two(nodes, {3: block("1111")})
+    for n in (a, b):
+        n.store.write(VID, 0, 3 * BLOCK_SIZE, block("2222"), 2)
+    return a, b
+
+
+def assert_views(node, live: bytes) -> None:
+    assert node.store.verify(VID, 0) == []
+    assert node.store.read(VID, 0, 3 * BLOCK_SIZE, BLOCK_SIZE)[0] == live
+    assert node.store.read(VID, 0, 3 * BLOCK_SIZE, BLOCK_SIZE, view=1)[0] == block("1111")
+    assert node.store.read(VID, 0, 3 * BLOCK_SIZE, BLOCK_SIZE, view=2)[0] == block("2222")
+
+
+async def test_rot_in_a_version_does_not_undo_a_write_the_peer_lacks(nodes):
+    """The audit's data loss: B's live block holds a write at seq 3 that A has not received
+    yet, and only B's old version rotted. The repair mends that version and keeps the write."""
+    a, b = await snapshotted(nodes)
+    rot_version(b, VID, 0, 1, 3)
+    b.store.write(VID, 0, 3 * BLOCK_SIZE, block("3333"), 3)      # reaches B first
+    assert b.store.verify(VID, 0) == [3]
+    assert await b.repair.repair_block(VID, 0, 3)
+    assert_views(b, block("3333"))
+    a.store.write(VID, 0, 3 * BLOCK_SIZE, block("3333"), 3)      # then A: the replicas agree
+    assert a.store.digest(VID, 0) == b.store.digest(VID, 0)
+
+
+async def test_a_rotten_live_block_with_versions_is_repaired_from_the_peer(nodes):
+    """The live block is what failed (and A is a write ahead): B takes A's live block and the
+    version that write made, so every view of B reads as A's."""
+    a, b = await snapshotted(nodes)
+    a.store.write(VID, 0, 3 * BLOCK_SIZE, block("3333"), 3)
+    b.corrupt(VID, 0, 3)
+    assert await b.repair.repair_block(VID, 0, 3)
+    assert_views(b, block("3333"))
+    assert a.store.digest(VID, 0) == b.store.digest(VID, 0)
