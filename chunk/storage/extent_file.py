@@ -76,6 +76,7 @@ EXTENT_SIZE = 64 << 20
 WRITE_PIECE = 32 << 10           # largest pwrite into .data: keeps page-cache folios small
 FORMAT = 1
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
+_MEDIA_ERRORS = (errno.EIO, errno.ENODATA)   # an unreadable sector (ENODATA: "critical medium")
 _CRC_ENTRY = struct.Struct("<I")               # one .crc entry, little-endian on any host
 assert array("I").itemsize == 4, "the .crc format needs 4-byte unsigned ints"
 
@@ -374,7 +375,12 @@ class ExtentFile:
         return self._read_blocks(first, count)
 
     def verify(self, first: int, count: int) -> list[int]:
-        """Indexes of present blocks in the run whose data fails its checksum (scrub)."""
+        """Indexes of present blocks in the run whose data fails its checksum or cannot be
+        read (a media error: EIO), for the scrub; either way the block needs a peer's copy.
+
+        Reads 1 MiB at a time; one unreadable sector fails the whole read, so a failed read
+        is retried block by block and only the blocks that really do not read are reported
+        (raising instead abandoned the rest of the extent, on every scrub pass)."""
         self._check_range(first * BLOCK_SIZE, count * BLOCK_SIZE)
         bad = []
         step = 256                              # 1 MiB reads
@@ -382,18 +388,35 @@ class ExtentFile:
             n = min(step, first + count - start)
             if not any(self._crcs[start:start + n]):
                 continue
-            buf = memoryview(bytearray(n * BLOCK_SIZE))
-            done = 0
-            while done < len(buf):
-                got = os.preadv(self._data, [buf[done:]], start * BLOCK_SIZE + done)
-                if got == 0:
-                    break
-                done += got
-            for k in range(n):
-                stored = self._crcs[start + k]
-                if stored and block_crc(start + k, buf[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE]) != stored:
-                    bad.append(start + k)
+            try:
+                self._verify_run(start, n, bad)
+            except OSError as e:
+                if e.errno not in _MEDIA_ERRORS:
+                    raise
+                for b in range(start, start + n):
+                    if not self._crcs[b]:
+                        continue
+                    try:
+                        self._verify_run(b, 1, bad)
+                    except OSError as e:
+                        if e.errno not in _MEDIA_ERRORS:
+                            raise
+                        bad.append(b)
         return bad
+
+    def _verify_run(self, start: int, n: int, bad: list[int]) -> None:
+        """Append the blocks of ``start .. start+n-1`` that fail their checksum to ``bad``."""
+        buf = memoryview(bytearray(n * BLOCK_SIZE))
+        done = 0
+        while done < len(buf):
+            got = os.preadv(self._data, [buf[done:]], start * BLOCK_SIZE + done)
+            if got == 0:
+                break
+            done += got
+        for k in range(n):
+            stored = self._crcs[start + k]
+            if stored and block_crc(start + k, buf[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE]) != stored:
+                bad.append(start + k)
 
     def allocated_bytes(self) -> int:
         """Bytes the file system allocated for this extent's files."""

@@ -6,9 +6,14 @@ pause until ``interval`` after the pass started):
 - checksums: ``store.verify`` over the extent in slices of at most 4 MiB, each
   in a worker thread (it reads the disk; the event loop keeps serving I/O),
   throttled by a token bucket to ``rate_bytes_per_s`` so client I/O keeps
-  the disk. A bad block is confirmed by re-verifying it on the event loop
-  (a write racing the threaded read can look torn) and handed to
-  ``LocalRepair``, which copies it from an in-sync peer.
+  the disk. A bad block (checksum failure, or a live block the disk cannot
+  read: ``ExtentFile.verify`` reports both) is confirmed by re-verifying it
+  on the event loop (a write racing the threaded read can look torn) and
+  handed to ``LocalRepair``, which copies it from an in-sync peer. A slice
+  whose verify still fails with an I/O error (e.g. an unreadable snapshot
+  version) is verified block by block; the blocks that keep failing are
+  counted and logged as ``unreadable`` (repair cannot take them: it verifies
+  the block first) and the scrub goes on with the rest of the extent.
 - agreement: when this chunk is an in-sync replica, the extent's digest is
   compared with every other in-sync replica's (DIGEST, epoch 0). Writes in
   flight make replicas differ for a moment, so a difference counts only when
@@ -38,6 +43,7 @@ from typing import Any
 
 from .extent_file import BLOCK_SIZE, EXTENT_SIZE
 from .replica_client import PeerUnavailable, ReplicaError
+from .replica_store import StoreIOError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,7 @@ class Scrubber:
         self.extents_scrubbed = 0     # since start
         self.bytes_scrubbed = 0
         self.errors = 0               # bad blocks found (and handed to repair)
+        self.unreadable = 0           # blocks whose verify failed with an I/O error (not repairable here)
         self.mismatches = 0           # confirmed digest disagreements
         self.mismatched: dict[tuple[str, int], list[str]] = {}
         self.resyncs_requested = 0    # replicas dropped (to be resynced) after a confirmed mismatch
@@ -122,6 +129,7 @@ class Scrubber:
         return {
             "passes": self.passes, "extents_scrubbed": self.extents_scrubbed,
             "bytes_scrubbed": self.bytes_scrubbed, "errors": self.errors,
+            "unreadable": self.unreadable,
             "mismatches": self.mismatches, "resyncs_requested": self.resyncs_requested,
             "mismatched": [{"volume": v, "extent": i, "peers": p}
                            for (v, i), p in sorted(self.mismatched.items())],
@@ -139,7 +147,7 @@ class Scrubber:
         """Scrub every local extent once; returns this pass's counts."""
         self.last_pass_start = time.time()
         t0 = time.monotonic()
-        counts = {"extents": 0, "bytes": 0, "bad_blocks": 0, "mismatches": 0}
+        counts = {"extents": 0, "bytes": 0, "bad_blocks": 0, "unreadable": 0, "mismatches": 0}
         self._seen_this_pass = set()
         for vid, idx in sorted(self.store.extents()):
             self.current = (vid, idx)
@@ -160,12 +168,13 @@ class Scrubber:
         self.passes += 1
         self.last_pass_end = time.time()
         self.last_pass_duration = time.monotonic() - t0
-        log.info("scrub pass %d: %d extents, %d bytes, %d bad blocks, %d mismatches in %.1fs",
-                 self.passes, counts["extents"], counts["bytes"], counts["bad_blocks"],
-                 counts["mismatches"], self.last_pass_duration)
+        log.info("scrub pass %d: %d extents, %d bytes, %d bad blocks, %d unreadable, "
+                 "%d mismatches in %.1fs", self.passes, counts["extents"], counts["bytes"],
+                 counts["bad_blocks"], counts["unreadable"], counts["mismatches"],
+                 self.last_pass_duration)
         return counts
 
-    async def _verify_slice(self, vid: str, idx: int, first: int, count: int) -> list[int]:
+    async def _verify(self, vid: str, idx: int, first: int, count: int) -> list[int]:
         """``store.verify`` in a worker thread; on the loop if the threaded read keeps racing.
 
         The store's own structures are changed by the event loop only; a
@@ -179,8 +188,34 @@ class Scrubber:
                 await asyncio.sleep(0.01)
         return self.store.verify(vid, idx, first, count)
 
+    async def _verify_slice(self, vid: str, idx: int, first: int, count: int,
+                            counts: dict[str, int]) -> list[int]:
+        """Bad blocks of a slice; an I/O error costs only the blocks it is in.
+
+        Letting the error escape abandoned the rest of the extent (and its
+        digest comparison) on every pass, for one unreadable block.
+        """
+        try:
+            return await self._verify(vid, idx, first, count)
+        except StoreIOError as e:
+            log.warning("scrubbing %s/%d blocks %d-%d: %s; verifying them one by one",
+                        vid, idx, first, first + count - 1, e)
+        bad: list[int] = []
+        for block in range(first, first + count):
+            try:
+                bad.extend(await self._verify(vid, idx, block, 1))
+            except StoreIOError as e:
+                self._unreadable(vid, idx, block, e, counts)
+        return bad
+
+    def _unreadable(self, vid: str, idx: int, block: int, e: Exception, counts: dict[str, int]) -> None:
+        counts["unreadable"] += 1
+        self.unreadable += 1
+        log.error("scrub: %s/%d block %d cannot be verified (%s); not repairable here, "
+                  "the extent needs a resync if it persists", vid, idx, block, e)
+
     async def scrub_extent(self, vid: str, idx: int) -> dict[str, int]:
-        counts = {"extents": 1, "bytes": 0, "bad_blocks": 0, "mismatches": 0}
+        counts = {"extents": 1, "bytes": 0, "bad_blocks": 0, "unreadable": 0, "mismatches": 0}
         blocks = getattr(self.store, "extent_size", EXTENT_SIZE) // BLOCK_SIZE
         # verify reads only where something is allocated: charge the throttle
         # for what the disk holds, not for the extent's nominal size.
@@ -195,9 +230,14 @@ class Scrubber:
                     budget -= charge
                     counts["bytes"] += charge
                     self.bytes_scrubbed += charge
-                bad.extend(await self._verify_slice(vid, idx, first, count))
+                bad.extend(await self._verify_slice(vid, idx, first, count, counts))
         for block in bad:
-            if block in self.store.verify(vid, idx, block, 1):     # confirmed on the loop
+            try:
+                confirmed = block in self.store.verify(vid, idx, block, 1)    # on the loop
+            except StoreIOError as e:
+                self._unreadable(vid, idx, block, e, counts)
+                continue
+            if confirmed:
                 counts["bad_blocks"] += 1
                 self.errors += 1
                 self.repair.schedule(vid, idx, block)

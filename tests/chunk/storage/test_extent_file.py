@@ -218,3 +218,35 @@ def test_large_writes_reach_data_in_small_pieces_even_when_short(ext: ExtentFile
     assert ext.read(4 * BLOCK_SIZE, len(payload)) == payload
     with ExtentFile.open(ext.base.parent, "vol1", 3) as again:      # checksums on disk agree
         assert again.read(4 * BLOCK_SIZE, len(payload)) == payload
+
+
+def test_verify_reports_only_the_unreadable_blocks_of_a_failed_read(ext: ExtentFile, tmp_path: Path,
+                                                                  monkeypatch):
+    """A media error (EIO) on one block fails the whole 1 MiB read; verify retries block by
+    block and reports that block like a checksum failure (both need a peer's copy) instead of
+    raising, which made the scrubber abandon the rest of the extent."""
+    import errno
+    ext.write(0, _pattern(10 * BLOCK_SIZE))
+    _corrupt(tmp_path / "vol1.3.data", 7 * BLOCK_SIZE + 3, b"\xff")
+    real = os.preadv
+    reads: list[tuple[int, int]] = []
+
+    def preadv(fd, buffers, offset):
+        length = sum(len(b) for b in buffers)
+        if fd == ext._data:                                 # noqa: SLF001
+            reads.append((offset, length))
+            if offset < 4 * BLOCK_SIZE < offset + length or offset == 4 * BLOCK_SIZE:
+                raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    assert ext.verify(0, SIZE // BLOCK_SIZE) == [4, 7]
+    assert (4 * BLOCK_SIZE, BLOCK_SIZE) in reads              # retried alone
+    assert all(off // BLOCK_SIZE < 10 for off, _ in reads)     # unwritten blocks not read
+
+    def ebadf(fd, buffers, offset):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(os, "preadv", ebadf)                 # not a media error: still raised
+    with pytest.raises(OSError):
+        ext.verify(0, 8)
