@@ -63,6 +63,7 @@ import os
 import shutil
 import struct
 import sys
+import threading
 from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -173,6 +174,7 @@ class _Versions:
         self.data_at = -(-blocks * 8 // BLOCK_SIZE) * BLOCK_SIZE
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         self.fd = os.open(self.path, flags, 0o600)
+        self._lock = threading.Lock()        # self.fd against a concurrent close (sync)
         self.entries: dict[int, tuple[int, int]] = {}     # block -> (origin, crc)
         self._punch = True
         if not create:
@@ -228,17 +230,30 @@ class _Versions:
                 return
 
     def sync(self) -> None:
-        fd = self.fd
-        if fd >= 0:                  # trimmed away meanwhile (flush runs in a thread)
+        """fdatasync the file; a version closed meanwhile (trim, import) needs none.
+
+        ``flush`` runs in a worker thread while the event loop may close the
+        fd: syncing a private dup, taken under the lock ``close`` holds, never
+        hits a closed fd (EBADF would break a healthy replica) nor a number
+        reused by another file, and the loop never waits for the device.
+        """
+        with self._lock:
+            if self.fd < 0:
+                return
+            fd = os.dup(self.fd)
+        try:
             os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def allocated(self) -> int:
         fd = self.fd
         return os.fstat(fd).st_blocks * 512 if fd >= 0 else 0
 
     def close(self) -> None:
-        if self.fd >= 0:
+        with self._lock:
             fd, self.fd = self.fd, -1
+        if fd >= 0:
             os.close(fd)
 
     def unlink(self) -> None:

@@ -757,3 +757,39 @@ def test_a_failed_flush_breaks_the_replica_for_good(tmp_path: Path, monkeypatch)
     s.delete(V, 0)
     assert not list(d.glob(f"{V}.0.*"))
     s.close()
+
+
+def test_a_trim_closing_a_version_mid_flush_does_not_break_the_replica(store: ReplicaStore,
+                                                                     monkeypatch):
+    """``flush`` runs in a worker thread; the event loop's trim closes the version file between
+    the worker taking its fd and the fdatasync. The flush must succeed (an EBADF would break a
+    healthy replica and fail its disk for good)."""
+    import threading
+    store.create(V, 0, 1)
+    store.write(V, 0, 0, _pat(BLOCK_SIZE, 1), seq=1)
+    store.write(V, 0, 0, _pat(BLOCK_SIZE, 2), seq=2)          # version (key 1, origin 1)
+    reached, proceed, errors = threading.Event(), threading.Event(), []
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("1.ver") and not reached.is_set():
+            reached.set()
+            proceed.wait(5)              # the loop closes the version file now
+        return real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    def flush():
+        try:
+            store.flush(V, 0)
+        except Exception as e:  # noqa: BLE001 - reported by the asserts below
+            errors.append(e)
+    worker = threading.Thread(target=flush)
+    worker.start()
+    assert reached.wait(5)
+    assert store.trim(V, 0, set()) == 1                        # no snapshot: key 1 goes
+    proceed.set()
+    worker.join(5)
+    assert errors == [] and store.has(V, 0) and store.broken == {}
+    assert store.usage()[0]["state"] == "ok"
+    store.flush(V, 0)
+    assert store.read(V, 0, 0, BLOCK_SIZE)[0] == _pat(BLOCK_SIZE, 2)
