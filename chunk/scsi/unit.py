@@ -617,11 +617,13 @@ class LogicalUnit:
         if count > self.limits.max_unmap_descriptors:
             raise invalid_field_in_param(2)
         ranges = []
+        total = 0
         for i in range(count):
             lba, n = struct.unpack_from(">QI", data, 8 + 16 * i)
             if lba + n > self.num_blocks:
                 raise lba_out_of_range()
-            if n > self.limits.max_unmap_lbas:
+            total += n                                    # SBC-4: the command's total, not each
+            if total > self.limits.max_unmap_lbas:
                 raise invalid_field_in_param(8 + 16 * i + 8)
             if n:
                 ranges.append((lba, n))
@@ -795,9 +797,11 @@ class LogicalUnit:
         rctd = bool(cdb[2] & 0x80)
         option = cdb[2] & 0x07
         timeouts = struct.pack(">HxBII", 0x0A, 0, 0, 30) if rctd else b""
+        supported = op.SUPPORTED if self.thin else {
+            k: v for k, v in op.SUPPORTED.items() if k != (op.UNMAP, None)}   # LBPU=0
         if option == 0:
             parts = []
-            for (code, sa), usage in sorted(op.SUPPORTED.items(),
+            for (code, sa), usage in sorted(supported.items(),
                                             key=lambda kv: (kv[0][0], kv[0][1] or 0)):
                 parts.append(struct.pack(">BxHxBH", code, sa or 0,
                                          (0x02 if rctd else 0) | (0x01 if sa is not None else 0),
@@ -810,7 +814,7 @@ class LogicalUnit:
         has_sa = code in op.WITH_SERVICE_ACTION
         if option == 1 and has_sa or option == 2 and not has_sa:
             raise invalid_field_in_cdb(2, 2)
-        usage = op.SUPPORTED.get((code, sa if has_sa else None))
+        usage = supported.get((code, sa if has_sa else None))
         if usage is None:
             return bytes((0, 0x01, 0, 0))                 # SUPPORT 001b: not supported
         cdb_usage = bytes((code, *usage))

@@ -41,6 +41,17 @@ async def test_all_commands():
         assert r.status != 0x02 or r.sense[12] != 0x20, hex(op)
 
 
+async def test_a_thick_lu_does_not_report_unmap():
+    """A thick LU (LBPU=0) answers UNMAP with INVALID OPERATION CODE, so REPORT SUPPORTED
+    OPERATION CODES must not list it: initiators that ask before unmapping were told yes."""
+    from chunk.blockdev import MemoryBlockDevice
+    lu = make_lu(MemoryBlockDevice(1 << 20, thin=False))
+    ds = descriptors(good(await run(lu, rsoc())))
+    assert 0x42 not in {op for op, *_ in ds} and len(ds) == len(SUPPORTED) - 1
+    assert good(await run(lu, rsoc(1, 0x42))) == bytes((0, 1, 0, 0))
+    assert good(await run(make_lu(), rsoc(1, 0x42)))[1] == 0x03      # thin: supported
+
+
 async def test_timeouts_descriptors():
     d = good(await run(make_lu(), rsoc(rctd=True)))
     ds = descriptors(d, rctd=True)

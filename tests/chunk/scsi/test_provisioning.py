@@ -79,6 +79,14 @@ async def test_unmap_parameter_errors():
     lu3 = make_lu(max_unmap_blocks=8)
     p = unmap_params((0, 9))
     check(await run(lu3, unmap_cdb(len(p)), p), 0x5, 0x26)
+    # MAXIMUM UNMAP LBA COUNT bounds the whole command (SBC-4), not each descriptor
+    dev4 = MemoryBlockDevice(MiB)
+    lu4 = make_lu(dev4, max_unmap_blocks=8)
+    p = unmap_params((0, 8), (10, 8), (20, 8), (30, 8))
+    check(await run(lu4, unmap_cdb(len(p)), p), 0x5, 0x26)
+    assert dev4.unmapped == []
+    p = unmap_params((0, 4), (10, 4))
+    good(await run(lu4, unmap_cdb(len(p)), p))
     check(await run(lu, bytes((0x42, 1, 0, 0, 0, 0, 0, 0, 24, 0)), unmap_params((0, 1))),
           0x5, 0x24)                                          # ANCHOR
 
