@@ -27,6 +27,13 @@ each PDU and the whole login within ``login_timeout``); connections are
 capped in total and per peer address (a quarter of the total), so a flood or
 a pile of half-open connections from one host cannot lock the others out;
 discovery sessions live at most ``DISCOVERY_LIFETIME``.
+
+Only the VIP holder may answer (a stale holder's redirect is a split brain):
+``holding`` (``VipHolder.holding``: our lease is surely alive) is checked when
+a connection starts, when its login is decided and before each discovery
+answer; when it is false the connection is dropped without a word. ``close``
+also covers connections the loop accepted but whose task has not run yet: they
+see the portal closed and drop themselves.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import logging
 import random
 import socket
 from collections import Counter
+from typing import Callable
 
 from chunk import scsi
 from chunk.catalog import Catalog
@@ -68,20 +76,40 @@ def address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-class RedirectPolicy:
-    """login()'s LoginPolicy: targets from the catalog, redirects from Members."""
+class NotHolding(BaseException):
+    """The VIP is not (surely) ours: drop the connection, answer nothing.
 
-    def __init__(self, catalog: Catalog, members: Members, tsihs: set[int]):
+    A BaseException so that login()'s catch-all, which answers TARGET_ERROR,
+    and the session's command handlers let it through to ``_handle``."""
+
+
+def _check(holding: Callable[[], bool]) -> None:
+    if not holding():
+        raise NotHolding()
+
+
+class RedirectPolicy:
+    """login()'s LoginPolicy: targets from the catalog, redirects from Members.
+
+    Every decision first checks ``holding``, so no answer (redirect, "no such
+    target", a discovery login) leaves a redirector that lost the VIP."""
+
+    def __init__(self, catalog: Catalog, members: Members, tsihs: set[int],
+                 holding: Callable[[], bool]):
         self.catalog, self.members, self.tsihs = catalog, members, tsihs
+        self.holding = holding
 
     def target_exists(self, target_iqn: str) -> bool:
+        _check(self.holding)
         return self.catalog.target(target_iqn) is not None
 
     def chap_for(self, target_iqn: str | None, initiator: str) -> ChapRecord | None:
         # Only discovery sessions get this far: normal logins are redirected first.
+        _check(self.holding)
         return self.catalog.chap_for(target_iqn or "*", initiator)
 
     def redirect(self, initiator: str, target_iqn: str | None) -> str | None:
+        _check(self.holding)
         if target_iqn is None:
             return None                         # discovery: served here
         # Only initiators on an ACL of this target get a sticky record (bounded by
@@ -104,8 +132,8 @@ class RedirectPolicy:
 class DiscoveryView:
     """A discovery session's resolver: no LUNs, SendTargets at the VIP only."""
 
-    def __init__(self, catalog: Catalog, initiator: str, vip: str):
-        self.catalog, self.initiator, self.vip = catalog, initiator, vip
+    def __init__(self, catalog: Catalog, initiator: str, vip: str, holding: Callable[[], bool]):
+        self.catalog, self.initiator, self.vip, self.holding = catalog, initiator, vip, holding
 
     def unit(self, lun: int) -> None:
         return None
@@ -114,6 +142,7 @@ class DiscoveryView:
         return []
 
     def send_targets(self, which: str) -> list[tuple[str, list[str]]]:
+        _check(self.holding)                # ends the session with no answer
         visible = self.catalog.visible_targets(self.initiator)
         if which == "All":
             names = visible
@@ -123,10 +152,12 @@ class DiscoveryView:
 
 
 class RedirectPortal:
-    """Listens on one address while told to; one bounded task per connection."""
+    """Listens on one address while told to; one bounded task per connection.
 
-    def __init__(self, catalog: Catalog, members: Members, *, login_timeout: float, max_connections: int,
-                 prefs: TargetPreferences | None = None,
+    ``holding`` says whether we may answer at all (the VIP holder's lease is surely alive)."""
+
+    def __init__(self, catalog: Catalog, members: Members, *, holding: Callable[[], bool],
+                 login_timeout: float, max_connections: int, prefs: TargetPreferences | None = None,
                  discovery_lifetime: float = DISCOVERY_LIFETIME):
         self.catalog, self.members = catalog, members
         self.login_timeout, self.max_connections = login_timeout, max_connections
@@ -134,12 +165,14 @@ class RedirectPortal:
         self.prefs = prefs or TargetPreferences()
         self.discovery_lifetime = discovery_lifetime
         self.tsihs: set[int] = set()
-        self.policy = RedirectPolicy(catalog, members, self.tsihs)
+        self.holding = holding
+        self.policy = RedirectPolicy(catalog, members, self.tsihs, holding)
         self.advertise = ""
         self.refused = 0
         self._server: asyncio.base_events.Server | None = None
         self._conns: dict[asyncio.Task, str] = {}
         self._hosts: Counter[str] = Counter()
+        self._closed = True
 
     @property
     def listening(self) -> bool:
@@ -153,12 +186,17 @@ class RedirectPortal:
         if self._server is not None:
             return
         self.advertise = address(host, port)
+        self._closed = False
         self._server = await asyncio.start_server(self._handle, host, port, backlog=1024,
                                                   reuse_address=True)
         log.info("redirecting iSCSI logins on %s", self.advertise)
 
     async def close(self) -> None:
-        """Stop listening and drop every connection (the VIP is no longer ours)."""
+        """Stop listening and drop every connection (the VIP is no longer ours).
+
+        Connections already accepted whose task has not started are not in
+        ``_conns`` yet; ``_closed`` makes them drop themselves when they start."""
+        self._closed = True
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -180,6 +218,9 @@ class RedirectPortal:
         self._conns[task] = host
         self._hosts[host] += 1
         try:
+            if self._closed:
+                raise NotHolding()          # accepted just before close(): not ours to serve
+            _check(self.holding)
             if len(self._conns) > self.max_connections or self._hosts[host] > self.per_host:
                 self.refused += 1
                 if self.refused % 100 == 1:
@@ -198,6 +239,9 @@ class RedirectPortal:
                 log.error("normal session from %s was not redirected; closing", host)
                 return
             await self._discovery(reader, writer, result)
+        except NotHolding:
+            log.info("dropping connection from %s: the VIP is not ours", host)
+            writer.transport.abort()        # and whatever was queued for it
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         except Exception:  # noqa: BLE001 - one connection must never take the portal down
@@ -211,12 +255,13 @@ class RedirectPortal:
 
     async def _discovery(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          r: LoginResult) -> None:
+        _check(self.holding)
         p = r.params
         nexus = scsi.Nexus(initiator=f"{p.initiator_name},i,0x{r.isid.hex()}",
                            target_port=f"discovery,t,0x{TPGT:04x}", relative_port_id=TPGT)
         sess = Session(reader, writer, p, isid=r.isid, tsih=r.tsih, statsn=r.statsn,
                        expcmdsn=r.expcmdsn, resolver=DiscoveryView(self.catalog, p.initiator_name,
-                                                                   self.advertise),
+                                                                   self.advertise, self.holding),
                        scsi=ScsiGlue, nexus=nexus, nop_interval=NOP_INTERVAL, nop_timeout=NOP_INTERVAL)
         self.tsihs.add(r.tsih)
         log.info("discovery session: %s (tsih %d)", p.initiator_name, r.tsih)

@@ -137,15 +137,20 @@ class Redirector:
         self.catalog = Catalog(self.etcd, self.keys)
         self.members = Members(self.etcd, self.keys)
         r = cfg.redirector
+        self._holder = None                   # the VipHolder, once campaigning
+        # The portal answers only while the holder is sure of its lease: a holder that
+        # froze past it must not serve the logins queued meanwhile (split brain).
         self.portal = RedirectPortal(self.catalog, self.members, login_timeout=r.login_timeout,
-                                     max_connections=r.max_connections)
+                                     max_connections=r.max_connections,
+                                     holding=lambda: self._holder is not None and self._holder.holding)
 
     async def run(self, stop: asyncio.Event) -> None:
         from .vip import VipHolder           # imported here: the portal and mirrors do not need it
         try:
             if not await self._sync(stop):
                 return
-            holder = VipHolder(self.etcd, self.keys, self.cfg.redirector, self.cfg.redirector.redirector_id)
+            holder = self._holder = VipHolder(self.etcd, self.keys, self.cfg.redirector,
+                                              self.cfg.redirector.redirector_id)
             log.info("redirector %s campaigning for VIP %s:%d", self.cfg.redirector.redirector_id,
                      self.cfg.redirector.vip, self.cfg.redirector.port)
             await holder.run(stop, self._on_acquire, self._on_release)

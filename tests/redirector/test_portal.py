@@ -6,6 +6,9 @@ TCP on loopback (127.0.0.x sources stand for different hosts).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -13,7 +16,9 @@ import pytest
 
 from chunk.iscsi import pdu as P
 from chunk.iscsi.constants import LoginStatus
+from chunk.iscsi.text import encode_text
 from redirector.portal import RedirectPortal, address
+from tests.redirector.iscsi_client import ISID
 from tests.cluster import async_wait_for
 from tests.redirector.iscsi_client import RawInitiator
 
@@ -54,15 +59,51 @@ class FakeMembers:
         return self.portal
 
 
-@pytest.fixture
-async def portal():
+async def _open(holding=lambda: True, **kw) -> tuple[RedirectPortal, FakeMembers, int]:
     members = FakeMembers()
-    p = RedirectPortal(FakeCatalog(), members, login_timeout=1.0, max_connections=8)
+    p = RedirectPortal(FakeCatalog(), members, login_timeout=1.0, max_connections=8, holding=holding, **kw)
     await p.open("127.0.0.2", 0)
     port = p._server.sockets[0].getsockname()[1]
     p.advertise = address("127.0.0.2", port)      # bound to port 0: advertise the real one
+    return p, members, port
+
+
+@pytest.fixture
+async def portal():
+    p, members, port = await _open()
     yield p, members, port
     await p.close()
+
+
+def _login_request(target: str | None) -> bytes:
+    pairs = [("InitiatorName", INIT), ("SessionType", "Normal" if target else "Discovery")]
+    if target:
+        pairs.append(("TargetName", target))
+    return P.LoginRequest(transit=True, csg=1, nsg=3, isid=ISID, itt=0x10, cid=1, cmdsn=1,
+                          data=encode_text(pairs)).to_bytes()
+
+
+async def _rest(c: RawInitiator) -> bytes:
+    """What the peer still sends before it closes (a reset counts as a close)."""
+    got = b""
+    try:
+        while chunk := await asyncio.wait_for(c.r.read(65536), 5):
+            got += chunk
+    except ConnectionError:
+        pass
+    return got
+
+
+async def _all_received(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything the peer sends until it closes (a reset counts as a close)."""
+    loop, got = asyncio.get_running_loop(), b""
+    sock.setblocking(False)
+    try:
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout):
+            got += chunk
+    except ConnectionError:
+        pass
+    return got
 
 
 async def test_normal_login_is_redirected_without_tpgt(portal):
@@ -154,6 +195,82 @@ async def test_close_drops_connections_and_stops_listening(portal):
     assert not p.listening and await c.closed(2)
     with pytest.raises(OSError):
         await RawInitiator.connect("127.0.0.2", port)
+
+
+async def test_not_holding_the_vip_answers_nothing():
+    """A frozen holder that resumes past its lease must not answer the logins queued meanwhile."""
+    p, members, port = await _open(holding=lambda: False)
+    try:
+        for target in (T1, "iqn.2026-01.io.zstore:nope.t9999", None):
+            c = await RawInitiator.connect("127.0.0.2", port)
+            c.w.write(_login_request(target))
+            assert await _rest(c) == b""        # closed (EOF or reset) with no response at all
+        assert members.asked == [] and p.connection_count() == 0
+    finally:
+        await p.close()
+
+
+async def test_vip_lost_mid_connection_answers_nothing():
+    """Holding is checked when the login is decided and before each discovery answer,
+    not only when the connection starts."""
+    held = [True]
+    p, members, port = await _open(holding=lambda: held[0])
+    try:
+        login = await RawInitiator.connect("127.0.0.2", port)
+        disc = await RawInitiator.connect("127.0.0.2", port)
+        assert (await disc.login(INIT, None))[0].status == 0
+        await async_wait_for(lambda: p.connection_count() == 2, 5, "both connections started")
+        held[0] = False
+        login.w.write(_login_request(T1))
+        assert await _rest(login) == b"" and members.asked == []
+        disc.w.write(P.TextRequest(final=True, itt=0x11, ttt=0xFFFFFFFF, cmdsn=1, expstatsn=1,
+                                   data=encode_text([("SendTargets", "All")])).to_bytes())
+        assert await _rest(disc) == b""           # no SendTargets answer, session over
+    finally:
+        await p.close()
+
+
+async def test_close_drops_connections_accepted_but_not_yet_started(portal):
+    """A connection the loop has accepted but whose task has not run yet is not in _conns:
+    close() must still keep it from being served once the VIP is given up."""
+    p, members, port = portal
+    client = socket.create_connection(("127.0.0.2", port), timeout=5)   # queued in the kernel
+    try:
+        client.sendall(_login_request(T1))
+
+        def unstarted() -> bool:
+            return any(t.get_coro().__qualname__ == "RedirectPortal._handle"
+                       and inspect.getcoroutinestate(t.get_coro()) == inspect.CORO_CREATED
+                       for t in asyncio.all_tasks())
+        deadline = time.monotonic() + 5
+        while not unstarted():                      # one loop turn at a time
+            assert time.monotonic() < deadline, "the connection was never accepted"
+            await asyncio.sleep(0)
+        assert p.connection_count() == 0
+        await p.close()
+        assert await _all_received(client) == b""   # no redirect after the release
+        assert members.asked == []
+    finally:
+        client.close()
+
+
+async def test_handle_after_close_writes_nothing(portal):
+    """A connection task that starts after close() (accepted just before) returns at once."""
+    p, members, port = portal
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def keep(reader, writer):
+        await got.put((reader, writer))
+    other = await asyncio.start_server(keep, "127.0.0.2", 0)
+    try:
+        c = await RawInitiator.connect("127.0.0.2", other.sockets[0].getsockname()[1])
+        c.w.write(_login_request(T1))
+        reader, writer = await asyncio.wait_for(got.get(), 5)
+        await p.close()
+        await asyncio.wait_for(p._handle(reader, writer), 5)
+        assert await _rest(c) == b"" and members.asked == []
+    finally:
+        other.close()
 
 
 def test_address_brackets_ipv6():
