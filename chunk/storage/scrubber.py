@@ -32,13 +32,27 @@ pause until ``interval`` after the pass started):
   compared at the end. Replicas differing there only ever held writes that
   were never acknowledged (an acknowledged write is on every in-sync replica),
   so either copy is a correct outcome; what matters is that they converge.
+
+Progress survives a restart: at the throttled rate a large server needs days
+per pass, and a pass that started from the first extent after every restart
+never reached the last ones. The last extent scrubbed is kept in
+``CURSOR_FILE`` in the store's first disk directory (at most every
+``cursor_every`` seconds, and when the scrubber is stopped; tmp + rename), a
+pass resumes after it and wraps around to the extents before it, and the file
+is removed when a pass completes. A missing or unreadable file means: start
+from the first extent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import json
 import logging
+import os
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from .extent_file import BLOCK_SIZE, EXTENT_SIZE
@@ -48,6 +62,7 @@ from .replica_store import StoreIOError
 log = logging.getLogger(__name__)
 
 MAX_SLICE = 4 << 20
+CURSOR_FILE = ".scrub-cursor"
 
 
 class TokenBucket:
@@ -72,8 +87,12 @@ class TokenBucket:
 class Scrubber:
     def __init__(self, store, repair, rate_bytes_per_s: float = 16 << 20,
                  interval: float = 86400.0, *, recheck_delay: float = 3.0,
-                 compare_digests: bool = True, confirm_passes: int = 2, drop=None) -> None:
+                 compare_digests: bool = True, confirm_passes: int = 2, drop=None,
+                 cursor_file: str | os.PathLike | None = None, cursor_every: float = 10.0) -> None:
         self.store = store
+        # None: CURSOR_FILE in the store's first disk directory (no file when it has none).
+        self.cursor_file = Path(cursor_file) if cursor_file is not None else _default_cursor(store)
+        self.cursor_every = cursor_every
         self.repair = repair
         self.drop = drop                  # async (vid, idx, chunk_id, generation, reason) or None
         self.interval = interval
@@ -99,6 +118,8 @@ class Scrubber:
         self.current: tuple[str, int] | None = None
         self._seen_this_pass: set[tuple[str, int]] = set()
         self._task: asyncio.Task | None = None
+        self._done: tuple[str, int] | None = None     # last extent scrubbed in this pass
+        self._saved_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -149,19 +170,36 @@ class Scrubber:
         t0 = time.monotonic()
         counts = {"extents": 0, "bytes": 0, "bad_blocks": 0, "unreadable": 0, "mismatches": 0}
         self._seen_this_pass = set()
-        for vid, idx in sorted(self.store.extents()):
-            self.current = (vid, idx)
-            try:
-                got = await self.scrub_extent(vid, idx)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - deleted meanwhile, or one broken extent
-                if self.store.has(vid, idx):
-                    log.warning("scrubbing %s/%d failed: %s", vid, idx, e)
-                    self._seen_this_pass.add((vid, idx))    # keep a suspicion we could not check
-                continue
-            for k, v in got.items():
-                counts[k] += v
+        order = sorted(self.store.extents())
+        after = self._load_cursor()
+        if after is not None:
+            cut = bisect.bisect_right(order, after)
+            order = order[cut:] + order[:cut]        # resume, then wrap around to the first ones
+            log.info("scrub pass resumes after %s/%d", *after)
+        self._done, self._saved_at = None, time.monotonic()
+        try:
+            for vid, idx in order:
+                self.current = (vid, idx)
+                try:
+                    got = await self.scrub_extent(vid, idx)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - deleted meanwhile, or one broken extent
+                    if self.store.has(vid, idx):
+                        log.warning("scrubbing %s/%d failed: %s", vid, idx, e)
+                        self._seen_this_pass.add((vid, idx))    # keep a suspicion we could not check
+                    got = {}
+                for k, v in got.items():
+                    counts[k] += v
+                self._done = (vid, idx)
+                if self.cursor_every <= 0 or time.monotonic() - self._saved_at >= self.cursor_every:
+                    self._saved_at = time.monotonic()
+                    await asyncio.to_thread(self._save_cursor, self._done)
+        except asyncio.CancelledError:
+            if self._done is not None:
+                self._save_cursor(self._done)      # stopped: the next process goes on from here
+            raise
+        self._clear_cursor()
         self.current = None
         for key in [k for k in self.suspected if k not in self._seen_this_pass]:
             del self.suspected[key]        # agreed this pass (or the extent is gone)
@@ -173,6 +211,55 @@ class Scrubber:
                  counts["bad_blocks"], counts["unreadable"], counts["mismatches"],
                  self.last_pass_duration)
         return counts
+
+    # -- cursor ----------------------------------------------------------------
+
+    def _load_cursor(self) -> tuple[str, int] | None:
+        """The last extent an earlier pass (or process) scrubbed; None for "from the start"."""
+        if self.cursor_file is None:
+            return None
+        try:
+            raw = json.loads(self.cursor_file.read_bytes())
+            vid, idx = raw["volume"], raw["extent"]
+            if not isinstance(vid, str) or type(idx) is not int or idx < 0:
+                raise ValueError(f"bad fields {raw!r:.80}")
+            return vid, idx
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("scrub cursor %s unusable (%s): scrubbing from the first extent",
+                        self.cursor_file, e)
+            return None
+
+    def _save_cursor(self, key: tuple[str, int]) -> None:
+        """tmp + rename, so a crash leaves the old cursor or the new one, never half of one."""
+        path = self.cursor_file
+        if path is None:
+            return
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, json.dumps({"volume": key[0], "extent": key[1]}).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:          # a lost cursor costs re-scrubbing, never data
+            log.warning("scrub cursor %s not saved: %s", path, e)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _clear_cursor(self) -> None:
+        if self.cursor_file is not None:
+            try:
+                self.cursor_file.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("scrub cursor %s not removed: %s", self.cursor_file, e)
+
+    # -- verification ----------------------------------------------------------
 
     async def _verify(self, vid: str, idx: int, first: int, count: int) -> list[int]:
         """``store.verify`` in a worker thread; on the loop if the threaded read keeps racing.
@@ -338,3 +425,11 @@ class Scrubber:
             self.resyncs_requested += 1
             log.warning("replicas of %s/%d: dropped %s (its copy disagrees); recovery resyncs it",
                         rec.volume_id, rec.index, cid)
+
+
+def _default_cursor(store) -> Path | None:
+    """CURSOR_FILE in the store's first disk directory: a place the chunk server already owns."""
+    try:
+        return Path(store.usage()[0]["path"]) / CURSOR_FILE
+    except (AttributeError, IndexError, KeyError, TypeError, OSError):
+        return None

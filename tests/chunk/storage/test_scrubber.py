@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -350,3 +351,78 @@ async def test_unreadable_snapshot_version_is_counted_and_the_scrub_goes_on(node
     for idx in (0, 1):
         assert b.store.digest(VID, idx) == a.store.digest(VID, idx)
     assert b.store.verify(VID, 1) == []
+
+
+class Interrupted(Scrubber):
+    """Records the extents it scrubs; its pass is cancelled once ``stop_after`` are done
+    (the chunk server stopped for a restart)."""
+
+    def __init__(self, *args, stop_after: int | None = None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.order: list[tuple[str, int]] = []
+        self.stop_after = stop_after
+
+    async def scrub_extent(self, vid, idx):
+        got = await super().scrub_extent(vid, idx)
+        self.order.append((vid, idx))
+        if len(self.order) == self.stop_after:
+            asyncio.current_task().cancel()
+        return got
+
+
+async def test_a_restarted_scrubber_resumes_after_the_last_extent_and_wraps_around(nodes):
+    """At the throttled rate a pass takes days; starting from the first extent after every
+    restart meant the last extents were never scrubbed."""
+    a, b = await setup(nodes)
+    for idx in (2, 3, 4):
+        await nodes.extent(VID, idx, ["A", "B"], {idx: block(f"e{idx}")})
+    kw = dict(rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1)
+    first = Interrupted(b.store, b.repair, stop_after=2, **kw)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(first.run_pass())
+    assert first.order == [(VID, 0), (VID, 1)]
+    cursor = b.data_path(VID, 0).parent / ".scrub-cursor"      # in the store's disk directory
+    assert cursor.exists()
+
+    b.corrupt(VID, 0, 1)               # found by the resumed pass once it wraps around
+    b.repair.start()
+    again = Interrupted(b.store, b.repair, **kw)                # a new process
+    counts = await again.run_pass()
+    assert again.order == [(VID, 2), (VID, 3), (VID, 4), (VID, 0), (VID, 1)]
+    assert counts["extents"] == 5 and counts["bad_blocks"] == 1
+    assert not cursor.exists()         # a completed pass: the next one starts from the first
+
+    third = Interrupted(b.store, b.repair, **kw)
+    await third.run_pass()
+    assert third.order == [(VID, i) for i in range(5)]
+
+
+async def test_cursor_is_saved_as_the_pass_goes_and_a_bad_one_is_ignored(nodes, tmp_path):
+    """Saved every ``cursor_every`` seconds too (a crash loses at most that much progress);
+    a cursor naming an extent deleted since resumes after it; a corrupt one starts over."""
+    a, b = await setup(nodes)
+    for idx in (2, 3):
+        await nodes.extent(VID, idx, ["A", "B"], {idx: block(f"e{idx}")})
+    path = tmp_path / "cursor"
+    kw = dict(rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1, cursor_file=path)
+    seen = []
+
+    class Peek(Interrupted):
+        async def scrub_extent(self, vid, idx):
+            seen.append(path.read_text() if path.exists() else None)
+            return await super().scrub_extent(vid, idx)
+
+    await Peek(b.store, b.repair, cursor_every=0, **kw).run_pass()
+    assert seen[0] is None and json.loads(seen[2]) == {"volume": VID, "extent": 1}
+    assert not path.exists()
+
+    path.write_text(json.dumps({"volume": VID, "extent": 1}))
+    b.store.delete(VID, 1)
+    s = Interrupted(b.store, b.repair, **kw)
+    await s.run_pass()
+    assert s.order == [(VID, 2), (VID, 3), (VID, 0)]
+    for junk in (b"{not json", b'{"volume": 3, "extent": "x"}', b"[]"):
+        path.write_bytes(junk)
+        s = Interrupted(b.store, b.repair, **kw)
+        await s.run_pass()
+        assert s.order == [(VID, 0), (VID, 2), (VID, 3)]
