@@ -118,26 +118,52 @@ async def add_acl(ctx: Ctx, volume: str, initiator: str, readonly: bool = False)
                    hint="retry", retry=True)
 
 
+def _stored_names(initiator: Any, wildcard: bool = False) -> tuple[list[str], InvalidArgument | None]:
+    """The names an entry for ``initiator`` may be stored under, to remove it: its normalized
+    (lower-case) form, then the name as given, for entries stored before names were
+    normalized and checked this strictly; and the error if the name is not valid now."""
+    if not isinstance(initiator, str) or not initiator:
+        raise InvalidArgument("an initiator is required: its IQN" + (", or '*'" if wildcard else ""))
+    if wildcard and initiator == "*":
+        return ["*"], None
+    try:
+        name = naming.check_iqn(initiator)
+    except InvalidArgument as e:
+        return [initiator], e
+    return ([name] if name == initiator else [name, initiator]), None
+
+
+async def _delete_first(ctx: Ctx, keys: list[bytes]) -> bool:
+    for key in keys:
+        if await ctx.txn([ctx.t.version(key) > 0], [ctx.delete(key)]):
+            return True
+    return False
+
+
 async def remove_snapshot_acl(ctx: Ctx, ref: str, initiator: str) -> str:
+    names, invalid = _stored_names(initiator)
     snap = await resolve_snapshot(ctx, ref)
-    key = ctx.keys.acl(snap.snapshot_id, initiator)
-    if not await ctx.txn([ctx.t.version(key) > 0], [ctx.delete(key)]):
+    if not await _delete_first(ctx, [ctx.keys.acl(snap.snapshot_id, n) for n in names]):
+        if invalid:
+            raise invalid
         raise NotFound(f"initiator {initiator!r} is not on the ACL of snapshot {ref!r}",
                        hint=f"see `zstore acl list {ref}`")
-    log.info("initiator %s removed from snapshot %s (%s)", initiator, ref, snap.snapshot_id)
-    return initiator
+    log.info("initiator %s removed from snapshot %s (%s)", names[0], ref, snap.snapshot_id)
+    return names[0]
 
 
 async def remove_acl(ctx: Ctx, volume: str, initiator: str) -> str:
     if is_snapshot_ref(volume):
         return await remove_snapshot_acl(ctx, volume, initiator)
+    names, invalid = _stored_names(initiator)
     vol, _ = await find_volume(ctx, volume)
-    key = ctx.keys.acl(vol.volume_id, initiator)
-    if not await ctx.txn([ctx.t.version(key) > 0], [ctx.delete(key)]):
+    if not await _delete_first(ctx, [ctx.keys.acl(vol.volume_id, n) for n in names]):
+        if invalid:
+            raise invalid
         raise NotFound(f"initiator {initiator!r} is not on the ACL of volume {vol.name!r}",
                        hint=f"see `zstore acl list {vol.name}`")
-    log.info("initiator %s removed from volume %s", initiator, vol.name)
-    return initiator
+    log.info("initiator %s removed from volume %s", names[0], vol.name)
+    return names[0]
 
 
 async def list_snapshot_acl(ctx: Ctx, ref: str) -> tuple[Snapshot, list[AclEntry]]:
@@ -161,10 +187,12 @@ async def _chap_target(ctx: Ctx, target: str) -> str:
         raise InvalidArgument("a target is required: a target IQN, a volume name, or '*'")
     if target == "*":
         return target
-    if target.startswith("iqn."):
-        if not any(t.iqn == target for _, t in await ctx.list(ctx.keys.targets(), Target)):
-            raise NotFound(f"target {target!r} not found", hint="see `zstore target list`")
-        return target
+    if target[:4].lower() == "iqn.":
+        wanted = naming.normalize_iqn(target.strip())
+        for _, t in await ctx.list(ctx.keys.targets(), Target):
+            if naming.normalize_iqn(t.iqn) == wanted:
+                return t.iqn
+        raise NotFound(f"target {target!r} not found", hint="see `zstore target list`")
     if is_snapshot_ref(target):
         m, _ = await snapshot_exports.export_state(ctx, (await _exported_snapshot(ctx, target))[0].snapshot_id)
         if m is None:
@@ -210,13 +238,13 @@ async def set_chap(ctx: Ctx, body: dict[str, Any]) -> ChapRecord:
 
 async def clear_chap(ctx: Ctx, target: str, initiator: str) -> None:
     target = await _chap_target(ctx, target)
-    if not isinstance(initiator, str) or not initiator:
-        raise InvalidArgument("an initiator is required: its IQN, or '*'")
-    key = ctx.keys.chap(target, initiator)
-    if not await ctx.txn([ctx.t.version(key) > 0], [ctx.delete(key)]):
+    names, invalid = _stored_names(initiator, wildcard=True)
+    if not await _delete_first(ctx, [ctx.keys.chap(target, n) for n in names]):
+        if invalid:
+            raise invalid
         raise NotFound(f"no CHAP credentials for initiator {initiator!r} on target {target!r}",
                        hint="see `zstore chap list`")
-    log.info("CHAP credentials cleared for initiator %s on target %s", initiator, target)
+    log.info("CHAP credentials cleared for initiator %s on target %s", names[0], target)
 
 
 async def list_chap(ctx: Ctx) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 
 from .errors import InvalidArgument
 
@@ -23,10 +24,14 @@ MAX_LUNS_PER_TARGET = 255          # LUN numbers 1..255; LUN 0 is left unused
 COMPANY_ID = 0x5A5354
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# RFC 3720 3.2.6.3: iqn.yyyy-mm.reversed.domain[:anything], or eui.<16 hex>, or naa.<16|32 hex>
+# RFC 3720 3.2.6.3: iqn.yyyy-mm.reversed.domain[:anything], or eui.<16 hex>, or naa.<16|32 hex>,
+# matched after normalization (lower case), so hex digits and the domain are lower case here.
 _IQN_RE = re.compile(
-    r"^(iqn\.\d{4}-\d{2}\.[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[^\s]+)?|eui\.[0-9A-Fa-f]{16}"
-    r"|naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?)$")
+    r"iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:.+)?"
+    r"|eui\.[0-9a-f]{16}|naa\.[0-9a-f]{16}([0-9a-f]{16})?", re.ASCII | re.DOTALL)
+# RFC 3720 3.2.6.2: the ASCII characters of a (normalized) iSCSI name.
+_IQN_ASCII = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.:-")
+MAX_ISCSI_NAME_BYTES = 223
 
 
 class NameError_(InvalidArgument):
@@ -41,12 +46,30 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+def normalize_iqn(name: str) -> str:
+    """The stringprep-style form of an iSCSI name (RFC 3722): case folded and NFKC (folded
+    again after NFKC, which can make capitals: U+210C is H). iSCSI names are
+    case-insensitive, so names are stored and compared in this form."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
+def _iqn_char_ok(c: str) -> bool:
+    if c < "\x80":
+        return c in _IQN_ASCII
+    return unicodedata.category(c)[0] in "LNM"      # no spaces, controls, symbols, punctuation
+
+
 def check_iqn(iqn: str) -> str:
-    if not isinstance(iqn, str) or len(iqn) > 223 or not _IQN_RE.fullmatch(iqn.strip()):
-        raise NameError_(
-            f"invalid initiator name {iqn!r}: expected an iSCSI name such as "
-            "iqn.2004-10.com.example:host1 (lower case), eui.<16 hex> or naa.<hex>")
-    return iqn.strip()
+    """An initiator's iSCSI name, normalized to lower case; NameError_ if it is not one."""
+    if isinstance(iqn, str):
+        name = normalize_iqn(iqn.strip())
+        if (len(name.encode("utf-8", "surrogatepass")) <= MAX_ISCSI_NAME_BYTES
+                and _IQN_RE.fullmatch(name) and all(_iqn_char_ok(c) for c in name)):
+            return name
+    raise NameError_(
+        f"invalid initiator name {iqn!r:.100}: expected an iSCSI name such as "
+        "iqn.2004-10.com.example:host1, eui.<16 hex> or naa.<16 or 32 hex>; "
+        "the ASCII characters allowed are letters, digits, '.', ':' and '-'")
 
 
 def target_iqn(cluster_id: str, index: int) -> str:

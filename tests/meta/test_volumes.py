@@ -363,3 +363,56 @@ async def test_a_snapshot_made_while_its_volume_is_deleted_keeps_the_volume(ctx,
     kept, _ = await ctx.get(ctx.keys.volume(vol.volume_id), Volume)
     assert made and kept is not None and kept.state == "deleted"
     assert (await ctx.get(ctx.keys.snapshot(made[0].snapshot_id), type(made[0])))[0] is not None
+
+
+async def test_an_upper_case_iqn_names_the_same_acl_entry_as_the_lower_case_one(ctx):
+    """RFC 3720 3.2.6.2: iSCSI names are case-insensitive; the ACL keeps the lower-case form."""
+    await volumes.create_volume(ctx, "v", "1Gi", 1)
+    a = await exports.add_acl(ctx, "v", "IQN.2004-10.com.Example:Host1")
+    b = await exports.add_acl(ctx, "v", "iqn.2004-10.com.example:host1")
+    assert a.initiator == b.initiator == "iqn.2004-10.com.example:host1" and a.added == b.added
+    _, entries = await exports.list_acl(ctx, "v")
+    assert [e.initiator for e in entries] == ["iqn.2004-10.com.example:host1"]
+    assert await exports.remove_acl(ctx, "v", "iqn.2004-10.com.EXAMPLE:HOST1") == "iqn.2004-10.com.example:host1"
+    assert (await exports.list_acl(ctx, "v"))[1] == []
+
+
+@pytest.mark.parametrize("bad", ["iqn.2004-10.com.example:a/b", "iqn.2004-10.com.example:a\x00",
+                                 "iqn.2004-10.com.example:a_b", "iqn.2004-10.com.example:*"])
+async def test_acl_and_chap_refuse_invalid_iscsi_names(ctx, bad):
+    await volumes.create_volume(ctx, "v", "1Gi", 1)
+    with pytest.raises(InvalidArgument):
+        await exports.add_acl(ctx, "v", bad)
+    with pytest.raises(InvalidArgument):
+        await exports.remove_acl(ctx, "v", bad)
+    with pytest.raises(InvalidArgument):
+        await exports.set_chap(ctx, {"target": "v", "initiator": bad, "user": "u",
+                                     "secret": "supersecret123"})
+    assert (await exports.list_acl(ctx, "v"))[1] == [] and await exports.list_chap(ctx) == []
+
+
+async def test_entries_stored_before_normalization_can_still_be_removed(ctx):
+    """An ACL entry or CHAP record written under an upper-case or now-invalid name by an older
+    version is not lost: removing it by the name it was stored under still works."""
+    from zstore.records import AclEntry, ChapRecord
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    target = await exports.target_iqn_of(ctx, vol)
+    for name in ("iqn.2004-10.com.example:Old", "iqn.2004-10.com.example:old_one"):
+        await ctx.txn([], [ctx.put(ctx.keys.acl(vol.volume_id, name),
+                                   AclEntry(volume_id=vol.volume_id, initiator=name, readonly=False)),
+                           ctx.put(ctx.keys.chap(target, name),
+                                   ChapRecord(target=target, initiator=name, user="u", secret="supersecret123",
+                                              mutual_user=None, mutual_secret=None, changed=1.0))])
+        await exports.remove_acl(ctx, "v", name)
+        await exports.clear_chap(ctx, "v", name)
+    assert (await exports.list_acl(ctx, "v"))[1] == [] and await exports.list_chap(ctx) == []
+
+
+async def test_chap_is_set_and_cleared_under_the_lower_case_name(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    target = await exports.target_iqn_of(ctx, vol)
+    rec = await exports.set_chap(ctx, {"target": target.upper(), "initiator": "iqn.2004-10.com.Example:H1",
+                                       "user": "u1", "secret": "supersecret123"})
+    assert (rec.target, rec.initiator) == (target, "iqn.2004-10.com.example:h1")
+    await exports.clear_chap(ctx, "v", "IQN.2004-10.COM.EXAMPLE:H1")
+    assert await exports.list_chap(ctx) == []
