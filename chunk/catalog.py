@@ -125,6 +125,12 @@ class Catalog:
                 return rec
         return None
 
+    @property
+    def synced(self) -> bool:
+        """Every section has had its first full listing. Before that the mirror is partial
+        (a target without its LUNs or ACLs, or nothing at all), so answers from it are wrong."""
+        return len(self._synced) == len(self._sections()) and all(e.is_set() for e in self._synced.values())
+
     def on_change(self, fn: Callable[[str], None]) -> None:
         """Call ``fn(kind)`` after each change (kind: targets|luns|volumes|snapshots|acl|chap)."""
         self._listeners.append(fn)

@@ -256,7 +256,9 @@ class ChunkServer:
         engine = self.engine = self.storage_engine(etcd, keys)
         starting = asyncio.ensure_future(engine.run_start(stop))
         target = self.frontend(catalog, engine.open)
-        # Listen at once; until the catalog's first listing arrives, logins find no target.
+        # Listen at once; until the catalog's first listing arrives (``catalog.synced``), the
+        # built-in target answers logins "service unavailable", which initiators retry. A
+        # restart within the TTL meets logins that early: the old process's live key remains.
         syncing = asyncio.ensure_future(catalog.start(stop))
         # Live (the key that makes redirectors send initiators here) only once the catalog
         # holds its first listing.

@@ -66,7 +66,10 @@ class ChapSecrets(Protocol):
 class LoginPolicy(Protocol):
     """What login asks the cluster. Implemented over the catalog (and by the redirector)."""
 
-    def target_exists(self, target_iqn: str) -> bool: ...
+    def target_exists(self, target_iqn: str) -> bool:
+        """Any method may raise LoginError to refuse with its status, e.g. 0x0301 (service
+        unavailable, which initiators retry) while the policy's own state is still loading."""
+        ...
 
     def chap_for(self, target_iqn: str | None, initiator: str) -> ChapSecrets | None:
         """Credentials the initiator must prove, None if no CHAP is required.

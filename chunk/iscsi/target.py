@@ -26,6 +26,8 @@ from chunk import scsi
 from chunk.catalog import Catalog, LunExport
 from chunk.lun_device import open_export
 
+from .constants import LoginStatus
+from .errors import LoginError
 from .login import LoginResult, login
 from .negotiation import TargetPreferences
 from .session import Session
@@ -157,10 +159,19 @@ class LoginPolicyImpl:
     def __init__(self, target: "IscsiTarget"):
         self.t = target
 
+    def _check_synced(self) -> None:
+        """Until the catalog has its first listing, refuse logins as retryable (0x0301): an
+        unknown target (0x0203) may be taken as final, and an ACL not yet loaded hides LUNs.
+        A chunk server restarted within its lease TTL gets logins this early."""
+        if not self.t.catalog.synced:
+            raise LoginError("the export catalog is still loading", LoginStatus.SERVICE_UNAVAILABLE)
+
     def target_exists(self, iqn: str) -> bool:
+        self._check_synced()
         return self.t.catalog.target(iqn) is not None
 
     def chap_for(self, target_iqn: str | None, initiator: str):
+        self._check_synced()           # discovery sessions ask only this
         return self.t.catalog.chap_for(target_iqn or "*", initiator)
 
     def redirect(self, initiator: str, target_iqn: str | None) -> str | None:

@@ -75,3 +75,56 @@ async def test_session_view_caches_units_until_the_catalog_changes(catalog_setup
     assert opened == [False, True]
     await exports.remove_acl(ctx, "v", H1)
     await async_wait_for(lambda: view.unit(vol.lun) is None, 5, "ACL removal mirrored")
+
+
+async def test_target_refuses_logins_as_retryable_until_the_catalog_has_its_first_listing(
+        etcd_client, etcd_config):
+    """A chunk server restarted within its lease TTL still shows live (the old process's key)
+    and listens before its catalog is loaded. A login then must get 0x0301 (service unavailable,
+    retried by initiators), not 0x0203 (target not found, which may be final) or a session that
+    sees no LUNs; once the first listing is in, the same login works."""
+    import asyncio
+
+    from chunk.blockdev import MemoryBlockDevice
+    from chunk.catalog import Catalog
+    from chunk.iscsi.constants import LoginStatus
+    from chunk.iscsi.target import IscsiTarget, TargetConfig
+    from tests.chunk.iscsi.test_login import Client
+    from tests.cluster import free_port
+    from tests.meta.helpers import make_ctx, register_chunk
+
+    ctx = make_ctx(etcd_client, etcd_config)
+    await register_chunk(ctx, "c0")
+    await volumes.create_volume(ctx, "v", "1Gi", 1)
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    await exports.add_acl(ctx, "v", H1)
+    cat = Catalog(etcd_client, ctx.keys)        # its first listing is held back: not started yet
+    target = IscsiTarget(TargetConfig(port=free_port()), cat,
+                         lambda volume, readonly, view_seq=0: MemoryBlockDevice(1 << 20, readonly=readonly))
+    stop = asyncio.Event()
+    await target.start()
+
+    async def login(session: str, target_name: str | None) -> int:
+        c = Client(*await asyncio.open_connection("127.0.0.1", target.cfg.port))
+        try:
+            pairs = [("InitiatorName", H1), ("SessionType", session)]
+            if target_name:
+                pairs.append(("TargetName", target_name))
+            resp, _ = await c.step(pairs + [("AuthMethod", "None")], csg=0, nsg=1, transit=True)
+            return resp.status
+        finally:
+            c.close()
+
+    try:
+        assert not cat.synced
+        assert await login("Normal", iqn) == LoginStatus.SERVICE_UNAVAILABLE
+        assert await login("Discovery", None) == LoginStatus.SERVICE_UNAVAILABLE
+        await cat.start(stop)
+        assert cat.synced
+        assert await login("Normal", iqn) == LoginStatus.SUCCESS
+        assert await login("Discovery", None) == LoginStatus.SUCCESS
+        assert await login("Normal", iqn + "x") == LoginStatus.NOT_FOUND
+    finally:
+        stop.set()
+        await target.stop()
+        await cat.close()
