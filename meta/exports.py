@@ -202,10 +202,32 @@ async def _chap_target(ctx: Ctx, target: str) -> str:
     return await target_iqn_of(ctx, vol)
 
 
+CHAP_SECRET_MIN, CHAP_SECRET_MAX = 12, 255      # bytes of UTF-8, as the secret is used
+CHAP_NAME_MAX = 255                             # bytes of UTF-8: an iSCSI text value
+
+
+def _utf8_len(value: str) -> int | None:
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:                  # a lone surrogate from JSON "\ud800"
+        return None
+
+
 def _check_secret(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not 12 <= len(value) <= 255:
-        raise InvalidArgument(f"invalid {what}: must be 12 to 255 characters",
+    """12 to 255 bytes: the secret is used as its UTF-8 bytes, so 'é' counts 2 (never echoed)."""
+    n = _utf8_len(value) if isinstance(value, str) else None
+    if n is None or not CHAP_SECRET_MIN <= n <= CHAP_SECRET_MAX:
+        raise InvalidArgument(f"invalid {what}: must be {CHAP_SECRET_MIN} to {CHAP_SECRET_MAX} bytes of UTF-8 text",
                               hint="RFC 7143 requires CHAP secrets of at least 96 bits")
+    return value
+
+
+def _check_chap_name(value: Any, what: str) -> str:
+    """A CHAP_N value: 1-255 bytes of UTF-8 without control characters (NUL ends a text key)."""
+    n = _utf8_len(value) if isinstance(value, str) else None
+    if n is None or not 1 <= n <= CHAP_NAME_MAX or any(c < " " or c == "\x7f" for c in value):
+        raise InvalidArgument(f"invalid {what} {value!r:.80}: must be 1-{CHAP_NAME_MAX} bytes of "
+                              "UTF-8 text without control characters")
     return value
 
 
@@ -214,14 +236,14 @@ async def set_chap(ctx: Ctx, body: dict[str, Any]) -> ChapRecord:
     initiator = body.get("initiator", "")
     if initiator != "*":
         initiator = naming.check_iqn(initiator)
-    user = body.get("user")
-    if not isinstance(user, str) or not user or len(user) > 255:
-        raise InvalidArgument("a CHAP user name (1-255 characters) is required")
+    user = _check_chap_name(body.get("user"), "CHAP user name")
     secret = _check_secret(body.get("secret"), "CHAP secret")
     logs.redact(secret)
     mutual_user, mutual_secret = body.get("mutual_user"), body.get("mutual_secret")
     if (mutual_user is None) != (mutual_secret is None):
         raise InvalidArgument("mutual CHAP needs both mutual_user and mutual_secret")
+    if mutual_user is not None:
+        mutual_user = _check_chap_name(mutual_user, "mutual CHAP user name")
     if mutual_secret is not None:
         mutual_secret = _check_secret(mutual_secret, "mutual CHAP secret")
         logs.redact(mutual_secret)

@@ -416,3 +416,36 @@ async def test_chap_is_set_and_cleared_under_the_lower_case_name(ctx):
     assert (rec.target, rec.initiator) == (target, "iqn.2004-10.com.example:h1")
     await exports.clear_chap(ctx, "v", "IQN.2004-10.COM.EXAMPLE:H1")
     assert await exports.list_chap(ctx) == []
+
+
+CHAP = {"target": "*", "initiator": "iqn.2004-10.com.example:h1", "user": "u1", "secret": "supersecret123"}
+
+
+@pytest.mark.parametrize("mutual_user", ["", 123, "a\x00b", "a\nb", "x" * 256, "\u00e9" * 128, "\ud800"])
+async def test_a_bad_mutual_user_is_refused_not_stored(ctx, mutual_user):
+    """An empty or non-string mutual user was stored: `chap list` said mutual, the target
+    quietly did one-way CHAP."""
+    with pytest.raises(InvalidArgument, match="mutual CHAP user name"):
+        await exports.set_chap(ctx, {**CHAP, "mutual_user": mutual_user, "mutual_secret": "othersecret456"})
+    assert await exports.list_chap(ctx) == []
+
+
+@pytest.mark.parametrize("user", ["", None, 123, "a\x00b", "x" * 256, "\u00e9" * 128])
+async def test_a_bad_user_is_refused(ctx, user):
+    with pytest.raises(InvalidArgument, match="CHAP user name"):
+        await exports.set_chap(ctx, {**CHAP, "user": user})
+    assert await exports.list_chap(ctx) == []
+
+
+async def test_chap_secret_length_counts_utf8_bytes(ctx):
+    """The secret is used as its UTF-8 bytes, so the 12..255 limits are bytes."""
+    for secret in ("\u00e9" * 128, "\u00e9" * 5 + "x", "\ud800" * 20):    # 256 bytes; 11 bytes; not UTF-8
+        with pytest.raises(InvalidArgument, match="12 to 255 bytes"):
+            await exports.set_chap(ctx, {**CHAP, "secret": secret})
+        with pytest.raises(InvalidArgument, match="12 to 255 bytes"):
+            await exports.set_chap(ctx, {**CHAP, "mutual_user": "t", "mutual_secret": secret})
+    assert await exports.list_chap(ctx) == []
+    await exports.set_chap(ctx, {**CHAP, "secret": "\u00e9" * 6, "mutual_user": "t\u00e9",
+                                 "mutual_secret": "x" + "\u00e9" * 127})          # 12 and 255 bytes
+    [listed] = await exports.list_chap(ctx)
+    assert listed["mutual"] is True and listed["mutual_user"] == "t\u00e9"

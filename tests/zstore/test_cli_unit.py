@@ -275,7 +275,9 @@ def test_prompted_secrets_must_match() -> None:
 @pytest.mark.parametrize("stdin,mutual,match", [
     ("", None, "no CHAP secret on stdin"),
     ("initiator-secret-1\n", "mu", "no mutual CHAP secret on stdin"),
-    ("short\n", None, "12-255 characters"),
+    ("short\n", None, "12-255 bytes"),
+    ("\u00e9" * 130 + "\n", None, "12-255 bytes long in UTF-8 \\(got 260\\)"),   # 130 characters, 260 bytes
+    ("\udcff" * 20 + "\n", None, "not UTF-8 text"),            # undecodable stdin bytes (surrogateescape)
     ("initiator-secret-1\ninitiator-secret-1\n", "mu", "must differ"),
 ])
 def test_bad_secrets_are_refused_without_echoing_them(stdin: str, mutual: str | None, match: str) -> None:
@@ -318,6 +320,23 @@ def test_a_directory_as_config_file_exits_2(tmp_path, capsys) -> None:
     code, out, err = run(["--config", str(tmp_path), "volume", "list"], capsys)
     assert (code, out) == (2, "")
     assert f"cannot read config file {tmp_path}" in err
+
+
+def test_secret_length_counts_utf8_bytes() -> None:
+    """The secret is used as its UTF-8 bytes: six 2-byte characters are 12 bytes, enough."""
+    got = cli.read_chap_secrets(None, None, None, stdin=io.StringIO("\u00e9" * 6 + "\n"), prompt=no_prompt)
+    assert got == ("\u00e9" * 6, None)
+
+
+@pytest.mark.parametrize("mutual_user", ["", "  "])
+def test_an_empty_mutual_user_is_refused_not_dropped(mutual_user: str, capsys, dead_url: str) -> None:
+    """An empty --mutual-user used to send one-way CHAP without a word."""
+    with pytest.raises(errors.InvalidArgument, match="--mutual-user must not be empty"):
+        cli.read_chap_secrets(None, mutual_user, None, stdin=io.StringIO("initiator-secret-1\n"),
+                              prompt=no_prompt)
+    code, out, err = run(["--endpoint", dead_url, "chap", "set", "*", "iqn.2004-10.com.example:h",
+                          "--user", "u", "--mutual-user", mutual_user], capsys)
+    assert (code, out) == (2, "") and "--mutual-user must not be empty" in err
 
 
 def test_chap_set_sends_the_secret_only_in_the_body(fake: FakeMeta, monkeypatch, capsys) -> None:

@@ -27,7 +27,7 @@ from zstore.config import ConfigError, find_config_file, load, read_secret_file
 from zstore.logs import redact, scrub
 from zstore.units import SizeError, parse_size
 
-CHAP_SECRET_MIN, CHAP_SECRET_MAX = 12, 255
+CHAP_SECRET_MIN, CHAP_SECRET_MAX = 12, 255      # bytes of UTF-8, as the meta server counts them
 _GLOBALS = ("config", "state_dir", "endpoint", "json")
 
 
@@ -112,6 +112,9 @@ def read_chap_secrets(secret_file: str | None, mutual_user: str | None,
                       prompt: Callable[[str], str] = getpass.getpass) -> tuple[str, str | None]:
     """Secrets from files, else stdin lines (secret, then mutual secret), else a prompt."""
     stdin = sys.stdin if stdin is None else stdin
+    if mutual_user is not None and not mutual_user.strip():
+        raise errors.InvalidArgument("--mutual-user must not be empty",
+                                     "leave it out to set one-way CHAP")
     if mutual_secret_file and not mutual_user:
         raise errors.InvalidArgument("--mutual-secret-file needs --mutual-user")
     secret = read_secret_file(secret_file, "CHAP secret") if secret_file else None
@@ -127,10 +130,14 @@ def read_chap_secrets(secret_file: str | None, mutual_user: str | None,
     for what, value in (("CHAP secret", secret), ("mutual CHAP secret", mutual)):
         if value is not None:
             redact(value)
-            if not CHAP_SECRET_MIN <= len(value) <= CHAP_SECRET_MAX:
+            try:
+                n = len(value.encode("utf-8"))
+            except UnicodeEncodeError:      # undecodable bytes on stdin; never echo them
+                raise errors.InvalidArgument(f"{what} is not UTF-8 text") from None
+            if not CHAP_SECRET_MIN <= n <= CHAP_SECRET_MAX:
                 raise errors.InvalidArgument(
-                    f"{what} must be {CHAP_SECRET_MIN}-{CHAP_SECRET_MAX} characters long "
-                    f"(got {len(value)})", "RFC 7143 asks for at least 96 bits of secret")
+                    f"{what} must be {CHAP_SECRET_MIN}-{CHAP_SECRET_MAX} bytes long in UTF-8 "
+                    f"(got {n})", "RFC 7143 asks for at least 96 bits of secret")
     if mutual is not None and mutual == secret:
         raise errors.InvalidArgument("the mutual CHAP secret must differ from the CHAP secret")
     return secret, mutual
