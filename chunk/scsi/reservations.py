@@ -8,8 +8,8 @@ unit attentions to establish instead of posting them, and the hot-path check
 
 Not supported, and reported so in REPORT CAPABILITIES: APTPL (persist through
 power loss), SPEC_I_PT, ALL_TG_PT, REGISTER AND MOVE.  PREEMPT AND ABORT is
-executed as PREEMPT: aborting the preempted nexuses' tasks is the transport's
-job (it owns the task lists).
+a PREEMPT here; the unit runs it alone with respect to writes, so that none of
+a preempted nexus's writes lands after it completes (``LogicalUnit._prout``).
 """
 
 from __future__ import annotations

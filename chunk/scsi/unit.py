@@ -42,7 +42,7 @@ from .cdb import U16, U32, U64, lba_len, need
 from .inquiry import BlockLimits, LunIdentity
 from .luns import report_luns_command
 from .nexus import Nexus
-from .reservations import Access, ReservationState
+from .reservations import PREEMPT_AND_ABORT, Access, ReservationState
 from .sense import (ASC_BUS_DEVICE_RESET, ASC_CAPACITY_CHANGED, ASC_MODE_PARAMS_CHANGED,
                     ASC_NO_ADDITIONAL, ASC_POWER_ON_RESET, ASC_SPACE_ALLOC_FAILED_WP,
                     ASC_UNRECOVERED_READ, ASC_WRITE_ERROR, CHECK_CONDITION, DATA_PROTECT,
@@ -389,10 +389,18 @@ class LogicalUnit:
         if self.dev.readonly or self.modes.swp:
             raise write_protected()
 
-    async def _begin_write(self) -> None:
-        while self._exclusive is not None:
-            await self._exclusive.wait()
+    async def _begin_write(self, nexus: Nexus) -> None:
+        if self._exclusive is not None:
+            while self._exclusive is not None:
+                await self._exclusive.wait()
+            self._check_still_allowed(nexus)
         self._inflight += 1
+
+    def _check_still_allowed(self, nexus: Nexus) -> None:
+        """A write that waited may have been aborted meanwhile by a PREEMPT AND ABORT (which
+        runs alone): its reservation check at arrival no longer holds."""
+        if self.reservations.conflicts(nexus, Access.WRITE):
+            raise ReservationConflict()
 
     def _end_write(self) -> None:
         self._inflight -= 1
@@ -400,8 +408,9 @@ class LogicalUnit:
             self._drained.set()
 
     @contextlib.asynccontextmanager
-    async def _atomic(self) -> AsyncIterator[None]:
-        """Run alone with respect to every write of this LU (CAW, ORWRITE)."""
+    async def _atomic(self, nexus: Nexus | None) -> AsyncIterator[None]:
+        """Run alone with respect to every write of this LU (CAW, ORWRITE, PREEMPT AND
+        ABORT); a write (``nexus`` given) checks its reservation again once it runs."""
         async with self._exclusive_lock:
             done = self._exclusive = asyncio.Event()
             try:
@@ -409,17 +418,12 @@ class LogicalUnit:
                     self._drained = asyncio.Event()
                     await self._drained.wait()
                 self._drained = None
+                if nexus is not None:
+                    self._check_still_allowed(nexus)
                 yield
             finally:
                 self._exclusive = None
                 done.set()
-
-    async def _dev_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
-        await self._begin_write()
-        try:
-            await self.dev.write(offset, data, fua)
-        finally:
-            self._end_write()
 
     # ------------------------------------------------------------------------
     # block commands (SBC-3)
@@ -465,7 +469,7 @@ class LogicalUnit:
         # disabled write cache all mean write-through
         fua = bool(flags & 0x08) or not self.modes.wce or code in (
             op.WRITE_VERIFY_10, op.WRITE_VERIFY_12, op.WRITE_VERIFY_16)
-        await self._begin_write()
+        await self._begin_write(nexus)
         try:
             await self.dev.write(lba * bs, data_out, fua)
         finally:
@@ -520,7 +524,7 @@ class LogicalUnit:
             raise data_out_too_short()
         view = memoryview(data_out)
         fua = bool(flags & 0x08) or not self.modes.wce
-        async with self._atomic():
+        async with self._atomic(nexus):
             have = await self.dev.read(lba * bs, half)
             if memoryview(have) != view[:half]:
                 raise miscompare(_first_difference(view[:half], have))
@@ -543,7 +547,7 @@ class LogicalUnit:
         if data_out is None or len(data_out) < nbytes:
             raise data_out_too_short()
         fua = bool(flags & 0x08) or not self.modes.wce
-        async with self._atomic():
+        async with self._atomic(nexus):
             have = await self.dev.read(lba * bs, nbytes)
             merged = (int.from_bytes(have, "big") |
                       int.from_bytes(data_out[:nbytes], "big")).to_bytes(nbytes, "big")
@@ -572,7 +576,7 @@ class LogicalUnit:
                 raise data_out_too_short()
             block = bytes(data_out[:bs])
         offset, length = lba * bs, n * bs
-        await self._begin_write()
+        await self._begin_write(nexus)
         try:
             if block.count(0) != bs:
                 await self._write_pattern(offset, length, block)
@@ -628,7 +632,7 @@ class LogicalUnit:
             if n:
                 ranges.append((lba, n))
         bs = self.block_size
-        await self._begin_write()
+        await self._begin_write(nexus)
         try:
             for lba, n in ranges:
                 await self.dev.unmap(lba * bs, n * bs)
@@ -761,7 +765,15 @@ class LogicalUnit:
         plen = U32(cdb, 5)[0]
         if plen == 24 and (data_out is None or len(data_out) < 24):
             raise data_out_too_short()
-        uas = await self.reservations.prout(nexus, cdb, bytes(data_out or b"")[:24])
+        params = bytes(data_out or b"")[:24]
+        if cdb[1] & 0x1F == PREEMPT_AND_ABORT:
+            # SPC-4 5.13.11.2.4: the preempted nexuses' tasks are aborted before this
+            # completes. Here: writes in flight finish first, and writes not yet started
+            # find the new state when they run, so none of theirs lands after the answer.
+            async with self._atomic(None):
+                uas = await self.reservations.prout(nexus, cdb, params)
+        else:
+            uas = await self.reservations.prout(nexus, cdb, params)
         for n, asc in uas:
             self._post(n, asc)
         return None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
 
+from chunk.blockdev import MemoryBlockDevice
 from chunk.scsi import Nexus
 from chunk.scsi.reservations import transport_id
 
@@ -259,3 +261,43 @@ async def test_lun_reset_drops_spc2_but_keeps_persistent_reservations():
     lu2.reset(H1)
     check(await run(lu2, TUR, nexus=H1), 0x6, 0x29, 0x03)
     good(await run(lu2, write10(0, 1), bytes(512), nexus=H2))
+
+
+class _GatedDevice(MemoryBlockDevice):
+    """Writes wait for ``gate`` while it is set: a write that is slow on the device."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.gate: asyncio.Event | None = None
+
+    async def write(self, offset, data, fua=False):
+        if self.gate is not None:
+            await self.gate.wait()
+        await super().write(offset, data, fua)
+
+
+async def test_preempt_and_abort_lets_no_write_of_the_preempted_host_land_after_it():
+    """PREEMPT AND ABORT answered GOOD while the preempted host's writes were still running
+    or queued, and they then landed: fence_scsi and cluster managers rely on nothing of the
+    fenced host reaching the disk after the PR OUT completes. A write already on the device
+    now finishes first; one that arrived meanwhile gets RESERVATION CONFLICT."""
+    dev = _GatedDevice(1 << 20)
+    lu = make_lu(dev)
+    await register(lu, H1, K1)
+    await register(lu, H2, K2)
+    good(await out(lu, H1, RESERVE, K1, rtype=WE_RO))
+    dev.gate = asyncio.Event()
+    on_device = asyncio.create_task(run(lu, write10(0, 1), b"\x01" * 512, nexus=H1))
+    await asyncio.sleep(0.05)
+    preempt = asyncio.create_task(out(lu, H2, PREEMPT_ABORT, K2, K1, rtype=WE_RO))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(run(lu, write10(1, 1), b"\x02" * 512, nexus=H1))
+    await asyncio.sleep(0.05)
+    assert not preempt.done(), "PREEMPT AND ABORT completed with a write of H1 still running"
+    dev.gate.set()
+    good(await asyncio.wait_for(preempt, 5))
+    assert on_device.done() and on_device.result().status == 0
+    assert (await asyncio.wait_for(queued, 5)).status == 0x18
+    assert bytes(await dev.read(512, 512)) == bytes(512)
+    assert await reservation(lu) == (K2, WE_RO)
+    assert not await can_write(lu, H1) and await can_write(lu, H2)
