@@ -266,7 +266,7 @@ async def delete_volume(ctx: Ctx, ref: str, force: bool = False) -> str:
         if await ctx.txn(compare, ops):
             log.info("volume %s (%s) deleted%s%s", vol.name, vol.volume_id, " (forced)" if acl else "",
                      f"; kept as a tombstone for {len(snaps)} snapshot(s)" if snaps else "")
-            await collect_garbage(ctx)
+            await _collect_garbage_after(ctx, f"deleting volume {vol.name}")
             return vol.volume_id
     raise Conflict(f"could not delete volume {ref!r}: too much concurrent change", hint="retry", retry=True)
 
@@ -337,8 +337,20 @@ async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) 
         raise Conflict(f"could not delete snapshot {snap.name!r}: too much concurrent change", hint="retry", retry=True)
     log.info("snapshot %s (%s) deleted%s", snap.name, snap.snapshot_id,
              f"; kept for {len(clones)} clone(s)" if clones else "")
-    await collect_garbage(ctx)
+    await _collect_garbage_after(ctx, f"deleting snapshot {snap.name} ({snap.snapshot_id})")
     return snap.snapshot_id
+
+
+async def _collect_garbage_after(ctx: Ctx, what: str) -> None:
+    """Garbage collection after a delete has committed: best effort. The delete stands
+    whatever happens here, so a failure (leadership lost, etcd unreachable) is logged, not
+    answered: an error would make the client retry a delete that is done and get 404.
+    Tombstones left behind are collected by the next delete's run (it scans them all)."""
+    try:
+        await collect_garbage(ctx)
+    except Exception as e:                  # noqa: BLE001 - logged; cancellation still propagates
+        log.warning("garbage collection after %s failed; the delete stands and the next "
+                    "delete collects again: %s: %s", what, type(e).__name__, e)
 
 
 async def collect_garbage(ctx: Ctx) -> None:

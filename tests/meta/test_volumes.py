@@ -6,7 +6,8 @@ import pytest
 
 from meta import chunks, exports, volops, volumes
 from tests.meta.helpers import GiB, make_ctx, register_chunk
-from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound
+from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound, Unavailable
+from zstore.etcd import EtcdUnavailable
 from zstore.records import LunMapping, Target, Volume
 
 
@@ -449,3 +450,33 @@ async def test_chap_secret_length_counts_utf8_bytes(ctx):
                                  "mutual_secret": "x" + "\u00e9" * 127})          # 12 and 255 bytes
     [listed] = await exports.list_chap(ctx)
     assert listed["mutual"] is True and listed["mutual_user"] == "t\u00e9"
+
+
+@pytest.mark.parametrize("error", [Unavailable("this meta server is no longer the leader"),
+                                   EtcdUnavailable("etcd went away")], ids=["lost-leadership", "etcd"])
+async def test_a_failing_garbage_collection_does_not_fail_a_committed_delete(ctx, monkeypatch, caplog, error):
+    """The delete has committed when GC runs; a GC error answered 503/500, the CLI retried
+    and got 404. Now GC is best effort: logged, and the next delete collects again."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    first, _ = await volops.create_snapshot(ctx, "v", "s1")
+    snap, _ = await volops.create_snapshot(ctx, "v", "s2")
+    real = volumes.collect_garbage
+
+    async def failing(ctx_):
+        raise error
+    monkeypatch.setattr(volumes, "collect_garbage", failing)
+    assert await volumes.delete_snapshot(ctx, "v", "s1") == first.snapshot_id
+    assert await volumes.delete_volume(ctx, "v") == vol.volume_id          # tombstone: s2 refers to it
+    assert await volumes.delete_snapshot_by_id(ctx, snap.snapshot_id) == snap.snapshot_id
+    assert "garbage collection after deleting snapshot s1" in caplog.text
+    assert "garbage collection after deleting volume v failed" in caplog.text and str(error) in caplog.text
+    with pytest.raises(NotFound):
+        await volumes.find_volume(ctx, "v")
+    assert await volumes.list_snapshots(ctx) == []
+    stale, _ = await ctx.get(ctx.keys.volume(vol.volume_id), Volume)
+    assert stale is not None and stale.state == "deleted"                  # left for a later run
+    monkeypatch.setattr(volumes, "collect_garbage", real)
+    await volumes.create_volume(ctx, "w", "1Gi", 1)
+    await volumes.delete_volume(ctx, "w")                                   # its GC collects it
+    assert await ctx.get_raw(ctx.keys.volume(vol.volume_id)) is None
+    assert await ctx.get_raw(ctx.keys.snapshot(snap.snapshot_id)) is None
