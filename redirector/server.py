@@ -102,9 +102,14 @@ def validate(cfg: Config) -> None:
     """Everything checkable before touching the network; fills in the default id."""
     r = cfg.redirector
     try:
-        ipaddress.ip_address(r.vip)
+        vip = ipaddress.ip_address(r.vip)
     except ValueError:
         raise ConfigError(f"redirector.vip: {r.vip!r} is not an IP address") from None
+    # The portal listens on the VIP and SendTargets advertises it: it must name one host.
+    for bad, what in ((vip.is_unspecified, "the wildcard address"), (vip.is_multicast, "a multicast address"),
+                      (vip.is_link_local, "a link-local address")):
+        if bad:
+            raise ConfigError(f"redirector.vip: {r.vip} is {what}; it must be one host's unicast address")
     if not 1 <= r.port <= 65535:
         raise ConfigError(f"redirector.port: {r.port} is not a port (1-65535)")
     if not 1 <= r.lease_ttl <= 600:

@@ -22,6 +22,16 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["--vip", "not-an-ip"], "redirector.vip: 'not-an-ip' is not an IP address"),
+    # The portal listens on the VIP and SendTargets advertises it: one host's unicast address only.
+    (["--vip", "0.0.0.0"], "redirector.vip: 0.0.0.0 is the wildcard address; "
+                           "it must be one host's unicast address"),
+    (["--vip", "::"], "redirector.vip: :: is the wildcard address; it must be one host's unicast address"),
+    (["--vip", "224.0.0.1"], "redirector.vip: 224.0.0.1 is a multicast address; "
+                             "it must be one host's unicast address"),
+    (["--vip", "169.254.0.9"], "redirector.vip: 169.254.0.9 is a link-local address; "
+                               "it must be one host's unicast address"),
+    (["--vip", "fe80::1"], "redirector.vip: fe80::1 is a link-local address; "
+                           "it must be one host's unicast address"),
     (["--port", "0"], "redirector.port: 0 is not a port (1-65535)"),
     (["--login-timeout", "0"], "redirector.login_timeout: 0.0 must be in (0, 300] seconds"),
     (["--max-connections", "many"], "redirector.max_connections: 'many' is not a valid int"),
