@@ -182,6 +182,7 @@ class ChunkServer:
         self.disks = disks
         self.hostname = socket.gethostname()
         self._states: dict[str, str] = {}
+        self._probe: list[dict[str, Any]] = []      # the last probe's records
         self.engine: StorageEngine | None = None
 
     def info(self, disk_records: list[dict[str, Any]]) -> ChunkInfo:
@@ -192,10 +193,22 @@ class ChunkServer:
 
     async def probe_disks(self) -> list[dict[str, Any]]:
         records = await asyncio.to_thread(zdisks.probe_all, self.disks)
+        self.probed(records)
+        return records
+
+    def probed(self, records: list[dict[str, Any]]) -> None:
+        """Take a probe's verdicts: the extent store puts no new extent on a disk the probe
+        failed (unmounted, swapped, read-only), whose statvfs may well be the root
+        filesystem's; then the records get the store's own view, and changes are logged."""
+        self._probe = records
         if self.engine is not None:
+            self._tell_store(self.engine.store)
             self._merge_store_view(records, self.engine.store.usage())
         self._log_changes(records)
-        return records
+
+    def _tell_store(self, store) -> None:
+        for r in self._probe:
+            store.set_probe_error(r["path"], (r.get("error") or "failed") if r["state"] == "failed" else None)
 
     @staticmethod
     def _merge_store_view(records: list[dict[str, Any]], usage: list[dict[str, Any]]) -> None:
@@ -204,11 +217,11 @@ class ChunkServer:
         by_path = {u["path"]: u for u in usage}
         for r in records:
             u = by_path.get(r["path"])
-            if u is None or r["state"] != "ok":
+            if u is None or r["state"] == "failed":
                 continue
             if u["state"] == "failed":
                 r["state"] = "failed"
-                r["error"] = "the extent store cannot use it"
+                r["error"] = f"the extent store cannot use it: {u.get('error')}"
             elif u["state"] == "full" or u["capacity"] - u["used"] < EXTENT_SIZE:
                 r["state"] = "full"
 
@@ -234,12 +247,14 @@ class ChunkServer:
     def storage_engine(self, etcd, keys: Keys) -> StorageEngine:
         c = self.cfg.chunk
         usable = [(str(d.path), d.spec.capacity) for d in self.disks if d.error is None]
-        return StorageEngine(etcd, keys, self.chunk_id, usable, listen=(c.address, c.data_port),
-                             token=read_secret_file(self.cfg.client.token_file, "meta token"),
-                             meta_ca=self.cfg.client.ca_file, replica_timeout=c.replica_timeout,
-                             min_write_replicas=c.min_write_replicas,
-                             recovery_rate=c.recovery_rate * 2**20, scrub_rate=c.scrub_rate * 2**20,
-                             scrub_interval=c.scrub_interval)
+        engine = StorageEngine(etcd, keys, self.chunk_id, usable, listen=(c.address, c.data_port),
+                               token=read_secret_file(self.cfg.client.token_file, "meta token"),
+                               meta_ca=self.cfg.client.ca_file, replica_timeout=c.replica_timeout,
+                               min_write_replicas=c.min_write_replicas,
+                               recovery_rate=c.recovery_rate * 2**20, scrub_rate=c.scrub_rate * 2**20,
+                               scrub_interval=c.scrub_interval)
+        self._tell_store(engine.store)        # the startup probe's verdicts, before any CREATE
+        return engine
 
     def frontend(self, catalog: Catalog, open_device):
         """The iSCSI frontend over the volumes: the built-in target, or LIO + TCMU."""
@@ -336,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     disks = [zdisks.prepare(s) for s in specs]
     server = ChunkServer(cfg, chunk_id, disks)
     records = zdisks.probe_all(disks)
-    server._log_changes(records)
+    server.probed(records)
     if zdisks.all_failed(records):
         reasons = "; ".join(f"{r['path']}: {r.get('error')}" for r in records)
         log.error("every disk failed (%s); not starting", reasons)

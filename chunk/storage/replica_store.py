@@ -47,8 +47,9 @@ so flushed writes survive a host crash; an unflushed block torn on disk fails
 its checksum (``ChecksumError``), it is never returned silently.
 
 Errors: ENOSPC/EDQUOT from the file system -> ``StoreFull`` and the disk is
-marked full (until a delete or trim frees space on it); other ``OSError`` ->
-``StoreIOError``; checksum failures -> ``ChecksumError``; stale epochs ->
+marked full (until a delete or trim frees space on it); EROFS marks the disk
+failed (so does EIO in ``create``, which then tries another disk); other
+``OSError`` -> ``StoreIOError``; checksum failures -> ``ChecksumError``; stale epochs ->
 ``StaleEpochError``.  Calls are synchronous (page-cache I/O); only ``flush``,
 ``fua`` writes and COW writes wait for the device.
 """
@@ -261,13 +262,26 @@ class _Versions:
         self.path.unlink(missing_ok=True)
 
 
+_DISK_GONE = (errno.EROFS, errno.EIO)    # a create failing so tries another disk
+
+
 @dataclass
 class _Disk:
     path: Path
     limit: int | None
-    failed: bool = False
+    failed: bool = False          # the store saw it fail (EIO, EROFS): until a restart
     enospc: bool = False
     replicas: set = field(default_factory=set)     # (vid, idx) on this disk
+    error: str | None = None                       # why it failed
+    probe_error: str | None = None  # the server's last disk probe failed it (set_probe_error)
+
+    def placeable(self) -> bool:
+        return not (self.failed or self.enospc or self.probe_error)
+
+    def fail(self, why: str) -> None:
+        if not self.failed:
+            log.error("disk %s failed: %s; no new extents there", self.path, why)
+        self.failed, self.error = True, self.error or why
 
 
 class _Replica:
@@ -420,8 +434,8 @@ class ReplicaStore:
                 disk.path.mkdir(parents=True, exist_ok=True)
                 self.bad.extend(self.fence.scan(disk.path))
                 headers = sorted(disk.path.glob("*.hdr"))
-            except OSError:
-                disk.failed = True
+            except OSError as e:
+                disk.fail(f"it did not open: {e}")
                 continue
             for hdr in headers:
                 if hdr in self.bad:
@@ -491,7 +505,17 @@ class ReplicaStore:
             if disk is not None:
                 disk.enospc = True
             return StoreFull(str(e))
+        if e.errno == errno.EROFS and disk is not None:
+            disk.fail(str(e))             # remounted read-only: nothing new can go there
         return StoreIOError(str(e))
+
+    def set_probe_error(self, path: str | Path, error: str | None) -> None:
+        """The chunk server's disk probe says the disk at ``path`` failed (``error``: its
+        disk-id vanished, it is read-only...) or is fine again (None). A failed one takes no
+        new extent; what is open on it still serves what it can."""
+        for disk in self._disks:
+            if disk.path == Path(path):
+                disk.probe_error = error
 
     @contextmanager
     def _io(self, disk: _Disk | None) -> Iterator[None]:
@@ -522,7 +546,7 @@ class ReplicaStore:
         return total, total - st.f_bavail * st.f_frsize
 
     def _state(self, disk: _Disk, capacity: int, used: int) -> str:
-        if disk.failed:
+        if disk.failed or disk.probe_error:
             return "failed"
         if disk.enospc or used >= capacity:
             return "full"
@@ -542,9 +566,30 @@ class ReplicaStore:
             self.delete(vid, idx)
         if "/" in vid or vid.startswith(".") or not vid or idx < 0:
             raise ValueError(f"bad extent name {vid!r}/{idx}")
+        # A disk that fails the create (read-only, EIO, full) is marked and the next one
+        # tried: the most free space is often a failed disk's, and would fail every CREATE.
+        tried, last = "", None
+        while (disk := self._place()) is not None:
+            try:
+                self._create_on(disk, vid, idx, generation)
+                return
+            except OSError as e:
+                last = self._fail(disk, e)
+                if e.errno not in _DISK_GONE + (errno.ENOSPC, errno.EDQUOT):
+                    raise last from e
+                if e.errno in _DISK_GONE:
+                    disk.fail(str(e))
+                if self._leftover(disk.path / f"{vid}.{idx}"):
+                    raise last from e       # two copies would meet at the next start
+                log.warning("extent %s/%d: disk %s: %s; trying another disk", vid, idx, disk.path, e)
+                tried += f"; {disk.path}: {e.strerror or e}"
+        raise (type(last) if last else StoreFull)(f"no disk can take extent {vid}/{idx}{tried}")
+
+    def _place(self) -> _Disk | None:
+        """The placeable disk with the most room for one more extent."""
         best, best_free = None, -1
         for disk in self._disks:
-            if disk.failed or disk.enospc:
+            if not disk.placeable():
                 continue
             try:
                 capacity, used = self._used(disk)
@@ -553,25 +598,40 @@ class ReplicaStore:
             free = capacity - used
             if free >= self.extent_size and free > best_free:
                 best, best_free = disk, free
-        if best is None:
-            raise StoreFull(f"no disk can take extent {vid}/{idx}")
-        with self._io(best):
-            base = best.path / f"{vid}.{idx}"
-            # The .seq table before the header: the header marks the extent complete.
-            seq_path = _seq_path(base)
-            fd = os.open(seq_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(fd, self.extent_size // BLOCK_SIZE * 4)
-                os.posix_fallocate(fd, 0, self.extent_size // BLOCK_SIZE * 4)   # as .crc: no ENOSPC later
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            shutil.rmtree(_vdir(base), ignore_errors=True)     # leftovers of a torn delete
-            ExtentFile.create(best.path, vid, idx, generation=generation,
-                              epoch=self.fence.highest(vid),
-                              extent_size=self.extent_size).close()
-            self._replicas[(vid, idx)] = self._open(best, vid, idx)
-            best.replicas.add((vid, idx))
+        return best
+
+    def _create_on(self, disk: _Disk, vid: str, idx: int, generation: int) -> None:
+        base = disk.path / f"{vid}.{idx}"
+        # The .seq table before the header: the header marks the extent complete.
+        seq_path = _seq_path(base)
+        fd = os.open(seq_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, self.extent_size // BLOCK_SIZE * 4)
+            os.posix_fallocate(fd, 0, self.extent_size // BLOCK_SIZE * 4)   # as .crc: no ENOSPC later
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        shutil.rmtree(_vdir(base), ignore_errors=True)     # leftovers of a torn delete
+        ExtentFile.create(disk.path, vid, idx, generation=generation,
+                          epoch=self.fence.highest(vid),
+                          extent_size=self.extent_size).close()
+        self._replicas[(vid, idx)] = self._open(disk, vid, idx)
+        disk.replicas.add((vid, idx))
+
+    @staticmethod
+    def _leftover(base: Path) -> bool:
+        """Remove what a failed create left; True if its header may still be there."""
+        try:
+            _remove_extent(base)
+        except OSError:
+            pass
+        try:
+            os.lstat(base.with_name(base.name + ".hdr"))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return True
 
     def has(self, vid: str, idx: int) -> bool:
         return (vid, idx) in self._replicas
@@ -597,13 +657,17 @@ class ReplicaStore:
     def usage(self) -> list[dict]:
         out = []
         for disk in self._disks:
-            try:
-                capacity, used = self._used(disk)
-            except OSError:
-                disk.failed = True
+            if disk.probe_error:       # its statvfs may be the root filesystem's (unmounted)
                 capacity, used = disk.limit or 0, 0
-            out.append({"path": str(disk.path), "capacity": capacity, "used": used,
-                        "state": self._state(disk, capacity, used)})
+            else:
+                try:
+                    capacity, used = self._used(disk)
+                except OSError as e:
+                    disk.fail(f"statvfs: {e}")
+                    capacity, used = disk.limit or 0, 0
+            state = self._state(disk, capacity, used)
+            out.append({"path": str(disk.path), "capacity": capacity, "used": used, "state": state}
+                       | ({"error": disk.error or disk.probe_error} if state == "failed" else {}))
         return out
 
     # -- metadata --------------------------------------------------------------
@@ -660,7 +724,7 @@ class ReplicaStore:
                 rep.disk.replicas.discard(key)
                 self.broken[key] = (f"a flush failed: {e}", rep.base().with_name(rep.base().name + ".hdr"))
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    rep.disk.failed = True
+                    rep.disk.failed, rep.disk.error = True, rep.disk.error or f"fdatasync: {e}"
                 log.error("extent %s/%d: fdatasync failed (%s): replica broken%s", key[0], key[1], e,
                           "" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f", disk {rep.disk.path} failed")
                 try:

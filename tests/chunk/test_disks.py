@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -80,3 +82,31 @@ def test_id_file_is_created_once_and_validated(tmp_path: Path):
     write_atomic(path, b"garbage\n")
     with pytest.raises(IdentityError, match="not hold a valid id"):
         load_or_create(path)
+
+
+def test_a_disk_whose_id_vanished_gets_no_new_extent(tmp_path: Path):
+    """Unmounted under a running server: the probe fails the disk, and the extent store must
+    not go on placing extents there (on the root filesystem's empty mount point)."""
+    from chunk.server import ChunkServer
+    from chunk.storage.extent_file import BLOCK_SIZE
+    from chunk.storage.replica_store import ReplicaStore
+    size = 32 * BLOCK_SIZE
+    a, b = (disks.prepare(disks.DiskSpec(tmp_path / n, c)) for n, c in (("a", 4 * size), ("b", 8 * size)))
+    server = ChunkServer(None, "c" * 32, [a, b])
+    with ReplicaStore([(d.path, d.spec.capacity) for d in (a, b)], extent_size=size) as store:
+        server.engine = SimpleNamespace(store=store)     # what probe_disks uses of the engine
+        store.create("v", 0, 1)
+        assert store.stat("v", 0)["disk"] == str(b.path)          # b has the most room
+        store.write("v", 0, 0, b"\x77" * BLOCK_SIZE, seq=1)
+        (b.path / disks.DISK_ID_FILE).unlink()
+        recs = {r["path"]: r for r in asyncio.run(server.probe_disks())}
+        assert recs[str(b.path)]["state"] == "failed" and "vanished" in recs[str(b.path)]["error"]
+        store.create("v", 1, 1)
+        assert store.stat("v", 1)["disk"] == str(a.path)
+        assert {u["path"]: u["state"] for u in store.usage()} == {str(a.path): "ok", str(b.path): "failed"}
+        assert store.read("v", 0, 0, BLOCK_SIZE)[0] == b"\x77" * BLOCK_SIZE     # what is there still reads
+        (b.path / disks.DISK_ID_FILE).write_text(b.disk_id + "\n")             # mounted again
+        assert all(r["state"] != "failed" for r in asyncio.run(server.probe_disks()))
+        store.create("v", 2, 1)
+        assert store.stat("v", 2)["disk"] == str(b.path)
+

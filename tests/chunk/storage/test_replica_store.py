@@ -793,3 +793,35 @@ def test_a_trim_closing_a_version_mid_flush_does_not_break_the_replica(store: Re
     assert store.usage()[0]["state"] == "ok"
     store.flush(V, 0)
     assert store.read(V, 0, 0, BLOCK_SIZE)[0] == _pat(BLOCK_SIZE, 2)
+
+
+@pytest.mark.parametrize("err", ["EROFS", "EIO"])
+def test_a_disk_failing_a_create_is_failed_and_the_create_goes_to_another(tmp_path: Path, monkeypatch,
+                                                                         err: str):
+    """Remounted read-only (or EIO): that disk has the most room, so it must be marked failed
+    and the CREATE placed on a healthy disk, not every CREATE of the server failing."""
+    import errno
+    a, b = tmp_path / "a", tmp_path / "b"
+    s = ReplicaStore([(a, 4 * SIZE), (b, 8 * SIZE)], extent_size=SIZE)
+    s.create(V, 0, 1)
+    assert s.stat(V, 0)["disk"] == str(b)
+    s.write(V, 0, 0, _pat(BLOCK_SIZE, 4), seq=1)
+    real, tries = os.open, []
+
+    def open_(path, flags, *args, **kw):
+        if str(path).startswith(f"{b}{os.sep}") and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            tries.append(path)
+            raise OSError(getattr(errno, err), os.strerror(getattr(errno, err)), str(path))
+        return real(path, flags, *args, **kw)
+    monkeypatch.setattr(os, "open", open_)
+    s.create(V, 1, 1)
+    assert s.stat(V, 1)["disk"] == str(a)
+    usage = {u["path"]: u for u in s.usage()}
+    assert usage[str(b)]["state"] == "failed" and os.strerror(getattr(errno, err)) in usage[str(b)]["error"]
+    assert usage[str(a)]["state"] == "ok"
+    assert not list(b.glob(f"{V}.1.*"))
+    assert s.read(V, 0, 0, BLOCK_SIZE)[0] == _pat(BLOCK_SIZE, 4)      # what is there still reads
+    n = len(tries)
+    s.create(V, 2, 1)                     # b is not tried again
+    assert s.stat(V, 2)["disk"] == str(a) and len(tries) == n
+    s.close()
