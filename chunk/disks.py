@@ -4,6 +4,9 @@ A disk is a directory (a mount point, or just a folder for file-backed
 storage). Each gets a ``disk-id`` file when first prepared; a later probe that
 finds a different id (or none) means another filesystem is mounted there now,
 and the disk is reported failed instead of silently storing data elsewhere.
+The chunk server records the ids it gave out (``KNOWN_FILE`` in its data
+dir), so a restart never gives a new id to a path it knew: an empty mount
+point there is a disk that is not mounted, not a new disk.
 
 A failed disk is reported, not fatal: the server keeps serving from the
 others, and the meta leader sees the state in the chunk's records.
@@ -21,9 +24,10 @@ from zstore.config import ConfigError
 from zstore.records import Disk
 from zstore.units import SizeError, parse_size
 
-from .identity import IdentityError, load_or_create, read_id
+from .identity import IdentityError, load_or_create, read_id, write_atomic
 
 DISK_ID_FILE = "disk-id"
+KNOWN_FILE = "disk-ids"       # in the data dir: "<disk id> <path>" per disk ever prepared
 _PROBE_FILE = ".zstore-write-probe"
 _MIN_FREE = 1 << 20          # a filesystem with less than this available is full
 
@@ -68,14 +72,51 @@ class LocalDisk:
         return self.spec.path
 
 
-def prepare(spec: DiskSpec) -> LocalDisk:
-    """Create the directory and its disk-id if missing; a failure marks the disk failed."""
+def prepare(spec: DiskSpec, known_id: str | None = None) -> LocalDisk:
+    """Create the directory and its disk-id if missing; a failure marks the disk failed.
+
+    ``known_id``: the id this server gave the path before. Its disk-id having
+    vanished means the disk is not mounted (or was emptied), so none is
+    written: that would put new extents on whatever filesystem is there now.
+    A path it never prepared is a new disk and gets one.
+    """
     try:
-        spec.path.mkdir(parents=True, exist_ok=True)
+        if known_id is None:
+            spec.path.mkdir(parents=True, exist_ok=True)
+        elif read_id(spec.path / DISK_ID_FILE) is None:      # nor the directory made again
+            return LocalDisk(spec, None, (
+                f"{DISK_ID_FILE} of disk {known_id} vanished (not mounted?); if this is a new "
+                f"disk on purpose, remove its line from the data dir's {KNOWN_FILE}"))
         disk_id, _ = load_or_create(spec.path / DISK_ID_FILE)
         return LocalDisk(spec, disk_id)
     except (OSError, IdentityError) as e:
         return LocalDisk(spec, None, _reason(e))
+
+
+def load_known(data_dir: Path) -> dict[str, str]:
+    """path -> disk id of every disk this server prepared (empty before the first start)."""
+    try:
+        text = (data_dir / KNOWN_FILE).read_text()
+    except FileNotFoundError:
+        return {}
+    known = {}
+    for line in filter(None, (ln.strip() for ln in text.splitlines())):
+        disk_id, _, path = line.partition(" ")
+        if len(disk_id) != 32 or not path:
+            raise IdentityError(f"{data_dir / KNOWN_FILE}: bad line {line[:80]!r}")
+        known[path] = disk_id
+    return known
+
+
+def prepare_all(specs: list[DiskSpec], data_dir: Path) -> list[LocalDisk]:
+    """``prepare`` each disk against the ids recorded in ``data_dir``, then record new ones."""
+    known = load_known(data_dir)
+    disks = [prepare(s, known.get(str(s.path))) for s in specs]
+    now = dict(known) | {str(d.path): d.disk_id for d in disks if d.disk_id is not None}
+    if now != known:
+        write_atomic(data_dir / KNOWN_FILE,
+                     "".join(f"{i} {p}\n" for p, i in sorted(now.items())).encode())
+    return disks
 
 
 def _reason(e: Exception) -> str:

@@ -348,7 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("%s chunk id %s in %s", "created" if created else "using", chunk_id, data_dir)
 
     _raise_fd_limit()
-    disks = [zdisks.prepare(s) for s in specs]
+    try:
+        disks = zdisks.prepare_all(specs, data_dir)
+    except (OSError, IdentityError) as e:
+        fail(f"data dir {data_dir}: {getattr(e, 'strerror', None) or e}", EXIT_SETUP)
     server = ChunkServer(cfg, chunk_id, disks)
     records = zdisks.probe_all(disks)
     server.probed(records)

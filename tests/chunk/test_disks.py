@@ -110,3 +110,23 @@ def test_a_disk_whose_id_vanished_gets_no_new_extent(tmp_path: Path):
         store.create("v", 2, 1)
         assert store.stat("v", 2)["disk"] == str(b.path)
 
+
+def test_a_restart_does_not_reinitialize_a_known_disk_missing_its_id(tmp_path: Path):
+    """A path this server gave an id to and whose disk-id is gone is a disk that is not mounted
+    (an empty mount point), not a new disk: failed, no new id, the directory not re-made."""
+    data = tmp_path / "data"
+    data.mkdir()
+    specs = [disks.DiskSpec(tmp_path / n, 2**30) for n in ("m0", "m1", "m2")]
+    first = disks.prepare_all(specs[:2], data)
+    assert all(d.error is None for d in first)
+    (specs[0].path / disks.DISK_ID_FILE).unlink()
+    specs[1].path.joinpath(disks.DISK_ID_FILE).unlink()
+    specs[1].path.rmdir()
+    again = disks.prepare_all(specs, data)                  # restart, with a new disk m2 added
+    for d in again[:2]:
+        assert d.disk_id is None and "vanished" in d.error
+        assert disks.probe(d)["state"] == "failed"
+    assert not (specs[0].path / disks.DISK_ID_FILE).exists() and not specs[1].path.exists()
+    assert again[2].error is None and again[2].disk_id        # a path it never knew is a new disk
+    (specs[0].path / disks.DISK_ID_FILE).write_text(first[0].disk_id + "\n")   # mounted again
+    assert disks.prepare_all(specs, data)[0].disk_id == first[0].disk_id
