@@ -299,6 +299,14 @@ class Session:
         except Exception:  # noqa: BLE001
             pass
 
+    def post_unit_attention(self, units, asc_ascq: tuple[int, int]) -> None:
+        """Establish a UA for this session's nexus on each of ``units`` (the target's word,
+        e.g. REPORTED LUNS DATA HAS CHANGED); it is reported on the next command there."""
+        for unit in units:
+            post = getattr(unit, "post_unit_attention", None)
+            if post:
+                post(asc_ascq, self.nexus)
+
     @property
     def logout_requested(self) -> bool:
         return self._logout_requested
@@ -477,7 +485,14 @@ class Session:
     def _no_unit_result(self, task: Task):
         cdb = task.cmd.cdb
         if cdb[0] == 0xA0:
-            return self.scsi.report_luns(self.resolver.visible_luns(), cdb)
+            result = self.scsi.report_luns(self.resolver.visible_luns(), cdb)
+            if result.status == ScsiStatus.GOOD:
+                # The initiator has the new inventory: no LU need tell it again (SPC-4 6.33).
+                for unit in self.units_used:
+                    clear = getattr(unit, "clear_unit_attention", None)
+                    if clear:
+                        clear(self.scsi.luns_changed, self.nexus)
+            return result
         return self.scsi.lun_not_supported(cdb)
 
     def _finish_inline(self, task: Task, result) -> None:

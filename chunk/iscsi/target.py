@@ -70,6 +70,10 @@ class Units:
             self._units[ex.unit_key] = unit
         return unit
 
+    def opened(self, ex: LunExport):
+        """The unit already open for this export, or None (never opens one)."""
+        return self._units.get(ex.unit_key)
+
     def close(self) -> None:
         for unit in self._units.values():
             close = getattr(unit.dev, "close", None)
@@ -105,6 +109,7 @@ class ScsiGlue:
         return scsi.report_luns_command(cdb, luns)
 
     lun_not_supported = staticmethod(scsi.lun_not_supported)
+    luns_changed = scsi.sense.ASC_REPORTED_LUNS_CHANGED     # the UA a REPORT LUNS clears
 
     @staticmethod
     def internal_error():
@@ -118,6 +123,7 @@ class SessionView:
         self.t, self.initiator, self.target_iqn = target, initiator, target_iqn
         self._units: dict[int, Any] = {}       # LUN -> unit (or None), for catalog generation _gen
         self._gen = -1
+        self.inventory = self._inventory()     # as last told to the initiator (login, or a UA)
 
     def unit(self, lun: int):
         """Asked on every command: answered from a per-session cache that any catalog
@@ -143,6 +149,21 @@ class SessionView:
         if self.target_iqn is None:
             return []
         return list(self.t.catalog.visible_luns(self.target_iqn, self.initiator))
+
+    def _inventory(self) -> dict[int, str]:
+        """LUN -> the volume or snapshot behind it: what REPORT LUNS data stands for."""
+        if self.target_iqn is None:
+            return {}
+        return {lun: ex.export_id for lun, ex in
+                self.t.catalog.visible_luns(self.target_iqn, self.initiator).items()}
+
+    def inventory_changed(self) -> bool:
+        """Whether the LUNs this session may see changed since last asked (then remembered)."""
+        now = self._inventory()
+        if now == self.inventory:
+            return False
+        self.inventory = now
+        return True
 
     def send_targets(self, which: str) -> list[tuple[str, list[str]]]:
         visible = self.t.catalog.visible_targets(self.initiator)
@@ -187,7 +208,8 @@ class LoginPolicyImpl:
 class IscsiTarget:
     def __init__(self, cfg: TargetConfig, catalog: Catalog, open_device: Callable[..., Any]):
         self.cfg, self.catalog = cfg, catalog
-        self.units = Units(catalog, open_device)
+        self.units = Units(catalog, open_device)     # listens first: closes units before we look
+        catalog.on_change(self._on_catalog)
         self.advertise = cfg.advertise or f"{cfg.host}:{cfg.port}"
         self.sessions: dict[tuple[str, bytes, str | None], Session] = {}
         self.tsihs: set[int] = set()
@@ -240,6 +262,31 @@ class IscsiTarget:
                 fn()
             except Exception:  # noqa: BLE001 - a listener must not break logins
                 log.exception("session listener failed")
+
+    # -- LUN inventory changes ----------------------------------------------------
+
+    def _on_catalog(self, kind: str) -> None:
+        """A session whose visible LUNs changed (a LUN mapped or unmapped, an ACL entry
+        added or removed) gets REPORTED LUNS DATA HAS CHANGED, or hosts never rescan.
+
+        SPC-4 establishes it on every LU for the I_T nexus; it is posted on the LUs the
+        session has used and still sees. One it has not used reports POWER ON first
+        anyway, and the initiator knows nothing of it (a newly mapped LUN). A LUN the
+        session does not see answers LOGICAL UNIT NOT SUPPORTED, never a UA, so a session
+        with no LU in use learns the change from its next REPORT LUNS."""
+        if kind not in ("targets", "luns", "volumes", "snapshots", "acl"):
+            return
+        asc = scsi.sense.ASC_REPORTED_LUNS_CHANGED
+        for (_, _, target_iqn), s in list(self.sessions.items()):
+            view = s.resolver
+            if target_iqn is None or not view.inventory_changed():
+                continue
+            visible = {self.units.opened(ex) for ex in
+                       self.catalog.visible_luns(target_iqn, view.initiator).values()}
+            units = [u for u in s.units_used if u in visible]
+            log.info("LUNs of %s on %s changed: now %s; telling it on %d LUs",
+                     s.nexus.initiator, target_iqn, sorted(view.inventory), len(units))
+            s.post_unit_attention(units, asc)
 
     # -- draining -------------------------------------------------------------------
 

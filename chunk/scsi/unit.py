@@ -362,6 +362,15 @@ class LogicalUnit:
             for n in self._seen:
                 self._post(n, asc_ascq)
 
+    def clear_unit_attention(self, asc_ascq: tuple[int, int], nexus: Nexus) -> None:
+        """Drop one pending UA of a nexus without reporting it (REPORT LUNS clears
+        REPORTED LUNS DATA HAS CHANGED on every LU, SPC-4 6.33)."""
+        q = self._ua.get(nexus)
+        if q and asc_ascq in q:
+            q.remove(asc_ascq)
+            if not q:
+                del self._ua[nexus]
+
     def _post(self, nexus: Nexus, asc: tuple[int, int]) -> None:
         q = self._ua.setdefault(nexus, [])
         if asc not in q and len(q) < _MAX_UAS:

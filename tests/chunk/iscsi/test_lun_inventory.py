@@ -1,0 +1,144 @@
+"""A logged-in initiator is told when the LUNs it may see change (SPC-4 unit attention
+REPORTED LUNS DATA HAS CHANGED, 3F/0E), else Linux, ESXi and Windows never rescan.
+
+Real etcd and meta calls for the catalog, the real target and SCSI layer on loopback
+(memory block devices), and a hand-built initiator that reads every answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from chunk.blockdev import MemoryBlockDevice
+from chunk.catalog import Catalog
+from chunk.iscsi import pdu as P
+from chunk.iscsi.constants import TARGET_OPCODES
+from chunk.iscsi.target import IscsiTarget, TargetConfig
+from chunk.iscsi.text import encode_text
+from meta import exports, volumes
+from tests.cluster import async_wait_for, free_port
+from tests.meta.helpers import make_ctx, register_chunk
+
+H1 = "iqn.2004-10.com.example:h1"
+TUR = bytes(16)
+UA_POWER_ON = (0x06, 0x29, 0x00)
+UA_LUNS_CHANGED = (0x06, 0x3F, 0x0E)
+
+
+class Initiator:
+    """One normal session, logged in with a single operational-stage Login PDU."""
+
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter):
+        self.r, self.w = r, w
+        self.itt, self.cmdsn = 1, 1
+
+    @classmethod
+    async def login(cls, port: int, target_iqn: str) -> "Initiator":
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        pairs = [("InitiatorName", H1), ("SessionType", "Normal"), ("TargetName", target_iqn),
+                 ("HeaderDigest", "None"), ("DataDigest", "None")]
+        w.write(P.LoginRequest(transit=True, csg=1, nsg=3, isid=bytes.fromhex("80aabbccddee"), itt=1,
+                               cid=1, cmdsn=1, expstatsn=0, data=encode_text(pairs)).to_bytes())
+        resp = await asyncio.wait_for(P.read_pdu(r, opcodes=TARGET_OPCODES), 10)
+        assert isinstance(resp, P.LoginResponse) and resp.status == 0 and resp.transit, resp
+        return cls(r, w)
+
+    async def command(self, lun: int, cdb: bytes, expected_length: int = 0):
+        """(status, sense key/ASC/ASCQ or None, data-in) of one command."""
+        self.itt += 1
+        self.w.write(P.ScsiCommand(itt=self.itt, cmdsn=self.cmdsn, lun=P.encode_lun(lun),
+                                   read=expected_length > 0, expected_length=expected_length,
+                                   cdb=cdb.ljust(16, b"\0")).to_bytes())
+        self.cmdsn += 1
+        data = b""
+        while True:
+            pdu = await asyncio.wait_for(
+                P.read_pdu(self.r, max_recv_data_segment_length=1 << 20, opcodes=TARGET_OPCODES), 10)
+            if isinstance(pdu, P.DataIn):
+                data += pdu.data
+                if pdu.status_present:
+                    return pdu.status, None, data
+            elif isinstance(pdu, P.ScsiResponse):
+                s = pdu.sense
+                return pdu.status, ((s[2] & 0x0F, s[12], s[13]) if s else None), data
+
+    async def tur(self, lun: int):
+        return (await self.command(lun, TUR))[:2]
+
+    async def report_luns(self) -> list[int]:
+        status, sense, data = await self.command(1, struct.pack(">B5xIxx", 0xA0, 4096), 4096)
+        assert status == 0, sense
+        n, = struct.unpack_from(">I", data)
+        return [P.decode_lun(struct.unpack_from(">Q", data, 8 + 8 * i)[0]) for i in range(n // 8)]
+
+    def close(self) -> None:
+        self.w.close()
+
+
+@pytest.fixture
+async def served(etcd_client, etcd_config):
+    """(meta ctx, catalog, target iqn, initiator) with volume "a" (LUN 1) visible to H1."""
+    ctx = make_ctx(etcd_client, etcd_config)
+    await register_chunk(ctx, "c0")
+    vol, _ = await volumes.create_volume(ctx, "a", "1Mi", 1)
+    assert vol.lun == 1
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    await exports.add_acl(ctx, "a", H1)
+    stop = asyncio.Event()
+    cat = Catalog(etcd_client, ctx.keys)
+    await cat.start(stop)
+    target = IscsiTarget(TargetConfig(port=free_port()), cat,
+                         lambda volume, readonly, view_seq=0: MemoryBlockDevice(1 << 20, readonly=readonly))
+    await target.start()
+    ini = await Initiator.login(target.cfg.port, iqn)
+    try:
+        yield ctx, cat, iqn, ini
+    finally:
+        ini.close()
+        stop.set()
+        await target.stop()
+        await cat.close()
+
+
+async def test_a_lun_mapped_to_a_logged_in_initiator_is_announced_by_a_unit_attention(served):
+    ctx, cat, iqn, ini = served
+    assert await ini.tur(1) == (2, UA_POWER_ON)
+    assert await ini.tur(1) == (0, None)
+    assert await ini.report_luns() == [1]
+
+    b, _ = await volumes.create_volume(ctx, "b", "1Mi", 1)     # LUN 2, not on H1's ACL yet
+    await async_wait_for(lambda: any(lun == b.lun for _, lun in cat.luns), 5, "LUN 2 mirrored")
+    assert await ini.tur(1) == (0, None)                        # nothing this initiator sees changed
+    await exports.add_acl(ctx, "b", H1)
+    await async_wait_for(lambda: cat.lun_access(iqn, H1, b.lun), 5, "the ACL entry mirrored")
+    assert await ini.tur(1) == (2, UA_LUNS_CHANGED)
+    assert await ini.report_luns() == [1, b.lun]
+    assert await ini.tur(1) == (0, None)
+    assert await ini.tur(b.lun) == (2, UA_POWER_ON)             # a new LU to this nexus
+    assert await ini.tur(b.lun) == (0, None)
+
+    # Taken away again: LUN 1, the LU it used and still sees, tells it.
+    await exports.remove_acl(ctx, "b", H1)
+    await async_wait_for(lambda: cat.lun_access(iqn, H1, b.lun) is None, 5, "the ACL removal mirrored")
+    assert await ini.tur(1) == (2, UA_LUNS_CHANGED)
+    assert await ini.report_luns() == [1]
+
+
+async def test_report_luns_clears_the_unit_attention_on_every_lu(served):
+    ctx, cat, iqn, ini = served
+    b, _ = await volumes.create_volume(ctx, "b", "1Mi", 1)
+    await exports.add_acl(ctx, "b", H1)
+    await async_wait_for(lambda: cat.lun_access(iqn, H1, b.lun), 5, "LUN 2 visible")
+    for lun in (1, b.lun):                     # both LUs used: each holds a UA for this nexus
+        assert await ini.tur(lun) == (2, UA_POWER_ON)
+        assert await ini.tur(lun) == (0, None)
+    await volumes.create_volume(ctx, "c", "1Mi", 1)
+    await exports.add_acl(ctx, "c", H1)
+    await async_wait_for(lambda: len(cat.visible_luns(iqn, H1)) == 3, 5, "LUN 3 visible")
+    assert await ini.tur(1) == (2, UA_LUNS_CHANGED)
+    assert await ini.report_luns() == [1, b.lun, b.lun + 1]    # learnt here: LUN 2 need not repeat it
+    assert await ini.tur(b.lun) == (0, None)
+    assert await ini.tur(1) == (0, None)
