@@ -219,6 +219,7 @@ class IscsiTarget:
         self._session_listeners: list[Callable[[], None]] = []
         self.draining = False
         self._drain_task: asyncio.Task | None = None
+        self._drain_login = asyncio.Event()       # a normal session logged in: the drain asks it
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.cfg.host, self.cfg.port,
@@ -306,13 +307,32 @@ class IscsiTarget:
             log.info("draining stopped; sessions stay")
 
     async def _drain(self) -> None:
-        """Ask every normal session to log out; close those still here after the grace."""
+        """Ask every normal session to log out; close those still here after the grace.
+
+        A login during the grace is asked too: until the redirector has seen us draining it
+        may send an initiator that just left straight back here. A later login is served."""
+        loop = asyncio.get_running_loop()
         grace = self.cfg.drain_grace
-        asked = [s for (_, _, t), s in self.sessions.items() if t is not None]
-        log.info("draining: asking %d sessions to log out within %.0fs", len(asked), grace)
-        for s in asked:
-            await s.request_logout(within=max(1, round(grace)))
-        await asyncio.sleep(grace)
+        deadline = close_at = loop.time() + grace
+        asked: list[Session] = []
+        while True:
+            self._drain_login.clear()
+            now = loop.time()
+            new = [s for (_, _, t), s in self.sessions.items() if t is not None and not s.logout_requested]
+            if new:
+                within = max(1, round(deadline - now))
+                close_at = max(close_at, now + within)        # never close before the time we said
+                log.info("draining: asking %d sessions to log out within %ds", len(new), within)
+                for s in new:
+                    await s.request_logout(within=within)
+                asked += new
+            if now >= deadline:
+                break
+            try:
+                await asyncio.wait_for(self._drain_login.wait(), deadline - now)
+            except asyncio.TimeoutError:
+                pass
+        await asyncio.sleep(max(0.0, close_at - loop.time()))
         left = [s for s in asked if s in self.sessions.values()]
         if left:
             log.info("draining: closing %d sessions that did not log out", len(left))
@@ -372,6 +392,8 @@ class IscsiTarget:
         self.sessions[key] = sess
         self.tsihs.add(r.tsih)
         self._sessions_changed()
+        if target_iqn is not None:
+            self._drain_login.set()
         log.info("%s session: %s -> %s (tsih %d)", "discovery" if discovery else "normal",
                  p.initiator_name, target_iqn or "-", r.tsih)
         await sess.run()
