@@ -136,8 +136,9 @@ def read_chap_secrets(secret_file: str | None, mutual_user: str | None,
                 raise errors.InvalidArgument(f"{what} is not UTF-8 text") from None
             if not CHAP_SECRET_MIN <= n <= CHAP_SECRET_MAX:
                 raise errors.InvalidArgument(
-                    f"{what} must be {CHAP_SECRET_MIN}-{CHAP_SECRET_MAX} bytes long in UTF-8 "
-                    f"(got {n})", "RFC 7143 asks for at least 96 bits of secret")
+                    f"{what} must be {CHAP_SECRET_MIN}-{CHAP_SECRET_MAX} bytes long in UTF-8, i.e. "
+                    f"{CHAP_SECRET_MIN}-{CHAP_SECRET_MAX} characters if ASCII (got {n} bytes)",
+                    "RFC 7143 asks for at least 96 bits of secret")
     if mutual is not None and mutual == secret:
         raise errors.InvalidArgument("the mutual CHAP secret must differ from the CHAP secret")
     return secret, mutual
