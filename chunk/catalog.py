@@ -87,7 +87,7 @@ class Catalog:
                          snap.size, m.lun, snap.snapshot_id)
 
     def _access(self, m: LunMapping, initiator: str) -> LunExport | None:
-        entry = self.acl.get(m.snapshot_id or m.volume_id, {}).get(initiator)
+        entry = self.acl.get(m.snapshot_id or m.volume_id, {}).get(initiator.lower())
         return None if entry is None else self.resolve(m, entry)
 
     def visible_luns(self, target_iqn: str, initiator: str) -> dict[int, LunExport]:
@@ -113,12 +113,14 @@ class Catalog:
 
     def visible_targets(self, initiator: str) -> list[str]:
         """Targets with at least one LUN this initiator may see (SendTargets answers only these)."""
+        initiator = initiator.lower()
         allowed = {xid for xid, entries in self.acl.items() if initiator in entries}
         idx = {ti for (ti, _), m in self.luns.items() if (m.snapshot_id or m.volume_id) in allowed}
         return sorted(self._target_by_index[i].iqn for i in idx if i in self._target_by_index)
 
     def chap_for(self, target_iqn: str, initiator: str) -> ChapRecord | None:
         """Credentials for this pair: the target's own first, then the cluster-wide ('*') ones."""
+        initiator = initiator.lower()
         for key in ((target_iqn, initiator), ("*", initiator), (target_iqn, "*"), ("*", "*")):
             rec = self.chap.get(key)
             if rec is not None:
@@ -170,7 +172,8 @@ class Catalog:
             for v in raw.values():
                 e = decode(AclEntry, v)
                 if e:
-                    acl.setdefault(e.export_id, {})[e.initiator] = e
+                    # iSCSI names are case-insensitive (RFC 3722): keyed and looked up lower-case
+                    acl.setdefault(e.export_id, {})[e.initiator.lower()] = e
             self.acl = acl
         elif kind == "chap":
             chap = {}
@@ -179,7 +182,7 @@ class Catalog:
                 if c:
                     logs.redact(c.secret)
                     logs.redact(c.mutual_secret)
-                    chap[(c.target, c.initiator)] = c
+                    chap[(c.target, c.initiator.lower())] = c
             self.chap = chap
         self.generation += 1
         for fn in self._listeners:

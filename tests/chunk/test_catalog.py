@@ -35,6 +35,21 @@ async def test_readonly_acl_and_chap_lookup_order(catalog_setup):
     assert cat.chap_for(iqn, H2) is None
 
 
+async def test_initiator_names_match_whatever_their_case(catalog_setup):
+    """iSCSI names are case-insensitive (RFC 3722) and the meta stores them lower-case: an
+    initiator that sends its name in upper case got no LUNs and no CHAP."""
+    ctx, cat = catalog_setup
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    await exports.add_acl(ctx, "v", H1)
+    await exports.set_chap(ctx, {"target": "*", "initiator": H1, "user": "any", "secret": "cluster-wide-secret"})
+    await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun) and cat.chap, 5, "mirrored")
+    upper = H1.upper()
+    assert cat.lun_access(iqn, upper, vol.lun) is not None
+    assert list(cat.visible_luns(iqn, upper)) == [vol.lun] and cat.visible_targets(upper) == [iqn]
+    assert cat.chap_for(iqn, upper).user == "any"
+
+
 async def test_deleted_volume_disappears(catalog_setup):
     ctx, cat = catalog_setup
     vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
