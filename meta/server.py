@@ -28,7 +28,7 @@ from zstore.errors import Unauthenticated, Unavailable, ZError
 from zstore.keys import Keys
 from zstore.records import RecordError
 
-from . import api, liveness
+from . import api, liveness, volumes
 from .recovery import Recovery
 from .context import Ctx
 from .election import Election
@@ -170,7 +170,7 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
     leader_tasks: dict[str, Any] = {}
 
     def on_change(leading: bool) -> None:
-        for name in ("liveness", "recovery"):
+        for name in ("liveness", "recovery", "gc"):
             task = leader_tasks.pop(name, None)
             if task:
                 task.cancel()
@@ -179,6 +179,7 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
             leader_tasks["liveness"] = asyncio.ensure_future(liveness.follow(ctx, leader_stop))
             rec = Recovery(ctx, grace=cfg.meta.recovery_grace, concurrency=cfg.meta.recovery_concurrency)
             leader_tasks["recovery"] = asyncio.ensure_future(rec.run(leader_stop))
+            leader_tasks["gc"] = asyncio.ensure_future(volumes.collect_garbage_every(ctx, leader_stop))
 
     election = Election(etcd, keys, meta_id, url, cfg.meta.lease_ttl, on_change)
     ctx = Ctx(etcd=etcd, keys=keys, fence=election.fence)

@@ -14,6 +14,7 @@ until nothing references it, because clones share its data (copy-on-write).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -345,12 +346,30 @@ async def _collect_garbage_after(ctx: Ctx, what: str) -> None:
     """Garbage collection after a delete has committed: best effort. The delete stands
     whatever happens here, so a failure (leadership lost, etcd unreachable) is logged, not
     answered: an error would make the client retry a delete that is done and get 404.
-    Tombstones left behind are collected by the next delete's run (it scans them all)."""
+    Tombstones left behind are collected by the leader's periodic run (``collect_garbage_every``)
+    or the next delete's, whichever comes first (each scans them all)."""
     try:
         await collect_garbage(ctx)
     except Exception as e:                  # noqa: BLE001 - logged; cancellation still propagates
         log.warning("garbage collection after %s failed; the delete stands and the next "
                     "delete collects again: %s: %s", what, type(e).__name__, e)
+
+
+GC_INTERVAL = 60.0
+
+
+async def collect_garbage_every(ctx: Ctx, stop: asyncio.Event, interval: float = GC_INTERVAL) -> None:
+    """The leader's garbage collection: at once on election, then every ``interval``. Without
+    it a tombstone whose collection after the delete failed waited for some later delete."""
+    while not stop.is_set():
+        try:
+            await collect_garbage(ctx)
+        except Exception as e:              # noqa: BLE001 - logged; the next run tries again
+            log.warning("periodic garbage collection failed: %s: %s", type(e).__name__, e)
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except asyncio.TimeoutError:
+            pass
 
 
 async def collect_garbage(ctx: Ctx) -> None:

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from meta import chunks, exports, volops, volumes
+from tests.cluster import async_wait_for
 from tests.meta.helpers import GiB, make_ctx, register_chunk
 from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound, Unavailable
 from zstore.etcd import EtcdUnavailable
@@ -480,3 +481,29 @@ async def test_a_failing_garbage_collection_does_not_fail_a_committed_delete(ctx
     await volumes.delete_volume(ctx, "w")                                   # its GC collects it
     assert await ctx.get_raw(ctx.keys.volume(vol.volume_id)) is None
     assert await ctx.get_raw(ctx.keys.snapshot(snap.snapshot_id)) is None
+
+
+async def test_the_leader_collects_a_tombstone_no_later_delete_would(ctx, monkeypatch):
+    """A tombstone whose collection after its delete failed waited for some later delete,
+    possibly for ever. The leader collects at once on election and then periodically."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    snap, _ = await volops.create_snapshot(ctx, "v", "s")
+    real = volumes.collect_garbage
+
+    async def failing(ctx_):
+        raise Unavailable("this meta server is no longer the leader")
+    monkeypatch.setattr(volumes, "collect_garbage", failing)
+    await volumes.delete_volume(ctx, "v")
+    await volumes.delete_snapshot_by_id(ctx, snap.snapshot_id)
+    monkeypatch.setattr(volumes, "collect_garbage", real)
+    assert await ctx.get_raw(ctx.keys.volume(vol.volume_id)) is not None
+    stop = asyncio.Event()
+    task = asyncio.create_task(volumes.collect_garbage_every(ctx, stop, interval=0.2))
+    try:
+        async def collected():
+            return (await ctx.get_raw(ctx.keys.volume(vol.volume_id)) is None
+                    and await ctx.get_raw(ctx.keys.snapshot(snap.snapshot_id)) is None)
+        await async_wait_for(collected, 10, "the tombstones collected")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
