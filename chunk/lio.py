@@ -361,7 +361,7 @@ class LioFrontend:
     async def _catalog_synced(self) -> None:
         """Apply nothing before the catalog's first full listing: an empty catalog would
         read as "delete every target", and a restart must leave LIO as it was."""
-        while not (self.catalog._synced and all(e.is_set() for e in self.catalog._synced.values())):
+        while not self.catalog.synced:
             await asyncio.sleep(0.05)
 
     async def _follow(self) -> None:
