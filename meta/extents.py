@@ -23,7 +23,7 @@ from zstore.records import ExtentRecord, RecoveryTask, Volume, VolumeOwner
 
 from . import chunks as chunkmod
 from .context import Ctx
-from .placement import DOMAIN_LEVELS, Candidate, place
+from .placement import Candidate, choose, place, shared_allowed, too_few_domains
 
 log = logging.getLogger(__name__)
 
@@ -87,53 +87,62 @@ def usable(view: chunkmod.ChunkView, need: int) -> bool:
 
 
 def place_more(pool: list[Candidate], keep: list[Candidate], n: int, need: int,
-               rng: random.Random | None = None) -> list[str]:
-    """``n`` more chunk ids from ``pool``, spread away from the failure domains of ``keep``.
+               rng: random.Random | None = None, allow_shared: bool | None = None) -> list[str]:
+    """``n`` more chunk ids from ``pool``, in failure domains none of ``keep`` is in.
 
-    Same policy as ``placement.place`` (fewest shared zones, then racks, then
-    hosts; capacity-weighted among equals), but counting the replicas that
-    already exist, which rebuilds and partially usable plans need.
+    Same policy as ``placement.place`` (a domain of its own per replica unless
+    ``meta.allow_shared_failure_domain``; then fewest shared zones, racks, hosts;
+    capacity-weighted among equals), but counting the replicas that already
+    exist, which rebuilds and partially usable plans need.
     """
-    rng = rng or random.Random()
     taken = {c.chunk_id for c in keep}
     fit = [c for c in pool if c.chunk_id not in taken and c.free >= need and c.free > 0]
     if len(fit) < n:
         # Let place() phrase the error exactly as volume creation does.
-        place(fit, n, need=need)
-    chosen = list(keep)
-    picked: list[str] = []
-    for _ in range(n):
-        def penalty(c: Candidate) -> tuple[int, ...]:
-            return tuple(sum(1 for x in chosen if x.domain(lvl) == c.domain(lvl) and c.domain(lvl))
-                         for lvl in DOMAIN_LEVELS)
-        best = min(penalty(c) for c in fit)
-        tier = [c for c in fit if penalty(c) == best]
-        pick = rng.choices(tier, weights=[max(c.free, 1) for c in tier], k=1)[0]
-        chosen.append(pick)
-        picked.append(pick.chunk_id)
-        fit.remove(pick)
-    return picked
+        place(fit, n, need=need, allow_shared=allow_shared)
+    return [c.chunk_id for c in choose(fit, keep, n, rng, allow_shared)]
 
 
-def place_extent(vol: Volume, views: list[chunkmod.ChunkView]) -> list[str]:
-    """Replica set for a new extent: the volume's planned placement when all of it is usable."""
+def place_extent(vol: Volume, views: list[chunkmod.ChunkView],
+                 allow_shared: bool | None = None) -> list[str]:
+    """Replica set for a new extent: the volume's planned placement when all of it is usable.
+
+    Every replica goes to a failure domain of its own (``placement``). If the cluster's
+    chunk servers, down ones included, span fewer domains than the volume has replicas,
+    the extent is refused; if only some domains are unusable now, it is placed degraded
+    (one replica per usable domain) and recovery adds the missing copies later.
+    """
+    shared = shared_allowed(allow_shared)
     need = 0 if vol.thin else EXTENT_SIZE
     by_id = {v.chunk_id: v for v in views}
     plan = list(dict.fromkeys(vol.placement))
-    if len(plan) == vol.replicas and all(c in by_id and usable(by_id[c], need) for c in plan):
+    keep: list[Candidate] = []
+    for c in plan:
+        if c in by_id and usable(by_id[c], need):
+            cand = candidate_of(by_id[c])
+            if shared or all(k.failure_domain != cand.failure_domain for k in keep):
+                keep.append(cand)      # a plan made before domains were enforced may repeat one
+    keep = keep[:vol.replicas]
+    if len(plan) == vol.replicas and len(keep) == vol.replicas:
         return plan
-    keep = [candidate_of(by_id[c]) for c in plan if c in by_id and usable(by_id[c], need)][:vol.replicas]
     pool = [candidate_of(v) for v in views if usable(v, need)]
     if not pool:
         cands, unusable = chunkmod.candidates(views)
         place(cands, vol.replicas, need=need, unusable=unusable)     # raises the clear error
-    if len(pool) < vol.replicas:
+    if not shared:
+        known = [candidate_of(v) for v in views]
+        if len({c.failure_domain for c in known}) < vol.replicas:
+            # Not an outage that recovery could heal later: the cluster has too few domains.
+            raise too_few_domains(known, vol.replicas, f"the cluster's {len(known)} chunk server(s)")
+    room = len(pool) if shared else len({c.failure_domain for c in pool})
+    if room < vol.replicas:
         # Degraded, not refused: the write goes on where placement allows (as writes do on
         # surviving replicas), and the recovery loop adds the missing copies when it can.
-        log.warning("volume %s: only %d usable chunk server(s) for %d replicas; placing a degraded "
-                    "extent", vol.name, len(pool), vol.replicas)
-    want = min(vol.replicas, len(pool))
-    return [c.chunk_id for c in keep] + place_more(pool, keep, want - len(keep), need)
+        log.warning("volume %s: usable chunk servers in only %d failure domain(s) for %d replicas; "
+                    "placing a degraded extent", vol.name, room, vol.replicas)
+    want = min(vol.replicas, room)
+    return [c.chunk_id for c in keep] + place_more(pool, keep, want - len(keep), need,
+                                                   allow_shared=allow_shared)
 
 
 async def allocate(ctx: Ctx, vid: str, index: Any) -> tuple[ExtentRecord, bool]:

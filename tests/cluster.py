@@ -209,7 +209,11 @@ class Cluster:
 
     def start_chunk(self, labels: dict[str, str] | None = None, capacity: str = "10Gi",
                     index: int | None = None, options: dict | None = None) -> Proc:
-        """A chunk server; ``options`` adds to (or overrides) its ``[chunk]`` config."""
+        """A chunk server; ``options`` adds to (or overrides) its ``[chunk]`` config.
+
+        Without ``labels`` it gets a zone of its own (``z<i>``, as ``zstore up`` does): the test
+        chunk servers share one host, and replicas are only placed in distinct failure domains.
+        """
         i = len(self.chunks) if index is None else index
         data = self.workdir / f"chunk{i}"
         if index is None:
@@ -218,7 +222,7 @@ class Cluster:
             "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
             "chunk": {"data_dir": str(data), "disks": [f"{data}/disk0:{capacity}"],
                       "data_port": self._data_port(i), "portal": f"127.0.0.1:{self.portals[i]}",
-                      "labels": labels or {}, "lease_ttl": self.lease_ttl,
+                      "labels": labels if labels is not None else {"zone": f"z{i}"}, "lease_ttl": self.lease_ttl,
                       **(options or {})},
             "client": {"token_file": str(self.token_file)},
         })

@@ -46,6 +46,9 @@ class MetaConfig:
     # (a shorter outage resyncs only what changed when the server returns).
     recovery_grace: float = 600.0
     recovery_concurrency: int = 4        # recovery tasks (extent copies) at once, cluster-wide
+    # Replicas of one extent each go to a failure domain (zone/rack/host) of their own; with
+    # fewer domains than replicas, placement is refused (507) unless this lets them share one.
+    allow_shared_failure_domain: bool = False
 
 
 @dataclass

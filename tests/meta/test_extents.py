@@ -274,3 +274,85 @@ async def test_too_few_usable_servers_place_a_degraded_extent(ctx):
     with pytest.raises(InsufficientResources) as e:
         await extents.allocate(ctx, vol.volume_id, 1)
     assert "5 are down or draining" in e.value.message
+
+
+async def register_on_host(ctx, cid, host, labels=None):
+    """A chunk server whose hostname is ``host`` (several may share one)."""
+    from zstore.records import ChunkInfo
+    await register_chunk(ctx, cid, labels=labels)
+    info, _ = await ctx.get(ctx.keys.chunk_info(cid), ChunkInfo)
+    info.hostname = host
+    await ctx.etcd.put(ctx.keys.chunk_info(cid), info.encode())
+
+
+def volume_on(vid, placement, replicas=3):
+    from zstore.records import Volume
+    return Volume(volume_id=vid, name=vid, size=2**30, replicas=replicas, thin=True,
+                  placement=placement, target_index=0, lun=0, wwn="0")
+
+
+async def test_extent_allocation_refuses_three_replicas_on_one_host(etcd_client, etcd_config):
+    ctx = make_ctx(etcd_client, etcd_config)
+    for cid in ("s0", "s1", "s2"):
+        await register_on_host(ctx, cid, "node1")
+    with pytest.raises(InsufficientResources) as e:
+        await volumes.create_volume(ctx, "v", "1Gi", 3)
+    assert "only 1 failure domain(s) (host=node1); 3 are needed" in e.value.message
+    # A volume planned on that host before domains were enforced: its extents are refused too.
+    vol = volume_on("vid1", ["s0", "s1", "s2"])
+    with pytest.raises(InsufficientResources) as e:
+        extents.place_extent(vol, await chunks.list_chunks(ctx))
+    assert "only 1 failure domain(s) (host=node1); 3 are needed" in e.value.message
+    assert "allow_shared_failure_domain" in e.value.hint
+    # ... unless the setting lets replicas share a domain.
+    views = await chunks.list_chunks(ctx)
+    assert extents.place_extent(vol, views, allow_shared=True) == ["s0", "s1", "s2"]
+
+
+async def test_extent_on_a_plan_sharing_a_host_moves_a_replica_to_another_host(etcd_client, etcd_config):
+    ctx = make_ctx(etcd_client, etcd_config)
+    for cid, host in (("s0", "node1"), ("s1", "node1"), ("s2", "node2"), ("s3", "node3")):
+        await register_on_host(ctx, cid, host)
+    vol = volume_on("vid1", ["s0", "s1", "s2"])
+    got = extents.place_extent(vol, await chunks.list_chunks(ctx))
+    assert got == ["s0", "s2", "s3"]
+
+
+async def test_a_down_domain_makes_a_degraded_extent_not_a_shared_one(etcd_client, etcd_config):
+    ctx = make_ctx(etcd_client, etcd_config)
+    for cid, host in (("s0", "node1"), ("s1", "node1"), ("s2", "node2"), ("s3", "node3")):
+        await register_on_host(ctx, cid, host)
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await kill(ctx, "s3")                          # node3 is down: two domains usable
+    for i in range(5):
+        rec, _ = await extents.allocate(ctx, vol.volume_id, i)
+        assert len(rec.replicas) == 2 and "s2" in rec.replicas, rec.replicas
+
+
+async def test_a_rebuild_never_adds_a_second_replica_to_a_domain(etcd_client, etcd_config):
+    from meta import placement
+    views = {"k0": ("node1", {}), "k1": ("node2", {}), "f0": ("node1", {}), "f1": ("node2", {})}
+    pool = [placement.Candidate(chunk_id=c, free=2**40, host=h, labels=lab) for c, (h, lab) in views.items()]
+    keep, free = pool[:2], pool[2:]
+    with pytest.raises(InsufficientResources) as e:
+        extents.place_more(free, keep, 1, extents.EXTENT_SIZE)
+    assert "host=node1, host=node2" in e.value.message
+    assert extents.place_more(free, keep, 1, extents.EXTENT_SIZE, allow_shared=True)[0] in ("f0", "f1")
+    # The recovery scheduler waits instead (the extent stays counted as degraded).
+    from meta import recovery
+    ctx = make_ctx(etcd_client, etcd_config)
+    for cid, (host, _) in views.items():
+        await register_on_host(ctx, cid, host)
+    await register_on_host(ctx, "k2", "node3")
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    rec = ExtentRecord(volume_id=vol.volume_id, index=0, replicas=["k0", "k1"], stale={"k2": 1},
+                       generation=2)
+    await ctx.etcd.put(ctx.keys.extent(vol.volume_id, 0), rec.encode())
+    await ctx.etcd.delete(ctx.keys.chunk_info("k2"))                      # removed for good
+    await ctx.etcd.delete(ctx.keys.chunk_live("k2"))
+    did = await recovery.Recovery(ctx, grace=0).step()
+    assert did["created"] == []
+    assert (await recovery.cluster_status(ctx))["degraded_extents"] == 1
+    await register_on_host(ctx, "n3", "node3")
+    did = await recovery.Recovery(ctx, grace=0).step()
+    assert [t[3] for t in did["created"]] == ["n3"]
