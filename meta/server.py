@@ -28,7 +28,7 @@ from zstore.errors import Unauthenticated, Unavailable, ZError
 from zstore.keys import Keys
 from zstore.records import RecordError
 
-from . import api, liveness, volumes
+from . import api, liveness, placement, volumes
 from .recovery import Recovery
 from .context import Ctx
 from .election import Election
@@ -156,6 +156,7 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
     host, port = split_hostport(cfg.meta.listen)
     if cfg.meta.recovery_grace < 0 or cfg.meta.recovery_concurrency < 1:
         raise zconfig.ConfigError("meta.recovery_grace must be >= 0 and meta.recovery_concurrency >= 1")
+    placement.configure(cfg.meta)          # meta.allow_shared_failure_domain
     ssl_ctx = None
     if cfg.meta.tls_cert_file or cfg.meta.tls_key_file:
         if not (cfg.meta.tls_cert_file and cfg.meta.tls_key_file):

@@ -160,3 +160,16 @@ def test_chap_secrets_stay_out_of_answers_and_logs(three: Cluster):
     _, listed = c.api("GET", "/chap")
     everything = repr(listed) + c.metas[0].log()
     assert len(listed["chap"]) == 1 and secret not in everything and mutual not in everything
+
+
+@pytest.mark.parametrize("allow, status", [(False, 507), (True, 201)])
+def test_replicas_sharing_a_host_need_the_setting(tmp_path, etcd_server, allow, status):
+    """Two unlabelled chunk servers on this one host are one failure domain: a 2-replica
+    volume is refused unless the meta server is configured to allow a shared domain."""
+    with cluster(tmp_path, etcd_server, metas=1, chunks=2, labels=[{}, {}],
+                 meta_options={"allow_shared_failure_domain": allow}) as c:
+        wait_for(lambda: c.api("GET", "/cluster")[1]["chunks"]["up"] == 2, 30, "2 chunk servers up")
+        got, body = c.api("POST", "/volumes", {"name": "v", "size": "1Gi", "replicas": 2})
+        assert got == status, body
+        if not allow:
+            assert "failure domain" in body["error"]["message"]
