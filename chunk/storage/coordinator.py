@@ -36,6 +36,7 @@ from . import ownership
 from . import replicas as rk
 from .extent_file import BLOCK_SIZE, EXTENT_SIZE, block_runs
 from .metaclient import MetaError
+from .replica_store import unreadable_blocks
 from .wire import MAX_DATA
 
 if TYPE_CHECKING:
@@ -287,7 +288,10 @@ class Coordinator:
         self._routes: dict[int, tuple] = {}      # idx -> the write fast path's replica route
         self._recovering: set[asyncio.Task] = set()   # fast-path writes whose replicas failed
         self.counters = {"read_retries": 0, "checksum_errors": 0, "drops": 0, "fenced": 0,
-                         "fast_writes": 0, "fast_write_handoffs": 0}
+                         "fast_writes": 0, "fast_write_handoffs": 0,
+                         # recovery: pieces or blocks taken from another source than the first,
+                         # and blocks no in-sync replica could read (copied as unreadable)
+                         "copy_source_retries": 0, "unreadable_copied": 0}
 
     # -- geometry ----------------------------------------------------------------
 
@@ -1157,6 +1161,13 @@ class Coordinator:
         if not sources:
             raise MediumError(f"extent {idx} of {self.vid} has no in-sync replica to copy from")
         source = await e.replica(sources[0])
+        others = []                       # asked when the first cannot read a piece or block
+        for cid in sources[1:]:
+            try:
+                others.append(await e.replica(cid))
+            except LookupError as ex:     # never registered: it cannot help
+                log.warning("volume %s extent %d: in-sync replica %s is not reachable as a "
+                            "copy source: %s", self.vid, idx, cid, ex)
         target = await e.replica(task.target)
         gen = rec.generation
         dirty = self._dirty.get((idx, task.target))
@@ -1189,7 +1200,8 @@ class Coordinator:
                 # A dirty-block copy: the target is in sync everywhere else, so it takes every
                 # write from now on. A full copy: only writes behind the cursor.
                 sync.cursor = 0 if mode == "full" else EXTENT_SIZE
-                task_rev = await self._copy(task, task_rev, source, target, sync, ranges, rate, total)
+                task_rev = await self._copy(task, task_rev, [source, *others], target, sync,
+                                            ranges, rate, total)
                 sync.cursor = EXTENT_SIZE
                 await target.flush(self.vid, idx, self.epoch)   # so SETGEN's flush, held, is short
                 # Proof, not hope: with the extent quiet, both replicas must agree exactly.
@@ -1201,7 +1213,8 @@ class Coordinator:
                     if sync.failed:
                         raise MediumError(f"target {task.target} failed during the copy: {sync.failed}")
                     epoch = self.epoch
-                    if await source.digest(self.vid, idx) == await target.digest(self.vid, idx):
+                    if await self._source_digest([source, *others], idx) == \
+                            await target.digest(self.vid, idx):
                         await target.setgen(self.vid, idx, epoch, gen + 1)
                         try:
                             data = await e.meta.call("POST", f"/extents/{self.vid}/{idx}/join",
@@ -1225,7 +1238,7 @@ class Coordinator:
         finally:
             self._sync.pop(idx, None)
 
-    async def _copy(self, task, task_rev, source, target, sync, ranges, rate, total) -> int:
+    async def _copy(self, task, task_rev, sources, target, sync, ranges, rate, total) -> int:
         idx = task.index
         done = 0
         last_report = time.monotonic()
@@ -1234,9 +1247,7 @@ class Coordinator:
             try:
                 pos, end = off, off + n
                 while pos is not None and pos < end:
-                    blob, nxt = await source.export(self.vid, idx, pos, end - pos, self.epoch)
-                    await target.import_(self.vid, idx, blob, self.epoch)
-                    pos = nxt
+                    pos = await self._copy_piece(task, sources, target, pos, end)
                 sync.cursor = max(sync.cursor, off + n)
             finally:
                 self._locks.release(idx)
@@ -1250,5 +1261,78 @@ class Coordinator:
                 task_rev = await self.engine.report_progress(task, task_rev, done, total)
         await self.engine.report_progress(task, task_rev, total, total)
         return task_rev
+
+    # A source failing a whole EXPORT this way may be alone in it: the next one is asked.
+    _SOURCE_FAILURES = (rk.CHECKSUM, rk.IO, rk.UNAVAILABLE)
+
+    async def _copy_piece(self, task, sources, target, pos: int, end: int) -> int | None:
+        """Copy [pos, end) (up to one export's worth) to the target; returns where to go on.
+
+        One rotten block on the first source must not stop the copy of the whole extent
+        (it left the other blocks at one copy for good): the piece comes from the first
+        source that exports it, every block it marks unreadable from another in-sync
+        source that reads it, and a block none reads is copied as unreadable (it fails
+        its checksum on the target as on the sources: MEDIUM ERROR, never zeros).
+        """
+        idx = task.index
+        last: Exception | None = None
+        for i, source in enumerate(sources):
+            try:
+                blob, nxt = await source.export(self.vid, idx, pos, end - pos, self.epoch)
+                break
+            except rk.ReplicaFailed as ex:
+                if ex.kind not in self._SOURCE_FAILURES:
+                    raise
+                last = ex
+                self.counters["copy_source_retries"] += 1
+                log.warning("volume %s extent %d: export of %d+%d from %s failed (%s); "
+                            "trying another in-sync replica", self.vid, idx, pos, end - pos,
+                            source.chunk_id, ex)
+        else:
+            raise MediumError(f"extent {idx}: no in-sync replica exports {pos}+{end - pos}: {last}")
+        await target.import_(self.vid, idx, blob, self.epoch)
+        for block in unreadable_blocks(blob):
+            await self._copy_unreadable(task, [*sources[:i], *sources[i + 1:]], target,
+                                        block, source.chunk_id)
+        return nxt
+
+    async def _copy_unreadable(self, task, others, target, block: int, bad_on: str) -> None:
+        """Replace ``block``, imported as unreadable from ``bad_on``, by the first readable
+        copy among ``others``; with none, it stays unreadable and is counted."""
+        idx = task.index
+        for source in others:
+            try:
+                blob, _ = await source.export(self.vid, idx, block * BLOCK_SIZE, BLOCK_SIZE,
+                                              self.epoch)
+            except rk.ReplicaFailed as ex:
+                if ex.kind not in self._SOURCE_FAILURES:
+                    raise
+                log.warning("volume %s extent %d block %d: export from %s failed: %s",
+                            self.vid, idx, block, source.chunk_id, ex)
+                continue
+            if unreadable_blocks(blob):
+                continue
+            await target.import_(self.vid, idx, blob, self.epoch)
+            self.counters["copy_source_retries"] += 1
+            log.warning("volume %s extent %d block %d: unreadable on %s, copied to %s from %s",
+                        self.vid, idx, block, bad_on, task.target, source.chunk_id)
+            return
+        self.counters["unreadable_copied"] += 1
+        log.error("volume %s extent %d block %d: no in-sync replica can read it (%s); %s gets "
+                  "it as unreadable (reads fail with MEDIUM ERROR) and the rest of the extent "
+                  "is copied", self.vid, idx, block, ", ".join([bad_on] + [s.chunk_id for s in others]),
+                  task.target)
+
+    async def _source_digest(self, sources, idx: int) -> bytes:
+        """The digest of the first source that answers: a copy may have gone around one."""
+        last: Exception | None = None
+        for source in sources:
+            try:
+                return await source.digest(self.vid, idx)
+            except rk.ReplicaFailed as ex:
+                if ex.kind not in self._SOURCE_FAILURES:
+                    raise
+                last = ex
+        raise MediumError(f"extent {idx}: no in-sync replica answers DIGEST: {last}")
 
 

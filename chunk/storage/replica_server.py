@@ -634,7 +634,9 @@ class ReplicaServer:
             st.revert(vid, idx, to, f.seq)
             return f.reply()
         if f.op is Op.EXPORT:
-            blob, nxt = st.export(vid, idx, f.offset, f.length)
+            blob, nxt, unreadable = st.export_detail(vid, idx, f.offset, f.length)
+            for block in unreadable:      # marked in the blob, not raised: still repair them here
+                self._checksum_hook(vid, idx, block)
             return f.reply(Status.OK, blob, {"next": nxt})
         if f.op is Op.IMPORT:
             if f.data is None:

@@ -76,19 +76,23 @@ import msgpack
 from chunk.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 from .extent_file import (
-    BLOCK_SIZE, EXTENT_SIZE, ChecksumError, ExtentError, ExtentFile, ExtentHeader, block_crc,
+    _MEDIA_ERRORS, BLOCK_SIZE, EXTENT_SIZE, ChecksumError, ExtentError, ExtentFile, ExtentHeader,
+    block_crc,
 )
 from .fencing import EpochFence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "ReplicaStore"]
+__all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "ReplicaStore", "unreadable_blocks"]
 
 _MAX_SEQ = 0xFFFFFFFF
 _CHUNK = 1 << 20                     # internal unit of large unmaps / reverts
 _ENTRY = struct.Struct("<II")        # version slot: crc, origin
 _SEQ = struct.Struct("<I")           # one .seq entry
 _BLOB_FORMAT = 1
+# A blob naming blocks the exporter could not read: an importer that predates it refuses the
+# format outright instead of reading the missing data as absent (zeros).
+_BLOB_FORMAT_UNREADABLE = 2
 _LITTLE = sys.byteorder == "little"
 
 
@@ -210,6 +214,15 @@ class _Versions:
             _pwrite_all(self.fd, data, self.data_at + b * BLOCK_SIZE)
         for b, origin, data in blocks:
             crc = block_crc(b, data)
+            os.pwrite(self.fd, _ENTRY.pack(crc, origin), b * 8)
+            self.entries[b] = (origin, crc)
+
+    def put_unreadable(self, blocks: list[tuple[int, int, int]]) -> None:
+        """Store (block, origin, crc) versions whose data no replica could read: a filler
+        under the original crc, so a view of them fails its checksum as on the exporter."""
+        for b, _, crc in blocks:
+            _pwrite_all(self.fd, _filler(b, crc), self.data_at + b * BLOCK_SIZE)
+        for b, origin, crc in blocks:
             os.pwrite(self.fd, _ENTRY.pack(crc, origin), b * 8)
             self.entries[b] = (origin, crc)
 
@@ -941,13 +954,26 @@ class ReplicaStore:
         [offset, end) not listed is absent with seq 0 and has no versions.
         Stops before a block that would push the blob past ``max_bytes``
         (at least one block is always included) and returns where to go on.
+
+        A live block or version that fails its checksum or does not read (a
+        media error) is never shipped: it is listed, without data, in
+        ``bad_live: [[block, seq, crc]]`` / ``bad_versions: [[block, origin,
+        key, crc]]`` (format 2), so a recovery can take it from another
+        replica or, if none reads it, copy it as unreadable and still copy
+        the rest of the extent (raising here stopped the whole copy).
         """
+        blob, nxt, _ = self.export_detail(vid, idx, offset, length, max_bytes)
+        return blob, nxt
+
+    def export_detail(self, vid: str, idx: int, offset: int, length: int,
+                      max_bytes: int = 768 << 10) -> tuple[bytes, int | None, list[int]]:
+        """``export`` and the blocks it marked unreadable (the server schedules their repair)."""
         rep = self._get(vid, idx)
         if offset % BLOCK_SIZE or length % BLOCK_SIZE:
             raise ValueError(f"export range {offset}+{length} is not {BLOCK_SIZE}-aligned")
         first, n = self._blocks(rep, offset, length)
         end = first + n
-        live, versions = [], []
+        live, versions, bad_live, bad_versions = [], [], [], []
         size, nxt = 64, None
         with self._io(rep.disk):
             vers = rep.block_versions(first, end) if rep.keys else {}
@@ -957,27 +983,44 @@ class ReplicaStore:
                 if not seqs[b] and not crcs[b] and not vlist:
                     continue
                 cost = 24 + (BLOCK_SIZE + 8 if crcs[b] else 0) + len(vlist) * (BLOCK_SIZE + 24)
-                if size + cost > max_bytes and (live or versions):
+                if size + cost > max_bytes and (live or versions or bad_live or bad_versions):
                     nxt = b * BLOCK_SIZE
                     break
                 size += cost
                 if crcs[b]:
-                    live.append([b, seqs[b], crcs[b], bytes(rep.ext.read_blocks(b, 1))])
+                    data = _readable(lambda: bytes(rep.ext.read_blocks(b, 1)))
+                    if data is None:
+                        bad_live.append([b, seqs[b], crcs[b]])
+                    else:
+                        live.append([b, seqs[b], crcs[b], data])
                 elif seqs[b]:
                     live.append([b, seqs[b], 0, None])
                 for key, origin, crc in vlist:
-                    versions.append([b, origin, key, crc, rep.versions[key].read(b)])
+                    data = _readable(lambda: rep.versions[key].read(b))
+                    if data is None:
+                        bad_versions.append([b, origin, key, crc])
+                    else:
+                        versions.append([b, origin, key, crc, data])
         blob_end = nxt if nxt is not None else end * BLOCK_SIZE
-        blob = msgpack.packb({"format": _BLOB_FORMAT, "offset": offset, "end": blob_end,
-                              "live": live, "versions": versions})
-        return blob, nxt
+        state = {"format": _BLOB_FORMAT, "offset": offset, "end": blob_end}
+        unreadable = sorted({e[0] for e in bad_live} | {e[0] for e in bad_versions})
+        if unreadable:
+            log.error("export of %s/%d: block(s) %s do not read here; exported as unreadable",
+                      vid, idx, unreadable[:16])
+            state.update(format=_BLOB_FORMAT_UNREADABLE, bad_live=bad_live,
+                         bad_versions=bad_versions)
+        state.update(live=live, versions=versions)
+        return msgpack.packb(state), nxt, unreadable
 
     def import_(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None) -> bool:
         """Make the blob's range exactly the exported state (live, seqs, versions).
 
         The blob is checked whole (crc of every block) before anything is
         applied.  Not flushed: a resync ends with ``set_generation``, which
-        flushes first.
+        flushes first.  Blocks the exporter could not read are stored failing
+        their checksum (``_filler`` under the exported crc): reads of them get
+        a checksum error, the scrubber and repair see them as bad, and the
+        digest still equals the exporter's.
         """
         state = _parse_blob(blob)
         rep = self._replicas.get((vid, idx))
@@ -1007,13 +1050,20 @@ class ReplicaStore:
                 by_key.setdefault(key, []).append((b, origin, data))
             for key, items in sorted(by_key.items()):
                 rep.versions_for(key).put(items)
-            # Live blocks: seqs, then data runs, absent runs punched.
+            bad_by_key: dict[int, list] = {}
+            for b, origin, key, crc in state.get("bad_versions", ()):
+                bad_by_key.setdefault(key, []).append((b, origin, crc))
+            for key, bad in sorted(bad_by_key.items()):
+                rep.versions_for(key).put_unreadable(bad)
+            # Live blocks: seqs, then data runs, absent runs punched, unreadable ones failing.
             new_seqs = array("I", bytes(4 * n))
             data: dict[int, bytes] = {}
             for b, s, _crc, d in state["live"]:
                 new_seqs[b - first] = s
                 if d is not None:
                     data[b] = d
+            for b, s, _crc in state.get("bad_live", ()):
+                new_seqs[b - first] = s
             rep.store_seqs(first, new_seqs)
             k = first
             while k < end:
@@ -1025,6 +1075,9 @@ class ReplicaStore:
                 elif any(rep.ext.crcs[k:j]):
                     rep.ext.unmap(k * BLOCK_SIZE, (j - k) * BLOCK_SIZE)
                 k = j
+            for b, _s, crc in state.get("bad_live", ()):
+                rep.ext.write(b * BLOCK_SIZE, _filler(b, crc))
+                rep.ext._store_crcs(b, array("I", [crc]))     # noqa: SLF001 - the exporter's crc
             present = [s for s in new_seqs if s]
             if present:
                 rep.floor = min(rep.floor, min(present))
@@ -1039,7 +1092,8 @@ class ReplicaStore:
         A failing version is replaced by the blob's with the same (key, origin);
         a failing live block by the blob's, and only then are versions the
         blob has and this replica lacks added (its new seq may need them).
-        Nothing that verifies is dropped.  False when the extent is not here or
+        Nothing that verifies is dropped, and nothing the peer marks unreadable
+        is taken (its live block as absent would be zeros).  False when the extent is not here or
         its mutation counter is not ``if_unchanged`` (a write landed).
         """
         state = _parse_blob(blob)
@@ -1048,6 +1102,7 @@ class ReplicaStore:
             return False
         first, n = self._blocks(rep, state["offset"], state["end"] - state["offset"])
         live = {b: (s, d) for b, s, _crc, d in state["live"]}
+        unreadable = {e[0] for e in state.get("bad_live", ())}   # the peer's rot: not absent
         versions: dict[int, list[tuple[int, int, bytes]]] = {}
         for b, origin, key, _crc, d in state["versions"]:
             versions.setdefault(b, []).append((key, origin, d))
@@ -1056,8 +1111,9 @@ class ReplicaStore:
             bad_live = set(rep.ext.verify(first, n))
             for b in range(first, first + n):
                 # Versions first, as in a COW: a view prefers them to the live block.
-                self._mend_versions(rep, b, versions.get(b, ()), fill=b in bad_live)
-                if b in bad_live:
+                mend_live = b in bad_live and b not in unreadable
+                self._mend_versions(rep, b, versions.get(b, ()), fill=mend_live)
+                if mend_live:
                     self._mend_live(rep, b, *live.get(b, (0, None)))
         return True
 
@@ -1177,13 +1233,51 @@ def _bitmap(present) -> bytes:
     return bytes(out)
 
 
+def _readable(read) -> bytes | None:
+    """``read()``, or None when the block fails its checksum or its sector does not read."""
+    try:
+        return read()
+    except ChecksumError:
+        return None
+    except OSError as e:
+        if e.errno not in _MEDIA_ERRORS:
+            raise
+        return None
+
+
+def _filler(block: int, crc: int) -> bytes:
+    """What an unreadable block is stored as: data that fails ``crc`` (zeros, unless they
+    happen to match it), never something that reads as good."""
+    zeros = bytes(BLOCK_SIZE)
+    return zeros if block_crc(block, zeros) != crc else b"\xff" * BLOCK_SIZE
+
+
+def unreadable_blocks(blob: bytes) -> list[int]:
+    """The blocks an export blob marks unreadable, without decoding its data (a 1 MiB blob
+    per copied piece: the usual answer, format 1, is one key in)."""
+    u = msgpack.Unpacker()
+    u.feed(blob)
+    bad: set[int] = set()
+    for _ in range(u.read_map_header()):
+        key = u.unpack()
+        if key == "format":
+            if u.unpack() == _BLOB_FORMAT:
+                return []
+        elif key in ("bad_live", "bad_versions"):
+            bad.update(e[0] for e in u.unpack())
+        else:
+            u.skip()
+    return sorted(bad)
+
+
 def _parse_blob(blob: bytes) -> dict:
     """Decode and check an export blob; bad input raises StoreError, nothing applied."""
     try:
         state = msgpack.unpackb(blob)
     except Exception as e:            # msgpack raises several unrelated types
         raise StoreError(f"import: blob is not msgpack: {e}") from None
-    if not isinstance(state, dict) or state.get("format") != _BLOB_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (_BLOB_FORMAT,
+                                                                  _BLOB_FORMAT_UNREADABLE):
         raise StoreError("import: unknown blob format")
     try:
         o, e = state["offset"], state["end"]
@@ -1201,6 +1295,17 @@ def _parse_blob(blob: bytes) -> dict:
                 raise StoreError(f"import: bad version of block {b} ({origin}, {key})")
             if len(d) != BLOCK_SIZE or block_crc(b, d) != crc:
                 raise StoreError(f"import: version ({origin}, {key}) of block {b} fails its checksum")
+        if state["format"] == _BLOB_FORMAT_UNREADABLE:
+            shipped = {e[0] for e in state["live"]}
+            for b, s, crc in state["bad_live"]:
+                if not lo <= b < hi or not 0 < s <= _MAX_SEQ or not 0 < crc <= 0xFFFFFFFF \
+                        or b in shipped:
+                    raise StoreError(f"import: bad unreadable block {b} seq {s}")
+            shipped = {(e[0], e[2]) for e in state["versions"]}
+            for b, origin, key, crc in state["bad_versions"]:
+                if not lo <= b < hi or not 0 <= origin <= key <= _MAX_SEQ \
+                        or not 0 < crc <= 0xFFFFFFFF or (b, key) in shipped:
+                    raise StoreError(f"import: bad unreadable version of block {b} ({origin}, {key})")
     except (KeyError, TypeError, ValueError) as err:
         raise StoreError(f"import: malformed blob: {err}") from None
     return state

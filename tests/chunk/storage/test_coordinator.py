@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import pytest
 
 from chunk.storage import coordinator as coordinator_module
@@ -284,10 +285,14 @@ class _MemReplica:
         pass
 
     async def export(self, vid, idx, pos, n, epoch=0):
-        return ({k: v for k, v in self.state.items() if pos <= k < pos + n}, pos, pos + n), None
+        # A real blob's framing (a msgpack map, format 1): the coordinator looks for blocks
+        # the exporter marked unreadable in it.
+        return msgpack.packb({"format": 1, "lo": pos, "hi": pos + n,
+                              "data": [[k, v] for k, v in self.state.items() if pos <= k < pos + n]}), None
 
     async def import_(self, vid, idx, blob, epoch):
-        data, lo, hi = blob
+        got = msgpack.unpackb(blob)
+        data, lo, hi = dict(got["data"]), got["lo"], got["hi"]
         for k in [k for k in self.state if lo <= k < hi]:
             del self.state[k]
         self.state.update(data)

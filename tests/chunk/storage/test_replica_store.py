@@ -10,11 +10,14 @@ import os
 import random
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from chunk.storage.extent_file import BLOCK_SIZE, EXTENT_SIZE, ChecksumError
 from chunk.storage.fencing import StaleEpochError
-from chunk.storage.replica_store import NoExtent, ReplicaStore, StoreError, StoreFull, StoreIOError
+from chunk.storage.replica_store import (
+    NoExtent, ReplicaStore, StoreError, StoreFull, StoreIOError, unreadable_blocks,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -183,6 +186,38 @@ def test_export_import_round_trip_equal_digest(tmp_path: Path):
                 assert third.read(V, 0, 0, SIZE, view) == src.read(V, 0, 0, SIZE, view)
 
 
+def test_unreadable_blocks_are_copied_failing_and_the_rest_of_the_extent_exactly(tmp_path: Path):
+    """A rotten live block and a rotten version on the only source: the copy completes, every
+    other block and version equals the source's, and the rotten ones fail their checksum on
+    the copy too (never zeros, never wrong data); scrub and digest see what they see there."""
+    with ReplicaStore([(tmp_path / "a", None)], extent_size=SIZE) as src, \
+            ReplicaStore([(tmp_path / "b", None)], extent_size=SIZE) as dst:
+        src.create(V, 0, 1)
+        src.write(V, 0, 0, _pat(8 * BLOCK_SIZE, 1), seq=1)
+        src.write(V, 0, 0, _pat(2 * BLOCK_SIZE, 2), seq=2)          # versions of blocks 0, 1
+        _flip(tmp_path / "a" / f"{V}.0.data", 5 * BLOCK_SIZE + 9)
+        _flip(tmp_path / "a" / f"{V}.0.v" / "1.ver", BLOCK_SIZE + BLOCK_SIZE + 3)   # version of 1
+        offset = 0
+        while offset is not None:                                   # in pieces, as a rebuild
+            blob, offset = src.export(V, 0, offset or 0, SIZE - (offset or 0),
+                                      max_bytes=3 * BLOCK_SIZE)
+            assert dst.import_(V, 0, blob)
+        assert dst.digest(V, 0) == src.digest(V, 0)
+        assert dst.verify(V, 0) == src.verify(V, 0) == [1, 5]
+        with pytest.raises(ChecksumError):
+            dst.read(V, 0, 5 * BLOCK_SIZE, BLOCK_SIZE)
+        with pytest.raises(ChecksumError):
+            dst.read(V, 0, BLOCK_SIZE, BLOCK_SIZE, view=1)
+        for b in [b for b in range(BLOCKS) if b != 5]:
+            assert dst.read(V, 0, b * BLOCK_SIZE, BLOCK_SIZE) == src.read(V, 0, b * BLOCK_SIZE, BLOCK_SIZE)
+        assert dst.read(V, 0, 0, BLOCK_SIZE, view=1) == src.read(V, 0, 0, BLOCK_SIZE, view=1)
+        # A peer's unreadable block is not taken as absent by a block repair either.
+        dst.mend(V, 0, src.export(V, 0, 5 * BLOCK_SIZE, BLOCK_SIZE)[0])
+        with pytest.raises(ChecksumError):
+            dst.read(V, 0, 5 * BLOCK_SIZE, BLOCK_SIZE)
+        assert dst.verify(V, 0) == [1, 5]
+
+
 def test_import_if_unchanged_conflict(tmp_path: Path):
     with ReplicaStore([(tmp_path / "a", None)], extent_size=SIZE) as src, \
             ReplicaStore([(tmp_path / "b", None)], extent_size=SIZE) as dst:
@@ -253,8 +288,12 @@ def test_flipped_byte_raises_checksum_error_and_verify_reports(store: ReplicaSto
     assert store.verify(V, 0) == [1, 5]
     assert store.verify(V, 0, 2, 3) == []
     assert store.verify(V, 0, 0, 2) == [1]
-    with pytest.raises(ChecksumError):
-        store.export(V, 0, 0, SIZE)           # never ships bad data to a peer
+    blob, _ = store.export(V, 0, 0, SIZE)     # never ships bad data to a peer: marks it
+    state = msgpack.unpackb(blob)
+    assert unreadable_blocks(blob) == [1, 5]
+    assert [e[0] for e in state["bad_live"]] == [5] and 5 not in [e[0] for e in state["live"]]
+    assert [(e[0], e[2]) for e in state["bad_versions"]] == [(1, 1)]
+    assert (1, 1) not in [(e[0], e[2]) for e in state["versions"]]
 
 
 def test_fence_stale_epoch(store: ReplicaStore):
