@@ -602,9 +602,10 @@ class ReplicaServer:
             if f.op not in READ_ONLY:
                 return f.reply(Status.DENIED, args={"error": f"{f.op.name} needs an ownership epoch"})
         elif f.op is Op.CREATE:
+            st.admit(vid, idx, f.epoch)         # before any disk change: a fenced owner changes nothing
             st.create(vid, idx, _positive(f.generation, "generation"),
                       _arg(f, "discard_broken", bool, False))
-            st.admit(vid, idx, f.epoch)
+            st.admit(vid, idx, f.epoch)         # the new extent's header takes the epoch
             return f.reply()
         else:
             st.admit(vid, idx, f.epoch)

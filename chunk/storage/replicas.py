@@ -96,7 +96,9 @@ class LocalReplica:
             raise self._fail(vid, idx, e) from None
 
     async def create(self, vid, idx, epoch, generation, discard_broken=False):
-        self._run(vid, idx, 0, self.store.create, vid, idx, generation, discard_broken)   # admit needs the extent
+        # Admitted before any disk change (a fenced owner creates or discards nothing), and
+        # again after, so that the new extent's header carries the epoch.
+        self._run(vid, idx, epoch, self.store.create, vid, idx, generation, discard_broken)
         self._run(vid, idx, epoch, lambda: None)
 
     async def fence(self, vid, idx, epoch):

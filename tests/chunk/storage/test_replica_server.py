@@ -573,3 +573,25 @@ async def test_a_peer_that_vanishes_mid_stream_is_cleaned_up(served):
         assert (await _call(pipe, Frame(Op.PING, 0))).status is Status.OK
     finally:
         await pipe.close()
+
+
+async def test_a_fenced_create_changes_nothing_on_disk(served):
+    """CREATE made the extent and only then checked the epoch: a fenced owner left an orphan
+    extent (or, with discard_broken, deleted a copy that failed to open) before STALE_EPOCH."""
+    from chunk.storage.replicas import STALE_EPOCH, LocalReplica, ReplicaFailed
+    server, store, disk, _ = served
+    store.create(VID, 0, 1)
+    pipe = await _authed(server)
+    try:
+        assert (await _call(pipe, _write(0, b"new", epoch=5))).status is Status.OK
+        for discard in (False, True):
+            rep = await _call(pipe, Frame(Op.CREATE, 0, VID, 1, 4, 1, args={"discard_broken": discard}))
+            assert rep.status is Status.STALE_EPOCH and not store.has(VID, 1)
+        with pytest.raises(ReplicaFailed) as e:
+            await LocalReplica("c0", store).create(VID, 2, 4, 1)
+        assert e.value.kind == STALE_EPOCH
+        assert not store.has(VID, 2)
+        assert (await _call(pipe, Frame(Op.CREATE, 0, VID, 1, 5, 1))).status is Status.OK
+        assert store.has(VID, 1) and store.stat(VID, 1)["epoch"] == 5
+    finally:
+        await pipe.close()
