@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 READ_ONLY = frozenset({Op.READ, Op.EXPORT, Op.DIGEST, Op.STAT})
 HIGH_WATER = 4 << 20           # bytes of unsent replies before the reader waits for the socket
 HANDSHAKE_BUFFER = 4 * READ_SIZE   # unread bytes of a connection not authenticated yet: pause
+HANDSHAKE_FRAME = 4096             # largest frame before the peer has proved the secret
+MAX_UNAUTHENTICATED = 128          # connections still in their handshake; more are refused
 _LEN = struct.Struct(">I")
 _NAMES = {op: op.name for op in Op}    # Enum.name is a property lookup per call
 _STATUS_NAMES = {st: st.name for st in Status}
@@ -386,6 +388,7 @@ class ReplicaServer:
         self.dropped = 0                                 # connections closed for bad frames
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task] = set()
+        self._authenticating = 0
         self._hooks: set[asyncio.Task] = set()
         self._volumes: dict[bytes, str] = {}          # volume bytes -> name, for the fast path
 
@@ -430,9 +433,18 @@ class ReplicaServer:
         assert task is not None
         self._handlers.add(task)
         where = writer.get_extra_info("peername")
-        frames, out = FrameReader(link.inbox), FrameWriter(writer)  # type: ignore[arg-type]
+        # Nothing big before the secret is proved: a stranger's frames are bounded by the
+        # handshake's small frame limit, and only so many handshakes run at once.
+        frames = FrameReader(link.inbox, max_frame=HANDSHAKE_FRAME)  # type: ignore[arg-type]
+        out = FrameWriter(writer)
         conn: _Conn | None = None
         try:
+            if self._authenticating >= MAX_UNAUTHENTICATED:
+                self.auth_failures += 1
+                log.warning("replica connection from %s refused: %d handshakes already running",
+                            where, self._authenticating)
+                return
+            self._authenticating += 1
             try:
                 peer = await asyncio.wait_for(
                     server_handshake(frames, out, self.secret, self.cluster_id), self.auth_timeout)
@@ -443,6 +455,9 @@ class ReplicaServer:
                 log.warning("replica connection from %s refused: %s: %s", where,
                             type(e).__name__, e)
                 return
+            finally:
+                self._authenticating -= 1
+            frames.max_frame = MAX_FRAME
             conn = _Conn(writer, f"{peer}@{where}")
             await self._requests(frames, conn, link)
         except (ConnectionError, OSError) as e:

@@ -297,9 +297,17 @@ def _decode(buf: bytes, start: int, n: int) -> Frame:
                  seq, args)
 
 
+MAX_ARGS = 64 << 10          # args are a few small fields; bounded before any decoding
+
+
 def _args(raw: bytes) -> dict[str, Any]:
+    """The args map, with msgpack's containers bounded: its defaults scale with the input,
+    so 1 MiB of empty maps from a stranger became ~76 MB of objects."""
+    if len(raw) > MAX_ARGS:
+        raise MalformedFrame(f"args of {len(raw)} bytes exceed {MAX_ARGS}")
     try:
-        args: Any = msgpack.unpackb(raw, raw=False)
+        args: Any = msgpack.unpackb(raw, raw=False, max_str_len=MAX_ARGS, max_bin_len=MAX_ARGS,
+                                    max_array_len=256, max_map_len=64, max_ext_len=0)
     except Exception as e:            # ExtraData, FormatError, UnicodeDecodeError, ValueError...
         raise MalformedFrame(f"args are not msgpack: {type(e).__name__}: {e}") from None
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):

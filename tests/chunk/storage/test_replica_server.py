@@ -595,3 +595,50 @@ async def test_a_fenced_create_changes_nothing_on_disk(served):
         assert store.has(VID, 1) and store.stat(VID, 1)["epoch"] == 5
     finally:
         await pipe.close()
+
+
+def test_args_decoding_is_bounded():
+    """msgpack's default limits scale with the input: a 1 MiB args blob of empty maps became
+    ~76 MB of objects. Args are a few small fields; anything else is a malformed frame."""
+    bomb = b"\xdd" + struct.pack(">I", 1 << 20) + b"\x80" * (1 << 20)      # array32 of maps
+    for raw in (msgpack.packb({"x": 1})[:1] + b"\xa1x" + bomb,             # {"x": [{}, ...]}
+                msgpack.packb({"x": [0] * 300}), msgpack.packb({"x": "y" * (70 << 10)})):
+        with pytest.raises(wire.MalformedFrame):
+            wire._args(raw)
+    assert wire._args(msgpack.packb({"present": b"\x01" * 32, "error": "e" * 500})) == {
+        "present": b"\x01" * 32, "error": "e" * 500}
+
+
+async def test_a_big_frame_before_authentication_closes_the_connection(served):
+    """Before the secret is proved a frame is at most a few KiB: a stranger's 1 MiB HELLO is
+    refused unread, not decoded."""
+    server, store, disk, _ = served
+    reader, writer = await _raw(server)
+    await writer.send(Frame(Op.HELLO, 1, args={"cluster": CLUSTER, "chunk_id": "x",
+                                               "nonce": b"n" * 32, "pad": b"p" * (60 << 10)}))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await asyncio.wait_for(reader.read(), 5) is None              # no answer: closed
+    assert loop.time() - start < 0.5                                     # not the auth timeout
+    await writer.close()
+    assert server.auth_failures == 1
+    pipe = await _authed(server)                        # a peer is unaffected
+    assert (await _call(pipe, Frame(Op.PING, 0))).status is Status.OK
+    await pipe.close()
+
+
+async def test_handshakes_running_at_once_are_bounded(served, monkeypatch):
+    """Connections that never authenticate each hold a handshake (and its buffer) until the
+    auth timeout; past the limit new ones are refused at once."""
+    from chunk.storage import replica_server
+    monkeypatch.setattr(replica_server, "MAX_UNAUTHENTICATED", 3)
+    server, *_ = served
+    idle = [await _raw(server) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    reader, writer = await _raw(server)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await _closed(reader) and loop.time() - start < 0.5       # not the 1 s auth timeout
+    await writer.close()
+    for _, w in idle:
+        await w.close()
