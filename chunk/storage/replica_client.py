@@ -272,13 +272,27 @@ class ReplicaClient:
         return PeerUnavailable(addr, f"{frame.op.name}: {e}")
 
     async def call(self, addr: Address, frame: Frame, timeout: float | None = None) -> Frame:
-        """Send one request, return its reply (any status); ``PeerUnavailable`` if none."""
+        """Send one request, return its reply (any status); ``PeerUnavailable`` if none;
+        ``InvalidRequest`` if it cannot be encoded (the connection stays up)."""
         addr = (addr[0], int(addr[1]))
         if self._closed:
             raise PeerUnavailable(addr, "client closed")
         pipe = await self._pipeline(addr)
+        timeout = self.timeout if timeout is None else timeout
         try:
-            return await pipe.call(frame, self.timeout if timeout is None else timeout)
+            fut = pipe.start(frame, timeout)
+        except ValueError as e:
+            # Nothing was sent (a request too large for a frame, a field out of range): the
+            # request is bad, not the connection, whose other calls (writes) must go on.
+            log.warning("%s to %s:%d not sent: %s", frame.op.name, addr[0], addr[1], e)
+            raise InvalidRequest(Status.INVALID, {"error": f"request not encodable: {e}"}) from None
+        except (ConnectionError, OSError) as e:
+            self._drop_soon(addr, pipe)
+            raise PeerUnavailable(addr, f"{frame.op.name}: {e}") from None
+        try:
+            if pipe.backed_up:
+                await pipe.drain()
+            return await fut
         except (ConnectionError, OSError, FrameError, ValueError) as e:
             self._drop_soon(addr, pipe)
             raise PeerUnavailable(addr, f"{frame.op.name}: {e}") from None

@@ -355,3 +355,18 @@ async def test_start_write_resolves_plain_oks_to_none_and_anything_else_to_the_r
     fua = client.start_write(a.addr, VID, 0, 0, blocks[0], 3, 1, fua=True)          # a FUA write
     rep = await asyncio.wait_for(fua, 10)
     assert rep is not None and rep.status is Status.OK             # not a start_write: decoded
+
+
+async def test_an_unencodable_request_fails_alone_and_the_connection_keeps_its_writes(nodes, client):
+    """An IMPORT blob over the frame limit is the request's fault: it fails as INVALID and the
+    write outstanding on the same connection still completes (it used to drop the pipeline)."""
+    a, _ = nodes
+    await client.create(a.addr, VID, 0, generation=1, epoch=1)
+    data = os.urandom(wire.MAX_DATA)
+    write = asyncio.ensure_future(client.write(a.addr, VID, 0, 0, data, epoch=1, seq=1, fua=True))
+    await asyncio.sleep(0)                                  # the write is on the wire
+    with pytest.raises(InvalidRequest, match="exceeds"):
+        await client.import_(a.addr, VID, 0, b"x" * (wire.MAX_FRAME + 1), epoch=1)
+    await write
+    assert (await client.read(a.addr, VID, 0, 0, BLOCK_SIZE, epoch=1))[0] == data[:BLOCK_SIZE]
+    assert a.server.connections == 1
