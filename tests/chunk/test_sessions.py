@@ -17,7 +17,7 @@ import pytest
 
 from chunk.iscsi import pdu as P
 from chunk.iscsi.constants import TARGET_OPCODES, AsyncEvent
-from chunk.iscsi.text import encode_text
+from tests.chunk.iscsi.raw_login import normal_login
 from tests.cluster import Cluster, Etcd, port_open, wait_for
 
 pytestmark = [pytest.mark.slow,
@@ -196,14 +196,7 @@ class StubbornInitiator:
 
     @classmethod
     async def login(cls, port: int, target_iqn: str) -> "StubbornInitiator":
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        pairs = [("InitiatorName", STUBBORN), ("SessionType", "Normal"), ("TargetName", target_iqn),
-                 ("HeaderDigest", "None"), ("DataDigest", "None")]
-        w.write(P.LoginRequest(transit=True, csg=1, nsg=3, isid=bytes.fromhex("80aabbccddee"), itt=1,
-                               cid=1, cmdsn=1, expstatsn=0, data=encode_text(pairs)).to_bytes())
-        resp = await asyncio.wait_for(P.read_pdu(r, opcodes=TARGET_OPCODES), 10)
-        assert isinstance(resp, P.LoginResponse) and resp.status == 0 and resp.transit, resp
-        return cls(r, w)
+        return cls(*await normal_login(port, target_iqn, STUBBORN))
 
     async def next_pdu(self, timeout: float) -> P.PDU | None:
         """The next PDU, or None at EOF (the target closed the connection)."""

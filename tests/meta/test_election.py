@@ -21,9 +21,7 @@ async def test_a_leader_whose_key_is_taken_away_steps_down_and_stands_again(etcd
     stop = asyncio.Event()
     task = asyncio.create_task(e.run(stop))
     try:
-        async def leading():
-            return e.is_leader
-        await async_wait_for(leading, 10, "leadership")
+        await async_wait_for(lambda: e.is_leader, 10, "leadership")
         first = e.record.epoch
         await etcd_client.delete(keys.leader())
 
@@ -65,9 +63,7 @@ async def test_a_lost_session_revokes_its_lease_so_the_leader_key_is_freed(etcd_
     stop = asyncio.Event()
     task = asyncio.create_task(e.run(stop))
     try:
-        async def leading():
-            return e.is_leader
-        await async_wait_for(leading, 10, "leadership")
+        await async_wait_for(lambda: e.is_leader, 10, "leadership")
         first, old_lease = e.record.epoch, e._lease.id
 
         async def session_lost():

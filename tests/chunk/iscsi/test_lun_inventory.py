@@ -17,8 +17,8 @@ from chunk.catalog import Catalog
 from chunk.iscsi import pdu as P
 from chunk.iscsi.constants import TARGET_OPCODES
 from chunk.iscsi.target import IscsiTarget, TargetConfig
-from chunk.iscsi.text import encode_text
 from meta import exports, volumes
+from tests.chunk.iscsi.raw_login import normal_login
 from tests.cluster import async_wait_for, free_port
 from tests.meta.helpers import make_ctx, register_chunk
 
@@ -37,14 +37,7 @@ class Initiator:
 
     @classmethod
     async def login(cls, port: int, target_iqn: str) -> "Initiator":
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        pairs = [("InitiatorName", H1), ("SessionType", "Normal"), ("TargetName", target_iqn),
-                 ("HeaderDigest", "None"), ("DataDigest", "None")]
-        w.write(P.LoginRequest(transit=True, csg=1, nsg=3, isid=bytes.fromhex("80aabbccddee"), itt=1,
-                               cid=1, cmdsn=1, expstatsn=0, data=encode_text(pairs)).to_bytes())
-        resp = await asyncio.wait_for(P.read_pdu(r, opcodes=TARGET_OPCODES), 10)
-        assert isinstance(resp, P.LoginResponse) and resp.status == 0 and resp.transit, resp
-        return cls(r, w)
+        return cls(*await normal_login(port, target_iqn, H1))
 
     async def command(self, lun: int, cdb: bytes, expected_length: int = 0):
         """(status, sense key/ASC/ASCQ or None, data-in) of one command."""

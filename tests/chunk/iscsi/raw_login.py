@@ -1,0 +1,22 @@
+"""A normal session opened by hand: one operational-stage Login PDU, for tests that need to
+see every PDU the target sends (async messages, unit attentions) without an initiator's logic."""
+
+from __future__ import annotations
+
+import asyncio
+
+from chunk.iscsi import pdu as P
+from chunk.iscsi.constants import TARGET_OPCODES
+from chunk.iscsi.text import encode_text
+
+
+async def normal_login(port: int, target_iqn: str, initiator: str,
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    pairs = [("InitiatorName", initiator), ("SessionType", "Normal"), ("TargetName", target_iqn),
+             ("HeaderDigest", "None"), ("DataDigest", "None")]
+    w.write(P.LoginRequest(transit=True, csg=1, nsg=3, isid=bytes.fromhex("80aabbccddee"), itt=1,
+                           cid=1, cmdsn=1, expstatsn=0, data=encode_text(pairs)).to_bytes())
+    resp = await asyncio.wait_for(P.read_pdu(r, opcodes=TARGET_OPCODES), 10)
+    assert isinstance(resp, P.LoginResponse) and resp.status == 0 and resp.transit, resp
+    return r, w
