@@ -12,7 +12,12 @@ The desired state comes from the same export catalog the built-in target uses
   runs its command ring through a ``LogicalUnit`` over the device
   ``chunk.lun_device.open_export`` opens, as the built-in target does;
 * per initiator on a volume's ACL, a NodeACL with a MappedLUN (write-protected
-  when the ACL entry or the mapping is read-only): LUN masking;
+  when the ACL entry or the mapping is read-only): LUN masking. LIO's write
+  protection stops only data-carrying writes on a user backstore (WRITE SAME
+  with NDOB, for one, gets through), so an initiator whose ACL entry alone is
+  read-only is mapped (same LUN number) to a second backstore ``zs-<id>.ro``
+  on TPG LUN ``RO_TPG_LUN_BASE + n``, served over the device opened read-only;
+  it exists only while some ACL entry needs it;
 * CHAP per NodeACL from ``catalog.chap_for``: userid/password, mutual ones
   when set, and the NodeACL's ``authentication`` attribute on, so an initiator
   with credentials cannot skip them; NodeACLs without credentials log in
@@ -54,6 +59,8 @@ TPG_TAG = 1
 MAX_SECTORS_BYTES = 1 << 20        # per command; the LU's Block Limits say 8 MiB, LIO splits nothing
 DATA_AREA_MB = 64                  # room for the queued commands' data in the TCMU data area
 OWNED_FILE = "lio-owned.json"
+RO_SUFFIX = ".ro"                  # the read-only twin of a backstore, for read-only ACL entries
+RO_TPG_LUN_BASE = 256              # its TPG LUN: LUN n + this (catalog LUNs are 1..255)
 
 
 class LioUnavailable(Exception):
@@ -96,12 +103,13 @@ class Chap:
 class AclSpec:
     mapped: dict[int, bool] = field(default_factory=dict)     # LUN -> write-protected
     chap: Chap | None = None
+    tpg_luns: dict[int, int] = field(default_factory=dict)    # LUN -> TPG LUN, where not the same
 
 
 @dataclass
 class TargetSpec:
     iqn: str
-    luns: dict[int, str] = field(default_factory=dict)        # LUN -> backstore name
+    luns: dict[int, str] = field(default_factory=dict)        # TPG LUN -> backstore name
     acls: dict[str, AclSpec] = field(default_factory=dict)    # initiator -> masking + CHAP
 
 
@@ -134,6 +142,12 @@ def desired_state(catalog: Catalog) -> Desired:
         for initiator, entry in sorted(catalog.acl.get(ex.export_id, {}).items()):
             acl = spec.acls.setdefault(initiator, AclSpec())
             acl.mapped[lun] = bool(entry.readonly or m.readonly)
+            if entry.readonly and not ex.readonly:
+                # the shared backstore is writable: this initiator gets the read-only twin
+                ro = name + RO_SUFFIX
+                d.backstores[ro] = ex._replace(readonly=True)
+                spec.luns[RO_TPG_LUN_BASE + lun] = ro
+                acl.tpg_luns[lun] = RO_TPG_LUN_BASE + lun
     for spec in d.targets.values():
         for initiator, acl in spec.acls.items():
             c = catalog.chap_for(spec.iqn, initiator)
@@ -286,13 +300,15 @@ class LioConfig:
                 a = rts.NodeACL(tpg, initiator, mode="create")
                 log.info("LIO: %s: added ACL %s", spec.iqn, initiator)
             mapped = {m.mapped_lun: m for m in a.mapped_luns}
-            for n, m in mapped.items():
-                if n not in want.mapped or m.tpg_lun.lun != n or bool(m.write_protect) != want.mapped[n]:
+            for n, m in list(mapped.items()):
+                if (n not in want.mapped or m.tpg_lun.lun != want.tpg_luns.get(n, n)
+                        or bool(m.write_protect) != want.mapped[n]):
                     m.delete()
                     mapped.pop(n)
             for n, wp in want.mapped.items():
-                if n not in mapped and n in luns:
-                    rts.MappedLUN(a, n, n, write_protect=wp)
+                tl = want.tpg_luns.get(n, n)
+                if n not in mapped and tl in luns:
+                    rts.MappedLUN(a, n, tl, write_protect=wp)
             self._apply_chap(a, want.chap)
         if not tpg.enable:
             tpg.enable = True
@@ -400,7 +416,7 @@ class LioFrontend:
         if not found:
             log.error("LIO: no uio device named %s for backstore %s", bs.uio_name, bs.name)
             return
-        dev, ident = open_export(self.open_device, ex)     # write protection: the MappedLUN's
+        dev, ident = open_export(self.open_device, ex)     # read-only for a ".ro" backstore
         unit = scsi.LogicalUnit(dev, ident, power_on_ua=False)
         u = tuio.UioDevice(found)
         loop = CommandLoop(u, unit, name=f"{bs.name}({found})", reset_ring=lambda: self.cfg.reset_ring(bs))

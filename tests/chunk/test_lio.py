@@ -5,8 +5,12 @@ LIO and serving the TCMU rings is proven in the kernel lab (tests/lab/test_lab_l
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -32,11 +36,15 @@ async def test_desired_state_masks_luns_per_acl_and_carries_chap(catalog_setup):
                          and len(cat.volumes) == 2 and cat.targets, 5, "catalog")
 
     d = lio.desired_state(cat)
-    assert set(d.backstores) == {lio.backstore_name(a.volume_id), lio.backstore_name(b.volume_id)}
+    b_ro = lio.backstore_name(b.volume_id) + lio.RO_SUFFIX       # b's read-only twin, for H1
+    assert set(d.backstores) == {lio.backstore_name(a.volume_id), lio.backstore_name(b.volume_id), b_ro}
     assert d.backstores[lio.backstore_name(a.volume_id)].size == 64 << 20
+    assert d.backstores[b_ro].readonly and not d.backstores[lio.backstore_name(b.volume_id)].readonly
     t = d.targets[iqn]
-    assert t.luns == {a.lun: lio.backstore_name(a.volume_id), b.lun: lio.backstore_name(b.volume_id)}
+    assert t.luns == {a.lun: lio.backstore_name(a.volume_id), b.lun: lio.backstore_name(b.volume_id),
+                      lio.RO_TPG_LUN_BASE + b.lun: b_ro}
     assert t.acls[H1].mapped == {a.lun: False, b.lun: True}       # b read-only for H1
+    assert t.acls[H1].tpg_luns == {b.lun: lio.RO_TPG_LUN_BASE + b.lun} and not t.acls[H2].tpg_luns
     assert t.acls[H2].mapped == {b.lun: False}                    # H2 does not see a
     assert t.acls[H1].chap is None
     assert t.acls[H2].chap == lio.Chap("h2user", "s" * 12, "tgt", "m" * 12)
@@ -122,3 +130,183 @@ async def test_desired_state_serves_a_snapshot_export_on_its_own_backstore(catal
     assert t.luns[view["lun"]] == name
     assert t.acls[H2].mapped == {view["lun"]: True}               # write-protected
     assert view["lun"] not in t.acls[H1].mapped                   # the volume's initiator: masked
+
+
+# -- applying the state: LioConfig and LioFrontend over a fake rtslib, TCMU rings in bytearrays --
+
+class _Attrs:
+    def __init__(self):
+        self.attrs: dict[str, str] = {}
+
+    def get_attribute(self, k):
+        return self.attrs.get(k)
+
+    def set_attribute(self, k, v):
+        self.attrs[k] = v
+
+
+class FakeRts:
+    """Just the rtslib-fb surface ``LioConfig`` uses, over plain lists; ``reject`` names the
+    initiators whose NodeACL rtslib refuses (as it does an IQN it cannot parse)."""
+
+    class RTSLibError(Exception):
+        pass
+
+    def __init__(self, reject=()):
+        self.sos: dict[str, Any] = {}
+        self.targets: list[Any] = []
+        self.reject = set(reject)
+        self._index = 0
+
+    def RTSRoot(self):
+        return self
+
+    @property
+    def storage_objects(self):
+        return list(self.sos.values())
+
+    def UserBackedStorageObject(self, name, config=None, size=None, index=None, **kw):
+        if index is not None:
+            assert self.sos[name].index == index
+            return self.sos[name]
+        self._index += 1
+        so = _Attrs()
+        so.attrs["dev_size"] = str(size)
+        so.name, so.config, so.size, so.index, so.plugin = name, config, size, self._index, "user"
+        so.path = f"/sys/kernel/config/target/core/user_{self._index}/{name}"
+        so.delete = lambda: self.sos.pop(name)
+        self.sos[name] = so
+        return so
+
+    def FabricModule(self, name):
+        return SimpleNamespace(name=name)
+
+    def Target(self, fabric, wwn, mode):
+        t = SimpleNamespace(wwn=wwn, fabric_module=fabric, tpgs=[])
+        t.delete = lambda: self.targets.remove(t)
+        self.targets.append(t)
+        return t
+
+    def TPG(self, t, tag, mode):
+        tpg = _Attrs()
+        tpg.tag, tpg.luns, tpg.node_acls, tpg.network_portals, tpg.enable = tag, [], [], [], False
+        tpg.delete = lambda: t.tpgs.remove(tpg)
+        t.tpgs.append(tpg)
+        return tpg
+
+    def NetworkPortal(self, tpg, ip, port, mode):
+        p = SimpleNamespace(ip_address=ip, port=port)
+        p.delete = lambda: tpg.network_portals.remove(p)
+        tpg.network_portals.append(p)
+        return p
+
+    def LUN(self, tpg, n, so):
+        lun = SimpleNamespace(lun=n, storage_object=so, tpg=tpg)
+
+        def delete():
+            tpg.luns.remove(lun)
+            for a in tpg.node_acls:
+                a.mapped_luns[:] = [m for m in a.mapped_luns if m.tpg_lun is not lun]
+        lun.delete = delete
+        tpg.luns.append(lun)
+        return lun
+
+    def NodeACL(self, tpg, wwn, mode):
+        if wwn in self.reject:
+            raise self.RTSLibError(f"invalid initiator name {wwn}")
+        a = _Attrs()
+        a.node_wwn, a.mapped_luns, a.path = wwn, [], "/nonexistent"
+        a.chap_userid = a.chap_password = a.chap_mutual_userid = a.chap_mutual_password = ""
+        a.delete = lambda: tpg.node_acls.remove(a)
+        tpg.node_acls.append(a)
+        a.tpg = tpg
+        return a
+
+    def MappedLUN(self, a, n, tpg_lun, write_protect=False):
+        lun = next(l for l in a.tpg.luns if l.lun == tpg_lun)
+        m = SimpleNamespace(mapped_lun=n, tpg_lun=lun, write_protect=write_protect)
+        m.delete = lambda: a.mapped_luns.remove(m)
+        a.mapped_luns.append(m)
+        return m
+
+    # what an initiator sees
+    def mapping(self, iqn, initiator, n):
+        """The backstore behind ``initiator``'s LUN ``n`` on target ``iqn``, and its write protection."""
+        t = next(t for t in self.targets if t.wwn == iqn)
+        a = next(a for a in t.tpgs[0].node_acls if a.node_wwn == initiator)
+        m = next(m for m in a.mapped_luns if m.mapped_lun == n)
+        return m.tpg_lun.storage_object.name, m.write_protect
+
+
+@pytest.fixture
+def fake_lio(monkeypatch, tmp_path):
+    """A ``LioFrontend`` factory over a fake rtslib; every uio device is a ``FakeKernel`` ring and
+    every volume a ``MemoryBlockDevice`` opened as ``open_device`` is asked (read-only or not)."""
+    from chunk.blockdev import MemoryBlockDevice
+    from tests.chunk.tcmu.fakering import FakeKernel
+
+    rings: dict[str, FakeKernel] = {}
+    devices: list[Any] = []
+    real_exists = os.path.exists
+
+    def open_device(volume, readonly, seq=0):
+        dev = MemoryBlockDevice(volume.size, readonly=readonly)
+        devices.append(dev)
+        return dev
+
+    def uio_device(found):
+        rings[found] = FakeKernel(cmdr_size=4096, data_size=1 << 20)
+        return rings[found]
+
+    monkeypatch.setattr(lio.tuio, "find", lambda name, suffix=None: "fake-" + name.split("/")[2])
+    monkeypatch.setattr(lio.tuio, "UioDevice", uio_device)
+    monkeypatch.setattr(lio.os.path, "exists", lambda p: p.startswith("/dev/fake-") or real_exists(p))
+    made = []
+
+    def make(cat, fake: FakeRts | None = None):
+        fake = fake or FakeRts()
+        monkeypatch.setitem(sys.modules, "rtslib_fb", fake)
+        fe = lio.LioFrontend("127.0.0.1:3260", cat, open_device, tmp_path)
+        fe.fake, fe.rings, fe.devices = fake, rings, devices
+        made.append(fe)
+        return fe
+    yield make
+    for fe in made:
+        for name in list(fe.loops):
+            fe.loops.pop(name)[1].close()
+
+
+def write_same16_ndob(lba: int, n: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x93, 0x01, lba, n, 0, 0)
+
+
+async def test_read_only_acl_entry_is_served_by_a_read_only_backstore(catalog_setup, fake_lio):
+    """H1 is read-only on "b" and H2 read-write: H1's LUN must be a backstore over a read-only
+    device, since LIO's write_protect lets WRITE SAME(16) NDOB (no data-out) through to the unit."""
+    ctx, cat = catalog_setup
+    b, _ = await volumes.create_volume(ctx, "b", "16Mi", 1)
+    await exports.add_acl(ctx, "b", H1, readonly=True)
+    await exports.add_acl(ctx, "b", H2)
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    await async_wait_for(lambda: len(cat.acl.get(b.volume_id, {})) == 2 and cat.luns and cat.targets
+                         and cat.volumes, 5, "catalog")
+    fe = fake_lio(cat)
+    await fe.start()
+    try:
+        name = lio.backstore_name(b.volume_id)
+        ro_name, wp = fe.fake.mapping(iqn, H1, b.lun)
+        assert ro_name != name and wp                               # same LUN number, own backstore
+        assert fe.fake.mapping(iqn, H2, b.lun) == (name, False)
+        ring = fe.rings["fake-" + ro_name]
+        c = ring.queue(write_same16_ndob(0, 8))
+        await async_wait_for(lambda: "status" in ring.answers[c], 5, "answer")
+        a = ring.answers[c]
+        assert a["status"] == 2 and a["sense"][2] & 0x0F == 0x07    # CHECK CONDITION, DATA PROTECT
+
+        await exports.remove_acl(ctx, "b", H1)                       # no read-only entry left
+        await async_wait_for(lambda: H1 not in cat.acl.get(b.volume_id, {}), 5, "ACL removal mirrored")
+        await fe.reconcile()
+        assert ro_name not in fe.fake.sos and ro_name not in fe.loops
+        assert set(fe.fake.sos) == {name}
+    finally:
+        await fe.stop()
