@@ -59,6 +59,7 @@ TPG_TAG = 1
 MAX_SECTORS_BYTES = 1 << 20        # per command; the LU's Block Limits say 8 MiB, LIO splits nothing
 DATA_AREA_MB = 64                  # room for the queued commands' data in the TCMU data area
 OWNED_FILE = "lio-owned.json"
+RETRY_SECONDS = 30.0               # a reconcile that hit errors is retried after this, changes or not
 RO_SUFFIX = ".ro"                  # the read-only twin of a backstore, for read-only ACL entries
 RO_TPG_LUN_BASE = 256              # its TPG LUN: LUN n + this (catalog LUNs are 1..255)
 
@@ -190,6 +191,7 @@ class LioConfig:
         self.rts = rts
         self.root = rts.RTSRoot()
         self.host, self.port, self.owned = portal_host, portal_port, owned
+        self.errors = 0          # objects rtslib refused since the last reset (the frontend retries)
 
     # backstores ---------------------------------------------------------------------
 
@@ -205,18 +207,24 @@ class LioConfig:
         return Backstore(so.name, index, so.path, tuio.uio_name(index, so.name, so.config))
 
     def ensure_backstores(self, want: dict[str, LunExport]) -> dict[str, Backstore]:
+        """The backstores that exist; one that cannot be made is logged and left out (its LUNs
+        with it), so it does not hold up the others."""
         have = self._ours()
         out = {}
         for name, ex in want.items():
-            so = have.get(name)
-            if so is None:
-                bs = ex.volume.block_size or 512
-                so = self.rts.UserBackedStorageObject(
-                    name, config=f"{HANDLER}/{ex.export_id}", size=ex.size, wwn=ex.serial,
-                    hw_max_sectors=MAX_SECTORS_BYTES // bs,
-                    control=f"max_data_area_mb={DATA_AREA_MB},hw_block_size={bs}")
-                log.info("LIO: created backstore user/%s (%d bytes)", name, ex.size)
-            out[name] = self._describe(so)
+            try:
+                so = have.get(name)
+                if so is None:
+                    bs = ex.volume.block_size or 512
+                    so = self.rts.UserBackedStorageObject(
+                        name, config=f"{HANDLER}/{ex.export_id}", size=ex.size, wwn=ex.serial,
+                        hw_max_sectors=MAX_SECTORS_BYTES // bs,
+                        control=f"max_data_area_mb={DATA_AREA_MB},hw_block_size={bs}")
+                    log.info("LIO: created backstore user/%s (%d bytes)", name, ex.size)
+                out[name] = self._describe(so)
+            except Exception:  # noqa: BLE001 - rtslib or configfs refused this one
+                self.errors += 1
+                log.exception("LIO: backstore user/%s", name)
         return out
 
     def stale_backstores(self, want: dict[str, LunExport]) -> list[str]:
@@ -225,8 +233,12 @@ class LioConfig:
     def delete_backstore(self, name: str) -> None:
         so = self._ours().get(name)
         if so is not None:
-            so.delete()
-            log.info("LIO: deleted backstore user/%s", name)
+            try:
+                so.delete()
+                log.info("LIO: deleted backstore user/%s", name)
+            except Exception:  # noqa: BLE001 - e.g. a LUN that could not be removed still uses it
+                self.errors += 1
+                log.exception("LIO: deleting backstore user/%s", name)
 
     def reset_ring(self, bs: Backstore) -> None:
         with open(os.path.join(bs.path, "action", "reset_ring"), "w") as f:
@@ -238,24 +250,34 @@ class LioConfig:
         rts = self.rts
         iscsi = rts.FabricModule("iscsi")
         existing = {t.wwn: t for t in self.root.targets if t.fabric_module.name == "iscsi"}
+        # Each target (and, in _apply_tpg, each LUN and ACL) on its own: one that rtslib
+        # refuses is logged and counted, and everything else is still applied.
         for iqn, spec in d.targets.items():
-            t = existing.get(iqn)
-            if t is not None and iqn not in self.owned.targets:
-                log.error("LIO: target %s exists and was not made by zstore; leaving it alone", iqn)
-                continue
-            if t is None:
-                self.owned.targets.add(iqn)
-                self.owned.save()                    # before it exists: a crash cannot orphan it
-                t = rts.Target(iscsi, iqn, mode="create")
-                log.info("LIO: created target %s", iqn)
-            self._apply_tpg(t, spec, backstores)
+            try:
+                t = existing.get(iqn)
+                if t is not None and iqn not in self.owned.targets:
+                    log.error("LIO: target %s exists and was not made by zstore; leaving it alone", iqn)
+                    continue
+                if t is None:
+                    self.owned.targets.add(iqn)
+                    self.owned.save()                    # before it exists: a crash cannot orphan it
+                    t = rts.Target(iscsi, iqn, mode="create")
+                    log.info("LIO: created target %s", iqn)
+                self._apply_tpg(t, spec, backstores)
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("LIO: target %s", iqn)
         for iqn in sorted(self.owned.targets - set(d.targets)):
-            t = existing.get(iqn)
-            if t is not None:
-                t.delete()
-                log.info("LIO: deleted target %s", iqn)
-            self.owned.targets.discard(iqn)
-            self.owned.save()
+            try:
+                t = existing.get(iqn)
+                if t is not None:
+                    t.delete()
+                    log.info("LIO: deleted target %s", iqn)
+                self.owned.targets.discard(iqn)
+                self.owned.save()
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("LIO: deleting target %s", iqn)
 
     def _apply_tpg(self, t, spec: TargetSpec, backstores: dict[str, Backstore]) -> None:
         rts = self.rts
@@ -285,33 +307,48 @@ class LioConfig:
                 log.info("LIO: %s LUN %d removed", spec.iqn, n)
         for n, name in spec.luns.items():
             if n not in luns and name in backstores:
-                so = rts.UserBackedStorageObject(name, index=backstores[name].index)
-                luns[n] = rts.LUN(tpg, n, so)
-                log.info("LIO: %s LUN %d -> user/%s", spec.iqn, n, name)
+                try:
+                    so = rts.UserBackedStorageObject(name, index=backstores[name].index)
+                    luns[n] = rts.LUN(tpg, n, so)
+                    log.info("LIO: %s LUN %d -> user/%s", spec.iqn, n, name)
+                except Exception:  # noqa: BLE001
+                    self.errors += 1
+                    log.exception("LIO: %s LUN %d -> user/%s", spec.iqn, n, name)
         # NodeACLs, MappedLUNs, CHAP
         acls = {a.node_wwn: a for a in tpg.node_acls}
         for initiator, a in acls.items():
             if initiator not in spec.acls:
-                a.delete()
-                log.info("LIO: %s: removed ACL %s", spec.iqn, initiator)
+                try:
+                    a.delete()
+                    log.info("LIO: %s: removed ACL %s", spec.iqn, initiator)
+                except Exception:  # noqa: BLE001
+                    self.errors += 1
+                    log.exception("LIO: %s: removing ACL %s", spec.iqn, initiator)
         for initiator, want in spec.acls.items():
-            a = acls.get(initiator)
-            if a is None:
-                a = rts.NodeACL(tpg, initiator, mode="create")
-                log.info("LIO: %s: added ACL %s", spec.iqn, initiator)
-            mapped = {m.mapped_lun: m for m in a.mapped_luns}
-            for n, m in list(mapped.items()):
-                if (n not in want.mapped or m.tpg_lun.lun != want.tpg_luns.get(n, n)
-                        or bool(m.write_protect) != want.mapped[n]):
-                    m.delete()
-                    mapped.pop(n)
-            for n, wp in want.mapped.items():
-                tl = want.tpg_luns.get(n, n)
-                if n not in mapped and tl in luns:
-                    rts.MappedLUN(a, n, tl, write_protect=wp)
-            self._apply_chap(a, want.chap)
+            try:
+                self._apply_acl(tpg, acls.get(initiator), initiator, want, luns, spec.iqn)
+            except Exception:  # noqa: BLE001 - e.g. an initiator name rtslib rejects
+                self.errors += 1
+                log.exception("LIO: %s: ACL %s", spec.iqn, initiator)
         if not tpg.enable:
             tpg.enable = True
+
+    def _apply_acl(self, tpg, a, initiator: str, want: AclSpec, luns: dict[int, Any], iqn: str) -> None:
+        rts = self.rts
+        if a is None:
+            a = rts.NodeACL(tpg, initiator, mode="create")
+            log.info("LIO: %s: added ACL %s", iqn, initiator)
+        mapped = {m.mapped_lun: m for m in a.mapped_luns}
+        for n, m in list(mapped.items()):
+            if (n not in want.mapped or m.tpg_lun.lun != want.tpg_luns.get(n, n)
+                    or bool(m.write_protect) != want.mapped[n]):
+                m.delete()
+                mapped.pop(n)
+        for n, wp in want.mapped.items():
+            tl = want.tpg_luns.get(n, n)
+            if n not in mapped and tl in luns:
+                rts.MappedLUN(a, n, tl, write_protect=wp)
+        self._apply_chap(a, want.chap)
 
     def _apply_chap(self, a, chap: Chap | None) -> None:
         want = {"chap_userid": chap.user if chap else "", "chap_password": chap.secret if chap else "",
@@ -364,11 +401,16 @@ class LioFrontend:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.applied = 0
+        self.failed = False      # the last reconcile left something unapplied: retry on a timer
 
     async def start(self) -> None:
         self.cfg = await asyncio.to_thread(LioConfig, self.host, self.port, self.owned)
         await self._catalog_synced()
-        await self.reconcile()
+        try:
+            await self.reconcile()
+        except Exception:  # noqa: BLE001 - serve what could be applied; _follow retries the rest
+            self.failed = True
+            log.exception("LIO: applying the catalog failed; retrying in %.0f s", RETRY_SECONDS)
         self.catalog.on_change(lambda kind: self._dirty.set())
         self._task = asyncio.ensure_future(self._follow())
         log.info("LIO frontend: portal %s:%d, %d LUNs served through TCMU", self.host, self.port,
@@ -381,18 +423,26 @@ class LioFrontend:
             await asyncio.sleep(0.05)
 
     async def _follow(self) -> None:
+        """Apply after every change, and again every RETRY_SECONDS while the last attempt
+        left something unapplied (rtslib refused an object, or the attempt failed)."""
         while True:
-            await self._dirty.wait()
+            try:
+                await asyncio.wait_for(self._dirty.wait(), RETRY_SECONDS if self.failed else None)
+            except asyncio.TimeoutError:
+                pass
             await asyncio.sleep(0.1)             # a change touches several sections: apply once
             self._dirty.clear()
             try:
                 await self.reconcile()
-            except Exception:  # noqa: BLE001 - keep following; the next change retries
+            except Exception:  # noqa: BLE001 - keep following; the next change or the timer retries
+                self.failed = True
                 log.exception("LIO: applying the catalog failed")
 
     async def reconcile(self) -> None:
         async with self._lock:
             cfg = self.cfg
+            cfg.errors = 0
+            self.failed = True                   # until this attempt gets through cleanly
             d = desired_state(self.catalog)
             backstores = await asyncio.to_thread(cfg.ensure_backstores, d.backstores)
             for name, bs in backstores.items():
@@ -405,6 +455,10 @@ class LioFrontend:
             for name in [n for n in self.loops if n not in backstores]:
                 await self._detach(name)
             self.applied += 1
+            self.failed = cfg.errors > 0
+            if self.failed:
+                log.error("LIO: %d objects could not be applied; retrying in %.0f s", cfg.errors,
+                          RETRY_SECONDS)
 
     async def _attach(self, bs: Backstore, ex: LunExport) -> None:
         found = None

@@ -310,3 +310,36 @@ async def test_read_only_acl_entry_is_served_by_a_read_only_backstore(catalog_se
         assert set(fe.fake.sos) == {name}
     finally:
         await fe.stop()
+
+
+async def test_a_rejected_initiator_stops_neither_other_targets_nor_start(catalog_setup, fake_lio, monkeypatch):
+    """rtslib refusing one initiator's NodeACL used to abort the whole apply (later targets,
+    ACL removals, stale backstores skipped) and, at start, the chunk server."""
+    ctx, cat = catalog_setup
+    ctx.luns_per_target = 1                                          # a second volume: a second target
+    bad = "iqn.2004-10.com.example:rejected"
+    a, _ = await volumes.create_volume(ctx, "a", "16Mi", 1)
+    b, _ = await volumes.create_volume(ctx, "b", "16Mi", 1)
+    await exports.add_acl(ctx, "a", bad)
+    await exports.add_acl(ctx, "a", H1)
+    await exports.add_acl(ctx, "b", H2)
+    await async_wait_for(lambda: len(cat.targets) == 2 and len(cat.luns) == 2 and len(cat.volumes) == 2
+                         and len(cat.acl.get(a.volume_id, {})) == 2 and b.volume_id in cat.acl, 5, "catalog")
+    d = lio.desired_state(cat)
+    iqn_a = next(i for i, t in d.targets.items() if t.luns.get(a.lun) == lio.backstore_name(a.volume_id))
+    iqn_b = next(i for i, t in d.targets.items() if t.luns.get(b.lun) == lio.backstore_name(b.volume_id))
+    assert iqn_a != iqn_b
+    fe = fake_lio(cat, FakeRts(reject={bad}))
+    monkeypatch.setattr(lio, "RETRY_SECONDS", 0.2, raising=False)
+    await fe.start()                                                 # does not raise
+    try:
+        assert fe.failed
+        assert fe.fake.mapping(iqn_a, H1, a.lun) == (lio.backstore_name(a.volume_id), False)
+        assert fe.fake.mapping(iqn_b, H2, b.lun) == (lio.backstore_name(b.volume_id), False)
+        n = fe.applied
+        await async_wait_for(lambda: fe.applied > n, 5, "a retry without any catalog change")
+        fe.fake.reject.clear()                                       # e.g. a kernel that now takes it
+        await async_wait_for(lambda: not fe.failed, 5, "retried until clean")
+        assert fe.fake.mapping(iqn_a, bad, a.lun) == (lio.backstore_name(a.volume_id), False)
+    finally:
+        await fe.stop()
