@@ -227,6 +227,22 @@ class LioConfig:
                 log.exception("LIO: backstore user/%s", name)
         return out
 
+    def grow_backstores(self, sizes: dict[str, int]) -> None:
+        """Raise the kernel's ``dev_size`` of each backstore to its volume's size (a volume
+        only grows; a restart after a resize finds the old size here too)."""
+        have = self._ours()
+        for name, size in sizes.items():
+            so = have.get(name)
+            if so is None:
+                continue
+            try:
+                if int(so.get_attribute("dev_size") or 0) < size:
+                    so.set_attribute("dev_size", str(size))
+                    log.info("LIO: backstore user/%s grown to %d bytes", name, size)
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("LIO: growing backstore user/%s", name)
+
     def stale_backstores(self, want: dict[str, LunExport]) -> list[str]:
         return [n for n in self._ours() if n not in want]
 
@@ -448,6 +464,12 @@ class LioFrontend:
             for name, bs in backstores.items():
                 if name not in self.loops:
                     await self._attach(bs, d.backstores[name])
+            for name, (_loop, _u, dev) in self.loops.items():
+                ex = d.backstores.get(name)
+                if ex is not None and not ex.view_seq and ex.size > dev.size:
+                    dev.resize(ex.size)          # the LU notices and posts CAPACITY DATA HAS CHANGED
+            await asyncio.to_thread(cfg.grow_backstores, {n: ex.size for n, ex in d.backstores.items()
+                                                          if not ex.view_seq and n in backstores})
             await asyncio.to_thread(cfg.apply_targets, d, backstores)
             for name in await asyncio.to_thread(cfg.stale_backstores, d.backstores):
                 await self._detach(name)

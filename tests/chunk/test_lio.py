@@ -343,3 +343,36 @@ async def test_a_rejected_initiator_stops_neither_other_targets_nor_start(catalo
         assert fe.fake.mapping(iqn_a, bad, a.lun) == (lio.backstore_name(a.volume_id), False)
     finally:
         await fe.stop()
+
+
+def tur() -> bytes:
+    return bytes(6)
+
+
+async def test_a_grown_volume_grows_its_lio_lun(catalog_setup, fake_lio):
+    """A resize reached neither the served device nor the kernel's backstore: the initiator kept
+    the old capacity and was never told CAPACITY DATA HAS CHANGED."""
+    ctx, cat = catalog_setup
+    v, _ = await volumes.create_volume(ctx, "v", "16Mi", 1)
+    await exports.add_acl(ctx, "v", H1)
+    await async_wait_for(lambda: v.volume_id in cat.acl and cat.luns and cat.targets and cat.volumes,
+                         5, "catalog")
+    fe = fake_lio(cat)
+    await fe.start()
+    try:
+        name = lio.backstore_name(v.volume_id)
+        ring = fe.rings["fake-" + name]
+        c = ring.queue(tur())
+        await async_wait_for(lambda: "status" in ring.answers[c], 5, "answer")
+        assert ring.answers[c]["status"] == 0
+        await volumes.resize_volume(ctx, "v", "32Mi")
+        await async_wait_for(lambda: cat.volumes[v.volume_id].size == 32 << 20, 5, "resize mirrored")
+        await fe.reconcile()
+        assert fe.loops[name][2].size == 32 << 20
+        assert fe.fake.sos[name].attrs["dev_size"] == str(32 << 20)
+        c = ring.queue(tur())
+        await async_wait_for(lambda: "status" in ring.answers[c], 5, "answer")
+        sense = ring.answers[c]["sense"]
+        assert ring.answers[c]["status"] == 2 and (sense[2] & 0x0F, sense[12], sense[13]) == (0x06, 0x2A, 0x09)
+    finally:
+        await fe.stop()
