@@ -462,15 +462,17 @@ class LioFrontend:
             d = desired_state(self.catalog)
             backstores = await asyncio.to_thread(cfg.ensure_backstores, d.backstores)
             for name, bs in backstores.items():
-                if name not in self.loops:
-                    await self._attach(bs, d.backstores[name])
+                if name not in self.loops and not await self._attach(bs, d.backstores[name]):
+                    cfg.errors += 1              # retried on the timer
             for name, (_loop, _u, dev) in self.loops.items():
                 ex = d.backstores.get(name)
                 if ex is not None and not ex.view_seq and ex.size > dev.size:
                     dev.resize(ex.size)          # the LU notices and posts CAPACITY DATA HAS CHANGED
             await asyncio.to_thread(cfg.grow_backstores, {n: ex.size for n, ex in d.backstores.items()
                                                           if not ex.view_seq and n in backstores})
-            await asyncio.to_thread(cfg.apply_targets, d, backstores)
+            # a LUN only over a backstore whose ring someone serves: else its commands just hang
+            served = {n: bs for n, bs in backstores.items() if n in self.loops}
+            await asyncio.to_thread(cfg.apply_targets, d, served)
             for name in await asyncio.to_thread(cfg.stale_backstores, d.backstores):
                 await self._detach(name)
                 await asyncio.to_thread(cfg.delete_backstore, name)
@@ -482,7 +484,8 @@ class LioFrontend:
                 log.error("LIO: %d objects could not be applied; retrying in %.0f s", cfg.errors,
                           RETRY_SECONDS)
 
-    async def _attach(self, bs: Backstore, ex: LunExport) -> None:
+    async def _attach(self, bs: Backstore, ex: LunExport) -> bool:
+        """Serve ``bs``'s ring; False (logged, nothing left open) if it cannot be served."""
         found = None
         for _ in range(50):                       # udev may lag behind configfs
             found = tuio.find(bs.uio_name, suffix=bs.uio_name.split("/", 2)[2])
@@ -491,14 +494,28 @@ class LioFrontend:
             await asyncio.sleep(0.1)
         if not found:
             log.error("LIO: no uio device named %s for backstore %s", bs.uio_name, bs.name)
-            return
-        dev, ident = open_export(self.open_device, ex)     # read-only for a ".ro" backstore
-        unit = scsi.LogicalUnit(dev, ident, power_on_ua=False)
-        u = tuio.UioDevice(found)
-        loop = CommandLoop(u, unit, name=f"{bs.name}({found})", reset_ring=lambda: self.cfg.reset_ring(bs))
-        loop.start()
+            return False
+        dev = u = loop = None
+        try:
+            dev, ident = open_export(self.open_device, ex)     # read-only for a ".ro" backstore
+            unit = scsi.LogicalUnit(dev, ident, power_on_ua=False)
+            u = tuio.UioDevice(found)
+            loop = CommandLoop(u, unit, name=f"{bs.name}({found})",
+                               reset_ring=lambda: self.cfg.reset_ring(bs))
+            loop.start()
+        except Exception:  # noqa: BLE001 - this backstore goes unserved; the others go on
+            log.exception("LIO: cannot serve backstore %s on /dev/%s", bs.name, found)
+            if loop is not None:
+                await loop.stop(timeout=1.0)
+            if u is not None:
+                u.close()
+            close = getattr(dev, "close", None)
+            if close:
+                close()
+            return False
         self.loops[bs.name] = (loop, u, dev)
         log.info("LIO: serving backstore %s on /dev/%s (%d-byte map)", bs.name, found, u.size)
+        return True
 
     async def _detach(self, name: str) -> None:
         entry = self.loops.pop(name, None)

@@ -251,10 +251,16 @@ def fake_lio(monkeypatch, tmp_path):
 
     def open_device(volume, readonly, seq=0):
         dev = MemoryBlockDevice(volume.size, readonly=readonly)
+        dev.closed = False
+        dev.close = lambda: setattr(dev, "closed", True)
         devices.append(dev)
         return dev
 
+    broken: set[str] = set()                           # uio devices that fail to map
+
     def uio_device(found):
+        if found in broken:
+            raise lio.tuio.UioError(f"{found}: mmap failed")
         rings[found] = FakeKernel(cmdr_size=4096, data_size=1 << 20)
         return rings[found]
 
@@ -267,7 +273,7 @@ def fake_lio(monkeypatch, tmp_path):
         fake = fake or FakeRts()
         monkeypatch.setitem(sys.modules, "rtslib_fb", fake)
         fe = lio.LioFrontend("127.0.0.1:3260", cat, open_device, tmp_path)
-        fe.fake, fe.rings, fe.devices = fake, rings, devices
+        fe.fake, fe.rings, fe.devices, fe.broken_uio = fake, rings, devices, broken
         made.append(fe)
         return fe
     yield make
@@ -374,5 +380,34 @@ async def test_a_grown_volume_grows_its_lio_lun(catalog_setup, fake_lio):
         await async_wait_for(lambda: "status" in ring.answers[c], 5, "answer")
         sense = ring.answers[c]["sense"]
         assert ring.answers[c]["status"] == 2 and (sense[2] & 0x0F, sense[12], sense[13]) == (0x06, 0x2A, 0x09)
+    finally:
+        await fe.stop()
+
+
+async def test_a_backstore_that_cannot_be_served_gets_no_lun_and_leaks_nothing(catalog_setup, fake_lio):
+    """An exception after open_export used to leak the device and abort the reconcile (no other
+    LUN applied); a LUN over a ring nobody serves would leave its commands hanging."""
+    ctx, cat = catalog_setup
+    a, _ = await volumes.create_volume(ctx, "a", "16Mi", 1)
+    b, _ = await volumes.create_volume(ctx, "b", "16Mi", 1)
+    await exports.add_acl(ctx, "a", H1)
+    await exports.add_acl(ctx, "b", H1)
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    await async_wait_for(lambda: len(cat.luns) == 2 and len(cat.acl) == 2 and cat.targets
+                         and len(cat.volumes) == 2, 5, "catalog")
+    fe = fake_lio(cat)
+    name_a, name_b = lio.backstore_name(a.volume_id), lio.backstore_name(b.volume_id)
+    fe.broken_uio.add("fake-" + name_a)
+    await fe.start()
+    try:
+        assert name_a not in fe.loops and fe.failed
+        assert len(fe.devices) == 2 and sum(d.closed for d in fe.devices) == 1      # a's: closed
+        assert fe.fake.mapping(iqn, H1, b.lun) == (name_b, False)
+        t = next(t for t in fe.fake.targets if t.wwn == iqn)
+        assert [l.storage_object.name for l in t.tpgs[0].luns] == [name_b]         # no LUN over a
+        fe.broken_uio.clear()
+        await fe.reconcile()
+        assert name_a in fe.loops and not fe.failed
+        assert fe.fake.mapping(iqn, H1, a.lun) == (name_a, False)
     finally:
         await fe.stop()
