@@ -71,8 +71,11 @@ class CommandLoop:
             self._reading = False
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
-        for t in list(self._tasks):
+        late = list(self._tasks)
+        for t in late:
             t.cancel()
+        if late:          # a cancelled task still touches the ring as it unwinds: the map outlives it
+            await asyncio.gather(*late, return_exceptions=True)
         if self.commands:
             log.info("%s: served %d commands, %.1f ms each in the SCSI layer on average",
                      self.name, self.commands, 1000 * self.busy / self.commands)

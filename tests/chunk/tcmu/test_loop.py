@@ -160,3 +160,32 @@ async def test_restart_picks_up_commands_queued_but_never_answered():
     finally:
         await loop.stop()
         k.close()
+
+
+async def test_stop_returns_only_after_cancelled_commands_have_finished():
+    """stop() used to cancel the commands still running and return at once: the caller then
+    closed the mmap under tasks that had not yet unwound."""
+    k = FakeKernel(cmdr_size=1024, data_size=1 * MiB)
+    gate = asyncio.Event()
+    unwound = []
+
+    class Stuck:
+        def data_out_length(self, cdb):
+            return 0
+
+        async def execute(self, cdb, data_out, n, nexus):
+            try:
+                await gate.wait()
+            finally:
+                await asyncio.sleep(0.05)          # still touching state while unwinding
+                unwound.append(cdb[0])
+    loop = CommandLoop(k, Stuck())
+    loop.start()
+    try:
+        k.queue(read10(0, 1), length=512)
+        await asyncio.sleep(0.05)
+        assert len(loop._tasks) == 1
+        await loop.stop(timeout=0.05)
+        assert unwound == [0x28] and not loop._tasks
+    finally:
+        k.close()
