@@ -1266,7 +1266,8 @@ class Coordinator:
     _SOURCE_FAILURES = (rk.CHECKSUM, rk.IO, rk.UNAVAILABLE)
 
     async def _copy_piece(self, task, sources, target, pos: int, end: int) -> int | None:
-        """Copy [pos, end) (up to one export's worth) to the target; returns where to go on.
+        """Copy [pos, end) (up to one export's worth) to the target; returns where to go on
+        (inside a block when the export shipped a part of a block with too many versions).
 
         One rotten block on the first source must not stop the copy of the whole extent
         (it left the other blocks at one copy for good): the piece comes from the first
@@ -1300,19 +1301,28 @@ class Coordinator:
         """Replace ``block``, imported as unreadable from ``bad_on``, by the first readable
         copy among ``others``; with none, it stays unreadable and is counted."""
         idx = task.index
+        end = (block + 1) * BLOCK_SIZE
         for source in others:
+            # A block with many versions comes in several parts (``ReplicaStore.export``):
+            # all of them, or its first part alone would replace every version on the target.
+            blobs: list[bytes] = []
+            pos: int | None = block * BLOCK_SIZE
+            readable = True
             try:
-                blob, _ = await source.export(self.vid, idx, block * BLOCK_SIZE, BLOCK_SIZE,
-                                              self.epoch)
+                while readable and pos is not None and pos < end:
+                    blob, pos = await source.export(self.vid, idx, pos, end - pos, self.epoch)
+                    readable = not unreadable_blocks(blob)
+                    blobs.append(blob)
             except rk.ReplicaFailed as ex:
                 if ex.kind not in self._SOURCE_FAILURES:
                     raise
                 log.warning("volume %s extent %d block %d: export from %s failed: %s",
                             self.vid, idx, block, source.chunk_id, ex)
                 continue
-            if unreadable_blocks(blob):
+            if not readable:                        # a part of it does not read there either
                 continue
-            await target.import_(self.vid, idx, blob, self.epoch)
+            for blob in blobs:
+                await target.import_(self.vid, idx, blob, self.epoch)
             self.counters["copy_source_retries"] += 1
             log.warning("volume %s extent %d block %d: unreadable on %s, copied to %s from %s",
                         self.vid, idx, block, bad_on, task.target, source.chunk_id)

@@ -953,7 +953,14 @@ class ReplicaStore:
         versions: [[block, origin, key, crc, data]]}``: every block of
         [offset, end) not listed is absent with seq 0 and has no versions.
         Stops before a block that would push the blob past ``max_bytes``
-        (at least one block is always included) and returns where to go on.
+        and returns where to go on.  A block that alone exceeds it (a hot
+        block with a version per retained snapshot: 256 of them no longer fit
+        a wire frame, so it could never be copied) is shipped in parts of
+        ``_versions_per_part(max_bytes)`` versions (keys ascending), each with
+        its live state: the returned offset is then ``block * BLOCK_SIZE + j``
+        (not block-aligned) to export its part ``j``, and part ``j > 0``
+        carries ``after``, the last key of the parts before it, which
+        ``import_`` keeps.  The range's end stays block-aligned.
 
         A live block or version that fails its checksum or does not read (a
         media error) is never shipped: it is listed, without data, in
@@ -969,12 +976,15 @@ class ReplicaStore:
                       max_bytes: int = 768 << 10) -> tuple[bytes, int | None, list[int]]:
         """``export`` and the blocks it marked unreadable (the server schedules their repair)."""
         rep = self._get(vid, idx)
-        if offset % BLOCK_SIZE or length % BLOCK_SIZE:
+        part = offset % BLOCK_SIZE                   # > 0: part ``part`` of the first block
+        if (offset + length) % BLOCK_SIZE or length <= 0 < part:
             raise ValueError(f"export range {offset}+{length} is not {BLOCK_SIZE}-aligned")
+        offset, length = offset - part, length + part
         first, n = self._blocks(rep, offset, length)
         end = first + n
+        per_part = _versions_per_part(max_bytes)
         live, versions, bad_live, bad_versions = [], [], [], []
-        size, nxt = 64, None
+        size, nxt, after = 64, None, None
         with self._io(rep.disk):
             vers = rep.block_versions(first, end) if rep.keys else {}
             crcs, seqs = rep.ext.crcs, rep.seqs
@@ -983,7 +993,22 @@ class ReplicaStore:
                 if not seqs[b] and not crcs[b] and not vlist:
                     continue
                 cost = 24 + (BLOCK_SIZE + 8 if crcs[b] else 0) + len(vlist) * (BLOCK_SIZE + 24)
-                if size + cost > max_bytes and (live or versions or bad_live or bad_versions):
+                shipped = live or versions or bad_live or bad_versions
+                j = part if b == first else 0
+                if j or (not shipped and size + cost > max_bytes and len(vlist) > per_part):
+                    # One part of a block too big for one export: no other block joins it.
+                    skip = j * per_part
+                    if skip:
+                        # The last key of the parts before; if trimmed meanwhile to fewer,
+                        # nothing is added (the digest check after a copy sees a difference).
+                        after = vlist[min(skip, len(vlist)) - 1][0] if vlist else _MAX_SEQ
+                    vlist = vlist[skip:skip + per_part]
+                    if len(vers.get(b, ())) > skip + per_part:
+                        nxt = b * BLOCK_SIZE + j + 1
+                    elif b + 1 < end:
+                        nxt = (b + 1) * BLOCK_SIZE
+                    end = b + 1                     # the loop stops after this block
+                elif size + cost > max_bytes and shipped:
                     nxt = b * BLOCK_SIZE
                     break
                 size += cost
@@ -1001,8 +1026,12 @@ class ReplicaStore:
                         bad_versions.append([b, origin, key, crc])
                     else:
                         versions.append([b, origin, key, crc, data])
-        blob_end = nxt if nxt is not None else end * BLOCK_SIZE
+                if b + 1 == end:
+                    break
+        blob_end = nxt if nxt is not None and nxt % BLOCK_SIZE == 0 else end * BLOCK_SIZE
         state = {"format": _BLOB_FORMAT, "offset": offset, "end": blob_end}
+        if after is not None:
+            state["after"] = after
         unreadable = sorted({e[0] for e in bad_live} | {e[0] for e in bad_versions})
         if unreadable:
             log.error("export of %s/%d: block(s) %s do not read here; exported as unreadable",
@@ -1038,10 +1067,13 @@ class ReplicaStore:
         with self._io(rep.disk):
             rep.mutations += 1
             rep.imports += 1
-            # Versions: replace every version of the range by the blob's.
+            # Versions: replace every version of the range by the blob's; a later part of a
+            # block split over several exports keeps the parts before it (keys <= after).
+            after = state.get("after")
             for key in list(rep.keys):
                 v = rep.versions[key]
-                gone = [b for b in v.entries if first <= b < end]
+                gone = [b for b in v.entries if first <= b < end
+                        and (after is None or b != first or key > after)]
                 if gone:
                     v.drop(gone)
                     rep.drop_key_if_empty(key)
@@ -1205,6 +1237,12 @@ class ReplicaStore:
         return freed
 
 
+def _versions_per_part(max_bytes: int) -> int:
+    """Versions in one part of a block too big for one export (``export``): what fits
+    ``max_bytes`` beside the blob's header and the block's live data; at least one."""
+    return max(1, (max_bytes - 64 - 24 - BLOCK_SIZE - 8) // (BLOCK_SIZE + 24))
+
+
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:
     """Sorted block indexes as (start, length) runs."""
     runs: list[tuple[int, int]] = []
@@ -1290,9 +1328,14 @@ def _parse_blob(blob: bytes) -> dict:
                 raise StoreError(f"import: bad live block {b} seq {s}")
             if d is not None and (len(d) != BLOCK_SIZE or block_crc(b, d) != crc):
                 raise StoreError(f"import: live block {b} fails its checksum")
+        after = state.get("after")
+        if after is not None and not (isinstance(after, int) and 0 <= after <= _MAX_SEQ):
+            raise StoreError(f"import: bad after {after!r}")
         for b, origin, key, crc, d in state["versions"]:
             if not lo <= b < hi or not 0 <= origin <= key <= _MAX_SEQ:
                 raise StoreError(f"import: bad version of block {b} ({origin}, {key})")
+            if after is not None and b == lo and key <= after:
+                raise StoreError(f"import: version ({origin}, {key}) of block {b} is not after {after}")
             if len(d) != BLOCK_SIZE or block_crc(b, d) != crc:
                 raise StoreError(f"import: version ({origin}, {key}) of block {b} fails its checksum")
         if state["format"] == _BLOB_FORMAT_UNREADABLE:
@@ -1304,7 +1347,8 @@ def _parse_blob(blob: bytes) -> dict:
             shipped = {(e[0], e[2]) for e in state["versions"]}
             for b, origin, key, crc in state["bad_versions"]:
                 if not lo <= b < hi or not 0 <= origin <= key <= _MAX_SEQ \
-                        or not 0 < crc <= 0xFFFFFFFF or (b, key) in shipped:
+                        or not 0 < crc <= 0xFFFFFFFF or (b, key) in shipped \
+                        or (after is not None and b == lo and key <= after):
                     raise StoreError(f"import: bad unreadable version of block {b} ({origin}, {key})")
     except (KeyError, TypeError, ValueError) as err:
         raise StoreError(f"import: malformed blob: {err}") from None

@@ -864,3 +864,28 @@ def test_a_disk_failing_a_create_is_failed_and_the_create_goes_to_another(tmp_pa
     s.create(V, 2, 1)                     # b is not tried again
     assert s.stat(V, 2)["disk"] == str(a) and len(tries) == n
     s.close()
+
+
+def test_a_block_with_more_versions_than_one_export_holds_copies_in_parts(tmp_path: Path):
+    """260 versions of one block (a hot block written between 260 retained snapshots) are
+    over a wire frame: the export ships them in parts that each fit, and importing the parts
+    in order, over a different state, gives the source's exact state and views."""
+    from chunk.storage.wire import MAX_DATA
+    with ReplicaStore([(tmp_path / "a", None)], extent_size=SIZE) as src, \
+            ReplicaStore([(tmp_path / "b", None)], extent_size=SIZE) as dst:
+        src.create(V, 0, 1)
+        src.write(V, 0, BLOCK_SIZE, _pat(BLOCK_SIZE, 0), seq=1)
+        for seq in range(1, 262):
+            src.write(V, 0, 2 * BLOCK_SIZE, _pat(BLOCK_SIZE, seq), seq=seq)
+        src.write(V, 0, 3 * BLOCK_SIZE, _pat(BLOCK_SIZE, 999), seq=261)
+        _populate(dst, V, random.Random(7), BLOCKS)                  # stale versions to replace
+        offset, parts = 0, 0
+        while offset is not None:
+            blob, offset = src.export(V, 0, offset, SIZE - offset)
+            assert len(blob) <= MAX_DATA
+            assert dst.import_(V, 0, blob)
+            parts += 1
+        assert parts >= 2
+        assert dst.digest(V, 0) == src.digest(V, 0)
+        for view in (0, 1, 2, 130, 200, 259, 260, 261):
+            assert dst.read(V, 0, 0, SIZE, view) == src.read(V, 0, 0, SIZE, view)
