@@ -151,6 +151,6 @@ def place(candidates: list[Candidate], replicas: int, need: int = 0,
             hint="add or bring back chunk servers, undrain one, or ask for fewer replicas",
             available=len(fit), replicas=replicas)
     if not shared_allowed(allow_shared) and len({c.failure_domain for c in fit}) < replicas:
-        raise too_few_domains(fit, replicas, f"the {len(fit)} chunk server(s) that are up, not "
-                                             f"draining and have {need} bytes free")
+        raise too_few_domains(fit, replicas, f"the {len(fit)} usable chunk server(s)"
+                                             + (f" with {need} bytes free" if need else ""))
     return [c.chunk_id for c in choose(fit, [], replicas, rng, allow_shared)]

@@ -169,12 +169,14 @@ def lab_netns(name: str):
 
 def start_chunk_at(c: Cluster, portal: str, i: int = 0) -> Proc:
     """Cluster.start_chunk, but with the iSCSI portal on the lab tap's address. Chunk servers
-    replicate to each other on loopback; any of them serves any LUN."""
+    replicate to each other on loopback; any of them serves any LUN. Each has a zone of its
+    own, as there: replicas go to distinct failure domains, and these share one host."""
     data = c.workdir / f"chunk{i}"
     cfg = write_config(c.workdir / f"chunk{i}.toml", {
         "etcd": {"endpoints": [c.etcd.endpoint], "prefix": c.prefix},
         "chunk": {"data_dir": str(data), "disks": [f"{data}/disk0:4Gi"], "address": "127.0.0.1",
-                  "data_port": free_port(), "portal": portal, "lease_ttl": c.lease_ttl},
+                  "data_port": free_port(), "portal": portal, "lease_ttl": c.lease_ttl,
+                  "labels": {"zone": f"z{i}"}},
         "client": {"token_file": str(c.token_file)},
         "log": {"level": "DEBUG"},
     })
