@@ -276,6 +276,15 @@ class _GatedDevice(MemoryBlockDevice):
         await super().write(offset, data, fua)
 
 
+async def _until(cond, timeout: float = 5.0) -> None:
+    """Let the loop run until ``cond()`` holds (each task step is one yield)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0)
+
+
 async def test_preempt_and_abort_lets_no_write_of_the_preempted_host_land_after_it():
     """PREEMPT AND ABORT answered GOOD while the preempted host's writes were still running
     or queued, and they then landed: fence_scsi and cluster managers rely on nothing of the
@@ -288,11 +297,11 @@ async def test_preempt_and_abort_lets_no_write_of_the_preempted_host_land_after_
     good(await out(lu, H1, RESERVE, K1, rtype=WE_RO))
     dev.gate = asyncio.Event()
     on_device = asyncio.create_task(run(lu, write10(0, 1), b"\x01" * 512, nexus=H1))
-    await asyncio.sleep(0.05)
+    await _until(lambda: lu._inflight == 1)                          # H1's write is on the device
     preempt = asyncio.create_task(out(lu, H2, PREEMPT_ABORT, K2, K1, rtype=WE_RO))
-    await asyncio.sleep(0.05)
+    await _until(lambda: lu._exclusive is not None or preempt.done())
     queued = asyncio.create_task(run(lu, write10(1, 1), b"\x02" * 512, nexus=H1))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)                                           # it reaches its wait
     assert not preempt.done(), "PREEMPT AND ABORT completed with a write of H1 still running"
     dev.gate.set()
     good(await asyncio.wait_for(preempt, 5))

@@ -20,6 +20,7 @@ from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.replica_store import ReplicaStore
 from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Pipeline, Status
+from tests.cluster import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -634,7 +635,7 @@ async def test_handshakes_running_at_once_are_bounded(served, monkeypatch):
     monkeypatch.setattr(replica_server, "MAX_UNAUTHENTICATED", 3)
     server, *_ = served
     idle = [await _raw(server) for _ in range(3)]
-    await asyncio.sleep(0.1)
+    await async_wait_for(lambda: server._authenticating == 3, 5, "3 handshakes running")
     reader, writer = await _raw(server)
     loop = asyncio.get_running_loop()
     start = loop.time()

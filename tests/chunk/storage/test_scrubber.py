@@ -214,20 +214,24 @@ async def record(nodes, vid, idx):
     return ExtentRecord.decode(got.value)
 
 
+def _voter(node, drop) -> Scrubber:
+    """A scrubber that acts on the first confirmed disagreement (the voting tests')."""
+    return Scrubber(node.store, node.repair, rate_bytes_per_s=64 << 20, interval=3600,
+                    recheck_delay=0.1, confirm_passes=1, drop=drop)
+
+
 async def test_confirmed_disagreement_drops_the_minority_replica_for_a_resync(nodes, etcd_client):
     """Three replicas, one holds a block the others do not (a write never acknowledged): the
     majority side drops it from the extent, which is what makes recovery resync it in full;
     the minority side's own scrubber does nothing."""
-    a, b, c = await nodes.add("A"), await nodes.add("B"), await nodes.add("C")
+    a, b, _ = await nodes.add("A"), await nodes.add("B"), await nodes.add("C")
     await nodes.extent(VID, 0, ["A", "B", "C"], {1: block("one")})
     b.store.write(VID, 0, 7 * BLOCK_SIZE, block("only on B"), 1)
     drop, calls = meta_drop(etcd_client, nodes.keys)
-    on_b = Scrubber(b.store, b.repair, rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1,
-                    confirm_passes=1, drop=drop)
+    on_b = _voter(b, drop)
     assert (await on_b.run_pass())["mismatches"] == 1
     assert calls == [] and on_b.status()["resyncs_requested"] == 0      # outvoted 2 to 1
-    on_a = Scrubber(a.store, a.repair, rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1,
-                    confirm_passes=1, drop=drop)
+    on_a = _voter(a, drop)
     assert (await on_a.run_pass())["mismatches"] == 1
     assert calls == [(VID, 0, "B", 1)] and on_a.status()["resyncs_requested"] == 1
     rec = await record(nodes, VID, 0)
@@ -241,10 +245,9 @@ async def test_a_tie_goes_to_the_side_holding_the_first_replica(nodes, etcd_clie
     a, b = await setup(nodes)                                          # extents 0 and 1 on [A, B]
     b.store.write(VID, 1, 9 * BLOCK_SIZE, block("only on B"), 1)
     drop, calls = meta_drop(etcd_client, nodes.keys)
-    kw = dict(rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1, confirm_passes=1, drop=drop)
-    assert (await Scrubber(b.store, b.repair, **kw).run_pass())["mismatches"] == 1
+    assert (await _voter(b, drop).run_pass())["mismatches"] == 1
     assert calls == []                                                 # B is not the first replica
-    assert (await Scrubber(a.store, a.repair, **kw).run_pass())["mismatches"] == 1
+    assert (await _voter(a, drop).run_pass())["mismatches"] == 1
     assert calls == [(VID, 1, "B", 1)]
     assert (await record(nodes, VID, 1)).replicas == ["A"]
     assert (await record(nodes, VID, 0)).replicas == ["A", "B"]        # the agreeing extent is left
@@ -254,13 +257,12 @@ async def test_no_replica_is_dropped_while_a_vote_is_missing(nodes, etcd_client)
     """Three replicas, C does not answer its digest: A (the first replica) disagrees with B.
     Counting only the answers, A would win the 1-1 tie and drop B although C may agree with
     B; nothing is dropped until every replica answers."""
-    a, b = await nodes.add("A"), await nodes.add("B")
+    a, _ = await nodes.add("A"), await nodes.add("B")
     await nodes.add_dead("C")                                      # registered, not answering
     await nodes.extent(VID, 0, ["A", "B", "C"], {1: block("one")})
     a.store.write(VID, 0, 7 * BLOCK_SIZE, block("only on A"), 1)
     drop, calls = meta_drop(etcd_client, nodes.keys)
-    on_a = Scrubber(a.store, a.repair, rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1,
-                    confirm_passes=1, drop=drop)
+    on_a = _voter(a, drop)
     assert (await on_a.run_pass())["mismatches"] == 1
     assert calls == [] and (await record(nodes, VID, 0)).replicas == ["A", "B", "C"]
 
