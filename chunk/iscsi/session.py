@@ -117,6 +117,11 @@ class Session:
                  nop_interval: float = 15.0, nop_timeout: float = 15.0,
                  on_close: Callable[["Session"], None] | None = None):
         self.r, self.w, self.p = reader, writer, params
+        try:
+            # cached for the answers' flush: asyncio.get_running_loop() is a getpid() syscall
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:            # built outside a loop (unit tests): set by run()
+            self._loop = asyncio.get_event_loop_policy().get_event_loop()
         self.isid, self.tsih = isid, tsih
         self.statsn = statsn & SERIAL_MASK
         self.expcmdsn = expcmdsn & SERIAL_MASK
@@ -168,7 +173,7 @@ class Session:
             self._out.extend(pdu.encode(self.hd, self.dd))
             if not self._in_batch and not self._flush_pending:
                 self._flush_pending = True
-                asyncio.get_running_loop().call_soon(self._flush)
+                self._loop.call_soon(self._flush)
 
     def _queue(self, hdr: bytes, data: bytes | memoryview = b"") -> None:
         """What ``_send`` does after stamping, for a header packed by hand (no AHS):
@@ -188,7 +193,7 @@ class Session:
                 out.append(P.digest(data, pad))
         if not self._in_batch and not self._flush_pending:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Hand everything queued to the socket in one writelines (one send, mostly)."""
@@ -209,6 +214,7 @@ class Session:
     # --- main loop --------------------------------------------------------------
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._pinger_task = asyncio.ensure_future(self._pinger())
         r, hd, dd, mrdsl = self.r, self.hd, self.dd, self.mrdsl
         ScsiCommand = P.ScsiCommand

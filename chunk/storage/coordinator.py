@@ -286,6 +286,7 @@ class Coordinator:
         self._sync: dict[int, Sync] = {}
         self._unflushed: set[int] = set()
         self._routes: dict[int, tuple] = {}      # idx -> the write fast path's replica route
+        self._loop: asyncio.AbstractEventLoop | None = None   # the write fast path's, cached
         self._recovering: set[asyncio.Task] = set()   # fast-path writes whose replicas failed
         self.counters = {"read_retries": 0, "checksum_errors": 0, "drops": 0, "fenced": 0,
                          "fast_writes": 0, "fast_write_handoffs": 0,
@@ -761,7 +762,11 @@ class Coordinator:
             return None
         vid, epoch, seq = self.vid, self.epoch, self.seq
         self.counters["fast_writes"] += 1
-        done = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            # cached: asyncio.get_running_loop() is a getpid() syscall, once per write here
+            loop = self._loop = asyncio.get_running_loop()
+        done = loop.create_future()
         pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, token)
         outcomes = pending.outcomes
         for k, r in remotes:                                # replies come later, never inside
