@@ -318,9 +318,13 @@ class Controller(pbg.ControllerServicer):
         elif request.capacity_range.limit_bytes and vol["size"] > request.capacity_range.limit_bytes:
             raise Abort(grpc.StatusCode.OUT_OF_RANGE,
                         f"volume is already {vol['size']} bytes, over limit_bytes; volumes do not shrink")
-        # A filesystem must grow on the node too; a raw block device is done here.
-        mount = request.HasField("volume_capability") and request.volume_capability.HasField("mount")
-        return pb.ControllerExpandVolumeResponse(capacity_bytes=vol["size"], node_expansion_required=mount)
+        # Always ask for NodeExpandVolume. A filesystem must grow on the node; a raw block
+        # device too needs the node's rescan: Linux does not re-read the capacity on the
+        # CAPACITY DATA HAS CHANGED unit attention, so without it the pod keeps the old size.
+        # The CO may omit volume_capability (CSI spec): NodeExpandVolume tells block from
+        # mount itself (from what it staged), so True is right for either, and False would
+        # leave one of them at the old size.
+        return pb.ControllerExpandVolumeResponse(capacity_bytes=vol["size"], node_expansion_required=True)
 
     # -- snapshots ---------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""CSI Identity service: who we are, what we offer, and whether the meta API answers."""
+"""CSI Identity service: who we are, what we offer, and that the plugin is serving."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ from google.protobuf import wrappers_pb2
 import zstore
 from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc as pbg
-from csi.meta import Meta
 
 PLUGIN_NAME = "csi.zstore.io"
 
 
 class Identity(pbg.IdentityServicer):
-    def __init__(self, meta: Meta | None, controller: bool = True):
-        self.meta = meta
+    def __init__(self, controller: bool = True):
         self.controller = controller   # node-only plugins must not claim CONTROLLER_SERVICE
 
     async def GetPluginInfo(self, request: pb.GetPluginInfoRequest,
@@ -35,8 +33,11 @@ class Identity(pbg.IdentityServicer):
 
     async def Probe(self, request: pb.ProbeRequest,
                     context: grpc.aio.ServicerContext) -> pb.ProbeResponse:
-        """Not ready (rather than an error) while the meta API is unreachable: the plugin
-        itself is healthy, restarting it would not help."""
-        if self.meta is None:          # a node-only plugin does not talk to the meta API
-            return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
-        return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=await self.meta.ready()))
+        """Ready once serving, whatever the meta API's state, in every mode.
+
+        Probe is the plugin's own health, and the livenessprobe sidecar restarts the
+        container when it fails. A restart cannot bring the meta API (or etcd) back: a node
+        plugin does not use it at all (unstage/unpublish must keep working through a meta
+        outage), and the controller's RPCs already answer UNAVAILABLE while it is
+        unreachable, which the sidecars retry with backoff."""
+        return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))

@@ -39,7 +39,7 @@ def build_server(meta: Meta | None, portal: str, mode: str = "controller",
                  node: Node | None = None, metrics: Metrics | None = None) -> grpc.aio.Server:
     server = grpc.aio.server(interceptors=[RpcLogInterceptor(metrics)])
     controller = mode in ("controller", "both")
-    pbg.add_IdentityServicer_to_server(Identity(meta, controller=controller), server)
+    pbg.add_IdentityServicer_to_server(Identity(controller=controller), server)
     if controller:
         assert meta is not None
         pbg.add_ControllerServicer_to_server(Controller(meta, portal), server)
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode != "node" or args.config:
         cfg = zconfig.load(zconfig.find_config_file(args.config))
         portal = args.portal or f"{cfg.redirector.vip}:{cfg.redirector.port}"
-        meta = Meta.from_config(cfg)
+        if args.mode != "node":    # a node plugin never talks to the meta API, even with --config
+            meta = Meta.from_config(cfg)
     asyncio.run(serve(args.endpoint, meta, portal, args.mode, node, args.metrics_port, args.metrics_address))
 
 
