@@ -266,3 +266,45 @@ def test_pod_configs_load(tmp_path: Path):
                 assert cfg.chunk.address == "10.0.0.21" and cfg.chunk.portal == "10.0.0.21:3261"
                 assert cfg.chunk.labels == {"host": "node-a"}
                 assert cfg.chunk.data_dir in {m["mountPath"] for m in c["volumeMounts"]}
+
+
+# Which config sections' *_file settings each daemon reads: found in its package's source
+# (``cfg.<section>.<key>_file``), plus etcd's TLS files (zstore/etcd.py, every daemon) and,
+# for the CSI driver, the client section (``Meta.from_config`` -> zstore/cli/client.py).
+_DAEMON_PACKAGE = {"zstore-meta": "meta", "zstore-chunk": "chunk",
+                   "zstore-redirector": "redirector", "zstore-csi": "csi"}
+_ALWAYS_READ = {("etcd", "ca_file"), ("etcd", "cert_file"), ("etcd", "key_file")}
+_ALSO_READ = {"csi": {("client", "token_file"), ("client", "ca_file")}}
+
+
+def _files_read(package: str) -> set[tuple[str, str]]:
+    found = set(_ALWAYS_READ) | _ALSO_READ.get(package, set())
+    for py in (ROOT / package).rglob("*.py"):
+        found |= set(re.findall(r"cfg\.([a-z_]+)\.([a-z_]+_file)\b", py.read_text()))
+    return found
+
+
+def test_every_file_a_daemon_reads_is_mounted(tmp_path: Path):
+    """A path in zstore.toml that a pod's daemon reads (token, TLS) lies on one of that
+    container's volume mounts: the chunk DaemonSet once lacked the token secret, and every
+    chunk pod failed at start with "cannot read meta token file"."""
+    from zstore import config as zconfig
+    path = tmp_path / "zstore.toml"
+    path.write_text(one("ConfigMap", "zstore-config")["data"]["zstore.toml"])
+    assert ("client", "token_file") in _files_read("chunk")       # the scan finds what it must
+    checked = 0
+    for wl, spec in pod_specs():
+        for c in spec["containers"]:
+            package = _DAEMON_PACKAGE.get(c.get("command", [""])[0])
+            if package is None:
+                continue
+            env = {e["name"]: _expand(e["value"], FAKE_DOWNWARD) for e in c.get("env", []) if "value" in e}
+            cfg = zconfig.load(path, env=env)
+            mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])]
+            for section, key in sorted(_files_read(package)):
+                value = getattr(getattr(cfg, section), key)
+                if value:
+                    checked += 1
+                    assert any(value.startswith(m) for m in mounts), \
+                        f"{wl}/{c['name']} reads {section}.{key} = {value}, which no volume mounts"
+    assert checked >= 3          # meta, chunk and the CSI pods all read the token
