@@ -11,6 +11,19 @@ carries the extent's mutation counter taken at the same instant the block was
 found still bad, and any write that lands afterwards makes it a CONFLICT
 (checked again) instead of racing the peer's possibly older copy.
 
+A block with too many versions for one export frame comes in parts
+(``ReplicaStore.export``: each part the live block and a slice of the
+versions, the next part's offset inside the block). The repair fetches every
+part and mends once from their union (``fetch_block``), not part by part:
+one ``if_unchanged`` token then covers the whole fetch (a write landing
+between two parts is a CONFLICT, not half a mend), and ``mend`` decides once,
+seeing every version, whether the live block fails and which versions to add
+with the peer's live block (after a first part had mended the live block, the
+later parts would no longer add the versions it needs). The parts must agree
+(same live block, each continuing where the one before ended), or the peer's
+block changed while it was fetched and the attempt is retried; a peer that
+sends more than ``max_parts`` parts fails the attempt.
+
 Repairs are queued (deduplicated, bounded: a disk that rots everywhere must
 not make this server hoard work) and run one at a time in the background.
 """
@@ -21,21 +34,33 @@ import asyncio
 import logging
 from typing import Any
 
+import msgpack
+
 from zstore.keys import Keys
 from zstore.records import ExtentRecord
 
 from .extent_file import BLOCK_SIZE
 from .peers import Address, Peers, UnknownPeer
 from .replica_client import PeerUnavailable, ReplicaError
+from .replica_store import _BLOB_FORMAT_UNREADABLE, StoreError, _parse_blob
 
 log = logging.getLogger(__name__)
 
 BlockKey = tuple[str, int, int]          # (volume id, extent index, block index)
 
+# Parts of one block's export before the peer is given up on: a part holds ~189 versions
+# (the server's 768 KiB exports), so 64 parts are ~12000 versions, ~48 MiB held at once.
+MAX_PARTS = 64
+
+
+class PartsMismatch(Exception):
+    """A block's export parts do not make one state (the peer changed it, or misbehaves)."""
+
 
 class LocalRepair:
     def __init__(self, store, client, peers: Peers, keys: Keys, etcd, chunk_id: str, *,
-                 max_queue: int = 4096, retries: int = 4, retry_delay: float = 0.05) -> None:
+                 max_queue: int = 4096, retries: int = 4, retry_delay: float = 0.05,
+                 max_parts: int = MAX_PARTS) -> None:
         self.store = store
         self.client = client
         self.peers = peers
@@ -44,6 +69,7 @@ class LocalRepair:
         self.chunk_id = chunk_id
         self.retries = retries
         self.retry_delay = retry_delay
+        self.max_parts = max_parts
         self.checksum_errors = 0     # distinct bad blocks reported (scheduled)
         self.repaired = 0
         self.repair_failed = 0
@@ -149,9 +175,32 @@ class LocalRepair:
     def _still_bad(self, vid: str, idx: int, block: int) -> bool:
         return block in self.store.verify(vid, idx, block, 1)
 
+    async def fetch_block(self, addr: Address, vid: str, idx: int, block: int) -> bytes:
+        """The peer's state of ``block`` as one blob for ``mend``, however many parts
+        its EXPORT ships it in (see the module docstring).
+
+        Raises ``PartsMismatch`` when the parts do not make one state or do not end
+        within ``max_parts``, ``StoreError`` when a part is malformed.
+        """
+        start, end = block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE
+        blob, pos = await self.client.export(addr, vid, idx, start, BLOCK_SIZE)
+        if pos is None or pos >= end:
+            return blob                                  # one part: the whole block
+        if pos <= start:
+            raise PartsMismatch(f"export of block {block} goes on at {pos}")
+        parts = [_parse_blob(blob)]
+        while pos is not None and pos < end:
+            if len(parts) >= self.max_parts:
+                raise PartsMismatch(f"more than {self.max_parts} export parts")
+            blob, nxt = await self.client.export(addr, vid, idx, pos, end - pos)
+            parts.append(_parse_blob(blob))
+            if nxt is not None and nxt <= pos:
+                raise PartsMismatch(f"export part at {pos} goes on at {nxt}")
+            pos = nxt
+        return _join_parts(parts, start, end)
+
     async def repair_block(self, vid: str, idx: int, block: int) -> bool:
         """Make ``block`` verify again from a peer's copy; True when it does."""
-        offset = block * BLOCK_SIZE
         for attempt in range(self.retries):
             if attempt:
                 await asyncio.sleep(self.retry_delay * attempt)
@@ -173,11 +222,15 @@ class LocalRepair:
                 return False
             for cid, addr in peers:
                 try:
-                    blob, _ = await self.client.export(addr, vid, idx, offset, BLOCK_SIZE)
+                    blob = await self.fetch_block(addr, vid, idx, block)
                 except (PeerUnavailable, ReplicaError, OSError, asyncio.TimeoutError) as e:
                     log.warning("repair %s/%d block %d: export from %s failed: %s",
                                 vid, idx, block, cid, e)
                     self.peers.forget(cid)
+                    continue
+                except (PartsMismatch, StoreError) as e:
+                    log.warning("repair %s/%d block %d: export from %s unusable: %s",
+                                vid, idx, block, cid, e)
                     continue
                 if not self.store.has(vid, idx):
                     # Deleted (reclaimed) during the export: nothing left to mend.
@@ -197,3 +250,31 @@ class LocalRepair:
             return True
         log.error("repair of %s/%d block %d failed", vid, idx, block)
         return False
+
+
+def _join_parts(parts: list[dict], start: int, end: int) -> bytes:
+    """One blob of a block's export parts: their live block (the same in each) and the
+    versions of all of them. ``mend`` checks it again."""
+    first = parts[0]
+    live = (first["live"], first.get("bad_live", []))
+    versions, bad_versions = [], []
+    last: int | None = None                 # the highest version key of the parts so far
+    for part in parts:
+        if (part["offset"], part["end"]) != (start, end):
+            raise PartsMismatch(f"export part of {part['offset']}..{part['end']}, "
+                                f"not the block {start}..{end}")
+        if part is not first and (last is None or part.get("after") != last):
+            raise PartsMismatch(f"export part after version {part.get('after')}, "
+                                f"the parts before ended at {last}")
+        if (part["live"], part.get("bad_live", [])) != live:
+            raise PartsMismatch("the live block changed between export parts")
+        versions += part["versions"]
+        bad_versions += part.get("bad_versions", [])
+        keys = [v[2] for v in part["versions"]] + [v[2] for v in part.get("bad_versions", [])]
+        if keys:
+            last = max(keys)
+    state = {"format": first["format"], "offset": start, "end": end,
+             "live": first["live"], "versions": versions}
+    if any(p.get("bad_live") or p.get("bad_versions") for p in parts):
+        state.update(format=_BLOB_FORMAT_UNREADABLE, bad_live=live[1], bad_versions=bad_versions)
+    return msgpack.packb(state)
