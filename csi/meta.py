@@ -17,19 +17,15 @@ __all__ = ["Meta", "seg"]
 
 
 class Meta:
-    def __init__(self, client: MetaClient, probe_client: MetaClient | None = None):
+    def __init__(self, client: MetaClient):
         self.client = client
-        # Probe must answer "not ready" quickly instead of retrying through a failover.
-        self.probe_client = probe_client or client
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Meta":
         main = MetaClient.from_config(cfg.client, config_source=cfg.source)
         # A snapshot waits (up to 10 s) for the volume's coordinator to pass its write barrier.
         main.timeout = max(main.timeout, 30.0)
-        probe = MetaClient.from_config(cfg.client, config_source=cfg.source, retry_for=0.0)
-        probe.timeout = min(probe.timeout, 3.0)
-        return cls(main, probe)
+        return cls(main)
 
     async def get(self, path: str, **query: Any) -> Any:
         return await asyncio.to_thread(self.client.get, path, **query)
@@ -42,11 +38,3 @@ class Meta:
 
     async def delete(self, path: str, **query: Any) -> Any:
         return await asyncio.to_thread(self.client.delete, path, None, **query)
-
-    async def ready(self) -> bool:
-        """True when a meta server answers an authenticated call and sees a leader."""
-        try:
-            await asyncio.to_thread(self.probe_client.get, "/meta/leader")
-        except Exception:  # noqa: BLE001 - any failure means "not ready", Probe says so
-            return False
-        return True
