@@ -12,8 +12,30 @@ import re
 import sys
 
 _secrets: set[str] = set()
-_PATTERNS = [re.compile(r"(?i)(authorization:\s*bearer\s+)\S+"),
-             re.compile(r"(?i)(\"?(?:secret|mutual_secret|token|password)\"?\s*[:=]\s*\"?)[^\s\",}]+")]
+
+# Only key/value *shapes* are redacted, never prose: "cannot read token file
+# /etc/zstore/secret/token: No such file or directory" must keep its reason.
+#   - a quoted key, as in JSON or a Python repr:  "token": "x"   'password': 'x'
+#   - KEY=VALUE / KEY = VALUE (log fields, query strings, TOML):  secret=x
+#   - an unquoted KEY: VALUE only where a key can start (line start, after
+#     "{" or ",", a YAML "- "), as in YAML or a header dump:  password: x
+# KEY is any name ending in secret/token/password (access_token, mutual_secret).
+# A quoted value is redacted whole, spaces included, and keeps its quotes; an
+# unquoted one up to whitespace, '"', ',' or '}' (a stray '&' or ']' is masked too).
+_KEY = r"[\w-]*(?:secret|token|password)"
+_VALUE = r"""(?P<v>"[^"\n]*"|'[^'\n]*'|[^\s",}]+)"""
+_PATTERNS = [
+    re.compile(r"(?i)(?P<k>authorization:\s*bearer\s+)(?P<v>\S+)"),
+    re.compile(rf"(?i)(?P<k>{_KEY}[\"'][ \t]*[:=][ \t]*){_VALUE}"),
+    re.compile(rf"(?i)(?P<k>{_KEY}[ \t]*=[ \t]*){_VALUE}"),
+    re.compile(rf"(?im)(?P<k>(?:^|[{{,])[ \t]*(?:-[ \t]+)?{_KEY}[ \t]*:[ \t]*){_VALUE}"),
+]
+
+
+def _mask(m: re.Match[str]) -> str:
+    v = m.group("v")
+    q = v[0] if len(v) >= 2 and v[0] in "\"'" and v[-1] == v[0] else ""
+    return f"{m.group('k')}{q}***{q}"
 
 
 def redact(secret: str | None) -> None:
@@ -26,7 +48,7 @@ def scrub(text: str) -> str:
         if s in text:
             text = text.replace(s, "***")
     for p in _PATTERNS:
-        text = p.sub(r"\1***", text)
+        text = p.sub(_mask, text)
     return text
 
 
