@@ -23,6 +23,7 @@ from aiohttp import web
 from zstore import config as zconfig
 from zstore import etcd as zetcd
 from zstore import logs
+from zstore.cli.client import tls_context
 from zstore.daemon import stop_on_signals
 from zstore.errors import Unauthenticated, Unavailable, ZError
 from zstore.keys import Keys
@@ -162,7 +163,18 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
         if not (cfg.meta.tls_cert_file and cfg.meta.tls_key_file):
             raise zconfig.ConfigError("meta.tls_cert_file and meta.tls_key_file must be given together")
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_ctx.load_cert_chain(cfg.meta.tls_cert_file, cfg.meta.tls_key_file)
+        try:
+            ssl_ctx.load_cert_chain(cfg.meta.tls_cert_file, cfg.meta.tls_key_file)
+        except ssl.SSLError as e:      # before OSError: SSLError is one
+            raise zconfig.ConfigError(
+                f"meta.tls_cert_file {cfg.meta.tls_cert_file} / meta.tls_key_file {cfg.meta.tls_key_file}: "
+                f"not a usable PEM certificate and matching key ({(e.reason or str(e)).replace('_', ' ').lower()})"
+            ) from None
+        except OSError as e:
+            raise zconfig.ConfigError(f"cannot read meta.tls_cert_file {cfg.meta.tls_cert_file} or "
+                                      f"meta.tls_key_file {cfg.meta.tls_key_file}: {e.strerror or e}") from None
+    # For forwarding to the leader; a bad client.ca_file is a config error, found before etcd.
+    client_ssl = tls_context(cfg.client.ca_file) if cfg.client.ca_file else None
     url = cfg.meta.advertise_url or f"{'https' if ssl_ctx else 'http'}://{host}:{port}"
     meta_id = cfg.meta.meta_id or f"meta-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
 
@@ -185,9 +197,6 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
     election = Election(etcd, keys, meta_id, url, cfg.meta.lease_ttl, on_change)
     ctx = Ctx(etcd=etcd, keys=keys, fence=election.fence)
 
-    client_ssl = None
-    if cfg.client.ca_file:
-        client_ssl = ssl.create_default_context(cafile=cfg.client.ca_file)
     app = web.Application(middlewares=[errors_mw, auth_mw, leader_mw], client_max_size=1 << 20)
     app["ctx"], app["election"], app["config"] = ctx, election, cfg
     app["token_digest"] = hashlib.sha256(token.encode()).digest()

@@ -20,6 +20,7 @@ from zstore import errors
 from zstore.cli import main as cli
 from zstore.cli import output
 from zstore.cli.client import MetaClient
+from zstore.config import ConfigError
 
 GiB = 2**30
 
@@ -314,6 +315,55 @@ def test_a_binary_token_file_exits_2_naming_the_file(tmp_path, capsys, monkeypat
     assert (code, out) == (2, "")
     assert f"token file {tmp_path / 'token'} is not UTF-8 text" in err
     assert "Traceback" not in err and "secret-" not in err
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("missing", "No such file or directory"),
+    ("not-a-cert", "holds no usable CA certificate (no certificate or crl found)"),
+    ("directory", "Is a directory"),
+])
+def test_a_bad_ca_file_exits_2_naming_the_file_and_reason(kind: str, reason: str, tmp_path, capsys,
+                                                          monkeypatch) -> None:
+    """An https endpoint with an unusable client.ca_file: exit 2 and why, no traceback."""
+    monkeypatch.delenv("ZSTORE_TOKEN", raising=False)
+    ca = tmp_path / "ca.pem"
+    if kind == "not-a-cert":
+        ca.write_text("this is not a certificate\n")
+    elif kind == "directory":
+        ca.mkdir()
+    (tmp_path / "c.toml").write_text(
+        f'[client]\nendpoints = ["https://127.0.0.1:{free_port()}"]\nca_file = "ca.pem"\n')
+    code, out, err = run(["--config", str(tmp_path / "c.toml"), "volume", "list"], capsys)
+    assert (code, out) == (2, "")
+    assert err.startswith("zstore: error: ") and "Traceback" not in err
+    assert f"client.ca_file {ca}" in err and reason in err
+
+
+def test_a_bad_ca_file_is_found_when_the_client_is_built(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="cannot read client.ca_file .*: No such file"):
+        MetaClient(["https://127.0.0.1:1"], ca_file=str(tmp_path / "nope.pem"))
+    # http-only endpoints never use it, so it is not an error there
+    assert MetaClient(["http://127.0.0.1:1"], ca_file=str(tmp_path / "nope.pem"))._ssl is None
+
+
+def test_a_good_ca_file_is_loaded_once(tmp_path) -> None:
+    from tests.certs import make_pki
+    pki = make_pki(tmp_path)
+    c = MetaClient(["https://127.0.0.1:1"], ca_file=pki["ca_file"])
+    ctx = c._ssl
+    assert ctx is not None and ctx.cert_store_stats()["x509_ca"] >= 1
+    c._connection(c.endpoints[0])
+    assert c._ssl is ctx
+
+
+def test_a_missing_token_file_error_keeps_its_reason(tmp_path, capsys, monkeypatch, dead_url) -> None:
+    """The secret scrubber must not eat "No such file" because the path ends in /token."""
+    monkeypatch.delenv("ZSTORE_TOKEN", raising=False)
+    token = tmp_path / "secret" / "token"
+    (tmp_path / "c.toml").write_text(f'[client]\nendpoints = ["{dead_url}"]\ntoken_file = "{token}"\n')
+    code, out, err = run(["--config", str(tmp_path / "c.toml"), "volume", "list"], capsys)
+    assert (code, out) == (2, "")
+    assert f"cannot read token file {token}: No such file or directory" in err
 
 
 def test_a_directory_as_config_file_exits_2(tmp_path, capsys) -> None:

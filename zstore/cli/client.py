@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import quote, urlencode, urlsplit
 
 from zstore import errors
-from zstore.config import ClientConfig, read_secret_file
+from zstore.config import ClientConfig, ConfigError, read_secret_file
 from zstore.logs import redact
 
 API_PREFIX = "/api/v1"
@@ -71,6 +71,23 @@ class _Failed(Exception):
         self.error = error
 
 
+def tls_context(ca_file: str | None, what: str = "client.ca_file") -> ssl.SSLContext:
+    """A client TLS context trusting ``ca_file`` (else the system CAs).
+
+    A missing, unreadable or non-certificate file is a configuration mistake,
+    so it becomes a ConfigError naming the setting, the file and the reason
+    instead of a traceback from deep inside the first request.
+    """
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except ssl.SSLError as e:          # before OSError: SSLError is one
+        reason = (e.reason or "").replace("_", " ").lower() or str(e)
+        raise ConfigError(f"{what} {ca_file} holds no usable CA certificate ({reason}); "
+                          "it must be the cluster CA in PEM form") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {ca_file}: {e.strerror or e}") from None
+
+
 def parse_endpoint(url: str) -> _Endpoint:
     text = url.strip()
     if "://" not in text:
@@ -104,7 +121,9 @@ class MetaClient:
         self._sleep = sleep
         self._clock = clock
         self._first = 0                       # index of the endpoint that last worked
-        self._ssl: ssl.SSLContext | None = None
+        # Built once, up front, so a bad client.ca_file is reported before any request.
+        self._ssl: ssl.SSLContext | None = (
+            tls_context(ca_file) if any(ep.scheme == "https" for ep in self.endpoints) else None)
 
     @classmethod
     def from_config(cls, cfg: ClientConfig, env: Mapping[str, str] = os.environ,
@@ -212,7 +231,7 @@ class MetaClient:
     def _connection(self, ep: _Endpoint) -> http.client.HTTPConnection:
         if ep.scheme == "https":
             if self._ssl is None:
-                self._ssl = ssl.create_default_context(cafile=self.ca_file)
+                self._ssl = tls_context(self.ca_file)
             return http.client.HTTPSConnection(ep.host, ep.port, timeout=self.timeout, context=self._ssl)
         return http.client.HTTPConnection(ep.host, ep.port, timeout=self.timeout)
 
