@@ -24,6 +24,7 @@ from zstore import config as zconfig
 from zstore import etcd as zetcd
 from zstore import logs
 from zstore.daemon import stop_on_signals
+from zstore.cli.client import tls_context
 from zstore.config import Config, ConfigError, read_secret_file
 from zstore.keys import Keys
 from zstore.records import ChunkInfo
@@ -328,6 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args)
         specs = validate(cfg)
+        # Files the server needs once running: a bad one is a usage error now, with its
+        # reason, not a traceback from inside the event loop a moment later.
+        read_secret_file(cfg.client.token_file, "meta token")
+        if cfg.client.ca_file:
+            tls_context(cfg.client.ca_file)
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
     logs.setup("chunk", cfg.log.level, cfg.log.file)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from typing import Any
 
 import aiohttp
 
+from zstore.cli.client import tls_context
 from zstore.keys import Keys
 from zstore.records import LeaderRecord, RecordError
 
@@ -33,7 +33,7 @@ class MetaClient:
                  retry_for: float = 15.0) -> None:
         self.etcd, self.keys, self.token = etcd, keys, token
         self.retry_for = retry_for
-        self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        self._ssl = tls_context(ca_file) if ca_file else None     # ConfigError if unusable
         self._session: aiohttp.ClientSession | None = None
 
     async def _leader_url(self) -> str | None:

@@ -162,6 +162,26 @@ def test_bad_config_file_exits_2(tmp_path: Path):
     assert r.returncode == 2 and "unknown config key chunk.bogus" in r.stderr
 
 
+@pytest.mark.parametrize("setting, content, message", [
+    ("token_file", None, "cannot read meta token file"),
+    ("ca_file", None, "cannot read client.ca_file"),
+    ("ca_file", "not a certificate", "holds no usable CA certificate"),
+])
+def test_unusable_token_or_ca_file_exits_2_before_touching_the_data_dir(
+        tmp_path: Path, setting: str, content: str | None, message: str):
+    """Once a traceback from inside the running server (exit 1, "ConfigError: cannot read meta
+    token file ..."): the chunk DaemonSet lacked the token mount and every pod died that way."""
+    path = tmp_path / "file"
+    if content is not None:
+        path.write_text(content)
+    cfg = write_config(tmp_path / "c.toml", {"chunk": {"data_dir": str(tmp_path / "d")},
+                                             "client": {setting: str(path)}})
+    r = _run(["--config", str(cfg)])
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and r.stderr.startswith("zstore-chunk: error:"), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "d").exists()
+
+
 async def test_second_server_on_same_data_dir_refused(cluster: Cluster, etcd_client, keys: Keys):
     p = cluster.start_chunk()
     await wait_live(etcd_client, keys, p, cluster, 0)
