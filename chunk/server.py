@@ -34,6 +34,7 @@ from .catalog import Catalog
 from .drain import AdminFollower
 from .iscsi.target import IscsiTarget, TargetConfig
 from .storage.engine import StorageEngine
+from .shared_reservations import ReservationStore
 from .storage.extent_file import EXTENT_SIZE
 from .identity import IdentityError, load_or_create
 from .registration import Registration
@@ -257,13 +258,14 @@ class ChunkServer:
         self._tell_store(engine.store)        # the startup probe's verdicts, before any CREATE
         return engine
 
-    def frontend(self, catalog: Catalog, open_device):
-        """The iSCSI frontend over the volumes: the built-in target, or LIO + TCMU."""
+    def frontend(self, catalog: Catalog, open_device, reservations=None):
+        """The iSCSI frontend over the volumes: the built-in target, or LIO + TCMU (whose
+        reservations the kernel keeps, per host)."""
         if self.cfg.chunk.frontend == "lio":
             from .lio import LioFrontend
             return LioFrontend(self.cfg.chunk.portal, catalog, open_device,
                                Path(os.path.abspath(self.cfg.chunk.data_dir)))
-        return IscsiTarget(self.target_config(), catalog, open_device)
+        return IscsiTarget(self.target_config(), catalog, open_device, reservations)
 
     async def run(self, stop: asyncio.Event) -> None:
         etcd = zetcd.client(self.cfg.etcd)
@@ -271,7 +273,9 @@ class ChunkServer:
         catalog = Catalog(etcd, keys)
         engine = self.engine = self.storage_engine(etcd, keys)
         starting = asyncio.ensure_future(engine.run_start(stop))
-        target = self.frontend(catalog, engine.open)
+        reservations = ReservationStore(etcd, keys, self.chunk_id)
+        reservations.start(stop)
+        target = self.frontend(catalog, engine.open, reservations)
         # Listen at once; until the catalog's first listing arrives (``catalog.synced``), the
         # built-in target answers logins "service unavailable", which initiators retry. A
         # restart within the TTL meets logins that early: the old process's live key remains.
@@ -293,6 +297,7 @@ class ChunkServer:
             await reg.run(stop)
         finally:
             await target.stop()
+            await reservations.close()
             following.cancel()
             syncing.cancel()
             await catalog.close()

@@ -225,7 +225,8 @@ def erase_ops(ctx: Ctx, vid: str) -> list:
     return [ctx.delete(ctx.keys.volume(vid)), ctx.delete(ctx.keys.extents(vid), prefix=True),
             ctx.delete(ctx.keys.owner(vid)), ctx.delete(ctx.keys.volops(vid), prefix=True),
             ctx.delete(ctx.keys.recovery(vid), prefix=True),
-            ctx.delete(ctx.keys.volume_acl(vid), prefix=True)]
+            ctx.delete(ctx.keys.volume_acl(vid), prefix=True),
+            ctx.delete(ctx.keys.reservations(vid), prefix=True)]
 
 
 async def acl_entries(ctx: Ctx, vid: str) -> list[AclEntry]:

@@ -123,8 +123,12 @@ def describe(cfg: EtcdConfig) -> str:
 async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
                        on_snapshot: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]],
                        on_event: Callable[[aetcd.rtypes.Event], Awaitable[None]],
-                       stop: asyncio.Event, retry_delay: float = 1.0) -> None:
+                       stop: asyncio.Event, retry_delay: float = 1.0,
+                       with_revision: bool = False) -> None:
     """Mirror a prefix: a full listing, then events from the next revision on.
+
+    ``with_revision``: ``on_snapshot`` also gets the listing's revision (every value
+    in it is as of that revision), for callers that must not step back past a change.
 
     On any watch failure (etcd restart, compaction, network) it lists again and
     re-watches, so the caller's view converges instead of silently freezing.
@@ -133,7 +137,8 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
         try:
             listing = await etcd.get_prefix(prefix)
             rev = listing.header.revision if listing.header else 0
-            await on_snapshot([(kv.key, kv.value) for kv in listing])
+            kvs = [(kv.key, kv.value) for kv in listing]
+            await (on_snapshot(kvs, rev) if with_revision else on_snapshot(kvs))
             watch = await etcd.watch_prefix(prefix, start_revision=rev + 1)
 
             async def consume() -> None:

@@ -29,6 +29,8 @@ clusters (or test runs) can share one etcd. Layout::
     {p}/owners/{volume_id}               VolumeOwner     (writer's epoch; not leased)
     {p}/volops/{volume_id}/{op_id}       VolumeOp        (snapshot barrier, revert)
     {p}/recovery/{volume_id}/{index:08d} RecoveryTask
+    {p}/reservations/{volume_id}/{view:020d} ReservationRecord (a LU's persistent reservations;
+                                         view 0 = the volume, else a snapshot's seq)
 
 Fixed-width numbers keep etcd's byte order equal to numeric order, which the
 LUN allocator and paginated listings rely on.
@@ -135,6 +137,10 @@ class Keys:
     def all_recovery(self) -> bytes: return self._dir("recovery")
     def recovery(self, vid: str) -> bytes: return self._dir("recovery", vid)
     def recovery_task(self, vid: str, index: int) -> bytes: return self._k("recovery", vid, f"{index:08d}")
+    def all_reservations(self) -> bytes: return self._dir("reservations")
+    def reservations(self, vid: str) -> bytes: return self._dir("reservations", vid)
+    def reservation(self, vid: str, view: int = 0) -> bytes:
+        return self._k("reservations", vid, f"{view:020d}")
 
     @staticmethod
     def extent_key_parts(key: bytes) -> tuple[str, int]:

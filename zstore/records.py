@@ -202,6 +202,26 @@ class VolumeOwner(Record):
 
 
 @dataclass
+class ReservationRecord(Record):
+    """One logical unit's reservations, shared by every chunk server that exports it.
+
+    A nexus is ``[initiator port, target port, relative port id]``; every chunk server
+    presents the same target ports, so an initiator port is the same I_T nexus whichever
+    server its session reached. ``change`` grows by one per write of the record and
+    ``attentions`` are the unit attentions that write established (``[nexus, asc, ascq]``):
+    the other servers post them for the sessions they hold (``origin`` posted its own).
+    """
+    generation: int = 0                                         # PRgeneration (SPC-4)
+    registrations: list[list] = field(default_factory=list)     # [nexus, key]
+    holder: list | None = None                                  # nexus holding the PR
+    type: int = 0                                               # its PR type, 0 = none
+    spc2: list | None = None                                    # nexus holding RESERVE(6)
+    change: int = 0
+    origin: str = ""
+    attentions: list[list] = field(default_factory=list)
+
+
+@dataclass
 class VolumeOp(Record):
     """A volume operation only its coordinator may run (snapshot barrier, revert)."""
     op_id: str

@@ -54,11 +54,14 @@ class TargetConfig:
 class Units:
     """LogicalUnits by (volume id, view seq, read-only), created on first use.
 
-    ``open_device(volume, readonly[, view_seq])`` is the storage engine's opener."""
+    ``open_device(volume, readonly[, view_seq])`` is the storage engine's opener;
+    ``reservations`` (``chunk.shared_reservations.ReservationStore``), when given, holds
+    the LUs' reservation states, shared with the other chunk servers through etcd."""
 
-    def __init__(self, catalog: Catalog, open_device: Callable[..., Any]):
+    def __init__(self, catalog: Catalog, open_device: Callable[..., Any], reservations: Any = None):
         self.catalog = catalog
         self.open_device = open_device
+        self.reservations = reservations
         self._units: dict[tuple[str, int, bool], Any] = {}
         catalog.on_change(self._on_catalog)
 
@@ -66,7 +69,9 @@ class Units:
         unit = self._units.get(ex.unit_key)
         if unit is None:
             dev, ident = open_export(self.open_device, ex)
-            unit = scsi.LogicalUnit(dev, ident)
+            shared = (self.reservations.state(ex.volume.volume_id, ex.view_seq)
+                      if self.reservations is not None else None)
+            unit = scsi.LogicalUnit(dev, ident, reservations=shared)
             self._units[ex.unit_key] = unit
         return unit
 
@@ -97,6 +102,8 @@ class Units:
                 close = getattr(unit.dev, "close", None)
                 if close:
                     close()
+                if self.reservations is not None and not any(k[:2] == key[:2] for k in self._units):
+                    self.reservations.forget(vid, seq)
             elif not seq and vol.size > unit.dev.size:
                 unit.dev.resize(vol.size)        # the LU notices and posts CAPACITY DATA HAS CHANGED
 
@@ -186,6 +193,10 @@ class LoginPolicyImpl:
         A chunk server restarted within its lease TTL gets logins this early."""
         if not self.t.catalog.synced:
             raise LoginError("the export catalog is still loading", LoginStatus.SERVICE_UNAVAILABLE)
+        res = self.t.reservations
+        if res is not None and not res.synced.is_set():
+            # an empty mirror would let a host write through another's reservation
+            raise LoginError("reservations are still loading", LoginStatus.SERVICE_UNAVAILABLE)
 
     def target_exists(self, iqn: str) -> bool:
         self._check_synced()
@@ -206,9 +217,12 @@ class LoginPolicyImpl:
 
 
 class IscsiTarget:
-    def __init__(self, cfg: TargetConfig, catalog: Catalog, open_device: Callable[..., Any]):
+    def __init__(self, cfg: TargetConfig, catalog: Catalog, open_device: Callable[..., Any],
+                 reservations: Any = None):
         self.cfg, self.catalog = cfg, catalog
-        self.units = Units(catalog, open_device)     # listens first: closes units before we look
+        self.reservations = reservations
+        # listens first: closes units before we look
+        self.units = Units(catalog, open_device, reservations)
         catalog.on_change(self._on_catalog)
         self.advertise = cfg.advertise or f"{cfg.host}:{cfg.port}"
         self.sessions: dict[tuple[str, bytes, str | None], Session] = {}

@@ -1,10 +1,10 @@
 """Persistent reservations (SPC-4 5.12) and SPC-2 RESERVE/RELEASE for one LU.
 
-All state sits behind ``ReservationState`` so that a cluster-wide variant
-(registrations in etcd, shared by every chunk server exporting the volume) can
-replace the in-memory one: the mutating calls are ``async`` and return the
-unit attentions to establish instead of posting them, and the hot-path check
-``conflicts()`` only reads local state.
+All state sits behind ``ReservationState`` so that the cluster-wide variant
+(``chunk/shared_reservations.py``: registrations in etcd, shared by every chunk
+server exporting the volume) can replace the in-memory one: the mutating calls
+are ``async`` and return the unit attentions to establish instead of posting
+them, and the hot-path check ``conflicts()`` only reads local state.
 
 Not supported, and reported so in REPORT CAPABILITIES: APTPL (persist through
 power loss), SPEC_I_PT, ALL_TG_PT, REGISTER AND MOVE.  PREEMPT AND ABORT is
@@ -119,14 +119,22 @@ class ReservationState:
         if self.spc2 == n:
             self.spc2 = None
 
-    async def nexus_lost(self, n: Nexus) -> None:
-        """I_T nexus loss releases an SPC-2 reservation; PR state survives it."""
-        if self.spc2 == n:
+    def drop_spc2(self, n: Nexus | None = None) -> None:
+        """Release the SPC-2 reservation, only ``n``'s when given: I_T nexus loss releases
+        an SPC-2 reservation, LOGICAL UNIT RESET / hard reset any; PR state survives both.
+        Called by the transport, so it cannot wait (a shared state stores it behind)."""
+        if self.spc2 is not None and (n is None or self.spc2 == n):
             self.spc2 = None
 
+    async def nexus_lost(self, n: Nexus) -> None:
+        self.drop_spc2(n)
+
     async def reset(self) -> None:
-        """LOGICAL UNIT RESET / hard reset: SPC-2 reservations go, PRs stay."""
-        self.spc2 = None
+        self.drop_spc2()
+
+    async def refresh(self) -> None:
+        """Bring the state up to date before PERSISTENT RESERVE IN answers from it (a no-op
+        here; a state shared between servers reads the shared copy)."""
 
     # -- PERSISTENT RESERVE IN -------------------------------------------------
 

@@ -101,6 +101,9 @@ class LogicalUnit:
         self.ident = ident
         ident.naa_bytes()                    # validate the wwn now, not on first INQUIRY
         self.reservations = reservations or ReservationState()
+        attach = getattr(self.reservations, "attach", None)
+        if attach is not None:               # shared: attentions other servers establish
+            attach(self)
         self.protocol_id = protocol_id
         self.block_size = bs = dev.block_size
         self.thin = dev.thin
@@ -340,14 +343,13 @@ class LogicalUnit:
         released, pending UAs dropped; the next command from it counts as new."""
         self._seen.discard(nexus)
         self._ua.pop(nexus, None)
-        if self.reservations.spc2 == nexus:
-            self.reservations.spc2 = None
+        self.reservations.drop_spc2(nexus)
 
     def reset(self, issuer: Nexus | None = None) -> None:
         """LOGICAL UNIT RESET: SPC-2 reservation released (PRs stay); every
         nexus, the issuer included, gets BUS DEVICE RESET FUNCTION OCCURRED
         (SAM-5 6.3.3; libiscsi's MultipathIO.Reset checks every path, as LIO does)."""
-        self.reservations.spc2 = None
+        self.reservations.drop_spc2()
         for n in self._seen:
             self._post(n, ASC_BUS_DEVICE_RESET)
         if issuer is not None and issuer not in self._seen:
@@ -767,6 +769,7 @@ class LogicalUnit:
 
     async def _prin(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
         need(cdb, 10)
+        await self.reservations.refresh()
         return self.reservations.prin(cdb)[:U16(cdb, 7)[0]]
 
     async def _prout(self, cdb: bytes, data_out, exp: int, nexus: Nexus):

@@ -1,0 +1,283 @@
+"""Persistent reservations shared by every chunk server, kept in etcd.
+
+The redirector sends each (initiator, target) to a chunk server of its own, so the
+hosts of a shared LUN (a Windows failover cluster, fence_scsi, VMFS) usually reach
+different servers. With reservations in each server's memory they did not see each
+other's registrations: a PREEMPT on one server left the preempted host writing through
+another. Here a logical unit's registrations and reservation are one
+``ReservationRecord`` per LU in etcd:
+
+- every change (PERSISTENT RESERVE OUT, RESERVE/RELEASE(6), the SPC-2 release on nexus
+  loss or LU reset) is computed by the in-memory rules (``ReservationState``) on the
+  latest record and written back by compare-and-swap on its revision, so two servers'
+  changes serialize and the PRgeneration counts them all;
+- PERSISTENT RESERVE IN reads the record first, so it answers what etcd holds;
+- the per-command check (``conflicts``) reads this server's mirror of the record, kept
+  by a watch, so commands pay no etcd round trip. A server learns of another server's
+  change within the watch's delay (milliseconds), not before the change is answered:
+  that window is written down in docs/storage.md;
+- the unit attentions a change establishes travel in the record: the server that made
+  the change posts them at once, the others when their mirror takes the record in.
+
+State survives a chunk server restart and failover to another server (SPC-4's APTPL
+behaviour, without asking for it), and is deleted with the volume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any, Awaitable, Callable
+
+from zstore import etcd as zetcd
+from zstore.keys import Keys
+from zstore.records import RecordError, ReservationRecord
+
+from .scsi.nexus import Nexus
+from .scsi.reservations import Registration, ReservationState
+from .scsi.sense import ABORTED_COMMAND, ASC_NO_ADDITIONAL, ReservationConflict, ScsiError
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 16            # compare-and-swap rounds before a change gives up (ABORTED COMMAND)
+
+
+def _nexus(raw: list) -> Nexus:
+    return Nexus(str(raw[0]), str(raw[1]), int(raw[2]))
+
+
+def load(state: ReservationState, rec: ReservationRecord) -> None:
+    """Make ``state`` hold what ``rec`` says."""
+    state.generation = rec.generation
+    state.registrations = {_nexus(n): Registration(int(key)) for n, key in rec.registrations}
+    state.holder = _nexus(rec.holder) if rec.holder else None
+    state.type = rec.type if state.holder is not None else 0
+    state.spc2 = _nexus(rec.spc2) if rec.spc2 else None
+
+
+def record_of(state: ReservationState) -> ReservationRecord:
+    return ReservationRecord(
+        generation=state.generation,
+        registrations=[[list(n), r.key] for n, r in state.registrations.items()],
+        holder=list(state.holder) if state.holder is not None else None,
+        type=state.type if state.holder is not None else 0,
+        spc2=list(state.spc2) if state.spc2 is not None else None)
+
+
+def _same(a: ReservationRecord, b: ReservationRecord) -> bool:
+    return (a.generation, a.registrations, a.holder, a.type, a.spc2) == \
+        (b.generation, b.registrations, b.holder, b.type, b.spc2)
+
+
+class SharedReservationState(ReservationState):
+    """One LU's reservations: a mirror of its etcd record, changed only through etcd."""
+
+    def __init__(self, store: "ReservationStore", key: bytes) -> None:
+        super().__init__()
+        self._store, self._key = store, key
+        self.revision = 0            # mod revision of the record mirrored (0: none yet)
+        self.change = 0              # its change counter: attentions up to it were posted
+        self._units: weakref.WeakSet = weakref.WeakSet()
+        self._lock = asyncio.Lock()  # this server's changes one at a time
+
+    def attach(self, unit: Any) -> None:
+        """A LogicalUnit over this state: it gets the attentions other servers establish."""
+        self._units.add(unit)
+
+    def mirror(self, rec: ReservationRecord | None, revision: int, post: bool = True) -> None:
+        """Take in the record at ``revision`` (None: deleted) unless an equal or newer one is
+        here already; post the attentions of a change another server made."""
+        if revision and revision <= self.revision:
+            return
+        rec = rec or ReservationRecord()
+        load(self, rec)
+        self.revision = revision
+        if post and rec.change > self.change and rec.origin != self._store.chunk_id:
+            for n, asc, ascq in rec.attentions:
+                for unit in list(self._units):
+                    unit.post_unit_attention((int(asc), int(ascq)), _nexus(n))
+        self.change = max(self.change, rec.change)
+
+    async def refresh(self) -> None:
+        try:
+            rec, revision = await self._store.read(self._key)
+        except Exception as e:  # noqa: BLE001 - etcd unreachable: the answer would be a guess
+            log.warning("reservations %s: cannot read from etcd: %s", self._key.decode(), e)
+            raise ScsiError(ABORTED_COMMAND, ASC_NO_ADDITIONAL) from None
+        self.mirror(rec, revision)
+
+    async def _mutate(self, op: Callable[[ReservationState], Awaitable[Any]]) -> Any:
+        """Run ``op`` (the in-memory rule) on the latest record and store the result by
+        compare-and-swap; ``op``'s result (unit attentions for PR OUT). ReservationConflict
+        and ScsiError from the rule pass through with nothing written."""
+        async with self._lock:
+            for _ in range(ATTEMPTS):
+                try:
+                    rec, revision = await self._store.read(self._key)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("reservations %s: cannot read from etcd: %s", self._key.decode(), e)
+                    raise ScsiError(ABORTED_COMMAND, ASC_NO_ADDITIONAL) from None
+                self.mirror(rec, revision)
+                work = ReservationState()
+                load(work, rec or ReservationRecord())
+                result = await op(work)          # raises: nothing changes
+                new = record_of(work)
+                if _same(new, rec or ReservationRecord()):
+                    return result                # nothing to store (a no-op RELEASE, ...)
+                new.change = (rec.change if rec else 0) + 1
+                new.origin = self._store.chunk_id
+                new.attentions = [[list(n), asc[0], asc[1]] for n, asc in (result or [])]
+                try:
+                    stored = await self._store.swap(self._key, revision, new)
+                except Exception as e:  # noqa: BLE001 - unknown outcome: the initiator retries
+                    log.warning("reservations %s: cannot write to etcd: %s", self._key.decode(), e)
+                    raise ScsiError(ABORTED_COMMAND, ASC_NO_ADDITIONAL) from None
+                if stored:
+                    self.mirror(new, stored, post=False)    # our caller posts our attentions
+                    return result
+            log.warning("reservations %s: gave up after %d conflicting changes", self._key.decode(), ATTEMPTS)
+            raise ScsiError(ABORTED_COMMAND, ASC_NO_ADDITIONAL)
+
+    # -- the changing calls of ReservationState, through etcd ------------------------
+
+    async def prout(self, n: Nexus, cdb: bytes, data: bytes | memoryview):
+        data = bytes(data)
+        return await self._mutate(lambda s: ReservationState.prout(s, n, cdb, data))
+
+    async def spc2_reserve(self, n: Nexus) -> None:
+        await self._mutate(lambda s: ReservationState.spc2_reserve(s, n))
+
+    async def spc2_release(self, n: Nexus) -> None:
+        await self._mutate(lambda s: ReservationState.spc2_release(s, n))
+
+    async def nexus_lost(self, n: Nexus) -> None:
+        self.drop_spc2(n)
+
+    async def reset(self) -> None:
+        self.drop_spc2()
+
+    def drop_spc2(self, n: Nexus | None = None) -> None:
+        """Nexus loss or LU reset: this server stops honouring the SPC-2 reservation now,
+        and etcd is told behind the caller (these come from the transport, not from a
+        command that could wait)."""
+        if self.spc2 is None or (n is not None and self.spc2 != n):
+            return
+        self.spc2 = None
+
+        async def drop(s: ReservationState) -> None:
+            ReservationState.drop_spc2(s, n)
+        self._store.behind(self._mutate(drop), f"release of the SPC-2 reservation of {n}")
+
+
+class ReservationStore:
+    """A chunk server's shared reservation states, mirrored from etcd by one watch."""
+
+    def __init__(self, etcd, keys: Keys, chunk_id: str) -> None:
+        self.etcd, self.keys, self.chunk_id = etcd, keys, chunk_id
+        self._states: dict[bytes, SharedReservationState] = {}
+        self._seen: dict[bytes, tuple[ReservationRecord, int]] = {}    # key -> (record, revision)
+        self._tasks: set[asyncio.Task] = set()
+        self._watch: asyncio.Task | None = None
+        self.synced = asyncio.Event()
+
+    def state(self, vid: str, view: int = 0) -> SharedReservationState:
+        """The one state of the LU (volume ``vid``, or its snapshot at seq ``view``) on this
+        server: its read-write and read-only LogicalUnits share it."""
+        key = self.keys.reservation(vid, view)
+        st = self._states.get(key)
+        if st is None:
+            st = self._states[key] = SharedReservationState(self, key)
+            seen = self._seen.get(key)
+            if seen is not None:
+                st.mirror(seen[0], seen[1], post=False)
+        return st
+
+    def forget(self, vid: str, view: int = 0) -> None:
+        self._states.pop(self.keys.reservation(vid, view), None)
+
+    # -- etcd ------------------------------------------------------------------------
+
+    async def read(self, key: bytes) -> tuple[ReservationRecord | None, int]:
+        got = await self.etcd.get(key)
+        if got is None:
+            return None, 0
+        return self._decode(key, got.value), got.mod_revision
+
+    async def swap(self, key: bytes, revision: int, rec: ReservationRecord) -> int:
+        """Write ``rec`` if the record is still at ``revision`` (0: absent); the new
+        revision, or 0 when another change came first."""
+        t = self.etcd.transactions
+        compare = [t.mod(key) == revision] if revision else [t.version(key) == 0]
+        ok, responses = await self.etcd.transaction(compare=compare, success=[t.put(key, rec.encode())],
+                                                    failure=[])
+        if not ok:
+            return 0
+        return responses[0].response_put.header.revision
+
+    @staticmethod
+    def _decode(key: bytes, raw: bytes) -> ReservationRecord | None:
+        try:
+            return ReservationRecord.decode(raw)
+        except RecordError as e:
+            # Unreadable: treated as no reservation here, and overwritten by the next change.
+            log.error("reservations %s: %s", key.decode(), e)
+            return None
+
+    def start(self, stop: asyncio.Event) -> None:
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(zetcd.watch_prefix(
+                self.etcd, self.keys.all_reservations(), self._snapshot, self._event, stop,
+                with_revision=True))
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._watch, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watch = None
+
+    def behind(self, coro, what: str) -> None:
+        """Run ``coro`` in the background, logging its failure."""
+        async def run() -> None:
+            try:
+                await coro
+            except (ScsiError, ReservationConflict) as e:
+                log.warning("%s not stored: %s", what, e)
+            except Exception:  # noqa: BLE001
+                log.exception("%s not stored", what)
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _snapshot(self, kvs: list[tuple[bytes, bytes]], revision: int) -> None:
+        # The listing's revision, not each record's: no state goes back past a change this
+        # server stored after the listing was taken. Keys absent were deleted meanwhile.
+        present = {key for key, _ in kvs}
+        for key, value in kvs:
+            self._take(key, self._decode(key, value), revision)
+        for key in list(self._seen):
+            if key not in present:
+                self._drop(key)
+        self.synced.set()
+
+    async def _event(self, ev) -> None:
+        if ev.kind == "PUT":
+            self._take(ev.kv.key, self._decode(ev.kv.key, ev.kv.value), ev.kv.mod_revision)
+        else:
+            self._drop(ev.kv.key)
+
+    def _take(self, key: bytes, rec: ReservationRecord | None, revision: int) -> None:
+        if rec is None:
+            return
+        self._seen[key] = (rec, revision)
+        st = self._states.get(key)
+        if st is not None:
+            st.mirror(rec, revision)
+
+    def _drop(self, key: bytes) -> None:
+        self._seen.pop(key, None)
+        st = self._states.get(key)
+        if st is not None:
+            st.mirror(None, 0)
+            st.revision = 0

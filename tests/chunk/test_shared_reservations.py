@@ -1,0 +1,177 @@
+"""Reservations shared through etcd by several chunk servers (chunk/shared_reservations.py).
+
+Two ``ReservationStore``s on one real etcd stand for two chunk servers, each with its own
+LogicalUnit of one volume, as when the redirector sends two hosts of a shared LUN to
+different servers. Before, each server kept reservations in memory: a host registered or
+preempted on one server was unknown to the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import struct
+import uuid
+
+import pytest
+
+from chunk.scsi import Nexus
+from chunk.shared_reservations import ReservationStore
+from zstore.keys import Keys
+from zstore.records import ReservationRecord
+
+from .scsi import test_reservations as single
+from .scsi.helpers import H1, H2, check, good, make_lu, prin, prout, prout_params, run, write10
+
+K1, K2 = 0x1111, 0x2222
+REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT = range(5)
+WE = 1
+RESERVE6, RELEASE6 = bytes((0x16,)) + bytes(5), bytes((0x17,)) + bytes(5)
+
+
+@pytest.fixture
+async def stores(etcd_client, etcd_config):
+    keys = Keys(etcd_config.prefix)
+    stop = asyncio.Event()
+    made: list[ReservationStore] = []
+
+    async def store(chunk_id: str) -> ReservationStore:
+        s = ReservationStore(etcd_client, keys, chunk_id)
+        s.start(stop)
+        await asyncio.wait_for(s.synced.wait(), 10)
+        made.append(s)
+        return s
+
+    yield store
+    stop.set()
+    for s in made:
+        await s.close()
+
+
+async def until(cond, what: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def out(lu, nexus, sa, key=0, sark=0, rtype=0):
+    return await run(lu, prout(sa, rtype), prout_params(key, sark), nexus=nexus)
+
+
+async def read_keys(lu, n=H2) -> tuple[int, list[int]]:
+    d = good(await run(lu, prin(0), nexus=n))
+    gen, size = struct.unpack_from(">II", d)
+    return gen, [struct.unpack_from(">Q", d, 8 + i)[0] for i in range(0, size, 8)]
+
+
+async def can_write(lu, n) -> bool:
+    return (await run(lu, write10(0, 1), bytes(512), nexus=n)).status == 0
+
+
+async def test_the_single_server_rules_hold_on_the_shared_state(stores, monkeypatch):
+    """Every scenario of tests/chunk/scsi/test_reservations.py, each LU over a shared state
+    of its own volume: going through etcd changes none of the SPC-4 behaviour."""
+    a = await stores("chunk-a")
+
+    def shared_lu(dev=None, **kw):
+        return make_lu(dev, reservations=a.state(str(uuid.uuid4())), **kw)
+
+    monkeypatch.setattr(single, "make_lu", shared_lu)
+    scenarios = [f for name, f in inspect.getmembers(single, inspect.iscoroutinefunction)
+                 if name.startswith("test_")]
+    assert len(scenarios) >= 10
+    for scenario in scenarios:
+        marks = [m for m in getattr(scenario, "pytestmark", []) if m.name == "parametrize"]
+        if not marks:
+            await scenario()
+            continue
+        (names, values), = (m.args for m in marks)          # one parametrize, as there
+        for value in values:
+            await scenario(**dict(zip([n.strip() for n in names.split(",")],
+                                      value if "," in names else (value,))))
+
+
+async def test_a_registration_made_through_one_server_is_seen_through_another(stores):
+    a, b = await stores("chunk-a"), await stores("chunk-b")
+    lu_a, lu_b = make_lu(reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
+    good(await out(lu_a, H1, REGISTER, 0, K1))
+    assert await read_keys(lu_b) == (1, [K1])            # PR IN reads etcd first
+    good(await out(lu_b, H2, REGISTER, 0, K2))
+    assert await read_keys(lu_a) == (2, [K1, K2])
+    # a wrong key is refused whichever server checks it, and changes nothing
+    assert (await out(lu_b, H1, REGISTER, 0x9999, 0x3333)).status == 0x18
+    assert await read_keys(lu_a) == (2, [K1, K2])
+
+
+async def test_a_reservation_taken_on_one_server_fences_writes_through_the_other(stores):
+    a, b = await stores("chunk-a"), await stores("chunk-b")
+    lu_a, lu_b = make_lu(reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
+    good(await out(lu_a, H1, REGISTER, 0, K1))
+    good(await out(lu_b, H2, REGISTER, 0, K2))
+    good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
+    await until(lambda: lu_b.reservations.holder == H1, "server b to see the reservation")
+    assert not await can_write(lu_b, H2)                  # RESERVATION CONFLICT on b
+    assert await can_write(lu_b, H1)                      # the holder writes through b too
+
+
+async def test_a_preempt_on_one_server_reaches_the_preempted_host_on_the_other(stores):
+    a, b = await stores("chunk-a"), await stores("chunk-b")
+    lu_a, lu_b = make_lu(reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
+    good(await out(lu_a, H1, REGISTER, 0, K1))
+    good(await out(lu_b, H2, REGISTER, 0, K2))
+    good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
+    # fence_scsi: the surviving host (H2, on server b) preempts H1's key
+    good(await out(lu_b, H2, PREEMPT, K2, K1, rtype=WE))
+    await until(lambda: lu_a.reservations.holder == H2, "server a to see the preemption")
+    # H1, on server a, learns it was preempted and can no longer write there
+    check(await run(lu_a, write10(0, 1), bytes(512), nexus=H1), 0x6, 0x2A, 0x05)
+    assert not await can_write(lu_a, H1)
+    assert await read_keys(lu_a) == (3, [K2])             # RESERVE does not count
+    assert await can_write(lu_a, H2)
+
+
+async def test_concurrent_registrations_on_two_servers_all_land(stores):
+    a, b = await stores("chunk-a"), await stores("chunk-b")
+    lu_a, lu_b = make_lu(reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
+    hosts = [Nexus(f"iqn.2004-10.com.example:h{i},i,0x1", H1.target_port, 1) for i in range(12)]
+    results = await asyncio.gather(*(out(lu_a if i % 2 else lu_b, n, REGISTER, 0, 0x100 + i)
+                                     for i, n in enumerate(hosts)))
+    assert all(r.status == 0 for r in results)
+    gen, got = await read_keys(lu_a)
+    assert gen == 12 and sorted(got) == [0x100 + i for i in range(12)]
+
+
+async def test_reservations_survive_a_restart_of_every_server(stores, etcd_client, etcd_config):
+    a = await stores("chunk-a")
+    lu_a = make_lu(reservations=a.state("vol"))
+    good(await out(lu_a, H1, REGISTER, 0, K1))
+    good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
+    await a.close()
+    c = await stores("chunk-c")                           # a fresh server: mirror from etcd
+    lu_c = make_lu(reservations=c.state("vol"))
+    assert lu_c.reservations.holder == H1                 # the mirror, before any PR IN
+    assert not await can_write(lu_c, H2)
+    assert await read_keys(lu_c) == (1, [K1])
+    raw = await etcd_client.get(Keys(etcd_config.prefix).reservation("vol"))
+    assert ReservationRecord.decode(raw.value).holder == list(H1)
+
+
+async def test_spc2_reserve_is_shared_and_released_by_nexus_loss_everywhere(stores):
+    a, b = await stores("chunk-a"), await stores("chunk-b")
+    lu_a, lu_b = make_lu(reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
+    good(await run(lu_a, RESERVE6, nexus=H1))
+    await until(lambda: lu_b.reservations.spc2 == H1, "server b to see RESERVE(6)")
+    assert not await can_write(lu_b, H2)
+    lu_a.nexus_lost(H1)                                   # H1's connection to a goes away
+    await until(lambda: lu_b.reservations.spc2 is None, "server b to see the release")
+    assert await can_write(lu_b, H2)
+
+
+async def test_a_snapshot_lu_and_the_volume_have_separate_states(stores):
+    a = await stores("chunk-a")
+    vol, snap = make_lu(reservations=a.state("vol")), make_lu(reservations=a.state("vol", 7))
+    good(await out(vol, H1, REGISTER, 0, K1))
+    assert await read_keys(snap) == (0, [])
+    assert a.state("vol") is vol.reservations             # one state per LU per server
