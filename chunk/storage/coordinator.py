@@ -281,6 +281,7 @@ class Coordinator:
         self._drops: dict[tuple[int, str], asyncio.Future] = {}
         self._owner_lock = asyncio.Lock()
         self._lease_gen = 0                      # the server lease generation ownership was taken in
+        self._taken_epoch = 0                    # the last epoch ``_acquire`` took (0: none)
         self._flush_lock = asyncio.Lock()
         self._dirty: dict[tuple[int, str], Dirty] = {}
         self._sync: dict[int, Sync] = {}
@@ -292,7 +293,9 @@ class Coordinator:
                          "fast_writes": 0, "fast_write_handoffs": 0,
                          # recovery: pieces or blocks taken from another source than the first,
                          # and blocks no in-sync replica could read (copied as unreadable)
-                         "copy_source_retries": 0, "unreadable_copied": 0}
+                         "copy_source_retries": 0, "unreadable_copied": 0,
+                         # copies whose replicas still differed at the digest: copied again in full
+                         "copy_full_fallbacks": 0}
 
     # -- geometry ----------------------------------------------------------------
 
@@ -405,6 +408,17 @@ class Coordinator:
                                                       self.vid, self.engine.chunk_id)
         except ownership.OwnershipError as e:
             raise MediumError(str(e)) from None
+        # Every acquire raises the owner record's epoch by one, so ``epoch == last + 1`` proves
+        # the record still held the epoch we took last: nobody owned the volume in between,
+        # and our dirty logs hold every write since their drops. Any other epoch means
+        # another server (or the meta) took it meanwhile and may have written without the
+        # logs (a lease lapse lets that happen without any replica fencing us, so ``_retake``
+        # never runs): a resync planned from them would miss its writes, so they go, and
+        # those replicas get a full copy. The epoch is noted before the refresh below: one
+        # we took and could not use was still nobody else's.
+        if epoch != self._taken_epoch + 1:
+            self._dirty.clear()
+        self._taken_epoch = epoch
         # The extent map first, ownership second: ``ensure_owner`` trusts a nonzero epoch, so
         # a refresh that fails or is cancelled must leave none behind (the next attempt takes
         # a new epoch, fencing only this one).
@@ -1176,12 +1190,11 @@ class Coordinator:
         target = await e.replica(task.target)
         gen = rec.generation
         dirty = self._dirty.get((idx, task.target))
-        ranges: list[tuple[int, int]]
+        ranges: list[tuple[int, int]] = []
         if (task.kind == "resync" and dirty is not None and dirty.seq == self.seq
                 and rec.stale.get(task.target) == dirty.generation):
-            ranges = block_runs(sorted(dirty.blocks))
-            mode = f"{len(dirty.blocks)} dirty blocks"
-        else:
+            mode = "dirty"                 # the blocks are read from the log below, once
+        else:                              # every write from then on reaches the target
             ranges = _whole_extent()
             mode = "full"
         try:
@@ -1196,14 +1209,27 @@ class Coordinator:
             await target.create(self.vid, idx, self.epoch, 1, discard_broken=True)
             ranges = _whole_extent()
             mode = "full"
-        sync = self._sync[idx] = Sync(task.target, target)
+        # A dirty-block copy: the target is in sync everywhere else, so it takes every write
+        # from now on (cursor at the end). A full copy: only writes behind the cursor.
+        sync = self._sync[idx] = Sync(task.target, target, 0 if mode == "full" else EXTENT_SIZE)
         try:
+            if mode == "dirty":
+                # Writes that left before ``_sync`` was set (the fast path was open until now,
+                # through the CREATE round trip) do not reach the target, and are logged only
+                # when they end. The log is read once they have all ended, under a hold of the
+                # extent: each such write is in it then, and every later one includes the
+                # target, so the copy misses nothing and the digest needs no full copy.
+                await self._locks.hold(idx, 0, EXTENT_SIZE)
+                try:
+                    blocks = sorted(dirty.blocks)
+                finally:
+                    self._locks.release(idx)
+                ranges = block_runs(blocks)
+                mode = f"{len(blocks)} dirty blocks"
             for attempt in range(2):
                 total = sum(n for _, n in ranges)
                 log.info("volume %s extent %d: %s to %s (%s, %d bytes) from %s", self.vid, idx,
                          task.kind, task.target, mode, total, source.chunk_id)
-                # A dirty-block copy: the target is in sync everywhere else, so it takes every
-                # write from now on. A full copy: only writes behind the cursor.
                 sync.cursor = 0 if mode == "full" else EXTENT_SIZE
                 task_rev = await self._copy(task, task_rev, [source, *others], target, sync,
                                             ranges, rate, total)
@@ -1235,6 +1261,7 @@ class Coordinator:
                         return
                 finally:
                     self._locks.release(idx)
+                self.counters["copy_full_fallbacks"] += 1
                 log.warning("volume %s extent %d: %s differs from %s after a %s copy; copying in full",
                             self.vid, idx, task.target, source.chunk_id, mode)
                 mode = "full"
@@ -1264,7 +1291,8 @@ class Coordinator:
             if time.monotonic() - last_report > 1.0:
                 last_report = time.monotonic()
                 task_rev = await self.engine.report_progress(task, task_rev, done, total)
-        await self.engine.report_progress(task, task_rev, total, total)
+        # No "total of total" here: the digest or the join may still fail, and the task would
+        # then show as copied while pending. A join that succeeds deletes the task.
         return task_rev
 
     # A source failing a whole EXPORT this way may be alone in it: the next one is asked.

@@ -379,7 +379,8 @@ class StorageEngine:
         task = RecoveryTask.decode(got.value)
         if task.executor != self.chunk_id:
             return None
-        task.state, task.error = "running", None
+        # Each attempt copies the extent from its beginning: its progress starts at 0.
+        task.state, task.error, task.done_bytes = "running", None, 0
         rev = await self._put_task(key, task, got.mod_revision)
         if rev is None:
             return False                             # changed under us: read it again
@@ -398,20 +399,27 @@ class StorageEngine:
             got = await self.etcd.get(key)
             if got is not None:
                 cur = RecoveryTask.decode(got.value)
-                cur.state, cur.error = "pending", str(e)[:300]
+                # Nothing of the failed attempt carries over to the next (it copies from the
+                # beginning): a pending task shows no bytes done.
+                cur.state, cur.error, cur.done_bytes = "pending", str(e)[:300], 0
                 await self._put_task(key, cur, got.mod_revision)
             return False
         finally:
             await self.release(coord)
 
     async def _put_task(self, key: bytes, task: RecoveryTask, rev: int) -> int | None:
+        """Write the task if it is still at ``rev``; the revision of our write, or None.
+
+        The revision is read inside the transaction: a ``get`` after it could see the meta's
+        reassignment instead of our write, and the next put compared against that would
+        overwrite the reassignment with this server as the executor."""
         t = self.etcd.transactions
-        ok, _ = await self.etcd.transaction(compare=[t.mod(key) == rev],
-                                            success=[t.put(key, task.encode())], failure=[])
+        ok, responses = await self.etcd.transaction(compare=[t.mod(key) == rev],
+                                                    success=[t.put(key, task.encode()), t.get(key)],
+                                                    failure=[])
         if not ok:
             return None
-        got = await self.etcd.get(key)
-        return None if got is None else got.mod_revision
+        return responses[1][0][1].mod_revision        # the get's [(value, metadata)]
 
     async def report_progress(self, task: RecoveryTask, rev: int, done: int, total: int) -> int:
         """Write copy progress to the task (for `zstore cluster status`); the new mod revision."""

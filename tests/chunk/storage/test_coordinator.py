@@ -528,3 +528,103 @@ def test_no_write_starts_while_the_lease_may_have_lapsed_and_a_new_lease_retakes
         lease.lease_deadline = time.monotonic() - 1
         assert coord.write_nowait(0, b"d" * 4096) is None
     asyncio.run(main())
+
+
+def test_a_dirty_resync_copies_writes_made_while_it_starts_without_a_full_copy():
+    """Writes that leave while a dirty-block resync starts (during the target's CREATE round
+    trip, the fast path still open) miss the target and enter the dirty log only when they
+    end. The copy reads the log once they have ended, so it sends them too: the digests
+    agree at once, with no fallback to a full copy (64 pieces of 1 MiB) under write load."""
+    async def main():
+        from chunk.storage.coordinator import Dirty
+        a, b, c = _MemReplica("A"), _MemReplica("B"), _MemReplica("C")
+        a.state = {0: b"\x01" * 4096, 8192: b"\x02" * 4096}
+        b.state = dict(a.state)
+        c.state = {0: b"\x01" * 4096}                              # missed block 2 while out
+        coord = _mem_coordinator({"A": a, "B": b, "C": c}, ["A", "B"])
+        coord.extents[0].stale = {"C": 2}
+        coord._dirty[(0, "C")] = Dirty(2, coord.seq, {2})  # noqa: SLF001
+        writes, imports = [], []
+
+        async def create(*args, **kw):
+            fast = coord.write_nowait(4 * 4096, b"\x44" * 4096)    # done before the copy
+            assert fast is not None
+            writes.append(fast)
+            writes.append(asyncio.create_task(coord.write(6 * 4096, b"\x66" * 4096)))
+            await asyncio.sleep(0)                               # sent, reply still on its way
+            writes.append(coord.write_nowait(8 * 4096, b"\x88" * 4096))   # in flight at the copy
+        c.create = create
+        import_ = c.import_
+
+        async def counted_import(*args):
+            imports.append(args)
+            await import_(*args)
+        c.import_ = counted_import
+        await coord.run_recovery(RecoveryTask("v", 0, "C", "resync", "me", 3), 1, 0)
+        await asyncio.gather(*writes)
+        assert len(imports) == 4, f"{len(imports)} imports: blocks 2, 4, 6, 8 are 4 (64 more: a full copy)"
+        assert coord.counters["copy_full_fallbacks"] == 0
+        assert c.state == a.state == b.state and 8 * 4096 in c.state
+        assert coord.extents[0].replicas == ["A", "B", "C"]
+    asyncio.run(main())
+
+
+def test_a_refused_join_never_reports_the_copy_as_complete():
+    """The join (or the digest) can still fail after the last byte is copied: the task then
+    goes back to pending and must not show done_bytes == total_bytes. Full progress is the
+    join itself, which deletes the task."""
+    async def main():
+        from chunk.storage.metaclient import MetaError
+        a, b, c = _MemReplica("A"), _MemReplica("B"), _MemReplica("C")
+        a.state = {0: b"\x07" * 4096}
+        b.state = dict(a.state)
+        coord = _mem_coordinator({"A": a, "B": b, "C": c}, ["A", "B"])
+        coord.extents[0].stale = {"C": 2}
+        reports = []
+
+        async def report_progress(task, rev, done, total):
+            reports.append((done, total))
+            return rev
+        coord.engine.report_progress = report_progress
+
+        class Refusing:
+            async def call(self, method, path, body):
+                raise MetaError(409, "epoch 7 no longer owns the volume")
+        coord.engine.meta = Refusing()
+        with pytest.raises(MediumError, match="refused"):
+            await coord.run_recovery(RecoveryTask("v", 0, "C", "rebuild", "me", 3), 1, 0)
+        assert all(done < total for done, total in reports), reports
+    asyncio.run(main())
+
+
+def test_retaking_ownership_after_a_lease_lapse_drops_dirty_logs_when_another_server_owned_it(monkeypatch):
+    """A lapsed lease makes the coordinator take ownership again without being fenced. If the
+    epoch it gets is not its last + 1, another server owned the volume in between and may
+    have written without the dirty logs: they are dropped (a full copy follows). If it is,
+    nobody did, and the logs stay."""
+    import time
+    from chunk.storage.coordinator import Dirty
+    epochs = [8, 10]                             # 8: ours + 1; 10: someone took 9 meanwhile
+
+    async def acquire(etcd, keys, vid, chunk_id):
+        return epochs.pop(0), 100, Volume(volume_id=vid, name=vid, size=EXTENT_SIZE, replicas=3)
+    monkeypatch.setattr(coordinator_module.ownership, "acquire", acquire)
+
+    async def main():
+        reps = {k: _MemReplica(k) for k in "ABC"}
+        coord = _mem_coordinator(reps, ["A", "B"])
+        coord._taken_epoch = 7                              # noqa: SLF001 - as _acquire would
+
+        async def no_refresh():
+            pass
+        coord._refresh_extents = no_refresh                 # noqa: SLF001
+        lease = coord.engine.lease = _Lease()
+        lease.lease_deadline, coord._lease_gen = time.monotonic() + 30, 1    # noqa: SLF001
+        coord._dirty[(0, "C")] = Dirty(2, coord.seq, {1})   # noqa: SLF001
+        lease.lease_gen += 1                                # lapsed, granted anew: nobody between
+        await coord.write(0, b"a" * 4096)
+        assert coord.epoch == 8 and coord._dirty[(0, "C")].blocks == {0, 1}    # noqa: SLF001
+        lease.lease_gen += 1                                # lapsed again: another owner between
+        await coord.write(4096, b"b" * 4096)
+        assert coord.epoch == 10 and not coord._dirty       # noqa: SLF001
+    asyncio.run(main())
