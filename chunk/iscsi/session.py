@@ -146,6 +146,8 @@ class Session:
         self._closing = False
         self._logout_requested = False
         self._frozen_maxcmdsn: int | None = None   # set while closing down: grant no new CmdSNs
+        self._nexus_released = False               # units told this nexus is gone (once)
+        self._ended = asyncio.Event()              # _shutdown has finished
         self.since = round(time.time(), 3)         # wall clock, for session listings
         self.hd, self.dd = params.header_digest, params.data_digest
         self.mrdsl = params.max_recv_data_segment_length
@@ -278,6 +280,12 @@ class Session:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
+        try:
+            await self._close_down()
+        finally:
+            self._ended.set()
+
+    async def _close_down(self) -> None:
         self._closing = True
         for t in list(self.tasks.values()):
             t.aborted = True
@@ -286,16 +294,40 @@ class Session:
             await asyncio.gather(*runners, return_exceptions=True)
         self.tasks.clear()
         self._flush()
-        for unit in self.units_used:
-            lost = getattr(unit, "nexus_lost", None)
-            if lost:
-                lost(self.nexus)
+        self._release_nexus()
         try:
             self.w.close()
         except Exception:  # noqa: BLE001
             pass
         if self.on_close:
             self.on_close(self)
+
+    def _release_nexus(self) -> None:
+        """Tell the units this I_T nexus is gone (SPC-2 reservation, unit attentions), once."""
+        if self._nexus_released:
+            return
+        self._nexus_released = True
+        for unit in self.units_used:
+            lost = getattr(unit, "nexus_lost", None)
+            if lost:
+                lost(self.nexus)
+
+    async def end_for_reinstatement(self, timeout: float) -> None:
+        """A new login with this session's ISID replaces it (RFC 7143 §6.3.5): end it, and
+        return only once its nexus is released, so the new session starts after that.
+
+        A Nexus compares by value, and the new session's equals this one's. Released
+        later (this session's shutdown first waits for its writes still on the
+        replicas), the loss would drop the new session's own SPC-2 reservation, unit
+        attentions and seen-state. So the new session waits for it, at most ``timeout``;
+        past that the nexus is released now, and never again by this session."""
+        await self.close()
+        try:
+            await asyncio.wait_for(self._ended.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s: reinstated session still has commands in flight after %.0fs; "
+                        "releasing its nexus now", self.nexus.initiator, timeout)
+        self._release_nexus()
 
     async def close(self) -> None:
         """Drop the connection (session reinstatement, target reset, shutdown)."""

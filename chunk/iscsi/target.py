@@ -49,6 +49,7 @@ class TargetConfig:
     window: int = 128
     drain_grace: float = 10.0             # seconds a draining target waits for logouts
     drain_idle_timeout: float = 30.0      # then: wait at most this for in-flight I/O, then close
+    reinstate_timeout: float = 10.0       # a reinstating login waits at most this for the old session's end
 
 
 class Units:
@@ -394,7 +395,9 @@ class IscsiTarget:
         old = self.sessions.get(key)
         if old is not None:                       # session reinstatement (RFC 7143 §6.3.5)
             log.info("reinstating session of %s isid %s", p.initiator_name, r.isid.hex())
-            await old.close()
+            # Its tasks end and its nexus is released before this session runs a command:
+            # the same nexus by value, released later it would wipe this session's state.
+            await old.end_for_reinstatement(self.cfg.reinstate_timeout)
         tpgt = self.cfg.tpgt
         nexus = scsi.Nexus(initiator=f"{p.initiator_name},i,0x{r.isid.hex()}",
                            target_port=f"{target_iqn or 'discovery'},t,0x{tpgt:04x}",
