@@ -46,6 +46,19 @@ def sn_lte(a: int, b: int) -> bool:
     return a == b or sn_lt(a, b)
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A SCSI result the session gives itself (an iSCSI condition, RFC 7143 §11.4.7.2)."""
+    status: int
+    data: bytes | None = None
+    sense: bytes | None = None
+
+
+# CHECK CONDITION, ABORTED COMMAND, 0C/0D: the iSCSI condition "Incorrect amount of data"
+INCORRECT_AMOUNT_OF_DATA = _Answer(ScsiStatus.CHECK_CONDITION, None,
+                                   bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x0C, 0x0D, 0, 0, 0, 0]))
+
+
 class LunResolver(Protocol):
     """What the session asks the target about LUNs (implemented over the catalog)."""
 
@@ -517,6 +530,14 @@ class Session:
             # Immediate data with no W bit: protocol error.
             self.tasks.pop(cmd.itt, None)
             self._reject(RejectReason.PROTOCOL_ERROR, cmd.header())
+            return
+        elif edtl and not cmd.read and unit.data_out_length(cdb) > 0:
+            # A data-out CDB with an EDTL but neither R nor W (RFC 7143 §11.3.1: EDTL MUST then
+            # be 0): none of its data can come, and run it would be a write of nothing answered
+            # GOOD. Terminated with the iSCSI condition "Incorrect amount of data" (§11.4.7.2),
+            # its residual the whole EDTL, unrun. (EDTL 0 is a legal overflow: run, as SAM says.)
+            del tasks[itt]
+            self._respond(task, INCORRECT_AMOUNT_OF_DATA, 0)
             return
         self._start(task)
 

@@ -17,6 +17,7 @@ from chunk.iscsi import pdu as P
 from chunk.iscsi.constants import RESERVED_TAG, RejectReason, TmfFunction, TmfResponse
 from chunk.iscsi.negotiation import SessionParams
 from chunk.iscsi.session import Session, sn_lt
+from chunk.scsi import Nexus
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Harness:
         async def handle(r, w):
             self.session = Session(r, w, self.p, isid=b"\x80" + bytes(5), tsih=7, statsn=100, expcmdsn=1,
                                    resolver=self.resolver_cls(self.unit), scsi=FAKE_SCSI,
-                                   nexus=SimpleNamespace(initiator="i"), window=self.window,
+                                   nexus=Nexus("i", "t"), window=self.window,
                                    nop_interval=3600, nop_timeout=3600)
             await self.session.run()
         self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -652,3 +653,27 @@ async def test_a_text_request_continued_by_the_initiator_carries_the_ttt_given_f
         t = await h.recv()
         assert isinstance(t, P.TextResponse) and t.final
         assert t.data.startswith(b"TargetName=iqn.2026-01.io.zstore:test.t0000\0")
+
+
+async def test_a_write_with_an_edtl_but_no_w_bit_is_never_run_as_a_write_of_nothing():
+    """WRITE(10) of 8 blocks, EDTL 4096, neither R nor W (RFC 7143 §11.3.1: EDTL MUST then be
+    0): no data can come. The real LU would write nothing and answer GOOD, and the residual
+    (EDTL - 4096) said nothing was missing; it is the iSCSI condition "Incorrect amount of
+    data" instead (ABORTED COMMAND 0C/0D, §11.4.7.2), residual the whole EDTL."""
+    from chunk.blockdev import MemoryBlockDevice
+    from chunk.scsi import LogicalUnit, LunIdentity
+    dev = MemoryBlockDevice(1 << 20)
+    dev.buf[:4096] = b"\x77" * 4096
+    unit = LogicalUnit(dev, LunIdentity(wwn="6" + "5a5354" + "0123456789abcdef012345678", serial="v"),
+                       power_on_ua=False)
+    async with Harness(params(), unit=unit) as h:
+        cdb = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0).ljust(16, b"\0")
+        h.send(P.ScsiCommand(itt=41, cmdsn=1, lun=P.encode_lun(1), expected_length=4096, cdb=cdb))
+        resp = await h.recv()
+        assert isinstance(resp, P.ScsiResponse) and resp.itt == 41
+        assert resp.status == 2 and (resp.sense[2] & 0x0F, resp.sense[12], resp.sense[13]) == (0x0B, 0x0C, 0x0D)
+        assert resp.underflow and resp.residual == 4096
+        assert bytes(dev.buf[:4096]) == b"\x77" * 4096
+        h.send(P.ScsiCommand(itt=42, cmdsn=2, lun=P.encode_lun(1), expected_length=0, cdb=cdb))
+        resp = await h.recv()                                          # EDTL 0: the legal overflow
+        assert resp.status == 0 and resp.overflow and resp.residual == 4096
