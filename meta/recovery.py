@@ -1,8 +1,11 @@
 """Leader loop: degraded extents -> recovery tasks (resync a stale copy, rebuild a new one).
 
 Every ``period`` seconds the meta leader looks at every extent with fewer
-in-sync replicas than its volume asks for, fewest first, and keeps at most
-``concurrency`` ``RecoveryTask`` records in etcd (docs/storage.md):
+in-sync replicas than its volume asks for, fewest live (on an up server) in-sync
+copies first, and keeps at most ``concurrency`` ``RecoveryTask`` records in etcd
+(docs/storage.md). An extent with no in-sync replica on an up server has no
+source to copy from: it gets no task (and loses any it had) until one returns,
+so it cannot hold a slot that an extent with a live source needs.
 
 * a stale replica whose chunk server is live and active -> ``resync`` to it
   (it has most of the data; only the difference is copied);
@@ -18,6 +21,13 @@ A replica on a chunk server down past the grace that is still listed as in
 sync (nothing wrote the extent, so nobody dropped it) is dropped here first.
 The last replica is never dropped.
 
+``stale`` entries are kept while the extent is below its replica count, whatever
+their server's state: they name the only other copies there are if the in-sync
+ones are lost (and the reclaimer keeps them). Once the extent is back at full
+count they are pruned, and the old copies can be reclaimed. A resync that keeps
+failing forgets its stale target only when the error was the target's own, not a
+source's.
+
 Each task is run by the volume's live owner (the coordinator: it must order
 the copy with its own writes), else by the target, which then acquires
 ownership. Tasks whose extent or volume is gone, that are no longer needed,
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +81,27 @@ def chunk_state(view: chunkmod.ChunkView | None, grace: float, now: float) -> st
     return WAITING
 
 
+def is_up(view: chunkmod.ChunkView | None) -> bool:
+    return view is not None and view.up
+
+
+def target_failed(task: RecoveryTask) -> bool:
+    """Whether the task's last error is its target's own (the copy cannot be written or kept
+    there), not a source's (no in-sync replica reachable or readable, the volume's ownership
+    moved, a join refused): only then is giving up on a stale target worth it.
+
+    The shapes chunk/storage/coordinator.py and replicas.py record: ``replica on <target>:
+    <kind>`` (a call to the target failed), ``target <target> failed during the copy``,
+    ``<target> still differs after a full copy``. A fenced call (``stale_epoch``) is the
+    coordinator's lost ownership, not the target's.
+    """
+    if not task.error:
+        return False
+    t = re.escape(task.target)
+    return re.search(rf"(?:^|: )replica on {t}: (?!stale_epoch)|\btarget {t} failed\b|(?:^|\s){t} still differs\b",
+                     task.error) is not None
+
+
 def is_dead(view: chunkmod.ChunkView | None, grace: float, now: float) -> bool:
     """Removed, or down past the grace: its replicas are no longer in sync."""
     return chunk_state(view, grace, now) == GONE and (view is None or not view.up)
@@ -83,6 +115,10 @@ class World:
     extents: dict[tuple[str, int], tuple[ExtentRecord, int]]
     tasks: dict[tuple[str, int], tuple[RecoveryTask, int]]
     owners: dict[str, VolumeOwner]
+
+    def live(self, rec: ExtentRecord) -> list[str]:
+        """The in-sync replicas whose chunk server is up: what a copy can come from."""
+        return [c for c in rec.replicas if is_up(self.views.get(c))]
 
     def executor_for(self, vid: str, target: str) -> str:
         owner = self.owners.get(vid)
@@ -140,7 +176,8 @@ class Recovery:
         done: dict[str, Any] = {"dropped": [], "deleted": [], "reassigned": [], "created": []}
         await volops.tidy_ops(ctx, now)
         world = await read_world(ctx)
-        if await self._drop_dead(world, now, done):
+        dropped = await self._drop_dead(world, now, done)
+        if await self._prune_stale(world) or dropped:
             world = await read_world(ctx)
         await self._tidy(world, now, done)
         await self._plan(world, now, done)
@@ -173,6 +210,24 @@ class Recovery:
                             vid, index, ",".join(dropped), self.grace, ",".join(rec.replicas))
         return changed
 
+    async def _prune_stale(self, w: World) -> bool:
+        """Forget the stale copies of extents back at full replica count (not before: until
+        then they are the only other copies, and the reclaimer would delete an unlisted one)."""
+        changed = False
+        for (vid, index), (rec, rev) in w.extents.items():
+            vol = w.volumes.get(vid)
+            if vol is None or not rec.stale or len(rec.replicas) < vol.replicas:
+                continue
+            gone = sorted(rec.stale)
+            new = ExtentRecord.from_dict(rec.to_dict())
+            new.stale = {}
+            key = self.ctx.keys.extent(vid, index)
+            if await self.ctx.txn([self.ctx.unchanged(key, rev)], [self.ctx.put(key, new)]):
+                changed = True
+                log.info("extent %s/%d has its %d replicas again: stale copies on %s no longer needed",
+                         vid, index, vol.replicas, ",".join(gone))
+        return changed
+
     async def _tidy(self, w: World, now: float, done: dict[str, Any]) -> None:
         ctx = self.ctx
         for (vid, index), (task, rev) in list(w.tasks.items()):
@@ -188,12 +243,19 @@ class Recovery:
                 why = "the target is in sync"
             elif chunk_state(w.views.get(task.target), self.grace, now) != OK:
                 why = f"the target {task.target} is not usable"
+            elif not w.live(ext[0]):
+                # Nothing to copy from: the slot goes to an extent that has a source; this one
+                # is planned again when an in-sync replica's server is back.
+                why = "no in-sync replica's server is up to copy from"
+                self._failing.pop((vid, index), None)
             elif self._keeps_failing(vid, index, task):
                 why = f"it failed {FAILING_PASSES} times in a row ({task.error}); placing it again"
-                # A resync that keeps failing (its copy unusable, no room to replace it) would
-                # be planned again onto the same stale copy: that copy is forgotten instead,
-                # and the extent gets a rebuild like any other missing replica.
-                forget = task.kind == "resync" and task.target in ext[0].stale
+                # A resync that keeps failing because of its target (its copy unusable, no room
+                # to replace it) would be planned again onto the same stale copy: that copy is
+                # forgotten instead, and the extent gets a rebuild like any other missing
+                # replica. Not when a source failed: the stale copy is as good as before.
+                forget = (task.kind == "resync" and task.target in ext[0].stale
+                          and target_failed(task))
             if why:
                 compare, ops = [ctx.unchanged(key, rev)], [ctx.delete(key)]
                 if forget:
@@ -240,9 +302,11 @@ class Recovery:
 
     async def _plan(self, w: World, now: float, done: dict[str, Any]) -> None:
         slots = self.concurrency - len(w.tasks)
+        # Fewest live copies first; an extent without any has no source and waits.
         degraded = sorted(((rec, rev) for (vid, _), (rec, rev) in w.extents.items()
-                           if vid in w.volumes and len(rec.replicas) < w.volumes[vid].replicas),
-                          key=lambda x: (len(x[0].replicas), x[0].volume_id, x[0].index))
+                           if vid in w.volumes and len(rec.replicas) < w.volumes[vid].replicas
+                           and w.live(rec)),
+                          key=lambda x: (len(w.live(x[0])), len(x[0].replicas), x[0].volume_id, x[0].index))
         slots = await self._plan_degraded(w, now, done, degraded, slots)
         # Then, with what is left, move replicas off draining servers (the copy joins in
         # place of the draining replica, so the extent never has fewer copies meanwhile).
@@ -250,7 +314,8 @@ class Recovery:
             if slots <= 0:
                 break
             vol = w.volumes.get(vid)
-            if vol is None or (vid, index) in w.tasks or len(rec.replicas) < vol.replicas:
+            if vol is None or (vid, index) in w.tasks or len(rec.replicas) < vol.replicas \
+                    or not w.live(rec):
                 continue
             leaving = self._draining(rec, w)
             if not leaving:
@@ -279,7 +344,7 @@ class Recovery:
 
     async def _create(self, w: World, rec: ExtentRecord, rev: int, new: ExtentRecord, vol: Volume,
                       kind: str, target: str, done: dict[str, Any]) -> bool:
-        """One txn: the task, if the extent is unchanged (and its pruned stale map, if any)."""
+        """One txn: the task, if the extent is unchanged (and its new record, if it changed)."""
         ctx, vid, index = self.ctx, rec.volume_id, rec.index
         task = RecoveryTask(volume_id=vid, index=index, target=target, kind=kind,
                             executor=w.executor_for(vid, target), generation=rec.generation,
@@ -309,8 +374,8 @@ class Recovery:
                       for c in rec.stale if c not in rec.replicas}
             ok_stale = sorted((c for c, s in states.items() if s == OK), key=lambda c: -rec.stale[c])
             waiting = [c for c, s in states.items() if s == WAITING]
-            gone = [c for c, s in states.items() if s == GONE]
-            new = ExtentRecord.from_dict(rec.to_dict())
+            # The gone stale copies stay listed (``_prune_stale``): a rebuild is only planned
+            # here, and if its source dies before it joins they are what is left.
             if ok_stale:
                 kind, target = "resync", ok_stale[0]
             elif vol.replicas - len(rec.replicas) > len(waiting):
@@ -318,11 +383,9 @@ class Recovery:
                 if target is None:
                     continue
                 kind = "rebuild"
-                for c in gone:
-                    new.stale.pop(c, None)
             else:
                 continue                               # wait for the stale copies' servers to return
-            if await self._create(w, rec, rev, new, vol, kind, target, done):
+            if await self._create(w, rec, rev, rec, vol, kind, target, done):
                 slots -= 1
         return slots
 
@@ -337,12 +400,22 @@ def task_view(task: RecoveryTask, vol: Volume | None) -> dict[str, Any]:
 
 
 async def cluster_status(ctx: Ctx) -> dict[str, Any]:
-    """The ``recovery`` block of ``GET /cluster``."""
+    """The ``recovery`` block of ``GET /cluster``.
+
+    ``degraded_extents``: fewer in-sync replicas listed than the volume's count (what
+    recovery works on). ``degraded_live_extents``: fewer in-sync replicas on up servers than
+    that count (also those whose server is down within the grace, not dropped yet).
+    ``unavailable_extents``: no in-sync replica on an up server at all: unreadable, and not
+    recoverable until one returns.
+    """
     w = await read_world(ctx)
-    degraded = sum(1 for (vid, _), (rec, _) in w.extents.items()
-                   if vid in w.volumes and len(rec.replicas) < w.volumes[vid].replicas)
+    mine = [(rec, w.volumes[vid]) for (vid, _), (rec, _) in w.extents.items() if vid in w.volumes]
+    degraded = sum(1 for rec, vol in mine if len(rec.replicas) < vol.replicas)
+    degraded_live = sum(1 for rec, vol in mine if len(w.live(rec)) < vol.replicas)
+    unavailable = sum(1 for rec, _ in mine if not w.live(rec))
     tasks = [task_view(t, w.volumes.get(vid)) for (vid, _), (t, _) in sorted(w.tasks.items())]
-    return {"degraded_extents": degraded, "tasks": tasks,
+    return {"degraded_extents": degraded, "degraded_live_extents": degraded_live,
+            "unavailable_extents": unavailable, "tasks": tasks,
             "bytes_done": sum(t["done_bytes"] for t in tasks),
             "bytes_total": sum(t["total_bytes"] for t in tasks)}
 

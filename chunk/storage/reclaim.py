@@ -5,8 +5,11 @@ snapshot"):
 
 - the volume record is gone: every local extent of it goes;
 - the extent moved elsewhere: its record exists, names this chunk neither as
-  in-sync nor as stale, has a newer generation than the local copy, and no
-  recovery task is copying onto this chunk: the local extent goes;
+  in-sync nor as stale, has a newer generation than the local copy, has all the
+  replicas its volume asks for, and no recovery task is copying onto this
+  chunk: the local extent goes. While the extent is degraded every local copy
+  is kept, listed or not: if its in-sync replicas are lost before a new copy
+  joins, an older copy is better than none (docs/storage.md, "Recovery");
 - a snapshot was deleted: versions no remaining snapshot record of the volume
   (tombstones included: clones read through them) needs are trimmed, once
   per change of that set or of the extent's generation (a resync or rebuild
@@ -141,7 +144,7 @@ class Reclaimer:
             tasks: dict[int, RecoveryTask] | None = None
             for idx in sorted(indexes):
                 rec = records.get(idx)
-                if rec is not None and self._moved_away(vid, idx, rec):
+                if rec is not None and self._moved_away(vid, idx, rec, vol):
                     if tasks is None:       # read only when a deletion is on the table
                         tasks = {}
                         for kv in await self.etcd.get_prefix(self.keys.recovery(vid)):
@@ -154,7 +157,7 @@ class Reclaimer:
                         # the task read, and this copy is then the in-sync one.
                         got = await self.etcd.get(self.keys.extent(vid, idx))
                         rec = ExtentRecord.decode(got.value) if got is not None else None
-                        if rec is not None and self._moved_away(vid, idx, rec):
+                        if rec is not None and self._moved_away(vid, idx, rec, vol):
                             self._delete(vid, idx, f"moved to {rec.replicas} at generation {rec.generation}")
                             summary["deleted"].append((vid, idx))
                             continue
@@ -172,9 +175,11 @@ class Reclaimer:
                     summary["trimmed"] += n
         return summary
 
-    def _moved_away(self, vid: str, idx: int, rec: ExtentRecord) -> bool:
+    def _moved_away(self, vid: str, idx: int, rec: ExtentRecord, vol: Volume) -> bool:
         if self.chunk_id in rec.replicas or self.chunk_id in rec.stale:
             return False
+        if len(rec.replicas) < vol.replicas:
+            return False                      # degraded: this copy may be the last one left
         return rec.generation > int(self.store.stat(vid, idx)["generation"])
 
     def _delete(self, vid: str, idx: int, why: str) -> None:

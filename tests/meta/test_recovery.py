@@ -82,7 +82,12 @@ async def test_rebuild_after_the_grace_on_a_distinct_domain(ctx):
     task = await task_of(ctx, vid)
     assert task.executor == "c3"
     rec, _ = await extents.get_extent(ctx, vid, 0)
-    assert rec.stale == {} and rec.replicas == ["c0", "c2"]   # the dead copy is forgotten
+    # The dead copy stays listed while the rebuild is only planned; it goes once c3 has joined.
+    assert rec.stale == {"c1": 1} and rec.replicas == ["c0", "c2"]
+    await extents.join(ctx, vid, 0, "c3", rec.generation)
+    await Recovery(ctx, grace=GRACE).step()
+    rec, _ = await extents.get_extent(ctx, vid, 0)
+    assert rec.stale == {} and rec.replicas == ["c0", "c2", "c3"]
 
 
 async def test_draining_or_diskless_stale_chunks_are_rebuilt_at_once(ctx):
@@ -266,7 +271,7 @@ async def test_a_resync_that_keeps_failing_forgets_the_stale_copy_and_rebuilds(c
     rec = Recovery(ctx, grace=GRACE)
     assert (await rec.step())["created"] == [(vid, 0, "resync", "c0")]
     task = await task_of(ctx, vid)
-    task.error = "NO_SPACE on the target"
+    task.error = "replica on c0: no_space: disk full"     # the target's own failure
     await ctx.etcd.put(ctx.keys.recovery_task(vid, 0), task.encode())
     assert (await rec.step())["deleted"] == []
     assert (await rec.step())["deleted"] == []
@@ -276,3 +281,153 @@ async def test_a_resync_that_keeps_failing_forgets_the_stale_copy_and_rebuilds(c
     did = await rec.step()
     assert [(k, t) for _, _, k, t in did["created"]] == [("rebuild", (await task_of(ctx, vid)).target)]
 
+
+
+# --- extents without a live source; stale copies kept until the extent is whole again ---
+
+
+async def test_extents_without_a_live_source_leave_the_slots_to_others(ctx):
+    """A 2-replica volume whose extents are down to [c0], and c0 dead for good: nothing can be
+    copied from them. They used to sort first (fewest listed copies), take every slot with a
+    rebuild that could only fail, be deleted after a few passes and planned again in the same
+    pass, for ever, while an extent with a live source stayed degraded."""
+    dead = await extent_on(ctx, "dead", ["c0", "c1"])
+    for index in range(4):
+        await extent_on(ctx, "dead", ["c0"], index=index)      # c1 was dropped by the writes
+    ok = await extent_on(ctx, "ok", ["c1", "c2", "c3"])
+    await extents.drop(ctx, ok.volume_id, 0, "c3", 1, "test")
+    await down(ctx, "c3", ago=GRACE * 2)
+    await down(ctx, "c0", ago=GRACE * 2)
+    # A task planned for one of them before c0 died holds a slot: it goes.
+    await ctx.etcd.put(ctx.keys.recovery_task(dead.volume_id, 3), RecoveryTask(
+        volume_id=dead.volume_id, index=3, target="c2", kind="rebuild", executor="c2", generation=1,
+        error="extent 3: no in-sync replica exports 0+67108864: replica on c0: unavailable").encode())
+    rec = Recovery(ctx, grace=GRACE, concurrency=4)
+    for _ in range(4):                                    # also past FAILING_PASSES
+        did = await rec.step()
+        assert all(v == ok.volume_id for v, *_ in did["created"]), did
+        if did["created"]:
+            break
+    assert did["created"] == [(ok.volume_id, 0, "rebuild", "c4")]
+    assert did["deleted"] == [(dead.volume_id, 3)]
+    assert await task_of(ctx, dead.volume_id, 3) is None
+    status = await recovery.cluster_status(ctx)
+    assert status["degraded_extents"] == 5                # listed copies: meaning unchanged
+    assert status["unavailable_extents"] == 4             # no in-sync copy on an up server
+    assert status["degraded_live_extents"] == 5
+    # c0 is back: they have a source again and are planned as usual.
+    await up(ctx, "c0")
+    did = await rec.step()
+    assert sorted(i for v, i, *_ in did["created"] if v == dead.volume_id) == [0, 1, 2]
+    assert (await recovery.cluster_status(ctx))["unavailable_extents"] == 0
+
+
+async def test_fewest_live_copies_first(ctx):
+    """Two extents each list 2 of 3 replicas; one of them has only one on an up server (the
+    other's is down, within the grace): it goes first, whatever the order of their keys."""
+    vol = await extent_on(ctx, "v", ["c2", "c3", "c4"], index=0)
+    vid = vol.volume_id
+    await ctx.etcd.put(ctx.keys.extent(vid, 0), ExtentRecord(
+        volume_id=vid, index=0, replicas=["c2", "c3"]).encode())
+    await ctx.etcd.put(ctx.keys.extent(vid, 1), ExtentRecord(
+        volume_id=vid, index=1, replicas=["c0", "c1"]).encode())
+    await ctx.etcd.put(ctx.keys.extent(vid, 2), ExtentRecord(
+        volume_id=vid, index=2, replicas=["c1", "c2", "c3"]).encode())
+    await down(ctx, "c0", ago=1)                          # within the grace: not dropped
+    did = await Recovery(ctx, grace=GRACE, concurrency=1).step()
+    assert [(v, i) for v, i, *_ in did["created"]] == [(vid, 1)]
+    assert did["dropped"] == []
+    status = await recovery.cluster_status(ctx)
+    assert status["degraded_extents"] == 2 and status["degraded_live_extents"] == 2
+    assert status["unavailable_extents"] == 0
+    await down(ctx, "c1", ago=1)
+    status = await recovery.cluster_status(ctx)
+    assert status["degraded_extents"] == 2 and status["degraded_live_extents"] == 3
+    assert status["unavailable_extents"] == 1
+
+
+async def test_a_resync_failing_on_its_source_keeps_the_stale_copy(ctx):
+    """Only a failure of the target itself makes a resync give up its stale copy: when the
+    sources fail (unreachable, unreadable), the stale copy is as good as before."""
+    vol = await extent_on(ctx, "v", ["c0", "c1", "c2"])
+    vid = vol.volume_id
+    await extents.drop(ctx, vid, 0, "c0", 1, "test")
+    rec = Recovery(ctx, grace=GRACE)
+    assert (await rec.step())["created"] == [(vid, 0, "resync", "c0")]
+    for error in ("extent 0: no in-sync replica exports 0+67108864: replica on c1: unavailable",
+                  "extent 0: no in-sync replica answers DIGEST: replica on c2: io: EIO",
+                  "replica on c1: stale_epoch: epoch 3 < 4",
+                  "replica on c0: stale_epoch: epoch 3 < 4"):
+        for n in range(3):
+            task = await task_of(ctx, vid)
+            task.error = error
+            await ctx.etcd.put(ctx.keys.recovery_task(vid, 0), task.encode())
+            did = await rec.step()
+        assert did["deleted"] == [(vid, 0)], error        # placed again after 3 failed passes
+        assert did["created"] == [(vid, 0, "resync", "c0")], error   # onto the same stale copy
+        got, _ = await extents.get_extent(ctx, vid, 0)
+        assert got.stale == {"c0": 1}, error
+    assert recovery.target_failed(RecoveryTask(vid, 0, target="c0", kind="resync", executor="c1",
+                                               generation=2, error="replica on c0: io: EIO"))
+    assert recovery.target_failed(RecoveryTask(
+        vid, 0, target="c0", kind="resync", executor="c1", generation=2,
+        error="target c0 failed during the copy: replica on c0: unavailable"))
+    assert not recovery.target_failed(RecoveryTask(
+        vid, 0, target="c0", kind="resync", executor="c1", generation=2,
+        error="extent 0: no in-sync replica exports 0+4096: replica on c10: io"))
+
+
+async def test_stale_copies_stay_listed_until_a_rebuild_joins(ctx):
+    """[c0, c1, c2]; c0 and c1 lose power past the grace: the pass drops them and plans a rebuild
+    from c2. Their stale entries used to be removed in that same pass, before any copy existed:
+    c2 dying mid-copy then left c0's and c1's full (older) copies unlisted, and their reclaimers
+    deleted them when they came back. They stay listed until the extent is whole again."""
+    vol = await extent_on(ctx, "v", ["c0", "c1", "c2"])
+    vid = vol.volume_id
+    await down(ctx, "c0", ago=GRACE * 2)
+    await down(ctx, "c1", ago=GRACE * 2)
+    rec = Recovery(ctx, grace=GRACE)
+    did = await rec.step()
+    assert sorted(did["dropped"]) == [(vid, 0, "c0"), (vid, 0, "c1")]
+    [(_, _, kind, target)] = did["created"]
+    assert kind == "rebuild"
+    got, _ = await extents.get_extent(ctx, vid, 0)
+    assert got.replicas == ["c2"] and set(got.stale) == {"c0", "c1"}
+    # c2 dies mid-copy: the rebuild has no source left and goes; nothing is planned instead.
+    await down(ctx, "c2")
+    did = await rec.step()
+    assert did["deleted"] == [(vid, 0)] and did["created"] == []
+    # c0 and c1 return: their copies are still listed (the reclaimer keeps them).
+    await up(ctx, "c0")
+    await up(ctx, "c1")
+    await rec.step()
+    got, _ = await extents.get_extent(ctx, vid, 0)
+    assert got.replicas == ["c2"] and set(got.stale) == {"c0", "c1"}
+    assert await task_of(ctx, vid) is None
+    # c2 is back: resync c0, then c1; the stale map empties as they join.
+    await up(ctx, "c2")
+    for _ in range(2):
+        task = await task_of(ctx, vid) or (await rec.step(), await task_of(ctx, vid))[1]
+        assert task.kind == "resync" and task.target in ("c0", "c1")
+        got, _ = await extents.get_extent(ctx, vid, 0)
+        await extents.join(ctx, vid, 0, task.target, got.generation)
+    got, _ = await extents.get_extent(ctx, vid, 0)
+    assert sorted(got.replicas) == ["c0", "c1", "c2"] and got.stale == {}
+
+
+async def test_stale_copies_of_a_whole_extent_are_pruned(ctx):
+    """A rebuild joined while another copy was still stale (its server gone): the extent is
+    whole again, so the stale entry goes and that copy can be reclaimed."""
+    vol = await extent_on(ctx, "v", ["c0", "c1", "c2"])
+    vid = vol.volume_id
+    await down(ctx, "c1", ago=GRACE * 2)
+    rec = Recovery(ctx, grace=GRACE)
+    [(_, _, kind, target)] = (await rec.step())["created"]
+    got, _ = await extents.get_extent(ctx, vid, 0)
+    assert kind == "rebuild" and got.stale == {"c1": 1}
+    assert (await rec.step())["created"] == []
+    got = await extents.join(ctx, vid, 0, target, got.generation)
+    assert got.stale == {"c1": 1}
+    await rec.step()
+    got, _ = await extents.get_extent(ctx, vid, 0)
+    assert got.stale == {} and len(got.replicas) == 3 and got.generation == 3

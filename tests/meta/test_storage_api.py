@@ -123,7 +123,8 @@ async def test_recovery_loop_in_the_leader_and_status(env):
     spare = next(x for x in ZONES if x not in rec["replicas"])
     victim = rec["replicas"][0]
     st = (await api(c, "GET", "/cluster/status"))[1]
-    assert st["recovery"] == {"degraded_extents": 0, "tasks": [], "bytes_done": 0, "bytes_total": 0}
+    assert st["recovery"] == {"degraded_extents": 0, "degraded_live_extents": 0, "unavailable_extents": 0,
+                              "tasks": [], "bytes_done": 0, "bytes_total": 0}
     await ctx.etcd.delete(ctx.keys.chunk_live(victim))
     # The leader notices, waits out the 1 s grace, drops the dead replica and plans a rebuild.
     st = await async_wait_for(lambda: _with_tasks(c), 20, "a recovery task")

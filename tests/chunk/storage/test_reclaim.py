@@ -240,3 +240,20 @@ async def test_periodic_loop_runs(cluster, keys, store):
     finally:
         await r.stop()
     assert store.extents() == [] and r.status()["runs"] >= 1
+
+
+async def test_a_copy_of_a_degraded_extent_is_kept_even_unlisted(cluster, keys, store):
+    """The extent (2 replicas wanted) is down to ["x"], and this chunk's older copy is no longer
+    listed as stale (dropped from the map, or forgotten after its resync failed): if "x" is lost
+    before a new copy joins, this copy is all that is left. It goes once the extent is whole."""
+    etcd = cluster
+    await volume(etcd, keys, "v1")
+    await extent(etcd, keys, store, "v1", 0, generation=1)
+    await put(etcd, keys.extent("v1", 0), ExtentRecord("v1", 0, ["x"], generation=3))
+    r = Reclaimer(store, etcd, keys, ME)
+    assert (await r.run_once())["deleted"] == []
+    assert store.extents() == [("v1", 0)]
+    # A rebuild to "y" joined: the extent is whole again, this copy is not needed.
+    await put(etcd, keys.extent("v1", 0), ExtentRecord("v1", 0, ["x", "y"], generation=4))
+    assert (await r.run_once())["deleted"] == [("v1", 0)]
+    assert store.extents() == []
