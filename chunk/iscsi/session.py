@@ -159,6 +159,7 @@ class Session:
         self._closing = False
         self._logout_requested = False
         self._frozen_maxcmdsn: int | None = None   # set while closing down: grant no new CmdSNs
+        self._granted = (self.expcmdsn + window - 1) & SERIAL_MASK   # highest MaxCmdSN computed
         self._nexus_released = False               # units told this nexus is gone (once)
         self._ended = asyncio.Event()              # _shutdown has finished
         self.since = round(time.time(), 3)         # wall clock, for session listings
@@ -170,10 +171,22 @@ class Session:
 
     @property
     def maxcmdsn(self) -> int:
+        """ExpCmdSN + free window slots - 1, but never below one already granted.
+
+        Tasks of immediate commands take slots without moving ExpCmdSN, so the plain
+        value can go down; an initiator never lowers its MaxCmdSN (RFC 7143 §4.2.2.1:
+        a smaller one is ignored) and may already have sent the CmdSNs up to it, which
+        would be dropped as out of window and the session would stall. So the window
+        only shrinks by not growing; a CmdSN once granted is always taken."""
         if self._frozen_maxcmdsn is not None:
             return self._frozen_maxcmdsn
-        free = max(self.window - len(self.tasks), 0)
-        return (self.expcmdsn + free - 1) & SERIAL_MASK
+        free = self.window - len(self.tasks)
+        m = (self.expcmdsn + free - 1) & SERIAL_MASK if free > 0 else (self.expcmdsn - 1) & SERIAL_MASK
+        granted = self._granted
+        if m != granted and ((m - granted) & SERIAL_MASK) < 0x80000000:     # sn_lt(granted, m)
+            self._granted = m
+            return m
+        return granted
 
     def _send(self, pdu: P.PDU, status: bool = True) -> None:
         """Stamp StatSN/ExpCmdSN/MaxCmdSN and queue on the socket."""

@@ -677,3 +677,22 @@ async def test_a_write_with_an_edtl_but_no_w_bit_is_never_run_as_a_write_of_noth
         h.send(P.ScsiCommand(itt=42, cmdsn=2, lun=P.encode_lun(1), expected_length=0, cdb=cdb))
         resp = await h.recv()                                          # EDTL 0: the legal overflow
         assert resp.status == 0 and resp.overflow and resp.residual == 4096
+
+
+async def test_max_cmdsn_never_goes_back_below_one_already_granted():
+    """Immediate commands take window slots without moving ExpCmdSN, which lowered the
+    MaxCmdSN computed; the initiator ignores a lower one (RFC 7143 §4.2.2.1) and sends up to
+    the one it has, which the target then dropped as out of window: the session stalled."""
+    async with Harness(params(), window=4) as h:
+        h.send(P.NopOut(itt=1, cmdsn=1))
+        nop = await h.recv()
+        assert nop.expcmdsn == 2 and nop.maxcmdsn == 5                # CmdSN 2..5 granted
+        h.send(P.ScsiCommand(itt=9, cmdsn=2, immediate=True, lun=P.encode_lun(1), cdb=bytes([0xFF]) + bytes(15)))
+        for i in range(4):                                            # CmdSN 2, 3, 4, 5
+            h.send(P.ScsiCommand(itt=10 + i, cmdsn=2 + i, lun=P.encode_lun(1), cdb=bytes([0xFF, i]) + bytes(14)))
+        await until(lambda: h.session.expcmdsn == 6)                  # all four taken
+        h.unit.release.set()
+        got = [await h.recv() for _ in range(5)]
+        assert sorted(r.itt for r in got) == [9, 10, 11, 12, 13]
+        assert all(isinstance(r, P.ScsiResponse) and r.status == 0 for r in got)
+        assert all(r.maxcmdsn in (5, 6, 7, 8, 9) for r in got) and got[-1].maxcmdsn == 9
