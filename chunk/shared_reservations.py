@@ -13,9 +13,13 @@ another. Here a logical unit's registrations and reservation are one
   changes serialize and the PRgeneration counts them all;
 - PERSISTENT RESERVE IN reads the record first, so it answers what etcd holds;
 - the per-command check (``conflicts``) reads this server's mirror of the record, kept
-  by a watch, so commands pay no etcd round trip. A server learns of another server's
-  change within the watch's delay (milliseconds), not before the change is answered:
-  that window is written down in docs/storage.md;
+  by a watch, so commands pay no etcd round trip;
+- a change that can refuse what was allowed before (a new reservation, a removed
+  registration: ``confirm``) is answered only once every other live chunk server has
+  applied it: each applies it with the LU's writes paused (those in flight finish, new
+  ones check again after) and acknowledges the revision in etcd. A server that does not
+  acknowledge is waited for until its lease is gone (a server without its lease starts no
+  write), at most ``CONFIRM_WAIT``;
 - the unit attentions a change establishes travel in the record: the server that made
   the change posts them at once, the others when their mirror takes the record in.
 
@@ -26,6 +30,7 @@ behaviour, without asking for it), and is deleted with the volume.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from typing import Any, Awaitable, Callable
@@ -41,6 +46,7 @@ from .scsi.sense import ABORTED_COMMAND, ASC_NO_ADDITIONAL, ReservationConflict,
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 16            # compare-and-swap rounds before a change gives up (ABORTED COMMAND)
+CONFIRM_WAIT = 15.0      # seconds a restricting change waits for the other servers' acks
 
 
 def _nexus(raw: list) -> Nexus:
@@ -70,6 +76,17 @@ def _same(a: ReservationRecord, b: ReservationRecord) -> bool:
         (b.generation, b.registrations, b.holder, b.type, b.spc2)
 
 
+def restricts(old: ReservationRecord, new: ReservationRecord) -> bool:
+    """Can ``new`` refuse a command ``old`` allowed? A new or changed PR or SPC-2 holder, or
+    a registration removed (conservative: releasing never restricts, and is not waited on)."""
+    if new.spc2 is not None and new.spc2 != old.spc2:
+        return True
+    if new.holder is not None and (new.holder, new.type) != (old.holder, old.type):
+        return True
+    kept = {tuple(n) for n, _ in new.registrations}
+    return any(tuple(n) not in kept for n, _ in old.registrations)
+
+
 class SharedReservationState(ReservationState):
     """One LU's reservations: a mirror of its etcd record, changed only through etcd."""
 
@@ -80,6 +97,7 @@ class SharedReservationState(ReservationState):
         self.change = 0              # its change counter: attentions up to it were posted
         self._units: weakref.WeakSet = weakref.WeakSet()
         self._lock = asyncio.Lock()  # this server's changes one at a time
+        self._unconfirmed = 0        # revision of our last restricting change not yet settled
 
     def attach(self, unit: Any) -> None:
         """A LogicalUnit over this state: it gets the attentions other servers establish."""
@@ -98,6 +116,19 @@ class SharedReservationState(ReservationState):
                 for unit in list(self._units):
                     unit.post_unit_attention((int(asc), int(ascq)), _nexus(n))
         self.change = max(self.change, rec.change)
+
+    async def apply_paused(self, rec: ReservationRecord, revision: int) -> None:
+        """Take in another server's restricting change with every attached LU's writes
+        paused: none admitted under the old state is still running afterwards."""
+        async with contextlib.AsyncExitStack() as stack:
+            for unit in list(self._units):
+                await stack.enter_async_context(unit.writes_paused())
+            self.mirror(rec, revision)
+
+    async def settle(self) -> None:
+        revision, self._unconfirmed = self._unconfirmed, 0
+        if revision:
+            await self._store.confirmed(self._key, revision)
 
     async def refresh(self) -> None:
         try:
@@ -128,6 +159,7 @@ class SharedReservationState(ReservationState):
                 new.change = (rec.change if rec else 0) + 1
                 new.origin = self._store.chunk_id
                 new.attentions = [[list(n), asc[0], asc[1]] for n, asc in (result or [])]
+                new.confirm = restricts(rec or ReservationRecord(), new)
                 try:
                     stored = await self._store.swap(self._key, revision, new)
                 except Exception as e:  # noqa: BLE001 - unknown outcome: the initiator retries
@@ -135,6 +167,8 @@ class SharedReservationState(ReservationState):
                     raise ScsiError(ABORTED_COMMAND, ASC_NO_ADDITIONAL) from None
                 if stored:
                     self.mirror(new, stored, post=False)    # our caller posts our attentions
+                    if new.confirm:
+                        self._unconfirmed = max(self._unconfirmed, stored)   # see settle()
                     return result
             log.warning("reservations %s: gave up after %d conflicting changes", self._key.decode(), ATTEMPTS)
             raise ScsiError(ABORTED_COMMAND, ASC_NO_ADDITIONAL)
@@ -255,7 +289,7 @@ class ReservationStore:
         # server stored after the listing was taken. Keys absent were deleted meanwhile.
         present = {key for key, _ in kvs}
         for key, value in kvs:
-            self._take(key, self._decode(key, value), revision)
+            await self._take(key, self._decode(key, value), revision)
         for key in list(self._seen):
             if key not in present:
                 self._drop(key)
@@ -263,17 +297,75 @@ class ReservationStore:
 
     async def _event(self, ev) -> None:
         if ev.kind == "PUT":
-            self._take(ev.kv.key, self._decode(ev.kv.key, ev.kv.value), ev.kv.mod_revision)
+            await self._take(ev.kv.key, self._decode(ev.kv.key, ev.kv.value), ev.kv.mod_revision)
         else:
             self._drop(ev.kv.key)
 
-    def _take(self, key: bytes, rec: ReservationRecord | None, revision: int) -> None:
+    async def _take(self, key: bytes, rec: ReservationRecord | None, revision: int) -> None:
         if rec is None:
             return
         self._seen[key] = (rec, revision)
         st = self._states.get(key)
+        theirs = rec.confirm and rec.origin != self.chunk_id
         if st is not None:
-            st.mirror(rec, revision)
+            if theirs:
+                await st.apply_paused(rec, revision)
+            else:
+                st.mirror(rec, revision)
+        if theirs:
+            await self._acknowledge(key, revision)
+
+    async def _acknowledge(self, key: bytes, revision: int) -> None:
+        parts = self.keys.reservation_key_parts(key)
+        if parts is None:
+            return
+        try:
+            await self.etcd.put(self.keys.reservation_ack(*parts, self.chunk_id), str(revision).encode())
+        except Exception as e:  # noqa: BLE001 - the origin then waits for our lease instead
+            log.warning("reservations %s: cannot acknowledge revision %d: %s", key.decode(), revision, e)
+
+    async def confirmed(self, key: bytes, revision: int, wait: float | None = None) -> None:
+        """Return once every other live chunk server acknowledged ``revision`` of ``key`` or
+        lost its lease; after ``wait`` (``CONFIRM_WAIT``) at most, logged."""
+        parts = self.keys.reservation_key_parts(key)
+        if parts is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (CONFIRM_WAIT if wait is None else wait)
+        pause = 0.005
+        while True:
+            try:
+                missing = await self._unacknowledged(parts, revision)
+            except Exception as e:  # noqa: BLE001 - etcd trouble: keep trying until the deadline
+                missing = {f"? ({e})"}
+            if not missing:
+                return
+            if loop.time() >= deadline:
+                log.error("reservations %s: revision %d not acknowledged by %s; answering anyway",
+                          key.decode(), revision, ", ".join(sorted(missing)))
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+    async def _unacknowledged(self, parts: tuple[str, int], revision: int) -> set[str]:
+        chunks = self.keys.chunks()
+        live = set()
+        for kv in await self.etcd.get_prefix(chunks):
+            p = Keys.chunk_key_parts(kv.key, chunks)
+            if p is not None and p[1] == "live":
+                live.add(p[0])
+        live.discard(self.keys.reservation_ack(*parts, self.chunk_id).rsplit(b"/", 1)[1].decode())
+        if not live:
+            return set()
+        acks_dir = self.keys.reservation_acks(*parts)
+        acked = set()
+        for kv in await self.etcd.get_prefix(acks_dir):
+            try:
+                if int(kv.value) >= revision:
+                    acked.add(kv.key[len(acks_dir):].decode())
+            except ValueError:
+                pass
+        return live - acked
 
     def _drop(self, key: bytes) -> None:
         self._seen.pop(key, None)

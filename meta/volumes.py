@@ -226,7 +226,8 @@ def erase_ops(ctx: Ctx, vid: str) -> list:
             ctx.delete(ctx.keys.owner(vid)), ctx.delete(ctx.keys.volops(vid), prefix=True),
             ctx.delete(ctx.keys.recovery(vid), prefix=True),
             ctx.delete(ctx.keys.volume_acl(vid), prefix=True),
-            ctx.delete(ctx.keys.reservations(vid), prefix=True)]
+            ctx.delete(ctx.keys.reservations(vid), prefix=True),
+            ctx.delete(ctx.keys.reservation_acks(vid), prefix=True)]
 
 
 async def acl_entries(ctx: Ctx, vid: str) -> list[AclEntry]:

@@ -31,6 +31,8 @@ clusters (or test runs) can share one etcd. Layout::
     {p}/recovery/{volume_id}/{index:08d} RecoveryTask
     {p}/reservations/{volume_id}/{view:020d} ReservationRecord (a LU's persistent reservations;
                                          view 0 = the volume, else a snapshot's seq)
+    {p}/reservation-acks/{volume_id}/{view:020d}/{chunk_id}  decimal revision of that record
+                                         the chunk server has applied (a restricting change)
 
 Fixed-width numbers keep etcd's byte order equal to numeric order, which the
 LUN allocator and paginated listings rely on.
@@ -141,6 +143,18 @@ class Keys:
     def reservations(self, vid: str) -> bytes: return self._dir("reservations", vid)
     def reservation(self, vid: str, view: int = 0) -> bytes:
         return self._k("reservations", vid, f"{view:020d}")
+
+    def reservation_key_parts(self, key: bytes) -> tuple[str, int] | None:
+        """(volume id, view) of a ``reservation`` key, None for anything else."""
+        rest = key[len(self.all_reservations()):].decode().split("/")
+        return (rest[0], int(rest[1])) if len(rest) == 2 and rest[1].isdigit() else None
+
+    def reservation_acks(self, vid: str, view: int | None = None) -> bytes:
+        return self._dir("reservation-acks", vid) if view is None else \
+            self._dir("reservation-acks", vid, f"{view:020d}")
+
+    def reservation_ack(self, vid: str, view: int, chunk_id: str) -> bytes:
+        return self._k("reservation-acks", vid, f"{view:020d}", _seg(chunk_id))
 
     @staticmethod
     def extent_key_parts(key: bytes) -> tuple[str, int]:

@@ -210,6 +210,9 @@ class ReservationRecord(Record):
     server its session reached. ``change`` grows by one per write of the record and
     ``attentions`` are the unit attentions that write established (``[nexus, asc, ascq]``):
     the other servers post them for the sessions they hold (``origin`` posted its own).
+    ``confirm``: the change can refuse a command the state before it allowed (a new
+    reservation, a removed registration), so ``origin`` answers it only once every live
+    chunk server has applied it (``reservation-acks``).
     """
     generation: int = 0                                         # PRgeneration (SPC-4)
     registrations: list[list] = field(default_factory=list)     # [nexus, key]
@@ -219,6 +222,7 @@ class ReservationRecord(Record):
     change: int = 0
     origin: str = ""
     attentions: list[list] = field(default_factory=list)
+    confirm: bool = False
 
 
 @dataclass

@@ -136,6 +136,10 @@ class ReservationState:
         """Bring the state up to date before PERSISTENT RESERVE IN answers from it (a no-op
         here; a state shared between servers reads the shared copy)."""
 
+    async def settle(self) -> None:
+        """Return once the changes made so far hold everywhere the LU is served (a no-op
+        here; a shared state waits for the other servers to apply them)."""
+
     # -- PERSISTENT RESERVE IN -------------------------------------------------
 
     def prin(self, cdb: bytes) -> bytes:

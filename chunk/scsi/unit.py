@@ -418,6 +418,12 @@ class LogicalUnit:
         if not self._inflight and self._drained is not None:
             self._drained.set()
 
+    def writes_paused(self):
+        """An async context in which no write of this LU runs: the ones in flight finished,
+        new ones wait and then check their reservation again (a shared reservation state
+        applies another server's restricting change in it)."""
+        return self._atomic(None)
+
     @contextlib.asynccontextmanager
     async def _atomic(self, nexus: Nexus | None) -> AsyncIterator[None]:
         """Run alone with respect to every write of this LU (CAW, ORWRITE, PREEMPT AND
@@ -788,10 +794,13 @@ class LogicalUnit:
             uas = await self.reservations.prout(nexus, cdb, params)
         for n, asc in uas:
             self._post(n, asc)
+        # Outside the exclusive section: another server's change may need it meanwhile.
+        await self.reservations.settle()
         return None
 
     async def _reserve(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
         await self.reservations.spc2_reserve(nexus)
+        await self.reservations.settle()
         return None
 
     async def _release(self, cdb: bytes, data_out, exp: int, nexus: Nexus):

@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 
+from chunk.blockdev import MemoryBlockDevice
 from chunk.scsi import Nexus
 from chunk.shared_reservations import ReservationStore
 from zstore.keys import Keys
@@ -175,3 +176,87 @@ async def test_a_snapshot_lu_and_the_volume_have_separate_states(stores):
     good(await out(vol, H1, REGISTER, 0, K1))
     assert await read_keys(snap) == (0, [])
     assert a.state("vol") is vol.reservations             # one state per LU per server
+
+
+# -- a restricting change holds everywhere before it is answered --------------------------
+
+async def live(etcd_client, etcd_config, *chunk_ids: str) -> None:
+    keys = Keys(etcd_config.prefix)
+    for c in chunk_ids:
+        await etcd_client.put(keys.chunk_live(c), b"{}")
+
+
+class SlowDevice(MemoryBlockDevice):
+    """Writes wait for ``release``: a write admitted and still in flight."""
+
+    def __init__(self, size: int = 1 << 20) -> None:
+        super().__init__(size)
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def write(self, offset, data, fua=False):
+        self.started.set()
+        await self.release.wait()
+        await super().write(offset, data, fua)
+
+
+async def test_a_preempt_is_answered_only_once_the_other_server_applied_it(stores, etcd_client, etcd_config):
+    """No polling: right after PREEMPT's GOOD on b, the preempted host is refused on a."""
+    await live(etcd_client, etcd_config, "chunk-a", "chunk-b")
+    a, b = await stores("chunk-a"), await stores("chunk-b")
+    lu_a, lu_b = make_lu(reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
+    good(await out(lu_a, H1, REGISTER, 0, K1))
+    good(await out(lu_b, H2, REGISTER, 0, K2))
+    good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
+    assert lu_b.reservations.holder == H1                 # RESERVE waited for b's mirror too
+    assert not await can_write(lu_b, H2)
+    good(await out(lu_b, H2, PREEMPT, K2, K1, rtype=WE))
+    r = await run(lu_a, write10(0, 1), bytes(512), nexus=H1)
+    assert r.status != 0                                  # at once: UA, then conflict
+    assert not await can_write(lu_a, H1)
+
+
+async def test_a_write_admitted_before_a_preempt_finishes_before_the_preempt_is_answered(
+        stores, etcd_client, etcd_config):
+    await live(etcd_client, etcd_config, "chunk-a", "chunk-b")
+    a, b = await stores("chunk-a"), await stores("chunk-b")
+    dev = SlowDevice()
+    lu_a, lu_b = make_lu(dev, reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
+    good(await out(lu_a, H1, REGISTER, 0, K1))
+    good(await out(lu_b, H2, REGISTER, 0, K2))
+    good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
+    write = asyncio.ensure_future(run(lu_a, write10(0, 1), b"\x11" * 512, nexus=H1))
+    await asyncio.wait_for(dev.started.wait(), 5)
+    preempt = asyncio.ensure_future(out(lu_b, H2, PREEMPT, K2, K1, rtype=WE))
+    await asyncio.sleep(0.3)                              # b stored it; a waits on the write
+    assert not preempt.done()                             # a is still running H1's write
+    dev.release.set()
+    assert (await asyncio.wait_for(write, 5)).status == 0
+    good(await asyncio.wait_for(preempt, 5))
+    assert not await can_write(lu_a, H1)
+
+
+async def test_a_silent_live_server_is_waited_for_until_its_lease_goes(stores, etcd_client, etcd_config,
+                                                                      monkeypatch):
+    import chunk.shared_reservations as sr
+    monkeypatch.setattr(sr, "CONFIRM_WAIT", 30.0)
+    await live(etcd_client, etcd_config, "chunk-a", "chunk-silent")    # no store runs for it
+    a = await stores("chunk-a")
+    lu_a = make_lu(reservations=a.state("vol"))
+    good(await out(lu_a, H1, REGISTER, 0, K1))            # adds only: nothing to confirm
+    reserve = asyncio.ensure_future(out(lu_a, H1, RESERVE, K1, rtype=WE))
+    await asyncio.sleep(0.5)
+    assert not reserve.done()
+    await etcd_client.delete(Keys(etcd_config.prefix).chunk_live("chunk-silent"))   # lease gone
+    good(await asyncio.wait_for(reserve, 5))
+
+
+async def test_a_silent_live_server_is_waited_for_at_most_the_bound(stores, etcd_client, etcd_config,
+                                                                   monkeypatch):
+    import chunk.shared_reservations as sr
+    monkeypatch.setattr(sr, "CONFIRM_WAIT", 0.5)
+    await live(etcd_client, etcd_config, "chunk-a", "chunk-silent")
+    a = await stores("chunk-a")
+    lu_a = make_lu(reservations=a.state("vol"))
+    good(await out(lu_a, H1, REGISTER, 0, K1))
+    good(await asyncio.wait_for(out(lu_a, H1, RESERVE, K1, rtype=WE), 5))
