@@ -49,8 +49,15 @@ class HeaderDigestError(ProtocolError):
 
 
 class DataDigestError(ProtocolError):
-    """Header was good, payload corrupt: reject the PDU, keep the connection."""
-    reason, fatal = RejectReason.DATA_DIGEST_ERROR, False
+    """Header was good, payload corrupt: the PDU is consumed (framing kept) and rejected,
+    then the connection is dropped.
+
+    At ErrorRecoveryLevel 0, the only level we negotiate, nothing can recover the PDU
+    (recovery R2T, SNACK and command retry need ERL 1): a lost Data-Out left its command
+    waiting forever and a lost command left a hole in the CmdSN window; the initiator
+    recovers the session by logging in again and reissuing (RFC 7143 §7.1.5, §7.8; LIO
+    closes the connection too). Reject first, so the initiator sees why."""
+    reason, fatal = RejectReason.DATA_DIGEST_ERROR, True
 
 
 class MalformedPDU(ProtocolError):

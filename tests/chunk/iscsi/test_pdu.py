@@ -305,7 +305,8 @@ async def test_data_digest_mismatch_keeps_framing():
     reader = _reader(bytes(wire), P.NopOut(itt=5).to_bytes(data_digest=True))
     with pytest.raises(DataDigestError) as e:
         await P.read_pdu(reader, data_digest=True)
-    assert not e.value.fatal and e.value.reason == RejectReason.DATA_DIGEST_ERROR
+    # ERL 0: the connection is dropped (after a Reject), though the framing is kept
+    assert e.value.fatal and e.value.reason == RejectReason.DATA_DIGEST_ERROR
     nop = await P.read_pdu(reader, data_digest=True)        # no data: no data digest
     assert nop.itt == 5
 

@@ -696,3 +696,21 @@ async def test_max_cmdsn_never_goes_back_below_one_already_granted():
         assert sorted(r.itt for r in got) == [9, 10, 11, 12, 13]
         assert all(isinstance(r, P.ScsiResponse) and r.status == 0 for r in got)
         assert all(r.maxcmdsn in (5, 6, 7, 8, 9) for r in got) and got[-1].maxcmdsn == 9
+
+
+async def test_a_data_out_with_a_bad_data_digest_ends_the_connection_at_erl_0():
+    """The Data-Out used to be rejected and forgotten: its command waited for data that
+    never came (no recovery R2T at ErrorRecoveryLevel 0) until the initiator timed out.
+    Now a Reject (data digest error), then the connection ends: session recovery."""
+    async with Harness(params(initial_r2t=True, data_digest=True)) as h:
+        h.w.write(write10(0, 1, itt=70, cmdsn=1).to_bytes(data_digest=True))
+        r2t = await asyncio.wait_for(P.read_pdu(h.r, data_digest=True, opcodes=frozenset(range(0x20, 0x40))), 5)
+        assert isinstance(r2t, P.R2T)
+        wire = bytearray(P.DataOut(itt=70, ttt=r2t.ttt, final=True, datasn=0, buffer_offset=0,
+                                   data=b"\x5a" * 512).to_bytes(data_digest=True))
+        wire[-1] ^= 0x01                                              # the data digest
+        h.w.write(bytes(wire))
+        rej = await asyncio.wait_for(P.read_pdu(h.r, data_digest=True, opcodes=frozenset(range(0x20, 0x40))), 5)
+        assert isinstance(rej, P.Reject) and rej.reason == RejectReason.DATA_DIGEST_ERROR
+        assert await asyncio.wait_for(h.r.read(), 5) == b""           # the target closed it
+        assert h.unit.writes == []
