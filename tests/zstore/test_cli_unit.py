@@ -643,3 +643,18 @@ def test_up_is_wired(capsys, monkeypatch) -> None:
         monkeypatch.setattr(up, "run_down", lambda args: seen.append(args) or 0)
         code, _, _ = run(["down"], capsys)
         assert code == 0 and len(seen) == 1
+
+
+def test_recovery_summary_names_extents_on_down_servers_and_unavailable_ones():
+    """Within the grace a down server's extents are still listed in sync: the summary once said
+    "all extents fully replicated" while every copy of some extents was on down servers."""
+    from zstore.cli.output import recovery_summary
+    assert recovery_summary({"degraded_extents": 0, "tasks": []}) == "all extents fully replicated"
+    text = recovery_summary({"degraded_extents": 0, "degraded_live_extents": 3,
+                             "unavailable_extents": 1, "tasks": []})
+    assert text.startswith("0 degraded extent(s), 0 recovery task(s)")
+    assert "3 more with a replica on a down server" in text
+    assert "1 UNAVAILABLE (no in-sync replica up)" in text
+    assert recovery_summary({"degraded_extents": 2, "degraded_live_extents": 2, "unavailable_extents": 0,
+                             "tasks": [{}], "bytes_done": 0, "bytes_total": 64 << 20}) == \
+        "2 degraded extent(s), 1 recovery task(s), 0B of 64Mi copied (0%)"

@@ -108,11 +108,19 @@ def recovery_summary(r: Mapping[str, Any] | None) -> str:
     if not r:
         return "-"
     degraded, tasks = r.get("degraded_extents", 0), r.get("tasks") or []
-    if not degraded and not tasks:
+    # A server down within the grace is still listed: its extents count here, not above.
+    on_down = max(0, r.get("degraded_live_extents", degraded) - degraded)
+    unavailable = r.get("unavailable_extents", 0)
+    if not degraded and not tasks and not on_down and not unavailable:
         return "all extents fully replicated"
-    return (f"{degraded} degraded extent(s), {len(tasks)} recovery task(s), "
+    text = (f"{degraded} degraded extent(s), {len(tasks)} recovery task(s), "
             f"{size(r.get('bytes_done', 0))} of {size(r.get('bytes_total', 0))} copied "
             f"({percent(r.get('bytes_done'), r.get('bytes_total'))})")
+    if on_down:
+        text += f"; {on_down} more with a replica on a down server"
+    if unavailable:
+        text += f"; {unavailable} UNAVAILABLE (no in-sync replica up)"
+    return text
 
 
 def task_table(tasks: Sequence[Mapping[str, Any]]) -> str:
