@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SERIAL_MASK = 0xFFFFFFFF
 WRITE_BUFFER_HIGH = 4 << 20
 OUT_BATCH_MAX = 256             # queued answer pieces that make a batch go out before it ends
+WRITE_BUFFER_BUDGET = 64 << 20  # bytes of write buffers a session grants before R2Ts wait
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -80,7 +81,8 @@ class Task:
     unit: Any
     want: int = 0                       # data-out bytes the command uses: buffered and solicited
     edtl: int = 0                       # data-out bytes the initiator may send (EDTL); beyond want: dropped
-    buf: bytearray | None = None
+    buf: bytearray | None = None        # want bytes once granted; until then at most a first burst
+    held: int = 0                       # bytes of buf counted in the session's write buffer total
     data: bytes | memoryview | None = None
     received: int = 0
     unsolicited_done: bool = True
@@ -128,7 +130,8 @@ class Session:
                  params: SessionParams, *, isid: bytes, tsih: int, statsn: int, expcmdsn: int,
                  resolver: LunResolver, scsi: Any, nexus: Any, window: int = 128,
                  nop_interval: float = 15.0, nop_timeout: float = 15.0,
-                 on_close: Callable[["Session"], None] | None = None):
+                 on_close: Callable[["Session"], None] | None = None,
+                 write_buffer_budget: int = WRITE_BUFFER_BUDGET):
         self.r, self.w, self.p = reader, writer, params
         try:
             # cached for the answers' flush: asyncio.get_running_loop() is a getpid() syscall
@@ -144,6 +147,14 @@ class Session:
         self.on_close = on_close
         self.tasks: dict[int, Task] = {}          # ITT -> task (received, not yet answered)
         self.units_used: set[Any] = set()         # LUs told when this nexus goes away
+        # Write data buffers: a command's full buffer (up to max_transfer_bytes) is granted while
+        # the session holds less than the budget (or none at all); a command beyond it gets only
+        # room for its unsolicited data, and its R2Ts wait (FIFO) until buffers are released.
+        # Held at most: budget + one command + window * FirstBurstLength.
+        self.write_buffer_budget = write_buffer_budget
+        self._buf_bytes = 0                       # bytes held by tasks' write buffers
+        self._buf_full = 0                        # tasks holding a granted (full) buffer
+        self._buf_waiting: list[Task] = []        # tasks whose R2Ts wait for a grant
         self.pending: dict[int, P.PDU] = {}       # CmdSN -> out-of-order non-immediate request
         self._ttt = 0x1000
         self._r2t_owner: dict[int, Task] = {}     # TTT -> task
@@ -319,6 +330,7 @@ class Session:
         if runners:
             await asyncio.gather(*runners, return_exceptions=True)
         self.tasks.clear()
+        self._buf_waiting.clear()
         self._flush()
         self._release_nexus()
         try:
@@ -533,7 +545,17 @@ class Session:
             if done and n >= want:
                 task.data = imm if n == want else memoryview(imm)[:want]
             else:
-                buf = task.buf = bytearray(want)
+                size = want
+                if self._buf_full and self._buf_bytes + want > self.write_buffer_budget:
+                    # Beyond the budget: room for what may come unasked; R2Ts wait for a grant.
+                    size = min(want, n if done else p.first_burst_length)
+                if size < want:
+                    self._buf_waiting.append(task)
+                else:
+                    self._buf_full += 1
+                buf = task.buf = bytearray(size)
+                task.held = size
+                self._buf_bytes += size
                 k = min(n, want)
                 buf[:k] = imm[:k]
                 if done:
@@ -569,9 +591,38 @@ class Session:
 
     def _finish_inline(self, task: Task, result) -> None:
         self.tasks.pop(task.cmd.itt, None)
+        if task.held:
+            self._release_buffer(task)
         self._respond(task, result)
 
+    def _release_buffer(self, task: Task) -> None:
+        """A command is done with its write buffer: count it out, and grant waiting ones."""
+        self._buf_bytes -= task.held
+        task.held = 0
+        if task.buf is not None and len(task.buf) >= task.want:
+            self._buf_full -= 1
+        waiting = self._buf_waiting
+        if task in waiting:
+            waiting.remove(task)
+        while waiting:
+            t = waiting[0]
+            if t.aborted or self.tasks.get(t.cmd.itt) is not t:
+                del waiting[0]
+                continue
+            grow = t.want - len(t.buf)
+            if self._buf_full and self._buf_bytes + grow > self.write_buffer_budget:
+                break
+            del waiting[0]
+            t.buf.extend(bytes(grow))
+            t.held += grow
+            self._buf_bytes += grow
+            self._buf_full += 1
+            if t.unsolicited_done:
+                self._send_r2ts(t)
+
     def _send_r2ts(self, task: Task) -> None:
+        if len(task.buf) < task.want:
+            return          # no grant yet: _release_buffer sends them once there is one
         maxb = self.p.max_burst_length
         while task.next_r2t_offset < task.want and len(task.outstanding) < self.p.max_outstanding_r2t:
             off = task.next_r2t_offset
@@ -617,6 +668,9 @@ class Session:
         if task.buf is None or end > (task.edtl if seq is None else task.want) \
                 or (seq is not None and seq[3] + n > seq[1]):
             self._protocol_error(d, "Data-Out beyond the solicited or expected length")
+            return
+        if seq is None and end > self.p.first_burst_length:
+            self._protocol_error(d, f"unsolicited data beyond FirstBurstLength ({end} bytes)")
             return
         if seq is not None and d.final and seq[3] + n != seq[1]:
             # The R2T's sequence ends short: nothing would ever complete the command.
@@ -704,6 +758,8 @@ class Session:
         itt = task.cmd.itt
         if self.tasks.get(itt) is task:
             del self.tasks[itt]
+        if task.held:
+            self._release_buffer(task)
         if not task.aborted and not self._closing:
             self._respond(task, result, needed)
             if not self.tasks and not self._in_batch:
@@ -785,6 +841,8 @@ class Session:
             for ttt in list(t.outstanding):
                 self._r2t_owner.pop(ttt, None)
             self.tasks.pop(t.cmd.itt, None)
+            if t.held and t.runner is None:        # a running one releases it when done
+                self._release_buffer(t)
             if t.runner is not None and not t.runner.done():
                 runners.append(t.runner)
         if runners:      # a running command finishes; its response is suppressed

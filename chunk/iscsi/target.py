@@ -50,6 +50,7 @@ class TargetConfig:
     drain_grace: float = 10.0             # seconds a draining target waits for logouts
     drain_idle_timeout: float = 30.0      # then: wait at most this for in-flight I/O, then close
     reinstate_timeout: float = 10.0       # a reinstating login waits at most this for the old session's end
+    write_buffer_budget: int = 64 << 20   # write data buffers a session grants before its R2Ts wait
 
 
 class Units:
@@ -405,7 +406,8 @@ class IscsiTarget:
         sess = Session(reader, writer, p, isid=r.isid, tsih=r.tsih, statsn=r.statsn, expcmdsn=r.expcmdsn,
                        resolver=SessionView(self, p.initiator_name, target_iqn), scsi=ScsiGlue, nexus=nexus,
                        window=self.cfg.window, nop_interval=self.cfg.nop_interval,
-                       nop_timeout=self.cfg.nop_timeout, on_close=lambda s: self._closed(key, s))
+                       nop_timeout=self.cfg.nop_timeout, on_close=lambda s: self._closed(key, s),
+                       write_buffer_budget=self.cfg.write_buffer_budget)
         self.sessions[key] = sess
         self.tsihs.add(r.tsih)
         self._sessions_changed()

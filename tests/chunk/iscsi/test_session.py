@@ -92,8 +92,9 @@ def params(**kw) -> SessionParams:
 
 
 class Harness:
-    def __init__(self, p: SessionParams, unit=None, window=128, resolver_cls=None):
+    def __init__(self, p: SessionParams, unit=None, window=128, resolver_cls=None, setup=None):
         self.p = p
+        self.setup = setup                  # called with the Session once made
         self.unit = unit or RecordingUnit()
         self.resolver_cls = resolver_cls or Resolver
         self.window = window
@@ -105,6 +106,8 @@ class Harness:
                                    resolver=self.resolver_cls(self.unit), scsi=FAKE_SCSI,
                                    nexus=Nexus("i", "t"), window=self.window,
                                    nop_interval=3600, nop_timeout=3600)
+            if self.setup:
+                self.setup(self.session)
             await self.session.run()
         self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = self.server.sockets[0].getsockname()[1]
@@ -714,3 +717,38 @@ async def test_a_data_out_with_a_bad_data_digest_ends_the_connection_at_erl_0():
         assert isinstance(rej, P.Reject) and rej.reason == RejectReason.DATA_DIGEST_ERROR
         assert await asyncio.wait_for(h.r.read(), 5) == b""           # the target closed it
         assert h.unit.writes == []
+
+
+async def test_write_buffers_beyond_the_session_budget_wait_for_their_r2ts():
+    """Each WRITE's buffer (up to 8 MiB) was allocated when the command came, data or not:
+    128 of them pinned a GiB per connection. Past the session's budget a command now gets
+    no buffer (only room for unsolicited data) and its R2Ts wait until one is released."""
+    p = params(initial_r2t=True, max_burst_length=65536)
+    async with Harness(p, setup=lambda s: setattr(s, "write_buffer_budget", 8192)) as h:
+        for i in range(3):
+            h.send(write10(16 * i, 16, itt=80 + i, cmdsn=1 + i))     # 8 KiB each, no data yet
+        r2t = await h.recv()
+        assert isinstance(r2t, P.R2T) and r2t.itt == 80
+        await until(lambda: len(h.session.tasks) == 3)
+        assert sum(len(t.buf) for t in h.session.tasks.values()) <= 8192
+        for i in range(3):
+            assert r2t.itt == 80 + i and r2t.desired_length == 8192
+            h.send(P.DataOut(itt=80 + i, ttt=r2t.ttt, final=True, datasn=0, buffer_offset=0,
+                             data=bytes([i + 1]) * 8192))
+            got = [await h.recv() for _ in range(2 if i < 2 else 1)]
+            resp = next(x for x in got if isinstance(x, P.ScsiResponse))
+            assert resp.itt == 80 + i and resp.status == 0
+            r2t = next((x for x in got if isinstance(x, P.R2T)), None)
+        assert h.unit.writes == [(16 * i, bytes([i + 1]) * 8192) for i in range(3)]
+        assert h.session._buf_bytes == 0 and h.session._buf_full == 0      # noqa: SLF001
+
+
+async def test_unsolicited_data_beyond_first_burst_length_is_a_protocol_error():
+    """RFC 7143 §13.14: immediate plus unsolicited data never exceed FirstBurstLength; a buffer
+    made for a command past the budget has room for that much only."""
+    async with Harness(params(initial_r2t=False, first_burst_length=4096)) as h:
+        h.send(write10(0, 16, itt=90, cmdsn=1, data=b"a" * 2048, final=False))
+        h.send(P.DataOut(itt=90, ttt=RESERVED_TAG, final=True, datasn=0, buffer_offset=2048, data=b"b" * 4096))
+        rej = await h.recv()
+        assert isinstance(rej, P.Reject) and rej.reason == RejectReason.PROTOCOL_ERROR
+        assert await asyncio.wait_for(h.r.read(), 5) == b""
