@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS = 16            # compare-and-swap rounds before a change gives up (ABORTED COMMAND)
 CONFIRM_WAIT = 15.0      # seconds a restricting change waits for the other servers' acks
+HISTORY = 32             # changes whose unit attentions a record keeps (a mirror may skip some)
 
 
 def _nexus(raw: list) -> Nexus:
@@ -105,14 +106,20 @@ class SharedReservationState(ReservationState):
 
     def mirror(self, rec: ReservationRecord | None, revision: int, post: bool = True) -> None:
         """Take in the record at ``revision`` (None: deleted) unless an equal or newer one is
-        here already; post the attentions of a change another server made."""
+        here already; post the attentions of changes other servers made that this server
+        has not posted yet (``post=False``: the caller made the newest change and posts its
+        own; older ones are still posted)."""
         if revision and revision <= self.revision:
             return
         rec = rec or ReservationRecord()
         load(self, rec)
         self.revision = revision
-        if post and rec.change > self.change and rec.origin != self._store.chunk_id:
-            for n, asc, ascq in rec.attentions:
+        for change, origin, attentions in rec.history:
+            if change <= self.change or origin == self._store.chunk_id:
+                continue
+            if not post and change == rec.change:
+                continue
+            for n, asc, ascq in attentions:
                 for unit in list(self._units):
                     unit.post_unit_attention((int(asc), int(ascq)), _nexus(n))
         self.change = max(self.change, rec.change)
@@ -158,7 +165,8 @@ class SharedReservationState(ReservationState):
                     return result                # nothing to store (a no-op RELEASE, ...)
                 new.change = (rec.change if rec else 0) + 1
                 new.origin = self._store.chunk_id
-                new.attentions = [[list(n), asc[0], asc[1]] for n, asc in (result or [])]
+                attentions = [[list(n), asc[0], asc[1]] for n, asc in (result or [])]
+                new.history = ((rec.history if rec else []) + [[new.change, new.origin, attentions]])[-HISTORY:]
                 new.confirm = restricts(rec or ReservationRecord(), new)
                 try:
                     stored = await self._store.swap(self._key, revision, new)
@@ -212,6 +220,7 @@ class ReservationStore:
         self._states: dict[bytes, SharedReservationState] = {}
         self._seen: dict[bytes, tuple[ReservationRecord, int]] = {}    # key -> (record, revision)
         self._tasks: set[asyncio.Task] = set()
+        self._chains: dict[bytes, asyncio.Task] = {}     # key -> its latest mirror update
         self._watch: asyncio.Task | None = None
         self.synced = asyncio.Event()
 
@@ -302,18 +311,49 @@ class ReservationStore:
             self._drop(ev.kv.key)
 
     async def _take(self, key: bytes, rec: ReservationRecord | None, revision: int) -> None:
+        """Mirror a record from the watch, in order per key but without one LU that drains
+        slowly holding up the others: each key's updates run in a chain of their own."""
         if rec is None:
             return
+        before = self._seen.get(key)
         self._seen[key] = (rec, revision)
-        st = self._states.get(key)
-        theirs = rec.confirm and rec.origin != self.chunk_id
-        if st is not None:
+        # Pause writes and acknowledge when the record restricts what this server held before
+        # (after a relist the newest record may be a plain registration on top of a
+        # restricting change never seen here), or when its origin asks for it.
+        theirs = rec.origin != self.chunk_id and (
+            rec.confirm or restricts(before[0] if before else ReservationRecord(), rec))
+
+        async def apply() -> None:
+            st = self._states.get(key)
+            if st is not None:
+                if theirs:
+                    await st.apply_paused(rec, revision)
+                else:
+                    st.mirror(rec, revision)
             if theirs:
-                await st.apply_paused(rec, revision)
-            else:
-                st.mirror(rec, revision)
-        if theirs:
-            await self._acknowledge(key, revision)
+                await self._acknowledge(key, revision)
+        self._chain(key, apply)
+
+    def _chain(self, key: bytes, work) -> None:
+        """Run ``work()`` after the key's previous update, in a task: updates of one key stay
+        in watch order, and one LU draining its writes holds up no other."""
+        previous = self._chains.get(key)
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await work()
+
+        chain = self._chains[key] = asyncio.ensure_future(run())
+        self._tasks.add(chain)
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if self._chains.get(key) is t:
+                del self._chains[key]
+            if not t.cancelled() and t.exception() is not None:
+                log.error("reservations %s: mirror update failed: %r", key.decode(), t.exception())
+        chain.add_done_callback(done)
 
     async def _acknowledge(self, key: bytes, revision: int) -> None:
         parts = self.keys.reservation_key_parts(key)
@@ -369,7 +409,10 @@ class ReservationStore:
 
     def _drop(self, key: bytes) -> None:
         self._seen.pop(key, None)
-        st = self._states.get(key)
-        if st is not None:
-            st.mirror(None, 0)
-            st.revision = 0
+
+        async def drop() -> None:
+            st = self._states.get(key)
+            if st is not None:
+                st.mirror(None, 0)
+                st.revision = 0
+        self._chain(key, drop)

@@ -207,9 +207,11 @@ class ReservationRecord(Record):
 
     A nexus is ``[initiator port, target port, relative port id]``; every chunk server
     presents the same target ports, so an initiator port is the same I_T nexus whichever
-    server its session reached. ``change`` grows by one per write of the record and
-    ``attentions`` are the unit attentions that write established (``[nexus, asc, ascq]``):
-    the other servers post them for the sessions they hold (``origin`` posted its own).
+    server its session reached. ``change`` grows by one per write of the record;
+    ``history`` holds the last changes' ``[change, origin, [[nexus, asc, ascq], ...]]``, the
+    unit attentions each established: the other servers post those they have not posted
+    yet for the sessions they hold (``origin`` posted its own), also when their mirror
+    skipped a change.
     ``confirm``: the change can refuse a command the state before it allowed (a new
     reservation, a removed registration), so ``origin`` answers it only once every live
     chunk server has applied it (``reservation-acks``).
@@ -221,7 +223,7 @@ class ReservationRecord(Record):
     spc2: list | None = None                                    # nexus holding RESERVE(6)
     change: int = 0
     origin: str = ""
-    attentions: list[list] = field(default_factory=list)
+    history: list[list] = field(default_factory=list)
     confirm: bool = False
 
 

@@ -284,7 +284,9 @@ class LogicalUnit:
         every check and error of the general path.
         """
         start = self._dev_nowait
-        if start is None or self._ua or self._exclusive is not None or nexus not in self._seen:
+        # ``nexus in self._ua``, not any UA: a shared reservation change posts attentions for
+        # hosts that may never come here, and one of them must not slow every other host.
+        if start is None or nexus in self._ua or self._exclusive is not None or nexus not in self._seen:
             return None
         code = cdb[0]
         if code == op.WRITE_10 and len(cdb) >= 10:
