@@ -416,13 +416,19 @@ class Coordinator:
         # never runs): a resync planned from them would miss its writes, so they go, and
         # those replicas get a full copy. The epoch is noted before the refresh below: one
         # we took and could not use was still nobody else's.
-        if epoch != self._taken_epoch + 1:
+        foreign = epoch != self._taken_epoch + 1
+        if foreign:
             self._dirty.clear()
         self._taken_epoch = epoch
         # The extent map first, ownership second: ``ensure_owner`` trusts a nonzero epoch, so
         # a refresh that fails or is cancelled must leave none behind (the next attempt takes
         # a new epoch, fencing only this one).
         await self._refresh_extents()
+        if foreign:
+            # The other owner's acknowledged writes may sit unflushed in the replicas' page
+            # cache, and a SYNCHRONIZE CACHE through us must make them durable too: ours to
+            # flush from now on is every extent, not only those we write.
+            self._unflushed |= set(self.extents)
         self._lease_gen = lease_gen
         self.epoch, self.owner_rev, self.seq = epoch, rev, vol.snap_seq
         self.volume = vol

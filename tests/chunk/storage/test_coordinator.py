@@ -628,3 +628,33 @@ def test_retaking_ownership_after_a_lease_lapse_drops_dirty_logs_when_another_se
         await coord.write(4096, b"b" * 4096)
         assert coord.epoch == 10 and not coord._dirty       # noqa: SLF001
     asyncio.run(main())
+
+
+def test_a_new_owner_flushes_every_extent_the_previous_owner_may_have_left_unflushed(monkeypatch):
+    """SYNCHRONIZE CACHE through a server that took the volume over (failover, multipath
+    across servers) once synced only what that server itself had written: GOOD with the
+    previous owner's acknowledged writes still in the replicas' page cache."""
+    epochs = [5, 6]
+
+    async def acquire(etcd, keys, vid, chunk_id):
+        return epochs.pop(0), 100, Volume(volume_id=vid, name=vid, size=1 << 30, replicas=1)
+    monkeypatch.setattr(coordinator_module.ownership, "acquire", acquire)
+
+    async def main():
+        rep = _Replica()
+        rep.gate.set()
+        c = _coordinator(_Engine(rep))
+
+        async def refresh():
+            for idx in (0, 3):
+                c.extents[idx] = ExtentRecord(volume_id="v1", index=idx, replicas=["c1"], generation=1)
+        c._refresh_extents = refresh                    # noqa: SLF001 - the map etcd would give
+        await c.ensure_owner()                          # epoch 5: another server owned 1..4
+        await c.flush()
+        assert sorted(rep.flushed) == [0, 3]
+        rep.flushed.clear()
+        c.epoch = 0                                     # lease lapse: taken again, 6 = ours + 1
+        await c.ensure_owner()
+        await c.flush()
+        assert rep.flushed == []                        # nothing new since our own flush
+    asyncio.run(main())
