@@ -71,6 +71,17 @@ async def can_write(lu, n) -> bool:
     return (await run(lu, write10(0, 1), bytes(512), nexus=n)).status == 0
 
 
+async def reserved_pair(stores, dev=None):
+    """LUs of one volume on servers a and b: H1 registered through a, H2 through b, and H1
+    holding a WRITE EXCLUSIVE reservation (taken through a)."""
+    a, b = await stores("chunk-a"), await stores("chunk-b")
+    lu_a, lu_b = make_lu(dev, reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
+    good(await out(lu_a, H1, REGISTER, 0, K1))
+    good(await out(lu_b, H2, REGISTER, 0, K2))
+    good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
+    return lu_a, lu_b
+
+
 async def test_the_single_server_rules_hold_on_the_shared_state(stores, monkeypatch):
     """Every scenario of tests/chunk/scsi/test_reservations.py, each LU over a shared state
     of its own volume: going through etcd changes none of the SPC-4 behaviour."""
@@ -107,22 +118,14 @@ async def test_a_registration_made_through_one_server_is_seen_through_another(st
 
 
 async def test_a_reservation_taken_on_one_server_fences_writes_through_the_other(stores):
-    a, b = await stores("chunk-a"), await stores("chunk-b")
-    lu_a, lu_b = make_lu(reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
-    good(await out(lu_a, H1, REGISTER, 0, K1))
-    good(await out(lu_b, H2, REGISTER, 0, K2))
-    good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
+    lu_a, lu_b = await reserved_pair(stores)
     await until(lambda: lu_b.reservations.holder == H1, "server b to see the reservation")
     assert not await can_write(lu_b, H2)                  # RESERVATION CONFLICT on b
     assert await can_write(lu_b, H1)                      # the holder writes through b too
 
 
 async def test_a_preempt_on_one_server_reaches_the_preempted_host_on_the_other(stores):
-    a, b = await stores("chunk-a"), await stores("chunk-b")
-    lu_a, lu_b = make_lu(reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
-    good(await out(lu_a, H1, REGISTER, 0, K1))
-    good(await out(lu_b, H2, REGISTER, 0, K2))
-    good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
+    lu_a, lu_b = await reserved_pair(stores)
     # fence_scsi: the surviving host (H2, on server b) preempts H1's key
     good(await out(lu_b, H2, PREEMPT, K2, K1, rtype=WE))
     await until(lambda: lu_a.reservations.holder == H2, "server a to see the preemption")
@@ -203,11 +206,7 @@ class SlowDevice(MemoryBlockDevice):
 async def test_a_preempt_is_answered_only_once_the_other_server_applied_it(stores, etcd_client, etcd_config):
     """No polling: right after PREEMPT's GOOD on b, the preempted host is refused on a."""
     await live(etcd_client, etcd_config, "chunk-a", "chunk-b")
-    a, b = await stores("chunk-a"), await stores("chunk-b")
-    lu_a, lu_b = make_lu(reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
-    good(await out(lu_a, H1, REGISTER, 0, K1))
-    good(await out(lu_b, H2, REGISTER, 0, K2))
-    good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
+    lu_a, lu_b = await reserved_pair(stores)
     assert lu_b.reservations.holder == H1                 # RESERVE waited for b's mirror too
     assert not await can_write(lu_b, H2)
     good(await out(lu_b, H2, PREEMPT, K2, K1, rtype=WE))
@@ -219,12 +218,8 @@ async def test_a_preempt_is_answered_only_once_the_other_server_applied_it(store
 async def test_a_write_admitted_before_a_preempt_finishes_before_the_preempt_is_answered(
         stores, etcd_client, etcd_config):
     await live(etcd_client, etcd_config, "chunk-a", "chunk-b")
-    a, b = await stores("chunk-a"), await stores("chunk-b")
     dev = SlowDevice()
-    lu_a, lu_b = make_lu(dev, reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
-    good(await out(lu_a, H1, REGISTER, 0, K1))
-    good(await out(lu_b, H2, REGISTER, 0, K2))
-    good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
+    lu_a, lu_b = await reserved_pair(stores, dev)
     write = asyncio.ensure_future(run(lu_a, write10(0, 1), b"\x11" * 512, nexus=H1))
     await asyncio.wait_for(dev.started.wait(), 5)
     preempt = asyncio.ensure_future(out(lu_b, H2, PREEMPT, K2, K1, rtype=WE))

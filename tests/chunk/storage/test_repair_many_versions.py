@@ -17,7 +17,7 @@ import pytest
 from chunk.storage.extent_file import BLOCK_SIZE
 
 from .replica_nodes import block
-from .test_repair import VID, nodes, rot_version  # noqa: F401 - fixture
+from .test_repair import VID, RacingClient, nodes, rot_version  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,30 +101,14 @@ async def test_a_peer_that_never_ends_its_parts_fails_the_repair(nodes, caplog):
     assert b.store.verify(VID, 0) == [HOT], "nothing mended from a peer that does not finish"
 
 
-class WriteBetweenParts:
-    """The real client, but a write reaches the peer between the first two parts."""
-
-    def __init__(self, inner, on_first_part) -> None:
-        self.inner, self.on_first_part, self.exports = inner, on_first_part, 0
-
-    async def export(self, *args, **kw):
-        got = await self.inner.export(*args, **kw)
-        self.exports += 1
-        if self.exports == 1:
-            self.on_first_part()
-        return got
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 async def test_parts_of_a_block_the_peer_changed_meanwhile_are_fetched_again(nodes):
     """B's live block rots; A takes a write (seq 262, a new version key 261) after sending its
     first part: the parts are not one state (live seq 261 in the first, 262 in the last), so
     the repair fetches them again rather than install A's old live block with its new version."""
     a, b = await many_versions(nodes)
     b.corrupt(VID, 0, HOT)
-    racing = WriteBetweenParts(
+    # a write reaches the peer between the first two parts
+    racing = RacingClient(
         b.client, lambda: a.store.write(VID, 0, HOT * BLOCK_SIZE, _pat(VERSIONS + 2), VERSIONS + 2))
     b.repair.client = racing
     assert await b.repair.repair_block(VID, 0, HOT)
