@@ -32,6 +32,10 @@ good; the replica then takes that block from a peer.  A first write to a
 never-written block that tears before its checksum lands reads as zeros,
 which is exactly its old contents.  Torn writes are detected, not prevented:
 there is no journal, because the other replicas are the journal.
+An unmap sets the checksums to 0 and fdatasyncs ``.crc`` *before* punching
+the data (``punch``), because the file system commits a punch on its own
+within seconds: a punched block never meets its old checksum after a power
+loss.  That sync happens only when a block of the range was present.
 
 Page-cache folio size: ext4 (Linux 6.16+) sizes a file's page-cache folios
 by the length of the write or readahead that created them, up to 2 MiB.  A
@@ -47,7 +51,8 @@ for, in small folios).  Reads ask for whole commands anyway.
 Calls are synchronous: reads and writes hit the page cache (the event loop
 may call them directly, as ``chunk/blockdev.py`` does); ``flush()`` and
 ``write(..., fua=True)`` wait for the device, so callers on an event loop
-run them in a worker thread.
+run them in a worker thread.  An ``unmap`` of present blocks waits for one
+``.crc`` fdatasync (before its punch).
 """
 
 from __future__ import annotations
@@ -326,31 +331,60 @@ class ExtentFile:
 
     def unmap(self, offset: int, length: int) -> None:
         """Deallocate: whole blocks are punched out, partial edges are zeroed."""
+        self.punch([self.unmap_checksums(offset, length)])
+
+    def unmap_checksums(self, offset: int, length: int) -> tuple[int, int, bool]:
+        """The first half of ``unmap``: partial edges zeroed (written), the whole blocks'
+        checksums set to 0 (file, then memory).  Returns the hole for ``punch``: (first byte,
+        end byte, whether any of its blocks was present).  A caller unmapping a long range in
+        pieces collects the holes and punches them together (one ``.crc`` sync for all)."""
         self._check_range(offset, length)
         end = offset + length
         lo = -(-offset // BLOCK_SIZE) * BLOCK_SIZE       # first whole block
         hi = end // BLOCK_SIZE * BLOCK_SIZE              # end of the last whole block
         if lo >= hi:                                      # inside one block
             self.write(offset, bytes(length))
-            return
+            return lo, lo, False
         if offset < lo:
             self.write(offset, bytes(lo - offset))
         if hi < end:
             self.write(hi, bytes(end - hi))
-        # Checksums first: a crash in between leaves "unwritten" (reads zeros),
-        # never zeroed data under an old checksum.
         first, count = lo // BLOCK_SIZE, (hi - lo) // BLOCK_SIZE
-        self._store_crcs(first, array("I", bytes(count * 4)))
-        if self._punch:
+        present = any(self._crcs[first:first + count])
+        if present:
+            self._store_crcs(first, array("I", bytes(count * 4)))
+        return lo, hi, present
+
+    def punch(self, holes: list[tuple[int, int, bool]]) -> None:
+        """Punch the holes ``unmap_checksums`` returned out of ``.data``.
+
+        Their zeroed checksums are fdatasync'd first when any block was present: a punch is
+        a journalled metadata change the file system commits within seconds on its own,
+        while a dirty ``.crc`` page may wait ~30 s for writeback, so on a power loss the
+        punched (zero) data could meet its old checksum and fail it (a ChecksumError
+        where the unmap should read zeros).  Checksum 0 first, durably: a crash in between
+        leaves "unwritten" (reads zeros), never zeroed data under an old checksum.  Blocks
+        already absent need no sync: their 0 is durable (``create`` or an earlier punch)."""
+        holes = [h for h in holes if h[0] < h[1]]
+        if not holes or not self._punch:
+            return
+        if any(h[2] for h in holes):
+            os.fdatasync(self._crc)
+        for lo, hi, _ in holes:
             try:
                 fallocate(self._data, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, lo, hi - lo)
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 self._punch = False    # the blocks stay allocated but read as zeros
+                return
 
     def flush(self) -> None:
-        """Make every write so far durable: data first, then its checksums."""
+        """Make every write so far durable: data first, then its checksums.
+
+        Data before checksums is the right order for writes (a first write torn between
+        the two reads as zeros, its old contents).  Unmaps need the opposite order, and
+        got it already: ``punch`` synced their zeroed checksums before punching."""
         os.fdatasync(self._data)
         os.fdatasync(self._crc)
 

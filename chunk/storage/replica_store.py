@@ -32,7 +32,14 @@ Order of a write at seq W (crash safety):
    blocks (the first overwrite of a block after a snapshot), never on the
    no-snapshot path (``cow_sync=False`` turns it off, for tests or when the
    caller accepts snapshot loss on a host crash).
-2. ``.seq`` := W for the range.
+2. ``.seq`` := W for the range.  A block that is absent with seq w < W
+   (W > 1) has no version: only its seq keeps the new data out of the
+   snapshots in [max(w, 1), W-1], so ``.seq`` is fdatasync'd *before* step 3
+   (else writeback could leave the new data and crc under the old seq).  One
+   fdatasync per write call that makes an absent block present since a
+   snapshot of the volume (its first write, or first since an unmap); none
+   when the volume never had a snapshot (W = 1), the block is present, or
+   its seq is already W (off with ``cow_sync=False`` too).
 3. live data, then its crcs (``ExtentFile.write``); ``fua`` then flushes.
 
 SIGKILL of the process loses nothing that a completed ``pwrite`` put in the
@@ -42,16 +49,27 @@ version written in step 1 is correct whatever happens to the live block; a
 retried write finds the (b, W-1) version already there and keeps it (a
 version is never overwritten by a later COW into the same key); seq W with
 the old data (killed after 2) just means the unacknowledged write did not
-happen.  ``flush`` fdatasyncs versions, then live data, crcs and ``.seq``,
-so flushed writes survive a host crash; an unflushed block torn on disk fails
-its checksum (``ChecksumError``), it is never returned silently.
+happen.  ``flush`` fdatasyncs versions, the ``.v`` directory (after
+unlinks), ``.seq``, then live data and crcs, so flushed writes survive a host
+crash; an unflushed block torn on disk fails its checksum (``ChecksumError``),
+it is never returned silently.  A present block whose new data reached the
+disk under its old seq still has its version (synced in step 1): views read
+it, and ``revert`` counts a block with a version newer than the target as
+changed whatever its seq says.
+
+Unmaps zero crcs and fdatasync ``.crc`` before punching (``ExtentFile.punch``,
+once per call, only if a block was present).  Removing versions: ``drop``
+fdatasyncs the zeroed slots before punching their data; a trim that unlinks
+a key's file fsyncs ``.v`` before returning, an import's unlinks are made
+durable by the flush its resync ends with.
 
 Errors: ENOSPC/EDQUOT from the file system -> ``StoreFull`` and the disk is
 marked full (until a delete or trim frees space on it); EROFS marks the disk
 failed (so does EIO in ``create``, which then tries another disk); other
 ``OSError`` -> ``StoreIOError``; checksum failures -> ``ChecksumError``; stale epochs ->
 ``StaleEpochError``.  Calls are synchronous (page-cache I/O); only ``flush``,
-``fua`` writes and COW writes wait for the device.
+``fua`` writes, COW writes, writes making an absent block present since a
+snapshot, unmaps of present blocks and trims wait for the device.
 """
 
 from __future__ import annotations
@@ -227,12 +245,17 @@ class _Versions:
             self.entries[b] = (origin, crc)
 
     def drop(self, blocks: list[int]) -> None:
-        """Forget versions: slot first (so a crash never pairs a slot with punched data)."""
+        """Forget versions: slots zeroed and fdatasync'd, then the data punched.
+
+        The punch is a journalled metadata change the file system commits within seconds
+        on its own; a zeroed slot in the page cache may wait ~30 s for writeback.  Without
+        the sync a power loss could pair a live slot with punched data: a rotten version."""
         for b in blocks:
             os.pwrite(self.fd, bytes(8), b * 8)
             self.entries.pop(b, None)
-        if not self._punch:
+        if not self._punch or not blocks:
             return
+        os.fdatasync(self.fd)
         for start, n in _runs(sorted(blocks)):
             try:
                 fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -311,6 +334,7 @@ class _Replica:
         self.keys: list[int] = []              # sorted keys of self.versions
         self.mutations = 0
         self.imports = 0                       # IMPORTs applied: they can bring back trimmed versions
+        self.vdir_dirty = False                # a version file unlinked, the directory not fsync'd
         # A lower bound of the seqs of present blocks: a write at W <= floor
         # cannot need COW, the no-snapshot fast path.
         self.floor = min((s for s in seqs if s), default=_MAX_SEQ)
@@ -352,9 +376,23 @@ class _Replica:
     def drop_key_if_empty(self, key: int) -> None:
         v = self.versions.get(key)
         if v is not None and not v.entries:
+            self.vdir_dirty = True             # before: a failed unlink may still have happened
             v.unlink()
             del self.versions[key]
             self.keys.remove(key)
+
+    def sync_vdir(self) -> None:
+        """fsync ``.v`` if a version file was unlinked since: without it a power loss can
+        bring a trimmed version file back, slots and all."""
+        if self.vdir_dirty:
+            self.vdir_dirty = False            # first: an unlink meanwhile sets it again
+            try:
+                _fsync_dir(self.vdir)
+            except FileNotFoundError:
+                pass                           # the extent was deleted meanwhile
+            except BaseException:
+                self.vdir_dirty = True
+                raise
 
     def store_seqs(self, first: int, new: array) -> None:
         """File first, memory after: a write that fails (a full disk allocating the sparse
@@ -395,10 +433,17 @@ class _Replica:
         return out
 
     def flush(self) -> None:
+        """Versions, unlinks of versions, ``.seq``, then ``.data`` and ``.crc``.
+
+        ``.seq`` before ``.crc``: a block written at W must never be on disk with its new
+        data and checksum under its old seq, which would let older snapshots read it (for
+        a block that was absent) and a revert skip it.  ``.seq`` after the versions: seq W
+        durable without the version of the old block would lose it from snapshots."""
         for v in list(self.versions.values()):      # may run in a worker thread
             v.sync()
-        self.ext.flush()
+        self.sync_vdir()
         os.fdatasync(self.seq_fd)
+        self.ext.flush()
 
     def allocated(self) -> int:
         return (self.ext.allocated_bytes() + os.fstat(self.seq_fd).st_blocks * 512
@@ -830,6 +875,23 @@ class ReplicaStore:
         if self.cow_sync:
             v.sync()
 
+    def _store_seqs(self, rep: _Replica, first: int, n: int, seq: int, present: bool) -> None:
+        """Step 2: ``.seq`` := ``seq`` for the run.  When the blocks are about to be
+        ``present`` (written) and one of them is absent with a seq below ``seq`` (and
+        ``seq`` > 1), a snapshot may have seen it absent; nothing but its seq keeps the new
+        data out of that snapshot (there is no version), so ``.seq`` is fdatasync'd before
+        the data and checksums are written (one sync per such write call, with ``cow_sync``)."""
+        new = array("I", [seq]) * n
+        seqs = rep.seqs
+        if seqs[first:first + n] == new:
+            return
+        crcs = rep.ext.crcs
+        cross = (present and seq > 1 and self.cow_sync and 0 in crcs[first:first + n]
+                 and any(not crcs[b] and seqs[b] < seq for b in range(first, first + n)))
+        rep.store_seqs(first, new)
+        if cross:
+            os.fdatasync(rep.seq_fd)
+
     def write(self, vid: str, idx: int, offset: int, data, seq: int, fua: bool = False) -> None:
         rep = self._replicas.get((vid, idx))
         if rep is None:
@@ -862,8 +924,14 @@ class ReplicaStore:
                 if seq < floor:                 # before: it must bound even a half-done write
                     rep.floor = seq
                 try:
-                    if seqs[b] != seq:
+                    old = seqs[b]
+                    if old != seq:
                         rep.store_seq(b, seq)
+                        # An absent block made present across a possible snapshot (one with
+                        # seq in [max(old, 1), seq-1]): only its seq keeps the new data out of
+                        # that snapshot, so it is durable before the checksum (step 2).
+                        if old < seq > 1 and self.cow_sync and not ext.crcs[b]:
+                            os.fdatasync(rep.seq_fd)
                     ext.write_block(b, data)
                 except OSError as e:
                     raise self._fail(rep.disk, e) from e
@@ -878,7 +946,7 @@ class ReplicaStore:
             if seq > rep.floor:
                 self._cow(rep, first, n, seq)
             rep.floor = min(rep.floor, seq)     # before the blocks change, as above
-            rep.store_seqs(first, array("I", [seq]) * n)
+            self._store_seqs(rep, first, n, seq, present=True)
             rep.ext.write(offset, view)
         except OSError as e:
             raise self._fail(rep.disk, e) from e
@@ -895,15 +963,19 @@ class ReplicaStore:
         with self._io(rep.disk):
             rep.mutations += 1
             end = offset + length
+            holes = []
             for a in range(offset, end, _CHUNK):
                 b = min(end, a + _CHUNK)
                 f, m = self._blocks(rep, a, b - a)
                 self._cow(rep, f, m, seq)
-                rep.store_seqs(f, array("I", [seq]) * m)
+                # Punched blocks stay absent: their seq needs no sync (a zeroed partial edge of
+                # a plain volume reads as zeros either way; a clone unmaps with ``zero``).
+                self._store_seqs(rep, f, m, seq, present=zero)
                 if zero:
                     rep.ext.write(a, bytes(b - a))
                 else:
-                    rep.ext.unmap(a, b - a)
+                    holes.append(rep.ext.unmap_checksums(a, b - a))
+            rep.ext.punch(holes)                 # one .crc sync for the whole range, then punches
             rep.floor = min(rep.floor, seq)      # zeros (or partial edges) present at seq
 
     def revert(self, vid: str, idx: int, to_seq: int, seq: int) -> None:
@@ -915,6 +987,13 @@ class ReplicaStore:
             rep.mutations += 1
             seqs = rep.seqs
             changed = [b for b in range(rep.blocks) if seqs[b] > to_seq]
+            # A version with key >= to_seq was made by a write after to_seq: its block
+            # changed even if a power loss kept its old seq on disk (.seq is synced after
+            # the version, the data may have reached the disk first).
+            later = {b for key in rep.keys[bisect.bisect_left(rep.keys, to_seq):]
+                     for b in rep.versions[key].entries}
+            if later:
+                changed = sorted(later.union(changed))
             for run_start, run_len in _runs(changed):
                 for a in range(run_start, run_start + run_len, _CHUNK // BLOCK_SIZE):
                     m = min(_CHUNK // BLOCK_SIZE, run_start + run_len - a)
@@ -929,7 +1008,7 @@ class ReplicaStore:
             src = rep.view_source(b, to_seq) if rep.keys else None
             targets.append(src.read(b) if src is not None else None)
         self._cow(rep, first, n, seq)
-        rep.store_seqs(first, array("I", [seq]) * n)
+        self._store_seqs(rep, first, n, seq, present=True)
         k = 0
         while k < n:
             j = k
@@ -1232,6 +1311,7 @@ class ReplicaStore:
                 else:
                     v.drop(gone)
                 rep.drop_key_if_empty(key)
+            rep.sync_vdir()                      # trimmed files stay gone after a power loss
             if freed:
                 rep.disk.enospc = False
         return freed
