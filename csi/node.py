@@ -136,6 +136,20 @@ async def probe_device(host: Host, dev: str, read_timeout: float = 30.0) -> str:
     return ""
 
 
+def mount_options(fs: str, flags: list[str] | tuple[str, ...], readonly: bool) -> list[str]:
+    """The options of the staging mount of a ``fs`` filesystem.
+
+    xfs: ``nouuid``: a clone or a restored snapshot carries its source's filesystem UUID, and
+    xfs refuses to mount a second filesystem with a UUID already mounted on the host ("duplicate
+    UUID"), which is the case wherever the source is staged too."""
+    opts = list(flags)
+    if readonly:
+        opts.append("ro")
+    if fs == "xfs" and "nouuid" not in opts:
+        opts.append("nouuid")
+    return opts
+
+
 class Node(pbg.NodeServicer):
     def __init__(self, node_id: str, host: Host | None = None, state_dir: str = "/var/lib/zstore-csi",
                  device_timeout: float = 60.0, sysfs: Path = Path("/sys"), mountinfo: Path = MOUNTINFO):
@@ -271,9 +285,8 @@ class Node(pbg.NodeServicer):
                     await self.host.run([f"mkfs.{kind}", *(["-F", "-q"] if kind == "ext4" else ["-q"]), dev])
                     fs = kind
                 os.makedirs(staging, exist_ok=True)
-                opts = list(request.volume_capability.mount.mount_flags)
-                if request.volume_capability.access_mode.mode in READ_ONLY:
-                    opts.append("ro")
+                opts = mount_options(fs, request.volume_capability.mount.mount_flags,
+                                     request.volume_capability.access_mode.mode in READ_ONLY)
                 await self.host.run(["mount", "-t", fs, *(["-o", ",".join(opts)] if opts else []), dev, staging])
             except Exception:
                 if mount_at(staging) is None:
