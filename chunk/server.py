@@ -34,6 +34,7 @@ from .catalog import Catalog
 from .drain import AdminFollower
 from .iscsi.target import IscsiTarget, TargetConfig
 from .storage.engine import StorageEngine
+from .storage.host_crash import BootState
 from .shared_reservations import ReservationStore
 from .storage.extent_file import EXTENT_SIZE
 from .identity import IdentityError, load_or_create
@@ -254,7 +255,8 @@ class ChunkServer:
                                meta_ca=self.cfg.client.ca_file, replica_timeout=c.replica_timeout,
                                min_write_replicas=c.min_write_replicas,
                                recovery_rate=c.recovery_rate * 2**20, scrub_rate=c.scrub_rate * 2**20,
-                               scrub_interval=c.scrub_interval)
+                               scrub_interval=c.scrub_interval,
+                               boot_state=BootState(Path(os.path.abspath(c.data_dir))))
         self._tell_store(engine.store)        # the startup probe's verdicts, before any CREATE
         return engine
 

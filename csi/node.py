@@ -141,10 +141,19 @@ def mount_options(fs: str, flags: list[str] | tuple[str, ...], readonly: bool) -
 
     xfs: ``nouuid``: a clone or a restored snapshot carries its source's filesystem UUID, and
     xfs refuses to mount a second filesystem with a UUID already mounted on the host ("duplicate
-    UUID"), which is the case wherever the source is staged too."""
+    UUID"), which is the case wherever the source is staged too.
+
+    Read-only (a reader-only access mode: the disk is exported write-protected): no journal
+    replay, which needs to write (``noload`` for ext3/4, ``norecovery`` for xfs). A volume
+    restored from a crash-consistent snapshot, or one whose writer crashed, has a dirty
+    journal, and a plain ro mount of it fails ("write access unavailable", "recovery required
+    on read-only device")."""
     opts = list(flags)
     if readonly:
         opts.append("ro")
+        skip = {"ext3": "noload", "ext4": "noload", "xfs": "norecovery"}.get(fs)
+        if skip and skip not in opts:
+            opts.append(skip)
     if fs == "xfs" and "nouuid" not in opts:
         opts.append("nouuid")
     return opts
@@ -280,13 +289,19 @@ class Node(pbg.NodeServicer):
                     raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{staging} has {m.source} mounted, not {dev}")
                 return pb.NodeStageVolumeResponse()
             try:
+                readonly = request.volume_capability.access_mode.mode in READ_ONLY
                 fs = await probe_device(self.host, dev)
+                if not fs and readonly:
+                    # exported write-protected: a mkfs could only fail, on every retry
+                    raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"volume {vid} has no filesystem and is staged read-only "
+                                f"({Mode.Mode.Name(request.volume_capability.access_mode.mode)}): "
+                                "nothing to mount, and it cannot be formatted")
                 if not fs:
                     await self.host.run([f"mkfs.{kind}", *(["-F", "-q"] if kind == "ext4" else ["-q"]), dev])
                     fs = kind
                 os.makedirs(staging, exist_ok=True)
-                opts = mount_options(fs, request.volume_capability.mount.mount_flags,
-                                     request.volume_capability.access_mode.mode in READ_ONLY)
+                opts = mount_options(fs, request.volume_capability.mount.mount_flags, readonly)
                 await self.host.run(["mount", "-t", fs, *(["-o", ",".join(opts)] if opts else []), dev, staging])
             except Exception:
                 if mount_at(staging) is None:

@@ -20,18 +20,19 @@ from typing import Any
 from chunk.blockdev import ReadOnlyError
 from zstore import etcd as zetcd
 from zstore.keys import Keys
-from zstore.records import ClusterInfo, RecordError, RecoveryTask, Volume, VolumeOp
+from zstore.records import ClusterInfo, ExtentRecord, RecordError, RecoveryTask, Volume, VolumeOp
 
 from . import replicas as rk
 from .coordinator import Coordinator
-from .metaclient import MetaClient
+from .host_crash import BootState
+from .metaclient import MetaClient, MetaError
 from .peer_auth import load_or_create_secret
 from .peers import Peers
 from .reclaim import Reclaimer
 from .repair import LocalRepair
 from .replica_client import ReplicaClient
 from .replica_server import ReplicaServer
-from .replica_store import ReplicaStore
+from .replica_store import ReplicaStore, StoreError
 from .scrubber import Scrubber
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,23 @@ class StorageEngine:
                  listen: tuple[str, int], token: str | None, meta_ca: str | None = None,
                  replica_timeout: float = 5.0, min_write_replicas: int = 1,
                  recovery_rate: float = 64 << 20, scrub_rate: float = 16 << 20,
-                 scrub_interval: float = 3600.0, reclaim_interval: float = 30.0) -> None:
+                 scrub_interval: float = 3600.0, reclaim_interval: float = 30.0,
+                 boot_state: BootState | None = None) -> None:
         self.etcd, self.keys, self.chunk_id = etcd, keys, chunk_id
         self.store = ReplicaStore(disks)
+        # Host crash detection (host_crash.py): recorded before anything can write here.
+        self.boot_state = boot_state
+        self._broken_at_start = set(self.store.broken)
+        self.suspect: set[tuple[str, int]] = set()
+        if boot_state is not None:
+            self.suspect = boot_state.begin(self.store.extents())
+            if boot_state.host_crash:
+                log.error("the host crashed since this chunk server last ran (boot id changed, no "
+                          "clean stop): writes not flushed may be lost, so its %d extent "
+                          "replica(s) are dropped and resynced before it serves them",
+                          len(self.suspect))
+            elif self.suspect:
+                log.warning("%d extent replica(s) still suspect since a host crash", len(self.suspect))
         self.listen = listen
         self.meta = MetaClient(etcd, keys, token, ca_file=meta_ca)
         self.peers = Peers(etcd, keys)
@@ -145,6 +160,10 @@ class StorageEngine:
         """Start serving replicas and following assignments; returns once the port listens."""
         secret = await load_or_create_secret(self.etcd, self.keys)
         cluster_id = await self._cluster_id(stop)
+        if self.suspect:
+            # Before the replication port listens and local I/O starts (``started``): a
+            # suspect replica must not serve as in sync beside a peer that has what it lost.
+            await self._settle_suspects()
         self.client = ReplicaClient(secret, cluster_id, self.chunk_id, timeout=self.replica_timeout)
         self.repair = LocalRepair(self.store, self.client, self.peers, self.keys, self.etcd, self.chunk_id)
         self._local = rk.LocalReplica(self.chunk_id, self.store, on_checksum_error=self.repair.schedule)
@@ -160,6 +179,8 @@ class StorageEngine:
         for coro in (self._follow(self.keys.all_volops(), self._on_volop),
                      self._follow(self.keys.all_recovery(), self._on_recovery)):
             self._tasks.append(asyncio.ensure_future(coro))
+        if self.suspect:
+            self._tasks.append(asyncio.ensure_future(self._settle_later()))
         self.started.set()
         log.info("storage engine: %d extent(s) on %d disk(s); replication port %s:%d",
                  len(self.store.extents()), len(self.store.usage()), self.listen[0], self.server.port)
@@ -194,7 +215,81 @@ class StorageEngine:
         if self.client is not None:
             await self.client.close()
         await self.meta.close()
+        if self.boot_state is not None and await asyncio.to_thread(self._flush_all):
+            try:
+                self.boot_state.write(self.suspect, clean=True)
+            except OSError as e:
+                log.error("cannot record the clean stop: %s", e)
         self.store.close()
+
+    def _flush_all(self) -> bool:
+        """fdatasync every extent replica (nothing writes any more): True if all of them
+        are on disk, which makes this a clean stop (a reboot then loses nothing)."""
+        ok = True
+        for vid, idx in self.store.extents():
+            try:
+                self.store.flush(vid, idx)
+            except (StoreError, OSError) as e:
+                ok = False
+                log.error("extent %s/%d: flush at stop failed: %s", vid, idx, e)
+        if set(self.store.broken) - self._broken_at_start:
+            ok = False                     # a replica whose flush failed while running
+        if not ok:
+            log.error("not a clean stop: a reboot before the next start counts as a host crash")
+        return ok
+
+    # -- host crash: suspect replicas (host_crash.py) ------------------------------
+
+    async def _settle_suspects(self) -> None:
+        """Drop this replica from each suspect extent beside an in-sync replica on an up
+        chunk server (the meta bumps the generation; recovery resyncs it here). Settled
+        too: an extent gone, one that no longer lists this replica, and one listing only
+        it (the only copy there is). Left suspect: an extent whose other in-sync replicas
+        are all on servers that are down (one may come back with writes this one lost;
+        past the grace the meta drops them and this one is the copy)."""
+        settled: list[tuple[str, int]] = []
+        up: dict[str, bool] = {}
+        for vid, idx in sorted(self.suspect):
+            for _ in range(3):                  # a record changing under the drop: read again
+                got = await self.etcd.get(self.keys.extent(vid, idx))
+                rec = ExtentRecord.decode(got.value) if got is not None else None
+                if rec is None or self.chunk_id not in rec.replicas or rec.replicas == [self.chunk_id]:
+                    settled.append((vid, idx))
+                    break
+                live = False
+                for c in rec.replicas:
+                    if c != self.chunk_id and c not in up:
+                        up[c] = await self.etcd.get(self.keys.chunk_live(c)) is not None
+                    live = live or (c != self.chunk_id and up[c])
+                if not live:
+                    break
+                try:
+                    await self.meta.call("POST", f"/extents/{vid}/{idx}/drop", {
+                        "chunk_id": self.chunk_id, "generation": rec.generation,
+                        "reason": "its host crashed: writes not flushed may be lost"})
+                except MetaError as e:
+                    if e.status != 409:
+                        raise
+        if settled:
+            self.suspect -= set(settled)
+            self.boot_state.write(self.suspect, clean=False)
+        if self.suspect:
+            log.warning("%d suspect extent replica(s) wait for an in-sync peer's server to be up",
+                        len(self.suspect))
+
+    async def _settle_later(self, period: float = 5.0) -> None:
+        while self.suspect:
+            try:
+                await asyncio.wait_for(self._stop.wait(), period)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await self._settle_suspects()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - meta or etcd away: next round
+                log.warning("suspect extent replicas: %s", e)
 
     # -- replicas and coordinators -----------------------------------------------
 

@@ -1,0 +1,94 @@
+"""Telling a host crash from a process restart when a chunk server starts.
+
+A write is acknowledged once it is in the page cache of every in-sync replica
+(docs/storage.md, "Durability contract"). A SIGKILL keeps the page cache; a host
+crash (power loss, panic) loses what was not fdatasync'd yet, so a replica back
+from one may hold older data than its peers while it is still listed as in sync,
+and would serve it (a coordinator reads its local replica first).
+
+The kernel's boot id tells the two apart. ``boot-state`` in the chunk data dir
+holds the boot id the server last ran under, whether it stopped cleanly (every
+extent flushed after the last write: ``StorageEngine.stop``) and the extents
+still *suspect*. At start, a boot id other than the recorded one without a clean
+stop makes every local extent suspect; the record is rewritten at once (not
+clean, this boot, the suspects) before anything can write, so a crash before
+the suspects are settled does not forget them. The engine settles them
+(``StorageEngine._settle_suspects``): this replica is dropped from each extent
+beside an in-sync replica on an up server, and recovery resyncs it.
+
+No file (a new data dir, or the first start of a version without this) is not
+a crash: nothing is known about what came before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+log = logging.getLogger(__name__)
+
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+STATE_FILE = "boot-state"
+
+
+def current_boot_id(path: Path = BOOT_ID_PATH) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class BootState:
+    def __init__(self, data_dir: str | Path, boot_id: str | None = None) -> None:
+        self.path = Path(data_dir) / STATE_FILE
+        self.boot_id = boot_id if boot_id is not None else current_boot_id()
+        self.host_crash = False
+
+    def read(self) -> dict | None:
+        """The record as stored, None if there is none; an unreadable one reads as a crash."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            got = json.loads(raw)
+            if not isinstance(got, dict):
+                raise ValueError("not an object")
+            return got
+        except ValueError as e:
+            log.error("%s does not read (%s): taken as a host crash", self.path, e)
+            return {"boot_id": None, "clean": False, "suspect": []}
+
+    def begin(self, extents: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+        """At start, before any write: the suspect extents (those left from before, and
+        every one of ``extents`` after a host crash); records this boot as running."""
+        prev = self.read()
+        suspect: set[tuple[str, int]] = set()
+        if prev is not None:
+            suspect = {(str(v), int(i)) for v, i in prev.get("suspect") or []}
+            if prev.get("boot_id") != self.boot_id and not prev.get("clean"):
+                self.host_crash = True
+                suspect |= set(extents)
+        self.write(suspect, clean=False)
+        return suspect
+
+    def write(self, suspect: Iterable[tuple[str, int]], clean: bool) -> None:
+        """Replace the record durably (a new file renamed over the old one)."""
+        body = json.dumps({"boot_id": self.boot_id, "clean": clean,
+                           "suspect": sorted([v, i] for v, i in suspect)}).encode()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
