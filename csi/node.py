@@ -266,12 +266,22 @@ class Node(pbg.NodeServicer):
         except ChapError as e:
             raise invalid(str(e))
         async with self._exclusive(vid):
+            prior = self._load(vid)
+            if self._already_staged(vid, prior, info, kind, staging):
+                # kubelet re-sends NodeStage for staged volumes (after its own restart, say):
+                # success, and nothing run that could fail and "undo" a volume in use
+                if prior != {**info, "kind": kind}:
+                    self._save(vid, {**info, "kind": kind})
+                return pb.NodeStageVolumeResponse()
+            # a state file from before this call (a stage cut short, then retried) is not
+            # ours to remove when this one fails: the CO may still unstage the earlier one
+            keep = prior is not None
             self._save(vid, {**info, "kind": kind})
             async with self._target_locks[info["target"]]:
                 try:
                     await self.iscsi.attach(info["target"], info["portal"], info["lun"], chap, discovery_chap)
                 except (HostError, OSError) as e:
-                    await self._undo_stage(vid, info, None)
+                    await self._undo_stage(vid, info, None, keep)
                     if isinstance(e, AuthFailed):
                         raise Abort(grpc.StatusCode.UNAUTHENTICATED,
                                     f"iSCSI {e}: check the CHAP credentials in the node-stage secret")
@@ -279,11 +289,11 @@ class Node(pbg.NodeServicer):
                 try:
                     dev = await self._wait_device(info["wwn"])
                 except Abort:
-                    await self._undo_stage(vid, info, None)
+                    await self._undo_stage(vid, info, None, keep)
                     raise
             if kind == "block":
                 return pb.NodeStageVolumeResponse()
-            m = mount_at(staging)
+            m = self._mount_at(staging)
             if m is not None:
                 if os.path.realpath(m.source) != dev:
                     raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{staging} has {m.source} mounted, not {dev}")
@@ -304,22 +314,63 @@ class Node(pbg.NodeServicer):
                 opts = mount_options(fs, request.volume_capability.mount.mount_flags, readonly)
                 await self.host.run(["mount", "-t", fs, *(["-o", ",".join(opts)] if opts else []), dev, staging])
             except Exception:
-                if mount_at(staging) is None:
+                if self._mount_at(staging) is None:
                     async with self._target_locks[info["target"]]:
-                        await self._undo_stage(vid, info, dev)
+                        await self._undo_stage(vid, info, dev, keep)
                 raise
         return pb.NodeStageVolumeResponse()
 
-    async def _undo_stage(self, vid: str, info: dict[str, str], dev: str | None) -> None:
+    def _mount_at(self, path: str) -> Any:
+        return mount_at(path, mounts(self.mountinfo))
+
+    def _wwn_of(self, dev: str) -> str | None:
+        """The disk's WWN as the kernel read it (``device/wwid``, "naa.<hex>"), or None."""
+        try:
+            wwid = (self.sysfs / "block" / os.path.basename(dev) / "device" / "wwid").read_text()
+        except OSError:
+            return None
+        return wwid.strip().lower().removeprefix("naa.")
+
+    def _is_disk_of(self, dev: str, wwn: str) -> bool | None:
+        """Whether ``dev`` is the disk with WWN ``wwn``: from sysfs, else from the by-id link;
+        None when neither says (the link is missing and sysfs has no wwid)."""
+        got = self._wwn_of(dev)
+        if got is not None:
+            return got == wwn
+        link = by_id(wwn)
+        return os.path.realpath(link) == dev if link.exists() else None
+
+    def _already_staged(self, vid: str, prior: dict[str, str] | None, info: dict[str, str], kind: str,
+                        staging: str) -> bool:
+        """A repeated NodeStage of a volume staged here: the disk mounted at the staging path
+        (a filesystem), or the state of an earlier stage of this WWN and its disk present (raw
+        block). ALREADY_EXISTS when another disk is mounted there."""
+        if kind != "block":
+            m = self._mount_at(staging)
+            if m is None:
+                return False
+            dev = os.path.realpath(m.source)
+            ours = self._is_disk_of(dev, info["wwn"])
+            if ours is False:
+                raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{staging} has {m.source} mounted, "
+                            f"not volume {vid} (wwn {info['wwn']})")
+            return bool(ours)
+        if prior is None or prior.get("wwn") != info["wwn"] or not by_id(info["wwn"]).exists():
+            return False
+        return self._is_disk_of(os.path.realpath(by_id(info["wwn"])), info["wwn"]) is not False
+
+    async def _undo_stage(self, vid: str, info: dict[str, str], dev: str | None, keep_state: bool = False) -> None:
         """A NodeStage that failed after logging in leaves nothing behind (under the target
         lock): a final error tells the CO nothing was staged, so no NodeUnstage would ever
-        come for the session, the disk and the node record (which may hold CHAP secrets)."""
+        come for the session, the disk and the node record (which may hold CHAP secrets).
+        ``keep_state``: the state file was there before the call, and stays."""
         try:
             await self._release(info, dev)
         except Exception as e:  # noqa: BLE001 - the stage's own error is the one to report
             log.warning("volume %s: undoing a failed stage: %s", vid, e)
             return
-        self._state_path(vid).unlink(missing_ok=True)
+        if not keep_state:
+            self._state_path(vid).unlink(missing_ok=True)
 
     def _users(self, dev: str) -> list[str]:
         """Mount points still using the disk ``dev``: its filesystem, or a bind of its node."""

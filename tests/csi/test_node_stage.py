@@ -72,3 +72,71 @@ async def test_a_readonly_stage_of_a_blank_volume_is_failed_precondition_not_mkf
     assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION and "no filesystem" in e.value.args[1]
     assert not any(c[0].startswith("mkfs") for c in host.calls) and not mount_calls(host)
     assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls    # undone, as any failed stage
+
+
+def _state(node) -> None:
+    node._save("v1", {"target": CTX["targetIQN"], "lun": CTX["lun"], "wwn": CTX["wwn"],
+                      "portal": CTX["portal"], "kind": "ext4"})
+
+
+def _wwid(tmp_path: Path, name: str, wwn: str) -> None:
+    d = tmp_path / "sys" / "block" / name / "device"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "wwid").write_text(f"naa.{wwn}\n")
+
+
+async def test_a_repeated_stage_of_a_mounted_volume_runs_nothing_and_keeps_its_state(tmp_path: Path, monkeypatch):
+    """kubelet re-sends NodeStage for a staged, mounted volume; the wwn link is briefly gone
+    (udev). The stage waited for the link, timed out and "undid" itself: the state file of a
+    volume in use was deleted (NodePublish of raw block, NodeExpand, NodeUnstage lose it). A
+    staged volume is success at once, without attaching anything."""
+    st = tmp_path / "st"
+    node, host, dev = _staged_node(tmp_path, monkeypatch, {},
+                                   mountinfo=f"40 22 8:16 / {st} rw,relatime - ext4 {tmp_path / 'sdq'} rw\n")
+    _state(node)
+    _wwid(tmp_path, "sdq", CTX["wwn"])
+    (tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}").unlink()       # udev is re-creating it
+    await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert host.calls == []
+    assert node._load("v1") is not None
+
+
+async def test_a_repeated_stage_of_another_disk_at_the_staging_path_is_already_exists(tmp_path: Path, monkeypatch):
+    st = tmp_path / "st"
+    node, host, dev = _staged_node(tmp_path, monkeypatch, {},
+                                   mountinfo=f"40 22 8:16 / {st} rw,relatime - ext4 {tmp_path / 'sdq'} rw\n")
+    _wwid(tmp_path, "sdq", "6001405" + "1" * 25)
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.ALREADY_EXISTS
+    assert host.calls == []
+
+
+async def test_a_repeated_raw_block_stage_with_a_failing_scan_keeps_the_session_and_state(tmp_path: Path, monkeypatch):
+    """Raw block: staged is the state file plus the disk. A repeat whose LUN scan fails (an
+    OSError from sysfs) undid the stage: logged out the session under a disk in use and
+    deleted the state."""
+    st = tmp_path / "st"
+    node, host, dev = _staged_node(tmp_path, monkeypatch, {})
+    node._save("v1", {"target": CTX["targetIQN"], "lun": CTX["lun"], "wwn": CTX["wwn"],
+                      "portal": CTX["portal"], "kind": "block"})
+    _wwid(tmp_path, "sdq", CTX["wwn"])
+    scan = tmp_path / "sys" / "class" / "scsi_host" / "host0" / "scan"
+    scan.unlink()
+    scan.mkdir()                                                # writing it fails: IsADirectoryError
+    await node.NodeStageVolume(stage_req(st, "block"), AbortCtx())
+    assert not any("--logout" in c for c in host.calls)
+    assert node._load("v1") is not None
+
+
+async def test_a_failed_retry_of_a_stage_cut_short_keeps_the_earlier_state(tmp_path: Path, monkeypatch):
+    """The state file was written by an earlier call (cut short before the mount): a retry that
+    fails must not remove it, the CO may still unstage that one."""
+    st = tmp_path / "st"
+    node, host, dev = _staged_node(tmp_path, monkeypatch, {})
+    _state(node)
+    (tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}").unlink()       # the disk never shows up
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.NOT_FOUND
+    assert node._load("v1") is not None
