@@ -233,13 +233,13 @@ def _whole_extent() -> list[tuple[int, int]]:
 class _PendingWrite:
     """One fast-path write waiting for its remote replicas' replies."""
 
-    __slots__ = ("coord", "done", "idx", "eoff", "n", "view", "rec", "targets", "epoch", "token",
-                 "outcomes", "left")
+    __slots__ = ("coord", "done", "idx", "eoff", "n", "view", "rec", "targets", "epoch", "seq",
+                 "token", "outcomes", "left")
 
-    def __init__(self, coord, done, idx, eoff, n, view, rec, targets, epoch, token) -> None:
+    def __init__(self, coord, done, idx, eoff, n, view, rec, targets, epoch, seq, token) -> None:
         self.coord, self.done = coord, done
         self.idx, self.eoff, self.n, self.view = idx, eoff, n, view
-        self.rec, self.targets, self.epoch, self.token = rec, targets, epoch, token
+        self.rec, self.targets, self.epoch, self.seq, self.token = rec, targets, epoch, seq, token
         self.outcomes: list = [None] * len(targets)
         self.left = 0
 
@@ -689,14 +689,14 @@ class Coordinator:
     async def _replicate(self, op, idx, eoff, n, part, fua, zero, first=None) -> None:
         """Apply one mutation to every replica of an extent until it is acknowledged.
 
-        ``first``: (record, replicas, outcomes, epoch) of an attempt already made (the
+        ``first``: (record, replicas, outcomes, epoch, seq) of an attempt already made (the
         fast path's, whose outcomes are None or the ReplicaFailed of each replica); its
         failures are handled like those of any other attempt.
         """
         deadline, absent_waits = 0.0, 0
         for attempt in range(1 << 30):
             if first is not None:
-                rec, targets, results, epoch = first
+                rec, targets, results, epoch, seq = first
                 first = None
             else:
                 rec = self.extents[idx]
@@ -724,6 +724,8 @@ class Coordinator:
             if self._fenced(failed):
                 deadline = deadline or time.monotonic() + RETAKE_WINDOW
                 await self._retake(epoch, attempt, deadline)
+                if self.seq != seq:
+                    await self._split_by_snapshot(idx, targets, results, seq, eoff, eoff + n)
                 continue
             if all(isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT for _, res in failed):
                 if await self._await_creation(idx, rec, targets, failed, absent_waits):
@@ -787,7 +789,7 @@ class Coordinator:
             # cached: asyncio.get_running_loop() is a getpid() syscall, once per write here
             loop = self._loop = asyncio.get_running_loop()
         done = loop.create_future()
-        pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, token)
+        pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, seq, token)
         outcomes = pending.outcomes
         for k, r in remotes:                                # replies come later, never inside
             replied = pending.make_callback(k, r)
@@ -838,7 +840,7 @@ class Coordinator:
             # The general path's unit is one frame's worth: a longer write is redone piece by
             # piece, the first piece with the fast attempt's outcomes (a replica that failed any
             # piece failed the write), the rest afresh on whatever replica set that leaves.
-            first = (p.rec, p.targets, p.outcomes, p.epoch)
+            first = (p.rec, p.targets, p.outcomes, p.epoch, p.seq)
             for pos in range(0, p.n, MAX_DATA):
                 m = min(MAX_DATA, p.n - pos)
                 await self._replicate("write", p.idx, p.eoff + pos, m, p.view[pos:pos + m], False,
@@ -873,6 +875,26 @@ class Coordinator:
             await self._on_replicas(idx, lambda r, epoch: r.create(self.vid, idx, epoch, rec.generation))
             return True
         return False
+
+    async def _split_by_snapshot(self, idx, targets, results, seq, lo, hi) -> None:
+        """A fenced attempt at ``seq`` landed on some replicas, and a snapshot was committed
+        before it could be repeated (the new seq is higher): the snapshot holds this write
+        on the replicas that took it and not on the others, and the repeat at the new seq
+        cannot change that. The smaller of the two groups is dropped (resynced in full
+        later: a retake clears the dirty logs), so every replica left agrees on the
+        snapshot; the other group keeps the extent's redundancy."""
+        insync = set(self.extents[idx].replicas)
+        took = [r for r, res in zip(targets, results) if res is None and r.chunk_id in insync]
+        missed = [r for r, res in zip(targets, results) if res is not None and r.chunk_id in insync]
+        if not took or not missed:
+            return                      # every replica agrees: all took it, or none did
+        drop = took if len(took) < len(missed) else missed
+        why = (f"a write at seq {seq} landed on {sorted(r.chunk_id for r in took)} only, and a "
+               f"snapshot was committed before it was repeated")
+        log.warning("volume %s extent %d: %s; dropping %s", self.vid, idx, why,
+                    sorted(r.chunk_id for r in drop))
+        await self._handle_failures(idx, self.extents[idx],
+                                    [(r, rk.ReplicaFailed(r.chunk_id, rk.IO, why)) for r in drop], lo, hi)
 
     async def _handle_failures(self, idx, rec, failed, lo, hi) -> None:
         insync = set(rec.replicas)
