@@ -97,6 +97,18 @@ class Iscsiadm:
         """Ask the kernel to scan just this LUN of the session (any channel and target id)."""
         (self.sysfs / "class" / "scsi_host" / self.scsi_host(sid) / "scan").write_text(f"- - {int(lun)}")
 
+    def lun_device(self, sid: int, lun: int | str) -> Path | None:
+        """The SCSI device (``.../target2:0:0/2:0:0:5``) at our LUN of the session, or None.
+
+        What the kernel has at that H:C:T:L, whichever disk it is: a scan of a LUN that already
+        has a device does not INQUIRE again, so a disk of a deleted volume whose LUN was handed
+        to a new one stays there, with the old volume's WWN (``wwid``)."""
+        base = self.sysfs / "class" / "iscsi_session" / f"session{sid}" / "device"
+        for d in sorted(base.glob("target*/*:*:*:*")):
+            if d.name.rsplit(":", 1)[-1] == str(int(lun)):
+                return d
+        return None
+
     async def sessions(self, detail: bool = False) -> list[Session]:
         rc, out, err = await self.host.run(["iscsiadm", "-m", "session"], ok=(0, EXIT_NO_OBJS))
         if rc == EXIT_NO_OBJS:

@@ -203,7 +203,7 @@ class Node(pbg.NodeServicer):
         link = by_id(wwn)
         deadline = time.monotonic() + self.device_timeout
         while True:
-            if link.exists():
+            if link.exists() and self._is_disk_of(os.path.realpath(link), wwn) is not False:
                 return os.path.realpath(link)
             if time.monotonic() > deadline:
                 raise Abort(grpc.StatusCode.NOT_FOUND, f"{link} did not appear within {self.device_timeout:.0f}s")
@@ -213,13 +213,58 @@ class Node(pbg.NodeServicer):
         """Flush and delete the SCSI device, so that no stale sdX stays behind the LUN."""
         name = os.path.basename(dev)
         await self.host.run(["blockdev", "--flushbufs", dev], ok=(0, 1))
-        delete = Path(f"/sys/block/{name}/device/delete")
+        delete = self.sysfs / "block" / name / "device" / "delete"
         if delete.exists():
             delete.write_text("1")
         for _ in range(50):
-            if not Path(f"/sys/block/{name}").exists():
+            if not (self.sysfs / "block" / name).exists():
                 return
             await asyncio.sleep(0.1)
+
+    def _lun_disk(self, sid: int, lun: str) -> str | None:
+        """/dev/sdX of the disk the kernel has at our LUN of session ``sid``, or None."""
+        d = self.iscsi.lun_device(sid, lun)
+        names = sorted(p.name for p in (d / "block").glob("*")) if d is not None else []
+        return f"/dev/{names[0]}" if names else None
+
+    async def _replace_stale_disk(self, vid: str, sid: int, info: dict[str, str]) -> None:
+        """Under the target lock, after the LUN scan: the disk at our H:C:T:L must be our volume's.
+
+        meta hands a deleted volume's LUN to the next volume at once; if this node still has
+        the old disk there, the scan does not INQUIRE again, no link for our WWN ever appears,
+        and the old volume's link points at our data. An unused stale disk (no mount, no
+        holder, no stage of it here) is deleted and the LUN scanned again; a used one is
+        FAILED_PRECONDITION."""
+        d = self.iscsi.lun_device(sid, info["lun"])
+        if d is None:
+            return
+        try:
+            got = (d / "wwid").read_text().strip().lower().removeprefix("naa.")
+        except OSError:
+            return                       # not INQUIRED yet: a fresh device, ours
+        if got == info["wwn"]:
+            return
+        names = sorted(p.name for p in (d / "block").glob("*"))
+        used = [u for n in names for u in self._users(f"/dev/{n}")]
+        used += [f"{n} holder {h.name}" for n in names for h in (d / "block" / n / "holders").glob("*")]
+        used += [f"the stage of volume {p.stem}" for p in self.state_dir.glob("*.json")
+                 if p.stem != vid and (self._load(p.stem) or {}).get("wwn") == got]
+        what = f"{d.name} ({', '.join(f'/dev/{n}' for n in names) or 'no block device'}, wwid {got})"
+        if used:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"LUN {info['lun']} of {info['target']} is still the disk of another volume here: "
+                        f"{what}, in use by {', '.join(used[:3])}; unstage that volume first")
+        log.warning("volume %s: deleting the stale disk %s at its LUN", vid, what)
+        for n in names:
+            await self.host.run(["blockdev", "--flushbufs", f"/dev/{n}"], ok=(0, 1))
+        (d / "delete").write_text("1")
+        for _ in range(50):
+            if not d.exists():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise Abort(grpc.StatusCode.UNAVAILABLE, f"the stale disk {what} at our LUN was not deleted in 5s")
+        self.iscsi.scan_lun(sid, info["lun"])
 
     async def _sync_ro(self, name: str) -> None:
         """Make the raw disk ``name`` (sdX) read-only exactly while every publish of it is.
@@ -279,17 +324,22 @@ class Node(pbg.NodeServicer):
             self._save(vid, {**info, "kind": kind})
             async with self._target_locks[info["target"]]:
                 try:
-                    await self.iscsi.attach(info["target"], info["portal"], info["lun"], chap, discovery_chap)
+                    s = await self.iscsi.attach(info["target"], info["portal"], info["lun"], chap, discovery_chap)
+                    await self._replace_stale_disk(vid, s.sid, info)
                 except (HostError, OSError) as e:
                     await self._undo_stage(vid, info, None, keep)
                     if isinstance(e, AuthFailed):
                         raise Abort(grpc.StatusCode.UNAUTHENTICATED,
                                     f"iSCSI {e}: check the CHAP credentials in the node-stage secret")
                     raise Abort(grpc.StatusCode.UNAVAILABLE, f"iSCSI login to {info['target']}: {e}")
+                except Abort:
+                    await self._undo_stage(vid, info, None, keep)
+                    raise
                 try:
                     dev = await self._wait_device(info["wwn"])
                 except Abort:
-                    await self._undo_stage(vid, info, None, keep)
+                    # the disk the scan found, if any (udev never linked it): deleted with the rest
+                    await self._undo_stage(vid, info, self._lun_disk(s.sid, info["lun"]), keep)
                     raise
             if kind == "block":
                 return pb.NodeStageVolumeResponse()

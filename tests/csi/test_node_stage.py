@@ -3,6 +3,8 @@ leaves alone (fake host commands, a fake sysfs and mount table in tmp_path)."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from pathlib import Path
 
 import grpc
@@ -140,3 +142,92 @@ async def test_a_failed_retry_of_a_stage_cut_short_keeps_the_earlier_state(tmp_p
         await node.NodeStageVolume(stage_req(st), AbortCtx())
     assert e.value.args[0] == grpc.StatusCode.NOT_FOUND
     assert node._load("v1") is not None
+
+
+# ---- the disk at our H:C:T:L must be ours: a deleted volume's LUN is handed out again ----
+OLD_WWN = "6001405" + "a" * 25
+
+
+def _lun_dev(tmp_path: Path, name: str, wwn: str, lun: str = CTX["lun"]) -> Path:
+    """The SCSI device at 0:0:0:<lun> under the fake session1 of host0, with disk ``name``."""
+    d = tmp_path / "sys" / "devices" / "platform" / "host0" / "session1" / "target0:0:0" / f"0:0:0:{lun}"
+    (d / "block" / name / "holders").mkdir(parents=True)
+    (d / "wwid").write_text(f"naa.{wwn}\n")
+    (d / "delete").write_text("")
+    return d
+
+
+def _p3(*disks: str) -> tuple[int, str]:
+    return 0, (f"Target: {CTX['targetIQN']} (non-flash)\n\tSID: 1\n"
+               + "".join(f"\t\tAttached scsi disk {d}\t\tState: running\n" for d in disks))
+
+
+async def test_a_stale_unused_disk_at_our_lun_is_deleted_and_the_lun_scanned_again(tmp_path: Path, monkeypatch):
+    """The node still has volume A's disk at the LUN meta now gives to B: the scan does not
+    INQUIRE again, so wwn-0x<B> never appeared (NOT_FOUND forever) while wwn-0x<A> pointed
+    at B's data. Nothing uses A's disk: delete it, scan again, and B's disk shows up."""
+    st = tmp_path / "st"
+    node, host, dev = _staged_node(tmp_path, monkeypatch, {})
+    link = tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}"
+    link.unlink()
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (0, "DEVNAME=x\nTYPE=ext4\n")
+    stale = _lun_dev(tmp_path, "sdst", OLD_WWN)
+
+    async def kernel():
+        """The delete removes the device; the next scan INQUIREs: B's disk, and udev's link."""
+        while (stale / "delete").read_text() != "1":
+            await asyncio.sleep(0.01)
+        shutil.rmtree(stale)
+        scan = tmp_path / "sys" / "class" / "scsi_host" / "host0" / "scan"
+        scan.write_text("")
+        while scan.read_text() != f"- - {CTX['lun']}":
+            await asyncio.sleep(0.01)
+        _lun_dev(tmp_path, "sdq", CTX["wwn"])
+        link.symlink_to(tmp_path / "sdq")
+
+    task = asyncio.create_task(kernel())
+    await node.NodeStageVolume(stage_req(st), AbortCtx())
+    await task
+    assert ["blockdev", "--flushbufs", "/dev/sdst"] in host.calls
+    assert ["mount", "-t", "ext4", dev, str(st)] in host.calls
+
+
+async def test_a_stale_disk_in_use_at_our_lun_is_failed_precondition(tmp_path: Path, monkeypatch):
+    st = tmp_path / "st"
+    node, host, dev = _staged_node(tmp_path, monkeypatch, {("iscsiadm", "-m", "session", "-P", "3"): _p3("sdst")},
+                                   mountinfo="40 22 8:32 / /mnt/old rw,relatime - ext4 /dev/sdst rw\n")
+    (tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}").unlink()
+    stale = _lun_dev(tmp_path, "sdst", OLD_WWN)
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another volume" in e.value.args[1] and "/mnt/old" in e.value.args[1]
+    assert (stale / "delete").read_text() == ""
+    assert not any("--logout" in c for c in host.calls)       # the old disk still uses the session
+
+
+async def test_a_device_wait_timeout_deletes_the_disk_the_scan_found(tmp_path: Path, monkeypatch):
+    """The scan attached our disk but udev never linked it: the undo deleted nothing (dev None),
+    and the session's logout check saw that disk: it stayed, with the session."""
+    st = tmp_path / "st"
+    node, host, dev = _staged_node(tmp_path, monkeypatch, {})
+    (tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}").unlink()
+    _lun_dev(tmp_path, "sdtt", CTX["wwn"])
+    delete = tmp_path / "sys" / "block" / "sdtt" / "device" / "delete"
+    delete.parent.mkdir(parents=True)
+    delete.write_text("")
+    deleted = []
+
+    async def kernel():
+        while delete.read_text() != "1":
+            await asyncio.sleep(0.01)
+        deleted.append(True)
+        shutil.rmtree(delete.parent.parent)
+
+    task = asyncio.create_task(kernel())
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(st), AbortCtx())
+    task.cancel()
+    assert e.value.args[0] == grpc.StatusCode.NOT_FOUND
+    assert ["blockdev", "--flushbufs", "/dev/sdtt"] in host.calls and deleted
+    assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls
