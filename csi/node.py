@@ -173,6 +173,9 @@ class Node(pbg.NodeServicer):
         # volumes share targets (they are LUNs of one): a login/scan for one volume must not
         # interleave with the "last disk gone, log out" of another
         self._target_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # stages between their LUN scan and their disk's appearance, per target (their disk
+        # may not be in the session's list yet: the session is not unused)
+        self._pending: defaultdict[str, int] = defaultdict(int)
 
     def _exclusive(self, vid: str) -> asyncio.Lock:
         """The volume's lock, free (ABORTED otherwise): taken with no await in between."""
@@ -335,12 +338,20 @@ class Node(pbg.NodeServicer):
                 except Abort:
                     await self._undo_stage(vid, info, None, keep)
                     raise
-                try:
-                    dev = await self._wait_device(info["wwn"])
-                except Abort:
-                    # the disk the scan found, if any (udev never linked it): deleted with the rest
-                    await self._undo_stage(vid, info, self._lun_disk(s.sid, info["lun"]), keep)
-                    raise
+                self._pending[info["target"]] += 1
+            # the wait (up to device_timeout) is outside the target lock, or one stuck volume
+            # stalls every stage and unstage of the target's (up to 255) volumes; the pending
+            # count keeps an unstage of another volume from logging the session out meanwhile
+            try:
+                dev = await self._wait_device(info["wwn"])
+            except BaseException as e:
+                self._pending[info["target"]] -= 1
+                if isinstance(e, Abort):
+                    async with self._target_locks[info["target"]]:
+                        # the disk the scan found, if any (udev never linked it): deleted with the rest
+                        await self._undo_stage(vid, info, self._lun_disk(s.sid, info["lun"]), keep)
+                raise
+            self._pending[info["target"]] -= 1
             if kind == "block":
                 return pb.NodeStageVolumeResponse()
             m = self._mount_at(staging)
@@ -441,6 +452,10 @@ class Node(pbg.NodeServicer):
             await self._remove_device(dev)
         s = await self.iscsi.session_for(info["target"], detail=True)
         if s is not None and not [d for d in s.disks if f"/dev/{d}" != dev]:
+            if self._pending[info["target"]]:
+                log.info("%s: no disk left, but a stage is waiting for its disk: staying logged in",
+                         info["target"])
+                return
             await self.iscsi.detach(s, info["portal"])
 
     @guard

@@ -231,3 +231,30 @@ async def test_a_device_wait_timeout_deletes_the_disk_the_scan_found(tmp_path: P
     assert e.value.args[0] == grpc.StatusCode.NOT_FOUND
     assert ["blockdev", "--flushbufs", "/dev/sdtt"] in host.calls and deleted
     assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls
+
+
+async def test_a_stage_waiting_for_its_disk_holds_up_no_other_volume_of_the_target(tmp_path: Path, monkeypatch):
+    """The device wait (up to device_timeout) ran under the target lock: one volume whose disk
+    is slow stalled every stage and unstage of the target's volumes. Now only the login/scan
+    and the logout decision are locked, and an unstage meanwhile does not log out the session
+    the waiting stage is about to use."""
+    st = tmp_path / "st"
+    node, host, dev = _staged_node(tmp_path, monkeypatch, {})
+    node.device_timeout = 5.0
+    link = tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}"
+    link.unlink()
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (0, "DEVNAME=x\nTYPE=ext4\n")
+    stage = asyncio.create_task(node.NodeStageVolume(stage_req(st), AbortCtx()))
+    while ["iscsiadm", "-m", "session"] not in host.calls:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)                                    # scanned, waiting for the link
+    node._save("v2", {"target": CTX["targetIQN"], "lun": "2", "wwn": OLD_WWN, "portal": CTX["portal"],
+                      "kind": "ext4"})
+    await asyncio.wait_for(node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+        volume_id="v2", staging_target_path=str(tmp_path / "st2")), AbortCtx()), 2)
+    assert node._load("v2") is None
+    assert not any("--logout" in c for c in host.calls)          # v1 is about to use the session
+    link.symlink_to(tmp_path / "sdq")
+    await asyncio.wait_for(stage, 5)
+    assert ["mount", "-t", "ext4", dev, str(st)] in host.calls
+    assert not node._pending[CTX["targetIQN"]]
