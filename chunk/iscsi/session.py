@@ -159,6 +159,7 @@ class Session:
         self._ttt = 0x1000
         self._r2t_owner: dict[int, Task] = {}     # TTT -> task
         self._discarding: dict[int, None] = {}    # ITTs answered before their unsolicited data came
+        self._discarding_ttt: dict[int, None] = {}   # R2T tags of aborted tasks: Data-Out dropped
         self._nop_ttt: dict[int, float] = {}      # our NOP-In pings awaiting an answer
         self._text_in = TextAssembler()
         self._text_in_ttt: int | None = None     # TTT the initiator's next text piece carries
@@ -514,9 +515,7 @@ class Session:
             if cmd.write and not cmd.final and not self.p.initial_r2t:
                 # Its unsolicited Data-Out still comes after this answer: taken and dropped, as
                 # LIO does, not a protocol error ending the session (a LUN masked mid-I/O).
-                if len(self._discarding) >= self.window:
-                    del self._discarding[next(iter(self._discarding))]
-                self._discarding[itt] = None
+                self._discard_later(self._discarding, itt)
             self._finish_inline(task, self._no_unit_result(task))
             return
         edtl = cmd.expected_length
@@ -653,6 +652,10 @@ class Session:
             expected_sn, expected_off = task.unsol_datasn, task.received
         else:
             task = self._r2t_owner.get(d.ttt)
+            if task is None and d.ttt in self._discarding_ttt:
+                if d.final:
+                    del self._discarding_ttt[d.ttt]
+                return
             if task is None or task.cmd.itt != d.itt:
                 self._reject(RejectReason.INVALID_PDU_FIELD, d.header())
                 return
@@ -834,12 +837,23 @@ class Session:
 
     # --- task management -----------------------------------------------------------
 
+    def _discard_later(self, table: dict[int, None], tag: int) -> None:
+        if len(table) >= self.window:
+            del table[next(iter(table))]
+        table[tag] = None
+
     async def _abort(self, tasks: list[Task]) -> None:
         runners = []
         for t in tasks:
             t.aborted = True
+            # Data-Out the initiator queued before the TMF still comes (libiscsi sends an
+            # immediate TMF ahead of it): taken and dropped, not a protocol error that ends
+            # the connection (RFC 7143 11.5.1: the target waits for it on ABORT TASK SET).
             for ttt in list(t.outstanding):
                 self._r2t_owner.pop(ttt, None)
+                self._discard_later(self._discarding_ttt, ttt)
+            if not t.unsolicited_done and not self.p.initial_r2t:
+                self._discard_later(self._discarding, t.cmd.itt)
             self.tasks.pop(t.cmd.itt, None)
             if t.held and t.runner is None:        # a running one releases it when done
                 self._release_buffer(t)

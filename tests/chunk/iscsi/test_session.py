@@ -752,3 +752,33 @@ async def test_unsolicited_data_beyond_first_burst_length_is_a_protocol_error():
         rej = await h.recv()
         assert isinstance(rej, P.Reject) and rej.reason == RejectReason.PROTOCOL_ERROR
         assert await asyncio.wait_for(h.r.read(), 5) == b""
+
+
+async def test_data_out_of_an_aborted_write_is_dropped_not_fatal():
+    """libiscsi sends an immediate ABORT TASK ahead of Data-Out it had already queued: the
+    unsolicited and the solicited Data-Out of the aborted write come after the TMF. They
+    once ended the connection (unsolicited: protocol error) or drew a Reject per PDU."""
+    p = params(first_burst_length=8192, max_burst_length=16384, initial_r2t=False)
+    async with Harness(p) as h:
+        payload = bytes(range(256)) * 128               # 32 KiB
+        h.send(write10(10, 64, itt=5, cmdsn=1, data=payload[:4096], final=False))
+        await until(lambda: 5 in h.session.tasks)
+        h.send(P.TaskMgmtRequest(itt=6, cmdsn=2, immediate=True, function=TmfFunction.ABORT_TASK,
+                                 lun=P.encode_lun(1), referenced_task_tag=5, refcmdsn=1))
+        tmf = await h.recv()
+        assert isinstance(tmf, P.TaskMgmtResponse) and tmf.response == TmfResponse.FUNCTION_COMPLETE
+        h.send(P.DataOut(itt=5, ttt=RESERVED_TAG, final=True, datasn=0, buffer_offset=4096,
+                         data=payload[4096:8192]))
+        # a second write, solicited, aborted with an R2T outstanding
+        h.send(write10(20, 16, itt=7, cmdsn=2, data=b"", final=True))
+        r2t = await h.recv()
+        assert isinstance(r2t, P.R2T) and r2t.itt == 7
+        h.send(P.TaskMgmtRequest(itt=8, cmdsn=3, immediate=True, function=TmfFunction.ABORT_TASK,
+                                 lun=P.encode_lun(1), referenced_task_tag=7, refcmdsn=2))
+        tmf = await h.recv()
+        assert isinstance(tmf, P.TaskMgmtResponse) and tmf.response == TmfResponse.FUNCTION_COMPLETE
+        h.send(P.DataOut(itt=7, ttt=r2t.ttt, final=True, datasn=0, buffer_offset=0, data=bytes(8192)))
+        h.send(P.NopOut(itt=9, cmdsn=3, immediate=True, data=b"still here"))
+        nop = await h.recv()
+        assert isinstance(nop, P.NopIn) and nop.itt == 9 and nop.data == b"still here"   # no Reject first
+        assert h.unit.writes == []
