@@ -54,6 +54,11 @@ async def _is_live(ctx: Ctx, chunk_id: str) -> bool:
     return await ctx.get_raw(ctx.keys.chunk_live(chunk_id)) is not None
 
 
+async def _unfinished_reverts(ctx: Ctx, vid: str) -> list[tuple[bytes, VolumeOp]]:
+    return [(k, op) for k, op in await ctx.list(ctx.keys.volops(vid), VolumeOp)
+            if op.kind == "revert" and op.state in ("pending", "running")]
+
+
 # --- snapshot ------------------------------------------------------------------
 
 async def create_snapshot(ctx: Ctx, volume: str, name: str,
@@ -165,24 +170,43 @@ async def _revert_snapshot(ctx: Ctx, vol: Volume, ref: str) -> Snapshot:
 
 
 async def _create_revert_op(ctx: Ctx, vol: Volume, snap: Snapshot) -> bytes:
-    """Write a revert op for ``snap``; its key.
+    """The key of the volume's unfinished revert to ``snap``, else of a new revert op.
+
+    One revert per volume at a time: while a revert of the volume is pending or running, one
+    to another snapshot is refused (409), since a second op beside it would let the first
+    run after it (its executor restarting, the leader moving it) and roll back the writes
+    made in between. The volume is put back unchanged with the new op, so of two reverts
+    created at once the second fails its compare and finds the first.
 
     The snapshot is put back unchanged in the same transaction: its revision moves, so a
     delete of it that read it before this op existed fails its compare, looks again and
     finds the revert (it refuses while one is pending or running: the revert needs the
     snapshot's block versions until it is done)."""
     vid = vol.volume_id
-    skey = ctx.keys.snapshot(snap.snapshot_id)
+    vkey, skey = ctx.keys.volume(vid), ctx.keys.snapshot(snap.snapshot_id)
     for _ in range(MAX_RETRIES):
+        v, vrev = await ctx.get(vkey, Volume)
+        if v is None:
+            raise NotFound(f"volume {vol.name!r} was deleted meanwhile")
+        unfinished = await _unfinished_reverts(ctx, vid)
+        for k, op in unfinished:
+            if op.snapshot_id == snap.snapshot_id:
+                return k                # a retry of the same revert waits for its op
+        if unfinished:
+            op = unfinished[0][1]
+            other, _ = await ctx.get(ctx.keys.snapshot(op.snapshot_id), Snapshot)
+            raise Conflict(
+                f"volume {vol.name!r}: a revert to snapshot {other.name if other else op.snapshot_id!r} "
+                f"is still {op.state} on chunk server {op.executor}; only one revert of a volume "
+                f"runs at a time", hint="repeat that revert to wait for it, then revert again")
         cur, srev = await ctx.get(skey, Snapshot)
         if cur is None or cur.state == "deleted":
             raise NotFound(f"snapshot {snap.name!r} ({snap.snapshot_id}) was deleted meanwhile")
         op = VolumeOp(op_id=uuid.uuid4().hex, volume_id=vid, kind="revert",
                       snapshot_id=snap.snapshot_id, executor=await _revert_executor(ctx, vol))
         op_key = ctx.keys.volop(vid, op.op_id)
-        if await ctx.txn([ctx.absent(op_key), ctx.t.version(ctx.keys.volume(vid)) > 0,
-                          ctx.unchanged(skey, srev)],
-                         [ctx.put(op_key, op), ctx.put(skey, cur)]):
+        if await ctx.txn([ctx.absent(op_key), ctx.unchanged(vkey, vrev), ctx.unchanged(skey, srev)],
+                         [ctx.put(op_key, op), ctx.put(skey, cur), ctx.put(vkey, v)]):
             log.info("volume %s: revert to snapshot %s (seq %d) handed to %s", vol.name, snap.name,
                      snap.seq, op.executor)
             return op_key
@@ -210,12 +234,7 @@ async def revert_volume(ctx: Ctx, volume: str, snapshot: str,
     deadline = time.monotonic() + timeout
     vol, _ = await find_volume(ctx, volume)
     snap = await _revert_snapshot(ctx, vol, snapshot)
-    vid = vol.volume_id
-    # A retry of the same revert waits for the op already pending.
-    pending = [(k, op) for k, op in await ctx.list(ctx.keys.volops(vid), VolumeOp)
-               if op.kind == "revert" and op.state in ("pending", "running")
-               and op.snapshot_id == snap.snapshot_id]
-    op_key = pending[0][0] if pending else await _create_revert_op(ctx, vol, snap)
+    op_key = await _create_revert_op(ctx, vol, snap)
     while True:
         op, op_rev = await ctx.get(op_key, VolumeOp)
         if op is None:
@@ -229,16 +248,7 @@ async def revert_volume(ctx: Ctx, volume: str, snapshot: str,
             await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.delete(op_key)])
             raise ZError(f"revert of volume {vol.name!r} to {snap.name!r} failed on chunk server "
                          f"{op.executor}: {op.error or 'no reason given'}", hint="retry the revert")
-        # Re-route if the executor died or another coordinator now owns the volume; a revert
-        # its executor has claimed (running) moves only if that executor is no longer live.
-        executor_live = await _is_live(ctx, op.executor)
-        owner, _ = await live_owner(ctx, vid)
-        want = owner.chunk_id if owner else (op.executor if executor_live
-                                             else await _revert_executor(ctx, vol))
-        if want != op.executor and not (op.state == "running" and executor_live):
-            log.warning("volume %s: revert moves from %s to %s", vol.name, op.executor, want)
-            op.executor, op.state = want, "pending"
-            await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.put(op_key, op)])
+        if await _route_revert(ctx, vol, op_key, op, op_rev):
             continue
         if time.monotonic() >= deadline:
             raise Unavailable(
@@ -249,15 +259,56 @@ async def revert_volume(ctx: Ctx, volume: str, snapshot: str,
 
 
 
+async def _route_revert(ctx: Ctx, vol: Volume, op_key: bytes, op: VolumeOp, op_rev: int) -> bool:
+    """Move an unfinished revert to the server that should run it; whether it moved.
+
+    That is the live owner, else its executor if live, else a live chunk of the placement.
+    A revert its executor has claimed (running) moves only once that executor is no longer
+    live, and goes back to pending: one op never runs on two servers at once."""
+    executor_live = await _is_live(ctx, op.executor)
+    owner, _ = await live_owner(ctx, vol.volume_id)
+    want = owner.chunk_id if owner else (op.executor if executor_live
+                                         else await _revert_executor(ctx, vol))
+    if want == op.executor or (op.state == "running" and executor_live):
+        return False
+    log.warning("volume %s: revert %s moves from %s to %s", vol.name, op.op_id, op.executor, want)
+    op.executor, op.state = want, "pending"
+    await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.put(op_key, op)])
+    return True
+
+
+async def move_stranded_reverts(ctx: Ctx) -> list[str]:
+    """The leader's half of ``revert_volume``'s routing, for reverts nobody waits for any more
+    (the call timed out; the op continues): without it, a revert whose executor died would
+    sit until that server came back, and run then, whatever was written meanwhile. The ids
+    of the ops moved."""
+    moved = []
+    for kv in await ctx.etcd.get_prefix(ctx.keys.all_volops()):
+        op = VolumeOp.decode(kv.value)
+        if op.kind != "revert" or op.state not in ("pending", "running"):
+            continue
+        vol, _ = await ctx.get(ctx.keys.volume(op.volume_id), Volume)
+        if vol is None:
+            continue
+        try:
+            if await _route_revert(ctx, vol, kv.key, op, kv.mod_revision):
+                moved.append(op.op_id)
+        except Unavailable as e:        # no chunk server up: the next pass tries again
+            log.info("volume %s: revert %s not moved: %s", vol.name, op.op_id, e.message)
+    return moved
+
+
 # --- tidying (a leader duty, run with the recovery loop) ----------------------------------
 
 async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_TTL) -> list[str]:
-    """Remove finished ops whose caller stopped waiting (timed out, gave up).
+    """Move unfinished reverts whose executor is gone (``move_stranded_reverts``), and remove
+    finished ops whose caller stopped waiting (timed out, gave up).
 
     A done op is only a receipt. A failed snapshot op also takes its
     ``creating`` snapshot and name with it, exactly as a waiting create would
-    have, so the name can be used again. Pending and running ops are left to their waiters.
+    have, so the name can be used again. Pending and running ops are not removed.
     """
+    await move_stranded_reverts(ctx)
     now = time.time() if now is None else now
     removed = []
     for kv in await ctx.etcd.get_prefix(ctx.keys.all_volops()):

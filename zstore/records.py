@@ -238,6 +238,7 @@ class VolumeOp(Record):
     state: str = "pending"       # pending | running (claimed by executor) | done | failed
     error: str | None = None
     created: float = field(default_factory=now)
+    claim_epoch: int = 0         # the executor's owner epoch when it claimed the op (running)
 
 
 @dataclass

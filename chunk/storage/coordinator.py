@@ -1031,7 +1031,8 @@ class Coordinator:
             await self.ensure_owner()
             claimed = await self._claim_op(op)
             if claimed is None:
-                return                  # reassigned or finished meanwhile: not ours to run
+                return                  # reassigned, finished or interrupted: not ours to run
+            op = VolumeOp.decode(claimed)   # what is reported keeps the claim (its epoch)
             error = None
             try:
                 snap_got = await e.etcd.get(e.keys.snapshot(op.snapshot_id))
@@ -1100,10 +1101,12 @@ class Coordinator:
     async def _claim_op(self, op: VolumeOp) -> bytes | None:
         """Mark ``op`` running here, by compare-and-swap on its record; the bytes written, or
         None if the record no longer assigns it to this server (the meta re-routed it, it
-        finished). Finishing compares those bytes, so a server that lost the op (its lease
-        lapsed and the meta gave it to another) can neither report on it nor go on with it
-        (``_revert`` checks before each extent): a late "done" from it once let a revert
-        still running elsewhere roll back writes made after the user saw it finish."""
+        finished, or it was interrupted and is failed here: a ``running`` op is resumed only
+        under the ownership epoch it was claimed in). Finishing compares those bytes, so a
+        server that lost the op (its lease lapsed and the meta gave it to another) can
+        neither report on it nor go on with it (``_revert`` checks before each extent): a
+        late "done" from it once let a revert still running elsewhere roll back writes made
+        after the user saw it finish."""
         e = self.engine
         key = e.keys.volop(self.vid, op.op_id)
         got = await e.etcd.get(key)
@@ -1112,9 +1115,23 @@ class Coordinator:
         cur = VolumeOp.decode(got.value)
         if cur.executor != e.chunk_id or cur.state not in ("pending", "running"):
             return None
-        cur.state = "running"
-        claimed = cur.encode()
         t = e.etcd.transactions
+        if cur.state == "running" and cur.claim_epoch != self.epoch:
+            # Claimed here before, under another ownership (a restart of this server, a
+            # lease lapse, a fence): it was interrupted, and the volume may have been
+            # written since by whoever owned it in between, this server included. Run again,
+            # it would roll those writes back; it fails instead and the user decides.
+            cur.state = "failed"
+            cur.error = (f"interrupted: ownership of the volume moved since this {cur.kind} was "
+                         f"claimed (epoch {cur.claim_epoch}, now {self.epoch}), so the volume may "
+                         f"have been written since; not resumed")
+            ok, _ = await e.etcd.transaction(compare=[t.mod(key) == got.mod_revision],
+                                             success=[t.put(key, cur.encode())], failure=[])
+            if ok:
+                log.warning("volume %s: %s %s %s", self.vid, cur.kind, cur.op_id, cur.error)
+            return None
+        cur.state, cur.claim_epoch = "running", self.epoch
+        claimed = cur.encode()
         ok, _ = await e.etcd.transaction(compare=[t.mod(key) == got.mod_revision],
                                          success=[t.put(key, claimed)], failure=[])
         return claimed if ok else None

@@ -307,3 +307,85 @@ async def test_a_retried_snapshot_delete_never_takes_a_new_snapshots_name(ctx, m
     assert raced
     assert [s.name for s in await volumes.list_snapshots(ctx, "v")] == ["s"]
     assert await ctx.get_raw(ctx.keys.snapshot_name(vol.volume_id, "s")) is not None
+
+
+# --- a revert that outlives its caller (docs/storage.md, "Volume ops") -----------------
+
+async def test_a_revert_to_another_snapshot_is_refused_while_one_is_pending_or_running(ctx):
+    """A second revert op beside an unfinished one could run after it, much later, and roll
+    back writes made in between: while a revert of the volume is pending or running, a revert
+    to another snapshot is refused (409); the same revert still waits for the op it made."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await volops.create_snapshot(ctx, "v", "s1")
+    await volops.create_snapshot(ctx, "v", "s2")
+    await own(ctx, vol.volume_id, "c1")
+    with pytest.raises(Unavailable):
+        await volops.revert_volume(ctx, "v", "s1", timeout=0.3)         # pending on c1
+    with pytest.raises(Conflict, match="a revert to snapshot 's1' is still pending") as e:
+        await volops.revert_volume(ctx, "v", "s2", timeout=0.3)
+    assert e.value.status == 409
+    [op] = await ops_of(ctx, vol.volume_id)
+    op.state = "running"
+    await ctx.etcd.put(ctx.keys.volop(vol.volume_id, op.op_id), op.encode())
+    with pytest.raises(Conflict, match="still running"):
+        await volops.revert_volume(ctx, "v", "s2", timeout=0.3)
+    assert [o.op_id for o in await ops_of(ctx, vol.volume_id)] == [op.op_id]
+    async with Executor(ctx, "c1"):
+        op.state = "pending"
+        await ctx.etcd.put(ctx.keys.volop(vol.volume_id, op.op_id), op.encode())
+        await volops.revert_volume(ctx, "v", "s1", timeout=5)             # finished: s2 may go now
+        await volops.revert_volume(ctx, "v", "s2", timeout=5)
+    assert {o.state for o in await ops_of(ctx, vol.volume_id)} <= {"done"}   # receipts at most
+
+
+async def test_two_reverts_made_at_once_make_one_op(ctx, monkeypatch):
+    """Both list the volume's ops before either wrote one: the volume is put back with the
+    op, so the second's compare fails and its second look finds the first."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await volops.create_snapshot(ctx, "v", "s1")
+    await volops.create_snapshot(ctx, "v", "s2")
+    await own(ctx, vol.volume_id, "c1")
+    real_list, raced = ctx.list, []
+
+    async def list_then_revert(prefix, cls):
+        got = await real_list(prefix, cls)
+        if prefix == ctx.keys.volops(vol.volume_id) and not raced:
+            raced.append(True)
+            with pytest.raises(Unavailable):
+                await volops.revert_volume(ctx, "v", "s1", timeout=0.2)
+        return got
+
+    monkeypatch.setattr(ctx, "list", list_then_revert)
+    with pytest.raises(Conflict, match="'s1' is still pending"):
+        await volops.revert_volume(ctx, "v", "s2", timeout=0.2)
+    assert raced and [o.snapshot_id for o in await ops_of(ctx, vol.volume_id)] == \
+        [(await volumes.list_snapshots(ctx, "v"))[0].snapshot_id]
+
+
+async def test_the_leader_moves_a_revert_whose_executor_died_after_its_caller_gave_up(ctx):
+    """Nobody waits for the revert any more; its executor dies mid-way. The leader's periodic
+    pass moves it (back to pending) as the waiting call would have: to the live owner, else a
+    live chunk of the placement. A revert on a live executor stays where it is."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 2)
+    await volops.create_snapshot(ctx, "v", "s")
+    with pytest.raises(Unavailable):
+        await volops.revert_volume(ctx, "v", "s", timeout=0.3)
+    [op] = await ops_of(ctx, vol.volume_id)
+    op.state = "running"
+    await ctx.etcd.put(ctx.keys.volop(vol.volume_id, op.op_id), op.encode())
+    await volops.tidy_ops(ctx)
+    [same] = await ops_of(ctx, vol.volume_id)
+    assert (same.executor, same.state) == (op.executor, "running")    # live: left alone
+    await ctx.etcd.delete(ctx.keys.chunk_live(op.executor))
+    assert await volops.tidy_ops(ctx) == []
+    [moved] = await ops_of(ctx, vol.volume_id)
+    assert moved.op_id == op.op_id and moved.state == "pending"
+    assert moved.executor != op.executor and moved.executor in vol.placement
+    other = moved.executor
+    await ctx.etcd.delete(ctx.keys.chunk_live(other))
+    last = next(c for c in ("c0", "c1", "c2") if c not in (op.executor, other))
+    await own(ctx, vol.volume_id, last)                                # a live owner wins
+    await volops.tidy_ops(ctx)
+    [moved] = await ops_of(ctx, vol.volume_id)
+    assert (moved.executor, moved.state) == (last, "pending")
+

@@ -1,0 +1,108 @@
+"""The executor's half of volume ops (docs/storage.md, "Volume ops"): a real Coordinator's
+``run_volop`` against a real etcd, over in-memory replicas that record what they are sent."""
+
+from __future__ import annotations
+
+import pytest
+
+from chunk.storage.coordinator import EXTENT_SIZE, Coordinator
+from zstore.keys import Keys
+from zstore.records import ExtentRecord, Snapshot, Volume, VolumeOp, VolumeOwner
+
+
+class _Replica:
+    def __init__(self, chunk_id: str) -> None:
+        self.chunk_id, self.connected = chunk_id, True
+        self.reverts: list[tuple] = []
+        self.on_revert = None
+
+    async def revert(self, vid, idx, epoch, to_seq, seq):
+        self.reverts.append((idx, epoch, to_seq, seq))
+        if self.on_revert:
+            self.on_revert(idx)
+
+    async def fence(self, vid, idx, epoch):
+        pass
+
+
+class _Engine:
+    chunk_id, replicas_version, min_write_replicas = "me", 1, 1
+
+    def __init__(self, etcd, keys, reps) -> None:
+        self.etcd, self.keys, self.reps, self.lease = etcd, keys, reps, None
+
+    async def replica(self, chunk_id):
+        return self.reps[chunk_id]
+
+    def cached_replicas(self, chunk_ids):
+        return [self.reps[c] for c in chunk_ids]
+
+    def forget_peer(self, chunk_id):
+        pass
+
+    async def chunk_ids(self):
+        return sorted(self.reps)
+
+
+@pytest.fixture
+def keys(etcd_config):
+    return Keys(etcd_config.prefix)
+
+
+@pytest.fixture
+async def setup(etcd_client, keys):
+    """Volume v (two extents, snap_seq 3) with a ready snapshot s at seq 1, owned at epoch 4
+    by this server before (a previous run of it)."""
+    vol = Volume(volume_id="v", name="v", size=2 * EXTENT_SIZE, replicas=1, snap_seq=3)
+    await etcd_client.put(keys.volume("v"), vol.encode())
+    await etcd_client.put(keys.snapshot("s"), Snapshot(snapshot_id="s", name="s", volume_id="v",
+                                                      size=vol.size, seq=1).encode())
+    await etcd_client.put(keys.owner("v"), VolumeOwner(volume_id="v", chunk_id="me", epoch=4).encode())
+    rep = _Replica("A")
+    engine = _Engine(etcd_client, keys, {"A": rep})
+    coord = Coordinator(engine, vol)
+    coord._is_ready = True                                  # noqa: SLF001 - no _open here
+
+    async def no_refresh():
+        pass
+    coord._refresh_extents = no_refresh                     # noqa: SLF001 - the map is set here
+    for idx in (0, 1):
+        coord.extents[idx] = ExtentRecord("v", idx, ["A"], 1, {})
+    return coord, rep
+
+
+async def _op(etcd, keys, **kw) -> VolumeOp:
+    op = VolumeOp(**{"op_id": "op1", "volume_id": "v", "kind": "revert", "snapshot_id": "s",
+                     "executor": "me", **kw})
+    await etcd.put(keys.volop("v", "op1"), op.encode())
+    return op
+
+
+async def _stored(etcd, keys) -> VolumeOp:
+    return VolumeOp.decode((await etcd.get(keys.volop("v", "op1"))).value)
+
+
+async def test_a_revert_claimed_under_an_earlier_ownership_is_failed_not_resumed(setup, etcd_client, keys):
+    """This server claimed the revert (epoch 4), then restarted: meanwhile the volume may
+    have been served and written elsewhere, or by this server since. Resumed, the revert
+    would roll those acknowledged writes back; it is failed as interrupted instead."""
+    coord, rep = setup
+    op = await _op(etcd_client, keys, state="running", claim_epoch=4)
+    await coord.run_volop(op)
+    got = await _stored(etcd_client, keys)
+    assert got.state == "failed" and "interrupted" in got.error and "epoch 4, now 5" in got.error
+    assert rep.reverts == []
+
+
+async def test_a_claim_records_the_epoch_and_a_revert_resumes_under_the_same_one(setup, etcd_client, keys):
+    coord, rep = setup
+    op = await _op(etcd_client, keys)
+    await coord.run_volop(op)
+    got = await _stored(etcd_client, keys)
+    assert (got.state, got.claim_epoch) == ("done", 5)
+    assert rep.reverts == [(0, 5, 1, 3), (1, 5, 1, 3)]
+    rep.reverts.clear()
+    op = await _op(etcd_client, keys, state="running", claim_epoch=5)    # same ownership
+    await coord.run_volop(op)
+    assert (await _stored(etcd_client, keys)).state == "done" and len(rep.reverts) == 2
+
