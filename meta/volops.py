@@ -116,6 +116,19 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
         v, vrev = await ctx.get(vkey, Volume)
         if v is None:
             raise NotFound(f"volume {vol.name!r} was deleted while being snapshotted")
+        reverting = await _unfinished_reverts(ctx, vid)
+        if reverting:
+            # Its executor writes at the seq it read when it took ownership: a snapshot
+            # committed meanwhile (by the meta, once that server's lease lapsed) would take
+            # in the revert's remaining writes. The snapshot waits for the revert.
+            if time.monotonic() >= deadline:
+                rop = reverting[0][1]
+                raise Unavailable(
+                    f"snapshot {cur.name!r} of volume {vol.name!r} waits for a revert of the volume "
+                    f"that is still unfinished ({rop.state} on chunk server {rop.executor})",
+                    hint="the request stays pending: repeat the same create once the revert finished")
+            await asyncio.sleep(POLL)
+            continue
         owner, orev = await live_owner(ctx, vid)
         if owner is not None:
             if op is None or op.executor != owner.chunk_id:

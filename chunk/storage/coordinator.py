@@ -1181,6 +1181,16 @@ class Coordinator:
 
     async def _revert(self, to_seq: int, op: VolumeOp | None = None, claimed: bytes = b"") -> None:
         for idx in sorted(self.extents):
+            # Every REVERT goes out at the seq read when ownership was taken. Once this
+            # server's lease may have lapsed, the meta may have taken a snapshot itself
+            # (raising the seq) or handed the volume on: a REVERT sent then would land inside
+            # that snapshot. Like a write (ensure_owner), it must not start; the revert stops.
+            lease = self.engine.lease
+            if lease is not None and (lease.lease_gen != self._lease_gen
+                                      or time.monotonic() >= lease.lease_deadline):
+                raise MediumError(f"interrupted before extent {idx}: this server's etcd lease may "
+                                  f"have lapsed (the volume may have been snapshotted or handed "
+                                  f"on meanwhile); stopping")
             if op is not None and not await self._still_claimed(op, claimed):
                 raise MediumError(f"revert {op.op_id} was handed to another server; stopping")
             # Held: a recovery copy of this extent must not join between the revert of the

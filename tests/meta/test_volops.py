@@ -389,3 +389,27 @@ async def test_the_leader_moves_a_revert_whose_executor_died_after_its_caller_ga
     [moved] = await ops_of(ctx, vol.volume_id)
     assert (moved.executor, moved.state) == (last, "pending")
 
+
+async def test_the_meta_takes_no_snapshot_while_a_revert_is_unfinished(ctx):
+    """A revert's executor writes at the seq it read when it took ownership. If its lease
+    lapsed, the meta would take the snapshot itself and raise the seq, and the revert's
+    remaining writes (at the old seq) would land inside the new snapshot: the snapshot waits
+    for the revert to finish instead."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 2)
+    await volops.create_snapshot(ctx, "v", "s")
+    await own(ctx, vol.volume_id, "c1")
+    with pytest.raises(Unavailable):
+        await volops.revert_volume(ctx, "v", "s", timeout=0.3)
+    [op] = await ops_of(ctx, vol.volume_id)
+    op.state = "running"
+    key = ctx.keys.volop(vol.volume_id, op.op_id)
+    await ctx.etcd.put(key, op.encode())
+    await ctx.etcd.delete(ctx.keys.chunk_live("c1"))                    # no live owner now
+    with pytest.raises(Unavailable, match="revert .* unfinished"):
+        await volops.create_snapshot(ctx, "v", "t", timeout=0.3)
+    v, _ = await ctx.get(ctx.keys.volume(vol.volume_id), Volume)
+    assert v.snap_seq == 2
+    op.state = "done"
+    await ctx.etcd.put(key, op.encode())
+    t, _ = await volops.create_snapshot(ctx, "v", "t", timeout=2)
+    assert t.state == "ready" and t.seq == 2

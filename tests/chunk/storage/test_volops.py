@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from chunk.storage.coordinator import EXTENT_SIZE, Coordinator
@@ -42,6 +44,11 @@ class _Engine:
 
     async def chunk_ids(self):
         return sorted(self.reps)
+
+
+class _Lease:
+    def __init__(self) -> None:
+        self.lease_deadline, self.lease_gen = time.monotonic() + 60, 1
 
 
 @pytest.fixture
@@ -105,4 +112,25 @@ async def test_a_claim_records_the_epoch_and_a_revert_resumes_under_the_same_one
     op = await _op(etcd_client, keys, state="running", claim_epoch=5)    # same ownership
     await coord.run_volop(op)
     assert (await _stored(etcd_client, keys)).state == "done" and len(rep.reverts) == 2
+
+
+@pytest.mark.parametrize("lapse", ["new lease", "deadline passed"])
+async def test_a_revert_stops_once_the_servers_lease_may_have_lapsed(setup, etcd_client, keys, lapse):
+    """The revert writes at the seq read when ownership was taken. Once the lease may have
+    lapsed, the meta may take a snapshot itself (raising the seq) and the remaining REVERTs
+    would land inside it: the revert stops before the next extent and reports failed."""
+    coord, rep = setup
+    lease = coord.engine.lease = _Lease()
+
+    def lapse_now(idx):
+        if lapse == "new lease":
+            lease.lease_gen += 1
+        else:
+            lease.lease_deadline = time.monotonic() - 1
+    rep.on_revert = lapse_now
+    op = await _op(etcd_client, keys)
+    await coord.run_volop(op)
+    got = await _stored(etcd_client, keys)
+    assert got.state == "failed" and "lease" in got.error
+    assert [r[0] for r in rep.reverts] == [0]                 # extent 1 never reverted
 
