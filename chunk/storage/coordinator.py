@@ -1143,7 +1143,8 @@ class Coordinator:
     async def _commit_snapshot(self, op: VolumeOp, snap: Snapshot, snap_rev: int, claimed: bytes) -> None:
         e = self.engine
         t = e.etcd.transactions
-        for _ in range(8):
+        attempts = 8
+        for _ in range(attempts):
             vol_got = await e.etcd.get(e.keys.volume(self.vid))
             if vol_got is None:
                 raise MediumError(f"volume {self.vid} is gone")
@@ -1177,7 +1178,15 @@ class Coordinator:
                 raise MediumError("ownership moved during the snapshot")
             if not await self._still_claimed(op, claimed):
                 raise MediumError(f"snapshot op {op.op_id} was handed to another server")
-        await self._finish_op(op, None, claimed)
+        if snap.state == "ready":
+            await self._finish_op(op, None, claimed)        # committed already: nothing to do
+            return
+        if snap.state != "creating":
+            raise MediumError(f"snapshot {snap.snapshot_id} is {snap.state!r}; not committed")
+        # Out of compare retries (the volume record kept changing): nothing was committed,
+        # and "done" would leave the snapshot "creating" for ever behind a successful op.
+        raise MediumError(f"gave up committing snapshot {snap.snapshot_id} after {attempts} attempts: "
+                          f"the volume or snapshot record kept changing")
 
     async def _revert(self, to_seq: int, op: VolumeOp | None = None, claimed: bytes = b"") -> None:
         for idx in sorted(self.extents):

@@ -134,3 +134,26 @@ async def test_a_revert_stops_once_the_servers_lease_may_have_lapsed(setup, etcd
     assert got.state == "failed" and "lease" in got.error
     assert [r[0] for r in rep.reverts] == [0]                 # extent 1 never reverted
 
+
+async def test_a_snapshot_commit_that_gives_up_reports_failed(setup, etcd_client, keys):
+    """Every commit compare fails (a busy volume record): after its retries the op is
+    reported failed with a reason, not done with the snapshot still "creating"."""
+    coord, rep = setup
+    await etcd_client.put(keys.snapshot("s"), Snapshot(snapshot_id="s", name="s", volume_id="v",
+                                                      size=2 * EXTENT_SIZE, state="creating").encode())
+
+    class BusyEtcd:
+        def __getattr__(self, name):
+            return getattr(etcd_client, name)
+
+        async def transaction(self, compare, success, failure):
+            if len(success) == 3:                             # the commit: volume, snapshot, op
+                return False, []
+            return await etcd_client.transaction(compare=compare, success=success, failure=failure)
+    coord.engine.etcd = BusyEtcd()
+    op = await _op(etcd_client, keys, kind="snapshot")
+    await coord.run_volop(op)
+    got = await _stored(etcd_client, keys)
+    assert got.state == "failed" and "gave up" in got.error
+    snap = Snapshot.decode((await etcd_client.get(keys.snapshot("s"))).value)
+    assert snap.state == "creating"
