@@ -230,6 +230,12 @@ def _whole_extent() -> list[tuple[int, int]]:
     return [(o, min(COPY_CHUNK, EXTENT_SIZE - o)) for o in range(0, EXTENT_SIZE, COPY_CHUNK)]
 
 
+def _never_changed(rec: ExtentRecord) -> bool:
+    """The extent's replica set is as allocated (generation 1, nothing dropped): if none of
+    its replicas has it, it may never have been CREATEd (the allocator died in between)."""
+    return rec.generation == 1 and not rec.stale
+
+
 class _PendingWrite:
     """One fast-path write waiting for its remote replicas' replies."""
 
@@ -584,7 +590,9 @@ class Coordinator:
             except Exception as e:  # noqa: BLE001 - e.g. unknown peer
                 last = e
         if missing == len(order):
-            return b"", None
+            if _never_changed(rec):
+                return b"", None        # allocated, not CREATEd yet: nothing was written
+            last = "no in-sync replica has it"
         raise MediumError(f"volume {self.vid} extent {rec.index}: no replica could serve the read ({last})")
 
     # -- writes ------------------------------------------------------------------
@@ -871,6 +879,13 @@ class Coordinator:
             await asyncio.sleep(0.01 * 2 ** waits)          # 0.63 s in all
             return True
         if waits == 6 and len(failed) == len(rec.replicas) and all(r.chunk_id in rec.replicas for r, _ in failed):
+            if not _never_changed(rec):
+                # Its replica set changed since allocation, so it was CREATEd somewhere and may
+                # hold acknowledged data: every copy missing means lost (a disk not mounted, a
+                # disk replaced), not "not created yet". Creating it empty would turn every
+                # block written so far into zeros, silently.
+                raise MediumError(f"volume {self.vid} extent {idx}: no in-sync replica has it "
+                                  f"(generation {rec.generation}, stale {sorted(rec.stale)})")
             log.warning("volume %s extent %d: no replica has it; creating it", self.vid, idx)
             await self._on_replicas(idx, lambda r, epoch: r.create(self.vid, idx, epoch, rec.generation))
             return True

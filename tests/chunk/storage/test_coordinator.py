@@ -717,3 +717,43 @@ def test_a_fenced_write_without_a_snapshot_in_between_keeps_every_replica(monkey
         await coord.write(0, b"y" * 4096)
         assert coord.extents[0].replicas == ["A", "B", "C"]
     asyncio.run(main())
+
+
+class _Lost(_MemReplica):
+    """A replica whose copy of the extent is gone (its disk not mounted, or replaced)."""
+
+    def __init__(self, chunk_id: str) -> None:
+        super().__init__(chunk_id)
+        from chunk.storage import replicas as rk
+        self.fail, self.created = rk.NO_EXTENT, 0
+
+    async def create(self, *args):
+        self.created += 1
+
+    async def read(self, vid, idx, off, length, epoch, view=0):
+        from chunk.storage import replicas as rk
+        raise rk.ReplicaFailed(self.chunk_id, rk.NO_EXTENT, "no such extent")
+
+
+def test_an_extent_every_copy_of_which_is_lost_is_an_error_not_recreated_empty():
+    """Every in-sync replica of an extent whose replica set changed since allocation answers
+    NO_EXTENT: it was created and written, so that is loss, not "not created yet". It was once
+    CREATEd empty and written over, and reads gave zeros for everything written before."""
+    async def main():
+        reps = {k: _Lost(k) for k in "AB"}
+        coord = _mem_coordinator(reps, ["A", "B"])
+        coord.engine.local_store_for = lambda rec: None     # no local replica: reads go remote
+        coord.engine.cached_replica = reps.get
+        coord.extents[0] = ExtentRecord("v", 0, ["A", "B"], 3, {"C": 2})
+        with pytest.raises(MediumError, match="no in-sync replica has it"):
+            await coord.write(0, b"z" * 4096)
+        assert reps["A"].created == reps["B"].created == 0
+        with pytest.raises(MediumError, match="no in-sync replica has it"):
+            await coord.read(0, 4096)
+        # as allocated (generation 1, nothing dropped): not created yet, so created now
+        coord.extents[0] = ExtentRecord("v", 0, ["A", "B"], 1, {})
+        assert await coord.read(0, 4096) == bytes(4096)
+        for r in reps.values():
+            r.fail = None
+        await coord.write(0, b"z" * 4096)
+    asyncio.run(main())
