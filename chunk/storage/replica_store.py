@@ -592,6 +592,14 @@ class ReplicaStore:
         broken = self.broken.get((vid, idx))
         if broken is not None:
             raise StoreIOError(f"extent {vid}/{idx} is here but unusable: {broken[0]}")
+        lost = next((d for d in self._disks if d.failed or d.probe_error), None)
+        if lost is not None:
+            # Not "not here": it may sit on the disk that did not open or mount (an unmounted
+            # disk shows its empty mount point). NO_EXTENT from every replica once made the
+            # coordinator create the extent afresh, empty; an I/O error drops this replica.
+            raise StoreIOError(f"extent {vid}/{idx} is not on a usable disk here, and disk "
+                               f"{lost.path} is unusable ({lost.error or lost.probe_error}): "
+                               f"it may be there")
         raise NoExtent(f"extent {vid}/{idx} is not on this server")
 
     def _used(self, disk: _Disk) -> tuple[int, int]:

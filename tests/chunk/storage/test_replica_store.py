@@ -889,3 +889,21 @@ def test_a_block_with_more_versions_than_one_export_holds_copies_in_parts(tmp_pa
         assert dst.digest(V, 0) == src.digest(V, 0)
         for view in (0, 1, 2, 130, 200, 259, 260, 261):
             assert dst.read(V, 0, 0, SIZE, view) == src.read(V, 0, 0, SIZE, view)
+
+
+def test_an_extent_missing_beside_an_unusable_disk_is_an_io_error_not_absent(tmp_path: Path):
+    """A disk that did not mount shows its empty mount point: its extents look absent. NO_EXTENT
+    from every replica once made the coordinator create the extent afresh, empty (everything
+    written to it read as zeros); now the store says it may be there."""
+    s = ReplicaStore([(tmp_path / "d0", None), (tmp_path / "d1", None)], extent_size=SIZE)
+    try:
+        with pytest.raises(NoExtent):
+            s.read("v", 3, 0, 4096)
+        s.set_probe_error(tmp_path / "d1", "statvfs sees another filesystem: not mounted?")
+        with pytest.raises(StoreIOError, match="may be there"):
+            s.read("v", 3, 0, 4096)
+        s.set_probe_error(tmp_path / "d1", None)             # mounted again: absent is absent
+        with pytest.raises(NoExtent):
+            s.read("v", 3, 0, 4096)
+    finally:
+        s.close()
