@@ -262,6 +262,24 @@ async def test_a_snapshot_is_not_deleted_while_a_revert_to_it_runs(ctx):
     assert await volumes.list_snapshots(ctx, "v") == []
 
 
+def revert_after_the_ops_are_listed(ctx, monkeypatch, vid: str, snapshot: str) -> list:
+    """Make the next listing of the volume's ops start a revert of "v" to ``snapshot`` (left
+    pending: no executor answers) right after it read: a race with whoever listed. The list
+    returned holds True once the race ran."""
+    real_list, raced = ctx.list, []
+
+    async def list_then_revert(prefix, cls):
+        got = await real_list(prefix, cls)
+        if prefix == ctx.keys.volops(vid) and not raced:
+            raced.append(True)
+            with pytest.raises(Unavailable):
+                await volops.revert_volume(ctx, "v", snapshot, timeout=0.2)
+        return got
+
+    monkeypatch.setattr(ctx, "list", list_then_revert)
+    return raced
+
+
 async def test_a_delete_that_read_the_snapshot_before_a_revert_was_made_looks_again(ctx, monkeypatch):
     """The delete lists the volume's ops, then commits comparing the snapshot's revision: a
     revert made in between puts the snapshot back, so the delete's compare fails and its
@@ -269,17 +287,7 @@ async def test_a_delete_that_read_the_snapshot_before_a_revert_was_made_looks_ag
     vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
     await volops.create_snapshot(ctx, "v", "s")
     await own(ctx, vol.volume_id, "c1")
-    real_list, raced = ctx.list, []
-
-    async def list_then_revert(prefix, cls):
-        got = await real_list(prefix, cls)
-        if prefix == ctx.keys.volops(vol.volume_id) and not raced:
-            raced.append(True)
-            with pytest.raises(Unavailable):
-                await volops.revert_volume(ctx, "v", "s", timeout=0.2)
-        return got
-
-    monkeypatch.setattr(ctx, "list", list_then_revert)
+    raced = revert_after_the_ops_are_listed(ctx, monkeypatch, vol.volume_id, "s")
     with pytest.raises(Conflict, match="revert still running"):
         await volumes.delete_snapshot(ctx, "v", "s")
     assert raced and [s.name for s in await volumes.list_snapshots(ctx, "v")] == ["s"]
@@ -345,17 +353,7 @@ async def test_two_reverts_made_at_once_make_one_op(ctx, monkeypatch):
     await volops.create_snapshot(ctx, "v", "s1")
     await volops.create_snapshot(ctx, "v", "s2")
     await own(ctx, vol.volume_id, "c1")
-    real_list, raced = ctx.list, []
-
-    async def list_then_revert(prefix, cls):
-        got = await real_list(prefix, cls)
-        if prefix == ctx.keys.volops(vol.volume_id) and not raced:
-            raced.append(True)
-            with pytest.raises(Unavailable):
-                await volops.revert_volume(ctx, "v", "s1", timeout=0.2)
-        return got
-
-    monkeypatch.setattr(ctx, "list", list_then_revert)
+    raced = revert_after_the_ops_are_listed(ctx, monkeypatch, vol.volume_id, "s1")
     with pytest.raises(Conflict, match="'s1' is still pending"):
         await volops.revert_volume(ctx, "v", "s2", timeout=0.2)
     assert raced and [o.snapshot_id for o in await ops_of(ctx, vol.volume_id)] == \

@@ -660,32 +660,40 @@ def test_a_new_owner_flushes_every_extent_the_previous_owner_may_have_left_unflu
     asyncio.run(main())
 
 
+def _fenced_coordinator(monkeypatch, snap_seq: int, fenced: str):
+    """Replicas A, B, C at seq 4 with ``fenced`` refusing our epoch (another owner fenced them);
+    retaking ownership (no pause) un-fences them and reads the volume at ``snap_seq``."""
+    from chunk.storage import replicas as rk
+
+    async def acquire(etcd, keys, vid, chunk_id):
+        return 9, 100, Volume(volume_id=vid, name=vid, size=EXTENT_SIZE, replicas=3, snap_seq=snap_seq)
+    monkeypatch.setattr(coordinator_module.ownership, "acquire", acquire)
+    reps = {k: _MemReplica(k) for k in "ABC"}
+    coord = _mem_coordinator(reps, ["A", "B", "C"])
+    coord.seq = 4
+
+    async def no_refresh():
+        pass
+    coord._refresh_extents = no_refresh                 # noqa: SLF001
+    for k in fenced:
+        reps[k].fail = rk.STALE_EPOCH
+
+    async def retake(lost, attempt, deadline):          # what _retake does, minus the pause
+        for k in fenced:
+            reps[k].fail = None
+        coord.epoch = 0
+        await coord.ensure_owner()
+    coord._retake = retake                              # noqa: SLF001
+    return coord, reps
+
+
 def test_a_fenced_write_that_a_snapshot_split_drops_the_replicas_on_the_smaller_side(monkeypatch):
     """A deposed owner's write lands on A (not yet fenced) and is refused by B and C (fenced by
     the new owner, who then commits a snapshot). Retaking ownership gives a higher seq: the
     snapshot holds the write on A only, and repeating it at the new seq cannot change that.
     Before, all three were kept and the snapshot read differently depending on the replica."""
-    from chunk.storage import replicas as rk
-
-    async def acquire(etcd, keys, vid, chunk_id):
-        return 9, 100, Volume(volume_id=vid, name=vid, size=EXTENT_SIZE, replicas=3, snap_seq=5)
-    monkeypatch.setattr(coordinator_module.ownership, "acquire", acquire)
-
     async def main():
-        reps = {k: _MemReplica(k) for k in "ABC"}
-        coord = _mem_coordinator(reps, ["A", "B", "C"])
-        coord.seq = 4
-
-        async def no_refresh():
-            pass
-        coord._refresh_extents = no_refresh                 # noqa: SLF001
-        reps["B"].fail = reps["C"].fail = rk.STALE_EPOCH    # fenced by the other owner
-
-        async def retake(lost, attempt, deadline):          # what _retake does, minus the pause
-            reps["B"].fail = reps["C"].fail = None
-            coord.epoch = 0
-            await coord.ensure_owner()
-        coord._retake = retake                              # noqa: SLF001
+        coord, reps = _fenced_coordinator(monkeypatch, snap_seq=5, fenced="BC")
         await coord.write(0, b"x" * 4096)
         assert coord.seq == 5 and coord.extents[0].replicas == ["B", "C"]
         assert all(r.state[0] == b"x" * 4096 for r in (reps["B"], reps["C"]))   # the repeat landed
@@ -693,27 +701,8 @@ def test_a_fenced_write_that_a_snapshot_split_drops_the_replicas_on_the_smaller_
 
 
 def test_a_fenced_write_without_a_snapshot_in_between_keeps_every_replica(monkeypatch):
-    from chunk.storage import replicas as rk
-
-    async def acquire(etcd, keys, vid, chunk_id):
-        return 9, 100, Volume(volume_id=vid, name=vid, size=EXTENT_SIZE, replicas=3, snap_seq=4)
-    monkeypatch.setattr(coordinator_module.ownership, "acquire", acquire)
-
     async def main():
-        reps = {k: _MemReplica(k) for k in "ABC"}
-        coord = _mem_coordinator(reps, ["A", "B", "C"])
-        coord.seq = 4
-
-        async def no_refresh():
-            pass
-        coord._refresh_extents = no_refresh                 # noqa: SLF001
-        reps["C"].fail = rk.STALE_EPOCH
-
-        async def retake(lost, attempt, deadline):
-            reps["C"].fail = None
-            coord.epoch = 0
-            await coord.ensure_owner()
-        coord._retake = retake                              # noqa: SLF001
+        coord, _ = _fenced_coordinator(monkeypatch, snap_seq=4, fenced="C")
         await coord.write(0, b"y" * 4096)
         assert coord.extents[0].replicas == ["A", "B", "C"]
     asyncio.run(main())

@@ -11,6 +11,8 @@ from chunk.storage.coordinator import EXTENT_SIZE, Coordinator
 from zstore.keys import Keys
 from zstore.records import ExtentRecord, Snapshot, Volume, VolumeOp, VolumeOwner
 
+from .test_coordinator import _MemEngine
+
 
 class _Replica:
     def __init__(self, chunk_id: str) -> None:
@@ -27,23 +29,12 @@ class _Replica:
         pass
 
 
-class _Engine:
-    chunk_id, replicas_version, min_write_replicas = "me", 1, 1
+class _Engine(_MemEngine):
+    """test_coordinator's in-memory engine, over a real etcd."""
 
     def __init__(self, etcd, keys, reps) -> None:
-        self.etcd, self.keys, self.reps, self.lease = etcd, keys, reps, None
-
-    async def replica(self, chunk_id):
-        return self.reps[chunk_id]
-
-    def cached_replicas(self, chunk_ids):
-        return [self.reps[c] for c in chunk_ids]
-
-    def forget_peer(self, chunk_id):
-        pass
-
-    async def chunk_ids(self):
-        return sorted(self.reps)
+        super().__init__(reps)
+        self.etcd, self.keys = etcd, keys
 
 
 class _Lease:
