@@ -42,7 +42,8 @@ from .cdb import U16, U32, U64, lba_len, need
 from .inquiry import BlockLimits, LunIdentity
 from .luns import report_luns_command
 from .nexus import Nexus
-from .reservations import PREEMPT_AND_ABORT, Access, ReservationState
+from .reservations import (CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER_AND_MOVE, RESERVE, Access,
+                           ReservationState)
 from .sense import (ASC_BUS_DEVICE_RESET, ASC_CAPACITY_CHANGED, ASC_MODE_PARAMS_CHANGED,
                     ASC_NO_ADDITIONAL, ASC_POWER_ON_RESET, ASC_SPACE_ALLOC_FAILED_WP,
                     ASC_UNRECOVERED_READ, ASC_WRITE_ERROR, CHECK_CONDITION, DATA_PROTECT,
@@ -57,6 +58,11 @@ __all__ = ["LogicalUnit", "Nexus", "ScsiResult", "LunIdentity"]
 _UA_EXEMPT = frozenset((op.INQUIRY, op.REPORT_LUNS, op.REQUEST_SENSE))
 _MAX_UAS = 16
 _PATTERN_CHUNK = 1 << 20
+
+
+# PR OUT service actions a read-only LU refuses: they take the reservation or remove
+# other nexuses' registrations.
+_RESTRICTING_PROUT = frozenset((RESERVE, CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER_AND_MOVE))
 
 
 def _first_difference(a: bytes | memoryview, b: bytes | memoryview) -> int:
@@ -786,6 +792,11 @@ class LogicalUnit:
         if plen == 24 and (data_out is None or len(data_out) < 24):
             raise data_out_too_short()
         params = bytes(data_out or b"")[:24]
+        if self.dev.readonly and cdb[1] & 0x1F in _RESTRICTING_PROUT:
+            # A read-only grant (a read-only ACL entry, a snapshot LUN) shares the volume's
+            # reservation state with the writers: a reservation or preemption from it would
+            # lock out or deregister every writer. Registering and releasing its own stay.
+            raise write_protected()
         if cdb[1] & 0x1F == PREEMPT_AND_ABORT:
             # SPC-4 5.13.11.2.4: the preempted nexuses' tasks are aborted before this
             # completes. Here: writes in flight finish first, and writes not yet started
@@ -801,6 +812,8 @@ class LogicalUnit:
         return None
 
     async def _reserve(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
+        if self.dev.readonly:                             # as PR OUT's RESERVE, above
+            raise write_protected()
         await self.reservations.spc2_reserve(nexus)
         await self.reservations.settle()
         return None

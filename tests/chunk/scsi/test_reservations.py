@@ -310,3 +310,42 @@ async def test_preempt_and_abort_lets_no_write_of_the_preempted_host_land_after_
     assert bytes(await dev.read(512, 512)) == bytes(512)
     assert await reservation(lu) == (K2, WE_RO)
     assert not await can_write(lu, H1) and await can_write(lu, H2)
+
+
+# --- a read-only grant sharing the volume's reservation state --------------------------
+
+def _rw_and_ro_views():
+    """The read-write LU of a volume and a read-only one (a read-only ACL entry, or a
+    snapshot export's readers) over one reservation state, as the target builds them."""
+    from chunk.scsi import LogicalUnit
+    from .helpers import IDENT
+    rw = make_lu()
+    ro = LogicalUnit(MemoryBlockDevice(1 << 20, readonly=True), IDENT, power_on_ua=False,
+                     reservations=rw.reservations)
+    return rw, ro
+
+
+async def test_a_read_only_view_cannot_reserve_or_preempt_the_writers_away():
+    """A host granted read-only access took RESERVE(6) or a PR reservation, or preempted the
+    writer's registration, and the read-write host's READ and WRITE then got RESERVATION
+    CONFLICT: a read grant could lock every writer out."""
+    rw, ro = _rw_and_ro_views()
+    check(await run(ro, bytes((0x16,)) + bytes(5), nexus=H2), 0x7, 0x27)       # RESERVE(6)
+    assert await can_write(rw, H1) and await can_read(rw, H1)
+    await register(rw, H1, K1)
+    await register(ro, H2, K2)                        # registering its own key stays allowed
+    for sa, rtype in ((RESERVE, EA), (PREEMPT, EA), (PREEMPT_ABORT, EA), (CLEAR, 0)):
+        check(await out(ro, H2, sa, K2, K1, rtype), 0x7, 0x27)
+    assert await keys(rw) == (2, [K1, K2])            # nothing changed
+    assert await reservation(rw) is None
+    assert await can_write(rw, H1) and await can_read(rw, H1)
+    good(await out(ro, H2, REGISTER, K2, 0))          # and unregistering it
+    assert (await keys(rw))[1] == [K1]
+
+
+async def test_a_read_only_view_still_reads_under_the_writers_reservation():
+    rw, ro = _rw_and_ro_views()
+    await register(rw, H1, K1)
+    good(await out(rw, H1, RESERVE, K1, 0, WE))       # Write Exclusive: others may read
+    assert await can_read(ro, H2)
+    good(await run(ro, bytes((0x17,)) + bytes(5), nexus=H2))   # RELEASE(6) of nothing: GOOD
