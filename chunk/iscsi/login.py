@@ -46,7 +46,7 @@ from .text import Pairs, TextAssembler, encode_text, split_text
 log = logging.getLogger(__name__)
 
 SERIAL_MASK = 0xFFFFFFFF
-WINDOW = 128                    # MaxCmdSN = ExpCmdSN + WINDOW - 1
+WINDOW = 128                    # default command window: MaxCmdSN = ExpCmdSN + window - 1
 LOGIN_SEGMENT = 8192            # MaxRecvDataSegmentLength in force during login (§6.1)
 PDU_TIMEOUT = 30.0
 LOGIN_DEADLINE = 60.0
@@ -108,7 +108,7 @@ class _Redirect(Exception):
 async def login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, policy: LoginPolicy,
                 prefs: TargetPreferences, *, tpgt: int = 1, first_pdu_timeout: float = 10.0,
                 pdu_timeout: float = PDU_TIMEOUT, deadline: float = LOGIN_DEADLINE,
-                max_pdus: int = MAX_LOGIN_PDUS) -> LoginResult | None:
+                max_pdus: int = MAX_LOGIN_PDUS, window: int = WINDOW) -> LoginResult | None:
     """Run the login phase on a fresh connection.
 
     Returns the result after sending the final Login Response, or None after
@@ -117,7 +117,7 @@ async def login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, poli
     ``deadline`` bounds the whole login and ``max_pdus`` its requests, so a
     slow or malicious client cannot hold the connection.
     """
-    state = _Login(reader, writer, policy, prefs, tpgt, pdu_timeout, deadline, max_pdus)
+    state = _Login(reader, writer, policy, prefs, tpgt, pdu_timeout, deadline, max_pdus, window)
     try:
         return await state.run(first_pdu_timeout)
     except _Redirect as r:
@@ -141,8 +141,9 @@ class _Login:
     """State of one connection's login: stage, sequence numbers, negotiator, CHAP."""
 
     def __init__(self, reader, writer, policy: LoginPolicy, prefs: TargetPreferences,
-                 tpgt: int, pdu_timeout: float, deadline: float, max_pdus: int):
+                 tpgt: int, pdu_timeout: float, deadline: float, max_pdus: int, window: int = WINDOW):
         self.r, self.w, self.policy = reader, writer, policy
+        self.window = max(1, window)    # the session's command window: what MaxCmdSN grants
         self.neg = LoginNegotiator(prefs, leading=True, target_portal_group_tag=tpgt)
         self.pdu_timeout, self.max_pdus = pdu_timeout, max_pdus
         self.deadline = time.monotonic() + deadline
@@ -308,7 +309,7 @@ class _Login:
             nsg=nsg if transit else 0, version_max=ISCSI_VERSION, version_active=ISCSI_VERSION,
             isid=first.isid if first else bytes(6), itt=first.itt if first else 0,
             tsih=tsih if tsih is not None else (first.tsih if first else 0), statsn=self.statsn,
-            expcmdsn=cmdsn, maxcmdsn=(cmdsn + WINDOW - 1) & SERIAL_MASK,
+            expcmdsn=cmdsn, maxcmdsn=(cmdsn + self.window - 1) & SERIAL_MASK,
             status_class=status.status_class, status_detail=status.status_detail, data=data)
         self.statsn = (self.statsn + 1) & SERIAL_MASK
         return resp

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from . import pdu as P
 from .constants import (RESERVED_TAG, AsyncEvent, LogoutReason, LogoutResponseCode, RejectReason,
@@ -58,6 +58,9 @@ class _Answer:
 # CHECK CONDITION, ABORTED COMMAND, 0C/0D: the iSCSI condition "Incorrect amount of data"
 INCORRECT_AMOUNT_OF_DATA = _Answer(ScsiStatus.CHECK_CONDITION, None,
                                    bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x0C, 0x0D, 0, 0, 0, 0]))
+
+# SPC-4: the unit attention a CLEAR TASK SET leaves the other nexuses whose tasks it cleared
+ASC_COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = (0x2F, 0x00)
 
 
 class LunResolver(Protocol):
@@ -131,7 +134,8 @@ class Session:
                  resolver: LunResolver, scsi: Any, nexus: Any, window: int = 128,
                  nop_interval: float = 15.0, nop_timeout: float = 15.0,
                  on_close: Callable[["Session"], None] | None = None,
-                 write_buffer_budget: int = WRITE_BUFFER_BUDGET):
+                 write_buffer_budget: int = WRITE_BUFFER_BUDGET,
+                 peers: Callable[[], Iterable["Session"]] | None = None):
         self.r, self.w, self.p = reader, writer, params
         try:
             # cached for the answers' flush: asyncio.get_running_loop() is a getpid() syscall
@@ -145,6 +149,9 @@ class Session:
         self.resolver, self.scsi, self.nexus = resolver, scsi, nexus
         self.nop_interval, self.nop_timeout = nop_interval, nop_timeout
         self.on_close = on_close
+        # Every session of this target server, this one included (the target's table): the
+        # scope of LOGICAL UNIT RESET, CLEAR TASK SET and the target resets. None: only this one.
+        self.peers = peers
         self.tasks: dict[int, Task] = {}          # ITT -> task (received, not yet answered)
         self.units_used: set[Any] = set()         # LUs told when this nexus goes away
         # Write data buffers: a command's full buffer (up to max_transfer_bytes) is granted while
@@ -836,13 +843,24 @@ class Session:
                                            datasn, resid))
 
     # --- task management -----------------------------------------------------------
+    #
+    # Scope (SAM-5 7, RFC 7143 11.5.1): ABORT TASK and ABORT TASK SET act on the issuing
+    # I_T nexus's own tasks; CLEAR TASK SET and LOGICAL UNIT RESET on every task of the LU,
+    # whichever session of this target server sent it; a target reset on every LU of the
+    # target the issuer may access (SAM's rule with access controls), and a cold reset then
+    # ends every session of the target. Other chunk servers' sessions are not reached.
+    # The TMF response goes out once every affected task is done: running ones finish
+    # (unanswered), the others are dropped at once, and Data-Out still coming for any of
+    # them is taken and dropped, in whichever session it was.
 
     def _discard_later(self, table: dict[int, None], tag: int) -> None:
         if len(table) >= self.window:
             del table[next(iter(table))]
         table[tag] = None
 
-    async def _abort(self, tasks: list[Task]) -> None:
+    def _abort_now(self, tasks: Iterable[Task]) -> list:
+        """Abort ``tasks`` of this session: never answered, their window slots free, their
+        Data-Out dropped. Returns the runners still running, for the caller to wait on."""
         runners = []
         for t in tasks:
             t.aborted = True
@@ -859,8 +877,86 @@ class Session:
                 self._release_buffer(t)
             if t.runner is not None and not t.runner.done():
                 runners.append(t.runner)
+        return runners
+
+    async def _abort(self, tasks: list[Task]) -> None:
+        runners = self._abort_now(tasks)
         if runners:      # a running command finishes; its response is suppressed
-            await asyncio.gather(*runners, return_exceptions=True)
+            # wait, not gather: this TMF's end must never cancel a command's runner
+            await asyncio.wait(runners)
+
+    def _abort_pending(self, match: Callable[[int, Any], bool], before: int | None = None) -> int:
+        """Abort held (out-of-order) SCSI commands that ``match(lun, unit)`` selects, only those
+        with a CmdSN below ``before`` when given (the issuer's: sent before its TMF). Each
+        keeps its CmdSN as a placeholder, so the window moves on once the gap before it fills."""
+        n = 0
+        for sn, pdu in list(self.pending.items()):
+            if type(pdu) is not P.ScsiCommand or (before is not None and not sn_lt(sn, before)):
+                continue
+            try:
+                lun = P.decode_lun(pdu.lun)
+            except ValueError:
+                lun = -1
+            if not match(lun, self.resolver.unit(lun) if lun >= 0 else None):
+                continue
+            self.pending[sn] = P.NopOut(itt=RESERVED_TAG, cmdsn=sn)
+            if pdu.write and not pdu.final and not self.p.initial_r2t:
+                self._discard_later(self._discarding, pdu.itt)    # its unsolicited Data-Out
+            n += 1
+        return n
+
+    def _sessions(self) -> list["Session"]:
+        """This session first, then every other one of this target server."""
+        out = [self]
+        if self.peers is not None:
+            out.extend(s for s in self.peers() if s is not self)
+        return out
+
+    async def _abort_everywhere(self, units: set, req: P.TaskMgmtRequest, lun: int = -1,
+                                everything: bool = False) -> list["Session"]:
+        """Abort every task on ``units`` in every session of this server; of this one also
+        those addressed to ``lun`` (or all of them: ``everything``). Returns once the running
+        ones are done, with the other sessions that lost tasks, each told its new MaxCmdSN."""
+        runners: list = []
+        hit: list[Session] = []
+        for s in self._sessions():
+            if s is self:
+                def mine(tl: int, tu: Any) -> bool:
+                    return everything or tu in units or tl == lun
+                runners += self._abort_now([t for t in self.tasks.values() if mine(t.lun, t.unit)])
+                self._abort_pending(mine, req.cmdsn)
+                continue
+            tasks = [t for t in s.tasks.values() if t.unit in units]
+            held = s._abort_pending(lambda tl, tu: tu in units) if s.pending else 0   # noqa: SLF001
+            if tasks or held:
+                runners += s._abort_now(tasks)                                          # noqa: SLF001
+                hit.append(s)
+                log.info("%s: %s from %s aborted %d of its commands", s.nexus.initiator,
+                         TmfFunction(req.function).name, self.nexus.initiator, len(tasks) + held)
+        if runners:
+            await asyncio.wait(runners)
+        for s in hit:
+            s._announce_window()                                                        # noqa: SLF001
+        return hit
+
+    def _announce_window(self) -> None:
+        """A NOP-In asking for nothing (ITT and TTT reserved, StatSN not advanced) to carry the
+        MaxCmdSN that another session's TMF freed by aborting tasks here: they get no
+        response, and an initiator whose window they filled would never learn it otherwise."""
+        self._send(P.NopIn(itt=RESERVED_TAG, ttt=RESERVED_TAG, lun=0), status=False)
+
+    def _target_units(self) -> set:
+        """The LUs a target reset acts on: the target's LUs this initiator may access (SAM:
+        no change to those it is denied), among those open here (an unopened one has no
+        task and no nexus state on this server)."""
+        view = self.resolver
+        opened = getattr(view, "opened_unit", None) or view.unit
+        units = set()
+        for lun in view.visible_luns():
+            unit = opened(lun)
+            if unit is not None:
+                units.add(unit)
+        return units
 
     async def _task_mgmt(self, req: P.TaskMgmtRequest) -> None:
         fn = req.function
@@ -892,16 +988,46 @@ class Session:
             unit = self.resolver.unit(lun) if lun >= 0 else None
             if unit is None:
                 resp = TmfResponse.LUN_DOES_NOT_EXIST
+            elif fn == TmfFunction.ABORT_TASK_SET:
+                # SAM-5: the task set of the issuing I_T nexus only
+                def ours(tl: int, tu: Any) -> bool:
+                    return tl == lun or tu is unit
+                self._abort_pending(ours, req.cmdsn)
+                await self._abort([t for t in self.tasks.values() if ours(t.lun, t.unit)])
             else:
-                await self._abort([t for t in self.tasks.values() if t.lun == lun])
-                if fn == TmfFunction.LOGICAL_UNIT_RESET and hasattr(unit, "reset"):
-                    unit.reset(self.nexus)
+                hit = await self._abort_everywhere({unit}, req, lun)
+                if fn == TmfFunction.LOGICAL_UNIT_RESET:
+                    if hasattr(unit, "reset"):
+                        unit.reset(self.nexus)      # BUS DEVICE RESET FUNCTION OCCURRED, every nexus
+                else:
+                    # SPC-4 (Control mode page TAS=0, the only value we report): the other
+                    # nexuses whose tasks were cleared learn it by COMMANDS CLEARED BY ANOTHER
+                    # INITIATOR; the aborted tasks themselves get no status.
+                    post = getattr(unit, "post_unit_attention", None)
+                    if post is not None:
+                        for s in hit:
+                            if s.nexus != self.nexus:
+                                post(ASC_COMMANDS_CLEARED_BY_ANOTHER_INITIATOR, s.nexus)
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            await self._abort(list(self.tasks.values()))
+            units = self._target_units()
+            await self._abort_everywhere(units, req, everything=True)
+            for unit in units:
+                if hasattr(unit, "reset"):
+                    unit.reset(self.nexus)
             self._send(P.TaskMgmtResponse(itt=req.itt, response=resp))
             if fn == TmfFunction.TARGET_COLD_RESET:
+                # RFC 7143 11.5.1: after the response, every connection of the target closes.
                 self._flush()
-                await self.w.drain()
+                try:
+                    await self.w.drain()
+                except ConnectionError:
+                    pass
+                target = self.p.target_name
+                for s in self._sessions()[1:]:
+                    if s.p.target_name == target and not s.p.discovery:
+                        log.info("%s: TARGET COLD RESET from %s ends its session", s.nexus.initiator,
+                                 self.nexus.initiator)
+                        await s.close()
                 await self.close()
             return
         elif fn == TmfFunction.TASK_REASSIGN:

@@ -7,7 +7,9 @@ as a LUN — and shared by every session, so SCSI state such as reservations and
 unit attentions is per LU, not per connection.
 
 The session table is published (``session_list``, listeners told of every
-login and logout) so the cluster can see which initiator is where. A draining
+login and logout) so the cluster can see which initiator is where; it is also the
+scope of task management functions that reach beyond the issuing session (LOGICAL UNIT
+RESET, CLEAR TASK SET, the target resets: see ``Session._task_mgmt``). A draining
 target (``set_draining``) asks its normal sessions to log out and closes the
 ones still there after a grace period, so initiators log in again through the
 VIP and land on another chunk server; new logins are still served.
@@ -153,6 +155,13 @@ class SessionView:
                 unit = self.t.units.get(access)
         self._units[lun] = unit
         return unit
+
+    def opened_unit(self, lun: int):
+        """The unit behind ``lun`` if this server has it open, else None (never opens one)."""
+        if self.target_iqn is None:
+            return None
+        access = self.t.catalog.lun_access(self.target_iqn, self.initiator, lun)
+        return self.t.units.opened(access) if access is not None else None
 
     def visible_luns(self) -> list[int]:
         if self.target_iqn is None:
@@ -371,7 +380,7 @@ class IscsiTarget:
                     except OSError:
                         pass
             result = await login(reader, writer, self.policy, self.cfg.prefs, tpgt=self.cfg.tpgt,
-                                 first_pdu_timeout=self.cfg.login_timeout)
+                                 first_pdu_timeout=self.cfg.login_timeout, window=self.cfg.window)
             if result is None:
                 return
             await self._serve(reader, writer, result)
@@ -407,7 +416,8 @@ class IscsiTarget:
                        resolver=SessionView(self, p.initiator_name, target_iqn), scsi=ScsiGlue, nexus=nexus,
                        window=self.cfg.window, nop_interval=self.cfg.nop_interval,
                        nop_timeout=self.cfg.nop_timeout, on_close=lambda s: self._closed(key, s),
-                       write_buffer_budget=self.cfg.write_buffer_budget)
+                       write_buffer_budget=self.cfg.write_buffer_budget,
+                       peers=self.sessions.values)
         self.sessions[key] = sess
         self.tsihs.add(r.tsih)
         self._sessions_changed()
