@@ -22,8 +22,8 @@ import os
 from typing import Protocol, runtime_checkable
 
 __all__ = [
-    "BlockDevice", "BlockDeviceError", "MediumError", "NoSpaceError", "ReadOnlyError",
-    "FileBlockDevice", "MemoryBlockDevice",
+    "BlockDevice", "BlockDeviceError", "MediumError", "MiscompareError", "NoSpaceError",
+    "ReadOnlyError", "FileBlockDevice", "MemoryBlockDevice",
 ]
 
 
@@ -43,6 +43,17 @@ class ReadOnlyError(BlockDeviceError):
     """The device (or its backing store) refuses writes."""
 
 
+class MiscompareError(BlockDeviceError):
+    """``compare_and_write``: the data differs from the expected; nothing was written.
+
+    ``offset`` is the byte offset of the first difference inside the compared range (the
+    MISCOMPARE sense's INFORMATION field)."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"miscompare at byte {offset}")
+        self.offset = offset
+
+
 @runtime_checkable
 class BlockDevice(Protocol):
     block_size: int       # logical block size in bytes (512 or 4096)
@@ -55,6 +66,13 @@ class BlockDevice(Protocol):
     async def flush(self) -> None: ...
     async def unmap(self, offset: int, length: int) -> None: ...
     async def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    # Optional (not part of the protocol check): a device that several servers may write at
+    # once offers ``async compare_and_write(offset, expected, new, fua=False)``, atomic with
+    # respect to every writer of the device, raising ``MiscompareError`` when the data is not
+    # ``expected``. The SCSI layer runs COMPARE AND WRITE through it when present; otherwise
+    # it reads, compares and writes under its own lock, atomic only for its own writes
+    # (enough for a device only this process writes, such as a file).
 
 
 def _check_geometry(size: int, block_size: int) -> None:

@@ -549,7 +549,17 @@ class LogicalUnit:
             raise data_out_too_short()
         view = memoryview(data_out)
         fua = bool(flags & 0x08) or not self.modes.wce
+        caw = getattr(self.dev, "compare_and_write", None)
         async with self._atomic(nexus):
+            if caw is not None:
+                # The device's own: atomic against every writer of it (a replicated volume
+                # is written through several chunk servers); our lock orders it against ours.
+                from chunk.blockdev import MiscompareError
+                try:
+                    await caw(lba * bs, view[:half], view[half:2 * half], fua)
+                except MiscompareError as e:
+                    raise miscompare(e.offset) from None
+                return None
             have = await self.dev.read(lba * bs, half)
             if memoryview(have) != view[:half]:
                 raise miscompare(_first_difference(view[:half], have))

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from chunk.blockdev import MediumError, NoSpaceError, ReadOnlyError
+from chunk.blockdev import MediumError, MiscompareError, NoSpaceError, ReadOnlyError
 from zstore import etcd as zetcd
 from zstore.records import ExtentRecord, RecoveryTask, Snapshot, Volume, VolumeOp
 
@@ -258,6 +258,36 @@ class _PendingWrite:
             if not self.left:
                 self.coord._write_settled(self)
         return replied
+
+
+def _runs(offsets: list[int], step: int) -> list[tuple[int, int]]:
+    """Ascending offsets of ``step``-byte blocks -> [start, end) runs of adjacent ones."""
+    out: list[tuple[int, int]] = []
+    for k in offsets:
+        if out and out[-1][1] == k:
+            out[-1] = (out[-1][0], k + step)
+        else:
+            out.append((k, k + step))
+    return out
+
+
+def _first_difference(a, b) -> int:
+    """Offset of the first differing byte of two equal-length buffers that differ."""
+    a, b = memoryview(a), memoryview(b)
+    lo, step = 0, 4096
+    while a[lo:lo + step] == b[lo:lo + step]:
+        lo += step
+    for i, (x, y) in enumerate(zip(bytes(a[lo:lo + step]), bytes(b[lo:lo + step]))):
+        if x != y:
+            return lo + i
+    return lo + min(len(a) - lo, len(b) - lo, step)
+
+
+class _Unreachable:
+    """A replica whose handle could not be had (an unknown peer), as a failed one."""
+
+    def __init__(self, chunk_id: str) -> None:
+        self.chunk_id = chunk_id
 
 
 class Coordinator:
@@ -744,6 +774,302 @@ class Coordinator:
         self._mark_dirty(idx, eoff, eoff + n)
         if not fua:
             self._unflushed.add(idx)
+
+    # -- COMPARE AND WRITE ---------------------------------------------------------
+
+    async def compare_and_write(self, offset: int, expected, new, fua: bool = False) -> None:
+        """Write ``new`` at ``offset`` if the data there is ``expected``, atomically with
+        respect to every writer of the volume, on any chunk server; else raise
+        ``MiscompareError`` (the offset of the first difference) with nothing written.
+
+        The unit's own lock orders it against this server's writes; the range locks against
+        this coordinator's. Across servers the ownership epoch does it: the compare reads the
+        range from every in-sync replica *at our epoch* E, which fences every older owner
+        there (a deposed owner's write that reaches a replica after our read is refused, so
+        it cannot slip between our compare and our write, or be acknowledged as well as
+        ours); a newer owner's write fences ours. The write then goes out ONCE at E: a plain
+        write repeats a fenced attempt, which for a CAW would no longer be conditional
+        (another server may have written in between). A fenced attempt is reconciled
+        instead (``_caw_reconcile``): the range read back from every in-sync replica under
+        the retaken epoch says whether ours landed everywhere (GOOD), partly (completed,
+        GOOD) or nowhere that still shows (redone from the compare).
+        """
+        await self.ready()
+        await self.ensure_owner()
+        exp = memoryview(expected).cast("B")
+        mine = memoryview(new).cast("B")
+        n = len(mine)
+        if len(exp) != n:
+            raise ValueError("compare_and_write: expected and new differ in length")
+        if n <= 0:
+            return
+        lo, hi = offset, offset + n
+        if self.is_clone and (lo % BLOCK_SIZE or hi % BLOCK_SIZE):
+            # A clone's block is stored whole (an absent one reads as the parent's): the
+            # write covers whole blocks, their edges as the compare read them.
+            lo, hi = lo // BLOCK_SIZE * BLOCK_SIZE, -(-hi // BLOCK_SIZE) * BLOCK_SIZE
+        parts = list(self._split(lo, hi - lo))
+        await self._gate.enter()
+        try:
+            for idx in sorted({p[0] for p in parts}):
+                if idx not in self.extents or idx in self._alloc:
+                    await self._allocate(idx)
+            tokens: list[tuple[int, int]] = []
+            try:
+                for idx, eoff, m in parts:          # ascending: two CAWs never wait on each other
+                    tokens.append((idx, await self._locks.begin(idx, eoff, eoff + m)))
+                await self._caw_locked(parts, lo, offset - lo, exp, mine, fua)
+            finally:
+                for idx, token in tokens:
+                    self._locks.end(idx, token)
+        finally:
+            self._gate.leave()
+
+    async def _caw_locked(self, parts, lo: int, at: int, exp, mine, fua: bool) -> None:
+        """``compare_and_write`` under the gate and the range locks of ``parts`` ([lo, ...));
+        the compared bytes are at ``at`` of the range."""
+        n = len(mine)
+        deadline = time.monotonic() + RETAKE_WINDOW
+        attempt = 0
+        while True:
+            await self.ensure_owner()               # an epoch (a lease lapse may have cleared it)
+            epoch, seq = self.epoch, self.seq
+            have = await self._caw_read(parts, epoch)
+            if have is None:                        # fenced before anything was written
+                await self._retake(epoch, attempt, deadline)
+                attempt += 1
+                continue
+            if have[at:at + n] != exp:
+                raise MiscompareError(_first_difference(exp, have[at:at + n]))
+            buf = bytearray(have)
+            buf[at:at + n] = mine
+            sent = await self._caw_send(parts, lo, buf, epoch, seq, fua)
+            if sent is None:                        # every replica took it (or was dropped)
+                self._caw_written(parts, fua)
+                return
+            self._caw_written(parts, True)          # possibly landed somewhere: dirty logs
+            # Fenced: another server owns the volume now and may have written the range
+            # since our compare. The attempt is not repeated; what it left is looked at.
+            while True:
+                await self._retake(epoch, attempt, deadline)
+                attempt += 1
+                await self.ensure_owner()           # taken back by another request meanwhile
+                if self.seq != seq and sent is not None:
+                    # A snapshot was committed since the attempt: it holds it where it landed
+                    # and not elsewhere; the smaller side goes (see _split_by_snapshot).
+                    for (idx, eoff, m), (targets, results) in zip(parts, sent):
+                        if targets is not None:
+                            await self._split_by_snapshot(idx, targets, results, seq, eoff, eoff + m)
+                epoch, seq = self.epoch, self.seq
+                verdict, again = await self._caw_reconcile(parts, lo, have, buf, epoch, seq, fua)
+                if verdict != "fenced":
+                    break
+                if again is not None:
+                    sent = again                    # the completing attempt is the one to split
+            if verdict == "done":
+                if fua:
+                    await self._caw_flush(parts)
+                else:
+                    self._caw_written(parts, False)
+                return
+            # "redo": ours shows nowhere. The compare again, under the epoch now held (it
+            # reads whatever the other server wrote meanwhile).
+
+    def _caw_written(self, parts, fua: bool) -> None:
+        for idx, eoff, m in parts:
+            self._mark_dirty(idx, eoff, eoff + m)
+            if not fua:
+                self._unflushed.add(idx)
+
+    async def _caw_flush(self, parts) -> None:
+        for idx in sorted({p[0] for p in parts}):
+            await self._on_replicas(idx, lambda r, epoch, idx=idx: r.flush(self.vid, idx, epoch))
+
+    async def _caw_read_all(self, idx: int, eoff: int, m: int, epoch: int):
+        """Read [eoff, eoff + m) of extent ``idx`` from every in-sync replica at ``epoch``:
+        (record, [(replica or chunk id, data or the failure)]) in read order."""
+        rec = self.extents[idx]
+        order = self._read_order(rec)
+
+        async def one(cid: str):
+            try:
+                r = await self.engine.replica(cid)
+            except Exception as e:  # noqa: BLE001 - e.g. an unknown peer: it cannot answer
+                return _Unreachable(cid), rk.ReplicaFailed(cid, rk.UNAVAILABLE, str(e))
+            try:
+                data, present = await r.read(self.vid, idx, eoff, m, epoch, 0)
+            except Exception as e:  # noqa: BLE001 - sorted out by the caller
+                return r, e
+            return r, await self._fill_absent(idx, eoff, m, bytes(data), present)
+
+        return rec, list(await asyncio.gather(*(one(c) for c in order)))
+
+    async def _fill_absent(self, idx: int, eoff: int, m: int, data: bytes, present) -> bytes:
+        """A clone's replica data with its absent blocks read from the parent (as ``_read_part``)."""
+        if self.parent is None or present is None:
+            return data
+        first = eoff // BLOCK_SIZE
+        runs = _absent_runs(present, len(_blocks(eoff, eoff + m)))
+        if not runs:
+            return data
+        buf = bytearray(data)
+        for a, b in runs:
+            s = max(eoff, (first + a) * BLOCK_SIZE)
+            e = min(eoff + m, (first + b) * BLOCK_SIZE)
+            buf[s - eoff:e - eoff] = await self.parent.read(idx * EXTENT_SIZE + s, e - s)
+        return bytes(buf)
+
+    async def _absent(self, idx: int, eoff: int, m: int) -> bytes:
+        if self.parent is not None:
+            return await self.parent.read(idx * EXTENT_SIZE + eoff, m)
+        return bytes(m)
+
+    async def _caw_read(self, parts, epoch: int) -> bytes | None:
+        """The compare's read: the range as the first in-sync replica (in read order) that
+        reads it has it, every in-sync replica having been read at ``epoch`` (each admits it:
+        older owners are fenced there from now on); None if one refused the epoch."""
+        out = []
+        for idx, eoff, m in parts:
+            rec, got = await self._caw_read_all(idx, eoff, m, epoch)
+            data, missing, last = None, 0, None
+            for r, res in got:
+                if isinstance(res, rk.ReplicaFailed) and res.kind == rk.STALE_EPOCH:
+                    return None
+                if isinstance(res, BaseException):
+                    last = res
+                    self.counters["read_retries"] += 1
+                    if isinstance(res, rk.ReplicaFailed):
+                        missing += res.kind == rk.NO_EXTENT
+                        if res.kind == rk.UNAVAILABLE:
+                            self.engine.forget_peer(res.chunk_id)
+                        if res.kind == rk.CHECKSUM:
+                            self.counters["checksum_errors"] += 1
+                    continue
+                if data is None:
+                    data = res
+            if data is None:
+                if got and missing == len(got) and _never_changed(rec):
+                    data = await self._absent(idx, eoff, m)   # allocated, not CREATEd yet
+                else:
+                    raise MediumError(f"volume {self.vid} extent {idx}: no replica could serve "
+                                      f"the compare ({last or 'no in-sync replica'})")
+            out.append(data)
+        return b"".join(out)
+
+    async def _caw_send(self, parts, lo: int, buf, epoch: int, seq: int, fua: bool,
+                        runs=None):
+        """Write ``buf`` (the range from ``lo``) to every replica of each part ONCE at
+        ``epoch``; ``runs`` (per part, [(offset in extent, length)]) restricts it to those
+        runs. None when no replica was fenced (failures handled as a write handles them:
+        the failed replica is dropped), else per part (replicas, outcomes) of the attempt
+        (replicas None for a part not sent)."""
+        view = memoryview(buf)
+        jobs = []
+        for k, (idx, eoff, m) in enumerate(parts):
+            pieces = [(eoff, m)] if runs is None else runs[k]
+            jobs.append(self._caw_send_part(idx, eoff, m, pieces, lo, view, epoch, seq, fua))
+        sent = await asyncio.gather(*jobs)
+        if all(s is None or s[0] is None for s in sent):
+            return None
+        return [s if s is not None else (None, None) for s in sent]
+
+    async def _caw_send_part(self, idx, eoff, m, pieces, lo, view, epoch, seq, fua):
+        """One extent's share of ``_caw_send``: (replicas, outcomes) if fenced, (None, None)
+        if not, None with nothing to send."""
+        if not pieces:
+            return None
+        base = idx * EXTENT_SIZE - lo
+        absent_waits = 0
+        while True:
+            rec = self.extents[idx]
+            targets = [await self.engine.replica(c) for c in rec.replicas]
+            sync = self._sync.get(idx)
+            if sync is not None and sync.failed is None and eoff < sync.cursor:
+                targets.append(sync.replica)
+            results = [None] * len(targets)
+            for s, n in pieces:
+                calls = [r.start_write(self.vid, idx, s, view[base + s:base + s + n], epoch, seq, fua)
+                         for r in targets]
+                for i, call in enumerate(calls):
+                    try:
+                        await call
+                    except Exception as e:  # noqa: BLE001 - sorted out below
+                        if results[i] is None:
+                            results[i] = e
+            failed = [(r, res) for r, res in zip(targets, results) if res is not None]
+            if not failed:
+                return None, None
+            if self._fenced(failed):
+                return targets, results
+            # Not fenced: nobody else wrote since our compare (every in-sync replica admitted
+            # our epoch then), so a retry at the same epoch is still conditional.
+            if all(isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT for _, res in failed):
+                if await self._await_creation(idx, rec, targets, failed, absent_waits):
+                    absent_waits += 1
+                    continue
+            await self._handle_failures(idx, rec, failed, eoff, eoff + m)
+            return None, None
+
+    async def _caw_reconcile(self, parts, lo: int, old, buf, epoch: int, seq: int, fua: bool):
+        """After a fenced attempt, with ownership retaken (``epoch``): what did it leave?
+
+        Every in-sync replica's copy of the range is read at ``epoch`` (fencing the other
+        server again). Per block of the volume that ours changes (``buf`` against ``old``, what
+        the compare read): every replica holds ours; they differ and one holds ours (a partial
+        landing); every replica still holds what we compared (untouched); or someone else's
+        data. If ours shows anywhere, the attempt landed: ours is
+        written where it is missing, on the differing and the untouched blocks (the CAW
+        completes, before the other server's writes, which are kept where they cover it),
+        and the answer is GOOD. If every block holds ours, GOOD. Otherwise ours shows
+        nowhere: "redo" from the compare. Returns (verdict, attempt): "fenced" (with the
+        completing attempt's (replicas, outcomes) per part, or None if nothing was sent)
+        when fenced again meanwhile."""
+        bs = self.block_size
+        view, before = memoryview(buf), memoryview(old)
+        fill: list[list[int]] = []
+        landed = False
+        everywhere = True
+        for idx, eoff, m in parts:
+            rec, got = await self._caw_read_all(idx, eoff, m, epoch)
+            if any(isinstance(res, rk.ReplicaFailed) and res.kind == rk.STALE_EPOCH for _, res in got):
+                return "fenced", None
+            bad = [(r, res) for r, res in got if isinstance(res, BaseException)]
+            copies = [res for _, res in got if not isinstance(res, BaseException)]
+            if not copies and _never_changed(rec) and all(
+                    isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT for _, res in bad):
+                copies, bad = [await self._absent(idx, eoff, m)], []
+            if bad:
+                # What a replica that does not read holds is unknown: it goes, as a replica
+                # failing a write would (it is resynced later).
+                await self._handle_failures(idx, rec, bad, eoff, eoff + m)
+            base = idx * EXTENT_SIZE + eoff - lo
+            part: list[int] = []
+            for k in range(0, m, bs):
+                ours = bytes(view[base + k:base + k + bs])
+                was = bytes(before[base + k:base + k + bs])
+                if ours == was:
+                    continue                        # nothing of ours to see or to complete here
+                held = {bytes(c[k:k + bs]) for c in copies}
+                if held == {ours}:
+                    landed = True
+                    continue
+                everywhere = False
+                if ours in held:
+                    landed = True
+                    part.append(k)
+                elif held == {was}:
+                    part.append(k)
+            fill.append(part)
+        if everywhere:
+            return "done", None
+        if not landed:
+            return "redo", None
+        runs = [[(eoff + a, b - a) for a, b in _runs(ks, bs)] for (idx, eoff, m), ks in zip(parts, fill)]
+        log.warning("volume %s: a fenced COMPARE AND WRITE at %d landed on some replicas only; "
+                    "completing it on every replica", self.vid, lo)
+        sent = await self._caw_send(parts, lo, buf, epoch, seq, fua, runs)
+        self._caw_written(parts, True)
+        return ("fenced", sent) if sent is not None else ("done", None)
 
     # -- the write fast path -------------------------------------------------------
 

@@ -63,6 +63,13 @@ class VolumeDevice:
             raise ReadOnlyError("read-only")
         await self._coord.write(offset, data, fua)
 
+    async def compare_and_write(self, offset: int, expected, new, fua: bool = False) -> None:
+        """COMPARE AND WRITE under the volume's ownership epoch, atomic across chunk servers
+        (``Coordinator.compare_and_write``); ``MiscompareError`` when the data differs."""
+        if self.readonly:
+            raise ReadOnlyError("read-only")
+        await self._coord.compare_and_write(offset, expected, new, fua)
+
     def write_nowait(self, offset: int, data):
         """The coordinator's write fast path (no FUA): a future, or None to use ``write``."""
         return None if self.readonly else self._coord.write_nowait(offset, data)

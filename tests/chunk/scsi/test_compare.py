@@ -85,6 +85,43 @@ async def test_compare_and_write_waits_for_writes_already_in_flight():
     assert bytes(await dev.read(0, 512)) == b"C" * 512
 
 
+class CawDevice(MemoryBlockDevice):
+    """A device with a compare_and_write of its own (a replicated volume's, atomic across
+    chunk servers): the unit must run COMPARE AND WRITE through it, not read + write."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.calls = []
+        self.plain_writes = 0
+
+    async def write(self, offset, data, fua=False):
+        self.plain_writes += 1
+        await super().write(offset, data, fua)
+
+    async def compare_and_write(self, offset, expected, new, fua=False):
+        from chunk.blockdev import MiscompareError
+        self.calls.append((offset, bytes(expected), bytes(new), fua))
+        have = bytes(await self.read(offset, len(expected)))
+        if have != bytes(expected):
+            raise MiscompareError(next(i for i, (a, b) in enumerate(zip(have, bytes(expected))) if a != b))
+        await MemoryBlockDevice.write(self, offset, new, fua)
+
+
+async def test_compare_and_write_runs_through_the_devices_own_when_it_has_one():
+    dev = CawDevice(MiB)
+    lu = make_lu(dev)
+    await MemoryBlockDevice.write(dev, 512 * 3, b"A" * 1024)
+    good(await run(lu, caw(3, 2, flags=0x08), b"A" * 1024 + b"B" * 1024))
+    assert dev.calls == [(512 * 3, b"A" * 1024, b"B" * 1024, True)] and dev.plain_writes == 0
+    assert bytes(await dev.read(512 * 3, 1024)) == b"B" * 1024
+    verify = bytearray(b"B" * 1024)
+    verify[900] ^= 1
+    s = check(await run(lu, caw(3, 2), bytes(verify) + b"C" * 1024), 0xE, 0x1D)
+    assert s.valid and s.info == 900
+    assert dev.calls[-1][3] is False and dev.plain_writes == 0
+    assert bytes(await dev.read(512 * 3, 1024)) == b"B" * 1024
+
+
 VERIFIES = [(0x2F, rw10), (0xAF, rw12), (0x8F, rw16)]
 
 
