@@ -7,8 +7,9 @@ runs as soon as it is read:
 
 * Store calls are synchronous file I/O and run inline on the event loop, in
   arrival order, so two pipelined writes to one block land in the order the
-  coordinator sent them.  Only fdatasync (FLUSH, FUA writes) goes to a thread;
-  those replies go out when the sync completes, overtaking nothing else.
+  coordinator sent them.  Only fdatasync (FLUSH, FUA writes, SETGEN's flush) goes
+  to a thread (the store's ``*_async`` calls, which clean up a failed one on the
+  loop); those replies go out when the sync completes, overtaking nothing else.
 * Requests are cut straight out of each segment the socket delivers, in the
   protocol's callback (``_Stream``: no StreamReader copies, no task wakeup per
   segment), and handled in order; their replies are queued and written
@@ -26,6 +27,12 @@ with the request's epoch.  Epoch 0 is the read-only user (snapshot export,
 read-only LUN): allowed for READ, EXPORT, DIGEST and STAT without admission,
 DENIED for everything else.
 
+Generations: SETGEN never lowers an extent's (STALE_GENERATION). No other request's
+generation is checked (the replicated write sends 0): an extent's header holds the
+generation its replica joined at, which a SETGEN whose join the meta then refused
+leaves ahead of the extent record, so a current owner's generation can be below it;
+a deposed owner is refused by its epoch.
+
 Errors map to statuses (``_failure``); a frame that cannot be decoded, or a
 reply sent to us, closes the connection: the stream is out of sync.
 """
@@ -42,7 +49,7 @@ from typing import Any, Awaitable, Callable
 from .extent_file import ChecksumError
 from .fencing import StaleEpochError
 from .peer_auth import AuthError, server_handshake
-from .replica_store import NoExtent, StoreError, StoreFull, StoreIOError
+from .replica_store import NoExtent, StaleGeneration, StoreError, StoreFull, StoreIOError
 from .wire import (
     HEADER_SIZE, MAX_DATA, MAX_FRAME, READ_SIZE, Frame, FrameError, FrameReader, FrameWriter, Op,
     Status, TruncatedFrame, VersionMismatch, decode_at, encode, encode_write_ok, legacy_refusal,
@@ -590,9 +597,10 @@ class ReplicaServer:
         conn.tasks.add(task)
         task.add_done_callback(conn.tasks.discard)
 
-    async def _finish(self, conn: _Conn, frame: Frame, sync: Callable[[], None]) -> None:
+    async def _finish(self, conn: _Conn, frame: Frame,
+                      sync: Callable[[], Awaitable[None]]) -> None:
         try:
-            await asyncio.to_thread(sync)
+            await sync()
             reply = frame.reply(Status.OK)
         except Exception as e:
             reply = self._failure(frame, e)
@@ -604,8 +612,8 @@ class ReplicaServer:
             self.errors[(_NAMES[reply.op], _STATUS_NAMES[reply.status])] += 1
         conn.send(reply)
 
-    def _execute(self, f: Frame) -> Frame | Callable[[], None]:
-        """The reply, or a blocking sync to run in a thread before replying OK."""
+    def _execute(self, f: Frame) -> Frame | Callable[[], Awaitable[None]]:
+        """The reply, or the store's coroutine (a sync in a thread) to await before replying OK."""
         st, vid, idx = self.store, f.volume, f.extent
         if f.op is Op.PING:
             return f.reply()
@@ -637,12 +645,12 @@ class ReplicaServer:
                 raise ValueError(f"WRITE length {f.length} but {len(f.data)} data bytes")
             fua = _arg(f, "fua", bool, False)
             st.write(vid, idx, f.offset, f.data, f.seq, fua=False)
-            return (lambda: st.flush(vid, idx)) if fua else f.reply()
+            return (lambda: st.flush_async(vid, idx)) if fua else f.reply()
         if f.op is Op.UNMAP:
             st.unmap(vid, idx, f.offset, f.length, f.seq, zero=_arg(f, "zero", bool, False))
             return f.reply()
         if f.op is Op.FLUSH:
-            return lambda: st.flush(vid, idx)
+            return lambda: st.flush_async(vid, idx)
         if f.op is Op.REVERT:
             to = _arg(f, "to", int, None)
             if to is None or to < 0:
@@ -664,8 +672,8 @@ class ReplicaServer:
         if f.op is Op.DIGEST:
             return f.reply(Status.OK, st.digest(vid, idx))
         if f.op is Op.SETGEN:
-            st.set_generation(vid, idx, _positive(f.generation, "generation"))
-            return f.reply()
+            gen = _positive(f.generation, "generation")
+            return lambda: st.set_generation_async(vid, idx, gen)
         if f.op is Op.STAT:
             return f.reply(Status.OK, args=dict(st.stat(vid, idx)))
         raise ValueError(f"op {f.op.name} is not served here")
@@ -673,6 +681,8 @@ class ReplicaServer:
     def _failure(self, f: Frame, e: BaseException) -> Frame:
         if isinstance(e, StaleEpochError):
             return f.reply(Status.STALE_EPOCH, args={"highest": e.highest})
+        if isinstance(e, StaleGeneration):
+            return f.reply(Status.STALE_GENERATION, args={"error": str(e), "generation": e.current})
         if isinstance(e, ChecksumError):
             self._checksum_hook(f.volume, f.extent, e.block)
             return f.reply(Status.CHECKSUM, args={"block": e.block})

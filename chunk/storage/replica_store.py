@@ -67,13 +67,17 @@ Errors: ENOSPC/EDQUOT from the file system -> ``StoreFull`` and the disk is
 marked full (until a delete or trim frees space on it); EROFS marks the disk
 failed (so does EIO in ``create``, which then tries another disk); other
 ``OSError`` -> ``StoreIOError``; checksum failures -> ``ChecksumError``; stale epochs ->
-``StaleEpochError``.  Calls are synchronous (page-cache I/O); only ``flush``,
-``fua`` writes, COW writes, writes making an absent block present since a
-snapshot, unmaps of present blocks and trims wait for the device.
+``StaleEpochError``; a generation going back -> ``StaleGeneration``.  Calls are
+synchronous (page-cache I/O); only ``flush``, ``fua`` writes, COW writes, writes
+making an absent block present since a snapshot, unmaps of present blocks and
+trims wait for the device.  ``flush_async`` and ``set_generation_async`` run
+their fdatasync in a worker thread and the rest, a failed flush's clean-up
+included, in the event loop's, where every call that changes the store runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import errno
 import hashlib
@@ -101,7 +105,8 @@ from .fencing import EpochFence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "ReplicaStore", "unreadable_blocks"]
+__all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "StaleGeneration", "ReplicaStore",
+           "unreadable_blocks"]
 
 _MAX_SEQ = 0xFFFFFFFF
 _CHUNK = 1 << 20                     # internal unit of large unmaps / reverts
@@ -128,6 +133,16 @@ class StoreFull(StoreError):
 
 class StoreIOError(StoreError):
     """The disk failed an I/O (EIO and friends)."""
+
+
+class StaleGeneration(StoreError):
+    """SETGEN would lower the extent's generation: a replica whose generation went backwards
+    would look in sync with an older replica set. ``current`` is the extent's generation."""
+
+    def __init__(self, vid: str, idx: int, generation: int, current: int) -> None:
+        super().__init__(f"extent {vid}/{idx}: generation {generation} is below its "
+                         f"generation {current}; a generation never goes back")
+        self.current = current
 
 
 def _le(a: array) -> bytes:
@@ -766,14 +781,43 @@ class ReplicaStore:
 
     def set_generation(self, vid: str, idx: int, generation: int) -> None:
         """Durably record the generation; the extent is flushed first, because a
-        generation claims the data is in sync (after a resync's imports)."""
+        generation claims the data is in sync (after a resync's imports). A generation
+        below the extent's is refused (``StaleGeneration``), nothing flushed or written.
+        From a coroutine, ``set_generation_async`` (the flush off the event loop)."""
         rep = self._get(vid, idx)
+        self._check_generation(rep, generation)
         self._durable(rep)
+        self._record_generation(rep, generation)
+
+    async def set_generation_async(self, vid: str, idx: int, generation: int) -> None:
+        """``set_generation`` with its flush in a worker thread (``flush_async``): the loop
+        serves other requests meanwhile, and the header, written after the flush succeeded
+        (back on the loop, where epoch changes rewrite it too), never claims data that is
+        not on disk yet. Checked again after the flush: a SETGEN may have raised it since."""
+        rep = self._get(vid, idx)
+        self._check_generation(rep, generation)       # before a long flush, for nothing
+        await self._durable_async(rep)
+        self._record_generation(rep, generation)
+
+    @staticmethod
+    def _check_generation(rep: _Replica, generation: int) -> None:
+        h = rep.ext.header
+        if generation < h.generation:
+            raise StaleGeneration(h.volume, h.extent, generation, h.generation)
+
+    def _record_generation(self, rep: _Replica, generation: int) -> None:
+        self._check_generation(rep, generation)
         with self._io(rep.disk):
             rep.ext.set_header(generation=generation)
 
     def flush(self, vid: str, idx: int) -> None:
+        """fdatasync the extent here, in the thread that owns the store (a failure retires the
+        replica: see ``_durable``). From a coroutine, ``flush_async``."""
         self._durable(self._get(vid, idx))
+
+    async def flush_async(self, vid: str, idx: int) -> None:
+        """``flush`` with the fdatasync in a worker thread; see ``_durable_async``."""
+        await self._durable_async(self._get(vid, idx))
 
     def _durable(self, rep: _Replica) -> None:
         """``rep.flush()``. A failed fdatasync breaks the replica for good: the kernel may
@@ -784,20 +828,52 @@ class ReplicaStore:
         try:
             rep.flush()
         except OSError as e:
-            key = (rep.ext.header.volume, rep.ext.header.extent)
-            if self._replicas.get(key) is rep:
-                del self._replicas[key]
-                rep.disk.replicas.discard(key)
-                self.broken[key] = (f"a flush failed: {e}", rep.base().with_name(rep.base().name + ".hdr"))
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    rep.disk.failed, rep.disk.error = True, rep.disk.error or f"fdatasync: {e}"
-                log.error("extent %s/%d: fdatasync failed (%s): replica broken%s", key[0], key[1], e,
-                          "" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f", disk {rep.disk.path} failed")
-                try:
-                    rep.close()
-                except OSError:
-                    pass
+            self._retire(rep, e)
             raise self._fail(rep.disk, e) from e
+
+    async def _durable_async(self, rep: _Replica) -> None:
+        """``_durable`` with ``rep.flush()`` in a worker thread, everything else on the loop.
+
+        The worker only syncs and reports. Retiring a replica whose sync failed closes its
+        fds, and a write on the loop may be using them: closed from the worker, a number
+        could be reused by another ``open`` at once and the write land in another file. So
+        the retirement runs on the loop, between two store calls, in the future's done
+        callback: as soon as the sync ends (before any request served after that), even if
+        the awaiting request was cancelled meanwhile (``shield``). A sync that succeeds on a
+        replica retired or deleted meanwhile (another flush of it failed) is no success."""
+        done = asyncio.get_running_loop().run_in_executor(None, rep.flush)
+        done.add_done_callback(lambda f: self._synced(rep, f))
+        try:
+            await asyncio.shield(done)
+        except OSError as e:
+            raise self._fail(rep.disk, e) from e
+        key = (rep.ext.header.volume, rep.ext.header.extent)
+        if self._replicas.get(key) is not rep:
+            if key not in self._replicas:
+                self._absent(*key)
+            raise StoreIOError(f"extent {key[0]}/{key[1]} was replaced during its flush")
+
+    def _synced(self, rep: _Replica, done: asyncio.Future) -> None:
+        if not done.cancelled() and isinstance(done.exception(), OSError):
+            self._retire(rep, done.exception())          # type: ignore[arg-type]
+
+    def _retire(self, rep: _Replica, e: OSError) -> None:
+        """A flush of ``rep`` failed: it is ``broken`` from now on, its fds closed. In the
+        thread that owns the store (the event loop's), never in a flush's worker."""
+        key = (rep.ext.header.volume, rep.ext.header.extent)
+        if self._replicas.get(key) is not rep:
+            return                                       # deleted (or retired) meanwhile
+        del self._replicas[key]
+        rep.disk.replicas.discard(key)
+        self.broken[key] = (f"a flush failed: {e}", rep.base().with_name(rep.base().name + ".hdr"))
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            rep.disk.failed, rep.disk.error = True, rep.disk.error or f"fdatasync: {e}"
+        log.error("extent %s/%d: fdatasync failed (%s): replica broken%s", key[0], key[1], e,
+                  "" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f", disk {rep.disk.path} failed")
+        try:
+            rep.close()
+        except OSError:
+            pass
 
     # -- I/O -------------------------------------------------------------------
 
@@ -1132,24 +1208,54 @@ class ReplicaStore:
         """Make the blob's range exactly the exported state (live, seqs, versions).
 
         The blob is checked whole (crc of every block) before anything is
-        applied.  Not flushed: a resync ends with ``set_generation``, which
-        flushes first.  Blocks the exporter could not read are stored failing
-        their checksum (``_filler`` under the exported crc): reads of them get
-        a checksum error, the scrubber and repair see them as bad, and the
-        digest still equals the exporter's.
+        applied or created; an extent created for it is deleted again if it
+        fails to apply (a disk error).  Not flushed: a resync ends with
+        ``set_generation``, which flushes first.  Blocks the exporter could not
+        read are stored failing their checksum (``_filler`` under the exported
+        crc): reads of them get a checksum error, the scrubber and repair see
+        them as bad, and the digest still equals the exporter's.
         """
         state = _parse_blob(blob)
         rep = self._replicas.get((vid, idx))
-        if rep is None:
-            if if_unchanged not in (None, 0):     # a missing extent has had no mutations
+        if rep is not None:
+            if if_unchanged is not None and rep.mutations != if_unchanged:
                 return False
-            self.create(vid, idx, 0)
-            rep = self._get(vid, idx)
-        elif if_unchanged is not None and rep.mutations != if_unchanged:
+            self._import(rep, state)
+            return True
+        if if_unchanged not in (None, 0):         # a missing extent has had no mutations
             return False
+        # Created for the blob, so a failed IMPORT leaves nothing: an empty (or half-imported)
+        # extent left behind would pass for a real copy with a reader or a recovery.
+        if state["end"] > self.extent_size:      # the blob's one check left: before the create
+            raise ValueError(f"import: range {state['offset']}..{state['end']} outside the "
+                             f"extent ({self.extent_size} bytes)")
+        self.create(vid, idx, 0)
+        try:
+            self._import(self._get(vid, idx), state)
+        except BaseException as e:
+            self._discard_created(vid, idx, e)
+            raise
+        return True
+
+    def _discard_created(self, vid: str, idx: int, why: BaseException) -> None:
+        """Delete the extent a failed IMPORT created. Files that do not go (the disk failing)
+        leave it ``broken`` (I/O errors until a DELETE, or a CREATE discarding it), never
+        served as a copy of the extent."""
+        base = self._get(vid, idx).base()
+        try:
+            self.delete(vid, idx)
+        except StoreError as e:
+            log.error("extent %s/%d: created for an IMPORT that failed (%s), not removed: %s",
+                      vid, idx, why, e)
+            if (vid, idx) not in self._replicas and self._leftover(base):
+                self.broken[(vid, idx)] = (f"an IMPORT that created it failed: {why}",
+                                           base.with_name(base.name + ".hdr"))
+
+    def _import(self, rep: _Replica, state: dict) -> None:
+        """Apply a checked blob (``import_``) to ``rep``."""
         first, n = self._blocks(rep, state["offset"], state["end"] - state["offset"])
         if n == 0:
-            return True
+            return
         end = first + n
         with self._io(rep.disk):
             rep.mutations += 1
@@ -1200,7 +1306,6 @@ class ReplicaStore:
             present = [s for s in new_seqs if s]
             if present:
                 rep.floor = min(rep.floor, min(present))
-        return True
 
     def mend(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None) -> bool:
         """Repair from a peer's export blob only what fails its checksum here.

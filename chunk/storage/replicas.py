@@ -9,7 +9,6 @@ because it was fenced.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 
 from .extent_file import ChecksumError
@@ -27,6 +26,7 @@ NO_SPACE = "no_space"
 STALE_EPOCH = "stale_epoch"
 INVALID = "invalid"
 CONFLICT = "conflict"
+STALE_GENERATION = "stale_generation"    # SETGEN below the replica's generation: refused
 
 
 class ReplicaFailed(Exception):
@@ -43,9 +43,11 @@ class LocalReplica:
         self._on_checksum = on_checksum_error
 
     def _fail(self, vid: str, idx: int, e: Exception) -> ReplicaFailed:
-        from .replica_store import NoExtent, StoreFull
+        from .replica_store import NoExtent, StaleGeneration, StoreFull
         if isinstance(e, StaleEpochError):
             return ReplicaFailed(self.chunk_id, STALE_EPOCH, str(e))
+        if isinstance(e, StaleGeneration):
+            return ReplicaFailed(self.chunk_id, STALE_GENERATION, str(e))
         if isinstance(e, ChecksumError):
             if self._on_checksum:
                 self._on_checksum(vid, idx, e.block)
@@ -91,7 +93,7 @@ class LocalReplica:
 
     async def flush(self, vid, idx, epoch):
         try:
-            await asyncio.to_thread(self.store.flush, vid, idx)
+            await self.store.flush_async(vid, idx)       # the sync in a thread, its clean-up here
         except Exception as e:  # noqa: BLE001
             raise self._fail(vid, idx, e) from None
 
@@ -117,7 +119,11 @@ class LocalReplica:
             raise ReplicaFailed(self.chunk_id, CONFLICT)
 
     async def setgen(self, vid, idx, epoch, generation):
-        self._run(vid, idx, epoch, self.store.set_generation, vid, idx, generation)
+        self._run(vid, idx, epoch, lambda: None)         # admitted before the flush
+        try:
+            await self.store.set_generation_async(vid, idx, generation)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(vid, idx, e) from None
 
     async def digest(self, vid, idx):
         return self._run(vid, idx, 0, self.store.digest, vid, idx)
@@ -236,4 +242,5 @@ def _status_kind(e) -> str:
     from .wire import Status
     return {Status.STALE_EPOCH: STALE_EPOCH, Status.CHECKSUM: CHECKSUM, Status.NO_EXTENT: NO_EXTENT,
             Status.IO_ERROR: IO, Status.NO_SPACE: NO_SPACE, Status.INVALID: INVALID,
-            Status.CONFLICT: CONFLICT}.get(getattr(e, "status", None), IO)
+            Status.CONFLICT: CONFLICT,
+            Status.STALE_GENERATION: STALE_GENERATION}.get(getattr(e, "status", None), IO)

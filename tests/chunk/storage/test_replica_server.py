@@ -10,6 +10,7 @@ import asyncio
 import os
 import socket
 import struct
+import threading
 from pathlib import Path
 
 import msgpack
@@ -20,6 +21,7 @@ from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.replica_store import ReplicaStore
 from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Pipeline, Status
+from tests.chunk.storage.worker_syncs import closes_of, hold_syncs, replica_fds
 from tests.cluster import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -643,3 +645,119 @@ async def test_handshakes_running_at_once_are_bounded(served, monkeypatch):
     await writer.close()
     for _, w in idle:
         await w.close()
+
+
+# -- syncs in worker threads: FLUSH's failure, SETGEN ------------------------------------------
+
+async def test_a_failed_flush_closes_the_replica_on_the_loop_not_in_its_worker(served, monkeypatch):
+    """FLUSH syncs in a worker thread and the sync fails (EIO): the replica is retired for good,
+    which closes its fds. Closed in the worker, under a write the loop is doing, a number can
+    be reused by another open() at once and the write land in another file. The worker only
+    reports: the fds are closed on the loop; a write while the sync runs lands on open fds,
+    and one after the failure gets a clean IO_ERROR."""
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    fds = replica_fds(store, VID, 0)
+    loop_thread = threading.get_ident()
+    closed = closes_of(monkeypatch, fds)
+    reached, proceed, _ = hold_syncs(monkeypatch, fds, fail=True)
+    pipe = await _authed(server)
+    try:
+        flush = asyncio.ensure_future(_call(pipe, Frame(Op.FLUSH, 0, VID, 0, 1)))
+        assert await asyncio.to_thread(reached.wait, 10)
+        block = b"a" * BLOCK_SIZE
+        assert (await _call(pipe, _write(0, block))).status is Status.OK
+        assert store.read(VID, 0, 0, BLOCK_SIZE)[0] == block
+        proceed.set()
+        assert (await flush).status is Status.IO_ERROR
+        assert set(closed) == fds, "the failed replica's fds were not closed"
+        assert set(closed.values()) == {loop_thread}, "a fd was closed in the flush's worker"
+        after = await _call(pipe, _write(BLOCK_SIZE, b"b" * BLOCK_SIZE))
+        assert after.status is Status.IO_ERROR and "a flush failed" in after.args["error"]
+        assert not store.has(VID, 0) and (VID, 0) in store.broken
+    finally:
+        proceed.set()
+        await pipe.close()
+
+
+async def test_setgen_below_the_generation_is_refused_and_callers_see_why(served, monkeypatch):
+    """A replica whose generation went backwards would look in sync with an older replica
+    set: SETGEN refuses to lower it (STALE_GENERATION, with its generation), flushing
+    nothing; equal (a retry) and higher pass. The callers' replicas map it to their own kind."""
+    from chunk.storage import replicas as rk
+    from chunk.storage.replica_client import ReplicaClient
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    pipe = await _authed(server)
+    client = ReplicaClient(SECRET, CLUSTER, "c-test")
+    try:
+        assert (await _call(pipe, Frame(Op.SETGEN, 0, VID, 0, 1, 5))).status is Status.OK
+        _, _, syncs = hold_syncs(monkeypatch, replica_fds(store, VID, 0), times=0)
+        low = await _call(pipe, Frame(Op.SETGEN, 0, VID, 0, 1, 3))
+        assert low.status is Status.STALE_GENERATION and low.args["generation"] == 5
+        assert "generation 3 is below its generation 5" in low.args["error"]
+        assert syncs == [] and store.stat(VID, 0)["generation"] == 5
+        assert server.errors[("SETGEN", "STALE_GENERATION")] == 1
+        for replica in (rk.LocalReplica("c0", store),
+                        rk.RemoteReplica("c0", ("127.0.0.1", server.port), client)):
+            with pytest.raises(rk.ReplicaFailed) as e:
+                await replica.setgen(VID, 0, 1, 4)
+            assert e.value.kind == rk.STALE_GENERATION and "below" in str(e.value)
+        assert store.stat(VID, 0)["generation"] == 5
+        assert (await _call(pipe, Frame(Op.SETGEN, 0, VID, 0, 1, 5))).status is Status.OK
+        await rk.LocalReplica("c0", store).setgen(VID, 0, 1, 6)
+        assert store.stat(VID, 0)["generation"] == 6
+    finally:
+        await client.close()
+        await pipe.close()
+
+
+async def test_setgen_flushes_in_a_worker_and_shows_the_generation_only_after(served, monkeypatch):
+    """SETGEN's flush (fdatasync of the whole extent) runs in a worker thread like FLUSH's:
+    the loop serves the connection meanwhile. The generation is recorded after the flush
+    (STAT shows the old one until then), and checked again then: a higher SETGEN that
+    finished meanwhile is not undone."""
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    store.write(VID, 0, 0, b"d" * BLOCK_SIZE, 1)
+    reached, proceed, threads = hold_syncs(monkeypatch, replica_fds(store, VID, 0))
+    loop_thread = threading.get_ident()
+    pipe = await _authed(server)
+    try:
+        setgen = asyncio.ensure_future(_call(pipe, Frame(Op.SETGEN, 0, VID, 0, 1, 7)))
+        assert await asyncio.to_thread(reached.wait, 10)
+        assert loop_thread not in threads, "SETGEN's flush ran on the event loop"
+        assert (await _call(pipe, Frame(Op.PING, 0))).status is Status.OK
+        read = await _call(pipe, _read(0, BLOCK_SIZE))
+        assert read.status is Status.OK and read.data == b"d" * BLOCK_SIZE
+        stat = await _call(pipe, Frame(Op.STAT, 0, VID, 0, 1))
+        assert stat.args["generation"] == 1 and not setgen.done()
+        # A second SETGEN (its flush not held) finishes first...
+        assert (await _call(pipe, Frame(Op.SETGEN, 0, VID, 0, 1, 9))).status is Status.OK
+        assert store.stat(VID, 0)["generation"] == 9
+        proceed.set()
+        # ...and the first, its flush done, does not take the generation back.
+        assert (await setgen).status is Status.STALE_GENERATION
+        assert store.stat(VID, 0)["generation"] == 9
+        assert loop_thread not in threads
+    finally:
+        proceed.set()
+        await pipe.close()
+
+
+async def test_a_bad_import_into_a_missing_extent_leaves_no_extent(served):
+    """IMPORT creates a missing extent; a blob that does not apply (here its range is past the
+    extent's end) must not leave it behind, empty, to pass for a real copy."""
+    server, store, disk, _ = served
+    before = _files(disk)
+    blob = msgpack.packb({"format": 1, "offset": 0, "end": 2 * EXTENT, "live": [], "versions": []})
+    pipe = await _authed(server)
+    try:
+        rep = await _call(pipe, Frame(Op.IMPORT, 0, "vol-new", 0, 1, 1, 0, len(blob), blob,
+                                      args={"if_unchanged": None}))
+        assert rep.status is Status.INVALID and "outside the extent" in rep.args["error"]
+        assert not store.has("vol-new", 0) and _files(disk) == before
+        assert (await _call(pipe, Frame(Op.READ, 0, "vol-new", 0, 0, 0, 0, BLOCK_SIZE))).status \
+            is Status.NO_EXTENT
+    finally:
+        await pipe.close()

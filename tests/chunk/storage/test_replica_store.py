@@ -6,18 +6,23 @@ whole-extent model comparison stays cheap; the default size is covered too.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import random
+import threading
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from chunk.storage.extent_file import BLOCK_SIZE, EXTENT_SIZE, ChecksumError
+from chunk.storage.extent_file import BLOCK_SIZE, EXTENT_SIZE, ChecksumError, block_crc
 from chunk.storage.fencing import StaleEpochError
 from chunk.storage.replica_store import (
-    NoExtent, ReplicaStore, StoreError, StoreFull, StoreIOError, unreadable_blocks,
+    NoExtent, ReplicaStore, StaleGeneration, StoreError, StoreFull, StoreIOError, unreadable_blocks,
 )
+from tests.chunk.storage.worker_syncs import closes_of, hold_syncs, replica_fds
+from tests.cluster import async_wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -905,5 +910,132 @@ def test_an_extent_missing_beside_an_unusable_disk_is_an_io_error_not_absent(tmp
         s.set_probe_error(tmp_path / "d1", None)             # mounted again: absent is absent
         with pytest.raises(NoExtent):
             s.read("v", 3, 0, 4096)
+    finally:
+        s.close()
+
+
+# -- SETGEN, flushes off the loop, IMPORTs that create ---------------------------------------
+
+def test_set_generation_never_goes_back(tmp_path: Path, monkeypatch):
+    """A replica whose generation went backwards would look in sync with an older replica set:
+    a lower one is refused before anything is flushed or written; an equal one (a retried
+    SETGEN) and a higher one are recorded."""
+    d = tmp_path / "d0"
+    with ReplicaStore([(d, None)], extent_size=SIZE) as s:
+        s.create(V, 0, 1)
+        s.set_generation(V, 0, 5)
+        syncs = []
+        real = os.fdatasync
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+        with pytest.raises(StaleGeneration, match="generation 3 is below its generation 5") as e:
+            s.set_generation(V, 0, 3)
+        assert e.value.current == 5 and syncs == []
+        assert s.stat(V, 0)["generation"] == 5
+        s.set_generation(V, 0, 5)
+        s.set_generation(V, 0, 6)
+    with ReplicaStore([(d, None)], extent_size=SIZE) as s:
+        assert s.stat(V, 0)["generation"] == 6
+
+
+async def test_a_failed_async_flush_retires_on_the_loop_even_if_nobody_awaits_it(store, monkeypatch):
+    """The sync fails in the worker after the request awaiting it was cancelled (its
+    connection closed): the replica is still retired, and on the loop, so a write before
+    the failure lands on open fds and one after it gets a clean I/O error."""
+    store.create(V, 0, 1)
+    fds = replica_fds(store, V, 0)
+    closed = closes_of(monkeypatch, fds)
+    reached, proceed, _ = hold_syncs(monkeypatch, fds, fail=True)
+    flush = asyncio.ensure_future(store.flush_async(V, 0))
+    assert await asyncio.to_thread(reached.wait, 10)
+    flush.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flush
+    store.write(V, 0, 0, _pat(BLOCK_SIZE, 1), seq=1)         # the sync has not failed yet
+    assert store.read(V, 0, 0, BLOCK_SIZE)[0] == _pat(BLOCK_SIZE, 1)
+    proceed.set()
+    await async_wait_for(lambda: (V, 0) in store.broken, 10, "the failed sync to retire the replica")
+    assert set(closed) == fds and set(closed.values()) == {threading.get_ident()}
+    with pytest.raises(StoreIOError, match="a flush failed"):
+        store.write(V, 0, BLOCK_SIZE, _pat(BLOCK_SIZE, 2), seq=1)
+    assert store.usage()[0]["state"] == "failed"
+
+
+async def test_an_async_flush_of_an_extent_deleted_meanwhile_is_no_success(store, monkeypatch):
+    """Deleted (or retired by another flush's failure) while its sync ran: the sync proves
+    nothing about the replica now, so it is not reported as done."""
+    store.create(V, 0, 1)
+    store.write(V, 0, 0, _pat(BLOCK_SIZE, 1), seq=1)
+    rep = store._replicas[(V, 0)]           # noqa: SLF001
+    crc_fd = rep.ext._crc                  # noqa: SLF001 - the flush's last sync
+    loop_thread = threading.get_ident()
+    reached, proceed = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        real(fd)
+        if fd == crc_fd and threading.get_ident() != loop_thread:
+            reached.set()                  # synced, not returned yet
+            assert proceed.wait(10)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    flush = asyncio.ensure_future(store.flush_async(V, 0))
+    assert await asyncio.to_thread(reached.wait, 10)
+    store.delete(V, 0)
+    proceed.set()
+    with pytest.raises(NoExtent):
+        await flush
+
+
+def _blob(offset: int, end: int, live: list) -> bytes:
+    return msgpack.packb({"format": 1, "offset": offset, "end": end, "live": live, "versions": []})
+
+
+def test_a_failed_import_that_created_the_extent_leaves_nothing(tmp_path: Path, monkeypatch):
+    """An IMPORT into a missing extent creates it; if the blob then does not apply (its range
+    is past the extent's end, or the disk fails the writes) the extent goes again: an empty
+    or half-imported one left behind would pass for a real copy."""
+    d = tmp_path / "d0"
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    try:
+        with pytest.raises(ValueError, match="outside the extent"):
+            s.import_(V, 0, _blob(0, 2 * SIZE, []))
+        assert not s.has(V, 0) and s.broken == {} and list(d.iterdir()) == []
+        block = _pat(BLOCK_SIZE, 3)
+        blob = _blob(0, SIZE, [[1, 4, block_crc(1, block), block]])
+
+        def pwrite(fd, data, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        with monkeypatch.context() as m:
+            m.setattr(os, "pwrite", pwrite)
+            with pytest.raises(StoreFull):
+                s.import_(V, 0, blob)
+        assert not s.has(V, 0) and s.broken == {} and list(d.iterdir()) == []
+        with pytest.raises(NoExtent):
+            s.read(V, 0, 0, BLOCK_SIZE)
+        assert s.import_(V, 0, blob)                           # the store is as it was
+        assert s.read(V, 0, BLOCK_SIZE, BLOCK_SIZE)[0] == block
+    finally:
+        s.close()
+
+
+def test_a_failed_import_whose_extent_does_not_go_is_broken_not_a_copy(tmp_path: Path, monkeypatch):
+    """The created extent's files cannot be removed (the disk failing): it answers I/O errors,
+    never NO_EXTENT or an empty copy, until a DELETE."""
+    import chunk.storage.replica_store as rs
+    d = tmp_path / "d0"
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    try:
+        def fail(*args):
+            raise OSError(errno.EIO, "Input/output error")
+        block = _pat(BLOCK_SIZE, 3)
+        with monkeypatch.context() as m:
+            m.setattr(os, "pwrite", fail)                     # the import's writes fail
+            m.setattr(rs, "_remove_extent", fail)             # and so does the clean-up
+            with pytest.raises(StoreIOError):
+                s.import_(V, 0, _blob(0, SIZE, [[1, 4, block_crc(1, block), block]]))
+        assert not s.has(V, 0) and (V, 0) in s.broken
+        with pytest.raises(StoreIOError, match="an IMPORT that created it failed"):
+            s.read(V, 0, 0, BLOCK_SIZE)
+        s.delete(V, 0)
+        assert s.broken == {} and list(d.glob(f"{V}.0.*")) == []
     finally:
         s.close()
