@@ -10,12 +10,21 @@ point there is a disk that is not mounted, not a new disk.
 
 A failed disk is reported, not fatal: the server keeps serving from the
 others, and the meta leader sees the state in the chunk's records.
+
+Space (docs/storage.md, "Disk space"): without a configured capacity a disk is
+its filesystem: ``capacity`` its size, ``free`` what an unprivileged writer can
+still use (``f_bavail``), ``used`` the rest (other files and root-reserved
+blocks included). With one, ``capacity`` is the limit and ``used`` zstore's own
+bytes, and ``free`` never exceeds what the filesystem has available. ``fs``
+names the filesystem (boot id + device), so totals count a filesystem that
+several disks share once (``meta/chunks.py``: ``space``).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,7 @@ DISK_ID_FILE = "disk-id"
 KNOWN_FILE = "disk-ids"       # in the data dir: "<disk id> <path>" per disk ever prepared
 _PROBE_FILE = ".zstore-write-probe"
 _MIN_FREE = 1 << 20          # a filesystem with less than this available is full
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 @dataclass(frozen=True)
@@ -158,7 +168,7 @@ def probe(disk: LocalDisk) -> dict[str, Any]:
 
     def failed(reason: str, capacity: int = 0) -> dict[str, Any]:
         rec = Disk(path=str(path), capacity=disk.spec.capacity or capacity, used=0, state="failed")
-        return {**rec.to_dict(), "disk_id": disk.disk_id, "error": reason}
+        return {**rec.to_dict(), "disk_id": disk.disk_id, "free": 0, "error": reason}
 
     if disk.disk_id is None:
         return failed(disk.error or "not prepared")
@@ -169,13 +179,32 @@ def probe(disk: LocalDisk) -> dict[str, Any]:
             return failed(f"{DISK_ID_FILE} changed or vanished (another filesystem mounted here?)")
         _check_writable(path)
         st = os.statvfs(path)
-        used = used_bytes(path)
+        dev = os.stat(path).st_dev
+        ours = used_bytes(path)
     except (OSError, IdentityError) as e:
         return failed(_reason(e))
-    capacity = disk.spec.capacity if disk.spec.capacity is not None else st.f_blocks * st.f_frsize
-    full = used >= capacity or st.f_bavail * st.f_frsize < _MIN_FREE
+    fs_capacity, fs_free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    limit = disk.spec.capacity
+    if limit is None:           # the filesystem: everything on it is used, ours or not
+        capacity, used, free = fs_capacity, fs_capacity - fs_free, fs_free
+    else:                       # the limit and our bytes, but no more room than the fs has
+        capacity, used, free = limit, ours, max(0, min(limit - ours, fs_free))
+    full = used >= capacity or fs_free < _MIN_FREE
     rec = Disk(path=str(path), capacity=capacity, used=used, state="full" if full else "ok")
-    return {**rec.to_dict(), "disk_id": disk.disk_id}
+    return {**rec.to_dict(), "disk_id": disk.disk_id, "free": free, "zstore_used": ours,
+            "limited": limit is not None, "fs": filesystem_id(dev),
+            "fs_capacity": fs_capacity, "fs_free": fs_free}
+
+
+def filesystem_id(dev: int) -> str:
+    """Names one filesystem cluster-wide: device numbers are only unique within one kernel,
+    so the boot id (shared by the containers of one host, as their filesystems are) comes
+    first; the hostname where there is none."""
+    try:
+        host = _BOOT_ID.read_text().strip()
+    except OSError:
+        host = ""
+    return f"{host or socket.gethostname()}:{os.major(dev)}:{os.minor(dev)}"
 
 
 def probe_all(disks: list[LocalDisk]) -> list[dict[str, Any]]:

@@ -114,6 +114,7 @@ async def cluster_status(request: web.Request) -> web.Response:
     snaps = await volumes.list_snapshots(ctx)
     targets = await ctx.list_raw(ctx.keys.targets(), keys_only=True)
     up = [v for v in views if v.up]
+    total, used, free = chunks.space([d for v in up for d in v.disks])   # each filesystem once
     return ok({
         "cluster_id": info.cluster_id, "name": info.name,
         "etcd": {"endpoints": request.app["config"].etcd.endpoints, "ok": True},
@@ -123,8 +124,7 @@ async def cluster_status(request: web.Request) -> web.Response:
                   for m in sorted(metas, key=lambda m: m.meta_id)],
         "chunks": {"total": len(views), "up": len(up), "down": len(views) - len(up),
                    "draining": sum(v.draining for v in views)},
-        "capacity": {"total": sum(v.capacity for v in up), "used": sum(v.used for v in up),
-                     "free": sum(v.free for v in up),
+        "capacity": {"total": total, "used": used, "free": free,
                      "provisioned": sum(v.size * v.replicas for v in vols)},
         "recovery": await recovery.cluster_status(ctx),
         "volumes": len(vols), "snapshots": len(snaps), "targets": len(targets),

@@ -44,16 +44,16 @@ class ChunkView:
 
     @property
     def capacity(self) -> int:
-        return sum(int(d.get("capacity", 0)) for d in self.disks if d.get("state", "ok") != "failed")
+        return space(self.disks)[0]
 
     @property
     def used(self) -> int:
-        return sum(int(d.get("used", 0)) for d in self.disks if d.get("state", "ok") != "failed")
+        return space(self.disks)[1]
 
     @property
     def free(self) -> int:
-        return sum(max(int(d.get("capacity", 0)) - int(d.get("used", 0)), 0)
-                   for d in self.disks if d.get("state", "ok") == "ok")
+        """What placement weighs servers by: room left on its ok disks, each filesystem once."""
+        return space(self.disks)[2]
 
     def to_dict(self) -> dict[str, Any]:
         i = self.info
@@ -66,6 +66,7 @@ class ChunkView:
             "labels": i.labels if i else {},
             "capacity": self.capacity,
             "used": self.used,
+            "free": self.free,
             "status": "up" if self.up else "down",
             "state": self.admin.state if self.admin else "active",
             "down_since": None if self.up else (self.admin.down_since if self.admin else None),
@@ -76,6 +77,48 @@ class ChunkView:
             "storage": self.live.storage if self.live else {},
             "registered": i.registered if i else None,
         }
+
+
+def disk_free(d: dict[str, Any]) -> int:
+    """A disk's free bytes: its record's (capped by what its filesystem has available),
+    or capacity - used in a record from before the field."""
+    if "free" in d:
+        return max(int(d["free"]), 0)
+    return max(int(d.get("capacity", 0)) - int(d.get("used", 0)), 0)
+
+
+def space(disks: list[dict[str, Any]]) -> tuple[int, int, int]:
+    """(capacity, used, free) bytes of disk records, a filesystem several share counted once.
+
+    Failed disks count for nothing, full ones for no free space. Disks are grouped by
+    ``fs`` (one filesystem cluster-wide; a record without it is its own). In a group, a
+    disk without a capacity limit stands for the whole filesystem: its size, everything on
+    it used; with limits only, the limits (at most the filesystem's size) and zstore's own
+    bytes. Free space is the ok disks' sum, at most what the filesystem has available.
+    docs/storage.md, "Disk space".
+    """
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for i, d in enumerate(disks):
+        if d.get("state", "ok") != "failed":
+            groups.setdefault(d.get("fs") or ("disk", i), []).append(d)
+    capacity = used = free = 0
+    for ds in groups.values():
+        free_here = sum(disk_free(d) for d in ds if d.get("state", "ok") == "ok")
+        if "fs_capacity" not in ds[0]:           # an older record: as it says
+            capacity += sum(int(d.get("capacity", 0)) for d in ds)
+            used += sum(int(d.get("used", 0)) for d in ds)
+            free += free_here
+            continue
+        fs_capacity = max(int(d.get("fs_capacity", 0)) for d in ds)
+        fs_free = min(int(d.get("fs_free", 0)) for d in ds)   # probed apart: the lower
+        if any(not d.get("limited") for d in ds):
+            capacity += fs_capacity
+            used += max(fs_capacity - fs_free, 0)
+        else:
+            capacity += min(sum(int(d.get("capacity", 0)) for d in ds), fs_capacity)
+            used += sum(int(d.get("used", 0)) for d in ds)
+        free += min(free_here, fs_free)
+    return capacity, used, free
 
 
 async def list_chunks(ctx: Ctx) -> list[ChunkView]:

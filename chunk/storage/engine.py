@@ -553,10 +553,9 @@ class StorageEngine:
         rep = self.repair.status() if self.repair else {}
         scrub = self.scrubber.status() if self.scrubber else {}
         reads = self._coordinator_total("checksum_errors")
-        usage = self.store.usage()
         return {
             "extents": len(self.store.extents()), "open_volumes": len(self._coords),
-            "allocated": sum(d.get("used", 0) for d in usage),
+            "allocated": sum(self.store.stat(*k)["allocated"] for k in self.store.extents()),  # ours
             "checksum_errors": max(rep.get("checksum_errors", 0), reads),
             "repaired": rep.get("repaired", 0), "repair_failed": rep.get("repair_failed", 0),
             "scrub_passes": scrub.get("passes", 0), "scrubbed_bytes": scrub.get("bytes_scrubbed", 0),

@@ -70,7 +70,7 @@ def test_vanished_or_swapped_disk_is_failed(tmp_path: Path):
     d.path.rmdir()
     assert disks.probe(d) | {"error": None} == {
         "path": str(d.path), "capacity": 2**30, "used": 0, "state": "failed", "schema": 1,
-        "disk_id": d.disk_id, "error": None}
+        "disk_id": d.disk_id, "free": 0, "error": None}
 
 
 def test_id_file_is_created_once_and_validated(tmp_path: Path):
@@ -130,3 +130,114 @@ def test_a_restart_does_not_reinitialize_a_known_disk_missing_its_id(tmp_path: P
     assert again[2].error is None and again[2].disk_id        # a path it never knew is a new disk
     (specs[0].path / disks.DISK_ID_FILE).write_text(first[0].disk_id + "\n")   # mounted again
     assert disks.prepare_all(specs, data)[0].disk_id == first[0].disk_id
+
+
+# -- space: the filesystem's real state, each filesystem counted once (docs/storage.md, "Disk space")
+
+_SLACK = 256 * 2**20      # other writers on the test filesystem between our statvfs and the probe's
+
+
+def _avail(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _probed(d: disks.LocalDisk) -> tuple[dict, int, int]:
+    """The probe's record and what statvfs said just before and after it."""
+    before = _avail(d.path)
+    rec = disks.probe(d)
+    return rec, min(before, _avail(d.path)) - _SLACK, max(before, _avail(d.path)) + _SLACK
+
+
+def test_a_disk_without_a_limit_is_its_whole_filesystem(tmp_path: Path):
+    """Free is what an unprivileged writer can still use (f_bavail), used everything else on the
+    filesystem (other files, root-reserved blocks), not only zstore's files; ours separately."""
+    d = disks.prepare(disks.DiskSpec(tmp_path / "disk0"))
+    (d.path / "blob").write_bytes(b"x" * 300_000)
+    st = os.statvfs(tmp_path)
+    fs_size = st.f_blocks * st.f_frsize
+    rec, low, high = _probed(d)
+    assert rec["state"] == "ok" and rec["capacity"] == fs_size
+    assert rec["used"] >= fs_size - high                        # was: only zstore's few bytes
+    assert low <= rec["free"] <= high and rec["used"] == fs_size - rec["free"]
+    assert rec["limited"] is False and rec["fs_free"] == rec["free"] and rec["fs_capacity"] == fs_size
+    assert 300_000 <= rec["zstore_used"] < 400_000
+    assert rec["fs"] == disks.filesystem_id(os.stat(tmp_path).st_dev)
+
+
+def test_a_limit_never_offers_more_than_the_filesystem_has(tmp_path: Path):
+    """PATH:CAPACITY keeps (limit, our bytes), but a limit beyond what is available is no room."""
+    st = os.statvfs(tmp_path)
+    limit = 2 * st.f_blocks * st.f_frsize                     # more than the filesystem could hold
+    d = disks.prepare(disks.DiskSpec(tmp_path / "disk0", limit))
+    (d.path / "blob").write_bytes(b"x" * 300_000)
+    rec, low, high = _probed(d)
+    assert rec["capacity"] == limit and 300_000 <= rec["used"] < 400_000
+    assert low <= _view([rec]).free <= high                # was: limit - used, twice the filesystem
+    assert low <= rec["free"] <= high and rec["used"] == rec["zstore_used"] and rec["limited"] is True
+    small = disks.prepare(disks.DiskSpec(tmp_path / "disk1", 10 * 2**20))
+    rec = disks.probe(small)
+    assert rec["free"] == 10 * 2**20 - rec["used"]            # the limit binds: its own room
+
+
+def _view(recs: list[dict], cid: str = "c" * 32):
+    from meta.chunks import ChunkView
+    from zstore.records import ChunkInfo, ChunkLive
+    info = ChunkInfo(chunk_id=cid, hostname="h", address="127.0.0.1", data_port=1, portal="p:3260",
+                     disks=recs)
+    return ChunkView(info=info, live=ChunkLive(chunk_id=cid, pid=1, started=1.0, lease_ttl=5, disks=recs),
+                     admin=None, chunk_id=cid)
+
+
+def test_disks_sharing_a_filesystem_count_it_once(tmp_path: Path):
+    """Two disk directories on one filesystem each report its state; the server's totals, and
+    the free space placement weighs the server by, count the filesystem once (was: twice)."""
+    from meta.chunks import candidates
+    a, b = (disks.prepare(disks.DiskSpec(tmp_path / n)) for n in ("d0", "d1"))
+    st = os.statvfs(tmp_path)
+    fs_size = st.f_blocks * st.f_frsize
+    low = _avail(tmp_path) - _SLACK
+    recs = disks.probe_all([a, b])
+    high = _avail(tmp_path) + _SLACK
+    view = _view(recs)
+    assert view.capacity == fs_size                           # was: twice
+    assert low <= view.free <= high                           # was: twice its size
+    assert recs[0]["fs"] == recs[1]["fs"] and view.free == min(r["fs_free"] for r in recs)
+    for r in recs:                              # each disk: all the filesystem has, as either could use it
+        assert r["state"] == "ok" and r["capacity"] == fs_size and low <= r["free"] <= high
+    assert view.used == fs_size - view.free
+    assert view.to_dict()["free"] == view.free
+    (cand,), _ = candidates([view])
+    assert cand.free == view.free
+    limited = [disks.probe(disks.prepare(disks.DiskSpec(tmp_path / n, 2**30))) for n in ("l0", "l1")]
+    both = _view(limited)                       # limits add up, to at most the filesystem's size
+    assert both.capacity == min(2 * 2**30, fs_size) and both.used == sum(r["used"] for r in limited)
+    assert both.free == min(sum(r["free"] for r in limited), min(r["fs_free"] for r in limited))
+    mixed = _view(recs + limited)               # an unlimited disk stands for the whole filesystem
+    assert mixed.capacity == fs_size and mixed.free == min(r["fs_free"] for r in recs + limited)
+
+
+def test_records_from_an_older_server_count_as_they_say():
+    view = _view([{"path": "/a", "capacity": 10 * 2**30, "used": 2**30, "state": "ok"},
+                  {"path": "/b", "capacity": 10 * 2**30, "used": 2**30, "state": "full"},
+                  {"path": "/c", "capacity": 10 * 2**30, "used": 0, "state": "failed"}])
+    assert (view.capacity, view.used, view.free) == (20 * 2**30, 2 * 2**30, 9 * 2**30)
+
+
+def test_storage_allocated_is_our_extents_not_the_filesystems_usage(tmp_path: Path):
+    """``storage.allocated`` (the live record) counts this server's replicas' bytes; it was the
+    disks' usage: without a limit, the whole filesystem's, once per disk on it."""
+    from chunk.storage.engine import StorageEngine
+    from chunk.storage.host_crash import BootState
+    from zstore.keys import Keys
+    eng = StorageEngine(None, Keys("/cap"), "me", [(tmp_path / "d0", None), (tmp_path / "d1", None)],
+                        listen=("127.0.0.1", 0), token=None, boot_state=BootState(tmp_path, "boot-1"))
+    try:
+        for i in range(2):
+            eng.store.create("v", i, 1)
+            eng.store.write("v", i, 0, b"x" * 8192, seq=1)
+        ours = sum(eng.store.stat("v", i)["allocated"] for i in range(2))
+        assert 16384 <= ours < 4 * 2**20
+        assert eng.status()["allocated"] == ours
+    finally:
+        eng.store.close()

@@ -161,11 +161,51 @@ async def test_capacity_per_disk_chunk_and_cluster(env):
     text = (await cli(c, "chunk", "show", "c0")).stdout
     assert "10Gi total, 1Gi used" in text and "disks:" in text
     assert [r for r in (line.split() for line in text.splitlines()) if r[:1] == ["/d/c0"]] == [
-        ["/d/c0", "ok", "10Gi", "1Gi", "9Gi"]]
+        ["/d/c0", "ok", "10Gi", "1Gi", "9Gi", "-"]]       # an older record: no zstore bytes of its own
     listing = (await cli(c, "chunk", "list")).stdout
     assert "10Gi" in listing and "1Gi" in listing
     st = (await cli(c, "cluster", "status")).stdout
     assert "capacity       310Gi total, 1Gi used, 309Gi free" in st
+
+
+async def test_capacity_counts_a_filesystem_shared_by_chunk_servers_once(env, tmp_path):
+    """Two chunk servers (as `zstore up` runs them) with unlimited disks in one filesystem: the
+    cluster's total counts it once (it counted it per disk), each server offers placement all
+    that filesystem has available (not its size), and `chunk show` lists free and ours."""
+    import os
+    from chunk import disks as zdisks
+    from zstore.records import ChunkInfo, ChunkLive, now
+    c, ctx = env
+    recs = {}
+    for cid, zone in (("c4", "e"), ("c5", "f")):
+        d = zdisks.prepare(zdisks.DiskSpec(tmp_path / f"disk-{cid}"))
+        (d.path / "blob").write_bytes(b"x" * 300_000)
+        rec = recs[cid] = zdisks.probe(d)
+        await ctx.etcd.put(ctx.keys.chunk_info(cid), ChunkInfo(
+            chunk_id=cid, hostname="host", address="127.0.0.1", data_port=1, portal="127.0.0.1:3260",
+            labels={"zone": zone}, disks=[rec]).encode())
+        await ctx.etcd.put(ctx.keys.chunk_live(cid), ChunkLive(
+            chunk_id=cid, pid=os.getpid(), started=now(), lease_ttl=30, disks=[rec]).encode(),
+            lease=await ctx.etcd.lease(30))
+    st = os.statvfs(tmp_path)
+    fs_size = st.f_blocks * st.f_frsize
+    others = 4 * 100 * 2**30                           # the env's four servers of 100Gi, none used
+    cap = (await api(c, "GET", "/cluster"))[1]["capacity"]
+    assert cap["total"] == others + fs_size            # was others + 2 * fs_size
+    assert recs["c4"]["fs"] == recs["c5"]["fs"]
+    fs_free = min(r["fs_free"] for r in recs.values())
+    assert (cap["used"], cap["free"]) == (fs_size - fs_free, others + fs_free)
+    from meta.chunks import space
+    assert space(list(recs.values())) == (fs_size, fs_size - fs_free, fs_free)
+    for cid, rec in recs.items():
+        got = (await api(c, "GET", f"/chunks/{cid}"))[1]
+        assert (got["capacity"], got["used"], got["free"]) == (fs_size, rec["used"], rec["free"])
+        assert rec["free"] <= fs_size - rec["used"] and rec["used"] > rec["zstore_used"]
+    text = (await cli(c, "chunk", "show", "c4")).stdout
+    row = next(r for r in (line.split() for line in text.splitlines()) if r[:1] == [recs["c4"]["path"]])
+    from zstore.units import format_size
+    assert row[4:] == [format_size(recs["c4"]["free"]), format_size(recs["c4"]["zstore_used"])]
+    assert f"{format_size(recs['c4']['free'])} free" in text
 
 
 async def test_a_drained_chunk_can_be_removed_once_its_replicas_moved(env):

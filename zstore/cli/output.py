@@ -141,15 +141,25 @@ def chunk_detail(c: Mapping[str, Any]) -> str:
         ("state", c.get("state")),
         ("down since", when(c.get("down_since"))),
         ("labels", c.get("labels")),
-        ("capacity", f"{size(c.get('capacity'))} total, {size(c.get('used'))} used"),
+        ("capacity", f"{size(c.get('capacity'))} total, {size(c.get('used'))} used"
+                     + (f", {size(c['free'])} free" if "free" in c else "")),
         ("sessions", _session_count(c)),
     ])
     disks = c.get("disks") or []
     rows = [[d.get("path"), d.get("state", "ok"), size(d.get("capacity")), size(d.get("used")),
-             size(max(int(d.get("capacity", 0)) - int(d.get("used", 0)), 0))
-             if isinstance(d.get("capacity"), int) else None] for d in disks]
-    return f"{head}\n\ndisks:\n" + (table(["PATH", "STATE", "CAPACITY", "USED", "FREE"], rows)
+             _disk_free(d), size(d.get("zstore_used"))] for d in disks]
+    return f"{head}\n\ndisks:\n" + (table(["PATH", "STATE", "CAPACITY", "USED", "FREE", "ZSTORE"], rows)
                                       if rows else "(none reported)")
+
+
+def _disk_free(d: Mapping[str, Any]) -> str:
+    """The disk's own ``free`` (at most what its filesystem has available; disks sharing a
+    filesystem each show all of it), or capacity - used from a server without the field."""
+    if isinstance(d.get("free"), int):
+        return size(max(d["free"], 0))
+    if isinstance(d.get("capacity"), int):
+        return size(max(int(d["capacity"]) - int(d.get("used", 0)), 0))
+    return "-"
 
 
 def chunk_table(chunks: Sequence[Mapping[str, Any]]) -> str:
