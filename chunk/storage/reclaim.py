@@ -12,8 +12,10 @@ snapshot"):
   joins, an older copy is better than none (docs/storage.md, "Recovery");
 - a snapshot was deleted: versions no remaining snapshot record of the volume
   (tombstones included: clones read through them) needs are trimmed, once
-  per change of that set or of the extent's generation (a resync or rebuild
-  may import versions its source had not trimmed yet, and ends with SETGEN).
+  per change of that set, of the extent's generation (a resync or rebuild
+  may import versions its source had not trimmed yet, and ends with SETGEN),
+  of its import count (a block repair imports without SETGEN) or of its COW
+  count (writes after a snapshot's deletion still make versions nobody reads).
 
 Every decision comes from a fresh etcd read, never from a cache, and any
 failed read ends the run before anything else is deleted. A missing cluster
@@ -59,7 +61,8 @@ class Reclaimer:
         self.runs = 0
         self.last_run: float | None = None
         self.last_error: str | None = None
-        self._trimmed_with: dict[tuple[str, int], tuple[frozenset[int], int]] = {}
+        # (vid, idx) -> (keep set, generation, imports, cows) of its last trim
+        self._trimmed_with: dict[tuple[str, int], tuple[frozenset[int], int, int, int]] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
 
@@ -162,9 +165,13 @@ class Reclaimer:
                             summary["deleted"].append((vid, idx))
                             continue
                 # A resync/rebuild can import versions a peer had not trimmed yet (it ends with
-                # a new generation), and so can a block repair (it does not): both count.
+                # a new generation), and so can a block repair (it does not): both count. So do
+                # the replica's own COWs: after a snapshot's deletion the volume's seq stays above
+                # its blocks' seqs, and the first overwrite of each block makes a version no
+                # snapshot reads (replicas that trimmed them and replicas that did not would
+                # differ for good, and the scrubber would drop one of them again and again).
                 st = self.store.stat(vid, idx)
-                memo = (keep, int(st["generation"]), int(st.get("imports", 0)))
+                memo = (keep, int(st["generation"]), int(st["imports"]), int(st["cows"]))
                 if self._trimmed_with.get((vid, idx)) != memo:
                     n = self.store.trim(vid, idx, set(keep))
                     self._trimmed_with[(vid, idx)] = memo

@@ -349,6 +349,7 @@ class _Replica:
         self.keys: list[int] = []              # sorted keys of self.versions
         self.mutations = 0
         self.imports = 0                       # IMPORTs applied: they can bring back trimmed versions
+        self.cows = 0                          # COWs that made versions (the reclaimer's memo)
         self.vdir_dirty = False                # a version file unlinked, the directory not fsync'd
         # A lower bound of the seqs of present blocks: a write at W <= floor
         # cannot need COW, the no-snapshot fast path.
@@ -777,7 +778,8 @@ class ReplicaStore:
             allocated = rep.allocated()
         h = rep.ext.header
         return {"generation": h.generation, "epoch": h.epoch, "mutations": rep.mutations,
-                "imports": rep.imports, "allocated": allocated, "disk": str(rep.disk.path)}
+                "imports": rep.imports, "cows": rep.cows, "allocated": allocated,
+                "disk": str(rep.disk.path)}
 
     def set_generation(self, vid: str, idx: int, generation: int) -> None:
         """Durably record the generation; the extent is flushed first, because a
@@ -954,6 +956,10 @@ class ReplicaStore:
             for k in range(run_len):
                 b = run_start + k
                 items.append((b, seqs[b], memoryview(data)[k * BLOCK_SIZE:(k + 1) * BLOCK_SIZE]))
+        # Counted before: a COW that fails half-way may still have made some. After a snapshot's
+        # deletion the volume's seq stays above its blocks', so writes go on making versions no
+        # snapshot reads; the reclaimer trims again when this count moved (``stat``).
+        rep.cows += 1
         v = rep.versions_for(key)
         v.put(items)
         if self.cow_sync:
