@@ -9,7 +9,10 @@ snapshot"):
   replicas its volume asks for, and no recovery task is copying onto this
   chunk: the local extent goes. While the extent is degraded every local copy
   is kept, listed or not: if its in-sync replicas are lost before a new copy
-  joins, an older copy is better than none (docs/storage.md, "Recovery");
+  joins, an older copy is better than none (docs/storage.md, "Recovery").
+  A copy that did not open (``store.broken``: a rotten header, a failed
+  fdatasync) has no generation to compare: it goes when the rest holds, and
+  with its volume, like any other;
 - a snapshot was deleted: versions no remaining snapshot record of the volume
   (tombstones included: clones read through them) needs are trimmed, once
   per change of that set, of the extent's generation (a resync or rebuild
@@ -39,6 +42,8 @@ from typing import Any
 
 from zstore.keys import Keys
 from zstore.records import ExtentRecord, RecoveryTask, Snapshot, Volume
+
+from .replica_store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +117,16 @@ class Reclaimer:
         local: dict[str, list[int]] = defaultdict(list)
         for vid, idx in self.store.extents():
             local[vid].append(idx)
+        # Copies that did not open (a rotten header, a failed fdatasync): not in extents(), but
+        # their files take space until deleted, by the same rules (``_moved_away``).
+        broken: dict[str, list[int]] = defaultdict(list)
+        for vid, idx in sorted(self.store.broken):
+            if not self.store.has(vid, idx):
+                broken[vid].append(idx)
         summary["extents"] = sum(map(len, local.values()))
         for key in [k for k in self._trimmed_with if k[1] not in local.get(k[0], ())]:
             del self._trimmed_with[key]       # deleted by someone else meanwhile
-        if not local:
+        if not local and not broken:
             return summary
         if await self.etcd.get(self.keys.cluster()) is None:
             raise ReclaimRefused(f"no cluster record at {self.keys.cluster().decode()}: "
@@ -123,7 +134,7 @@ class Reclaimer:
 
         # Volume records first, the snapshot listing after (see the module docstring).
         volumes: dict[str, Volume | None] = {}
-        for vid in local:
+        for vid in sorted(set(local) | set(broken)):
             got = await self.etcd.get(self.keys.volume(vid))
             volumes[vid] = None if got is None else Volume.decode(got.value)
         seqs: dict[str, set[int]] = defaultdict(set)
@@ -132,12 +143,15 @@ class Reclaimer:
             if snap.seq > 0:
                 seqs[snap.volume_id].add(snap.seq)
 
-        for vid, indexes in sorted(local.items()):
-            vol = volumes[vid]
+        for vid in sorted(volumes):
+            vol, indexes, unusable = volumes[vid], local.get(vid, []), broken.get(vid, [])
             if vol is None:
                 for idx in sorted(indexes):
                     self._delete(vid, idx, "its volume is deleted")
                     summary["deleted"].append((vid, idx))
+                for idx in unusable:
+                    if self._delete_broken(vid, idx, "its volume is deleted"):
+                        summary["deleted"].append((vid, idx))
                 continue
             records = {}
             for kv in await self.etcd.get_prefix(self.keys.extents(vid)):
@@ -145,9 +159,10 @@ class Reclaimer:
                 records[rec.index] = rec
             keep = frozenset(seqs[vid]) | frozenset(range(vol.snap_seq, vol.snap_seq + SEQ_MARGIN))
             tasks: dict[int, RecoveryTask] | None = None
-            for idx in sorted(indexes):
+            copies = sorted([(i, False) for i in indexes] + [(i, True) for i in unusable])
+            for idx, is_broken in copies:
                 rec = records.get(idx)
-                if rec is not None and self._moved_away(vid, idx, rec, vol):
+                if rec is not None and self._moved_away(vid, idx, rec, vol, is_broken):
                     if tasks is None:       # read only when a deletion is on the table
                         tasks = {}
                         for kv in await self.etcd.get_prefix(self.keys.recovery(vid)):
@@ -160,10 +175,16 @@ class Reclaimer:
                         # the task read, and this copy is then the in-sync one.
                         got = await self.etcd.get(self.keys.extent(vid, idx))
                         rec = ExtentRecord.decode(got.value) if got is not None else None
-                        if rec is not None and self._moved_away(vid, idx, rec, vol):
-                            self._delete(vid, idx, f"moved to {rec.replicas} at generation {rec.generation}")
-                            summary["deleted"].append((vid, idx))
+                        if rec is not None and self._moved_away(vid, idx, rec, vol, is_broken):
+                            why = f"moved to {rec.replicas} at generation {rec.generation}"
+                            if not is_broken:
+                                self._delete(vid, idx, why)
+                                summary["deleted"].append((vid, idx))
+                            elif self._delete_broken(vid, idx, why):
+                                summary["deleted"].append((vid, idx))
                             continue
+                if is_broken:
+                    continue                # nothing to trim in a copy that did not open
                 # A resync/rebuild can import versions a peer had not trimmed yet (it ends with
                 # a new generation), and so can a block repair (it does not): both count. So do
                 # the replica's own COWs: after a snapshot's deletion the volume's seq stays above
@@ -182,11 +203,16 @@ class Reclaimer:
                     summary["trimmed"] += n
         return summary
 
-    def _moved_away(self, vid: str, idx: int, rec: ExtentRecord, vol: Volume) -> bool:
+    def _moved_away(self, vid: str, idx: int, rec: ExtentRecord, vol: Volume,
+                    broken: bool = False) -> bool:
         if self.chunk_id in rec.replicas or self.chunk_id in rec.stale:
             return False
         if len(rec.replicas) < vol.replicas:
             return False                      # degraded: this copy may be the last one left
+        if broken:
+            # A copy that did not open has no generation to compare: it goes only once the
+            # extent is whole elsewhere and this server is neither in sync nor awaiting a resync.
+            return True
         return rec.generation > int(self.store.stat(vid, idx)["generation"])
 
     def _delete(self, vid: str, idx: int, why: str) -> None:
@@ -194,3 +220,19 @@ class Reclaimer:
         self.store.delete(vid, idx)
         self._trimmed_with.pop((vid, idx), None)
         self.deleted += 1
+
+    def _delete_broken(self, vid: str, idx: int, why: str) -> bool:
+        """Delete a copy that did not open, if it still is one (a rebuild onto this server may
+        have replaced it by a fresh copy during the run's etcd reads). A failure (its disk
+        dying) is logged, not raised: it must not stop the run for every extent after it."""
+        if (vid, idx) not in self.store.broken or self.store.has(vid, idx):
+            return False
+        log.warning("deleting local extent %s/%d, which did not open (%s): %s",
+                    vid, idx, self.store.broken[(vid, idx)][0], why)
+        try:
+            self.store.delete(vid, idx)
+        except StoreError as e:
+            log.error("extent %s/%d: its broken copy was not deleted: %s", vid, idx, e)
+            return False
+        self.deleted += 1
+        return True

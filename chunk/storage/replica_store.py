@@ -722,11 +722,15 @@ class ReplicaStore:
         return sorted(self._replicas)
 
     def delete(self, vid: str, idx: int) -> None:
-        broken = self.broken.pop((vid, idx), None)
+        broken = self.broken.get((vid, idx))
         if broken is not None and (vid, idx) not in self._replicas:
+            # Forgotten only once its files are gone: one that failed to go (its disk dying)
+            # still answers I/O errors, never NO_EXTENT, and a later DELETE tries again.
             with self._io(None):
                 _remove_extent(broken[1].with_name(broken[1].name[:-len(".hdr")]))
+            del self.broken[(vid, idx)]
             return
+        self.broken.pop((vid, idx), None)
         rep = self._get(vid, idx)
         base = rep.base()
         with self._io(rep.disk):

@@ -344,3 +344,121 @@ async def test_replicas_agree_after_a_resync_once_both_reclaimers_ran(cluster, k
     finally:
         a.close()
         b.close()
+
+
+def _reopen_with_rotten_headers(path, rotten):
+    """A store on ``path`` reopened after flipping a byte in the headers of ``rotten``."""
+    for vid, idx in rotten:
+        hdr = path / f"{vid}.{idx}.hdr"
+        raw = bytearray(hdr.read_bytes())
+        raw[10] ^= 0xFF
+        hdr.write_bytes(bytes(raw))
+    s = ReplicaStore([(path, None)], extent_size=EXTENT, cow_sync=False)
+    assert sorted(s.broken) == sorted(rotten)
+    return s
+
+
+def _files(path, vid, idx):
+    return sorted(p.name for p in path.iterdir() if p.name.startswith(f"{vid}.{idx}."))
+
+
+async def test_broken_copies_of_deleted_volumes_are_deleted(cluster, keys, store, tmp_path):
+    """A copy that does not open (rotten header) is not in ``extents()``; its volume deleted,
+    its files go all the same. A broken copy of a live volume's extent listed here stays."""
+    etcd = cluster
+    await volume(etcd, keys, "live")
+    for vid, idx in (("gone", 0), ("gone", 1), ("live", 0)):
+        await extent(etcd, keys, store, vid, idx)
+    store.write("gone", 0, 0, block("two"), 2)                 # a version too: the .v directory
+    store.close()
+    disk = tmp_path / "disk"
+    s = _reopen_with_rotten_headers(disk, [("gone", 0), ("live", 0)])
+    try:
+        assert s.extents() == [("gone", 1)]
+        r = Reclaimer(s, etcd, keys, ME)
+        summary = await r.run_once()
+        assert sorted(summary["deleted"]) == [("gone", 0), ("gone", 1)]
+        assert _files(disk, "gone", 0) == [] and _files(disk, "gone", 1) == []
+        assert list(s.broken) == [("live", 0)]                  # listed here: kept
+        assert _files(disk, "live", 0) != []
+        assert (await r.run_once())["deleted"] == [] and r.status()["deleted"] == 2
+    finally:
+        s.close()
+
+
+async def test_broken_copy_of_a_live_extent_goes_only_once_it_is_whole_elsewhere(cluster, keys,
+                                                                                  store, tmp_path):
+    etcd = cluster
+    await volume(etcd, keys, "v1")                             # 2 replicas wanted
+    for idx in range(6):
+        await extent(etcd, keys, store, "v1", idx)
+    store.close()
+    disk = tmp_path / "disk"
+    s = _reopen_with_rotten_headers(disk, [("v1", i) for i in range(6)])
+    try:
+        # 0: this server still listed in sync (the coordinator has not dropped it yet) -> keep
+        await put(etcd, keys.extent("v1", 0), ExtentRecord("v1", 0, ["x", ME], generation=1))
+        # 1: dropped as stale, awaiting resync -> keep
+        await put(etcd, keys.extent("v1", 1), ExtentRecord("v1", 1, ["x"], generation=2,
+                                                           stale={ME: 1}))
+        # 2: degraded, not listed: may be the last copy -> keep
+        await put(etcd, keys.extent("v1", 2), ExtentRecord("v1", 2, ["x"], generation=2))
+        # 3: a rebuild onto this server is copying (it discards the broken copy) -> keep
+        await put(etcd, keys.extent("v1", 3), ExtentRecord("v1", 3, ["x"], generation=2))
+        await put(etcd, keys.recovery_task("v1", 3), RecoveryTask("v1", 3, target=ME,
+                                                                  kind="rebuild", executor="x",
+                                                                  generation=2))
+        # 4: rebuilt elsewhere, whole -> delete (even at the same generation: nothing to compare)
+        await put(etcd, keys.extent("v1", 4), ExtentRecord("v1", 4, ["x", "y"], generation=1))
+        # 5: no record -> keep
+        await etcd.delete(keys.extent("v1", 5))
+        r = Reclaimer(s, etcd, keys, ME)
+        assert (await r.run_once())["deleted"] == [("v1", 4)]
+        assert sorted(s.broken) == [("v1", i) for i in (0, 1, 2, 3, 5)]
+        assert _files(disk, "v1", 4) == []
+        for i in (0, 1, 2, 3, 5):
+            assert _files(disk, "v1", i) != []
+        # 2 whole again elsewhere -> goes now.
+        await put(etcd, keys.extent("v1", 2), ExtentRecord("v1", 2, ["x", "y"], generation=3))
+        assert (await r.run_once())["deleted"] == [("v1", 2)]
+        assert _files(disk, "v1", 2) == []
+    finally:
+        s.close()
+
+
+async def test_a_copy_broken_by_a_failed_flush_is_deleted_with_its_volume(cluster, keys, store,
+                                                                         tmp_path):
+    import errno
+    etcd = cluster
+    await extent(etcd, keys, store, "v1", 0)
+    rep = store._replicas[("v1", 0)]                           # noqa: SLF001
+    store._retire(rep, OSError(errno.ENOSPC, "no space"))      # noqa: SLF001 - as a failed flush
+    assert ("v1", 0) in store.broken and store.extents() == []
+    assert (await Reclaimer(store, etcd, keys, ME).run_once())["deleted"] == [("v1", 0)]
+    assert store.broken == {} and _files(tmp_path / "disk", "v1", 0) == []
+
+
+def test_a_broken_copy_whose_files_do_not_go_stays_broken(store, tmp_path, monkeypatch):
+    """A DELETE of a broken copy that fails (its disk dying) leaves it broken: I/O errors,
+    never NO_EXTENT (a coordinator would read that as zeros); a later DELETE tries again."""
+    import errno
+    from chunk.storage import replica_store
+    store.create("v1", 0, 1)
+    store.write("v1", 0, 0, block(1), 1)
+    store.close()
+    disk = tmp_path / "disk"
+    s = _reopen_with_rotten_headers(disk, [("v1", 0)])
+    try:
+        def eio(base):
+            raise OSError(errno.EIO, "Input/output error", str(base))
+        with monkeypatch.context() as m:
+            m.setattr(replica_store, "_remove_extent", eio)
+            with pytest.raises(replica_store.StoreIOError):
+                s.delete("v1", 0)
+        assert ("v1", 0) in s.broken
+        with pytest.raises(replica_store.StoreIOError):
+            s.read("v1", 0, 0, BLOCK_SIZE)
+        s.delete("v1", 0)
+        assert s.broken == {} and _files(disk, "v1", 0) == []
+    finally:
+        s.close()
