@@ -6,7 +6,10 @@ ExpCmdSN/MaxCmdSN), write data collection (immediate data, unsolicited
 Data-Out, R2T), Data-In, NOP pings, task management, Text (SendTargets) and
 Logout. SCSI semantics live in ``chunk.scsi``; which LUNs this initiator may
 use comes from a ``LunResolver`` consulted on every command, so ACL changes
-apply to the next command.
+apply to the next command. A command that waits between its arrival and its
+start (a write for its Data-Out, however long the initiator holds it back) is
+checked again when it starts (``_start_late``): it runs only on the LU that its
+LUN resolves to then, and is answered as a new command there would be.
 
 Requests are taken in batches: every complete PDU already received is decoded
 in one call (``P.read_buffered``), and only an incomplete one is awaited.
@@ -69,6 +72,10 @@ class LunResolver(Protocol):
     def unit(self, lun: int) -> Any | None:            # a chunk.scsi LogicalUnit, or None if masked
         ...
 
+    # Optional: ``generation``, a value that changes with every change that may change what
+    # ``unit`` answers (the catalog's generation, read live, not a cache's). With it, a command
+    # that waited is resolved again only when it changed; without it, always.
+
     def visible_luns(self) -> list[int]:
         ...
 
@@ -95,6 +102,7 @@ class Task:
     unsol_datasn: int = 0
     aborted: bool = False
     runner: asyncio.Task | None = None
+    gen: Any = None                     # the resolver's generation when unit was resolved
 
 
 class _Continue:
@@ -147,6 +155,7 @@ class Session:
         self.expcmdsn = expcmdsn & SERIAL_MASK
         self.window = window
         self.resolver, self.scsi, self.nexus = resolver, scsi, nexus
+        self._resolver_gen = hasattr(resolver, "generation")    # see LunResolver
         self.nop_interval, self.nop_timeout = nop_interval, nop_timeout
         self.on_close = on_close
         # Every session of this target server, this one included (the target's table): the
@@ -546,6 +555,8 @@ class Session:
             if want > edtl:
                 want = edtl
             task.want, task.edtl, task.received = want, edtl, n
+            if self._resolver_gen:       # what unit was resolved under (no await since)
+                task.gen = self.resolver.generation
             done = task.unsolicited_done = cmd.final or p.initial_r2t
             task.next_r2t_offset = n
             if done and n >= want:
@@ -706,12 +717,33 @@ class Session:
                 self._send_r2ts(task)
         if task.received >= task.want and not task.outstanding and task.unsolicited_done:
             task.data = memoryview(task.buf)
-            self._start(task)
+            self._start_late(task)
 
     def _protocol_error(self, pdu: P.PDU, why: str) -> None:
         log.info("%s: protocol error: %s; closing the connection", self.nexus.initiator, why)
         self._reject(RejectReason.PROTOCOL_ERROR, pdu.header())
         self._closing = True
+
+    def _start_late(self, task: Task) -> None:
+        """Start a command that waited since it was resolved (for its Data-Out, which the
+        initiator may hold back as long as it likes): only if its LUN still resolves to the
+        same LU. An ACL entry removed or made read-only, or a LUN unmapped or remapped,
+        meanwhile applies to it as to a command arriving now: answered LOGICAL UNIT NOT
+        SUPPORTED if the LUN is gone, else run on the LU it resolves to now (a read-only
+        one answers a write WRITE PROTECTED). Its data is never written where it no longer
+        may be. One comparison when the resolver has a generation and it has not changed."""
+        if not self._resolver_gen or self.resolver.generation != task.gen:
+            unit = self.resolver.unit(task.lun)
+            if unit is not task.unit:
+                log.info("%s: LUN %d changed while a command waited for its data; answered "
+                         "as the LUN is now", self.nexus.initiator, task.lun)
+                task.unit = unit
+                if unit is None:
+                    self._finish_inline(task, self._no_unit_result(task))
+                    return
+                if unit not in self.units_used:
+                    self.units_used.add(unit)
+        self._start(task)
 
     def _start(self, task: Task) -> None:
         """Run the command inline as far as it goes without waiting.
