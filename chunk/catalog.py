@@ -10,6 +10,16 @@ A LUN resolves to a ``LunExport``: a volume (read-only if its ACL entry or
 mapping says so), or a snapshot exported read-only — the snapshot's volume
 viewed at the snapshot's ``seq``, with the snapshot's own WWN, serial and size
 (docs/storage.md). A snapshot LUN's ACL is keyed by the snapshot id.
+
+The mirror fails closed. A server cut off from etcd cannot learn that an ACL was
+revoked, so once the mirror has not been confirmed current for ``stale_after``
+seconds (the chunk server's lease TTL: by then its live key is gone and the cluster
+counts it down) it is *stale*: ``synced`` is False (logins are refused as retryable,
+0x0301) and the target answers commands NOT READY, until a fresh full listing of every
+section, started after the staleness, brings it back. Confirmed current means: every
+section's watch is open (``zetcd.watch_prefix``'s status) and a linearizable read
+through the same client succeeded since; a hung etcd (or one cut off from its quorum)
+fails the read well before gRPC's keepalive would fail the watches.
 """
 
 from __future__ import annotations
@@ -51,8 +61,9 @@ class LunExport(NamedTuple):
 
 
 class Catalog:
-    def __init__(self, etcd: aetcd.Client, keys: Keys):
+    def __init__(self, etcd: aetcd.Client, keys: Keys, *, stale_after: float | None = 5.0):
         self.etcd, self.keys = etcd, keys
+        self.stale_after = stale_after   # None: never stale (tools reading a one-off mirror)
         self.targets: dict[str, Target] = {}                 # iqn -> Target
         self._target_by_index: dict[int, Target] = {}
         self.luns: dict[tuple[int, int], LunMapping] = {}    # (target index, lun) -> mapping
@@ -65,6 +76,12 @@ class Catalog:
         self._listeners: list[Callable[[str], None]] = []
         self._synced: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task] = []
+        self._relist: dict[str, asyncio.Event] = {}   # per section: list afresh
+        self._watching: dict[str, bool] = {}        # per section: its watch is open
+        self._confirmed = 0.0                       # loop time the mirror was last known current
+        self.stale = False
+        self._relisted: set[str] = set()            # sections listed afresh since going stale
+
 
     # -- queries (hot: called per login / per command) -------------------------
 
@@ -129,9 +146,11 @@ class Catalog:
 
     @property
     def synced(self) -> bool:
-        """Every section has had its first full listing. Before that the mirror is partial
-        (a target without its LUNs or ACLs, or nothing at all), so answers from it are wrong."""
-        return len(self._synced) == len(self._sections()) and all(e.is_set() for e in self._synced.values())
+        """Every section has had its first full listing, and the mirror is not stale. Before
+        that the mirror is partial (a target without its LUNs or ACLs, or nothing at all), so
+        answers from it are wrong; stale, it may hold what an admin has since revoked."""
+        return (not self.stale and len(self._synced) == len(self._sections())
+                and all(e.is_set() for e in self._synced.values()))
 
     def on_change(self, fn: Callable[[str], None]) -> None:
         """Call ``fn(kind)`` after each change (kind: targets|luns|volumes|snapshots|acl|chap)."""
@@ -195,14 +214,30 @@ class Catalog:
         """Start mirroring; returns once every section has its first full listing."""
         for kind, prefix in self._sections().items():
             self._synced[kind] = asyncio.Event()
+            self._relist[kind] = asyncio.Event()
+            self._watching[kind] = False
             self._tasks.append(asyncio.ensure_future(self._follow(kind, prefix, stop)))
         await asyncio.gather(*(e.wait() for e in self._synced.values()))
+        self._confirmed = asyncio.get_running_loop().time()
+        if self.stale_after is not None:
+            self._tasks.append(asyncio.ensure_future(self._keep_confirmed(stop)))
 
     async def _follow(self, kind: str, prefix: bytes, stop: asyncio.Event) -> None:
+        relist = self._relist[kind]
+
+        def on_status(ok: bool) -> None:
+            self._watching[kind] = ok
+
         async def on_snapshot(kvs):
             self._raw[kind] = dict(kvs)
             self._rebuild(kind)
             self._synced[kind].set()
+            # Stale: only a listing begun after the catalog went stale counts (``relist`` is
+            # cleared as a listing begins, set when the catalog goes stale).
+            if self.stale and not relist.is_set():
+                self._relisted.add(kind)
+                if self._relisted >= set(self._sections()):
+                    self._resynced()
 
         async def on_event(ev):
             raw = self._raw.setdefault(kind, {})
@@ -212,7 +247,66 @@ class Catalog:
                 raw.pop(ev.kv.key, None)
             self._rebuild(kind)
 
-        await zetcd.watch_prefix(self.etcd, prefix, on_snapshot, on_event, stop)
+        await zetcd.watch_prefix(self.etcd, prefix, on_snapshot, on_event, stop,
+                                 on_status=on_status, relist=relist)
+
+    # -- staleness ---------------------------------------------------------------
+
+    async def _keep_confirmed(self, stop: asyncio.Event) -> None:
+        """Confirm the mirror current every ``stale_after``/5 s; mark it stale when it has not
+        been for ``stale_after`` s."""
+        loop = asyncio.get_running_loop()
+        bound = self.stale_after
+        interval = max(0.05, bound / 5)
+        probe: asyncio.Task | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), interval)
+                    break
+                except asyncio.TimeoutError:
+                    pass
+                if probe is None or probe.done():
+                    probe = asyncio.ensure_future(self._probe(bound))
+                if not self.stale and loop.time() - self._confirmed > bound:
+                    self._go_stale(loop.time() - self._confirmed)
+        finally:
+            if probe is not None:
+                probe.cancel()
+
+    async def _probe(self, timeout: float) -> None:
+        """A linearizable read through the watches' client: while every watch stays open
+        across it, the mirror was current when it was sent."""
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        if self.stale or not all(self._watching.get(k) for k in self._sections()):
+            return
+        try:
+            await asyncio.wait_for(self.etcd.get(self.keys.targets()), timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - not confirmed: staleness is the answer
+            log.debug("export catalog: etcd did not confirm the mirror: %s", e)
+            return
+        if not self.stale and all(self._watching.get(k) for k in self._sections()):
+            self._confirmed = max(self._confirmed, sent)
+
+    def _go_stale(self, age: float) -> None:
+        log.warning("export catalog: not confirmed current with etcd for %.1fs (bound %.1fs): "
+                    "stale; logins refused as retryable and commands answered NOT READY until "
+                    "every section is listed afresh", age, self.stale_after)
+        self.stale = True
+        self._relisted = set()
+        self.generation += 1           # per-session caches must not answer from before
+        for e in self._relist.values():   # a hung watch may never fail: list and watch anew
+            e.set()
+
+    def _resynced(self) -> None:
+        self.stale = False
+        self._relisted = set()
+        self._confirmed = asyncio.get_running_loop().time()
+        self.generation += 1
+        log.warning("export catalog: listed afresh from etcd; current again")
 
     async def close(self) -> None:
         for t in self._tasks:

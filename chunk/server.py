@@ -272,7 +272,9 @@ class ChunkServer:
     async def run(self, stop: asyncio.Event) -> None:
         etcd = zetcd.client(self.cfg.etcd)
         keys = Keys(self.cfg.etcd.prefix)
-        catalog = Catalog(etcd, keys)
+        # Stale (logins 0x0301, commands NOT READY) once etcd has not confirmed the mirror for
+        # a lease TTL: by then this server counts as down and its revoked ACLs must not hold.
+        catalog = Catalog(etcd, keys, stale_after=self.cfg.chunk.lease_ttl)
         engine = self.engine = self.storage_engine(etcd, keys)
         starting = asyncio.ensure_future(engine.run_start(stop))
         reservations = ReservationStore(etcd, keys, self.chunk_id)

@@ -124,7 +124,9 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
                        on_snapshot: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]],
                        on_event: Callable[[aetcd.rtypes.Event], Awaitable[None]],
                        stop: asyncio.Event, retry_delay: float = 1.0,
-                       with_revision: bool = False) -> None:
+                       with_revision: bool = False,
+                       on_status: Callable[[bool], None] | None = None,
+                       relist: asyncio.Event | None = None) -> None:
     """Mirror a prefix: a full listing, then events from the next revision on.
 
     ``with_revision``: ``on_snapshot`` also gets the listing's revision (every value
@@ -132,14 +134,35 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
 
     On any watch failure (etcd restart, compaction, network) it lists again and
     re-watches, so the caller's view converges instead of silently freezing.
+
+    ``on_status(True)`` is called once a listing is delivered and its watch is open,
+    ``on_status(False)`` as soon as the listing or the watch fails (and again each retry
+    that fails): callers that must not serve an old mirror for long (chunk/catalog.py)
+    follow it. A watch on a hung etcd fails only when gRPC's keepalive gives up, so such
+    callers also confirm liveness themselves; setting ``relist`` makes it drop its watch
+    and list afresh (cleared as each listing starts: set during one, it lists again).
+    The watch is never interrupted while being created: aetcd matches a created watch to
+    the one create request in flight, so a create abandoned half-way hands its watch to
+    the next caller's.
     """
+    def status(ok: bool) -> None:
+        if on_status is not None:
+            try:
+                on_status(ok)
+            except Exception:  # noqa: BLE001 - a status listener must not break the watch
+                log.exception("watch status listener failed")
+
     while not stop.is_set():
+        relisting = False
+        if relist is not None:
+            relist.clear()
         try:
             listing = await etcd.get_prefix(prefix)
             rev = listing.header.revision if listing.header else 0
             kvs = [(kv.key, kv.value) for kv in listing]
             await (on_snapshot(kvs, rev) if with_revision else on_snapshot(kvs))
             watch = await etcd.watch_prefix(prefix, start_revision=rev + 1)
+            status(True)
 
             async def consume() -> None:
                 async for event in watch:
@@ -147,14 +170,22 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
 
             consumer = asyncio.ensure_future(consume())
             stopper = asyncio.ensure_future(stop.wait())
+            waits = {consumer, stopper}
+            relister = asyncio.ensure_future(relist.wait()) if relist is not None else None
+            if relister is not None:
+                waits.add(relister)
             try:
-                done, _ = await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if consumer in done:
+                    status(False)
                     consumer.result()       # raises what broke the watch; relist below
+                elif relister is not None and relister in done and not stop.is_set():
+                    status(False)
+                    relisting = True
             finally:
-                stopper.cancel()
-                consumer.cancel()
-                await asyncio.gather(consumer, stopper, return_exceptions=True)
+                for t in waits:
+                    t.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
                 try:
                     await watch.cancel()
                 except Exception:  # noqa: BLE001 - best effort on a broken channel
@@ -162,8 +193,9 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - keep mirroring through etcd outages
+            status(False)
             log.warning("watch on %s failed (%s); relisting in %.1fs", prefix.decode(), e, retry_delay)
-        if not stop.is_set():
+        if not stop.is_set() and not relisting:
             try:
                 await asyncio.wait_for(stop.wait(), retry_delay)
             except asyncio.TimeoutError:

@@ -127,6 +127,46 @@ class ScsiGlue:
         return scsi.ScsiResult(0x02, None, scsi.sense.fixed_sense(0x04, 0x44, 0x00))
 
 
+# LOGICAL UNIT NOT READY, IN PROCESS OF BECOMING READY (04/01): what every command of a
+# session gets while the export catalog is stale (chunk/catalog.py). It is transient, and
+# hosts retry it (Linux: a delayed retry; 04/00 or the ALUA 04/0B-0C fail the I/O at once,
+# and 04/0A/0B/0C would need REPORT TARGET PORT GROUPS to show a matching state, which a
+# server unsure of its ACLs cannot answer either). The LU does become ready here as soon as
+# a fresh listing resyncs the mirror; a long outage ends in the host's command timeout
+# and its recovery (a new login through the VIP, which the redirector sends elsewhere).
+ASC_NOT_READY_BECOMING_READY = (0x04, 0x01)
+
+
+def not_ready(cdb: bytes):
+    sense = scsi.sense.fixed_sense(scsi.sense.NOT_READY, *ASC_NOT_READY_BECOMING_READY)
+    if cdb[0] == 0x03:                                   # REQUEST SENSE: the condition as data
+        return scsi.ScsiResult(scsi.sense.GOOD, sense[:cdb[4]])
+    return scsi.ScsiResult(scsi.sense.CHECK_CONDITION, None, sense)
+
+
+def _stale(catalog) -> bool:
+    return getattr(catalog, "stale", False)      # (test doubles of the catalog have no such thing)
+
+
+class TargetGlue(ScsiGlue):
+    """``ScsiGlue`` of one target: while its catalog is stale, a session's SessionView
+    resolves no LU, and every command (REPORT LUNS and INQUIRY too: which LUNs this
+    initiator may see is what is in doubt) is answered NOT READY instead of as a hole."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+
+    def report_luns(self, luns: list[int], cdb: bytes):
+        if _stale(self.catalog):
+            return not_ready(cdb)
+        return scsi.report_luns_command(cdb, luns)
+
+    def lun_not_supported(self, cdb: bytes):
+        if _stale(self.catalog):
+            return not_ready(cdb)
+        return scsi.lun_not_supported(cdb)
+
+
 class SessionView:
     """What one session may see: LUNs of its target that its initiator is on the ACL of."""
 
@@ -149,7 +189,7 @@ class SessionView:
             except KeyError:
                 pass
         unit = None
-        if self.target_iqn is not None:
+        if self.target_iqn is not None and not _stale(cat):   # stale: NOT READY (TargetGlue)
             access = cat.lun_access(self.target_iqn, self.initiator, lun)
             if access is not None:
                 unit = self.t.units.get(access)
@@ -158,7 +198,7 @@ class SessionView:
 
     def opened_unit(self, lun: int):
         """The unit behind ``lun`` if this server has it open, else None (never opens one)."""
-        if self.target_iqn is None:
+        if self.target_iqn is None or _stale(self.t.catalog):
             return None
         access = self.t.catalog.lun_access(self.target_iqn, self.initiator, lun)
         return self.t.units.opened(access) if access is not None else None
@@ -239,6 +279,7 @@ class IscsiTarget:
         self.sessions: dict[tuple[str, bytes, str | None], Session] = {}
         self.tsihs: set[int] = set()
         self.policy = LoginPolicyImpl(self)
+        self.glue = TargetGlue(catalog)
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
         self._session_listeners: list[Callable[[], None]] = []
@@ -413,7 +454,7 @@ class IscsiTarget:
                            target_port=f"{target_iqn or 'discovery'},t,0x{tpgt:04x}",
                            relative_port_id=tpgt)
         sess = Session(reader, writer, p, isid=r.isid, tsih=r.tsih, statsn=r.statsn, expcmdsn=r.expcmdsn,
-                       resolver=SessionView(self, p.initiator_name, target_iqn), scsi=ScsiGlue, nexus=nexus,
+                       resolver=SessionView(self, p.initiator_name, target_iqn), scsi=self.glue, nexus=nexus,
                        window=self.cfg.window, nop_interval=self.cfg.nop_interval,
                        nop_timeout=self.cfg.nop_timeout, on_close=lambda s: self._closed(key, s),
                        write_buffer_budget=self.cfg.write_buffer_budget,
