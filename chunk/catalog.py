@@ -11,6 +11,15 @@ mapping says so), or a snapshot exported read-only — the snapshot's volume
 viewed at the snapshot's ``seq``, with the snapshot's own WWN, serial and size
 (docs/storage.md). A snapshot LUN's ACL is keyed by the snapshot id.
 
+Each etcd event is applied alone: only the changed key is decoded, and indexes by
+target (its LUNs), by export (the LUNs mapping a volume or snapshot), by volume and by
+initiator (what it is on the ACL of) keep every query proportional to one target or
+one initiator, never to the cluster (4096 targets x 255 LUNs). Listeners given
+``on_delta`` learn which targets, initiators and volumes a change touched, so the
+target re-checks only those sessions. Where two keys decode to the same entry (an ACL
+entry stored under an initiator name in two cases), the one under the greater etcd key
+is served: what a fresh, key-ordered listing gives.
+
 The mirror fails closed. A server cut off from etcd cannot learn that an ACL was
 revoked, so once the mirror has not been confirmed current for ``stale_after``
 seconds (the chunk server's lease TTL: by then its live key is gone and the cluster
@@ -60,6 +69,62 @@ class LunExport(NamedTuple):
         return self.snapshot_id or self.volume.volume_id
 
 
+_RECORDS = {"targets": Target, "luns": LunMapping, "volumes": Volume, "snapshots": Snapshot,
+            "acl": AclEntry, "chap": ChapRecord}
+
+
+class CatalogChange(NamedTuple):
+    """What one applied etcd event (or a listing) may have changed, for ``on_delta``."""
+    kind: str
+    targets: frozenset[str] | None        # target IQNs whose LUNs may look different to someone
+    initiators: frozenset[str] | None     # lower-case: only these initiators' view; None: anyone's
+    volumes: frozenset[str] | None        # volume ids whose record, snapshots or LUN mappings changed
+    # (None: any; the catalog itself always names them)
+
+
+class _Delta:
+    __slots__ = ("tis", "targets", "initiators", "volumes")
+
+    def __init__(self):
+        self.tis: set[int] = set()
+        self.targets: set[str] = set()
+        self.initiators: set[str] | None = set()
+        self.volumes: set[str] = set()
+
+    def everyone(self) -> None:
+        self.initiators = None
+
+    def initiator(self, ini: str) -> None:
+        if self.initiators is not None:
+            self.initiators.add(ini)
+
+
+class _Slots:
+    """Entry key -> {etcd key: record}. The record under the greatest etcd key is served."""
+
+    __slots__ = ("by",)
+
+    def __init__(self):
+        self.by: dict = {}
+
+    def put(self, lk, ek: bytes, rec):
+        srcs = self.by.setdefault(lk, {})
+        was = srcs[max(srcs)] if srcs else None
+        srcs[ek] = rec
+        return was, (rec if len(srcs) == 1 else srcs[max(srcs)])
+
+    def remove(self, lk, ek: bytes):
+        srcs = self.by.get(lk)
+        if not srcs or ek not in srcs:
+            return None, None
+        was = srcs[max(srcs)] if len(srcs) > 1 else srcs[ek]
+        del srcs[ek]
+        if not srcs:
+            del self.by[lk]
+            return was, None
+        return was, srcs[max(srcs)]
+
+
 class Catalog:
     def __init__(self, etcd: aetcd.Client, keys: Keys, *, stale_after: float | None = 5.0):
         self.etcd, self.keys = etcd, keys
@@ -71,7 +136,15 @@ class Catalog:
         self.snapshots: dict[str, Snapshot] = {}             # snapshot id -> Snapshot
         self.acl: dict[str, dict[str, AclEntry]] = {}        # volume or snapshot id -> initiator -> entry
         self.chap: dict[tuple[str, str], ChapRecord] = {}    # (target iqn | '*', initiator) -> creds
-        self._raw: dict[str, dict[bytes, bytes]] = {}
+        self._raw: dict[str, dict[bytes, bytes]] = {}          # kind -> etcd key -> value
+        self._recs: dict[str, dict[bytes, object]] = {}        # kind -> etcd key -> its record
+        self._slots: dict[str, _Slots] = {}                    # entry kind -> _Slots
+        self._luns_by_target: dict[int, dict[int, LunMapping]] = {}  # target index -> lun -> mapping
+        self._luns_by_export: dict[str, set[tuple[int, int]]] = {}   # volume|snapshot id -> LUNs
+        self._luns_by_volume: dict[str, set[tuple[int, int]]] = {}   # mapping's volume id -> LUNs
+        self._acl_by_initiator: dict[str, set[str]] = {}       # initiator -> export ids
+        self.decoded = 0             # records decoded so far (one per changed key)
+        self._delta_listeners: list[Callable[[CatalogChange], None]] = []
         self.generation = 0          # bumped on every change: lets readers cache what they derived
         self._listeners: list[Callable[[str], None]] = []
         self._synced: dict[str, asyncio.Event] = {}
@@ -81,7 +154,6 @@ class Catalog:
         self._confirmed = 0.0                       # loop time the mirror was last known current
         self.stale = False
         self._relisted: set[str] = set()            # sections listed afresh since going stale
-
 
     # -- queries (hot: called per login / per command) -------------------------
 
@@ -113,12 +185,11 @@ class Catalog:
         if t is None:
             return {}
         out = {}
-        for (ti, lun), m in self.luns.items():
-            if ti == t.index:
-                ex = self._access(m, initiator)
-                if ex is not None:
-                    out[lun] = ex
-        return dict(sorted(out.items()))
+        for lun, m in sorted(self._luns_by_target.get(t.index, {}).items()):
+            ex = self._access(m, initiator)
+            if ex is not None:
+                out[lun] = ex
+        return out
 
     def lun_access(self, target_iqn: str, initiator: str, lun: int) -> LunExport | None:
         """What this LUN serves if this initiator may use it right now, else None."""
@@ -130,9 +201,9 @@ class Catalog:
 
     def visible_targets(self, initiator: str) -> list[str]:
         """Targets with at least one LUN this initiator may see (SendTargets answers only these)."""
-        initiator = initiator.lower()
-        allowed = {xid for xid, entries in self.acl.items() if initiator in entries}
-        idx = {ti for (ti, _), m in self.luns.items() if (m.snapshot_id or m.volume_id) in allowed}
+        by_export = self._luns_by_export
+        idx = {ti for xid in self._acl_by_initiator.get(initiator.lower(), ())
+               for ti, _ in by_export.get(xid, ())}
         return sorted(self._target_by_index[i].iqn for i in idx if i in self._target_by_index)
 
     def chap_for(self, target_iqn: str, initiator: str) -> ChapRecord | None:
@@ -143,6 +214,17 @@ class Catalog:
             if rec is not None:
                 return rec
         return None
+
+    def views_of(self, volume_id: str) -> set[int]:
+        """The snapshot seqs of ``volume_id`` exported now (by a LUN mapping that resolves)."""
+        out = set()
+        for key in self._luns_by_volume.get(volume_id, ()):
+            m = self.luns.get(key)
+            if m is not None and m.snapshot_id:
+                ex = self.resolve(m)
+                if ex is not None and ex.volume.volume_id == volume_id:
+                    out.add(ex.view_seq)
+        return out
 
     @property
     def synced(self) -> bool:
@@ -156,6 +238,11 @@ class Catalog:
         """Call ``fn(kind)`` after each change (kind: targets|luns|volumes|snapshots|acl|chap)."""
         self._listeners.append(fn)
 
+    def on_delta(self, fn: Callable[[CatalogChange], None]) -> None:
+        """Call ``fn(change)`` after each change, after the ``on_change`` listeners: which
+        targets, initiators and volumes it touched (a session elsewhere is unaffected)."""
+        self._delta_listeners.append(fn)
+
     # -- mirroring -------------------------------------------------------------
 
     def _sections(self) -> dict[str, bytes]:
@@ -163,52 +250,182 @@ class Catalog:
         return {"targets": k.targets(), "luns": k.luns(), "volumes": k.volumes(),
                 "snapshots": k.snapshots(), "acl": k.acls(), "chap": k.chaps()}
 
-    def _rebuild(self, kind: str) -> None:
-        raw = self._raw.get(kind, {})
+    def _decode(self, kind: str, value: bytes):
+        cls = _RECORDS[kind]
+        self.decoded += 1
+        try:
+            return cls.decode(value)
+        except RecordError as e:
+            log.error("ignoring unreadable %s record: %s", kind, e)
+            return None
 
-        def decode(cls, v):
-            try:
-                return cls.decode(v)
-            except RecordError as e:
-                log.error("ignoring unreadable %s record: %s", kind, e)
-                return None
+    def _apply(self, kind: str, ek: bytes, value: bytes | None, d: _Delta) -> bool:
+        """One key put (``value``) or deleted (None); False if that changes nothing."""
+        raw = self._raw.setdefault(kind, {})
+        recs = self._recs.setdefault(kind, {})
+        if value is None:
+            if raw.pop(ek, None) is None:
+                return False
+            new = None
+        else:
+            if raw.get(ek) == value:       # e.g. the volume record add_acl puts back unchanged
+                return False
+            raw[ek] = value
+            new = self._decode(kind, value)
+        old = recs.pop(ek, None)
+        if new is not None:
+            recs[ek] = new
+        if old is not None:
+            self._place(kind, ek, old, False, d)
+        if new is not None:
+            self._place(kind, ek, new, True, d)
+        return old is not None or new is not None
 
+    def _slot(self, name: str, lk, ek: bytes, rec, add: bool):
+        slots = self._slots.get(name)
+        if slots is None:
+            slots = self._slots[name] = _Slots()
+        return slots.put(lk, ek, rec) if add else slots.remove(lk, ek)
+
+    def _place(self, kind: str, ek: bytes, rec, add: bool, d: _Delta) -> None:
+        """Add or withdraw one key's record; update what is served where the winner changed."""
         if kind == "targets":
-            ts = [t for t in (decode(Target, v) for v in raw.values()) if t]
-            self.targets = {t.iqn: t for t in ts}
-            self._target_by_index = {t.index: t for t in ts}
+            was, now = self._slot("targets", rec.iqn, ek, rec, add)
+            if was is not now:
+                if now is None:
+                    self.targets.pop(rec.iqn, None)
+                else:
+                    self.targets[rec.iqn] = now
+                d.targets.add(rec.iqn)
+                d.everyone()
+            was, now = self._slot("target_index", rec.index, ek, rec, add)
+            if was is not now:
+                if now is None:
+                    self._target_by_index.pop(rec.index, None)
+                else:
+                    self._target_by_index[rec.index] = now
+                d.targets.update(t.iqn for t in (was, now) if t is not None)
+                d.everyone()
         elif kind == "luns":
-            ms = [m for m in (decode(LunMapping, v) for v in raw.values()) if m]
-            self.luns = {(m.target_index, m.lun): m for m in ms}
+            key = (rec.target_index, rec.lun)
+            was, now = self._slot("luns", key, ek, rec, add)
+            if was is not now:
+                if was is not None:
+                    self._unindex_lun(key, was)
+                if now is not None:
+                    self._index_lun(key, now)
+                d.tis.add(key[0])
+                d.volumes.update(m.volume_id for m in (was, now) if m is not None)
+                d.everyone()
         elif kind == "volumes":
-            vs = [v for v in (decode(Volume, v) for v in raw.values()) if v]
-            self.volumes = {v.volume_id: v for v in vs}
+            was, now = self._slot("volumes", rec.volume_id, ek, rec, add)
+            if was is not now:
+                vid = rec.volume_id
+                if now is None:
+                    self.volumes.pop(vid, None)
+                else:
+                    self.volumes[vid] = now
+                d.volumes.add(vid)
+                d.tis.update(ti for ti, _ in self._luns_by_volume.get(vid, ()))
+                d.everyone()
         elif kind == "snapshots":
-            ss = [x for x in (decode(Snapshot, v) for v in raw.values()) if x]
-            self.snapshots = {x.snapshot_id: x for x in ss}
+            was, now = self._slot("snapshots", rec.snapshot_id, ek, rec, add)
+            if was is not now:
+                sid = rec.snapshot_id
+                if now is None:
+                    self.snapshots.pop(sid, None)
+                else:
+                    self.snapshots[sid] = now
+                d.volumes.update(x.volume_id for x in (was, now) if x is not None)
+                d.tis.update(ti for ti, _ in self._luns_by_export.get(sid, ()))
+                d.everyone()
         elif kind == "acl":
-            acl: dict[str, dict[str, AclEntry]] = {}
-            for v in raw.values():
-                e = decode(AclEntry, v)
-                if e:
-                    # iSCSI names are case-insensitive (RFC 3722): keyed and looked up lower-case
-                    acl.setdefault(e.export_id, {})[e.initiator.lower()] = e
-            self.acl = acl
+            # iSCSI names are case-insensitive (RFC 3722): keyed and looked up lower-case
+            xid, ini = rec.export_id, rec.initiator.lower()
+            was, now = self._slot("acl", (xid, ini), ek, rec, add)
+            if was is not now:
+                if now is None:
+                    entries = self.acl.get(xid)
+                    if entries is not None:
+                        entries.pop(ini, None)
+                        if not entries:
+                            del self.acl[xid]
+                    xs = self._acl_by_initiator.get(ini)
+                    if xs is not None:
+                        xs.discard(xid)
+                        if not xs:
+                            del self._acl_by_initiator[ini]
+                else:
+                    self.acl.setdefault(xid, {})[ini] = now
+                    self._acl_by_initiator.setdefault(ini, set()).add(xid)
+                d.tis.update(ti for ti, _ in self._luns_by_export.get(xid, ()))
+                d.initiator(ini)
         elif kind == "chap":
-            chap = {}
-            for v in raw.values():
-                c = decode(ChapRecord, v)
-                if c:
-                    logs.redact(c.secret)
-                    logs.redact(c.mutual_secret)
-                    chap[(c.target, c.initiator.lower())] = c
-            self.chap = chap
+            if add:
+                logs.redact(rec.secret)
+                logs.redact(rec.mutual_secret)
+            key = (rec.target, rec.initiator.lower())
+            was, now = self._slot("chap", key, ek, rec, add)
+            if was is not now:
+                if now is None:
+                    self.chap.pop(key, None)
+                else:
+                    self.chap[key] = now
+
+    def _index_lun(self, key: tuple[int, int], m: LunMapping) -> None:
+        self.luns[key] = m
+        self._luns_by_target.setdefault(key[0], {})[key[1]] = m
+        self._luns_by_export.setdefault(m.snapshot_id or m.volume_id, set()).add(key)
+        self._luns_by_volume.setdefault(m.volume_id, set()).add(key)
+
+    def _unindex_lun(self, key: tuple[int, int], m: LunMapping) -> None:
+        self.luns.pop(key, None)
+        by_t = self._luns_by_target.get(key[0])
+        if by_t is not None:
+            by_t.pop(key[1], None)
+            if not by_t:
+                del self._luns_by_target[key[0]]
+        for index, xid in ((self._luns_by_export, m.snapshot_id or m.volume_id),
+                           (self._luns_by_volume, m.volume_id)):
+            keys = index.get(xid)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del index[xid]
+
+    def _changed(self, kind: str, d: _Delta) -> None:
         self.generation += 1
+        targets = set(d.targets)
+        by_index = self._target_by_index
+        targets.update(by_index[ti].iqn for ti in d.tis if ti in by_index)
+        change = CatalogChange(kind, frozenset(targets),
+                               None if d.initiators is None else frozenset(d.initiators),
+                               frozenset(d.volumes))
         for fn in self._listeners:
             try:
                 fn(kind)
             except Exception:  # noqa: BLE001 - a listener must not break mirroring
                 log.exception("catalog listener failed")
+        for fn in self._delta_listeners:
+            try:
+                fn(change)
+            except Exception:  # noqa: BLE001 - a listener must not break mirroring
+                log.exception("catalog listener failed")
+
+    def _listing(self, kind: str, kvs) -> None:
+        """A full listing of a section: applied as the keys that differ from the mirror."""
+        new = dict(kvs)
+        d = _Delta()
+        for ek in [k for k in self._raw.get(kind, {}) if k not in new]:
+            self._apply(kind, ek, None, d)
+        for ek, value in new.items():
+            self._apply(kind, ek, value, d)
+        self._changed(kind, d)          # always: the first listing is news even when empty
+
+    def _event(self, kind: str, ev) -> None:
+        d = _Delta()
+        if self._apply(kind, ev.kv.key, ev.kv.value if ev.kind == "PUT" else None, d):
+            self._changed(kind, d)
 
     async def start(self, stop: asyncio.Event) -> None:
         """Start mirroring; returns once every section has its first full listing."""
@@ -229,8 +446,7 @@ class Catalog:
             self._watching[kind] = ok
 
         async def on_snapshot(kvs):
-            self._raw[kind] = dict(kvs)
-            self._rebuild(kind)
+            self._listing(kind, kvs)
             self._synced[kind].set()
             # Stale: only a listing begun after the catalog went stale counts (``relist`` is
             # cleared as a listing begins, set when the catalog goes stale).
@@ -240,12 +456,7 @@ class Catalog:
                     self._resynced()
 
         async def on_event(ev):
-            raw = self._raw.setdefault(kind, {})
-            if ev.kind == "PUT":
-                raw[ev.kv.key] = ev.kv.value
-            else:
-                raw.pop(ev.kv.key, None)
-            self._rebuild(kind)
+            self._event(kind, ev)
 
         await zetcd.watch_prefix(self.etcd, prefix, on_snapshot, on_event, stop,
                                  on_status=on_status, relist=relist)

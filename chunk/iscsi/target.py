@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from chunk import scsi
-from chunk.catalog import Catalog, LunExport
+from chunk.catalog import Catalog, CatalogChange, LunExport
 from chunk.lun_device import open_export
 
 from .constants import LoginStatus
@@ -67,7 +67,7 @@ class Units:
         self.open_device = open_device
         self.reservations = reservations
         self._units: dict[tuple[str, int, bool], Any] = {}
-        catalog.on_change(self._on_catalog)
+        _on_delta(catalog, self._on_catalog)
 
     def get(self, ex: LunExport):
         unit = self._units.get(ex.unit_key)
@@ -90,18 +90,21 @@ class Units:
                 close()
         self._units.clear()
 
-    def _on_catalog(self, kind: str) -> None:
+    def _on_catalog(self, change: CatalogChange) -> None:
         """Close units whose volume is gone, and snapshot units whose snapshot is no longer exported
-        (their view coordinators follow etcd for nothing); grow volume units that grew."""
-        if kind not in ("volumes", "snapshots", "luns"):
+        (their view coordinators follow etcd for nothing); grow volume units that grew. Only the
+        units of the volumes the change touched are looked at."""
+        if change.kind not in ("volumes", "snapshots", "luns") or change.volumes == frozenset():
             return
         cat = self.catalog
-        live_views = {(ex.volume.volume_id, ex.view_seq) for ex in
-                      (cat.resolve(m) for m in cat.luns.values() if m.snapshot_id) if ex is not None}
-        for key, unit in list(self._units.items()):
+        views: dict[str, set[int]] = {}
+        vids = change.volumes
+        for key, unit in [(k, u) for k, u in self._units.items() if vids is None or k[0] in vids]:
             vid, seq, _ = key
-            vol = self.catalog.volumes.get(vid)
-            if vol is None or vol.state == "deleted" or (seq and (vid, seq) not in live_views):
+            vol = cat.volumes.get(vid)
+            if seq and vid not in views:
+                views[vid] = cat.views_of(vid)
+            if vol is None or vol.state == "deleted" or (seq and seq not in views[vid]):
                 self._units.pop(key, None)
                 close = getattr(unit.dev, "close", None)
                 if close:
@@ -146,6 +149,16 @@ def not_ready(cdb: bytes):
 
 def _stale(catalog) -> bool:
     return getattr(catalog, "stale", False)      # (test doubles of the catalog have no such thing)
+
+
+def _on_delta(catalog, fn: Callable[[CatalogChange], None]) -> None:
+    """``catalog.on_delta(fn)``; over a catalog double with only ``on_change``, every change
+    is taken as touching everything."""
+    on_delta = getattr(catalog, "on_delta", None)
+    if on_delta is not None:
+        on_delta(fn)
+    else:
+        catalog.on_change(lambda kind: fn(CatalogChange(kind, None, None, None)))
 
 
 class TargetGlue(ScsiGlue):
@@ -274,9 +287,10 @@ class IscsiTarget:
         self.reservations = reservations
         # listens first: closes units before we look
         self.units = Units(catalog, open_device, reservations)
-        catalog.on_change(self._on_catalog)
+        _on_delta(catalog, self._on_catalog)
         self.advertise = cfg.advertise or f"{cfg.host}:{cfg.port}"
         self.sessions: dict[tuple[str, bytes, str | None], Session] = {}
+        self._by_target: dict[str | None, set[tuple[str, bytes, str | None]]] = {}  # iqn -> session keys
         self.tsihs: set[int] = set()
         self.policy = LoginPolicyImpl(self)
         self.glue = TargetGlue(catalog)
@@ -284,6 +298,7 @@ class IscsiTarget:
         self._conns: set[asyncio.Task] = set()
         self._session_listeners: list[Callable[[], None]] = []
         self.draining = False
+        self.rechecked = 0                        # sessions re-checked after catalog changes
         self._drain_task: asyncio.Task | None = None
         self._drain_login = asyncio.Event()       # a normal session logged in: the drain asks it
 
@@ -332,7 +347,7 @@ class IscsiTarget:
 
     # -- LUN inventory changes ----------------------------------------------------
 
-    def _on_catalog(self, kind: str) -> None:
+    def _on_catalog(self, change: CatalogChange) -> None:
         """A session whose visible LUNs changed (a LUN mapped or unmapped, an ACL entry
         added or removed) gets REPORTED LUNS DATA HAS CHANGED, or hosts never rescan.
 
@@ -340,20 +355,32 @@ class IscsiTarget:
         session has used and still sees. One it has not used reports POWER ON first
         anyway, and the initiator knows nothing of it (a newly mapped LUN). A LUN the
         session does not see answers LOGICAL UNIT NOT SUPPORTED, never a UA, so a session
-        with no LU in use learns the change from its next REPORT LUNS."""
-        if kind not in ("targets", "luns", "volumes", "snapshots", "acl"):
+        with no LU in use learns the change from its next REPORT LUNS.
+
+        Only the sessions the change touched are looked at: those on its targets, and of
+        its initiators when it names them (an ACL entry)."""
+        if change.kind not in ("targets", "luns", "volumes", "snapshots", "acl"):
             return
         asc = scsi.sense.ASC_REPORTED_LUNS_CHANGED
-        for (_, _, target_iqn), s in list(self.sessions.items()):
-            view = s.resolver
-            if target_iqn is None or not view.inventory_changed():
-                continue
-            visible = {self.units.opened(ex) for ex in
-                       self.catalog.visible_luns(target_iqn, view.initiator).values()}
-            units = [u for u in s.units_used if u in visible]
-            log.info("LUNs of %s on %s changed: now %s; telling it on %d LUs",
-                     s.nexus.initiator, target_iqn, sorted(view.inventory), len(units))
-            s.post_unit_attention(units, asc)
+        initiators = change.initiators
+        targets = change.targets if change.targets is not None else list(self._by_target)
+        for target_iqn in targets:
+            if target_iqn is None:
+                continue                              # discovery sessions: no LUNs
+            for key in list(self._by_target.get(target_iqn, ())):
+                s = self.sessions.get(key)
+                if s is None or (initiators is not None and key[0].lower() not in initiators):
+                    continue
+                self.rechecked += 1
+                view = s.resolver
+                if not view.inventory_changed():
+                    continue
+                visible = {self.units.opened(ex) for ex in
+                           self.catalog.visible_luns(target_iqn, view.initiator).values()}
+                units = [u for u in s.units_used if u in visible]
+                log.info("LUNs of %s on %s changed: now %s; telling it on %d LUs",
+                         s.nexus.initiator, target_iqn, sorted(view.inventory), len(units))
+                s.post_unit_attention(units, asc)
 
     # -- draining -------------------------------------------------------------------
 
@@ -460,6 +487,7 @@ class IscsiTarget:
                        write_buffer_budget=self.cfg.write_buffer_budget,
                        peers=self.sessions.values)
         self.sessions[key] = sess
+        self._by_target.setdefault(target_iqn, set()).add(key)
         self.tsihs.add(r.tsih)
         self._sessions_changed()
         if target_iqn is not None:
@@ -471,6 +499,11 @@ class IscsiTarget:
     def _closed(self, key, sess: Session) -> None:
         if self.sessions.get(key) is sess:
             del self.sessions[key]
+            keys = self._by_target.get(key[2])
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_target[key[2]]
             self._sessions_changed()
             log.info("%s session ended: %s -> %s (tsih %d)", "discovery" if key[2] is None else "normal",
                      key[0], key[2] or "-", sess.tsih)
