@@ -21,7 +21,7 @@ from csi import csi_pb2 as pb
 from csi import csi_pb2_grpc as pbg
 from csi.meta import Meta, seg
 from csi.status import Abort, guard, invalid
-from zstore import errors
+from zstore import errors, naming
 
 MiB = 1 << 20
 DEFAULT_SIZE = 1 << 30           # when the CO gives no capacity range at all
@@ -87,6 +87,18 @@ def check_capabilities(caps: Any, what: str = "volume_capabilities") -> None:
 def unsupported(c: pb.VolumeCapability) -> bool:
     return c.HasField("mount") and c.access_mode.mode in (Mode.MULTI_NODE_SINGLE_WRITER,
                                                           Mode.MULTI_NODE_MULTI_WRITER)
+
+
+def node_key(node_id: str) -> str:
+    """The form an initiator's ACL entry is stored and compared in. iSCSI names are
+    case-insensitive (RFC 3722): the meta stores them normalized (lower case), and the node
+    plugin reports its node id in that form too, so the CO's node ids and the ACL agree."""
+    return naming.normalize_iqn(node_id.strip())
+
+
+def published(vol: dict[str, Any]) -> list[str]:
+    """published_node_ids: the volume's ACL as node ids (NodeGetInfo's form), each once."""
+    return list(dict.fromkeys(node_key(i) for i in vol.get("acl", [])))
 
 
 def require(value: str, name: str) -> str:
@@ -199,12 +211,15 @@ class Controller(pbg.ControllerServicer):
     async def _publish(self, vid: str, node: str, mode: int, readonly: bool) -> pb.ControllerPublishVolumeResponse:
         vol = await self.volume(vid)
         acl = await self.meta.get(f"/volumes/{seg(vid)}/acl")
-        entries = {e["initiator"]: e for e in acl["initiators"]}
-        mine = entries.get(node)
+        # Compared normalized: the meta stores the IQN lower-cased, the CO may send capitals
+        # (an older node id); a republish to the same initiator must find its own entry.
+        entries = {node_key(e["initiator"]): e for e in acl["initiators"]}
+        me = node_key(node)
+        mine = entries.get(me)
         if mine is not None and bool(mine["readonly"]) != readonly:
             raise Abort(grpc.StatusCode.ALREADY_EXISTS,
                         f"volume {vid} is already published to {node} with readonly={mine['readonly']}")
-        others = [i for i in entries if i != node]
+        others = [i for i in entries if i != me]
         if mode in SINGLE_NODE and others:
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                         f"volume {vid} is published to {others[0]} and its access mode is single-node")
@@ -270,7 +285,7 @@ class Controller(pbg.ControllerServicer):
         page = await self.meta.get("/volumes", limit=limit, start_after=token or None)
         entries = [pb.ListVolumesResponse.Entry(
             volume=self.volume_msg(v),
-            status=pb.ListVolumesResponse.VolumeStatus(published_node_ids=v.get("acl", []),
+            status=pb.ListVolumesResponse.VolumeStatus(published_node_ids=published(v),
                                                        volume_condition=self.condition(v)))
             for v in page["volumes"]]
         return pb.ListVolumesResponse(entries=entries, next_token=page.get("next") or "")
@@ -281,7 +296,7 @@ class Controller(pbg.ControllerServicer):
         vol = await self.volume(require(request.volume_id, "volume_id"))
         return pb.ControllerGetVolumeResponse(
             volume=self.volume_msg(vol),
-            status=pb.ControllerGetVolumeResponse.VolumeStatus(published_node_ids=vol.get("acl", []),
+            status=pb.ControllerGetVolumeResponse.VolumeStatus(published_node_ids=published(vol),
                                                                volume_condition=self.condition(vol)))
 
     @guard

@@ -32,6 +32,7 @@ from csi.host import Host, HostError
 from csi.iscsiadm import AuthFailed, Iscsiadm
 from csi.mounts import MOUNTINFO, mount_at, mounts
 from csi.status import Abort, guard, invalid
+from zstore import naming
 
 log = logging.getLogger("zstore.csi.node")
 
@@ -292,7 +293,9 @@ class Node(pbg.NodeServicer):
     @guard
     async def NodeGetInfo(self, request: pb.NodeGetInfoRequest,
                           context: grpc.aio.ServicerContext) -> pb.NodeGetInfoResponse:
-        return pb.NodeGetInfoResponse(node_id=self.node_id)
+        # The IQN normalized (lower case), as the meta stores ACL entries: iSCSI names are
+        # case-insensitive, and the controller reports published_node_ids in this form.
+        return pb.NodeGetInfoResponse(node_id=naming.normalize_iqn(self.node_id.strip()))
 
     @guard
     async def NodeGetCapabilities(self, request: pb.NodeGetCapabilitiesRequest,

@@ -201,6 +201,37 @@ async def test_publish_unpublish_acl(stubs, zcluster):
     assert zcluster.api("GET", f"/volumes/{v.volume_id}")[0] == 404
 
 
+async def test_publish_is_idempotent_for_a_node_id_with_capitals(stubs, zcluster, tmp_path: Path):
+    """iSCSI names are case-insensitive and the meta stores them lower-cased: a republish with
+    the same mixed-case node id is OK, and published_node_ids is what NodeGetInfo answers."""
+    _, ctl = stubs
+    v = await create(ctl)
+    node_id = "iqn.2026-01.io.example:Worker-A"
+    from csi.node import Node
+    info = await Node(node_id, state_dir=str(tmp_path / "state")).NodeGetInfo(pb.NodeGetInfoRequest(), None)
+    assert info.node_id == node_id.lower()
+    req = pb.ControllerPublishVolumeRequest(volume_id=v.volume_id, node_id=node_id, volume_capability=cap())
+    await ctl.ControllerPublishVolume(req)
+    await ctl.ControllerPublishVolume(req)                       # the same request again: OK
+    await ctl.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=v.volume_id, node_id=info.node_id, volume_capability=cap()))
+    # incompatible (readonly) is still ALREADY_EXISTS, another node still FAILED_PRECONDITION
+    await expect(grpc.StatusCode.ALREADY_EXISTS, ctl.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=v.volume_id, node_id=node_id, volume_capability=cap(), readonly=True)))
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, ctl.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=v.volume_id, node_id=NODE_B, volume_capability=cap())))
+    got = await ctl.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=v.volume_id))
+    assert list(got.status.published_node_ids) == [info.node_id]
+    listed = {e.volume.volume_id: list(e.status.published_node_ids)
+              for e in (await ctl.ListVolumes(pb.ListVolumesRequest())).entries}
+    assert listed[v.volume_id] == [info.node_id]
+    await ctl.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=v.volume_id, node_id=node_id))
+    got = await ctl.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=v.volume_id))
+    assert list(got.status.published_node_ids) == []
+    assert zcluster.api("GET", f"/volumes/{v.volume_id}/acl")[1]["initiators"] == []
+    await ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
+
+
 async def test_snapshot_and_clone(stubs, zcluster):
     _, ctl = stubs
     v = await create(ctl, size=32 * MiB)
