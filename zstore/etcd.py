@@ -43,6 +43,48 @@ def _target(endpoints: list[str]) -> str:
     return hosts[0]
 
 
+class _Watcher(aetcd.watcher.Watcher):
+    """aetcd's Watcher, with each created watch matched to its own create request.
+
+    aetcd gives a "created" answer to whichever create is pending then. A create that
+    timed out (etcd restarting) and was answered late so handed its watch, on another
+    prefix, to the next create, which then followed the wrong keys and never its own,
+    while looking open (a catalog section that silently stopped following etcd). Here
+    each create asks for its own watch id (etcd >= 3.4 honours it), and a "created"
+    answer with any other id is cancelled.
+    """
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._next_id = 0
+        self._pending_id: int | None = None
+
+    def _build_watch_create_request(self, *a, **kw):
+        req = super()._build_watch_create_request(*a, **kw)
+        self._next_id += 1                      # under self._lock (add_callback holds it)
+        self._pending_id = self._next_id
+        req.create_request.watch_id = self._next_id
+        return req
+
+    async def _handle_response(self, response):
+        if response.created:
+            async with self._lock:
+                cb = self._new_callback
+                if cb is None or response.watch_id != self._pending_id:
+                    await self._enqueue_watch_cancel(watch_id=response.watch_id)
+                    return
+                self._pending_id = None
+                if response.compact_revision != 0:
+                    cb.error = aetcd_exc.RevisionCompactedError(response.compact_revision)
+                    self._new_callback_ready.notify_all()
+                    return
+                self._callbacks[response.watch_id] = cb
+                cb.watch_id = response.watch_id
+                self._new_callback_ready.notify_all()
+            return                              # (etcd sends a creation's events separately)
+        await super()._handle_response(response)
+
+
 class Client(aetcd.Client):
     """aetcd client whose channel we build: plain, or mutually authenticated TLS.
 
@@ -72,8 +114,8 @@ class Client(aetcd.Client):
             self.clusterstub = rpc.ClusterStub(self.channel)
             self.leasestub = rpc.LeaseStub(self.channel)
             self.maintenancestub = rpc.MaintenanceStub(self.channel)
-            self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel),
-                                                  timeout=self._timeout, metadata=self.metadata)
+            self._watcher = _Watcher(rpc.WatchStub(self.channel),
+                                     timeout=self._timeout, metadata=self.metadata)
             self._connected.set()
         finally:
             self._is_connecting = False
