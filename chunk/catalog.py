@@ -143,6 +143,7 @@ class Catalog:
         self._luns_by_export: dict[str, set[tuple[int, int]]] = {}   # volume|snapshot id -> LUNs
         self._luns_by_volume: dict[str, set[tuple[int, int]]] = {}   # mapping's volume id -> LUNs
         self._acl_by_initiator: dict[str, set[str]] = {}       # initiator -> export ids
+        self._chap_targets: dict[str, set[str]] = {}           # initiator | '*' -> its CHAP's targets but '*'
         self.decoded = 0             # records decoded so far (one per changed key)
         self._delta_listeners: list[Callable[[CatalogChange], None]] = []
         self.generation = 0          # bumped on every change: lets readers cache what they derived
@@ -214,6 +215,14 @@ class Catalog:
             if rec is not None:
                 return rec
         return None
+
+    def per_target_chap(self, initiator: str) -> list[str]:
+        """Targets (not '*') with CHAP configured for this initiator, or for every initiator:
+        while there are any, a discovery session must prove a secret too (``discovery_chap``
+        in chunk/iscsi/target.py), or SendTargets would tell anyone claiming the name what
+        it may see."""
+        initiator = initiator.lower()
+        return sorted(self._chap_targets.get(initiator, set()) | self._chap_targets.get("*", set()))
 
     def views_of(self, volume_id: str) -> set[int]:
         """The snapshot seqs of ``volume_id`` exported now (by a LUN mapping that resolves)."""
@@ -371,6 +380,14 @@ class Catalog:
                     self.chap.pop(key, None)
                 else:
                     self.chap[key] = now
+                if key[0] != "*":
+                    ts = self._chap_targets.setdefault(key[1], set())
+                    if now is None:
+                        ts.discard(key[0])
+                        if not ts:
+                            del self._chap_targets[key[1]]
+                    else:
+                        ts.add(key[0])
 
     def _index_lun(self, key: tuple[int, int], m: LunMapping) -> None:
         self.luns[key] = m

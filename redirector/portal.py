@@ -53,7 +53,7 @@ from chunk.iscsi.errors import LoginError
 from chunk.iscsi.login import LoginResult, login
 from chunk.iscsi.negotiation import TargetPreferences
 from chunk.iscsi.session import Session
-from chunk.iscsi.target import ScsiGlue
+from chunk.iscsi.target import ScsiGlue, discovery_chap
 from zstore.records import ChapRecord
 
 from .members import Members
@@ -106,7 +106,9 @@ class RedirectPolicy:
     def chap_for(self, target_iqn: str | None, initiator: str) -> ChapRecord | None:
         # Only discovery sessions get this far: normal logins are redirected first.
         _check(self.holding)
-        return self.catalog.chap_for(target_iqn or "*", initiator)
+        if target_iqn is None:
+            return discovery_chap(self.catalog, initiator)      # refused if only per-target CHAP
+        return self.catalog.chap_for(target_iqn, initiator)
 
     def redirect(self, initiator: str, target_iqn: str | None) -> str | None:
         _check(self.holding)

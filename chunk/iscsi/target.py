@@ -247,6 +247,30 @@ class SessionView:
         return [(n, [f"{self.t.advertise},{self.t.cfg.tpgt}"]) for n in names]
 
 
+def discovery_chap(catalog, initiator: str):
+    """The CHAP a discovery session of ``initiator`` must pass (None: none), for the chunk
+    servers' portals and the redirector's VIP alike.
+
+    Discovery is checked against the cluster-wide records only (target ``*``: the
+    initiator's own, else the one for every initiator), never against a per-target secret
+    (which of them? any one would let a secret for one target open the list of all). If
+    there is none but per-target CHAP is configured for the initiator, discovery is refused
+    (authentication failure, 0x0201) instead of served without a password, and the log says
+    what to set: CHAP under target ``*``."""
+    rec = catalog.chap_for("*", initiator)
+    if rec is not None:
+        return rec
+    per_target = getattr(catalog, "per_target_chap", None)     # (catalog doubles in tests)
+    targets = per_target(initiator) if per_target is not None else []
+    if targets:
+        log.warning("refusing discovery by %s: CHAP is set for it on %d target(s) (%s%s) but not for "
+                    "discovery; set CHAP under target '*' for this initiator to allow discovery",
+                    initiator, len(targets), ", ".join(targets[:3]), ", ..." if len(targets) > 3 else "")
+        raise LoginError("discovery needs CHAP under target '*' (only per-target CHAP is set)",
+                         LoginStatus.AUTHENTICATION_FAILURE)
+    return None
+
+
 class LoginPolicyImpl:
     def __init__(self, target: "IscsiTarget"):
         self.t = target
@@ -268,7 +292,9 @@ class LoginPolicyImpl:
 
     def chap_for(self, target_iqn: str | None, initiator: str):
         self._check_synced()           # discovery sessions ask only this
-        return self.t.catalog.chap_for(target_iqn or "*", initiator)
+        if target_iqn is None:
+            return discovery_chap(self.t.catalog, initiator)
+        return self.t.catalog.chap_for(target_iqn, initiator)
 
     def redirect(self, initiator: str, target_iqn: str | None) -> str | None:
         return None
