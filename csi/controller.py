@@ -173,11 +173,20 @@ class Controller(pbg.ControllerServicer):
             if src.HasField("volume"):
                 raise invalid("cloning from a volume is not supported; snapshot it and clone the snapshot")
             sid = require(src.snapshot.snapshot_id, "volume_content_source.snapshot.snapshot_id")
-            snap = await self.meta.get(f"/snapshots/{seg(sid)}")
-            floor = snap["size"]
-            body["source_snapshot"] = snap["snapshot_id"]
-        body["size"] = size_for(request.capacity_range if request.HasField("capacity_range") else None,
-                                floor)
+            body["source_snapshot"] = sid
+            try:
+                floor = (await self.meta.get(f"/snapshots/{seg(sid)}"))["size"]
+            except errors.NotFound:
+                # Deleted (or never was): only a retry of a create that succeeded before the
+                # snapshot was deleted can still succeed. The meta looks the name up before
+                # it resolves the source, and compares the existing clone's source id (and
+                # its size to the snapshot's when no size is sent); otherwise NOT_FOUND.
+                floor = None
+        cr = request.capacity_range if request.HasField("capacity_range") else None
+        if floor is None and not (cr and (cr.required_bytes or cr.limit_bytes)):
+            pass                    # the source's size, decided by the meta
+        else:
+            body["size"] = size_for(cr, floor or 0)
         vol = await self.meta.post("/volumes", body)
         return pb.CreateVolumeResponse(volume=self.volume_msg(vol))
 

@@ -137,27 +137,33 @@ async def resolve_snapshot(ctx: Ctx, ref: str) -> Snapshot:
     return snap
 
 
+async def _source_of_existing(ctx: Ctx, vol: Volume, ref: str) -> Snapshot | None:
+    """The snapshot an existing volume was cloned from, if the create request's source
+    ``ref`` names it: by id even when the snapshot was deleted since (a tombstone, kept
+    for this clone), so a retried create still finds its volume; None if it names another."""
+    if not vol.source_snapshot:
+        return None
+    if "@" in ref:
+        ref = (await resolve_snapshot(ctx, ref)).snapshot_id
+    if ref != vol.source_snapshot:
+        return None
+    snap, _ = await ctx.get(ctx.keys.snapshot(vol.source_snapshot), Snapshot)
+    return snap
+
+
 async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin: bool = True,
                         source_snapshot: str | None = None) -> tuple[Volume, bool]:
-    """(volume, created). Idempotent by name."""
+    """(volume, created). Idempotent by name: an existing volume of that name is compared
+    with the request before the source snapshot is resolved, so a retried clone create
+    whose snapshot was deleted meanwhile still answers its volume."""
     naming.check_name("volume", name)
     if not isinstance(thin, bool):
         raise InvalidArgument(f"invalid value for thin: {thin!r} (true or false)")
-    source: Snapshot | None = None
-    if source_snapshot:
-        source = await resolve_snapshot(ctx, source_snapshot)
-        if source.state != "ready":
-            raise Conflict(f"snapshot {source.name!r} is still being created",
-                           hint="retry once `zstore snapshot list` shows it ready", retry=True)
-        if size is None:
-            size = source.size
-    if size is None:
+    if size is None and not source_snapshot:
         raise InvalidArgument("a size is required, e.g. 10Gi")
-    size = check_size(size)
+    if size is not None:
+        size = check_size(size)
     replicas = check_replicas(replicas)
-    if source and size < source.size:
-        raise InvalidArgument(f"a clone must be at least as large as its snapshot ({format_size(source.size)})")
-    sid = source.snapshot_id if source else None
     name_key = ctx.keys.volume_name(name)
 
     for _ in range(MAX_RETRIES):
@@ -166,17 +172,36 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
             vol, _ = await ctx.get(ctx.keys.volume(existing.decode()), Volume)
             if vol is None:
                 continue        # racing a delete; look again
-            why = _same_request(vol, size, replicas, thin, sid)
+            sid, want = vol.source_snapshot, size
+            if source_snapshot:
+                snap = await _source_of_existing(ctx, vol, source_snapshot)
+                if snap is None:
+                    sid = source_snapshot   # not the existing volume's: _same_request says so
+                elif want is None:
+                    want = snap.size        # no size: the snapshot's, as when it was created
+            elif vol.source_snapshot:
+                sid = None
+            why = _same_request(vol, vol.size if want is None else want, replicas, thin, sid)
             if why:
                 raise Conflict(f"volume {name!r} already exists with {why}",
                                hint="pick another name, or delete the existing volume first")
             return vol, False
+        source: Snapshot | None = None
+        if source_snapshot:
+            source = await resolve_snapshot(ctx, source_snapshot)
+            if source.state != "ready":
+                raise Conflict(f"snapshot {source.name!r} is still being created",
+                               hint="retry once `zstore snapshot list` shows it ready", retry=True)
+        new_size = size if size is not None else source.size
+        if source and new_size < source.size:
+            raise InvalidArgument(f"a clone must be at least as large as its snapshot ({format_size(source.size)})")
+        sid = source.snapshot_id if source else None
         views = await chunkmod.list_chunks(ctx)
         cands, unusable = chunkmod.candidates(views)
-        placement = place(cands, replicas, need=0 if thin else size, unusable=unusable)
+        placement = place(cands, replicas, need=0 if thin else new_size, unusable=unusable)
         t, lun, target_exists = await _free_lun_slot(ctx)
         vid = uuid.uuid4().hex
-        vol = Volume(volume_id=vid, name=name, size=size, replicas=replicas, thin=thin,
+        vol = Volume(volume_id=vid, name=name, size=new_size, replicas=replicas, thin=thin,
                      placement=placement, target_index=t, lun=lun, wwn=naming.volume_wwn(vid),
                      source_snapshot=sid)
         compare, ops = await slot_txn(ctx, LunMapping(target_index=t, lun=lun, volume_id=vid), target_exists)
@@ -194,7 +219,7 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
             ops.append(ctx.put(skey, snap))
         if await ctx.txn(compare, ops):
             log.info("volume %s (%s) created: %s, %d replicas on %s, target %d lun %d",
-                     name, vid, format_size(size), replicas, ",".join(placement), t, lun)
+                     name, vid, format_size(new_size), replicas, ",".join(placement), t, lun)
             return vol, True
     raise Conflict(f"could not create volume {name!r}: too much concurrent change", hint="retry", retry=True)
 

@@ -269,6 +269,34 @@ async def test_snapshot_and_clone(stubs, zcluster):
     assert zcluster.api("GET", f"/snapshots/{s.snapshot_id}")[0] == 404
 
 
+async def test_a_retried_clone_create_is_ok_after_its_snapshot_was_deleted(stubs):
+    """CreateVolume is idempotent: the same clone request again answers the volume it made,
+    even once the snapshot is deleted (a tombstone kept for the clone); a new name is NOT_FOUND."""
+    _, ctl = stubs
+    v = await create(ctl, size=32 * MiB)
+    s = (await ctl.CreateSnapshot(pb.CreateSnapshotRequest(source_volume_id=v.volume_id, name=name("snap")))).snapshot
+    src = pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=s.snapshot_id))
+    sized = pb.CreateVolumeRequest(name=name(), volume_capabilities=[cap()], volume_content_source=src,
+                                   capacity_range=pb.CapacityRange(required_bytes=64 * MiB))
+    unsized = pb.CreateVolumeRequest(name=name(), volume_capabilities=[cap()], volume_content_source=src)
+    first = (await ctl.CreateVolume(sized)).volume
+    first_unsized = (await ctl.CreateVolume(unsized)).volume
+    assert first_unsized.capacity_bytes == 32 * MiB
+    await ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id))
+    again = (await ctl.CreateVolume(sized)).volume
+    assert again.volume_id == first.volume_id and again.capacity_bytes == 64 * MiB
+    assert again.content_source.snapshot.snapshot_id == s.snapshot_id
+    assert (await ctl.CreateVolume(unsized)).volume.volume_id == first_unsized.volume_id
+    # another size or no source for that name is still ALREADY_EXISTS, a new name NOT_FOUND
+    other = pb.CreateVolumeRequest(); other.CopyFrom(sized)
+    other.capacity_range.required_bytes = 128 * MiB
+    await expect(grpc.StatusCode.ALREADY_EXISTS, ctl.CreateVolume(other))
+    await expect(grpc.StatusCode.ALREADY_EXISTS, create(ctl, sized.name, 64 * MiB))
+    fresh = pb.CreateVolumeRequest(); fresh.CopyFrom(sized)
+    fresh.name = name()
+    await expect(grpc.StatusCode.NOT_FOUND, ctl.CreateVolume(fresh))
+
+
 def test_a_conflict_worth_repeating_is_aborted_others_keep_their_code():
     from csi.status import code_of
     from zstore import errors

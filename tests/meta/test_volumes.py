@@ -172,6 +172,26 @@ async def test_snapshots_and_clones(ctx):
     assert [x.snapshot_id for x in await volumes.list_snapshots(ctx)] == [s.snapshot_id]
 
 
+async def test_a_retried_clone_create_finds_its_volume_after_the_snapshot_is_deleted(ctx):
+    await volumes.create_volume(ctx, "v", "1Gi", 2)
+    s, _ = await volops.create_snapshot(ctx, "v", "s1")
+    a, _ = await volumes.create_volume(ctx, "c", None, 2, source_snapshot=s.snapshot_id)
+    b, _ = await volumes.create_volume(ctx, "d", "2Gi", 2, source_snapshot=s.snapshot_id)
+    await volumes.delete_snapshot_by_id(ctx, s.snapshot_id)
+    again, created = await volumes.create_volume(ctx, "c", None, 2, source_snapshot=s.snapshot_id)
+    assert not created and again.volume_id == a.volume_id
+    again, created = await volumes.create_volume(ctx, "d", "2Gi", 2, source_snapshot=s.snapshot_id)
+    assert not created and again.volume_id == b.volume_id
+    with pytest.raises(Conflict):       # the name with another source, or none
+        await volumes.create_volume(ctx, "d", "2Gi", 2, source_snapshot="0" * 32)
+    with pytest.raises(Conflict):
+        await volumes.create_volume(ctx, "d", "2Gi", 2)
+    with pytest.raises(Conflict):
+        await volumes.create_volume(ctx, "v", "1Gi", 2, source_snapshot=s.snapshot_id)
+    with pytest.raises(NotFound):       # a new clone of the deleted snapshot
+        await volumes.create_volume(ctx, "e", None, 2, source_snapshot=s.snapshot_id)
+
+
 async def test_tombstones_are_collected_when_unreferenced(ctx):
     v, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
     s, _ = await volops.create_snapshot(ctx, "v", "s")
