@@ -209,6 +209,13 @@ class SessionView:
         self._units[lun] = unit
         return unit
 
+    @property
+    def generation(self) -> int:
+        """The catalog's generation, read live (``session.LunResolver``): a write that waited
+        for its data is resolved again only when this moved. Not ``_gen``, which follows only
+        ``unit`` calls and would miss a change made while the command waited."""
+        return self.t.catalog.generation
+
     def opened_unit(self, lun: int):
         """The unit behind ``lun`` if this server has it open, else None (never opens one)."""
         if self.target_iqn is None or _stale(self.t.catalog):

@@ -381,3 +381,16 @@ async def test_without_a_generation_a_waiting_write_is_resolved_again_when_it_st
         resp = await h.recv()
         assert resp.itt == 1 and resp.status == 2 and resp.sense[12] == 0x25
         assert h.unit.writes == []
+
+
+async def test_the_target_session_view_gives_the_catalog_generation_live(served: Served):
+    """The real resolver has a generation, so a waiting write costs one comparison; it must be
+    the catalog's own counter, not the view's cache stamp, which moves only when ``unit`` is
+    asked and so would hide a change made while the command waited."""
+    from chunk.iscsi.target import SessionView
+    view = SessionView(served.target, HOST, TARGET)
+    assert view.unit(1) is served.units["vol-1:rw"]
+    before = view.generation
+    served.catalog.set(1, None)                   # revoked while nobody asks the view
+    assert view.generation != before == view._gen    # noqa: SLF001 - the cache has not moved
+    assert view.unit(1) is None
