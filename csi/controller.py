@@ -69,6 +69,27 @@ def size_for(cr: pb.CapacityRange | None, floor: int = 0) -> int:
     return size
 
 
+def expand_size(cr: pb.CapacityRange) -> int | None:
+    """The size an expansion asks for: ``required`` rounded up to a MiB, or None (no growth)
+    for a limit-only range. Not ``size_for``: its default for an empty range is a create's
+    1 GiB, and volumes never shrink, so growing to it could not be undone."""
+    required, limit = cr.required_bytes, cr.limit_bytes
+    if required < 0 or limit < 0:
+        raise invalid("capacity_range: required_bytes and limit_bytes must not be negative")
+    if required == 0 and limit == 0:
+        raise invalid("capacity_range: required_bytes or limit_bytes must be set")
+    if required == 0:
+        return None
+    size = round_up(required)
+    if limit and size > limit:
+        raise Abort(grpc.StatusCode.OUT_OF_RANGE,
+                    f"volumes are sized in whole MiB: {size} bytes needed, limit_bytes is {limit}"
+                    if required <= limit else f"required_bytes {required} is over limit_bytes {limit}")
+    if size > MAX_VOLUME_SIZE:
+        raise Abort(grpc.StatusCode.OUT_OF_RANGE, f"{size} bytes is over the maximum {MAX_VOLUME_SIZE}")
+    return size
+
+
 def check_capabilities(caps: Any, what: str = "volume_capabilities") -> None:
     """INVALID_ARGUMENT unless every capability names an access type and a mode we serve.
     An iSCSI LUN can be shared as a raw block device, but a filesystem on it can be
@@ -335,9 +356,9 @@ class Controller(pbg.ControllerServicer):
         vid = require(request.volume_id, "volume_id")
         if not request.HasField("capacity_range"):
             raise invalid("capacity_range is required")
-        size = size_for(request.capacity_range)
+        size = expand_size(request.capacity_range)
         vol = await self.volume(vid)
-        if vol["size"] < size:
+        if size is not None and vol["size"] < size:
             vol = await self.meta.post(f"/volumes/{seg(vid)}/resize", {"size": size})
         elif request.capacity_range.limit_bytes and vol["size"] > request.capacity_range.limit_bytes:
             raise Abort(grpc.StatusCode.OUT_OF_RANGE,

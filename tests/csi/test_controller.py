@@ -321,6 +321,33 @@ async def test_expand(stubs, zcluster):
         volume_id=uuid.uuid4().hex, capacity_range=pb.CapacityRange(required_bytes=GiB))))
 
 
+async def test_expand_with_an_empty_or_limit_only_range_does_not_grow(stubs, zcluster):
+    """Volumes never shrink, so an expansion must not grow to a create's 1 GiB default:
+    no field set is INVALID_ARGUMENT, a limit alone asks for no growth."""
+    _, ctl = stubs
+    v = await create(ctl, size=64 * MiB)
+
+    def expand(**cr):
+        return ctl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+            volume_id=v.volume_id, capacity_range=pb.CapacityRange(**cr), volume_capability=cap()))
+
+    def size() -> int:
+        return zcluster.api("GET", f"/volumes/{v.volume_id}")[1]["size"]
+
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, expand())
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, expand(required_bytes=-1))
+    assert size() == 64 * MiB
+    r = await expand(limit_bytes=100 * GiB)
+    assert r.capacity_bytes == 64 * MiB and r.node_expansion_required
+    assert size() == 64 * MiB
+    await expect(grpc.StatusCode.OUT_OF_RANGE, expand(limit_bytes=32 * MiB))       # over it already
+    await expect(grpc.StatusCode.OUT_OF_RANGE, expand(required_bytes=256 * MiB, limit_bytes=128 * MiB))
+    await expect(grpc.StatusCode.OUT_OF_RANGE, expand(required_bytes=96 * MiB + 1, limit_bytes=96 * MiB + 2))
+    assert size() == 64 * MiB
+    r = await expand(required_bytes=96 * MiB + 1, limit_bytes=100 * GiB)           # rounded up
+    assert r.capacity_bytes == 97 * MiB and size() == 97 * MiB
+
+
 async def test_list_paging_and_capacity(stubs):
     _, ctl = stubs
     ids = {(await create(ctl, name("list"), 8 * MiB)).volume_id for _ in range(3)}
