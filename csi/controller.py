@@ -208,6 +208,12 @@ class Controller(pbg.ControllerServicer):
             pass                    # the source's size, decided by the meta
         else:
             body["size"] = size_for(cr, floor or 0)
+        # An existing volume of that name is the same request if its size is in the range
+        # (the spec: compatible with capacity_range), not only if it is the size we would
+        # create now; no range: any size. ``size`` alone (the CLI) means exactly that size.
+        body["min_size"] = cr.required_bytes if cr else 0
+        if cr and cr.limit_bytes:
+            body["max_size"] = cr.limit_bytes
         vol = await self.meta.post("/volumes", body)
         return pb.CreateVolumeResponse(volume=self.volume_msg(vol))
 

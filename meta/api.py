@@ -202,7 +202,7 @@ async def volume_create(request: web.Request) -> web.Response:
     ctx, b = ctx_of(request), await body_of(request)
     vol, created = await volumes.create_volume(
         ctx, b.get("name", ""), b.get("size"), b.get("replicas", 3), b.get("thin", True),
-        b.get("source_snapshot"))
+        b.get("source_snapshot"), b.get("min_size"), b.get("max_size"))
     return ok(await volume_view(ctx, vol), 201 if created else 200)
 
 

@@ -106,9 +106,26 @@ async def slot_txn(ctx: Ctx, m: LunMapping, target_exists: bool) -> tuple[list, 
     return compare, ops
 
 
-def _same_request(vol: Volume, size: int, replicas: int, thin: bool, source: str | None) -> str | None:
-    """Why an existing volume does not match a create request, or None if it does."""
-    if vol.size != size:
+def check_size_bound(value: Any, what: str) -> int | None:
+    """A bound of the sizes an existing volume may have (bytes; None or 0: no bound)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"invalid {what} {value!r:.40}: a number of bytes, not negative")
+    return value or None
+
+
+def _same_request(vol: Volume, size: int | tuple[int | None, int | None], replicas: int, thin: bool,
+                  source: str | None) -> str | None:
+    """Why an existing volume does not match a create request, or None if it does. ``size``
+    is the exact size asked, or a (min, max) range (either None: unbounded)."""
+    if isinstance(size, tuple):
+        low, high = size
+        if (low is not None and vol.size < low) or (high is not None and vol.size > high):
+            asked = (f"at least {low} bytes" if high is None else f"at most {high} bytes" if low is None
+                     else f"{low} to {high} bytes")
+            return f"size {format_size(vol.size)} (asked {asked})"
+    elif vol.size != size:
         return f"size {format_size(vol.size)} (asked {format_size(size)})"
     if vol.replicas != replicas:
         return f"{vol.replicas} replicas (asked {replicas})"
@@ -152,10 +169,16 @@ async def _source_of_existing(ctx: Ctx, vol: Volume, ref: str) -> Snapshot | Non
 
 
 async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin: bool = True,
-                        source_snapshot: str | None = None) -> tuple[Volume, bool]:
+                        source_snapshot: str | None = None, min_size: Any = None,
+                        max_size: Any = None) -> tuple[Volume, bool]:
     """(volume, created). Idempotent by name: an existing volume of that name is compared
     with the request before the source snapshot is resolved, so a retried clone create
-    whose snapshot was deleted meanwhile still answers its volume."""
+    whose snapshot was deleted meanwhile still answers its volume. ``size`` is the size to
+    create; an existing volume must have exactly that size, unless ``min_size`` or
+    ``max_size`` (bytes; the CSI capacity range) is given: then any size in that range is
+    the same request. Replicas, thin and the source are always compared exactly."""
+    low, high = check_size_bound(min_size, "min_size"), check_size_bound(max_size, "max_size")
+    ranged = min_size is not None or max_size is not None
     naming.check_name("volume", name)
     if not isinstance(thin, bool):
         raise InvalidArgument(f"invalid value for thin: {thin!r} (true or false)")
@@ -181,7 +204,8 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
                     want = snap.size        # no size: the snapshot's, as when it was created
             elif vol.source_snapshot:
                 sid = None
-            why = _same_request(vol, vol.size if want is None else want, replicas, thin, sid)
+            why = _same_request(vol, (low, high) if ranged else vol.size if want is None else want,
+                                replicas, thin, sid)
             if why:
                 raise Conflict(f"volume {name!r} already exists with {why}",
                                hint="pick another name, or delete the existing volume first")

@@ -94,6 +94,23 @@ async def test_create_is_idempotent_and_conflicts(stubs, zcluster):
     await expect(grpc.StatusCode.ALREADY_EXISTS, create(ctl, n, 200 * MiB))
 
 
+async def test_create_again_with_a_compatible_capacity_range_is_ok(stubs):
+    """An existing volume whose size is in the request's capacity range is the same request."""
+    _, ctl = stubs
+    n = name()
+    v = await create(ctl, n, 128 * MiB)
+    assert (await create(ctl, n, 64 * MiB)).volume_id == v.volume_id
+    again = (await ctl.CreateVolume(pb.CreateVolumeRequest(name=n, volume_capabilities=[cap()], capacity_range=
+                                                           pb.CapacityRange(limit_bytes=GiB)))).volume
+    assert again.volume_id == v.volume_id and again.capacity_bytes == 128 * MiB
+    assert (await ctl.CreateVolume(pb.CreateVolumeRequest(name=n, volume_capabilities=[cap()]))).volume.volume_id \
+        == v.volume_id                                           # no range: any size
+    await expect(grpc.StatusCode.ALREADY_EXISTS, create(ctl, n, 256 * MiB))
+    await expect(grpc.StatusCode.ALREADY_EXISTS, ctl.CreateVolume(pb.CreateVolumeRequest(
+        name=n, volume_capabilities=[cap()], capacity_range=pb.CapacityRange(limit_bytes=100 * MiB))))
+    await expect(grpc.StatusCode.ALREADY_EXISTS, create(ctl, n, 64 * MiB, parameters={"replicas": "1"}))
+
+
 async def test_capacity_range(stubs):
     _, ctl = stubs
     req = pb.CreateVolumeRequest(name=name(), volume_capabilities=[cap()],

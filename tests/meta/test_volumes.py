@@ -41,6 +41,25 @@ async def test_create_is_idempotent_and_conflicts_on_other_size(ctx):
         await volumes.create_volume(ctx, "v1", "1Gi", 3)
 
 
+async def test_create_with_a_size_range_accepts_an_existing_volume_in_it(ctx):
+    a, _ = await volumes.create_volume(ctx, "v1", "128Mi", 2)
+    for low, high in ((64 * 2**20, None), (None, 2**30), (0, None), (128 * 2**20, 128 * 2**20)):
+        b, created = await volumes.create_volume(ctx, "v1", "64Mi", 2, min_size=low, max_size=high)
+        assert not created and b.volume_id == a.volume_id and b.size == 128 * 2**20
+    with pytest.raises(Conflict) as e:
+        await volumes.create_volume(ctx, "v1", "256Mi", 2, min_size=256 * 2**20)
+    assert "asked at least" in e.value.message
+    with pytest.raises(Conflict):
+        await volumes.create_volume(ctx, "v1", "64Mi", 2, min_size=0, max_size=100 * 2**20)
+    with pytest.raises(Conflict):       # the range relaxes the size only
+        await volumes.create_volume(ctx, "v1", "64Mi", 3, min_size=0)
+    with pytest.raises(Conflict):       # without a range (the CLI) the size is exact
+        await volumes.create_volume(ctx, "v1", "64Mi", 2)
+    for bad in (-1, "1Gi", True, 1.5):
+        with pytest.raises(InvalidArgument):
+            await volumes.create_volume(ctx, "v1", "64Mi", 2, min_size=bad)
+
+
 async def test_twenty_concurrent_creates_yield_one_volume(ctx):
     results = await asyncio.gather(*[volumes.create_volume(ctx, "same", "1Gi", 3) for _ in range(20)])
     assert len({v.volume_id for v, _ in results}) == 1
