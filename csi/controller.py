@@ -395,14 +395,16 @@ class Controller(pbg.ControllerServicer):
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest,
                              context: grpc.aio.ServicerContext) -> pb.CreateSnapshotResponse:
         """Snapshot names are per volume in zstore but global in CSI: the same name on
-        another volume is ALREADY_EXISTS."""
+        another volume is ALREADY_EXISTS. The meta takes the name across volumes in the
+        snapshot's own txn (``unique``), so two concurrent creates cannot both succeed; the
+        listing check also catches snapshots made without that key (the CLI, older versions)."""
         vid = require(request.source_volume_id, "source_volume_id")
         name = require(request.name, "name")
         for s in (await self.meta.get("/snapshots"))["snapshots"]:
             if s["name"] == name and s["volume_id"] != vid:
                 raise Abort(grpc.StatusCode.ALREADY_EXISTS,
                             f"snapshot {name!r} exists for another volume ({s['volume_id']})")
-        snap = await self.meta.post(f"/volumes/{seg(vid)}/snapshots", {"name": name})
+        snap = await self.meta.post(f"/volumes/{seg(vid)}/snapshots", {"name": name, "unique": True})
         return pb.CreateSnapshotResponse(snapshot=self.snapshot_msg(snap))
 
     @guard

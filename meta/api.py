@@ -245,7 +245,8 @@ async def volume_delete(request: web.Request) -> web.Response:
 @routes.post(PREFIX + "/volumes/{ref}/snapshots")
 async def snapshot_create(request: web.Request) -> web.Response:
     ctx, b = ctx_of(request), await body_of(request)
-    snap, created = await volops.create_snapshot(ctx, request.match_info["ref"], b.get("name", ""))
+    snap, created = await volops.create_snapshot(ctx, request.match_info["ref"], b.get("name", ""),
+                                                 unique=b.get("unique", False))
     return ok(await snapshot_view(ctx, snap), 201 if created else 200)
 
 

@@ -30,7 +30,7 @@ from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner
 
 from . import chunks as chunkmod
 from .context import Ctx
-from .volumes import MAX_RETRIES, find_volume, resolve_snapshot, snapshot_op_id
+from .volumes import MAX_RETRIES, find_volume, resolve_snapshot, snapshot_op_id, unique_name_release
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,28 @@ async def _unfinished_reverts(ctx: Ctx, vid: str) -> list[tuple[bytes, VolumeOp]
 
 # --- snapshot ------------------------------------------------------------------
 
-async def create_snapshot(ctx: Ctx, volume: str, name: str,
-                          timeout: float = SNAPSHOT_TIMEOUT) -> tuple[Snapshot, bool]:
-    """(snapshot, created). Idempotent by name; returns once the snapshot is ready."""
+async def _unique_name_taken(ctx: Ctx, name: str, vid: str) -> tuple[list, Snapshot | None]:
+    """(the compare that keeps the unique name ``name`` free for this create's txn, or the
+    live snapshot of another volume that holds it). A key naming a snapshot that is gone,
+    deleted or renamed is stale: taken over, compared on its revision."""
+    key = ctx.keys.snapshot_unique_name(name)
+    got = await ctx.etcd.get(key)
+    if got is None:
+        return [ctx.absent(key)], None
+    holder, _ = await ctx.get(ctx.keys.snapshot(got.value.decode()), Snapshot)
+    if holder is not None and holder.state != "deleted" and holder.name == name and holder.volume_id != vid:
+        return [], holder
+    return [ctx.unchanged(key, got.mod_revision)], None
+
+
+async def create_snapshot(ctx: Ctx, volume: str, name: str, timeout: float = SNAPSHOT_TIMEOUT,
+                          unique: bool = False) -> tuple[Snapshot, bool]:
+    """(snapshot, created). Idempotent by name; returns once the snapshot is ready. Names
+    are per volume; ``unique`` (CSI's, whose names are global) also takes the name across
+    all volumes, in the same txn: the same name on another volume is a Conflict."""
     naming.check_name("snapshot", name)
+    if not isinstance(unique, bool):
+        raise InvalidArgument(f"invalid value for unique: {unique!r} (true or false)")
     deadline = time.monotonic() + timeout
     for _ in range(MAX_RETRIES):
         vol, vrev = await find_volume(ctx, volume)
@@ -83,8 +101,18 @@ async def create_snapshot(ctx: Ctx, volume: str, name: str,
         # snapshots before this one existed fails its compare and looks again (else it would
         # erase the volume under a snapshot record left "creating" for ever).
         vkey = ctx.keys.volume(vol.volume_id)
-        if await ctx.txn([ctx.absent(name_key), ctx.unchanged(vkey, vrev)],
-                         [ctx.put(ctx.keys.snapshot(sid), snap), ctx.put(name_key, sid), ctx.put(vkey, vol)]):
+        compare = [ctx.absent(name_key), ctx.unchanged(vkey, vrev)]
+        ops = [ctx.put(ctx.keys.snapshot(sid), snap), ctx.put(name_key, sid), ctx.put(vkey, vol)]
+        if unique:
+            # Two creates of one name on two volumes: each txn compares the unique key as
+            # read, so only one commits; the other looks again and finds it taken.
+            free, holder = await _unique_name_taken(ctx, name, vol.volume_id)
+            if holder is not None:
+                raise Conflict(f"snapshot name {name!r} is taken by a snapshot of another volume "
+                               f"({holder.volume_id})", hint="snapshot names are unique across volumes here")
+            compare += free
+            ops.append(ctx.put(ctx.keys.snapshot_unique_name(name), sid))
+        if await ctx.txn(compare, ops):
             log.info("snapshot %s@%s (%s) being created", vol.name, name, sid)
             return await _finish(ctx, vol, snap, deadline), True
     raise Conflict(f"could not snapshot {volume!r}: too much concurrent change", hint="retry", retry=True)
@@ -106,9 +134,10 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
                 await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.delete(op_key)])
             return cur
         if op is not None and op.state == "failed":
-            await ctx.txn([ctx.unchanged(op_key, op_rev), ctx.unchanged(skey, srev)],
+            ucompare, uops = await unique_name_release(ctx, cur)
+            await ctx.txn([ctx.unchanged(op_key, op_rev), ctx.unchanged(skey, srev), *ucompare],
                           [ctx.delete(op_key), ctx.delete(skey),
-                           ctx.delete(ctx.keys.snapshot_name(vid, cur.name))])
+                           ctx.delete(ctx.keys.snapshot_name(vid, cur.name)), *uops])
             log.warning("snapshot %s (%s) of volume %s failed on %s: %s",
                         cur.name, sid, vol.name, op.executor, op.error)
             raise ZError(f"snapshot {cur.name!r} of volume {vol.name!r} failed on chunk server "
@@ -333,8 +362,9 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
             skey = ctx.keys.snapshot(op.snapshot_id)
             snap, srev = await ctx.get(skey, Snapshot)
             if snap is not None and snap.state == "creating":
-                compare.append(ctx.unchanged(skey, srev))
-                ops += [ctx.delete(skey), ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name))]
+                ucompare, uops = await unique_name_release(ctx, snap)
+                compare += [ctx.unchanged(skey, srev), *ucompare]
+                ops += [ctx.delete(skey), ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name)), *uops]
         if await ctx.txn(compare, ops):
             log.info("volume op %s (%s, %s) tidied up%s", op.op_id, op.kind, op.state,
                      f": {op.error}" if op.error else "")

@@ -136,6 +136,17 @@ def _same_request(vol: Volume, size: int | tuple[int | None, int | None], replic
     return None
 
 
+async def unique_name_release(ctx: Ctx, snap: Snapshot) -> tuple[list, list]:
+    """(compare, ops) freeing the unique name (CSI's, global across volumes) ``snap`` holds,
+    if it holds one, in the txn that frees its per-volume name: nothing if the key names
+    another snapshot (or none)."""
+    key = ctx.keys.snapshot_unique_name(snap.name)
+    got = await ctx.etcd.get(key)
+    if got is None or got.value.decode() != snap.snapshot_id:
+        return [], []
+    return [ctx.unchanged(key, got.mod_revision)], [ctx.delete(key)]
+
+
 async def resolve_snapshot(ctx: Ctx, ref: str) -> Snapshot:
     """``VOLUME@SNAP`` or a snapshot id."""
     if not isinstance(ref, str) or not ref:
@@ -371,6 +382,8 @@ async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) 
         # A snapshot deleted while still being created takes its pending barrier op along.
         ops = [ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name)),
                ctx.delete(ctx.keys.volop(snap.volume_id, snapshot_op_id(snap.snapshot_id)))]
+        ucompare, uops = await unique_name_release(ctx, snap)
+        ops += uops
         if prev:
             ops += snapshot_exports.drop_ops(ctx, snap.snapshot_id, m)
         if clones:
@@ -381,7 +394,7 @@ async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) 
         # Unchanged since before the clones were listed: a clone made meanwhile moved it, and
         # this looks again (it is then kept as a tombstone for that clone).
         if await ctx.txn([ctx.unchanged(skey, srev),
-                          snapshot_exports.pointer_unchanged(ctx, snap.snapshot_id, prev)], ops):
+                          snapshot_exports.pointer_unchanged(ctx, snap.snapshot_id, prev), *ucompare], ops):
             break
         if (await snapshot_exports.export_state(ctx, snap.snapshot_id))[1] != prev:
             raise Conflict(f"snapshot {snap.name!r} was exported or unexported meanwhile", hint="retry", retry=True)

@@ -15,6 +15,8 @@ clusters (or test runs) can share one etcd. Layout::
     {p}/snapshots/id/{snapshot_id}       Snapshot
     {p}/snapshots/name/{volume_id}/{name} snapshot_id
     {p}/snapshots/lun/{snapshot_id}      "{index:04d}/{lun:03d}" (the snapshot's read-only LUN)
+    {p}/snapshots/unique/{name}          snapshot_id     (a name unique across volumes, as CSI's
+                                         are: taken in the snapshot's create txn, freed with its name)
     {p}/targets/{index:04d}              Target
     {p}/luns/{index:04d}/{lun:03d}       LunMapping      (slot taken = key exists)
     {p}/acl/{volume_id}/{initiator}      AclEntry
@@ -95,6 +97,8 @@ class Keys:
     def snapshot_names(self, vid: str) -> bytes: return self._dir("snapshots", "name", vid)
     def snapshot_name(self, vid: str, name: str) -> bytes:
         return self._k("snapshots", "name", vid, _seg(name))
+    def snapshot_unique_name(self, name: str) -> bytes:
+        return self._k("snapshots", "unique", _seg(name))
     def snapshot_luns(self) -> bytes: return self._dir("snapshots", "lun")
     def snapshot_lun(self, sid: str) -> bytes: return self._k("snapshots", "lun", sid)
 

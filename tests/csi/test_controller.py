@@ -314,6 +314,24 @@ async def test_a_retried_clone_create_is_ok_after_its_snapshot_was_deleted(stubs
     await expect(grpc.StatusCode.NOT_FOUND, ctl.CreateVolume(fresh))
 
 
+async def test_concurrent_snapshots_of_one_name_on_two_volumes(stubs):
+    """CSI snapshot names are global: of two concurrent creates of one name on two volumes,
+    one succeeds and the other is ALREADY_EXISTS; the winner's retry is OK."""
+    _, ctl = stubs
+    a, b = await create(ctl), await create(ctl)
+    sn = name("snap")
+    reqs = [pb.CreateSnapshotRequest(source_volume_id=v.volume_id, name=sn) for v in (a, b)]
+    res = await asyncio.gather(*(ctl.CreateSnapshot(r) for r in reqs), return_exceptions=True)
+    won = [i for i, r in enumerate(res) if isinstance(r, pb.CreateSnapshotResponse)]
+    assert len(won) == 1, res
+    assert res[1 - won[0]].code() == grpc.StatusCode.ALREADY_EXISTS
+    again = await ctl.CreateSnapshot(reqs[won[0]])
+    assert again.snapshot.snapshot_id == res[won[0]].snapshot.snapshot_id
+    await ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=again.snapshot.snapshot_id))
+    taken = await ctl.CreateSnapshot(reqs[1 - won[0]])             # the name is free again
+    await ctl.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=taken.snapshot.snapshot_id))
+
+
 def test_a_conflict_worth_repeating_is_aborted_others_keep_their_code():
     from csi.status import code_of
     from zstore import errors

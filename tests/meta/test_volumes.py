@@ -351,6 +351,46 @@ async def test_chap_secrets_never_listed(ctx):
     assert await exports.list_chap(ctx) == []
 
 
+async def test_a_unique_snapshot_name_is_taken_once_across_volumes_even_concurrently(ctx, monkeypatch):
+    await volumes.create_volume(ctx, "a", "1Gi", 1)
+    await volumes.create_volume(ctx, "b", "1Gi", 1)
+    # Both creates read the unique name free before either commits (the race CSI hit).
+    real, reads = volops._unique_name_taken, []
+    both_read = asyncio.Event()
+
+    async def slow(*args):
+        got = await real(*args)
+        reads.append(1)
+        if len(reads) == 2:
+            both_read.set()
+        await asyncio.wait_for(both_read.wait(), 10)
+        return got
+    monkeypatch.setattr(volops, "_unique_name_taken", slow)
+    res = await asyncio.gather(*(volops.create_snapshot(ctx, v, "x", unique=True) for v in "ab"),
+                               return_exceptions=True)
+    monkeypatch.setattr(volops, "_unique_name_taken", real)
+    won = [r for r in res if not isinstance(r, BaseException)]
+    assert len(won) == 1 and [type(r) for r in res if isinstance(r, BaseException)] == [Conflict]
+    winner = won[0][0]
+    loser = "b" if winner.volume_id == (await volumes.find_volume(ctx, "a"))[0].volume_id else "a"
+    again, created = await volops.create_snapshot(ctx, winner.volume_id, "x", unique=True)   # a retry
+    assert not created and again.snapshot_id == winner.snapshot_id
+    with pytest.raises(Conflict):
+        await volops.create_snapshot(ctx, loser, "x", unique=True)
+    # Per-volume names (the CLI) are not affected.
+    other, _ = await volops.create_snapshot(ctx, loser, "x")
+    await volumes.delete_snapshot_by_id(ctx, other.snapshot_id)
+    # Deleting the holder frees the name for the other volume.
+    await volumes.delete_snapshot_by_id(ctx, winner.snapshot_id)
+    assert await ctx.get_raw(ctx.keys.snapshot_unique_name("x")) is None
+    taken, created = await volops.create_snapshot(ctx, loser, "x", unique=True)
+    assert created and await ctx.get_raw(ctx.keys.snapshot_unique_name("x")) == taken.snapshot_id.encode()
+    # A key left naming a snapshot that is gone is taken over.
+    await ctx.txn([], [ctx.put(ctx.keys.snapshot_unique_name("y"), "0" * 32)])
+    y, created = await volops.create_snapshot(ctx, "a", "y", unique=True)
+    assert created and await ctx.get_raw(ctx.keys.snapshot_unique_name("y")) == y.snapshot_id.encode()
+
+
 async def test_snapshot_of_a_deleted_volume_can_be_deleted_by_id(ctx):
     v, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
     s, _ = await volops.create_snapshot(ctx, "v", "s")
