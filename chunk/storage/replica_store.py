@@ -224,9 +224,11 @@ class _Versions:
             for b in [k for k, c in enumerate(raw[0::2]) if c]:
                 self.entries[b] = (raw[2 * b + 1], raw[2 * b])
 
-    def read(self, block: int) -> bytes:
+    def read(self, block: int, fd: int | None = None) -> bytes:
+        """Block ``block``'s version, verified; through ``fd`` (a dup of ``self.fd``) if given."""
         origin, crc = self.entries[block]
-        data = os.pread(self.fd, BLOCK_SIZE, self.data_at + block * BLOCK_SIZE)
+        fd = self.fd if fd is None else fd
+        data = os.pread(fd, BLOCK_SIZE, self.data_at + block * BLOCK_SIZE)
         if len(data) != BLOCK_SIZE:
             data = data + bytes(BLOCK_SIZE - len(data))
         actual = block_crc(block, data)
@@ -234,9 +236,9 @@ class _Versions:
             raise ChecksumError(str(self.path), block, crc, actual)
         return data
 
-    def check(self, block: int) -> bool:
+    def check(self, block: int, fd: int | None = None) -> bool:
         try:
-            self.read(block)
+            self.read(block, fd)
         except ChecksumError:
             return False
         return True
@@ -472,6 +474,41 @@ class _Replica:
         if self.seq_fd >= 0:
             os.close(self.seq_fd)
             self.seq_fd = -1
+
+
+class _VerifyPin:
+    """Private dups of the fds ``verify`` reads of one replica, for a worker thread.
+
+    The event loop may close a replica's fds while a worker reads through them (DELETE,
+    the reclaimer's trim dropping a version file, a failed flush retiring the replica),
+    and a closed number can be reused at once by another ``open``: the worker then read
+    another file's bytes (false checksum errors handed to repair, or EBADF/ESPIPE taken
+    for I/O errors). Dup'd on the loop, these keep the files open and their numbers
+    unused until ``close``, whatever the replica closes meanwhile; the worker reads the
+    (possibly unlinked) files that were this replica's when the pin was taken."""
+
+    def __init__(self, rep: _Replica) -> None:
+        self.rep = rep
+        self.fds: list[int] = []
+        self.versions: dict[int, tuple[_Versions, int]] = {}    # key -> (version, its dup)
+        try:
+            data = os.dup(rep.ext._data)                # noqa: SLF001 - verify reads .data only
+            self.fds.append(data)
+            # .crc is not read (verify checks against the in-memory table): no fd for it.
+            self.ext = ExtentFile(rep.ext.base, rep.ext.header, data, -1, rep.ext.crcs)
+            for key, v in list(rep.versions.items()):
+                if v.fd >= 0:
+                    fd = os.dup(v.fd)
+                    self.fds.append(fd)
+                    self.versions[key] = (v, fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
 
 
 def _seq_path(base: Path) -> Path:
@@ -1393,24 +1430,66 @@ class ReplicaStore:
     # -- maintenance -----------------------------------------------------------
 
     def verify(self, vid: str, idx: int, first_block: int = 0, count: int | None = None) -> list[int]:
+        """Blocks in the range whose live data or a version fails its checksum (or does not
+        read); on the event loop. A worker thread uses ``verify_async``."""
         rep = self._get(vid, idx)
+        count = self._verify_range(rep, first_block, count)
+        with self._io(rep.disk):
+            return self._verify_blocks(rep, None, first_block, count)
+
+    async def verify_async(self, vid: str, idx: int, first_block: int = 0,
+                           count: int | None = None) -> list[int]:
+        """``verify`` in a worker thread, through private dups of the replica's fds taken
+        here on the loop (``_VerifyPin``), closed by the worker when it is done: never
+        through a number the loop closed (and another ``open`` reused) meanwhile. Shielded,
+        so a cancelled caller neither leaks the dups (a worker cancelled before it started)
+        nor closes them under a running one. An extent deleted (or retired) meanwhile is
+        verified as it was; the caller's next store call finds it gone."""
+        rep = self._get(vid, idx)
+        count = self._verify_range(rep, first_block, count)
+        with self._io(rep.disk):
+            pin = _VerifyPin(rep)
+        try:
+            done = asyncio.get_running_loop().run_in_executor(
+                None, self._verify_pinned, pin, first_block, count)
+        except BaseException:
+            pin.close()
+            raise
+        return await asyncio.shield(done)
+
+    def _verify_pinned(self, pin: _VerifyPin, first: int, count: int) -> list[int]:
+        try:
+            with self._io(pin.rep.disk):
+                return self._verify_blocks(pin.rep, pin, first, count)
+        finally:
+            pin.close()
+
+    @staticmethod
+    def _verify_range(rep: _Replica, first_block: int, count: int | None) -> int:
         if count is None:
             count = rep.blocks - first_block
         if first_block < 0 or count < 0 or first_block + count > rep.blocks:
             raise ValueError(f"blocks {first_block}+{count} outside the extent ({rep.blocks})")
-        with self._io(rep.disk):
-            bad = set(rep.ext.verify(first_block, count))
-            for b, vlist in rep.block_versions(first_block, first_block + count).items():
-                for key, _, _ in vlist:
-                    v = rep.versions.get(key)
-                    try:
-                        if v is not None and not v.check(b):
-                            bad.add(b)
-                    except KeyError:
-                        pass                 # trimmed meanwhile (worker thread)
-                    except OSError:
-                        if v.fd >= 0:
-                            raise
+        return count
+
+    @staticmethod
+    def _verify_blocks(rep: _Replica, pin: _VerifyPin | None, first: int, count: int) -> list[int]:
+        """``verify``'s reads: the replica's own fds (pin None, on the loop) or ``pin``'s dups."""
+        bad = set((rep.ext if pin is None else pin.ext).verify(first, count))
+        for b, vlist in rep.block_versions(first, first + count).items():
+            for key, _, _ in vlist:
+                if pin is None:
+                    v, fd = rep.versions.get(key), None
+                else:
+                    v, fd = pin.versions.get(key, (None, None))    # None: made after the pin
+                try:
+                    if v is not None and not v.check(b, fd):
+                        bad.add(b)
+                except KeyError:
+                    pass                 # trimmed meanwhile (worker thread)
+                except OSError:
+                    if pin is not None or v.fd >= 0:
+                        raise
         return sorted(bad)
 
     def trim(self, vid: str, idx: int, snapshot_seqs: set[int]) -> int:

@@ -3,7 +3,7 @@
 Two checks per local extent, one extent at a time, forever (a pass, then a
 pause until ``interval`` after the pass started):
 
-- checksums: ``store.verify`` over the extent in slices of at most 4 MiB, each
+- checksums: ``store.verify_async`` over the extent in slices of at most 4 MiB, each
   in a worker thread (it reads the disk; the event loop keeps serving I/O),
   throttled by a token bucket to ``rate_bytes_per_s`` so client I/O keeps
   the disk. A bad block (checksum failure, or a live block the disk cannot
@@ -267,10 +267,13 @@ class Scrubber:
         The store's own structures are changed by the event loop only; a
         version added while the thread walks them raises RuntimeError
         ("changed size during iteration"), which just means: try again.
+        ``verify_async`` reads through dups of the replica's fds: the loop may
+        close the replica's own (DELETE, reclaim, trim, a failed flush) while
+        the worker reads, and a reused number made it read another file.
         """
         for _ in range(3):
             try:
-                return await asyncio.to_thread(self.store.verify, vid, idx, first, count)
+                return await self.store.verify_async(vid, idx, first, count)
             except RuntimeError:
                 await asyncio.sleep(0.01)
         return self.store.verify(vid, idx, first, count)
@@ -285,6 +288,8 @@ class Scrubber:
         try:
             return await self._verify(vid, idx, first, count)
         except StoreIOError as e:
+            if not self.store.has(vid, idx):
+                raise                    # deleted or retired meanwhile: nothing left to scrub
             log.warning("scrubbing %s/%d blocks %d-%d: %s; verifying them one by one",
                         vid, idx, first, first + count - 1, e)
         bad: list[int] = []
@@ -292,6 +297,8 @@ class Scrubber:
             try:
                 bad.extend(await self._verify(vid, idx, block, 1))
             except StoreIOError as e:
+                if not self.store.has(vid, idx):
+                    raise
                 self._unreadable(vid, idx, block, e, counts)
         return bad
 
@@ -322,6 +329,8 @@ class Scrubber:
             try:
                 confirmed = block in self.store.verify(vid, idx, block, 1)    # on the loop
             except StoreIOError as e:
+                if not self.store.has(vid, idx):
+                    raise
                 self._unreadable(vid, idx, block, e, counts)
                 continue
             if confirmed:

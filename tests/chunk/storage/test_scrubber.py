@@ -428,3 +428,77 @@ async def test_cursor_is_saved_as_the_pass_goes_and_a_bad_one_is_ignored(nodes, 
         s = Interrupted(b.store, b.repair, **kw)
         await s.run_pass()
         assert s.order == [(VID, 0), (VID, 2), (VID, 3)]
+
+
+class BlockedRead:
+    """os.preadv of one extent's data file, in a worker thread, held until ``go`` is set:
+    meanwhile the test closes the replica's fds on the loop and reuses the number."""
+
+    def __init__(self, monkeypatch, path) -> None:
+        import os
+        import threading
+        self.ino = os.stat(path).st_ino
+        self.real = os.preadv
+        self.started, self.go = threading.Event(), threading.Event()
+        self.fd: int | None = None
+        self.read_ino: int | None = None
+        self.read: bytes = b""
+        monkeypatch.setattr(os, "preadv", self.preadv)
+
+    def preadv(self, fd, buffers, offset):
+        import os
+        import threading
+        if (threading.current_thread() is threading.main_thread() or self.started.is_set()
+                or os.fstat(fd).st_ino != self.ino):
+            return self.real(fd, buffers, offset)
+        self.fd = fd
+        self.started.set()
+        assert self.go.wait(10)
+        got = self.real(fd, buffers, offset)
+        self.read_ino = os.fstat(fd).st_ino
+        self.read = b"".join(bytes(memoryview(b)) for b in buffers)[:got]
+        return got
+
+
+@pytest.mark.parametrize("closer", ["delete", "retire"])
+async def test_a_verify_in_a_worker_never_reads_a_closed_and_reused_fd(nodes, monkeypatch,
+                                                                      tmp_path, closer):
+    """The scrub's worker read the replica's data fd while the loop closed it (DELETE, a
+    failed flush retiring the replica): a number reused by another ``open`` made it read
+    that file's bytes, i.e. false checksum errors (an ``unreadable`` block, once the loop's
+    re-verify found the replica broken). It reads a dup: the extent as it was, then gone."""
+    import errno
+    import os
+    a, b = await setup(nodes)
+    held = BlockedRead(monkeypatch, b.data_path(VID, 0))
+    scheduled = []
+    monkeypatch.setattr(b.repair, "schedule", lambda *k: scheduled.append(k))
+    scrub = Scrubber(b.store, b.repair, rate_bytes_per_s=64 << 20, interval=3600, recheck_delay=0.1)
+    task = asyncio.create_task(scrub.run_pass())
+    assert await asyncio.to_thread(held.started.wait, 10)
+
+    if closer == "delete":
+        b.store.delete(VID, 0)
+    else:
+        b.store._retire(b.store._replicas[(VID, 0)], OSError(errno.ENOSPC, "No space left"))
+    other = tmp_path / "other"
+    other.write_bytes(b"X" * (2 << 20))
+    fd = os.open(other, os.O_RDONLY)
+    reused = None
+    try:
+        os.fstat(held.fd)
+    except OSError:                      # closed: the next open() may get that number
+        reused = os.dup2(fd, held.fd)
+    try:
+        held.go.set()
+        counts = await asyncio.wait_for(task, 10)
+    finally:
+        os.close(fd)
+        if reused is not None:
+            os.close(reused)
+
+    assert held.read_ino == held.ino and b"X" * BLOCK_SIZE not in held.read
+    assert held.read[BLOCK_SIZE:2 * BLOCK_SIZE] == block("one")
+    assert counts["bad_blocks"] == 0 and counts["unreadable"] == 0 and counts["extents"] == 1
+    assert scrub.errors == 0 and scrub.unreadable == 0 and scheduled == []
+    assert not b.store.has(VID, 0)
