@@ -575,19 +575,7 @@ class Coordinator:
         data, present = await self._read_replicas(rec, eoff, n)
         if present is None:                          # no replica has the extent yet
             return await self.parent.read(idx * EXTENT_SIZE + eoff, n) if self.parent else bytes(n)
-        if self.parent is None:
-            return data
-        first = eoff // BLOCK_SIZE
-        nblocks = len(_blocks(eoff, eoff + n))
-        runs = _absent_runs(present, nblocks)
-        if not runs:
-            return data
-        buf = bytearray(data)
-        for a, b in runs:
-            lo = max(eoff, (first + a) * BLOCK_SIZE)
-            hi = min(eoff + n, (first + b) * BLOCK_SIZE)
-            buf[lo - eoff:hi - eoff] = await self.parent.read(idx * EXTENT_SIZE + lo, hi - lo)
-        return bytes(buf)
+        return await self._fill_absent(idx, eoff, n, data, present)
 
     def _read_order(self, rec: ExtentRecord) -> list[str]:
         me = self.engine.chunk_id
@@ -905,7 +893,8 @@ class Coordinator:
         return rec, list(await asyncio.gather(*(one(c) for c in order)))
 
     async def _fill_absent(self, idx: int, eoff: int, m: int, data: bytes, present) -> bytes:
-        """A clone's replica data with its absent blocks read from the parent (as ``_read_part``)."""
+        """A replica's data with a clone's absent blocks read from the parent (reads and the
+        compare of COMPARE AND WRITE); the data as given when nothing is absent or no parent."""
         if self.parent is None or present is None:
             return data
         first = eoff // BLOCK_SIZE
