@@ -569,12 +569,10 @@ class Coordinator:
     async def _read_part(self, idx: int, eoff: int, n: int) -> bytes:
         rec = self.extents.get(idx)
         if rec is None or not rec.replicas:
-            if self.parent is not None:
-                return await self.parent.read(idx * EXTENT_SIZE + eoff, n)
-            return bytes(n)
+            return await self._absent(idx, eoff, n)
         data, present = await self._read_replicas(rec, eoff, n)
         if present is None:                          # no replica has the extent yet
-            return await self.parent.read(idx * EXTENT_SIZE + eoff, n) if self.parent else bytes(n)
+            return await self._absent(idx, eoff, n)
         return await self._fill_absent(idx, eoff, n, data, present)
 
     def _read_order(self, rec: ExtentRecord) -> list[str]:
@@ -759,7 +757,13 @@ class Coordinator:
                     continue
             await self._handle_failures(idx, rec, failed, eoff, eoff + n)
             break
-        self._mark_dirty(idx, eoff, eoff + n)
+        self._written(idx, eoff, eoff + n, fua)
+
+    def _written(self, idx: int, lo: int, hi: int, fua: bool) -> None:
+        """[lo, hi) of extent ``idx`` is on every replica kept: a resync copies it again
+        (dirty log) and, unless it was FUA, the next SYNCHRONIZE CACHE flushes the extent.
+        (The fast path's ``_write_settled`` does the same inline.)"""
+        self._mark_dirty(idx, lo, hi)
         if not fua:
             self._unflushed.add(idx)
 
@@ -865,9 +869,7 @@ class Coordinator:
 
     def _caw_written(self, parts, fua: bool) -> None:
         for idx, eoff, m in parts:
-            self._mark_dirty(idx, eoff, eoff + m)
-            if not fua:
-                self._unflushed.add(idx)
+            self._written(idx, eoff, eoff + m, fua)
 
     async def _caw_flush(self, parts) -> None:
         for idx in sorted({p[0] for p in parts}):
