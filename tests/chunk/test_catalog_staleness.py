@@ -15,15 +15,11 @@ import struct
 
 import pytest
 
-from chunk.blockdev import MemoryBlockDevice
-from chunk.catalog import Catalog
 from chunk.iscsi.constants import LoginStatus
-from chunk.iscsi.target import IscsiTarget, TargetConfig
-from meta import exports, volumes
+from meta import exports
 from tests.chunk.iscsi.test_login import Client
-from tests.chunk.iscsi.test_lun_inventory import Initiator
-from tests.cluster import Etcd, async_wait_for, free_port, unique_prefix
-from tests.meta.helpers import make_ctx, register_chunk
+from tests.chunk.iscsi.test_lun_inventory import Initiator, volume_a_served_to_h1
+from tests.cluster import Etcd, async_wait_for, unique_prefix
 
 H1 = "iqn.2004-10.com.example:h1"        # the session's initiator, on the volume's ACL
 H2 = "iqn.2004-10.com.example:h2"        # only logs in (another ISID space: no reinstatement)
@@ -49,25 +45,10 @@ async def served(own_etcd):
     cfg = EtcdConfig(endpoints=[own_etcd.endpoint], prefix=unique_prefix(), timeout=2.0)
     client = zetcd.client(cfg)
     await client.connect()
-    ctx = make_ctx(client, cfg)
-    await register_chunk(ctx, "c0")
-    vol, _ = await volumes.create_volume(ctx, "a", "1Mi", 1)
-    iqn = (await exports.list_targets(ctx))[0]["iqn"]
-    await exports.add_acl(ctx, "a", H1)
-    stop = asyncio.Event()
-    cat = Catalog(client, ctx.keys, stale_after=BOUND)
-    await cat.start(stop)
-    target = IscsiTarget(TargetConfig(port=free_port()), cat,
-                         lambda volume, readonly, view_seq=0: MemoryBlockDevice(1 << 20, readonly=readonly))
-    await target.start()
-    ini = await Initiator.login(target.cfg.port, iqn)
     try:
-        yield ctx, cat, target, iqn, ini, vol.lun
+        async with volume_a_served_to_h1(client, cfg, stale_after=BOUND) as served:
+            yield served
     finally:
-        ini.close()
-        stop.set()
-        await target.stop()
-        await cat.close()
         await client.close()
 
 

@@ -8,6 +8,7 @@ Real etcd and meta calls for the catalog, the real target and SCSI layer on loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 
 import pytest
@@ -71,29 +72,40 @@ class Initiator:
         self.w.close()
 
 
-@pytest.fixture
-async def served(etcd_client, etcd_config):
-    """(meta ctx, catalog, target iqn, initiator) with volume "a" (LUN 1) visible to H1."""
-    ctx = make_ctx(etcd_client, etcd_config)
+@contextlib.asynccontextmanager
+async def volume_a_served_to_h1(client, etcd_config, **catalog_kw):
+    """(meta ctx, catalog, target, target iqn, initiator, LUN): volume "a" (LUN 1) on the
+    ACL of H1, a target over a catalog of ``client`` (``catalog_kw`` for the Catalog), H1
+    logged in; everything stopped on the way out."""
+    ctx = make_ctx(client, etcd_config)
     await register_chunk(ctx, "c0")
     vol, _ = await volumes.create_volume(ctx, "a", "1Mi", 1)
     assert vol.lun == 1
     iqn = (await exports.list_targets(ctx))[0]["iqn"]
     await exports.add_acl(ctx, "a", H1)
     stop = asyncio.Event()
-    cat = Catalog(etcd_client, ctx.keys)
+    cat = Catalog(client, ctx.keys, **catalog_kw)
     await cat.start(stop)
     target = IscsiTarget(TargetConfig(port=free_port()), cat,
                          lambda volume, readonly, view_seq=0: MemoryBlockDevice(1 << 20, readonly=readonly))
     await target.start()
-    ini = await Initiator.login(target.cfg.port, iqn)
     try:
-        yield ctx, cat, iqn, ini
+        ini = await Initiator.login(target.cfg.port, iqn)
+        try:
+            yield ctx, cat, target, iqn, ini, vol.lun
+        finally:
+            ini.close()
     finally:
-        ini.close()
         stop.set()
         await target.stop()
         await cat.close()
+
+
+@pytest.fixture
+async def served(etcd_client, etcd_config):
+    """(meta ctx, catalog, target iqn, initiator) with volume "a" (LUN 1) visible to H1."""
+    async with volume_a_served_to_h1(etcd_client, etcd_config) as (ctx, cat, _, iqn, ini, _):
+        yield ctx, cat, iqn, ini
 
 
 async def test_a_lun_mapped_to_a_logged_in_initiator_is_announced_by_a_unit_attention(served):

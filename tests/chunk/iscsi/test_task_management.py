@@ -71,9 +71,12 @@ class SlowDevice(MemoryBlockDevice):
         self.waiting -= 1
         return await super().read(offset, length)
 
-    async def stalled(self, n: int = 1) -> None:
-        while self.waiting < n:
+    async def stalled(self, n: int = 1, timeout: float = 10.0) -> None:
+        for _ in range(int(timeout / 0.005)):
+            if self.waiting >= n:
+                return
             await asyncio.sleep(0.005)
+        raise AssertionError(f"{self.waiting} I/Os waiting after {timeout:g} s, expected {n}")
 
 
 def fake_catalog():
