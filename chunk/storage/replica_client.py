@@ -22,6 +22,7 @@ import logging
 import time
 from typing import Any
 
+from .link import connect
 from .peer_auth import AuthError, client_handshake
 from .wire import Frame, FrameError, FrameReader, FrameWriter, Op, Pipeline, Status
 
@@ -168,14 +169,14 @@ class ReplicaClient:
         raise PeerUnavailable(addr, reason)
 
     async def _dial(self, addr: Address) -> Pipeline:
-        reader, writer = await asyncio.open_connection(*addr)
-        frames, out = FrameReader(reader), FrameWriter(writer)
+        link, writer = await connect(*addr)
+        frames, out = FrameReader(link.inbox), FrameWriter(writer)    # type: ignore[arg-type]
         try:
             await client_handshake(frames, out, self.secret, self.cluster_id, self.chunk_id)
         except BaseException:
             writer.close()
             raise
-        return Pipeline(frames, out)
+        return Pipeline(frames, out, link)
 
     def _drop_soon(self, addr: Address, pipe: Pipeline) -> None:
         """Detach now (the next call dials afresh), close in the background."""

@@ -47,6 +47,7 @@ from collections import Counter
 from typing import Any, Awaitable, Callable
 
 from .extent_file import ChecksumError
+from .link import Link
 from .fencing import StaleEpochError
 from .peer_auth import AuthError, server_handshake
 from .replica_store import NoExtent, StaleGeneration, StoreError, StoreFull, StoreIOError
@@ -113,122 +114,6 @@ class _Conn:
         return self.queued + self.writer.transport.get_write_buffer_size() > HIGH_WATER
 
 
-class _Inbox:
-    """The handshake's byte source: what ``FrameReader`` uses of a StreamReader (``read``,
-    ``readexactly``), fed by ``_Link`` until the peer is authenticated.  Above
-    ``HANDSHAKE_BUFFER`` unread bytes the socket is paused, so a peer that has not
-    authenticated cannot make the server buffer without limit."""
-
-    def __init__(self, link: _Link) -> None:
-        self._link = link
-        self.buf = bytearray()
-        self.eof = False
-        self.error: BaseException | None = None
-        self.paused = False
-        self._waiter: asyncio.Future | None = None
-
-    def feed(self, data: bytes) -> None:
-        self.buf += data
-        if len(self.buf) > HANDSHAKE_BUFFER and not self.paused:
-            self.paused = True
-            self._link.pause()
-        self._wake()
-
-    def feed_eof(self) -> None:
-        self.eof = True
-        self._wake()
-
-    def lost(self, exc: BaseException | None) -> None:
-        if exc is None:
-            self.eof = True
-        else:
-            self.error = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _wait(self) -> None:
-        if self.paused:
-            self.paused = False
-            self._link.resume()
-        self._waiter = asyncio.get_running_loop().create_future()
-        await self._waiter
-
-    def _take(self, n: int) -> bytes:
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        return data
-
-    async def read(self, n: int) -> bytes:
-        while True:
-            if self.error is not None:
-                raise self.error
-            if self.buf:
-                return self._take(n)
-            if self.eof:
-                return b""
-            await self._wait()
-
-    async def readexactly(self, n: int) -> bytes:
-        while True:
-            if self.error is not None:
-                raise self.error
-            if len(self.buf) >= n:
-                return self._take(n)
-            if self.eof:
-                raise asyncio.IncompleteReadError(self._take(len(self.buf)), n)
-            await self._wait()
-
-
-class _Link(asyncio.StreamReaderProtocol):
-    """One peer connection: its bytes go to the handshake's ``_Inbox``, then (``attach``)
-    straight to the request parser, ``_Stream``.
-
-    A StreamReaderProtocol for its ``StreamWriter`` (flow control, ``wait_closed``); no
-    StreamReader is fed: it copied every segment twice and cost a task wakeup per segment.
-    """
-
-    def __init__(self, server: ReplicaServer) -> None:
-        loop = asyncio.get_running_loop()
-        self._unused = asyncio.StreamReader(loop=loop)     # the writer's; gets only EOF/errors
-        super().__init__(self._unused, lambda _r, w: server._serve(self, w), loop=loop)
-        self.inbox = _Inbox(self)
-        self._sink: _Inbox | _Stream = self.inbox
-        self._transport_ref: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport_ref = transport                    # type: ignore[assignment]
-        super().connection_made(transport)
-
-    def attach(self, stream: _Stream) -> None:
-        self._sink = stream
-        if self.inbox.paused:
-            self.inbox.paused = False
-            self.resume()
-
-    def pause(self) -> None:
-        if self._transport_ref is not None and not self._transport_ref.is_closing():
-            self._transport_ref.pause_reading()
-
-    def resume(self) -> None:
-        if self._transport_ref is not None and not self._transport_ref.is_closing():
-            self._transport_ref.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self._sink.feed(data)
-
-    def eof_received(self) -> bool:
-        self._sink.feed_eof()
-        return True                                        # keep writing: replies still due
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self._sink.lost(exc)
-
-
 _BLOCKED, _EOF, _CLOSE = "blocked", "eof", "close"
 
 
@@ -243,7 +128,7 @@ class _Stream:
     (``_EOF``); a frame error, a reply frame (``_CLOSE``) or a lost connection (the error).
     """
 
-    def __init__(self, server: ReplicaServer, conn: _Conn, link: _Link) -> None:
+    def __init__(self, server: ReplicaServer, conn: _Conn, link: Link) -> None:
         self.server, self.conn, self.link = server, conn, link
         self._pieces: list[bytes] = []     # an incomplete frame (and what followed it)
         self._have = 0                     # bytes in _pieces
@@ -421,7 +306,8 @@ class ReplicaServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Link(self), self.host, self._port)
+        self._server = await loop.create_server(
+            lambda: Link(self._serve, handshake_buffer=HANDSHAKE_BUFFER), self.host, self._port)
         log.info("replica server listening on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
@@ -435,7 +321,7 @@ class ReplicaServer:
 
     # -- connections -----------------------------------------------------------
 
-    async def _serve(self, link: _Link, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, link: Link, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
@@ -485,7 +371,7 @@ class ReplicaServer:
             except (ConnectionError, OSError):
                 pass
 
-    async def _requests(self, frames: FrameReader, conn: _Conn, link: _Link) -> None:
+    async def _requests(self, frames: FrameReader, conn: _Conn, link: Link) -> None:
         """Serve requests in arrival order until the peer closes (or breaks the stream).
 
         Frames are served by ``_Stream`` as they arrive; this task only waits when it must
@@ -499,15 +385,10 @@ class ReplicaServer:
         if error is not None:
             self._drop(conn, error)
             return
-        inbox = link.inbox
         stream = _Stream(self, conn, link)
         link.attach(stream)
-        stream.feed_raw(raw + bytes(inbox.buf) if inbox.buf else raw)
-        inbox.buf.clear()
-        if inbox.error is not None:
-            stream.lost(inbox.error)
-        elif inbox.eof:
-            stream.feed_eof()
+        stream.feed_raw(raw)
+        link.inbox.hand_over(stream)
         while True:
             event = await stream.next()
             if event is _BLOCKED:

@@ -416,6 +416,11 @@ class FrameReader:
                 return b"", []
 
     @property
+    def source(self):
+        """The stream this reads from (a StreamReader or a ``link.Inbox``)."""
+        return self._reader
+
+    @property
     def pending(self) -> bool:
         """Frames decoded ahead (by ``read``) wait to be taken with ``read_many``."""
         return bool(self._ready)
@@ -505,14 +510,16 @@ class Pipeline:
     """The requesting side of one connection: many outstanding calls, replies in any order.
 
     ``call`` numbers the request, sends it and waits for the reply with that
-    id; one reader task routes replies.  If the connection fails, every
-    outstanding call fails with the same error (the caller then picks
-    another replica or reconnects).
+    id.  Replies are routed as they arrive: with a ``link`` (``link.Link``, how
+    the replica client dials) in the protocol's own callback, so a batch of
+    replies completes its writes in the loop turn that read it; without one
+    (tests over plain streams) a pump task feeds the same parser.  If the
+    connection fails, every outstanding call fails with the same error (the
+    caller then picks another replica or reconnects).
     """
 
-    def __init__(self, reader: FrameReader, writer: FrameWriter) -> None:
+    def __init__(self, reader: FrameReader, writer: FrameWriter, link=None) -> None:
         self._writer = writer
-        self._reader = reader
         self._ids = itertools.count(1)
         self._issued = 0
         self._waiting: dict[int, asyncio.Future[Frame]] = {}
@@ -523,8 +530,24 @@ class Pipeline:
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._watch: asyncio.TimerHandle | None = None
+        self._pieces: list[bytes] = []     # an incomplete reply (and what followed it)
+        self._have = 0                     # bytes in _pieces
+        self._need = 0                     # bytes its frame needs (0: length prefix incomplete)
         self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._route())
+        self._task: asyncio.Task | None = None
+        ready, raw, error = reader.detach()
+        for frame in ready:                # replies read ahead with the handshake's last frame
+            self._deliver_safely(frame)
+        if error is not None:
+            self._fail(error)
+            return
+        if raw:
+            self.feed(raw)
+        if link is not None:
+            link.attach(self)
+            link.inbox.hand_over(self)
+        else:
+            self._task = self._loop.create_task(self._pump(reader.source))
 
     @property
     def outstanding(self) -> int:
@@ -631,35 +654,77 @@ class Pipeline:
             await self.drain()
         return await fut
 
-    async def _route(self) -> None:
-        deadline, lite = self._deadline, self._lite
-        reader = self._reader
-        head = _REPLY_HEAD.unpack_from
+    async def _pump(self, source) -> None:
+        """Feed the parser from a stream (a Pipeline built without a link)."""
         try:
-            while True:
-                if reader.pending:
-                    for frame in await reader.read_many():
-                        self._deliver(frame)
-                    continue
-                buf, cut = await reader.read_spans()
-                if not cut:
-                    break
-                for start, n in cut:
-                    if n >= _HDR.size:
-                        h = head(buf, start)
-                        ident = h[4]
-                        if h[:4] == _PLAIN_WRITE_OK:
-                            on_reply = lite.pop(ident, None)
-                            if on_reply is not None:
-                                if deadline:
-                                    deadline.pop(ident, None)
-                                _answer(on_reply, None)
-                                continue
-                    self._deliver(_decode(buf, start, n))
-            error: BaseException = ConnectionError("connection closed by peer")
-        except (FrameError, ConnectionError, OSError) as e:
-            error = e
-        self._fail(error)
+            while self._error is None:
+                data = await source.read(READ_SIZE)
+                if not data:
+                    self.feed_eof()
+                    return
+                self.feed(data)
+        except (ConnectionError, OSError) as e:
+            self.lost(e)
+
+    # -- the sink side (link.Sink): replies as they arrive ----------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        if self._pieces:
+            self._pieces.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return
+            data = b"".join(self._pieces)
+            self._pieces.clear()
+            self._have = 0
+        try:
+            self._route(data)
+        except FrameError as e:
+            self._fail(e)
+            self._writer.abort()
+
+    def feed_eof(self) -> None:
+        self._fail(ConnectionError("connection closed by peer"))
+
+    def lost(self, exc: BaseException | None) -> None:
+        self._fail(exc if exc is not None else ConnectionError("connection closed by peer"))
+
+    def _route(self, buf: bytes) -> None:
+        """Answer every complete reply in ``buf``; keep an incomplete rest in ``_pieces``.
+        A plain WRITE OK (every write's answer) is recognised from its first header bytes
+        and never decoded into a Frame."""
+        cut, used, error = spans(buf)
+        deadline, lite = self._deadline, self._lite
+        head = _REPLY_HEAD.unpack_from
+        for start, n in cut:
+            if n >= _HDR.size:
+                h = head(buf, start)
+                if h[:4] == _PLAIN_WRITE_OK:
+                    on_reply = lite.pop(h[4], None)
+                    if on_reply is not None:
+                        if deadline:
+                            deadline.pop(h[4], None)
+                        _answer(on_reply, None)
+                        continue
+            self._deliver(_decode(buf, start, n))
+            if self._error is not None:
+                return
+        if error is not None:
+            raise error
+        if used < len(buf):
+            rest = buf[used:] if used else buf
+            self._pieces.append(rest)
+            self._have = len(rest)
+            self._need = _LEN.unpack_from(rest)[0] + 4 if len(rest) >= 4 else 0
+
+    def _deliver_safely(self, frame: Frame) -> None:
+        try:
+            self._deliver(frame)
+        except FrameError as e:
+            self._fail(e)
+            self._writer.abort()
 
     def _deliver(self, frame: Frame) -> None:
         ident = frame.id
@@ -692,11 +757,12 @@ class Pipeline:
             _answer(on_reply, ConnectionError(f"connection failed: {error}"))
 
     async def close(self) -> None:
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
         self._fail(ConnectionError("pipeline closed"))
         await self._writer.close()
 
