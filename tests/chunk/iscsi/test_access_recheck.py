@@ -11,7 +11,6 @@ session are not disturbed. Raw sessions on loopback through the real target
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -20,11 +19,9 @@ import pytest
 
 from chunk.blockdev import MemoryBlockDevice
 from chunk.iscsi import pdu as P
-from chunk.iscsi.constants import RESERVED_TAG, TARGET_OPCODES
-from chunk.iscsi.session import sn_lt
 from chunk.iscsi.target import IscsiTarget, TargetConfig
-from chunk.iscsi.text import encode_text
 from chunk.scsi import LogicalUnit, LunIdentity
+from tests.chunk.iscsi.raw_initiator import TUR, Initiator
 from tests.chunk.iscsi.test_session import Harness, Resolver, params, until
 from tests.chunk.iscsi.test_session import read10 as read10_pdu
 from tests.chunk.iscsi.test_session import write10 as write10_pdu
@@ -33,7 +30,6 @@ from tests.cluster import free_port
 TARGET = "iqn.2026-01.io.zstore:test.t0000"
 HOST = "iqn.2004-10.com.example:h1"
 ISID = bytes.fromhex("80aabbcc0001")
-TUR = bytes(16)
 
 LUN_NOT_SUPPORTED = (0x05, 0x25, 0x00)
 WRITE_PROTECTED = (0x07, 0x27, 0x00)
@@ -139,82 +135,16 @@ async def served():
         await s.target.stop()
 
 
-class Initiator:
-    """One raw session (InitialR2T=Yes, the default): commands with increasing ITT/CmdSN."""
-
-    def __init__(self, r, w, login: P.LoginResponse):
-        self.r, self.w = r, w
-        self.itt, self.cmdsn = 0x100, login.expcmdsn
-        self.maxcmdsn = login.maxcmdsn
-
-    def send(self, lun: int, cdb: bytes, data: bytes = b"", edtl: int | None = None, read: int = 0,
-             cmdsn: int | None = None) -> int:
-        self.itt += 1
-        write = bool(data) or bool(edtl)
-        if cmdsn is None:
-            cmdsn = self.cmdsn
-            self.cmdsn += 1
-        self.w.write(P.ScsiCommand(itt=self.itt, cmdsn=cmdsn, lun=P.encode_lun(lun), write=write,
-                                   read=bool(read), final=True,
-                                   expected_length=read or (edtl if edtl is not None else len(data)),
-                                   cdb=cdb, data=data).to_bytes())
-        return self.itt
-
-    def data_out(self, r2t: P.R2T, data: bytes) -> None:
-        self.w.write(P.DataOut(itt=r2t.itt, ttt=r2t.ttt, lun=r2t.lun, final=True, datasn=0,
-                               buffer_offset=r2t.buffer_offset, data=data).to_bytes())
-
-    async def pdu(self, timeout: float = 10) -> P.PDU:
-        while True:
-            pdu = await asyncio.wait_for(
-                P.read_pdu(self.r, max_recv_data_segment_length=1 << 20, opcodes=TARGET_OPCODES), timeout)
-            if pdu is not None and sn_lt(self.maxcmdsn, getattr(pdu, "maxcmdsn", self.maxcmdsn)):
-                self.maxcmdsn = pdu.maxcmdsn
-            if isinstance(pdu, P.NopIn) and pdu.itt == RESERVED_TAG and pdu.ttt == RESERVED_TAG:
-                continue
-            return pdu
-
-    async def answer(self):
-        """(itt, status, (key, asc, ascq) or None) of the next SCSI answer."""
-        pdu = await self.pdu()
-        while isinstance(pdu, P.DataIn) and not pdu.status_present:
-            pdu = await self.pdu()
-        assert isinstance(pdu, (P.ScsiResponse, P.DataIn)), pdu
-        if isinstance(pdu, P.DataIn):
-            return pdu.itt, pdu.status, None
-        s = pdu.sense
-        return pdu.itt, pdu.status, ((s[2] & 0x0F, s[12], s[13]) if s else None)
-
-    async def command(self, lun: int, cdb: bytes, data: bytes = b"", read: int = 0):
-        itt = self.send(lun, cdb, data, read=read)
-        got, status, sense = await self.answer()
-        assert got == itt, (got, itt)
-        return status, sense
-
-    async def ready(self, lun: int) -> None:
-        """TEST UNIT READY until no unit attention is left."""
-        for _ in range(8):
-            if await self.command(lun, TUR) == (0, None):
-                return
-        raise AssertionError("unit attentions never cleared")
-
-    async def prearm(self, lun: int, lba: int, blocks: int) -> tuple[int, P.R2T]:
-        """A WRITE whose data is held back: the target has solicited it (R2T)."""
-        itt = self.send(lun, write10(lba, blocks), edtl=blocks * 512)
-        r2t = await self.pdu()
-        assert isinstance(r2t, P.R2T) and r2t.itt == itt and r2t.desired_length == blocks * 512, r2t
-        return itt, r2t
-
-
 async def login(port: int) -> Initiator:
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    pairs = [("InitiatorName", HOST), ("SessionType", "Normal"), ("TargetName", TARGET),
-             ("HeaderDigest", "None"), ("DataDigest", "None"), ("InitialR2T", "Yes")]
-    w.write(P.LoginRequest(transit=True, csg=1, nsg=3, isid=ISID, itt=1, cid=1, cmdsn=1, expstatsn=0,
-                           data=encode_text(pairs)).to_bytes())
-    resp = await asyncio.wait_for(P.read_pdu(r, opcodes=TARGET_OPCODES), 10)
-    assert isinstance(resp, P.LoginResponse) and resp.status == 0 and resp.transit, resp
-    return Initiator(r, w, resp)
+    return await Initiator.connect(port, TARGET, HOST, ISID, keys=(("InitialR2T", "Yes"),))
+
+
+async def prearm(a: Initiator, lun: int, lba: int, blocks: int) -> tuple[int, P.R2T]:
+    """A WRITE whose data is held back: the target has solicited it (R2T)."""
+    itt = a.send(lun, write10(lba, blocks), edtl=blocks * 512)
+    r2t = await a.pdu()
+    assert isinstance(r2t, P.R2T) and r2t.itt == itt and r2t.desired_length == blocks * 512, r2t
+    return itt, r2t
 
 
 async def test_a_write_whose_acl_entry_is_removed_before_its_data_comes_is_refused(served: Served):
@@ -222,8 +152,8 @@ async def test_a_write_whose_acl_entry_is_removed_before_its_data_comes_is_refus
     a = await login(s.port)
     await a.ready(1)
     await a.ready(2)
-    itt, r2t = await a.prearm(1, 0, 8)
-    other, r2t2 = await a.prearm(2, 0, 8)              # another LU of the same session
+    itt, r2t = await prearm(a, 1, 0, 8)
+    other, r2t2 = await prearm(a, 2, 0, 8)             # another LU of the same session
     s.catalog.set(1, None)                             # the admin removes the ACL entry
     assert await a.command(1, read10(0, 1), read=512) == (2, LUN_NOT_SUPPORTED)
     a.data_out(r2t, b"X" * 4096)                       # the withheld data, now
@@ -252,8 +182,8 @@ async def test_a_write_whose_acl_entry_becomes_read_only_before_its_data_comes_i
     s.catalog.set(1, "vol-1:rw")
     await a.ready(1)
     await a.ready(2)
-    itt, r2t = await a.prearm(1, 16, 8)
-    other, r2t2 = await a.prearm(2, 16, 8)
+    itt, r2t = await prearm(a, 1, 16, 8)
+    other, r2t2 = await prearm(a, 2, 16, 8)
     s.catalog.set(1, "vol-1:ro")                       # the ACL entry becomes read-only
     a.data_out(r2t2, b"B" * 4096)                      # the other LU's write: unaffected
     assert await a.answer() == (other, 0, None)

@@ -16,48 +16,25 @@ import pytest
 from chunk.blockdev import MemoryBlockDevice
 from chunk.catalog import Catalog
 from chunk.iscsi import pdu as P
-from chunk.iscsi.constants import TARGET_OPCODES
 from chunk.iscsi.target import IscsiTarget, TargetConfig
 from meta import exports, volumes
-from tests.chunk.iscsi.raw_login import normal_login
+from tests.chunk.iscsi.raw_initiator import TUR
+from tests.chunk.iscsi.raw_initiator import Initiator as RawInitiator
 from tests.cluster import async_wait_for, free_port
 from tests.meta.helpers import make_ctx, register_chunk
 
 H1 = "iqn.2004-10.com.example:h1"
-TUR = bytes(16)
 UA_POWER_ON = (0x06, 0x29, 0x00)
 UA_LUNS_CHANGED = (0x06, 0x3F, 0x0E)
 
 
-class Initiator:
-    """One normal session, logged in with a single operational-stage Login PDU."""
-
-    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter):
-        self.r, self.w = r, w
-        self.itt, self.cmdsn = 1, 1
-
-    @classmethod
-    async def login(cls, port: int, target_iqn: str) -> "Initiator":
-        return cls(*await normal_login(port, target_iqn, H1))
+class Initiator(RawInitiator):
+    """The raw session with data-in in every answer, as these tests and the catalog staleness
+    and shared reservation suites read it."""
 
     async def command(self, lun: int, cdb: bytes, expected_length: int = 0):
         """(status, sense key/ASC/ASCQ or None, data-in) of one command."""
-        self.itt += 1
-        self.w.write(P.ScsiCommand(itt=self.itt, cmdsn=self.cmdsn, lun=P.encode_lun(lun),
-                                   read=expected_length > 0, expected_length=expected_length,
-                                   cdb=cdb.ljust(16, b"\0")).to_bytes())
-        self.cmdsn += 1
-        data = b""
-        while True:
-            pdu = await asyncio.wait_for(
-                P.read_pdu(self.r, max_recv_data_segment_length=1 << 20, opcodes=TARGET_OPCODES), 10)
-            if isinstance(pdu, P.DataIn):
-                data += pdu.data
-                if pdu.status_present:
-                    return pdu.status, None, data
-            elif isinstance(pdu, P.ScsiResponse):
-                s = pdu.sense
-                return pdu.status, ((s[2] & 0x0F, s[12], s[13]) if s else None), data
+        return await self.transfer(lun, cdb, read=expected_length)
 
     async def tur(self, lun: int):
         return (await self.command(lun, TUR))[:2]
@@ -67,9 +44,6 @@ class Initiator:
         assert status == 0, sense
         n, = struct.unpack_from(">I", data)
         return [P.decode_lun(struct.unpack_from(">Q", data, 8 + 8 * i)[0]) for i in range(n // 8)]
-
-    def close(self) -> None:
-        self.w.close()
 
 
 @contextlib.asynccontextmanager
@@ -90,7 +64,7 @@ async def volume_a_served_to_h1(client, etcd_config, **catalog_kw):
                          lambda volume, readonly, view_seq=0: MemoryBlockDevice(1 << 20, readonly=readonly))
     await target.start()
     try:
-        ini = await Initiator.login(target.cfg.port, iqn)
+        ini = await Initiator.connect(target.cfg.port, iqn, H1)
         try:
             yield ctx, cat, target, iqn, ini, vol.lun
         finally:

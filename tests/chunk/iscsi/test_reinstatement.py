@@ -14,17 +14,14 @@ import struct
 from types import SimpleNamespace
 
 from chunk.blockdev import MemoryBlockDevice
-from chunk.iscsi import pdu as P
-from chunk.iscsi.constants import TARGET_OPCODES
 from chunk.iscsi.target import IscsiTarget, TargetConfig
 from chunk.scsi import LogicalUnit, LunIdentity
-from tests.chunk.iscsi.raw_login import normal_login
+from tests.chunk.iscsi.raw_initiator import TUR, Initiator
 from tests.cluster import free_port
 
 TARGET = "iqn.2026-01.io.zstore:test.t0000"
 H1 = "iqn.2004-10.com.example:h1"
 WWN = "6" + "5a5354" + "0123456789abcdef012345678"
-TUR = bytes(16)
 RESERVE6 = bytes([0x16]).ljust(16, b"\0")
 
 
@@ -54,29 +51,6 @@ def fake_catalog():
         visible_targets=lambda initiator: [TARGET])
 
 
-class Initiator:
-    def __init__(self, r, w):
-        self.r, self.w, self.itt, self.cmdsn = r, w, 1, 1
-
-    def send(self, cdb: bytes, data: bytes = b"") -> None:
-        self.itt += 1
-        self.w.write(P.ScsiCommand(itt=self.itt, cmdsn=self.cmdsn, lun=P.encode_lun(1), write=bool(data),
-                                   expected_length=len(data), cdb=cdb, data=data).to_bytes())
-        self.cmdsn += 1
-
-    async def answer(self, timeout: float = 10):
-        """(status, (key, asc, ascq) or None) of the next SCSI Response."""
-        pdu = await asyncio.wait_for(
-            P.read_pdu(self.r, max_recv_data_segment_length=1 << 20, opcodes=TARGET_OPCODES), timeout)
-        assert isinstance(pdu, P.ScsiResponse), pdu
-        s = pdu.sense
-        return pdu.status, ((s[2] & 0x0F, s[12], s[13]) if s else None)
-
-    async def command(self, cdb: bytes):
-        self.send(cdb)
-        return await self.answer()
-
-
 async def test_reinstatement_waits_for_the_old_session_before_the_new_one_runs():
     dev = SlowDevice(1 << 20)
     unit = LogicalUnit(dev, LunIdentity(wwn=WWN, serial="vol-1", lun=1), power_on_ua=True)
@@ -86,24 +60,24 @@ async def test_reinstatement_waits_for_the_old_session_before_the_new_one_runs()
     target.units = SimpleNamespace(get=lambda ex: unit, opened=lambda ex: unit, close=lambda: None)
     await target.start()
     try:
-        a = Initiator(*await normal_login(port, TARGET, H1))
-        assert (await a.command(TUR))[0] == 2            # POWER ON
-        assert await a.command(TUR) == (0, None)
+        a = await Initiator.connect(port, TARGET, H1)
+        assert (await a.command(1, TUR))[0] == 2         # POWER ON
+        assert await a.command(1, TUR) == (0, None)
         old = next(iter(target.sessions.values()))
-        a.send(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0).ljust(16, b"\0"), b"\x5a" * 512)
+        a.send(1, struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0).ljust(16, b"\0"), b"\x5a" * 512)
         await asyncio.wait_for(dev.started.wait(), 5)     # the write waits on the "replicas"
 
-        b = Initiator(*await normal_login(port, TARGET, H1))     # same ISID: reinstatement
-        b.send(TUR)
-        b.send(RESERVE6)
+        b = await Initiator.connect(port, TARGET, H1)      # same ISID: reinstatement
+        b.send(1, TUR)
+        b.send(1, RESERVE6)
         try:    # answered only once the old session is gone (this wait: only for the old code)
-            first = await b.answer(timeout=0.5)
+            first = (await b.answer(timeout=0.5))[1:]
         except asyncio.TimeoutError:
             first = None
         dev.release.set()
         got = [first] if first else []
         while len(got) < 2:
-            got.append(await b.answer())
+            got.append((await b.answer())[1:])
         assert dev.done == 1
         while old.tsih in target.tsihs:                   # the old session has ended
             await asyncio.sleep(0.01)
@@ -111,10 +85,10 @@ async def test_reinstatement_waits_for_the_old_session_before_the_new_one_runs()
         # then its own reservation, which the old session's end never undoes.
         assert got[1] == (0, None) and unit.reservations.spc2 == next(iter(target.sessions.values())).nexus
         assert got[0] == (2, (0x06, 0x29, 0x00)), got
-        assert await b.command(TUR) == (0, None)          # no spurious POWER ON
+        assert await b.command(1, TUR) == (0, None)       # no spurious POWER ON
         assert dev.done == 1                              # the old session's write did land
-        b.w.close()
-        a.w.close()
+        b.close()
+        a.close()
     finally:
         await target.stop()
 
@@ -131,20 +105,20 @@ async def test_reinstatement_past_its_bound_releases_the_old_nexus_once_and_firs
     target.units = SimpleNamespace(get=lambda ex: unit, opened=lambda ex: unit, close=lambda: None)
     await target.start()
     try:
-        a = Initiator(*await normal_login(port, TARGET, H1))
-        assert (await a.command(TUR))[0] == 2
+        a = await Initiator.connect(port, TARGET, H1)
+        assert (await a.command(1, TUR))[0] == 2
         old = next(iter(target.sessions.values()))
-        a.send(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0).ljust(16, b"\0"), b"\x5a" * 512)
+        a.send(1, struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0).ljust(16, b"\0"), b"\x5a" * 512)
         await asyncio.wait_for(dev.started.wait(), 5)
-        b = Initiator(*await normal_login(port, TARGET, H1))
-        assert await b.command(TUR) == (2, (0x06, 0x29, 0x00))    # after the bound: a new nexus
-        assert await b.command(RESERVE6) == (0, None)
+        b = await Initiator.connect(port, TARGET, H1)
+        assert await b.command(1, TUR) == (2, (0x06, 0x29, 0x00))  # after the bound: a new nexus
+        assert await b.command(1, RESERVE6) == (0, None)
         dev.release.set()
         while old.tsih in target.tsihs:
             await asyncio.sleep(0.01)
         assert unit.reservations.spc2 == next(iter(target.sessions.values())).nexus
-        assert await b.command(TUR) == (0, None)
-        b.w.close()
-        a.w.close()
+        assert await b.command(1, TUR) == (0, None)
+        b.close()
+        a.close()
     finally:
         await target.stop()

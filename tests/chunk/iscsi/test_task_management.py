@@ -20,11 +20,10 @@ import pytest
 
 from chunk.blockdev import MemoryBlockDevice
 from chunk.iscsi import pdu as P
-from chunk.iscsi.constants import RESERVED_TAG, TARGET_OPCODES, TmfFunction, TmfResponse
-from chunk.iscsi.session import sn_lt
+from chunk.iscsi.constants import TmfFunction, TmfResponse
 from chunk.iscsi.target import IscsiTarget, TargetConfig
-from chunk.iscsi.text import encode_text
 from chunk.scsi import LogicalUnit, LunIdentity
+from tests.chunk.iscsi.raw_initiator import TUR, Initiator
 from tests.cluster import free_port
 
 TARGET = "iqn.2026-01.io.zstore:test.t0000"
@@ -33,7 +32,6 @@ H2 = "iqn.2004-10.com.example:h2"
 ISID_A = bytes.fromhex("80aabbcc0001")
 ISID_B = bytes.fromhex("80aabbcc0002")
 WWN = "6" + "5a5354" + "0123456789abcdef012345678"
-TUR = bytes(16)
 RESERVE6 = bytes([0x16]).ljust(16, b"\0")
 
 BUS_DEVICE_RESET = (0x06, 0x29, 0x03)
@@ -89,87 +87,6 @@ def fake_catalog():
         visible_targets=lambda initiator: [TARGET])
 
 
-class Initiator:
-    """One raw session: commands with increasing ITT/CmdSN, every PDU the target sends seen."""
-
-    def __init__(self, r, w, login: P.LoginResponse):
-        self.r, self.w, self.login = r, w, login
-        self.itt, self.cmdsn = 0x100, login.expcmdsn
-        self.maxcmdsn = login.maxcmdsn
-        self.nops: list[P.NopIn] = []
-
-    def send(self, cdb: bytes, data: bytes = b"", edtl: int | None = None, read: int = 0) -> int:
-        self.itt += 1
-        write = bool(data) or bool(edtl)
-        self.w.write(P.ScsiCommand(itt=self.itt, cmdsn=self.cmdsn, lun=P.encode_lun(1), write=write,
-                                   read=bool(read), final=True,
-                                   expected_length=read or (edtl if edtl is not None else len(data)),
-                                   cdb=cdb, data=data).to_bytes())
-        self.cmdsn += 1
-        return self.itt
-
-    def tmf(self, function: int, lun: int = 1) -> int:
-        self.itt += 1
-        self.w.write(P.TaskMgmtRequest(itt=self.itt, cmdsn=self.cmdsn, immediate=True, function=function,
-                                       lun=P.encode_lun(lun)).to_bytes())
-        return self.itt
-
-    async def pdu(self, timeout: float = 10) -> P.PDU:
-        """The next PDU other than a NOP-In asking for nothing (those are kept in ``nops``)."""
-        while True:
-            pdu = await asyncio.wait_for(
-                P.read_pdu(self.r, max_recv_data_segment_length=1 << 20, opcodes=TARGET_OPCODES), timeout)
-            if pdu is not None and sn_lt(self.maxcmdsn, getattr(pdu, "maxcmdsn", self.maxcmdsn)):
-                self.maxcmdsn = pdu.maxcmdsn
-            if isinstance(pdu, P.NopIn) and pdu.itt == RESERVED_TAG and pdu.ttt == RESERVED_TAG:
-                self.nops.append(pdu)
-                continue
-            return pdu
-
-    async def answer(self, timeout: float = 10):
-        """(itt, status, (key, asc, ascq) or None) of the next SCSI Response."""
-        pdu = await self.pdu(timeout)
-        while isinstance(pdu, P.DataIn) and not pdu.status_present:
-            pdu = await self.pdu(timeout)
-        assert isinstance(pdu, (P.ScsiResponse, P.DataIn)), pdu
-        if isinstance(pdu, P.DataIn):
-            return pdu.itt, pdu.status, None
-        s = pdu.sense
-        return pdu.itt, pdu.status, ((s[2] & 0x0F, s[12], s[13]) if s else None)
-
-    async def command(self, cdb: bytes, data: bytes = b"", read: int = 0):
-        itt = self.send(cdb, data, read=read)
-        got, status, sense = await self.answer()
-        assert got == itt, (got, itt)
-        return status, sense
-
-    async def ready(self) -> None:
-        """TEST UNIT READY until no unit attention is left."""
-        for _ in range(8):
-            if await self.command(TUR) == (0, None):
-                return
-        raise AssertionError("unit attentions never cleared")
-
-    async def quiet(self, seconds: float = 0.3) -> None:
-        """Nothing but NOP-Ins arrives for ``seconds``."""
-        try:
-            pdu = await self.pdu(timeout=seconds)
-        except asyncio.TimeoutError:
-            return
-        raise AssertionError(f"unexpected {pdu}")
-
-
-async def login(port: int, initiator: str, isid: bytes) -> Initiator:
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    pairs = [("InitiatorName", initiator), ("SessionType", "Normal"), ("TargetName", TARGET),
-             ("HeaderDigest", "None"), ("DataDigest", "None")]
-    w.write(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, itt=1, cid=1, cmdsn=1, expstatsn=0,
-                           data=encode_text(pairs)).to_bytes())
-    resp = await asyncio.wait_for(P.read_pdu(r, opcodes=TARGET_OPCODES), 10)
-    assert isinstance(resp, P.LoginResponse) and resp.status == 0 and resp.transit, resp
-    return Initiator(r, w, resp)
-
-
 class Served:
     def __init__(self, target: IscsiTarget, dev: SlowDevice, unit: LogicalUnit, port: int):
         self.target, self.dev, self.unit, self.port = target, dev, unit, port
@@ -200,10 +117,10 @@ async def served():
 
 
 async def two_hosts(s: Served, same_initiator: bool = False) -> tuple[Initiator, Initiator]:
-    a = await login(s.port, H1, ISID_A)
-    b = await login(s.port, H1 if same_initiator else H2, ISID_B)
-    await a.ready()
-    await b.ready()
+    a = await Initiator.connect(s.port, TARGET, H1, ISID_A)
+    b = await Initiator.connect(s.port, TARGET, H1 if same_initiator else H2, ISID_B)
+    await a.ready(1)
+    await b.ready(1)
     return a, b
 
 
@@ -211,9 +128,9 @@ async def stall_writes(s: Served, a: Initiator) -> tuple[int, int, P.R2T]:
     """Two writes in flight in ``a``'s session: one running on the device, one waiting for
     its Data-Out (its R2T already sent)."""
     s.dev.release.clear()
-    running = a.send(write10(0, 1), b"\x5a" * 512)
+    running = a.send(1, write10(0, 1), b"\x5a" * 512)
     await s.dev.stalled()
-    solicited = a.send(write10(8, 8), edtl=4096)
+    solicited = a.send(1, write10(8, 8), edtl=4096)
     r2t = await a.pdu()
     assert isinstance(r2t, P.R2T) and r2t.itt == solicited, r2t
     return running, solicited, r2t
@@ -223,7 +140,7 @@ async def test_lun_reset_from_another_host_aborts_this_sessions_commands(served:
     s = served
     a, b = await two_hosts(s)
     running, solicited, r2t = await stall_writes(s, a)
-    reset = b.tmf(TmfFunction.LOGICAL_UNIT_RESET)
+    reset = b.tmf(1, TmfFunction.LOGICAL_UNIT_RESET)
     # RFC 7143: the response only once every affected task is done (the running write too)
     await b.quiet(0.3)
     s.dev.release.set()
@@ -235,16 +152,15 @@ async def test_lun_reset_from_another_host_aborts_this_sessions_commands(served:
 
     # Session a: no answer for the aborted writes; their Data-Out still coming is dropped
     # (not a protocol error ending the session); the next command reports the reset.
-    a.w.write(P.DataOut(itt=solicited, ttt=r2t.ttt, lun=P.encode_lun(1), final=True, datasn=0,
-                        buffer_offset=0, data=b"\xa5" * 4096).to_bytes())
+    a.data_out(r2t, b"\xa5" * 4096)
     await a.quiet(0.2)
     assert a.nops, "the session was never told the window the aborted commands freed"
-    assert await a.command(TUR) == (2, BUS_DEVICE_RESET)
-    assert await a.command(TUR) == (0, None)
-    assert await a.command(write10(16, 1), b"\x11" * 512) == (0, None)     # CmdSN went on
+    assert await a.command(1, TUR) == (2, BUS_DEVICE_RESET)
+    assert await a.command(1, TUR) == (0, None)
+    assert await a.command(1, write10(16, 1), b"\x11" * 512) == (0, None)  # CmdSN went on
     # the issuer's nexus has it too (SAM-5: every nexus)
-    assert await b.command(TUR) == (2, BUS_DEVICE_RESET)
-    assert await b.command(TUR) == (0, None)
+    assert await b.command(1, TUR) == (2, BUS_DEVICE_RESET)
+    assert await b.command(1, TUR) == (0, None)
     assert s.dev.writes == 2
 
 
@@ -255,9 +171,9 @@ async def test_clear_task_set_clears_every_nexus_and_tells_the_others(served: Se
     s = served
     a, b = await two_hosts(s, same_initiator=True)
     s.dev.release.clear()
-    reads = [a.send(read10(i, 1), read=512) for i in range(3)]
+    reads = [a.send(1, read10(i, 1), read=512) for i in range(3)]
     await s.dev.stalled(3)
-    clear = b.tmf(TmfFunction.CLEAR_TASK_SET)
+    clear = b.tmf(1, TmfFunction.CLEAR_TASK_SET)
     await b.quiet(0.2)
     s.dev.release.set()
     resp = await b.pdu()
@@ -265,25 +181,25 @@ async def test_clear_task_set_clears_every_nexus_and_tells_the_others(served: Se
     assert resp.response == TmfResponse.FUNCTION_COMPLETE
     await a.quiet(0.2)                        # none of the reads is answered
     assert reads and a.nops
-    assert await a.command(TUR) == (2, COMMANDS_CLEARED)
-    assert await a.command(read10(0, 1), read=512) == (0, None)
-    assert await b.command(TUR) == (0, None)
+    assert await a.command(1, TUR) == (2, COMMANDS_CLEARED)
+    assert await a.command(1, read10(0, 1), read=512) == (0, None)
+    assert await b.command(1, TUR) == (0, None)
 
 
 async def test_abort_task_set_stays_with_the_issuing_nexus(served: Served):
     s = served
     a, b = await two_hosts(s)
     s.dev.release.clear()
-    running = a.send(write10(0, 1), b"\x5a" * 512)
+    running = a.send(1, write10(0, 1), b"\x5a" * 512)
     await s.dev.stalled()
-    abort = b.tmf(TmfFunction.ABORT_TASK_SET)
+    abort = b.tmf(1, TmfFunction.ABORT_TASK_SET)
     resp = await b.pdu()
     assert isinstance(resp, P.TaskMgmtResponse) and resp.itt == abort, resp
     assert resp.response == TmfResponse.FUNCTION_COMPLETE
     s.dev.release.set()
     assert await a.answer() == (running, 0, None)
-    assert await a.command(TUR) == (0, None)
-    assert await b.command(TUR) == (0, None)
+    assert await a.command(1, TUR) == (0, None)
+    assert await b.command(1, TUR) == (0, None)
 
 
 async def test_lun_reset_frees_a_full_window_in_the_other_session():
@@ -296,10 +212,10 @@ async def test_lun_reset_frees_a_full_window_in_the_other_session():
         assert (a.login.maxcmdsn - a.login.expcmdsn) & 0xFFFFFFFF == 3
         s.dev.release.clear()
         for i in range(4):
-            a.send(write10(i, 1), b"\x5a" * 512)
+            a.send(1, write10(i, 1), b"\x5a" * 512)
         await s.dev.stalled(4)
         assert a.cmdsn - 1 == a.maxcmdsn       # the window is full
-        reset = b.tmf(TmfFunction.LOGICAL_UNIT_RESET)
+        reset = b.tmf(1, TmfFunction.LOGICAL_UNIT_RESET)
         await b.quiet(0.2)
         s.dev.release.set()
         resp = await b.pdu()
@@ -307,9 +223,9 @@ async def test_lun_reset_frees_a_full_window_in_the_other_session():
         await a.quiet(0.2)
         assert a.nops and ((a.maxcmdsn - a.cmdsn) & 0xFFFFFFFF) < 0x80000000
         assert (a.maxcmdsn - a.cmdsn + 1) & 0xFFFFFFFF == 4      # the whole window again
-        assert await a.command(TUR) == (2, BUS_DEVICE_RESET)
+        assert await a.command(1, TUR) == (2, BUS_DEVICE_RESET)
         for i in range(4):                        # the window keeps moving
-            assert await a.command(write10(i, 1), b"\x22" * 512) == (0, None)
+            assert await a.command(1, write10(i, 1), b"\x22" * 512) == (0, None)
     finally:
         s.dev.release.set()
         await s.target.stop()
@@ -322,37 +238,36 @@ async def test_lun_reset_aborts_a_command_held_for_its_cmdsn_turn(served: Served
     a, b = await two_hosts(s)
     gap = a.cmdsn
     a.cmdsn += 1
-    held = a.send(write10(0, 1), b"\x5a" * 512)            # CmdSN gap + 1: held
+    held = a.send(1, write10(0, 1), b"\x5a" * 512)         # CmdSN gap + 1: held
     await a.quiet(0.1)
-    reset = b.tmf(TmfFunction.LOGICAL_UNIT_RESET)
+    reset = b.tmf(1, TmfFunction.LOGICAL_UNIT_RESET)
     resp = await b.pdu()
     assert isinstance(resp, P.TaskMgmtResponse) and resp.itt == reset, resp
     after = a.cmdsn
     a.cmdsn = gap
-    first = a.send(TUR)                                      # fills the gap
+    first = a.send(1, TUR)                                   # fills the gap
     a.cmdsn = after
     assert await a.answer() == (first, 2, BUS_DEVICE_RESET)
-    assert await a.command(TUR) == (0, None)                 # not wedged behind the aborted one
+    assert await a.command(1, TUR) == (0, None)              # not wedged behind the aborted one
     assert s.dev.writes == 0 and held
 
 
 async def test_target_warm_reset_reaches_every_session_of_the_target(served: Served):
     s = served
     a, b = await two_hosts(s)
-    assert await a.command(RESERVE6) == (0, None)          # SPC-2: released by the reset
+    assert await a.command(1, RESERVE6) == (0, None)       # SPC-2: released by the reset
     _, solicited, r2t = await stall_writes(s, a)
-    reset = b.tmf(TmfFunction.TARGET_WARM_RESET)
+    reset = b.tmf(1, TmfFunction.TARGET_WARM_RESET)
     await b.quiet(0.2)
     s.dev.release.set()
     resp = await b.pdu()
     assert isinstance(resp, P.TaskMgmtResponse) and resp.itt == reset, resp
     assert resp.response == TmfResponse.FUNCTION_COMPLETE
-    a.w.write(P.DataOut(itt=solicited, ttt=r2t.ttt, lun=P.encode_lun(1), final=True, datasn=0,
-                        buffer_offset=0, data=b"\xa5" * 4096).to_bytes())
+    a.data_out(r2t, b"\xa5" * 4096)
     await a.quiet(0.2)
-    assert await a.command(TUR) == (2, BUS_DEVICE_RESET)
-    assert await b.command(TUR) == (2, BUS_DEVICE_RESET)
-    assert await b.command(write10(0, 1), b"\x33" * 512) == (0, None)     # no reservation left
+    assert await a.command(1, TUR) == (2, BUS_DEVICE_RESET)
+    assert await b.command(1, TUR) == (2, BUS_DEVICE_RESET)
+    assert await b.command(1, write10(0, 1), b"\x33" * 512) == (0, None)  # no reservation left
     assert s.unit.reservations.spc2 is None
 
 
@@ -360,9 +275,9 @@ async def test_target_cold_reset_ends_every_session_of_the_target(served: Served
     s = served
     a, b = await two_hosts(s)
     s.dev.release.clear()
-    a.send(write10(0, 1), b"\x5a" * 512)
+    a.send(1, write10(0, 1), b"\x5a" * 512)
     await s.dev.stalled()
-    reset = b.tmf(TmfFunction.TARGET_COLD_RESET)
+    reset = b.tmf(1, TmfFunction.TARGET_COLD_RESET)
     await b.quiet(0.2)
     s.dev.release.set()
     resp = await b.pdu()
