@@ -249,8 +249,13 @@ class ChunkServer:
 
     def storage_engine(self, etcd, keys: Keys) -> StorageEngine:
         c = self.cfg.chunk
-        usable = [(str(d.path), d.spec.capacity) for d in self.disks if d.error is None]
-        engine = StorageEngine(etcd, keys, self.chunk_id, usable, listen=(c.address, c.data_port),
+        # Every configured disk, the ones that failed to prepare too (after the others: the
+        # scrubber keeps its cursor on the store's first disk). A disk the store does not know
+        # of cannot make it answer "may be there": an extent on a disk not mounted at startup
+        # read as NO_EXTENT from every replica, i.e. zeros, and a write re-created it empty.
+        disks = [(str(d.path), d.spec.capacity)
+                 for d in sorted(self.disks, key=lambda d: d.error is not None)]
+        engine = StorageEngine(etcd, keys, self.chunk_id, disks, listen=(c.address, c.data_port),
                                token=read_secret_file(self.cfg.client.token_file, "meta token"),
                                meta_ca=self.cfg.client.ca_file, replica_timeout=c.replica_timeout,
                                min_write_replicas=c.min_write_replicas,
@@ -258,6 +263,9 @@ class ChunkServer:
                                scrub_interval=c.scrub_interval,
                                boot_state=BootState(Path(os.path.abspath(c.data_dir))))
         self._tell_store(engine.store)        # the startup probe's verdicts, before any CREATE
+        for d in self.disks:                  # failed at prepare: unusable until a restart
+            if d.error is not None:
+                engine.store.set_probe_error(str(d.path), d.error)
         return engine
 
     def frontend(self, catalog: Catalog, open_device, reservations=None):

@@ -241,3 +241,61 @@ def test_storage_allocated_is_our_extents_not_the_filesystems_usage(tmp_path: Pa
         assert eng.status()["allocated"] == ours
     finally:
         eng.store.close()
+
+
+def _boot(tmp_path: Path, specs: list[disks.DiskSpec]):
+    """What ``chunk.server.main`` does with its disks up to the storage engine: prepare them
+    against the recorded ids, probe them, and build the engine (no etcd: it is not started)."""
+    from chunk.server import ChunkServer
+    from zstore.config import Config
+    from zstore.keys import Keys
+    cfg = Config()
+    cfg.chunk.data_dir = str(tmp_path / "data")
+    server = ChunkServer(cfg, "c" * 32, disks.prepare_all(specs, tmp_path / "data"))
+    server.probed(disks.probe_all(server.disks))
+    return server, server.storage_engine(None, Keys("/boot"))
+
+
+def test_a_disk_not_mounted_at_startup_makes_its_extents_io_errors_not_absent(tmp_path: Path):
+    """A disk whose filesystem did not mount at a restart (its disk-id gone from the empty mount
+    point) failed to prepare and was left out of the extent store, which then knew of no lost
+    disk and answered NO_EXTENT for its extents: every replica saying so on a generation-1
+    record read as zeros, and a write re-created the extent empty here. The store gets every
+    configured disk, the failed one marked unusable: an I/O error (the coordinator drops this
+    replica and serves from the others), nothing placed there, the disk still reported failed."""
+    from chunk.storage.replica_store import StoreIOError
+    from chunk.storage.scrubber import _default_cursor
+    (tmp_path / "data").mkdir()
+    d1, d2 = specs = [disks.DiskSpec(tmp_path / "d1", 8 << 30), disks.DiskSpec(tmp_path / "d2", 4 << 30)]
+    _, eng = _boot(tmp_path, specs)
+    try:
+        eng.store.create("v", 0, 1)
+        assert eng.store.stat("v", 0)["disk"] == str(d1.path)         # the most room
+        eng.store.write("v", 0, 0, b"DATA" * 1024, seq=1)
+        eng.store.flush("v", 0)
+    finally:
+        eng.store.close()
+    os.rename(d1.path, tmp_path / "d1.fs")              # the restart: d1's filesystem not mounted
+    d1.path.mkdir()
+    server, eng = _boot(tmp_path, specs)
+    store = eng.store
+    try:
+        assert "vanished" in (server.disks[0].error or "")
+        with pytest.raises(StoreIOError, match="may be there"):
+            store.read("v", 0, 0, 4096)
+        with pytest.raises(StoreIOError):
+            store.write("v", 0, 0, b"x" * 4096, seq=2)
+        store.create("v", 1, 1)                          # a new extent: never on the failed disk
+        assert store.stat("v", 1)["disk"] == str(d2.path)
+        assert os.listdir(d1.path) == []                 # nothing written on the mount point
+        usage = {u["path"]: u for u in store.usage()}
+        assert usage[str(d1.path)]["state"] == "failed" and "vanished" in usage[str(d1.path)]["error"]
+        assert usage[str(d2.path)]["state"] == "ok"
+        recs = {r["path"]: r for r in asyncio.run(server.probe_disks())}    # reported as before
+        assert recs[str(d1.path)]["state"] == "failed" and "vanished" in recs[str(d1.path)]["error"]
+        assert recs[str(d2.path)]["state"] == "ok"
+        store.create("v", 2, 1)                          # a later probe leaves it unusable
+        assert store.stat("v", 2)["disk"] == str(d2.path)
+        assert _default_cursor(store) == d2.path / ".scrub-cursor"     # not on the failed disk
+    finally:
+        store.close()
