@@ -7,9 +7,10 @@ runs as soon as it is read:
 
 * Store calls are synchronous file I/O and run inline on the event loop, in
   arrival order, so two pipelined writes to one block land in the order the
-  coordinator sent them.  Only fdatasync (FLUSH, FUA writes, SETGEN's flush) goes
-  to a thread (the store's ``*_async`` calls, which clean up a failed one on the
-  loop); those replies go out when the sync completes, overtaking nothing else.
+  coordinator sent them.  Only fdatasync (FLUSH, FUA writes, the flush of REVERT
+  and of SETGEN) goes to a thread (the store's ``*_async`` calls, which clean up a
+  failed one on the loop); those replies go out when the sync completes,
+  overtaking nothing else.
 * Requests are cut straight out of each segment the socket delivers, in the
   protocol's callback (``_Stream``: no StreamReader copies, no task wakeup per
   segment), and handled in order; their replies are queued and written
@@ -537,7 +538,10 @@ class ReplicaServer:
             if to is None or to < 0:
                 raise ValueError("REVERT needs args.to, a snapshot seq >= 0")
             st.revert(vid, idx, to, f.seq)
-            return f.reply()
+            # Answered once on disk: the coordinator counts no reverted extent as unflushed,
+            # so no later FLUSH would sync it, and a host crash could lose the revert under
+            # writes flushed after it.
+            return lambda: st.flush_async(vid, idx)
         if f.op is Op.EXPORT:
             blob, nxt, unreadable = st.export_detail(vid, idx, f.offset, f.length)
             for block in unreadable:      # marked in the blob, not raised: still repair them here

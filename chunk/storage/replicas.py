@@ -108,7 +108,9 @@ class LocalReplica:
         self._run(vid, idx, epoch, lambda: None)
 
     async def revert(self, vid, idx, epoch, to_seq, seq):
+        """Done once synced, as the replica server answers REVERT: nothing flushes it later."""
         self._run(vid, idx, epoch, self.store.revert, vid, idx, to_seq, seq)
+        await self.flush(vid, idx, epoch)
 
     async def export(self, vid, idx, off, length, epoch=0):
         return self._run(vid, idx, epoch, self.store.export, vid, idx, off, length)

@@ -761,3 +761,37 @@ async def test_a_bad_import_into_a_missing_extent_leaves_no_extent(served):
             is Status.NO_EXTENT
     finally:
         await pipe.close()
+
+
+async def test_revert_is_answered_only_once_synced_remote_and_local(served, monkeypatch):
+    """REVERT rewrites blocks like a write, and the coordinator counts no reverted extent as
+    unflushed, so no later SYNCHRONIZE CACHE syncs it: answered at once, a host crash in the
+    writeback window lost the revert while writes flushed after it survived. The replica
+    server answers REVERT, and the local replica returns from ``revert``, only after the
+    extent's sync (in a worker thread, like FLUSH's)."""
+    from chunk.storage import replicas as rk
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    store.write(VID, 0, 0, b"1" * BLOCK_SIZE, seq=1)
+    loop_thread = threading.get_ident()
+    pipe = await _authed(server)
+    try:
+        for seq, revert in (       # a write at seq, then a revert to 1 at seq + 1
+                (2, lambda: _call(pipe, Frame(Op.REVERT, 0, VID, 0, 1, 1, seq=3, args={"to": 1}))),
+                (4, lambda: rk.LocalReplica("c0", store).revert(VID, 0, 1, 1, 5))):
+            store.write(VID, 0, 0, b"2" * BLOCK_SIZE, seq=seq)     # COW keeps the seq-1 block
+            reached, proceed, threads = hold_syncs(monkeypatch, replica_fds(store, VID, 0))
+            done = asyncio.ensure_future(revert())
+            try:
+                assert await asyncio.to_thread(reached.wait, 5), "REVERT was answered with no sync"
+                await asyncio.sleep(0.05)
+                assert not done.done(), "REVERT was answered before its sync finished"
+                assert store.read(VID, 0, 0, BLOCK_SIZE)[0] == b"1" * BLOCK_SIZE   # applied already
+            finally:
+                proceed.set()
+            result = await asyncio.wait_for(done, 10)
+            assert result is None or result.status is Status.OK
+            assert threads and loop_thread not in threads, "REVERT's sync ran on the event loop"
+            monkeypatch.undo()
+    finally:
+        await pipe.close()
