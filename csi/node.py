@@ -467,16 +467,22 @@ class Node(pbg.NodeServicer):
         vid = volume_id(request)
         staging = required_path(request, "staging_target_path")
         async with self._exclusive(vid):
-            m = mount_at(staging)
+            m = self._mount_at(staging)
             dev = os.path.realpath(m.source) if m is not None and m.source.startswith("/dev/") else None
+            info = self._load(vid)
+            if dev is None and info is not None and by_id(info["wwn"]).exists():
+                dev = os.path.realpath(by_id(info["wwn"]))
+            # Refused before anything changes: unmounting the staging path under a publish
+            # that is still there leaves kubelet a volume it cannot publish again (a second
+            # pod: "not staged") and cannot stage again (the disk is in use).
+            others = [u for u in self._users(dev) if u != staging] if dev is not None else []
+            if others:
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{dev} is still mounted at {', '.join(others[:3])}: unpublish it first")
             if m is not None:
                 await self.host.run(["umount", staging])
-            info = self._load(vid)
             if info is None:
                 return pb.NodeUnstageVolumeResponse()      # never staged here, or done already
-            link = by_id(info["wwn"])
-            if dev is None and link.exists():
-                dev = os.path.realpath(link)
             async with self._target_locks[info["target"]]:
                 await self._release(info, dev)
             self._state_path(vid).unlink(missing_ok=True)
@@ -493,7 +499,7 @@ class Node(pbg.NodeServicer):
         kind = check_capability(request.volume_capability)
         ro = request.readonly or request.volume_capability.access_mode.mode in READ_ONLY
         async with self._exclusive(vid):
-            m = mount_at(target, mounts(self.mountinfo))
+            m = self._mount_at(target)
             if m is not None:
                 if (m.fstype == "devtmpfs") != (kind == "block"):
                     raise Abort(grpc.StatusCode.ALREADY_EXISTS,
@@ -516,7 +522,7 @@ class Node(pbg.NodeServicer):
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 Path(target).touch()
             else:
-                if mount_at(staging) is None:
+                if self._mount_at(staging) is None:
                     raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"volume {vid} is not staged at {staging}")
                 src = staging
                 os.makedirs(target, exist_ok=True)
@@ -534,7 +540,7 @@ class Node(pbg.NodeServicer):
         target = required_path(request, "target_path")
         async with self._exclusive(vid):
             disks = set()
-            while (m := mount_at(target)) is not None:
+            while (m := self._mount_at(target)) is not None:
                 if m.fstype == "devtmpfs" and m.root != "/":
                     disks.add(m.root.lstrip("/"))
                 await self.host.run(["umount", target])
@@ -552,7 +558,7 @@ class Node(pbg.NodeServicer):
                                  context: grpc.aio.ServicerContext) -> pb.NodeGetVolumeStatsResponse:
         volume_id(request)
         path = required_path(request, "volume_path")
-        if not os.path.exists(path) or mount_at(path) is None:
+        if not os.path.exists(path) or self._mount_at(path) is None:
             raise Abort(grpc.StatusCode.NOT_FOUND, f"{path} is not a published volume")
         U = pb.VolumeUsage
         if not os.path.isdir(path):
@@ -591,7 +597,7 @@ class Node(pbg.NodeServicer):
             block = info.get("kind") == "block" or (
                 request.HasField("volume_capability") and request.volume_capability.HasField("block"))
             if not block:
-                m = mount_at(path)
+                m = self._mount_at(path)
                 if m is None:
                     raise Abort(grpc.StatusCode.NOT_FOUND, f"{path} is not mounted")
                 if m.fstype == "xfs":
