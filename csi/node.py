@@ -189,13 +189,13 @@ class Node(pbg.NodeServicer):
     def _state_path(self, vid: str) -> Path:
         return self.state_dir / f"{vid}.json"
 
-    def _load(self, vid: str) -> dict[str, str] | None:
+    def _load(self, vid: str) -> dict[str, Any] | None:
         try:
             return json.loads(self._state_path(vid).read_text())
         except FileNotFoundError:
             return None
 
-    def _save(self, vid: str, info: dict[str, str]) -> None:
+    def _save(self, vid: str, info: dict[str, Any]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self._state_path(vid).with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
@@ -316,18 +316,24 @@ class Node(pbg.NodeServicer):
             chap, discovery_chap = from_secrets(request.secrets)
         except ChapError as e:
             raise invalid(str(e))
+        readonly = request.volume_capability.access_mode.mode in READ_ONLY
+        state = {**info, "kind": kind, "ro": readonly}
         async with self._exclusive(vid):
             prior = self._load(vid)
+            self._check_compatible(vid, prior, info, kind, readonly)
             if self._already_staged(vid, prior, info, kind, staging):
                 # kubelet re-sends NodeStage for staged volumes (after its own restart, say):
                 # success, and nothing run that could fail and "undo" a volume in use
-                if prior != {**info, "kind": kind}:
-                    self._save(vid, {**info, "kind": kind})
+                if prior != state:
+                    self._save(vid, state)
                 return pb.NodeStageVolumeResponse()
             # a state file from before this call (a stage cut short, then retried) is not
             # ours to remove when this one fails: the CO may still unstage the earlier one
             keep = prior is not None
-            self._save(vid, {**info, "kind": kind})
+            # written once the request is known compatible with an earlier stage (never a
+            # block stage's state turned into a filesystem's), before the login: a plugin
+            # that dies after it leaves unstage what it needs to log out
+            self._save(vid, state)
             async with self._target_locks[info["target"]]:
                 try:
                     s = await self.iscsi.attach(info["target"], info["portal"], info["lun"], chap, discovery_chap)
@@ -362,8 +368,18 @@ class Node(pbg.NodeServicer):
                 if os.path.realpath(m.source) != dev:
                     raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{staging} has {m.source} mounted, not {dev}")
                 return pb.NodeStageVolumeResponse()
+            # A disk something else uses (a pod's raw block publish of it, a filesystem of it
+            # mounted elsewhere, a holder such as a dm map) is neither probed nor formatted:
+            # blkid calls a raw volume's data "blank", and mkfs would destroy it. Nothing is
+            # undone either: the session and disk are in use.
+            users = self._users(dev) + self._holders(dev)
+            if users:
+                if not keep:
+                    self._state_path(vid).unlink(missing_ok=True)
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{dev} (volume {vid}) is in use by {', '.join(users[:3])}: not mounting it at "
+                            f"{staging}; unpublish and unstage it there first")
             try:
-                readonly = request.volume_capability.access_mode.mode in READ_ONLY
                 fs = await probe_device(self.host, dev)
                 if not fs and readonly:
                     # exported write-protected: a mkfs could only fail, on every retry
@@ -403,6 +419,33 @@ class Node(pbg.NodeServicer):
             return got == wwn
         link = by_id(wwn)
         return os.path.realpath(link) == dev if link.exists() else None
+
+    @staticmethod
+    def _check_compatible(vid: str, prior: dict[str, Any] | None, info: dict[str, str], kind: str,
+                          readonly: bool) -> None:
+        """ALREADY_EXISTS (the spec's "volume published but is incompatible") when this node
+        has a stage of the same disk (the state's WWN) as raw block and a filesystem is asked,
+        or the reverse, or another fs_type, or a filesystem staged read-write and read-only
+        asked (or the reverse). A state from before the ``ro`` key is not compared on it."""
+        if prior is None or prior.get("wwn") != info["wwn"] or "kind" not in prior:
+            return
+        was = prior["kind"]
+        if was != kind:
+            def what(k: str) -> str:
+                return "raw block" if k == "block" else f"a {k} filesystem"
+            raise Abort(grpc.StatusCode.ALREADY_EXISTS,
+                        f"volume {vid} is staged on this node as {what(was)}, not {what(kind)}: "
+                        "unstage it first")
+        if kind != "block" and "ro" in prior and bool(prior["ro"]) != readonly:
+            modes = ("read-write", "read-only")
+            raise Abort(grpc.StatusCode.ALREADY_EXISTS,
+                        f"volume {vid} is staged on this node {modes[bool(prior['ro'])]}, "
+                        f"not {modes[readonly]}: unstage it first")
+
+    def _holders(self, dev: str) -> list[str]:
+        """The kernel's holders of the disk (dm maps, md arrays): ``holder dm-0``."""
+        d = self.sysfs / "block" / os.path.basename(dev) / "holders"
+        return [f"holder {h.name}" for h in sorted(d.glob("*"))]
 
     def _already_staged(self, vid: str, prior: dict[str, str] | None, info: dict[str, str], kind: str,
                         staging: str) -> bool:
@@ -583,7 +626,7 @@ class Node(pbg.NodeServicer):
             want = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
             # the device's own rescan re-reads its capacity; a session rescan would attach
             # every other LUN of the target as well
-            rescan = Path(f"/sys/block/{os.path.basename(dev)}/device/rescan")
+            rescan = self.sysfs / "block" / os.path.basename(dev) / "device" / "rescan"
             deadline = time.monotonic() + self.device_timeout
             while True:
                 if rescan.exists():
@@ -594,14 +637,24 @@ class Node(pbg.NodeServicer):
                 if time.monotonic() > deadline:
                     raise Abort(grpc.StatusCode.INTERNAL, f"{dev} is {size} bytes, not {want}, after a rescan")
                 await asyncio.sleep(0.5)
+            # What is at volume_path decides, not the stage's kind or the request's capability
+            # (either may say raw block over a filesystem): a filesystem there is grown, or the
+            # call fails; success is never answered for a filesystem left at its old size.
+            m = self._mount_at(path)
             block = info.get("kind") == "block" or (
                 request.HasField("volume_capability") and request.volume_capability.HasField("block"))
-            if not block:
-                m = self._mount_at(path)
-                if m is None:
+            if m is None:
+                if not block:
                     raise Abort(grpc.StatusCode.NOT_FOUND, f"{path} is not mounted")
+            elif m.fstype != "devtmpfs":                # a raw block publish: no filesystem to grow
+                if os.path.realpath(m.source) != dev:
+                    raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{path} has {m.source} mounted, not volume {vid}'s disk {dev}")
                 if m.fstype == "xfs":
                     await self.host.run(["xfs_growfs", path])
-                else:
+                elif m.fstype in ("ext2", "ext3", "ext4"):
                     await self.host.run(["resize2fs", dev])
+                else:
+                    raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{path} is a {m.fstype} filesystem: zstore grows only ext4 and xfs")
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)

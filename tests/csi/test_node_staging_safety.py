@@ -121,3 +121,111 @@ async def test_unstage_and_unpublish_read_the_nodes_mount_table(tmp_path: Path, 
     await node.NodeUnstageVolume(_unstage(st), AbortCtx())
     assert host.calls[1] == ["umount", str(st)]
     assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls and node._load("v1") is None
+
+
+# ---- 1: NodeStage never formats a disk in use, never turns a stage into another kind ----
+def _no_probe(host) -> bool:
+    return not any(c[0] in ("blkid", "mount") or c[0].startswith("mkfs") for c in host.calls)
+
+
+async def test_a_filesystem_stage_of_a_volume_staged_raw_is_already_exists(tmp_path: Path, monkeypatch):
+    """v1 is staged raw block and a pod has the disk (a bind of its device node); a NodeStage of
+    v1 as a filesystem at another path (a second PV with the same handle): blkid calls raw
+    data "blank" and mkfs.ext4 ran over the pod's data. Now ALREADY_EXISTS (the spec's
+    "volume published but is incompatible"), nothing run, the raw stage's state kept."""
+    pub = tmp_path / "pods" / "p0" / "dev"
+    node, host, dev = _node(tmp_path, monkeypatch, _blk_line(pub))
+    _save(node, "block")
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")          # raw data: no signature
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(tmp_path / "st2"), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.ALREADY_EXISTS and "raw block" in e.value.args[1]
+    assert host.calls == [] and node._load("v1")["kind"] == "block"
+
+
+async def test_a_filesystem_stage_of_a_disk_in_use_is_refused_before_blkid(tmp_path: Path, monkeypatch):
+    """The same without the raw stage's state (lost, or another volume id on the same disk):
+    the disk's users are checked before blkid/mkfs; FAILED_PRECONDITION, and no state left."""
+    pub = tmp_path / "pods" / "p0" / "dev"
+    node, host, dev = _node(tmp_path, monkeypatch, _blk_line(pub))
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(tmp_path / "st2"), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION and str(pub) in e.value.args[1]
+    assert _no_probe(host) and not any("--logout" in c for c in host.calls)
+    assert node._load("v1") is None
+
+
+async def test_a_stage_of_a_disk_with_a_holder_is_refused_before_blkid(tmp_path: Path, monkeypatch):
+    """A holder (a dm map, LVM, md over the disk) uses it as much as a mount does."""
+    node, host, dev = _node(tmp_path, monkeypatch)
+    (tmp_path / "sys" / "block" / "sdq" / "holders" / "dm-4").mkdir(parents=True)
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(tmp_path / "st"), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION and "holder dm-4" in e.value.args[1]
+    assert _no_probe(host)
+
+
+@pytest.mark.parametrize("was, ro_was, asked, mode", [
+    ("ext4", False, "block", Mode.SINGLE_NODE_WRITER),         # filesystem staged, raw block asked
+    ("ext4", False, "xfs", Mode.SINGLE_NODE_WRITER),           # another fs_type
+    ("ext4", False, "ext4", Mode.SINGLE_NODE_READER_ONLY),     # staged read-write, read-only asked
+    ("xfs", True, "xfs", Mode.SINGLE_NODE_WRITER),             # staged read-only, read-write asked
+])
+async def test_a_restage_incompatible_with_the_stage_there_is_already_exists(tmp_path: Path, monkeypatch,
+                                                                              was, ro_was, asked, mode):
+    """A repeated NodeStage at the staging path answered success and rewrote the state's kind
+    (a block restage of a filesystem made it "block": expand then skipped the filesystem,
+    and a later filesystem stage was free to mkfs). ALREADY_EXISTS, the state unchanged."""
+    st = tmp_path / "st"
+    opts = "ro,relatime" if ro_was else "rw,relatime"
+    node, host, dev = _node(tmp_path, monkeypatch, _fs_line(st, str(tmp_path / "sdq"), opts))
+    _save(node, was, ro=ro_was)
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(st, asked, mode=mode), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.ALREADY_EXISTS, e.value.args
+    assert host.calls == [] and node._load("v1")["kind"] == was and node._load("v1")["ro"] == ro_was
+
+
+async def test_a_stage_records_its_mode_and_a_compatible_repeat_is_ok(tmp_path: Path, monkeypatch):
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (0, "DEVNAME=x\nTYPE=ext4\n")
+    await node.NodeStageVolume(stage_req(st, mode=Mode.SINGLE_NODE_READER_ONLY), AbortCtx())
+    assert node._load("v1")["kind"] == "ext4" and node._load("v1")["ro"] is True
+    (tmp_path / "mountinfo").write_text(ROOT + _fs_line(st, dev, "ro,relatime"))
+    host.calls.clear()
+    await node.NodeStageVolume(stage_req(st, mode=Mode.MULTI_NODE_READER_ONLY), AbortCtx())
+    assert host.calls == []
+
+
+@pytest.mark.parametrize("kind_was, cap", [("block", None), ("ext4", "block"), ("block", "block")])
+async def test_expand_grows_the_filesystem_at_the_volume_path_whatever_the_kind_says(
+        tmp_path: Path, monkeypatch, kind_was, cap):
+    """NodeExpandVolume skipped the filesystem when the state (rewritten by a block restage)
+    or the request's capability said raw block, and reported the new size for a filesystem
+    left at its old one. The mount at volume_path decides."""
+    pub = tmp_path / "pods" / "p0" / "vol"
+    node, host, dev = _node(tmp_path, monkeypatch, _fs_line(pub, str(tmp_path / "sdq"), n=61))
+    _save(node, kind_was)
+    host.answers[("blockdev", "--getsize64", dev)] = (0, f"{64 << 20}\n")
+    req = pb.NodeExpandVolumeRequest(volume_id="v1", volume_path=str(pub),
+                                     capacity_range=pb.CapacityRange(required_bytes=64 << 20))
+    if cap:
+        req.volume_capability.CopyFrom(stage_req(pub, cap).volume_capability)
+    r = await node.NodeExpandVolume(req, AbortCtx())
+    assert r.capacity_bytes == 64 << 20 and ["resize2fs", dev] in host.calls
+
+
+async def test_expand_of_a_raw_publish_grows_no_filesystem_and_another_disk_is_refused(tmp_path: Path, monkeypatch):
+    blk, other = tmp_path / "pods" / "p0" / "dev", tmp_path / "pods" / "p1" / "vol"
+    node, host, dev = _node(tmp_path, monkeypatch, _blk_line(blk) + _fs_line(other, "/dev/sdz", n=62))
+    _save(node, "ext4")
+    host.answers[("blockdev", "--getsize64", dev)] = (0, f"{64 << 20}\n")
+    r = await node.NodeExpandVolume(pb.NodeExpandVolumeRequest(volume_id="v1", volume_path=str(blk)), AbortCtx())
+    assert r.capacity_bytes == 64 << 20 and not any(c[0] in ("resize2fs", "xfs_growfs") for c in host.calls)
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeExpandVolume(pb.NodeExpandVolumeRequest(volume_id="v1", volume_path=str(other)), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert not any(c[0] in ("resize2fs", "xfs_growfs") for c in host.calls)
