@@ -481,3 +481,96 @@ def test_encode_write_refuses_what_encode_fields_refuses():
         wire.encode_write(1, "v", 0, 1, 0, bytes(wire.MAX_FRAME), 1)
     with pytest.raises(ValueError, match="out of range"):
         wire.encode_write(1, "v", 0, 2**64, 0, b"x", 1)
+
+
+# -- the Pipeline as a link's sink: replies fed segment by segment ---------------------------
+
+class _NullWriter(FrameWriter):
+    """Takes requests and drops them; records an abort (the connection dropped)."""
+
+    def __init__(self):
+        self.sent: list[bytes] = []
+        self.aborted = False
+
+    def write_bytes(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+
+    def buffered(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    async def close(self) -> None:
+        pass
+
+
+class _SilentSource:
+    """A stream that never delivers: the pipeline is fed through ``feed`` only."""
+
+    async def read(self, n: int) -> bytes:
+        await asyncio.Event().wait()
+        return b""
+
+
+def _sink_pipeline() -> tuple[Pipeline, _NullWriter]:
+    w = _NullWriter()
+    return Pipeline(FrameReader(_SilentSource()), w), w
+
+
+async def test_replies_split_across_segments_anywhere_are_routed_once_each():
+    """``feed`` gets what the link's data_received gets: segments cut anywhere, a reply
+    across several, several replies in one. Each write and call is answered once."""
+    pipe, _ = _sink_pipeline()
+    got: dict[int, list] = {i: [] for i in range(5)}
+    try:
+        for i in range(5):
+            pipe.start_write("v", 0, 1, i * 4096, b"d" * 4096, 1, 5.0, got[i].append)
+        call = pipe.start(Frame(Op.READ, 0, "v", 0, 1, 0, 0, 4096), 5.0)
+        stream = b"".join(
+            [wire.encode(Frame(Op.WRITE, i + 1, "v", 0, 1, 0, i * 4096, 4096, status=Status.OK))
+             for i in range(4)]
+            + [wire.encode(Frame(Op.WRITE, 5, "v", status=Status.NO_EXTENT, args={"error": "x"})),
+               wire.encode(Frame(Op.READ, 6, "v", status=Status.OK, data=b"r" * 4096))])
+        cuts = sorted(random.Random(7).sample(range(1, len(stream)), 40)) + [len(stream)]
+        pos = 0
+        for c in cuts:
+            pipe.feed(stream[pos:c])
+            pos = c
+        assert [got[i] for i in range(4)] == [[None]] * 4           # plain OKs: not decoded
+        assert len(got[4]) == 1 and got[4][0].status is Status.NO_EXTENT
+        reply = await asyncio.wait_for(call, 1)
+        assert reply.data == b"r" * 4096 and pipe.outstanding == 0 and pipe.failed is None
+    finally:
+        await pipe.close()
+
+
+async def test_a_reply_nobody_asked_for_fails_the_connection_and_every_waiter():
+    pipe, w = _sink_pipeline()
+    got: list = []
+    try:
+        pipe.start_write("v", 0, 1, 0, b"d" * 4096, 1, 5.0, got.append)
+        pipe.feed(wire.encode(Frame(Op.WRITE, 99, "v", status=Status.OK, args={"x": 1})))
+        assert isinstance(pipe.failed, MalformedFrame) and w.aborted
+        assert len(got) == 1 and isinstance(got[0], ConnectionError)
+        pipe.feed(wire.encode(Frame(Op.WRITE, 1, "v", status=Status.OK)))    # late: ignored
+        assert len(got) == 1
+    finally:
+        await pipe.close()
+
+
+async def test_the_link_end_of_stream_or_loss_fails_what_is_outstanding():
+    for end in ("eof", "lost"):
+        pipe, _ = _sink_pipeline()
+        got: list = []
+        try:
+            pipe.start_write("v", 0, 1, 0, b"d" * 4096, 1, 5.0, got.append)
+            pipe.feed(wire.encode(Frame(Op.WRITE, 1, "v", status=Status.OK))[:30])  # half a reply
+            if end == "eof":
+                pipe.feed_eof()
+            else:
+                pipe.lost(OSError("reset"))
+            assert len(got) == 1 and isinstance(got[0], (ConnectionError, OSError))
+            assert pipe.failed is not None
+        finally:
+            await pipe.close()
