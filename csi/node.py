@@ -203,10 +203,19 @@ class Node(pbg.NodeServicer):
 
     # ---- devices ----
     async def _wait_device(self, wwn: str) -> str:
-        """The /dev/sdX of the WWN; NOT_FOUND when udev never publishes it."""
+        """The /dev/sdX of the WWN; NOT_FOUND when udev never publishes it.
+
+        FAILED_PRECONDITION when the link is a device-mapper device: multipathd claimed the
+        disk (its by-id link then points at /dev/dm-N). zstore needs the SCSI disk itself
+        (its sysfs wwid, ro flag, rescan and delete; one path is all the redirector's VIP
+        gives), and a dm map over it is not ours to stack on or tear down."""
         link = by_id(wwn)
         deadline = time.monotonic() + self.device_timeout
         while True:
+            if link.exists() and re.fullmatch(r"dm-\d+", os.path.basename(os.path.realpath(link))):
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{link} is {os.path.realpath(link)}: multipathd claimed the disk; zstore needs "
+                            "the SCSI disk, blacklist it in multipath.conf (vendor \"ZSTORE\", or its wwid)")
             if link.exists() and self._is_disk_of(os.path.realpath(link), wwn) is not False:
                 return os.path.realpath(link)
             if time.monotonic() > deadline:

@@ -229,3 +229,23 @@ async def test_expand_of_a_raw_publish_grows_no_filesystem_and_another_disk_is_r
         await node.NodeExpandVolume(pb.NodeExpandVolumeRequest(volume_id="v1", volume_path=str(other)), AbortCtx())
     assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION
     assert not any(c[0] in ("resize2fs", "xfs_growfs") for c in host.calls)
+
+
+# ---- 3: a disk multipathd claimed (the wwn link points at dm-N) is refused ----
+@pytest.mark.parametrize("kind", ["block", "ext4"])
+async def test_a_disk_claimed_by_multipathd_is_failed_precondition(tmp_path: Path, monkeypatch, kind):
+    """/sys/block/dm-N has no device/wwid, so the by-id link alone vouched for /dev/dm-N: a raw
+    block stage answered OK (publish then bound the dm map, whose ro flag, rescan and delete
+    are not the disk's), a filesystem stage ran blkid and mkfs on it."""
+    node, host, dev = _node(tmp_path, monkeypatch)
+    dm = tmp_path / "dm-3"
+    dm.write_bytes(bytes(1 << 20))
+    link = tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}"
+    link.unlink()
+    link.symlink_to(dm)
+    host.answers[("blkid", "-p", "-o", "export", str(dm))] = (2, "")
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(tmp_path / "st", kind), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert "multipath.conf" in e.value.args[1] and "dm-3" in e.value.args[1]
+    assert _no_probe(host) and node._load("v1") is None
