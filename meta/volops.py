@@ -173,7 +173,9 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
         else:
             # Nobody serves the volume: take the snapshot here. The owner key's mod
             # revision is compared, so a coordinator that acquired ownership since fails it.
-            cur.seq, cur.state = v.snap_seq, "ready"
+            # Its size is the volume's at the barrier (an expand may have come after the
+            # create): the volume is compared unchanged in the same txn.
+            cur.seq, cur.state, cur.size = v.snap_seq, "ready", v.size
             v.snap_seq += 1
             compare = [ctx.t.mod(okey) == orev, ctx.unchanged(vkey, vrev), ctx.unchanged(skey, srev)]
             ops = [ctx.put(vkey, v), ctx.put(skey, cur)]

@@ -1485,7 +1485,9 @@ class Coordinator:
                 break
             old = vol.snap_seq
             vol.snap_seq = old + 1
-            snap.seq, snap.state = old, "ready"
+            # The size at the barrier, not at the create (an expand may have come between):
+            # the volume record is compared unchanged below.
+            snap.seq, snap.state, snap.size = old, "ready", vol.size
             op.state, op.error = "done", None
             ok, _ = await e.etcd.transaction(
                 compare=[t.mod(e.keys.owner(self.vid)) == self.owner_rev,

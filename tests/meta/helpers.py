@@ -74,7 +74,7 @@ class Executor:
             op.state, op.error = "failed", self.fail
             ops = [t.put(key, op.encode())]
         elif op.kind == "snapshot":
-            snap.seq, snap.state = vol.snap_seq, "ready"
+            snap.seq, snap.state, snap.size = vol.snap_seq, "ready", vol.size   # size at the barrier
             vol.snap_seq += 1
             op.state = "done"
             ops = [t.put(vkey, vol.encode()), t.put(skey, snap.encode()), t.put(key, op.encode())]

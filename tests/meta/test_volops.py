@@ -411,3 +411,24 @@ async def test_the_meta_takes_no_snapshot_while_a_revert_is_unfinished(ctx):
     await ctx.etcd.put(key, op.encode())
     t, _ = await volops.create_snapshot(ctx, "v", "t", timeout=2)
     assert t.state == "ready" and t.seq == 2
+
+
+# --- a snapshot's size is the volume's at the barrier --------------------------------------
+
+async def test_a_snapshot_committed_by_the_meta_has_the_size_at_its_barrier(ctx):
+    """Expanded while the snapshot waited for its barrier: the snapshot holds every block
+    written up to the barrier, so its size is the volume's then, not at the create (a clone
+    or restore of it would be cut short)."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await own(ctx, vol.volume_id, "c1")
+    with pytest.raises(Unavailable):
+        await volops.create_snapshot(ctx, "v", "s", timeout=0.2)       # creating, op on c1
+    await volumes.resize_volume(ctx, "v", "2Gi")
+    await own(ctx, vol.volume_id, "c1", released=True)                   # nobody serves it now
+    snap, created = await volops.create_snapshot(ctx, "v", "s", timeout=5)   # the meta commits
+    assert not created and snap.state == "ready" and snap.size == 2 * 2**30
+    [stored] = await volumes.list_snapshots(ctx, "v")
+    assert stored.size == 2 * 2**30
+    clone, _ = await volumes.create_volume(ctx, "c", None, 3, source_snapshot=snap.snapshot_id)
+    assert clone.size == 2 * 2**30
+

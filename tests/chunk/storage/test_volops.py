@@ -148,3 +148,19 @@ async def test_a_snapshot_commit_that_gives_up_reports_failed(setup, etcd_client
     assert got.state == "failed" and "gave up" in got.error
     snap = Snapshot.decode((await etcd_client.get(keys.snapshot("s"))).value)
     assert snap.state == "creating"
+
+
+async def test_a_snapshot_commit_records_the_volumes_size_at_the_barrier(setup, etcd_client, keys):
+    """The volume was expanded while the snapshot waited for its barrier: the snapshot
+    takes the size of the volume it commits against (compared unchanged in the same txn),
+    not the size it was created with, so a clone or restore of it is not cut short."""
+    coord, rep = setup
+    await etcd_client.put(keys.snapshot("s"), Snapshot(snapshot_id="s", name="s", volume_id="v",
+                                                      size=EXTENT_SIZE, state="creating").encode())
+    op = await _op(etcd_client, keys, kind="snapshot")
+    await coord.run_volop(op)
+    assert (await _stored(etcd_client, keys)).state == "done"
+    snap = Snapshot.decode((await etcd_client.get(keys.snapshot("s"))).value)
+    vol = Volume.decode((await etcd_client.get(keys.volume("v"))).value)
+    assert (snap.state, snap.seq, vol.snap_seq) == ("ready", 3, 4)
+    assert snap.size == vol.size == 2 * EXTENT_SIZE
