@@ -559,6 +559,7 @@ class Node(pbg.NodeServicer):
                                 f" volume, not as asked")
                 if not ro and "ro" in m.options.split(","):
                     raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{target} is published readonly, not read-write")
+                self._check_published_here(vid, m, kind, staging)
                 if ro and "ro" not in m.options.split(","):
                     # A publish cut short between the bind and its ro remount (the plugin
                     # restarted, or the call was cancelled): finish it, never answer rw as ro.
@@ -584,6 +585,27 @@ class Node(pbg.NodeServicer):
             if kind == "block":
                 await self._sync_ro(os.path.basename(src))
         return pb.NodePublishVolumeResponse()
+
+    def _check_published_here(self, vid: str, m: Any, kind: str, staging: str) -> None:
+        """The mount ``m`` at a publish's target path is this volume's: a bind of its staging
+        mount (same source and root; filesystem) or of its disk's device node (raw block).
+        ALREADY_EXISTS when it is another volume's; FAILED_PRECONDITION, as for a first
+        publish, when this volume is not staged (nothing to tell it by)."""
+        if kind == "block":
+            info = self._load(vid)
+            if info is None or not by_id(info["wwn"]).exists():
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"volume {vid} is not staged")
+            disk = os.path.realpath(by_id(info["wwn"]))
+            if m.root != f"/{os.path.basename(disk)}":
+                raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{m.target} is a publish of /dev{m.root}, "
+                            f"not of volume {vid}'s disk {disk}")
+            return
+        sm = self._mount_at(staging)
+        if sm is None:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"volume {vid} is not staged at {staging}")
+        if os.path.realpath(m.source) != os.path.realpath(sm.source) or m.root != sm.root:
+            raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{m.target} has {m.source} ({m.root}) mounted, not "
+                        f"volume {vid}'s staging mount {staging} ({sm.source})")
 
     @guard
     async def NodeUnpublishVolume(self, request: pb.NodeUnpublishVolumeRequest,

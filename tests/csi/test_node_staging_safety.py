@@ -249,3 +249,25 @@ async def test_a_disk_claimed_by_multipathd_is_failed_precondition(tmp_path: Pat
     assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION
     assert "multipath.conf" in e.value.args[1] and "dm-3" in e.value.args[1]
     assert _no_probe(host) and node._load("v1") is None
+
+
+# ---- 4: a target path holding another volume is not "already published" ----
+@pytest.mark.parametrize("kind", ["ext4", "block"])
+async def test_a_publish_over_another_volumes_mount_is_already_exists(tmp_path: Path, monkeypatch, kind):
+    """The target path has another volume mounted (a stale mount left by a pod's earlier
+    volume, a CO bug): NodePublish answered OK and the pod got the wrong data. Now the mount
+    is compared with this volume's staging mount (filesystem) or disk (raw block)."""
+    st, target = tmp_path / "st", tmp_path / "pods" / "p0" / "vol"
+    dev = str(tmp_path / "sdq")
+    other = _blk_line(target, "sdz") if kind == "block" else _fs_line(target, "/dev/sdz", n=61)
+    node, host, _ = _node(tmp_path, monkeypatch, _fs_line(st, dev) * (kind != "block") + other)
+    _save(node, kind)
+    with pytest.raises(RuntimeError) as e:
+        await node.NodePublishVolume(_publish(st, target, kind), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.ALREADY_EXISTS and "sdz" in e.value.args[1]
+    assert host.calls == []
+    # this volume's own publish there: OK, nothing run
+    ours = _blk_line(target) if kind == "block" else _fs_line(target, dev, n=61)
+    (tmp_path / "mountinfo").write_text(ROOT + _fs_line(st, dev) * (kind != "block") + ours)
+    await node.NodePublishVolume(_publish(st, target, kind), AbortCtx())
+    assert host.calls == []

@@ -472,16 +472,25 @@ async def test_raw_disk_ro_flag_follows_the_publishes(tmp_path: Path, pubs, ro_n
 
 
 @pytest.mark.parametrize("block", [False, True])
-async def test_a_readonly_publish_cut_short_after_the_bind_is_finished_on_retry(tmp_path: Path, block):
+async def test_a_readonly_publish_cut_short_after_the_bind_is_finished_on_retry(tmp_path: Path, monkeypatch,
+                                                                                 block):
     """The bind is there but still rw (the plugin died, or the call was cancelled, before the
     ro remount): the retry remounts it ro instead of answering success for a writable mount."""
     target = tmp_path / "pods" / "p0" / "vol"
+    # the volume is staged: its disk (sdb) behind the wwn link, its filesystem at st
     line = (f"60 22 0:5 /sdb {target} rw,nosuid - devtmpfs udev rw" if block
-            else f"60 22 8:16 / {target} rw,relatime - ext4 /dev/sdb rw")
+            else f"50 22 8:16 / {tmp_path / 'st'} rw,relatime - ext4 /dev/sdb rw\n"
+                 f"60 22 8:16 / {target} rw,relatime - ext4 /dev/sdb rw")
     (tmp_path / "mountinfo").write_text("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n" + line + "\n")
+    (tmp_path / "sdb").write_bytes(b"")
+    (tmp_path / "by-id").mkdir()
+    (tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}").symlink_to(tmp_path / "sdb")
+    monkeypatch.setattr("csi.node.by_id", lambda wwn: tmp_path / "by-id" / f"wwn-0x{wwn}")
     host = FakeHost({})
     node = Node("n", host, state_dir=str(tmp_path / "state"), sysfs=tmp_path / "sys",
                 mountinfo=tmp_path / "mountinfo")
+    node._save("v1", {"target": CTX["targetIQN"], "lun": CTX["lun"], "wwn": CTX["wwn"], "portal": CTX["portal"],
+                      "kind": "block" if block else "ext4"})
     req = pb.NodePublishVolumeRequest(volume_id="v1", staging_target_path=str(tmp_path / "st"),
                                       target_path=str(target), volume_capability=cap(block=block),
                                       readonly=True)
