@@ -441,7 +441,7 @@ class Node(pbg.NodeServicer):
         was = prior["kind"]
         if was != kind:
             def what(k: str) -> str:
-                return "raw block" if k == "block" else f"a {k} filesystem"
+                return "raw block" if k == "block" else f"a filesystem ({k})"
             raise Abort(grpc.StatusCode.ALREADY_EXISTS,
                         f"volume {vid} is staged on this node as {what(was)}, not {what(kind)}: "
                         "unstage it first")
