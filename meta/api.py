@@ -311,7 +311,8 @@ async def snapshot_acl_remove(request: web.Request) -> web.Response:
 @routes.post(PREFIX + "/volumes/{ref}/revert")
 async def volume_revert(request: web.Request) -> web.Response:
     ctx, b = ctx_of(request), await body_of(request)
-    vol, snap = await volops.revert_volume(ctx, request.match_info["ref"], b.get("snapshot", ""))
+    vol, snap = await volops.revert_volume(ctx, request.match_info["ref"], b.get("snapshot", ""),
+                                           request_id=b.get("request_id"))
     return ok({"volume": vol.name, "volume_id": vol.volume_id, "snapshot": snap.name,
                "snapshot_id": snap.snapshot_id, "seq": snap.seq, "reverted": True})
 

@@ -15,18 +15,29 @@ the live owner, else one that then acquires ownership.
 
 The op id of a snapshot is derived from the snapshot id, so a retried create
 finds and waits for the same op instead of making a second one.
+
+A revert is not idempotent (a second one rolls back the writes made since the
+first), so its request carries an id the client makes once per invocation and
+sends again with each of its automatic retries: the op id is derived from it
+(``revert_op_id``), and a retry finds that op in any state, done and failed
+included, instead of making a new one. Finished ops stay, as receipts, until
+the leader's ``tidy_ops`` removes them ``FINISHED_OP_TTL`` after they were made.
+A request without an id (older clients) only finds an unfinished revert to
+the same snapshot, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 import time
 import uuid
 
 from zstore import naming
 from zstore.errors import Conflict, InvalidArgument, NotFound, Unavailable, ZError
-from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner
+from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner, now
 
 from . import chunks as chunkmod
 from .context import Ctx
@@ -37,7 +48,11 @@ log = logging.getLogger(__name__)
 SNAPSHOT_TIMEOUT = 10.0
 REVERT_TIMEOUT = 60.0
 POLL = 0.05
-FINISHED_OP_TTL = 120.0         # a done/failed op nobody waited for is tidied up after this
+# A done/failed op is tidied up this long after it was made. It is a revert's receipt for the
+# retries of its request: the CLI client retries for DEFAULT_RETRY_FOR (15 s) from its first
+# attempt, which made the op, so its last retry arrives well within this.
+FINISHED_OP_TTL = 120.0
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 async def live_owner(ctx: Ctx, vid: str) -> tuple[VolumeOwner | None, int]:
@@ -197,6 +212,20 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
 
 # --- revert ---------------------------------------------------------------------
 
+def revert_op_id(request_id: str) -> str:
+    """The op id of the revert a request with this id made (or joined)."""
+    return f"revert-{request_id}"
+
+
+def check_request_id(request_id: object) -> str | None:
+    if request_id is None:
+        return None
+    if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidArgument(f"invalid request_id {request_id!r}: 1 to 64 letters, digits, '-' or '_'",
+                              hint="one id per request (a uuid4), the same for each retry of it")
+    return request_id
+
+
 async def _revert_snapshot(ctx: Ctx, vol: Volume, ref: str) -> Snapshot:
     if not isinstance(ref, str) or not ref:
         raise InvalidArgument("a snapshot is required: its name, VOLUME@SNAP or its id")
@@ -213,8 +242,10 @@ async def _revert_snapshot(ctx: Ctx, vol: Volume, ref: str) -> Snapshot:
     return snap
 
 
-async def _create_revert_op(ctx: Ctx, vol: Volume, snap: Snapshot) -> bytes:
-    """The key of the volume's unfinished revert to ``snap``, else of a new revert op.
+async def _create_revert_op(ctx: Ctx, vol: Volume, snap: Snapshot, request_id: str | None = None) -> bytes:
+    """The key of the op request ``request_id`` made, in whatever state (a retry of that
+    request: done means done, it is not run again); else of the volume's unfinished revert
+    to ``snap``; else of a new revert op (its id derived from ``request_id`` when given).
 
     One revert per volume at a time: while a revert of the volume is pending or running, one
     to another snapshot is refused (409), since a second op beside it would let the first
@@ -232,21 +263,30 @@ async def _create_revert_op(ctx: Ctx, vol: Volume, snap: Snapshot) -> bytes:
         v, vrev = await ctx.get(vkey, Volume)
         if v is None:
             raise NotFound(f"volume {vol.name!r} was deleted meanwhile")
+        if request_id is not None:
+            own_key = ctx.keys.volop(vid, revert_op_id(request_id))
+            mine, _ = await ctx.get(own_key, VolumeOp)
+            if mine is not None:
+                if mine.kind != "revert" or mine.snapshot_id != snap.snapshot_id:
+                    raise Conflict(f"request id {request_id!r} was used for a revert to another snapshot",
+                                   hint="make a new request id for each new request")
+                return own_key          # a retry of this request: its op, even done or failed
         unfinished = await _unfinished_reverts(ctx, vid)
         for k, op in unfinished:
             if op.snapshot_id == snap.snapshot_id:
-                return k                # a retry of the same revert waits for its op
+                return k                # the same revert, unfinished: wait for its op
         if unfinished:
             op = unfinished[0][1]
             other, _ = await ctx.get(ctx.keys.snapshot(op.snapshot_id), Snapshot)
             raise Conflict(
                 f"volume {vol.name!r}: a revert to snapshot {other.name if other else op.snapshot_id!r} "
                 f"is still {op.state} on chunk server {op.executor}; only one revert of a volume "
-                f"runs at a time", hint="repeat that revert to wait for it, then revert again")
+                f"runs at a time", hint="wait for it to finish, then revert again")
         cur, srev = await ctx.get(skey, Snapshot)
         if cur is None or cur.state == "deleted":
             raise NotFound(f"snapshot {snap.name!r} ({snap.snapshot_id}) was deleted meanwhile")
-        op = VolumeOp(op_id=uuid.uuid4().hex, volume_id=vid, kind="revert",
+        op = VolumeOp(op_id=revert_op_id(request_id) if request_id else uuid.uuid4().hex,
+                      volume_id=vid, kind="revert",
                       snapshot_id=snap.snapshot_id, executor=await _revert_executor(ctx, vol))
         op_key = ctx.keys.volop(vid, op.op_id)
         if await ctx.txn([ctx.absent(op_key), ctx.unchanged(vkey, vrev), ctx.unchanged(skey, srev)],
@@ -272,34 +312,53 @@ async def _revert_executor(ctx: Ctx, vol: Volume) -> str:
     return pick[0].chunk_id
 
 
-async def revert_volume(ctx: Ctx, volume: str, snapshot: str,
-                        timeout: float = REVERT_TIMEOUT) -> tuple[Volume, Snapshot]:
-    """Revert a volume to one of its snapshots (online); returns once a chunk server did it."""
+async def revert_volume(ctx: Ctx, volume: str, snapshot: str, timeout: float = REVERT_TIMEOUT,
+                        request_id: str | None = None) -> tuple[Volume, Snapshot]:
+    """Revert a volume to one of its snapshots (online); returns once a chunk server did it.
+
+    ``request_id`` (one per request, the same for each retry of it) makes a retry return
+    the outcome of the revert its request made instead of reverting again. The finished
+    op is left as the receipt; ``tidy_ops`` removes it."""
+    request_id = check_request_id(request_id)
     deadline = time.monotonic() + timeout
     vol, _ = await find_volume(ctx, volume)
     snap = await _revert_snapshot(ctx, vol, snapshot)
-    op_key = await _create_revert_op(ctx, vol, snap)
+    op_key = await _create_revert_op(ctx, vol, snap, request_id)
     while True:
         op, op_rev = await ctx.get(op_key, VolumeOp)
         if op is None:
             raise ZError(f"the revert of volume {vol.name!r} was cancelled (its op record disappeared)",
                          hint="check that the volume still exists and retry")
-        if op.state == "done":
-            await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.delete(op_key)])
+        if op.state in ("done", "failed"):
+            await _keep_receipt(ctx, vol.volume_id, request_id, op_key, op)
+            if op.state == "failed":
+                raise ZError(f"revert of volume {vol.name!r} to {snap.name!r} failed on chunk server "
+                             f"{op.executor}: {op.error or 'no reason given'}", hint="retry the revert")
             log.info("volume %s reverted to snapshot %s by %s", vol.name, snap.name, op.executor)
             return vol, snap
-        if op.state == "failed":
-            await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.delete(op_key)])
-            raise ZError(f"revert of volume {vol.name!r} to {snap.name!r} failed on chunk server "
-                         f"{op.executor}: {op.error or 'no reason given'}", hint="retry the revert")
         if await _route_revert(ctx, vol, op_key, op, op_rev):
             continue
         if time.monotonic() >= deadline:
             raise Unavailable(
                 f"the revert of volume {vol.name!r} to snapshot {snap.name!r} is still running on "
                 f"chunk server {op.executor}",
-                hint="it continues: repeat the same revert to keep waiting for it")
+                hint="it continues on its own. Running the revert again is a new request: it waits "
+                     "for this one while it is unfinished, but once this one finished it reverts "
+                     "again and undoes the writes made since")
         await asyncio.sleep(POLL)
+
+
+async def _keep_receipt(ctx: Ctx, vid: str, request_id: str | None, op_key: bytes, op: VolumeOp) -> None:
+    """A request that joined another request's unfinished revert (same snapshot) records
+    the outcome under its own id, so that its retries find it too. The op itself is left
+    alone: it is its own request's receipt (``tidy_ops`` removes both in time)."""
+    if request_id is None:
+        return
+    own_key = ctx.keys.volop(vid, revert_op_id(request_id))
+    if own_key == op_key:
+        return
+    receipt = dataclasses.replace(op, op_id=revert_op_id(request_id), created=now())
+    await ctx.txn([ctx.absent(own_key)], [ctx.put(own_key, receipt)])
 
 
 

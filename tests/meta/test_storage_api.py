@@ -103,7 +103,14 @@ async def test_snapshot_and_revert_through_the_owner(env):
         assert r.returncode == 0 and "volume v reverted to snapshot s1" in r.stdout, r.stderr
         r = await cli(c, "volume", "revert", "v@s1", "--json")
         assert json.loads(r.stdout)["snapshot_id"] == snap["snapshot_id"]
-    assert [op.kind for op in ex.ran] == ["snapshot", "revert", "revert"]
+        # A request sent again with its request id (the client's retry after a lost answer)
+        # is answered from the first revert's op: not reverted a second time.
+        for _ in range(2):
+            status, body = await api(c, "POST", "/volumes/v/revert", {"snapshot": "s1", "request_id": "r-1"})
+            assert status == 200 and body["reverted"] is True
+    assert [op.kind for op in ex.ran] == ["snapshot", "revert", "revert", "revert"]
+    status, body = await api(c, "POST", "/volumes/v/revert", {"snapshot": "s1", "request_id": "a/b"})
+    assert status == 400 and "request_id" in body["error"]["message"]
     assert (await api(c, "GET", "/volumes/v"))[1]["snap_seq"] == 2
     await api(c, "POST", "/volumes/w/snapshots", {"name": "other"})
     r = await cli(c, "volume", "revert", "v", "w@other")

@@ -11,7 +11,7 @@ import pytest
 
 from meta import volops, volumes
 from tests.meta.helpers import Executor, make_ctx, own, register_chunk
-from zstore.errors import Conflict, NotFound, Unavailable, ZError
+from zstore.errors import Conflict, InvalidArgument, NotFound, Unavailable, ZError
 from zstore.records import Volume, VolumeOp
 
 
@@ -140,7 +140,7 @@ async def test_revert_runs_on_the_live_owner(ctx):
         v, snap = await volops.revert_volume(ctx, "v", "s", timeout=5)
     assert snap.snapshot_id == s.snapshot_id
     assert [(op.kind, op.snapshot_id, op.executor) for op in ex.ran] == [("revert", s.snapshot_id, "c2")]
-    assert await ops_of(ctx, vol.volume_id) == []
+    assert [op.state for op in await ops_of(ctx, vol.volume_id)] == ["done"]     # its receipt
     # By id and as VOL@SNAP too.
     for ref in (s.snapshot_id, "v@s"):
         async with Executor(ctx, "c2"):
@@ -185,7 +185,7 @@ async def test_failed_revert_is_reported(ctx):
         with pytest.raises(ZError) as e:
             await volops.revert_volume(ctx, "v", "s", timeout=5)
     assert "replica c1 unreachable" in e.value.message
-    assert await ops_of(ctx, vol.volume_id) == []
+    assert [op.state for op in await ops_of(ctx, vol.volume_id)] == ["failed"]   # its receipt
 
 
 async def test_deleting_a_snapshot_being_created_removes_its_op(ctx):
@@ -432,3 +432,78 @@ async def test_a_snapshot_committed_by_the_meta_has_the_size_at_its_barrier(ctx)
     clone, _ = await volumes.create_volume(ctx, "c", None, 3, source_snapshot=snap.snapshot_id)
     assert clone.size == 2 * 2**30
 
+
+
+# --- a retried revert request (its answer was lost) -------------------------------------
+
+async def test_a_retried_revert_request_gets_the_first_outcome_and_is_not_run_again(ctx):
+    """The revert finished but its answer was lost (leader died, connection reset) and the
+    client retried the request with the same id: the retry answers from the done op and
+    runs nothing, else the writes made since the first revert would be rolled back. The
+    done op is the receipt: kept until tidy_ops removes it, FINISHED_OP_TTL after it was made."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    s1, _ = await volops.create_snapshot(ctx, "v", "s1")
+    await own(ctx, vol.volume_id, "c1")
+    async with Executor(ctx, "c1") as ex:
+        await volops.revert_volume(ctx, "v", "s1", timeout=5, request_id="req-1")
+        [op] = await ops_of(ctx, vol.volume_id)
+        assert (op.op_id, op.state) == (volops.revert_op_id("req-1"), "done")
+        _, snap = await volops.revert_volume(ctx, "v", "s1", timeout=5, request_id="req-1")   # the retry
+        assert snap.snapshot_id == s1.snapshot_id
+        assert [o.op_id for o in ex.ran] == [op.op_id]                   # ran once
+        assert volops.FINISHED_OP_TTL >= 60                              # >> the client's 15 s of retries
+        assert await volops.tidy_ops(ctx, now=op.created + volops.FINISHED_OP_TTL - 1) == []
+        assert await volops.tidy_ops(ctx, now=op.created + volops.FINISHED_OP_TTL) == [op.op_id]
+        # A new request (a new id, or none: older clients) is a new revert.
+        await volops.revert_volume(ctx, "v", "s1", timeout=5, request_id="req-2")
+        await volops.revert_volume(ctx, "v", "s1", timeout=5)
+    assert len(ex.ran) == 3 and ex.ran[1].op_id == volops.revert_op_id("req-2")
+
+
+async def test_a_retried_revert_request_that_failed_reports_the_failure_again(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
+    await volops.create_snapshot(ctx, "v", "s")
+    await own(ctx, vol.volume_id, "c0")
+    async with Executor(ctx, "c0", fail="replica c1 unreachable") as ex:
+        for _ in range(2):
+            with pytest.raises(ZError, match="replica c1 unreachable") as e:
+                await volops.revert_volume(ctx, "v", "s", timeout=5, request_id="req-1")
+            assert e.value.hint == "retry the revert"
+    assert len(ex.ran) == 1
+
+
+async def test_a_request_that_joined_an_unfinished_revert_keeps_its_own_receipt(ctx):
+    """A second request (another id) to the same snapshot while the first one's revert is
+    unfinished waits for that op; its outcome is recorded under its own id too, so a retry
+    of the second request does not revert again either."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await volops.create_snapshot(ctx, "v", "s")
+    await own(ctx, vol.volume_id, "c1")
+    with pytest.raises(Unavailable) as e:
+        await volops.revert_volume(ctx, "v", "s", timeout=0.3, request_id="first")   # pending on c1
+    assert "new request" in e.value.hint and "undoes the writes made since" in e.value.hint
+    second = asyncio.ensure_future(volops.revert_volume(ctx, "v", "s", timeout=5, request_id="second"))
+    await asyncio.sleep(0.3)                                          # waiting for the first's op
+    assert [o.op_id for o in await ops_of(ctx, vol.volume_id)] == [volops.revert_op_id("first")]
+    async with Executor(ctx, "c1") as ex:
+        await second
+        await volops.revert_volume(ctx, "v", "s", timeout=5, request_id="second")     # its retry
+        await volops.revert_volume(ctx, "v", "s", timeout=5, request_id="first")      # and the first's
+    assert [o.op_id for o in ex.ran] == [volops.revert_op_id("first")]
+    assert sorted((o.op_id, o.state) for o in await ops_of(ctx, vol.volume_id)) == [
+        (volops.revert_op_id("first"), "done"), (volops.revert_op_id("second"), "done")]
+
+
+async def test_a_request_id_names_one_request(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await volops.create_snapshot(ctx, "v", "s1")
+    await volops.create_snapshot(ctx, "v", "s2")
+    await own(ctx, vol.volume_id, "c1")
+    async with Executor(ctx, "c1"):
+        await volops.revert_volume(ctx, "v", "s1", timeout=5, request_id="req-1")
+    with pytest.raises(Conflict, match="used for a revert to another snapshot"):
+        await volops.revert_volume(ctx, "v", "s2", timeout=1, request_id="req-1")
+    for bad in ("", "a/b", "x" * 65, 7):
+        with pytest.raises(InvalidArgument, match="invalid request_id"):
+            await volops.revert_volume(ctx, "v", "s1", timeout=1, request_id=bad)
+    assert len(await ops_of(ctx, vol.volume_id)) == 1

@@ -401,6 +401,29 @@ def test_chap_set_sends_the_secret_only_in_the_body(fake: FakeMeta, monkeypatch,
     assert "initiator-secret-1" not in out
 
 
+def test_volume_revert_sends_one_request_id_for_all_its_retries(capsys) -> None:
+    """A revert is not idempotent: the CLI makes one request id per invocation and its
+    automatic retries send the same one (the meta answers a retry from the first revert's
+    op instead of reverting again); running the command again is a new request."""
+    leaderless, live = FakeMeta(), FakeMeta()
+    try:
+        leaderless.route("POST", "/volumes/v1/revert", 503, NO_LEADER)
+        live.route("POST", "/volumes/v1/revert", 200, {"volume": "v1", "volume_id": "x", "snapshot": "s1",
+                                                       "snapshot_id": "y", "seq": 1, "reverted": True})
+        argv = ["--endpoint", leaderless.url, "--endpoint", live.url, "volume", "revert", "v1", "s1"]
+        for _ in range(2):
+            code, out, err = run(argv, capsys)
+            assert (code, err) == (0, "") and "volume v1 reverted to snapshot s1" in out
+        sent = [r["body"] for r in leaderless.requests]
+        assert [r["body"] for r in live.requests] == sent                 # each retry: the same body
+        assert [b["snapshot"] for b in sent] == ["s1", "s1"]
+        ids = [b["request_id"] for b in sent]
+        assert all(len(i) == 32 for i in ids) and ids[0] != ids[1]      # one per invocation
+    finally:
+        leaderless.close()
+        live.close()
+
+
 # -- tables ----------------------------------------------------------------------------
 
 def test_table_aligns_columns_and_shows_blanks_as_dashes() -> None:

@@ -7,6 +7,9 @@ times out, or answers 503 ``unavailable`` (no leader yet, or its etcd is
 unreachable). While every endpoint fails that way it keeps retrying the whole
 list with a short backoff for up to ``retry_for`` seconds, so a leader failover
 (a few seconds) is invisible to scripts. Nothing is remembered between runs.
+A retry resends the request as it was, so a call that is not idempotent puts a
+request id of its own in the body (``volume revert``: one uuid4 per invocation),
+and the meta answers a resend from the first call's outcome.
 
 Built on ``http.client`` rather than aiohttp: a CLI call is one or two
 requests, and the stdlib starts fast and ignores ``http_proxy`` settings that

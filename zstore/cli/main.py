@@ -17,6 +17,7 @@ import argparse
 import getpass
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
@@ -270,7 +271,11 @@ def cmd_volume_revert(ctx: Ctx) -> int:
     vol, snap = snapshot_ref(a.volume, a.snapshot)
     client = ctx.client
     client.timeout = max(client.timeout, 75.0)     # the meta waits up to 60 s for the chunk server
-    r = client.post(f"/volumes/{seg(vol)}/revert", {"snapshot": snap})
+    # A revert is not idempotent: one id per invocation, sent again by the client's own
+    # retries (a lost answer, a failover), so a retry gets the first revert's outcome
+    # instead of reverting again. Running the command again is a new request.
+    request_id = uuid.uuid4().hex
+    r = client.post(f"/volumes/{seg(vol)}/revert", {"snapshot": snap, "request_id": request_id})
     return ctx.done(r, f"volume {vol} reverted to snapshot {snap}")
 
 
