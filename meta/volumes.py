@@ -370,7 +370,7 @@ async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) 
         if any(op.kind == "revert" and op.snapshot_id == snap.snapshot_id and op.state in ("pending", "running")
                for _, op in await ctx.list(ctx.keys.volops(snap.volume_id), VolumeOp)):
             raise Conflict(f"snapshot {snap.name!r} is the target of a revert still running",
-                           hint="wait for the revert to finish (repeat it to wait), then delete")
+                           hint="wait for the revert to finish (its command returns when done), then delete")
         m, prev = await snapshot_exports.export_state(ctx, snap.snapshot_id)
         if prev and not force:
             where = f" as LUN {m.lun} of target {await snapshot_exports.target_iqn_at(ctx, m.target_index)}" if m else ""
