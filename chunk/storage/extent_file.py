@@ -32,6 +32,11 @@ good; the replica then takes that block from a peer.  A first write to a
 never-written block that tears before its checksum lands reads as zeros,
 which is exactly its old contents.  Torn writes are detected, not prevented:
 there is no journal, because the other replicas are the journal.
+A full disk is not a torn write: it must not leave a block failing its checksum
+on a replica that stays up. A write covering present and absent blocks first
+allocates its range (``_allocate``), so ENOSPC arrives before any block changed;
+should a data write fail part-way anyway, the present blocks it reached get the
+checksum of what is now on disk (``_rechecksum``).
 An unmap sets the checksums to 0 and fdatasyncs ``.crc`` *before* punching
 the data (``punch``), because the file system commits a punch on its own
 within seconds: a punched block never meets its old checksum after a power
@@ -171,6 +176,7 @@ class ExtentFile:
         self._crc = crc_fd
         self._crcs = crcs            # in-memory copy of .crc, the one reads verify against
         self._punch = True           # cleared once the file system says EOPNOTSUPP
+        self._reserve = True         # likewise for fallocate (_write_blocks)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -507,9 +513,66 @@ class ExtentFile:
                               for k in range(count)])
         off = first * BLOCK_SIZE
         done, total = 0, len(view)                  # data before checksums
-        while done < total:                         # WRITE_PIECE at a time: small folios
-            done += os.pwrite(self._data, view[done:done + WRITE_PIECE], off + done)
+        if count > 1 and self._reserve:
+            # Present blocks beside absent ones: the absent ones need allocating, which can
+            # fail (ENOSPC) after earlier pieces overwrote present blocks, leaving new data
+            # under old checksums for good. Allocate the whole range first, so a full disk
+            # fails the write before anything changed. Only here: a one-block write fails
+            # before it changes anything anyway, and a range all present or all absent
+            # cannot be corrupted by a failure part-way (absent blocks read as zeros).
+            old = self._crcs[first:first + count]
+            if 0 in old and any(old):
+                self._allocate(off, total)
+        try:
+            while done < total:                     # WRITE_PIECE at a time: small folios
+                done += os.pwrite(self._data, view[done:done + WRITE_PIECE], off + done)
+        except OSError:
+            if done:
+                self._rechecksum(first, done, new)
+            raise
         self._store_crcs(first, new)
+
+    def _allocate(self, off: int, length: int) -> None:
+        """Allocate ``.data``'s [off, off+length) before a write (``_write_blocks``).
+
+        The libc ``fallocate`` with ``FALLOC_FL_KEEP_SIZE``, not ``os.posix_fallocate``:
+        ``.data`` is already ``extent_size`` long (``create`` truncates it so), so the size
+        is the same either way, but KEEP_SIZE guarantees it; and where the file system has no
+        fallocate, glibc's ``posix_fallocate`` emulates it by writing a byte into every block
+        (slow, and itself a write that can fail part-way), while the syscall says EOPNOTSUPP:
+        then this is skipped from then on and ``_rechecksum`` is the only safeguard."""
+        try:
+            fallocate(self._data, FALLOC_FL_KEEP_SIZE, off, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._reserve = False
+
+    def _rechecksum(self, first: int, done: int, new: array) -> None:
+        """A ``.data`` write failed after ``done`` bytes (a full disk despite ``_allocate``:
+        a copy-on-write file system, a present block whose data never reached the disk).
+        Present blocks it overwrote get the checksum of what is now on disk, or they would
+        fail theirs forever: a wholly written block the new one, a partly written one that of
+        its bytes read back. Absent blocks stay absent: they still read as zeros, their old
+        contents. Best effort: if that fails too, the original error is the one raised."""
+        whole, part = divmod(done, BLOCK_SIZE)
+        fixed = array("I", self._crcs[first:first + whole + (1 if part else 0)])
+        for k in range(len(fixed)):
+            if not fixed[k]:
+                continue
+            if k < whole:
+                fixed[k] = new[k]
+            else:
+                try:
+                    block = os.pread(self._data, BLOCK_SIZE, (first + k) * BLOCK_SIZE)
+                except OSError:
+                    return
+                fixed[k] = block_crc(first + k, block.ljust(BLOCK_SIZE, b"\0"))
+        if fixed != self._crcs[first:first + len(fixed)]:
+            try:
+                self._store_crcs(first, fixed)
+            except OSError:
+                pass
 
     def _store_crcs(self, first: int, new: array) -> None:
         """Checksums to the file, then to memory. The other order let a failed write (a full

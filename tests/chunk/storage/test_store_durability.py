@@ -1,0 +1,132 @@
+"""ReplicaStore / ExtentFile durability under failures: a full disk part-way through a
+write.
+
+Real files; a full disk is a small tmpfs (skipped where it cannot be mounted) or ENOSPC
+injected into ``os.pwrite`` of one fd; everything else runs for real.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from chunk.storage import extent_file
+from chunk.storage.extent_file import BLOCK_SIZE, WRITE_PIECE, ExtentFile
+from chunk.storage.replica_store import ReplicaStore, StoreFull
+from tests.chunk.storage.test_replica_store import _mount_tmpfs, _umount
+
+pytestmark = pytest.mark.timeout(120)
+
+V = "vol-d"
+SIZE = 64 * BLOCK_SIZE
+
+
+def _enospc_after(monkeypatch, fd: int, good: int, short: int | None = None) -> None:
+    """pwrites to ``fd``: the first ``good`` are real (the last of them cut to ``short``
+    bytes if given), every later one fails with ENOSPC, until the test ends."""
+    real, calls = os.pwrite, [0]
+
+    def pwrite(f, data, off):
+        if f != fd:
+            return real(f, data, off)
+        calls[0] += 1
+        if calls[0] > good:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if short is not None and calls[0] == good:
+            return real(f, memoryview(data)[:short], off)
+        return real(f, data, off)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+# -- (A) ENOSPC part-way through a multi-block write -----------------------------------------
+
+def test_a_full_disk_fails_a_mixed_write_before_it_changes_anything(tmp_path: Path):
+    """8 present blocks then 8 absent ones, on a full tmpfs: the pieces overwriting the
+    present blocks went in, then allocating the absent ones said ENOSPC, and the present
+    blocks held new data under their old checksums for good (after a restart too). Now the
+    range is allocated first: the write fails whole, and the old data reads back."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not _mount_tmpfs(mnt, "4m"):
+        pytest.skip("cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)")
+    try:
+        d = mnt / "disk"
+        old, new = b"A" * (8 * BLOCK_SIZE), b"B" * (16 * BLOCK_SIZE)
+        with ReplicaStore([(d, None)], extent_size=1 << 20) as s:
+            s.create(V, 0, 1)
+            s.write(V, 0, 0, old, seq=1)
+            s.flush(V, 0)
+            fd = os.open(mnt / "fill", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                while True:
+                    os.write(fd, b"x" * BLOCK_SIZE)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+            finally:
+                os.close(fd)
+            with pytest.raises(StoreFull):
+                s.write(V, 0, 0, new, seq=1)
+            assert s.read(V, 0, 0, 16 * BLOCK_SIZE)[0] == old + bytes(8 * BLOCK_SIZE)
+            assert s.verify(V, 0) == []
+            os.unlink(mnt / "fill")
+        with ReplicaStore([(d, None)], extent_size=1 << 20) as s:
+            assert s.verify(V, 0) == []
+            assert s.read(V, 0, 0, 8 * BLOCK_SIZE)[0] == old
+            s.write(V, 0, 0, new, seq=1)                        # the retry, with room again
+            assert s.read(V, 0, 0, 16 * BLOCK_SIZE)[0] == new
+    finally:
+        _umount(mnt)
+
+
+@pytest.mark.parametrize("short", [None, 6000], ids=["whole-piece", "short-piece"])
+def test_a_data_write_failing_part_way_leaves_every_block_readable(tmp_path: Path, monkeypatch,
+                                                                   short):
+    """Where allocating first does not help (a file system without fallocate, a copy-on-write
+    one, a present block whose data never reached the disk), a ``.data`` pwrite can still
+    fail after earlier pieces overwrote present blocks: those get the checksum of what is
+    on disk now (new data; a block cut part-way, its mix), absent blocks stay absent."""
+    d = tmp_path / "d0"
+    old, new = b"A" * (8 * BLOCK_SIZE), bytes(range(256)) * (16 * BLOCK_SIZE // 256)
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    try:
+        s.create(V, 0, 1)
+        s.write(V, 0, 0, old, seq=1)
+        s.flush(V, 0)
+        _enospc_after(monkeypatch, s._replicas[(V, 0)].ext._data, 1, short)   # noqa: SLF001
+        with pytest.raises(StoreFull):
+            s.write(V, 0, 0, new, seq=1)
+        monkeypatch.undo()
+        assert s.verify(V, 0) == []
+        got = s.read(V, 0, 0, 16 * BLOCK_SIZE)[0]
+        n = short or WRITE_PIECE
+        assert got == new[:n] + old[n:] + bytes(8 * BLOCK_SIZE)
+        s.flush(V, 0)
+    finally:
+        s.close()
+    with ReplicaStore([(d, None)], extent_size=SIZE) as s:          # the same after a restart
+        assert s.verify(V, 0) == []
+        assert s.read(V, 0, 0, 16 * BLOCK_SIZE)[0] == got
+
+
+def test_only_a_write_mixing_present_and_absent_blocks_allocates_first(tmp_path: Path, monkeypatch):
+    """The common overwrite (present blocks, one or many) and a first write (all absent) make
+    no fallocate call: the 4 KiB write path has no syscall more."""
+    calls = []
+    real = extent_file.fallocate
+    monkeypatch.setattr(extent_file, "fallocate", lambda *a: (calls.append(a), real(*a))[1])
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write(0, b"a" * (4 * BLOCK_SIZE))                 # all absent
+        ext.write(0, b"b" * BLOCK_SIZE)                       # one present block
+        ext.write_block(1, b"c" * BLOCK_SIZE)
+        ext.write(100, b"d" * 50)                             # partial, present
+        ext.write(0, b"e" * (4 * BLOCK_SIZE))                 # all present
+        ext.write(9 * BLOCK_SIZE, b"f" * BLOCK_SIZE)          # one absent block
+        assert calls == []
+        ext.write(2 * BLOCK_SIZE, b"g" * (4 * BLOCK_SIZE))    # 2, 3 present; 4, 5 absent
+        assert calls == [(ext._data, extent_file.FALLOC_FL_KEEP_SIZE,    # noqa: SLF001
+                          2 * BLOCK_SIZE, 4 * BLOCK_SIZE)]
+        assert os.fstat(ext._data).st_size == SIZE                       # noqa: SLF001
+        assert ext.read(0, 6 * BLOCK_SIZE) == b"e" * 2 * BLOCK_SIZE + b"g" * 4 * BLOCK_SIZE
