@@ -78,7 +78,7 @@ from chunk.identity import write_atomic
 
 __all__ = [
     "BLOCK_SIZE", "EXTENT_SIZE", "ExtentError", "ChecksumError", "HeaderError",
-    "ExtentHeader", "ExtentFile", "block_crc",
+    "ExtentHeader", "ExtentFile", "SyncError", "block_crc", "sync_fd",
 ]
 
 BLOCK_SIZE = 4096
@@ -109,6 +109,26 @@ class ChecksumError(ExtentError):
 
 class HeaderError(ExtentError):
     """The header file is missing, corrupt, or of an unknown format."""
+
+
+class SyncError(OSError):
+    """An fdatasync (or a directory's fsync) failed. An ``OSError`` with the sync's errno, so
+    callers that handle I/O errors still do; its own type tells the replica store to retire
+    the replica (``ReplicaStore._durable``): after a failed sync the kernel may have dropped
+    the dirty pages it could not write and report success on the next sync."""
+
+
+def sync_fd(fd: int, data_only: bool = True) -> None:
+    """``os.fdatasync(fd)`` (``os.fsync`` if not ``data_only``); a failure is a ``SyncError``.
+    Every sync of the extent and replica stores goes through here."""
+    try:
+        if data_only:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+    except OSError as e:
+        raise SyncError(e.errno, f"{'fdatasync' if data_only else 'fsync'}: "
+                                 f"{e.strerror or e}") from e
 
 
 def block_crc(index: int, block: bytes | memoryview) -> int:
@@ -375,7 +395,7 @@ class ExtentFile:
         if not holes or not self._punch:
             return
         if any(h[2] for h in holes):
-            os.fdatasync(self._crc)
+            sync_fd(self._crc)
         for lo, hi, _ in holes:
             try:
                 fallocate(self._data, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, lo, hi - lo)
@@ -391,8 +411,8 @@ class ExtentFile:
         Data before checksums is the right order for writes (a first write torn between
         the two reads as zeros, its old contents).  Unmaps need the opposite order, and
         got it already: ``punch`` synced their zeroed checksums before punching."""
-        os.fdatasync(self._data)
-        os.fdatasync(self._crc)
+        sync_fd(self._data)
+        sync_fd(self._crc)
 
     def allocated_blocks(self) -> list[int]:
         """Indexes of the blocks ever written and not unmapped since."""

@@ -65,7 +65,10 @@ durable by the flush its resync ends with.
 
 Errors: ENOSPC/EDQUOT from the file system -> ``StoreFull`` and the disk is
 marked full (until a delete or trim frees space on it); EROFS marks the disk
-failed (so does EIO in ``create``, which then tries another disk); other
+failed (so does EIO in ``create``, which then tries another disk); a failed
+fdatasync/fsync anywhere (``SyncError`` from ``sync_fd``: a flush, and the syncs
+inside writes, unmaps, reverts, imports, mends and trims) retires the replica
+(``_retire``: ``broken`` from then on, an EIO fails its disk); other
 ``OSError`` -> ``StoreIOError``; checksum failures -> ``ChecksumError``; stale epochs ->
 ``StaleEpochError``; a generation going back -> ``StaleGeneration``.  Calls are
 synchronous (page-cache I/O); only ``flush``, ``fua`` writes, COW writes, writes
@@ -99,7 +102,7 @@ from chunk.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 from .extent_file import (
     _MEDIA_ERRORS, BLOCK_SIZE, EXTENT_SIZE, ChecksumError, ExtentError, ExtentFile, ExtentHeader,
-    block_crc,
+    SyncError, block_crc, sync_fd,
 )
 from .fencing import EpochFence
 
@@ -192,7 +195,7 @@ def _remove_extent(base: Path) -> None:
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        sync_fd(fd, data_only=False)
     finally:
         os.close(fd)
 
@@ -272,7 +275,7 @@ class _Versions:
             self.entries.pop(b, None)
         if not self._punch or not blocks:
             return
-        os.fdatasync(self.fd)
+        sync_fd(self.fd)
         for start, n in _runs(sorted(blocks)):
             try:
                 fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -296,7 +299,7 @@ class _Versions:
                 return
             fd = os.dup(self.fd)
         try:
-            os.fdatasync(fd)
+            sync_fd(fd)
         finally:
             os.close(fd)
 
@@ -460,7 +463,7 @@ class _Replica:
         for v in list(self.versions.values()):      # may run in a worker thread
             v.sync()
         self.sync_vdir()
-        os.fdatasync(self.seq_fd)
+        sync_fd(self.seq_fd)
         self.ext.flush()
 
     def allocated(self) -> int:
@@ -634,6 +637,23 @@ class ReplicaStore:
             yield
         except OSError as e:
             raise self._fail(disk, e) from e
+
+    @contextmanager
+    def _rep_io(self, rep: _Replica) -> Iterator[None]:
+        """``_io`` for a call that changes ``rep``: a failed sync retires it (``_failed``)."""
+        try:
+            yield
+        except OSError as e:
+            raise self._failed(rep, e) from e
+
+    def _failed(self, rep: _Replica, e: OSError) -> StoreError:
+        """The store error for ``e`` from an I/O on ``rep``. A failed sync (``SyncError``: the
+        fdatasyncs inside a write, unmap, revert, import, mend or trim, not only ``flush``'s)
+        retires the replica as ``_durable`` does: pages the kernel could not write back may be
+        gone while the page cache, and the next sync, say they are there."""
+        if isinstance(e, SyncError):
+            self._retire(rep, e)
+        return self._fail(rep.disk, e)
 
     def _get(self, vid: str, idx: int) -> _Replica:
         rep = self._replicas.get((vid, idx))
@@ -1021,7 +1041,7 @@ class ReplicaStore:
                  and any(not crcs[b] and seqs[b] < seq for b in range(first, first + n)))
         rep.store_seqs(first, new)
         if cross:
-            os.fdatasync(rep.seq_fd)
+            sync_fd(rep.seq_fd)
 
     def write(self, vid: str, idx: int, offset: int, data, seq: int, fua: bool = False) -> None:
         rep = self._replicas.get((vid, idx))
@@ -1062,10 +1082,10 @@ class ReplicaStore:
                         # seq in [max(old, 1), seq-1]): only its seq keeps the new data out of
                         # that snapshot, so it is durable before the checksum (step 2).
                         if old < seq > 1 and self.cow_sync and not ext.crcs[b]:
-                            os.fdatasync(rep.seq_fd)
+                            sync_fd(rep.seq_fd)
                     ext.write_block(b, data)
                 except OSError as e:
-                    raise self._fail(rep.disk, e) from e
+                    raise self._failed(rep, e) from e
                 return
         view = memoryview(data).cast("B")
         first, n = self._blocks(rep, offset, len(view))
@@ -1073,14 +1093,12 @@ class ReplicaStore:
         if n == 0:
             return
         rep.mutations += 1
-        try:
+        with self._rep_io(rep):
             if seq > rep.floor:
                 self._cow(rep, first, n, seq)
             rep.floor = min(rep.floor, seq)     # before the blocks change, as above
             self._store_seqs(rep, first, n, seq, present=True)
             rep.ext.write(offset, view)
-        except OSError as e:
-            raise self._fail(rep.disk, e) from e
         if fua:
             self._durable(rep)
 
@@ -1091,7 +1109,7 @@ class ReplicaStore:
         _check_seq(seq)
         if n == 0:
             return
-        with self._io(rep.disk):
+        with self._rep_io(rep):
             rep.mutations += 1
             end = offset + length
             holes = []
@@ -1114,7 +1132,7 @@ class ReplicaStore:
         _check_seq(seq)
         if to_seq < 0:
             raise ValueError(f"to_seq {to_seq} < 0")
-        with self._io(rep.disk):
+        with self._rep_io(rep):
             rep.mutations += 1
             seqs = rep.seqs
             changed = [b for b in range(rep.blocks) if seqs[b] > to_seq]
@@ -1288,7 +1306,14 @@ class ReplicaStore:
         """Delete the extent a failed IMPORT created. Files that do not go (the disk failing)
         leave it ``broken`` (I/O errors until a DELETE, or a CREATE discarding it), never
         served as a copy of the extent."""
-        base = self._get(vid, idx).base()
+        rep = self._replicas.get((vid, idx))
+        if rep is not None:
+            base = rep.base()
+        elif (vid, idx) in self.broken:      # retired by the failure (a sync): delete it all the same
+            hdr = self.broken[(vid, idx)][1]
+            base = hdr.with_name(hdr.name[:-len(".hdr")])
+        else:
+            return
         try:
             self.delete(vid, idx)
         except StoreError as e:
@@ -1304,7 +1329,7 @@ class ReplicaStore:
         if n == 0:
             return
         end = first + n
-        with self._io(rep.disk):
+        with self._rep_io(rep):
             rep.mutations += 1
             rep.imports += 1
             # Versions: replace every version of the range by the blob's; a later part of a
@@ -1377,7 +1402,7 @@ class ReplicaStore:
         versions: dict[int, list[tuple[int, int, bytes]]] = {}
         for b, origin, key, _crc, d in state["versions"]:
             versions.setdefault(b, []).append((key, origin, d))
-        with self._io(rep.disk):
+        with self._rep_io(rep):
             rep.mutations += 1
             bad_live = set(rep.ext.verify(first, n))
             for b in range(first, first + n):
@@ -1497,7 +1522,7 @@ class ReplicaStore:
         rep = self._get(vid, idx)
         snaps = sorted(snapshot_seqs)
         freed = 0
-        with self._io(rep.disk):
+        with self._rep_io(rep):
             for key in list(rep.keys):
                 v = rep.versions[key]
                 gone = []

@@ -1,8 +1,9 @@
 """ReplicaStore / ExtentFile durability under failures: a full disk part-way through a
-write.
+write, failed fdatasyncs inside writes, unmaps and trims.
 
 Real files; a full disk is a small tmpfs (skipped where it cannot be mounted) or ENOSPC
-injected into ``os.pwrite`` of one fd; everything else runs for real.
+injected into ``os.pwrite`` of one fd, a failed sync EIO injected into ``os.fdatasync``
+of one file (the seam the store's other tests use); everything else runs for real.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 from chunk.storage import extent_file
 from chunk.storage.extent_file import BLOCK_SIZE, WRITE_PIECE, ExtentFile
-from chunk.storage.replica_store import ReplicaStore, StoreFull
+from chunk.storage.replica_store import ReplicaStore, StoreFull, StoreIOError
 from tests.chunk.storage.test_replica_store import _mount_tmpfs, _umount
 
 pytestmark = pytest.mark.timeout(120)
@@ -130,3 +131,75 @@ def test_only_a_write_mixing_present_and_absent_blocks_allocates_first(tmp_path:
                           2 * BLOCK_SIZE, 4 * BLOCK_SIZE)]
         assert os.fstat(ext._data).st_size == SIZE                       # noqa: SLF001
         assert ext.read(0, 6 * BLOCK_SIZE) == b"e" * 2 * BLOCK_SIZE + b"g" * 4 * BLOCK_SIZE
+
+
+# -- (C) a failed sync inside a write, unmap or trim retires the replica ---------------------
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def _fail_sync_of(monkeypatch, suffix: str) -> list[str]:
+    """The next fdatasync of a file whose name ends with ``suffix`` fails with EIO."""
+    real, failed = os.fdatasync, []
+
+    def fdatasync(fd):
+        if not failed and _fd_path(fd).endswith(suffix):
+            failed.append(_fd_path(fd))
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return failed
+
+
+def _versions_to_trim(s: ReplicaStore) -> None:
+    s.write(V, 0, 0, b"0" * BLOCK_SIZE, seq=1)
+    s.write(V, 0, BLOCK_SIZE, b"1" * BLOCK_SIZE, seq=2)
+    s.write(V, 0, 0, b"2" * (2 * BLOCK_SIZE), seq=3)     # versions key 2: block 0 (1), block 1 (2)
+
+
+SYNCS = {
+    # name: (set-up, the call whose inline sync fails, the file it syncs)
+    "seq-one-block": (lambda s: s.write(V, 0, 0, b"a" * BLOCK_SIZE, seq=1),
+                      lambda s: s.write(V, 0, 2 * BLOCK_SIZE, b"b" * BLOCK_SIZE, seq=2), ".seq"),
+    "seq-run": (lambda s: s.write(V, 0, 0, b"a" * BLOCK_SIZE, seq=1),
+                lambda s: s.write(V, 0, 2 * BLOCK_SIZE, b"b" * (2 * BLOCK_SIZE), seq=2), ".seq"),
+    "cow": (lambda s: s.write(V, 0, 0, b"a" * BLOCK_SIZE, seq=1),
+            lambda s: s.write(V, 0, 0, b"b" * BLOCK_SIZE, seq=2), ".ver"),
+    "unmap-crc": (lambda s: s.write(V, 0, 0, b"a" * BLOCK_SIZE, seq=1),
+                  lambda s: s.unmap(V, 0, 0, BLOCK_SIZE, seq=1), ".crc"),
+    "trim-drop": (_versions_to_trim, lambda s: s.trim(V, 0, {1}), ".ver"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SYNCS))
+def test_a_failed_inline_sync_retires_the_replica(tmp_path: Path, monkeypatch, case: str):
+    """Not only ``flush``: a failed fdatasync of ``.seq`` (a write making an absent block
+    present after a snapshot), of a version (COW), of ``.crc`` (before an unmap's punch) or of
+    dropped version slots (trim) may have lost dirty pages the next sync reports as written.
+    The replica is broken from then on (I/O errors), its disk failed, as after a failed flush;
+    it used to stay in service and a later FUA write or flush 'succeeded'."""
+    set_up, call, suffix = SYNCS[case]
+    s = ReplicaStore([(tmp_path / "d0", None)], extent_size=SIZE)
+    try:
+        s.create(V, 0, 1)
+        s.create(V, 1, 1)
+        set_up(s)
+        s.flush(V, 0)
+        failed = _fail_sync_of(monkeypatch, suffix)
+        with pytest.raises(StoreIOError):
+            call(s)
+        assert failed, "the call did not sync that file"
+        for later in (lambda: s.read(V, 0, 0, BLOCK_SIZE), lambda: s.flush(V, 0),
+                      lambda: s.write(V, 0, 0, b"x" * BLOCK_SIZE, seq=9, fua=True)):
+            with pytest.raises(StoreIOError, match="unusable: a flush failed"):
+                later()
+        assert s.usage()[0]["state"] == "failed"
+        assert s.read(V, 1, 0, BLOCK_SIZE)[0] == bytes(BLOCK_SIZE)    # the disk's others still read
+        s.delete(V, 0)
+        assert not list((tmp_path / "d0").glob(f"{V}.0.*"))
+    finally:
+        s.close()
