@@ -997,9 +997,11 @@ class ReplicaStore:
         read_live()
         return bytes(buf[start:start + length]), _bitmap(present)
 
-    def _cow(self, rep: _Replica, first: int, n: int, seq: int) -> None:
-        """Preserve every present block of the run with block seq < ``seq`` (step 1)."""
-        if seq <= rep.floor:
+    def _cow(self, rep: _Replica, first: int, n: int, seq: int, floor: int | None = None) -> None:
+        """Preserve every present block of the run with block seq < ``seq`` (step 1).
+        ``floor``: ``rep.floor`` as it was before the caller lowered it (a call changing
+        blocks in several runs lowers it before the first, ``unmap``)."""
+        if seq <= (rep.floor if floor is None else floor):
             return
         crcs, seqs = rep.ext.crcs, rep.seqs
         need = [b for b in range(first, first + n) if crcs[b] and seqs[b] < seq]
@@ -1113,10 +1115,15 @@ class ReplicaStore:
             rep.mutations += 1
             end = offset + length
             holes = []
+            # Zeros (or partial edges) become present at seq: the floor goes down before the
+            # first block changes, as in a write, so a failure part-way leaves it a true bound
+            # (after the loop, a failed unmap(zero) left zeros at seq under a higher floor, and
+            # the next write at seq+1 skipped the COW a snapshot at seq needed).
+            floor, rep.floor = rep.floor, min(rep.floor, seq)
             for a in range(offset, end, _CHUNK):
                 b = min(end, a + _CHUNK)
                 f, m = self._blocks(rep, a, b - a)
-                self._cow(rep, f, m, seq)
+                self._cow(rep, f, m, seq, floor)
                 # Punched blocks stay absent: their seq needs no sync (a zeroed partial edge of
                 # a plain volume reads as zeros either way; a clone unmaps with ``zero``).
                 self._store_seqs(rep, f, m, seq, present=zero)
@@ -1125,7 +1132,6 @@ class ReplicaStore:
                 else:
                     holes.append(rep.ext.unmap_checksums(a, b - a))
             rep.ext.punch(holes)                 # one .crc sync for the whole range, then punches
-            rep.floor = min(rep.floor, seq)      # zeros (or partial edges) present at seq
 
     def revert(self, vid: str, idx: int, to_seq: int, seq: int) -> None:
         rep = self._get(vid, idx)
@@ -1134,6 +1140,7 @@ class ReplicaStore:
             raise ValueError(f"to_seq {to_seq} < 0")
         with self._rep_io(rep):
             rep.mutations += 1
+            floor, rep.floor = rep.floor, min(rep.floor, seq)     # before any block: see unmap
             seqs = rep.seqs
             changed = [b for b in range(rep.blocks) if seqs[b] > to_seq]
             # A version with key >= to_seq was made by a write after to_seq: its block
@@ -1146,17 +1153,16 @@ class ReplicaStore:
             for run_start, run_len in _runs(changed):
                 for a in range(run_start, run_start + run_len, _CHUNK // BLOCK_SIZE):
                     m = min(_CHUNK // BLOCK_SIZE, run_start + run_len - a)
-                    self._revert_run(rep, a, m, to_seq, seq)
-            if seq < rep.floor:
-                rep.floor = seq
+                    self._revert_run(rep, a, m, to_seq, seq, floor)
 
-    def _revert_run(self, rep: _Replica, first: int, n: int, to_seq: int, seq: int) -> None:
+    def _revert_run(self, rep: _Replica, first: int, n: int, to_seq: int, seq: int,
+                    floor: int) -> None:
         # The view at to_seq: only versions can hold it (these blocks' live seq > to_seq).
         targets: list[bytes | None] = []
         for b in range(first, first + n):
             src = rep.view_source(b, to_seq) if rep.keys else None
             targets.append(src.read(b) if src is not None else None)
-        self._cow(rep, first, n, seq)
+        self._cow(rep, first, n, seq, floor)
         self._store_seqs(rep, first, n, seq, present=True)
         k = 0
         while k < n:
@@ -1361,6 +1367,9 @@ class ReplicaStore:
                     data[b] = d
             for b, s, _crc in state.get("bad_live", ()):
                 new_seqs[b - first] = s
+            present = [s for s in new_seqs if s]
+            if present:                          # before the blocks change: see unmap
+                rep.floor = min(rep.floor, min(present))
             rep.store_seqs(first, new_seqs)
             k = first
             while k < end:
@@ -1375,9 +1384,6 @@ class ReplicaStore:
             for b, _s, crc in state.get("bad_live", ()):
                 rep.ext.write(b * BLOCK_SIZE, _filler(b, crc))
                 rep.ext._store_crcs(b, array("I", [crc]))     # noqa: SLF001 - the exporter's crc
-            present = [s for s in new_seqs if s]
-            if present:
-                rep.floor = min(rep.floor, min(present))
 
     def mend(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None) -> bool:
         """Repair from a peer's export blob only what fails its checksum here.

@@ -1,5 +1,6 @@
 """ReplicaStore / ExtentFile durability under failures: a full disk part-way through a
-write, failed fdatasyncs inside writes, unmaps and trims.
+write, a failure part-way through an unmap or an import (the COW floor), failed fdatasyncs
+inside writes, unmaps and trims.
 
 Real files; a full disk is a small tmpfs (skipped where it cannot be mounted) or ENOSPC
 injected into ``os.pwrite`` of one fd, a failed sync EIO injected into ``os.fdatasync``
@@ -131,6 +132,48 @@ def test_only_a_write_mixing_present_and_absent_blocks_allocates_first(tmp_path:
                           2 * BLOCK_SIZE, 4 * BLOCK_SIZE)]
         assert os.fstat(ext._data).st_size == SIZE                       # noqa: SLF001
         assert ext.read(0, 6 * BLOCK_SIZE) == b"e" * 2 * BLOCK_SIZE + b"g" * 4 * BLOCK_SIZE
+
+
+# -- (B) the COW floor is lowered before any block changes ------------------------------------
+
+def test_an_unmap_zero_failing_part_way_keeps_the_snapshot_of_its_zeros(tmp_path: Path, monkeypatch):
+    """A clone's extent: UNMAP with zero at seq 5 writes zeros 1 MiB at a time and fails in
+    the second MiB. The first MiB is present at seq 5, so the floor must be <= 5: the floor
+    lowered only after the loop stayed above it, the next write at seq 6 skipped the COW and
+    the snapshot at 5 lost its zeros (it read through to the parent)."""
+    size = 4 << 20
+    with ReplicaStore([(tmp_path / "d0", None)], extent_size=size) as s:
+        s.create("clone", 0, 1)
+        rep = s._replicas[("clone", 0)]                                     # noqa: SLF001
+        _enospc_after(monkeypatch, rep.ext._data, (1 << 20) // WRITE_PIECE)  # noqa: SLF001
+        with pytest.raises(StoreFull):
+            s.unmap("clone", 0, 0, size, seq=5, zero=True)
+        monkeypatch.undo()
+        assert s.read("clone", 0, 0, BLOCK_SIZE)[1] == b"\x01"             # zeros present at 5
+        s.write("clone", 0, 0, b"N" * BLOCK_SIZE, seq=6)                     # after a snapshot at 5
+        data, present = s.read("clone", 0, 0, BLOCK_SIZE, view=5)
+        assert present == b"\x01" and data == bytes(BLOCK_SIZE)
+        assert s.read("clone", 0, 0, BLOCK_SIZE)[0] == b"N" * BLOCK_SIZE
+
+
+def test_an_import_failing_part_way_keeps_the_snapshot_of_what_it_wrote(tmp_path: Path, monkeypatch):
+    """An IMPORT into an empty replica (floor: none) writes block 0 at seq 1, then fails on
+    block 2: the floor must already be 1, or a write at seq 2 skips the COW of block 0."""
+    with ReplicaStore([(tmp_path / "src", None)], extent_size=SIZE) as src, \
+            ReplicaStore([(tmp_path / "dst", None)], extent_size=SIZE) as dst:
+        src.create(V, 0, 1)
+        src.write(V, 0, 0, b"a" * BLOCK_SIZE, seq=1)
+        src.write(V, 0, 2 * BLOCK_SIZE, b"c" * BLOCK_SIZE, seq=1)
+        blob, nxt = src.export(V, 0, 0, SIZE)
+        assert nxt is None
+        dst.create(V, 0, 1)
+        _enospc_after(monkeypatch, dst._replicas[(V, 0)].ext._data, 1)      # noqa: SLF001
+        with pytest.raises(StoreFull):
+            dst.import_(V, 0, blob)
+        monkeypatch.undo()
+        assert dst.read(V, 0, 0, BLOCK_SIZE)[0] == b"a" * BLOCK_SIZE
+        dst.write(V, 0, 0, b"z" * BLOCK_SIZE, seq=2)
+        assert dst.read(V, 0, 0, BLOCK_SIZE, view=1) == (b"a" * BLOCK_SIZE, b"\x01")
 
 
 # -- (C) a failed sync inside a write, unmap or trim retires the replica ---------------------
