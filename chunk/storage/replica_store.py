@@ -330,6 +330,7 @@ class _Disk:
     replicas: set = field(default_factory=set)     # (vid, idx) on this disk
     error: str | None = None                       # why it failed
     probe_error: str | None = None  # the server's last disk probe failed it (set_probe_error)
+    scanned: bool = False           # its headers were listed at the start: its extents are known
 
     def placeable(self) -> bool:
         return not (self.failed or self.enospc or self.probe_error)
@@ -539,8 +540,12 @@ class ReplicaStore:
         # Extents whose files are here but did not open (a flipped bit in the header, EIO):
         # they answer IO errors, never NO_EXTENT, which a coordinator reads as zeros.
         self.broken: dict[tuple[str, int], tuple[str, Path]] = {}    # -> (why, its .hdr)
+        # More .hdr files of a broken extent than the one ``broken`` names (two copies of it on
+        # two disks that could not be told apart): a DELETE removes them all.
+        self._more_copies: dict[tuple[str, int], list[Path]] = {}
         self._disks: list[_Disk] = []
         self._replicas: dict[tuple[str, int], _Replica] = {}
+        copies: dict[tuple[str, int], list[tuple[_Disk, Path, ExtentHeader]]] = {}
         for path, limit in disks:
             disk = _Disk(Path(path), limit)
             self._disks.append(disk)
@@ -551,28 +556,94 @@ class ReplicaStore:
             except OSError as e:
                 disk.fail(f"it did not open: {e}")
                 continue
+            disk.scanned = True
             for hdr in headers:
                 if hdr in self.bad:
                     self._broken(hdr, "its fence record did not read")
                     continue
                 try:
                     header = ExtentHeader.decode(hdr.read_bytes(), str(hdr))
-                    key = (header.volume, header.extent)
-                    if key in self._replicas:
-                        raise StoreError(f"{hdr}: duplicate of {self._replicas[key].base()}")
-                    self._replicas[key] = self._open(disk, header.volume, header.extent)
-                    disk.replicas.add(key)
-                except (ExtentError, StoreError, OSError, ValueError) as e:
+                except (ExtentError, OSError, ValueError) as e:
                     self.bad.append(hdr)
                     self._broken(hdr, str(e))
+                    continue
+                copies.setdefault((header.volume, header.extent), []).append((disk, hdr, header))
+        for key, found in copies.items():
+            if key in self.broken:
+                # Another copy's header did not read: its generation is unknown, so the one
+                # that did read may be the stale one. Neither is served (``_choose_copy``).
+                self.bad.extend(hdr for _, hdr, _ in found)
+                self._more_copies[key] = [hdr for _, hdr, _ in found]
+                continue
+            disk, hdr, _ = self._choose_copy(key, found)
+            if disk is None:
+                continue
+            try:
+                self._replicas[key] = self._open(disk, *key)
+                disk.replicas.add(key)
+            except (ExtentError, StoreError, OSError, ValueError) as e:
+                self.bad.append(hdr)
+                self._broken(hdr, str(e))
+                self._more_copies[key] = [c[1] for c in found if c[1] != hdr]
+                continue
+            self._drop_stale_copies(key, [c for c in found if c[1] != hdr])
         for key, (why, _) in self.broken.items():
             log.error("extent %s/%d is on disk but does not open (%s): it answers I/O errors "
                       "until it is repaired or deleted", key[0], key[1], why)
+
+    def _choose_copy(self, key: tuple[str, int], found: list[tuple[_Disk, Path, ExtentHeader]]
+                     ) -> tuple[_Disk | None, Path, ExtentHeader | None]:
+        """Which of an extent's copies to open at the start, whatever the disks' order.
+
+        Two copies on two disks happen when one disk was unmounted (or failed) while the
+        extent was created again on another, then came back. The one with the highest
+        generation is the later resync target made in sync (SETGEN); the lower ones are stale,
+        and are removed once it opened (``_drop_stale_copies``). When the highest generation is
+        not unique, nothing tells them apart: neither is served, both are ``broken`` (I/O
+        errors, never stale data as good) until a DELETE, or a CREATE discarding them,
+        removes both. Returns (disk, hdr, header) to open, or disk None."""
+        if len(found) == 1:
+            return found[0]
+        top = max(h.generation for _, _, h in found)
+        best = [c for c in found if c[2].generation == top]
+        where = ", ".join(f"{d.path} (generation {h.generation})" for d, _, h in found)
+        if len(best) == 1:
+            log.warning("extent %s/%d has copies on %s: serving the one of generation %d",
+                        key[0], key[1], where, top)
+            return best[0]
+        why = f"copies on several disks with the same generation: {where}"
+        self.bad.extend(hdr for _, hdr, _ in found)
+        self.broken[key] = (f"it did not open: {why}", found[0][1])
+        self._more_copies[key] = [hdr for _, hdr, _ in found[1:]]
+        return None, found[0][1], None
+
+    def _drop_stale_copies(self, key: tuple[str, int],
+                           stale: list[tuple[_Disk, Path, ExtentHeader]]) -> None:
+        """Remove the copies of ``key`` older than the one opened. One that does not go would
+        come back as the only copy after a DELETE of the opened one: then the extent is not
+        served at all (``broken``, with every copy to remove on DELETE)."""
+        left = []
+        for disk, hdr, header in stale:
+            log.warning("extent %s/%d: removing the stale copy on %s (generation %d)",
+                        key[0], key[1], disk.path, header.generation)
+            if self._leftover(hdr.with_name(hdr.name[:-len(".hdr")])):
+                left.append(hdr)
+        if left:
+            rep = self._replicas.pop(key)
+            rep.disk.replicas.discard(key)
+            rep.close()
+            self.bad.extend(left)
+            why = f"it did not open: stale copies that would not go: {', '.join(map(str, left))}"
+            self.broken[key] = (why, rep.base().with_name(rep.base().name + ".hdr"))
+            self._more_copies[key] = left
 
     def _broken(self, hdr: Path, why: str) -> None:
         """Remember the extent ``hdr`` names (``<volume>.<index>.hdr``) as broken."""
         vid, _, idx = hdr.name[:-len(".hdr")].rpartition(".")
         if vid and idx.isdigit() and (vid, int(idx)) not in self._replicas:
+            if (vid, int(idx)) in self.broken:     # a second copy that does not open either
+                self._more_copies.setdefault((vid, int(idx)), []).append(hdr)
+                return
             self.broken[(vid, int(idx))] = (f"it did not open: {why}", hdr)
 
     # -- lifecycle -------------------------------------------------------------
@@ -694,9 +765,26 @@ class ReplicaStore:
     def create(self, vid: str, idx: int, generation: int, discard_broken: bool = False) -> None:
         """Make an empty replica here (nothing if one is here). A copy that did not open is
         refused, untouched, unless ``discard_broken``: a recovery target, whose copy is not
-        in sync anyway and is about to be copied in full from an in-sync one."""
+        in sync anyway and is about to be copied in full from an in-sync one.
+
+        Refused (``StoreIOError``, nothing touched) while a disk that did not open at start
+        is configured: its extents were never listed, this one may be there, and a copy made
+        on another disk would meet it at the next start. A disk that failed later (EIO,
+        EROFS) does not refuse: its extents were listed and are open or ``broken``.
+
+        A disk with a probe error (not mounted: its empty mount point scanned as empty) does
+        not refuse either, though it may hold this extent: an allocation's CREATE must still
+        place new extents beside it (docs/storage.md, "A disk that fails at startup"), and
+        the store cannot tell it from a recovery's CREATE (both come with generation 1). A
+        second copy made meanwhile is settled at the next start by generation, never by
+        disk order (``_choose_copy``): a recovery ends with SETGEN above the old copy's."""
         if (vid, idx) in self._replicas:
             return
+        hidden = next((d for d in self._disks if not d.scanned), None)
+        if hidden is not None:
+            raise StoreIOError(f"extent {vid}/{idx} is not on a usable disk here, and disk "
+                               f"{hidden.path} did not open ({hidden.error}): it may be there; "
+                               f"no second copy is made")
         if (vid, idx) in self.broken:       # refused before anything of it is touched
             if not discard_broken:
                 self._absent(vid, idx)
@@ -784,8 +872,10 @@ class ReplicaStore:
             # Forgotten only once its files are gone: one that failed to go (its disk dying)
             # still answers I/O errors, never NO_EXTENT, and a later DELETE tries again.
             with self._io(None):
-                _remove_extent(broken[1].with_name(broken[1].name[:-len(".hdr")]))
+                for hdr in self._more_copies.get((vid, idx), []) + [broken[1]]:
+                    _remove_extent(hdr.with_name(hdr.name[:-len(".hdr")]))
             del self.broken[(vid, idx)]
+            self._more_copies.pop((vid, idx), None)
             return
         self.broken.pop((vid, idx), None)
         rep = self._get(vid, idx)

@@ -1,6 +1,6 @@
 """ReplicaStore / ExtentFile durability under failures: a full disk part-way through a
 write, a failure part-way through an unmap or an import (the COW floor), failed fdatasyncs
-inside writes, unmaps and trims.
+inside writes, unmaps and trims, and two copies of one extent on two disks.
 
 Real files; a full disk is a small tmpfs (skipped where it cannot be mounted) or ENOSPC
 injected into ``os.pwrite`` of one fd, a failed sync EIO injected into ``os.fdatasync``
@@ -17,7 +17,7 @@ import pytest
 
 from chunk.storage import extent_file
 from chunk.storage.extent_file import BLOCK_SIZE, WRITE_PIECE, ExtentFile
-from chunk.storage.replica_store import ReplicaStore, StoreFull, StoreIOError
+from chunk.storage.replica_store import NoExtent, ReplicaStore, StoreFull, StoreIOError
 from tests.chunk.storage.test_replica_store import _mount_tmpfs, _umount
 
 pytestmark = pytest.mark.timeout(120)
@@ -246,3 +246,92 @@ def test_a_failed_inline_sync_retires_the_replica(tmp_path: Path, monkeypatch, c
         assert not list((tmp_path / "d0").glob(f"{V}.0.*"))
     finally:
         s.close()
+
+
+# -- (D) one extent, two disks ------------------------------------------------------------------
+
+def test_no_second_copy_while_a_disk_that_did_not_open_may_hold_the_extent(tmp_path: Path):
+    """A disk whose directory did not open at start hides its extents: a CREATE (a resync
+    target, an IMPORT) must not put a copy elsewhere that the old one meets at the next start.
+    A disk that failed later (its extents listed at start) does not stop creates."""
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    d1.write_bytes(b"")                                   # d1 does not open
+    with ReplicaStore([(d1, None), (d2, None)], extent_size=SIZE) as s:
+        with pytest.raises(StoreIOError, match="may be there"):
+            s.create(V, 0, 2)
+        assert not list(d2.glob(f"{V}.0.*"))
+    d1.unlink()
+    with ReplicaStore([(d1, None), (d2, None)], extent_size=SIZE) as s:
+        s._disks[0].fail("EIO, later")                     # noqa: SLF001 - as a failed create does
+        s.create(V, 0, 2)
+        assert s.stat(V, 0)["disk"] == str(d2)
+
+
+def test_a_copy_made_while_the_old_disk_was_unmounted_wins_by_generation(tmp_path: Path):
+    """The audit's case: d1 not mounted, a recovery re-creates the extent on d2 and ends with
+    SETGEN 3; d1 comes back with its copy of generation 1. Whatever the disks' order, the
+    generation-3 copy is served and the stale one removed (it used to be the first scanned)."""
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    with ReplicaStore([(d1, None), (d2, None)], extent_size=SIZE) as s:
+        s.create(V, 0, 1)
+        assert s.stat(V, 0)["disk"] == str(d1)
+        s.write(V, 0, 0, b"OLD!" * 1024, seq=1)
+        s.flush(V, 0)
+    os.rename(d1, tmp_path / "d1.fs")
+    d1.mkdir()
+    with ReplicaStore([(d1, None), (d2, None)], extent_size=SIZE) as s:
+        s.set_probe_error(d1, "disk-id vanished (not mounted?)")
+        with pytest.raises(StoreIOError, match="may be there"):
+            s.read(V, 0, 0, 4096)
+        s.create(V, 0, 1)                                 # the recovery target
+        assert s.stat(V, 0)["disk"] == str(d2)
+        s.write(V, 0, 0, b"NEW!" * 1024, seq=1)
+        s.set_generation(V, 0, 3)
+    d1.rmdir()
+    os.rename(tmp_path / "d1.fs", d1)
+    with ReplicaStore([(d1, None), (d2, None)], extent_size=SIZE) as s:
+        assert s.stat(V, 0)["generation"] == 3 and s.read(V, 0, 0, 4)[0] == b"NEW!"
+        assert s.broken == {} and not list(d1.glob(f"{V}.0*"))
+
+
+def _copy(disk: Path, generation: int, data: bytes) -> None:
+    with ReplicaStore([(disk, None)], extent_size=SIZE) as s:
+        s.create(V, 0, 1)
+        s.write(V, 0, 0, data, seq=1)
+        s.set_generation(V, 0, generation)
+
+
+@pytest.mark.parametrize("stale_first", [True, False])
+def test_of_two_copies_the_higher_generation_is_served_whatever_the_disk_order(tmp_path: Path,
+                                                                               stale_first):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _copy(a, 1, b"OLD!" * 1024)
+    _copy(b, 3, b"NEW!" * 1024)
+    order = [a, b] if stale_first else [b, a]
+    with ReplicaStore([(p, None) for p in order], extent_size=SIZE) as s:
+        assert s.stat(V, 0)["generation"] == 3 and s.stat(V, 0)["disk"] == str(b)
+        assert s.read(V, 0, 0, 4)[0] == b"NEW!"
+        assert s.broken == {}
+        assert not list(a.glob(f"{V}.0*"))               # the stale copy is gone
+        s.delete(V, 0)
+    with ReplicaStore([(p, None) for p in order], extent_size=SIZE) as s:
+        with pytest.raises(NoExtent):                    # nothing stale comes back
+            s.read(V, 0, 0, 4)
+
+
+def test_two_copies_with_one_generation_are_both_broken_until_deleted(tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _copy(a, 2, b"AAAA" * 1024)
+    _copy(b, 2, b"BBBB" * 1024)
+    for order in ([a, b], [b, a]):
+        with ReplicaStore([(p, None) for p in order], extent_size=SIZE) as s:
+            assert (V, 0) in s.broken and not s.has(V, 0)
+            with pytest.raises(StoreIOError, match="same generation"):
+                s.read(V, 0, 0, 4)
+            with pytest.raises(StoreIOError):
+                s.create(V, 0, 3)
+    with ReplicaStore([(a, None), (b, None)], extent_size=SIZE) as s:
+        s.delete(V, 0)                                   # both go
+        assert not list(a.glob(f"{V}.0*")) and not list(b.glob(f"{V}.0*"))
+        s.create(V, 0, 3)
+        assert s.read(V, 0, 0, 4)[0] == bytes(4)
