@@ -18,7 +18,7 @@ import random
 from typing import Any
 
 from zstore.errors import Conflict, InvalidArgument, NotFound
-from zstore.etcd import prefix_end
+from zstore.etcd import get_prefix_paged, prefix_end
 from zstore.records import ExtentRecord, RecoveryTask, Volume, VolumeOwner
 
 from . import chunks as chunkmod
@@ -275,5 +275,7 @@ async def list_extents(ctx: Ctx, vid: str, limit: int = 1000,
 
 
 async def all_extents(ctx: Ctx, vid: str | None = None) -> list[ExtentRecord]:
+    """Every extent record (of ``vid``, else of the cluster), read in pages at one revision."""
     prefix = ctx.keys.extents(vid) if vid else ctx.keys.all_extents()
-    return [ExtentRecord.decode(v) for _, v in await ctx.list_raw(prefix)]
+    kvs, _ = await get_prefix_paged(ctx.etcd, prefix)
+    return [ExtentRecord.decode(kv.value) for kv in kvs]

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zstore.errors import InsufficientResources, Unavailable
+from zstore.etcd import get_prefix_paged
 from zstore.records import ExtentRecord, RecoveryTask, Volume, VolumeOwner
 
 from . import chunks as chunkmod
@@ -130,13 +131,16 @@ class World:
 async def read_world(ctx: Ctx) -> World:
     vols = {v.volume_id: v for _, v in await ctx.list(ctx.keys.volumes(), Volume)}
     views = {v.chunk_id: v for v in await chunkmod.list_chunks(ctx)}
-    kvs = await ctx.etcd.get_prefix(ctx.keys.all_extents())
+    # Paged (one revision for all pages): one Range over every extent record outgrows gRPC's
+    # 4 MiB reply limit at ~13k extents, and then every pass failed.
+    kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.all_extents())
     extents = {}
     for kv in kvs:
         rec = ExtentRecord.decode(kv.value)
         extents[(rec.volume_id, rec.index)] = (rec, kv.mod_revision)
     tasks = {}
-    for kv in await ctx.etcd.get_prefix(ctx.keys.all_recovery()):
+    task_kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.all_recovery())
+    for kv in task_kvs:
         t = RecoveryTask.decode(kv.value)
         tasks[ctx.keys.extent_key_parts(kv.key)] = (t, kv.mod_revision)
     owners = {o.volume_id: o for _, o in await ctx.list(ctx.keys.owners(), VolumeOwner)}
@@ -423,7 +427,8 @@ async def cluster_status(ctx: Ctx) -> dict[str, Any]:
 async def volume_status(ctx: Ctx, vol: Volume) -> dict[str, Any]:
     """Extents allocated / degraded and this volume's recovery tasks."""
     vid = vol.volume_id
-    recs = [ExtentRecord.decode(v) for _, v in await ctx.list_raw(ctx.keys.extents(vid))]
+    kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.extents(vid))
+    recs = [ExtentRecord.decode(kv.value) for kv in kvs]
     tasks = [task_view(t, vol) for _, t in await ctx.list(ctx.keys.recovery(vid), RecoveryTask)]
     return {"extents": {"total": -(-vol.size // EXTENT_SIZE), "allocated": len(recs),
                         "degraded": sum(1 for r in recs if len(r.replicas) < vol.replicas)},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import aetcd
 import aetcd.utils
@@ -156,6 +156,53 @@ def client(cfg: EtcdConfig) -> aetcd.Client:
 
 def prefix_end(prefix: bytes) -> bytes:
     return aetcd.utils.prefix_range_end(prefix)
+
+
+# Keys per Range call of ``get_prefix_paged``. gRPC's client refuses replies over 4 MiB by
+# default (``grpc.max_receive_message_length``): one unlimited Range over ~13k extent records
+# is more than that, so listings that grow with the data are read in pages of this many keys.
+PAGE_SIZE = 1000
+COMPACTED_RETRIES = 3
+
+
+async def get_prefix_paged(etcd: aetcd.Client, prefix: bytes, page: int | None = None,
+                           keys_only: bool = False) -> tuple[list[Any], int]:
+    """Every key under ``prefix`` in key order, read ``page`` keys per Range call: (kvs, revision).
+
+    All pages are read at the one revision the first page was served at (the header's,
+    passed to the following reads), so the listing is a consistent snapshot, as one Range
+    would be. Each kv is etcd's own (``key``, ``value``, ``mod_revision``, ...). A snapshot
+    compacted away between pages is read again from the start at a newer revision.
+    """
+    page = PAGE_SIZE if page is None else page
+    if page < 1:
+        raise ValueError(f"page size must be >= 1, not {page}")
+    await etcd.connect()
+    end = prefix_end(prefix)
+    for attempt in range(COMPACTED_RETRIES):
+        kvs: list[Any] = []
+        start, revision = prefix, 0
+        try:
+            while True:
+                req = rpc.RangeRequest(key=start, range_end=end, limit=page, revision=revision,
+                                       keys_only=keys_only, sort_order=rpc.RangeRequest.ASCEND,
+                                       sort_target=rpc.RangeRequest.KEY)
+                try:
+                    resp = await etcd.kvstub.Range(req, timeout=etcd._timeout, metadata=etcd.metadata)
+                except rpc.AioRpcError as e:
+                    aetcd_exc._handle_exception(e)
+                if revision == 0:
+                    revision = resp.header.revision
+                kvs.extend(resp.kvs)
+                if not resp.more or not resp.kvs:
+                    return kvs, revision
+                start = resp.kvs[-1].key + b"\x00"
+        except aetcd_exc.ClientError as e:
+            if "compacted" not in str(e) or attempt == COMPACTED_RETRIES - 1:
+                raise
+            log.info("listing %s: revision %d compacted between pages; listing again",
+                     prefix.decode(errors="replace"), revision)
+    raise AssertionError("unreachable")
 
 
 def describe(cfg: EtcdConfig) -> str:

@@ -1,0 +1,69 @@
+"""Recovery and its status read the extent map in pages, not in one Range reply.
+
+gRPC's client refuses a reply over ``grpc.max_receive_message_length`` (4 MiB by default):
+one Range over every extent record passed that at ~13k extents, and from then on every
+recovery pass failed (only logged: degraded extents were never repaired) and ``GET /cluster``
+errored. Here the client's limit is 32 KiB and the page 40 keys, so a few hundred records
+show the same failure (the auditor's reproduction wrote 20k records under the default limit).
+"""
+
+import uuid
+
+import pytest
+from aetcd import exceptions as aetcd_exc
+
+from meta import extents, recovery, volumes
+from meta.recovery import Recovery, read_world
+from tests.meta.helpers import make_ctx, register_chunk
+from zstore import etcd as zetcd
+from zstore.records import ExtentRecord
+
+LIMIT = 32 * 1024
+N = 400
+
+
+@pytest.fixture
+async def small_client(etcd_config, etcd_client):
+    """A client that refuses replies over LIMIT bytes (etcd_client cleans the prefix up)."""
+    c = zetcd.Client(zetcd._target(etcd_config.endpoints), timeout=etcd_config.timeout,
+                     options={"grpc.max_receive_message_length": LIMIT})
+    await c.connect()
+    yield c
+    await c.close()
+
+
+async def write_extents(ctx, vid, replicas, n):
+    ids = list(replicas)
+    for start in range(0, n, 100):                      # etcd takes up to 128 ops per txn
+        ops = [ctx.put(ctx.keys.extent(vid, i), ExtentRecord(volume_id=vid, index=i, replicas=ids))
+               for i in range(start, min(n, start + 100))]
+        await ctx.etcd.transaction(compare=[], success=ops, failure=[])
+
+
+async def test_recovery_and_status_with_more_extents_than_one_reply_holds(small_client, etcd_config,
+                                                                        monkeypatch):
+    monkeypatch.setattr(zetcd, "PAGE_SIZE", 40, raising=False)
+    ctx = make_ctx(small_client, etcd_config)
+    for cid, zone in (("c0", "a"), ("c1", "b"), ("c2", "c"), ("c3", "d")):
+        await register_chunk(ctx, cid, labels={"zone": zone})
+    vol, _ = await volumes.create_volume(ctx, "big", "1Ti", 3)
+    vid = vol.volume_id
+    await write_extents(ctx, vid, ["c0", "c1"], N)       # every extent one copy short
+    with pytest.raises(aetcd_exc.ClientError, match="larger than max"):
+        await small_client.get_prefix(ctx.keys.all_extents())    # what one Range does
+    assert len(N * ExtentRecord(volume_id=vid, index=0, replicas=["c0", "c1"]).encode()) > LIMIT
+
+    world = await read_world(ctx)
+    assert sorted(world.extents) == [(vid, i) for i in range(N)]
+    assert all(rev > 0 for _, rev in world.extents.values())
+    done = await Recovery(ctx, grace=60, concurrency=4).step()
+    assert len(done["created"]) == 4 and {c[2] for c in done["created"]} == {"rebuild"}
+
+    status = await recovery.cluster_status(ctx)
+    assert status["degraded_extents"] == N and len(status["tasks"]) == 4
+    vstatus = await recovery.volume_status(ctx, vol)
+    assert vstatus["extents"]["allocated"] == N and vstatus["extents"]["degraded"] == N
+    recs = await extents.all_extents(ctx)
+    assert [r.index for r in recs] == list(range(N))
+    assert len(await extents.all_extents(ctx, vid)) == N
+    assert len(await extents.all_extents(ctx, uuid.uuid4().hex)) == 0
