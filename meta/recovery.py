@@ -8,10 +8,12 @@ source to copy from: it gets no task (and loses any it had) until one returns,
 so it cannot hold a slot that an extent with a live source needs.
 
 * a stale replica whose chunk server is live and active -> ``resync`` to it
-  (it has most of the data; only the difference is copied);
+  (it has most of the data; only the difference is copied), unless an in-sync
+  replica holds its failure domain meanwhile (then it is not counted at all);
 * else, once the stale chunk server has been down longer than ``grace``, is
   draining, removed, or has no usable disk -> ``rebuild`` on a newly placed
-  chunk server, spread away from the remaining replicas' failure domains.
+  chunk server, away from the failure domains of the remaining replicas and of
+  the stale copies still waited for (they rejoin beside it).
 
 With slots left over, replicas on draining chunk servers are moved: a
 ``rebuild`` to a new server whose ``join`` replaces the draining replica in
@@ -54,7 +56,7 @@ from . import chunks as chunkmod
 from . import volops
 from .context import Ctx
 from .extents import EXTENT_SIZE, candidate_of, place_more, usable
-from .placement import Candidate
+from .placement import Candidate, shared_allowed
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +332,14 @@ class Recovery:
                 slots -= 1
 
     def _place(self, w: World, rec: ExtentRecord, keep_ids: list[str], vol: Volume) -> str | None:
-        """A new chunk server for a copy of ``rec``, away from ``keep_ids``' failure domains."""
+        """A new chunk server for a copy of ``rec``, away from ``keep_ids``' failure domains.
+
+        ``keep_ids``: the in-sync replicas, and the stale copies the plan counts on (waiting
+        to be resynced): the new copy joins beside all of them, so none may share its domain.
+        """
         pool = [candidate_of(v) for v in w.views.values() if usable(v, EXTENT_SIZE)
                 and v.chunk_id not in rec.replicas and v.chunk_id not in rec.stale]
-        keep = [candidate_of(w.views[c]) if c in w.views else Candidate(chunk_id=c, free=0) for c in keep_ids]
+        keep = [self._candidate(w, c) for c in keep_ids]
         try:
             target = place_more(pool, keep, 1, EXTENT_SIZE)[0]
         except InsufficientResources as e:
@@ -345,6 +351,12 @@ class Recovery:
             return None
         self._warned.discard((rec.volume_id, rec.index))
         return target
+
+    @staticmethod
+    def _candidate(w: World, chunk_id: str) -> Candidate:
+        """A chunk server as placement sees it (a removed one is a domain of its own)."""
+        view = w.views.get(chunk_id)
+        return candidate_of(view) if view is not None else Candidate(chunk_id=chunk_id, free=0)
 
     async def _create(self, w: World, rec: ExtentRecord, rev: int, new: ExtentRecord, vol: Volume,
                       kind: str, target: str, done: dict[str, Any]) -> bool:
@@ -378,12 +390,28 @@ class Recovery:
                       for c in rec.stale if c not in rec.replicas}
             ok_stale = sorted((c for c, s in states.items() if s == OK), key=lambda c: -rec.stale[c])
             waiting = [c for c, s in states.items() if s == WAITING]
+            # A stale copy rejoins beside the in-sync replicas: not one in a failure domain one
+            # of them already holds (a rebuild placed there meanwhile, say), unless replicas may
+            # share domains. Such a copy is neither resynced nor counted; a rebuild elsewhere
+            # is planned instead (or, with no free domain, the extent waits).
+            shared = shared_allowed(None)
+            used = {self._candidate(w, c).failure_domain for c in rec.replicas}
+
+            def fits(c: str) -> bool:
+                return shared or self._candidate(w, c).failure_domain not in used
+            ok_stale = [c for c in ok_stale if fits(c)]
+            counted = []
+            for c in waiting:
+                if fits(c):
+                    counted.append(c)
+                    used.add(self._candidate(w, c).failure_domain)
             # The gone stale copies stay listed (``_prune_stale``): a rebuild is only planned
             # here, and if its source dies before it joins they are what is left.
             if ok_stale:
                 kind, target = "resync", ok_stale[0]
-            elif vol.replicas - len(rec.replicas) > len(waiting):
-                target = self._place(w, rec, rec.replicas, vol)
+            elif vol.replicas - len(rec.replicas) > len(counted):
+                # Away from the waiting copies' domains too: they rejoin when back.
+                target = self._place(w, rec, rec.replicas + counted, vol)
                 if target is None:
                     continue
                 kind = "rebuild"
