@@ -426,15 +426,40 @@ class Coordinator:
             # or could have: ownership is taken again (new epoch, the volume's current seq).
             while time.monotonic() >= lease.lease_deadline:
                 await asyncio.sleep(LEASE_POLL)
-            if lease.lease_gen != self._lease_gen:
-                async with self._owner_lock:
-                    if lease.lease_gen != self._lease_gen:
-                        self.epoch = 0
-        if self.epoch:
+            if self.epoch and lease.lease_gen == self._lease_gen:
+                return
+        elif self.epoch:
             return
         async with self._owner_lock:
-            if not self.epoch:
+            # The check and the re-take in one section, and the epoch in use left in place
+            # until ``_acquire`` replaces it: ``self.epoch`` is never 0 once taken (a request
+            # that read 0 meanwhile sent it unfenced, and replicas refuse a mutation at 0).
+            # Requests in flight check ``_owns`` before each attempt, so none is sent under the
+            # old epoch once the lease changed: they wait here for the new one.
+            if not self.epoch or (lease is not None and lease.lease_gen != self._lease_gen):
                 await self._acquire()
+
+    def _owns(self) -> bool:
+        """Ownership is held and current: an epoch taken under this server's present etcd
+        lease. Every attempt of a mutation checks this right before it is sent (at
+        ``self.epoch``, ``self.seq``), not only the request's ``ensure_owner``: a request waits
+        (range lock, gate, a slow replica) and the lease may change meanwhile."""
+        if not self.epoch:
+            return False
+        lease = self.engine.lease
+        return lease is None or lease.lease_gen == self._lease_gen
+
+    async def _epoch(self) -> int:
+        """The epoch to send a mutation at now (``_owned``), as one call for the copies."""
+        if not self._owns():
+            await self._owned()
+        return self.epoch
+
+    async def _owned(self) -> tuple[int, int]:
+        """(epoch, seq) to send an attempt at, ownership re-taken first if not ``_owns``."""
+        while not self._owns():
+            await self.ensure_owner()
+        return self.epoch, self.seq
 
     async def _acquire(self) -> None:
         lease = self.engine.lease
@@ -502,10 +527,18 @@ class Coordinator:
 
     @staticmethod
     def _fenced(failed) -> bool:
-        return any(isinstance(res, rk.ReplicaFailed) and res.kind == rk.STALE_EPOCH for _, res in failed)
+        """A replica refused the attempt's epoch: stale (another owner), or none (DENIED: a
+        mutation at epoch 0). Ownership is taken (back) and the attempt repeated; never a
+        reason to drop the replica."""
+        return any(isinstance(res, rk.ReplicaFailed) and res.kind in rk.FENCED for _, res in failed)
 
-    async def _on_replicas(self, idx: int, op, lo: int = 0, hi: int = 0, rec: ExtentRecord | None = None):
+    async def _on_replicas(self, idx: int, op, lo: int = 0, hi: int = 0, rec: ExtentRecord | None = None,
+                           keep: bool = False):
         """Run ``op(replica, epoch)`` on every replica of extent ``idx`` in parallel.
+
+        Each attempt is sent only while ownership is held and current (``_owns``), else it is
+        re-taken first; ``keep``: raise instead (an operation bound to the ownership it was
+        claimed under, a revert).
 
         A fenced epoch is taken back and the whole call repeated (never a reason to drop
         a replica); any other failure drops that replica through the meta
@@ -514,8 +547,17 @@ class Coordinator:
         """
         deadline = time.monotonic() + RETAKE_WINDOW
         for attempt in range(1 << 30):
-            cur = rec or self.extents[idx]
-            targets = [await self.engine.replica(c) for c in cur.replicas]
+            while True:
+                if not self._owns():
+                    if keep:
+                        raise MediumError(f"volume {self.vid}: this server's etcd lease may have "
+                                          f"lapsed (the volume may have been snapshotted or handed "
+                                          f"on meanwhile); stopping")
+                    await self._owned()
+                cur = rec or self.extents[idx]
+                targets = [await self.engine.replica(c) for c in cur.replicas]
+                if self._owns():
+                    break
             epoch = self.epoch
             results = await asyncio.gather(*(op(r, epoch) for r in targets), return_exceptions=True)
             failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
@@ -723,9 +765,17 @@ class Coordinator:
                 rec, targets, results, epoch, seq = first
                 first = None
             else:
-                rec = self.extents[idx]
-                targets = self.engine.cached_replicas(rec.replicas) or \
-                    [await self.engine.replica(c) for c in rec.replicas]
+                while True:
+                    # Sent only under ownership held and current (``_owns``): a request that
+                    # waited (range lock, gate, a replica) since its ``ensure_owner`` may find
+                    # the lease changed, the epoch being re-taken.
+                    if not self._owns():
+                        await self._owned()
+                    rec = self.extents[idx]
+                    targets = self.engine.cached_replicas(rec.replicas) or \
+                        [await self.engine.replica(c) for c in rec.replicas]
+                    if self._owns():
+                        break
                 sync = self._sync.get(idx)
                 if sync is not None and sync.failed is None and eoff < sync.cursor:
                     targets.append(sync.replica)
@@ -824,8 +874,7 @@ class Coordinator:
         deadline = time.monotonic() + RETAKE_WINDOW
         attempt = 0
         while True:
-            await self.ensure_owner()               # an epoch (a lease lapse may have cleared it)
-            epoch, seq = self.epoch, self.seq
+            epoch, seq = await self._owned()        # held and current (the lease may have changed)
             have = await self._caw_read(parts, epoch)
             if have is None:                        # fenced before anything was written
                 await self._retake(epoch, attempt, deadline)
@@ -843,9 +892,10 @@ class Coordinator:
             # Fenced: another server owns the volume now and may have written the range
             # since our compare. The attempt is not repeated; what it left is looked at.
             while True:
-                await self._retake(epoch, attempt, deadline)
+                if self._owns():                    # else not sent for a changed lease: no fence
+                    await self._retake(epoch, attempt, deadline)
                 attempt += 1
-                await self.ensure_owner()           # taken back by another request meanwhile
+                await self._owned()                 # taken back by another request meanwhile
                 if self.seq != seq and sent is not None:
                     # A snapshot was committed since the attempt: it holds it where it landed
                     # and not elsewhere; the smaller side goes (see _split_by_snapshot).
@@ -924,7 +974,7 @@ class Coordinator:
             rec, got = await self._caw_read_all(idx, eoff, m, epoch)
             data, missing, last = None, 0, None
             for r, res in got:
-                if isinstance(res, rk.ReplicaFailed) and res.kind == rk.STALE_EPOCH:
+                if isinstance(res, rk.ReplicaFailed) and res.kind in rk.FENCED:
                     return None
                 if isinstance(res, BaseException):
                     last = res
@@ -971,12 +1021,20 @@ class Coordinator:
             return None
         base = idx * EXTENT_SIZE - lo
         absent_waits = 0
+        last = None                                 # (replicas, outcomes) of the round sent last
         while True:
             rec = self.extents[idx]
             targets = [await self.engine.replica(c) for c in rec.replicas]
             sync = self._sync.get(idx)
             if sync is not None and sync.failed is None and eoff < sync.cursor:
                 targets.append(sync.replica)
+            if not self._owns() or self.epoch != epoch:
+                # Ownership changed since the compare (the lease, or a retake for another
+                # request): a send at ``epoch`` is no longer conditional, nor safe. As if
+                # fenced: the caller reconciles under the epoch it takes now (an earlier round
+                # here landed where its outcome is None).
+                return last or (targets, [rk.ReplicaFailed(r.chunk_id, rk.STALE_EPOCH, "not sent: "
+                                                           "ownership changed") for r in targets])
             results = [None] * len(targets)
             for s, n in pieces:
                 calls = [r.start_write(self.vid, idx, s, view[base + s:base + s + n], epoch, seq, fua)
@@ -992,6 +1050,7 @@ class Coordinator:
                 return None, None
             if self._fenced(failed):
                 return targets, results
+            last = targets, results
             # Not fenced: nobody else wrote since our compare (every in-sync replica admitted
             # our epoch then), so a retry at the same epoch is still conditional.
             if all(isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT for _, res in failed):
@@ -1022,7 +1081,7 @@ class Coordinator:
         everywhere = True
         for idx, eoff, m in parts:
             rec, got = await self._caw_read_all(idx, eoff, m, epoch)
-            if any(isinstance(res, rk.ReplicaFailed) and res.kind == rk.STALE_EPOCH for _, res in got):
+            if any(isinstance(res, rk.ReplicaFailed) and res.kind in rk.FENCED for _, res in got):
                 return "fenced", None
             bad = [(r, res) for r, res in got if isinstance(res, BaseException)]
             copies = [res for _, res in got if not isinstance(res, BaseException)]
@@ -1334,6 +1393,9 @@ class Coordinator:
         for it, then flushes what was written since. Extents taken by a flush that fails or
         is cancelled go back to the unflushed set."""
         await self.ready()
+        if self.view_seq:
+            return                      # a view writes nothing
+        await self.ensure_owner()       # a FLUSH needs an epoch, as any mutation
         async with self._flush_lock:
             pending, self._unflushed = self._unflushed, set()
             if not pending:
@@ -1414,7 +1476,7 @@ class Coordinator:
         results = await asyncio.gather(*(fence(c) for c in servers), return_exceptions=True)
         failed = {c: res for c, res in zip(servers, results) if res is not None}
         for c, res in failed.items():
-            if isinstance(res, rk.ReplicaFailed) and res.kind == rk.STALE_EPOCH:
+            if isinstance(res, rk.ReplicaFailed) and res.kind in rk.FENCED:
                 raise FencedError(f"volume {self.vid}: another server took it over; snapshot not taken")
             if not isinstance(res, Exception):
                 raise res
@@ -1541,7 +1603,7 @@ class Coordinator:
             await self._locks.hold(idx, 0, EXTENT_SIZE)
             try:
                 await self._on_replicas(idx, lambda r, epoch: r.revert(self.vid, idx, epoch, to_seq, self.seq),
-                                        0, EXTENT_SIZE)
+                                        0, EXTENT_SIZE, keep=True)
             finally:
                 self._locks.release(idx)
         self._dirty.clear()
@@ -1596,7 +1658,7 @@ class Coordinator:
             ranges = _whole_extent()
             mode = "full"
         try:
-            await target.create(self.vid, idx, self.epoch, 1)
+            await target.create(self.vid, idx, await self._epoch(), 1)
         except rk.ReplicaFailed as ex:
             if ex.kind != rk.IO:
                 raise
@@ -1604,7 +1666,7 @@ class Coordinator:
             # copied in full (the dirty blocks alone would sit on nothing).
             log.warning("volume %s extent %d: %s holds a copy that does not open (%s); replacing it",
                         self.vid, idx, task.target, ex.detail)
-            await target.create(self.vid, idx, self.epoch, 1, discard_broken=True)
+            await target.create(self.vid, idx, await self._epoch(), 1, discard_broken=True)
             ranges = _whole_extent()
             mode = "full"
         # A dirty-block copy: the target is in sync everywhere else, so it takes every write
@@ -1632,7 +1694,7 @@ class Coordinator:
                 task_rev = await self._copy(task, task_rev, [source, *others], target, sync,
                                             ranges, rate, total)
                 sync.cursor = EXTENT_SIZE
-                await target.flush(self.vid, idx, self.epoch)   # so SETGEN's flush, held, is short
+                await target.flush(self.vid, idx, await self._epoch())   # so SETGEN's flush is short
                 # Proof, not hope: with the extent quiet, both replicas must agree exactly.
                 # Quiet until the join: a write, flush or revert between the proof and the
                 # join would reach the target only through ``_sync`` (or not at all) and
@@ -1641,9 +1703,14 @@ class Coordinator:
                 try:
                     if sync.failed:
                         raise MediumError(f"target {task.target} failed during the copy: {sync.failed}")
-                    epoch = self.epoch
+                    epoch = await self._epoch()
                     if await self._source_digest([source, *others], idx) == \
                             await target.digest(self.vid, idx):
+                        if not self._owns() or self.epoch != epoch:
+                            # The proof was taken under an ownership that changed meanwhile:
+                            # another owner may have written the sources since. Not joined.
+                            raise MediumError(f"extent {idx}: ownership changed during the "
+                                              f"digest of {task.target}; not joined")
                         await target.setgen(self.vid, idx, epoch, gen + 1)
                         try:
                             data = await e.meta.call("POST", f"/extents/{self.vid}/{idx}/join",
@@ -1722,7 +1789,7 @@ class Coordinator:
                             source.chunk_id, ex)
         else:
             raise MediumError(f"extent {idx}: no in-sync replica exports {pos}+{end - pos}: {last}")
-        await target.import_(self.vid, idx, blob, self.epoch)
+        await target.import_(self.vid, idx, blob, await self._epoch())
         for block in unreadable_blocks(blob):
             await self._copy_unreadable(task, [*sources[:i], *sources[i + 1:]], target,
                                         block, source.chunk_id)
@@ -1753,7 +1820,7 @@ class Coordinator:
             if not readable:                        # a part of it does not read there either
                 continue
             for blob in blobs:
-                await target.import_(self.vid, idx, blob, self.epoch)
+                await target.import_(self.vid, idx, blob, await self._epoch())
             self.counters["copy_source_retries"] += 1
             log.warning("volume %s extent %d block %d: unreadable on %s, copied to %s from %s",
                         self.vid, idx, block, bad_on, task.target, source.chunk_id)

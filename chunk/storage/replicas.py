@@ -27,6 +27,9 @@ STALE_EPOCH = "stale_epoch"
 INVALID = "invalid"
 CONFLICT = "conflict"
 STALE_GENERATION = "stale_generation"    # SETGEN below the replica's generation: refused
+DENIED = "denied"                # a mutation without an ownership epoch (epoch 0): refused
+# The replica refused the request's epoch: take ownership (back) and repeat, never drop it.
+FENCED = (STALE_EPOCH, DENIED)
 
 
 class ReplicaFailed(Exception):
@@ -61,6 +64,7 @@ class LocalReplica:
         return ReplicaFailed(self.chunk_id, IO, f"{type(e).__name__}: {e}")
 
     def _run(self, vid, idx, epoch, fn, *args, **kw):
+        """A read-only request: epoch 0 (a view, an export) runs without admission."""
         try:
             if epoch:
                 self.store.admit(vid, idx, epoch)
@@ -68,11 +72,18 @@ class LocalReplica:
         except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
             raise self._fail(vid, idx, e) from None
 
+    def _mutate(self, vid, idx, epoch, fn, *args, **kw):
+        """A mutation: refused at epoch 0 (DENIED), as the replica server refuses it; never
+        run unfenced."""
+        if not epoch:
+            raise ReplicaFailed(self.chunk_id, DENIED, "a mutation needs an ownership epoch")
+        return self._run(vid, idx, epoch, fn, *args, **kw)
+
     async def read(self, vid, idx, off, length, epoch, view=0):
         return self._run(vid, idx, epoch, self.store.read, vid, idx, off, length, view)
 
     async def write(self, vid, idx, off, data, epoch, seq, fua=False):
-        self._run(vid, idx, epoch, self.store.write, vid, idx, off, data, seq)
+        self._mutate(vid, idx, epoch, self.store.write, vid, idx, off, data, seq)
         if fua:
             await self.flush(vid, idx, epoch)
 
@@ -83,15 +94,19 @@ class LocalReplica:
         admission and write in one store call. Not through ``_run``: its argument packing
         cost a measurable share of the coordinator's hot path; the failure mapping is the
         same ``_fail``."""
+        if not epoch:                   # never unfenced (the replica server's DENIED)
+            raise ReplicaFailed(self.chunk_id, DENIED, "WRITE needs an ownership epoch")
         try:
             self.store.admit_write(vid, idx, epoch, off, data, seq)
         except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
             raise self._fail(vid, idx, e) from None
 
     async def unmap(self, vid, idx, off, length, epoch, seq, zero=False):
-        self._run(vid, idx, epoch, self.store.unmap, vid, idx, off, length, seq, zero)
+        self._mutate(vid, idx, epoch, self.store.unmap, vid, idx, off, length, seq, zero)
 
     async def flush(self, vid, idx, epoch):
+        if not epoch:
+            raise ReplicaFailed(self.chunk_id, DENIED, "FLUSH needs an ownership epoch")
         try:
             await self.store.flush_async(vid, idx)       # the sync in a thread, its clean-up here
         except Exception as e:  # noqa: BLE001
@@ -100,7 +115,7 @@ class LocalReplica:
     async def create(self, vid, idx, epoch, generation, discard_broken=False):
         # Admitted before any disk change (a fenced owner creates or discards nothing), and
         # again after, so that the new extent's header carries the epoch.
-        self._run(vid, idx, epoch, self.store.create, vid, idx, generation, discard_broken)
+        self._mutate(vid, idx, epoch, self.store.create, vid, idx, generation, discard_broken)
         self._run(vid, idx, epoch, lambda: None)
 
     async def fence(self, vid, idx, epoch):
@@ -109,19 +124,19 @@ class LocalReplica:
 
     async def revert(self, vid, idx, epoch, to_seq, seq):
         """Done once synced, as the replica server answers REVERT: nothing flushes it later."""
-        self._run(vid, idx, epoch, self.store.revert, vid, idx, to_seq, seq)
+        self._mutate(vid, idx, epoch, self.store.revert, vid, idx, to_seq, seq)
         await self.flush(vid, idx, epoch)
 
     async def export(self, vid, idx, off, length, epoch=0):
         return self._run(vid, idx, epoch, self.store.export, vid, idx, off, length)
 
     async def import_(self, vid, idx, blob, epoch):
-        ok = self._run(vid, idx, epoch, self.store.import_, vid, idx, blob)
+        ok = self._mutate(vid, idx, epoch, self.store.import_, vid, idx, blob)
         if ok is False:
             raise ReplicaFailed(self.chunk_id, CONFLICT)
 
     async def setgen(self, vid, idx, epoch, generation):
-        self._run(vid, idx, epoch, lambda: None)         # admitted before the flush
+        self._mutate(vid, idx, epoch, lambda: None)      # admitted before the flush
         try:
             await self.store.set_generation_async(vid, idx, generation)
         except Exception as e:  # noqa: BLE001
@@ -245,4 +260,4 @@ def _status_kind(e) -> str:
     return {Status.STALE_EPOCH: STALE_EPOCH, Status.CHECKSUM: CHECKSUM, Status.NO_EXTENT: NO_EXTENT,
             Status.IO_ERROR: IO, Status.NO_SPACE: NO_SPACE, Status.INVALID: INVALID,
             Status.CONFLICT: CONFLICT,
-            Status.STALE_GENERATION: STALE_GENERATION}.get(getattr(e, "status", None), IO)
+            Status.STALE_GENERATION: STALE_GENERATION, Status.DENIED: DENIED}.get(getattr(e, "status", None), IO)

@@ -1,0 +1,188 @@
+"""The coordinator sends every mutation under ownership that is held and current: never at
+epoch 0 while ownership is being re-taken, never once its lease may have lapsed, and a write
+is acknowledged only on ``min_write_replicas`` in-sync replicas. Driven over the in-memory
+stand-ins of test_coordinator (engine, meta, replicas)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from chunk.storage import coordinator as cm
+from chunk.storage import replicas as rk
+from chunk.storage.coordinator import EXTENT_SIZE, MediumError
+from chunk.storage.replica_client import Denied
+from chunk.storage.wire import Status
+from tests.chunk.storage.test_coordinator import _MemReplica, _mem_coordinator
+from zstore.records import Volume
+
+
+class _SrvReplica(_MemReplica):
+    """Like the real replica server: a mutation or flush at epoch 0 is DENIED (the wire
+    status, as the replica client reports it); every request's epoch is recorded."""
+
+    def __init__(self, cid: str, delay: float = 0.002) -> None:
+        super().__init__(cid, delay)
+        self.epochs: list[tuple[str, int, int]] = []
+
+    def _denied(self, what: str) -> rk.ReplicaFailed:
+        e = Denied(Status.DENIED, {"error": f"{what} needs an ownership epoch"})
+        return rk.ReplicaFailed(self.chunk_id, rk._status_kind(e), str(e))   # noqa: SLF001
+
+    def start_write(self, vid, idx, off, data, epoch, seq, fua=False):
+        self.epochs.append(("write", epoch, seq))
+        data = bytes(data)
+
+        async def reply():
+            if epoch == 0:
+                raise self._denied("WRITE")
+            self.state[off] = data
+            await asyncio.sleep(self.delay)
+        return reply()
+
+    async def flush(self, vid, idx, epoch):
+        self.epochs.append(("flush", epoch, 0))
+        if epoch == 0:
+            raise self._denied("FLUSH")
+
+
+class _Lease:
+    def __init__(self) -> None:
+        self.lease_deadline, self.lease_gen = time.monotonic() + 60, 1
+
+
+def _setup(monkeypatch, reps, acquire_delay: float, snap_seq: int = 1):
+    acquired = []
+
+    async def acquire(etcd, keys, vid, chunk_id):
+        await asyncio.sleep(acquire_delay)                  # etcd round trips
+        acquired.append(vid)
+        return 7 + len(acquired), 100 + len(acquired), Volume(
+            volume_id=vid, name=vid, size=EXTENT_SIZE, replicas=3, snap_seq=snap_seq)
+    monkeypatch.setattr(cm.ownership, "acquire", acquire)
+    coord = _mem_coordinator(reps, ["A", "B", "C"])
+
+    async def no_refresh():
+        pass
+    coord._refresh_extents = no_refresh                     # noqa: SLF001
+    lease = coord.engine.lease = _Lease()
+    coord._lease_gen = 1                                    # noqa: SLF001
+    return coord, lease, acquired
+
+
+def _sent_epochs(reps) -> set[int]:
+    return {e[1] for r in reps.values() for e in r.epochs}
+
+
+def test_a_flush_while_ownership_is_retaken_after_a_new_lease_drops_no_replica(monkeypatch):
+    """A new lease makes the next request take ownership again. The epoch once read 0 for
+    the whole etcd round trip, and a SYNCHRONIZE CACHE meanwhile (flush never took ownership
+    itself) sent FLUSH at epoch 0: every remote replica answered DENIED, which counted as an
+    I/O error and dropped them all (with no dirty log: a full copy each). The flush now waits
+    for the new epoch; nothing goes out at 0 and no replica is dropped."""
+    async def main():
+        reps = {k: _SrvReplica(k) for k in "ABC"}
+        coord, lease, _ = _setup(monkeypatch, reps, 0.05)
+        await coord.write(0, b"x" * 4096)                   # acknowledged, not flushed
+        assert coord._unflushed == {0}                      # noqa: SLF001
+        lease.lease_gen += 1                                # the server's lease was granted anew
+        w = asyncio.create_task(coord.write(4096, b"y" * 4096))     # re-takes ownership
+        await asyncio.sleep(0.01)
+        assert coord.epoch != 0                             # never exposed while re-taking
+        f = asyncio.create_task(coord.flush())
+        await asyncio.wait_for(asyncio.gather(w, f), 5)
+        assert coord.extents[0].replicas == ["A", "B", "C"]
+        assert 0 not in _sent_epochs(reps)
+        assert ("flush", 8, 0) in reps["B"].epochs
+    asyncio.run(main())
+
+
+def test_a_write_waiting_for_a_range_while_ownership_is_retaken_goes_out_at_the_new_epoch(monkeypatch):
+    """W1 waits for an overlapping W0; meanwhile a new lease makes W2 re-take ownership. W1
+    once went out at epoch 0: unfenced on the local replica, DENIED and dropped on the remote
+    ones, and acknowledged on one copy. It now waits for the new epoch."""
+    async def main():
+        reps = {k: _SrvReplica(k, delay=0.02) for k in "ABC"}
+        coord, lease, acquired = _setup(monkeypatch, reps, 0.2)
+        w0 = asyncio.create_task(coord.write(0, b"0" * 4096))
+        await asyncio.sleep(0.001)
+        w1 = asyncio.create_task(coord.write(0, b"1" * 4096))       # waits for w0's range
+        await asyncio.sleep(0.001)
+        lease.lease_gen += 1
+        w2 = asyncio.create_task(coord.write(8192, b"2" * 4096))    # re-takes ownership
+        await asyncio.wait_for(asyncio.gather(w0, w1, w2), 5)
+        assert len(acquired) == 1 and coord.epoch == 8
+        assert 0 not in _sent_epochs(reps)
+        assert coord.extents[0].replicas == ["A", "B", "C"]
+        assert all(r.state[0] == b"1" * 4096 for r in reps.values())
+        assert all(r.epochs[-1][1] == 8 for r in reps.values())
+    asyncio.run(main())
+
+
+def test_a_denied_reply_is_not_a_failed_replica():
+    """DENIED (a mutation sent without an epoch) says nothing about the replica: it once
+    counted as an I/O error and dropped it. The attempt is repeated under the epoch held
+    (here: an attempt made at epoch 0, handed to the retry loop as the fast path hands its
+    own), and every replica stays."""
+    async def main():
+        reps = {k: _SrvReplica(k) for k in "ABC"}
+        coord = _mem_coordinator(reps, ["A", "B", "C"])
+        rec = coord.extents[0]
+        targets = [reps[c] for c in rec.replicas]
+        outcomes = [None, reps["B"]._denied("WRITE"), reps["C"]._denied("WRITE")]   # noqa: SLF001
+        await asyncio.wait_for(coord._replicate(                                    # noqa: SLF001
+            "write", 0, 0, 4096, memoryview(b"z" * 4096), False, False,
+            first=(rec, targets, outcomes, 0, coord.seq)), 5)
+        assert coord.extents[0].replicas == ["A", "B", "C"]
+        assert reps["B"].state[0] == reps["C"].state[0] == b"z" * 4096
+        assert reps["B"].epochs == [("write", 7, coord.seq)]
+    asyncio.run(main())
+
+
+class _Store:
+    """A store recording what ran: admission, and the mutations."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def admit(self, vid, idx, epoch):
+        self.ran.append(f"admit {epoch}")
+
+    def admit_write(self, vid, idx, epoch, off, data, seq):
+        self.ran.append(f"admit_write {epoch}")
+
+    def write(self, *args):
+        self.ran.append("write")
+
+    def unmap(self, *args):
+        self.ran.append("unmap")
+
+    async def flush_async(self, vid, idx):
+        self.ran.append("flush")
+
+    def read(self, vid, idx, off, length, view):
+        self.ran.append("read")
+        return bytes(length), None
+
+
+def test_the_local_replica_refuses_a_mutation_at_epoch_0_as_the_replica_server_does():
+    """The local replica skipped admission at epoch 0 and ran the mutation unfenced; the
+    replica server refuses it. Now both refuse it (DENIED); reads at 0 (views) still run."""
+    async def main():
+        store = _Store()
+        local = rk.LocalReplica("A", store)
+        for call in (local.write("v", 0, 0, b"a" * 4096, 0, 1), local.unmap("v", 0, 0, 4096, 0, 1),
+                     local.flush("v", 0, 0)):
+            with pytest.raises(rk.ReplicaFailed) as e:
+                await call
+            assert e.value.kind == rk.DENIED
+        with pytest.raises(rk.ReplicaFailed) as e:
+            local.write_now("v", 0, 0, b"a" * 4096, 0, 1)
+        assert e.value.kind == rk.DENIED
+        assert store.ran == []
+        await local.read("v", 0, 0, 4096, 0, 3)
+        await local.write("v", 0, 0, b"a" * 4096, 5, 1)
+        assert store.ran == ["read", "admit 5", "write"]
+    asyncio.run(main())
