@@ -246,8 +246,8 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
         if relist is not None:
             relist.clear()
         try:
-            listing = await etcd.get_prefix(prefix)
-            rev = listing.header.revision if listing.header else 0
+            # paged: one Range reply is capped at 4 MiB by gRPC (a volume of ~13k extents)
+            listing, rev = await get_prefix_paged(etcd, prefix)
             kvs = [(kv.key, kv.value) for kv in listing]
             await (on_snapshot(kvs, rev) if with_revision else on_snapshot(kvs))
             watch = await etcd.watch_prefix(prefix, start_revision=rev + 1)

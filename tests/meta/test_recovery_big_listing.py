@@ -67,3 +67,34 @@ async def test_recovery_and_status_with_more_extents_than_one_reply_holds(small_
     assert [r.index for r in recs] == list(range(N))
     assert len(await extents.all_extents(ctx, vid)) == N
     assert len(await extents.all_extents(ctx, uuid.uuid4().hex)) == 0
+
+
+async def test_a_mirrored_prefix_larger_than_one_reply_is_listed_in_pages(small_client, etcd_config,
+                                                                         monkeypatch):
+    """``watch_prefix`` (a coordinator following its volume's extent map, the chunk catalog)
+    lists in pages too: a volume of ~13k extents was one Range over the 4 MiB limit, and the
+    mirror's listing failed on every retry."""
+    import asyncio
+    monkeypatch.setattr(zetcd, "PAGE_SIZE", 40, raising=False)
+    ctx = make_ctx(small_client, etcd_config)
+    vid = uuid.uuid4().hex
+    await write_extents(ctx, vid, ["c0", "c1"], N)
+    prefix = ctx.keys.extents(vid)
+    stop, got = asyncio.Event(), asyncio.get_running_loop().create_future()
+
+    async def on_snapshot(kvs):
+        if not got.done():
+            got.set_result(kvs)
+
+    async def on_event(ev):
+        pass
+
+    task = asyncio.ensure_future(zetcd.watch_prefix(small_client, prefix, on_snapshot, on_event, stop,
+                                                    retry_delay=0.1))
+    try:
+        kvs = await asyncio.wait_for(got, 20)
+        assert len(kvs) == N and [k for k, _ in kvs] == sorted(k for k, _ in kvs)
+    finally:
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
