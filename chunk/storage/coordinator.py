@@ -441,13 +441,16 @@ class Coordinator:
 
     def _owns(self) -> bool:
         """Ownership is held and current: an epoch taken under this server's present etcd
-        lease. Every attempt of a mutation checks this right before it is sent (at
-        ``self.epoch``, ``self.seq``), not only the request's ``ensure_owner``: a request waits
-        (range lock, gate, a slow replica) and the lease may change meanwhile."""
+        lease, whose deadline has not passed. Every attempt of a mutation checks this right
+        before it is sent (at ``self.epoch``, ``self.seq``), not only the request's
+        ``ensure_owner``: a request waits (range lock, gate, a slow replica, a meta call) and
+        the lease may lapse meanwhile; once it may have, the meta may commit a snapshot at our
+        seq by itself, and a write sent then at that seq would land inside it."""
         if not self.epoch:
             return False
         lease = self.engine.lease
-        return lease is None or lease.lease_gen == self._lease_gen
+        return lease is None or (lease.lease_gen == self._lease_gen
+                                 and time.monotonic() < lease.lease_deadline)
 
     async def _epoch(self) -> int:
         """The epoch to send a mutation at now (``_owned``), as one call for the copies."""
@@ -760,6 +763,7 @@ class Coordinator:
         failures are handled like those of any other attempt.
         """
         deadline, absent_waits = 0.0, 0
+        last = None                     # (replicas, outcomes, seq) of a failed attempt
         for attempt in range(1 << 30):
             if first is not None:
                 rec, targets, results, epoch, seq = first
@@ -767,10 +771,17 @@ class Coordinator:
             else:
                 while True:
                     # Sent only under ownership held and current (``_owns``): a request that
-                    # waited (range lock, gate, a replica) since its ``ensure_owner`` may find
-                    # the lease changed, the epoch being re-taken.
+                    # waited (range lock, gate, a replica, a meta call) since its
+                    # ``ensure_owner`` may find the lease lapsed or changed, ownership re-taken.
                     if not self._owns():
                         await self._owned()
+                    if last is not None and last[2] != self.seq:
+                        # A snapshot was committed since the last attempt (fenced, or sent before
+                        # a lease lapse): it holds that attempt where it landed and not elsewhere,
+                        # and the repeat at the new seq cannot change that.
+                        await self._split_by_snapshot(idx, last[0], last[1], last[2], eoff, eoff + n)
+                        last = None
+                        continue
                     rec = self.extents[idx]
                     targets = self.engine.cached_replicas(rec.replicas) or \
                         [await self.engine.replica(c) for c in rec.replicas]
@@ -785,22 +796,22 @@ class Coordinator:
                     calls = [r.start_write(self.vid, idx, eoff, part, epoch, seq, fua) for r in targets]
                 else:
                     calls = [r.unmap(self.vid, idx, eoff, n, epoch, seq, zero) for r in targets]
-                results = []
-                for call in calls:
+                results = [None] * len(calls)
+                # The local replica's call first: it runs on await, and awaited after a remote
+                # reply it would run up to a replica timeout later (the lease may lapse meanwhile).
+                for k in sorted(range(len(calls)), key=lambda k: not isinstance(targets[k], rk.LocalReplica)):
                     try:
-                        await call
-                        results.append(None)
+                        await calls[k]
                     except Exception as e:  # noqa: BLE001 - sorted out below
-                        results.append(e)
+                        results[k] = e
             failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
             if not failed:
                 break
+            last = targets, results, seq
             if self._fenced(failed):
                 deadline = deadline or time.monotonic() + RETAKE_WINDOW
                 await self._retake(epoch, attempt, deadline)
-                if self.seq != seq:
-                    await self._split_by_snapshot(idx, targets, results, seq, eoff, eoff + n)
-                continue
+                continue                # a snapshot meanwhile: split at the next attempt
             if all(isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT for _, res in failed):
                 if await self._await_creation(idx, rec, targets, failed, absent_waits):
                     absent_waits += 1
@@ -1036,12 +1047,13 @@ class Coordinator:
                 return last or (targets, [rk.ReplicaFailed(r.chunk_id, rk.STALE_EPOCH, "not sent: "
                                                            "ownership changed") for r in targets])
             results = [None] * len(targets)
+            order = sorted(range(len(targets)), key=lambda k: not isinstance(targets[k], rk.LocalReplica))
             for s, n in pieces:
                 calls = [r.start_write(self.vid, idx, s, view[base + s:base + s + n], epoch, seq, fua)
                          for r in targets]
-                for i, call in enumerate(calls):
+                for i in order:                     # the local one first: it runs on await
                     try:
-                        await call
+                        await calls[i]
                     except Exception as e:  # noqa: BLE001 - sorted out below
                         if results[i] is None:
                             results[i] = e

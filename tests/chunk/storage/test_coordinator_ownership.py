@@ -38,6 +38,8 @@ class _SrvReplica(_MemReplica):
         async def reply():
             if epoch == 0:
                 raise self._denied("WRITE")
+            if self.fail:
+                raise rk.ReplicaFailed(self.chunk_id, self.fail, "injected")
             self.state[off] = data
             await asyncio.sleep(self.delay)
         return reply()
@@ -138,6 +140,57 @@ def test_a_denied_reply_is_not_a_failed_replica():
         assert coord.extents[0].replicas == ["A", "B", "C"]
         assert reps["B"].state[0] == reps["C"].state[0] == b"z" * 4096
         assert reps["B"].epochs == [("write", 7, coord.seq)]
+    asyncio.run(main())
+
+
+def test_a_write_that_waited_past_the_lease_deadline_is_not_sent_at_the_old_seq(monkeypatch):
+    """W1 passed ensure_owner, then waited for an overlapping W0 while the server's lease
+    deadline passed. It was sent anyway at the old epoch and seq, and a meta that commits a
+    snapshot by itself once the lease expires would find it inside the ready snapshot. Now
+    nothing is sent until the lease is back; under the new lease ownership is re-taken, and
+    W1 goes out at the new epoch and the volume's new seq."""
+    async def main():
+        reps = {k: _SrvReplica(k, delay=0.02) for k in "ABC"}
+        coord, lease, acquired = _setup(monkeypatch, reps, 0.01, snap_seq=6)
+        old_seq = coord.seq
+        w0 = asyncio.create_task(coord.write(0, b"0" * 4096))
+        await asyncio.sleep(0.001)
+        w1 = asyncio.create_task(coord.write(0, b"1" * 4096))       # waits for w0's range
+        await asyncio.sleep(0.001)
+        lease.lease_deadline = time.monotonic() - 1                 # the lease may have lapsed
+        await asyncio.wait_for(w0, 2)
+        await asyncio.sleep(0.3)
+        assert not w1.done()
+        assert [e for r in reps.values() for e in r.epochs] == [("write", 7, old_seq)] * 3
+        lease.lease_gen, lease.lease_deadline = 2, time.monotonic() + 60    # a new lease
+        await asyncio.wait_for(w1, 2)
+        assert acquired and coord.seq == 6
+        assert all(r.epochs[-1] == ("write", 8, 6) for r in reps.values())
+        assert coord.extents[0].replicas == ["A", "B", "C"]
+    asyncio.run(main())
+
+
+def test_a_write_landed_in_part_before_a_snapshot_is_split_when_repeated_at_the_new_seq(monkeypatch):
+    """An attempt lands on A and B, C answers NO_EXTENT (not created yet: the write waits
+    and repeats). Meanwhile the lease lapses and a new one comes: the meta committed a
+    snapshot at the old seq, which holds the write on A and B and not on C. The repeat goes
+    out at the new seq, and C, the smaller side, is dropped (resynced later) so that every
+    replica left agrees on the snapshot."""
+    async def main():
+        reps = {k: _SrvReplica(k) for k in "ABC"}
+        coord, lease, acquired = _setup(monkeypatch, reps, 0.0, snap_seq=6)
+        old_seq = coord.seq
+        reps["C"].fail = rk.NO_EXTENT
+        w = asyncio.create_task(coord.write(0, b"w" * 4096))
+        await asyncio.sleep(0.005)                                  # sent; waiting for C's CREATE
+        assert [r.epochs for r in reps.values()] == [[("write", 7, old_seq)]] * 3
+        lease.lease_gen += 1                                        # lapsed and granted anew
+        reps["C"].fail = None
+        await asyncio.wait_for(w, 5)
+        assert acquired and coord.seq == 6
+        assert coord.extents[0].replicas == ["A", "B"]
+        assert reps["A"].epochs[-1] == reps["B"].epochs[-1] == ("write", 8, 6)
+        assert all(e[2] == old_seq for e in reps["C"].epochs)       # not written after the split
     asyncio.run(main())
 
 
