@@ -101,7 +101,7 @@ class Registration:
         # starts no write after it (``Coordinator.ensure_owner``): once etcd expires the lease
         # the meta treats this server as down and may snapshot or hand out its volumes.
         self.lease_deadline = 0.0
-        self.lease_gen = 0                     # +1 per lease granted: a coordinator re-takes ownership
+        self.lease_gen = 0                     # +1 per lease whose live key is written: coordinators re-own
         self.registered = asyncio.Event()      # set while registered (for callers and tests)
         self._stop = asyncio.Event()
         self._outage_since: float | None = None
@@ -179,12 +179,16 @@ class Registration:
         sent = time.monotonic()
         lease = await self._call(self.etcd.lease(self.lease_ttl))
         self.lease = lease
-        self.lease_gen += 1
-        self._held(sent, lease.ttl)
         if lease.ttl != self.lease_ttl:
             log.warning("etcd granted a %ds lease instead of the %ds asked for", lease.ttl, self.lease_ttl)
         self._changed.clear()
         await self._put_live()
+        # Writes start under this lease only now that its live key is in etcd: while it is
+        # not, the meta sees no live owner and may commit a snapshot itself at the seq a
+        # coordinator re-taking ownership (new lease_gen) would read and keep writing at.
+        # ``sent`` is still from before the grant, so the deadline stays conservative.
+        self.lease_gen += 1
+        self._held(sent, lease.ttl)
         self.registered.set()
         self._recovered()
         log.info("registered chunk server %s in etcd at %s (lease %x, ttl %ds)",

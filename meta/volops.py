@@ -187,12 +187,20 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
                 continue
         else:
             # Nobody serves the volume: take the snapshot here. The owner key's mod
-            # revision is compared, so a coordinator that acquired ownership since fails it.
+            # revision is compared, so a coordinator that acquired ownership since fails it;
+            # so is the absence of an unreleased owner's live key, so a server that came back
+            # live since (and may still write at the seq it read) fails it too, and the next
+            # pass hands the snapshot to it as an op.
             # Its size is the volume's at the barrier (an expand may have come after the
             # create): the volume is compared unchanged in the same txn.
             cur.seq, cur.state, cur.size = v.snap_seq, "ready", v.size
             v.snap_seq += 1
             compare = [ctx.t.mod(okey) == orev, ctx.unchanged(vkey, vrev), ctx.unchanged(skey, srev)]
+            holder, hrev = await ctx.get(okey, VolumeOwner)
+            if hrev != orev:
+                continue                    # the owner changed since live_owner read it
+            if holder is not None and not holder.released:
+                compare.append(ctx.absent(ctx.keys.chunk_live(holder.chunk_id)))
             ops = [ctx.put(vkey, v), ctx.put(skey, cur)]
             if op is not None:
                 compare.append(ctx.unchanged(op_key, op_rev))

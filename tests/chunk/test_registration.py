@@ -318,3 +318,77 @@ async def test_a_stopping_server_keeps_its_lease_until_unregister(etcd_client, k
     finally:
         await reg.unregister()
     assert await etcd_client.get(keys.chunk_live("keep-test")) is None
+
+
+async def test_no_write_starts_under_a_lease_whose_live_key_is_not_written(etcd_client, etcd_config,
+                                                                           keys: Keys, monkeypatch):
+    """A new lease allows writes (deadline, lease_gen) only once its live key is in etcd. Until
+    then the meta sees no live owner and commits a snapshot itself at the volume's seq: had a
+    coordinator re-taken ownership under the new lease meanwhile, it would read that seq and
+    keep writing at it, into the snapshot (split brain). Here the live key's put fails after
+    the lease is lost: the coordinator's ensure_owner waits, the meta's snapshot commits, and
+    when the put succeeds on a retry ownership is re-taken at the seq after the snapshot."""
+    from types import SimpleNamespace
+
+    from chunk.registration import Backoff
+    from chunk.storage.coordinator import Coordinator
+    from meta import volops, volumes
+    from tests.meta.helpers import make_ctx, register_chunk
+
+    ctx = make_ctx(etcd_client, etcd_config)
+    for cid, zone in (("c0", "a"), ("c1", "b")):
+        await register_chunk(ctx, cid, labels={"zone": zone})
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 2)
+
+    def info(disks):
+        return ChunkInfo(chunk_id="gap-test", hostname="h", address="127.0.0.1", data_port=1,
+                         portal="127.0.0.1:3260", disks=disks)
+
+    async def disks():
+        return []
+    live_key = keys.chunk_live("gap-test")
+    failing = {"on": False, "failed": 0}
+    real_put = etcd_client.put
+
+    async def put(key, value, *a, **kw):
+        if failing["on"] and key == live_key:
+            failing["failed"] += 1
+            raise asyncio.TimeoutError()                # etcd slow on this one put
+        return await real_put(key, value, *a, **kw)
+    monkeypatch.setattr(etcd_client, "put", put)
+    reg = Registration(etcd_client, keys, "gap-test", lease_ttl=TTL, build_info=info, probe_disks=disks,
+                       backoff=Backoff(first=0.3, cap=0.6))
+    stop = asyncio.Event()
+    task = asyncio.create_task(reg.run(stop))
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 10)
+        assert reg.lease_valid() and reg.lease_gen == 1
+        coord = Coordinator(SimpleNamespace(chunk_id="gap-test", etcd=etcd_client, keys=keys, lease=reg), vol)
+        await asyncio.wait_for(coord.ensure_owner(), 5)
+        first_epoch = coord.epoch
+        assert first_epoch and coord.seq == vol.snap_seq
+
+        failing["on"] = True
+        await etcd_client.revoke_lease(reg.lease.id)    # the lease is lost (an etcd outage, a pause)
+
+        async def put_failed_twice():
+            return failing["failed"] >= 2
+        await async_wait_for(put_failed_twice, TTL + 5, "the live key's put to fail on new leases")
+        assert await etcd_client.get(live_key) is None
+        assert not reg.lease_valid() and reg.lease_gen == 1 and not reg.registered.is_set()
+        ensure = asyncio.create_task(coord.ensure_owner())  # a write arrives
+        await asyncio.sleep(0.3)
+        assert not ensure.done(), "ownership re-taken under a lease whose live key is not in etcd"
+
+        snap, created = await volops.create_snapshot(ctx, "v", "s1", timeout=3)
+        assert created and snap.state == "ready" and snap.seq == vol.snap_seq  # taken by the meta
+        assert not ensure.done()
+
+        failing["on"] = False                           # the next retry's put lands
+        await asyncio.wait_for(ensure, TTL + 5)
+        assert await etcd_client.get(live_key) is not None and reg.registered.is_set()
+        assert reg.lease_valid() and reg.lease_gen == 2
+        assert coord.epoch > first_epoch and coord.seq == snap.seq + 1   # writes after the snapshot
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

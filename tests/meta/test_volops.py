@@ -413,6 +413,37 @@ async def test_the_meta_takes_no_snapshot_while_a_revert_is_unfinished(ctx):
     assert t.state == "ready" and t.seq == 2
 
 
+async def test_an_owner_that_comes_back_live_before_the_meta_commits_takes_the_snapshot(ctx, monkeypatch):
+    """The meta reads no live key for the owner and goes to commit the snapshot itself; its
+    chunk server registers again (live key written) before the commit, and may write at the
+    seq it read on taking ownership. The commit compares the live key still absent, so it
+    fails, and the next pass hands the snapshot to that coordinator as an op."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    vid = vol.volume_id
+    await own(ctx, vid, "c1", epoch=2)
+    await ctx.etcd.delete(ctx.keys.chunk_live("c1"))                # its lease lapsed
+    real_live_owner = volops.live_owner
+    reads = []
+
+    async def live_owner(c, v):
+        owner, rev = await real_live_owner(c, v)
+        reads.append(owner)
+        if len(reads) == 1:
+            assert owner is None
+            await register_chunk(ctx, "c1", labels={"zone": "b"})     # c1 is live again
+        return owner, rev
+    monkeypatch.setattr(volops, "live_owner", live_owner)
+    async with Executor(ctx, "c1") as ex:
+        snap, created = await volops.create_snapshot(ctx, "v", "s", timeout=5)
+    assert created and snap.state == "ready" and snap.seq == 1
+    assert [(op.kind, op.executor) for op in ex.ran] == [("snapshot", "c1")], \
+        "the meta committed the snapshot while the owner was live again"
+    assert reads[0] is None and reads[-1] is not None and reads[-1].chunk_id == "c1"
+    v, _ = await ctx.get(ctx.keys.volume(vid), Volume)
+    assert v.snap_seq == 2
+    assert await ops_of(ctx, vid) == []
+
+
 # --- a snapshot's size is the volume's at the barrier --------------------------------------
 
 async def test_a_snapshot_committed_by_the_meta_has_the_size_at_its_barrier(ctx):
