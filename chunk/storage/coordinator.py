@@ -323,6 +323,7 @@ class Coordinator:
         self._sync: dict[int, Sync] = {}
         self._unflushed: set[int] = set()
         self._routes: dict[int, tuple] = {}      # idx -> the write fast path's replica route
+        self._short: set[int] = set()            # extents with fewer in-sync replicas than _need
         self._loop: asyncio.AbstractEventLoop | None = None   # the write fast path's, cached
         self._recovering: set[asyncio.Task] = set()   # fast-path writes whose replicas failed
         self.counters = {"read_retries": 0, "checksum_errors": 0, "drops": 0, "fenced": 0,
@@ -400,6 +401,24 @@ class Coordinator:
         cur = self.extents.get(rec.index)
         if cur is None or rec.generation >= cur.generation:
             self.extents[rec.index] = rec
+            if len(rec.replicas) < self._need():
+                self._short.add(rec.index)
+            elif self._short:
+                self._short.discard(rec.index)
+
+    def _need(self) -> int:
+        """In-sync replicas a write must be on to be acknowledged: ``min_write_replicas``,
+        at most the volume's replica count (a 1-replica volume is not unwritable for it)."""
+        return max(1, min(self.engine.min_write_replicas, self.volume.replicas))
+
+    def _too_few(self, idx: int) -> MediumError | None:
+        """The error a write to extent ``idx`` fails with while fewer than ``_need`` replicas
+        are in sync (the one ``_handle_failures`` raises), else None."""
+        rec = self.extents.get(idx)
+        left = len(rec.replicas) if rec is not None else 0
+        if left < self._need():
+            return MediumError(f"volume {self.vid} extent {idx}: only {left} replica(s) left")
+        return None
 
     async def close(self) -> None:
         self._stop.set()
@@ -819,6 +838,11 @@ class Coordinator:
             await self._handle_failures(idx, rec, failed, eoff, eoff + n)
             break
         self._written(idx, eoff, eoff + n, fua)
+        # ``min_write_replicas`` holds for every write, not only the one that saw a replica
+        # fail: after an earlier write left the extent on fewer, this one is on fewer too.
+        err = self._too_few(idx)
+        if err is not None:
+            raise err
 
     def _written(self, idx: int, lo: int, hi: int, fua: bool) -> None:
         """[lo, hi) of extent ``idx`` is on every replica kept: a resync copies it again
@@ -867,6 +891,9 @@ class Coordinator:
             for idx in sorted({p[0] for p in parts}):
                 if idx not in self.extents or idx in self._alloc:
                     await self._allocate(idx)
+                err = self._too_few(idx)
+                if err is not None:
+                    raise err           # min_write_replicas, before anything is compared
             tokens: list[tuple[int, int]] = []
             try:
                 for idx, eoff, m in parts:          # ascending: two CAWs never wait on each other
@@ -1207,6 +1234,8 @@ class Coordinator:
     def _route(self, idx: int, rec: ExtentRecord):
         """(rec, replicas version, replicas, local one or None, [(position, remote)]) for the
         fast path, cached per extent until the record or a replica handle changes."""
+        if len(rec.replicas) < self._need():
+            return None                 # too few in sync: the general path fails the write
         targets = self.engine.cached_replicas(rec.replicas)
         if not targets:
             return None
@@ -1218,7 +1247,9 @@ class Coordinator:
     def _write_settled(self, p: "_PendingWrite") -> None:
         """Every replica of a fast-path write answered: finish it, or hand failures on."""
         outcomes = p.outcomes
-        if outcomes.count(None) != len(outcomes):          # a failure (no generator: every write)
+        # A failure (no generator: every write), or the extent left with too few replicas in
+        # sync since the write left (dropped by another write): the general path's retry loop.
+        if outcomes.count(None) != len(outcomes) or (self._short and p.idx in self._short):
             self.counters["fast_write_handoffs"] += 1
             task = asyncio.get_running_loop().create_task(self._write_recover(p))
             self._recovering.add(task)                 # the loop keeps only a weak reference
@@ -1333,7 +1364,7 @@ class Coordinator:
                     raise NoSpaceError(f"volume {self.vid} extent {idx}: {res}") from None
                 raise
         left = len(self.extents[idx].replicas)
-        if left < max(1, self.engine.min_write_replicas):
+        if left < self._need():
             if no_space:
                 raise NoSpaceError(f"volume {self.vid} extent {idx}: no replica has space left")
             raise MediumError(f"volume {self.vid} extent {idx}: only {left} replica(s) left")

@@ -137,7 +137,7 @@ class _Replica:
 
 
 class _Engine:
-    chunk_id, lease = "c1", None
+    chunk_id, lease, min_write_replicas = "c1", None, 1
 
     def __init__(self, replica=None, etcd=None) -> None:
         self.rep, self.etcd = replica, etcd

@@ -239,3 +239,58 @@ def test_the_local_replica_refuses_a_mutation_at_epoch_0_as_the_replica_server_d
         await local.write("v", 0, 0, b"a" * 4096, 5, 1)
         assert store.ran == ["read", "admit 5", "write"]
     asyncio.run(main())
+
+
+def test_min_write_replicas_holds_for_every_write_not_only_the_one_that_saw_the_failure():
+    """W1 sees B and C fail and fails itself ("only 1 replica left"), leaving the extent on
+    A alone. W2 (general path) and W3 (fast path) were then acknowledged on that one copy,
+    although min_write_replicas is 2. Both fail now; the fast path declines (nothing done)
+    and the general path gives the error."""
+    async def main():
+        reps = {k: _MemReplica(k) for k in "ABC"}
+        coord = _mem_coordinator(reps, ["A", "B", "C"])
+        coord.engine.min_write_replicas = 2
+        reps["B"].fail = reps["C"].fail = rk.UNAVAILABLE
+        with pytest.raises(MediumError, match="only 1 replica"):
+            await coord.write(0, b"1" * 4096)
+        assert coord.extents[0].replicas == ["A"]
+        with pytest.raises(MediumError, match="only 1 replica"):
+            await coord.write(4096, b"2" * 4096)                      # general path
+        assert coord.write_nowait(8192, b"3" * 4096) is None          # fast path: declined
+        with pytest.raises(MediumError, match="only 1 replica"):
+            await coord.unmap(0, 4096)
+    asyncio.run(main())
+
+
+def test_a_fast_write_settling_after_its_extent_fell_below_min_write_replicas_fails():
+    """A fast-path write left on A, B and C; before the replies, another write's failures
+    dropped B and C (the record now lists A alone). It is no longer on min_write_replicas
+    in-sync replicas: not acknowledged."""
+    async def main():
+        from zstore.records import ExtentRecord
+        reps = {k: _MemReplica(k, delay=0.02) for k in "ABC"}
+        coord = _mem_coordinator(reps, ["A", "B", "C"])
+        coord.engine.min_write_replicas = 2
+        fut = coord.write_nowait(0, b"f" * 4096)
+        assert fut is not None
+        coord._adopt(ExtentRecord("v", 0, ["A"], 5, {"B": 5, "C": 5}))   # noqa: SLF001
+        with pytest.raises(MediumError, match="only 1 replica"):
+            await asyncio.wait_for(fut, 2)
+        coord._adopt(ExtentRecord("v", 0, ["A", "B"], 6, {"C": 5}))      # noqa: SLF001 - B back
+        assert coord.write_nowait(0, b"g" * 4096) is not None
+    asyncio.run(main())
+
+
+def test_min_write_replicas_above_the_volumes_replica_count_leaves_it_writable():
+    """min_write_replicas is at most the volume's replica count: a 1-replica volume on a
+    server configured for 2 stays writable (on both paths)."""
+    async def main():
+        reps = {k: _MemReplica(k) for k in "A"}
+        coord = _mem_coordinator(reps, ["A"])
+        coord.volume.replicas = 1
+        coord.engine.min_write_replicas = 2
+        await coord.write(0, b"1" * 4096)
+        fut = coord.write_nowait(4096, b"2" * 4096)
+        assert fut is not None
+        await fut
+    asyncio.run(main())
