@@ -54,8 +54,8 @@ from .peer_auth import AuthError, server_handshake
 from .replica_store import NoExtent, StaleGeneration, StoreError, StoreFull, StoreIOError
 from .wire import (
     HEADER_SIZE, MAX_DATA, MAX_FRAME, READ_SIZE, Frame, FrameError, FrameReader, FrameWriter, Op,
-    Status, TruncatedFrame, VersionMismatch, decode_at, encode, encode_write_ok, legacy_refusal,
-    plain_write, spans,
+    PartialFrame, Status, TruncatedFrame, VersionMismatch, decode_at, encode, encode_write_ok,
+    legacy_refusal, plain_write, spans,
 )
 
 __all__ = ["ReplicaServer"]
@@ -131,9 +131,7 @@ class _Stream:
 
     def __init__(self, server: ReplicaServer, conn: _Conn, link: Link) -> None:
         self.server, self.conn, self.link = server, conn, link
-        self._pieces: list[bytes] = []     # an incomplete frame (and what followed it)
-        self._have = 0                     # bytes in _pieces
-        self._need = 0                     # bytes its frame needs (0: length prefix incomplete)
+        self._partial = PartialFrame()     # an incomplete frame (and what followed it)
         self._rest: tuple[bytes, int] | None = None   # (buffer, position) to go on at, blocked
         self._late: list[bytes] = []       # received while blocked (reading is paused then)
         self._eof = False
@@ -148,15 +146,9 @@ class _Stream:
             return
         if self._state is not None or self.conn.closed:
             return                          # the connection is ending
-        if self._pieces:
-            self._pieces.append(data)
-            self._have += len(data)
-            if self._have < self._need:
-                return
-            data = b"".join(self._pieces)
-            self._pieces.clear()
-            self._have = 0
-        self._run(data, 0)
+        data = self._partial.add(data)
+        if data is not None:
+            self._run(data, 0)
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -193,11 +185,7 @@ class _Stream:
         if error is not None:
             self._signal(error)
             return
-        if used < len(buf):
-            rest = buf[used:] if used else buf
-            self._pieces.append(rest)
-            self._have = len(rest)
-            self._need = _LEN.unpack_from(rest)[0] + 4 if len(rest) >= 4 else 0
+        self._partial.keep(buf, used)
         conn.flush()                        # the segment's replies, in one send
         if conn.backed_up():
             self._block(b"", 0)
@@ -211,10 +199,10 @@ class _Stream:
         self._signal(_BLOCKED)
 
     def _end(self) -> None:
-        if not self._pieces:
+        if not self._partial.pieces:
             self._signal(_EOF)
             return
-        raw = b"".join(self._pieces)
+        raw = b"".join(self._partial.pieces)
         if len(raw) < 4:
             self._signal(TruncatedFrame(f"stream ended inside a length prefix ({len(raw)} bytes)"))
         else:
@@ -245,7 +233,7 @@ class _Stream:
         (buf, pos), self._rest = self._rest or (b"", 0), None
         late, self._late = self._late, []
         self.link.resume()
-        if buf:                             # nothing is in _pieces then
+        if buf:                             # nothing is kept in _partial then
             if late:
                 buf, pos = buf[pos:] + b"".join(late), 0
             self._run(buf, pos)

@@ -42,7 +42,7 @@ __all__ = [
     "Op", "Status", "Frame", "FrameError", "FrameTooLarge", "TruncatedFrame", "MalformedFrame",
     "VersionMismatch", "VERSION", "MAX_DATA", "MAX_FRAME", "HEADER_SIZE", "encode", "decode",
     "decode_at", "spans", "plain_write", "encode_write_ok", "FrameReader", "FrameWriter",
-    "Pipeline",
+    "Pipeline", "PartialFrame",
 ]
 
 log = logging.getLogger(__name__)
@@ -506,6 +506,41 @@ class FrameWriter:
             transport.abort()
 
 
+class PartialFrame:
+    """The bytes of a frame cut by a segment's end (and what followed it), kept until the
+    frame is whole: both ends' parsers (``Pipeline.feed``, the replica server's stream) cut
+    every complete frame out of each segment and leave the rest here."""
+
+    __slots__ = ("pieces", "have", "need")
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.have = 0                      # bytes in pieces
+        self.need = 0                      # bytes its frame needs (0: length prefix incomplete)
+
+    def add(self, data: bytes) -> bytes | None:
+        """``data`` as is when nothing is kept; else, once the kept frame is whole, what is
+        kept joined with ``data``; None while it is not."""
+        if not self.pieces:
+            return data
+        self.pieces.append(data)
+        self.have += len(data)
+        if self.have < self.need:
+            return None
+        data = b"".join(self.pieces)
+        self.pieces.clear()
+        self.have = 0
+        return data
+
+    def keep(self, buf: bytes, used: int) -> None:
+        """Keep ``buf[used:]``, the part after the last complete frame, if any."""
+        if used < len(buf):
+            rest = buf[used:] if used else buf
+            self.pieces.append(rest)
+            self.have = len(rest)
+            self.need = _LEN.unpack_from(rest)[0] + 4 if len(rest) >= 4 else 0
+
+
 class Pipeline:
     """The requesting side of one connection: many outstanding calls, replies in any order.
 
@@ -530,9 +565,7 @@ class Pipeline:
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._watch: asyncio.TimerHandle | None = None
-        self._pieces: list[bytes] = []     # an incomplete reply (and what followed it)
-        self._have = 0                     # bytes in _pieces
-        self._need = 0                     # bytes its frame needs (0: length prefix incomplete)
+        self._partial = PartialFrame()     # an incomplete reply (and what followed it)
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task | None = None
         ready, raw, error = reader.detach()
@@ -671,14 +704,9 @@ class Pipeline:
     def feed(self, data: bytes) -> None:
         if self._error is not None:
             return
-        if self._pieces:
-            self._pieces.append(data)
-            self._have += len(data)
-            if self._have < self._need:
-                return
-            data = b"".join(self._pieces)
-            self._pieces.clear()
-            self._have = 0
+        data = self._partial.add(data)
+        if data is None:
+            return
         try:
             self._route(data)
         except FrameError as e:
@@ -692,7 +720,7 @@ class Pipeline:
         self._fail(exc if exc is not None else ConnectionError("connection closed by peer"))
 
     def _route(self, buf: bytes) -> None:
-        """Answer every complete reply in ``buf``; keep an incomplete rest in ``_pieces``.
+        """Answer every complete reply in ``buf``; keep an incomplete rest in ``_partial``.
         A plain WRITE OK (every write's answer) is recognised from its first header bytes
         and never decoded into a Frame."""
         cut, used, error = spans(buf)
@@ -713,11 +741,7 @@ class Pipeline:
                 return
         if error is not None:
             raise error
-        if used < len(buf):
-            rest = buf[used:] if used else buf
-            self._pieces.append(rest)
-            self._have = len(rest)
-            self._need = _LEN.unpack_from(rest)[0] + 4 if len(rest) >= 4 else 0
+        self._partial.keep(buf, used)
 
     def _deliver_safely(self, frame: Frame) -> None:
         try:
