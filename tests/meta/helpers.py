@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from meta.context import Ctx
 from zstore.keys import Keys
-from zstore.records import ChunkInfo, ChunkLive, Snapshot, Volume, VolumeOp, VolumeOwner, now
+from zstore.records import ChunkAdmin, ChunkInfo, ChunkLive, Snapshot, Volume, VolumeOp, VolumeOwner, now
 
 GiB = 2**30
 
@@ -23,6 +24,15 @@ async def register_chunk(ctx: Ctx, cid: str, labels: dict | None = None, capacit
         lease = lease or await ctx.etcd.lease(30)
         await ctx.etcd.put(ctx.keys.chunk_live(cid), ChunkLive(
             chunk_id=cid, pid=os.getpid(), started=now(), lease_ttl=30, disks=disks).encode(), lease=lease)
+
+
+async def chunk_down(ctx: Ctx, cid: str, ago: float = 0.0) -> None:
+    """The chunk server's lease is gone and the leader recorded it ``ago`` seconds back."""
+    await ctx.etcd.delete(ctx.keys.chunk_live(cid))
+    admin, _ = await ctx.get(ctx.keys.chunk_admin(cid), ChunkAdmin)
+    admin = admin or ChunkAdmin(chunk_id=cid)
+    admin.down_since = time.time() - ago
+    await ctx.etcd.put(ctx.keys.chunk_admin(cid), admin.encode())
 
 
 def make_ctx(etcd_client, etcd_config, **kw) -> Ctx:

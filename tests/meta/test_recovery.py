@@ -6,8 +6,8 @@ import pytest
 
 from meta import chunks, extents, recovery, volumes
 from meta.recovery import Recovery
-from tests.meta.helpers import make_ctx, register_chunk
-from zstore.records import ChunkAdmin, ExtentRecord, RecoveryTask, VolumeOwner
+from tests.meta.helpers import chunk_down as down, make_ctx, register_chunk
+from zstore.records import ExtentRecord, RecoveryTask, VolumeOwner
 
 GRACE = 60.0
 ZONES = {"c0": "a", "c1": "b", "c2": "c", "c3": "d", "c4": "a"}
@@ -21,13 +21,6 @@ async def ctx(etcd_client, etcd_config):
     return c
 
 
-async def down(ctx, cid, ago: float = 0.0):
-    """The chunk server's lease is gone and the leader recorded it ``ago`` seconds back."""
-    await ctx.etcd.delete(ctx.keys.chunk_live(cid))
-    admin, _ = await ctx.get(ctx.keys.chunk_admin(cid), ChunkAdmin)
-    admin = admin or ChunkAdmin(chunk_id=cid)
-    admin.down_since = time.time() - ago
-    await ctx.etcd.put(ctx.keys.chunk_admin(cid), admin.encode())
 
 
 async def up(ctx, cid):

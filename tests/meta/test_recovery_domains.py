@@ -7,14 +7,13 @@ planned while c2 was restarting landed on c5 (c2's host), c2 was then resynced b
 two of three copies on one host while another zone was free (audit, meta leader).
 """
 
-import time
 
 import pytest
 
 from meta import chunks, extents, placement, volumes
 from meta.recovery import Recovery
-from tests.meta.helpers import make_ctx, register_chunk
-from zstore.records import ChunkAdmin, ExtentRecord, RecoveryTask
+from tests.meta.helpers import chunk_down as down, make_ctx, register_chunk
+from zstore.records import ExtentRecord, RecoveryTask
 
 GRACE = 60.0
 LABELS = {"c0": {"zone": "a"}, "c1": {"zone": "b"}, "c2": {"zone": "c", "host": "h2"},
@@ -35,12 +34,6 @@ async def up(ctx, cid):
     await chunks.mark_liveness(ctx, cid, True)
 
 
-async def down(ctx, cid, ago: float):
-    await ctx.etcd.delete(ctx.keys.chunk_live(cid))
-    admin, _ = await ctx.get(ctx.keys.chunk_admin(cid), ChunkAdmin)
-    admin = admin or ChunkAdmin(chunk_id=cid)
-    admin.down_since = time.time() - ago
-    await ctx.etcd.put(ctx.keys.chunk_admin(cid), admin.encode())
 
 
 async def volume_with(ctx, rec_kw):
