@@ -253,9 +253,14 @@ class ChunkServer:
         # scrubber keeps its cursor on the store's first disk). A disk the store does not know
         # of cannot make it answer "may be there": an extent on a disk not mounted at startup
         # read as NO_EXTENT from every replica, i.e. zeros, and a write re-created it empty.
+        # Those failed ones are unusable until a restart, and never opened by the store: an
+        # unmounted disk's mount point is not created or written to, and an extent on a disk
+        # whose disk-id did not read is not served.
         disks = [(str(d.path), d.spec.capacity)
                  for d in sorted(self.disks, key=lambda d: d.error is not None)]
-        engine = StorageEngine(etcd, keys, self.chunk_id, disks, listen=(c.address, c.data_port),
+        failed = {str(d.path): d.error for d in self.disks if d.error is not None}
+        engine = StorageEngine(etcd, keys, self.chunk_id, disks, failed_disks=failed,
+                               listen=(c.address, c.data_port),
                                token=read_secret_file(self.cfg.client.token_file, "meta token"),
                                meta_ca=self.cfg.client.ca_file, replica_timeout=c.replica_timeout,
                                min_write_replicas=c.min_write_replicas,
@@ -263,9 +268,6 @@ class ChunkServer:
                                scrub_interval=c.scrub_interval,
                                boot_state=BootState(Path(os.path.abspath(c.data_dir))))
         self._tell_store(engine.store)        # the startup probe's verdicts, before any CREATE
-        for d in self.disks:                  # failed at prepare: unusable until a restart
-            if d.error is not None:
-                engine.store.set_probe_error(str(d.path), d.error)
         return engine
 
     def frontend(self, catalog: Catalog, open_device, reservations=None):

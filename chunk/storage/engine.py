@@ -97,13 +97,14 @@ class VolumeDevice:
 class StorageEngine:
     lease = None        # the server's Registration (lease_deadline, lease_gen); None: no gate
     def __init__(self, etcd, keys: Keys, chunk_id: str, disks: list[tuple[str | Path, int | None]], *,
+                 failed_disks: dict[str | Path, str] | None = None,
                  listen: tuple[str, int], token: str | None, meta_ca: str | None = None,
                  replica_timeout: float = 5.0, min_write_replicas: int = 1,
                  recovery_rate: float = 64 << 20, scrub_rate: float = 16 << 20,
                  scrub_interval: float = 3600.0, reclaim_interval: float = 30.0,
                  boot_state: BootState | None = None) -> None:
         self.etcd, self.keys, self.chunk_id = etcd, keys, chunk_id
-        self.store = ReplicaStore(disks)
+        self.store = ReplicaStore(disks, failed=failed_disks)     # failed: never opened
         # Host crash detection (host_crash.py): recorded before anything can write here.
         self.boot_state = boot_state
         self._broken_at_start = set(self.store.broken)

@@ -331,6 +331,9 @@ class _Disk:
     error: str | None = None                       # why it failed
     probe_error: str | None = None  # the server's last disk probe failed it (set_probe_error)
     scanned: bool = False           # its headers were listed at the start: its extents are known
+    # It failed to prepare at startup (``failed=``): never scanned, opened or written (no
+    # mkdir on an unmounted disk's mount point), its extents unknown, until a restart.
+    failed_at_start: bool = False
 
     def placeable(self) -> bool:
         return not (self.failed or self.enospc or self.probe_error)
@@ -532,7 +535,12 @@ class ReplicaStore:
     """All extent replicas on this server's disks; see the module docstring."""
 
     def __init__(self, disks: list[tuple[str | Path, int | None]], *,
+                 failed: dict[str | Path, str] | None = None,
                  extent_size: int = EXTENT_SIZE, cow_sync: bool = True) -> None:
+        """``disks``: (path, byte limit or None) of every configured disk. ``failed``: path ->
+        why, for those of them that failed to prepare at startup (not mounted, unreadable
+        disk-id): kept (after the others) so a missing extent answers "may be there" and the
+        disk is reported failed, but nothing there is scanned, opened, served or created."""
         self.extent_size = extent_size
         self.cow_sync = cow_sync
         self.fence = EpochFence()
@@ -546,9 +554,15 @@ class ReplicaStore:
         self._disks: list[_Disk] = []
         self._replicas: dict[tuple[str, int], _Replica] = {}
         copies: dict[tuple[str, int], list[tuple[_Disk, Path, ExtentHeader]]] = {}
-        for path, limit in disks:
+        held = {Path(p): why for p, why in (failed or {}).items()}
+        # Failed ones last: the scrubber keeps its cursor on the first disk (_default_cursor).
+        for path, limit in sorted(disks, key=lambda d: Path(d[0]) in held):
             disk = _Disk(Path(path), limit)
             self._disks.append(disk)
+            if disk.path in held:
+                disk.failed_at_start = True
+                disk.fail(f"it failed at startup: {held[disk.path]}")
+                continue
             try:
                 disk.path.mkdir(parents=True, exist_ok=True)
                 self.bad.extend(self.fence.scan(disk.path))
@@ -772,15 +786,16 @@ class ReplicaStore:
         on another disk would meet it at the next start. A disk that failed later (EIO,
         EROFS) does not refuse: its extents were listed and are open or ``broken``.
 
-        A disk with a probe error (not mounted: its empty mount point scanned as empty) does
-        not refuse either, though it may hold this extent: an allocation's CREATE must still
-        place new extents beside it (docs/storage.md, "A disk that fails at startup"), and
-        the store cannot tell it from a recovery's CREATE (both come with generation 1). A
+        A disk with a probe error (not mounted: its empty mount point scanned as empty), or
+        that failed at startup (``failed``: not scanned at all), does not refuse either,
+        though it may hold this extent: an allocation's CREATE must still place new extents
+        beside it (docs/storage.md, "A disk that fails at startup"), and the store cannot
+        tell it from a recovery's CREATE (both come with generation 1). A
         second copy made meanwhile is settled at the next start by generation, never by
         disk order (``_choose_copy``): a recovery ends with SETGEN above the old copy's."""
         if (vid, idx) in self._replicas:
             return
-        hidden = next((d for d in self._disks if not d.scanned), None)
+        hidden = next((d for d in self._disks if not (d.scanned or d.failed_at_start)), None)
         if hidden is not None:
             raise StoreIOError(f"extent {vid}/{idx} is not on a usable disk here, and disk "
                                f"{hidden.path} did not open ({hidden.error}): it may be there; "
@@ -890,7 +905,8 @@ class ReplicaStore:
     def usage(self) -> list[dict]:
         out = []
         for disk in self._disks:
-            if disk.probe_error:       # its statvfs may be the root filesystem's (unmounted)
+            if disk.probe_error or disk.failed_at_start:
+                # Its statvfs may be the root filesystem's (unmounted), or fail (no mount point).
                 capacity, used = disk.limit or 0, 0
             else:
                 try:

@@ -299,3 +299,75 @@ def test_a_disk_not_mounted_at_startup_makes_its_extents_io_errors_not_absent(tm
         assert _default_cursor(store) == d2.path / ".scrub-cursor"     # not on the failed disk
     finally:
         store.close()
+
+
+def test_a_disk_whose_mount_point_is_gone_at_startup_is_not_created_again(tmp_path: Path):
+    """A disk that failed to prepare is never written to: the store made its path again
+    (mkdir on the root filesystem where the mount point was), which prepare deliberately
+    avoids. Its path stays absent, and it is still a lost disk: "may be there", not NO_EXTENT."""
+    from chunk.storage.replica_store import StoreIOError
+    from chunk.storage.scrubber import _default_cursor
+    (tmp_path / "data").mkdir()
+    d1, d2 = specs = [disks.DiskSpec(tmp_path / "mnt" / "d1", 8 << 30),
+                      disks.DiskSpec(tmp_path / "d2", 4 << 30)]
+    _, eng = _boot(tmp_path, specs)
+    try:
+        eng.store.create("v", 0, 1)
+        assert eng.store.stat("v", 0)["disk"] == str(d1.path)
+    finally:
+        eng.store.close()
+    os.rename(tmp_path / "mnt", tmp_path / "mnt.gone")  # its mount point (and parent) gone
+    server, eng = _boot(tmp_path, specs)
+    store = eng.store
+    try:
+        assert "vanished" in (server.disks[0].error or "")
+        assert not (tmp_path / "mnt").exists()           # nothing made where it was
+        with pytest.raises(StoreIOError, match="may be there"):
+            store.read("v", 0, 0, 4096)
+        store.create("v", 1, 1)
+        assert store.stat("v", 1)["disk"] == str(d2.path)
+        usage = {u["path"]: u for u in store.usage()}
+        assert usage[str(d1.path)]["state"] == "failed"
+        asyncio.run(server.probe_disks())
+        assert _default_cursor(store) == d2.path / ".scrub-cursor"
+        assert not (tmp_path / "mnt").exists()
+    finally:
+        store.close()
+
+
+def test_an_extent_on_a_disk_whose_disk_id_does_not_read_is_not_served(tmp_path: Path):
+    """A disk-id that does not read (garbage: another filesystem, a torn write) fails prepare,
+    yet the store opened the extents under that path and served them as if the disk were ours.
+    They are "may be there but unreadable" now: I/O errors, never data, never NO_EXTENT, and
+    their files are left exactly as they are."""
+    from chunk.storage.replica_store import StoreIOError
+    from chunk.storage.scrubber import _default_cursor
+    (tmp_path / "data").mkdir()
+    d1, d2 = specs = [disks.DiskSpec(tmp_path / "d1", 8 << 30), disks.DiskSpec(tmp_path / "d2", 4 << 30)]
+    _, eng = _boot(tmp_path, specs)
+    try:
+        eng.store.create("v", 0, 1)
+        assert eng.store.stat("v", 0)["disk"] == str(d1.path)
+        eng.store.write("v", 0, 0, b"DATA" * 1024, seq=1)
+        eng.store.flush("v", 0)
+    finally:
+        eng.store.close()
+    (d1.path / disks.DISK_ID_FILE).write_text("not an id\n")
+    before = {p.name: p.read_bytes() for p in d1.path.iterdir() if p.is_file()}
+    server, eng = _boot(tmp_path, specs)
+    store = eng.store
+    try:
+        assert "valid id" in (server.disks[0].error or "")
+        assert not store.has("v", 0) and ("v", 0) not in store.extents()
+        with pytest.raises(StoreIOError, match="may be there"):
+            store.read("v", 0, 0, 4096)
+        with pytest.raises(StoreIOError):
+            store.write("v", 0, 0, b"x" * 4096, seq=2)
+        with pytest.raises(StoreIOError):
+            store.stat("v", 0)
+        store.create("v", 1, 1)
+        assert store.stat("v", 1)["disk"] == str(d2.path)
+        assert _default_cursor(store) == d2.path / ".scrub-cursor"
+    finally:
+        store.close()
+    assert {p.name: p.read_bytes() for p in d1.path.iterdir() if p.is_file()} == before

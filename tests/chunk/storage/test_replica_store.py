@@ -1039,3 +1039,41 @@ def test_a_failed_import_whose_extent_does_not_go_is_broken_not_a_copy(tmp_path:
         assert s.broken == {} and list(d.glob(f"{V}.0.*")) == []
     finally:
         s.close()
+
+
+def test_a_disk_failed_at_startup_is_never_opened_nor_written(tmp_path: Path):
+    """``failed=``: a disk configured but failed from the start (prepare). It is kept, so an
+    extent missing here may be there (an I/O error, not NO_EXTENT) and it is reported failed,
+    but it is not made, scanned, opened or written: its extents are not served, nothing new
+    goes there, and it is not the first disk (the scrubber's cursor)."""
+    d0, d1, d2 = tmp_path / "d0", tmp_path / "d1", tmp_path / "gone" / "d2"
+    with ReplicaStore([(d0, None), (d1, None)], extent_size=SIZE) as s:
+        s.create(V, 0, 1)
+        s.write(V, 0, 0, _pat(BLOCK_SIZE, 1), seq=1)
+        s.flush(V, 0)
+        where = Path(s.stat(V, 0)["disk"])
+    other = d1 if where == d0 else d0
+    s = ReplicaStore([(where, None), (other, None), (d2, None)], extent_size=SIZE,
+                     failed={where: "disk-id does not read", str(d2): "disk-id vanished"})
+    try:
+        assert not (tmp_path / "gone").exists()
+        assert not s.has(V, 0) and s.extents() == []
+        with pytest.raises(StoreIOError, match="may be there"):
+            s.read(V, 0, 0, 4096)
+        with pytest.raises(StoreIOError, match="may be there"):
+            s.read(V, 7, 0, 4096)
+        s.create(V, 1, 1)                                # beside them, not refused
+        assert s.stat(V, 1)["disk"] == str(other)
+        usage = s.usage()
+        assert [u["path"] for u in usage] == [str(other), str(where), str(d2)]
+        assert [u["state"] for u in usage] == ["ok", "failed", "failed"]
+        assert "disk-id does not read" in usage[1]["error"]
+        s.set_probe_error(where, None)                   # a probe does not make it usable
+        s.set_probe_error(d2, None)
+        with pytest.raises(StoreIOError, match="may be there"):
+            s.read(V, 0, 0, 4096)
+        s.create(V, 2, 1)
+        assert s.stat(V, 2)["disk"] == str(other)
+        assert not (tmp_path / "gone").exists()
+    finally:
+        s.close()
