@@ -522,7 +522,9 @@ class Coordinator:
         made before our ownership transaction (a replica joined by the previous owner), and a
         write must not go to a replica set older than that."""
         e = self.engine
-        for kv in await e.etcd.get_prefix(e.keys.extents(self.vid)):
+        # paged: one Range reply is capped at 4 MiB by gRPC (a volume of ~13k extents)
+        kvs, _ = await zetcd.get_prefix_paged(e.etcd, e.keys.extents(self.vid))
+        for kv in kvs:
             self._adopt(ExtentRecord.decode(kv.value))
 
     async def _retake(self, lost: int, attempt: int, deadline: float) -> None:

@@ -148,7 +148,7 @@ class _Engine:
     class keys:                                         # noqa: N801 - stands in for KeyLayout
         @staticmethod
         def extents(vid):
-            return f"/extents/{vid}/"
+            return f"/extents/{vid}/".encode()          # bytes, as KeyLayout's are
 
 
 def _coordinator(engine) -> Coordinator:
@@ -181,7 +181,20 @@ def test_a_second_flush_waits_for_the_first_and_a_cancelled_one_keeps_its_extent
 
 def test_ownership_is_not_kept_when_reading_the_extent_map_fails(monkeypatch):
     class Etcd:
+        """Every read of the extent map fails: the one-Range listing and the paged one
+        (``zetcd.get_prefix_paged``: ``connect``, then Range calls on ``kvstub``)."""
         calls = 0
+        _timeout, metadata = 5.0, None
+
+        def __init__(self) -> None:
+            self.kvstub = self
+
+        async def connect(self):
+            pass
+
+        async def Range(self, req, timeout=None, metadata=None):  # noqa: N802 - etcd's KV stub
+            self.calls += 1
+            raise ConnectionError("etcd timed out")
 
         async def get_prefix(self, prefix):
             self.calls += 1
