@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 import aetcd
 
 from zstore.errors import Unavailable
-from zstore.etcd import prefix_end
+from zstore.etcd import get_prefix_paged, prefix_end
 from zstore.keys import Keys
 from zstore.records import ClusterInfo, Record
 
@@ -44,12 +44,16 @@ class Ctx:
         return None if got is None else got.value
 
     async def list(self, prefix: bytes, cls: type[R]) -> list[tuple[bytes, R]]:
-        got = await self.etcd.get_prefix(prefix)
-        return [(kv.key, cls.decode(kv.value)) for kv in got]
+        """Every record under ``prefix`` in key order: ``[(key, record)]``."""
+        return [(key, cls.decode(value)) for key, value in await self.list_raw(prefix)]
 
     async def list_raw(self, prefix: bytes, keys_only: bool = False) -> list[tuple[bytes, bytes]]:
-        kvs, _ = await self.etcd.range(prefix, prefix_end(prefix), keys_only=keys_only)
-        return kvs
+        """Every ``(key, value)`` under ``prefix`` in key order (values empty with ``keys_only``).
+
+        Read in pages at one revision: one Range reply is capped at 4 MiB by gRPC, which a
+        listing that grows with the cluster (snapshots, volumes, ACLs) can pass."""
+        kvs, _ = await get_prefix_paged(self.etcd, prefix, keys_only=keys_only)
+        return [(kv.key, kv.value) for kv in kvs]
 
     async def txn(self, compare: list, success: list) -> bool:
         """Run a fenced transaction; False when a caller's compare failed.
