@@ -32,6 +32,22 @@ async def etcd_client(etcd_config):
     await c.close()
 
 
+SMALL_REPLY = 32 * 1024     # small_client's largest reply: a few hundred records pass it
+
+
+@pytest.fixture
+async def small_client(etcd_config, etcd_client):
+    """A client refusing replies over SMALL_REPLY bytes, as gRPC refuses any over 4 MiB: a
+    listing that is not paged fails with a few hundred records instead of ~13k extents
+    (etcd_client cleans the prefix up)."""
+    from zstore import etcd
+    c = etcd.Client(etcd._target(etcd_config.endpoints), timeout=etcd_config.timeout,
+                    options={"grpc.max_receive_message_length": SMALL_REPLY})
+    await c.connect()
+    yield c
+    await c.close()
+
+
 @pytest.fixture
 def meta_cluster(tmp_path: Path, etcd_server):
     """One meta server, no chunk servers; yielded once it leads (writes need a leader, and

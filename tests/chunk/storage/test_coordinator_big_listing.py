@@ -14,18 +14,8 @@ from zstore import etcd as zetcd
 from zstore.keys import Keys
 from zstore.records import ExtentRecord, Volume
 
-LIMIT = 32 * 1024
+from tests.conftest import SMALL_REPLY as LIMIT
 N = 400
-
-
-@pytest.fixture
-async def small_client(etcd_config, etcd_client):
-    """A client that refuses replies over LIMIT bytes (etcd_client cleans the prefix up)."""
-    c = zetcd.Client(zetcd._target(etcd_config.endpoints), timeout=etcd_config.timeout,
-                     options={"grpc.max_receive_message_length": LIMIT})
-    await c.connect()
-    yield c
-    await c.close()
 
 
 class _Engine:
