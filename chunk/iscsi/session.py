@@ -517,6 +517,12 @@ class Session:
         itt = cmd.itt
         tasks = self.tasks
         if itt in tasks:
+            if cmd.write and not cmd.final:
+                # Unsolicited Data-Out follows it, with this ITT and no TTT: nothing tells it
+                # from the live task's own, which would take it (another command's data written
+                # at the live task's LBA). The stream cannot be kept apart: close.
+                self._protocol_error(cmd, f"ITT {itt:#x} reused by a write whose data follows")
+                return
             self._reject(RejectReason.TASK_IN_PROGRESS, cmd.header())
             return
         raw = cmd.lun
@@ -583,11 +589,12 @@ class Session:
             self.tasks.pop(cmd.itt, None)
             self._reject(RejectReason.PROTOCOL_ERROR, cmd.header())
             return
-        elif edtl and not cmd.read and unit.data_out_length(cdb) > 0:
-            # A data-out CDB with an EDTL but neither R nor W (RFC 7143 §11.3.1: EDTL MUST then
-            # be 0): none of its data can come, and run it would be a write of nothing answered
-            # GOOD. Terminated with the iSCSI condition "Incorrect amount of data" (§11.4.7.2),
-            # its residual the whole EDTL, unrun. (EDTL 0 is a legal overflow: run, as SAM says.)
+        elif edtl and unit.data_out_length(cdb) > 0:
+            # A data-out CDB with an EDTL but no W bit (neither R nor W: RFC 7143 §11.3.1 says
+            # EDTL MUST then be 0; or R alone, a read's direction): none of its data can come,
+            # and run it would be a write of nothing answered GOOD. Terminated with the iSCSI
+            # condition "Incorrect amount of data" (§11.4.7.2), its residual the whole EDTL,
+            # unrun. (EDTL 0 is a legal overflow: run, as SAM says.)
             del tasks[itt]
             self._respond(task, INCORRECT_AMOUNT_OF_DATA, 0)
             return

@@ -680,6 +680,31 @@ async def test_a_write_with_an_edtl_but_no_w_bit_is_never_run_as_a_write_of_noth
         h.send(P.ScsiCommand(itt=42, cmdsn=2, lun=P.encode_lun(1), expected_length=0, cdb=cdb))
         resp = await h.recv()                                          # EDTL 0: the legal overflow
         assert resp.status == 0 and resp.overflow and resp.residual == 4096
+        # R alone (a read's direction) on the same WRITE: no data-out can come either; it was
+        # run as a write of nothing and answered GOOD
+        h.send(P.ScsiCommand(itt=43, cmdsn=3, lun=P.encode_lun(1), read=True, expected_length=4096,
+                             cdb=cdb))
+        resp = await h.recv()
+        assert isinstance(resp, P.ScsiResponse) and resp.itt == 43
+        assert resp.status == 2 and (resp.sense[2] & 0x0F, resp.sense[12], resp.sense[13]) == (0x0B, 0x0C, 0x0D)
+        assert resp.underflow and resp.residual == 4096
+        assert bytes(dev.buf[:4096]) == b"\x77" * 4096
+
+
+async def test_a_write_reusing_a_live_itt_with_data_to_follow_closes_the_connection():
+    """A second WRITE with the ITT of one still waiting for unsolicited Data-Out, its own data
+    to follow (F=0): its Data-Out (that ITT, no TTT) cannot be told from the live task's, which
+    took it: the rejected command's data was written at the live one's LBA and answered GOOD.
+    A protocol error closes the connection instead; nothing is written."""
+    async with Harness(params(first_burst_length=16384, initial_r2t=False)) as h:
+        h.send(write10(0, 16, itt=5, cmdsn=1, data=b"A" * 4096, final=False))
+        h.send(write10(100, 16, itt=5, cmdsn=2, data=b"B" * 4096, final=False))
+        h.send(P.DataOut(itt=5, ttt=RESERVED_TAG, final=True, datasn=0, buffer_offset=4096,
+                         data=b"B" * 4096))
+        rej = await h.recv()
+        assert isinstance(rej, P.Reject) and rej.reason == RejectReason.PROTOCOL_ERROR
+        await until(lambda: h.session._ended.is_set())                # noqa: SLF001
+        assert h.unit.writes == []
 
 
 async def test_max_cmdsn_never_goes_back_below_one_already_granted():
