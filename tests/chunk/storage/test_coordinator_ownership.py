@@ -26,6 +26,7 @@ class _SrvReplica(_MemReplica):
     def __init__(self, cid: str, delay: float = 0.002) -> None:
         super().__init__(cid, delay)
         self.epochs: list[tuple[str, int, int]] = []
+        self.decided = 0                   # writes whose outcome (OK or the failure) is fixed
 
     def _denied(self, what: str) -> rk.ReplicaFailed:
         e = Denied(Status.DENIED, {"error": f"{what} needs an ownership epoch"})
@@ -36,6 +37,7 @@ class _SrvReplica(_MemReplica):
         data = bytes(data)
 
         async def reply():
+            self.decided += 1
             if epoch == 0:
                 raise self._denied("WRITE")
             if self.fail:
@@ -53,25 +55,36 @@ class _SrvReplica(_MemReplica):
 class _Lease:
     def __init__(self) -> None:
         self.lease_deadline, self.lease_gen = time.monotonic() + 60, 1
+        self.acquiring = 0                 # ownership.acquire calls started (the fake below)
 
 
 def _setup(monkeypatch, reps, acquire_delay: float, snap_seq: int = 1):
     acquired = []
 
     async def acquire(etcd, keys, vid, chunk_id):
+        lease.acquiring += 1
         await asyncio.sleep(acquire_delay)                  # etcd round trips
         acquired.append(vid)
         return 7 + len(acquired), 100 + len(acquired), Volume(
             volume_id=vid, name=vid, size=EXTENT_SIZE, replicas=3, snap_seq=snap_seq)
     monkeypatch.setattr(cm.ownership, "acquire", acquire)
+    lease = _Lease()
     coord = _mem_coordinator(reps, ["A", "B", "C"])
 
     async def no_refresh():
         pass
     coord._refresh_extents = no_refresh                     # noqa: SLF001
-    lease = coord.engine.lease = _Lease()
+    coord.engine.lease = lease
     coord._lease_gen = 1                                    # noqa: SLF001
     return coord, lease, acquired
+
+
+async def _until(cond, timeout: float = 5.0) -> None:
+    """Wait for a state of the coordinator or its replicas (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.001)
 
 
 def _sent_epochs(reps) -> set[int]:
@@ -91,7 +104,7 @@ def test_a_flush_while_ownership_is_retaken_after_a_new_lease_drops_no_replica(m
         assert coord._unflushed == {0}                      # noqa: SLF001
         lease.lease_gen += 1                                # the server's lease was granted anew
         w = asyncio.create_task(coord.write(4096, b"y" * 4096))     # re-takes ownership
-        await asyncio.sleep(0.01)
+        await _until(lambda: lease.acquiring == 1)          # inside the etcd round trip
         assert coord.epoch != 0                             # never exposed while re-taking
         f = asyncio.create_task(coord.flush())
         await asyncio.wait_for(asyncio.gather(w, f), 5)
@@ -109,9 +122,9 @@ def test_a_write_waiting_for_a_range_while_ownership_is_retaken_goes_out_at_the_
         reps = {k: _SrvReplica(k, delay=0.02) for k in "ABC"}
         coord, lease, acquired = _setup(monkeypatch, reps, 0.2)
         w0 = asyncio.create_task(coord.write(0, b"0" * 4096))
-        await asyncio.sleep(0.001)
+        await _until(lambda: all(r.epochs for r in reps.values()))    # w0 sent
         w1 = asyncio.create_task(coord.write(0, b"1" * 4096))       # waits for w0's range
-        await asyncio.sleep(0.001)
+        await _until(lambda: coord._locks._waiting == 1)            # noqa: SLF001
         lease.lease_gen += 1
         w2 = asyncio.create_task(coord.write(8192, b"2" * 4096))    # re-takes ownership
         await asyncio.wait_for(asyncio.gather(w0, w1, w2), 5)
@@ -154,9 +167,9 @@ def test_a_write_that_waited_past_the_lease_deadline_is_not_sent_at_the_old_seq(
         coord, lease, acquired = _setup(monkeypatch, reps, 0.01, snap_seq=6)
         old_seq = coord.seq
         w0 = asyncio.create_task(coord.write(0, b"0" * 4096))
-        await asyncio.sleep(0.001)
+        await _until(lambda: all(r.epochs for r in reps.values()))    # w0 sent
         w1 = asyncio.create_task(coord.write(0, b"1" * 4096))       # waits for w0's range
-        await asyncio.sleep(0.001)
+        await _until(lambda: coord._locks._waiting == 1)            # noqa: SLF001
         lease.lease_deadline = time.monotonic() - 1                 # the lease may have lapsed
         await asyncio.wait_for(w0, 2)
         await asyncio.sleep(0.3)
@@ -182,7 +195,7 @@ def test_a_write_landed_in_part_before_a_snapshot_is_split_when_repeated_at_the_
         old_seq = coord.seq
         reps["C"].fail = rk.NO_EXTENT
         w = asyncio.create_task(coord.write(0, b"w" * 4096))
-        await asyncio.sleep(0.005)                                  # sent; waiting for C's CREATE
+        await _until(lambda: all(r.decided for r in reps.values()))   # C said NO_EXTENT: waits
         assert [r.epochs for r in reps.values()] == [[("write", 7, old_seq)]] * 3
         lease.lease_gen += 1                                        # lapsed and granted anew
         reps["C"].fail = None
