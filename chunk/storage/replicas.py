@@ -72,11 +72,13 @@ class LocalReplica:
         except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
             raise self._fail(vid, idx, e) from None
 
+    def _unfenced(self, what: str) -> ReplicaFailed:
+        """A mutation at epoch 0: DENIED, as the replica server answers it; never run unfenced."""
+        return ReplicaFailed(self.chunk_id, DENIED, f"{what} needs an ownership epoch")
+
     def _mutate(self, vid, idx, epoch, fn, *args, **kw):
-        """A mutation: refused at epoch 0 (DENIED), as the replica server refuses it; never
-        run unfenced."""
         if not epoch:
-            raise ReplicaFailed(self.chunk_id, DENIED, "a mutation needs an ownership epoch")
+            raise self._unfenced(getattr(fn, "__name__", "a mutation").upper())
         return self._run(vid, idx, epoch, fn, *args, **kw)
 
     async def read(self, vid, idx, off, length, epoch, view=0):
@@ -94,8 +96,8 @@ class LocalReplica:
         admission and write in one store call. Not through ``_run``: its argument packing
         cost a measurable share of the coordinator's hot path; the failure mapping is the
         same ``_fail``."""
-        if not epoch:                   # never unfenced (the replica server's DENIED)
-            raise ReplicaFailed(self.chunk_id, DENIED, "WRITE needs an ownership epoch")
+        if not epoch:
+            raise self._unfenced("WRITE")
         try:
             self.store.admit_write(vid, idx, epoch, off, data, seq)
         except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
@@ -106,7 +108,7 @@ class LocalReplica:
 
     async def flush(self, vid, idx, epoch):
         if not epoch:
-            raise ReplicaFailed(self.chunk_id, DENIED, "FLUSH needs an ownership epoch")
+            raise self._unfenced("FLUSH")
         try:
             await self.store.flush_async(vid, idx)       # the sync in a thread, its clean-up here
         except Exception as e:  # noqa: BLE001
