@@ -317,7 +317,7 @@ class Session:
                             # their data up here until the batch ends: bound it by the socket.
                             self._flush()
                             if self.w.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-                                await self.w.drain()
+                                await self._drain_socket()
                 finally:
                     self._in_batch = False
                 if fatal:
@@ -326,7 +326,7 @@ class Session:
                     self._flush()
                 if self.w.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
                     self._flush()
-                    await self.w.drain()
+                    await self._drain_socket()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -350,10 +350,9 @@ class Session:
         self._buf_waiting.clear()
         self._flush()
         self._release_nexus()
-        try:
-            self.w.close()
-        except Exception:  # noqa: BLE001
-            pass
+        if self._unsent():
+            await self._drain_socket()      # a last Reject or Logout Response; bounded
+        self._hang_up()
         if self.on_close:
             self.on_close(self)
 
@@ -385,12 +384,44 @@ class Session:
         self._release_nexus()
 
     async def close(self) -> None:
-        """Drop the connection (session reinstatement, target reset, shutdown)."""
+        """Drop the connection (session reinstatement, target reset, shutdown, a peer gone)."""
         self._closing = True
+        self._hang_up()
+
+    def _unsent(self) -> int:
+        """Bytes queued on the transport that the socket has not taken (0 once closed)."""
         try:
-            self.w.close()
+            return self.w.transport.get_write_buffer_size()
+        except Exception:  # noqa: BLE001 - a transport already gone
+            return 0
+
+    def _hang_up(self) -> None:
+        """Close the socket now. With data still unsent the transport is aborted (RST):
+        a plain close waits for the send buffer to empty, which an initiator that stops
+        reading never lets happen, and its session would never end (its run loop parked in
+        a drain, its tasks and buffers held, reinstatement and resets waiting on it)."""
+        try:
+            if self._unsent():
+                self.w.transport.abort()
+            else:
+                self.w.close()
         except Exception:  # noqa: BLE001
             pass
+
+    async def _drain_socket(self) -> bool:
+        """Wait until the socket takes what is queued, at most ``nop_timeout`` (the time an
+        initiator has to answer a ping): one that reads nothing for that long is taken as
+        gone, and the connection is aborted. False if it was (or is lost)."""
+        try:
+            await asyncio.wait_for(self.w.drain(), self.nop_timeout)
+            return True
+        except asyncio.TimeoutError:       # (before OSError: TimeoutError is one since 3.11)
+            log.warning("%s: the initiator took none of %d queued bytes within %.0fs; dropping the "
+                        "connection", self.nexus.initiator, self._unsent(), self.nop_timeout)
+            await self.close()
+            return False
+        except OSError:                    # the connection is lost (reset, unreachable)
+            return False
 
     def post_unit_attention(self, units, asc_ascq: tuple[int, int]) -> None:
         """Establish a UA for this session's nexus on each of ``units`` (the target's word,
@@ -1057,10 +1088,7 @@ class Session:
             if fn == TmfFunction.TARGET_COLD_RESET:
                 # RFC 7143 11.5.1: after the response, every connection of the target closes.
                 self._flush()
-                try:
-                    await self.w.drain()
-                except ConnectionError:
-                    pass
+                await self._drain_socket()
                 target = self.p.target_name
                 for s in self._sessions()[1:]:
                     if s.p.target_name == target and not s.p.discovery:
@@ -1135,8 +1163,5 @@ class Session:
         self._send(P.LogoutResponse(itt=req.itt, response=LogoutResponseCode.SUCCESS,
                                     time2wait=0, time2retain=0))
         self._flush()
-        try:
-            await self.w.drain()
-        except ConnectionError:
-            pass
+        await self._drain_socket()
         self._closing = True

@@ -5,6 +5,7 @@ that opens a window, a dropped connection) with no initiator logic in between.""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from chunk.iscsi import pdu as P
 from chunk.iscsi.constants import RESERVED_TAG, TARGET_OPCODES
@@ -28,8 +29,9 @@ class Initiator:
 
     @classmethod
     async def connect(cls, port: int, target_iqn: str, initiator: str, isid: bytes = ISID,
-                      keys: tuple[tuple[str, str], ...] = ()) -> Initiator:
-        return cls(*await open_session(port, target_iqn, initiator, isid, keys))
+                      keys: tuple[tuple[str, str], ...] = (), sock: socket.socket | None = None,
+                      ) -> Initiator:
+        return cls(*await open_session(port, target_iqn, initiator, isid, keys, sock))
 
     def send(self, lun: int, cdb: bytes, data: bytes = b"", *, edtl: int | None = None,
              read: int = 0, cmdsn: int | None = None) -> int:

@@ -1,0 +1,132 @@
+"""Limits a session keeps whatever the initiator does, through the real target, login and SCSI
+layer over real sockets: an initiator that stops reading, ping data longer than it can take,
+immediate data it agreed not to send, and unsolicited data for a command held for CmdSN order."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from types import SimpleNamespace
+
+import pytest
+
+from chunk.blockdev import MemoryBlockDevice
+from chunk.iscsi import pdu as P
+from chunk.iscsi.session import WRITE_BUFFER_HIGH
+from chunk.iscsi.target import IscsiTarget, TargetConfig
+from chunk.scsi import LogicalUnit, LunIdentity
+from tests.chunk.iscsi.raw_initiator import Initiator
+from tests.cluster import free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+TARGET = "iqn.2026-01.io.zstore:test.t0000"
+H1 = "iqn.2004-10.com.example:h1"
+WWN = "6" + "5a5354" + "0123456789abcdef012345678"
+
+
+def fake_catalog():
+    return SimpleNamespace(
+        synced=True, generation=1, on_change=lambda fn: None,
+        target=lambda iqn: object() if iqn == TARGET else None,
+        chap_for=lambda target, initiator: None,
+        lun_access=lambda target, initiator, lun: "lun1" if lun == 1 else None,
+        visible_luns=lambda target, initiator: {},
+        visible_targets=lambda initiator: [TARGET])
+
+
+def read10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0).ljust(16, b"\0")
+
+
+def write10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0).ljust(16, b"\0")
+
+
+class Rig:
+    """A target with one 64 MiB LU (LUN 1) on a free port."""
+
+    def __init__(self, **cfg):
+        self.dev = MemoryBlockDevice(64 << 20)
+        self.unit = LogicalUnit(self.dev, LunIdentity(wwn=WWN, serial="vol-1", lun=1))
+        self.port = free_port()
+        c = TargetConfig(port=self.port, nop_interval=3600, nop_timeout=3600)
+        for k, v in cfg.items():
+            setattr(c, k, v)
+        self.target = IscsiTarget(c, fake_catalog(), open_device=None)
+        self.target.units = SimpleNamespace(get=lambda ex: self.unit, opened=lambda ex: self.unit,
+                                            close=lambda: None)
+        self.clients: list[Initiator] = []
+
+    async def __aenter__(self) -> "Rig":
+        await self.target.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for c in self.clients:
+            c.w.transport.abort()      # a wedged session (old code) is freed by the RST
+        await asyncio.wait_for(self.target.stop(), 20)
+
+    async def login(self, keys: tuple[tuple[str, str], ...] = (), sock=None) -> Initiator:
+        i = await Initiator.connect(self.port, TARGET, H1, keys=keys, sock=sock)
+        self.clients.append(i)
+        await i.ready(1)
+        return i
+
+    async def deaf_login(self) -> Initiator:
+        """A session whose initiator has a tiny receive buffer (set before connect)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
+        return await self.login(sock=sock)
+
+    async def wedge(self, i: Initiator) -> object:
+        """Send READs of 1 MiB and never read the answers, until the session has more queued
+        than its socket takes (its run loop then waits for the socket). Its Session."""
+        session = next(iter(self.target.sessions.values()))
+        for _ in range(48):
+            i.send(1, read10(0, 2048), read=1 << 20)
+        await i.w.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while session.w.transport.get_write_buffer_size() <= WRITE_BUFFER_HIGH:
+            assert loop.time() < deadline, "the session never filled its socket"
+            await asyncio.sleep(0.02)
+        return session
+
+
+# --- 1. an initiator that stops reading ------------------------------------------------------
+
+async def test_reinstatement_ends_a_session_whose_initiator_stopped_reading():
+    """A new login with the ISID of a session whose initiator reads nothing: the old session
+    is ended at once (its unsent answers aborted), not after ``reinstate_timeout``, and leaves
+    the target (its TSIH freed: its run loop ended)."""
+    async with Rig(reinstate_timeout=30) as rig:
+        deaf = await rig.deaf_login()
+        old = await rig.wedge(deaf)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        fresh = await asyncio.wait_for(Initiator.connect(rig.port, TARGET, H1), 5)
+        rig.clients.append(fresh)
+        assert loop.time() - t0 < 5
+        await asyncio.wait_for(old._ended.wait(), 5)        # noqa: SLF001
+        assert old.tsih not in rig.target.tsihs
+        assert not old.tasks
+        await fresh.ready(1)
+        status, sense, data = await fresh.transfer(1, read10(0, 8), read=4096)
+        assert (status, sense, data) == (0, None, bytes(4096))
+
+
+async def test_nop_timeout_drops_a_session_whose_initiator_stopped_reading():
+    """Nothing taken from the socket within ``nop_timeout``: the session is dropped from the
+    target's table (its tasks ended, on_close called), not kept forever."""
+    async with Rig(nop_interval=0.2, nop_timeout=0.5) as rig:
+        deaf = await rig.deaf_login()
+        session = await rig.wedge(deaf)
+        assert session in rig.target.sessions.values()
+        await asyncio.wait_for(session._ended.wait(), 5)    # noqa: SLF001
+        assert session not in rig.target.sessions.values()
+        assert session.tsih not in rig.target.tsihs
+        assert session.w.transport.is_closing()
