@@ -532,7 +532,12 @@ class Session:
             self._scsi_command(pdu)
         elif isinstance(pdu, P.NopOut):
             if pdu.itt != RESERVED_TAG:       # RESERVED_TAG: a placeholder for an aborted CmdSN
-                self._send(P.NopIn(itt=pdu.itt, ttt=RESERVED_TAG, lun=pdu.lun, data=pdu.data))
+                # The ping data reflected, limited to the initiator's MaxRecvDataSegmentLength
+                # (RFC 7143 §11.18.3): never a data segment longer than it may receive.
+                data = pdu.data
+                if len(data) > self.msdsl:
+                    data = data[:self.msdsl]
+                self._send(P.NopIn(itt=pdu.itt, ttt=RESERVED_TAG, lun=pdu.lun, data=data))
         elif isinstance(pdu, P.TaskMgmtRequest):
             await self._task_mgmt(pdu)
         elif isinstance(pdu, P.TextRequest):

@@ -130,3 +130,29 @@ async def test_nop_timeout_drops_a_session_whose_initiator_stopped_reading():
         assert session not in rig.target.sessions.values()
         assert session.tsih not in rig.target.tsihs
         assert session.w.transport.is_closing()
+
+
+# --- 2. ping data longer than the initiator's MaxRecvDataSegmentLength -----------------------
+
+async def test_nop_in_echo_is_limited_to_the_initiators_max_recv_data_segment_length():
+    """RFC 7143 §11.18.3: ping data is reflected, its length limited to MaxRecvDataSegmentLength.
+    An initiator declaring 512 pings with 4096 bytes: it gets back the first 512, and the
+    session goes on."""
+    async with Rig() as rig:
+        i = await rig.login(keys=(("MaxRecvDataSegmentLength", "512"),))
+        ping = bytes(range(256)) * 16
+        for immediate in (False, True):
+            i.itt += 1
+            i.w.write(P.NopOut(itt=i.itt, ttt=0xFFFFFFFF, immediate=immediate, cmdsn=i.cmdsn,
+                               lun=0, data=ping).to_bytes())
+            if not immediate:
+                i.cmdsn += 1
+            pong = await i.pdu()
+            assert isinstance(pong, P.NopIn) and pong.itt == i.itt, pong
+            assert pong.data == ping[:512]
+        i.itt += 1                                      # a ping that fits comes back whole
+        i.w.write(P.NopOut(itt=i.itt, ttt=0xFFFFFFFF, cmdsn=i.cmdsn, data=ping[:300]).to_bytes())
+        i.cmdsn += 1
+        pong = await i.pdu()
+        assert isinstance(pong, P.NopIn) and pong.data == ping[:300]
+        assert (await i.transfer(1, read10(0, 1), read=512))[:2] == (0, None)
