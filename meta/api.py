@@ -236,8 +236,8 @@ async def volume_resize(request: web.Request) -> web.Response:
 
 @routes.delete(PREFIX + "/volumes/{ref}")
 async def volume_delete(request: web.Request) -> web.Response:
-    vid = await volumes.delete_volume(ctx_of(request), request.match_info["ref"], flag(request, "force"))
-    return ok({"deleted": vid})
+    vol = await volumes.delete_volume_record(ctx_of(request), request.match_info["ref"], flag(request, "force"))
+    return ok({"deleted": vol.volume_id, "name": vol.name})
 
 
 # --- snapshots ---------------------------------------------------------------

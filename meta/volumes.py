@@ -66,8 +66,16 @@ async def find_volume(ctx: Ctx, ref: str) -> tuple[Volume, int]:
     if not isinstance(ref, str) or not ref:
         raise InvalidArgument("a volume name is required")
     vid = await ctx.get_raw(ctx.keys.volume_name(ref))
-    if vid is None and len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
+    is_id = len(ref) == 32 and all(c in "0123456789abcdef" for c in ref)
+    if vid is None and is_id:
         vid = ref.encode()
+    elif vid is not None and is_id and vid.decode() != ref:
+        # A name given before ids were refused as names: it must not stand for two volumes.
+        other, _ = await ctx.get(ctx.keys.volume(ref), Volume)
+        if other is not None and other.state != "deleted":
+            raise Conflict(f"{ref!r} is ambiguous: it is the name of volume {vid.decode()} and the id "
+                           f"of volume {other.name!r}",
+                           hint=f"use the id {vid.decode()} for the first, the name {other.name!r} for the other")
     if vid is not None:
         vol, rev = await ctx.get(ctx.keys.volume(vid.decode()), Volume)
         if vol is not None and vol.state != "deleted":
@@ -295,6 +303,12 @@ async def acl_entries(ctx: Ctx, vid: str) -> list[AclEntry]:
 
 
 async def delete_volume(ctx: Ctx, ref: str, force: bool = False) -> str:
+    """Delete a volume by name or id; its id."""
+    return (await delete_volume_record(ctx, ref, force)).volume_id
+
+
+async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volume:
+    """Delete a volume by name or id; the record deleted (its name and id, for the answer)."""
     for _ in range(MAX_RETRIES):
         vol, rev = await find_volume(ctx, ref)
         acl = await acl_entries(ctx, vol.volume_id)
@@ -330,7 +344,7 @@ async def delete_volume(ctx: Ctx, ref: str, force: bool = False) -> str:
             log.info("volume %s (%s) deleted%s%s", vol.name, vol.volume_id, " (forced)" if acl else "",
                      f"; kept as a tombstone for {len(snaps)} snapshot(s)" if snaps else "")
             await _collect_garbage_after(ctx, f"deleting volume {vol.name}")
-            return vol.volume_id
+            return vol
     raise Conflict(f"could not delete volume {ref!r}: too much concurrent change", hint="retry", retry=True)
 
 

@@ -38,11 +38,27 @@ class NameError_(InvalidArgument):
     """A user-supplied name that is not acceptable."""
 
 
+# Names that would be read as something else where a name is accepted: an id (volumes
+# and snapshots are also found by their 32-hex id), or an iSCSI name (a CHAP target).
+_ID_RE = re.compile(r"[0-9a-fA-F]{32}")
+_ISCSI_PREFIXES = ("iqn.", "eui.", "naa.")
+
+
 def check_name(kind: str, name: str) -> str:
+    """A new name: refused if it is not one, or could be taken for an id or an iSCSI name.
+    Only new names are checked: records named before these rules stay usable."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise NameError_(
             f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
+    if _ID_RE.fullmatch(name):
+        raise NameError_(
+            f"invalid {kind} name {name!r}: 32 hex digits look like an id, and "
+            f"{kind}s are also found by id; add a letter that is not hex, e.g. {kind}-{name[:8]}")
+    if name[:4].lower() in _ISCSI_PREFIXES:
+        raise NameError_(
+            f"invalid {kind} name {name!r}: a name starting with {name[:4]!r} reads as an "
+            "iSCSI name (where a target is expected); choose another prefix")
     return name
 
 

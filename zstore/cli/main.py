@@ -262,7 +262,12 @@ def cmd_volume_resize(ctx: Ctx) -> int:
 
 def cmd_volume_delete(ctx: Ctx) -> int:
     r = ctx.client.delete(f"/volumes/{seg(ctx.args.name)}", force=ctx.args.force)
-    return ctx.done(r, f"deleted volume {ctx.args.name}")
+    # The name and id the meta deleted, not the words typed: an id names another volume.
+    r = r if isinstance(r, dict) else {}
+    name, vid = r.get("name"), r.get("deleted")
+    if name and vid:
+        return ctx.done(r, f"deleted volume {name} (id {vid})")
+    return ctx.done(r, f"deleted volume {ctx.args.name}" + (f" (id {vid})" if vid else ""))
 
 
 def cmd_volume_revert(ctx: Ctx) -> int:
