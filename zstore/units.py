@@ -18,7 +18,9 @@ _SUFFIX = {
 # No real size needs more digits than this (1 PiB is 16); a longer run is refused
 # before int() sees it, which would raise a plain ValueError past 4300 digits.
 _MAX_DIGITS = 64
-_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGTP]i?|)[bB]?\s*$")
+# Exactly the suffixes of _SUFFIX (ki, kiB and the like are not sizes: K is 1000, Ki 1024).
+_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(" + "|".join(sorted(filter(None, _SUFFIX), key=len, reverse=True))
+                 + r"|)[bB]?\s*$")
 
 
 class SizeError(ValueError):
@@ -39,6 +41,8 @@ def parse_size(text: str | int) -> int:
             f"invalid size {text!r}: use a number with an optional suffix, "
             "e.g. 10Gi, 500Mi, 1T or 4096")
     number, suffix = m.groups()
+    if suffix not in _SUFFIX:           # the pattern takes none other; never a KeyError
+        raise SizeError(f"invalid size {text!r:.60}: unknown suffix {suffix!r}")
     if len(number) > _MAX_DIGITS:
         raise SizeError(f"invalid size {text!r:.60}: too many digits")
     try:
