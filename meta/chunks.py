@@ -140,13 +140,23 @@ async def list_chunks(ctx: Ctx) -> list[ChunkView]:
     return views
 
 
+MIN_PREFIX = 4
+
+
 async def get_chunk(ctx: Ctx, chunk_id: str) -> ChunkView:
-    for v in await list_chunks(ctx):
+    """A chunk server by its id, or by a prefix of 4+ characters that only it has."""
+    views = await list_chunks(ctx)
+    for v in views:
         if v.chunk_id == chunk_id:
             return v
-    matches = [v for v in await list_chunks(ctx) if v.chunk_id.startswith(chunk_id) and len(chunk_id) >= 4]
+    matches = [v for v in views if len(chunk_id) >= MIN_PREFIX and v.chunk_id.startswith(chunk_id)]
     if len(matches) == 1:
         return matches[0]
+    if matches:
+        ids = [v.chunk_id for v in matches]
+        raise Conflict(f"chunk server id {chunk_id!r} is ambiguous: matches "
+                       + ", ".join(ids[:5]) + ("..." if len(ids) > 5 else ""),
+                       hint="give more of the id (see `zstore chunk list`)", matches=ids)
     raise NotFound(f"chunk server {chunk_id!r} not found", hint="see `zstore chunk list`")
 
 

@@ -190,20 +190,26 @@ def cmd_chunk_show(ctx: Ctx) -> int:
     return ctx.show(ctx.client.get(f"/chunks/{seg(ctx.args.id)}"), output.chunk_detail)
 
 
+def _chunk_id(answer: Any, key: str, typed: str) -> str:
+    """The full id the meta acted on (the command may have named a prefix of it)."""
+    got = answer.get(key) if isinstance(answer, dict) else None
+    return got if isinstance(got, str) and got else typed
+
+
 def cmd_chunk_drain(ctx: Ctx) -> int:
     c = ctx.client.post(f"/chunks/{seg(ctx.args.id)}/drain")
-    return ctx.done(c, f"chunk server {ctx.args.id} is draining: no new replicas will be placed on it, "
-                       "and its iSCSI initiators are asked to log in elsewhere")
+    return ctx.done(c, f"chunk server {_chunk_id(c, 'chunk_id', ctx.args.id)} is draining: no new replicas "
+                       "will be placed on it, and its iSCSI initiators are asked to log in elsewhere")
 
 
 def cmd_chunk_undrain(ctx: Ctx) -> int:
     c = ctx.client.post(f"/chunks/{seg(ctx.args.id)}/undrain")
-    return ctx.done(c, f"chunk server {ctx.args.id} is active again")
+    return ctx.done(c, f"chunk server {_chunk_id(c, 'chunk_id', ctx.args.id)} is active again")
 
 
 def cmd_chunk_remove(ctx: Ctx) -> int:
     r = ctx.client.delete(f"/chunks/{seg(ctx.args.id)}", force=ctx.args.force)
-    return ctx.done(r, f"removed chunk server {ctx.args.id}")
+    return ctx.done(r, f"removed chunk server {_chunk_id(r, 'removed', ctx.args.id)}")
 
 
 def _volume_summary(v: dict[str, Any]) -> str:
