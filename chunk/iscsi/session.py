@@ -585,6 +585,16 @@ class Session:
                 tasks.pop(itt, None)
                 self._reject(RejectReason.PROTOCOL_ERROR, cmd.header())
                 return
+            if n and not p.immediate_data:
+                # ImmediateData=No: the initiator must not send it, and the target rejects it
+                # (RFC 7143 §13.11): a Reject (Protocol Error) and no response, as LIO does;
+                # the command does not run and none of its data is written. Its unsolicited
+                # Data-Out, if it announced some, is taken and dropped.
+                tasks.pop(itt, None)
+                if not cmd.final and not p.initial_r2t:
+                    self._discard_later(self._discarding, itt)
+                self._reject(RejectReason.PROTOCOL_ERROR, cmd.header())
+                return
             if n == edtl:               # all of it came with the command (the common small write)
                 task.want = task.edtl = task.received = task.next_r2t_offset = n
                 task.data = imm

@@ -156,3 +156,44 @@ async def test_nop_in_echo_is_limited_to_the_initiators_max_recv_data_segment_le
         pong = await i.pdu()
         assert isinstance(pong, P.NopIn) and pong.data == ping[:300]
         assert (await i.transfer(1, read10(0, 1), read=512))[:2] == (0, None)
+
+
+# --- 3. immediate data under ImmediateData=No ------------------------------------------------
+
+async def expect_reject(i: Initiator, itt: int) -> None:
+    rej = await i.pdu()
+    assert isinstance(rej, P.Reject) and rej.reason == 0x04, rej          # Protocol Error
+    assert struct.unpack_from(">I", rej.data, 16)[0] == itt                 # the command's header
+
+
+@pytest.mark.parametrize("initial_r2t", ["Yes", "No"])
+async def test_immediate_data_is_rejected_when_immediate_data_is_no(initial_r2t):
+    """ImmediateData=No (RFC 7143 §13.11): a WRITE carrying immediate data is rejected
+    (Reject, Protocol Error, no SCSI response) and not run: none of its data is written.
+    The session goes on: a write sent as agreed (its data solicited) is taken."""
+    async with Rig() as rig:
+        i = await rig.login(keys=(("ImmediateData", "No"), ("InitialR2T", initial_r2t)))
+        payload = b"\xa5" * 4096
+        itt = i.send(1, write10(0, 8), payload)                # all of it immediate
+        await expect_reject(i, itt)
+        itt = i.send(1, write10(8, 8), payload[:1024], edtl=4096)   # some immediate, rest by R2T
+        await expect_reject(i, itt)
+        if initial_r2t == "No":     # immediate data and an unsolicited Data-Out to follow
+            i.itt += 1
+            i.w.write(P.ScsiCommand(itt=i.itt, cmdsn=i.cmdsn, lun=P.encode_lun(1), write=True,
+                                    final=False, expected_length=4096, cdb=write10(0, 8),
+                                    data=payload[:1024]).to_bytes())
+            i.cmdsn += 1
+            i.w.write(P.DataOut(itt=i.itt, ttt=0xFFFFFFFF, lun=P.encode_lun(1), final=True, datasn=0,
+                                buffer_offset=1024, data=payload[1024:]).to_bytes())
+            await expect_reject(i, i.itt)                       # the Data-Out: taken and dropped
+        await i.quiet()                                         # no R2T, no response
+        assert (await i.transfer(1, read10(0, 16), read=8192)) == (0, None, bytes(8192))
+        assert rig.dev.buf[:8192] == bytes(8192)
+
+        itt = i.send(1, write10(0, 8), edtl=4096)               # no immediate data: solicited
+        r2t = await i.pdu()
+        assert isinstance(r2t, P.R2T) and r2t.itt == itt and r2t.desired_length == 4096, r2t
+        i.data_out(r2t, payload)
+        assert (await i.answer())[:2] == (itt, 0)
+        assert (await i.transfer(1, read10(0, 8), read=4096)) == (0, None, payload)
