@@ -14,7 +14,9 @@ retried with backoff; when the lease turns out to have expired (a long outage,
 a paused process) a new one is granted and everything is written again. On
 stop the lease is revoked so the server shows down at once rather than after
 the TTL; or, with ``revoke_on_stop=False``, kept alive (keepalives only) until
-``unregister``, so it cannot expire while the server is still shutting down.
+``unregister``, so it cannot expire while the server is still shutting down; the
+live record is then rewritten once with ``stopping=True`` so that redirectors
+send no new logins to a listener that is closing.
 """
 
 from __future__ import annotations
@@ -146,11 +148,26 @@ class Registration:
             # Shutting down (sessions, replica writes) can take longer than the lease has left;
             # expiring then would let the meta see no owner while writes still land.
             self._keeper = asyncio.ensure_future(self._keep_alive(self.lease))
+            # ...but the listener closes now: redirectors must stop sending logins here at
+            # once, not when the lease goes. The live key stays (same lease), marked stopping.
+            await self._mark_stopping()
 
     async def unregister(self) -> None:
         """Revoke the lease (the live key goes with it): after ``run`` with revoke_on_stop
         False, once nothing of this server writes any more."""
         await self._unregister()
+
+    async def _mark_stopping(self) -> None:
+        """Rewrite the live record with ``stopping=True`` under the same lease (best effort,
+        bounded: stop is set, so this bypasses ``_call``). The meta still sees it up."""
+        try:
+            await asyncio.wait_for(self._put_live_record(stopping=True), max(1.0, self.lease_ttl / 2))
+            log.info("chunk server %s marked stopping in etcd: no new logins are sent here", self.chunk_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - shutting down anyway; the lease ends it later
+            log.warning("could not mark chunk server %s stopping (%s); redirectors may still send "
+                        "logins here until its lease is revoked", self.chunk_id, _describe(e))
 
     async def _keep_alive(self, lease: aetcd.leases.Lease) -> None:
         """Refresh ``lease`` every ttl/3 until cancelled by ``unregister``. Stop is set, so
@@ -260,18 +277,20 @@ class Registration:
         self._stale = False
 
     async def _put_live(self, timeout: float | None = None) -> None:
-        assert self.lease is not None
-        live = ChunkLive(chunk_id=self.chunk_id, pid=os.getpid(), started=self.started,
-                         lease_ttl=self.lease.ttl, disks=self._disks,
-                         sessions=self.sessions() if self.sessions else [],
-                         storage=self._storage())
         try:
-            await self._call(self.etcd.put(self.keys.chunk_live(self.chunk_id), live.encode(),
-                                           lease=self.lease), timeout=timeout)
+            await self._call(self._put_live_record(), timeout=timeout)
         except aetcd_exc.ClientError as e:
             if _lease_not_found(e):
                 raise LeaseLost(f"lease {self.lease.id:x} not found") from None
             raise
+
+    async def _put_live_record(self, stopping: bool = False) -> None:
+        assert self.lease is not None
+        live = ChunkLive(chunk_id=self.chunk_id, pid=os.getpid(), started=self.started,
+                         lease_ttl=self.lease.ttl, disks=self._disks,
+                         sessions=self.sessions() if self.sessions else [],
+                         storage=self._storage(), stopping=stopping)
+        await self.etcd.put(self.keys.chunk_live(self.chunk_id), live.encode(), lease=self.lease)
 
     def _storage(self) -> dict[str, Any]:
         if self.storage is None:

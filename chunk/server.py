@@ -308,6 +308,8 @@ class ChunkServer:
         following = asyncio.ensure_future(admin.run(stop))
         await target.start()
         try:
+            # On stop, ``run`` rewrites the live record ``stopping`` (redirectors send no new
+            # logins here) before it returns, so before the listener below closes.
             await reg.run(stop)
         finally:
             await target.stop()

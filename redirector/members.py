@@ -3,7 +3,8 @@
 Two prefixes are followed by watches (``zetcd.watch_prefix``: list, watch,
 relist on failure): ``chunks/`` (info/live/admin of each chunk server, combined
 the way ``meta/chunks.py`` does: up = the live key exists, draining = admin
-state) and ``redirects/`` (the sticky RedirectRecords). ``choose()`` is then a
+state; a live record marked ``stopping`` takes no new logins) and
+``redirects/`` (the sticky RedirectRecords). ``choose()`` is then a
 pair of dict look-ups and at most one hash: no etcd round trip per login, so
 a login storm after a failover costs etcd nothing but the record writes.
 
@@ -48,8 +49,10 @@ class ChunkState:
 
     @property
     def usable(self) -> bool:
-        """May receive new logins: registered with a portal, up, not draining."""
+        """May receive new logins: registered with a portal, up, not shutting down (its live
+        key stays while it stops, but its listener is closing), not draining."""
         return (self.info is not None and bool(self.info.portal) and self.live is not None
+                and not self.live.stopping
                 and not (self.admin is not None and self.admin.state == "draining"))
 
     @property

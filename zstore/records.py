@@ -123,6 +123,11 @@ class ChunkLive(Record):
     heartbeat: float = field(default_factory=now)
     sessions: list[dict[str, Any]] = field(default_factory=list)   # [{initiator, target, type}]
     storage: dict[str, Any] = field(default_factory=dict)          # storage engine counters
+    # Shutting down: still the owner of its volumes (the lease holds until its writes have
+    # stopped, so the meta keeps seeing it up), but its listener is closing, so redirectors
+    # send no new logins here. Schema stays 1 on purpose: a reader that predates the field
+    # ignores it (unknown fields are dropped) instead of refusing the whole record.
+    stopping: bool = False
 
 
 @dataclass
