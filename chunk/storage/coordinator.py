@@ -790,6 +790,7 @@ class Coordinator:
                 rec, targets, results, epoch, seq = first
                 first = None
             else:
+                dialled: set[str] = set()
                 while True:
                     # Sent only under ownership held and current (``_owns``): a request that
                     # waited (range lock, gate, a replica, a meta call) since its
@@ -806,11 +807,20 @@ class Coordinator:
                     rec = self.extents[idx]
                     targets = self.engine.cached_replicas(rec.replicas) or \
                         [await self.engine.replica(c) for c in rec.replicas]
+                    sync = self._sync.get(idx)
+                    if sync is not None and sync.failed is None and eoff < sync.cursor:
+                        targets.append(sync.replica)
+                    # A replica not connected would dial on await and send when connected: up
+                    # to the connect timeout later, past the lease deadline perhaps. Dialled
+                    # here (once per attempt), and ownership looked at again after.
+                    dial = [r for r in targets
+                            if not getattr(r, "connected", True) and r.chunk_id not in dialled]
+                    if dial:
+                        dialled.update(r.chunk_id for r in dial)
+                        await asyncio.gather(*(r.connect() for r in dial))
+                        continue
                     if self._owns():
                         break
-                sync = self._sync.get(idx)
-                if sync is not None and sync.failed is None and eoff < sync.cursor:
-                    targets.append(sync.replica)
                 epoch, seq = self.epoch, self.seq
                 if op == "write":
                     # Remote writes leave now (no task per replica); the local one runs on await.

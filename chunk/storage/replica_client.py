@@ -245,6 +245,19 @@ class ReplicaClient:
         # session's command window bounds what can pile up.
         return True
 
+    async def dial(self, addr: Address) -> bool:
+        """Open the connection to ``addr`` if none is (no request sent): True if one is up.
+
+        The coordinator dials before it sends an attempt, then checks its ownership again:
+        a request that dialled on await could leave after the lease deadline passed during
+        the connect (see ``Coordinator._replicate``). A failed dial is remembered for
+        ``redial_interval``, so the send that follows fails at once instead of dialling again."""
+        try:
+            await self._pipeline((addr[0], int(addr[1])))
+        except PeerUnavailable:
+            return False
+        return True
+
     def connected(self, addr: Address) -> bool:
         """An established, healthy connection to ``addr`` exists (``start`` would send now)."""
         return self._usable(addr) is not None

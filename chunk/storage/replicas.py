@@ -190,6 +190,10 @@ class RemoteReplica:
         """A request sent now leaves at once (no dial): the fast path's precondition."""
         return self.client.connected(self.addr)
 
+    async def connect(self) -> None:
+        """Dial now, sending nothing (a failure shows on the next request, at once)."""
+        await self.client.dial(self.addr)
+
     def send_write(self, vid, idx, off, data, epoch, seq, on_reply) -> bool:
         """Send a WRITE (no FUA) on the open connection; ``on_reply`` gets its answer (see
         ``outcome_of``). False if it could not be sent."""

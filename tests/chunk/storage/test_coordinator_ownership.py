@@ -307,3 +307,52 @@ def test_min_write_replicas_above_the_volumes_replica_count_leaves_it_writable()
         assert fut is not None
         await fut
     asyncio.run(main())
+
+
+class _DialingReplica(_SrvReplica):
+    """A remote replica with no connection yet: a request sent dials on await and leaves
+    once connected (as ``RemoteReplica.start_write`` does); ``connect`` dials alone."""
+
+    def __init__(self, cid: str, dial: float) -> None:
+        super().__init__(cid)
+        self.connected, self.dial, self.dialling = False, dial, 0
+
+    async def connect(self) -> None:
+        self.dialling += 1
+        await asyncio.sleep(self.dial)
+        self.connected = True
+
+    def start_write(self, vid, idx, off, data, epoch, seq, fua=False):
+        if self.connected:
+            return super().start_write(vid, idx, off, data, epoch, seq, fua)
+
+        async def dial_then_send():
+            await self.connect()
+            await super(_DialingReplica, self).start_write(vid, idx, off, data, epoch, seq, fua)
+        return dial_then_send()
+
+
+def test_a_write_to_a_replica_not_yet_connected_is_not_sent_after_the_lease_deadline(monkeypatch):
+    """C has no connection yet. Its write once dialled on await and went out when connected,
+    at the epoch and seq read before the dial: a connect outlasting the lease deadline put
+    the write inside a snapshot the meta may have committed by itself meanwhile. Now the
+    coordinator dials first and looks at ownership again before anything leaves."""
+    async def main():
+        reps = {k: _SrvReplica(k) for k in "AB"}
+        reps["C"] = _DialingReplica("C", dial=0.2)
+        coord, lease, acquired = _setup(monkeypatch, reps, 0.01, snap_seq=6)
+        old_seq = coord.seq
+        w = asyncio.create_task(coord.write(0, b"w" * 4096))
+        await _until(lambda: reps["C"].dialling == 1)              # connecting
+        lease.lease_deadline = time.monotonic() - 1                 # the lease may have lapsed
+        await _until(lambda: reps["C"].connected)
+        await asyncio.sleep(0.05)
+        assert not w.done()
+        assert all(e[2] != old_seq for r in reps.values() for e in r.epochs), \
+            [r.epochs for r in reps.values()]
+        lease.lease_gen, lease.lease_deadline = 2, time.monotonic() + 60    # a new lease
+        await asyncio.wait_for(w, 2)
+        assert acquired and coord.seq == 6
+        assert all(r.epochs == [("write", 8, 6)] for r in reps.values())
+        assert coord.extents[0].replicas == ["A", "B", "C"]
+    asyncio.run(main())
