@@ -62,6 +62,17 @@ OWNED_FILE = "lio-owned.json"
 RETRY_SECONDS = 30.0               # a reconcile that hit errors is retried after this, changes or not
 RO_SUFFIX = ".ro"                  # the read-only twin of a backstore, for read-only ACL entries
 RO_TPG_LUN_BASE = 256              # its TPG LUN: LUN n + this (catalog LUNs are 1..255)
+# The kernel's per-backstore command timeout (seconds; 0: none). The kernel default, 30 s,
+# answers a command the handler has not answered in time with CHECK CONDITION, but cannot
+# stop the handler from executing it: a WRITE reported failed may still land afterwards,
+# over what the host wrote since (it retried, maybe on another path, and went on). Only
+# the handler can know whether a write may still land (it holds the replica round trip,
+# and fencing), so the bound belongs there, not in the kernel. The cost: while a command
+# hangs in the handler, or the chunk server is down and not restarted, the host gets no
+# answer on this path; its own recovery (abort, reset, session replacement_timeout,
+# multipath) takes over, and a restarted server fails what is queued as BUSY before serving
+# (``_attach``). Silent corruption is worse than a slow failure: 0.
+CMD_TIME_OUT = "0"
 
 
 class LioUnavailable(Exception):
@@ -192,6 +203,7 @@ class LioConfig:
         self.root = rts.RTSRoot()
         self.host, self.port, self.owned = portal_host, portal_port, owned
         self.errors = 0          # objects rtslib refused since the last reset (the frontend retries)
+        self._time_out_warned: set[str] = set()
 
     # backstores ---------------------------------------------------------------------
 
@@ -221,11 +233,26 @@ class LioConfig:
                         hw_max_sectors=MAX_SECTORS_BYTES // bs,
                         control=f"max_data_area_mb={DATA_AREA_MB},hw_block_size={bs}")
                     log.info("LIO: created backstore user/%s (%d bytes)", name, ex.size)
+                self._set_cmd_time_out(so)
                 out[name] = self._describe(so)
             except Exception:  # noqa: BLE001 - rtslib or configfs refused this one
                 self.errors += 1
                 log.exception("LIO: backstore user/%s", name)
         return out
+
+    def _set_cmd_time_out(self, so) -> None:
+        """``attrib/cmd_time_out`` = CMD_TIME_OUT (see there). The kernel takes it only while
+        the backstore has no LUN, i.e. right after it is made; a backstore made by an older
+        zstore keeps its value (logged once per start) until its LUN is re-made."""
+        try:
+            if str(so.get_attribute("cmd_time_out") or "").strip() == CMD_TIME_OUT:
+                return
+            so.set_attribute("cmd_time_out", CMD_TIME_OUT)
+        except Exception as e:  # noqa: BLE001 - e.g. EINVAL: a LUN exists already
+            if so.name not in self._time_out_warned:
+                self._time_out_warned.add(so.name)
+                log.warning("LIO: backstore user/%s keeps its cmd_time_out (%s): a write the kernel "
+                            "times out may still land later", so.name, e)
 
     def grow_backstores(self, sizes: dict[str, int]) -> None:
         """Raise the kernel's ``dev_size`` of each backstore to its volume's size (a volume
@@ -256,9 +283,27 @@ class LioConfig:
                 self.errors += 1
                 log.exception("LIO: deleting backstore user/%s", name)
 
+    def _action(self, bs: Backstore, name: str, value: str) -> None:
+        """Write the backstore's ``action/<name>`` (target_core_user.c: block_dev 1|0,
+        reset_ring 1 (queued commands fail BUSY: retryable) | 2 (CHECK CONDITION))."""
+        with open(os.path.join(bs.path, "action", name), "w") as f:
+            f.write(value)
+
     def reset_ring(self, bs: Backstore) -> None:
-        with open(os.path.join(bs.path, "action", "reset_ring"), "w") as f:
-            f.write("2")          # 2: fail the queued commands with CHECK CONDITION
+        """A ring that cannot be walked: fail what is queued (hard failure), restart at 0."""
+        self._action(bs, "reset_ring", "2")
+
+    def block_and_reset_ring(self, bs: Backstore) -> None:
+        """Before a new CommandLoop serves ``bs`` (as tcmu-runner does on reopen): block the
+        device (the kernel reaps what was answered, and new commands fail BUSY instead of
+        queueing), then reset the ring: every command still in it (queued while nothing
+        served the ring, or left unanswered by the last server) fails BUSY, so the host
+        retries it, and head and tail go to 0. Nothing left in the ring is ever run."""
+        self._action(bs, "block_dev", "1")
+        self._action(bs, "reset_ring", "1")
+
+    def unblock(self, bs: Backstore) -> None:
+        self._action(bs, "block_dev", "0")
 
     # targets ------------------------------------------------------------------------
 
@@ -500,9 +545,16 @@ class LioFrontend:
             dev, ident = open_export(self.open_device, ex)     # read-only for a ".ro" backstore
             unit = scsi.LogicalUnit(dev, ident, power_on_ua=False)
             u = tuio.UioDevice(found)
+            # Never replay: what the ring holds was queued while nothing served it (the
+            # kernel may have timed it out and the host moved on) or left unanswered by the
+            # last server (maybe answered already, out of order). The kernel fails all of it
+            # BUSY (the host retries) and the loop starts at the empty ring's head. If a
+            # step fails the device stays blocked: its commands fail BUSY instead of hanging.
+            await asyncio.to_thread(self.cfg.block_and_reset_ring, bs)
             loop = CommandLoop(u, unit, name=f"{bs.name}({found})",
                                reset_ring=lambda: self.cfg.reset_ring(bs))
             loop.start()
+            await asyncio.to_thread(self.cfg.unblock, bs)
         except Exception:  # noqa: BLE001 - this backstore goes unserved; the others go on
             log.exception("LIO: cannot serve backstore %s on /dev/%s", bs.name, found)
             if loop is not None:

@@ -14,6 +14,9 @@ outside the mapping fails its command with HARDWARE ERROR / INTERNAL TARGET
 FAILURE; a ring that cannot be walked (bad head or entry length) is handed to
 ``reset_ring``, which makes the kernel fail every queued command with CHECK
 CONDITION and restart the ring at 0, instead of leaving the LUN hanging.
+
+A loop serves only what the kernel queues after it starts (it begins at the head,
+never replaying what an earlier server left in the ring).
 """
 
 from __future__ import annotations
@@ -44,9 +47,14 @@ class CommandLoop:
         self.dev, self.unit, self.name = dev, unit, name or getattr(dev, "name", "tcmu")
         self.reset_ring = reset_ring
         self.mb = ring.read_mailbox(dev.buf, dev.size)
-        # A restarted server continues where the last one stopped: entries between tail
-        # and head were queued but never answered, so they run now.
-        self._next = ring.tail(dev.buf)
+        # Serving starts at the head: an entry between tail and head was queued before this
+        # loop existed, and the kernel may already have answered it (cmd_time_out), or a
+        # previous loop may have (out-of-order completion) while it still sat in the ring.
+        # Running it now could land an old WRITE over newer data, or answer a command twice
+        # (the kernel then declares the ring broken). Whoever starts a loop on a ring that
+        # held commands first has the kernel fail them (``action/reset_ring``, as
+        # ``chunk.lio.LioFrontend._attach`` does) so the host retries them.
+        self._next = ring.head(dev.buf)
         self._slots: deque[ring.Entry] = deque()          # unanswered entries from the tail on
         self._results: dict[int, tuple[int, bytes | None, int | None]] = {}
         self._tasks: set[asyncio.Task] = set()

@@ -4,6 +4,7 @@ LIO and serving the TCMU rings is proven in the kernel lab (tests/lab/test_lab_l
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 import subprocess
@@ -257,12 +258,26 @@ def fake_lio(monkeypatch, tmp_path):
         return dev
 
     broken: set[str] = set()                           # uio devices that fail to map
+    preload: dict[str, Any] = {}                       # uio device -> fn(ring): what it holds at open
+    actions: list[tuple[str, str, str]] = []           # (backstore, action, value) written
 
     def uio_device(found):
         if found in broken:
             raise lio.tuio.UioError(f"{found}: mmap failed")
-        rings[found] = FakeKernel(cmdr_size=4096, data_size=1 << 20)
+        if found not in rings or rings[found].r < 0:   # the kernel's ring outlives a server
+            rings[found] = FakeKernel(cmdr_size=4096, data_size=1 << 20)
+            if found in preload:
+                preload[found](rings[found])
         return rings[found]
+
+    def action(self, bs, name, value):
+        actions.append((bs.name, name, value))
+        ring = rings["fake-" + bs.name]
+        if name == "reset_ring":
+            ring.reset()
+        elif name == "block_dev":
+            ring.blocked = value == "1"
+    monkeypatch.setattr(lio.LioConfig, "_action", action, raising=False)
 
     monkeypatch.setattr(lio.tuio, "find", lambda name, suffix=None: "fake-" + name.split("/")[2])
     monkeypatch.setattr(lio.tuio, "UioDevice", uio_device)
@@ -274,12 +289,15 @@ def fake_lio(monkeypatch, tmp_path):
         monkeypatch.setitem(sys.modules, "rtslib_fb", fake)
         fe = lio.LioFrontend("127.0.0.1:3260", cat, open_device, tmp_path)
         fe.fake, fe.rings, fe.devices, fe.broken_uio = fake, rings, devices, broken
+        fe.preload, fe.actions = preload, actions
         made.append(fe)
         return fe
     yield make
     for fe in made:
         for name in list(fe.loops):
-            fe.loops.pop(name)[1].close()
+            fe.loops.pop(name)
+    for ring in rings.values():
+        ring.close()
 
 
 def write_same16_ndob(lba: int, n: int) -> bytes:
@@ -409,5 +427,38 @@ async def test_a_backstore_that_cannot_be_served_gets_no_lun_and_leaks_nothing(c
         await fe.reconcile()
         assert name_a in fe.loops and not fe.failed
         assert fe.fake.mapping(iqn, H1, a.lun) == (name_a, False)
+    finally:
+        await fe.stop()
+
+
+async def test_a_restart_fails_what_the_ring_holds_instead_of_replaying_it(catalog_setup, fake_lio):
+    """A WRITE queued while no chunk server served the ring (the kernel timed it out; the host
+    wrote newer data since) used to be run when serving started: old data over new. Serving
+    now starts with block_dev=1, reset_ring=1 (the kernel fails it BUSY: the host retries),
+    the loop at the head, then block_dev=0."""
+    from tests.chunk.tcmu.test_loop import write10
+    ctx, cat = catalog_setup
+    v, _ = await volumes.create_volume(ctx, "v", "16Mi", 1)
+    await exports.add_acl(ctx, "v", H1)
+    await async_wait_for(lambda: v.volume_id in cat.acl and cat.luns and cat.targets and cat.volumes,
+                         5, "catalog")
+    fe = fake_lio(cat)
+    name = lio.backstore_name(v.volume_id)
+    stale = []
+    fe.preload["fake-" + name] = lambda ring: stale.append(
+        ring.queue(write10(3, 1), b"O" * 512, notify=False))
+    await fe.start()
+    try:
+        ring = fe.rings["fake-" + name]
+        await asyncio.sleep(0.1)
+        assert ring.answers[stale[0]]["status"] == "reset"           # failed by the kernel
+        dev = fe.loops[name][2]
+        assert bytes(await dev.read(3 * 512, 512)) == bytes(512)     # never written
+        assert [(a, v_) for b, a, v_ in fe.actions if b == name] == [
+            ("block_dev", "1"), ("reset_ring", "1"), ("block_dev", "0")]
+        assert fe.fake.sos[name].attrs["cmd_time_out"] == "0"
+        c = ring.queue(tur())                                        # served from the head on
+        await async_wait_for(lambda: "status" in ring.answers[c], 5, "answer")
+        assert ring.answers[c]["status"] == 0
     finally:
         await fe.stop()

@@ -46,8 +46,10 @@ class FakeKernel:
         self.reap()
 
     def close(self) -> None:
-        os.close(self.r)
-        os.close(self.w)
+        if self.r >= 0:
+            os.close(self.r)
+            os.close(self.w)
+            self.r = self.w = -1
 
     # -- the kernel's side ------------------------------------------------------------
     @property

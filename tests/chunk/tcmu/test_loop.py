@@ -4,6 +4,7 @@ LogicalUnit over a real file-backed BlockDevice, answers land where the kernel r
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 
 import pytest
@@ -29,6 +30,10 @@ def write10(lba: int, n: int) -> bytes:
 
 def read10(lba: int, n: int) -> bytes:
     return struct.pack(">BBIBHB", 0x28, 0, lba, 0, n, 0)
+
+
+def tur() -> bytes:
+    return bytes(6)
 
 
 async def settle(k: FakeKernel, ids, timeout: float = 5.0) -> None:
@@ -148,17 +153,59 @@ async def test_broken_ring_is_reset_and_serving_goes_on():
         k.close()
 
 
-async def test_restart_picks_up_commands_queued_but_never_answered():
+async def test_a_new_loop_never_runs_what_was_queued_before_it_started():
+    """A loop used to start at the tail and run every entry up to the head: a WRITE queued while
+    no server ran (which the kernel may have timed out, the host having since written newer
+    data) landed on restart. The kernel fails such entries (reset_ring, by the frontend); the
+    loop itself serves only what comes after it starts."""
     k = FakeKernel()
     dev = MemoryBlockDevice(MiB)
-    w = k.queue(write10(3, 1), b"q" * 512, notify=False)   # queued while no server ran
+    await dev.write(3 * 512, b"N" * 512)                    # newer data, written elsewhere
+    w = k.queue(write10(3, 1), b"O" * 512, notify=False)   # queued while no server ran
     loop = CommandLoop(k, lu_over(dev))
     loop.start()
     try:
-        await settle(k, [w])
-        assert k.answers[w]["status"] == 0 and bytes(await dev.read(3 * 512, 512)) == b"q" * 512
+        os.write(k.w, b"\1\0\0\0")                          # a kick, as for any later command
+        await asyncio.sleep(0.1)
+        assert "status" not in k.answers[w] and loop.commands == 0
+        assert bytes(await dev.read(3 * 512, 512)) == b"N" * 512
     finally:
         await loop.stop()
+        k.close()
+
+
+async def test_restart_after_an_out_of_order_answer_answers_nothing_twice():
+    """A answered out of order by B's slot, the server stops with A still running: the next
+    loop on the same ring (after the kernel's reset) must not run A or B again (B answered
+    twice: the kernel declares the ring broken)."""
+    gate = asyncio.Event()
+
+    class Unit:
+        def data_out_length(self, cdb):
+            return 0
+
+        async def execute(self, cdb, data_out, n, nexus):
+            if cdb[0] == 0x28:
+                await gate.wait()
+            from chunk.scsi import ScsiResult
+            return ScsiResult(0, None, None)
+    k = FakeKernel()
+    loop = CommandLoop(k, Unit())
+    loop.start()
+    a = k.queue(read10(0, 1), length=512)
+    b = k.queue(tur())
+    await settle(k, [b])
+    await loop.stop(timeout=0.05)                          # A still in flight
+    k.reset()                                              # what LioFrontend._attach has the kernel do
+    loop2 = CommandLoop(k, Unit())
+    loop2.start()
+    try:
+        c = k.queue(tur())
+        await settle(k, [c])
+        assert k.answers[c]["status"] == 0 and k.answers[a]["status"] == "reset"
+        assert loop2.commands == 1 and k.tail == k.head
+    finally:
+        await loop2.stop()
         k.close()
 
 
