@@ -213,12 +213,29 @@ def _utf8_len(value: str) -> int | None:
         return None
 
 
+# LIO (configfs, through rtslib) stores CHAP values as text: a value starting with "NULL"
+# (the kernel compares 4 bytes, case-sensitively) means "no value", and rtslib strips
+# surrounding whitespace, so a login with the value as given could never succeed.
+LIO_NULL = "NULL"
+
+
+def _lio_problem(value: str) -> str | None:
+    if value.startswith(LIO_NULL):
+        return f"must not start with {LIO_NULL!r} (the iSCSI target reads that as no value)"
+    if value != value.strip():
+        return "must not start or end with whitespace (the iSCSI target strips it)"
+    return None
+
+
 def _check_secret(value: Any, what: str) -> str:
     """12 to 255 bytes: the secret is used as its UTF-8 bytes, so 'é' counts 2 (never echoed)."""
     n = _utf8_len(value) if isinstance(value, str) else None
     if n is None or not CHAP_SECRET_MIN <= n <= CHAP_SECRET_MAX:
         raise InvalidArgument(f"invalid {what}: must be {CHAP_SECRET_MIN} to {CHAP_SECRET_MAX} bytes of UTF-8 text",
                               hint="RFC 7143 requires CHAP secrets of at least 96 bits")
+    problem = _lio_problem(value)
+    if problem:
+        raise InvalidArgument(f"invalid {what}: {problem}")
     return value
 
 
@@ -228,6 +245,9 @@ def _check_chap_name(value: Any, what: str) -> str:
     if n is None or not 1 <= n <= CHAP_NAME_MAX or any(c < " " or c == "\x7f" for c in value):
         raise InvalidArgument(f"invalid {what} {value!r:.80}: must be 1-{CHAP_NAME_MAX} bytes of "
                               "UTF-8 text without control characters")
+    problem = _lio_problem(value)
+    if problem:
+        raise InvalidArgument(f"invalid {what} {value!r:.80}: {problem}")
     return value
 
 

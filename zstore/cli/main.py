@@ -29,6 +29,7 @@ from zstore.logs import redact, scrub
 from zstore.units import SizeError, parse_size
 
 CHAP_SECRET_MIN, CHAP_SECRET_MAX = 12, 255      # bytes of UTF-8, as the meta server counts them
+LIO_NULL = "NULL"        # a CHAP value starting so is "no value" to LIO (meta/exports.py)
 _GLOBALS = ("config", "state_dir", "endpoint", "json")
 
 
@@ -140,6 +141,9 @@ def read_chap_secrets(secret_file: str | None, mutual_user: str | None,
                     f"{what} must be {CHAP_SECRET_MIN}-{CHAP_SECRET_MAX} bytes long in UTF-8, i.e. "
                     f"{CHAP_SECRET_MIN}-{CHAP_SECRET_MAX} characters if ASCII (got {n} bytes)",
                     "RFC 7143 asks for at least 96 bits of secret")
+            if value.startswith(LIO_NULL):
+                raise errors.InvalidArgument(f"{what} must not start with {LIO_NULL!r}: "
+                                             "the iSCSI target reads that as no secret")
     if mutual is not None and mutual == secret:
         raise errors.InvalidArgument("the mutual CHAP secret must differ from the CHAP secret")
     return secret, mutual
@@ -386,8 +390,22 @@ def cmd_acl_list(ctx: Ctx) -> int:
                     output.acl_table)
 
 
+def check_chap_user(value: str | None, option: str) -> None:
+    """What LIO can store as a CHAP user name (the meta checks the rest)."""
+    if value is None or not value.strip():
+        return                 # empty: refused by read_chap_secrets / the meta, in their words
+    if value.startswith(LIO_NULL):
+        raise errors.InvalidArgument(f"invalid {option} {value!r:.80}: must not start with {LIO_NULL!r} "
+                                     "(the iSCSI target reads that as no user)")
+    if value != value.strip():
+        raise errors.InvalidArgument(f"invalid {option} {value!r:.80}: must not start or end with "
+                                     "whitespace (the iSCSI target strips it)")
+
+
 def cmd_chap_set(ctx: Ctx) -> int:
     a = ctx.args
+    check_chap_user(a.user, "--user")
+    check_chap_user(a.mutual_user, "--mutual-user")
     secret, mutual = read_chap_secrets(a.secret_file, a.mutual_user, a.mutual_secret_file)
     body: dict[str, Any] = {"target": a.target, "initiator": a.initiator, "user": a.user,
                             "secret": secret}
