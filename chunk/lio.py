@@ -395,10 +395,20 @@ class LioConfig:
             tpg.enable = True
 
     def _apply_acl(self, tpg, a, initiator: str, want: AclSpec, luns: dict[int, Any], iqn: str) -> None:
+        """CHAP (and ``authentication`` 1) is in place before any MappedLUN is made: if it
+        cannot be set, the NodeACL is deleted (fail closed), never left mapped with
+        ``authentication`` inherited from the TPG (0: login without CHAP)."""
         rts = self.rts
         if a is None:
             a = rts.NodeACL(tpg, initiator, mode="create")
             log.info("LIO: %s: added ACL %s", iqn, initiator)
+        try:
+            self._apply_chap(a, want.chap)
+        except Exception:
+            log.error("LIO: %s: CHAP for %s could not be applied; removing its ACL (no login "
+                      "without the CHAP it needs)", iqn, initiator)
+            a.delete()
+            raise
         mapped = {m.mapped_lun: m for m in a.mapped_luns}
         for n, m in list(mapped.items()):
             if (n not in want.mapped or m.tpg_lun.lun != want.tpg_luns.get(n, n)
@@ -409,22 +419,30 @@ class LioConfig:
             tl = want.tpg_luns.get(n, n)
             if n not in mapped and tl in luns:
                 rts.MappedLUN(a, n, tl, write_protect=wp)
-        self._apply_chap(a, want.chap)
 
     def _apply_chap(self, a, chap: Chap | None) -> None:
+        """With CHAP: ``authentication`` 1 first (an ACL without credentials yet then refuses
+        logins), then the credentials; raises when anything is refused (a kernel without
+        the per-ACL attribute included: CHAP offered but not enforced is no CHAP). Without:
+        credentials cleared, then 0."""
         want = {"chap_userid": chap.user if chap else "", "chap_password": chap.secret if chap else "",
                 "chap_mutual_userid": (chap.mutual_user or "") if chap else "",
                 "chap_mutual_password": (chap.mutual_secret or "") if chap else ""}
+        auth = "1" if chap else "0"
+        if chap and a.get_attribute("authentication") != auth:
+            a.set_attribute("authentication", auth)
         for attr, value in want.items():
             if (getattr(a, attr) or "") != value:
                 setattr(a, attr, value)
-        auth = "1" if chap else "0"
-        try:
-            if a.get_attribute("authentication") != auth:
-                a.set_attribute("authentication", auth)
-        except self.rts.RTSLibError:
-            log.warning("LIO: this kernel has no per-ACL authentication attribute; CHAP for %s "
-                        "is offered but not enforced", a.node_wwn)
+        if not chap:
+            try:                 # no CHAP wanted: the TPG's 0 is what we want anyway
+                if a.get_attribute("authentication") != auth:
+                    a.set_attribute("authentication", auth)
+            except self.rts.RTSLibError:
+                log.warning("LIO: this kernel has no per-ACL authentication attribute (%s)", a.node_wwn)
+        elif (a.get_attribute("authentication") or "").strip() != auth:
+            raise self.rts.RTSLibError(f"authentication of {a.node_wwn} reads "
+                                       f"{a.get_attribute('authentication')!r}, not 1")
 
     # what LIO holds now (for logs and tests) -----------------------------------------
 

@@ -462,3 +462,84 @@ async def test_a_restart_fails_what_the_ring_holds_instead_of_replaying_it(catal
         assert ring.answers[c]["status"] == 0
     finally:
         await fe.stop()
+
+
+class ChapRefusingRts(FakeRts):
+    """rtslib refusing a CHAP value (as its _set_auth_attr refuses "NULL"); it records, for every
+    MappedLUN made, the ACL's authentication and CHAP user at that moment."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.mapped_with: list[tuple[str, Any, str]] = []
+
+    def NodeACL(self, tpg, wwn, mode):
+        a = super().NodeACL(tpg, wwn, mode)
+        fake = self
+
+        class Acl(type(a)):
+            @property
+            def chap_userid(self):
+                return self.__dict__.get("_user", "")
+
+            @chap_userid.setter
+            def chap_userid(self, v):
+                if v == "NULL":
+                    raise fake.RTSLibError("'NULL' is not a permitted value")
+                self.__dict__["_user"] = v
+        a.__class__ = Acl
+        return a
+
+    def MappedLUN(self, a, n, tpg_lun, write_protect=False):
+        self.mapped_with.append((a.node_wwn, a.attrs.get("authentication"), a.chap_userid))
+        return super().MappedLUN(a, n, tpg_lun, write_protect)
+
+
+def _one_lun_config(fake, tmp_path):
+    """A LioConfig over ``fake`` (already in sys.modules) holding backstore zs-v."""
+    cfg = lio.LioConfig("127.0.0.1", 3260, lio.Owned(tmp_path / lio.OWNED_FILE))
+    fake.UserBackedStorageObject("zs-v", config="zstore/v", size=1 << 20)
+    return cfg, {"zs-v": lio.Backstore("zs-v", 1, "/x", "tcm-user/1/zs-v/zstore/v")}
+
+
+def test_chap_that_cannot_be_applied_leaves_no_acl_mapped(tmp_path, monkeypatch):
+    """CHAP rtslib refuses used to leave the NodeACL mapped with authentication unset (the TPG's
+    0): a login without CHAP. Now CHAP and authentication=1 come before any MappedLUN, and an ACL
+    whose CHAP cannot be set is deleted (fail closed); the others are applied."""
+    fake = ChapRefusingRts()
+    monkeypatch.setitem(sys.modules, "rtslib_fb", fake)
+    cfg, bs = _one_lun_config(fake, tmp_path)
+    spec = lio.TargetSpec("iqn.t", luns={1: "zs-v"}, acls={
+        H1: lio.AclSpec(mapped={1: False}, chap=lio.Chap("NULL", "s" * 12)),
+        H2: lio.AclSpec(mapped={1: False}, chap=lio.Chap("h2user", "s" * 12))})
+    cfg.apply_targets(lio.Desired(targets={"iqn.t": spec}), bs)
+    tpg = fake.targets[0].tpgs[0]
+    assert cfg.errors == 1
+    assert [a.node_wwn for a in tpg.node_acls] == [H2]                     # H1: no ACL at all
+    assert fake.mapped_with == [(H2, "1", "h2user")]                       # CHAP before mapping
+    # CHAP added later to a mapped ACL, and refused: that ACL goes too
+    spec.acls[H2] = lio.AclSpec(mapped={1: False}, chap=lio.Chap("NULL", "s" * 12))
+    cfg.apply_targets(lio.Desired(targets={"iqn.t": spec}), bs)
+    assert tpg.node_acls == []
+
+
+def test_chap_on_a_kernel_without_per_acl_authentication_is_not_offered_unenforced(tmp_path, monkeypatch):
+    """A kernel without the per-ACL authentication attribute used to get a warning and a mapped
+    ACL anyone could log in to without CHAP; now that ACL is not created."""
+    fake = FakeRts()
+    monkeypatch.setitem(sys.modules, "rtslib_fb", fake)
+    cfg, bs = _one_lun_config(fake, tmp_path)
+    real = fake.NodeACL
+
+    def node_acl(tpg, wwn, mode):
+        a = real(tpg, wwn, mode)
+
+        def no_attr(k, v=None):
+            raise fake.RTSLibError(f"no attribute {k}")
+        a.get_attribute = a.set_attribute = no_attr
+        return a
+    monkeypatch.setattr(fake, "NodeACL", node_acl)
+    spec = lio.TargetSpec("iqn.t", luns={1: "zs-v"}, acls={
+        H1: lio.AclSpec(mapped={1: False}, chap=lio.Chap("h1user", "s" * 12)),
+        H2: lio.AclSpec(mapped={1: False})})
+    cfg.apply_targets(lio.Desired(targets={"iqn.t": spec}), bs)
+    assert [a.node_wwn for a in fake.targets[0].tpgs[0].node_acls] == [H2] and cfg.errors == 1
