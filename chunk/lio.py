@@ -62,6 +62,8 @@ OWNED_FILE = "lio-owned.json"
 RETRY_SECONDS = 30.0               # a reconcile that hit errors is retried after this, changes or not
 RO_SUFFIX = ".ro"                  # the read-only twin of a backstore, for read-only ACL entries
 RO_TPG_LUN_BASE = 256              # its TPG LUN: LUN n + this (catalog LUNs are 1..255)
+TPG_ATTRIBUTES = (("authentication", "0"), ("generate_node_acls", "0"),
+                  ("demo_mode_write_protect", "1"), ("cache_dynamic_acls", "0"))
 # The kernel's per-backstore command timeout (seconds; 0: none). The kernel default, 30 s,
 # answers a command the handler has not answered in time with CHECK CONDITION, but cannot
 # stop the handler from executing it: a WRITE reported failed may still land afterwards,
@@ -311,7 +313,19 @@ class LioConfig:
         rts = self.rts
         iscsi = rts.FabricModule("iscsi")
         existing = {t.wwn: t for t in self.root.targets if t.fabric_module.name == "iscsi"}
-        # Each target (and, in _apply_tpg, each LUN and ACL) on its own: one that rtslib
+        # Targets no longer wanted go first (revocations before anything that may fail).
+        for iqn in sorted(self.owned.targets - set(d.targets)):
+            try:
+                t = existing.get(iqn)
+                if t is not None:
+                    t.delete()
+                    log.info("LIO: deleted target %s", iqn)
+                self.owned.targets.discard(iqn)
+                self.owned.save()
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("LIO: deleting target %s", iqn)
+        # Each target (and, in _apply_tpg, each step) on its own: one that rtslib
         # refuses is logged and counted, and everything else is still applied.
         for iqn, spec in d.targets.items():
             try:
@@ -328,71 +342,74 @@ class LioConfig:
             except Exception:  # noqa: BLE001
                 self.errors += 1
                 log.exception("LIO: target %s", iqn)
-        for iqn in sorted(self.owned.targets - set(d.targets)):
-            try:
-                t = existing.get(iqn)
-                if t is not None:
-                    t.delete()
-                    log.info("LIO: deleted target %s", iqn)
-                self.owned.targets.discard(iqn)
-                self.owned.save()
-            except Exception:  # noqa: BLE001
-                self.errors += 1
-                log.exception("LIO: deleting target %s", iqn)
+
+    def _step(self, what: str, fn: Callable[[], Any]) -> bool:
+        """Run one configfs step; one that rtslib refuses is logged and counted (retried on
+        the timer), and the steps after it still run. True if it went through."""
+        try:
+            fn()
+            return True
+        except Exception:  # noqa: BLE001
+            self.errors += 1
+            log.exception("LIO: %s", what)
+            return False
 
     def _apply_tpg(self, t, spec: TargetSpec, backstores: dict[str, Backstore]) -> None:
+        """Revocations first (NodeACLs, MappedLUNs, LUNs no longer wanted), each step on its own:
+        a portal, LUN or ACL that rtslib refuses never leaves what was revoked mapped."""
         rts = self.rts
         tpgs = {tpg.tag: tpg for tpg in t.tpgs}
         tpg = tpgs.get(TPG_TAG) or rts.TPG(t, TPG_TAG, mode="create")
-        for tag, other in tpgs.items():
-            if tag != TPG_TAG:
-                other.delete()
-        for name, value in (("authentication", "0"), ("generate_node_acls", "0"),
-                            ("demo_mode_write_protect", "1"), ("cache_dynamic_acls", "0")):
-            if tpg.get_attribute(name) != value:
-                tpg.set_attribute(name, value)
-        portals = {(p.ip_address, p.port): p for p in tpg.network_portals}
-        if (self.host, self.port) not in portals:
-            rts.NetworkPortal(tpg, self.host, self.port, mode="create")
-        for key, p in portals.items():
-            if key != (self.host, self.port):
-                p.delete()
-        # LUNs: a LUN whose backstore is wrong is re-made
+        # 1. revoke: ACLs no longer wanted, then mappings that changed, then LUNs
+        acls = {a.node_wwn: a for a in tpg.node_acls}
+        for initiator, a in list(acls.items()):
+            if initiator not in spec.acls:
+                if self._step(f"{spec.iqn}: removing ACL {initiator}", a.delete):
+                    log.info("LIO: %s: removed ACL %s", spec.iqn, initiator)
+                acls.pop(initiator)
+        for initiator, a in acls.items():
+            want = spec.acls[initiator]
+            for m in list(a.mapped_luns):
+                n = m.mapped_lun
+                if (n not in want.mapped or m.tpg_lun.lun != want.tpg_luns.get(n, n)
+                        or bool(m.write_protect) != want.mapped[n]):
+                    self._step(f"{spec.iqn}: unmapping LUN {n} of {initiator}", m.delete)
         luns = {lun.lun: lun for lun in tpg.luns}
         for n, lun in list(luns.items()):
-            want = spec.luns.get(n)
+            want_name = spec.luns.get(n)
             so = lun.storage_object
-            if want is None or so.name != want or so.plugin != "user":
-                lun.delete()                     # its MappedLUNs go with it
-                del luns[n]
-                log.info("LIO: %s LUN %d removed", spec.iqn, n)
+            if want_name is None or so.name != want_name or so.plugin != "user":
+                if self._step(f"{spec.iqn}: removing LUN {n}", lun.delete):   # MappedLUNs go with it
+                    log.info("LIO: %s LUN %d removed", spec.iqn, n)
+                del luns[n]              # nothing is mapped to it (if it stays, a retry removes it)
+        for tag, other in tpgs.items():
+            if tag != TPG_TAG:
+                self._step(f"{spec.iqn}: removing TPG {tag}", other.delete)
+        # 2. the TPG's attributes, portal, LUNs, ACLs
+        for name, value in TPG_ATTRIBUTES:
+            if tpg.get_attribute(name) != value:
+                self._step(f"{spec.iqn}: TPG attribute {name}", lambda: tpg.set_attribute(name, value))
+
+        def portal() -> None:
+            portals = {(p.ip_address, p.port): p for p in tpg.network_portals}
+            for key, p in portals.items():
+                if key != (self.host, self.port):
+                    p.delete()
+            if (self.host, self.port) not in portals:
+                rts.NetworkPortal(tpg, self.host, self.port, mode="create")
+        self._step(f"{spec.iqn}: portal {self.host}:{self.port}", portal)
         for n, name in spec.luns.items():
             if n not in luns and name in backstores:
-                try:
+                def make(n=n, name=name):
                     so = rts.UserBackedStorageObject(name, index=backstores[name].index)
                     luns[n] = rts.LUN(tpg, n, so)
                     log.info("LIO: %s LUN %d -> user/%s", spec.iqn, n, name)
-                except Exception:  # noqa: BLE001
-                    self.errors += 1
-                    log.exception("LIO: %s LUN %d -> user/%s", spec.iqn, n, name)
-        # NodeACLs, MappedLUNs, CHAP
-        acls = {a.node_wwn: a for a in tpg.node_acls}
-        for initiator, a in acls.items():
-            if initiator not in spec.acls:
-                try:
-                    a.delete()
-                    log.info("LIO: %s: removed ACL %s", spec.iqn, initiator)
-                except Exception:  # noqa: BLE001
-                    self.errors += 1
-                    log.exception("LIO: %s: removing ACL %s", spec.iqn, initiator)
+                self._step(f"{spec.iqn} LUN {n} -> user/{name}", make)
         for initiator, want in spec.acls.items():
-            try:
-                self._apply_acl(tpg, acls.get(initiator), initiator, want, luns, spec.iqn)
-            except Exception:  # noqa: BLE001 - e.g. an initiator name rtslib rejects
-                self.errors += 1
-                log.exception("LIO: %s: ACL %s", spec.iqn, initiator)
+            self._step(f"{spec.iqn}: ACL {initiator}",   # e.g. an initiator name rtslib rejects
+                       lambda: self._apply_acl(tpg, acls.get(initiator), initiator, want, luns, spec.iqn))
         if not tpg.enable:
-            tpg.enable = True
+            self._step(f"{spec.iqn}: enabling the TPG", lambda: setattr(tpg, "enable", True))
 
     def _apply_acl(self, tpg, a, initiator: str, want: AclSpec, luns: dict[int, Any], iqn: str) -> None:
         """CHAP (and ``authentication`` 1) is in place before any MappedLUN is made: if it

@@ -543,3 +543,35 @@ def test_chap_on_a_kernel_without_per_acl_authentication_is_not_offered_unenforc
         H2: lio.AclSpec(mapped={1: False})})
     cfg.apply_targets(lio.Desired(targets={"iqn.t": spec}), bs)
     assert [a.node_wwn for a in fake.targets[0].tpgs[0].node_acls] == [H2] and cfg.errors == 1
+
+
+def test_a_failing_portal_or_lun_step_leaves_nothing_revoked_mapped(tmp_path, monkeypatch):
+    """A portal rtslib refused (an address in use, say) used to abort the target's apply before
+    the ACL step: an ACL or LUN mapping revoked in etcd stayed in LIO. Revocations now come
+    first, and the portal and every LUN are steps of their own."""
+    fake = FakeRts()
+    monkeypatch.setitem(sys.modules, "rtslib_fb", fake)
+    cfg, bs = _one_lun_config(fake, tmp_path)
+    fake.UserBackedStorageObject("zs-w", config="zstore/w", size=1 << 20)
+    bs["zs-w"] = lio.Backstore("zs-w", 2, "/y", "tcm-user/2/zs-w/zstore/w")
+    spec = lio.TargetSpec("iqn.t", luns={1: "zs-v", 2: "zs-w"}, acls={
+        H1: lio.AclSpec(mapped={1: False, 2: False}), H2: lio.AclSpec(mapped={1: False})})
+    cfg.apply_targets(lio.Desired(targets={"iqn.t": spec}), bs)
+    assert cfg.errors == 0 and fake.mapping("iqn.t", H1, 2) == ("zs-w", False)
+
+    def refuse(*a, **kw):
+        raise fake.RTSLibError("Could not create NetworkPortal: address in use")
+    monkeypatch.setattr(fake, "NetworkPortal", refuse)
+    fake.targets[0].tpgs[0].network_portals.clear()          # e.g. the portal went with a reboot
+    real_lun = fake.LUN
+    monkeypatch.setattr(fake, "LUN", lambda tpg, n, so: refuse() if n == 3 else real_lun(tpg, n, so))
+    # etcd: H2 revoked, H1 loses LUN 2, a new LUN 3 that LIO refuses
+    spec = lio.TargetSpec("iqn.t", luns={1: "zs-v", 3: "zs-w"}, acls={
+        H1: lio.AclSpec(mapped={1: False, 3: False})})
+    cfg.errors = 0
+    cfg.apply_targets(lio.Desired(targets={"iqn.t": spec}), bs)
+    tpg = fake.targets[0].tpgs[0]
+    assert cfg.errors == 2                                    # the portal and LUN 3
+    assert [a.node_wwn for a in tpg.node_acls] == [H1]
+    assert [m.mapped_lun for m in tpg.node_acls[0].mapped_luns] == [1]
+    assert [lun.lun for lun in tpg.luns] == [1]
