@@ -9,7 +9,11 @@ list with a short backoff for up to ``retry_for`` seconds, so a leader failover
 (a few seconds) is invisible to scripts. Nothing is remembered between runs.
 A retry resends the request as it was, so a call that is not idempotent puts a
 request id of its own in the body (``volume revert``: one uuid4 per invocation),
-and the meta answers a resend from the first call's outcome.
+and the meta answers a resend from the first call's outcome. A DELETE is
+idempotent except in its answer: when an earlier attempt may have reached the
+meta (sent, then no answer or a reset, or a 503 such as a follower's forward
+timing out) and the retry answers 404, the earlier attempt most likely deleted
+it, so the call succeeds with ``{"already_gone": true, "note": ...}``.
 
 Built on ``http.client`` rather than aiohttp: a CLI call is one or two
 requests, and the stdlib starts fast and ignores ``http_proxy`` settings that
@@ -33,6 +37,7 @@ from zstore.config import ClientConfig, ConfigError, read_secret_file
 from zstore.logs import redact
 
 API_PREFIX = "/api/v1"
+ALREADY_GONE = "already gone: an earlier attempt deleted it (its answer was lost)"
 DEFAULT_RETRY_FOR = 15.0
 UNREACHABLE_HINT = ("is the cluster running? start one with `zstore up`, "
                     "or point --config/ZSTORE_CONFIG at its config")
@@ -67,11 +72,13 @@ class _Endpoint:
 class _Failed(Exception):
     """One endpoint did not serve the request; ``retryable`` says whether waiting may help."""
 
-    def __init__(self, reason: str, retryable: bool, error: errors.ZError | None = None):
+    def __init__(self, reason: str, retryable: bool, error: errors.ZError | None = None,
+                 maybe_applied: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
         self.error = error
+        self.maybe_applied = maybe_applied      # the request may have reached the meta
 
 
 def tls_context(ca_file: str | None, what: str = "client.ca_file") -> ssl.SSLContext:
@@ -151,11 +158,23 @@ class MetaClient:
     def delete(self, path: str, body: Any = None, **query: Any) -> Any:
         return self.request("DELETE", path, body, query=query).data
 
+    def delete_strict(self, path: str, body: Any = None, **query: Any) -> Any:
+        """A DELETE whose 404 never means an earlier attempt did it (unexport: 404 is
+        the snapshot itself missing, which no earlier attempt caused)."""
+        return self.request("DELETE", path, body, query=query, gone_is_done=False).data
+
     # -- the one request loop ------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None,
-                query: Mapping[str, Any] | None = None) -> Response:
-        """Send to the first endpoint that serves it; raise the API's error as a ZError."""
+                query: Mapping[str, Any] | None = None, gone_is_done: bool | None = None) -> Response:
+        """Send to the first endpoint that serves it; raise the API's error as a ZError.
+
+        ``gone_is_done`` (default: for DELETE): a 404 after an earlier attempt may have
+        reached the meta is the earlier attempt's success, answered as
+        ``{"already_gone": true, "note": ALREADY_GONE}`` (status 200)."""
+        if gone_is_done is None:
+            gone_is_done = method == "DELETE"
+        maybe_applied = False
         q = {k: _query_value(v) for k, v in (query or {}).items() if v is not None and v is not False}
         full = API_PREFIX + path + (("?" + urlencode(q)) if q else "")
         payload = None if body is None else json.dumps(body).encode()
@@ -170,8 +189,14 @@ class MetaClient:
                 try:
                     resp = self._once(ep, method, full, payload)
                 except _Failed as f:
+                    maybe_applied = maybe_applied or f.maybe_applied
                     failures.append((ep, f))
                     continue
+                except errors.NotFound:
+                    if not (gone_is_done and maybe_applied):
+                        raise
+                    self._first = i
+                    return Response(200, {"already_gone": True, "note": ALREADY_GONE}, ep.url)
                 self._first = i
                 return resp
             remaining = deadline - self._clock()
@@ -187,8 +212,10 @@ class MetaClient:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         conn = self._connection(ep)
+        sent = False           # once sent, a failure may come after the meta acted on it
         try:
             conn.request(method, ep.base + path, body=payload, headers=headers)
+            sent = True
             r = conn.getresponse()
             raw = r.read()
             status = r.status
@@ -198,12 +225,13 @@ class MetaClient:
         except socket.gaierror as e:
             raise _Failed(f"cannot resolve host {ep.host!r} ({e.strerror})", retryable=False) from None
         except (TimeoutError, socket.timeout):
-            raise _Failed(f"no answer within {self.timeout:g}s", retryable=True) from None
+            raise _Failed(f"no answer within {self.timeout:g}s", retryable=True, maybe_applied=sent) from None
         except ConnectionRefusedError:
             raise _Failed("connection refused", retryable=True) from None
         except (OSError, http.client.HTTPException) as e:
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise _Failed(reason.lower() if reason[:1].isupper() else reason, retryable=True) from None
+            raise _Failed(reason.lower() if reason[:1].isupper() else reason, retryable=True,
+                          maybe_applied=sent) from None
         finally:
             conn.close()
         return self._decode(ep, status, raw)
@@ -224,7 +252,9 @@ class MetaClient:
             cls = _STATUS_ERRORS.get(status, errors.ZError)
             err = cls(f"meta server at {ep.url} answered HTTP {status}")
         if status in (502, 504) or isinstance(err, errors.Unavailable):
-            raise _Failed(err.message, retryable=True, error=err)
+            # A follower that timed out forwarding to the leader answers 503: the leader
+            # may have acted on it all the same.
+            raise _Failed(err.message, retryable=True, error=err, maybe_applied=True)
         if isinstance(err, errors.Unauthenticated) and not err.hint:
             err.hint = (("the token was refused: check client.token_file or $ZSTORE_TOKEN "
                          "against the cluster's meta.token_file") if self.token else

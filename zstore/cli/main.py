@@ -55,7 +55,10 @@ class Ctx:
         return 0
 
     def done(self, data: Any, message: str) -> int:
-        """Report a change: the API's answer with --json, else one sentence."""
+        """Report a change: the API's answer with --json, else one sentence (with the
+        client's note when a retried DELETE found its object already gone)."""
+        if isinstance(data, dict) and data.get("already_gone"):
+            message += f" ({data.get('note')})"
         return self.show(data, lambda _: message)
 
 
@@ -357,7 +360,7 @@ def cmd_snapshot_export(ctx: Ctx) -> int:
 
 def cmd_snapshot_unexport(ctx: Ctx) -> int:
     ref = _snapshot_id_or_ref(ctx.args)
-    r = ctx.client.delete(f"/snapshots/{seg(ref)}/export")
+    r = ctx.client.delete_strict(f"/snapshots/{seg(ref)}/export")
     return ctx.done(r, f"snapshot {ref} unexported" if r.get("removed") else f"snapshot {ref} was not exported")
 
 
