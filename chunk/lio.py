@@ -62,8 +62,14 @@ OWNED_FILE = "lio-owned.json"
 RETRY_SECONDS = 30.0               # a reconcile that hit errors is retried after this, changes or not
 RO_SUFFIX = ".ro"                  # the read-only twin of a backstore, for read-only ACL entries
 RO_TPG_LUN_BASE = 256              # its TPG LUN: LUN n + this (catalog LUNs are 1..255)
+# demo_mode_discovery 0: SendTargets lists a target only to initiators with a NodeACL on it
+# (LIO's default, 1, lists every target to anyone). Discovery CHAP is not configured: LIO
+# has one fabric-wide discovery credential (iscsi/discovery_auth), which neither matches
+# the catalog's per-initiator records under target '*' nor is ours to change (it applies
+# to targets zstore does not own).
 TPG_ATTRIBUTES = (("authentication", "0"), ("generate_node_acls", "0"),
-                  ("demo_mode_write_protect", "1"), ("cache_dynamic_acls", "0"))
+                  ("demo_mode_write_protect", "1"), ("cache_dynamic_acls", "0"),
+                  ("demo_mode_discovery", "0"))
 # The kernel's per-backstore command timeout (seconds; 0: none). The kernel default, 30 s,
 # answers a command the handler has not answered in time with CHECK CONDITION, but cannot
 # stop the handler from executing it: a WRITE reported failed may still land afterwards,

@@ -575,3 +575,15 @@ def test_a_failing_portal_or_lun_step_leaves_nothing_revoked_mapped(tmp_path, mo
     assert [a.node_wwn for a in tpg.node_acls] == [H1]
     assert [m.mapped_lun for m in tpg.node_acls[0].mapped_luns] == [1]
     assert [lun.lun for lun in tpg.luns] == [1]
+
+
+def test_discovery_lists_a_target_only_to_initiators_on_its_acl(tmp_path, monkeypatch):
+    """LIO's TPG default demo_mode_discovery=1 answered SendTargets with every target to any
+    initiator; it is set to 0 (only targets the initiator has a NodeACL on)."""
+    fake = FakeRts()
+    monkeypatch.setitem(sys.modules, "rtslib_fb", fake)
+    cfg, bs = _one_lun_config(fake, tmp_path)
+    spec = lio.TargetSpec("iqn.t", luns={1: "zs-v"}, acls={H1: lio.AclSpec(mapped={1: False})})
+    cfg.apply_targets(lio.Desired(targets={"iqn.t": spec}), bs)
+    tpg = fake.targets[0].tpgs[0]
+    assert tpg.attrs["demo_mode_discovery"] == "0" and tpg.attrs["generate_node_acls"] == "0"
