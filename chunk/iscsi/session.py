@@ -172,6 +172,11 @@ class Session:
         self._buf_full = 0                        # tasks holding a granted (full) buffer
         self._buf_waiting: list[Task] = []        # tasks whose R2Ts wait for a grant
         self.pending: dict[int, P.PDU] = {}       # CmdSN -> out-of-order non-immediate request
+        # ITT -> unsolicited Data-Out received for a write held in ``pending`` (legal: it may
+        # come before the CmdSN gap fills), filed once the command runs. At most
+        # FirstBurstLength per command, and write_buffer_budget for all of them.
+        self._early: dict[int, list[P.DataOut]] = {}
+        self._early_bytes = 0
         self._ttt = 0x1000
         self._r2t_owner: dict[int, Task] = {}     # TTT -> task
         self._discarding: dict[int, None] = {}    # ITTs answered before their unsolicited data came
@@ -348,6 +353,8 @@ class Session:
             await asyncio.gather(*runners, return_exceptions=True)
         self.tasks.clear()
         self._buf_waiting.clear()
+        self._early.clear()
+        self._early_bytes = 0
         self._flush()
         self._release_nexus()
         if self._unsent():
@@ -517,7 +524,11 @@ class Session:
             await self._execute(pdu)
             await self._drain()
         elif sn_lt(self.expcmdsn, cmdsn) and sn_lte(cmdsn, (self.expcmdsn + self.window) & SERIAL_MASK):
-            self.pending.setdefault(cmdsn, pdu)     # early: hold until the gap fills
+            if cmdsn not in self.pending:           # early: hold until the gap fills
+                self.pending[cmdsn] = pdu
+                if type(pdu) is P.ScsiCommand and pdu.write and not pdu.final and not self.p.initial_r2t \
+                        and pdu.itt not in self.tasks and pdu.itt not in self._early:
+                    self._early[pdu.itt] = []       # its unsolicited Data-Out may come first
         # else: outside the window or a duplicate: silently ignored (RFC 7143 §4.2.2.1)
 
     async def _drain(self) -> None:
@@ -526,6 +537,38 @@ class Session:
             nxt = self.pending.pop(self.expcmdsn)
             self.expcmdsn = (self.expcmdsn + 1) & SERIAL_MASK
             await self._execute(nxt)
+            if self._early and type(nxt) is P.ScsiCommand:
+                self._file_early(nxt.itt)
+
+    def _file_early(self, itt: int) -> None:
+        """The Data-Out that came for a held write before its turn, filed now that it runs
+        (checked as if it came now: DataSN, offsets, FirstBurstLength)."""
+        held = self._early.pop(itt, None)
+        if not held:
+            return
+        for d in held:
+            self._early_bytes -= len(d.data)
+            if not self._closing:
+                self._data_out(d)
+
+    def _hold_early(self, d: P.DataOut, held: list[P.DataOut]) -> None:
+        n = len(d.data)
+        if sum(len(x.data) for x in held) + n > self.p.first_burst_length \
+                or self._early_bytes + n > self.write_buffer_budget:
+            self._protocol_error(d, "unsolicited data for a held command beyond FirstBurstLength "
+                                    "or the session's write buffer budget")
+            return
+        held.append(d)
+        self._early_bytes += n
+
+    def _drop_early(self, itt: int) -> None:
+        """A held write is aborted: its unsolicited Data-Out, held or still to come, dropped."""
+        held = self._early.pop(itt, None)
+        if held:
+            self._early_bytes -= sum(len(d.data) for d in held)
+            if held[-1].final:
+                return                              # all of it came: nothing more to drop
+        self._discard_later(self._discarding, itt)
 
     async def _execute(self, pdu: P.PDU) -> None:
         if isinstance(pdu, P.ScsiCommand):
@@ -716,6 +759,9 @@ class Session:
             if task is None and d.itt in self._discarding:
                 if d.final:
                     del self._discarding[d.itt]
+                return
+            if task is None and d.itt in self._early:    # its command waits for its CmdSN
+                self._hold_early(d, self._early[d.itt])
                 return
             if task is None or task.unsolicited_done or self.p.initial_r2t:
                 self._protocol_error(d, "unsolicited Data-Out not allowed here")
@@ -984,11 +1030,16 @@ class Session:
                 lun = -1
             if not match(lun, self.resolver.unit(lun) if lun >= 0 else None):
                 continue
-            self.pending[sn] = P.NopOut(itt=RESERVED_TAG, cmdsn=sn)
-            if pdu.write and not pdu.final and not self.p.initial_r2t:
-                self._discard_later(self._discarding, pdu.itt)    # its unsolicited Data-Out
+            self._drop_pending(sn, pdu)
             n += 1
         return n
+
+    def _drop_pending(self, sn: int, pdu: P.PDU) -> None:
+        """Abort a held request: a placeholder keeps its CmdSN (consumed once the gap before
+        it fills); a write's unsolicited Data-Out is taken and dropped."""
+        self.pending[sn] = P.NopOut(itt=RESERVED_TAG, cmdsn=sn)
+        if type(pdu) is P.ScsiCommand and pdu.write and not pdu.final and not self.p.initial_r2t:
+            self._drop_early(pdu.itt)
 
     def _sessions(self) -> list["Session"]:
         """This session first, then every other one of this target server."""
@@ -1057,7 +1108,7 @@ class Session:
             else:
                 pending = [sn for sn, p in self.pending.items() if p.itt == req.referenced_task_tag]
                 for sn in pending:
-                    self.pending[sn] = P.NopOut(itt=RESERVED_TAG, cmdsn=sn)   # consumes its CmdSN
+                    self._drop_pending(sn, self.pending[sn])
                 ref = req.refcmdsn
                 never_received = (sn_lte(self.expcmdsn, ref) and sn_lte(ref, self.maxcmdsn)
                                   and sn_lt(ref, req.cmdsn) and ref not in self.pending)

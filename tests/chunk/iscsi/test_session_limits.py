@@ -197,3 +197,67 @@ async def test_immediate_data_is_rejected_when_immediate_data_is_no(initial_r2t)
         i.data_out(r2t, payload)
         assert (await i.answer())[:2] == (itt, 0)
         assert (await i.transfer(1, read10(0, 8), read=4096)) == (0, None, payload)
+
+
+# --- 4. unsolicited Data-Out for a write held for CmdSN order -----------------------------------
+
+def write_pdu(itt: int, cmdsn: int, lba: int, data: bytes, edtl: int, final: bool) -> bytes:
+    return P.ScsiCommand(itt=itt, cmdsn=cmdsn, lun=P.encode_lun(1), write=True, final=final,
+                         expected_length=edtl, cdb=write10(lba, edtl // 512), data=data).to_bytes()
+
+
+def data_out(itt: int, datasn: int, offset: int, data: bytes, final: bool) -> bytes:
+    return P.DataOut(itt=itt, ttt=0xFFFFFFFF, lun=P.encode_lun(1), final=final, datasn=datasn,
+                     buffer_offset=offset, data=data).to_bytes()
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_unsolicited_data_out_for_a_write_held_for_cmdsn_order(split):
+    """InitialR2T=No: CmdSN N+1, a WRITE whose unsolicited Data-Out follows it, arrives with
+    that Data-Out before CmdSN N (legal: the initiator may send in any order across CmdSNs).
+    Its data is held until its turn and used then; with ``split`` part of it comes only after
+    CmdSN N. Both writes complete GOOD and read back as sent."""
+    async with Rig() as rig:
+        i = await rig.login(keys=(("InitialR2T", "No"),))
+        a, b = bytes([0x11]) * 4096, bytes(range(256)) * 32     # 8 KiB: 1 KiB immediate, 7 by Data-Out
+        n = i.cmdsn
+        itt_a, itt_b = 0x900, 0x901
+        i.w.write(write_pdu(itt_b, n + 1, 64, b[:1024], 8192, final=False))
+        i.w.write(data_out(itt_b, 0, 1024, b[1024:4096], final=False))
+        if not split:
+            i.w.write(data_out(itt_b, 1, 4096, b[4096:], final=True))
+        await i.w.drain()
+        await i.quiet(0.3)                                  # held: no answer, no Reject
+        i.w.write(write_pdu(itt_a, n, 0, a, 4096, final=True))
+        if split:
+            i.w.write(data_out(itt_b, 1, 4096, b[4096:], final=True))
+        i.cmdsn += 2
+        answers = {(await i.answer())[:2] for _ in range(2)}
+        assert answers == {(itt_a, 0), (itt_b, 0)}, answers
+        assert (await i.transfer(1, read10(0, 8), read=4096)) == (0, None, a)
+        assert (await i.transfer(1, read10(64, 16), read=8192)) == (0, None, b)
+        session = next(iter(rig.target.sessions.values()))
+        assert not session._early and session._early_bytes == 0   # noqa: SLF001
+
+
+async def test_held_write_aborted_drops_its_early_data_out():
+    """ABORT TASK of a write held for CmdSN order whose Data-Out already came: the data is
+    dropped (never written), the rest of its Data-Out too, and the session goes on."""
+    async with Rig() as rig:
+        i = await rig.login(keys=(("InitialR2T", "No"),))
+        n = i.cmdsn
+        i.w.write(write_pdu(0x901, n + 1, 64, b"\x77" * 1024, 8192, final=False))
+        i.w.write(data_out(0x901, 0, 1024, b"\x77" * 3072, final=False))
+        i.itt += 1
+        i.w.write(P.TaskMgmtRequest(itt=i.itt, cmdsn=n, immediate=True, function=1, lun=P.encode_lun(1),
+                                    referenced_task_tag=0x901, refcmdsn=n + 1).to_bytes())
+        resp = await i.pdu()
+        assert isinstance(resp, P.TaskMgmtResponse) and resp.response == 0, resp
+        i.w.write(data_out(0x901, 1, 4096, b"\x77" * 4096, final=True))    # dropped
+        i.w.write(write_pdu(0x900, n, 0, b"\x11" * 512, 512, final=True))
+        i.cmdsn += 2
+        assert (await i.answer())[:2] == (0x900, 0)
+        await i.quiet(0.3)
+        assert (await i.transfer(1, read10(64, 16), read=8192)) == (0, None, bytes(8192))
+        session = next(iter(rig.target.sessions.values()))
+        assert not session._early and session._early_bytes == 0   # noqa: SLF001
