@@ -212,6 +212,7 @@ class LioConfig:
         self.host, self.port, self.owned = portal_host, portal_port, owned
         self.errors = 0          # objects rtslib refused since the last reset (the frontend retries)
         self._time_out_warned: set[str] = set()
+        self.enable_tpgs = True  # False while draining or stopping: applying keeps TPGs disabled
 
     # backstores ---------------------------------------------------------------------
 
@@ -414,8 +415,22 @@ class LioConfig:
         for initiator, want in spec.acls.items():
             self._step(f"{spec.iqn}: ACL {initiator}",   # e.g. an initiator name rtslib rejects
                        lambda: self._apply_acl(tpg, acls.get(initiator), initiator, want, luns, spec.iqn))
-        if not tpg.enable:
-            self._step(f"{spec.iqn}: enabling the TPG", lambda: setattr(tpg, "enable", True))
+        if bool(tpg.enable) != self.enable_tpgs:      # off while draining or stopping
+            self._step(f"{spec.iqn}: TPG enable={self.enable_tpgs}",
+                       lambda: setattr(tpg, "enable", self.enable_tpgs))
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Enable or disable the TPGs of every target we own. Disabled, LIO closes their
+        sessions (waiting for their commands, which the loops keep answering) and refuses
+        logins (0x0301, retryable): hosts go elsewhere (the redirector's VIP)."""
+        self.enable_tpgs = enabled
+        for t in self.root.targets:
+            if t.wwn not in self.owned.targets:
+                continue
+            for tpg in t.tpgs:
+                if bool(tpg.enable) != enabled:
+                    if self._step(f"{t.wwn}: TPG enable={enabled}", lambda: setattr(tpg, "enable", enabled)):
+                        log.info("LIO: %s TPG %d %s", t.wwn, tpg.tag, "enabled" if enabled else "disabled")
 
     def _apply_acl(self, tpg, a, initiator: str, want: AclSpec, luns: dict[int, Any], iqn: str) -> None:
         """CHAP (and ``authentication`` 1) is in place before any MappedLUN is made: if it
@@ -504,6 +519,8 @@ class LioFrontend:
         self._task: asyncio.Task | None = None
         self.applied = 0
         self.failed = False      # the last reconcile left something unapplied: retry on a timer
+        self.draining = False
+        self.stopping = False
 
     async def start(self) -> None:
         self.cfg = await asyncio.to_thread(LioConfig, self.host, self.port, self.owned)
@@ -540,11 +557,16 @@ class LioFrontend:
                 self.failed = True
                 log.exception("LIO: applying the catalog failed")
 
+    def _tpgs_wanted(self) -> bool:
+        """Whether our TPGs should be enabled: not while draining or stopping."""
+        return not (self.draining or self.stopping)
+
     async def reconcile(self) -> None:
         async with self._lock:
             cfg = self.cfg
             cfg.errors = 0
             self.failed = True                   # until this attempt gets through cleanly
+            cfg.enable_tpgs = self._tpgs_wanted()
             d = desired_state(self.catalog)
             backstores = await asyncio.to_thread(cfg.ensure_backstores, d.backstores)
             for name, bs in backstores.items():
@@ -622,9 +644,20 @@ class LioFrontend:
             close()
 
     async def stop(self) -> None:
-        """Stop serving. LIO keeps its configuration: the next start picks it up again."""
+        """Stop serving. The TPGs are disabled first, while the loops still answer: LIO
+        closes the sessions and refuses logins, so hosts go elsewhere instead of queueing
+        on a ring nobody serves. LIO keeps its configuration: the next start picks it up
+        and enables the TPGs again."""
+        self.stopping = True
         if self._task:
             self._task.cancel()
+        if self.cfg is not None:
+            self.cfg.enable_tpgs = False         # a reconcile still running in its thread enables nothing
+            async with self._lock:
+                try:
+                    await asyncio.to_thread(self.cfg.set_enabled, False)
+                except Exception:  # noqa: BLE001 - still let go of the rings
+                    log.exception("LIO: disabling the TPGs")
         for name in list(self.loops):
             await self._detach(name)
 
@@ -637,5 +670,13 @@ class LioFrontend:
         """LIO does not tell us about logins; sessions are read when the record is written."""
 
     def set_draining(self, draining: bool) -> None:
-        if draining:
-            log.warning("draining is not supported by the lio frontend: sessions stay")
+        """Draining disables our TPGs (LIO closes the sessions at once: it cannot ask an
+        initiator to log out; logins are refused as retryable, 0x0301); undraining enables
+        them again. Applied by the next reconcile, which this schedules."""
+        if draining == self.draining:
+            return
+        self.draining = draining
+        if self.cfg is not None:
+            self.cfg.enable_tpgs = self._tpgs_wanted()
+        log.info("LIO: %s", "draining: disabling the TPGs" if draining else "draining stopped: enabling the TPGs")
+        self._dirty.set()

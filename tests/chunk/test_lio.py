@@ -587,3 +587,33 @@ def test_discovery_lists_a_target_only_to_initiators_on_its_acl(tmp_path, monkey
     cfg.apply_targets(lio.Desired(targets={"iqn.t": spec}), bs)
     tpg = fake.targets[0].tpgs[0]
     assert tpg.attrs["demo_mode_discovery"] == "0" and tpg.attrs["generate_node_acls"] == "0"
+
+
+async def test_draining_and_stopping_disable_the_tpgs(catalog_setup, fake_lio):
+    """Stop used to only detach the rings (portal and sessions left up: hosts queued commands
+    on rings nobody served) and draining only logged a warning. Now draining disables our TPGs
+    and undraining enables them; stop disables them while the loops still answer."""
+    ctx, cat = catalog_setup
+    v, _ = await volumes.create_volume(ctx, "v", "16Mi", 1)
+    await exports.add_acl(ctx, "v", H1)
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    await async_wait_for(lambda: v.volume_id in cat.acl and cat.luns and cat.targets and cat.volumes,
+                         5, "catalog")
+    fe = fake_lio(cat)
+    await fe.start()
+    tpg = next(t for t in fe.fake.targets if t.wwn == iqn).tpgs[0]
+    assert tpg.enable
+    fe.set_draining(True)
+    await async_wait_for(lambda: not tpg.enable, 5, "TPG disabled while draining")
+    fe.set_draining(False)
+    await async_wait_for(lambda: tpg.enable, 5, "TPG enabled again")
+    seen = []
+    detach = fe._detach
+
+    async def recording_detach(name):
+        seen.append((name in fe.loops, tpg.enable))
+        await detach(name)
+    fe._detach = recording_detach
+    await fe.stop()
+    assert seen and all(served and not enabled for served, enabled in seen)
+    assert not tpg.enable and [t.wwn for t in fe.fake.targets] == [iqn]     # configuration kept
