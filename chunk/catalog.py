@@ -148,6 +148,7 @@ class Catalog:
         self._delta_listeners: list[Callable[[CatalogChange], None]] = []
         self.generation = 0          # bumped on every change: lets readers cache what they derived
         self._listeners: list[Callable[[str], None]] = []
+        self._stale_listeners: list[Callable[[bool], None]] = []
         self._synced: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task] = []
         self._relist: dict[str, asyncio.Event] = {}   # per section: list afresh
@@ -246,6 +247,17 @@ class Catalog:
     def on_change(self, fn: Callable[[str], None]) -> None:
         """Call ``fn(kind)`` after each change (kind: targets|luns|volumes|snapshots|acl|chap)."""
         self._listeners.append(fn)
+
+    def on_stale(self, fn: Callable[[bool], None]) -> None:
+        """Call ``fn(stale)`` when the mirror goes stale (True) and when it is current again."""
+        self._stale_listeners.append(fn)
+
+    def _tell_stale(self) -> None:
+        for fn in self._stale_listeners:
+            try:
+                fn(self.stale)
+            except Exception:  # noqa: BLE001 - a listener must not break mirroring
+                log.exception("catalog staleness listener failed")
 
     def on_delta(self, fn: Callable[[CatalogChange], None]) -> None:
         """Call ``fn(change)`` after each change, after the ``on_change`` listeners: which
@@ -528,6 +540,7 @@ class Catalog:
         self.generation += 1           # per-session caches must not answer from before
         for e in self._relist.values():   # a hung watch may never fail: list and watch anew
             e.set()
+        self._tell_stale()
 
     def _resynced(self) -> None:
         self.stale = False
@@ -535,6 +548,7 @@ class Catalog:
         self._confirmed = asyncio.get_running_loop().time()
         self.generation += 1
         log.warning("export catalog: listed afresh from etcd; current again")
+        self._tell_stale()
 
     async def close(self) -> None:
         for t in self._tasks:

@@ -531,6 +531,9 @@ class LioFrontend:
             self.failed = True
             log.exception("LIO: applying the catalog failed; retrying in %.0f s", RETRY_SECONDS)
         self.catalog.on_change(lambda kind: self._dirty.set())
+        on_stale = getattr(self.catalog, "on_stale", None)
+        if on_stale is not None:
+            on_stale(lambda stale: self._dirty.set())
         self._task = asyncio.ensure_future(self._follow())
         log.info("LIO frontend: portal %s:%d, %d LUNs served through TCMU", self.host, self.port,
                  len(self.loops))
@@ -557,9 +560,13 @@ class LioFrontend:
                 self.failed = True
                 log.exception("LIO: applying the catalog failed")
 
+    def _stale(self) -> bool:
+        return getattr(self.catalog, "stale", False)      # (catalog doubles may not have it)
+
     def _tpgs_wanted(self) -> bool:
-        """Whether our TPGs should be enabled: not while draining or stopping."""
-        return not (self.draining or self.stopping)
+        """Whether our TPGs should be enabled: not while draining or stopping, nor while the
+        catalog is stale (it may still hold ACLs an admin has revoked)."""
+        return not (self.draining or self.stopping or self._stale())
 
     async def reconcile(self) -> None:
         async with self._lock:
@@ -567,6 +574,12 @@ class LioFrontend:
             cfg.errors = 0
             self.failed = True                   # until this attempt gets through cleanly
             cfg.enable_tpgs = self._tpgs_wanted()
+            if self._stale():
+                # Apply nothing from a mirror that may be out of date; the loops answer NOT
+                # READY meanwhile. The TPGs come back with the reconcile after the relist.
+                await asyncio.to_thread(cfg.set_enabled, False)
+                self.failed = cfg.errors > 0
+                return
             d = desired_state(self.catalog)
             backstores = await asyncio.to_thread(cfg.ensure_backstores, d.backstores)
             for name, bs in backstores.items():
@@ -615,7 +628,7 @@ class LioFrontend:
             # step fails the device stays blocked: its commands fail BUSY instead of hanging.
             await asyncio.to_thread(self.cfg.block_and_reset_ring, bs)
             loop = CommandLoop(u, unit, name=f"{bs.name}({found})",
-                               reset_ring=lambda: self.cfg.reset_ring(bs))
+                               reset_ring=lambda: self.cfg.reset_ring(bs), stale=self._stale)
             loop.start()
             await asyncio.to_thread(self.cfg.unblock, bs)
         except Exception:  # noqa: BLE001 - this backstore goes unserved; the others go on

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from chunk.iscsi.target import not_ready
 from chunk.scsi import LogicalUnit, Nexus
 from chunk.scsi.sense import CHECK_CONDITION, HARDWARE_ERROR, fixed_sense
 
@@ -43,9 +44,13 @@ class CommandLoop:
     with ``buf``, ``size``, ``fileno()``, ``ack()``, ``kick()``) through ``unit``."""
 
     def __init__(self, dev, unit: LogicalUnit, *, name: str = "",
-                 reset_ring: Callable[[], None] | None = None):
+                 reset_ring: Callable[[], None] | None = None,
+                 stale: Callable[[], bool] | None = None):
         self.dev, self.unit, self.name = dev, unit, name or getattr(dev, "name", "tcmu")
         self.reset_ring = reset_ring
+        # While ``stale()`` (the export catalog cannot be trusted: an ACL may have been
+        # revoked), every command is answered NOT READY, as the built-in target does.
+        self.stale = stale
         self.mb = ring.read_mailbox(dev.buf, dev.size)
         # Serving starts at the head: an entry between tail and head was queued before this
         # loop existed, and the kernel may already have answered it (cmd_time_out), or a
@@ -121,9 +126,12 @@ class CommandLoop:
         t0 = time.monotonic()
         try:
             want = unit.data_out_length(e.cdb)
-            data_out = ring.gather(buf, e.iovs, min(want, e.data_length)) if want else None
-            res = await unit.execute(e.cdb, memoryview(data_out) if data_out is not None else None,
-                                     e.data_length, NEXUS)
+            if self.stale is not None and self.stale():
+                res = not_ready(e.cdb)            # nothing runs (REQUEST SENSE: the sense as data)
+            else:
+                data_out = ring.gather(buf, e.iovs, min(want, e.data_length)) if want else None
+                res = await unit.execute(e.cdb, memoryview(data_out) if data_out is not None else None,
+                                         e.data_length, NEXUS)
             status, sense = res.status, res.sense
             if not want and e.data_length and res.data is not None and gen == self._generation:
                 read_len = ring.scatter(buf, e.iovs, memoryview(res.data)[:e.data_length])

@@ -617,3 +617,37 @@ async def test_draining_and_stopping_disable_the_tpgs(catalog_setup, fake_lio):
     await fe.stop()
     assert seen and all(served and not enabled for served, enabled in seen)
     assert not tpg.enable and [t.wwn for t in fe.fake.targets] == [iqn]     # configuration kept
+
+
+async def test_a_stale_catalog_disables_the_tpgs_and_answers_not_ready(catalog_setup, fake_lio, monkeypatch):
+    """LioFrontend never looked at catalog.stale: from a mirror that may still hold revoked ACLs,
+    LIO kept its sessions and the rings kept serving. Now the TPGs are disabled while stale
+    (logins refused, 0x0301) and commands answered NOT READY (02/04/01), as the built-in target
+    does; the relist that makes the catalog current re-enables them."""
+    from chunk.catalog import Catalog
+    ctx, cat = catalog_setup
+    v, _ = await volumes.create_volume(ctx, "v", "16Mi", 1)
+    await exports.add_acl(ctx, "v", H1)
+    iqn = (await exports.list_targets(ctx))[0]["iqn"]
+    await async_wait_for(lambda: v.volume_id in cat.acl and cat.luns and cat.targets and cat.volumes,
+                         5, "catalog")
+    fe = fake_lio(cat)
+    await fe.start()
+    try:
+        tpg = next(t for t in fe.fake.targets if t.wwn == iqn).tpgs[0]
+        ring = fe.rings["fake-" + lio.backstore_name(v.volume_id)]
+        assert tpg.enable
+        monkeypatch.setattr(cat, "_resynced", lambda: None)         # stays stale through the relist
+        cat._go_stale(60.0)
+        await async_wait_for(lambda: not tpg.enable, 5, "TPG disabled while stale")
+        c = ring.queue(tur())
+        await async_wait_for(lambda: "status" in ring.answers[c], 5, "answer")
+        sense = ring.answers[c]["sense"]
+        assert ring.answers[c]["status"] == 2 and (sense[2] & 0x0F, sense[12], sense[13]) == (0x02, 0x04, 0x01)
+        Catalog._resynced(cat)                                      # current again
+        await async_wait_for(lambda: tpg.enable, 5, "TPG enabled after the relist")
+        c = ring.queue(tur())
+        await async_wait_for(lambda: "status" in ring.answers[c], 5, "answer")
+        assert ring.answers[c]["status"] == 0
+    finally:
+        await fe.stop()

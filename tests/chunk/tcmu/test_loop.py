@@ -236,3 +236,30 @@ async def test_stop_returns_only_after_cancelled_commands_have_finished():
         assert unwound == [0x28] and not loop._tasks
     finally:
         k.close()
+
+
+async def test_while_stale_every_command_is_answered_not_ready():
+    """The LIO path used to serve commands from a stale catalog (an ACL revoked meanwhile
+    included); like the built-in target, it now answers NOT READY, IN PROCESS OF BECOMING READY
+    (02/04/01) and runs nothing; REQUEST SENSE gets that sense as data."""
+    k = FakeKernel()
+    dev = MemoryBlockDevice(MiB)
+    stale = [True]
+    loop = CommandLoop(k, lu_over(dev), stale=lambda: stale[0])
+    loop.start()
+    try:
+        w = k.queue(write10(3, 1), b"w" * 512)
+        rs = k.queue(bytes([0x03, 0, 0, 0, 18, 0]), length=18)
+        await settle(k, [w, rs])
+        a = k.answers[w]
+        assert a["status"] == 2 and (a["sense"][2] & 0x0F, a["sense"][12], a["sense"][13]) == (0x02, 0x04, 0x01)
+        assert bytes(await dev.read(3 * 512, 512)) == bytes(512)
+        data = k.data_in(rs)
+        assert k.answers[rs]["status"] == 0 and (data[2] & 0x0F, data[12], data[13]) == (0x02, 0x04, 0x01)
+        stale[0] = False
+        w = k.queue(write10(3, 1), b"w" * 512)
+        await settle(k, [w])
+        assert k.answers[w]["status"] == 0 and bytes(await dev.read(3 * 512, 512)) == b"w" * 512
+    finally:
+        await loop.stop()
+        k.close()
