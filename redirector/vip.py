@@ -8,7 +8,10 @@ A holder serves only while it can be sure its lease lives: it stops serving
 and removes the address once ``SAFE * ttl`` has passed since the start of its
 last successful refresh (etcd cannot have expired the lease before ``ttl``),
 or at once when etcd says the lease is gone or the VIP record is no longer
-ours. Transient etcd errors are retried until then, so an etcd blip does not
+ours. That last one is watched: deleting the record by hand (how an operator
+moves the VIP) or overwriting it makes the holder stop serving as soon as etcd
+reports it, before a standby can have won the VIP, not at its next refresh.
+Transient etcd errors are retried until then, so an etcd blip does not
 flap the VIP. The address itself is added with a kernel lifetime of about
 ``ttl`` that every refresh extends: a holder that is SIGKILLed or frozen loses
 the address on its own when its lease expires, instead of answering ARP next
@@ -94,6 +97,13 @@ class VipAddress:
         return self.announceable and arp.announce(self.interface, self.vip)
 
 
+async def _cancel_watch(watch) -> None:
+    try:
+        await asyncio.wait_for(watch.cancel(), 1.0)
+    except Exception:  # noqa: BLE001 - best effort on a broken channel
+        pass
+
+
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
     try:
         await asyncio.wait_for(stop.wait(), seconds)
@@ -117,12 +127,16 @@ class VipHolder:
         self._lease = None
         self._refreshed = 0.0                     # monotonic start of the last good refresh
         self._announcer: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None  # follows our record while we hold it
+        self._lost: str | None = None             # why the watcher saw the record go, if it did
+        self._wake = asyncio.Event()              # the watcher has news: don't sleep the poll out
 
     @property
     def holding(self) -> bool:
         """True while we hold the VIP and our lease is surely alive (false a little before
         ``on_release`` runs, never after)."""
-        return self._record is not None and time.monotonic() < self._trusted_until()
+        return (self._record is not None and self._lost is None
+                and time.monotonic() < self._trusted_until())
 
     @property
     def record(self) -> VipRecord | None:
@@ -176,11 +190,26 @@ class VipHolder:
             if time.monotonic() - self._refreshed >= self.ttl / 3:
                 await self._refresh()
             if self._record is not None:
+                if self._lost is not None:
+                    raise LeaseLost(self._lost)
                 if time.monotonic() >= self._trusted_until():
                     raise LeaseLost(f"no successful lease refresh for {SAFE * self.ttl:.1f}s")
             else:
                 await self._try_acquire(on_acquire)
-            await _pause(stop, self.poll)
+            await self._nap(stop)
+
+    async def _nap(self, stop: asyncio.Event) -> None:
+        """Sleep ``poll``, or less when stop is set or the watcher has news."""
+        if self._wake.is_set():
+            self._wake.clear()
+            return
+        waits = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())}
+        try:
+            await asyncio.wait(waits, timeout=self.poll, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        self._wake.clear()
 
     def _trusted_until(self) -> float:
         return self._refreshed + SAFE * self.ttl
@@ -219,6 +248,8 @@ class VipHolder:
             return
         if got is None or got.value != self._value:
             raise LeaseLost("the VIP record is no longer ours")
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
 
     async def _try_acquire(self, on_acquire: OnAcquire) -> None:
         vkey, ekey = self.keys.vip(), self.keys.vip_epoch()
@@ -227,7 +258,7 @@ class VipHolder:
             if got.lease != self._lease.id:
                 return
             # ours already: our own txn committed but its answer was lost (timeout)
-            rec, value = VipRecord.decode(got.value), got.value
+            rec, value, rev = VipRecord.decode(got.value), got.value, got.mod_revision
         else:
             epoch_kv = await self._etcd(self.etcd.get(ekey))
             epoch = int(epoch_kv.value) if epoch_kv else 0
@@ -237,12 +268,14 @@ class VipHolder:
             t = self.etcd.transactions
             cmp = [t.version(vkey) == 0,
                    (t.mod(ekey) == epoch_kv.mod_revision) if epoch_kv else (t.version(ekey) == 0)]
-            ok, _ = await self._etcd(self.etcd.transaction(
+            ok, replies = await self._etcd(self.etcd.transaction(
                 compare=cmp, failure=[],
                 success=[t.put(vkey, value, lease=self._lease), t.put(ekey, str(epoch + 1).encode())]))
             if not ok:
                 return
-        self._record, self._value = rec, value
+            rev = replies[0].response_put.header.revision if replies else 0
+        self._record, self._value, self._lost = rec, value, None
+        self._watcher = asyncio.ensure_future(self._watch_record(value, rev))
         log.info("holding VIP %s:%d (epoch %d)%s", rec.vip, rec.port, rec.epoch,
                  f" on {self.cfg.interface}" if self.cfg.interface else "")
         try:
@@ -252,6 +285,61 @@ class VipHolder:
             await on_acquire(rec)
         except Exception as e:
             raise AcquireFailed(str(e)) from e
+
+    def _lose(self, why: str) -> None:
+        """The record is not ours any more: stop claiming the VIP now (``holding`` turns
+        False at once), and wake the session loop to release it."""
+        if self._lost is None:
+            log.warning("%s", why)
+            self._lost = why
+        self._wake.set()
+
+    async def _watch_record(self, value: bytes, rev: int) -> None:
+        """While we hold the VIP: lose it as soon as etcd reports our record deleted or
+        replaced. Watches from the revision after our own write (``rev``), so nothing
+        between that write and the watch's creation is missed; after a failed watch, from
+        now on plus one read of the record. Refreshes still check the record regardless."""
+        key = self.keys.vip()
+        start: int | None = rev + 1 if rev else None
+        while True:
+            try:
+                watch = await self._create_watch(key, start)
+                try:
+                    if start is None:               # (re)started from now: anything before?
+                        got = await self.etcd.get(key)
+                        if got is None or got.value != value:
+                            self._lose("the VIP record is no longer ours")
+                            return
+                    async for ev in watch:
+                        if ev.kind == "DELETE":
+                            self._lose("the VIP record was deleted")
+                            return
+                        if ev.kv.value != value:
+                            self._lose("the VIP record was replaced by another")
+                            return
+                finally:
+                    await _cancel_watch(watch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the refresh's check remains the backstop
+                log.info("watch on the VIP record failed (%r); watching again", e)
+                await asyncio.sleep(min(1.0, self.poll * 2))
+            start = None
+
+    async def _create_watch(self, key: bytes, start: int | None):
+        """Create a watch without ever abandoning the create half-way: aetcd hands a watch
+        whose create was abandoned to the next watch created on this client (the
+        redirector's mirrors share it). If we are cancelled meanwhile, the watch is
+        cancelled once it exists."""
+        creating = asyncio.ensure_future(self.etcd.watch(key, start_revision=start))
+        try:
+            return await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            def drop(f: asyncio.Future) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    asyncio.ensure_future(_cancel_watch(f.result()))
+            creating.add_done_callback(drop)
+            raise
 
     async def _announce(self) -> None:
         """Gratuitous ARP at once, again a second later (lost frames, slow switches), and once
@@ -277,6 +365,11 @@ class VipHolder:
         if self._announcer is not None:
             self._announcer.cancel()
             self._announcer = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+        self._lost = None
         try:
             await on_release()
         except Exception:  # noqa: BLE001 - the address must go regardless
