@@ -31,6 +31,8 @@ from zstore.units import SizeError, parse_size
 CHAP_SECRET_MIN, CHAP_SECRET_MAX = 12, 255      # bytes of UTF-8, as the meta server counts them
 LIO_NULL = "NULL"        # a CHAP value starting so is "no value" to LIO (meta/exports.py)
 _GLOBALS = ("config", "state_dir", "endpoint", "json")
+WHOLE_TARGET_HELP = ("CHAP is per target: with a volume name, required when its target also "
+                     "serves other volumes, which then change too")
 
 
 # -- plumbing shared by the handlers ----------------------------------------------
@@ -405,25 +407,58 @@ def check_chap_user(value: str | None, option: str) -> None:
                                      "whitespace (the iSCSI target strips it)")
 
 
+def chap_target(ctx: Ctx, target: str, whole_target: bool) -> tuple[str, str]:
+    """(the target to send, how to name it) for a CHAP command's TARGET.
+
+    CHAP is per target, and a target serves up to 255 volumes: given a volume name (or
+    VOLUME@SNAP) the CLI resolves its target IQN itself, names it and the other volumes
+    it serves, and refuses unless --whole-target when there are others. It then sends the
+    IQN, so the meta changes exactly the target shown."""
+    if target == "*" or target[:4].lower() in ("iqn.", "eui.", "naa."):
+        return target, ("every target" if target == "*" else f"target {target}")
+    if "@" in target:
+        snap = ctx.client.get(f"/snapshots/{seg(target)}")
+        iqn = (snap.get("export") or {}).get("target_iqn")
+        label = f"{snap.get('volume')}@{snap.get('name')}"
+        if not iqn:
+            raise errors.Conflict(f"snapshot {label} is not exported, so it has no target",
+                                  f"export it first with `zstore snapshot export {label}`")
+    else:
+        vol = ctx.client.get(f"/volumes/{seg(target)}")
+        iqn, label = vol.get("target_iqn"), vol.get("name") or target
+    served = next((t.get("volumes") or [] for t in ctx.client.get("/targets")["targets"]
+                   if t.get("iqn") == iqn), [])
+    others = [v["volume"] for v in served if v.get("volume") and v["volume"] != label]
+    listed = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
+    if others and not whole_target:
+        raise errors.InvalidArgument(
+            f"CHAP is per target, and {label}'s target {iqn} also serves {listed}: "
+            "pass --whole-target to change CHAP for all of them",
+            f"or give the target itself: `zstore chap ... {iqn} INITIATOR`")
+    return iqn, f"target {iqn} (the target of {label}" + (f"; also serving {listed})" if others else ")")
+
+
 def cmd_chap_set(ctx: Ctx) -> int:
     a = ctx.args
     check_chap_user(a.user, "--user")
     check_chap_user(a.mutual_user, "--mutual-user")
+    target, where = chap_target(ctx, a.target, a.whole_target)
     secret, mutual = read_chap_secrets(a.secret_file, a.mutual_user, a.mutual_secret_file)
-    body: dict[str, Any] = {"target": a.target, "initiator": a.initiator, "user": a.user,
+    body: dict[str, Any] = {"target": target, "initiator": a.initiator, "user": a.user,
                             "secret": secret}
     if a.mutual_user:
         body.update(mutual_user=a.mutual_user, mutual_secret=mutual)
     e = ctx.client.put("/chap", body)
     mutual_note = f", mutual user {a.mutual_user}" if a.mutual_user else ""
-    return ctx.done(e, f"CHAP set for initiator {a.initiator} on target {a.target} "
+    return ctx.done(e, f"CHAP set for initiator {a.initiator} on {where} "
                        f"(user {a.user}{mutual_note})")
 
 
 def cmd_chap_clear(ctx: Ctx) -> int:
     a = ctx.args
-    r = ctx.client.delete("/chap", {"target": a.target, "initiator": a.initiator})
-    return ctx.done(r, f"CHAP cleared for initiator {a.initiator} on target {a.target}")
+    target, where = chap_target(ctx, a.target, a.whole_target)
+    r = ctx.client.delete("/chap", {"target": target, "initiator": a.initiator})
+    return ctx.done(r, f"CHAP cleared for initiator {a.initiator} on {where}")
 
 
 def cmd_chap_list(ctx: Ctx) -> int:
@@ -570,16 +605,18 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     g = group("chap", "CHAP credentials (secrets are read from files, stdin or a prompt)")
     p = leaf(g, "set", cmd_chap_set, "set CHAP credentials for an initiator on a target")
-    p.add_argument("target", metavar="TARGET", help="target IQN, volume name, or '*' for all")
+    p.add_argument("target", metavar="TARGET", help="target IQN, volume name (its target), or '*' for all")
     p.add_argument("initiator", metavar="INITIATOR")
+    p.add_argument("--whole-target", action="store_true", help=WHOLE_TARGET_HELP)
     p.add_argument("--user", required=True, metavar="U")
     p.add_argument("--mutual-user", metavar="MU", help="enable mutual CHAP with this user")
     p.add_argument("--secret-file", metavar="F", help="file holding the secret (default: stdin line 1)")
     p.add_argument("--mutual-secret-file", metavar="F",
                    help="file holding the mutual secret (default: next stdin line)")
     p = leaf(g, "clear", cmd_chap_clear, "remove CHAP credentials")
-    p.add_argument("target", metavar="TARGET")
+    p.add_argument("target", metavar="TARGET", help="target IQN, volume name (its target), or '*'")
     p.add_argument("initiator", metavar="INITIATOR")
+    p.add_argument("--whole-target", action="store_true", help=WHOLE_TARGET_HELP)
     leaf(g, "list", cmd_chap_list, "list CHAP entries (never secrets)")
 
     up_mod = _up_module(required=False) if {"up", "down"} & set(argv) else None
