@@ -21,7 +21,11 @@ snapshot"):
   count (writes after a snapshot's deletion still make versions nobody reads).
 
 Every decision comes from a fresh etcd read, never from a cache, and any
-failed read ends the run before anything else is deleted. A missing cluster
+failed read ends the run before anything else is deleted. A local store
+failure (a disk gone read-only or answering EIO) on one extent's stat, trim or
+delete costs only that extent: it is logged and counted (``status()["failed"]``,
+``"last_failure"``) and the run goes on with the others (raising it stopped the
+run at the same extent every time, so nothing after it was ever reclaimed). A missing cluster
 record means a wrong prefix or an empty etcd, where every volume would look
 deleted: the reclaimer then refuses to delete at all.
 
@@ -63,6 +67,8 @@ class Reclaimer:
         self.interval = interval
         self.deleted = 0              # extents deleted, since start
         self.trimmed = 0              # versions trimmed, since start
+        self.failed = 0               # extents whose stat/trim/delete failed (store error), since start
+        self.last_failure: str | None = None
         self.runs = 0
         self.last_run: float | None = None
         self.last_error: str | None = None
@@ -95,6 +101,7 @@ class Reclaimer:
 
     def status(self) -> dict[str, Any]:
         return {"runs": self.runs, "deleted": self.deleted, "trimmed": self.trimmed,
+                "failed": self.failed, "last_failure": self.last_failure,
                 "last_run": self.last_run, "last_error": self.last_error}
 
     # -- one run ---------------------------------------------------------------
@@ -147,8 +154,8 @@ class Reclaimer:
             vol, indexes, unusable = volumes[vid], local.get(vid, []), broken.get(vid, [])
             if vol is None:
                 for idx in sorted(indexes):
-                    self._delete(vid, idx, "its volume is deleted")
-                    summary["deleted"].append((vid, idx))
+                    if self._delete(vid, idx, "its volume is deleted"):
+                        summary["deleted"].append((vid, idx))
                 for idx in unusable:
                     if self._delete_broken(vid, idx, "its volume is deleted"):
                         summary["deleted"].append((vid, idx))
@@ -162,7 +169,12 @@ class Reclaimer:
             copies = sorted([(i, False) for i in indexes] + [(i, True) for i in unusable])
             for idx, is_broken in copies:
                 rec = records.get(idx)
-                if rec is not None and self._moved_away(vid, idx, rec, vol, is_broken):
+                try:
+                    moved = rec is not None and self._moved_away(vid, idx, rec, vol, is_broken)
+                except StoreError as e:
+                    self._failure(vid, idx, "stat", e)
+                    continue
+                if moved:
                     if tasks is None:       # read only when a deletion is on the table
                         tasks = {}
                         for kv in await self.etcd.get_prefix(self.keys.recovery(vid)):
@@ -175,11 +187,16 @@ class Reclaimer:
                         # the task read, and this copy is then the in-sync one.
                         got = await self.etcd.get(self.keys.extent(vid, idx))
                         rec = ExtentRecord.decode(got.value) if got is not None else None
-                        if rec is not None and self._moved_away(vid, idx, rec, vol, is_broken):
+                        try:
+                            moved = rec is not None and self._moved_away(vid, idx, rec, vol, is_broken)
+                        except StoreError as e:
+                            self._failure(vid, idx, "stat", e)
+                            continue
+                        if moved:
                             why = f"moved to {rec.replicas} at generation {rec.generation}"
                             if not is_broken:
-                                self._delete(vid, idx, why)
-                                summary["deleted"].append((vid, idx))
+                                if self._delete(vid, idx, why):
+                                    summary["deleted"].append((vid, idx))
                             elif self._delete_broken(vid, idx, why):
                                 summary["deleted"].append((vid, idx))
                             continue
@@ -191,16 +208,24 @@ class Reclaimer:
                 # its blocks' seqs, and the first overwrite of each block makes a version no
                 # snapshot reads (replicas that trimmed them and replicas that did not would
                 # differ for good, and the scrubber would drop one of them again and again).
-                st = self.store.stat(vid, idx)
-                memo = (keep, int(st["generation"]), int(st["imports"]), int(st["cows"]))
-                if self._trimmed_with.get((vid, idx)) != memo:
+                try:
+                    st = self.store.stat(vid, idx)
+                    memo = (keep, int(st["generation"]), int(st["imports"]), int(st["cows"]))
+                    if self._trimmed_with.get((vid, idx)) == memo:
+                        continue
                     n = self.store.trim(vid, idx, set(keep))
-                    self._trimmed_with[(vid, idx)] = memo
-                    if n:
-                        log.info("trimmed %d versions of %s/%d (snapshot seqs %s)",
-                                 n, vid, idx, sorted(seqs[vid]))
-                    self.trimmed += n
-                    summary["trimmed"] += n
+                except StoreError as e:
+                    # Its disk failing (EROFS, EIO): this extent is tried again next run, the
+                    # others are reclaimed now (raising stopped every run at this extent).
+                    self._trimmed_with.pop((vid, idx), None)
+                    self._failure(vid, idx, "trim", e)
+                    continue
+                self._trimmed_with[(vid, idx)] = memo
+                if n:
+                    log.info("trimmed %d versions of %s/%d (snapshot seqs %s)",
+                             n, vid, idx, sorted(seqs[vid]))
+                self.trimmed += n
+                summary["trimmed"] += n
         return summary
 
     def _moved_away(self, vid: str, idx: int, rec: ExtentRecord, vol: Volume,
@@ -215,11 +240,24 @@ class Reclaimer:
             return True
         return rec.generation > int(self.store.stat(vid, idx)["generation"])
 
-    def _delete(self, vid: str, idx: int, why: str) -> None:
+    def _failure(self, vid: str, idx: int, what: str, e: Exception) -> None:
+        self.failed += 1
+        self.last_failure = f"{what} {vid}/{idx}: {type(e).__name__}: {e}"
+        log.error("reclaim: %s of local extent %s/%d failed (%s); going on with the others",
+                  what, vid, idx, e)
+
+    def _delete(self, vid: str, idx: int, why: str) -> bool:
+        """Delete a local extent; a store failure is logged and counted, not raised (it must
+        not stop the run for every extent after it), and the next run tries again."""
         log.warning("deleting local extent %s/%d: %s", vid, idx, why)
-        self.store.delete(vid, idx)
+        try:
+            self.store.delete(vid, idx)
+        except StoreError as e:
+            self._failure(vid, idx, "delete", e)
+            return False
         self._trimmed_with.pop((vid, idx), None)
         self.deleted += 1
+        return True
 
     def _delete_broken(self, vid: str, idx: int, why: str) -> bool:
         """Delete a copy that did not open, if it still is one (a rebuild onto this server may
