@@ -237,6 +237,7 @@ class VipHolder:
         """While holding: extend the address's lifetime, and check the record is still ours
         (deleting it by hand is how an operator moves the VIP)."""
         if self.address is not None:
+            self._check_trust("extending the VIP address")
             try:
                 await self.address.add()
             except OSError as e:
@@ -280,11 +281,25 @@ class VipHolder:
                  f" on {self.cfg.interface}" if self.cfg.interface else "")
         try:
             if self.address is not None:
+                self._check_trust("adding the VIP address")
                 await self.address.add()
+                self._check_trust("announcing the VIP")
                 self._announcer = asyncio.ensure_future(self._announce())
+            self._check_trust("serving the VIP")
             await on_acquire(rec)
+        except LeaseLost:
+            raise
         except Exception as e:
             raise AcquireFailed(str(e)) from e
+
+    def _check_trust(self, doing: str) -> None:
+        """Raise LeaseLost unless our lease is surely alive now. Called right before each
+        step that claims the VIP on the LAN: a holder paused after its last etcd answer
+        (GC, SIGSTOP, a swapped-out VM) must not add the address or send gratuitous ARP
+        once another may hold the VIP."""
+        if time.monotonic() >= self._trusted_until():
+            raise LeaseLost(f"lease no longer trusted ({SAFE * self.ttl:.1f}s since the last refresh) "
+                            f"before {doing}")
 
     def _lose(self, why: str) -> None:
         """The record is not ours any more: stop claiming the VIP now (``holding`` turns
@@ -350,6 +365,8 @@ class VipHolder:
         try:
             for at in (0.0, 1.0, self.address.lifetime + 1.5):
                 await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+                if not self.holding:        # lost (or no longer trusted) meanwhile: not ours
+                    return
                 if not self.address.announce():
                     return
         except OSError as e:
