@@ -155,6 +155,30 @@ class Controller(pbg.ControllerServicer):
         # publishes of one volume at once must not both pass the check (two writers of a
         # single-node volume). One controller runs at a time (the sidecars' leader election).
         self._publish_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._acl_changes: set[asyncio.Task] = set()     # see _acl_change
+
+    async def _acl_change(self, vid: str, change):
+        """``change()`` under the volume's publish lock, in a task of its own, shielded.
+
+        A meta call runs in a worker thread with retries of its own: when the CO's deadline
+        cancels the RPC, the thread goes on and its ACL write may land later. Held by the
+        RPC, the lock was released at the cancellation, and an unpublish meanwhile found
+        nothing to remove: the entry then appeared after the detach (the LUN left visible
+        to that node, the volume undeletable, a single-node volume unpublishable elsewhere).
+        The task keeps the lock until its write is done, so a later publish or unpublish of
+        the volume runs after it."""
+        async def locked():
+            async with self._publish_locks[vid]:
+                return await change()
+        task = asyncio.ensure_future(locked())
+        self._acl_changes.add(task)
+        task.add_done_callback(self._acl_change_done)
+        return await asyncio.shield(task)
+
+    def _acl_change_done(self, task: asyncio.Task) -> None:
+        self._acl_changes.discard(task)
+        if not task.cancelled():
+            task.exception()            # retrieved: its RPC may have been cancelled meanwhile
 
     # -- helpers ---------------------------------------------------------------
 
@@ -241,8 +265,7 @@ class Controller(pbg.ControllerServicer):
         check_capabilities([request.volume_capability], "volume_capability")
         mode = request.volume_capability.access_mode.mode
         readonly = request.readonly or mode in READ_ONLY
-        async with self._publish_locks[vid]:
-            return await self._publish(vid, node, mode, readonly)
+        return await self._acl_change(vid, lambda: self._publish(vid, node, mode, readonly))
 
     async def _publish(self, vid: str, node: str, mode: int, readonly: bool) -> pb.ControllerPublishVolumeResponse:
         vol = await self.volume(vid)
@@ -275,20 +298,26 @@ class Controller(pbg.ControllerServicer):
         """Idempotent: an unknown volume or node is already unpublished. An empty node_id
         means every node, as the spec says."""
         vid = require(request.volume_id, "volume_id")
+        await self._acl_change(vid, lambda: self._unpublish(vid, request.node_id))
+        return pb.ControllerUnpublishVolumeResponse()
+
+    async def _unpublish(self, vid: str, node_id: str) -> None:
         try:
-            if request.node_id:
-                nodes = [request.node_id]
+            if node_id:
+                nodes = [node_id]
             else:
                 nodes = [e["initiator"] for e in
                          (await self.meta.get(f"/volumes/{seg(vid)}/acl"))["initiators"]]
             for node in nodes:
                 try:
                     await self.meta.delete(f"/volumes/{seg(vid)}/acl/{seg(node)}")
-                except errors.NotFound:
+                except (errors.NotFound, errors.InvalidArgument):
+                    # A node id that is no initiator name (a node plugin started with a host
+                    # name) can be on no ACL: unpublished already. Failing it would keep the
+                    # VolumeAttachment's finalizer forever (the spec: unknown node, OK).
                     pass
         except errors.NotFound:
             pass
-        return pb.ControllerUnpublishVolumeResponse()
 
     @guard
     async def ValidateVolumeCapabilities(self, request: pb.ValidateVolumeCapabilitiesRequest,

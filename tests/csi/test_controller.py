@@ -451,3 +451,57 @@ def test_server_process(zcluster, tmp_path: Path):
     finally:
         p.terminate()
         assert p.wait(15) == 0
+
+
+class _SlowAclWrite(Meta):
+    """The meta answering an ACL write late (a slow or failing-over leader): the call runs in
+    a worker thread, as every meta call does, and lands after ``delay``."""
+
+    delay = 1.5
+
+    async def put(self, path: str, body=None):
+        if "/acl/" not in path:
+            return await super().put(path, body)
+
+        def late():
+            import time
+            time.sleep(self.delay)
+            return self.client.put(path, body)
+        return await asyncio.to_thread(late)
+
+
+async def test_a_publish_cut_off_by_its_deadline_does_not_land_after_the_unpublish(zcluster, tmp_path):
+    """The attacher's deadline cancels a publish whose ACL write is still on its way; the
+    detach that follows found nothing to remove, the write landed after it, and the node
+    kept the LUN: the volume could then never be deleted (FAILED_PRECONDITION, exported)
+    nor published to another node. The unpublish now runs after the write in flight."""
+    meta = _SlowAclWrite.from_config(zconfig.load(zcluster.client_config))
+    server = build_server(meta, PORTAL, "controller")
+    sock = tmp_path / "csi.sock"
+    listen(server, f"unix://{sock}")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as ch:
+            ctl = pbg.ControllerStub(ch)
+            vol = await create(ctl)
+            pub = pb.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id=NODE_A,
+                                                    volume_capability=cap())
+            await expect(grpc.StatusCode.DEADLINE_EXCEEDED, ctl.ControllerPublishVolume(pub, timeout=0.3))
+            await ctl.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+                volume_id=vol.volume_id, node_id=NODE_A), timeout=10)
+            await asyncio.sleep(_SlowAclWrite.delay + 0.5)      # past the write's landing
+            got = await ctl.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
+            assert list(got.status.published_node_ids) == []
+            await ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=30)
+    finally:
+        await server.stop(None)
+
+
+async def test_unpublish_of_a_node_id_that_is_no_initiator_name_succeeds(stubs):
+    """A node plugin started with a host name as its node id: its publish fails, and the
+    detach must not fail forever after (the spec: an unknown node is already unpublished)."""
+    _, ctl = stubs
+    vol = await create(ctl)
+    await ctl.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+        volume_id=vol.volume_id, node_id="node-1"))
+    await ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
