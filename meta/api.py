@@ -155,7 +155,7 @@ async def leader(request: web.Request) -> web.Response:
     rec = await request.app["election"].current()
     if rec is None:
         from zstore.errors import Unavailable
-        raise Unavailable("no meta leader is elected", hint="retry in a few seconds")
+        raise Unavailable("no meta leader is elected", hint="retry in a few seconds", maybe_applied=False)
     return ok(rec.to_dict())
 
 

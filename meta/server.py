@@ -92,12 +92,12 @@ async def leader_mw(request: web.Request, handler) -> web.StreamResponse:
     if request.method in ("GET", "HEAD") or election.is_leader:
         return await handler(request)
     if request.headers.get(FORWARDED):
-        raise Unavailable("leadership is changing", hint="retry in a few seconds")
+        raise Unavailable("leadership is changing", hint="retry in a few seconds", maybe_applied=False)
     leader = await election.current()
     if leader is None:
-        raise Unavailable("no meta leader is elected right now", hint="retry in a few seconds")
+        raise Unavailable("no meta leader is elected right now", hint="retry in a few seconds", maybe_applied=False)
     if leader.meta_id == election.meta_id:
-        raise Unavailable("this meta server is re-establishing leadership", hint="retry in a few seconds")
+        raise Unavailable("this meta server is re-establishing leadership", hint="retry in a few seconds", maybe_applied=False)
     body = await request.read()
     # Snapshot and revert wait for a chunk server (up to 10 s / 60 s): give them longer.
     timeout = aiohttp.ClientTimeout(total=LONG_CALL_TIMEOUT if request.path.endswith(LONG_CALLS) else 30)
@@ -111,8 +111,12 @@ async def leader_mw(request: web.Request, handler) -> web.StreamResponse:
             payload = await r.read()
             return web.Response(body=payload, status=r.status, content_type=r.content_type)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        # Refused or unresolved, the request never reached the leader; any later failure
+        # (timeout, reset) may come after the leader acted on it: the client tells them
+        # apart (a retried DELETE answered 404 is then the first attempt's success).
         raise Unavailable(f"the meta leader {leader.meta_id} at {leader.url} is unreachable ({type(e).__name__})",
-                          hint="retry; a new leader is elected within the lease TTL") from None
+                          hint="retry; a new leader is elected within the lease TTL",
+                          maybe_applied=not isinstance(e, aiohttp.ClientConnectorError)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

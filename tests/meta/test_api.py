@@ -107,6 +107,11 @@ def test_leader_failover_within_10s_and_writes_keep_working(tmp_path, etcd_serve
         assert status == 201
         c.metas[li].kill()
         t0 = time.monotonic()
+        # Until the other leads, a write there is refused with a 503 that says it did
+        # nothing (forward refused, or no/new leader): a CLI's retried DELETE then answered
+        # 404 is "not found", not the earlier attempt's success.
+        status, body = c.api("DELETE", "/volumes/before", meta=other)
+        assert status == 503 and body["error"]["details"]["maybe_applied"] is False, body
         wait_for(lambda: c.api("GET", "/meta/leader", meta=other)[1].get("meta_id") == f"meta{other}",
                  10, "the other meta server to lead")
         assert time.monotonic() - t0 < 10

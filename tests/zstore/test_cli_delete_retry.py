@@ -145,3 +145,19 @@ def test_other_methods_and_unexport_keep_their_404(pair) -> None:
         client.request("POST", "/volumes/v1/resize", {"size": 1})
     with pytest.raises(errors.NotFound):
         client.delete_strict("/snapshots/v1@s1/export")
+
+
+NO_LEADER_YET = {"error": {"code": "unavailable", "message": "no meta leader is elected right now",
+                           "details": {"maybe_applied": False}}}
+
+
+def test_a_503_that_says_nothing_was_done_then_404_is_still_not_found(pair, capsys) -> None:
+    """No leader elected (or leadership changing, a forward refused): the meta says the
+    request did nothing, so the 404 after it is the answer, not an earlier attempt's work
+    (a mistyped name during a failover is "not found", not "deleted")."""
+    follower, live = pair
+    follower.route("DELETE", "/volumes/v1", 503, NO_LEADER_YET)
+    live.route("DELETE", "/volumes/v1", 404, NOT_FOUND)
+    code, out, err = run(["--endpoint", follower.url, "--endpoint", live.url, "volume", "delete", "v1"],
+                         capsys)
+    assert (code, out) == (3, "") and "not found" in err

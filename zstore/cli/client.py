@@ -253,8 +253,11 @@ class MetaClient:
             err = cls(f"meta server at {ep.url} answered HTTP {status}")
         if status in (502, 504) or isinstance(err, errors.Unavailable):
             # A follower that timed out forwarding to the leader answers 503: the leader
-            # may have acted on it all the same.
-            raise _Failed(err.message, retryable=True, error=err, maybe_applied=True)
+            # may have acted on it all the same. A 503 that says it was not (no leader,
+            # leadership changing, the forward refused) did nothing; one that does not say
+            # (an older meta server, a proxy) may have.
+            maybe = not (isinstance(err, errors.Unavailable) and err.details.get("maybe_applied") is False)
+            raise _Failed(err.message, retryable=True, error=err, maybe_applied=maybe)
         if isinstance(err, errors.Unauthenticated) and not err.hint:
             err.hint = (("the token was refused: check client.token_file or $ZSTORE_TOKEN "
                          "against the cluster's meta.token_file") if self.token else
