@@ -69,20 +69,29 @@ async def _ip(*args: str, timeout: float = 5.0) -> tuple[int, str]:
 class VipAddress:
     """The VIP on a local interface, with a kernel lifetime that ``add`` (re)starts.
 
-    ``ip addr replace`` both adds and extends, so ``add`` is idempotent."""
+    ``ip addr replace`` both adds and extends, so ``add`` is idempotent. An IPv6 VIP is
+    added ``nodad``: during duplicate address detection the address is tentative and
+    cannot be bound (the listener fails with EADDRNOTAVAIL), and DAD would even fail
+    for good while a dying predecessor still answers for it. Who holds the VIP is
+    decided in etcd, not by DAD."""
 
     def __init__(self, vip: str, interface: str, lifetime: int):
         ip = ipaddress.ip_address(vip)
         self.vip, self.interface, self.lifetime = vip, interface, lifetime
+        self.version = ip.version
         self.cidr = f"{vip}/{ip.max_prefixlen}"
-        # ARP is IPv4 only; a 127/8 VIP never leaves the host
-        self.announceable = ip.version == 4 and not ip.is_loopback
+        # gratuitous ARP (IPv4) or unsolicited NA (IPv6); a loopback VIP never leaves the host
+        self.announceable = not ip.is_loopback
 
     async def add(self) -> None:
-        rc, err = await _ip("addr", "replace", self.cidr, "dev", self.interface,
-                            "valid_lft", str(self.lifetime), "preferred_lft", str(self.lifetime))
+        rc, err = await _ip(*self.add_args())
         if rc != 0:
             raise OSError(f"ip addr replace {self.cidr} dev {self.interface}: {err}")
+
+    def add_args(self) -> list[str]:
+        args = ["addr", "replace", self.cidr, "dev", self.interface,
+                "valid_lft", str(self.lifetime), "preferred_lft", str(self.lifetime)]
+        return args + ["nodad"] if self.version == 6 else args
 
     async def remove(self) -> bool:
         """Remove it; False if it was not there."""
@@ -94,7 +103,11 @@ class VipAddress:
         raise OSError(f"ip addr del {self.cidr} dev {self.interface}: {err}")
 
     def announce(self) -> bool:
-        return self.announceable and arp.announce(self.interface, self.vip)
+        if not self.announceable:
+            return False
+        if self.version == 6:
+            return arp.advertise(self.interface, self.vip)
+        return arp.announce(self.interface, self.vip)
 
 
 async def _cancel_watch(watch) -> None:
@@ -357,9 +370,9 @@ class VipHolder:
             raise
 
     async def _announce(self) -> None:
-        """Gratuitous ARP at once, again a second later (lost frames, slow switches), and once
-        more after a SIGKILLed predecessor's address has surely expired (it may have answered
-        ARP requests meanwhile)."""
+        """Gratuitous ARP (IPv6: unsolicited NA) at once, again a second later (lost frames,
+        slow switches), and once more after a SIGKILLed predecessor's address has surely
+        expired (it may have answered ARP requests meanwhile)."""
         assert self.address is not None
         start = time.monotonic()
         try:
