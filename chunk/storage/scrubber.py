@@ -17,7 +17,15 @@ pause until ``interval`` after the pass started):
 - agreement: when this chunk is an in-sync replica, the extent's digest is
   compared with every other in-sync replica's (DIGEST, epoch 0). Writes in
   flight make replicas differ for a moment, so a difference counts only when
-  it is seen again ``recheck_delay`` seconds later. Each server's reclaimer
+  it is seen again ``recheck_delay`` seconds later. The local digest is taken
+  before the peers answer: a check during which the local extent changed
+  (its mutation counter moved between the local digest and the last peer's
+  answer) compared two different moments and is *inconclusive*, the first
+  check as well as the recheck: nothing is suspected or confirmed from it
+  (``status()["inconclusive"]``), and a suspicion from an earlier pass is kept
+  as it is. Under steady writes every check differed (the local copy at t0,
+  the peer's a network hop later, each holding writes the other had not
+  received yet), so a hot extent's in-sync replica was dropped and resynced. Each server's reclaimer
   trims versions of a deleted snapshot on its own schedule, so replicas can
   also differ for up to a reclaim interval; a difference seen twice is
   therefore only *suspected* (``status()["suspected"]``) until it shows again
@@ -109,6 +117,7 @@ class Scrubber:
         self.errors = 0               # bad blocks found (and handed to repair)
         self.unreadable = 0           # blocks whose verify failed with an I/O error (not repairable here)
         self.mismatches = 0           # confirmed digest disagreements
+        self.inconclusive = 0         # comparisons spoiled by a local write (see the module doc)
         self.mismatched: dict[tuple[str, int], list[str]] = {}
         self.resyncs_requested = 0    # replicas dropped (to be resynced) after a confirmed mismatch
         self.suspected: dict[tuple[str, int], tuple[list[str], int]] = {}   # -> (peers, passes seen)
@@ -152,6 +161,7 @@ class Scrubber:
             "bytes_scrubbed": self.bytes_scrubbed, "errors": self.errors,
             "unreadable": self.unreadable,
             "mismatches": self.mismatches, "resyncs_requested": self.resyncs_requested,
+            "inconclusive": self.inconclusive,
             "mismatched": [{"volume": v, "extent": i, "peers": p}
                            for (v, i), p in sorted(self.mismatched.items())],
             "suspected": [{"volume": v, "extent": i, "peers": p, "passes": n}
@@ -345,9 +355,14 @@ class Scrubber:
         self.extents_scrubbed += 1
         return counts
 
-    async def _differing(self, vid: str, idx: int, peers, agreeing: list[str] | None = None) -> list[str]:
+    async def _differing(self, vid: str, idx: int, peers,
+                         agreeing: list[str] | None = None) -> list[str] | None:
+        """The peers whose digest differs from the local one; None when that is inconclusive:
+        the local extent changed (a write landed) while the peers were asked, so the local
+        digest and theirs are of different moments (see the module doc)."""
+        before = self.store.stat(vid, idx)["mutations"]      # no await until the digest
         local = self.store.digest(vid, idx)
-        differ = []
+        differ: list[str] = []
         for cid, addr in peers:
             try:
                 theirs = await self.repair.client.digest(addr, vid, idx)
@@ -358,23 +373,29 @@ class Scrubber:
                 differ.append(cid)
             elif agreeing is not None:
                 agreeing.append(cid)
+        if differ and self.store.stat(vid, idx)["mutations"] != before:
+            return None
         return differ
 
     async def _compare(self, vid: str, idx: int) -> int:
         rec, peers = await self.repair.extent_peers(vid, idx)
         if rec is None or self.repair.chunk_id not in rec.replicas or not peers:
             return 0        # not an in-sync replica: a resync owns this copy, nothing to compare
+        key = (vid, idx)
         agreeing: list[str] = []
         differ = await self._differing(vid, idx, peers, agreeing)
+        if differ is None:
+            return self._inconclusive(key)
         if differ:
             await asyncio.sleep(self.recheck_delay)
             rec, peers = await self.repair.extent_peers(vid, idx)
             if rec is None or self.repair.chunk_id not in rec.replicas:
                 return 0
-            again = set(await self._differing(vid, idx, [p for p in peers if p[0] in differ]))
+            again = await self._differing(vid, idx, [p for p in peers if p[0] in differ])
+            if again is None:
+                return self._inconclusive(key)
             differ = [c for c in differ if c in again]
             agreeing = [c for c in agreeing if c in rec.replicas]
-        key = (vid, idx)
         if not differ:
             self.mismatched.pop(key, None)
             self.suspected.pop(key, None)
@@ -402,6 +423,14 @@ class Scrubber:
                   "in %d passes", vid, idx, self.repair.chunk_id, ", ".join(differ), self.confirm_passes)
         await self._resolve(rec, differ, agreeing)
         return 1
+
+    def _inconclusive(self, key: tuple[str, int]) -> int:
+        """A comparison a local write spoiled: nothing learnt, an earlier suspicion kept."""
+        self.inconclusive += 1
+        if key in self.suspected or key in self.mismatched:
+            self._seen_this_pass.add(key)
+        log.debug("replicas of %s/%d: written during the digest comparison; inconclusive", *key)
+        return 0
 
     async def _resolve(self, rec, differ: list[str], agreeing: list[str]) -> None:
         """If this side wins (see the module doc), drop the replicas that disagree with it."""
