@@ -7,11 +7,15 @@ pause until ``interval`` after the pass started):
   in a worker thread (it reads the disk; the event loop keeps serving I/O),
   throttled by a token bucket to ``rate_bytes_per_s`` so client I/O keeps
   the disk. A bad block (checksum failure, or a live block the disk cannot
-  read: ``ExtentFile.verify`` reports both) is confirmed by re-verifying it
-  on the event loop (a write racing the threaded read can look torn) and
-  handed to ``LocalRepair``, which copies it from an in-sync peer. A slice
-  whose verify still fails with an I/O error (e.g. an unreadable snapshot
-  version) is verified block by block; the blocks that keep failing are
+  read: ``ExtentFile.verify`` reports both) is confirmed by verifying it again,
+  in a worker thread too (a failing disk can take seconds per read: never on
+  the event loop), with the extent's mutation counter unchanged across that
+  verify (a write racing the threaded read can look torn: the confirmation
+  is then taken again), and handed to ``LocalRepair``, which copies it from an
+  in-sync peer. A slice whose verify still fails with an I/O error (e.g. an
+  unreadable snapshot version) is verified block by block, each block and
+  each confirmation charged to the token bucket like the slices (a disk
+  full of errors is not read faster than a healthy one); the blocks that keep failing are
   counted and logged as ``unreadable`` (repair cannot take them: it verifies
   the block first) and the scrub goes on with the rest of the extent.
 - agreement: when this chunk is an in-sync replica, the extent's digest is
@@ -304,6 +308,7 @@ class Scrubber:
                         vid, idx, first, first + count - 1, e)
         bad: list[int] = []
         for block in range(first, first + count):
+            await self._charge(BLOCK_SIZE, counts)
             try:
                 bad.extend(await self._verify(vid, idx, block, 1))
             except StoreIOError as e:
@@ -311,6 +316,24 @@ class Scrubber:
                     raise
                 self._unreadable(vid, idx, block, e, counts)
         return bad
+
+    async def _charge(self, n: int, counts: dict[str, int]) -> None:
+        """Take ``n`` bytes of reading from the throttle (and count them as scrubbed)."""
+        await self.bucket.take(n)
+        counts["bytes"] += n
+        self.bytes_scrubbed += n
+
+    async def _confirm(self, vid: str, idx: int, block: int, counts: dict[str, int]) -> bool:
+        """Is ``block`` still bad? Verified in a worker thread; a result is kept only when no
+        write changed the extent meanwhile (a racing write can look torn), else asked again.
+        After three racing attempts the block goes to repair anyway: it checks on its own."""
+        for _ in range(3):
+            await self._charge(BLOCK_SIZE, counts)
+            before = self.store.stat(vid, idx)["mutations"]
+            bad = block in await self._verify(vid, idx, block, 1)
+            if not bad or self.store.stat(vid, idx)["mutations"] == before:
+                return bad
+        return True
 
     def _unreadable(self, vid: str, idx: int, block: int, e: Exception, counts: dict[str, int]) -> None:
         counts["unreadable"] += 1
@@ -330,14 +353,12 @@ class Scrubber:
                 count = min(self.slice_blocks, blocks - first)
                 charge = min(budget, count * BLOCK_SIZE)
                 if charge:
-                    await self.bucket.take(charge)
+                    await self._charge(charge, counts)
                     budget -= charge
-                    counts["bytes"] += charge
-                    self.bytes_scrubbed += charge
                 bad.extend(await self._verify_slice(vid, idx, first, count, counts))
         for block in bad:
             try:
-                confirmed = block in self.store.verify(vid, idx, block, 1)    # on the loop
+                confirmed = await self._confirm(vid, idx, block, counts)
             except StoreIOError as e:
                 if not self.store.has(vid, idx):
                     raise
