@@ -61,9 +61,25 @@ from .members import Members
 log = logging.getLogger(__name__)
 
 TPGT = 1                    # the chunk servers' portal group tag too
-PER_HOST_SHARE = 4          # one peer address may hold at most 1/4 of the connections
+PER_HOST_SHARE = 4          # one peer host may hold at most 1/4 of the connections
+IPV6_HOST_PREFIX = 64       # an IPv6 host is a /64: it can pick any address in it at will
 DISCOVERY_LIFETIME = 120.0  # seconds; initiators log out right after SendTargets
 NOP_INTERVAL = 10.0
+
+
+def host_of(peer: str) -> str:
+    """What the per-host connection share counts by: an IPv4 address as it is (also one
+    mapped into IPv6); an IPv6 address by its /64, which one host (or one attacker) can
+    fill with addresses of its own choosing."""
+    try:
+        ip = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return peer
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/{IPV6_HOST_PREFIX}", strict=False))
 
 
 def address(host: str, port: int) -> str:
@@ -216,7 +232,7 @@ class RedirectPortal:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         peer = writer.get_extra_info("peername")
-        host = str(peer[0]) if peer else "?"
+        host = host_of(str(peer[0])) if peer else "?"
         self._conns[task] = host
         self._hosts[host] += 1
         try:
