@@ -117,7 +117,7 @@ for _ in $(seq 200); do [ -d "$TPG/acls/$EXTRA/lun_$LUN_CONF" ] && break; sleep 
 [ -d "$TPG/acls/$EXTRA/lun_$LUN_CONF" ] || die "ACL $EXTRA did not appear in LIO"
 step "ACL $EXTRA appeared with LUN $LUN_CONF mapped"
 printf 'lio-chap-secret-0123\n' > /tmp/sec; printf 'lio-mutual-secret-99\n' > /tmp/msec
-zstore chap set lio-conf "$EXTRA" --user extra-user --secret-file /tmp/sec --mutual-user tgt-user --mutual-secret-file /tmp/msec >/dev/null
+zstore chap set "$IQN" "$EXTRA" --user extra-user --secret-file /tmp/sec --mutual-user tgt-user --mutual-secret-file /tmp/msec >/dev/null
 for _ in $(seq 200); do [ "$(cat $TPG/acls/$EXTRA/auth/userid 2>/dev/null)" = extra-user ] && break; sleep 0.1; done
 [ "$(cat $TPG/acls/$EXTRA/auth/userid)" = extra-user ] || die "CHAP user not applied"
 [ "$(cat $TPG/acls/$EXTRA/auth/userid_mutual)" = tgt-user ] || die "mutual CHAP user not applied"
