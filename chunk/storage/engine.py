@@ -562,6 +562,9 @@ class StorageEngine:
             "scrub_passes": scrub.get("passes", 0), "scrubbed_bytes": scrub.get("bytes_scrubbed", 0),
             "scrub_mismatches": scrub.get("mismatches", 0),
             "scrub_resyncs": scrub.get("resyncs_requested", 0),
+            # bad blocks the scrubber found (handed to repair), and blocks it could not read at
+            # all (a snapshot version on a failing sector: repair cannot take them)
+            "scrub_errors": scrub.get("errors", 0), "scrub_unreadable": scrub.get("unreadable", 0),
             "replica_drops": self._coordinator_total("drops"),
             # writes that took the coordinator's fast path, and those of them handed to the
             # general path because a replica failed or was fenced

@@ -17,7 +17,13 @@ pause until ``interval`` after the pass started):
   each confirmation charged to the token bucket like the slices (a disk
   full of errors is not read faster than a healthy one); the blocks that keep failing are
   counted and logged as ``unreadable`` (repair cannot take them: it verifies
-  the block first) and the scrub goes on with the rest of the extent.
+  the block first) and the scrub goes on with the rest of the extent. They
+  are verified again ``recheck_delay`` seconds later; if some still do not
+  read, this chunk is an in-sync replica and another in-sync replica reads
+  them (its EXPORT of those blocks carries every version, none marked
+  unreadable), this replica drops itself from the extent through ``drop``
+  (``status()["unreadable_drops"]``): recovery then resyncs it in full from
+  a good copy. Before, such a block was only counted, pass after pass.
 - agreement: when this chunk is an in-sync replica, the extent's digest is
   compared with every other in-sync replica's (DIGEST, epoch 0). Writes in
   flight make replicas differ for a moment, so a difference counts only when
@@ -69,7 +75,8 @@ from typing import Any
 
 from .extent_file import BLOCK_SIZE, EXTENT_SIZE
 from .replica_client import PeerUnavailable, ReplicaError
-from .replica_store import StoreIOError
+from .repair import PartsMismatch
+from .replica_store import StoreError, StoreIOError, _parse_blob, unreadable_blocks
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,8 @@ class Scrubber:
         self.unreadable = 0           # blocks whose verify failed with an I/O error (not repairable here)
         self.mismatches = 0           # confirmed digest disagreements
         self.inconclusive = 0         # comparisons spoiled by a local write (see the module doc)
+        self.unreadable_drops = 0     # this replica dropped (to be resynced) for unreadable blocks
+        self._lost: list[int] = []    # the current extent's unreadable blocks
         self.mismatched: dict[tuple[str, int], list[str]] = {}
         self.resyncs_requested = 0    # replicas dropped (to be resynced) after a confirmed mismatch
         self.suspected: dict[tuple[str, int], tuple[list[str], int]] = {}   # -> (peers, passes seen)
@@ -165,7 +174,7 @@ class Scrubber:
             "bytes_scrubbed": self.bytes_scrubbed, "errors": self.errors,
             "unreadable": self.unreadable,
             "mismatches": self.mismatches, "resyncs_requested": self.resyncs_requested,
-            "inconclusive": self.inconclusive,
+            "inconclusive": self.inconclusive, "unreadable_drops": self.unreadable_drops,
             "mismatched": [{"volume": v, "extent": i, "peers": p}
                            for (v, i), p in sorted(self.mismatched.items())],
             "suspected": [{"volume": v, "extent": i, "peers": p, "passes": n}
@@ -338,6 +347,7 @@ class Scrubber:
     def _unreadable(self, vid: str, idx: int, block: int, e: Exception, counts: dict[str, int]) -> None:
         counts["unreadable"] += 1
         self.unreadable += 1
+        self._lost.append(block)
         log.error("scrub: %s/%d block %d cannot be verified (%s); not repairable here, "
                   "the extent needs a resync if it persists", vid, idx, block, e)
 
@@ -348,6 +358,7 @@ class Scrubber:
         # for what the disk holds, not for the extent's nominal size.
         budget = int(self.store.stat(vid, idx)["allocated"])
         bad: list[int] = []
+        self._lost = []
         if budget:                       # nothing allocated: nothing on disk to read
             for first in range(0, blocks, self.slice_blocks):
                 count = min(self.slice_blocks, blocks - first)
@@ -371,10 +382,70 @@ class Scrubber:
         if counts["bad_blocks"] and self.repair.running:
             # Compare digests only after the repairs: a rotten block is not a disagreement.
             await self.repair.wait_idle(timeout=60.0)
+        if self._lost:
+            await self._still_unreadable(vid, idx, sorted(set(self._lost)), counts)
         if self.compare_digests:
             counts["mismatches"] = await self._compare(vid, idx)
         self.extents_scrubbed += 1
         return counts
+
+    async def _still_unreadable(self, vid: str, idx: int, lost: list[int],
+                                counts: dict[str, int]) -> None:
+        """Blocks that did not read, verified again after ``recheck_delay``; if some still do
+        not and another in-sync replica reads them, drop this replica for a resync."""
+        await asyncio.sleep(self.recheck_delay)
+        still = []
+        for block in lost:
+            await self._charge(BLOCK_SIZE, counts)
+            try:
+                await self._verify(vid, idx, block, 1)
+            except StoreIOError:
+                if not self.store.has(vid, idx):
+                    raise
+                still.append(block)
+        if not still:
+            log.info("scrub: %s/%d blocks %s read again", vid, idx, lost[:16])
+            return
+        if self.drop is None:
+            return
+        rec, peers = await self.repair.extent_peers(vid, idx)
+        if rec is None or self.repair.chunk_id not in rec.replicas:
+            return          # not in sync here: a resync owns this copy already
+        good = None
+        for cid, addr in peers:
+            if await self._peer_reads(addr, vid, idx, still):
+                good = cid
+                break
+        if good is None:
+            log.error("scrub: %s/%d blocks %s unreadable here and no other in-sync replica reads "
+                      "them; this copy is kept", vid, idx, still[:16])
+            return
+        try:
+            await self.drop(vid, idx, self.repair.chunk_id, rec.generation,
+                            f"scrub: blocks {still[:8]} unreadable on {self.repair.chunk_id}, "
+                            f"{good} reads them")
+        except Exception as e:  # noqa: BLE001 - reported, tried again next pass
+            log.error("scrub: %s/%d: could not drop this replica (%s) for a resync: %s",
+                      vid, idx, self.repair.chunk_id, e)
+            return
+        self.unreadable_drops += 1
+        self.resyncs_requested += 1
+        log.warning("scrub: %s/%d blocks %s unreadable here, %s reads them: dropped this replica "
+                    "(%s); recovery resyncs it", vid, idx, still[:16], good, self.repair.chunk_id)
+
+    async def _peer_reads(self, addr, vid: str, idx: int, blocks: list[int]) -> bool:
+        """Does the peer read (live data and every version, checksums included) all ``blocks``?"""
+        for block in blocks:
+            try:
+                blob = await self.repair.fetch_block(addr, vid, idx, block)
+                _parse_blob(blob)
+                if unreadable_blocks(blob):
+                    return False
+            except (PeerUnavailable, ReplicaError, OSError, asyncio.TimeoutError,
+                    PartsMismatch, StoreError) as e:
+                log.info("scrub: %s/%d block %d from %s: %s", vid, idx, block, addr, e)
+                return False
+        return True
 
     async def _differing(self, vid: str, idx: int, peers,
                          agreeing: list[str] | None = None) -> list[str] | None:
