@@ -37,6 +37,12 @@ class ChunkView:
         return self.admin is not None and self.admin.state == "draining"
 
     @property
+    def stopping(self) -> bool:
+        """Up but shutting down (its live key stays until its writes are flushed): still
+        an owner for fencing, but no place for a new replica or a new login."""
+        return self.live is not None and self.live.stopping
+
+    @property
     def disks(self) -> list[dict[str, Any]]:
         if self.live and self.live.disks:
             return self.live.disks
@@ -68,6 +74,7 @@ class ChunkView:
             "used": self.used,
             "free": self.free,
             "status": "up" if self.up else "down",
+            "stopping": self.stopping,
             "state": self.admin.state if self.admin else "active",
             "down_since": None if self.up else (self.admin.down_since if self.admin else None),
             "heartbeat": self.live.heartbeat if self.live else None,
@@ -161,8 +168,8 @@ async def get_chunk(ctx: Ctx, chunk_id: str) -> ChunkView:
 
 
 def candidates(views: list[ChunkView]) -> tuple[list[Candidate], int]:
-    """Usable placement targets (up, active) and how many servers are not usable."""
-    usable = [v for v in views if v.up and not v.draining]
+    """Usable placement targets (up, active, not stopping) and how many servers are not usable."""
+    usable = [v for v in views if v.up and not v.draining and not v.stopping]
     return ([Candidate(chunk_id=v.chunk_id, free=v.free, labels=v.info.labels if v.info else {},
                        host=v.info.hostname if v.info else "") for v in usable],
             len(views) - len(usable))

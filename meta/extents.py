@@ -82,8 +82,8 @@ def candidate_of(view: chunkmod.ChunkView) -> Candidate:
 
 
 def usable(view: chunkmod.ChunkView, need: int) -> bool:
-    """Live, active and with room: a chunk server that may receive a new replica."""
-    return view.up and not view.draining and view.free > 0 and view.free >= need
+    """Live, active, not stopping and with room: a chunk server that may receive a new replica."""
+    return view.up and not view.draining and not view.stopping and view.free > 0 and view.free >= need
 
 
 def place_more(pool: list[Candidate], keep: list[Candidate], n: int, need: int,

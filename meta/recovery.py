@@ -77,6 +77,8 @@ def chunk_state(view: chunkmod.ChunkView | None, grace: float, now: float) -> st
     if view.up:
         if view.draining or view.free <= 0:           # free counts only disks in state ok
             return GONE
+        if view.stopping:                             # shutting down: a resync would fail;
+            return WAITING                            # it is likely back soon (a restart)
         return OK
     since = view.admin.down_since if view.admin else None
     if since is not None and now - since > grace:
