@@ -44,6 +44,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from zstore import etcd as zetcd
 from zstore.keys import Keys
 from zstore.records import ExtentRecord, RecoveryTask, Snapshot, Volume
 
@@ -106,6 +107,13 @@ class Reclaimer:
 
     # -- one run ---------------------------------------------------------------
 
+    async def _listing(self, prefix: bytes) -> list:
+        """Every kv under ``prefix``, paged at one revision: a volume's extent records (a
+        few TiB of it) or every snapshot of the cluster can be more than gRPC's 4 MiB reply
+        limit, and one Range would fail every run from then on (nothing reclaimed again)."""
+        kvs, _ = await zetcd.get_prefix_paged(self.etcd, prefix)
+        return kvs
+
     async def run_once(self) -> dict[str, Any]:
         """One pass over the local extents; raises (having stopped) when an etcd read fails."""
         async with self._lock:
@@ -145,7 +153,7 @@ class Reclaimer:
             got = await self.etcd.get(self.keys.volume(vid))
             volumes[vid] = None if got is None else Volume.decode(got.value)
         seqs: dict[str, set[int]] = defaultdict(set)
-        for kv in await self.etcd.get_prefix(self.keys.snapshots()):
+        for kv in await self._listing(self.keys.snapshots()):
             snap = Snapshot.decode(kv.value)
             if snap.seq > 0:
                 seqs[snap.volume_id].add(snap.seq)
@@ -161,7 +169,7 @@ class Reclaimer:
                         summary["deleted"].append((vid, idx))
                 continue
             records = {}
-            for kv in await self.etcd.get_prefix(self.keys.extents(vid)):
+            for kv in await self._listing(self.keys.extents(vid)):
                 rec = ExtentRecord.decode(kv.value)
                 records[rec.index] = rec
             keep = frozenset(seqs[vid]) | frozenset(range(vol.snap_seq, vol.snap_seq + SEQ_MARGIN))
@@ -177,7 +185,7 @@ class Reclaimer:
                 if moved:
                     if tasks is None:       # read only when a deletion is on the table
                         tasks = {}
-                        for kv in await self.etcd.get_prefix(self.keys.recovery(vid)):
+                        for kv in await self._listing(self.keys.recovery(vid)):
                             t = RecoveryTask.decode(kv.value)
                             tasks[t.index] = t
                     task = tasks.get(idx)

@@ -175,18 +175,15 @@ async def test_a_rebuild_that_joins_during_the_run_keeps_its_copy(cluster, keys,
     await put(etcd, keys.recovery_task("v1", 0), RecoveryTask("v1", 0, target=ME, kind="rebuild",
                                                               executor="x", generation=5))
 
-    class JoinDuringTaskRead:
-        def __getattr__(self, name):
-            return getattr(etcd, name)
-
-        async def get_prefix(self, prefix):
+    class JoinDuringTaskRead(Reclaimer):
+        async def _listing(self, prefix):
             if prefix == keys.recovery("v1"):
                 store.set_generation("v1", 0, 6)
                 await put(etcd, keys.extent("v1", 0), ExtentRecord("v1", 0, ["x", ME], generation=6))
                 await etcd.delete(keys.recovery_task("v1", 0))
-            return await etcd.get_prefix(prefix)
+            return await super()._listing(prefix)
 
-    summary = await Reclaimer(store, JoinDuringTaskRead(), keys, ME).run_once()
+    summary = await JoinDuringTaskRead(store, etcd, keys, ME).run_once()
     assert summary["deleted"] == [] and store.extents() == [("v1", 0)]
 
 
@@ -462,3 +459,22 @@ def test_a_broken_copy_whose_files_do_not_go_stays_broken(store, tmp_path, monke
         assert s.broken == {} and _files(disk, "v1", 0) == []
     finally:
         s.close()
+
+
+async def test_listings_bigger_than_a_reply_are_read_in_pages(small_client, keys, store, monkeypatch):
+    """Every snapshot of the cluster and a volume's extent records were each read in one
+    Range: past gRPC's reply limit (4 MiB; 32 KiB for this client) every run failed, and
+    nothing was reclaimed again. Read in pages now."""
+    monkeypatch.setattr(zetcd, "PAGE_SIZE", 40, raising=False)
+    etcd = small_client
+    await put(etcd, keys.cluster(), ClusterInfo(cluster_id="c1"))
+    await volume(etcd, keys, "v1", snap_seq=400)
+    await extent(etcd, keys, store, "v1", 0)
+    for i in range(1, 400):                                    # ~ 80 KiB of snapshot records
+        await snapshot(etcd, keys, f"s{i:04d}", "v1", i)
+    for idx in range(1, 300):                                  # ~ 60 KiB of extent records
+        await put(etcd, keys.extent("v1", idx), ExtentRecord("v1", idx, ["x", ME], generation=1))
+    await extent(etcd, keys, store, "gone", 0)                 # a deleted volume's extent
+    summary = await Reclaimer(store, etcd, keys, ME).run_once()
+    assert summary["deleted"] == [("gone", 0)]
+    assert store.extents() == [("v1", 0)]
