@@ -187,6 +187,7 @@ class RedirectPortal:
         self.policy = RedirectPolicy(catalog, members, self.tsihs, holding)
         self.advertise = ""
         self.refused = 0
+        self.evicted = 0            # connections ended to make room for another host's
         self._server: asyncio.base_events.Server | None = None
         self._conns: dict[asyncio.Task, str] = {}
         self._hosts: Counter[str] = Counter()
@@ -239,6 +240,8 @@ class RedirectPortal:
             if self._closed:
                 raise NotHolding()          # accepted just before close(): not ours to serve
             _check(self.holding)
+            if len(self._conns) > self.max_connections and self._hosts[host] <= self.per_host:
+                self._make_room(host)
             if len(self._conns) > self.max_connections or self._hosts[host] > self.per_host:
                 self.refused += 1
                 if self.refused % 100 == 1:
@@ -265,11 +268,32 @@ class RedirectPortal:
         except Exception:  # noqa: BLE001 - one connection must never take the portal down
             log.exception("connection from %s failed", host)
         finally:
-            del self._conns[task]
-            self._hosts[host] -= 1
+            if self._conns.pop(task, None) is not None:     # not already counted out (evicted)
+                self._hosts[host] -= 1
             if self._hosts[host] <= 0:
-                del self._hosts[host]
+                self._hosts.pop(host, None)
             writer.close()
+
+    def _make_room(self, host: str) -> None:
+        """The portal is full and ``host`` is within its share: end the oldest connection of
+        the host holding the most, if that is more than ``host`` holds (itself included).
+
+        Refusing the newcomer let a few hosts (a flood, or idle discovery sessions held for
+        minutes) keep every other initiator from logging in; this way a host with fewer
+        connections always gets one, and only the heaviest host loses one."""
+        heavy, most = max(self._hosts.items(), key=lambda kv: kv[1])
+        if most <= self._hosts[host]:
+            return
+        victim = next((t for t, h in self._conns.items() if h == heavy and not t.done()), None)
+        if victim is None:
+            return
+        self.evicted += 1
+        if self.evicted % 100 == 1:
+            log.warning("portal full (%d connections): ending the oldest of %s's %d for one from %s; "
+                        "%d evicted so far", len(self._conns), heavy, most, host, self.evicted)
+        del self._conns[victim]                 # counted out now; its task's finally skips it
+        self._hosts[heavy] -= 1
+        victim.cancel()
 
     async def _discovery(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          r: LoginResult) -> None:

@@ -76,3 +76,39 @@ async def test_ipv6_peers_in_one_64_share_one_hosts_cap():
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_full_portal_ends_the_heaviest_hosts_oldest_connection_for_a_new_host():
+    """Four hosts holding their share each filled the portal, and every other initiator's
+    login was refused for as long as they kept their connections (idle discovery sessions
+    are held for minutes). The newcomer now gets a slot: the oldest connection of the host
+    holding the most is ended. A host already at its share is still refused."""
+    p = RedirectPortal(None, None, holding=lambda: True, login_timeout=5.0, max_connections=8)  # 2 per host
+    p._closed = False
+    tasks: dict[str, asyncio.Task] = {}
+
+    def connect(peer: str, name: str) -> asyncio.Task:
+        t = asyncio.ensure_future(p._handle(asyncio.StreamReader(), FakeWriter(peer)))
+        tasks[name] = t
+        return t
+    try:
+        for h in range(1, 5):
+            for k in range(2):
+                connect(f"10.0.0.{h}", f"h{h}-{k}")
+                await async_wait_for(lambda: p.connection_count() == len(tasks), 5, "held")
+        assert p.connection_count() == 8 and p.refused == 0
+        newcomer = connect("10.0.0.9", "new")
+        await async_wait_for(lambda: tasks["h1-0"].done(), 2, "the oldest of a heaviest host ended")
+        await asyncio.sleep(0.1)
+        assert not newcomer.done() and p.refused == 0 and p.evicted == 1
+        assert p.connection_count() == 8
+        assert all(not t.done() for n, t in tasks.items() if n != "h1-0")
+        again = connect("10.0.0.2", "h2-again")       # h2 at its share: refused, nobody ended
+        await asyncio.wait_for(asyncio.shield(again), 1.0)
+        assert p.refused == 1 and p.evicted == 1
+        assert p.connection_count() == 8 and dict(p._hosts)["10.0.0.9"] == 1
+    finally:
+        for t in tasks.values():
+            t.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+    assert p.connection_count() == 0 and not p._hosts
