@@ -24,7 +24,12 @@ another. Here a logical unit's registrations and reservation are one
   the change posts them at once, the others when their mirror takes the record in.
 
 State survives a chunk server restart and failover to another server (SPC-4's APTPL
-behaviour, without asking for it), and is deleted with the volume.
+behaviour), and is deleted with the volume. The SPC-2 reservation does not: I_T nexus loss
+and power-on release it (SPC-2 5.5.1), so the record names the chunk server whose session
+holds it (``spc2_chunk``). A restarted server, once its first listing is in, releases the
+ones naming itself (its sessions are all new); the others release those of a server whose
+live key is gone (its sessions went with it). The redirector's membership and the meta's
+liveness follow the same live keys.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS = 16            # compare-and-swap rounds before a change gives up (ABORTED COMMAND)
 CONFIRM_WAIT = 15.0      # seconds a restricting change waits for the other servers' acks
+CLOSE_WAIT = 2.0         # seconds close() lets queued releases (nexus loss) reach etcd
 HISTORY = 32             # changes whose unit attentions a record keeps (a mirror may skip some)
 
 
@@ -61,6 +67,7 @@ def load(state: ReservationState, rec: ReservationRecord) -> None:
     state.holder = _nexus(rec.holder) if rec.holder else None
     state.type = rec.type if state.holder is not None else 0
     state.spc2 = _nexus(rec.spc2) if rec.spc2 else None
+    state.spc2_chunk = rec.spc2_chunk if state.spc2 is not None else ""
 
 
 def record_of(state: ReservationState) -> ReservationRecord:
@@ -69,12 +76,13 @@ def record_of(state: ReservationState) -> ReservationRecord:
         registrations=[[list(n), r.key] for n, r in state.registrations.items()],
         holder=list(state.holder) if state.holder is not None else None,
         type=state.type if state.holder is not None else 0,
-        spc2=list(state.spc2) if state.spc2 is not None else None)
+        spc2=list(state.spc2) if state.spc2 is not None else None,
+        spc2_chunk=getattr(state, "spc2_chunk", "") if state.spc2 is not None else "")
 
 
 def _same(a: ReservationRecord, b: ReservationRecord) -> bool:
-    return (a.generation, a.registrations, a.holder, a.type, a.spc2) == \
-        (b.generation, b.registrations, b.holder, b.type, b.spc2)
+    return (a.generation, a.registrations, a.holder, a.type, a.spc2, a.spc2_chunk) == \
+        (b.generation, b.registrations, b.holder, b.type, b.spc2, b.spc2_chunk)
 
 
 def restricts(old: ReservationRecord, new: ReservationRecord) -> bool:
@@ -88,11 +96,20 @@ def restricts(old: ReservationRecord, new: ReservationRecord) -> bool:
     return any(tuple(n) not in kept for n, _ in old.registrations)
 
 
+class _Work(ReservationState):
+    """The in-memory rules run on a copy of the record, which also carries ``spc2_chunk``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spc2_chunk = ""
+
+
 class SharedReservationState(ReservationState):
     """One LU's reservations: a mirror of its etcd record, changed only through etcd."""
 
     def __init__(self, store: "ReservationStore", key: bytes) -> None:
         super().__init__()
+        self.spc2_chunk = ""         # chunk server whose session holds ``spc2``
         self._store, self._key = store, key
         self.revision = 0            # mod revision of the record mirrored (0: none yet)
         self.change = 0              # its change counter: attentions up to it were posted
@@ -157,7 +174,7 @@ class SharedReservationState(ReservationState):
                     log.warning("reservations %s: cannot read from etcd: %s", self._key.decode(), e)
                     raise ScsiError(ABORTED_COMMAND, ASC_NO_ADDITIONAL) from None
                 self.mirror(rec, revision)
-                work = ReservationState()
+                work = _Work()
                 load(work, rec or ReservationRecord())
                 result = await op(work)          # raises: nothing changes
                 new = record_of(work)
@@ -188,7 +205,13 @@ class SharedReservationState(ReservationState):
         return await self._mutate(lambda s: ReservationState.prout(s, n, cdb, data))
 
     async def spc2_reserve(self, n: Nexus) -> None:
-        await self._mutate(lambda s: ReservationState.spc2_reserve(s, n))
+        chunk = self._store.chunk_id
+        self._store.took(self._key, n)       # not taken for a holder of before our restart
+
+        async def reserve(s: ReservationState) -> None:
+            await ReservationState.spc2_reserve(s, n)
+            s.spc2_chunk = chunk                 # the session holding it is on this server
+        await self._mutate(reserve)
 
     async def spc2_release(self, n: Nexus) -> None:
         await self._mutate(lambda s: ReservationState.spc2_release(s, n))
@@ -205,7 +228,7 @@ class SharedReservationState(ReservationState):
         command that could wait)."""
         if self.spc2 is None or (n is not None and self.spc2 != n):
             return
-        self.spc2 = None
+        self.spc2, self.spc2_chunk = None, ""
 
         async def drop(s: ReservationState) -> None:
             ReservationState.drop_spc2(s, n)
@@ -221,7 +244,12 @@ class ReservationStore:
         self._seen: dict[bytes, tuple[ReservationRecord, int]] = {}    # key -> (record, revision)
         self._tasks: set[asyncio.Task] = set()
         self._chains: dict[bytes, asyncio.Task] = {}     # key -> its latest mirror update
+        self._behind: set[asyncio.Task] = set()          # releases queued by ``behind``
         self._watch: asyncio.Task | None = None
+        self._live_watch: asyncio.Task | None = None
+        self._live: set[str] = set()                     # chunk ids whose live key exists
+        self._live_synced = False
+        self._mine: set[tuple[bytes, Nexus]] = set()     # SPC-2 reservations taken since start
         self.synced = asyncio.Event()
 
     def state(self, vid: str, view: int = 0) -> SharedReservationState:
@@ -272,13 +300,22 @@ class ReservationStore:
             self._watch = asyncio.ensure_future(zetcd.watch_prefix(
                 self.etcd, self.keys.all_reservations(), self._snapshot, self._event, stop,
                 with_revision=True))
+            self._live_watch = asyncio.ensure_future(zetcd.watch_prefix(
+                self.etcd, self.keys.chunks(), self._chunks_snapshot, self._chunk_event, stop))
 
     async def close(self) -> None:
-        tasks = [t for t in (self._watch, *self._tasks) if t is not None]
+        """Stop mirroring. Releases queued by nexus loss (the sessions closed just before) are
+        given ``CLOSE_WAIT`` to reach etcd, then cancelled: a stop is not a crash."""
+        watches = [t for t in (self._watch, self._live_watch) if t is not None]
+        for t in watches:
+            t.cancel()
+        if self._behind:
+            await asyncio.wait(set(self._behind), timeout=CLOSE_WAIT)
+        tasks = watches + [*self._tasks, *self._behind]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._watch = None
+        self._watch = self._live_watch = None
 
     def behind(self, coro, what: str) -> None:
         """Run ``coro`` in the background, logging its failure."""
@@ -290,8 +327,64 @@ class ReservationStore:
             except Exception:  # noqa: BLE001
                 log.exception("%s not stored", what)
         task = asyncio.ensure_future(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._behind.add(task)
+        task.add_done_callback(self._behind.discard)
+
+    # -- SPC-2 reservations whose session is gone: power-on and nexus loss ------------
+
+    def took(self, key: bytes, n: Nexus) -> None:
+        """``n`` reserves ``key`` through this server (since it started): not one to release
+        as held before the restart."""
+        self._mine.add((key, n))
+
+    def _sweep(self, own: bool = False, only: str | None = None) -> None:
+        """Release the SPC-2 reservations held through a server whose sessions are gone:
+        this one before its restart (``own``: at the first listing), or one whose live key
+        is gone (``only``: just that one)."""
+        for key, (rec, _) in list(self._seen.items()):
+            chunk = rec.spc2_chunk
+            if rec.spc2 is None or not chunk or (only is not None and chunk != only):
+                continue
+            if chunk == self.chunk_id:
+                if own and (key, _nexus(rec.spc2)) not in self._mine:
+                    self._release_orphan(key, chunk, "restart of this server")
+            elif self._live_synced and chunk not in self._live:
+                self._release_orphan(key, chunk, f"loss of chunk server {chunk}")
+
+    def _release_orphan(self, key: bytes, chunk: str, why: str) -> None:
+        st = self._states.get(key) or SharedReservationState(self, key)
+
+        async def drop(s: ReservationState) -> None:
+            held = s.spc2
+            if held is None or getattr(s, "spc2_chunk", "") != chunk:
+                return                               # released or taken again meanwhile
+            if chunk == self.chunk_id and (key, held) in self._mine:
+                return
+            if chunk != self.chunk_id and chunk in self._live:
+                return
+            log.info("reservations %s: SPC-2 reservation of %s released (%s)", key.decode(), held, why)
+            s.spc2, s.spc2_chunk = None, ""
+        self.behind(st._mutate(drop), f"release of an SPC-2 reservation on {why}")
+
+    async def _chunks_snapshot(self, kvs: list[tuple[bytes, bytes]]) -> None:
+        base = self.keys.chunks()
+        live = set()
+        for key, _ in kvs:
+            p = Keys.chunk_key_parts(key, base)
+            if p is not None and p[1] == "live":
+                live.add(p[0])
+        self._live, self._live_synced = live, True
+        self._sweep()
+
+    async def _chunk_event(self, ev) -> None:
+        p = Keys.chunk_key_parts(ev.kv.key, self.keys.chunks())
+        if p is None or p[1] != "live":
+            return
+        if ev.kind == "PUT":
+            self._live.add(p[0])
+        else:
+            self._live.discard(p[0])
+            self._sweep(only=p[0])
 
     async def _snapshot(self, kvs: list[tuple[bytes, bytes]], revision: int) -> None:
         # The listing's revision, not each record's: no state goes back past a change this
@@ -302,6 +395,9 @@ class ReservationStore:
         for key in list(self._seen):
             if key not in present:
                 self._drop(key)
+        # The first listing since start: SPC-2 holders naming this server held sessions of
+        # the process before (power-on releases them). Later relists keep them: ours live.
+        self._sweep(own=not self.synced.is_set())
         self.synced.set()
 
     async def _event(self, ev) -> None:

@@ -220,12 +220,18 @@ class ReservationRecord(Record):
     ``confirm``: the change can refuse a command the state before it allowed (a new
     reservation, a removed registration), so ``origin`` answers it only once every live
     chunk server has applied it (``reservation-acks``).
+    ``spc2_chunk``: the chunk server whose session holds ``spc2``. An SPC-2 reservation does
+    not outlive its I_T nexus or a power-on: when that server restarts (its first listing)
+    or its live key goes, the reservation is released. Added without a schema change, as
+    ``ChunkLive.stopping`` was: an older reader drops the field (and keeps such a holder
+    until LU reset, as it always did); a record without it ("") is never released that way.
     """
     generation: int = 0                                         # PRgeneration (SPC-4)
     registrations: list[list] = field(default_factory=list)     # [nexus, key]
     holder: list | None = None                                  # nexus holding the PR
     type: int = 0                                               # its PR type, 0 = none
     spc2: list | None = None                                    # nexus holding RESERVE(6)
+    spc2_chunk: str = ""                                        # chunk id serving that nexus
     change: int = 0
     origin: str = ""
     history: list[list] = field(default_factory=list)
