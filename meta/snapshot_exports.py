@@ -100,7 +100,7 @@ async def export_view(ctx: Ctx, snap: Snapshot, m: LunMapping, vol_name: str | N
 
 async def export_snapshot(ctx: Ctx, ref: str) -> tuple[dict[str, Any], bool]:
     """(export view, created). Idempotent: an existing export is returned as it is."""
-    for _ in range(volumes.MAX_RETRIES):
+    for attempt in range(volumes.MAX_RETRIES):
         snap = await volumes.resolve_snapshot(ctx, ref)
         sid = snap.snapshot_id
         skey = ctx.keys.snapshot(sid)
@@ -118,15 +118,17 @@ async def export_snapshot(ctx: Ctx, ref: str) -> tuple[dict[str, Any], bool]:
         m, prev = await export_state(ctx, sid)
         if m is not None:
             return await export_view(ctx, snap, m, vol.name), False
-        t, lun, target_exists = await volumes._free_lun_slot(ctx)
+        slot = await volumes._free_lun_slot(ctx)
+        t, lun = slot.target_index, slot.lun
         m = LunMapping(target_index=t, lun=lun, volume_id=vol.volume_id, readonly=True, snapshot_id=sid)
-        compare, ops = await volumes.slot_txn(ctx, m, target_exists)
+        compare, ops = await volumes.slot_txn(ctx, m, slot)
         compare += [pointer_unchanged(ctx, sid, prev), ctx.unchanged(skey, srev), ctx.unchanged(vkey, vrev)]
         ops.append(ctx.put(ctx.keys.snapshot_lun(sid), _slot_text(t, lun)))   # replaces a dangling one
         if await ctx.txn(compare, ops):
             log.info("snapshot %s@%s (%s) exported read-only as target %d lun %d",
                      vol.name, snap.name, sid, t, lun)
             return await export_view(ctx, snap, m, vol.name), True
+        await volumes.slot_contention_pause(attempt)
     raise Conflict(f"could not export snapshot {ref!r}: too much concurrent change", hint="retry", retry=True)
 
 

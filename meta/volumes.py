@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 from zstore import naming
 from zstore.etcd import prefix_end
@@ -83,29 +84,86 @@ async def find_volume(ctx: Ctx, ref: str) -> tuple[Volume, int]:
     raise NotFound(f"volume {ref!r} not found", hint="see `zstore volume list`")
 
 
-async def _free_lun_slot(ctx: Ctx) -> tuple[int, int, bool]:
-    """(target index, lun, target exists) of the lowest free slot."""
-    used: dict[int, set[int]] = {}
-    for key, _ in await ctx.list_raw(ctx.keys.luns(), keys_only=True):
-        t, lun = ctx.keys.lun_key_parts(key)
-        used.setdefault(t, set()).add(lun)
+class FreeSlot(NamedTuple):
+    target_index: int
+    lun: int
+    target_exists: bool
+    cursor_rev: int             # mod revision of the LUN cursor as read (0: absent)
+
+
+def _parse_slot(raw: bytes | None) -> tuple[int, int] | None:
+    try:
+        t, lun = raw.decode().split("/")
+        return int(t), int(lun)
+    except (AttributeError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def slot_text(t: int, lun: int) -> str:
+    return f"{t:04d}/{lun:03d}"
+
+
+def next_free_slot(used: set[tuple[int, int]], cursor: tuple[int, int] | None, max_targets: int,
+                   luns_per_target: int) -> tuple[int, int] | None:
+    """The first slot not in ``used`` at or after ``cursor`` (a (target, lun) slot; None: the
+    start), in the order target 0 LUN 1..N, target 1 LUN 1..N, ..., wrapping around after the
+    last target; None when every slot is taken.
+
+    Round-robin, not the lowest free slot: a slot freed by a delete is handed out again only
+    after the cursor has gone once round the whole space (4096 targets x 255 LUNs), not to the
+    next create. A host that still holds the deleted LUN (a forced delete, a force-detach) does
+    not find another volume behind the same target and LUN, and write into it."""
+    per, total = luns_per_target, max_targets * luns_per_target
+    if sum(1 for t, lun in used if 0 <= t < max_targets and 1 <= lun <= per) >= total:
+        return None
+    start = 0
+    if cursor is not None and cursor[0] >= 0 and cursor[1] >= 1:
+        start = (cursor[0] * per + cursor[1] - 1) % total
+    for step in range(total):           # at most len(used) + 1 steps: the count above
+        i = (start + step) % total
+        slot = (i // per, i % per + 1)
+        if slot not in used:
+            return slot
+    return None
+
+
+def slot_after(t: int, lun: int, max_targets: int, luns_per_target: int) -> tuple[int, int]:
+    i = (t * luns_per_target + lun) % (max_targets * luns_per_target)
+    return i // luns_per_target, i % luns_per_target + 1
+
+
+async def slot_contention_pause(attempt: int) -> None:
+    """A short random pause after a txn taking a LUN slot lost: every such txn compares the
+    one cursor, so of the creates and exports racing only one wins each round; spread apart,
+    a burst of them (a CSI provisioner creating a hundred volumes) does not use up its retries."""
+    await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** attempt)))
+
+
+async def _free_lun_slot(ctx: Ctx) -> FreeSlot:
+    """The free slot a new LUN takes: the first at or after the LUN cursor (``next_free_slot``)."""
+    got = await ctx.etcd.get(ctx.keys.lun_cursor())
+    cursor_rev, cursor = (0, None) if got is None else (got.mod_revision, _parse_slot(got.value))
+    used = {ctx.keys.lun_key_parts(key) for key, _ in await ctx.list_raw(ctx.keys.luns(), keys_only=True)}
     existing = {int(k.decode().rsplit("/", 1)[-1]) for k, _ in
                 await ctx.list_raw(ctx.keys.targets(), keys_only=True)}
-    for t in range(ctx.max_targets):
-        taken = used.get(t, set())
-        if len(taken) < ctx.luns_per_target:
-            lun = next(n for n in range(1, ctx.luns_per_target + 1) if n not in taken)
-            return t, lun, t in existing
-    raise InsufficientResources(
-        f"no free LUN slot: all {ctx.max_targets} targets have {ctx.luns_per_target} LUNs",
-        hint="delete unused volumes")
+    slot = next_free_slot(used, cursor, ctx.max_targets, ctx.luns_per_target)
+    if slot is None:
+        raise InsufficientResources(
+            f"no free LUN slot: all {ctx.max_targets} targets have {ctx.luns_per_target} LUNs",
+            hint="delete unused volumes")
+    return FreeSlot(slot[0], slot[1], slot[0] in existing, cursor_rev)
 
 
-async def slot_txn(ctx: Ctx, m: LunMapping, target_exists: bool) -> tuple[list, list]:
-    """(compare, ops) taking the free slot ``m`` names, creating its target if it is new."""
-    lun_key = ctx.keys.lun(m.target_index, m.lun)
-    compare, ops = [ctx.absent(lun_key)], [ctx.put(lun_key, m)]
-    if not target_exists:
+async def slot_txn(ctx: Ctx, m: LunMapping, slot: FreeSlot) -> tuple[list, list]:
+    """(compare, ops) taking the free slot ``m`` names, creating its target if it is new, and
+    moving the LUN cursor past it. The cursor is compared as read: a create that read it
+    before another took (and a delete freed) a slot cannot take that slot again."""
+    lun_key, cursor_key = ctx.keys.lun(m.target_index, m.lun), ctx.keys.lun_cursor()
+    nxt = slot_after(m.target_index, m.lun, ctx.max_targets, ctx.luns_per_target)
+    compare = [ctx.absent(lun_key),
+               ctx.absent(cursor_key) if not slot.cursor_rev else ctx.unchanged(cursor_key, slot.cursor_rev)]
+    ops = [ctx.put(lun_key, m), ctx.put(cursor_key, slot_text(*nxt))]
+    if not slot.target_exists:
         target_key = ctx.keys.target(m.target_index)
         cluster = await ctx.cluster()
         compare.append(ctx.absent(target_key))
@@ -208,7 +266,7 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
     replicas = check_replicas(replicas)
     name_key = ctx.keys.volume_name(name)
 
-    for _ in range(MAX_RETRIES):
+    for attempt in range(MAX_RETRIES):
         existing = await ctx.get_raw(name_key)
         if existing is not None:
             vol, _ = await ctx.get(ctx.keys.volume(existing.decode()), Volume)
@@ -242,12 +300,13 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
         views = await chunkmod.list_chunks(ctx)
         cands, unusable = chunkmod.candidates(views)
         placement = place(cands, replicas, need=0 if thin else new_size, unusable=unusable)
-        t, lun, target_exists = await _free_lun_slot(ctx)
+        slot = await _free_lun_slot(ctx)
+        t, lun = slot.target_index, slot.lun
         vid = uuid.uuid4().hex
         vol = Volume(volume_id=vid, name=name, size=new_size, replicas=replicas, thin=thin,
                      placement=placement, target_index=t, lun=lun, wwn=naming.volume_wwn(vid),
                      source_snapshot=sid)
-        compare, ops = await slot_txn(ctx, LunMapping(target_index=t, lun=lun, volume_id=vid), target_exists)
+        compare, ops = await slot_txn(ctx, LunMapping(target_index=t, lun=lun, volume_id=vid), slot)
         compare.append(ctx.absent(name_key))
         ops += [ctx.put(ctx.keys.volume(vid), vol), ctx.put(name_key, vid)]
         if sid:
@@ -264,6 +323,7 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
             log.info("volume %s (%s) created: %s, %d replicas on %s, target %d lun %d",
                      name, vid, format_size(new_size), replicas, ",".join(placement), t, lun)
             return vol, True
+        await slot_contention_pause(attempt)
     raise Conflict(f"could not create volume {name!r}: too much concurrent change", hint="retry", retry=True)
 
 

@@ -19,6 +19,9 @@ clusters (or test runs) can share one etcd. Layout::
                                          are: taken in the snapshot's create txn, freed with its name)
     {p}/targets/{index:04d}              Target
     {p}/luns/{index:04d}/{lun:03d}       LunMapping      (slot taken = key exists)
+    {p}/lun-cursor                       "{index:04d}/{lun:03d}": where the LUN allocator looks
+                                         next (after the last slot taken; absent = 0000/001), so a
+                                         freed slot is not handed out again until it wraps around
     {p}/acl/{volume_id}/{initiator}      AclEntry
     {p}/acl/{snapshot_id}/{initiator}    AclEntry        (of a snapshot's LUN; ids are unique uuids)
     {p}/chap/{target}/{initiator}        ChapRecord      (target '*' = all targets)
@@ -108,6 +111,8 @@ class Keys:
     def luns(self) -> bytes: return self._dir("luns")
     def target_luns(self, index: int) -> bytes: return self._dir("luns", f"{index:04d}")
     def lun(self, index: int, lun: int) -> bytes: return self._k("luns", f"{index:04d}", f"{lun:03d}")
+    # Not under luns/: that prefix holds only LunMappings (listed, watched by chunk servers).
+    def lun_cursor(self) -> bytes: return self._k("lun-cursor")
 
     @staticmethod
     def lun_key_parts(key: bytes) -> tuple[int, int]:
