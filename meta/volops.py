@@ -37,6 +37,7 @@ import uuid
 
 from zstore import naming
 from zstore.errors import Conflict, InvalidArgument, NotFound, Unavailable, ZError
+from zstore.etcd import get_prefix_paged
 from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner, now
 
 from . import chunks as chunkmod
@@ -394,7 +395,7 @@ async def move_stranded_reverts(ctx: Ctx) -> list[str]:
     sit until that server came back, and run then, whatever was written meanwhile. The ids
     of the ops moved."""
     moved = []
-    for kv in await ctx.etcd.get_prefix(ctx.keys.all_volops()):
+    for kv in (await get_prefix_paged(ctx.etcd, ctx.keys.all_volops()))[0]:
         op = VolumeOp.decode(kv.value)
         if op.kind != "revert" or op.state not in ("pending", "running"):
             continue
@@ -422,7 +423,7 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
     await move_stranded_reverts(ctx)
     now = time.time() if now is None else now
     removed = []
-    for kv in await ctx.etcd.get_prefix(ctx.keys.all_volops()):
+    for kv in (await get_prefix_paged(ctx.etcd, ctx.keys.all_volops()))[0]:
         op = VolumeOp.decode(kv.value)
         if op.state in ("pending", "running") or now - op.created < ttl:
             continue

@@ -21,7 +21,7 @@ import uuid
 from typing import Any, NamedTuple
 
 from zstore import naming
-from zstore.etcd import prefix_end
+from zstore.etcd import get_prefix_paged, prefix_end
 from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound
 from zstore.records import AclEntry, LunMapping, Snapshot, Target, Volume, VolumeOp
 from zstore.units import SizeError, format_size, parse_size
@@ -516,8 +516,12 @@ async def collect_garbage(ctx: Ctx) -> None:
         # Snapshots (with their revisions) before volumes: a clone created after this listing
         # moves its snapshot's revision, so the delete below fails its compare instead of
         # erasing a parent the volume listing did not show a clone of yet.
-        snap_revs = {kv.key: kv.mod_revision for kv in await ctx.etcd.get_prefix(ctx.keys.snapshots())}
-        snaps = {s.snapshot_id: s for _, s in await ctx.list(ctx.keys.snapshots(), Snapshot)}
+        # Each listing is read in pages (one Range reply is capped at 4 MiB: past ~20k
+        # snapshots or ~10k volumes an unpaged read failed every collection, for good), and
+        # the records and their revisions come from one read.
+        skvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.snapshots())
+        snap_revs = {kv.key: kv.mod_revision for kv in skvs}
+        snaps = {s.snapshot_id: s for s in (Snapshot.decode(kv.value) for kv in skvs)}
         vols = {v.volume_id: v for _, v in await ctx.list(ctx.keys.volumes(), Volume)}
         changed = False
         for s in snaps.values():
@@ -529,12 +533,12 @@ async def collect_garbage(ctx: Ctx) -> None:
         # between the first listing and the volume listing shows here, and keeps the
         # tombstone (the first listing missed it, and erasing the volume lost its data).
         # A tombstone takes no new snapshot, so this listing cannot miss one of it.
-        vol_revs = {kv.key: kv.mod_revision for kv in await ctx.etcd.get_prefix(ctx.keys.volumes())}
+        vkvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.volumes())
         owners = {s.volume_id for _, s in await ctx.list(ctx.keys.snapshots(), Snapshot)}
-        for v in vols.values():
-            vkey = ctx.keys.volume(v.volume_id)
-            if v.state == "deleted" and v.volume_id not in owners and vkey in vol_revs:
-                changed |= await ctx.txn([ctx.unchanged(vkey, vol_revs[vkey])], erase_ops(ctx, v.volume_id))
+        for kv in vkvs:
+            v = Volume.decode(kv.value)
+            if v.state == "deleted" and v.volume_id not in owners:
+                changed |= await ctx.txn([ctx.unchanged(kv.key, kv.mod_revision)], erase_ops(ctx, v.volume_id))
         changed |= await snapshot_exports.collect_orphans(ctx)
         if not changed:
             return
