@@ -1,0 +1,94 @@
+"""Operational rules for deploy/: properties of the parsed manifests and systemd units that
+the schemas cannot see (privileges that really take effect, stop timeouts, priorities...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.test_manifests import KDIR, ROOT, objects, one, pod_specs
+
+yaml = pytest.importorskip("yaml")
+
+SYSTEMD = ROOT / "deploy" / "systemd"
+
+
+def unit(name: str) -> dict[str, list[str]]:
+    """``[Service]`` of a systemd unit: key -> every value given (systemd's list keys add up)."""
+    section, out = None, {}
+    for line in (SYSTEMD / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif section == "Service":
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def caps(u: dict[str, list[str]], key: str) -> set[str]:
+    return {c for v in u.get(key, []) for c in v.split()}
+
+
+def _runs_as_root(u: dict[str, list[str]]) -> bool:
+    return u.get("User", ["root"])[-1] in ("root", "0")
+
+
+# --- 1: the redirector can listen on :3260 --------------------------------------------------
+
+@pytest.mark.parametrize("name", ["zstore-redirector.service", "zstore-chunk.service"])
+def test_units_listening_on_3260_may_bind_it(name: str):
+    """Both daemons listen on port 3260 by default (redirector.port, chunk.portal). A non-root
+    User= needs CAP_NET_BIND_SERVICE in AmbientCapabilities: the bounding set alone gives a
+    non-root process nothing, so the redirector's listen failed EACCES and it never held the VIP."""
+    u = unit(name)
+    if not _runs_as_root(u):
+        assert "CAP_NET_BIND_SERVICE" in caps(u, "AmbientCapabilities"), name
+    if "CapabilityBoundingSet" in u:
+        assert caps(u, "AmbientCapabilities") <= caps(u, "CapabilityBoundingSet"), name
+
+
+def test_redirector_unit_has_its_capabilities_ambient():
+    u = unit("zstore-redirector.service")
+    assert not _runs_as_root(u)
+    assert {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"} <= caps(u, "AmbientCapabilities")
+
+
+def _run_as_user(spec: dict, c: dict) -> int | None:
+    for ctx in (c.get("securityContext") or {}, spec.get("securityContext") or {}):
+        if "runAsUser" in ctx:
+            return ctx["runAsUser"]
+    return None
+
+
+def test_added_capabilities_take_effect():
+    """Kubernetes' capabilities.add only reaches a root process (there are no ambient
+    capabilities for a non-root container user): every container that adds some runs as
+    uid 0 explicitly, whatever USER the image has."""
+    checked = 0
+    for wl, spec in pod_specs():
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c.get("securityContext") or {}
+            if sc.get("capabilities", {}).get("add") and not sc.get("privileged"):
+                checked += 1
+                assert _run_as_user(spec, c) == 0, f"{wl}/{c['name']} adds capabilities but is not root"
+                assert sc.get("runAsNonRoot") is not True, f"{wl}/{c['name']}"
+    assert checked >= 1
+
+
+def test_redirector_pod_may_hold_the_vip_and_bind_3260():
+    spec = dict(pod_specs())["zstore-redirector"]
+    c = next(c for c in spec["containers"] if c["name"] == "redirector")
+    assert _run_as_user(spec, c) == 0
+    assert {"NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"} <= set(c["securityContext"]["capabilities"]["add"])
+    assert spec["hostNetwork"] is True
+
+
+def test_chunk_pod_runs_as_root():
+    """The chunk server writes a hostPath that kubelet creates root-owned."""
+    spec = dict(pod_specs())["zstore-chunk"]
+    c = next(c for c in spec["containers"] if c["name"] == "chunk")
+    assert _run_as_user(spec, c) == 0
