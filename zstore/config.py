@@ -241,6 +241,11 @@ def _resolve_relative(cfg: Config, base: Path) -> None:
                     setattr(sect, f.name, str(base / v))
 
 
+# The marker of the example secrets in deploy/ (secret.yaml, chap-secret.yaml): a secret file
+# that still holds it was installed unedited, and would be a token anyone can read.
+PLACEHOLDER_MARKER = "REPLACE-ME"
+
+
 def read_secret_file(path: str | None, what: str) -> str | None:
     if not path:
         return None
@@ -252,4 +257,7 @@ def read_secret_file(path: str | None, what: str) -> str | None:
         raise ConfigError(f"{what} file {path} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"{what} file {path} is empty")
+    if PLACEHOLDER_MARKER in value:     # deploy/kubernetes ships REPLACE-ME-... examples
+        raise ConfigError(f"{what} file {path} still holds the example placeholder "
+                          f"({PLACEHOLDER_MARKER}...): put a real secret there (a long random string)")
     return value
