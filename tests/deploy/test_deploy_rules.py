@@ -92,3 +92,31 @@ def test_chunk_pod_runs_as_root():
     spec = dict(pod_specs())["zstore-chunk"]
     c = next(c for c in spec["containers"] if c["name"] == "chunk")
     assert _run_as_user(spec, c) == 0
+
+
+# --- 2c: the admin token stays off the nodes ------------------------------------------------
+
+def test_node_plugin_gets_no_token():
+    """The CSI node plugin never calls the meta API (csi/server.py builds no Meta in node
+    mode), so the DaemonSet on every node must not mount the cluster's admin token."""
+    spec = dict(pod_specs())["zstore-csi-node"]
+    secrets = [v for v in spec.get("volumes", []) if "secret" in v or "projected" in v]
+    assert not secrets, f"zstore-csi-node mounts {secrets}"
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        assert not any(e.get("valueFrom", {}).get("secretKeyRef") for e in c.get("env", [])), c["name"]
+
+
+def test_node_plugin_mode_really_skips_the_meta_api(monkeypatch, tmp_path: Path):
+    """csi.server.main in node mode with the pod's args builds no Meta client (so needs no token)."""
+    import csi.server as server
+    from tests.deploy.test_manifests import container
+    args = [a for a in container("zstore-csi-node", "zstore-csi")["args"] if not a.startswith("--config=")]
+    cfg = tmp_path / "zstore.toml"
+    cfg.write_text(one("ConfigMap", "zstore-config")["data"]["zstore.toml"]
+                   .replace("/etc/zstore/secret/token", str(tmp_path / "no-such-token")))
+    made = []
+    monkeypatch.setattr(server.Meta, "from_config", classmethod(lambda cls, c: made.append(c)))
+    monkeypatch.setattr(server, "serve", lambda *a, **k: None)
+    monkeypatch.setattr(server.asyncio, "run", lambda coro: None)
+    server.main(args + [f"--config={cfg}", "--node-id=iqn.2026-01.test:node", f"--state-dir={tmp_path}"])
+    assert made == []
