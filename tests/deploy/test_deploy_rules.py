@@ -120,3 +120,64 @@ def test_node_plugin_mode_really_skips_the_meta_api(monkeypatch, tmp_path: Path)
     monkeypatch.setattr(server.asyncio, "run", lambda coro: None)
     server.main(args + [f"--config={cfg}", "--node-id=iqn.2026-01.test:node", f"--state-dir={tmp_path}"])
     assert made == []
+
+
+# --- 2a: etcd is reachable by zstore only ---------------------------------------------------
+
+# Who opens connections to etcd: zstore/etcd.py users (meta/, chunk/, redirector/).
+ETCD_CLIENTS = ("zstore-meta", "zstore-chunk", "zstore-redirector")
+
+
+def _etcd_policies() -> list[dict]:
+    etcd_labels = one("StatefulSet", "zstore-etcd")["spec"]["template"]["metadata"]["labels"]
+    return [p for p in objects() if p["kind"] == "NetworkPolicy"
+            and p["spec"]["podSelector"].get("matchLabels", {}).items() <= etcd_labels.items()
+            and p["spec"]["podSelector"].get("matchLabels")]
+
+
+def _rules_for(port: int) -> list[dict]:
+    return [r for p in _etcd_policies() for r in p["spec"].get("ingress", [])
+            if any(pt.get("port") == port for pt in r.get("ports", []))]
+
+
+def test_etcd_ingress_only_from_zstore():
+    """The bundled etcd is plain HTTP without client auth: a NetworkPolicy admits only
+    zstore's pods (by label) and, for the hostNetwork chunk servers and redirectors, the
+    node CIDR. No rule is open to everyone or to unlisted ports."""
+    policies = _etcd_policies()
+    assert policies, "no NetworkPolicy selects the etcd pods"
+    assert all("Ingress" in p["spec"]["policyTypes"] for p in policies)
+    labels = {wl: o["spec"]["template"]["metadata"]["labels"] for o in objects()
+              if o["kind"] in ("Deployment", "DaemonSet", "StatefulSet") for wl in [o["metadata"]["name"]]}
+    for p in policies:
+        for rule in p["spec"].get("ingress", []):
+            assert rule.get("from"), "an ingress rule without 'from' admits every pod"
+            assert rule.get("ports") and {pt["port"] for pt in rule["ports"]} <= {2379, 2380}
+            for peer in rule["from"]:
+                assert "namespaceSelector" not in peer
+                if "podSelector" in peer:
+                    sel = peer["podSelector"]["matchLabels"].items()
+                    assert any(sel <= l.items() for l in labels.values()), peer
+                else:
+                    assert peer["ipBlock"]["cidr"] != "0.0.0.0/0"
+    specs = dict(pod_specs())
+    for wl in ETCD_CLIENTS + ("zstore-etcd",):
+        rules = _rules_for(2379)
+        if specs[wl].get("hostNetwork"):
+            assert any("ipBlock" in peer for r in rules for peer in r["from"]), wl
+        else:
+            assert any("podSelector" in peer and peer["podSelector"]["matchLabels"].items() <= labels[wl].items()
+                       for r in rules for peer in r["from"]), wl
+    for r in _rules_for(2380):     # peers: etcd members only
+        for peer in r["from"]:
+            assert peer["podSelector"]["matchLabels"].items() <= labels["zstore-etcd"].items()
+    assert _rules_for(2380)
+
+
+def test_etcd_security_is_documented():
+    """The node-CIDR placeholder and the etcd client TLS settings are explained."""
+    text = (KDIR / "README.md").read_text()
+    cidrs = {peer["ipBlock"]["cidr"] for r in _rules_for(2379) for peer in r["from"] if "ipBlock" in peer}
+    assert cidrs and all(c in text for c in cidrs)
+    for key in ("ca_file", "cert_file", "key_file", "--client-cert-auth"):
+        assert key in text, key
