@@ -12,7 +12,8 @@ own WWN (``naming.snapshot_wwn``).
 Masking works as for volumes: nobody sees the LUN until an initiator is put on
 its ACL, ``acl/{snapshot id}/{initiator}`` (ids are unique uuids, so the ACL
 space is shared with volumes without collisions). Unexporting removes the slot,
-the pointer and the ACL together.
+the pointer, the ACL and the LU's persistent-reservation state together (the LU is
+gone: a later export starts without the old holder's reservation).
 
 Lifetime: a snapshot with an export is not deleted unless forced (which
 unexports it in the same transaction); deleting its volume unexports its
@@ -61,12 +62,25 @@ async def export_state(ctx: Ctx, sid: str) -> tuple[LunMapping | None, int]:
     return m, got.mod_revision
 
 
-def drop_ops(ctx: Ctx, sid: str, mapping: LunMapping | None) -> list:
-    """Operations that unexport snapshot ``sid``: its slot (if it is ours), pointer and ACL."""
+def reservation_ops(ctx: Ctx, snap: Snapshot | None) -> list:
+    """Operations deleting the persistent-reservation state of snapshot ``snap``'s LU: its
+    record and the chunk servers' acks of it. Chunk servers key a snapshot LUN's reservations
+    by (volume id, the snapshot's seq); left behind, the next export (to another host, say)
+    loaded the old holder's reservation and answered RESERVATION CONFLICT. Nothing for a
+    snapshot without a seq yet: view 0 is the volume's own, which stays."""
+    if snap is None or snap.seq <= 0:
+        return []
+    return [ctx.delete(ctx.keys.reservation(snap.volume_id, snap.seq)),
+            ctx.delete(ctx.keys.reservation_acks(snap.volume_id, snap.seq), prefix=True)]
+
+
+def drop_ops(ctx: Ctx, sid: str, mapping: LunMapping | None, snap: Snapshot | None = None) -> list:
+    """Operations that unexport snapshot ``sid``: its slot (if it is ours), pointer and ACL,
+    and (``snap`` given) its LU's reservation state."""
     ops = [ctx.delete(ctx.keys.snapshot_lun(sid)), ctx.delete(ctx.keys.volume_acl(sid), prefix=True)]
     if mapping is not None:
         ops.append(ctx.delete(ctx.keys.lun(mapping.target_index, mapping.lun)))
-    return ops
+    return ops + reservation_ops(ctx, snap)
 
 
 def pointer_unchanged(ctx: Ctx, sid: str, rev: int):
@@ -139,7 +153,7 @@ async def unexport_snapshot(ctx: Ctx, ref: str) -> tuple[Snapshot, bool]:
         m, rev = await export_state(ctx, snap.snapshot_id)
         if not rev:
             return snap, False
-        if await ctx.txn([pointer_unchanged(ctx, snap.snapshot_id, rev)], drop_ops(ctx, snap.snapshot_id, m)):
+        if await ctx.txn([pointer_unchanged(ctx, snap.snapshot_id, rev)], drop_ops(ctx, snap.snapshot_id, m, snap)):
             log.info("snapshot %s (%s) unexported%s", snap.name, snap.snapshot_id,
                      f" (was target {m.target_index} lun {m.lun})" if m else "")
             return snap, True
@@ -179,7 +193,7 @@ async def collect_orphans(ctx: Ctx) -> bool:
             compare.append(ctx.absent(vkey) if vol is None else ctx.unchanged(vkey, vrev))
         if snap is not None and snap.state != "deleted" and vol is not None and vol.state != "deleted":
             continue
-        if await ctx.txn(compare, drop_ops(ctx, sid, m)):
+        if await ctx.txn(compare, drop_ops(ctx, sid, m, snap)):
             log.info("dropped the export of snapshot %s: its %s is gone", sid,
                      "snapshot" if snap is None or snap.state == "deleted" else "volume")
             changed = True

@@ -394,7 +394,7 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
                                + ", ".join(a.initiator for a in users[:3]) + ("..." if len(users) > 3 else ""),
                                hint=f"unexport it with `zstore snapshot unexport {vol.name}@{s.name}`, "
                                     "or delete the volume with --force")
-            ops += snapshot_exports.drop_ops(ctx, s.snapshot_id, m)
+            ops += snapshot_exports.drop_ops(ctx, s.snapshot_id, m, s)
         if snaps:
             vol.state = "deleted"
             ops.append(ctx.put(vkey, vol))
@@ -458,8 +458,10 @@ async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) 
                ctx.delete(ctx.keys.volop(snap.volume_id, snapshot_op_id(snap.snapshot_id)))]
         ucompare, uops = await unique_name_release(ctx, snap)
         ops += uops
-        if prev:
-            ops += snapshot_exports.drop_ops(ctx, snap.snapshot_id, m)
+        # Its LU's reservation state goes too, exported now or not (an export before may
+        # have left it).
+        ops += (snapshot_exports.drop_ops(ctx, snap.snapshot_id, m, snap) if prev
+                else snapshot_exports.reservation_ops(ctx, snap))
         if clones:
             snap.state = "deleted"
             ops.append(ctx.put(skey, snap))
@@ -528,7 +530,8 @@ async def collect_garbage(ctx: Ctx) -> None:
             skey = ctx.keys.snapshot(s.snapshot_id)
             if (s.state == "deleted" and skey in snap_revs
                     and not any(v.source_snapshot == s.snapshot_id for v in vols.values())):
-                changed |= await ctx.txn([ctx.unchanged(skey, snap_revs[skey])], [ctx.delete(skey)])
+                changed |= await ctx.txn([ctx.unchanged(skey, snap_revs[skey])],
+                                         [ctx.delete(skey), *snapshot_exports.reservation_ops(ctx, s)])
         # Snapshots again, after the volumes: a snapshot taken and then its volume deleted
         # between the first listing and the volume listing shows here, and keeps the
         # tombstone (the first listing missed it, and erasing the volume lost its data).
