@@ -181,3 +181,87 @@ def test_etcd_security_is_documented():
     assert cidrs and all(c in text for c in cidrs)
     for key in ("ca_file", "cert_file", "key_file", "--client-cert-auth"):
         assert key in text, key
+
+
+# --- 3: the node plugin starts only on a node with a usable initiator name ------------------
+
+def _host_iscsi_check() -> tuple[dict, dict]:
+    spec = dict(pod_specs())["zstore-csi-node"]
+    inits = spec.get("initContainers", [])
+    found = [c for c in inits if "/etc/iscsi/initiatorname.iscsi" in " ".join(c.get("command", []) + c.get("args", []))]
+    assert len(found) == 1, "no initContainer checks the host's initiator name"
+    return spec, found[0]
+
+
+def test_etc_iscsi_must_exist():
+    """DirectoryOrCreate made an empty /etc/iscsi on nodes without open-iscsi, and the plugin
+    then crash-looped on a missing initiatorname.iscsi."""
+    spec = dict(pod_specs())["zstore-csi-node"]
+    vol = next(v for v in spec["volumes"] if v.get("hostPath", {}).get("path") == "/etc/iscsi")
+    assert vol["hostPath"]["type"] == "Directory"
+
+
+def test_init_container_runs_in_the_host_like_iscsiadm():
+    spec, c = _host_iscsi_check()
+    argv = c["command"] + c.get("args", [])
+    # the same way into the host as the plugin's --host-cmd-prefix
+    assert argv[:5] == ["nsenter", "-t", "1", "-a", "--"] and spec["hostPID"] is True
+    assert c["securityContext"]["privileged"] is True
+    script = argv[-1]
+    assert "iscsid" in script and "enable --now" in script
+
+
+def _run_check(tmp_path: Path, initiator: str | None, iscsid_active: bool, systemd: bool = True):
+    import shutil
+    import subprocess
+    _, c = _host_iscsi_check()
+    argv = c["command"] + c.get("args", [])
+    assert argv[5:7] == ["sh", "-c"]
+    name_file = tmp_path / "initiatorname.iscsi"
+    if initiator is not None:
+        name_file.write_text(initiator)
+    sd = tmp_path / "run-systemd"
+    if systemd:
+        sd.mkdir(exist_ok=True)
+    script = (argv[7].replace("/etc/iscsi/initiatorname.iscsi", str(name_file))
+              .replace("/run/systemd/system", str(sd)))
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    for tool in ("grep", "sed", "head"):
+        (bin_ / tool).symlink_to(shutil.which(tool))
+    (bin_ / "iscsiadm").write_text("#!/bin/sh\nexit 0\n")
+    log = tmp_path / "systemctl.log"
+    (bin_ / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
+                                    f'[ "$1" = is-active ] && exit {0 if iscsid_active else 3}\nexit 0\n')
+    for f in ("iscsiadm", "systemctl"):
+        (bin_ / f).chmod(0o755)
+    r = subprocess.run([shutil.which("sh"), "-c", script], env={"PATH": str(bin_)},
+                       capture_output=True, text=True, timeout=30)
+    return r, (log.read_text() if log.exists() else "")
+
+
+def test_init_container_refuses_a_node_without_initiator_name(tmp_path: Path):
+    for i, content in enumerate([None, "", "## InitiatorName=iqn.x\n", "InitiatorName=\n"]):
+        d = tmp_path / str(i)
+        d.mkdir()
+        r, _ = _run_check(d, content, iscsid_active=True)
+        assert r.returncode != 0, content
+        assert "InitiatorName=" in r.stderr and "own IQN" in r.stderr
+
+
+def test_init_container_starts_iscsid_and_accepts_a_named_node(tmp_path: Path):
+    (tmp_path / "a").mkdir()
+    r, log = _run_check(tmp_path / "a", "InitiatorName=iqn.2004-10.com.ubuntu:01:abc\n", iscsid_active=False)
+    assert r.returncode == 0, r.stderr
+    assert "enable --now iscsid" in log and "iqn.2004-10.com.ubuntu:01:abc" in r.stdout
+    (tmp_path / "b").mkdir()
+    r, log = _run_check(tmp_path / "b", "InitiatorName=iqn.2004-10.com.ubuntu:01:abc\n", iscsid_active=True)
+    assert r.returncode == 0 and "enable" not in log
+    (tmp_path / "c").mkdir()
+    r, log = _run_check(tmp_path / "c", "InitiatorName=iqn.x:1\n", iscsid_active=False, systemd=False)
+    assert r.returncode == 0 and log == ""
+
+
+def test_unique_iqn_documented():
+    text = (KDIR / "README.md").read_text()
+    assert "initiatorname.iscsi" in text and "unique" in text.lower()
