@@ -265,3 +265,39 @@ def test_init_container_starts_iscsid_and_accepts_a_named_node(tmp_path: Path):
 def test_unique_iqn_documented():
     text = (KDIR / "README.md").read_text()
     assert "initiatorname.iscsi" in text and "unique" in text.lower()
+
+
+# --- 4: a stopping chunk server has time to flush -------------------------------------------
+
+CHUNK_STOP_SECONDS = 300     # what the chunk server's stop (sessions, flush of every extent) may take
+
+
+def _seconds(value: str) -> float:
+    import re
+    total, units = 0.0, {"": 1, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+    for num, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value):
+        total += float(num) * units[unit]
+    return total
+
+
+def test_chunk_stop_timeouts_cover_the_flush():
+    """TimeoutStopSec=20 and terminationGracePeriodSeconds: 30 killed the chunk server in the
+    middle of its shutdown flush, so its replicas had to resync as after a host crash."""
+    u = unit("zstore-chunk.service")
+    assert _seconds(u["TimeoutStopSec"][-1]) >= CHUNK_STOP_SECONDS
+    assert u["KillSignal"][-1] == "SIGTERM"
+    assert dict(pod_specs())["zstore-chunk"]["terminationGracePeriodSeconds"] >= CHUNK_STOP_SECONDS
+
+
+def test_drain_before_reboot_documented():
+    """SIGTERM does not move initiators off: the docs say to run `zstore chunk drain` and
+    to give kubelet's graceful node shutdown at least the chunk pods' grace period."""
+    import re
+    text = (KDIR / "README.md").read_text()
+    assert "zstore chunk drain" in text
+    m = re.search(r"shutdownGracePeriodCriticalPods:\s*(\d+)s", text)
+    assert m and int(m.group(1)) >= dict(pod_specs())["zstore-chunk"]["terminationGracePeriodSeconds"]
+    total = re.search(r"shutdownGracePeriod:\s*(\d+)s", text)
+    assert total and int(total.group(1)) > int(m.group(1))
+    # The manifest no longer claims SIGTERM asks initiators to log out.
+    assert "initiators are asked to log out" not in (KDIR / "chunk.yaml").read_text()
