@@ -301,3 +301,47 @@ def test_drain_before_reboot_documented():
     assert total and int(total.group(1)) > int(m.group(1))
     # The manifest no longer claims SIGTERM asks initiators to log out.
     assert "initiators are asked to log out" not in (KDIR / "chunk.yaml").read_text()
+
+
+# --- 5: data-path pods are not BestEffort, and drains keep quorum ---------------------------
+
+PRIORITY = {"zstore-chunk": "system-node-critical", "zstore-csi-node": "system-node-critical",
+            "zstore-redirector": "system-cluster-critical", "zstore-meta": "system-cluster-critical",
+            "zstore-etcd": "system-cluster-critical", "zstore-csi-controller": "system-cluster-critical"}
+
+
+def test_priority_classes():
+    specs = dict(pod_specs())
+    assert set(specs) == set(PRIORITY)
+    for wl, prio in PRIORITY.items():
+        assert specs[wl].get("priorityClassName") == prio, wl
+
+
+def test_every_container_requests_cpu_and_memory():
+    """Without requests a pod is BestEffort: first evicted under memory pressure, with the
+    chunk server's sessions and the VIP in it."""
+    for wl, spec in pod_specs():
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            req = (c.get("resources") or {}).get("requests") or {}
+            assert {"cpu", "memory"} <= set(req), f"{wl}/{c['name']}"
+
+
+def test_chunk_memory_limit_equals_request():
+    res = next(c for c in dict(pod_specs())["zstore-chunk"]["containers"] if c["name"] == "chunk")["resources"]
+    assert res["limits"]["memory"] == res["requests"]["memory"]
+    assert "cpu" not in res.get("limits", {})       # CPU throttling would be I/O latency
+
+
+def test_disruption_budgets():
+    """etcd keeps its quorum, meta and the redirector one pod each, through node drains."""
+    want = {"zstore-etcd": 2, "zstore-meta": 1, "zstore-redirector": 1}
+    workloads = {o["metadata"]["name"]: o for o in objects() if o["kind"] in ("Deployment", "StatefulSet")}
+    seen = {}
+    for pdb in (o for o in objects() if o["kind"] == "PodDisruptionBudget"):
+        sel = pdb["spec"]["selector"]["matchLabels"].items()
+        (wl,) = [n for n, o in workloads.items() if sel <= o["spec"]["template"]["metadata"]["labels"].items()]
+        seen[wl] = pdb["spec"]["minAvailable"]
+        assert pdb["spec"]["minAvailable"] < workloads[wl]["spec"]["replicas"], wl   # drains can proceed
+    assert seen == want
+    etcd = workloads["zstore-etcd"]["spec"]["replicas"]
+    assert seen["zstore-etcd"] == etcd // 2 + 1          # a quorum of the members
