@@ -345,3 +345,26 @@ def test_disruption_budgets():
     assert seen == want
     etcd = workloads["zstore-etcd"]["spec"]["replicas"]
     assert seen["zstore-etcd"] == etcd // 2 + 1          # a quorum of the members
+
+
+# --- 6: a redirector rollout keeps the VIP up -----------------------------------------------
+
+def test_redirector_rolls_one_pod_at_a_time():
+    """strategy Recreate stopped both redirectors at once: the VIP was down on every rollout.
+    RollingUpdate without surge (a surge pod could not be placed: hostNetwork and required
+    anti-affinity) replaces one while the other holds the VIP."""
+    d = one("Deployment", "zstore-redirector")["spec"]
+    assert d["replicas"] >= 2
+    assert d["strategy"]["type"] == "RollingUpdate"
+    assert d["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    anti = d["template"]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti and anti[0]["topologyKey"] == "kubernetes.io/hostname"
+    # A replacement gets time to join the VIP election before the other one goes.
+    import tomllib
+    ttl = tomllib.loads(one("ConfigMap", "zstore-config")["data"]["zstore.toml"])["redirector"]["lease_ttl"]
+    assert d.get("minReadySeconds", 0) >= 3 * ttl
+
+
+def test_vip_network_requirement_documented():
+    text = (KDIR / "README.md").read_text()
+    assert "gratuitous ARP" in text and "L2" in text and "VPC" in text
