@@ -21,7 +21,9 @@ another. Here a logical unit's registrations and reservation are one
   acknowledge is waited for until its lease is gone (a server without its lease starts no
   write), at most ``CONFIRM_WAIT``;
 - the unit attentions a change establishes travel in the record: the server that made
-  the change posts them at once, the others when their mirror takes the record in.
+  the change posts them at once on every LU over the state (a volume's read-write and
+  read-only LUs), the others when their mirror takes the record in; each LU only for the
+  nexuses it has seen (a new one gets POWER ON first).
 
 State survives a chunk server restart and failover to another server (SPC-4's APTPL
 behaviour), and is deleted with the volume. The SPC-2 reservation does not: I_T nexus loss
@@ -121,6 +123,11 @@ class SharedReservationState(ReservationState):
         """A LogicalUnit over this state: it gets the attentions other servers establish."""
         self._units.add(unit)
 
+    def attached(self) -> list:
+        """The LogicalUnits over this state on this server: a change made through one
+        establishes its unit attentions on each."""
+        return list(self._units)
+
     def mirror(self, rec: ReservationRecord | None, revision: int, post: bool = True) -> None:
         """Take in the record at ``revision`` (None: deleted) unless an equal or newer one is
         here already; post the attentions of changes other servers made that this server
@@ -138,7 +145,7 @@ class SharedReservationState(ReservationState):
                 continue
             for n, asc, ascq in attentions:
                 for unit in list(self._units):
-                    unit.post_unit_attention((int(asc), int(ascq)), _nexus(n))
+                    unit.reservation_attention((int(asc), int(ascq)), _nexus(n))
         self.change = max(self.change, rec.change)
 
     async def apply_paused(self, rec: ReservationRecord, revision: int) -> None:

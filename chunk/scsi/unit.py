@@ -372,6 +372,13 @@ class LogicalUnit:
             for n in self._seen:
                 self._post(n, asc_ascq)
 
+    def reservation_attention(self, asc_ascq: tuple[int, int], nexus: Nexus) -> None:
+        """Establish a UA a reservation change sets for ``nexus``, if this LU knows it: a
+        nexus not seen here (or lost since) has nothing to be told, and a queue for it would
+        only keep every other host off the write fast path."""
+        if nexus in self._seen:
+            self._post(nexus, asc_ascq)
+
     def clear_unit_attention(self, asc_ascq: tuple[int, int], nexus: Nexus) -> None:
         """Drop one pending UA of a nexus without reporting it (REPORT LUNS clears
         REPORTED LUNS DATA HAS CHANGED on every LU, SPC-4 6.33)."""
@@ -815,8 +822,13 @@ class LogicalUnit:
                 uas = await self.reservations.prout(nexus, cdb, params)
         else:
             uas = await self.reservations.prout(nexus, cdb, params)
-        for n, asc in uas:
-            self._post(n, asc)
+        if uas:
+            # Every LU over this state (a volume's read-write and read-only LUs on this server
+            # share one), for the nexuses it knows: one never seen here gets POWER ON first.
+            attached = getattr(self.reservations, "attached", None)
+            for lu in attached() if attached is not None else (self,):
+                for n, asc in uas:
+                    lu.reservation_attention(asc, n)
         # Outside the exclusive section: another server's change may need it meanwhile.
         await self.reservations.settle()
         return None

@@ -271,7 +271,10 @@ async def test_an_attention_for_a_host_elsewhere_keeps_the_fast_path_for_the_oth
     good(await out(lu_b, elsewhere, REGISTER, 0, 0x99))
     good(await out(lu_b, H1, REGISTER, 0, K1))
     good(await out(lu_b, H1, PREEMPT, K1, 0x99, rtype=WE))          # removes h9's registration
-    await until(lambda: elsewhere in lu_a._ua, "a to post h9's attention")   # noqa: SLF001
+    await until(lambda: lu_a.reservations.registrations and
+                elsewhere not in lu_a.reservations.registrations, "a to mirror the preempt")
+    # h9 was never seen on a: no attention is queued for it there (it gets POWER ON first)
+    assert elsewhere not in lu_a._ua                                 # noqa: SLF001
     assert lu_a.write_nowait(write10(0, 1), memoryview(bytes(512)), H2) is not None
 
 
@@ -280,6 +283,8 @@ async def test_attentions_of_a_change_the_mirror_skipped_are_still_posted(stores
     st = a.state("vol")
     lu = make_lu(reservations=st)
     h3 = Nexus("iqn.2004-10.com.example:h3,i,0x1", H1.target_port, 1)
+    for n in (h3, H2):
+        good(await run(lu, bytes(6), nexus=n))                       # both known to this LU
     rec = ReservationRecord(change=2, origin="chunk-b", history=[
         [1, "chunk-b", [[list(h3), 0x2A, 0x05]]],
         [2, "chunk-b", [[list(H2), 0x2A, 0x03]]]])
