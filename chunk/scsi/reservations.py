@@ -6,8 +6,12 @@ server exporting the volume) can replace the in-memory one: the mutating calls
 are ``async`` and return the unit attentions to establish instead of posting
 them, and the hot-path check ``conflicts()`` only reads local state.
 
-Not supported, and reported so in REPORT CAPABILITIES: APTPL (persist through
-power loss), SPEC_I_PT, ALL_TG_PT, REGISTER AND MOVE.  PREEMPT AND ABORT is
+Persist through power loss: the shared state persists whatever the host asks (every chunk
+server may serve the LU, and none loses it on restart), so REPORT CAPABILITIES has PTPL_C=1
+(APTPL accepted) and PTPL_A=1 (the capability is active); an APTPL of 0 cannot switch it
+off. Not supported, and reported so: SPEC_I_PT, ALL_TG_PT (ATP_C=0: refused on the
+REGISTER actions, the only ones it means something for; ignored on the others, as SPC-4
+says), REGISTER AND MOVE.  PREEMPT AND ABORT is
 a PREEMPT here; the unit runs it alone with respect to writes, so that none of
 a preempted nexus's writes lands after it completes (``LogicalUnit._prout``).
 """
@@ -153,8 +157,8 @@ class ReservationState:
             key = 0 if self.type in _ALL_REGISTRANTS else self.registrations[self.holder].key
             return struct.pack(">IIQ4xxBxx", self.generation, 16, key, self.type)
         if sa == 2:                                   # REPORT CAPABILITIES
-            # CRH; TMV with ALLOW COMMANDS 0; every type; no SIP_C/ATP_C/PTPL_C
-            return struct.pack(">HBBBBxx", 8, 0x10, 0x80, 0xEA, 0x01)
+            # CRH, PTPL_C; TMV with ALLOW COMMANDS 0, PTPL_A; every type; no SIP_C/ATP_C
+            return struct.pack(">HBBBBxx", 8, 0x11, 0x81, 0xEA, 0x01)
         if sa == 3:                                   # READ FULL STATUS
             out = []
             for n, r in self.registrations.items():
@@ -185,10 +189,9 @@ class ReservationState:
         flags = data[20]
         if flags & 0x08:                              # SPEC_I_PT: not supported
             raise invalid_field_in_param(20, 3)
-        if flags & 0x04:                              # ALL_TG_PT: not supported
+        if flags & 0x04 and sa in (REGISTER, REGISTER_IGNORE):   # ALL_TG_PT: ATP_C=0
             raise invalid_field_in_param(20, 2)
-        if flags & 0x01 and sa in (REGISTER, REGISTER_IGNORE):   # APTPL: not supported
-            raise invalid_field_in_param(20, 0)
+        # APTPL (bit 0): accepted, and the state persists whatever its value (PTPL_A=1)
 
         reg = self.registrations.get(n)
         if sa in (REGISTER, REGISTER_IGNORE):

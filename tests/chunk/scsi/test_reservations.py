@@ -182,7 +182,6 @@ async def test_clear():
 
 async def test_unsupported_options_are_refused():
     lu = make_lu()
-    check(await out(lu, H1, REGISTER, 0, K1, flags=0x01), 0x5, 0x26)    # APTPL
     check(await out(lu, H1, REGISTER, 0, K1, flags=0x04), 0x5, 0x26)    # ALL_TG_PT
     check(await out(lu, H1, REGISTER, 0, K1, flags=0x08), 0x5, 0x26)    # SPEC_I_PT
     check(await run(lu, prout(7), prout_params()), 0x5, 0x24)            # REGISTER AND MOVE
@@ -197,7 +196,7 @@ async def test_unsupported_options_are_refused():
 async def test_report_capabilities_and_full_status():
     lu = make_lu()
     caps = good(await run(lu, prin(2)))
-    assert caps == bytes((0, 8, 0x10, 0x80, 0xEA, 0x01, 0, 0))
+    assert caps == bytes((0, 8, 0x11, 0x81, 0xEA, 0x01, 0, 0))     # PTPL_C, PTPL_A: see test_pr_flags
     await register(lu, H1, K1)
     await register(lu, H3, K2)
     good(await out(lu, H1, RESERVE, K1, rtype=WE))
