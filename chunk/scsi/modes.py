@@ -1,8 +1,13 @@
 """Mode pages: MODE SENSE(6/10) data and MODE SELECT(6/10) parsing (SPC-4 7.5, SBC-3 6.4).
 
-Pages: caching (08h, WCE changeable), control (0Ah, SWP changeable),
-informational exceptions (1Ch).  Nothing is saveable: PC=11b and SP=1 are
-refused with SAVING PARAMETERS NOT SUPPORTED / INVALID FIELD IN CDB.
+Pages: caching (08h), control (0Ah), informational exceptions (1Ch).  Nothing is
+changeable: the changeable-values mask is all zero and a MODE SELECT that changes a
+field is INVALID FIELD IN PARAMETER LIST (SPC-4 7.5.4: a field not changeable).  WCE
+and SWP were changeable, but per LogicalUnit object: a host that set SWP=1 or WCE=0
+through one chunk server was obeyed there only, and forgotten at restart (any chunk
+server may serve a LUN); a MODE SELECT repeating the current values is still GOOD.
+Nothing is saveable: PC=11b and SP=1 are refused with SAVING PARAMETERS NOT SUPPORTED /
+INVALID FIELD IN CDB.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ PC_CURRENT, PC_CHANGEABLE, PC_DEFAULT, PC_SAVED = 0, 1, 2, 3
 
 @dataclass
 class ModeState:
-    """The changeable parameters of one LU (shared by all I_T nexuses)."""
+    """The mode parameters of one LU (set at creation; no MODE SELECT changes them)."""
     wce: bool = True              # write cache enabled: writes may sit in the page cache
-    swp: bool = False             # software write protect
+    swp: bool = False             # software write protect (never set: not changeable)
     default_wce: bool = True
 
 
@@ -57,14 +62,13 @@ def _info_exceptions() -> bytearray:
 def page_bytes(code: int, pc: int, st: ModeState) -> bytearray:
     if code == CACHING:
         if pc == PC_CHANGEABLE:
-            b = _caching(False)
-            b[2] = 0x04
+            b = _caching(False)               # WCE not changeable: not shared between servers
             return b
         return _caching(st.default_wce if pc == PC_DEFAULT else st.wce)
     if code == CONTROL:
         if pc == PC_CHANGEABLE:
-            b = bytearray(12)
-            b[0], b[1], b[4] = CONTROL, 0x0A, 0x08
+            b = bytearray(12)                 # SWP not changeable: not shared between servers
+            b[0], b[1] = CONTROL, 0x0A
             return b
         return _control(False if pc == PC_DEFAULT else st.swp)
     if code == INFO_EXCEPTIONS:

@@ -57,9 +57,9 @@ async def test_page_control():
     cur = good(await run(lu, mode_sense6(0x08, pc=0, dbd=True)))
     assert cur[6] & 0x04 == 0
     chg = good(await run(lu, mode_sense6(0x08, pc=1, dbd=True)))
-    assert chg[6] == 0x04 and not any(chg[7:])              # only WCE is changeable
+    assert not any(chg[6:])                                  # nothing changeable (test_modes_fixed)
     chg = good(await run(lu, mode_sense6(0x0A, pc=1, dbd=True)))
-    assert chg[8] == 0x08                                    # SWP changeable
+    assert not any(chg[6:])
     assert good(await run(lu, mode_sense6(0x08, pc=2, dbd=True)))[6] & 0x04 == 0
     check(await run(lu, mode_sense6(0x08, pc=3)), 0x5, 0x39)  # saved: not supported
 
@@ -86,32 +86,16 @@ def caching_page(wce: bool) -> bytes:
     return bytes(p)
 
 
-async def test_mode_select_wce_round_trip_and_ua_for_others():
+async def test_mode_select_of_the_current_values_is_good_and_changes_nothing():
     dev = MemoryBlockDevice(MiB)
     lu = make_lu(dev)
     good(await run(lu, TUR, nexus=H2))                       # H2 is a known nexus
-    params = bytes(4) + caching_page(False)
+    params = bytes(4) + caching_page(True)
     good(await run(lu, mode_select6(len(params)), params))
-    assert good(await run(lu, mode_sense6(0x08, dbd=True)))[6] & 0x04 == 0
-    assert lu.modes.wce is False
-    good(await run(lu, write10(0, 1), bytes(512)))
-    assert dev.fua_writes == 1                               # write-through now
-    check(await run(lu, TUR, nexus=H2), 0x6, 0x2A, 0x01)     # MODE PARAMETERS CHANGED
-    good(await run(lu, TUR, nexus=H2))
-    good(await run(lu, TUR, nexus=H1))                       # not for the one who changed it
     params = bytes(8) + caching_page(True)                   # MODE SELECT(10)
     good(await run(lu, mode_select10(len(params)), params))
     assert lu.modes.wce is True
-
-
-async def test_mode_select_swp_makes_the_lu_write_protected():
-    lu = make_lu()
-    page = bytearray(12)
-    page[0], page[1], page[2], page[3], page[4] = 0x0A, 0x0A, 0x02, 0x10, 0x08
-    params = bytes(4) + bytes(page)
-    good(await run(lu, mode_select6(len(params)), params))
-    check(await run(lu, write10(0, 1), bytes(512)), 0x7, 0x27)
-    assert good(await run(lu, mode_sense6(0x0A)))[2] & 0x80
+    good(await run(lu, TUR, nexus=H2))                       # nothing changed: no attention
 
 
 async def test_mode_select_with_block_descriptor():
