@@ -110,7 +110,10 @@ class StorageEngine:
         self._broken_at_start = set(self.store.broken)
         self.suspect: set[tuple[str, int]] = set()
         if boot_state is not None:
-            self.suspect = boot_state.begin(self.store.extents())
+            disks = self.store._disks                                   # noqa: SLF001
+            self.suspect = boot_state.begin(
+                self.store.extents(), unscanned=[str(d.path) for d in disks if not d.scanned],
+                by_disk={str(d.path): set(d.replicas) for d in disks if d.scanned})
             if boot_state.host_crash:
                 log.error("the host crashed since this chunk server last ran (boot id changed, no "
                           "clean stop): writes not flushed may be lost, so its %d extent "

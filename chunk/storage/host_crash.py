@@ -18,6 +18,12 @@ beside an in-sync replica on an up server, and recovery resyncs it.
 
 No file (a new data dir, or the first start of a version without this) is not
 a crash: nothing is known about what came before.
+
+A disk not scanned at a crash start (failed at startup: mounted late, ``nofail``)
+has extents nobody marked suspect. Its path is kept in the record's
+``unscanned`` list (a record without one has none) across every later start,
+crash or not, clean stop or not, until a start scans it: then all of its
+extents are suspect.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ class BootState:
         self.path = Path(data_dir) / STATE_FILE
         self.boot_id = boot_id if boot_id is not None else current_boot_id()
         self.host_crash = False
+        self.unscanned: set[str] = set()   # disks a crash start did not scan: suspect when scanned
 
     def read(self) -> dict | None:
         """The record as stored, None if there is none; an unreadable one reads as a crash."""
@@ -62,23 +69,44 @@ class BootState:
             log.error("%s does not read (%s): taken as a host crash", self.path, e)
             return {"boot_id": None, "clean": False, "suspect": []}
 
-    def begin(self, extents: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+    def begin(self, extents: Iterable[tuple[str, int]], *, unscanned: Iterable[str | Path] = (),
+              by_disk: Mapping[str | Path, Iterable[tuple[str, int]]] | None = None
+              ) -> set[tuple[str, int]]:
         """At start, before any write: the suspect extents (those left from before, and
-        every one of ``extents`` after a host crash); records this boot as running."""
+        every one of ``extents`` after a host crash); records this boot as running.
+
+        ``unscanned``: the disks not scanned at this start (failed at startup); after a
+        crash they are remembered until a start scans them. ``by_disk``: the extents of
+        each disk scanned now, by path: those of a disk remembered so are suspect."""
         prev = self.read()
         suspect: set[tuple[str, int]] = set()
+        now_unscanned = {str(p) for p in unscanned}
         if prev is not None:
             suspect = {(str(v), int(i)) for v, i in prev.get("suspect") or []}
+            pending = {str(p) for p in prev.get("unscanned") or []}
             if prev.get("boot_id") != self.boot_id and not prev.get("clean"):
                 self.host_crash = True
                 suspect |= set(extents)
+                pending |= now_unscanned
+            for path, exts in (by_disk or {}).items():
+                if str(path) in pending and str(path) not in now_unscanned:
+                    log.error("disk %s was not scanned since a host crash: its extent replicas "
+                              "are suspect", path)
+                    suspect |= set(exts)
+            self.unscanned = pending & now_unscanned
+            if self.unscanned:
+                log.error("disk(s) %s not scanned since a host crash: their extent replicas "
+                          "become suspect once a start scans them", ", ".join(sorted(self.unscanned)))
         self.write(suspect, clean=False)
         return suspect
 
     def write(self, suspect: Iterable[tuple[str, int]], clean: bool) -> None:
         """Replace the record durably (a new file renamed over the old one)."""
-        body = json.dumps({"boot_id": self.boot_id, "clean": clean,
-                           "suspect": sorted([v, i] for v, i in suspect)}).encode()
+        record = {"boot_id": self.boot_id, "clean": clean,
+                  "suspect": sorted([v, i] for v, i in suspect)}
+        if self.unscanned:
+            record["unscanned"] = sorted(self.unscanned)
+        body = json.dumps(record).encode()
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
