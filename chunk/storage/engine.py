@@ -190,7 +190,7 @@ class StorageEngine:
         for coro in (self._follow(self.keys.all_volops(), self._on_volop),
                      self._follow(self.keys.all_recovery(), self._on_recovery)):
             self._tasks.append(asyncio.ensure_future(coro))
-        if self.suspect:
+        if self.suspect or self.boot_state is not None and self.boot_state.unsaved:
             self._tasks.append(asyncio.ensure_future(self._settle_later()))
         self.started.set()
         log.info("storage engine: %d extent(s) on %d disk(s); replication port %s:%d",
@@ -281,15 +281,16 @@ class StorageEngine:
                 except MetaError as e:
                     if e.status != 409:
                         raise
-        if settled:
+        if settled or self.boot_state.unsaved:
             self.suspect -= set(settled)
-            self.boot_state.write(self.suspect, clean=False)
+            # Failing (ENOSPC): kept in memory, written again at the next round or stop.
+            self.boot_state.save(self.suspect, clean=False)
         if self.suspect:
             log.warning("%d suspect extent replica(s) wait for an in-sync peer's server to be up",
                         len(self.suspect))
 
     async def _settle_later(self, period: float = 5.0) -> None:
-        while self.suspect:
+        while self.suspect or self.boot_state.unsaved:
             try:
                 await asyncio.wait_for(self._stop.wait(), period)
                 return

@@ -24,6 +24,11 @@ has extents nobody marked suspect. Its path is kept in the record's
 ``unscanned`` list (a record without one has none) across every later start,
 crash or not, clean stop or not, until a start scans it: then all of its
 extents are suspect.
+
+A record that cannot be written (the data dir's filesystem full) is not fatal:
+the suspects stay in memory and the write is retried (``BootState.save``); the
+old record stays, so a crash is still detected by the next start, and a *clean*
+old record is truncated in place (no space needed), which reads as a crash.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class BootState:
         self.boot_id = boot_id if boot_id is not None else current_boot_id()
         self.host_crash = False
         self.unscanned: set[str] = set()   # disks a crash start did not scan: suspect when scanned
+        self.unsaved = False               # the last write failed: ``save`` again later
 
     def read(self) -> dict | None:
         """The record as stored, None if there is none; an unreadable one reads as a crash."""
@@ -97,8 +103,39 @@ class BootState:
             if self.unscanned:
                 log.error("disk(s) %s not scanned since a host crash: their extent replicas "
                           "become suspect once a start scans them", ", ".join(sorted(self.unscanned)))
-        self.write(suspect, clean=False)
+        try:
+            self.write(suspect, clean=False)
+        except OSError as e:
+            self._unsaved(e, prev)
         return suspect
+
+    def save(self, suspect: Iterable[tuple[str, int]], clean: bool = False) -> bool:
+        """``write``, a failure logged and left for a later ``save`` (True: written)."""
+        try:
+            self.write(suspect, clean)
+            return True
+        except OSError as e:
+            self._unsaved(e, self.read())
+            return False
+
+    def _unsaved(self, e: OSError, prev: dict | None) -> None:
+        self.unsaved = True
+        log.error("cannot write %s (%s): the suspect extents are kept in memory and the record "
+                  "is written again later; a host crash meanwhile is still detected", self.path, e)
+        if prev is not None and prev.get("clean"):
+            # A clean record would read as no crash: truncated (which needs no space) it
+            # reads as one. Anything else already does (another boot, not clean), or is
+            # this boot's running record with a superset of what is pending.
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(fd, 0)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e2:
+                log.error("cannot truncate %s either (%s): a host crash before it is written "
+                          "would go unnoticed", self.path, e2)
 
     def write(self, suspect: Iterable[tuple[str, int]], clean: bool) -> None:
         """Replace the record durably (a new file renamed over the old one)."""
@@ -108,15 +145,30 @@ class BootState:
             record["unscanned"] = sorted(self.unscanned)
         body = json.dumps(record).encode()
         tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                _write_all(fd, body)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
         dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+        self.unsaved = False
+
+
+def _write_all(fd: int, body: bytes) -> None:
+    view = memoryview(body)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
