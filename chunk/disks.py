@@ -8,6 +8,14 @@ The chunk server records the ids it gave out (``KNOWN_FILE`` in its data
 dir), so a restart never gives a new id to a path it knew: an empty mount
 point there is a disk that is not mounted, not a new disk.
 
+A disk directory also names the chunk server that owns it (``OWNER_FILE``,
+its chunk id; written on first use, and on the first start of a version
+without it: adopted). A disk another server owns, or whose disk-id differs
+from the one recorded for its path and is none of this server's, is refused
+(failed): its extents' generations are another server's, and settling them
+against this server's copies could delete the in-sync one and serve stale
+data. Disks of this server swapped between its paths are fine.
+
 A failed disk is reported, not fatal: the server keeps serving from the
 others, and the meta leader sees the state in the chunk's records.
 
@@ -23,6 +31,7 @@ several disks share once (``meta/chunks.py``: ``space``).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -35,8 +44,11 @@ from zstore.units import SizeError, parse_size
 
 from .identity import IdentityError, load_or_create, read_id, write_atomic
 
+log = logging.getLogger(__name__)
+
 DISK_ID_FILE = "disk-id"
 KNOWN_FILE = "disk-ids"       # in the data dir: "<disk id> <path>" per disk ever prepared
+OWNER_FILE = "owner-chunk-id"  # in each disk: the chunk id of the server it belongs to
 _PROBE_FILE = ".zstore-write-probe"
 _MIN_FREE = 1 << 20          # a filesystem with less than this available is full
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -82,13 +94,18 @@ class LocalDisk:
         return self.spec.path
 
 
-def prepare(spec: DiskSpec, known_id: str | None = None) -> LocalDisk:
+def prepare(spec: DiskSpec, known_id: str | None = None, *, chunk_id: str | None = None,
+            ours: frozenset[str] | set[str] = frozenset()) -> LocalDisk:
     """Create the directory and its disk-id if missing; a failure marks the disk failed.
 
     ``known_id``: the id this server gave the path before. Its disk-id having
     vanished means the disk is not mounted (or was emptied), so none is
     written: that would put new extents on whatever filesystem is there now.
     A path it never prepared is a new disk and gets one.
+
+    ``chunk_id``: this server; a disk owned by another is refused, one owned by
+    nobody yet is marked as this server's. ``ours``: every disk id this server
+    recorded; a disk-id other than ``known_id`` is refused unless it is one of them.
     """
     try:
         if known_id is None:
@@ -97,10 +114,35 @@ def prepare(spec: DiskSpec, known_id: str | None = None) -> LocalDisk:
             return LocalDisk(spec, None, (
                 f"{DISK_ID_FILE} of disk {known_id} vanished (not mounted?); if this is a new "
                 f"disk on purpose, remove its line from the data dir's {KNOWN_FILE}"))
+        owner = read_id(spec.path / OWNER_FILE) if chunk_id is not None else None
+        if owner is not None and owner != chunk_id:
+            return LocalDisk(spec, None, (
+                f"it belongs to chunk server {owner} ({OWNER_FILE}), not to this one "
+                f"({chunk_id}): refused, its extents are not this server's; to reuse it here, "
+                f"empty it"))
+        found = read_id(spec.path / DISK_ID_FILE)
+        if known_id is not None and found != known_id and found not in ours:
+            return LocalDisk(spec, None, (
+                f"its {DISK_ID_FILE} {found} is not disk {known_id} this server prepared at this "
+                f"path, nor any other of its disks (another server's disk?): refused; to reuse "
+                f"it here, empty it and remove the path's line from the data dir's {KNOWN_FILE}"))
         disk_id, _ = load_or_create(spec.path / DISK_ID_FILE)
+        if chunk_id is not None and owner is None:
+            _adopt(spec.path, chunk_id)
         return LocalDisk(spec, disk_id)
     except (OSError, IdentityError) as e:
         return LocalDisk(spec, None, _reason(e))
+
+
+def _adopt(path: Path, chunk_id: str) -> None:
+    """Mark the disk this server's; a full disk (which can still serve) is marked later."""
+    try:
+        write_atomic(path / OWNER_FILE, (chunk_id + "\n").encode())
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.warning("disk %s: cannot write %s yet (%s); written at a later start",
+                    path, OWNER_FILE, _reason(e))
 
 
 def load_known(data_dir: Path) -> dict[str, str]:
@@ -118,10 +160,12 @@ def load_known(data_dir: Path) -> dict[str, str]:
     return known
 
 
-def prepare_all(specs: list[DiskSpec], data_dir: Path) -> list[LocalDisk]:
-    """``prepare`` each disk against the ids recorded in ``data_dir``, then record new ones."""
+def prepare_all(specs: list[DiskSpec], data_dir: Path, chunk_id: str | None = None) -> list[LocalDisk]:
+    """``prepare`` each disk against the ids recorded in ``data_dir`` (and owned by
+    ``chunk_id``), then record new ones."""
     known = load_known(data_dir)
-    disks = [prepare(s, known.get(str(s.path))) for s in specs]
+    ours = frozenset(known.values())
+    disks = [prepare(s, known.get(str(s.path)), chunk_id=chunk_id, ours=ours) for s in specs]
     now = dict(known) | {str(d.path): d.disk_id for d in disks if d.disk_id is not None}
     if now != known:
         write_atomic(data_dir / KNOWN_FILE,

@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _raise_fd_limit()
     try:
-        disks = zdisks.prepare_all(specs, data_dir)
+        disks = zdisks.prepare_all(specs, data_dir, chunk_id)
     except (OSError, IdentityError) as e:
         fail(f"data dir {data_dir}: {getattr(e, 'strerror', None) or e}", EXIT_SETUP)
     server = ChunkServer(cfg, chunk_id, disks)
