@@ -30,13 +30,17 @@ several disks share once (``meta/chunks.py``: ``space``).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import errno
 import logging
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from zstore.config import ConfigError
 from zstore.records import Disk
@@ -210,9 +214,8 @@ def probe(disk: LocalDisk) -> dict[str, Any]:
     """
     path = disk.path
 
-    def failed(reason: str, capacity: int = 0) -> dict[str, Any]:
-        rec = Disk(path=str(path), capacity=disk.spec.capacity or capacity, used=0, state="failed")
-        return {**rec.to_dict(), "disk_id": disk.disk_id, "free": 0, "error": reason}
+    def failed(reason: str) -> dict[str, Any]:
+        return _failed(disk, reason)
 
     if disk.disk_id is None:
         return failed(disk.error or "not prepared")
@@ -240,6 +243,11 @@ def probe(disk: LocalDisk) -> dict[str, Any]:
             "fs_capacity": fs_capacity, "fs_free": fs_free}
 
 
+def _failed(disk: LocalDisk, reason: str) -> dict[str, Any]:
+    rec = Disk(path=str(disk.path), capacity=disk.spec.capacity or 0, used=0, state="failed")
+    return {**rec.to_dict(), "disk_id": disk.disk_id, "free": 0, "error": reason}
+
+
 def filesystem_id(dev: int) -> str:
     """Names one filesystem cluster-wide: device numbers are only unique within one kernel,
     so the boot id (shared by the containers of one host, as their filesystems are) comes
@@ -257,3 +265,49 @@ def probe_all(disks: list[LocalDisk]) -> list[dict[str, Any]]:
 
 def all_failed(records: list[dict[str, Any]]) -> bool:
     return bool(records) and all(r["state"] == "failed" for r in records)
+
+
+PROBE_TIMEOUT = 20.0     # a disk whose probe takes longer is reported failed until it answers
+
+# Probes still running past their timeout: path -> (when it started, its future). Not started
+# again while one runs, so threads stuck in a dead disk do not pile up.
+_running: dict[Path, tuple[float, concurrent.futures.Future]] = {}
+
+
+async def probe_all_async(disks: list[LocalDisk], timeout: float = PROBE_TIMEOUT,
+                          probe_one: Callable[[LocalDisk], dict[str, Any]] | None = None
+                          ) -> list[dict[str, Any]]:
+    """``probe_all`` from the event loop: each disk probed in a thread of its own and
+    waited on for ``timeout`` s at most. A disk that does not answer (a stalled device, a
+    hung mount) is reported failed; the others as they are."""
+    probe_one = probe_one or probe
+    if not disks:
+        return []
+
+    def start(d: LocalDisk) -> tuple[float, concurrent.futures.Future]:
+        got = _running.get(d.path)
+        if got is not None:
+            return got
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(probe_one(d))
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting side
+                fut.set_exception(e)
+        _running[d.path] = got = (time.monotonic(), fut)
+        threading.Thread(target=run, name=f"disk-probe {d.path}", daemon=True).start()
+        return got
+
+    started = [start(d) for d in disks]
+    await asyncio.wait([asyncio.wrap_future(f) for _, f in started], timeout=timeout)
+    records = []
+    for d, (t0, f) in zip(disks, started):
+        if not f.done():
+            records.append(_failed(d, f"its probe has not answered for {time.monotonic() - t0:.0f}s "
+                                      f"(a stalled disk?)"))
+            continue
+        _running.pop(d.path, None)
+        e = f.exception()
+        records.append(f.result() if e is None else _failed(d, _reason(e)))
+    return records

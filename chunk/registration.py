@@ -9,6 +9,12 @@ session coming or going (``sessions_changed``), so an admin, and whoever
 moves initiators around, sees where each initiator is logged in now rather
 than at the next periodic refresh.
 
+Disk probes (``probe_disks``) run in a task of their own: the keepalive loop
+publishes the last probe that finished and never waits on one, so a disk that
+stalls cannot cost the server its lease (the probe itself bounds each disk:
+``chunk/disks.py`` ``probe_all_async`` reports one that does not answer failed).
+Only the very first registration waits for a probe, before any lease exists.
+
 The loop never gives up: etcd unreachable at start or later is logged and
 retried with backoff; when the lease turns out to have expired (a long outage,
 a paused process) a new one is granted and everything is written again. On
@@ -112,6 +118,8 @@ class Registration:
         self._changed = asyncio.Event()        # sessions came or went since the last write
         self._stale = False                    # a prompt rewrite failed: redo it with the keepalive
         self._keeper: asyncio.Task | None = None   # keepalives between stop and ``unregister``
+        self._probing: asyncio.Task | None = None  # the disk probe running, if one is
+        self._probed = False                   # a probe finished: ``_disks`` holds its records
 
     def sessions_changed(self) -> None:
         """Ask for a prompt rewrite of the live record (debounced); safe to call often."""
@@ -142,6 +150,8 @@ class Registration:
                 if await self._sleep(delay):
                     break
         self.lease_deadline = 0.0                  # stopping: no write starts from now on
+        if self._probing is not None:
+            self._probing.cancel()                 # a thread stuck in a disk is left behind
         if self.revoke_on_stop:
             await self._unregister()
         elif self.lease is not None:
@@ -187,9 +197,29 @@ class Registration:
             if reply is None or reply.TTL <= 0:
                 return                              # gone already: nothing left to keep
 
+    def _probe_soon(self) -> asyncio.Task:
+        """Start a disk probe unless one runs; its records are published once it ends."""
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.ensure_future(self._probe())
+        return self._probing
+
+    async def _probe(self) -> None:
+        try:
+            self._disks = await self.probe_disks()
+            self._probed = True
+            self._stale = True                 # the next keepalive tick publishes them
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the last records stay; the next round tries again
+            log.exception("disk probe failed")
+
     async def _register(self) -> None:
-        disks = self._disks = await self.probe_disks()
-        info = self.build_info(disks)
+        probing = self._probe_soon()
+        if not self._probed:                   # the first time only, and before any lease
+            await self._call(asyncio.shield(probing))
+            if not self._probed:
+                raise RuntimeError("the disk probe failed")
+        info = self.build_info(self._disks)
         await self._call(self.etcd.put(self.keys.chunk_info(self.chunk_id), info.encode()))
         if self.serve_when is not None:
             await self._call(self.serve_when())
@@ -232,7 +262,7 @@ class Registration:
                     raise LeaseLost(f"lease {self.lease.id:x} expired")
                 self._held(sent, reply.TTL)
                 if time.monotonic() >= next_refresh:
-                    self._disks = await self.probe_disks()
+                    self._probe_soon()          # never awaited here: a slow disk delays nothing
                     self._stale = True
                     next_refresh = time.monotonic() + self.refresh_interval
                 if self._stale:

@@ -195,7 +195,7 @@ class ChunkServer:
                          disks=disk_records)
 
     async def probe_disks(self) -> list[dict[str, Any]]:
-        records = await asyncio.to_thread(zdisks.probe_all, self.disks)
+        records = await zdisks.probe_all_async(self.disks)    # a stalled disk: failed, in time
         self.probed(records)
         return records
 
