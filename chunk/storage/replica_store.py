@@ -64,7 +64,8 @@ a key's file fsyncs ``.v`` before returning, an import's unlinks are made
 durable by the flush its resync ends with.
 
 Errors: ENOSPC/EDQUOT from the file system -> ``StoreFull`` and the disk is
-marked full (until a delete or trim frees space on it); EROFS marks the disk
+marked full (until a delete or trim frees space on it, or ``usage`` finds room
+for an extent on it again); EROFS marks the disk
 failed (so does EIO in ``create``, which then tries another disk); a failed
 fdatasync/fsync anywhere (``SyncError`` from ``sync_fd``: a flush, and the syncs
 inside writes, unmaps, reverts, imports, mends and trims) retires the replica
@@ -769,6 +770,21 @@ class ReplicaStore:
         total = st.f_blocks * st.f_frsize
         return total, total - st.f_bavail * st.f_frsize
 
+    def _room_again(self, disk: _Disk, capacity: int, used: int) -> None:
+        """Clear a full disk's ``enospc`` once it has room for an extent (and inodes) again:
+        space freed by UNMAP hole punching, or outside zstore. From ``usage`` (each disk
+        probe), never a write: one statvfs per full disk. Not from ``_place``: a create that
+        just hit ENOSPC must not find the same disk placeable again at once."""
+        if not disk.enospc or disk.failed or capacity - used < self.extent_size:
+            return
+        try:
+            st = os.statvfs(disk.path)
+        except OSError:
+            return
+        if st.f_bavail * st.f_frsize >= self.extent_size and (st.f_favail > 0 or not st.f_files):
+            disk.enospc = False
+            log.info("disk %s has room for new extents again", disk.path)
+
     def _state(self, disk: _Disk, capacity: int, used: int) -> str:
         if disk.failed or disk.probe_error:
             return "failed"
@@ -914,6 +930,7 @@ class ReplicaStore:
                 except OSError as e:
                     disk.fail(f"statvfs: {e}")
                     capacity, used = disk.limit or 0, 0
+                self._room_again(disk, capacity, used)
             state = self._state(disk, capacity, used)
             out.append({"path": str(disk.path), "capacity": capacity, "used": used, "state": state}
                        | ({"error": disk.error or disk.probe_error} if state == "failed" else {}))
