@@ -317,7 +317,10 @@ class ReplicaServer:
         where = writer.get_extra_info("peername")
         # Nothing big before the secret is proved: a stranger's frames are bounded by the
         # handshake's small frame limit, and only so many handshakes run at once.
-        frames = FrameReader(link.inbox, max_frame=HANDSHAKE_FRAME)  # type: ignore[arg-type]
+        # The handshake cuts one frame at a time: what follows the proof is left as raw bytes
+        # for _Stream (the full frame limit, back-pressure), not decoded here.
+        frames = FrameReader(link.inbox, max_frame=HANDSHAKE_FRAME,  # type: ignore[arg-type]
+                             one_frame=True)
         out = FrameWriter(writer)
         conn: _Conn | None = None
         try:
@@ -339,7 +342,6 @@ class ReplicaServer:
                 return
             finally:
                 self._authenticating -= 1
-            frames.max_frame = MAX_FRAME
             conn = _Conn(writer, f"{peer}@{where}")
             await self._requests(frames, conn, link)
         except (ConnectionError, OSError) as e:
@@ -367,16 +369,11 @@ class ReplicaServer:
         (socket backed up, ``max_inflight`` syncs) and ends the connection.
         """
         tasks, limit = conn.tasks, self.max_inflight
-        ready, raw, error = frames.detach()
-        for frame in ready:                             # pipelined behind the HELLO
-            if not self._request(conn, frame):
-                return
-        if error is not None:
-            self._drop(conn, error)
-            return
+        ready, raw, error = frames.detach()     # one_frame: nothing decoded ahead, no error
+        assert not ready and error is None
         stream = _Stream(self, conn, link)
         link.attach(stream)
-        stream.feed_raw(raw)
+        stream.feed_raw(raw)                    # pipelined behind the proof: served like the rest
         link.inbox.hand_over(stream)
         while True:
             event = await stream.next()

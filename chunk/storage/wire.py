@@ -41,8 +41,8 @@ import msgpack
 __all__ = [
     "Op", "Status", "Frame", "FrameError", "FrameTooLarge", "TruncatedFrame", "MalformedFrame",
     "VersionMismatch", "VERSION", "MAX_DATA", "MAX_FRAME", "HEADER_SIZE", "encode", "decode",
-    "decode_at", "spans", "plain_write", "encode_write_ok", "FrameReader", "FrameWriter",
-    "Pipeline", "PartialFrame",
+    "decode_at", "split", "split_one", "spans", "plain_write", "encode_write_ok", "FrameReader",
+    "FrameWriter", "Pipeline", "PartialFrame",
 ]
 
 log = logging.getLogger(__name__)
@@ -339,6 +339,21 @@ def split(buf: bytes, max_frame: int = MAX_FRAME) -> tuple[list[Frame], int, Fra
     return frames, pos, None
 
 
+def split_one(buf: bytes, max_frame: int = MAX_FRAME) -> tuple[list[Frame], int, None]:
+    """``split`` of the first frame only: ([frame], bytes used, None), or ([], 0, None) while it
+    is incomplete; a ``FrameError`` in it is raised.  What follows it is left unparsed, for
+    the handshake (``FrameReader(one_frame=True)``): the frames a peer sends behind its last
+    HELLO belong to the connection's own parser, with its frame limit and back-pressure."""
+    if len(buf) < 4:
+        return [], 0, None
+    (n,) = _LEN.unpack_from(buf)
+    if n > max_frame:
+        raise FrameTooLarge(f"frame of {n} bytes exceeds {max_frame}")
+    if len(buf) - 4 < n:
+        return [], 0, None
+    return [_decode(buf, 4, n)], 4 + n, None
+
+
 def spans(buf: bytes, max_frame: int = MAX_FRAME, start: int = 0) -> tuple[
         list[tuple[int, int]], int, FrameError | None]:
     """``split`` without decoding, from ``start``: the (body start, body length) of every
@@ -367,9 +382,11 @@ class FrameReader:
     frames are not reassembled piece by piece.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, reader: asyncio.StreamReader, max_frame: int = MAX_FRAME, *,
+                 one_frame: bool = False) -> None:
         self._reader = reader
         self.max_frame = max_frame
+        self._split = split_one if one_frame else split   # one_frame: split_one's docstring
         self._buf = b""                        # received, not yet parsed
         self._ready: list[Frame] = []          # parsed, not yet handed out by read()
         self._error: FrameError | None = None  # found after frames that were handed out first
@@ -387,7 +404,7 @@ class FrameReader:
         if self._ready:
             ready, self._ready = self._ready, []
             return ready
-        return (await self._cut(split))[1]
+        return (await self._cut(self._split))[1]
 
     async def read_spans(self) -> tuple[bytes, list[tuple[int, int]]]:
         """``read_many`` without decoding (the replica client's reply path): a buffer and the

@@ -1,0 +1,117 @@
+"""The replica server's limits against peers that misbehave, over real loopback sockets:
+frames pipelined behind the HELLO proof, strangers holding handshakes open, hostile args
+before authentication, and an authenticated peer that stops reading."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from chunk.storage import peer_auth, wire
+from chunk.storage.replica_server import ReplicaServer
+from chunk.storage.replica_store import ReplicaStore
+from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Status
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"s" * 32
+CLUSTER = "cluster-1"
+EXTENT = 4 << 20
+VID = "vol-1"
+
+
+@pytest.fixture
+async def served(tmp_path: Path):
+    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT, cow_sync=False)
+    store.create(VID, 0, 1)
+    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=5.0)
+    await server.start()
+    yield server, store
+    await asyncio.wait_for(server.stop(), 10)
+    store.close()
+
+
+async def _connect(port: int, source: str = "127.0.0.1", rcvbuf: int | None = None):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), 5)
+    r, w = await asyncio.open_connection(sock=sock)
+    return FrameReader(r), FrameWriter(w)
+
+
+async def _up_to_proof(server: ReplicaServer, **kw) -> tuple[FrameReader, FrameWriter, bytes]:
+    """A connection through the server's HELLO answer; the encoded proof frame, unsent."""
+    reader, writer = await _connect(server.port, **kw)
+    nonce_c = peer_auth.new_nonce()
+    await writer.send(Frame(Op.HELLO, 1, args={"cluster": CLUSTER, "chunk_id": "c",
+                                               "nonce": nonce_c}))
+    first = await asyncio.wait_for(reader.read(), 5)
+    proof = peer_auth.client_proof(SECRET, first.args["nonce"], nonce_c)
+    return reader, writer, wire.encode(Frame(Op.HELLO, 2, args={"proof": proof}))
+
+
+def _reads(n: int) -> bytes:
+    return b"".join(wire.encode(Frame(Op.READ, 3 + i, VID, 0, 1, 0, 0, wire.MAX_DATA))
+                    for i in range(n))
+
+
+async def _served_reads(server: ReplicaServer, settle: float = 1.0) -> int:
+    """READs served once the count stops moving (bounded wait)."""
+    loop = asyncio.get_running_loop()
+    last, since = -1, loop.time()
+    deadline = loop.time() + 10
+    while loop.time() < deadline:
+        n = server.requests["READ"]
+        if n != last:
+            last, since = n, loop.time()
+        elif loop.time() - since >= settle:
+            break
+        await asyncio.sleep(0.05)
+    return last
+
+
+# -- 1. frames behind the HELLO proof --------------------------------------------------------
+
+@pytest.mark.parametrize("behind_proof", [False, True])
+async def test_reads_pipelined_behind_the_proof_are_under_back_pressure(served, behind_proof):
+    """1,500 READs of 1 MiB and a peer that never reads a reply: sent after the handshake,
+    the server stops at its reply high-water mark. Sent in the same write as the proof
+    they were decoded by the handshake and served in a plain loop (872 of them, GiBs of
+    replies queued in memory); now they take the same path."""
+    server, _ = served
+    reader, writer, proof = await _up_to_proof(server, rcvbuf=64 << 10)
+    if behind_proof:
+        writer.write_bytes(proof + _reads(1500))
+    else:
+        await writer.send(wire.decode(proof[4:]))
+        assert (await asyncio.wait_for(reader.read(), 5)).status is Status.OK
+        writer.write_bytes(_reads(1500))
+    await asyncio.wait_for(writer.drain(), 5)
+    served_reads = await _served_reads(server)
+    print("served", behind_proof, served_reads)
+    assert 0 < served_reads <= 16, served_reads
+    writer.abort()
+
+
+async def test_a_4k_write_right_behind_the_proof_is_served(served):
+    """The handshake's small frame limit applied to the frames read with the proof, so a
+    normal replicated 4 KiB WRITE sent right behind it closed the connection."""
+    server, store = served
+    reader, writer, proof = await _up_to_proof(server)
+    data = b"a" * 4096
+    writer.write_bytes(proof + wire.encode(Frame(Op.WRITE, 3, VID, 0, 1, 1, 0, len(data), data,
+                                                 seq=1)))
+    replies = [await asyncio.wait_for(reader.read(), 5) for _ in range(2)]
+    assert [(r.id, r.status) for r in replies] == [(2, Status.OK), (3, Status.OK)]
+    assert store.read(VID, 0, 0, 4096)[0] == data
+    assert server.dropped == 0
+    await writer.send(Frame(Op.PING, 4))                     # the connection is still up
+    assert (await asyncio.wait_for(reader.read(), 5)).status is Status.OK
+    await writer.close()
+
