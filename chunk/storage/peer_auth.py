@@ -19,6 +19,7 @@ exactly ``NONCE_SIZE`` bytes, so the concatenations are unambiguous.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -96,13 +97,17 @@ async def client_handshake(reader: FrameReader, writer: FrameWriter, secret: byt
 
 
 async def server_handshake(reader: FrameReader, writer: FrameWriter, secret: bytes,
-                           cluster_id: str) -> str:
+                           cluster_id: str, *, hello_timeout: float | None = None) -> str:
     """Authenticate a fresh connection from the listening side; the peer's chunk id.
 
     Raises ``AuthError`` (after answering DENIED where the peer is owed an
-    answer) or ``FrameError``; either way the caller closes the connection.
+    answer; also when no HELLO arrives within ``hello_timeout``) or ``FrameError``;
+    either way the caller closes the connection.  The caller bounds the whole exchange.
     """
-    hello = await reader.read()
+    try:
+        hello = await asyncio.wait_for(reader.read(), hello_timeout)
+    except asyncio.TimeoutError:
+        raise AuthError(f"no HELLO within {hello_timeout:g}s") from None
     if hello is None:
         raise AuthError("peer closed before HELLO")
     if hello.op is not Op.HELLO or hello.status is not None:

@@ -67,7 +67,9 @@ READ_ONLY = frozenset({Op.READ, Op.EXPORT, Op.DIGEST, Op.STAT})
 HIGH_WATER = 4 << 20           # bytes of unsent replies before the reader waits for the socket
 HANDSHAKE_BUFFER = 4 * READ_SIZE   # unread bytes of a connection not authenticated yet: pause
 HANDSHAKE_FRAME = 4096             # largest frame before the peer has proved the secret
-MAX_UNAUTHENTICATED = 128          # connections still in their handshake; more are refused
+MAX_UNAUTHENTICATED = 128          # connections still in their handshake; past it the oldest goes
+MAX_UNAUTHENTICATED_PER_IP = 8     # handshakes from one source address at once; more are refused
+HELLO_TIMEOUT = 2.0                # for the first HELLO frame (the whole handshake: auth_timeout)
 _LEN = struct.Struct(">I")
 _NAMES = {op: op.name for op in Op}    # Enum.name is a property lookup per call
 _STATUS_NAMES = {st: st.name for st in Status}
@@ -253,7 +255,8 @@ class ReplicaServer:
     """The replication port: authenticated peers reading and writing extent replicas."""
 
     def __init__(self, store, secret: bytes, cluster_id: str, host: str = "127.0.0.1",
-                 port: int = 0, *, auth_timeout: float = 10.0, max_inflight: int = 64,
+                 port: int = 0, *, auth_timeout: float = 10.0,
+                 hello_timeout: float = HELLO_TIMEOUT, max_inflight: int = 64,
                  on_checksum_error: ChecksumHook | None = None) -> None:
         self.store = store
         self.secret = secret
@@ -261,6 +264,7 @@ class ReplicaServer:
         self.host = host
         self._port = port
         self.auth_timeout = auth_timeout
+        self.hello_timeout = hello_timeout
         self.max_inflight = max_inflight
         self.on_checksum_error = on_checksum_error
         self.requests: Counter[str] = Counter()          # op name -> requests served
@@ -269,7 +273,9 @@ class ReplicaServer:
         self.dropped = 0                                 # connections closed for bad frames
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task] = set()
-        self._authenticating = 0
+        # Handshakes in progress, oldest first: task -> (source address, writer).
+        self._pending: dict[asyncio.Task, tuple[str, asyncio.StreamWriter]] = {}
+        self._pending_from: Counter[str] = Counter()    # source address -> handshakes
         self._hooks: set[asyncio.Task] = set()
         self._volumes: dict[bytes, str] = {}          # volume bytes -> name, for the fast path
 
@@ -279,6 +285,11 @@ class ReplicaServer:
         if self._server is not None and self._server.sockets:
             return self._server.sockets[0].getsockname()[1]
         return self._port
+
+    @property
+    def _authenticating(self) -> int:
+        """Connections still in their handshake."""
+        return len(self._pending)
 
     @property
     def connections(self) -> int:
@@ -316,7 +327,9 @@ class ReplicaServer:
         self._handlers.add(task)
         where = writer.get_extra_info("peername")
         # Nothing big before the secret is proved: a stranger's frames are bounded by the
-        # handshake's small frame limit, and only so many handshakes run at once.
+        # handshake's small frame limit, and only so many handshakes run at once: a few per
+        # source address, the first HELLO due within hello_timeout, and past the global limit
+        # the oldest handshake is aborted (so idle sockets cannot lock peers out for long).
         # The handshake cuts one frame at a time: what follows the proof is left as raw bytes
         # for _Stream (the full frame limit, back-pressure), not decoded here.
         frames = FrameReader(link.inbox, max_frame=HANDSHAKE_FRAME,  # type: ignore[arg-type]
@@ -324,15 +337,20 @@ class ReplicaServer:
         out = FrameWriter(writer)
         conn: _Conn | None = None
         try:
-            if self._authenticating >= MAX_UNAUTHENTICATED:
+            source = where[0] if isinstance(where, tuple) and where else str(where)
+            if self._pending_from[source] >= MAX_UNAUTHENTICATED_PER_IP:
                 self.auth_failures += 1
-                log.warning("replica connection from %s refused: %d handshakes already running",
-                            where, self._authenticating)
+                log.warning("replica connection from %s refused: %d handshakes from %s already "
+                            "running", where, self._pending_from[source], source)
                 return
-            self._authenticating += 1
+            if len(self._pending) >= MAX_UNAUTHENTICATED:
+                self._evict_oldest()
+            self._pending[task] = (source, writer)
+            self._pending_from[source] += 1
             try:
                 peer = await asyncio.wait_for(
-                    server_handshake(frames, out, self.secret, self.cluster_id), self.auth_timeout)
+                    server_handshake(frames, out, self.secret, self.cluster_id,
+                                     hello_timeout=self.hello_timeout), self.auth_timeout)
             except (AuthError, FrameError, asyncio.TimeoutError, ConnectionError, OSError) as e:
                 self.auth_failures += 1
                 if isinstance(e, VersionMismatch) and e.legacy:
@@ -341,7 +359,7 @@ class ReplicaServer:
                             type(e).__name__, e)
                 return
             finally:
-                self._authenticating -= 1
+                self._unpend(task)
             conn = _Conn(writer, f"{peer}@{where}")
             await self._requests(frames, conn, link)
         except (ConnectionError, OSError) as e:
@@ -361,6 +379,24 @@ class ReplicaServer:
                 await writer.wait_closed()
             except (ConnectionError, OSError):
                 pass
+
+    def _unpend(self, task: asyncio.Task) -> None:
+        """``task``'s handshake is over (done, failed or evicted); idempotent."""
+        entry = self._pending.pop(task, None)
+        if entry is not None:
+            source = entry[0]
+            self._pending_from[source] -= 1
+            if self._pending_from[source] <= 0:
+                del self._pending_from[source]
+
+    def _evict_oldest(self) -> None:
+        """Make room for a new handshake: abort the one running longest (its task then fails
+        its handshake and counts it)."""
+        task, (source, writer) = next(iter(self._pending.items()))
+        self._unpend(task)
+        log.warning("replica handshake from %s aborted: %d handshakes running, a newer "
+                    "connection needs the room", source, MAX_UNAUTHENTICATED)
+        writer.transport.abort()
 
     async def _requests(self, frames: FrameReader, conn: _Conn, link: Link) -> None:
         """Serve requests in arrival order until the peer closes (or breaks the stream).

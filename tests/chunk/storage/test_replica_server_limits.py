@@ -115,3 +115,103 @@ async def test_a_4k_write_right_behind_the_proof_is_served(served):
     assert (await asyncio.wait_for(reader.read(), 5)).status is Status.OK
     await writer.close()
 
+
+# -- 2. strangers holding handshakes open -----------------------------------------------------
+
+@pytest.fixture
+async def patient(tmp_path: Path):
+    """A server whose timeouts do not end idle handshakes during a test."""
+    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT, cow_sync=False)
+    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=30.0)
+    server.hello_timeout = 30.0     # (set, not passed: the old code ran these tests too)
+    await server.start()
+    yield server
+    await asyncio.wait_for(server.stop(), 10)
+    store.close()
+
+
+async def _ping_as_a_peer(server: ReplicaServer) -> float:
+    from chunk.storage.replica_client import ReplicaClient
+    client = ReplicaClient(SECRET, CLUSTER, "chunk-b", timeout=5)
+    try:
+        return await asyncio.wait_for(client.ping(("127.0.0.1", server.port)), 5)
+    finally:
+        await client.close()
+
+
+async def _idle(server: ReplicaServer, sources: list[str]) -> list:
+    return [await _connect(server.port, source=s) for s in sources]
+
+
+async def _settled(server: ReplicaServer, want: int) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while server._authenticating != want:
+        assert loop.time() < deadline, f"{server._authenticating} handshakes, not {want}"
+        await asyncio.sleep(0.02)
+
+
+async def _is_closed(reader: FrameReader, within: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), within) is None
+    except (ConnectionError, wire.FrameError):
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def test_idle_sockets_from_one_address_do_not_lock_peers_out(patient):
+    """128 idle sockets (the global limit) from 127.0.0.2 refused every real peer until the
+    auth timeout, renewably; now one address holds at most a few handshakes."""
+    server = patient
+    idle = await _idle(server, ["127.0.0.2"] * 128)
+    await asyncio.sleep(0.3)
+    assert server._authenticating <= 8
+    await _ping_as_a_peer(server)
+    for _, w in idle:
+        w.abort()
+
+
+async def test_a_full_handshake_table_drops_its_oldest_entry_for_a_newcomer(patient):
+    """Idle sockets from 16 addresses fill every handshake slot: a real peer still gets in,
+    and the oldest idle socket is the one aborted."""
+    from chunk.storage import replica_server
+    server = patient
+    per_ip = getattr(replica_server, "MAX_UNAUTHENTICATED_PER_IP", 8)   # (old code: none)
+    count = replica_server.MAX_UNAUTHENTICATED // per_ip
+    idle = await _idle(server, [f"127.0.0.{2 + i // per_ip}" for i in range(count * per_ip)])
+    await _settled(server, replica_server.MAX_UNAUTHENTICATED)
+    await _ping_as_a_peer(server)
+    assert await _is_closed(idle[0][0], 2)                    # the oldest made room
+    assert not await _is_closed(idle[-1][0], 0.2)             # the newest is still waiting
+    for _, w in idle:
+        w.abort()
+
+
+async def test_a_socket_that_sends_no_hello_is_closed_after_the_hello_deadline(tmp_path):
+    """The first HELLO is due within hello_timeout, not the whole auth_timeout; a peer that
+    sent it in time has the rest of auth_timeout for its proof."""
+    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT, cow_sync=False)
+    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=30.0)
+    server.hello_timeout = 0.5
+    await server.start()
+    try:
+        loop = asyncio.get_running_loop()
+        idle = await _idle(server, ["127.0.0.3"] * 3)
+        reader, writer, proof = await _up_to_proof(server)
+        start = loop.time()
+        for r, _ in idle:
+            assert await _is_closed(r, 3)
+        assert loop.time() - start < 3                         # not the 30 s auth timeout
+        assert server.auth_failures == 3
+        await asyncio.sleep(0.6 - (loop.time() - start))       # past hello_timeout: still fine
+        writer.write_bytes(proof)
+        assert (await asyncio.wait_for(reader.read(), 5)).status is Status.OK
+        await writer.send(Frame(Op.PING, 3))
+        assert (await asyncio.wait_for(reader.read(), 5)).status is Status.OK
+        writer.abort()
+        for _, w in idle:
+            w.abort()
+    finally:
+        await asyncio.wait_for(server.stop(), 10)
+        store.close()
