@@ -63,6 +63,14 @@ def check(expected: bytes, got: Any) -> bool:
     return isinstance(got, bytes) and hmac.compare_digest(expected, got)
 
 
+def _shown(value: Any) -> str:
+    """A stranger's value for a log line: a string (cut short) as itself, anything else by
+    its type name (a repr of a deeply nested one can recurse out, or be huge)."""
+    if type(value) is str:
+        return repr(value[:80])
+    return f"of type {type(value).__name__}"
+
+
 def _nonce(args: dict | None) -> bytes:
     nonce = (args or {}).get("nonce")
     if not isinstance(nonce, bytes) or len(nonce) != NONCE_SIZE:
@@ -116,7 +124,7 @@ async def server_handshake(reader: FrameReader, writer: FrameWriter, secret: byt
     peer = args.get("chunk_id")
     if args.get("cluster") != cluster_id or not isinstance(peer, str):
         await writer.send(hello.reply(Status.DENIED, args={"error": "wrong cluster"}))
-        raise AuthError(f"HELLO for cluster {args.get('cluster')!r:.80}, not ours")
+        raise AuthError(f"HELLO for cluster {_shown(args.get('cluster'))}, not ours")
     try:
         nonce_c = _nonce(args)
     except AuthError:

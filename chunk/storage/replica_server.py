@@ -50,7 +50,7 @@ from typing import Any, Awaitable, Callable
 from .extent_file import ChecksumError
 from .link import Link
 from .fencing import StaleEpochError
-from .peer_auth import AuthError, server_handshake
+from .peer_auth import server_handshake
 from .replica_store import NoExtent, StaleGeneration, StoreError, StoreFull, StoreIOError
 from .wire import (
     HEADER_SIZE, MAX_DATA, MAX_FRAME, READ_SIZE, Frame, FrameError, FrameReader, FrameWriter, Op,
@@ -351,12 +351,12 @@ class ReplicaServer:
                 peer = await asyncio.wait_for(
                     server_handshake(frames, out, self.secret, self.cluster_id,
                                      hello_timeout=self.hello_timeout), self.auth_timeout)
-            except (AuthError, FrameError, asyncio.TimeoutError, ConnectionError, OSError) as e:
+            except Exception as e:       # whatever a stranger's bytes cause: refused, counted
                 self.auth_failures += 1
                 if isinstance(e, VersionMismatch) and e.legacy:
                     writer.write(legacy_refusal(str(e)))     # an older peer logs why
-                log.warning("replica connection from %s refused: %s: %s", where,
-                            type(e).__name__, e)
+                log.warning("replica connection from %s refused: %s: %.200s", where,
+                            type(e).__name__, e)          # once per connection, no traceback
                 return
             finally:
                 self._unpend(task)
@@ -621,7 +621,7 @@ class ReplicaServer:
 def _arg(f: Frame, name: str, kind: type, default: Any) -> Any:
     value = (f.args or {}).get(name, default)
     if value is not default and (type(value) is not kind):
-        raise ValueError(f"args.{name} is {value!r:.40}, not {kind.__name__}")
+        raise ValueError(f"args.{name} is {type(value).__name__}, not {kind.__name__}")
     return value
 
 

@@ -298,6 +298,7 @@ def _decode(buf: bytes, start: int, n: int) -> Frame:
 
 
 MAX_ARGS = 64 << 10          # args are a few small fields; bounded before any decoding
+MAX_ARGS_DEPTH = 8           # containers nested in args (the map itself is 1): every op's are flat
 
 
 def _args(raw: bytes) -> dict[str, Any]:
@@ -311,8 +312,22 @@ def _args(raw: bytes) -> dict[str, Any]:
     except Exception as e:            # ExtraData, FormatError, UnicodeDecodeError, ValueError...
         raise MalformedFrame(f"args are not msgpack: {type(e).__name__}: {e}") from None
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
-        raise MalformedFrame(f"args is not a map with str keys: {args!r:.60}")
+        raise MalformedFrame(f"args is not a map with str keys: {type(args).__name__}")
+    if _too_deep(args, 1):
+        # Deeper nesting serves no op, and a repr of 1,000 levels (an error message) raised
+        # RecursionError before authentication.
+        raise MalformedFrame(f"args nest deeper than {MAX_ARGS_DEPTH} levels")
     return args
+
+
+def _too_deep(value: dict | list, depth: int) -> bool:
+    """Whether a container in ``value`` (itself at ``depth``) is nested past MAX_ARGS_DEPTH;
+    a flat map (every op's args) is one pass over its values."""
+    for v in (value.values() if type(value) is dict else value):
+        if type(v) is dict or type(v) is list:
+            if depth >= MAX_ARGS_DEPTH or _too_deep(v, depth + 1):
+                return True
+    return False
 
 
 def split(buf: bytes, max_frame: int = MAX_FRAME) -> tuple[list[Frame], int, FrameError | None]:

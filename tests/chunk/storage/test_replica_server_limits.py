@@ -215,3 +215,69 @@ async def test_a_socket_that_sends_no_hello_is_closed_after_the_hello_deadline(t
     finally:
         await asyncio.wait_for(server.stop(), 10)
         store.close()
+
+
+# -- 3. hostile args before authentication ---------------------------------------------------
+
+def _nested_hello(levels: int) -> bytes:
+    """A HELLO whose ``cluster`` is ``levels`` nested one-element arrays (t3 of the audit)."""
+    import msgpack
+    import struct
+    args = msgpack.packb({"cluster": 0})[:-1] + b"\x91" * levels + b"\x00"
+    body = struct.pack(">BBBBQQQQQQQHI", wire.VERSION, int(Op.HELLO), 0xFF, 2, 1,
+                       0, 0, 0, 0, 0, 0, 0, len(args)) + args
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize("levels", [1000, 5])
+async def test_deeply_nested_hello_args_are_refused_and_counted(served, caplog, levels):
+    """A deeply nested ``cluster`` went into a repr for the error message: RecursionError,
+    uncaught (not counted, a task traceback). Now deep args are a malformed frame, values
+    are named by type in messages, and anything a handshake raises is an auth failure."""
+    server, _ = served
+    reader, writer = await _connect(server.port)
+    writer.write_bytes(_nested_hello(levels))
+    reply = await asyncio.wait_for(reader.read(), 5)
+    if levels == 5:                                          # within bounds: wrong cluster
+        assert reply.status is Status.DENIED
+        assert await _is_closed(reader, 5)
+    else:
+        assert reply is None                                 # malformed: closed unanswered
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while server.auth_failures < 1 and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    assert server.auth_failures == 1 and server._authenticating == 0
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelname == "WARNING" and not refused[0].exc_info
+    assert not any(r.exc_info or r.levelname in ("ERROR", "CRITICAL") for r in caplog.records)
+    assert "RecursionError" not in caplog.text
+    writer.abort()
+
+
+async def test_an_unexpected_error_in_a_handshake_is_an_auth_failure(served, caplog,
+                                                                    monkeypatch):
+    server, _ = served
+    monkeypatch.setattr(peer_auth, "new_nonce", lambda: 1 / 0)
+    reader, writer = await _connect(server.port)
+    await writer.send(Frame(Op.HELLO, 1, args={"cluster": CLUSTER, "chunk_id": "c",
+                                               "nonce": b"n" * 32}))
+    assert await _is_closed(reader, 5)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while server.auth_failures < 1 and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    assert server.auth_failures == 1 and server._authenticating == 0
+    assert "ZeroDivisionError" in caplog.text
+    assert not any(r.exc_info or r.levelname in ("ERROR", "CRITICAL") for r in caplog.records)
+    writer.abort()
+
+
+def test_args_nesting_is_bounded():
+    import msgpack
+    ok = {"x": [[[[[[[1]]]]]]]}                               # the map plus 7 levels: 8
+    assert wire._args(msgpack.packb(ok)) == ok
+    with pytest.raises(wire.MalformedFrame, match="deeper"):
+        wire._args(msgpack.packb({"x": [[[[[[[[1]]]]]]]]}))
+    with pytest.raises(wire.MalformedFrame, match="deeper"):
+        wire._args(msgpack.packb({"x": {"y": [{"z": [[[{"w": [1]}]]]}]}}))   # 9
