@@ -70,6 +70,7 @@ HANDSHAKE_FRAME = 4096             # largest frame before the peer has proved th
 MAX_UNAUTHENTICATED = 128          # connections still in their handshake; past it the oldest goes
 MAX_UNAUTHENTICATED_PER_IP = 8     # handshakes from one source address at once; more are refused
 HELLO_TIMEOUT = 2.0                # for the first HELLO frame (the whole handshake: auth_timeout)
+WRITE_TIMEOUT = 30.0               # a peer reading none of our replies this long is cut off
 _LEN = struct.Struct(">I")
 _NAMES = {op: op.name for op in Op}    # Enum.name is a property lookup per call
 _STATUS_NAMES = {st: st.name for st in Status}
@@ -256,8 +257,8 @@ class ReplicaServer:
 
     def __init__(self, store, secret: bytes, cluster_id: str, host: str = "127.0.0.1",
                  port: int = 0, *, auth_timeout: float = 10.0,
-                 hello_timeout: float = HELLO_TIMEOUT, max_inflight: int = 64,
-                 on_checksum_error: ChecksumHook | None = None) -> None:
+                 hello_timeout: float = HELLO_TIMEOUT, write_timeout: float = WRITE_TIMEOUT,
+                 max_inflight: int = 64, on_checksum_error: ChecksumHook | None = None) -> None:
         self.store = store
         self.secret = secret
         self.cluster_id = cluster_id
@@ -265,6 +266,7 @@ class ReplicaServer:
         self._port = port
         self.auth_timeout = auth_timeout
         self.hello_timeout = hello_timeout
+        self.write_timeout = write_timeout
         self.max_inflight = max_inflight
         self.on_checksum_error = on_checksum_error
         self.requests: Counter[str] = Counter()          # op name -> requests served
@@ -336,6 +338,7 @@ class ReplicaServer:
                              one_frame=True)
         out = FrameWriter(writer)
         conn: _Conn | None = None
+        clean = False                   # ended at the peer's EOF with every reply drained
         try:
             source = where[0] if isinstance(where, tuple) and where else str(where)
             if self._pending_from[source] >= MAX_UNAUTHENTICATED_PER_IP:
@@ -361,7 +364,7 @@ class ReplicaServer:
             finally:
                 self._unpend(task)
             conn = _Conn(writer, f"{peer}@{where}")
-            await self._requests(frames, conn, link)
+            clean = await self._requests(frames, conn, link)
         except (ConnectionError, OSError) as e:
             log.info("replica connection %s lost: %s", conn.peer if conn else where, e)
         except asyncio.CancelledError:
@@ -374,9 +377,17 @@ class ReplicaServer:
                 conn.closed = True
                 for t in conn.tasks:
                     t.cancel()
-            writer.close()
+            # After an error (or stop()) with data still unsent, abort: close() would wait
+            # for a peer that may never read it. Any close is bounded by write_timeout too.
+            transport = writer.transport
+            if not clean and transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                writer.close()
             try:
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), self.write_timeout)
+            except asyncio.TimeoutError:
+                transport.abort()
             except (ConnectionError, OSError):
                 pass
 
@@ -398,8 +409,9 @@ class ReplicaServer:
                     "connection needs the room", source, MAX_UNAUTHENTICATED)
         writer.transport.abort()
 
-    async def _requests(self, frames: FrameReader, conn: _Conn, link: Link) -> None:
-        """Serve requests in arrival order until the peer closes (or breaks the stream).
+    async def _requests(self, frames: FrameReader, conn: _Conn, link: Link) -> bool:
+        """Serve requests in arrival order until the peer closes (or breaks the stream); True
+        at a clean end of stream, every reply drained.
 
         Frames are served by ``_Stream`` as they arrive; this task only waits when it must
         (socket backed up, ``max_inflight`` syncs) and ends the connection.
@@ -416,24 +428,37 @@ class ReplicaServer:
             if event is _BLOCKED:
                 if conn.backed_up():
                     conn.flush()
-                    await conn.writer.drain()
+                    await self._drain(conn)
                 while len(tasks) >= limit:
                     await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
                 stream.resume()
             elif event is _EOF:
                 break
             elif event is _CLOSE:
-                return
+                return False
             elif isinstance(event, FrameError):
                 self._drop(conn, event)
-                return
+                return False
             else:
                 raise event                            # the connection was lost
         # Clean end of stream: answer what is still syncing, then close.
         if conn.tasks:
             await asyncio.wait(set(conn.tasks))
         conn.flush()
-        await conn.writer.drain()
+        await self._drain(conn)
+        return True
+
+    async def _drain(self, conn: _Conn) -> None:
+        """Wait for the socket to take our replies, at most ``write_timeout``: a peer that
+        stops reading is cut off (aborted), not waited for forever."""
+        try:
+            await asyncio.wait_for(conn.writer.drain(), self.write_timeout)
+        except asyncio.TimeoutError:
+            conn.writer.transport.abort()
+            log.warning("replica connection %s: peer read none of our replies for %gs; aborted",
+                        conn.peer, self.write_timeout)
+            raise ConnectionError(f"peer read none of our replies for {self.write_timeout:g}s; "
+                                  f"aborted") from None
 
     def _drop(self, conn: _Conn, e: FrameError) -> None:
         self.dropped += 1

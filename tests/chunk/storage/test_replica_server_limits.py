@@ -281,3 +281,26 @@ def test_args_nesting_is_bounded():
         wire._args(msgpack.packb({"x": [[[[[[[[1]]]]]]]]}))
     with pytest.raises(wire.MalformedFrame, match="deeper"):
         wire._args(msgpack.packb({"x": {"y": [{"z": [[[{"w": [1]}]]]}]}}))   # 9
+
+
+# -- 4. an authenticated peer that stops reading ---------------------------------------------
+
+@pytest.mark.parametrize("then_eof", [False, True])
+async def test_a_peer_that_never_reads_is_cut_off_after_the_write_timeout(served, then_eof):
+    """Replies pile up for a peer that sends requests but reads nothing: the handler waited in
+    drain() forever (and at a clean end, in drain and wait_closed), holding the connection.
+    Now it is aborted after write_timeout and leaves the server's table."""
+    server, _ = served
+    server.write_timeout = 0.5      # (set, not passed: the old code ran this test too)
+    reader, writer, proof = await _up_to_proof(server, rcvbuf=64 << 10)
+    writer.write_bytes(proof + _reads(200))
+    await asyncio.wait_for(writer.drain(), 5)
+    if then_eof:
+        writer._writer.write_eof()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while server.connections and loop.time() - start < 10:
+        await asyncio.sleep(0.05)
+    assert server.connections == 0, "the connection is still in the server's table"
+    assert loop.time() - start < 5
+    writer.abort()
