@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SERIAL_MASK = 0xFFFFFFFF
 WRITE_BUFFER_HIGH = 4 << 20
 OUT_BATCH_MAX = 256             # queued answer pieces that make a batch go out before it ends
+FLUSH_EVERY = 8                 # answer pieces queued outside a batch that go out at once
 WRITE_BUFFER_BUDGET = 64 << 20  # bytes of write buffers a session grants before R2Ts wait
 
 
@@ -252,9 +253,15 @@ class Session:
                 out.append(pad)
             if self.dd:
                 out.append(P.digest(data, pad))
-        if not self._in_batch and not self._flush_pending:
-            self._flush_pending = True
-            self._loop.call_soon(self._flush)
+        if not self._in_batch:
+            if len(out) >= FLUSH_EVERY:
+                # Answers completed outside a batch (the replicas' replies) leave in pieces:
+                # the initiator sends the next commands while we finish the rest (as the
+                # replica hop does, chunk.storage.wire.FLUSH_EVERY).
+                self._flush()
+            elif not self._flush_pending:
+                self._flush_pending = True
+                self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Hand everything queued to the socket in one writelines (one send, mostly)."""

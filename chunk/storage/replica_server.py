@@ -53,9 +53,9 @@ from .fencing import StaleEpochError
 from .peer_auth import server_handshake
 from .replica_store import NoExtent, StaleGeneration, StoreError, StoreFull, StoreIOError
 from .wire import (
-    HEADER_SIZE, MAX_DATA, MAX_FRAME, READ_SIZE, Frame, FrameError, FrameReader, FrameWriter, Op,
-    PartialFrame, Status, TruncatedFrame, VersionMismatch, decode_at, encode, encode_write_ok,
-    legacy_refusal, plain_write, spans,
+    FLUSH_EVERY, HEADER_SIZE, MAX_DATA, MAX_FRAME, READ_SIZE, Frame, FrameError, FrameReader,
+    FrameWriter, Op, PartialFrame, Status, TruncatedFrame, VersionMismatch, decode_at, encode,
+    encode_write_ok, legacy_refusal, plain_write, spans,
 )
 
 __all__ = ["ReplicaServer"]
@@ -100,6 +100,9 @@ class _Conn:
             return
         self.queue.append(raw)
         self.queued += len(raw)
+        if len(self.queue) >= FLUSH_EVERY:
+            self.flush()                    # see wire.FLUSH_EVERY
+            return
         if not self.flush_scheduled:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -173,6 +176,8 @@ class _Stream:
         for start, n in cut:
             h = plain_write(buf, start, n)
             if h is not None and write(conn, buf, view, start, n, h):
+                if len(conn.queue) >= FLUSH_EVERY:
+                    conn.flush()            # the coordinator completes these while we go on
                 continue
             try:
                 frame = decode_at(buf, start, n)

@@ -51,6 +51,12 @@ VERSION = 2                          # 1 was the msgpack array format
 MAX_DATA = 1 << 20                   # largest data payload of one frame
 MAX_FRAME = MAX_DATA + 4096          # plus room for the header fields
 READ_SIZE = 1 << 18                  # bytes asked of the socket per read (QD32 of 4 KiB is ~130 KiB)
+# A busy connection sends every FLUSH_EVERY frames queued in one loop turn (and the rest at
+# the turn's end), both ways: requests and replies. All of a turn in one send made the two
+# ends take turns: the peer sat idle while the coordinator worked through a QD32 batch,
+# then the coordinator while the peer did. In pieces of 8 they overlap (2 replicas, QD32
+# 4 KiB writes: 14-16.5k -> 18-20k IOPS, no more CPU per write; bench/README.md).
+FLUSH_EVERY = 8
 _LEN = struct.Struct(">I")
 #: version, op, status (0xff: request), flags, id, extent, epoch, generation, offset, length,
 #: seq, volume bytes, args bytes
@@ -681,7 +687,9 @@ class Pipeline:
             self._writer.write_bytes(raw)
             return
         self._out.append(raw)
-        if not self._flush_scheduled:
+        if len(self._out) >= FLUSH_EVERY:
+            self._flush()                   # the peer starts on these while we go on
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
 

@@ -807,3 +807,31 @@ async def test_data_out_of_an_aborted_write_is_dropped_not_fatal():
         nop = await h.recv()
         assert isinstance(nop, P.NopIn) and nop.itt == 9 and nop.data == b"still here"   # no Reject first
         assert h.unit.writes == []
+
+
+async def test_answers_completed_outside_a_batch_leave_in_pieces():
+    """Twenty commands complete together outside a batch (the replicas' replies came in one
+    segment): their answers go out FLUSH_EVERY pieces at a time, so the initiator sends its
+    next commands while the rest are finished, not all of them at the end of the turn."""
+    from chunk.iscsi.session import FLUSH_EVERY
+    unit = RecordingUnit()
+    sends: list[int] = []
+
+    def count(session):
+        real = session.w.writelines
+
+        def writelines(pieces):
+            pieces = list(pieces)
+            sends.append(len(pieces))
+            real(pieces)
+        session.w.writelines = writelines
+    async with Harness(params(), unit=unit, setup=count) as h:
+        for k in range(20):
+            h.send(P.ScsiCommand(itt=k + 1, cmdsn=k + 1, lun=P.encode_lun(1),
+                                 cdb=bytes([0xFF, k]).ljust(16, b"\0")))
+        await until(lambda: len(unit.order) == 20)
+        sends.clear()
+        unit.release.set()
+        got = {(await h.recv()).itt for _ in range(20)}
+        assert got == set(range(1, 21))
+        assert sum(sends) == 20 and max(sends) <= FLUSH_EVERY, sends

@@ -797,3 +797,30 @@ async def test_revert_is_answered_only_once_synced_remote_and_local(served, monk
             monkeypatch.undo()
     finally:
         await pipe.close()
+
+
+async def test_write_replies_leave_every_flush_every_frames(served, monkeypatch):
+    """Twenty plain WRITEs in one segment: their OKs go out FLUSH_EVERY at a time as they
+    are written, not all once the segment is done (the coordinator completes the first
+    ones while this server writes the rest)."""
+    from chunk.storage import replica_server as rs
+    server, store, _, _ = served
+    store.create(VID, 0, 1)
+    sizes: list[int] = []
+    real = rs._Conn.flush
+
+    def counting(conn):
+        if conn.queue:
+            sizes.append(len(conn.queue))
+        real(conn)
+    monkeypatch.setattr(rs._Conn, "flush", counting)
+    reader, writer = await _authed_raw(server)
+    sizes.clear()                                   # the handshake's own reply
+    writer.write_bytes(b"".join(wire.encode(Frame(Op.WRITE, k + 1, VID, 0, 1, 1, k * BLOCK_SIZE,
+                                                  BLOCK_SIZE, bytes([k]) * BLOCK_SIZE, seq=1))
+                                for k in range(20)))
+    for _ in range(20):
+        reply = await asyncio.wait_for(reader.read(), 5)
+        assert reply.status == Status.OK
+    assert sum(sizes) == 20 and max(sizes) <= wire.FLUSH_EVERY, sizes
+    await writer.close()

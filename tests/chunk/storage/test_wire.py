@@ -377,6 +377,43 @@ async def test_an_idle_connection_sends_at_once_a_busy_one_at_the_turns_end():
         server.close()
         await server.wait_closed()
 
+async def test_a_busy_connection_sends_every_flush_every_frames_not_all_at_the_turns_end():
+    """Twenty requests queued in one loop turn behind a first one: they leave FLUSH_EVERY at
+    a time as they are queued (the peer starts on them while the coordinator goes on) and
+    the rest at the end of the turn. All at the turn's end, the two ends took turns."""
+    from chunk.storage.wire import FLUSH_EVERY
+
+    async def ok(reader, writer):
+        frames, out = FrameReader(reader), FrameWriter(writer)
+        async for req in frames:
+            out.write(req.reply(Status.OK))
+            await out.drain()
+
+    server = await asyncio.start_server(ok, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    cw = _CountingWriter(w)
+    pipe = Pipeline(FrameReader(r), cw)
+    got: list = []
+    try:
+        pipe.start_write("v", 0, 1, 0, b"d" * 4096, 1, 5.0, got.append)      # alone: sent at once
+        for k in range(1, 21):
+            pipe.start_write("v", 0, 1, k * 4096, b"d" * 4096, 1, 5.0, got.append)
+        assert len(cw.sends) == 1 + 20 // FLUSH_EVERY               # pieces left while queueing
+        assert all(n > FLUSH_EVERY * 4096 for n in cw.sends[1:])
+        await asyncio.sleep(0)
+        assert len(cw.sends) == 2 + 20 // FLUSH_EVERY               # the rest at the turn's end
+        for _ in range(200):
+            if len(got) == 21:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [None] * 21 and pipe.outstanding == 0
+    finally:
+        await pipe.close()
+        server.close()
+        await server.wait_closed()
+
+
 # -- the replica server's write fast path: plain_write / encode_write_ok / spans / detach --
 
 def _plain(ident: int = 5, vol: str = "vol-ü", data: bytes = b"d" * 4096, **kw) -> Frame:
