@@ -107,6 +107,16 @@ class Reclaimer:
 
     # -- one run ---------------------------------------------------------------
 
+    def _moved(self, vid: str, idx: int, rec: ExtentRecord | None, vol: Volume,
+               is_broken: bool) -> bool | None:
+        """``_moved_away`` for a copy whose record may be gone (not moved: kept), or None
+        when the copy cannot be looked at (counted as a failure; tried again next run)."""
+        try:
+            return rec is not None and self._moved_away(vid, idx, rec, vol, is_broken)
+        except StoreError as e:
+            self._failure(vid, idx, "stat", e)
+            return None
+
     async def _listing(self, prefix: bytes) -> list:
         """Every kv under ``prefix``, paged at one revision: a volume's extent records (a
         few TiB of it) or every snapshot of the cluster can be more than gRPC's 4 MiB reply
@@ -177,10 +187,8 @@ class Reclaimer:
             copies = sorted([(i, False) for i in indexes] + [(i, True) for i in unusable])
             for idx, is_broken in copies:
                 rec = records.get(idx)
-                try:
-                    moved = rec is not None and self._moved_away(vid, idx, rec, vol, is_broken)
-                except StoreError as e:
-                    self._failure(vid, idx, "stat", e)
+                moved = self._moved(vid, idx, rec, vol, is_broken)
+                if moved is None:
                     continue
                 if moved:
                     if tasks is None:       # read only when a deletion is on the table
@@ -195,10 +203,8 @@ class Reclaimer:
                         # the task read, and this copy is then the in-sync one.
                         got = await self.etcd.get(self.keys.extent(vid, idx))
                         rec = ExtentRecord.decode(got.value) if got is not None else None
-                        try:
-                            moved = rec is not None and self._moved_away(vid, idx, rec, vol, is_broken)
-                        except StoreError as e:
-                            self._failure(vid, idx, "stat", e)
+                        moved = self._moved(vid, idx, rec, vol, is_broken)
+                        if moved is None:
                             continue
                         if moved:
                             why = f"moved to {rec.replicas} at generation {rec.generation}"

@@ -14,20 +14,11 @@ from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.peers import Peers
 from zstore.keys import Keys
 
-from .replica_nodes import EXTENT, Nodes, block
+from .replica_nodes import EXTENT, block
 
 pytestmark = pytest.mark.timeout(60)
 
 VID = "vol-1"
-
-
-@pytest.fixture
-async def nodes(tmp_path, etcd_client, etcd_config):
-    n = Nodes(tmp_path, etcd_client, Keys(etcd_config.prefix))
-    try:
-        yield n
-    finally:
-        await n.close()
 
 
 async def two(nodes, data=None):

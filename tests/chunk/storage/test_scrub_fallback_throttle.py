@@ -6,21 +6,11 @@ import pytest
 
 from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.scrubber import Scrubber
-from zstore.keys import Keys
 
-from .replica_nodes import Nodes, block
+from .replica_nodes import block
 from .test_scrubber import VID, MediaError, setup
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def nodes(tmp_path, etcd_client, etcd_config):
-    n = Nodes(tmp_path, etcd_client, Keys(etcd_config.prefix))
-    try:
-        yield n
-    finally:
-        await n.close()
 
 
 async def test_fallback_blocks_and_confirmations_charge_the_bucket_and_read_in_a_worker(

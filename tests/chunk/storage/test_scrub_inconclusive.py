@@ -8,23 +8,13 @@ from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.peers import Peers
 from chunk.storage.repair import LocalRepair
 from chunk.storage.scrubber import Scrubber
-from zstore.keys import Keys
 
-from .replica_nodes import Nodes, block
+from .replica_nodes import block
 from .test_scrubber import meta_drop, record
 
 pytestmark = pytest.mark.timeout(60)
 
 VID = "vol-hot"
-
-
-@pytest.fixture
-async def nodes(tmp_path, etcd_client, etcd_config):
-    n = Nodes(tmp_path, etcd_client, Keys(etcd_config.prefix))
-    try:
-        yield n
-    finally:
-        await n.close()
 
 
 class SteadyWrites:

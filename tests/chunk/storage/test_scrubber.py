@@ -14,20 +14,11 @@ from chunk.storage.repair import LocalRepair
 from chunk.storage.scrubber import Scrubber, TokenBucket
 from zstore.keys import Keys
 
-from .replica_nodes import Nodes, block
+from .replica_nodes import block
 
 pytestmark = pytest.mark.timeout(60)
 
 VID = "vol-s"
-
-
-@pytest.fixture
-async def nodes(tmp_path, etcd_client, etcd_config):
-    n = Nodes(tmp_path, etcd_client, Keys(etcd_config.prefix))
-    try:
-        yield n
-    finally:
-        await n.close()
 
 
 async def setup(nodes):
