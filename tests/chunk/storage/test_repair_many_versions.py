@@ -17,7 +17,7 @@ import pytest
 from chunk.storage.extent_file import BLOCK_SIZE
 
 from .replica_nodes import block
-from .test_repair import VID, RacingClient, nodes, rot_version  # noqa: F401 - fixture
+from .test_repair import VID, RacingClient, rot_version
 
 pytestmark = pytest.mark.timeout(120)
 
