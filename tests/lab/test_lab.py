@@ -450,8 +450,11 @@ def test_csi_node_lifecycle(lab_image, tmp_path):
                     # mutual CHAP for this volume's target and the guest, and one-way CHAP for
                     # discovery (target '*', as deploy/kubernetes suggests); the hook clears both
                     (tmp_path / "chap-in").write_text(target_secret + "\n")
+                    # CHAP is per target, which the other volumes share: named by its IQN
+                    # (by volume name, `zstore chap` wants --whole-target once they exist)
+                    ext4_target = v["target_iqn"]
                     for target, user, secret, mutual in (
-                            (name, "csi-node", chap_secret, ["--mutual-user", "zstore-target",
+                            (ext4_target, "csi-node", chap_secret, ["--mutual-user", "zstore-target",
                                                              "--mutual-secret-file", str(tmp_path / "chap-in")]),
                             ("*", "csi-disc", disc_secret, [])):
                         (tmp_path / "chap").write_text(secret + "\n")
@@ -470,7 +473,7 @@ def test_csi_node_lifecycle(lab_image, tmp_path):
                            "--state-dir", "/var/lib/zstore-csi", "--device-timeout", "60"]}))
             hook = (f"cd {LAB.parent.parent} && ZSTORE_CONFIG={c.client_config} {PY} -m zstore.cli.main "
                     f"volume resize csi-ext4 --size 256Mi && ZSTORE_CONFIG={c.client_config} {PY} -m "
-                    f"zstore.cli.main chap clear csi-ext4 {GUEST_IQN} && ZSTORE_CONFIG={c.client_config} {PY} "
+                    f"zstore.cli.main chap clear {ext4_target} {GUEST_IQN} && ZSTORE_CONFIG={c.client_config} {PY} "
                     f"-m zstore.cli.main chap clear '*' {GUEST_IQN}")
             rc, out = run_script("csi-node", [
                 str(LAB / "run-vm.sh"), "--netns", ns, "--share", str(share), "--hook", hook,
