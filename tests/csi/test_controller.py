@@ -459,6 +459,11 @@ class _SlowAclWrite(Meta):
 
     delay = 1.5
 
+    def __init__(self, client) -> None:
+        super().__init__(client)
+        import threading
+        self.landed = threading.Event()        # the late ACL write has reached the meta
+
     async def put(self, path: str, body=None):
         if "/acl/" not in path:
             return await super().put(path, body)
@@ -466,7 +471,10 @@ class _SlowAclWrite(Meta):
         def late():
             import time
             time.sleep(self.delay)
-            return self.client.put(path, body)
+            try:
+                return self.client.put(path, body)
+            finally:
+                self.landed.set()
         return await asyncio.to_thread(late)
 
 
@@ -489,7 +497,7 @@ async def test_a_publish_cut_off_by_its_deadline_does_not_land_after_the_unpubli
             await expect(grpc.StatusCode.DEADLINE_EXCEEDED, ctl.ControllerPublishVolume(pub, timeout=0.3))
             await ctl.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
                 volume_id=vol.volume_id, node_id=NODE_A), timeout=10)
-            await asyncio.sleep(_SlowAclWrite.delay + 0.5)      # past the write's landing
+            assert await asyncio.to_thread(meta.landed.wait, 30)    # the late write is done
             got = await ctl.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
             assert list(got.status.published_node_ids) == []
             await ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=30)

@@ -344,9 +344,8 @@ class _CountingWriter(FrameWriter):
         super().write_bytes(data)
 
 
-async def test_an_idle_connection_sends_at_once_a_busy_one_at_the_turns_end():
-    """The only request in flight leaves inside start_write (QD1: nothing to batch it with);
-    requests behind it are batched into one send at the end of the loop turn."""
+async def _counted_pipeline_to_an_ok_server():
+    """(server answering every request OK, the counting writer, a Pipeline over it)."""
     async def ok(reader, writer):
         frames, out = FrameReader(reader), FrameWriter(writer)
         async for req in frames:
@@ -357,7 +356,13 @@ async def test_an_idle_connection_sends_at_once_a_busy_one_at_the_turns_end():
     port = server.sockets[0].getsockname()[1]
     r, w = await asyncio.open_connection("127.0.0.1", port)
     cw = _CountingWriter(w)
-    pipe = Pipeline(FrameReader(r), cw)
+    return server, cw, Pipeline(FrameReader(r), cw)
+
+
+async def test_an_idle_connection_sends_at_once_a_busy_one_at_the_turns_end():
+    """The only request in flight leaves inside start_write (QD1: nothing to batch it with);
+    requests behind it are batched into one send at the end of the loop turn."""
+    server, cw, pipe = await _counted_pipeline_to_an_ok_server()
     got: list = []
     try:
         pipe.start_write("v", 0, 1, 0, b"d" * 4096, 1, 5.0, got.append)
@@ -383,17 +388,7 @@ async def test_a_busy_connection_sends_every_flush_every_frames_not_all_at_the_t
     the rest at the end of the turn. All at the turn's end, the two ends took turns."""
     from chunk.storage.wire import FLUSH_EVERY
 
-    async def ok(reader, writer):
-        frames, out = FrameReader(reader), FrameWriter(writer)
-        async for req in frames:
-            out.write(req.reply(Status.OK))
-            await out.drain()
-
-    server = await asyncio.start_server(ok, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    cw = _CountingWriter(w)
-    pipe = Pipeline(FrameReader(r), cw)
+    server, cw, pipe = await _counted_pipeline_to_an_ok_server()
     got: list = []
     try:
         pipe.start_write("v", 0, 1, 0, b"d" * 4096, 1, 5.0, got.append)      # alone: sent at once
