@@ -407,6 +407,20 @@ def measure_cpu(line: Line, t: Target, size: int, seconds: float,
     return v, per
 
 
+def quiesce() -> float:
+    """Write back every dirty page before a timed line; the seconds it took.
+
+    Without it a line runs beside the kernel's write-back of the line before it, and
+    which column that penalises depends only on the measuring order: with columns
+    alternated over three rounds the first column of rounds 1 and 3 follows the low-rate
+    QD1 line while every middle column follows another column's QD32 writes (on this box
+    a 2-replica zstore line right after other random writes measured ~18% lower than the
+    same line after a sync)."""
+    t0 = time.monotonic()
+    os.sync()
+    return time.monotonic() - t0
+
+
 def box_ticks() -> list[int]:
     """The machine's CPU time so far by kind (user nice system idle iowait irq softirq steal),
     /proc/stat's first line: an idle box means one process, not the machine, was the limit."""
@@ -488,6 +502,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="measure every timed line N times, alternating which column goes first, and "
                         "report the median (the first pass is written once)")
+    p.add_argument("--between", choices=("sync", "none"), default="sync",
+                   help="before every timed line: write back the dirty pages the previous one left "
+                        "(sync, default), or go straight on (none: a line then pays for writing back "
+                        "the line before it, whichever column that was)")
     p.add_argument("--workdir", type=Path, metavar="DIR", help="parent of the work dir (default /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, state) for debugging")
     args = p.parse_args(argv)
@@ -538,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     columns: list[str] = []
     calib: tuple[float, float] | None = None
     settled: tuple[float, int, int] | None = None
+    synced: list[float] = []
     try:
         say("starting zstore (etcd, meta, 3 chunk servers) ...")
         z.start_cluster()
@@ -581,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                         if name in failed:
                             continue
                         try:
+                            if line.key != "fill" and args.between == "sync":
+                                synced.append(quiesce())
                             if line.key == "w32":
                                 v, per = measure_cpu(line, t, args.size, args.duration,
                                                      tgtd.pids() if name == "tgtd" else z.pids())
@@ -637,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"zstore storage engine vs tgtd: I/O volumes {args.size // MiB} MiB, {args.duration:g} s per "
           f"measurement{median}, tgtd params {args.tgtd_params}, initiator {INITIATOR}, "
           f"{time.monotonic() - began:.0f} s in all")
+    if synced:
+        print(f"between lines: sync before each of {len(synced)} timed measurements, "
+              f"median {statistics.median(synced):.1f} s, max {max(synced):.1f} s")
+    elif args.between == "none":
+        print("between lines: no sync (each line runs beside the write-back of the one before it)")
     print(machine(f"{start_load:.2f} at start, {os.getloadavg()[0]:.2f} at end"))
     if snaps:
         print()
