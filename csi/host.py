@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
+import signal
 from typing import Sequence
 
 import grpc
@@ -41,22 +43,21 @@ class Host:
         Strings in ``secret`` (CHAP passwords passed as iscsiadm values) are masked in the
         messages and log lines about the command."""
         cmd = [*self.prefix, *argv]
+        # its own process group: the prefix may fork the tool (nsenter does, entering a PID
+        # namespace), and killing the prefix alone leaves the tool running
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
         try:
             out, err = await asyncio.wait_for(proc.communicate(input), self.timeout)
         except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+            await _kill(proc)
             raise HostError(mask(f"{shlex.join(cmd)}: timed out after {self.timeout}s", secret))
         except BaseException:
             # Cancelled (the CO's deadline passed) or failed: the command must not outlive the
             # call. A mkfs left running while the retry probes the device finds no filesystem
             # yet and formats it again, or mounts one still being written.
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            await _kill(proc)
             raise
         rc = proc.returncode or 0
         o, e = out.decode(errors="replace"), err.decode(errors="replace")
@@ -65,6 +66,21 @@ class Host:
             raise HostError(mask(f"{shlex.join(cmd)}: exit {rc}: {e.strip() or o.strip()}", secret), rc,
                             mask(e, secret))
         return rc, o, e
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the command's whole process group (the prefix and what it forked), then reap
+    the prefix. The group is the prefix's pid (start_new_session); it is signalled only while
+    the prefix is unreaped, so the id cannot belong to anyone else yet."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            proc.kill()
+        # shielded: a second cancel must not leave the prefix unreaped
+        await asyncio.shield(proc.wait())
 
 
 def mask(text: str, secrets: Sequence[str]) -> str:
