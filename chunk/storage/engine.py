@@ -464,12 +464,24 @@ class StorageEngine:
     async def _run_recovery(self, task: RecoveryTask) -> None:
         """Run the task while it stays assigned to us, retrying with backoff: a target can be
         unreachable for a while (killed, its lease not yet expired, restarting), and nothing
-        else re-triggers a task that failed here (the meta only re-plans failing rebuilds)."""
+        else re-triggers a task that failed here (the meta only re-plans failing rebuilds).
+
+        Any error of an attempt is retried, not only the copy's: one outside it (the task's
+        read or claim, the coordinator's volume read, the failure's record; an etcd "leader
+        changed" or Unavailable) would otherwise end the runner with the task left pending or
+        running and no error on it, which nothing re-plans or starts again."""
         key = self.keys.recovery_task(task.volume_id, task.index)
         backoff = 1.0
         while not self._stop.is_set():
-            async with self._recovery_slots:
-                outcome = await self._recovery_attempt(key)
+            try:
+                async with self._recovery_slots:
+                    outcome = await self._recovery_attempt(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - etcd mostly; the task is read again
+                log.warning("recovery task of %s extent %d: attempt failed (%s: %s); retrying "
+                            "in %.0fs", task.volume_id, task.index, type(e).__name__, e, backoff)
+                outcome = False
             if outcome is not False:
                 return                               # done, or no longer ours / gone
             try:
