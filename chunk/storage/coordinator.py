@@ -1771,9 +1771,18 @@ class Coordinator:
                             data = await e.meta.call("POST", f"/extents/{self.vid}/{idx}/join",
                                                      {"chunk_id": task.target, "generation": gen,
                                                       "epoch": epoch})
-                        except MetaError as ex:
-                            raise MediumError(f"join of {task.target} refused: {ex}") from None
-                        self._adopt(ExtentRecord.from_dict(data.get("extent", data)))
+                        except Exception as ex:  # noqa: BLE001 - the outcome is read from etcd
+                            # The join may have committed with its reply lost (MetaClient's
+                            # retry then gets 409 "already in sync", or gives up on 503): the
+                            # record etcd holds now is adopted under the hold, so no write
+                            # passes with the old replica set while the target is in sync.
+                            if not await self._joined_anyway(idx, task.target):
+                                if isinstance(ex, MetaError):
+                                    raise MediumError(f"join of {task.target} refused: {ex}") from None
+                                raise
+                            data = None
+                        if data is not None:
+                            self._adopt(ExtentRecord.from_dict(data.get("extent", data)))
                         self._dirty.pop((idx, task.target), None)
                         self._sync.pop(idx, None)
                         log.info("volume %s extent %d: %s joined at generation %d", self.vid, idx,
@@ -1789,6 +1798,37 @@ class Coordinator:
             raise MediumError(f"extent {idx}: {task.target} still differs after a full copy")
         finally:
             self._sync.pop(idx, None)
+
+    async def _joined_anyway(self, idx: int, target: str, tries: int = 5) -> bool:
+        """After a join call that failed: adopt extent ``idx``'s record as etcd holds it (the
+        watch may lag) and tell whether ``target`` is in sync in it. Called under the hold:
+        etcd is retried a few times (bounded) since a wrong "no" lets writes miss the target."""
+        e = self.engine
+        delay = 0.2
+        for attempt in range(tries):
+            try:
+                got = await e.etcd.get(e.keys.extent(self.vid, idx))
+            except asyncio.CancelledError:
+                raise
+            except Exception as ex:  # noqa: BLE001 - etcd; retried, then reported
+                if attempt == tries - 1:
+                    log.error("volume %s extent %d: cannot read the extent record after the "
+                              "failed join of %s (%s); if it committed, writes miss it until "
+                              "the extent watch delivers it", self.vid, idx, target, ex)
+                    return False
+                await asyncio.sleep(delay)
+                delay *= 2
+                continue
+            if got is None:
+                return False
+            rec = ExtentRecord.decode(got.value)
+            self._adopt(rec)
+            if target in rec.replicas:
+                log.warning("volume %s extent %d: the join of %s failed to answer but committed "
+                            "(generation %d)", self.vid, idx, target, rec.generation)
+                return True
+            return False
+        return False
 
     async def _copy(self, task, task_rev, sources, target, sync, ranges, rate, total) -> int:
         idx = task.index
