@@ -429,6 +429,38 @@ class Node(pbg.NodeServicer):
         link = by_id(wwn)
         return os.path.realpath(link) == dev if link.exists() else None
 
+    def _linked_disk(self, wwn: str) -> str | None:
+        """The disk ``/dev/disk/by-id/wwn-0x<wwn>`` names, or None when there is no link or
+        the link is stale: it names a disk whose sysfs wwid is another WWN (the volume's disk
+        went away and its sdX name was reused for another volume's disk before udev removed
+        the link). Nothing may be deleted, bound or grown through such a link."""
+        link = by_id(wwn)
+        if not link.exists():
+            return None
+        dev = os.path.realpath(link)
+        if self._is_disk_of(dev, wwn) is False:
+            log.warning("%s names %s, whose wwid is %s: a stale link, not this volume's disk",
+                        link, dev, self._wwn_of(dev))
+            return None
+        return dev
+
+    def _staged_disk(self, vid: str, info: dict[str, Any] | None, code: grpc.StatusCode) -> str:
+        """The disk of the staged volume ``vid`` by its WWN link; ``code`` when the volume is
+        not staged here (no state, no link), FAILED_PRECONDITION when the link names another
+        volume's disk."""
+        if info is None:
+            raise Abort(code, f"volume {vid} is not staged on this node")
+        dev = self._linked_disk(info["wwn"])
+        if dev is not None:
+            return dev
+        link = by_id(info["wwn"])
+        if link.exists():
+            other = os.path.realpath(link)
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"{link} names {other}, whose wwid is {self._wwn_of(other)}, not volume {vid}'s "
+                        f"{info['wwn']}: a stale link to another volume's disk; stage the volume again")
+        raise Abort(code, f"volume {vid} is not staged on this node")
+
     @staticmethod
     def _check_compatible(vid: str, prior: dict[str, Any] | None, info: dict[str, str], kind: str,
                           readonly: bool) -> None:
@@ -522,8 +554,14 @@ class Node(pbg.NodeServicer):
             m = self._mount_at(staging)
             dev = os.path.realpath(m.source) if m is not None and m.source.startswith("/dev/") else None
             info = self._load(vid)
-            if dev is None and info is not None and by_id(info["wwn"]).exists():
-                dev = os.path.realpath(by_id(info["wwn"]))
+            if dev is not None and info is not None and self._is_disk_of(dev, info["wwn"]) is False:
+                # another volume's disk at our staging path: unmounted, never deleted by us
+                log.warning("volume %s: %s at %s is not its disk (wwid %s): not deleting it",
+                            vid, dev, staging, self._wwn_of(dev))
+                dev = None
+            elif dev is None and info is not None:
+                # a stale link (another volume's disk) counts as "our disk is gone"
+                dev = self._linked_disk(info["wwn"])
             # Refused before anything changes: unmounting the staging path under a publish
             # that is still there leaves kubelet a volume it cannot publish again (a second
             # pod: "not staged") and cannot stage again (the disk is in use).
@@ -568,10 +606,7 @@ class Node(pbg.NodeServicer):
                     await self._sync_ro(m.root.lstrip("/"))   # a restart may have come in between
                 return pb.NodePublishVolumeResponse()
             if kind == "block":
-                info = self._load(vid)
-                if info is None or not by_id(info["wwn"]).exists():
-                    raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"volume {vid} is not staged")
-                src = os.path.realpath(by_id(info["wwn"]))
+                src = self._staged_disk(vid, self._load(vid), grpc.StatusCode.FAILED_PRECONDITION)
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 Path(target).touch()
             else:
@@ -592,10 +627,7 @@ class Node(pbg.NodeServicer):
         ALREADY_EXISTS when it is another volume's; FAILED_PRECONDITION, as for a first
         publish, when this volume is not staged (nothing to tell it by)."""
         if kind == "block":
-            info = self._load(vid)
-            if info is None or not by_id(info["wwn"]).exists():
-                raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"volume {vid} is not staged")
-            disk = os.path.realpath(by_id(info["wwn"]))
+            disk = self._staged_disk(vid, self._load(vid), grpc.StatusCode.FAILED_PRECONDITION)
             if m.root != f"/{os.path.basename(disk)}":
                 raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{m.target} is a publish of /dev{m.root}, "
                             f"not of volume {vid}'s disk {disk}")
@@ -651,9 +683,7 @@ class Node(pbg.NodeServicer):
         path = required_path(request, "volume_path")
         async with self._exclusive(vid):
             info = self._load(vid)
-            if info is None or not by_id(info["wwn"]).exists():
-                raise Abort(grpc.StatusCode.NOT_FOUND, f"volume {vid} is not staged on this node")
-            dev = os.path.realpath(by_id(info["wwn"]))
+            dev = self._staged_disk(vid, info, grpc.StatusCode.NOT_FOUND)
             want = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
             # the device's own rescan re-reads its capacity; a session rescan would attach
             # every other LUN of the target as well

@@ -1,0 +1,106 @@
+"""Node safety, continued: the by-id link is only trusted when the disk it names has the
+volume's wwid (a stale link can name another volume's disk once its sdX name is reused).
+Fake host commands, a fake sysfs and mount table in tmp_path; no kernel, no iSCSI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi import csi_pb2 as pb
+from tests.csi.test_node_stage import _p3, _wwid
+from tests.csi.test_node_staging_safety import ROOT, _blk_line, _fs_line, _node, _publish, _save, _unstage
+from tests.csi.test_node_unit import CTX, AbortCtx
+
+Mode = pb.VolumeCapability.AccessMode
+OTHER_WWN = "6001405" + "b" * 25           # volume B's disk
+
+
+def _sysfs_disk(tmp_path: Path, name: str, wwn: str) -> Path:
+    """/sys/block/<name> with its wwid, delete and rescan files; returns the device dir."""
+    _wwid(tmp_path, name, wwn)
+    d = tmp_path / "sys" / "block" / name / "device"
+    (d / "delete").write_text("")
+    (d / "rescan").write_text("")
+    return d
+
+
+# ---- 4: a stale wwn link naming another volume's disk ----
+async def test_unstage_through_a_stale_link_does_not_delete_the_other_volumes_disk(tmp_path: Path, monkeypatch):
+    """v1's disk is gone; sdq now is volume B's disk, and udev has not removed wwn-0x<v1>,
+    which still names sdq. NodeUnstage of v1 flushed and deleted sdq: B's disk, under B's
+    pod. The link is checked against sdq's wwid: v1's disk counts as gone; B's disk and the
+    session (B still uses it) stay, v1's state goes."""
+    node, host, dev = _node(tmp_path, monkeypatch, wwid=False)
+    d = _sysfs_disk(tmp_path, "sdq", OTHER_WWN)
+    host.answers[("iscsiadm", "-m", "session", "-P", "3")] = _p3("sdq")
+    _save(node, "ext4")
+    await node.NodeUnstageVolume(_unstage(tmp_path / "st"), AbortCtx())
+    assert (d / "delete").read_text() == "" and ["blockdev", "--flushbufs", dev] not in host.calls
+    assert not any("--logout" in c for c in host.calls)
+    assert node._load("v1") is None
+
+
+async def test_unstage_does_not_delete_another_volumes_disk_mounted_at_the_staging_path(tmp_path: Path,
+                                                                                          monkeypatch):
+    """The staging path has a disk mounted whose wwid is not v1's: it is unmounted (the CO
+    asked for that path) but not flushed and deleted."""
+    st = tmp_path / "st"
+    node, host, _ = _node(tmp_path, monkeypatch, _fs_line(st, "/dev/sdzz"), wwid=False)
+    d = _sysfs_disk(tmp_path, "sdzz", OTHER_WWN)
+    host.answers[("iscsiadm", "-m", "session", "-P", "3")] = _p3("sdzz")
+    _save(node, "ext4")
+    await node.NodeUnstageVolume(_unstage(st), AbortCtx())
+    assert ["umount", str(st)] in host.calls
+    assert (d / "delete").read_text() == "" and ["blockdev", "--flushbufs", "/dev/sdzz"] not in host.calls
+    assert not any("--logout" in c for c in host.calls)
+
+
+async def test_a_raw_block_publish_through_a_stale_link_is_refused(tmp_path: Path, monkeypatch):
+    """NodePublish of v1 raw block bound the device the link names: B's disk, into v1's pod."""
+    st, target = tmp_path / "st", tmp_path / "pods" / "p0" / "dev"
+    node, host, dev = _node(tmp_path, monkeypatch, wwid=False)
+    _sysfs_disk(tmp_path, "sdq", OTHER_WWN)
+    _save(node, "block")
+    with pytest.raises(RuntimeError) as e:
+        await node.NodePublishVolume(_publish(st, target, "block"), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION and "stale link" in e.value.args[1]
+    assert not any(c[:2] == ["mount", "--bind"] for c in host.calls)
+
+
+async def test_a_raw_block_republish_through_a_stale_link_is_not_answered_ok(tmp_path: Path, monkeypatch):
+    """The target already has a bind of sdq (B's disk): a repeat compared it with the stale
+    link's disk and answered OK."""
+    st, target = tmp_path / "st", tmp_path / "pods" / "p0" / "dev"
+    node, host, dev = _node(tmp_path, monkeypatch, _blk_line(target), wwid=False)
+    _sysfs_disk(tmp_path, "sdq", OTHER_WWN)
+    _save(node, "block")
+    with pytest.raises(RuntimeError) as e:
+        await node.NodePublishVolume(_publish(st, target, "block"), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_expand_through_a_stale_link_is_refused(tmp_path: Path, monkeypatch):
+    """NodeExpand of v1 rescanned and reported the size of B's disk."""
+    blk = tmp_path / "pods" / "p0" / "dev"
+    node, host, dev = _node(tmp_path, monkeypatch, _blk_line(blk), wwid=False)
+    d = _sysfs_disk(tmp_path, "sdq", OTHER_WWN)
+    _save(node, "block")
+    host.answers[("blockdev", "--getsize64", dev)] = (0, f"{64 << 20}\n")
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
+            volume_id="v1", volume_path=str(blk), capacity_range=pb.CapacityRange(required_bytes=64 << 20)),
+            AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION and "stale link" in e.value.args[1]
+    assert (d / "rescan").read_text() == "" and not any(c[0] == "blockdev" for c in host.calls)
+
+
+async def test_the_own_disk_behind_the_link_is_still_unstaged(tmp_path: Path, monkeypatch):
+    """The check does not stop the normal case: the link's disk has v1's wwid."""
+    node, host, dev = _node(tmp_path, monkeypatch, wwid=False)
+    d = _sysfs_disk(tmp_path, "sdq", CTX["wwn"])
+    _save(node, "ext4")
+    await node.NodeUnstageVolume(_unstage(tmp_path / "st"), AbortCtx())
+    assert ["blockdev", "--flushbufs", dev] in host.calls and (d / "delete").read_text() == "1"
