@@ -418,7 +418,29 @@ class Child:
 
 
 def say(text: str, err: bool = False) -> None:
-    print(text, file=sys.stderr if err else sys.stdout, flush=True)
+    """Print a progress line; never raises.
+
+    The output may be gone while the cluster runs: the terminal hung up (EIO after
+    an ssh drop) or the reader of a pipe died (EPIPE from a ``| tee`` killed by the
+    same Ctrl-C). A print must then not abandon a signal handler or the ordered
+    shutdown. A broken stream is pointed at /dev/null, so the lines still buffered
+    in it do not fail again (and turn the exit status into 120) at exit.
+    """
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except OSError:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, stream.fileno())
+            finally:
+                os.close(null)
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    except ValueError:               # closed stream
+        pass
 
 
 # -- the supervisor -----------------------------------------------------------------
@@ -592,13 +614,14 @@ class Supervisor:
         return "\n".join(lines)
 
     def on_signal(self, sig: signal.Signals) -> None:
+        # Act first, then tell: nothing printed may keep the signal from taking effect.
         if self.stop.is_set():
-            say(f"got {sig.name} again: killing everything now", err=True)
             for c in self.children:
                 c.signal(signal.SIGKILL)
+            say(f"got {sig.name} again: killing everything now", err=True)
             return
-        say(f"\ngot {sig.name}: stopping the cluster", err=True)
         self.stop.set()
+        say(f"\ngot {sig.name}: stopping the cluster", err=True)
 
     async def shutdown(self) -> None:
         self.stopping = True

@@ -1,0 +1,137 @@
+"""The ``zstore up`` supervisor's own logic: signals, readiness, the pid lock."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.cluster import PY, ROOT, free_port, free_port_range, wait_for
+from tests.zstore.test_up import _alive, _env
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+
+
+class BrokenStream(io.TextIOBase):
+    """stdout/stderr after the terminal hung up (EIO) or the reading end of the pipe is gone."""
+
+    def __init__(self, err: int = errno.EIO) -> None:
+        self.err = err
+
+    def write(self, s: str) -> int:
+        raise OSError(self.err, os.strerror(self.err))
+
+    def flush(self) -> None:
+        raise OSError(self.err, os.strerror(self.err))
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+
+def _broken_output(monkeypatch, err: int = errno.EIO) -> None:
+    monkeypatch.setattr(sys, "stdout", BrokenStream(err))
+    monkeypatch.setattr(sys, "stderr", BrokenStream(err))
+
+
+async def _real_child(up, tmp_path: Path, name: str, kind: str):
+    """A Child around a real sleeping process in its own session (so killpg reaches only it)."""
+    proc = await asyncio.create_subprocess_exec(*SLEEPER, stdin=asyncio.subprocess.DEVNULL,
+                                                start_new_session=True)
+    return up.Child(name, kind, SLEEPER, tmp_path / f"{name}.log", proc=proc)
+
+
+async def _reap(children) -> None:
+    for c in children:
+        if c.proc.returncode is None:
+            c.proc.kill()
+        await c.proc.wait()
+
+
+# -- 1. signals and shutdown with a broken stdout/stderr ------------------------------
+
+async def test_signal_sets_stop_even_when_printing_fails(tmp_path: Path, monkeypatch):
+    """A hung-up terminal (EIO) or a dead `| tee` (EPIPE) must not keep the cluster running."""
+    from zstore import up
+    sup = up.Supervisor(up.Layout(tmp_path), "etcd")
+    child = await _real_child(up, tmp_path, "chunk0", "chunk")
+    sup.children.append(child)
+    try:
+        _broken_output(monkeypatch)
+        sup.on_signal(signal.SIGTERM)
+        assert sup.stop.is_set()
+        _broken_output(monkeypatch, errno.EPIPE)
+        sup.on_signal(signal.SIGINT)                   # the second one kills everything at once
+        assert await asyncio.wait_for(child.proc.wait(), 10) == -signal.SIGKILL
+    finally:
+        await _reap([child])
+
+
+async def test_shutdown_completes_when_printing_fails(tmp_path: Path, monkeypatch):
+    from zstore import up
+    sup = up.Supervisor(up.Layout(tmp_path), "etcd")
+    sup.children += [await _real_child(up, tmp_path, "chunk0", "chunk"),
+                     await _real_child(up, tmp_path, "etcd", "etcd")]
+    try:
+        _broken_output(monkeypatch, errno.EPIPE)
+        await asyncio.wait_for(sup.shutdown(), 30)
+        assert [c.proc.returncode for c in sup.children] == [-signal.SIGTERM, -signal.SIGTERM]
+    finally:
+        await _reap(sup.children)
+
+
+def _read_until(proc: subprocess.Popen, text: bytes, timeout: float) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while text not in out:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {text!r} within {timeout}s:\n{out.decode(errors='replace')}"
+            if sel.select(min(left, 1.0)):
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                assert chunk, f"zstore up closed its output:\n{out.decode(errors='replace')}"
+                out += chunk
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_cluster_after_its_output_pipe_closed(tmp_path: Path):
+    """`zstore up | tee log`, tee killed: SIGTERM (as `zstore down` sends) still stops everything."""
+    state = tmp_path / "state"
+    base = free_port_range(40)
+    proc = subprocess.Popen(
+        [PY, "-m", "zstore.up", "--state-dir", str(state), "--base-port", str(base), "--chunks", "1",
+         "--vip-port", str(free_port("127.0.0.2"))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=_env(),
+        start_new_session=True)
+    pids: list[int] = []
+    try:
+        _read_until(proc, b"Ctrl-C or `zstore down` stops the cluster.", 90)
+        pids = [c["pid"] for c in json.loads((state / "up.json").read_text())["children"]]
+        proc.stdout.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not [p for p in pids if _alive(p)]
+        assert not (state / "up.pid").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        wait_for(lambda: not [p for p in pids if _alive(p)], 20, "every child gone")
