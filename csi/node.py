@@ -189,17 +189,53 @@ class Node(pbg.NodeServicer):
     def _state_path(self, vid: str) -> Path:
         return self.state_dir / f"{vid}.json"
 
-    def _load(self, vid: str) -> dict[str, Any] | None:
+    def _read_state(self, vid: str) -> tuple[dict[str, Any] | None, bool]:
+        """(state, corrupt): the saved state, or None with corrupt=True when the file is there
+        but unusable (empty or truncated by a power loss, not JSON, lacking the target or the
+        WWN). A corrupt file is logged and counts as no saved state; it never fails a call."""
+        path = self._state_path(vid)
         try:
-            return json.loads(self._state_path(vid).read_text())
+            info = json.loads(path.read_bytes())
         except FileNotFoundError:
-            return None
+            return None, False
+        except (OSError, ValueError) as e:      # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            log.warning("volume %s: state file %s is unreadable (%s: %s): ignored",
+                        vid, path, type(e).__name__, e)
+            return None, True
+        if not isinstance(info, dict) or not all(isinstance(info.get(k), str) and info[k]
+                                                 for k in ("target", "wwn", "portal")):
+            log.warning("volume %s: state file %s lacks target/wwn/portal: ignored", vid, path)
+            return None, True
+        return info, False
+
+    def _load(self, vid: str) -> dict[str, Any] | None:
+        return self._read_state(vid)[0]
 
     def _save(self, vid: str, info: dict[str, Any]) -> None:
+        """Written durably: the temp file is fsynced before it replaces the state, and the
+        directory after, so a power loss leaves the old state or the new one, not an empty file."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self._state_path(vid).with_suffix(".tmp")
-        tmp.write_text(json.dumps(info))
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(info).encode())
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(self._state_path(vid))
+        fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def _state_from_disk(self, dev: str) -> dict[str, Any] | None:
+        """For an unstage whose state file is corrupt: the target and portal of the session that
+        has the disk ``dev`` (mounted at the staging path), its WWN from sysfs; None when no
+        session has it."""
+        name = os.path.basename(dev)
+        s = next((s for s in await self.iscsi.sessions(detail=True) if name in s.disks), None)
+        if s is None:
+            return None
+        return {"target": s.target, "portal": s.portal, "wwn": self._wwn_of(dev) or "", "lun": ""}
 
     # ---- devices ----
     async def _wait_device(self, wwn: str) -> str:
@@ -553,7 +589,11 @@ class Node(pbg.NodeServicer):
         async with self._exclusive(vid):
             m = self._mount_at(staging)
             dev = os.path.realpath(m.source) if m is not None and m.source.startswith("/dev/") else None
-            info = self._load(vid)
+            info, corrupt = self._read_state(vid)
+            if corrupt and dev is not None:
+                # the state file was lost to a crash: the disk mounted at the staging path says
+                # which session it is on (a raw block stage has no such mount: as with no state)
+                info = await self._state_from_disk(dev)
             if dev is not None and info is not None and self._is_disk_of(dev, info["wwn"]) is False:
                 # another volume's disk at our staging path: unmounted, never deleted by us
                 log.warning("volume %s: %s at %s is not its disk (wwid %s): not deleting it",
@@ -572,6 +612,8 @@ class Node(pbg.NodeServicer):
             if m is not None:
                 await self.host.run(["umount", staging])
             if info is None:
+                if corrupt:
+                    self._state_path(vid).unlink(missing_ok=True)
                 return pb.NodeUnstageVolumeResponse()      # never staged here, or done already
             async with self._target_locks[info["target"]]:
                 await self._release(info, dev)

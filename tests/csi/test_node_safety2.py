@@ -104,3 +104,103 @@ async def test_the_own_disk_behind_the_link_is_still_unstaged(tmp_path: Path, mo
     _save(node, "ext4")
     await node.NodeUnstageVolume(_unstage(tmp_path / "st"), AbortCtx())
     assert ["blockdev", "--flushbufs", dev] in host.calls and (d / "delete").read_text() == "1"
+
+
+# ---- 3: a corrupt state file (power loss before the data reached the disk) ----
+import asyncio  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+from tests.csi.test_node_stage import OLD_WWN, _lun_dev, stage_req  # noqa: E402
+
+
+async def _delete_when_asked(sysdisk: Path) -> None:
+    """The kernel's side of /sys/block/<name>/device/delete: the disk's entry goes."""
+    while (sysdisk / "device" / "delete").read_text() != "1":
+        await asyncio.sleep(0.01)
+    shutil.rmtree(sysdisk)
+
+
+@pytest.mark.parametrize("content", [b"", b'{"target": "iqn.2026-01.io.zstore:1d2', b"\x00" * 64, b"[]"])
+async def test_unstage_with_a_corrupt_state_file_unmounts_deletes_the_disk_and_logs_out(
+        tmp_path: Path, monkeypatch, content):
+    """_save did no fsync: a power loss left v1.json empty or truncated, and every call on v1
+    raised JSONDecodeError (UNKNOWN) forever, unstage included. The disk mounted at the staging
+    path names its session: unmounted, deleted, logged out, and the broken file removed."""
+    st = tmp_path / "st"
+    node, host, _ = _node(tmp_path, monkeypatch, _fs_line(st, "/dev/sdzz"), wwid=False)
+    _sysfs_disk(tmp_path, "sdzz", CTX["wwn"])
+    host.answers[("iscsiadm", "-m", "session", "-P", "3")] = _p3("sdzz")
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    node._state_path("v1").write_bytes(content)
+    kernel = asyncio.create_task(_delete_when_asked(tmp_path / "sys" / "block" / "sdzz"))
+    await asyncio.wait_for(node.NodeUnstageVolume(_unstage(st), AbortCtx()), 5)
+    await asyncio.wait_for(kernel, 1)
+    assert ["umount", str(st)] in host.calls and ["blockdev", "--flushbufs", "/dev/sdzz"] in host.calls
+    assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls
+    assert not node._state_path("v1").exists()
+
+
+async def test_unstage_with_a_corrupt_state_file_and_nothing_mounted_is_ok(tmp_path: Path, monkeypatch):
+    node, host, _ = _node(tmp_path, monkeypatch)
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    node._state_path("v1").write_bytes(b"")
+    await node.NodeUnstageVolume(_unstage(tmp_path / "st"), AbortCtx())
+    assert not node._state_path("v1").exists()
+
+
+async def test_a_corrupt_state_file_of_the_volume_does_not_block_its_stage(tmp_path: Path, monkeypatch):
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (0, "DEVNAME=x\nTYPE=ext4\n")
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    node._state_path("v1").write_bytes(b"")
+    await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert ["mount", "-t", "ext4", dev, str(st)] in host.calls
+    assert node._load("v1")["wwn"] == CTX["wwn"]
+
+
+async def test_another_volumes_corrupt_state_file_does_not_fail_a_stage(tmp_path: Path, monkeypatch):
+    """_replace_stale_disk reads every state file: one empty file (another volume's) made
+    every stage that met a stale disk at its LUN fail with UNKNOWN."""
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch, wwid=False)
+    link = tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}"
+    link.unlink()
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (0, "DEVNAME=x\nTYPE=ext4\n")
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    node._state_path("v2").write_bytes(b"")
+    stale = _lun_dev(tmp_path, "sdst", OLD_WWN)
+
+    async def kernel():
+        while (stale / "delete").read_text() != "1":
+            await asyncio.sleep(0.01)
+        shutil.rmtree(stale)
+        scan = tmp_path / "sys" / "class" / "scsi_host" / "host0" / "scan"
+        scan.write_text("")
+        while scan.read_text() != f"- - {CTX['lun']}":
+            await asyncio.sleep(0.01)
+        link.symlink_to(tmp_path / "sdq")
+
+    task = asyncio.create_task(kernel())
+    try:
+        await asyncio.wait_for(node.NodeStageVolume(stage_req(st), AbortCtx()), 5)
+    finally:
+        task.cancel()
+    assert ["mount", "-t", "ext4", dev, str(st)] in host.calls
+
+
+async def test_the_state_file_is_fsynced_before_and_after_it_replaces_the_old_one(tmp_path: Path, monkeypatch):
+    node, host, _ = _node(tmp_path, monkeypatch)
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    _save(node, "ext4")
+    assert str(node.state_dir / "v1.tmp") in synced and str(node.state_dir) in synced
+    assert synced.index(str(node.state_dir / "v1.tmp")) < synced.index(str(node.state_dir))
+    assert node._load("v1")["kind"] == "ext4"
