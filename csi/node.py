@@ -100,6 +100,14 @@ def attach_info(request: Any) -> dict[str, str]:
     return {"target": ctx["targetIQN"], "lun": ctx["lun"], "wwn": wwn, "portal": ctx["portal"]}
 
 
+def readonly_of(request: Any) -> bool:
+    """Whether the disk is exported write-protected: a reader-only access mode, or the
+    controller's ``readonly`` in publish_context (a PV with ``readOnly: true`` keeps its
+    writer access mode, and ControllerPublish puts it on the ACL read-only all the same)."""
+    mode = request.volume_capability.access_mode.mode
+    return mode in READ_ONLY or request.publish_context.get("readonly", "").strip().lower() == "true"
+
+
 def by_id(wwn: str) -> Path:
     return Path(f"/dev/disk/by-id/wwn-0x{wwn}")
 
@@ -144,7 +152,8 @@ def mount_options(fs: str, flags: list[str] | tuple[str, ...], readonly: bool) -
     xfs refuses to mount a second filesystem with a UUID already mounted on the host ("duplicate
     UUID"), which is the case wherever the source is staged too.
 
-    Read-only (a reader-only access mode: the disk is exported write-protected): no journal
+    Read-only (a reader-only access mode, or ``readonly`` in publish_context: the disk is
+    exported write-protected): no journal
     replay, which needs to write (``noload`` for ext3/4, ``norecovery`` for xfs). A volume
     restored from a crash-consistent snapshot, or one whose writer crashed, has a dirty
     journal, and a plain ro mount of it fails ("write access unavailable", "recovery required
@@ -361,11 +370,17 @@ class Node(pbg.NodeServicer):
             chap, discovery_chap = from_secrets(request.secrets)
         except ChapError as e:
             raise invalid(str(e))
-        readonly = request.volume_capability.access_mode.mode in READ_ONLY
+        readonly = readonly_of(request)
         state = {**info, "kind": kind, "ro": readonly}
         async with self._exclusive(vid):
             prior = self._load(vid)
-            self._check_compatible(vid, prior, info, kind, readonly)
+            if (readonly and prior is not None and prior.get("ro") is False and kind != "block"
+                    and (sm := self._mount_at(staging)) is not None and "ro" in sm.options.split(",")):
+                # staged before publish_context's readonly was read: recorded read-write, but
+                # mount fell back to ro on the write-protected disk; the record is corrected
+                self._check_compatible(vid, {**prior, "ro": True}, info, kind, readonly)
+            else:
+                self._check_compatible(vid, prior, info, kind, readonly)
             if self._already_staged(vid, prior, info, kind, staging):
                 # kubelet re-sends NodeStage for staged volumes (after its own restart, say):
                 # success, and nothing run that could fail and "undo" a volume in use
@@ -428,10 +443,12 @@ class Node(pbg.NodeServicer):
                 fs = await probe_device(self.host, dev)
                 if not fs and readonly:
                     # exported write-protected: a mkfs could only fail, on every retry
+                    why = Mode.Mode.Name(request.volume_capability.access_mode.mode)
+                    if request.volume_capability.access_mode.mode not in READ_ONLY:
+                        why = "readonly in publish_context"
                     raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"volume {vid} has no filesystem and is staged read-only "
-                                f"({Mode.Mode.Name(request.volume_capability.access_mode.mode)}): "
-                                "nothing to mount, and it cannot be formatted")
+                                f"({why}): nothing to mount, and it cannot be formatted")
                 if not fs:
                     await self.host.run([f"mkfs.{kind}", *(["-F", "-q"] if kind == "ext4" else ["-q"]), dev])
                     fs = kind
@@ -629,7 +646,7 @@ class Node(pbg.NodeServicer):
         if not request.HasField("volume_capability"):
             raise invalid("volume_capability is required")
         kind = check_capability(request.volume_capability)
-        ro = request.readonly or request.volume_capability.access_mode.mode in READ_ONLY
+        ro = request.readonly or readonly_of(request)
         async with self._exclusive(vid):
             m = self._mount_at(target)
             if m is not None:

@@ -204,3 +204,70 @@ async def test_the_state_file_is_fsynced_before_and_after_it_replaces_the_old_on
     assert str(node.state_dir / "v1.tmp") in synced and str(node.state_dir) in synced
     assert synced.index(str(node.state_dir / "v1.tmp")) < synced.index(str(node.state_dir))
     assert node._load("v1")["kind"] == "ext4"
+
+
+# ---- 2: publish_context's readonly (a PV with readOnly: true and a writer access mode) ----
+from tests.csi.test_node_stage import mount_calls  # noqa: E402
+
+
+def _ro_ctx(req: pb.NodeStageVolumeRequest) -> pb.NodeStageVolumeRequest:
+    req.publish_context["readonly"] = "true"
+    return req
+
+
+@pytest.mark.parametrize("fs, skip", [("ext4", "noload"), ("xfs", "norecovery")])
+async def test_a_stage_with_readonly_in_publish_context_mounts_ro_without_journal_replay(
+        tmp_path: Path, monkeypatch, fs, skip):
+    """ReadWriteOnce PV with readOnly: ControllerPublish put the node on the ACL read-only (the
+    LUN is write-protected) and said so in publish_context, but the stage took readonly from
+    the access mode alone: a rw mount, which fails for a dirty journal on every retry."""
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (0, f"DEVNAME=x\nTYPE={fs}\n")
+    await node.NodeStageVolume(_ro_ctx(stage_req(st, fs)), AbortCtx())
+    call = mount_calls(host)[0]
+    assert call[:4] == ["mount", "-t", fs, "-o"] and {"ro", skip} <= set(call[4].split(","))
+    assert node._load("v1")["ro"] is True
+
+
+async def test_a_blank_volume_with_readonly_in_publish_context_is_never_formatted(tmp_path: Path, monkeypatch):
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")          # blank; the head reads
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(_ro_ctx(stage_req(st)), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION and "publish_context" in e.value.args[1]
+    assert not any(c[0].startswith("mkfs") for c in host.calls) and not mount_calls(host)
+
+
+async def test_readonly_false_in_publish_context_is_a_read_write_stage(tmp_path: Path, monkeypatch):
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (0, "DEVNAME=x\nTYPE=ext4\n")
+    req = stage_req(st)
+    req.publish_context["readonly"] = "false"
+    await node.NodeStageVolume(req, AbortCtx())
+    assert mount_calls(host) == [["mount", "-t", "ext4", dev, str(st)]] and node._load("v1")["ro"] is False
+
+
+async def test_a_publish_with_readonly_in_publish_context_is_remounted_ro(tmp_path: Path, monkeypatch):
+    st, target = tmp_path / "st", tmp_path / "pods" / "p0" / "vol"
+    dev = str(tmp_path / "sdq")
+    node, host, _ = _node(tmp_path, monkeypatch, _fs_line(st, dev, "ro,relatime"))
+    _save(node, "ext4", ro=True)
+    req = _publish(st, target)
+    req.publish_context["readonly"] = "true"
+    await node.NodePublishVolume(req, AbortCtx())
+    assert ["mount", "-o", "remount,bind,ro", str(target)] in host.calls
+
+
+async def test_a_restage_of_a_volume_recorded_rw_but_mounted_ro_is_ok_and_the_record_fixed(
+        tmp_path: Path, monkeypatch):
+    """Staged by a plugin that ignored publish_context's readonly: recorded rw, while mount fell
+    back to ro on the write-protected disk. kubelet's repeat NodeStage (now read-only) must not
+    be ALREADY_EXISTS for a volume in use; the record is corrected."""
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch, _fs_line(st, str(tmp_path / "sdq"), "ro,relatime"))
+    _save(node, "ext4", ro=False)
+    await node.NodeStageVolume(_ro_ctx(stage_req(st)), AbortCtx())
+    assert host.calls == [] and node._load("v1")["ro"] is True
