@@ -582,13 +582,18 @@ class Node(pbg.NodeServicer):
 
     async def _release(self, info: dict[str, str], dev: str | None) -> None:
         """Under the target lock: delete the disk ``dev`` (FAILED_PRECONDITION while anything
-        still mounts it: a publish not yet unpublished, a second staging path), then log out
+        still mounts it: a publish not yet unpublished, a second staging path; or holds it: a
+        dm map, LVM, md), then log out
         of the target once no disk of it is left."""
         if dev is not None:
             users = self._users(dev)
             if users:
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"{dev} is still mounted at {', '.join(users[:3])}: unpublish it first")
+            holders = self._holders(dev)
+            if holders:
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{dev} is in use by {', '.join(holders[:3])}: remove it first")
             await self._remove_device(dev)
         s = await self.iscsi.session_for(info["target"], detail=True)
         if s is not None and not [d for d in s.disks if f"/dev/{d}" != dev]:
@@ -626,6 +631,13 @@ class Node(pbg.NodeServicer):
             if others:
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"{dev} is still mounted at {', '.join(others[:3])}: unpublish it first")
+            # a holder (a dm map, LVM, md over the disk) uses it as a mount does: deleting the
+            # disk under it fails its I/O, logging out takes the disk away
+            holders = self._holders(dev) if dev is not None else []
+            if holders:
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{dev} is in use by {', '.join(holders[:3])}: remove it first "
+                            "(dmsetup remove, vgchange -an, mdadm --stop)")
             if m is not None:
                 await self.host.run(["umount", staging])
             if info is None:

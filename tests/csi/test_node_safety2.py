@@ -11,7 +11,7 @@ import pytest
 
 from csi import csi_pb2 as pb
 from tests.csi.test_node_stage import _p3, _wwid
-from tests.csi.test_node_staging_safety import ROOT, _blk_line, _fs_line, _node, _publish, _save, _unstage
+from tests.csi.test_node_staging_safety import ROOT, _blk_line, _fs_line, _node, _publish, _save, _table, _unstage
 from tests.csi.test_node_unit import CTX, AbortCtx
 
 Mode = pb.VolumeCapability.AccessMode
@@ -271,3 +271,29 @@ async def test_a_restage_of_a_volume_recorded_rw_but_mounted_ro_is_ok_and_the_re
     _save(node, "ext4", ro=False)
     await node.NodeStageVolume(_ro_ctx(stage_req(st)), AbortCtx())
     assert host.calls == [] and node._load("v1")["ro"] is True
+
+
+# ---- 6: a holder (dm map, LVM, md) over the disk ----
+@pytest.mark.parametrize("mounted", [True, False])
+async def test_unstage_of_a_disk_with_a_holder_is_refused_and_changes_nothing(tmp_path: Path, monkeypatch,
+                                                                              mounted):
+    """Stage refuses a disk with a holder; unstage ignored them: it flushed and deleted the disk
+    under a dm map (dm-0 then fails every I/O) and logged the session out."""
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch, _fs_line(st, str(tmp_path / "sdq")) if mounted else "",
+                            wwid=False)
+    d = _sysfs_disk(tmp_path, "sdq", CTX["wwn"])
+    (tmp_path / "sys" / "block" / "sdq" / "holders" / "dm-0").mkdir(parents=True)
+    _save(node, "ext4")
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeUnstageVolume(_unstage(st), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION and "holder dm-0" in e.value.args[1]
+    assert (d / "delete").read_text() == "" and ["blockdev", "--flushbufs", dev] not in host.calls
+    assert not any("--logout" in c for c in host.calls) and node._load("v1") is not None
+    assert (str(st) in _table(tmp_path)) == mounted and ["umount", str(st)] not in host.calls
+    # the holder gone: unstaged
+    (tmp_path / "sys" / "block" / "sdq" / "holders" / "dm-0").rmdir()
+    kernel = asyncio.create_task(_delete_when_asked(tmp_path / "sys" / "block" / "sdq"))
+    await asyncio.wait_for(node.NodeUnstageVolume(_unstage(st), AbortCtx()), 5)
+    await asyncio.wait_for(kernel, 1)
+    assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls and node._load("v1") is None
