@@ -542,6 +542,7 @@ class Supervisor:
         from zstore import etcd as zetcd
         from zstore.config import EtcdConfig
         from zstore.keys import Keys
+        from zstore.records import ChunkLive
         for i in range(self.layout.chunks):
             path = self.layout.chunk_dir(i) / "chunk-id"
             if path.exists() and path.read_text().strip():
@@ -552,9 +553,14 @@ class Supervisor:
             self._etcd = zetcd.client(EtcdConfig(endpoints=[self.layout.etcd_endpoint], prefix=PREFIX,
                                                  timeout=2))
         keys = Keys(PREFIX)
+        pids = {c.name: c.proc.pid for c in self.children if c.kind == "chunk" and c.proc is not None}
         try:
-            for cid in self.chunk_ids.values():
-                if await self._etcd.get(keys.chunk_live(cid)) is None:
+            for name, cid in self.chunk_ids.items():
+                got = await self._etcd.get(keys.chunk_live(cid))
+                # The record must be this run's: etcd keeps leases across its restart (and
+                # grants them their TTL again), so after a supervisor was SIGKILLed the live
+                # record of the previous chunk server is still there for a while.
+                if got is None or ChunkLive.decode(got.value).pid != pids.get(name):
                     return False
             return True
         except Exception:  # noqa: BLE001 - not ready yet

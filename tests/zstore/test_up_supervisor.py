@@ -135,3 +135,36 @@ def test_sigterm_stops_the_cluster_after_its_output_pipe_closed(tmp_path: Path):
             except (ProcessLookupError, PermissionError):
                 pass
         wait_for(lambda: not [p for p in pids if _alive(p)], 20, "every child gone")
+
+
+# -- 2. a live record left by a previous run ------------------------------------------
+
+async def test_chunks_live_ignores_a_previous_runs_live_record(tmp_path: Path, etcd_server, etcd_config,
+                                                               etcd_client, monkeypatch):
+    """etcd keeps leases across its restart: chunks/<id>/live of the killed run still exists."""
+    from zstore import up
+    from zstore.keys import Keys
+    from zstore.records import ChunkLive
+    monkeypatch.setattr(up, "PREFIX", etcd_config.prefix)
+    lay = up.Layout(tmp_path, base_port=int(etcd_server.endpoint.rsplit(":", 1)[1]), chunks=1)
+    assert lay.etcd_endpoint == etcd_server.endpoint
+    cid = f"c-{uuid.uuid4().hex}"
+    lay.chunk_dir(0).mkdir()
+    (lay.chunk_dir(0) / "chunk-id").write_text(cid + "\n")
+    sup = up.Supervisor(lay, "etcd")
+    new_pid, old_pid = 4_000_001, 4_000_002          # never signalled: no process is touched
+    sup.children.append(up.Child("chunk0", "chunk", [], tmp_path / "chunk0.log",
+                                 proc=SimpleNamespace(pid=new_pid, returncode=None)))
+    key = Keys(etcd_config.prefix).chunk_live(cid)
+    lease = await etcd_client.lease(60)
+    try:
+        await etcd_client.put(key, ChunkLive(chunk_id=cid, pid=old_pid, started=1.0, lease_ttl=5).encode(),
+                              lease=lease)
+        assert await sup._chunks_live() is False
+        await etcd_client.put(key, ChunkLive(chunk_id=cid, pid=new_pid, started=2.0, lease_ttl=5).encode(),
+                              lease=lease)
+        assert await sup._chunks_live() is True
+    finally:
+        await lease.revoke()
+        if sup._etcd is not None:
+            await sup._etcd.close()
