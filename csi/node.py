@@ -14,6 +14,7 @@ login; calls on different volumes run concurrently.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -113,9 +114,19 @@ def by_id(wwn: str) -> Path:
 
 
 def _read_head(dev: str, length: int = 1 << 20) -> None:
+    """Read the first ``length`` bytes of ``dev`` (all of it, if smaller); OSError unless every
+    byte came back. A short read is a failed one (the kernel returns what it read before an
+    I/O error), and a disk with no capacity (a LUN the target reports empty, a disk going
+    away) has nothing that proves it blank."""
     fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.pread(fd, length, 0)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size <= 0:
+            raise OSError(errno.EIO, f"{dev} reports a capacity of {size} bytes")
+        want = min(length, size)
+        got = len(os.pread(fd, want, 0))
+        if got != want:
+            raise OSError(errno.EIO, f"short read of {dev}: {got} of {want} bytes")
     finally:
         os.close(fd)
 

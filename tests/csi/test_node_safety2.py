@@ -4,17 +4,20 @@ Fake host commands, a fake sysfs and mount table in tmp_path; no kernel, no iSCS
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
 from pathlib import Path
 
 import grpc
 import pytest
 
+import csi.node as node_mod
 from csi import csi_pb2 as pb
-from tests.csi.test_node_stage import _p3, _wwid
-from tests.csi.test_node_staging_safety import ROOT, _blk_line, _fs_line, _node, _publish, _save, _table, _unstage
+from tests.csi.test_node_stage import OLD_WWN, _lun_dev, _p3, _wwid, mount_calls, stage_req
+from tests.csi.test_node_staging_safety import _blk_line, _fs_line, _node, _publish, _save, _table, _unstage
 from tests.csi.test_node_unit import CTX, AbortCtx
 
-Mode = pb.VolumeCapability.AccessMode
 OTHER_WWN = "6001405" + "b" * 25           # volume B's disk
 
 
@@ -102,16 +105,13 @@ async def test_the_own_disk_behind_the_link_is_still_unstaged(tmp_path: Path, mo
     node, host, dev = _node(tmp_path, monkeypatch, wwid=False)
     d = _sysfs_disk(tmp_path, "sdq", CTX["wwn"])
     _save(node, "ext4")
-    await node.NodeUnstageVolume(_unstage(tmp_path / "st"), AbortCtx())
-    assert ["blockdev", "--flushbufs", dev] in host.calls and (d / "delete").read_text() == "1"
+    kernel = asyncio.create_task(_delete_when_asked(d.parent))
+    await asyncio.wait_for(node.NodeUnstageVolume(_unstage(tmp_path / "st"), AbortCtx()), 5)
+    await asyncio.wait_for(kernel, 1)
+    assert ["blockdev", "--flushbufs", dev] in host.calls and not d.exists()
 
 
 # ---- 3: a corrupt state file (power loss before the data reached the disk) ----
-import asyncio  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-
-from tests.csi.test_node_stage import OLD_WWN, _lun_dev, stage_req  # noqa: E402
 
 
 async def _delete_when_asked(sysdisk: Path) -> None:
@@ -207,7 +207,6 @@ async def test_the_state_file_is_fsynced_before_and_after_it_replaces_the_old_on
 
 
 # ---- 2: publish_context's readonly (a PV with readOnly: true and a writer access mode) ----
-from tests.csi.test_node_stage import mount_calls  # noqa: E402
 
 
 def _ro_ctx(req: pb.NodeStageVolumeRequest) -> pb.NodeStageVolumeRequest:
@@ -232,7 +231,7 @@ async def test_a_stage_with_readonly_in_publish_context_mounts_ro_without_journa
 
 async def test_a_blank_volume_with_readonly_in_publish_context_is_never_formatted(tmp_path: Path, monkeypatch):
     st = tmp_path / "st"
-    node, host, dev = _node(tmp_path, monkeypatch)
+    node, host, dev = _node(tmp_path, monkeypatch, wwid=False)
     host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")          # blank; the head reads
     with pytest.raises(RuntimeError) as e:
         await node.NodeStageVolume(_ro_ctx(stage_req(st)), AbortCtx())
@@ -297,3 +296,43 @@ async def test_unstage_of_a_disk_with_a_holder_is_refused_and_changes_nothing(tm
     await asyncio.wait_for(node.NodeUnstageVolume(_unstage(st), AbortCtx()), 5)
     await asyncio.wait_for(kernel, 1)
     assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls and node._load("v1") is None
+
+
+# ---- 5: the blank check must have read the head of the disk, all of it ----
+
+
+async def test_a_short_read_of_the_head_is_unavailable_not_blank(tmp_path: Path, monkeypatch):
+    """blkid found no signature and the head "read": os.pread's length was discarded, so a
+    read cut short by an I/O error (the kernel returns the bytes before the failing sector)
+    counted as blank, and mkfs.ext4 ran over a LUN failing its reads."""
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch, wwid=False)
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
+    real = os.pread
+    monkeypatch.setattr(node_mod.os, "pread", lambda fd, n, off: real(fd, n, off)[: n // 2])
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.UNAVAILABLE and "short read" in e.value.args[1]
+    assert not any(c[0].startswith("mkfs") for c in host.calls) and not mount_calls(host)
+
+
+async def test_a_disk_of_no_capacity_is_unavailable_not_blank(tmp_path: Path, monkeypatch):
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch, wwid=False)
+    Path(dev).write_bytes(b"")
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.UNAVAILABLE
+    assert not any(c[0].startswith("mkfs") for c in host.calls) and not mount_calls(host)
+
+
+@pytest.mark.parametrize("size", [1 << 20, 4096 * 3])
+async def test_a_blank_disk_that_reads_whole_is_formatted(tmp_path: Path, monkeypatch, size):
+    """The control: a blank disk whose head reads in full (smaller than 1 MiB too) is formatted."""
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    Path(dev).write_bytes(bytes(size))
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
+    await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert ["mkfs.ext4", "-F", "-q", dev] in host.calls
