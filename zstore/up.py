@@ -520,10 +520,7 @@ class Supervisor:
         while True:
             if self.stop.is_set():
                 raise Interrupted
-            for c in watched:
-                if c.exited:
-                    raise UpError(f"{c.name} {c.describe_exit()} while starting; "
-                                  f"last lines of {c.log_path}:\n{c.log_tail()}")
+            self.check_started(watched)
             value = await cond()
             if value:
                 say(f"  ready: {what}")
@@ -537,6 +534,13 @@ class Supervisor:
                 await asyncio.wait_for(self.stop.wait(), 0.2)
             except asyncio.TimeoutError:
                 pass
+
+    def check_started(self, watched: Sequence[Child] = ()) -> None:
+        """UpError if any child started so far (not only this stage's) has exited."""
+        for c in [*watched, *self.children]:
+            if c.exited:
+                raise UpError(f"{c.name} {c.describe_exit()} while starting; "
+                              f"last lines of {c.log_path}:\n{c.log_tail()}")
 
     async def _chunks_live(self) -> bool:
         from zstore import etcd as zetcd
@@ -646,6 +650,9 @@ class Supervisor:
         try:
             say(f"starting zstore in {self.layout.state_dir} ...")
             await self.start_all()
+            # Each stage watched only its own children: one of an earlier stage may have died
+            # since. "zstore is up" is said only when every child still runs.
+            self.check_started()
             self.write_state()
             say(self.banner())
             await self.stop.wait()

@@ -168,3 +168,35 @@ async def test_chunks_live_ignores_a_previous_runs_live_record(tmp_path: Path, e
         await lease.revoke()
         if sup._etcd is not None:
             await sup._etcd.close()
+
+
+# -- 3. a child that died while starting ----------------------------------------------
+
+async def test_no_banner_when_a_child_died_while_starting(tmp_path: Path, monkeypatch):
+    from zstore import up
+    lay = up.Layout(tmp_path, chunks=2)
+    lay.logs.mkdir()
+    sup = up.Supervisor(lay, "etcd")
+    said: list[str] = []
+
+    def say(text: str, err: bool = False) -> None:
+        said.append(text)
+        if "zstore is up" in text:        # the old code then waits for a signal: give it one
+            sup.stop.set()
+
+    async def start_all() -> None:
+        # chunk0 dies after its own stage was waited for, while a later stage starts.
+        dead = await sup.spawn("chunk0", "chunk", [sys.executable, "-c", "raise SystemExit(3)"])
+        await sup.spawn("chunk1", "chunk", SLEEPER)
+        await dead.proc.wait()
+
+    monkeypatch.setattr(up, "say", say)
+    monkeypatch.setattr(sup, "start_all", start_all)
+    try:
+        rc = await asyncio.wait_for(sup.run(), 60)
+        assert rc == 1
+        assert not [t for t in said if "zstore is up" in t]
+        assert [t for t in said if "error" in t and "chunk0 exited with code 3" in t], said
+        assert all(c.exited for c in sup.children)
+    finally:
+        await _reap([c for c in sup.children if c.proc is not None])
