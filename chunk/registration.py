@@ -284,6 +284,13 @@ class Registration:
     def lease_valid(self) -> bool:
         return time.monotonic() < self.lease_deadline
 
+    @property
+    def stopping(self) -> bool:
+        """Stop was asked for: the lease is never valid for a write again (``lease_deadline``
+        stays 0 once ``run`` ends), so writers waiting for it give up instead of waiting
+        (``Coordinator.ensure_owner``) and holding up the shutdown."""
+        return self._stop.is_set()
+
     async def _wait_change(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for a session change (True); raise _Stopped on stop."""
         if timeout > 0 and not self._changed.is_set():

@@ -40,6 +40,10 @@ WRITE_BUFFER_HIGH = 4 << 20
 OUT_BATCH_MAX = 256             # queued answer pieces that make a batch go out before it ends
 FLUSH_EVERY = 8                 # answer pieces queued outside a batch that go out at once
 WRITE_BUFFER_BUDGET = 64 << 20  # bytes of write buffers a session grants before R2Ts wait
+# How long a session that ends waits for its commands still running before it cancels them
+# (unanswered, as aborted ones): its end (a shutdown, a reinstatement) must not wait forever
+# for a command stuck below (ownership, a replica), and the host retries what got no answer.
+CLOSE_GRACE = 10.0
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -137,6 +141,8 @@ async def _resume(coro, first):
 
 class Session:
     """One logged-in connection in full-feature phase."""
+
+    close_grace = CLOSE_GRACE
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  params: SessionParams, *, isid: bytes, tsih: int, statsn: int, expcmdsn: int,
@@ -355,9 +361,9 @@ class Session:
         self._closing = True
         for t in list(self.tasks.values()):
             t.aborted = True
-        runners = [t.runner for t in self.tasks.values() if t.runner]
+        runners = [t.runner for t in self.tasks.values() if t.runner and not t.runner.done()]
         if runners:
-            await asyncio.gather(*runners, return_exceptions=True)
+            await self._finish_or_cancel(runners)
         self.tasks.clear()
         self._buf_waiting.clear()
         self._early.clear()
@@ -369,6 +375,23 @@ class Session:
         self._hang_up()
         if self.on_close:
             self.on_close(self)
+
+    async def _finish_or_cancel(self, runners: list) -> None:
+        """Let ``runners`` finish within ``close_grace``, then cancel the ones left (and wait
+        a moment more for them to unwind). Cancelled while waiting (the target stopping): the
+        ones left are cancelled at once, then the cancel goes on."""
+        try:
+            _, left = await asyncio.wait(runners, timeout=self.close_grace)
+        except asyncio.CancelledError:
+            for r in runners:
+                r.cancel()
+            raise
+        if left:
+            log.warning("%s: %d command(s) still running %.0fs after the session ended; cancelling "
+                        "them", self.nexus.initiator, len(left), self.close_grace)
+            for r in left:
+                r.cancel()
+            await asyncio.wait(left, timeout=self.close_grace)
 
     def _release_nexus(self) -> None:
         """Tell the units this I_T nexus is gone (SPC-2 reservation, unit attentions), once."""

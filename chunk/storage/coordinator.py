@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from chunk.blockdev import MediumError, MiscompareError, NoSpaceError, ReadOnlyError
+from chunk.scsi.sense import NOT_READY, ScsiError
 from zstore import etcd as zetcd
 from zstore.records import ExtentRecord, RecoveryTask, Snapshot, Volume, VolumeOp
 
@@ -54,6 +55,16 @@ LEASE_POLL = 0.1      # how often a write waiting for the server's etcd lease lo
 
 class FencedError(MediumError):
     """Another chunk server took the volume over while this write was in flight."""
+
+
+class ServerStopping(ScsiError):
+    """This chunk server is stopping: no mutation starts any more (its lease is no longer
+    valid for one). Answered NOT READY, IN PROCESS OF BECOMING READY (04/01), which hosts
+    retry (after the session ends: through another server), not as a medium error."""
+
+    def __init__(self, vid: str) -> None:
+        super().__init__(NOT_READY, (0x04, 0x01))
+        self.args = (f"volume {vid}: this chunk server is stopping",)
 
 
 class WriteGate:
@@ -444,6 +455,11 @@ class Coordinator:
             # fresh seq under a fresh epoch is safe. A new lease means exactly that happened
             # or could have: ownership is taken again (new epoch, the volume's current seq).
             while time.monotonic() >= lease.lease_deadline:
+                if getattr(lease, "stopping", False):
+                    # The server is stopping: its lease is kept alive only until its sessions
+                    # and engine are down, and never valid for a write again. Waiting here
+                    # would hold its shutdown forever; the host retries elsewhere.
+                    raise ServerStopping(self.vid)
                 await asyncio.sleep(LEASE_POLL)
             if self.epoch and lease.lease_gen == self._lease_gen:
                 return
