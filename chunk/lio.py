@@ -524,7 +524,8 @@ class LioFrontend:
 
     async def start(self) -> None:
         self.cfg = await asyncio.to_thread(LioConfig, self.host, self.port, self.owned)
-        await self._catalog_synced()
+        if not await self._catalog_synced():
+            return
         try:
             await self.reconcile()
         except Exception:  # noqa: BLE001 - serve what could be applied; _follow retries the rest
@@ -538,11 +539,15 @@ class LioFrontend:
         log.info("LIO frontend: portal %s:%d, %d LUNs served through TCMU", self.host, self.port,
                  len(self.loops))
 
-    async def _catalog_synced(self) -> None:
+    async def _catalog_synced(self) -> bool:
         """Apply nothing before the catalog's first full listing: an empty catalog would
-        read as "delete every target", and a restart must leave LIO as it was."""
+        read as "delete every target", and a restart must leave LIO as it was. False if
+        ``stop`` came first (etcd unreachable, say): the server must not wait for it."""
         while not self.catalog.synced:
+            if self.stopping:                 # ``stop`` while starting: False, nothing applied
+                return False
             await asyncio.sleep(0.05)
+        return not self.stopping
 
     async def _follow(self) -> None:
         """Apply after every change, and again every RETRY_SECONDS while the last attempt

@@ -306,11 +306,18 @@ class ChunkServer:
         admin = AdminFollower(etcd, keys, self.chunk_id,
                               on_state=lambda state: target.set_draining(state == "draining"))
         following = asyncio.ensure_future(admin.run(stop))
-        await target.start()
         try:
+            # Inside the try: a frontend that cannot start (the portal's port in use) still
+            # stops the engine (a clean stop recorded) before the error ends the server. And
+            # ``start`` may wait (LIO: for the catalog's first listing, etcd down) as long as
+            # it likes, but not past stop.
+            if not await _unless_stopped(target.start(), stop):
+                log.info("stopped while the iSCSI frontend was starting")
             # On stop, ``run`` rewrites the live record ``stopping`` (redirectors send no new
             # logins here) before it returns, so before the listener below closes.
             await reg.run(stop)
+        except OSError as e:
+            raise StartError(f"iSCSI frontend on {self.cfg.chunk.portal}: {e.strerror or e}") from e
         finally:
             await target.stop()
             await reservations.close()
@@ -329,6 +336,27 @@ class ChunkServer:
                 await asyncio.wait_for(etcd.close(), 2.0)
             except Exception:  # noqa: BLE001 - exiting anyway
                 pass
+
+
+class StartError(Exception):
+    """The server could not start serving (after cleaning up what it had started)."""
+
+
+async def _unless_stopped(coro, stop: asyncio.Event) -> bool:
+    """Await ``coro`` unless ``stop`` comes first (then it is cancelled): True if it ended."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()                  # its error, if it failed
+    return True
 
 
 async def _serve(server: ChunkServer) -> None:
@@ -400,6 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("uvloop is not installed; using asyncio's default event loop")
     try:
         run(_serve(server))
+    except StartError as e:
+        log.error("chunk server %s could not start: %s", chunk_id, e)
+        fail(str(e), EXIT_SETUP)
     finally:
         os.close(lock_fd)
     log.info("chunk server %s stopped", chunk_id)

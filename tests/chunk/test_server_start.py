@@ -1,0 +1,90 @@
+"""A chunk server that cannot start its frontend cleans up and exits; one still starting
+stops when asked. (The shutdown half of ``ChunkServer.run``'s lifecycle is in
+test_server_shutdown.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import pytest
+
+from chunk.storage.host_crash import STATE_FILE
+from tests.cluster import cluster, free_port, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _state(data_dir) -> dict:
+    path = data_dir / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.mark.slow
+def test_a_portal_port_in_use_ends_the_server_with_an_error_after_a_clean_stop(tmp_path, etcd_server):
+    """``target.start()`` ran before the try whose finally stops everything: a portal port in
+    use raised out of ``run`` with the storage engine never stopped (no clean stop recorded:
+    a reboot then counts as a host crash and every replica here is resynced)."""
+    with cluster(tmp_path, etcd_server, metas=0) as c:
+        port = free_port()
+        c.portals.append(port)
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", port))
+            busy.listen()
+            c.chunks.append(None)                       # start_chunk(index=0) reuses portals[0]
+            p = c.start_chunk(index=0)
+            wait_for(lambda: not p.alive(), 30, "the chunk server to give up")
+        assert p.popen.returncode == 1, p.log()[-3000:]
+        assert "already in use" in p.log() or "Address in use" in p.log(), p.log()[-3000:]
+        assert _state(c.workdir / "chunk0").get("clean") is True, p.log()[-3000:]
+
+
+async def test_the_lio_frontend_waiting_for_the_catalog_stops_when_asked(tmp_path, monkeypatch):
+    """LioFrontend.start waits for the catalog's first listing, which never comes with etcd
+    unreachable; it polled without looking at stop, before the try of ``run``: SIGTERM did
+    nothing, and the server ran until SIGKILL."""
+    from chunk import disks as zdisks
+    from chunk import lio
+    from chunk.server import ChunkServer
+    from zstore.config import Config
+
+    class FakeLioConfig:
+        def __init__(self, host, port, owned) -> None:
+            self.enable_tpgs = True
+
+        def set_enabled(self, enabled: bool) -> None:
+            self.enable_tpgs = enabled
+
+        def sessions(self):
+            return []
+    monkeypatch.setattr(lio, "LioConfig", FakeLioConfig)
+    cfg = Config()
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg.chunk.data_dir = str(data)
+    cfg.chunk.frontend = "lio"
+    cfg.chunk.portal = f"127.0.0.1:{free_port()}"
+    cfg.chunk.data_port = free_port()
+    cfg.chunk.lease_ttl = 2
+    cfg.etcd.endpoints = [f"127.0.0.1:{free_port()}"]               # nothing listens there
+    cfg.etcd.timeout = 1.0
+    server = ChunkServer(cfg, "c" * 32, zdisks.prepare_all([zdisks.DiskSpec(data / "disk0")], data))
+    server.probed(zdisks.probe_all(server.disks))
+    stop = asyncio.Event()
+    run = asyncio.ensure_future(server.run(stop))
+    try:
+        await asyncio.sleep(1.0)                  # starting: waiting for etcd (not a proof)
+        assert not run.done(), run.exception() if run.done() else None
+        stop.set()
+        t0 = time.monotonic()
+        done, _ = await asyncio.wait({run}, timeout=10)
+        assert run in done, "run() did not return within 10 s of stop"
+        assert time.monotonic() - t0 < 10
+        run.result()
+        assert _state(data).get("clean") is True
+    finally:
+        if not run.done():
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
