@@ -271,19 +271,34 @@ class PidLock:
     pid file left by a killed supervisor never blocks the next ``up``.
     """
 
+    ATTEMPTS = 10                  # opens of up.pid before giving up (each one lost a race)
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # A stopping supervisor unlinks the file and then unlocks it: a file opened before
+        # the unlink can be locked afterwards, with no up.pid on disk naming it. So the lock
+        # counts only if it is on the file the path names now; otherwise open it again.
+        for _ in range(self.ATTEMPTS):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                pid = read_pid(self.path)
+                raise UpError(f"a cluster is already running from {self.path.parent} "
+                              f"(pid {pid or '?'}); stop it with zstore down") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self.path):
+                break
             os.close(fd)
-            pid = read_pid(self.path)
-            raise UpError(f"a cluster is already running from {self.path.parent} (pid {pid or '?'}); "
-                          "stop it with zstore down") from None
+        else:
+            raise UpError(f"{self.path} keeps being replaced while it is locked; "
+                          "is another zstore up starting and stopping there?")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         os.fsync(fd)
@@ -294,6 +309,15 @@ class PidLock:
             self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (st.st_dev, st.st_ino)
 
 
 def read_pid(path: Path) -> int | None:

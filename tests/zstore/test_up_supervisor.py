@@ -200,3 +200,34 @@ async def test_no_banner_when_a_child_died_while_starting(tmp_path: Path, monkey
         assert all(c.exited for c in sup.children)
     finally:
         await _reap([c for c in sup.children if c.proc is not None])
+
+
+# -- 4. the pid lock --------------------------------------------------------------------
+
+def test_pidlock_not_taken_on_an_unlinked_pid_file(tmp_path: Path, monkeypatch):
+    """A stops while B starts: B opened up.pid, A unlinked it and unlocked, B's flock succeeds
+    on the unlinked file. B must retry on the new file, or nothing finds it running."""
+    from zstore import up
+    path = tmp_path / "up.pid"
+    a, b = up.PidLock(path), up.PidLock(path)
+    a.acquire()
+    real_flock = up.fcntl.flock
+    first: list[int] = []
+
+    def flock(fd: int, op: int):
+        if not first:
+            first.append(fd)
+            a.release()                   # between B's open and B's flock
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(up.fcntl, "flock", flock)
+    try:
+        b.acquire()
+        assert first
+        assert up.running_supervisor(tmp_path) == os.getpid()
+        with pytest.raises(up.UpError, match=f"already running from {tmp_path} \\(pid {os.getpid()}\\)"):
+            up.PidLock(path).acquire()
+    finally:
+        a.release()
+        b.release()
+    assert up.running_supervisor(tmp_path) is None
