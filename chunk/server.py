@@ -294,13 +294,18 @@ class ChunkServer:
         # built-in target answers logins "service unavailable", which initiators retry. A
         # restart within the TTL meets logins that early: the old process's live key remains.
         syncing = asyncio.ensure_future(catalog.start(stop))
-        # Live (the key that makes redirectors send initiators here) only once the catalog
-        # holds its first listing.
+        # Live (the key that makes redirectors send initiators here, and the meta show this
+        # server up) only once the catalog holds its first listing and the storage engine has
+        # started: an engine that cannot start (its replication port in use) serves no I/O.
+        async def serving() -> None:
+            await asyncio.shield(syncing)
+            await engine.started.wait()
+
         reg = Registration(etcd, keys, self.chunk_id,
                            lease_ttl=self.cfg.chunk.lease_ttl, build_info=self.info,
                            probe_disks=self.probe_disks, endpoints=zetcd.describe(self.cfg.etcd),
                            sessions=target.session_list, storage=engine.status, revoke_on_stop=False,
-                           serve_when=lambda: asyncio.shield(syncing))
+                           serve_when=serving)
         engine.lease = reg                 # writes start only while this server's lease holds
         target.on_sessions_changed(reg.sessions_changed)
         admin = AdminFollower(etcd, keys, self.chunk_id,

@@ -51,20 +51,31 @@ COPY_CHUNK = 1 << 20
 # each round makes progress, so this only bounds a pathological case.
 RETAKE_WINDOW = 20.0
 LEASE_POLL = 0.1      # how often a write waiting for the server's etcd lease looks again
+# How long a volume's first I/O waits for the storage engine to start before failing NOT
+# READY (the host retries): an engine that cannot start (its port in use) must not hold it.
+START_WAIT = 10.0
 
 
 class FencedError(MediumError):
     """Another chunk server took the volume over while this write was in flight."""
 
 
-class ServerStopping(ScsiError):
+class NotServing(ScsiError):
+    """This chunk server cannot serve the volume now. Answered NOT READY, IN PROCESS OF
+    BECOMING READY (04/01), which hosts retry (through another server once the session is
+    gone), not as a medium error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(NOT_READY, (0x04, 0x01))
+        self.args = (message,)
+
+
+class ServerStopping(NotServing):
     """This chunk server is stopping: no mutation starts any more (its lease is no longer
-    valid for one). Answered NOT READY, IN PROCESS OF BECOMING READY (04/01), which hosts
-    retry (after the session ends: through another server), not as a medium error."""
+    valid for one)."""
 
     def __init__(self, vid: str) -> None:
-        super().__init__(NOT_READY, (0x04, 0x01))
-        self.args = (f"volume {vid}: this chunk server is stopping",)
+        super().__init__(f"volume {vid}: this chunk server is stopping")
 
 
 class WriteGate:
@@ -377,7 +388,12 @@ class Coordinator:
 
     async def _open(self) -> None:
         e = self.engine
-        await e.started.wait()
+        if not e.started.is_set():
+            try:
+                await asyncio.wait_for(e.started.wait(), START_WAIT)
+            except asyncio.TimeoutError:
+                raise NotServing(f"volume {self.vid}: the storage engine has not started "
+                                 f"within {START_WAIT:.0f}s") from None
         if self.volume.source_snapshot and self.parent is None:
             got = await e.etcd.get(e.keys.snapshot(self.volume.source_snapshot))
             if got is None:

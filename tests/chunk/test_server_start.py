@@ -88,3 +88,49 @@ async def test_the_lio_frontend_waiting_for_the_catalog_stops_when_asked(tmp_pat
         if not run.done():
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
+
+
+def _live_and_info(c, chunk_id: str) -> tuple[bool, bool]:
+    """Whether chunk ``chunk_id``'s live and info keys exist in etcd."""
+    from zstore import etcd as zetcd
+    from zstore.config import EtcdConfig
+    from zstore.keys import Keys
+
+    async def get():
+        keys = Keys(c.prefix)
+        etcd = zetcd.client(EtcdConfig(endpoints=[c.etcd.endpoint], prefix=c.prefix))
+        try:
+            return (await etcd.get(keys.chunk_live(chunk_id)) is not None,
+                    await etcd.get(keys.chunk_info(chunk_id)) is not None)
+        finally:
+            await etcd.close()
+    return asyncio.run(get())
+
+
+@pytest.mark.slow
+def test_no_live_key_while_the_storage_engine_cannot_start(tmp_path, etcd_server):
+    """The live key (redirectors send initiators here, the meta shows the server up) waited
+    only for the catalog: with the replication port in use the engine retried for ever while
+    the server was live, and every I/O sent here waited for ``engine.started`` for ever."""
+    with cluster(tmp_path, etcd_server, metas=0) as c:
+        data_port = c._data_port(0)                         # noqa: SLF001
+        busy = socket.socket()
+        try:
+            busy.bind(("127.0.0.1", data_port))
+            busy.listen()
+            p = c.start_chunk()
+            wait_for(lambda: "storage engine cannot start yet" in p.log() or not p.alive(), 30,
+                     "the engine to fail to start")
+            chunk_id = (c.workdir / "chunk0" / "chunk-id").read_text().strip()
+            wait_for(lambda: _live_and_info(c, chunk_id)[1], 30, "the info key (registering)")
+            deadline = time.monotonic() + 2 * c.lease_ttl
+            while time.monotonic() < deadline:
+                assert p.alive(), p.log()[-3000:]
+                assert not _live_and_info(c, chunk_id)[0], "live while its engine is not started"
+                time.sleep(0.2)
+        finally:
+            busy.close()
+        # The port is free again: the engine starts, and then the server goes live.
+        wait_for(lambda: _live_and_info(c, chunk_id)[0], 30, "the live key once the engine started")
+        p.stop()
+        assert p.popen.returncode == 0, p.log()[-3000:]
