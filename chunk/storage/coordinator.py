@@ -589,7 +589,7 @@ class Coordinator:
         return any(isinstance(res, rk.ReplicaFailed) and res.kind in rk.FENCED for _, res in failed)
 
     async def _on_replicas(self, idx: int, op, lo: int = 0, hi: int = 0, rec: ExtentRecord | None = None,
-                           keep: bool = False):
+                           keep: bool = False, absent_ok: bool = False):
         """Run ``op(replica, epoch)`` on every replica of extent ``idx`` in parallel.
 
         Each attempt is sent only while ownership is held and current (``_owns``), else it is
@@ -600,6 +600,14 @@ class Coordinator:
         a replica); any other failure drops that replica through the meta
         (``_handle_failures``). ``rec`` pins the replica set (allocation, before the record
         is adopted); it is adopted before failures are handled.
+
+        ``absent_ok`` (a revert): an extent whose record never changed (``_never_changed``)
+        may never have been CREATEd; it then reads as absent, and an operation on what is
+        absent everywhere has nothing to do. NO_EXTENT from every in-sync replica is that
+        case: done, nobody dropped. NO_EXTENT from some while none succeeded (the others
+        failed otherwise) cannot tell "not created" from "lost": the call fails and nobody
+        is dropped, since any drop raises the generation and from then on the extent's
+        absence would read as lost (MEDIUM ERROR), not as never written.
         """
         deadline = time.monotonic() + RETAKE_WINDOW
         for attempt in range(1 << 30):
@@ -622,9 +630,33 @@ class Coordinator:
                 continue
             if rec is not None:
                 self._adopt(rec)
+            if failed and absent_ok and self._never_created(idx, cur, targets, results):
+                return
             if failed:
                 await self._handle_failures(idx, cur, failed, lo, hi)
             return
+
+    def _never_created(self, idx: int, rec: ExtentRecord, targets, results) -> bool:
+        """For ``_on_replicas(absent_ok=True)``: True when no in-sync replica of a record that
+        never changed has the extent (nothing to do there); MediumError, nobody dropped,
+        when some lack it and none of the others succeeded; False otherwise (the extent is
+        somewhere: a replica missing it lost it and is dropped as usual)."""
+        if not _never_changed(rec):
+            return False
+        insync = set(rec.replicas)
+        mine = [(r, res) for r, res in zip(targets, results) if r.chunk_id in insync]
+        missing = [r.chunk_id for r, res in mine
+                   if isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT]
+        if not missing or any(not isinstance(res, BaseException) for _, res in mine):
+            return False
+        if len(missing) == len(insync):
+            log.info("volume %s extent %d: allocated, never created on any replica: it reads "
+                     "as absent and has nothing to revert", self.vid, idx)
+            return True
+        others = "; ".join(str(res) for r, res in mine if r.chunk_id not in missing)
+        raise MediumError(f"volume {self.vid} extent {idx}: {sorted(missing)} do not have it and "
+                          f"no other replica answered ({others}); cannot tell whether it was ever "
+                          f"created, so no replica is dropped")
 
     # -- reads -------------------------------------------------------------------
 
@@ -1690,7 +1722,7 @@ class Coordinator:
             await self._locks.hold(idx, 0, EXTENT_SIZE)
             try:
                 await self._on_replicas(idx, lambda r, epoch: r.revert(self.vid, idx, epoch, to_seq, self.seq),
-                                        0, EXTENT_SIZE, keep=True)
+                                        0, EXTENT_SIZE, keep=True, absent_ok=True)
             finally:
                 self._locks.release(idx)
         self._dirty.clear()
