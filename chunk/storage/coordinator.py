@@ -589,7 +589,7 @@ class Coordinator:
         return any(isinstance(res, rk.ReplicaFailed) and res.kind in rk.FENCED for _, res in failed)
 
     async def _on_replicas(self, idx: int, op, lo: int = 0, hi: int = 0, rec: ExtentRecord | None = None,
-                           keep: bool = False, absent_ok: bool = False):
+                           keep: bool = False, absent_ok: bool = False, partial: bool = False):
         """Run ``op(replica, epoch)`` on every replica of extent ``idx`` in parallel.
 
         Each attempt is sent only while ownership is held and current (``_owns``), else it is
@@ -599,7 +599,8 @@ class Coordinator:
         A fenced epoch is taken back and the whole call repeated (never a reason to drop
         a replica); any other failure drops that replica through the meta
         (``_handle_failures``). ``rec`` pins the replica set (allocation, before the record
-        is adopted); it is adopted before failures are handled.
+        is adopted); it is adopted before failures are handled. ``partial``: ``op`` may fail
+        part-way, its changes made (a revert): see ``_handle_failures``.
 
         ``absent_ok`` (a revert): an extent whose record never changed (``_never_changed``)
         may never have been CREATEd; it then reads as absent, and an operation on what is
@@ -633,7 +634,7 @@ class Coordinator:
             if failed and absent_ok and self._never_created(idx, cur, targets, results):
                 return
             if failed:
-                await self._handle_failures(idx, cur, failed, lo, hi)
+                await self._handle_failures(idx, cur, failed, lo, hi, partial)
             return
 
     def _never_created(self, idx: int, rec: ExtentRecord, targets, results) -> bool:
@@ -1406,7 +1407,13 @@ class Coordinator:
         await self._handle_failures(idx, self.extents[idx],
                                     [(r, rk.ReplicaFailed(r.chunk_id, rk.IO, why)) for r in drop], lo, hi)
 
-    async def _handle_failures(self, idx, rec, failed, lo, hi) -> None:
+    async def _handle_failures(self, idx, rec, failed, lo, hi, partial: bool = False) -> None:
+        """Drop the replicas that failed (through the meta; never the last). When every
+        in-sync replica refused alike (NO_SPACE, INVALID) they are all kept, as nothing is
+        wrong with any one of them; ``partial``: a request that may have been refused
+        part-way, its earlier steps done (a revert stopped by a full disk after some of its
+        runs), so refusals alike do not prove the replicas still alike, and only one set of
+        agreeing replicas is kept (``_keep_agreeing``)."""
         insync = set(rec.replicas)
         kinds = {res.kind if isinstance(res, rk.ReplicaFailed) else rk.IO
                  for r, res in failed if r.chunk_id in insync}
@@ -1416,8 +1423,11 @@ class Coordinator:
             # takes): nothing is wrong with any one of them, and dropping all but the last
             # would cost the extent its redundancy for a full cluster.
             res = next(res for r, res in failed if r.chunk_id in insync)
-            log.warning("volume %s extent %d: every replica refused (%s); keeping them all",
-                        self.vid, idx, res)
+            if partial:
+                await self._keep_agreeing(idx, res)
+            else:
+                log.warning("volume %s extent %d: every replica refused (%s); keeping them all",
+                            self.vid, idx, res)
             if rk.NO_SPACE in kinds:
                 raise NoSpaceError(f"volume {self.vid} extent {idx}: no replica has space left ({res})")
             raise MediumError(f"volume {self.vid} extent {idx}: every replica refused: {res}")
@@ -1444,6 +1454,39 @@ class Coordinator:
             if no_space:
                 raise NoSpaceError(f"volume {self.vid} extent {idx}: no replica has space left")
             raise MediumError(f"volume {self.vid} extent {idx}: only {left} replica(s) left")
+
+    async def _keep_agreeing(self, idx: int, why) -> None:
+        """Every in-sync replica of extent ``idx`` failed a request that may have changed it
+        part-way (a revert whose disk filled up after some runs): each may hold a different
+        mix of old and new blocks. They are compared by DIGEST (the logical state: live
+        blocks, seqs, versions) and the largest group that agrees is kept (ties: the one
+        with this server's replica, then the record's order); every other replica, and
+        every one whose digest fails, is dropped and later copied in full from the kept
+        ones. Replicas that all agree (refused before changing anything) are all kept."""
+        rec = self.extents[idx]
+        order = self._read_order(rec)
+        reps = [await self.engine.replica(c) for c in order]
+        digests = await asyncio.gather(*(r.digest(self.vid, idx) for r in reps),
+                                       return_exceptions=True)
+        groups: dict[bytes, list[str]] = {}
+        for c, d in zip(order, digests):
+            if not isinstance(d, BaseException):
+                groups.setdefault(bytes(d), []).append(c)
+        # ``order`` puts this server first, then the record's order: max() keeps the first best
+        keep = max(groups.values(), key=len) if groups else order[:1]
+        drop = [c for c in order if c not in keep]
+        if not drop:
+            log.warning("volume %s extent %d: every replica refused (%s) and they still agree; "
+                        "keeping them all", self.vid, idx, why)
+            return
+        log.warning("volume %s extent %d: every replica refused part-way (%s) and they now "
+                    "differ; keeping %s, dropping %s for a full copy", self.vid, idx, why,
+                    keep, drop)
+        for c, d in zip(order, digests):
+            if c in drop:
+                detail = f"digest failed: {d}" if isinstance(d, BaseException) else "differs"
+                await self._drop(idx, c, f"{rk.IO}: stopped part-way ({why}); {detail} from {keep}")
+                self._dirty.pop((idx, c), None)     # its differences are not in any log
 
     async def _drop(self, idx: int, chunk_id: str, reason: str) -> None:
         key = (idx, chunk_id)
@@ -1722,7 +1765,7 @@ class Coordinator:
             await self._locks.hold(idx, 0, EXTENT_SIZE)
             try:
                 await self._on_replicas(idx, lambda r, epoch: r.revert(self.vid, idx, epoch, to_seq, self.seq),
-                                        0, EXTENT_SIZE, keep=True, absent_ok=True)
+                                        0, EXTENT_SIZE, keep=True, absent_ok=True, partial=True)
             finally:
                 self._locks.release(idx)
         self._dirty.clear()

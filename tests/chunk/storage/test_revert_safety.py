@@ -173,3 +173,64 @@ async def test_a_revert_keeps_replicas_when_only_some_say_the_extent_is_missing(
     assert coord.engine.meta.calls == []                    # neither dropped
     rec = coord.extents[1]
     assert (sorted(rec.replicas), rec.generation) == (["A", "B"], 1)
+
+
+# -- 2. a disk filling up part-way through a revert ----------------------------------------
+
+
+def _full_on(store: ReplicaStore, call: int) -> list[int]:
+    """Make ``store``'s ``call``-th revert run (1-based) fail as a full disk would."""
+    calls = [0]
+    run = store._revert_run                                  # noqa: SLF001
+
+    def patched(*args, **kw):
+        calls[0] += 1
+        if calls[0] == call:
+            raise StoreFull("injected: no space left on device")
+        return run(*args, **kw)
+    store._revert_run = patched                             # noqa: SLF001
+    return calls
+
+
+async def _four_runs(stores, etcd, keys):
+    """Extent 0 on A and B: four blocks 1 MiB apart (four revert runs) written at the
+    snapshot's seq, then overwritten after it."""
+    a, b = stores("A"), stores("B")
+    for st in (a, b):
+        st.create("v", 0, 1)
+        for k in range(4):
+            st.write("v", 0, k << 20, _block(1 + k), SNAP_SEQ)
+            st.write("v", 0, k << 20, _block(0x40 + k), NOW)
+    coord = await _volume(etcd, keys, {"A": rk.LocalReplica("A", a), "B": rk.LocalReplica("B", b)},
+                          extents=1)
+    return coord, a, b
+
+
+async def test_replicas_a_full_disk_stopped_at_different_points_do_not_stay_in_sync(stores, etcd_client, keys):
+    """A's disk fills up at its third 1 MiB run (two reverted), B's at its first (none):
+    both answer NO_SPACE, which for a write means "nothing done" and keeps every replica.
+    Here they now hold different data; kept in sync, reads would depend on the replica
+    asked and a resync would copy either. Every replica left in the record must agree."""
+    coord, a, b = await _four_runs(stores, etcd_client, keys)
+    _full_on(a, 3)
+    _full_on(b, 1)
+    got = await _revert(coord, etcd_client, keys)
+    assert got.state == "failed"
+    rec = coord.extents[0]
+    assert rec.replicas, "an extent is never left without an in-sync replica"
+    st = {"A": a, "B": b}
+    assert len({st[c].digest("v", 0) for c in rec.replicas}) == 1, rec
+    assert set(rec.stale) | set(rec.replicas) == {"A", "B"}
+
+
+async def test_replicas_a_full_disk_stopped_before_any_change_are_all_kept(stores, etcd_client, keys):
+    """Both refuse at their first run, nothing changed anywhere: they still agree, so both
+    stay (dropping one would cost the extent its redundancy for a full cluster)."""
+    coord, a, b = await _four_runs(stores, etcd_client, keys)
+    before = a.digest("v", 0)
+    _full_on(a, 1)
+    _full_on(b, 1)
+    got = await _revert(coord, etcd_client, keys)
+    assert got.state == "failed" and "space" in got.error
+    assert sorted(coord.extents[0].replicas) == ["A", "B"] and coord.engine.meta.calls == []
+    assert a.digest("v", 0) == b.digest("v", 0) == before
