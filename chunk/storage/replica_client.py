@@ -122,7 +122,14 @@ class _Peer:
         self.failure = ""
 
 
+# A REVERT is answered once its whole extent is reverted and synced (minutes on a slow disk, at
+# worst); ``ReplicaClient.revert_timeout`` (settable per client) bounds it instead of ``timeout``.
+REVERT_TIMEOUT = 600.0
+
+
 class ReplicaClient:
+    revert_timeout: float = REVERT_TIMEOUT
+
     def __init__(self, secret: bytes, cluster_id: str, chunk_id: str, timeout: float = 5.0, *,
                  connect_timeout: float | None = None, redial_interval: float = 0.5) -> None:
         self.secret = secret
@@ -336,9 +343,13 @@ class ReplicaClient:
         await self._ok(addr, Frame(Op.FLUSH, 0, vid, idx, epoch), timeout)
 
     async def revert(self, addr: Address, vid: str, idx: int, epoch: int, to_seq: int, seq: int,
-                     generation: int = 0) -> None:
+                     generation: int = 0, timeout: float | None = None) -> None:
+        """One extent's revert, answered once synced: on a slow disk it takes far longer than
+        a write, so it waits ``revert_timeout`` (not ``timeout``): overdue, the peer would be
+        taken for dead, its connection failed, and the coordinator drop the replica."""
         await self._ok(addr, Frame(Op.REVERT, 0, vid, idx, epoch, generation, seq=seq,
-                                   args={"to": to_seq}))
+                                   args={"to": to_seq}),
+                       self.revert_timeout if timeout is None else timeout)
 
     async def create(self, addr: Address, vid: str, idx: int, generation: int, epoch: int,
                      discard_broken: bool = False) -> None:

@@ -10,7 +10,9 @@ runs as soon as it is read:
   coordinator sent them.  Only fdatasync (FLUSH, FUA writes, the flush of REVERT
   and of SETGEN) goes to a thread (the store's ``*_async`` calls, which clean up a
   failed one on the loop); those replies go out when the sync completes,
-  overtaking nothing else.
+  overtaking nothing else.  REVERT (a whole extent) runs as a task, one 1 MiB run
+  at a time on the loop (``revert_async``), so requests that arrive meanwhile are
+  served between its runs; its epoch is admitted again before each run.
 * Requests are cut straight out of each segment the socket delivers, in the
   protocol's callback (``_Stream``: no StreamReader copies, no task wakeup per
   segment), and handled in order; their replies are queued and written
@@ -596,11 +598,18 @@ class ReplicaServer:
             to = _arg(f, "to", int, None)
             if to is None or to < 0:
                 raise ValueError("REVERT needs args.to, a snapshot seq >= 0")
-            st.revert(vid, idx, to, f.seq)
-            # Answered once on disk: the coordinator counts no reverted extent as unflushed,
-            # so no later FLUSH would sync it, and a host crash could lose the revert under
-            # writes flushed after it.
-            return lambda: st.flush_async(vid, idx)
+            epoch, seq = f.epoch, f.seq
+            # A whole extent's revert can take long on a slow disk: run by runs, yielding to the
+            # loop between them (``revert_async``), not in one call that stops every other
+            # request (other volumes' writes time out and their replicas are dropped). Answered
+            # once on disk: the coordinator counts no reverted extent as unflushed, so no later
+            # FLUSH would sync it, and a host crash could lose the revert under writes flushed
+            # after it.
+
+            async def revert() -> None:
+                await st.revert_async(vid, idx, to, seq, epoch)
+                await st.flush_async(vid, idx)
+            return revert
         if f.op is Op.EXPORT:
             blob, nxt, unreadable = st.export_detail(vid, idx, f.offset, f.length)
             for block in unreadable:      # marked in the blob, not raised: still repair them here

@@ -1257,7 +1257,31 @@ class ReplicaStore:
             rep.ext.punch(holes)                 # one .crc sync for the whole range, then punches
 
     def revert(self, vid: str, idx: int, to_seq: int, seq: int) -> None:
+        """Every block changed since ``to_seq`` back to its view there, written at ``seq``;
+        in one call on the loop. From a coroutine (the replica server), ``revert_async``."""
+        for _ in self._revert_steps(self._get(vid, idx), to_seq, seq):
+            pass
+
+    async def revert_async(self, vid: str, idx: int, to_seq: int, seq: int, epoch: int = 0) -> None:
+        """``revert`` one 1 MiB run at a time, yielding to the event loop between runs, so a
+        whole extent's revert on a slow disk does not hold up every other request (other
+        volumes' writes would time out and their replicas be dropped). Each run is on the loop
+        as every store change is. Between runs the extent may be deleted or retired (the
+        revert stops: NO_EXTENT, I/O error) and ``epoch``, if given, is admitted again, so a
+        revert whose owner was fenced meanwhile stops before its next run."""
         rep = self._get(vid, idx)
+        key = (vid, idx)
+        for _ in self._revert_steps(rep, to_seq, seq):
+            await asyncio.sleep(0)
+            if self._replicas.get(key) is not rep:
+                if key not in self._replicas:
+                    self._absent(vid, idx)
+                raise StoreIOError(f"extent {vid}/{idx} was replaced during its revert")
+            if epoch:
+                self.admit(vid, idx, epoch)
+
+    def _revert_steps(self, rep: _Replica, to_seq: int, seq: int) -> Iterator[None]:
+        """The revert, one ``_revert_run`` per step (the caller may yield in between)."""
         _check_seq(seq)
         if to_seq < 0:
             raise ValueError(f"to_seq {to_seq} < 0")
@@ -1273,10 +1297,13 @@ class ReplicaStore:
                      for b in rep.versions[key].entries}
             if later:
                 changed = sorted(later.union(changed))
-            for run_start, run_len in _runs(changed):
-                for a in range(run_start, run_start + run_len, _CHUNK // BLOCK_SIZE):
-                    m = min(_CHUNK // BLOCK_SIZE, run_start + run_len - a)
+        for run_start, run_len in _runs(changed):
+            for a in range(run_start, run_start + run_len, _CHUNK // BLOCK_SIZE):
+                m = min(_CHUNK // BLOCK_SIZE, run_start + run_len - a)
+                with self._rep_io(rep):
+                    rep.mutations += 1       # a repair's token taken between runs is stale
                     self._revert_run(rep, a, m, to_seq, seq, floor)
+                yield
 
     def _revert_run(self, rep: _Replica, first: int, n: int, to_seq: int, seq: int,
                     floor: int) -> None:

@@ -10,6 +10,7 @@ one, refuses to drop an extent's last in-sync replica."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -234,3 +235,74 @@ async def test_replicas_a_full_disk_stopped_before_any_change_are_all_kept(store
     assert got.state == "failed" and "space" in got.error
     assert sorted(coord.extents[0].replicas) == ["A", "B"] and coord.engine.meta.calls == []
     assert a.digest("v", 0) == b.digest("v", 0) == before
+
+
+# -- 3. a slow remote revert ---------------------------------------------------------------
+
+
+class _ServerThread:
+    """A ReplicaServer on its own event loop in a thread: a store call that blocks (a slow
+    disk, here time.sleep) blocks that server, not the coordinator and its client."""
+
+    def __init__(self, store: ReplicaStore, secret: bytes) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def start() -> ReplicaServer:
+            server = ReplicaServer(store, secret, CLUSTER, "127.0.0.1", 0)
+            await server.start()
+            return server
+        self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+
+    def stop(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            self.loop.close()
+
+
+async def test_a_slow_remote_revert_is_waited_for_and_does_not_stop_its_server(stores, etcd_client, keys):
+    """B's disk takes 6 s for the extent's revert (1.5 s per 1 MiB run), longer than the
+    5 s replica timeout: B must not be taken for dead and dropped, and its server must go
+    on answering other requests between the runs."""
+    a, b = stores("A"), stores("B")
+    for st in (a, b):
+        st.create("v", 0, 1)
+        for k in range(4):
+            st.write("v", 0, k << 20, _block(1 + k), SNAP_SEQ)
+            st.write("v", 0, k << 20, _block(0x40 + k), NOW)
+    started, runs = threading.Event(), []
+    run = b._revert_run                                      # noqa: SLF001
+
+    def slow(*args, **kw):
+        started.set()
+        time.sleep(1.5)
+        runs.append(time.monotonic())
+        return run(*args, **kw)
+    b._revert_run = slow                                     # noqa: SLF001
+    secret = await load_or_create_secret(etcd_client, keys)
+    srv = _ServerThread(b, secret)
+    client = ReplicaClient(secret, CLUSTER, "me", timeout=5.0)
+    try:
+        addr = ("127.0.0.1", srv.server.port)
+        coord = await _volume(etcd_client, keys, {"A": rk.LocalReplica("A", a),
+                                                  "B": rk.RemoteReplica("B", addr, client)},
+                              extents=1)
+        task = asyncio.create_task(_revert(coord, etcd_client, keys))
+        deadline = time.monotonic() + 10
+        while not started.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert started.is_set(), "B's revert never started"
+        await client.ping(addr, timeout=10)
+        assert not task.done() and len(runs) < 4, "B's server answered nothing during its revert"
+        got = await asyncio.wait_for(task, 60)
+        assert (got.state, got.error) == ("done", None)
+        assert coord.engine.meta.calls == [] and sorted(coord.extents[0].replicas) == ["A", "B"]
+        assert len(runs) == 4 and a.digest("v", 0) == b.digest("v", 0)
+        assert b.read("v", 0, 0, BLOCK_SIZE)[0] == _block(1)
+    finally:
+        await client.close()
+        srv.stop()
