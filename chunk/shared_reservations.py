@@ -117,7 +117,8 @@ class SharedReservationState(ReservationState):
         self.change = 0              # its change counter: attentions up to it were posted
         self._units: weakref.WeakSet = weakref.WeakSet()
         self._lock = asyncio.Lock()  # this server's changes one at a time
-        self._unconfirmed = 0        # revision of our last restricting change not yet settled
+        self._unconfirmed = 0        # revision of our last restricting change to be settled
+        self._settled = 0            # the newest revision settle() has waited for
 
     def attach(self, unit: Any) -> None:
         """A LogicalUnit over this state: it gets the attentions other servers establish."""
@@ -157,9 +158,13 @@ class SharedReservationState(ReservationState):
             self.mirror(rec, revision)
 
     async def settle(self) -> None:
-        revision, self._unconfirmed = self._unconfirmed, 0
-        if revision:
+        """Return once our restricting changes so far were applied by every other live
+        server (see ``ReservationStore.confirmed``). Every caller waits: one command's
+        settle does not let a concurrent one answer before the acknowledgements."""
+        revision = self._unconfirmed
+        if revision > self._settled:
             await self._store.confirmed(self._key, revision)
+            self._settled = max(self._settled, revision)
 
     async def refresh(self) -> None:
         try:
@@ -186,7 +191,13 @@ class SharedReservationState(ReservationState):
                 result = await op(work)          # raises: nothing changes
                 new = record_of(work)
                 if _same(new, rec or ReservationRecord()):
-                    return result                # nothing to store (a no-op RELEASE, ...)
+                    # Nothing to store (a no-op RELEASE, ...). When the record's newest change
+                    # is a restricting one of ours not settled yet (a retry after its swap
+                    # reached etcd but the reply was lost), it is confirmed as a fresh one.
+                    if rec is not None and rec.confirm and rec.origin == self._store.chunk_id \
+                            and revision > self._settled:
+                        self._unconfirmed = max(self._unconfirmed, revision)
+                    return result
                 new.change = (rec.change if rec else 0) + 1
                 new.origin = self._store.chunk_id
                 attentions = [[list(n), asc[0], asc[1]] for n, asc in (result or [])]
@@ -195,6 +206,8 @@ class SharedReservationState(ReservationState):
                 try:
                     stored = await self._store.swap(self._key, revision, new)
                 except Exception as e:  # noqa: BLE001 - unknown outcome: the initiator retries
+                    # Perhaps applied: a retry finding it in the record waits for the other
+                    # servers' acknowledgements before its GOOD (above).
                     log.warning("reservations %s: cannot write to etcd: %s", self._key.decode(), e)
                     raise ScsiError(ABORTED_COMMAND, ASC_NO_ADDITIONAL) from None
                 if stored:
