@@ -15,7 +15,8 @@ Two reports, one run:
    local 3-chunk-server cluster (``zstore up --chunks 3``: etcd, a meta, 3
    chunk servers, all on loopback), each line measured right after the same
    line against a private tgtd (file-backed LUN in the same work dir), with
-   zstore/tgtd ratios.
+   zstore/tgtd ratios. Dirty pages are written back (``sync``) before every
+   timed line of every column (``--between``).
 
 Tools: random writes come from a small libiscsi initiator driven through
 ctypes (``IscsiLoad`` below: neither qemu-img bench nor iscsi-perf does
