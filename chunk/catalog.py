@@ -26,9 +26,12 @@ seconds (the chunk server's lease TTL: by then its live key is gone and the clus
 counts it down) it is *stale*: ``synced`` is False (logins are refused as retryable,
 0x0301) and the target answers commands NOT READY, until a fresh full listing of every
 section, started after the staleness, brings it back. Confirmed current means: every
-section's watch is open (``zetcd.watch_prefix``'s status) and a linearizable read
-through the same client succeeded since; a hung etcd (or one cut off from its quorum)
-fails the read well before gRPC's keepalive would fail the watches.
+section's watch is open (``zetcd.watch_prefix``'s status), a linearizable read
+through the same client succeeded since, and every section's mirror caught up with that
+read: its watch delivered the read's revision, or it holds as many keys as etcd did then
+(a watch open but stalled misses a revoked ACL entry, and is caught; a stalled in-place
+update of an existing key is not seen by this count). A hung etcd (or one cut off from
+its quorum) fails the read well before gRPC's keepalive would fail the watches.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import logging
 from typing import Callable, NamedTuple
 
 import aetcd
+from aetcd import rpc
 
 from zstore import etcd as zetcd
 from zstore import logs, naming
@@ -153,6 +157,7 @@ class Catalog:
         self._tasks: list[asyncio.Task] = []
         self._relist: dict[str, asyncio.Event] = {}   # per section: list afresh
         self._watching: dict[str, bool] = {}        # per section: its watch is open
+        self._applied: dict[str, int] = {}          # per section: revision its mirror is at
         self._confirmed = 0.0                       # loop time the mirror was last known current
         self.stale = False
         self._relisted: set[str] = set()            # sections listed afresh since going stale
@@ -455,6 +460,8 @@ class Catalog:
         d = _Delta()
         if self._apply(kind, ev.kv.key, ev.kv.value if ev.kind == "PUT" else None, d):
             self._changed(kind, d)
+        # (a delete's mod_revision is the revision of the deletion)
+        self._applied[kind] = max(self._applied.get(kind, 0), ev.kv.mod_revision)
 
     async def start(self, stop: asyncio.Event) -> None:
         """Start mirroring; returns once every section has its first full listing."""
@@ -474,8 +481,9 @@ class Catalog:
         def on_status(ok: bool) -> None:
             self._watching[kind] = ok
 
-        async def on_snapshot(kvs):
+        async def on_snapshot(kvs, revision):
             self._listing(kind, kvs)
+            self._applied[kind] = revision
             self._synced[kind].set()
             # Stale: only a listing begun after the catalog went stale counts (``relist`` is
             # cleared as a listing begins, set when the catalog goes stale).
@@ -488,7 +496,7 @@ class Catalog:
             self._event(kind, ev)
 
         await zetcd.watch_prefix(self.etcd, prefix, on_snapshot, on_event, stop,
-                                 on_status=on_status, relist=relist)
+                                 on_status=on_status, relist=relist, with_revision=True)
 
     # -- staleness ---------------------------------------------------------------
 
@@ -514,20 +522,57 @@ class Catalog:
             if probe is not None:
                 probe.cancel()
 
+    async def _counts(self) -> tuple[int, dict[str, int]]:
+        """One linearizable read: etcd's revision and each section's number of keys at it
+        (count only: etcd walks its in-memory index, reads no values, sends no keys)."""
+        await self.etcd.connect()
+        kinds = list(self._sections().items())
+        ops = [rpc.RequestOp(request_range=rpc.RangeRequest(
+            key=prefix, range_end=zetcd.prefix_end(prefix), count_only=True)) for _, prefix in kinds]
+        resp = await self.etcd.kvstub.Txn(rpc.TxnRequest(compare=[], success=ops, failure=[]),
+                                          timeout=getattr(self.etcd, "_timeout", None),
+                                          metadata=getattr(self.etcd, "metadata", None))
+        return resp.header.revision, {kind: r.response_range.count
+                                      for (kind, _), r in zip(kinds, resp.responses)}
+
+    def _caught_up(self, revision: int, counts: dict[str, int]) -> bool:
+        """Has every section's mirror taken in what etcd held at ``revision``, as far as can
+        be told cheaply? A section whose watch delivered ``revision`` or later has; one
+        behind it must hold as many keys as etcd did then (a key added or removed, such as
+        a revoked ACL entry, that its watch has not delivered shows)."""
+        for kind in self._sections():
+            if self._applied.get(kind, 0) >= revision:
+                continue
+            if len(self._raw.get(kind, {})) != counts.get(kind, -1):
+                return False
+        return True
+
     async def _probe(self, timeout: float) -> None:
         """A linearizable read through the watches' client: while every watch stays open
-        across it, the mirror was current when it was sent."""
+        across it and the mirror has caught up with what it read (``_caught_up``: a watch
+        open but no longer delivering fails it), the mirror was current when it was sent."""
         loop = asyncio.get_running_loop()
         sent = loop.time()
         if self.stale or not all(self._watching.get(k) for k in self._sections()):
             return
         try:
-            await asyncio.wait_for(self.etcd.get(self.keys.targets()), timeout)
+            revision, counts = await asyncio.wait_for(self._counts(), timeout)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - not confirmed: staleness is the answer
             log.debug("export catalog: etcd did not confirm the mirror: %s", e)
             return
+        # The watches deliver what etcd committed shortly after the read returns: wait for
+        # them (not past the bound), and confirm only once they caught up.
+        pause = 0.005
+        while not self._caught_up(revision, counts):
+            if self.stale or loop.time() - sent > timeout:
+                log.warning("export catalog: the watches have not delivered etcd's revision %d "
+                            "(each section at %s); not confirmed current", revision,
+                            {k: self._applied.get(k, 0) for k in self._sections()})
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
         if not self.stale and all(self._watching.get(k) for k in self._sections()):
             self._confirmed = max(self._confirmed, sent)
 
