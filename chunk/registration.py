@@ -9,11 +9,14 @@ session coming or going (``sessions_changed``), so an admin, and whoever
 moves initiators around, sees where each initiator is logged in now rather
 than at the next periodic refresh.
 
-Disk probes (``probe_disks``) run in a task of their own: the keepalive loop
-publishes the last probe that finished and never waits on one, so a disk that
+Disk probes (``probe_disks``) run in a task of their own: the live record
+publishes the last probe that finished and nothing waits on one, so a disk that
 stalls cannot cost the server its lease (the probe itself bounds each disk:
 ``chunk/disks.py`` ``probe_all_async`` reports one that does not answer failed).
 Only the very first registration waits for a probe, before any lease exists.
+Likewise the live record is written by a task of its own: keepalives keep their
+ttl/3 schedule while a write of it hangs or fails (etcd's disk slow: puts time
+out while keepalives still answer), so the lease outlives a slow etcd disk.
 
 The loop never gives up: etcd unreachable at start or later is logged and
 retried with backoff; when the lease turns out to have expired (a long outage,
@@ -116,7 +119,8 @@ class Registration:
         self._outage_logged = 0.0
         self._disks: list[dict[str, Any]] = []
         self._changed = asyncio.Event()        # sessions came or went since the last write
-        self._stale = False                    # a prompt rewrite failed: redo it with the keepalive
+        self._stale = False                    # the live record is to be written again (no debounce)
+        self._wake = asyncio.Event()           # set with ``_changed`` or ``_stale``: wakes ``_publish``
         self._keeper: asyncio.Task | None = None   # keepalives between stop and ``unregister``
         self._probing: asyncio.Task | None = None  # the disk probe running, if one is
         self._probed = False                   # a probe finished: ``_disks`` holds its records
@@ -124,6 +128,7 @@ class Registration:
     def sessions_changed(self) -> None:
         """Ask for a prompt rewrite of the live record (debounced); safe to call often."""
         self._changed.set()
+        self._wake.set()
 
     # -- the loop -----------------------------------------------------------------
 
@@ -207,7 +212,7 @@ class Registration:
         try:
             self._disks = await self.probe_disks()
             self._probed = True
-            self._stale = True                 # the next keepalive tick publishes them
+            self._mark_stale()                 # ``_publish`` writes them (while registered)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - the last records stay; the next round tries again
@@ -229,6 +234,7 @@ class Registration:
         if lease.ttl != self.lease_ttl:
             log.warning("etcd granted a %ds lease instead of the %ds asked for", lease.ttl, self.lease_ttl)
         self._changed.clear()
+        self._stale = False                    # this write has all of it
         await self._put_live()
         # Writes start under this lease only now that its live key is in etcd: while it is
         # not, the meta sees no live owner and may commit a snapshot itself at the seq a
@@ -242,32 +248,39 @@ class Registration:
                  self.chunk_id, self.endpoints, lease.id, lease.ttl)
 
     async def _hold(self) -> None:
-        """Keep the lease alive every ttl/3, rewrite the live record every refresh
-        interval and soon after sessions change; return on stop."""
+        """Keep the lease alive every ttl/3 and have the live record rewritten every refresh
+        interval and soon after sessions change; return on stop.
+
+        The live record is written by a task of its own (``_publish``): a write that hangs
+        or fails (etcd's disk slow: puts time out while keepalives still answer) never
+        delays or skips a keepalive, or the lease would expire under a running server.
+        """
+        assert self.lease is not None
+        publisher = asyncio.ensure_future(self._publish())
+        try:
+            await self._keep_lease(publisher)
+        finally:
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+
+    async def _keep_lease(self, publisher: asyncio.Future) -> None:
         assert self.lease is not None
         interval = max(0.2, self.lease_ttl / 3)
         next_keepalive = time.monotonic() + interval
         next_refresh = time.monotonic() + self.refresh_interval
         while True:
-            changed = await self._wait_change(next_keepalive - time.monotonic())
+            await self._wait_for(next_keepalive - time.monotonic(), publisher)  # raises what ended it
             try:
-                if changed:
-                    await self._publish_change()
-                if time.monotonic() < next_keepalive:
-                    continue
-                next_keepalive = time.monotonic() + interval
                 sent = time.monotonic()
+                next_keepalive = sent + interval
                 reply = await self._call(self.etcd.refresh_lease(self.lease.id), timeout=interval * 1.5)
                 if reply is None or reply.TTL <= 0:
                     raise LeaseLost(f"lease {self.lease.id:x} expired")
                 self._held(sent, reply.TTL)
                 if time.monotonic() >= next_refresh:
                     self._probe_soon()          # never awaited here: a slow disk delays nothing
-                    self._stale = True
+                    self._mark_stale()
                     next_refresh = time.monotonic() + self.refresh_interval
-                if self._stale:
-                    await self._put_live(timeout=interval * 1.5)
-                    self._stale = False
                 self._recovered()
             except (LeaseLost, _Stopped, asyncio.CancelledError):
                 raise
@@ -275,6 +288,49 @@ class Registration:
                 if _lease_not_found(e):
                     raise LeaseLost(f"lease {self.lease.id:x} not found") from None
                 self._note_outage(e, "keeping the lease alive as soon as it answers")
+
+    async def _wait_for(self, timeout: float, publisher: asyncio.Future) -> None:
+        """Sleep ``timeout``; raise _Stopped on stop, or what ended ``publisher`` (LeaseLost)."""
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({stopper, publisher}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if self._stop.is_set():
+            raise _Stopped
+        if publisher.done():
+            publisher.result()
+            raise RuntimeError("the live record publisher ended")
+
+    def _mark_stale(self) -> None:
+        """The live record is to be written again (by ``_publish``, without debounce)."""
+        self._stale = True
+        self._wake.set()
+
+    async def _publish(self) -> None:
+        """Write the live record when sessions changed (once changes settle: one write per
+        burst of logins), on each refresh and after each disk probe; a failed write is
+        retried every ttl/3 until it lands. Ends only by raising (LeaseLost, _Stopped)."""
+        interval = max(0.2, self.lease_ttl / 3)
+        while True:
+            if not (self._changed.is_set() or self._stale):
+                await self._call(self._wake.wait())
+            self._wake.clear()
+            if self._changed.is_set():
+                if await self._sleep(self.debounce):
+                    raise _Stopped
+                self._changed.clear()
+            self._stale = False             # set again meanwhile: written again after this
+            try:
+                await self._put_live(timeout=max(1.0, self.lease_ttl / 2))
+            except (LeaseLost, _Stopped, asyncio.CancelledError):
+                self._stale = True
+                raise
+            except Exception as e:  # noqa: BLE001 - etcd slow or down: the next round retries
+                self._stale = True
+                self._note_outage(e, "writing the live record again as soon as it answers")
+                if await self._sleep(interval):
+                    raise _Stopped
 
     def _held(self, sent: float, ttl: int) -> None:
         """The lease holds for ``ttl`` s from when it was asked for; keep a third of it (at
@@ -290,28 +346,6 @@ class Registration:
         stays 0 once ``run`` ends), so writers waiting for it give up instead of waiting
         (``Coordinator.ensure_owner``) and holding up the shutdown."""
         return self._stop.is_set()
-
-    async def _wait_change(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for a session change (True); raise _Stopped on stop."""
-        if timeout > 0 and not self._changed.is_set():
-            waiters = {asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(self._stop.wait())}
-            try:
-                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waiters:
-                    w.cancel()
-        if self._stop.is_set():
-            raise _Stopped
-        return self._changed.is_set()
-
-    async def _publish_change(self) -> None:
-        """Rewrite the live record once changes settle: one write per burst of logins."""
-        if await self._sleep(self.debounce):
-            raise _Stopped
-        self._changed.clear()
-        self._stale = True          # until this write lands; the keepalive tick retries it
-        await self._put_live(timeout=max(1.0, self.lease_ttl / 2))
-        self._stale = False
 
     async def _put_live(self, timeout: float | None = None) -> None:
         try:
