@@ -3,13 +3,24 @@
 aetcd only ever opens ``grpc.aio.insecure_channel``. ``Client`` overrides
 ``connect``, the one place the channel is made, and can open a secure channel
 with a CA and a client certificate instead; everything else (KV, txn, lease,
-watch) is aetcd's own code path. Several endpoints become one gRPC target
-(``ipv4:a:p,b:p``) so gRPC itself fails over between etcd members.
+watch) is aetcd's own code path.
+
+Several endpoints: the client talks to one member at a time, over a channel of
+its own (a hostname is resolved by gRPC, to all its addresses, and verified as
+the TLS server name), and moves to the next endpoint when the current one fails
+(``Client._failed``): at once on UNAVAILABLE (refused, unresolvable, dropped
+connection, or "no leader"), after two timeouts in a row otherwise. A call that
+surely never reached etcd (no connection, no leader) is retried at once on the
+next endpoint; others fail to the caller as before, and its next call goes to
+the next endpoint. Every call carries etcd's require-leader metadata
+(``hasleader``), so a member cut off from quorum answers "no leader" at once
+(watches on it are ended by etcd) instead of hanging or serving stale data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -34,13 +45,54 @@ UNAVAILABLE_ERRORS = (aetcd_exc.ConnectionFailedError, aetcd_exc.ConnectionTimeo
                       asyncio.TimeoutError, EtcdUnavailable)
 
 
-def _target(endpoints: list[str]) -> str:
-    hosts = [e.split("://", 1)[-1].rstrip("/") for e in endpoints]
-    if len(hosts) == 1:
-        return hosts[0]
-    if all(h[0].isdigit() for h in hosts):
-        return "ipv4:" + ",".join(hosts)
-    return hosts[0]
+def _targets(endpoints: list[str]) -> list[str]:
+    """One gRPC target per endpoint, in order (``http(s)://`` and a trailing ``/`` dropped):
+    ``host:port``, ``1.2.3.4:port`` or ``[v6]:port``; gRPC resolves a hostname itself."""
+    targets = [e.split("://", 1)[-1].rstrip("/") for e in endpoints]
+    if not targets or not all(targets):
+        raise ValueError(f"no usable etcd endpoint in {endpoints!r}")
+    return targets
+
+
+_target = _targets      # (older name; every endpoint is used)
+
+# etcd's require-leader metadata: a member without a leader refuses the call ("no leader",
+# UNAVAILABLE) and ends its watch streams, rather than waiting or answering stale reads.
+REQUIRE_LEADER = (("hasleader", "true"),)
+# UNAVAILABLE answers given before the request was handed to etcd at all: retried at once
+# on the next endpoint. (Any other failure may have been applied: the caller decides.)
+_NOT_SENT = ("failed to connect", "dns resolution failed", "name resolution",
+             "empty address list", "no leader", "connections to all backends failing")
+TIMEOUTS_BEFORE_FAILOVER = 2
+
+
+def _never_sent(e: BaseException) -> bool:
+    cause = e if isinstance(e, rpc.AioRpcError) else e.__cause__
+    if not isinstance(cause, rpc.AioRpcError) or cause.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = (cause.details() or "").lower()
+    return any(m in details for m in _NOT_SENT)
+
+
+def _failing_over(f):
+    """Wrap one of aetcd's calls: note each failure (``Client._failed``) and retry it on
+    the next endpoint while it surely never reached etcd, once per endpoint at most."""
+    @functools.wraps(f)
+    async def call(self, *a, **kw):
+        tries = len(self._targets)
+        while True:
+            await self.connect()
+            gen = self._gen
+            try:
+                result = await f(self, *a, **kw)
+            except aetcd_exc.ClientError as e:
+                tries -= 1
+                if not self._failed(gen, e) or tries <= 0:
+                    raise
+                continue
+            self._timeouts = 0
+            return result
+    return call
 
 
 class _Watcher(aetcd.watcher.Watcher):
@@ -84,18 +136,51 @@ class _Watcher(aetcd.watcher.Watcher):
             return                              # (etcd sends a creation's events separately)
         await super()._handle_response(response)
 
+    async def retire(self, why: str) -> None:
+        """End every watch on this watcher with an error (callers watch again, on the
+        client's current channel) and its stream."""
+        await self._terminate_stream(EtcdUnavailable(why))
+
 
 class Client(aetcd.Client):
-    """aetcd client whose channel we build: plain, or mutually authenticated TLS.
+    """aetcd client whose channel we build: plain or mutually authenticated TLS, to one of
+    several endpoints at a time, failing over to the next (see the module docstring).
 
-    Only ``connect`` differs from aetcd's: it opens our channel and then sets
-    up the same stubs and watcher aetcd would.
+    Only ``connect`` differs from aetcd's: it opens our channel and then sets up the same
+    stubs and watcher aetcd would; the calls themselves are aetcd's, wrapped by
+    ``_failing_over``.
     """
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None, **kw):
-        super().__init__(host=target, port=0, **kw)
-        self._target = target
+    def __init__(self, target: str | list[str], *,
+                 credentials: grpc.ChannelCredentials | None = None, **kw):
+        targets = [target] if isinstance(target, str) else list(target)
+        super().__init__(host=targets[0], port=0, **kw)
+        self._targets = targets
+        self._current = 0                      # index in _targets of the channel's endpoint
+        self._gen = 0                          # +1 per channel opened
+        self._timeouts = 0                     # timeouts in a row on the current channel
         self._credentials = credentials
+        self._retiring: dict[asyncio.Task, Any] = {}   # closing old channels: task -> channel
+
+    @property
+    def _target(self) -> str:
+        return self._targets[self._current]
+
+    def _open(self) -> None:
+        opts = list(self._options.items())
+        if self._credentials is not None:
+            self.channel = rpc.secure_channel(self._target, self._credentials, options=opts)
+        else:
+            self.channel = rpc.insecure_channel(self._target, options=opts)
+        self._gen += 1
+        self._timeouts = 0
+        self.metadata = REQUIRE_LEADER
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = _Watcher(rpc.WatchStub(self.channel),
+                                 timeout=self._timeout, metadata=self.metadata)
 
     async def connect(self) -> None:
         if self._connected.is_set():
@@ -105,20 +190,58 @@ class Client(aetcd.Client):
             return
         self._is_connecting = True
         try:
-            opts = list(self._options.items())
-            if self._credentials is not None:
-                self.channel = rpc.secure_channel(self._target, self._credentials, options=opts)
-            else:
-                self.channel = rpc.insecure_channel(self._target, options=opts)
-            self.kvstub = rpc.KVStub(self.channel)
-            self.clusterstub = rpc.ClusterStub(self.channel)
-            self.leasestub = rpc.LeaseStub(self.channel)
-            self.maintenancestub = rpc.MaintenanceStub(self.channel)
-            self._watcher = _Watcher(rpc.WatchStub(self.channel),
-                                     timeout=self._timeout, metadata=self.metadata)
+            self._open()
             self._connected.set()
         finally:
             self._is_connecting = False
+
+    def _failed(self, gen: int, e: BaseException) -> bool:
+        """A call on channel ``gen`` failed with ``e``: move to the next endpoint when it is
+        unavailable (or timed out twice in a row). True: retry the call now (it never
+        reached etcd, and there is another endpoint to try)."""
+        if len(self._targets) < 2 or not self._connected.is_set():
+            return False
+        if isinstance(e, aetcd_exc.ConnectionTimeoutError):
+            if gen == self._gen:
+                self._timeouts += 1
+                if self._timeouts >= TIMEOUTS_BEFORE_FAILOVER:
+                    self._failover(f"{self._timeouts} timeouts in a row")
+            return False
+        if not isinstance(e, aetcd_exc.ConnectionFailedError):
+            return False
+        if gen == self._gen:                   # (else another call moved on already)
+            self._failover(_describe_error(e))
+        return _never_sent(e)
+
+    def _failover(self, why: str) -> None:
+        """Open a channel to the next endpoint now; the old one's watches end with an error
+        and its calls still running get the timeout to finish."""
+        old_target, old_channel, old_watcher = self._target, self.channel, self._watcher
+        self._current = (self._current + 1) % len(self._targets)
+        log.warning("etcd at %s failed (%s); using %s", old_target, why, self._target)
+        self._open()
+        task = asyncio.ensure_future(self._retire(old_channel, old_watcher, old_target))
+        self._retiring[task] = old_channel
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
+
+    async def _retire(self, channel: Any, watcher: Any, target: str) -> None:
+        try:
+            if watcher is not None:
+                await watcher.retire(f"etcd at {target} failed; watch again")
+        except Exception:  # noqa: BLE001 - best effort: the channel goes anyway
+            log.debug("retiring the watcher on %s failed", target, exc_info=True)
+        if channel is not None:
+            await channel.close(grace=self._timeout or 5.0)
+
+    async def close(self) -> None:
+        await super().close()
+        retiring, self._retiring = dict(self._retiring), {}
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        for channel in retiring.values():
+            if channel is not None:
+                await channel.close()
 
     async def range(self, start: bytes, end: bytes, limit: int = 0,
                     keys_only: bool = False) -> tuple[list[tuple[bytes, bytes]], bool]:
@@ -126,19 +249,36 @@ class Client(aetcd.Client):
 
         aetcd's range calls have no limit, which paginated listings need.
         """
-        await self.connect()
         req = rpc.RangeRequest(key=start, range_end=end, limit=limit, keys_only=keys_only,
                                sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.KEY)
+        resp = await self._range(req)
+        return [(kv.key, kv.value) for kv in resp.kvs], resp.more
+
+    @_failing_over
+    async def _range(self, req: Any) -> Any:
         try:
-            resp = await self.kvstub.Range(req, timeout=self._timeout, metadata=self.metadata)
+            return await self.kvstub.Range(req, timeout=self._timeout, metadata=self.metadata)
         except rpc.AioRpcError as e:
             aetcd_exc._handle_exception(e)
-        return [(kv.key, kv.value) for kv in resp.kvs], resp.more
+
+
+# aetcd's calls that go to etcd themselves (``watch_prefix``, ``replace``, leases' methods
+# call these): each fails over.
+for _name in ("get", "get_prefix", "get_range", "get_all", "put", "delete", "delete_prefix",
+              "delete_range", "transaction", "lease", "revoke_lease", "refresh_lease",
+              "get_lease_info", "status", "members", "compact", "watch"):
+    setattr(Client, _name, _failing_over(getattr(aetcd.Client, _name)))
+del _name
+
+
+def _describe_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def client(cfg: EtcdConfig) -> aetcd.Client:
     """A not-yet-connected client for ``cfg`` (TLS when a CA file is set)."""
-    target = _target(cfg.endpoints)
+    target = _targets(cfg.endpoints)
     timeout = cfg.timeout
     options = {"grpc.keepalive_time_ms": 10_000, "grpc.keepalive_timeout_ms": 5_000,
                "grpc.initial_reconnect_backoff_ms": 200, "grpc.max_reconnect_backoff_ms": 2_000}
@@ -187,10 +327,13 @@ async def get_prefix_paged(etcd: aetcd.Client, prefix: bytes, page: int | None =
                 req = rpc.RangeRequest(key=start, range_end=end, limit=page, revision=revision,
                                        keys_only=keys_only, sort_order=rpc.RangeRequest.ASCEND,
                                        sort_target=rpc.RangeRequest.KEY)
-                try:
-                    resp = await etcd.kvstub.Range(req, timeout=etcd._timeout, metadata=etcd.metadata)
-                except rpc.AioRpcError as e:
-                    aetcd_exc._handle_exception(e)
+                if isinstance(etcd, Client):
+                    resp = await etcd._range(req)       # fails over, as etcd's other calls
+                else:
+                    try:
+                        resp = await etcd.kvstub.Range(req, timeout=etcd._timeout, metadata=etcd.metadata)
+                    except rpc.AioRpcError as e:
+                        aetcd_exc._handle_exception(e)
                 if revision == 0:
                     revision = resp.header.revision
                 kvs.extend(resp.kvs)
