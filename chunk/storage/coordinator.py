@@ -602,7 +602,7 @@ class Coordinator:
         is adopted); it is adopted before failures are handled. ``partial``: ``op`` may fail
         part-way, its changes made (a revert): see ``_handle_failures``.
 
-        ``absent_ok`` (a revert): an extent whose record never changed (``_never_changed``)
+        ``absent_ok`` (a revert, a flush): an extent whose record never changed (``_never_changed``)
         may never have been CREATEd; it then reads as absent, and an operation on what is
         absent everywhere has nothing to do. NO_EXTENT from every in-sync replica is that
         case: done, nobody dropped. NO_EXTENT from some while none succeeded (the others
@@ -1564,7 +1564,10 @@ class Coordinator:
                 return
 
             def flush_one(idx: int):
-                return self._on_replicas(idx, lambda r, epoch: r.flush(self.vid, idx, epoch))
+                # absent_ok: an extent allocated and never CREATEd (its allocator died, or
+                # every CREATE failed) has nothing to flush; its NO_EXTENTs drop nobody.
+                return self._on_replicas(idx, lambda r, epoch: r.flush(self.vid, idx, epoch),
+                                         absent_ok=True)
 
             try:
                 results = await asyncio.gather(*(flush_one(i) for i in sorted(pending)),

@@ -1,0 +1,59 @@
+"""Failures around allocation, SYNCHRONIZE CACHE and COMPARE AND WRITE that must not break
+an extent or acknowledge less than promised.
+
+A real Coordinator over real (local) ReplicaStores, the meta a stand-in that refuses to
+drop an extent's last in-sync replica (the harness of ``test_revert_safety``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from chunk.storage import replicas as rk
+from chunk.storage.coordinator import EXTENT_SIZE, Coordinator
+from chunk.blockdev import MediumError
+from zstore.records import ExtentRecord
+
+from .test_revert_safety import _block, _Engine, _Meta, _volume, keys, stores  # noqa: F401
+
+
+class _AllocMeta(_Meta):
+    """``_Meta`` that also allocates: ``POST /extents/v/<idx>`` answers a generation-1
+    record on every replica."""
+
+    def __init__(self, coord: Coordinator, chunk_ids) -> None:
+        super().__init__(coord)
+        self.chunk_ids = sorted(chunk_ids)
+
+    async def call(self, method, path, body):
+        parts = path.strip("/").split("/")
+        if len(parts) == 3 and parts[0] == "extents":
+            self.calls.append((method, path, body))
+            return {"extent": ExtentRecord("v", int(parts[2]), list(self.chunk_ids), 1, {}).to_dict()}
+        return await super().call(method, path, body)
+
+
+def _two(stores):
+    a, b = stores("A"), stores("B")
+    a.create("v", 0, 1)
+    b.create("v", 0, 1)
+    return a, b, {"A": rk.LocalReplica("A", a), "B": rk.LocalReplica("B", b)}
+
+
+# -- 1. SYNCHRONIZE CACHE over an extent allocated, never created -------------------------
+
+
+async def test_flush_leaves_an_allocated_never_created_extent_usable(stores, etcd_client, keys):
+    """Extent 1 is mapped (generation 1) but no replica has it. A fresh owner (foreign
+    acquire) has every extent to flush: NO_EXTENT there means nothing to flush, not a
+    replica to drop (a drop raises the generation and the extent is unusable for good)."""
+    _a, _b, reps = _two(stores)
+    coord = await _volume(etcd_client, keys, reps)
+    await coord.ensure_owner()
+    assert 1 in coord._unflushed                            # noqa: SLF001
+    await coord.flush()
+    assert coord.engine.meta.calls == []
+    rec = coord.extents[1]
+    assert (sorted(rec.replicas), rec.generation, rec.stale) == (["A", "B"], 1, {})
+    await coord.write(EXTENT_SIZE, _block(7))
+    assert await coord.read(EXTENT_SIZE, 4096) == _block(7)
+    await coord.flush()                                     # and SYNC CACHE works again
