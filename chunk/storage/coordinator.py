@@ -589,7 +589,8 @@ class Coordinator:
         return any(isinstance(res, rk.ReplicaFailed) and res.kind in rk.FENCED for _, res in failed)
 
     async def _on_replicas(self, idx: int, op, lo: int = 0, hi: int = 0, rec: ExtentRecord | None = None,
-                           keep: bool = False, absent_ok: bool = False, partial: bool = False):
+                           keep: bool = False, absent_ok: bool = False, partial: bool = False,
+                           creating: bool = False):
         """Run ``op(replica, epoch)`` on every replica of extent ``idx`` in parallel.
 
         Each attempt is sent only while ownership is held and current (``_owns``), else it is
@@ -609,6 +610,12 @@ class Coordinator:
         failed otherwise) cannot tell "not created" from "lost": the call fails and nobody
         is dropped, since any drop raises the generation and from then on the extent's
         absence would read as lost (MEDIUM ERROR), not as never written.
+
+        ``creating`` (an allocation's CREATE): when no in-sync replica confirmed it, none
+        has the extent for certain, so none is dropped for failing (a drop would make the
+        extent's absence read as lost for good): the record stays as allocated and the call
+        fails NOT READY; the next write finds NO_EXTENT everywhere and creates it
+        (``_await_creation``). Every replica refusing alike (all full) is kept, as always.
         """
         deadline = time.monotonic() + RETAKE_WINDOW
         for attempt in range(1 << 30):
@@ -633,9 +640,27 @@ class Coordinator:
                 self._adopt(rec)
             if failed and absent_ok and self._never_created(idx, cur, targets, results):
                 return
+            if failed and creating:
+                self._none_created(idx, cur, targets, results)
             if failed:
                 await self._handle_failures(idx, cur, failed, lo, hi, partial)
             return
+
+    def _none_created(self, idx: int, rec: ExtentRecord, targets, results) -> None:
+        """For ``_on_replicas(creating=True)``: NotServing, nobody dropped, when no in-sync
+        replica confirmed the CREATE (unless they all refused alike: ``_handle_failures``
+        keeps them all and says why)."""
+        insync = set(rec.replicas)
+        mine = [res for r, res in zip(targets, results) if r.chunk_id in insync]
+        if not mine or any(not isinstance(res, BaseException) for res in mine):
+            return
+        kinds = {res.kind if isinstance(res, rk.ReplicaFailed) else rk.IO for res in mine}
+        if len(kinds) == 1 and kinds <= {rk.NO_SPACE, rk.INVALID}:
+            return
+        why = "; ".join(str(res) for res in mine)
+        log.warning("volume %s extent %d: no replica confirmed its CREATE (%s); keeping them "
+                    "all, the next write creates it", self.vid, idx, why)
+        raise NotServing(f"volume {self.vid} extent {idx}: no replica could create it ({why})")
 
     def _never_created(self, idx: int, rec: ExtentRecord, targets, results) -> bool:
         """For ``_on_replicas(absent_ok=True)``: True when no in-sync replica of a record that
@@ -1383,7 +1408,8 @@ class Coordinator:
                 raise MediumError(f"volume {self.vid} extent {idx}: no in-sync replica has it "
                                   f"(generation {rec.generation}, stale {sorted(rec.stale)})")
             log.warning("volume %s extent %d: no replica has it; creating it", self.vid, idx)
-            await self._on_replicas(idx, lambda r, epoch: r.create(self.vid, idx, epoch, rec.generation))
+            await self._on_replicas(idx, lambda r, epoch: r.create(self.vid, idx, epoch, rec.generation),
+                                    creating=True)
             return True
         return False
 
@@ -1545,7 +1571,8 @@ class Coordinator:
                 raise NoSpaceError(f"volume {self.vid}: cannot place extent {idx}: {e}") from None
             raise MediumError(f"volume {self.vid}: cannot allocate extent {idx}: {e}") from None
         rec = ExtentRecord.from_dict(data.get("extent", data))
-        await self._on_replicas(idx, lambda r, epoch: r.create(self.vid, idx, epoch, rec.generation), rec=rec)
+        await self._on_replicas(idx, lambda r, epoch: r.create(self.vid, idx, epoch, rec.generation),
+                                rec=rec, creating=True)
 
     async def flush(self) -> None:
         """Make every write acknowledged so far durable on every replica.

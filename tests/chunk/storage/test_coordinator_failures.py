@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from chunk.storage import replicas as rk
-from chunk.storage.coordinator import EXTENT_SIZE, Coordinator
+from chunk.storage.coordinator import EXTENT_SIZE, Coordinator, NotServing
 from chunk.blockdev import MediumError
 from zstore.records import ExtentRecord
 
@@ -57,3 +57,34 @@ async def test_flush_leaves_an_allocated_never_created_extent_usable(stores, etc
     await coord.write(EXTENT_SIZE, _block(7))
     assert await coord.read(EXTENT_SIZE, 4096) == _block(7)
     await coord.flush()                                     # and SYNC CACHE works again
+
+
+# -- 2. an allocation whose CREATE failed everywhere ---------------------------------------
+
+
+async def test_an_allocation_no_replica_created_is_retried_not_broken(stores, etcd_client, keys):
+    """Every CREATE of a new extent fails (peers unreachable): nothing has the extent, so
+    nobody is dropped for it; the write fails, and once the replicas are back the next
+    write creates it (before, all but one replica were dropped, generation 2, and the
+    extent answered MEDIUM ERROR "no in-sync replica has it" for good)."""
+    _a, _b, reps = _two(stores)
+    coord = await _volume(etcd_client, keys, reps, extents=2)
+    del coord.extents[1]
+    coord.engine.meta = _AllocMeta(coord, reps)
+    down = {"A": 1, "B": 1}
+    for cid, r in reps.items():
+        real = r.create
+
+        async def create(vid, idx, epoch, generation, discard_broken=False, cid=cid, real=real):
+            if down[cid]:
+                down[cid] -= 1
+                raise rk.ReplicaFailed(cid, rk.UNAVAILABLE, "injected")
+            return await real(vid, idx, epoch, generation, discard_broken)
+        r.create = create
+    with pytest.raises(NotServing):                         # NOT READY: the host retries
+        await coord.write(EXTENT_SIZE, _block(5))
+    assert not [c for c in coord.engine.meta.calls if c[1].endswith("/drop")]
+    await coord.write(EXTENT_SIZE, _block(6))
+    assert await coord.read(EXTENT_SIZE, 4096) == _block(6)
+    rec = coord.extents[1]
+    assert (sorted(rec.replicas), rec.generation, rec.stale) == (["A", "B"], 1, {})
