@@ -1580,32 +1580,45 @@ class Coordinator:
         One flush at a time: a second SYNCHRONIZE CACHE arriving while one is in flight
         must not answer GOOD before the extents the first took are durable, so it waits
         for it, then flushes what was written since. Extents taken by a flush that fails or
-        is cancelled go back to the unflushed set."""
+        is cancelled go back to the unflushed set.
+
+        Ownership taken (back) during the flush (a replica fenced it: another server wrote
+        the volume meanwhile, e.g. multipath across chunk servers) marks every extent
+        unflushed (``_acquire``), after this flush took its set: it runs again over them,
+        so GOOD means the other owner's acknowledged writes are durable too."""
         await self.ready()
         if self.view_seq:
             return                      # a view writes nothing
         await self.ensure_owner()       # a FLUSH needs an epoch, as any mutation
         async with self._flush_lock:
-            pending, self._unflushed = self._unflushed, set()
-            if not pending:
-                return
+            while await self._flush_round():
+                pass
 
-            def flush_one(idx: int):
-                # absent_ok: an extent allocated and never CREATEd (its allocator died, or
-                # every CREATE failed) has nothing to flush; its NO_EXTENTs drop nobody.
-                return self._on_replicas(idx, lambda r, epoch: r.flush(self.vid, idx, epoch),
-                                         absent_ok=True)
+    async def _flush_round(self) -> bool:
+        """One round of ``flush``: True if ownership was taken (back) meanwhile (another
+        round is due)."""
+        taken = self._taken_epoch
+        pending, self._unflushed = self._unflushed, set()
+        if not pending:
+            return False
 
-            try:
-                results = await asyncio.gather(*(flush_one(i) for i in sorted(pending)),
-                                               return_exceptions=True)
-            except BaseException:
-                self._unflushed |= pending
-                raise
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                self._unflushed |= pending
-                raise errors[0]
+        def flush_one(idx: int):
+            # absent_ok: an extent allocated and never CREATEd (its allocator died, or
+            # every CREATE failed) has nothing to flush; its NO_EXTENTs drop nobody.
+            return self._on_replicas(idx, lambda r, epoch: r.flush(self.vid, idx, epoch),
+                                     absent_ok=True)
+
+        try:
+            results = await asyncio.gather(*(flush_one(i) for i in sorted(pending)),
+                                           return_exceptions=True)
+        except BaseException:
+            self._unflushed |= pending
+            raise
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self._unflushed |= pending
+            raise errors[0]
+        return self._taken_epoch != taken
 
     # -- volume operations (snapshot barrier, revert) ----------------------------
 

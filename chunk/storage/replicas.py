@@ -110,6 +110,10 @@ class LocalReplica:
         if not epoch:
             raise self._unfenced("FLUSH")
         try:
+            # Admitted first, as the replica server admits FLUSH: a deposed owner is told it
+            # is fenced (and takes the volume back, flushing what the other owner wrote),
+            # instead of answering SYNCHRONIZE CACHE GOOD over its own writes only.
+            self.store.admit(vid, idx, epoch)
             await self.store.flush_async(vid, idx)       # the sync in a thread, its clean-up here
         except Exception as e:  # noqa: BLE001
             raise self._fail(vid, idx, e) from None

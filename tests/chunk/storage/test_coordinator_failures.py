@@ -88,3 +88,39 @@ async def test_an_allocation_no_replica_created_is_retried_not_broken(stores, et
     assert await coord.read(EXTENT_SIZE, 4096) == _block(6)
     rec = coord.extents[1]
     assert (sorted(rec.replicas), rec.generation, rec.stale) == (["A", "B"], 1, {})
+
+
+# -- 3. SYNCHRONIZE CACHE on a deposed owner ------------------------------------------------
+
+
+async def test_flush_on_a_deposed_owner_flushes_the_new_owners_writes(stores, etcd_client, keys):
+    """Multipath over two chunk servers: S2 takes the volume over and writes extent 1
+    (acknowledged); a SYNCHRONIZE CACHE through S1 must make it durable too, not answer
+    GOOD after flushing only what S1 wrote."""
+    _a, _b, reps = _two(stores)
+    for st in (_a, _b):
+        st.create("v", 1, 1)
+    s1 = await _volume(etcd_client, keys, reps)
+    await s1.ensure_owner()
+    await s1.flush()                                        # S1's own start: nothing pending
+    await s1.write(0, _block(1))
+    s2 = Coordinator(_Engine(etcd_client, keys, reps), s1.volume)
+    s2._is_ready = True                                     # noqa: SLF001
+    s2.engine.meta = _Meta(s2)
+
+    async def no_refresh():
+        pass
+    s2._refresh_extents = no_refresh                        # noqa: SLF001
+    for idx in range(2):
+        s2.extents[idx] = ExtentRecord("v", idx, ["A", "B"], 1, {})
+    await s2.write(EXTENT_SIZE, _block(2))
+    flushed = []
+    for cid, r in reps.items():
+        real = r.flush
+
+        async def flush(vid, idx, epoch, cid=cid, real=real):
+            await real(vid, idx, epoch)
+            flushed.append((cid, idx))
+        r.flush = flush
+    await s1.flush()
+    assert ("A", 1) in flushed and ("B", 1) in flushed, flushed
