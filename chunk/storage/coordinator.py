@@ -1027,6 +1027,7 @@ class Coordinator:
             sent = await self._caw_send(parts, lo, buf, epoch, seq, fua)
             if sent is None:                        # every replica took it (or was dropped)
                 self._caw_written(parts, fua)
+                self._caw_check_need(parts)
                 return
             self._caw_written(parts, True)          # possibly landed somewhere: dirty logs
             # Fenced: another server owns the volume now and may have written the range
@@ -1053,6 +1054,7 @@ class Coordinator:
                     await self._caw_flush(parts)
                 else:
                     self._caw_written(parts, False)
+                self._caw_check_need(parts)
                 return
             # "redo": ours shows nowhere. The compare again, under the epoch now held (it
             # reads whatever the other server wrote meanwhile).
@@ -1060,6 +1062,15 @@ class Coordinator:
     def _caw_written(self, parts, fua: bool) -> None:
         for idx, eoff, m in parts:
             self._written(idx, eoff, eoff + m, fua)
+
+    def _caw_check_need(self, parts) -> None:
+        """``min_write_replicas`` after the write, as ``_replicate`` checks it: a replica
+        dropped between the compare and the write (a concurrent write's failure) leaves the
+        CAW on fewer replicas, and it is then not acknowledged (MEDIUM ERROR)."""
+        for idx in sorted({p[0] for p in parts}):
+            err = self._too_few(idx)
+            if err is not None:
+                raise err
 
     async def _caw_flush(self, parts) -> None:
         for idx in sorted({p[0] for p in parts}):

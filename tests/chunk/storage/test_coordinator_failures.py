@@ -124,3 +124,24 @@ async def test_flush_on_a_deposed_owner_flushes_the_new_owners_writes(stores, et
         r.flush = flush
     await s1.flush()
     assert ("A", 1) in flushed and ("B", 1) in flushed, flushed
+
+
+# -- 4. COMPARE AND WRITE and min_write_replicas -------------------------------------------
+
+
+async def test_compare_and_write_is_not_acknowledged_below_min_write_replicas(stores, etcd_client, keys):
+    """A replica dropped (by a concurrent write) between the compare and the write: the CAW
+    lands on one replica only, and with min_write_replicas 2 must not answer GOOD."""
+    _a, _b, reps = _two(stores)
+    coord = await _volume(etcd_client, keys, reps)
+    coord.engine.min_write_replicas = 2
+    await coord.write(0, _block(3))
+    real = coord._caw_read                                  # noqa: SLF001
+
+    async def read_then_drop(parts, epoch):
+        got = await real(parts, epoch)
+        await coord._drop(0, "B", "unavailable: t")        # noqa: SLF001
+        return got
+    coord._caw_read = read_then_drop                        # noqa: SLF001
+    with pytest.raises(MediumError):
+        await coord.compare_and_write(0, _block(3), _block(4))
