@@ -699,6 +699,13 @@ class Coordinator:
     async def read(self, offset: int, length: int) -> bytes:
         if not self._is_ready:
             await self.ready()
+        lease = self.engine.lease
+        if lease is not None and time.monotonic() >= lease.lease_deadline:
+            # This server's etcd lease may have lapsed: the meta may have handed the volume
+            # on and dropped our replica, which would serve old data from now on. NOT READY:
+            # the host retries (through a server that holds a lease). O(1), as any read gate.
+            raise NotServing(f"volume {self.vid}: this chunk server's etcd lease may have "
+                             f"lapsed; not serving reads until it holds one again")
         if length <= 0:
             return b""
         # Hot path: inside one extent, no clone parent, our own replica in sync -> the store.

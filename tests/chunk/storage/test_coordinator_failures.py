@@ -6,6 +6,8 @@ drop an extent's last in-sync replica (the harness of ``test_revert_safety``).""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from chunk.storage import replicas as rk
@@ -145,3 +147,30 @@ async def test_compare_and_write_is_not_acknowledged_below_min_write_replicas(st
     coord._caw_read = read_then_drop                        # noqa: SLF001
     with pytest.raises(MediumError):
         await coord.compare_and_write(0, _block(3), _block(4))
+
+
+# -- 5. reads and this server's etcd lease ---------------------------------------------
+
+
+class _Lease:
+    def __init__(self) -> None:
+        self.lease_gen, self.lease_deadline, self.stopping = 1, time.monotonic() + 60, False
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["replicas", "local-fast-path"])
+async def test_a_read_after_this_servers_lease_lapsed_is_not_ready(stores, etcd_client, keys, local):
+    """Cut off from etcd (its lease lapsed), this server may have been deposed and its
+    replica dropped and overwritten elsewhere: it must not go on serving what it has (old
+    data) but answer NOT READY, so the host retries through a server that holds a lease."""
+    a, _b, reps = _two(stores)
+    coord = await _volume(etcd_client, keys, reps)
+    coord.engine.lease = lease = _Lease()
+    if local:
+        coord.engine.local_store_for = lambda rec: a
+    await coord.write(0, _block(8))
+    assert await coord.read(0, 4096) == _block(8)
+    lease.lease_deadline = time.monotonic() - 1
+    with pytest.raises(NotServing):
+        await coord.read(0, 4096)
+    lease.lease_deadline = time.monotonic() + 60            # a lease again: reads served
+    assert await coord.read(0, 4096) == _block(8)
