@@ -51,6 +51,7 @@ COPY_CHUNK = 1 << 20
 # each round makes progress, so this only bounds a pathological case.
 RETAKE_WINDOW = 20.0
 LEASE_POLL = 0.1      # how often a write waiting for the server's etcd lease looks again
+READ_LEASE_WAIT = 3.0  # how long a read waits for a lapsed lease before NOT READY
 # How long a volume's first I/O waits for the storage engine to start before failing NOT
 # READY (the host retries): an engine that cannot start (its port in use) must not hold it.
 START_WAIT = 10.0
@@ -696,16 +697,25 @@ class Coordinator:
             yield idx, eoff, n
             pos += n
 
+    async def _read_lease(self, lease) -> None:
+        """A read found this server's etcd lease lapsed: the meta may have handed the volume on
+        and dropped our replica, which would serve old data from then on. Like a write, it
+        waits for the lease (a keepalive late on a busy box, an etcd leader change), but only
+        ``READ_LEASE_WAIT``, and not once the server is stopping; then NOT READY, which the
+        host retries (through a server that holds a lease)."""
+        give_up = time.monotonic() + READ_LEASE_WAIT
+        while time.monotonic() >= lease.lease_deadline:
+            if getattr(lease, "stopping", False) or time.monotonic() >= give_up:
+                raise NotServing(f"volume {self.vid}: this chunk server's etcd lease may have "
+                                 f"lapsed; not serving reads until it holds one again")
+            await asyncio.sleep(LEASE_POLL)
+
     async def read(self, offset: int, length: int) -> bytes:
         if not self._is_ready:
             await self.ready()
         lease = self.engine.lease
         if lease is not None and time.monotonic() >= lease.lease_deadline:
-            # This server's etcd lease may have lapsed: the meta may have handed the volume
-            # on and dropped our replica, which would serve old data from now on. NOT READY:
-            # the host retries (through a server that holds a lease). O(1), as any read gate.
-            raise NotServing(f"volume {self.vid}: this chunk server's etcd lease may have "
-                             f"lapsed; not serving reads until it holds one again")
+            await self._read_lease(lease)
         if length <= 0:
             return b""
         # Hot path: inside one extent, no clone parent, our own replica in sync -> the store.

@@ -6,10 +6,12 @@ drop an extent's last in-sync replica (the harness of ``test_revert_safety``).""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
+from chunk.storage import coordinator as coordinator_mod
 from chunk.storage import replicas as rk
 from chunk.storage.coordinator import EXTENT_SIZE, Coordinator, NotServing
 from chunk.blockdev import MediumError
@@ -158,10 +160,12 @@ class _Lease:
 
 
 @pytest.mark.parametrize("local", [False, True], ids=["replicas", "local-fast-path"])
-async def test_a_read_after_this_servers_lease_lapsed_is_not_ready(stores, etcd_client, keys, local):
+async def test_a_read_after_this_servers_lease_lapsed_is_not_ready(stores, etcd_client, keys, local,
+                                                                   monkeypatch):
     """Cut off from etcd (its lease lapsed), this server may have been deposed and its
     replica dropped and overwritten elsewhere: it must not go on serving what it has (old
     data) but answer NOT READY, so the host retries through a server that holds a lease."""
+    monkeypatch.setattr(coordinator_mod, "READ_LEASE_WAIT", 0.3)
     a, _b, reps = _two(stores)
     coord = await _volume(etcd_client, keys, reps)
     coord.engine.lease = lease = _Lease()
@@ -174,3 +178,33 @@ async def test_a_read_after_this_servers_lease_lapsed_is_not_ready(stores, etcd_
         await coord.read(0, 4096)
     lease.lease_deadline = time.monotonic() + 60            # a lease again: reads served
     assert await coord.read(0, 4096) == _block(8)
+
+
+async def test_a_read_waits_a_little_for_a_late_keepalive(stores, etcd_client, keys, monkeypatch):
+    """A lease that lapsed only because a keepalive was late (a busy box, an etcd leader
+    change) comes back within moments: a read then waits for it, as a write does, instead of
+    failing NOT READY at once (an initiator such as qemu fails the I/O on NOT READY)."""
+    monkeypatch.setattr(coordinator_mod, "READ_LEASE_WAIT", 10.0)
+    _a, _b, reps = _two(stores)
+    coord = await _volume(etcd_client, keys, reps)
+    coord.engine.lease = lease = _Lease()
+    await coord.write(0, _block(9))
+    lease.lease_deadline = time.monotonic() - 1
+    read = asyncio.ensure_future(coord.read(0, 4096))
+    await asyncio.sleep(0.3)
+    assert not read.done()                                   # waiting for the lease
+    lease.lease_deadline = time.monotonic() + 60
+    assert await asyncio.wait_for(read, 5) == _block(9)
+
+
+async def test_a_read_on_a_stopping_server_is_not_ready_at_once(stores, etcd_client, keys, monkeypatch):
+    monkeypatch.setattr(coordinator_mod, "READ_LEASE_WAIT", 10.0)
+    _a, _b, reps = _two(stores)
+    coord = await _volume(etcd_client, keys, reps)
+    coord.engine.lease = lease = _Lease()
+    await coord.write(0, _block(3))
+    lease.lease_deadline, lease.stopping = 0.0, True
+    t0 = time.monotonic()
+    with pytest.raises(NotServing):
+        await coord.read(0, 4096)
+    assert time.monotonic() - t0 < 2
