@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -45,18 +46,48 @@ def error_response(err: ZError) -> web.Response:
     return web.json_response({"error": err.to_dict()}, status=err.status)
 
 
+# Per request: [True] once a transaction was handed to etcd (``TrackingCtx.txn``); a
+# mutable box, so a write made in a task the handler spawned is seen too.
+_WRITE_SENT: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("zstore_meta_write_sent",
+                                                                               default=None)
+
+
+class TrackingCtx(Ctx):
+    """The server's Ctx: notes, per API request, that a write may have reached etcd."""
+
+    async def txn(self, compare: list, success: list) -> bool:
+        box = _WRITE_SENT.get()
+        if box is not None:
+            box[0] = True
+        return await super().txn(compare, success)
+
+
+def etcd_maybe_applied(e: BaseException, write_sent: bool) -> bool:
+    """Whether a request that failed on etcd with ``e`` may have changed something: yes
+    once a write was sent in it, or unless ``e`` surely never reached etcd (no connection,
+    no leader); a timeout or a dropped call may come after etcd applied it."""
+    return write_sent or not zetcd._never_sent(e)
+
+
 @web.middleware
 async def errors_mw(request: web.Request, handler) -> web.StreamResponse:
+    box = [False]
+    token = _WRITE_SENT.set(box)
     try:
         return await handler(request)
     except ZError as e:
         return error_response(e)
     except zetcd.UNAVAILABLE_ERRORS as e:
         cfg = request.app["config"].etcd
-        log.warning("etcd unreachable during %s %s: %s", request.method, request.path, type(e).__name__)
+        maybe = etcd_maybe_applied(e, box[0])
+        log.warning("etcd unreachable during %s %s: %s%s", request.method, request.path, type(e).__name__,
+                    " (the request may have been applied)" if maybe else "")
+        hint = ("check that etcd is running and reachable from the meta servers; "
+                + ("the request may have been applied: check the state before retrying it with a new request id"
+                   if maybe else "nothing was changed"))
         return error_response(Unavailable(
             f"etcd is unreachable at {zetcd.describe(cfg)} ({type(e).__name__})",
-            hint="check that etcd is running and reachable from the meta servers; nothing was changed"))
+            hint=hint, maybe_applied=maybe))
     except RecordError as e:
         log.error("corrupt record in etcd: %s", e)
         return error_response(ZError(f"a stored record could not be read: {e}"))
@@ -65,6 +96,8 @@ async def errors_mw(request: web.Request, handler) -> web.StreamResponse:
     except Exception:  # noqa: BLE001 - answer 500 with no internals, log the trace
         log.exception("internal error on %s %s", request.method, request.path)
         return error_response(ZError("internal error in the meta server; see its log"))
+    finally:
+        _WRITE_SENT.reset(token)
 
 
 @web.middleware
@@ -199,7 +232,7 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
             leader_tasks["gc"] = asyncio.ensure_future(volumes.collect_garbage_every(ctx, leader_stop))
 
     election = Election(etcd, keys, meta_id, url, cfg.meta.lease_ttl, on_change)
-    ctx = Ctx(etcd=etcd, keys=keys, fence=election.fence)
+    ctx = TrackingCtx(etcd=etcd, keys=keys, fence=election.fence)
 
     app = web.Application(middlewares=[errors_mw, auth_mw, leader_mw], client_max_size=1 << 20)
     app["ctx"], app["election"], app["config"] = ctx, election, cfg

@@ -1,0 +1,69 @@
+"""The meta API's error answers, in-process against a real etcd (no meta processes)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import grpc
+from aetcd import exceptions as aetcd_exc
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from meta import server
+
+
+async def _call(etcd_config, handler):
+    app = web.Application(middlewares=[server.errors_mw])
+    app["config"] = SimpleNamespace(etcd=etcd_config)
+    app.router.add_post("/x", handler)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        r = await client.post("/x", timeout=10)
+        return r.status, await r.json()
+
+
+async def test_an_etcd_timeout_after_a_write_says_it_may_have_been_applied(etcd_client, etcd_config):
+    key = etcd_config.prefix.encode() + b"/written"
+
+    async def handler(request):
+        await etcd_client.put(key, b"1")                   # committed...
+        raise aetcd_exc.ConnectionTimeoutError("deadline exceeded")   # ...then etcd stalls
+    status, body = await _call(etcd_config, handler)
+    assert (await etcd_client.get(key)).value == b"1"
+    assert status == 503, body
+    err = body["error"]
+    assert err["code"] == "unavailable"
+    assert "nothing was changed" not in (err.get("hint") or "")
+    assert err["details"]["maybe_applied"] is True
+
+
+def _not_sent_error():
+    rpc = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                               details="failed to connect to all addresses")
+    try:
+        raise aetcd_exc.ConnectionFailedError("unavailable") from rpc
+    except aetcd_exc.ConnectionFailedError as e:
+        return e
+
+
+async def test_a_connect_failure_before_any_write_says_nothing_was_changed(etcd_config):
+    async def handler(request):
+        raise _not_sent_error()
+    status, body = await _call(etcd_config, handler)
+    assert status == 503, body
+    assert "nothing was changed" in body["error"]["hint"]
+    assert body["error"]["details"]["maybe_applied"] is False
+
+
+async def test_a_connect_failure_after_a_transaction_may_have_been_applied(etcd_client, etcd_config):
+    from tests.meta.helpers import make_ctx
+    ctx = make_ctx(etcd_client, etcd_config)
+    ctx = getattr(server, "TrackingCtx", type(ctx))(etcd=ctx.etcd, keys=ctx.keys)
+    key = etcd_config.prefix.encode() + b"/txn"
+
+    async def handler(request):
+        assert await ctx.txn([], [ctx.put(key, b"1")])       # committed (the revert's write)
+        raise _not_sent_error()                             # a later poll cannot connect
+    status, body = await _call(etcd_config, handler)
+    assert status == 503, body
+    assert "nothing was changed" not in (body["error"].get("hint") or "")
+    assert body["error"]["details"]["maybe_applied"] is True
