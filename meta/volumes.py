@@ -245,6 +245,17 @@ async def _source_of_existing(ctx: Ctx, vol: Volume, ref: str) -> Snapshot | Non
     return snap
 
 
+def _check_in_range(size: int, low: int | None, high: int | None) -> None:
+    """The size of a volume about to be created (a whole number of MiB) must lie in the
+    asked range (the CSI capacity range): else the request cannot be met, 400. (An
+    existing volume is matched by the range alone.)"""
+    if (low is not None and size < low) or (high is not None and size > high):
+        asked = (f"at least {low} bytes" if high is None else f"at most {high} bytes" if low is None
+                 else f"{low} to {high} bytes")
+        raise InvalidArgument(f"invalid size {size} bytes (sizes are whole MiB): outside the range asked, {asked}",
+                              hint="give a size, rounded up to a whole MiB, between min_size and max_size")
+
+
 async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin: bool = True,
                         source_snapshot: str | None = None, min_size: Any = None,
                         max_size: Any = None) -> tuple[Volume, bool]:
@@ -294,6 +305,7 @@ async def create_volume(ctx: Ctx, name: str, size: Any, replicas: Any = 3, thin:
                 raise Conflict(f"snapshot {source.name!r} is still being created",
                                hint="retry once `zstore snapshot list` shows it ready", retry=True)
         new_size = size if size is not None else source.size
+        _check_in_range(new_size, low, high)
         if source and new_size < source.size:
             raise InvalidArgument(f"a clone must be at least as large as its snapshot ({format_size(source.size)})")
         sid = source.snapshot_id if source else None

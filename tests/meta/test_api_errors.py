@@ -67,3 +67,24 @@ async def test_a_connect_failure_after_a_transaction_may_have_been_applied(etcd_
     assert status == 503, body
     assert "nothing was changed" not in (body["error"].get("hint") or "")
     assert body["error"]["details"]["maybe_applied"] is True
+
+
+async def test_a_size_rounded_above_max_size_is_400_not_created(etcd_client, etcd_config):
+    import pytest
+    from meta import volumes
+    from tests.meta.helpers import make_ctx, register_chunk
+    from zstore.errors import InvalidArgument
+    ctx = make_ctx(etcd_client, etcd_config)
+    for cid in ("c1", "c2", "c3"):
+        await register_chunk(ctx, cid)
+    # 1,000,000 bytes rounds up to 1 MiB (1,048,576), above max_size: no MiB multiple fits.
+    with pytest.raises(InvalidArgument, match="outside the range"):
+        await volumes.create_volume(ctx, "a", 1000000, replicas=1, max_size=1000000)
+    with pytest.raises(InvalidArgument):
+        await volumes.create_volume(ctx, "a", 1000000, replicas=1, max_size=1000000)
+    assert await ctx.get_raw(ctx.keys.volume_name("a")) is None
+    with pytest.raises(InvalidArgument):        # below min_size: 2 MiB asked at least 3 MiB
+        await volumes.create_volume(ctx, "b", 2 * 2**20, replicas=1, min_size=3 * 2**20)
+    vol, created = await volumes.create_volume(ctx, "c", 1000000, replicas=1, min_size=1000000,
+                                               max_size=2 * 2**20)
+    assert created and vol.size == 2**20
