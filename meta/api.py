@@ -8,7 +8,6 @@ middlewares in server.py.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +31,9 @@ async def body_of(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError, LookupError):
+        # ValueError: not JSON, not UTF-8 or an integer of over 4300 digits; RecursionError:
+        # nested too deeply; LookupError: an unknown charset in the Content-Type.
         raise InvalidArgument("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidArgument("request body must be a JSON object")
@@ -200,9 +201,12 @@ async def chunk_remove(request: web.Request) -> web.Response:
 @routes.post(PREFIX + "/volumes")
 async def volume_create(request: web.Request) -> web.Response:
     ctx, b = ctx_of(request), await body_of(request)
+    source = b.get("source_snapshot")
+    if source is not None and not isinstance(source, str):
+        raise InvalidArgument(f"invalid source_snapshot {source!r:.60}: VOLUME@SNAP or a snapshot id")
     vol, created = await volumes.create_volume(
         ctx, b.get("name", ""), b.get("size"), b.get("replicas", 3), b.get("thin", True),
-        b.get("source_snapshot"), b.get("min_size"), b.get("max_size"))
+        source, b.get("min_size"), b.get("max_size"))
     return ok(await volume_view(ctx, vol), 201 if created else 200)
 
 

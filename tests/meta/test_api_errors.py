@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import grpc
+import pytest
 from aetcd import exceptions as aetcd_exc
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -70,7 +71,6 @@ async def test_a_connect_failure_after_a_transaction_may_have_been_applied(etcd_
 
 
 async def test_a_size_rounded_above_max_size_is_400_not_created(etcd_client, etcd_config):
-    import pytest
     from meta import volumes
     from tests.meta.helpers import make_ctx, register_chunk
     from zstore.errors import InvalidArgument
@@ -88,3 +88,40 @@ async def test_a_size_rounded_above_max_size_is_400_not_created(etcd_client, etc
     vol, created = await volumes.create_volume(ctx, "c", 1000000, replicas=1, min_size=1000000,
                                                max_size=2 * 2**20)
     assert created and vol.size == 2**20
+
+
+async def _post_volumes(ctx, etcd_config, data: bytes, content_type: str = "application/json"):
+    from meta import api
+    app = web.Application(middlewares=[server.errors_mw])
+    app["config"] = SimpleNamespace(etcd=etcd_config)
+    app["ctx"] = ctx
+    app.router.add_post(api.PREFIX + "/volumes", api.volume_create)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        r = await client.post(api.PREFIX + "/volumes", data=data, headers={"Content-Type": content_type},
+                              timeout=30)
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize("data,ctype", [
+    (b'{"name": "a", "size": ' + b"9" * 5000 + b"}", "application/json"),   # int > 4300 digits
+    (b"[" * 100000 + b"]" * 100000, "application/json"),                   # nested too deep
+    (b'{"name": "a", "size": "1Gi"}', "application/json; charset=bogus"),  # unknown charset
+], ids=["huge-int", "deep-nesting", "bogus-charset"])
+async def test_bodies_python_cannot_parse_are_400_not_500(etcd_client, etcd_config, data, ctype):
+    from tests.meta.helpers import make_ctx
+    ctx = make_ctx(etcd_client, etcd_config)
+    status, body = await _post_volumes(ctx, etcd_config, data, ctype)
+    assert status == 400 and body["error"]["code"] == "invalid_argument", body
+
+
+async def test_a_non_string_source_snapshot_on_a_clone_name_is_400_not_500(etcd_client, etcd_config):
+    import json
+    from tests.meta.helpers import make_ctx
+    from zstore.records import Volume
+    ctx = make_ctx(etcd_client, etcd_config)
+    await etcd_client.put(ctx.keys.volume("vid1"), Volume(volume_id="vid1", name="a", size=2**30, replicas=1,
+                                                          source_snapshot="sid1").encode())
+    await etcd_client.put(ctx.keys.volume_name("a"), b"vid1")
+    status, body = await _post_volumes(ctx, etcd_config, json.dumps(
+        {"name": "a", "size": "1Gi", "replicas": 1, "source_snapshot": 5}).encode())
+    assert status == 400 and body["error"]["code"] == "invalid_argument", body
