@@ -194,14 +194,22 @@ async def set_admin_state(ctx: Ctx, chunk_id: str, state: str) -> ChunkView:
 async def remove_chunk(ctx: Ctx, chunk_id: str, force: bool, volumes: list[Volume]) -> str:
     view = await get_chunk(ctx, chunk_id)
     holders = [v.name for v in volumes if view.chunk_id in v.placement]
-    if view.up and not force:
+    # The keys as the checks see them: the delete below applies only if none changed since
+    # (a chunk server registering again in between keeps its records: 409, retry).
+    keys = (ctx.keys.chunk_info(view.chunk_id), ctx.keys.chunk_live(view.chunk_id),
+            ctx.keys.chunk_admin(view.chunk_id))
+    revs = [await ctx.etcd.get(k) for k in keys]
+    compare = [ctx.absent(k) if kv is None else ctx.unchanged(k, kv.mod_revision) for k, kv in zip(keys, revs)]
+    if (view.up or revs[1] is not None) and not force:   # (or it came back since it was listed)
         raise Conflict(f"chunk server {view.chunk_id} is up",
                        hint="stop it first, or drain it and pass --force to remove it anyway")
     if holders and not force:
         raise Conflict(f"chunk server {view.chunk_id} holds replicas of {len(holders)} volume(s): "
                        + ", ".join(holders[:5]) + ("..." if len(holders) > 5 else ""),
                        hint="wait for recovery to move them, or pass --force", volumes=holders)
-    await ctx.txn([], [ctx.delete(ctx.keys.chunk_dir(view.chunk_id), prefix=True)])
+    if not await ctx.txn(compare, [ctx.delete(ctx.keys.chunk_dir(view.chunk_id), prefix=True)]):
+        raise Conflict(f"chunk server {view.chunk_id} changed while it was being removed (it registered again?)",
+                       hint="see `zstore chunk list`, then retry", retry=True)
     log.warning("chunk server %s removed from the cluster%s", view.chunk_id, " (forced)" if force else "")
     return view.chunk_id
 

@@ -125,3 +125,32 @@ async def test_a_non_string_source_snapshot_on_a_clone_name_is_400_not_500(etcd_
     status, body = await _post_volumes(ctx, etcd_config, json.dumps(
         {"name": "a", "size": "1Gi", "replicas": 1, "source_snapshot": 5}).encode())
     assert status == 400 and body["error"]["code"] == "invalid_argument", body
+
+
+async def test_removing_a_chunk_that_registers_again_meanwhile_keeps_its_records(etcd_client, etcd_config):
+    from meta import chunks
+    from meta.context import Ctx
+    from tests.meta.helpers import chunk_down, make_ctx, register_chunk
+    from zstore.errors import Conflict
+    from zstore.records import ChunkLive, now
+
+    base = make_ctx(etcd_client, etcd_config)
+    await register_chunk(base, "c1")
+    await chunk_down(base, "c1")
+
+    class ReRegistering(Ctx):
+        """The chunk server's live key comes back just before the delete's transaction."""
+        async def txn(self, compare, success):
+            await self.etcd.put(self.keys.chunk_live("c1"), ChunkLive(
+                chunk_id="c1", pid=1, started=now(), lease_ttl=30).encode())
+            return await super().txn(compare, success)
+
+    ctx = ReRegistering(etcd=base.etcd, keys=base.keys)
+    with pytest.raises(Conflict):
+        await chunks.remove_chunk(ctx, "c1", False, [])
+    assert await base.get_raw(base.keys.chunk_info("c1")) is not None
+    assert await base.get_raw(base.keys.chunk_live("c1")) is not None
+    # Untouched meanwhile, a down chunk server holding nothing is removed.
+    await chunk_down(base, "c1")
+    assert await chunks.remove_chunk(base, "c1", False, []) == "c1"
+    assert await base.get_raw(base.keys.chunk_info("c1")) is None
