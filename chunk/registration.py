@@ -120,6 +120,8 @@ class Registration:
         self._disks: list[dict[str, Any]] = []
         self._changed = asyncio.Event()        # sessions came or went since the last write
         self._stale = False                    # the live record is to be written again (no debounce)
+        self._live_rev = 0                     # mod revision of the live record last written
+        self._stop_marked = False              # the stopping mark was written (or is being)
         self._wake = asyncio.Event()           # set with ``_changed`` or ``_stale``: wakes ``_publish``
         self._keeper: asyncio.Task | None = None   # keepalives between stop and ``unregister``
         self._probing: asyncio.Task | None = None  # the disk probe running, if one is
@@ -235,6 +237,7 @@ class Registration:
             log.warning("etcd granted a %ds lease instead of the %ds asked for", lease.ttl, self.lease_ttl)
         self._changed.clear()
         self._stale = False                    # this write has all of it
+        self._live_rev = 0                     # a new lease: a new live key
         await self._put_live()
         # Writes start under this lease only now that its live key is in etcd: while it is
         # not, the meta sees no live owner and may commit a snapshot itself at the seq a
@@ -356,12 +359,49 @@ class Registration:
             raise
 
     async def _put_live_record(self, stopping: bool = False) -> None:
+        """Write the live record. The stopping mark is written as is; every other write only
+        over the record this server last wrote (its mod revision), and never over the mark: a
+        publish still in flight when stop came is abandoned here (``_call``) but may still be
+        applied by etcd after the mark, and must not clear it (redirectors would send logins
+        to a server that is going away)."""
         assert self.lease is not None
         live = ChunkLive(chunk_id=self.chunk_id, pid=os.getpid(), started=self.started,
                          lease_ttl=self.lease.ttl, disks=self._disks,
                          sessions=self.sessions() if self.sessions else [],
                          storage=self._storage(), stopping=stopping)
-        await self.etcd.put(self.keys.chunk_live(self.chunk_id), live.encode(), lease=self.lease)
+        key, value = self.keys.chunk_live(self.chunk_id), live.encode()
+        if stopping:
+            self._stop_marked = True
+            await self.etcd.put(key, value, lease=self.lease)
+            return
+        t = self.etcd.transactions
+        for _ in range(3):
+            if self._stop_marked:
+                return
+            if not self._live_rev:              # the first write under this lease
+                put = await self.etcd.put(key, value, lease=self.lease)
+                self._live_rev = put.header.revision if put is not None else 0
+                return
+            ok, responses = await self.etcd.transaction(
+                compare=[t.mod(key) == self._live_rev], success=[t.put(key, value, lease=self.lease)],
+                failure=[t.get(key)])
+            if ok:
+                self._live_rev = responses[0].response_put.header.revision
+                return
+            # Not the record we last wrote: ours, applied after its answer was lost (adopted,
+            # written again), the stopping mark (never overwritten), or gone (lease ended).
+            kvs = responses[0] if responses else []
+            if not kvs:
+                self._live_rev = 0
+                continue
+            raw, got = kvs[0]
+            try:
+                if ChunkLive.decode(raw).stopping:
+                    return
+            except Exception:  # noqa: BLE001 - not a record we can read: ours replaces it
+                pass
+            self._live_rev = got.mod_revision
+        raise RuntimeError("the live record kept changing under this chunk server's writes")
 
     def _storage(self) -> dict[str, Any]:
         if self.storage is None:
