@@ -471,13 +471,9 @@ class Coordinator:
             # may have taken a snapshot itself or handed the volume on, and only a write at a
             # fresh seq under a fresh epoch is safe. A new lease means exactly that happened
             # or could have: ownership is taken again (new epoch, the volume's current seq).
-            while time.monotonic() >= lease.lease_deadline:
-                if getattr(lease, "stopping", False):
-                    # The server is stopping: its lease is kept alive only until its sessions
-                    # and engine are down, and never valid for a write again. Waiting here
-                    # would hold its shutdown forever; the host retries elsewhere.
-                    raise ServerStopping(self.vid)
-                await asyncio.sleep(LEASE_POLL)
+            # A stopping server's lease is kept alive only until its sessions and engine are
+            # down, and never valid for a write again: waiting would hold its shutdown forever.
+            await self._await_lease(lease, None, lambda: ServerStopping(self.vid))
             if self.epoch and lease.lease_gen == self._lease_gen:
                 return
         elif self.epoch:
@@ -703,11 +699,18 @@ class Coordinator:
         waits for the lease (a keepalive late on a busy box, an etcd leader change), but only
         ``READ_LEASE_WAIT``, and not once the server is stopping; then NOT READY, which the
         host retries (through a server that holds a lease)."""
-        give_up = time.monotonic() + READ_LEASE_WAIT
+        await self._await_lease(lease, time.monotonic() + READ_LEASE_WAIT, lambda: NotServing(
+            f"volume {self.vid}: this chunk server's etcd lease may have lapsed; not serving "
+            f"reads until it holds one again"))
+
+    @staticmethod
+    async def _await_lease(lease, give_up: float | None, error) -> None:
+        """Wait until this server's etcd lease holds again; ``error()`` is raised once the
+        server is stopping (never again valid: the host retries elsewhere) or at ``give_up``
+        (monotonic time; None: wait as long as it takes)."""
         while time.monotonic() >= lease.lease_deadline:
-            if getattr(lease, "stopping", False) or time.monotonic() >= give_up:
-                raise NotServing(f"volume {self.vid}: this chunk server's etcd lease may have "
-                                 f"lapsed; not serving reads until it holds one again")
+            if getattr(lease, "stopping", False) or (give_up is not None and time.monotonic() >= give_up):
+                raise error()
             await asyncio.sleep(LEASE_POLL)
 
     async def read(self, offset: int, length: int) -> bytes:
