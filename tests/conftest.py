@@ -41,7 +41,7 @@ async def small_client(etcd_config, etcd_client):
     listing that is not paged fails with a few hundred records instead of ~13k extents
     (etcd_client cleans the prefix up)."""
     from zstore import etcd
-    c = etcd.Client(etcd._target(etcd_config.endpoints), timeout=etcd_config.timeout,
+    c = etcd.Client(etcd._targets(etcd_config.endpoints), timeout=etcd_config.timeout,
                     options={"grpc.max_receive_message_length": SMALL_REPLY})
     await c.connect()
     yield c

@@ -54,7 +54,6 @@ def _targets(endpoints: list[str]) -> list[str]:
     return targets
 
 
-_target = _targets      # (older name; every endpoint is used)
 
 # etcd's require-leader metadata: a member without a leader refuses the call ("no leader",
 # UNAVAILABLE) and ends its watch streams, rather than waiting or answering stale reads.

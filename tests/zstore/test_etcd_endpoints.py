@@ -23,7 +23,7 @@ def dead_port() -> int:
 def test_every_endpoint_becomes_a_target():
     eps = ["http://zstore-etcd-0.zstore-etcd:2379", "zstore-etcd-1.zstore-etcd:2379/",
            "https://10.0.0.3:2379", "[fd00::4]:2379"]
-    targets = zetcd._target(eps)
+    targets = zetcd._targets(eps)
     for host in ("zstore-etcd-0.zstore-etcd:2379", "zstore-etcd-1.zstore-etcd:2379",
                  "10.0.0.3:2379", "[fd00::4]:2379"):
         assert any(host in t for t in ([targets] if isinstance(targets, str) else targets)), \
