@@ -115,10 +115,13 @@ async def test_the_own_disk_behind_the_link_is_still_unstaged(tmp_path: Path, mo
 
 
 async def _delete_when_asked(sysdisk: Path) -> None:
-    """The kernel's side of /sys/block/<name>/device/delete: the disk's entry goes."""
-    while (sysdisk / "device" / "delete").read_text() != "1":
+    """The kernel's side of /sys/block/<name>/device/delete: the disk's entry goes. Bounded
+    (30 s), so a test that failed before asking leaves no task polling behind it."""
+    for _ in range(3000):
+        if (sysdisk / "device" / "delete").read_text() == "1":
+            shutil.rmtree(sysdisk)
+            return
         await asyncio.sleep(0.01)
-    shutil.rmtree(sysdisk)
 
 
 @pytest.mark.parametrize("content", [b"", b'{"target": "iqn.2026-01.io.zstore:1d2', b"\x00" * 64, b"[]"])

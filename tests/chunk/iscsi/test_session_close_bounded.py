@@ -30,8 +30,9 @@ async def test_target_stop_cancels_a_command_stuck_past_the_close_grace(monkeypa
     from types import SimpleNamespace
     target.units = SimpleNamespace(get=lambda ex: unit, opened=lambda ex: unit, close=lambda: None)
     await target.start()
-    a = await Initiator.connect(port, TARGET, H1)
+    a = None
     try:
+        a = await Initiator.connect(port, TARGET, H1)
         await a.command(1, TUR)                                        # POWER ON
         a.send(1, struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0).ljust(16, b"\0"), b"\x5a" * 512)
         await asyncio.wait_for(dev.started.wait(), 5)
@@ -40,5 +41,7 @@ async def test_target_stop_cancels_a_command_stuck_past_the_close_grace(monkeypa
         assert time.monotonic() - t0 < 5
         assert not target.sessions and dev.done == 0
     finally:
-        a.close()
+        if a is not None:
+            a.close()
         dev.release.set()
+        await target.stop()                   # a no-op when the test's own stop ran
