@@ -18,6 +18,7 @@ from aetcd import exceptions as aetcd_exc
 import chunk.shared_reservations as sr
 from chunk.scsi.sense import ABORTED_COMMAND
 from chunk.shared_reservations import ReservationStore
+from tests.cluster import async_wait_for
 from zstore.keys import Keys
 
 from .scsi.helpers import H1, check, good, make_lu, prout, prout_params, run
@@ -72,6 +73,31 @@ def spy_confirmed(store: ReservationStore) -> list[int]:
     return asked
 
 
+def spy_waiting(store: ReservationStore) -> list[tuple[int, set[str]]]:
+    """Each check ``confirmed`` makes in its wait loop: (revision, servers still missing)."""
+    real = store._unacknowledged                # noqa: SLF001 - observed, not replaced
+    seen: list[tuple[int, set[str]]] = []
+
+    async def unacknowledged(parts, revision):
+        missing = await real(parts, revision)
+        seen.append((revision, set(missing)))
+        return missing
+    store._unacknowledged = unacknowledged      # noqa: SLF001
+    return seen
+
+
+async def wait_until_waiting_for_b(seen: list[tuple[int, set[str]]], revision: int | None,
+                                   command: asyncio.Future) -> None:
+    """Until the command is provably inside ``confirmed``'s wait loop: it checked etcd twice
+    and found chunk-b's acknowledgement of ``revision`` (any, if None) missing both times,
+    so it went on waiting after the first. An answer given without waiting ends the command
+    instead, and the caller's ``not done`` check fails."""
+    def waiting() -> bool:
+        return sum(m == {"chunk-b"} and revision in (None, r) for r, m in seen) >= 2
+    await async_wait_for(lambda: command.done() or waiting(),
+                         5, "the command to wait for chunk-b's acknowledgement", interval=0.01)
+
+
 async def check_retry_waits(a: ReservationStore, keys: Keys, etcd_client, lu, command) -> None:
     applied = lose_next_reply(a)
     asked = spy_confirmed(a)
@@ -79,12 +105,13 @@ async def check_retry_waits(a: ReservationStore, keys: Keys, etcd_client, lu, co
     check(r, ABORTED_COMMAND, 0)                    # the outcome was unknown
     assert applied, "the swap was applied in etcd"
 
+    seen = spy_waiting(a)
     retry = asyncio.ensure_future(command())        # the initiator retries
     try:
-        deadline = asyncio.get_running_loop().time() + 5
-        while not asked and not retry.done() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)
+        await wait_until_waiting_for_b(seen, applied[0], retry)
+        # No further wait needed: confirmed() returns only once no server is missing, or at
+        # its deadline (CONFIRM_WAIT, 30 s here); it has just found chunk-b missing, and
+        # chunk-b's acknowledgement is written only below.
         assert not retry.done(), "GOOD before chunk-b applied the change"
         assert asked == [applied[0]]
         await etcd_client.put(keys.reservation_ack("vol", 0, "chunk-b"), str(applied[0]).encode())
@@ -115,10 +142,12 @@ async def test_a_settled_change_is_not_waited_for_again(store_a, etcd_client):
     once: the wait is not paid twice."""
     a, keys = store_a
     lu = make_lu(reservations=a.state("vol"))
+    seen = spy_waiting(a)
     reserve = asyncio.ensure_future(run(lu, RESERVE6, nexus=H1))
     try:
-        await asyncio.sleep(0.3)
-        assert not reserve.done()
+        await wait_until_waiting_for_b(seen, None, reserve)
+        # as above: inside the wait loop, chunk-b missing, so no answer until the ack below
+        assert not reserve.done(), "GOOD before chunk-b applied the change"
         got = await etcd_client.get(keys.reservation("vol"))
         await etcd_client.put(keys.reservation_ack("vol", 0, "chunk-b"), str(got.mod_revision).encode())
         good(await asyncio.wait_for(reserve, 5))
