@@ -247,15 +247,21 @@ class Node(pbg.NodeServicer):
         finally:
             os.close(fd)
 
-    async def _state_from_disk(self, dev: str) -> dict[str, Any] | None:
-        """For an unstage whose state file is corrupt: the target and portal of the session that
-        has the disk ``dev`` (mounted at the staging path), its WWN from sysfs; None when no
-        session has it."""
+    async def _state_from_disk(self, vid: str, dev: str | None) -> dict[str, Any] | None:
+        """For an unstage whose state file is corrupt: the target, portal and WWN of the session
+        that has the volume's disk; None when no session has it. The disk is ``dev``, mounted at
+        the staging path (a filesystem; its WWN from sysfs), else (raw block: nothing is
+        mounted) the disk of the WWN the meta derives from the volume id, by its link: a stale
+        link names no disk, so another volume's disk never leads to its session."""
+        wwn = naming.volume_wwn(vid) if dev is None else self._wwn_of(dev) or ""
+        dev = dev or self._linked_disk(wwn)
+        if dev is None:
+            return None
         name = os.path.basename(dev)
         s = next((s for s in await self.iscsi.sessions(detail=True) if name in s.disks), None)
         if s is None:
             return None
-        return {"target": s.target, "portal": s.portal, "wwn": self._wwn_of(dev) or "", "lun": ""}
+        return {"target": s.target, "portal": s.portal, "wwn": wwn, "lun": ""}
 
     # ---- devices ----
     async def _wait_device(self, wwn: str) -> str:
@@ -623,10 +629,9 @@ class Node(pbg.NodeServicer):
             m = self._mount_at(staging)
             dev = os.path.realpath(m.source) if m is not None and m.source.startswith("/dev/") else None
             info, corrupt = self._read_state(vid)
-            if corrupt and dev is not None:
-                # the state file was lost to a crash: the disk mounted at the staging path says
-                # which session it is on (a raw block stage has no such mount: as with no state)
-                info = await self._state_from_disk(dev)
+            if corrupt:
+                # the state file was lost to a crash: the volume's disk says which session it is on
+                info = await self._state_from_disk(vid, dev)
             if dev is not None and info is not None and self._is_disk_of(dev, info["wwn"]) is False:
                 # another volume's disk at our staging path: unmounted, never deleted by us
                 log.warning("volume %s: %s at %s is not its disk (wwid %s): not deleting it",
