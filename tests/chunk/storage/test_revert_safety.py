@@ -253,14 +253,34 @@ class _ServerThread:
             server = ReplicaServer(store, secret, CLUSTER, "127.0.0.1", 0)
             await server.start()
             return server
-        self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        try:
+            self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        except BaseException:
+            self._end_loop()                # a failed start leaks no thread or loop either
+            raise
 
     def stop(self) -> None:
         try:
             asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
         finally:
+            self._end_loop()
+
+    def _end_loop(self) -> None:
+        """Cancel what still runs on the loop, stop it, join its thread (bounded) and close
+        it: nothing of this server is left running into later tests."""
+        async def cancel_the_rest() -> None:
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+            await asyncio.get_running_loop().shutdown_asyncgens()
+        try:
+            if self.thread.is_alive():
+                asyncio.run_coroutine_threadsafe(cancel_the_rest(), self.loop).result(10)
+        finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
+            self.thread.join(10)
+            assert not self.thread.is_alive(), "the replica server's loop thread did not end"
             self.loop.close()
 
 
@@ -304,5 +324,7 @@ async def test_a_slow_remote_revert_is_waited_for_and_does_not_stop_its_server(s
         assert len(runs) == 4 and a.digest("v", 0) == b.digest("v", 0)
         assert b.read("v", 0, 0, BLOCK_SIZE)[0] == _block(1)
     finally:
-        await client.close()
-        srv.stop()
+        try:
+            await client.close()
+        finally:
+            srv.stop()
