@@ -37,16 +37,22 @@ or whose target became unusable are deleted; a task whose executor is no
 longer the right one is handed over. The chunk servers run the tasks
 (chunk/storage/recovery.py) and ``join`` the target when done, which deletes
 the task.
+
+The extent records come from the leader's ``ExtentView`` (meta/extent_view.py), listed
+once per term and followed by a watch, not read and decoded again every pass; every write
+the pass makes still compares the record's mod revision, so a view that lags only fails
+that write until the view catches up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from zstore.errors import InsufficientResources, Unavailable
 from zstore.etcd import get_prefix_paged
@@ -55,6 +61,7 @@ from zstore.records import ExtentRecord, RecoveryTask, Volume, VolumeOwner
 from . import chunks as chunkmod
 from . import volops
 from .context import Ctx
+from .extent_view import Extents, ExtentView, decode_extents, paced
 from .extents import EXTENT_SIZE, candidate_of, place_more, usable
 from .placement import Candidate, shared_allowed
 
@@ -62,6 +69,8 @@ log = logging.getLogger(__name__)
 
 PERIOD = 2.0
 FAILING_PASSES = 3       # a rebuild failing this many passes in a row is replanned (maybe elsewhere)
+LOAD_WAIT = 10.0         # a pass waits this long for the extent view's listing, then gives up
+OWN_WRITES_WAIT = 5.0    # ... and this long for the view to show its own writes, then reads them
 
 OK, WAITING, GONE = "ok", "waiting", "gone"
 
@@ -114,7 +123,9 @@ def is_dead(view: chunkmod.ChunkView | None, grace: float, now: float) -> bool:
 
 @dataclass
 class World:
-    """One consistent-enough read of everything a recovery pass looks at."""
+    """One consistent-enough read of everything a recovery pass looks at.
+
+    ``extents``' records may be the extent view's own: never changed in place (copy one)."""
     volumes: dict[str, Volume]
     views: dict[str, chunkmod.ChunkView]
     extents: dict[tuple[str, int], tuple[ExtentRecord, int]]
@@ -132,16 +143,16 @@ class World:
         return target
 
 
-async def read_world(ctx: Ctx) -> World:
+async def read_world(ctx: Ctx, extents: Extents | None = None) -> World:
+    """Everything a pass looks at; the extent records read from etcd unless given (the
+    extent view's)."""
     vols = {v.volume_id: v for _, v in await ctx.list(ctx.keys.volumes(), Volume)}
     views = {v.chunk_id: v for v in await chunkmod.list_chunks(ctx)}
-    # Paged (one revision for all pages): one Range over every extent record outgrows gRPC's
-    # 4 MiB reply limit at ~13k extents, and then every pass failed.
-    kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.all_extents())
-    extents = {}
-    for kv in kvs:
-        rec = ExtentRecord.decode(kv.value)
-        extents[(rec.volume_id, rec.index)] = (rec, kv.mod_revision)
+    if extents is None:
+        # Paged (one revision for all pages): one Range over every extent record outgrows
+        # gRPC's 4 MiB reply limit at ~13k extents, and then every pass failed.
+        kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.all_extents())
+        extents = await decode_extents(kvs)
     tasks = {}
     task_kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.all_recovery())
     for kv in task_kvs:
@@ -160,22 +171,49 @@ class Recovery:
     period: float = PERIOD
     _warned: set[tuple[str, int]] = field(default_factory=set)
     _failing: dict[tuple[str, int], int] = field(default_factory=dict)
+    view: ExtentView | None = None       # while ``following``; else each pass reads etcd
 
     async def run(self, stop: asyncio.Event) -> None:
+        """The passes of one leader term (cancelled when it ends), on one extent view."""
         log.info("recovery scheduler running (grace %.0fs, at most %d task(s))", self.grace, self.concurrency)
-        while not stop.is_set():
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except Unavailable as e:
-                log.info("recovery pass stopped: %s", e.message)
-            except Exception:  # noqa: BLE001 - keep scheduling through etcd hiccups and bad records
-                log.exception("recovery pass failed; retrying in %.0fs", self.period)
-            try:
-                await asyncio.wait_for(stop.wait(), self.period)
-            except asyncio.TimeoutError:
-                pass
+        async with self.following():
+            while not stop.is_set():
+                try:
+                    await self.step()
+                except asyncio.CancelledError:
+                    raise
+                except Unavailable as e:
+                    log.info("recovery pass stopped: %s", e.message)
+                except Exception:  # noqa: BLE001 - keep scheduling through etcd hiccups and bad records
+                    log.exception("recovery pass failed; retrying in %.0fs", self.period)
+                try:
+                    await asyncio.wait_for(stop.wait(), self.period)
+                except asyncio.TimeoutError:
+                    pass
+
+    @contextlib.asynccontextmanager
+    async def following(self) -> AsyncIterator[ExtentView]:
+        """Passes run meanwhile take the extent records from a watched view, not etcd."""
+        view = ExtentView(self.ctx.etcd, self.ctx.keys)
+        view.start()
+        self.view = view
+        try:
+            yield view
+        finally:
+            self.view = None
+            await view.close()
+
+    async def _world(self, written: dict[tuple[str, int], int] | None = None) -> World:
+        """What the pass looks at; after its own writes (``written``: extent -> the mod
+        revision each compared), one that shows them."""
+        view = self.view
+        if view is None:
+            return await read_world(self.ctx)
+        if not await view.wait_ready(LOAD_WAIT):
+            raise Unavailable(f"the extent records are not loaded yet (waited {LOAD_WAIT:.0f}s)")
+        if written and not await view.wait_past(written, OWN_WRITES_WAIT):
+            return await read_world(self.ctx)
+        return await read_world(self.ctx, view.snapshot())
 
     async def step(self, now: float | None = None) -> dict[str, Any]:
         """Drop dead replicas, tidy tasks, plan new ones. Returns what it did."""
@@ -183,24 +221,28 @@ class Recovery:
         ctx = self.ctx
         done: dict[str, Any] = {"dropped": [], "deleted": [], "reassigned": [], "created": []}
         await volops.tidy_ops(ctx, now)
-        world = await read_world(ctx)
-        dropped = await self._drop_dead(world, now, done)
-        if await self._prune_stale(world) or dropped:
-            world = await read_world(ctx)
+        world = await self._world()
+        written = await self._drop_dead(world, now, done)
+        written.update(await self._prune_stale(world))
+        if written:
+            world = await self._world(written)
         await self._tidy(world, now, done)
         await self._plan(world, now, done)
         return done
 
-    async def _drop_dead(self, w: World, now: float, done: dict[str, Any]) -> bool:
-        changed = False
-        for (vid, index), (rec, rev) in w.extents.items():
+    async def _drop_dead(self, w: World, now: float, done: dict[str, Any]) -> dict[tuple[str, int], int]:
+        """Returns the extents written: each with the mod revision its write compared."""
+        written = {}
+        async for (vid, index), (seen, rev) in paced(w.extents.items()):
             dropped = []
-            dead = [c for c in rec.replicas if is_dead(w.views.get(c), self.grace, now)]
+            dead = [c for c in seen.replicas if is_dead(w.views.get(c), self.grace, now)]
             # Only beside a replica whose server is up: with every replica's server down, the
             # one dropped may be the one that comes back (it holds every acknowledged write)
             # while the kept one never does, and nothing would make it in sync again.
-            if not any((v := w.views.get(c)) is not None and v.up for c in rec.replicas if c not in dead):
+            if not dead or not any((v := w.views.get(c)) is not None and v.up
+                                   for c in seen.replicas if c not in dead):
                 continue
+            rec = ExtentRecord.from_dict(seen.to_dict())     # the world's stays as read
             for c in dead:
                 if len(rec.replicas) <= 1:
                     break                             # never the last copy
@@ -212,17 +254,18 @@ class Recovery:
                 continue
             key = self.ctx.keys.extent(vid, index)
             if await self.ctx.txn([self.ctx.unchanged(key, rev)], [self.ctx.put(key, rec)]):
-                changed = True
+                written[(vid, index)] = rev
                 done["dropped"] += [(vid, index, c) for c in dropped]
                 log.warning("extent %s/%d: dropped replica(s) on %s (down longer than %.0fs); in sync: %s",
                             vid, index, ",".join(dropped), self.grace, ",".join(rec.replicas))
-        return changed
+        return written
 
-    async def _prune_stale(self, w: World) -> bool:
+    async def _prune_stale(self, w: World) -> dict[tuple[str, int], int]:
         """Forget the stale copies of extents back at full replica count (not before: until
-        then they are the only other copies, and the reclaimer would delete an unlisted one)."""
-        changed = False
-        for (vid, index), (rec, rev) in w.extents.items():
+        then they are the only other copies, and the reclaimer would delete an unlisted one).
+        Returns the extents written, as ``_drop_dead``."""
+        written = {}
+        async for (vid, index), (rec, rev) in paced(w.extents.items()):
             vol = w.volumes.get(vid)
             if vol is None or not rec.stale or len(rec.replicas) < vol.replicas:
                 continue
@@ -231,10 +274,10 @@ class Recovery:
             new.stale = {}
             key = self.ctx.keys.extent(vid, index)
             if await self.ctx.txn([self.ctx.unchanged(key, rev)], [self.ctx.put(key, new)]):
-                changed = True
+                written[(vid, index)] = rev
                 log.info("extent %s/%d has its %d replicas again: stale copies on %s no longer needed",
                          vid, index, vol.replicas, ",".join(gone))
-        return changed
+        return written
 
     async def _tidy(self, w: World, now: float, done: dict[str, Any]) -> None:
         ctx = self.ctx
@@ -265,12 +308,14 @@ class Recovery:
                 forget = (task.kind == "resync" and task.target in ext[0].stale
                           and target_failed(task))
             if why:
-                compare, ops = [ctx.unchanged(key, rev)], [ctx.delete(key)]
+                # The reason holds only for the extent as seen (gone, or this record): a view
+                # lagging behind a change fails the txn instead.
+                ekey = ctx.keys.extent(vid, index)
+                compare = [ctx.unchanged(key, rev), ctx.unchanged(ekey, ext[1]) if ext else ctx.absent(ekey)]
+                ops = [ctx.delete(key)]
                 if forget:
                     new = ExtentRecord.from_dict(ext[0].to_dict())
                     new.stale.pop(task.target, None)
-                    ekey = ctx.keys.extent(vid, index)
-                    compare.append(ctx.unchanged(ekey, ext[1]))
                     ops.append(ctx.put(ekey, new))
                 if await ctx.txn(compare, ops):
                     if forget:
@@ -311,23 +356,24 @@ class Recovery:
     async def _plan(self, w: World, now: float, done: dict[str, Any]) -> None:
         slots = self.concurrency - len(w.tasks)
         # Fewest live copies first; an extent without any has no source and waits.
-        degraded = sorted(((rec, rev) for (vid, _), (rec, rev) in w.extents.items()
-                           if vid in w.volumes and len(rec.replicas) < w.volumes[vid].replicas
-                           and w.live(rec)),
-                          key=lambda x: (len(w.live(x[0])), len(x[0].replicas), x[0].volume_id, x[0].index))
+        degraded, moving = [], []
+        async for (vid, index), (rec, rev) in paced(w.extents.items()):
+            vol = w.volumes.get(vid)
+            if vol is None or not w.live(rec):
+                continue
+            if len(rec.replicas) < vol.replicas:
+                degraded.append((rec, rev))
+            elif (vid, index) not in w.tasks and self._draining(rec, w):
+                moving.append(((vid, index), (rec, rev)))
+        degraded.sort(key=lambda x: (len(w.live(x[0])), len(x[0].replicas), x[0].volume_id, x[0].index))
         slots = await self._plan_degraded(w, now, done, degraded, slots)
         # Then, with what is left, move replicas off draining servers (the copy joins in
         # place of the draining replica, so the extent never has fewer copies meanwhile).
-        for (vid, index), (rec, rev) in sorted(w.extents.items()):
+        for (vid, index), (rec, rev) in sorted(moving):
             if slots <= 0:
                 break
-            vol = w.volumes.get(vid)
-            if vol is None or (vid, index) in w.tasks or len(rec.replicas) < vol.replicas \
-                    or not w.live(rec):
-                continue
+            vol = w.volumes[vid]
             leaving = self._draining(rec, w)
-            if not leaving:
-                continue
             stay = [c for c in rec.replicas if c != leaving[0]]
             target = self._place(w, rec, stay, vol)
             if target and await self._create(w, rec, rev, rec, vol, "rebuild", target, done):
