@@ -81,6 +81,17 @@ class LocalReplica:
             raise self._unfenced(getattr(fn, "__name__", "a mutation").upper())
         return self._run(vid, idx, epoch, fn, *args, **kw)
 
+    async def _mutate_async(self, vid, idx, epoch, what, fn, *args):
+        """``_mutate`` for a store coroutine ``fn``: admitted before it runs, its failures
+        (also one raised part-way, after a yield) mapped alike."""
+        if not epoch:
+            raise self._unfenced(what)
+        try:
+            self.store.admit(vid, idx, epoch)
+            return await fn(*args)
+        except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
+            raise self._fail(vid, idx, e) from None
+
     async def read(self, vid, idx, off, length, epoch, view=0):
         return self._run(vid, idx, epoch, self.store.read, vid, idx, off, length, view)
 
@@ -107,16 +118,10 @@ class LocalReplica:
         self._mutate(vid, idx, epoch, self.store.unmap, vid, idx, off, length, seq, zero)
 
     async def flush(self, vid, idx, epoch):
-        if not epoch:
-            raise self._unfenced("FLUSH")
-        try:
-            # Admitted first, as the replica server admits FLUSH: a deposed owner is told it
-            # is fenced (and takes the volume back, flushing what the other owner wrote),
-            # instead of answering SYNCHRONIZE CACHE GOOD over its own writes only.
-            self.store.admit(vid, idx, epoch)
-            await self.store.flush_async(vid, idx)       # the sync in a thread, its clean-up here
-        except Exception as e:  # noqa: BLE001
-            raise self._fail(vid, idx, e) from None
+        # Admitted first, as the replica server admits FLUSH: a deposed owner is told it is
+        # fenced (and takes the volume back, flushing what the other owner wrote), instead of
+        # answering SYNCHRONIZE CACHE GOOD over its own writes only. The sync runs in a thread.
+        await self._mutate_async(vid, idx, epoch, "FLUSH", self.store.flush_async, vid, idx)
 
     async def create(self, vid, idx, epoch, generation, discard_broken=False):
         # Admitted before any disk change (a fenced owner creates or discards nothing), and
@@ -129,8 +134,12 @@ class LocalReplica:
         self._run(vid, idx, epoch, lambda: None)
 
     async def revert(self, vid, idx, epoch, to_seq, seq):
-        """Done once synced, as the replica server answers REVERT: nothing flushes it later."""
-        self._mutate(vid, idx, epoch, self.store.revert, vid, idx, to_seq, seq)
+        """Done once synced, as the replica server answers REVERT: nothing flushes it later.
+        By 1 MiB runs yielding to the loop (``revert_async``), the epoch admitted again after
+        each: in one call, a whole extent's revert on a slow disk held up every other volume
+        on this server long enough for their peers to time out and drop replicas."""
+        await self._mutate_async(vid, idx, epoch, "REVERT", self.store.revert_async,
+                                 vid, idx, to_seq, seq, epoch)
         await self.flush(vid, idx, epoch)
 
     async def export(self, vid, idx, off, length, epoch=0):
@@ -142,11 +151,8 @@ class LocalReplica:
             raise ReplicaFailed(self.chunk_id, CONFLICT)
 
     async def setgen(self, vid, idx, epoch, generation):
-        self._mutate(vid, idx, epoch, lambda: None)      # admitted before the flush
-        try:
-            await self.store.set_generation_async(vid, idx, generation)
-        except Exception as e:  # noqa: BLE001
-            raise self._fail(vid, idx, e) from None
+        await self._mutate_async(vid, idx, epoch, "SETGEN", self.store.set_generation_async,
+                                 vid, idx, generation)
 
     async def digest(self, vid, idx):
         return self._run(vid, idx, 0, self.store.digest, vid, idx)
