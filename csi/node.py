@@ -390,18 +390,17 @@ class Node(pbg.NodeServicer):
         readonly = readonly_of(request)
         state = {**info, "kind": kind, "ro": readonly}
         async with self._exclusive(vid):
-            prior = self._load(vid)
+            prior = saved = self._load(vid)
             if (readonly and prior is not None and prior.get("ro") is False and kind != "block"
                     and (sm := self._mount_at(staging)) is not None and "ro" in sm.options.split(",")):
                 # staged before publish_context's readonly was read: recorded read-write, but
                 # mount fell back to ro on the write-protected disk; the record is corrected
-                self._check_compatible(vid, {**prior, "ro": True}, info, kind, readonly)
-            else:
-                self._check_compatible(vid, prior, info, kind, readonly)
+                prior = {**prior, "ro": True}
+            self._check_compatible(vid, prior, info, kind, readonly)
             if self._already_staged(vid, prior, info, kind, staging):
                 # kubelet re-sends NodeStage for staged volumes (after its own restart, say):
                 # success, and nothing run that could fail and "undo" a volume in use
-                if prior != state:
+                if saved != state:
                     self._save(vid, state)
                 return pb.NodeStageVolumeResponse()
             # a state file from before this call (a stage cut short, then retried) is not
@@ -499,37 +498,38 @@ class Node(pbg.NodeServicer):
         link = by_id(wwn)
         return os.path.realpath(link) == dev if link.exists() else None
 
-    def _linked_disk(self, wwn: str) -> str | None:
-        """The disk ``/dev/disk/by-id/wwn-0x<wwn>`` names, or None when there is no link or
-        the link is stale: it names a disk whose sysfs wwid is another WWN (the volume's disk
-        went away and its sdX name was reused for another volume's disk before udev removed
-        the link). Nothing may be deleted, bound or grown through such a link."""
+    def _link(self, wwn: str) -> tuple[str | None, bool]:
+        """(disk, stale): the disk ``/dev/disk/by-id/wwn-0x<wwn>`` names (None: no link), and
+        whether the link is stale: it names a disk whose sysfs wwid is another WWN (the
+        volume's disk went away and its sdX name was reused for another volume's disk before
+        udev removed the link). Nothing may be deleted, bound or grown through such a link."""
         link = by_id(wwn)
         if not link.exists():
-            return None
+            return None, False
         dev = os.path.realpath(link)
-        if self._is_disk_of(dev, wwn) is False:
+        stale = self._is_disk_of(dev, wwn) is False
+        if stale:
             log.warning("%s names %s, whose wwid is %s: a stale link, not this volume's disk",
                         link, dev, self._wwn_of(dev))
-            return None
-        return dev
+        return dev, stale
+
+    def _linked_disk(self, wwn: str) -> str | None:
+        """The disk of the WWN by its link; None when there is no link or a stale one."""
+        dev, stale = self._link(wwn)
+        return None if stale else dev
 
     def _staged_disk(self, vid: str, info: dict[str, Any] | None, code: grpc.StatusCode) -> str:
         """The disk of the staged volume ``vid`` by its WWN link; ``code`` when the volume is
         not staged here (no state, no link), FAILED_PRECONDITION when the link names another
         volume's disk."""
-        if info is None:
+        dev, stale = self._link(info["wwn"]) if info is not None else (None, False)
+        if dev is None:
             raise Abort(code, f"volume {vid} is not staged on this node")
-        dev = self._linked_disk(info["wwn"])
-        if dev is not None:
-            return dev
-        link = by_id(info["wwn"])
-        if link.exists():
-            other = os.path.realpath(link)
+        if stale:
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                        f"{link} names {other}, whose wwid is {self._wwn_of(other)}, not volume {vid}'s "
-                        f"{info['wwn']}: a stale link to another volume's disk; stage the volume again")
-        raise Abort(code, f"volume {vid} is not staged on this node")
+                        f"{by_id(info['wwn'])} names {dev}, whose wwid is {self._wwn_of(dev)}, not volume "
+                        f"{vid}'s {info['wwn']}: a stale link to another volume's disk; stage the volume again")
+        return dev
 
     @staticmethod
     def _check_compatible(vid: str, prior: dict[str, Any] | None, info: dict[str, str], kind: str,
@@ -558,6 +558,15 @@ class Node(pbg.NodeServicer):
         d = self.sysfs / "block" / os.path.basename(dev) / "holders"
         return [f"holder {h.name}" for h in sorted(d.glob("*"))]
 
+    def _refuse_held(self, dev: str | None) -> None:
+        """FAILED_PRECONDITION while a holder (a dm map, LVM, md over the disk) uses ``dev`` as
+        a mount does: deleting the disk under it fails its I/O, logging out takes it away."""
+        holders = self._holders(dev) if dev is not None else []
+        if holders:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"{dev} is in use by {', '.join(holders[:3])}: remove it first "
+                        "(dmsetup remove, vgchange -an, mdadm --stop)")
+
     def _already_staged(self, vid: str, prior: dict[str, str] | None, info: dict[str, str], kind: str,
                         staging: str) -> bool:
         """A repeated NodeStage of a volume staged here: the disk mounted at the staging path
@@ -573,9 +582,8 @@ class Node(pbg.NodeServicer):
                 raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{staging} has {m.source} mounted, "
                             f"not volume {vid} (wwn {info['wwn']})")
             return bool(ours)
-        if prior is None or prior.get("wwn") != info["wwn"] or not by_id(info["wwn"]).exists():
-            return False
-        return self._is_disk_of(os.path.realpath(by_id(info["wwn"])), info["wwn"]) is not False
+        return (prior is not None and prior.get("wwn") == info["wwn"]
+                and self._linked_disk(info["wwn"]) is not None)
 
     async def _undo_stage(self, vid: str, info: dict[str, str], dev: str | None, keep_state: bool = False) -> None:
         """A NodeStage that failed after logging in leaves nothing behind (under the target
@@ -583,6 +591,7 @@ class Node(pbg.NodeServicer):
         come for the session, the disk and the node record (which may hold CHAP secrets).
         ``keep_state``: the state file was there before the call, and stays."""
         try:
+            self._refuse_held(dev)
             await self._release(info, dev)
         except Exception as e:  # noqa: BLE001 - the stage's own error is the one to report
             log.warning("volume %s: undoing a failed stage: %s", vid, e)
@@ -599,18 +608,14 @@ class Node(pbg.NodeServicer):
 
     async def _release(self, info: dict[str, str], dev: str | None) -> None:
         """Under the target lock: delete the disk ``dev`` (FAILED_PRECONDITION while anything
-        still mounts it: a publish not yet unpublished, a second staging path; or holds it: a
-        dm map, LVM, md), then log out
-        of the target once no disk of it is left."""
+        still mounts it: a publish not yet unpublished, a second staging path), then log out
+        of the target once no disk of it is left. Its holders are checked by the caller
+        (_refuse_held), before anything changes."""
         if dev is not None:
             users = self._users(dev)
             if users:
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"{dev} is still mounted at {', '.join(users[:3])}: unpublish it first")
-            holders = self._holders(dev)
-            if holders:
-                raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"{dev} is in use by {', '.join(holders[:3])}: remove it first")
             await self._remove_device(dev)
         s = await self.iscsi.session_for(info["target"], detail=True)
         if s is not None and not [d for d in s.disks if f"/dev/{d}" != dev]:
@@ -647,13 +652,7 @@ class Node(pbg.NodeServicer):
             if others:
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"{dev} is still mounted at {', '.join(others[:3])}: unpublish it first")
-            # a holder (a dm map, LVM, md over the disk) uses it as a mount does: deleting the
-            # disk under it fails its I/O, logging out takes the disk away
-            holders = self._holders(dev) if dev is not None else []
-            if holders:
-                raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"{dev} is in use by {', '.join(holders[:3])}: remove it first "
-                            "(dmsetup remove, vgchange -an, mdadm --stop)")
+            self._refuse_held(dev)
             if m is not None:
                 await self.host.run(["umount", staging])
             if info is None:

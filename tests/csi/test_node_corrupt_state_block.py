@@ -11,12 +11,13 @@ import asyncio
 import shutil
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.csi.test_node_safety2 import OTHER_WWN, _sysfs_disk
-from tests.csi.test_node_stage import _p3
+from tests.csi.test_node_stage import _lun_dev, _p3, stage_req
 from tests.csi.test_node_staging_safety import _blk_line, _node, _unstage
-from tests.csi.test_node_unit import AbortCtx
+from tests.csi.test_node_unit import CTX, AbortCtx
 from zstore import naming
 
 WWN = naming.volume_wwn("v1")          # the fixtures' volume id
@@ -99,3 +100,19 @@ async def test_a_raw_block_disk_still_published_is_refused_and_the_file_kept(tmp
     assert "unpublish it first" in e.value.args[1] and str(pub) in e.value.args[1]
     assert (d / "delete").read_text() == "" and not any("--logout" in c for c in host.calls)
     assert node._state_path("v1").exists()
+
+
+# ---- the holders check, now made once by unstage and once by the undo of a failed stage ----
+async def test_the_undo_of_a_failed_stage_leaves_a_held_disk_and_its_session(tmp_path: Path, monkeypatch):
+    """The scan attached our disk, udev never linked it, and a dm map holds it (multipathd
+    claimed it): the undo deletes neither the disk nor logs the session out from under the map."""
+    node, host, _ = _node(tmp_path, monkeypatch, wwid=False)
+    (tmp_path / "by-id" / f"wwn-0x{CTX['wwn']}").unlink()
+    _lun_dev(tmp_path, "sdtt", CTX["wwn"])
+    d = _sysfs_disk(tmp_path, "sdtt", CTX["wwn"])
+    (d.parent / "holders" / "dm-5").mkdir(parents=True)
+    with pytest.raises(RuntimeError) as e:
+        await asyncio.wait_for(node.NodeStageVolume(stage_req(tmp_path / "st"), AbortCtx()), 10)
+    assert e.value.args[0] == grpc.StatusCode.NOT_FOUND
+    assert (d / "delete").read_text() == "" and ["blockdev", "--flushbufs", "/dev/sdtt"] not in host.calls
+    assert not any("--logout" in c for c in host.calls)
