@@ -134,6 +134,9 @@ def validate(cfg: Config) -> list[zdisks.DiskSpec]:
         raise ConfigError(f"chunk.lease_ttl: {c.lease_ttl} must be between 2 and 600 seconds")
     if not 0.1 <= c.replica_timeout <= 300:
         raise ConfigError(f"chunk.replica_timeout: {c.replica_timeout} must be between 0.1 and 300 seconds")
+    if not c.replica_timeout <= c.revert_timeout <= 86400:
+        raise ConfigError(f"chunk.revert_timeout: {c.revert_timeout} must be between chunk.replica_timeout "
+                          f"({c.replica_timeout}) and 86400 seconds")
     if not 1 <= c.min_write_replicas <= 3:
         raise ConfigError(f"chunk.min_write_replicas: {c.min_write_replicas} must be 1, 2 or 3")
     for name in ("recovery_rate", "scrub_rate"):
@@ -263,6 +266,7 @@ class ChunkServer:
                                listen=(c.address, c.data_port),
                                token=read_secret_file(self.cfg.client.token_file, "meta token"),
                                meta_ca=self.cfg.client.ca_file, replica_timeout=c.replica_timeout,
+                               revert_timeout=c.revert_timeout,
                                min_write_replicas=c.min_write_replicas,
                                recovery_rate=c.recovery_rate * 2**20, scrub_rate=c.scrub_rate * 2**20,
                                scrub_interval=c.scrub_interval,

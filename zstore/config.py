@@ -65,6 +65,9 @@ class ChunkConfig:
     frontend: str = "builtin"
     # Replication and recovery (docs/storage.md).
     replica_timeout: float = 5.0         # a replica silent this long is failed and dropped
+    # A peer's REVERT (a whole extent, answered once synced) may take this long before the
+    # peer is taken for dead: minutes on a slow disk, far above replica_timeout.
+    revert_timeout: float = 600.0
     min_write_replicas: int = 1          # writes continue while at least this many replicas take them
     recovery_rate: float = 64.0          # MiB/s one recovery copy may use (client I/O keeps priority)
     scrub_rate: float = 16.0             # MiB/s the background checksum scrubber reads

@@ -30,7 +30,7 @@ from .peer_auth import load_or_create_secret
 from .peers import Peers
 from .reclaim import Reclaimer
 from .repair import LocalRepair
-from .replica_client import ReplicaClient
+from .replica_client import REVERT_TIMEOUT, ReplicaClient
 from .replica_server import ReplicaServer
 from .replica_store import ReplicaStore, StoreError
 from .scrubber import Scrubber
@@ -99,8 +99,8 @@ class StorageEngine:
     def __init__(self, etcd, keys: Keys, chunk_id: str, disks: list[tuple[str | Path, int | None]], *,
                  failed_disks: dict[str | Path, str] | None = None,
                  listen: tuple[str, int], token: str | None, meta_ca: str | None = None,
-                 replica_timeout: float = 5.0, min_write_replicas: int = 1,
-                 recovery_rate: float = 64 << 20, scrub_rate: float = 16 << 20,
+                 replica_timeout: float = 5.0, revert_timeout: float = REVERT_TIMEOUT,
+                 min_write_replicas: int = 1, recovery_rate: float = 64 << 20, scrub_rate: float = 16 << 20,
                  scrub_interval: float = 3600.0, reclaim_interval: float = 30.0,
                  boot_state: BootState | None = None) -> None:
         self.etcd, self.keys, self.chunk_id = etcd, keys, chunk_id
@@ -124,7 +124,7 @@ class StorageEngine:
         self.listen = listen
         self.meta = MetaClient(etcd, keys, token, ca_file=meta_ca)
         self.peers = Peers(etcd, keys)
-        self.replica_timeout = replica_timeout
+        self.replica_timeout, self.revert_timeout = replica_timeout, revert_timeout
         self.min_write_replicas = min_write_replicas
         self.recovery_rate = recovery_rate
         self.scrub_rate, self.scrub_interval = scrub_rate, scrub_interval
@@ -175,7 +175,8 @@ class StorageEngine:
             # Before the replication port listens and local I/O starts (``started``): a
             # suspect replica must not serve as in sync beside a peer that has what it lost.
             await self._settle_suspects()
-        self.client = ReplicaClient(secret, cluster_id, self.chunk_id, timeout=self.replica_timeout)
+        self.client = ReplicaClient(secret, cluster_id, self.chunk_id, timeout=self.replica_timeout,
+                                    revert_timeout=self.revert_timeout)
         self.repair = LocalRepair(self.store, self.client, self.peers, self.keys, self.etcd, self.chunk_id)
         self._local = rk.LocalReplica(self.chunk_id, self.store, on_checksum_error=self.repair.schedule)
         self.server = ReplicaServer(self.store, secret, cluster_id, self.listen[0], self.listen[1],

@@ -123,19 +123,19 @@ class _Peer:
 
 
 # A REVERT is answered once its whole extent is reverted and synced (minutes on a slow disk, at
-# worst); ``ReplicaClient.revert_timeout`` (settable per client) bounds it instead of ``timeout``.
+# worst); ``ReplicaClient.revert_timeout`` (``chunk.revert_timeout``) bounds it, not ``timeout``.
 REVERT_TIMEOUT = 600.0
 
 
 class ReplicaClient:
-    revert_timeout: float = REVERT_TIMEOUT
-
     def __init__(self, secret: bytes, cluster_id: str, chunk_id: str, timeout: float = 5.0, *,
-                 connect_timeout: float | None = None, redial_interval: float = 0.5) -> None:
+                 connect_timeout: float | None = None, redial_interval: float = 0.5,
+                 revert_timeout: float = REVERT_TIMEOUT) -> None:
         self.secret = secret
         self.cluster_id = cluster_id
         self.chunk_id = chunk_id
         self.timeout = timeout
+        self.revert_timeout = revert_timeout
         self.connect_timeout = timeout if connect_timeout is None else connect_timeout
         self.redial_interval = redial_interval
         self._peers: dict[Address, _Peer] = {}
