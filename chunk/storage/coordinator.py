@@ -259,6 +259,24 @@ def _never_changed(rec: ExtentRecord) -> bool:
     return rec.generation == 1 and not rec.stale
 
 
+def _insync_results(rec: ExtentRecord, pairs) -> list:
+    """The (replica, result) pairs of ``rec``'s in-sync replicas (not a recovery copy's)."""
+    insync = set(rec.replicas)
+    return [(r, res) for r, res in pairs if r.chunk_id in insync]
+
+
+def _refused_alike(rec: ExtentRecord, mine) -> rk.ReplicaFailed | None:
+    """One refusal when every in-sync replica (``mine``: ``_insync_results``) refused the
+    request itself alike, all full (NO_SPACE) or all INVALID: nothing is wrong with any one
+    of them, so none is dropped. None otherwise."""
+    if not mine or len(mine) != len(set(rec.replicas)):
+        return None
+    kinds = {res.kind if isinstance(res, rk.ReplicaFailed) else rk.IO for _, res in mine}
+    if len(kinds) == 1 and kinds <= {rk.NO_SPACE, rk.INVALID}:
+        return mine[0][1]
+    return None
+
+
 class _PendingWrite:
     """One fast-path write waiting for its remote replicas' replies."""
 
@@ -647,14 +665,12 @@ class Coordinator:
         """For ``_on_replicas(creating=True)``: NotServing, nobody dropped, when no in-sync
         replica confirmed the CREATE (unless they all refused alike: ``_handle_failures``
         keeps them all and says why)."""
-        insync = set(rec.replicas)
-        mine = [res for r, res in zip(targets, results) if r.chunk_id in insync]
-        if not mine or any(not isinstance(res, BaseException) for res in mine):
+        mine = _insync_results(rec, zip(targets, results))
+        if not mine or any(not isinstance(res, BaseException) for _, res in mine):
             return
-        kinds = {res.kind if isinstance(res, rk.ReplicaFailed) else rk.IO for res in mine}
-        if len(kinds) == 1 and kinds <= {rk.NO_SPACE, rk.INVALID}:
+        if _refused_alike(rec, mine) is not None:
             return
-        why = "; ".join(str(res) for res in mine)
+        why = "; ".join(str(res) for _, res in mine)
         log.warning("volume %s extent %d: no replica confirmed its CREATE (%s); keeping them "
                     "all, the next write creates it", self.vid, idx, why)
         raise NotServing(f"volume {self.vid} extent {idx}: no replica could create it ({why})")
@@ -666,13 +682,12 @@ class Coordinator:
         somewhere: a replica missing it lost it and is dropped as usual)."""
         if not _never_changed(rec):
             return False
-        insync = set(rec.replicas)
-        mine = [(r, res) for r, res in zip(targets, results) if r.chunk_id in insync]
+        mine = _insync_results(rec, zip(targets, results))
         missing = [r.chunk_id for r, res in mine
                    if isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT]
         if not missing or any(not isinstance(res, BaseException) for _, res in mine):
             return False
-        if len(missing) == len(insync):
+        if len(missing) == len(set(rec.replicas)):
             log.info("volume %s extent %d: allocated, never created on any replica: it reads "
                      "as absent and has nothing to revert", self.vid, idx)
             return True
@@ -1471,21 +1486,15 @@ class Coordinator:
         part-way, its earlier steps done (a revert stopped by a full disk after some of its
         runs), so refusals alike do not prove the replicas still alike, and only one set of
         agreeing replicas is kept (``_keep_agreeing``)."""
-        insync = set(rec.replicas)
-        kinds = {res.kind if isinstance(res, rk.ReplicaFailed) else rk.IO
-                 for r, res in failed if r.chunk_id in insync}
-        refused = len([1 for r, _ in failed if r.chunk_id in insync])
-        if insync and refused == len(insync) and len(kinds) == 1 and kinds <= {rk.NO_SPACE, rk.INVALID}:
-            # Every in-sync replica refused the request itself (all full, or a request none
-            # takes): nothing is wrong with any one of them, and dropping all but the last
-            # would cost the extent its redundancy for a full cluster.
-            res = next(res for r, res in failed if r.chunk_id in insync)
+        res = _refused_alike(rec, _insync_results(rec, failed))
+        if res is not None:
+            # Dropping all but the last would cost the extent its redundancy for a full cluster.
             if partial:
                 await self._keep_agreeing(idx, res)
             else:
                 log.warning("volume %s extent %d: every replica refused (%s); keeping them all",
                             self.vid, idx, res)
-            if rk.NO_SPACE in kinds:
+            if res.kind == rk.NO_SPACE:
                 raise NoSpaceError(f"volume {self.vid} extent {idx}: no replica has space left ({res})")
             raise MediumError(f"volume {self.vid} extent {idx}: every replica refused: {res}")
         no_space = 0
