@@ -51,14 +51,12 @@ def test_sigterm_while_an_initiator_writes_stops_cleanly_in_bounded_time(tmp_pat
             assert all(w.poll() is None for w in writers), [w.stderr.read() for w in writers]
             time.sleep(1.0)                                  # writes flowing (not a proof)
             assert all(w.poll() is None for w in writers)
-            t0 = time.monotonic()
             chunk.popen.send_signal(signal.SIGTERM)
             try:
                 rc = chunk.popen.wait(20)
             except subprocess.TimeoutExpired:
                 pytest.fail("the chunk server did not stop within 20 s of SIGTERM:\n" + chunk.log()[-3000:])
             assert rc == 0, chunk.log()[-3000:]
-            assert time.monotonic() - t0 < 20
             state = _state(c, 0)
             assert state.get("clean") is True, (state, chunk.log()[-3000:])
         finally:

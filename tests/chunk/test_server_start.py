@@ -78,10 +78,8 @@ async def test_the_lio_frontend_waiting_for_the_catalog_stops_when_asked(tmp_pat
         await asyncio.sleep(1.0)                  # starting: waiting for etcd (not a proof)
         assert not run.done(), run.exception() if run.done() else None
         stop.set()
-        t0 = time.monotonic()
         done, _ = await asyncio.wait({run}, timeout=10)
         assert run in done, "run() did not return within 10 s of stop"
-        assert time.monotonic() - t0 < 10
         run.result()
         assert _state(data).get("clean") is True
     finally:
