@@ -23,7 +23,7 @@ import asyncio
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
 import aetcd
 import aetcd.utils
@@ -94,8 +94,15 @@ def _failing_over(f):
     return call
 
 
+class Progress(NamedTuple):
+    """A progress marker in a watch's stream (a watch created with ``progress_notify``):
+    etcd was at ``revision`` when it sent it, after the events before it in the stream."""
+    revision: int
+
+
 class _Watcher(aetcd.watcher.Watcher):
-    """aetcd's Watcher, with each created watch matched to its own create request.
+    """aetcd's Watcher, with each created watch matched to its own create request, and
+    progress replies passed on.
 
     aetcd gives a "created" answer to whichever create is pending then. A create that
     timed out (etcd restarting) and was answered late so handed its watch, on another
@@ -103,17 +110,24 @@ class _Watcher(aetcd.watcher.Watcher):
     while looking open (a catalog section that silently stopped following etcd). Here
     each create asks for its own watch id (etcd >= 3.4 honours it), and a "created"
     answer with any other id is cancelled.
+
+    aetcd drops a reply without events; here a progress reply (to the watch it names, or
+    with id -1, etcd's answer to ``request_progress``, to every watch of the stream)
+    reaches each watch created with ``progress_notify`` as a ``Progress``, in stream
+    order. Other watches still see events only.
     """
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self._next_id = 0
         self._pending_id: int | None = None
+        self._pending_progress = False
 
     def _build_watch_create_request(self, *a, **kw):
         req = super()._build_watch_create_request(*a, **kw)
         self._next_id += 1                      # under self._lock (add_callback holds it)
         self._pending_id = self._next_id
+        self._pending_progress = req.create_request.progress_notify
         req.create_request.watch_id = self._next_id
         return req
 
@@ -131,9 +145,32 @@ class _Watcher(aetcd.watcher.Watcher):
                     return
                 self._callbacks[response.watch_id] = cb
                 cb.watch_id = response.watch_id
+                cb.progress = self._pending_progress
                 self._new_callback_ready.notify_all()
             return                              # (etcd sends a creation's events separately)
+        if not response.events and not response.canceled and not response.compact_revision:
+            await self._progress(response.watch_id, response.header.revision)
+            return
         await super()._handle_response(response)
+
+    async def _progress(self, watch_id: int, revision: int) -> None:
+        async with self._lock:
+            takers = [cb for i, cb in self._callbacks.items()
+                      if (watch_id == -1 or i == watch_id) and getattr(cb, "progress", False)]
+        for cb in takers:
+            await self._process_callback(cb, Progress(revision))
+
+    def request_progress(self) -> None:
+        """Ask etcd, on this stream, for its revision: each progress-taking watch gets it as a
+        ``Progress`` once etcd answers, which a stalled stream never does (no stream yet: no
+        watch to tell). Raises EtcdUnavailable if the stream takes no more requests."""
+        if self._request_handler is None:
+            return
+        try:
+            self._request_queue.put_nowait(
+                rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+        except asyncio.QueueFull:
+            raise EtcdUnavailable("the watch stream takes no requests") from None
 
     async def retire(self, why: str) -> None:
         """End every watch on this watcher with an error (callers watch again, on the
@@ -231,6 +268,17 @@ class Client(aetcd.Client):
             log.debug("retiring the watcher on %s failed", target, exc_info=True)
         if channel is not None:
             await channel.close(grace=self._timeout or 5.0)
+
+    async def request_progress(self) -> None:
+        """Ask etcd for its revision on the watch stream (``_Watcher.request_progress``)."""
+        await self.connect()
+        self._watcher.request_progress()
+
+    async def revision(self, key: bytes) -> int:
+        """etcd's current revision, by a linearizable read of the one ``key`` (count only):
+        its cost does not grow with the data (a key the caller may read, under auth)."""
+        resp = await self._range(rpc.RangeRequest(key=key, count_only=True))
+        return resp.header.revision
 
     async def close(self) -> None:
         await super().close()
@@ -357,7 +405,8 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
                        stop: asyncio.Event, retry_delay: float = 1.0,
                        with_revision: bool = False,
                        on_status: Callable[[bool], None] | None = None,
-                       relist: asyncio.Event | None = None) -> None:
+                       relist: asyncio.Event | None = None,
+                       on_progress: Callable[[int], Awaitable[None]] | None = None) -> None:
     """Mirror a prefix: a full listing, then events from the next revision on.
 
     ``with_revision``: ``on_snapshot`` also gets the listing's revision (every value
@@ -375,6 +424,10 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
     The watch is never interrupted while being created: aetcd matches a created watch to
     the one create request in flight, so a create abandoned half-way hands its watch to
     the next caller's.
+
+    ``on_progress(revision)``: the watch takes progress markers (``Progress``, answers to
+    ``Client.request_progress`` and etcd's periodic ones), each in order with the events:
+    callers that must know their watch still delivers learn it from these.
     """
     def status(ok: bool) -> None:
         if on_status is not None:
@@ -392,12 +445,16 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
             listing, rev = await get_prefix_paged(etcd, prefix)
             kvs = [(kv.key, kv.value) for kv in listing]
             await (on_snapshot(kvs, rev) if with_revision else on_snapshot(kvs))
-            watch = await etcd.watch_prefix(prefix, start_revision=rev + 1)
+            watch = await etcd.watch_prefix(prefix, start_revision=rev + 1,
+                                            progress_notify=on_progress is not None)
             status(True)
 
             async def consume() -> None:
                 async for event in watch:
-                    await on_event(event)
+                    if isinstance(event, Progress):
+                        await on_progress(event.revision)
+                    else:
+                        await on_event(event)
 
             consumer = asyncio.ensure_future(consume())
             stopper = asyncio.ensure_future(stop.wait())
