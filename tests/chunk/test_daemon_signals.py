@@ -55,7 +55,7 @@ def test_a_second_signal_ends_a_daemon_whose_shutdown_hangs(tmp_path, sig):
             pytest.fail("a second signal did not end the daemon:\n" + out.read_text())
         # "at once": the handler logs and calls os._exit, no clean stop (p.wait's 5 s is only
         # the test's own limit)
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 3
         assert rc != 0, out.read_text()
         assert "again" in out.read_text(), out.read_text()    # it said why it exits now
     finally:

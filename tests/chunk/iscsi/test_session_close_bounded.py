@@ -40,7 +40,7 @@ async def test_target_stop_cancels_a_command_stuck_past_the_close_grace(monkeypa
         await asyncio.wait_for(target.stop(), 5)
         # close_grace (0.5 s) for the stuck write, then its cancel (bounded by close_grace
         # again): not the 10 s default, nor the wait_for's 5 s
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 3
         assert not target.sessions and dev.done == 0
     finally:
         if a is not None:

@@ -110,7 +110,7 @@ async def test_reinstatement_ends_a_session_whose_initiator_stopped_reading():
         t0 = loop.time()
         fresh = await asyncio.wait_for(Initiator.connect(rig.port, TARGET, H1), 5)
         rig.clients.append(fresh)
-        assert loop.time() - t0 < 2                         # at once, not after reinstate_timeout (30 s)
+        assert loop.time() - t0 < 3                         # at once, not after reinstate_timeout (30 s)
         await asyncio.wait_for(old._ended.wait(), 5)        # noqa: SLF001
         assert old.tsih not in rig.target.tsihs
         assert not old.tasks

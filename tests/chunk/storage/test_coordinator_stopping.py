@@ -27,7 +27,7 @@ def test_a_write_after_stop_fails_not_ready_instead_of_waiting_for_the_lease(mon
         t0 = time.monotonic()
         with pytest.raises(ScsiError) as got:
             await asyncio.wait_for(coord.write(4096, b"1" * 4096), 3)
-        assert time.monotonic() - t0 < 1                  # at once: the first lease check raises
+        assert time.monotonic() - t0 < 2                  # at once (the first lease check raises), not after the 3 s lease wait
         assert (got.value.key, got.value.asc, got.value.ascq) == (NOT_READY, 0x04, 0x01)
         assert sum(len(r.epochs) for r in reps.values()) == sent     # nothing sent
         # Not stopping (a lapsed lease, etcd away): writes wait for the lease as before.
@@ -52,7 +52,7 @@ def test_io_waiting_for_an_engine_that_never_starts_fails_not_ready_in_bounded_t
         t0 = time.monotonic()
         with pytest.raises(ScsiError) as got:
             await asyncio.wait_for(coord.read(0, 4096), 3)
-        assert 0.4 < time.monotonic() - t0 < 1.5          # after START_WAIT (0.5 s), not before
+        assert 0.4 < time.monotonic() - t0 < 2.5          # after START_WAIT (0.5 s), not before
         assert (got.value.key, got.value.asc, got.value.ascq) == (NOT_READY, 0x04, 0x01)
         assert coord._ready_task is None                  # noqa: SLF001 - the next I/O tries again
     asyncio.run(main())
