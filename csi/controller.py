@@ -424,12 +424,20 @@ class Controller(pbg.ControllerServicer):
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest,
                              context: grpc.aio.ServicerContext) -> pb.CreateSnapshotResponse:
         """Snapshot names are per volume in zstore but global in CSI: the same name on
-        another volume is ALREADY_EXISTS. The meta takes the name across volumes in the
+        another volume is ALREADY_EXISTS. CSI creates take the name across volumes in the
         snapshot's own txn (``unique``), so two concurrent creates cannot both succeed; the
-        listing check also catches snapshots made without that key (the CLI, older versions)."""
+        lookup of that key here (a few reads, however many snapshots there are) refuses the
+        name also when this volume has a per-volume snapshot of it.
+
+        Every create writes the per-volume name key, so the same name on the same source is
+        always found (the create answers it). Only ``unique`` creates write the cross-volume
+        key: a snapshot made by the CLI (whose names are per volume) or by a driver older
+        than that key holds no CSI name, and a CSI create of its name on another volume
+        takes it (the listing this replaced refused that, at a read per snapshot per call)."""
         vid = require(request.source_volume_id, "source_volume_id")
         name = require(request.name, "name")
-        for s in (await self.meta.get("/snapshots"))["snapshots"]:
+        held = (await self.meta.get("/snapshots", unique_name=name))["snapshots"]
+        for s in held:
             if s["name"] == name and s["volume_id"] != vid:
                 raise Abort(grpc.StatusCode.ALREADY_EXISTS,
                             f"snapshot {name!r} exists for another volume ({s['volume_id']})")
@@ -454,28 +462,32 @@ class Controller(pbg.ControllerServicer):
     @guard
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest,
                             context: grpc.aio.ServicerContext) -> pb.ListSnapshotsResponse:
-        """The meta API lists snapshots in one answer; the token is an offset into it."""
+        """Pages follow the meta API's: the token is its ``next``, max_entries its limit."""
         if request.max_entries < 0:
             raise invalid("max_entries must not be negative")
-        try:
-            start = int(request.starting_token or "0")
-            if start < 0:
-                raise ValueError
-        except ValueError:
-            raise Abort(grpc.StatusCode.ABORTED,
-                        f"starting_token {request.starting_token!r} is not one we handed out") from None
+        token = request.starting_token
         if request.snapshot_id:
-            try:
-                snaps = [await self.meta.get(f"/snapshots/{seg(request.snapshot_id)}")]
-            except errors.NotFound:
-                snaps = []
-        else:
-            snaps = (await self.meta.get("/snapshots"))["snapshots"]
-        if request.source_volume_id:
-            snaps = [s for s in snaps if s["volume_id"] == request.source_volume_id]
-        if start > len(snaps):
-            raise Abort(grpc.StatusCode.ABORTED, f"starting_token {start} is past the end")
-        end = len(snaps) if not request.max_entries else min(len(snaps), start + request.max_entries)
+            if token:
+                raise Abort(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not one we handed out")
+            return pb.ListSnapshotsResponse(entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.snapshot_msg(s))
+                                                     for s in await self._snapshot_by_id(request)])
+        try:
+            page = await self.meta.get("/snapshots", limit=min(request.max_entries or 1000, 1000),
+                                       start_after=token or None, volume=request.source_volume_id or None)
+        except errors.NotFound:
+            return pb.ListSnapshotsResponse()       # no such source volume: no snapshots
+        except errors.InvalidArgument as e:
+            if token:
+                raise Abort(grpc.StatusCode.ABORTED,
+                            f"starting_token {token!r:.80} is not one we handed out: {e.message}") from None
+            raise
         return pb.ListSnapshotsResponse(
-            entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.snapshot_msg(s)) for s in snaps[start:end]],
-            next_token=str(end) if end < len(snaps) else "")
+            entries=[pb.ListSnapshotsResponse.Entry(snapshot=self.snapshot_msg(s)) for s in page["snapshots"]],
+            next_token=page.get("next") or "")
+
+    async def _snapshot_by_id(self, request: pb.ListSnapshotsRequest) -> list[dict[str, Any]]:
+        try:
+            s = await self.meta.get(f"/snapshots/{seg(request.snapshot_id)}")
+        except errors.NotFound:
+            return []
+        return [s] if not request.source_volume_id or s["volume_id"] == request.source_volume_id else []

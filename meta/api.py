@@ -66,12 +66,23 @@ async def volume_view(ctx: Ctx, vol: Volume, views: list[chunks.ChunkView] | Non
     return d
 
 
-async def snapshot_view(ctx: Ctx, snap: Snapshot, slots: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+async def volume_names(ctx: Ctx, vids: Any) -> dict[str, str | None]:
+    """volume id -> its name (None: deleted), one read per distinct volume."""
+    out: dict[str, str | None] = {}
+    for vid in dict.fromkeys(vids):
+        vol, _ = await ctx.get(ctx.keys.volume(vid), Volume)
+        out[vid] = vol.name if vol and vol.state != "deleted" else None
+    return out
+
+
+async def snapshot_view(ctx: Ctx, snap: Snapshot, slots: dict[str, tuple[int, int]] | None = None,
+                        names: dict[str, str | None] | None = None) -> dict[str, Any]:
     """The record, its volume's name and its export (null, or target, LUN, WWN and ACL).
-    ``slots`` (snapshot_exports.exported_slots) saves a read per snapshot in listings."""
+    ``slots`` (snapshot_exports.exported_slots) and ``names`` (volume_names) save reads
+    per snapshot in listings."""
     d = snap.to_dict()
-    vol, _ = await ctx.get(ctx.keys.volume(snap.volume_id), Volume)
-    d["volume"] = vol.name if vol and vol.state != "deleted" else None
+    names = names if names is not None else await volume_names(ctx, [snap.volume_id])
+    d["volume"] = names[snap.volume_id]
     d["export"] = None
     if slots is None or snap.snapshot_id in slots:
         m, _ = await snapshot_exports.export_state(ctx, snap.snapshot_id)
@@ -210,14 +221,17 @@ async def volume_create(request: web.Request) -> web.Response:
     return ok(await volume_view(ctx, vol), 201 if created else 200)
 
 
+def limit_of(query: Any) -> int:
+    try:
+        return int(query.get("limit", "100"))
+    except ValueError:
+        raise InvalidArgument(f"invalid limit {query.get('limit')!r:.40}: must be a number") from None
+
+
 @routes.get(PREFIX + "/volumes")
 async def volume_list(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise InvalidArgument(f"invalid limit {request.query.get('limit')!r}: must be a number") from None
-    vols, nxt = await volumes.list_volumes(ctx, limit, request.query.get("start_after") or None)
+    vols, nxt = await volumes.list_volumes(ctx, limit_of(request.query), request.query.get("start_after") or None)
     views = await chunks.list_chunks(ctx)
     return ok({"volumes": [await volume_view(ctx, v, views) for v in vols], "next": nxt})
 
@@ -256,10 +270,28 @@ async def snapshot_create(request: web.Request) -> web.Response:
 
 @routes.get(PREFIX + "/snapshots")
 async def snapshot_list(request: web.Request) -> web.Response:
-    ctx = ctx_of(request)
-    snaps = await volumes.list_snapshots(ctx, request.query.get("volume") or None)
-    slots = await snapshot_exports.exported_slots(ctx)
-    return ok({"snapshots": [await snapshot_view(ctx, s, slots) for s in snaps]})
+    """A page (``limit``, ``start_after``: the previous page's ``next``), of one ``volume``'s
+    or all; or a lookup, a few reads however many snapshots there are: ``name`` (with
+    ``volume``) by the per-volume name, ``unique_name`` by the name taken across volumes."""
+    ctx, q = ctx_of(request), request.query
+    snaps, nxt = await _snapshots_asked(ctx, q)
+    slots = await snapshot_exports.exported_slots(ctx) if len(snaps) > 1 else None
+    names = await volume_names(ctx, (s.volume_id for s in snaps))
+    return ok({"snapshots": [await snapshot_view(ctx, s, slots, names) for s in snaps], "next": nxt})
+
+
+async def _snapshots_asked(ctx: Ctx, q: Any) -> tuple[list[Snapshot], str | None]:
+    volume = q.get("volume") or None
+    if "unique_name" in q:
+        found = await volumes.unique_name_holder(ctx, q["unique_name"])
+    elif "name" in q:
+        if not volume:
+            raise InvalidArgument("name needs volume: snapshot names are per volume",
+                                  hint="or look up a name taken across volumes with unique_name")
+        found = await volumes.snapshot_named(ctx, volume, q["name"])
+    else:
+        return await volumes.snapshot_page(ctx, limit_of(q), q.get("start_after") or None, volume)
+    return ([found] if found else []), None
 
 
 @routes.get(PREFIX + "/snapshots/{id}")

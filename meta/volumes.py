@@ -62,12 +62,16 @@ def check_replicas(value: Any) -> int:
     return value
 
 
+def _is_id(ref: str) -> bool:
+    return len(ref) == 32 and all(c in "0123456789abcdef" for c in ref)
+
+
 async def find_volume(ctx: Ctx, ref: str) -> tuple[Volume, int]:
     """A live volume by name or id, with its mod revision."""
     if not isinstance(ref, str) or not ref:
         raise InvalidArgument("a volume name is required")
     vid = await ctx.get_raw(ctx.keys.volume_name(ref))
-    is_id = len(ref) == 32 and all(c in "0123456789abcdef" for c in ref)
+    is_id = _is_id(ref)
     if vid is None and is_id:
         vid = ref.encode()
     elif vid is not None and is_id and vid.decode() != ref:
@@ -432,6 +436,91 @@ async def list_snapshots(ctx: Ctx, volume: str | None = None) -> list[Snapshot]:
     return sorted(snaps, key=lambda s: (s.volume_id, s.created, s.name))
 
 
+def check_limit(limit: int) -> int:
+    if not 1 <= limit <= 1000:
+        raise InvalidArgument(f"invalid limit {limit}: must be 1..1000")
+    return limit
+
+
+def _bad_token(token: str) -> InvalidArgument:
+    return InvalidArgument(f"invalid start_after {token!r:.80}: not a `next` this listing answered",
+                           hint="start again without start_after")
+
+
+async def snapshot_page(ctx: Ctx, limit: int = 100, start_after: str | None = None,
+                        volume: str | None = None) -> tuple[list[Snapshot], str | None]:
+    """A page of live snapshots and the token of the next page (None: this is the last).
+    All snapshots go in id order (their records' keys); one volume's in name order (its
+    name keys), so that a page costs reads in proportion to its size, not to every snapshot
+    in the cluster. ``volume`` may also be the id of a deleted volume whose snapshots live on."""
+    check_limit(limit)
+    if not volume:
+        if start_after is not None and not _is_id(start_after):
+            raise _bad_token(start_after)
+        return await _page_of_all(ctx, limit, start_after)
+    try:
+        vid = (await find_volume(ctx, volume))[0].volume_id
+    except NotFound:
+        if not _is_id(volume):
+            raise
+        vid = volume
+    after = None
+    if start_after is not None:
+        # "{volume id}:{name}": a token of another listing is refused, not misapplied.
+        vid_part, sep, after = start_after.partition(":")
+        if vid_part != vid or not sep or not after:
+            raise _bad_token(start_after)
+    return await _page_of_volume(ctx, vid, limit, after)
+
+
+async def _page_of_all(ctx: Ctx, limit: int, start_after: str | None) -> tuple[list[Snapshot], str | None]:
+    """One Range per ``limit`` records (more only to fill the page past tombstones)."""
+    base, out = ctx.keys.snapshots(), []
+    start = ctx.keys.snapshot(start_after) + b"\x00" if start_after else base
+    while True:
+        kvs, more = await ctx.etcd.range(start, prefix_end(base), limit=limit - len(out))
+        snaps = [Snapshot.decode(value) for _, value in kvs]
+        out += [s for s in snaps if s.state != "deleted"]
+        if not more or not kvs:
+            return out, None
+        if len(out) == limit:
+            return out, snaps[-1].snapshot_id
+        start = kvs[-1][0] + b"\x00"
+
+
+async def _page_of_volume(ctx: Ctx, vid: str, limit: int,
+                          start_after: str | None) -> tuple[list[Snapshot], str | None]:
+    """The volume's name keys (one Range), then each one's record."""
+    base = ctx.keys.snapshot_names(vid)
+    start = ctx.keys.snapshot_name(vid, start_after) + b"\x00" if start_after else base
+    kvs, more = await ctx.etcd.range(start, prefix_end(base), limit=limit)
+    out = []
+    for _, sid in kvs:
+        snap, _ = await ctx.get(ctx.keys.snapshot(sid.decode()), Snapshot)
+        if snap is not None and snap.state != "deleted":
+            out.append(snap)
+    return out, (f"{vid}:{ctx.keys.snapshot_name_in(kvs[-1][0], vid)}" if more and kvs else None)
+
+
+async def snapshot_named(ctx: Ctx, volume: str, name: str) -> Snapshot | None:
+    """The live snapshot ``name`` of ``volume`` (its name key: every create writes one)."""
+    vol, _ = await find_volume(ctx, volume)
+    return await _live_snapshot(ctx, await ctx.get_raw(ctx.keys.snapshot_name(vol.volume_id, name)), name)
+
+
+async def unique_name_holder(ctx: Ctx, name: str) -> Snapshot | None:
+    """The live snapshot holding ``name`` across volumes (``create_snapshot(unique=True)``,
+    the CSI driver's): None when none does, or the key is stale (its holder gone or renamed)."""
+    return await _live_snapshot(ctx, await ctx.get_raw(ctx.keys.snapshot_unique_name(name)), name)
+
+
+async def _live_snapshot(ctx: Ctx, sid: bytes | None, name: str) -> Snapshot | None:
+    if sid is None:
+        return None
+    snap, _ = await ctx.get(ctx.keys.snapshot(sid.decode()), Snapshot)
+    return snap if snap is not None and snap.state != "deleted" and snap.name == name else None
+
+
 async def delete_snapshot(ctx: Ctx, volume: str, name: str, force: bool = False) -> str:
     return await delete_snapshot_record(ctx, await resolve_snapshot(ctx, f"{volume}@{name}"), force)
 
@@ -560,8 +649,7 @@ async def collect_garbage(ctx: Ctx) -> None:
 
 
 async def list_volumes(ctx: Ctx, limit: int = 100, start_after: str | None = None) -> tuple[list[Volume], str | None]:
-    if not 1 <= limit <= 1000:
-        raise InvalidArgument(f"invalid limit {limit}: must be 1..1000")
+    check_limit(limit)
     base = ctx.keys.volume_names()
     start = ctx.keys.volume_name(start_after) + b"\x00" if start_after else base
     kvs, more = await ctx.etcd.range(start, prefix_end(base), limit=limit)

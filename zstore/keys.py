@@ -46,7 +46,7 @@ LUN allocator and paginated listings rely on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 
 def _seg(s: str) -> str:
@@ -100,6 +100,9 @@ class Keys:
     def snapshot_names(self, vid: str) -> bytes: return self._dir("snapshots", "name", vid)
     def snapshot_name(self, vid: str, name: str) -> bytes:
         return self._k("snapshots", "name", vid, _seg(name))
+    def snapshot_name_in(self, key: bytes, vid: str) -> str:
+        """The name a ``snapshot_name(vid, name)`` key is of."""
+        return unquote(key[len(self.snapshot_names(vid)):].decode())
     def snapshot_unique_name(self, name: str) -> bytes:
         return self._k("snapshots", "unique", _seg(name))
     def snapshot_luns(self) -> bytes: return self._dir("snapshots", "lun")

@@ -19,7 +19,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from zstore import __version__, errors
 from zstore.cli import output
@@ -305,12 +305,11 @@ def cmd_volume_clone(ctx: Ctx) -> int:
     vol, snap = snapshot_ref(a.source, None)
     size = size_arg(a.size) if a.size else None
     if size is None:
-        snaps = ctx.client.get("/snapshots", volume=vol)["snapshots"]
-        match = [s for s in snaps if s.get("name") == snap]
-        if not match:
+        match = next((s for page in _snapshot_pages(ctx, vol) for s in page if s.get("name") == snap), None)
+        if match is None:
             raise errors.NotFound(f"volume {vol} has no snapshot {snap}",
                                   f"list them with `zstore snapshot list {vol}`")
-        size = int(match[0]["size"])
+        size = int(match["size"])
     body: dict[str, Any] = {"name": a.name, "size": size, "thin": not a.thick,
                             "source_snapshot": f"{vol}@{snap}"}
     if a.replicas is not None:
@@ -326,9 +325,22 @@ def cmd_snapshot_create(ctx: Ctx) -> int:
     return ctx.done(r.data, f"snapshot {vol}@{snap} {verb} ({output.size((r.data or {}).get('size'))})")
 
 
+def _snapshot_pages(ctx: Ctx, volume: str | None) -> Iterator[list[dict[str, Any]]]:
+    """The meta's pages of snapshots (all, or one volume's), following ``next`` to the end."""
+    token = None
+    while True:
+        page = ctx.client.get("/snapshots", volume=volume, start_after=token)
+        yield page["snapshots"]
+        token = page.get("next")
+        if not token:
+            return
+
+
 def cmd_snapshot_list(ctx: Ctx) -> int:
-    return ctx.show(ctx.client.get("/snapshots", volume=ctx.args.volume)["snapshots"],
-                    output.snapshot_table)
+    snaps = [s for page in _snapshot_pages(ctx, ctx.args.volume) for s in page]
+    # Pages come in key order; shown by volume, then age, as one answer used to be.
+    snaps.sort(key=lambda s: (s.get("volume_id") or "", s.get("created") or 0, s.get("name") or ""))
+    return ctx.show(snaps, output.snapshot_table)
 
 
 def cmd_snapshot_delete(ctx: Ctx) -> int:
