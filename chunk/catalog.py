@@ -27,10 +27,11 @@ counts it down) it is *stale*: ``synced`` is False (logins are refused as retrya
 0x0301) and the target answers commands NOT READY, until a fresh full listing of every
 section, started after the staleness, brings it back. Confirmed current means: every
 section's watch is open (``zetcd.watch_prefix``'s status), a linearizable read
-through the same client succeeded since, and every section's mirror caught up with that
-read: its watch delivered the read's revision, or it holds as many keys as etcd did then
-(a watch open but stalled misses a revoked ACL entry, and is caught; a stalled in-place
-update of an existing key is not seen by this count). A hung etcd (or one cut off from
+through the same client succeeded since, and every section's watch has since delivered
+that read's revision: an event or a progress marker at or past it, asked for on the
+watch stream after the read. A watch open but stalled delivers neither, so a revoked
+ACL entry, a deleted key or a changed CHAP secret it holds back makes the mirror stale,
+at a cost to etcd that does not grow with the catalog. A hung etcd (or one cut off from
 its quorum) fails the read well before gRPC's keepalive would fail the watches.
 """
 
@@ -41,7 +42,6 @@ import logging
 from typing import Callable, NamedTuple
 
 import aetcd
-from aetcd import rpc
 
 from zstore import etcd as zetcd
 from zstore import logs, naming
@@ -457,11 +457,17 @@ class Catalog:
         self._changed(kind, d)          # always: the first listing is news even when empty
 
     def _event(self, kind: str, ev) -> None:
-        d = _Delta()
-        if self._apply(kind, ev.kv.key, ev.kv.value if ev.kind == "PUT" else None, d):
-            self._changed(kind, d)
-        # (a delete's mod_revision is the revision of the deletion)
-        self._applied[kind] = max(self._applied.get(kind, 0), ev.kv.mod_revision)
+        """One watch event, or a progress marker (``zetcd.Progress``): either way the section's
+        stream has delivered everything up to its revision (one path, so a stream that
+        stops delivering stops both)."""
+        if isinstance(ev, zetcd.Progress):
+            revision = ev.revision
+        else:
+            d = _Delta()
+            if self._apply(kind, ev.kv.key, ev.kv.value if ev.kind == "PUT" else None, d):
+                self._changed(kind, d)
+            revision = ev.kv.mod_revision   # (a delete's is the revision of the deletion)
+        self._applied[kind] = max(self._applied.get(kind, 0), revision)
 
     async def start(self, stop: asyncio.Event) -> None:
         """Start mirroring; returns once every section has its first full listing."""
@@ -495,8 +501,12 @@ class Catalog:
         async def on_event(ev):
             self._event(kind, ev)
 
+        async def on_progress(revision):
+            self._event(kind, zetcd.Progress(revision))
+
         await zetcd.watch_prefix(self.etcd, prefix, on_snapshot, on_event, stop,
-                                 on_status=on_status, relist=relist, with_revision=True)
+                                 on_status=on_status, relist=relist, with_revision=True,
+                                 on_progress=on_progress)
 
     # -- staleness ---------------------------------------------------------------
 
@@ -522,50 +532,40 @@ class Catalog:
             if probe is not None:
                 probe.cancel()
 
-    async def _counts(self) -> tuple[int, dict[str, int]]:
-        """One linearizable read: etcd's revision and each section's number of keys at it
-        (count only: etcd walks its in-memory index, reads no values, sends no keys)."""
-        await self.etcd.connect()
-        kinds = list(self._sections().items())
-        ops = [rpc.RequestOp(request_range=rpc.RangeRequest(
-            key=prefix, range_end=zetcd.prefix_end(prefix), count_only=True)) for _, prefix in kinds]
-        resp = await self.etcd.kvstub.Txn(rpc.TxnRequest(compare=[], success=ops, failure=[]),
-                                          timeout=getattr(self.etcd, "_timeout", None),
-                                          metadata=getattr(self.etcd, "metadata", None))
-        return resp.header.revision, {kind: r.response_range.count
-                                      for (kind, _), r in zip(kinds, resp.responses)}
+    async def _ask_progress(self) -> int:
+        """etcd's revision now (a linearizable read of one key), then a progress request on
+        the watch stream: every open watch answers with a marker at or past it."""
+        revision = await self.etcd.revision(self.keys.targets())
+        await self.etcd.request_progress()
+        return revision
 
-    def _caught_up(self, revision: int, counts: dict[str, int]) -> bool:
-        """Has every section's mirror taken in what etcd held at ``revision``, as far as can
-        be told cheaply? A section whose watch delivered ``revision`` or later has; one
-        behind it must hold as many keys as etcd did then (a key added or removed, such as
-        a revoked ACL entry, that its watch has not delivered shows)."""
-        for kind in self._sections():
-            if self._applied.get(kind, 0) >= revision:
-                continue
-            if len(self._raw.get(kind, {})) != counts.get(kind, -1):
-                return False
-        return True
+    def _caught_up(self, revision: int) -> bool:
+        return all(self._applied.get(kind, 0) >= revision for kind in self._sections())
 
     async def _probe(self, timeout: float) -> None:
-        """A linearizable read through the watches' client: while every watch stays open
-        across it and the mirror has caught up with what it read (``_caught_up``: a watch
-        open but no longer delivering fails it), the mirror was current when it was sent."""
+        """A linearizable read through the watches' client, then a progress request: while
+        every watch stays open across it and every section's stream delivered the read's
+        revision (an event or progress marker at or past it; a stalled stream delivers
+        neither), the mirror was current when it was sent.
+
+        An etcd without etcd-io/etcd#15237 (3.4.23, as installed here) may answer just
+        ahead of events it has already queued: confirmed then, such a section is
+        milliseconds behind, not stalled (a stalled stream cannot answer). One with it
+        holds the answer back while a watch is catching up: this probe is not confirmed,
+        the next one is."""
         loop = asyncio.get_running_loop()
         sent = loop.time()
         if self.stale or not all(self._watching.get(k) for k in self._sections()):
             return
         try:
-            revision, counts = await asyncio.wait_for(self._counts(), timeout)
+            revision = await asyncio.wait_for(self._ask_progress(), timeout)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - not confirmed: staleness is the answer
             log.debug("export catalog: etcd did not confirm the mirror: %s", e)
             return
-        # The watches deliver what etcd committed shortly after the read returns: wait for
-        # them (not past the bound), and confirm only once they caught up.
         pause = 0.005
-        while not self._caught_up(revision, counts):
+        while not self._caught_up(revision):
             if self.stale or loop.time() - sent > timeout:
                 log.warning("export catalog: the watches have not delivered etcd's revision %d "
                             "(each section at %s); not confirmed current", revision,
