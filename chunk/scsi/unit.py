@@ -518,9 +518,12 @@ class LogicalUnit:
         self._check_range(lba, n)
         if n > self.max_transfer:
             raise invalid_field_in_cdb(7 if cdb[0] == op.VERIFY_10 else 6)
-        if not n or bytchk == 0:
+        if not n:
             return None
         bs = self.block_size
+        if bytchk == 0:
+            await self._verify_medium(lba * bs, n * bs)
+            return None
         want = n * bs if bytchk == 1 else bs
         if data_out is None or len(data_out) < want:
             raise data_out_too_short()
@@ -532,6 +535,16 @@ class LogicalUnit:
         if memoryview(have) != memoryview(expect):
             raise miscompare(_first_difference(expect, have))
         return None
+
+    async def _verify_medium(self, offset: int, length: int) -> None:
+        """BYTCHK 00b still verifies the medium (SBC-4 VERIFY: no data compared): read the
+        range, so an unreadable block fails with MEDIUM ERROR as READ does; a piece of
+        optimal-transfer size at a time, since nothing read is kept."""
+        step = self.limits.optimal_transfer * self.block_size
+        end = offset + length
+        while offset < end:
+            await self.dev.read(offset, min(step, end - offset))
+            offset += step
 
     async def _compare_and_write(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
         need(cdb, 16)
