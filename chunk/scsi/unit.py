@@ -78,6 +78,8 @@ def _first_difference(a: bytes | memoryview, b: bytes | memoryview) -> int:
     return lo + min(len(chunk_a), len(chunk_b))
 
 
+_WRITE_VERIFY = frozenset((op.WRITE_VERIFY_10, op.WRITE_VERIFY_12, op.WRITE_VERIFY_16))
+
 _W10 = struct.Struct(">IxH").unpack_from        # WRITE(10): LBA, TRANSFER LENGTH
 _W16 = struct.Struct(">QI").unpack_from         # WRITE(16)
 
@@ -206,6 +208,8 @@ class LogicalUnit:
             if code in (op.WRITE_6, op.WRITE_10, op.WRITE_12, op.WRITE_16, op.WRITE_VERIFY_10,
                         op.WRITE_VERIFY_12, op.WRITE_VERIFY_16, op.ORWRITE_16):
                 lba, n = lba_len(cdb)
+                if cdb[1] & 0x04 and code in _WRITE_VERIFY:       # reserved BYTCHK
+                    return 0
                 return n * bs if self._fits(lba, n) and n <= self.max_transfer else 0
             if code == op.COMPARE_AND_WRITE:
                 need(cdb, 16)
@@ -479,6 +483,8 @@ class LogicalUnit:
         flags = 0 if code == op.WRITE_6 else cdb[1]
         if flags & 0xE0:                                  # WRPROTECT without protection info
             raise invalid_field_in_cdb(1, 7)
+        if flags & 0x04 and code in _WRITE_VERIFY:       # BYTCHK 10b, 11b: reserved (SBC-4)
+            raise invalid_field_in_cdb(1, 2)
         self._check_writable()
         if lba >= self.num_blocks or lba + n > self.num_blocks:
             raise lba_out_of_range()
@@ -499,8 +505,7 @@ class LogicalUnit:
             data_out = data_out[:nbytes]
         # FUA, WRITE AND VERIFY (must reach the medium to be verified) and a
         # disabled write cache all mean write-through
-        fua = bool(flags & 0x08) or not self.modes.wce or code in (
-            op.WRITE_VERIFY_10, op.WRITE_VERIFY_12, op.WRITE_VERIFY_16)
+        fua = bool(flags & 0x08) or not self.modes.wce or code in _WRITE_VERIFY
         await self._begin_write(nexus)
         try:
             await self.dev.write(lba * bs, data_out, fua)
