@@ -204,6 +204,11 @@ class _Login:
     def _admit(self) -> None:
         """Target lookup, redirect and CHAP requirement, once the first text is complete.
 
+        Once only: the negotiator refuses a later SessionType that changes the session
+        type (0x0200), so the session that runs is the one admitted here. Re-admitting
+        instead could not work: a discovery CHAP check needs a security stage that the
+        login may already have left (stages only move forward).
+
         Redirect comes before security negotiation so that a redirector needs no
         CHAP secrets at all (RFC 7143 §11.13.5 lets a target redirect before
         authenticating and asks initiators to accept that). open-iscsi logs a

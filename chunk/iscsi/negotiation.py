@@ -5,7 +5,8 @@ answers each key by its rule: list (first offered value we accept), numeric
 min/max, Boolean AND/OR, or declaration. It enforces the rules that make a
 login fail rather than limp on: a key sent twice, a key the initiator may not
 send, a missing InitiatorName/TargetName, leading-only keys on a secondary
-connection, security keys outside the security stage. Unknown keys get
+connection, security keys outside the security stage, a SessionType that
+changes the session type after the first text. Unknown keys get
 ``NotUnderstood``; keys that do not apply to a discovery session ``Irrelevant``;
 out-of-range or malformed values ``Reject`` (the default then stays in force).
 
@@ -359,6 +360,11 @@ class LoginNegotiator:
             if value not in ("Normal", "Discovery"):
                 raise NegotiationError(f"SessionType={value[:32]!r}",
                                        LoginStatus.SESSION_TYPE_NOT_SUPPORTED)
+            if not self._first and value != self._values["session_type"]:
+                # Admission (target, redirect, CHAP) was decided on the first text's
+                # session type; a later change would skip the checks of the new type.
+                raise NegotiationError(f"SessionType={value} after the first Login Request "
+                                       f"made the session {self._values['session_type']}")
         elif key in ("InitiatorName", "TargetName"):
             if not _is_iscsi_name(value):
                 raise NegotiationError(f"{key} is not an iSCSI name: {value[:64]!r}")

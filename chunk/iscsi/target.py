@@ -244,13 +244,18 @@ class SessionView:
         return True
 
     def send_targets(self, which: str) -> list[tuple[str, list[str]]]:
-        visible = self.t.catalog.visible_targets(self.initiator)
-        if which == "All":
-            names = visible
-        elif which == "":
-            names = [self.target_iqn] if self.target_iqn else []
+        """The targets a SendTargets answer names (RFC 7143 Appendix C).
+
+        A discovery session: All, or one named target, of those the initiator may see.
+        A normal session names its own target only (empty value or its own name): All
+        "MUST NOT be supported" there, and another target's name would open the list a
+        discovery session guards with its own CHAP check. Those get no targets, an empty
+        answer, which initiators read as such (libiscsi fails on any unknown key)."""
+        if self.target_iqn is not None:
+            names = [self.target_iqn] if which in ("", self.target_iqn) else []
         else:
-            names = [which] if which in visible or which == self.target_iqn else []
+            visible = self.t.catalog.visible_targets(self.initiator)
+            names = visible if which == "All" else [which] if which in visible else []
         return [(n, [f"{self.t.advertise},{self.t.cfg.tpgt}"]) for n in names]
 
 

@@ -8,13 +8,16 @@ redirector's login policy over the same catalog.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from chunk.blockdev import MemoryBlockDevice
-from chunk.iscsi.constants import LoginStatus
+from chunk.iscsi import pdu as P
+from chunk.iscsi.constants import TARGET_OPCODES, LoginStatus
 from chunk.iscsi.errors import LoginError
 from chunk.iscsi.target import IscsiTarget, TargetConfig
+from chunk.iscsi.text import decode_text, encode_text
 from meta import exports, volumes
 from redirector.portal import RedirectPolicy
 from tests.chunk.iscsi.test_login import Client
@@ -78,3 +81,81 @@ async def test_only_per_target_chap_refuses_discovery_without_a_password(catalog
         assert await discovery_status(port, H2) == LoginStatus.AUTHENTICATION_FAILURE
     finally:
         await target.stop()
+
+
+
+@contextlib.asynccontextmanager
+async def per_target_chap_on_b(catalog_setup):
+    """Targets A and B, H1 on both ACLs, CHAP for H1 on B only: H1 logs in to A without a
+    password, and its discovery is refused. Yields (target, A, B)."""
+    ctx, cat = catalog_setup
+    ctx.luns_per_target = 1                         # each volume on a target of its own
+    a = await exports.target_iqn_of(ctx, (await volumes.create_volume(ctx, "a", "1Gi", 1))[0])
+    b = await exports.target_iqn_of(ctx, (await volumes.create_volume(ctx, "b", "1Gi", 1))[0])
+    assert a != b
+    for vol in ("a", "b"):
+        await exports.add_acl(ctx, vol, H1)
+    await exports.set_chap(ctx, {"target": b, "initiator": H1, "user": "h1", "secret": "per-target-secret"})
+    target = IscsiTarget(TargetConfig(port=free_port()), cat,
+                         lambda volume, readonly, view_seq=0: MemoryBlockDevice(1 << 20, readonly=readonly))
+    await target.start()
+    try:
+        await async_wait_for(lambda: sorted(cat.visible_targets(H1)) == sorted([a, b]) and cat.chap,
+                             5, "the ACL and CHAP mirrored")
+        assert await discovery_status(target.cfg.port, H1) == LoginStatus.AUTHENTICATION_FAILURE
+        yield target, a, b
+    finally:
+        await target.stop()
+
+
+async def test_session_type_declared_late_cannot_turn_a_normal_login_into_discovery(catalog_setup):
+    """Admitted as a normal session to A (SessionType omitted: Normal), then SessionType=Discovery
+    in the next request: refused (0x0200), not a discovery session without its CHAP check."""
+    async with per_target_chap_on_b(catalog_setup) as (target, a, _):
+        c = Client(*await asyncio.open_connection("127.0.0.1", target.cfg.port))
+        try:
+            resp, _ = await c.step([("InitiatorName", H1), ("TargetName", a), ("AuthMethod", "None")],
+                                   csg=0, nsg=1, transit=True)
+            assert resp.status == LoginStatus.SUCCESS
+            resp, _ = await c.step([("SessionType", "Discovery")], csg=1, nsg=3, transit=True)
+            assert resp.status == LoginStatus.INITIATOR_ERROR and not resp.transit
+            assert await c.closed()
+        finally:
+            c.close()
+        assert target.session_list() == []
+
+
+async def normal_session(port: int, initiator: str, target: str) -> Client:
+    """A normal session to ``target`` without CHAP, through both login stages."""
+    c = Client(*await asyncio.open_connection("127.0.0.1", port))
+    resp, _ = await c.step([("InitiatorName", initiator), ("SessionType", "Normal"), ("TargetName", target),
+                            ("AuthMethod", "None")], csg=0, nsg=1, transit=True)
+    assert resp.status == LoginStatus.SUCCESS and resp.transit
+    resp, _ = await c.step([("HeaderDigest", "None")], csg=1, nsg=3, transit=True)
+    assert resp.status == LoginStatus.SUCCESS and resp.transit and resp.nsg == 3
+    return c
+
+
+async def send_targets(c: Client, which: str) -> list[tuple[str, str]]:
+    c.itt += 1
+    c.w.write(P.TextRequest(itt=c.itt, cmdsn=c.cmdsn, expstatsn=c.expstatsn, immediate=True,
+                            data=encode_text([("SendTargets", which)])).to_bytes())
+    resp = await asyncio.wait_for(P.read_pdu(c.r, opcodes=TARGET_OPCODES), 5)
+    assert isinstance(resp, P.TextResponse) and resp.final and resp.itt == c.itt, resp
+    c.expstatsn = resp.statsn + 1
+    return decode_text(resp.data)
+
+
+async def test_send_targets_in_a_normal_session_names_its_own_target_only(catalog_setup):
+    """All (not supported in an operational session, RFC 7143 Appendix C) and another target's
+    name get no targets; an empty value or the session's own name get its own target."""
+    async with per_target_chap_on_b(catalog_setup) as (target, a, b):
+        c = await normal_session(target.cfg.port, H1, a)
+        try:
+            own = [("TargetName", a), ("TargetAddress", f"{target.advertise},1")]
+            assert await send_targets(c, "All") == []
+            assert await send_targets(c, b) == []
+            assert await send_targets(c, "") == own
+            assert await send_targets(c, a) == own
+        finally:
+            c.close()
