@@ -24,14 +24,22 @@ Versions are verified against their crc on every read, like live blocks.
 
 Order of a write at seq W (crash safety):
 
-1. COW: the old blocks are read (verified) and written to ``K.ver``, then
-   their slots; if anything was copied, the file (and the directory, for a
-   new key) is fdatasync'd *before* step 3, so a snapshot's
-   block that was durable stays durable whatever the page cache writes back
-   first.  This costs one fdatasync per write call that had to preserve
-   blocks (the first overwrite of a block after a snapshot), never on the
-   no-snapshot path (``cow_sync=False`` turns it off, for tests or when the
-   caller accepts snapshot loss on a host crash).
+1. COW: the old blocks are read (verified) and written to ``K.ver``, the
+   file is fdatasync'd, then their slots are written and the file (and the
+   directory, for a new key) fdatasync'd again, all *before* step 3, so a
+   snapshot's block that was durable stays durable whatever the page cache
+   writes back first.  Two syncs, not one: the slot page is overwritten in
+   place while the data lands in newly allocated sparse space, so a power
+   loss during a single sync could leave the slot on disk over a hole, and
+   the retried write (below) would keep that rotten version and overwrite
+   the live block, the only good copy.  Checking on load instead (a rotten
+   version whose live block still verifies at its origin is copied again)
+   cannot tell that state from a version that rotted after a completed COW
+   whose ``.seq`` did not reach the disk, and would then serve the new data
+   as the snapshot's.  This costs two fdatasyncs per write call that had to
+   preserve blocks (the first overwrite of a block after a snapshot), never
+   on the no-snapshot path (``cow_sync=False`` turns them off, for tests or
+   when the caller accepts snapshot loss on a host crash).
 2. ``.seq`` := W for the range.  A block that is absent with seq w < W
    (W > 1) has no version: only its seq keeps the new data out of the
    snapshots in [max(w, 1), W-1], so ``.seq`` is fdatasync'd *before* step 3
@@ -247,10 +255,17 @@ class _Versions:
             return False
         return True
 
-    def put(self, blocks: list[tuple[int, int, bytes | memoryview]]) -> None:
-        """Store (block, origin, data) versions: all data first, then their slots."""
+    def put(self, blocks: list[tuple[int, int, bytes | memoryview]], barrier: bool = False) -> None:
+        """Store (block, origin, data) versions: all data first, then their slots.
+
+        ``barrier``: fdatasync the data before writing the slots.  A slot page is shared and
+        overwritten in place, while the data goes to new sparse space whose allocation is
+        durable only at the journal commit: one fdatasync of both, cut by a power loss, can
+        leave a slot on disk over a hole.  A COW needs the barrier (``_cow``)."""
         for b, _, data in blocks:
             _pwrite_all(self.fd, data, self.data_at + b * BLOCK_SIZE)
+        if barrier:
+            sync_fd(self.fd)
         for b, origin, data in blocks:
             crc = block_crc(b, data)
             os.pwrite(self.fd, _ENTRY.pack(crc, origin), b * 8)
@@ -1147,7 +1162,9 @@ class ReplicaStore:
         # snapshot reads; the reclaimer trims again when this count moved (``stat``).
         rep.cows += 1
         v = rep.versions_for(key)
-        v.put(items)
+        # The barrier: a slot on disk over a hole would be kept by the retried COW above, and
+        # the live block, the snapshot's only good copy, overwritten (step 1).
+        v.put(items, barrier=self.cow_sync)
         if self.cow_sync:
             v.sync()
 
