@@ -46,9 +46,14 @@ _READS_SHARED = frozenset((1, 5, 7))              # write exclusive: anyone may 
 
 
 class Access(IntEnum):
-    """How a command is treated by reservations (SPC-4 table 66, SBC-3 table 13)."""
-    ALWAYS = 0        # INQUIRY, REPORT LUNS, REQUEST SENSE, RSOC...: never conflicts
-    NON_MEDIUM = 1    # TEST UNIT READY, READ CAPACITY, PR IN/OUT: conflicts only with SPC-2
+    """How a command is treated by reservations (SPC-4 table 66, SBC-3 table 13).
+
+    READ CAPACITY is allowed under every persistent reservation type (SBC-3 table 13) and,
+    as tgtd and SCST do, under another nexus's SPC-2 RESERVE(6): a host sharing the LU must
+    still learn its size. TEST UNIT READY keeps SPC-2's RESERVATION CONFLICT (tgtd and LIO
+    too; multipath path checkers read it as "path up")."""
+    ALWAYS = 0        # INQUIRY, REPORT LUNS, REQUEST SENSE, RSOC, READ CAPACITY: never conflicts
+    NON_MEDIUM = 1    # TEST UNIT READY, PR IN/OUT: conflicts only with SPC-2
     READ = 2          # reads medium or mode data: shared under the write-exclusive types
     WRITE = 3         # modifies medium or mode data
 

@@ -174,8 +174,8 @@ class LogicalUnit:
             (op.PRE_FETCH_10, self._pre_fetch, A.READ),
             (op.PRE_FETCH_16, self._pre_fetch, A.READ),
             (op.INQUIRY, self._inquiry, A.ALWAYS),
-            (op.READ_CAPACITY_10, self._read_capacity_10, A.NON_MEDIUM),
-            (op.SERVICE_ACTION_IN_16, self._service_action_in, A.NON_MEDIUM),
+            (op.READ_CAPACITY_10, self._read_capacity_10, A.ALWAYS),
+            (op.SERVICE_ACTION_IN_16, self._service_action_in, A.ALWAYS),
             (op.MODE_SENSE_6, self._mode_sense, A.READ),
             (op.MODE_SENSE_10, self._mode_sense, A.READ),
             (op.MODE_SELECT_6, self._mode_select, A.WRITE),
@@ -190,7 +190,8 @@ class LogicalUnit:
             (op.REPORT_LUNS, self._report_luns, A.ALWAYS),
         ):
             h[code] = (fn, acc)
-        # GET LBA STATUS reads medium state; READ CAPACITY(16), same opcode, does not
+        # GET LBA STATUS reads medium state; READ CAPACITY(16), same opcode, is allowed even
+        # under another nexus's RESERVE(6), as READ CAPACITY(10) (see ``Access``)
         self._gls_access = A.READ
 
     # ------------------------------------------------------------------------
