@@ -14,7 +14,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import resource
 import socket
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from zstore import config as zconfig
 from zstore import etcd as zetcd
 from zstore import logs
 from zstore.daemon import stop_on_signals
+from zstore.fdlimit import raise_fd_limit
 from zstore.cli.client import tls_context
 from zstore.config import Config, ConfigError, read_secret_file
 from zstore.keys import Keys
@@ -372,16 +372,6 @@ async def _serve(server: ChunkServer) -> None:
     await server.run(stop_on_signals(log))
 
 
-def _raise_fd_limit() -> None:
-    """Each open extent replica holds a few descriptors (data, checksums, seqs, versions)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as e:
-            log.warning("cannot raise the open-file limit from %d: %s", soft, e)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -411,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"data dir {data_dir}: {getattr(e, 'strerror', None) or e}", EXIT_SETUP)
     log.info("%s chunk id %s in %s", "created" if created else "using", chunk_id, data_dir)
 
-    _raise_fd_limit()
+    raise_fd_limit()            # open extent replicas hold a few descriptors each
     try:
         disks = zdisks.prepare_all(specs, data_dir, chunk_id)
     except (OSError, IdentityError) as e:

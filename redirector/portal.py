@@ -28,6 +28,16 @@ capped in total and per peer address (a quarter of the total), so a flood or
 a pile of half-open connections from one host cannot lock the others out;
 discovery sessions live at most ``DISCOVERY_LIFETIME``.
 
+Those caps act only while descriptors last: asyncio accepts up to
+``LISTEN_BACKLOG`` connections per wakeup before any handler can refuse one,
+so a full portal may briefly hold that many more, plus what etcd, logging and
+the ``ip`` helper use. ``descriptors_needed`` is that sum; the daemon raises
+its open-file limit and refuses a ``max_connections`` that does not fit. Should
+accept still fail for lack of resources, asyncio pauses accepting for a second
+but logs once per queued connection (tens of thousands of lines a minute):
+``AcceptErrorLimiter`` lets one such line through every ``ACCEPT_ERROR_LOG``
+seconds.
+
 Only the VIP holder may answer (a stale holder's redirect is a split brain):
 ``holding`` (``VipHolder.holding``: our lease is surely alive) is checked when
 a connection starts, when its login is decided and before each discovery
@@ -43,6 +53,7 @@ import ipaddress
 import logging
 import random
 import socket
+import time
 from collections import Counter
 from typing import Callable
 
@@ -65,6 +76,40 @@ PER_HOST_SHARE = 4          # one peer host may hold at most 1/4 of the connecti
 IPV6_HOST_PREFIX = 64       # an IPv6 host is a /64: it can pick any address in it at will
 DISCOVERY_LIFETIME = 120.0  # seconds; initiators log out right after SendTargets
 NOP_INTERVAL = 10.0
+LISTEN_BACKLOG = 1024       # also how many connections asyncio accepts per wakeup
+FD_RESERVE = 128            # descriptors besides connections: etcd, log, listener, `ip`, ARP
+ACCEPT_ERROR_LOG = 10.0     # seconds between two "accept() out of system resource" lines
+
+
+def descriptors_needed(max_connections: int) -> int:
+    """The open-file limit a portal allowing ``max_connections`` needs."""
+    return max_connections + LISTEN_BACKLOG + FD_RESERVE
+
+
+class AcceptErrorLimiter(logging.Filter):
+    """On asyncio's logger: one "accept() out of system resource" record every
+    ``ACCEPT_ERROR_LOG`` seconds, with how many were dropped; other records pass."""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped, self.last = 0, -ACCEPT_ERROR_LOG
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.MESSAGE):
+            return True
+        now = time.monotonic()
+        if now - self.last < ACCEPT_ERROR_LOG:
+            self.dropped += 1
+            return False
+        rest = str(record.msg)[len(self.MESSAGE):]
+        record.msg = f"{self.MESSAGE} ({self.dropped} more since the last report){rest}"
+        self.dropped, self.last = 0, now
+        return True
+
+
+ACCEPT_ERRORS = AcceptErrorLimiter()
 
 
 def host_of(peer: str) -> str:
@@ -206,7 +251,8 @@ class RedirectPortal:
             return
         self.advertise = address(host, port)
         self._closed = False
-        self._server = await asyncio.start_server(self._handle, host, port, backlog=1024,
+        logging.getLogger("asyncio").addFilter(ACCEPT_ERRORS)      # once: filters are a set
+        self._server = await asyncio.start_server(self._handle, host, port, backlog=LISTEN_BACKLOG,
                                                   reuse_address=True)
         log.info("redirecting iSCSI logins on %s", self.advertise)
 

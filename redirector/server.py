@@ -24,6 +24,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import resource
 import socket
 import sys
 from typing import NoReturn, Sequence
@@ -34,11 +35,12 @@ from zstore import etcd as zetcd
 from zstore import logs
 from zstore.daemon import stop_on_signals
 from zstore.config import Config, ConfigError
+from zstore.fdlimit import raise_fd_limit
 from zstore.keys import Keys
 from zstore.records import VipRecord
 
 from .members import Members
-from .portal import RedirectPortal
+from .portal import RedirectPortal, descriptors_needed
 
 log = logging.getLogger("redirector.server")
 
@@ -98,8 +100,11 @@ def load_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     })
 
 
-def validate(cfg: Config) -> None:
-    """Everything checkable before touching the network; fills in the default id."""
+def validate(cfg: Config, fd_limit: int | None = None) -> None:
+    """Everything checkable before touching the network; fills in the default id.
+
+    ``fd_limit``: the open-file limit the portal will run under; default the hard limit,
+    which ``raise_fd_limit`` raises the soft one to."""
     r = cfg.redirector
     try:
         vip = ipaddress.ip_address(r.vip)
@@ -118,6 +123,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"redirector.login_timeout: {r.login_timeout} must be in (0, 300] seconds")
     if not 1 <= r.max_connections <= 1_000_000:
         raise ConfigError(f"redirector.max_connections: {r.max_connections} must be 1..1000000")
+    _check_fd_limit(r.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                    if fd_limit is None else fd_limit)
     if r.interface is not None and not r.interface.strip():
         raise ConfigError("redirector.interface must not be blank")
     if not r.redirector_id:
@@ -130,6 +137,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"etcd.prefix: {e}") from None
     if logging.getLevelName(cfg.log.level.upper()) not in range(0, 100):
         raise ConfigError(f"log.level: unknown level {cfg.log.level!r}")
+
+
+def _check_fd_limit(max_connections: int, fd_limit: int) -> None:
+    """Out of descriptors, accept fails before the connection caps act, and so does every
+    `ip` call that keeps the VIP: refuse a max_connections the limit cannot carry."""
+    need = descriptors_needed(max_connections)
+    if fd_limit != resource.RLIM_INFINITY and need > fd_limit:
+        raise ConfigError(f"redirector.max_connections: {max_connections} connections need an "
+                          f"open-file limit of at least {need}, but it is {fd_limit}; raise it "
+                          f"(LimitNOFILE=, ulimit -n) or lower max_connections")
 
 
 class Redirector:
@@ -207,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args)
-        validate(cfg)
+        validate(cfg, fd_limit=raise_fd_limit())
     except ConfigError as e:
         fail(str(e))
     logs.setup("redirector", cfg.log.level, cfg.log.file)

@@ -21,6 +21,7 @@ to the new holder until someone cleans up.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import math
@@ -40,6 +41,8 @@ from . import arp
 log = logging.getLogger(__name__)
 
 SAFE = 0.8                   # fraction of the lease ttl we trust a lease after its last refresh
+# `ip` could not even be started (out of descriptors, memory): says nothing about the address
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN})
 OnAcquire = Callable[[VipRecord], Awaitable[None]]
 OnRelease = Callable[[], Awaitable[None]]
 
@@ -254,7 +257,11 @@ class VipHolder:
             try:
                 await self.address.add()
             except OSError as e:
-                raise LeaseLost(f"cannot keep the address: {e}") from e
+                if e.errno not in RESOURCE_ERRNOS:
+                    raise LeaseLost(f"cannot keep the address: {e}") from e
+                # The address lives about a ttl and we refresh every ttl/3: the next tries again.
+                log.warning("could not run `ip` to extend the VIP address (%s); "
+                            "the next refresh tries again", e)
         try:
             got = await self._etcd(self.etcd.get(self.keys.vip()))
         except UNAVAILABLE_ERRORS as e:

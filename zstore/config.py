@@ -89,7 +89,7 @@ class RedirectorConfig:
     redirector_id: str | None = None     # default: hostname + port
     lease_ttl: int = 3                   # VIP failover takes about this long
     login_timeout: float = 10.0
-    max_connections: int = 1024
+    max_connections: int = 1024          # needs an open-file limit of this + 1152 (checked at start)
 
 
 @dataclass
