@@ -186,6 +186,10 @@ class RedirectPolicy:
         return portal
 
     def new_tsih(self) -> int:
+        """A free TSIH; with all 65535 in use (only discovery sessions hold one, at most
+        ``max_connections`` <= 65535) the login is refused rather than looping forever."""
+        if len(self.tsihs) >= 0xFFFF:
+            raise LoginError("every TSIH is in use", LoginStatus.OUT_OF_RESOURCES)
         while True:
             tsih = random.randint(1, 0xFFFF)
             if tsih not in self.tsihs:

@@ -47,6 +47,7 @@ log = logging.getLogger("redirector.server")
 PROG = "zstore-redirector"
 EXIT_USAGE = 2
 SYNC_WARN = 5.0            # seconds without etcd listings before we say so
+MAX_CONNECTIONS = 0xFFFF   # the TSIHs there are
 
 EPILOG = """\
 Flags override the config file (--config, else $ZSTORE_CONFIG, else
@@ -121,8 +122,8 @@ def validate(cfg: Config, fd_limit: int | None = None) -> None:
         raise ConfigError(f"redirector.lease_ttl: {r.lease_ttl} must be between 1 and 600 seconds")
     if not 0 < r.login_timeout <= 300:
         raise ConfigError(f"redirector.login_timeout: {r.login_timeout} must be in (0, 300] seconds")
-    if not 1 <= r.max_connections <= 1_000_000:
-        raise ConfigError(f"redirector.max_connections: {r.max_connections} must be 1..1000000")
+    if not 1 <= r.max_connections <= MAX_CONNECTIONS:     # each may hold a 16-bit TSIH
+        raise ConfigError(f"redirector.max_connections: {r.max_connections} must be 1..{MAX_CONNECTIONS}")
     _check_fd_limit(r.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
                     if fd_limit is None else fd_limit)
     if r.interface is not None and not r.interface.strip():
