@@ -29,6 +29,24 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _survivors(up: "Up") -> str:
+    """What a failed "children exit" check found: each live child's command line and kernel
+    wait channel, and the last lines of every log in the state dir (which child hung, where)."""
+    out = []
+    for pid in up.child_pids:
+        if _alive(pid):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+                wchan = Path(f"/proc/{pid}/wchan").read_text()
+            except OSError:
+                continue
+            out.append(f"alive: {pid} {cmd[-160:]} (wchan {wchan})")
+    for log in sorted(up.state.rglob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-8:]
+        out.append(f"--- {log.name}:\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
 class Up:
     """One ``python -m zstore.up`` supervisor started by a test, always cleaned up."""
 
@@ -180,7 +198,10 @@ def test_supervisor_killed_takes_children_with_it(tmp_path: Path):
         up.wait_banner()
         os.kill(up.popen.pid, signal.SIGKILL)
         up.popen.wait(10)
-        wait_for(lambda: not [p for p in up.child_pids if _alive(p)], 20, "orphaned children to exit")
+        try:
+            wait_for(lambda: not [p for p in up.child_pids if _alive(p)], 20, "orphaned children to exit")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{_survivors(up)}") from None
         r = zstore_down(tmp_path / "state")        # stale up.pid: nothing runs
         assert r.returncode == 0 and "no cluster is running" in r.stdout
     finally:
