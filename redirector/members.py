@@ -95,7 +95,12 @@ class Members:
 
         ``record=False`` picks without writing a record: the caller passes it for
         initiators that may see nothing on the target, so that made-up initiator
-        names cannot fill etcd with records."""
+        names cannot fill etcd with records.
+
+        iSCSI names are case-insensitive, lower case canonical (RFC 3722; the catalog's ACLs
+        match them so): the hash, the record and its key use the lower-case name, so case
+        variants of one allowed name go to one chunk server and share one record."""
+        initiator = initiator.lower()
         rec = self.redirects.get((target, initiator))
         if rec is not None:
             c = self.chunks.get(rec.chunk_id)
@@ -214,7 +219,7 @@ class Members:
         except RecordError as e:
             log.error("ignoring unreadable redirect record %s: %s", key.decode(errors="replace"), e)
             return
-        pair = (rec.target, rec.initiator)
+        pair = (rec.target, rec.initiator.lower())
         self._redirect_keys[key] = pair
         self.redirects[pair] = rec
 
