@@ -118,7 +118,7 @@ from .fencing import EpochFence
 log = logging.getLogger(__name__)
 
 __all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "StaleGeneration", "ReplicaStore",
-           "unreadable_blocks"]
+           "checked_state_of", "unreadable_blocks"]
 
 _MAX_SEQ = 0xFFFFFFFF
 _CHUNK = 1 << 20                     # internal unit of large unmaps / reverts
@@ -1625,6 +1625,16 @@ class ReplicaStore:
                           for b in sorted(vers) for key, origin, crc in vers[b]))
         return h.digest()
 
+    def checked_state(self, vid: str, idx: int) -> set[tuple]:
+        """The part of ``digest``'s state that checksums cover: (block, crc) of present blocks
+        and (block, key, crc) of versions; not seqs nor version origins, which nothing verifies
+        (a rotten one still passes ``verify``). ``checked_state_of`` gives it for an export."""
+        rep = self._get(vid, idx)
+        out: set[tuple] = {("live", b, c) for b, c in enumerate(rep.ext.crcs) if c}
+        for b, vlist in rep.block_versions(0, rep.blocks).items():
+            out.update(("version", b, key, crc) for key, _origin, crc in vlist)
+        return out
+
     # -- maintenance -----------------------------------------------------------
 
     def verify(self, vid: str, idx: int, first_block: int = 0, count: int | None = None) -> list[int]:
@@ -1786,6 +1796,16 @@ def unreadable_blocks(blob: bytes) -> list[int]:
         else:
             u.skip()
     return sorted(bad)
+
+
+def checked_state_of(state: dict) -> set[tuple]:
+    """``ReplicaStore.checked_state`` of the range of a parsed export blob (``_parse_blob``);
+    unreadable entries count with their crc, as they stand on the exporter."""
+    out: set[tuple] = {("live", b, crc) for b, _seq, crc, _data in state["live"] if crc}
+    out.update(("live", b, crc) for b, _seq, crc in state.get("bad_live", ()))
+    out.update(("version", b, key, crc) for b, _origin, key, crc, _data in state["versions"])
+    out.update(("version", b, key, crc) for b, _origin, key, crc in state.get("bad_versions", ()))
+    return out
 
 
 def _parse_blob(blob: bytes) -> dict:

@@ -50,6 +50,17 @@ pause until ``interval`` after the pass started):
   compared at the end. Replicas differing there only ever held writes that
   were never acknowledged (an acknowledged write is on every in-sync replica),
   so either copy is a correct outcome; what matters is that they converge.
+  Except when they differ only where no checksum looks: seqs and version
+  origins (``ReplicaStore.checked_state``). A write changes a crc or adds a
+  version, so such a difference is rot in one copy's metadata (a flipped
+  ``.seq`` entry changes what snapshots read and still verifies), and a tie
+  cannot say which: the record's first replica may be the rotten one, and
+  copying it over the other would destroy the good copy. So in a tie the
+  peers' checked state is fetched (EXPORT of the extent, throttled like the
+  slices) and, if it is this replica's, nothing is dropped: the extent is
+  logged and reported as *unresolved* (``status()["unresolved"]``, and
+  ``unresolved_extents`` until the replicas agree again) for an operator. A
+  majority still wins.
 
 Progress survives a restart: at the throttled rate a large server needs days
 per pass, and a pass that started from the first extent after every restart
@@ -76,7 +87,7 @@ from typing import Any
 from .extent_file import BLOCK_SIZE, EXTENT_SIZE
 from .replica_client import PeerUnavailable, ReplicaError
 from .repair import PartsMismatch
-from .replica_store import StoreError, StoreIOError, _parse_blob, unreadable_blocks
+from .replica_store import StoreError, StoreIOError, _parse_blob, checked_state_of, unreadable_blocks
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +144,8 @@ class Scrubber:
         self._lost: list[int] = []    # the current extent's unreadable blocks
         self.mismatched: dict[tuple[str, int], list[str]] = {}
         self.resyncs_requested = 0    # replicas dropped (to be resynced) after a confirmed mismatch
+        self.unresolved = 0           # confirmed ties in unchecked metadata only, left undecided
+        self.unresolved_extents: dict[tuple[str, int], list[str]] = {}
         self.suspected: dict[tuple[str, int], tuple[list[str], int]] = {}   # -> (peers, passes seen)
         self.last_pass_start: float | None = None
         self.last_pass_end: float | None = None
@@ -177,6 +190,9 @@ class Scrubber:
             "inconclusive": self.inconclusive, "unreadable_drops": self.unreadable_drops,
             "mismatched": [{"volume": v, "extent": i, "peers": p}
                            for (v, i), p in sorted(self.mismatched.items())],
+            "unresolved": self.unresolved,
+            "unresolved_extents": [{"volume": v, "extent": i, "peers": p}
+                                   for (v, i), p in sorted(self.unresolved_extents.items())],
             "suspected": [{"volume": v, "extent": i, "peers": p, "passes": n}
                           for (v, i), (p, n) in sorted(self.suspected.items())],
             "current": list(self.current) if self.current else None,
@@ -491,11 +507,12 @@ class Scrubber:
         if not differ:
             self.mismatched.pop(key, None)
             self.suspected.pop(key, None)
+            self.unresolved_extents.pop(key, None)
             return 0
         self._seen_this_pass.add(key)
         if key in self.mismatched:           # already reported; still disagreeing
             self.mismatched[key] = sorted(differ)
-            await self._resolve(rec, differ, agreeing)
+            await self._resolve(rec, differ, agreeing, peers)
             return 1
         prev_peers, seen = self.suspected.get(key, ([], 0))
         if set(differ) & set(prev_peers) or not prev_peers:
@@ -513,7 +530,7 @@ class Scrubber:
         self.mismatched[key] = sorted(differ)
         log.error("replicas of %s/%d disagree: this chunk (%s) and %s have different digests "
                   "in %d passes", vid, idx, self.repair.chunk_id, ", ".join(differ), self.confirm_passes)
-        await self._resolve(rec, differ, agreeing)
+        await self._resolve(rec, differ, agreeing, peers)
         return 1
 
     def _inconclusive(self, key: tuple[str, int]) -> int:
@@ -524,7 +541,7 @@ class Scrubber:
         log.debug("replicas of %s/%d: written during the digest comparison; inconclusive", *key)
         return 0
 
-    async def _resolve(self, rec, differ: list[str], agreeing: list[str]) -> None:
+    async def _resolve(self, rec, differ: list[str], agreeing: list[str], peers) -> None:
         """If this side wins (see the module doc), drop the replicas that disagree with it."""
         if self.drop is None:
             return
@@ -536,6 +553,14 @@ class Scrubber:
             log.warning("replicas of %s/%d: not every replica answered; deciding in a later pass",
                         rec.volume_id, rec.index)
             return
+        key = (rec.volume_id, rec.index)
+        self.unresolved_extents.pop(key, None)
+        if mine == len(differ):
+            same = await self._same_checked_state(rec, [p for p in peers if p[0] in differ])
+            if same:
+                self._unresolvable(key, differ)
+            if same is not False:
+                return          # rot in unchecked metadata, or not known this pass: no drop
         if mine < len(differ) or (mine == len(differ) and rec.replicas[0] not in
                                   [self.repair.chunk_id, *agreeing]):
             log.warning("replicas of %s/%d: this chunk's copy is the minority; the other side resyncs it",
@@ -555,6 +580,44 @@ class Scrubber:
             self.resyncs_requested += 1
             log.warning("replicas of %s/%d: dropped %s (its copy disagrees); recovery resyncs it",
                         rec.volume_id, rec.index, cid)
+
+    async def _same_checked_state(self, rec, peers) -> bool | None:
+        """Do ``peers`` hold this replica's checked state (``ReplicaStore.checked_state``)?
+        None when that cannot be told now: a peer's EXPORT failed, or a write landed here."""
+        vid, idx = rec.volume_id, rec.index
+        before = self.store.stat(vid, idx)["mutations"]
+        theirs = []
+        for cid, addr in peers:
+            try:
+                theirs.append(await self._peer_checked_state(addr, vid, idx))
+            except (PeerUnavailable, ReplicaError, OSError, asyncio.TimeoutError, StoreError) as e:
+                log.warning("replicas of %s/%d: export from %s failed (%s); deciding in a later "
+                            "pass", vid, idx, cid, e)
+                return None
+        if self.store.stat(vid, idx)["mutations"] != before:
+            return None
+        mine = self.store.checked_state(vid, idx)
+        return all(t == mine for t in theirs)
+
+    async def _peer_checked_state(self, addr, vid: str, idx: int) -> set[tuple]:
+        """The peer's checked state, from an EXPORT of its whole extent (throttled)."""
+        size = getattr(self.store, "extent_size", EXTENT_SIZE)
+        out: set[tuple] = set()
+        off: int | None = 0
+        while off is not None:
+            blob, off = await self.repair.client.export(addr, vid, idx, off, size - off)
+            await self.bucket.take(len(blob))
+            out |= checked_state_of(_parse_blob(blob))
+        return out
+
+    def _unresolvable(self, key: tuple[str, int], differ: list[str]) -> None:
+        """A tie in metadata no checksum covers: either copy may be the rotten one."""
+        self.unresolved += 1
+        self.unresolved_extents[key] = sorted(differ)
+        log.error("replicas of %s/%d: this chunk (%s) and %s differ only in seqs or version "
+                  "origins, which no checksum covers, and no majority says which is rotten; "
+                  "nothing is repaired, the extent needs an operator", *key,
+                  self.repair.chunk_id, ", ".join(differ))
 
 
 def _default_cursor(store) -> Path | None:
