@@ -236,6 +236,7 @@ class LoginNegotiator:
             if value in _SPECIAL:
                 raise NegotiationError(f"{key}={value} is an answer, not an offer")
             answers[i] = self._answer(key, value)
+        self._check_bursts()
         if self._first:
             self._check_first_pdu()
             if "TargetName" in self._seen:
@@ -256,16 +257,21 @@ class LoginNegotiator:
         """Keys the target must send before leaving operational negotiation:
         our MaxRecvDataSegmentLength, and offers where the RFC default is more
         than we accept and the initiator never raised the key. Non-declarative
-        offers need the initiator's answer (feed it to ``process``)."""
+        offers need the initiator's answer (feed it to ``process``).
+
+        FirstBurstLength is offered at most the MaxBurstLength in force: an initiator
+        that lowered only MaxBurstLength below the default FirstBurstLength is told the
+        smaller first burst (RFC 7143 §13.14), not held to one it never heard of."""
         out: Pairs = []
         if not self._declared_mrdsl:
             out.append(self._declare_mrdsl())
         p = self.prefs
+        first_burst = min(p.first_burst_length, self._values["max_burst_length"])
         wanted = [("HeaderDigest", "None" not in p.header_digests, "CRC32C"),
                   ("DataDigest", "None" not in p.data_digests, "CRC32C"),
                   ("ImmediateData", not p.immediate_data, "No"),
                   ("MaxBurstLength", p.max_burst_length < 262144, str(p.max_burst_length)),
-                  ("FirstBurstLength", p.first_burst_length < 65536, str(p.first_burst_length)),
+                  ("FirstBurstLength", first_burst < 65536, str(first_burst)),
                   ("DefaultTime2Wait", p.default_time2wait > 2, str(p.default_time2wait)),
                   ("DefaultTime2Retain", p.default_time2retain < 20,
                    str(p.default_time2retain))]
@@ -288,7 +294,6 @@ class LoginNegotiator:
         v = dict(self._values)
         v["max_recv_data_segment_length"] = self.prefs.max_recv_data_segment_length \
             if self._declared_mrdsl else v["max_recv_data_segment_length"]
-        v["first_burst_length"] = min(v["first_burst_length"], v["max_burst_length"])
         return SessionParams(**v)
 
     # -- rules --------------------------------------------------------------------
@@ -296,6 +301,16 @@ class LoginNegotiator:
     def _declare_mrdsl(self) -> tuple[str, str]:
         self._declared_mrdsl = True
         return ("MaxRecvDataSegmentLength", str(self.prefs.max_recv_data_segment_length))
+
+    def _check_bursts(self) -> None:
+        """RFC 7143 §13.14: FirstBurstLength MUST NOT exceed MaxBurstLength. Within one text
+        the FirstBurstLength answer is held to MaxBurstLength, and one never raised is offered
+        no more (``offers``). Agreed in an earlier text and then above a smaller
+        MaxBurstLength, it cannot be negotiated again (§6.2): the initiator's own offers
+        broke the rule, and the login fails rather than run with a value it was not told."""
+        fbl, mbl = self._values["first_burst_length"], self._values["max_burst_length"]
+        if fbl > mbl and "FirstBurstLength" in self._seen and "FirstBurstLength" not in self._pending:
+            raise NegotiationError(f"FirstBurstLength={fbl} agreed exceeds MaxBurstLength={mbl}")
 
     def _check_first_pdu(self) -> None:
         if "InitiatorName" not in self._seen:
