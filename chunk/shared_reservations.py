@@ -267,6 +267,8 @@ class ReservationStore:
         self._behind: set[asyncio.Task] = set()          # releases queued by ``behind``
         self._watch: asyncio.Task | None = None
         self._live_watch: asyncio.Task | None = None
+        self._stop = asyncio.Event()                     # the watches' stop: the caller's, or close()
+        self._follow: asyncio.Task | None = None         # sets _stop when the caller's stop is set
         self._live: set[str] = set()                     # chunk ids whose live key exists
         self._live_synced = False
         self._mine: set[tuple[bytes, Nexus]] = set()     # SPC-2 reservations taken since start
@@ -316,17 +318,32 @@ class ReservationStore:
             return None
 
     def start(self, stop: asyncio.Event) -> None:
+        """Mirror until ``stop`` is set or ``close()``."""
         if self._watch is None:
+            self._stop.clear()
+
+            async def follow() -> None:
+                await stop.wait()
+                self._stop.set()
+            self._follow = asyncio.ensure_future(follow())
             self._watch = asyncio.ensure_future(zetcd.watch_prefix(
-                self.etcd, self.keys.all_reservations(), self._snapshot, self._event, stop,
+                self.etcd, self.keys.all_reservations(), self._snapshot, self._event, self._stop,
                 with_revision=True))
             self._live_watch = asyncio.ensure_future(zetcd.watch_prefix(
-                self.etcd, self.keys.chunks(), self._chunks_snapshot, self._chunk_event, stop))
+                self.etcd, self.keys.chunks(), self._chunks_snapshot, self._chunk_event, self._stop))
 
     async def close(self) -> None:
         """Stop mirroring. Releases queued by nexus loss (the sessions closed just before) are
-        given ``CLOSE_WAIT`` to reach etcd, then cancelled: a stop is not a crash."""
-        watches = [t for t in (self._watch, self._live_watch) if t is not None]
+        given ``CLOSE_WAIT`` to reach etcd, then cancelled: a stop is not a crash. Returns
+        within ``2 * CLOSE_WAIT``, logging any task still running then.
+
+        The watches are stopped by their stop event, not only cancelled: a cancel can be lost.
+        Python 3.11's ``asyncio.wait_for`` (aetcd's watch creation) returns the result instead
+        of raising when the awaited reply is in as the cancel comes, so a watch cancelled
+        while being created went on to watch, with nothing left to end it: close() waited
+        for it forever (a chunk server whose frontend failed to start never exited)."""
+        self._stop.set()
+        watches = [t for t in (self._watch, self._live_watch, self._follow) if t is not None]
         for t in watches:
             t.cancel()
         if self._behind:
@@ -334,8 +351,16 @@ class ReservationStore:
         tasks = watches + [*self._tasks, *self._behind]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._watch = self._live_watch = None
+        self._watch = self._live_watch = self._follow = None
+        if not tasks:
+            return
+        done, running = await asyncio.wait(tasks, timeout=CLOSE_WAIT)
+        for t in done:
+            if not t.cancelled():
+                t.exception()                    # retrieved: logged where it matters already
+        if running:
+            log.error("reservations: %d task(s) still running after close: %s", len(running),
+                      ", ".join(sorted(repr(t.get_coro()) for t in running)))
 
     def behind(self, coro, what: str) -> None:
         """Run ``coro`` in the background, logging its failure."""
