@@ -17,7 +17,7 @@ import pytest
 
 from chunk.blockdev import MemoryBlockDevice
 from chunk.scsi import Nexus
-from chunk.shared_reservations import ReservationStore
+from chunk.shared_reservations import CLOSE_WAIT, ReservationStore
 from zstore.keys import Keys
 from zstore.records import ReservationRecord
 
@@ -38,15 +38,25 @@ async def stores(etcd_client, etcd_config):
 
     async def store(chunk_id: str) -> ReservationStore:
         s = ReservationStore(etcd_client, keys, chunk_id)
+        made.append(s)                           # closed even if its first listing never comes
         s.start(stop)
         await asyncio.wait_for(s.synced.wait(), 10)
-        made.append(s)
         return s
 
     yield store
     stop.set()
-    for s in made:
-        await s.close()
+    await asyncio.gather(*(closed(s) for s in made))
+
+
+CLOSE_BOUND = 3 * 2 * CLOSE_WAIT        # close() returns within 2 * CLOSE_WAIT
+
+
+async def closed(store: ReservationStore) -> None:
+    """``store.close()``, failing in seconds instead of hanging if it does not return."""
+    try:
+        await asyncio.wait_for(store.close(), CLOSE_BOUND)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"close() of {store.chunk_id} still waiting after {CLOSE_BOUND:.0f} s") from None
 
 
 async def until(cond, what: str, timeout: float = 10.0) -> None:
@@ -152,7 +162,7 @@ async def test_reservations_survive_a_restart_of_every_server(stores, etcd_clien
     lu_a = make_lu(reservations=a.state("vol"))
     good(await out(lu_a, H1, REGISTER, 0, K1))
     good(await out(lu_a, H1, RESERVE, K1, rtype=WE))
-    await a.close()
+    await closed(a)
     c = await stores("chunk-c")                           # a fresh server: mirror from etcd
     lu_c = make_lu(reservations=c.state("vol"))
     assert lu_c.reservations.holder == H1                 # the mirror, before any PR IN

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from chunk.scsi import Nexus
 from zstore.keys import Keys
 from zstore.records import ReservationRecord
 
 from .scsi.helpers import H1, H2, TUR, good, make_lu, run, write10
-from .test_shared_reservations import RESERVE6, live, stores, until  # noqa: F401 - fixture
+from .test_shared_reservations import RESERVE6, closed, live, stores, until  # noqa: F401 - fixture
+
+# Each wait below is bounded (``until``, ``stores``, ``closed``, etcd calls by the client's
+# timeout); this is the backstop for one that is not: a hang fails in a minute, not 300 s.
+pytestmark = pytest.mark.timeout(45)
 
 H3 = Nexus("iqn.2004-10.com.example:h3,i,0x23d000000003", "iqn.2026-01.io.zstore:c.t0000,t,0x0001", 1)
 
@@ -41,7 +47,7 @@ async def test_a_restarted_server_releases_the_reservation_its_old_session_held(
     lu, lu_b = make_lu(reservations=a.state("vol")), make_lu(reservations=b.state("vol"))
     good(await run(lu, RESERVE6, nexus=H1))
     await until(lambda: lu_b.reservations.spc2 == H1, "b to mirror the reservation")
-    await a.close()                                  # a crashes: no nexus_lost runs
+    await closed(a)                                  # a crashes: no nexus_lost runs
     a2 = await stores("chunk-a")                     # a restarted (same id, new process)
     lu_a2 = make_lu(reservations=a2.state("vol"))
     await until(lambda: lu_a2.reservations.spc2 is None and lu_b.reservations.spc2 is None,
@@ -70,7 +76,7 @@ async def test_the_others_release_the_reservation_of_a_server_whose_live_key_is_
     good(await run(lu_a, RESERVE6, nexus=H1))
     await until(lambda: lu_b.reservations.spc2 == H1, "b to mirror the reservation")
     assert not await free_for(lu_b, H2)
-    await a.close()                                  # a dies and stays down ...
+    await closed(a)                                  # a dies and stays down ...
     await etcd_client.delete(Keys(etcd_config.prefix).chunk_live("chunk-a"))   # ... its lease expires
     await until(lambda: lu_b.reservations.spc2 is None, "b to release a's reservation")
     assert await free_for(lu_b, H2)
@@ -81,7 +87,7 @@ async def test_a_server_starting_after_the_holder_died_releases_it(stores, etcd_
     await live(etcd_client, etcd_config, "chunk-a")
     a = await stores("chunk-a")
     good(await run(make_lu(reservations=a.state("vol")), RESERVE6, nexus=H1))
-    await a.close()
+    await closed(a)
     await etcd_client.delete(Keys(etcd_config.prefix).chunk_live("chunk-a"))
     b = await stores("chunk-b")                      # never saw a's live key go
     lu_b = make_lu(reservations=b.state("vol"))
@@ -108,7 +114,7 @@ async def test_close_lets_a_queued_release_reach_etcd(stores, etcd_client, etcd_
     lu = make_lu(reservations=a.state("vol"))
     good(await run(lu, RESERVE6, nexus=H1))
     lu.nexus_lost(H1)                                # the session closes as the server stops
-    await a.close()                                  # graceful stop: the release is not cancelled
+    await closed(a)                                  # graceful stop: the release is not cancelled
     assert (await record(etcd_client, etcd_config)).spc2 is None
 
 
