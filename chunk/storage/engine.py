@@ -582,6 +582,8 @@ class StorageEngine:
             # bad blocks the scrubber found (handed to repair), and blocks it could not read at
             # all (a snapshot version on a failing sector: repair cannot take them)
             "scrub_errors": scrub.get("errors", 0), "scrub_unreadable": scrub.get("unreadable", 0),
+            # replicas left disagreeing in metadata no checksum covers (a 1:1 tie): an operator's call
+            "scrub_unresolved": scrub.get("unresolved", 0),
             "replica_drops": self._coordinator_total("drops"),
             # writes that took the coordinator's fast path, and those of them handed to the
             # general path because a replica failed or was fenced

@@ -80,8 +80,9 @@ def test_engine_status_publishes_the_scrubber_error_counters():
     from chunk.storage.engine import StorageEngine as Engine
     eng = Engine.__new__(Engine)
     eng.repair = SimpleNamespace(status=lambda: {"checksum_errors": 0})
-    eng.scrubber = SimpleNamespace(status=lambda: {"errors": 3, "unreadable": 2, "passes": 1})
+    eng.scrubber = SimpleNamespace(status=lambda: {"errors": 3, "unreadable": 2, "unresolved": 1,
+                                                   "passes": 1})
     eng.store = SimpleNamespace(extents=lambda: [])
     eng._coords, eng._retired, eng._running = {}, {}, {}
     st = eng.status()
-    assert st["scrub_errors"] == 3 and st["scrub_unreadable"] == 2
+    assert st["scrub_errors"] == 3 and st["scrub_unreadable"] == 2 and st["scrub_unresolved"] == 1
