@@ -409,17 +409,15 @@ class LoginNegotiator:
             raise NegotiationError(f"unacceptable answer {key}={value[:32]!r} to our offer")
 
 
-def negotiate_full_feature(pairs: Pairs, params: SessionParams,
-                           prefs: TargetPreferences | None = None
-                           ) -> tuple[Pairs, SessionParams, Pairs]:
+def negotiate_full_feature(pairs: Pairs, params: SessionParams) -> tuple[Pairs, SessionParams, Pairs]:
     """One Text Request's keys in full feature phase.
 
     Only keys usable in any phase (RFC 7143 "Use: ALL") may change there:
     MaxRecvDataSegmentLength and InitiatorAlias. SendTargets is returned as a
-    request for the caller to answer; login-only keys get Reject.
-    Returns (response pairs, new params, requests).
+    request for the caller to answer; login-only keys get Reject. A declared
+    MaxRecvDataSegmentLength is answered with the target's own declaration (the one
+    the session runs with). Returns (response pairs, new params, requests).
     """
-    prefs = prefs or TargetPreferences()
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         raise NegotiationError("key sent twice in one text negotiation")
@@ -440,7 +438,7 @@ def negotiate_full_feature(pairs: Pairs, params: SessionParams,
                 response.append((key, REJECT))
             else:
                 changes["max_send_data_segment_length"] = n
-                response.append((key, str(prefs.max_recv_data_segment_length)))
+                response.append((key, str(params.max_recv_data_segment_length)))
         elif key == "InitiatorAlias":
             changes["initiator_alias"] = value
         else:

@@ -30,7 +30,7 @@ from . import pdu as P
 from .constants import (RESERVED_TAG, AsyncEvent, LogoutReason, LogoutResponseCode, RejectReason,
                         ScsiStatus, TmfFunction, TmfResponse)
 from .errors import ProtocolError
-from .negotiation import SessionParams
+from .negotiation import NegotiationError, SessionParams, negotiate_full_feature
 from .text import TextAssembler, encode_text, split_text
 
 log = logging.getLogger(__name__)
@@ -1228,15 +1228,22 @@ class Session:
             self._text_in_ttt = self._new_ttt()     # which its next piece carries (11.10.4)
             self._send(P.TextResponse(itt=req.itt, final=False, ttt=self._text_in_ttt))
             return
-        out: list[tuple[str, str]] = []
-        for key, value in pairs:
-            if key == "SendTargets":
-                for iqn, addrs in self.resolver.send_targets(value):
-                    out.append(("TargetName", iqn))
-                    out.extend(("TargetAddress", a) for a in addrs)
-            else:
-                out.append((key, "NotUnderstood"))
-        self._text_piece(req.itt, None, split_text(encode_text(out), self.msdsl))
+        try:
+            out, params, requests = negotiate_full_feature(pairs, self.p)
+        except NegotiationError:
+            # a key sent twice, or one only a target may send: the text is malformed
+            self._reject(RejectReason.PROTOCOL_ERROR, req.header())
+            return
+        for _, value in requests:             # SendTargets, answered after the other keys
+            for iqn, addrs in self.resolver.send_targets(value):
+                out.append(("TargetName", iqn))
+                out.extend(("TargetAddress", a) for a in addrs)
+        # The initiator's new MaxRecvDataSegmentLength (if any) bounds what we send from the
+        # next PDU on; this exchange's answer fits both the old and the new limit, whichever
+        # the initiator applies to it.
+        limit = min(self.msdsl, params.max_send_data_segment_length)
+        self.p, self.msdsl = params, params.max_send_data_segment_length
+        self._text_piece(req.itt, None, split_text(encode_text(out), limit))
 
     def _text_piece(self, itt: int, ttt: int | None, pieces: list[bytes]) -> None:
         self._text_out.pop(ttt, None)

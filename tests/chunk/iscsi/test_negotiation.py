@@ -343,7 +343,7 @@ def test_full_feature_text_negotiation():
         [("SendTargets", "All"), ("MaxRecvDataSegmentLength", "16384"),
          ("InitialR2T", "Yes"), ("X-vendor.key", "1"), ("InitiatorAlias", "renamed")], params)
     assert requests == [("SendTargets", "All")]
-    assert response == [("MaxRecvDataSegmentLength", "262144"), ("InitialR2T", "Reject"),
+    assert response == [("MaxRecvDataSegmentLength", "8192"), ("InitialR2T", "Reject"),
                         ("X-vendor.key", "NotUnderstood")]
     assert new.max_send_data_segment_length == 16384 and new.initiator_alias == "renamed"
     assert params.max_send_data_segment_length == 8192          # frozen, untouched
