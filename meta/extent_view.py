@@ -21,7 +21,7 @@ from typing import AsyncIterator, Iterable, TypeVar
 
 import aetcd
 
-from zstore.etcd import get_prefix_paged
+from zstore.etcd import create_watch, get_prefix_paged
 from zstore.keys import Keys
 from zstore.records import ExtentRecord
 
@@ -132,7 +132,7 @@ class ExtentView:
                 kvs, rev = await get_prefix_paged(self._etcd, self._prefix)
                 self._records = await decode_extents(kvs)
                 del kvs                          # not held (raw) for the whole watch
-                watch = await self._etcd.watch_prefix(self._prefix, start_revision=rev + 1)
+                watch = await create_watch(self._etcd, self._prefix, start_revision=rev + 1)
                 self._ready = True
                 self._changed()
                 log.info("extent records: %d loaded at revision %d, following changes",

@@ -399,6 +399,25 @@ def describe(cfg: EtcdConfig) -> str:
     return ",".join(cfg.endpoints)
 
 
+async def create_watch(etcd: aetcd.Client, prefix: bytes, **kw):
+    """``etcd.watch_prefix(prefix, **kw)``, honouring a cancel that came while it was created.
+
+    aetcd waits for the "created" answer in ``asyncio.wait_for``, which on Python 3.11 returns
+    the result instead of raising CancelledError when the answer is already in as the cancel
+    comes: the cancel is lost, and a caller that stops its watch only by cancelling the task
+    waits for a watch nobody ends (a ReservationStore.close() hung that way). The task still
+    counts the cancel (``cancelling()``): the new watch is cancelled and the cancel raised."""
+    watch = await etcd.watch_prefix(prefix, **kw)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        try:
+            await watch.cancel()
+        except Exception:  # noqa: BLE001 - best effort on a broken channel
+            pass
+        raise asyncio.CancelledError
+    return watch
+
+
 async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
                        on_snapshot: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]],
                        on_event: Callable[[aetcd.rtypes.Event], Awaitable[None]],
@@ -445,8 +464,8 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
             listing, rev = await get_prefix_paged(etcd, prefix)
             kvs = [(kv.key, kv.value) for kv in listing]
             await (on_snapshot(kvs, rev) if with_revision else on_snapshot(kvs))
-            watch = await etcd.watch_prefix(prefix, start_revision=rev + 1,
-                                            progress_notify=on_progress is not None)
+            watch = await create_watch(etcd, prefix, start_revision=rev + 1,
+                                       progress_notify=on_progress is not None)
             status(True)
 
             async def consume() -> None:
