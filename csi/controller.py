@@ -441,6 +441,10 @@ class Controller(pbg.ControllerServicer):
             if s["name"] == name and s["volume_id"] != vid:
                 raise Abort(grpc.StatusCode.ALREADY_EXISTS,
                             f"snapshot {name!r} exists for another volume ({s['volume_id']})")
+            if s["name"] == name:
+                # Already cut (a retry after a lost answer): answered as it is, also when its
+                # source was deleted since (a create there would be NOT_FOUND; the spec says OK).
+                return pb.CreateSnapshotResponse(snapshot=self.snapshot_msg(s))
         snap = await self.meta.post(f"/volumes/{seg(vid)}/snapshots", {"name": name, "unique": True})
         return pb.CreateSnapshotResponse(snapshot=self.snapshot_msg(snap))
 
@@ -490,4 +494,6 @@ class Controller(pbg.ControllerServicer):
             s = await self.meta.get(f"/snapshots/{seg(request.snapshot_id)}")
         except errors.NotFound:
             return []
+        if s["snapshot_id"] != request.snapshot_id:
+            return []                   # the meta also resolves "volume@name": not an id we gave
         return [s] if not request.source_volume_id or s["volume_id"] == request.source_volume_id else []

@@ -124,6 +124,9 @@ async def test_list_snapshots_pages_and_create_keeps_names_global(tmp_path, etcd
                 assert list((await ctl.ListSnapshots(nothing)).entries) == []
             one = await ctl.ListSnapshots(pb.ListSnapshotsRequest(snapshot_id=of_v[0]))
             assert [e.snapshot.snapshot_id for e in one.entries] == [of_v[0]]
+            # the meta resolves "volume@name" too; as a CSI snapshot id it names no snapshot
+            by_name = pb.ListSnapshotsRequest(snapshot_id=f"{v.volume_id}@v000")
+            assert list((await ctl.ListSnapshots(by_name)).entries) == []
 
             # Same name, same source: the snapshot; another source: ALREADY_EXISTS.
             s = (await ctl.CreateSnapshot(snap_req(v.volume_id, "csi-1"))).snapshot
@@ -139,3 +142,19 @@ async def test_list_snapshots_pages_and_create_keeps_names_global(tmp_path, etcd
             await asyncio.to_thread(c.api, "DELETE", f"/snapshots/{taken.snapshot_id}")
             again = (await ctl.CreateSnapshot(snap_req(w.volume_id, "cli-1"))).snapshot
             assert again.snapshot_id == cli_made.snapshot_id
+
+
+async def test_a_create_snapshot_retried_after_its_source_was_deleted_answers_the_snapshot(
+        etcd_client, etcd_config, tmp_path):
+    """CSI: a snapshot of that name "successfully cut and ready to use" MUST be answered OK.
+    A retry after a lost answer, its source volume deleted meanwhile, created again on the
+    (gone) volume and answered NOT_FOUND: the snapshotter marked the content failed."""
+    ctx = make_ctx(etcd_client, etcd_config)
+    await register_chunk(ctx, "c0")
+    a, _ = await volumes.create_volume(ctx, "a", "1Gi", 1)
+    async with meta_in_process(etcd_config) as meta:
+        async with controller(meta.url.removesuffix("/api/v1"), "t", tmp_path) as ctl:
+            first = (await ctl.CreateSnapshot(snap_req(a.volume_id, "kept"))).snapshot
+            await volumes.delete_volume(ctx, "a")          # its snapshot stays (a tombstone)
+            again = (await ctl.CreateSnapshot(snap_req(a.volume_id, "kept"))).snapshot
+            assert again.snapshot_id == first.snapshot_id and again.ready_to_use
