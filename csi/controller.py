@@ -263,6 +263,12 @@ class Controller(pbg.ControllerServicer):
         if not request.HasField("volume_capability"):
             raise invalid("volume_capability is required")
         check_capabilities([request.volume_capability], "volume_capability")
+        try:
+            naming.check_iqn(node)
+        except errors.InvalidArgument as e:
+            # Node ids are the nodes' initiator names (NodeGetInfo): one that is none names
+            # no node a volume can be published to, the spec's "node does not exist".
+            raise Abort(grpc.StatusCode.NOT_FOUND, f"no such node {node!r}: {e}") from None
         mode = request.volume_capability.access_mode.mode
         readonly = request.readonly or mode in READ_ONLY
         return await self._acl_change(vid, lambda: self._publish(vid, node, mode, readonly))
