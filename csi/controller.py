@@ -331,14 +331,21 @@ class Controller(pbg.ControllerServicer):
         vid = require(request.volume_id, "volume_id")
         if not request.volume_capabilities:
             raise invalid("volume_capabilities is required")
-        await self.volume(vid)
+        vol = await self.volume(vid)
         for c in request.volume_capabilities:
             if (not c.HasField("block") and not c.HasField("mount")) or c.access_mode.mode == Mode.UNKNOWN \
                     or unsupported(c):
                 return pb.ValidateVolumeCapabilitiesResponse(message="unsupported capability: " + str(c).strip())
-        extra = set(request.parameters) - {"replicas", "thin"}
-        if any(not k.startswith("csi.storage.k8s.io/") for k in extra):
-            return pb.ValidateVolumeCapabilitiesResponse(message=f"unknown parameters {sorted(extra)}")
+        # Confirmed parameters are "validated by the plugin": each must be one CreateVolume
+        # takes and match what the volume has (a static PV checked against a StorageClass).
+        try:
+            params = parse_params(request.parameters)
+        except Abort as e:
+            return pb.ValidateVolumeCapabilitiesResponse(message=e.message)
+        differ = sorted(k for k, v in params.items() if vol.get(k) != v)
+        if differ:
+            return pb.ValidateVolumeCapabilitiesResponse(message="the volume has " + ", ".join(
+                f"{k}={vol.get(k)!r}, not {params[k]!r}" for k in differ))
         return pb.ValidateVolumeCapabilitiesResponse(confirmed=pb.ValidateVolumeCapabilitiesResponse.Confirmed(
             volume_context=request.volume_context, volume_capabilities=request.volume_capabilities,
             parameters=request.parameters))
