@@ -9,7 +9,8 @@ pair of dict look-ups and at most one hash: no etcd round trip per login, so
 a login storm after a failover costs etcd nothing but the record writes.
 
 Sticky first: an initiator keeps going to the chunk server it was sent to
-while that server is up and not draining, so adding a chunk server does not
+while that server is up, not draining and its portal answers the VIP holder's
+probes (``probe.py``), so adding a chunk server does not
 move existing sessions on their next reconnect. Otherwise the rendezvous hash
 picks among usable servers and the choice is recorded. The record is written
 behind the login (coalesced per pair, batched, retried), never awaited: a
@@ -77,6 +78,7 @@ class Members:
         self.chunks: dict[str, ChunkState] = {}
         self.redirects: dict[tuple[str, str], RedirectRecord] = {}     # (target, initiator) -> record
         self._usable: list[str] = []
+        self._unreachable: set[str] = set()                     # portal probes fail (probe.py)
         self._raw_chunks: dict[str, dict[str, bytes]] = {}      # chunk id -> kind -> value
         self._redirect_keys: dict[bytes, tuple[str, str]] = {}
         self._pending: dict[tuple[str, str], RedirectRecord] = {}
@@ -90,6 +92,16 @@ class Members:
         """Ids of chunk servers that may take new logins now."""
         return list(self._usable)
 
+    def set_unreachable(self, cids: set[str]) -> None:
+        """Chunk servers whose portal the VIP holder cannot reach (``probe.PortalProber``):
+        no new logins, and their sticky pairs move on their next login."""
+        for cid in sorted(cids - self._unreachable):
+            log.warning("chunk server %s: its portal is unreachable; sending its logins elsewhere", cid)
+        for cid in sorted(self._unreachable - cids):
+            log.info("chunk server %s: its portal is reachable again", cid)
+        self._unreachable = set(cids)
+        self._refresh_usable()
+
     def choose(self, initiator: str, target: str, record: bool = True) -> str | None:
         """Portal ("host:port") to redirect this login to, None if no chunk server is usable.
 
@@ -102,12 +114,10 @@ class Members:
         variants of one allowed name go to one chunk server and share one record."""
         initiator = initiator.lower()
         rec = self.redirects.get((target, initiator))
-        if rec is not None:
-            c = self.chunks.get(rec.chunk_id)
-            if c is not None and c.usable:
-                log.info("redirect %s -> %s: chunk %s at %s (sticky)", initiator, target, c.chunk_id,
-                         c.portal)
-                return c.portal
+        if rec is not None and rec.chunk_id in self._usable:
+            c = self.chunks[rec.chunk_id]
+            log.info("redirect %s -> %s: chunk %s at %s (sticky)", initiator, target, c.chunk_id, c.portal)
+            return c.portal
         cid = hashing.pick(initiator, target, self._usable)
         if cid is None:
             log.warning("redirect %s -> %s: no chunk server is up and active", initiator, target)
@@ -190,7 +200,10 @@ class Members:
             self.chunks[cid] = state
 
     def _refresh_usable(self) -> None:
-        usable = sorted(cid for cid, c in self.chunks.items() if c.usable)
+        """Usable by their records and reachable; if none is reachable, the fault is more
+        likely this redirector's own network: all usable ones, rather than refusing every login."""
+        up = sorted(cid for cid, c in self.chunks.items() if c.usable)
+        usable = [cid for cid in up if cid not in self._unreachable] or up
         if usable != self._usable:
             log.info("chunk servers taking logins: %s", ", ".join(usable) or "none")
         self._usable = usable

@@ -41,6 +41,7 @@ from zstore.records import VipRecord
 
 from .members import Members
 from .portal import RedirectPortal, descriptors_needed
+from .probe import PortalProber
 
 log = logging.getLogger("redirector.server")
 
@@ -161,6 +162,7 @@ class Redirector:
         self.members = Members(self.etcd, self.keys)
         r = cfg.redirector
         self._holder = None                   # the VipHolder, once campaigning
+        self._prober: asyncio.Task | None = None      # probes portals while we hold the VIP
         # The portal answers only while the holder is sure of its lease: a holder that
         # froze past it must not serve the logins queued meanwhile (split brain).
         self.portal = RedirectPortal(self.catalog, self.members, login_timeout=r.login_timeout,
@@ -178,6 +180,7 @@ class Redirector:
                      self.cfg.redirector.vip, self.cfg.redirector.port)
             await holder.run(stop, self._on_acquire, self._on_release)
         finally:
+            await self._stop_probing()
             await self.portal.close()
             await self.members.close()
             await self.catalog.close()
@@ -212,9 +215,19 @@ class Redirector:
     async def _on_acquire(self, rec: VipRecord) -> None:
         # An OSError (port taken, address not local) tells the holder to give the VIP up.
         await self.portal.open(rec.vip, rec.port)
+        if self._prober is None:
+            self._prober = asyncio.ensure_future(PortalProber(self.members).run())
 
     async def _on_release(self) -> None:
+        await self._stop_probing()
         await self.portal.close()
+
+    async def _stop_probing(self) -> None:
+        """Only the VIP holder probes: one connect per chunk server per pass, not one per redirector."""
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
+            self._prober = None
 
 
 async def _serve(cfg: Config) -> None:
