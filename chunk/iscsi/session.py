@@ -41,8 +41,8 @@ OUT_BATCH_MAX = 256             # queued answer pieces that make a batch go out 
 FLUSH_EVERY = 8                 # answer pieces queued outside a batch that go out at once
 WRITE_BUFFER_BUDGET = 64 << 20  # bytes of write buffers a session grants before R2Ts wait
 # How long a session that ends waits for its commands still running before it cancels them
-# (unanswered, as aborted ones): its end (a shutdown, a reinstatement) must not wait forever
-# for a command stuck below (ownership, a replica), and the host retries what got no answer.
+# (unanswered, as aborted ones): its end (a shutdown, a reinstatement, a Logout) must not wait
+# forever for a command stuck below (ownership, a replica); the host retries what got no answer.
 CLOSE_GRACE = 10.0
 
 
@@ -389,6 +389,8 @@ class Session:
         if left:
             log.warning("%s: %d command(s) still running %.0fs after the session ended; cancelling "
                         "them", self.nexus.initiator, len(left), self.close_grace)
+            for t in self.tasks.values():
+                t.aborted = True    # a cancelled write's CHECK CONDITION is not its answer either
             for r in left:
                 r.cancel()
             await asyncio.wait(left, timeout=self.close_grace)
@@ -1257,14 +1259,25 @@ class Session:
             self._send(P.TextResponse(itt=itt, final=True, ttt=RESERVED_TAG, data=first))
 
     async def _logout(self, req: P.LogoutRequest) -> None:
+        """Close the connection, and so the session (one connection each), when asked.
+
+        RFC 7143 §11.14: "the target MUST terminate all pending commands, whether
+        acknowledged via ExpCmdSN or not, on that connection or session respectively"; "For
+        the terminated commands, no additional responses should be expected." Commands in
+        flight get ``close_grace`` to finish and be answered first; those still running
+        then are cancelled unanswered, as at a connection's close. One stuck below (a hung
+        replica, an ownership wait) holds the Logout Response no longer than that (10 s,
+        within open-iscsi's 15 s logout timeout) and the moment its cancel takes (at most
+        ``close_grace`` more), nor the login that follows a drain or a redirect. Nothing
+        is sent after the Logout Response."""
         if req.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
             self._send(P.LogoutResponse(itt=req.itt, response=LogoutResponseCode.RECOVERY_NOT_SUPPORTED))
             return
         runners = [t.runner for t in self.tasks.values() if t.runner and not t.runner.done()]
-        if runners:          # in-flight commands finish and answer before the logout does
-            await asyncio.gather(*runners, return_exceptions=True)
+        if runners:
+            await self._finish_or_cancel(runners)
+        self._closing = True      # one that ignored its cancel and ends later: unanswered
         self._send(P.LogoutResponse(itt=req.itt, response=LogoutResponseCode.SUCCESS,
                                     time2wait=0, time2retain=0))
         self._flush()
         await self._drain_socket()
-        self._closing = True
