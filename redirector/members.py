@@ -223,10 +223,12 @@ class Members:
             self._put_redirect(ev.kv.key, ev.kv.value)
         else:
             pair = self._redirect_keys.pop(ev.kv.key, None)
-            if pair is not None:
+            if pair is not None and self._canonical(ev.kv.key, pair):
                 self.redirects.pop(pair, None)
 
     def _put_redirect(self, key: bytes, value: bytes) -> None:
+        """Only a record under its canonical key (lower-case initiator) steers logins; the
+        others, written before names were lower-cased, are kept track of for the sweep."""
         try:
             rec = RedirectRecord.decode(value)
         except RecordError as e:
@@ -234,7 +236,20 @@ class Members:
             return
         pair = (rec.target, rec.initiator.lower())
         self._redirect_keys[key] = pair
-        self.redirects[pair] = rec
+        if self._canonical(key, pair):
+            self.redirects[pair] = rec
+
+    def _canonical(self, key: bytes, pair: tuple[str, str]) -> bool:
+        return key == self.keys.redirect(*pair)
+
+    def redirect_keys(self) -> list[bytes]:
+        """Keys of the readable records in etcd (``sweep.py`` pages through them)."""
+        return list(self._redirect_keys)
+
+    def redirect_at(self, key: bytes) -> RedirectRecord | None:
+        """The record mirrored under ``key``; None if none or the key is not canonical."""
+        pair = self._redirect_keys.get(key)
+        return self.redirects.get(pair) if pair is not None and self._canonical(key, pair) else None
 
     async def _writer(self, stop: asyncio.Event) -> None:
         """Write remembered choices behind the logins: coalesced per pair, batched, retried."""

@@ -42,6 +42,7 @@ from zstore.records import VipRecord
 from .members import Members
 from .portal import RedirectPortal, descriptors_needed
 from .probe import PortalProber
+from .sweep import RedirectSweeper
 
 log = logging.getLogger("redirector.server")
 
@@ -162,7 +163,7 @@ class Redirector:
         self.members = Members(self.etcd, self.keys)
         r = cfg.redirector
         self._holder = None                   # the VipHolder, once campaigning
-        self._prober: asyncio.Task | None = None      # probes portals while we hold the VIP
+        self._duties: list[asyncio.Task] = []     # the VIP holder's: portal probes, record sweep
         # The portal answers only while the holder is sure of its lease: a holder that
         # froze past it must not serve the logins queued meanwhile (split brain).
         self.portal = RedirectPortal(self.catalog, self.members, login_timeout=r.login_timeout,
@@ -180,7 +181,7 @@ class Redirector:
                      self.cfg.redirector.vip, self.cfg.redirector.port)
             await holder.run(stop, self._on_acquire, self._on_release)
         finally:
-            await self._stop_probing()
+            await self._stop_duties()
             await self.portal.close()
             await self.members.close()
             await self.catalog.close()
@@ -215,19 +216,22 @@ class Redirector:
     async def _on_acquire(self, rec: VipRecord) -> None:
         # An OSError (port taken, address not local) tells the holder to give the VIP up.
         await self.portal.open(rec.vip, rec.port)
-        if self._prober is None:
-            self._prober = asyncio.ensure_future(PortalProber(self.members).run())
+        if not self._duties:
+            self._duties = [asyncio.ensure_future(d.run()) for d in (
+                PortalProber(self.members),
+                RedirectSweeper(self.etcd, self.keys, self.catalog, self.members))]
 
     async def _on_release(self) -> None:
-        await self._stop_probing()
+        await self._stop_duties()
         await self.portal.close()
 
-    async def _stop_probing(self) -> None:
-        """Only the VIP holder probes: one connect per chunk server per pass, not one per redirector."""
-        if self._prober is not None:
-            self._prober.cancel()
-            await asyncio.gather(self._prober, return_exceptions=True)
-            self._prober = None
+    async def _stop_duties(self) -> None:
+        """Only the VIP holder probes portals and sweeps records: one prober and one writer,
+        not one per redirector."""
+        for t in self._duties:
+            t.cancel()
+        await asyncio.gather(*self._duties, return_exceptions=True)
+        self._duties = []
 
 
 async def _serve(cfg: Config) -> None:
