@@ -99,6 +99,11 @@ class _Close(Exception):
     """End the login without a response (EOF, timeout, unframed bytes)."""
 
 
+class _Probed(_Close):
+    """Closed before a first byte: a TCP health check (the redirector probes every portal
+    every 2 s), not a failed login worth an INFO line each time."""
+
+
 class _Redirect(Exception):
     def __init__(self, address: str):
         super().__init__(address)
@@ -126,6 +131,8 @@ async def login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, poli
     except LoginError as e:
         log.info("login from %s refused (%s): %s", state.who, _status_name(e.status), e)
         await state.fail(e.status)
+    except _Probed as e:
+        log.debug("login from %s dropped: %s", state.who, e)
     except _Close as e:
         log.info("login from %s dropped: %s", state.who, e)
     except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
@@ -357,6 +364,8 @@ class _Login:
         except ProtocolError as e:
             raise _Close(f"not an iSCSI PDU: {e}") from None
         if pdu is None:
+            if self.pdus == 1:
+                raise _Probed("connection closed before a first PDU")
             raise _Close("connection closed by the initiator")
         if not isinstance(pdu, P.LoginRequest):
             if self.first is None:

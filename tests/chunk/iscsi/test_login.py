@@ -731,3 +731,24 @@ async def test_iscsi_ls_header_digest_takes_effect_after_login():
         assert rc == 0, out
         assert f"Target:{TARGET}" in out
         assert (await srv.result()).params.header_digest
+
+
+async def test_a_connection_closed_before_any_pdu_is_a_probe_logged_at_debug(caplog):
+    """The redirector's VIP holder probes every chunk portal with a TCP connect every 2 s: a
+    connection closed before its first byte is logged at DEBUG, not as a dropped login at
+    INFO (a line per chunk server every 2 s); one closed after a Login Request still is."""
+    caplog.set_level(logging.DEBUG, logger="chunk.iscsi.login")
+    async with LoginServer(Policy()) as srv:
+        c = await srv.connect()
+        c.close()
+        assert await srv.result() is None
+        probe = [r for r in caplog.records if "before a first PDU" in r.getMessage()]
+        assert [r.levelno for r in probe] == [logging.DEBUG]
+        caplog.clear()
+        c = await srv.connect()
+        await c.send(names(), csg=1, nsg=3, transit=False)
+        await c.recv()
+        c.close()
+        assert await srv.result() is None
+        dropped = [r for r in caplog.records if "dropped" in r.getMessage()]
+        assert [r.levelno for r in dropped] == [logging.INFO]
