@@ -96,6 +96,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import struct
 import sys
 import threading
@@ -335,6 +336,9 @@ class _Versions:
 
 
 _DISK_GONE = (errno.EROFS, errno.EIO)    # a create failing so tries another disk
+# A create failing so tries another disk only if the disk's own directory is gone
+# (``_dir_gone``): the same errno for a file of one extent is that extent's error.
+_DIR_GONE = (errno.ENOENT, errno.ENOTDIR)
 
 
 @dataclass
@@ -848,15 +852,31 @@ class ReplicaStore:
                 return
             except OSError as e:
                 last = self._fail(disk, e)
-                if e.errno not in _DISK_GONE + (errno.ENOSPC, errno.EDQUOT):
+                gone = e.errno in _DISK_GONE or (
+                    e.errno in _DIR_GONE and (why := self._dir_gone(disk)) is not None)
+                if not gone and e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise last from e
-                if e.errno in _DISK_GONE:
-                    disk.fail(str(e))
+                if gone:
+                    disk.fail(why if e.errno in _DIR_GONE else str(e))
                 if self._leftover(disk.path / f"{vid}.{idx}"):
                     raise last from e       # two copies would meet at the next start
                 log.warning("extent %s/%d: disk %s: %s; trying another disk", vid, idx, disk.path, e)
                 tried += f"; {disk.path}: {e.strerror or e}"
         raise (type(last) if last else StoreFull)(f"no disk can take extent {vid}/{idx}{tried}")
+
+    @staticmethod
+    def _dir_gone(disk: _Disk) -> str | None:
+        """Why ``disk``'s directory can take no extent (removed, not a directory), or None.
+
+        Tells a vanished disk (its directory removed: every CREATE there would fail, and
+        with a limit ``_place`` would keep choosing it) from one extent's missing file."""
+        try:
+            st = os.stat(disk.path)
+        except OSError as e:
+            return f"its directory is gone: {e}"
+        if not stat.S_ISDIR(st.st_mode):
+            return "its directory is gone: not a directory"
+        return None
 
     def _place(self) -> _Disk | None:
         """The placeable disk with the most room for one more extent."""

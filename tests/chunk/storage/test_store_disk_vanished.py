@@ -1,0 +1,66 @@
+"""ReplicaStore: a disk whose directory vanished (removed, unmounted) between two probes.
+
+Real files in tmp_path. A CREATE arriving before the next disk probe must go to another disk:
+not fail on the vanished one again and again, nor land on an empty mount point.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from chunk.storage.extent_file import BLOCK_SIZE, ExtentFile
+from chunk.storage.replica_store import ReplicaStore, StoreIOError
+
+pytestmark = pytest.mark.timeout(60)
+
+SIZE = 32 * BLOCK_SIZE
+V = "v"
+
+
+def _disk_of(store: ReplicaStore, idx: int) -> str:
+    return store._replicas[(V, idx)].disk.path.name
+
+
+def _state(store: ReplicaStore, name: str) -> dict:
+    return next(u for u in store.usage() if Path(u["path"]).name == name)
+
+
+def test_creates_after_a_disk_directory_is_removed_go_to_the_other_disk(tmp_path):
+    # d0 has the most room by the store's own accounting, so it would be chosen again and again.
+    s = ReplicaStore([(tmp_path / "d0", 1 << 30), (tmp_path / "d1", 1 << 29)], extent_size=SIZE)
+    try:
+        s.create(V, 0, 1)
+        assert _disk_of(s, 0) == "d0"
+        shutil.rmtree(tmp_path / "d0")
+        for i in range(1, 5):
+            s.create(V, i, 1)                    # was: StoreIOError ENOENT for every one
+            assert _disk_of(s, i) == "d1"
+            s.write(V, i, 0, b"y" * BLOCK_SIZE, 1)
+            assert s.read(V, i, 0, BLOCK_SIZE)[0] == b"y" * BLOCK_SIZE
+        st = _state(s, "d0")
+        assert st["state"] == "failed" and "gone" in st["error"]
+        assert _state(s, "d1")["state"] == "ok"
+        assert not (tmp_path / "d0").exists()    # nothing re-made the directory
+    finally:
+        s.close()
+
+
+def test_a_missing_file_of_one_extent_is_not_a_vanished_disk(tmp_path, monkeypatch):
+    s = ReplicaStore([(tmp_path / "d0", None), (tmp_path / "d1", None)], extent_size=SIZE)
+    try:
+        def create(*a, **k):
+            raise FileNotFoundError(2, "No such file or directory", "one extent's file")
+        monkeypatch.setattr(ExtentFile, "create", staticmethod(create))
+        with pytest.raises(StoreIOError):
+            s.create(V, 0, 1)
+        monkeypatch.undo()
+        assert [u["state"] for u in s.usage()] == ["ok", "ok"]
+        assert not s.has(V, 0)
+        s.create(V, 0, 1)
+        assert s.has(V, 0)
+    finally:
+        s.close()
