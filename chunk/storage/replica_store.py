@@ -354,6 +354,9 @@ class _Disk:
     # It failed to prepare at startup (``failed=``): never scanned, opened or written (no
     # mkdir on an unmounted disk's mount point), its extents unknown, until a restart.
     failed_at_start: bool = False
+    # (st_dev, st_ino) of its directory when opened: a CREATE checks it is still that one
+    # (``_dir_gone``), not an unmounted disk's empty mount point on the root filesystem.
+    ident: tuple[int, int] | None = None
 
     def placeable(self) -> bool:
         return not (self.failed or self.enospc or self.probe_error)
@@ -585,6 +588,8 @@ class ReplicaStore:
                 continue
             try:
                 disk.path.mkdir(parents=True, exist_ok=True)
+                st = os.stat(disk.path)
+                disk.ident = (st.st_dev, st.st_ino)
                 self.bad.extend(self.fence.scan(disk.path))
                 headers = sorted(disk.path.glob("*.hdr"))
             except OSError as e:
@@ -847,6 +852,16 @@ class ReplicaStore:
         # tried: the most free space is often a failed disk's, and would fail every CREATE.
         tried, last = "", None
         while (disk := self._place()) is not None:
+            # Still the directory opened? An unmount (or a lazy one after a failure) leaves
+            # its empty mount point: a replica made there sits on the root filesystem, hidden
+            # once the disk is mounted again. The probe would notice only seconds later.
+            why = self._dir_gone(disk)
+            if why is not None:
+                disk.fail(why)
+                log.warning("extent %s/%d: disk %s: %s; trying another disk", vid, idx, disk.path, why)
+                tried += f"; {disk.path}: {why}"
+                last = StoreIOError(f"disk {disk.path}: {why}")
+                continue
             try:
                 self._create_on(disk, vid, idx, generation)
                 return
@@ -866,16 +881,24 @@ class ReplicaStore:
 
     @staticmethod
     def _dir_gone(disk: _Disk) -> str | None:
-        """Why ``disk``'s directory can take no extent (removed, not a directory), or None.
+        """Why ``disk``'s directory can take no extent (removed, not a directory, not the one
+        opened), or None.
 
         Tells a vanished disk (its directory removed: every CREATE there would fail, and
-        with a limit ``_place`` would keep choosing it) from one extent's missing file."""
+        with a limit ``_place`` would keep choosing it) from one extent's missing file. The
+        directory's (st_dev, st_ino), not its disk-id: one stat, no file to open and read,
+        no id the store must be told, and it also catches an unmount (the mount point is
+        on another filesystem: st_dev differs) and a directory replaced on the same one
+        (st_ino differs); the same disk mounted again has the same root inode and device."""
         try:
             st = os.stat(disk.path)
         except OSError as e:
             return f"its directory is gone: {e}"
         if not stat.S_ISDIR(st.st_mode):
             return "its directory is gone: not a directory"
+        if disk.ident is not None and (st.st_dev, st.st_ino) != disk.ident:
+            return ("its directory is not the one opened (unmounted? replaced?): "
+                    f"device {st.st_dev:#x} inode {st.st_ino}, was {disk.ident[0]:#x} {disk.ident[1]}")
         return None
 
     def _place(self) -> _Disk | None:

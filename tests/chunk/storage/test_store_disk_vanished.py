@@ -64,3 +64,27 @@ def test_a_missing_file_of_one_extent_is_not_a_vanished_disk(tmp_path, monkeypat
         assert s.has(V, 0)
     finally:
         s.close()
+
+
+def test_a_create_after_an_unmount_goes_to_the_other_disk_not_the_empty_mount_point(tmp_path):
+    d0, d1 = tmp_path / "d0", tmp_path / "d1"
+    s = ReplicaStore([(d0, 1 << 30), (d1, 1 << 29)], extent_size=SIZE)   # d0: the most room
+    try:
+        (d0 / "disk-id").write_text("a" * 32 + "\n")
+        s.create(V, 0, 1)
+        s.write(V, 0, 0, b"x" * BLOCK_SIZE, 1)
+        assert _disk_of(s, 0) == "d0"
+        # The umount: the disk's filesystem goes (here: elsewhere), its empty mount point stays.
+        os.rename(d0, tmp_path / "d0-mounted-elsewhere")
+        os.mkdir(d0)
+        s.create(V, 1, 1)                        # was: made on the empty mount point
+        assert _disk_of(s, 1) == "d1"
+        assert os.listdir(d0) == []              # nothing written on the "root filesystem"
+        st = _state(s, "d0")
+        assert st["state"] == "failed" and "not the one opened" in st["error"]
+        s.create(V, 2, 1)
+        assert _disk_of(s, 2) == "d1" and os.listdir(d0) == []
+        assert s.read(V, 0, 0, BLOCK_SIZE)[0] == b"x" * BLOCK_SIZE   # what is open still serves
+        assert sorted(p.name for p in d1.glob("*.hdr")) == ["v.1.hdr", "v.2.hdr"]
+    finally:
+        s.close()
