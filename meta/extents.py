@@ -23,7 +23,7 @@ from zstore.records import ExtentRecord, RecoveryTask, Volume, VolumeOwner
 
 from . import chunks as chunkmod
 from .context import Ctx
-from .placement import Candidate, choose, place, shared_allowed, too_few_domains
+from .placement import Candidate, choose, describe, place, shared_allowed, too_few_domains
 
 log = logging.getLogger(__name__)
 
@@ -237,21 +237,18 @@ async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
         views = {v.chunk_id: v for v in await chunkmod.list_chunks(ctx)}
         if chunk_id not in views:
             raise NotFound(f"chunk server {chunk_id!r} not found", hint="see `zstore chunk list`")
+        task, task_rev = await ctx.get(task_key, RecoveryTask)
+        if task is not None and task.target != chunk_id:
+            task = None
         leaving = None
         if len(rec.replicas) >= vol.replicas:
-            # A full extent takes a new replica only in place of one on a draining server
-            # (recovery evacuates those): the swap is one change of the replica set.
-            leaving = next((c for c in rec.replicas if c in views and views[c].draining), None)
-            if leaving is None:
-                raise Conflict(f"{chunk_id} cannot join extent {vid}/{index}: it already has "
-                               f"{len(rec.replicas)} of {vol.replicas} replicas", record=rec.to_dict())
+            leaving = _swap_out(rec, vol.replicas, chunk_id, views, task)
             rec.replicas.remove(leaving)
         rec.replicas.append(chunk_id)
         rec.stale.pop(chunk_id, None)
         rec.generation += 1
         compare, ops = [ctx.unchanged(key, rev), *owner_compare], [ctx.put(key, rec)]
-        task, task_rev = await ctx.get(task_key, RecoveryTask)
-        if task is not None and task.target == chunk_id:
+        if task is not None:
             compare.append(ctx.unchanged(task_key, task_rev))
             ops.append(ctx.delete(task_key))
         if await ctx.txn(compare, ops):
@@ -260,6 +257,56 @@ async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
                      ",".join(rec.replicas), " (recovery task done)" if len(ops) > 1 else "")
             return rec
     raise Conflict(f"could not join a replica to {vid}/{index}: too much concurrent change", hint="retry", retry=True)
+
+
+def _swap_out(rec: ExtentRecord, want: int, chunk_id: str, views: dict[str, chunkmod.ChunkView],
+              task: RecoveryTask | None) -> str:
+    """The replica a full extent gives up for ``chunk_id``; Conflict if there is none.
+
+    A full extent takes a new replica only in place of another (recovery moves replicas off
+    draining servers): the swap is one change of the replica set. The plan placed the copy
+    away from the failure domains of every replica but the one it moves off, so:
+
+    - the recovery task names that replica (``replaces``): if it is still in the record it
+      leaves, draining or not any more (the operator may have undrained it since: the copy
+      is made and the move harms nothing; a still-draining other replica gets its own move);
+    - otherwise (it was dropped meanwhile, or an older task without the field, or a join
+      without a task) a replica on a draining server leaves, the first whose going leaves
+      ``chunk_id`` in a failure domain no staying replica is in. The draining set may have
+      changed since the plan (one undrained, another drained), and taking out whichever is
+      draining now could leave two replicas in one domain with nothing to repair it.
+
+    If the swap would put ``chunk_id`` in a domain a staying replica is in (and
+    ``meta.allow_shared_failure_domain`` is off), the join is refused (409), not made as a
+    swap nor as an extra replica (nothing trims an extent with too many): the extent keeps
+    its in-sync replicas, the task's error counts towards its replanning, and the next plan
+    places a copy against the current draining set.
+    """
+    def domain(c: str) -> tuple[str, ...]:
+        # A removed chunk server is a domain of its own (as recovery's placement counts it).
+        return candidate_of(views[c]).failure_domain if c in views else ("", "", f"removed:{c}")
+
+    def safe(leaving: str) -> bool:
+        if shared_allowed(None) or chunk_id not in views:
+            return True
+        mine = domain(chunk_id)
+        return all(domain(c) != mine for c in rec.replicas if c != leaving)
+
+    named = task.replaces if task is not None else ""
+    if named and named in rec.replicas:
+        candidates = [named]
+    else:
+        candidates = [c for c in rec.replicas if c in views and views[c].draining]
+    if not candidates:
+        raise Conflict(f"{chunk_id} cannot join extent {rec.volume_id}/{rec.index}: it already has "
+                       f"{len(rec.replicas)} of {want} replicas", record=rec.to_dict())
+    leaving = next((c for c in candidates if safe(c)), None)
+    if leaving is None:
+        raise Conflict(f"{chunk_id} cannot join extent {rec.volume_id}/{rec.index} in place of "
+                       f"{','.join(candidates)}: it would share failure domain "
+                       f"{describe(domain(chunk_id))} with a replica that stays",
+                       hint="recovery plans the move again", record=rec.to_dict())
+    return leaving
 
 
 async def list_extents(ctx: Ctx, vid: str, limit: int = 1000,

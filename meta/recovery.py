@@ -376,7 +376,10 @@ class Recovery:
             leaving = self._draining(rec, w)
             stay = [c for c in rec.replicas if c != leaving[0]]
             target = self._place(w, rec, stay, vol)
-            if target and await self._create(w, rec, rev, rec, vol, "rebuild", target, done):
+            # The task names the replica it replaces: the join removes that one, not whichever
+            # replica happens to be draining by then (the target is away from the others only).
+            if target and await self._create(w, rec, rev, rec, vol, "rebuild", target, done,
+                                             replaces=leaving[0]):
                 slots -= 1
 
     def _place(self, w: World, rec: ExtentRecord, keep_ids: list[str], vol: Volume) -> str | None:
@@ -407,12 +410,15 @@ class Recovery:
         return candidate_of(view) if view is not None else Candidate(chunk_id=chunk_id, free=0)
 
     async def _create(self, w: World, rec: ExtentRecord, rev: int, new: ExtentRecord, vol: Volume,
-                      kind: str, target: str, done: dict[str, Any]) -> bool:
-        """One txn: the task, if the extent is unchanged (and its new record, if it changed)."""
+                      kind: str, target: str, done: dict[str, Any], replaces: str = "") -> bool:
+        """One txn: the task, if the extent is unchanged (and its new record, if it changed).
+
+        ``replaces``: for a move off a draining server, the replica the copy joins in place of.
+        """
         ctx, vid, index = self.ctx, rec.volume_id, rec.index
         task = RecoveryTask(volume_id=vid, index=index, target=target, kind=kind,
                             executor=w.executor_for(vid, target), generation=rec.generation,
-                            total_bytes=EXTENT_SIZE)
+                            total_bytes=EXTENT_SIZE, replaces=replaces)
         tkey, ekey = ctx.keys.recovery_task(vid, index), ctx.keys.extent(vid, index)
         ops = [ctx.put(tkey, task)]
         if new.stale != rec.stale:

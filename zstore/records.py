@@ -266,6 +266,10 @@ class RecoveryTask(Record):
     state: str = "pending"       # pending | running
     error: str | None = None
     created: float = field(default_factory=now)
+    # A move off a draining server: the replica the copy joins in place of ("" otherwise, and
+    # in records written before the field). Schema stays 1: older code reads the record and
+    # ignores the field; a join without it checks failure domains (meta.extents.join).
+    replaces: str = ""
 
 
 @dataclass
