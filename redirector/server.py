@@ -34,7 +34,7 @@ from zstore import config as zconfig
 from zstore import etcd as zetcd
 from zstore import logs
 from zstore.daemon import stop_on_signals
-from zstore.config import Config, ConfigError
+from zstore.config import Config, ConfigError, RedirectorConfig
 from zstore.fdlimit import raise_fd_limit
 from zstore.keys import Keys
 from zstore.records import VipRecord
@@ -50,6 +50,7 @@ PROG = "zstore-redirector"
 EXIT_USAGE = 2
 SYNC_WARN = 5.0            # seconds without etcd listings before we say so
 MAX_CONNECTIONS = 0xFFFF   # the TSIHs there are
+MIN_FITTED = 64            # the least a default max_connections is lowered to (_fit_fd_limit)
 
 EPILOG = """\
 Flags override the config file (--config, else $ZSTORE_CONFIG, else
@@ -126,8 +127,8 @@ def validate(cfg: Config, fd_limit: int | None = None) -> None:
         raise ConfigError(f"redirector.login_timeout: {r.login_timeout} must be in (0, 300] seconds")
     if not 1 <= r.max_connections <= MAX_CONNECTIONS:     # each may hold a 16-bit TSIH
         raise ConfigError(f"redirector.max_connections: {r.max_connections} must be 1..{MAX_CONNECTIONS}")
-    _check_fd_limit(r.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-                    if fd_limit is None else fd_limit)
+    r.max_connections = _fit_fd_limit(r.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                                      if fd_limit is None else fd_limit)
     if r.interface is not None and not r.interface.strip():
         raise ConfigError("redirector.interface must not be blank")
     if not r.redirector_id:
@@ -142,14 +143,24 @@ def validate(cfg: Config, fd_limit: int | None = None) -> None:
         raise ConfigError(f"log.level: unknown level {cfg.log.level!r}")
 
 
-def _check_fd_limit(max_connections: int, fd_limit: int) -> None:
+def _fit_fd_limit(max_connections: int, fd_limit: int) -> int:
     """Out of descriptors, accept fails before the connection caps act, and so does every
-    `ip` call that keeps the VIP: refuse a max_connections the limit cannot carry."""
+    `ip` call that keeps the VIP: a max_connections the limit cannot carry is refused when
+    the config asked for it, and the default is lowered to fit (with a warning), so that a
+    host or container with a low hard limit (1024) still runs a redirector. Below the floor
+    (``MIN_FITTED``) an accept burst can still meet EMFILE, which the portal survives."""
     need = descriptors_needed(max_connections)
-    if fd_limit != resource.RLIM_INFINITY and need > fd_limit:
+    if fd_limit == resource.RLIM_INFINITY or need <= fd_limit:
+        return max_connections
+    if max_connections != RedirectorConfig.max_connections:
         raise ConfigError(f"redirector.max_connections: {max_connections} connections need an "
                           f"open-file limit of at least {need}, but it is {fd_limit}; raise it "
                           f"(LimitNOFILE=, ulimit -n) or lower max_connections")
+    fitted = max(MIN_FITTED, max_connections - (need - fd_limit))
+    log.warning("the open-file limit is %d: redirector.max_connections lowered from %d to %d "
+                "(raise LimitNOFILE= / ulimit -Hn to %d for the default)",
+                fd_limit, max_connections, fitted, need)
+    return fitted
 
 
 class Redirector:

@@ -90,15 +90,28 @@ async def test_a_fifth_host_is_redirected_while_four_fill_a_portal_with_a_1024_f
 
 
 def test_a_max_connections_beyond_the_file_limit_is_refused_at_start(tmp_path):
+    """An explicit max_connections the limit cannot carry is refused; the default is lowered
+    to fit (a container or host whose hard limit is 1024 still runs a redirector)."""
     cfg = Config()
     need = descriptors_needed(cfg.redirector.max_connections)
     server.validate(cfg, fd_limit=need)
-    with pytest.raises(ConfigError, match=f"redirector.max_connections: 1024 connections need an "
-                                          f"open-file limit of at least {need}, but it is 1024"):
-        server.validate(Config(), fd_limit=1024)
-    r = subprocess.run(["prlimit", "--nofile=1024:1024", PY, "-m", "redirector.server",
-                        "--config", str(write_config(tmp_path / "r.toml", {}))],
+    assert cfg.redirector.max_connections == 1024
+    cfg = Config()
+    cfg.redirector.max_connections = 2000
+    with pytest.raises(ConfigError, match=f"redirector.max_connections: 2000 connections need an "
+                                          f"open-file limit of at least {descriptors_needed(2000)}, "
+                                          f"but it is {need}"):
+        server.validate(cfg, fd_limit=need)
+    cfg = Config()
+    server.validate(cfg, fd_limit=need - 100)
+    assert cfg.redirector.max_connections == 1024 - 100
+    cfg = Config()
+    server.validate(cfg, fd_limit=1024)
+    assert cfg.redirector.max_connections == server.MIN_FITTED
+    r = subprocess.run(["prlimit", "--nofile=1024:1024", PY, "-m", "redirector.server", "--config",
+                        str(write_config(tmp_path / "r.toml", {"redirector": {"max_connections": 2000}}))],
                        capture_output=True, text=True, cwd=ROOT, timeout=30, env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 2
-    assert r.stderr.startswith("zstore-redirector: error: redirector.max_connections: 1024 connections "
-                               f"need an open-file limit of at least {need}, but it is 1024; raise it")
+    assert r.stderr.startswith("zstore-redirector: error: redirector.max_connections: 2000 connections "
+                               f"need an open-file limit of at least {descriptors_needed(2000)}, "
+                               "but it is 1024; raise it")
