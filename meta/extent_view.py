@@ -103,9 +103,11 @@ class ExtentView:
                 (got := self._records.get(k)) is None or got[1] > rev for k, rev in seen.items())
         if await self._wait(past, timeout):
             return True
-        log.warning("extent records: %d write(s) of this server not seen by the watch after %.0fs; "
-                    "listing them again", len(seen), timeout)
-        self.relist()
+        if self._ready:
+            # a listing under way already reads them; asking for another would drop its watch
+            log.warning("extent records: %d write(s) of this server not seen by the watch after "
+                        "%.0fs; listing them again", len(seen), timeout)
+            self.relist()
         return False
 
     async def _wait(self, cond, timeout: float) -> bool:

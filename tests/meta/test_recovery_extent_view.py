@@ -157,3 +157,19 @@ async def test_a_watch_failure_lists_again(ctx):
         await until(lambda: view.snapshot().get((v, 1), (None, 0))[1] == rev, "the new record")
         assert sorted(view.snapshot()) == [(v, 0), (v, 1)]
     await chunks.list_chunks(ctx)                         # the client still works
+
+
+async def test_own_writes_not_seen_while_a_listing_runs_do_not_restart_it():
+    """A pass whose writes are not in the view after OWN_WRITES_WAIT reads etcd itself and
+    asks the view to list again, but only a view that is following: one still listing
+    (not ready) reads those writes anyway, and a relist asked then dropped the watch that
+    listing was about to open, so on a big map every such pass restarted it."""
+    from meta.extent_view import ExtentView
+    from zstore.keys import Keys
+    view = ExtentView(None, Keys("x"))              # never started: as if listing
+    assert not await view.wait_past({("v", 0): 1}, 0.05)
+    assert not view._relist.is_set()                 # noqa: SLF001
+    view._ready = True                               # noqa: SLF001 - following ...
+    view._records = {("v", 0): (None, 1)}            # noqa: SLF001 - ... and the write unseen
+    assert not await view.wait_past({("v", 0): 1}, 0.05)
+    assert view._relist.is_set()                     # noqa: SLF001 - then it lists again
