@@ -893,7 +893,9 @@ class ReplicaStore:
         try:
             st = os.stat(disk.path)
         except OSError as e:
-            return f"its directory is gone: {e}"
+            if e.errno in _DIR_GONE or e.errno in _DISK_GONE:
+                return f"its directory is gone: {e}"
+            return None     # transient (ENOMEM, ESTALE...): not a reason to fail it for good
         if not stat.S_ISDIR(st.st_mode):
             return "its directory is gone: not a directory"
         if disk.ident is not None and (st.st_dev, st.st_ino) != disk.ident:

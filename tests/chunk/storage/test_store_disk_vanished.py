@@ -88,3 +88,24 @@ def test_a_create_after_an_unmount_goes_to_the_other_disk_not_the_empty_mount_po
         assert sorted(p.name for p in d1.glob("*.hdr")) == ["v.1.hdr", "v.2.hdr"]
     finally:
         s.close()
+
+
+def test_a_transient_stat_error_does_not_fail_a_good_disk(tmp_path, monkeypatch):
+    """A stat of the disk directory failing with a transient errno (ENOMEM under memory
+    pressure, ESTALE) is no vanished disk: failing it would last until a restart."""
+    import errno
+
+    from chunk.storage import replica_store
+    s = ReplicaStore([(tmp_path / "d0", 1 << 30), (tmp_path / "d1", 1 << 29)], extent_size=SIZE)
+    real_stat = os.stat
+    try:
+        def stat(path, *a, **k):
+            if Path(path) == tmp_path / "d0":
+                raise OSError(errno.ENOMEM, "Cannot allocate memory", str(path))
+            return real_stat(path, *a, **k)
+        monkeypatch.setattr(replica_store.os, "stat", stat)
+        s.create(V, 0, 1)
+        monkeypatch.undo()
+        assert _disk_of(s, 0) == "d0" and _state(s, "d0")["state"] == "ok"
+    finally:
+        s.close()
