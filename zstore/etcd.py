@@ -163,14 +163,15 @@ class _Watcher(aetcd.watcher.Watcher):
     def request_progress(self) -> None:
         """Ask etcd, on this stream, for its revision: each progress-taking watch gets it as a
         ``Progress`` once etcd answers, which a stalled stream never does (no stream yet: no
-        watch to tell). Raises EtcdUnavailable if the stream takes no more requests."""
+        watch to tell). Raises EtcdUnavailable if the stream has not taken what it was sent:
+        aetcd's request queue is small and shared, and a watch cancel waits for room in it
+        holding the watcher's lock, so probes piling up there on a stalled stream would hang
+        every watch of the client. At most one request is queued, and only into an empty queue."""
         if self._request_handler is None:
             return
-        try:
-            self._request_queue.put_nowait(
-                rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
-        except asyncio.QueueFull:
-            raise EtcdUnavailable("the watch stream takes no requests") from None
+        if not self._request_queue.empty():
+            raise EtcdUnavailable("the watch stream has not taken its last requests")
+        self._request_queue.put_nowait(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
 
     async def retire(self, why: str) -> None:
         """End every watch on this watcher with an error (callers watch again, on the

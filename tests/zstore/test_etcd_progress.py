@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from zstore import etcd as zetcd
 
 TIMEOUT = 5.0
@@ -105,3 +107,17 @@ async def test_watch_prefix_hands_progress_to_on_progress(etcd_client, etcd_conf
     finally:
         stop.set()
         await asyncio.wait_for(task, TIMEOUT)
+
+
+async def test_progress_requests_do_not_pile_up_in_the_shared_request_queue():
+    """aetcd's request queue is small and shared; a watch cancel waits for room in it while
+    holding the watcher's lock. Probes on a stalled stream (nothing taken from the queue)
+    must not fill it: a request goes only into an empty queue, else EtcdUnavailable."""
+    w = zetcd._Watcher.__new__(zetcd._Watcher)          # a stream that takes nothing
+    w._request_handler = object()                        # noqa: SLF001
+    w._request_queue = asyncio.Queue(maxsize=10)         # noqa: SLF001 - aetcd's size
+    w.request_progress()
+    for _ in range(20):                                  # a probe every round, stalled
+        with pytest.raises(zetcd.EtcdUnavailable):
+            w.request_progress()
+    assert w._request_queue.qsize() == 1                 # noqa: SLF001 - room for a cancel
