@@ -605,9 +605,13 @@ class Scrubber:
         out: set[tuple] = set()
         off: int | None = 0
         while off is not None:
+            start = off
             blob, off = await self.repair.client.export(addr, vid, idx, off, size - off)
             await self.bucket.take(len(blob))
             out |= checked_state_of(_parse_blob(blob))
+            if off is not None and not start < off <= size:
+                # a peer that does not move on would keep this scrub exporting forever
+                raise StoreError(f"export of {vid}/{idx} from {addr}: next offset {off} after {start}")
         return out
 
     def _unresolvable(self, key: tuple[str, int], differ: list[str]) -> None:

@@ -9,6 +9,7 @@ is a byte written into the ``.seq`` file before the stores open it.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
@@ -70,3 +71,32 @@ async def test_a_tie_in_checked_data_is_still_resolved(nodes, etcd_client):
     on_a = _voter(a, drop)
     assert (await on_a.run_pass())["mismatches"] == 1
     assert calls == [(VID, 0, "B", 1)] and on_a.status()["unresolved"] == 0
+
+
+async def test_a_peer_export_that_does_not_move_on_ends_the_tie_check(tmp_path):
+    """A peer answering an EXPORT with a next offset that does not advance would keep the
+    tie check exporting (throttled) forever: it fails that check instead (decided later)."""
+    from types import SimpleNamespace
+
+    from chunk.storage.replica_store import StoreError
+    from chunk.storage.scrubber import Scrubber
+    calls = []
+    real = ReplicaStore([(tmp_path, None)], extent_size=1 << 20)
+    real.create("v", 0, 1)
+    blob, _ = real.export("v", 0, 0, 64 * BLOCK_SIZE)   # a well-formed part
+    real.close()
+
+    async def export(addr, vid, idx, off, length):
+        calls.append(off)
+        await asyncio.sleep(0)                           # a real answer takes a loop turn
+        return blob, off                                 # "continue at" where it started
+
+    async def take(n):
+        pass
+    scrub = Scrubber.__new__(Scrubber)
+    scrub.store = SimpleNamespace(extent_size=1 << 20)
+    scrub.repair = SimpleNamespace(client=SimpleNamespace(export=export))
+    scrub.bucket = SimpleNamespace(take=take)
+    with pytest.raises(StoreError, match="next offset 0 after 0"):
+        await asyncio.wait_for(scrub._peer_checked_state(("127.0.0.1", 1), "v", 0), 5)   # noqa: SLF001
+    assert calls == [0]
