@@ -21,7 +21,7 @@ from typing import AsyncIterator, Iterable, TypeVar
 
 import aetcd
 
-from zstore.etcd import create_watch, get_prefix_paged
+from zstore.etcd import cancel_watch, create_watch, get_prefix_paged
 from zstore.keys import Keys
 from zstore.records import ExtentRecord
 
@@ -143,10 +143,7 @@ class ExtentView:
                     await self._consume(watch)
                 finally:
                     self._ready = False
-                    try:
-                        await watch.cancel()
-                    except Exception:  # noqa: BLE001 - best effort on a broken channel
-                        pass
+                    await cancel_watch(watch)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - keep following through etcd outages

@@ -32,7 +32,7 @@ from typing import Awaitable, Callable
 import aetcd
 
 from zstore.config import RedirectorConfig
-from zstore.etcd import UNAVAILABLE_ERRORS
+from zstore.etcd import UNAVAILABLE_ERRORS, cancel_watch
 from zstore.keys import Keys
 from zstore.records import RedirectorMember, VipRecord
 
@@ -114,10 +114,7 @@ class VipAddress:
 
 
 async def _cancel_watch(watch) -> None:
-    try:
-        await asyncio.wait_for(watch.cancel(), 1.0)
-    except Exception:  # noqa: BLE001 - best effort on a broken channel
-        pass
+    await cancel_watch(watch, 1.0)
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

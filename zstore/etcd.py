@@ -400,6 +400,14 @@ def describe(cfg: EtcdConfig) -> str:
     return ",".join(cfg.endpoints)
 
 
+async def cancel_watch(watch, timeout: float | None = None) -> None:
+    """Cancel ``watch``, best effort: on a broken channel there is nothing left to cancel."""
+    try:
+        await asyncio.wait_for(watch.cancel(), timeout)
+    except Exception:  # noqa: BLE001 - best effort on a broken channel
+        pass
+
+
 async def create_watch(etcd: aetcd.Client, prefix: bytes, **kw):
     """``etcd.watch_prefix(prefix, **kw)``, honouring a cancel that came while it was created.
 
@@ -411,10 +419,7 @@ async def create_watch(etcd: aetcd.Client, prefix: bytes, **kw):
     watch = await etcd.watch_prefix(prefix, **kw)
     task = asyncio.current_task()
     if task is not None and task.cancelling():
-        try:
-            await watch.cancel()
-        except Exception:  # noqa: BLE001 - best effort on a broken channel
-            pass
+        await cancel_watch(watch)
         raise asyncio.CancelledError
     return watch
 
@@ -494,10 +499,7 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
                 for t in waits:
                     t.cancel()
                 await asyncio.gather(*waits, return_exceptions=True)
-                try:
-                    await watch.cancel()
-                except Exception:  # noqa: BLE001 - best effort on a broken channel
-                    pass
+                await cancel_watch(watch)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - keep mirroring through etcd outages
