@@ -45,6 +45,12 @@ async def test_a_prefix_watch_cancelled_while_its_watch_is_created_ends(etcd_cli
         events.append(ev)
 
     stop = asyncio.Event()                       # never set: the task is stopped by cancel only
+    open_ = asyncio.Event()
+    witness = None
+
+    def opened(ok: bool) -> None:
+        if ok:
+            open_.set()
     task = asyncio.ensure_future(zetcd.watch_prefix(etcd, b"lost-cancel/", on_snapshot, on_event, stop))
     try:
         await asyncio.wait_for(etcd.creating.wait(), 10)
@@ -53,9 +59,21 @@ async def test_a_prefix_watch_cancelled_while_its_watch_is_created_ends(etcd_cli
         assert etcd.lost                         # the losing order did happen
         assert task in done, "the watching task outlived its cancel"
         assert task.cancelled()
-        await etcd_client.put(b"lost-cancel/k", b"v")    # and its watch is gone, not delivering
-        await asyncio.sleep(0.5)
+        # And its watch is gone, not delivering: a second watch, opened after it on the same
+        # client, sees the put; by then the first would have had it too.
+        seen = asyncio.Event()
+
+        async def on_witness(ev):
+            seen.set()
+
+        witness = asyncio.ensure_future(zetcd.watch_prefix(etcd_client, b"lost-cancel/", on_snapshot,
+                                                           on_witness, stop, on_status=opened))
+        await asyncio.wait_for(open_.wait(), 10)
+        await etcd_client.put(b"lost-cancel/k", b"v")
+        await asyncio.wait_for(seen.wait(), 10)
         assert events == []
     finally:
         stop.set()
         await asyncio.wait({task}, timeout=5)
+        if witness is not None:
+            await asyncio.wait({witness}, timeout=5)
