@@ -25,10 +25,13 @@ FAMILIES = ("SCSI", "iSCSI")
 
 
 def run_family(url: str, family: str, workdir: Path, timeout: float = 600) -> dict[str, bool]:
-    """{"Suite.Test": passed} for one family (destructive tests allowed: -d)."""
+    """{"Suite.Test": passed} for one family or suite (destructive tests allowed: -d). The
+    suite's output is kept in ``workdir/output.txt`` (skipped tests count as passed in the
+    XML; their reason is only there)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["iscsi-test-cu", "-d", "-x", "-i", INITIATOR, "-I", INITIATOR_2, "-t", family, url],
-                   cwd=workdir, capture_output=True, timeout=timeout)
+    run = subprocess.run(["iscsi-test-cu", "-d", "-x", "-i", INITIATOR, "-I", INITIATOR_2, "-t", family, url],
+                         cwd=workdir, capture_output=True, timeout=timeout)
+    (workdir / "output.txt").write_bytes(run.stdout + run.stderr)
     results: dict[str, bool] = {}
     root = ET.parse(workdir / "CUnitAutomated-Results.xml").getroot()
     for suite in root.iter("CUNIT_RUN_SUITE"):
@@ -43,8 +46,9 @@ def run_family(url: str, family: str, workdir: Path, timeout: float = 600) -> di
 
 
 @contextlib.contextmanager
-def tgtd(size: int = 256 << 20, port: int | None = None) -> Iterator[str]:
-    """A private tgtd (own control port, loopback only) serving one file LUN; yields its URL."""
+def tgtd(size: int = 256 << 20, port: int | None = None, readonly: bool = False) -> Iterator[str]:
+    """A private tgtd (own control port, loopback only) serving one file LUN; yields its URL.
+    ``readonly``: the LUN is write-protected (tgtadm's ``readonly=1``)."""
     from tests.cluster import free_port, port_open, wait_for
     port = port or free_port()
     ctl = str(20000 + os.getpid() % 10000)
@@ -61,7 +65,9 @@ def tgtd(size: int = 256 << 20, port: int | None = None) -> Iterator[str]:
                                         capture_output=True).returncode == 0, 10, "tgtd control socket")
         for args in (["--mode", "target", "--op", "new", "--tid", "1", "--targetname", iqn],
                      ["--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1", "--backing-store", str(img)],
-                     ["--mode", "target", "--op", "bind", "--tid", "1", "--initiator-address", "ALL"]):
+                     ["--mode", "target", "--op", "bind", "--tid", "1", "--initiator-address", "ALL"],
+                     *([["--mode", "logicalunit", "--op", "update", "--tid", "1", "--lun", "1",
+                         "--params", "readonly=1"]] if readonly else [])):
             subprocess.run(adm + args, check=True, capture_output=True)
         wait_for(lambda: port_open(port), 10, "tgtd portal")
         yield f"iscsi://127.0.0.1:{port}/{iqn}/1"
