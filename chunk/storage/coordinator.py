@@ -301,6 +301,12 @@ class _PendingWrite:
         return replied
 
 
+def _retrieve(fut: asyncio.Future) -> None:
+    """Done callback: a background read's failure is retrieved (its caller may have moved on)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _runs(offsets: list[int], step: int) -> list[tuple[int, int]]:
     """Ascending offsets of ``step``-byte blocks -> [start, end) runs of adjacent ones."""
     out: list[tuple[int, int]] = []
@@ -1625,14 +1631,42 @@ class Coordinator:
         Ownership taken (back) during the flush (a replica fenced it: another server wrote
         the volume meanwhile, e.g. multipath across chunk servers) marks every extent
         unflushed (``_acquire``), after this flush took its set: it runs again over them,
-        so GOOD means the other owner's acknowledged writes are durable too."""
+        so GOOD means the other owner's acknowledged writes are durable too.
+
+        A replica fences us only if a round sends it something: an idle deposed owner (or one
+        whose extents lie on other replicas than the new owner's writes) would answer GOOD
+        over the other owner's unflushed writes. So the owner record is read beside the first
+        round (linearizable, after the command arrived: a write acknowledged through another
+        server before then shows there), and an epoch we did not take means taking the
+        volume back, which marks every extent unflushed, and flushing again."""
         await self.ready()
         if self.view_seq:
             return                      # a view writes nothing
         await self.ensure_owner()       # a FLUSH needs an epoch, as any mutation
         async with self._flush_lock:
-            while await self._flush_round():
-                pass
+            e = self.engine
+            check = asyncio.ensure_future(ownership.current_epoch(e.etcd, e.keys, self.vid))
+            check.add_done_callback(_retrieve)
+            try:
+                while await self._flush_round():
+                    pass
+                current = await check
+            except BaseException:
+                check.cancel()
+                raise
+            if current is not None and current > self._taken_epoch:
+                await self._take_back(current)
+                while await self._flush_round():
+                    pass
+
+    async def _take_back(self, current: int) -> None:
+        """The owner record holds ``current``, an epoch another server (or the meta) took: take
+        the volume back (``_acquire`` then makes every extent ours to flush)."""
+        async with self._owner_lock:
+            if current > self._taken_epoch:
+                log.warning("volume %s: owned by epoch %d, not ours (%d), at a SYNCHRONIZE CACHE; "
+                            "taking it back to flush every extent", self.vid, current, self.epoch)
+                await self._acquire()
 
     async def _flush_round(self) -> bool:
         """One round of ``flush``: True if ownership was taken (back) meanwhile (another

@@ -140,7 +140,7 @@ class _Engine:
     chunk_id, lease, min_write_replicas = "c1", None, 1
 
     def __init__(self, replica=None, etcd=None) -> None:
-        self.rep, self.etcd = replica, etcd
+        self.rep, self.etcd = replica, etcd if etcd is not None else _NoRecords()
 
     async def replica(self, chunk_id):
         return self.rep
@@ -149,6 +149,10 @@ class _Engine:
         @staticmethod
         def extents(vid):
             return f"/extents/{vid}/".encode()          # bytes, as KeyLayout's are
+
+        @staticmethod
+        def owner(vid):
+            return f"/owners/{vid}".encode()
 
 
 def _coordinator(engine) -> Coordinator:

@@ -130,6 +130,38 @@ async def test_flush_on_a_deposed_owner_flushes_the_new_owners_writes(stores, et
     assert ("A", 1) in flushed and ("B", 1) in flushed, flushed
 
 
+async def test_flush_on_an_idle_deposed_owner_flushes_the_new_owners_writes(stores, etcd_client, keys):
+    """As above, but S1 has nothing of its own left to flush: its SYNCHRONIZE CACHE sends
+    nothing to any replica, so no replica can fence it and tell it S2 owns the volume now.
+    It must still not answer GOOD before S2's acknowledged write is durable."""
+    _a, _b, reps = _two(stores)
+    for st in (_a, _b):
+        st.create("v", 1, 1)
+    s1 = await _volume(etcd_client, keys, reps)
+    await s1.write(0, _block(1))
+    await s1.flush()                                        # S1 idle from here on
+    s2 = Coordinator(_Engine(etcd_client, keys, reps), s1.volume)
+    s2._is_ready = True                                     # noqa: SLF001
+    s2.engine.meta = _Meta(s2)
+
+    async def no_refresh():
+        pass
+    s2._refresh_extents = no_refresh                        # noqa: SLF001
+    for idx in range(2):
+        s2.extents[idx] = ExtentRecord("v", idx, ["A", "B"], 1, {})
+    await s2.write(EXTENT_SIZE, _block(2))
+    flushed = []
+    for cid, r in reps.items():
+        real = r.flush
+
+        async def flush(vid, idx, epoch, cid=cid, real=real):
+            await real(vid, idx, epoch)
+            flushed.append((cid, idx))
+        r.flush = flush
+    await s1.flush()
+    assert ("A", 1) in flushed and ("B", 1) in flushed, flushed
+
+
 # -- 4. COMPARE AND WRITE and min_write_replicas -------------------------------------------
 
 
