@@ -7,7 +7,6 @@ middlewares in server.py.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from aiohttp import web
@@ -195,15 +194,7 @@ async def chunk_undrain(request: web.Request) -> web.Response:
 
 @routes.delete(PREFIX + "/chunks/{id}")
 async def chunk_remove(request: web.Request) -> web.Response:
-    ctx = ctx_of(request)
-    # A chunk server holds a volume's data where the extent map lists it in sync, not where
-    # the volume was planned: once recovery moved its replicas away it may go.
-    holding: dict[str, set[str]] = {}
-    for rec in await extents.all_extents(ctx):
-        holding.setdefault(rec.volume_id, set()).update(rec.replicas)
-    vols = [dataclasses.replace(v, placement=sorted(holding.get(v.volume_id, ())))
-            for _, v in await ctx.list(ctx.keys.volumes(), Volume)]
-    removed = await chunks.remove_chunk(ctx, request.match_info["id"], flag(request, "force"), vols)
+    removed = await chunks.remove_chunk(ctx_of(request), request.match_info["id"], flag(request, "force"))
     return ok({"removed": removed})
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from zstore.errors import Conflict, NotFound
-from zstore.records import ChunkAdmin, ChunkInfo, ChunkLive, Volume, now
+from zstore.etcd import get_prefix_paged
+from zstore.records import ChunkAdmin, ChunkInfo, ChunkLive, ExtentRecord, Volume, now
 
 from .context import Ctx
 from .placement import Candidate
@@ -191,27 +192,55 @@ async def set_admin_state(ctx: Ctx, chunk_id: str, state: str) -> ChunkView:
     return await get_chunk(ctx, view.chunk_id)
 
 
-async def remove_chunk(ctx: Ctx, chunk_id: str, force: bool, volumes: list[Volume]) -> str:
-    view = await get_chunk(ctx, chunk_id)
-    holders = [v.name for v in volumes if view.chunk_id in v.placement]
-    # The keys as the checks see them: the delete below applies only if none changed since
-    # (a chunk server registering again in between keeps its records: 409, retry).
-    keys = (ctx.keys.chunk_info(view.chunk_id), ctx.keys.chunk_live(view.chunk_id),
-            ctx.keys.chunk_admin(view.chunk_id))
-    revs = [await ctx.etcd.get(k) for k in keys]
-    compare = [ctx.absent(k) if kv is None else ctx.unchanged(k, kv.mod_revision) for k, kv in zip(keys, revs)]
-    if (view.up or revs[1] is not None) and not force:   # (or it came back since it was listed)
-        raise Conflict(f"chunk server {view.chunk_id} is up",
-                       hint="stop it first, or drain it and pass --force to remove it anyway")
-    if holders and not force:
-        raise Conflict(f"chunk server {view.chunk_id} holds replicas of {len(holders)} volume(s): "
-                       + ", ".join(holders[:5]) + ("..." if len(holders) > 5 else ""),
-                       hint="wait for recovery to move them, or pass --force", volumes=holders)
-    if not await ctx.txn(compare, [ctx.delete(ctx.keys.chunk_dir(view.chunk_id), prefix=True)]):
-        raise Conflict(f"chunk server {view.chunk_id} changed while it was being removed (it registered again?)",
-                       hint="see `zstore chunk list`, then retry", retry=True)
-    log.warning("chunk server %s removed from the cluster%s", view.chunk_id, " (forced)" if force else "")
-    return view.chunk_id
+REMOVE_ATTEMPTS = 5     # fresh reads a removal takes while the extent map keeps changing
+
+
+async def holders_of(ctx: Ctx, chunk_id: str) -> tuple[list[str], int]:
+    """(names of the volumes an extent record lists ``chunk_id`` in sync for, the revision read at).
+
+    The extent map, not the volumes' planned placement, says where data is: once recovery
+    moved a server's replicas away it holds none, whatever the plan said."""
+    kvs, rev = await get_prefix_paged(ctx.etcd, ctx.keys.all_extents())
+    vids = sorted({rec.volume_id for rec in map(ExtentRecord.decode, (kv.value for kv in kvs))
+                   if chunk_id in rec.replicas})
+    if not vids:
+        return [], rev
+    names = {v.volume_id: v.name for _, v in await ctx.list(ctx.keys.volumes(), Volume)}
+    return [names.get(vid, vid) for vid in vids], rev
+
+
+async def remove_chunk(ctx: Ctx, chunk_id: str, force: bool) -> str:
+    """Delete a chunk server's records: only while it is down and holds no in-sync replica
+    (``force`` skips both checks).
+
+    The delete's transaction requires that no extent record was put since the extent map
+    was read (one compare over the range) and no key of the chunk server since its records
+    were: a replica placed or joined there meanwhile, or the server registering again, fails
+    it, and the checks run again on fresh reads; a change that persists answers 409. (The
+    other order is guarded by placement and join: they require the server's info key.)
+    """
+    cid = (await get_chunk(ctx, chunk_id)).chunk_id
+    for _ in range(REMOVE_ATTEMPTS):
+        holders, compare = [], []
+        if not force:
+            holders, ext_rev = await holders_of(ctx, cid)
+            compare.append(ctx.untouched_since(ctx.keys.all_extents(), ext_rev))
+        # Read after the extent map: a replica placed on a server that was up shows it up here.
+        kvs, rev = await get_prefix_paged(ctx.etcd, ctx.keys.chunk_dir(cid), keys_only=True)
+        compare.append(ctx.untouched_since(ctx.keys.chunk_dir(cid), rev))
+        if any(kv.key == ctx.keys.chunk_live(cid) for kv in kvs) and not force:
+            raise Conflict(f"chunk server {cid} is up",
+                           hint="stop it first, or drain it and pass --force to remove it anyway")
+        if holders:
+            raise Conflict(f"chunk server {cid} holds replicas of {len(holders)} volume(s): "
+                           + ", ".join(holders[:5]) + ("..." if len(holders) > 5 else ""),
+                           hint="wait for recovery to move them, or pass --force", volumes=holders)
+        if await ctx.txn(compare, [ctx.delete(ctx.keys.chunk_dir(cid), prefix=True)]):
+            log.warning("chunk server %s removed from the cluster%s", cid, " (forced)" if force else "")
+            return cid
+    raise Conflict(f"chunk server {cid} was not removed: its records or the extent map kept changing "
+                   f"while it was being removed ({REMOVE_ATTEMPTS} attempts)",
+                   hint="see `zstore chunk list` and `zstore cluster status`, then retry", retry=True)
 
 
 async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool) -> None:

@@ -80,6 +80,10 @@ class Ctx:
     def unchanged(self, key: bytes, mod_revision: int):
         return self.t.mod(key) == mod_revision
 
+    def untouched_since(self, prefix: bytes, revision: int):
+        """No key under ``prefix`` was put since ``revision`` (a key deleted since is not seen)."""
+        return self.t.mod(prefix, prefix_end(prefix)) < revision + 1
+
     def put(self, key: bytes, rec: Record | bytes | str):
         value = rec.encode() if isinstance(rec, Record) else rec
         return self.t.put(key, value.encode() if isinstance(value, str) else value)

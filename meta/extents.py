@@ -161,7 +161,10 @@ async def allocate(ctx: Ctx, vid: str, index: Any) -> tuple[ExtentRecord, bool]:
                 f"({vol.size} bytes = {count} extent(s) of {EXTENT_SIZE} bytes)")
         replicas = place_extent(vol, await chunkmod.list_chunks(ctx))
         rec = ExtentRecord(volume_id=vid, index=index, replicas=replicas)
-        if await ctx.txn([ctx.absent(key), ctx.t.version(ctx.keys.volume(vid)) > 0], [ctx.put(key, rec)]):
+        # Each replica's server still registered: one removed since it was listed gets none.
+        registered = [ctx.t.version(ctx.keys.chunk_info(c)) > 0 for c in replicas]
+        if await ctx.txn([ctx.absent(key), ctx.t.version(ctx.keys.volume(vid)) > 0, *registered],
+                         [ctx.put(key, rec)]):
             log.info("extent %s/%d allocated on %s", vid, index, ",".join(replicas))
             return rec, True
     raise Conflict(f"could not allocate extent {index} of {vid}: too much concurrent change", hint="retry", retry=True)
@@ -247,7 +250,9 @@ async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
         rec.replicas.append(chunk_id)
         rec.stale.pop(chunk_id, None)
         rec.generation += 1
-        compare, ops = [ctx.unchanged(key, rev), *owner_compare], [ctx.put(key, rec)]
+        # Still registered (``remove_chunk`` may have deleted it since it was listed).
+        registered = ctx.t.version(ctx.keys.chunk_info(chunk_id)) > 0
+        compare, ops = [ctx.unchanged(key, rev), *owner_compare, registered], [ctx.put(key, rec)]
         if task is not None:
             compare.append(ctx.unchanged(task_key, task_rev))
             ops.append(ctx.delete(task_key))

@@ -147,10 +147,10 @@ async def test_removing_a_chunk_that_registers_again_meanwhile_keeps_its_records
 
     ctx = ReRegistering(etcd=base.etcd, keys=base.keys)
     with pytest.raises(Conflict):
-        await chunks.remove_chunk(ctx, "c1", False, [])
+        await chunks.remove_chunk(ctx, "c1", False)
     assert await base.get_raw(base.keys.chunk_info("c1")) is not None
     assert await base.get_raw(base.keys.chunk_live("c1")) is not None
     # Untouched meanwhile, a down chunk server holding nothing is removed.
     await chunk_down(base, "c1")
-    assert await chunks.remove_chunk(base, "c1", False, []) == "c1"
+    assert await chunks.remove_chunk(base, "c1", False) == "c1"
     assert await base.get_raw(base.keys.chunk_info("c1")) is None

@@ -26,7 +26,7 @@ async def test_an_ambiguous_prefix_names_the_matches(ctx):
     with pytest.raises(Conflict):
         await chunks.set_admin_state(ctx, "abcd", "draining")
     with pytest.raises(Conflict):
-        await chunks.remove_chunk(ctx, "abcd", force=True, volumes=[])
+        await chunks.remove_chunk(ctx, "abcd", force=True)
     assert len(await chunks.list_chunks(ctx)) == 3          # nothing was removed
 
 
@@ -37,4 +37,4 @@ async def test_a_unique_prefix_or_full_id_finds_one_and_a_short_or_unknown_one_n
     for ref in ("abc", "0000", "nope"):
         with pytest.raises(NotFound):
             await chunks.get_chunk(ctx, ref)
-    assert await chunks.remove_chunk(ctx, "ffff", force=False, volumes=[]) == "ffff0000"
+    assert await chunks.remove_chunk(ctx, "ffff", force=False) == "ffff0000"
