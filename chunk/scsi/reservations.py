@@ -116,16 +116,33 @@ class ReservationState:
         return not (self.type in _REGISTRANTS_ACCESS and n in self.registrations)
 
     # -- SPC-2 RESERVE(6) / RELEASE(6) --------------------------------------------
+    #
+    # While any I_T nexus is registered, SPC-2 5.5.1 has every RESERVE and every RELEASE
+    # conflict, from whichever nexus. SPC-3 5.6.3 (CRH=1, reported by REPORT CAPABILITIES)
+    # excepts the persistent reservation holder and, under a registrants-only or
+    # all-registrants reservation, every registered nexus: their RESERVE or RELEASE is GOOD
+    # and changes nothing. LIO (target_check_scsi2_reservation_conflict) does the same.
+
+    def _registered_exception(self, n: Nexus) -> bool:
+        """Is ``n`` one SPC-3 5.6.3 answers GOOD without doing anything?"""
+        return self.holder is not None and (
+            self.is_holder(n) or (self.type in _REGISTRANTS_ACCESS and n in self.registrations))
 
     async def spc2_reserve(self, n: Nexus) -> None:
-        # SPC-4 5.12.3 (CRH=1): RESERVE conflicts while any PR registration exists
-        if self.registrations or (self.spc2 is not None and self.spc2 != n):
+        if self.registrations:
+            if self._registered_exception(n):
+                return
+            raise ReservationConflict()
+        if self.spc2 is not None and self.spc2 != n:
             raise ReservationConflict()
         self.spc2 = n
 
     async def spc2_release(self, n: Nexus) -> None:
-        # RELEASE from a non-holder, or while registrations exist, is GOOD and does nothing
-        if self.spc2 == n:
+        if self.registrations:
+            if self._registered_exception(n):
+                return
+            raise ReservationConflict()
+        if self.spc2 == n:                            # from a non-holder: GOOD, nothing done
             self.spc2 = None
 
     def drop_spc2(self, n: Nexus | None = None) -> None:

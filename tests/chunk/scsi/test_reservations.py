@@ -245,7 +245,9 @@ async def test_spc2_reserve_conflicts_with_registrations():
     lu = make_lu()
     await register(lu, H2, K2)
     assert (await run(lu, bytes((0x16,)) + bytes(5))).status == 0x18
-    good(await run(lu, bytes((0x17,)) + bytes(5)))
+    # SPC-2 5.5.1: with a registration in place every RELEASE conflicts too (SPC-3 5.6.3
+    # excepts only the PR holder and registrants under a registrants-only/all-registrants type)
+    assert (await run(lu, bytes((0x17,)) + bytes(5))).status == 0x18
 
 
 async def test_lun_reset_drops_spc2_but_keeps_persistent_reservations():
@@ -347,4 +349,5 @@ async def test_a_read_only_view_still_reads_under_the_writers_reservation():
     await register(rw, H1, K1)
     good(await out(rw, H1, RESERVE, K1, 0, WE))       # Write Exclusive: others may read
     assert await can_read(ro, H2)
-    good(await run(ro, bytes((0x17,)) + bytes(5), nexus=H2))   # RELEASE(6) of nothing: GOOD
+    # RELEASE(6) from the unregistered reader while H1 is registered: SPC-2 5.5.1's conflict
+    assert (await run(ro, bytes((0x17,)) + bytes(5), nexus=H2)).status == 0x18
