@@ -113,7 +113,8 @@ SUPPORTED_VPD = (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2)
 
 
 def vpd(page: int, *, ident: LunIdentity, limits: BlockLimits, thin: bool,
-        relative_port_id: int, target_port: str, protocol_id: int | None) -> bytes:
+        relative_port_id: int, target_port: str, protocol_id: int | None,
+        readonly: bool = False) -> bytes:
     if page == 0x00:
         return _page(0x00, bytes(SUPPORTED_VPD))
     if page == 0x80:
@@ -122,13 +123,13 @@ def vpd(page: int, *, ident: LunIdentity, limits: BlockLimits, thin: bool,
         return _page(0x83, device_identification(ident, relative_port_id, target_port,
                                                  protocol_id))
     if page == 0xB0:
-        return _page(0xB0, block_limits(limits, thin))
+        return _page(0xB0, block_limits(limits, thin and not readonly))
     if page == 0xB1:
         b = bytearray(0x3C)
         struct.pack_into(">H", b, 0, 0x0001)           # MEDIUM ROTATION RATE: non-rotating
         return _page(0xB1, bytes(b))
     if page == 0xB2:
-        return _page(0xB2, logical_block_provisioning(thin))
+        return _page(0xB2, logical_block_provisioning(thin, readonly))
     raise invalid_field_in_cdb(2)
 
 
@@ -149,7 +150,8 @@ def device_identification(ident: LunIdentity, relative_port_id: int, target_port
 
 
 def block_limits(lim: BlockLimits, thin: bool) -> bytes:
-    """VPD 0xB0 body (0x3C bytes, the SBC-3 length libiscsi insists on)."""
+    """VPD 0xB0 body (0x3C bytes, the SBC-3 length libiscsi insists on). ``thin``: the UNMAP
+    limits are given; without LBPU they are 0 (SBC-3: UNMAP not implemented)."""
     b = bytearray(0x3C)
     b[0] = 0x01                                        # WSNZ: WRITE SAME of 0 blocks is refused
     b[1] = lim.max_compare_write
@@ -163,8 +165,13 @@ def block_limits(lim: BlockLimits, thin: bool) -> bytes:
     return bytes(b)
 
 
-def logical_block_provisioning(thin: bool) -> bytes:
-    """VPD 0xB2 body: UNMAP, WRITE SAME(16/10) with UNMAP, unmapped reads zeros."""
+def logical_block_provisioning(thin: bool, readonly: bool = False) -> bytes:
+    """VPD 0xB2 body: UNMAP, WRITE SAME(16/10) with UNMAP, unmapped reads zeros.
+
+    A read-only LU (a snapshot, a read-only grant) unmaps nothing: LBPU, LBPWS and LBPWS10
+    are clear, so that hosts trusting the page send no discard that can only fail (the
+    commands still answer DATA PROTECT). It stays thin provisioned (LBPME, LBPRZ, type)."""
     if not thin:
         return bytes(4)
-    return bytes((0x00, 0x80 | 0x40 | 0x20 | 0x04, 0x02, 0x00))
+    unmaps = 0 if readonly else 0x80 | 0x40 | 0x20
+    return bytes((0x00, unmaps | 0x04, 0x02, 0x00))

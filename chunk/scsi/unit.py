@@ -726,7 +726,7 @@ class LogicalUnit:
             b = bytearray(32)
             struct.pack_into(">QI", b, 0, self.num_blocks - 1, self.block_size)
             b[13] = self.physical_block_exponent & 0x0F
-            if self.thin:
+            if self.thin:                                 # read-only too: still thin (VPD B2)
                 b[14] = 0x80 | 0x40                       # LBPME, LBPRZ
             return bytes(b[:alloc])
         if sa == op.SAI_GET_LBA_STATUS:
@@ -778,7 +778,8 @@ class LogicalUnit:
             return inquiry.standard(self.ident)[:alloc]
         data = inquiry.vpd(page, ident=self.ident, limits=self.limits, thin=self.thin,
                            relative_port_id=nexus.relative_port_id,
-                           target_port=nexus.target_port, protocol_id=self.protocol_id)
+                           target_port=nexus.target_port, protocol_id=self.protocol_id,
+                           readonly=self.dev.readonly)
         return data[:alloc]
 
     async def _mode_sense(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
