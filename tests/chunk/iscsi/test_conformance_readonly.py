@@ -3,9 +3,8 @@ beside tgtd serving a write-protected LUN, in the same run.
 
 The SCSI family run by test_conformance.py uses a writable LUN, where this suite skips
 itself ("not write-protected"): only a read-only LU runs it. Acceptance: zstore passes all
-of it with none of its checks skipped. The snapshot LU advertises UNMAP and WRITE SAME with
-UNMAP (LBPU, LBPWS: it supports the commands; write protection is reported by MODE SENSE's
-WP bit and DATA PROTECT, SBC-3), so the suite also checks those are refused as write-protected.
+of it with none of its checks skipped, UNMAP and WRITE SAME(UNMAP) included: the snapshot LU
+no longer advertises them (VPD B2), but answers them DATA PROTECT as the suite expects.
 tgtd is printed beside it for reference: Debian's fails the WRITE SAME checks (ILLEGAL REQUEST
 instead of DATA PROTECT) and skips UNMAP and COMPARE AND WRITE.
 """
