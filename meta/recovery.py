@@ -18,6 +18,10 @@ so it cannot hold a slot that an extent with a live source needs.
 With slots left over, replicas on draining chunk servers are moved: a
 ``rebuild`` to a new server whose ``join`` replaces the draining replica in
 one change, so the extent never has fewer copies while a server drains.
+Then, the same way, a replica that shares a failure domain with another of its
+extent (its server re-registered with other labels since the extent was
+placed), when another domain has room for it and
+``meta.allow_shared_failure_domain`` is off.
 
 A replica on a chunk server down past the grace that is still listed as in
 sync (nothing wrote the extent, so nobody dropped it) is dropped here first.
@@ -171,6 +175,7 @@ class Recovery:
     period: float = PERIOD
     _warned: set[tuple[str, int]] = field(default_factory=set)
     _failing: dict[tuple[str, int], int] = field(default_factory=dict)
+    _stuck_crowded: int = 0              # crowded extents with no domain to move to, as last logged
     view: ExtentView | None = None       # while ``following``; else each pass reads etcd
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -349,44 +354,89 @@ class Recovery:
     def _draining(rec: ExtentRecord, w: World) -> list[str]:
         return [c for c in rec.replicas if c in w.views and w.views[c].draining]
 
+    def _crowded(self, rec: ExtentRecord, w: World) -> str | None:
+        """A replica of ``rec`` in a failure domain another one is in, or None (always None
+        when replicas may share domains).
+
+        Placement never puts two there, but a chunk server's labels can change after (it
+        registers again with another zone, rack or host). Of the replicas in that domain,
+        one whose server is down, else the one listed last, leaves: the copy that serves
+        least."""
+        if shared_allowed(None):
+            return None
+        by_domain: dict[tuple[str, ...], list[str]] = {}
+        for c in rec.replicas:
+            by_domain.setdefault(self._candidate(w, c).failure_domain, []).append(c)
+        for held in by_domain.values():
+            if len(held) > 1:
+                return next((c for c in held if not is_up(w.views.get(c))), held[-1])
+        return None
+
     def _needs_work(self, rec: ExtentRecord, vol: Volume, w: World) -> bool:
-        """Degraded, or full but with a replica to move off a draining server."""
-        return len(rec.replicas) < vol.replicas or bool(self._draining(rec, w))
+        """Degraded, or full but with a replica to move (off a draining server, or out of a
+        failure domain another replica is in)."""
+        return (len(rec.replicas) < vol.replicas or bool(self._draining(rec, w))
+                or self._crowded(rec, w) is not None)
 
     async def _plan(self, w: World, now: float, done: dict[str, Any]) -> None:
         slots = self.concurrency - len(w.tasks)
         # Fewest live copies first; an extent without any has no source and waits.
-        degraded, moving = [], []
+        degraded, moving, crowded = [], [], []
         async for (vid, index), (rec, rev) in paced(w.extents.items()):
             vol = w.volumes.get(vid)
             if vol is None or not w.live(rec):
                 continue
             if len(rec.replicas) < vol.replicas:
                 degraded.append((rec, rev))
-            elif (vid, index) not in w.tasks and self._draining(rec, w):
-                moving.append(((vid, index), (rec, rev)))
+            elif (vid, index) in w.tasks:
+                continue
+            elif draining := self._draining(rec, w):
+                moving.append(((vid, index), (rec, rev), draining[0]))
+            elif (sharing := self._crowded(rec, w)) is not None:
+                crowded.append(((vid, index), (rec, rev), sharing))
         degraded.sort(key=lambda x: (len(w.live(x[0])), len(x[0].replicas), x[0].volume_id, x[0].index))
         slots = await self._plan_degraded(w, now, done, degraded, slots)
         # Then, with what is left, move replicas off draining servers (the copy joins in
-        # place of the draining replica, so the extent never has fewer copies meanwhile).
-        for (vid, index), (rec, rev) in sorted(moving):
+        # place of the draining replica, so the extent never has fewer copies meanwhile),
+        # then out of failure domains another replica is in: the same move.
+        slots, _ = await self._plan_moves(w, done, sorted(moving), slots, quiet=False)
+        if slots > 0:
+            # One summary, not a warning per extent: a relabelling can crowd every extent.
+            slots, stuck = await self._plan_moves(w, done, sorted(crowded), slots, quiet=True)
+            if stuck and stuck != self._stuck_crowded:
+                log.warning("%d extent(s) have two replicas in one failure domain (a chunk "
+                            "server's labels changed since they were placed) and no other "
+                            "domain with room to move one to", stuck)
+            self._stuck_crowded = stuck
+
+    async def _plan_moves(self, w: World, done: dict[str, Any],
+                          moves: list[tuple[tuple[str, int], tuple[ExtentRecord, int], str]],
+                          slots: int, quiet: bool) -> tuple[int, int]:
+        """A rebuild per ``(extent, (record, rev), leaving replica)`` while slots last: the copy
+        goes away from the domains of the replicas that stay, and joins in place of the one
+        leaving. Returns the slots left and how many moves had no place to go."""
+        nowhere = 0
+        for _, (rec, rev), leaving in moves:
             if slots <= 0:
                 break
-            vol = w.volumes[vid]
-            leaving = self._draining(rec, w)
-            stay = [c for c in rec.replicas if c != leaving[0]]
-            target = self._place(w, rec, stay, vol)
+            vol = w.volumes[rec.volume_id]
+            stay = [c for c in rec.replicas if c != leaving]
+            target = self._place(w, rec, stay, vol, quiet=quiet)
+            nowhere += target is None
             # The task names the replica it replaces: the join removes that one, not whichever
             # replica happens to be draining by then (the target is away from the others only).
             if target and await self._create(w, rec, rev, rec, vol, "rebuild", target, done,
-                                             replaces=leaving[0]):
+                                             replaces=leaving):
                 slots -= 1
+        return slots, nowhere
 
-    def _place(self, w: World, rec: ExtentRecord, keep_ids: list[str], vol: Volume) -> str | None:
+    def _place(self, w: World, rec: ExtentRecord, keep_ids: list[str], vol: Volume,
+               quiet: bool = False) -> str | None:
         """A new chunk server for a copy of ``rec``, away from ``keep_ids``' failure domains.
 
         ``keep_ids``: the in-sync replicas, and the stale copies the plan counts on (waiting
         to be resynced): the new copy joins beside all of them, so none may share its domain.
+        ``quiet``: no warning for this extent when there is none (the caller sums them up).
         """
         pool = [candidate_of(v) for v in w.views.values() if usable(v, EXTENT_SIZE)
                 and v.chunk_id not in rec.replicas and v.chunk_id not in rec.stale]
@@ -395,7 +445,7 @@ class Recovery:
             target = place_more(pool, keep, 1, EXTENT_SIZE)[0]
         except InsufficientResources as e:
             key = (rec.volume_id, rec.index)
-            if key not in self._warned:
+            if not quiet and key not in self._warned:
                 self._warned.add(key)
                 log.warning("extent %s/%d (%d of %d replicas) has no place for a new copy: %s",
                             rec.volume_id, rec.index, len(rec.replicas), vol.replicas, e.message)
@@ -427,8 +477,9 @@ class Recovery:
             return False
         w.tasks[(vid, index)] = (task, 0)
         done["created"].append((vid, index, kind, target))
-        log.info("extent %s/%d (%d of %d replicas): %s to %s, run by %s", vid, index,
-                 len(rec.replicas), vol.replicas, kind, target, task.executor)
+        log.info("extent %s/%d (%d of %d replicas): %s to %s%s, run by %s", vid, index,
+                 len(rec.replicas), vol.replicas, kind, target,
+                 f" in place of {replaces}" if replaces else "", task.executor)
         return True
 
     async def _plan_degraded(self, w: World, now: float, done: dict[str, Any],
