@@ -375,6 +375,14 @@ class ReplicaClient:
     async def digest(self, addr: Address, vid: str, idx: int, epoch: int = 0) -> bytes:
         return bytes((await self._ok(addr, Frame(Op.DIGEST, 0, vid, idx, epoch))).data or b"")
 
+    async def checked_digest(self, addr: Address, vid: str, idx: int, epoch: int = 0) -> bytes | None:
+        """The peer's ``replica_server.checked_digest`` of the extent (the state checksums
+        cover); None from a peer that predates it: it ignored the arg and sent its full digest."""
+        rep = await self._ok(addr, Frame(Op.DIGEST, 0, vid, idx, epoch, args={"checked": True}))
+        if (rep.args or {}).get("checked") is not True:
+            return None
+        return bytes(rep.data or b"")
+
     async def setgen(self, addr: Address, vid: str, idx: int, generation: int, epoch: int) -> None:
         await self._ok(addr, Frame(Op.SETGEN, 0, vid, idx, epoch, generation))
 

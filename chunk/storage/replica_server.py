@@ -30,6 +30,10 @@ with the request's epoch.  Epoch 0 is the read-only user (snapshot export,
 read-only LUN): allowed for READ, EXPORT, DIGEST and STAT without admission,
 DENIED for everything else.
 
+DIGEST with ``args.checked`` answers ``checked_digest`` (the state checksums cover, for
+the scrubber's tie check) and says so in its reply's args: a server without it ignores
+the arg and answers the full digest, which the caller must not take for the other.
+
 Generations: SETGEN never lowers an extent's (STALE_GENERATION). No other request's
 generation is checked (the replicated write sends 0): an extent's header holds the
 generation its replica joined at, which a SETGEN whose join the meta then refused
@@ -43,6 +47,7 @@ reply sent to us, closes the connection: the stream is out of sync.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import struct
@@ -60,7 +65,7 @@ from .wire import (
     encode_write_ok, legacy_refusal, plain_write, spans,
 )
 
-__all__ = ["ReplicaServer"]
+__all__ = ["ReplicaServer", "checked_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -623,6 +628,8 @@ class ReplicaServer:
                 return f.reply()
             return f.reply(Status.CONFLICT)
         if f.op is Op.DIGEST:
+            if _arg(f, "checked", bool, False):    # the scrubber's tie check; "checked" says served
+                return f.reply(Status.OK, checked_digest(st.checked_state(vid, idx)), {"checked": True})
             return f.reply(Status.OK, st.digest(vid, idx))
         if f.op is Op.SETGEN:
             gen = _positive(f.generation, "generation")
@@ -663,6 +670,24 @@ class ReplicaServer:
             task = asyncio.ensure_future(result)
             self._hooks.add(task)
             task.add_done_callback(self._hooks.discard)
+
+
+_LIVE, _VERSION = struct.Struct("<II").pack, struct.Struct("<III").pack
+
+
+def checked_digest(state: set[tuple]) -> bytes:
+    """sha256 of a ``ReplicaStore.checked_state``: what DIGEST with ``args.checked`` answers,
+    and what the scrubber hashes its own state with to compare. 32 bytes instead of an EXPORT
+    of the peer's whole extent (seconds at the scrub rate, during which a write spoils it)."""
+    live = sorted(t[1:] for t in state if t[0] == "live")
+    versions = sorted(t[1:] for t in state if t[0] == "version")
+    if len(live) + len(versions) != len(state):
+        raise ValueError("checked state with entries neither live nor version")
+    h = hashlib.sha256(b"live")
+    h.update(b"".join(_LIVE(b, crc) for b, crc in live))
+    h.update(b"versions")
+    h.update(b"".join(_VERSION(b, key, crc) for b, key, crc in versions))
+    return h.digest()
 
 
 def _arg(f: Frame, name: str, kind: type, default: Any) -> Any:

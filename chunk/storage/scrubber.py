@@ -56,11 +56,16 @@ pause until ``interval`` after the pass started):
   ``.seq`` entry changes what snapshots read and still verifies), and a tie
   cannot say which: the record's first replica may be the rotten one, and
   copying it over the other would destroy the good copy. So in a tie the
-  peers' checked state is fetched (EXPORT of the extent, throttled like the
-  slices) and, if it is this replica's, nothing is dropped: the extent is
-  logged and reported as *unresolved* (``status()["unresolved"]``, and
-  ``unresolved_extents`` until the replicas agree again) for an operator. A
-  majority still wins.
+  peers' checked state is compared with this replica's and, if it is the
+  same, nothing is dropped: the extent is logged and reported as *unresolved*
+  (``status()["unresolved"]``, and ``unresolved_extents`` until the replicas
+  agree again) for an operator. A majority still wins. The comparison is by
+  DIGEST with ``args.checked`` (a hash of the peer's checked state: one round
+  trip, no disk read), in a few probes each inside a moment without local
+  writes (``_peer_same``), so it concludes on an extent written every few
+  hundred milliseconds; it used to EXPORT the peer's whole extent at the
+  scrub rate (seconds), which any write spoiled, so such a tie was never
+  resolved. A peer without checked digests is still EXPORTed.
 
 Progress survives a restart: at the throttled rate a large server needs days
 per pass, and a pass that started from the first extent after every restart
@@ -87,12 +92,21 @@ from typing import Any
 from .extent_file import BLOCK_SIZE, EXTENT_SIZE
 from .replica_client import PeerUnavailable, ReplicaError
 from .repair import PartsMismatch
+from .replica_server import checked_digest
 from .replica_store import StoreError, StoreIOError, _parse_blob, checked_state_of, unreadable_blocks
 
 log = logging.getLogger(__name__)
 
 MAX_SLICE = 4 << 20
 CURSOR_FILE = ".scrub-cursor"
+# The tie check's probes of a peer's checked state (``Scrubber._peer_same``): a probe counts
+# when no local write lands within TIE_QUIET seconds of it on either side (far longer than
+# one write reaches the replicas apart); "different" takes TIE_DIFFER of them, and a check
+# gives up (decided in a later pass) after TIE_PROBES probes: about a second at most. An
+# unresolved tie is checked again every pass, so a false "different" must stay improbable.
+TIE_QUIET = 0.02
+TIE_DIFFER = 3
+TIE_PROBES = 32
 
 
 class TokenBucket:
@@ -583,24 +597,60 @@ class Scrubber:
 
     async def _same_checked_state(self, rec, peers) -> bool | None:
         """Do ``peers`` hold this replica's checked state (``ReplicaStore.checked_state``)?
-        None when that cannot be told now: a peer's EXPORT failed, or a write landed here."""
+        None when that cannot be told now: a peer did not answer, or writes kept landing."""
         vid, idx = rec.volume_id, rec.index
-        before = self.store.stat(vid, idx)["mutations"]
-        theirs = []
+        same = []
         for cid, addr in peers:
             try:
-                theirs.append(await self._peer_checked_state(addr, vid, idx))
+                got = await self._peer_same(addr, vid, idx)
             except (PeerUnavailable, ReplicaError, OSError, asyncio.TimeoutError, StoreError) as e:
-                log.warning("replicas of %s/%d: export from %s failed (%s); deciding in a later "
-                            "pass", vid, idx, cid, e)
+                log.warning("replicas of %s/%d: checked state of %s unavailable (%s); deciding "
+                            "in a later pass", vid, idx, cid, e)
                 return None
+            if got is None:
+                log.warning("replicas of %s/%d: written throughout the checked-state comparison "
+                            "with %s; deciding in a later pass", vid, idx, cid)
+                return None
+            same.append(got)
+        return all(same)
+
+    async def _peer_same(self, addr, vid: str, idx: int) -> bool | None:
+        """Does the peer's checked digest (``ReplicaClient.checked_digest``) match this
+        replica's? One probe is a DIGEST round trip inside a window without local writes,
+        ``TIE_QUIET`` wide on either side: a write that had reached only one replica then (the
+        coordinator sends to each) shows as a difference no replica keeps, and a false
+        "different" would drop the good copy of a tie in unchecked metadata. So "different"
+        takes ``TIE_DIFFER`` such probes, "same" one; None after ``TIE_PROBES`` without that."""
+        differed = 0
+        for _ in range(TIE_PROBES):
+            before = self.store.stat(vid, idx)["mutations"]
+            await asyncio.sleep(TIE_QUIET)
+            if self.store.stat(vid, idx)["mutations"] != before:
+                continue
+            theirs = await self.repair.client.checked_digest(addr, vid, idx)
+            if theirs is None:                       # a peer from before checked digests
+                return await self._exported_same(addr, vid, idx)
+            await asyncio.sleep(TIE_QUIET)
+            if self.store.stat(vid, idx)["mutations"] != before:
+                continue
+            if theirs == checked_digest(self.store.checked_state(vid, idx)):
+                return True
+            differed += 1
+            if differed >= TIE_DIFFER:
+                return False
+        return None
+
+    async def _exported_same(self, addr, vid: str, idx: int) -> bool | None:
+        """``_peer_same`` for a peer without checked digests: its EXPORT, no local write during it."""
+        before = self.store.stat(vid, idx)["mutations"]
+        theirs = await self._peer_checked_state(addr, vid, idx)
         if self.store.stat(vid, idx)["mutations"] != before:
             return None
-        mine = self.store.checked_state(vid, idx)
-        return all(t == mine for t in theirs)
+        return theirs == self.store.checked_state(vid, idx)
 
     async def _peer_checked_state(self, addr, vid: str, idx: int) -> set[tuple]:
-        """The peer's checked state, from an EXPORT of its whole extent (throttled)."""
+        """The peer's checked state, from an EXPORT of its whole extent (throttled): seconds,
+        which only a peer without checked digests costs."""
         size = getattr(self.store, "extent_size", EXTENT_SIZE)
         out: set[tuple] = set()
         off: int | None = 0
