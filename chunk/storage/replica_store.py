@@ -958,25 +958,50 @@ class ReplicaStore:
         return sorted(self._replicas)
 
     def delete(self, vid: str, idx: int) -> None:
+        """Remove the extent's files. On a disk whose directory vanished (removed, not a
+        directory, not the one opened: ``_dir_gone``, one stat) the disk is failed, as a
+        CREATE does, and ``StoreIOError`` names it; nothing is removed or forgotten (what is
+        open still serves). Its files are not there to remove: an unmounted disk keeps them,
+        to come back at its next mount, and the fsync of a removed directory raised ENOENT
+        after the replica was already forgotten, the disk still taking new extents."""
         broken = self.broken.get((vid, idx))
         if broken is not None and (vid, idx) not in self._replicas:
             # Forgotten only once its files are gone: one that failed to go (its disk dying)
             # still answers I/O errors, never NO_EXTENT, and a later DELETE tries again.
+            hdrs = self._more_copies.get((vid, idx), []) + [broken[1]]
+            for disk in self._disks:
+                if any(h.parent == disk.path for h in hdrs):
+                    self._check_dir(disk, vid, idx)
             with self._io(None):
-                for hdr in self._more_copies.get((vid, idx), []) + [broken[1]]:
+                for hdr in hdrs:
                     _remove_extent(hdr.with_name(hdr.name[:-len(".hdr")]))
             del self.broken[(vid, idx)]
             self._more_copies.pop((vid, idx), None)
             return
-        self.broken.pop((vid, idx), None)
         rep = self._get(vid, idx)
+        self._check_dir(rep.disk, vid, idx)
+        self.broken.pop((vid, idx), None)
         base = rep.base()
-        with self._io(rep.disk):
-            rep.close()
-            del self._replicas[(vid, idx)]
-            rep.disk.replicas.discard((vid, idx))
-            _remove_extent(base)
-            rep.disk.enospc = False
+        try:
+            with self._io(rep.disk):
+                rep.close()
+                del self._replicas[(vid, idx)]
+                rep.disk.replicas.discard((vid, idx))
+                _remove_extent(base)
+                rep.disk.enospc = False
+        except StoreIOError as e:
+            cause = e.__cause__
+            if isinstance(cause, OSError) and cause.errno in _DIR_GONE:
+                self._check_dir(rep.disk, vid, idx)      # it vanished meanwhile: say so
+            raise
+
+    def _check_dir(self, disk: _Disk, vid: str, idx: int) -> None:
+        """Fail ``disk`` and raise ``StoreIOError`` if its directory vanished (``_dir_gone``:
+        one stat; a transient stat error is not a vanished disk)."""
+        why = self._dir_gone(disk)
+        if why is not None:
+            disk.fail(why)
+            raise StoreIOError(f"extent {vid}/{idx} not deleted: disk {disk.path} failed: {why}")
 
     def usage(self) -> list[dict]:
         out = []
