@@ -17,7 +17,9 @@ against this server's copies could delete the in-sync one and serve stale
 data. Disks of this server swapped between its paths are fine.
 
 A failed disk is reported, not fatal: the server keeps serving from the
-others, and the meta leader sees the state in the chunk's records.
+others, and the meta leader sees the state in the chunk's records. Probes are
+bounded (``PROBE_TIMEOUT``), the start's too (``prepare_all(timeout=)``,
+``probe_at_start``): a disk that hangs (a dead mount) is failed, never waited on.
 
 Space (docs/storage.md, "Disk space"): without a configured capacity a disk is
 its filesystem: ``capacity`` its size, ``free`` what an unprivileged writer can
@@ -164,12 +166,29 @@ def load_known(data_dir: Path) -> dict[str, str]:
     return known
 
 
-def prepare_all(specs: list[DiskSpec], data_dir: Path, chunk_id: str | None = None) -> list[LocalDisk]:
+def prepare_all(specs: list[DiskSpec], data_dir: Path, chunk_id: str | None = None, *,
+                timeout: float | None = None,
+                prepare_one: Callable[..., LocalDisk] | None = None) -> list[LocalDisk]:
     """``prepare`` each disk against the ids recorded in ``data_dir`` (and owned by
-    ``chunk_id``), then record new ones."""
+    ``chunk_id``), then record new ones.
+
+    With ``timeout`` (the server's start), each disk is prepared in a thread of its own and
+    waited on for ``timeout`` s at most: one that has not finished (a hung mount, a failing
+    disk: a stat or open that never returns) is failed until a restart, and the others are
+    used. Its thread is left behind (nothing can stop it); whatever it does later is never
+    looked at, and the disk's id is not recorded this time."""
     known = load_known(data_dir)
     ours = frozenset(known.values())
-    disks = [prepare(s, known.get(str(s.path)), chunk_id=chunk_id, ours=ours) for s in specs]
+    one = prepare_one or prepare
+
+    def prep(s: DiskSpec) -> LocalDisk:
+        return one(s, known.get(str(s.path)), chunk_id=chunk_id, ours=ours)
+    if timeout is None:
+        disks = [prep(s) for s in specs]
+    else:
+        futures = _bounded(prep, specs, "disk-prepare", timeout)
+        disks = [f.result() if f.done() else _hung(LocalDisk(s), "preparing it", timeout)
+                 for s, f in zip(specs, futures)]
     now = dict(known) | {str(d.path): d.disk_id for d in disks if d.disk_id is not None}
     if now != known:
         write_atomic(data_dir / KNOWN_FILE,
@@ -263,6 +282,58 @@ def probe_all(disks: list[LocalDisk]) -> list[dict[str, Any]]:
     return [probe(d) for d in disks]
 
 
+def probe_at_start(disks: list[LocalDisk], timeout: float,
+                   probe_one: Callable[[LocalDisk], dict[str, Any]] | None = None
+                   ) -> tuple[list[LocalDisk], list[dict[str, Any]]]:
+    """The start's probe: ``probe_all`` with each disk in a thread of its own, waited on for
+    ``timeout`` s at most. A disk whose probe has not answered comes back failed until a
+    restart (its ``LocalDisk`` replaced by one with its ``error``), so the extent store never
+    opens it: scanning its directory would hang the start the same way. Returns the disks
+    and their records."""
+    one = probe_one or probe
+    futures = _bounded(one, disks, "disk-probe", timeout)
+    out, records = [], []
+    for d, f in zip(disks, futures):
+        if not f.done():
+            d = _hung(LocalDisk(d.spec), "its probe", timeout)
+            records.append(_failed(d, d.error or ""))
+        else:
+            e = f.exception()
+            records.append(f.result() if e is None else _failed(d, _reason(e)))
+        out.append(d)
+    return out, records
+
+
+def _bounded(fn: Callable[[Any], Any], items: list[DiskSpec] | list[LocalDisk], name: str,
+             timeout: float) -> list[concurrent.futures.Future]:
+    """``fn(item)`` for every disk, each in a daemon thread of its own, all waited on together
+    for ``timeout`` s at most. Those not done by then are left running (a thread stuck in a
+    dead disk cannot be stopped) and their futures returned unfinished."""
+    futures = [_in_thread(fn, item, f"{name} {item.path}") for item in items]
+    concurrent.futures.wait(futures, timeout=timeout)
+    return futures
+
+
+def _in_thread(fn: Callable[[Any], Any], arg: Any, name: str) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(arg))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting side
+            fut.set_exception(e)
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
+
+
+def _hung(disk: LocalDisk, what: str, timeout: float) -> LocalDisk:
+    """``disk`` failed because ``what`` did not finish within ``timeout`` s at the start."""
+    disk.error = (f"{what} did not finish within {timeout:g}s at the start (a hung mount? a "
+                  f"failing disk?): failed until a restart")
+    log.error("disk %s: %s; starting without it", disk.path, disk.error)
+    return disk
+
+
 def all_failed(records: list[dict[str, Any]]) -> bool:
     return bool(records) and all(r["state"] == "failed" for r in records)
 
@@ -288,15 +359,7 @@ async def probe_all_async(disks: list[LocalDisk], timeout: float = PROBE_TIMEOUT
         got = _running.get(d.path)
         if got is not None:
             return got
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(probe_one(d))
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting side
-                fut.set_exception(e)
-        _running[d.path] = got = (time.monotonic(), fut)
-        threading.Thread(target=run, name=f"disk-probe {d.path}", daemon=True).start()
+        _running[d.path] = got = (time.monotonic(), _in_thread(probe_one, d, f"disk-probe {d.path}"))
         return got
 
     started = [start(d) for d in disks]

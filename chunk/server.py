@@ -402,12 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("%s chunk id %s in %s", "created" if created else "using", chunk_id, data_dir)
 
     raise_fd_limit()            # open extent replicas hold a few descriptors each
+    # Bounded as the periodic probe is: a disk whose prepare or probe does not finish in time
+    # (a hung mount, a failing disk) is failed until a restart, and the others start.
+    timeout = zdisks.PROBE_TIMEOUT
     try:
-        disks = zdisks.prepare_all(specs, data_dir, chunk_id)
+        disks = zdisks.prepare_all(specs, data_dir, chunk_id, timeout=timeout)
     except (OSError, IdentityError) as e:
         fail(f"data dir {data_dir}: {getattr(e, 'strerror', None) or e}", EXIT_SETUP)
+    disks, records = zdisks.probe_at_start(disks, timeout)
     server = ChunkServer(cfg, chunk_id, disks)
-    records = zdisks.probe_all(disks)
     server.probed(records)
     if zdisks.all_failed(records):
         reasons = "; ".join(f"{r['path']}: {r.get('error')}" for r in records)
