@@ -9,14 +9,23 @@ pair of dict look-ups and at most one hash: no etcd round trip per login, so
 a login storm after a failover costs etcd nothing but the record writes.
 
 Sticky first: an initiator keeps going to the chunk server it was sent to
-while that server is up, not draining and its portal answers the VIP holder's
-probes (``probe.py``), so adding a chunk server does not
+while that server is up and not draining, so adding a chunk server does not
 move existing sessions on their next reconnect. Otherwise the rendezvous hash
-picks among usable servers and the choice is recorded. The record is written
+picks among those servers and the choice is recorded. The record is written
 behind the login (coalesced per pair, batched, retried), never awaited: a
 record is only a hint, re-validated against liveness at every use, so a lost
 or late write at worst costs one re-pick, and it needs no fencing by the VIP
 epoch either.
+
+The VIP holder's portal probes (``probe.py``) divert logins but never write a
+record. The choice above is made from etcd's view alone (lease, stopping,
+draining); if its portal fails the probes, this login goes to the hash's pick
+among the servers whose portals answer, and the record keeps its choice. The
+probe only sees the holder's route, not the initiators': when it recovers (or
+was wrong), the initiator lands back where it was rather than having been moved
+for good. And when more than half of the up servers fail their probes at once,
+the probes are not trusted at all (the holder's own network is the likelier
+fault): every up server takes logins, as if nothing were probed.
 """
 
 from __future__ import annotations
@@ -77,8 +86,10 @@ class Members:
         self.etcd, self.keys = etcd, keys
         self.chunks: dict[str, ChunkState] = {}
         self.redirects: dict[tuple[str, str], RedirectRecord] = {}     # (target, initiator) -> record
-        self._usable: list[str] = []
+        self._up: list[str] = []                                # usable by their etcd records
+        self._usable: list[str] = []                            # ... and probes not against them
         self._unreachable: set[str] = set()                     # portal probes fail (probe.py)
+        self._distrusted = False                                # too many fail: probes ignored
         self._raw_chunks: dict[str, dict[str, bytes]] = {}      # chunk id -> kind -> value
         self._redirect_keys: dict[bytes, tuple[str, str]] = {}
         self._pending: dict[tuple[str, str], RedirectRecord] = {}
@@ -94,11 +105,12 @@ class Members:
 
     def set_unreachable(self, cids: set[str]) -> None:
         """Chunk servers whose portal the VIP holder cannot reach (``probe.PortalProber``):
-        no new logins, and their sticky pairs move on their next login."""
+        their logins are diverted, their records kept (unless too many fail: see
+        ``_refresh_usable``)."""
         for cid in sorted(cids - self._unreachable):
-            log.warning("chunk server %s: its portal is unreachable; sending its logins elsewhere", cid)
+            log.warning("chunk server %s: its portal fails this redirector's probes", cid)
         for cid in sorted(self._unreachable - cids):
-            log.info("chunk server %s: its portal is reachable again", cid)
+            log.info("chunk server %s: its portal answers this redirector's probes again", cid)
         self._unreachable = set(cids)
         self._refresh_usable()
 
@@ -114,19 +126,22 @@ class Members:
         variants of one allowed name go to one chunk server and share one record."""
         initiator = initiator.lower()
         rec = self.redirects.get((target, initiator))
-        if rec is not None and rec.chunk_id in self._usable:
-            c = self.chunks[rec.chunk_id]
-            log.info("redirect %s -> %s: chunk %s at %s (sticky)", initiator, target, c.chunk_id, c.portal)
-            return c.portal
-        cid = hashing.pick(initiator, target, self._usable)
-        if cid is None:
-            log.warning("redirect %s -> %s: no chunk server is up and active", initiator, target)
-            return None
+        if rec is not None and rec.chunk_id in self._up:
+            cid, why = rec.chunk_id, "sticky"
+        else:
+            cid = hashing.pick(initiator, target, self._up)
+            if cid is None:
+                log.warning("redirect %s -> %s: no chunk server is up and active", initiator, target)
+                return None
+            why = f"hashed; was {rec.chunk_id}, now unusable" if rec else "hashed"
+            if record:
+                self._remember(RedirectRecord(target=target, initiator=initiator, chunk_id=cid))
+        if cid not in self._usable:         # up, but its portal fails the probes: this login only
+            why = f"chunk {cid} ({why}) fails portal probes; diverted, its record kept"
+            cid = hashing.pick(initiator, target, self._usable)
+            assert cid is not None          # _refresh_usable never leaves it empty while one is up
         c = self.chunks[cid]
-        why = f"hashed; was {rec.chunk_id}, now unusable" if rec else "hashed"
         log.info("redirect %s -> %s: chunk %s at %s (%s)", initiator, target, cid, c.portal, why)
-        if record:
-            self._remember(RedirectRecord(target=target, initiator=initiator, chunk_id=cid))
         return c.portal
 
     def _remember(self, rec: RedirectRecord) -> None:
@@ -200,13 +215,26 @@ class Members:
             self.chunks[cid] = state
 
     def _refresh_usable(self) -> None:
-        """Usable by their records and reachable; if none is reachable, the fault is more
-        likely this redirector's own network: all usable ones, rather than refusing every login."""
+        """Usable by their records and reachable. If more than half of those usable by their
+        records fail the probes at once, the fault is more likely this redirector's own
+        network (or route) than theirs: the probes are ignored, all of them take logins,
+        rather than a few taking everyone's (or none, every login refused)."""
         up = sorted(cid for cid, c in self.chunks.items() if c.usable)
-        usable = [cid for cid in up if cid not in self._unreachable] or up
+        failing = [cid for cid in up if cid in self._unreachable]
+        distrusted = 2 * len(failing) > len(up)
+        if distrusted != self._distrusted:      # once per change, not per login or pass
+            if distrusted:
+                log.warning("portals of %d of %d up chunk servers fail this redirector's probes: "
+                            "its own network is the likelier fault; ignoring the probes, logins go "
+                            "to every up chunk server", len(failing), len(up))
+            else:
+                log.warning("portal probes trusted again: %d of %d up chunk servers fail them",
+                            len(failing), len(up))
+            self._distrusted = distrusted
+        usable = up if distrusted else [cid for cid in up if cid not in self._unreachable]
         if usable != self._usable:
             log.info("chunk servers taking logins: %s", ", ".join(usable) or "none")
-        self._usable = usable
+        self._up, self._usable = up, usable
 
     # -- sticky records -------------------------------------------------------------
 

@@ -13,6 +13,14 @@ costs no connects. Only the VIP holder probes (one connect per chunk server per
 bounded by ``timeout``. One lost SYN moves nobody: a server is unreachable only after
 ``failures`` failed probes in a row, reachable again after one success. So a dead
 portal stops getting logins within ``interval * failures + timeout`` seconds.
+
+What a verdict does (``Members``): it only diverts logins. A server whose portal fails
+gets no logins while it fails, but sticky records pointing at it are kept, not rewritten,
+so when it answers again its initiators land back where they were (the probe sees the
+holder's route, not the initiators'). And if more than half of the up servers fail at
+once, the verdicts are ignored and every up server takes logins: the holder's own network
+(a NIC, a route, a firewall on this host) is then the likelier fault, and trusting it
+would pile every initiator onto the few portals this host still reaches.
 """
 
 from __future__ import annotations

@@ -12,15 +12,14 @@ import asyncio
 import pytest
 
 from tests.cluster import Cluster, async_wait_for
+from tests.redirector.portal_helpers import INIT, TARGET, put_target
 from tests.redirector.test_members import add_chunk
 from zstore.keys import Keys
-from zstore.records import AclEntry, LunMapping, RedirectRecord, Target, Volume
+from zstore.records import RedirectRecord
 
 pytestmark = pytest.mark.timeout(90)
 
-TARGET = "iqn.2026-01.io.zstore:abcd1234.t0001"
 GONE_TARGET = "iqn.2026-01.io.zstore:abcd1234.t0002"
-INIT = "iqn.1994-05.com.example:host1"
 INIT2 = "iqn.1994-05.com.example:host2"
 INIT3 = "iqn.1994-05.com.example:host3"
 NO_ACL = "iqn.1994-05.com.example:host4"
@@ -29,12 +28,7 @@ NO_ACL = "iqn.1994-05.com.example:host4"
 async def test_stale_records_of_each_kind_are_deleted_and_live_ones_are_kept(
         tmp_path, etcd_server, etcd_client, etcd_config):
     keys, e = Keys(etcd_config.prefix), etcd_client
-    await e.put(keys.volume("v1"), Volume(volume_id="v1", name="v", size=1 << 26, replicas=1,
-                                          target_index=1, lun=1).encode())
-    await e.put(keys.target(1), Target(index=1, iqn=TARGET).encode())
-    await e.put(keys.lun(1, 1), LunMapping(target_index=1, lun=1, volume_id="v1").encode())
-    for ini in (INIT, INIT2, INIT3):
-        await e.put(keys.acl("v1", ini), AclEntry(volume_id="v1", initiator=ini).encode())
+    await put_target(e, keys, (INIT, INIT2, INIT3))
     await add_chunk(e, keys, "c1", 4001)
     await add_chunk(e, keys, "c2", 4002, live=False)       # down, not removed: it may come back
 
