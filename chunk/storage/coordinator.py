@@ -290,6 +290,22 @@ class _PendingWrite:
         self.outcomes: list = [None] * len(targets)
         self.left = 0
 
+    def local_callback(self, k: int, local):
+        """The done callback of the task finishing the local replica's write (a COW)."""
+        def finished(task) -> None:
+            if self.outcomes[k] is None:
+                if task.cancelled():
+                    self.outcomes[k] = rk.ReplicaFailed(local.chunk_id, rk.UNAVAILABLE, "write cancelled")
+                elif isinstance(task.exception(), rk.ReplicaFailed):
+                    self.outcomes[k] = task.exception()
+                elif task.exception() is not None:
+                    e = task.exception()
+                    self.outcomes[k] = rk.ReplicaFailed(local.chunk_id, rk.IO, f"{type(e).__name__}: {e}")
+            self.left -= 1
+            if not self.left:
+                self.coord._write_settled(self)
+        return finished
+
     def make_callback(self, k: int, replica):
         def replied(reply) -> None:
             # None: a plain OK (send_write); anything else is looked at by ``outcome_of``
@@ -372,7 +388,7 @@ class Coordinator:
         self._routes: dict[int, tuple] = {}      # idx -> the write fast path's replica route
         self._short: set[int] = set()            # extents with fewer in-sync replicas than _need
         self._loop: asyncio.AbstractEventLoop | None = None   # the write fast path's, cached
-        self._recovering: set[asyncio.Task] = set()   # fast-path writes whose replicas failed
+        self._recovering: set[asyncio.Task] = set()   # fast-path writes: failed replicas, local COWs
         self.counters = {"read_retries": 0, "checksum_errors": 0, "drops": 0, "fenced": 0,
                          "fast_writes": 0, "fast_write_handoffs": 0,
                          # recovery: pieces or blocks taken from another source than the first,
@@ -1378,9 +1394,16 @@ class Coordinator:
                 pending.left += 1
         if local is not None:
             try:
-                local.write_now(vid, idx, eoff, view, epoch, seq)
+                later = local.write_now(vid, idx, eoff, view, epoch, seq)
             except rk.ReplicaFailed as e:
                 outcomes[targets.index(local)] = e
+            else:
+                if later is not None:                       # a COW: it waits for the disk
+                    pending.left += 1
+                    task = loop.create_task(local.finish(vid, idx, later))
+                    self._recovering.add(task)              # the loop keeps only a weak reference
+                    task.add_done_callback(self._recovering.discard)
+                    task.add_done_callback(pending.local_callback(targets.index(local), local))
         if not pending.left:
             self._write_settled(pending)
         return done

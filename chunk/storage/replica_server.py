@@ -78,6 +78,7 @@ MAX_UNAUTHENTICATED = 128          # connections still in their handshake; past 
 MAX_UNAUTHENTICATED_PER_IP = 8     # handshakes from one source address at once; more are refused
 HELLO_TIMEOUT = 2.0                # for the first HELLO frame (the whole handshake: auth_timeout)
 WRITE_TIMEOUT = 30.0               # a peer reading none of our replies this long is cut off
+DEFERRED = 2                       # ``ReplicaServer._write``: handled, answered from a task
 _LEN = struct.Struct(">I")
 _NAMES = {op: op.name for op in Op}    # Enum.name is a property lookup per call
 _STATUS_NAMES = {st: st.name for st in Status}
@@ -182,10 +183,15 @@ class _Stream:
         view = memoryview(buf)
         for start, n in cut:
             h = plain_write(buf, start, n)
-            if h is not None and write(conn, buf, view, start, n, h):
-                if len(conn.queue) >= FLUSH_EVERY:
-                    conn.flush()            # the coordinator completes these while we go on
-                continue
+            if h is not None:
+                done = write(conn, buf, view, start, n, h)
+                if done:
+                    if done is not True and len(tasks) >= limit:    # it waits for the disk
+                        self._block(buf, start + n)
+                        return
+                    if len(conn.queue) >= FLUSH_EVERY:
+                        conn.flush()        # the coordinator completes these while we go on
+                    continue
             try:
                 frame = decode_at(buf, start, n)
             except FrameError as e:
@@ -495,13 +501,15 @@ class ReplicaServer:
         return True
 
     def _write(self, conn: _Conn, buf: bytes, view: memoryview, start: int, n: int,
-               h: tuple) -> bool:
+               h: tuple) -> bool | int:
         """The fast path of a ``plain_write`` WRITE (no args, so no FUA): the checks, store calls
         and counters of ``_handle``/``_execute`` without a Frame, the reply cut from the
         request's own header.  False (nothing done) when the general path must take it: epoch 0, a
         length that does not match the data, a volume that is not UTF-8.  Every error goes
         through ``_failure`` exactly as on the general path.  The OK reply is queued for the
-        flush at the end of the segment (``_Stream._run``)."""
+        flush at the end of the segment (``_Stream._run``). A write the store must finish
+        after a wait for the disk (``ReplicaStore.write``'s coroutine: a COW) is answered from
+        a task (``DEFERRED``, counted against ``max_inflight``)."""
         epoch, vlen = h[6], h[11]
         pos = start + HEADER_SIZE
         length = h[9]
@@ -519,10 +527,13 @@ class ReplicaServer:
             self._volumes[raw] = vid
         self.requests["WRITE"] += 1
         try:
-            self.store.admit_write(vid, h[5], epoch, h[8], view[pos + vlen:start + n], h[10])
+            later = self.store.admit_write(vid, h[5], epoch, h[8], view[pos + vlen:start + n], h[10])
         except Exception as e:
             self._reply(conn, self._failure(decode_at(buf, start, n), e))
             return True
+        if later is not None:
+            self._later(conn, decode_at(buf, start, n), lambda: later)
+            return DEFERRED
         reply = encode_write_ok(buf, start, vlen)
         conn.queue.append(reply)
         conn.queued += len(reply)
@@ -541,7 +552,11 @@ class ReplicaServer:
         if isinstance(result, Frame):
             self._reply(conn, result)
             return
-        task = asyncio.get_running_loop().create_task(self._finish(conn, frame, result))
+        self._later(conn, frame, result)
+
+    def _later(self, conn: _Conn, frame: Frame, wait: Callable[[], Awaitable[None]]) -> None:
+        """Answer ``frame`` once ``wait()`` is done, from a task of the connection's."""
+        task = asyncio.get_running_loop().create_task(self._finish(conn, frame, wait))
         conn.tasks.add(task)
         task.add_done_callback(conn.tasks.discard)
 
@@ -592,8 +607,15 @@ class ReplicaServer:
             if f.length not in (0, len(f.data)):
                 raise ValueError(f"WRITE length {f.length} but {len(f.data)} data bytes")
             fua = _arg(f, "fua", bool, False)
-            st.write(vid, idx, f.offset, f.data, f.seq, fua=False)
-            return (lambda: st.flush_async(vid, idx)) if fua else f.reply()
+            later = st.write(vid, idx, f.offset, f.data, f.seq, fua=False, epoch=f.epoch)
+            if later is None:
+                return (lambda: st.flush_async(vid, idx)) if fua else f.reply()
+
+            async def finish() -> None:
+                await later
+                if fua:
+                    await st.flush_async(vid, idx)
+            return finish
         if f.op is Op.UNMAP:
             st.unmap(vid, idx, f.offset, f.length, f.seq, zero=_arg(f, "zero", bool, False))
             return f.reply()

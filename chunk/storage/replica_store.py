@@ -103,8 +103,9 @@ import threading
 from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Any, Callable, Coroutine, Iterator, NoReturn
 
 import msgpack
 
@@ -226,6 +227,7 @@ class _Versions:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         self.fd = os.open(self.path, flags, 0o600)
         self._lock = threading.Lock()        # self.fd against a concurrent close (sync)
+        self.group: _GroupSync | None = None  # COWs' syncs (``ReplicaStore._write_later``)
         self.entries: dict[int, tuple[int, int]] = {}     # block -> (origin, crc)
         self._punch = True
         if not create:
@@ -263,10 +265,18 @@ class _Versions:
         overwritten in place, while the data goes to new sparse space whose allocation is
         durable only at the journal commit: one fdatasync of both, cut by a power loss, can
         leave a slot on disk over a hole.  A COW needs the barrier (``_cow``)."""
-        for b, _, data in blocks:
-            _pwrite_all(self.fd, data, self.data_at + b * BLOCK_SIZE)
+        self.put_data(blocks)
         if barrier:
             sync_fd(self.fd)
+        self.put_slots(blocks)
+
+    def put_data(self, blocks: list[tuple[int, int, bytes | memoryview]]) -> None:
+        """``put``'s first half: the versions' data, no slot yet (nothing reads it)."""
+        for b, _, data in blocks:
+            _pwrite_all(self.fd, data, self.data_at + b * BLOCK_SIZE)
+
+    def put_slots(self, blocks: list[tuple[int, int, bytes | memoryview]]) -> None:
+        """``put``'s second half: the slots of data written (and, for a COW, synced) before."""
         for b, origin, data in blocks:
             crc = block_crc(b, data)
             os.pwrite(self.fd, _ENTRY.pack(crc, origin), b * 8)
@@ -383,6 +393,7 @@ class _Replica:
         self.imports = 0                       # IMPORTs applied: they can bring back trimmed versions
         self.cows = 0                          # COWs that made versions (the reclaimer's memo)
         self.vdir_dirty = False                # a version file unlinked, the directory not fsync'd
+        self.seq_group: _GroupSync | None = None   # ``.seq`` syncs of writes that wait for them
         # A lower bound of the seqs of present blocks: a write at W <= floor
         # cannot need COW, the no-snapshot fast path.
         self.floor = min((s for s in seqs if s), default=_MAX_SEQ)
@@ -539,6 +550,60 @@ class _VerifyPin:
         fds, self.fds = self.fds, []
         for fd in fds:
             os.close(fd)
+
+
+class _GroupSync:
+    """Group commit of one file's fdatasyncs for writes that wait for them (``_write_later``).
+
+    ``wait()`` is a future done once a sync *begun after the call* has completed: waiters
+    arriving while one runs share the next, so a burst of COWs into one version file costs
+    two syncs, not two each. ``prepare`` runs on the loop as each sync starts and returns
+    what the worker thread runs (a sync of a private dup: the loop may close the file)."""
+
+    def __init__(self, prepare: Callable[[], Callable[[], None]]) -> None:
+        self._prepare = prepare
+        self._current: asyncio.Future | None = None     # done when the running sync ends
+        self._next: asyncio.Future | None = None        # done when the one after it ends
+
+    def wait(self) -> asyncio.Future:
+        if self._current is None:
+            self._current = self._start(asyncio.get_running_loop().create_future())
+            return self._current
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        return self._next
+
+    def _start(self, target: asyncio.Future) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        try:
+            work = loop.run_in_executor(None, self._prepare())
+        except OSError as e:
+            target.set_exception(e)
+            loop.call_soon(self._ended, None, target)
+            return target
+        work.add_done_callback(lambda w: self._ended(w, target))
+        return target
+
+    def _ended(self, work: asyncio.Future | None, target: asyncio.Future) -> None:
+        if work is not None and not target.done():
+            if work.cancelled():
+                target.cancel()
+            elif work.exception() is not None:
+                target.set_exception(work.exception())   # type: ignore[arg-type]
+            else:
+                target.set_result(None)
+        self._current = None
+        if self._next is not None:
+            nxt, self._next = self._next, None
+            self._current = self._start(nxt)
+
+
+def _sync_dup(fd: int) -> None:
+    """fdatasync a private dup of an fd (a worker thread), then close it."""
+    try:
+        sync_fd(fd)
+    finally:
+        os.close(fd)
 
 
 def _seq_path(base: Path) -> Path:
@@ -1209,18 +1274,35 @@ class ReplicaStore:
         """Preserve every present block of the run with block seq < ``seq`` (step 1).
         ``floor``: ``rep.floor`` as it was before the caller lowered it (a call changing
         blocks in several runs lowers it before the first, ``unmap``)."""
-        if seq <= (rep.floor if floor is None else floor):
+        copied = self._cow_copy(rep, first, n, seq, floor)
+        if copied is None:
             return
+        v, items = copied
+        # The barrier: a slot on disk over a hole would be kept by the retried COW above, and
+        # the live block, the snapshot's only good copy, overwritten (step 1).
+        if self.cow_sync:
+            sync_fd(v.fd)
+        v.put_slots(items)
+        if self.cow_sync:
+            v.sync()
+
+    def _cow_copy(self, rep: _Replica, first: int, n: int, seq: int,
+                  floor: int | None = None) -> tuple[_Versions, list] | None:
+        """Step 1's first half: the blocks to preserve read (verified) and written to their
+        version's data, slots not yet (nothing reads them before the barrier, ``_cow``).
+        None if nothing needs preserving."""
+        if seq <= (rep.floor if floor is None else floor):
+            return None
         crcs, seqs = rep.ext.crcs, rep.seqs
         need = [b for b in range(first, first + n) if crcs[b] and seqs[b] < seq]
         if not need:
-            return
+            return None
         key = seq - 1
         existing = rep.versions.get(key)
         if existing is not None:     # a retried COW: the first copy is the true old block
             need = [b for b in need if b not in existing.entries]
             if not need:
-                return
+                return None
         items = []
         for run_start, run_len in _runs(need):
             data = rep.ext.read_blocks(run_start, run_len)
@@ -1232,11 +1314,8 @@ class ReplicaStore:
         # snapshot reads; the reclaimer trims again when this count moved (``stat``).
         rep.cows += 1
         v = rep.versions_for(key)
-        # The barrier: a slot on disk over a hole would be kept by the retried COW above, and
-        # the live block, the snapshot's only good copy, overwritten (step 1).
-        v.put(items, barrier=self.cow_sync)
-        if self.cow_sync:
-            v.sync()
+        v.put_data(items)
+        return v, items
 
     def _store_seqs(self, rep: _Replica, first: int, n: int, seq: int, present: bool) -> None:
         """Step 2: ``.seq`` := ``seq`` for the run.  When the blocks are about to be
@@ -1248,30 +1327,45 @@ class ReplicaStore:
         seqs = rep.seqs
         if seqs[first:first + n] == new:
             return
-        crcs = rep.ext.crcs
-        cross = (present and seq > 1 and self.cow_sync and 0 in crcs[first:first + n]
-                 and any(not crcs[b] and seqs[b] < seq for b in range(first, first + n)))
+        cross = present and self._crosses(rep, first, n, seq)
         rep.store_seqs(first, new)
         if cross:
             sync_fd(rep.seq_fd)
 
-    def write(self, vid: str, idx: int, offset: int, data, seq: int, fua: bool = False) -> None:
+    def _crosses(self, rep: _Replica, first: int, n: int, seq: int) -> bool:
+        """Writing the run at ``seq`` makes an absent block present across a possible
+        snapshot: its ``.seq`` must be durable before its data (step 2)."""
+        crcs, seqs = rep.ext.crcs, rep.seqs
+        return (seq > 1 and self.cow_sync and 0 in crcs[first:first + n]
+                and any(not crcs[b] and seqs[b] < seq for b in range(first, first + n)))
+
+    def write(self, vid: str, idx: int, offset: int, data, seq: int, fua: bool = False,
+              epoch: int = 0) -> Coroutine[Any, Any, None] | None:
+        """Write ``data`` at ``offset`` at ``seq`` (steps 1-3 of the module docstring).
+
+        ``epoch``: the caller admitted the write at it, and runs in the event loop. A write
+        that must wait for the device first (a COW, or an absent block made present across a
+        snapshot: steps 1-2 with ``cow_sync``) is then not done here but returned as a
+        coroutine that does it, its fdatasyncs in worker threads (``_write_later``): the loop,
+        and every other request on it, does not wait for the disk. Without ``epoch`` those
+        syncs run inline. None when the write is done."""
         rep = self._replicas.get((vid, idx))
         if rep is None:
             self._absent(vid, idx)
-        self._write(rep, offset, data, seq, fua)
+        return self._write(rep, offset, data, seq, fua, epoch)
 
-    def admit_write(self, vid: str, idx: int, epoch: int, offset: int, data, seq: int) -> None:
-        """``admit`` then ``write`` (not FUA), the replica server's WRITE hot path: the known
-        owner's epoch on an extent that is here costs one lookup for both."""
+    def admit_write(self, vid: str, idx: int, epoch: int, offset: int, data, seq: int
+                    ) -> Coroutine[Any, Any, None] | None:
+        """``admit`` then ``write`` (not FUA, with ``epoch``), the replica server's WRITE hot
+        path: the known owner's epoch on an extent that is here costs one lookup for both."""
         rep = self._replicas.get((vid, idx))
         if rep is None or rep.ext.header.epoch != epoch or self.fence.highest(vid) != epoch:
             self.admit(vid, idx, epoch)
-            self.write(vid, idx, offset, data, seq)
-            return
-        self._write(rep, offset, data, seq, False)
+            return self.write(vid, idx, offset, data, seq, epoch=epoch)
+        return self._write(rep, offset, data, seq, False, epoch)
 
-    def _write(self, rep: _Replica, offset: int, data, seq: int, fua: bool) -> None:
+    def _write(self, rep: _Replica, offset: int, data, seq: int, fua: bool,
+               epoch: int = 0) -> Coroutine[Any, Any, None] | None:
         tp = type(data)
         ext = rep.ext
         if (not offset % BLOCK_SIZE and (data.nbytes if tp is memoryview and data.c_contiguous
@@ -1283,6 +1377,8 @@ class ReplicaStore:
             b = offset // BLOCK_SIZE
             floor, seqs = rep.floor, rep.seqs
             if seq <= floor or not ext.crcs[b] or seqs[b] >= seq:
+                if not ext.crcs[b] and seqs[b] < seq > 1 and epoch and self.cow_sync:
+                    return self._write_later(rep, offset, data, seq, epoch)   # step 2 waits
                 rep.mutations += 1
                 if seq < floor:                 # before: it must bound even a half-done write
                     rep.floor = seq
@@ -1303,7 +1399,9 @@ class ReplicaStore:
         first, n = self._blocks(rep, offset, len(view))
         _check_seq(seq)
         if n == 0:
-            return
+            return None
+        if epoch and not fua and self._waits(rep, first, n, seq):
+            return self._write_later(rep, offset, view, seq, epoch)
         rep.mutations += 1
         with self._rep_io(rep):
             if seq > rep.floor:
@@ -1313,6 +1411,83 @@ class ReplicaStore:
             rep.ext.write(offset, view)
         if fua:
             self._durable(rep)
+        return None
+
+    def _waits(self, rep: _Replica, first: int, n: int, seq: int) -> bool:
+        """Writing the run at ``seq`` waits for the device (steps 1-2 with ``cow_sync``): a
+        block older than ``seq``, present (COW: its seq is below ``seq`` only if ``seq`` is
+        above ``rep.floor``) or absent (its ``.seq`` first)."""
+        if seq <= 1 or not self.cow_sync:
+            return False
+        seqs = rep.seqs
+        return any(seqs[b] < seq for b in range(first, first + n))
+
+    async def _write_later(self, rep: _Replica, offset: int, data, seq: int, epoch: int) -> None:
+        """``_write`` of a write that waits for the device, with the loop free meanwhile.
+
+        The steps and their order are ``_cow`` and ``_store_seqs``'s; only each fdatasync
+        runs in a worker thread, on a private dup of the fd (``_Versions.sync``,
+        ``_sync_dup``), and a failed one retires the replica as a failed flush does. Other
+        requests run between the steps: none overlaps this write's blocks (the coordinator
+        holds the range until every replica answered), but the extent may be deleted,
+        retired or trimmed meanwhile, or a newer owner admitted: each step after a wait
+        checks the replica is still this one and admits ``epoch`` again, so a fenced write
+        stops there (what it did so far is a state a crash between steps leaves, which the
+        order makes safe) and is never written over the newer owner's."""
+        vid, idx = rep.ext.header.volume, rep.ext.header.extent
+        view = memoryview(bytes(data))       # ours: the caller's buffer lives on without us
+        first, n = self._blocks(rep, offset, len(view))
+        rep.mutations += 1
+        copied = None
+        if seq > rep.floor:
+            with self._rep_io(rep):
+                copied = self._cow_copy(rep, first, n, seq)
+        if copied is not None:
+            v, items = copied
+            if v.group is None:
+                v.group = _GroupSync(lambda: v.sync)
+            await self._sync_later(rep, v.group)                  # the barrier (``_cow``)
+            self._still_ours(rep, vid, idx, epoch, v)
+            with self._rep_io(rep):
+                v.put_slots(items)
+            await self._sync_later(rep, v.group)
+            self._still_ours(rep, vid, idx, epoch, v)
+        rep.floor = min(rep.floor, seq)                          # before the blocks change
+        new = array("I", [seq]) * n
+        if rep.seqs[first:first + n] != new:
+            cross = self._crosses(rep, first, n, seq)
+            with self._rep_io(rep):
+                rep.store_seqs(first, new)
+            if cross:
+                if rep.seq_group is None:
+                    rep.seq_group = _GroupSync(lambda: partial(_sync_dup, os.dup(rep.seq_fd)))
+                await self._sync_later(rep, rep.seq_group)
+                self._still_ours(rep, vid, idx, epoch, None)
+        with self._rep_io(rep):
+            rep.ext.write(offset, view)
+
+    async def _sync_later(self, rep: _Replica, group: _GroupSync) -> None:
+        """A sync of ``group``'s file begun after now, in a worker thread; a failure retires
+        ``rep`` on the loop, as a failed ``flush_async`` does (``_durable_async``: shielded,
+        so a cancelled caller still has the outcome acted on)."""
+        done = group.wait()
+        done.add_done_callback(lambda f: self._synced(rep, f))
+        try:
+            await asyncio.shield(done)
+        except OSError as e:
+            raise self._fail(rep.disk, e) from e
+
+    def _still_ours(self, rep: _Replica, vid: str, idx: int, epoch: int,
+                    v: _Versions | None) -> None:
+        """After a wait of ``_write_later``: the replica (and the version file ``v`` it
+        writes) still open here, and ``epoch`` still admitted."""
+        if self._replicas.get((vid, idx)) is not rep:
+            if (vid, idx) not in self._replicas:
+                self._absent(vid, idx)
+            raise StoreIOError(f"extent {vid}/{idx} was replaced during a write")
+        if v is not None and (v.fd < 0 or rep.versions.get(v.key) is not v):
+            raise StoreIOError(f"extent {vid}/{idx}: version {v.key} dropped during a write")
+        self.admit(vid, idx, epoch)
 
     def unmap(self, vid: str, idx: int, offset: int, length: int, seq: int,
               zero: bool = False) -> None:

@@ -96,21 +96,36 @@ class LocalReplica:
         return self._run(vid, idx, epoch, self.store.read, vid, idx, off, length, view)
 
     async def write(self, vid, idx, off, data, epoch, seq, fua=False):
-        self._mutate(vid, idx, epoch, self.store.write, vid, idx, off, data, seq)
+        if not epoch:
+            raise self._unfenced("WRITE")
+        later = self._run(vid, idx, epoch, self._write_at, vid, idx, off, data, seq, epoch)
+        if later is not None:
+            await self.finish(vid, idx, later)
         if fua:
             await self.flush(vid, idx, epoch)
 
     start_write = write        # the coordinator's one call for every replica; runs on await
 
-    def write_now(self, vid, idx, off, data, epoch, seq) -> None:
+    def _write_at(self, vid, idx, off, data, seq, epoch):
+        return self.store.write(vid, idx, off, data, seq, epoch=epoch)
+
+    def write_now(self, vid, idx, off, data, epoch, seq):
         """``write`` without FUA and without a coroutine (the coordinator's fast path):
         admission and write in one store call. Not through ``_run``: its argument packing
         cost a measurable share of the coordinator's hot path; the failure mapping is the
-        same ``_fail``."""
+        same ``_fail``. None when written; a write that waits for the disk (a COW) returns
+        the store's coroutine finishing it: await it through ``finish``."""
         if not epoch:
             raise self._unfenced("WRITE")
         try:
-            self.store.admit_write(vid, idx, epoch, off, data, seq)
+            return self.store.admit_write(vid, idx, epoch, off, data, seq)
+        except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
+            raise self._fail(vid, idx, e) from None
+
+    async def finish(self, vid, idx, later) -> None:
+        """Await a write the store finishes after a wait (``write_now``), failures mapped."""
+        try:
+            await later
         except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
             raise self._fail(vid, idx, e) from None
 

@@ -219,7 +219,7 @@ class _Store:
     def admit_write(self, vid, idx, epoch, off, data, seq):
         self.ran.append(f"admit_write {epoch}")
 
-    def write(self, *args):
+    def write(self, *args, **kw):
         self.ran.append("write")
 
     def unmap(self, *args):

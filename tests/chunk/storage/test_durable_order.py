@@ -8,6 +8,7 @@ what (docs/storage.md, "Durability contract").
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -100,30 +101,46 @@ def _blk(seed: int, n: int = 1) -> bytes:
     return bytes((seed * 31 + i) % 251 for i in range(n * BLOCK_SIZE))
 
 
+@pytest.fixture(params=["inline", "deferred"])
+def write(request):
+    """``store.write`` as called inline, or as the replica server runs it (``epoch`` given: a
+    write waiting for the disk comes back as a coroutine, its syncs in worker threads)."""
+    def inline(store: ReplicaStore, off: int, data: bytes, seq: int) -> None:
+        store.write(V, 0, off, data, seq=seq)
+
+    def deferred(store: ReplicaStore, off: int, data: bytes, seq: int) -> None:
+        store.admit(V, 0, 1)
+        later = store.write(V, 0, off, data, seq=seq, epoch=1)
+        if later is not None:
+            asyncio.run(later)
+    return inline if request.param == "inline" else deferred
+
+
 # -- defect 1: an absent block's new seq is durable before its checksum ----------------------
 
-def test_absent_block_written_after_a_snapshot_syncs_seq_before_crc(store: ReplicaStore, ops: Ops):
+def test_absent_block_written_after_a_snapshot_syncs_seq_before_crc(store: ReplicaStore, ops: Ops,
+                                                                   write):
     store.write(V, 0, 0, _blk(1), seq=1)                   # block 0 present at 1
     ops.clear()
-    store.write(V, 0, 5 * BLOCK_SIZE, _blk(2), seq=2)      # 4 KiB fast path, block 5 absent
+    write(store, 5 * BLOCK_SIZE, _blk(2), 2)               # 4 KiB fast path, block 5 absent
     assert ("sync", ".seq") in ops.kinds()
     assert ops.index("write", ".seq") < ops.index("sync", ".seq") < ops.index("write", ".crc")
     assert store.read(V, 0, 5 * BLOCK_SIZE, BLOCK_SIZE, view=1)[1] == b"\x00"
 
     ops.clear()                                            # the long path: two absent blocks
-    store.write(V, 0, 6 * BLOCK_SIZE, _blk(3, 2), seq=2)
+    write(store, 6 * BLOCK_SIZE, _blk(3, 2), 2)
     assert ops.index("write", ".seq") < ops.index("sync", ".seq") < ops.index("write", ".crc")
 
     store.unmap(V, 0, 8 * BLOCK_SIZE, BLOCK_SIZE, seq=2)   # unmapped at 2, written at 3
     ops.clear()
-    store.write(V, 0, 8 * BLOCK_SIZE, _blk(4), seq=3)
+    write(store, 8 * BLOCK_SIZE, _blk(4), 3)
     assert ops.index("write", ".seq") < ops.index("sync", ".seq") < ops.index("write", ".crc")
 
 
-def test_cow_and_absent_in_one_write_version_then_seq_then_crc(store: ReplicaStore, ops: Ops):
+def test_cow_and_absent_in_one_write_version_then_seq_then_crc(store: ReplicaStore, ops: Ops, write):
     store.write(V, 0, 0, _blk(1), seq=1)
     ops.clear()
-    store.write(V, 0, 0, _blk(2, 2), seq=2)                # block 0 COW, block 1 absent
+    write(store, 0, _blk(2, 2), 2)                         # block 0 COW, block 1 absent
     k = ops.kinds()
     assert k.index(("sync", ".ver")) < k.index(("write", ".seq")) < k.index(("sync", ".seq")) \
         < k.index(("write", ".crc"))
