@@ -84,7 +84,10 @@ synchronous (page-cache I/O); only ``flush``, ``fua`` writes, COW writes, writes
 making an absent block present since a snapshot, unmaps of present blocks and
 trims wait for the device.  ``flush_async`` and ``set_generation_async`` run
 their fdatasync in a worker thread and the rest, a failed flush's clean-up
-included, in the event loop's, where every call that changes the store runs.
+included, in the event loop's, where every call that changes the store runs;
+so does a write given its caller's ``epoch`` that must wait for the device (a
+COW, an absent block made present across a snapshot): ``write`` returns it as a
+coroutine (``_write_later``), its syncs group-committed per file.
 """
 
 from __future__ import annotations
