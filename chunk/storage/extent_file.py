@@ -381,7 +381,12 @@ class ExtentFile:
             self._store_crcs(first, array("I", bytes(count * 4)))
         return lo, hi, present
 
-    def punch(self, holes: list[tuple[int, int, bool]]) -> None:
+    @property
+    def crc_fd(self) -> int:
+        """The ``.crc`` file's fd (-1 once closed), for a caller syncing a dup of it."""
+        return self._crc
+
+    def punch(self, holes: list[tuple[int, int, bool]], synced: bool = False) -> None:
         """Punch the holes ``unmap_checksums`` returned out of ``.data``.
 
         Their zeroed checksums are fdatasync'd first when any block was present: a punch is
@@ -390,11 +395,12 @@ class ExtentFile:
         punched (zero) data could meet its old checksum and fail it (a ChecksumError
         where the unmap should read zeros).  Checksum 0 first, durably: a crash in between
         leaves "unwritten" (reads zeros), never zeroed data under an old checksum.  Blocks
-        already absent need no sync: their 0 is durable (``create`` or an earlier punch)."""
+        already absent need no sync: their 0 is durable (``create`` or an earlier punch).
+        ``synced``: the caller synced ``.crc`` after the last ``unmap_checksums`` itself."""
         holes = [h for h in holes if h[0] < h[1]]
         if not holes or not self._punch:
             return
-        if any(h[2] for h in holes):
+        if not synced and any(h[2] for h in holes):
             sync_fd(self._crc)
         for lo, hi, _ in holes:
             try:

@@ -617,8 +617,9 @@ class ReplicaServer:
                     await st.flush_async(vid, idx)
             return finish
         if f.op is Op.UNMAP:
-            st.unmap(vid, idx, f.offset, f.length, f.seq, zero=_arg(f, "zero", bool, False))
-            return f.reply()
+            later = st.unmap(vid, idx, f.offset, f.length, f.seq, zero=_arg(f, "zero", bool, False),
+                             epoch=f.epoch)
+            return f.reply() if later is None else (lambda: later)
         if f.op is Op.FLUSH:
             return lambda: st.flush_async(vid, idx)
         if f.op is Op.REVERT:

@@ -397,6 +397,7 @@ class _Replica:
         self.cows = 0                          # COWs that made versions (the reclaimer's memo)
         self.vdir_dirty = False                # a version file unlinked, the directory not fsync'd
         self.seq_group: _GroupSync | None = None   # ``.seq`` syncs of writes that wait for them
+        self.crc_group: _GroupSync | None = None   # ``.crc`` syncs of unmaps that wait for them
         # A lower bound of the seqs of present blocks: a write at W <= floor
         # cannot need COW, the no-snapshot fast path.
         self.floor = min((s for s in seqs if s), default=_MAX_SEQ)
@@ -1441,33 +1442,73 @@ class ReplicaStore:
         view = memoryview(bytes(data))       # ours: the caller's buffer lives on without us
         first, n = self._blocks(rep, offset, len(view))
         rep.mutations += 1
-        copied = None
-        if seq > rep.floor:
+        await self._cow_later(rep, vid, idx, epoch, first, n, seq)
+        rep.floor = min(rep.floor, seq)                          # before the blocks change
+        await self._store_seqs_later(rep, vid, idx, epoch, first, n, seq, present=True)
+        with self._rep_io(rep):
+            rep.ext.write(offset, view)
+
+    async def _unmap_later(self, rep: _Replica, offset: int, length: int, seq: int, zero: bool,
+                           epoch: int) -> None:
+        """``unmap`` of blocks some of which are present, its syncs off the loop as
+        ``_write_later``'s: the COWs of each 1 MiB piece, ``.seq`` where zeros become present
+        across a snapshot, and the zeroed checksums' sync before the punch."""
+        vid, idx = rep.ext.header.volume, rep.ext.header.extent
+        rep.mutations += 1
+        end = offset + length
+        holes = []
+        floor, rep.floor = rep.floor, min(rep.floor, seq)        # as ``unmap``
+        for a in range(offset, end, _CHUNK):
+            b = min(end, a + _CHUNK)
+            f, m = self._blocks(rep, a, b - a)
+            await self._cow_later(rep, vid, idx, epoch, f, m, seq, floor)
+            await self._store_seqs_later(rep, vid, idx, epoch, f, m, seq, present=zero)
             with self._rep_io(rep):
-                copied = self._cow_copy(rep, first, n, seq)
-        if copied is not None:
-            v, items = copied
+                if zero:
+                    rep.ext.write(a, bytes(b - a))
+                else:
+                    holes.append(rep.ext.unmap_checksums(a, b - a))
+        if any(lo < hi and present for lo, hi, present in holes):
+            if rep.crc_group is None:
+                rep.crc_group = _GroupSync(lambda: partial(_sync_dup, os.dup(rep.ext.crc_fd)))
+            await self._sync_later(rep, rep.crc_group)
+            self._still_ours(rep, vid, idx, epoch, None)
+        with self._rep_io(rep):
+            rep.ext.punch(holes, synced=True)
+
+    async def _cow_later(self, rep: _Replica, vid: str, idx: int, epoch: int, first: int, n: int,
+                         seq: int, floor: int | None = None) -> None:
+        """``_cow`` with its syncs in worker threads (``_write_later``)."""
+        with self._rep_io(rep):
+            copied = self._cow_copy(rep, first, n, seq, floor)
+        if copied is None:
+            return
+        v, items = copied
+        if self.cow_sync:
             if v.group is None:
                 v.group = _GroupSync(lambda: v.sync)
             await self._sync_later(rep, v.group)                  # the barrier (``_cow``)
             self._still_ours(rep, vid, idx, epoch, v)
-            with self._rep_io(rep):
-                v.put_slots(items)
+        with self._rep_io(rep):
+            v.put_slots(items)
+        if self.cow_sync:
             await self._sync_later(rep, v.group)
             self._still_ours(rep, vid, idx, epoch, v)
-        rep.floor = min(rep.floor, seq)                          # before the blocks change
+
+    async def _store_seqs_later(self, rep: _Replica, vid: str, idx: int, epoch: int, first: int,
+                                n: int, seq: int, present: bool) -> None:
+        """``_store_seqs`` with its sync in a worker thread (``_write_later``)."""
         new = array("I", [seq]) * n
-        if rep.seqs[first:first + n] != new:
-            cross = self._crosses(rep, first, n, seq)
-            with self._rep_io(rep):
-                rep.store_seqs(first, new)
-            if cross:
-                if rep.seq_group is None:
-                    rep.seq_group = _GroupSync(lambda: partial(_sync_dup, os.dup(rep.seq_fd)))
-                await self._sync_later(rep, rep.seq_group)
-                self._still_ours(rep, vid, idx, epoch, None)
+        if rep.seqs[first:first + n] == new:
+            return
+        cross = present and self._crosses(rep, first, n, seq)
         with self._rep_io(rep):
-            rep.ext.write(offset, view)
+            rep.store_seqs(first, new)
+        if cross:
+            if rep.seq_group is None:
+                rep.seq_group = _GroupSync(lambda: partial(_sync_dup, os.dup(rep.seq_fd)))
+            await self._sync_later(rep, rep.seq_group)
+            self._still_ours(rep, vid, idx, epoch, None)
 
     async def _sync_later(self, rep: _Replica, group: _GroupSync) -> None:
         """A sync of ``group``'s file begun after now, in a worker thread; a failure retires
@@ -1493,12 +1534,18 @@ class ReplicaStore:
         self.admit(vid, idx, epoch)
 
     def unmap(self, vid: str, idx: int, offset: int, length: int, seq: int,
-              zero: bool = False) -> None:
+              zero: bool = False, epoch: int = 0) -> Coroutine[Any, Any, None] | None:
+        """Unmap (or, ``zero``, write zeros over) the range at ``seq``. ``epoch`` as in
+        ``write``: an unmap touching present blocks (a COW, the zeroed checksums' sync before
+        the punch) comes back as a coroutine with its syncs off the loop (``_unmap_later``)."""
         rep = self._get(vid, idx)
         first, n = self._blocks(rep, offset, length)
         _check_seq(seq)
         if n == 0:
-            return
+            return None
+        if epoch and (any(rep.ext.crcs[first:first + n])
+                      or (zero and self._crosses(rep, first, n, seq))):
+            return self._unmap_later(rep, offset, length, seq, zero, epoch)
         with self._rep_io(rep):
             rep.mutations += 1
             end = offset + length
@@ -1520,6 +1567,7 @@ class ReplicaStore:
                 else:
                     holes.append(rep.ext.unmap_checksums(a, b - a))
             rep.ext.punch(holes)                 # one .crc sync for the whole range, then punches
+        return None
 
     def revert(self, vid: str, idx: int, to_seq: int, seq: int) -> None:
         """Every block changed since ``to_seq`` back to its view there, written at ``seq``;

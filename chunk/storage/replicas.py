@@ -123,14 +123,21 @@ class LocalReplica:
             raise self._fail(vid, idx, e) from None
 
     async def finish(self, vid, idx, later) -> None:
-        """Await a write the store finishes after a wait (``write_now``), failures mapped."""
+        """Await a write (or unmap) the store finishes after a wait, failures mapped."""
         try:
             await later
         except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
             raise self._fail(vid, idx, e) from None
 
     async def unmap(self, vid, idx, off, length, epoch, seq, zero=False):
-        self._mutate(vid, idx, epoch, self.store.unmap, vid, idx, off, length, seq, zero)
+        if not epoch:
+            raise self._unfenced("UNMAP")
+        later = self._run(vid, idx, epoch, self._unmap_at, vid, idx, off, length, seq, zero, epoch)
+        if later is not None:
+            await self.finish(vid, idx, later)
+
+    def _unmap_at(self, vid, idx, off, length, seq, zero, epoch):
+        return self.store.unmap(vid, idx, off, length, seq, zero, epoch=epoch)
 
     async def flush(self, vid, idx, epoch):
         # Admitted first, as the replica server admits FLUSH: a deposed owner is told it is

@@ -6,7 +6,8 @@ every first overwrite of a block after a snapshot stopped every other request of
 on that server for two device syncs (~4 ms each on this machine's disk: 23k -> 0.85k IOPS
 right after a snapshot, 4 KiB QD32). Now they run in worker threads: other requests are
 answered meanwhile, and the COW's own order (version data, sync, slots, sync, live data) is
-kept (test_cow_crash_order covers the deferred path too).
+kept (test_cow_crash_order and test_durable_order cover the deferred path too). An UNMAP of
+blocks a snapshot still reads does the same.
 
 The version file's syncs are held behind one seam, ``os.fdatasync``: off the loop's thread
 until the test lets them go; on it (the code before) for at most 1.5 s each, long enough to
@@ -27,6 +28,7 @@ from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.replica_store import ReplicaStore
 from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Pipeline, Status
+from tests.cluster import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,17 +78,51 @@ async def test_a_cow_write_leaves_the_loop_serving_other_requests(tmp_path: Path
         assert (await pipe.call(_write(0, 0, old, 1), 10)).status is Status.OK
         proceed, calls = _hold_version_syncs(monkeypatch)
         cow = asyncio.ensure_future(pipe.call(_write(0, 0, new, 2), 10))   # snapshot 1 taken
-        # A write to another extent and a PING, sent after it, are answered while it waits.
+        await async_wait_for(lambda: calls, 5, "the COW's first sync")
+        assert calls == [False], calls          # held, in a worker thread
+        # A PING and a write to another extent are answered while it waits.
         ping = await asyncio.wait_for(asyncio.shield(pipe.call(Frame(Op.PING, 0), 10)), 1.0)
         assert ping.status is Status.OK and not cow.done(), "the loop waited for the COW's sync"
         done = await asyncio.wait_for(pipe.call(_write(1, 0, other, 1), 10), 1.0)
         assert done.status is Status.OK and not cow.done()
-        assert calls == [False], calls          # its first sync is held, in a worker thread
         proceed.set()
         assert (await asyncio.wait_for(cow, 10)).status is Status.OK
         assert calls == [False, False]          # the barrier, then the slots' sync
         assert store.read(VID, 0, 0, BLOCK_SIZE)[0] == new
         assert store.read(VID, 0, 0, BLOCK_SIZE, view=1)[0] == old     # the snapshot's block
+        assert store.verify(VID, 0) == []
+        await pipe.close()
+    finally:
+        await server.stop()
+        store.close()
+
+
+async def test_an_unmap_after_a_snapshot_leaves_the_loop_serving_other_requests(tmp_path: Path,
+                                                                              monkeypatch):
+    """An UNMAP (a host's discard, fstrim) of blocks a snapshot still reads copies them aside
+    first, with the same two syncs per 1 MiB piece: the loop answers others meanwhile."""
+    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT)     # cow_sync on
+    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=1.0)
+    await server.start()
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        reader, writer = FrameReader(r), FrameWriter(w)
+        await asyncio.wait_for(peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "c"), 5)
+        pipe = Pipeline(reader, writer)
+        assert (await pipe.call(Frame(Op.CREATE, 0, VID, 0, 1, 1), 10)).status is Status.OK
+        old = bytes(range(256)) * (4 * BLOCK_SIZE // 256)
+        assert (await pipe.call(_write(0, 0, old, 1), 10)).status is Status.OK
+        proceed, calls = _hold_version_syncs(monkeypatch)
+        unmap = asyncio.ensure_future(
+            pipe.call(Frame(Op.UNMAP, 0, VID, 0, 1, 1, 0, 4 * BLOCK_SIZE, seq=2), 10))
+        await async_wait_for(lambda: calls, 5, "the unmap's first sync")
+        assert calls == [False], calls
+        ping = await asyncio.wait_for(asyncio.shield(pipe.call(Frame(Op.PING, 0), 10)), 1.0)
+        assert ping.status is Status.OK and not unmap.done(), "the loop waited for the COW's sync"
+        proceed.set()
+        assert (await asyncio.wait_for(unmap, 10)).status is Status.OK
+        assert store.read(VID, 0, 0, 4 * BLOCK_SIZE)[0] == bytes(4 * BLOCK_SIZE)
+        assert store.read(VID, 0, 0, 4 * BLOCK_SIZE, view=1)[0] == old
         assert store.verify(VID, 0) == []
         await pipe.close()
     finally:

@@ -205,18 +205,50 @@ def test_extent_unmap_syncs_crc_before_punch(tmp_path: Path, ops: Ops):
         assert ops.count("sync", ".crc") == 0
 
 
-def test_store_unmap_of_a_long_range_syncs_crc_once_before_punching(tmp_path: Path, ops: Ops):
+def _unmap(s: ReplicaStore, off: int, length: int, seq: int, deferred: bool) -> None:
+    """``s.unmap`` inline, or as the replica server runs it (the ``write`` fixture's way)."""
+    if not deferred:
+        s.unmap(V, 0, off, length, seq=seq)
+        return
+    s.admit(V, 0, 1)
+    later = s.unmap(V, 0, off, length, seq=seq, epoch=1)
+    assert later is not None                                # present blocks: it waits for a sync
+    asyncio.run(later)
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["inline", "deferred"])
+def test_store_unmap_of_a_long_range_syncs_crc_once_before_punching(tmp_path: Path, ops: Ops,
+                                                                    deferred: bool):
     size = 4 << 20                                          # several of the store's 1 MiB pieces
     with ReplicaStore([(tmp_path / "d0", None)], extent_size=size) as s:
         s.create(V, 0, 1)
         s.write(V, 0, 0, bytes(b"\x01" * size), seq=1)
         ops.clear()
-        s.unmap(V, 0, 0, size, seq=1)
+        _unmap(s, 0, size, 1, deferred)
         assert ops.count("sync", ".crc") == 1
         k = ops.kinds()
         last_crc_write = len(k) - 1 - k[::-1].index(("write", ".crc"))
         assert last_crc_write < k.index(("sync", ".crc")) < k.index(("punch", ".data"))
         assert s.read(V, 0, 0, size)[0] == bytes(size)
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["inline", "deferred"])
+def test_store_unmap_after_a_snapshot_keeps_the_blocks_for_it_synced_first(tmp_path: Path, ops: Ops,
+                                                                           deferred: bool):
+    size = 2 << 20
+    with ReplicaStore([(tmp_path / "d0", None)], extent_size=size) as s:
+        s.create(V, 0, 1)
+        s.write(V, 0, 0, _blk(7, size // BLOCK_SIZE), seq=1)
+        ops.clear()
+        _unmap(s, 0, size, 2, deferred)                      # snapshot 1 taken: a COW first
+        k = ops.kinds()
+        syncs = [i for i, op in enumerate(k) if op == ("sync", ".ver")]
+        assert len(syncs) == 4                               # barrier + slots, per 1 MiB piece
+        assert syncs[1] < k.index(("write", ".crc"))         # piece 1 preserved before zeroed
+        assert syncs[3] < k.index(("sync", ".crc")) < k.index(("punch", ".data"))
+        assert s.read(V, 0, 0, size)[0] == bytes(size)
+        assert s.read(V, 0, 0, size, view=1)[0] == _blk(7, size // BLOCK_SIZE)
+        assert s.verify(V, 0) == []
 
 
 # -- defect 3: removing versions ---------------------------------------------------------------
