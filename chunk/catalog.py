@@ -31,8 +31,17 @@ through the same client succeeded since, and every section's watch has since del
 that read's revision: an event or a progress marker at or past it, asked for on the
 watch stream after the read. A watch open but stalled delivers neither, so a revoked
 ACL entry, a deleted key or a changed CHAP secret it holds back makes the mirror stale,
-at a cost to etcd that does not grow with the catalog. A hung etcd (or one cut off from
-its quorum) fails the read well before gRPC's keepalive would fail the watches.
+with no transfer that grows with the catalog. A hung etcd (or one cut off from its
+quorum) fails the read well before gRPC's keepalive would fail the watches.
+
+And every section's mirror holds as many keys as etcd did at the revision the mirror is
+at (a Txn of count-only ranges: etcd counts in its in-memory index and answers six
+numbers). etcd 3.4 answers a progress request with its store revision whatever each
+watch's state inside it, so a watch stalled in etcd while its stream flows still gets
+the marker; the count catches a key created or deleted there (not a put to an existing
+key: nothing cheap does), and the section is listed afresh, which ends that watch, so
+the mirror usually stays current. A mismatch is asked again as the mirror moves first:
+3.4 may send the marker just ahead of events it has already queued.
 """
 
 from __future__ import annotations
@@ -161,6 +170,7 @@ class Catalog:
         self._confirmed = 0.0                       # loop time the mirror was last known current
         self.stale = False
         self._relisted: set[str] = set()            # sections listed afresh since going stale
+        self.miscounted = 0                         # sections relisted: key count not etcd's
 
     # -- queries (hot: called per login / per command) -------------------------
 
@@ -546,7 +556,8 @@ class Catalog:
         """A linearizable read through the watches' client, then a progress request: while
         every watch stays open across it and every section's stream delivered the read's
         revision (an event or progress marker at or past it; a stalled stream delivers
-        neither), the mirror was current when it was sent.
+        neither), and every section holds etcd's key count there (``_counts_agree``), the
+        mirror was current when it was sent.
 
         An etcd without etcd-io/etcd#15237 (3.4.23, as installed here) may answer just
         ahead of events it has already queued: confirmed then, such a section is
@@ -573,8 +584,59 @@ class Catalog:
                 return
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
+        if not await self._counts_agree(sent, timeout):
+            return
         if not self.stale and all(self._watching.get(k) for k in self._sections()):
             self._confirmed = max(self._confirmed, sent)
+
+    async def _counts_agree(self, sent: float, timeout: float) -> bool:
+        """Whether every section's mirror holds as many keys as etcd did at the revision the
+        mirror is at (one Txn of count-only ranges, at each section's applied revision).
+
+        etcd 3.4 answers a progress request with its store revision whatever its watches'
+        state, so a watch stalled inside etcd while the stream flows gets the marker: its
+        section looks caught up while missing a create or a delete. A mismatch is asked
+        again as the mirror moves (3.4 may also send the marker just ahead of events it has
+        queued); one that lasts ``timeout``/4 has that section listed afresh (and this probe
+        does not confirm)."""
+        loop = asyncio.get_running_loop()
+        sections = self._sections()
+        asked: dict[str, tuple[int, int]] | None = None
+        counts: list[int] = []
+        first_off: float | None = None
+        pause = 0.005
+        while True:
+            # taken at once (no await): each section's revision and its key count there
+            marks = {k: (self._applied.get(k, 0), len(self._raw.get(k, {}))) for k in sections}
+            if marks != asked:
+                try:
+                    counts = await asyncio.wait_for(
+                        self.etcd.counts([(sections[k], marks[k][0]) for k in sections]),
+                        max(0.01, sent + timeout - loop.time()))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - not confirmed: staleness is the answer
+                    log.debug("export catalog: etcd did not count the sections: %s", e)
+                    return False
+                asked = marks
+            off = [k for k, n in zip(sections, counts) if n != marks[k][1]]
+            if not off:
+                return True
+            now = loop.time()
+            first_off = now if first_off is None else first_off
+            if self.stale or now - sent > timeout:
+                return False
+            if now - first_off > timeout / 4:
+                log.warning("export catalog: etcd counts %s keys where the mirror holds %s, at "
+                            "the revision its watch delivered; listing those sections afresh",
+                            {k: n for k, n in zip(sections, counts) if k in off},
+                            {k: marks[k][1] for k in off})
+                self.miscounted += len(off)
+                for k in off:
+                    self._relist[k].set()
+                return False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _go_stale(self, age: float) -> None:
         log.warning("export catalog: not confirmed current with etcd for %.1fs (bound %.1fs): "
