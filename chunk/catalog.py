@@ -42,6 +42,13 @@ the marker; the count catches a key created or deleted there (not a put to an ex
 key: nothing cheap does), and the section is listed afresh, which ends that watch, so
 the mirror usually stays current. A mismatch is asked again as the mirror moves first:
 3.4 may send the marker just ahead of events it has already queued.
+
+The sections' watches have a watch stream of their own (``zetcd.Client.watch_on``): etcd
+answers a progress request per stream, and from 3.5.8 (etcd-io/etcd#15237) only once
+every watch of that stream is synced, so on the stream the chunk server's other watches
+share, one catching up (a volume's extents listed, then watched from that revision) would
+hold the answer back and the catalog would go stale, refusing logins, for a mirror that
+was current. On its own stream only the catalog's watches can hold it back: rightly.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ from zstore.keys import Keys
 from zstore.records import AclEntry, ChapRecord, LunMapping, RecordError, Snapshot, Target, Volume
 
 log = logging.getLogger(__name__)
+
+# The catalog's watches have a gRPC Watch stream of their own (see the module docstring).
+WATCH_STREAM = "catalog"
 
 
 class LunExport(NamedTuple):
@@ -516,7 +526,7 @@ class Catalog:
 
         await zetcd.watch_prefix(self.etcd, prefix, on_snapshot, on_event, stop,
                                  on_status=on_status, relist=relist, with_revision=True,
-                                 on_progress=on_progress)
+                                 on_progress=on_progress, stream=WATCH_STREAM)
 
     # -- staleness ---------------------------------------------------------------
 
@@ -544,9 +554,10 @@ class Catalog:
 
     async def _ask_progress(self) -> int:
         """etcd's revision now (a linearizable read of one key), then a progress request on
-        the watch stream: every open watch answers with a marker at or past it."""
+        the catalog's watch stream: each of its open watches answers with a marker at or
+        past it."""
         revision = await self.etcd.revision(self.keys.targets())
-        await self.etcd.request_progress()
+        await self.etcd.request_progress(WATCH_STREAM)
         return revision
 
     def _caught_up(self, revision: int) -> bool:
@@ -560,10 +571,10 @@ class Catalog:
         mirror was current when it was sent.
 
         An etcd without etcd-io/etcd#15237 (3.4.23, as installed here) may answer just
-        ahead of events it has already queued: confirmed then, such a section is
-        milliseconds behind, not stalled (a stalled stream cannot answer). One with it
-        holds the answer back while a watch is catching up: this probe is not confirmed,
-        the next one is."""
+        ahead of events it has already queued (such a section is milliseconds behind), or
+        to a watch stalled inside it (the key counts catch a create or delete there). One
+        with it holds the answer back while a watch of the catalog's stream is catching
+        up: this probe is not confirmed, the next one is."""
         loop = asyncio.get_running_loop()
         sent = loop.time()
         if self.stale or not all(self._watching.get(k) for k in self._sections()):

@@ -15,6 +15,9 @@ next endpoint; others fail to the caller as before, and its next call goes to
 the next endpoint. Every call carries etcd's require-leader metadata
 (``hasleader``), so a member cut off from quorum answers "no leader" at once
 (watches on it are ended by etcd) instead of hanging or serving stale data.
+
+Watches share one gRPC Watch stream (aetcd's), except those a caller puts on a stream of
+its own by name (``Client.watch_on``): etcd answers a progress request per stream.
 """
 
 from __future__ import annotations
@@ -198,6 +201,7 @@ class Client(aetcd.Client):
         self._timeouts = 0                     # timeouts in a row on the current channel
         self._credentials = credentials
         self._retiring: dict[asyncio.Task, Any] = {}   # closing old channels: task -> channel
+        self._streams: dict[str, _Watcher] = {}     # named watch streams on the channel
 
     @property
     def _target(self) -> str:
@@ -218,6 +222,7 @@ class Client(aetcd.Client):
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
         self._watcher = _Watcher(rpc.WatchStub(self.channel),
                                  timeout=self._timeout, metadata=self.metadata)
+        self._streams = {}
 
     async def connect(self) -> None:
         if self._connected.is_set():
@@ -253,27 +258,81 @@ class Client(aetcd.Client):
     def _failover(self, why: str) -> None:
         """Open a channel to the next endpoint now; the old one's watches end with an error
         and its calls still running get the timeout to finish."""
-        old_target, old_channel, old_watcher = self._target, self.channel, self._watcher
+        old_target, old_channel = self._target, self.channel
+        old_watchers = [self._watcher, *self._streams.values()]
         self._current = (self._current + 1) % len(self._targets)
         log.warning("etcd at %s failed (%s); using %s", old_target, why, self._target)
         self._open()
-        task = asyncio.ensure_future(self._retire(old_channel, old_watcher, old_target))
+        task = asyncio.ensure_future(self._retire(old_channel, old_watchers, old_target))
         self._retiring[task] = old_channel
         task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
-    async def _retire(self, channel: Any, watcher: Any, target: str) -> None:
-        try:
-            if watcher is not None:
-                await watcher.retire(f"etcd at {target} failed; watch again")
-        except Exception:  # noqa: BLE001 - best effort: the channel goes anyway
-            log.debug("retiring the watcher on %s failed", target, exc_info=True)
+    async def _retire(self, channel: Any, watchers: list[Any], target: str) -> None:
+        for watcher in watchers:
+            try:
+                if watcher is not None:
+                    await watcher.retire(f"etcd at {target} failed; watch again")
+            except Exception:  # noqa: BLE001 - best effort: the channel goes anyway
+                log.debug("retiring a watcher on %s failed", target, exc_info=True)
         if channel is not None:
             await channel.close(grace=self._timeout or 5.0)
 
-    async def request_progress(self) -> None:
-        """Ask etcd for its revision on the watch stream (``_Watcher.request_progress``)."""
+    def _stream(self, name: str | None) -> _Watcher:
+        """The watcher (one gRPC Watch stream) ``name`` on the current channel, opened on
+        first use; None: aetcd's own, which every other watch of this client shares."""
+        if name is None:
+            return self._watcher
+        watcher = self._streams.get(name)
+        if watcher is None:
+            watcher = self._streams[name] = _Watcher(rpc.WatchStub(self.channel),
+                                                     timeout=self._timeout, metadata=self.metadata)
+        return watcher
+
+    async def request_progress(self, stream: str | None = None) -> None:
+        """Ask etcd for its revision on a watch stream (``_Watcher.request_progress``): the
+        shared one, or the one named ``stream`` (``watch_on``)."""
         await self.connect()
-        self._watcher.request_progress()
+        self._stream(stream).request_progress()
+
+    @_failing_over
+    async def watch_on(self, stream: str, key: bytes, **kw: Any) -> Any:
+        """aetcd's ``watch``, on the watch stream named ``stream`` instead of the shared one.
+
+        etcd answers a progress request on a stream only for that stream's watches, and
+        etcd >= 3.5.8 waits until every one of them is synced: a caller that proves its
+        watches current by progress requests (chunk/catalog.py) is then not held back by a
+        watch elsewhere on the client catching up (a volume's extents listed and watched)."""
+        watcher = self._stream(stream)
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def response_callback(response: Any) -> None:
+            await events.put(response)
+
+        try:
+            cb = await watcher.add_callback(key, response_callback, **kw)
+        except rpc.AioRpcError as e:
+            aetcd_exc._handle_exception(e)
+        canceled = asyncio.Event()
+
+        async def cancel() -> None:
+            canceled.set()
+            await events.put(None)
+            await watcher.cancel(cb.watch_id)
+
+        async def iterator():
+            while not canceled.is_set():
+                event = await events.get()
+                if event is None:
+                    canceled.set()
+                if isinstance(event, Exception):
+                    canceled.set()
+                    if isinstance(event, rpc.AioRpcError):
+                        aetcd_exc._handle_exception(event)
+                    raise event
+                if not canceled.is_set():
+                    yield event
+
+        return aetcd.rtypes.Watch(iterator, cancel, cb.watch_id)
 
     async def revision(self, key: bytes) -> int:
         """etcd's current revision, by a linearizable read of the one ``key`` (count only):
@@ -299,6 +358,9 @@ class Client(aetcd.Client):
             aetcd_exc._handle_exception(e)
 
     async def close(self) -> None:
+        streams, self._streams = list(self._streams.values()), {}
+        for watcher in streams:
+            await watcher.shutdown()
         await super().close()
         retiring, self._retiring = dict(self._retiring), {}
         for task in retiring:
@@ -425,15 +487,19 @@ async def cancel_watch(watch, timeout: float | None = None) -> None:
         pass
 
 
-async def create_watch(etcd: aetcd.Client, prefix: bytes, **kw):
-    """``etcd.watch_prefix(prefix, **kw)``, honouring a cancel that came while it was created.
+async def create_watch(etcd: aetcd.Client, prefix: bytes, stream: str | None = None, **kw):
+    """``etcd.watch_prefix(prefix, **kw)`` (on the watch stream ``stream``: ``Client.watch_on``),
+    honouring a cancel that came while it was created.
 
     aetcd waits for the "created" answer in ``asyncio.wait_for``, which on Python 3.11 returns
     the result instead of raising CancelledError when the answer is already in as the cancel
     comes: the cancel is lost, and a caller that stops its watch only by cancelling the task
     waits for a watch nobody ends (a ReservationStore.close() hung that way). The task still
     counts the cancel (``cancelling()``): the new watch is cancelled and the cancel raised."""
-    watch = await etcd.watch_prefix(prefix, **kw)
+    if stream is not None and isinstance(etcd, Client):
+        watch = await etcd.watch_on(stream, prefix, range_end=prefix_end(prefix), **kw)
+    else:
+        watch = await etcd.watch_prefix(prefix, **kw)
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         await cancel_watch(watch)
@@ -448,7 +514,8 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
                        with_revision: bool = False,
                        on_status: Callable[[bool], None] | None = None,
                        relist: asyncio.Event | None = None,
-                       on_progress: Callable[[int], Awaitable[None]] | None = None) -> None:
+                       on_progress: Callable[[int], Awaitable[None]] | None = None,
+                       stream: str | None = None) -> None:
     """Mirror a prefix: a full listing, then events from the next revision on.
 
     ``with_revision``: ``on_snapshot`` also gets the listing's revision (every value
@@ -470,6 +537,9 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
     ``on_progress(revision)``: the watch takes progress markers (``Progress``, answers to
     ``Client.request_progress`` and etcd's periodic ones), each in order with the events:
     callers that must know their watch still delivers learn it from these.
+
+    ``stream``: watch on that named watch stream of the client (``Client.watch_on``), not
+    the one its other watches share.
     """
     def status(ok: bool) -> None:
         if on_status is not None:
@@ -487,7 +557,7 @@ async def watch_prefix(etcd: aetcd.Client, prefix: bytes,
             listing, rev = await get_prefix_paged(etcd, prefix)
             kvs = [(kv.key, kv.value) for kv in listing]
             await (on_snapshot(kvs, rev) if with_revision else on_snapshot(kvs))
-            watch = await create_watch(etcd, prefix, start_revision=rev + 1,
+            watch = await create_watch(etcd, prefix, stream, start_revision=rev + 1,
                                        progress_notify=on_progress is not None)
             status(True)
 

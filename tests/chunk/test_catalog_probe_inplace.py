@@ -139,9 +139,9 @@ async def test_the_probe_asks_etcd_the_same_with_50_and_500_keys(etcd_client, et
     monkeypatch.setattr(etcd_client, "kvstub", _RecordingKV(etcd_client.kvstub, calls))
     real_progress = etcd_client.request_progress
 
-    async def request_progress():
+    async def request_progress(*a, **kw):
         calls.append(("progress",))
-        await real_progress()
+        await real_progress(*a, **kw)
     monkeypatch.setattr(etcd_client, "request_progress", request_progress)
 
     async def probe_with(n: int) -> list:
