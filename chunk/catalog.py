@@ -49,6 +49,9 @@ every watch of that stream is synced, so on the stream the chunk server's other 
 share, one catching up (a volume's extents listed, then watched from that revision) would
 hold the answer back and the catalog would go stale, refusing logins, for a mirror that
 was current. On its own stream only the catalog's watches can hold it back: rightly.
+A slow answer is never taken as confirmation (a laxer rule, e.g. "confirmed recently
+enough", would serve through a watch stalled since): both fixes keep the rule strict and
+remove the causes of a false "unconfirmed" or a false "confirmed" instead.
 """
 
 from __future__ import annotations
