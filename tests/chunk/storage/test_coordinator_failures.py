@@ -97,17 +97,9 @@ async def test_an_allocation_no_replica_created_is_retried_not_broken(stores, et
 # -- 3. SYNCHRONIZE CACHE on a deposed owner ------------------------------------------------
 
 
-async def test_flush_on_a_deposed_owner_flushes_the_new_owners_writes(stores, etcd_client, keys):
-    """Multipath over two chunk servers: S2 takes the volume over and writes extent 1
-    (acknowledged); a SYNCHRONIZE CACHE through S1 must make it durable too, not answer
-    GOOD after flushing only what S1 wrote."""
-    _a, _b, reps = _two(stores)
-    for st in (_a, _b):
-        st.create("v", 1, 1)
-    s1 = await _volume(etcd_client, keys, reps)
-    await s1.ensure_owner()
-    await s1.flush()                                        # S1's own start: nothing pending
-    await s1.write(0, _block(1))
+async def _new_owner_writes_extent_1(s1: Coordinator, etcd_client, keys, reps) -> list:
+    """S2 takes S1's volume over and writes extent 1 (acknowledged, not flushed); then every
+    replica's FLUSH is recorded, as (chunk id, extent), in the list returned."""
     s2 = Coordinator(_Engine(etcd_client, keys, reps), s1.volume)
     s2._is_ready = True                                     # noqa: SLF001
     s2.engine.meta = _Meta(s2)
@@ -126,6 +118,21 @@ async def test_flush_on_a_deposed_owner_flushes_the_new_owners_writes(stores, et
             await real(vid, idx, epoch)
             flushed.append((cid, idx))
         r.flush = flush
+    return flushed
+
+
+async def test_flush_on_a_deposed_owner_flushes_the_new_owners_writes(stores, etcd_client, keys):
+    """Multipath over two chunk servers: S2 takes the volume over and writes extent 1
+    (acknowledged); a SYNCHRONIZE CACHE through S1 must make it durable too, not answer
+    GOOD after flushing only what S1 wrote."""
+    _a, _b, reps = _two(stores)
+    for st in (_a, _b):
+        st.create("v", 1, 1)
+    s1 = await _volume(etcd_client, keys, reps)
+    await s1.ensure_owner()
+    await s1.flush()                                        # S1's own start: nothing pending
+    await s1.write(0, _block(1))
+    flushed = await _new_owner_writes_extent_1(s1, etcd_client, keys, reps)
     await s1.flush()
     assert ("A", 1) in flushed and ("B", 1) in flushed, flushed
 
@@ -140,24 +147,7 @@ async def test_flush_on_an_idle_deposed_owner_flushes_the_new_owners_writes(stor
     s1 = await _volume(etcd_client, keys, reps)
     await s1.write(0, _block(1))
     await s1.flush()                                        # S1 idle from here on
-    s2 = Coordinator(_Engine(etcd_client, keys, reps), s1.volume)
-    s2._is_ready = True                                     # noqa: SLF001
-    s2.engine.meta = _Meta(s2)
-
-    async def no_refresh():
-        pass
-    s2._refresh_extents = no_refresh                        # noqa: SLF001
-    for idx in range(2):
-        s2.extents[idx] = ExtentRecord("v", idx, ["A", "B"], 1, {})
-    await s2.write(EXTENT_SIZE, _block(2))
-    flushed = []
-    for cid, r in reps.items():
-        real = r.flush
-
-        async def flush(vid, idx, epoch, cid=cid, real=real):
-            await real(vid, idx, epoch)
-            flushed.append((cid, idx))
-        r.flush = flush
+    flushed = await _new_owner_writes_extent_1(s1, etcd_client, keys, reps)
     await s1.flush()
     assert ("A", 1) in flushed and ("B", 1) in flushed, flushed
 

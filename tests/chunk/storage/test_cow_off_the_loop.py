@@ -17,9 +17,11 @@ show the loop stalled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 
@@ -63,8 +65,10 @@ def _write(idx: int, off: int, data: bytes, seq: int) -> Frame:
     return Frame(Op.WRITE, 0, VID, idx, 1, 1, off, len(data), data, seq=seq)
 
 
-async def test_a_cow_write_leaves_the_loop_serving_other_requests(tmp_path: Path, monkeypatch):
-    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT)     # cow_sync on
+@contextlib.asynccontextmanager
+async def _served(tmp_path: Path) -> AsyncIterator[tuple[ReplicaStore, Pipeline]]:
+    """A replica server over a store syncing as served (cow_sync on), and a peer connection."""
+    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT)
     server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=1.0)
     await server.start()
     try:
@@ -72,6 +76,17 @@ async def test_a_cow_write_leaves_the_loop_serving_other_requests(tmp_path: Path
         reader, writer = FrameReader(r), FrameWriter(w)
         await asyncio.wait_for(peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "c"), 5)
         pipe = Pipeline(reader, writer)
+        try:
+            yield store, pipe
+        finally:
+            await pipe.close()
+    finally:
+        await server.stop()
+        store.close()
+
+
+async def test_a_cow_write_leaves_the_loop_serving_other_requests(tmp_path: Path, monkeypatch):
+    async with _served(tmp_path) as (store, pipe):
         for idx in (0, 1):
             assert (await pipe.call(Frame(Op.CREATE, 0, VID, idx, 1, 1), 10)).status is Status.OK
         old, new, other = b"o" * BLOCK_SIZE, b"n" * BLOCK_SIZE, b"x" * BLOCK_SIZE
@@ -91,24 +106,13 @@ async def test_a_cow_write_leaves_the_loop_serving_other_requests(tmp_path: Path
         assert store.read(VID, 0, 0, BLOCK_SIZE)[0] == new
         assert store.read(VID, 0, 0, BLOCK_SIZE, view=1)[0] == old     # the snapshot's block
         assert store.verify(VID, 0) == []
-        await pipe.close()
-    finally:
-        await server.stop()
-        store.close()
 
 
 async def test_an_unmap_after_a_snapshot_leaves_the_loop_serving_other_requests(tmp_path: Path,
                                                                               monkeypatch):
     """An UNMAP (a host's discard, fstrim) of blocks a snapshot still reads copies them aside
     first, with the same two syncs per 1 MiB piece: the loop answers others meanwhile."""
-    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT)     # cow_sync on
-    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=1.0)
-    await server.start()
-    try:
-        r, w = await asyncio.open_connection("127.0.0.1", server.port)
-        reader, writer = FrameReader(r), FrameWriter(w)
-        await asyncio.wait_for(peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "c"), 5)
-        pipe = Pipeline(reader, writer)
+    async with _served(tmp_path) as (store, pipe):
         assert (await pipe.call(Frame(Op.CREATE, 0, VID, 0, 1, 1), 10)).status is Status.OK
         old = bytes(range(256)) * (4 * BLOCK_SIZE // 256)
         assert (await pipe.call(_write(0, 0, old, 1), 10)).status is Status.OK
@@ -124,7 +128,3 @@ async def test_an_unmap_after_a_snapshot_leaves_the_loop_serving_other_requests(
         assert store.read(VID, 0, 0, 4 * BLOCK_SIZE)[0] == bytes(4 * BLOCK_SIZE)
         assert store.read(VID, 0, 0, 4 * BLOCK_SIZE, view=1)[0] == old
         assert store.verify(VID, 0) == []
-        await pipe.close()
-    finally:
-        await server.stop()
-        store.close()
