@@ -72,6 +72,7 @@ from .placement import Candidate, shared_allowed
 log = logging.getLogger(__name__)
 
 PERIOD = 2.0
+PLACE_YIELD_EVERY = 200  # extents a planning loop places (or fails to) between yields to the loop
 FAILING_PASSES = 3       # a rebuild failing this many passes in a row is replanned (maybe elsewhere)
 LOAD_WAIT = 10.0         # a pass waits this long for the extent view's listing, then gives up
 OWN_WRITES_WAIT = 5.0    # ... and this long for the view to show its own writes, then reads them
@@ -135,6 +136,28 @@ class World:
     extents: dict[tuple[str, int], tuple[ExtentRecord, int]]
     tasks: dict[tuple[str, int], tuple[RecoveryTask, int]]
     owners: dict[str, VolumeOwner]
+    # Placement's inputs, worked out once per pass (a server's free space sums its disks):
+    # each chunk server as a candidate, the usable ones, and the sets of failure domains
+    # no usable server is outside of (-> why nothing could be placed away from them).
+    _cands: dict[str, Candidate] = field(default_factory=dict, repr=False)
+    _pool: list[Candidate] | None = field(default=None, repr=False)
+    nowhere: dict[frozenset[tuple[str, ...]], str] = field(default_factory=dict, repr=False)
+
+    def candidate(self, chunk_id: str) -> Candidate:
+        """A chunk server as placement sees it (a removed one is a domain of its own)."""
+        cand = self._cands.get(chunk_id)
+        if cand is None:
+            view = self.views.get(chunk_id)
+            cand = candidate_of(view) if view is not None else Candidate(chunk_id=chunk_id, free=0)
+            self._cands[chunk_id] = cand
+        return cand
+
+    def pool(self) -> list[Candidate]:
+        """The chunk servers that may receive a new copy of an extent (``usable``)."""
+        if self._pool is None:
+            self._pool = [self.candidate(v.chunk_id) for v in self.views.values()
+                          if usable(v, EXTENT_SIZE)]
+        return self._pool
 
     def live(self, rec: ExtentRecord) -> list[str]:
         """The in-sync replicas whose chunk server is up: what a copy can come from."""
@@ -366,7 +389,7 @@ class Recovery:
             return None
         by_domain: dict[tuple[str, ...], list[str]] = {}
         for c in rec.replicas:
-            by_domain.setdefault(self._candidate(w, c).failure_domain, []).append(c)
+            by_domain.setdefault(w.candidate(c).failure_domain, []).append(c)
         for held in by_domain.values():
             if len(held) > 1:
                 return next((c for c in held if not is_up(w.views.get(c))), held[-1])
@@ -416,7 +439,7 @@ class Recovery:
         goes away from the domains of the replicas that stay, and joins in place of the one
         leaving. Returns the slots left and how many moves had no place to go."""
         nowhere = 0
-        for _, (rec, rev), leaving in moves:
+        async for _, (rec, rev), leaving in paced(moves, PLACE_YIELD_EVERY):
             if slots <= 0:
                 break
             vol = w.volumes[rec.volume_id]
@@ -437,27 +460,35 @@ class Recovery:
         ``keep_ids``: the in-sync replicas, and the stale copies the plan counts on (waiting
         to be resynced): the new copy joins beside all of them, so none may share its domain.
         ``quiet``: no warning for this extent when there is none (the caller sums them up).
-        """
-        pool = [candidate_of(v) for v in w.views.values() if usable(v, EXTENT_SIZE)
-                and v.chunk_id not in rec.replicas and v.chunk_id not in rec.stale]
-        keep = [self._candidate(w, c) for c in keep_ids]
-        try:
-            target = place_more(pool, keep, 1, EXTENT_SIZE)[0]
-        except InsufficientResources as e:
-            key = (rec.volume_id, rec.index)
-            if not quiet and key not in self._warned:
-                self._warned.add(key)
-                log.warning("extent %s/%d (%d of %d replicas) has no place for a new copy: %s",
-                            rec.volume_id, rec.index, len(rec.replicas), vol.replicas, e.message)
-            return None
-        self._warned.discard((rec.volume_id, rec.index))
-        return target
 
-    @staticmethod
-    def _candidate(w: World, chunk_id: str) -> Candidate:
-        """A chunk server as placement sees it (a removed one is a domain of its own)."""
-        view = w.views.get(chunk_id)
-        return candidate_of(view) if view is not None else Candidate(chunk_id=chunk_id, free=0)
+        The pool is the pass's (``World.pool``). A set of domains that no usable server is
+        outside of has no place for any extent: once one extent found that, the others
+        kept in the same domains fail at once (a relabel or a lost domain can leave every
+        extent so, and each pass would otherwise place each of them again).
+        """
+        keep = [w.candidate(c) for c in keep_ids]
+        held = frozenset(c.failure_domain for c in keep)
+        why = None if shared_allowed(None) else w.nowhere.get(held)
+        if why is None:
+            gone = set(rec.replicas) | set(rec.stale)
+            pool = [c for c in w.pool() if c.chunk_id not in gone]
+            try:
+                target = place_more(pool, keep, 1, EXTENT_SIZE)[0]
+            except InsufficientResources as e:
+                why = e.message
+                # Only when no server outside these domains exists at all: one excluded for
+                # this extent only (a stale copy's) may still take another extent's copy.
+                if not shared_allowed(None) and all(c.failure_domain in held for c in w.pool()):
+                    w.nowhere[held] = why
+            else:
+                self._warned.discard((rec.volume_id, rec.index))
+                return target
+        key = (rec.volume_id, rec.index)
+        if not quiet and key not in self._warned:
+            self._warned.add(key)
+            log.warning("extent %s/%d (%d of %d replicas) has no place for a new copy: %s",
+                        rec.volume_id, rec.index, len(rec.replicas), vol.replicas, why)
+        return None
 
     async def _create(self, w: World, rec: ExtentRecord, rev: int, new: ExtentRecord, vol: Volume,
                       kind: str, target: str, done: dict[str, Any], replaces: str = "") -> bool:
@@ -484,7 +515,7 @@ class Recovery:
 
     async def _plan_degraded(self, w: World, now: float, done: dict[str, Any],
                              degraded: list[tuple[ExtentRecord, int]], slots: int) -> int:
-        for rec, rev in degraded:
+        async for rec, rev in paced(degraded, PLACE_YIELD_EVERY):
             if slots <= 0:
                 break
             vid, index = rec.volume_id, rec.index
@@ -500,16 +531,16 @@ class Recovery:
             # share domains. Such a copy is neither resynced nor counted; a rebuild elsewhere
             # is planned instead (or, with no free domain, the extent waits).
             shared = shared_allowed(None)
-            used = {self._candidate(w, c).failure_domain for c in rec.replicas}
+            used = {w.candidate(c).failure_domain for c in rec.replicas}
 
             def fits(c: str) -> bool:
-                return shared or self._candidate(w, c).failure_domain not in used
+                return shared or w.candidate(c).failure_domain not in used
             ok_stale = [c for c in ok_stale if fits(c)]
             counted = []
             for c in waiting:
                 if fits(c):
                     counted.append(c)
-                    used.add(self._candidate(w, c).failure_domain)
+                    used.add(w.candidate(c).failure_domain)
             # The gone stale copies stay listed (``_prune_stale``): a rebuild is only planned
             # here, and if its source dies before it joins they are what is left.
             if ok_stale:

@@ -108,3 +108,39 @@ async def test_moves_are_throttled_by_the_recovery_concurrency(ctx):
     assert len((await rec.step())["created"]) == 2
     assert (await rec.step())["created"] == []
     assert len(await ctx.list(ctx.keys.recovery(vid), RecoveryTask)) == 2
+
+
+async def test_many_stuck_extents_cost_one_placement_per_pass(ctx, monkeypatch):
+    """A relabel in a 3-domain cluster leaves every extent crowded with no domain to move to.
+
+    Before, each pass ran placement once per such extent (its pool built afresh, every
+    server's free space summed again), in one synchronous stretch: 20k extents held the
+    leader's loop for over a minute and its etcd keepalive lapsed. Now a pass finds once
+    that no usable server is outside the domains the replicas stay in, and the other
+    extents kept there fail at once; the servers' candidates are worked out once a pass."""
+    from meta import recovery
+    n = 2000
+    vid = await crowded_extent(ctx)
+    ids = ["c0", "c1", "c2"]
+    for start in range(1, n, 100):                      # etcd takes up to 128 ops per txn
+        ops = [ctx.put(ctx.keys.extent(vid, i), ExtentRecord(volume_id=vid, index=i, replicas=ids))
+               for i in range(start, min(n, start + 100))]
+        await ctx.etcd.transaction(compare=[], success=ops, failure=[])
+    calls = {"place_more": 0, "candidate_of": 0}
+
+    def counting(name):
+        real = getattr(recovery, name)
+
+        def wrapper(*args, **kw):
+            calls[name] += 1
+            return real(*args, **kw)
+        return wrapper
+    for name in calls:
+        monkeypatch.setattr(recovery, name, counting(name))
+    rec = Recovery(ctx, grace=60)
+    for _ in range(2):
+        done = await rec.step()
+        assert done["created"] == [] and done["deleted"] == []
+    assert rec._stuck_crowded == n                       # all of them still counted as stuck
+    assert calls["place_more"] <= 2                      # once a pass, not once an extent
+    assert calls["candidate_of"] <= 2 * 3                # once a server a pass
