@@ -23,9 +23,12 @@ draining); if its portal fails the probes, this login goes to the hash's pick
 among the servers whose portals answer, and the record keeps its choice. The
 probe only sees the holder's route, not the initiators': when it recovers (or
 was wrong), the initiator lands back where it was rather than having been moved
-for good. And when more than half of the up servers fail their probes at once,
-the probes are not trusted at all (the holder's own network is the likelier
-fault): every up server takes logins, as if nothing were probed.
+for good. That is why a failing verdict is always obeyed, however many portals
+fail: sending a login to a portal that does not answer is only right when none
+does (then every up server takes logins, rather than every login refused). When
+more than half fail, one WARNING says so (the holder's own network may be at
+fault), but routing does not change: in a genuine outage of most portals, the
+initiators must go to the ones that answer.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class Members:
         self._up: list[str] = []                                # usable by their etcd records
         self._usable: list[str] = []                            # ... and probes not against them
         self._unreachable: set[str] = set()                     # portal probes fail (probe.py)
-        self._distrusted = False                                # too many fail: probes ignored
+        self._most_fail = False                                 # > half fail: warned (only)
         self._raw_chunks: dict[str, dict[str, bytes]] = {}      # chunk id -> kind -> value
         self._redirect_keys: dict[bytes, tuple[str, str]] = {}
         self._pending: dict[tuple[str, str], RedirectRecord] = {}
@@ -105,7 +108,7 @@ class Members:
 
     def set_unreachable(self, cids: set[str]) -> None:
         """Chunk servers whose portal the VIP holder cannot reach (``probe.PortalProber``):
-        their logins are diverted, their records kept (unless too many fail: see
+        their logins are diverted, their records kept (unless none answers: see
         ``_refresh_usable``)."""
         for cid in sorted(cids - self._unreachable):
             log.warning("chunk server %s: its portal fails this redirector's probes", cid)
@@ -215,23 +218,23 @@ class Members:
             self.chunks[cid] = state
 
     def _refresh_usable(self) -> None:
-        """Usable by their records and reachable. If more than half of those usable by their
-        records fail the probes at once, the fault is more likely this redirector's own
-        network (or route) than theirs: the probes are ignored, all of them take logins,
-        rather than a few taking everyone's (or none, every login refused)."""
+        """Usable by their records and reachable. If none of those usable by their records
+        is reachable, the fault is more likely this redirector's own network: all of them,
+        rather than refusing every login. More than half failing is only reported (once per
+        change): it may be this host's network, but it may be a real outage of most portals,
+        and then the few that answer are the only ones the initiators can use."""
         up = sorted(cid for cid, c in self.chunks.items() if c.usable)
         failing = [cid for cid in up if cid in self._unreachable]
-        distrusted = 2 * len(failing) > len(up)
-        if distrusted != self._distrusted:      # once per change, not per login or pass
-            if distrusted:
-                log.warning("portals of %d of %d up chunk servers fail this redirector's probes: "
-                            "its own network is the likelier fault; ignoring the probes, logins go "
-                            "to every up chunk server", len(failing), len(up))
+        most_fail = 2 * len(failing) > len(up)
+        if most_fail != self._most_fail:        # once per change, not per login or pass
+            if most_fail:
+                log.warning("portals of %d of %d up chunk servers fail this redirector's probes "
+                            "(if initiators do reach them, suspect this host's network); logins "
+                            "go to those that answer, or to all if none does", len(failing), len(up))
             else:
-                log.warning("portal probes trusted again: %d of %d up chunk servers fail them",
-                            len(failing), len(up))
-            self._distrusted = distrusted
-        usable = up if distrusted else [cid for cid in up if cid not in self._unreachable]
+                log.info("portals of most up chunk servers answer this redirector's probes again")
+            self._most_fail = most_fail
+        usable = [cid for cid in up if cid not in self._unreachable] or up
         if usable != self._usable:
             log.info("chunk servers taking logins: %s", ", ".join(usable) or "none")
         self._up, self._usable = up, usable

@@ -17,10 +17,11 @@ portal stops getting logins within ``interval * failures + timeout`` seconds.
 What a verdict does (``Members``): it only diverts logins. A server whose portal fails
 gets no logins while it fails, but sticky records pointing at it are kept, not rewritten,
 so when it answers again its initiators land back where they were (the probe sees the
-holder's route, not the initiators'). And if more than half of the up servers fail at
-once, the verdicts are ignored and every up server takes logins: the holder's own network
-(a NIC, a route, a firewall on this host) is then the likelier fault, and trusting it
-would pile every initiator onto the few portals this host still reaches.
+holder's route, not the initiators'). Since a wrong verdict thus does no lasting harm, it
+is obeyed however many portals fail (in a real outage of most portals the initiators can
+only use the ones that answer); only when none answers does every up server take logins,
+the holder's own network (a NIC, a route, a firewall on this host) being then the likelier
+fault. More than half failing is logged once at WARNING, as information only.
 """
 
 from __future__ import annotations
