@@ -55,6 +55,7 @@ READ_LEASE_WAIT = 3.0  # how long a read waits for a lapsed lease before NOT REA
 # How long a volume's first I/O waits for the storage engine to start before failing NOT
 # READY (the host retries): an engine that cannot start (its port in use) must not hold it.
 START_WAIT = 10.0
+CLOSE_COW_WAIT = 30.0  # how long a closing volume waits for its local COWs' syncs
 
 
 class FencedError(MediumError):
@@ -277,6 +278,9 @@ def _refused_alike(rec: ExtentRecord, mine) -> rk.ReplicaFailed | None:
     return None
 
 
+_CANCELLED = object()      # a _PendingWrite outcome: the local replica's deferred write was cancelled
+
+
 class _PendingWrite:
     """One fast-path write waiting for its remote replicas' replies."""
 
@@ -295,7 +299,7 @@ class _PendingWrite:
         def finished(task) -> None:
             if self.outcomes[k] is None:
                 if task.cancelled():
-                    self.outcomes[k] = rk.ReplicaFailed(local.chunk_id, rk.UNAVAILABLE, "write cancelled")
+                    self.outcomes[k] = _CANCELLED      # shutting down: no replica failed
                 elif isinstance(task.exception(), rk.ReplicaFailed):
                     self.outcomes[k] = task.exception()
                 elif task.exception() is not None:
@@ -388,7 +392,8 @@ class Coordinator:
         self._routes: dict[int, tuple] = {}      # idx -> the write fast path's replica route
         self._short: set[int] = set()            # extents with fewer in-sync replicas than _need
         self._loop: asyncio.AbstractEventLoop | None = None   # the write fast path's, cached
-        self._recovering: set[asyncio.Task] = set()   # fast-path writes: failed replicas, local COWs
+        self._recovering: set[asyncio.Task] = set()   # fast-path writes whose replicas failed
+        self._local_later: set[asyncio.Task] = set()  # fast-path writes' local COWs (the disk)
         self.counters = {"read_retries": 0, "checksum_errors": 0, "drops": 0, "fenced": 0,
                          "fast_writes": 0, "fast_write_handoffs": 0,
                          # recovery: pieces or blocks taken from another source than the first,
@@ -493,6 +498,10 @@ class Coordinator:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
+        if self._local_later:
+            # Local COWs still waiting for the disk land before ownership goes and the engine
+            # flushes for its clean stop (which assumes nothing writes any more).
+            await asyncio.wait(set(self._local_later), timeout=CLOSE_COW_WAIT)
         if self.epoch:
             try:
                 await ownership.release(self.engine.etcd, self.engine.keys, self.vid,
@@ -1401,8 +1410,8 @@ class Coordinator:
                 if later is not None:                       # a COW: it waits for the disk
                     pending.left += 1
                     task = loop.create_task(local.finish(vid, idx, later))
-                    self._recovering.add(task)              # the loop keeps only a weak reference
-                    task.add_done_callback(self._recovering.discard)
+                    self._local_later.add(task)             # the loop keeps only a weak reference
+                    task.add_done_callback(self._local_later.discard)
                     task.add_done_callback(pending.local_callback(targets.index(local), local))
         if not pending.left:
             self._write_settled(pending)
@@ -1427,6 +1436,11 @@ class Coordinator:
         # A failure (no generator: every write), or the extent left with too few replicas in
         # sync since the write left (dropped by another write): the general path's retry loop.
         if outcomes.count(None) != len(outcomes) or (self._short and p.idx in self._short):
+            if _CANCELLED in outcomes:                 # the local write was cancelled (a stop)
+                self._locks.end(p.idx, p.token)
+                self._gate.leave()
+                p.done.cancel()
+                return
             self.counters["fast_write_handoffs"] += 1
             task = asyncio.get_running_loop().create_task(self._write_recover(p))
             self._recovering.add(task)                 # the loop keeps only a weak reference
@@ -1668,7 +1682,7 @@ class Coordinator:
         await self.ensure_owner()       # a FLUSH needs an epoch, as any mutation
         async with self._flush_lock:
             e = self.engine
-            check = asyncio.ensure_future(ownership.current_epoch(e.etcd, e.keys, self.vid))
+            check = asyncio.ensure_future(self._owner_epoch())
             check.add_done_callback(_retrieve)
             try:
                 while await self._flush_round():
@@ -1681,6 +1695,15 @@ class Coordinator:
                 await self._take_back(current)
                 while await self._flush_round():
                     pass
+
+    async def _owner_epoch(self) -> int | None:
+        """``ownership.current_epoch``; etcd unreachable is NOT READY (the host retries the
+        SYNCHRONIZE CACHE), not a medium error: nothing failed on the replicas."""
+        e = self.engine
+        try:
+            return await ownership.current_epoch(e.etcd, e.keys, self.vid)
+        except (*zetcd.UNAVAILABLE_ERRORS, ConnectionError, OSError) as err:
+            raise NotServing(f"volume {self.vid}: cannot confirm its owner in etcd: {err}") from None
 
     async def _take_back(self, current: int) -> None:
         """The owner record holds ``current``, an epoch another server (or the meta) took: take

@@ -398,6 +398,8 @@ class _Replica:
         self.vdir_dirty = False                # a version file unlinked, the directory not fsync'd
         self.seq_group: _GroupSync | None = None   # ``.seq`` syncs of writes that wait for them
         self.crc_group: _GroupSync | None = None   # ``.crc`` syncs of unmaps that wait for them
+        self.busy: dict[int, _Hold] = {}       # block -> the deferred write/unmap holding it
+        self.pending = 0                       # deferred writes/unmaps in progress (holds)
         # A lower bound of the seqs of present blocks: a write at W <= floor
         # cannot need COW, the no-snapshot fast path.
         self.floor = min((s for s in seqs if s), default=_MAX_SEQ)
@@ -600,6 +602,47 @@ class _GroupSync:
         if self._next is not None:
             nxt, self._next = self._next, None
             self._current = self._start(nxt)
+
+
+class _Hold:
+    """The blocks of a deferred write or unmap in progress (``_Replica.busy``).
+
+    Its steps leave slots and ``.seq`` entries written but not yet synced between awaits; a
+    second write of those blocks meanwhile would trust them (skip the COW, take the fast path)
+    and its live data could reach the disk first. So nobody else writes them until this one is
+    over, its last sync included even when it was cancelled (the sync runs on regardless):
+    writes of busy blocks with an epoch are deferred and wait here (``take``)."""
+
+    def __init__(self, rep: _Replica, first: int, n: int) -> None:
+        self.rep, self.blocks = rep, range(first, first + n)
+        self.done = asyncio.get_running_loop().create_future()
+        self.sync: asyncio.Future | None = None          # the sync being waited for
+
+    async def take(self) -> None:
+        busy = self.rep.busy
+        while True:
+            others = {h.done for b in self.blocks if (h := busy.get(b)) is not None}
+            if not others:
+                break
+            await asyncio.wait(others)
+        for b in self.blocks:
+            busy[b] = self
+        self.rep.pending += 1
+
+    def release(self) -> None:
+        if self.sync is not None and not self.sync.done():
+            self.sync.add_done_callback(lambda _f: self._free())
+        else:
+            self._free()
+
+    def _free(self) -> None:
+        busy = self.rep.busy
+        for b in self.blocks:
+            if busy.get(b) is self:
+                del busy[b]
+        self.rep.pending -= 1
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 def _sync_dup(fd: int) -> None:
@@ -1117,7 +1160,7 @@ class ReplicaStore:
         h = rep.ext.header
         return {"generation": h.generation, "epoch": h.epoch, "mutations": rep.mutations,
                 "imports": rep.imports, "cows": rep.cows, "allocated": allocated,
-                "disk": str(rep.disk.path)}
+                "disk": str(rep.disk.path), "pending": rep.pending}
 
     def set_generation(self, vid: str, idx: int, generation: int) -> None:
         """Durably record the generation; the extent is flushed first, because a
@@ -1194,7 +1237,9 @@ class ReplicaStore:
             raise StoreIOError(f"extent {key[0]}/{key[1]} was replaced during its flush")
 
     def _synced(self, rep: _Replica, done: asyncio.Future) -> None:
-        if not done.cancelled() and isinstance(done.exception(), OSError):
+        # A failed sync (``SyncError``), not any OSError: an EMFILE from dup'ing the fd to sync
+        # is no reason to break a replica (as on the inline path, ``_failed``).
+        if not done.cancelled() and isinstance(done.exception(), SyncError):
             self._retire(rep, done.exception())          # type: ignore[arg-type]
 
     def _retire(self, rep: _Replica, e: OSError) -> None:
@@ -1379,6 +1424,8 @@ class ReplicaStore:
             # One aligned block (every replicated 4 KiB write): the steps below without the
             # run arithmetic; COW (a snapshot since the block was written) takes the long way.
             b = offset // BLOCK_SIZE
+            if rep.busy and b in rep.busy and epoch:
+                return self._write_later(rep, offset, data, seq, epoch)   # after the one there
             floor, seqs = rep.floor, rep.seqs
             if seq <= floor or not ext.crcs[b] or seqs[b] >= seq:
                 if not ext.crcs[b] and seqs[b] < seq > 1 and epoch and self.cow_sync:
@@ -1404,7 +1451,7 @@ class ReplicaStore:
         _check_seq(seq)
         if n == 0:
             return None
-        if epoch and not fua and self._waits(rep, first, n, seq):
+        if epoch and not fua and (self._waits(rep, first, n, seq) or self._busy(rep, first, n)):
             return self._write_later(rep, offset, view, seq, epoch)
         rep.mutations += 1
         with self._rep_io(rep):
@@ -1421,10 +1468,13 @@ class ReplicaStore:
         """Writing the run at ``seq`` waits for the device (steps 1-2 with ``cow_sync``): a
         block older than ``seq``, present (COW: its seq is below ``seq`` only if ``seq`` is
         above ``rep.floor``) or absent (its ``.seq`` first)."""
-        if seq <= 1 or not self.cow_sync:
-            return False
-        seqs = rep.seqs
-        return any(seqs[b] < seq for b in range(first, first + n))
+        return seq > 1 and self.cow_sync and min(rep.seqs[first:first + n]) < seq
+
+    @staticmethod
+    def _busy(rep: _Replica, first: int, n: int) -> bool:
+        """A block of the run is held by a deferred write or unmap (``_Hold``)."""
+        busy = rep.busy
+        return bool(busy) and any(b in busy for b in range(first, first + n))
 
     async def _write_later(self, rep: _Replica, offset: int, data, seq: int, epoch: int) -> None:
         """``_write`` of a write that waits for the device, with the loop free meanwhile.
@@ -1432,21 +1482,31 @@ class ReplicaStore:
         The steps and their order are ``_cow`` and ``_store_seqs``'s; only each fdatasync
         runs in a worker thread, on a private dup of the fd (``_Versions.sync``,
         ``_sync_dup``), and a failed one retires the replica as a failed flush does. Other
-        requests run between the steps: none overlaps this write's blocks (the coordinator
-        holds the range until every replica answered), but the extent may be deleted,
-        retired or trimmed meanwhile, or a newer owner admitted: each step after a wait
-        checks the replica is still this one and admits ``epoch`` again, so a fenced write
-        stops there (what it did so far is a state a crash between steps leaves, which the
-        order makes safe) and is never written over the newer owner's."""
+        requests run between the steps. Its blocks are held (``_Hold``): another write of
+        them (a new owner's after a failover, a retry after a cancel) waits until this one
+        and its last sync are over, so it never trusts a slot or ``.seq`` not yet durable.
+        The extent may be deleted or retired meanwhile, or a newer owner admitted: at the
+        start and after each wait the write checks the replica is still this one and admits
+        ``epoch`` again, so a fenced write stops there (what it did so far is a state a crash
+        between steps leaves, which the order makes safe) and is never written over the
+        newer owner's. A version key trimmed meanwhile needs no copy. ``mutations`` moves
+        at each change as it lands (the scrubber's and repair's "nothing changed" checks)."""
         vid, idx = rep.ext.header.volume, rep.ext.header.extent
         view = memoryview(bytes(data))       # ours: the caller's buffer lives on without us
         first, n = self._blocks(rep, offset, len(view))
-        rep.mutations += 1
-        await self._cow_later(rep, vid, idx, epoch, first, n, seq)
-        rep.floor = min(rep.floor, seq)                          # before the blocks change
-        await self._store_seqs_later(rep, vid, idx, epoch, first, n, seq, present=True)
-        with self._rep_io(rep):
-            rep.ext.write(offset, view)
+        hold = _Hold(rep, first, n)
+        await hold.take()
+        try:
+            self._still_ours(rep, vid, idx, epoch)   # begun a loop turn (or a wait) after the call
+            rep.mutations += 1
+            await self._cow_later(rep, vid, idx, epoch, first, n, seq, hold)
+            rep.floor = min(rep.floor, seq)                      # before the blocks change
+            await self._store_seqs_later(rep, vid, idx, epoch, first, n, seq, True, hold)
+            rep.mutations += 1                                   # each change counted as it lands
+            with self._rep_io(rep):
+                rep.ext.write(offset, view)
+        finally:
+            hold.release()
 
     async def _unmap_later(self, rep: _Replica, offset: int, length: int, seq: int, zero: bool,
                            epoch: int) -> None:
@@ -1454,31 +1514,41 @@ class ReplicaStore:
         ``_write_later``'s: the COWs of each 1 MiB piece, ``.seq`` where zeros become present
         across a snapshot, and the zeroed checksums' sync before the punch."""
         vid, idx = rep.ext.header.volume, rep.ext.header.extent
-        rep.mutations += 1
-        end = offset + length
-        holes = []
-        floor, rep.floor = rep.floor, min(rep.floor, seq)        # as ``unmap``
-        for a in range(offset, end, _CHUNK):
-            b = min(end, a + _CHUNK)
-            f, m = self._blocks(rep, a, b - a)
-            await self._cow_later(rep, vid, idx, epoch, f, m, seq, floor)
-            await self._store_seqs_later(rep, vid, idx, epoch, f, m, seq, present=zero)
+        first, n = self._blocks(rep, offset, length)
+        hold = _Hold(rep, first, n)
+        await hold.take()
+        try:
+            self._still_ours(rep, vid, idx, epoch)
+            rep.mutations += 1
+            end = offset + length
+            holes = []
+            floor, rep.floor = rep.floor, min(rep.floor, seq)    # as ``unmap``
+            for a in range(offset, end, _CHUNK):
+                b = min(end, a + _CHUNK)
+                f, m = self._blocks(rep, a, b - a)
+                await self._cow_later(rep, vid, idx, epoch, f, m, seq, hold, floor)
+                await self._store_seqs_later(rep, vid, idx, epoch, f, m, seq, zero, hold)
+                rep.mutations += 1
+                with self._rep_io(rep):
+                    if zero:
+                        rep.ext.write(a, bytes(b - a))
+                    else:
+                        holes.append(rep.ext.unmap_checksums(a, b - a))
+            if any(lo < hi and present for lo, hi, present in holes):
+                if rep.crc_group is None:
+                    rep.crc_group = _GroupSync(lambda: partial(_sync_dup, os.dup(rep.ext.crc_fd)))
+                await self._sync_later(rep, rep.crc_group, hold)
+                self._still_ours(rep, vid, idx, epoch)
+            rep.mutations += 1
             with self._rep_io(rep):
-                if zero:
-                    rep.ext.write(a, bytes(b - a))
-                else:
-                    holes.append(rep.ext.unmap_checksums(a, b - a))
-        if any(lo < hi and present for lo, hi, present in holes):
-            if rep.crc_group is None:
-                rep.crc_group = _GroupSync(lambda: partial(_sync_dup, os.dup(rep.ext.crc_fd)))
-            await self._sync_later(rep, rep.crc_group)
-            self._still_ours(rep, vid, idx, epoch, None)
-        with self._rep_io(rep):
-            rep.ext.punch(holes, synced=True)
+                rep.ext.punch(holes, synced=True)
+        finally:
+            hold.release()
 
     async def _cow_later(self, rep: _Replica, vid: str, idx: int, epoch: int, first: int, n: int,
-                         seq: int, floor: int | None = None) -> None:
-        """``_cow`` with its syncs in worker threads (``_write_later``)."""
+                         seq: int, hold: _Hold, floor: int | None = None) -> None:
+        """``_cow`` with its syncs in worker threads (``_write_later``). A version file trimmed
+        meanwhile (the reclaimer: no snapshot reads that key) needs the copy no more."""
         with self._rep_io(rep):
             copied = self._cow_copy(rep, first, n, seq, floor)
         if copied is None:
@@ -1487,50 +1557,52 @@ class ReplicaStore:
         if self.cow_sync:
             if v.group is None:
                 v.group = _GroupSync(lambda: v.sync)
-            await self._sync_later(rep, v.group)                  # the barrier (``_cow``)
-            self._still_ours(rep, vid, idx, epoch, v)
+            await self._sync_later(rep, v.group, hold)            # the barrier (``_cow``)
+            self._still_ours(rep, vid, idx, epoch)
+            if v.fd < 0 or rep.versions.get(v.key) is not v:
+                return                                            # trimmed: nobody reads it
+        rep.mutations += 1
         with self._rep_io(rep):
             v.put_slots(items)
+        rep.cows += 1                  # again, slots in place: the reclaimer's memo sees them
         if self.cow_sync:
-            await self._sync_later(rep, v.group)
-            self._still_ours(rep, vid, idx, epoch, v)
+            await self._sync_later(rep, v.group, hold)
+            self._still_ours(rep, vid, idx, epoch)
 
     async def _store_seqs_later(self, rep: _Replica, vid: str, idx: int, epoch: int, first: int,
-                                n: int, seq: int, present: bool) -> None:
+                                n: int, seq: int, present: bool, hold: _Hold) -> None:
         """``_store_seqs`` with its sync in a worker thread (``_write_later``)."""
         new = array("I", [seq]) * n
         if rep.seqs[first:first + n] == new:
             return
         cross = present and self._crosses(rep, first, n, seq)
+        rep.mutations += 1
         with self._rep_io(rep):
             rep.store_seqs(first, new)
         if cross:
             if rep.seq_group is None:
                 rep.seq_group = _GroupSync(lambda: partial(_sync_dup, os.dup(rep.seq_fd)))
-            await self._sync_later(rep, rep.seq_group)
-            self._still_ours(rep, vid, idx, epoch, None)
+            await self._sync_later(rep, rep.seq_group, hold)
+            self._still_ours(rep, vid, idx, epoch)
 
-    async def _sync_later(self, rep: _Replica, group: _GroupSync) -> None:
+    async def _sync_later(self, rep: _Replica, group: _GroupSync, hold: _Hold) -> None:
         """A sync of ``group``'s file begun after now, in a worker thread; a failure retires
         ``rep`` on the loop, as a failed ``flush_async`` does (``_durable_async``: shielded,
-        so a cancelled caller still has the outcome acted on)."""
-        done = group.wait()
+        so a cancelled caller still has the outcome acted on, and ``hold`` kept until it ends)."""
+        done = hold.sync = group.wait()
         done.add_done_callback(lambda f: self._synced(rep, f))
         try:
             await asyncio.shield(done)
         except OSError as e:
             raise self._fail(rep.disk, e) from e
 
-    def _still_ours(self, rep: _Replica, vid: str, idx: int, epoch: int,
-                    v: _Versions | None) -> None:
-        """After a wait of ``_write_later``: the replica (and the version file ``v`` it
-        writes) still open here, and ``epoch`` still admitted."""
+    def _still_ours(self, rep: _Replica, vid: str, idx: int, epoch: int) -> None:
+        """After a wait of ``_write_later``: the replica still open here, ``epoch`` still
+        admitted."""
         if self._replicas.get((vid, idx)) is not rep:
             if (vid, idx) not in self._replicas:
                 self._absent(vid, idx)
             raise StoreIOError(f"extent {vid}/{idx} was replaced during a write")
-        if v is not None and (v.fd < 0 or rep.versions.get(v.key) is not v):
-            raise StoreIOError(f"extent {vid}/{idx}: version {v.key} dropped during a write")
         self.admit(vid, idx, epoch)
 
     def unmap(self, vid: str, idx: int, offset: int, length: int, seq: int,
@@ -1543,7 +1615,7 @@ class ReplicaStore:
         _check_seq(seq)
         if n == 0:
             return None
-        if epoch and (any(rep.ext.crcs[first:first + n])
+        if epoch and (any(rep.ext.crcs[first:first + n]) or self._busy(rep, first, n)
                       or (zero and self._crosses(rep, first, n, seq))):
             return self._unmap_later(rep, offset, length, seq, zero, epoch)
         with self._rep_io(rep):

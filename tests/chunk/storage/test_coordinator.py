@@ -763,3 +763,49 @@ def test_an_extent_every_copy_of_which_is_lost_is_an_error_not_recreated_empty()
             r.fail = None
         await coord.write(0, b"z" * 4096)
     asyncio.run(main())
+
+
+def test_a_flush_that_cannot_read_the_owner_record_is_not_ready_not_a_medium_error():
+    """SYNCHRONIZE CACHE reads the owner record (is the volume still ours?): etcd unreachable
+    then is NOT READY, which hosts retry, not a medium error (nothing failed on the disks)."""
+    from aetcd import exceptions as aetcd_exc
+    from chunk.storage.coordinator import NotServing
+
+    class Unreachable(_NoRecords):
+        async def get(self, key):
+            raise aetcd_exc.ConnectionFailedError("etcd down")
+
+    async def main():
+        rep = _Replica()
+        rep.gate.set()
+        c = _coordinator(_Engine(rep, etcd=Unreachable()))
+        c.epoch = 1
+        c.extents[0] = ExtentRecord(volume_id="v1", index=0, replicas=["c1"], generation=1)
+        c._unflushed.add(0)                             # noqa: SLF001 - an acknowledged write
+        with pytest.raises(NotServing):
+            await c.flush()
+        assert rep.flushed == [0]                       # the replicas were flushed all the same
+    asyncio.run(main())
+
+
+def test_a_fast_write_whose_local_cow_is_cancelled_is_cancelled_not_handed_off():
+    """A stop cancels the task finishing the local replica's COW: the write is cancelled (the
+    session gets no answer), its range and gate released; it is not handed to the failure
+    path, which would take this server's own healthy replica for failed and drop it."""
+    async def main():
+        a = _MemReplica("A")
+        c = _mem_coordinator({"A": a}, ["A"])
+        assert c._gate.try_enter()                      # noqa: SLF001 - as write_nowait does
+        token = c._locks.try_begin(0, 0, 4096)          # noqa: SLF001
+        done = asyncio.get_running_loop().create_future()
+        p = coordinator_module._PendingWrite(c, done, 0, 0, 4096, memoryview(bytes(4096)),  # noqa: SLF001
+                                             c.extents[0], [a], 7, 1, token)
+        p.left = 1
+        local = asyncio.ensure_future(asyncio.sleep(30))
+        local.add_done_callback(p.local_callback(0, a))
+        local.cancel()
+        await asyncio.wait_for(asyncio.gather(local, return_exceptions=True), 5)
+        assert done.cancelled()
+        assert c.counters["fast_write_handoffs"] == 0
+        assert c._locks.try_begin(0, 0, 4096) is not None     # noqa: SLF001 - released
+    asyncio.run(main())

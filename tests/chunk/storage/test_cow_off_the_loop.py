@@ -128,3 +128,67 @@ async def test_an_unmap_after_a_snapshot_leaves_the_loop_serving_other_requests(
         assert store.read(VID, 0, 0, 4 * BLOCK_SIZE)[0] == bytes(4 * BLOCK_SIZE)
         assert store.read(VID, 0, 0, 4 * BLOCK_SIZE, view=1)[0] == old
         assert store.verify(VID, 0) == []
+
+
+async def test_a_second_write_of_a_block_waits_for_the_first_ones_syncs(tmp_path: Path, monkeypatch):
+    """A write of a block whose COW is between its slot write and that slot's sync (a new
+    owner's retry after a failover): it must not trust the unsynced slot and write the live
+    block at once, or a power loss could keep the new live block without the snapshot's
+    copy. It waits for the first write to finish (here: fenced by the new owner's epoch)."""
+    from chunk.storage.fencing import StaleEpochError
+    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT)     # cow_sync on
+    try:
+        store.create(VID, 0, 1)
+        old, first, second = b"o" * BLOCK_SIZE, b"1" * BLOCK_SIZE, b"2" * BLOCK_SIZE
+        store.write(VID, 0, 0, old, seq=1)
+        store.admit(VID, 0, 1)
+        loop_thread, proceed, syncs = threading.get_ident(), threading.Event(), []
+        real = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(".ver"):
+                syncs.append(fd)
+                if len(syncs) == 2 and threading.get_ident() != loop_thread:
+                    proceed.wait(10)                 # the slot's sync, held
+            real(fd)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        w1 = asyncio.ensure_future(store.write(VID, 0, 0, first, seq=2, epoch=1))
+        await async_wait_for(lambda: len(syncs) == 2, 5, "the first write's slot sync")
+        store.admit(VID, 0, 2)                       # the new owner
+        later = store.write(VID, 0, 0, second, seq=2, epoch=2)
+        assert later is not None, "the block's unsynced slot was trusted"
+        w2 = asyncio.ensure_future(later)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not w2.done() and store.read(VID, 0, 0, BLOCK_SIZE)[0] == old
+        proceed.set()
+        with pytest.raises(StaleEpochError):
+            await asyncio.wait_for(w1, 10)           # fenced after its sync: never lands
+        await asyncio.wait_for(w2, 10)
+        assert store.read(VID, 0, 0, BLOCK_SIZE)[0] == second
+        assert store.read(VID, 0, 0, BLOCK_SIZE, view=1)[0] == old
+        assert store.verify(VID, 0) == [] and store.stat(VID, 0)["pending"] == 0
+    finally:
+        store.close()
+
+
+async def test_a_cow_whose_version_file_is_trimmed_meanwhile_still_lands(tmp_path: Path, monkeypatch):
+    """The reclaimer trims the version key a COW is copying into (its snapshot was deleted:
+    nobody reads that key) while the COW waits for its barrier: the write lands, without the
+    copy, instead of failing (a failed write drops a healthy replica)."""
+    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT)     # cow_sync on
+    try:
+        store.create(VID, 0, 1)
+        store.write(VID, 0, 0, b"o" * 2 * BLOCK_SIZE, seq=1)
+        store.write(VID, 0, BLOCK_SIZE, b"p" * BLOCK_SIZE, seq=2)    # key 1 holds block 1
+        store.admit(VID, 0, 1)
+        proceed, calls = _hold_version_syncs(monkeypatch)
+        w = asyncio.ensure_future(store.write(VID, 0, 0, b"n" * BLOCK_SIZE, seq=2, epoch=1))
+        await async_wait_for(lambda: calls, 5, "the COW's barrier")
+        store.trim(VID, 0, set())                    # no snapshot left
+        proceed.set()
+        await asyncio.wait_for(w, 10)
+        assert store.read(VID, 0, 0, BLOCK_SIZE)[0] == b"n" * BLOCK_SIZE
+        assert store.verify(VID, 0) == [] and store.stat(VID, 0)["pending"] == 0
+    finally:
+        store.close()
