@@ -20,6 +20,9 @@ A failed disk is reported, not fatal: the server keeps serving from the
 others, and the meta leader sees the state in the chunk's records. Probes are
 bounded (``PROBE_TIMEOUT``), the start's too (``prepare_all(timeout=)``,
 ``probe_at_start``): a disk that hangs (a dead mount) is failed, never waited on.
+Only a disk's liveness is bounded, never its size: the count of zstore's bytes
+(a walk of every file) runs beside the probes (``DiskUsage``), so a big disk on
+a cold cache is never failed for the time that walk takes.
 
 Space (docs/storage.md, "Disk space"): without a configured capacity a disk is
 its filesystem: ``capacity`` its size, ``free`` what an unprivileged writer can
@@ -40,7 +43,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,6 +97,8 @@ class LocalDisk:
     spec: DiskSpec
     disk_id: str | None = None
     error: str | None = None      # why it could not be prepared
+    # Counts its usage beside the probes (set by ``probe_at_start``); None: ``probe`` walks it.
+    usage: DiskUsage | None = field(default=None, repr=False, compare=False)
 
     @property
     def path(self) -> Path:
@@ -216,6 +221,37 @@ def used_bytes(path: Path) -> int:
     return total
 
 
+class DiskUsage:
+    """zstore's bytes on one disk (``used_bytes``), counted in a thread of its own: a probe
+    starts a count unless one runs, waits ``wait`` s at most for it, and takes the newest
+    finished count (None before the first). The walk's time is never a probe's: a healthy
+    disk with a million files on a cold cache takes minutes, and must not be failed for it."""
+
+    def __init__(self, path: Path, wait: float) -> None:
+        self.path = path
+        self.wait = wait
+        self.bytes: int | None = None         # the newest finished count
+        self._walk: concurrent.futures.Future | None = None
+        self._lock = threading.Lock()
+
+    def latest(self) -> int | None:
+        with self._lock:
+            if self._walk is None or self._walk.done():
+                self._walk = _in_thread(self._count, self.path, f"disk-usage {self.path}")
+            walk = self._walk
+        concurrent.futures.wait([walk], timeout=self.wait)
+        return self.bytes
+
+    def _count(self, path: Path) -> int:
+        try:
+            n = used_bytes(path)
+        except Exception as e:  # noqa: BLE001 - the last count stays; the next probe retries
+            log.warning("disk %s: counting its usage failed: %s", path, e)
+            raise
+        self.bytes = n
+        return n
+
+
 def _check_writable(path: Path) -> None:
     probe = path / _PROBE_FILE
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -229,7 +265,10 @@ def _check_writable(path: Path) -> None:
 def probe(disk: LocalDisk) -> dict[str, Any]:
     """The disk's current record (``Disk`` fields plus ``disk_id``, and ``error`` if failed).
 
-    Blocking (walks the tree, writes a probe file): call it from a thread.
+    Blocking (writes a probe file, and walks the tree unless ``disk.usage`` counts it beside
+    the probe): call it from a thread. With ``disk.usage``, the walk's time is not the probe's:
+    a count not finished is the previous one, or none yet (``zstore_used`` None; a limited
+    disk's ``used`` then taken as all its filesystem uses, up to the limit: at least ours).
     """
     path = disk.path
 
@@ -246,7 +285,7 @@ def probe(disk: LocalDisk) -> dict[str, Any]:
         _check_writable(path)
         st = os.statvfs(path)
         dev = os.stat(path).st_dev
-        ours = used_bytes(path)
+        ours = used_bytes(path) if disk.usage is None else disk.usage.latest()
     except (OSError, IdentityError) as e:
         return failed(_reason(e))
     fs_capacity, fs_free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
@@ -254,7 +293,9 @@ def probe(disk: LocalDisk) -> dict[str, Any]:
     if limit is None:           # the filesystem: everything on it is used, ours or not
         capacity, used, free = fs_capacity, fs_capacity - fs_free, fs_free
     else:                       # the limit and our bytes, but no more room than the fs has
-        capacity, used, free = limit, ours, max(0, min(limit - ours, fs_free))
+        # Not counted yet: what the filesystem uses bounds ours, so the limit is never overrun.
+        mine = ours if ours is not None else min(limit, fs_capacity - fs_free)
+        capacity, used, free = limit, mine, max(0, min(limit - mine, fs_free))
     full = used >= capacity or fs_free < _MIN_FREE
     rec = Disk(path=str(path), capacity=capacity, used=used, state="full" if full else "ok")
     return {**rec.to_dict(), "disk_id": disk.disk_id, "free": free, "zstore_used": ours,
@@ -289,7 +330,19 @@ def probe_at_start(disks: list[LocalDisk], timeout: float,
     ``timeout`` s at most. A disk whose probe has not answered comes back failed until a
     restart (its ``LocalDisk`` replaced by one with its ``error``), so the extent store never
     opens it: scanning its directory would hang the start the same way. Returns the disks
-    and their records."""
+    and their records.
+
+    The rule: only liveness is bounded, never size. The bound covers what a live disk answers
+    at once whatever it holds: its directory is there, its disk-id is the one prepared, a
+    file can be written, statvfs. zstore's usage (a walk and an lstat of every file: minutes
+    for a healthy 16 TB disk with a million files on the cold cache after a reboot) is
+    counted beside it, from now on for the periodic probes too (``DiskUsage``, given each
+    disk here): waited on for ``timeout / 4`` s at most, and when not counted by then the disk
+    starts (and is opened by the store) with no count yet, never failed for being big. A disk
+    whose liveness checks hang is failed as above."""
+    for d in disks:
+        if d.disk_id is not None and d.usage is None:
+            d.usage = DiskUsage(d.path, timeout / 4)
     one = probe_one or probe
     futures = _bounded(one, disks, "disk-probe", timeout)
     out, records = [], []

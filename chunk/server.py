@@ -403,7 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     raise_fd_limit()            # open extent replicas hold a few descriptors each
     # Bounded as the periodic probe is: a disk whose prepare or probe does not finish in time
-    # (a hung mount, a failing disk) is failed until a restart, and the others start.
+    # (a hung mount, a failing disk) is failed until a restart, and the others start. Only
+    # liveness is in that bound: a big disk's usage walk is counted beside it, never failing it.
     timeout = zdisks.PROBE_TIMEOUT
     try:
         disks = zdisks.prepare_all(specs, data_dir, chunk_id, timeout=timeout)
