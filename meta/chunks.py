@@ -8,7 +8,9 @@ fresh as etcd's lease expiry: a dead server shows down within its TTL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ class ChunkView:
     live: ChunkLive | None
     admin: ChunkAdmin | None
     chunk_id: str
+    removing: bool = False        # a removal holds its marker (``remove_chunk``): no new replica
 
     @property
     def up(self) -> bool:
@@ -144,7 +147,7 @@ async def list_chunks(ctx: Ctx) -> list[ChunkView]:
             info=ChunkInfo.decode(p["info"]),
             live=ChunkLive.decode(p["live"]) if "live" in p else None,
             admin=ChunkAdmin.decode(p["admin"]) if "admin" in p else None,
-            chunk_id=cid))
+            chunk_id=cid, removing=REMOVING in p))
     return views
 
 
@@ -170,7 +173,7 @@ async def get_chunk(ctx: Ctx, chunk_id: str) -> ChunkView:
 
 def candidates(views: list[ChunkView]) -> tuple[list[Candidate], int]:
     """Usable placement targets (up, active, not stopping) and how many servers are not usable."""
-    usable = [v for v in views if v.up and not v.draining and not v.stopping]
+    usable = [v for v in views if v.up and not v.draining and not v.stopping and not v.removing]
     return ([Candidate(chunk_id=v.chunk_id, free=v.free, labels=v.info.labels if v.info else {},
                        host=v.info.hostname if v.info else "") for v in usable],
             len(views) - len(usable))
@@ -192,55 +195,93 @@ async def set_admin_state(ctx: Ctx, chunk_id: str, state: str) -> ChunkView:
     return await get_chunk(ctx, view.chunk_id)
 
 
-REMOVE_ATTEMPTS = 5     # fresh reads a removal takes while the extent map keeps changing
+REMOVE_ATTEMPTS = 5     # fresh starts a removal takes while the server's own records keep changing
+REMOVING = "removing"   # kind of the marker key a removal puts under the server's records
+REMOVING_TTL = 60       # seconds: a removal that dies midway leaves no marker for longer
 
 
-async def holders_of(ctx: Ctx, chunk_id: str) -> tuple[list[str], int]:
-    """(names of the volumes an extent record lists ``chunk_id`` in sync for, the revision read at).
+def removing_key(ctx: Ctx, chunk_id: str) -> bytes:
+    """The marker of a removal in progress, beside the server's info/live/admin keys (the
+    removal's prefix delete takes it too)."""
+    return ctx.keys.chunk_dir(chunk_id) + REMOVING.encode()
+
+
+def placeable(ctx: Ctx, chunk_id: str) -> list:
+    """Compares for a transaction that puts a replica on ``chunk_id``: still registered and no
+    removal under way (``remove_chunk``)."""
+    return [ctx.t.version(ctx.keys.chunk_info(chunk_id)) > 0,
+            ctx.absent(removing_key(ctx, chunk_id))]
+
+
+async def holders_of(ctx: Ctx, chunk_id: str) -> list[str]:
+    """Names of the volumes an extent record lists ``chunk_id`` in sync for.
 
     The extent map, not the volumes' planned placement, says where data is: once recovery
     moved a server's replicas away it holds none, whatever the plan said."""
-    kvs, rev = await get_prefix_paged(ctx.etcd, ctx.keys.all_extents())
+    kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.all_extents())
     vids = sorted({rec.volume_id for rec in map(ExtentRecord.decode, (kv.value for kv in kvs))
                    if chunk_id in rec.replicas})
     if not vids:
-        return [], rev
+        return []
     names = {v.volume_id: v.name for _, v in await ctx.list(ctx.keys.volumes(), Volume)}
-    return [names.get(vid, vid) for vid in vids], rev
+    return [names.get(vid, vid) for vid in vids]
 
 
 async def remove_chunk(ctx: Ctx, chunk_id: str, force: bool) -> str:
     """Delete a chunk server's records: only while it is down and holds no in-sync replica
     (``force`` skips both checks).
 
-    The delete's transaction requires that no extent record was put since the extent map
-    was read (one compare over the range) and no key of the chunk server since its records
-    were: a replica placed or joined there meanwhile, or the server registering again, fails
-    it, and the checks run again on fresh reads; a change that persists answers 409. (The
-    other order is guarded by placement and join: they require the server's info key.)
+    Guarded at the server, not over the whole extent map: one transaction first marks the
+    server as being removed (a ``removing`` key under its records, on a lease so a removal
+    that dies midway does not keep it), if it is still down and its info unchanged.
+    Placement and join require that marker absent (``placeable``), so from then on no
+    replica lands on it; the extent map read after the mark shows every one that landed
+    before. The delete then requires that none of the server's keys was put since the mark
+    and the mark is still this removal's. Writes to other extents meanwhile do not matter;
+    the server registering again fails the delete, and the checks run again on fresh reads
+    (a persisting change answers 409).
     """
     cid = (await get_chunk(ctx, chunk_id)).chunk_id
+    info_key, live_key, mark = ctx.keys.chunk_info(cid), ctx.keys.chunk_live(cid), removing_key(ctx, cid)
     for _ in range(REMOVE_ATTEMPTS):
-        holders, compare = [], []
-        if not force:
-            holders, ext_rev = await holders_of(ctx, cid)
-            compare.append(ctx.untouched_since(ctx.keys.all_extents(), ext_rev))
-        # Read after the extent map: a replica placed on a server that was up shows it up here.
-        kvs, rev = await get_prefix_paged(ctx.etcd, ctx.keys.chunk_dir(cid), keys_only=True)
-        compare.append(ctx.untouched_since(ctx.keys.chunk_dir(cid), rev))
-        if any(kv.key == ctx.keys.chunk_live(cid) for kv in kvs) and not force:
+        info = await ctx.etcd.get(info_key)
+        if info is None:
+            raise NotFound(f"chunk server {chunk_id!r} not found", hint="see `zstore chunk list`")
+        if await ctx.etcd.get(live_key) is not None and not force:
             raise Conflict(f"chunk server {cid} is up",
                            hint="stop it first, or drain it and pass --force to remove it anyway")
-        if holders:
-            raise Conflict(f"chunk server {cid} holds replicas of {len(holders)} volume(s): "
-                           + ", ".join(holders[:5]) + ("..." if len(holders) > 5 else ""),
-                           hint="wait for recovery to move them, or pass --force", volumes=holders)
-        if await ctx.txn(compare, [ctx.delete(ctx.keys.chunk_dir(cid), prefix=True)]):
-            log.warning("chunk server %s removed from the cluster%s", cid, " (forced)" if force else "")
-            return cid
-    raise Conflict(f"chunk server {cid} was not removed: its records or the extent map kept changing "
-                   f"while it was being removed ({REMOVE_ATTEMPTS} attempts)",
-                   hint="see `zstore chunk list` and `zstore cluster status`, then retry", retry=True)
+        if await ctx.etcd.get(mark) is not None:
+            raise Conflict(f"chunk server {cid} is being removed by another request",
+                           hint=f"see `zstore chunk list`; retry in {REMOVING_TTL}s if it stays",
+                           retry=True)
+        token = uuid.uuid4().hex.encode()
+        lease = await ctx.etcd.lease(REMOVING_TTL)
+        try:
+            compare = [ctx.unchanged(info_key, info.mod_revision), ctx.absent(mark)]
+            if not force:
+                compare.append(ctx.absent(live_key))
+            if not await ctx.txn(compare, [ctx.etcd.transactions.put(mark, token, lease=lease)]):
+                continue
+            got = await ctx.etcd.get(mark)
+            if got is None or got.value != token:
+                continue
+            marked = got.mod_revision
+            holders = [] if force else await holders_of(ctx, cid)
+            if holders:
+                raise Conflict(f"chunk server {cid} holds replicas of {len(holders)} volume(s): "
+                               + ", ".join(holders[:5]) + ("..." if len(holders) > 5 else ""),
+                               hint="wait for recovery to move them, or pass --force", volumes=holders)
+            compare = [ctx.unchanged(mark, marked), ctx.untouched_since(ctx.keys.chunk_dir(cid), marked)]
+            if await ctx.txn(compare, [ctx.delete(ctx.keys.chunk_dir(cid), prefix=True)]):
+                log.warning("chunk server %s removed from the cluster%s", cid, " (forced)" if force else "")
+                return cid
+        finally:
+            # The marker goes with the lease (if the delete left it); else it expires.
+            with contextlib.suppress(Exception):
+                await lease.revoke()
+    raise Conflict(f"chunk server {cid} was not removed: its records kept changing while it was "
+                   f"being removed ({REMOVE_ATTEMPTS} attempts)",
+                   hint="see `zstore chunk list`, then retry", retry=True)
 
 
 async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool) -> None:

@@ -83,7 +83,8 @@ def candidate_of(view: chunkmod.ChunkView) -> Candidate:
 
 def usable(view: chunkmod.ChunkView, need: int) -> bool:
     """Live, active, not stopping and with room: a chunk server that may receive a new replica."""
-    return view.up and not view.draining and not view.stopping and view.free > 0 and view.free >= need
+    return (view.up and not view.draining and not view.stopping and not view.removing
+            and view.free > 0 and view.free >= need)
 
 
 def place_more(pool: list[Candidate], keep: list[Candidate], n: int, need: int,
@@ -161,8 +162,9 @@ async def allocate(ctx: Ctx, vid: str, index: Any) -> tuple[ExtentRecord, bool]:
                 f"({vol.size} bytes = {count} extent(s) of {EXTENT_SIZE} bytes)")
         replicas = place_extent(vol, await chunkmod.list_chunks(ctx))
         rec = ExtentRecord(volume_id=vid, index=index, replicas=replicas)
-        # Each replica's server still registered: one removed since it was listed gets none.
-        registered = [ctx.t.version(ctx.keys.chunk_info(c)) > 0 for c in replicas]
+        # Each replica's server still registered and not being removed (``remove_chunk``):
+        # one removed since it was listed gets none; placed again, it is left out.
+        registered = [cmp for c in replicas for cmp in chunkmod.placeable(ctx, c)]
         if await ctx.txn([ctx.absent(key), ctx.t.version(ctx.keys.volume(vid)) > 0, *registered],
                          [ctx.put(key, rec)]):
             log.info("extent %s/%d allocated on %s", vid, index, ",".join(replicas))
@@ -240,6 +242,10 @@ async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
         views = {v.chunk_id: v for v in await chunkmod.list_chunks(ctx)}
         if chunk_id not in views:
             raise NotFound(f"chunk server {chunk_id!r} not found", hint="see `zstore chunk list`")
+        if views[chunk_id].removing:
+            raise Conflict(f"{chunk_id} cannot join extent {vid}/{index}: it is being removed "
+                           "from the cluster", hint="retry; if the removal fails the join can go on",
+                           retry=True, record=rec.to_dict())
         task, task_rev = await ctx.get(task_key, RecoveryTask)
         if task is not None and task.target != chunk_id:
             task = None
@@ -250,9 +256,10 @@ async def join(ctx: Ctx, vid: str, index: Any, chunk_id: Any, generation: Any,
         rec.replicas.append(chunk_id)
         rec.stale.pop(chunk_id, None)
         rec.generation += 1
-        # Still registered (``remove_chunk`` may have deleted it since it was listed).
-        registered = ctx.t.version(ctx.keys.chunk_info(chunk_id)) > 0
-        compare, ops = [ctx.unchanged(key, rev), *owner_compare, registered], [ctx.put(key, rec)]
+        # Still registered and not being removed (``remove_chunk`` may have marked or deleted
+        # it since it was listed).
+        compare = [ctx.unchanged(key, rev), *owner_compare, *chunkmod.placeable(ctx, chunk_id)]
+        ops = [ctx.put(key, rec)]
         if task is not None:
             compare.append(ctx.unchanged(task_key, task_rev))
             ops.append(ctx.delete(task_key))

@@ -3,9 +3,11 @@
 The removal checks that no extent record lists the server in sync, then deletes its records.
 Before, the delete's transaction compared only the server's own keys: a recovery join (or a new
 extent's placement) that put a replica on it between the check and the delete went unseen, and
-the extent then listed a server that no longer existed. Now the delete also requires that no
-extent record was put since the check read the map; and placement and join require the
-server's info key, so a server removed first gets no replica after.
+the extent then listed a server that no longer existed. Now the removal first marks the server
+as being removed (one transaction), then reads the extent map once, then deletes if none of the
+server's keys changed since its mark; placement and join require the server's info key and no
+mark, so no replica lands on it once marked or removed. Writes to other extents meanwhile do
+not fail the removal (an earlier fix compared the whole extent map: they did).
 
 Real etcd; each step is driven in order by a Ctx whose ``txn`` runs the competing change just
 before the transaction under test.
@@ -20,10 +22,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from meta import api, extents, server
+from meta import api, chunks, extents, server
 from meta.context import Ctx
 from tests.meta.helpers import chunk_down, make_ctx, register_chunk
-from zstore.errors import NotFound
+from zstore.errors import Conflict, NotFound
 from zstore.records import ExtentRecord, Volume
 
 HOSTS = {c: {"host": f"h-{c}"} for c in ("c1", "c2", "c3")}
@@ -92,7 +94,11 @@ async def test_a_join_onto_the_server_between_check_and_delete_fails_the_delete(
     assert rec.replicas == ["c2", "c1"]
 
 
-async def test_a_write_elsewhere_in_the_extent_map_only_costs_a_fresh_read(base, etcd_config):
+async def test_writes_elsewhere_in_the_extent_map_do_not_fail_the_removal(base, etcd_config):
+    # Another volume's extents allocated (never on c1) before each of the removal's
+    # transactions. Before, the delete required that no extent record at all was put since
+    # the map was read: this answered 409 after 5 attempts (each re-reading the whole map).
+    # Now the guard is at the server (a removing marker placement and join respect).
     await volume(base, "v2", 1, ["c2"])
     await chunk_down(base, "c1")
     index = iter(range(100))
@@ -100,15 +106,68 @@ async def test_a_write_elsewhere_in_the_extent_map_only_costs_a_fresh_read(base,
     async def allocate_elsewhere() -> None:       # another volume's extents, never on c1
         await extents.allocate(base, "v2", next(index))
 
-    status, body = await delete_chunk(before(base, allocate_elsewhere), etcd_config, "c1")
+    status, body = await delete_chunk(before(base, allocate_elsewhere, times=100), etcd_config, "c1")
     assert (status, body) == (200, {"removed": "c1"})
     assert await base.get_raw(base.keys.chunk_info("c1")) is None
-    # The extent map changing before every attempt: 409, retry, and the server stays.
+    assert await base.etcd.get(chunks.removing_key(base, "c1")) is None
+
+
+async def test_the_servers_own_records_changing_on_every_attempt_answers_409(base, etcd_config):
     await chunk_down(base, "c3")
-    status, body = await delete_chunk(before(base, allocate_elsewhere, times=100), etcd_config, "c3")
+
+    async def register_again() -> None:           # its info put again, still down
+        await register_chunk(base, "c3", labels=HOSTS["c3"], live=False)
+
+    status, body = await delete_chunk(before(base, register_again, times=100), etcd_config, "c3")
     assert status == 409, body
     assert "kept changing" in body["error"]["message"] and body["error"]["details"]["retry"] is True
     assert await base.get_raw(base.keys.chunk_info("c3")) is not None
+    assert await base.etcd.get(chunks.removing_key(base, "c3")) is None     # no marker left
+
+
+def on_second_txn(step: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    """``step`` run once, just before the second transaction (the removal's delete, after its
+    mark and its read of the extent map)."""
+    calls = iter(range(100))
+
+    async def run() -> None:
+        if next(calls) == 1:
+            await step()
+    return run
+
+
+async def test_a_join_between_the_mark_and_the_delete_is_refused(base, etcd_config):
+    await volume(base, "v5", 2, ["c1", "c2"])
+    await base.etcd.put(base.keys.extent("v5", 0), ExtentRecord(
+        volume_id="v5", index=0, replicas=["c2"], generation=3, stale={"c1": 2}).encode())
+    await chunk_down(base, "c1")
+    refused = []
+
+    async def join() -> None:
+        with pytest.raises(Conflict, match="being removed") as e:
+            await extents.join(base, "v5", 0, "c1", 3)
+        refused.append(e.value)
+
+    status, body = await delete_chunk(before(base, on_second_txn(join), times=2), etcd_config, "c1")
+    assert (status, body) == (200, {"removed": "c1"})
+    assert len(refused) == 1
+    rec, _ = await extents.get_extent(base, "v5", 0)
+    assert rec.replicas == ["c2"]
+
+
+async def test_a_placement_between_the_mark_and_the_delete_avoids_the_server(base, etcd_config):
+    # c1 is up (so the removal is forced); the allocation lists it while it is being removed.
+    await volume(base, "v6", 2, ["c1", "c2"])
+    placed = []
+
+    async def allocate() -> None:
+        rec, created = await extents.allocate(base, "v6", 0)
+        placed.append((created, sorted(rec.replicas)))
+
+    status, body = await delete_chunk(before(base, on_second_txn(allocate), times=2), etcd_config,
+                                      "c1", force=True)
+    assert (status, body) == (200, {"removed": "c1"})
+    assert placed == [(True, ["c2", "c3"])]
 
 
 async def test_a_placement_committing_after_the_removal_avoids_the_removed_server(base, etcd_config):
@@ -136,4 +195,21 @@ async def test_a_join_committing_after_the_removal_is_refused(base, etcd_config)
     with pytest.raises(NotFound, match="chunk server 'c1' not found"):
         await extents.join(before(base, remove_c1), "v4", 0, "c1", 2)
     rec, _ = await extents.get_extent(base, "v4", 0)
+    assert rec.replicas == ["c2"]
+
+
+async def test_placement_and_join_that_listed_the_server_before_its_mark_are_refused(base):
+    # The mark lands between their listing and their transaction: the compare catches it.
+    await volume(base, "v7", 2, ["c1", "c2"])
+    await base.etcd.put(base.keys.extent("v7", 1), ExtentRecord(
+        volume_id="v7", index=1, replicas=["c2"], generation=3, stale={"c1": 2}).encode())
+
+    async def mark_c1() -> None:
+        await base.etcd.put(chunks.removing_key(base, "c1"), b"a removal")
+
+    rec, created = await extents.allocate(before(base, mark_c1), "v7", 0)
+    assert created and sorted(rec.replicas) == ["c2", "c3"]      # placed again, without c1
+    with pytest.raises(Conflict, match="being removed"):
+        await extents.join(before(base, mark_c1), "v7", 1, "c1", 3)
+    rec, _ = await extents.get_extent(base, "v7", 1)
     assert rec.replicas == ["c2"]
