@@ -493,13 +493,20 @@ async def _page_of_volume(ctx: Ctx, vid: str, limit: int,
     """The volume's name keys (one Range), then each one's record."""
     base = ctx.keys.snapshot_names(vid)
     start = ctx.keys.snapshot_name(vid, start_after) + b"\x00" if start_after else base
+    out, kvs, more = await _named_page(ctx, base, start, limit, ctx.keys.snapshot, Snapshot)
+    return out, (f"{vid}:{ctx.keys.snapshot_name_in(kvs[-1][0], vid)}" if more and kvs else None)
+
+
+async def _named_page(ctx: Ctx, base: bytes, start: bytes, limit: int, key_of, kind):
+    """A page of a name index under ``base`` from ``start``: (live records, the name kvs read,
+    whether more follow). One Range of the name keys, then one read per record they name."""
     kvs, more = await ctx.etcd.range(start, prefix_end(base), limit=limit)
     out = []
-    for _, sid in kvs:
-        snap, _ = await ctx.get(ctx.keys.snapshot(sid.decode()), Snapshot)
-        if snap is not None and snap.state != "deleted":
-            out.append(snap)
-    return out, (f"{vid}:{ctx.keys.snapshot_name_in(kvs[-1][0], vid)}" if more and kvs else None)
+    for _, ident in kvs:
+        rec, _ = await ctx.get(key_of(ident.decode()), kind)
+        if rec is not None and rec.state != "deleted":
+            out.append(rec)
+    return out, kvs, more
 
 
 async def snapshot_named(ctx: Ctx, volume: str, name: str) -> Snapshot | None:
@@ -652,10 +659,5 @@ async def list_volumes(ctx: Ctx, limit: int = 100, start_after: str | None = Non
     check_limit(limit)
     base = ctx.keys.volume_names()
     start = ctx.keys.volume_name(start_after) + b"\x00" if start_after else base
-    kvs, more = await ctx.etcd.range(start, prefix_end(base), limit=limit)
-    vols = []
-    for _, vid in kvs:
-        vol, _ = await ctx.get(ctx.keys.volume(vid.decode()), Volume)
-        if vol is not None and vol.state != "deleted":
-            vols.append(vol)
+    vols, kvs, more = await _named_page(ctx, base, start, limit, ctx.keys.volume, Volume)
     return vols, (kvs[-1][0][len(base):].decode() if more and kvs else None)
