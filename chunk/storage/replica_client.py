@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from .link import connect
 from .peer_auth import AuthError, client_handshake
@@ -29,7 +29,7 @@ from .wire import Frame, FrameError, FrameReader, FrameWriter, Op, Pipeline, Sta
 __all__ = [
     "Address", "ReplicaClient", "PeerUnavailable", "ReplicaError", "StaleEpoch",
     "ChecksumFailed", "NoSpace", "NoExtentError", "Conflict", "Denied", "InvalidRequest",
-    "ReplicaIOError",
+    "ReplicaIOError", "CheckedProbe",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,18 @@ def check(reply: Frame) -> Frame:
         return reply
     assert reply.status is not None
     raise _ERRORS.get(reply.status, ReplicaError)(reply.status, reply.args)
+
+
+class CheckedProbe(NamedTuple):
+    """A peer's answer to DIGEST with ``args.checked`` (``ReplicaClient.checked_probe``)."""
+    digest: bytes
+    mutations: int | None      # the replica's ``stat()["mutations"]`` then; None: not sent
+    pending: int | None        # its deferred writes/unmaps in progress then; None: not sent
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative int from a reply's args, else None (not sent, or not a count)."""
+    return value if type(value) is int and value >= 0 else None
 
 
 _FUA = {"fua": True}
@@ -378,10 +390,21 @@ class ReplicaClient:
     async def checked_digest(self, addr: Address, vid: str, idx: int, epoch: int = 0) -> bytes | None:
         """The peer's ``replica_server.checked_digest`` of the extent (the state checksums
         cover); None from a peer that predates it: it ignored the arg and sent its full digest."""
+        got = await self.checked_probe(addr, vid, idx, epoch)
+        return None if got is None else got.digest
+
+    async def checked_probe(self, addr: Address, vid: str, idx: int,
+                            epoch: int = 0) -> CheckedProbe | None:
+        """``checked_digest`` with the replica's ``mutations`` and ``pending`` (deferred writes
+        in progress) at that moment, from its ``ReplicaStore.stat``: the scrubber's tie check
+        trusts a digest only from a replica at rest. None from a peer without checked digests;
+        ``mutations``/``pending`` None from one that answers the digest without them."""
         rep = await self._ok(addr, Frame(Op.DIGEST, 0, vid, idx, epoch, args={"checked": True}))
-        if (rep.args or {}).get("checked") is not True:
+        args = rep.args or {}
+        if args.get("checked") is not True:
             return None
-        return bytes(rep.data or b"")
+        return CheckedProbe(bytes(rep.data or b""), _count(args.get("mutations")),
+                            _count(args.get("pending")))
 
     async def setgen(self, addr: Address, vid: str, idx: int, generation: int, epoch: int) -> None:
         await self._ok(addr, Frame(Op.SETGEN, 0, vid, idx, epoch, generation))

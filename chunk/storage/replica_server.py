@@ -32,7 +32,10 @@ DENIED for everything else.
 
 DIGEST with ``args.checked`` answers ``checked_digest`` (the state checksums cover, for
 the scrubber's tie check) and says so in its reply's args: a server without it ignores
-the arg and answers the full digest, which the caller must not take for the other.
+the arg and answers the full digest, which the caller must not take for the other. The
+reply's args also carry the replica's ``mutations`` and ``pending`` (deferred writes in
+progress) from ``ReplicaStore.stat`` at that moment: the scrubber trusts the digest only
+from a replica at rest (``Scrubber._peer_same``).
 
 Generations: SETGEN never lowers an extent's (STALE_GENERATION). No other request's
 generation is checked (the replicated write sends 0): an extent's header holds the
@@ -652,7 +655,10 @@ class ReplicaServer:
             return f.reply(Status.CONFLICT)
         if f.op is Op.DIGEST:
             if _arg(f, "checked", bool, False):    # the scrubber's tie check; "checked" says served
-                return f.reply(Status.OK, checked_digest(st.checked_state(vid, idx)), {"checked": True})
+                digest = checked_digest(st.checked_state(vid, idx))
+                now = st.stat(vid, idx)            # the same moment: no await in between
+                return f.reply(Status.OK, digest, {"checked": True, "mutations": now["mutations"],
+                                                   "pending": now.get("pending", 0)})
             return f.reply(Status.OK, st.digest(vid, idx))
         if f.op is Op.SETGEN:
             gen = _positive(f.generation, "generation")

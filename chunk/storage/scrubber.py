@@ -61,11 +61,12 @@ pause until ``interval`` after the pass started):
   (``status()["unresolved"]``, and ``unresolved_extents`` until the replicas
   agree again) for an operator. A majority still wins. The comparison is by
   DIGEST with ``args.checked`` (a hash of the peer's checked state: one round
-  trip, no disk read), in a few probes each inside a moment without local
-  writes (``_peer_same``), so it concludes on an extent written every few
-  hundred milliseconds; it used to EXPORT the peer's whole extent at the
-  scrub rate (seconds), which any write spoiled, so such a tie was never
-  resolved. A peer without checked digests is still EXPORTed.
+  trip, no disk read), in a few probes each inside a moment when neither
+  replica is being written (no local write, no deferred write in progress on
+  either side, the peer's mutation count unchanged: ``_peer_same``), so it
+  concludes on an extent written every few hundred milliseconds; it used to
+  EXPORT the peer's whole extent at the scrub rate (seconds), which any write
+  spoiled, so such a tie was never resolved. A peer without checked digests is still EXPORTed.
 
 Progress survives a restart: at the throttled rate a large server needs days
 per pass, and a pass that started from the first extent after every restart
@@ -101,9 +102,11 @@ MAX_SLICE = 4 << 20
 CURSOR_FILE = ".scrub-cursor"
 # The tie check's probes of a peer's checked state (``Scrubber._peer_same``): a probe counts
 # when no local write lands within TIE_QUIET seconds of it on either side (far longer than
-# one write reaches the replicas apart); "different" takes TIE_DIFFER of them, and a check
-# gives up (decided in a later pass) after TIE_PROBES probes: about a second at most. An
-# unresolved tie is checked again every pass, so a false "different" must stay improbable.
+# one write reaches the replicas apart) and neither replica has a deferred write in progress
+# or a mutation between the peer's last two replies; "different" takes TIE_DIFFER of them
+# with the same pair of digests, and a check gives up (decided in a later pass) after
+# TIE_PROBES probes: under a second. An unresolved tie is checked again every pass, so a
+# false "different" must stay improbable.
 TIE_QUIET = 0.02
 TIE_DIFFER = 3
 TIE_PROBES = 32
@@ -615,28 +618,55 @@ class Scrubber:
         return all(same)
 
     async def _peer_same(self, addr, vid: str, idx: int) -> bool | None:
-        """Does the peer's checked digest (``ReplicaClient.checked_digest``) match this
-        replica's? One probe is a DIGEST round trip inside a window without local writes,
-        ``TIE_QUIET`` wide on either side: a write that had reached only one replica then (the
-        coordinator sends to each) shows as a difference no replica keeps, and a false
-        "different" would drop the good copy of a tie in unchecked metadata. So "different"
-        takes ``TIE_DIFFER`` such probes, "same" one; None after ``TIE_PROBES`` without that."""
-        differed = 0
+        """Does the peer's checked digest (``ReplicaClient.checked_probe``) match this
+        replica's? A false "different" drops the good copy of a tie in unchecked metadata, so
+        a probe (a DIGEST round trip) counts only with both replicas at rest around it:
+
+        - here: no deferred write in progress (``stat()["pending"]``) and ``mutations``
+          unchanged from ``TIE_QUIET`` before the DIGEST to ``TIE_QUIET`` after it (a write
+          that had reached only one replica then: the coordinator sends to each);
+        - the peer: its reply and the one before carry ``pending`` 0, the same ``mutations``
+          and the same digest. A copy-on-write waits for fdatasyncs between its steps
+          (``ReplicaStore._write_later``) and a peer's disk may lag: a digest taken half-way
+          shows a difference neither replica keeps (5072ce6 looked at local writes only, and
+          dropped the good copy behind an 80 ms sync).
+
+        "Same" takes one such probe; "different" ``TIE_DIFFER`` of them seeing the same pair
+        of digests (another pair starts the count again); None after ``TIE_PROBES`` probes
+        without a verdict. A peer without checked digests or without ``mutations`` in its
+        reply (before this) is EXPORTed instead (``_exported_same``)."""
+        store = self.store
+
+        def here() -> tuple[int, int]:
+            st = store.stat(vid, idx)
+            return st["mutations"], st.get("pending", 0)
+
+        prev = None                          # the peer's previous reply
+        pair, seen = None, 0                 # the differing (mine, theirs) and its counted probes
+        quiet = here()                       # TIE_QUIET before the next DIGEST
+        await asyncio.sleep(TIE_QUIET)
         for _ in range(TIE_PROBES):
-            before = self.store.stat(vid, idx)["mutations"]
+            before = here()
+            got = await self.repair.client.checked_probe(addr, vid, idx)
+            if got is None or got.mutations is None or got.pending is None:
+                return await self._exported_same(addr, vid, idx)    # a peer from before
+            mine = checked_digest(store.checked_state(vid, idx))     # no await since the reply
+            after = here()
             await asyncio.sleep(TIE_QUIET)
-            if self.store.stat(vid, idx)["mutations"] != before:
+            later = here()
+            last, prev = prev, got
+            at_rest_here = (quiet == before == after == later and later[1] == 0)
+            quiet = after
+            at_rest_there = (last is not None and last.pending == 0 and got.pending == 0
+                             and last.mutations == got.mutations and last.digest == got.digest)
+            if not (at_rest_here and at_rest_there):
                 continue
-            theirs = await self.repair.client.checked_digest(addr, vid, idx)
-            if theirs is None:                       # a peer from before checked digests
-                return await self._exported_same(addr, vid, idx)
-            await asyncio.sleep(TIE_QUIET)
-            if self.store.stat(vid, idx)["mutations"] != before:
-                continue
-            if theirs == checked_digest(self.store.checked_state(vid, idx)):
+            if got.digest == mine:
                 return True
-            differed += 1
-            if differed >= TIE_DIFFER:
+            if (mine, got.digest) != pair:
+                pair, seen = (mine, got.digest), 0
+            seen += 1
+            if seen >= TIE_DIFFER:
                 return False
         return None
 
