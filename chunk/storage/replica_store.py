@@ -231,6 +231,8 @@ class _Versions:
         self.fd = os.open(self.path, flags, 0o600)
         self._lock = threading.Lock()        # self.fd against a concurrent close (sync)
         self.group: _GroupSync | None = None  # COWs' syncs (``ReplicaStore._write_later``)
+        self.dir_group: _GroupSync | None = None  # its creation's directory fsyncs (same)
+        self.unlinked_dirs: list[Path] = []  # directories to fsync before it is relied on
         self.entries: dict[int, tuple[int, int]] = {}     # block -> (origin, crc)
         self._punch = True
         if not create:
@@ -425,7 +427,10 @@ class _Replica:
                 v.unlink()
         self.keys = sorted(self.versions)
 
-    def versions_for(self, key: int) -> _Versions:
+    def versions_for(self, key: int, sync_dir: bool = True) -> _Versions:
+        """The version file of ``key``, created if need be and its directory entry fsync'd;
+        ``sync_dir=False`` leaves that fsync to the caller (``unlinked_dirs`` names what to
+        sync until it is done: ``ReplicaStore._cow_later`` does it in a worker thread)."""
         v = self.versions.get(key)
         if v is None:
             new_dir = not self.vdir.is_dir()
@@ -433,10 +438,17 @@ class _Replica:
             v = _Versions(self.vdir, key, self.blocks, create=True)
             self.versions[key] = v
             bisect.insort(self.keys, key)
-            _fsync_dir(self.vdir)
-            if new_dir:
-                _fsync_dir(self.vdir.parent)
+            v.unlinked_dirs = [self.vdir, self.vdir.parent] if new_dir else [self.vdir]
+        if sync_dir and v.unlinked_dirs:          # new, or made by a deferred COW not synced yet
+            self.sync_dirs(v)
         return v
+
+    @staticmethod
+    def sync_dirs(v: _Versions) -> None:
+        """fsync the directories ``v``'s creation changed (any thread: it opens its own fds)."""
+        for d in v.unlinked_dirs:
+            _fsync_dir(d)
+        v.unlinked_dirs = []
 
     def drop_key_if_empty(self, key: int) -> None:
         v = self.versions.get(key)
@@ -1336,7 +1348,7 @@ class ReplicaStore:
             v.sync()
 
     def _cow_copy(self, rep: _Replica, first: int, n: int, seq: int,
-                  floor: int | None = None) -> tuple[_Versions, list] | None:
+                  floor: int | None = None, sync_dir: bool = True) -> tuple[_Versions, list] | None:
         """Step 1's first half: the blocks to preserve read (verified) and written to their
         version's data, slots not yet (nothing reads them before the barrier, ``_cow``).
         None if nothing needs preserving."""
@@ -1362,7 +1374,7 @@ class ReplicaStore:
         # deletion the volume's seq stays above its blocks', so writes go on making versions no
         # snapshot reads; the reclaimer trims again when this count moved (``stat``).
         rep.cows += 1
-        v = rep.versions_for(key)
+        v = rep.versions_for(key, sync_dir)
         v.put_data(items)
         return v, items
 
@@ -1550,10 +1562,15 @@ class ReplicaStore:
         """``_cow`` with its syncs in worker threads (``_write_later``). A version file trimmed
         meanwhile (the reclaimer: no snapshot reads that key) needs the copy no more."""
         with self._rep_io(rep):
-            copied = self._cow_copy(rep, first, n, seq, floor)
+            copied = self._cow_copy(rep, first, n, seq, floor, sync_dir=False)
         if copied is None:
             return
         v, items = copied
+        if v.unlinked_dirs:                  # a new version file: its directory entry first
+            if v.dir_group is None:
+                v.dir_group = _GroupSync(lambda: partial(_Replica.sync_dirs, v))
+            await self._sync_later(rep, v.dir_group, hold)
+            self._still_ours(rep, vid, idx, epoch)
         if self.cow_sync:
             if v.group is None:
                 v.group = _GroupSync(lambda: v.sync)

@@ -192,3 +192,30 @@ async def test_a_cow_whose_version_file_is_trimmed_meanwhile_still_lands(tmp_pat
         assert store.verify(VID, 0) == [] and store.stat(VID, 0)["pending"] == 0
     finally:
         store.close()
+
+
+async def test_a_cows_new_version_file_is_linked_durably_off_the_loop(tmp_path: Path, monkeypatch):
+    """The first COW of a snapshot into an extent creates its version file: the directory's
+    fsync (the file must stay linked across a power loss) also waits off the loop, before the
+    barrier; requests are answered meanwhile."""
+    async with _served(tmp_path) as (store, pipe):
+        assert (await pipe.call(Frame(Op.CREATE, 0, VID, 0, 1, 1), 10)).status is Status.OK
+        assert (await pipe.call(_write(0, 0, b"o" * BLOCK_SIZE, 1), 10)).status is Status.OK
+        loop_thread, proceed, calls = threading.get_ident(), threading.Event(), []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(".v"):
+                on_loop = threading.get_ident() == loop_thread
+                calls.append(on_loop)
+                proceed.wait(1.5 if on_loop else 10)
+            real(fd)
+        monkeypatch.setattr(os, "fsync", fsync)
+        cow = asyncio.ensure_future(pipe.call(_write(0, 0, b"n" * BLOCK_SIZE, 2), 10))
+        await async_wait_for(lambda: calls, 5, "the version directory's fsync")
+        assert calls == [False], calls
+        ping = await asyncio.wait_for(asyncio.shield(pipe.call(Frame(Op.PING, 0), 10)), 1.0)
+        assert ping.status is Status.OK and not cow.done()
+        proceed.set()
+        assert (await asyncio.wait_for(cow, 10)).status is Status.OK
+        assert store.read(VID, 0, 0, BLOCK_SIZE, view=1)[0] == b"o" * BLOCK_SIZE

@@ -142,6 +142,7 @@ def test_cow_and_absent_in_one_write_version_then_seq_then_crc(store: ReplicaSto
     ops.clear()
     write(store, 0, _blk(2, 2), 2)                         # block 0 COW, block 1 absent
     k = ops.kinds()
+    assert k.index(("sync", ".v")) < k.index(("sync", ".ver"))      # the new file linked first
     assert k.index(("sync", ".ver")) < k.index(("write", ".seq")) < k.index(("sync", ".seq")) \
         < k.index(("write", ".crc"))
 
