@@ -15,13 +15,13 @@ import asyncio
 
 from chunk import catalog as catalog_mod
 from chunk.catalog import Catalog
-from meta import exports, volumes
+from meta import exports
+from tests.chunk.catalog_setup import H1, acl_mirrored, running_catalog
 from tests.cluster import async_wait_for
 from tests.meta.helpers import make_ctx, register_chunk
 from zstore import etcd as zetcd
 from zstore.config import EtcdConfig
 
-H1 = "iqn.2004-10.com.example:h1"
 BOUND = 1.0
 
 
@@ -76,31 +76,20 @@ async def test_the_catalog_follows_etcd_across_a_failover_on_its_own_stream(etcd
                      prefix=etcd_config.prefix, timeout=3.0)
     client = zetcd.client(cfg)
     await client.connect()
-    ctx = make_ctx(client, cfg)
-    await register_chunk(ctx, "c0")
-    stop = asyncio.Event()
-    cat = Catalog(client, ctx.keys, stale_after=5.0)      # a relist waits 1 s to retry
-    went_stale: list[bool] = []
-    cat.on_stale(went_stale.append)
-    await cat.start(stop)
     try:
-        vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
-        iqn = (await exports.list_targets(ctx))[0]["iqn"]
-        await exports.add_acl(ctx, "v", H1)
-        await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun), 5, "ACL mirrored")
-        old = client._streams[catalog_mod.WATCH_STREAM]             # noqa: SLF001
-        client._failover("test")                                    # noqa: SLF001
-        await exports.remove_acl(ctx, "v", H1)
-        await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun) is None, 5,
-                             "the ACL removal mirrored after the failover")
-        new = client._streams.get(catalog_mod.WATCH_STREAM)         # noqa: SLF001
-        assert new is not None and new is not old
-        confirmed = cat._confirmed                                  # noqa: SLF001
-        await exports.add_acl(ctx, "v", H1)                         # the revision moves on
-        await async_wait_for(lambda: cat._confirmed > confirmed, 5, "confirmed after the failover")  # noqa: SLF001
-        assert went_stale == [] and cat.synced
+        async with running_catalog(client, cfg, 5.0) as (ctx, cat, went_stale):   # a relist waits 1 s to retry
+            vol, iqn = await acl_mirrored(ctx, cat)
+            old = client._streams[catalog_mod.WATCH_STREAM]         # noqa: SLF001
+            client._failover("test")                                # noqa: SLF001
+            await exports.remove_acl(ctx, "v", H1)
+            await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun) is None, 5,
+                                 "the ACL removal mirrored after the failover")
+            new = client._streams.get(catalog_mod.WATCH_STREAM)     # noqa: SLF001
+            assert new is not None and new is not old
+            confirmed = cat._confirmed                              # noqa: SLF001
+            await exports.add_acl(ctx, "v", H1)                     # the revision moves on
+            await async_wait_for(lambda: cat._confirmed > confirmed, 5, "confirmed after the failover")  # noqa: SLF001
+            assert went_stale == [] and cat.synced
     finally:
-        stop.set()
-        await cat.close()
         await client.delete_prefix(cfg.prefix.encode() + b"/")
         await client.close()

@@ -21,17 +21,10 @@ import asyncio
 
 from chunk.catalog import Catalog
 from meta import exports, volumes
+from tests.chunk.catalog_setup import H1, acl_mirrored, running_catalog, stall as _stall
 from tests.cluster import async_wait_for
-from tests.meta.helpers import make_ctx, register_chunk
 
-H1 = "iqn.2004-10.com.example:h1"
 BOUND = 1.0
-
-
-def _stall(cat: Catalog, section: str) -> None:
-    """From now on ``section``'s stream delivers nothing to the mirror."""
-    real = cat._event                                               # noqa: SLF001
-    cat._event = lambda kind, ev: None if kind == section else real(kind, ev)   # noqa: SLF001
 
 
 async def _served_while_synced(cat: Catalog, old_served) -> bool:
@@ -43,22 +36,12 @@ async def _served_while_synced(cat: Catalog, old_served) -> bool:
     return cat.synced and old_served()
 
 
-async def _started(etcd_client, etcd_config, stale_after=BOUND):
-    ctx = make_ctx(etcd_client, etcd_config)
-    await register_chunk(ctx, "c0")
-    stop = asyncio.Event()
-    cat = Catalog(etcd_client, ctx.keys, stale_after=stale_after)
-    await cat.start(stop)
-    return ctx, cat, stop
-
-
 async def _set_chap(ctx, secret: str, initiator: str = H1) -> None:
     await exports.set_chap(ctx, {"target": "*", "initiator": initiator, "user": "u", "secret": secret})
 
 
 async def test_an_in_place_chap_change_on_a_stalled_watch_is_caught(etcd_client, etcd_config):
-    ctx, cat, stop = await _started(etcd_client, etcd_config)
-    try:
+    async with running_catalog(etcd_client, etcd_config, BOUND) as (ctx, cat, _):
         await volumes.create_volume(ctx, "v", "1Gi", 1)
         iqn = (await exports.list_targets(ctx))[0]["iqn"]
         await _set_chap(ctx, "old-secret-123")
@@ -68,31 +51,20 @@ async def test_an_in_place_chap_change_on_a_stalled_watch_is_caught(etcd_client,
         assert not await _served_while_synced(
             cat, lambda: cat.chap_for(iqn, H1).secret == "old-secret-123"), \
             "the replaced CHAP secret is still served by a mirror counted as current"
-    finally:
-        stop.set()
-        await cat.close()
 
 
 async def test_an_acl_entry_rewritten_read_only_on_a_stalled_watch_is_caught(etcd_client, etcd_config):
-    ctx, cat, stop = await _started(etcd_client, etcd_config)
-    try:
-        vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
-        iqn = (await exports.list_targets(ctx))[0]["iqn"]
-        await exports.add_acl(ctx, "v", H1)
-        await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun), 5, "ACL mirrored")
+    async with running_catalog(etcd_client, etcd_config, BOUND) as (ctx, cat, _):
+        vol, iqn = await acl_mirrored(ctx, cat)
         _stall(cat, "acl")
         await exports.add_acl(ctx, "v", H1, readonly=True)              # same key, read-only now
         assert not await _served_while_synced(
             cat, lambda: not cat.lun_access(iqn, H1, vol.lun).readonly), \
             "the initiator may still write through a mirror counted as current"
-    finally:
-        stop.set()
-        await cat.close()
 
 
 async def test_a_chap_record_deleted_on_a_stalled_watch_is_caught(etcd_client, etcd_config):
-    ctx, cat, stop = await _started(etcd_client, etcd_config)
-    try:
+    async with running_catalog(etcd_client, etcd_config, BOUND) as (ctx, cat, _):
         await volumes.create_volume(ctx, "v", "1Gi", 1)
         iqn = (await exports.list_targets(ctx))[0]["iqn"]
         await _set_chap(ctx, "old-secret-123")
@@ -101,9 +73,6 @@ async def test_a_chap_record_deleted_on_a_stalled_watch_is_caught(etcd_client, e
         await exports.clear_chap(ctx, "*", H1)
         assert not await _served_while_synced(cat, lambda: cat.chap_for(iqn, H1) is not None), \
             "the deleted CHAP record is still served by a mirror counted as current"
-    finally:
-        stop.set()
-        await cat.close()
 
 
 def _shape(req) -> bytes:
@@ -134,30 +103,26 @@ class _RecordingKV:
 
 
 async def test_the_probe_asks_etcd_the_same_with_50_and_500_keys(etcd_client, etcd_config, monkeypatch):
-    ctx, cat, stop = await _started(etcd_client, etcd_config, stale_after=None)   # probed by hand
-    calls: list = []
-    monkeypatch.setattr(etcd_client, "kvstub", _RecordingKV(etcd_client.kvstub, calls))
-    real_progress = etcd_client.request_progress
+    async with running_catalog(etcd_client, etcd_config, None) as (ctx, cat, _):   # probed by hand
+        calls: list = []
+        monkeypatch.setattr(etcd_client, "kvstub", _RecordingKV(etcd_client.kvstub, calls))
+        real_progress = etcd_client.request_progress
 
-    async def request_progress(*a, **kw):
-        calls.append(("progress",))
-        await real_progress(*a, **kw)
-    monkeypatch.setattr(etcd_client, "request_progress", request_progress)
+        async def request_progress(*a, **kw):
+            calls.append(("progress",))
+            await real_progress(*a, **kw)
+        monkeypatch.setattr(etcd_client, "request_progress", request_progress)
 
-    async def probe_with(n: int) -> list:
-        for i in range(len(cat.chap), n):
-            await _set_chap(ctx, "secret-0123456", f"iqn.2004-10.com.example:h{i}")
-        await async_wait_for(lambda: len(cat.chap) == n, 10, f"{n} CHAP records mirrored")
-        calls.clear()
-        before = cat._confirmed                                         # noqa: SLF001
-        await cat._probe(5.0)                                           # noqa: SLF001
-        assert cat._confirmed > before, "a healthy mirror was not confirmed current"  # noqa: SLF001
-        return list(calls)
-    try:
+        async def probe_with(n: int) -> list:
+            for i in range(len(cat.chap), n):
+                await _set_chap(ctx, "secret-0123456", f"iqn.2004-10.com.example:h{i}")
+            await async_wait_for(lambda: len(cat.chap) == n, 10, f"{n} CHAP records mirrored")
+            calls.clear()
+            before = cat._confirmed                                     # noqa: SLF001
+            await cat._probe(5.0)                                       # noqa: SLF001
+            assert cat._confirmed > before, "a healthy mirror was not confirmed current"  # noqa: SLF001
+            return list(calls)
         with_50 = await probe_with(50)
         with_500 = await probe_with(500)
         assert with_50 == with_500, "the probe's etcd requests grow with the catalog"
         assert ("progress",) in with_50
-    finally:
-        stop.set()
-        await cat.close()

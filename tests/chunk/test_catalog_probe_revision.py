@@ -13,33 +13,16 @@ from __future__ import annotations
 
 import asyncio
 
-from chunk.catalog import Catalog
 from meta import exports, volumes
-from tests.cluster import async_wait_for
-from tests.meta.helpers import make_ctx, register_chunk
+from tests.chunk.catalog_setup import H1, acl_mirrored, churn_acls, running_catalog, stall
 
-H1 = "iqn.2004-10.com.example:h1"
 BOUND = 1.0
 
 
 async def test_a_stalled_open_acl_watch_does_not_keep_a_revoked_acl_served(etcd_client, etcd_config):
-    ctx = make_ctx(etcd_client, etcd_config)
-    await register_chunk(ctx, "c0")
-    stop = asyncio.Event()
-    cat = Catalog(etcd_client, ctx.keys, stale_after=BOUND)
-    await cat.start(stop)
-    try:
-        vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 1)
-        iqn = (await exports.list_targets(ctx))[0]["iqn"]
-        await exports.add_acl(ctx, "v", H1)
-        await async_wait_for(lambda: cat.lun_access(iqn, H1, vol.lun), 5, "ACL mirrored")
-
-        real = cat._event                                           # noqa: SLF001
-
-        def stalled(kind, ev):
-            if kind != "acl":                                       # the ACL stream delivers nothing
-                real(kind, ev)
-        cat._event = stalled                                        # noqa: SLF001
+    async with running_catalog(etcd_client, etcd_config, BOUND) as (ctx, cat, _):
+        vol, iqn = await acl_mirrored(ctx, cat)
+        stall(cat, "acl")                                           # the ACL stream delivers nothing
         await exports.remove_acl(ctx, "v", H1)                      # revoked in etcd
 
         loop = asyncio.get_running_loop()
@@ -48,31 +31,12 @@ async def test_a_stalled_open_acl_watch_does_not_keep_a_revoked_acl_served(etcd_
             await asyncio.sleep(0.05)
         assert not cat.synced or cat.lun_access(iqn, H1, vol.lun) is None, \
             "the revoked initiator is still served by a mirror counted as current"
-    finally:
-        stop.set()
-        await cat.close()
 
 
 async def test_a_busy_section_whose_watch_delivers_stays_current(etcd_client, etcd_config):
     """Events committed just before a probe and delivered just after it are waited for, not
     taken for a stall: ACLs added and removed all along, the catalog never goes stale."""
-    ctx = make_ctx(etcd_client, etcd_config)
-    await register_chunk(ctx, "c0")
-    stop = asyncio.Event()
-    cat = Catalog(etcd_client, ctx.keys, stale_after=BOUND)
-    went_stale: list[bool] = []
-    cat.on_stale(went_stale.append)
-    await cat.start(stop)
-    try:
+    async with running_catalog(etcd_client, etcd_config, BOUND) as (ctx, cat, went_stale):
         await volumes.create_volume(ctx, "v", "1Gi", 1)
-        loop = asyncio.get_running_loop()
-        deadline, i = loop.time() + 3 * BOUND, 0
-        while loop.time() < deadline:
-            ini = f"iqn.2004-10.com.example:churn{i % 5}"
-            await exports.add_acl(ctx, "v", ini)
-            await exports.remove_acl(ctx, "v", ini)
-            i += 1
+        await churn_acls(ctx, 3 * BOUND)
         assert went_stale == [] and cat.synced
-    finally:
-        stop.set()
-        await cat.close()
