@@ -637,7 +637,13 @@ class ReplicaServer:
             # FLUSH would sync it, and a host crash could lose the revert under writes flushed
             # after it.
 
+            # Admitted again as the task starts, with no await before its first run: the
+            # admission above was a loop turn ago, and a newer owner's request served in
+            # between (the next frame of the segment) fenced this one; ``revert_async`` admits
+            # only between runs, so its first run reverted the new owner's blocks.
+
             async def revert() -> None:
+                st.admit(vid, idx, epoch)
                 await st.revert_async(vid, idx, to, seq, epoch)
                 await st.flush_async(vid, idx)
             return revert

@@ -1,0 +1,74 @@
+"""Audit 16: ops the replica server admits at one moment and carry out later (from a task,
+after a sync) must not act for an owner a newer one fenced in between.
+
+Real sockets and a real ReplicaStore in tmp_path, frames sent raw (peer_auth + wire)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from chunk.storage import peer_auth, wire
+from chunk.storage.extent_file import BLOCK_SIZE
+from chunk.storage.replica_server import ReplicaServer
+from chunk.storage.replica_store import ReplicaStore
+from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Status
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"s" * 32
+CLUSTER = "cluster-1"
+EXTENT = 4 << 20
+VID = "vol-1"
+
+
+@pytest.fixture
+async def served(tmp_path: Path):
+    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT, cow_sync=False)
+    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=2.0)
+    await server.start()
+    yield server, store
+    await server.stop()
+    store.close()
+
+
+async def _authed(server: ReplicaServer) -> tuple[FrameReader, FrameWriter]:
+    r, w = await asyncio.open_connection("127.0.0.1", server.port)
+    reader, writer = FrameReader(r), FrameWriter(w)
+    await asyncio.wait_for(peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "c"), 5)
+    return reader, writer
+
+
+async def _replies(reader: FrameReader, n: int) -> dict[int, Frame]:
+    out = {}
+    for _ in range(n):
+        f = await asyncio.wait_for(reader.read(), 10)
+        assert f is not None
+        out[f.id] = f
+    return out
+
+
+async def test_audit16_revert_admitted_then_fenced_before_its_task_runs_changes_nothing(served):
+    """REVERT is admitted in ``_execute`` but runs from a task, a loop turn later: a newer
+    owner's WRITE served in between (here the next frame of the same segment) fenced it, yet
+    its first run reverted the new owner's acknowledged write (``revert_async`` admits the
+    epoch again only between runs, not before the first)."""
+    server, store = served
+    store.create(VID, 0, 1)
+    store.admit(VID, 0, 1)
+    store.write(VID, 0, 0, b"1" * BLOCK_SIZE, seq=1)
+    reader, writer = await _authed(server)
+    try:
+        burst = (wire.encode(Frame(Op.REVERT, 10, VID, 0, 1, 1, seq=3, args={"to": 1}))
+                 + wire.encode(Frame(Op.WRITE, 11, VID, 0, 2, 1, BLOCK_SIZE, BLOCK_SIZE,
+                                     b"N" * BLOCK_SIZE, seq=2)))
+        writer._writer.write(burst)
+        got = await _replies(reader, 2)
+        assert got[11].status is Status.OK                  # the new owner's write: acknowledged
+        assert got[10].status is Status.STALE_EPOCH, got[10]
+        assert store.read(VID, 0, BLOCK_SIZE, BLOCK_SIZE)[0] == b"N" * BLOCK_SIZE
+    finally:
+        await writer.close()
+
