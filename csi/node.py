@@ -113,32 +113,38 @@ def by_id(wwn: str) -> Path:
     return Path(f"/dev/disk/by-id/wwn-0x{wwn}")
 
 
-def _read_head(dev: str, length: int = 1 << 20) -> None:
+def _read_head(dev: str, length: int = 1 << 20) -> bool:
     """Read the first ``length`` bytes of ``dev`` (all of it, if smaller); OSError unless every
     byte came back. A short read is a failed one (the kernel returns what it read before an
     I/O error), and a disk with no capacity (a LUN the target reports empty, a disk going
-    away) has nothing that proves it blank."""
+    away) has nothing that proves it blank. True when every byte read is zero."""
     fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         if size <= 0:
             raise OSError(errno.EIO, f"{dev} reports a capacity of {size} bytes")
         want = min(length, size)
-        got = len(os.pread(fd, want, 0))
+        head = os.pread(fd, want, 0)
+        got = len(head)
         if got != want:
             raise OSError(errno.EIO, f"short read of {dev}: {got} of {want} bytes")
+        return not any(head)
     finally:
         os.close(fd)
 
 
-async def probe_device(host: Host, dev: str, read_timeout: float = 30.0) -> str:
+async def probe_device(host: Host, dev: str, read_timeout: float = 30.0, mkfs_cut_short: bool = False) -> str:
     """The filesystem type on ``dev``, or "" only when it is provably blank (mkfs may run).
 
     ``blkid -p`` exits 0 for a partition table with no filesystem on the whole disk (no
     TYPE then), and exits 2 both for "no signature" and for a device it could not read:
     either way "blank" would format a disk holding data (a cloned VM image, a LUN failing
     its reads). A partition table or an unnamed signature is refused; exit 2 counts as
-    blank only once the head of the device reads."""
+    blank only once the head of the device reads, and reads all zeros: exit 2 is also
+    what data with no signature blkid knows gives (plain dm-crypt, an application's raw
+    data on a volume once used as raw block). ``mkfs_cut_short``: our own mkfs ran on this
+    disk and was cut short (its partial writes are no one's data), so a non-zero head is
+    formatted again."""
     rc, out, _ = await host.run(["blkid", "-p", "-o", "export", dev], ok=(0, 2))
     if rc == 0:
         tags = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
@@ -149,10 +155,15 @@ async def probe_device(host: Host, dev: str, read_timeout: float = 30.0) -> str:
                     f"{dev} holds {what} and no filesystem: not formatting it; "
                     "use it as a raw block volume, or wipe it (wipefs) if it is not needed")
     try:
-        await asyncio.wait_for(asyncio.to_thread(_read_head, dev), read_timeout)
+        zero = await asyncio.wait_for(asyncio.to_thread(_read_head, dev), read_timeout)
     except (OSError, asyncio.TimeoutError) as e:
         raise Abort(grpc.StatusCode.UNAVAILABLE,
                     f"{dev} does not read ({type(e).__name__}: {e}): not formatting it")
+    if not zero and not mkfs_cut_short:
+        raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{dev} has no signature blkid knows, but its first MiB is not all zeros: it holds "
+                    "data (plain dm-crypt, a raw volume's data); not formatting it. Use it as a raw "
+                    "block volume, or zero its head (blkdiscard, dd) if it is not needed")
     return ""
 
 
@@ -391,6 +402,8 @@ class Node(pbg.NodeServicer):
         state = {**info, "kind": kind, "ro": readonly}
         async with self._exclusive(vid):
             prior = saved = self._load(vid)
+            # our own mkfs of this disk was cut short (the plugin died in it): kept until a mount
+            mkfs_cut_short = bool(prior and prior.get("mkfs") is True and prior.get("wwn") == info["wwn"])
             if (readonly and prior is not None and prior.get("ro") is False and kind != "block"
                     and (sm := self._mount_at(staging)) is not None and "ro" in sm.options.split(",")):
                 # staged before publish_context's readonly was read: recorded read-write, but
@@ -409,7 +422,7 @@ class Node(pbg.NodeServicer):
             # written once the request is known compatible with an earlier stage (never a
             # block stage's state turned into a filesystem's), before the login: a plugin
             # that dies after it leaves unstage what it needs to log out
-            self._save(vid, state)
+            self._save(vid, {**state, "mkfs": True} if mkfs_cut_short else state)
             async with self._target_locks[info["target"]]:
                 try:
                     s = await self.iscsi.attach(info["target"], info["portal"], info["lun"], chap, discovery_chap)
@@ -456,7 +469,7 @@ class Node(pbg.NodeServicer):
                             f"{dev} (volume {vid}) is in use by {', '.join(users[:3])}: not mounting it at "
                             f"{staging}; unpublish and unstage it there first")
             try:
-                fs = await probe_device(self.host, dev)
+                fs = await probe_device(self.host, dev, mkfs_cut_short=mkfs_cut_short)
                 if not fs and readonly:
                     # exported write-protected: a mkfs could only fail, on every retry
                     why = Mode.Mode.Name(request.volume_capability.access_mode.mode)
@@ -466,6 +479,10 @@ class Node(pbg.NodeServicer):
                                 f"volume {vid} has no filesystem and is staged read-only "
                                 f"({why}): nothing to mount, and it cannot be formatted")
                 if not fs:
+                    # recorded first: a retry after a mkfs cut short finds its partial writes and
+                    # no signature, which is not blank, and would otherwise refuse the disk forever
+                    self._save(vid, {**state, "mkfs": True})
+                    mkfs_cut_short = True
                     await self.host.run([f"mkfs.{kind}", *(["-F", "-q"] if kind == "ext4" else ["-q"]), dev])
                     fs = kind
                 os.makedirs(staging, exist_ok=True)
@@ -474,8 +491,11 @@ class Node(pbg.NodeServicer):
             except Exception:
                 if self._mount_at(staging) is None:
                     async with self._target_locks[info["target"]]:
-                        await self._undo_stage(vid, info, dev, keep)
+                        # the record of a mkfs that ran stays for the retry
+                        await self._undo_stage(vid, info, dev, keep or mkfs_cut_short)
                 raise
+            if mkfs_cut_short:
+                self._save(vid, state)
         return pb.NodeStageVolumeResponse()
 
     def _mount_at(self, path: str) -> Any:
