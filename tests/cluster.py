@@ -208,11 +208,15 @@ class Cluster:
         return ports[i]
 
     def start_chunk(self, labels: dict[str, str] | None = None, capacity: str = "10Gi",
-                    index: int | None = None, options: dict | None = None) -> Proc:
+                    index: int | None = None, options: dict | None = None,
+                    disks: list[str] | None = None, wrapper: str | None = None) -> Proc:
         """A chunk server; ``options`` adds to (or overrides) its ``[chunk]`` config.
 
         Without ``labels`` it gets a zone of its own (``z<i>``, as ``zstore up`` does): the test
         chunk servers share one host, and replicas are only placed in distinct failure domains.
+        ``disks``: its disk entries (``name`` or ``name:capacity``, under its data dir) instead of
+        one ``disk0`` of ``capacity``. ``wrapper``: Python source run instead of ``-m
+        chunk.server`` (it patches something, then calls ``chunk.server.main``).
         """
         i = len(self.chunks) if index is None else index
         data = self.workdir / f"chunk{i}"
@@ -220,14 +224,20 @@ class Cluster:
             self.portals.append(free_port())
         cfg = write_config(self.workdir / f"chunk{i}.toml", {
             "etcd": {"endpoints": [self.etcd.endpoint], "prefix": self.prefix},
-            "chunk": {"data_dir": str(data), "disks": [f"{data}/disk0:{capacity}"],
+            "chunk": {"data_dir": str(data),
+                      "disks": [f"{data}/{d}" for d in disks or [f"disk0:{capacity}"]],
                       "data_port": self._data_port(i), "portal": f"127.0.0.1:{self.portals[i]}",
                       "labels": labels if labels is not None else {"zone": f"z{i}"}, "lease_ttl": self.lease_ttl,
                       **(options or {})},
             "client": {"token_file": str(self.token_file)},
         })
-        p = Proc(f"chunk{i}", [PY, "-m", "chunk.server", "--config", str(cfg)],
-                 self.workdir / f"chunk{i}.log").start()
+        argv, env = [PY, "-m", "chunk.server"], None
+        if wrapper is not None:
+            script = self.workdir / f"chunk{i}-wrapper.py"
+            script.write_text(wrapper)
+            argv, env = [PY, str(script)], {**os.environ, "PYTHONPATH": str(ROOT)}
+        p = Proc(f"chunk{i}", [*argv, "--config", str(cfg)], self.workdir / f"chunk{i}.log",
+                 env=env).start()
         if index is None:
             self.chunks.append(p)
         else:

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from chunk import disks
-from tests.cluster import PY, ROOT, Cluster, Proc, async_wait_for, free_port, wait_for, write_config
+from tests.cluster import Cluster, Proc, async_wait_for, wait_for
 from zstore.keys import Keys
 from zstore.records import ChunkInfo
 
@@ -100,22 +100,8 @@ sys.exit(main())
 
 
 def _chunk(c: Cluster, names: list[str]) -> Proc:
-    """A chunk server (configured as ``Cluster.start_chunk`` does) with the disks ``names``,
-    run through WRAPPER."""
-    data = c.workdir / "chunk0"
-    cfg = write_config(c.workdir / "chunk0.toml", {
-        "etcd": {"endpoints": [c.etcd.endpoint], "prefix": c.prefix},
-        "chunk": {"data_dir": str(data), "disks": [str(data / n) for n in names],
-                  "data_port": free_port(), "portal": f"127.0.0.1:{free_port()}",
-                  "labels": {"zone": "z0"}, "lease_ttl": c.lease_ttl},
-        "client": {"token_file": str(c.token_file)},
-    })
-    script = c.workdir / "hung_disks.py"
-    script.write_text(WRAPPER)
-    p = Proc("chunk0", [PY, str(script), "--config", str(cfg)], c.workdir / "chunk0.log",
-             env={**os.environ, "PYTHONPATH": str(ROOT)}).start()
-    c.chunks.append(p)
-    return p
+    """A chunk server with the disks ``names``, run through WRAPPER."""
+    return c.start_chunk(labels={"zone": "z0"}, disks=names, wrapper=WRAPPER)
 
 
 @pytest.mark.slow

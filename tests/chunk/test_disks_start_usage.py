@@ -15,7 +15,7 @@ import time
 import pytest
 
 from chunk import disks
-from tests.cluster import PY, ROOT, Cluster, Proc, async_wait_for, free_port, write_config
+from tests.cluster import Cluster, async_wait_for
 from zstore.keys import Keys
 from zstore.records import ChunkInfo
 
@@ -103,19 +103,7 @@ async def test_the_server_starts_with_a_disk_whose_usage_walk_is_slow(tmp_path, 
     c = Cluster(tmp_path, etcd_server, prefix=etcd_config.prefix)
     keys = Keys(etcd_config.prefix)
     try:
-        data = c.workdir / "chunk0"
-        cfg = write_config(c.workdir / "chunk0.toml", {
-            "etcd": {"endpoints": [c.etcd.endpoint], "prefix": c.prefix},
-            "chunk": {"data_dir": str(data), "disks": [str(data / "good"), f"{data / 'big'}:1Ti"],
-                      "data_port": free_port(), "portal": f"127.0.0.1:{free_port()}",
-                      "labels": {"zone": "z0"}, "lease_ttl": c.lease_ttl},
-            "client": {"token_file": str(c.token_file)},
-        })
-        script = c.workdir / "slow_usage.py"
-        script.write_text(WRAPPER)
-        p = Proc("chunk0", [PY, str(script), "--config", str(cfg)], c.workdir / "chunk0.log",
-                 env={**os.environ, "PYTHONPATH": str(ROOT)}).start()
-        c.chunks.append(p)
+        p = c.start_chunk(labels={"zone": "z0"}, disks=["good", "big:1Ti"], wrapper=WRAPPER)
         chunk_id = await async_wait_for(
             lambda: (tmp_path / "chunk0" / "chunk-id").read_text().strip(), 20, "a chunk id")
 
@@ -130,6 +118,6 @@ async def test_the_server_starts_with_a_disk_whose_usage_walk_is_slow(tmp_path, 
         assert by_name["big"]["state"] == "ok", by_name          # was: failed, never opened
         assert by_name["big"]["zstore_used"] is None and by_name["big"]["capacity"] == 2**40
         log = p.log()
-        assert "did not finish" not in log and f"disk {data / 'big'} failed" not in log, log[-3000:]
+        assert "did not finish" not in log and f"disk {c.workdir / 'chunk0' / 'big'} failed" not in log, log[-3000:]
     finally:
         c.stop()
