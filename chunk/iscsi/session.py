@@ -539,9 +539,13 @@ class Session:
             self._reject(RejectReason.PROTOCOL_ERROR, pdu.header())
             self._closing = True
             return
-        if isinstance(pdu, P.NopOut) and pdu.itt == RESERVED_TAG:
-            self._nop_ttt.pop(pdu.ttt, None)       # answer to our ping; carries no CmdSN
-            return
+        if isinstance(pdu, P.NopOut):
+            if pdu.ttt != RESERVED_TAG:
+                # The answer to our ping (its TTT copied), whatever its ITT: a valid one asks
+                # for a NOP-In back too (RFC 7143 §11.18.1), answered below like any ping.
+                self._nop_ttt.pop(pdu.ttt, None)
+            if pdu.itt == RESERVED_TAG:
+                return                              # carries no CmdSN, asks for nothing
         if pdu.immediate:
             if isinstance(pdu, P.ScsiCommand) and len(self.tasks) >= 2 * self.window:
                 self._reject(RejectReason.IMMEDIATE_COMMAND_REJECT, pdu.header())   # no CmdSN window for these
