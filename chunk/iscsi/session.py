@@ -631,6 +631,14 @@ class Session:
     def _scsi_command(self, cmd: P.ScsiCommand) -> None:
         itt = cmd.itt
         tasks = self.tasks
+        if itt == RESERVED_TAG:
+            # RFC 7143 §11.2.1.8: 0xffffffff is never a task's ITT (it marks a NOP-In that asks
+            # nothing, a ping's answer, a Reject): Invalid PDU Field, and the command is not run
+            # (its answer would carry that tag). Unsolicited data announced for it is dropped.
+            if cmd.write and not cmd.final and not self.p.initial_r2t:
+                self._discard_later(self._discarding, itt)
+            self._reject(RejectReason.INVALID_PDU_FIELD, cmd.header())
+            return
         if itt in tasks:
             if cmd.write and not cmd.final:
                 # Unsolicited Data-Out follows it, with this ITT and no TTT: nothing tells it
