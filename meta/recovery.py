@@ -24,8 +24,9 @@ placed), when another domain has room for it and
 ``meta.allow_shared_failure_domain`` is off.
 
 A replica on a chunk server down past the grace that is still listed as in
-sync (nothing wrote the extent, so nobody dropped it) is dropped here first.
-The last replica is never dropped.
+sync (nothing wrote the extent, so nobody dropped it) is dropped here first,
+if its server is still down when the drop is written (one back since the pass
+read it keeps its replicas). The last replica is never dropped.
 
 ``stale`` entries are kept while the extent is below its replica count, whatever
 their server's state: they name the only other copies there are if the in-sync
@@ -281,7 +282,10 @@ class Recovery:
             if not dropped:
                 continue
             key = self.ctx.keys.extent(vid, index)
-            if await self.ctx.txn([self.ctx.unchanged(key, rev)], [self.ctx.put(key, rec)]):
+            # Still down when written: a server back since the pass read it (a flap, or a
+            # long pass) keeps its replicas, not a resync of each.
+            still_down = [self.ctx.absent(self.ctx.keys.chunk_live(c)) for c in dropped]
+            if await self.ctx.txn([self.ctx.unchanged(key, rev), *still_down], [self.ctx.put(key, rec)]):
                 written[(vid, index)] = rev
                 done["dropped"] += [(vid, index, c) for c in dropped]
                 log.warning("extent %s/%d: dropped replica(s) on %s (down longer than %.0fs); in sync: %s",
