@@ -72,6 +72,32 @@ def required_path(request: Any, field: str) -> str:
     return os.path.normpath(p)
 
 
+# mount(8)'s own operations and helpers, which libmount takes from the -o string as well: not
+# options of the filesystem being mounted
+_MOUNT_OPS = {"bind", "rbind", "move", "remount", "offset", "sizelimit", "encryption", "helper"}
+
+
+def check_mount_flags(flags: Any) -> None:
+    """INVALID_ARGUMENT unless every flag is one filesystem option: they are joined into the
+    one argument after ``mount -o``, which libmount splits at commas and where it also takes
+    its own operations (``bind``, ``move``, ``remount``, ``loop``, ``X-mount.*``). A comma is
+    kept only inside a double-quoted value (an SELinux ``context="...:s0:c1,c2"``)."""
+    for flag in flags:
+        quoted, bare = False, []
+        for c in flag:
+            if c == '"':
+                quoted = not quoted
+            elif not quoted:
+                bare.append(c)
+        name = flag.split("=", 1)[0].strip().lower()
+        if (not flag.strip() or flag.lstrip().startswith("-") or "," in bare or quoted
+                or any(ord(c) < 32 or ord(c) == 127 for c in flag)
+                or name in _MOUNT_OPS or name.startswith(("loop", "x-mount."))):
+            raise invalid(f"mount flag {flag!r} is not a single filesystem mount option "
+                          "(no commas outside quotes, no leading '-', none of mount's own "
+                          "bind/move/remount/loop/X-mount options)")
+
+
 def check_capability(cap: pb.VolumeCapability) -> str:
     """'block' or the filesystem type; INVALID_ARGUMENT for what we cannot do."""
     if not cap.HasField("access_mode") or cap.access_mode.mode == Mode.UNKNOWN:
@@ -84,6 +110,7 @@ def check_capability(cap: pb.VolumeCapability) -> str:
     fs = cap.mount.fs_type or "ext4"
     if fs not in FS_TYPES:
         raise invalid(f"fs_type {fs!r} is not supported (one of {', '.join(FS_TYPES)})")
+    check_mount_flags(cap.mount.mount_flags)
     return fs
 
 
