@@ -8,9 +8,11 @@ etcd prefix so peers are found by chunk id.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.peer_auth import load_or_create_secret
@@ -54,9 +56,10 @@ class Nodes:
         self.tmp, self.etcd, self.keys = tmp, etcd, keys
         self.nodes: dict[str, Node] = {}
 
-    async def add(self, chunk_id: str) -> Node:
+    async def add(self, chunk_id: str, cow_sync: bool = False) -> Node:
+        """A node; ``cow_sync``: its copy-on-writes wait for their syncs (off the loop)."""
         secret = await load_or_create_secret(self.etcd, self.keys)
-        store = ReplicaStore([(self.tmp / chunk_id, None)], extent_size=EXTENT, cow_sync=False)
+        store = ReplicaStore([(self.tmp / chunk_id, None)], extent_size=EXTENT, cow_sync=cow_sync)
         client = ReplicaClient(secret, CLUSTER, chunk_id, timeout=3.0)
         repair = LocalRepair(store, client, Peers(self.etcd, self.keys), self.keys, self.etcd,
                              chunk_id, retry_delay=0.01)
@@ -103,3 +106,32 @@ def block(fill: int | str) -> bytes:
     if isinstance(fill, str):
         return (fill.encode() * BLOCK_SIZE)[:BLOCK_SIZE]
     return bytes([fill]) * BLOCK_SIZE
+
+
+class PeriodicWrites:
+    """A coordinator stand-in: write ``k`` (``step(k)`` gives its offset, seq and data) sent to
+    every replica server of ``addrs`` at once (extent 0 of ``vid``, epoch 1), the next
+    ``period`` seconds after all of them answered; from ``start`` until ``stop``."""
+
+    def __init__(self, client: ReplicaClient, addrs, vid: str, period: float,
+                 step: Callable[[int], tuple[int, int, bytes]]) -> None:
+        self.client, self.addrs, self.vid, self.period, self.step = client, addrs, vid, period, step
+        self.n = 0
+        self.task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        while True:
+            off, seq, data = self.step(self.n)
+            await asyncio.gather(*(self.client.write(a, self.vid, 0, off, data, epoch=1, seq=seq)
+                                   for a in self.addrs))
+            self.n += 1
+            await asyncio.sleep(self.period)
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        await self.client.close()

@@ -9,7 +9,6 @@ writes go through the replica servers, to both replicas at once, like a coordina
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import struct
 import time
@@ -25,7 +24,7 @@ from chunk.storage.scrubber import Scrubber
 from chunk.storage.wire import Op
 from zstore.records import ExtentRecord
 
-from .replica_nodes import CLUSTER, EXTENT, block
+from .replica_nodes import CLUSTER, EXTENT, PeriodicWrites, block
 from .test_scrubber import meta_drop, record
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,37 +41,12 @@ def _fill(store: ReplicaStore, seq: int = 1) -> None:
         store.write(VID, 0, b * BLOCK_SIZE, block(b % 251), seq)
 
 
-class Writes:
-    """A coordinator stand-in: a write every PERIOD seconds, sent to both replica servers at
-    once (each over its own connection), blocks 16..79 in turn."""
-
-    def __init__(self, client: ReplicaClient, addrs, seq: int) -> None:
-        self.client, self.addrs, self.seq, self.n = client, addrs, seq, 0
-        self.task: asyncio.Task | None = None
-
-    async def _run(self) -> None:
-        while True:
-            off = (16 + self.n % 64) * BLOCK_SIZE
-            data = block(f"busy {self.n}")
-            await asyncio.gather(*(self.client.write(a, VID, 0, off, data, epoch=1, seq=self.seq)
-                                   for a in self.addrs))
-            self.n += 1
-            await asyncio.sleep(PERIOD)
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await self.client.close()
-
-
-async def _writes(nodes, seq: int) -> Writes:
+async def _writes(nodes, seq: int) -> PeriodicWrites:
+    """A write every PERIOD seconds at ``seq`` to replicas A and B at once, blocks 16..79 in turn."""
     secret = await load_or_create_secret(nodes.etcd, nodes.keys)
     addrs = [("127.0.0.1", nodes.nodes[c].server.port) for c in ("A", "B")]
-    return Writes(ReplicaClient(secret, CLUSTER, "W", timeout=3.0), addrs, seq)
+    return PeriodicWrites(ReplicaClient(secret, CLUSTER, "W", timeout=3.0), addrs, VID, PERIOD,
+                          lambda n: ((16 + n % 64) * BLOCK_SIZE, seq, block(f"busy {n}")))
 
 
 def _scrubber(node, drop) -> Scrubber:

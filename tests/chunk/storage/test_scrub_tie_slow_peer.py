@@ -24,16 +24,13 @@ import pytest
 
 from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.peer_auth import load_or_create_secret
-from chunk.storage.peers import Peers
-from chunk.storage.repair import LocalRepair
 from chunk.storage.replica_client import ReplicaClient
 from chunk.storage.replica_server import ReplicaServer, checked_digest
-from chunk.storage.replica_store import ReplicaStore
 from chunk.storage.scrubber import Scrubber
 from chunk.storage.wire import Op
 from zstore.records import ExtentRecord
 
-from .replica_nodes import CLUSTER, EXTENT, Node, block
+from .replica_nodes import CLUSTER, PeriodicWrites, block
 from .test_scrub_busy_tie import VID, _seq_rotted_on_disk
 from .test_scrubber import meta_drop, record
 
@@ -44,22 +41,6 @@ PERIOD = 0.1                # a write every 100 ms (after both replicas answered
 PASSES = 8                  # scrub passes, on after the first verdict
 RATE = 8 << 20              # a pass verifies the 2 MiB extent in a quarter of a second
 FIRST, SPAN = 16, 64        # blocks written in turn; a new seq on each round: every write COWs
-
-
-async def _add(nodes, chunk_id: str) -> Node:
-    """``Nodes.add`` with ``cow_sync`` on: copy-on-writes wait for their syncs (off the loop)."""
-    secret = await load_or_create_secret(nodes.etcd, nodes.keys)
-    store = ReplicaStore([(nodes.tmp / chunk_id, None)], extent_size=EXTENT, cow_sync=True)
-    client = ReplicaClient(secret, CLUSTER, chunk_id, timeout=3.0)
-    repair = LocalRepair(store, client, Peers(nodes.etcd, nodes.keys), nodes.keys, nodes.etcd,
-                         chunk_id, retry_delay=0.01)
-    server = ReplicaServer(store, secret, CLUSTER, "127.0.0.1", 0,
-                           on_checksum_error=repair.schedule)
-    await server.start()
-    await nodes.register(chunk_id, server.port)
-    node = Node(chunk_id, store, server, client, repair)
-    nodes.nodes[chunk_id] = node
-    return node
 
 
 def _slow_syncs(monkeypatch, directory) -> list[str]:
@@ -85,33 +66,9 @@ def _slow_syncs(monkeypatch, directory) -> list[str]:
     return slowed
 
 
-class CowWrites:
-    """A coordinator stand-in: a write to both replica servers at once, each a copy-on-write
-    (blocks FIRST.. in turn, the seq one higher on each round), the next PERIOD seconds after
-    both answered."""
-
-    def __init__(self, client: ReplicaClient, addrs) -> None:
-        self.client, self.addrs, self.n = client, addrs, 0
-        self.task: asyncio.Task | None = None
-
-    async def _run(self) -> None:
-        while True:
-            off = (FIRST + self.n % SPAN) * BLOCK_SIZE
-            seq = 3 + self.n // SPAN                  # above every block's: a COW each time
-            data = block(f"cow {self.n}")
-            await asyncio.gather(*(self.client.write(a, VID, 0, off, data, epoch=1, seq=seq)
-                                   for a in self.addrs))
-            self.n += 1
-            await asyncio.sleep(PERIOD)
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await self.client.close()
+def _cow_step(n: int) -> tuple[int, int, bytes]:
+    """Blocks FIRST.. in turn, the seq one higher on each round: every write is a copy-on-write."""
+    return (FIRST + n % SPAN) * BLOCK_SIZE, 3 + n // SPAN, block(f"cow {n}")
 
 
 async def test_a_metadata_tie_never_drops_the_good_copy_behind_a_slow_peer_disk(
@@ -123,7 +80,7 @@ async def test_a_metadata_tie_never_drops_the_good_copy_behind_a_slow_peer_disk(
     (local writes only), B was dropped on the first pass."""
     for cid in ("A", "B"):
         _seq_rotted_on_disk(nodes.tmp / cid, rot=cid == "A")
-    a, b = await _add(nodes, "A"), await _add(nodes, "B")
+    a, b = await nodes.add("A", cow_sync=True), await nodes.add("B", cow_sync=True)
     rec = ExtentRecord(volume_id=VID, index=0, replicas=["A", "B"], generation=1)
     await etcd_client.put(nodes.keys.extent(VID, 0), rec.encode())
     assert a.store.digest(VID, 0) != b.store.digest(VID, 0)
@@ -133,8 +90,8 @@ async def test_a_metadata_tie_never_drops_the_good_copy_behind_a_slow_peer_disk(
     scrub = Scrubber(a.store, a.repair, rate_bytes_per_s=RATE, interval=3600,
                      recheck_delay=0.1, confirm_passes=1, drop=drop)
     secret = await load_or_create_secret(nodes.etcd, nodes.keys)
-    writes = CowWrites(ReplicaClient(secret, CLUSTER, "W", timeout=3.0),
-                       [("127.0.0.1", n.server.port) for n in (a, b)])
+    writes = PeriodicWrites(ReplicaClient(secret, CLUSTER, "W", timeout=3.0),
+                            [("127.0.0.1", n.server.port) for n in (a, b)], VID, PERIOD, _cow_step)
     verdicts = []                       # after each pass: (unresolved so far, drops so far)
     cows_before = b.store.stat(VID, 0)["cows"]
     writes.start()
@@ -163,7 +120,7 @@ async def test_a_metadata_tie_never_drops_the_good_copy_behind_a_slow_peer_disk(
 async def test_a_checked_probe_carries_the_replicas_mutations_and_pending(nodes, monkeypatch):
     """DIGEST with ``args.checked`` says, with the digest, the replica's mutation count and
     its deferred writes in progress: 1 while a COW waits for B's slow syncs, 0 after."""
-    a, b = await _add(nodes, "A"), await _add(nodes, "B")
+    a, b = await nodes.add("A", cow_sync=True), await nodes.add("B", cow_sync=True)
     await nodes.extent(VID, 0, ["A", "B"], {0: block("x"), 1: block("y")})
     addr_b = ("127.0.0.1", b.server.port)
     got = await a.client.checked_probe(addr_b, VID, 0)
