@@ -795,10 +795,19 @@ class Node(pbg.NodeServicer):
     @guard
     async def NodeGetVolumeStats(self, request: pb.NodeGetVolumeStatsRequest,
                                  context: grpc.aio.ServicerContext) -> pb.NodeGetVolumeStatsResponse:
-        volume_id(request)
+        vid = volume_id(request)
         path = required_path(request, "volume_path")
-        if not os.path.exists(path) or self._mount_at(path) is None:
+        m = self._mount_at(path) if os.path.exists(path) else None
+        if m is None:
             raise Abort(grpc.StatusCode.NOT_FOUND, f"{path} is not a published volume")
+        # the spec's NOT_FOUND is also "volume_id does not exist on volume_path": a disk there
+        # whose wwid is another volume's (a raw bind names it by its root, a filesystem by source)
+        disk = f"/dev{m.root}" if m.fstype == "devtmpfs" else os.path.realpath(m.source)
+        wwn = (self._load(vid) or {}).get("wwn") or naming.volume_wwn(vid)
+        got = self._wwn_of(disk)
+        if got is not None and got != wwn:
+            raise Abort(grpc.StatusCode.NOT_FOUND, f"{path} has {disk} (wwid {got}) mounted, "
+                        f"not volume {vid}'s disk (wwn {wwn})")
         U = pb.VolumeUsage
         if not os.path.isdir(path):
             size = await self._size(path)
