@@ -51,11 +51,15 @@ class Access(IntEnum):
     READ CAPACITY is allowed under every persistent reservation type (SBC-3 table 13) and,
     as tgtd and SCST do, under another nexus's SPC-2 RESERVE(6): a host sharing the LU must
     still learn its size. TEST UNIT READY keeps SPC-2's RESERVATION CONFLICT (tgtd and LIO
-    too; multipath path checkers read it as "path up")."""
+    too; multipath path checkers read it as "path up"). PR IN/OUT conflict with an SPC-2
+    reservation whoever sends them, its holder included (spc2r20 5.5.1: "all PERSISTENT
+    RESERVE IN and all PERSISTENT RESERVE OUT commands shall conflict regardless of
+    initiator or service action"), and never with a persistent reservation."""
     ALWAYS = 0        # INQUIRY, REPORT LUNS, REQUEST SENSE, RSOC, READ CAPACITY: never conflicts
-    NON_MEDIUM = 1    # TEST UNIT READY, PR IN/OUT: conflicts only with SPC-2
+    NON_MEDIUM = 1    # TEST UNIT READY, START STOP, PREVENT ALLOW: conflicts only with SPC-2
     READ = 2          # reads medium or mode data: shared under the write-exclusive types
     WRITE = 3         # modifies medium or mode data
+    PERSISTENT = 4    # PR IN/OUT: conflicts with any SPC-2 reservation, the holder's too
 
 
 # PR OUT service actions
@@ -107,6 +111,8 @@ class ReservationState:
     def conflicts(self, n: Nexus, access: Access) -> bool:
         if access == Access.ALWAYS:
             return False
+        if access == Access.PERSISTENT:
+            return self.spc2 is not None
         if self.spc2 is not None and self.spc2 != n:
             return True
         if self.holder is None or access == Access.NON_MEDIUM or self.is_holder(n):
