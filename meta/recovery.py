@@ -2,7 +2,8 @@
 
 Every ``period`` seconds the meta leader looks at every extent with fewer
 in-sync replicas than its volume asks for, fewest live (on an up server) in-sync
-copies first, and keeps at most ``concurrency`` ``RecoveryTask`` records in etcd
+copies first (one whose task was just replanned for failing goes behind the
+others for ``REPLANNED_BACK``), and keeps at most ``concurrency`` ``RecoveryTask`` records in etcd
 (docs/storage.md). An extent with no in-sync replica on an up server has no
 source to copy from: it gets no task (and loses any it had) until one returns,
 so it cannot hold a slot that an extent with a live source needs.
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 PERIOD = 2.0
 PLACE_YIELD_EVERY = 200  # extents a planning loop places (or fails to) between yields to the loop
 FAILING_PASSES = 3       # a rebuild failing this many passes in a row is replanned (maybe elsewhere)
+REPLANNED_BACK = 60.0    # seconds such an extent queues behind the degraded ones not failing
 LOAD_WAIT = 10.0         # a pass waits this long for the extent view's listing, then gives up
 OWN_WRITES_WAIT = 5.0    # ... and this long for the view to show its own writes, then reads them
 
@@ -199,6 +201,10 @@ class Recovery:
     period: float = PERIOD
     _warned: set[tuple[str, int]] = field(default_factory=set)
     _failing: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Extents whose task was replanned for failing, and when: for REPLANNED_BACK they queue
+    # behind the others, or one whose copy can never succeed (an unreadable only source)
+    # would be planned again first at once, pass after pass, and keep the slots from them.
+    _replanned: dict[tuple[str, int], float] = field(default_factory=dict)
     _stuck_crowded: int = 0              # crowded extents with no domain to move to, as last logged
     view: ExtentView | None = None       # while ``following``; else each pass reads etcd
 
@@ -333,6 +339,7 @@ class Recovery:
                 self._failing.pop((vid, index), None)
             elif self._keeps_failing(vid, index, task):
                 why = f"it failed {FAILING_PASSES} times in a row ({task.error}); placing it again"
+                self._replanned[(vid, index)] = now
                 # A resync that keeps failing because of its target (its copy unusable, no room
                 # to replace it) would be planned again onto the same stale copy: that copy is
                 # forgotten instead, and the extent gets a rebuild like any other missing
@@ -407,7 +414,8 @@ class Recovery:
 
     async def _plan(self, w: World, now: float, done: dict[str, Any]) -> None:
         slots = self.concurrency - len(w.tasks)
-        # Fewest live copies first; an extent without any has no source and waits.
+        # Fewest live copies first (behind the others, one whose task was just replanned for
+        # failing); an extent without any has no source and waits.
         degraded, moving, crowded = [], [], []
         async for (vid, index), (rec, rev) in paced(w.extents.items()):
             vol = w.volumes.get(vid)
@@ -421,7 +429,9 @@ class Recovery:
                 moving.append(((vid, index), (rec, rev), draining[0]))
             elif (sharing := self._crowded(rec, w)) is not None:
                 crowded.append(((vid, index), (rec, rev), sharing))
-        degraded.sort(key=lambda x: (len(w.live(x[0])), len(x[0].replicas), x[0].volume_id, x[0].index))
+        self._replanned = {k: t for k, t in self._replanned.items() if now - t < REPLANNED_BACK}
+        degraded.sort(key=lambda x: ((x[0].volume_id, x[0].index) in self._replanned, len(w.live(x[0])),
+                                     len(x[0].replicas), x[0].volume_id, x[0].index))
         slots = await self._plan_degraded(w, now, done, degraded, slots)
         # Then, with what is left, move replicas off draining servers (the copy joins in
         # place of the draining replica, so the extent never has fewer copies meanwhile),
