@@ -512,6 +512,10 @@ class Node(pbg.NodeServicer):
                     mkfs_cut_short = True
                     await self.host.run([f"mkfs.{kind}", *(["-F", "-q"] if kind == "ext4" else ["-q"]), dev])
                     fs = kind
+                    # done: the filesystem's signature speaks for the disk from now on, and a
+                    # failed mount below leaves no record behind
+                    self._save(vid, state)
+                    mkfs_cut_short = False
                 os.makedirs(staging, exist_ok=True)
                 opts = mount_options(fs, request.volume_capability.mount.mount_flags, readonly)
                 await self.host.run(["mount", "-t", fs, *(["-o", ",".join(opts)] if opts else []), dev, staging])
@@ -521,7 +525,7 @@ class Node(pbg.NodeServicer):
                         # the record of a mkfs that ran stays for the retry
                         await self._undo_stage(vid, info, dev, keep or mkfs_cut_short)
                 raise
-            if mkfs_cut_short:
+            if mkfs_cut_short:                  # an earlier mkfs had finished: its record goes
                 self._save(vid, state)
         return pb.NodeStageVolumeResponse()
 

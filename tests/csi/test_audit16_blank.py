@@ -72,3 +72,26 @@ async def test_audit16_the_retry_of_a_mkfs_cut_short_formats_again(tmp_path: Pat
     await node.NodeStageVolume(stage_req(st), AbortCtx())
     assert ["mkfs.ext4", "-F", "-q", dev] in host.calls
     assert "mkfs" not in node._load("v1")
+
+
+async def test_audit16_a_mkfs_that_finished_leaves_no_record_when_the_mount_fails(tmp_path: Path, monkeypatch):
+    """mkfs done, mount refused: a final error, so the state file goes as before (a leftover
+    record would outlive the volume); the filesystem's signature now speaks for the disk."""
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
+    host.answers[("mount", "-t", "ext4", "-o", "bogus", dev, str(st))] = (32, "")
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(stage_req(st, flags=("bogus",)), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.INTERNAL
+    assert ["mkfs.ext4", "-F", "-q", dev] in host.calls and node._load("v1") is None
+
+
+async def test_audit16_a_failed_mkfs_keeps_its_record_for_the_retry(tmp_path: Path, monkeypatch):
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
+    host.answers[("mkfs.ext4", "-F", "-q", dev)] = (1, "")
+    with pytest.raises(RuntimeError):
+        await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert node._load("v1").get("mkfs") is True
