@@ -1697,11 +1697,11 @@ class Coordinator:
                     pass
 
     async def _owner_epoch(self) -> int | None:
-        """``ownership.current_epoch``; etcd unreachable is NOT READY (the host retries the
-        SYNCHRONIZE CACHE), not a medium error: nothing failed on the replicas."""
-        e = self.engine
+        """The epoch the owner record holds now (``OwnerReads``: a linearizable read begun after
+        this call, shared with other volumes' flushes); etcd unreachable is NOT READY (the host
+        retries the SYNCHRONIZE CACHE), not a medium error: nothing failed on the replicas."""
         try:
-            return await ownership.current_epoch(e.etcd, e.keys, self.vid)
+            return await self.engine.owner_reads.epoch(self.vid)    # coalesced per server
         except (*zetcd.UNAVAILABLE_ERRORS, ConnectionError, OSError) as err:
             raise NotServing(f"volume {self.vid}: cannot confirm its owner in etcd: {err}") from None
 

@@ -26,6 +26,7 @@ from . import replicas as rk
 from .coordinator import Coordinator
 from .host_crash import BootState
 from .metaclient import MetaClient, MetaError
+from .owner_reads import OwnerReads
 from .peer_auth import load_or_create_secret
 from .peers import Peers
 from .reclaim import Reclaimer
@@ -104,6 +105,7 @@ class StorageEngine:
                  scrub_interval: float = 3600.0, reclaim_interval: float = 30.0,
                  boot_state: BootState | None = None) -> None:
         self.etcd, self.keys, self.chunk_id = etcd, keys, chunk_id
+        self.owner_reads = OwnerReads(etcd, keys)     # SYNCHRONIZE CACHE's owner checks
         self.store = ReplicaStore(disks, failed=failed_disks)     # failed: never opened
         # Host crash detection (host_crash.py): recorded before anything can write here.
         self.boot_state = boot_state

@@ -49,12 +49,6 @@ async def acquire(etcd, keys: Keys, vid: str, chunk_id: str, attempts: int = 32)
     raise OwnershipError(f"volume {vid}: could not take ownership (too much contention)")
 
 
-async def current_epoch(etcd, keys: Keys, vid: str) -> int | None:
-    """The epoch the owner record holds now (a linearizable read), None without a record."""
-    got = await etcd.get(keys.owner(vid))
-    return None if got is None else VolumeOwner.decode(got.value).epoch
-
-
 async def release(etcd, keys: Keys, vid: str, chunk_id: str, epoch: int) -> bool:
     """Mark our ownership released (only if it is still ours at that epoch)."""
     key = keys.owner(vid)

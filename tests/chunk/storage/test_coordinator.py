@@ -15,7 +15,7 @@ from chunk.storage import coordinator as coordinator_module
 from chunk.storage.coordinator import Coordinator, RangeLocks, WriteGate
 from chunk.storage.coordinator import EXTENT_SIZE, MediumError
 from zstore.keys import Keys
-from zstore.records import ExtentRecord, RecoveryTask, Volume
+from zstore.records import ExtentRecord, RecoveryTask, Volume, VolumeOwner
 
 
 async def _barrier(gate: WriteGate, held: asyncio.Event, release: asyncio.Event) -> None:
@@ -141,6 +141,10 @@ class _Engine:
 
     def __init__(self, replica=None, etcd=None) -> None:
         self.rep, self.etcd = replica, etcd if etcd is not None else _NoRecords()
+
+    @property
+    def owner_reads(self):
+        return OwnerReadsOf(self)
 
     async def replica(self, chunk_id):
         return self.rep
@@ -347,9 +351,25 @@ class _NoRecords:
         return None
 
 
+class OwnerReadsOf:
+    """``OwnerReads``' interface over a fake engine's ``etcd.get`` (the real one batches its
+    reads in etcd transactions: test_owner_reads.py)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    async def epoch(self, vid: str) -> int | None:
+        got = await self.engine.etcd.get(self.engine.keys.owner(vid))
+        return None if got is None else VolumeOwner.decode(got.value).epoch
+
+
 class _MemEngine:
     chunk_id, replicas_version, min_write_replicas, lease = "me", 1, 1, None
     etcd, keys = _NoRecords(), Keys("/test")
+
+    @property
+    def owner_reads(self):
+        return OwnerReadsOf(self)
 
     def __init__(self, reps) -> None:
         self.reps = reps

@@ -19,6 +19,7 @@ from chunk.storage import replicas as rk
 from chunk.storage.coordinator import EXTENT_SIZE, Coordinator
 from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.metaclient import MetaError
+from chunk.storage.owner_reads import OwnerReads
 from chunk.storage.replica_client import ReplicaClient
 from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.replica_store import ReplicaStore, StoreFull
@@ -59,6 +60,7 @@ class _Engine:
 
     def __init__(self, etcd, keys, reps) -> None:
         self.etcd, self.keys, self.reps = etcd, keys, reps
+        self.owner_reads = OwnerReads(etcd, keys)      # the real one, over the test's etcd
 
     async def replica(self, chunk_id):
         return self.reps[chunk_id]
