@@ -2193,6 +2193,14 @@ def checked_state_of(state: dict) -> set[tuple]:
     return out
 
 
+def _check_ints(what: str, *values) -> None:
+    """Block numbers, seqs and crcs of an import blob are ints (msgpack also has floats and
+    bools, which passed the range checks and broke ``_import`` half-way through)."""
+    for v in values:
+        if type(v) is not int:
+            raise StoreError(f"import: {what} field {v!r:.40} is not an integer")
+
+
 def _parse_blob(blob: bytes) -> dict:
     """Decode and check an export blob; bad input raises StoreError, nothing applied."""
     try:
@@ -2209,6 +2217,7 @@ def _parse_blob(blob: bytes) -> dict:
             raise StoreError(f"import: bad range {o}..{e}")
         lo, hi = o // BLOCK_SIZE, e // BLOCK_SIZE
         for b, s, crc, d in state["live"]:
+            _check_ints("live block", b, s, crc)
             if not lo <= b < hi or not 0 < s <= _MAX_SEQ:
                 raise StoreError(f"import: bad live block {b} seq {s}")
             if d is not None and (len(d) != BLOCK_SIZE or block_crc(b, d) != crc):
@@ -2217,6 +2226,7 @@ def _parse_blob(blob: bytes) -> dict:
         if after is not None and not (isinstance(after, int) and 0 <= after <= _MAX_SEQ):
             raise StoreError(f"import: bad after {after!r}")
         for b, origin, key, crc, d in state["versions"]:
+            _check_ints("version", b, origin, key, crc)
             if not lo <= b < hi or not 0 <= origin <= key <= _MAX_SEQ:
                 raise StoreError(f"import: bad version of block {b} ({origin}, {key})")
             if after is not None and b == lo and key <= after:
@@ -2226,11 +2236,13 @@ def _parse_blob(blob: bytes) -> dict:
         if state["format"] == _BLOB_FORMAT_UNREADABLE:
             shipped = {e[0] for e in state["live"]}
             for b, s, crc in state["bad_live"]:
+                _check_ints("unreadable block", b, s, crc)
                 if not lo <= b < hi or not 0 < s <= _MAX_SEQ or not 0 < crc <= 0xFFFFFFFF \
                         or b in shipped:
                     raise StoreError(f"import: bad unreadable block {b} seq {s}")
             shipped = {(e[0], e[2]) for e in state["versions"]}
             for b, origin, key, crc in state["bad_versions"]:
+                _check_ints("unreadable version", b, origin, key, crc)
                 if not lo <= b < hi or not 0 <= origin <= key <= _MAX_SEQ \
                         or not 0 < crc <= 0xFFFFFFFF or (b, key) in shipped \
                         or (after is not None and b == lo and key <= after):
