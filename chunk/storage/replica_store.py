@@ -970,8 +970,9 @@ class ReplicaStore:
             log.warning("extent %s/%d: discarding the copy that did not open (%s) for a fresh one",
                         vid, idx, self.broken[(vid, idx)][0])
             self.delete(vid, idx)
-        if "/" in vid or vid.startswith(".") or not vid or idx < 0:
-            raise ValueError(f"bad extent name {vid!r}/{idx}")
+        if "/" in vid or vid.startswith(".") or not vid or idx < 0 \
+                or len(vid.encode()) > MAX_VOLUME_ID:
+            raise ValueError(f"bad extent name {vid!r:.80}/{idx}")
         # A disk that fails the create (read-only, EIO, full) is marked and the next one
         # tried: the most free space is often a failed disk's, and would fail every CREATE.
         tried, last = "", None
@@ -2191,6 +2192,11 @@ def checked_state_of(state: dict) -> set[tuple]:
     out.update(("version", b, key, crc) for b, _origin, key, crc, _data in state["versions"])
     out.update(("version", b, key, crc) for b, _origin, key, crc in state.get("bad_versions", ()))
     return out
+
+
+# Volume ids are 32 hex digits (meta/volumes.py); a longer one would make file names past the
+# file system's 255 bytes (an EIO-like failure, logged whole) instead of a refused request.
+MAX_VOLUME_ID = 128
 
 
 def _check_ints(what: str, *values) -> None:

@@ -50,3 +50,13 @@ def test_a_blob_with_a_float_is_refused_and_changes_nothing(tmp_path: Path, wher
             dst.import_(V, 0, msgpack.packb(state))
         assert dst.digest(V, 0) == before                         # nothing applied
         assert dst.read(V, 0, 0, BLOCK_SIZE, view=2)[0] == b"a" * BLOCK_SIZE   # version kept
+
+
+def test_a_create_with_an_overlong_volume_id_is_refused_as_a_bad_request(tmp_path: Path):
+    """Before: the file system's ENAMETOOLONG surfaced as a StoreIOError (IO_ERROR, the whole
+    5000-byte name logged at error level) instead of a bad request (INVALID)."""
+    with ReplicaStore([(tmp_path / "d", None)], extent_size=BLOCKS * BLOCK_SIZE) as store:
+        with pytest.raises(ValueError, match="bad extent name"):
+            store.create("v" * 5000, 0, 1)
+        store.create("v" * 128, 0, 1)                 # the longest allowed still works
+        assert store.has("v" * 128, 0)
