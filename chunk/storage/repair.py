@@ -175,15 +175,6 @@ class LocalRepair:
     def _still_bad(self, vid: str, idx: int, block: int) -> bool:
         return block in self.store.verify(vid, idx, block, 1)
 
-    def _rotten_live_seq(self, vid: str, idx: int, block: int) -> int | None:
-        """The seq of ``block``'s live state here if that fails its checksum, else None (the
-        seq is kept apart from the data: rot leaves it)."""
-        blob, _, _ = self.store.export_detail(vid, idx, block * BLOCK_SIZE, BLOCK_SIZE)
-        for entry in _parse_blob(blob).get("bad_live", ()):
-            if entry[0] == block:
-                return entry[1]
-        return None
-
     async def fetch_block(self, addr: Address, vid: str, idx: int, block: int) -> bytes:
         """The peer's state of ``block`` as one blob for ``mend``, however many parts
         its EXPORT ships it in (see the module docstring).
@@ -245,17 +236,6 @@ class LocalRepair:
                     # Deleted (reclaimed) during the export: nothing left to mend.
                     log.info("repair %s/%d block %d: extent deleted meanwhile", vid, idx, block)
                     return False
-                # No await from here to the mend (its token covers the local seq too).
-                ours = self._rotten_live_seq(vid, idx, block)
-                theirs = _live_seq(_parse_blob(blob), block) if ours is not None else 0
-                if ours is not None and theirs < ours:
-                    # The live block rotted here, and the peer lacks the write that made it
-                    # (still on its way there): its older block would pass for the rotten one,
-                    # undoing that write silently. (Only a rotten live block is taken from the
-                    # peer: a rotten version alone is mended under a newer live block.)
-                    log.warning("repair %s/%d block %d: %s holds it at seq %d, older than ours "
-                                "(%d); not taken", vid, idx, block, cid, theirs, ours)
-                    continue
                 if not self.store.mend(vid, idx, blob, if_unchanged=token):
                     log.info("repair %s/%d block %d: a write landed meanwhile; checking again",
                              vid, idx, block)
@@ -270,14 +250,6 @@ class LocalRepair:
             return True
         log.error("repair of %s/%d block %d failed", vid, idx, block)
         return False
-
-
-def _live_seq(state: dict, block: int) -> int:
-    """The seq of ``block``'s live state in a parsed export blob (0: absent, not listed)."""
-    for entry in (*state["live"], *state.get("bad_live", ())):
-        if entry[0] == block:
-            return entry[1]
-    return 0
 
 
 def _join_parts(parts: list[dict], start: int, end: int) -> bytes:
