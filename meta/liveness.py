@@ -26,9 +26,7 @@ from .context import Ctx
 log = logging.getLogger(__name__)
 
 
-async def follow(ctx: Ctx, stop: asyncio.Event, listed: asyncio.Event | None = None) -> None:
-    """``listed`` is set once the first listing has been handled: until then a ``down_since``
-    may be an earlier leader's that no longer holds (see above)."""
+async def follow(ctx: Ctx, stop: asyncio.Event) -> None:
     base = ctx.keys.chunks()
 
     async def on_snapshot(kvs: list[tuple[bytes, bytes]]) -> None:
@@ -42,8 +40,6 @@ async def follow(ctx: Ctx, stop: asyncio.Event, listed: asyncio.Event | None = N
                 if "live" not in kinds:
                     await restart_grace_if_back_since(ctx, cid)
                 await chunks.mark_liveness(ctx, cid, "live" in kinds)
-        if listed is not None:
-            listed.set()
 
     async def on_event(event) -> None:
         kp = ctx.keys.chunk_key_parts(event.kv.key, base)

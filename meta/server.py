@@ -152,32 +152,6 @@ async def leader_mw(request: web.Request, handler) -> web.StreamResponse:
                           maybe_applied=not isinstance(e, aiohttp.ClientConnectorError)) from None
 
 
-def start_leader_tasks(ctx: Ctx, meta_cfg: zconfig.MetaConfig, stop: asyncio.Event) -> dict[str, asyncio.Future]:
-    """The leader's loops for one term: chunk liveness, recovery, garbage collection.
-
-    Recovery's passes start once liveness has handled its first listing: before that a
-    chunk server's ``down_since`` may still be the one an earlier leader recorded before
-    the server came back and went down again unseen, and the first pass would drop its
-    replicas a whole grace early."""
-    listed = asyncio.Event()
-    rec = Recovery(ctx, grace=meta_cfg.recovery_grace, concurrency=meta_cfg.recovery_concurrency)
-
-    async def recovery_once_listed() -> None:
-        stopped = asyncio.ensure_future(stop.wait())
-        seen = asyncio.ensure_future(listed.wait())
-        try:
-            await asyncio.wait({stopped, seen}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            seen.cancel()
-        if not stop.is_set():
-            await rec.run(stop)
-
-    return {"liveness": asyncio.ensure_future(liveness.follow(ctx, stop, listed)),
-            "recovery": asyncio.ensure_future(recovery_once_listed()),
-            "gc": asyncio.ensure_future(volumes.collect_garbage_every(ctx, stop))}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="zstore-meta", description="zstore meta server")
     p.add_argument("--config", help="TOML config file (default: $ZSTORE_CONFIG)")
@@ -251,7 +225,11 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
             if task:
                 task.cancel()
         if leading:
-            leader_tasks.update(start_leader_tasks(ctx, cfg.meta, asyncio.Event()))
+            leader_stop = asyncio.Event()
+            leader_tasks["liveness"] = asyncio.ensure_future(liveness.follow(ctx, leader_stop))
+            rec = Recovery(ctx, grace=cfg.meta.recovery_grace, concurrency=cfg.meta.recovery_concurrency)
+            leader_tasks["recovery"] = asyncio.ensure_future(rec.run(leader_stop))
+            leader_tasks["gc"] = asyncio.ensure_future(volumes.collect_garbage_every(ctx, leader_stop))
 
     election = Election(etcd, keys, meta_id, url, cfg.meta.lease_ttl, on_change)
     ctx = TrackingCtx(etcd=etcd, keys=keys, fence=election.fence)

@@ -63,31 +63,3 @@ async def test_a_server_still_down_since_the_old_leader_saw_it_keeps_its_down_si
     await follow_once(ctx)
     admin, _ = await ctx.get(ctx.keys.chunk_admin("c1"), ChunkAdmin)
     assert admin.down_since == before.down_since
-
-
-async def test_a_new_leaders_first_recovery_pass_waits_for_the_liveness_listing(ctx):
-    """The same server as above, with the leader's loops started as a new leader starts them:
-    recovery and liveness were started side by side, and the first recovery pass, reading
-    the hour-old ``down_since`` before liveness had replaced it, dropped c1's replica
-    (3 runs out of 3)."""
-    from meta import server
-    from zstore.config import MetaConfig
-
-    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
-    key = ctx.keys.extent(vol.volume_id, 0)
-    await ctx.etcd.put(key, ExtentRecord(volume_id=vol.volume_id, index=0,
-                                         replicas=["c0", "c1", "c2"]).encode())
-    await chunk_down(ctx, "c1", ago=3600)
-    await register_chunk(ctx, "c1", labels={"zone": "b"})
-    await ctx.etcd.delete(ctx.keys.chunk_live("c1"))
-    stop = asyncio.Event()
-    tasks = server.start_leader_tasks(ctx, MetaConfig(recovery_grace=GRACE), stop)
-    try:
-        await asyncio.sleep(1.5)                   # a pass or more
-    finally:
-        stop.set()
-        for t in tasks.values():
-            t.cancel()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
-    got = ExtentRecord.decode((await ctx.etcd.get(key)).value)
-    assert got.replicas == ["c0", "c1", "c2"]
