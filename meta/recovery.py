@@ -289,8 +289,11 @@ class Recovery:
                 continue
             key = self.ctx.keys.extent(vid, index)
             # Still down when written: a server back since the pass read it (a flap, or a
-            # long pass) keeps its replicas, not a resync of each.
-            still_down = [self.ctx.absent(self.ctx.keys.chunk_live(c)) for c in dropped]
+            # long pass) keeps its replicas, not a resync of each. Not for a removed server
+            # (no view): one removed with --force while running puts its live key back, and
+            # its replicas must go all the same.
+            still_down = [self.ctx.absent(self.ctx.keys.chunk_live(c)) for c in dropped
+                          if w.views.get(c) is not None]
             if await self.ctx.txn([self.ctx.unchanged(key, rev), *still_down], [self.ctx.put(key, rec)]):
                 written[(vid, index)] = rev
                 done["dropped"] += [(vid, index, c) for c in dropped]

@@ -52,3 +52,20 @@ async def test_a_server_still_down_past_the_grace_is_dropped(ctx):
     assert [c for _, _, c in done["dropped"]] == ["c1"]
     got = ExtentRecord.decode((await ctx.etcd.get(key)).value)
     assert got.replicas == ["c0", "c2"] and "c1" in got.stale
+
+
+async def test_a_removed_server_whose_process_puts_its_live_key_back_is_still_dropped(ctx):
+    """``zstore chunk remove --force`` on a running server deletes its keys; the process puts
+    its live key back at its next refresh (no info key). The drop's "still down" compare
+    held such a server's replicas for as long as the process lived (review of 8b718c5: three
+    passes, nothing dropped, nothing rebuilt)."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    key = ctx.keys.extent(vol.volume_id, 0)
+    await ctx.etcd.put(key, ExtentRecord(volume_id=vol.volume_id, index=0,
+                                         replicas=["c0", "c1", "c2"]).encode())
+    await ctx.etcd.delete_prefix(ctx.keys.chunk_dir("c1"))  # removed
+    await ctx.etcd.put(ctx.keys.chunk_live("c1"), b"{}")    # the still-running process's refresh
+    done = await Recovery(ctx, grace=GRACE).step()
+    assert [c for _, _, c in done["dropped"]] == ["c1"]
+    got = ExtentRecord.decode((await ctx.etcd.get(key)).value)
+    assert got.replicas == ["c0", "c2"]
