@@ -5,7 +5,8 @@ survives losing its chunk server. Nothing is remembered in memory: staged and
 published mean "is a mount point", attached means "the kernel has a session to
 the target and a disk with the volume's WWN". The few facts unstage needs and
 cannot derive (target, WWN: unstage gets only the volume id) are written next
-to nothing else, in ``state_dir/<volume id>.json`` on disk. A call on a volume id
+to nothing else, in ``state_dir/<volume id>.json`` on disk (and, while our mkfs of
+its disk has not finished, ``state_dir/<volume id>.mkfs``). A call on a volume id
 that has another in flight is answered ABORTED at once (the spec's "operation
 pending for volume"), rather than queued behind a call that may be stuck in a
 login; calls on different volumes run concurrently.
@@ -180,7 +181,8 @@ async def probe_device(host: Host, dev: str, read_timeout: float = 30.0, mkfs_cu
         what = f"a {tags['PTTYPE']} partition table" if tags.get("PTTYPE") else "data blkid cannot name"
         raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                     f"{dev} holds {what} and no filesystem: not formatting it; "
-                    "use it as a raw block volume, or wipe it (wipefs) if it is not needed")
+                    "use it as a raw block volume, or zero its first MiB (blkdiscard, or dd from "
+                    "/dev/zero) if it is not needed: after wipefs alone it is still not blank")
     try:
         zero = await asyncio.wait_for(asyncio.to_thread(_read_head, dev), read_timeout)
     except (OSError, asyncio.TimeoutError) as e:
@@ -272,18 +274,55 @@ class Node(pbg.NodeServicer):
     def _save(self, vid: str, info: dict[str, Any]) -> None:
         """Written durably: the temp file is fsynced before it replaces the state, and the
         directory after, so a power loss leaves the old state or the new one, not an empty file."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_path(vid).with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(info).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self._state_path(vid))
+        self._write_durably(self._state_path(vid), self._state_path(vid).with_suffix(".tmp"),
+                            json.dumps(info).encode())
+
+    def _fsync_state_dir(self) -> None:
         fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _write_durably(self, path: Path, tmp: Path, data: bytes) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        self._fsync_state_dir()
+
+    # The mark of our own mkfs, ``<volume id>.mkfs`` holding the disk's WWN: written before mkfs
+    # runs, removed once a filesystem is on the disk. A file of its own, not a key of the state
+    # file: NodeUnstage deletes the state file, and kubelet unstages an uncertain stage (mkfs of
+    # a large volume killed at the call's deadline) once the pod goes away; without the mark the
+    # next stage finds mkfs's partial writes, no signature, and refuses the disk forever.
+    def _mkfs_mark_path(self, vid: str) -> Path:
+        return self.state_dir / f"{vid}.mkfs"
+
+    def _mark_mkfs(self, vid: str, wwn: str) -> None:
+        # the temp name starts with a dot, which no volume id does: never another volume's file
+        self._write_durably(self._mkfs_mark_path(vid), self.state_dir / f".{vid}.mkfs.tmp",
+                            f"{wwn}\n".encode())
+
+    def _mkfs_marked(self, vid: str, wwn: str) -> bool:
+        """Whether our mkfs of the disk with WWN ``wwn`` was cut short: the mark is there and
+        names that WWN (a stale mark of another disk formats nothing)."""
+        try:
+            return self._mkfs_mark_path(vid).read_text().strip() == wwn
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as e:
+            log.warning("volume %s: mkfs mark %s is unreadable (%s: %s): ignored",
+                        vid, self._mkfs_mark_path(vid), type(e).__name__, e)
+            return False
+
+    def _clear_mkfs_mark(self, vid: str) -> None:
+        path = self._mkfs_mark_path(vid)
+        if path.exists():
+            path.unlink(missing_ok=True)
+            self._fsync_state_dir()
 
     async def _state_from_disk(self, vid: str, dev: str | None) -> dict[str, Any] | None:
         """For an unstage whose state file is corrupt: the target, portal and WWN of the session
@@ -429,8 +468,13 @@ class Node(pbg.NodeServicer):
         state = {**info, "kind": kind, "ro": readonly}
         async with self._exclusive(vid):
             prior = saved = self._load(vid)
-            # our own mkfs of this disk was cut short (the plugin died in it): kept until a mount
-            mkfs_cut_short = bool(prior and prior.get("mkfs") is True and prior.get("wwn") == info["wwn"])
+            # our own mkfs of this disk was cut short (the plugin died in it, or the call's
+            # deadline killed it): its mark, kept until a filesystem is on the disk
+            mkfs_cut_short = self._mkfs_marked(vid, info["wwn"])
+            if prior and prior.get("mkfs") is True and prior.get("wwn") == info["wwn"]:
+                # the mark as 9631de3 kept it, in the state file: moved to its own file
+                self._mark_mkfs(vid, info["wwn"])
+                mkfs_cut_short = True
             if (readonly and prior is not None and prior.get("ro") is False and kind != "block"
                     and (sm := self._mount_at(staging)) is not None and "ro" in sm.options.split(",")):
                 # staged before publish_context's readonly was read: recorded read-write, but
@@ -449,7 +493,7 @@ class Node(pbg.NodeServicer):
             # written once the request is known compatible with an earlier stage (never a
             # block stage's state turned into a filesystem's), before the login: a plugin
             # that dies after it leaves unstage what it needs to log out
-            self._save(vid, {**state, "mkfs": True} if mkfs_cut_short else state)
+            self._save(vid, state)
             async with self._target_locks[info["target"]]:
                 try:
                     s = await self.iscsi.attach(info["target"], info["portal"], info["lun"], chap, discovery_chap)
@@ -506,15 +550,13 @@ class Node(pbg.NodeServicer):
                                 f"volume {vid} has no filesystem and is staged read-only "
                                 f"({why}): nothing to mount, and it cannot be formatted")
                 if not fs:
-                    # recorded first: a retry after a mkfs cut short finds its partial writes and
+                    # marked first: a retry after a mkfs cut short finds its partial writes and
                     # no signature, which is not blank, and would otherwise refuse the disk forever
-                    self._save(vid, {**state, "mkfs": True})
-                    mkfs_cut_short = True
+                    self._mark_mkfs(vid, info["wwn"])
                     await self.host.run([f"mkfs.{kind}", *(["-F", "-q"] if kind == "ext4" else ["-q"]), dev])
                     fs = kind
-                    # done: the filesystem's signature speaks for the disk from now on, and a
-                    # failed mount below leaves no record behind
-                    self._save(vid, state)
+                    # done: the filesystem's signature speaks for the disk from now on
+                    self._clear_mkfs_mark(vid)
                     mkfs_cut_short = False
                 os.makedirs(staging, exist_ok=True)
                 opts = mount_options(fs, request.volume_capability.mount.mount_flags, readonly)
@@ -522,11 +564,11 @@ class Node(pbg.NodeServicer):
             except Exception:
                 if self._mount_at(staging) is None:
                     async with self._target_locks[info["target"]]:
-                        # the record of a mkfs that ran stays for the retry
-                        await self._undo_stage(vid, info, dev, keep or mkfs_cut_short)
+                        # the mark of a mkfs that did not finish stays (a file of its own) for the retry
+                        await self._undo_stage(vid, info, dev, keep)
                 raise
-            if mkfs_cut_short:                  # an earlier mkfs had finished: its record goes
-                self._save(vid, state)
+            if mkfs_cut_short:                  # an earlier mkfs had finished: its mark goes
+                self._clear_mkfs_mark(vid)
         return pb.NodeStageVolumeResponse()
 
     def _mount_at(self, path: str) -> Any:

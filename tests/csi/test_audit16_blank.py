@@ -1,8 +1,9 @@
 """Audit 16: mkfs only on a truly blank disk. ``blkid -p`` exits 2 ("nothing found") for data it
 has no signature for (a plain dm-crypt volume, a database's raw file, a raw block volume's
 application data): a disk whose head reads but is not zero holds data, and is never formatted.
-The one exception is our own mkfs cut short (the plugin killed mid-mkfs): recorded in the state
-file before mkfs runs, so the retry formats again rather than failing forever."""
+The one exception is our own mkfs cut short (the plugin killed mid-mkfs): marked (``<vid>.mkfs``
+in the state directory, see test_mkfs_mark_unstage) before mkfs runs, so the retry formats again
+rather than failing forever."""
 
 from __future__ import annotations
 
@@ -52,12 +53,12 @@ async def test_audit16_mkfs_is_recorded_before_it_runs_and_cleared_once_mounted(
 
     async def spy(argv, ok=(0,), input=None, secret=()):
         if argv[0].startswith("mkfs"):
-            seen.append(node._load("v1").get("mkfs"))
+            seen.append(node._mkfs_marked("v1", CTX["wwn"]))
         return await run(argv, ok, input, secret)
     host.run = spy
     await node.NodeStageVolume(stage_req(st), AbortCtx())
     assert seen == [True]
-    assert "mkfs" not in node._load("v1")
+    assert "mkfs" not in node._load("v1") and not node._mkfs_marked("v1", CTX["wwn"])
 
 
 async def test_audit16_the_retry_of_a_mkfs_cut_short_formats_again(tmp_path: Path, monkeypatch):
@@ -94,4 +95,4 @@ async def test_audit16_a_failed_mkfs_keeps_its_record_for_the_retry(tmp_path: Pa
     host.answers[("mkfs.ext4", "-F", "-q", dev)] = (1, "")
     with pytest.raises(RuntimeError):
         await node.NodeStageVolume(stage_req(st), AbortCtx())
-    assert node._load("v1").get("mkfs") is True
+    assert node._mkfs_marked("v1", CTX["wwn"])      # its own file since the unstage fix, not the state file
