@@ -43,7 +43,7 @@ class OwnerReads:
         if fut is None:
             fut = self._queued[vid] = asyncio.get_running_loop().create_future()
             fut.add_done_callback(_retrieve)
-        if self._runner is None:
+        if self._runner is None or self._runner.done():     # done: cancelled before it ran
             self._runner = asyncio.get_running_loop().create_task(self._run())
         return await asyncio.shield(fut)    # one asker giving up does not fail the others
 
@@ -56,9 +56,9 @@ class OwnerReads:
                                        for i in range(0, len(items), self._batch)))
         finally:
             self._runner = None
-            for fut in self._queued.values():       # only if this task was cancelled
+            for fut in self._queued.values():       # only if this task was cancelled (a stop)
                 if not fut.done():
-                    fut.cancel()
+                    fut.set_exception(ConnectionError("owner read stopped"))
             self._queued.clear()
 
     async def _read(self, items: list[tuple[str, asyncio.Future]]) -> None:
@@ -68,12 +68,12 @@ class OwnerReads:
             _, replies = await self._etcd.transaction(
                 compare=[], success=[t.get(self._keys.owner(vid)) for vid, _ in items], failure=[])
         except BaseException as e:
+            # The runner cancelled (a stop) is not the askers' cancellation: to them it is
+            # etcd not answering (the coordinator's NOT READY), as any other failure.
+            error = e if isinstance(e, Exception) else ConnectionError("owner read stopped")
             for _, fut in items:
                 if not fut.done():
-                    if isinstance(e, asyncio.CancelledError):
-                        fut.cancel()
-                    else:
-                        fut.set_exception(e)
+                    fut.set_exception(error)
             if not isinstance(e, Exception):
                 raise
             return
@@ -84,3 +84,6 @@ class OwnerReads:
                 fut.set_result(VolumeOwner.decode(got[0][0]).epoch if got else None)
             except Exception as e:  # noqa: BLE001 - a malformed record fails its own flush
                 fut.set_exception(e)
+        for _, fut in items[len(replies):]:         # fewer replies than gets: never left waiting
+            if not fut.done():
+                fut.set_exception(ConnectionError("etcd answered fewer reads than asked"))

@@ -91,3 +91,40 @@ async def test_one_asker_cancelled_leaves_the_others_answered(etcd_client, etcd_
     assert await b == 3
     with pytest.raises(asyncio.CancelledError):
         await a
+
+
+async def test_a_runner_cancelled_before_it_ran_does_not_stop_later_asks(etcd_client, etcd_config):
+    """Review: a runner task cancelled before its first step never ran its clean-up, and every
+    later ask waited for ever on it."""
+    keys = Keys(etcd_config.prefix)
+    await _own(etcd_client, keys, "v", 5)
+    reads = OwnerReads(etcd_client, keys)
+    first = asyncio.ensure_future(reads.epoch("v"))
+    await asyncio.sleep(0)                    # the ask queued, its runner created, not run
+    reads._runner.cancel()                    # noqa: SLF001 - as a loop teardown would
+    with pytest.raises(ConnectionError):
+        await first                           # an error to retry (NOT READY), not a hang
+    assert await asyncio.wait_for(reads.epoch("v"), 5) == 5
+
+
+async def test_a_runner_cancelled_mid_read_fails_its_askers_without_cancelling_them(etcd_client, etcd_config):
+    keys = Keys(etcd_config.prefix)
+    await _own(etcd_client, keys, "v", 5)
+    reads = OwnerReads(_Counting(etcd_client, delay=0.5), keys)
+    ask = asyncio.ensure_future(reads.epoch("v"))
+    await asyncio.sleep(0.1)                  # its read in flight
+    reads._runner.cancel()                    # noqa: SLF001
+    with pytest.raises(ConnectionError):
+        await ask
+
+
+async def test_fewer_replies_than_gets_leave_no_asker_waiting(etcd_client, etcd_config):
+    keys = Keys(etcd_config.prefix)
+    etcd = _Counting(etcd_client, delay=0)
+
+    async def short(**kw):
+        return True, []                       # a malformed answer: no reply at all
+    etcd.transaction = short
+    reads = OwnerReads(etcd, keys)
+    with pytest.raises(ConnectionError, match="fewer"):
+        await asyncio.wait_for(reads.epoch("v"), 5)
