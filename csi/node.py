@@ -486,6 +486,8 @@ class Node(pbg.NodeServicer):
                 # success, and nothing run that could fail and "undo" a volume in use
                 if saved != state:
                     self._save(vid, state)
+                if mkfs_cut_short:              # a filesystem of this disk is in use: no more mkfs
+                    self._clear_mkfs_mark(vid)
                 return pb.NodeStageVolumeResponse()
             # a state file from before this call (a stage cut short, then retried) is not
             # ours to remove when this one fails: the CO may still unstage the earlier one
@@ -522,11 +524,15 @@ class Node(pbg.NodeServicer):
                 raise
             self._pending[info["target"]] -= 1
             if kind == "block":
+                if mkfs_cut_short:              # the disk is the application's now: never formatted
+                    self._clear_mkfs_mark(vid)
                 return pb.NodeStageVolumeResponse()
             m = self._mount_at(staging)
             if m is not None:
                 if os.path.realpath(m.source) != dev:
                     raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"{staging} has {m.source} mounted, not {dev}")
+                if mkfs_cut_short:              # mounted: a filesystem is there
+                    self._clear_mkfs_mark(vid)
                 return pb.NodeStageVolumeResponse()
             # A disk something else uses (a pod's raw block publish of it, a filesystem of it
             # mounted elsewhere, a holder such as a dm map) is neither probed nor formatted:

@@ -22,7 +22,7 @@ import pytest
 
 from csi.host import HostError
 from tests.csi.test_node_stage import mount_calls, stage_req
-from tests.csi.test_node_staging_safety import _node, _unstage
+from tests.csi.test_node_staging_safety import _fs_line, _node, _save, _unstage
 from tests.csi.test_node_unit import CTX, AbortCtx
 
 MKFS = ["mkfs.ext4", "-F", "-q"]
@@ -141,3 +141,61 @@ async def test_a_mark_whose_mkfs_had_finished_goes_once_the_filesystem_is_found(
     await node.NodeStageVolume(stage_req(st), AbortCtx())
     assert not any(c[0].startswith("mkfs") for c in host.calls) and mount_calls(host)
     assert not _mark(tmp_path).exists()
+
+
+# -- the mark goes on every successful stage (review of c8abb20) --------------------------
+
+def _mark_of(tmp_path):
+    return tmp_path / "state" / "v1.mkfs"
+
+
+async def test_a_stage_answered_by_the_already_staged_path_removes_the_mark(tmp_path, monkeypatch):
+    """Before: kubelet's repeat stage succeeded with the mark left, the pod wrote data, and a
+    later stage of that disk with a damaged superblock (blkid names nothing) ran mkfs -F."""
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    (tmp_path / "mountinfo").write_text(_fs_line(st, dev))
+    os.makedirs(st, exist_ok=True)
+    _save(node, "ext4", ro=False)
+    _mark_of(tmp_path).write_text(CTX["wwn"] + "\n")
+    await node.NodeStageVolume(stage_req(st), AbortCtx())          # the repeat: success
+    assert not _mark_of(tmp_path).exists()
+    (tmp_path / "mountinfo").write_text("")
+    await node.NodeUnstageVolume(_unstage(st), AbortCtx())
+    Path(dev).write_bytes(os.urandom(1 << 20))                      # the pod's data, no signature
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
+    host.calls.clear()
+    with pytest.raises(Exception):
+        await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert ["mkfs.ext4", "-F", "-q", dev] not in host.calls
+
+
+async def test_a_legacy_mark_moved_by_an_already_staged_stage_is_removed(tmp_path, monkeypatch):
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    (tmp_path / "mountinfo").write_text(_fs_line(st, dev))
+    os.makedirs(st, exist_ok=True)
+    _save(node, "ext4", ro=False, mkfs=True)                        # 9631de3's in-file mark
+    await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert "mkfs" not in node._load("v1") and not _mark_of(tmp_path).exists()
+
+
+async def test_a_raw_block_stage_removes_the_mark(tmp_path, monkeypatch):
+    """Before: a failed mkfs, then the same volume staged raw block (mark kept), the
+    application's raw data, unstage, a filesystem stage: mkfs -F over the raw data."""
+    st = tmp_path / "st"
+    node, host, dev = _node(tmp_path, monkeypatch)
+    host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
+    host.answers[("mkfs.ext4", "-F", "-q", dev)] = (1, "")          # mkfs fails: mark stays
+    with pytest.raises(Exception):
+        await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert _mark_of(tmp_path).exists()
+    del host.answers[("mkfs.ext4", "-F", "-q", dev)]
+    await node.NodeStageVolume(stage_req(tmp_path / "stb", "block"), AbortCtx())
+    assert not _mark_of(tmp_path).exists()
+    Path(dev).write_bytes(os.urandom(4096) + bytes((1 << 20) - 4096))   # the application's data
+    await node.NodeUnstageVolume(_unstage(tmp_path / "stb"), AbortCtx())
+    host.calls.clear()
+    with pytest.raises(Exception):
+        await node.NodeStageVolume(stage_req(st), AbortCtx())
+    assert ["mkfs.ext4", "-F", "-q", dev] not in host.calls
