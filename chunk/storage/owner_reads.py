@@ -45,7 +45,19 @@ class OwnerReads:
             fut.add_done_callback(_retrieve)
         if self._runner is None or self._runner.done():     # done: cancelled before it ran
             self._runner = asyncio.get_running_loop().create_task(self._run())
+            self._runner.add_done_callback(self._runner_done)
         return await asyncio.shield(fut)    # one asker giving up does not fail the others
+
+    def _runner_done(self, task: asyncio.Task) -> None:
+        """A runner cancelled before its first step never ran ``_run``'s clean-up: its asks
+        fail here (NOT READY, retried) instead of waiting for a runner that is gone."""
+        if self._runner is not task:
+            return                                  # ended normally; another may run now
+        self._runner = None
+        queued, self._queued = self._queued, {}
+        for fut in queued.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("owner read stopped"))
 
     async def _run(self) -> None:
         try:

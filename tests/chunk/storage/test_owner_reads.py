@@ -22,17 +22,21 @@ async def _own(etcd, keys: Keys, vid: str, epoch: int) -> None:
 
 
 class _Counting:
-    """The etcd client, with its transactions counted and each one slowed to ``delay`` s."""
+    """The etcd client, with its transactions counted and each one slowed to ``delay`` s, or
+    held until ``gate`` is set (no timing to lose on a loaded machine)."""
 
-    def __init__(self, etcd, delay: float = 0.05) -> None:
-        self._etcd, self.delay, self.txns = etcd, delay, 0
+    def __init__(self, etcd, delay: float = 0.05, gate: asyncio.Event | None = None) -> None:
+        self._etcd, self.delay, self.gate, self.txns = etcd, delay, gate, 0
 
     def __getattr__(self, name):
         return getattr(self._etcd, name)
 
     async def transaction(self, **kw):
         self.txns += 1
-        await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
+        else:
+            await asyncio.sleep(self.delay)
         return await self._etcd.transaction(**kw)
 
 
@@ -51,14 +55,17 @@ async def test_an_ask_during_a_read_waits_for_the_next_and_sees_a_change_made_be
         etcd_client, etcd_config):
     keys = Keys(etcd_config.prefix)
     await _own(etcd_client, keys, "v", 1)
-    etcd = _Counting(etcd_client, delay=0.2)
+    gate = asyncio.Event()
+    etcd = _Counting(etcd_client, gate=gate)
     reads = OwnerReads(etcd, keys)
     first = asyncio.ensure_future(reads.epoch("v"))
-    await asyncio.sleep(0.05)                # its read is in flight (held 0.2 s before etcd)
+    while etcd.txns < 1:                     # its read in flight, held before etcd
+        await asyncio.sleep(0.01)
     await _own(etcd_client, keys, "v", 2)    # another server took the volume, then...
     second = asyncio.ensure_future(reads.epoch("v"))     # ...a SYNCHRONIZE CACHE arrives
-    await asyncio.sleep(0)
-    assert etcd.txns == 1                    # not sent at once: a read is in flight
+    await asyncio.sleep(0.05)
+    assert etcd.txns == 1                    # not sent: a read is in flight
+    gate.set()
     assert await second == 2                 # never the in-flight read's answer
     assert etcd.txns == 2
     assert await first in (1, 2)
@@ -83,11 +90,13 @@ async def test_an_etcd_error_reaches_every_asker_and_the_next_ask_reads_again(et
 async def test_one_asker_cancelled_leaves_the_others_answered(etcd_client, etcd_config):
     keys = Keys(etcd_config.prefix)
     await _own(etcd_client, keys, "v", 3)
-    reads = OwnerReads(_Counting(etcd_client, delay=0.1), keys)
+    gate = asyncio.Event()
+    reads = OwnerReads(_Counting(etcd_client, gate=gate), keys)
     a = asyncio.ensure_future(reads.epoch("v"))
     b = asyncio.ensure_future(reads.epoch("v"))
     await asyncio.sleep(0.02)
     a.cancel()
+    gate.set()
     assert await b == 3
     with pytest.raises(asyncio.CancelledError):
         await a
@@ -110,9 +119,11 @@ async def test_a_runner_cancelled_before_it_ran_does_not_stop_later_asks(etcd_cl
 async def test_a_runner_cancelled_mid_read_fails_its_askers_without_cancelling_them(etcd_client, etcd_config):
     keys = Keys(etcd_config.prefix)
     await _own(etcd_client, keys, "v", 5)
-    reads = OwnerReads(_Counting(etcd_client, delay=0.5), keys)
+    etcd = _Counting(etcd_client, gate=asyncio.Event())           # never set: held
+    reads = OwnerReads(etcd, keys)
     ask = asyncio.ensure_future(reads.epoch("v"))
-    await asyncio.sleep(0.1)                  # its read in flight
+    while etcd.txns < 1:                      # its read in flight
+        await asyncio.sleep(0.01)
     reads._runner.cancel()                    # noqa: SLF001
     with pytest.raises(ConnectionError):
         await ask
