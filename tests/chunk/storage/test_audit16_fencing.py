@@ -15,6 +15,7 @@ from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.replica_store import ReplicaStore
 from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Status
+from tests.chunk.storage.worker_syncs import hold_syncs, replica_fds
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,3 +73,29 @@ async def test_audit16_revert_admitted_then_fenced_before_its_task_runs_changes_
     finally:
         await writer.close()
 
+
+async def test_audit16_setgen_fenced_during_its_flush_records_no_generation(served, monkeypatch):
+    """SETGEN is admitted, flushes in a worker thread, then writes the generation into the
+    header: a newer owner admitted during that flush fenced the SETGEN's owner, whose
+    generation was recorded (and answered OK) all the same."""
+    server, store = served
+    store.create(VID, 0, 1)
+    store.admit(VID, 0, 1)
+    store.write(VID, 0, 0, b"d" * BLOCK_SIZE, 1)
+    reached, proceed, _ = hold_syncs(monkeypatch, replica_fds(store, VID, 0))
+    reader, writer = await _authed(server)
+    try:
+        await writer.send(Frame(Op.SETGEN, 20, VID, 0, 1, 7))
+        assert await asyncio.to_thread(reached.wait, 10)
+        await writer.send(Frame(Op.WRITE, 21, VID, 0, 2, 1, BLOCK_SIZE, BLOCK_SIZE,
+                                b"N" * BLOCK_SIZE, seq=2))
+        first = await asyncio.wait_for(reader.read(), 10)
+        assert first.id == 21 and first.status is Status.OK
+        proceed.set()
+        last = await asyncio.wait_for(reader.read(), 10)
+        assert last.id == 20
+        assert last.status is Status.STALE_EPOCH, last
+        assert store.stat(VID, 0)["generation"] == 1
+    finally:
+        proceed.set()
+        await writer.close()
