@@ -150,8 +150,11 @@ class Session:
                  nop_interval: float = 15.0, nop_timeout: float = 15.0,
                  on_close: Callable[["Session"], None] | None = None,
                  write_buffer_budget: int = WRITE_BUFFER_BUDGET,
-                 peers: Callable[[], Iterable["Session"]] | None = None):
+                 peers: Callable[[], Iterable["Session"]] | None = None, cid: int | None = None):
         self.r, self.w, self.p = reader, writer, params
+        # This connection's CID (from its Login). The session's only one (MaxConnections=1), so
+        # a Logout naming another CID names none of the session's. None: not told, any matches.
+        self.cid = cid
         try:
             # cached for the answers' flush: asyncio.get_running_loop() is a getpid() syscall
             self._loop = asyncio.get_running_loop()
@@ -1270,6 +1273,9 @@ class Session:
         else:
             self._send(P.TextResponse(itt=itt, final=True, ttt=RESERVED_TAG, data=first))
 
+    def _is_this_connection(self, cid: int) -> bool:
+        return self.cid is None or cid == self.cid
+
     async def _logout(self, req: P.LogoutRequest) -> None:
         """Close the connection, and so the session (one connection each), when asked.
 
@@ -1281,9 +1287,19 @@ class Session:
         replica, an ownership wait) holds the Logout Response no longer than that (10 s,
         within open-iscsi's 15 s logout timeout) and the moment its cancel takes (at most
         ``close_grace`` more), nor the login that follows a drain or a redirect. Nothing
-        is sent after the Logout Response."""
+        is sent after the Logout Response.
+
+        "Close the connection" naming a CID that is not this connection's names none of
+        this session's (MaxConnections=1): Response "CID not found" (§11.15.1), and the
+        session and this connection go on, as in LIO. "Remove the connection for recovery"
+        is answered "recovery not supported" whatever its CID: we run at ErrorRecoveryLevel 0
+        (§11.15.1; LIO checks the level first too). The CID of "close the session" is not
+        valid (§11.14.3) and is not looked at."""
         if req.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
             self._send(P.LogoutResponse(itt=req.itt, response=LogoutResponseCode.RECOVERY_NOT_SUPPORTED))
+            return
+        if req.reason == LogoutReason.CLOSE_CONNECTION and not self._is_this_connection(req.cid):
+            self._send(P.LogoutResponse(itt=req.itt, response=LogoutResponseCode.CID_NOT_FOUND))
             return
         runners = [t.runner for t in self.tasks.values() if t.runner and not t.runner.done()]
         if runners:
