@@ -36,6 +36,7 @@ from zstore.records import ExtentRecord, RecoveryTask, Snapshot, Volume, VolumeO
 from . import ownership
 from . import replicas as rk
 from .extent_file import BLOCK_SIZE, EXTENT_SIZE, block_runs
+from .futures import retrieve
 from .metaclient import MetaError
 from .replica_store import unreadable_blocks
 from .wire import MAX_DATA
@@ -319,12 +320,6 @@ class _PendingWrite:
             if not self.left:
                 self.coord._write_settled(self)
         return replied
-
-
-def _retrieve(fut: asyncio.Future) -> None:
-    """Done callback: a background read's failure is retrieved (its caller may have moved on)."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 def _runs(offsets: list[int], step: int) -> list[tuple[int, int]]:
@@ -1683,7 +1678,7 @@ class Coordinator:
         async with self._flush_lock:
             e = self.engine
             check = asyncio.ensure_future(self._owner_epoch())
-            check.add_done_callback(_retrieve)
+            check.add_done_callback(retrieve)
             try:
                 while await self._flush_round():
                     pass

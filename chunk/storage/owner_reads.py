@@ -18,15 +18,11 @@ import asyncio
 from zstore.keys import Keys
 from zstore.records import VolumeOwner
 
+from .futures import retrieve
+
 __all__ = ["BATCH", "OwnerReads"]
 
 BATCH = 64
-
-
-def _retrieve(fut: asyncio.Future) -> None:
-    """A read whose every asker gave up (cancelled) fails quietly."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 class OwnerReads:
@@ -42,7 +38,7 @@ class OwnerReads:
         fut = self._queued.get(vid)
         if fut is None:
             fut = self._queued[vid] = asyncio.get_running_loop().create_future()
-            fut.add_done_callback(_retrieve)
+            fut.add_done_callback(retrieve)   # every asker may give up
         if self._runner is None or self._runner.done():     # done: cancelled before it ran
             self._runner = asyncio.get_running_loop().create_task(self._run())
             self._runner.add_done_callback(self._runner_done)
