@@ -10,36 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from chunk.storage import peer_auth, wire
+from chunk.storage import wire
 from chunk.storage.extent_file import BLOCK_SIZE
-from chunk.storage.replica_server import ReplicaServer
-from chunk.storage.replica_store import ReplicaStore
-from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Status
+from chunk.storage.wire import Frame, FrameReader, Op, Status
+from tests.chunk.storage.raw_peer import authed_raw, replica_server
 from tests.chunk.storage.worker_syncs import hold_syncs, replica_fds
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"s" * 32
-CLUSTER = "cluster-1"
-EXTENT = 4 << 20
 VID = "vol-1"
 
 
 @pytest.fixture
 async def served(tmp_path: Path):
-    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT, cow_sync=False)
-    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=2.0)
-    await server.start()
-    yield server, store
-    await server.stop()
-    store.close()
-
-
-async def _authed(server: ReplicaServer) -> tuple[FrameReader, FrameWriter]:
-    r, w = await asyncio.open_connection("127.0.0.1", server.port)
-    reader, writer = FrameReader(r), FrameWriter(w)
-    await asyncio.wait_for(peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "c"), 5)
-    return reader, writer
+    async with replica_server(tmp_path, auth_timeout=2.0) as (server, store):
+        yield server, store
 
 
 async def _replies(reader: FrameReader, n: int) -> dict[int, Frame]:
@@ -60,7 +45,7 @@ async def test_audit16_revert_admitted_then_fenced_before_its_task_runs_changes_
     store.create(VID, 0, 1)
     store.admit(VID, 0, 1)
     store.write(VID, 0, 0, b"1" * BLOCK_SIZE, seq=1)
-    reader, writer = await _authed(server)
+    reader, writer = await authed_raw(server)
     try:
         burst = (wire.encode(Frame(Op.REVERT, 10, VID, 0, 1, 1, seq=3, args={"to": 1}))
                  + wire.encode(Frame(Op.WRITE, 11, VID, 0, 2, 1, BLOCK_SIZE, BLOCK_SIZE,
@@ -83,7 +68,7 @@ async def test_audit16_setgen_fenced_during_its_flush_records_no_generation(serv
     store.admit(VID, 0, 1)
     store.write(VID, 0, 0, b"d" * BLOCK_SIZE, 1)
     reached, proceed, _ = hold_syncs(monkeypatch, replica_fds(store, VID, 0))
-    reader, writer = await _authed(server)
+    reader, writer = await authed_raw(server)
     try:
         await writer.send(Frame(Op.SETGEN, 20, VID, 0, 1, 7))
         assert await asyncio.to_thread(reached.wait, 10)

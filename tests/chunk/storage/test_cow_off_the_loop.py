@@ -25,18 +25,14 @@ from typing import AsyncIterator
 
 import pytest
 
-from chunk.storage import peer_auth
 from chunk.storage.extent_file import BLOCK_SIZE
-from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.replica_store import ReplicaStore
-from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Pipeline, Status
+from chunk.storage.wire import Frame, Op, Pipeline, Status
+from tests.chunk.storage.raw_peer import EXTENT, authed_raw, replica_server
 from tests.cluster import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"s" * 32
-CLUSTER = "cluster-1"
-EXTENT = 4 << 20
 VID = "vol-cow"
 
 
@@ -68,21 +64,12 @@ def _write(idx: int, off: int, data: bytes, seq: int) -> Frame:
 @contextlib.asynccontextmanager
 async def _served(tmp_path: Path) -> AsyncIterator[tuple[ReplicaStore, Pipeline]]:
     """A replica server over a store syncing as served (cow_sync on), and a peer connection."""
-    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT)
-    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=1.0)
-    await server.start()
-    try:
-        r, w = await asyncio.open_connection("127.0.0.1", server.port)
-        reader, writer = FrameReader(r), FrameWriter(w)
-        await asyncio.wait_for(peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "c"), 5)
-        pipe = Pipeline(reader, writer)
+    async with replica_server(tmp_path, cow_sync=True, auth_timeout=1.0) as (server, store):
+        pipe = Pipeline(*await authed_raw(server))
         try:
             yield store, pipe
         finally:
             await pipe.close()
-    finally:
-        await server.stop()
-        store.close()
 
 
 async def test_a_cow_write_leaves_the_loop_serving_other_requests(tmp_path: Path, monkeypatch):

@@ -20,15 +20,14 @@ from chunk.storage import peer_auth, wire
 from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.replica_store import ReplicaStore
-from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Pipeline, Status
+from chunk.storage.wire import Frame, FrameReader, Op, Pipeline, Status
 from tests.chunk.storage.worker_syncs import closes_of, hold_syncs, replica_fds
+from tests.chunk.storage import raw_peer
+from tests.chunk.storage.raw_peer import CLUSTER, EXTENT, SECRET, authed_raw, replica_server
 from tests.cluster import async_wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"s" * 32
-CLUSTER = "cluster-1"
-EXTENT = 4 << 20
 VID = "vol-1"
 
 
@@ -39,24 +38,14 @@ def _files(root: Path) -> list[str]:
 @pytest.fixture
 async def served(tmp_path: Path):
     """(server, store, disk dir, checksum hook calls)."""
-    disk = tmp_path / "disk"
-    store = ReplicaStore([(disk, None)], extent_size=EXTENT, cow_sync=False)
     bad: list[tuple[str, int, int]] = []
-    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=1.0,
-                           on_checksum_error=lambda v, i, b: bad.append((v, i, b)))
-    await server.start()
-    yield server, store, disk, bad
-    await server.stop()
-    store.close()
-
-
-async def _raw(server: ReplicaServer) -> tuple[FrameReader, FrameWriter]:
-    r, w = await asyncio.open_connection("127.0.0.1", server.port)
-    return FrameReader(r), FrameWriter(w)
+    async with replica_server(tmp_path, auth_timeout=1.0,
+                              on_checksum_error=lambda v, i, b: bad.append((v, i, b))) as (server, store):
+        yield server, store, tmp_path / "disk", bad
 
 
 async def _authed(server: ReplicaServer) -> Pipeline:
-    reader, writer = await _raw(server)
+    reader, writer = await raw_peer.raw(server)
     await asyncio.wait_for(
         peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "chunk-test"), 5)
     return Pipeline(reader, writer)
@@ -114,7 +103,7 @@ async def test_handshake_then_requests(served):
 async def test_wrong_secret_is_denied_and_touches_nothing(served):
     server, store, disk, _ = served
     before = _files(disk)
-    reader, writer = await _raw(server)
+    reader, writer = await raw_peer.raw(server)
     await writer.send(Frame(Op.HELLO, 1, args={"cluster": CLUSTER, "chunk_id": "evil",
                                                "nonce": peer_auth.new_nonce()}))
     first = await asyncio.wait_for(reader.read(), 5)
@@ -131,7 +120,7 @@ async def test_wrong_secret_is_denied_and_touches_nothing(served):
     assert server.auth_failures == 1
 
     # a client holding a different secret gives up on the server's proof itself
-    reader, writer = await _raw(server)
+    reader, writer = await raw_peer.raw(server)
     with pytest.raises(peer_auth.AuthError):
         await asyncio.wait_for(peer_auth.client_handshake(reader, writer, b"x" * 32, CLUSTER, "c"), 5)
     await writer.close()
@@ -146,7 +135,7 @@ async def test_wrong_secret_is_denied_and_touches_nothing(served):
 async def test_first_frame_must_be_hello(served, first: Frame):
     server, store, disk, _ = served
     before = _files(disk)
-    reader, writer = await _raw(server)
+    reader, writer = await raw_peer.raw(server)
     await writer.send(first)
     assert await asyncio.wait_for(reader.read(), 5) is None        # closed without an answer
     await writer.close()
@@ -162,7 +151,7 @@ async def test_garbage_closes_the_connection(served, junk: bytes):
     server, store, disk, _ = served
     before = _files(disk)
     # before authentication
-    reader, writer = await _raw(server)
+    reader, writer = await raw_peer.raw(server)
     writer._writer.write(junk)
     assert await _closed(reader)
     await writer.close()
@@ -203,7 +192,7 @@ async def test_an_older_peer_is_told_the_wire_version_in_its_own_format(served):
 
 async def test_silent_client_is_cut_off_by_the_auth_timeout(served):
     server, *_ = served
-    reader, writer = await _raw(server)
+    reader, writer = await raw_peer.raw(server)
     loop = asyncio.get_running_loop()
     start = loop.time()
     assert await asyncio.wait_for(reader.read(), 5) is None
@@ -252,7 +241,7 @@ async def test_replies_overtake_a_slow_flush(served):
     """FLUSH syncs in a thread; a PING sent after it in the same segment is answered first."""
     server, store, _, _ = served
     store.create(VID, 0, 1)
-    reader, writer = await _raw(server)
+    reader, writer = await raw_peer.raw(server)
     await peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "c")
     burst = (wire.encode(Frame(Op.FLUSH, 10, VID, 0, 1))
              + wire.encode(Frame(Op.PING, 11))
@@ -370,18 +359,12 @@ async def test_export_import_revert_unmap(served, tmp_path: Path):
 
 # -- the WRITE fast path (plain writes: data, a volume, no args) ------------------------------
 
-async def _authed_raw(server: ReplicaServer) -> tuple[FrameReader, FrameWriter]:
-    reader, writer = await _raw(server)
-    await asyncio.wait_for(peer_auth.client_handshake(reader, writer, SECRET, CLUSTER, "c"), 5)
-    return reader, writer
-
-
 async def test_fast_and_general_write_replies_are_byte_identical(served):
     """A plain WRITE (fast path) and a FUA one (general path, synced in a thread) are answered
     with exactly the bytes ``encode(frame.reply())`` gives, in one segment."""
     server, store, _, _ = served
     store.create("vol-ü", 2, 1)
-    reader, writer = await _authed_raw(server)
+    reader, writer = await authed_raw(server)
     plain = Frame(Op.WRITE, 2**40, "vol-ü", 2, 3, 9, 4096, BLOCK_SIZE, b"p" * BLOCK_SIZE, seq=7)
     zero_length = Frame(Op.WRITE, 41, "vol-ü", 2, 3, 0, 8192, 0, b"q" * 100, seq=7)
     fua = Frame(Op.WRITE, 42, "vol-ü", 2, 3, 9, 0, BLOCK_SIZE, b"f" * BLOCK_SIZE, seq=7,
@@ -432,7 +415,7 @@ async def test_a_plain_write_with_a_volume_that_is_not_utf8_closes_the_connectio
     server, store, disk, _ = served
     store.create(VID, 0, 1)
     before = _files(disk)
-    reader, writer = await _authed_raw(server)
+    reader, writer = await authed_raw(server)
     ok = wire.encode(_write(0, b"k" * BLOCK_SIZE))
     head = struct.pack(">BBBBQQQQQQQHI", wire.VERSION, Op.WRITE, 0xFF, 1, 9, 0, 1, 1, 0, 4, 1,
                        2, 0)
@@ -450,7 +433,7 @@ async def test_requests_pipelined_behind_the_hello_are_served(served):
     """Frames that arrive with the HELLO proof were read ahead by the handshake."""
     server, store, _, _ = served
     store.create(VID, 0, 1)
-    reader, writer = await _raw(server)
+    reader, writer = await raw_peer.raw(server)
     nonce_c = peer_auth.new_nonce()
     await writer.send(Frame(Op.HELLO, 1, args={"cluster": CLUSTER, "chunk_id": "c",
                                                "nonce": nonce_c}))
@@ -483,7 +466,7 @@ async def test_max_inflight_syncs_pause_the_connection_then_it_goes_on(narrow):
     """FUA writes between plain ones, in one segment, with room for two syncs: the reader
     waits for syncs and resumes where it stopped; every write lands in order."""
     server, store = narrow
-    reader, writer = await _authed_raw(server)
+    reader, writer = await authed_raw(server)
     frames, last = [], {}
     for i in range(60):
         block = i % 7
@@ -506,7 +489,7 @@ async def test_frames_cut_anywhere_by_the_socket_are_served(served):
     segments: every frame is put together and answered once."""
     server, store, _, _ = served
     store.create(VID, 0, 1)
-    reader, writer = await _authed_raw(server)
+    reader, writer = await authed_raw(server)
     big = os.urandom(wire.MAX_DATA)
     frames = [Frame(Op.WRITE, 1, VID, 0, 1, 1, 0, BLOCK_SIZE, b"a" * BLOCK_SIZE, seq=1),
               Frame(Op.PING, 2),
@@ -531,7 +514,7 @@ async def test_frames_cut_anywhere_by_the_socket_are_served(served):
 async def test_a_clean_end_of_stream_answers_pending_syncs_first(served):
     server, store, _, _ = served
     store.create(VID, 0, 1)
-    reader, writer = await _authed_raw(server)
+    reader, writer = await authed_raw(server)
     writer.write_bytes(wire.encode(Frame(Op.WRITE, 1, VID, 0, 1, 1, 0, 4, b"abcd", seq=1))
                        + wire.encode(Frame(Op.FLUSH, 2, VID, 0, 1)))
     writer._writer.write_eof()
@@ -545,7 +528,7 @@ async def test_a_clean_end_of_stream_answers_pending_syncs_first(served):
 async def test_a_stream_ending_inside_a_frame_is_dropped_after_the_complete_ones(served):
     server, store, _, _ = served
     store.create(VID, 0, 1)
-    reader, writer = await _authed_raw(server)
+    reader, writer = await authed_raw(server)
     cut = wire.encode(Frame(Op.WRITE, 2, VID, 0, 1, 1, 0, 4, b"efgh", seq=1))[:-2]
     writer.write_bytes(wire.encode(Frame(Op.WRITE, 1, VID, 0, 1, 1, 0, 4, b"abcd", seq=1)) + cut)
     writer._writer.write_eof()
@@ -558,7 +541,7 @@ async def test_a_stream_ending_inside_a_frame_is_dropped_after_the_complete_ones
 async def test_a_peer_that_vanishes_mid_stream_is_cleaned_up(served):
     server, store, _, _ = served
     store.create(VID, 0, 1)
-    reader, writer = await _authed_raw(server)
+    reader, writer = await authed_raw(server)
     # half a frame, then a reset
     writer.write_bytes(wire.encode(Frame(Op.WRITE, 1, VID, 0, 1, 1, 0, BLOCK_SIZE,
                                          b"r" * BLOCK_SIZE, seq=1))[:1000])
@@ -616,7 +599,7 @@ async def test_a_big_frame_before_authentication_closes_the_connection(served):
     """Before the secret is proved a frame is at most a few KiB: a stranger's 1 MiB HELLO is
     refused unread, not decoded."""
     server, store, disk, _ = served
-    reader, writer = await _raw(server)
+    reader, writer = await raw_peer.raw(server)
     await writer.send(Frame(Op.HELLO, 1, args={"cluster": CLUSTER, "chunk_id": "x",
                                                "nonce": b"n" * 32, "pad": b"p" * (60 << 10)}))
     loop = asyncio.get_running_loop()
@@ -637,9 +620,9 @@ async def test_handshakes_running_at_once_are_bounded(served, monkeypatch):
     from chunk.storage import replica_server
     monkeypatch.setattr(replica_server, "MAX_UNAUTHENTICATED", 3)
     server, *_ = served
-    idle = [await _raw(server) for _ in range(3)]
+    idle = [await raw_peer.raw(server) for _ in range(3)]
     await async_wait_for(lambda: server._authenticating == 3, 5, "3 handshakes running")
-    reader, writer = await _raw(server)
+    reader, writer = await raw_peer.raw(server)
     loop = asyncio.get_running_loop()
     start = loop.time()
     assert await _closed(idle[0][0]) and loop.time() - start < 0.5   # not the 1 s auth timeout
@@ -814,7 +797,7 @@ async def test_write_replies_leave_every_flush_every_frames(served, monkeypatch)
             sizes.append(len(conn.queue))
         real(conn)
     monkeypatch.setattr(rs._Conn, "flush", counting)
-    reader, writer = await _authed_raw(server)
+    reader, writer = await authed_raw(server)
     sizes.clear()                                   # the handshake's own reply
     writer.write_bytes(b"".join(wire.encode(Frame(Op.WRITE, k + 1, VID, 0, 1, 1, k * BLOCK_SIZE,
                                                   BLOCK_SIZE, bytes([k]) * BLOCK_SIZE, seq=1))

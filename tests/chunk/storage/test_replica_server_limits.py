@@ -12,26 +12,19 @@ import pytest
 
 from chunk.storage import peer_auth, wire
 from chunk.storage.replica_server import ReplicaServer
-from chunk.storage.replica_store import ReplicaStore
 from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Status
+from tests.chunk.storage.raw_peer import CLUSTER, SECRET, replica_server
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"s" * 32
-CLUSTER = "cluster-1"
-EXTENT = 4 << 20
 VID = "vol-1"
 
 
 @pytest.fixture
 async def served(tmp_path: Path):
-    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT, cow_sync=False)
-    store.create(VID, 0, 1)
-    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=5.0)
-    await server.start()
-    yield server, store
-    await asyncio.wait_for(server.stop(), 10)
-    store.close()
+    async with replica_server(tmp_path, auth_timeout=5.0, stop_within=10) as (server, store):
+        store.create(VID, 0, 1)
+        yield server, store
 
 
 async def _connect(port: int, source: str = "127.0.0.1", rcvbuf: int | None = None):
@@ -121,13 +114,9 @@ async def test_a_4k_write_right_behind_the_proof_is_served(served):
 @pytest.fixture
 async def patient(tmp_path: Path):
     """A server whose timeouts do not end idle handshakes during a test."""
-    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT, cow_sync=False)
-    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=30.0)
-    server.hello_timeout = 30.0     # (set, not passed: the old code ran these tests too)
-    await server.start()
-    yield server
-    await asyncio.wait_for(server.stop(), 10)
-    store.close()
+    async with replica_server(tmp_path, auth_timeout=30.0, stop_within=10) as (server, _):
+        server.hello_timeout = 30.0     # (set, not passed: the old code ran these tests too)
+        yield server
 
 
 async def _ping_as_a_peer(server: ReplicaServer) -> float:
@@ -191,11 +180,8 @@ async def test_a_full_handshake_table_drops_its_oldest_entry_for_a_newcomer(pati
 async def test_a_socket_that_sends_no_hello_is_closed_after_the_hello_deadline(tmp_path):
     """The first HELLO is due within hello_timeout, not the whole auth_timeout; a peer that
     sent it in time has the rest of auth_timeout for its proof."""
-    store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT, cow_sync=False)
-    server = ReplicaServer(store, SECRET, CLUSTER, "127.0.0.1", 0, auth_timeout=30.0)
-    server.hello_timeout = 0.5
-    await server.start()
-    try:
+    async with replica_server(tmp_path, auth_timeout=30.0, stop_within=10) as (server, _):
+        server.hello_timeout = 0.5
         loop = asyncio.get_running_loop()
         idle = await _idle(server, ["127.0.0.3"] * 3)
         reader, writer, proof = await _up_to_proof(server)
@@ -212,9 +198,6 @@ async def test_a_socket_that_sends_no_hello_is_closed_after_the_hello_deadline(t
         writer.abort()
         for _, w in idle:
             w.abort()
-    finally:
-        await asyncio.wait_for(server.stop(), 10)
-        store.close()
 
 
 # -- 3. hostile args before authentication ---------------------------------------------------

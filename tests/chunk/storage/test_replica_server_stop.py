@@ -14,12 +14,10 @@ import pytest
 from chunk.storage.replica_client import ReplicaClient
 from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.replica_store import ReplicaStore
+from tests.chunk.storage.raw_peer import CLUSTER, EXTENT, SECRET
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"s" * 32
-CLUSTER = "cluster-1"
-EXTENT = 4 << 20
 VID = "vol-1"
 
 
