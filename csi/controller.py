@@ -61,12 +61,21 @@ def size_for(cr: pb.CapacityRange | None, floor: int = 0) -> int:
                         f"limit_bytes {limit} is below the smallest volume (1 MiB)")
     else:
         size = round_up(max(required, floor))
+    check_range(size, required, limit, floor)
+    return size
+
+
+def check_range(size: int, required: int, limit: int, floor: int = 0) -> None:
+    """OUT_OF_RANGE (the spec's "Unsupported capacity_range") unless ``size``, the whole MiB
+    a range asks for, is within limit_bytes and the largest volume we make; the message says
+    which bound it broke. Create and expand share it, so they round and refuse alike."""
     if limit and size > limit:
+        why = "a clone is at least its snapshot's size" if floor > required else "sizes are whole MiB"
         raise Abort(grpc.StatusCode.OUT_OF_RANGE,
-                    f"volumes are sized in whole MiB: {size} bytes needed, limit_bytes is {limit}")
+                    f"required_bytes {required} is over limit_bytes {limit}" if required > limit else
+                    f"{size} bytes needed ({why}), limit_bytes is {limit}")
     if size > MAX_VOLUME_SIZE:
         raise Abort(grpc.StatusCode.OUT_OF_RANGE, f"{size} bytes is over the maximum {MAX_VOLUME_SIZE}")
-    return size
 
 
 def expand_size(cr: pb.CapacityRange) -> int | None:
@@ -81,12 +90,7 @@ def expand_size(cr: pb.CapacityRange) -> int | None:
     if required == 0:
         return None
     size = round_up(required)
-    if limit and size > limit:
-        raise Abort(grpc.StatusCode.OUT_OF_RANGE,
-                    f"volumes are sized in whole MiB: {size} bytes needed, limit_bytes is {limit}"
-                    if required <= limit else f"required_bytes {required} is over limit_bytes {limit}")
-    if size > MAX_VOLUME_SIZE:
-        raise Abort(grpc.StatusCode.OUT_OF_RANGE, f"{size} bytes is over the maximum {MAX_VOLUME_SIZE}")
+    check_range(size, required, limit)
     return size
 
 
@@ -407,10 +411,11 @@ class Controller(pbg.ControllerServicer):
         size = expand_size(request.capacity_range)
         vol = await self.volume(vid)
         if size is not None and vol["size"] < size:
-            vol = await self.meta.post(f"/volumes/{seg(vid)}/resize", {"size": size})
-        elif request.capacity_range.limit_bytes and vol["size"] > request.capacity_range.limit_bytes:
+            vol = await self._grow(vid, size)
+        limit = request.capacity_range.limit_bytes
+        if limit and vol["size"] > limit:
             raise Abort(grpc.StatusCode.OUT_OF_RANGE,
-                        f"volume is already {vol['size']} bytes, over limit_bytes; volumes do not shrink")
+                        f"volume is already {vol['size']} bytes, over limit_bytes {limit}; volumes do not shrink")
         # Always ask for NodeExpandVolume. A filesystem must grow on the node; a raw block
         # device too needs the node's rescan: Linux does not re-read the capacity on the
         # CAPACITY DATA HAS CHANGED unit attention, so without it the pod keeps the old size.
@@ -418,6 +423,19 @@ class Controller(pbg.ControllerServicer):
         # mount itself (from what it staged), so True is right for either, and False would
         # leave one of them at the old size.
         return pb.ControllerExpandVolumeResponse(capacity_bytes=vol["size"], node_expansion_required=True)
+
+    async def _grow(self, vid: str, size: int) -> dict[str, Any]:
+        """The volume resized to ``size``, or as it is when something else (another expand,
+        the CLI) grew it past ``size`` since we read it: the meta refuses that resize as a
+        shrink (INVALID_ARGUMENT), but the spec answers a volume already at least the size
+        asked with OK; the caller then checks it against limit_bytes."""
+        try:
+            return await self.meta.post(f"/volumes/{seg(vid)}/resize", {"size": size})
+        except errors.InvalidArgument:
+            vol = await self.volume(vid)
+            if vol["size"] < size:
+                raise
+            return vol
 
     # -- snapshots ---------------------------------------------------------------
 
