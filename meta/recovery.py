@@ -36,6 +36,15 @@ count they are pruned, and the old copies can be reclaimed. A resync that keeps
 failing forgets its stale target only when the error was the target's own, not a
 source's.
 
+A task whose record has not changed for ``stall_timeout`` (nothing claimed it, reported
+progress or an error: an executor's runner that ended or hangs, an assignment it never
+saw) is placed again the same way, measured on the leader's own monotonic clock from
+when it first saw the record's current revision. A running copy rewrites its record
+(``report_progress``) after each range it copies, at most once a second: the timeout is
+far above that gap (``STALL_TIMEOUT``). A pending task whose executor has a running task
+that changed within the timeout is only queued behind it (an executor runs two copies at
+once), and waits.
+
 Each task is run by the volume's live owner (the coordinator: it must order
 the copy with its own writes), else by the target, which then acquires
 ownership. Tasks whose extent or volume is gone, that are no longer needed,
@@ -58,7 +67,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from zstore.errors import InsufficientResources, Unavailable
 from zstore.etcd import get_prefix_paged
@@ -79,6 +88,11 @@ FAILING_PASSES = 3       # a rebuild failing this many passes in a row is replan
 REPLANNED_BACK = 60.0    # seconds such an extent queues behind the degraded ones not failing
 LOAD_WAIT = 10.0         # a pass waits this long for the extent view's listing, then gives up
 OWN_WRITES_WAIT = 5.0    # ... and this long for the view to show its own writes, then reads them
+# A task whose record has not changed this long is placed again. Far above the gap between a
+# copy's progress writes: one per range copied (1 MiB in a full copy, a run of dirty blocks in
+# a resync, each throttled to chunk.recovery_rate), at most one a second. A 64 MiB run keeps
+# under it down to a rate of ~0.11 MiB/s (the default is 64).
+STALL_TIMEOUT = 600.0
 
 OK, WAITING, GONE = "ok", "waiting", "gone"
 
@@ -199,6 +213,8 @@ class Recovery:
     grace: float = 600.0
     concurrency: int = 4
     period: float = PERIOD
+    stall_timeout: float = STALL_TIMEOUT  # <= 0: tasks are never placed again for it
+    clock: Callable[[], float] = time.monotonic   # the stall timer's (not the wall clock: it jumps)
     _warned: set[tuple[str, int]] = field(default_factory=set)
     _failing: dict[tuple[str, int], int] = field(default_factory=dict)
     # Extents whose task was replanned for failing, and when: for REPLANNED_BACK they queue
@@ -206,6 +222,8 @@ class Recovery:
     # would be planned again first at once, pass after pass, and keep the slots from them.
     _replanned: dict[tuple[str, int], float] = field(default_factory=dict)
     _stuck_crowded: int = 0              # crowded extents with no domain to move to, as last logged
+    # Each task's record as last seen: its mod revision and when (``clock``) that was first seen.
+    _seen: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
     view: ExtentView | None = None       # while ``following``; else each pass reads etcd
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -322,6 +340,8 @@ class Recovery:
 
     async def _tidy(self, w: World, now: float, done: dict[str, Any]) -> None:
         ctx = self.ctx
+        clock = self.clock()
+        busy = self._note_revisions(w, clock)
         for (vid, index), (task, rev) in list(w.tasks.items()):
             key = ctx.keys.recovery_task(vid, index)
             vol = w.volumes.get(vid)
@@ -349,6 +369,10 @@ class Recovery:
                 # replica. Not when a source failed: the stale copy is as good as before.
                 forget = (task.kind == "resync" and task.target in ext[0].stale
                           and target_failed(task))
+            elif (idle := self._stalled((vid, index), task, clock, busy)) is not None:
+                why = (f"its record has not changed for {idle:.0f}s ({task.state}, {task.done_bytes} "
+                       f"of {task.total_bytes} bytes copied, run by {task.executor}); placing it again")
+                self._replanned[(vid, index)] = now
             if why:
                 # The reason holds only for the extent as seen (gone, or this record): a view
                 # lagging behind a change fails the txn instead.
@@ -374,6 +398,33 @@ class Recovery:
                 if await ctx.txn([ctx.unchanged(key, rev)], [ctx.put(key, task)]):
                     log.info("recovery task %s/%d handed from %s to %s", vid, index, old, want)
                     done["reassigned"].append((vid, index, want))
+
+    def _note_revisions(self, w: World, clock: float) -> set[str]:
+        """Remember when each task's current record was first seen (forget tasks gone).
+        Returns the executors with a running task whose record changed within the stall
+        timeout: they are copying, and their pending tasks wait for a slot, not stalled."""
+        seen = {}
+        for key, (task, rev) in w.tasks.items():
+            was = self._seen.get(key)
+            seen[key] = was if was is not None and was[0] == rev else (rev, clock)
+        self._seen = seen
+        return {task.executor for key, (task, _) in w.tasks.items()
+                if task.state == "running" and clock - seen[key][1] < self.stall_timeout}
+
+    def _stalled(self, key: tuple[str, int], task: RecoveryTask, clock: float,
+                 busy: set[str]) -> float | None:
+        """Seconds the task's record has not changed, if that is past the stall timeout and it
+        is not a pending task queued behind its executor's running copies; else None.
+
+        Nothing else notices such a task: it has no error for ``_keeps_failing`` to count, and
+        it holds the extent under-replicated and a slot. A copy in progress rewrites its record
+        far more often (see STALL_TIMEOUT)."""
+        if self.stall_timeout <= 0:
+            return None
+        idle = clock - self._seen[key][1]
+        if idle < self.stall_timeout or (task.state != "running" and task.executor in busy):
+            return None
+        return idle
 
     def _keeps_failing(self, vid: str, index: int, task: RecoveryTask) -> bool:
         """Count passes that see the task with an error; a success (no error) resets."""
