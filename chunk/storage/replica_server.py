@@ -673,15 +673,10 @@ class ReplicaServer:
             if gen < current:                   # refused before a long flush, for nothing
                 raise StaleGeneration(vid, idx, gen, current)
 
-            # The flush (in a worker) is an await: a newer owner admitted meanwhile fenced this
-            # one, so the epoch is admitted again after it, and the generation recorded with no
-            # await in between (``set_generation_async`` records it right after its own flush,
-            # unfenced: a deposed owner's SETGEN was answered OK and written to the header).
-            async def setgen() -> None:
-                await st.flush_async(vid, idx)
-                st.admit(vid, idx, epoch)
-                st._record_generation(st._get(vid, idx), gen)   # noqa: SLF001 - checks it again
-            return setgen
+            # Flushed, then the epoch admitted again right before the generation is recorded:
+            # a newer owner admitted during the flush fenced this one (see the store's
+            # ``set_generation_at_epoch_async``).
+            return lambda: st.set_generation_at_epoch_async(vid, idx, gen, epoch)
         if f.op is Op.STAT:
             return f.reply(Status.OK, args=dict(st.stat(vid, idx)))
         raise ValueError(f"op {f.op.name} is not served here")

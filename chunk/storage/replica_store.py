@@ -1195,6 +1195,18 @@ class ReplicaStore:
         await self._durable_async(rep)
         self._record_generation(rep, generation)
 
+    async def set_generation_at_epoch_async(self, vid: str, idx: int, generation: int,
+                                            epoch: int) -> None:
+        """SETGEN of the owner at ``epoch`` (the replica server): the extent flushed in a
+        worker (``flush_async``), then ``epoch`` admitted again and the generation recorded
+        with no await in between. The flush is an await: a newer owner admitted meanwhile
+        fenced this one, whose generation must not reach the header (``set_generation_async``
+        records it unfenced). The extent is looked up and the generation checked again after
+        the flush: it may be gone, or a SETGEN may have raised it since."""
+        await self.flush_async(vid, idx)
+        self.admit(vid, idx, epoch)
+        self._record_generation(self._get(vid, idx), generation)
+
     @staticmethod
     def _check_generation(rep: _Replica, generation: int) -> None:
         h = rep.ext.header
