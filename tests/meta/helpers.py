@@ -39,6 +39,13 @@ def make_ctx(etcd_client, etcd_config, **kw) -> Ctx:
     return Ctx(etcd=etcd_client, keys=Keys(etcd_config.prefix), **kw)
 
 
+async def register_zones(ctx: Ctx, zones: dict[str, str]) -> Ctx:
+    """Register a chunk server per entry of ``zones`` (chunk id -> its "zone" label)."""
+    for cid, zone in zones.items():
+        await register_chunk(ctx, cid, labels={"zone": zone})
+    return ctx
+
+
 async def own(ctx, vid, chunk_id, epoch=1, released=False):
     await ctx.etcd.put(ctx.keys.owner(vid), VolumeOwner(volume_id=vid, chunk_id=chunk_id, epoch=epoch,
                                                         released=released).encode())

@@ -6,7 +6,7 @@ import pytest
 
 from meta import volumes
 from meta.recovery import FAILING_PASSES, Recovery
-from tests.meta.helpers import chunk_down, make_ctx, register_chunk
+from tests.meta.helpers import chunk_down, make_ctx, register_zones
 from zstore.records import ExtentRecord, RecoveryTask
 
 GRACE = 60.0
@@ -15,10 +15,7 @@ ZONES = {"c0": "a", "c1": "b", "c2": "c", "c3": "d", "c4": "e"}
 
 @pytest.fixture
 async def ctx(etcd_client, etcd_config):
-    c = make_ctx(etcd_client, etcd_config)
-    for cid, zone in ZONES.items():
-        await register_chunk(c, cid, labels={"zone": zone})
-    return c
+    return await register_zones(make_ctx(etcd_client, etcd_config), ZONES)
 
 
 async def extent_on(ctx, name, replicas):

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from meta import chunks, extents, volumes
-from tests.meta.helpers import make_ctx, register_chunk
+from tests.meta.helpers import make_ctx, register_chunk, register_zones
 from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound
 from zstore.records import ExtentRecord, RecoveryTask, VolumeOwner
 
@@ -15,10 +15,7 @@ ZONES = {"c0": "a", "c1": "a", "c2": "b", "c3": "c", "c4": "c"}
 
 @pytest.fixture
 async def ctx(etcd_client, etcd_config):
-    c = make_ctx(etcd_client, etcd_config)
-    for cid, zone in ZONES.items():
-        await register_chunk(c, cid, labels={"zone": zone})
-    return c
+    return await register_zones(make_ctx(etcd_client, etcd_config), ZONES)
 
 
 async def kill(ctx, cid):

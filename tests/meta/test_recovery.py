@@ -6,7 +6,7 @@ import pytest
 
 from meta import chunks, extents, recovery, volumes
 from meta.recovery import Recovery
-from tests.meta.helpers import chunk_down as down, make_ctx, register_chunk
+from tests.meta.helpers import chunk_down as down, make_ctx, register_chunk, register_zones
 from zstore.records import ExtentRecord, RecoveryTask, VolumeOwner
 
 GRACE = 60.0
@@ -15,10 +15,7 @@ ZONES = {"c0": "a", "c1": "b", "c2": "c", "c3": "d", "c4": "a"}
 
 @pytest.fixture
 async def ctx(etcd_client, etcd_config):
-    c = make_ctx(etcd_client, etcd_config)
-    for cid, zone in ZONES.items():
-        await register_chunk(c, cid, labels={"zone": zone})
-    return c
+    return await register_zones(make_ctx(etcd_client, etcd_config), ZONES)
 
 
 

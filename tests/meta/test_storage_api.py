@@ -11,7 +11,7 @@ import pytest
 
 from meta.context import Ctx
 from tests.cluster import Cluster, async_wait_for, cluster
-from tests.meta.helpers import Executor, own, register_chunk
+from tests.meta.helpers import Executor, own, register_chunk, register_zones
 from zstore.keys import Keys
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,7 @@ async def env(tmp_path, etcd_server, etcd_client, monkeypatch):
     monkeypatch.setenv("ZSTORE_META_RECOVERY_GRACE", "1")
     with cluster(tmp_path, etcd_server, metas=1) as c:
         ctx = Ctx(etcd=etcd_client, keys=Keys(c.prefix))
-        for cid, zone in ZONES.items():
-            await register_chunk(ctx, cid, labels={"zone": zone})
+        await register_zones(ctx, ZONES)
         await async_wait_for(lambda: c.api("GET", "/meta/leader")[0] == 200, 20, "a leader")
         try:
             yield c, ctx
