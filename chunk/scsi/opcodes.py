@@ -28,6 +28,8 @@ SYNCHRONIZE_CACHE_10 = 0x35
 WRITE_SAME_10 = 0x41
 UNMAP = 0x42
 MODE_SELECT_10 = 0x55
+RESERVE_10 = 0x56
+RELEASE_10 = 0x57
 MODE_SENSE_10 = 0x5A
 PERSISTENT_RESERVE_IN = 0x5E
 PERSISTENT_RESERVE_OUT = 0x5F
@@ -65,6 +67,7 @@ _VRF12 = [0xF6, *_FF4, *_FF4, 0x00, 0x00]
 _VRF16 = [0xF6, *_FF8, *_FF4, 0x00, 0x00]
 _IMM10 = [0x02, *_FF4, 0x00, 0xFF, 0xFF, 0x00]
 _IMM16 = [0x02, *_FF8, *_FF4, 0x00, 0x00]
+_SPC2_10 = [0x12, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]
 
 # (opcode, service action or None) -> CDB usage data without the opcode byte
 SUPPORTED: dict[tuple[int, int | None], list[int]] = {
@@ -89,6 +92,9 @@ SUPPORTED: dict[tuple[int, int | None], list[int]] = {
     (WRITE_SAME_10, None): _RW10,
     (UNMAP, None): [0x01, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
     (MODE_SELECT_10, None): [0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
+    # SPC-2 7.21/7.23: 3RDPTY and LONGID, and PARAMETER LIST LENGTH, checked (to refuse them)
+    (RESERVE_10, None): _SPC2_10,
+    (RELEASE_10, None): _SPC2_10,
     (MODE_SENSE_10, None): [0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0],
     (PERSISTENT_RESERVE_IN, None): [0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
     (PERSISTENT_RESERVE_OUT, None): [0x1F, 0xFF, 0, 0, *_FF4, 0],

@@ -84,6 +84,27 @@ def transport_id(initiator: str) -> bytes:
     return bytes((fmt | 0x05, 0)) + struct.pack(">H", len(name)) + name
 
 
+_THIRD_PARTY, _LONGID = 0x10, 0x02      # RESERVE(10)/RELEASE(10) CDB byte 1
+
+
+def check_spc2_10_cdb(cdb: bytes) -> None:
+    """Refuse what RESERVE(10)/RELEASE(10) add to RESERVE(6)/RELEASE(6) (SPC-2 7.21, 7.23):
+    ILLEGAL REQUEST, INVALID FIELD IN CDB, pointing at the field.
+
+    3RDPTY asks for a reservation held for another SCSI device; taking it for the sender
+    instead (as LIO does) would give the LU to the wrong host. LONGID puts that device's
+    ID in an 8-byte parameter list, the only thing a parameter list carries here, so a
+    nonzero PARAMETER LIST LENGTH is refused too and nothing is ever transferred."""
+    if len(cdb) < 10:
+        raise invalid_field_in_cdb(0)
+    if cdb[1] & _THIRD_PARTY:
+        raise invalid_field_in_cdb(1, 4)
+    if cdb[1] & _LONGID:
+        raise invalid_field_in_cdb(1, 1)
+    if cdb[7] or cdb[8]:
+        raise invalid_field_in_cdb(7)
+
+
 class ReservationState:
     """In-memory reservation state of one logical unit."""
 
@@ -121,7 +142,9 @@ class ReservationState:
             return False
         return not (self.type in _REGISTRANTS_ACCESS and n in self.registrations)
 
-    # -- SPC-2 RESERVE(6) / RELEASE(6) --------------------------------------------
+    # -- SPC-2 RESERVE(6) / RELEASE(6), and RESERVE(10) / RELEASE(10) -----------------
+    #
+    # The 10-byte forms act on the same reservation (see ``check_spc2_10_cdb``).
     #
     # While any I_T nexus is registered, SPC-2 5.5.1 has every RESERVE and every RELEASE
     # conflict, from whichever nexus. SPC-3 5.6.3 (CRH=1, reported by REPORT CAPABILITIES)
@@ -335,4 +358,4 @@ class ReservationState:
         self.holder, self.type = None, 0
 
 
-__all__ = ["Access", "PrType", "ReservationState", "Registration", "transport_id"]
+__all__ = ["Access", "PrType", "ReservationState", "Registration", "check_spc2_10_cdb", "transport_id"]

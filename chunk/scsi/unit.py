@@ -43,7 +43,7 @@ from .inquiry import BlockLimits, LunIdentity
 from .luns import report_luns_command
 from .nexus import Nexus
 from .reservations import (CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER_AND_MOVE, RESERVE, Access,
-                           ReservationState)
+                           ReservationState, check_spc2_10_cdb)
 from .sense import (ASC_BUS_DEVICE_RESET, ASC_CAPACITY_CHANGED, ASC_MODE_PARAMS_CHANGED,
                     ASC_NO_ADDITIONAL, ASC_POWER_ON_RESET, ASC_SPACE_ALLOC_FAILED_WP,
                     ASC_UNRECOVERED_READ, ASC_WRITE_ERROR, CHECK_CONDITION, DATA_PROTECT,
@@ -186,6 +186,8 @@ class LogicalUnit:
             (op.PERSISTENT_RESERVE_OUT, self._prout, A.PERSISTENT),
             (op.RESERVE_6, self._reserve, A.ALWAYS),
             (op.RELEASE_6, self._release, A.ALWAYS),
+            (op.RESERVE_10, self._reserve10, A.ALWAYS),
+            (op.RELEASE_10, self._release10, A.ALWAYS),
             (op.MAINTENANCE_IN, self._maintenance_in, A.ALWAYS),
             (op.REPORT_LUNS, self._report_luns, A.ALWAYS),
         ):
@@ -863,6 +865,16 @@ class LogicalUnit:
     async def _release(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
         await self.reservations.spc2_release(nexus)
         return None
+
+    async def _reserve10(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
+        """RESERVE(10): RESERVE(6) on the same reservation, third-party forms refused."""
+        check_spc2_10_cdb(cdb)
+        return await self._reserve(cdb, data_out, exp, nexus)
+
+    async def _release10(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
+        """RELEASE(10): RELEASE(6) on the same reservation, third-party forms refused."""
+        check_spc2_10_cdb(cdb)
+        return await self._release(cdb, data_out, exp, nexus)
 
     async def _report_luns(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
         need(cdb, 12)
