@@ -194,6 +194,8 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
     host, port = split_hostport(cfg.meta.listen)
     if cfg.meta.recovery_grace < 0 or cfg.meta.recovery_concurrency < 1:
         raise zconfig.ConfigError("meta.recovery_grace must be >= 0 and meta.recovery_concurrency >= 1")
+    if cfg.meta.recovery_stall_timeout < 0:
+        raise zconfig.ConfigError("meta.recovery_stall_timeout must be >= 0 (0: never)")
     placement.configure(cfg.meta)          # meta.allow_shared_failure_domain
     ssl_ctx = None
     if cfg.meta.tls_cert_file or cfg.meta.tls_key_file:
@@ -227,7 +229,8 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
         if leading:
             leader_stop = asyncio.Event()
             leader_tasks["liveness"] = asyncio.ensure_future(liveness.follow(ctx, leader_stop))
-            rec = Recovery(ctx, grace=cfg.meta.recovery_grace, concurrency=cfg.meta.recovery_concurrency)
+            rec = Recovery(ctx, grace=cfg.meta.recovery_grace, concurrency=cfg.meta.recovery_concurrency,
+                           stall_timeout=cfg.meta.recovery_stall_timeout)
             leader_tasks["recovery"] = asyncio.ensure_future(rec.run(leader_stop))
             leader_tasks["gc"] = asyncio.ensure_future(volumes.collect_garbage_every(ctx, leader_stop))
 
