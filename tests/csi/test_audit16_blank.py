@@ -16,6 +16,7 @@ import pytest
 from csi.host import Host
 from csi.node import probe_device
 from csi.status import Abort
+from tests.csi.node_setup import look_at_mkfs
 from tests.csi.test_node_stage import mount_calls, stage_req
 from tests.csi.test_node_staging_safety import _node
 from tests.csi.test_node_unit import CTX, AbortCtx
@@ -48,14 +49,7 @@ async def test_audit16_mkfs_is_recorded_before_it_runs_and_cleared_once_mounted(
     st = tmp_path / "st"
     node, host, dev = _node(tmp_path, monkeypatch)
     host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
-    seen = []
-    run = host.run
-
-    async def spy(argv, ok=(0,), input=None, secret=()):
-        if argv[0].startswith("mkfs"):
-            seen.append(node._mkfs_marked("v1", CTX["wwn"]))
-        return await run(argv, ok, input, secret)
-    host.run = spy
+    seen = look_at_mkfs(host, lambda: node._mkfs_marked("v1", CTX["wwn"]))
     await node.NodeStageVolume(stage_req(st), AbortCtx())
     assert seen == [True]
     assert "mkfs" not in node._load("v1") and not node._mkfs_marked("v1", CTX["wwn"])

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from csi.host import HostError
+from tests.csi.node_setup import look_at_mkfs
 from tests.csi.test_node_stage import mount_calls, stage_req
 from tests.csi.test_node_staging_safety import _fs_line, _node, _save, _unstage
 from tests.csi.test_node_unit import CTX, AbortCtx
@@ -116,14 +117,7 @@ async def test_the_mark_is_on_disk_while_mkfs_runs_and_goes_with_a_finished_mkfs
     st = tmp_path / "st"
     node, host, dev = _node(tmp_path, monkeypatch)
     host.answers[("blkid", "-p", "-o", "export", dev)] = (2, "")
-    seen = []
-    run = host.run
-
-    async def spy(argv, ok=(0,), input=None, secret=()):
-        if argv[0].startswith("mkfs"):
-            seen.append(_mark(tmp_path).read_text().strip())
-        return await run(argv, ok, input, secret)
-    host.run = spy
+    seen = look_at_mkfs(host, lambda: _mark(tmp_path).read_text().strip())
     await node.NodeStageVolume(stage_req(st), AbortCtx())
     assert seen == [CTX["wwn"]]
     assert not _mark(tmp_path).exists() and "mkfs" not in node._load("v1")
