@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -194,6 +195,63 @@ async def probe_device(host: Host, dev: str, read_timeout: float = 30.0, mkfs_cu
                     "data (plain dm-crypt, a raw volume's data); not formatting it. Use it as a raw "
                     "block volume, or zero its head (blkdiscard, dd) if it is not needed")
     return ""
+
+
+def _entries(path: str, shown: int = 3) -> str:
+    """A few of a directory's entries, for an error message."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISLNK, "a symlink"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a fifo"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return f"of file type {stat.S_IFMT(mode):o}"
+
+
+def remove_publish_target(target: str) -> None:
+    """Remove what NodePublish made at ``target``, once nothing is mounted there: an empty
+    directory (a filesystem publish) or an empty file (a raw block one, the disk's device node
+    was bound onto it). Gone already is done (the spec: idempotent).
+
+    Anything else is not ours to delete: a directory or file holding data (a pod that wrote
+    to the node's own disk while the target was not mounted, something put there by hand), a
+    symlink, a device node. It is left as it is, never removed recursively, and the call is
+    FAILED_PRECONDITION naming the path: the CO retries, and succeeds once someone cleared it.
+    Another failure to remove is INTERNAL with the path, not an UNKNOWN from a stray OSError."""
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    kept = f"{target} is not a mount point (nothing of the volume is published there)"
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(target)            # refuses a directory that is not empty, atomically
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            os.unlink(target)
+        elif stat.S_ISREG(st.st_mode):
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"{kept} but a file holding {st.st_size} bytes, not the empty one NodePublish "
+                        "makes: left as it is; remove it to unpublish")
+        else:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"{kept} but {_kind(st.st_mode)}, neither a directory nor a file NodePublish "
+                        "makes: left as it is; remove it to unpublish")
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                        f"{kept} but a directory holding {_entries(target)}: left as it is, never "
+                        "deleted with its contents; move them away to unpublish") from None
+        raise Abort(grpc.StatusCode.INTERNAL, f"cannot remove the publish target {target}: {e}") from None
 
 
 def mount_options(fs: str, flags: list[str] | tuple[str, ...], readonly: bool) -> list[str]:
@@ -835,13 +893,9 @@ class Node(pbg.NodeServicer):
                 if m.fstype == "devtmpfs" and m.root != "/":
                     disks.add(m.root.lstrip("/"))
                 await self.host.run(["umount", target])
-            p = Path(target)
-            if p.is_dir():
-                p.rmdir()
-            elif p.exists():
-                p.unlink()
             for name in disks:                  # the last readonly publish gone: writable again
                 await self._sync_ro(name)
+            remove_publish_target(target)
         return pb.NodeUnpublishVolumeResponse()
 
     @guard
