@@ -523,7 +523,7 @@ class IscsiTarget:
                        window=self.cfg.window, nop_interval=self.cfg.nop_interval,
                        nop_timeout=self.cfg.nop_timeout, on_close=lambda s: self._closed(key, s),
                        write_buffer_budget=self.cfg.write_buffer_budget,
-                       peers=self.sessions.values)
+                       peers=self.sessions.values, cid=r.cid)
         self.sessions[key] = sess
         self._by_target.setdefault(target_iqn, set()).add(key)
         self.tsihs.add(r.tsih)

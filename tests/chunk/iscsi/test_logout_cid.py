@@ -12,7 +12,9 @@ import pytest
 
 from chunk.iscsi import pdu as P
 from chunk.iscsi.constants import LogoutReason, LogoutResponseCode
+from tests.chunk.iscsi.raw_initiator import TUR, Initiator
 from tests.chunk.iscsi.test_session import Harness, params, read10
+from tests.chunk.iscsi.test_task_management import H1, TARGET, Served, served  # noqa: F401
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -70,3 +72,24 @@ async def test_remove_for_recovery_of_another_cid_is_still_recovery_not_supporte
         resp = await logout(h, LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY, cid=THIS_CID + 1)
         assert resp.response == LogoutResponseCode.RECOVERY_NOT_SUPPORTED
         await assert_still_serves(h)
+
+
+async def test_through_the_real_target_the_login_cid_is_this_connection(served: Served):  # noqa: F811
+    """The target tells the session its Login's CID (raw_login logs in with CID 1): a
+    Logout closing CID 2 is "CID not found" and the session serves on; one closing CID 1
+    ends it."""
+    h = await Initiator.connect(served.port, TARGET, H1)
+    try:
+        await h.ready(1)
+        for cid, answer in ((2, LogoutResponseCode.CID_NOT_FOUND), (1, LogoutResponseCode.SUCCESS)):
+            h.itt += 1
+            h.w.write(P.LogoutRequest(itt=h.itt, cmdsn=h.cmdsn, reason=LogoutReason.CLOSE_CONNECTION,
+                                      cid=cid).to_bytes())
+            h.cmdsn += 1
+            resp = await h.pdu()
+            assert isinstance(resp, P.LogoutResponse) and resp.response == answer, (cid, resp)
+            if answer == LogoutResponseCode.CID_NOT_FOUND:
+                assert (await h.transfer(1, TUR))[:2] == (0, None)
+        assert await asyncio.wait_for(h.r.read(), 5) == b""
+    finally:
+        h.close()
