@@ -228,8 +228,10 @@ def remove_publish_target(target: str) -> None:
     Another failure to remove is INTERNAL with the path, not an UNKNOWN from a stray OSError."""
     try:
         st = os.lstat(target)
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return                          # no such path (a component is a file: cannot exist)
+    except OSError as e:
+        raise Abort(grpc.StatusCode.INTERNAL, f"cannot look at the publish target {target}: {e}") from None
     kept = f"{target} is not a mount point (nothing of the volume is published there)"
     try:
         if stat.S_ISDIR(st.st_mode):

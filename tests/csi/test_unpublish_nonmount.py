@@ -80,3 +80,13 @@ async def test_what_publish_made_is_removed_and_a_repeat_is_ok(stub, kind):
     await unpublish(node, target)
     assert not target.exists() and target.parent.is_dir()
     await unpublish(node, target)                       # already unpublished: OK
+
+
+async def test_a_target_under_a_file_cannot_exist_and_is_ok(stub):
+    """A component of the path is a regular file: lstat raised NotADirectoryError, out of the
+    handler as UNKNOWN. No such target can exist, so it is unpublished already."""
+    node, _, tmp = stub
+    (tmp / "pods").mkdir()
+    (tmp / "pods" / "p0").write_bytes(b"a file, not a directory")
+    await unpublish(node, tmp / "pods" / "p0" / "mount")
+    assert (tmp / "pods" / "p0").read_bytes() == b"a file, not a directory"
