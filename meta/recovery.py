@@ -93,6 +93,10 @@ OWN_WRITES_WAIT = 5.0    # ... and this long for the view to show its own writes
 # a resync, each throttled to chunk.recovery_rate), at most one a second. A 64 MiB run keeps
 # under it down to a rate of ~0.11 MiB/s (the default is 64).
 STALL_TIMEOUT = 600.0
+# The least a configured timeout may be (0 aside, "never"): a copy writes its first progress
+# only after its first range, at most once a second after that, so seconds would time out
+# copies that progress.
+MIN_STALL_TIMEOUT = 60.0
 
 OK, WAITING, GONE = "ok", "waiting", "gone"
 

@@ -31,7 +31,7 @@ from zstore.keys import Keys
 from zstore.records import RecordError
 
 from . import api, liveness, placement, volumes
-from .recovery import Recovery
+from .recovery import MIN_STALL_TIMEOUT, Recovery
 from .context import Ctx
 from .election import Election
 
@@ -194,8 +194,10 @@ async def serve(cfg: zconfig.Config, stop: asyncio.Event) -> None:
     host, port = split_hostport(cfg.meta.listen)
     if cfg.meta.recovery_grace < 0 or cfg.meta.recovery_concurrency < 1:
         raise zconfig.ConfigError("meta.recovery_grace must be >= 0 and meta.recovery_concurrency >= 1")
-    if cfg.meta.recovery_stall_timeout < 0:
-        raise zconfig.ConfigError("meta.recovery_stall_timeout must be >= 0 (0: never)")
+    stall = cfg.meta.recovery_stall_timeout
+    if not (stall == 0 or MIN_STALL_TIMEOUT <= stall < float("inf")):      # NaN fails both
+        raise zconfig.ConfigError(f"meta.recovery_stall_timeout must be 0 (never) or at least "
+                                  f"{MIN_STALL_TIMEOUT:.0f} seconds, not {stall}")
     placement.configure(cfg.meta)          # meta.allow_shared_failure_domain
     ssl_ctx = None
     if cfg.meta.tls_cert_file or cfg.meta.tls_key_file:

@@ -47,8 +47,9 @@ class MetaConfig:
     recovery_grace: float = 600.0
     recovery_concurrency: int = 4        # recovery tasks (extent copies) at once, cluster-wide
     # A recovery task whose record has not changed this long (no claim, progress or error: a
-    # copy that hangs or was lost) is placed again; 0 never. A copy in progress writes its
-    # progress at least once per range (1 MiB, or a dirty run of at most 64 MiB).
+    # copy its executor lost) is placed again; 0 never, else at least 60. A copy in progress
+    # writes its progress after a range (1 MiB, or a dirty run of up to 64 MiB), at most once
+    # a second: keep this above 64 MiB / chunk.recovery_rate and chunk.revert_timeout.
     recovery_stall_timeout: float = 600.0
     # Replicas of one extent each go to a failure domain (zone/rack/host) of their own; with
     # fewer domains than replicas, placement is refused (507) unless this lets them share one.

@@ -98,3 +98,15 @@ async def test_a_pending_task_queued_behind_a_progressing_copy_waits(ctx):
     assert (await task_of(ctx, vid, 1)).state == "pending"
     clock.t += STALL + 1
     assert sorted((await rec.step())["deleted"]) == [(vid, 0), (vid, 1)]
+
+
+async def test_a_stall_timeout_of_zero_never_places_a_task_again(ctx):
+    """0 is the documented "never" (meta.recovery_stall_timeout), not "at once"."""
+    vid = await rebuilding(ctx)
+    clock = Clock()
+    rec = Recovery(ctx, grace=GRACE, stall_timeout=0, clock=clock)
+    await rec.step()
+    await write_task(ctx, vid, state="running")
+    for _ in range(3):
+        clock.t += 10 * STALL
+        assert (await rec.step())["deleted"] == []

@@ -11,7 +11,10 @@ from zstore import config as zconfig
 
 
 @pytest.mark.parametrize("setting, value, says", [
-    ("recovery_stall_timeout", -1.0, "meta.recovery_stall_timeout must be >= 0 (0: never)"),
+    ("recovery_stall_timeout", -1.0, "meta.recovery_stall_timeout must be 0 (never) or at least 60"),
+    ("recovery_stall_timeout", float("nan"), "meta.recovery_stall_timeout must be 0 (never) or at least 60"),
+    ("recovery_stall_timeout", 5.0, "meta.recovery_stall_timeout must be 0 (never) or at least 60"),
+    ("recovery_stall_timeout", float("inf"), "meta.recovery_stall_timeout must be 0 (never) or at least 60"),
     ("recovery_grace", -1.0, "meta.recovery_grace must be >= 0"),
     ("recovery_concurrency", 0, "meta.recovery_concurrency >= 1"),
 ])
