@@ -270,7 +270,9 @@ async def _create_revert_op(ctx: Ctx, vol: Volume, snap: Snapshot, request_id: s
     vkey, skey = ctx.keys.volume(vid), ctx.keys.snapshot(snap.snapshot_id)
     for _ in range(MAX_RETRIES):
         v, vrev = await ctx.get(vkey, Volume)
-        if v is None:
+        if v is None or v.state == "deleted":
+            # A tombstone (kept for its snapshots) is deleted too: a revert handed out now
+            # would run on a volume nobody can reach and answer the caller "reverted".
             raise NotFound(f"volume {vol.name!r} was deleted meanwhile")
         if request_id is not None:
             own_key = ctx.keys.volop(vid, revert_op_id(request_id))
