@@ -32,8 +32,11 @@ deleted: the reclaimer then refuses to delete at all.
 Snapshot race: a snapshot taken between our listing and the trim is not in
 the listing, so its versions must be protected another way. Its seq is at
 least the volume's ``snap_seq`` S read *before* the listing, and a version
-it needs contains its seq; so seqs S .. S+``SEQ_MARGIN``-1 are kept too,
-which covers that many snapshots taken during one run's few milliseconds.
+it needs contains its seq. The run's reads take seconds on a big server, so
+``snap_seq`` is read again (S') just before the volume's trims, with no await
+between them: seqs S .. S'+``SEQ_MARGIN``-1 are kept too. (Kept from S only,
+a burst of more than SEQ_MARGIN snapshots during the run lost the versions of
+the later ones.)
 """
 
 from __future__ import annotations
@@ -182,7 +185,7 @@ class Reclaimer:
             for kv in await self._listing(self.keys.extents(vid)):
                 rec = ExtentRecord.decode(kv.value)
                 records[rec.index] = rec
-            keep = frozenset(seqs[vid]) | frozenset(range(vol.snap_seq, vol.snap_seq + SEQ_MARGIN))
+            trims: list[int] = []
             tasks: dict[int, RecoveryTask] | None = None
             copies = sorted([(i, False) for i in indexes] + [(i, True) for i in unusable])
             for idx, is_broken in copies:
@@ -214,33 +217,58 @@ class Reclaimer:
                             elif self._delete_broken(vid, idx, why):
                                 summary["deleted"].append((vid, idx))
                             continue
-                if is_broken:
-                    continue                # nothing to trim in a copy that did not open
-                # A resync/rebuild can import versions a peer had not trimmed yet (it ends with
-                # a new generation), and so can a block repair (it does not): both count. So do
-                # the replica's own COWs: after a snapshot's deletion the volume's seq stays above
-                # its blocks' seqs, and the first overwrite of each block makes a version no
-                # snapshot reads (replicas that trimmed them and replicas that did not would
-                # differ for good, and the scrubber would drop one of them again and again).
-                try:
-                    st = self.store.stat(vid, idx)
-                    memo = (keep, int(st["generation"]), int(st["imports"]), int(st["cows"]))
-                    if self._trimmed_with.get((vid, idx)) == memo:
-                        continue
-                    n = self.store.trim(vid, idx, set(keep))
-                except StoreError as e:
-                    # Its disk failing (EROFS, EIO): this extent is tried again next run, the
-                    # others are reclaimed now (raising stopped every run at this extent).
-                    self._trimmed_with.pop((vid, idx), None)
-                    self._failure(vid, idx, "trim", e)
-                    continue
-                self._trimmed_with[(vid, idx)] = memo
-                if n:
-                    log.info("trimmed %d versions of %s/%d (snapshot seqs %s)",
-                             n, vid, idx, sorted(seqs[vid]))
-                self.trimmed += n
-                summary["trimmed"] += n
+                if not is_broken:           # nothing to trim in a copy that did not open
+                    trims.append(idx)
+            await self._trim_volume(vid, vol, seqs[vid], trims, summary)
         return summary
+
+    async def _trim_volume(self, vid: str, vol: Volume, listed: set[int], indexes: list[int],
+                           summary: dict[str, Any]) -> None:
+        """Trim ``indexes`` of ``vid`` to what its snapshots read, with ``snap_seq`` read again
+        just before (no await from then on): the run's reads since the first one (every
+        volume's extent records, tasks, moved records) take seconds on a big server, and a
+        snapshot committed meanwhile is not in ``listed``. Its seq lies between the first
+        ``snap_seq`` and the fresh one, so that whole range is kept, and SEQ_MARGIN from the
+        fresh one up; the margin from the first alone lost the versions of a burst of more
+        than SEQ_MARGIN snapshots taken during the run."""
+        if not indexes:
+            return
+        got = await self.etcd.get(self.keys.volume(vid))
+        if got is None:
+            return                          # deleted meanwhile: the next run deletes its extents
+        fresh = max(vol.snap_seq, Volume.decode(got.value).snap_seq)
+        keep = frozenset(listed) | frozenset(range(vol.snap_seq, fresh + SEQ_MARGIN))
+        for idx in indexes:
+            summary["trimmed"] += self._trim(vid, idx, keep, listed)
+
+    def _trim(self, vid: str, idx: int, keep: frozenset[int], listed: set[int]) -> int:
+        """Trim one extent to ``keep`` unless nothing changed since its last trim; versions freed.
+        A store failure is logged and counted, and the extent tried again next run."""
+        # A resync/rebuild can import versions a peer had not trimmed yet (it ends with
+        # a new generation), and so can a block repair (it does not): both count. So do
+        # the replica's own COWs: after a snapshot's deletion the volume's seq stays above
+        # its blocks' seqs, and the first overwrite of each block makes a version no
+        # snapshot reads (replicas that trimmed them and replicas that did not would
+        # differ for good, and the scrubber would drop one of them again and again).
+        if not self.store.has(vid, idx):
+            return 0                        # deleted (a DELETE) during the run's reads
+        try:
+            st = self.store.stat(vid, idx)
+            memo = (keep, int(st["generation"]), int(st["imports"]), int(st["cows"]))
+            if self._trimmed_with.get((vid, idx)) == memo:
+                return 0
+            n = self.store.trim(vid, idx, set(keep))
+        except StoreError as e:
+            # Its disk failing (EROFS, EIO): this extent is tried again next run, the
+            # others are reclaimed now (raising stopped every run at this extent).
+            self._trimmed_with.pop((vid, idx), None)
+            self._failure(vid, idx, "trim", e)
+            return 0
+        self._trimmed_with[(vid, idx)] = memo
+        if n:
+            log.info("trimmed %d versions of %s/%d (snapshot seqs %s)", n, vid, idx, sorted(listed))
+        self.trimmed += n
+        return n
 
     def _moved_away(self, vid: str, idx: int, rec: ExtentRecord, vol: Volume,
                     broken: bool = False) -> bool:
