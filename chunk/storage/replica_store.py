@@ -1514,7 +1514,7 @@ class ReplicaStore:
         start and after each wait the write checks the replica is still this one and admits
         ``epoch`` again, so a fenced write stops there (what it did so far is a state a crash
         between steps leaves, which the order makes safe) and is never written over the
-        newer owner's. A version key trimmed meanwhile needs no copy. ``mutations`` moves
+        newer owner's. A version key trimmed meanwhile is copied into again. ``mutations`` moves
         at each change as it lands (the scrubber's and repair's "nothing changed" checks)."""
         vid, idx = rep.ext.header.volume, rep.ext.header.extent
         view = memoryview(bytes(data))       # ours: the caller's buffer lives on without us
@@ -1573,24 +1573,28 @@ class ReplicaStore:
     async def _cow_later(self, rep: _Replica, vid: str, idx: int, epoch: int, first: int, n: int,
                          seq: int, hold: _Hold, floor: int | None = None) -> None:
         """``_cow`` with its syncs in worker threads (``_write_later``). A version file trimmed
-        meanwhile (the reclaimer: no snapshot reads that key) needs the copy no more."""
-        with self._rep_io(rep):
-            copied = self._cow_copy(rep, first, n, seq, floor, sync_dir=False)
-        if copied is None:
-            return
-        v, items = copied
-        if v.unlinked_dirs:                  # a new version file: its directory entry first
-            if v.dir_group is None:
-                v.dir_group = _GroupSync(lambda: partial(_Replica.sync_dirs, v))
-            await self._sync_later(rep, v.dir_group, hold)
-            self._still_ours(rep, vid, idx, epoch)
-        if self.cow_sync:
-            if v.group is None:
-                v.group = _GroupSync(lambda: v.sync)
-            await self._sync_later(rep, v.group, hold)            # the barrier (``_cow``)
-            self._still_ours(rep, vid, idx, epoch)
-            if v.fd < 0 or rep.versions.get(v.key) is not v:
-                return                                            # trimmed: nobody reads it
+        (or replaced) meanwhile is copied into again, in a new file: the trim could not see
+        this COW's blocks (their slots are written after the barrier), so unlinking the key
+        proves only that its *other* entries were unread; a snapshot may still read these
+        through it (returning there lost that snapshot's copy of the block)."""
+        while True:
+            with self._rep_io(rep):
+                copied = self._cow_copy(rep, first, n, seq, floor, sync_dir=False)
+            if copied is None:
+                return
+            v, items = copied
+            if v.unlinked_dirs:              # a new version file: its directory entry first
+                if v.dir_group is None:
+                    v.dir_group = _GroupSync(lambda v=v: partial(_Replica.sync_dirs, v))
+                await self._sync_later(rep, v.dir_group, hold)
+                self._still_ours(rep, vid, idx, epoch)
+            if self.cow_sync:
+                if v.group is None:
+                    v.group = _GroupSync(lambda v=v: v.sync)     # v: this one (the loop rebinds it)
+                await self._sync_later(rep, v.group, hold)        # the barrier (``_cow``)
+                self._still_ours(rep, vid, idx, epoch)
+            if v.fd >= 0 and rep.versions.get(v.key) is v:
+                break                        # else trimmed during a wait: copy again
         rep.mutations += 1
         with self._rep_io(rep):
             v.put_slots(items)
