@@ -397,13 +397,16 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
         ops = [ctx.delete(ctx.keys.volume_name(vol.name)),
                ctx.delete(ctx.keys.lun(vol.target_index, vol.lun)),
                ctx.delete(ctx.keys.volume_acl(vol.volume_id), prefix=True)]
-        # Its snapshots' exports go with it (compared, so an export made meanwhile retries us).
+        # Its snapshots' exports go with it. Only the exports read are compared (an ACL entry
+        # added since moves its pointer): an export made meanwhile puts the volume back, and
+        # fails the volume's compare. One compare per snapshot made a volume with more than
+        # etcd's 128 operations per txn (--max-txn-ops) undeletable.
         compare = [ctx.unchanged(vkey, rev)]
         for s in snaps:
             m, prev = await snapshot_exports.export_state(ctx, s.snapshot_id)
-            compare.append(snapshot_exports.pointer_unchanged(ctx, s.snapshot_id, prev))
             if not prev:
                 continue
+            compare.append(snapshot_exports.pointer_unchanged(ctx, s.snapshot_id, prev))
             users = await snapshot_exports.export_acl(ctx, s.snapshot_id)
             if users and not force:
                 raise Conflict(f"snapshot {vol.name}@{s.name} is exported to {len(users)} initiator(s): "
