@@ -259,6 +259,7 @@ class Scrubber:
         self.current = None
         for key in [k for k in self.suspected if k not in self._seen_this_pass]:
             del self.suspected[key]        # agreed this pass (or the extent is gone)
+        self._forget_gone()
         self.passes += 1
         self.last_pass_end = time.time()
         self.last_pass_duration = time.monotonic() - t0
@@ -267,6 +268,14 @@ class Scrubber:
                  counts["bad_blocks"], counts["unreadable"], counts["mismatches"],
                  self.last_pass_duration)
         return counts
+
+    def _forget_gone(self) -> None:
+        """Drop reported disagreements of extents no longer here (their volume deleted, or
+        reclaimed once moved away): only a comparison cleared them, and a gone extent is
+        never compared again, so it stayed listed (``needs an operator``) until a restart."""
+        for reported in (self.mismatched, self.unresolved_extents):
+            for key in [k for k in reported if not self.store.has(*k)]:
+                del reported[key]
 
     # -- cursor ----------------------------------------------------------------
 
