@@ -107,6 +107,7 @@ from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import compress
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, NoReturn
 
@@ -665,6 +666,26 @@ def _sync_dup(fd: int) -> None:
         os.close(fd)
 
 
+def _settle_lost_seqs(seqs: array, ext: ExtentFile) -> array:
+    """Present blocks whose seq on disk is 0 get seq 1, in memory (at open).
+
+    No write stores seq 0, but a write at seq 1 syncs nothing before its checksum (no
+    snapshot can have seen the block absent), so a power loss can keep its ``.crc`` entry and
+    lose its ``.seq`` one. Such a block was written at seq 1: an absent block made present at
+    a higher seq had its ``.seq`` synced first (step 2). Left at 0 it fell below the COW floor
+    (a snapshot's first overwrite made no copy: the snapshot read it absent) and exported as
+    seq 0, which an import refuses (a resync from it failed for good). The file keeps its 0
+    until the block is written again; every open settles it alike."""
+    crcs = ext.crcs
+    lost = [b for b in compress(range(len(seqs)), crcs) if not seqs[b]] if 0 in seqs else []
+    for b in lost:
+        seqs[b] = 1
+    if lost:
+        log.warning("%s: %d present block(s) had no seq on disk (a power loss before their "
+                    "write at seq 1 was flushed): taken as seq 1", ext.base, len(lost))
+    return seqs
+
+
 def _seq_path(base: Path) -> Path:
     return base.with_name(base.name + ".seq")
 
@@ -825,7 +846,7 @@ class ReplicaStore:
             raw = bytes(_pread_all(seq_fd, want, 0))
             if os.fstat(seq_fd).st_size != want:
                 raise StoreError(f"{seq_path}: {os.fstat(seq_fd).st_size} bytes, expected {want}")
-            rep = _Replica(disk, ext, seq_fd, _from_le(raw), _vdir(ext.base))
+            rep = _Replica(disk, ext, seq_fd, _settle_lost_seqs(_from_le(raw), ext), _vdir(ext.base))
             rep.load_versions()
             return rep
         except BaseException:
