@@ -672,7 +672,8 @@ def _settle_lost_seqs(seqs: array, ext: ExtentFile) -> array:
     No write stores seq 0, but a write at seq 1 syncs nothing before its checksum (no
     snapshot can have seen the block absent), so a power loss can keep its ``.crc`` entry and
     lose its ``.seq`` one. Such a block was written at seq 1: an absent block made present at
-    a higher seq had its ``.seq`` synced first (step 2). Left at 0 it fell below the COW floor
+    a higher seq had its ``.seq`` synced first (step 2; not when an unmap at that seq had
+    raised the seq in memory only, a known gap). Left at 0 it fell below the COW floor
     (a snapshot's first overwrite made no copy: the snapshot read it absent) and exported as
     seq 0, which an import refuses (a resync from it failed for good). The file keeps its 0
     until the block is written again; every open settles it alike."""
