@@ -282,11 +282,27 @@ class _Versions:
             _pwrite_all(self.fd, data, self.data_at + b * BLOCK_SIZE)
 
     def put_slots(self, blocks: list[tuple[int, int, bytes | memoryview]]) -> None:
-        """``put``'s second half: the slots of data written (and, for a COW, synced) before."""
-        for b, origin, data in blocks:
-            crc = block_crc(b, data)
-            os.pwrite(self.fd, _ENTRY.pack(crc, origin), b * 8)
-            self.entries[b] = (origin, crc)
+        """``put``'s second half: the slots of data written (and, for a COW, synced) before.
+
+        All or none: a slot write failing part-way (a full disk allocating a new slot page)
+        takes back the slots this call wrote. Left, they were unsynced slots a retried COW
+        trusted ("keeps the first copy"): it synced nothing and overwrote the live block,
+        and a power loss could keep that block and lose the slot, the snapshot's copy."""
+        done: list[int] = []
+        try:
+            for b, origin, data in blocks:
+                crc = block_crc(b, data)
+                os.pwrite(self.fd, _ENTRY.pack(crc, origin), b * 8)
+                self.entries[b] = (origin, crc)
+                done.append(b)
+        except OSError:
+            for b in done:
+                self.entries.pop(b, None)
+                try:
+                    os.pwrite(self.fd, bytes(8), b * 8)   # a page just written: no allocation
+                except OSError:
+                    pass       # a COW's slot over data synced before it: still valid
+            raise
 
     def put_unreadable(self, blocks: list[tuple[int, int, int]]) -> None:
         """Store (block, origin, crc) versions whose data no replica could read: a filler
