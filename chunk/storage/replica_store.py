@@ -288,18 +288,23 @@ class _Versions:
         takes back the slots this call wrote. Left, they were unsynced slots a retried COW
         trusted ("keeps the first copy"): it synced nothing and overwrote the live block,
         and a power loss could keep that block and lose the slot, the snapshot's copy."""
-        done: list[int] = []
+        done: list[tuple[int, tuple[int, int] | None]] = []      # (block, its slot before)
         try:
             for b, origin, data in blocks:
                 crc = block_crc(b, data)
+                before = self.entries.get(b)
                 os.pwrite(self.fd, _ENTRY.pack(crc, origin), b * 8)
                 self.entries[b] = (origin, crc)
-                done.append(b)
+                done.append((b, before))
         except OSError:
-            for b in done:
-                self.entries.pop(b, None)
-                try:
-                    os.pwrite(self.fd, bytes(8), b * 8)   # a page just written: no allocation
+            for b, before in reversed(done):
+                if before is None:
+                    self.entries.pop(b, None)
+                else:
+                    self.entries[b] = before
+                try:                        # a page just written: no allocation to fail
+                    os.pwrite(self.fd, _ENTRY.pack(before[1], before[0]) if before else bytes(8),
+                              b * 8)
                 except OSError:
                     pass       # a COW's slot over data synced before it: still valid
             raise
