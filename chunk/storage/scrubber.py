@@ -47,10 +47,7 @@ pause until ``interval`` after the pass started):
   extent record's first replica, and only the winning side acts: it drops each
   replica that disagrees with it from the extent (generation +1), which makes
   the meta's recovery loop resync it in full from an agreeing replica, digests
-  compared at the end. A replica is dropped only once its difference shows with
-  both replicas at rest (``_differs_at_rest``): a healthy peer behind a slow
-  disk is half-way through a copy-on-write most of the time, and a busy one was
-  found different and resynced again and again. Replicas differing there only ever held writes that
+  compared at the end. Replicas differing there only ever held writes that
   were never acknowledged (an acknowledged write is on every in-sync replica),
   so either copy is a correct outcome; what matters is that they converge.
   Except when they differ only where no checksum looks: seqs and version
@@ -595,15 +592,8 @@ class Scrubber:
             log.warning("replicas of %s/%d: this chunk's copy is the minority; the other side resyncs it",
                         rec.volume_id, rec.index)
             return
-        addrs = dict(peers)
         for cid in differ:
             try:
-                if cid in addrs and not await self._differs_at_rest(addrs[cid], rec.volume_id,
-                                                                    rec.index):
-                    log.warning("replicas of %s/%d: %s differs only while being written (or "
-                                "not at rest this pass); deciding in a later pass",
-                                rec.volume_id, rec.index, cid)
-                    continue
                 await self.drop(rec.volume_id, rec.index, cid, rec.generation,
                                 f"scrub: digest differs from {self.repair.chunk_id}'s")
                 rec, _ = await self.repair.extent_peers(rec.volume_id, rec.index)   # generation +1
@@ -688,60 +678,6 @@ class Scrubber:
             if seen >= TIE_DIFFER:
                 return False
         return None
-
-    async def _differs_at_rest(self, addr, vid: str, idx: int) -> bool:
-        """Does the peer's state differ from this replica's with both at rest? Asked before a
-        majority drops it: ``_differing`` watches this replica's writes only, and a peer whose
-        disk syncs slowly sits half-way through each copy-on-write (a state no replica keeps)
-        while this one is done and quiet, so a busy healthy replica was found different twice
-        and dropped for a full resync. Probed as in ``_peer_same`` (at rest: no local write
-        within ``TIE_QUIET`` of the probe, no deferred write on either side, the peer's
-        mutation count and checked digest the same as in its reply before): the checked
-        digests first, and where they are the same (a difference in seqs or origins only, or
-        none) the full DIGEST, followed by another checked probe so the peer's rest covers it.
-        "Differs" takes ``TIE_DIFFER`` such probes with the same pair of digests; False when
-        they are the same, or after ``TIE_PROBES`` probes without a verdict (decided in a later
-        pass). A peer without checked probes cannot show its rest: True, as before."""
-        store, client = self.store, self.repair.client
-
-        def here() -> tuple[int, int]:
-            st = store.stat(vid, idx)
-            return st["mutations"], st.get("pending", 0)
-
-        prev = None                          # the peer's previous checked reply
-        pair, seen = None, 0
-        quiet = here()
-        await asyncio.sleep(TIE_QUIET)
-        for _ in range(TIE_PROBES):
-            before = here()
-            got = await client.checked_probe(addr, vid, idx)
-            if got is None or got.mutations is None or got.pending is None:
-                return True                                   # a peer from before
-            theirs, mine = got.digest, checked_digest(store.checked_state(vid, idx))
-            if theirs == mine:
-                theirs = await client.digest(addr, vid, idx)
-                got = await client.checked_probe(addr, vid, idx)
-                if got is None or got.mutations is None or got.pending is None:
-                    return True
-                mine = store.digest(vid, idx)                 # no await since the last reply
-            after = here()
-            await asyncio.sleep(TIE_QUIET)
-            later = here()
-            last, prev = prev, got
-            at_rest_here = quiet == before == after == later and later[1] == 0
-            quiet = after
-            at_rest_there = (last is not None and last.pending == 0 and got.pending == 0
-                             and last.mutations == got.mutations and last.digest == got.digest)
-            if not (at_rest_here and at_rest_there):
-                continue
-            if theirs == mine:
-                return False
-            if (mine, theirs) != pair:
-                pair, seen = (mine, theirs), 0
-            seen += 1
-            if seen >= TIE_DIFFER:
-                return True
-        return False
 
     async def _exported_same(self, addr, vid: str, idx: int) -> bool | None:
         """``_peer_same`` for a peer without checked digests: its EXPORT, no local write during it."""
