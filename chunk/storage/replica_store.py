@@ -10,8 +10,9 @@ On-disk layout per extent, in the disk directory (``v`` = volume, ``i`` = index)
 
     v.i.data/.crc/.hdr  live data, crc32c per block, header (``ExtentFile``)
     v.i.seq             uint32 LE per block: seq the block was last written or
-                        unmapped at (0 = never); absent blocks keep theirs so a
-                        revert knows they changed after the snapshot
+                        unmapped at (0 = never; an unmap of an absent block keeps
+                        its seq); absent blocks keep theirs so a revert knows they
+                        changed after the snapshot
     v.i.v/K.ver         versions with key K, sparse: per block b at b*8 a slot
                         (crc32c seeded with b, 0 = none; origin; uint32 LE),
                         then from the next 4 KiB boundary block b's data at b*4096
@@ -1434,20 +1435,47 @@ class ReplicaStore:
         v.put_data(items)
         return v, items
 
-    def _store_seqs(self, rep: _Replica, first: int, n: int, seq: int, present: bool) -> None:
+    def _store_seqs(self, rep: _Replica, first: int, n: int, seq: int, present: bool,
+                    span: tuple[int, int] = (0, 0)) -> None:
         """Step 2: ``.seq`` := ``seq`` for the run.  When the blocks are about to be
         ``present`` (written) and one of them is absent with a seq below ``seq`` (and
         ``seq`` > 1), a snapshot may have seen it absent; nothing but its seq keeps the new
         data out of that snapshot (there is no version), so ``.seq`` is fdatasync'd before
-        the data and checksums are written (one sync per such write call, with ``cow_sync``)."""
-        new = array("I", [seq]) * n
-        seqs = rep.seqs
-        if seqs[first:first + n] == new:
+        the data and checksums are written (one sync per such write call, with ``cow_sync``).
+        Not ``present`` (an unmap of the bytes ``span``): see ``_unmapped_seqs``."""
+        new, cross = self._new_seqs(rep, first, n, seq, present, span)
+        if new is None:
             return
-        cross = present and self._crosses(rep, first, n, seq)
         rep.store_seqs(first, new)
         if cross:
             sync_fd(rep.seq_fd)
+
+    def _new_seqs(self, rep: _Replica, first: int, n: int, seq: int, present: bool,
+                  span: tuple[int, int]) -> tuple[array | None, bool]:
+        """(the run's new seqs, or None when unchanged; whether ``.seq`` must be durable
+        before the data changes): step 2 for a write (``present``) or an unmap of ``span``.
+
+        An unmap leaves ``seq`` on the blocks it removes (present: a COW keeps their old
+        contents for the snapshots first) and on partial edges (zeros written: present), the
+        old seq on whole blocks already absent, whose view it changes at no seq. Raised to
+        ``seq`` in the page cache only, such a block's seq let the next write at ``seq`` skip
+        the sync below, and a power loss keeping that write's checksum but not the seq put
+        its data into the snapshots before ``seq``, where the block was absent. A partial
+        edge of an absent block becomes present (its zeros) at ``seq`` like a write, so it
+        crosses like one."""
+        if present:
+            new = array("I", [seq]) * n
+            if rep.seqs[first:first + n] == new:
+                return None, False
+            return new, self._crosses(rep, first, n, seq)
+        crcs, seqs = rep.ext.crcs, rep.seqs
+        new = array("I", [seq if crcs[b] else seqs[b] for b in range(first, first + n)])
+        cross = False
+        for edge, k in ((span[0] % BLOCK_SIZE, 0), (span[1] % BLOCK_SIZE, n - 1)):
+            if edge:
+                new[k] = seq
+                cross = cross or self._crosses(rep, first + k, 1, seq)
+        return (None, False) if seqs[first:first + n] == new else (new, cross)
 
     def _crosses(self, rep: _Replica, first: int, n: int, seq: int) -> bool:
         """Writing the run at ``seq`` makes an absent block present across a possible
@@ -1595,7 +1623,7 @@ class ReplicaStore:
                 b = min(end, a + _CHUNK)
                 f, m = self._blocks(rep, a, b - a)
                 await self._cow_later(rep, vid, idx, epoch, f, m, seq, hold, floor)
-                await self._store_seqs_later(rep, vid, idx, epoch, f, m, seq, zero, hold)
+                await self._store_seqs_later(rep, vid, idx, epoch, f, m, seq, zero, hold, (a, b))
                 rep.mutations += 1
                 with self._rep_io(rep):
                     if zero:
@@ -1647,12 +1675,12 @@ class ReplicaStore:
             self._still_ours(rep, vid, idx, epoch)
 
     async def _store_seqs_later(self, rep: _Replica, vid: str, idx: int, epoch: int, first: int,
-                                n: int, seq: int, present: bool, hold: _Hold) -> None:
+                                n: int, seq: int, present: bool, hold: _Hold,
+                                span: tuple[int, int] = (0, 0)) -> None:
         """``_store_seqs`` with its sync in a worker thread (``_write_later``)."""
-        new = array("I", [seq]) * n
-        if rep.seqs[first:first + n] == new:
+        new, cross = self._new_seqs(rep, first, n, seq, present, span)
+        if new is None:
             return
-        cross = present and self._crosses(rep, first, n, seq)
         rep.mutations += 1
         with self._rep_io(rep):
             rep.store_seqs(first, new)
@@ -1710,7 +1738,7 @@ class ReplicaStore:
                 self._cow(rep, f, m, seq, floor)
                 # Punched blocks stay absent: their seq needs no sync (a zeroed partial edge of
                 # a plain volume reads as zeros either way; a clone unmaps with ``zero``).
-                self._store_seqs(rep, f, m, seq, present=zero)
+                self._store_seqs(rep, f, m, seq, present=zero, span=(a, b))
                 if zero:
                     rep.ext.write(a, bytes(b - a))
                 else:

@@ -7,7 +7,8 @@ write). An UNMAP at W of a block that is already absent (a host's fstrim or mkfs
 never-written space after a snapshot) set its seq to W in the page cache, unsynced; the write
 at W that followed then saw seq W already, synced nothing, and a power loss could keep its
 checksum and lose the seq: the snapshot taken before the write read the new data in place of
-the absent block (zeros), changed for good.
+the absent block (zeros), changed for good. Now an unmap keeps an absent block's seq, and one
+that zeroes part of an absent block (making it present) syncs its seq first, as a write does.
 
 The power loss is simulated on real files: ``.seq`` is put back to its content at its last
 completed fdatasync; ``.data`` and ``.crc`` keep what was written. Then a real restart.
@@ -51,15 +52,14 @@ def _run(s: ReplicaStore, call, deferred: bool) -> None:
         asyncio.run(later)
 
 
-# Known, not fixed: the fix (an unmap keeps the seq of blocks already absent, so the write's
-# step 2 syncs it; or the unmap syncs the seq it raises) makes a sync that
-# test_durable_order.py::test_common_writes_sync_nothing asserts never happens (its block 10
-# is this case), and that file is not ours to change. Strict: it fails loudly once fixed.
-@pytest.mark.xfail(strict=True, reason="an unmap at W raises an absent block's seq unsynced; "
-                   "the write at W then skips step 2's .seq sync")
 @pytest.mark.parametrize("deferred", [False, True], ids=["inline", "deferred"])
+@pytest.mark.parametrize("discard", [(0, 4 * BLOCK_SIZE), (2 * BLOCK_SIZE + 512, 1024)],
+                         ids=["whole-blocks", "inside-the-block"])
 def test_a_discarded_absent_block_written_after_a_snapshot_stays_out_of_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deferred: bool):
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deferred: bool, discard: tuple[int, int]):
+    """Whole blocks: the unmap keeps an absent block's seq, so the write crosses (syncs it).
+    A part of a block: the unmap writes its zeros, making it present at W like a write, and
+    syncs its seq first as a write would."""
     d = tmp_path / "d0"
     s = ReplicaStore([(d, None)], extent_size=SIZE)          # cow_sync on, as served
     try:
@@ -70,7 +70,7 @@ def test_a_discarded_absent_block_written_after_a_snapshot_stays_out_of_it(
         disk = SeqDurable(d / f"{V}.0.seq")
         monkeypatch.setattr(os, "fdatasync", disk)
         # Snapshot 1 is taken (seq 2). Block 2 was never written: discarded, then written.
-        _run(s, lambda epoch: s.unmap(V, 0, 0, 4 * BLOCK_SIZE, seq=2, epoch=epoch), deferred)
+        _run(s, lambda epoch: s.unmap(V, 0, *discard, seq=2, epoch=epoch), deferred)
         _run(s, lambda epoch: s.write(V, 0, 2 * BLOCK_SIZE, DATA, seq=2, epoch=epoch), deferred)
         assert s.read(V, 0, 2 * BLOCK_SIZE, BLOCK_SIZE, view=1)[0] == bytes(BLOCK_SIZE)
     finally:

@@ -153,7 +153,8 @@ def test_common_writes_sync_nothing(store: ReplicaStore, ops: Ops):
     store.write(V, 0, 0, _blk(1), seq=1)                   # absent, but no snapshot yet
     store.write(V, 0, 0, _blk(2, 3), seq=1)
     store.write(V, 0, 0, _blk(3), seq=1)                   # present, seq current
-    store.unmap(V, 0, 10 * BLOCK_SIZE, BLOCK_SIZE, seq=2)  # absent block already at 2
+    store.write(V, 0, 10 * BLOCK_SIZE, _blk(6), seq=2)     # absent block made present at 2
+    store.unmap(V, 0, 10 * BLOCK_SIZE, BLOCK_SIZE, seq=2)  # absent again, its seq 2 durable
     ops.clear()
     store.write(V, 0, 10 * BLOCK_SIZE, _blk(4), seq=2)
     store.write(V, 0, 10 * BLOCK_SIZE, _blk(5), seq=2)
