@@ -161,8 +161,10 @@ async def test_a_second_write_of_a_block_waits_for_the_first_ones_syncs(tmp_path
 
 async def test_a_cow_whose_version_file_is_trimmed_meanwhile_still_lands(tmp_path: Path, monkeypatch):
     """The reclaimer trims the version key a COW is copying into (its snapshot was deleted:
-    nobody reads that key) while the COW waits for its barrier: the write lands, without the
-    copy, instead of failing (a failed write drops a healthy replica)."""
+    nobody reads that key) while the COW waits for its barrier: the write lands, copying again
+    into a new key file (the trim cannot tell this COW's unwritten slots from unread ones;
+    test_audit17_store_cow_trim_race.py), instead of failing (a failed write drops a healthy
+    replica)."""
     store = ReplicaStore([(tmp_path / "disk", None)], extent_size=EXTENT)     # cow_sync on
     try:
         store.create(VID, 0, 1)
