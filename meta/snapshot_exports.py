@@ -139,8 +139,8 @@ async def export_snapshot(ctx: Ctx, ref: str) -> tuple[dict[str, Any], bool]:
         compare += [pointer_unchanged(ctx, sid, prev), ctx.unchanged(skey, srev), ctx.unchanged(vkey, vrev)]
         ops.append(ctx.put(ctx.keys.snapshot_lun(sid), _slot_text(t, lun)))   # replaces a dangling one
         # The volume is put back unchanged so its revision moves: a volume delete that read its
-        # snapshots' exports before this one compares only those, and the volume (it then
-        # looks again and takes this export along, or refuses it an ACL'd one without force).
+        # snapshots' exports before this one compares only the volume when it deletes it (it
+        # then looks again and takes this export along, or refuses it an ACL'd one without force).
         ops.append(ctx.put(vkey, vol))
         if await ctx.txn(compare, ops):
             log.info("snapshot %s@%s (%s) exported read-only as target %d lun %d",
