@@ -57,6 +57,8 @@ READ_LEASE_WAIT = 3.0  # how long a read waits for a lapsed lease before NOT REA
 # READY (the host retries): an engine that cannot start (its port in use) must not hold it.
 START_WAIT = 10.0
 CLOSE_COW_WAIT = 30.0  # how long a closing volume waits for its local COWs' syncs
+# etcd (or the way to it) failing a call: ownership and the meta leader are looked up there.
+_ETCD_UNREACHABLE = zetcd.UNAVAILABLE_ERRORS
 
 
 class FencedError(MediumError):
@@ -557,6 +559,15 @@ class Coordinator:
         return self.epoch, self.seq
 
     async def _acquire(self) -> None:
+        """Take ownership in etcd (see ``_take``); etcd out of reach is NOT READY, which the
+        host retries, as a flush that cannot read the owner record answers: nothing failed
+        on the replicas (a raw etcd error was answered INTERNAL TARGET FAILURE)."""
+        try:
+            await self._take()
+        except _ETCD_UNREACHABLE as err:
+            raise NotServing(f"volume {self.vid}: cannot take ownership in etcd: {err}") from None
+
+    async def _take(self) -> None:
         lease = self.engine.lease
         lease_gen = lease.lease_gen if lease is not None else 0
         try:
@@ -1608,7 +1619,9 @@ class Coordinator:
             try:
                 data = await self.engine.meta.call("POST", f"/extents/{self.vid}/{idx}/drop", {
                     "chunk_id": chunk_id, "generation": rec.generation, "reason": reason[:200]})
-            except MetaError as e:
+            except (MetaError, *_ETCD_UNREACHABLE) as e:
+                # The meta client finds the leader in etcd: out of reach is as the meta out of
+                # reach (a raw etcd error was answered INTERNAL TARGET FAILURE).
                 raise MediumError(f"volume {self.vid} extent {idx}: cannot drop failed replica "
                                   f"{chunk_id}: {e}") from None
             new = ExtentRecord.from_dict(data.get("extent", data))
