@@ -6,10 +6,23 @@ from another in-sync replica (EXPORT, epoch 0: read-only) and mends only what
 fails here (``ReplicaStore.mend``), never the whole block state: the rot may
 be in a snapshot version while the live block holds a write the peer has not
 received yet, and installing the peer's copy would undo it. The coordinator
-stays the only writer, so the mend is also conditional: ``if_unchanged``
-carries the extent's mutation counter taken at the same instant the block was
-found still bad, and any write that lands afterwards makes it a CONFLICT
-(checked again) instead of racing the peer's possibly older copy.
+stays the only writer, so the mend is also conditional: it carries the
+extent's mutation counter taken at the same instant the block was found still
+bad, and any write that lands afterwards makes it a CONFLICT (checked again)
+instead of racing the peer's possibly older copy.
+
+The checks read the disk, which is failing when repair runs (a read can take
+seconds), so they run in a worker thread (``verify_verdict_async``), never on
+the event loop that serves every volume. The invariant holds as follows: the
+counter is read on the loop before the worker's reads and compared, back on
+the loop with no await in between, after them; unchanged, nothing that
+changes a live block or adds a version landed while the worker read, so its
+verdict is the state at that instant and the counter is its token (moved: the
+verdict may mix two states, and is taken again). The mend is given the
+verdict (``verified``) and checks the token against the counter before it
+changes anything, again with no await: it trusts the worker's reads instead of
+reading on the loop, and a write landing anywhere between the verdict and the
+mend makes it a CONFLICT as before.
 
 A block with too many versions for one export frame comes in parts
 (``ReplicaStore.export``: each part the live block and a slice of the
@@ -42,7 +55,7 @@ from zstore.records import ExtentRecord
 from .extent_file import BLOCK_SIZE
 from .peers import Address, Peers, UnknownPeer
 from .replica_client import PeerUnavailable, ReplicaError
-from .replica_store import _BLOB_FORMAT_UNREADABLE, StoreError, _parse_blob
+from .replica_store import _BLOB_FORMAT_UNREADABLE, StoreError, Verdict, _parse_blob
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +185,12 @@ class LocalRepair:
     async def in_sync_peers(self, vid: str, idx: int) -> list[tuple[str, Address]]:
         return (await self.extent_peers(vid, idx))[1]
 
-    def _still_bad(self, vid: str, idx: int, block: int) -> bool:
-        return block in self.store.verify(vid, idx, block, 1)
+    async def _verdict(self, vid: str, idx: int, block: int) -> Verdict | None:
+        """``block`` verified in a worker thread, with its token (see the module docstring);
+        None when the extent changed during the reads (or is gone): not known, check again."""
+        if not self.store.has(vid, idx):
+            return None
+        return await self.store.verify_verdict_async(vid, idx, block, 1)
 
     async def fetch_block(self, addr: Address, vid: str, idx: int, block: int) -> bytes:
         """The peer's state of ``block`` as one blob for ``mend``, however many parts
@@ -212,11 +229,15 @@ class LocalRepair:
             if not self.store.has(vid, idx):
                 log.info("repair %s/%d block %d: extent deleted meanwhile", vid, idx, block)
                 return False
-            # No await between the check and the token (see the module docstring).
-            if not self._still_bad(vid, idx, block):
+            # The verdict is its own token (see the module docstring).
+            verdict = await self._verdict(vid, idx, block)
+            if verdict is None:
+                log.info("repair %s/%d block %d: written during its verify; checking again",
+                         vid, idx, block)
+                continue
+            if block not in verdict.bad:
                 log.info("%s/%d block %d verifies again (rewritten meanwhile)", vid, idx, block)
                 return True
-            token = self.store.stat(vid, idx)["mutations"]
             if not peers:
                 log.error("repair %s/%d block %d: no other in-sync replica", vid, idx, block)
                 return False
@@ -236,17 +257,22 @@ class LocalRepair:
                     # Deleted (reclaimed) during the export: nothing left to mend.
                     log.info("repair %s/%d block %d: extent deleted meanwhile", vid, idx, block)
                     return False
-                if not self.store.mend(vid, idx, blob, if_unchanged=token):
+                if not self.store.mend(vid, idx, blob, verified=verdict):
                     log.info("repair %s/%d block %d: a write landed meanwhile; checking again",
                              vid, idx, block)
                     break
-                if not self._still_bad(vid, idx, block):
+                verdict = await self._verdict(vid, idx, block)
+                if verdict is None:
+                    log.info("repair %s/%d block %d: written after the mend; checking again",
+                             vid, idx, block)
+                    break
+                if block not in verdict.bad:
                     log.warning("repaired %s/%d block %d from %s", vid, idx, block, cid)
                     return True
                 log.error("repair %s/%d block %d: the copy from %s does not verify either",
                           vid, idx, block, cid)
-                token = self.store.stat(vid, idx)["mutations"]
-        if not self._still_bad(vid, idx, block):
+        verdict = await self._verdict(vid, idx, block)
+        if verdict is not None and block not in verdict.bad:
             return True
         log.error("repair of %s/%d block %d failed", vid, idx, block)
         return False

@@ -125,7 +125,7 @@ from .fencing import EpochFence
 log = logging.getLogger(__name__)
 
 __all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "StaleGeneration", "ReplicaStore",
-           "checked_state_of", "unreadable_blocks"]
+           "Verdict", "checked_state_of", "unreadable_blocks"]
 
 _MAX_SEQ = 0xFFFFFFFF
 _CHUNK = 1 << 20                     # internal unit of large unmaps / reverts
@@ -591,6 +591,24 @@ class _VerifyPin:
         fds, self.fds = self.fds, []
         for fd in fds:
             os.close(fd)
+
+
+@dataclass(frozen=True, eq=False)
+class Verdict:
+    """What a verify in a worker thread found (``verify_verdict_async``), and the replica state
+    it holds for: ``rep`` still open here with ``mutations`` unchanged. ``mend`` given it
+    (``verified``) trusts it instead of reading on the loop, once it checked that."""
+    rep: _Replica
+    mutations: int
+    first: int
+    count: int
+    bad_live: frozenset[int]                   # live blocks that fail (or do not read)
+    bad_versions: frozenset[tuple[int, int]]   # (block, key) of versions that fail
+
+    @property
+    def bad(self) -> list[int]:
+        """``verify``'s answer: blocks whose live data or a version fails."""
+        return sorted(self.bad_live | {b for b, _key in self.bad_versions})
 
 
 class _GroupSync:
@@ -2025,7 +2043,8 @@ class ReplicaStore:
                 rep.ext.write(b * BLOCK_SIZE, _filler(b, crc))
                 rep.ext._store_crcs(b, array("I", [crc]))     # noqa: SLF001 - the exporter's crc
 
-    def mend(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None) -> bool:
+    def mend(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None,
+             verified: Verdict | None = None) -> bool:
         """Repair from a peer's export blob only what fails its checksum here.
 
         Not ``import_``: the peer may not have received a write this replica
@@ -2037,12 +2056,25 @@ class ReplicaStore:
         Nothing that verifies is dropped, and nothing the peer marks unreadable
         is taken (its live block as absent would be zeros).  False when the extent is not here or
         its mutation counter is not ``if_unchanged`` (a write landed).
+
+        ``verified``: what fails here, from ``verify_verdict_async`` (the run's reads done in
+        a worker thread, not here on the loop, which a failing disk's seconds-long reads would
+        stall for every volume). It holds while its replica is the one open here and the
+        mutation counter has not moved since (checked here, no await after): nothing that
+        changes a live block or adds a version got in between. False otherwise, as for
+        ``if_unchanged``, which it implies. The blob's run must lie in the verdict's.
         """
         state = _parse_blob(blob)
         rep = self._replicas.get((vid, idx))
         if rep is None or (if_unchanged is not None and rep.mutations != if_unchanged):
             return False
+        if verified is not None and (verified.rep is not rep or verified.mutations != rep.mutations):
+            return False
         first, n = self._blocks(rep, state["offset"], state["end"] - state["offset"])
+        if verified is not None and not (verified.first <= first
+                                         and first + n <= verified.first + verified.count):
+            raise ValueError(f"blocks {first}+{n} outside the verdict's "
+                             f"{verified.first}+{verified.count}")
         live = {b: (s, d) for b, s, _crc, d in state["live"]}
         unreadable = {e[0] for e in state.get("bad_live", ())}   # the peer's rot: not absent
         versions: dict[int, list[tuple[int, int, bytes]]] = {}
@@ -2050,24 +2082,33 @@ class ReplicaStore:
             versions.setdefault(b, []).append((key, origin, d))
         with self._rep_io(rep):
             rep.mutations += 1
-            bad_live = set(rep.ext.verify(first, n))
+            if verified is None:
+                bad_live = set(rep.ext.verify(first, n))
+                version_fails = None
+            else:
+                bad_live = verified.bad_live
+                version_fails = verified.bad_versions.__contains__
             for b in range(first, first + n):
                 # Versions first, as in a COW: a view prefers them to the live block.
                 mend_live = b in bad_live and b not in unreadable
-                self._mend_versions(rep, b, versions.get(b, ()), fill=mend_live)
+                self._mend_versions(rep, b, versions.get(b, ()), fill=mend_live,
+                                    fails=version_fails)
                 if mend_live:
                     self._mend_live(rep, b, *live.get(b, (0, None)))
         return True
 
     @staticmethod
-    def _mend_versions(rep: _Replica, b: int, peer: list | tuple, fill: bool) -> None:
-        """Replace failing versions of block ``b`` by the peer's; add missing ones if ``fill``."""
+    def _mend_versions(rep: _Replica, b: int, peer: list | tuple, fill: bool,
+                       fails: Callable[[tuple[int, int]], bool] | None = None) -> None:
+        """Replace failing versions of block ``b`` by the peer's; add missing ones if ``fill``.
+        ``fails((b, key))`` says whether a version fails (a verdict's); None: read it here."""
         for key, origin, data in peer:
             v = rep.versions.get(key)
             entry = v.entries.get(b) if v is not None else None
             if entry is None and fill:
                 rep.imports += 1                 # it may be one the reclaimer trimmed here
-            elif entry is None or entry[0] != origin or v.check(b):
+            elif entry is None or entry[0] != origin or (
+                    v.check(b) if fails is None else not fails((b, key))):
                 continue
             rep.versions_for(key).put([(b, origin, data)])
 
@@ -2138,10 +2179,42 @@ class ReplicaStore:
             raise
         return await asyncio.shield(done)
 
+    async def verify_verdict_async(self, vid: str, idx: int, first_block: int = 0,
+                                   count: int | None = None) -> Verdict | None:
+        """``verify_async`` for a decision that must hold until a later change (a repair's
+        mend): the replica's mutation counter is read on the loop before the pin, the worker
+        verifies, and back on the loop the counter and the replica are compared with no await
+        in between. None when either moved (a write, unmap, revert, import or mend landed
+        while the worker read: it may have seen half of it); else the verdict is the
+        replica's state now, and stays so while ``mutations`` does not move (a trim only
+        drops versions: a block it cleans is found good on the next verify). The disk's
+        reads, seconds each when it is failing, never run on the loop."""
+        rep = self._get(vid, idx)
+        count = self._verify_range(rep, first_block, count)
+        before = rep.mutations
+        with self._io(rep.disk):
+            pin = _VerifyPin(rep)
+        try:
+            done = asyncio.get_running_loop().run_in_executor(
+                None, self._verify_detail_pinned, pin, first_block, count)
+        except BaseException:
+            pin.close()
+            raise
+        bad_live, bad_versions = await asyncio.shield(done)
+        if self._replicas.get((vid, idx)) is not rep or rep.mutations != before:
+            return None
+        return Verdict(rep, before, first_block, count, frozenset(bad_live),
+                       frozenset(bad_versions))
+
     def _verify_pinned(self, pin: _VerifyPin, first: int, count: int) -> list[int]:
+        bad_live, bad_versions = self._verify_detail_pinned(pin, first, count)
+        return sorted(bad_live | {b for b, _key in bad_versions})
+
+    def _verify_detail_pinned(self, pin: _VerifyPin, first: int, count: int
+                              ) -> tuple[set[int], set[tuple[int, int]]]:
         try:
             with self._io(pin.rep.disk):
-                return self._verify_blocks(pin.rep, pin, first, count)
+                return self._verify_detail(pin.rep, pin, first, count)
         finally:
             pin.close()
 
@@ -2156,7 +2229,15 @@ class ReplicaStore:
     @staticmethod
     def _verify_blocks(rep: _Replica, pin: _VerifyPin | None, first: int, count: int) -> list[int]:
         """``verify``'s reads: the replica's own fds (pin None, on the loop) or ``pin``'s dups."""
+        bad_live, bad_versions = ReplicaStore._verify_detail(rep, pin, first, count)
+        return sorted(bad_live | {b for b, _key in bad_versions})
+
+    @staticmethod
+    def _verify_detail(rep: _Replica, pin: _VerifyPin | None, first: int, count: int
+                       ) -> tuple[set[int], set[tuple[int, int]]]:
+        """(live blocks, (block, key) of versions) in the run that fail their checksum."""
         bad = set((rep.ext if pin is None else pin.ext).verify(first, count))
+        bad_versions: set[tuple[int, int]] = set()
         for b, vlist in rep.block_versions(first, first + count).items():
             for key, _, _ in vlist:
                 if pin is None:
@@ -2165,13 +2246,13 @@ class ReplicaStore:
                     v, fd = pin.versions.get(key, (None, None))    # None: made after the pin
                 try:
                     if v is not None and not v.check(b, fd):
-                        bad.add(b)
+                        bad_versions.add((b, key))
                 except KeyError:
                     pass                 # trimmed meanwhile (worker thread)
                 except OSError:
                     if pin is not None or v.fd >= 0:
                         raise
-        return sorted(bad)
+        return bad, bad_versions
 
     def trim(self, vid: str, idx: int, snapshot_seqs: set[int]) -> int:
         """Drop versions no snapshot in ``snapshot_seqs`` reads; returns blocks freed."""
