@@ -192,6 +192,17 @@ class LocalRepair:
             return None
         return await self.store.verify_verdict_async(vid, idx, block, 1)
 
+    async def _durable(self, vid: str, idx: int, block: int) -> bool:
+        """Sync the mend (``flush_async``: in a worker thread) before it counts: left in the
+        page cache, a power loss would bring the rotten bytes back from the disk. A failed
+        sync retires the replica (a coordinator resyncs it in full): the repair failed."""
+        try:
+            await self.store.flush_async(vid, idx)
+        except StoreError as e:
+            log.error("repair %s/%d block %d: the mend did not sync: %s", vid, idx, block, e)
+            return False
+        return True
+
     async def fetch_block(self, addr: Address, vid: str, idx: int, block: int) -> bytes:
         """The peer's state of ``block`` as one blob for ``mend``, however many parts
         its EXPORT ships it in (see the module docstring).
@@ -261,6 +272,8 @@ class LocalRepair:
                     log.info("repair %s/%d block %d: a write landed meanwhile; checking again",
                              vid, idx, block)
                     break
+                if not await self._durable(vid, idx, block):
+                    return False
                 verdict = await self._verdict(vid, idx, block)
                 if verdict is None:
                     log.info("repair %s/%d block %d: written after the mend; checking again",
