@@ -42,7 +42,8 @@ from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner, now
 
 from . import chunks as chunkmod
 from .context import Ctx
-from .volumes import MAX_RETRIES, find_volume, resolve_snapshot, snapshot_op_id, unique_name_release
+from .volumes import (MAX_RETRIES, creating_snapshot_removal, find_volume, resolve_snapshot, snapshot_op_id,
+                      unique_name_release)
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +422,8 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
     A done op is only a receipt. A failed snapshot op also takes its
     ``creating`` snapshot and name with it, exactly as a waiting create would
     have, so the name can be used again. Pending and running ops are not removed.
+    A ``creating`` snapshot with no op at all goes the same way, in the garbage
+    collection (``volumes.remove_stranded_snapshot``), which lists every snapshot anyway.
     """
     await move_stranded_reverts(ctx)
     now = time.time() if now is None else now
@@ -431,12 +434,11 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
             continue
         compare, ops = [ctx.unchanged(kv.key, kv.mod_revision)], [ctx.delete(kv.key)]
         if op.kind == "snapshot" and op.state == "failed":
-            skey = ctx.keys.snapshot(op.snapshot_id)
-            snap, srev = await ctx.get(skey, Snapshot)
+            snap, srev = await ctx.get(ctx.keys.snapshot(op.snapshot_id), Snapshot)
             if snap is not None and snap.state == "creating":
-                ucompare, uops = await unique_name_release(ctx, snap)
-                compare += [ctx.unchanged(skey, srev), *ucompare]
-                ops += [ctx.delete(skey), ctx.delete(ctx.keys.snapshot_name(snap.volume_id, snap.name)), *uops]
+                scompare, sops = await creating_snapshot_removal(ctx, snap, srev)
+                compare += scompare
+                ops += sops
         if await ctx.txn(compare, ops):
             log.info("volume op %s (%s, %s) tidied up%s", op.op_id, op.kind, op.state,
                      f": {op.error}" if op.error else "")

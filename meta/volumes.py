@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from typing import Any, NamedTuple
 
@@ -215,6 +216,21 @@ async def unique_name_release(ctx: Ctx, snap: Snapshot) -> tuple[list, list]:
     if got is None or got.value.decode() != snap.snapshot_id:
         return [], []
     return [ctx.unchanged(key, got.mod_revision)], [ctx.delete(key)]
+
+
+async def creating_snapshot_removal(ctx: Ctx, snap: Snapshot, srev: int) -> tuple[list, list]:
+    """(compare, ops) removing ``creating`` snapshot ``snap`` read at ``srev`` with its names, so
+    they can be used again: compared unchanged, so a commit of it (made ``ready`` meanwhile)
+    and this removal exclude each other. For a snapshot whose op failed, or that has none."""
+    skey = ctx.keys.snapshot(snap.snapshot_id)
+    compare, ops = [ctx.unchanged(skey, srev)], [ctx.delete(skey)]
+    name_key = ctx.keys.snapshot_name(snap.volume_id, snap.name)
+    got = await ctx.etcd.get(name_key)
+    if got is not None and got.value.decode() == snap.snapshot_id:
+        compare.append(ctx.unchanged(name_key, got.mod_revision))
+        ops.append(ctx.delete(name_key))
+    ucompare, uops = await unique_name_release(ctx, snap)
+    return compare + ucompare, ops + uops
 
 
 async def resolve_snapshot(ctx: Ctx, ref: str) -> Snapshot:
@@ -657,8 +673,41 @@ async def collect_garbage_every(ctx: Ctx, stop: asyncio.Event, interval: float =
             pass
 
 
-async def collect_garbage(ctx: Ctx) -> None:
-    """Erase tombstones nothing references any more (repeats until stable)."""
+# A snapshot left ``creating`` with no op this long after its create is stranded (its meta
+# server died between the two transactions of the create, and nobody repeated the create).
+# A live create has its snapshot without an op only for the moment between those two
+# transactions (then it has an op, or is ready), or while it waits for an unfinished revert of
+# the volume (skipped below); one call waits 10 s, the CLI retries for 15 s. Ten minutes is far
+# past all of that and past any clock difference between meta servers (``created`` is the
+# creating server's clock), and five times the age at which a failed op's snapshot goes.
+STRANDED_CREATING_AGE = 600.0
+
+
+async def remove_stranded_snapshot(ctx: Ctx, snap: Snapshot, srev: int, now: float,
+                                   age: float = STRANDED_CREATING_AGE) -> bool:
+    """Remove ``creating`` snapshot ``snap`` (read at ``srev``) if it has no op, is older than
+    ``age`` and its volume has no unfinished revert; whether it was removed. Its name stays
+    taken and its deleted volume unreclaimed for ever otherwise. The op's absence is compared:
+    one made meanwhile (the create repeated) keeps it; so is the snapshot, so a commit of it
+    (by the meta that made it, with no coordinator) and this removal exclude each other."""
+    if snap.state != "creating" or now - snap.created < age:
+        return False
+    op_key = ctx.keys.volop(snap.volume_id, snapshot_op_id(snap.snapshot_id))
+    for key, op in await ctx.list(ctx.keys.volops(snap.volume_id), VolumeOp):
+        if key == op_key or (op.kind == "revert" and op.state in ("pending", "running")):
+            return False            # its op's (tidy_ops' failed-op path), or waits for the revert
+    compare, ops = await creating_snapshot_removal(ctx, snap, srev)
+    if not await ctx.txn([ctx.absent(op_key), *compare], ops):
+        return False
+    log.warning("snapshot %s (%s) of volume %s removed: left creating with no op since %.0f s",
+                snap.name, snap.snapshot_id, snap.volume_id, now - snap.created)
+    return True
+
+
+async def collect_garbage(ctx: Ctx, now: float | None = None) -> None:
+    """Erase tombstones nothing references any more, and snapshots stranded ``creating``
+    (``remove_stranded_snapshot``: the same listing; their volume can go in the same run).
+    Repeats until stable."""
     for _ in range(8):
         # Snapshots (with their revisions) before volumes: a clone created after this listing
         # moves its snapshot's revision, so the delete below fails its compare instead of
@@ -673,6 +722,8 @@ async def collect_garbage(ctx: Ctx) -> None:
         changed = False
         for s in snaps.values():
             skey = ctx.keys.snapshot(s.snapshot_id)
+            changed |= await remove_stranded_snapshot(ctx, s, snap_revs[skey],
+                                                      time.time() if now is None else now)
             if (s.state == "deleted" and skey in snap_revs
                     and not any(v.source_snapshot == s.snapshot_id for v in vols.values())):
                 changed |= await ctx.txn([ctx.unchanged(skey, snap_revs[skey])],
