@@ -129,6 +129,16 @@ __all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "StaleGenerati
 
 _MAX_SEQ = 0xFFFFFFFF
 _CHUNK = 1 << 20                     # internal unit of large unmaps / reverts
+
+
+def _pieces(start: int, end: int) -> Iterator[tuple[int, int]]:
+    """[start, end) in pieces of at most ``_CHUNK`` bytes that end on block boundaries (but
+    the last): only the range's own edges are partial blocks, zeroed rather than punched."""
+    a = start
+    while a < end:
+        b = min(end, a // BLOCK_SIZE * BLOCK_SIZE + _CHUNK)
+        yield a, b
+        a = b
 _ENTRY = struct.Struct("<II")        # version slot: crc, origin
 _SEQ = struct.Struct("<I")           # one .seq entry
 _BLOB_FORMAT = 1
@@ -1460,7 +1470,7 @@ class ReplicaStore:
         ``seq`` > 1), a snapshot may have seen it absent; nothing but its seq keeps the new
         data out of that snapshot (there is no version), so ``.seq`` is fdatasync'd before
         the data and checksums are written (one sync per such write call, with ``cow_sync``).
-        Not ``present`` (an unmap of the bytes ``span``): see ``_unmapped_seqs``."""
+        Not ``present`` (an unmap of the bytes ``span``): see ``_new_seqs``."""
         new, cross = self._new_seqs(rep, first, n, seq, present, span)
         if new is None:
             return
@@ -1494,6 +1504,13 @@ class ReplicaStore:
                 new[k] = seq
                 cross = cross or self._crosses(rep, first + k, 1, seq)
         return (None, False) if seqs[first:first + n] == new else (new, cross)
+
+    def _edge_crosses(self, rep: _Replica, start: int, end: int, seq: int) -> bool:
+        """An unmap of the bytes [start, end) zeroes part of an absent block across a possible
+        snapshot: that block's ``.seq`` sync (``_new_seqs``) is due, off the loop with an epoch."""
+        edges = {b for b, cut in ((start // BLOCK_SIZE, start % BLOCK_SIZE),
+                                  ((end - 1) // BLOCK_SIZE, end % BLOCK_SIZE)) if cut}
+        return any(self._crosses(rep, b, 1, seq) for b in edges)
 
     def _crosses(self, rep: _Replica, first: int, n: int, seq: int) -> bool:
         """Writing the run at ``seq`` makes an absent block present across a possible
@@ -1637,8 +1654,7 @@ class ReplicaStore:
             end = offset + length
             holes = []
             floor, rep.floor = rep.floor, min(rep.floor, seq)    # as ``unmap``
-            for a in range(offset, end, _CHUNK):
-                b = min(end, a + _CHUNK)
+            for a, b in _pieces(offset, end):
                 f, m = self._blocks(rep, a, b - a)
                 await self._cow_later(rep, vid, idx, epoch, f, m, seq, hold, floor)
                 await self._store_seqs_later(rep, vid, idx, epoch, f, m, seq, zero, hold, (a, b))
@@ -1739,7 +1755,8 @@ class ReplicaStore:
         if n == 0:
             return None
         if epoch and (any(rep.ext.crcs[first:first + n]) or self._busy(rep, first, n)
-                      or (zero and self._crosses(rep, first, n, seq))):
+                      or (zero and self._crosses(rep, first, n, seq))
+                      or (not zero and self._edge_crosses(rep, offset, offset + length, seq))):
             return self._unmap_later(rep, offset, length, seq, zero, epoch)
         with self._rep_io(rep):
             rep.mutations += 1
@@ -1750,12 +1767,12 @@ class ReplicaStore:
             # (after the loop, a failed unmap(zero) left zeros at seq under a higher floor, and
             # the next write at seq+1 skipped the COW a snapshot at seq needed).
             floor, rep.floor = rep.floor, min(rep.floor, seq)
-            for a in range(offset, end, _CHUNK):
-                b = min(end, a + _CHUNK)
+            for a, b in _pieces(offset, end):
                 f, m = self._blocks(rep, a, b - a)
                 self._cow(rep, f, m, seq, floor)
-                # Punched blocks stay absent: their seq needs no sync (a zeroed partial edge of
-                # a plain volume reads as zeros either way; a clone unmaps with ``zero``).
+                # Punched blocks stay absent, keeping their seq if they were already (a clone
+                # unmaps with ``zero``); a partial edge of an absent block syncs its seq before
+                # its zeros, as a write (``_new_seqs``).
                 self._store_seqs(rep, f, m, seq, present=zero, span=(a, b))
                 if zero:
                     rep.ext.write(a, bytes(b - a))

@@ -85,3 +85,30 @@ def test_a_discarded_absent_block_written_after_a_snapshot_stays_out_of_it(
         assert s.read(V, 0, 0, BLOCK_SIZE, view=1)[0] == b"a" * BLOCK_SIZE
     finally:
         s.close()
+
+
+def test_an_unmap_zeroing_part_of_an_absent_block_syncs_off_the_loop(tmp_path: Path):
+    """With an epoch (the replica server's call) the edge's ``.seq`` sync is due: the unmap
+    comes back as a coroutine (its sync in a worker thread), never a sync on the loop."""
+    with ReplicaStore([(tmp_path / "d0", None)], extent_size=SIZE) as s:
+        s.create(V, 0, 1)
+        s.admit(V, 0, 1)
+        s.write(V, 0, 0, b"a" * BLOCK_SIZE, seq=1)
+        later = s.unmap(V, 0, 2 * BLOCK_SIZE + 512, 1024, seq=2, epoch=1)
+        assert later is not None, "synced .seq inline, on the event loop"
+        asyncio.run(later)
+        assert s.read(V, 0, 2 * BLOCK_SIZE, BLOCK_SIZE, view=1)[0] == bytes(BLOCK_SIZE)
+
+
+def test_only_the_ranges_own_edges_are_partial_blocks(tmp_path: Path):
+    """A long unmap at an unaligned offset is cut in 1 MiB pieces that end on block
+    boundaries: the blocks at the pieces' joins are punched (absent), not zeroed (present)."""
+    size = 4 << 20
+    with ReplicaStore([(tmp_path / "d0", None)], extent_size=size) as s:
+        s.create(V, 0, 1)
+        s.write(V, 0, 0, b"a" * size, seq=1)
+        s.unmap(V, 0, 512, 3 << 20, seq=1)
+        crcs = s._get(V, 0).ext.crcs                              # noqa: SLF001
+        edges = {0, (512 + (3 << 20)) // BLOCK_SIZE}
+        assert [b for b in range(1, (3 << 20) // BLOCK_SIZE) if crcs[b]] == [], "joins zeroed"
+        assert all(crcs[b] for b in edges)                           # the range's own edges
