@@ -491,6 +491,10 @@ class Coordinator:
         return None
 
     async def close(self) -> None:
+        # From here no attempt of a mutation is sent (``_owns`` is False, ``ensure_owner``
+        # raises NotServing): the release below lets the meta take a snapshot by itself at
+        # our seq, and an attempt still retrying (a fast write's handoff, a write waiting for
+        # a replica) would land inside it. Attempts already sent are answered as before.
         self._stop.set()
         if self._watch is not None:
             self._watch.cancel()
@@ -511,6 +515,8 @@ class Coordinator:
     async def ensure_owner(self) -> None:
         if self.view_seq:
             raise ReadOnlyError("snapshot views are read-only")
+        if self._stop.is_set():
+            raise NotServing(f"volume {self.vid}: closed on this chunk server")
         lease = self.engine.lease
         if lease is not None:
             # No write starts while this server's etcd lease may have lapsed: by then the meta
@@ -540,7 +546,7 @@ class Coordinator:
         ``ensure_owner``: a request waits (range lock, gate, a slow replica, a meta call) and
         the lease may lapse meanwhile; once it may have, the meta may commit a snapshot at our
         seq by itself, and a write sent then at that seq would land inside it."""
-        if not self.epoch:
+        if not self.epoch or self._stop.is_set():     # closed: ownership released (``close``)
             return False
         lease = self.engine.lease
         return lease is None or (lease.lease_gen == self._lease_gen
