@@ -1201,8 +1201,21 @@ class ReplicaStore:
             raise StoreIOError(f"extent {vid}/{idx} not deleted: disk {disk.path} failed: {why}")
 
     def usage(self) -> list[dict]:
+        """Each disk's capacity, used bytes and state (each disk probe of the chunk server).
+
+        A statvfs (or, with a limit, fstat) error fails the disk for good only when it says
+        the disk is gone, as ``_dir_gone`` decides for a CREATE or DELETE: ENOENT/ENOTDIR
+        (its directory removed or replaced, a mount point gone) and EIO/EROFS (the disk's own
+        failure). Any other error says nothing about the disk and is reported ``failed`` for
+        this probe only (no new extent placed meanwhile: ``_place`` skips a disk whose
+        statvfs fails) and tried again at the next: EINTR (a signal interrupted the call;
+        Python retries it itself, a wrapper may not), EAGAIN/ETIMEDOUT (a network or FUSE
+        filesystem's server slow to answer), ENOMEM (the kernel short of memory for the
+        call), ESTALE (an NFS handle the client revalidates).
+        Failed for good, one such error kept a healthy disk out of placement until a restart."""
         out = []
         for disk in self._disks:
+            transient = None
             if disk.probe_error or disk.failed_at_start:
                 # Its statvfs may be the root filesystem's (unmounted), or fail (no mount point).
                 capacity, used = disk.limit or 0, 0
@@ -1210,12 +1223,18 @@ class ReplicaStore:
                 try:
                     capacity, used = self._used(disk)
                 except OSError as e:
-                    disk.fail(f"statvfs: {e}")
                     capacity, used = disk.limit or 0, 0
-                self._room_again(disk, capacity, used)
-            state = self._state(disk, capacity, used)
+                    if e.errno in _DIR_GONE or e.errno in _DISK_GONE:
+                        disk.fail(f"statvfs: {e}")
+                    else:
+                        transient = f"statvfs: {e} (checked again at the next probe)"
+                        log.warning("disk %s: %s", disk.path, transient)
+                else:
+                    self._room_again(disk, capacity, used)
+            state = "failed" if transient else self._state(disk, capacity, used)
             out.append({"path": str(disk.path), "capacity": capacity, "used": used, "state": state}
-                       | ({"error": disk.error or disk.probe_error} if state == "failed" else {}))
+                       | ({"error": disk.error or disk.probe_error or transient}
+                          if state == "failed" else {}))
         return out
 
     # -- metadata --------------------------------------------------------------
