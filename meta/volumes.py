@@ -408,7 +408,10 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
     export made meanwhile puts the volume back, so the delete looks again and takes it
     along. No transaction grows with the number of snapshots or exports: one that did
     (~5 operations per export) went past etcd's 128 operations per txn (--max-txn-ops) at
-    ~25 exported snapshots, and the volume could never be deleted."""
+    ~25 exported snapshots, and the volume could never be deleted.
+
+    A pending or running revert of the volume refuses the delete, or with force is cancelled
+    in the volume's transaction (``_unfinished_reverts_of``)."""
     for _ in range(MAX_RETRIES):
         vol, rev = await find_volume(ctx, ref)
         acl = await acl_entries(ctx, vol.volume_id)
@@ -416,6 +419,7 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
             who = ", ".join(a.initiator for a in acl[:3]) + ("..." if len(acl) > 3 else "")
             raise Conflict(f"volume {vol.name!r} is exported to {len(acl)} initiator(s): {who}",
                            hint=f"remove them with `zstore acl remove {vol.name} IQN`, or delete with --force")
+        reverts = await _unfinished_reverts_of(ctx, vol, force)
         snaps = await _snapshots_of(ctx, vol.volume_id)
         exported = await _exported_snapshots(ctx, vol, snaps, force)
         for s in exported:
@@ -424,18 +428,42 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
         ops = [ctx.delete(ctx.keys.volume_name(vol.name)),
                ctx.delete(ctx.keys.lun(vol.target_index, vol.lun)),
                ctx.delete(ctx.keys.volume_acl(vol.volume_id), prefix=True)]
+        # A forced delete cancels the unfinished revert (compared: one moved meanwhile looks
+        # again); its executor stops before its next extent, and its caller hears "cancelled".
+        compare = [ctx.unchanged(vkey, rev)] + [ctx.unchanged(k, r) for k, r, _ in reverts]
+        ops += [ctx.delete(k) for k, _, _ in reverts]
         if snaps:
             vol.state = "deleted"
             ops.append(ctx.put(vkey, vol))
         else:
             ops += erase_ops(ctx, vol.volume_id)
-        if await ctx.txn([ctx.unchanged(vkey, rev)], ops):
-            log.info("volume %s (%s) deleted%s%s%s", vol.name, vol.volume_id, " (forced)" if acl else "",
+        if await ctx.txn(compare, ops):
+            log.info("volume %s (%s) deleted%s%s%s%s", vol.name, vol.volume_id,
+                     " (forced)" if acl or reverts else "",
+                     f"; revert {', '.join(op.op_id for _, _, op in reverts)} cancelled" if reverts else "",
                      f"; {len(exported)} snapshot export(s) dropped" if exported else "",
                      f"; kept as a tombstone for {len(snaps)} snapshot(s)" if snaps else "")
             await _collect_garbage_after(ctx, f"deleting volume {vol.name}")
             return vol
     raise Conflict(f"could not delete volume {ref!r}: too much concurrent change", hint="retry", retry=True)
+
+
+async def _unfinished_reverts_of(ctx: Ctx, vol: Volume, force: bool) -> list[tuple[bytes, int, VolumeOp]]:
+    """(key, mod revision, op) of the volume's pending or running reverts; without force,
+    refuses while there is one: it would go on rewriting the deleted volume and answer its
+    caller "reverted". A revert made after this read puts the volume back (its revision
+    moves), so the delete's compare fails and it looks again."""
+    kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.volops(vol.volume_id))
+    ops = [(kv.key, kv.mod_revision, VolumeOp.decode(kv.value)) for kv in kvs]
+    reverts = [(k, r, op) for k, r, op in ops if op.kind == "revert" and op.state in ("pending", "running")]
+    if reverts and not force:
+        op = reverts[0][2]
+        snap, _ = await ctx.get(ctx.keys.snapshot(op.snapshot_id), Snapshot)
+        raise Conflict(f"volume {vol.name!r} has a revert still {op.state} (op {op.op_id}, to snapshot "
+                       f"{snap.name if snap else op.snapshot_id!r}, on chunk server {op.executor})",
+                       hint="wait for the revert to finish (its command returns when done), or delete "
+                            "with --force, which cancels it")
+    return reverts
 
 
 def _exported_to_conflict(vol: Volume, s: Snapshot, users: list[AclEntry]) -> Conflict:
