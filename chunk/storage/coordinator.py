@@ -324,6 +324,51 @@ class _PendingWrite:
         return replied
 
 
+class _PiecewiseWrite(_PendingWrite):
+    """A fast-path write of more than one frame: a remote replica may take some frames and
+    fail others (fenced between two by another owner), so which frames failed where is kept
+    (``missed``: position -> frame numbers), and each frame is recovered with its own
+    outcomes (``piece_outcomes``). One outcome for the whole write made a replica that
+    took frame 0 look as if it missed it, and ``_split_by_snapshot`` then kept replicas
+    that disagree on a snapshot."""
+
+    __slots__ = ("missed",)
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.missed: dict[int, set[int]] = {}
+
+    def send(self, k: int, replica, vid: str, idx: int, epoch: int, seq: int) -> None:
+        """Send every frame of the write to remote ``replica`` (position ``k``)."""
+        view, eoff, n = self.view, self.eoff, self.n
+        for i, pos in enumerate(range(0, n, MAX_DATA)):
+            if not replica.send_write(vid, idx, eoff + pos, view[pos:pos + MAX_DATA], epoch, seq,
+                                      self.frame_callback(k, replica, i)):
+                self.outcomes[k] = rk.ReplicaFailed(replica.chunk_id, rk.UNAVAILABLE,
+                                                    "request not sent")
+                self.missed.setdefault(k, set()).update(range(i, -(-n // MAX_DATA)))
+                return
+            self.left += 1
+
+    def frame_callback(self, k: int, replica, i: int):
+        def replied(reply) -> None:
+            failure = replica.outcome_of(reply) if reply is not None else None
+            if failure is not None:
+                self.missed.setdefault(k, set()).add(i)
+                if self.outcomes[k] is None:
+                    self.outcomes[k] = failure
+            self.left -= 1
+            if not self.left:
+                self.coord._write_settled(self)
+        return replied
+
+    def piece_outcomes(self, i: int) -> list:
+        """The outcomes of frame ``i``: a remote replica's failure only if that frame failed
+        there; the local replica's (one call for the whole write) for every frame."""
+        return [o if o is not None and (k not in self.missed or i in self.missed[k]) else None
+                for k, o in enumerate(self.outcomes)]
+
+
 def _runs(offsets: list[int], step: int) -> list[tuple[int, int]]:
     """Ascending offsets of ``step``-byte blocks -> [start, end) runs of adjacent ones."""
     out: list[tuple[int, int]] = []
@@ -1403,16 +1448,19 @@ class Coordinator:
             # cached: asyncio.get_running_loop() is a getpid() syscall, once per write here
             loop = self._loop = asyncio.get_running_loop()
         done = loop.create_future()
-        pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, seq, token)
-        outcomes = pending.outcomes
-        for k, r in remotes:                                # replies come later, never inside
-            replied = pending.make_callback(k, r)
-            for pos in range(0, n, MAX_DATA):               # one frame carries MAX_DATA at most
-                if not r.send_write(vid, idx, eoff + pos, view[pos:pos + MAX_DATA] if n > MAX_DATA
-                                    else view, epoch, seq, replied):
+        if n <= MAX_DATA:                                   # one frame carries MAX_DATA at most
+            pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, seq, token)
+            outcomes = pending.outcomes
+            for k, r in remotes:                            # replies come later, never inside
+                if r.send_write(vid, idx, eoff, view, epoch, seq, pending.make_callback(k, r)):
+                    pending.left += 1
+                else:
                     outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent")
-                    break
-                pending.left += 1
+        else:
+            pending = _PiecewiseWrite(self, done, idx, eoff, n, view, rec, targets, epoch, seq, token)
+            outcomes = pending.outcomes
+            for k, r in remotes:
+                pending.send(k, r, vid, idx, epoch, seq)
         if local is not None:
             try:
                 later = local.write_now(vid, idx, eoff, view, epoch, seq)
@@ -1467,15 +1515,14 @@ class Coordinator:
 
     async def _write_recover(self, p: "_PendingWrite") -> None:
         try:
-            # The general path's unit is one frame's worth: a longer write is redone piece by
-            # piece, the first piece with the fast attempt's outcomes (a replica that failed any
-            # piece failed the write), the rest afresh on whatever replica set that leaves.
-            first = (p.rec, p.targets, p.outcomes, p.epoch, p.seq)
-            for pos in range(0, p.n, MAX_DATA):
+            # The general path's unit is one frame's worth: a longer write is recovered frame
+            # by frame, each with the fast attempt's outcomes of that frame (a replica may have
+            # taken one and been fenced on the next: ``_split_by_snapshot`` must see which).
+            for i, pos in enumerate(range(0, p.n, MAX_DATA)):
                 m = min(MAX_DATA, p.n - pos)
+                outcomes = p.piece_outcomes(i) if isinstance(p, _PiecewiseWrite) else p.outcomes
                 await self._replicate("write", p.idx, p.eoff + pos, m, p.view[pos:pos + m], False,
-                                      False, first=first)
-                first = None
+                                      False, first=(p.rec, p.targets, outcomes, p.epoch, p.seq))
         except asyncio.CancelledError:          # shutting down: the session gets no answer
             p.done.cancel()
             raise
