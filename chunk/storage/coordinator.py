@@ -612,7 +612,11 @@ class Coordinator:
     async def _acquire(self) -> None:
         """Take ownership in etcd (see ``_take``); etcd out of reach is NOT READY, which the
         host retries, as a flush that cannot read the owner record answers: nothing failed
-        on the replicas (a raw etcd error was answered INTERNAL TARGET FAILURE)."""
+        on the replicas (a raw etcd error was answered INTERNAL TARGET FAILURE). Never once
+        closed: ``close`` released ownership, and a retake (a fenced request, a flush) would
+        take it again, fencing the server that took the volume over, for a dead coordinator."""
+        if self._stop.is_set():
+            raise NotServing(f"volume {self.vid}: closed on this chunk server")
         try:
             await self._take()
         except _ETCD_UNREACHABLE as err:

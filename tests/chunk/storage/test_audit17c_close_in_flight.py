@@ -88,3 +88,32 @@ async def test_a_fast_write_handed_off_sends_nothing_after_close_released_owners
         await asyncio.wait_for(done, 10)
     assert a.stat("v", 0)["mutations"] == released
     assert coord.engine.meta.calls == []
+
+
+async def test_a_write_fenced_while_its_volume_closes_does_not_take_ownership_back(
+        stores, etcd_client, keys):  # noqa: F811
+    """The write was fenced by another server and waits for the owner lock to take the volume
+    back (``_retake``) while the volume closes: taking it back after ``close`` released it
+    raised the owner record's epoch again (fencing the server that took it over, for
+    nothing) and marked it unreleased under this closed coordinator. The write fails NOT
+    READY and the record stays as ``close`` left it."""
+    a, b = stores("A"), stores("B")
+    for st in (a, b):
+        st.create("v", 0, 1)
+    coord = await _volume(etcd_client, keys, {"A": rk.LocalReplica("A", a),
+                                              "B": rk.LocalReplica("B", b)}, extents=1)
+    await asyncio.wait_for(coord.write(0, _block(1)), 10)      # owner, in service
+    mine = coord.epoch
+    for st in (a, b):
+        st.admit("v", 0, mine + 1)                             # another server fenced us
+    await coord._owner_lock.acquire()                           # noqa: SLF001 - hold the retake
+    try:
+        w = asyncio.ensure_future(coord.write(0, _block(2)))
+        await _until(lambda: coord.counters["fenced"] == 1)     # fenced, waiting to retake
+        await asyncio.wait_for(coord.close(), 10)
+    finally:
+        coord._owner_lock.release()                             # noqa: SLF001
+    with pytest.raises(NotServing):
+        await asyncio.wait_for(w, 10)
+    owner = VolumeOwner.decode((await etcd_client.get(keys.owner("v"))).value)
+    assert (owner.epoch, owner.released) == (mine, True)
