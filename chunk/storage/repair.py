@@ -186,11 +186,17 @@ class LocalRepair:
         return (await self.extent_peers(vid, idx))[1]
 
     async def _verdict(self, vid: str, idx: int, block: int) -> Verdict | None:
-        """``block`` verified in a worker thread, with its token (see the module docstring);
-        None when the extent changed during the reads (or is gone): not known, check again."""
+        """``block`` verified, with its token (see the module docstring): in a worker thread,
+        and if the extent changed during those reads (written anywhere: the token covers the
+        whole extent), once more on the loop, where nothing lands meanwhile, so that a busy
+        extent is repaired as before (a read of one block; it stalls the loop as every repair
+        did before the worker). None when the extent is gone."""
         if not self.store.has(vid, idx):
             return None
-        return await self.store.verify_verdict_async(vid, idx, block, 1)
+        verdict = await self.store.verify_verdict_async(vid, idx, block, 1)
+        if verdict is None and self.store.has(vid, idx):
+            verdict = self.store.verify_verdict(vid, idx, block, 1)
+        return verdict
 
     async def _durable(self, vid: str, idx: int, block: int) -> bool:
         """Sync the mend (``flush_async``: in a worker thread) before it counts: left in the

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import pytest
 
@@ -93,3 +94,44 @@ async def test_a_mend_given_a_verdict_a_write_outdated_changes_nothing(nodes):
     fresh = await b.store.verify_verdict_async(VID, 0, 3, 1)
     assert fresh is not None and b.store.mend(VID, 0, blob, verified=fresh)
     assert b.store.verify(VID, 0) == []
+
+
+class SlowWorkerReads(BlockedRead):
+    """Every worker-thread read of the data file takes ``delay`` (a failing disk); reads on
+    the loop are not slowed (the loop has nothing else to wait for in these tests)."""
+
+    delay = 0.1
+
+    def preadv(self, fd, buffers, offset):
+        if threading.current_thread() is not threading.main_thread() \
+                and os.fstat(fd).st_ino == self.ino:
+            self.started.set()
+            time.sleep(self.delay)
+        return self.real(fd, buffers, offset)
+
+
+async def test_a_busy_extent_is_still_repaired(nodes, monkeypatch):
+    """The token covers the whole extent: a write to another of its blocks during every
+    worker read made every verdict void, and the repair gave up with the block still rotten
+    (it read on the loop before, where nothing lands meanwhile). A void verdict is now taken
+    again on the loop."""
+    a, b = await two(nodes)
+    b.corrupt(VID, 0, 3)
+    SlowWorkerReads(monkeypatch, b.data_path(VID, 0))
+    stop = asyncio.Event()
+
+    async def busy() -> None:                      # a write elsewhere in the extent, often
+        for k in range(200):
+            if stop.is_set():
+                return
+            b.store.write(VID, 0, 7 * BLOCK_SIZE, block(f"w{k}"), 1)
+            await asyncio.sleep(0.02)
+
+    writer = asyncio.create_task(busy())
+    try:
+        assert await asyncio.wait_for(b.repair.repair_block(VID, 0, 3), 20)
+    finally:
+        stop.set()
+        await writer
+    assert b.store.read(VID, 0, 3 * BLOCK_SIZE, BLOCK_SIZE)[0] == block("three")
+    assert 3 not in b.store.verify(VID, 0)
