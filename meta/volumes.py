@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from zstore import naming
 from zstore.etcd import get_prefix_paged, prefix_end
 from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound
-from zstore.records import AclEntry, LunMapping, Snapshot, Target, Volume, VolumeOp
+from zstore.records import AclEntry, LunMapping, RecordError, Snapshot, Target, Volume, VolumeOp
 from zstore.units import SizeError, format_size, parse_size
 
 from . import chunks as chunkmod
@@ -454,8 +454,8 @@ async def _unfinished_reverts_of(ctx: Ctx, vol: Volume, force: bool) -> list[tup
     caller "reverted". A revert made after this read puts the volume back (its revision
     moves), so the delete's compare fails and it looks again."""
     kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.volops(vol.volume_id))
-    ops = [(kv.key, kv.mod_revision, VolumeOp.decode(kv.value)) for kv in kvs]
-    reverts = [(k, r, op) for k, r, op in ops if op.kind == "revert" and op.state in ("pending", "running")]
+    reverts = [(kv.key, kv.mod_revision, op) for kv in kvs
+               if (op := _decoded_op(kv.value)) and op.kind == "revert" and op.state in ("pending", "running")]
     if reverts and not force:
         op = reverts[0][2]
         snap, _ = await ctx.get(ctx.keys.snapshot(op.snapshot_id), Snapshot)
@@ -464,6 +464,15 @@ async def _unfinished_reverts_of(ctx: Ctx, vol: Volume, force: bool) -> list[tup
                        hint="wait for the revert to finish (its command returns when done), or delete "
                             "with --force, which cancels it")
     return reverts
+
+
+def _decoded_op(value: bytes) -> VolumeOp | None:
+    """The op, or None for a record that does not decode: no chunk server runs one (the engine
+    skips it), and it must not make the volume undeletable."""
+    try:
+        return VolumeOp.decode(value)
+    except RecordError:
+        return None
 
 
 def _exported_to_conflict(vol: Volume, s: Snapshot, users: list[AclEntry]) -> Conflict:
