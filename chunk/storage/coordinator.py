@@ -688,6 +688,15 @@ class Coordinator:
             await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** attempt)))
             await self._acquire()
 
+    async def _replicas(self, chunk_ids) -> list:
+        """The handles of ``chunk_ids`` for a mutation's attempt. A peer not cached (one that
+        failed is forgotten) is looked up in etcd: out of reach is NOT READY, nothing sent
+        (a raw etcd error was answered INTERNAL TARGET FAILURE)."""
+        try:
+            return [await self.engine.replica(c) for c in chunk_ids]
+        except _ETCD_UNREACHABLE as err:
+            raise NotServing(f"volume {self.vid}: cannot look its replicas up in etcd: {err}") from None
+
     @staticmethod
     def _fenced(failed) -> bool:
         """A replica refused the attempt's epoch: stale (another owner), or none (DENIED: a
@@ -734,7 +743,7 @@ class Coordinator:
                                           f"on meanwhile); stopping")
                     await self._owned()
                 cur = rec or self.extents[idx]
-                targets = [await self.engine.replica(c) for c in cur.replicas]
+                targets = await self._replicas(cur.replicas)
                 if self._owns():
                     break
             epoch = self.epoch
@@ -1023,7 +1032,7 @@ class Coordinator:
                         continue
                     rec = self.extents[idx]
                     targets = self.engine.cached_replicas(rec.replicas) or \
-                        [await self.engine.replica(c) for c in rec.replicas]
+                        await self._replicas(rec.replicas)
                     sync = self._sync.get(idx)
                     if sync is not None and sync.failed is None and eoff < sync.cursor:
                         targets.append(sync.replica)
@@ -1302,7 +1311,7 @@ class Coordinator:
         last = None                                 # (replicas, outcomes) of the round sent last
         while True:
             rec = self.extents[idx]
-            targets = [await self.engine.replica(c) for c in rec.replicas]
+            targets = await self._replicas(rec.replicas)
             sync = self._sync.get(idx)
             if sync is not None and sync.failed is None and eoff < sync.cursor:
                 targets.append(sync.replica)

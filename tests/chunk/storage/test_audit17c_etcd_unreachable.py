@@ -103,3 +103,33 @@ async def test_a_replica_failing_while_etcd_is_unreachable_fails_the_write_as_a_
         assert coord.counters["drops"] == 0
     finally:
         await meta.close()
+
+
+async def test_a_write_that_must_look_a_peer_up_while_etcd_is_unreachable_is_not_ready(
+        stores, etcd_client, keys, dead_etcd):  # noqa: F811
+    """A peer that failed is forgotten (``forget_peer``), and the next write looks its
+    address up in etcd again (``Peers.address``, as the engine does): with etcd out of
+    reach that raised ConnectionFailedError straight out of the write (INTERNAL TARGET
+    FAILURE), for every write to the extent. Nothing was sent: NOT READY, retried."""
+    from chunk.storage.peers import Peers
+
+    a = stores("A")
+    a.create("v", 0, 1)
+    local = rk.LocalReplica("A", a)
+    coord = await _volume(etcd_client, keys, {"A": local}, extents=1)
+    coord.extents[0].replicas = ["A", "B"]
+    peers = Peers(dead_etcd, keys)
+
+    async def replica(chunk_id):                    # the engine's, B forgotten (not cached)
+        if chunk_id == "A":
+            return local
+        return rk.RemoteReplica(chunk_id, await peers.address(chunk_id), None)
+    coord.engine.replica = replica
+    coord.engine.cached_replicas = lambda chunk_ids: None
+    await coord.ensure_owner()                      # owned before etcd went away
+    before = a.stat("v", 0)["mutations"]
+    with pytest.raises(_ANSWERED) as got:
+        await asyncio.wait_for(coord.write(0, _block(2)), 30)
+    assert isinstance(got.value, NotServing)
+    assert a.stat("v", 0)["mutations"] == before    # nothing sent
+    assert coord.engine.meta.calls == []
