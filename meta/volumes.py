@@ -730,8 +730,9 @@ async def remove_stranded_snapshot(ctx: Ctx, snap: Snapshot, srev: int, now: flo
     if snap.state != "creating" or now - snap.created < age:
         return False
     op_key = ctx.keys.volop(snap.volume_id, snapshot_op_id(snap.snapshot_id))
-    for key, op in await ctx.list(ctx.keys.volops(snap.volume_id), VolumeOp):
-        if key == op_key or (op.kind == "revert" and op.state in ("pending", "running")):
+    for key, value in await ctx.list_raw(ctx.keys.volops(snap.volume_id)):
+        op = _decoded_op(value)
+        if key == op_key or (op and op.kind == "revert" and op.state in ("pending", "running")):
             return False            # its op's (tidy_ops' failed-op path), or waits for the revert
     compare, ops = await creating_snapshot_removal(ctx, snap, srev)
     if not await ctx.txn([ctx.absent(op_key), *compare], ops):

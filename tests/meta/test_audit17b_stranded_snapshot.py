@@ -129,3 +129,11 @@ async def test_a_commit_racing_the_removal_wins_it(ctx, monkeypatch):
     snap = await _snapshot(ctx, stranded.snapshot_id)
     assert snap.state == "ready" and snap.seq == 1
     assert await volumes.snapshot_named(ctx, "v", "s") == snap
+
+
+async def test_an_op_record_that_does_not_decode_does_not_stop_the_collection(ctx, monkeypatch):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    stranded = await _stranded(ctx, monkeypatch, "v", "s")
+    await ctx.etcd.put(ctx.keys.volop(vol.volume_id, "garbled"), b"{}")
+    await volumes.collect_garbage(ctx)
+    assert await _snapshot(ctx, stranded.snapshot_id) is None
