@@ -57,6 +57,10 @@ READ_LEASE_WAIT = 3.0  # how long a read waits for a lapsed lease before NOT REA
 # READY (the host retries): an engine that cannot start (its port in use) must not hold it.
 START_WAIT = 10.0
 CLOSE_COW_WAIT = 30.0  # how long a closing volume waits for its local COWs' syncs
+# How long a host's I/O waits for the volume to open (its extent map listed from etcd, which
+# the watch retries for ever while etcd is out of reach) before failing NOT READY; the open
+# goes on, and a later I/O finds it done. Volume ops and recoveries wait as long as it takes.
+OPEN_WAIT = 15.0
 # etcd (or the way to it) failing a call: ownership and the meta leader are looked up there.
 _ETCD_UNREACHABLE = zetcd.UNAVAILABLE_ERRORS
 
@@ -460,16 +464,24 @@ class Coordinator:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def ready(self) -> None:
+    async def ready(self, wait: float | None = None) -> None:
+        """Open the volume once (``_open``); ``wait``: fail NOT READY after that many seconds
+        (a host's I/O: it waited for ever while etcd was out of reach, with no answer at
+        all), the open going on for the next caller."""
         if self._is_ready:                       # hot path: every I/O passes here
             return
         if self._ready_task is None:
             self._ready_task = asyncio.ensure_future(self._open())
         task = self._ready_task
         try:
-            await asyncio.shield(task)
-        except BaseException:
-            if task.done() and not task.cancelled() and self._ready_task is task:
+            await asyncio.wait_for(asyncio.shield(task), wait)
+        except BaseException as e:
+            if not task.done():             # still opening: this caller gave up or was cancelled
+                if isinstance(e, asyncio.TimeoutError):
+                    raise NotServing(f"volume {self.vid}: not open within {wait:.0f}s (its "
+                                     f"extent map cannot be read from etcd)") from None
+                raise
+            if not task.cancelled() and self._ready_task is task:
                 self._ready_task = None     # it failed (etcd, say): the next I/O tries again
             raise
         self._is_ready = True
@@ -541,6 +553,9 @@ class Coordinator:
         # our seq, and an attempt still retrying (a fast write's handoff, a write waiting for
         # a replica) would land inside it. Attempts already sent are answered as before.
         self._stop.set()
+        if self._ready_task is not None and not self._ready_task.done():
+            self._ready_task.cancel()        # an open waiting for etcd: nobody waits for it now
+            await asyncio.gather(self._ready_task, return_exceptions=True)
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
@@ -831,7 +846,7 @@ class Coordinator:
 
     async def read(self, offset: int, length: int) -> bytes:
         if not self._is_ready:
-            await self.ready()
+            await self.ready(OPEN_WAIT)
         lease = self.engine.lease
         if lease is not None and time.monotonic() >= lease.lease_deadline:
             await self._read_lease(lease)
@@ -906,7 +921,7 @@ class Coordinator:
     # -- writes ------------------------------------------------------------------
 
     async def write(self, offset: int, data, fua: bool = False) -> None:
-        await self.ready()
+        await self.ready(OPEN_WAIT)
         await self.ensure_owner()
         view = memoryview(data).cast("B")
         if self.is_clone and (offset % BLOCK_SIZE or len(view) % BLOCK_SIZE):
@@ -915,12 +930,12 @@ class Coordinator:
         await self._mutate("write", offset, view, len(view), fua=fua)
 
     async def unmap(self, offset: int, length: int) -> None:
-        await self.ready()
+        await self.ready(OPEN_WAIT)
         await self.ensure_owner()
         await self._zero_range(offset, length, zero=self.is_clone)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
-        await self.ready()
+        await self.ready(OPEN_WAIT)
         await self.ensure_owner()
         await self._zero_range(offset, length, zero=self.is_clone or not self.thin)
 
@@ -1109,7 +1124,7 @@ class Coordinator:
         the retaken epoch says whether ours landed everywhere (GOOD), partly (completed,
         GOOD) or nowhere that still shows (redone from the compare).
         """
-        await self.ready()
+        await self.ready(OPEN_WAIT)
         await self.ensure_owner()
         exp = memoryview(expected).cast("B")
         mine = memoryview(new).cast("B")
@@ -1750,7 +1765,7 @@ class Coordinator:
         round (linearizable, after the command arrived: a write acknowledged through another
         server before then shows there), and an epoch we did not take means taking the
         volume back, which marks every extent unflushed, and flushing again."""
-        await self.ready()
+        await self.ready(OPEN_WAIT)
         if self.view_seq:
             return                      # a view writes nothing
         await self.ensure_owner()       # a FLUSH needs an epoch, as any mutation

@@ -133,3 +133,35 @@ async def test_a_write_that_must_look_a_peer_up_while_etcd_is_unreachable_is_not
     assert isinstance(got.value, NotServing)
     assert a.stat("v", 0)["mutations"] == before    # nothing sent
     assert coord.engine.meta.calls == []
+
+
+async def test_a_volumes_first_io_while_etcd_is_unreachable_is_not_ready_in_bounded_time(
+        stores, etcd_client, keys, dead_etcd, monkeypatch):  # noqa: F811
+    """A volume's first I/O lists its extent map in etcd (``_open``), which the watch retries
+    for ever while etcd is out of reach: the I/O waited with it, for ever (no answer to the
+    host, not even to a read). It now fails NOT READY after ``OPEN_WAIT``, the open going on
+    (a later I/O finds it done once etcd is back), and so does the next I/O."""
+    from chunk.storage import coordinator as cm
+
+    monkeypatch.setattr(cm, "OPEN_WAIT", 0.5, raising=False)
+    a = stores("A")
+    a.create("v", 0, 1)
+    coord = await _volume(etcd_client, keys, {"A": rk.LocalReplica("A", a)}, extents=1)
+    coord._is_ready = False                                     # noqa: SLF001 - as opened
+    coord.extents.clear()
+    coord.engine.started = asyncio.Event()
+    coord.engine.started.set()
+    coord.engine.etcd = dead_etcd
+    loop = asyncio.get_running_loop()
+    try:
+        for io in (lambda: coord.read(0, 4096), lambda: coord.write(0, _block(2))):
+            t0 = loop.time()
+            with pytest.raises(_ANSWERED) as got:
+                await asyncio.wait_for(io(), 10)
+            assert isinstance(got.value, NotServing)
+            assert loop.time() - t0 < 5
+            assert not coord._ready_task.done()                 # noqa: SLF001 - still opening
+        assert a.stat("v", 0)["mutations"] == 0                 # nothing written
+    finally:
+        await asyncio.wait_for(coord.close(), 10)
+    assert coord._ready_task.cancelled()                        # noqa: SLF001 - not left behind
