@@ -135,12 +135,25 @@ async def create_snapshot(ctx: Ctx, volume: str, name: str, timeout: float = SNA
     raise Conflict(f"could not snapshot {volume!r}: too much concurrent change", hint="retry", retry=True)
 
 
+async def _drop_creating(ctx: Ctx, snap: Snapshot, srev: int, op_key: bytes, op_rev: int | None) -> None:
+    """Remove ``creating`` snapshot ``snap`` (read at ``srev``), its names and its op (None:
+    absent), all compared: a commit of it meanwhile keeps it, and the caller's next read says."""
+    compare, ops = await creating_snapshot_removal(ctx, snap, srev)
+    if op_rev is None:
+        compare.append(ctx.absent(op_key))
+    else:
+        compare.append(ctx.unchanged(op_key, op_rev))
+        ops.append(ctx.delete(op_key))
+    await ctx.txn(compare, ops)
+
+
 async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Snapshot:
     """Bring a ``creating`` snapshot to ready: through its op when a coordinator serves the
     volume, else by the seq transaction here. Each pass re-reads everything."""
     vid, sid = vol.volume_id, snap.snapshot_id
     skey, vkey, okey = ctx.keys.snapshot(sid), ctx.keys.volume(vid), ctx.keys.owner(vid)
     op_key = ctx.keys.volop(vid, snapshot_op_id(sid))
+    waited = False                       # for a revert of the volume (see below)
     while True:
         cur, srev = await ctx.get(skey, Snapshot)
         if cur is None or cur.state == "deleted":
@@ -163,7 +176,16 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
         if v is None:
             raise NotFound(f"volume {vol.name!r} was deleted while being snapshotted")
         reverting = await _unfinished_reverts(ctx, vid)
+        if waited and not reverting and v.state == "deleted":
+            # The revert it waited for ended with the volume deleted: a forced delete cancels
+            # an unfinished revert, so the volume may hold a half-reverted image, never a
+            # state anyone had: the create fails (its snapshot and names go) rather than
+            # commit that.
+            await _drop_creating(ctx, cur, srev, op_key, op_rev if op is not None else None)
+            raise NotFound(f"volume {vol.name!r} was deleted (its revert cancelled) while the "
+                           f"snapshot {cur.name!r} waited for that revert")
         if reverting:
+            waited = True
             # Its executor writes at the seq it read when it took ownership: a snapshot
             # committed meanwhile (by the meta, once that server's lease lapsed) would take
             # in the revert's remaining writes. The snapshot waits for the revert.

@@ -15,6 +15,7 @@ until nothing references it, because clones share its data (copy-on-write).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple
 
 from zstore import naming
 from zstore.etcd import get_prefix_paged, prefix_end
-from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound
+from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound, Unavailable
 from zstore.records import AclEntry, LunMapping, RecordError, Snapshot, Target, Volume, VolumeOp
 from zstore.units import SizeError, format_size, parse_size
 
@@ -456,6 +457,10 @@ async def _unfinished_reverts_of(ctx: Ctx, vol: Volume, force: bool) -> list[tup
     kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.volops(vol.volume_id))
     reverts = [(kv.key, kv.mod_revision, op) for kv in kvs
                if (op := _decoded_op(kv.value)) and op.kind == "revert" and op.state in ("pending", "running")]
+    if any(op is _NEWER_OP for _, _, op in reverts):
+        raise Unavailable(f"volume {vol.name!r} has an op written by a newer zstore",
+                          hint="delete it from a meta server running the newer version (or finish "
+                               "the upgrade first)")
     if reverts and not force:
         op = reverts[0][2]
         snap, _ = await ctx.get(ctx.keys.snapshot(op.snapshot_id), Snapshot)
@@ -466,13 +471,28 @@ async def _unfinished_reverts_of(ctx: Ctx, vol: Volume, force: bool) -> list[tup
     return reverts
 
 
-def _decoded_op(value: bytes) -> VolumeOp | None:
-    """The op, or None for a record that does not decode: no chunk server runs one (the engine
-    skips it), and it must not make the volume undeletable."""
+class _NewerOp:
+    """An op record a newer zstore wrote (its schema is above ours): not garbage. In a rolling
+    upgrade an upgraded chunk server may run it, so it is taken as a revert that is unfinished
+    (the delete and the GC cannot read it to know better)."""
+    kind, state, op_id, snapshot_id, executor = "revert", "pending", "?", "?", "?"
+
+
+_NEWER_OP = _NewerOp()
+
+
+def _decoded_op(value: bytes) -> VolumeOp | _NewerOp | None:
+    """The op; ``_NEWER_OP`` for one of a newer schema; None for a record that does not decode
+    at all: no chunk server runs one (the engine skips it), and it must not make the volume
+    undeletable."""
     try:
         return VolumeOp.decode(value)
     except RecordError:
-        return None
+        try:
+            schema = json.loads(value).get("schema")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return None
+        return _NEWER_OP if isinstance(schema, int) and schema > VolumeOp.SCHEMA else None
 
 
 def _exported_to_conflict(vol: Volume, s: Snapshot, users: list[AclEntry]) -> Conflict:
@@ -760,8 +780,9 @@ async def collect_garbage(ctx: Ctx, now: float | None = None) -> None:
         changed = False
         for s in snaps.values():
             skey = ctx.keys.snapshot(s.snapshot_id)
-            changed |= await remove_stranded_snapshot(ctx, s, snap_revs[skey],
-                                                      time.time() if now is None else now)
+            if skey in snap_revs:
+                changed |= await remove_stranded_snapshot(ctx, s, snap_revs[skey],
+                                                          time.time() if now is None else now)
             if (s.state == "deleted" and skey in snap_revs
                     and not any(v.source_snapshot == s.snapshot_id for v in vols.values())):
                 changed |= await ctx.txn([ctx.unchanged(skey, snap_revs[skey])],
