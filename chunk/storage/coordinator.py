@@ -548,10 +548,6 @@ class Coordinator:
         return None
 
     async def close(self) -> None:
-        # From here no attempt of a mutation is sent (``_owns`` is False, ``ensure_owner``
-        # raises NotServing): the release below lets the meta take a snapshot by itself at
-        # our seq, and an attempt still retrying (a fast write's handoff, a write waiting for
-        # a replica) would land inside it. Attempts already sent are answered as before.
         self._stop.set()
         if self._ready_task is not None and not self._ready_task.done():
             self._ready_task.cancel()        # an open waiting for etcd: nobody waits for it now
@@ -575,8 +571,6 @@ class Coordinator:
     async def ensure_owner(self) -> None:
         if self.view_seq:
             raise ReadOnlyError("snapshot views are read-only")
-        if self._stop.is_set():
-            raise NotServing(f"volume {self.vid}: closed on this chunk server")
         lease = self.engine.lease
         if lease is not None:
             # No write starts while this server's etcd lease may have lapsed: by then the meta
@@ -606,7 +600,7 @@ class Coordinator:
         ``ensure_owner``: a request waits (range lock, gate, a slow replica, a meta call) and
         the lease may lapse meanwhile; once it may have, the meta may commit a snapshot at our
         seq by itself, and a write sent then at that seq would land inside it."""
-        if not self.epoch or self._stop.is_set():     # closed: ownership released (``close``)
+        if not self.epoch:
             return False
         lease = self.engine.lease
         return lease is None or (lease.lease_gen == self._lease_gen
@@ -627,11 +621,7 @@ class Coordinator:
     async def _acquire(self) -> None:
         """Take ownership in etcd (see ``_take``); etcd out of reach is NOT READY, which the
         host retries, as a flush that cannot read the owner record answers: nothing failed
-        on the replicas (a raw etcd error was answered INTERNAL TARGET FAILURE). Never once
-        closed: ``close`` released ownership, and a retake (a fenced request, a flush) would
-        take it again, fencing the server that took the volume over, for a dead coordinator."""
-        if self._stop.is_set():
-            raise NotServing(f"volume {self.vid}: closed on this chunk server")
+        on the replicas (a raw etcd error was answered INTERNAL TARGET FAILURE)."""
         try:
             await self._take()
         except _ETCD_UNREACHABLE as err:
