@@ -249,9 +249,8 @@ class LocalRepair:
             # The verdict is its own token (see the module docstring).
             verdict = await self._verdict(vid, idx, block)
             if verdict is None:
-                log.info("repair %s/%d block %d: written during its verify; checking again",
-                         vid, idx, block)
-                continue
+                log.info("repair %s/%d block %d: extent gone during its verify", vid, idx, block)
+                return False
             if block not in verdict.bad:
                 log.info("%s/%d block %d verifies again (rewritten meanwhile)", vid, idx, block)
                 return True
@@ -282,9 +281,8 @@ class LocalRepair:
                     return False
                 verdict = await self._verdict(vid, idx, block)
                 if verdict is None:
-                    log.info("repair %s/%d block %d: written after the mend; checking again",
-                             vid, idx, block)
-                    break
+                    log.info("repair %s/%d block %d: extent gone after the mend", vid, idx, block)
+                    return False
                 if block not in verdict.bad:
                     log.warning("repaired %s/%d block %d from %s", vid, idx, block, cid)
                     return True
