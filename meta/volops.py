@@ -135,16 +135,17 @@ async def create_snapshot(ctx: Ctx, volume: str, name: str, timeout: float = SNA
     raise Conflict(f"could not snapshot {volume!r}: too much concurrent change", hint="retry", retry=True)
 
 
-async def _drop_creating(ctx: Ctx, snap: Snapshot, srev: int, op_key: bytes, op_rev: int | None) -> None:
+async def _drop_creating(ctx: Ctx, snap: Snapshot, srev: int, op_key: bytes, op_rev: int | None) -> bool:
     """Remove ``creating`` snapshot ``snap`` (read at ``srev``), its names and its op (None:
-    absent), all compared: a commit of it meanwhile keeps it, and the caller's next read says."""
+    absent), all compared; False when something moved (a coordinator claimed the op or
+    committed the snapshot meanwhile): the caller reads again and sees what happened."""
     compare, ops = await creating_snapshot_removal(ctx, snap, srev)
     if op_rev is None:
         compare.append(ctx.absent(op_key))
     else:
         compare.append(ctx.unchanged(op_key, op_rev))
         ops.append(ctx.delete(op_key))
-    await ctx.txn(compare, ops)
+    return await ctx.txn(compare, ops)
 
 
 async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Snapshot:
@@ -181,9 +182,10 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
             # an unfinished revert, so the volume may hold a half-reverted image, never a
             # state anyone had: the create fails (its snapshot and names go) rather than
             # commit that.
-            await _drop_creating(ctx, cur, srev, op_key, op_rev if op is not None else None)
-            raise NotFound(f"volume {vol.name!r} was deleted (its revert cancelled) while the "
-                           f"snapshot {cur.name!r} waited for that revert")
+            if not await _drop_creating(ctx, cur, srev, op_key, op_rev if op is not None else None):
+                continue
+            raise NotFound(f"volume {vol.name!r} was deleted while the snapshot {cur.name!r} waited "
+                           "for a revert of it (a forced delete cancels one)")
         if reverting:
             waited = True
             # Its executor writes at the seq it read when it took ownership: a snapshot
