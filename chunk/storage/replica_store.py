@@ -603,6 +603,11 @@ class _VerifyPin:
             os.close(fd)
 
 
+def _bad_blocks(bad_live, bad_versions) -> list[int]:
+    """``verify``'s answer from ``_verify_detail``'s: blocks whose live data or a version fails."""
+    return sorted(set(bad_live) | {b for b, _key in bad_versions})
+
+
 @dataclass(frozen=True, eq=False)
 class Verdict:
     """What a verify in a worker thread found (``verify_verdict_async``), and the replica state
@@ -618,7 +623,7 @@ class Verdict:
     @property
     def bad(self) -> list[int]:
         """``verify``'s answer: blocks whose live data or a version fails."""
-        return sorted(self.bad_live | {b for b, _key in self.bad_versions})
+        return _bad_blocks(self.bad_live, self.bad_versions)
 
 
 class _GroupSync:
@@ -2193,7 +2198,7 @@ class ReplicaStore:
         rep = self._get(vid, idx)
         count = self._verify_range(rep, first_block, count)
         with self._io(rep.disk):
-            return self._verify_blocks(rep, None, first_block, count)
+            return _bad_blocks(*self._verify_detail(rep, None, first_block, count))
 
     async def verify_async(self, vid: str, idx: int, first_block: int = 0,
                            count: int | None = None) -> list[int]:
@@ -2205,15 +2210,7 @@ class ReplicaStore:
         verified as it was; the caller's next store call finds it gone."""
         rep = self._get(vid, idx)
         count = self._verify_range(rep, first_block, count)
-        with self._io(rep.disk):
-            pin = _VerifyPin(rep)
-        try:
-            done = asyncio.get_running_loop().run_in_executor(
-                None, self._verify_pinned, pin, first_block, count)
-        except BaseException:
-            pin.close()
-            raise
-        return await asyncio.shield(done)
+        return _bad_blocks(*await self._verify_detail_in_worker(rep, first_block, count))
 
     async def verify_verdict_async(self, vid: str, idx: int, first_block: int = 0,
                                    count: int | None = None) -> Verdict | None:
@@ -2228,15 +2225,7 @@ class ReplicaStore:
         rep = self._get(vid, idx)
         count = self._verify_range(rep, first_block, count)
         before = rep.mutations
-        with self._io(rep.disk):
-            pin = _VerifyPin(rep)
-        try:
-            done = asyncio.get_running_loop().run_in_executor(
-                None, self._verify_detail_pinned, pin, first_block, count)
-        except BaseException:
-            pin.close()
-            raise
-        bad_live, bad_versions = await asyncio.shield(done)
+        bad_live, bad_versions = await self._verify_detail_in_worker(rep, first_block, count)
         if self._replicas.get((vid, idx)) is not rep or rep.mutations != before:
             return None
         return Verdict(rep, before, first_block, count, frozenset(bad_live),
@@ -2254,9 +2243,19 @@ class ReplicaStore:
         return Verdict(rep, rep.mutations, first_block, count, frozenset(bad_live),
                        frozenset(bad_versions))
 
-    def _verify_pinned(self, pin: _VerifyPin, first: int, count: int) -> list[int]:
-        bad_live, bad_versions = self._verify_detail_pinned(pin, first, count)
-        return sorted(bad_live | {b for b, _key in bad_versions})
+    async def _verify_detail_in_worker(self, rep: _Replica, first: int, count: int
+                                       ) -> tuple[set[int], set[tuple[int, int]]]:
+        """``_verify_detail`` in a worker thread through a ``_VerifyPin`` taken here on the loop
+        (see ``verify_async``), shielded: a cancelled caller neither leaks nor closes the dups."""
+        with self._io(rep.disk):
+            pin = _VerifyPin(rep)
+        try:
+            done = asyncio.get_running_loop().run_in_executor(
+                None, self._verify_detail_pinned, pin, first, count)
+        except BaseException:
+            pin.close()
+            raise
+        return await asyncio.shield(done)
 
     def _verify_detail_pinned(self, pin: _VerifyPin, first: int, count: int
                               ) -> tuple[set[int], set[tuple[int, int]]]:
@@ -2273,12 +2272,6 @@ class ReplicaStore:
         if first_block < 0 or count < 0 or first_block + count > rep.blocks:
             raise ValueError(f"blocks {first_block}+{count} outside the extent ({rep.blocks})")
         return count
-
-    @staticmethod
-    def _verify_blocks(rep: _Replica, pin: _VerifyPin | None, first: int, count: int) -> list[int]:
-        """``verify``'s reads: the replica's own fds (pin None, on the loop) or ``pin``'s dups."""
-        bad_live, bad_versions = ReplicaStore._verify_detail(rep, pin, first, count)
-        return sorted(bad_live | {b for b, _key in bad_versions})
 
     @staticmethod
     def _verify_detail(rep: _Replica, pin: _VerifyPin | None, first: int, count: int
