@@ -15,7 +15,6 @@ until nothing references it, because clones share its data (copy-on-write).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -25,7 +24,8 @@ from typing import Any, NamedTuple
 from zstore import naming
 from zstore.etcd import get_prefix_paged, prefix_end
 from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound, Unavailable
-from zstore.records import AclEntry, LunMapping, RecordError, Snapshot, Target, Volume, VolumeOp
+from zstore.records import (AclEntry, LunMapping, NewerSchemaError, RecordError, Snapshot, Target, Volume,
+                            VolumeOp)
 from zstore.units import SizeError, format_size, parse_size
 
 from . import chunks as chunkmod
@@ -487,12 +487,10 @@ def _decoded_op(value: bytes) -> VolumeOp | _NewerOp | None:
     undeletable."""
     try:
         return VolumeOp.decode(value)
+    except NewerSchemaError:
+        return _NEWER_OP
     except RecordError:
-        try:
-            schema = json.loads(value).get("schema")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            return None
-        return _NEWER_OP if isinstance(schema, int) and schema > VolumeOp.SCHEMA else None
+        return None
 
 
 def _exported_to_conflict(vol: Volume, s: Snapshot, users: list[AclEntry]) -> Conflict:

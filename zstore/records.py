@@ -22,6 +22,11 @@ class RecordError(ValueError):
     """A stored value that does not decode as the expected record."""
 
 
+class NewerSchemaError(RecordError):
+    """A record written by a newer zstore (its schema above this code's): not garbage; a
+    caller that must not ignore what it cannot read tells it apart from a corrupt value."""
+
+
 @dataclass
 class Record:
     SCHEMA: ClassVar[int] = 1
@@ -43,7 +48,8 @@ class Record:
             raise RecordError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
         schema = data.get("schema", 1)
         if not isinstance(schema, int) or schema > cls.SCHEMA:
-            raise RecordError(f"{cls.__name__}: schema {schema!r} is newer than this code ({cls.SCHEMA})")
+            error = NewerSchemaError if isinstance(schema, int) else RecordError
+            raise error(f"{cls.__name__}: schema {schema!r} is newer than this code ({cls.SCHEMA})")
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{k: v for k, v in data.items() if k in names})
