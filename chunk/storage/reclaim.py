@@ -7,9 +7,12 @@ snapshot"):
 - the extent moved elsewhere: its record exists, names this chunk neither as
   in-sync nor as stale, has a newer generation than the local copy, has all the
   replicas its volume asks for, and no recovery task is copying onto this
-  chunk: the local extent goes. While the extent is degraded every local copy
-  is kept, listed or not: if its in-sync replicas are lost before a new copy
-  joins, an older copy is better than none (docs/storage.md, "Recovery").
+  chunk: the local extent goes. The task and the record are read together (one
+  txn, one revision) right before each such deletion, not from a listing read
+  earlier in the run: a move planned onto this server meanwhile reuses this
+  copy. While the extent is degraded every local copy is kept, listed or not:
+  if its in-sync replicas are lost before a new copy joins, an older copy is
+  better than none (docs/storage.md, "Recovery").
   A copy that did not open (``store.broken``: a rotten header, a failed
   fdatasync) has no generation to compare: it goes when the rest holds, and
   with its volume, like any other;
@@ -186,41 +189,52 @@ class Reclaimer:
                 rec = ExtentRecord.decode(kv.value)
                 records[rec.index] = rec
             trims: list[int] = []
-            tasks: dict[int, RecoveryTask] | None = None
             copies = sorted([(i, False) for i in indexes] + [(i, True) for i in unusable])
             for idx, is_broken in copies:
-                rec = records.get(idx)
-                moved = self._moved(vid, idx, rec, vol, is_broken)
+                moved = self._moved(vid, idx, records.get(idx), vol, is_broken)
                 if moved is None:
                     continue
                 if moved:
-                    if tasks is None:       # read only when a deletion is on the table
-                        tasks = {}
-                        for kv in await self._listing(self.keys.recovery(vid)):
-                            t = RecoveryTask.decode(kv.value)
-                            tasks[t.index] = t
-                    task = tasks.get(idx)
-                    if task is None or task.target != self.chunk_id:
-                        # The record again, read after the tasks: a rebuild onto this server
-                        # can join (its task deleted in the same txn) between the listing and
-                        # the task read, and this copy is then the in-sync one.
-                        got = await self.etcd.get(self.keys.extent(vid, idx))
-                        rec = ExtentRecord.decode(got.value) if got is not None else None
-                        moved = self._moved(vid, idx, rec, vol, is_broken)
-                        if moved is None:
-                            continue
-                        if moved:
-                            why = f"moved to {rec.replicas} at generation {rec.generation}"
-                            if not is_broken:
-                                if self._delete(vid, idx, why):
-                                    summary["deleted"].append((vid, idx))
-                            elif self._delete_broken(vid, idx, why):
+                    # Read again right before the deletion, not from a listing of the volume's
+                    # tasks read when its first deletion came up: a task placed on this server
+                    # after that (a move off a draining server, whose CREATE reuses this copy)
+                    # would not be in it, and its copy would go as an orphan.
+                    rec, moved = await self._orphan(vid, idx, vol, is_broken)
+                    if moved is None:
+                        continue
+                    if moved:
+                        why = f"moved to {rec.replicas} at generation {rec.generation}"
+                        if not is_broken:
+                            if self._delete(vid, idx, why):
                                 summary["deleted"].append((vid, idx))
-                            continue
+                        elif self._delete_broken(vid, idx, why):
+                            summary["deleted"].append((vid, idx))
+                        continue
                 if not is_broken:           # nothing to trim in a copy that did not open
                     trims.append(idx)
             await self._trim_volume(vid, vol, seqs[vid], trims, summary)
         return summary
+
+    async def _orphan(self, vid: str, idx: int, vol: Volume,
+                      is_broken: bool) -> tuple[ExtentRecord | None, bool | None]:
+        """The extent's record and whether the local copy is still an orphan (``_moved``),
+        from the recovery task and the record read in one txn (one revision, one round trip),
+        right before the deletion: no await from here to the deletion.
+
+        Both at one revision: a rebuild onto this server that joins (its task deleted and
+        this server made in sync, in one txn) shows in one or the other, never in neither.
+        A task onto this server keeps the copy: it is the target, or about to be (a CREATE
+        reuses a copy that is here). Left open: a task placed after this read whose
+        executor's CREATE reaches this server before the reply reaches the run (a copy
+        deleted under it fails and is redone, as before; nothing is lost)."""
+        t = self.etcd.transactions
+        _, (task_kvs, rec_kvs) = await self.etcd.transaction(
+            compare=[], success=[t.get(self.keys.recovery_task(vid, idx)),
+                                 t.get(self.keys.extent(vid, idx))], failure=[])
+        if task_kvs and RecoveryTask.decode(task_kvs[0][0]).target == self.chunk_id:
+            return None, False
+        rec = ExtentRecord.decode(rec_kvs[0][0]) if rec_kvs else None
+        return rec, self._moved(vid, idx, rec, vol, is_broken)
 
     async def _trim_volume(self, vid: str, vol: Volume, listed: set[int], indexes: list[int],
                            summary: dict[str, Any]) -> None:

@@ -165,9 +165,9 @@ async def test_trim_runs_again_only_when_the_set_generation_or_imports_change(cl
 
 async def test_a_rebuild_that_joins_during_the_run_keeps_its_copy(cluster, keys, store):
     """The run lists the extent records (this server not in the set, a rebuild copying onto
-    it), then reads the recovery tasks only when a deletion is on the table. If the rebuild
-    finishes in between (SETGEN here, then the join adds this server and deletes its task in
-    one txn), the task read finds no task: the copy, now in sync, must stay."""
+    it), then reads the recovery task again only when a deletion is on the table. If the
+    rebuild finishes in between (SETGEN here, then the join adds this server and deletes its
+    task in one txn), the task read finds no task: the copy, now in sync, must stay."""
     etcd = cluster
     await volume(etcd, keys, "v1")
     await extent(etcd, keys, store, "v1", 0, generation=1)
@@ -177,11 +177,12 @@ async def test_a_rebuild_that_joins_during_the_run_keeps_its_copy(cluster, keys,
 
     class JoinDuringTaskRead(Reclaimer):
         async def _listing(self, prefix):
-            if prefix == keys.recovery("v1"):
+            got = await super()._listing(prefix)
+            if prefix == keys.extents("v1"):        # the join, after the records were read
                 store.set_generation("v1", 0, 6)
                 await put(etcd, keys.extent("v1", 0), ExtentRecord("v1", 0, ["x", ME], generation=6))
                 await etcd.delete(keys.recovery_task("v1", 0))
-            return await super()._listing(prefix)
+            return got
 
     summary = await JoinDuringTaskRead(store, etcd, keys, ME).run_once()
     assert summary["deleted"] == [] and store.extents() == [("v1", 0)]
