@@ -77,8 +77,10 @@ SUPPORTED: dict[tuple[int, int | None], list[int]] = {
     (WRITE_6, None): [0x1F, 0xFF, 0xFF, 0xFF, 0],
     (INQUIRY, None): [0x03, 0xFF, 0xFF, 0xFF, 0],
     (MODE_SELECT_6, None): [0x11, 0, 0, 0xFF, 0],
-    (RESERVE_6, None): [0, 0, 0, 0, 0],
-    (RELEASE_6, None): [0, 0, 0, 0, 0],
+    # SCSI-2's 3RDPTY (obsolete since SPC-2) checked, to refuse a third-party RESERVE(6)
+    # and to release nothing for a third-party RELEASE(6) (``check_spc2_cdb``)
+    (RESERVE_6, None): [0x10, 0, 0, 0, 0],
+    (RELEASE_6, None): [0x10, 0, 0, 0, 0],
     (MODE_SENSE_6, None): [0x08, 0xFF, 0xFF, 0xFF, 0],
     (START_STOP_UNIT, None): [0x01, 0, 0x0F, 0xF7, 0],
     (PREVENT_ALLOW, None): [0, 0, 0, 0x03, 0],
@@ -92,7 +94,8 @@ SUPPORTED: dict[tuple[int, int | None], list[int]] = {
     (WRITE_SAME_10, None): _RW10,
     (UNMAP, None): [0x01, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
     (MODE_SELECT_10, None): [0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0],
-    # SPC-2 7.21/7.23: 3RDPTY and LONGID, and PARAMETER LIST LENGTH, checked (to refuse them)
+    # SPC-2 7.21/7.23: 3RDPTY, and without it LONGID and PARAMETER LIST LENGTH, checked
+    # (RESERVE refuses them; a third-party RELEASE releases nothing)
     (RESERVE_10, None): _SPC2_10,
     (RELEASE_10, None): _SPC2_10,
     (MODE_SENSE_10, None): [0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0],

@@ -84,25 +84,44 @@ def transport_id(initiator: str) -> bytes:
     return bytes((fmt | 0x05, 0)) + struct.pack(">H", len(name)) + name
 
 
-_THIRD_PARTY, _LONGID = 0x10, 0x02      # RESERVE(10)/RELEASE(10) CDB byte 1
+_THIRD_PARTY, _LONGID = 0x10, 0x02      # RESERVE/RELEASE CDB byte 1
 
 
-def check_spc2_10_cdb(cdb: bytes) -> None:
-    """Refuse what RESERVE(10)/RELEASE(10) add to RESERVE(6)/RELEASE(6) (SPC-2 7.21, 7.23):
-    ILLEGAL REQUEST, INVALID FIELD IN CDB, pointing at the field.
+def check_spc2_cdb(cdb: bytes, reserve: bool) -> bool:
+    """Check a RESERVE or RELEASE CDB, 6 or 10 bytes long (both act on the one SPC-2
+    reservation); True for a third-party RELEASE, which has nothing to release.
 
-    3RDPTY asks for a reservation held for another SCSI device; taking it for the sender
-    instead (as LIO does) would give the LU to the wrong host. LONGID puts that device's
-    ID in an 8-byte parameter list, the only thing a parameter list carries here, so a
-    nonzero PARAMETER LIST LENGTH is refused too and nothing is ever transferred."""
-    if len(cdb) < 10:
+    3RDPTY (byte 1 bit 4: RESERVE(10)/RELEASE(10) in SPC-2 7.21/7.23; RESERVE(6)/RELEASE(6)
+    in SCSI-2, obsolete there since SPC-2) asks for a reservation held for another SCSI
+    device, named by a THIRD PARTY DEVICE ID (in the CDB, or with LONGID in an 8-byte
+    parameter list). Such an ID names no iSCSI initiator port, so none is ever made, the
+    same way for both lengths:
+
+    * a third-party RESERVE is ILLEGAL REQUEST, INVALID FIELD IN CDB at byte 1 bit 4.
+      Taking it for the sender instead (LIO ignores the bit) would give the LU to the host
+      that asked for it on another's behalf;
+    * a third-party RELEASE ends only a third-party reservation the sender made for that
+      device: there is none, and releasing nothing is GOOD, as a non-holder's RELEASE. The
+      sender's own reservation stays (LIO, ignoring the bit, releases it). Its LONGID and
+      parameter list are not looked at (the list is not transferred).
+
+    Without 3RDPTY, LONGID or a nonzero PARAMETER LIST LENGTH in a 10-byte form is refused
+    (INVALID FIELD IN CDB at the field): its list could only carry a device ID, and nothing
+    is ever transferred. The other obsolete SCSI-2 fields (LUN, extent, reservation
+    identification) are not looked at; REPORT SUPPORTED OPERATION CODES says so."""
+    ten = cdb[:1] in (b"\x56", b"\x57")             # RESERVE(10), RELEASE(10)
+    if len(cdb) < (10 if ten else 6):
         raise invalid_field_in_cdb(0)
     if cdb[1] & _THIRD_PARTY:
-        raise invalid_field_in_cdb(1, 4)
-    if cdb[1] & _LONGID:
-        raise invalid_field_in_cdb(1, 1)
-    if cdb[7] or cdb[8]:
-        raise invalid_field_in_cdb(7)
+        if reserve:
+            raise invalid_field_in_cdb(1, 4)
+        return True
+    if ten:
+        if cdb[1] & _LONGID:
+            raise invalid_field_in_cdb(1, 1)
+        if cdb[7] or cdb[8]:
+            raise invalid_field_in_cdb(7)
+    return False
 
 
 class ReservationState:
@@ -144,7 +163,7 @@ class ReservationState:
 
     # -- SPC-2 RESERVE(6) / RELEASE(6), and RESERVE(10) / RELEASE(10) -----------------
     #
-    # The 10-byte forms act on the same reservation (see ``check_spc2_10_cdb``).
+    # The 10-byte forms act on the same reservation (see ``check_spc2_cdb``).
     #
     # While any I_T nexus is registered, SPC-2 5.5.1 has every RESERVE and every RELEASE
     # conflict, from whichever nexus. SPC-3 5.6.3 (CRH=1, reported by REPORT CAPABILITIES)
@@ -173,6 +192,14 @@ class ReservationState:
             raise ReservationConflict()
         if self.spc2 == n:                            # from a non-holder: GOOD, nothing done
             self.spc2 = None
+
+    async def spc2_release_nothing(self, n: Nexus) -> None:
+        """A RELEASE with nothing to release (a third-party one, see ``check_spc2_cdb``):
+        RESERVATION CONFLICT where ``spc2_release`` would conflict, else GOOD; nothing
+        changes. Answered from the latest state (``refresh``: a shared one reads it)."""
+        await self.refresh()
+        if self.registrations and not self._registered_exception(n):
+            raise ReservationConflict()
 
     def drop_spc2(self, n: Nexus | None = None) -> None:
         """Release the SPC-2 reservation, only ``n``'s when given: I_T nexus loss releases
@@ -358,4 +385,4 @@ class ReservationState:
         self.holder, self.type = None, 0
 
 
-__all__ = ["Access", "PrType", "ReservationState", "Registration", "check_spc2_10_cdb", "transport_id"]
+__all__ = ["Access", "PrType", "ReservationState", "Registration", "check_spc2_cdb", "transport_id"]

@@ -43,7 +43,7 @@ from .inquiry import BlockLimits, LunIdentity
 from .luns import report_luns_command
 from .nexus import Nexus
 from .reservations import (CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER_AND_MOVE, RESERVE, Access,
-                           ReservationState, check_spc2_10_cdb)
+                           ReservationState, check_spc2_cdb)
 from .sense import (ASC_BUS_DEVICE_RESET, ASC_CAPACITY_CHANGED, ASC_MODE_PARAMS_CHANGED,
                     ASC_NO_ADDITIONAL, ASC_POWER_ON_RESET, ASC_SPACE_ALLOC_FAILED_WP,
                     ASC_UNRECOVERED_READ, ASC_WRITE_ERROR, CHECK_CONDITION, DATA_PROTECT,
@@ -186,8 +186,8 @@ class LogicalUnit:
             (op.PERSISTENT_RESERVE_OUT, self._prout, A.PERSISTENT),
             (op.RESERVE_6, self._reserve, A.ALWAYS),
             (op.RELEASE_6, self._release, A.ALWAYS),
-            (op.RESERVE_10, self._reserve10, A.ALWAYS),
-            (op.RELEASE_10, self._release10, A.ALWAYS),
+            (op.RESERVE_10, self._reserve, A.ALWAYS),
+            (op.RELEASE_10, self._release, A.ALWAYS),
             (op.MAINTENANCE_IN, self._maintenance_in, A.ALWAYS),
             (op.REPORT_LUNS, self._report_luns, A.ALWAYS),
         ):
@@ -856,6 +856,8 @@ class LogicalUnit:
         return None
 
     async def _reserve(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
+        """RESERVE(6) and RESERVE(10): the one SPC-2 reservation, no third-party one."""
+        check_spc2_cdb(cdb, reserve=True)
         if self.dev.readonly:                             # as PR OUT's RESERVE, above
             raise write_protected()
         await self.reservations.spc2_reserve(nexus)
@@ -863,18 +865,12 @@ class LogicalUnit:
         return None
 
     async def _release(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
-        await self.reservations.spc2_release(nexus)
+        """RELEASE(6) and RELEASE(10); a third-party one releases nothing."""
+        if check_spc2_cdb(cdb, reserve=False):
+            await self.reservations.spc2_release_nothing(nexus)
+        else:
+            await self.reservations.spc2_release(nexus)
         return None
-
-    async def _reserve10(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
-        """RESERVE(10): RESERVE(6) on the same reservation, third-party forms refused."""
-        check_spc2_10_cdb(cdb)
-        return await self._reserve(cdb, data_out, exp, nexus)
-
-    async def _release10(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
-        """RELEASE(10): RELEASE(6) on the same reservation, third-party forms refused."""
-        check_spc2_10_cdb(cdb)
-        return await self._release(cdb, data_out, exp, nexus)
 
     async def _report_luns(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
         need(cdb, 12)
