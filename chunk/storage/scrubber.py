@@ -68,6 +68,16 @@ pause until ``interval`` after the pass started):
   EXPORT the peer's whole extent at the scrub rate (seconds), which any write
   spoiled, so such a tie was never resolved. A peer without checked digests is still EXPORTed.
 
+Reported disagreements (``mismatched``, ``unresolved_extents``) are cleared by a comparison
+that finds the replicas agreeing, and at the end of a pass for extents no longer here. A
+deleted extent's go (its volume deleted, or reclaimed: an operator's way out). A copy
+*retired* here (a failed flush made it ``broken``: it serves nothing, and is resynced over or
+reclaimed) no longer counts as a live disagreement either, but its entries move to
+``status()["retired"]`` (what was reported, against which peers, why it was retired, when;
+the last ``RETIRED_KEPT``) with an error in the log, and stay there after its files are gone:
+they may be the only evidence left (an unresolved tie names two copies one of which is rotten;
+with this one retired the extent is resynced from the other).
+
 Progress survives a restart: at the throttled rate a large server needs days
 per pass, and a pass that started from the first extent after every restart
 never reached the last ones. The last extent scrubbed is kept in
@@ -110,6 +120,8 @@ CURSOR_FILE = ".scrub-cursor"
 TIE_QUIET = 0.02
 TIE_DIFFER = 3
 TIE_PROBES = 32
+# Reports of copies retired here (``Scrubber._forget_gone``): the last this many are listed.
+RETIRED_KEPT = 64
 
 
 class TokenBucket:
@@ -164,6 +176,8 @@ class Scrubber:
         self.unresolved = 0           # confirmed ties in unchecked metadata only, left undecided
         self.unresolved_extents: dict[tuple[str, int], list[str]] = {}
         self.suspected: dict[tuple[str, int], tuple[list[str], int]] = {}   # -> (peers, passes seen)
+        # Reports of copies retired here (a failed flush: ``broken``), oldest first.
+        self.retired: dict[tuple[str, int], dict[str, Any]] = {}
         self.last_pass_start: float | None = None
         self.last_pass_end: float | None = None
         self.last_pass_duration: float | None = None
@@ -212,6 +226,7 @@ class Scrubber:
                                    for (v, i), p in sorted(self.unresolved_extents.items())],
             "suspected": [{"volume": v, "extent": i, "peers": p, "passes": n}
                           for (v, i), (p, n) in sorted(self.suspected.items())],
+            "retired": [{"volume": v, "extent": i, **r} for (v, i), r in self.retired.items()],
             "current": list(self.current) if self.current else None,
             "last_pass_start": self.last_pass_start, "last_pass_end": self.last_pass_end,
             "last_pass_duration": self.last_pass_duration,
@@ -272,10 +287,33 @@ class Scrubber:
     def _forget_gone(self) -> None:
         """Drop reported disagreements of extents no longer here (their volume deleted, or
         reclaimed once moved away): only a comparison cleared them, and a gone extent is
-        never compared again, so it stayed listed (``needs an operator``) until a restart."""
-        for reported in (self.mismatched, self.unresolved_extents):
+        never compared again, so it stayed listed (``needs an operator``) until a restart.
+
+        A copy retired here (a failed flush made it ``broken``: it serves nothing and is
+        replaced by a resync or reclaimed) no longer counts as a live disagreement either, but
+        its entries move to ``retired``, logged, instead of vanishing: its data may have been
+        the only evidence (an unresolved tie says one of two copies is rotten; with this one
+        retired the extent is resynced from the other, which may be the rotten one)."""
+        for was, reported in (("mismatched", self.mismatched),
+                              ("unresolved", self.unresolved_extents)):
             for key in [k for k in reported if not self.store.has(*k)]:
-                del reported[key]
+                peers = reported.pop(key)
+                broken = self.store.broken.get(key)
+                if broken is not None:
+                    self._report_retired(key, was, peers, broken[0])
+
+    def _report_retired(self, key: tuple[str, int], was: str, peers: list[str], why: str) -> None:
+        """List ``key``'s report as a retired copy's (the last ``RETIRED_KEPT``), and log it."""
+        entry = {"was": was, "peers": sorted(peers), "why": why, "at": time.time()}
+        prev = self.retired.pop(key, None)
+        if prev is not None and prev["was"] == "unresolved" and was == "mismatched":
+            entry["was"] = "unresolved"          # the graver of the two reports of one copy
+        self.retired[key] = entry
+        while len(self.retired) > RETIRED_KEPT:
+            del self.retired[next(iter(self.retired))]
+        log.error("scrub: %s/%d: this copy (%s), reported %s against %s, was retired (%s): no "
+                  "longer counted, listed as retired; the copies left were never shown right",
+                  *key, self.repair.chunk_id, was, ", ".join(sorted(peers)) or "-", why)
 
     # -- cursor ----------------------------------------------------------------
 
@@ -531,9 +569,18 @@ class Scrubber:
             differ = [c for c in differ if c in again]
             agreeing = [c for c in agreeing if c in rec.replicas]
         if not differ:
-            self.mismatched.pop(key, None)
+            was = self.mismatched.pop(key, None)
             self.suspected.pop(key, None)
-            self.unresolved_extents.pop(key, None)
+            tie = self.unresolved_extents.pop(key, None)
+            if tie is not None:
+                # Nobody decided the tie here: a resync of one side (a copy retired and
+                # replaced, a drop) or writes made them agree; the survivor may be the rot.
+                log.warning("replicas of %s/%d agree again: no longer unresolved (the tie with "
+                            "%s in unchecked metadata was not decided by the scrubber)",
+                            vid, idx, ", ".join(tie))
+            elif was is not None:
+                log.info("replicas of %s/%d agree again: no longer mismatched with %s",
+                         vid, idx, ", ".join(was))
             return 0
         self._seen_this_pass.add(key)
         if key in self.mismatched:           # already reported; still disagreeing
