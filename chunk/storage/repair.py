@@ -24,6 +24,13 @@ changes anything, again with no await: it trusts the worker's reads instead of
 reading on the loop, and a write landing anywhere between the verdict and the
 mend makes it a CONFLICT as before.
 
+The mend (``ReplicaStore.mend_async``) keeps a write's durable order: it holds
+its block as a deferred write does (``_Hold``), so it waits for one in
+progress there, whose snapshot copy may not be synced yet (a mended live block
+written back first would outlive that copy on a power loss), and checks the
+token only then; its versions are synced before the live block, and its syncs
+run in worker threads, like the flush that follows it.
+
 A block with too many versions for one export frame comes in parts
 (``ReplicaStore.export``: each part the live block and a slice of the
 versions, the next part's offset inside the block). The repair fetches every
@@ -273,7 +280,12 @@ class LocalRepair:
                     # Deleted (reclaimed) during the export: nothing left to mend.
                     log.info("repair %s/%d block %d: extent deleted meanwhile", vid, idx, block)
                     return False
-                if not self.store.mend(vid, idx, blob, verified=verdict):
+                try:
+                    mended = await self.store.mend_async(vid, idx, blob, verified=verdict)
+                except StoreError as e:              # a failed sync: the replica is retired
+                    log.error("repair %s/%d block %d: the mend failed: %s", vid, idx, block, e)
+                    return False
+                if not mended:
                     log.info("repair %s/%d block %d: a write landed meanwhile; checking again",
                              vid, idx, block)
                     break

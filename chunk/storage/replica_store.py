@@ -673,7 +673,8 @@ class _GroupSync:
 
 
 class _Hold:
-    """The blocks of a deferred write or unmap in progress (``_Replica.busy``).
+    """The blocks of a deferred write or unmap, or a mend (``mend_async``), in progress
+    (``_Replica.busy``).
 
     Its steps leave slots and ``.seq`` entries written but not yet synced between awaits; a
     second write of those blocks meanwhile would trust them (skip the COW, take the fast path)
@@ -719,6 +720,19 @@ def _sync_dup(fd: int) -> None:
         sync_fd(fd)
     finally:
         os.close(fd)
+
+
+def _run_syncs(jobs: list[Callable[[], None]]) -> None:
+    """Run every one of ``jobs`` (syncs; each closes the dup it was given), then raise the
+    first failure: one failing does not leak the dups of the others."""
+    failed: BaseException | None = None
+    for job in jobs:
+        try:
+            job()
+        except BaseException as e:  # noqa: BLE001 - raised below, after the others ran
+            failed = failed or e
+    if failed is not None:
+        raise failed
 
 
 def _settle_lost_seqs(seqs: array, ext: ExtentFile) -> array:
@@ -2104,45 +2118,179 @@ class ReplicaStore:
         mutation counter has not moved since (checked here, no await after): nothing that
         changes a live block or adds a version got in between. False otherwise, as for
         ``if_unchanged``, which it implies. The blob's run must lie in the verdict's.
-        """
+
+        The order is a write's (``_mend_steps``): versions durable before the live blocks
+        they keep the snapshots' copies of. Here its syncs run inline, on the caller's thread;
+        a block held by a deferred write or unmap (``_Hold``: its version slots or ``.seq``
+        may not be durable yet) makes it False, as a write landing would. From a coroutine,
+        ``mend_async``: it waits for such a hold, and syncs in worker threads."""
         state = _parse_blob(blob)
+        rep = self._mend_target(vid, idx, if_unchanged, verified)
+        if rep is None:
+            return False
+        first, n = self._mend_run(rep, state, verified)
+        if self._busy(rep, first, n):
+            return False
+        ok = [True]
+        with self._rep_io(rep):
+            for jobs in self._mend_steps(rep, state, first, n, verified, ok):
+                _run_syncs(jobs)
+        return ok[0]
+
+    async def mend_async(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None,
+                         verified: Verdict | None = None) -> bool:
+        """``mend`` in the durable order of a deferred write (``_write_later``), from the loop.
+
+        Its blocks are held (``_Hold``) as a deferred write's: a deferred write or unmap
+        holding one of them is waited for, its last sync included (its COW's version slot
+        may be in the page cache only, and a mended live block written back first would
+        outlive it on a power loss), and writes of them wait for the mend in turn. Then,
+        with no await in between, the replica and the token (``if_unchanged``, ``verified``)
+        are checked (False if either moved, as ``mend``) and the mend begins; its syncs
+        (``_mend_steps``) run in worker threads, a failed one retiring the replica as a
+        failed flush does (``StoreIOError``). False too when the extent is deleted or
+        retired meanwhile, or a version file it was writing is trimmed (checked again)."""
+        state = _parse_blob(blob)
+        rep = self._mend_target(vid, idx, if_unchanged, verified)
+        if rep is None:
+            return False
+        first, n = self._mend_run(rep, state, verified)
+        hold = _Hold(rep, first, n)
+        await hold.take()
+        try:
+            if self._mend_target(vid, idx, if_unchanged, verified) is not rep:
+                return False
+            ok = [True]
+            steps = self._mend_steps(rep, state, first, n, verified, ok)
+            try:
+                while True:
+                    with self._rep_io(rep):
+                        jobs = next(steps, None)
+                    if jobs is None:
+                        return ok[0]
+                    await self._syncs_later(rep, jobs, hold)
+                    if self._replicas.get((vid, idx)) is not rep:
+                        return False             # deleted (or retired) during the sync
+            finally:
+                steps.close()
+        finally:
+            hold.release()
+
+    def _mend_target(self, vid: str, idx: int, if_unchanged: int | None,
+                     verified: Verdict | None) -> _Replica | None:
+        """The replica to mend, or None when it is gone or a token moved (``mend``)."""
         rep = self._replicas.get((vid, idx))
         if rep is None or (if_unchanged is not None and rep.mutations != if_unchanged):
-            return False
+            return None
         if verified is not None and (verified.rep is not rep or verified.mutations != rep.mutations):
-            return False
+            return None
+        return rep
+
+    def _mend_run(self, rep: _Replica, state: dict, verified: Verdict | None) -> tuple[int, int]:
+        """(first block, count) of a parsed blob to mend (``ValueError`` outside the verdict's)."""
         first, n = self._blocks(rep, state["offset"], state["end"] - state["offset"])
         if verified is not None and not (verified.first <= first
                                          and first + n <= verified.first + verified.count):
             raise ValueError(f"blocks {first}+{n} outside the verdict's "
-                             f"{verified.first}+{verified.count}")
+                          f"{verified.first}+{verified.count}")
+        return first, n
+
+    def _mend_steps(self, rep: _Replica, state: dict, first: int, n: int,
+                    verified: Verdict | None, ok: list[bool]
+                    ) -> Iterator[list[Callable[[], None]]]:
+        """The mend of blocks [first, first+n), yielding each batch of syncs its order needs
+        (the caller runs them, inline or in a worker thread, before going on; it checks the
+        replica is still open here after each). ``ok[0]`` is set False when it stopped short.
+
+        The order is a write's (module docstring): 1. versions (failing ones replaced by the
+        peer's, and for a live block mended the ones the peer has and this replica lacks): a
+        new version file's directory entries, their data, the barrier, their slots, synced
+        (a COW's); 2. the mended blocks' ``.seq`` entries, synced when one changed; 3. their
+        data (or, absent on the peer, their checksums zeroed, synced, then punched). Without
+        ``cow_sync`` only the directory and the zeroed checksums are synced, as a write's. The
+        live blocks are synced by the caller's flush (repair), as any write's by FLUSH."""
         live = {b: (s, d) for b, s, _crc, d in state["live"]}
         unreadable = {e[0] for e in state.get("bad_live", ())}   # the peer's rot: not absent
-        versions: dict[int, list[tuple[int, int, bytes]]] = {}
+        peer: dict[int, list[tuple[int, int, bytes]]] = {}
         for b, origin, key, _crc, d in state["versions"]:
-            versions.setdefault(b, []).append((key, origin, d))
-        with self._rep_io(rep):
+            peer.setdefault(b, []).append((key, origin, d))
+        rep.mutations += 1
+        if verified is None:
+            bad_live = set(rep.ext.verify(first, n))
+            fails = None
+        else:
+            bad_live = verified.bad_live
+            fails = verified.bad_versions.__contains__
+        mend_live = [b for b in range(first, first + n) if b in bad_live and b not in unreadable]
+        puts: dict[int, list[tuple[int, int, bytes]]] = {}
+        for b in range(first, first + n):
+            for key, origin, data in self._mend_versions(rep, b, peer.get(b, ()),
+                                                         fill=b in mend_live, fails=fails):
+                puts.setdefault(key, []).append((b, origin, data))
+        if puts:
+            files = []
+            for key, items in sorted(puts.items()):
+                v = rep.versions_for(key, sync_dir=False)
+                v.put_data(items)
+                files.append((v, items))
+            jobs: list[Callable[[], None]] = [partial(_Replica.sync_dirs, v)
+                                              for v, _ in files if v.unlinked_dirs]
+            if self.cow_sync:
+                jobs += [v.sync for v, _ in files]          # the barrier (``_cow``)
+            if jobs:
+                yield jobs
+            if any(v.fd < 0 or rep.versions.get(v.key) is not v for v, _ in files):
+                ok[0] = False                    # trimmed during the sync: verify again
+                return
             rep.mutations += 1
-            if verified is None:
-                bad_live = set(rep.ext.verify(first, n))
-                version_fails = None
+            for v, items in files:
+                v.put_slots(items)
+            if self.cow_sync:
+                yield [v.sync for v, _ in files]
+        if not mend_live:
+            return
+        rep.mutations += 1
+        seqs = rep.seqs
+        changed = False
+        for b in mend_live:
+            seq, data = live.get(b, (0, None))
+            if data is not None:
+                rep.floor = min(rep.floor, seq)      # before the block changes, as in a write
+            if seqs[b] != seq:
+                rep.store_seq(b, seq)
+                changed = True
+        if changed and self.cow_sync:
+            yield [partial(_sync_dup, os.dup(rep.seq_fd))]
+        rep.mutations += 1
+        holes = []
+        for b in mend_live:
+            data = live.get(b, (0, None))[1]
+            if data is not None:
+                rep.ext.write(b * BLOCK_SIZE, data)
             else:
-                bad_live = verified.bad_live
-                version_fails = verified.bad_versions.__contains__
-            for b in range(first, first + n):
-                # Versions first, as in a COW: a view prefers them to the live block.
-                mend_live = b in bad_live and b not in unreadable
-                self._mend_versions(rep, b, versions.get(b, ()), fill=mend_live,
-                                    fails=version_fails)
-                if mend_live:
-                    self._mend_live(rep, b, *live.get(b, (0, None)))
-        return True
+                holes.append(rep.ext.unmap_checksums(b * BLOCK_SIZE, BLOCK_SIZE))
+        if any(present for _lo, _hi, present in holes):
+            yield [partial(_sync_dup, os.dup(rep.ext.crc_fd))]     # zero checksums, then punch
+        rep.ext.punch(holes, synced=True)
+
+    async def _syncs_later(self, rep: _Replica, jobs: list[Callable[[], None]], hold: _Hold) -> None:
+        """``jobs`` (syncs) in one worker thread, as ``_sync_later`` runs one: a failure
+        retires ``rep`` on the loop, a cancelled caller's ``hold`` lasts until they end."""
+        done = hold.sync = asyncio.get_running_loop().run_in_executor(None, _run_syncs, jobs)
+        done.add_done_callback(lambda f: self._synced(rep, f))
+        try:
+            await asyncio.shield(done)
+        except OSError as e:
+            raise self._fail(rep.disk, e) from e
 
     @staticmethod
     def _mend_versions(rep: _Replica, b: int, peer: list | tuple, fill: bool,
-                       fails: Callable[[tuple[int, int]], bool] | None = None) -> None:
-        """Replace failing versions of block ``b`` by the peer's; add missing ones if ``fill``.
-        ``fails((b, key))`` says whether a version fails (a verdict's); None: read it here."""
+                       fails: Callable[[tuple[int, int]], bool] | None = None
+                       ) -> list[tuple[int, int, bytes]]:
+        """The peer's versions of block ``b`` to put here, (key, origin, data): those replacing
+        failing ones, and if ``fill`` those missing here. ``fails((b, key))`` says whether a
+        version fails (a verdict's); None: read it here."""
+        out = []
         for key, origin, data in peer:
             v = rep.versions.get(key)
             entry = v.entries.get(b) if v is not None else None
@@ -2151,18 +2299,8 @@ class ReplicaStore:
             elif entry is None or entry[0] != origin or (
                     v.check(b) if fails is None else not fails((b, key))):
                 continue
-            rep.versions_for(key).put([(b, origin, data)])
-
-    @staticmethod
-    def _mend_live(rep: _Replica, b: int, seq: int, data: bytes | None) -> None:
-        """Install the peer's live block ``b`` (seq, then data or absent) over a failing one."""
-        if data is not None:
-            rep.floor = min(rep.floor, seq)      # before the block changes, as in a write
-        rep.store_seq(b, seq)
-        if data is not None:
-            rep.ext.write(b * BLOCK_SIZE, data)
-        else:
-            rep.ext.unmap(b * BLOCK_SIZE, BLOCK_SIZE)
+            out.append((key, origin, data))
+        return out
 
     def digest(self, vid: str, idx: int) -> bytes:
         """sha256 of the logical state (not the layout): live (block, seq, crc) of
