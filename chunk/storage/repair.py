@@ -62,7 +62,7 @@ from zstore.records import ExtentRecord
 from .extent_file import BLOCK_SIZE
 from .peers import Address, Peers, UnknownPeer
 from .replica_client import PeerUnavailable, ReplicaError
-from .replica_store import _BLOB_FORMAT_UNREADABLE, StoreError, Verdict, _parse_blob
+from .replica_store import _BLOB_FORMAT_UNREADABLE, BadBlob, StoreError, Verdict, _parse_blob
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,9 @@ class LocalRepair:
         its EXPORT ships it in (see the module docstring).
 
         Raises ``PartsMismatch`` when the parts do not make one state or do not end
-        within ``max_parts``, ``StoreError`` when a part is malformed.
+        within ``max_parts``, ``BadBlob`` when a part is malformed. A blob in one part is
+        not checked here: ``mend`` checks it (``BadBlob``: malformed, or not this block's
+        range), and the repair then goes on to the next peer, as for a failed export.
         """
         start, end = block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE
         blob, pos = await self.client.export(addr, vid, idx, start, BLOCK_SIZE)
@@ -282,6 +284,10 @@ class LocalRepair:
                     return False
                 try:
                     mended = await self.store.mend_async(vid, idx, blob, verified=verdict)
+                except BadBlob as e:                 # garbled, or another range: this peer's fault
+                    log.warning("repair %s/%d block %d: export from %s unusable: %s",
+                                vid, idx, block, cid, e)
+                    continue
                 except StoreError as e:              # a failed sync: the replica is retired
                     log.error("repair %s/%d block %d: the mend failed: %s", vid, idx, block, e)
                     return False

@@ -124,8 +124,8 @@ from .fencing import EpochFence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "StaleGeneration", "ReplicaStore",
-           "Verdict", "checked_state_of", "unreadable_blocks"]
+__all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "StaleGeneration", "BadBlob",
+           "ReplicaStore", "Verdict", "checked_state_of", "unreadable_blocks"]
 
 _MAX_SEQ = 0xFFFFFFFF
 _CHUNK = 1 << 20                     # internal unit of large unmaps / reverts
@@ -162,6 +162,11 @@ class StoreFull(StoreError):
 
 class StoreIOError(StoreError):
     """The disk failed an I/O (EIO and friends)."""
+
+
+class BadBlob(StoreError):
+    """An export blob that does not decode, fails a check, or covers another range than the
+    one asked for: the peer that sent it misbehaves (nothing of it was applied)."""
 
 
 class StaleGeneration(StoreError):
@@ -2117,7 +2122,8 @@ class ReplicaStore:
         stall for every volume). It holds while its replica is the one open here and the
         mutation counter has not moved since (checked here, no await after): nothing that
         changes a live block or adds a version got in between. False otherwise, as for
-        ``if_unchanged``, which it implies. The blob's run must lie in the verdict's.
+        ``if_unchanged``, which it implies. The blob's run must lie in the verdict's
+        (``BadBlob`` otherwise, as for a malformed blob: nothing changed).
 
         The order is a write's (``_mend_steps``): versions durable before the live blocks
         they keep the snapshots' copies of. Here its syncs run inline, on the caller's thread;
@@ -2187,11 +2193,15 @@ class ReplicaStore:
         return rep
 
     def _mend_run(self, rep: _Replica, state: dict, verified: Verdict | None) -> tuple[int, int]:
-        """(first block, count) of a parsed blob to mend (``ValueError`` outside the verdict's)."""
-        first, n = self._blocks(rep, state["offset"], state["end"] - state["offset"])
+        """(first block, count) of a parsed blob to mend; ``BadBlob`` when outside the extent
+        or the verdict's run (the peer answered for another range)."""
+        try:
+            first, n = self._blocks(rep, state["offset"], state["end"] - state["offset"])
+        except ValueError as e:
+            raise BadBlob(f"mend: {e}") from None
         if verified is not None and not (verified.first <= first
                                          and first + n <= verified.first + verified.count):
-            raise ValueError(f"blocks {first}+{n} outside the verdict's "
+            raise BadBlob(f"mend: blocks {first}+{n} outside the verdict's "
                           f"{verified.first}+{verified.count}")
         return first, n
 
@@ -2551,55 +2561,55 @@ def _check_ints(what: str, *values) -> None:
     bools, which passed the range checks and broke ``_import`` half-way through)."""
     for v in values:
         if type(v) is not int:
-            raise StoreError(f"import: {what} field {v!r:.40} is not an integer")
+            raise BadBlob(f"import: {what} field {v!r:.40} is not an integer")
 
 
 def _parse_blob(blob: bytes) -> dict:
-    """Decode and check an export blob; bad input raises StoreError, nothing applied."""
+    """Decode and check an export blob; bad input raises ``BadBlob``, nothing applied."""
     try:
         state = msgpack.unpackb(blob)
     except Exception as e:            # msgpack raises several unrelated types
-        raise StoreError(f"import: blob is not msgpack: {e}") from None
+        raise BadBlob(f"import: blob is not msgpack: {e}") from None
     if not isinstance(state, dict) or state.get("format") not in (_BLOB_FORMAT,
                                                                   _BLOB_FORMAT_UNREADABLE):
-        raise StoreError("import: unknown blob format")
+        raise BadBlob("import: unknown blob format")
     try:
         o, e = state["offset"], state["end"]
         if not (isinstance(o, int) and isinstance(e, int) and 0 <= o <= e
                 and o % BLOCK_SIZE == 0 and e % BLOCK_SIZE == 0):
-            raise StoreError(f"import: bad range {o}..{e}")
+            raise BadBlob(f"import: bad range {o}..{e}")
         lo, hi = o // BLOCK_SIZE, e // BLOCK_SIZE
         for b, s, crc, d in state["live"]:
             _check_ints("live block", b, s, crc)
             if not lo <= b < hi or not 0 < s <= _MAX_SEQ:
-                raise StoreError(f"import: bad live block {b} seq {s}")
+                raise BadBlob(f"import: bad live block {b} seq {s}")
             if d is not None and (len(d) != BLOCK_SIZE or block_crc(b, d) != crc):
-                raise StoreError(f"import: live block {b} fails its checksum")
+                raise BadBlob(f"import: live block {b} fails its checksum")
         after = state.get("after")
         if after is not None and not (isinstance(after, int) and 0 <= after <= _MAX_SEQ):
-            raise StoreError(f"import: bad after {after!r}")
+            raise BadBlob(f"import: bad after {after!r}")
         for b, origin, key, crc, d in state["versions"]:
             _check_ints("version", b, origin, key, crc)
             if not lo <= b < hi or not 0 <= origin <= key <= _MAX_SEQ:
-                raise StoreError(f"import: bad version of block {b} ({origin}, {key})")
+                raise BadBlob(f"import: bad version of block {b} ({origin}, {key})")
             if after is not None and b == lo and key <= after:
-                raise StoreError(f"import: version ({origin}, {key}) of block {b} is not after {after}")
+                raise BadBlob(f"import: version ({origin}, {key}) of block {b} is not after {after}")
             if len(d) != BLOCK_SIZE or block_crc(b, d) != crc:
-                raise StoreError(f"import: version ({origin}, {key}) of block {b} fails its checksum")
+                raise BadBlob(f"import: version ({origin}, {key}) of block {b} fails its checksum")
         if state["format"] == _BLOB_FORMAT_UNREADABLE:
             shipped = {e[0] for e in state["live"]}
             for b, s, crc in state["bad_live"]:
                 _check_ints("unreadable block", b, s, crc)
                 if not lo <= b < hi or not 0 < s <= _MAX_SEQ or not 0 < crc <= 0xFFFFFFFF \
                         or b in shipped:
-                    raise StoreError(f"import: bad unreadable block {b} seq {s}")
+                    raise BadBlob(f"import: bad unreadable block {b} seq {s}")
             shipped = {(e[0], e[2]) for e in state["versions"]}
             for b, origin, key, crc in state["bad_versions"]:
                 _check_ints("unreadable version", b, origin, key, crc)
                 if not lo <= b < hi or not 0 <= origin <= key <= _MAX_SEQ \
                         or not 0 < crc <= 0xFFFFFFFF or (b, key) in shipped \
                         or (after is not None and b == lo and key <= after):
-                    raise StoreError(f"import: bad unreadable version of block {b} ({origin}, {key})")
+                    raise BadBlob(f"import: bad unreadable version of block {b} ({origin}, {key})")
     except (KeyError, TypeError, ValueError) as err:
-        raise StoreError(f"import: malformed blob: {err}") from None
+        raise BadBlob(f"import: malformed blob: {err}") from None
     return state
