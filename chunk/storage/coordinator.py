@@ -57,6 +57,11 @@ READ_LEASE_WAIT = 3.0  # how long a read waits for a lapsed lease before NOT REA
 # READY (the host retries): an engine that cannot start (its port in use) must not hold it.
 START_WAIT = 10.0
 CLOSE_COW_WAIT = 30.0  # how long a closing volume waits for its local COWs' syncs
+# How long a closing volume waits for the writes already admitted to finish their handling
+# (retries, drops, a retake) before it releases ownership. Each is bounded (the replica
+# timeout, the meta client's retries, RETAKE_WINDOW) except one waiting for a lapsed lease
+# of a server not stopping; past this, ownership is left held (see ``close``).
+CLOSE_DRAIN_WAIT = 60.0
 # How long a host's I/O waits for the volume to open (its extent map listed from etcd, which
 # the watch retries for ever while etcd is out of reach) before failing NOT READY; the open
 # goes on, and a later I/O finds it done. Volume ops and recoveries wait as long as it takes.
@@ -99,9 +104,12 @@ class WriteGate:
         self._closed: asyncio.Event | None = None    # set when the barrier's holder reopens
         self._drained: asyncio.Future | None = None  # the barrier's wait for writes in flight
         self._lock = asyncio.Lock()
+        self._shut = None                            # ``shut``: the error every enter raises
 
     async def enter(self) -> None:
         while self._closed is not None:
+            if self._shut is not None:
+                raise self._shut()
             await self._closed.wait()
         self._inflight += 1
 
@@ -134,11 +142,40 @@ class WriteGate:
         self._reopen()
 
     def _reopen(self) -> None:
-        closed, self._closed = self._closed, None
+        closed = self._closed
+        if self._shut is None:          # shut: closed for good (``enter`` raises)
+            self._closed = None
         if closed is not None:
             closed.set()
         if self._lock.locked():
             self._lock.release()
+
+    def shut(self, error) -> None:
+        """Close the gate for good (a closing coordinator): from now on no write enters
+        (``enter`` raises ``error()``, those waiting behind a barrier too; ``try_enter`` is
+        False). Nothing is added to entering or leaving: a shut gate looks closed to them."""
+        self._shut = error
+        if self._closed is None:
+            self._closed = asyncio.Event()
+        self._closed.set()              # wake those parked behind a barrier: they raise
+
+    async def drain(self, timeout: float) -> bool:
+        """Once ``shut``: wait up to ``timeout`` for the writes in flight to leave (after a
+        barrier holding the gate, a volume op, ends). True if they all left in time."""
+        try:
+            await asyncio.wait_for(self._drain(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _drain(self) -> None:
+        async with self._lock:
+            if self._inflight:
+                self._drained = asyncio.get_running_loop().create_future()
+                try:
+                    await self._drained
+                finally:
+                    self._drained = None
 
 
 class RangeLocks:
@@ -422,6 +459,8 @@ class Coordinator:
         self._ready_task: asyncio.Task | None = None
         self._is_ready = False
         self._stop = asyncio.Event()
+        self._closing: asyncio.Future | None = None   # ``close`` began (its task)
+        self._closed = False                      # ``close`` drained: ownership is never taken again
         self._watch: asyncio.Task | None = None
         self._synced = asyncio.Event()
         self._gate = WriteGate()
@@ -470,6 +509,8 @@ class Coordinator:
         all), the open going on for the next caller."""
         if self._is_ready:                       # hot path: every I/O passes here
             return
+        if self._closing is not None:
+            raise NotServing(f"volume {self.vid}: closed on this chunk server")
         if self._ready_task is None:
             self._ready_task = asyncio.ensure_future(self._open())
         task = self._ready_task
@@ -548,23 +589,56 @@ class Coordinator:
         return None
 
     async def close(self) -> None:
-        self._stop.set()
+        """Stop serving the volume: no write is admitted from now on (NOT READY), the writes
+        in flight finish, then ownership is released (``_close``). A second call waits for
+        the first; a caller cancelled meanwhile leaves it going."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+            self._closing.add_done_callback(retrieve)
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        # No write is admitted from here (the gate raises NotServing, the fast path declines
+        # to the gate); those admitted already finish their whole handling, retries, drops,
+        # a retake and ``_split_by_snapshot`` included, before ownership is released: once
+        # released, the meta may take a snapshot by itself at our seq, and an attempt still
+        # retrying would land inside it. Failing them instead (17256e8 reverted that) left
+        # a write that had landed on some replicas only without its split, and answered a
+        # COMPARE AND WRITE that may have landed NOT READY (its retry is not idempotent).
+        self._gate.shut(lambda: NotServing(f"volume {self.vid}: closed on this chunk server"))
         if self._ready_task is not None and not self._ready_task.done():
             self._ready_task.cancel()        # an open waiting for etcd: nobody waits for it now
             await asyncio.gather(self._ready_task, return_exceptions=True)
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        # Bounded: every attempt waits at most the replica timeout, a drop the meta client's
+        # retries, a retake RETAKE_WINDOW; only a write waiting for this server's lapsed lease
+        # (etcd out of reach, the server not stopping: a stopping one fails it at once) can
+        # wait longer, and it sends nothing while it waits.
+        drained = await self._gate.drain(CLOSE_DRAIN_WAIT)
+        self._closed = True                  # ``_acquire`` refuses from now on
         if self._local_later:
             # Local COWs still waiting for the disk land before ownership goes and the engine
             # flushes for its clean stop (which assumes nothing writes any more).
             await asyncio.wait(set(self._local_later), timeout=CLOSE_COW_WAIT)
-        if self.epoch:
-            try:
-                await ownership.release(self.engine.etcd, self.engine.keys, self.vid,
-                                        self.engine.chunk_id, self.epoch)
-            except Exception as e:  # noqa: BLE001 - best effort; the epoch still fences
-                log.warning("volume %s: could not release ownership: %s", self.vid, e)
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        # Under the owner lock: a retake in flight (a flush's, say) ends first, and its epoch
+        # is the one released; none starts after (``_closed``).
+        async with self._owner_lock:
+            if self.epoch and not drained:
+                # A write still in flight may yet go out at our seq: released, the meta could
+                # commit a snapshot by itself under it. Held, a snapshot goes through this
+                # server as an op (a new coordinator takes the volume with a new epoch, which
+                # fences the write), or through the meta once this server's lease is gone.
+                log.error("volume %s: writes still in flight %.0fs after its close began; "
+                          "ownership (epoch %d) is left held", self.vid, CLOSE_DRAIN_WAIT, self.epoch)
+            elif self.epoch:
+                try:
+                    await ownership.release(self.engine.etcd, self.engine.keys, self.vid,
+                                            self.engine.chunk_id, self.epoch)
+                except Exception as e:  # noqa: BLE001 - best effort; the epoch still fences
+                    log.warning("volume %s: could not release ownership: %s", self.vid, e)
         if self.parent is not None:
             await self.engine.release(self.parent)
 
@@ -621,7 +695,11 @@ class Coordinator:
     async def _acquire(self) -> None:
         """Take ownership in etcd (see ``_take``); etcd out of reach is NOT READY, which the
         host retries, as a flush that cannot read the owner record answers: nothing failed
-        on the replicas (a raw etcd error was answered INTERNAL TARGET FAILURE)."""
+        on the replicas (a raw etcd error was answered INTERNAL TARGET FAILURE). Never once
+        closed (``close`` drained): ownership was released, or is left to whoever takes the
+        volume over; a write left behind past the drain fails NOT READY instead."""
+        if self._closed:
+            raise NotServing(f"volume {self.vid}: closed on this chunk server")
         try:
             await self._take()
         except _ETCD_UNREACHABLE as err:
@@ -1758,6 +1836,8 @@ class Coordinator:
         await self.ready(OPEN_WAIT)
         if self.view_seq:
             return                      # a view writes nothing
+        if self._closing is not None:   # as a write: none starts once closing began
+            raise NotServing(f"volume {self.vid}: closed on this chunk server")
         await self.ensure_owner()       # a FLUSH needs an epoch, as any mutation
         async with self._flush_lock:
             e = self.engine
