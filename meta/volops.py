@@ -41,6 +41,7 @@ from zstore.etcd import get_prefix_paged
 from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner, now
 
 from . import chunks as chunkmod
+from . import volumes
 from .context import Ctx
 from .volumes import (MAX_RETRIES, creating_snapshot_removal, find_volume, resolve_snapshot, snapshot_op_id,
                       unique_name_release)
@@ -69,11 +70,6 @@ async def live_owner(ctx: Ctx, vid: str) -> tuple[VolumeOwner | None, int]:
 
 async def _is_live(ctx: Ctx, chunk_id: str) -> bool:
     return await ctx.get_raw(ctx.keys.chunk_live(chunk_id)) is not None
-
-
-async def _unfinished_reverts(ctx: Ctx, vid: str) -> list[tuple[bytes, VolumeOp]]:
-    return [(k, op) for k, op in await ctx.list(ctx.keys.volops(vid), VolumeOp)
-            if op.kind == "revert" and op.state in ("pending", "running")]
 
 
 # --- snapshot ------------------------------------------------------------------
@@ -176,7 +172,7 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
         v, vrev = await ctx.get(vkey, Volume)
         if v is None:
             raise NotFound(f"volume {vol.name!r} was deleted while being snapshotted")
-        reverting = await _unfinished_reverts(ctx, vid)
+        reverting = await volumes.unfinished_reverts(ctx, vid)
         if waited and not reverting and v.state == "deleted":
             # The revert it waited for ended with the volume deleted: a forced delete cancels
             # an unfinished revert, so the volume may hold a half-reverted image, never a
@@ -192,10 +188,12 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
             # committed meanwhile (by the meta, once that server's lease lapsed) would take
             # in the revert's remaining writes. The snapshot waits for the revert.
             if time.monotonic() >= deadline:
-                rop = reverting[0][1]
+                rop = reverting[0][2]
+                which = (f"op {rop.op_id}, written by a newer zstore" if isinstance(rop, volumes.NewerOp)
+                         else f"{rop.state} on chunk server {rop.executor}")
                 raise Unavailable(
                     f"snapshot {cur.name!r} of volume {vol.name!r} waits for a revert of the volume "
-                    f"that is still unfinished ({rop.state} on chunk server {rop.executor})",
+                    f"that is still unfinished ({which})",
                     hint="the request stays pending: repeat the same create once the revert finished")
             await asyncio.sleep(POLL)
             continue
@@ -307,12 +305,15 @@ async def _create_revert_op(ctx: Ctx, vol: Volume, snap: Snapshot, request_id: s
                     raise Conflict(f"request id {request_id!r} was used for a revert to another snapshot",
                                    hint="make a new request id for each new request")
                 return own_key          # a retry of this request: its op, even done or failed
-        unfinished = await _unfinished_reverts(ctx, vid)
-        for k, op in unfinished:
+        unfinished = await volumes.unfinished_reverts(ctx, vid)
+        for _, _, op in unfinished:
+            if isinstance(op, volumes.NewerOp):     # maybe a revert to another snapshot
+                raise volumes.newer_op_refusal(f"volume {vol.name!r}", op, "revert it")
+        for k, _, op in unfinished:
             if op.snapshot_id == snap.snapshot_id:
                 return k                # the same revert, unfinished: wait for its op
         if unfinished:
-            op = unfinished[0][1]
+            op = unfinished[0][2]
             other, _ = await ctx.get(ctx.keys.snapshot(op.snapshot_id), Snapshot)
             raise Conflict(
                 f"volume {vol.name!r}: a revert to snapshot {other.name if other else op.snapshot_id!r} "

@@ -15,6 +15,7 @@ until nothing references it, because clones share its data (copy-on-write).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -412,7 +413,7 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
     ~25 exported snapshots, and the volume could never be deleted.
 
     A pending or running revert of the volume refuses the delete, or with force is cancelled
-    in the volume's transaction (``_unfinished_reverts_of``)."""
+    in the volume's transaction (``unfinished_reverts``)."""
     for _ in range(MAX_RETRIES):
         vol, rev = await find_volume(ctx, ref)
         acl = await acl_entries(ctx, vol.volume_id)
@@ -420,7 +421,10 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
             who = ", ".join(a.initiator for a in acl[:3]) + ("..." if len(acl) > 3 else "")
             raise Conflict(f"volume {vol.name!r} is exported to {len(acl)} initiator(s): {who}",
                            hint=f"remove them with `zstore acl remove {vol.name} IQN`, or delete with --force")
-        reverts = await _unfinished_reverts_of(ctx, vol, force)
+        # A revert made after this read puts the volume back (its revision moves), so the
+        # delete's compare fails and it looks again.
+        reverts = await unfinished_reverts(ctx, vol.volume_id)
+        await _refuse_unfinished_reverts(ctx, vol, reverts, force)
         snaps = await _snapshots_of(ctx, vol.volume_id)
         exported = await _exported_snapshots(ctx, vol, snaps, force)
         for s in exported:
@@ -449,18 +453,13 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
     raise Conflict(f"could not delete volume {ref!r}: too much concurrent change", hint="retry", retry=True)
 
 
-async def _unfinished_reverts_of(ctx: Ctx, vol: Volume, force: bool) -> list[tuple[bytes, int, VolumeOp]]:
-    """(key, mod revision, op) of the volume's pending or running reverts; without force,
-    refuses while there is one: it would go on rewriting the deleted volume and answer its
-    caller "reverted". A revert made after this read puts the volume back (its revision
-    moves), so the delete's compare fails and it looks again."""
-    kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.volops(vol.volume_id))
-    reverts = [(kv.key, kv.mod_revision, op) for kv in kvs
-               if (op := _decoded_op(kv.value)) and op.kind == "revert" and op.state in ("pending", "running")]
-    if any(op is _NEWER_OP for _, _, op in reverts):
-        raise Unavailable(f"volume {vol.name!r} has an op written by a newer zstore",
-                          hint="delete it from a meta server running the newer version (or finish "
-                               "the upgrade first)")
+async def _refuse_unfinished_reverts(ctx: Ctx, vol: Volume, reverts: list, force: bool) -> None:
+    """Without force, a pending or running revert refuses the delete: it would go on
+    rewriting the deleted volume and answer its caller "reverted". An op of a newer schema
+    refuses it with force too (nothing here can cancel what it cannot read)."""
+    for _, _, op in reverts:
+        if isinstance(op, NewerOp):
+            raise newer_op_refusal(f"volume {vol.name!r}", op, "delete it")
     if reverts and not force:
         op = reverts[0][2]
         snap, _ = await ctx.get(ctx.keys.snapshot(op.snapshot_id), Snapshot)
@@ -468,29 +467,50 @@ async def _unfinished_reverts_of(ctx: Ctx, vol: Volume, force: bool) -> list[tup
                        f"{snap.name if snap else op.snapshot_id!r}, on chunk server {op.executor})",
                        hint="wait for the revert to finish (its command returns when done), or delete "
                             "with --force, which cancels it")
-    return reverts
 
 
-class _NewerOp:
+@dataclasses.dataclass(frozen=True)
+class NewerOp:
     """An op record a newer zstore wrote (its schema is above ours): not garbage. In a rolling
-    upgrade an upgraded chunk server may run it, so it is taken as a revert that is unfinished
-    (the delete and the GC cannot read it to know better)."""
-    kind, state, op_id, snapshot_id, executor = "revert", "pending", "?", "?", "?"
+    upgrade an upgraded chunk server may run it, so it counts as a revert that is unfinished
+    (nothing here can read it to know better). Known by its key's op id only."""
+    op_id: str
+    kind: str = "revert"
+    state: str = "pending"
+    snapshot_id: str = "?"
+    executor: str = "?"
 
 
-_NEWER_OP = _NewerOp()
-
-
-def _decoded_op(value: bytes) -> VolumeOp | _NewerOp | None:
-    """The op; ``_NEWER_OP`` for one of a newer schema; None for a record that does not decode
-    at all: no chunk server runs one (the engine skips it), and it must not make the volume
-    undeletable."""
+def decoded_op(key: bytes, value: bytes) -> VolumeOp | NewerOp | None:
+    """The op stored at ``key``; a ``NewerOp`` for one of a newer schema; None (logged) for a
+    record that does not decode at all: no chunk server runs one (the engine skips it), and
+    it must stop neither a delete nor a create nor the garbage collection."""
     try:
         return VolumeOp.decode(value)
     except NewerSchemaError:
-        return _NEWER_OP
-    except RecordError:
+        return NewerOp(op_id=key.rsplit(b"/", 1)[-1].decode(errors="replace"))
+    except RecordError as e:
+        log.warning("volume op record %s does not decode, skipped: %s", key.decode(errors="replace"), e)
         return None
+
+
+async def unfinished_reverts(ctx: Ctx, vid: str) -> list[tuple[bytes, int, VolumeOp | NewerOp]]:
+    """(key, mod revision, op) of each pending or running revert of volume ``vid``, read in
+    pages: the one listing of them (snapshot create and delete, revert, volume delete, the
+    stranded-snapshot collection), with one rule: an op of a newer schema counts as one
+    (``NewerOp``), a record that does not decode is skipped with a log (``decoded_op``)."""
+    kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.volops(vid))
+    return [(kv.key, kv.mod_revision, op) for kv in kvs
+            if (op := decoded_op(kv.key, kv.value)) is not None
+            and op.kind == "revert" and op.state in ("pending", "running")]
+
+
+def newer_op_refusal(what: str, op: NewerOp, action: str) -> Unavailable:
+    """503 for a request on ``what`` that an op of a newer zstore (``NewerOp``) stands in the way of."""
+    return Unavailable(f"{what} has an op written by a newer zstore ({op.op_id}), taken "
+                       "as a revert still unfinished",
+                       hint=f"{action} from a meta server running the newer version (or finish the "
+                            "upgrade first)")
 
 
 def _exported_to_conflict(vol: Volume, s: Snapshot, users: list[AclEntry]) -> Conflict:
@@ -657,8 +677,11 @@ async def delete_snapshot_record(ctx: Ctx, snap: Snapshot, force: bool = False) 
         snap = cur
         # A revert to it needs its versions until done (reclaim trims them once it is gone);
         # a revert made after this read moves the snapshot's revision: the compare below.
-        if any(op.kind == "revert" and op.snapshot_id == snap.snapshot_id and op.state in ("pending", "running")
-               for _, op in await ctx.list(ctx.keys.volops(snap.volume_id), VolumeOp)):
+        reverts = [op for _, _, op in await unfinished_reverts(ctx, snap.volume_id)]
+        for op in reverts:
+            if isinstance(op, NewerOp):        # it may be a revert to this very snapshot
+                raise newer_op_refusal(f"the volume of snapshot {snap.name!r}", op, "delete the snapshot")
+        if any(op.snapshot_id == snap.snapshot_id for op in reverts):
             raise Conflict(f"snapshot {snap.name!r} is the target of a revert still running",
                            hint="wait for the revert to finish (its command returns when done), then delete")
         m, prev = await snapshot_exports.export_state(ctx, snap.snapshot_id)
@@ -748,10 +771,10 @@ async def remove_stranded_snapshot(ctx: Ctx, snap: Snapshot, srev: int, now: flo
     if snap.state != "creating" or now - snap.created < age:
         return False
     op_key = ctx.keys.volop(snap.volume_id, snapshot_op_id(snap.snapshot_id))
-    for key, value in await ctx.list_raw(ctx.keys.volops(snap.volume_id)):
-        op = _decoded_op(value)
-        if key == op_key or (op and op.kind == "revert" and op.state in ("pending", "running")):
-            return False            # its op's (tidy_ops' failed-op path), or waits for the revert
+    if await ctx.etcd.get(op_key) is not None:
+        return False                # its op's (tidy_ops' failed-op path)
+    if await unfinished_reverts(ctx, snap.volume_id):
+        return False                # it waits for the revert
     compare, ops = await creating_snapshot_removal(ctx, snap, srev)
     if not await ctx.txn([ctx.absent(op_key), *compare], ops):
         return False

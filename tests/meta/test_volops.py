@@ -263,20 +263,22 @@ async def test_a_snapshot_is_not_deleted_while_a_revert_to_it_runs(ctx):
 
 
 def revert_after_the_ops_are_listed(ctx, monkeypatch, vid: str, snapshot: str) -> list:
-    """Make the next listing of the volume's ops start a revert of "v" to ``snapshot`` (left
+    """Make the next listing of the volume's unfinished reverts (``volumes.unfinished_reverts``,
+    the one every caller reads them through) start a revert of "v" to ``snapshot`` (left
     pending: no executor answers) right after it read: a race with whoever listed. The list
     returned holds True once the race ran."""
-    real_list, raced = ctx.list, []
+    real_list, raced = volumes.unfinished_reverts, []
 
-    async def list_then_revert(prefix, cls):
-        got = await real_list(prefix, cls)
-        if prefix == ctx.keys.volops(vid) and not raced:
+    async def list_then_revert(c, volume_id):
+        got = await real_list(c, volume_id)
+        if volume_id == vid and not raced:
             raced.append(True)
+            assert got == []                    # the listing read before the revert existed
             with pytest.raises(Unavailable):
                 await volops.revert_volume(ctx, "v", snapshot, timeout=0.2)
         return got
 
-    monkeypatch.setattr(ctx, "list", list_then_revert)
+    monkeypatch.setattr(volumes, "unfinished_reverts", list_then_revert)
     return raced
 
 
