@@ -223,6 +223,26 @@ def _remove_extent(base: Path) -> None:
     _fsync_dir(base.parent)
 
 
+def _copy_allocated(base: Path) -> int:
+    """Bytes allocated to an extent's files (``_Replica.allocated``'s, from the paths: data,
+    checksums, seqs, versions); files gone (or never made) count nothing."""
+    paths = [base.with_name(base.name + suffix) for suffix in (".data", ".crc", ".seq")]
+    try:
+        with os.scandir(_vdir(base)) as found:
+            paths += [Path(e.path) for e in found if e.name.endswith(".ver")]
+    except OSError as e:
+        if e.errno not in _DIR_GONE:
+            raise
+    total = 0
+    for path in paths:
+        try:
+            total += os.lstat(path).st_blocks * 512
+        except OSError as e:
+            if e.errno not in _DIR_GONE:
+                raise
+    return total
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -1006,13 +1026,27 @@ class ReplicaStore:
         raise NoExtent(f"extent {vid}/{idx} is not on this server")
 
     def _used(self, disk: _Disk) -> tuple[int, int]:
-        """(capacity, used) bytes of a disk: our allocations against a limit, else the fs."""
+        """(capacity, used) bytes of a disk: our allocations against a limit, else the fs.
+        Ours are the open replicas' and the copies kept that are not open (``_kept_bytes``)."""
         if disk.limit is not None:
             used = sum(self._replicas[k].allocated() for k in disk.replicas)
-            return disk.limit, used
+            return disk.limit, used + self._kept_bytes(disk)
         st = os.statvfs(disk.path)
         total = st.f_blocks * st.f_frsize
         return total, total - st.f_bavail * st.f_frsize
+
+    def _kept_bytes(self, disk: _Disk) -> int:
+        """Bytes of the copies on ``disk`` that are kept but not open: ``broken`` ones (they
+        did not open at the start, or were retired by a failed sync) and their other copies
+        (``_more_copies``). Their files stay until a DELETE removes them, and take space
+        meanwhile: left out, a limited disk took new extents past its limit. Counted from
+        the files (a few ``lstat``s each; nothing is open to ``fstat``), as ``allocated``
+        counts an open one: data, checksums, seqs and versions."""
+        hdrs = {hdr for _why, hdr in self.broken.values()}
+        for more in self._more_copies.values():
+            hdrs.update(more)
+        return sum(_copy_allocated(h.with_name(h.name[:-len(".hdr")]))
+                   for h in hdrs if h.parent == disk.path)
 
     def _room_again(self, disk: _Disk, capacity: int, used: int) -> None:
         """Clear a full disk's ``enospc`` once it has room for an extent (and inodes) again:
