@@ -424,9 +424,9 @@ async def move_stranded_reverts(ctx: Ctx) -> list[str]:
     of the ops moved."""
     moved = []
     for kv in (await get_prefix_paged(ctx.etcd, ctx.keys.all_volops()))[0]:
-        op = VolumeOp.decode(kv.value)
-        if op.kind != "revert" or op.state not in ("pending", "running"):
-            continue
+        op = volumes.decoded_op(kv.key, kv.value)
+        if not isinstance(op, VolumeOp) or op.kind != "revert" or op.state not in ("pending", "running"):
+            continue                    # garbage (logged), or a newer zstore's: not ours to move
         vol, _ = await ctx.get(ctx.keys.volume(op.volume_id), Volume)
         if vol is None:
             continue
@@ -446,7 +446,8 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
 
     A done op is only a receipt. A failed snapshot op also takes its
     ``creating`` snapshot and name with it, exactly as a waiting create would
-    have, so the name can be used again. Pending and running ops are not removed.
+    have, so the name can be used again. Pending and running ops are not removed, nor
+    is a record that does not decode or that a newer zstore wrote (``volumes.decoded_op``).
     A ``creating`` snapshot with no op at all goes the same way, in the garbage
     collection (``volumes.remove_stranded_snapshot``), which lists every snapshot anyway.
     """
@@ -454,7 +455,9 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
     now = time.time() if now is None else now
     removed = []
     for kv in (await get_prefix_paged(ctx.etcd, ctx.keys.all_volops()))[0]:
-        op = VolumeOp.decode(kv.value)
+        op = volumes.decoded_op(kv.key, kv.value)
+        if not isinstance(op, VolumeOp):
+            continue                    # garbage (logged), or a newer zstore's: not ours to tidy
         if op.state in ("pending", "running") or now - op.created < ttl:
             continue
         compare, ops = [ctx.unchanged(kv.key, kv.mod_revision)], [ctx.delete(kv.key)]

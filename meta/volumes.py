@@ -490,8 +490,17 @@ def decoded_op(key: bytes, value: bytes) -> VolumeOp | NewerOp | None:
     except NewerSchemaError:
         return NewerOp(op_id=key.rsplit(b"/", 1)[-1].decode(errors="replace"))
     except RecordError as e:
-        log.warning("volume op record %s does not decode, skipped: %s", key.decode(errors="replace"), e)
+        # Warned once per record and value (the leader's tidying reads every op each 2 s).
+        seen = (key, value)
+        level = logging.DEBUG if seen in _UNDECODED else logging.WARNING
+        if len(_UNDECODED) >= 1024:
+            _UNDECODED.clear()
+        _UNDECODED.add(seen)
+        log.log(level, "volume op record %s does not decode, skipped: %s", key.decode(errors="replace"), e)
         return None
+
+
+_UNDECODED: set[tuple[bytes, bytes]] = set()
 
 
 async def unfinished_reverts(ctx: Ctx, vid: str) -> list[tuple[bytes, int, VolumeOp | NewerOp]]:
