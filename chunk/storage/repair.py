@@ -205,6 +205,16 @@ class LocalRepair:
             verdict = self.store.verify_verdict(vid, idx, block, 1)
         return verdict
 
+    async def _still_bad(self, vid: str, idx: int, block: int, when: str) -> Verdict | bool:
+        """``block`` verified (``_verdict``), the one verdict check of a repair: the verdict when
+        the block still fails (its token for the mend), else how the repair ends: False when
+        the extent is gone (logged, ``when``), True when the block verifies."""
+        verdict = await self._verdict(vid, idx, block)
+        if verdict is None:
+            log.info("repair %s/%d block %d: extent gone %s", vid, idx, block, when)
+            return False
+        return verdict if block in verdict.bad else True
+
     async def _durable(self, vid: str, idx: int, block: int) -> bool:
         """Sync the mend (``flush_async``: in a worker thread) before it counts: left in the
         page cache, a power loss would bring the rotten bytes back from the disk. A failed
@@ -256,13 +266,11 @@ class LocalRepair:
                 log.info("repair %s/%d block %d: extent deleted meanwhile", vid, idx, block)
                 return False
             # The verdict is its own token (see the module docstring).
-            verdict = await self._verdict(vid, idx, block)
-            if verdict is None:
-                log.info("repair %s/%d block %d: extent gone during its verify", vid, idx, block)
-                return False
-            if block not in verdict.bad:
-                log.info("%s/%d block %d verifies again (rewritten meanwhile)", vid, idx, block)
-                return True
+            verdict = await self._still_bad(vid, idx, block, "during its verify")
+            if not isinstance(verdict, Verdict):
+                if verdict:
+                    log.info("%s/%d block %d verifies again (rewritten meanwhile)", vid, idx, block)
+                return verdict
             if not peers:
                 log.error("repair %s/%d block %d: no other in-sync replica", vid, idx, block)
                 return False
@@ -297,17 +305,14 @@ class LocalRepair:
                     break
                 if not await self._durable(vid, idx, block):
                     return False
-                verdict = await self._verdict(vid, idx, block)
-                if verdict is None:
-                    log.info("repair %s/%d block %d: extent gone after the mend", vid, idx, block)
-                    return False
-                if block not in verdict.bad:
-                    log.warning("repaired %s/%d block %d from %s", vid, idx, block, cid)
-                    return True
+                verdict = await self._still_bad(vid, idx, block, "after the mend")
+                if not isinstance(verdict, Verdict):
+                    if verdict:
+                        log.warning("repaired %s/%d block %d from %s", vid, idx, block, cid)
+                    return verdict
                 log.error("repair %s/%d block %d: the copy from %s does not verify either",
                           vid, idx, block, cid)
-        verdict = await self._verdict(vid, idx, block)
-        if verdict is not None and block not in verdict.bad:
+        if await self._still_bad(vid, idx, block, "after the last attempt") is True:
             return True
         log.error("repair of %s/%d block %d failed", vid, idx, block)
         return False

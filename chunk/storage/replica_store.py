@@ -2317,7 +2317,8 @@ class ReplicaStore:
             yield [partial(_sync_dup, os.dup(rep.ext.crc_fd))]     # zero checksums, then punch
         rep.ext.punch(holes, synced=True)
 
-    async def _syncs_later(self, rep: _Replica, jobs: list[Callable[[], None]], hold: _Hold) -> None:
+    async def _syncs_later(self, rep: _Replica, jobs: list[Callable[[], None]],
+                           hold: _Hold) -> None:
         """``jobs`` (syncs) in one worker thread, as ``_sync_later`` runs one: a failure
         retires ``rep`` on the loop, a cancelled caller's ``hold`` lasts until they end."""
         done = hold.sync = asyncio.get_running_loop().run_in_executor(None, _run_syncs, jobs)
