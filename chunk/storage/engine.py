@@ -142,6 +142,7 @@ class StorageEngine:
         self._retired: dict[str, int] = {}   # counters of coordinators closed since start
         self._coords: dict[tuple[str, int], Coordinator] = {}
         self._tasks: list[asyncio.Task] = []
+        self._releasing: set[asyncio.Task] = set()   # coordinators released by a closed device
         self._running: dict[str, asyncio.Task] = {}          # op/task key -> task
         self._rerun: dict[str, Any] = {}                     # key -> start again when it ends
         self._recovery_slots = asyncio.Semaphore(2)
@@ -221,8 +222,14 @@ class StorageEngine:
         for worker in (self.scrubber, self.reclaimer, self.repair):
             if worker is not None:
                 await worker.stop()
-        for c in list(self._coords.values()):
-            await c.close()
+        # Every coordinator closes (each drains its writes in flight, bounded, then releases
+        # ownership) before the replica client does: a write still waiting for a reply would
+        # fail "client closed" and its handling drop a healthy peer. All at once: a stop
+        # waits for the slowest drain, not their sum. Releases under way (an LU unmapped
+        # just before) are waited for, not cancelled: their volume is no longer in
+        # ``_coords``, and cut short its writes would outlive the client.
+        await asyncio.gather(*(c.close() for c in list(self._coords.values())),
+                             *self._releasing, return_exceptions=True)
         self._coords.clear()
         if self.server is not None:
             await self.server.stop()
@@ -407,8 +414,8 @@ class StorageEngine:
             coord.refs -= 1
             return
         t = asyncio.ensure_future(self.release(coord))
-        self._tasks.append(t)
-        t.add_done_callback(lambda _t: self._tasks.remove(_t) if _t in self._tasks else None)
+        self._releasing.add(t)                  # ``stop`` waits for it (never cancels it)
+        t.add_done_callback(self._releasing.discard)
 
     # -- assignments: volume operations and recovery tasks ------------------------
 
