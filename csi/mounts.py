@@ -7,6 +7,7 @@ two calls changes nothing.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,25 @@ def mounts(path: Path = MOUNTINFO) -> list[Mount]:
     return parse_mountinfo(path.read_text())
 
 
+def canonical(path: str) -> str:
+    """``path`` as /proc/self/mountinfo names mount points: absolute, ``.``/``..`` and every
+    symlink resolved (a kubelet root ``/var/lib/kubelet`` -> ``/data/kubelet`` is listed
+    under ``/data/kubelet``). mount(8) and umount(8) resolve the path they are given the
+    same way, so what ``mount --bind SRC PATH`` made and what ``umount PATH`` removes is the
+    mount listed at ``canonical(PATH)``. A path that no longer exists (a deleted target) is
+    resolved as far as it exists; nothing is raised."""
+    return os.path.realpath(path)
+
+
 def mount_at(target: str, table: list[Mount] | None = None) -> Mount | None:
-    """The topmost mount at ``target`` (the last one listed), or None."""
-    target = str(Path(target))
+    """The topmost mount at ``target`` (the last one listed), or None.
+
+    ``target`` is resolved (``canonical``); the table's mount points are the kernel's,
+    canonical already and unescaped (``\\040`` is a space) by ``parse_mountinfo``. Only
+    symlinks are resolved: a bind mount is another path to the same directory, and a mount
+    made under one of its paths is listed (and seen) there only, unless propagated, when the
+    kernel lists each copy at its own path. A mount whose mount point was deleted is gone
+    from the table (the kernel detaches it), so a deleted target is not mounted."""
+    target = canonical(target)
     found = [m for m in (mounts() if table is None else table) if m.target == target]
     return found[-1] if found else None

@@ -33,7 +33,7 @@ from csi import csi_pb2_grpc as pbg
 from csi.chap import ChapError, from_secrets
 from csi.host import Host, HostError
 from csi.iscsiadm import AuthFailed, Iscsiadm
-from csi.mounts import MOUNTINFO, mount_at, mounts
+from csi.mounts import MOUNTINFO, canonical, mount_at, mounts
 from csi.status import Abort, guard, invalid
 from zstore import naming
 
@@ -807,7 +807,8 @@ class Node(pbg.NodeServicer):
             # Refused before anything changes: unmounting the staging path under a publish
             # that is still there leaves kubelet a volume it cannot publish again (a second
             # pod: "not staged") and cannot stage again (the disk is in use).
-            others = [u for u in self._users(dev) if u != staging] if dev is not None else []
+            # the kernel lists the staging mount at its canonical path (a symlinked kubelet root)
+            others = [u for u in self._users(dev) if u != canonical(staging)] if dev is not None else []
             if others:
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"{dev} is still mounted at {', '.join(others[:3])}: unpublish it first")
