@@ -1683,7 +1683,17 @@ class Coordinator:
         wrong with any one of them; ``partial``: a request that may have been refused
         part-way, its earlier steps done (a revert stopped by a full disk after some of its
         runs), so refusals alike do not prove the replicas still alike, and only one set of
-        agreeing replicas is kept (``_keep_agreeing``)."""
+        agreeing replicas is kept (``_keep_agreeing``).
+
+        Once the engine's stop closed its replica client (a write the drain gave up on), a
+        peer's failure to answer is the stop's doing ("client closed"), not the peer's:
+        nobody is dropped, and the request fails NOT READY (``ServerStopping``)."""
+        if getattr(self.engine, "replicas_closed", False) and any(
+                isinstance(res, rk.ReplicaFailed) and res.kind == rk.UNAVAILABLE for _, res in failed):
+            log.warning("volume %s extent %d: %s failed after the replica client closed (this "
+                        "server is stopping); dropping nobody", self.vid, idx,
+                        sorted(r.chunk_id for r, _ in failed))
+            raise ServerStopping(self.vid)
         res = _refused_alike(rec, _insync_results(rec, failed))
         if res is not None:
             # Dropping all but the last would cost the extent its redundancy for a full cluster.

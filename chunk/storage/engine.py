@@ -132,6 +132,9 @@ class StorageEngine:
         self.scrub_rate, self.scrub_interval = scrub_rate, scrub_interval
         self.reclaim_interval = reclaim_interval
         self.client: ReplicaClient | None = None
+        # ``stop`` closed the replica client: a peer's request failing from then on failed
+        # for that, not for the peer (the coordinator drops nobody for it).
+        self.replicas_closed = False
         self.server: ReplicaServer | None = None
         self.repair: LocalRepair | None = None
         self.scrubber: Scrubber | None = None
@@ -234,6 +237,7 @@ class StorageEngine:
         if self.server is not None:
             await self.server.stop()
         if self.client is not None:
+            self.replicas_closed = True
             await self.client.close()
         await self.meta.close()
         if self.boot_state is not None and await asyncio.to_thread(self._flush_all):

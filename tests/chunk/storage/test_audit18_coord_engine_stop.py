@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-from chunk.storage.coordinator import EXTENT_SIZE
+from chunk.storage import coordinator as cm
+from chunk.storage.coordinator import EXTENT_SIZE, NotServing
 from chunk.storage.engine import StorageEngine
 from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.metaclient import MetaError
@@ -253,3 +254,20 @@ async def test_a_stop_right_after_an_unmap_waits_for_that_volumes_close(served):
     assert coord._closed                                      # noqa: SLF001 - close ran to its end
     assert served.read("C", BLOCK_SIZE) == block(2)
 
+
+async def test_a_write_failed_by_the_closed_replica_client_drops_nobody(served, monkeypatch):
+    """The drain gave up (CLOSE_DRAIN_WAIT) on a write B never answers (the replica timeout is
+    long): the stop then closes the replica client, which fails the write "client closed".
+    That is the stop's doing, not B's: NOT READY, nobody dropped (B was dropped before)."""
+    monkeypatch.setattr(cm, "CLOSE_DRAIN_WAIT", 0.5)
+    await served.start(["B", "C"], relayed=("B",), replica_timeout=30.0)
+    await asyncio.wait_for(served.dev.write(0, block(1)), 10)
+    served.relays["B"].hold()
+    fut = served.dev.write_nowait(BLOCK_SIZE, block(2))
+    assert fut is not None
+    await asyncio.wait_for(served.relays["B"].parked.wait(), 10)
+    await asyncio.wait_for(served.stop(), 30)
+    with pytest.raises(NotServing):
+        await asyncio.wait_for(fut, 10)
+    assert served.meta.dropped() == []
+    assert (await served.record()).replicas == ["B", "C"]
