@@ -124,11 +124,13 @@ async def export_snapshot(ctx: Ctx, ref: str) -> tuple[dict[str, Any], bool]:
         if snap.state != "ready" or not snap.seq:
             raise Conflict(f"snapshot {snap.name!r} is still being created",
                            hint="retry once `zstore snapshot list` shows it ready", retry=True)
-        vkey = ctx.keys.volume(snap.volume_id)
-        vol, vrev = await ctx.get(vkey, Volume)
+        vol, _ = await ctx.get(ctx.keys.volume(snap.volume_id), Volume)
         if vol is None or vol.state == "deleted":
             raise Conflict(f"snapshot {snap.name!r} belongs to a deleted volume and cannot be exported",
                            hint="clone it into a new volume (`zstore volume clone`) and export that")
+        guard = await volumes.exports_guard(ctx, vol)
+        if guard is None:
+            continue                                   # deleted meanwhile: the next read says so
         m, prev = await export_state(ctx, sid)
         if m is not None:
             return await export_view(ctx, snap, m, vol.name), False
@@ -136,12 +138,16 @@ async def export_snapshot(ctx: Ctx, ref: str) -> tuple[dict[str, Any], bool]:
         t, lun = slot.target_index, slot.lun
         m = LunMapping(target_index=t, lun=lun, volume_id=vol.volume_id, readonly=True, snapshot_id=sid)
         compare, ops = await volumes.slot_txn(ctx, m, slot)
-        compare += [pointer_unchanged(ctx, sid, prev), ctx.unchanged(skey, srev), ctx.unchanged(vkey, vrev)]
+        # The volume's exports guard (its name key) is compared and put back unchanged so its
+        # revision moves: a volume delete that read its snapshots' exports before this one
+        # compares it (it then looks again and takes this export along, or refuses it an ACL'd
+        # one without force), and a delete that committed first (the key is gone) fails this.
+        # Not the volume record (8df3435 put that back): the coordinator's snapshot commit
+        # compares it, and export churn used up its attempts.
+        gkey, grev = guard
+        compare += [pointer_unchanged(ctx, sid, prev), ctx.unchanged(skey, srev), ctx.unchanged(gkey, grev)]
         ops.append(ctx.put(ctx.keys.snapshot_lun(sid), _slot_text(t, lun)))   # replaces a dangling one
-        # The volume is put back unchanged so its revision moves: a volume delete that read its
-        # snapshots' exports before this one compares only the volume when it deletes it (it
-        # then looks again and takes this export along, or refuses it an ACL'd one without force).
-        ops.append(ctx.put(vkey, vol))
+        ops.append(ctx.put(gkey, vol.volume_id))
         if await ctx.txn(compare, ops):
             log.info("snapshot %s@%s (%s) exported read-only as target %d lun %d",
                      vol.name, snap.name, sid, t, lun)

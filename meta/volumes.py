@@ -91,6 +91,22 @@ async def find_volume(ctx: Ctx, ref: str) -> tuple[Volume, int]:
     raise NotFound(f"volume {ref!r} not found", hint="see `zstore volume list`")
 
 
+async def exports_guard(ctx: Ctx, vol: Volume) -> tuple[bytes, int] | None:
+    """(key, mod revision) of the key that guards the exports of ``vol``'s snapshots: its
+    name key, put back unchanged by each snapshot export (``export_snapshot``), so a volume
+    delete that compares it sees any made since it read them. None when the key no longer
+    names the volume (deleted meanwhile).
+
+    Not the volume record: the coordinator's snapshot commit compares that one (a few
+    attempts, then the snapshot fails), and export churn on the volume starved it. The name
+    key is written by the volume's create and delete only, and read by name lookups."""
+    key = ctx.keys.volume_name(vol.name)
+    got = await ctx.etcd.get(key)
+    if got is None or got.value.decode() != vol.volume_id:
+        return None
+    return key, got.mod_revision
+
+
 class FreeSlot(NamedTuple):
     target_index: int
     lun: int
@@ -406,9 +422,9 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
 
     Its snapshots' exports are dropped first, each in its own transaction comparing its
     export pointer (an ACL entry added since moves it: without force the delete looks again
-    and refuses), then the volume goes in one transaction comparing only the volume: an
-    export made meanwhile puts the volume back, so the delete looks again and takes it
-    along. No transaction grows with the number of snapshots or exports: one that did
+    and refuses), then the volume goes in one transaction comparing the volume and its
+    exports' guard (``exports_guard``): an export made meanwhile moves the guard, so the
+    delete looks again and takes it along. No transaction grows with the number of snapshots or exports: one that did
     (~5 operations per export) went past etcd's 128 operations per txn (--max-txn-ops) at
     ~25 exported snapshots, and the volume could never be deleted.
 
@@ -416,6 +432,11 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
     in the volume's transaction (``unfinished_reverts``)."""
     for _ in range(MAX_RETRIES):
         vol, rev = await find_volume(ctx, ref)
+        # Read before the exports: one made since moves it (``exports_guard``), and fails the
+        # compare below.
+        guard = await exports_guard(ctx, vol)
+        if guard is None:
+            continue                    # deleted meanwhile: find_volume says so
         acl = await acl_entries(ctx, vol.volume_id)
         if acl and not force:
             who = ", ".join(a.initiator for a in acl[:3]) + ("..." if len(acl) > 3 else "")
@@ -435,7 +456,7 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
                ctx.delete(ctx.keys.volume_acl(vol.volume_id), prefix=True)]
         # A forced delete cancels the unfinished revert (compared: one moved meanwhile looks
         # again); its executor stops before its next extent, and its caller hears "cancelled".
-        compare = [ctx.unchanged(vkey, rev)] + [ctx.unchanged(k, r) for k, r, _ in reverts]
+        compare = [ctx.unchanged(vkey, rev), ctx.unchanged(*guard)] + [ctx.unchanged(k, r) for k, r, _ in reverts]
         ops += [ctx.delete(k) for k, _, _ in reverts]
         if snaps:
             vol.state = "deleted"
