@@ -1428,7 +1428,7 @@ class Coordinator:
                 if await self._await_creation(idx, rec, targets, failed, absent_waits):
                     absent_waits += 1
                     continue
-            await self._handle_failures(idx, rec, failed, eoff, eoff + m)
+            await self._handle_failures(idx, rec, failed, eoff, eoff + m, retried=False)
             return None, None
 
     async def _caw_reconcile(self, parts, lo: int, old, buf, epoch: int, seq: int, fua: bool):
@@ -1462,7 +1462,7 @@ class Coordinator:
             if bad:
                 # What a replica that does not read holds is unknown: it goes, as a replica
                 # failing a write would (it is resynced later).
-                await self._handle_failures(idx, rec, bad, eoff, eoff + m)
+                await self._handle_failures(idx, rec, bad, eoff, eoff + m, retried=False)
             base = idx * EXTENT_SIZE + eoff - lo
             part: list[int] = []
             for k in range(0, m, bs):
@@ -1677,13 +1677,22 @@ class Coordinator:
         await self._handle_failures(idx, self.extents[idx],
                                     [(r, rk.ReplicaFailed(r.chunk_id, rk.IO, why)) for r in drop], lo, hi)
 
-    async def _handle_failures(self, idx, rec, failed, lo, hi, partial: bool = False) -> None:
+    async def _handle_failures(self, idx, rec, failed, lo, hi, partial: bool = False,
+                               retried: bool = True) -> None:
         """Drop the replicas that failed (through the meta; never the last). When every
         in-sync replica refused alike (NO_SPACE, INVALID) they are all kept, as nothing is
         wrong with any one of them; ``partial``: a request that may have been refused
         part-way, its earlier steps done (a revert stopped by a full disk after some of its
         runs), so refusals alike do not prove the replicas still alike, and only one set of
         agreeing replicas is kept (``_keep_agreeing``).
+
+        When every in-sync replica failed to answer (UNAVAILABLE: this server then holds
+        none of them, a local replica never fails so), the trouble is most likely ours (our
+        network cut): dropping all but the last, one after another, cost the extent its
+        redundancy and the request failed anyway. All are kept and the request fails NOT
+        READY (04/01, ``NotServing``), which the host retries, as etcd out of reach is
+        answered; ``retried`` False (a COMPARE AND WRITE, whose retry after an attempt that
+        may have landed would miscompare against itself): MEDIUM ERROR, as before.
 
         Once the engine's stop closed its replica client (a write the drain gave up on), a
         peer's failure to answer is the stop's doing ("client closed"), not the peer's:
@@ -1694,7 +1703,11 @@ class Coordinator:
                         "server is stopping); dropping nobody", self.vid, idx,
                         sorted(r.chunk_id for r, _ in failed))
             raise ServerStopping(self.vid)
-        res = _refused_alike(rec, _insync_results(rec, failed))
+        mine = _insync_results(rec, failed)
+        if mine and len(mine) == len(set(rec.replicas)) and all(
+                isinstance(res, rk.ReplicaFailed) and res.kind == rk.UNAVAILABLE for _, res in mine):
+            self._none_answered(idx, rec, failed, retried)
+        res = _refused_alike(rec, mine)
         if res is not None:
             # Dropping all but the last would cost the extent its redundancy for a full cluster.
             if partial:
@@ -1728,6 +1741,20 @@ class Coordinator:
             if no_space:
                 raise NoSpaceError(f"volume {self.vid} extent {idx}: no replica has space left")
             raise MediumError(f"volume {self.vid} extent {idx}: only {left} replica(s) left")
+
+    def _none_answered(self, idx: int, rec: ExtentRecord, failed, retried: bool) -> None:
+        """For ``_handle_failures``: no in-sync replica answered. Nobody dropped; raises."""
+        for r, res in failed:
+            if isinstance(res, rk.ReplicaFailed) and res.kind == rk.UNAVAILABLE:
+                self.engine.forget_peer(r.chunk_id)       # looked up afresh next time
+            sync = self._sync.get(idx)
+            if sync is not None and r is sync.replica and r.chunk_id not in rec.replicas:
+                sync.failed = f"{getattr(res, 'kind', rk.IO)}: {res}"
+        why = "; ".join(str(res) for _, res in failed)
+        log.warning("volume %s extent %d: no in-sync replica answered (%s); keeping them all "
+                    "(most likely this server is cut off)", self.vid, idx, why)
+        msg = f"volume {self.vid} extent {idx}: no in-sync replica answered ({why})"
+        raise NotServing(msg) if retried else MediumError(msg)
 
     async def _keep_agreeing(self, idx: int, why) -> None:
         """Every in-sync replica of extent ``idx`` failed a request that may have changed it
