@@ -4,12 +4,20 @@ A chunk server writes ``info`` (what it is) and ``live`` (under its lease:
 that it is alive right now); the meta leader writes ``admin`` (drain state,
 when it went down). Status is derived from the live key, so it is exactly as
 fresh as etcd's lease expiry: a dead server shows down within its TTL.
+
+``down_since`` belongs to one registration: the server rewrites ``info`` each time it
+registers (before its live key), so an ``admin`` record written before the ``info`` key's
+current mod revision names an outage that ended when the server registered again, even if
+no leader saw it up in between (a leader change, a watch relisting). Such a ``down_since``
+is not counted (``ChunkView.down_since``), and the leader records the current outage from
+when it sees it (``mark_liveness``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +39,23 @@ class ChunkView:
     admin: ChunkAdmin | None
     chunk_id: str
     removing: bool = False        # a removal holds its marker (``remove_chunk``): no new replica
+    # Mod revisions of the info and admin keys as listed (0: not known, e.g. a view built by
+    # hand): an admin record older than the info key predates the latest registration.
+    info_rev: int = 0
+    admin_rev: int = 0
 
     @property
     def up(self) -> bool:
         return self.live is not None
+
+    @property
+    def down_since(self) -> float | None:
+        """When the current outage began, as the leader recorded it; None while up, and while
+        the recorded outage is one from before the server's latest registration (it came back
+        since: the current outage is not recorded yet, so it has had no grace counted)."""
+        if self.up or self.admin is None:
+            return None
+        return current_down_since(self.admin, self.admin_rev, self.info_rev)
 
     @property
     def draining(self) -> bool:
@@ -80,7 +101,7 @@ class ChunkView:
             "status": "up" if self.up else "down",
             "stopping": self.stopping,
             "state": self.admin.state if self.admin else "active",
-            "down_since": None if self.up else (self.admin.down_since if self.admin else None),
+            "down_since": self.down_since,
             "heartbeat": self.live.heartbeat if self.live else None,
             "started": self.live.started if self.live else None,
             "disks": self.disks,
@@ -132,22 +153,32 @@ def space(disks: list[dict[str, Any]]) -> tuple[int, int, int]:
     return capacity, used, free
 
 
+def current_down_since(admin: ChunkAdmin, admin_rev: int, info_rev: int) -> float | None:
+    """``admin.down_since`` if it names the outage of the server's latest registration: the
+    admin record was written after the info key (or either revision is not known, 0)."""
+    if admin_rev and info_rev and admin_rev < info_rev:
+        return None
+    return admin.down_since
+
+
 async def list_chunks(ctx: Ctx) -> list[ChunkView]:
     base = ctx.keys.chunks()
-    parts: dict[str, dict[str, bytes]] = {}
-    for key, value in await ctx.list_raw(base):
-        kp = ctx.keys.chunk_key_parts(key, base)
+    parts: dict[str, dict[str, Any]] = {}
+    kvs, _ = await get_prefix_paged(ctx.etcd, base)     # with mod revisions (``down_since``)
+    for kv in kvs:
+        kp = ctx.keys.chunk_key_parts(kv.key, base)
         if kp:
-            parts.setdefault(kp[0], {})[kp[1]] = value
+            parts.setdefault(kp[0], {})[kp[1]] = kv
     views = []
     for cid, p in sorted(parts.items()):
         if "info" not in p:
             continue        # a half-removed or never-registered id: nothing to show
         views.append(ChunkView(
-            info=ChunkInfo.decode(p["info"]),
-            live=ChunkLive.decode(p["live"]) if "live" in p else None,
-            admin=ChunkAdmin.decode(p["admin"]) if "admin" in p else None,
-            chunk_id=cid, removing=REMOVING in p))
+            info=ChunkInfo.decode(p["info"].value),
+            live=ChunkLive.decode(p["live"].value) if "live" in p else None,
+            admin=ChunkAdmin.decode(p["admin"].value) if "admin" in p else None,
+            chunk_id=cid, removing=REMOVING in p, info_rev=p["info"].mod_revision,
+            admin_rev=p["admin"].mod_revision if "admin" in p else 0))
     return views
 
 
@@ -182,14 +213,24 @@ def candidates(views: list[ChunkView]) -> tuple[list[Candidate], int]:
 async def set_admin_state(ctx: Ctx, chunk_id: str, state: str) -> ChunkView:
     view = await get_chunk(ctx, chunk_id)
     key = ctx.keys.chunk_admin(view.chunk_id)
+    info_key, live_key = ctx.keys.chunk_info(view.chunk_id), ctx.keys.chunk_live(view.chunk_id)
     for _ in range(10):
         admin, rev = await ctx.get(key, ChunkAdmin)
         admin = admin or ChunkAdmin(chunk_id=view.chunk_id)
         if admin.state == state:
             break
+        info = await ctx.etcd.get(info_key)
+        compare = [ctx.unchanged(key, rev) if rev else ctx.absent(key)]
+        if info is not None:
+            compare.append(ctx.unchanged(info_key, info.mod_revision))
+            if admin.down_since is not None and current_down_since(admin, rev, info.mod_revision) is None:
+                # The outage it names ended with a registration since: this write would make it
+                # look current (newer than the info key). The current one starts now, if any.
+                live = await ctx.etcd.get(live_key)
+                admin.down_since = None if live is not None else now()
+                compare.append(ctx.absent(live_key) if live is None else ctx.t.version(live_key) > 0)
         admin.state, admin.changed = state, now()
-        cmp = ctx.unchanged(key, rev) if rev else ctx.absent(key)
-        if await ctx.txn([cmp], [ctx.put(key, admin)]):
+        if await ctx.txn(compare, [ctx.put(key, admin)]):
             log.info("chunk server %s is now %s", view.chunk_id, state)
             break
     return await get_chunk(ctx, view.chunk_id)
@@ -284,22 +325,58 @@ async def remove_chunk(ctx: Ctx, chunk_id: str, force: bool) -> str:
                    hint="see `zstore chunk list`, then retry", retry=True)
 
 
-async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool) -> None:
-    """Leader bookkeeping: remember when a chunk server went down (for recovery grace)."""
-    key = ctx.keys.chunk_admin(chunk_id)
-    if await ctx.get_raw(ctx.keys.chunk_info(chunk_id)) is None:
-        return
+async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool, registering: bool = False) -> None:
+    """Leader bookkeeping: remember when a chunk server went down (for recovery grace).
+
+    Down: an outage already recorded since the server's latest registration keeps its start;
+    one recorded before it is over (the server came back, whether or not a leader saw it up),
+    and the current one is recorded from now.
+
+    ``registering``: the server's info key was just written while it is down, and the caller
+    (the liveness follower) has watched without a gap since it last recorded this server's
+    state: had the server been up since its outage was recorded, the follower would have seen
+    its live key's put and cleared the outage. So the outage goes on with its start, written
+    again to be newer than the info key. A server that keeps failing half-way through
+    registering (info written, no live key) does not restart its grace so."""
+    key, info_key = ctx.keys.chunk_admin(chunk_id), ctx.keys.chunk_info(chunk_id)
     for _ in range(5):
+        info = await ctx.etcd.get(info_key)
+        if info is None:
+            return
         admin, rev = await ctx.get(key, ChunkAdmin)
         admin = admin or ChunkAdmin(chunk_id=chunk_id)
-        want = None if up else (admin.down_since or now())
-        if admin.down_since == want and rev:
-            return
+        fresh = rev > info.mod_revision          # written since the latest registration
+        if up:
+            want = None
+            if admin.down_since is None and rev:
+                return
+        elif registering:
+            if await ctx.etcd.get(ctx.keys.chunk_live(chunk_id)) is not None:
+                return                           # up: the live key's own event records it
+            want = admin.down_since or now()
+            if fresh and admin.down_since == want:
+                return
+        else:
+            want = (admin.down_since if fresh else None) or now()
+            if fresh and admin.down_since == want:
+                return
+        was = admin.down_since
         admin.down_since = want
         cmp = ctx.unchanged(key, rev) if rev else ctx.absent(key)
-        if await ctx.txn([cmp], [ctx.put(key, admin)]):
+        if await ctx.txn([cmp, ctx.unchanged(info_key, info.mod_revision)], [ctx.put(key, admin)]):
             if up:
                 log.info("chunk server %s is up", chunk_id)
+            elif registering and was is not None:
+                log.info("chunk server %s wrote its registration but is not up: still down since %s",
+                         chunk_id, _when(want))
+            elif was is not None and was != want:
+                log.warning("chunk server %s is DOWN (lease expired or revoked); its outage recorded "
+                            "at %s ended with a registration since (not seen up by this leader)",
+                            chunk_id, _when(was))
             else:
                 log.warning("chunk server %s is DOWN (lease expired or revoked)", chunk_id)
             return
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))

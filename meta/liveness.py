@@ -3,6 +3,13 @@
 Status itself needs no bookkeeping (it is the live key's existence); this
 records ``down_since`` in the admin record, which recovery scheduling uses
 for its grace period and ``zstore chunk list`` shows.
+
+``down_since`` is the start of the current outage: each listing (a new term, or
+a relisting after the watch failed) records an outage that began before the
+server's latest registration afresh, as the leader did not see the server up in
+between (meta/chunks.py ``mark_liveness``). While watching, a registration that
+does not come up (its info key written, no live key) is seen and leaves the
+outage as it is, so such a server cannot put its grace off.
 """
 
 from __future__ import annotations
@@ -35,5 +42,9 @@ async def follow(ctx: Ctx, stop: asyncio.Event) -> None:
         kp = ctx.keys.chunk_key_parts(event.kv.key, base)
         if kp and kp[1] == "live":
             await chunks.mark_liveness(ctx, kp[0], event.kind == "PUT")
+        elif kp and kp[1] == "info" and event.kind == "PUT":
+            # Watched since the listing: if the server is still down it has not been up since
+            # its outage was recorded (its live key's put would have come in between).
+            await chunks.mark_liveness(ctx, kp[0], False, registering=True)
 
     await zetcd.watch_prefix(ctx.etcd, base, on_snapshot, on_event, stop)

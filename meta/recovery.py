@@ -115,7 +115,9 @@ def chunk_state(view: chunkmod.ChunkView | None, grace: float, now: float) -> st
         if view.stopping:                             # shutting down: a resync would fail;
             return WAITING                            # it is likely back soon (a restart)
         return OK
-    since = view.admin.down_since if view.admin else None
+    # Not an outage recorded before the server's latest registration: it came back since, and
+    # the current one has had no grace counted yet (ChunkView.down_since).
+    since = view.down_since
     if since is not None and now - since > grace:
         return GONE
     return WAITING
