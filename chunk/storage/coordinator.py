@@ -434,10 +434,22 @@ def _first_difference(a, b) -> int:
 
 
 class _Unreachable:
-    """A replica whose handle could not be had (an unknown peer), as a failed one."""
+    """A replica whose handle could not be had: its chunk server has no registration record
+    (``Peers.address`` raises UnknownPeer, a LookupError: never registered, or removed). It
+    stands in as a peer that does not answer: every request fails UNAVAILABLE, so a
+    mutation drops it as it drops a dead peer (the raw LookupError was answered INTERNAL
+    TARGET FAILURE on every write to the extent, and the replica never dropped)."""
 
-    def __init__(self, chunk_id: str) -> None:
-        self.chunk_id = chunk_id
+    connected = True                  # nothing to dial: ``_replicate`` sends at once
+
+    def __init__(self, chunk_id: str, why: str = "no registration record") -> None:
+        self.chunk_id, self.why = chunk_id, why
+
+    async def _fail(self, *args, **kw):
+        raise rk.ReplicaFailed(self.chunk_id, rk.UNAVAILABLE, self.why)
+
+    read = write = start_write = unmap = flush = create = fence = revert = _fail
+    export = import_ = setgen = digest = _fail
 
 
 class Coordinator:
@@ -774,11 +786,18 @@ class Coordinator:
     async def _replicas(self, chunk_ids) -> list:
         """The handles of ``chunk_ids`` for a mutation's attempt. A peer not cached (one that
         failed is forgotten) is looked up in etcd: out of reach is NOT READY, nothing sent
-        (a raw etcd error was answered INTERNAL TARGET FAILURE)."""
-        try:
-            return [await self.engine.replica(c) for c in chunk_ids]
-        except _ETCD_UNREACHABLE as err:
-            raise NotServing(f"volume {self.vid}: cannot look its replicas up in etcd: {err}") from None
+        (a raw etcd error was answered INTERNAL TARGET FAILURE); one with no registration
+        record is ``_Unreachable`` (it fails the attempt UNAVAILABLE)."""
+        out = []
+        for c in chunk_ids:
+            try:
+                out.append(await self.engine.replica(c))
+            except _ETCD_UNREACHABLE as err:
+                raise NotServing(f"volume {self.vid}: cannot look its replicas up in etcd: "
+                                 f"{err}") from None
+            except LookupError as err:
+                out.append(_Unreachable(c, str(err)))
+        return out
 
     @staticmethod
     def _fenced(failed) -> bool:
@@ -1305,7 +1324,7 @@ class Coordinator:
             try:
                 r = await self.engine.replica(cid)
             except Exception as e:  # noqa: BLE001 - e.g. an unknown peer: it cannot answer
-                return _Unreachable(cid), rk.ReplicaFailed(cid, rk.UNAVAILABLE, str(e))
+                return _Unreachable(cid, str(e)), rk.ReplicaFailed(cid, rk.UNAVAILABLE, str(e))
             try:
                 data, present = await r.read(self.vid, idx, eoff, m, epoch, 0)
             except Exception as e:  # noqa: BLE001 - sorted out by the caller
@@ -1766,7 +1785,7 @@ class Coordinator:
         ones. Replicas that all agree (refused before changing anything) are all kept."""
         rec = self.extents[idx]
         order = self._read_order(rec)
-        reps = [await self.engine.replica(c) for c in order]
+        reps = await self._replicas(order)        # an unregistered one's digest fails
         digests = await asyncio.gather(*(r.digest(self.vid, idx) for r in reps),
                                        return_exceptions=True)
         groups: dict[bytes, list[str]] = {}
