@@ -280,7 +280,7 @@ class ReservationState:
             uas = [(m, ASC_RESERVATIONS_PREEMPTED) for m in self.registrations if m != n]
             self.registrations.clear()
             self._drop_reservation()
-            self.generation += 1
+            self._bump()
             return uas
         if scope != 0:
             raise invalid_field_in_cdb(2, 7)
@@ -316,11 +316,11 @@ class ReservationState:
             if sark == 0:
                 return []
             self.registrations[n] = Registration(sark)
-            self.generation += 1
+            self._bump()
             return []
         if not ignore and key != reg.key:
             raise ReservationConflict()
-        self.generation += 1
+        self._bump()
         if sark != 0:
             reg.key = sark
             return []
@@ -360,7 +360,7 @@ class ReservationState:
             victims = [m for m, r in self.registrations.items() if r.key == sark and m != n]
             if not victims:
                 raise ReservationConflict()
-            self.generation += 1
+            self._bump()
             return self._remove(victims)
         if self.type in _ALL_REGISTRANTS:
             if sark != 0:
@@ -368,7 +368,7 @@ class ReservationState:
                            if r.key == sark and m != n]
                 if not victims:
                     raise ReservationConflict()
-                self.generation += 1
+                self._bump()
                 return self._remove(victims)
             victims = [m for m in self.registrations if m != n]
         else:
@@ -376,10 +376,14 @@ class ReservationState:
         changed = rtype != self.type
         uas = self._remove(victims)
         self.holder, self.type = n, rtype
-        self.generation += 1
+        self._bump()
         if changed:
             uas += [(m, ASC_RESERVATIONS_RELEASED) for m in self.registrations if m != n]
         return uas
+
+    def _bump(self) -> None:
+        """PRgeneration: "a 32-bit wrapping counter" (SPC-4 6.16.2), FFFFFFFFh then 0."""
+        self.generation = (self.generation + 1) & 0xFFFFFFFF
 
     def _drop_reservation(self) -> None:
         self.holder, self.type = None, 0
