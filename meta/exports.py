@@ -17,7 +17,7 @@ from zstore.errors import InvalidArgument, NotFound
 from zstore.errors import Conflict
 from zstore.records import AclEntry, ChapRecord, LunMapping, Snapshot, Target, Volume, now
 
-from . import snapshot_exports
+from . import snapshot_exports, volumes
 from .context import Ctx
 from .volumes import MAX_RETRIES, find_volume, resolve_snapshot
 
@@ -75,20 +75,33 @@ async def _exported_snapshot(ctx: Ctx, ref: str) -> tuple[Snapshot, int]:
 async def add_snapshot_acl(ctx: Ctx, ref: str, initiator: str) -> AclEntry:
     """Let an initiator see an exported snapshot's LUN (read-only, whatever was asked)."""
     initiator = naming.check_iqn(initiator)
-    snap, rev = await _exported_snapshot(ctx, ref)
-    key = ctx.keys.acl(snap.snapshot_id, initiator)
-    existing, _ = await ctx.get(key, AclEntry)
-    if existing is not None:
-        return existing
-    entry = AclEntry(volume_id=snap.volume_id, initiator=initiator, readonly=True, snapshot_id=snap.snapshot_id)
-    # The export pointer is put back unchanged, moving its revision: a volume delete without
-    # force that listed this export's ACL before the entry fails its compare and looks again.
-    pkey = ctx.keys.snapshot_lun(snap.snapshot_id)
-    pointer = await ctx.get_raw(pkey)
-    if pointer is None or not await ctx.txn([ctx.unchanged(pkey, rev)], [ctx.put(key, entry), ctx.put(pkey, pointer)]):
-        raise Conflict(f"snapshot {ref!r} was unexported meanwhile", hint="export it again, then retry")
-    log.info("initiator %s may now read snapshot %s (%s)", initiator, ref, snap.snapshot_id)
-    return entry
+    for _ in range(MAX_RETRIES):
+        snap, rev = await _exported_snapshot(ctx, ref)
+        key = ctx.keys.acl(snap.snapshot_id, initiator)
+        existing, _ = await ctx.get(key, AclEntry)
+        if existing is not None:
+            return existing
+        # The guard of the volume's exports is compared and put back unchanged, moving its
+        # revision: a volume delete without force that read this export's ACL before the entry
+        # fails its compare, looks again and refuses; once the volume is deleted (the key is
+        # gone) its exports, dropped after, take no initiator.
+        vol, _ = await ctx.get(ctx.keys.volume(snap.volume_id), Volume)
+        guard = None if vol is None or vol.state == "deleted" else await volumes.exports_guard(ctx, vol)
+        if guard is None:
+            raise Conflict(f"snapshot {ref!r} belongs to a deleted volume: its export is going",
+                           hint="clone it into a new volume (`zstore volume clone`) and export that")
+        entry = AclEntry(volume_id=snap.volume_id, initiator=initiator, readonly=True, snapshot_id=snap.snapshot_id)
+        # The export pointer is put back too (a snapshot delete or unexport compares it).
+        pkey = ctx.keys.snapshot_lun(snap.snapshot_id)
+        pointer = await ctx.get_raw(pkey)
+        if pointer is None:
+            continue                    # unexported meanwhile: the next read says so
+        if await ctx.txn([ctx.unchanged(pkey, rev), ctx.unchanged(*guard)],
+                         [ctx.put(key, entry), ctx.put(pkey, pointer), ctx.put(guard[0], vol.volume_id)]):
+            log.info("initiator %s may now read snapshot %s (%s)", initiator, ref, snap.snapshot_id)
+            return entry
+    raise Conflict(f"could not add {initiator!r} to snapshot {ref!r}: too much concurrent change",
+                   hint="retry", retry=True)
 
 
 async def add_acl(ctx: Ctx, volume: str, initiator: str, readonly: bool = False) -> AclEntry:

@@ -420,13 +420,20 @@ async def delete_volume(ctx: Ctx, ref: str, force: bool = False) -> str:
 async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volume:
     """Delete a volume by name or id; the record deleted (its name and id, for the answer).
 
-    Its snapshots' exports are dropped first, each in its own transaction comparing its
-    export pointer (an ACL entry added since moves it: without force the delete looks again
-    and refuses), then the volume goes in one transaction comparing the volume and its
-    exports' guard (``exports_guard``): an export made meanwhile moves the guard, so the
-    delete looks again and takes it along. No transaction grows with the number of snapshots or exports: one that did
-    (~5 operations per export) went past etcd's 128 operations per txn (--max-txn-ops) at
-    ~25 exported snapshots, and the volume could never be deleted.
+    Everything that can refuse the delete is read first: the volume's ACL, its unfinished
+    reverts, its snapshots' exports and their ACLs (without force an initiator on any
+    refuses). Then one transaction decides, comparing the volume record (a revert, snapshot
+    or ACL entry of the volume made since moves it) and the guard of its exports
+    (``exports_guard``: an export, or an initiator put on one, made since moves it): if
+    anything moved, nothing was written and the delete looks again. So a refused delete has
+    changed nothing.
+
+    Only then are the snapshots' exports dropped, each in its own transaction: none can be
+    made, nor an initiator put on one, once the volume is deleted (its guard is gone), and
+    the collection drops any left by a meta that died in between. No transaction grows with
+    the number of snapshots or exports: one that did (~5 operations per export) went past
+    etcd's 128 operations per txn (--max-txn-ops) at ~25 exported snapshots, and the volume
+    could never be deleted.
 
     A pending or running revert of the volume refuses the delete, or with force is cancelled
     in the volume's transaction (``unfinished_reverts``)."""
@@ -448,8 +455,6 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
         await _refuse_unfinished_reverts(ctx, vol, reverts, force)
         snaps = await _snapshots_of(ctx, vol.volume_id)
         exported = await _exported_snapshots(ctx, vol, snaps, force)
-        for s in exported:
-            await _drop_export_for_volume_delete(ctx, vol, s, force)
         vkey = ctx.keys.volume(vol.volume_id)
         ops = [ctx.delete(ctx.keys.volume_name(vol.name)),
                ctx.delete(ctx.keys.lun(vol.target_index, vol.lun)),
@@ -463,14 +468,16 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
             ops.append(ctx.put(vkey, vol))
         else:
             ops += erase_ops(ctx, vol.volume_id)
-        if await ctx.txn(compare, ops):
-            log.info("volume %s (%s) deleted%s%s%s%s", vol.name, vol.volume_id,
-                     " (forced)" if acl or reverts else "",
-                     f"; revert {', '.join(op.op_id for _, _, op in reverts)} cancelled" if reverts else "",
-                     f"; {len(exported)} snapshot export(s) dropped" if exported else "",
-                     f"; kept as a tombstone for {len(snaps)} snapshot(s)" if snaps else "")
-            await _collect_garbage_after(ctx, f"deleting volume {vol.name}")
-            return vol
+        if not await ctx.txn(compare, ops):
+            continue
+        log.info("volume %s (%s) deleted%s%s%s", vol.name, vol.volume_id,
+                 " (forced)" if acl or reverts else "",
+                 f"; revert {', '.join(op.op_id for _, _, op in reverts)} cancelled" if reverts else "",
+                 f"; kept as a tombstone for {len(snaps)} snapshot(s)" if snaps else "")
+        for s in exported:
+            await _drop_export_of_deleted_volume(ctx, vol, s)
+        await _collect_garbage_after(ctx, f"deleting volume {vol.name}")
+        return vol
     raise Conflict(f"could not delete volume {ref!r}: too much concurrent change", hint="retry", retry=True)
 
 
@@ -551,8 +558,8 @@ def _exported_to_conflict(vol: Volume, s: Snapshot, users: list[AclEntry]) -> Co
 
 
 async def _exported_snapshots(ctx: Ctx, vol: Volume, snaps: list[Snapshot], force: bool) -> list[Snapshot]:
-    """The snapshots of ``vol`` that are exported; without force, refuses (before anything is
-    dropped) when any has an initiator on its ACL."""
+    """The snapshots of ``vol`` that are exported; without force, refuses when any has an
+    initiator on its ACL."""
     out = []
     for s in snaps:
         if not (await snapshot_exports.export_state(ctx, s.snapshot_id))[1]:
@@ -564,22 +571,26 @@ async def _exported_snapshots(ctx: Ctx, vol: Volume, snaps: list[Snapshot], forc
     return out
 
 
-async def _drop_export_for_volume_delete(ctx: Ctx, vol: Volume, s: Snapshot, force: bool) -> None:
-    """Unexport ``s`` in one bounded txn comparing its pointer as read: an initiator added
-    since moved it, and is refused without force on the next read (only exports nobody could
-    see were dropped before it)."""
-    for _ in range(MAX_RETRIES):
-        m, prev = await snapshot_exports.export_state(ctx, s.snapshot_id)
-        if not prev:
-            return
-        users = await snapshot_exports.export_acl(ctx, s.snapshot_id)
-        if users and not force:
-            raise _exported_to_conflict(vol, s, users)
-        if await ctx.txn([snapshot_exports.pointer_unchanged(ctx, s.snapshot_id, prev)],
-                         snapshot_exports.drop_ops(ctx, s.snapshot_id, m, s)):
-            return
-    raise Conflict(f"could not unexport snapshot {vol.name}@{s.name}: too much concurrent change",
-                   hint="retry", retry=True)
+async def _drop_export_of_deleted_volume(ctx: Ctx, vol: Volume, s: Snapshot) -> None:
+    """Unexport ``s``, a snapshot of ``vol`` that its delete has just committed, in one bounded
+    txn comparing its pointer as read. Best effort: the delete stands whatever happens here (an
+    error would make the client retry a delete that is done and get 404); an export left is
+    dropped by the collection (``snapshot_exports.collect_orphans``)."""
+    try:
+        for _ in range(MAX_RETRIES):
+            m, prev = await snapshot_exports.export_state(ctx, s.snapshot_id)
+            if not prev:
+                return
+            if await ctx.txn([snapshot_exports.pointer_unchanged(ctx, s.snapshot_id, prev)],
+                             snapshot_exports.drop_ops(ctx, s.snapshot_id, m, s)):
+                log.info("volume %s deleted: export of snapshot %s (%s) dropped", vol.name, s.name,
+                         s.snapshot_id)
+                return
+        raise Conflict("its export pointer kept changing")
+    except Exception as e:                  # noqa: BLE001 - logged; cancellation still propagates
+        log.warning("volume %s deleted, but dropping the export of its snapshot %s (%s) failed; "
+                    "the garbage collection drops it: %s: %s", vol.name, s.name, s.snapshot_id,
+                    type(e).__name__, e)
 
 
 async def _snapshots_of(ctx: Ctx, vid: str) -> list[Snapshot]:
