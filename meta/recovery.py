@@ -39,11 +39,17 @@ source's.
 A task whose record has not changed for ``stall_timeout`` (nothing claimed it, reported
 progress or an error: an executor's runner that ended or hangs, an assignment it never
 saw) is placed again the same way, measured on the leader's own monotonic clock from
-when it first saw the record's current revision. A running copy rewrites its record
+when it first saw the record's current version. A running copy rewrites its record
 (``report_progress``) after each range it copies, at most once a second: the timeout is
 far above that gap (``STALL_TIMEOUT``). A pending task whose executor has a running task
 that changed within the timeout is only queued behind it (an executor runs two copies at
 once), and waits.
+
+What the timer and the failure count need outlives the leader's term: the leader keeps
+them in the task record (``TrackedTask``: since when the record has not changed, valid
+while etcd's version of the key is the one that note was written at; the passes in a row
+that saw an error), so a leader changing more often than the timeout or than
+``FAILING_PASSES`` passes does not keep a stalled or failing task for ever.
 
 Each task is run by the volume's live owner (the coordinator: it must order
 the copy with its own writes), else by the target, which then acquires
@@ -67,7 +73,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, ClassVar
 
 from zstore.errors import InsufficientResources, Unavailable
 from zstore.etcd import get_prefix_paged
@@ -150,6 +156,42 @@ def is_dead(view: chunkmod.ChunkView | None, grace: float, now: float) -> bool:
 
 
 @dataclass
+class TrackedTask(RecoveryTask):
+    """A recovery task as the leader reads and writes it: the record, plus the leader's notes
+    on it, kept in it so that the next leader goes on from them instead of starting again.
+
+    ``idle_since`` (wall clock): since when the record has not changed, as the leaders that
+    looked measured it; it holds only while etcd's version of the key is ``idle_version``,
+    the version the note's own write gave it (any other write since, the executor's progress
+    or claim or error, is a change). ``failures``: the passes in a row that saw the task with
+    an error, across leaders (a pass that sees none sets it back to 0).
+
+    Only the leader writes these; the schema stays 1: code that knows a plain RecoveryTask
+    (the chunk servers, older meta servers in a rolling upgrade) reads the record and drops
+    the fields, so its next write of the record removes them. For the timer that write is a
+    change anyway; the failure count then lives on in this leader's memory, as before. A
+    record without them (written before they existed, or by such code) is timed from when
+    the leader first sees it and counted from 0. Fresh records are written without them.
+    """
+    idle_since: float | None = None
+    idle_version: int = 0
+    failures: int = 0
+
+    NOTES: ClassVar[dict[str, Any]] = {"idle_since": None, "idle_version": 0, "failures": 0}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        for name, default in self.NOTES.items():
+            if d.get(name) == default:
+                del d[name]
+        return d
+
+    def noted(self, version: int) -> bool:
+        """Whether ``idle_since`` is about the record at ``version`` (etcd's, as read)."""
+        return self.idle_since is not None and version > 0 and self.idle_version == version
+
+
+@dataclass
 class World:
     """One consistent-enough read of everything a recovery pass looks at.
 
@@ -157,8 +199,11 @@ class World:
     volumes: dict[str, Volume]
     views: dict[str, chunkmod.ChunkView]
     extents: dict[tuple[str, int], tuple[ExtentRecord, int]]
-    tasks: dict[tuple[str, int], tuple[RecoveryTask, int]]
+    tasks: dict[tuple[str, int], tuple[TrackedTask, int]]
     owners: dict[str, VolumeOwner]
+    # Each task record's etcd identity as read: (create revision, version). The version moves
+    # with every write, the create revision tells a record deleted and put again apart.
+    task_ids: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     # Placement's inputs, worked out once per pass (a server's free space sums its disks):
     # each chunk server as a candidate, the usable ones, and the sets of failure domains
     # no usable server is outside of (-> why nothing could be placed away from them).
@@ -203,13 +248,14 @@ async def read_world(ctx: Ctx, extents: Extents | None = None) -> World:
         # gRPC's 4 MiB reply limit at ~13k extents, and then every pass failed.
         kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.all_extents())
         extents = await decode_extents(kvs)
-    tasks = {}
+    tasks, task_ids = {}, {}
     task_kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.all_recovery())
     for kv in task_kvs:
-        t = RecoveryTask.decode(kv.value)
-        tasks[ctx.keys.extent_key_parts(kv.key)] = (t, kv.mod_revision)
+        key = ctx.keys.extent_key_parts(kv.key)
+        tasks[key] = (TrackedTask.decode(kv.value), kv.mod_revision)
+        task_ids[key] = (kv.create_revision, kv.version)
     owners = {o.volume_id: o for _, o in await ctx.list(ctx.keys.owners(), VolumeOwner)}
-    return World(vols, views, extents, tasks, owners)
+    return World(vols, views, extents, tasks, owners, task_ids=task_ids)
 
 
 @dataclass
@@ -222,14 +268,18 @@ class Recovery:
     stall_timeout: float = STALL_TIMEOUT  # <= 0: tasks are never placed again for it
     clock: Callable[[], float] = time.monotonic   # the stall timer's (not the wall clock: it jumps)
     _warned: set[tuple[str, int]] = field(default_factory=set)
+    # Passes in a row that saw each task with an error (also in the record: ``TrackedTask``).
     _failing: dict[tuple[str, int], int] = field(default_factory=dict)
     # Extents whose task was replanned for failing, and when: for REPLANNED_BACK they queue
     # behind the others, or one whose copy can never succeed (an unreadable only source)
     # would be planned again first at once, pass after pass, and keep the slots from them.
     _replanned: dict[tuple[str, int], float] = field(default_factory=dict)
     _stuck_crowded: int = 0              # crowded extents with no domain to move to, as last logged
-    # Each task's record as last seen: its mod revision and when (``clock``) that was first seen.
-    _seen: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
+    # Each task's record as last seen: its (create revision, version) and since when (``clock``)
+    # it has not changed: when this leader first saw that version, or earlier as its note says.
+    _seen: dict[tuple[str, int], tuple[tuple[int, int] | None, float]] = field(default_factory=dict)
+    # Tasks whose current version this pass is the first to see (not noted in the record yet).
+    _unseen: set[tuple[str, int]] = field(default_factory=set)
     view: ExtentView | None = None       # while ``following``; else each pass reads etcd
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -347,12 +397,12 @@ class Recovery:
     async def _tidy(self, w: World, now: float, done: dict[str, Any]) -> None:
         ctx = self.ctx
         clock = self.clock()
-        busy = self._note_revisions(w, clock)
+        busy = self._note_revisions(w, clock, now)
         for (vid, index), (task, rev) in list(w.tasks.items()):
             key = ctx.keys.recovery_task(vid, index)
             vol = w.volumes.get(vid)
             ext = w.extents.get((vid, index))
-            why, forget = None, False
+            why, forget, failures = None, False, 0
             if vol is None or ext is None:
                 why = "its volume or extent is gone"
             elif not self._needs_work(ext[0], vol, w):
@@ -366,7 +416,7 @@ class Recovery:
                 # is planned again when an in-sync replica's server is back.
                 why = "no in-sync replica's server is up to copy from"
                 self._failing.pop((vid, index), None)
-            elif self._keeps_failing(vid, index, task):
+            elif (failures := self._keeps_failing(vid, index, task)) >= FAILING_PASSES:
                 why = f"it failed {FAILING_PASSES} times in a row ({task.error}); placing it again"
                 self._replanned[(vid, index)] = now
                 # A resync that keeps failing because of its target (its copy unusable, no room
@@ -400,20 +450,36 @@ class Recovery:
             want = w.executor_for(vid, task.target)
             if want != task.executor:
                 old = task.executor
+                # A change: the new executor's record is timed afresh (the note no longer
+                # matches the key's version); the failure count goes on.
                 task.executor, task.state = want, "pending"
                 if await ctx.txn([ctx.unchanged(key, rev)], [ctx.put(key, task)]):
                     log.info("recovery task %s/%d handed from %s to %s", vid, index, old, want)
                     done["reassigned"].append((vid, index, want))
+                continue
+            await self._note((vid, index), task, rev, w, failures, clock, now)
 
-    def _note_revisions(self, w: World, clock: float) -> set[str]:
-        """Remember when each task's current record was first seen (forget tasks gone).
+    def _note_revisions(self, w: World, clock: float, now: float) -> set[str]:
+        """Remember since when each task's current record has not changed (forget tasks
+        gone): from when this leader first saw its version, or from its note (``TrackedTask``)
+        if the note is about that version (left by an earlier term, or another leader).
+
         Returns the executors with a running task whose record changed within the stall
         timeout: they are copying, and their pending tasks wait for a slot, not stalled."""
-        seen = {}
-        for key, (task, rev) in w.tasks.items():
+        seen, unseen = {}, set()
+        for key, (task, _) in w.tasks.items():
+            ident = w.task_ids.get(key)
             was = self._seen.get(key)
-            seen[key] = was if was is not None and was[0] == rev else (rev, clock)
-        self._seen = seen
+            if was is not None and was[0] == ident:
+                seen[key] = was
+            elif ident is not None and task.noted(ident[1]):
+                # Measured by earlier leaders on the wall clock (each leader's monotonic clock
+                # is its own); never in the future.
+                seen[key] = (ident, clock - max(0.0, now - task.idle_since))
+            else:
+                seen[key] = (ident, clock)
+                unseen.add(key)
+        self._seen, self._unseen = seen, unseen
         return {task.executor for key, (task, _) in w.tasks.items()
                 if task.state == "running" and clock - seen[key][1] < self.stall_timeout}
 
@@ -432,17 +498,44 @@ class Recovery:
             return None
         return idle
 
-    def _keeps_failing(self, vid: str, index: int, task: RecoveryTask) -> bool:
-        """Count passes that see the task with an error; a success (no error) resets."""
+    def _keeps_failing(self, vid: str, index: int, task: TrackedTask) -> int:
+        """Count passes that see the task with an error, going on from the record's count (an
+        earlier term's); a pass that sees none (an attempt under way) starts over. Returns the
+        count, 0 without an error; at ``FAILING_PASSES`` it is forgotten (the task goes)."""
         key = (vid, index)
         if not task.error:
             self._failing.pop(key, None)
-            return False
-        self._failing[key] = self._failing.get(key, 0) + 1
-        if self._failing[key] < FAILING_PASSES:
-            return False
-        del self._failing[key]
-        return True
+            return 0
+        count = max(self._failing.get(key, 0), task.failures) + 1
+        if count < FAILING_PASSES:
+            self._failing[key] = count
+        else:
+            self._failing.pop(key, None)
+        return count
+
+    async def _note(self, key: tuple[str, int], task: TrackedTask, rev: int, w: World,
+                    failures: int, clock: float, now: float) -> None:
+        """Keep in the task's record what the next leader needs (``TrackedTask``): the failure
+        count when it changed, and since when the record has not changed once a second pass
+        sees it unchanged (not at the first: a copy in progress changes it between passes, and
+        is never written to). Written by compare-and-swap on its revision: a record changed
+        meanwhile is a change, seen next pass. At most one write per task and pass."""
+        ident = w.task_ids.get(key)
+        if ident is None or not rev:
+            return                                   # not read from etcd (planned this pass)
+        timed = self.stall_timeout > 0
+        if task.failures == failures and (not timed or task.noted(ident[1]) or key in self._unseen):
+            return
+        start = self._seen[key][1]
+        new = TrackedTask.from_dict(task.to_dict())
+        new.failures = failures
+        new.idle_since = round(now - (clock - start), 3)
+        new.idle_version = ident[1] + 1              # the version this write gives the key
+        tkey = self.ctx.keys.recovery_task(*key)
+        if await self.ctx.txn([self.ctx.unchanged(tkey, rev)], [self.ctx.put(tkey, new)]):
+            self._seen[key] = ((ident[0], ident[1] + 1), start)   # our own write: no change
+            w.tasks[key] = (new, 0)
+            w.task_ids[key] = (ident[0], ident[1] + 1)
 
     @staticmethod
     def _draining(rec: ExtentRecord, w: World) -> list[str]:
@@ -571,7 +664,7 @@ class Recovery:
         ``replaces``: for a move off a draining server, the replica the copy joins in place of.
         """
         ctx, vid, index = self.ctx, rec.volume_id, rec.index
-        task = RecoveryTask(volume_id=vid, index=index, target=target, kind=kind,
+        task = TrackedTask(volume_id=vid, index=index, target=target, kind=kind,
                             executor=w.executor_for(vid, target), generation=rec.generation,
                             total_bytes=EXTENT_SIZE, replaces=replaces)
         tkey, ekey = ctx.keys.recovery_task(vid, index), ctx.keys.extent(vid, index)
