@@ -41,9 +41,10 @@ progress or an error: an executor's runner that ended or hangs, an assignment it
 saw) is placed again the same way, measured on the leader's own monotonic clock from
 when it first saw the record's current version. A running copy rewrites its record
 (``report_progress``) after each range it copies, at most once a second: the timeout is
-far above that gap (``STALL_TIMEOUT``). A pending task whose executor has a running task
-that changed within the timeout is only queued behind it (an executor runs two copies at
-once), and waits.
+far above that gap (``STALL_TIMEOUT``). A pending task waits without timing out while its
+executor's copy slots (``EXECUTOR_SLOTS``, chunk/storage/engine.py) are all held by
+running tasks that changed within the timeout, at this pass or the one before: it is
+queued for a slot. With a slot free it would have started, so it is timed like any other.
 
 What the timer and the failure count need outlives the leader's term: the leader keeps
 them in the task record (``TrackedTask``: since when the record has not changed, valid
@@ -72,6 +73,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, ClassVar
 
@@ -103,6 +105,9 @@ STALL_TIMEOUT = 600.0
 # only after its first range, at most once a second after that, so seconds would time out
 # copies that progress.
 MIN_STALL_TIMEOUT = 60.0
+# Copies a chunk server runs at once (chunk/storage/engine.py ``_recovery_slots``): a pending
+# task of an executor with fewer running copies than this is not waiting for a slot.
+EXECUTOR_SLOTS = 2
 
 OK, WAITING, GONE = "ok", "waiting", "gone"
 
@@ -280,6 +285,8 @@ class Recovery:
     _seen: dict[tuple[str, int], tuple[tuple[int, int] | None, float]] = field(default_factory=dict)
     # Tasks whose current version this pass is the first to see (not noted in the record yet).
     _unseen: set[tuple[str, int]] = field(default_factory=set)
+    # Executors whose copy slots were all held at the previous pass (None: no pass yet).
+    _full_before: set[str] | None = None
     view: ExtentView | None = None       # while ``following``; else each pass reads etcd
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -397,7 +404,7 @@ class Recovery:
     async def _tidy(self, w: World, now: float, done: dict[str, Any]) -> None:
         ctx = self.ctx
         clock = self.clock()
-        busy = self._note_revisions(w, clock, now)
+        spared = self._note_revisions(w, clock, now)
         for (vid, index), (task, rev) in list(w.tasks.items()):
             key = ctx.keys.recovery_task(vid, index)
             vol = w.volumes.get(vid)
@@ -425,7 +432,7 @@ class Recovery:
                 # replica. Not when a source failed: the stale copy is as good as before.
                 forget = (task.kind == "resync" and task.target in ext[0].stale
                           and target_failed(task))
-            elif (idle := self._stalled((vid, index), task, clock, busy)) is not None:
+            elif (idle := self._stalled((vid, index), task, clock, spared)) is not None:
                 why = (f"its record has not changed for {idle:.0f}s ({task.state}, {task.done_bytes} "
                        f"of {task.total_bytes} bytes copied, run by {task.executor}); placing it again")
                 self._replanned[(vid, index)] = now
@@ -459,13 +466,16 @@ class Recovery:
                 continue
             await self._note((vid, index), task, rev, w, failures, clock, now)
 
-    def _note_revisions(self, w: World, clock: float, now: float) -> set[str]:
+    def _note_revisions(self, w: World, clock: float, now: float) -> set[str] | None:
         """Remember since when each task's current record has not changed (forget tasks
         gone): from when this leader first saw its version, or from its note (``TrackedTask``)
         if the note is about that version (left by an earlier term, or another leader).
 
-        Returns the executors with a running task whose record changed within the stall
-        timeout: they are copying, and their pending tasks wait for a slot, not stalled."""
+        Returns the executors whose pending tasks are queued for a copy slot: those whose
+        ``EXECUTOR_SLOTS`` slots are all held by running tasks that changed within the stall
+        timeout, at this pass or the one before (a slot that frees is taken within moments,
+        but this pass may have read the records in between); None at a term's first pass,
+        which cannot tell (every pending task is spared, once)."""
         seen, unseen = {}, set()
         for key, (task, _) in w.tasks.items():
             ident = w.task_ids.get(key)
@@ -480,21 +490,28 @@ class Recovery:
                 seen[key] = (ident, clock)
                 unseen.add(key)
         self._seen, self._unseen = seen, unseen
-        return {task.executor for key, (task, _) in w.tasks.items()
-                if task.state == "running" and clock - seen[key][1] < self.stall_timeout}
+        copying = Counter(task.executor for key, (task, _) in w.tasks.items()
+                          if task.state == "running" and clock - seen[key][1] < self.stall_timeout)
+        full = {executor for executor, n in copying.items() if n >= EXECUTOR_SLOTS}
+        before, self._full_before = self._full_before, full
+        return None if before is None else full | before
 
     def _stalled(self, key: tuple[str, int], task: RecoveryTask, clock: float,
-                 busy: set[str]) -> float | None:
+                 spared: set[str] | None) -> float | None:
         """Seconds the task's record has not changed, if that is past the stall timeout and it
-        is not a pending task queued behind its executor's running copies; else None.
+        is not a pending task queued for one of its executor's copy slots (``spared``: the
+        executors whose slots are all held; None: all); else None.
 
         Nothing else notices such a task: it has no error for ``_keeps_failing`` to count, and
         it holds the extent under-replicated and a slot. A copy in progress rewrites its record
-        far more often (see STALL_TIMEOUT)."""
+        far more often (see STALL_TIMEOUT). A running task is never spared: its own record
+        shows whether its copy goes on."""
         if self.stall_timeout <= 0:
             return None
         idle = clock - self._seen[key][1]
-        if idle < self.stall_timeout or (task.state != "running" and task.executor in busy):
+        if idle < self.stall_timeout:
+            return None
+        if task.state != "running" and (spared is None or task.executor in spared):
             return None
         return idle
 
