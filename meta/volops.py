@@ -449,7 +449,9 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
     have, so the name can be used again. Pending and running ops are not removed, nor
     is a record that does not decode or that a newer zstore wrote (``volumes.decoded_op``).
     A ``creating`` snapshot with no op at all goes the same way, in the garbage
-    collection (``volumes.remove_stranded_snapshot``), which lists every snapshot anyway.
+    collection (``volumes.remove_stranded_snapshot``), which lists every snapshot anyway; so
+    does one whose op waits for a chunk server gone for good (it fails the op, which is then
+    tidied here as a failed one).
     """
     await move_stranded_reverts(ctx)
     now = time.time() if now is None else now

@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 from zstore import naming
 from zstore.etcd import get_prefix_paged, prefix_end
 from zstore.errors import Conflict, InsufficientResources, InvalidArgument, NotFound, Unavailable
-from zstore.records import (AclEntry, LunMapping, NewerSchemaError, RecordError, Snapshot, Target, Volume,
-                            VolumeOp)
+from zstore.records import (AclEntry, ChunkAdmin, LunMapping, NewerSchemaError, RecordError, Snapshot, Target,
+                            Volume, VolumeOp)
 from zstore.units import SizeError, format_size, parse_size
 
 from . import chunks as chunkmod
@@ -799,21 +799,26 @@ async def collect_garbage_every(ctx: Ctx, stop: asyncio.Event, interval: float =
 # the volume (skipped below); one call waits 10 s, the CLI retries for 15 s. Ten minutes is far
 # past all of that and past any clock difference between meta servers (``created`` is the
 # creating server's clock), and five times the age at which a failed op's snapshot goes.
+# So is one this old whose op waits for a chunk server that has not been alive for as long,
+# or is not registered any more (``_executor_gone``).
 STRANDED_CREATING_AGE = 600.0
 
 
 async def remove_stranded_snapshot(ctx: Ctx, snap: Snapshot, srev: int, now: float,
                                    age: float = STRANDED_CREATING_AGE) -> bool:
-    """Remove ``creating`` snapshot ``snap`` (read at ``srev``) if it has no op, is older than
-    ``age`` and its volume has no unfinished revert; whether it was removed. Its name stays
-    taken and its deleted volume unreclaimed for ever otherwise. The op's absence is compared:
-    one made meanwhile (the create repeated) keeps it; so is the snapshot, so a commit of it
-    (by the meta that made it, with no coordinator) and this removal exclude each other."""
+    """Remove ``creating`` snapshot ``snap`` (read at ``srev``) if it is older than ``age`` and
+    either has no op and its volume has no unfinished revert, or its op waits for a chunk
+    server gone for as long (``_remove_with_op_of_gone_executor``); whether it was removed. Its
+    name stays taken and its deleted volume unreclaimed for ever otherwise. The op's absence
+    is compared: one made meanwhile (the create repeated) keeps it; so is the snapshot, so a
+    commit of it (by the meta that made it, with no coordinator) and this removal exclude
+    each other."""
     if snap.state != "creating" or now - snap.created < age:
         return False
     op_key = ctx.keys.volop(snap.volume_id, snapshot_op_id(snap.snapshot_id))
-    if await ctx.etcd.get(op_key) is not None:
-        return False                # its op's (tidy_ops' failed-op path)
+    got = await ctx.etcd.get(op_key)
+    if got is not None:
+        return await _remove_with_op_of_gone_executor(ctx, snap, srev, got, now, age)
     if await unfinished_reverts(ctx, snap.volume_id):
         return False                # it waits for the revert
     compare, ops = await creating_snapshot_removal(ctx, snap, srev)
@@ -821,6 +826,62 @@ async def remove_stranded_snapshot(ctx: Ctx, snap: Snapshot, srev: int, now: flo
         return False
     log.warning("snapshot %s (%s) of volume %s removed: left creating with no op since %.0f s",
                 snap.name, snap.snapshot_id, snap.volume_id, now - snap.created)
+    return True
+
+
+async def _executor_gone(ctx: Ctx, chunk_id: str, now: float, age: float) -> tuple[str, list] | None:
+    """(how it is gone, the compares that keep it so) when chunk server ``chunk_id`` is not
+    registered any more, or has been down at least ``age`` (its current outage, as the leader
+    recorded it: ``chunks.current_down_since``); None while it is alive, down for less, or
+    down with no outage recorded yet. The compares fail if it comes back live or registers
+    again (its info key is rewritten at each registration)."""
+    live_key, info_key = ctx.keys.chunk_live(chunk_id), ctx.keys.chunk_info(chunk_id)
+    if await ctx.etcd.get(live_key) is not None:
+        return None
+    info = await ctx.etcd.get(info_key)
+    if info is None:
+        return "not registered any more", [ctx.absent(live_key), ctx.absent(info_key)]
+    got = await ctx.etcd.get(ctx.keys.chunk_admin(chunk_id))
+    if got is None:
+        return None
+    try:
+        admin = ChunkAdmin.decode(got.value)
+    except RecordError:
+        return None
+    since = chunkmod.current_down_since(admin, got.mod_revision, info.mod_revision)
+    if since is None or now - since < age:
+        return None
+    return (f"down for {now - since:.0f} s",
+            [ctx.absent(live_key), ctx.unchanged(info_key, info.mod_revision)])
+
+
+async def _remove_with_op_of_gone_executor(ctx: Ctx, snap: Snapshot, srev: int, got, now: float,
+                                           age: float) -> bool:
+    """Fail the op ``got`` (the kv of ``snap``'s op) and remove ``snap`` with its names, in one
+    txn, if the op is pending or running on a chunk server gone for ``age`` (``_executor_gone``):
+    nobody else runs an op assigned to it, and a create that would hand it to the volume's live
+    coordinator (or commit the snapshot itself) was given up long ago. The op, the snapshot
+    and the server's absence are compared: a create repeated meanwhile (it hands the op on), a
+    commit of the snapshot, or the server back live makes this fail; a commit after it fails
+    its own compare on the op. A failed op of another cause is tidy_ops' (it removes the
+    snapshot too); an op this code cannot read is left alone."""
+    op = decoded_op(got.key, got.value)
+    if not isinstance(op, VolumeOp) or op.state not in ("pending", "running"):
+        return False
+    gone = await _executor_gone(ctx, op.executor, now, age)
+    if gone is None:
+        return False
+    how, keep = gone
+    op.state = "failed"
+    op.error = (f"its chunk server {op.executor} is gone ({how}) and nobody waited for the snapshot "
+                f"any more: removed by the garbage collection")
+    compare, ops = await creating_snapshot_removal(ctx, snap, srev)
+    if not await ctx.txn([ctx.unchanged(got.key, got.mod_revision), *keep, *compare],
+                         [ctx.put(got.key, op), *ops]):
+        return False
+    log.warning("snapshot %s (%s) of volume %s removed: left creating for %.0f s, its op %s waiting "
+                "for chunk server %s, which is gone (%s); the op is failed", snap.name, snap.snapshot_id,
+                snap.volume_id, now - snap.created, op.op_id, op.executor, how)
     return True
 
 
