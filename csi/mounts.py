@@ -47,23 +47,30 @@ def mounts(path: Path = MOUNTINFO) -> list[Mount]:
 
 def canonical(path: str) -> str:
     """``path`` as /proc/self/mountinfo names mount points: absolute, ``.``/``..`` and every
-    symlink resolved (a kubelet root ``/var/lib/kubelet`` -> ``/data/kubelet`` is listed
-    under ``/data/kubelet``). mount(8) and umount(8) resolve the path they are given the
-    same way, so what ``mount --bind SRC PATH`` made and what ``umount PATH`` removes is the
-    mount listed at ``canonical(PATH)``. A path that no longer exists (a deleted target) is
-    resolved as far as it exists; nothing is raised."""
-    return os.path.realpath(path)
+    symlink *above* the last component resolved (a kubelet root ``/var/lib/kubelet`` ->
+    ``/data/kubelet`` is listed under ``/data/kubelet``). The last component is kept as
+    it is: a mount point is never a symlink, so a path whose last component is one names no
+    mount, and following it would let NodeUnpublish/NodeUnstage unmount whatever it points
+    at (``umount`` follows a final symlink). Not resolving the last component also means
+    the mount root itself is never stat'ed (a hung file system there cannot block us). A
+    path that no longer exists is resolved as far as it exists; nothing is raised."""
+    path = os.path.normpath(os.path.abspath(path))
+    head, tail = os.path.split(path)
+    if not tail:                                    # "/"
+        return path
+    return os.path.join(os.path.realpath(head), tail)
 
 
 def mount_at(target: str, table: list[Mount] | None = None) -> Mount | None:
     """The topmost mount at ``target`` (the last one listed), or None.
 
-    ``target`` is resolved (``canonical``); the table's mount points are the kernel's,
-    canonical already and unescaped (``\\040`` is a space) by ``parse_mountinfo``. Only
-    symlinks are resolved: a bind mount is another path to the same directory, and a mount
-    made under one of its paths is listed (and seen) there only, unless propagated, when the
-    kernel lists each copy at its own path. A mount whose mount point was deleted is gone
-    from the table (the kernel detaches it), so a deleted target is not mounted."""
+    ``target`` is resolved above its last component (``canonical``); the table's mount
+    points are the kernel's, canonical already and unescaped (``\\040`` is a space) by
+    ``parse_mountinfo``. Only symlinks are resolved: a bind mount is another path to the same
+    directory, and a mount made under one of its paths is listed (and seen) there only, unless
+    propagated, when the kernel lists each copy at its own path. A mount whose mount point
+    was deleted is gone from the table (the kernel detaches it), so a deleted target is not
+    mounted."""
     target = canonical(target)
     found = [m for m in (mounts() if table is None else table) if m.target == target]
     return found[-1] if found else None

@@ -814,7 +814,7 @@ class Node(pbg.NodeServicer):
                             f"{dev} is still mounted at {', '.join(others[:3])}: unpublish it first")
             self._refuse_held(dev)
             if m is not None:
-                await self.host.run(["umount", staging])
+                await self.host.run(["umount", m.target])      # the mount found, canonical
             if info is None:
                 if corrupt:
                     self._state_path(vid).unlink(missing_ok=True)
@@ -895,7 +895,7 @@ class Node(pbg.NodeServicer):
             while (m := self._mount_at(target)) is not None:
                 if m.fstype == "devtmpfs" and m.root != "/":
                     disks.add(m.root.lstrip("/"))
-                await self.host.run(["umount", target])
+                await self.host.run(["umount", m.target])  # the mount found, canonical
             for name in disks:                  # the last readonly publish gone: writable again
                 await self._sync_ro(name)
             remove_publish_target(target)

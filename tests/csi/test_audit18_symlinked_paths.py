@@ -4,7 +4,8 @@ the process root), while kubelet hands over paths through the symlink. Compared 
 a mounted target looked unmounted: NodeUnpublish refused to remove "not a mount point but a
 character device" (a raw block publish) or could not rmdir a busy directory, a repeated
 NodePublish answered "not staged", NodeUnstage refused "still mounted at" its own staging
-path. Now the asked path is resolved as mount(8) resolves it (``os.path.realpath``).
+path. Now the asked path is resolved above its last component; a last component that is
+itself a symlink names no mount (following it unmounted whatever it pointed at).
 
 Real symlinks throughout; a mountinfo-format file for the unit tests, and the real
 /proc/self/mountinfo with tmpfs and bind mounts (root only; every mount is undone)."""
@@ -67,9 +68,10 @@ def test_mount_at_resolves_symlinks_in_the_asked_path(tmp_path: Path):
     m = mount_at(str(link / BLOCK), table)
     assert m is not None and m.root == "/sdq" and m.fstype == "devtmpfs"
     assert mount_at(f"{link / POD}/", table) is not None                 # a trailing slash
-    # a final component that is a symlink: mount(8) mounts at what it names
+    # a final component that is a symlink names no mount point (one never is a symlink):
+    # following it would have NodeUnpublish/NodeUnstage unmount what it points at
     (data / "pods" / "p 0" / "alias").symlink_to(data / POD)
-    assert mount_at(str(link / "pods" / "p 0" / "alias"), table).target == str(data / POD)
+    assert mount_at(str(link / "pods" / "p 0" / "alias"), table) is None
 
 
 def test_mount_at_of_a_path_that_is_gone_resolves_what_exists(tmp_path: Path):
@@ -128,7 +130,7 @@ async def test_unstage_through_a_symlinked_root(tmp_path: Path, monkeypatch):
     node.host = node.iscsi.host = host
     _save(node, "ext4")
     await node.NodeUnstageVolume(_unstage(link / GLOBAL), AbortCtx())
-    assert ["umount", str(link / GLOBAL)] in host.calls
+    assert ["umount", str(data / GLOBAL)] in host.calls     # the mount as the kernel lists it
     assert ["iscsiadm", "-m", "session", "-r", "1", "--logout"] in host.calls
     assert _table(tmp_path) == ["/"] and node._load("v1") is None
 
@@ -221,3 +223,38 @@ async def test_raw_block_unpublish_through_a_symlinked_root_on_the_kernel(tmp_pa
     await node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="v1", target_path=str(link / BLOCK)),
                                    AbortCtx())
     assert str(data / BLOCK) not in _under(tmp_path) and not (data / BLOCK).exists()
+
+
+async def test_a_symlink_at_the_target_never_unmounts_what_it_points_at(tmp_path: Path, real_kubelet):
+    """A symlink at the publish target pointing at a live mount (another volume's staging
+    mount, a host data mount): resolved whole, NodeUnpublish found that mount "at" the target
+    and ran ``umount`` on the symlink, which the kernel follows: the other mount was gone,
+    and every retry unmounted it again."""
+    data, link = real_kubelet
+    other = data / "other mount"
+    other.mkdir()
+    _mount("-t", "tmpfs", "zstore-audit18", str(other))
+    (data / POD).parent.mkdir(parents=True)
+    (data / POD).symlink_to(other)
+    node = _node_on_host(tmp_path)
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeUnpublishVolume(
+            pb.NodeUnpublishVolumeRequest(volume_id="v1", target_path=str(link / POD)), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION and "symlink" in e.value.args[1]
+    assert str(other) in _under(tmp_path)                  # still mounted
+    assert (data / POD).is_symlink()
+
+
+async def test_a_symlink_at_the_staging_path_never_unmounts_what_it_points_at(tmp_path: Path,
+                                                                              real_kubelet):
+    data, link = real_kubelet
+    other = data / "other mount"
+    other.mkdir()
+    _mount("-t", "tmpfs", "zstore-audit18", str(other))
+    (data / GLOBAL).parent.mkdir(parents=True)
+    (data / GLOBAL).symlink_to(other)
+    node = _node_on_host(tmp_path)
+    await node.NodeUnstageVolume(
+        pb.NodeUnstageVolumeRequest(volume_id="v1", staging_target_path=str(link / GLOBAL)),
+        AbortCtx())                                        # never staged here: nothing to do
+    assert str(other) in _under(tmp_path)                  # still mounted
