@@ -2189,7 +2189,15 @@ class ReplicaStore:
         are checked (False if either moved, as ``mend``) and the mend begins; its syncs
         (``_mend_steps``) run in worker threads, a failed one retiring the replica as a
         failed flush does (``StoreIOError``). False too when the extent is deleted or
-        retired meanwhile, or a version file it was writing is trimmed (checked again)."""
+        retired meanwhile, or a version file it was writing is trimmed (checked again).
+
+        The hold keeps out writes and unmaps with an epoch only: ``import_``, ``trim``,
+        ``revert`` (and a write or unmap without an epoch) do not wait for it. So after each
+        sync the state of the mend's blocks (``_mend_state``: seqs, checksums, version
+        entries) is compared with what the mend left before it, and a change makes it stop
+        there, False (the repair verifies again): going on, it wrote its older blob over an
+        IMPORT of the peer's newer state, or a version slot back over data a trim had just
+        punched. What it did so far is a state a crash between its steps leaves."""
         state = _parse_blob(blob)
         rep = self._mend_target(vid, idx, if_unchanged, verified)
         if rep is None:
@@ -2208,13 +2216,24 @@ class ReplicaStore:
                         jobs = next(steps, None)
                     if jobs is None:
                         return ok[0]
+                    left = self._mend_state(rep, first, n)
                     await self._syncs_later(rep, jobs, hold)
                     if self._replicas.get((vid, idx)) is not rep:
                         return False             # deleted (or retired) during the sync
+                    if self._mend_state(rep, first, n) != left:
+                        return False             # changed by one that ignores the hold
             finally:
                 steps.close()
         finally:
             hold.release()
+
+    @staticmethod
+    def _mend_state(rep: _Replica, first: int, n: int) -> tuple:
+        """What a mend of blocks [first, first+n) relies on between its steps (``mend_async``):
+        their seqs, live checksums and version entries (key, origin, crc). Not
+        ``rep.mutations``, which writes of other blocks move too."""
+        end = first + n
+        return rep.seqs[first:end], rep.ext.crcs[first:end], rep.block_versions(first, end)
 
     def _mend_target(self, vid: str, idx: int, if_unchanged: int | None,
                      verified: Verdict | None) -> _Replica | None:
