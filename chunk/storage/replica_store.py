@@ -225,7 +225,8 @@ def _remove_extent(base: Path) -> None:
 
 def _copy_allocated(base: Path) -> int:
     """Bytes allocated to an extent's files (``_Replica.allocated``'s, from the paths: data,
-    checksums, seqs, versions); files gone (or never made) count nothing."""
+    checksums, seqs, versions); files gone (or never made) count nothing. Any other
+    ``OSError`` is raised (``_kept_bytes`` counts that copy as nothing)."""
     paths = [base.with_name(base.name + suffix) for suffix in (".data", ".crc", ".seq")]
     try:
         with os.scandir(_vdir(base)) as found:
@@ -814,6 +815,8 @@ class ReplicaStore:
         # More .hdr files of a broken extent than the one ``broken`` names (two copies of it on
         # two disks that could not be told apart): a DELETE removes them all.
         self._more_copies: dict[tuple[str, int], list[Path]] = {}
+        # .hdr of a kept copy whose files did not stat -> the errno logged (``_kept_bytes``).
+        self._kept_unread: dict[Path, int | None] = {}
         self._disks: list[_Disk] = []
         self._replicas: dict[tuple[str, int], _Replica] = {}
         copies: dict[tuple[str, int], list[tuple[_Disk, Path, ExtentHeader]]] = {}
@@ -1041,12 +1044,30 @@ class ReplicaStore:
         (``_more_copies``). Their files stay until a DELETE removes them, and take space
         meanwhile: left out, a limited disk took new extents past its limit. Counted from
         the files (a few ``lstat``s each; nothing is open to ``fstat``), as ``allocated``
-        counts an open one: data, checksums, seqs and versions."""
+        counts an open one: data, checksums, seqs and versions.
+
+        A copy whose files do not stat (EIO, ESTALE, EACCES on its inodes) counts as nothing,
+        logged once until it reads again: it is a broken copy, kept because it is, and says
+        nothing of the disk; raised, it failed the whole disk in ``usage`` and every CREATE."""
         hdrs = {hdr for _why, hdr in self.broken.values()}
         for more in self._more_copies.values():
             hdrs.update(more)
-        return sum(_copy_allocated(h.with_name(h.name[:-len(".hdr")]))
-                   for h in hdrs if h.parent == disk.path)
+        for h in [h for h in self._kept_unread if h not in hdrs]:
+            del self._kept_unread[h]                 # deleted (or open again)
+        total = 0
+        for h in hdrs:
+            if h.parent != disk.path:
+                continue
+            try:
+                total += _copy_allocated(h.with_name(h.name[:-len(".hdr")]))
+            except OSError as e:
+                if h not in self._kept_unread or self._kept_unread[h] != e.errno:
+                    log.warning("disk %s: the copy kept at %s is not counted in its used bytes "
+                                "(its files do not stat: %s)", disk.path, h, e)
+                self._kept_unread[h] = e.errno
+            else:
+                self._kept_unread.pop(h, None)
+        return total
 
     def _room_again(self, disk: _Disk, capacity: int, used: int) -> None:
         """Clear a full disk's ``enospc`` once it has room for an extent (and inodes) again:

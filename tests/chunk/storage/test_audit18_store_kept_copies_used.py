@@ -93,3 +93,38 @@ def test_copies_kept_on_another_disk_do_not_count_here(tmp_path: Path):
     with ReplicaStore([(d0, 1 << 30), (d1, 1 << 30)], extent_size=SIZE) as s:
         used = {Path(u["path"]): u["used"] for u in s.usage()}
         assert used == {d0: _allocated(d0), d1: 0}
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.ESTALE, errno.EACCES])
+def test_a_kept_copy_whose_files_do_not_stat_counts_nothing_and_fails_nothing(
+        tmp_path: Path, monkeypatch, caplog, err):
+    """One kept copy whose files' metadata do not read (its ``.crc`` inode: EIO, an NFS handle
+    gone stale, a permission changed) raised out of ``_used``: ``usage`` reported the whole
+    disk failed ("statvfs: ...", for good on EIO) and a CREATE found no disk (StoreFull). It
+    is counted as nothing and logged once, the disk stays usable, and it counts again once
+    its files read."""
+    disk = tmp_path / "d0"
+    with ReplicaStore([(disk, 1 << 30)], extent_size=SIZE) as s:
+        used = _filled(s, 0)
+    (disk / f"{V}.0.hdr").write_bytes(b"not a header")    # the copy is kept, broken
+    real = os.lstat
+
+    def lstat(path, *args, **kw):
+        if str(path).endswith(f"{V}.0.crc"):
+            raise OSError(err, os.strerror(err), str(path))
+        return real(path, *args, **kw)
+
+    with ReplicaStore([(disk, 1 << 30)], extent_size=SIZE) as s:
+        assert (V, 0) in s.broken
+        monkeypatch.setattr(os, "lstat", lstat)
+        caplog.clear()
+        for _ in range(3):
+            u = s.usage()[0]
+            assert (u["state"], u["used"]) == ("ok", 0), u
+        assert not s._disks[0].failed
+        warned = [r for r in caplog.records if f"{V}.0" in r.getMessage()]
+        assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+        s.create(V, 1, 1)
+        assert s.stat(V, 1)["disk"] == str(disk)
+        monkeypatch.setattr(os, "lstat", real)
+        assert s.usage()[0]["used"] == used + s._replicas[(V, 1)].allocated()
