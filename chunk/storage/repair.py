@@ -29,7 +29,9 @@ its block as a deferred write does (``_Hold``), so it waits for one in
 progress there, whose snapshot copy may not be synced yet (a mended live block
 written back first would outlive that copy on a power loss), and checks the
 token only then; its versions are synced before the live block, and its syncs
-run in worker threads, like the flush that follows it.
+run in worker threads, like the flush that follows it. An IMPORT, trim or
+revert does not wait for the hold: one that changes the block during a sync
+of the mend makes it stop there (False), and the block is verified again.
 
 A block with too many versions for one export frame comes in parts
 (``ReplicaStore.export``: each part the live block and a slice of the
@@ -296,12 +298,15 @@ class LocalRepair:
                     log.warning("repair %s/%d block %d: export from %s unusable: %s",
                                 vid, idx, block, cid, e)
                     continue
-                except StoreError as e:              # a failed sync: the replica is retired
+                except StoreError as e:
+                    # An I/O error of the mend: a failed sync (the replica is retired), a full
+                    # disk (StoreFull from a write), the extent's files gone under it (deleted
+                    # mid-mend): this repair ends; the next verify or read finds what is left.
                     log.error("repair %s/%d block %d: the mend failed: %s", vid, idx, block, e)
                     return False
                 if not mended:
-                    log.info("repair %s/%d block %d: a write landed meanwhile; checking again",
-                             vid, idx, block)
+                    log.info("repair %s/%d block %d: the extent changed meanwhile (a write, "
+                             "import, trim or revert); checking again", vid, idx, block)
                     break
                 if not await self._durable(vid, idx, block):
                     return False
