@@ -105,7 +105,8 @@ async def create_snapshot(ctx: Ctx, volume: str, name: str, timeout: float = SNA
             snap, _ = await ctx.get(ctx.keys.snapshot(existing.decode()), Snapshot)
             if snap is None:
                 continue
-            if snap.state == "creating":
+            if snap.state in ("creating", "ready"):
+                # Ready: committed while nobody waited; _finish takes its done op away.
                 return await _finish(ctx, vol, snap, deadline), False
             return snap, False
         sid = uuid.uuid4().hex

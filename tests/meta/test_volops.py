@@ -86,6 +86,23 @@ async def test_snapshot_times_out_cleanly_and_a_retry_waits_for_the_same_op(ctx)
     assert len(ex.ran) == 1 and await ops_of(ctx, vol.volume_id) == []
 
 
+async def test_a_repeated_create_of_a_snapshot_committed_meanwhile_takes_its_done_op_away(ctx):
+    """The coordinator committed the snapshot while nobody waited (the create timed out): the
+    repeated create finds it ready and removes its done op, as a create that was waiting would
+    have (a race of this once left test_snapshot_times_out_cleanly's op behind, now and then)."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await own(ctx, vol.volume_id, "c2")
+    with pytest.raises(Unavailable):
+        await volops.create_snapshot(ctx, "v", "s", timeout=0.2)
+    [(key, rev)] = [(kv.key, kv.mod_revision) for kv in await ctx.etcd.get_prefix(ctx.keys.volops(vol.volume_id))]
+    ex = Executor(ctx, "c2")
+    await ex.execute(VolumeOp.decode(await ctx.get_raw(key)), key, rev)   # committed, nobody waiting
+    assert len(ex.ran) == 1
+    snap, created = await volops.create_snapshot(ctx, "v", "s")
+    assert not created and snap.state == "ready"
+    assert await ops_of(ctx, vol.volume_id) == []
+
+
 async def test_snapshot_op_moves_when_the_owner_dies_or_changes(ctx):
     vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
     vid = vol.volume_id
