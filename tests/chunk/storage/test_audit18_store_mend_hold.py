@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from chunk.storage.extent_file import BLOCK_SIZE
+from chunk.storage.replica_store import _Hold
 
 from .replica_nodes import block
 from .test_repair import VID
@@ -77,21 +78,25 @@ class HeldVersionSync:
         monkeypatch.setattr(os, "pwrite", pwrite)
 
 
-class ExportSpy:
-    """The real client; ``exported`` is set when an EXPORT has answered (the repair then goes
-    on to its mend without waiting for anything but the mend's own waits)."""
+class HoldWaits:
+    """Records the holds (``_Hold``) on ``rep`` that had to wait for another one there
+    (``blocked``, set when such a ``take`` begins) and those taken (``taken``, in order)."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.exported = asyncio.Event()
+    def __init__(self, monkeypatch, rep) -> None:
+        self.blocked = asyncio.Event()
+        self.waited: list = []
+        self.taken: list = []
+        real = _Hold.take
 
-    async def export(self, *args, **kw):
-        got = await self.inner.export(*args, **kw)
-        self.exported.set()
-        return got
+        async def take(hold):
+            if hold.rep is rep and any(b in rep.busy for b in hold.blocks):
+                self.waited.append(hold)
+                self.blocked.set()
+            await real(hold)
+            if hold.rep is rep:
+                self.taken.append(hold)
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+        monkeypatch.setattr(_Hold, "take", take)
 
 
 async def _snapshot_write_held(nodes, monkeypatch):
@@ -123,26 +128,43 @@ def _assert_views(a, b) -> None:
     assert b.store.digest(VID, 0) == a.store.digest(VID, 0)
 
 
-async def _repair_while_held(b, held):
-    """Start B's repair of BLK; once its EXPORT answered (the mend is next), check B's live
-    block was not written while the version sync is held, then let the sync go."""
-    spy = ExportSpy(b.client)
-    b.repair.client = spy
+async def _repair_while_held(b, held, monkeypatch):
+    """Start B's repair of BLK; once its mend is seen waiting for the hold of the deferred
+    write on BLK (however many awaits the repair takes to get there), let the write's
+    version sync go. Returns (the repair's task, the holds' record): ``_mend_waited`` then
+    checks what happened."""
+    waits = HoldWaits(monkeypatch, b.store._replicas[(VID, 0)])
     repair = asyncio.create_task(b.repair.repair_block(VID, 0, BLK))
+    blocked = asyncio.create_task(waits.blocked.wait())
     try:
-        await asyncio.wait_for(spy.exported.wait(), 5)
-        assert held.early == [], ("the mend wrote the live block while the deferred write's "
-                                  "snapshot copy was not synced yet")
+        done, _ = await asyncio.wait([repair, blocked], timeout=5,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        assert waits.blocked.is_set(), ("the mend did not wait for the deferred write's hold "
+                                        f"(repair done: {repair in done})")
+        assert held.early == [] and waits.taken == [], "the mend went on during the sync"
     finally:
+        blocked.cancel()
         held.proceed.set()
-    return repair
+    return repair, waits
+
+
+def _mend_waited(held, waits) -> None:
+    """The repair is over: its mend waited for the write's hold, took it only then, and B's
+    live block was not written until the write's version sync had completed (``early``
+    records every such write up to that sync's end, not only those before the check)."""
+    assert held.synced, "the deferred write's version sync never completed"
+    assert held.early == [], ("the mend wrote the live block while the deferred write's "
+                              "snapshot copy was not synced yet")
+    assert len(waits.waited) == 1 and waits.taken == waits.waited, (waits.waited, waits.taken)
+    assert waits.waited[0].blocks == range(BLK, BLK + 1)
 
 
 async def test_a_mend_waits_for_the_deferred_write_holding_its_block(nodes, monkeypatch):
     a, b, write, held = await _snapshot_write_held(nodes, monkeypatch)
-    repair = await _repair_while_held(b, held)
+    repair, waits = await _repair_while_held(b, held, monkeypatch)
     await asyncio.wait_for(write, 10)
     assert await asyncio.wait_for(repair, 10)
+    _mend_waited(held, waits)
     _assert_views(a, b)
 
 
@@ -153,8 +175,9 @@ async def test_a_mend_waits_for_the_last_sync_of_a_cancelled_write(nodes, monkey
     a, b, write, held = await _snapshot_write_held(nodes, monkeypatch)
     write.cancel()
     await asyncio.gather(write, return_exceptions=True)
-    repair = await _repair_while_held(b, held)
+    repair, waits = await _repair_while_held(b, held, monkeypatch)
     assert await asyncio.wait_for(repair, 10)
+    _mend_waited(held, waits)
     _assert_views(a, b)
 
 
