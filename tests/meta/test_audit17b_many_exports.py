@@ -3,7 +3,8 @@
 The delete dropped every snapshot export (~5 operations each) in the transaction that
 deleted the volume: from ~25 exported snapshots on etcd refused it ("too many operations in
 txn request") on every try, and the volume could not be deleted at all. The exports are now
-dropped each in its own transaction before the volume's, which compares only the volume.
+dropped each in its own transaction after the volume's, which compares the volume and the guard
+of its exports.
 """
 
 import pytest
@@ -53,26 +54,27 @@ async def test_without_force_one_initiator_refuses_and_drops_nothing(ctx):
     assert await snapshot_exports.export_acl(ctx, (await volumes.list_snapshots(ctx))[-1].snapshot_id) == []
 
 
-async def test_an_initiator_added_while_the_exports_are_dropped_refuses_the_delete(ctx, monkeypatch):
-    """The delete found no initiator on any export; just before it drops the last one an
-    initiator is put on it: that drop fails its compare, and the delete refuses without
-    force, the volume and that export intact (only exports nobody could see were dropped)."""
+async def test_an_initiator_added_before_the_delete_commits_refuses_it_and_drops_nothing(ctx, monkeypatch):
+    """The delete found no initiator on any export; before its transaction an initiator is put
+    on the last one: that moves the guard of the volume's exports, the delete's compare fails,
+    and on its second look it refuses without force, every export intact (a refused delete
+    changes nothing: the exports are dropped only after the volume's transaction)."""
     vol = await _volume_with_exported_snapshots(ctx, 3)
-    last = (await volumes.snapshot_named(ctx, "v", "s2")).snapshot_id
+    last = max(s.snapshot_id for s in await volumes.list_snapshots(ctx, "v"))     # the delete goes in id order
     real_acl, reads = snapshot_exports.export_acl, []
 
     async def acl_then_add_initiator(c, sid):
         got = await real_acl(c, sid)
         if sid == last:
             reads.append(got)
-            if len(reads) == 2:                 # the drop's read, after the delete's check
+            if len(reads) == 1:                 # the delete's check, before its transaction
                 await exports.add_snapshot_acl(c, sid, H1)
         return got
 
     monkeypatch.setattr(snapshot_exports, "export_acl", acl_then_add_initiator)
     with pytest.raises(Conflict, match="exported to 1 initiator"):
         await volumes.delete_volume(ctx, "v")
-    assert len(reads) == 3
+    assert len(reads) == 2
     assert (await ctx.get(ctx.keys.volume(vol.volume_id), Volume))[0].state != "deleted"
-    assert last in await snapshot_exports.exported_slots(ctx)     # others, unseen, may be gone
+    assert len(await snapshot_exports.exported_slots(ctx)) == 3       # none dropped
     assert [e.initiator for e in await real_acl(ctx, last)] == [H1]
