@@ -35,19 +35,7 @@ pause until ``interval`` after the pass started):
   (``status()["inconclusive"]``), and a suspicion from an earlier pass is kept
   as it is. Under steady writes every check differed (the local copy at t0,
   the peer's a network hop later, each holding writes the other had not
-  received yet), so a hot extent's in-sync replica was dropped and resynced. A
-  difference seen on the check and the recheck is then looked at block by block
-  (``_held_apart``): each block's seq and crc if present and its versions (key,
-  origin, crc), what the digest hashes, the peer's from its EXPORT (throttled
-  like the scrub's reads), twice, ``block_recheck`` (default ``recheck_delay``)
-  apart; the peer differs only if some block differs the same way on both
-  looks, else the comparison is inconclusive. A peer whose disk syncs slowly is
-  half-way through a copy-on-write much of the time on a busy extent, on another
-  block at each look, and two differing digests had it dropped and resynced
-  again and again; waiting for the whole extent at rest instead (e175a3c) never
-  dropped a really divergent copy of a busy extent (06a9824), while a divergent
-  block that is not being written looks the same on both looks, however busy the
-  rest of the extent. Each server's reclaimer
+  received yet), so a hot extent's in-sync replica was dropped and resynced. Each server's reclaimer
   trims versions of a deleted snapshot on its own schedule, so replicas can
   also differ for up to a reclaim interval; a difference seen twice is
   therefore only *suspected* (``status()["suspected"]``) until it shows again
@@ -116,8 +104,7 @@ from .extent_file import BLOCK_SIZE, EXTENT_SIZE
 from .replica_client import PeerUnavailable, ReplicaError
 from .repair import PartsMismatch
 from .replica_server import checked_digest
-from .replica_store import (StoreError, StoreIOError, _parse_blob, _runs, checked_state_of,
-                            unreadable_blocks)
+from .replica_store import StoreError, StoreIOError, _parse_blob, checked_state_of, unreadable_blocks
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +147,7 @@ class Scrubber:
     def __init__(self, store, repair, rate_bytes_per_s: float = 16 << 20,
                  interval: float = 86400.0, *, recheck_delay: float = 3.0,
                  compare_digests: bool = True, confirm_passes: int = 2, drop=None,
-                 cursor_file: str | os.PathLike | None = None, cursor_every: float = 10.0,
-                 block_recheck: float | None = None) -> None:
+                 cursor_file: str | os.PathLike | None = None, cursor_every: float = 10.0) -> None:
         self.store = store
         # None: CURSOR_FILE in the store's first disk directory (no file when it has none).
         self.cursor_file = Path(cursor_file) if cursor_file is not None else _default_cursor(store)
@@ -170,9 +156,6 @@ class Scrubber:
         self.drop = drop                  # async (vid, idx, chunk_id, generation, reason) or None
         self.interval = interval
         self.recheck_delay = recheck_delay
-        # Between the two block-by-block looks at a peer whose digest differed twice
-        # (``_held_apart``): longer than any write of a healthy replica stays half-done.
-        self.block_recheck = recheck_delay if block_recheck is None else block_recheck
         self.compare_digests = compare_digests
         self.confirm_passes = max(1, confirm_passes)
         # One slice is at most a second's worth of budget, so the throttle stays smooth.
@@ -585,11 +568,6 @@ class Scrubber:
                 return self._inconclusive(key)
             differ = [c for c in differ if c in again]
             agreeing = [c for c in agreeing if c in rec.replicas]
-            if differ:
-                held = await self._held_apart(vid, idx, [p for p in peers if p[0] in differ])
-                if not held:
-                    return self._inconclusive(key, "differing only in blocks being written")
-                differ = held
         if not differ:
             was = self.mismatched.pop(key, None)
             self.suspected.pop(key, None)
@@ -628,92 +606,13 @@ class Scrubber:
         await self._resolve(rec, differ, agreeing, peers)
         return 1
 
-    def _inconclusive(self, key: tuple[str, int],
-                      why: str = "written during the digest comparison") -> int:
-        """A comparison a write spoiled: nothing learnt, an earlier suspicion kept."""
+    def _inconclusive(self, key: tuple[str, int]) -> int:
+        """A comparison a local write spoiled: nothing learnt, an earlier suspicion kept."""
         self.inconclusive += 1
         if key in self.suspected or key in self.mismatched:
             self._seen_this_pass.add(key)
-        log.debug("replicas of %s/%d: %s; inconclusive", *key, why)
+        log.debug("replicas of %s/%d: written during the digest comparison; inconclusive", *key)
         return 0
-
-    async def _held_apart(self, vid: str, idx: int, peers) -> list[str]:
-        """The ``peers`` (their digests differed on the check and the recheck) with a block
-        that differs the same way on two block-by-block looks ``block_recheck`` apart.
-
-        Two digests that differ twice do not make a divergence: a peer whose disk syncs
-        slowly is half-way through a copy-on-write (a state no replica keeps) much of the
-        time on a busy extent, on another block at each look, and was dropped and resynced
-        again and again. Waiting for both replicas to be at rest (e175a3c) never dropped a
-        really divergent copy of a busy extent (06a9824). A block is what each look compares:
-        its seq and crc if present and its versions (key, origin, crc), what the digest
-        hashes, the peer's from its EXPORT (throttled like the scrub's reads) and this
-        replica's read as each part of it arrives. A block caught mid-write has moved on by
-        the second look; a divergent block that is not being written is as it was, however
-        busy the rest of the extent. A peer that does not answer a look is not counted."""
-        first: dict[str, tuple[Any, dict[int, tuple]]] = {}
-        for cid, addr in peers:
-            try:
-                first[cid] = (addr, await self._block_differences(addr, vid, idx))
-            except (PeerUnavailable, ReplicaError, OSError, asyncio.TimeoutError, StoreError) as e:
-                log.info("replicas of %s/%d: blocks of %s unavailable: %s", vid, idx, cid, e)
-        if not any(d for _, d in first.values()):
-            return []
-        await asyncio.sleep(self.block_recheck)
-        held = []
-        for cid, (addr, before) in first.items():
-            if not before:
-                continue
-            try:
-                now = await self._block_differences(addr, vid, idx, sorted(before))
-            except (PeerUnavailable, ReplicaError, OSError, asyncio.TimeoutError, StoreError) as e:
-                log.info("replicas of %s/%d: blocks of %s unavailable: %s", vid, idx, cid, e)
-                continue
-            same = sorted(b for b, pair in before.items() if now.get(b) == pair)
-            if same:
-                held.append(cid)
-                log.warning("replicas of %s/%d: %s differs from this chunk (%s) in blocks %s, "
-                            "the same on two looks %.1fs apart", vid, idx, cid,
-                            self.repair.chunk_id, same[:16], self.block_recheck)
-            else:
-                log.info("replicas of %s/%d: %s differed only in blocks being written (%s)",
-                         vid, idx, cid, sorted(before)[:16])
-        return held
-
-    async def _block_differences(self, addr, vid: str, idx: int,
-                                 blocks: list[int] | None = None) -> dict[int, tuple]:
-        """block -> (this replica's state, the peer's) for the blocks (all: None) whose
-        states differ (``_block_states``). The peer's come from its EXPORT, and this
-        replica's of the same blocks are read as each reply arrives (no await in between)."""
-        size = getattr(self.store, "extent_size", EXTENT_SIZE)
-        spans = [(0, size)] if blocks is None else \
-            [(b * BLOCK_SIZE, (b + n) * BLOCK_SIZE) for b, n in _runs(blocks)]
-        mine: dict[int, tuple | None] = {}
-        theirs: dict[int, tuple] = {}
-        for start, end in spans:
-            off: int | None = start
-            while off is not None:
-                at = off
-                blob, off = await self.repair.client.export(addr, vid, idx, off, end - off)
-                state = _parse_blob(blob)
-                lo, hi = state["offset"] // BLOCK_SIZE, state["end"] // BLOCK_SIZE
-                mine.update(self._block_states(vid, idx, lo, hi))    # no await since the reply
-                _merge_exported(theirs, state, lo, hi)
-                await self.bucket.take(len(blob))
-                if off is not None and not at < off <= end:
-                    raise StoreError(f"export of {vid}/{idx} from {addr}: next offset {off} "
-                                     f"after {at}")
-        return {b: (m, theirs.get(b)) for b, m in mine.items() if m != theirs.get(b)}
-
-    def _block_states(self, vid: str, idx: int, lo: int, hi: int) -> dict[int, tuple | None]:
-        """This replica's state of blocks [lo, hi): what ``ReplicaStore.digest`` hashes of
-        each, from memory (no disk read), as ``_block_state`` makes it; None for a block
-        the digest leaves out (absent, no version)."""
-        rep = self.store._get(vid, idx)           # noqa: SLF001 - digest's inputs, per block
-        crcs, seqs = rep.ext.crcs, rep.seqs
-        vers = rep.block_versions(lo, hi)
-        return {b: _block_state((seqs[b], crcs[b]) if crcs[b] else None, vers.get(b, ()))
-                for b in range(lo, hi)}
 
     async def _resolve(self, rec, differ: list[str], agreeing: list[str], peers) -> None:
         """If this side wins (see the module doc), drop the replicas that disagree with it."""
@@ -859,40 +758,6 @@ class Scrubber:
                   "origins, which no checksum covers, and no majority says which is rotten; "
                   "nothing is repaired, the extent needs an operator", *key,
                   self.repair.chunk_id, ", ".join(differ))
-
-
-def _block_state(live: tuple[int, int] | None, versions) -> tuple | None:
-    """One block as the digest sees it: (seq, crc) if present, and its versions (key, origin,
-    crc) sorted; None when it has neither (the digest leaves it out)."""
-    if live is None and not versions:
-        return None
-    return live, tuple(sorted(versions))
-
-
-def _merge_exported(out: dict[int, tuple], state: dict, lo: int, hi: int) -> None:
-    """The states of blocks [lo, hi) of a parsed export blob into ``out`` (``_block_state``).
-    A part after the first of a block too big for one export (``after`` set) adds versions
-    to that block's state from the parts before it."""
-    live: dict[int, tuple[int, int]] = {}
-    versions: dict[int, list[tuple[int, int, int]]] = {}
-    for b, seq, crc, _data in state["live"]:
-        if crc:
-            live[b] = (seq, crc)
-    for b, seq, crc in state.get("bad_live", ()):
-        live[b] = (seq, crc)
-    for b, origin, key, crc, _data in state["versions"]:
-        versions.setdefault(b, []).append((key, origin, crc))
-    for b, origin, key, crc in state.get("bad_versions", ()):
-        versions.setdefault(b, []).append((key, origin, crc))
-    for b in range(lo, hi):
-        vlist = versions.get(b, [])
-        if b == lo and "after" in state and out.get(b) is not None:
-            vlist = [*out[b][1], *vlist]
-        got = _block_state(live.get(b), vlist)
-        if got is None:
-            out.pop(b, None)
-        else:
-            out[b] = got
 
 
 def _default_cursor(store) -> Path | None:
