@@ -473,6 +473,9 @@ class Coordinator:
         self._stop = asyncio.Event()
         self._closing: asyncio.Future | None = None   # ``close`` began (its task)
         self._closed = False                      # ``close`` drained: ownership is never taken again
+        # Ownership was taken (a retake, a flush's take-back) after ``close`` began: ``close``
+        # leaves it held, never released (see ``_close``).
+        self._taken_closing = False
         self._watch: asyncio.Task | None = None
         self._synced = asyncio.Event()
         self._gate = WriteGate()
@@ -602,8 +605,9 @@ class Coordinator:
 
     async def close(self) -> None:
         """Stop serving the volume: no write is admitted from now on (NOT READY), the writes
-        in flight finish, then ownership is released (``_close``). A second call waits for
-        the first; a caller cancelled meanwhile leaves it going."""
+        in flight finish, then ownership is released, or left held when a write outlived the
+        drain or ownership was taken back while closing (``_close``). A second call waits
+        for the first; a caller cancelled meanwhile leaves it going."""
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())
             self._closing.add_done_callback(retrieve)
@@ -635,8 +639,8 @@ class Coordinator:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        # Under the owner lock: a retake in flight (a flush's, say) ends first, and its epoch
-        # is the one released; none starts after (``_closed``).
+        # Under the owner lock: a retake in flight (a flush's, say) ends first; none starts
+        # after (``_closed``).
         async with self._owner_lock:
             if self.epoch and not drained:
                 # A write still in flight may yet go out at our seq: released, the meta could
@@ -645,6 +649,17 @@ class Coordinator:
                 # fences the write), or through the meta once this server's lease is gone.
                 log.error("volume %s: writes still in flight %.0fs after its close began; "
                           "ownership (epoch %d) is left held", self.vid, CLOSE_DRAIN_WAIT, self.epoch)
+            elif self.epoch and self._taken_closing:
+                # Taken back while closing: a write in flight was fenced (or a flush found the
+                # owner record moved) because another coordinator took the volume, this LU
+                # mapped again on this server (``engine.release`` forgets us before our close)
+                # or another server. That one still believes it owns the volume at its older
+                # epoch and writes on wherever ours never fenced it. Released, the meta could
+                # commit a snapshot by itself under those writes; held, a snapshot goes
+                # through an owner as an op, under a new epoch that fences them first.
+                log.warning("volume %s: ownership taken back (epoch %d) while closing, from a "
+                            "coordinator that may still write; left held, not released",
+                            self.vid, self.epoch)
             elif self.epoch:
                 try:
                     await ownership.release(self.engine.etcd, self.engine.keys, self.vid,
@@ -716,6 +731,11 @@ class Coordinator:
             await self._take()
         except _ETCD_UNREACHABLE as err:
             raise NotServing(f"volume {self.vid}: cannot take ownership in etcd: {err}") from None
+        finally:
+            # Taken, or perhaps (etcd failed after the swap, the refresh failed): the owner
+            # record may name a new epoch of ours.
+            if self._closing is not None:
+                self._taken_closing = True
 
     async def _take(self) -> None:
         lease = self.engine.lease

@@ -23,8 +23,9 @@ import time
 import pytest
 
 from chunk.storage import coordinator as cm
+from chunk.storage import ownership
 from chunk.storage import replicas as rk
-from chunk.storage.coordinator import NotServing
+from chunk.storage.coordinator import EXTENT_SIZE, Coordinator, NotServing
 from chunk.storage.peer_auth import load_or_create_secret
 from chunk.storage.replica_client import ReplicaClient
 from chunk.storage.replica_server import ReplicaServer
@@ -141,13 +142,14 @@ async def test_close_waits_for_a_fast_write_handed_off_to_the_general_path(
         await server.stop()
 
 
-async def test_a_write_retaking_ownership_during_close_is_drained_and_the_volume_released(
+async def test_a_write_retaking_ownership_during_close_is_drained_and_the_volume_left_held(
         stores, etcd_client, keys):  # noqa: F811
     """The write was fenced (another server's request reached both replicas) and waits for the
-    owner lock to take the volume back while the volume closes. Before, ``close`` released
-    the old epoch at once and the retake then left this closed coordinator owning the volume
-    (released=false under a new epoch). Now the retake is part of the write's handling: the
-    write finishes, then the epoch it took is released."""
+    owner lock to take the volume back while the volume closes. The retake is part of the
+    write's handling: the write finishes (on both replicas, under the epoch it took), but
+    that epoch is NOT released: whoever fenced us still believes it owns the volume at its
+    older epoch and may write on where ours never fenced it; released, the meta could commit
+    a snapshot by itself under those writes. Before, ``close`` released the retaken epoch."""
     a, b = stores("A"), stores("B")
     for st in (a, b):
         st.create("v", 0, 1)
@@ -164,13 +166,117 @@ async def test_a_write_retaking_ownership_during_close_is_drained_and_the_volume
         await asyncio.wait_for(rb.attempted.wait(), 10)    # fenced on both: at the owner lock
         closing = asyncio.ensure_future(coord.close())
         await asyncio.sleep(0)                              # one loop turn: close has begun
+        assert coord._closing is not None                   # noqa: SLF001
     finally:
         coord._owner_lock.release()                         # noqa: SLF001
     await asyncio.wait_for(closing, 20)
     assert w.done() and w.result() is None
     assert coord.counters["fenced"] == 1
-    assert await _owner(etcd_client, keys) == (mine + 1, True)
+    assert await _owner(etcd_client, keys) == (mine + 1, False)   # taken back, left held
     assert [st.read("v", 0, 0, 4096)[0] for st in (a, b)] == [_block(2)] * 2
+
+
+class _Held(rk.LocalReplica):
+    """A local replica whose next write or flush, once ``hold`` said so, waits: ``hold``
+    returns (reached: set when that call arrived, go: set it to let the call on)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._holds: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}
+
+    def hold(self, op: str) -> tuple[asyncio.Event, asyncio.Event]:
+        self._holds[op] = (asyncio.Event(), asyncio.Event())
+        return self._holds[op]
+
+    async def _held(self, op: str) -> None:
+        held = self._holds.pop(op, None)
+        if held is not None:
+            held[0].set()
+            await held[1].wait()
+
+    async def write(self, *args, **kw):
+        await self._held("write")
+        return await super().write(*args, **kw)
+
+    start_write = write
+
+    async def flush(self, *args, **kw):
+        await self._held("flush")
+        return await super().flush(*args, **kw)
+
+
+async def test_a_remapped_lu_keeps_writing_after_the_old_coordinators_close_retook_it(
+        stores, etcd_client, keys):  # noqa: F811
+    """The LU is unmapped (``engine.release`` forgets the coordinator, then awaits its close)
+    with a write in flight, and mapped again at once: a new coordinator of the volume on this
+    same server takes ownership (epoch E+1) and writes extent 0, which fences the old one's
+    write there; the old one takes the volume back (E+2) to finish it. The new coordinator
+    still believes it owns at E+1 and writes on, at E+1 wherever E+2 did not reach (a server
+    the old one's write never went to). The old coordinator's close must leave E+2 held:
+    released (before), the meta would take a snapshot by itself (no live owner) under the
+    new coordinator's writes at the old seq."""
+    a, b = stores("A"), stores("B")
+    for st in (a, b):
+        for i in (0, 1):
+            st.create("v", i, 1)
+    ra, rb = rk.LocalReplica("A", a), _Held("B", b)
+    old = await _volume(etcd_client, keys, {"A": ra, "B": rb}, extents=2)
+    await asyncio.wait_for(old.write(0, _block(1)), 10)
+    reached, go = rb.hold("write")
+    w = asyncio.ensure_future(old.write(4096, _block(2)))   # on A; B's waits
+    await asyncio.wait_for(reached.wait(), 10)
+    closing = asyncio.ensure_future(old.close())            # the LU unmapped
+    await asyncio.sleep(0)                                  # one loop turn: close has begun
+    assert old._closing is not None                         # noqa: SLF001
+    new = Coordinator(old.engine, old.volume)               # mapped again (engine.open)
+    new._is_ready = True                                    # noqa: SLF001 - no _open here
+
+    async def no_refresh():
+        pass
+    new._refresh_extents = no_refresh                       # noqa: SLF001
+    new.extents = dict(old.extents)
+    await asyncio.wait_for(new.write(8192, _block(3)), 10)  # E+1: fences extent 0
+    e_new = new.epoch
+    go.set()                                                # old's write: fenced on B, retakes
+    await asyncio.wait_for(closing, 20)
+    await asyncio.wait_for(w, 10)
+    assert old.counters["fenced"] == 1
+    assert await _owner(etcd_client, keys) == (e_new + 1, False)   # left held
+    await asyncio.wait_for(new.write(EXTENT_SIZE, _block(4)), 10)  # it writes on
+    assert [st.read("v", 0, 4096, 4096)[0] for st in (a, b)] == [_block(2)] * 2
+
+
+async def test_a_flush_taking_the_volume_back_during_close_leaves_it_held(
+        stores, etcd_client, keys):  # noqa: F811
+    """A flush in flight when the close begins finds the owner record moved (another server
+    took the volume without writing to our replicas) and takes it back (``_take_back``)
+    while the close drains a write: that epoch is left held, not released."""
+    a, b = stores("A"), stores("B")
+    for st in (a, b):
+        st.create("v", 0, 1)
+    rb = _Held("B", b)
+    coord = await _volume(etcd_client, keys, {"A": rk.LocalReplica("A", a), "B": rb}, extents=1)
+    await asyncio.wait_for(coord.write(0, _block(1)), 10)   # extent 0 unflushed
+    mine = coord.epoch
+    other, _, _ = await ownership.acquire(etcd_client, keys, "v", "other")  # fences nobody yet
+    assert other == mine + 1
+    flush_at_b, flush_go = rb.hold("flush")
+    f = asyncio.ensure_future(coord.flush())
+    await asyncio.wait_for(flush_at_b.wait(), 10)           # its first round waits at B
+    write_at_b, write_go = rb.hold("write")
+    w = asyncio.ensure_future(coord.write(4096, _block(2)))
+    await asyncio.wait_for(write_at_b.wait(), 10)           # on A; B's waits: the drain waits
+    closing = asyncio.ensure_future(coord.close())
+    await asyncio.sleep(0)                                  # one loop turn: close has begun
+    assert coord._closing is not None and not coord._closed  # noqa: SLF001
+    flush_go.set()                                          # the round ends, the check: taken back
+    await asyncio.wait_for(f, 10)
+    assert coord.epoch == mine + 2
+    write_go.set()                                          # fenced on B (mine + 2): repeated
+    await asyncio.wait_for(closing, 20)
+    assert w.done() and w.result() is None
+    assert await _owner(etcd_client, keys) == (mine + 2, False)   # left held
+    assert [st.read("v", 0, 4096, 4096)[0] for st in (a, b)] == [_block(2)] * 2
 
 
 class _Lease:
