@@ -156,11 +156,15 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
         cur, srev = await ctx.get(skey, Snapshot)
         if cur is None or cur.state == "deleted":
             raise NotFound(f"snapshot {snap.name!r} was deleted while being created")
-        op, op_rev = await ctx.get(op_key, VolumeOp)
+        got = await ctx.etcd.get(op_key)
+        op_rev = got.mod_revision if got is not None else 0
         if cur.state == "ready":
-            if op is not None:
+            # Its op is done, whatever it holds: removed without decoding, so one written by a
+            # newer zstore (a rolling upgrade) or garbled does not fail every repeated create.
+            if got is not None:
                 await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.delete(op_key)])
             return cur
+        op = VolumeOp.decode(got.value) if got is not None else None
         if op is not None and op.state == "failed":
             ucompare, uops = await unique_name_release(ctx, cur)
             await ctx.txn([ctx.unchanged(op_key, op_rev), ctx.unchanged(skey, srev), *ucompare],

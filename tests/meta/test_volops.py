@@ -7,6 +7,8 @@ test of the meta's half of the protocol.
 
 import asyncio
 
+import json
+
 import pytest
 
 from meta import volops, volumes
@@ -101,6 +103,27 @@ async def test_a_repeated_create_of_a_snapshot_committed_meanwhile_takes_its_don
     snap, created = await volops.create_snapshot(ctx, "v", "s")
     assert not created and snap.state == "ready"
     assert await ops_of(ctx, vol.volume_id) == []
+
+
+async def test_a_repeated_create_of_a_ready_snapshot_with_a_newer_or_garbled_op_returns_it(ctx):
+    """Review of fdcbcc3: the repeated create of a ready snapshot went through _finish, which
+    decoded the op: an op record written by a newer zstore (a rolling upgrade: NewerSchemaError)
+    or one that does not decode answered 500 on every repeat (CSI's create-after-timeout retry),
+    where it had returned the snapshot. The op of a ready snapshot is done, whatever its schema:
+    it is removed, compared unchanged, without decoding."""
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    await own(ctx, vol.volume_id, "c2")
+    with pytest.raises(Unavailable):
+        await volops.create_snapshot(ctx, "v", "s", timeout=0.2)
+    [(key, rev)] = [(kv.key, kv.mod_revision) for kv in await ctx.etcd.get_prefix(ctx.keys.volops(vol.volume_id))]
+    ex = Executor(ctx, "c2")
+    await ex.execute(VolumeOp.decode(await ctx.get_raw(key)), key, rev)   # committed, nobody waiting
+    for raw in (json.dumps({**json.loads(await ctx.get_raw(key) or b"{}"), "schema": 99}).encode(),
+                b"\xff not a record"):
+        await ctx.etcd.put(key, raw)
+        snap, created = await volops.create_snapshot(ctx, "v", "s")
+        assert not created and snap.state == "ready"
+        assert await ctx.get_raw(key) is None
 
 
 async def test_snapshot_op_moves_when_the_owner_dies_or_changes(ctx):
