@@ -817,6 +817,10 @@ class ReplicaStore:
         self._more_copies: dict[tuple[str, int], list[Path]] = {}
         # .hdr of a kept copy whose files did not stat -> the errno logged (``_kept_bytes``).
         self._kept_unread: dict[Path, int | None] = {}
+        # fn(volume, index, why), called by ``_retire`` once a copy is ``broken`` (on the loop):
+        # the scrubber's (``Scrubber._copy_retired``) keeps the copy's reports before a reclaim
+        # or a resync removes it. Must be cheap; an exception is logged, never raised.
+        self.retire_listeners: list[Callable[[str, int, str], None]] = []
         self._disks: list[_Disk] = []
         self._replicas: dict[tuple[str, int], _Replica] = {}
         copies: dict[tuple[str, int], list[tuple[_Disk, Path, ExtentHeader]]] = {}
@@ -1454,6 +1458,11 @@ class ReplicaStore:
             rep.close()
         except OSError:
             pass
+        for listener in self.retire_listeners:
+            try:
+                listener(key[0], key[1], self.broken[key][0])
+            except Exception:  # noqa: BLE001 - a listener's bug must not fail a flush's caller
+                log.exception("extent %s/%d: a retire listener failed", key[0], key[1])
 
     # -- I/O -------------------------------------------------------------------
 

@@ -74,9 +74,14 @@ deleted extent's go (its volume deleted, or reclaimed: an operator's way out). A
 *retired* here (a failed flush made it ``broken``: it serves nothing, and is resynced over or
 reclaimed) no longer counts as a live disagreement either, but its entries move to
 ``status()["retired"]`` (what was reported, against which peers, why it was retired, when;
-the last ``RETIRED_KEPT``) with an error in the log, and stay there after its files are gone:
+the last ``RETIRED_KEPT``; ``retired_reports`` counts them since start) with an error in the log, and stay there after its files are gone:
 they may be the only evidence left (an unresolved tie names two copies one of which is rotten;
-with this one retired the extent is resynced from the other).
+with this one retired the extent is resynced from the other). They move when the store
+retires the copy (``ReplicaStore.retire_listeners``, which the scrubber joins): a pass takes
+days, and the reclaimer deletes the broken copy, or a resync's CREATE replaces it, long before
+the pass ends, when it is neither here nor ``broken`` any more (db80aea looked only then, and
+such a copy's report vanished). The end of a pass still moves the entries of a copy it finds
+``broken`` (a report made after the retirement, a store without listeners).
 
 Progress survives a restart: at the throttled rate a large server needs days
 per pass, and a pass that started from the first extent after every restart
@@ -120,7 +125,7 @@ CURSOR_FILE = ".scrub-cursor"
 TIE_QUIET = 0.02
 TIE_DIFFER = 3
 TIE_PROBES = 32
-# Reports of copies retired here (``Scrubber._forget_gone``): the last this many are listed.
+# Reports of copies retired here (``Scrubber._copy_retired``): the last this many are listed.
 RETIRED_KEPT = 64
 
 
@@ -178,6 +183,7 @@ class Scrubber:
         self.suspected: dict[tuple[str, int], tuple[list[str], int]] = {}   # -> (peers, passes seen)
         # Reports of copies retired here (a failed flush: ``broken``), oldest first.
         self.retired: dict[tuple[str, int], dict[str, Any]] = {}
+        self.retired_reports = 0      # reports moved to ``retired`` since start
         self.last_pass_start: float | None = None
         self.last_pass_end: float | None = None
         self.last_pass_duration: float | None = None
@@ -186,6 +192,10 @@ class Scrubber:
         self._task: asyncio.Task | None = None
         self._done: tuple[str, int] | None = None     # last extent scrubbed in this pass
         self._saved_at = 0.0
+        # Told the moment a copy is retired, before a reclaim or a resync removes it.
+        listeners = getattr(store, "retire_listeners", None)
+        if listeners is not None:
+            listeners.append(self._copy_retired)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -227,6 +237,7 @@ class Scrubber:
             "suspected": [{"volume": v, "extent": i, "peers": p, "passes": n}
                           for (v, i), (p, n) in sorted(self.suspected.items())],
             "retired": [{"volume": v, "extent": i, **r} for (v, i), r in self.retired.items()],
+            "retired_reports": self.retired_reports,
             "current": list(self.current) if self.current else None,
             "last_pass_start": self.last_pass_start, "last_pass_end": self.last_pass_end,
             "last_pass_duration": self.last_pass_duration,
@@ -293,14 +304,34 @@ class Scrubber:
         replaced by a resync or reclaimed) no longer counts as a live disagreement either, but
         its entries move to ``retired``, logged, instead of vanishing: its data may have been
         the only evidence (an unresolved tie says one of two copies is rotten; with this one
-        retired the extent is resynced from the other, which may be the rotten one)."""
-        for was, reported in (("mismatched", self.mismatched),
-                              ("unresolved", self.unresolved_extents)):
-            for key in [k for k in reported if not self.store.has(*k)]:
-                peers = reported.pop(key)
-                broken = self.store.broken.get(key)
-                if broken is not None:
-                    self._report_retired(key, was, peers, broken[0])
+        retired the extent is resynced from the other, which may be the rotten one). That
+        happens when the store retires it (``_copy_retired``); here only for a copy still
+        ``broken`` whose entries are left (made after it was retired, or a store without
+        ``retire_listeners``)."""
+        for key in [k for k in (*self.mismatched, *self.unresolved_extents)
+                    if not self.store.has(*k)]:
+            broken = self.store.broken.get(key)
+            if broken is not None:
+                self._move_retired(key, broken[0])
+            else:
+                self.mismatched.pop(key, None)
+                self.unresolved_extents.pop(key, None)
+
+    def _copy_retired(self, vid: str, idx: int, why: str) -> None:
+        """``ReplicaStore.retire_listeners``: the store retired this copy (it is ``broken``
+        now). Its reports move to ``retired`` at once: by the end of the pass a reclaim or a
+        resync has usually removed the copy, and nothing would say it was retired."""
+        self._move_retired((vid, idx), why)
+
+    def _move_retired(self, key: tuple[str, int], why: str) -> None:
+        """Move ``key``'s ``mismatched`` / ``unresolved_extents`` entries (a tie is in both)
+        to ``retired`` as one report; nothing when it has none."""
+        mismatch = self.mismatched.pop(key, None)
+        tie = self.unresolved_extents.pop(key, None)
+        if mismatch is None and tie is None:
+            return
+        peers = sorted(set(mismatch or ()) | set(tie or ()))
+        self._report_retired(key, "mismatched" if tie is None else "unresolved", peers, why)
 
     def _report_retired(self, key: tuple[str, int], was: str, peers: list[str], why: str) -> None:
         """List ``key``'s report as a retired copy's (the last ``RETIRED_KEPT``), and log it."""
@@ -309,6 +340,7 @@ class Scrubber:
         if prev is not None and prev["was"] == "unresolved" and was == "mismatched":
             entry["was"] = "unresolved"          # the graver of the two reports of one copy
         self.retired[key] = entry
+        self.retired_reports += 1
         while len(self.retired) > RETIRED_KEPT:
             del self.retired[next(iter(self.retired))]
         log.error("scrub: %s/%d: this copy (%s), reported %s against %s, was retired (%s): no "
@@ -573,8 +605,9 @@ class Scrubber:
             self.suspected.pop(key, None)
             tie = self.unresolved_extents.pop(key, None)
             if tie is not None:
-                # Nobody decided the tie here: a resync of one side (a copy retired and
-                # replaced, a drop) or writes made them agree; the survivor may be the rot.
+                # Nobody decided the tie here: a resync of one side (the peer's copy retired
+                # and replaced, a drop) or writes made them agree; the survivor may be the rot.
+                # (A copy retired here has left its tie for ``retired`` already.)
                 log.warning("replicas of %s/%d agree again: no longer unresolved (the tie with "
                             "%s in unchecked metadata was not decided by the scrubber)",
                             vid, idx, ", ".join(tie))

@@ -11,10 +11,10 @@ Chosen: a retired copy's entries no longer count as a live disagreement (``misma
 ``unresolved_extents``: the copy serves nothing, and is replaced or reclaimed), but move to
 ``status()["retired"]`` (what was reported, against which peers, why the copy was retired,
 when), logged at error level, and kept there (the last ``RETIRED_KEPT``) after the broken
-copy's files are gone: they were the only evidence. A retired copy replaced before the pass
-ends (a resync's CREATE discards it) is here again and is not seen retired: its report is
-cleared by the fresh copy's first comparison in agreement, which is now logged (a cleared
-unresolved tie as a warning), as every report cleared by agreement.
+copy's files are gone: they were the only evidence. They move when the store retires the copy
+(``ReplicaStore.retire_listeners``), so a copy reclaimed or replaced by a resync before the pass
+ends keeps them too (test_audit18_scrub_retired_gone.py). A report cleared by a comparison in
+agreement is now logged (a cleared unresolved tie as a warning).
 """
 
 from __future__ import annotations
@@ -101,9 +101,8 @@ async def test_a_deleted_extent_is_still_forgotten_and_the_retired_list_is_bound
 
 
 async def test_a_report_cleared_by_agreement_is_logged(nodes, caplog):
-    """A retired copy replaced by a resync before the pass ends is here again (``has``), so
-    its report is not moved to ``retired``: the fresh copy's first comparison in agreement
-    clears it. That (like any report cleared by agreement) is logged, not silent."""
+    """A report cleared by a comparison that finds the replicas agreeing (writes, or the
+    peer's copy resynced) is logged, not silent."""
     a, b = await setup(nodes)
     b.store.write(VID, 0, 7 * BLOCK_SIZE, block("only on B"), 1)
     scrub = _voter(b, None)
