@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from chunk.blockdev import MediumError, MiscompareError, NoSpaceError, ReadOnlyError
 from chunk.scsi.sense import NOT_READY, ScsiError
 from zstore import etcd as zetcd
-from zstore.records import ExtentRecord, RecoveryTask, Snapshot, Volume, VolumeOp
+from zstore.records import ExtentRecord, RecoveryTask, Snapshot, Volume, VolumeOp, VolumeOwner
 
 from . import ownership
 from . import replicas as rk
@@ -1940,13 +1940,14 @@ class Coordinator:
         except (*zetcd.UNAVAILABLE_ERRORS, ConnectionError, OSError) as err:
             raise NotServing(f"volume {self.vid}: cannot confirm its owner in etcd: {err}") from None
 
-    async def _take_back(self, current: int) -> None:
+    async def _take_back(self, current: int, at: str = "a SYNCHRONIZE CACHE; taking it back "
+                         "to flush every extent") -> None:
         """The owner record holds ``current``, an epoch another server (or the meta) took: take
         the volume back (``_acquire`` then makes every extent ours to flush)."""
         async with self._owner_lock:
             if current > self._taken_epoch:
-                log.warning("volume %s: owned by epoch %d, not ours (%d), at a SYNCHRONIZE CACHE; "
-                            "taking it back to flush every extent", self.vid, current, self.epoch)
+                log.warning("volume %s: owned by epoch %d, not ours (%d), at %s", self.vid,
+                            current, self.epoch, at)
                 await self._acquire()
 
     async def _flush_round(self) -> bool:
@@ -1983,6 +1984,7 @@ class Coordinator:
         await self.ready()
         async with self._gate:
             await self.ensure_owner()
+            await self._owner_confirmed(op)
             claimed = await self._claim_op(op)
             if claimed is None:
                 return                  # reassigned, finished or interrupted: not ours to run
@@ -2007,6 +2009,21 @@ class Coordinator:
                 error = str(ex) or type(ex).__name__
                 log.error("volume %s: %s %s failed: %s", self.vid, op.kind, op.op_id, error)
             await self._finish_op(op, error, claimed)
+
+    async def _owner_confirmed(self, op: VolumeOp) -> None:
+        """Before an op is claimed: the owner record still holds the epoch we took last, else
+        the volume is taken back. Another coordinator may have taken it since without fencing
+        us anywhere we wrote: the closing coordinator of this volume on this server (the LU
+        mapped again meanwhile) retaking it to finish a write, and leaving it held
+        (``_close``). The meta sends the op to the record's holder, this server, and run at
+        our older epoch it would be fenced at its first step (``_fence_all``), every time
+        until a write of ours happened to be fenced."""
+        e = self.engine
+        got = await e.etcd.get(e.keys.owner(self.vid))
+        if got is not None:
+            current = VolumeOwner.decode(got.value).epoch
+            if current > self._taken_epoch:
+                await self._take_back(current, f"a {op.kind}; taking it back to run it")
 
     async def _fence_all(self) -> None:
         """Before a snapshot commits: every chunk server has admitted our epoch for the volume.

@@ -29,7 +29,7 @@ from chunk.storage.coordinator import EXTENT_SIZE, Coordinator, NotServing
 from chunk.storage.peer_auth import load_or_create_secret
 from chunk.storage.replica_client import ReplicaClient
 from chunk.storage.replica_server import ReplicaServer
-from zstore.records import VolumeOwner
+from zstore.records import Snapshot, VolumeOp, VolumeOwner
 
 from .test_revert_safety import CLUSTER, _block, _volume, keys, stores  # noqa: F401
 
@@ -205,16 +205,12 @@ class _Held(rk.LocalReplica):
         return await super().flush(*args, **kw)
 
 
-async def test_a_remapped_lu_keeps_writing_after_the_old_coordinators_close_retook_it(
-        stores, etcd_client, keys):  # noqa: F811
+async def _remapped(stores, etcd_client, keys):  # noqa: F811
     """The LU is unmapped (``engine.release`` forgets the coordinator, then awaits its close)
     with a write in flight, and mapped again at once: a new coordinator of the volume on this
     same server takes ownership (epoch E+1) and writes extent 0, which fences the old one's
-    write there; the old one takes the volume back (E+2) to finish it. The new coordinator
-    still believes it owns at E+1 and writes on, at E+1 wherever E+2 did not reach (a server
-    the old one's write never went to). The old coordinator's close must leave E+2 held:
-    released (before), the meta would take a snapshot by itself (no live owner) under the
-    new coordinator's writes at the old seq."""
+    write there; the old one takes the volume back (E+2) to finish it, and its close ends.
+    (old, new, stores A and B, E+1)."""
     a, b = stores("A"), stores("B")
     for st in (a, b):
         for i in (0, 1):
@@ -236,14 +232,45 @@ async def test_a_remapped_lu_keeps_writing_after_the_old_coordinators_close_reto
     new._refresh_extents = no_refresh                       # noqa: SLF001
     new.extents = dict(old.extents)
     await asyncio.wait_for(new.write(8192, _block(3)), 10)  # E+1: fences extent 0
-    e_new = new.epoch
     go.set()                                                # old's write: fenced on B, retakes
     await asyncio.wait_for(closing, 20)
     await asyncio.wait_for(w, 10)
     assert old.counters["fenced"] == 1
+    assert [st.read("v", 0, 4096, 4096)[0] for st in (a, b)] == [_block(2)] * 2
+    return old, new, a, b, new.epoch
+
+
+async def test_a_remapped_lu_keeps_writing_after_the_old_coordinators_close_retook_it(
+        stores, etcd_client, keys):  # noqa: F811
+    """After ``_remapped``, the new coordinator still believes it owns at E+1 and writes on,
+    at E+1 wherever E+2 did not reach (a server the old one's write never went to). The old
+    coordinator's close must leave E+2 held: released (before), the meta would take a
+    snapshot by itself (no live owner) under the new coordinator's writes at the old seq."""
+    old, new, a, b, e_new = await _remapped(stores, etcd_client, keys)
     assert await _owner(etcd_client, keys) == (e_new + 1, False)   # left held
     await asyncio.wait_for(new.write(EXTENT_SIZE, _block(4)), 10)  # it writes on
-    assert [st.read("v", 0, 4096, 4096)[0] for st in (a, b)] == [_block(2)] * 2
+
+
+async def test_a_snapshot_of_a_remapped_lu_runs_on_its_new_coordinator(
+        stores, etcd_client, keys):  # noqa: F811
+    """The owner record left held by the old coordinator (E+2) names this server, so the
+    meta sends a snapshot to it as an op, which the new coordinator (E+1) runs: it takes the
+    volume back first (E+3), or its fencing of every server at E+1 is refused where E+2
+    reached and the snapshot fails, each time it is asked for, until a write of the new
+    coordinator's happens to be fenced."""
+    old, new, a, b, e_new = await _remapped(stores, etcd_client, keys)
+    await etcd_client.put(keys.snapshot("s2"), Snapshot(snapshot_id="s2", name="s2", volume_id="v",
+                                                        size=new.volume.size, state="creating").encode())
+    op = VolumeOp(op_id="op2", volume_id="v", kind="snapshot", snapshot_id="s2", executor="me")
+    await etcd_client.put(keys.volop("v", "op2"), op.encode())
+    await asyncio.wait_for(new.run_volop(op), 20)
+    got = VolumeOp.decode((await etcd_client.get(keys.volop("v", "op2"))).value)
+    assert (got.state, got.error) == ("done", None)
+    snap = Snapshot.decode((await etcd_client.get(keys.snapshot("s2"))).value)
+    assert snap.state == "ready"
+    assert new.epoch == e_new + 2
+    assert await _owner(etcd_client, keys) == (e_new + 2, False)
+    await asyncio.wait_for(new.write(4096, _block(5)), 10)        # the new one writes on
 
 
 async def test_a_flush_taking_the_volume_back_during_close_leaves_it_held(
