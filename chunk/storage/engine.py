@@ -597,6 +597,9 @@ class StorageEngine:
             "scrub_errors": scrub.get("errors", 0), "scrub_unreadable": scrub.get("unreadable", 0),
             # replicas left disagreeing in metadata no checksum covers (a 1:1 tie): an operator's call
             "scrub_unresolved": scrub.get("unresolved", 0),
+            # reports (a mismatch, an unresolved tie) of copies retired here by a failed flush:
+            # moved to the scrubber's status()["retired"] (the last 64) and its error log
+            "scrub_retired": scrub.get("retired_reports", 0),
             "replica_drops": self._coordinator_total("drops"),
             # writes that took the coordinator's fast path, and those of them handed to the
             # general path because a replica failed or was fenced

@@ -74,7 +74,8 @@ deleted extent's go (its volume deleted, or reclaimed: an operator's way out). A
 *retired* here (a failed flush made it ``broken``: it serves nothing, and is resynced over or
 reclaimed) no longer counts as a live disagreement either, but its entries move to
 ``status()["retired"]`` (what was reported, against which peers, why it was retired, when;
-the last ``RETIRED_KEPT``; ``retired_reports`` counts them since start) with an error in the log, and stay there after its files are gone:
+the last ``RETIRED_KEPT``; ``retired_reports`` counts them since start, published by the
+engine as ``scrub_retired``) with an error in the log, and stay there after its files are gone:
 they may be the only evidence left (an unresolved tie names two copies one of which is rotten;
 with this one retired the extent is resynced from the other). They move when the store
 retires the copy (``ReplicaStore.retire_listeners``, which the scrubber joins): a pass takes

@@ -9,7 +9,7 @@ deleted extent's does (reviewer's reproducer, /tmp/rev210-repro/test_rev210_reti
 
 Now the store tells the scrubber the moment it retires a copy (``ReplicaStore.retire_listeners``,
 called by ``_retire``), and the report moves to ``retired`` (logged) then, whatever happens to
-the copy's files afterwards.
+the copy's files afterwards. ``engine.status()`` publishes the count as ``scrub_retired``.
 """
 
 from __future__ import annotations
@@ -163,3 +163,18 @@ def test_a_failing_listener_does_not_stop_a_retirement(tmp_path, monkeypatch, ca
         assert [(v, i) for v, i, _ in seen] == [(VID, 0)] and "a flush failed" in seen[0][2]
         assert any("retire listener" in r.getMessage() for r in caplog.records)
 
+
+async def test_engine_status_publishes_the_retired_report_count(nodes):
+    """``zstore chunk list --json``'s ``storage.scrub_retired``: the engine's status, from the
+    scrubber's ``retired_reports``."""
+    from types import SimpleNamespace
+
+    from chunk.storage.engine import StorageEngine as Engine
+    _a, b, scrub = await _mismatch_on_b(nodes)
+    eng = Engine.__new__(Engine)
+    eng.repair = SimpleNamespace(status=lambda: {"checksum_errors": 0})
+    eng.scrubber, eng.store = scrub, b.store
+    eng._coords, eng._retired, eng._running = {}, {}, {}
+    assert eng.status()["scrub_retired"] == 0
+    retire(b.store, VID, 0)
+    assert eng.status()["scrub_retired"] == 1
