@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -177,6 +178,11 @@ class TrackedTask(RecoveryTask):
     change anyway; the failure count then lives on in this leader's memory, as before. A
     record without them (written before they existed, or by such code) is timed from when
     the leader first sees it and counted from 0. Fresh records are written without them.
+
+    The leader's own writes of a record it read (a note, a handover: ``merged``) change only
+    their keys of the record as read: the project adds fields keeping schema 1, and a field
+    of newer code (a newer meta or chunk server in a rolling upgrade) must not be erased
+    because this code does not know it.
     """
     idle_since: float | None = None
     idle_version: int = 0
@@ -190,6 +196,24 @@ class TrackedTask(RecoveryTask):
             if d.get(name) == default:
                 del d[name]
         return d
+
+    @classmethod
+    def merged(cls, raw: dict[str, Any], **changes: Any) -> dict[str, Any]:
+        """The record as read (``raw``: its JSON object, every key kept, those this code does
+        not know too) with ``changes`` made; a note set to its default is left out, as in
+        ``to_dict``."""
+        d = dict(raw)
+        for name, value in changes.items():
+            if name in cls.NOTES and value == cls.NOTES[name]:
+                d.pop(name, None)
+            else:
+                d[name] = value
+        return d
+
+    @staticmethod
+    def encoded(d: dict[str, Any]) -> bytes:
+        """``d`` as ``Record.encode`` writes a record."""
+        return json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
 
     def noted(self, version: int) -> bool:
         """Whether ``idle_since`` is about the record at ``version`` (etcd's, as read)."""
@@ -209,6 +233,9 @@ class World:
     # Each task record's etcd identity as read: (create revision, version). The version moves
     # with every write, the create revision tells a record deleted and put again apart.
     task_ids: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    # Each task record's JSON object as read, with the keys this code does not know: what the
+    # leader's writes of a record change a few keys of (``TrackedTask.merged``).
+    task_raw: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     # Placement's inputs, worked out once per pass (a server's free space sums its disks):
     # each chunk server as a candidate, the usable ones, and the sets of failure domains
     # no usable server is outside of (-> why nothing could be placed away from them).
@@ -253,14 +280,15 @@ async def read_world(ctx: Ctx, extents: Extents | None = None) -> World:
         # gRPC's 4 MiB reply limit at ~13k extents, and then every pass failed.
         kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.all_extents())
         extents = await decode_extents(kvs)
-    tasks, task_ids = {}, {}
+    tasks, task_ids, task_raw = {}, {}, {}
     task_kvs, _ = await get_prefix_paged(ctx.etcd, ctx.keys.all_recovery())
     for kv in task_kvs:
         key = ctx.keys.extent_key_parts(kv.key)
         tasks[key] = (TrackedTask.decode(kv.value), kv.mod_revision)
         task_ids[key] = (kv.create_revision, kv.version)
+        task_raw[key] = json.loads(kv.value)          # an object: decode checked it
     owners = {o.volume_id: o for _, o in await ctx.list(ctx.keys.owners(), VolumeOwner)}
-    return World(vols, views, extents, tasks, owners, task_ids=task_ids)
+    return World(vols, views, extents, tasks, owners, task_ids=task_ids, task_raw=task_raw)
 
 
 @dataclass
@@ -458,9 +486,13 @@ class Recovery:
             if want != task.executor:
                 old = task.executor
                 # A change: the new executor's record is timed afresh (the note no longer
-                # matches the key's version); the failure count goes on.
+                # matches the key's version); the failure count goes on. Only these two keys
+                # of the record as read change (``TrackedTask.merged``).
                 task.executor, task.state = want, "pending"
-                if await ctx.txn([ctx.unchanged(key, rev)], [ctx.put(key, task)]):
+                raw = TrackedTask.merged(w.task_raw.get((vid, index)) or task.to_dict(),
+                                         executor=want, state="pending")
+                if await ctx.txn([ctx.unchanged(key, rev)], [ctx.put(key, TrackedTask.encoded(raw))]):
+                    w.task_raw[(vid, index)] = raw
                     log.info("recovery task %s/%d handed from %s to %s", vid, index, old, want)
                     done["reassigned"].append((vid, index, want))
                 continue
@@ -536,7 +568,8 @@ class Recovery:
         count when it changed, and since when the record has not changed once a second pass
         sees it unchanged (not at the first: a copy in progress changes it between passes, and
         is never written to). Written by compare-and-swap on its revision: a record changed
-        meanwhile is a change, seen next pass. At most one write per task and pass."""
+        meanwhile is a change, seen next pass. At most one write per task and pass. Only the
+        note's keys of the record as read change (``TrackedTask.merged``)."""
         ident = w.task_ids.get(key)
         if ident is None or not rev:
             return                                   # not read from etcd (planned this pass)
@@ -544,15 +577,16 @@ class Recovery:
         if task.failures == failures and (not timed or task.noted(ident[1]) or key in self._unseen):
             return
         start = self._seen[key][1]
-        new = TrackedTask.from_dict(task.to_dict())
-        new.failures = failures
-        new.idle_since = round(now - (clock - start), 3)
-        new.idle_version = ident[1] + 1              # the version this write gives the key
+        raw = TrackedTask.merged(w.task_raw.get(key) or task.to_dict(), failures=failures,
+                                 idle_since=round(now - (clock - start), 3),
+                                 # the version this write gives the key
+                                 idle_version=ident[1] + 1)
         tkey = self.ctx.keys.recovery_task(*key)
-        if await self.ctx.txn([self.ctx.unchanged(tkey, rev)], [self.ctx.put(tkey, new)]):
+        if await self.ctx.txn([self.ctx.unchanged(tkey, rev)], [self.ctx.put(tkey, TrackedTask.encoded(raw))]):
             self._seen[key] = ((ident[0], ident[1] + 1), start)   # our own write: no change
-            w.tasks[key] = (new, 0)
+            w.tasks[key] = (TrackedTask.from_dict(raw), 0)
             w.task_ids[key] = (ident[0], ident[1] + 1)
+            w.task_raw[key] = raw
 
     @staticmethod
     def _draining(rec: ExtentRecord, w: World) -> list[str]:
