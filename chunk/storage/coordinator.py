@@ -322,6 +322,35 @@ def _refused_alike(rec: ExtentRecord, mine) -> rk.ReplicaFailed | None:
     return None
 
 
+def _none_reached(rec: ExtentRecord, mine, changes: bool, landed: bool) -> bool:
+    """For ``_handle_failures``: every in-sync replica (``mine``: ``_insync_results``) failed
+    UNAVAILABLE, and the request cannot have left them differing: it changes nothing on a
+    replica (``changes`` False: a flush), or it reached none of them (every one ``unsent``:
+    a dial refused or timed out, no registration record, the replica client closed) and no
+    earlier attempt of it may have changed one (``landed``)."""
+    if not mine or len(mine) != len(set(rec.replicas)):
+        return False
+    if not all(isinstance(res, rk.ReplicaFailed) and res.kind == rk.UNAVAILABLE for _, res in mine):
+        return False
+    return not changes or (not landed and all(res.unsent for _, res in mine))
+
+
+def _may_have_changed(rec: ExtentRecord, targets, results) -> bool:
+    """An attempt (``results`` per replica of ``targets``: None when it took it) may have
+    changed an in-sync replica of ``rec``: one took it, or failed in a way that does not
+    prove it did not. Only a refusal before anything is applied (a fenced epoch, a missing
+    extent) or a request never sent (``unsent``) proves it."""
+    insync = set(rec.replicas)
+    for r, res in zip(targets, results):
+        if r.chunk_id not in insync:
+            continue
+        if not isinstance(res, rk.ReplicaFailed):
+            return True             # None: it took it; any other exception: unknown
+        if not (res.kind in rk.FENCED or res.kind == rk.NO_EXTENT or res.unsent):
+            return True
+    return False
+
+
 _CANCELLED = object()      # a _PendingWrite outcome: the local replica's deferred write was cancelled
 
 
@@ -385,8 +414,9 @@ class _PiecewiseWrite(_PendingWrite):
         for i, pos in enumerate(range(0, n, MAX_DATA)):
             if not replica.send_write(vid, idx, eoff + pos, view[pos:pos + MAX_DATA], epoch, seq,
                                       self.frame_callback(k, replica, i)):
+                # One outcome for every frame: unsent only if no frame left for it.
                 self.outcomes[k] = rk.ReplicaFailed(replica.chunk_id, rk.UNAVAILABLE,
-                                                    "request not sent")
+                                                    "request not sent", unsent=not i)
                 self.missed.setdefault(k, set()).update(range(i, -(-n // MAX_DATA)))
                 return
             self.left += 1
@@ -446,7 +476,7 @@ class _Unreachable:
         self.chunk_id, self.why = chunk_id, why
 
     async def _fail(self, *args, **kw):
-        raise rk.ReplicaFailed(self.chunk_id, rk.UNAVAILABLE, self.why)
+        raise rk.ReplicaFailed(self.chunk_id, rk.UNAVAILABLE, self.why, unsent=True)
 
     read = write = start_write = unmap = flush = create = fence = revert = _fail
     export = import_ = setgen = digest = _fail
@@ -828,7 +858,7 @@ class Coordinator:
 
     async def _on_replicas(self, idx: int, op, lo: int = 0, hi: int = 0, rec: ExtentRecord | None = None,
                            keep: bool = False, absent_ok: bool = False, partial: bool = False,
-                           creating: bool = False):
+                           creating: bool = False, changes: bool = True):
         """Run ``op(replica, epoch)`` on every replica of extent ``idx`` in parallel.
 
         Each attempt is sent only while ownership is held and current (``_owns``), else it is
@@ -854,8 +884,12 @@ class Coordinator:
         extent's absence read as lost for good): the record stays as allocated and the call
         fails NOT READY; the next write finds NO_EXTENT everywhere and creates it
         (``_await_creation``). Every replica refusing alike (all full) is kept, as always.
+
+        ``changes`` False: ``op`` changes no data on a replica (a FLUSH); see
+        ``_handle_failures``.
         """
         deadline = time.monotonic() + RETAKE_WINDOW
+        landed = False                  # a fenced attempt repeated may have changed a replica
         for attempt in range(1 << 30):
             while True:
                 if not self._owns():
@@ -872,6 +906,7 @@ class Coordinator:
             results = await asyncio.gather(*(op(r, epoch) for r in targets), return_exceptions=True)
             failed = [(r, res) for r, res in zip(targets, results) if isinstance(res, BaseException)]
             if self._fenced(failed):
+                landed = landed or _may_have_changed(cur, targets, results)
                 await self._retake(epoch, attempt, deadline)
                 continue
             if rec is not None:
@@ -881,7 +916,8 @@ class Coordinator:
             if failed and creating:
                 self._none_created(idx, cur, targets, results)
             if failed:
-                await self._handle_failures(idx, cur, failed, lo, hi, partial)
+                await self._handle_failures(idx, cur, failed, lo, hi, partial, landed=landed,
+                                            changes=changes)
             return
 
     def _none_created(self, idx: int, rec: ExtentRecord, targets, results) -> None:
@@ -1133,6 +1169,7 @@ class Coordinator:
         """
         deadline, absent_waits = 0.0, 0
         last = None                     # (replicas, outcomes, seq) of a failed attempt
+        landed = False                  # an attempt repeated may have changed an in-sync replica
         for attempt in range(1 << 30):
             if first is not None:
                 rec, targets, results, epoch, seq = first
@@ -1188,14 +1225,16 @@ class Coordinator:
                 break
             last = targets, results, seq
             if self._fenced(failed):
+                landed = landed or _may_have_changed(rec, targets, results)
                 deadline = deadline or time.monotonic() + RETAKE_WINDOW
                 await self._retake(epoch, attempt, deadline)
                 continue                # a snapshot meanwhile: split at the next attempt
             if all(isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT for _, res in failed):
                 if await self._await_creation(idx, rec, targets, failed, absent_waits):
+                    landed = landed or _may_have_changed(rec, targets, results)
                     absent_waits += 1
                     continue
-            await self._handle_failures(idx, rec, failed, eoff, eoff + n)
+            await self._handle_failures(idx, rec, failed, eoff, eoff + n, landed=landed)
             break
         self._written(idx, eoff, eoff + n, fua)
         # ``min_write_replicas`` holds for every write, not only the one that saw a replica
@@ -1332,7 +1371,8 @@ class Coordinator:
 
     async def _caw_flush(self, parts) -> None:
         for idx in sorted({p[0] for p in parts}):
-            await self._on_replicas(idx, lambda r, epoch, idx=idx: r.flush(self.vid, idx, epoch))
+            await self._on_replicas(idx, lambda r, epoch, idx=idx: r.flush(self.vid, idx, epoch),
+                                    changes=False)
 
     async def _caw_read_all(self, idx: int, eoff: int, m: int, epoch: int):
         """Read [eoff, eoff + m) of extent ``idx`` from every in-sync replica at ``epoch``:
@@ -1431,6 +1471,7 @@ class Coordinator:
         base = idx * EXTENT_SIZE - lo
         absent_waits = 0
         last = None                                 # (replicas, outcomes) of the round sent last
+        landed = False                              # a round repeated may have changed a replica
         while True:
             rec = self.extents[idx]
             targets = await self._replicas(rec.replicas)
@@ -1465,9 +1506,11 @@ class Coordinator:
             # our epoch then), so a retry at the same epoch is still conditional.
             if all(isinstance(res, rk.ReplicaFailed) and res.kind == rk.NO_EXTENT for _, res in failed):
                 if await self._await_creation(idx, rec, targets, failed, absent_waits):
+                    landed = landed or _may_have_changed(rec, targets, results)
                     absent_waits += 1
                     continue
-            await self._handle_failures(idx, rec, failed, eoff, eoff + m, retried=False)
+            await self._handle_failures(idx, rec, failed, eoff, eoff + m, retried=False,
+                                        landed=landed)
             return None, None
 
     async def _caw_reconcile(self, parts, lo: int, old, buf, epoch: int, seq: int, fua: bool):
@@ -1501,7 +1544,9 @@ class Coordinator:
             if bad:
                 # What a replica that does not read holds is unknown: it goes, as a replica
                 # failing a write would (it is resynced later).
-                await self._handle_failures(idx, rec, bad, eoff, eoff + m, retried=False)
+                # The attempt reconciled may have landed on any of them (``landed``).
+                await self._handle_failures(idx, rec, bad, eoff, eoff + m, retried=False,
+                                            landed=True)
             base = idx * EXTENT_SIZE + eoff - lo
             part: list[int] = []
             for k in range(0, m, bs):
@@ -1590,7 +1635,8 @@ class Coordinator:
                 if r.send_write(vid, idx, eoff, view, epoch, seq, pending.make_callback(k, r)):
                     pending.left += 1
                 else:
-                    outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent")
+                    outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent",
+                                                   unsent=True)
         else:
             pending = _PiecewiseWrite(self, done, idx, eoff, n, view, rec, targets, epoch, seq, token)
             outcomes = pending.outcomes
@@ -1717,7 +1763,8 @@ class Coordinator:
                                     [(r, rk.ReplicaFailed(r.chunk_id, rk.IO, why)) for r in drop], lo, hi)
 
     async def _handle_failures(self, idx, rec, failed, lo, hi, partial: bool = False,
-                               retried: bool = True) -> None:
+                               retried: bool = True, landed: bool = False,
+                               changes: bool = True) -> None:
         """Drop the replicas that failed (through the meta; never the last). When every
         in-sync replica refused alike (NO_SPACE, INVALID) they are all kept, as nothing is
         wrong with any one of them; ``partial``: a request that may have been refused
@@ -1726,12 +1773,22 @@ class Coordinator:
         agreeing replicas is kept (``_keep_agreeing``).
 
         When every in-sync replica failed to answer (UNAVAILABLE: this server then holds
-        none of them, a local replica never fails so), the trouble is most likely ours (our
-        network cut): dropping all but the last, one after another, cost the extent its
-        redundancy and the request failed anyway. All are kept and the request fails NOT
-        READY (04/01, ``NotServing``), which the host retries, as etcd out of reach is
+        none of them, a local replica never fails so) and none can differ from the others
+        for it (``_none_reached``: the request was sent to none of them, ``unsent``, and no
+        earlier attempt of it, ``landed``, may have changed one; or it changes nothing,
+        ``changes`` False, a flush), the trouble is most likely ours (our network cut, this
+        server stopping: its replica client closed): dropping all but the last, one after
+        another, cost the extent its redundancy and the request failed anyway. All are kept
+        and the request fails NOT READY (04/01, ``NotServing``; ``ServerStopping`` once the
+        replica client is closed), which the host retries, as etcd out of reach is
         answered; ``retried`` False (a COMPARE AND WRITE, whose retry after an attempt that
-        may have landed would miscompare against itself): MEDIUM ERROR, as before.
+        may have landed would miscompare against itself): MEDIUM ERROR. A request that may
+        have reached one of them (a reply overdue, a connection lost with it on it, the
+        replica client closed under it) may have left them differing: they are dropped as
+        any failed replica, those it was never sent to first (the last one, which the meta
+        refuses to drop, is then one that may have taken it), and so is a failed replica
+        whenever another in-sync replica took the request. Not for ``partial``: the revert
+        keeps its own handling.
 
         Once the engine's stop closed its replica client (a write the drain gave up on), a
         peer's failure to answer is the stop's doing ("client closed"), not the peer's:
@@ -1743,8 +1800,7 @@ class Coordinator:
                         sorted(r.chunk_id for r, _ in failed))
             raise ServerStopping(self.vid)
         mine = _insync_results(rec, failed)
-        if mine and len(mine) == len(set(rec.replicas)) and all(
-                isinstance(res, rk.ReplicaFailed) and res.kind == rk.UNAVAILABLE for _, res in mine):
+        if not partial and _none_reached(rec, mine, changes, landed):
             self._none_answered(idx, rec, failed, retried)
         res = _refused_alike(rec, mine)
         if res is not None:
@@ -1758,7 +1814,9 @@ class Coordinator:
                 raise NoSpaceError(f"volume {self.vid} extent {idx}: no replica has space left ({res})")
             raise MediumError(f"volume {self.vid} extent {idx}: every replica refused: {res}")
         no_space = 0
-        for r, res in failed:
+        # Those never sent the request first: were the meta to refuse the last, the one kept
+        # is then one that may hold it and answers, not one that is down.
+        for r, res in sorted(failed, key=lambda f: not getattr(f[1], "unsent", False)):
             kind = res.kind if isinstance(res, rk.ReplicaFailed) else rk.IO
             if kind == rk.UNAVAILABLE:
                 self.engine.forget_peer(r.chunk_id)
@@ -1790,10 +1848,14 @@ class Coordinator:
             if sync is not None and r is sync.replica and r.chunk_id not in rec.replicas:
                 sync.failed = f"{getattr(res, 'kind', rk.IO)}: {res}"
         why = "; ".join(str(res) for _, res in failed)
+        stopping = getattr(self.engine, "replicas_closed", False)
         log.warning("volume %s extent %d: no in-sync replica answered (%s); keeping them all "
-                    "(most likely this server is cut off)", self.vid, idx, why)
+                    "(%s)", self.vid, idx, why, "this server is stopping: its replica client "
+                    "is closed" if stopping else "most likely this server is cut off")
         msg = f"volume {self.vid} extent {idx}: no in-sync replica answered ({why})"
-        raise NotServing(msg) if retried else MediumError(msg)
+        if not retried:
+            raise MediumError(msg)
+        raise ServerStopping(self.vid) if stopping else NotServing(msg)
 
     async def _keep_agreeing(self, idx: int, why) -> None:
         """Every in-sync replica of extent ``idx`` failed a request that may have changed it
@@ -1962,7 +2024,7 @@ class Coordinator:
             # absent_ok: an extent allocated and never CREATEd (its allocator died, or
             # every CREATE failed) has nothing to flush; its NO_EXTENTs drop nobody.
             return self._on_replicas(idx, lambda r, epoch: r.flush(self.vid, idx, epoch),
-                                     absent_ok=True)
+                                     absent_ok=True, changes=False)
 
         try:
             results = await asyncio.gather(*(flush_one(i) for i in sorted(pending)),

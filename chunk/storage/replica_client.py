@@ -38,12 +38,17 @@ Address = tuple[str, int]
 
 
 class PeerUnavailable(Exception):
-    """No answer from the peer (connect, authentication, timeout or lost connection)."""
+    """No answer from the peer (connect, authentication, timeout or lost connection).
+    ``unsent``: the request never left this client (no connection could be had: the dial
+    failed or is remembered failed, or the client is closed), so the peer cannot have acted
+    on it; False when it may have been sent (a reply overdue, a connection lost with the
+    request on it), and the peer may have applied it."""
 
-    def __init__(self, addr: Address, reason: str) -> None:
+    def __init__(self, addr: Address, reason: str, *, unsent: bool = False) -> None:
         super().__init__(f"peer {addr[0]}:{addr[1]} unavailable: {reason}")
         self.addr = addr
         self.reason = reason
+        self.unsent = unsent
 
 
 class ReplicaError(Exception):
@@ -162,14 +167,14 @@ class ReplicaClient:
             return pipe
         async with peer.lock:
             if self._closed:
-                raise PeerUnavailable(addr, "client closed")
+                raise PeerUnavailable(addr, "client closed", unsent=True)
             if peer.pipe is not None and peer.pipe.failed is None:
                 return peer.pipe
             if peer.pipe is not None:
                 await peer.pipe.close()
                 peer.pipe = None
             if time.monotonic() - peer.failed_at < self.redial_interval:
-                raise PeerUnavailable(addr, f"recently failed: {peer.failure}")
+                raise PeerUnavailable(addr, f"recently failed: {peer.failure}", unsent=True)
             try:
                 peer.pipe = await asyncio.wait_for(self._dial(addr), self.connect_timeout)
             except asyncio.TimeoutError:
@@ -179,13 +184,13 @@ class ReplicaClient:
             if self._closed:                   # closed while we were dialling
                 await peer.pipe.close()
                 peer.pipe = None
-                raise PeerUnavailable(addr, "client closed")
+                raise PeerUnavailable(addr, "client closed", unsent=True)
             return peer.pipe
 
     def _dial_failed(self, addr: Address, peer: _Peer, reason: str) -> None:
         peer.failed_at, peer.failure = time.monotonic(), reason
         log.warning("replica peer %s:%d: %s", addr[0], addr[1], reason)
-        raise PeerUnavailable(addr, reason)
+        raise PeerUnavailable(addr, reason, unsent=True)
 
     async def _dial(self, addr: Address) -> Pipeline:
         link, writer = await connect(*addr)
@@ -309,7 +314,7 @@ class ReplicaClient:
         ``InvalidRequest`` if it cannot be encoded (the connection stays up)."""
         addr = (addr[0], int(addr[1]))
         if self._closed:
-            raise PeerUnavailable(addr, "client closed")
+            raise PeerUnavailable(addr, "client closed", unsent=True)
         pipe = await self._pipeline(addr)
         timeout = self.timeout if timeout is None else timeout
         try:

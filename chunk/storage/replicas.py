@@ -33,9 +33,15 @@ FENCED = (STALE_EPOCH, DENIED)
 
 
 class ReplicaFailed(Exception):
-    def __init__(self, chunk_id: str, kind: str, detail: str = "") -> None:
+    """``unsent`` (UNAVAILABLE only): the request never reached the replica (not sent: no
+    connection could be had, the replica client is closed, no registration record), so the
+    replica cannot have applied it. False when it may have: an UNAVAILABLE after the request
+    left (a reply overdue, the connection lost) says nothing of what the replica did."""
+
+    def __init__(self, chunk_id: str, kind: str, detail: str = "", *, unsent: bool = False) -> None:
         super().__init__(f"replica on {chunk_id}: {kind}{': ' + detail if detail else ''}")
         self.chunk_id, self.kind, self.detail = chunk_id, kind, detail
+        self.unsent = unsent
 
 
 class LocalReplica:
@@ -191,7 +197,7 @@ class RemoteReplica:
         try:
             return await coro
         except rc.PeerUnavailable as e:
-            raise ReplicaFailed(self.chunk_id, UNAVAILABLE, str(e)) from None
+            raise ReplicaFailed(self.chunk_id, UNAVAILABLE, str(e), unsent=e.unsent) from None
         except rc.ReplicaError as e:
             raise ReplicaFailed(self.chunk_id, _status_kind(e), str(e)) from None
 

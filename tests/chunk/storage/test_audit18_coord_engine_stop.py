@@ -34,14 +34,16 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class Relay:
-    """A TCP relay on loopback to ``port``; ``hold`` parks the answers (server to client)
-    until ``release``; ``parked`` is set once one arrived while held."""
+    """A TCP relay on loopback to ``port``; ``hold`` parks the answers (server to client;
+    ``requests``: the requests, client to server, which then never reach the server) until
+    ``release``; ``parked`` is set once one arrived while held."""
 
     def __init__(self, port: int) -> None:
         self.target = port
         self.flowing = asyncio.Event()
         self.flowing.set()
         self.parked = asyncio.Event()
+        self.requests = False
         self._tasks: set[asyncio.Task] = set()
         self._writers: list[asyncio.StreamWriter] = []
         self.port = 0
@@ -61,7 +63,7 @@ class Relay:
     async def _pump(self, reader, writer, answers: bool) -> None:
         try:
             while data := await reader.read(1 << 16):
-                if answers and not self.flowing.is_set():
+                if answers is not self.requests and not self.flowing.is_set():
                     self.parked.set()
                     await self.flowing.wait()
                 writer.write(data)
@@ -71,7 +73,8 @@ class Relay:
         finally:
             writer.close()
 
-    def hold(self) -> None:
+    def hold(self, requests: bool = False) -> None:
+        self.requests = requests
         self.parked.clear()
         self.flowing.clear()
 
