@@ -47,10 +47,17 @@ running tasks that changed within the timeout, at this pass or the one before: i
 queued for a slot. With a slot free it would have started, so it is timed like any other.
 
 What the timer and the failure count need outlives the leader's term: the leader keeps
-them in the task record (``TrackedTask``: since when the record has not changed, valid
-while etcd's version of the key is the one that note was written at; the passes in a row
-that saw an error), so a leader changing more often than the timeout or than
-``FAILING_PASSES`` passes does not keep a stalled or failing task for ever.
+them in the task record (``TrackedTask``: for how many seconds the record had not changed
+when the note was written, valid while etcd's version of the key is the one that note was
+written at; the passes in a row that saw an error), so a leader changing more often than
+the timeout or than ``FAILING_PASSES`` passes does not keep a stalled or failing task for
+ever. The note holds seconds measured on the noting leaders' monotonic clocks, never a
+time of day: the meta servers' wall clocks may disagree, and a leader whose clock is
+ahead would otherwise time a task out early. A leader goes on from the note's seconds and
+adds only what it observes itself (the time between the note's write and its own first
+sight, a leader change, is not counted: the timer can run late, never early); it writes
+them again at its second sight of the record and then every ``1/NOTE_SHARE`` of the
+timeout, so each term of two passes or more adds to them.
 
 Each task is run by the volume's live owner (the coordinator: it must order
 the copy with its own writes), else by the target, which then acquires
@@ -106,6 +113,9 @@ STALL_TIMEOUT = 600.0
 # only after its first range, at most once a second after that, so seconds would time out
 # copies that progress.
 MIN_STALL_TIMEOUT = 60.0
+# A leader writes a task's idle note again (adding what it observed) after this share of the
+# stall timeout: each term's observation reaches the record, less at most this much.
+NOTE_SHARE = 10
 # Copies a chunk server runs at once (chunk/storage/engine.py ``_recovery_slots``): a pending
 # task of an executor with fewer running copies than this is not waiting for a slot.
 EXECUTOR_SLOTS = 2
@@ -166,11 +176,12 @@ class TrackedTask(RecoveryTask):
     """A recovery task as the leader reads and writes it: the record, plus the leader's notes
     on it, kept in it so that the next leader goes on from them instead of starting again.
 
-    ``idle_since`` (wall clock): since when the record has not changed, as the leaders that
-    looked measured it; it holds only while etcd's version of the key is ``idle_version``,
-    the version the note's own write gave it (any other write since, the executor's progress
-    or claim or error, is a change). ``failures``: the passes in a row that saw the task with
-    an error, across leaders (a pass that sees none sets it back to 0).
+    ``idle_for`` (seconds): how long the record had not changed when the note was written,
+    as the leaders that looked observed it on their monotonic clocks (never a time of day:
+    meta servers' wall clocks disagree); it holds only while etcd's version of the key is
+    ``idle_version``, the version the note's own write gave it (any other write since, the
+    executor's progress or claim or error, is a change). ``failures``: the passes in a row
+    that saw the task with an error, across leaders (a pass that sees none sets it back to 0).
 
     Only the leader writes these; the schema stays 1: code that knows a plain RecoveryTask
     (the chunk servers, older meta servers in a rolling upgrade) reads the record and drops
@@ -182,13 +193,16 @@ class TrackedTask(RecoveryTask):
     The leader's own writes of a record it read (a note, a handover: ``merged``) change only
     their keys of the record as read: the project adds fields keeping schema 1, and a field
     of newer code (a newer meta or chunk server in a rolling upgrade) must not be erased
-    because this code does not know it.
+    because this code does not know it. ``idle_since`` (RETIRED), the wall-clock note of the
+    first version of this (7ae7826), is not read, and these writes remove it: a meta server
+    still running that code would take it, with a matching version, as a time on its clock.
     """
-    idle_since: float | None = None
+    idle_for: float | None = None
     idle_version: int = 0
     failures: int = 0
 
-    NOTES: ClassVar[dict[str, Any]] = {"idle_since": None, "idle_version": 0, "failures": 0}
+    NOTES: ClassVar[dict[str, Any]] = {"idle_for": None, "idle_version": 0, "failures": 0}
+    RETIRED: ClassVar[tuple[str, ...]] = ("idle_since",)
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -201,8 +215,8 @@ class TrackedTask(RecoveryTask):
     def merged(cls, raw: dict[str, Any], **changes: Any) -> dict[str, Any]:
         """The record as read (``raw``: its JSON object, every key kept, those this code does
         not know too) with ``changes`` made; a note set to its default is left out, as in
-        ``to_dict``."""
-        d = dict(raw)
+        ``to_dict``; a RETIRED note is removed."""
+        d = {k: v for k, v in raw.items() if k not in cls.RETIRED}
         for name, value in changes.items():
             if name in cls.NOTES and value == cls.NOTES[name]:
                 d.pop(name, None)
@@ -216,8 +230,9 @@ class TrackedTask(RecoveryTask):
         return json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
 
     def noted(self, version: int) -> bool:
-        """Whether ``idle_since`` is about the record at ``version`` (etcd's, as read)."""
-        return self.idle_since is not None and version > 0 and self.idle_version == version
+        """Whether ``idle_for`` is about the record at ``version`` (etcd's, as read)."""
+        return (isinstance(self.idle_for, (int, float)) and not isinstance(self.idle_for, bool)
+                and version > 0 and self.idle_version == version)
 
 
 @dataclass
@@ -311,8 +326,11 @@ class Recovery:
     # Each task's record as last seen: its (create revision, version) and since when (``clock``)
     # it has not changed: when this leader first saw that version, or earlier as its note says.
     _seen: dict[tuple[str, int], tuple[tuple[int, int] | None, float]] = field(default_factory=dict)
-    # Tasks whose current version this pass is the first to see (not noted in the record yet).
+    # Tasks whose current version this pass is the first to see (this leader observed nothing
+    # of it yet: whether or not an earlier note says how long it had been unchanged).
     _unseen: set[tuple[str, int]] = field(default_factory=set)
+    # When (``clock``) this leader last wrote each task's idle note, while its version stays.
+    _noted_at: dict[tuple[str, int], float] = field(default_factory=dict)
     # Executors whose copy slots were all held at the previous pass (None: no pass yet).
     _full_before: set[str] | None = None
     view: ExtentView | None = None       # while ``following``; else each pass reads etcd
@@ -432,7 +450,7 @@ class Recovery:
     async def _tidy(self, w: World, now: float, done: dict[str, Any]) -> None:
         ctx = self.ctx
         clock = self.clock()
-        spared = self._note_revisions(w, clock, now)
+        spared = self._note_revisions(w, clock)
         for (vid, index), (task, rev) in list(w.tasks.items()):
             key = ctx.keys.recovery_task(vid, index)
             vol = w.volumes.get(vid)
@@ -496,9 +514,9 @@ class Recovery:
                     log.info("recovery task %s/%d handed from %s to %s", vid, index, old, want)
                     done["reassigned"].append((vid, index, want))
                 continue
-            await self._note((vid, index), task, rev, w, failures, clock, now)
+            await self._note((vid, index), task, rev, w, failures, clock)
 
-    def _note_revisions(self, w: World, clock: float, now: float) -> set[str] | None:
+    def _note_revisions(self, w: World, clock: float) -> set[str] | None:
         """Remember since when each task's current record has not changed (forget tasks
         gone): from when this leader first saw its version, or from its note (``TrackedTask``)
         if the note is about that version (left by an earlier term, or another leader).
@@ -514,14 +532,17 @@ class Recovery:
             was = self._seen.get(key)
             if was is not None and was[0] == ident:
                 seen[key] = was
-            elif ident is not None and task.noted(ident[1]):
-                # Measured by earlier leaders on the wall clock (each leader's monotonic clock
-                # is its own); never in the future.
-                seen[key] = (ident, clock - max(0.0, now - task.idle_since))
+                continue
+            if ident is not None and task.noted(ident[1]):
+                # Seconds earlier leaders observed on their own monotonic clocks, as of the
+                # note's write; the time since (a leader change) is not counted: no wall
+                # clock, whose skew between meta servers would time the task out early.
+                seen[key] = (ident, clock - max(0.0, float(task.idle_for)))
             else:
                 seen[key] = (ident, clock)
-                unseen.add(key)
+            unseen.add(key)
         self._seen, self._unseen = seen, unseen
+        self._noted_at = {k: t for k, t in self._noted_at.items() if k in seen and k not in unseen}
         copying = Counter(task.executor for key, (task, _) in w.tasks.items()
                           if task.state == "running" and clock - seen[key][1] < self.stall_timeout)
         full = {executor for executor, n in copying.items() if n >= EXECUTOR_SLOTS}
@@ -563,27 +584,35 @@ class Recovery:
         return count
 
     async def _note(self, key: tuple[str, int], task: TrackedTask, rev: int, w: World,
-                    failures: int, clock: float, now: float) -> None:
+                    failures: int, clock: float) -> None:
         """Keep in the task's record what the next leader needs (``TrackedTask``): the failure
-        count when it changed, and since when the record has not changed once a second pass
-        sees it unchanged (not at the first: a copy in progress changes it between passes, and
-        is never written to). Written by compare-and-swap on its revision: a record changed
-        meanwhile is a change, seen next pass. At most one write per task and pass. Only the
-        note's keys of the record as read change (``TrackedTask.merged``)."""
+        count when it changed, and for how long the record has not changed: once a pass of
+        this leader sees it unchanged since its previous one (not at its first sight: a copy
+        in progress changes it between passes, and is never written to), then again each
+        ``1/NOTE_SHARE`` of the stall timeout while it stays so (the next leader goes on from
+        the note: what this term observed reaches it). Written by compare-and-swap on its
+        revision: a record changed meanwhile is a change, seen next pass. At most one write
+        per task and pass. Only the note's keys of the record as read change
+        (``TrackedTask.merged``)."""
         ident = w.task_ids.get(key)
         if ident is None or not rev:
             return                                   # not read from etcd (planned this pass)
         timed = self.stall_timeout > 0
-        if task.failures == failures and (not timed or task.noted(ident[1]) or key in self._unseen):
+        last = self._noted_at.get(key)
+        due = (timed and key not in self._unseen
+               and (last is None or clock - last >= self.stall_timeout / NOTE_SHARE))
+        if task.failures == failures and not due:
             return
         start = self._seen[key][1]
         raw = TrackedTask.merged(w.task_raw.get(key) or task.to_dict(), failures=failures,
-                                 idle_since=round(now - (clock - start), 3),
+                                 idle_for=round(max(0.0, clock - start), 3),
                                  # the version this write gives the key
                                  idle_version=ident[1] + 1)
         tkey = self.ctx.keys.recovery_task(*key)
         if await self.ctx.txn([self.ctx.unchanged(tkey, rev)], [self.ctx.put(tkey, TrackedTask.encoded(raw))]):
             self._seen[key] = ((ident[0], ident[1] + 1), start)   # our own write: no change
+            if key not in self._unseen:              # it has what this leader observed
+                self._noted_at[key] = clock
             w.tasks[key] = (TrackedTask.from_dict(raw), 0)
             w.task_ids[key] = (ident[0], ident[1] + 1)
             w.task_raw[key] = raw

@@ -114,7 +114,7 @@ async def test_a_pass_without_an_error_starts_the_count_over_across_leaders(ctx,
 
 async def test_a_record_changed_since_the_note_is_timed_afresh(ctx):
     """The note holds only while etcd's version of the key is the one it was written at: a
-    copy's progress written by an executor that keeps the field (a stale ``idle_since``)
+    copy's progress written by an executor that keeps the field (a stale ``idle_for``)
     is a change, timed from when a leader sees it."""
     vid = await rebuilding(ctx)
     wall = [1_800_000_000.0]
@@ -124,7 +124,7 @@ async def test_a_record_changed_since_the_note_is_timed_afresh(ctx):
     await leader.step()
     await leader.step()                                  # unchanged: the leader notes it
     noted = TrackedTask.decode((await raw_task(ctx, vid)).value)
-    assert noted.idle_since is not None
+    assert noted.idle_for is not None
     noted.done_bytes = 5 << 20                            # progress, the note carried along
     await ctx.etcd.put(ctx.keys.recovery_task(vid, 0), noted.encode())
     wall[0] += STALL * 2                                  # a leader change takes a while

@@ -6,6 +6,10 @@
   were a read-modify-write through ``TrackedTask``, which drops every key it does not know:
   during a rolling upgrade a newer server's field was erased, by the note on almost every
   idle task each term. Both writes now change only their own keys of the record as read.
+* The note said since when (``idle_since``) on the noting leader's wall clock: a new leader
+  whose clock was ahead by the timeout deleted a running copy quiet for seconds at its first
+  pass (one behind started the timer again each term). The note now holds the seconds the
+  leaders observed on their monotonic clocks; a new leader adds only what it observes itself.
 """
 
 from __future__ import annotations
@@ -93,3 +97,106 @@ async def test_a_handover_keeps_a_field_this_code_does_not_know(ctx):
     d = await raw_of(ctx, vid)
     assert d["executor"] == "c2" and d["state"] == "pending" and d["done_bytes"] == 3 << 20
     assert d["future_field"] == "kept-by-newer-code"
+
+
+# --- clock skew between meta servers (7ae7826 noted idle_since on the writer's wall clock) ---
+
+async def running_and_noted(ctx, wall):
+    """A copy claimed and running, then quiet (a digest and join, a wait behind a revert):
+    leader A sees its record unchanged for one period and notes it. Returns (vid, when A
+    first saw that record)."""
+    vid = await rebuilding(ctx)
+    a = Leader(ctx, wall, 1000.0)
+    await a.step()
+    await write_task(ctx, vid, state="running", done_bytes=5 << 20)
+    await a.step()
+    first_seen = wall[0]
+    version = (await ctx.etcd.get(ctx.keys.recovery_task(vid, 0))).version
+    await a.step()                                       # unchanged: noted
+    assert (await ctx.etcd.get(ctx.keys.recovery_task(vid, 0))).version == version + 1
+    return vid, first_seen
+
+
+async def passes_until_deleted(leader, vid, passes: int, wall) -> float | None:
+    for _ in range(passes):
+        did = await leader.step()
+        if did["deleted"]:
+            assert did["deleted"] == [(vid, 0)]
+            return wall[0]
+    return None
+
+
+async def test_a_new_leader_whose_clock_is_ahead_does_not_time_a_quiet_copy_out_early(ctx):
+    """Leader B's wall clock is far ahead of A's. The copy was quiet for seconds when B takes
+    over: B does not delete it at its first pass (the reviewer's reproducer did), and places
+    it again only once the record has been unchanged for the timeout in all."""
+    wall = [1_800_000_000.0]
+    vid, first_seen = await running_and_noted(ctx, wall)
+    b = Leader(ctx, wall, 50_000.0, skew=STALL * 10)
+    assert (await b.step())["deleted"] == []
+    deleted_at = await passes_until_deleted(b, vid, int(STALL / PERIOD) + 3, wall)
+    assert deleted_at is not None, "never placed again"
+    assert STALL <= deleted_at - first_seen <= STALL + 2 * PERIOD
+
+
+async def test_leaders_whose_clocks_are_behind_still_count_the_earlier_terms(ctx):
+    """Each new leader's wall clock is behind the one before (a note from its future): the
+    earlier terms' time still counts, and the task is placed again although no term is
+    anywhere near the timeout long (terms of two passes, 10 s apart)."""
+    vid = await rebuilding(ctx)
+    wall = [1_800_000_000.0]
+    await Leader(ctx, wall, 1000.0).step()
+    await write_task(ctx, vid, state="running")
+    first_seen = deleted_at = None
+    for term in range(1, 16):
+        leader = Leader(ctx, wall, 1000.0 * term, skew=-1000.0 * term)
+        for _ in range(2):
+            did = await leader.step(10.0)
+            first_seen = first_seen or wall[0]
+            if did["deleted"]:
+                deleted_at = wall[0]
+                break
+        if deleted_at:
+            break
+    assert deleted_at is not None, "never placed again: each term started the timer again"
+    assert deleted_at - first_seen >= STALL
+
+
+async def test_a_wall_clock_note_is_not_taken(ctx):
+    """A note as 7ae7826 wrote it (``idle_since``, a wall-clock time, valid for the key's
+    version) is not taken by this code: the record is timed from this leader's first sight,
+    and the next note write removes the field (a server still running that code would take
+    it, with its matching version, as a time on its own clock)."""
+    vid = await rebuilding(ctx)
+    wall = [1_800_000_000.0]
+    await Leader(ctx, wall, 1000.0).step()
+    await write_task(ctx, vid, state="running")
+    key = ctx.keys.recovery_task(vid, 0)
+    got = await ctx.etcd.get(key)
+    d = json.loads(got.value)
+    d.update(idle_since=wall[0] - STALL * 10, idle_version=got.version + 1)
+    await ctx.etcd.put(key, json.dumps(d).encode())
+    leader = Leader(ctx, wall, 7000.0)
+    assert (await leader.step())["deleted"] == []
+    assert (await leader.step())["deleted"] == []        # second sight: noted, this code's way
+    d = await raw_of(ctx, vid)
+    assert "idle_since" not in d and d["idle_for"] == PERIOD
+    assert await passes_until_deleted(leader, vid, int(STALL / PERIOD), wall) is not None
+
+
+async def test_a_note_is_refreshed_within_a_term_not_at_every_pass(ctx):
+    """A long term keeps its count in the record (the next leader goes on from it, less the
+    handover) with a write per tenth of the timeout, not one per pass."""
+    wall = [1_800_000_000.0]
+    vid, first_seen = await running_and_noted(ctx, wall)
+    key = ctx.keys.recovery_task(vid, 0)
+    a = Leader(ctx, wall, 1000.0)
+    await a.step()                                       # A's term (again): first sight
+    before = (await ctx.etcd.get(key)).version
+    passes = 12
+    for _ in range(passes):
+        assert (await a.step())["deleted"] == []
+    writes = (await ctx.etcd.get(key)).version - before
+    assert 1 <= writes <= 1 + passes * PERIOD / (STALL / 10)
+    noted = (await raw_of(ctx, vid))["idle_for"]
+    assert noted >= (wall[0] - first_seen) - STALL / 10 - 2 * PERIOD
