@@ -1788,17 +1788,7 @@ class Coordinator:
         any failed replica, those it was never sent to first (the last one, which the meta
         refuses to drop, is then one that may have taken it), and so is a failed replica
         whenever another in-sync replica took the request. Not for ``partial``: the revert
-        keeps its own handling.
-
-        Once the engine's stop closed its replica client (a write the drain gave up on), a
-        peer's failure to answer is the stop's doing ("client closed"), not the peer's:
-        nobody is dropped, and the request fails NOT READY (``ServerStopping``)."""
-        if getattr(self.engine, "replicas_closed", False) and any(
-                isinstance(res, rk.ReplicaFailed) and res.kind == rk.UNAVAILABLE for _, res in failed):
-            log.warning("volume %s extent %d: %s failed after the replica client closed (this "
-                        "server is stopping); dropping nobody", self.vid, idx,
-                        sorted(r.chunk_id for r, _ in failed))
-            raise ServerStopping(self.vid)
+        keeps its own handling."""
         mine = _insync_results(rec, failed)
         if not partial and _none_reached(rec, mine, changes, landed):
             self._none_answered(idx, rec, failed, retried)

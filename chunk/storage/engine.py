@@ -132,8 +132,9 @@ class StorageEngine:
         self.scrub_rate, self.scrub_interval = scrub_rate, scrub_interval
         self.reclaim_interval = reclaim_interval
         self.client: ReplicaClient | None = None
-        # ``stop`` closed the replica client: a peer's request failing from then on failed
-        # for that, not for the peer (the coordinator drops nobody for it).
+        # ``stop`` closed the replica client: a request it fails from then on was never sent
+        # (``unsent``) or was cut off in flight; the coordinator tells the stop apart only
+        # in how it answers a request that reached no replica (``ServerStopping``).
         self.replicas_closed = False
         self.server: ReplicaServer | None = None
         self.repair: LocalRepair | None = None

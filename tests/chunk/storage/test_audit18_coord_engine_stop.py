@@ -4,8 +4,11 @@
 replica client: a fast write still waiting for a peer's reply failed "client closed"
 (UNAVAILABLE), and its handling dropped that healthy peer through the meta. Now a
 coordinator's close drains its writes first (the engine waits for every close, those an
-unmapped LU started included), and a failure seen once the replica client is closed is the
-stop's doing, not the replica's: the write fails NOT READY, nobody is dropped.
+unmapped LU started included). A write the drain gave up on (CLOSE_DRAIN_WAIT) may still be
+failed by the client's close: a request the client had sent may have landed, so it is
+handled as any other failure (another in-sync replica took the write: the failed one is
+dropped; none did: they are not all kept, whatever each may hold); only one that reached no
+replica drops nobody (NOT READY, ``ServerStopping``).
 
 A real StorageEngine (started: its replica client, server and store) serving volume v from
 two real peers on loopback (``replica_nodes``), no replica of its own; the test etcd holds
@@ -20,11 +23,13 @@ import time
 
 import pytest
 
+from chunk.blockdev import MediumError
 from chunk.storage import coordinator as cm
-from chunk.storage.coordinator import EXTENT_SIZE, NotServing
+from chunk.storage.coordinator import EXTENT_SIZE
 from chunk.storage.engine import StorageEngine
 from chunk.storage.extent_file import BLOCK_SIZE
 from chunk.storage.metaclient import MetaError
+from chunk.storage.wire import Frame, Op
 from zstore.keys import Keys
 from zstore.records import ClusterInfo, ExtentRecord, Volume, VolumeOwner
 
@@ -258,19 +263,94 @@ async def test_a_stop_right_after_an_unmap_waits_for_that_volumes_close(served):
     assert served.read("C", BLOCK_SIZE) == block(2)
 
 
-async def test_a_write_failed_by_the_closed_replica_client_drops_nobody(served, monkeypatch):
-    """The drain gave up (CLOSE_DRAIN_WAIT) on a write B never answers (the replica timeout is
-    long): the stop then closes the replica client, which fails the write "client closed".
-    That is the stop's doing, not B's: NOT READY, nobody dropped (B was dropped before)."""
+async def _left_by_the_drain(served, monkeypatch, **kw):  # noqa: F811
+    """v served from B (relayed) and C (``relayed`` in ``kw`` for more), written once; the
+    replica timeout long, the drain short: a request held at a relay outlives the close's
+    drain, and the stop then closes the replica client under it."""
     monkeypatch.setattr(cm, "CLOSE_DRAIN_WAIT", 0.5)
-    await served.start(["B", "C"], relayed=("B",), replica_timeout=30.0)
-    await asyncio.wait_for(served.dev.write(0, block(1)), 10)
+    kw.setdefault("relayed", ("B",))
+    dev = await served.start(["B", "C"], replica_timeout=30.0, **kw)
+    await asyncio.wait_for(dev.write(0, block(1)), 10)
+    return dev
+
+
+async def test_a_write_c_took_before_the_replica_client_closed_drops_b(served, monkeypatch):
+    """The drain gave up (CLOSE_DRAIN_WAIT) on a write whose reply from B is held (B took
+    it); C took it too. The stop closes the replica client, which fails B's request
+    ("pipeline closed"): it was sent, so B may or may not hold the write, while C, in sync,
+    does. B is dropped (resynced later) and the write acknowledged on C. Before, any
+    UNAVAILABLE once the client closed dropped nobody: NOT READY with B kept in sync
+    whatever it held."""
+    dev = await _left_by_the_drain(served, monkeypatch)
     served.relays["B"].hold()
-    fut = served.dev.write_nowait(BLOCK_SIZE, block(2))
+    fut = dev.write_nowait(BLOCK_SIZE, block(2))
     assert fut is not None
     await asyncio.wait_for(served.relays["B"].parked.wait(), 10)
     await asyncio.wait_for(served.stop(), 30)
-    with pytest.raises(NotServing):
+    assert await asyncio.wait_for(fut, 10) is None
+    assert served.meta.dropped() == ["B"]
+    assert (await served.record()).replicas == ["C"]
+    assert served.read("C", BLOCK_SIZE) == block(2)
+
+
+async def test_a_write_b_never_got_before_the_replica_client_closed_leaves_no_disagreement(
+        served, monkeypatch):
+    """As above, but B's request is held on its way (B never gets the write) while C takes
+    it: before, NOT READY with B (old data) and C (new) both in sync (the reviewer's
+    reproducer); now B is dropped and the write acknowledged on C."""
+    dev = await _left_by_the_drain(served, monkeypatch)
+    served.relays["B"].hold(requests=True)
+    fut = dev.write_nowait(BLOCK_SIZE, block(2))
+    assert fut is not None
+    await asyncio.wait_for(served.relays["B"].parked.wait(), 10)
+    c = served.engine.cached_replica("C")
+    await asyncio.wait_for(c.client.call(c.addr, Frame(Op.PING, 0)), 10)   # C answered before
+    await asyncio.wait_for(served.stop(), 30)
+    assert await asyncio.wait_for(fut, 10) is None
+    assert served.meta.dropped() == ["B"]
+    assert (await served.record()).replicas == ["C"]
+    assert served.read("C", BLOCK_SIZE) == block(2)
+    assert served.read("B", BLOCK_SIZE) != block(2)          # stale, as the record says
+
+
+async def test_a_caw_that_landed_before_the_replica_client_closed_is_not_answered_not_ready(
+        served, monkeypatch):
+    """A COMPARE AND WRITE reached C (and B, whose reply is held) when the stop closed the
+    replica client. Before, it was answered NOT READY, which the host retries, and the retry
+    compares against the CAW's own data (MISCOMPARE for a CAW that succeeded). Now C took it,
+    B is dropped, and the CAW is acknowledged."""
+    dev = await _left_by_the_drain(served, monkeypatch)
+    coord = served.coord
+    orig = coord._caw_send                                   # noqa: SLF001
+
+    async def held_send(*args, **kw):
+        served.relays["B"].hold()                            # the compare read B; hold the write's reply
+        return await orig(*args, **kw)
+    coord._caw_send = held_send                              # noqa: SLF001
+    caw = asyncio.ensure_future(dev.compare_and_write(0, block(1), block(3)))
+    await asyncio.wait_for(served.relays["B"].parked.wait(), 10)
+    await asyncio.wait_for(served.stop(), 30)
+    assert await asyncio.wait_for(caw, 10) is None
+    assert served.meta.dropped() == ["B"]
+    assert (await served.record()).replicas == ["C"]
+    assert served.read("C", 0) == block(3)
+
+
+async def test_a_write_no_replica_answered_before_the_replica_client_closed_keeps_one(
+        served, monkeypatch):
+    """Neither B nor C answered (both replies held) when the stop closed the replica client:
+    either may hold the write (here both do), and nothing says they agree. They are not both
+    kept in sync (before: NOT READY, nobody dropped): B is dropped, the meta refuses to drop
+    C, the last, and the write fails MEDIUM ERROR, never acknowledged."""
+    dev = await _left_by_the_drain(served, monkeypatch, relayed=("B", "C"))
+    for cid in "BC":
+        served.relays[cid].hold()
+    fut = dev.write_nowait(BLOCK_SIZE, block(2))
+    assert fut is not None
+    for cid in "BC":
+        await asyncio.wait_for(served.relays[cid].parked.wait(), 10)
+    await asyncio.wait_for(served.stop(), 30)
+    with pytest.raises(MediumError):
         await asyncio.wait_for(fut, 10)
-    assert served.meta.dropped() == []
-    assert (await served.record()).replicas == ["B", "C"]
+    assert served.meta.dropped() == ["B", "C"]               # C refused: the last
+    assert (await served.record()).replicas == ["C"]
