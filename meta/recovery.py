@@ -116,8 +116,12 @@ MIN_STALL_TIMEOUT = 60.0
 # A leader writes a task's idle note again (adding what it observed) after this share of the
 # stall timeout: each term's observation reaches the record, less at most this much.
 NOTE_SHARE = 10
-# Copies a chunk server runs at once (chunk/storage/engine.py ``_recovery_slots``): a pending
-# task of an executor with fewer running copies than this is not waiting for a slot.
+# Copies a chunk server runs at once: a pending task of an executor with fewer running copies
+# than this is not waiting for a slot. A COPY of chunk/storage/engine.py's own number, the
+# literal in ``self._recovery_slots = asyncio.Semaphore(2)`` (Engine.__init__): nothing ties
+# the two, so change both together. Set lower here than there, a pending task queued behind
+# running copies would be spared while a slot is still free (never timed out if its executor
+# missed it); set higher, one queued for a slot would be timed out and placed again.
 EXECUTOR_SLOTS = 2
 
 OK, WAITING, GONE = "ok", "waiting", "gone"
