@@ -103,6 +103,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,9 @@ class Scrubber:
         self.unresolved_extents: dict[tuple[str, int], list[str]] = {}
         self.suspected: dict[tuple[str, int], tuple[list[str], int]] = {}   # -> (peers, passes seen)
         # Reports of copies retired here (a failed flush: ``broken``), oldest first.
-        self.retired: dict[tuple[str, int], dict[str, Any]] = {}
+        # One entry per retirement: a later copy of the same extent retired again adds its own
+        # (one dict per extent let the second overwrite the first's evidence).
+        self.retired: deque[dict[str, Any]] = deque(maxlen=RETIRED_KEPT)
         self.retired_reports = 0      # reports moved to ``retired`` since start
         self.last_pass_start: float | None = None
         self.last_pass_end: float | None = None
@@ -237,7 +240,7 @@ class Scrubber:
                                    for (v, i), p in sorted(self.unresolved_extents.items())],
             "suspected": [{"volume": v, "extent": i, "peers": p, "passes": n}
                           for (v, i), (p, n) in sorted(self.suspected.items())],
-            "retired": [{"volume": v, "extent": i, **r} for (v, i), r in self.retired.items()],
+            "retired": [dict(r) for r in self.retired],
             "retired_reports": self.retired_reports,
             "current": list(self.current) if self.current else None,
             "last_pass_start": self.last_pass_start, "last_pass_end": self.last_pass_end,
@@ -336,14 +339,9 @@ class Scrubber:
 
     def _report_retired(self, key: tuple[str, int], was: str, peers: list[str], why: str) -> None:
         """List ``key``'s report as a retired copy's (the last ``RETIRED_KEPT``), and log it."""
-        entry = {"was": was, "peers": sorted(peers), "why": why, "at": time.time()}
-        prev = self.retired.pop(key, None)
-        if prev is not None and prev["was"] == "unresolved" and was == "mismatched":
-            entry["was"] = "unresolved"          # the graver of the two reports of one copy
-        self.retired[key] = entry
+        self.retired.append({"volume": key[0], "extent": key[1], "was": was,
+                             "peers": sorted(peers), "why": why, "at": time.time()})
         self.retired_reports += 1
-        while len(self.retired) > RETIRED_KEPT:
-            del self.retired[next(iter(self.retired))]
         log.error("scrub: %s/%d: this copy (%s), reported %s against %s, was retired (%s): no "
                   "longer counted, listed as retired; the copies left were never shown right",
                   *key, self.repair.chunk_id, was, ", ".join(sorted(peers)) or "-", why)

@@ -114,3 +114,22 @@ async def test_a_report_cleared_by_agreement_is_logged(nodes, caplog):
     assert scrub.status()["mismatched"] == []
     assert any("agree again" in r.getMessage() and f"{VID}/0" in r.getMessage()
                for r in caplog.records)
+
+
+async def test_a_second_retirement_of_an_extent_keeps_the_first_ones_evidence(nodes):
+    """Review of e5d86e6: the list was one entry per extent, so a later copy of the same
+    extent retired again (its own mismatch against another peer) overwrote the first
+    retirement's peers, reason and time, and took its 'unresolved' verdict. One entry per
+    retirement now."""
+    a, b = await setup(nodes)
+    scrub = Scrubber(b.store, b.repair, rate_bytes_per_s=64 << 20, interval=3600)
+    key = (VID, 0)
+    scrub.mismatched[key] = ["A"]
+    scrub.unresolved_extents[key] = ["A"]
+    scrub._copy_retired(VID, 0, "a flush failed: 1")                  # noqa: SLF001
+    scrub.mismatched[key] = ["C"]                                     # the copy resynced in its place
+    scrub._copy_retired(VID, 0, "a flush failed: 2")                  # noqa: SLF001
+    st = scrub.status()
+    assert [(e["was"], e["peers"], e["why"]) for e in st["retired"]] == [
+        ("unresolved", ["A"], "a flush failed: 1"), ("mismatched", ["C"], "a flush failed: 2")]
+    assert st["retired_reports"] == 2
