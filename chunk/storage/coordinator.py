@@ -858,7 +858,7 @@ class Coordinator:
 
     async def _on_replicas(self, idx: int, op, lo: int = 0, hi: int = 0, rec: ExtentRecord | None = None,
                            keep: bool = False, absent_ok: bool = False, partial: bool = False,
-                           creating: bool = False, changes: bool = True):
+                           creating: bool = False, changes: bool = True, retried: bool = True):
         """Run ``op(replica, epoch)`` on every replica of extent ``idx`` in parallel.
 
         Each attempt is sent only while ownership is held and current (``_owns``), else it is
@@ -885,7 +885,8 @@ class Coordinator:
         fails NOT READY; the next write finds NO_EXTENT everywhere and creates it
         (``_await_creation``). Every replica refusing alike (all full) is kept, as always.
 
-        ``changes`` False: ``op`` changes no data on a replica (a FLUSH); see
+        ``changes`` False: ``op`` changes no data on a replica (a FLUSH); ``retried`` False:
+        the request's host must not retry it (a COMPARE AND WRITE's flush); see
         ``_handle_failures``.
         """
         deadline = time.monotonic() + RETAKE_WINDOW
@@ -917,7 +918,7 @@ class Coordinator:
                 self._none_created(idx, cur, targets, results)
             if failed:
                 await self._handle_failures(idx, cur, failed, lo, hi, partial, landed=landed,
-                                            changes=changes)
+                                            changes=changes, retried=retried)
             return
 
     def _none_created(self, idx: int, rec: ExtentRecord, targets, results) -> None:
@@ -1371,8 +1372,10 @@ class Coordinator:
 
     async def _caw_flush(self, parts) -> None:
         for idx in sorted({p[0] for p in parts}):
+            # retried False: the CAW has landed; NOT READY would have the host retry it, and
+            # the retry miscompare against the CAW's own data (MEDIUM ERROR instead)
             await self._on_replicas(idx, lambda r, epoch, idx=idx: r.flush(self.vid, idx, epoch),
-                                    changes=False)
+                                    changes=False, retried=False)
 
     async def _caw_read_all(self, idx: int, eoff: int, m: int, epoch: int):
         """Read [eoff, eoff + m) of extent ``idx`` from every in-sync replica at ``epoch``:
@@ -1457,21 +1460,25 @@ class Coordinator:
         jobs = []
         for k, (idx, eoff, m) in enumerate(parts):
             pieces = [(eoff, m)] if runs is None else runs[k]
-            jobs.append(self._caw_send_part(idx, eoff, m, pieces, lo, view, epoch, seq, fua))
+            jobs.append(self._caw_send_part(idx, eoff, m, pieces, lo, view, epoch, seq, fua,
+                                            completing=runs is not None))
         sent = await asyncio.gather(*jobs)
         if all(s is None or s[0] is None for s in sent):
             return None
         return [s if s is not None else (None, None) for s in sent]
 
-    async def _caw_send_part(self, idx, eoff, m, pieces, lo, view, epoch, seq, fua):
+    async def _caw_send_part(self, idx, eoff, m, pieces, lo, view, epoch, seq, fua,
+                             completing: bool = False):
         """One extent's share of ``_caw_send``: (replicas, outcomes) if fenced, (None, None)
-        if not, None with nothing to send."""
+        if not, None with nothing to send. ``completing``: the round completes an attempt
+        that landed on some replicas only, so they already differ (``landed`` from the
+        start: a round reaching none of them must not keep them all in sync)."""
         if not pieces:
             return None
         base = idx * EXTENT_SIZE - lo
         absent_waits = 0
         last = None                                 # (replicas, outcomes) of the round sent last
-        landed = False                              # a round repeated may have changed a replica
+        landed = completing                         # a round repeated may have changed a replica
         while True:
             rec = self.extents[idx]
             targets = await self._replicas(rec.replicas)
@@ -1486,6 +1493,7 @@ class Coordinator:
                 return last or (targets, [rk.ReplicaFailed(r.chunk_id, rk.STALE_EPOCH, "not sent: "
                                                            "ownership changed") for r in targets])
             results = [None] * len(targets)
+            took = [False] * len(targets)           # took a piece of this round
             order = sorted(range(len(targets)), key=lambda k: not isinstance(targets[k], rk.LocalReplica))
             for s, n in pieces:
                 calls = [r.start_write(self.vid, idx, s, view[base + s:base + s + n], epoch, seq, fua)
@@ -1496,6 +1504,11 @@ class Coordinator:
                     except Exception as e:  # noqa: BLE001 - sorted out below
                         if results[i] is None:
                             results[i] = e
+                    else:
+                        took[i] = True
+            # A replica that took one piece and was never sent the next is changed, however
+            # its failure reads (``unsent`` names the last piece only).
+            landed = landed or any(t and res is not None for t, res in zip(took, results))
             failed = [(r, res) for r, res in zip(targets, results) if res is not None]
             if not failed:
                 return None, None
@@ -1787,10 +1800,11 @@ class Coordinator:
         replica client closed under it) may have left them differing: they are dropped as
         any failed replica, those it was never sent to first (the last one, which the meta
         refuses to drop, is then one that may have taken it), and so is a failed replica
-        whenever another in-sync replica took the request. Not for ``partial``: the revert
-        keeps its own handling."""
+        whenever another in-sync replica took the request. A revert (``partial``) reaching
+        none of them is kept alike; one that may have reached some keeps its own handling."""
         mine = _insync_results(rec, failed)
-        if not partial and _none_reached(rec, mine, changes, landed):
+        # A revert (``partial``) too: one sent to no replica changed none of them.
+        if _none_reached(rec, mine, changes, landed):
             self._none_answered(idx, rec, failed, retried)
         res = _refused_alike(rec, mine)
         if res is not None:
