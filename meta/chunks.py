@@ -10,14 +10,11 @@ registers (before its live key), so an ``admin`` record written before the ``inf
 current mod revision names an outage that ended when the server registered again, even if
 no leader saw it up in between (a leader change, a watch relisting). Such a ``down_since``
 is not counted (``ChunkView.down_since``), and the leader records the current outage from
-when it sees it (``mark_liveness``). An info write of a server still down (a registration
-that failed half-way) keeps the recorded start only if etcd's history shows its live key
-untouched since that outage was recorded (``mark_liveness``, ``registering``).
+when it sees it (``mark_liveness``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -25,7 +22,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from zstore import etcd as zetcd
 from zstore.errors import Conflict, NotFound
 from zstore.etcd import get_prefix_paged
 from zstore.records import ChunkAdmin, ChunkInfo, ChunkLive, ExtentRecord, Volume, now
@@ -329,46 +325,6 @@ async def remove_chunk(ctx: Ctx, chunk_id: str, force: bool) -> str:
                    hint="see `zstore chunk list`, then retry", retry=True)
 
 
-HISTORY_WAIT = 5.0   # seconds ``mark_liveness`` waits for etcd to replay a server's key history
-
-
-async def _put_admin(ctx: Ctx, key: bytes, compare: list, admin: ChunkAdmin) -> int:
-    """``ctx.txn`` putting ``admin`` at ``key``, answering the revision of the write (0: a
-    compare failed; Unavailable when the fence did)."""
-    ok, responses = await ctx.etcd.transaction(compare=compare + ctx.fence(),
-                                               success=[ctx.put(key, admin)], failure=[])
-    if ok:
-        return responses[0].response_put.header.revision
-    await ctx.txn([], [])                        # raises Unavailable if the fence failed
-    return 0
-
-
-async def _live_untouched(ctx: Ctx, chunk_id: str, after: int, until: int) -> bool:
-    """Whether etcd's history shows no event of the server's live key (a put: it came up; a
-    delete: it was up) in the revisions after ``after`` and before ``until``, a write to the
-    server's records at ``until`` being known (the end of the history asked for: etcd gives
-    a watch its events in order). False when it cannot tell: the history is compacted, or
-    not replayed within HISTORY_WAIT."""
-    live_key = ctx.keys.chunk_live(chunk_id)
-    watch = None
-    try:
-        async with asyncio.timeout(HISTORY_WAIT):
-            watch = await zetcd.create_watch(ctx.etcd, ctx.keys.chunk_dir(chunk_id),
-                                             start_revision=after + 1)
-            async for event in watch:
-                if event.kv.mod_revision >= until:
-                    return True
-                if event.kv.key == live_key:
-                    return False
-    except Exception as e:  # noqa: BLE001 - compacted, timed out, the watch failed: cannot tell
-        log.info("chunk server %s: its key history since revision %d is not known (%s: %s)",
-                 chunk_id, after, type(e).__name__, e)
-    finally:
-        if watch is not None:
-            await zetcd.cancel_watch(watch, HISTORY_WAIT)
-    return False
-
-
 async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool, registering: bool = False) -> None:
     """Leader bookkeeping: remember when a chunk server went down (for recovery grace).
 
@@ -376,18 +332,12 @@ async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool, registering: bool = F
     one recorded before it is over (the server came back, whether or not a leader saw it up),
     and the current one is recorded from now.
 
-    ``registering``: the server's info key was just written while it is down (the liveness
-    follower's info event; maybe handled late, the server having come up and gone down again
-    since). An outage recorded before that write goes on with its start, written again to be
-    newer than the info key, only if the server has not been up since it was recorded: etcd's
-    history of its live key shows no event since (``_live_untouched``). So a server that
-    keeps failing half-way through registering (info written, no live key) does not restart
-    its grace, and one that came up and went down again is not given its old outage back.
-    The check reads the history up to a marker write (the admin record with the start not
-    known, which is what readers made of it already: older than the info key), then writes
-    the start by compare-and-swap on that marker; a history not known records it from now.
-    (Only a server coming up and going down again between those two writes, one round trip,
-    goes unseen: the follower's next events, its live key's put and delete, record it.)"""
+    ``registering``: the server's info key was just written while it is down, and the caller
+    (the liveness follower) has watched without a gap since it last recorded this server's
+    state: had the server been up since its outage was recorded, the follower would have seen
+    its live key's put and cleared the outage. So the outage goes on with its start, written
+    again to be newer than the info key. A server that keeps failing half-way through
+    registering (info written, no live key) does not restart its grace so."""
     key, info_key = ctx.keys.chunk_admin(chunk_id), ctx.keys.chunk_info(chunk_id)
     for _ in range(5):
         info = await ctx.etcd.get(info_key)
@@ -401,14 +351,8 @@ async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool, registering: bool = F
             if admin.down_since is None and rev:
                 return
         elif registering:
-            live_key = ctx.keys.chunk_live(chunk_id)
-            if await ctx.etcd.get(live_key) is not None:
+            if await ctx.etcd.get(ctx.keys.chunk_live(chunk_id)) is not None:
                 return                           # up: the live key's own event records it
-            if admin.down_since is not None and not fresh:
-                done = await _carry_outage(ctx, chunk_id, admin, rev, info.mod_revision)
-                if done:
-                    return
-                continue                         # the records changed: look again
             want = admin.down_since or now()
             if fresh and admin.down_since == want:
                 return
@@ -432,32 +376,6 @@ async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool, registering: bool = F
             else:
                 log.warning("chunk server %s is DOWN (lease expired or revoked)", chunk_id)
             return
-
-
-async def _carry_outage(ctx: Ctx, chunk_id: str, admin: ChunkAdmin, rev: int, info_rev: int) -> bool:
-    """``mark_liveness(registering=True)`` for an outage recorded (``admin`` at ``rev``) before
-    the info write at ``info_rev``: keep its start if the server's live key has had no event
-    since, else record it from now. False: the records changed meanwhile (nothing decided)."""
-    key, info_key = ctx.keys.chunk_admin(chunk_id), ctx.keys.chunk_info(chunk_id)
-    live_key = ctx.keys.chunk_live(chunk_id)
-    was = admin.down_since
-    compare = [ctx.unchanged(key, rev), ctx.unchanged(info_key, info_rev), ctx.absent(live_key)]
-    admin.down_since = None                      # not known yet, as readers take it already
-    marker = await _put_admin(ctx, key, compare, admin)
-    if not marker:
-        return False
-    kept = await _live_untouched(ctx, chunk_id, rev, marker)
-    admin.down_since = was if kept else now()
-    compare = [ctx.unchanged(key, marker), ctx.unchanged(info_key, info_rev), ctx.absent(live_key)]
-    if not await ctx.txn(compare, [ctx.put(key, admin)]):
-        return False
-    if kept:
-        log.info("chunk server %s wrote its registration but is not up: still down since %s",
-                 chunk_id, _when(was))
-    else:
-        log.warning("chunk server %s is DOWN; its outage recorded at %s ended since (it came "
-                    "up, or its history is not known): recorded from now", chunk_id, _when(was))
-    return True
 
 
 def _when(t: float) -> str:

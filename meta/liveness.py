@@ -9,10 +9,7 @@ a relisting after the watch failed) records an outage that began before the
 server's latest registration afresh, as the leader did not see the server up in
 between (meta/chunks.py ``mark_liveness``). While watching, a registration that
 does not come up (its info key written, no live key) is seen and leaves the
-outage as it is, so such a server cannot put its grace off: ``mark_liveness``
-keeps the start if etcd's history shows the server's live key untouched since the
-outage was recorded, not because this follower saw nothing (it may handle the
-info write's event after the server came up and went down again).
+outage as it is, so such a server cannot put its grace off.
 """
 
 from __future__ import annotations
@@ -46,8 +43,8 @@ async def follow(ctx: Ctx, stop: asyncio.Event) -> None:
         if kp and kp[1] == "live":
             await chunks.mark_liveness(ctx, kp[0], event.kind == "PUT")
         elif kp and kp[1] == "info" and event.kind == "PUT":
-            # A server still down that wrote its info again: its outage goes on unless etcd's
-            # history shows it up since (this event may be handled after that happened).
+            # Watched since the listing: if the server is still down it has not been up since
+            # its outage was recorded (its live key's put would have come in between).
             await chunks.mark_liveness(ctx, kp[0], False, registering=True)
 
     await zetcd.watch_prefix(ctx.etcd, base, on_snapshot, on_event, stop)

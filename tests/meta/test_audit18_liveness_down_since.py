@@ -6,20 +6,12 @@ watch relisting) kept the first outage's timestamp: the new outage had its grace
 from the old one, and the recovery pass dropped and rebuilt the replicas of a server that
 was only re-registering. An outage now belongs to the registration it ended: one recorded
 before the server's latest registration (its ``info`` key rewritten since) is over.
-
-Review 213: the follower's handling of an info write of a server still down (a registration
-failing half-way) kept the recorded outage's start because the follower had seen no live
-put, but it may handle that event after the server came up and went down again: it wrote
-the previous outage back as the current one. It now keeps the start only if etcd's history
-shows the live key untouched since the outage was recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-
-import pytest
 
 from meta import chunks, extents, liveness
 from meta.recovery import Recovery
@@ -143,71 +135,3 @@ async def test_draining_a_down_server_does_not_make_an_old_outage_current(ctx):
     await chunks.mark_liveness(ctx, "c0", False)
     admin, _ = await admin_of(ctx, "c0")
     assert admin.down_since >= back - 1 and admin.state == "draining"
-
-
-# --- review 213: an info write's event handled late (the follower behind etcd) ---
-
-async def came_back_after_the_registration(ctx, cid):
-    """The registration handled late (info, then live) came up; the server went down again."""
-    await register_chunk(ctx, cid, labels={"zone": ZONES[cid]})
-    await ctx.etcd.delete(ctx.keys.chunk_live(cid))
-
-
-async def came_back_in_an_earlier_registration(ctx, cid):
-    """An earlier registration came up and went down; the one handled late fails half-way."""
-    await register_chunk(ctx, cid, labels={"zone": ZONES[cid]})
-    await ctx.etcd.delete(ctx.keys.chunk_live(cid))
-    await register_chunk(ctx, cid, labels={"zone": ZONES[cid]}, live=False)
-
-
-@pytest.mark.parametrize("came_back", [came_back_after_the_registration,
-                                       came_back_in_an_earlier_registration])
-async def test_a_late_registration_event_does_not_restore_an_outage_the_server_came_back_from(ctx, came_back):
-    """The follower handles an info write's event after the server came up and went down again
-    (it lags behind etcd): the outage recorded before is over, and not written back as the
-    current one (its replicas would be dropped at once, the grace counted from the old one)."""
-    vol = await extent_on(ctx, "v", ["c0", "c1", "c2"])
-    await chunk_down(ctx, "c0", ago=GRACE * 10)
-    old, _ = await admin_of(ctx, "c0")
-    back = time.time()
-    await came_back(ctx, "c0")
-    await chunks.mark_liveness(ctx, "c0", False, registering=True)     # the info PUT's event, late
-    admin, rev = await admin_of(ctx, "c0")
-    assert admin.down_since != old.down_since and admin.down_since >= back - 1
-    assert rev > await info_rev(ctx, "c0")                             # recorded as current
-    did = await Recovery(ctx, grace=GRACE).step()
-    assert did["dropped"] == []
-    got, _ = await extents.get_extent(ctx, vol.volume_id, 0)
-    assert got.replicas == ["c0", "c1", "c2"]
-
-
-async def test_a_late_half_registration_event_keeps_the_outage(ctx):
-    """The same late handling of a registration that never came up, with other keys written
-    meanwhile: the server was down all along, its outage goes on with its start (the case the
-    registering path is for), and its replicas go once the grace is over."""
-    vol = await extent_on(ctx, "v", ["c0", "c1", "c2"])
-    await chunk_down(ctx, "c0", ago=GRACE * 10)
-    old, _ = await admin_of(ctx, "c0")
-    await register_chunk(ctx, "c0", labels={"zone": ZONES["c0"]}, live=False)
-    await register_chunk(ctx, "c3", labels={"zone": ZONES["c3"]})      # other servers' writes
-    await chunks.mark_liveness(ctx, "c0", False, registering=True)
-    admin, rev = await admin_of(ctx, "c0")
-    assert admin.down_since == old.down_since and rev > await info_rev(ctx, "c0")
-    did = await Recovery(ctx, grace=GRACE).step()
-    assert did["dropped"] == [(vol.volume_id, 0, "c0")]
-
-
-async def test_a_registration_event_whose_history_is_compacted_records_the_outage_from_now(ctx):
-    """When etcd no longer has the history since the outage was recorded, nothing tells whether
-    the server came up in between: the outage is recorded from now (its grace may start again,
-    never end early)."""
-    await chunk_down(ctx, "c0", ago=GRACE * 10)
-    old, _ = await admin_of(ctx, "c0")
-    await register_chunk(ctx, "c0", labels={"zone": ZONES["c0"]}, live=False)
-    await register_chunk(ctx, "c3", labels={"zone": ZONES["c3"]}, live=False)
-    await ctx.etcd.compact(await info_rev(ctx, "c3"))     # c0's history since its outage: gone
-    before = time.time()
-    await chunks.mark_liveness(ctx, "c0", False, registering=True)
-    admin, rev = await admin_of(ctx, "c0")
-    assert admin.down_since != old.down_since and admin.down_since >= before - 1
-    assert rev > await info_rev(ctx, "c0")
