@@ -1450,18 +1450,20 @@ class Coordinator:
         return b"".join(out)
 
     async def _caw_send(self, parts, lo: int, buf, epoch: int, seq: int, fua: bool,
-                        runs=None):
+                        runs=None, differ=None):
         """Write ``buf`` (the range from ``lo``) to every replica of each part ONCE at
         ``epoch``; ``runs`` (per part, [(offset in extent, length)]) restricts it to those
-        runs. None when no replica was fenced (failures handled as a write handles them:
-        the failed replica is dropped), else per part (replicas, outcomes) of the attempt
-        (replicas None for a part not sent)."""
+        runs, and ``differ`` (per part) says whose replicas already hold different data (a
+        completion round there starts as landed: see ``_caw_send_part``). None when no
+        replica was fenced (failures handled as a write handles them: the failed replica is
+        dropped), else per part (replicas, outcomes) of the attempt (replicas None for a
+        part not sent)."""
         view = memoryview(buf)
         jobs = []
         for k, (idx, eoff, m) in enumerate(parts):
             pieces = [(eoff, m)] if runs is None else runs[k]
             jobs.append(self._caw_send_part(idx, eoff, m, pieces, lo, view, epoch, seq, fua,
-                                            completing=runs is not None))
+                                            completing=bool(differ and differ[k])))
         sent = await asyncio.gather(*jobs)
         if all(s is None or s[0] is None for s in sent):
             return None
@@ -1543,6 +1545,7 @@ class Coordinator:
         bs = self.block_size
         view, before = memoryview(buf), memoryview(old)
         fill: list[list[int]] = []
+        differ: list[bool] = []                     # per part: its replicas hold different data
         landed = False
         everywhere = True
         for idx, eoff, m in parts:
@@ -1562,6 +1565,7 @@ class Coordinator:
                                             landed=True)
             base = idx * EXTENT_SIZE + eoff - lo
             part: list[int] = []
+            differs = False
             for k in range(0, m, bs):
                 ours = bytes(view[base + k:base + k + bs])
                 was = bytes(before[base + k:base + k + bs])
@@ -1572,12 +1576,14 @@ class Coordinator:
                     landed = True
                     continue
                 everywhere = False
+                differs = differs or len(held) > 1
                 if ours in held:
                     landed = True
                     part.append(k)
                 elif held == {was}:
                     part.append(k)
             fill.append(part)
+            differ.append(differs)
         if everywhere:
             return "done", None
         if not landed:
@@ -1585,7 +1591,7 @@ class Coordinator:
         runs = [[(eoff + a, b - a) for a, b in _runs(ks, bs)] for (idx, eoff, m), ks in zip(parts, fill)]
         log.warning("volume %s: a fenced COMPARE AND WRITE at %d landed on some replicas only; "
                     "completing it on every replica", self.vid, lo)
-        sent = await self._caw_send(parts, lo, buf, epoch, seq, fua, runs)
+        sent = await self._caw_send(parts, lo, buf, epoch, seq, fua, runs, differ)
         self._caw_written(parts, True)
         return ("fenced", sent) if sent is not None else ("done", None)
 

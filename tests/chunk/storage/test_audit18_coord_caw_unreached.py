@@ -16,9 +16,9 @@ import pytest
 
 from chunk.blockdev import MediumError
 from chunk.storage import replicas as rk
-from chunk.storage.coordinator import NotServing
+from chunk.storage.coordinator import EXTENT_SIZE, NotServing
 
-from .test_compare_write import BS, N, X, _coordinator, _other_server, _replicas
+from .test_compare_write import BS, N, X, _coordinator, _EpochReplica, _other_server, _replicas
 
 
 def _fenced_by_another_server_on_b(reps) -> None:
@@ -67,4 +67,53 @@ def test_a_landed_fua_caw_whose_flush_nobody_answers_is_medium_error_not_not_rea
             await coord.compare_and_write(0, X, N, fua=True)
         assert [r.get(0, 0, BS) for r in reps.values()] == [N, N, N]     # it landed everywhere
         assert isinstance(e.value, MediumError) and not isinstance(e.value, NotServing)
+    asyncio.run(main())
+
+
+def test_an_untouched_extent_of_a_completion_reaching_no_replica_keeps_them_all(monkeypatch):
+    """Review of 8ce3f39: a CAW over two extents, fenced; it landed on extent 0 (A only) and
+    on extent 1 nowhere (A, B, C alike). Extent 1's completion round reaches no replica: its
+    replicas never differed and were sent nothing, yet every extent of the round started as
+    landed and they were dropped. Whether replicas differ is per extent now."""
+    async def main():
+        reps = {k: _EpochReplica(k) for k in "ABC"}
+        for r in reps.values():
+            r.put(0, EXTENT_SIZE - BS, X)
+            r.put(1, 0, X)
+            r.lag[1] = 0.01                      # extent 1's writes arrive after the fence
+        coord = _coordinator(monkeypatch, reps, extents=(0, 1))
+
+        def other(replica, idx):
+            if replica.chunk_id == "B" and idx == 0 and replica.highest < 8:
+                _other_server(reps, 8, "ABC")    # A took extent 0 already (sent first)
+        reps["B"].hook = other
+        for r in reps.values():
+            orig = r.start_write
+
+            def cut(vid, idx, off, data, epoch, seq, fua=False, r=r, orig=orig):
+                if epoch >= 9 and idx == 1:
+                    async def fail():
+                        raise rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "dial refused", unsent=True)
+                    return fail()
+                return orig(vid, idx, off, data, epoch, seq, fua)
+            r.start_write = cut
+        with pytest.raises(MediumError):
+            await coord.compare_and_write(EXTENT_SIZE - BS, X + X, N + N)
+        assert coord.extents[1].replicas == ["A", "B", "C"], "alike, never sent anything: dropped"
+    asyncio.run(main())
+
+
+def test_a_revert_sent_to_no_replica_keeps_them_all(monkeypatch):
+    """A revert (``partial``) that reached no replica (every one unsent) changed none: all are
+    kept and it fails NOT READY; before, it went down the drop path to one replica."""
+    async def main():
+        reps = _replicas()
+        coord = _coordinator(monkeypatch, reps)
+        for r in reps.values():
+            async def revert(vid, idx, epoch, to, seq, r=r):
+                raise rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "dial refused", unsent=True)
+            r.revert = revert
+        with pytest.raises(NotServing):
+            await coord._revert(1)
+        assert coord.extents[0].replicas == ["A", "B", "C"] and coord.counters["drops"] == 0
     asyncio.run(main())
