@@ -74,6 +74,20 @@ def required_path(request: Any, field: str) -> str:
     return os.path.normpath(p)
 
 
+def refuse_symlink(path: str, field: str) -> None:
+    """A mount at a symlink lands where it points (mount follows it), where no later call
+    finds it (a mount point is never a symlink, so ``mount_at`` of the link is None): a
+    publish there would mount over whatever the link names, stack another mount at each
+    retry, and leave NodeUnpublish refusing. FAILED_PRECONDITION, nothing done."""
+    if os.path.islink(path):
+        try:
+            dest = os.readlink(path)
+        except OSError:
+            dest = "?"
+        raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{field} {path} is a symlink (to {dest}): not mounting through it")
+
+
 # mount(8)'s own operations and helpers, which libmount takes from the -o string as well: not
 # options of the filesystem being mounted
 _MOUNT_OPS = {"bind", "rbind", "move", "remount", "offset", "sizelimit", "encryption", "helper"}
@@ -519,6 +533,8 @@ class Node(pbg.NodeServicer):
         if not request.HasField("volume_capability"):
             raise invalid("volume_capability is required")
         kind = check_capability(request.volume_capability)
+        if kind != "block":
+            refuse_symlink(staging, "staging_target_path")      # the filesystem mounts there
         info = attach_info(request)
         try:
             chap, discovery_chap = from_secrets(request.secrets)
@@ -832,6 +848,7 @@ class Node(pbg.NodeServicer):
         target = required_path(request, "target_path")
         if not request.HasField("volume_capability"):
             raise invalid("volume_capability is required")
+        refuse_symlink(target, "target_path")
         kind = check_capability(request.volume_capability)
         ro = request.readonly or readonly_of(request)
         async with self._exclusive(vid):

@@ -258,3 +258,32 @@ async def test_a_symlink_at_the_staging_path_never_unmounts_what_it_points_at(tm
         pb.NodeUnstageVolumeRequest(volume_id="v1", staging_target_path=str(link / GLOBAL)),
         AbortCtx())                                        # never staged here: nothing to do
     assert str(other) in _under(tmp_path)                  # still mounted
+
+
+async def test_publish_and_stage_refuse_a_symlink_where_they_would_mount(tmp_path: Path, real_kubelet):
+    """Review of cf1d33a: lookups no longer follow a final symlink, but publish and stage still
+    mounted through one (mount follows it): over whatever the link names, another mount stacked
+    at each retry (never found), and NodeUnpublish then refused. Both refuse it now, nothing
+    mounted."""
+    data, link = real_kubelet
+    other = data / "other mount"
+    other.mkdir()
+    _mount("-t", "tmpfs", "zstore-audit18", str(other))
+    (data / POD).parent.mkdir(parents=True)
+    (data / POD).symlink_to(other)
+    (data / GLOBAL).parent.mkdir(parents=True)
+    (data / GLOBAL).symlink_to(other)
+    node = _node_on_host(tmp_path)
+    before = _under(tmp_path)
+    with pytest.raises(RuntimeError) as e:
+        await node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id="v1", staging_target_path=str(link / GLOBAL), target_path=str(link / POD),
+            volume_capability=cap()), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION and "symlink" in e.value.args[1]
+    with pytest.raises(RuntimeError) as e:
+        await node.NodeStageVolume(pb.NodeStageVolumeRequest(
+            volume_id="v1", staging_target_path=str(link / GLOBAL), volume_capability=cap(),
+            publish_context={"targetPortal": "127.0.0.2:3260", "iqn": "iqn.2026-11.io.zstore:t1",
+                             "lun": "1", "wwn": "6001405" + "0" * 25}), AbortCtx())
+    assert e.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION and "symlink" in e.value.args[1]
+    assert _under(tmp_path) == before                       # nothing mounted anywhere
