@@ -35,6 +35,7 @@ class MetaClient:
         self.retry_for = retry_for
         self._ssl = tls_context(ca_file) if ca_file else None     # ConfigError if unusable
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     async def _leader_url(self) -> str | None:
         got = await self.etcd.get(self.keys.leader())
@@ -46,18 +47,24 @@ class MetaClient:
             return None
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
-        """JSON result of ``method /api/v1{path}``; MetaError for a definite refusal."""
+        """JSON result of ``method /api/v1{path}``; MetaError for a definite refusal, and for
+        a client closed before or during the call (503: a stopping server's, nothing refused)."""
+        if self._closed:
+            raise MetaError(503, "meta client closed (this server is stopping)")
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        session = self._session
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_for
         last = "no meta leader"
         while True:
             url = await self._leader_url()
+            if self._closed:
+                raise MetaError(503, "meta client closed (this server is stopping)")
             if url:
                 try:
-                    async with self._session.request(method, f"{url}/api/v1{path}", json=body,
+                    async with session.request(method, f"{url}/api/v1{path}", json=body,
                                                      headers=headers, ssl=self._ssl) as r:
                         data = await r.json(content_type=None)
                         if r.status < 300:
@@ -66,13 +73,20 @@ class MetaClient:
                         if r.status != 503:
                             raise MetaError(r.status, msg, data)
                         last = msg
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RuntimeError) as e:
+                    if self._closed:        # the session closed under the request
+                        raise MetaError(503, "meta client closed (this server is stopping)") from None
+                    if isinstance(e, RuntimeError):
+                        raise
                     last = f"{type(e).__name__}: {e}"
             if loop.time() >= deadline:
                 raise MetaError(503, f"meta unreachable for {self.retry_for:.0f}s: {last}")
             await asyncio.sleep(0.3)
+            if self._closed:
+                raise MetaError(503, "meta client closed (this server is stopping)")
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
