@@ -10,7 +10,11 @@ registers (before its live key), so an ``admin`` record written before the ``inf
 current mod revision names an outage that ended when the server registered again, even if
 no leader saw it up in between (a leader change, a watch relisting). Such a ``down_since``
 is not counted (``ChunkView.down_since``), and the leader records the current outage from
-when it sees it (``mark_liveness``).
+when it sees it (``mark_liveness``). While the leader watches, an info write of a server
+that stays down keeps its outage's start; the leader sets it aside meanwhile (a marker: the
+admin record with ``down_since`` None, counted as not known, like an older record) and
+writes it back from what its own ordered stream of events shows (``mark_registration``,
+``restore_outage``).
 """
 
 from __future__ import annotations
@@ -325,19 +329,13 @@ async def remove_chunk(ctx: Ctx, chunk_id: str, force: bool) -> str:
                    hint="see `zstore chunk list`, then retry", retry=True)
 
 
-async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool, registering: bool = False) -> None:
+async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool) -> None:
     """Leader bookkeeping: remember when a chunk server went down (for recovery grace).
 
     Down: an outage already recorded since the server's latest registration keeps its start;
     one recorded before it is over (the server came back, whether or not a leader saw it up),
-    and the current one is recorded from now.
-
-    ``registering``: the server's info key was just written while it is down, and the caller
-    (the liveness follower) has watched without a gap since it last recorded this server's
-    state: had the server been up since its outage was recorded, the follower would have seen
-    its live key's put and cleared the outage. So the outage goes on with its start, written
-    again to be newer than the info key. A server that keeps failing half-way through
-    registering (info written, no live key) does not restart its grace so."""
+    and the current one is recorded from now. (A registration that does not come up while
+    the liveness follower watches: ``mark_registration``.)"""
     key, info_key = ctx.keys.chunk_admin(chunk_id), ctx.keys.chunk_info(chunk_id)
     for _ in range(5):
         info = await ctx.etcd.get(info_key)
@@ -350,12 +348,6 @@ async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool, registering: bool = F
             want = None
             if admin.down_since is None and rev:
                 return
-        elif registering:
-            if await ctx.etcd.get(ctx.keys.chunk_live(chunk_id)) is not None:
-                return                           # up: the live key's own event records it
-            want = admin.down_since or now()
-            if fresh and admin.down_since == want:
-                return
         else:
             want = (admin.down_since if fresh else None) or now()
             if fresh and admin.down_since == want:
@@ -366,9 +358,6 @@ async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool, registering: bool = F
         if await ctx.txn([cmp, ctx.unchanged(info_key, info.mod_revision)], [ctx.put(key, admin)]):
             if up:
                 log.info("chunk server %s is up", chunk_id)
-            elif registering and was is not None:
-                log.info("chunk server %s wrote its registration but is not up: still down since %s",
-                         chunk_id, _when(want))
             elif was is not None and was != want:
                 log.warning("chunk server %s is DOWN (lease expired or revoked); its outage recorded "
                             "at %s ended with a registration since (not seen up by this leader)",
@@ -376,6 +365,117 @@ async def mark_liveness(ctx: Ctx, chunk_id: str, up: bool, registering: bool = F
             else:
                 log.warning("chunk server %s is DOWN (lease expired or revoked)", chunk_id)
             return
+
+
+@dataclass
+class Pending:
+    """An outage's start the liveness follower may write back (``mark_registration``): the
+    server registered again while down, and whether it came up since shows only in the
+    follower's own stream of events, up to ``marker`` (the revision of the admin write that
+    set the start aside; 0: carried to the server's next info write, ``restore_outage``)."""
+    start: float
+    marker: int
+    info_rev: int                # the info key's mod revision the marker was written over
+
+
+async def _put_admin(ctx: Ctx, key: bytes, compare: list, admin: ChunkAdmin) -> int:
+    """``ctx.txn`` putting ``admin`` at ``key``, answering the revision of the write (0: a
+    compare failed; Unavailable when the fence did)."""
+    ok, responses = await ctx.etcd.transaction(compare=compare + ctx.fence(),
+                                               success=[ctx.put(key, admin)], failure=[])
+    if ok:
+        return responses[0].response_put.header.revision
+    await ctx.txn([], [])                        # raises Unavailable if the fence failed
+    return 0
+
+
+async def mark_registration(ctx: Ctx, chunk_id: str, carried: float | None = None) -> Pending | None:
+    """The liveness follower's handling of an info write (a registration) of ``chunk_id``:
+    what to write now, and the outage's start it may write back once its stream shows more.
+
+    Up now: nothing (the live key's own event records it). Down, with an outage recorded
+    since that write: it goes on with its start. Down, with an outage ``S`` recorded before
+    it: the server has not been up between that record and the info write (the follower
+    watched without a gap: it would have handled a live event in between), but it may have
+    come up since and gone down again (the follower handles the event late). So the admin
+    record is written with the start not known (``down_since`` None: what readers made of a
+    record older than the info key already, so nothing is counted for it meanwhile: a
+    *marker*), compared on the admin, info and live keys, and the follower keeps
+    ``Pending(S, marker revision)``: if its stream shows a live put or delete of the server
+    before the marker's own event, the outage ``S`` is over and the live events record the
+    truth; if the marker's event comes first, nothing happened to the live key in between and
+    ``restore_outage`` writes ``S`` back. Nothing here waits for anything but its writes.
+
+    ``carried``: an outage's start still pending from a marker written before (its event
+    came with the server registering again since, ``restore_outage``), and no live event in
+    the follower's stream since: a new marker carries it. So a server that keeps failing
+    half-way through registering (info written, no live key) does not restart its grace."""
+    key, info_key, live_key = (ctx.keys.chunk_admin(chunk_id), ctx.keys.chunk_info(chunk_id),
+                               ctx.keys.chunk_live(chunk_id))
+    for _ in range(5):
+        info = await ctx.etcd.get(info_key)
+        if info is None:
+            return None
+        if await ctx.etcd.get(live_key) is not None:
+            return None                          # up: the live key's own event records it
+        admin, rev = await ctx.get(key, ChunkAdmin)
+        admin = admin or ChunkAdmin(chunk_id=chunk_id)
+        fresh = rev > info.mod_revision          # written since the latest registration
+        start = carried if carried is not None and admin.down_since is None else (
+            admin.down_since if not fresh else None)
+        compare = [ctx.unchanged(key, rev) if rev else ctx.absent(key),
+                   ctx.unchanged(info_key, info.mod_revision), ctx.absent(live_key)]
+        if start is not None:
+            admin.down_since = None              # the marker: the start not known yet
+            marker = await _put_admin(ctx, key, compare, admin)
+            if marker:
+                log.info("chunk server %s wrote its registration but is not up: its outage since "
+                         "%s goes on unless it came up meanwhile (revision %d)", chunk_id,
+                         _when(start), marker)
+                return Pending(start=start, marker=marker, info_rev=info.mod_revision)
+            continue
+        want = admin.down_since or now()         # fresh: an outage recorded since the write
+        if fresh and admin.down_since == want:
+            return None
+        admin.down_since = want
+        if await ctx.txn(compare, [ctx.put(key, admin)]):
+            log.warning("chunk server %s is DOWN (registered again, not up)", chunk_id)
+            return None
+    return None
+
+
+async def restore_outage(ctx: Ctx, chunk_id: str, pending: Pending) -> Pending | None:
+    """The follower's handling of its marker's own event (``mark_registration``): no live
+    event of the server came in its stream between the info write and the marker, so the
+    server has not been up since the outage ``pending.start`` was recorded; write that start
+    back, compared on the admin record (still the marker's start not known: a drain since
+    is kept), the info key (no registration since the marker) and the live key (absent).
+
+    Answers None when done (written back, or the outage is over: the server is up now, or
+    was removed, or an outage was recorded since), or the entry to carry to the server's
+    next info write: it registered again since the marker (that write's event is still to
+    come in the follower's stream, after the marker's)."""
+    key, info_key, live_key = (ctx.keys.chunk_admin(chunk_id), ctx.keys.chunk_info(chunk_id),
+                               ctx.keys.chunk_live(chunk_id))
+    for _ in range(5):
+        info = await ctx.etcd.get(info_key)
+        if info is None:
+            return None
+        if info.mod_revision != pending.info_rev:
+            return Pending(start=pending.start, marker=0, info_rev=info.mod_revision)
+        if await ctx.etcd.get(live_key) is not None:
+            return None                          # up: its live event, still to come, records it
+        admin, rev = await ctx.get(key, ChunkAdmin)
+        if admin is None or admin.down_since is not None:
+            return None
+        admin.down_since = pending.start
+        compare = [ctx.unchanged(key, rev), ctx.unchanged(info_key, info.mod_revision),
+                   ctx.absent(live_key)]
+        if await ctx.txn(compare, [ctx.put(key, admin)]):
+            log.info("chunk server %s wrote its registration but did not come up: still down "
+                     "since %s", chunk_id, _when(pending.start))
+            return None
+    return None
 
 
 def _when(t: float) -> str:
