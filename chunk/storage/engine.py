@@ -530,13 +530,22 @@ class StorageEngine:
         except Exception as e:  # noqa: BLE001 - recorded on the task for the status; retried
             log.error("recovery of %s extent %d to %s failed: %s", task.volume_id, task.index,
                       task.target, e)
-            got = await self.etcd.get(key)
-            if got is not None:
+            # A few tries: the meta leader writes the task too (its idle note), and a note
+            # landing between this read and the write lost the attempt's error (never counted
+            # by the leader's failure count, never shown). A task re-planned onto another
+            # executor meanwhile is not ours to write.
+            for _ in range(3):
+                got = await self.etcd.get(key)
+                if got is None:
+                    break
                 cur = RecoveryTask.decode(got.value)
+                if cur.executor != self.chunk_id:
+                    break
                 # Nothing of the failed attempt carries over to the next (it copies from the
                 # beginning): a pending task shows no bytes done.
                 cur.state, cur.error, cur.done_bytes = "pending", str(e)[:300], 0
-                await self._put_task(key, cur, got.mod_revision)
+                if await self._put_task(key, cur, got.mod_revision) is not None:
+                    break
             return False
         finally:
             await self.release(coord)
