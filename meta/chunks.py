@@ -441,6 +441,9 @@ async def mark_registration(ctx: Ctx, chunk_id: str, carried: float | None = Non
         if await ctx.txn(compare, [ctx.put(key, admin)]):
             log.warning("chunk server %s is DOWN (registered again, not up)", chunk_id)
             return None
+    log.warning("chunk server %s: its registration's outage not recorded (its records kept "
+                "changing under 5 attempts); left so until its next event or the next listing",
+                chunk_id)
     return None
 
 
@@ -475,6 +478,9 @@ async def restore_outage(ctx: Ctx, chunk_id: str, pending: Pending) -> Pending |
             log.info("chunk server %s wrote its registration but did not come up: still down "
                      "since %s", chunk_id, _when(pending.start))
             return None
+    log.warning("chunk server %s: its outage since %s not written back (its records kept "
+                "changing under 5 attempts); left so until its next event or the next listing",
+                chunk_id, _when(pending.start))
     return None
 
 
