@@ -87,7 +87,7 @@ from typing import Any, AsyncIterator, Callable, ClassVar
 
 from zstore.errors import InsufficientResources, Unavailable
 from zstore.etcd import get_prefix_paged
-from zstore.records import ExtentRecord, RecoveryTask, Volume, VolumeOwner
+from zstore.records import RECOVERY_SLOTS, ExtentRecord, RecoveryTask, Volume, VolumeOwner
 
 from . import chunks as chunkmod
 from . import volops
@@ -116,13 +116,10 @@ MIN_STALL_TIMEOUT = 60.0
 # A leader writes a task's idle note again (adding what it observed) after this share of the
 # stall timeout: each term's observation reaches the record, less at most this much.
 NOTE_SHARE = 10
-# Copies a chunk server runs at once: a pending task of an executor with fewer running copies
-# than this is not waiting for a slot. A COPY of chunk/storage/engine.py's own number, the
-# literal in ``self._recovery_slots = asyncio.Semaphore(2)`` (Engine.__init__): nothing ties
-# the two, so change both together. Set lower here than there, a pending task queued behind
-# running copies would be spared while a slot is still free (never timed out if its executor
-# missed it); set higher, one queued for a slot would be timed out and placed again.
-EXECUTOR_SLOTS = 2
+# Copies a chunk server runs at once (``zstore.records.RECOVERY_SLOTS``, which the engine's
+# semaphore uses too): a pending task of an executor with fewer running copies than this is
+# not waiting for a slot.
+EXECUTOR_SLOTS = RECOVERY_SLOTS
 
 OK, WAITING, GONE = "ok", "waiting", "gone"
 

@@ -258,6 +258,11 @@ class VolumeOp(Record):
     claim_epoch: int = 0         # the executor's owner epoch when it claimed the op (running)
 
 
+# Copies a chunk server runs at once (its engine's recovery slots); the meta leader counts on
+# it to tell a pending task queued for a slot from one whose executor missed it.
+RECOVERY_SLOTS = 2
+
+
 @dataclass
 class RecoveryTask(Record):
     """Bring one extent back to full replica count: resync a stale copy or rebuild a new one."""

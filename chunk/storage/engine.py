@@ -20,7 +20,8 @@ from typing import Any
 from chunk.blockdev import ReadOnlyError
 from zstore import etcd as zetcd
 from zstore.keys import Keys
-from zstore.records import ClusterInfo, ExtentRecord, RecordError, RecoveryTask, Volume, VolumeOp
+from zstore.records import (RECOVERY_SLOTS, ClusterInfo, ExtentRecord, RecordError, RecoveryTask,
+                             Volume, VolumeOp)
 
 from . import replicas as rk
 from .coordinator import Coordinator
@@ -149,7 +150,7 @@ class StorageEngine:
         self._releasing: set[asyncio.Task] = set()   # coordinators released by a closed device
         self._running: dict[str, asyncio.Task] = {}          # op/task key -> task
         self._rerun: dict[str, Any] = {}                     # key -> start again when it ends
-        self._recovery_slots = asyncio.Semaphore(2)
+        self._recovery_slots = asyncio.Semaphore(RECOVERY_SLOTS)   # the meta counts on it
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
 
