@@ -42,9 +42,9 @@ saw) is placed again the same way, measured on the leader's own monotonic clock 
 when it first saw the record's current version. A running copy rewrites its record
 (``report_progress``) after each range it copies, at most once a second: the timeout is
 far above that gap (``STALL_TIMEOUT``). A pending task waits without timing out while its
-executor's copy slots (``EXECUTOR_SLOTS``, chunk/storage/engine.py) are all held by
-running tasks that changed within the timeout, at this pass or the one before: it is
-queued for a slot. With a slot free it would have started, so it is timed like any other.
+executor's copy slots (``EXECUTOR_SLOTS``: ``zstore.records.RECOVERY_SLOTS``, the engine's)
+are all held by running tasks that changed within the timeout, at this pass or the one
+before: it is queued for a slot. With a slot free it would have started, so it is timed like any other.
 
 What the timer and the failure count need outlives the leader's term: the leader keeps
 them in the task record (``TrackedTask``: for how many seconds the record had not changed

@@ -511,6 +511,7 @@ class StorageEngine:
         got = await self.etcd.get(key)
         if got is None:
             return None
+        created = got.create_revision           # this task, not one re-created at the same key
         task = RecoveryTask.decode(got.value)
         if task.executor != self.chunk_id:
             return None
@@ -533,11 +534,11 @@ class StorageEngine:
                       task.target, e)
             # A few tries: the meta leader writes the task too (its idle note), and a note
             # landing between this read and the write lost the attempt's error (never counted
-            # by the leader's failure count, never shown). A task re-planned onto another
-            # executor meanwhile is not ours to write.
+            # by the leader's failure count, never shown). A task re-planned meanwhile (onto
+            # another executor, or deleted and planned again, maybe here) is not ours to write.
             for _ in range(3):
                 got = await self.etcd.get(key)
-                if got is None:
+                if got is None or got.create_revision != created:
                     break
                 cur = RecoveryTask.decode(got.value)
                 if cur.executor != self.chunk_id:
@@ -547,6 +548,9 @@ class StorageEngine:
                 cur.state, cur.error, cur.done_bytes = "pending", str(e)[:300], 0
                 if await self._put_task(key, cur, got.mod_revision) is not None:
                     break
+            else:
+                log.warning("recovery of %s extent %d: its error not recorded (the task kept "
+                            "changing under 3 attempts)", task.volume_id, task.index)
             return False
         finally:
             await self.release(coord)

@@ -88,3 +88,30 @@ async def test_a_task_reassigned_meanwhile_is_not_written_over(etcd_client, etcd
     assert await eng._recovery_attempt(key) is False                   # noqa: SLF001
     task = RecoveryTask.decode((await etcd_client.get(key)).value)
     assert task.executor == "other" and task.state == "pending" and task.error is None
+
+
+async def test_a_task_deleted_and_planned_again_here_is_not_written_over(etcd_client, etcd_config):
+    """Review of a8597e3: the copy hung past the stall timeout, the leader deleted the task
+    and planned a new one for the same extent, again on this server (the volume's owner): the
+    old attempt's error (naming the old target) went onto the new task."""
+    keys = Keys(etcd_config.prefix)
+    key = keys.recovery_task(VID, IDX)
+    await etcd_client.put(keys.extent(VID, IDX), ExtentRecord(VID, IDX, ["A", "B"], 5, {}).encode())
+    await etcd_client.put(key, RecoveryTask(VID, IDX, TARGET, "rebuild", "me", 3).encode())
+    eng = _engine(etcd_client, keys)
+
+    class Coord:
+        async def run_recovery(self, t, rev, rate):
+            await etcd_client.delete(key)
+            await etcd_client.put(key, RecoveryTask(VID, IDX, "D", "rebuild", "me", 3).encode())
+            raise MediumError(f"target {TARGET} failed during the copy")
+
+    async def coordinator(vid):
+        return Coord()
+
+    async def release(coord):
+        pass
+    eng.coordinator, eng.release = coordinator, release
+    assert await eng._recovery_attempt(key) is False                   # noqa: SLF001
+    task = RecoveryTask.decode((await etcd_client.get(key)).value)
+    assert task.target == "D" and task.state == "pending" and task.error is None

@@ -20,7 +20,7 @@ from chunk.storage.coordinator import MediumError
 from chunk.storage.engine import StorageEngine
 from zstore.etcd import EtcdUnavailable
 from zstore.keys import Keys
-from zstore.records import ExtentRecord, RecoveryTask
+from zstore.records import RECOVERY_SLOTS, ExtentRecord, RecoveryTask
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,7 +56,7 @@ class _FlakyEtcd:
 def _engine(etcd, keys: Keys) -> StorageEngine:
     eng = StorageEngine.__new__(StorageEngine)        # the assignment side only
     eng._running, eng._rerun, eng._stop = {}, {}, asyncio.Event()   # noqa: SLF001
-    eng._recovery_slots = asyncio.Semaphore(2)                       # noqa: SLF001
+    eng._recovery_slots = asyncio.Semaphore(RECOVERY_SLOTS)          # noqa: SLF001
     eng.etcd, eng.keys, eng.chunk_id, eng.recovery_rate = etcd, keys, "me", 0
     return eng
 
