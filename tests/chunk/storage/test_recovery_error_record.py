@@ -40,17 +40,19 @@ class _NotingEtcd:
         return await self._etcd.transaction(**kw)
 
 
-async def test_a_leader_note_between_read_and_write_does_not_lose_the_attempts_error(
-        etcd_client, etcd_config):
+async def _failed_attempt(etcd_client, etcd_config, during_copy, wrap=None) -> RecoveryTask:
+    """One recovery attempt of a task assigned to this server ("me") whose copy fails after
+    ``during_copy(key)`` ran; the engine reads etcd through ``wrap(key)`` if given. The task
+    record left."""
     keys = Keys(etcd_config.prefix)
     key = keys.recovery_task(VID, IDX)
     await etcd_client.put(keys.extent(VID, IDX), ExtentRecord(VID, IDX, ["A", "B"], 5, {}).encode())
     await etcd_client.put(key, RecoveryTask(VID, IDX, TARGET, "rebuild", "me", 3).encode())
-    noting = _NotingEtcd(etcd_client, key, {2})          # the error path's read
-    eng = _engine(noting, keys)
+    eng = _engine(wrap(key) if wrap else etcd_client, keys)
 
     class Coord:
         async def run_recovery(self, t, rev, rate):
+            await during_copy(key)
             raise MediumError(f"target {TARGET} failed during the copy: connection reset")
 
     async def coordinator(vid):
@@ -60,33 +62,30 @@ async def test_a_leader_note_between_read_and_write_does_not_lose_the_attempts_e
         pass
     eng.coordinator, eng.release = coordinator, release
     assert await eng._recovery_attempt(key) is False                   # noqa: SLF001
-    assert noting.notes == 1
-    task = RecoveryTask.decode((await etcd_client.get(key)).value)
+    return RecoveryTask.decode((await etcd_client.get(key)).value)
+
+
+async def _nothing(key) -> None:
+    pass
+
+
+async def test_a_leader_note_between_read_and_write_does_not_lose_the_attempts_error(
+        etcd_client, etcd_config):
+    noting = []
+
+    def wrap(key):
+        noting.append(_NotingEtcd(etcd_client, key, {2}))   # the error path's read
+        return noting[0]
+    task = await _failed_attempt(etcd_client, etcd_config, _nothing, wrap)
+    assert noting[0].notes == 1
     assert task.state == "pending" and "connection reset" in (task.error or "")
     assert task.executor == "me" and task.done_bytes == 0
 
 
 async def test_a_task_reassigned_meanwhile_is_not_written_over(etcd_client, etcd_config):
-    keys = Keys(etcd_config.prefix)
-    key = keys.recovery_task(VID, IDX)
-    await etcd_client.put(keys.extent(VID, IDX), ExtentRecord(VID, IDX, ["A", "B"], 5, {}).encode())
-    await etcd_client.put(key, RecoveryTask(VID, IDX, TARGET, "rebuild", "me", 3).encode())
-    eng = _engine(etcd_client, keys)
-
-    class Coord:
-        async def run_recovery(self, t, rev, rate):
-            # the meta re-planned the task onto another executor during the copy
-            await etcd_client.put(key, RecoveryTask(VID, IDX, TARGET, "rebuild", "other", 3).encode())
-            raise MediumError("target failed")
-
-    async def coordinator(vid):
-        return Coord()
-
-    async def release(coord):
-        pass
-    eng.coordinator, eng.release = coordinator, release
-    assert await eng._recovery_attempt(key) is False                   # noqa: SLF001
-    task = RecoveryTask.decode((await etcd_client.get(key)).value)
+    async def replanned(key):               # onto another executor during the copy
+        await etcd_client.put(key, RecoveryTask(VID, IDX, TARGET, "rebuild", "other", 3).encode())
+    task = await _failed_attempt(etcd_client, etcd_config, replanned)
     assert task.executor == "other" and task.state == "pending" and task.error is None
 
 
@@ -94,24 +93,8 @@ async def test_a_task_deleted_and_planned_again_here_is_not_written_over(etcd_cl
     """Review of a8597e3: the copy hung past the stall timeout, the leader deleted the task
     and planned a new one for the same extent, again on this server (the volume's owner): the
     old attempt's error (naming the old target) went onto the new task."""
-    keys = Keys(etcd_config.prefix)
-    key = keys.recovery_task(VID, IDX)
-    await etcd_client.put(keys.extent(VID, IDX), ExtentRecord(VID, IDX, ["A", "B"], 5, {}).encode())
-    await etcd_client.put(key, RecoveryTask(VID, IDX, TARGET, "rebuild", "me", 3).encode())
-    eng = _engine(etcd_client, keys)
-
-    class Coord:
-        async def run_recovery(self, t, rev, rate):
-            await etcd_client.delete(key)
-            await etcd_client.put(key, RecoveryTask(VID, IDX, "D", "rebuild", "me", 3).encode())
-            raise MediumError(f"target {TARGET} failed during the copy")
-
-    async def coordinator(vid):
-        return Coord()
-
-    async def release(coord):
-        pass
-    eng.coordinator, eng.release = coordinator, release
-    assert await eng._recovery_attempt(key) is False                   # noqa: SLF001
-    task = RecoveryTask.decode((await etcd_client.get(key)).value)
+    async def planned_again(key):
+        await etcd_client.delete(key)
+        await etcd_client.put(key, RecoveryTask(VID, IDX, "D", "rebuild", "me", 3).encode())
+    task = await _failed_attempt(etcd_client, etcd_config, planned_again)
     assert task.target == "D" and task.state == "pending" and task.error is None
