@@ -28,21 +28,27 @@ def _fenced_by_another_server_on_b(reps) -> None:
     reps["B"].hook = other
 
 
+def _unsent_after_the_retake(reps, extents=None) -> None:
+    """Every send at the retaken epoch (9: the completion round) fails before it leaves
+    (``unsent``), on every extent or on those listed."""
+    for r in reps.values():
+        orig = r.start_write
+
+        def cut(vid, idx, off, data, epoch, seq, fua=False, r=r, orig=orig):
+            if epoch >= 9 and (extents is None or idx in extents):
+                async def fail():
+                    raise rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "dial refused", unsent=True)
+                return fail()
+            return orig(vid, idx, off, data, epoch, seq, fua)
+        r.start_write = cut
+
+
 def test_a_completion_reaching_no_replica_drops_rather_than_keeping_them_differing(monkeypatch):
     async def main():
         reps = _replicas()
         coord = _coordinator(monkeypatch, reps)
         _fenced_by_another_server_on_b(reps)
-        for r in reps.values():
-            orig = r.start_write
-
-            def cut(vid, idx, off, data, epoch, seq, fua=False, r=r, orig=orig):
-                if epoch >= 9:                       # the completion, after the retake
-                    async def fail():
-                        raise rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "dial refused", unsent=True)
-                    return fail()
-                return orig(vid, idx, off, data, epoch, seq, fua)
-            r.start_write = cut
+        _unsent_after_the_retake(reps)
         with pytest.raises(MediumError):
             await coord.compare_and_write(0, X, N)
         # Before: nobody dropped, A (ours) beside B and C (old) all in sync. Now they are
@@ -87,16 +93,7 @@ def test_an_untouched_extent_of_a_completion_reaching_no_replica_keeps_them_all(
             if replica.chunk_id == "B" and idx == 0 and replica.highest < 8:
                 _other_server(reps, 8, "ABC")    # A took extent 0 already (sent first)
         reps["B"].hook = other
-        for r in reps.values():
-            orig = r.start_write
-
-            def cut(vid, idx, off, data, epoch, seq, fua=False, r=r, orig=orig):
-                if epoch >= 9 and idx == 1:
-                    async def fail():
-                        raise rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "dial refused", unsent=True)
-                    return fail()
-                return orig(vid, idx, off, data, epoch, seq, fua)
-            r.start_write = cut
+        _unsent_after_the_retake(reps, extents={1})
         with pytest.raises(MediumError):
             await coord.compare_and_write(EXTENT_SIZE - BS, X + X, N + N)
         assert coord.extents[1].replicas == ["A", "B", "C"], "alike, never sent anything: dropped"
