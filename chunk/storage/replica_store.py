@@ -1835,7 +1835,12 @@ class ReplicaStore:
         """A sync of ``group``'s file begun after now, in a worker thread; a failure retires
         ``rep`` on the loop, as a failed ``flush_async`` does (``_durable_async``: shielded,
         so a cancelled caller still has the outcome acted on, and ``hold`` kept until it ends)."""
-        done = hold.sync = group.wait()
+        await self._await_sync(rep, group.wait(), hold)
+
+    async def _await_sync(self, rep: _Replica, done: asyncio.Future, hold: _Hold) -> None:
+        """Wait for the sync ``done`` of ``rep``'s files, held by ``hold`` until it ends (a
+        cancelled caller's too: shielded); a failure retires ``rep`` on the loop."""
+        hold.sync = done
         done.add_done_callback(lambda f: self._synced(rep, f))
         try:
             await asyncio.shield(done)
@@ -2370,12 +2375,8 @@ class ReplicaStore:
                            hold: _Hold) -> None:
         """``jobs`` (syncs) in one worker thread, as ``_sync_later`` runs one: a failure
         retires ``rep`` on the loop, a cancelled caller's ``hold`` lasts until they end."""
-        done = hold.sync = asyncio.get_running_loop().run_in_executor(None, _run_syncs, jobs)
-        done.add_done_callback(lambda f: self._synced(rep, f))
-        try:
-            await asyncio.shield(done)
-        except OSError as e:
-            raise self._fail(rep.disk, e) from e
+        await self._await_sync(
+            rep, asyncio.get_running_loop().run_in_executor(None, _run_syncs, jobs), hold)
 
     @staticmethod
     def _mend_versions(rep: _Replica, b: int, peer: list | tuple, fill: bool,
