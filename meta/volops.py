@@ -55,6 +55,12 @@ POLL = 0.05
 # retries of its request: the CLI client retries for DEFAULT_RETRY_FOR (15 s) from its first
 # attempt, which made the op, so its last retry arrives well within this.
 FINISHED_OP_TTL = 120.0
+# An op record that does not decode (not one of a newer schema) is removed as a failed op once
+# the leader has seen it unchanged this long: no chunk server runs it (its engine skips it),
+# nothing can finish it, and a ``creating`` snapshot it belongs to was otherwise kept for ever.
+# Far past a create's wait and its client's retries; time for an operator to see the log
+# first (``decoded_op`` warns at once).
+UNDECODABLE_OP_GRACE = 600.0
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -445,14 +451,17 @@ async def move_stranded_reverts(ctx: Ctx) -> list[str]:
 
 # --- tidying (a leader duty, run with the recovery loop) ----------------------------------
 
-async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_TTL) -> list[str]:
+async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_TTL,
+                   grace: float = UNDECODABLE_OP_GRACE) -> list[str]:
     """Move unfinished reverts whose executor is gone (``move_stranded_reverts``), and remove
     finished ops whose caller stopped waiting (timed out, gave up).
 
     A done op is only a receipt. A failed snapshot op also takes its
     ``creating`` snapshot and name with it, exactly as a waiting create would
     have, so the name can be used again. Pending and running ops are not removed, nor
-    is a record that does not decode or that a newer zstore wrote (``volumes.decoded_op``).
+    is a record that a newer zstore wrote (``volumes.decoded_op``): a newer meta or chunk
+    server may own it. A record that does not decode at all is removed as a failed op (its
+    ``creating`` snapshot along) once seen unchanged for ``grace`` (``_remove_undecodable``).
     A ``creating`` snapshot with no op at all goes the same way, in the garbage
     collection (``volumes.remove_stranded_snapshot``), which lists every snapshot anyway; so
     does one whose op waits for a chunk server gone for good (it fails the op, which is then
@@ -461,10 +470,18 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
     await move_stranded_reverts(ctx)
     now = time.time() if now is None else now
     removed = []
-    for kv in (await get_prefix_paged(ctx.etcd, ctx.keys.all_volops()))[0]:
+    kvs = (await get_prefix_paged(ctx.etcd, ctx.keys.all_volops()))[0]
+    seen = {(kv.key, kv.mod_revision) for kv in kvs}
+    for k in [k for k in _UNDECODABLE_SINCE if k not in seen]:
+        del _UNDECODABLE_SINCE[k]       # removed or rewritten: its grace starts again if garbage
+    for kv in kvs:
         op = volumes.decoded_op(kv.key, kv.value)
+        if op is None:
+            if await _remove_undecodable(ctx, kv, now, grace):
+                removed.append(_op_id_of(ctx, kv.key)[1])
+            continue
         if not isinstance(op, VolumeOp):
-            continue                    # garbage (logged), or a newer zstore's: not ours to tidy
+            continue                    # a newer zstore's: a newer meta or chunk server may own it
         if op.state in ("pending", "running") or now - op.created < ttl:
             continue
         compare, ops = [ctx.unchanged(kv.key, kv.mod_revision)], [ctx.delete(kv.key)]
@@ -479,3 +496,45 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
                      f": {op.error}" if op.error else "")
             removed.append(op.op_id)
     return removed
+
+
+# (op key, mod revision) -> the tidying's clock when it first saw that record not decode.
+# Pruned to the records of the latest listing each pass; a meta that starts anew (or a record
+# rewritten) starts the grace again.
+_UNDECODABLE_SINCE: dict[tuple[bytes, int], float] = {}
+
+
+def _op_id_of(ctx: Ctx, key: bytes) -> tuple[str, str]:
+    """(volume id, op id) of volume op key ``key``."""
+    vid, _, op_id = key[len(ctx.keys.all_volops()):].decode(errors="replace").partition("/")
+    return vid, op_id
+
+
+async def _remove_undecodable(ctx: Ctx, kv, now: float, grace: float) -> bool:
+    """Remove the op record ``kv``, which does not decode, if it has been seen unchanged for
+    ``grace``; whether it was removed. At a snapshot's op key it is taken as that snapshot's
+    failed op: a ``creating`` snapshot goes with it, its names freed (as ``tidy_ops`` does for
+    a failed one). All compared: a readable op written meanwhile (a repeated create handing it
+    on) or a commit of the snapshot keeps both."""
+    first = _UNDECODABLE_SINCE.setdefault((kv.key, kv.mod_revision), now)
+    if now - first < grace:
+        return False
+    vid, op_id = _op_id_of(ctx, kv.key)
+    compare, ops = [ctx.unchanged(kv.key, kv.mod_revision)], [ctx.delete(kv.key)]
+    snap = None
+    if op_id.startswith(snapshot_op_id("")):
+        snap, srev = await ctx.get(ctx.keys.snapshot(op_id[len(snapshot_op_id("")):]), Snapshot)
+        if snap is not None and snap.volume_id == vid and snap.state == "creating":
+            scompare, sops = await creating_snapshot_removal(ctx, snap, srev)
+            compare += scompare
+            ops += sops
+        else:
+            snap = None
+    if not await ctx.txn(compare, ops):
+        return False
+    _UNDECODABLE_SINCE.pop((kv.key, kv.mod_revision), None)
+    log.error("volume op record %s does not decode and has not changed for %.0f s: removed as a "
+              "failed op%s; it held %r", kv.key.decode(errors="replace"), now - first,
+              f", with its creating snapshot {snap.name} ({snap.snapshot_id})" if snap else "",
+              kv.value[:200])
+    return True

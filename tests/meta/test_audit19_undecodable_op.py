@@ -1,0 +1,127 @@
+"""An op record that does not decode, at a snapshot's own op key, against a real etcd.
+
+A ``creating`` snapshot whose op key held bytes that do not decode as an op was kept for
+ever: the leader's ``tidy_ops`` skipped the record (garbage, logged), the stranded-snapshot
+collection left a snapshot alone whose op it cannot read, and no chunk server runs such an
+op (its engine skips it), so nothing could ever commit or fail the snapshot. Its name stayed
+taken and a deleted volume under it was never reclaimed.
+
+Now the leader's tidying treats such a record, once it has seen it unchanged (same mod
+revision) for ``UNDECODABLE_OP_GRACE``, as a failed op: it removes it, logged as an error,
+and takes its ``creating`` snapshot and names along, all compared. A record of a newer schema
+is not garbage (a newer meta or chunk server may own it) and stays, however old.
+"""
+
+import logging
+
+import pytest
+
+from meta import volops, volumes
+from tests.meta.helpers import make_ctx, own, register_zones
+from zstore.errors import Unavailable
+from zstore.records import Snapshot, Volume, VolumeOp
+
+GARBAGE = b"\x00not an op"
+NEWER = b'{"schema": 99, "kind": "snapshot", "state": "pending"}'
+GRACE = volops.UNDECODABLE_OP_GRACE
+T0 = 10**9                      # the tidying's clock (its ``now``), far from the records' own
+
+
+@pytest.fixture
+async def ctx(etcd_client, etcd_config):
+    return await register_zones(make_ctx(etcd_client, etcd_config), {"c0": "a", "c1": "b", "c2": "c"})
+
+
+async def _creating_with(ctx, value, name="s"):
+    """Volume v owned by c0 (nobody runs its ops); a ``creating`` snapshot of it whose op key
+    then holds ``value``."""
+    if await ctx.get_raw(ctx.keys.volume_name("v")) is None:
+        await volumes.create_volume(ctx, "v", "1Gi", 3)
+    vol, _ = await volumes.find_volume(ctx, "v")
+    await own(ctx, vol.volume_id, "c0")
+    with pytest.raises(Unavailable, match="still waiting for the volume's coordinator"):
+        await volops.create_snapshot(ctx, "v", name, timeout=0.2)
+    snap = await volumes.snapshot_named(ctx, "v", name)
+    assert snap.state == "creating"
+    await ctx.etcd.put(_op_key(ctx, snap), value)
+    return vol, snap
+
+
+def _op_key(ctx, snap):
+    return ctx.keys.volop(snap.volume_id, volumes.snapshot_op_id(snap.snapshot_id))
+
+
+async def _snapshot(ctx, sid):
+    return (await ctx.get(ctx.keys.snapshot(sid), Snapshot))[0]
+
+
+async def test_a_creating_snapshot_with_an_undecodable_op_goes_after_the_grace(ctx, caplog):
+    vol, snap = await _creating_with(ctx, GARBAGE)
+    assert await volops.tidy_ops(ctx, now=T0) == []                     # first seen
+    assert await volops.tidy_ops(ctx, now=T0 + GRACE - 1) == []         # not for long enough
+    assert (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
+    with caplog.at_level(logging.ERROR, logger="meta.volops"):
+        assert await volops.tidy_ops(ctx, now=T0 + GRACE + 1) == [volumes.snapshot_op_id(snap.snapshot_id)]
+    assert any("does not decode" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+    assert await _snapshot(ctx, snap.snapshot_id) is None
+    assert await ctx.get_raw(ctx.keys.snapshot_name(vol.volume_id, "s")) is None
+    assert await ctx.get_raw(_op_key(ctx, snap)) is None
+    # The name is free again, and the deleted volume no longer kept.
+    await own(ctx, vol.volume_id, "c0", released=True)
+    again, created = await volops.create_snapshot(ctx, "v", "s", timeout=2)
+    assert created and again.snapshot_id != snap.snapshot_id and again.state == "ready"
+    await volumes.delete_snapshot(ctx, "v", "s")
+    await volumes.delete_volume(ctx, "v")
+    assert (await ctx.get(ctx.keys.volume(vol.volume_id), Volume))[0] is None
+
+
+async def test_an_op_of_a_newer_schema_stays_however_old(ctx):
+    _, snap = await _creating_with(ctx, NEWER)
+    for now in (T0, T0 + 100 * GRACE):
+        assert await volops.tidy_ops(ctx, now=now) == []
+    assert await ctx.get_raw(_op_key(ctx, snap)) == NEWER
+    assert (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
+
+
+async def test_a_rewritten_record_starts_its_grace_again(ctx):
+    _, snap = await _creating_with(ctx, GARBAGE)
+    assert await volops.tidy_ops(ctx, now=T0) == []
+    await ctx.etcd.put(_op_key(ctx, snap), GARBAGE + b"!")              # a new mod revision
+    assert await volops.tidy_ops(ctx, now=T0 + GRACE + 1) == []          # seen as this only now
+    assert (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
+    assert await volops.tidy_ops(ctx, now=T0 + 2 * GRACE + 2) == [volumes.snapshot_op_id(snap.snapshot_id)]
+    assert await _snapshot(ctx, snap.snapshot_id) is None
+
+
+async def test_an_undecodable_op_beside_a_ready_snapshot_or_of_no_snapshot_goes_alone(ctx):
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    snap, _ = await volops.create_snapshot(ctx, "v", "s")
+    assert snap.state == "ready"
+    await ctx.etcd.put(_op_key(ctx, snap), GARBAGE)
+    await ctx.etcd.put(ctx.keys.volop(vol.volume_id, "garbled"), b"{}")
+    await volops.tidy_ops(ctx, now=T0)
+    assert sorted(await volops.tidy_ops(ctx, now=T0 + GRACE + 1)) == sorted(
+        ["garbled", volumes.snapshot_op_id(snap.snapshot_id)])
+    assert await ctx.list_raw(ctx.keys.volops(vol.volume_id)) == []
+    assert (await _snapshot(ctx, snap.snapshot_id)).state == "ready"
+
+
+async def test_an_op_rewritten_between_the_read_and_the_removal_keeps_the_snapshot(ctx, monkeypatch):
+    """The create is repeated meanwhile and hands a readable op to the coordinator: the
+    removal fails its compare on the op, and nothing is removed."""
+    vol, snap = await _creating_with(ctx, GARBAGE)
+    await volops.tidy_ops(ctx, now=T0)
+    real_removal, rewritten = volops.creating_snapshot_removal, []
+
+    async def rewrite_then_removal(c, s, srev):
+        rewritten.append(True)
+        op = VolumeOp(op_id=volumes.snapshot_op_id(s.snapshot_id), volume_id=vol.volume_id, kind="snapshot",
+                      snapshot_id=s.snapshot_id, executor="c1")
+        await c.etcd.put(_op_key(c, s), op.encode())
+        return await real_removal(c, s, srev)
+
+    monkeypatch.setattr(volops, "creating_snapshot_removal", rewrite_then_removal)
+    assert await volops.tidy_ops(ctx, now=T0 + GRACE + 1) == []
+    assert rewritten and (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
+    op, _ = await ctx.get(_op_key(ctx, snap), VolumeOp)
+    assert (op.executor, op.state) == ("c1", "pending")
