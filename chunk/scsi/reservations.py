@@ -56,7 +56,9 @@ class Access(IntEnum):
     RESERVE IN and all PERSISTENT RESERVE OUT commands shall conflict regardless of
     initiator or service action"), and never with a persistent reservation."""
     ALWAYS = 0        # INQUIRY, REPORT LUNS, REQUEST SENSE, RSOC, READ CAPACITY: never conflicts
-    NON_MEDIUM = 1    # TEST UNIT READY, START STOP, PREVENT ALLOW: conflicts only with SPC-2
+    NON_MEDIUM = 1    # TEST UNIT READY, START STOP UNIT with START=1 and POWER CONDITION 0h,
+    #                   PREVENT ALLOW with PREVENT=00b: conflicts only with SPC-2 (the other
+    #                   START STOP UNIT and PREVENT ALLOW are WRITE: ``unit._power_medium_access``)
     READ = 2          # reads medium or mode data: shared under the write-exclusive types
     WRITE = 3         # modifies medium or mode data
     PERSISTENT = 4    # PR IN/OUT: conflicts with any SPC-2 reservation, the holder's too

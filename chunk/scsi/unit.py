@@ -84,6 +84,29 @@ _W10 = struct.Struct(">IxH").unpack_from        # WRITE(10): LBA, TRANSFER LENGT
 _W16 = struct.Struct(">QI").unpack_from         # WRITE(16)
 
 
+_POWER_MEDIUM = frozenset((op.START_STOP_UNIT, op.PREVENT_ALLOW))
+
+
+def _power_medium_access(cdb: bytes) -> Access:
+    """How reservations treat a START STOP UNIT or PREVENT ALLOW MEDIUM REMOVAL, by its CDB.
+
+    SBC-4 table 13 (SBC-3's table of SBC commands allowed in the presence of various
+    reservations has the same rows) allows START STOP UNIT with START=1 and POWER CONDITION
+    0h, and PREVENT ALLOW MEDIUM REMOVAL with PREVENT=00b, under every persistent reservation
+    type from every I_T nexus (``NON_MEDIUM``: only another nexus's SPC-2 reservation
+    conflicts). Any other START STOP UNIT (START=0 or a power condition) or PREVENT (field
+    not 00b) has the WRITE row's answers: Conflict under Write Exclusive and Exclusive Access
+    for a non-holder, and under the Registrants Only / All Registrants types for a nexus not
+    registered; allowed for a registered one. A CDB too short to tell is the restricted kind
+    (the command then fails on its length)."""
+    b4 = cdb[4] if len(cdb) > 4 else 0
+    if cdb[0] == op.START_STOP_UNIT:
+        allowed = len(cdb) > 4 and b4 & 0x01 and not b4 >> 4
+    else:
+        allowed = len(cdb) > 4 and not b4 & 0x03
+    return Access.NON_MEDIUM if allowed else Access.WRITE
+
+
 # Failures a command is answered with (CHECK CONDITION or RESERVATION CONFLICT), see
 # ``_error_result``; anything else is a bug the transport answers as INTERNAL TARGET FAILURE.
 _ANSWERED = (ScsiError, ReservationConflict, MediumError, NoSpaceError, ReadOnlyError)
@@ -269,7 +292,7 @@ class LogicalUnit:
             if code == op.SERVICE_ACTION_IN_16 and len(cdb) > 1 and \
                     cdb[1] & 0x1F == op.SAI_GET_LBA_STATUS:
                 access = self._gls_access
-            if rs.conflicts(nexus, access):
+            if rs.conflicts(nexus, _power_medium_access(cdb) if code in _POWER_MEDIUM else access):
                 return RESULT_RESERVATION_CONFLICT
         try:
             out = await handler(cdb, data_out, expected_length, nexus)
