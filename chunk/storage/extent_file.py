@@ -42,6 +42,21 @@ the data (``punch``), because the file system commits a punch on its own
 within seconds: a punched block never meets its old checksum after a power
 loss.  That sync happens only when a block of the range was present.
 
+Sole replica (the intent ring, ``.int``): with no peer to repair it, a block whose new
+data reached ``.data`` but whose checksum did not (the process SIGKILLed between the two
+pwrites) would fail its checksum for ever, although its data is whole (a completed pwrite
+is in the page cache; a 4 KiB aligned page is copied whole). A write given ``intent=True``
+(the replica store passes it for the sole in-sync replica of an extent) first writes a
+record of the new checksums into ``{volume}.{extent}.int``, a ring of ``INT_SLOTS`` slots
+of ``INT_SLOT`` bytes made at the first such write, then the data, then the checksums; a
+write longer than a slot holds does this piece by piece. ``open`` reads the ring: a block
+whose newest record (highest record number) names the crc its data has now, while its
+stored crc is another non-zero one, lost its checksum write to the kill, and gets it back.
+Anything else is left to fail as before: rot (the data matches no record), a torn block,
+an unmapped block (stored crc 0), data matching only an older record, filler data an
+import stored failing on purpose. No sync: the ring covers a process kill, not a host
+crash (which a flush or FUA covers, as before). An unflagged write does no extra work.
+
 Page-cache folio size: ext4 (Linux 6.16+) sizes a file's page-cache folios
 by the length of the write or readahead that created them, up to 2 MiB.  A
 later 4 KiB write into a large folio walks every buffer of the folio: ~25 µs
@@ -63,7 +78,9 @@ run them in a worker thread.  An ``unmap`` of present blocks waits for one
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import threading
 import struct
 import sys
 from array import array
@@ -75,6 +92,8 @@ import msgpack
 
 from chunk.blockdev import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from chunk.identity import write_atomic
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BLOCK_SIZE", "EXTENT_SIZE", "ExtentError", "ChecksumError", "HeaderError",
@@ -88,6 +107,14 @@ FORMAT = 1
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _MEDIA_ERRORS = (errno.EIO, errno.ENODATA)   # an unreadable sector (ENODATA: "critical medium")
 _CRC_ENTRY = struct.Struct("<I")               # one .crc entry, little-endian on any host
+# The intent ring (``.int``, module docstring): INT_SLOTS records of at most INT_SLOT bytes,
+# each a header (magic, crc32c of the rest of the record, record number, first block, count)
+# then ``count`` new block crcs, little-endian.
+INT_SLOTS = 8
+INT_SLOT = 4096
+INT_MAGIC = 0x5A494E54                          # "ZINT"
+_INT_HEAD = struct.Struct("<IIQII")
+INT_BLOCKS = (INT_SLOT - _INT_HEAD.size) // 4   # blocks one record covers (1018)
 assert array("I").itemsize == 4, "the .crc format needs 4-byte unsigned ints"
 
 
@@ -197,6 +224,11 @@ class ExtentFile:
         self._crcs = crcs            # in-memory copy of .crc, the one reads verify against
         self._punch = True           # cleared once the file system says EOPNOTSUPP
         self._reserve = True         # likewise for fallocate (_write_blocks)
+        self._int = -1               # the intent ring's fd, opened at the first flagged write
+        self._int_lock = threading.Lock()    # slot choice only, never held across I/O
+        self._int_free = threading.Condition(self._int_lock)
+        self._int_held = [False] * INT_SLOTS  # slots of flagged writes in progress
+        self._int_next = 1           # the next record's number (above any in the ring)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -205,6 +237,11 @@ class ExtentFile:
         base = Path(directory) / f"{volume}.{extent}"
         return base.with_name(base.name + ".data"), base.with_name(base.name + ".crc"), \
             base.with_name(base.name + ".hdr")
+
+    @staticmethod
+    def intent_path(directory: str | os.PathLike, volume: str, extent: int) -> Path:
+        """The extent's intent ring, ``.int`` (module docstring); it may not exist."""
+        return Path(directory) / f"{volume}.{extent}.int"
 
     @classmethod
     def create(cls, directory: str | os.PathLike, volume: str, extent: int, *,
@@ -216,6 +253,9 @@ class ExtentFile:
         data, crc, hdr = cls.paths(directory, volume, extent)
         if hdr.exists():
             raise FileExistsError(str(hdr))
+        # A ring a removed extent of this name left (a crash part-way through removing it)
+        # names blocks of other data: gone before the new extent can be opened.
+        cls.intent_path(directory, volume, extent).unlink(missing_ok=True)
         blocks = extent_size // BLOCK_SIZE
         for path, size in ((data, extent_size), (crc, blocks * 4)):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -267,13 +307,19 @@ class ExtentFile:
             os.close(data_fd)
             os.close(crc_fd)
             raise
-        return cls(hdr.with_suffix(""), header, data_fd, crc_fd, crcs)
+        ext = cls(hdr.with_suffix(""), header, data_fd, crc_fd, crcs)
+        try:
+            ext._recover_intents()
+        except BaseException:
+            ext.close()
+            raise
+        return ext
 
     def close(self) -> None:
-        for fd in (self._data, self._crc):
+        for fd in (self._data, self._crc, self._int):
             if fd >= 0:
                 os.close(fd)
-        self._data = self._crc = -1
+        self._data = self._crc = self._int = -1
 
     def __enter__(self) -> ExtentFile:
         return self
@@ -315,8 +361,10 @@ class ExtentFile:
         buf = self._read_blocks(first, count)
         return bytes(memoryview(buf)[start:start + length])
 
-    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        """Write ``data`` at ``offset``; partial blocks are read-modify-write."""
+    def write(self, offset: int, data: bytes | memoryview, fua: bool = False,
+              intent: bool = False) -> None:
+        """Write ``data`` at ``offset``; partial blocks are read-modify-write. ``intent``: this is
+        the sole replica, record the new checksums in the ring first (module docstring)."""
         view = memoryview(data).cast("B")
         self._check_range(offset, len(view))
         if not view:
@@ -332,17 +380,18 @@ class ExtentFile:
                 buf[-BLOCK_SIZE:] = self._read_blocks(last, 1)
             buf[head:head + len(view)] = view
             view = memoryview(buf)
-        self._write_blocks(first, view)
+        self._write_blocks(first, view, intent)
         if fua:
             self.flush()
 
-    def write_block(self, index: int, block: bytes | memoryview) -> None:
+    def write_block(self, index: int, block: bytes | memoryview, intent: bool = False) -> None:
         """``write(index * BLOCK_SIZE, block)`` of exactly one whole block (bytes or a contiguous
         byte view): the replicated 4 KiB write's hot path, without the range and partial-block
         arithmetic and with one crc entry packed instead of an array.  Anything else
-        (out of range, closed, another size) goes through ``write`` and fails there alike."""
-        if self._data < 0 or not 0 <= index < len(self._crcs) or len(block) != BLOCK_SIZE:
-            self.write(index * BLOCK_SIZE, block)
+        (out of range, closed, another size) goes through ``write`` and fails there alike, as
+        does a write with ``intent`` (the sole replica's, not this hot path)."""
+        if intent or self._data < 0 or not 0 <= index < len(self._crcs) or len(block) != BLOCK_SIZE:
+            self.write(index * BLOCK_SIZE, block, intent=intent)
             return
         crc = _crc32c.crc32c(block, index & 0xFFFFFFFF) or 1
         off = index * BLOCK_SIZE
@@ -486,7 +535,8 @@ class ExtentFile:
 
     def allocated_bytes(self) -> int:
         """Bytes the file system allocated for this extent's files."""
-        return sum(os.fstat(fd).st_blocks * 512 for fd in (self._data, self._crc))
+        return sum(os.fstat(fd).st_blocks * 512 for fd in (self._data, self._crc, self._int)
+                   if fd >= 0)
 
     # -- internals -------------------------------------------------------------
 
@@ -529,7 +579,7 @@ class ExtentFile:
             if actual != crcs[first + k]:
                 raise ChecksumError(str(self.base), first + k, crcs[first + k], actual)
 
-    def _write_blocks(self, first: int, view: memoryview) -> None:
+    def _write_blocks(self, first: int, view: memoryview, intent: bool = False) -> None:
         count = len(view) // BLOCK_SIZE
         crc = _crc32c.crc32c
         if count == 1:                          # the hot path: one 4 KiB block
@@ -549,6 +599,9 @@ class ExtentFile:
             old = self._crcs[first:first + count]
             if 0 in old and any(old):
                 self._allocate(off, total)
+        if intent:
+            self._write_intended(first, view, new)
+            return
         try:
             while done < total:                     # WRITE_PIECE at a time: small folios
                 done += os.pwrite(self._data, view[done:done + WRITE_PIECE], off + done)
@@ -613,3 +666,117 @@ class ExtentFile:
         while done < len(data):
             done += os.pwrite(self._crc, data[done:], first * 4 + done)
         self._crcs[first:first + len(new)] = new
+
+    # -- the intent ring (module docstring) ----------------------------------------
+
+    def _write_intended(self, first: int, view: memoryview, new: array) -> None:
+        """``_write_blocks``' pwrites for a sole replica: per piece of at most ``INT_BLOCKS``
+        blocks, its record in a slot no other write in progress holds, then its data, then
+        its crcs. The slot is held until the crcs are in, so no later record overwrites it
+        while this one is still the only trace of them."""
+        count = len(new)
+        for k in range(0, count, INT_BLOCKS):
+            m = min(INT_BLOCKS, count - k)
+            piece = new[k:k + m]
+            slot = self._take_slot()
+            try:
+                self._put_record(slot, first + k, piece)
+                off, total, done = (first + k) * BLOCK_SIZE, m * BLOCK_SIZE, 0
+                part = view[k * BLOCK_SIZE:(k + m) * BLOCK_SIZE]
+                try:
+                    while done < total:
+                        done += os.pwrite(self._data, part[done:done + WRITE_PIECE], off + done)
+                except OSError:
+                    if done:
+                        self._rechecksum(first + k, done, piece)
+                    raise
+                self._store_crcs(first + k, piece)
+            finally:
+                self._free_slot(slot)
+
+    def _take_slot(self) -> int:
+        """A slot no flagged write in progress holds (waits if all are: 8 at once)."""
+        with self._int_free:
+            while True:
+                start = self._int_next % INT_SLOTS
+                for j in range(INT_SLOTS):
+                    slot = (start + j) % INT_SLOTS
+                    if not self._int_held[slot]:
+                        self._int_held[slot] = True
+                        return slot
+                self._int_free.wait()
+
+    def _free_slot(self, slot: int) -> None:
+        with self._int_free:
+            self._int_held[slot] = False
+            self._int_free.notify()
+
+    def _put_record(self, slot: int, first: int, crcs: array) -> None:
+        """Write one record into ``slot`` (page cache only: a process kill keeps it)."""
+        if self._int < 0:
+            with self._int_lock:
+                if self._int < 0:
+                    if self._data < 0:
+                        raise ValueError(f"{self.base}: closed")
+                    path = self.base.with_name(self.base.name + ".int")
+                    self._int = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with self._int_lock:
+            number = self._int_next
+            self._int_next += 1
+        body = array("I", crcs)
+        if sys.byteorder != "little":
+            body.byteswap()
+        rest = struct.pack("<QII", number, first, len(crcs)) + body.tobytes()
+        record = struct.pack("<II", INT_MAGIC, _crc32c.crc32c(rest)) + rest
+        done = os.pwrite(self._int, record, slot * INT_SLOT)
+        while done < len(record):
+            done += os.pwrite(self._int, record[done:], slot * INT_SLOT + done)
+
+    def _recover_intents(self) -> None:
+        """``open``'s recovery from the ring (module docstring): each block's newest record
+        is checked, and a block whose data has that record's crc while its stored crc is
+        another non-zero one gets the record's crc (file, then memory). Every such block is
+        logged; every other state is left as it is."""
+        path = self.base.with_name(self.base.name + ".int")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        self._int = fd
+        raw = os.pread(fd, INT_SLOTS * INT_SLOT, 0)
+        newest: dict[int, tuple[int, int]] = {}        # block -> (record number, its crc)
+        top = 0
+        blocks = len(self._crcs)
+        for slot in range(INT_SLOTS):
+            at = slot * INT_SLOT
+            if len(raw) < at + _INT_HEAD.size:
+                break
+            magic, crc, number, first, count = _INT_HEAD.unpack_from(raw, at)
+            end = at + _INT_HEAD.size + 4 * count
+            if (magic != INT_MAGIC or not 0 < count <= INT_BLOCKS or end > len(raw)
+                    or first + count > blocks or _crc32c.crc32c(raw[at + 8:end]) != crc):
+                continue
+            top = max(top, number)
+            crcs = array("I")
+            crcs.frombytes(raw[at + _INT_HEAD.size:end])
+            if sys.byteorder != "little":
+                crcs.byteswap()
+            for k in range(count):
+                had = newest.get(first + k)
+                if had is None or had[0] < number:
+                    newest[first + k] = (number, crcs[k])
+        self._int_next = top + 1
+        fixed = []
+        for b in sorted(newest):
+            stored, want = self._crcs[b], newest[b][1]
+            if not stored or stored == want:
+                continue
+            block = os.pread(self._data, BLOCK_SIZE, b * BLOCK_SIZE).ljust(BLOCK_SIZE, b"\0")
+            actual = block_crc(b, block)
+            if actual == want and actual != stored:
+                self._store_crcs(b, array("I", [actual]))
+                fixed.append(b)
+        if fixed:
+            log.warning("%s: %d block(s) had new data under the old checksum (a write killed "
+                        "before its checksum landed); checksums restored from the intent "
+                        "ring: blocks %s", self.base, len(fixed), fixed[:32])

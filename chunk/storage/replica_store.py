@@ -9,6 +9,8 @@ else the live block if its seq <= s, else the block is absent at s.
 On-disk layout per extent, in the disk directory (``v`` = volume, ``i`` = index)::
 
     v.i.data/.crc/.hdr  live data, crc32c per block, header (``ExtentFile``)
+    v.i.int             the intent ring of a sole replica's writes (``ExtentFile``; only
+                        once a write with ``sole`` came)
     v.i.seq             uint32 LE per block: seq the block was last written or
                         unmapped at (0 = never; an unmap of an absent block keeps
                         its seq); absent blocks keep theirs so a revert knows they
@@ -49,7 +51,10 @@ Order of a write at seq W (crash safety):
    snapshot of the volume (its first write, or first since an unmap); none
    when the volume never had a snapshot (W = 1), the block is present, or
    its seq is already W (off with ``cow_sync=False`` too).
-3. live data, then its crcs (``ExtentFile.write``); ``fua`` then flushes.
+3. live data, then its crcs (``ExtentFile.write``); ``fua`` then flushes. A write with
+   ``sole`` (the coordinator's: this is the extent's only in-sync replica, so no peer can
+   repair a block killed between its data and its crc) writes an intent record first
+   (``ExtentFile``'s ``intent``), from which the next open restores such a crc.
 
 SIGKILL of the process loses nothing that a completed ``pwrite`` put in the
 page cache, so every acknowledged write survives.  Killed between steps, the
@@ -217,7 +222,7 @@ def _pread_all(fd: int, length: int, offset: int) -> bytearray:
 def _remove_extent(base: Path) -> None:
     """Delete an extent's files, the header first: without it the rest is garbage a restart
     ignores."""
-    for suffix in (".hdr", ".data", ".crc", ".seq"):
+    for suffix in (".hdr", ".data", ".crc", ".seq", ".int"):
         base.with_name(base.name + suffix).unlink(missing_ok=True)
     shutil.rmtree(_vdir(base), ignore_errors=True)
     _fsync_dir(base.parent)
@@ -227,7 +232,7 @@ def _copy_allocated(base: Path) -> int:
     """Bytes allocated to an extent's files (``_Replica.allocated``'s, from the paths: data,
     checksums, seqs, versions); files gone (or never made) count nothing. Any other
     ``OSError`` is raised (``_kept_bytes`` counts that copy as nothing)."""
-    paths = [base.with_name(base.name + suffix) for suffix in (".data", ".crc", ".seq")]
+    paths = [base.with_name(base.name + suffix) for suffix in (".data", ".crc", ".seq", ".int")]
     try:
         with os.scandir(_vdir(base)) as found:
             paths += [Path(e.path) for e in found if e.name.endswith(".ver")]
@@ -1627,7 +1632,7 @@ class ReplicaStore:
                 and any(not crcs[b] and seqs[b] < seq for b in range(first, first + n)))
 
     def write(self, vid: str, idx: int, offset: int, data, seq: int, fua: bool = False,
-              epoch: int = 0) -> Coroutine[Any, Any, None] | None:
+              epoch: int = 0, sole: bool = False) -> Coroutine[Any, Any, None] | None:
         """Write ``data`` at ``offset`` at ``seq`` (steps 1-3 of the module docstring).
 
         ``epoch``: the caller admitted the write at it, and runs in the event loop. A write
@@ -1635,24 +1640,25 @@ class ReplicaStore:
         snapshot: steps 1-2 with ``cow_sync``) is then not done here but returned as a
         coroutine that does it, its fdatasyncs in worker threads (``_write_later``): the loop,
         and every other request on it, does not wait for the disk. Without ``epoch`` those
-        syncs run inline. None when the write is done."""
+        syncs run inline. None when the write is done. ``sole``: this is the extent's only
+        in-sync replica: record an intent first (step 3)."""
         rep = self._replicas.get((vid, idx))
         if rep is None:
             self._absent(vid, idx)
-        return self._write(rep, offset, data, seq, fua, epoch)
+        return self._write(rep, offset, data, seq, fua, epoch, sole)
 
-    def admit_write(self, vid: str, idx: int, epoch: int, offset: int, data, seq: int
-                    ) -> Coroutine[Any, Any, None] | None:
+    def admit_write(self, vid: str, idx: int, epoch: int, offset: int, data, seq: int,
+                    sole: bool = False) -> Coroutine[Any, Any, None] | None:
         """``admit`` then ``write`` (not FUA, with ``epoch``), the replica server's WRITE hot
         path: the known owner's epoch on an extent that is here costs one lookup for both."""
         rep = self._replicas.get((vid, idx))
         if rep is None or rep.ext.header.epoch != epoch or self.fence.highest(vid) != epoch:
             self.admit(vid, idx, epoch)
-            return self.write(vid, idx, offset, data, seq, epoch=epoch)
-        return self._write(rep, offset, data, seq, False, epoch)
+            return self.write(vid, idx, offset, data, seq, epoch=epoch, sole=sole)
+        return self._write(rep, offset, data, seq, False, epoch, sole)
 
     def _write(self, rep: _Replica, offset: int, data, seq: int, fua: bool,
-               epoch: int = 0) -> Coroutine[Any, Any, None] | None:
+               epoch: int = 0, sole: bool = False) -> Coroutine[Any, Any, None] | None:
         tp = type(data)
         ext = rep.ext
         if (not offset % BLOCK_SIZE and (data.nbytes if tp is memoryview and data.c_contiguous
@@ -1663,11 +1669,11 @@ class ReplicaStore:
             # run arithmetic; COW (a snapshot since the block was written) takes the long way.
             b = offset // BLOCK_SIZE
             if rep.busy and b in rep.busy and epoch:
-                return self._write_later(rep, offset, data, seq, epoch)   # after the one there
+                return self._write_later(rep, offset, data, seq, epoch, sole)   # after the one there
             floor, seqs = rep.floor, rep.seqs
             if seq <= floor or not ext.crcs[b] or seqs[b] >= seq:
                 if not ext.crcs[b] and seqs[b] < seq > 1 and epoch and self.cow_sync:
-                    return self._write_later(rep, offset, data, seq, epoch)   # step 2 waits
+                    return self._write_later(rep, offset, data, seq, epoch, sole)   # step 2 waits
                 rep.mutations += 1
                 if seq < floor:                 # before: it must bound even a half-done write
                     rep.floor = seq
@@ -1680,7 +1686,7 @@ class ReplicaStore:
                         # that snapshot, so it is durable before the checksum (step 2).
                         if old < seq > 1 and self.cow_sync and not ext.crcs[b]:
                             sync_fd(rep.seq_fd)
-                    ext.write_block(b, data)
+                    ext.write_block(b, data, sole)
                 except OSError as e:
                     raise self._failed(rep, e) from e
                 return
@@ -1690,14 +1696,14 @@ class ReplicaStore:
         if n == 0:
             return None
         if epoch and not fua and (self._waits(rep, first, n, seq) or self._busy(rep, first, n)):
-            return self._write_later(rep, offset, view, seq, epoch)
+            return self._write_later(rep, offset, view, seq, epoch, sole)
         rep.mutations += 1
         with self._rep_io(rep):
             if seq > rep.floor:
                 self._cow(rep, first, n, seq)
             rep.floor = min(rep.floor, seq)     # before the blocks change, as above
             self._store_seqs(rep, first, n, seq, present=True)
-            rep.ext.write(offset, view)
+            rep.ext.write(offset, view, intent=sole)
         if fua:
             self._durable(rep)
         return None
@@ -1714,7 +1720,8 @@ class ReplicaStore:
         busy = rep.busy
         return bool(busy) and any(b in busy for b in range(first, first + n))
 
-    async def _write_later(self, rep: _Replica, offset: int, data, seq: int, epoch: int) -> None:
+    async def _write_later(self, rep: _Replica, offset: int, data, seq: int, epoch: int,
+                           sole: bool = False) -> None:
         """``_write`` of a write that waits for the device, with the loop free meanwhile.
 
         The steps and their order are ``_cow`` and ``_store_seqs``'s; only each fdatasync
@@ -1742,7 +1749,7 @@ class ReplicaStore:
             await self._store_seqs_later(rep, vid, idx, epoch, first, n, seq, True, hold)
             rep.mutations += 1                                   # each change counted as it lands
             with self._rep_io(rep):
-                rep.ext.write(offset, view)
+                rep.ext.write(offset, view, intent=sole)
         finally:
             hold.release()
 

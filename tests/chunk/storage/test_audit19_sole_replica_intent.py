@@ -1,0 +1,272 @@
+"""The intent ring of a sole replica (``ExtentFile``'s ``.int``): an acknowledged block survives
+a SIGKILL between its data pwrite and its crc pwrite, and nothing else is "recovered".
+
+Real files, a real child process really SIGKILLed (the crc store is replaced, inside the
+child only, by the kill), real threads; no mocks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from pathlib import Path
+
+import pytest
+
+from chunk.storage.extent_file import (
+    BLOCK_SIZE, INT_BLOCKS, INT_SLOT, INT_SLOTS, ChecksumError, ExtentFile, block_crc,
+)
+from chunk.storage.replica_store import ReplicaStore, _filler
+
+pytestmark = pytest.mark.timeout(60)
+
+V = "vol-s"
+SIZE = 2048 * BLOCK_SIZE                   # 8 MiB: room for writes longer than a slot
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _blk(seed: int, n: int = 1) -> bytes:
+    return bytes((i * 7 + seed * 31 + (i >> 12)) % 253 for i in range(n * BLOCK_SIZE))
+
+
+def _killed_child(body: str, data: bytes, tmp: Path) -> None:
+    """Run ``body`` in a child Python whose crc store kills it (SIGKILL) on its first call
+    once ``body`` patches it in (``_die``); ``DATA`` there is ``data``."""
+    src = tmp / "child-data"
+    src.write_bytes(data)
+    code = (
+        "import os, signal, sys\n"
+        "from chunk.storage.extent_file import ExtentFile\n"
+        "from chunk.storage.replica_store import ReplicaStore\n"
+        "def _die(self, first, new):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"DATA = open({str(src)!r}, 'rb').read()\n"
+        + body)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=30,
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def _old_and_new(tmp_path: Path, first: int, n: int, intent: bool) -> tuple[bytes, bytes]:
+    """An extent with ``n`` acknowledged blocks at ``first``; a child then overwrites them
+    (with the flag or not) and is killed where its crcs would be stored."""
+    old, new = _blk(1, n), _blk(2, n)
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write(first * BLOCK_SIZE, old)
+    _killed_child(
+        f"ext = ExtentFile.open({str(tmp_path)!r}, {V!r}, 0)\n"
+        "ExtentFile._store_crcs = _die\n"
+        f"ext.write({first * BLOCK_SIZE}, DATA, intent={intent})\n"
+        "sys.exit(3)\n", new, tmp_path)
+    return old, new
+
+
+def test_killed_flagged_write_reads_new_data(tmp_path: Path):
+    _, new = _old_and_new(tmp_path, 5, 1, intent=True)
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        assert ext.read(5 * BLOCK_SIZE, BLOCK_SIZE) == new
+        assert ext.verify(0, SIZE // BLOCK_SIZE) == []
+    with ExtentFile.open(tmp_path, V, 0) as ext:      # the restored crc is in the file
+        assert ext.crcs[5] == block_crc(5, new)
+
+
+def test_killed_unflagged_write_fails_its_checksum(tmp_path: Path):
+    """The old behaviour, kept without the flag: proves the kill lands in the window."""
+    _old_and_new(tmp_path, 5, 1, intent=False)
+    assert not (tmp_path / f"{V}.0.int").exists()
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        with pytest.raises(ChecksumError):
+            ext.read(5 * BLOCK_SIZE, BLOCK_SIZE)
+
+
+def test_killed_write_longer_than_a_slot(tmp_path: Path):
+    """A write of more blocks than a record holds goes piece by piece (intent -> data -> crcs):
+    killed at the first piece's crc store, that piece is restored and the next never began."""
+    n = INT_BLOCKS + 10
+    old, new = _old_and_new(tmp_path, 3, n, intent=True)
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        got = ext.read(3 * BLOCK_SIZE, n * BLOCK_SIZE)
+        split = INT_BLOCKS * BLOCK_SIZE
+        assert got[:split] == new[:split]          # the piece killed at its crcs: restored
+        assert got[split:] == old[split:]          # the next piece never began
+        assert ext.verify(0, SIZE // BLOCK_SIZE) == []
+
+
+def test_long_write_complete_pieces(tmp_path: Path):
+    """A flagged write spanning three records lands whole and leaves verifiable records."""
+    n = 2 * INT_BLOCKS + 7
+    data = _blk(9, n)
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write(BLOCK_SIZE, data, intent=True)
+        assert ext.read(BLOCK_SIZE, len(data)) == data
+    assert os.path.getsize(tmp_path / f"{V}.0.int") <= INT_SLOTS * INT_SLOT
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        assert ext.read(BLOCK_SIZE, len(data)) == data
+        assert ext.verify(0, SIZE // BLOCK_SIZE) == []
+
+
+def test_rot_in_a_recorded_block_still_fails(tmp_path: Path):
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write_block(7, _blk(1), intent=True)
+    with open(tmp_path / f"{V}.0.data", "r+b") as f:
+        f.seek(7 * BLOCK_SIZE + 100)
+        f.write(b"\x5a")
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        with pytest.raises(ChecksumError):
+            ext.read(7 * BLOCK_SIZE, BLOCK_SIZE)
+
+
+def test_older_record_only_is_not_recovered(tmp_path: Path):
+    """Data matching an older record of the block, not its newest: a rollback, not a lost
+    crc write; it stays failing."""
+    a, b = _blk(1), _blk(2)
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write_block(4, a, intent=True)
+        ext.write_block(4, b, intent=True)
+        ext.write_block(4, _blk(3))                    # unflagged, whole
+        os.pwrite(ext._data, a, 4 * BLOCK_SIZE)        # a's data back under the 3rd crc
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        with pytest.raises(ChecksumError):
+            ext.read(4 * BLOCK_SIZE, BLOCK_SIZE)
+
+
+@pytest.mark.parametrize("punched", [True, False])
+def test_unmap_after_flagged_write_reads_zeros(tmp_path: Path, punched: bool):
+    """ABA: a flagged write, then an unmap of the block (crc 0, synced, then the punch; or
+    killed before the punch: the data is still there). The record must not bring it back."""
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write_block(6, _blk(1), intent=True)
+        if punched:
+            ext.unmap(6 * BLOCK_SIZE, BLOCK_SIZE)
+        else:
+            ext.unmap_checksums(6 * BLOCK_SIZE, BLOCK_SIZE)   # no punch: a kill before it
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        assert ext.crcs[6] == 0
+        assert ext.read(6 * BLOCK_SIZE, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+
+
+def test_unflagged_rewrite_killed_is_not_recovered(tmp_path: Path):
+    """ABA: a flagged write, then an unflagged write of other data by another path, killed
+    before its crc: the newest record names the first data, not what is there."""
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write_block(2, _blk(1), intent=True)
+        ext.write_block(2, _blk(2))
+    _killed_child(
+        f"ext = ExtentFile.open({str(tmp_path)!r}, {V!r}, 0)\n"
+        "ExtentFile._store_crcs = _die\n"
+        f"ext.write({2 * BLOCK_SIZE}, DATA)\n", _blk(3), tmp_path)
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        with pytest.raises(ChecksumError):
+            ext.read(2 * BLOCK_SIZE, BLOCK_SIZE)
+
+
+def test_import_filler_stays_unreadable(tmp_path: Path):
+    """ABA: a flagged write, then replica_store's import filler (filler data under the
+    exporter's crc: unreadable on purpose). It must stay unreadable."""
+    exported = 0x12345678
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write_block(9, _blk(1), intent=True)
+        ext.write(9 * BLOCK_SIZE, _filler(9, exported))
+        ext._store_crcs(9, array("I", [exported]))
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        assert ext.crcs[9] == exported
+        with pytest.raises(ChecksumError):
+            ext.read(9 * BLOCK_SIZE, BLOCK_SIZE)
+
+
+def test_record_number_continues_after_reopen(tmp_path: Path):
+    """Records written after a reopen outrank the ones before it (else an older record would
+    be taken as a block's newest)."""
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        for k in range(INT_SLOTS + 3):
+            ext.write_block(k, _blk(k), intent=True)
+        before = ext._int_next
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        assert ext._int_next == before
+        ext.write_block(1, _blk(50), intent=True)
+        assert ext._int_next == before + 1
+
+
+def test_concurrent_flagged_writes(tmp_path: Path):
+    """Two threads of flagged writes on one ExtentFile (the loop and a FUA worker), more of
+    them than slots: every block verifies after a reopen, and the ring stays 8 slots."""
+    ext = ExtentFile.create(tmp_path, V, 0, extent_size=SIZE)
+    errors: list[BaseException] = []
+
+    def run(base: int) -> None:
+        try:
+            for k in range(200):
+                b = base + k % 100
+                ext.write_block(b, _blk(b + k), intent=True)
+                if k % 17 == 0:
+                    ext.write(b * BLOCK_SIZE, _blk(k, 3), intent=True)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(base,)) for base in (0, 500)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    ext.close()
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert os.path.getsize(tmp_path / f"{V}.0.int") <= INT_SLOTS * INT_SLOT
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        assert ext.verify(0, SIZE // BLOCK_SIZE) == []
+        assert not any(ext._int_held)
+
+
+def test_all_slots_held_waits(tmp_path: Path):
+    """A ninth flagged write waits for a slot rather than overwrite one in use."""
+    ext = ExtentFile.create(tmp_path, V, 0, extent_size=SIZE)
+    try:
+        held = [ext._take_slot() for _ in range(INT_SLOTS)]
+        assert sorted(held) == list(range(INT_SLOTS))
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (ext.write_block(3, _blk(3), intent=True), done.set()))
+        t.start()
+        time.sleep(0.2)
+        assert not done.is_set()
+        ext._free_slot(held[4])
+        assert done.wait(10)
+        t.join(10)
+        for s in held:
+            if s != held[4]:
+                ext._free_slot(s)
+        assert ext.read(3 * BLOCK_SIZE, BLOCK_SIZE) == _blk(3)
+    finally:
+        ext.close()
+
+
+@pytest.mark.parametrize("sole,n", [(True, 1), (True, 2), (False, 2)])
+def test_replica_store_sole_write_killed(tmp_path: Path, sole: bool, n: int):
+    """Through ReplicaStore.write(..., sole=...), the one-block hot path and a run: a child
+    killed at the crc store; the parent's store reads the new data (the old failure without
+    ``sole``), and deleting the extent removes its ring."""
+    d = tmp_path / "d0"
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    s.create(V, 0, 1)
+    s.write(V, 0, 0, _blk(1, 4), seq=1)
+    s.close()
+    new = _blk(2, n)
+    _killed_child(
+        f"s = ReplicaStore([({str(d)!r}, None)], extent_size={SIZE})\n"
+        "ExtentFile._store_crcs = _die\n"
+        f"s.write({V!r}, 0, {BLOCK_SIZE}, DATA, seq=1, sole={sole})\n", new, tmp_path)
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    try:
+        if sole:
+            assert s.read(V, 0, BLOCK_SIZE, n * BLOCK_SIZE)[0] == new
+        else:
+            with pytest.raises(ChecksumError):
+                s.read(V, 0, BLOCK_SIZE, BLOCK_SIZE)
+        assert (d / f"{V}.0.int").exists() == sole
+        s.delete(V, 0)
+        assert not (d / f"{V}.0.int").exists()
+    finally:
+        s.close()
