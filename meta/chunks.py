@@ -389,6 +389,34 @@ async def _put_admin(ctx: Ctx, key: bytes, compare: list, admin: ChunkAdmin) -> 
     return 0
 
 
+@dataclass
+class Registration:
+    """A chunk server's three keys as the liveness follower reads them (``registration_state``)."""
+    key: bytes                   # its admin key
+    info: Any                    # its info key's kv
+    live: bool                   # its live key is there
+    admin: ChunkAdmin | None
+    rev: int                     # the admin record's mod revision (0: none)
+    compare: list                # all three unchanged since (the admin record, or its absence;
+                                 # the info key; the live key absent)
+
+
+async def registration_state(ctx: Ctx, chunk_id: str) -> Registration | None:
+    """The info, live and admin keys of ``chunk_id``, read in that order, with the compares
+    that keep them so (None: not registered). The one read of ``mark_registration`` and
+    ``restore_outage``."""
+    key, info_key, live_key = (ctx.keys.chunk_admin(chunk_id), ctx.keys.chunk_info(chunk_id),
+                               ctx.keys.chunk_live(chunk_id))
+    info = await ctx.etcd.get(info_key)
+    if info is None:
+        return None
+    live = await ctx.etcd.get(live_key) is not None
+    admin, rev = await ctx.get(key, ChunkAdmin)
+    return Registration(key=key, info=info, live=live, admin=admin, rev=rev,
+                        compare=[ctx.unchanged(key, rev) if rev else ctx.absent(key),
+                                 ctx.unchanged(info_key, info.mod_revision), ctx.absent(live_key)])
+
+
 async def mark_registration(ctx: Ctx, chunk_id: str, carried: float | None = None) -> Pending | None:
     """The liveness follower's handling of an info write (a registration) of ``chunk_id``:
     what to write now, and the outage's start it may write back once its stream shows more.
@@ -410,21 +438,15 @@ async def mark_registration(ctx: Ctx, chunk_id: str, carried: float | None = Non
     came with the server registering again since, ``restore_outage``), and no live event in
     the follower's stream since: a new marker carries it. So a server that keeps failing
     half-way through registering (info written, no live key) does not restart its grace."""
-    key, info_key, live_key = (ctx.keys.chunk_admin(chunk_id), ctx.keys.chunk_info(chunk_id),
-                               ctx.keys.chunk_live(chunk_id))
     for _ in range(5):
-        info = await ctx.etcd.get(info_key)
-        if info is None:
-            return None
-        if await ctx.etcd.get(live_key) is not None:
+        reg = await registration_state(ctx, chunk_id)
+        if reg is None or reg.live:
             return None                          # up: the live key's own event records it
-        admin, rev = await ctx.get(key, ChunkAdmin)
-        admin = admin or ChunkAdmin(chunk_id=chunk_id)
+        info, rev, compare, key = reg.info, reg.rev, reg.compare, reg.key
+        admin = reg.admin or ChunkAdmin(chunk_id=chunk_id)
         fresh = rev > info.mod_revision          # written since the latest registration
         start = carried if carried is not None and admin.down_since is None else (
             admin.down_since if not fresh else None)
-        compare = [ctx.unchanged(key, rev) if rev else ctx.absent(key),
-                   ctx.unchanged(info_key, info.mod_revision), ctx.absent(live_key)]
         if start is not None:
             admin.down_since = None              # the marker: the start not known yet
             marker = await _put_admin(ctx, key, compare, admin)
@@ -458,23 +480,19 @@ async def restore_outage(ctx: Ctx, chunk_id: str, pending: Pending) -> Pending |
     was removed, or an outage was recorded since), or the entry to carry to the server's
     next info write: it registered again since the marker (that write's event is still to
     come in the follower's stream, after the marker's)."""
-    key, info_key, live_key = (ctx.keys.chunk_admin(chunk_id), ctx.keys.chunk_info(chunk_id),
-                               ctx.keys.chunk_live(chunk_id))
     for _ in range(5):
-        info = await ctx.etcd.get(info_key)
-        if info is None:
+        reg = await registration_state(ctx, chunk_id)
+        if reg is None:
             return None
-        if info.mod_revision != pending.info_rev:
-            return Pending(start=pending.start, marker=0, info_rev=info.mod_revision)
-        if await ctx.etcd.get(live_key) is not None:
+        if reg.info.mod_revision != pending.info_rev:
+            return Pending(start=pending.start, marker=0, info_rev=reg.info.mod_revision)
+        if reg.live:
             return None                          # up: its live event, still to come, records it
-        admin, rev = await ctx.get(key, ChunkAdmin)
+        admin = reg.admin
         if admin is None or admin.down_since is not None:
             return None
         admin.down_since = pending.start
-        compare = [ctx.unchanged(key, rev), ctx.unchanged(info_key, info.mod_revision),
-                   ctx.absent(live_key)]
-        if await ctx.txn(compare, [ctx.put(key, admin)]):
+        if await ctx.txn(reg.compare, [ctx.put(reg.key, admin)]):
             log.info("chunk server %s wrote its registration but did not come up: still down "
                      "since %s", chunk_id, _when(pending.start))
             return None
