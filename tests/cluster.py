@@ -8,7 +8,9 @@ hopes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -20,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -328,24 +330,45 @@ def cluster(workdir: Path, etcd: Etcd, metas: int = 1, chunks: int = 0,
         c.stop()
 
 
-async def async_wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
-    """``wait_for`` for async tests: ``cond`` may be a coroutine function."""
-    import asyncio
-    import inspect
+async def until(cond: Callable[[], Any], what: str, timeout: float = 10.0, interval: float = 0.02, *,
+                message: str | Callable[[], str] | None = None) -> Any:
+    """The one async poll of the tests: run ``cond`` (a plain function or a coroutine
+    function) until it returns something truthy, and return that, sleeping ``interval`` s
+    between tries (0: one yield to the loop). Once ``timeout`` s have passed, fail with
+    ``AssertionError("timed out waiting for {what}")``, or with ``message`` (a string, or a
+    function called at that moment) where given. ``cond`` runs once more after the last
+    sleep; an exception it raises ends the wait at once (``async_wait_for`` retries)."""
     deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            if message is None:
+                raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(message() if callable(message) else message)
+        await asyncio.sleep(interval)
+
+
+async def async_wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    """``wait_for`` for async tests (``until`` that counts an exception of ``cond`` as not
+    yet): ``cond`` may be a coroutine function."""
     last_exc: Exception | None = None
-    while time.monotonic() < deadline:
+
+    async def attempt() -> object:
+        nonlocal last_exc
         try:
             value = cond()
-            if inspect.isawaitable(value):
-                value = await value
-            if value:
-                return value
+            return (await value) if inspect.isawaitable(value) else value
         except Exception as e:  # noqa: BLE001 - remembered for the failure message
             last_exc = e
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+            return None
+
+    return await until(attempt, what, timeout, interval,
+                       message=lambda: f"timed out after {timeout}s waiting for {what}"
+                       + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
 def free_port_range(n: int, start: int = 20000, end: int = 60000) -> int:

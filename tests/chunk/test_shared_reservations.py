@@ -18,6 +18,7 @@ import pytest
 from chunk.blockdev import MemoryBlockDevice
 from chunk.scsi import Nexus
 from chunk.shared_reservations import CLOSE_WAIT, ReservationStore
+from tests.cluster import until as poll_until
 from zstore.keys import Keys
 from zstore.records import ReservationRecord
 
@@ -60,11 +61,7 @@ async def closed(store: ReservationStore) -> None:
 
 
 async def until(cond, what: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+    await poll_until(cond, what, timeout, 0.01)
 
 
 async def out(lu, nexus, sa, key=0, sark=0, rtype=0):

@@ -15,6 +15,7 @@ import time
 
 from meta import chunks, extents, liveness
 from meta.recovery import Recovery
+from tests.cluster import until
 from tests.meta.helpers import chunk_down, register_chunk
 from tests.meta.test_recovery import GRACE, ZONES, ctx, extent_on  # noqa: F401 - ctx: the fixture
 from zstore.records import ChunkAdmin
@@ -26,14 +27,6 @@ async def admin_of(ctx, cid) -> tuple[ChunkAdmin | None, int]:
 
 async def info_rev(ctx, cid) -> int:
     return (await ctx.etcd.get(ctx.keys.chunk_info(cid))).mod_revision
-
-
-async def until(cond, what: str, timeout: float = 10.0) -> None:
-    """Poll ``cond`` (a coroutine function) until true; bounded."""
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def back_and_down_unseen(ctx, cid: str) -> float:

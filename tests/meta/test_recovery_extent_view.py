@@ -13,6 +13,7 @@ import pytest
 
 from meta import chunks, extents, volumes
 from meta.recovery import Recovery
+from tests.cluster import until
 from tests.meta.helpers import chunk_down as down, make_ctx, register_zones
 from zstore.records import ExtentRecord, RecoveryTask
 
@@ -37,13 +38,6 @@ def count_listings(ctx, monkeypatch) -> list:
         return await real(req)
     monkeypatch.setattr(ctx.etcd, "_range", counting)
     return listings
-
-
-async def until(cond, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def volume(ctx, name, replicas=3):

@@ -18,6 +18,7 @@ from chunk.iscsi.constants import RESERVED_TAG, RejectReason, TmfFunction, TmfRe
 from chunk.iscsi.negotiation import SessionParams
 from chunk.iscsi.session import Session, sn_lt
 from chunk.scsi import Nexus
+from tests.cluster import until as poll_until
 
 
 @dataclass
@@ -142,11 +143,7 @@ def write10(lba: int, blocks: int, itt: int, cmdsn: int, data: bytes = b"", fina
 
 async def until(cond, timeout: float = 5.0) -> None:
     """Wait for a condition on the server side (never a fixed sleep)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
+    await poll_until(cond, "the condition", timeout, 0.005, message="condition not reached in time")
 
 
 def test_serial_number_arithmetic_wraps():

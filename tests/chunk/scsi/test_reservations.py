@@ -10,6 +10,7 @@ import pytest
 from chunk.blockdev import MemoryBlockDevice
 from chunk.scsi import Nexus
 from chunk.scsi.reservations import transport_id
+from tests.cluster import until
 
 from .helpers import (H1, H2, TUR, check, good, make_lu, mode_sense6, prin, prout, prout_params,
                       rc10, read10, run, write10)
@@ -279,11 +280,7 @@ class _GatedDevice(MemoryBlockDevice):
 
 async def _until(cond, timeout: float = 5.0) -> None:
     """Let the loop run until ``cond()`` holds (each task step is one yield)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0)
+    await until(cond, "the condition", timeout, 0, message="condition not reached")
 
 
 async def test_preempt_and_abort_lets_no_write_of_the_preempted_host_land_after_it():

@@ -21,7 +21,6 @@ over the test etcd."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -29,6 +28,7 @@ from chunk.blockdev import MediumError
 from chunk.scsi.sense import NOT_READY
 from chunk.storage.coordinator import NotServing
 from chunk.storage.extent_file import BLOCK_SIZE
+from tests.cluster import until
 
 from .replica_nodes import block
 from .test_audit18_coord_engine_stop import served  # noqa: F401
@@ -37,10 +37,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def _until(cond, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.001)
+    """Poll ``cond``; ``what`` is the failure message itself."""
+    await until(cond, what, timeout, 0.001, message=what)
 
 
 async def _down(served, *cids) -> None:  # noqa: F811

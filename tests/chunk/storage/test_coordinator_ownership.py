@@ -16,6 +16,7 @@ from chunk.storage.coordinator import EXTENT_SIZE, MediumError
 from chunk.storage.replica_client import Denied
 from chunk.storage.wire import Status
 from tests.chunk.storage.test_coordinator import _MemReplica, _mem_coordinator
+from tests.cluster import until
 from zstore.records import Volume
 
 
@@ -81,10 +82,7 @@ def _setup(monkeypatch, reps, acquire_delay: float, snap_seq: int = 1):
 
 async def _until(cond, timeout: float = 5.0) -> None:
     """Wait for a state of the coordinator or its replicas (never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.001)
+    await until(cond, "the condition", timeout, 0.001, message="condition not reached in time")
 
 
 def _sent_epochs(reps) -> set[int]:

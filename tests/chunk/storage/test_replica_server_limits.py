@@ -14,6 +14,7 @@ from chunk.storage import peer_auth, wire
 from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.wire import Frame, FrameReader, FrameWriter, Op, Status
 from tests.chunk.storage.raw_peer import CLUSTER, SECRET, replica_server
+from tests.cluster import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -133,11 +134,8 @@ async def _idle(server: ReplicaServer, sources: list[str]) -> list:
 
 
 async def _settled(server: ReplicaServer, want: int) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while server._authenticating != want:
-        assert loop.time() < deadline, f"{server._authenticating} handshakes, not {want}"
-        await asyncio.sleep(0.02)
+    await until(lambda: server._authenticating == want, f"{want} handshakes", 10, 0.02,
+                message=lambda: f"{server._authenticating} handshakes, not {want}")
 
 
 async def _is_closed(reader: FrameReader, within: float) -> bool:

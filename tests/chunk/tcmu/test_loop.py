@@ -13,6 +13,7 @@ from chunk.blockdev import FileBlockDevice, MemoryBlockDevice
 from chunk.scsi import LogicalUnit, LunIdentity
 from chunk.tcmu import ring
 from chunk.tcmu.loop import CommandLoop
+from tests.cluster import until
 
 from .fakering import FakeKernel
 
@@ -37,10 +38,8 @@ def tur() -> bytes:
 
 
 async def settle(k: FakeKernel, ids, timeout: float = 5.0) -> None:
-    async def done():
-        while not all("status" in k.answers[i] for i in ids):
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(done(), timeout)
+    await until(lambda: all("status" in k.answers[i] for i in ids), f"answers to commands {ids}",
+                timeout, 0.005)
 
 
 @pytest.mark.parametrize("flags", [ring.CAP_OOOC | ring.CAP_READ_LEN, ring.CAP_READ_LEN])
