@@ -56,8 +56,10 @@ time of day: the meta servers' wall clocks may disagree, and a leader whose cloc
 ahead would otherwise time a task out early. A leader goes on from the note's seconds and
 adds only what it observes itself (the time between the note's write and its own first
 sight, a leader change, is not counted: the timer can run late, never early); it writes
-them again at its second sight of the record and then every ``1/NOTE_SHARE`` of the
-timeout, so each term of two passes or more adds to them.
+them again at its second sight of the record, then each time the time it observed since
+its last write reaches what it observed before it (a doubling), at the latest every
+``1/NOTE_SHARE`` of the timeout: each term of two passes or more adds at least half of what
+it observed (a term of one pass observes nothing, and adds nothing).
 
 Each task is run by the volume's live owner (the coordinator: it must order
 the copy with its own writes), else by the target, which then acquires
@@ -332,6 +334,9 @@ class Recovery:
     _unseen: set[tuple[str, int]] = field(default_factory=set)
     # When (``clock``) this leader last wrote each task's idle note, while its version stays.
     _noted_at: dict[tuple[str, int], float] = field(default_factory=dict)
+    # When (``clock``) this leader first saw each task's current version (its own note writes
+    # aside): where what it observed of the record begins.
+    _sighted: dict[tuple[str, int], float] = field(default_factory=dict)
     # Executors whose copy slots were all held at the previous pass (None: no pass yet).
     _full_before: set[str] | None = None
     view: ExtentView | None = None       # while ``following``; else each pass reads etcd
@@ -544,6 +549,7 @@ class Recovery:
             unseen.add(key)
         self._seen, self._unseen = seen, unseen
         self._noted_at = {k: t for k, t in self._noted_at.items() if k in seen and k not in unseen}
+        self._sighted = {k: clock if k in unseen else self._sighted.get(k, clock) for k in seen}
         copying = Counter(task.executor for key, (task, _) in w.tasks.items()
                           if task.state == "running" and clock - seen[key][1] < self.stall_timeout)
         full = {executor for executor, n in copying.items() if n >= EXECUTOR_SLOTS}
@@ -589,9 +595,11 @@ class Recovery:
         """Keep in the task's record what the next leader needs (``TrackedTask``): the failure
         count when it changed, and for how long the record has not changed: once a pass of
         this leader sees it unchanged since its previous one (not at its first sight: a copy
-        in progress changes it between passes, and is never written to), then again each
-        ``1/NOTE_SHARE`` of the stall timeout while it stays so (the next leader goes on from
-        the note: what this term observed reaches it). Written by compare-and-swap on its
+        in progress changes it between passes, and is never written to), then again each time
+        the time observed since the last write reaches what this term observed before it, and
+        at the latest each ``1/NOTE_SHARE`` of the stall timeout, while it stays so (the next
+        leader goes on from the note: at least half of what this term observed reaches it,
+        however short the term). Written by compare-and-swap on its
         revision: a record changed meanwhile is a change, seen next pass. At most one write
         per task and pass. Only the note's keys of the record as read change
         (``TrackedTask.merged``)."""
@@ -600,8 +608,12 @@ class Recovery:
             return                                   # not read from etcd (planned this pass)
         timed = self.stall_timeout > 0
         last = self._noted_at.get(key)
+        # Again once the time observed since the last write reaches what was observed before
+        # it in this term (a doubling: a short term's note keeps at least half of what it
+        # observed), at the latest each tenth of the timeout.
         due = (timed and key not in self._unseen
-               and (last is None or clock - last >= self.stall_timeout / NOTE_SHARE))
+               and (last is None or clock - last >= min(self.stall_timeout / NOTE_SHARE,
+                                                        last - self._sighted.get(key, last))))
         if task.failures == failures and not due:
             return
         start = self._seen[key][1]
