@@ -170,7 +170,15 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
             if got is not None:
                 await ctx.txn([ctx.unchanged(op_key, op_rev)], [ctx.delete(op_key)])
             return cur
-        op = VolumeOp.decode(got.value) if got is not None else None
+        # An op record that does not decode is no op (no chunk server runs it): handed over or
+        # replaced below like a missing one, compared on its revision. One a newer zstore wrote
+        # is left to a meta server that can read it.
+        op = volumes.decoded_op(op_key, got.value) if got is not None else None
+        if isinstance(op, volumes.NewerOp):
+            raise Unavailable(f"snapshot {cur.name!r} of volume {vol.name!r} has its op written by a newer "
+                              f"zstore ({op.op_id})",
+                              hint="repeat the create from a meta server running the newer version (or "
+                                   "finish the upgrade first)")
         if op is not None and op.state == "failed":
             ucompare, uops = await unique_name_release(ctx, cur)
             await ctx.txn([ctx.unchanged(op_key, op_rev), ctx.unchanged(skey, srev), *ucompare],
@@ -189,7 +197,7 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
             # an unfinished revert, so the volume may hold a half-reverted image, never a
             # state anyone had: the create fails (its snapshot and names go) rather than
             # commit that.
-            if not await _drop_creating(ctx, cur, srev, op_key, op_rev if op is not None else None):
+            if not await _drop_creating(ctx, cur, srev, op_key, op_rev if got is not None else None):
                 continue
             raise NotFound(f"volume {vol.name!r} was deleted while the snapshot {cur.name!r} waited "
                            "for a revert of it (a forced delete cancels one)")
@@ -214,7 +222,7 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
                 # Hand the op to the coordinator now serving the volume.
                 new = VolumeOp(op_id=snapshot_op_id(sid), volume_id=vid, kind="snapshot",
                                snapshot_id=sid, executor=owner.chunk_id)
-                cmp = ctx.unchanged(op_key, op_rev) if op else ctx.absent(op_key)
+                cmp = ctx.unchanged(op_key, op_rev) if got is not None else ctx.absent(op_key)
                 if await ctx.txn([cmp, ctx.unchanged(okey, orev), ctx.unchanged(skey, srev)],
                                  [ctx.put(op_key, new)]):
                     log.info("snapshot %s (%s) of volume %s: waiting for its coordinator on %s",
@@ -237,7 +245,7 @@ async def _finish(ctx: Ctx, vol: Volume, snap: Snapshot, deadline: float) -> Sna
             if holder is not None and not holder.released:
                 compare.append(ctx.absent(ctx.keys.chunk_live(holder.chunk_id)))
             ops = [ctx.put(vkey, v), ctx.put(skey, cur)]
-            if op is not None:
+            if got is not None:
                 compare.append(ctx.unchanged(op_key, op_rev))
                 ops.append(ctx.delete(op_key))
             if await ctx.txn(compare, ops):

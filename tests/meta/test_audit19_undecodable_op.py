@@ -125,3 +125,34 @@ async def test_an_op_rewritten_between_the_read_and_the_removal_keeps_the_snapsh
     assert rewritten and (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
     op, _ = await ctx.get(_op_key(ctx, snap), VolumeOp)
     assert (op.executor, op.state) == ("c1", "pending")
+
+
+# --- a repeated create of the snapshot (``volops._finish``) ---------------------------------
+# It decoded the op with ``VolumeOp.decode``: one that does not decode, or one a newer zstore
+# wrote, raised a raw decode error (a 500) at every repeat of the create. An op that does not
+# decode is now no op: handed over to the volume's coordinator, or replaced by the meta's own
+# commit, compared on its revision; one of a newer schema answers 503 (a newer meta's).
+
+async def test_a_repeated_create_hands_a_new_op_over_an_undecodable_one(ctx):
+    _, snap = await _creating_with(ctx, GARBAGE)
+    with pytest.raises(Unavailable, match="still waiting for the volume's coordinator on chunk server c0"):
+        await volops.create_snapshot(ctx, "v", "s", timeout=0.2)
+    op, _ = await ctx.get(_op_key(ctx, snap), VolumeOp)
+    assert (op.kind, op.executor, op.state, op.snapshot_id) == ("snapshot", "c0", "pending", snap.snapshot_id)
+
+
+async def test_a_repeated_create_with_no_coordinator_commits_over_an_undecodable_op(ctx):
+    vol, snap = await _creating_with(ctx, GARBAGE)
+    await own(ctx, vol.volume_id, "c0", released=True)
+    again, created = await volops.create_snapshot(ctx, "v", "s", timeout=2)
+    assert not created and again.snapshot_id == snap.snapshot_id and again.state == "ready"
+    assert await ctx.get_raw(_op_key(ctx, snap)) is None
+
+
+async def test_a_repeated_create_beside_its_op_of_a_newer_schema_answers_unavailable(ctx):
+    vol, snap = await _creating_with(ctx, NEWER)
+    await own(ctx, vol.volume_id, "c0", released=True)
+    with pytest.raises(Unavailable, match="written by a newer zstore"):
+        await volops.create_snapshot(ctx, "v", "s", timeout=0.2)
+    assert await ctx.get_raw(_op_key(ctx, snap)) == NEWER
+    assert (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
