@@ -354,6 +354,61 @@ def _may_have_changed(rec: ExtentRecord, targets, results) -> bool:
 _CANCELLED = object()      # a _PendingWrite outcome: the local replica's deferred write was cancelled
 
 
+def _sole(rec: ExtentRecord) -> bool:
+    """The extent has one in-sync replica (a 1-replica volume, or one degraded to one): its
+    writes carry ``sole``, so that replica records an intent first (``ExtentFile``): with no
+    peer to repair it, a block killed between its data and its crc must mend itself."""
+    return len(rec.replicas) == 1
+
+
+def _start_write(r, vid, idx, off, data, epoch, seq, fua, sole):
+    """``r.start_write``, with ``sole`` when it is true. The replica handles (``replicas``)
+    take no ``sole``: the two real kinds are reached through their store or client here;
+    anything else (a test's stand-in) gets the plain write."""
+    if not sole:
+        return r.start_write(vid, idx, off, data, epoch, seq, fua)
+    if isinstance(r, rk.LocalReplica):
+        return _local_sole_write(r, vid, idx, off, data, epoch, seq, fua)
+    if isinstance(r, rk.RemoteReplica):
+        fut = r.client.start_write(r.addr, vid, idx, off, data, epoch, seq, fua, sole=True)
+        if fut is None:                                   # not connected yet: dial on await
+            return r._call(r.client.write(r.addr, vid, idx, off, data, epoch=epoch, seq=seq,
+                                          fua=fua, sole=True))
+        return r._reply(fut)
+    return r.start_write(vid, idx, off, data, epoch, seq, fua)
+
+
+async def _local_sole_write(r, vid, idx, off, data, epoch, seq, fua):
+    """``LocalReplica.write`` with ``sole`` (``_start_write``)."""
+    if not epoch:
+        raise r._unfenced("WRITE")
+    later = r._run(vid, idx, epoch, lambda: r.store.write(vid, idx, off, data, seq, epoch=epoch,
+                                                          sole=True))
+    if later is not None:
+        await r.finish(vid, idx, later)
+    if fua:
+        await r.flush(vid, idx, epoch)
+
+
+def _send_write(r, vid, idx, off, data, epoch, seq, on_reply, sole) -> bool:
+    """``r.send_write`` (the fast path's), with ``sole`` as ``_start_write``."""
+    if sole and isinstance(r, rk.RemoteReplica):
+        return r.client.send_write(r.addr, vid, idx, off, data, epoch, seq, on_reply, sole=True)
+    return r.send_write(vid, idx, off, data, epoch, seq, on_reply)
+
+
+def _write_now(local, vid, idx, off, data, epoch, seq, sole):
+    """``local.write_now`` (the fast path's), with ``sole`` as ``_start_write``."""
+    if not sole or not isinstance(local, rk.LocalReplica):
+        return local.write_now(vid, idx, off, data, epoch, seq)
+    if not epoch:
+        raise local._unfenced("WRITE")
+    try:
+        return local.store.admit_write(vid, idx, epoch, off, data, seq, sole=True)
+    except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
+        raise local._fail(vid, idx, e) from None
+
+
 class _PendingWrite:
     """One fast-path write waiting for its remote replicas' replies."""
 
@@ -408,12 +463,13 @@ class _PiecewiseWrite(_PendingWrite):
         super().__init__(*args)
         self.missed: dict[int, set[int]] = {}
 
-    def send(self, k: int, replica, vid: str, idx: int, epoch: int, seq: int) -> None:
+    def send(self, k: int, replica, vid: str, idx: int, epoch: int, seq: int,
+             sole: bool = False) -> None:
         """Send every frame of the write to remote ``replica`` (position ``k``)."""
         view, eoff, n = self.view, self.eoff, self.n
         for i, pos in enumerate(range(0, n, MAX_DATA)):
-            if not replica.send_write(vid, idx, eoff + pos, view[pos:pos + MAX_DATA], epoch, seq,
-                                      self.frame_callback(k, replica, i)):
+            if not _send_write(replica, vid, idx, eoff + pos, view[pos:pos + MAX_DATA], epoch, seq,
+                               self.frame_callback(k, replica, i), sole):
                 # One outcome for every frame: unsent only if no frame left for it.
                 self.outcomes[k] = rk.ReplicaFailed(replica.chunk_id, rk.UNAVAILABLE,
                                                     "request not sent", unsent=not i)
@@ -1210,7 +1266,9 @@ class Coordinator:
                 epoch, seq = self.epoch, self.seq
                 if op == "write":
                     # Remote writes leave now (no task per replica); the local one runs on await.
-                    calls = [r.start_write(self.vid, idx, eoff, part, epoch, seq, fua) for r in targets]
+                    sole = _sole(rec)
+                    calls = [_start_write(r, self.vid, idx, eoff, part, epoch, seq, fua, sole)
+                             for r in targets]
                 else:
                     calls = [r.unmap(self.vid, idx, eoff, n, epoch, seq, zero) for r in targets]
                 results = [None] * len(calls)
@@ -1497,9 +1555,10 @@ class Coordinator:
             results = [None] * len(targets)
             took = [False] * len(targets)           # took a piece of this round
             order = sorted(range(len(targets)), key=lambda k: not isinstance(targets[k], rk.LocalReplica))
+            sole = _sole(rec)
             for s, n in pieces:
-                calls = [r.start_write(self.vid, idx, s, view[base + s:base + s + n], epoch, seq, fua)
-                         for r in targets]
+                calls = [_start_write(r, self.vid, idx, s, view[base + s:base + s + n], epoch, seq,
+                                      fua, sole) for r in targets]
                 for i in order:                     # the local one first: it runs on await
                     try:
                         await calls[i]
@@ -1630,7 +1689,7 @@ class Coordinator:
             route = self._route(idx, rec)
             if route is None:
                 return None
-        _, _, targets, local, remotes = route
+        _, _, targets, local, remotes, sole = route
         for _, r in remotes:
             if not r.connected:
                 return None
@@ -1651,7 +1710,9 @@ class Coordinator:
             pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, seq, token)
             outcomes = pending.outcomes
             for k, r in remotes:                            # replies come later, never inside
-                if r.send_write(vid, idx, eoff, view, epoch, seq, pending.make_callback(k, r)):
+                if (r.client.send_write(r.addr, vid, idx, eoff, view, epoch, seq,
+                                        pending.make_callback(k, r), sole=True) if sole
+                        else r.send_write(vid, idx, eoff, view, epoch, seq, pending.make_callback(k, r))):
                     pending.left += 1
                 else:
                     outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent",
@@ -1660,10 +1721,11 @@ class Coordinator:
             pending = _PiecewiseWrite(self, done, idx, eoff, n, view, rec, targets, epoch, seq, token)
             outcomes = pending.outcomes
             for k, r in remotes:
-                pending.send(k, r, vid, idx, epoch, seq)
+                pending.send(k, r, vid, idx, epoch, seq, sole)
         if local is not None:
             try:
-                later = local.write_now(vid, idx, eoff, view, epoch, seq)
+                later = (_write_now(local, vid, idx, eoff, view, epoch, seq, True) if sole
+                         else local.write_now(vid, idx, eoff, view, epoch, seq))
             except rk.ReplicaFailed as e:
                 outcomes[targets.index(local)] = e
             else:
@@ -1678,8 +1740,9 @@ class Coordinator:
         return done
 
     def _route(self, idx: int, rec: ExtentRecord):
-        """(rec, replicas version, replicas, local one or None, [(position, remote)]) for the
-        fast path, cached per extent until the record or a replica handle changes."""
+        """(rec, replicas version, replicas, local one or None, [(position, remote)], sole) for
+        the fast path, cached per extent until the record or a replica handle changes. ``sole``
+        (``_sole``; only for real replica handles, which can carry it) is the O(1) check."""
         if len(rec.replicas) < self._need():
             return None                 # too few in sync: the general path fails the write
         targets = self.engine.cached_replicas(rec.replicas)
@@ -1687,7 +1750,9 @@ class Coordinator:
             return None
         local = next((r for r in targets if isinstance(r, rk.LocalReplica)), None)
         remotes = [(k, r) for k, r in enumerate(targets) if r is not local]
-        route = self._routes[idx] = (rec, self.engine.replicas_version, targets, local, remotes)
+        sole = _sole(rec) and all(isinstance(r, (rk.LocalReplica, rk.RemoteReplica)) for r in targets)
+        route = self._routes[idx] = (rec, self.engine.replicas_version, targets, local, remotes,
+                                     sole)
         return route
 
     def _write_settled(self, p: "_PendingWrite") -> None:

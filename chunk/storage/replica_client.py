@@ -129,6 +129,10 @@ def _count(value: Any) -> int | None:
 
 
 _FUA = {"fua": True}
+# A WRITE's args (None: a plain write, the fast path both ends) by (fua, sole). ``sole``: the
+# replica is the extent's only one in sync, it records an intent first (``ExtentFile``).
+_WRITE_ARGS = {(False, False): None, (True, False): _FUA, (False, True): {"sole": True},
+               (True, True): {"fua": True, "sole": True}}
 
 
 class _Peer:
@@ -234,12 +238,15 @@ class ReplicaClient:
         return self._start(addr, lambda pipe: pipe.start(frame, self.timeout if timeout is None else timeout))
 
     def start_write(self, addr: Address, vid: str, idx: int, off: int, data: bytes | memoryview,
-                    epoch: int, seq: int, fua: bool = False) -> asyncio.Future | None:
+                    epoch: int, seq: int, fua: bool = False,
+                    sole: bool = False) -> asyncio.Future | None:
         """``start`` of a WRITE without building a request Frame (the replicated-write hot path).
-        Its future resolves to None for a plain OK reply (no Frame decoded), else to the reply."""
-        if fua:
+        Its future resolves to None for a plain OK reply (no Frame decoded), else to the reply.
+        ``sole`` (an arg, so not the plain-write fast path): see ``_WRITE_ARGS``."""
+        if fua or sole:
+            args = _WRITE_ARGS[(fua, sole)]
             return self._start(addr, lambda pipe: pipe.start_fields(
-                Op.WRITE, vid, idx, epoch, 0, off, len(data), data, seq, _FUA, self.timeout))
+                Op.WRITE, vid, idx, epoch, 0, off, len(data), data, seq, args, self.timeout))
         fut = asyncio.get_running_loop().create_future()
 
         def answered(result) -> None:
@@ -252,16 +259,18 @@ class ReplicaClient:
         return fut if self.send_write(addr, vid, idx, off, data, epoch, seq, answered) else None
 
     def send_write(self, addr: Address, vid: str, idx: int, off: int, data: bytes | memoryview,
-                   epoch: int, seq: int, on_reply) -> bool:
+                   epoch: int, seq: int, on_reply, sole: bool = False) -> bool:
         """A WRITE (no FUA) on the open connection, answered through ``on_reply`` (None for a
         plain OK, else the reply Frame or the connection's exception; see
         ``Pipeline.start_write``). False, with nothing sent, when no healthy connection is
-        open: the coordinator's fast path then declines or counts that replica failed."""
+        open: the coordinator's fast path then declines or counts that replica failed.
+        ``sole``: see ``_WRITE_ARGS``."""
         pipe = self._usable(addr)
         if pipe is None:
             return False
         try:
-            pipe.start_write(vid, idx, epoch, off, data, seq, self.timeout, on_reply)
+            pipe.start_write(vid, idx, epoch, off, data, seq, self.timeout, on_reply,
+                             _WRITE_ARGS[(False, True)] if sole else None)
         except (ConnectionError, OSError, ValueError):
             return False
         # Not ``_start``: no closure per write, and no backlog check, whose drain task only
@@ -346,9 +355,10 @@ class ReplicaClient:
         return bytes(rep.data or b""), bytes(present)
 
     async def write(self, addr: Address, vid: str, idx: int, off: int, data: bytes,
-                    epoch: int, seq: int, generation: int = 0, fua: bool = False) -> None:
+                    epoch: int, seq: int, generation: int = 0, fua: bool = False,
+                    sole: bool = False) -> None:
         await self._ok(addr, Frame(Op.WRITE, 0, vid, idx, epoch, generation, off, len(data), data,
-                                   seq=seq, args={"fua": True} if fua else None))
+                                   seq=seq, args=_WRITE_ARGS[(bool(fua), bool(sole))]))
 
     async def unmap(self, addr: Address, vid: str, idx: int, off: int, length: int,
                     epoch: int, seq: int, generation: int = 0, zero: bool = False) -> None:

@@ -610,7 +610,10 @@ class ReplicaServer:
             if f.length not in (0, len(f.data)):
                 raise ValueError(f"WRITE length {f.length} but {len(f.data)} data bytes")
             fua = _arg(f, "fua", bool, False)
-            later = st.write(vid, idx, f.offset, f.data, f.seq, fua=False, epoch=f.epoch)
+            # ``sole``: this replica is the extent's only one in sync (the coordinator says):
+            # an intent record first (``ExtentFile``). A peer older than the arg ignores it.
+            later = st.write(vid, idx, f.offset, f.data, f.seq, fua=False, epoch=f.epoch,
+                             sole=_arg(f, "sole", bool, False))
             if later is None:
                 return (lambda: st.flush_async(vid, idx)) if fua else f.reply()
 

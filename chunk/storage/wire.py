@@ -655,16 +655,21 @@ class Pipeline:
 
     def start_write(self, volume: str, extent: int, epoch: int, offset: int,
                     data: bytes | memoryview, seq: int, timeout: float | None,
-                    on_reply: Callable[[Any], None]) -> None:
+                    on_reply: Callable[[Any], None], args: dict[str, Any] | None = None) -> None:
         """A WRITE (no args) whose answer is handed to ``on_reply``: None for a plain OK, the
         reply Frame for any other, the exception if the connection fails or the reply is
         overdue. Called from the reply's routing, with no future and no loop turn between:
         the replicated-write hot path, where the OK reply, every write's answer, is
-        recognised from its first header bytes and never decoded into a Frame."""
+        recognised from its first header bytes and never decoded into a Frame. ``args``
+        (a sole replica's ``sole``) makes it a general frame, answered the same way."""
         if self._error is not None:
             raise ConnectionError(f"connection failed: {self._error}")
         ident = next(self._ids)
-        raw = encode_write(ident, volume, extent, epoch, offset, data, seq)
+        if args is None:
+            raw = encode_write(ident, volume, extent, epoch, offset, data, seq)
+        else:
+            raw = encode_fields(Op.WRITE, ident, volume, extent, epoch, 0, offset,
+                                memoryview(data).nbytes, data, None, seq, args)
         self._lite[ident] = on_reply
         self._enqueue(ident, raw, Op.WRITE, timeout)
 

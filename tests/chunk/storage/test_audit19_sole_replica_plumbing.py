@@ -1,0 +1,110 @@
+"""The coordinator marks a write ``sole`` exactly when the extent has one in-sync replica, and the
+flag reaches that replica's ExtentFile (its intent ring ``.int`` appears), whether the replica
+is local or behind a real ReplicaServer on loopback, on the fast path, the general path and a
+FUA write; with two in-sync replicas no ring is made anywhere.
+
+A real Coordinator (harness of ``test_revert_safety``), real stores, server and client."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from chunk.storage import replicas as rk
+from chunk.storage.peer_auth import load_or_create_secret
+from chunk.storage.replica_client import ReplicaClient
+from chunk.storage.replica_server import ReplicaServer
+from chunk.storage.extent_file import EXTENT_SIZE
+from chunk.storage.wire import MAX_DATA
+from zstore.records import ExtentRecord
+
+from .test_revert_safety import CLUSTER, _volume, keys, stores  # noqa: F401
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _rings(store) -> list[bool]:
+    """Whether extents 0, 1, 2 of ``store`` have an intent ring."""
+    return [(Path(store.stat("v", k)["disk"]) / f"v.{k}.int").exists() for k in range(EXTENTS)]
+
+
+EXTENTS = 3
+
+
+def _create(*stores_) -> None:
+    for st in stores_:
+        for k in range(EXTENTS):
+            st.create("v", k, 1)
+
+
+async def _writes(coord, remote=None) -> None:
+    """One write per extent, each acknowledged: extent 1 a FUA write (the general path; it
+    also takes ownership), extent 0 a fast-path 4 KiB write, extent 2 a fast-path write of
+    two frames."""
+    await asyncio.wait_for(coord.write(EXTENT_SIZE + 4096, b"\x03" * 4096, fua=True), 10)
+    if remote is not None:
+        await remote.connect()
+    fut = coord.write_nowait(0, b"\x01" * 4096)
+    assert fut is not None                                  # the fast path took it
+    await asyncio.wait_for(fut, 10)
+    fut = coord.write_nowait(2 * EXTENT_SIZE + 8192, b"\x02" * (MAX_DATA + 4096))
+    assert fut is not None
+    await asyncio.wait_for(fut, 10)
+
+
+@pytest.fixture
+async def peer(stores, etcd_client, keys):  # noqa: F811
+    """Store B behind a real ReplicaServer, and a client to it."""
+    b = stores("B")
+    secret = await load_or_create_secret(etcd_client, keys)
+    server = ReplicaServer(b, secret, CLUSTER, "127.0.0.1", 0)
+    await server.start()
+    client = ReplicaClient(secret, CLUSTER, "me", timeout=5.0)
+    try:
+        yield b, rk.RemoteReplica("B", ("127.0.0.1", server.port), client)
+    finally:
+        await client.close()
+        await server.stop()
+
+
+async def test_one_remote_replica_gets_intent_records(peer, etcd_client, keys):  # noqa: F811
+    b, remote = peer
+    _create(b)
+    coord = await _volume(etcd_client, keys, {"B": remote}, extents=EXTENTS)
+    await _writes(coord, remote)
+    assert _rings(b) == [True] * EXTENTS
+    assert b.read("v", 0, 0, 4096)[0] == b"\x01" * 4096
+
+
+async def test_one_local_replica_gets_intent_records(stores, etcd_client, keys):  # noqa: F811
+    a = stores("A")
+    _create(a)
+    coord = await _volume(etcd_client, keys, {"A": rk.LocalReplica("A", a)}, extents=EXTENTS)
+    await _writes(coord)
+    assert _rings(a) == [True] * EXTENTS
+
+
+async def test_two_replicas_make_no_ring(peer, stores, etcd_client, keys):  # noqa: F811
+    b, remote = peer
+    a = stores("A")
+    _create(a, b)
+    coord = await _volume(etcd_client, keys, {"A": rk.LocalReplica("A", a), "B": remote},
+                          extents=EXTENTS)
+    await _writes(coord, remote)
+    assert _rings(a) == _rings(b) == [False] * EXTENTS
+
+
+async def test_degraded_to_one_in_sync_replica(peer, stores, etcd_client, keys):  # noqa: F811
+    """A 2-replica volume whose extent is down to B in sync: B records intents, A (stale, not
+    written) has none."""
+    b, remote = peer
+    a = stores("A")
+    _create(a, b)
+    coord = await _volume(etcd_client, keys, {"A": rk.LocalReplica("A", a), "B": remote},
+                          extents=EXTENTS)
+    for k in range(EXTENTS):
+        coord.extents[k] = ExtentRecord("v", k, ["B"], 2, {"A": 2})
+    await _writes(coord, remote)
+    assert _rings(b) == [True] * EXTENTS and _rings(a) == [False] * EXTENTS
