@@ -390,6 +390,27 @@ async def _local_sole_write(r, vid, idx, off, data, epoch, seq, fua):
         await r.flush(vid, idx, epoch)
 
 
+def _unmap(r, vid, idx, off, length, epoch, seq, zero, sole):
+    """``r.unmap``, with ``sole`` as ``_start_write`` (the zeros it writes: ``zero``, partial
+    edges)."""
+    if sole and isinstance(r, rk.LocalReplica):
+        return _local_sole_unmap(r, vid, idx, off, length, epoch, seq, zero)
+    if sole and isinstance(r, rk.RemoteReplica):
+        return r._call(r.client.unmap(r.addr, vid, idx, off, length, epoch=epoch, seq=seq,
+                                      zero=zero, sole=True))
+    return r.unmap(vid, idx, off, length, epoch, seq, zero)
+
+
+async def _local_sole_unmap(r, vid, idx, off, length, epoch, seq, zero):
+    """``LocalReplica.unmap`` with ``sole`` (``_unmap``)."""
+    if not epoch:
+        raise r._unfenced("UNMAP")
+    later = r._run(vid, idx, epoch, lambda: r.store.unmap(vid, idx, off, length, seq, zero,
+                                                          epoch=epoch, sole=True))
+    if later is not None:
+        await r.finish(vid, idx, later)
+
+
 def _send_write(r, vid, idx, off, data, epoch, seq, on_reply, sole) -> bool:
     """``r.send_write`` (the fast path's), with ``sole`` as ``_start_write``."""
     if sole and isinstance(r, rk.RemoteReplica):
@@ -1270,7 +1291,9 @@ class Coordinator:
                     calls = [_start_write(r, self.vid, idx, eoff, part, epoch, seq, fua, sole)
                              for r in targets]
                 else:
-                    calls = [r.unmap(self.vid, idx, eoff, n, epoch, seq, zero) for r in targets]
+                    sole = _sole(rec)
+                    calls = [_unmap(r, self.vid, idx, eoff, n, epoch, seq, zero, sole)
+                             for r in targets]
                 results = [None] * len(calls)
                 # The local replica's call first: it runs on await, and awaited after a remote
                 # reply it would run up to a replica timeout later (the lease may lapse meanwhile).

@@ -408,22 +408,24 @@ class ExtentFile:
         """Deallocate: whole blocks are punched out, partial edges are zeroed."""
         self.punch([self.unmap_checksums(offset, length)])
 
-    def unmap_checksums(self, offset: int, length: int) -> tuple[int, int, bool]:
-        """The first half of ``unmap``: partial edges zeroed (written), the whole blocks'
-        checksums set to 0 (file, then memory).  Returns the hole for ``punch``: (first byte,
-        end byte, whether any of its blocks was present).  A caller unmapping a long range in
-        pieces collects the holes and punches them together (one ``.crc`` sync for all)."""
+    def unmap_checksums(self, offset: int, length: int,
+                        intent: bool = False) -> tuple[int, int, bool]:
+        """The first half of ``unmap``: partial edges zeroed (written; ``intent`` as in
+        ``write``), the whole blocks' checksums set to 0 (file, then memory).  Returns the hole
+        for ``punch``: (first byte, end byte, whether any of its blocks was present).  A caller
+        unmapping a long range in pieces collects the holes and punches them together (one
+        ``.crc`` sync for all)."""
         self._check_range(offset, length)
         end = offset + length
         lo = -(-offset // BLOCK_SIZE) * BLOCK_SIZE       # first whole block
         hi = end // BLOCK_SIZE * BLOCK_SIZE              # end of the last whole block
         if lo >= hi:                                      # inside one block
-            self.write(offset, bytes(length))
+            self.write(offset, bytes(length), intent=intent)
             return lo, lo, False
         if offset < lo:
-            self.write(offset, bytes(lo - offset))
+            self.write(offset, bytes(lo - offset), intent=intent)
         if hi < end:
-            self.write(hi, bytes(end - hi))
+            self.write(hi, bytes(end - hi), intent=intent)
         first, count = lo // BLOCK_SIZE, (hi - lo) // BLOCK_SIZE
         present = any(self._crcs[first:first + count])
         if present:

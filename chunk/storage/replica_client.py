@@ -361,9 +361,13 @@ class ReplicaClient:
                                    seq=seq, args=_WRITE_ARGS[(bool(fua), bool(sole))]))
 
     async def unmap(self, addr: Address, vid: str, idx: int, off: int, length: int,
-                    epoch: int, seq: int, generation: int = 0, zero: bool = False) -> None:
+                    epoch: int, seq: int, generation: int = 0, zero: bool = False,
+                    sole: bool = False) -> None:
+        args = {"zero": True} if zero else None
+        if sole:                                    # see _WRITE_ARGS
+            args = {**(args or {}), "sole": True}
         await self._ok(addr, Frame(Op.UNMAP, 0, vid, idx, epoch, generation, off, length,
-                                   seq=seq, args={"zero": True} if zero else None))
+                                   seq=seq, args=args))
 
     async def flush(self, addr: Address, vid: str, idx: int, epoch: int,
                     timeout: float | None = None) -> None:

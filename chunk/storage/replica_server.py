@@ -624,7 +624,7 @@ class ReplicaServer:
             return finish
         if f.op is Op.UNMAP:
             later = st.unmap(vid, idx, f.offset, f.length, f.seq, zero=_arg(f, "zero", bool, False),
-                             epoch=f.epoch)
+                             epoch=f.epoch, sole=_arg(f, "sole", bool, False))
             return f.reply() if later is None else (lambda: later)
         if f.op is Op.FLUSH:
             return lambda: st.flush_async(vid, idx)

@@ -1754,7 +1754,7 @@ class ReplicaStore:
             hold.release()
 
     async def _unmap_later(self, rep: _Replica, offset: int, length: int, seq: int, zero: bool,
-                           epoch: int) -> None:
+                           epoch: int, sole: bool = False) -> None:
         """``unmap`` of blocks some of which are present, its syncs off the loop as
         ``_write_later``'s: the COWs of each 1 MiB piece, ``.seq`` where zeros become present
         across a snapshot, and the zeroed checksums' sync before the punch."""
@@ -1775,9 +1775,9 @@ class ReplicaStore:
                 rep.mutations += 1
                 with self._rep_io(rep):
                     if zero:
-                        rep.ext.write(a, bytes(b - a))
+                        rep.ext.write(a, bytes(b - a), intent=sole)
                     else:
-                        holes.append(rep.ext.unmap_checksums(a, b - a))
+                        holes.append(rep.ext.unmap_checksums(a, b - a, sole))
             if any(lo < hi and present for lo, hi, present in holes):
                 if rep.crc_group is None:
                     rep.crc_group = _GroupSync(lambda: partial(_sync_dup, os.dup(rep.ext.crc_fd)))
@@ -1864,10 +1864,12 @@ class ReplicaStore:
         self.admit(vid, idx, epoch)
 
     def unmap(self, vid: str, idx: int, offset: int, length: int, seq: int,
-              zero: bool = False, epoch: int = 0) -> Coroutine[Any, Any, None] | None:
+              zero: bool = False, epoch: int = 0,
+              sole: bool = False) -> Coroutine[Any, Any, None] | None:
         """Unmap (or, ``zero``, write zeros over) the range at ``seq``. ``epoch`` as in
         ``write``: an unmap touching present blocks (a COW, the zeroed checksums' sync before
-        the punch) comes back as a coroutine with its syncs off the loop (``_unmap_later``)."""
+        the punch) comes back as a coroutine with its syncs off the loop (``_unmap_later``).
+        ``sole`` as in ``write``, for the zeros it writes (``zero``, partial edges)."""
         rep = self._get(vid, idx)
         first, n = self._blocks(rep, offset, length)
         _check_seq(seq)
@@ -1876,7 +1878,7 @@ class ReplicaStore:
         if epoch and (any(rep.ext.crcs[first:first + n]) or self._busy(rep, first, n)
                       or (zero and self._crosses(rep, first, n, seq))
                       or (not zero and self._edge_crosses(rep, offset, offset + length, seq))):
-            return self._unmap_later(rep, offset, length, seq, zero, epoch)
+            return self._unmap_later(rep, offset, length, seq, zero, epoch, sole)
         with self._rep_io(rep):
             rep.mutations += 1
             end = offset + length
@@ -1894,9 +1896,9 @@ class ReplicaStore:
                 # its zeros, as a write (``_new_seqs``).
                 self._store_seqs(rep, f, m, seq, present=zero, span=(a, b))
                 if zero:
-                    rep.ext.write(a, bytes(b - a))
+                    rep.ext.write(a, bytes(b - a), intent=sole)
                 else:
-                    holes.append(rep.ext.unmap_checksums(a, b - a))
+                    holes.append(rep.ext.unmap_checksums(a, b - a, sole))
             rep.ext.punch(holes)                 # one .crc sync for the whole range, then punches
         return None
 

@@ -270,3 +270,25 @@ def test_replica_store_sole_write_killed(tmp_path: Path, sole: bool, n: int):
         assert not (d / f"{V}.0.int").exists()
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_replica_store_sole_unmap_killed(tmp_path: Path, zero: bool):
+    """A sole replica's unmap killed at the crc store of the zeros it writes (all of a
+    ``zero`` range; a partial edge otherwise): the parent reads zeros, no ChecksumError."""
+    d = tmp_path / "d0"
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    s.create(V, 0, 1)
+    s.write(V, 0, 0, _blk(1, 4), seq=1)
+    s.close()
+    _killed_child(
+        f"s = ReplicaStore([({str(d)!r}, None)], extent_size={SIZE}, cow_sync=False)\n"
+        "ExtentFile._store_crcs = _die\n"
+        f"s.unmap({V!r}, 0, {BLOCK_SIZE + 100}, {2 * BLOCK_SIZE}, seq=1, zero={zero}, sole=True)\n",
+        b"", tmp_path)
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    try:
+        got = s.read(V, 0, BLOCK_SIZE, BLOCK_SIZE)[0]
+        assert got == _blk(1, 4)[BLOCK_SIZE:BLOCK_SIZE + 100] + bytes(BLOCK_SIZE - 100)
+    finally:
+        s.close()

@@ -108,3 +108,20 @@ async def test_degraded_to_one_in_sync_replica(peer, stores, etcd_client, keys):
         coord.extents[k] = ExtentRecord("v", k, ["B"], 2, {"A": 2})
     await _writes(coord, remote)
     assert _rings(b) == [True] * EXTENTS and _rings(a) == [False] * EXTENTS
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+async def test_one_replica_unmap_edges_get_intent_records(peer, stores, etcd_client, keys,  # noqa: F811
+                                                          where):
+    """An UNMAP with partial edges on a 1-replica volume: the zeros it writes into the edge
+    blocks carry ``sole`` too (local store, or args.sole over the wire)."""
+    b, remote = peer
+    st = stores("A") if where == "local" else b
+    rep = rk.LocalReplica("A", st) if where == "local" else remote
+    _create(st)
+    coord = await _volume(etcd_client, keys, {rep.chunk_id: rep}, extents=EXTENTS)
+    await asyncio.wait_for(coord.write(EXTENT_SIZE, b"\x03" * 4096), 10)   # ownership: extent 1
+    assert _rings(st) == [False, True, False]
+    await asyncio.wait_for(coord.unmap(100, 3 * 4096), 10)                  # edges in blocks 0, 3
+    assert _rings(st) == [True, True, False]
+    assert st.read("v", 0, 0, 4 * 4096)[0] == bytes(4 * 4096)
