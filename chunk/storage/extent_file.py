@@ -49,13 +49,19 @@ is in the page cache; a 4 KiB aligned page is copied whole). A write given ``int
 (the replica store passes it for the sole in-sync replica of an extent) first writes a
 record of the new checksums into ``{volume}.{extent}.int``, a ring of ``INT_SLOTS`` slots
 of ``INT_SLOT`` bytes made at the first such write, then the data, then the checksums; a
-write longer than a slot holds does this piece by piece. ``open`` reads the ring: a block
-whose newest record (highest record number) names the crc its data has now, while its
-stored crc is another non-zero one, lost its checksum write to the kill, and gets it back.
-Anything else is left to fail as before: rot (the data matches no record), a torn block,
-an unmapped block (stored crc 0), data matching only an older record, filler data an
-import stored failing on purpose. No sync: the ring covers a process kill, not a host
-crash (which a flush or FUA covers, as before). An unflagged write does no extra work.
+write longer than a slot holds does this piece by piece, and once a piece's checksums are
+in, its record is cleared (its magic zeroed): after a kill, only the records of writes in
+flight are left. ``open`` reads the ring: a block whose newest record (highest record
+number) names the crc its data has now, while its stored crc is another non-zero one, lost
+its checksum write to the kill, and gets it back; then the records are cleared. Anything
+else is left to fail as before: rot (the data matches no record), a torn block, an
+unmapped block (stored crc 0), data matching only an older record. Clearing completed
+records is what keeps a record from outliving its write: a block later given data equal to
+it on purpose failing (an import's zero filler under the exporter's crc, after a flagged
+WRITE ZEROES) would otherwise be "recovered" into silent zeros. No sync: the ring covers a
+process kill, not a host crash (which a flush or FUA covers, as before; after one, a
+record whose clearing did not reach the disk may outlive its write). An unflagged write
+does no extra work.
 
 Page-cache folio size: ext4 (Linux 6.16+) sizes a file's page-cache folios
 by the length of the write or readahead that created them, up to 2 MiB.  A
@@ -115,6 +121,7 @@ INT_SLOT = 4096
 INT_MAGIC = 0x5A494E54                          # "ZINT"
 _INT_HEAD = struct.Struct("<IIQII")
 INT_BLOCKS = (INT_SLOT - _INT_HEAD.size) // 4   # blocks one record covers (1018)
+_INT_CLEAR = bytes(8)                            # a record's magic and crc zeroed: no record
 assert array("I").itemsize == 4, "the .crc format needs 4-byte unsigned ints"
 
 
@@ -674,8 +681,8 @@ class ExtentFile:
     def _write_intended(self, first: int, view: memoryview, new: array) -> None:
         """``_write_blocks``' pwrites for a sole replica: per piece of at most ``INT_BLOCKS``
         blocks, its record in a slot no other write in progress holds, then its data, then
-        its crcs. The slot is held until the crcs are in, so no later record overwrites it
-        while this one is still the only trace of them."""
+        its crcs, then the record cleared. The slot is held until then, so no later record
+        overwrites it while this one is still the only trace of them."""
         count = len(new)
         for k in range(0, count, INT_BLOCKS):
             m = min(INT_BLOCKS, count - k)
@@ -693,6 +700,7 @@ class ExtentFile:
                         self._rechecksum(first + k, done, piece)
                     raise
                 self._store_crcs(first + k, piece)
+                self._clear_record(slot)
             finally:
                 self._free_slot(slot)
 
@@ -734,11 +742,21 @@ class ExtentFile:
         while done < len(record):
             done += os.pwrite(self._int, record[done:], slot * INT_SLOT + done)
 
+    def _clear_record(self, slot: int) -> None:
+        """Invalidate the record in ``slot`` (its write is complete). Best effort: the write it
+        follows succeeded, and a record left behind is what the ring held before clearing
+        was added (a risk only to a block later given its data while failing on purpose)."""
+        try:
+            os.pwrite(self._int, _INT_CLEAR, slot * INT_SLOT)
+        except OSError:
+            pass
+
     def _recover_intents(self) -> None:
         """``open``'s recovery from the ring (module docstring): each block's newest record
         is checked, and a block whose data has that record's crc while its stored crc is
         another non-zero one gets the record's crc (file, then memory). Every such block is
-        logged; every other state is left as it is."""
+        logged; every other state is left as it is. The records are cleared after (their
+        writes are over); new ones are numbered above them all the same."""
         path = self.base.with_name(self.base.name + ".int")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -748,6 +766,7 @@ class ExtentFile:
         raw = os.pread(fd, INT_SLOTS * INT_SLOT, 0)
         newest: dict[int, tuple[int, int]] = {}        # block -> (record number, its crc)
         top = 0
+        valid = []
         blocks = len(self._crcs)
         for slot in range(INT_SLOTS):
             at = slot * INT_SLOT
@@ -759,6 +778,7 @@ class ExtentFile:
                     or first + count > blocks or _crc32c.crc32c(raw[at + 8:end]) != crc):
                 continue
             top = max(top, number)
+            valid.append(slot)
             crcs = array("I")
             crcs.frombytes(raw[at + _INT_HEAD.size:end])
             if sys.byteorder != "little":
@@ -778,6 +798,8 @@ class ExtentFile:
             if actual == want and actual != stored:
                 self._store_crcs(b, array("I", [actual]))
                 fixed.append(b)
+        for slot in valid:
+            self._clear_record(slot)
         if fixed:
             log.warning("%s: %d block(s) had new data under the old checksum (a write killed "
                         "before its checksum landed); checksums restored from the intent "

@@ -179,17 +179,34 @@ def test_import_filler_stays_unreadable(tmp_path: Path):
             ext.read(9 * BLOCK_SIZE, BLOCK_SIZE)
 
 
-def test_record_number_continues_after_reopen(tmp_path: Path):
-    """Records written after a reopen outrank the ones before it (else an older record would
-    be taken as a block's newest)."""
+def _valid_records(tmp_path: Path) -> int:
+    """How many slots of the ring hold a record (magic and crc set)."""
+    raw = (tmp_path / f"{V}.0.int").read_bytes()
+    return sum(1 for k in range(INT_SLOTS) if raw[k * INT_SLOT:k * INT_SLOT + 8].strip(b"\0"))
+
+
+def test_records_cleared_when_done_and_numbers_continue(tmp_path: Path):
+    """A completed flagged write leaves no record; a killed one leaves its record, which the
+    next open uses, clears, and numbers new records above; a second kill of a write to the
+    same block then recovers the newer data (the first kill's record, cleared at the open
+    between, cannot outrank it)."""
     with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
         for k in range(INT_SLOTS + 3):
             ext.write_block(k, _blk(k), intent=True)
-        before = ext._int_next
-    with ExtentFile.open(tmp_path, V, 0) as ext:
-        assert ext._int_next == before
-        ext.write_block(1, _blk(50), intent=True)
-        assert ext._int_next == before + 1
+        assert _valid_records(tmp_path) == 0
+        assert ext._int_next == INT_SLOTS + 4
+    for seed in (40, 41):
+        _killed_child(
+            f"ext = ExtentFile.open({str(tmp_path)!r}, {V!r}, 0)\n"
+            "for k in range(5):\n"
+            "    ext.write_block(20 + k, DATA, intent=True)\n"
+            "ExtentFile._store_crcs = _die\n"
+            f"ext.write({2 * BLOCK_SIZE}, DATA, intent=True)\n", _blk(seed), tmp_path)
+        assert _valid_records(tmp_path) == 1
+        with ExtentFile.open(tmp_path, V, 0) as ext:
+            assert ext.read(2 * BLOCK_SIZE, BLOCK_SIZE) == _blk(seed)
+            assert _valid_records(tmp_path) == 0
+            assert ext._int_next == 7                  # above the killed write's record (6)
 
 
 def test_concurrent_flagged_writes(tmp_path: Path):
@@ -292,3 +309,37 @@ def test_replica_store_sole_unmap_killed(tmp_path: Path, zero: bool):
         assert got == _blk(1, 4)[BLOCK_SIZE:BLOCK_SIZE + 100] + bytes(BLOCK_SIZE - 100)
     finally:
         s.close()
+
+
+def test_import_zero_filler_after_flagged_zeros_stays_unreadable(tmp_path: Path):
+    """ABA: a flagged write of zeros (a sole replica's WRITE ZEROES), later an import's filler,
+    which is zeros too, under the exporter's crc; then a kill elsewhere. The filler's data
+    equals that write's record, so a ring keeping completed records would "recover" the block
+    into silent zeros. Records are dropped when their write completes: it stays unreadable."""
+    exported = 0x12345678
+    assert _filler(9, exported) == bytes(BLOCK_SIZE)
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write_block(9, bytes(BLOCK_SIZE), intent=True)
+        ext.write(9 * BLOCK_SIZE, _filler(9, exported))
+        ext._store_crcs(9, array("I", [exported]))
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        assert ext.crcs[9] == exported
+        with pytest.raises(ChecksumError):
+            ext.read(9 * BLOCK_SIZE, BLOCK_SIZE)
+
+
+def test_killed_after_the_record_before_the_data(tmp_path: Path):
+    """Killed between the record and the data: the block keeps its old data and crc."""
+    old = _blk(1)
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write_block(5, old)
+    _killed_child(
+        f"ext = ExtentFile.open({str(tmp_path)!r}, {V!r}, 0)\n"
+        "real = ExtentFile._put_record\n"
+        "def put(self, *a):\n"
+        "    real(self, *a)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "ExtentFile._put_record = put\n"
+        f"ext.write({5 * BLOCK_SIZE}, DATA, intent=True)\n", _blk(2), tmp_path)
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        assert ext.read(5 * BLOCK_SIZE, BLOCK_SIZE) == old
