@@ -122,6 +122,8 @@ INT_MAGIC = 0x5A494E54                          # "ZINT"
 _INT_HEAD = struct.Struct("<IIQII")
 INT_BLOCKS = (INT_SLOT - _INT_HEAD.size) // 4   # blocks one record covers (1018)
 _INT_CLEAR = bytes(8)                            # a record's magic and crc zeroed: no record
+_INT_PRE = struct.Struct("<II")                  # magic, crc32c of the rest
+_INT_ONE = struct.Struct("<QIII")                # the rest of a one-block record
 assert array("I").itemsize == 4, "the .crc format needs 4-byte unsigned ints"
 
 
@@ -398,7 +400,11 @@ class ExtentFile:
         (out of range, closed, another size) goes through ``write`` and fails there alike, as
         does a write with ``intent`` (the sole replica's, not this hot path)."""
         if intent or self._data < 0 or not 0 <= index < len(self._crcs) or len(block) != BLOCK_SIZE:
-            self.write(index * BLOCK_SIZE, block, intent=intent)
+            if (intent and self._int >= 0 and self._data >= 0 and 0 <= index < len(self._crcs)
+                    and len(block) == BLOCK_SIZE):
+                self._write_one_intended(index, block)
+            else:
+                self.write(index * BLOCK_SIZE, block, intent=intent)
             return
         crc = _crc32c.crc32c(block, index & 0xFFFFFFFF) or 1
         off = index * BLOCK_SIZE
@@ -687,9 +693,9 @@ class ExtentFile:
         for k in range(0, count, INT_BLOCKS):
             m = min(INT_BLOCKS, count - k)
             piece = new[k:k + m]
-            slot = self._take_slot()
+            slot, number = self._take_slot()
             try:
-                self._put_record(slot, first + k, piece)
+                self._put_record(slot, number, first + k, piece)
                 off, total, done = (first + k) * BLOCK_SIZE, m * BLOCK_SIZE, 0
                 part = view[k * BLOCK_SIZE:(k + m) * BLOCK_SIZE]
                 try:
@@ -704,43 +710,76 @@ class ExtentFile:
             finally:
                 self._free_slot(slot)
 
-    def _take_slot(self) -> int:
-        """A slot no flagged write in progress holds (waits if all are: 8 at once)."""
-        with self._int_free:
+    def _write_one_intended(self, index: int, block: bytes | memoryview) -> None:
+        """``write_block`` with ``intent`` (a sole replica's 4 KiB write): ``_write_intended``
+        for one block, without its arrays and loops (once the ring is open)."""
+        crc = _crc32c.crc32c(block, index & 0xFFFFFFFF) or 1
+        slot, number = self._take_slot()
+        try:
+            rest = _INT_ONE.pack(number, index, 1, crc)
+            record = _INT_PRE.pack(INT_MAGIC, _crc32c.crc32c(rest)) + rest
+            at = slot * INT_SLOT
+            done = os.pwrite(self._int, record, at)
+            while done < len(record):
+                done += os.pwrite(self._int, record[done:], at + done)
+            off = index * BLOCK_SIZE
+            done = os.pwrite(self._data, block, off)
+            while done < BLOCK_SIZE:
+                done += os.pwrite(self._data, memoryview(block)[done:], off + done)
+            entry = _CRC_ENTRY.pack(crc)
+            done = os.pwrite(self._crc, entry, index * 4)
+            while done < 4:
+                done += os.pwrite(self._crc, entry[done:], index * 4 + done)
+            self._crcs[index] = crc                  # after the file: see _store_crcs
+            try:
+                os.pwrite(self._int, _INT_CLEAR, at)  # _clear_record, inline
+            except OSError:
+                pass
+        finally:
+            self._free_slot(slot)
+
+    def _take_slot(self) -> tuple[int, int]:
+        """(a slot no flagged write in progress holds, the number of the record to put in it);
+        waits if every slot is held (``INT_SLOTS`` flagged writes at once)."""
+        with self._int_lock:
             while True:
-                start = self._int_next % INT_SLOTS
+                number = self._int_next
+                start = number % INT_SLOTS
+                held = self._int_held
                 for j in range(INT_SLOTS):
                     slot = (start + j) % INT_SLOTS
-                    if not self._int_held[slot]:
-                        self._int_held[slot] = True
-                        return slot
+                    if not held[slot]:
+                        held[slot] = True
+                        self._int_next = number + 1
+                        return slot, number
                 self._int_free.wait()
 
     def _free_slot(self, slot: int) -> None:
-        with self._int_free:
+        with self._int_lock:
             self._int_held[slot] = False
             self._int_free.notify()
 
-    def _put_record(self, slot: int, first: int, crcs: array) -> None:
-        """Write one record into ``slot`` (page cache only: a process kill keeps it)."""
+    def _put_record(self, slot: int, number: int, first: int, crcs: array) -> None:
+        """Write record ``number`` into ``slot`` (page cache only: a process kill keeps it)."""
         if self._int < 0:
-            with self._int_lock:
-                if self._int < 0:
-                    if self._data < 0:
-                        raise ValueError(f"{self.base}: closed")
-                    path = self.base.with_name(self.base.name + ".int")
-                    self._int = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        with self._int_lock:
-            number = self._int_next
-            self._int_next += 1
+            self._open_ring()
         body = array("I", crcs)
         if sys.byteorder != "little":
             body.byteswap()
         rest = struct.pack("<QII", number, first, len(crcs)) + body.tobytes()
-        record = struct.pack("<II", INT_MAGIC, _crc32c.crc32c(rest)) + rest
+        record = _INT_PRE.pack(INT_MAGIC, _crc32c.crc32c(rest)) + rest
         done = os.pwrite(self._int, record, slot * INT_SLOT)
         while done < len(record):
             done += os.pwrite(self._int, record[done:], slot * INT_SLOT + done)
+
+    def _open_ring(self) -> None:
+        """Open (creating) ``.int``: at the first flagged write of an extent that has none."""
+        with self._int_lock:
+            if self._int < 0:
+                if self._data < 0:
+                    raise ValueError(f"{self.base}: closed")
+                path = self.base.with_name(self.base.name + ".int")
+                self._int = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def _clear_record(self, slot: int) -> None:
         """Invalidate the record in ``slot`` (its write is complete). Best effort: the write it

@@ -35,16 +35,21 @@ def _blk(seed: int, n: int = 1) -> bytes:
 
 
 def _killed_child(body: str, data: bytes, tmp: Path) -> None:
-    """Run ``body`` in a child Python whose crc store kills it (SIGKILL) on its first call
-    once ``body`` patches it in (``_die``); ``DATA`` there is ``data``."""
+    """Run ``body`` in a child Python that is SIGKILLed at its first pwrite into the ``.crc``
+    of the extent ``body`` passes to ``arm``; ``DATA`` there is ``data``."""
     src = tmp / "child-data"
     src.write_bytes(data)
     code = (
         "import os, signal, sys\n"
         "from chunk.storage.extent_file import ExtentFile\n"
         "from chunk.storage.replica_store import ReplicaStore\n"
-        "def _die(self, first, new):\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "def arm(ext):\n"
+        "    crc_fd, pwrite = ext.crc_fd, os.pwrite\n"
+        "    def pw(fd, data, offset):\n"
+        "        if fd == crc_fd:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return pwrite(fd, data, offset)\n"
+        "    os.pwrite = pw\n"
         f"DATA = open({str(src)!r}, 'rb').read()\n"
         + body)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=30,
@@ -60,7 +65,7 @@ def _old_and_new(tmp_path: Path, first: int, n: int, intent: bool) -> tuple[byte
         ext.write(first * BLOCK_SIZE, old)
     _killed_child(
         f"ext = ExtentFile.open({str(tmp_path)!r}, {V!r}, 0)\n"
-        "ExtentFile._store_crcs = _die\n"
+        "arm(ext)\n"
         f"ext.write({first * BLOCK_SIZE}, DATA, intent={intent})\n"
         "sys.exit(3)\n", new, tmp_path)
     return old, new
@@ -73,6 +78,21 @@ def test_killed_flagged_write_reads_new_data(tmp_path: Path):
         assert ext.verify(0, SIZE // BLOCK_SIZE) == []
     with ExtentFile.open(tmp_path, V, 0) as ext:      # the restored crc is in the file
         assert ext.crcs[5] == block_crc(5, new)
+
+
+def test_killed_flagged_write_block_ring_open(tmp_path: Path):
+    """The one-block path of a flagged ``write_block`` once the ring is open (a sole
+    replica's every 4 KiB write after its first): killed at its crc pwrite, restored."""
+    with ExtentFile.create(tmp_path, V, 0, extent_size=SIZE) as ext:
+        ext.write_block(5, _blk(1))
+    _killed_child(
+        f"ext = ExtentFile.open({str(tmp_path)!r}, {V!r}, 0)\n"
+        "ext.write_block(0, DATA, intent=True)\n"      # opens the ring
+        "assert ext._int >= 0\n"
+        "arm(ext)\n"
+        "ext.write_block(5, DATA, intent=True)\n", _blk(2), tmp_path)
+    with ExtentFile.open(tmp_path, V, 0) as ext:
+        assert ext.read(5 * BLOCK_SIZE, BLOCK_SIZE) == _blk(2)
 
 
 def test_killed_unflagged_write_fails_its_checksum(tmp_path: Path):
@@ -158,7 +178,7 @@ def test_unflagged_rewrite_killed_is_not_recovered(tmp_path: Path):
         ext.write_block(2, _blk(2))
     _killed_child(
         f"ext = ExtentFile.open({str(tmp_path)!r}, {V!r}, 0)\n"
-        "ExtentFile._store_crcs = _die\n"
+        "arm(ext)\n"
         f"ext.write({2 * BLOCK_SIZE}, DATA)\n", _blk(3), tmp_path)
     with ExtentFile.open(tmp_path, V, 0) as ext:
         with pytest.raises(ChecksumError):
@@ -200,7 +220,7 @@ def test_records_cleared_when_done_and_numbers_continue(tmp_path: Path):
             f"ext = ExtentFile.open({str(tmp_path)!r}, {V!r}, 0)\n"
             "for k in range(5):\n"
             "    ext.write_block(20 + k, DATA, intent=True)\n"
-            "ExtentFile._store_crcs = _die\n"
+            "arm(ext)\n"
             f"ext.write({2 * BLOCK_SIZE}, DATA, intent=True)\n", _blk(seed), tmp_path)
         assert _valid_records(tmp_path) == 1
         with ExtentFile.open(tmp_path, V, 0) as ext:
@@ -242,7 +262,7 @@ def test_all_slots_held_waits(tmp_path: Path):
     """A ninth flagged write waits for a slot rather than overwrite one in use."""
     ext = ExtentFile.create(tmp_path, V, 0, extent_size=SIZE)
     try:
-        held = [ext._take_slot() for _ in range(INT_SLOTS)]
+        held = [ext._take_slot()[0] for _ in range(INT_SLOTS)]
         assert sorted(held) == list(range(INT_SLOTS))
         done = threading.Event()
         t = threading.Thread(target=lambda: (ext.write_block(3, _blk(3), intent=True), done.set()))
@@ -263,8 +283,8 @@ def test_all_slots_held_waits(tmp_path: Path):
 @pytest.mark.parametrize("sole,n", [(True, 1), (True, 2), (False, 2)])
 def test_replica_store_sole_write_killed(tmp_path: Path, sole: bool, n: int):
     """Through ReplicaStore.write(..., sole=...), the one-block hot path and a run: a child
-    killed at the crc store; the parent's store reads the new data (the old failure without
-    ``sole``), and deleting the extent removes its ring."""
+    (its ring opened by a first write) killed at the crc pwrite; the parent's store reads the
+    new data (the old failure without ``sole``), and deleting the extent removes its ring."""
     d = tmp_path / "d0"
     s = ReplicaStore([(d, None)], extent_size=SIZE)
     s.create(V, 0, 1)
@@ -273,7 +293,8 @@ def test_replica_store_sole_write_killed(tmp_path: Path, sole: bool, n: int):
     new = _blk(2, n)
     _killed_child(
         f"s = ReplicaStore([({str(d)!r}, None)], extent_size={SIZE})\n"
-        "ExtentFile._store_crcs = _die\n"
+        f"s.write({V!r}, 0, {3 * BLOCK_SIZE}, DATA[:{BLOCK_SIZE}], seq=1, sole={sole})\n"
+        f"arm(s._replicas[({V!r}, 0)].ext)\n"
         f"s.write({V!r}, 0, {BLOCK_SIZE}, DATA, seq=1, sole={sole})\n", new, tmp_path)
     s = ReplicaStore([(d, None)], extent_size=SIZE)
     try:
@@ -300,7 +321,7 @@ def test_replica_store_sole_unmap_killed(tmp_path: Path, zero: bool):
     s.close()
     _killed_child(
         f"s = ReplicaStore([({str(d)!r}, None)], extent_size={SIZE}, cow_sync=False)\n"
-        "ExtentFile._store_crcs = _die\n"
+        f"arm(s._replicas[({V!r}, 0)].ext)\n"
         f"s.unmap({V!r}, 0, {BLOCK_SIZE + 100}, {2 * BLOCK_SIZE}, seq=1, zero={zero}, sole=True)\n",
         b"", tmp_path)
     s = ReplicaStore([(d, None)], extent_size=SIZE)
