@@ -98,7 +98,7 @@ def _power_medium_access(cdb: bytes) -> Access:
     not 00b) has the WRITE row's answers: Conflict under Write Exclusive and Exclusive Access
     for a non-holder, and under the Registrants Only / All Registrants types for a nexus not
     registered; allowed for a registered one. A CDB too short to tell is the restricted kind
-    (the command then fails on its length)."""
+    (its handler then refuses the length; iSCSI and TCMU always carry at least 6 bytes)."""
     b4 = cdb[4] if len(cdb) > 4 else 0
     if cdb[0] == op.START_STOP_UNIT:
         allowed = len(cdb) > 4 and b4 & 0x01 and not b4 >> 4
@@ -841,6 +841,7 @@ class LogicalUnit:
         return None
 
     async def _prevent_allow(self, cdb: bytes, data_out, exp: int, nexus: Nexus):
+        need(cdb, 6)
         return None                                       # nothing to lock in place
 
     async def _prin(self, cdb: bytes, data_out, exp: int, nexus: Nexus):

@@ -45,7 +45,7 @@ ALLOW = prevent_allow(0)
 PREVENT = prevent_allow(1)
 
 ALWAYS_ALLOWED = [START, ALLOW]
-RESTRICTED = [STOP, STOP_NO_FLUSH, START_ACTIVE, IDLE, PREVENT]
+RESTRICTED = [STOP, STOP_NO_FLUSH, START_ACTIVE, IDLE, PREVENT, prevent_allow(2), prevent_allow(3)]
 
 
 async def reserved_lu(rtype: int):
@@ -92,6 +92,15 @@ async def test_conflict_is_checked_before_the_cdb_fields():
     CONFLICT (the check comes when processing begins, SPC-4 5.13.1), as any other command."""
     lu = await reserved_lu(WE)
     assert status(await run(lu, start_stop(0x02), nexus=H3)) == 0x18   # LOEJ, START=0
+
+
+async def test_loej_does_not_make_a_start_restricted():
+    """Table 13 goes by START and POWER CONDITION only: a non-holder's START=1 with LOEJ is
+    not a conflict; it is refused for its field (the medium is not removable)."""
+    lu = await reserved_lu(WE)
+    r = await run(lu, start_stop(0x03), nexus=H3)
+    assert status(r) == 0x02                                           # CHECK CONDITION
+    assert r.sense[2] & 0x0F == 0x05                                   # ILLEGAL REQUEST
 
 
 async def test_unchanged_without_a_reservation_and_under_spc2():
