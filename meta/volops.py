@@ -38,7 +38,7 @@ import uuid
 from zstore import naming
 from zstore.errors import Conflict, InvalidArgument, NotFound, Unavailable, ZError
 from zstore.etcd import get_prefix_paged
-from zstore.records import Snapshot, Volume, VolumeOp, VolumeOwner, now
+from zstore.records import RecordError, Snapshot, Volume, VolumeOp, VolumeOwner, now
 
 from . import chunks as chunkmod
 from . import volumes
@@ -460,7 +460,8 @@ async def move_stranded_reverts(ctx: Ctx) -> list[str]:
 # --- tidying (a leader duty, run with the recovery loop) ----------------------------------
 
 async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_TTL,
-                   grace: float = UNDECODABLE_OP_GRACE) -> list[str]:
+                   grace: float = UNDECODABLE_OP_GRACE,
+                   grace_clock: float | None = None) -> list[str]:
     """Move unfinished reverts whose executor is gone (``move_stranded_reverts``), and remove
     finished ops whose caller stopped waiting (timed out, gave up).
 
@@ -469,7 +470,11 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
     have, so the name can be used again. Pending and running ops are not removed, nor
     is a record that a newer zstore wrote (``volumes.decoded_op``): a newer meta or chunk
     server may own it. A record that does not decode at all is removed as a failed op (its
-    ``creating`` snapshot along) once seen unchanged for ``grace`` (``_remove_undecodable``).
+    ``creating`` snapshot along) once seen unchanged for ``grace`` (``_remove_undecodable``),
+    timed on ``grace_clock`` (monotonic seconds by default: a wall-clock step must not cut
+    the operator's window).  A record whose handling meets another record that does not
+    decode (its snapshot's) is logged and left: one bad record must not stop the pass, which
+    recovery runs first.
     A ``creating`` snapshot with no op at all goes the same way, in the garbage
     collection (``volumes.remove_stranded_snapshot``), which lists every snapshot anyway; so
     does one whose op waits for a chunk server gone for good (it fails the op, which is then
@@ -477,33 +482,47 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
     """
     await move_stranded_reverts(ctx)
     now = time.time() if now is None else now
+    mono = time.monotonic() if grace_clock is None else grace_clock
     removed = []
     kvs = (await get_prefix_paged(ctx.etcd, ctx.keys.all_volops()))[0]
     seen = {(kv.key, kv.mod_revision) for kv in kvs}
     for k in [k for k in _UNDECODABLE_SINCE if k not in seen]:
         del _UNDECODABLE_SINCE[k]       # removed or rewritten: its grace starts again if garbage
     for kv in kvs:
-        op = volumes.decoded_op(kv.key, kv.value)
-        if op is None:
-            if await _remove_undecodable(ctx, kv, now, grace):
-                removed.append(_op_id_of(ctx, kv.key)[1])
+        try:
+            op_id = await _tidy_one(ctx, kv, now, ttl, mono, grace)
+        except RecordError as e:
+            log.warning("volume op record %s left: %s", kv.key.decode(errors="replace"), e)
             continue
-        if not isinstance(op, VolumeOp):
-            continue                    # a newer zstore's: a newer meta or chunk server may own it
-        if op.state in ("pending", "running") or now - op.created < ttl:
-            continue
-        compare, ops = [ctx.unchanged(kv.key, kv.mod_revision)], [ctx.delete(kv.key)]
-        if op.kind == "snapshot" and op.state == "failed":
-            snap, srev = await ctx.get(ctx.keys.snapshot(op.snapshot_id), Snapshot)
-            if snap is not None and snap.state == "creating":
-                scompare, sops = await creating_snapshot_removal(ctx, snap, srev)
-                compare += scompare
-                ops += sops
-        if await ctx.txn(compare, ops):
-            log.info("volume op %s (%s, %s) tidied up%s", op.op_id, op.kind, op.state,
-                     f": {op.error}" if op.error else "")
-            removed.append(op.op_id)
+        if op_id is not None:
+            removed.append(op_id)
     return removed
+
+
+async def _tidy_one(ctx: Ctx, kv, now: float, ttl: float, mono: float,
+                    grace: float) -> str | None:
+    """``tidy_ops`` for one op record: the id of the op removed, or None."""
+    op = volumes.decoded_op(kv.key, kv.value)
+    if op is None:
+        if await _remove_undecodable(ctx, kv, mono, grace):
+            return _op_id_of(ctx, kv.key)[1]
+        return None
+    if not isinstance(op, VolumeOp):
+        return None                     # a newer zstore's: a newer meta or chunk server may own it
+    if op.state in ("pending", "running") or now - op.created < ttl:
+        return None
+    compare, ops = [ctx.unchanged(kv.key, kv.mod_revision)], [ctx.delete(kv.key)]
+    if op.kind == "snapshot" and op.state == "failed":
+        snap, srev = await ctx.get(ctx.keys.snapshot(op.snapshot_id), Snapshot)
+        if snap is not None and snap.state == "creating":
+            scompare, sops = await creating_snapshot_removal(ctx, snap, srev)
+            compare += scompare
+            ops += sops
+    if not await ctx.txn(compare, ops):
+        return None
+    log.info("volume op %s (%s, %s) tidied up%s", op.op_id, op.kind, op.state,
+             f": {op.error}" if op.error else "")
+    return op.op_id
 
 
 # (op key, mod revision) -> the tidying's clock when it first saw that record not decode.

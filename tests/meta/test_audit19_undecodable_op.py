@@ -32,6 +32,11 @@ async def ctx(etcd_client, etcd_config):
     return await register_zones(make_ctx(etcd_client, etcd_config), {"c0": "a", "c1": "b", "c2": "c"})
 
 
+def tidy(ctx, t):
+    """``tidy_ops`` at wall clock and grace clock ``t`` both."""
+    return volops.tidy_ops(ctx, now=t, grace_clock=t)
+
+
 async def _creating_with(ctx, value, name="s"):
     """Volume v owned by c0 (nobody runs its ops); a ``creating`` snapshot of it whose op key
     then holds ``value``."""
@@ -57,11 +62,11 @@ async def _snapshot(ctx, sid):
 
 async def test_a_creating_snapshot_with_an_undecodable_op_goes_after_the_grace(ctx, caplog):
     vol, snap = await _creating_with(ctx, GARBAGE)
-    assert await volops.tidy_ops(ctx, now=T0) == []                     # first seen
-    assert await volops.tidy_ops(ctx, now=T0 + GRACE - 1) == []         # not for long enough
+    assert await tidy(ctx, T0) == []                     # first seen
+    assert await tidy(ctx, T0 + GRACE - 1) == []         # not for long enough
     assert (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
     with caplog.at_level(logging.ERROR, logger="meta.volops"):
-        assert await volops.tidy_ops(ctx, now=T0 + GRACE + 1) == [volumes.snapshot_op_id(snap.snapshot_id)]
+        assert await tidy(ctx, T0 + GRACE + 1) == [volumes.snapshot_op_id(snap.snapshot_id)]
     assert any("does not decode" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
     assert await _snapshot(ctx, snap.snapshot_id) is None
     assert await ctx.get_raw(ctx.keys.snapshot_name(vol.volume_id, "s")) is None
@@ -78,18 +83,18 @@ async def test_a_creating_snapshot_with_an_undecodable_op_goes_after_the_grace(c
 async def test_an_op_of_a_newer_schema_stays_however_old(ctx):
     _, snap = await _creating_with(ctx, NEWER)
     for now in (T0, T0 + 100 * GRACE):
-        assert await volops.tidy_ops(ctx, now=now) == []
+        assert await tidy(ctx, now) == []
     assert await ctx.get_raw(_op_key(ctx, snap)) == NEWER
     assert (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
 
 
 async def test_a_rewritten_record_starts_its_grace_again(ctx):
     _, snap = await _creating_with(ctx, GARBAGE)
-    assert await volops.tidy_ops(ctx, now=T0) == []
+    assert await tidy(ctx, T0) == []
     await ctx.etcd.put(_op_key(ctx, snap), GARBAGE + b"!")              # a new mod revision
-    assert await volops.tidy_ops(ctx, now=T0 + GRACE + 1) == []          # seen as this only now
+    assert await tidy(ctx, T0 + GRACE + 1) == []          # seen as this only now
     assert (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
-    assert await volops.tidy_ops(ctx, now=T0 + 2 * GRACE + 2) == [volumes.snapshot_op_id(snap.snapshot_id)]
+    assert await tidy(ctx, T0 + 2 * GRACE + 2) == [volumes.snapshot_op_id(snap.snapshot_id)]
     assert await _snapshot(ctx, snap.snapshot_id) is None
 
 
@@ -99,8 +104,8 @@ async def test_an_undecodable_op_beside_a_ready_snapshot_or_of_no_snapshot_goes_
     assert snap.state == "ready"
     await ctx.etcd.put(_op_key(ctx, snap), GARBAGE)
     await ctx.etcd.put(ctx.keys.volop(vol.volume_id, "garbled"), b"{}")
-    await volops.tidy_ops(ctx, now=T0)
-    assert sorted(await volops.tidy_ops(ctx, now=T0 + GRACE + 1)) == sorted(
+    await tidy(ctx, T0)
+    assert sorted(await tidy(ctx, T0 + GRACE + 1)) == sorted(
         ["garbled", volumes.snapshot_op_id(snap.snapshot_id)])
     assert await ctx.list_raw(ctx.keys.volops(vol.volume_id)) == []
     assert (await _snapshot(ctx, snap.snapshot_id)).state == "ready"
@@ -110,7 +115,7 @@ async def test_an_op_rewritten_between_the_read_and_the_removal_keeps_the_snapsh
     """The create is repeated meanwhile and hands a readable op to the coordinator: the
     removal fails its compare on the op, and nothing is removed."""
     vol, snap = await _creating_with(ctx, GARBAGE)
-    await volops.tidy_ops(ctx, now=T0)
+    await tidy(ctx, T0)
     real_removal, rewritten = volops.creating_snapshot_removal, []
 
     async def rewrite_then_removal(c, s, srev):
@@ -121,7 +126,7 @@ async def test_an_op_rewritten_between_the_read_and_the_removal_keeps_the_snapsh
         return await real_removal(c, s, srev)
 
     monkeypatch.setattr(volops, "creating_snapshot_removal", rewrite_then_removal)
-    assert await volops.tidy_ops(ctx, now=T0 + GRACE + 1) == []
+    assert await tidy(ctx, T0 + GRACE + 1) == []
     assert rewritten and (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
     op, _ = await ctx.get(_op_key(ctx, snap), VolumeOp)
     assert (op.executor, op.state) == ("c1", "pending")
@@ -156,3 +161,35 @@ async def test_a_repeated_create_beside_its_op_of_a_newer_schema_answers_unavail
         await volops.create_snapshot(ctx, "v", "s", timeout=0.2)
     assert await ctx.get_raw(_op_key(ctx, snap)) == NEWER
     assert (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
+
+
+@pytest.mark.parametrize("snapval", [b"\x00garbage", b'{"schema": 99, "snapshot_id": "x"}'])
+async def test_an_undecodable_snapshot_beside_its_garbage_op_leaves_both_and_the_pass_goes_on(
+        ctx, snapval, caplog):
+    """Review of fa3f31f: the snapshot read raised out of ``tidy_ops`` (recovery's first step,
+    so every recovery pass failed); now both records stay, logged, and the rest is tidied."""
+    vol, _ = await volumes.create_volume(ctx, "w", "1Gi", 3)
+    sid = "ab" * 16
+    await ctx.etcd.put(ctx.keys.snapshot(sid), snapval)
+    key = ctx.keys.volop(vol.volume_id, volumes.snapshot_op_id(sid))
+    await ctx.etcd.put(key, GARBAGE)
+    other = ctx.keys.volop(vol.volume_id, "zz-garbage")          # listed after it
+    await ctx.etcd.put(other, GARBAGE)
+    assert await tidy(ctx, T0) == []
+    with caplog.at_level(logging.WARNING, logger="meta.volops"):
+        assert await tidy(ctx, T0 + GRACE + 1) == ["zz-garbage"]
+    assert await ctx.get_raw(key) is not None
+    assert await ctx.get_raw(ctx.keys.snapshot(sid)) is not None
+    assert await ctx.get_raw(other) is None
+    assert any("left" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_grace_is_timed_on_its_own_clock_not_the_wall(ctx):
+    """Review of fa3f31f: a wall-clock step of more than the grace (NTP, a VM resumed) must not
+    cut it short; the grace runs on ``grace_clock`` (monotonic by default)."""
+    vol, snap = await _creating_with(ctx, GARBAGE)
+    assert await volops.tidy_ops(ctx, now=T0, grace_clock=5.0) == []
+    assert await volops.tidy_ops(ctx, now=T0 + 10 * GRACE, grace_clock=6.0) == []
+    assert (await _snapshot(ctx, snap.snapshot_id)).state == "creating"
+    assert await volops.tidy_ops(ctx, now=T0 + 10 * GRACE, grace_clock=6.0 + GRACE) == [
+        volumes.snapshot_op_id(snap.snapshot_id)]
