@@ -20,7 +20,8 @@ runs as soon as it is read:
   send).  When the socket's send buffer is backed up, reading pauses (TCP
   back-pressure) until the connection's task has drained it, and at most
   ``max_inflight`` syncs are outstanding per connection.
-* A plain WRITE (data, no args: every replicated 4 KiB write but FUA) takes a
+* A plain WRITE (data, no args: every replicated 4 KiB write but FUA and a sole
+  replica's, whose ``args.sole`` asks for an intent record first) takes a
   fast path (``_write``): header fields straight from the buffer, one store
   call, the OK reply packed in one go; no Frame objects.  Anything unusual or
   failing is answered exactly as on the general path.
@@ -65,7 +66,7 @@ from .replica_store import NoExtent, StaleGeneration, StoreError, StoreFull, Sto
 from .wire import (
     FLUSH_EVERY, HEADER_SIZE, MAX_DATA, MAX_FRAME, READ_SIZE, Frame, FrameError, FrameReader,
     FrameWriter, Op, PartialFrame, Status, TruncatedFrame, VersionMismatch, decode_at, encode,
-    encode_write_ok, legacy_refusal, plain_write, spans,
+    encode_sole_write_ok, encode_write_ok, legacy_refusal, plain_write, spans,
 )
 
 __all__ = ["ReplicaServer", "checked_digest"]
@@ -505,7 +506,8 @@ class ReplicaServer:
 
     def _write(self, conn: _Conn, buf: bytes, view: memoryview, start: int, n: int,
                h: tuple) -> bool | int:
-        """The fast path of a ``plain_write`` WRITE (no args, so no FUA): the checks, store calls
+        """The fast path of a ``plain_write`` WRITE (no args, so no FUA; or args ``sole`` alone, a
+        sole replica's: its data after them, ``sole`` to the store): the checks, store calls
         and counters of ``_handle``/``_execute`` without a Frame, the reply cut from the
         request's own header.  False (nothing done) when the general path must take it: epoch 0, a
         length that does not match the data, a volume that is not UTF-8.  Every error goes
@@ -513,10 +515,10 @@ class ReplicaServer:
         flush at the end of the segment (``_Stream._run``). A write the store must finish
         after a wait for the disk (``ReplicaStore.write``'s coroutine: a COW) is answered from
         a task (``DEFERRED``, counted against ``max_inflight``)."""
-        epoch, vlen = h[6], h[11]
+        epoch, vlen, alen = h[6], h[11], h[12]
         pos = start + HEADER_SIZE
         length = h[9]
-        if not epoch or (length and length != n - HEADER_SIZE - vlen):
+        if not epoch or (length and length != n - HEADER_SIZE - vlen - alen):
             return False
         raw = buf[pos:pos + vlen]
         vid = self._volumes.get(raw)
@@ -530,14 +532,21 @@ class ReplicaServer:
             self._volumes[raw] = vid
         self.requests["WRITE"] += 1
         try:
-            later = self.store.admit_write(vid, h[5], epoch, h[8], view[pos + vlen:start + n], h[10])
+            if alen:                            # args.sole (plain_write takes no other args)
+                st = self.store                 # as ``_execute`` calls it
+                st.admit(vid, h[5], epoch)
+                later = st.write(vid, h[5], h[8], view[pos + vlen + alen:start + n], h[10],
+                                 epoch=epoch, sole=True)
+            else:
+                later = self.store.admit_write(vid, h[5], epoch, h[8], view[pos + vlen:start + n],
+                                               h[10])
         except Exception as e:
             self._reply(conn, self._failure(decode_at(buf, start, n), e))
             return True
         if later is not None:
             self._later(conn, decode_at(buf, start, n), lambda: later)
             return DEFERRED
-        reply = encode_write_ok(buf, start, vlen)
+        reply = encode_sole_write_ok(buf, start, vlen) if alen else encode_write_ok(buf, start, vlen)
         conn.queue.append(reply)
         conn.queued += len(reply)
         return True

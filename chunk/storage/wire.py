@@ -41,7 +41,8 @@ import msgpack
 __all__ = [
     "Op", "Status", "Frame", "FrameError", "FrameTooLarge", "TruncatedFrame", "MalformedFrame",
     "VersionMismatch", "VERSION", "MAX_DATA", "MAX_FRAME", "HEADER_SIZE", "encode", "decode",
-    "decode_at", "split", "split_one", "spans", "plain_write", "encode_write_ok", "FrameReader",
+    "decode_at", "split", "split_one", "spans", "plain_write", "encode_write_ok",
+    "encode_sole_write_ok", "FrameReader",
     "FrameWriter", "Pipeline", "PartialFrame",
 ]
 
@@ -225,11 +226,17 @@ def decode_at(buf: bytes, start: int, n: int) -> Frame:
 _OP_WRITE = int(Op.WRITE)
 _PLAIN_WRITE = (VERSION, _OP_WRITE, _REQUEST, _HAS_DATA)     # a request with data only
 _PLAIN_WRITE_OK = (VERSION, int(Op.WRITE), int(Status.OK), 0)     # its OK reply: no data, no args
+# A sole replica's WRITE (``replica_client._WRITE_ARGS``): data and these args exactly, which
+# ``plain_write`` takes too (its answer has no args, as a plain write's).
+_SOLE_ARGS = msgpack.packb({"sole": True})
+_SOLE_WRITE = (VERSION, _OP_WRITE, _REQUEST, _HAS_DATA | _HAS_ARGS)
 
 
 def plain_write(buf: bytes, start: int, n: int) -> tuple | None:
     """The header fields (as ``_HDR`` unpacks them) of the body ``buf[start:start + n]`` if it is
-    a well-formed WRITE request with a volume and data and no args, else None.
+    a well-formed WRITE request with a volume and data and no args, else None. A request
+    whose args are exactly ``{"sole": True}`` (a sole replica's write) is taken too: its
+    ``h[12]`` (args length) is then non-zero, and its data starts after them.
 
     The replica server's write fast path: such a frame needs no Frame object, and
     every body this accepts ``decode_at`` decodes without error (except a volume
@@ -240,6 +247,10 @@ def plain_write(buf: bytes, start: int, n: int) -> tuple | None:
         return None
     h = _HDR.unpack_from(buf, start)
     if h[:4] != _PLAIN_WRITE or h[12] or not 0 < h[11] <= n - _HDR.size:
+        if (h[:4] == _SOLE_WRITE and h[12] == len(_SOLE_ARGS)
+                and 0 < h[11] <= n - _HDR.size - len(_SOLE_ARGS)
+                and buf.startswith(_SOLE_ARGS, start + _HDR.size + h[11])):
+            return h
         return None
     return h
 
@@ -257,6 +268,13 @@ def encode_write_ok(buf: bytes, start: int, vlen: int) -> bytes:
 
 
 _OK_PREFIX: dict[int, bytes] = {}        # volume length -> length prefix + first 4 header bytes
+
+
+def encode_sole_write_ok(buf: bytes, start: int, vlen: int) -> bytes:
+    """``encode_write_ok`` of a ``plain_write`` WRITE with args (``_SOLE_ARGS``): the same bytes
+    but the args length, which the reply (no args) has 0."""
+    return (encode_write_ok(buf, start, vlen)[:4 + _HDR.size - 4] + bytes(4)
+            + buf[start + _HDR.size:start + _HDR.size + vlen])
 
 
 def _decode(buf: bytes, start: int, n: int) -> Frame:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from chunk.storage import replicas as rk
+from chunk.storage import wire
 from chunk.storage.peer_auth import load_or_create_secret
 from chunk.storage.replica_client import ReplicaClient
 from chunk.storage.replica_server import ReplicaServer
 from chunk.storage.extent_file import EXTENT_SIZE
-from chunk.storage.wire import MAX_DATA
+from chunk.storage.wire import MAX_DATA, Frame, Op
 from zstore.records import ExtentRecord
 
 from .test_revert_safety import CLUSTER, _volume, keys, stores  # noqa: F401
@@ -125,3 +127,46 @@ async def test_one_replica_unmap_edges_get_intent_records(peer, stores, etcd_cli
     await asyncio.wait_for(coord.unmap(100, 3 * 4096), 10)                  # edges in blocks 0, 3
     assert _rings(st) == [True, True, False]
     assert st.read("v", 0, 0, 4 * 4096)[0] == bytes(4 * 4096)
+
+
+# -- the replica server's fast path takes a sole write (wire) --------------------------------
+
+def _frame(args, data: bytes = b"d" * 4096, vol: str = "vol-ü") -> Frame:
+    return Frame(Op.WRITE, 5, vol, 3, 7, 2, 8192, len(data), data, seq=11, args=args)
+
+
+@pytest.mark.parametrize("data", [b"d" * 4096, b"x"])
+def test_plain_write_takes_a_sole_write_and_answers_as_the_general_path(data: bytes):
+    frame = _frame({"sole": True}, data)
+    raw = wire.encode(frame)
+    h = wire.plain_write(raw, 4, len(raw) - 4)
+    assert h is not None and h[12] == len(msgpack.packb({"sole": True}))
+    vlen = len(frame.volume.encode())
+    assert wire.encode_sole_write_ok(raw, 4, vlen) == wire.encode(wire.decode(raw[4:]).reply())
+    assert raw[4 + wire.HEADER_SIZE + vlen + h[12]:] == data      # where the server reads it
+
+
+@pytest.mark.parametrize("args", [{"sole": True, "fua": True}, {"sole": False}, {"fua": True},
+                                  {"sole": 1}])
+def test_plain_write_leaves_other_args_to_the_general_path(args):
+    raw = wire.encode(_frame(args))
+    assert wire.plain_write(raw, 4, len(raw) - 4) is None
+
+
+async def test_sole_write_through_the_server_fast_path(peer):
+    """A sole WRITE (send_write's frame) over a real connection: answered with a plain OK, its
+    data in, a ring made; and a FUA+sole one (the general path) alike."""
+    b, remote = peer
+    b.create("v", 0, 1)
+    b.admit("v", 0, 5)
+    client, addr = remote.client, remote.addr
+    await client.dial(addr)
+    loop = asyncio.get_running_loop()
+    got = loop.create_future()
+    assert client.send_write(addr, "v", 0, 4096, b"\x07" * 4096, 5, 1, got.set_result, sole=True)
+    assert await asyncio.wait_for(got, 10) is None                  # a plain OK reply
+    assert (Path(b.stat("v", 0)["disk"]) / "v.0.int").exists()
+    assert b.read("v", 0, 4096, 4096)[0] == b"\x07" * 4096
+    await asyncio.wait_for(client.write(addr, "v", 0, 8192, b"\x08" * 4096, epoch=5, seq=1,
+                                        fua=True, sole=True), 10)
+    assert b.read("v", 0, 8192, 4096)[0] == b"\x08" * 4096
