@@ -11,8 +11,8 @@ later without a format break).  Why 64 MiB and not 256 MiB:
 - placement balances better at finer grain; the price is 16 Ki extent
   records per TiB of volume in the extent map, which is still small.
 
-On-disk layout, three files per extent in the directory ``dir`` with the
-name ``{volume}.{extent}``::
+On-disk layout, three files per extent (a fourth, ``.int``, only on a sole
+replica: see below) in the directory ``dir`` with the name ``{volume}.{extent}``::
 
     .data  sparse, EXTENT_SIZE bytes; block i at offset i*4096
     .crc   EXTENT_SIZE/4096 little-endian uint32: crc32c of block i seeded
@@ -21,6 +21,10 @@ name ``{volume}.{extent}``::
            .data; a real crc of 0 is stored as 1
     .hdr   crc32c(body) as 4 bytes BE + msgpack body {format, volume, extent,
            generation, epoch, extent_size, block_size}; replaced atomically
+    .int   optional intent ring: INT_SLOTS slots of INT_SLOT bytes, each 0 or one
+           record: magic, crc32c of the rest, record number (u64), first block,
+           count (u32 each, LE), then count new block crcs (u32 LE); magic and
+           crc zeroed = no record. Made at an extent's first flagged write.
 
 Crash safety: each write puts the data blocks in ``.data`` *before* their
 checksums in ``.crc``; ``flush()`` fdatasyncs ``.data`` then ``.crc``.  A
