@@ -242,9 +242,9 @@ class ReplicaClient:
                     sole: bool = False) -> asyncio.Future | None:
         """``start`` of a WRITE without building a request Frame (the replicated-write hot path).
         Its future resolves to None for a plain OK reply (no Frame decoded), else to the reply.
-        ``sole`` (an arg, so not the plain-write fast path): see ``_WRITE_ARGS``."""
+        ``sole``: see ``_WRITE_ARGS``."""
         if fua or sole:
-            args = _WRITE_ARGS[(fua, sole)]
+            args = _WRITE_ARGS[(bool(fua), bool(sole))]
             return self._start(addr, lambda pipe: pipe.start_fields(
                 Op.WRITE, vid, idx, epoch, 0, off, len(data), data, seq, args, self.timeout))
         fut = asyncio.get_running_loop().create_future()

@@ -7,6 +7,7 @@ child only, by the kill), real threads; no mocks.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from chunk.storage.extent_file import (
     BLOCK_SIZE, INT_BLOCKS, INT_SLOT, INT_SLOTS, ChecksumError, ExtentFile, block_crc,
 )
+from chunk.storage.replica_client import PeerUnavailable, ReplicaClient, ReplicaError
 from chunk.storage.replica_store import ReplicaStore, _filler
 
 pytestmark = pytest.mark.timeout(60)
@@ -377,3 +379,57 @@ def test_unreadable_ring_does_not_fail_the_open(tmp_path: Path):
         with pytest.raises(OSError):
             ext.write_block(2, _blk(2), intent=True)      # the flagged write fails, unchanged
         assert ext.crcs[2] == 0
+
+
+@pytest.mark.parametrize("sole", [True, False])
+async def test_replica_server_killed_mid_sole_write(tmp_path: Path, sole: bool):
+    """End to end over the wire: a replica server in a child process, SIGKILLed at the crc
+    pwrite of a WRITE it was sent (with ``sole`` or without); the write is never answered. The
+    store reopened reads the new data with ``sole``, a ChecksumError without."""
+    d = tmp_path / "d0"
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    s.create(V, 0, 1)
+    s.write(V, 0, 0, _blk(1, 4), seq=1)
+    s.close()
+    secret = b"k" * 32
+    code = (
+        "import asyncio, os, signal, sys\n"
+        "from chunk.storage.replica_server import ReplicaServer\n"
+        "from chunk.storage.replica_store import ReplicaStore\n"
+        "async def main():\n"
+        f"    s = ReplicaStore([({str(d)!r}, None)], extent_size={SIZE})\n"
+        f"    s.admit({V!r}, 0, 5)\n"
+        f"    server = ReplicaServer(s, {secret!r}, 'c', '127.0.0.1', 0)\n"
+        "    await server.start()\n"
+        f"    crc_fd, pwrite = s._replicas[({V!r}, 0)].ext.crc_fd, os.pwrite\n"
+        "    def pw(fd, data, offset):\n"
+        "        if fd == crc_fd:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return pwrite(fd, data, offset)\n"
+        "    os.pwrite = pw\n"
+        "    print(server.port, flush=True)\n"
+        "    await asyncio.sleep(30)\n"
+        "asyncio.run(main())\n")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, cwd=ROOT,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    client = ReplicaClient(secret, "c", "me", timeout=5.0)
+    try:
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
+        with pytest.raises((PeerUnavailable, ReplicaError, ConnectionError)):
+            await asyncio.wait_for(client.write(("127.0.0.1", port), V, 0, BLOCK_SIZE, _blk(2),
+                                                epoch=5, seq=1, sole=sole), 10)
+        assert await asyncio.wait_for(proc.wait(), 10) == -signal.SIGKILL
+    finally:
+        await client.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    try:
+        if sole:
+            assert s.read(V, 0, BLOCK_SIZE, BLOCK_SIZE)[0] == _blk(2)
+        else:
+            with pytest.raises(ChecksumError):
+                s.read(V, 0, BLOCK_SIZE, BLOCK_SIZE)
+    finally:
+        s.close()
