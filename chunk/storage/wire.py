@@ -208,6 +208,23 @@ def encode_write(ident: int, volume: str, extent: int, epoch: int, offset: int,
     return b"".join((head, vol, data))
 
 
+def encode_sole_write(ident: int, volume: str, extent: int, epoch: int, offset: int,
+                      data: bytes | memoryview, seq: int) -> bytes:
+    """``encode_write`` with args ``{"sole": True}`` (``_SOLE_ARGS``, packed once): a sole
+    replica's write, which the server's ``plain_write`` fast path takes too."""
+    vol = volume.encode()
+    n = len(data) if type(data) is bytes else memoryview(data).nbytes
+    size = _HDR.size + len(vol) + len(_SOLE_ARGS) + n
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+    try:
+        head = _HEAD.pack(size, VERSION, _OP_WRITE, _REQUEST, _HAS_DATA | _HAS_ARGS, ident,
+                          extent, epoch, 0, offset, n, seq, len(vol), len(_SOLE_ARGS))
+    except struct.error as e:
+        raise ValueError(f"frame field out of range: {e}") from None
+    return b"".join((head, vol, _SOLE_ARGS, data))
+
+
 _VOLUME_BYTES: dict[str, bytes] = {}      # volume id -> its UTF-8, for encode_write
 
 
@@ -228,7 +245,8 @@ _PLAIN_WRITE = (VERSION, _OP_WRITE, _REQUEST, _HAS_DATA)     # a request with da
 _PLAIN_WRITE_OK = (VERSION, int(Op.WRITE), int(Status.OK), 0)     # its OK reply: no data, no args
 # A sole replica's WRITE (``replica_client._WRITE_ARGS``): data and these args exactly, which
 # ``plain_write`` takes too (its answer has no args, as a plain write's).
-_SOLE_ARGS = msgpack.packb({"sole": True})
+_SOLE_DICT = {"sole": True}
+_SOLE_ARGS = msgpack.packb(_SOLE_DICT)
 _SOLE_WRITE = (VERSION, _OP_WRITE, _REQUEST, _HAS_DATA | _HAS_ARGS)
 
 
@@ -685,6 +703,8 @@ class Pipeline:
         ident = next(self._ids)
         if args is None:
             raw = encode_write(ident, volume, extent, epoch, offset, data, seq)
+        elif args == _SOLE_DICT:
+            raw = encode_sole_write(ident, volume, extent, epoch, offset, data, seq)
         else:
             raw = encode_fields(Op.WRITE, ident, volume, extent, epoch, 0, offset,
                                 memoryview(data).nbytes, data, None, seq, args)

@@ -170,3 +170,10 @@ async def test_sole_write_through_the_server_fast_path(peer):
     await asyncio.wait_for(client.write(addr, "v", 0, 8192, b"\x08" * 4096, epoch=5, seq=1,
                                         fua=True, sole=True), 10)
     assert b.read("v", 0, 8192, 4096)[0] == b"\x08" * 4096
+
+
+def test_encode_sole_write_is_the_general_encoding():
+    """The client's sole frame (packed args cached) is byte for byte the general encoder's."""
+    for data in (b"d" * 4096, memoryview(b"e" * 8192)):
+        assert wire.encode_sole_write(9, "vol-ü", 3, 7, 8192, data, 11) == wire.encode_fields(
+            Op.WRITE, 9, "vol-ü", 3, 7, 0, 8192, len(data), data, None, 11, {"sole": True})
