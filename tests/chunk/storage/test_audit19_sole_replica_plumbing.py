@@ -177,3 +177,15 @@ def test_encode_sole_write_is_the_general_encoding():
     for data in (b"d" * 4096, memoryview(b"e" * 8192)):
         assert wire.encode_sole_write(9, "vol-ü", 3, 7, 8192, data, 11) == wire.encode_fields(
             Op.WRITE, 9, "vol-ü", 3, 7, 0, 8192, len(data), data, None, 11, {"sole": True})
+
+
+async def test_one_replica_compare_and_write_gets_intent_records(peer, etcd_client, keys):  # noqa: F811
+    """COMPARE AND WRITE's write (``_caw_send_part``) on a 1-replica volume carries ``sole``."""
+    b, remote = peer
+    _create(b)
+    coord = await _volume(etcd_client, keys, {"B": remote}, extents=EXTENTS)
+    await asyncio.wait_for(coord.write(EXTENT_SIZE, b"\x03" * 4096), 10)   # ownership: extent 1
+    assert _rings(b) == [False, True, False]
+    await asyncio.wait_for(coord.compare_and_write(2 * EXTENT_SIZE, bytes(4096), b"\x05" * 4096), 10)
+    assert _rings(b) == [False, True, True]
+    assert b.read("v", 2, 0, 4096)[0] == b"\x05" * 4096
