@@ -1733,9 +1733,9 @@ class Coordinator:
             pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, seq, token)
             outcomes = pending.outcomes
             for k, r in remotes:                            # replies come later, never inside
-                if (r.client.send_write(r.addr, vid, idx, eoff, view, epoch, seq,
-                                        pending.make_callback(k, r), sole=True) if sole
-                        else r.send_write(vid, idx, eoff, view, epoch, seq, pending.make_callback(k, r))):
+                if (_send_write(r, vid, idx, eoff, view, epoch, seq, pending.make_callback(k, r), True)
+                        if sole else r.send_write(vid, idx, eoff, view, epoch, seq,
+                                                  pending.make_callback(k, r))):
                     pending.left += 1
                 else:
                     outcomes[k] = rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "request not sent",
@@ -1773,7 +1773,8 @@ class Coordinator:
             return None
         local = next((r for r in targets if isinstance(r, rk.LocalReplica)), None)
         remotes = [(k, r) for k, r in enumerate(targets) if r is not local]
-        sole = _sole(rec) and all(isinstance(r, (rk.LocalReplica, rk.RemoteReplica)) for r in targets)
+        sole = _sole(rec) and all(isinstance(r, (rk.LocalReplica, rk.RemoteReplica))
+                                  for r in targets)
         route = self._routes[idx] = (rec, self.engine.replicas_version, targets, local, remotes,
                                      sole)
         return route
