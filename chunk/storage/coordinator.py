@@ -411,6 +411,24 @@ async def _local_sole_unmap(r, vid, idx, off, length, epoch, seq, zero):
         await r.finish(vid, idx, later)
 
 
+def _revert(r, vid, idx, epoch, to_seq, seq, sole):
+    """``r.revert``, with ``sole`` as ``_start_write`` (the blocks it writes back)."""
+    if sole and isinstance(r, rk.LocalReplica):
+        return _local_sole_revert(r, vid, idx, epoch, to_seq, seq)
+    if sole and isinstance(r, rk.RemoteReplica):
+        return r._call(r.client.revert(r.addr, vid, idx, epoch=epoch, to_seq=to_seq, seq=seq,
+                                       sole=True))
+    return r.revert(vid, idx, epoch, to_seq, seq)
+
+
+async def _local_sole_revert(r, vid, idx, epoch, to_seq, seq):
+    """``LocalReplica.revert`` with ``sole`` (``_revert``): by runs, then flushed."""
+    async def revert(*args):
+        await r.store.revert_async(*args, sole=True)
+    await r._mutate_async(vid, idx, epoch, "REVERT", revert, vid, idx, to_seq, seq, epoch)
+    await r.flush(vid, idx, epoch)
+
+
 def _send_write(r, vid, idx, off, data, epoch, seq, on_reply, sole) -> bool:
     """``r.send_write`` (the fast path's), with ``sole`` as ``_start_write``."""
     if sole and isinstance(r, rk.RemoteReplica):
@@ -2340,7 +2358,8 @@ class Coordinator:
             # in-sync replicas and its own (it would join unreverted).
             await self._locks.hold(idx, 0, EXTENT_SIZE)
             try:
-                await self._on_replicas(idx, lambda r, epoch: r.revert(self.vid, idx, epoch, to_seq, self.seq),
+                await self._on_replicas(idx, lambda r, epoch: _revert(
+                    r, self.vid, idx, epoch, to_seq, self.seq, _sole(self.extents[idx])),
                                         0, EXTENT_SIZE, keep=True, absent_ok=True, partial=True)
             finally:
                 self._locks.release(idx)

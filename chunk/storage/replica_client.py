@@ -374,12 +374,14 @@ class ReplicaClient:
         await self._ok(addr, Frame(Op.FLUSH, 0, vid, idx, epoch), timeout)
 
     async def revert(self, addr: Address, vid: str, idx: int, epoch: int, to_seq: int, seq: int,
-                     generation: int = 0, timeout: float | None = None) -> None:
+                     generation: int = 0, timeout: float | None = None,
+                     sole: bool = False) -> None:
         """One extent's revert, answered once synced: on a slow disk it takes far longer than
         a write, so it waits ``revert_timeout`` (not ``timeout``): overdue, the peer would be
-        taken for dead, its connection failed, and the coordinator drop the replica."""
+        taken for dead, its connection failed, and the coordinator drop the replica. ``sole``:
+        see ``_WRITE_ARGS`` (for the blocks the revert writes back)."""
         await self._ok(addr, Frame(Op.REVERT, 0, vid, idx, epoch, generation, seq=seq,
-                                   args={"to": to_seq}),
+                                   args={"to": to_seq, "sole": True} if sole else {"to": to_seq}),
                        self.revert_timeout if timeout is None else timeout)
 
     async def create(self, addr: Address, vid: str, idx: int, generation: int, epoch: int,

@@ -641,7 +641,7 @@ class ReplicaServer:
             to = _arg(f, "to", int, None)
             if to is None or to < 0:
                 raise ValueError("REVERT needs args.to, a snapshot seq >= 0")
-            epoch, seq = f.epoch, f.seq
+            epoch, seq, sole = f.epoch, f.seq, _arg(f, "sole", bool, False)
             # A whole extent's revert can take long on a slow disk: run by runs, yielding to the
             # loop between them (``revert_async``), not in one call that stops every other
             # request (other volumes' writes time out and their replicas are dropped). Answered
@@ -656,7 +656,7 @@ class ReplicaServer:
 
             async def revert() -> None:
                 st.admit(vid, idx, epoch)
-                await st.revert_async(vid, idx, to, seq, epoch)
+                await st.revert_async(vid, idx, to, seq, epoch, sole=sole)
                 await st.flush_async(vid, idx)
             return revert
         if f.op is Op.EXPORT:

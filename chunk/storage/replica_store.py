@@ -1902,13 +1902,15 @@ class ReplicaStore:
             rep.ext.punch(holes)                 # one .crc sync for the whole range, then punches
         return None
 
-    def revert(self, vid: str, idx: int, to_seq: int, seq: int) -> None:
+    def revert(self, vid: str, idx: int, to_seq: int, seq: int, sole: bool = False) -> None:
         """Every block changed since ``to_seq`` back to its view there, written at ``seq``;
-        in one call on the loop. From a coroutine (the replica server), ``revert_async``."""
-        for _ in self._revert_steps(self._get(vid, idx), to_seq, seq):
+        in one call on the loop. From a coroutine (the replica server), ``revert_async``.
+        ``sole`` as in ``write``, for the blocks it writes back."""
+        for _ in self._revert_steps(self._get(vid, idx), to_seq, seq, sole):
             pass
 
-    async def revert_async(self, vid: str, idx: int, to_seq: int, seq: int, epoch: int = 0) -> None:
+    async def revert_async(self, vid: str, idx: int, to_seq: int, seq: int, epoch: int = 0,
+                           sole: bool = False) -> None:
         """``revert`` one 1 MiB run at a time, yielding to the event loop between runs, so a
         whole extent's revert on a slow disk does not hold up every other request (other
         volumes' writes would time out and their replicas be dropped). Each run is on the loop
@@ -1917,7 +1919,7 @@ class ReplicaStore:
         revert whose owner was fenced meanwhile stops before its next run."""
         rep = self._get(vid, idx)
         key = (vid, idx)
-        for _ in self._revert_steps(rep, to_seq, seq):
+        for _ in self._revert_steps(rep, to_seq, seq, sole):
             await asyncio.sleep(0)
             if self._replicas.get(key) is not rep:
                 if key not in self._replicas:
@@ -1926,7 +1928,8 @@ class ReplicaStore:
             if epoch:
                 self.admit(vid, idx, epoch)
 
-    def _revert_steps(self, rep: _Replica, to_seq: int, seq: int) -> Iterator[None]:
+    def _revert_steps(self, rep: _Replica, to_seq: int, seq: int,
+                      sole: bool = False) -> Iterator[None]:
         """The revert, one ``_revert_run`` per step (the caller may yield in between)."""
         _check_seq(seq)
         if to_seq < 0:
@@ -1948,11 +1951,11 @@ class ReplicaStore:
                 m = min(_CHUNK // BLOCK_SIZE, run_start + run_len - a)
                 with self._rep_io(rep):
                     rep.mutations += 1       # a repair's token taken between runs is stale
-                    self._revert_run(rep, a, m, to_seq, seq, floor)
+                    self._revert_run(rep, a, m, to_seq, seq, floor, sole)
                 yield
 
     def _revert_run(self, rep: _Replica, first: int, n: int, to_seq: int, seq: int,
-                    floor: int) -> None:
+                    floor: int, sole: bool = False) -> None:
         # The view at to_seq: only versions can hold it (these blocks' live seq > to_seq).
         targets: list[bytes | None] = []
         for b in range(first, first + n):
@@ -1970,7 +1973,7 @@ class ReplicaStore:
                 if any(rep.ext.crcs[first + k:first + j]):
                     rep.ext.unmap(off, ln)
             else:
-                rep.ext.write(off, b"".join(targets[k:j]))     # type: ignore[arg-type]
+                rep.ext.write(off, b"".join(targets[k:j]), intent=sole)   # type: ignore[arg-type]
             k = j
 
     # -- replication -----------------------------------------------------------

@@ -433,3 +433,28 @@ async def test_replica_server_killed_mid_sole_write(tmp_path: Path, sole: bool):
                 s.read(V, 0, BLOCK_SIZE, BLOCK_SIZE)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("sole", [True, False])
+def test_replica_store_sole_revert_killed(tmp_path: Path, sole: bool):
+    """A sole replica's revert killed at the crc pwrite of a block it writes back: the parent
+    reads the snapshot's data (with ``sole``), a ChecksumError without."""
+    d = tmp_path / "d0"
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    s.create(V, 0, 1)
+    s.write(V, 0, 0, _blk(1, 2), seq=1)                 # in the snapshot at seq 1
+    s.write(V, 0, 0, _blk(2, 2), seq=3)                 # after it (its COW keeps _blk(1))
+    s.close()
+    _killed_child(
+        f"s = ReplicaStore([({str(d)!r}, None)], extent_size={SIZE})\n"
+        f"arm(s._replicas[({V!r}, 0)].ext)\n"
+        f"s.revert({V!r}, 0, to_seq=1, seq=4, sole={sole})\n", b"", tmp_path)
+    s = ReplicaStore([(d, None)], extent_size=SIZE)
+    try:
+        if sole:
+            assert s.read(V, 0, 0, 2 * BLOCK_SIZE)[0] == _blk(1, 2)
+        else:
+            with pytest.raises(ChecksumError):
+                s.read(V, 0, 0, BLOCK_SIZE)
+    finally:
+        s.close()

@@ -22,7 +22,7 @@ from chunk.storage.extent_file import EXTENT_SIZE
 from chunk.storage.wire import MAX_DATA, Frame, Op
 from zstore.records import ExtentRecord
 
-from .test_revert_safety import CLUSTER, _volume, keys, stores  # noqa: F401
+from .test_revert_safety import CLUSTER, NOW, SNAP_SEQ, _revert, _volume, keys, stores  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -189,3 +189,25 @@ async def test_one_replica_compare_and_write_gets_intent_records(peer, etcd_clie
     await asyncio.wait_for(coord.compare_and_write(2 * EXTENT_SIZE, bytes(4096), b"\x05" * 4096), 10)
     assert _rings(b) == [False, True, True]
     assert b.read("v", 2, 0, 4096)[0] == b"\x05" * 4096
+
+
+@pytest.mark.parametrize("where", ["local", "remote", "two"])
+async def test_revert_carries_sole_on_one_replica(peer, stores, etcd_client, keys,  # noqa: F811
+                                                  where):
+    """A volume revert (volop) writes the snapshot's blocks back with ``sole`` on a 1-replica
+    volume (local store, or REVERT args.sole over the wire), not on a 2-replica one."""
+    b, remote = peer
+    a = stores("A")
+    reps = {"local": {"A": rk.LocalReplica("A", a)}, "remote": {"B": remote},
+            "two": {"A": rk.LocalReplica("A", a), "B": remote}}[where]
+    used = [{"A": a, "B": b}[c] for c in reps]
+    for st in used:
+        st.create("v", 0, 1)
+        st.write("v", 0, 0, b"\x01" * 4096, SNAP_SEQ)              # in the snapshot
+        st.write("v", 0, 0, b"\x02" * 4096, NOW)                   # after it
+    coord = await _volume(etcd_client, keys, reps, extents=1)
+    got = await _revert(coord, etcd_client, keys)
+    assert (got.state, got.error) == ("done", None)
+    for st in used:
+        assert st.read("v", 0, 0, 4096)[0] == b"\x01" * 4096
+        assert (Path(st.stat("v", 0)["disk"]) / "v.0.int").exists() == (where != "two")
