@@ -54,7 +54,9 @@ Order of a write at seq W (crash safety):
 3. live data, then its crcs (``ExtentFile.write``); ``fua`` then flushes. A write with
    ``sole`` (the coordinator's: this is the extent's only in-sync replica, so no peer can
    repair a block killed between its data and its crc) writes an intent record first
-   (``ExtentFile``'s ``intent``), from which the next open restores such a crc.
+   (``ExtentFile``'s ``intent``), from which the next open restores such a crc. So do
+   the zeros of an ``unmap`` and the blocks a ``revert`` writes back, given ``sole``;
+   an import's and a mend's writes never carry it (they come from a peer).
 
 SIGKILL of the process loses nothing that a completed ``pwrite`` put in the
 page cache, so every acknowledged write survives.  Killed between steps, the
