@@ -31,7 +31,10 @@ written back first would outlive that copy on a power loss), and checks the
 token only then; its versions are synced before the live block, and its syncs
 run in worker threads, like the flush that follows it. An IMPORT, trim or
 revert does not wait for the hold: one that changes the block during a sync
-of the mend makes it stop there (False), and the block is verified again.
+of the mend makes it stop there (False), and the block is verified again. A
+mend whose peer has no good copy of something that fails here (unreadable
+there too, as an import's filler is, or missing) answers ``Unmended``, not
+True: what it could replace is synced and verified, and the next peer tried.
 
 A block with too many versions for one export frame comes in parts
 (``ReplicaStore.export``: each part the live block and a slice of the
@@ -64,7 +67,9 @@ from zstore.records import ExtentRecord
 from .extent_file import BLOCK_SIZE
 from .peers import Address, Peers, UnknownPeer
 from .replica_client import PeerUnavailable, ReplicaError
-from .replica_store import _BLOB_FORMAT_UNREADABLE, BadBlob, StoreError, Verdict, _parse_blob
+from .replica_store import (
+    _BLOB_FORMAT_UNREADABLE, BadBlob, StoreError, Unmended, Verdict, _parse_blob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -304,10 +309,13 @@ class LocalRepair:
                     # mid-mend): this repair ends; the next verify or read finds what is left.
                     log.error("repair %s/%d block %d: the mend failed: %s", vid, idx, block, e)
                     return False
-                if not mended:
+                if mended is False:
                     log.info("repair %s/%d block %d: the extent changed meanwhile (a write, "
                              "import, trim or revert); checking again", vid, idx, block)
                     break
+                # True, or ``Unmended``: the peer has no good copy of part of what fails here
+                # (what it had is mended). Either way synced, then verified again (the next
+                # peer's mend needs a fresh verdict: this one moved the counter).
                 if not await self._durable(vid, idx, block):
                     return False
                 verdict = await self._still_bad(vid, idx, block, "after the mend")
@@ -315,8 +323,14 @@ class LocalRepair:
                     if verdict:
                         log.warning("repaired %s/%d block %d from %s", vid, idx, block, cid)
                     return verdict
-                log.error("repair %s/%d block %d: the copy from %s does not verify either",
-                          vid, idx, block, cid)
+                if isinstance(mended, Unmended):
+                    log.warning("repair %s/%d block %d: %s has no good copy of it either "
+                                "(live %s, versions (block, key) %s fail here and are unreadable "
+                                "or missing there)", vid, idx, block, cid,
+                                sorted(mended.live), sorted(mended.versions))
+                else:
+                    log.error("repair %s/%d block %d: the copy from %s does not verify either",
+                              vid, idx, block, cid)
         if await self._still_bad(vid, idx, block, "after the last attempt") is True:
             return True
         log.error("repair of %s/%d block %d failed", vid, idx, block)

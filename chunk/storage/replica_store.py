@@ -132,7 +132,7 @@ from .fencing import EpochFence
 log = logging.getLogger(__name__)
 
 __all__ = ["StoreError", "NoExtent", "StoreFull", "StoreIOError", "StaleGeneration", "BadBlob",
-           "ReplicaStore", "Verdict", "checked_state_of", "unreadable_blocks"]
+           "ReplicaStore", "Unmended", "Verdict", "checked_state_of", "unreadable_blocks"]
 
 _MAX_SEQ = 0xFFFFFFFF
 _CHUNK = 1 << 20                     # internal unit of large unmaps / reverts
@@ -657,6 +657,20 @@ class Verdict:
     def bad(self) -> list[int]:
         """``verify``'s answer: blocks whose live data or a version fails."""
         return _bad_blocks(self.bad_live, self.bad_versions)
+
+
+@dataclass(frozen=True)
+class Unmended:
+    """A mend (``ReplicaStore.mend``) that ran to its end but left something of its run failing:
+    the peer's blob had no good copy of it (unreadable there too, as an import's filler is;
+    that version missing there, or under another origin). Falsy, as a mend that did not
+    happen: the block still fails. What it could replace is replaced (the repair flushes it
+    and tries the next peer); ``live`` / ``versions`` ((block, key)) are what is left."""
+    live: frozenset[int]
+    versions: frozenset[tuple[int, int]]
+
+    def __bool__(self) -> bool:
+        return False
 
 
 class _GroupSync:
@@ -2187,7 +2201,7 @@ class ReplicaStore:
                 rep.ext._store_crcs(b, array("I", [crc]))     # noqa: SLF001 - the exporter's crc
 
     def mend(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None,
-             verified: Verdict | None = None) -> bool:
+             verified: Verdict | None = None) -> bool | Unmended:
         """Repair from a peer's export blob only what fails its checksum here.
 
         Not ``import_``: the peer may not have received a write this replica
@@ -2198,7 +2212,11 @@ class ReplicaStore:
         blob has and this replica lacks added (its new seq may need them).
         Nothing that verifies is dropped, and nothing the peer marks unreadable
         is taken (its live block as absent would be zeros).  False when the extent is not here or
-        its mutation counter is not ``if_unchanged`` (a write landed).
+        its mutation counter is not ``if_unchanged`` (a write landed). ``Unmended`` (falsy)
+        when it ran but something of its run that fails here has no good copy in the blob (the
+        peer cannot read it either, lacks that version, or has it under another origin): what
+        it could replace is replaced, the block still fails. True: nothing of the run fails
+        any more.
 
         ``verified``: what fails here, from ``verify_verdict_async`` (the run's reads done in
         a worker thread, not here on the loop, which a failing disk's seconds-long reads would
@@ -2220,14 +2238,14 @@ class ReplicaStore:
         first, n = self._mend_run(rep, state, verified)
         if self._busy(rep, first, n):
             return False
-        ok = [True]
+        ok: list[bool | Unmended] = [True]
         with self._rep_io(rep):
             for jobs in self._mend_steps(rep, state, first, n, verified, ok):
                 _run_syncs(jobs)
         return ok[0]
 
     async def mend_async(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None,
-                         verified: Verdict | None = None) -> bool:
+                         verified: Verdict | None = None) -> bool | Unmended:
         """``mend`` in the durable order of a deferred write (``_write_later``), from the loop.
 
         Its blocks are held (``_Hold``) as a deferred write's: a deferred write or unmap
@@ -2257,7 +2275,7 @@ class ReplicaStore:
         try:
             if self._mend_target(vid, idx, if_unchanged, verified) is not rep:
                 return False
-            ok = [True]
+            ok: list[bool | Unmended] = [True]
             steps = self._mend_steps(rep, state, first, n, verified, ok)
             try:
                 while True:
@@ -2308,11 +2326,12 @@ class ReplicaStore:
         return first, n
 
     def _mend_steps(self, rep: _Replica, state: dict, first: int, n: int,
-                    verified: Verdict | None, ok: list[bool]
+                    verified: Verdict | None, ok: list[bool | Unmended]
                     ) -> Iterator[list[Callable[[], None]]]:
         """The mend of blocks [first, first+n), yielding each batch of syncs its order needs
         (the caller runs them, inline or in a worker thread, before going on; it checks the
-        replica is still open here after each). ``ok[0]`` is set False when it stopped short.
+        replica is still open here after each). ``ok[0]`` is set False when it stopped short,
+        an ``Unmended`` when the blob cannot replace all that fails (it goes on with the rest).
 
         The order is a write's (module docstring): 1. versions (failing ones replaced by the
         peer's, and for a live block mended the ones the peer has and this replica lacks): a
@@ -2328,17 +2347,24 @@ class ReplicaStore:
             peer.setdefault(b, []).append((key, origin, d))
         rep.mutations += 1
         if verified is None:
-            bad_live = set(rep.ext.verify(first, n))
-            fails = None
+            bad_live, bad_versions = self._verify_detail(rep, None, first, n)
         else:
-            bad_live = verified.bad_live
-            fails = verified.bad_versions.__contains__
-        mend_live = [b for b in range(first, first + n) if b in bad_live and b not in unreadable]
+            bad_live, bad_versions = verified.bad_live, verified.bad_versions
+        end = first + n
+        mend_live = [b for b in range(first, end) if b in bad_live and b not in unreadable]
         puts: dict[int, list[tuple[int, int, bytes]]] = {}
-        for b in range(first, first + n):
+        for b in range(first, end):
             for key, origin, data in self._mend_versions(rep, b, peer.get(b, ()),
-                                                         fill=b in mend_live, fails=fails):
+                                                         fill=b in mend_live,
+                                                         fails=bad_versions.__contains__):
                 puts.setdefault(key, []).append((b, origin, data))
+        # What fails here and the blob cannot replace: the mend does what it can, but the
+        # block still fails (not "mended"; ``Unmended``).
+        left_live = {b for b in bad_live if first <= b < end} - set(mend_live)
+        left_versions = {e for e in bad_versions if first <= e[0] < end} - {
+            (b, key) for key, items in puts.items() for b, _, _ in items}
+        if left_live or left_versions:
+            ok[0] = Unmended(frozenset(left_live), frozenset(left_versions))
         if puts:
             files = []
             for key, items in sorted(puts.items()):
