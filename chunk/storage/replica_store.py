@@ -2239,9 +2239,13 @@ class ReplicaStore:
         if self._busy(rep, first, n):
             return False
         ok: list[bool | Unmended] = [True]
-        with self._rep_io(rep):
-            for jobs in self._mend_steps(rep, state, first, n, verified, ok):
-                _run_syncs(jobs)
+        steps = self._mend_steps(rep, state, first, n, verified, ok)
+        try:
+            with self._rep_io(rep):
+                for jobs in steps:
+                    _run_syncs(jobs)
+        finally:
+            steps.close()
         return ok[0]
 
     async def mend_async(self, vid: str, idx: int, blob: bytes, if_unchanged: int | None = None,
@@ -2328,6 +2332,35 @@ class ReplicaStore:
     def _mend_steps(self, rep: _Replica, state: dict, first: int, n: int,
                     verified: Verdict | None, ok: list[bool | Unmended]
                     ) -> Iterator[list[Callable[[], None]]]:
+        """``_mend_plan``; a version file it created and left holding nothing (stopped before
+        its slots: an import, trim or revert changed the block during its first sync, a trim
+        took another of its files, an error) is unlinked when it ends (``_drop_created``)."""
+        created: list[_Versions] = []
+        try:
+            yield from self._mend_plan(rep, state, first, n, verified, ok, created)
+        finally:
+            self._drop_created(rep, created)
+
+    @staticmethod
+    def _drop_created(rep: _Replica, created: list[_Versions]) -> None:
+        """Unlink the version files of ``created`` that are still ``rep``'s, open and empty (no
+        slot: nothing in them is read), as a trim does (``drop_key_if_empty``). The unlink is
+        not synced here (``vdir_dirty``: the next flush does it): a file a power loss brings
+        back holds no slot either, and loading drops it. One that got a slot meanwhile (a
+        deferred COW of another block, an import) is kept; a COW that wrote data there and
+        waits for its barrier sees the file gone and copies again (``_cow_later``)."""
+        for v in created:
+            if v.fd < 0 or v.entries or rep.versions.get(v.key) is not v:
+                continue
+            try:
+                rep.drop_key_if_empty(v.key)
+            except OSError as e:
+                log.warning("%s: an empty version file a mend created is left until a restart "
+                            "(unlink failed: %s)", v.path, e)
+
+    def _mend_plan(self, rep: _Replica, state: dict, first: int, n: int,
+                   verified: Verdict | None, ok: list[bool | Unmended], created: list[_Versions]
+                   ) -> Iterator[list[Callable[[], None]]]:
         """The mend of blocks [first, first+n), yielding each batch of syncs its order needs
         (the caller runs them, inline or in a worker thread, before going on; it checks the
         replica is still open here after each). ``ok[0]`` is set False when it stopped short,
@@ -2368,7 +2401,10 @@ class ReplicaStore:
         if puts:
             files = []
             for key, items in sorted(puts.items()):
+                new = key not in rep.versions
                 v = rep.versions_for(key, sync_dir=False)
+                if new:
+                    created.append(v)            # unlinked if the mend stops before its slots
                 v.put_data(items)
                 files.append((v, items))
             jobs: list[Callable[[], None]] = [partial(_Replica.sync_dirs, v)
