@@ -81,12 +81,12 @@ async def add_snapshot_acl(ctx: Ctx, ref: str, initiator: str) -> AclEntry:
         existing, _ = await ctx.get(key, AclEntry)
         if existing is not None:
             return existing
-        # The guard of the volume's exports is compared and put back unchanged, moving its
+        # The volume's delete guard is compared and put back unchanged, moving its
         # revision: a volume delete without force that read this export's ACL before the entry
         # fails its compare, looks again and refuses; once the volume is deleted (the key is
         # gone) its exports, dropped after, take no initiator.
         vol, _ = await ctx.get(ctx.keys.volume(snap.volume_id), Volume)
-        guard = None if vol is None or vol.state == "deleted" else await volumes.exports_guard(ctx, vol)
+        guard = None if vol is None or vol.state == "deleted" else await volumes.delete_guard(ctx, vol)
         if guard is None:
             raise Conflict(f"snapshot {ref!r} belongs to a deleted volume: its export is going",
                            hint="clone it into a new volume (`zstore volume clone`) and export that")
@@ -110,20 +110,26 @@ async def add_acl(ctx: Ctx, volume: str, initiator: str, readonly: bool = False)
     if is_snapshot_ref(volume):
         return await add_snapshot_acl(ctx, volume, initiator)
     initiator = naming.check_iqn(initiator)
-    # Compared with the volume record's revision, not its existence: a delete that keeps
-    # the record as a tombstone (its snapshots live on) has already dropped the volume's
-    # ACL, and an entry put after it would outlive the volume. A retry sees the tombstone.
+    # Compared with the revision of the volume's delete guard (its name key), not the volume
+    # record's existence: a delete that keeps the record as a tombstone (its snapshots live
+    # on) has already dropped the volume's ACL and its name key, and an entry put after it
+    # would outlive the volume. A retry sees the volume gone.
     for _ in range(MAX_RETRIES):
-        vol, rev = await find_volume(ctx, volume)
+        vol, _ = await find_volume(ctx, volume)
+        guard = await volumes.delete_guard(ctx, vol)
+        if guard is None:
+            continue                    # deleted meanwhile: find_volume says so
         key = ctx.keys.acl(vol.volume_id, initiator)
         existing, _ = await ctx.get(key, AclEntry)
         if existing is not None and existing.readonly == readonly:
             return existing
         entry = AclEntry(volume_id=vol.volume_id, initiator=initiator, readonly=readonly)
-        # The volume record is put back unchanged: its revision moves, so a delete without
-        # force that read the ACL before this entry fails its compare, reads again and refuses.
-        vkey = ctx.keys.volume(vol.volume_id)
-        if await ctx.txn([ctx.unchanged(vkey, rev)], [ctx.put(key, entry), ctx.put(vkey, vol)]):
+        # The guard is put back unchanged: its revision moves, so a delete without force that
+        # read the ACL before this entry fails its compare, reads again and refuses. Not the
+        # volume record (it was put back before): the coordinator's snapshot commit compares
+        # that one, a few attempts, and ACL churn could use them up.
+        gkey, grev = guard
+        if await ctx.txn([ctx.unchanged(gkey, grev)], [ctx.put(key, entry), ctx.put(gkey, vol.volume_id)]):
             log.info("initiator %s may now access volume %s%s", initiator, vol.name,
                      " (read-only)" if readonly else "")
             return entry

@@ -128,7 +128,7 @@ async def export_snapshot(ctx: Ctx, ref: str) -> tuple[dict[str, Any], bool]:
         if vol is None or vol.state == "deleted":
             raise Conflict(f"snapshot {snap.name!r} belongs to a deleted volume and cannot be exported",
                            hint="clone it into a new volume (`zstore volume clone`) and export that")
-        guard = await volumes.exports_guard(ctx, vol)
+        guard = await volumes.delete_guard(ctx, vol)
         if guard is None:
             continue                                   # deleted meanwhile: the next read says so
         m, prev = await export_state(ctx, sid)
