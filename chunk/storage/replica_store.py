@@ -2394,8 +2394,9 @@ class ReplicaStore:
         # What fails here and the blob cannot replace: the mend does what it can, but the
         # block still fails (not "mended"; ``Unmended``).
         left_live = {b for b in bad_live if first <= b < end} - set(mend_live)
-        left_versions = {e for e in bad_versions if first <= e[0] < end} - {
-            (b, key) for key, items in puts.items() for b, _, _ in items}
+        left_versions = {(b, key) for b, key in bad_versions if first <= b < end
+                         and b in getattr(rep.versions.get(key), "entries", ())} - {
+            (b, key) for key, items in puts.items() for b, _, _ in items}   # trimmed: gone
         if left_live or left_versions:
             ok[0] = Unmended(frozenset(left_live), frozenset(left_versions))
         if puts:

@@ -135,3 +135,25 @@ async def test_the_repair_goes_on_to_the_next_peer_and_says_why(nodes, caplog):
     assert b.store.verify(VID, 0) == []
     assert b.store.read(VID, 0, BLK * BLOCK_SIZE, BLOCK_SIZE, view=1)[0] == block("old")
     await asyncio.sleep(0)
+
+
+async def test_a_failing_version_trimmed_after_the_verdict_is_not_left(tmp_path):
+    """The verdict names a rotten version; the reclaimer trims it before the mend (a trim
+    does not move the token: the verdict holds). Nothing of the run fails any more: True,
+    not ``Unmended`` for a version that is gone."""
+    stores = []
+    for name in ("L", "P"):
+        s = ReplicaStore([(tmp_path / name, None)], extent_size=SIZE, cow_sync=True)
+        s.create(V, 0, 1)
+        s.write(V, 0, BLK * BLOCK_SIZE, blk("a"), 1)
+        s.write(V, 0, BLK * BLOCK_SIZE, blk("b"), 2)
+        s.flush(V, 0)
+        stores.append(s)
+    L, P = stores
+    _rot_version(tmp_path / "L" / f"{V}.0.v", 1, BLK, SIZE // BLOCK_SIZE)
+    verdict = await L.verify_verdict_async(V, 0, BLK, 1)
+    assert verdict is not None and verdict.bad_versions == {(BLK, 1)}
+    blob = P.export(V, 0, BLK * BLOCK_SIZE, BLOCK_SIZE)[0]
+    assert L.trim(V, 0, set()) == 1
+    assert await L.mend_async(V, 0, blob, verified=verdict) is True
+    assert L.verify(V, 0) == []
