@@ -104,7 +104,11 @@ async def create_snapshot(ctx: Ctx, volume: str, name: str, timeout: float = SNA
         raise InvalidArgument(f"invalid value for unique: {unique!r} (true or false)")
     deadline = time.monotonic() + timeout
     for _ in range(MAX_RETRIES):
-        vol, vrev = await find_volume(ctx, volume)
+        vol, _ = await find_volume(ctx, volume)
+        # Read before the snapshot's name: see below.
+        guard = await volumes.delete_guard(ctx, vol)
+        if guard is None:
+            continue                    # deleted meanwhile: find_volume says so
         name_key = ctx.keys.snapshot_name(vol.volume_id, name)
         existing = await ctx.get_raw(name_key)
         if existing is not None:
@@ -117,12 +121,15 @@ async def create_snapshot(ctx: Ctx, volume: str, name: str, timeout: float = SNA
             return snap, False
         sid = uuid.uuid4().hex
         snap = Snapshot(snapshot_id=sid, name=name, volume_id=vol.volume_id, size=vol.size, state="creating")
-        # The volume is put back unchanged so its revision moves: a delete that listed its
-        # snapshots before this one existed fails its compare and looks again (else it would
-        # erase the volume under a snapshot record left "creating" for ever).
-        vkey = ctx.keys.volume(vol.volume_id)
-        compare = [ctx.absent(name_key), ctx.unchanged(vkey, vrev)]
-        ops = [ctx.put(ctx.keys.snapshot(sid), snap), ctx.put(name_key, sid), ctx.put(vkey, vol)]
+        # The volume's delete guard (its name key) is compared and put back unchanged so its
+        # revision moves: a delete that listed its snapshots before this one existed fails its
+        # compare and looks again (else it would erase the volume under a snapshot record left
+        # "creating" for ever), and a delete that committed first (the key is gone) fails this.
+        # Not the volume record (it was put back before): the coordinator's snapshot commit
+        # compares that one, a few attempts, and creates of other snapshots used them up.
+        gkey, grev = guard
+        compare = [ctx.absent(name_key), ctx.unchanged(gkey, grev)]
+        ops = [ctx.put(ctx.keys.snapshot(sid), snap), ctx.put(name_key, sid), ctx.put(gkey, vol.volume_id)]
         if unique:
             # Two creates of one name on two volumes: each txn compares the unique key as
             # read, so only one commits; the other looks again and finds it taken.

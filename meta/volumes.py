@@ -96,15 +96,15 @@ async def delete_guard(ctx: Ctx, vol: Volume) -> tuple[bytes, int] | None:
     commits: its name key. What a volume delete lists and decides on, but its compare on the
     volume record would not see, is made in a txn that compares this key and puts it back
     unchanged (its revision moves): an initiator put on the volume's ACL (``exports.add_acl``),
-    a snapshot exported (``export_snapshot``), an initiator put on such an export
-    (``add_snapshot_acl``). The delete reads it before its listings and compares it
+    a snapshot created (``volops.create_snapshot``), a snapshot exported (``export_snapshot``),
+    an initiator put on such an export (``add_snapshot_acl``). The delete reads it before its listings and compares it
     (``delete_volume_record``), so it sees any of those made since; one of them that read it
     before a delete committed fails its compare (the key is gone, or names a volume made since
     under the same name). None when the key no longer names the volume (deleted meanwhile).
 
     Not the volume record, which those once put back unchanged: the coordinator's snapshot
-    commit compares that one (8 attempts, then the snapshot fails), and export or ACL churn on
-    the volume used them up. The name key holds the volume id only; it is written by the
+    commit compares that one (8 attempts, then the snapshot fails), and export, ACL or
+    snapshot-create churn on the volume used them up. The name key holds the volume id only; it is written by the
     volume's create and delete and by these puts, read by name lookups, and watched by no
     chunk server. Every volume has had one from the first release on (at the same key), so
     nothing is migrated."""
@@ -430,11 +430,11 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
 
     Everything that can refuse the delete is read first: the volume's ACL, its unfinished
     reverts, its snapshots' exports and their ACLs (without force an initiator on any
-    refuses). Then one transaction decides, comparing the volume record (a revert or snapshot
-    of the volume made since moves it) and its guard (``delete_guard``: an initiator put on
-    the volume's ACL, an export, or an initiator put on one, made since moves it): if anything
-    moved, nothing was written and the delete looks again. So a refused delete has changed
-    nothing.
+    refuses). Then one transaction decides, comparing the volume record (a revert of the
+    volume made since moves it) and its guard (``delete_guard``: an initiator put on the
+    volume's ACL, a snapshot, an export, or an initiator put on one, made since moves it): if
+    anything moved, nothing was written and the delete looks again. So a refused delete has
+    changed nothing.
 
     Only then are the snapshots' exports dropped, each in its own transaction: none can be
     made, nor an initiator put on one, once the volume is deleted (its guard is gone), and
@@ -447,8 +447,8 @@ async def delete_volume_record(ctx: Ctx, ref: str, force: bool = False) -> Volum
     in the volume's transaction (``unfinished_reverts``)."""
     for _ in range(MAX_RETRIES):
         vol, rev = await find_volume(ctx, ref)
-        # Read before the ACL and the exports: an entry or export made since moves it
-        # (``delete_guard``), and fails the compare below.
+        # Read before the ACL, the snapshots and the exports: an entry, snapshot or export
+        # made since moves it (``delete_guard``), and fails the compare below.
         guard = await delete_guard(ctx, vol)
         if guard is None:
             continue                    # deleted meanwhile: find_volume says so
