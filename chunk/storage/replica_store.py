@@ -77,7 +77,10 @@ Unmaps zero crcs and fdatasync ``.crc`` before punching (``ExtentFile.punch``,
 once per call, only if a block was present).  Removing versions: ``drop``
 fdatasyncs the zeroed slots before punching their data; a trim that unlinks
 a key's file fsyncs ``.v`` before returning, an import's unlinks are made
-durable by the flush its resync ends with.
+durable by the flush its resync ends with.  A mend that stops before writing
+the slots of a version file it created (``mend_async``) unlinks that file if
+it still holds no slot, with no sync: brought back by a power loss, it holds
+no slot either and loading drops it.
 
 Errors: ENOSPC/EDQUOT from the file system -> ``StoreFull`` and the disk is
 marked full (until a delete or trim frees space on it, or ``usage`` finds room
@@ -2268,7 +2271,9 @@ class ReplicaStore:
         entries) is compared with what the mend left before it, and a change makes it stop
         there, False (the repair verifies again): going on, it wrote its older blob over an
         IMPORT of the peer's newer state, or a version slot back over data a trim had just
-        punched. What it did so far is a state a crash between its steps leaves."""
+        punched. What it did so far is a state a crash between its steps leaves; a version
+        file it created and left without a slot (stopped, or cancelled, before its slots) is
+        unlinked (``_drop_created``), not left empty until a restart."""
         state = _parse_blob(blob)
         rep = self._mend_target(vid, idx, if_unchanged, verified)
         if rep is None:

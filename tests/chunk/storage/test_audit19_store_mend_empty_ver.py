@@ -92,3 +92,30 @@ async def test_a_reopened_store_matches(tmp_path, monkeypatch):
     L2 = ReplicaStore([(tmp_path / "L", None)], extent_size=32 * BLOCK_SIZE, cow_sync=True)
     assert L2.digest(V, 0) == digest == P.digest(V, 0)
     assert L2.verify(V, 0) == []
+
+
+async def test_a_mend_cancelled_in_its_barrier_unlinks_the_file_too(tmp_path, monkeypatch):
+    """The repair's task cancelled (a server stopping) while the mend waits for the barrier
+    after the new version's data: the file holds no slot; it goes as well."""
+    L, P = _pair(tmp_path)
+    P.write(V, 0, BLK * BLOCK_SIZE, blk("n"), 2)
+    fetched = P.export(V, 0, BLK * BLOCK_SIZE, BLOCK_SIZE)[0]
+    _rot(tmp_path / "L" / f"{V}.0.data", BLK * BLOCK_SIZE)
+    verdict = await L.verify_verdict_async(V, 0, BLK, 1)
+    held = HeldSync(monkeypatch, ".ver", 1)
+    mend = await _mend_held(L, fetched, verdict, held)
+    mend.cancel()
+    await asyncio.sleep(0)
+    held.proceed.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(mend, 10)
+    monkeypatch.undo()
+    rep = L._replicas[(V, 0)]
+    assert 1 not in rep.versions and not _ver(tmp_path, 1).exists()
+    while rep.busy:                      # the hold lasts until the barrier's sync is over
+        await asyncio.sleep(0.01)
+    assert L.verify(V, 0) == [BLK]       # not mended: the repair's next attempt does it
+    assert await L.mend_async(V, 0, fetched,
+                              verified=await L.verify_verdict_async(V, 0, BLK, 1)) is True
+    L.flush(V, 0)
+    assert L.verify(V, 0) == [] and L.digest(V, 0) == P.digest(V, 0)
