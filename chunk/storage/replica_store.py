@@ -79,7 +79,8 @@ fdatasyncs the zeroed slots before punching their data; a trim that unlinks
 a key's file fsyncs ``.v`` before returning, an import's unlinks are made
 durable by the flush its resync ends with.  A mend that stops before writing
 the slots of a version file it created (``mend_async``) unlinks that file if
-it still holds no slot, with no sync: brought back by a power loss, it holds
+it still holds no slot (in a file that was there, punches the data it wrote
+that has no slot), with no sync: brought back by a power loss, the file holds
 no slot either and loading drops it.
 
 Errors: ENOSPC/EDQUOT from the file system -> ``StoreFull`` and the disk is
@@ -364,6 +365,22 @@ class _Versions:
         for b, origin, crc in blocks:
             os.pwrite(self.fd, _ENTRY.pack(crc, origin), b * 8)
             self.entries[b] = (origin, crc)
+
+    def punch_unslotted(self, blocks: list[int]) -> None:
+        """Punch the data of those of ``blocks`` that have no slot (a mend's, stopped before
+        its slots): nothing reads it, so unlike ``drop`` no sync comes first."""
+        gone = sorted(b for b in blocks if b not in self.entries)
+        if not self._punch or not gone:
+            return
+        for start, n in _runs(gone):
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                          self.data_at + start * BLOCK_SIZE, n * BLOCK_SIZE)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._punch = False
+                return
 
     def drop(self, blocks: list[int]) -> None:
         """Forget versions: slots zeroed and fdatasync'd, then the data punched.
@@ -2273,7 +2290,8 @@ class ReplicaStore:
         IMPORT of the peer's newer state, or a version slot back over data a trim had just
         punched. What it did so far is a state a crash between its steps leaves; a version
         file it created and left without a slot (stopped, or cancelled, before its slots) is
-        unlinked (``_drop_created``), not left empty until a restart."""
+        unlinked, the data it wrote in another without a slot punched (``_drop_unslotted``),
+        not left until a restart."""
         state = _parse_blob(blob)
         rep = self._mend_target(vid, idx, if_unchanged, verified)
         if rep is None:
@@ -2337,34 +2355,41 @@ class ReplicaStore:
     def _mend_steps(self, rep: _Replica, state: dict, first: int, n: int,
                     verified: Verdict | None, ok: list[bool | Unmended]
                     ) -> Iterator[list[Callable[[], None]]]:
-        """``_mend_plan``; a version file it created and left holding nothing (stopped before
-        its slots: an import, trim or revert changed the block during its first sync, a trim
-        took another of its files, an error) is unlinked when it ends (``_drop_created``)."""
-        created: list[_Versions] = []
+        """``_mend_plan``; what it leaves of versions' data without a slot (stopped before
+        their slots: an import, trim or revert changed the block during a sync, a trim took
+        another of its files, a cancel, an error) is removed when it ends (``_drop_unslotted``)."""
+        written: list[tuple[_Versions, list[int], bool]] = []
         try:
-            yield from self._mend_plan(rep, state, first, n, verified, ok, created)
+            yield from self._mend_plan(rep, state, first, n, verified, ok, written)
         finally:
-            self._drop_created(rep, created)
+            self._drop_unslotted(rep, written)
 
     @staticmethod
-    def _drop_created(rep: _Replica, created: list[_Versions]) -> None:
-        """Unlink the version files of ``created`` that are still ``rep``'s, open and empty (no
-        slot: nothing in them is read), as a trim does (``drop_key_if_empty``). The unlink is
-        not synced here (``vdir_dirty``: the next flush does it): a file a power loss brings
-        back holds no slot either, and loading drops it. One that got a slot meanwhile (a
-        deferred COW of another block, an import) is kept; a COW that wrote data there and
-        waits for its barrier sees the file gone and copies again (``_cow_later``)."""
-        for v in created:
-            if v.fd < 0 or v.entries or rep.versions.get(v.key) is not v:
+    def _drop_unslotted(rep: _Replica, written: list[tuple[_Versions, list[int], bool]]) -> None:
+        """For each (version file, blocks whose data a mend wrote there, whether it created the
+        file) still ``rep``'s and open: a file it created that holds no slot is unlinked, as a
+        trim does (``drop_key_if_empty``); else the data of those blocks that have no slot is
+        punched (``punch_unslotted``). Nothing reads either (no slot), so no sync comes first,
+        and the unlink is not synced here (``vdir_dirty``: the next flush does it): brought
+        back by a power loss, the file holds no slot either and loading drops it. A slot
+        written meanwhile (a deferred COW of another block, an import) keeps its file and its
+        block; a COW that wrote data there and waits for its barrier sees the file gone and
+        copies again (``_cow_later``)."""
+        for v, blocks, created in written:
+            if v.fd < 0 or rep.versions.get(v.key) is not v:
                 continue
             try:
-                rep.drop_key_if_empty(v.key)
+                if created and not v.entries:
+                    rep.drop_key_if_empty(v.key)
+                else:
+                    v.punch_unslotted(blocks)
             except OSError as e:
-                log.warning("%s: an empty version file a mend created is left until a restart "
-                            "(unlink failed: %s)", v.path, e)
+                log.warning("%s: a mend's version data without a slot is left until a trim or "
+                            "restart drops its file (%s)", v.path, e)
 
     def _mend_plan(self, rep: _Replica, state: dict, first: int, n: int,
-                   verified: Verdict | None, ok: list[bool | Unmended], created: list[_Versions]
+                   verified: Verdict | None, ok: list[bool | Unmended],
+                   written: list[tuple[_Versions, list[int], bool]]
                    ) -> Iterator[list[Callable[[], None]]]:
         """The mend of blocks [first, first+n), yielding each batch of syncs its order needs
         (the caller runs them, inline or in a worker thread, before going on; it checks the
@@ -2409,8 +2434,7 @@ class ReplicaStore:
             for key, items in sorted(puts.items()):
                 new = key not in rep.versions
                 v = rep.versions_for(key, sync_dir=False)
-                if new:
-                    created.append(v)            # unlinked if the mend stops before its slots
+                written.append((v, [b for b, _, _ in items], new))   # undone if no slot follows
                 v.put_data(items)
                 files.append((v, items))
             jobs: list[Callable[[], None]] = [partial(_Replica.sync_dirs, v)

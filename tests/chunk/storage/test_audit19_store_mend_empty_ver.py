@@ -6,7 +6,9 @@ data, and waits for the new directory entry's fsync and the barrier before the s
 (or trim, revert) changing the block meanwhile makes it stop there (False): the file, holding
 no slot, stayed in the replica's versions and on disk (4 KiB of data, plus the slot page)
 until a restart's load dropped it. Now the mend unlinks the files it created and left empty;
-a file that got a slot meanwhile (the import's own versions) is kept.
+a file that got a slot meanwhile (the import's own versions) is kept. In a version file that
+was there already, the data it wrote without a slot is punched (it stayed allocated until the
+whole file went).
 
 Real stores on tmp_path; one sync of the mend is held in its worker thread (``HeldSync``).
 """
@@ -14,6 +16,7 @@ Real stores on tmp_path; one sync of the mend is held in its worker thread (``He
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,57 @@ async def test_a_mend_cancelled_in_its_barrier_unlinks_the_file_too(tmp_path, mo
                               verified=await L.verify_verdict_async(V, 0, BLK, 1)) is True
     L.flush(V, 0)
     assert L.verify(V, 0) == [] and L.digest(V, 0) == P.digest(V, 0)
+
+
+def _allocated(path: Path, offset: int) -> bool:
+    """Whether the 4 KiB of ``path`` at ``offset`` hold data (not a hole)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) < offset + BLOCK_SIZE
+    except OSError:                      # ENXIO: no data from there on
+        return False
+    finally:
+        os.close(fd)
+
+
+async def test_a_stopped_mend_punches_its_data_in_a_file_that_was_there(tmp_path, monkeypatch):
+    """Version key 1 exists on both (block 7's); P also has block 3's there, which L lacks.
+    L's live block 3 rots and its mend writes P's version data into L's ``1.ver`` at block
+    3, then stops (an IMPORT of P's later, trimmed state during the barrier). The file stays
+    (block 7's slot), but block 3's data, which no slot names, is punched, not left there."""
+    stores = []
+    for name in ("L", "P"):
+        s = ReplicaStore([(tmp_path / name, None)], extent_size=32 * BLOCK_SIZE, cow_sync=True)
+        s.create(V, 0, 1)
+        s.write(V, 0, BLK * BLOCK_SIZE, blk("a"), 1)
+        s.write(V, 0, 7 * BLOCK_SIZE, blk("7"), 1)
+        s.write(V, 0, 7 * BLOCK_SIZE, blk("8"), 2)          # version key 1 of block 7
+        s.flush(V, 0)
+        stores.append(s)
+    L, P = stores
+    P.write(V, 0, BLK * BLOCK_SIZE, blk("n"), 2)            # key 1 of block 3: P only
+    fetched = P.export(V, 0, BLK * BLOCK_SIZE, BLOCK_SIZE)[0]
+    P.write(V, 0, BLK * BLOCK_SIZE, blk("N"), 3)
+    P.trim(V, 0, set())
+    current = P.export(V, 0, BLK * BLOCK_SIZE, BLOCK_SIZE)[0]
+    _rot(tmp_path / "L" / f"{V}.0.data", BLK * BLOCK_SIZE)
+    verdict = await L.verify_verdict_async(V, 0, BLK, 1)
+    data_at = BLOCK_SIZE                                     # 32 slots fit the first page
+    assert not _allocated(_ver(tmp_path, 1), data_at + BLK * BLOCK_SIZE)
+    held = HeldSync(monkeypatch, ".ver", 1)
+    mend = await _mend_held(L, fetched, verdict, held)
+    assert _allocated(_ver(tmp_path, 1), data_at + BLK * BLOCK_SIZE), "the mend wrote it"
+    try:
+        assert L.import_(V, 0, current)
+    finally:
+        held.proceed.set()
+    assert await asyncio.wait_for(mend, 10) is False
+    monkeypatch.undo()
+    rep = L._replicas[(V, 0)]
+    assert sorted(rep.versions[1].entries) == [7]
+    assert not _allocated(_ver(tmp_path, 1), data_at + BLK * BLOCK_SIZE), "left allocated"
+    assert _allocated(_ver(tmp_path, 1), data_at + 7 * BLOCK_SIZE)
+    L.flush(V, 0)
+    assert L.verify(V, 0) == []
+    assert L.read(V, 0, 7 * BLOCK_SIZE, BLOCK_SIZE, view=1)[0] == blk("7")
+    assert L.read(V, 0, BLK * BLOCK_SIZE, BLOCK_SIZE)[0] == blk("N")
