@@ -54,8 +54,11 @@ is in the page cache; a 4 KiB aligned page is copied whole). A write given ``int
 record of the new checksums into ``{volume}.{extent}.int``, a ring of ``INT_SLOTS`` slots
 of ``INT_SLOT`` bytes made at the first such write, then the data, then the checksums; a
 write longer than a slot holds does this piece by piece, and once a piece's checksums are
-in, its record is cleared (its magic zeroed): after a kill, only the records of writes in
-flight are left. ``open`` reads the ring: a block whose newest record (highest record
+in, or the piece failed, its record is cleared (its magic zeroed): after a kill, only the
+records of writes in flight are left. The ring is allocated whole when made (as ``.crc``),
+and one that cannot be made or written (a full disk, EMFILE) is logged and left alone for
+``INT_RETRY`` seconds while flagged writes go on without records: the ring only mends, it
+never fails a write an unflagged one would not. ``open`` reads the ring: a block whose newest record (highest record
 number) names the crc its data has now, while its stored crc is another non-zero one, lost
 its checksum write to the kill, and gets it back; then the records are cleared. Anything
 else is left to fail as before: rot (the data matches no record), a torn block, an
@@ -91,6 +94,7 @@ import errno
 import logging
 import os
 import threading
+import time
 import struct
 import sys
 from array import array
@@ -121,6 +125,7 @@ _CRC_ENTRY = struct.Struct("<I")               # one .crc entry, little-endian o
 # each a header (magic, crc32c of the rest of the record, record number, first block, count)
 # then ``count`` new block crcs, little-endian.
 INT_SLOTS = 8
+INT_RETRY = 10                      # seconds before a ring that failed is tried again
 INT_SLOT = 4096
 INT_MAGIC = 0x5A494E54                          # "ZINT"
 _INT_HEAD = struct.Struct("<IIQII")
@@ -242,6 +247,7 @@ class ExtentFile:
         self._int_free = threading.Condition(self._int_lock)
         self._int_held = [False] * INT_SLOTS  # slots of flagged writes in progress
         self._int_next = 1           # the next record's number (above any in the ring)
+        self._int_retry = 0.0        # monotonic time before which a failed ring is not tried
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -326,7 +332,8 @@ class ExtentFile:
         except OSError as e:
             # The ring only mends; without it the extent is what it was before rings existed
             # (a block killed between data and crc fails its checksum): not worth failing
-            # the whole open over. A flagged write that cannot use the ring fails itself.
+            # the whole open over. A flagged write that cannot use the ring goes on without
+            # its record (``_ring_ready``).
             log.warning("%s: intent ring not used at open: %s", ext.base, e)
         except BaseException:
             ext.close()
@@ -623,7 +630,7 @@ class ExtentFile:
             old = self._crcs[first:first + count]
             if 0 in old and any(old):
                 self._allocate(off, total)
-        if intent:
+        if intent and self._ring_ready():
             self._write_intended(first, view, new)
             return
         try:
@@ -703,8 +710,9 @@ class ExtentFile:
             m = min(INT_BLOCKS, count - k)
             piece = new[k:k + m]
             slot, number = self._take_slot()
+            recorded = False
             try:
-                self._put_record(slot, number, first + k, piece)
+                recorded = self._put_record(slot, number, first + k, piece)
                 off, total, done = (first + k) * BLOCK_SIZE, m * BLOCK_SIZE, 0
                 part = view[k * BLOCK_SIZE:(k + m) * BLOCK_SIZE]
                 try:
@@ -715,8 +723,11 @@ class ExtentFile:
                         self._rechecksum(first + k, done, piece)
                     raise
                 self._store_crcs(first + k, piece)
-                self._clear_record(slot)
             finally:
+                if recorded:
+                    # Failed or not, the write is over: a record left behind could later
+                    # "restore" a block that fails on purpose (an import's filler).
+                    self._clear_record(slot)
                 self._free_slot(slot)
 
     def _write_one_intended(self, index: int, block: bytes | memoryview) -> None:
@@ -724,13 +735,18 @@ class ExtentFile:
         for one block, without its arrays and loops (once the ring is open)."""
         crc = _crc32c.crc32c(block, index & 0xFFFFFFFF) or 1
         slot, number = self._take_slot()
+        recorded = False
         try:
             rest = _INT_ONE.pack(number, index, 1, crc)
             record = _INT_PRE.pack(INT_MAGIC, _crc32c.crc32c(rest)) + rest
             at = slot * INT_SLOT
-            done = os.pwrite(self._int, record, at)
-            while done < len(record):
-                done += os.pwrite(self._int, record[done:], at + done)
+            try:
+                done = os.pwrite(self._int, record, at)
+                while done < len(record):
+                    done += os.pwrite(self._int, record[done:], at + done)
+                recorded = True
+            except OSError as e:
+                self._ring_failed(e)            # the write goes on without its record
             off = index * BLOCK_SIZE
             done = os.pwrite(self._data, block, off)
             while done < BLOCK_SIZE:
@@ -740,11 +756,9 @@ class ExtentFile:
             while done < 4:
                 done += os.pwrite(self._crc, entry[done:], index * 4 + done)
             self._crcs[index] = crc                  # after the file: see _store_crcs
-            try:
-                os.pwrite(self._int, _INT_CLEAR, at)  # _clear_record, inline
-            except OSError:
-                pass
         finally:
+            if recorded:
+                self._clear_record(slot)             # failed or not (``_write_intended``)
             self._free_slot(slot)
 
     def _take_slot(self) -> tuple[int, int]:
@@ -768,32 +782,68 @@ class ExtentFile:
             self._int_held[slot] = False
             self._int_free.notify()
 
-    def _put_record(self, slot: int, number: int, first: int, crcs: array) -> None:
-        """Write record ``number`` into ``slot`` (page cache only: a process kill keeps it)."""
-        if self._int < 0:
-            self._open_ring()
+    def _put_record(self, slot: int, number: int, first: int, crcs: array) -> bool:
+        """Write record ``number`` into ``slot`` (page cache only: a process kill keeps it);
+        whether it was. A ring that fails is logged and the write goes on without its record:
+        the ring only mends, it must never refuse a write."""
+        if self._int < 0 and not self._ring_ready():
+            return False
         body = array("I", crcs)
         if sys.byteorder != "little":
             body.byteswap()
         rest = struct.pack("<QII", number, first, len(crcs)) + body.tobytes()
         record = _INT_PRE.pack(INT_MAGIC, _crc32c.crc32c(rest)) + rest
-        done = os.pwrite(self._int, record, slot * INT_SLOT)
-        while done < len(record):
-            done += os.pwrite(self._int, record[done:], slot * INT_SLOT + done)
+        try:
+            done = os.pwrite(self._int, record, slot * INT_SLOT)
+            while done < len(record):
+                done += os.pwrite(self._int, record[done:], slot * INT_SLOT + done)
+        except OSError as e:
+            self._ring_failed(e)
+            return False
+        return True
+
+    def _ring_ready(self) -> bool:
+        """Whether the ring is open, opening it if needed. One that cannot be opened and
+        allocated (a full disk, EMFILE, something else at its path) is logged and tried again
+        ``INT_RETRY`` seconds later; meanwhile flagged writes go without records, as before
+        rings existed (a full disk must fail a write no sooner than an unflagged one would)."""
+        if self._int >= 0:
+            return True
+        if time.monotonic() < self._int_retry:
+            return False
+        try:
+            self._open_ring()
+        except OSError as e:
+            self._ring_failed(e)
+            return False
+        return True
+
+    def _ring_failed(self, e: OSError) -> None:
+        if time.monotonic() >= self._int_retry:
+            log.warning("%s: intent ring not used for %d s: %s", self.base, INT_RETRY, e)
+        self._int_retry = time.monotonic() + INT_RETRY
 
     def _open_ring(self) -> None:
-        """Open (creating) ``.int``: at the first flagged write of an extent that has none."""
+        """Open (creating) ``.int`` and allocate it whole, so a record's pwrite never meets a
+        full disk (as ``.crc``, allocated at ``create``): at the first flagged write of an
+        extent that has none."""
         with self._int_lock:
             if self._int < 0:
                 if self._data < 0:
                     raise ValueError(f"{self.base}: closed")
                 path = self.base.with_name(self.base.name + ".int")
-                self._int = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, INT_SLOTS * INT_SLOT)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._int = fd
 
     def _clear_record(self, slot: int) -> None:
-        """Invalidate the record in ``slot`` (its write is complete). Best effort: the write it
-        follows succeeded, and a record left behind is what the ring held before clearing
-        was added (a risk only to a block later given its data while failing on purpose)."""
+        """Invalidate the record in ``slot``: its write is over, done or failed. Best effort: a
+        record left behind is what the ring held before clearing was added (a risk only to a
+        block later given its data while failing on purpose)."""
         try:
             os.pwrite(self._int, _INT_CLEAR, slot * INT_SLOT)
         except OSError:
@@ -848,6 +898,11 @@ class ExtentFile:
                 fixed.append(b)
         for slot in valid:
             self._clear_record(slot)
+        try:
+            os.posix_fallocate(fd, 0, INT_SLOTS * INT_SLOT)    # as ``_open_ring``
+        except OSError:
+            self._int = -1                  # the first flagged write tries again (_ring_ready)
+            os.close(fd)
         if fixed:
             log.warning("%s: %d block(s) had new data under the old checksum (a write killed "
                         "before its checksum landed); checksums restored from the intent "
