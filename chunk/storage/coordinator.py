@@ -361,93 +361,6 @@ def _sole(rec: ExtentRecord) -> bool:
     return len(rec.replicas) == 1
 
 
-def _start_write(r, vid, idx, off, data, epoch, seq, fua, sole):
-    """``r.start_write``, with ``sole`` when it is true. The replica handles (``replicas``)
-    take no ``sole``: the two real kinds are reached through their store or client here;
-    anything else (a test's stand-in) gets the plain write."""
-    if not sole:
-        return r.start_write(vid, idx, off, data, epoch, seq, fua)
-    if isinstance(r, rk.LocalReplica):
-        return _local_sole_write(r, vid, idx, off, data, epoch, seq, fua)
-    if isinstance(r, rk.RemoteReplica):
-        fut = r.client.start_write(r.addr, vid, idx, off, data, epoch, seq, fua, sole=True)
-        if fut is None:                                   # not connected yet: dial on await
-            return r._call(r.client.write(r.addr, vid, idx, off, data, epoch=epoch, seq=seq,
-                                          fua=fua, sole=True))
-        return r._reply(fut)
-    return r.start_write(vid, idx, off, data, epoch, seq, fua)
-
-
-async def _local_sole_write(r, vid, idx, off, data, epoch, seq, fua):
-    """``LocalReplica.write`` with ``sole`` (``_start_write``)."""
-    if not epoch:
-        raise r._unfenced("WRITE")
-    later = r._run(vid, idx, epoch, lambda: r.store.write(vid, idx, off, data, seq, epoch=epoch,
-                                                          sole=True))
-    if later is not None:
-        await r.finish(vid, idx, later)
-    if fua:
-        await r.flush(vid, idx, epoch)
-
-
-def _unmap(r, vid, idx, off, length, epoch, seq, zero, sole):
-    """``r.unmap``, with ``sole`` as ``_start_write`` (the zeros it writes: ``zero``, partial
-    edges)."""
-    if sole and isinstance(r, rk.LocalReplica):
-        return _local_sole_unmap(r, vid, idx, off, length, epoch, seq, zero)
-    if sole and isinstance(r, rk.RemoteReplica):
-        return r._call(r.client.unmap(r.addr, vid, idx, off, length, epoch=epoch, seq=seq,
-                                      zero=zero, sole=True))
-    return r.unmap(vid, idx, off, length, epoch, seq, zero)
-
-
-async def _local_sole_unmap(r, vid, idx, off, length, epoch, seq, zero):
-    """``LocalReplica.unmap`` with ``sole`` (``_unmap``)."""
-    if not epoch:
-        raise r._unfenced("UNMAP")
-    later = r._run(vid, idx, epoch, lambda: r.store.unmap(vid, idx, off, length, seq, zero,
-                                                          epoch=epoch, sole=True))
-    if later is not None:
-        await r.finish(vid, idx, later)
-
-
-def _revert(r, vid, idx, epoch, to_seq, seq, sole):
-    """``r.revert``, with ``sole`` as ``_start_write`` (the blocks it writes back)."""
-    if sole and isinstance(r, rk.LocalReplica):
-        return _local_sole_revert(r, vid, idx, epoch, to_seq, seq)
-    if sole and isinstance(r, rk.RemoteReplica):
-        return r._call(r.client.revert(r.addr, vid, idx, epoch=epoch, to_seq=to_seq, seq=seq,
-                                       sole=True))
-    return r.revert(vid, idx, epoch, to_seq, seq)
-
-
-async def _local_sole_revert(r, vid, idx, epoch, to_seq, seq):
-    """``LocalReplica.revert`` with ``sole`` (``_revert``): by runs, then flushed."""
-    async def revert(*args):
-        await r.store.revert_async(*args, sole=True)
-    await r._mutate_async(vid, idx, epoch, "REVERT", revert, vid, idx, to_seq, seq, epoch)
-    await r.flush(vid, idx, epoch)
-
-
-def _send_write(r, vid, idx, off, data, epoch, seq, on_reply, sole) -> bool:
-    """``r.send_write`` (the fast path's), with ``sole`` as ``_start_write``."""
-    if sole and isinstance(r, rk.RemoteReplica):
-        return r.client.send_write(r.addr, vid, idx, off, data, epoch, seq, on_reply, sole=True)
-    return r.send_write(vid, idx, off, data, epoch, seq, on_reply)
-
-
-def _write_now(local, vid, idx, off, data, epoch, seq, sole):
-    """``local.write_now`` (the fast path's), with ``sole`` as ``_start_write``."""
-    if not sole or not isinstance(local, rk.LocalReplica):
-        return local.write_now(vid, idx, off, data, epoch, seq)
-    if not epoch:
-        raise local._unfenced("WRITE")
-    try:
-        return local.store.admit_write(vid, idx, epoch, off, data, seq, sole=True)
-    except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
-        raise local._fail(vid, idx, e) from None
-
-
 class _PendingWrite:
     """One fast-path write waiting for its remote replicas' replies."""
 
@@ -507,8 +420,11 @@ class _PiecewiseWrite(_PendingWrite):
         """Send every frame of the write to remote ``replica`` (position ``k``)."""
         view, eoff, n = self.view, self.eoff, self.n
         for i, pos in enumerate(range(0, n, MAX_DATA)):
-            if not _send_write(replica, vid, idx, eoff + pos, view[pos:pos + MAX_DATA], epoch, seq,
-                               self.frame_callback(k, replica, i), sole):
+            part = view[pos:pos + MAX_DATA]
+            if not (replica.send_write(vid, idx, eoff + pos, part, epoch, seq,
+                                       self.frame_callback(k, replica, i), sole=True) if sole
+                    else replica.send_write(vid, idx, eoff + pos, part, epoch, seq,
+                                            self.frame_callback(k, replica, i))):
                 # One outcome for every frame: unsent only if no frame left for it.
                 self.outcomes[k] = rk.ReplicaFailed(replica.chunk_id, rk.UNAVAILABLE,
                                                     "request not sent", unsent=not i)
@@ -1305,13 +1221,15 @@ class Coordinator:
                 epoch, seq = self.epoch, self.seq
                 if op == "write":
                     # Remote writes leave now (no task per replica); the local one runs on await.
-                    sole = _sole(rec)
-                    calls = [_start_write(r, self.vid, idx, eoff, part, epoch, seq, fua, sole)
-                             for r in targets]
+                    # ``sole`` passed only when true: the unflagged calls stay as they were.
+                    calls = ([r.start_write(self.vid, idx, eoff, part, epoch, seq, fua, sole=True)
+                              for r in targets] if _sole(rec) else
+                             [r.start_write(self.vid, idx, eoff, part, epoch, seq, fua)
+                              for r in targets])
                 else:
-                    sole = _sole(rec)
-                    calls = [_unmap(r, self.vid, idx, eoff, n, epoch, seq, zero, sole)
-                             for r in targets]
+                    calls = ([r.unmap(self.vid, idx, eoff, n, epoch, seq, zero, sole=True)
+                              for r in targets] if _sole(rec) else
+                             [r.unmap(self.vid, idx, eoff, n, epoch, seq, zero) for r in targets])
                 results = [None] * len(calls)
                 # The local replica's call first: it runs on await, and awaited after a remote
                 # reply it would run up to a replica timeout later (the lease may lapse meanwhile).
@@ -1598,8 +1516,10 @@ class Coordinator:
             order = sorted(range(len(targets)), key=lambda k: not isinstance(targets[k], rk.LocalReplica))
             sole = _sole(rec)
             for s, n in pieces:
-                calls = [_start_write(r, self.vid, idx, s, view[base + s:base + s + n], epoch, seq,
-                                      fua, sole) for r in targets]
+                part = view[base + s:base + s + n]
+                calls = ([r.start_write(self.vid, idx, s, part, epoch, seq, fua, sole=True)
+                          for r in targets] if sole else
+                         [r.start_write(self.vid, idx, s, part, epoch, seq, fua) for r in targets])
                 for i in order:                     # the local one first: it runs on await
                     try:
                         await calls[i]
@@ -1751,7 +1671,8 @@ class Coordinator:
             pending = _PendingWrite(self, done, idx, eoff, n, view, rec, targets, epoch, seq, token)
             outcomes = pending.outcomes
             for k, r in remotes:                            # replies come later, never inside
-                if (_send_write(r, vid, idx, eoff, view, epoch, seq, pending.make_callback(k, r), True)
+                if (r.send_write(vid, idx, eoff, view, epoch, seq, pending.make_callback(k, r),
+                                 sole=True)
                         if sole else r.send_write(vid, idx, eoff, view, epoch, seq,
                                                   pending.make_callback(k, r))):
                     pending.left += 1
@@ -1765,7 +1686,7 @@ class Coordinator:
                 pending.send(k, r, vid, idx, epoch, seq, sole)
         if local is not None:
             try:
-                later = (_write_now(local, vid, idx, eoff, view, epoch, seq, True) if sole
+                later = (local.write_now(vid, idx, eoff, view, epoch, seq, sole=True) if sole
                          else local.write_now(vid, idx, eoff, view, epoch, seq))
             except rk.ReplicaFailed as e:
                 outcomes[targets.index(local)] = e
@@ -1783,7 +1704,7 @@ class Coordinator:
     def _route(self, idx: int, rec: ExtentRecord):
         """(rec, replicas version, replicas, local one or None, [(position, remote)], sole) for
         the fast path, cached per extent until the record or a replica handle changes. ``sole``
-        (``_sole``; only for real replica handles, which can carry it) is the O(1) check."""
+        (``_sole``) is the O(1) check: the writes pass ``sole=True`` only when it is true."""
         if len(rec.replicas) < self._need():
             return None                 # too few in sync: the general path fails the write
         targets = self.engine.cached_replicas(rec.replicas)
@@ -1791,10 +1712,8 @@ class Coordinator:
             return None
         local = next((r for r in targets if isinstance(r, rk.LocalReplica)), None)
         remotes = [(k, r) for k, r in enumerate(targets) if r is not local]
-        sole = _sole(rec) and all(isinstance(r, (rk.LocalReplica, rk.RemoteReplica))
-                                  for r in targets)
         route = self._routes[idx] = (rec, self.engine.replicas_version, targets, local, remotes,
-                                     sole)
+                                     _sole(rec))
         return route
 
     def _write_settled(self, p: "_PendingWrite") -> None:
@@ -2357,10 +2276,15 @@ class Coordinator:
             # Held: a recovery copy of this extent must not join between the revert of the
             # in-sync replicas and its own (it would join unreverted).
             await self._locks.hold(idx, 0, EXTENT_SIZE)
+
+            def revert(r, epoch, idx=idx):
+                # ``sole`` (the blocks it writes back) passed only when true, as for writes.
+                if _sole(self.extents[idx]):
+                    return r.revert(self.vid, idx, epoch, to_seq, self.seq, sole=True)
+                return r.revert(self.vid, idx, epoch, to_seq, self.seq)
             try:
-                await self._on_replicas(idx, lambda r, epoch: _revert(
-                    r, self.vid, idx, epoch, to_seq, self.seq, _sole(self.extents[idx])),
-                                        0, EXTENT_SIZE, keep=True, absent_ok=True, partial=True)
+                await self._on_replicas(idx, revert, 0, EXTENT_SIZE, keep=True, absent_ok=True,
+                                        partial=True)
             finally:
                 self._locks.release(idx)
         self._dirty.clear()

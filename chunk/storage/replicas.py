@@ -101,10 +101,13 @@ class LocalReplica:
     async def read(self, vid, idx, off, length, epoch, view=0):
         return self._run(vid, idx, epoch, self.store.read, vid, idx, off, length, view)
 
-    async def write(self, vid, idx, off, data, epoch, seq, fua=False):
+    async def write(self, vid, idx, off, data, epoch, seq, fua=False, sole=False):
+        """``sole``: this is the extent's only in-sync replica (the coordinator's ``_sole``),
+        so the store records an intent before the write (``ReplicaStore.write``). Likewise
+        for ``unmap``, ``revert`` and ``write_now``, and ``RemoteReplica``'s, over the wire."""
         if not epoch:
             raise self._unfenced("WRITE")
-        later = self._run(vid, idx, epoch, self._write_at, vid, idx, off, data, seq, epoch)
+        later = self._run(vid, idx, epoch, self._write_at, vid, idx, off, data, seq, epoch, sole)
         if later is not None:
             await self.finish(vid, idx, later)
         if fua:
@@ -112,19 +115,20 @@ class LocalReplica:
 
     start_write = write        # the coordinator's one call for every replica; runs on await
 
-    def _write_at(self, vid, idx, off, data, seq, epoch):
-        return self.store.write(vid, idx, off, data, seq, epoch=epoch)
+    def _write_at(self, vid, idx, off, data, seq, epoch, sole):
+        return self.store.write(vid, idx, off, data, seq, epoch=epoch, sole=sole)
 
-    def write_now(self, vid, idx, off, data, epoch, seq):
+    def write_now(self, vid, idx, off, data, epoch, seq, sole=False):
         """``write`` without FUA and without a coroutine (the coordinator's fast path):
         admission and write in one store call. Not through ``_run``: its argument packing
         cost a measurable share of the coordinator's hot path; the failure mapping is the
         same ``_fail``. None when written; a write that waits for the disk (a COW) returns
-        the store's coroutine finishing it: await it through ``finish``."""
+        the store's coroutine finishing it: await it through ``finish``. ``sole`` as in
+        ``write``, handed on as it came (no test: this is the 4 KiB hot path)."""
         if not epoch:
             raise self._unfenced("WRITE")
         try:
-            return self.store.admit_write(vid, idx, epoch, off, data, seq)
+            return self.store.admit_write(vid, idx, epoch, off, data, seq, sole)
         except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
             raise self._fail(vid, idx, e) from None
 
@@ -135,15 +139,17 @@ class LocalReplica:
         except Exception as e:  # noqa: BLE001 - every store failure maps to a kind
             raise self._fail(vid, idx, e) from None
 
-    async def unmap(self, vid, idx, off, length, epoch, seq, zero=False):
+    async def unmap(self, vid, idx, off, length, epoch, seq, zero=False, sole=False):
+        """``sole`` as in ``write``, for the zeros it writes (``zero``, partial edges)."""
         if not epoch:
             raise self._unfenced("UNMAP")
-        later = self._run(vid, idx, epoch, self._unmap_at, vid, idx, off, length, seq, zero, epoch)
+        later = self._run(vid, idx, epoch, self._unmap_at, vid, idx, off, length, seq, zero, epoch,
+                          sole)
         if later is not None:
             await self.finish(vid, idx, later)
 
-    def _unmap_at(self, vid, idx, off, length, seq, zero, epoch):
-        return self.store.unmap(vid, idx, off, length, seq, zero, epoch=epoch)
+    def _unmap_at(self, vid, idx, off, length, seq, zero, epoch, sole):
+        return self.store.unmap(vid, idx, off, length, seq, zero, epoch=epoch, sole=sole)
 
     async def flush(self, vid, idx, epoch):
         # Admitted first, as the replica server admits FLUSH: a deposed owner is told it is
@@ -161,13 +167,14 @@ class LocalReplica:
         """Raise this server's fence for the volume to ``epoch`` (extent ``idx`` here or not)."""
         self._run(vid, idx, epoch, lambda: None)
 
-    async def revert(self, vid, idx, epoch, to_seq, seq):
+    async def revert(self, vid, idx, epoch, to_seq, seq, sole=False):
         """Done once synced, as the replica server answers REVERT: nothing flushes it later.
         By 1 MiB runs yielding to the loop (``revert_async``), the epoch admitted again after
         each: in one call, a whole extent's revert on a slow disk held up every other volume
-        on this server long enough for their peers to time out and drop replicas."""
+        on this server long enough for their peers to time out and drop replicas. ``sole`` as
+        in ``write``, for the blocks it writes back."""
         await self._mutate_async(vid, idx, epoch, "REVERT", self.store.revert_async,
-                                 vid, idx, to_seq, seq, epoch)
+                                 vid, idx, to_seq, seq, epoch, sole)
         await self.flush(vid, idx, epoch)
 
     async def export(self, vid, idx, off, length, epoch=0):
@@ -204,14 +211,17 @@ class RemoteReplica:
     async def read(self, vid, idx, off, length, epoch, view=0):
         return await self._call(self.client.read(self.addr, vid, idx, off, length, epoch=epoch, view=view))
 
-    async def write(self, vid, idx, off, data, epoch, seq, fua=False):
-        await self._call(self.client.write(self.addr, vid, idx, off, data, epoch=epoch, seq=seq, fua=fua))
+    async def write(self, vid, idx, off, data, epoch, seq, fua=False, sole=False):
+        """``sole`` as in ``LocalReplica.write``: WRITE args.sole (``ReplicaClient``); likewise
+        for ``start_write``, ``send_write``, ``unmap`` and ``revert``."""
+        await self._call(self.client.write(self.addr, vid, idx, off, data, epoch=epoch, seq=seq,
+                                           fua=fua, sole=sole))
 
-    def start_write(self, vid, idx, off, data, epoch, seq, fua=False):
+    def start_write(self, vid, idx, off, data, epoch, seq, fua=False, sole=False):
         """Send the write now (no task) and return a coroutine awaiting its outcome."""
-        fut = self.client.start_write(self.addr, vid, idx, off, data, epoch, seq, fua)
+        fut = self.client.start_write(self.addr, vid, idx, off, data, epoch, seq, fua, sole)
         if fut is None:                                   # not connected yet: dial on await
-            return self.write(vid, idx, off, data, epoch, seq, fua)
+            return self.write(vid, idx, off, data, epoch, seq, fua, sole)
         return self._reply(fut)
 
     async def _reply(self, fut):
@@ -232,10 +242,11 @@ class RemoteReplica:
         """Dial now, sending nothing (a failure shows on the next request, at once)."""
         await self.client.dial(self.addr)
 
-    def send_write(self, vid, idx, off, data, epoch, seq, on_reply) -> bool:
+    def send_write(self, vid, idx, off, data, epoch, seq, on_reply, sole=False) -> bool:
         """Send a WRITE (no FUA) on the open connection; ``on_reply`` gets its answer (see
-        ``outcome_of``). False if it could not be sent."""
-        return self.client.send_write(self.addr, vid, idx, off, data, epoch, seq, on_reply)
+        ``outcome_of``). False if it could not be sent. ``sole`` handed on as it came (no
+        test: this is the 4 KiB hot path)."""
+        return self.client.send_write(self.addr, vid, idx, off, data, epoch, seq, on_reply, sole)
 
     def outcome(self, fut) -> ReplicaFailed | None:
         """None if the done reply future ``fut`` says OK, else the failure it means."""
@@ -261,8 +272,9 @@ class RemoteReplica:
             return ReplicaFailed(self.chunk_id, _status_kind(e), str(e))
         return None
 
-    async def unmap(self, vid, idx, off, length, epoch, seq, zero=False):
-        await self._call(self.client.unmap(self.addr, vid, idx, off, length, epoch=epoch, seq=seq, zero=zero))
+    async def unmap(self, vid, idx, off, length, epoch, seq, zero=False, sole=False):
+        await self._call(self.client.unmap(self.addr, vid, idx, off, length, epoch=epoch, seq=seq,
+                                           zero=zero, sole=sole))
 
     async def flush(self, vid, idx, epoch):
         await self._call(self.client.flush(self.addr, vid, idx, epoch=epoch))
@@ -281,8 +293,9 @@ class RemoteReplica:
             if e.kind != NO_EXTENT:
                 raise
 
-    async def revert(self, vid, idx, epoch, to_seq, seq):
-        await self._call(self.client.revert(self.addr, vid, idx, epoch=epoch, to_seq=to_seq, seq=seq))
+    async def revert(self, vid, idx, epoch, to_seq, seq, sole=False):
+        await self._call(self.client.revert(self.addr, vid, idx, epoch=epoch, to_seq=to_seq,
+                                            seq=seq, sole=sole))
 
     async def export(self, vid, idx, off, length, epoch=0):
         return await self._call(self.client.export(self.addr, vid, idx, off, length, epoch=epoch))

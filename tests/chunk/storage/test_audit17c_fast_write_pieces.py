@@ -37,10 +37,10 @@ def _fenced_between_frames(store, vid: str, epoch: int) -> None:
     at offset MAX_DATA sent at ``epoch``: the first frame lands, the second is fenced."""
     real = store.admit_write
 
-    def admit_write(v, idx, e, off, data, seq):
+    def admit_write(v, idx, e, off, data, seq, sole=False):
         if v == vid and e == epoch and off == MAX_DATA:
             store.admit(v, idx, epoch + 1)
-        return real(v, idx, e, off, data, seq)
+        return real(v, idx, e, off, data, seq, sole)
     store.admit_write = admit_write
 
 

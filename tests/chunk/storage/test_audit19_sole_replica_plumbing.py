@@ -211,3 +211,100 @@ async def test_revert_carries_sole_on_one_replica(peer, stores, etcd_client, key
     for st in used:
         assert st.read("v", 0, 0, 4096)[0] == b"\x01" * 4096
         assert (Path(st.stat("v", 0)["disk"]) / "v.0.int").exists() == (where != "two")
+
+
+# -- the replica handles take ``sole`` themselves ---------------------------------------------
+
+def _handle_calls(rep, idx: int) -> list[tuple[str, object]]:
+    """Each way a handle writes, unmaps or reverts (the coordinator's calls), with ``sole``,
+    on extent ``idx`` + k of ``rep``'s store."""
+    big = b"\x04" * 4096
+    calls = [("start_write", lambda k, **kw: rep.start_write("v", k, 0, big, 5, NOW, **kw)),
+             ("write fua", lambda k, **kw: rep.write("v", k, 0, big, 5, NOW, True, **kw)),
+             ("unmap", lambda k, **kw: rep.unmap("v", k, 100, 3 * 4096, 5, NOW, **kw)),
+             ("revert", lambda k, **kw: rep.revert("v", k, 5, SNAP_SEQ, NOW, **kw))]
+    return [(name, lambda call=call, k=idx + i, **kw: call(k, **kw))
+            for i, (name, call) in enumerate(calls)]
+
+
+@pytest.mark.parametrize("sole", [True, False])
+@pytest.mark.parametrize("where", ["local", "remote"])
+async def test_the_replica_handles_carry_sole_to_the_store(peer, stores, where, sole):  # noqa: F811
+    """``LocalReplica``/``RemoteReplica`` ``start_write``, ``write``, ``unmap``, ``revert``,
+    ``write_now`` and ``send_write`` take ``sole`` and hand it to their store or client: the
+    replica makes a ring for each with ``sole=True``, none without."""
+    b, remote = peer
+    st = stores("A") if where == "local" else b
+    rep = rk.LocalReplica("A", st) if where == "local" else remote
+    calls = _handle_calls(rep, 0)
+    n = len(calls) + 1
+    for k in range(n):
+        st.create("v", k, 1)
+        st.admit("v", k, 5)
+        st.write("v", k, 0, b"\x01" * 4 * 4096, SNAP_SEQ)       # for the revert to write back
+        st.write("v", k, 0, b"\x02" * 4 * 4096, NOW)
+    kw = {"sole": True} if sole else {}
+    for name, call in calls:
+        await asyncio.wait_for(call(**kw), 10)
+    k = n - 1                                               # the fast path's call
+    if where == "local":
+        assert rep.write_now("v", k, 0, b"\x06" * 4096, 5, NOW, **kw) is None
+    else:
+        await remote.connect()
+        got = asyncio.get_running_loop().create_future()
+        assert remote.send_write("v", k, 0, b"\x06" * 4096, 5, NOW, got.set_result, **kw)
+        assert await asyncio.wait_for(got, 10) is None
+    assert [(Path(st.stat("v", k)["disk"]) / f"v.{k}.int").exists() for k in range(n)] == [sole] * n
+    assert st.read("v", n - 1, 0, 4096)[0] == b"\x06" * 4096
+
+
+class _Recording(rk.LocalReplica):
+    """A local replica recording the ``sole`` each of the coordinator's calls carried (None:
+    not passed), then running the real one."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.soles: list[tuple[str, object]] = []
+
+    def start_write(self, *args, **kw):
+        self.soles.append(("start_write", kw.get("sole")))
+        return super().start_write(*args, **kw)
+
+    def write_now(self, *args, **kw):
+        self.soles.append(("write_now", kw.get("sole")))
+        return super().write_now(*args, **kw)
+
+    def unmap(self, *args, **kw):
+        self.soles.append(("unmap", kw.get("sole")))
+        return super().unmap(*args, **kw)
+
+    def revert(self, *args, **kw):
+        self.soles.append(("revert", kw.get("sole")))
+        return super().revert(*args, **kw)
+
+
+@pytest.mark.parametrize("where", ["one", "two"])
+async def test_the_coordinator_calls_the_handles_with_sole(peer, stores, etcd_client, keys,  # noqa: F811
+                                                           where):
+    """The coordinator passes ``sole=True`` through the handle's own method (a subclass sees
+    it) on the general and fast paths, unmap and revert, for an extent with one in-sync
+    replica; with two it passes none (the unflagged calls are as they were)."""
+    b, remote = peer
+    a = stores("A")
+    local = _Recording("A", a)
+    reps = {"A": local} if where == "one" else {"A": local, "B": remote}
+    _create(*[{"A": a, "B": b}[c] for c in reps])
+    coord = await _volume(etcd_client, keys, reps, extents=EXTENTS)
+    await asyncio.wait_for(coord.write(EXTENT_SIZE, b"\x03" * 4096, fua=True), 10)
+    if where == "two":
+        await remote.connect()
+    fut = coord.write_nowait(0, b"\x01" * 4096)
+    assert fut is not None
+    await asyncio.wait_for(fut, 10)
+    await asyncio.wait_for(coord.unmap(2 * EXTENT_SIZE + 100, 3 * 4096), 10)
+    got = await _revert(coord, etcd_client, keys)
+    assert (got.state, got.error) == ("done", None)
+    want = True if where == "one" else None
+    assert {name for name, _ in local.soles} == {"start_write", "write_now", "unmap", "revert"}
+    assert {sole for _, sole in local.soles} == {want}
+    assert _rings(a) == [where == "one"] * EXTENTS

@@ -278,7 +278,7 @@ class _MemReplica:
         self.state: dict[int, bytes] = {}
         self.fail: str | None = None
 
-    def start_write(self, vid, idx, off, data, epoch, seq, fua=False):
+    def start_write(self, vid, idx, off, data, epoch, seq, fua=False, sole=False):
         async def reply():
             if self.fail:
                 from chunk.storage import replicas as rk
@@ -287,7 +287,7 @@ class _MemReplica:
             await asyncio.sleep(self.delay)
         return reply()
 
-    def send_write(self, vid, idx, off, data, epoch, seq, on_reply):
+    def send_write(self, vid, idx, off, data, epoch, seq, on_reply, sole=False):
         self.state[off] = bytes(data)
         asyncio.get_running_loop().call_later(self.delay, on_reply, None)
         return True
@@ -295,7 +295,7 @@ class _MemReplica:
     def outcome_of(self, reply):
         return None
 
-    async def unmap(self, vid, idx, off, n, epoch, seq, zero=False):
+    async def unmap(self, vid, idx, off, n, epoch, seq, zero=False, sole=False):
         self.state[off] = bytes(n)
         await asyncio.sleep(self.delay)
 

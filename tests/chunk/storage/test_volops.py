@@ -20,7 +20,7 @@ class _Replica:
         self.reverts: list[tuple] = []
         self.on_revert = None
 
-    async def revert(self, vid, idx, epoch, to_seq, seq):
+    async def revert(self, vid, idx, epoch, to_seq, seq, sole=False):
         self.reverts.append((idx, epoch, to_seq, seq))
         if self.on_revert:
             self.on_revert(idx)
