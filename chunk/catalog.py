@@ -317,7 +317,7 @@ class Catalog:
                 return False
             new = None
         else:
-            if raw.get(ek) == value:       # e.g. the volume record add_acl puts back unchanged
+            if raw.get(ek) == value:       # a record put back unchanged (no change to mirror)
                 return False
             raw[ek] = value
             new = self._decode(kind, value)

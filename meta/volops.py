@@ -495,11 +495,14 @@ async def tidy_ops(ctx: Ctx, now: float | None = None, ttl: float = FINISHED_OP_
     seen = {(kv.key, kv.mod_revision) for kv in kvs}
     for k in [k for k in _UNDECODABLE_SINCE if k not in seen]:
         del _UNDECODABLE_SINCE[k]       # removed or rewritten: its grace starts again if garbage
+    _LEFT_LOGGED.intersection_update(seen)
     for kv in kvs:
         try:
             op_id = await _tidy_one(ctx, kv, now, ttl, mono, grace)
         except RecordError as e:
-            log.warning("volume op record %s left: %s", kv.key.decode(errors="replace"), e)
+            if (kv.key, kv.mod_revision) not in _LEFT_LOGGED:
+                _LEFT_LOGGED.add((kv.key, kv.mod_revision))
+                log.warning("volume op record %s left: %s", kv.key.decode(errors="replace"), e)
             continue
         if op_id is not None:
             removed.append(op_id)
@@ -536,6 +539,9 @@ async def _tidy_one(ctx: Ctx, kv, now: float, ttl: float, mono: float,
 # Pruned to the records of the latest listing each pass; a meta that starts anew (or a record
 # rewritten) starts the grace again.
 _UNDECODABLE_SINCE: dict[tuple[bytes, int], float] = {}
+# (op key, mod revision) of the records ``tidy_ops`` left for another's decode error, logged
+# once each (pruned like ``_UNDECODABLE_SINCE``).
+_LEFT_LOGGED: set[tuple[bytes, int]] = set()
 
 
 def _op_id_of(ctx: Ctx, key: bytes) -> tuple[str, str]:
