@@ -432,8 +432,11 @@ class _Versions:
             os.close(fd)
 
     def unlink(self) -> None:
-        self.close()
+        """Unlink, then close: an unlink that fails leaves the file open and usable (closed
+        first, it stayed the key's file with fd -1, and every COW or import into the key
+        failed EBADF until a restart)."""
         self.path.unlink(missing_ok=True)
+        self.close()
 
 
 _DISK_GONE = (errno.EROFS, errno.EIO)    # a create failing so tries another disk
@@ -2384,8 +2387,8 @@ class ReplicaStore:
                 else:
                     v.punch_unslotted(blocks)
             except OSError as e:
-                log.warning("%s: a mend's version data without a slot is left until a trim or "
-                            "restart drops its file (%s)", v.path, e)
+                log.warning("%s: a mend's version data without a slot is left until a restart "
+                            "drops its file (%s)", v.path, e)
 
     def _mend_plan(self, rep: _Replica, state: dict, first: int, n: int,
                    verified: Verdict | None, ok: list[bool | Unmended],
