@@ -34,12 +34,12 @@ def _unsent_after_the_retake(reps, extents=None) -> None:
     for r in reps.values():
         orig = r.start_write
 
-        def cut(vid, idx, off, data, epoch, seq, fua=False, r=r, orig=orig):
+        def cut(vid, idx, off, data, epoch, seq, fua=False, sole=False, r=r, orig=orig):
             if epoch >= 9 and (extents is None or idx in extents):
                 async def fail():
                     raise rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "dial refused", unsent=True)
                 return fail()
-            return orig(vid, idx, off, data, epoch, seq, fua)
+            return orig(vid, idx, off, data, epoch, seq, fua, sole=sole)
         r.start_write = cut
 
 
@@ -107,7 +107,7 @@ def test_a_revert_sent_to_no_replica_keeps_them_all(monkeypatch):
         reps = _replicas()
         coord = _coordinator(monkeypatch, reps)
         for r in reps.values():
-            async def revert(vid, idx, epoch, to, seq, r=r):
+            async def revert(vid, idx, epoch, to, seq, sole=False, r=r):
                 raise rk.ReplicaFailed(r.chunk_id, rk.UNAVAILABLE, "dial refused", unsent=True)
             r.revert = revert
         with pytest.raises(NotServing):

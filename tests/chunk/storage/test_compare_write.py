@@ -62,7 +62,7 @@ class _EpochReplica:
                 present[b >> 3] |= 1 << (b & 7)
         return self.get(idx, off, length), bytes(present)
 
-    def start_write(self, vid, idx, off, data, epoch, seq, fua=False):
+    def start_write(self, vid, idx, off, data, epoch, seq, fua=False, sole=False):
         data = bytes(data)
 
         async def arrive():
@@ -76,7 +76,7 @@ class _EpochReplica:
             await asyncio.sleep(0)
         return arrive()
 
-    async def unmap(self, vid, idx, off, n, epoch, seq, zero=False):
+    async def unmap(self, vid, idx, off, n, epoch, seq, zero=False, sole=False):
         self.admit(epoch)
         self.put(idx, off, bytes(n))
 

@@ -30,14 +30,14 @@ class _Replica(RemoteReplica):
 
     before = None
 
-    def start_write(self, vid, idx, off, data, epoch, seq, fua=False):
+    def start_write(self, vid, idx, off, data, epoch, seq, fua=False, sole=False):
         if self.before is None:
-            return super().start_write(vid, idx, off, data, epoch, seq, fua)
+            return super().start_write(vid, idx, off, data, epoch, seq, fua, sole=sole)
         before, parent = self.before, super()
 
         async def later():
             await before(self)
-            await parent.start_write(vid, idx, off, data, epoch, seq, fua)
+            await parent.start_write(vid, idx, off, data, epoch, seq, fua, sole=sole)
         return later()
 
 

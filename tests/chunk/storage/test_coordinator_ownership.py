@@ -33,7 +33,7 @@ class _SrvReplica(_MemReplica):
         e = Denied(Status.DENIED, {"error": f"{what} needs an ownership epoch"})
         return rk.ReplicaFailed(self.chunk_id, rk._status_kind(e), str(e))   # noqa: SLF001
 
-    def start_write(self, vid, idx, off, data, epoch, seq, fua=False):
+    def start_write(self, vid, idx, off, data, epoch, seq, fua=False, sole=False):
         self.epochs.append(("write", epoch, seq))
         data = bytes(data)
 
@@ -320,13 +320,14 @@ class _DialingReplica(_SrvReplica):
         await asyncio.sleep(self.dial)
         self.connected = True
 
-    def start_write(self, vid, idx, off, data, epoch, seq, fua=False):
+    def start_write(self, vid, idx, off, data, epoch, seq, fua=False, sole=False):
         if self.connected:
-            return super().start_write(vid, idx, off, data, epoch, seq, fua)
+            return super().start_write(vid, idx, off, data, epoch, seq, fua, sole=sole)
 
         async def dial_then_send():
             await self.connect()
-            await super(_DialingReplica, self).start_write(vid, idx, off, data, epoch, seq, fua)
+            await super(_DialingReplica, self).start_write(vid, idx, off, data, epoch, seq, fua,
+                                                           sole=sole)
         return dial_then_send()
 
 
