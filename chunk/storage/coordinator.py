@@ -2320,15 +2320,33 @@ class Coordinator:
         sources = self._read_order(rec)
         if not sources:
             raise MediumError(f"extent {idx} of {self.vid} has no in-sync replica to copy from")
-        source = await e.replica(sources[0])
-        others = []                       # asked when the first cannot read a piece or block
-        for cid in sources[1:]:
+        # An in-sync replica whose chunk server has no registration record (never
+        # registered, or unregistered meanwhile: ``Peers.address`` raises UnknownPeer, a
+        # LookupError) cannot help; the copy comes from the others. None registered, or the
+        # target not registered: the attempt fails as a replica that does not answer
+        # (UNAVAILABLE, naming the chunk server), the shape the task's error takes for any
+        # other call to it, which the meta's planner reads (``target_failed``); the raw
+        # LookupError said neither which server nor what it was to the copy.
+        handles, unregistered = [], []
+        for cid in sources:
             try:
-                others.append(await e.replica(cid))
-            except LookupError as ex:     # never registered: it cannot help
+                handles.append(await e.replica(cid))
+            except LookupError as ex:
+                unregistered.append(cid)
                 log.warning("volume %s extent %d: in-sync replica %s is not reachable as a "
                             "copy source: %s", self.vid, idx, cid, ex)
-        target = await e.replica(task.target)
+        if not handles:
+            raise rk.ReplicaFailed(unregistered[0], rk.UNAVAILABLE,
+                                   f"no in-sync replica to copy from is registered "
+                                   f"({', '.join(unregistered)}: no registration record)",
+                                   unsent=True)
+        source, others = handles[0], handles[1:]   # others: asked when the first cannot read
+        try:
+            target = await e.replica(task.target)
+        except LookupError as ex:
+            raise rk.ReplicaFailed(task.target, rk.UNAVAILABLE,
+                                   f"the copy's target is not registered ({ex})",
+                                   unsent=True) from None
         gen = rec.generation
         dirty = self._dirty.get((idx, task.target))
         ranges: list[tuple[int, int]] = []
