@@ -2115,9 +2115,17 @@ class Coordinator:
         mapped again meanwhile) retaking it to finish a write, and leaving it held
         (``_close``). The meta sends the op to the record's holder, this server, and run at
         our older epoch it would be fenced at its first step (``_fence_all``), every time
-        until a write of ours happened to be fenced."""
+        until a write of ours happened to be fenced.
+
+        etcd out of reach is NotServing, as taking ownership (``_acquire``) and a flush's
+        owner read (``_owner_epoch``) map it: nothing is claimed, the op stays assigned and
+        pending (a raw etcd error ended the op's task the same way but untyped)."""
         e = self.engine
-        got = await e.etcd.get(e.keys.owner(self.vid))
+        try:
+            got = await e.etcd.get(e.keys.owner(self.vid))
+        except (*_ETCD_UNREACHABLE, ConnectionError, OSError) as err:
+            raise NotServing(f"volume {self.vid}: cannot confirm its owner in etcd before a "
+                             f"{op.kind}: {err}") from None
         if got is not None:
             current = VolumeOwner.decode(got.value).epoch
             if current > self._taken_epoch:
