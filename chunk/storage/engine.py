@@ -24,7 +24,7 @@ from zstore.records import (RECOVERY_SLOTS, ClusterInfo, ExtentRecord, RecordErr
                              Volume, VolumeOp)
 
 from . import replicas as rk
-from .coordinator import Coordinator
+from .coordinator import Coordinator, NotServing, ServerStopping
 from .host_crash import BootState
 from .metaclient import MetaClient, MetaError
 from .owner_reads import OwnerReads
@@ -461,15 +461,45 @@ class StorageEngine:
         self._spawn(f"op/{op.op_id}", lambda: self._run_volop(op))
 
     async def _run_volop(self, op: VolumeOp) -> None:
-        try:
-            coord = await self.coordinator(op.volume_id)
-        except LookupError as e:
-            log.warning("volume op %s: %s", op.op_id, e)
-            return
-        try:
-            await coord.run_volop(op)
-        finally:
-            await self.release(coord)
+        """Run the op; tried again, with backoff, while it fails NotServing and its record
+        still assigns it here (pending or running). NotServing comes only before the op is
+        claimed (etcd out of reach for the owner read or ownership, the volume not open in
+        time): the op is left assigned here, and nothing else starts it again (the meta
+        moves an op only off an executor that is not live); it ended the task, the op
+        pending until the next restart. Not once the server stops (ServerStopping)."""
+        key = self.keys.volop(op.volume_id, op.op_id)
+        backoff = 1.0
+        while True:
+            try:
+                coord = await self.coordinator(op.volume_id)
+            except LookupError as e:
+                log.warning("volume op %s: %s", op.op_id, e)
+                return
+            try:
+                await coord.run_volop(op)
+                return
+            except ServerStopping:
+                raise
+            except NotServing as e:
+                log.warning("volume op %s (%s of %s): %s; trying again in %.0fs", op.op_id,
+                            op.kind, op.volume_id, e, backoff)
+            finally:
+                await self.release(coord)
+            try:
+                await asyncio.wait_for(self._stop.wait(), backoff)
+                return
+            except asyncio.TimeoutError:
+                pass
+            backoff = min(backoff * 2, 15.0)
+            try:
+                got = await self.etcd.get(key)
+            except (*zetcd.UNAVAILABLE_ERRORS, ConnectionError, OSError) as e:
+                log.warning("volume op %s: cannot read it in etcd (%s); trying again", op.op_id, e)
+                continue
+            cur = _decoded(VolumeOp, key, got.value, "volume op") if got is not None else None
+            if cur is None or cur.executor != self.chunk_id or cur.state not in ("pending", "running"):
+                return                          # finished, moved or gone meanwhile
+            op = cur
 
     async def _on_recovery(self, key: bytes, value: bytes) -> None:
         task = _decoded(RecoveryTask, key, value, "recovery task")
