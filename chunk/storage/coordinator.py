@@ -2083,7 +2083,13 @@ class Coordinator:
         async with self._gate:
             await self.ensure_owner()
             await self._owner_confirmed(op)
-            claimed = await self._claim_op(op)
+            try:
+                claimed = await self._claim_op(op)
+            except _ETCD_UNREACHABLE as err:
+                # Not claimed, or claimed at this epoch with the reply lost: either way the
+                # next try (the engine's) claims it again under this ownership and runs it.
+                raise NotServing(f"volume {self.vid}: cannot claim {op.kind} {op.op_id} in "
+                                 f"etcd: {err}") from None
             if claimed is None:
                 return                  # reassigned, finished or interrupted: not ours to run
             op = VolumeOp.decode(claimed)   # what is reported keeps the claim (its epoch)

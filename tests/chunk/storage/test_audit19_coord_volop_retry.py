@@ -85,3 +85,22 @@ async def test_the_retry_stops_once_the_op_is_no_longer_assigned_here(setup, etc
         await asyncio.gather(runner, return_exceptions=True)
     assert (await _stored(etcd_client, keys)).executor == "other"
     assert rep.reverts == []
+
+
+@pytest.mark.parametrize("where", ["read", "swap"])
+async def test_a_volop_whose_claim_meets_etcd_unreachable_runs_on_the_next_try(
+        setup, etcd_client, keys, where):  # noqa: F811
+    """The claim's read of the op, or its compare-and-swap, fails once (etcdserver: leader
+    changed): a raw etcd error came out of ``run_volop`` and ended the runner, the op left
+    pending. NotServing now (nothing run yet), tried again: claimed and run at this epoch."""
+    coord, rep = setup
+    await coord.ensure_owner()
+    flaky = _FlakyEtcd(etcd_client, keys.volop("v", "op1"),
+                       {1} if where == "read" else set(), {1} if where == "swap" else set())
+    coord.engine.etcd = flaky
+    op = await _op(etcd_client, keys)
+    await _ran(_engine(etcd_client, keys, coord), keys.volop("v", "op1"), op)
+    assert flaky.raised == 1, "the injected etcd error was not hit"
+    got = await _stored(etcd_client, keys)
+    assert (got.state, got.claim_epoch) == ("done", coord.epoch), got
+    assert len(rep.reverts) == 2
