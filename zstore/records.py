@@ -4,7 +4,11 @@ Every record is a dataclass with a ``schema`` field (its schema version) and
 is stored as JSON, so ``etcdctl get`` stays readable during an incident.
 Decoding ignores unknown fields, so an older daemon can read a record a newer
 one wrote; a record whose schema is newer than this code knows is refused
-rather than misread.
+rather than misread. Every known field's value is checked against its annotation
+(a ``float`` takes an int too; ``bool`` and ``int`` never take each other; a
+container's items are checked): a record that decodes as JSON but holds a
+wrongly typed value (a hand-edited ``"created": null``) is a ``RecordError``
+there, not a TypeError in whatever step first uses the field.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 T = TypeVar("T", bound="Record")
 
@@ -46,13 +52,23 @@ class Record:
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         if not isinstance(data, dict):
             raise RecordError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
+        checks = _CHECKS.get(cls) or _compile(cls)
         schema = data.get("schema", 1)
-        if not isinstance(schema, int) or schema > cls.SCHEMA:
-            error = NewerSchemaError if isinstance(schema, int) else RecordError
-            raise error(f"{cls.__name__}: schema {schema!r} is newer than this code ({cls.SCHEMA})")
-        names = {f.name for f in dataclasses.fields(cls)}
+        if type(schema) is not int and not _is_int(schema):
+            raise RecordError(_mistyped(cls, "schema", schema))
+        if schema > cls.SCHEMA:     # before any other field: a newer writer's may not fit ours
+            raise NewerSchemaError(
+                f"{cls.__name__}: schema {schema!r} is newer than this code ({cls.SCHEMA})")
+        known = {}
+        for k, v in data.items():
+            check = checks.get(k)
+            if check is None:           # unknown: a newer writer's field, dropped
+                continue
+            if type(v) not in check[0] and (check[1] is None or not check[1](v)):
+                raise RecordError(_mistyped(cls, k, v))
+            known[k] = v
         try:
-            return cls(**{k: v for k, v in data.items() if k in names})
+            return cls(**known)
         except TypeError as e:
             raise RecordError(f"{cls.__name__}: {e}") from None
 
@@ -63,6 +79,127 @@ class Record:
         except (ValueError, UnicodeDecodeError) as e:
             raise RecordError(f"{cls.__name__}: not JSON: {e}") from None
         return cls.from_dict(data)
+
+
+# Field checks, compiled once per record class from its annotations (``_compile``):
+# name -> (the exact types that fit outright, a check for the rest or None). The first
+# test (a set lookup of the value's type) settles every scalar JSON decodes to; the
+# check looks into containers and takes subclasses (an IntEnum for an int).
+_Check = tuple[frozenset, "Callable[[Any], bool] | None"]
+_CHECKS: dict[type, dict[str, _Check]] = {}
+_HINTS: dict[type, dict[str, Any]] = {}
+_NONE = type(None)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and type(v) is not bool
+
+
+def _is_float(v: Any) -> bool:
+    return isinstance(v, (int, float)) and type(v) is not bool
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+_SCALARS: dict[Any, _Check] = {
+    int: (frozenset({int}), _is_int),
+    float: (frozenset({float, int}), _is_float),      # a whole number of seconds may be written as one
+    str: (frozenset({str}), _is_str),
+    bool: (frozenset({bool}), None),
+    _NONE: (frozenset({_NONE}), None),
+}
+
+
+def _fits(check: _Check, v: Any) -> bool:
+    return type(v) in check[0] or (check[1] is not None and check[1](v))
+
+
+def _items_fit(item: _Check) -> Callable[[Any], bool]:
+    """Whether every item of an iterable fits ``item``: the items' types at C speed, each
+    item's own check only when some type is not an exact fit (a subclass, or a container)."""
+    exact, slow = item
+    if slow is None:
+        return lambda items: exact.issuperset(map(type, items))
+    return lambda items: exact.issuperset(map(type, items)) or all(_fits(item, x) for x in items)
+
+
+def _check_of(hint: Any, where: str) -> _Check:
+    """The check for one annotation; a form this decoder does not know is a TypeError (a
+    programming error in the record's definition, met by the tests of every record).
+
+    A ``dict[str, X]``'s keys are not checked: a JSON object's keys are strings."""
+    if hint is Any:
+        return frozenset(), lambda v: True
+    if hint in _SCALARS:
+        return _SCALARS[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        parts = [_check_of(a, where) for a in args]
+        exact = frozenset().union(*(p[0] for p in parts))
+        slow = [p[1] for p in parts if p[1] is not None]
+        return exact, (None if not slow else slow[0] if len(slow) == 1
+                       else (lambda v: any(f(v) for f in slow)))
+    if hint is list or (origin is list and args in ((), (Any,))):
+        return frozenset({list}), lambda v: isinstance(v, list)
+    if origin is list and len(args) == 1:
+        items = _items_fit(_check_of(args[0], where))
+        return frozenset(), lambda v: isinstance(v, list) and items(v)
+    if hint is dict or (origin is dict and len(args) == 2 and args[0] is str and args[1] is Any):
+        return frozenset({dict}), lambda v: isinstance(v, dict)
+    if origin is dict and len(args) == 2 and args[0] is str:
+        values = _items_fit(_check_of(args[1], where))
+        return frozenset(), lambda v: isinstance(v, dict) and values(v.values())
+    raise TypeError(f"{where}: annotation {hint!r} is not a form the record decoder checks "
+                    "(zstore.records._check_of)")
+
+
+def _compile(cls: type) -> dict[str, _Check]:
+    hints = typing.get_type_hints(cls)
+    _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    checks = {name: _check_of(hint, f"{cls.__name__}.{name}") for name, hint in _HINTS[cls].items()}
+    _CHECKS[cls] = checks
+    return checks
+
+
+def _type_text(hint: Any) -> str:
+    if hint is _NONE:
+        return "None"
+    if hint is Any:
+        return "Any"
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(_type_text(a) for a in args)
+    return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
+
+
+def _what(hint: Any, v: Any) -> str:
+    """What of ``v`` does not fit ``hint``: its type, or where in it the item that does not fit
+    is. Never the value itself (a ChapRecord's secret must not reach a log)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        for a in args:       # the container member, if v is one, says more than its type
+            if typing.get_origin(a) in (list, dict) and isinstance(v, typing.get_origin(a)):
+                return _what(a, v)
+    if origin is list and args and isinstance(v, list):
+        item = _check_of(args[0], "")
+        for i, x in enumerate(v):
+            if not _fits(item, x):
+                return f"list with item [{i}] {_what(args[0], x)}"
+    if origin is dict and args and isinstance(v, dict):
+        value = _check_of(args[1], "")
+        for k, x in v.items():
+            if not _fits(value, x):
+                return f"dict with item [{k!r}] {_what(args[1], x)}"
+    return type(v).__name__
+
+
+def _mistyped(cls: type, name: str, v: Any) -> str:
+    hint = _HINTS[cls][name]
+    return f"{cls.__name__}: field {name!r} must be {_type_text(hint)}, got {_what(hint, v)}"
 
 
 def now() -> float:
