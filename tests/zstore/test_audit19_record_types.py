@@ -275,3 +275,25 @@ def test_tidy_ops_input_a_null_created_op_no_longer_decodes():
     data["created"] = None
     with pytest.raises(RecordError):
         records.VolumeOp.decode(json.dumps(data).encode())
+
+
+async def test_tidy_ops_goes_on_past_a_wrongly_typed_op(etcd_client, etcd_config):
+    """End to end, against a real etcd: a VolumeOp with ``"created": null`` no longer stops the
+    leader's recovery pass at its first step (``now - op.created``, a TypeError); the op is left
+    (a record it cannot read) and the others are tidied as before."""
+    import time
+
+    from meta import volops, volumes
+    from tests.meta.helpers import make_ctx, register_zones
+
+    ctx = await register_zones(make_ctx(etcd_client, etcd_config), {"c0": "a", "c1": "b", "c2": "c"})
+    vol, _ = await volumes.create_volume(ctx, "v", "1Gi", 3)
+    vid = vol.volume_id
+    receipt = records.VolumeOp(op_id="old", volume_id=vid, kind="revert", snapshot_id="x",
+                               executor="c0", state="done")
+    bad = json.loads(receipt.encode())
+    bad.update(op_id="nulled", created=None)
+    await ctx.etcd.put(ctx.keys.volop(vid, "nulled"), json.dumps(bad).encode())
+    await ctx.etcd.put(ctx.keys.volop(vid, "old"), receipt.encode())
+    assert await volops.tidy_ops(ctx, now=time.time() + 10**6) == ["old"]
+    assert [k.rsplit(b"/", 1)[-1] for k, _ in await ctx.list_raw(ctx.keys.volops(vid))] == [b"nulled"]
