@@ -469,37 +469,53 @@ class StorageEngine:
         pending until the next restart. Not once the server stops (ServerStopping)."""
         key = self.keys.volop(op.volume_id, op.op_id)
         backoff = 1.0
-        while True:
-            try:
-                coord = await self.coordinator(op.volume_id)
-            except LookupError as e:
-                log.warning("volume op %s: %s", op.op_id, e)
-                return
-            try:
-                await coord.run_volop(op)
-                return
-            except ServerStopping:
-                raise
-            except NotServing as e:
-                log.warning("volume op %s (%s of %s): %s; trying again in %.0fs", op.op_id,
-                            op.kind, op.volume_id, e, backoff)
-            finally:
+        coord = None
+        try:
+            while True:
+                # One coordinator across the tries: released in between, an unmapped volume's
+                # closed, and the next try's new one took a new epoch (a claim that landed
+                # with its reply lost then failed the op "interrupted", never run) and read
+                # the volume record from etcd again, unguarded (review of a0a8d9a).
+                if coord is None:
+                    try:
+                        coord = await self.coordinator(op.volume_id)
+                    except LookupError as e:
+                        log.warning("volume op %s: %s", op.op_id, e)
+                        return
+                    except (*zetcd.UNAVAILABLE_ERRORS, ConnectionError, OSError) as e:
+                        log.warning("volume op %s (%s of %s): cannot open the volume (%s); "
+                                    "trying again in %.0fs", op.op_id, op.kind, op.volume_id, e,
+                                    backoff)
+                if coord is not None:
+                    try:
+                        await coord.run_volop(op)
+                        return
+                    except ServerStopping:
+                        raise
+                    except NotServing as e:
+                        log.warning("volume op %s (%s of %s): %s; trying again in %.0fs",
+                                    op.op_id, op.kind, op.volume_id, e, backoff)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                    return
+                except asyncio.TimeoutError:
+                    pass
+                backoff = min(backoff * 2, 15.0)
+                try:
+                    got = await self.etcd.get(key)
+                except (*zetcd.UNAVAILABLE_ERRORS, ConnectionError, OSError) as e:
+                    log.warning("volume op %s: cannot read it in etcd (%s); trying again",
+                                op.op_id, e)
+                    continue
+                cur = (_decoded(VolumeOp, key, got.value, "volume op") if got is not None
+                       else None)
+                if (cur is None or cur.executor != self.chunk_id
+                        or cur.state not in ("pending", "running")):
+                    return                      # finished, moved or gone meanwhile
+                op = cur
+        finally:
+            if coord is not None:
                 await self.release(coord)
-            try:
-                await asyncio.wait_for(self._stop.wait(), backoff)
-                return
-            except asyncio.TimeoutError:
-                pass
-            backoff = min(backoff * 2, 15.0)
-            try:
-                got = await self.etcd.get(key)
-            except (*zetcd.UNAVAILABLE_ERRORS, ConnectionError, OSError) as e:
-                log.warning("volume op %s: cannot read it in etcd (%s); trying again", op.op_id, e)
-                continue
-            cur = _decoded(VolumeOp, key, got.value, "volume op") if got is not None else None
-            if cur is None or cur.executor != self.chunk_id or cur.state not in ("pending", "running"):
-                return                          # finished, moved or gone meanwhile
-            op = cur
 
     async def _on_recovery(self, key: bytes, value: bytes) -> None:
         task = _decoded(RecoveryTask, key, value, "recovery task")

@@ -104,3 +104,67 @@ async def test_a_volop_whose_claim_meets_etcd_unreachable_runs_on_the_next_try(
     got = await _stored(etcd_client, keys)
     assert (got.state, got.claim_epoch) == ("done", coord.epoch), got
     assert len(rep.reverts) == 2
+
+
+async def test_opening_the_volume_meets_etcd_unreachable_and_the_op_runs_on_the_next_try(
+        setup, etcd_client, keys):  # noqa: F811
+    """Review of a0a8d9a: ``engine.coordinator`` reads the volume record from etcd for a volume
+    not open here; its raw etcd error ended the runner, the op left pending. Now it is tried
+    again like NotServing."""
+    from zstore.etcd import EtcdUnavailable
+    coord, rep = setup
+    await coord.ensure_owner()
+    op = await _op(etcd_client, keys)
+    eng = _engine(etcd_client, keys, coord)
+    calls = 0
+
+    async def coordinator(vid):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise EtcdUnavailable("etcd out")
+        return coord
+    eng.coordinator = coordinator
+    await _ran(eng, keys.volop("v", "op1"), op)
+    got = await _stored(etcd_client, keys)
+    assert got.state == "done", got
+    assert len(rep.reverts) == 2
+
+
+async def test_one_coordinator_across_the_tries(setup, etcd_client, keys):  # noqa: F811
+    """Review of a0a8d9a: the claim's swap lands and its reply is lost (NotServing). The runner
+    released its coordinator between tries: an unmapped volume's closed, and the next try's new
+    coordinator took a new epoch and failed the op, never run, as "interrupted". Now it keeps
+    one coordinator until the op ends: claimed again at the same epoch, run once."""
+    from zstore.etcd import EtcdUnavailable
+
+    class LandedThenLost(_FlakyEtcd):
+        async def transaction(self, **kw):
+            self.txns += 1
+            res = await self._etcd.transaction(**kw)
+            if self.txns in self.fail_txn:
+                self.raised += 1
+                raise EtcdUnavailable("reply lost")
+            return res
+
+    coord, rep = setup
+    await coord.ensure_owner()
+    flaky = LandedThenLost(etcd_client, b"-", set(), {1})
+    coord.engine.etcd = flaky
+    op = await _op(etcd_client, keys)
+    eng = _engine(etcd_client, keys, coord)
+    opened, released = [], []
+
+    async def coordinator(vid):
+        opened.append(vid)
+        return coord
+
+    async def release(c):
+        released.append(c)
+    eng.coordinator, eng.release = coordinator, release
+    await _ran(eng, keys.volop("v", "op1"), op)
+    assert flaky.raised == 1, "the injected lost reply was not hit"
+    got = await _stored(etcd_client, keys)
+    assert (got.state, got.claim_epoch) == ("done", coord.epoch), got
+    assert len(rep.reverts) == 2
+    assert (len(opened), released) == (1, [coord])
