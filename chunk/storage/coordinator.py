@@ -68,6 +68,9 @@ CLOSE_DRAIN_WAIT = 60.0
 OPEN_WAIT = 15.0
 # etcd (or the way to it) failing a call: ownership and the meta leader are looked up there.
 _ETCD_UNREACHABLE = zetcd.UNAVAILABLE_ERRORS
+FINISH_TRIES = 3       # a volume op's outcome write, tried again at once while etcd is out
+FINISH_RETRY = 0.2     # seconds before its second try (doubling)
+_CUT_SHORT = object()  # a volume op's work that never ended (cancelled): ``Coordinator._ran_ops``
 
 
 class FencedError(MediumError):
@@ -520,6 +523,10 @@ class Coordinator:
         self._watch: asyncio.Task | None = None
         self._synced = asyncio.Event()
         self._gate = WriteGate()
+        # Volume ops whose work ran under a claim of ours and whose outcome is not yet
+        # written: op id -> (the claimed record, its error or None; _CUT_SHORT while it runs
+        # or if it never ended). A rerun of such an op only writes the outcome (run_volop).
+        self._ran_ops: dict[str, tuple[bytes, Any]] = {}
         self._locks = RangeLocks()
         self._alloc: dict[int, asyncio.Future] = {}
         self._drops: dict[tuple[int, str], asyncio.Future] = {}
@@ -2077,8 +2084,25 @@ class Coordinator:
     # -- volume operations (snapshot barrier, revert) ----------------------------
 
     async def run_volop(self, op: VolumeOp) -> None:
-        """Run a snapshot barrier or a revert as this volume's owner; record the outcome."""
+        """Run a snapshot barrier or a revert as this volume's owner; record the outcome.
+
+        Never twice under one claim: a rerun of an op whose work ran here under the claim
+        still on its record (its outcome write failed on etcd; a rerun queued meanwhile by
+        the claim's own watch event or the engine's NotServing retry) only writes the
+        outcome. Before, ``_claim_op`` took the record, still ``running`` at this epoch,
+        as resumable and a revert was applied again, rolling back the writes made after
+        the first one completed. The outcome is written after the barrier opens; etcd out
+        of reach for it is NotServing (``_finish_op``) and the engine tries again."""
         e = self.engine
+        ran = self._ran_ops.get(op.op_id)
+        if ran is not None:
+            claimed, outcome = ran
+            op = VolumeOp.decode(claimed)
+            if outcome is _CUT_SHORT:
+                outcome = (f"interrupted: this {op.kind} was cut short on this server after it "
+                           f"was claimed (it may have been applied in part); not run again")
+            await self._finish_op(op, outcome, claimed)
+            return
         await self.ready()
         async with self._gate:
             await self.ensure_owner()
@@ -2094,6 +2118,7 @@ class Coordinator:
                 return                  # reassigned, finished or interrupted: not ours to run
             op = VolumeOp.decode(claimed)   # what is reported keeps the claim (its epoch)
             error = None
+            self._ran_ops[op.op_id] = (claimed, _CUT_SHORT)
             try:
                 snap_got = await e.etcd.get(e.keys.snapshot(op.snapshot_id))
                 if snap_got is None:
@@ -2102,6 +2127,7 @@ class Coordinator:
                 if op.kind == "snapshot":
                     await self._fence_all()
                     await self._commit_snapshot(op, snap, snap_got.mod_revision, claimed)
+                    self._ran_ops.pop(op.op_id, None)      # the commit wrote "done"
                     return
                 if op.kind == "revert":
                     if snap.volume_id != self.vid or not snap.seq:
@@ -2112,7 +2138,8 @@ class Coordinator:
             except Exception as ex:  # noqa: BLE001 - reported on the op record
                 error = str(ex) or type(ex).__name__
                 log.error("volume %s: %s %s failed: %s", self.vid, op.kind, op.op_id, error)
-            await self._finish_op(op, error, claimed)
+            self._ran_ops[op.op_id] = (claimed, error)
+        await self._finish_op(op, error, claimed)
 
     async def _owner_confirmed(self, op: VolumeOp) -> None:
         """Before an op is claimed: the owner record still holds the epoch we took last, else
@@ -2305,13 +2332,35 @@ class Coordinator:
         log.info("volume %s reverted to seq %d", self.vid, to_seq)
 
     async def _finish_op(self, op: VolumeOp, error: str | None, claimed: bytes) -> None:
+        """Report the op done or failed, only over the record we claimed. etcd out of reach:
+        tried ``FINISH_TRIES`` times, then NotServing; the op stays in ``_ran_ops`` and the
+        engine's retry of it (with back-off, while the record assigns it here, until the
+        server stops) writes only this outcome, never runs the op again."""
         e = self.engine
         op.state, op.error = ("failed", error) if error else ("done", None)
         key = e.keys.volop(self.vid, op.op_id)
         t = e.etcd.transactions
-        ok, _ = await e.etcd.transaction(compare=[t.value(key) == claimed],
-                                         success=[t.put(key, op.encode())], failure=[])
+        report = op.encode()
+        delay = FINISH_RETRY
+        for attempt in range(1, FINISH_TRIES + 1):
+            try:
+                ok, _ = await e.etcd.transaction(compare=[t.value(key) == claimed],
+                                                 success=[t.put(key, report)], failure=[])
+                break
+            except (*_ETCD_UNREACHABLE, ConnectionError, OSError) as err:
+                if attempt == FINISH_TRIES:
+                    raise NotServing(f"volume {self.vid}: {op.kind} {op.op_id} ran; cannot "
+                                     f"report it {op.state} in etcd: {err}") from None
+                await asyncio.sleep(delay)
+                delay *= 2
+        self._ran_ops.pop(op.op_id, None)
         if not ok:
+            try:
+                got = await e.etcd.get(key)
+            except (*_ETCD_UNREACHABLE, ConnectionError, OSError):
+                got = None
+            if got is not None and got.value == report:
+                return                  # an earlier try landed, its reply lost
             log.warning("volume %s: %s %s was handed elsewhere meanwhile; not reporting %s",
                         self.vid, op.kind, op.op_id, op.state)
 

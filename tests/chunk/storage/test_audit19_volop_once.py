@@ -1,0 +1,119 @@
+"""A coordinator never runs the same volume op twice under one claim.
+
+Reviewer's case (pre-existing): the revert ran, then its "done" write (``_finish_op``) met
+etcd out of reach. A rerun of the op was queued meanwhile (the watch event of the op's own
+claim write, ``StorageEngine._spawn``): it found the op still ``running`` at the same epoch,
+which ``_claim_op`` accepts as resumable, and applied the revert a second time, rolling back
+a write the initiator made (and was answered for) between the two.
+
+test_volops' harness (a real Coordinator's ``run_volop`` over a real etcd, in-memory
+replicas), run by the real StorageEngine's assignment side (test_audit19_coord_volop_retry's
+``_engine``); the replica here keeps what is written (test_coordinator's ``_MemReplica``) and
+a REVERT rolls it back to the snapshot (empty)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chunk.storage.coordinator import Coordinator
+from zstore.etcd import EtcdUnavailable
+
+from .test_audit19_coord_volop_retry import _engine
+from .test_coordinator import _MemReplica
+from .test_volops import _op, _stored, keys, setup  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.timeout(90)
+
+DATA = b"\x55" * 4096
+
+
+class _Replica(_MemReplica):
+    def __init__(self, chunk_id: str) -> None:
+        super().__init__(chunk_id)
+        self.reverts: list[tuple] = []
+        self.on_revert = None
+
+    async def revert(self, vid, idx, epoch, to_seq, seq, sole=False):
+        self.reverts.append((idx, epoch, to_seq, seq))
+        self.state.clear()                  # the snapshot (seq 1) held nothing
+        if self.on_revert:
+            await self.on_revert(idx)
+
+    async def fence(self, vid, idx, epoch):
+        pass
+
+
+class _DoneWriteFails:
+    """The real etcd; once ``armed``, its next ``fails`` transactions raise EtcdUnavailable
+    (the first of them is the op's done write)."""
+
+    def __init__(self, etcd, fails: int = 1) -> None:
+        self._etcd, self.transactions = etcd, etcd.transactions
+        self.armed, self.fails, self.raised = False, fails, 0
+
+    async def get(self, key):
+        return await self._etcd.get(key)
+
+    async def transaction(self, **kw):
+        if self.armed and self.raised < self.fails:
+            self.raised += 1
+            raise EtcdUnavailable("etcdserver: leader changed")
+        return await self._etcd.transaction(**kw)
+
+
+async def _setup(setup, etcd_client, fails: int = 1):  # noqa: F811
+    coord, _ = setup
+    rep = _Replica("A")
+    coord.engine.reps["A"] = rep
+    await coord.ensure_owner()                      # owned (real etcd), epoch 5
+    flaky = _DoneWriteFails(etcd_client, fails)
+    coord.engine.etcd = flaky
+    return coord, rep, flaky
+
+
+async def _wait(eng, name: str, timeout: float = 40) -> None:
+    """Until no runner (nor a rerun queued behind it) is left for ``name``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while name in eng._running:                                           # noqa: SLF001
+        assert asyncio.get_running_loop().time() < deadline, "the op's runner never ended"
+        await asyncio.gather(asyncio.shield(eng._running[name]), return_exceptions=True)  # noqa: SLF001
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("fails", [1, 6])
+async def test_a_revert_whose_done_write_fails_is_not_applied_again_by_a_rerun(
+        setup, etcd_client, keys, fails):  # noqa: F811
+    """The revert reverts both extents; then its done write fails (once; or six times, past
+    any short retry, so the runner's backoff has to carry it). Meanwhile the watch event of
+    the claim queued a rerun, and the initiator wrote (the write waited for the barrier and
+    was answered once it opened). The op ends done, each extent reverted once, the write
+    kept: before, the rerun re-claimed the op (running, same epoch) and reverted again, and
+    the answered write was gone."""
+    coord, rep, flaky = await _setup(setup, etcd_client, fails)
+    key = keys.volop("v", "op1")
+    op = await _op(etcd_client, keys)
+    eng = _engine(etcd_client, keys, coord)
+    writes = []
+
+    async def after_revert(idx):
+        if idx == 1 and not flaky.armed:
+            flaky.armed = True                      # the next transaction: the done write
+            claimed = (await etcd_client.get(key)).value
+            await eng._on_volop(key, claimed)       # noqa: SLF001 - the claim's watch event
+            writes.append(asyncio.ensure_future(coord.write(0, DATA)))
+    rep.on_revert = after_revert
+    await eng._on_volop(key, op.encode())                                 # noqa: SLF001
+    try:
+        await _wait(eng, "op/op1")
+        await asyncio.wait_for(writes[0], 5)        # the initiator was answered
+    finally:
+        eng._stop.set()                                                   # noqa: SLF001
+        for t in list(eng._running.values()):                             # noqa: SLF001
+            t.cancel()
+    assert flaky.raised == fails, "the injected etcd error was not hit"
+    got = await _stored(etcd_client, keys)
+    assert (got.state, got.claim_epoch) == ("done", coord.epoch), got
+    assert rep.reverts == [(0, coord.epoch, 1, 3), (1, coord.epoch, 1, 3)], rep.reverts
+    assert rep.state.get(0) == DATA, "the answered write was rolled back by a second revert"
