@@ -462,11 +462,14 @@ class StorageEngine:
 
     async def _run_volop(self, op: VolumeOp) -> None:
         """Run the op; tried again, with backoff, while it fails NotServing and its record
-        still assigns it here (pending or running). NotServing comes only before the op is
+        still assigns it here (pending or running). NotServing comes before the op is
         claimed (etcd out of reach for the owner read or ownership, the volume not open in
-        time): the op is left assigned here, and nothing else starts it again (the meta
-        moves an op only off an executor that is not live); it ended the task, the op
-        pending until the next restart. Not once the server stops (ServerStopping)."""
+        time), or after it ran, when etcd kept refusing its outcome write: the op is left
+        assigned here, and nothing else starts it again (the meta moves an op only off an
+        executor that is not live); it ended the task, the op pending until the next
+        restart. A try after the op ran only writes its outcome: the coordinator, kept
+        across the tries, remembers it ran under that claim (``Coordinator._ran_ops``) and
+        never runs it again. Not once the server stops (ServerStopping)."""
         key = self.keys.volop(op.volume_id, op.op_id)
         backoff = 1.0
         coord = None

@@ -117,3 +117,86 @@ async def test_a_revert_whose_done_write_fails_is_not_applied_again_by_a_rerun(
     assert (got.state, got.claim_epoch) == ("done", coord.epoch), got
     assert rep.reverts == [(0, coord.epoch, 1, 3), (1, coord.epoch, 1, 3)], rep.reverts
     assert rep.state.get(0) == DATA, "the answered write was rolled back by a second revert"
+
+
+def _arm_after_reverts(rep, flaky) -> None:
+    async def after_revert(idx):
+        if idx == 1:
+            flaky.armed = True                      # the next transaction: the done write
+    rep.on_revert = after_revert
+
+
+async def test_a_rerun_after_ownership_moved_reports_the_revert_done_not_interrupted(
+        setup, etcd_client, keys):  # noqa: F811
+    """The revert ran at epoch 5 and its done write failed (past the short retry); then the
+    volume was taken over and taken back (epoch 10) before the runner's next try. The op
+    still holds our claim at epoch 5 and its work completed: the retry reports it done.
+    Before, ``_claim_op`` saw a ``running`` op from another epoch and failed it as
+    "interrupted ... not resumed", though the volume had been reverted."""
+    from chunk.storage.coordinator import NotServing
+    coord, rep, flaky = await _setup(setup, etcd_client, fails=3)
+    _arm_after_reverts(rep, flaky)
+    op = await _op(etcd_client, keys)
+    with pytest.raises((NotServing, EtcdUnavailable)):
+        await coord.run_volop(op)
+    assert (await _stored(etcd_client, keys)).state == "running"
+    coord.engine.etcd = etcd_client                           # etcd back
+    from zstore.records import VolumeOwner
+    await etcd_client.put(keys.owner("v"), VolumeOwner(volume_id="v", chunk_id="other", epoch=9).encode())
+    await coord._take_back(9, "the test")                                 # noqa: SLF001
+    assert coord.epoch == 10
+    await coord.run_volop(await _stored(etcd_client, keys))               # the engine's retry
+    got = await _stored(etcd_client, keys)
+    assert (got.state, got.error, got.claim_epoch) == ("done", None, 5), got
+    assert rep.reverts == [(0, 5, 1, 3), (1, 5, 1, 3)]
+
+
+async def test_after_a_restart_a_revert_left_running_is_failed_as_interrupted(
+        setup, etcd_client, keys):  # noqa: F811
+    """The revert ran and its done write failed; then the server restarted (a new
+    coordinator, nothing remembered, a new epoch). The existing rule applies: the op is
+    failed as interrupted, never run again (this path was already right; it stays so)."""
+    from chunk.storage.coordinator import NotServing
+    coord, rep, flaky = await _setup(setup, etcd_client, fails=3)
+    _arm_after_reverts(rep, flaky)
+    op = await _op(etcd_client, keys)
+    with pytest.raises((NotServing, EtcdUnavailable)):
+        await coord.run_volop(op)
+    engine = coord.engine
+    engine.etcd = etcd_client
+    again = Coordinator(engine, coord.volume)                 # the restarted server's
+    again._is_ready = True                                    # noqa: SLF001
+    again._refresh_extents = coord._refresh_extents           # noqa: SLF001
+    again.extents = dict(coord.extents)
+    await again.ensure_owner()
+    assert again.epoch == 6
+    await again.run_volop(await _stored(etcd_client, keys))
+    got = await _stored(etcd_client, keys)
+    assert got.state == "failed" and "interrupted" in got.error and "epoch 5, now 6" in got.error
+    assert len(rep.reverts) == 2
+
+
+async def test_a_revert_cut_short_is_not_run_again_under_the_same_claim(setup, etcd_client, keys):  # noqa: F811
+    """The revert's task is cancelled after extent 0 (no outcome written: the op stays
+    ``running`` at this epoch). A later run on the same coordinator fails it as cut short
+    instead of reverting extent 0 again over writes made since."""
+    coord, rep, _ = await _setup(setup, etcd_client, fails=0)
+    blocked = asyncio.Event()
+
+    async def hold_first(idx):
+        if len(rep.reverts) == 1:
+            blocked.set()
+            await asyncio.Event().wait()
+    rep.on_revert = hold_first
+    op = await _op(etcd_client, keys)
+    first = asyncio.ensure_future(coord.run_volop(op))
+    await asyncio.wait_for(blocked.wait(), 10)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    assert (await _stored(etcd_client, keys)).state == "running"
+    await coord.write(0, DATA)                                  # written since
+    await coord.run_volop(await _stored(etcd_client, keys))
+    got = await _stored(etcd_client, keys)
+    assert got.state == "failed" and "cut short" in got.error, got
+    assert [r[0] for r in rep.reverts] == [0]
+    assert rep.state.get(0) == DATA
