@@ -200,3 +200,35 @@ async def test_a_revert_cut_short_is_not_run_again_under_the_same_claim(setup, e
     assert got.state == "failed" and "cut short" in got.error, got
     assert [r[0] for r in rep.reverts] == [0]
     assert rep.state.get(0) == DATA
+
+
+async def test_a_snapshot_barrier_is_not_run_again_under_the_same_claim(setup, etcd_client, keys):  # noqa: F811
+    """A snapshot op's commit (one txn comparing the claimed record, the volume record and the
+    snapshot, writing "done" with the commit) fails on etcd, and so does the failed write
+    after it. Run again under the claim, the barrier would have been harmless (at most one
+    commit can land, and a later barrier is a sound snapshot point), but the rule is one
+    run per claim: the retry reports the failure (the meta's tidy pass removes the
+    "creating" snapshot of a failed op), and the barrier (fencing every server) ran once.
+    Before, the rerun fenced again and committed."""
+    from chunk.storage.coordinator import NotServing
+    from zstore.records import Snapshot
+    coord, rep, flaky = await _setup(setup, etcd_client, fails=4)     # commit + 3 tries
+    await etcd_client.put(keys.snapshot("s"), Snapshot(snapshot_id="s", name="s", volume_id="v",
+                                                      size=coord.volume.size,
+                                                      state="creating").encode())
+    fences = []
+
+    async def fence(vid, idx, epoch):
+        fences.append(epoch)
+        flaky.armed = True                          # the next transaction: the commit
+    rep.fence = fence
+    op = await _op(etcd_client, keys, kind="snapshot")
+    with pytest.raises((NotServing, EtcdUnavailable)):
+        await coord.run_volop(op)
+    coord.engine.etcd = etcd_client                           # etcd back
+    await coord.run_volop(await _stored(etcd_client, keys))               # the engine's retry
+    got = await _stored(etcd_client, keys)
+    assert got.state == "failed" and "leader changed" in got.error, got
+    snap = Snapshot.decode((await etcd_client.get(keys.snapshot("s"))).value)
+    assert snap.state == "creating"
+    assert fences == [coord.epoch]
