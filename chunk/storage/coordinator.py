@@ -2234,7 +2234,8 @@ class Coordinator:
             cur.state = "failed"
             cur.error = (f"interrupted: ownership of the volume moved since this {cur.kind} was "
                          f"claimed (epoch {cur.claim_epoch}, now {self.epoch}), so the volume may "
-                         f"have been written since; not resumed")
+                         f"have been written since; not resumed (it may have been applied in "
+                         f"part, or in full with its outcome not recorded: check the volume)")
             ok, _ = await e.etcd.transaction(compare=[t.mod(key) == got.mod_revision],
                                              success=[t.put(key, cur.encode())], failure=[])
             if ok:

@@ -155,7 +155,8 @@ async def test_after_a_restart_a_revert_left_running_is_failed_as_interrupted(
         setup, etcd_client, keys):  # noqa: F811
     """The revert ran and its done write failed; then the server restarted (a new
     coordinator, nothing remembered, a new epoch). The existing rule applies: the op is
-    failed as interrupted, never run again (this path was already right; it stays so)."""
+    failed as interrupted, never run again (this path was already right; it stays so), and
+    its error says the revert may have been applied (here it was, in full)."""
     from chunk.storage.coordinator import NotServing
     coord, rep, flaky = await _setup(setup, etcd_client, fails=3)
     _arm_after_reverts(rep, flaky)
@@ -173,6 +174,8 @@ async def test_after_a_restart_a_revert_left_running_is_failed_as_interrupted(
     await again.run_volop(await _stored(etcd_client, keys))
     got = await _stored(etcd_client, keys)
     assert got.state == "failed" and "interrupted" in got.error and "epoch 5, now 6" in got.error
+    # The revert ran in full here; the failure must not read as "nothing was done".
+    assert "applied in part, or in full" in got.error, got.error
     assert len(rep.reverts) == 2
 
 
