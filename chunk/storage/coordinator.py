@@ -2126,10 +2126,11 @@ class Coordinator:
                 snap = Snapshot.decode(snap_got.value)
                 if op.kind == "snapshot":
                     await self._fence_all()
-                    await self._commit_snapshot(op, snap, snap_got.mod_revision, claimed)
-                    self._ran_ops.pop(op.op_id, None)      # the commit wrote "done"
-                    return
-                if op.kind == "revert":
+                    if await self._commit_snapshot(op, snap, snap_got.mod_revision, claimed):
+                        self._ran_ops.pop(op.op_id, None)      # the commit wrote "done"
+                        return
+                    # committed already (not by us): reported done below, as a revert is
+                elif op.kind == "revert":
                     if snap.volume_id != self.vid or not snap.seq:
                         raise MediumError(f"snapshot {snap.snapshot_id} is not a ready snapshot of this volume")
                     await self._revert(snap.seq, op, claimed)
@@ -2251,7 +2252,9 @@ class Coordinator:
         got = await self.engine.etcd.get(self.engine.keys.volop(self.vid, op.op_id))
         return got is not None and got.value == claimed
 
-    async def _commit_snapshot(self, op: VolumeOp, snap: Snapshot, snap_rev: int, claimed: bytes) -> None:
+    async def _commit_snapshot(self, op: VolumeOp, snap: Snapshot, snap_rev: int, claimed: bytes) -> bool:
+        """Commit the snapshot and the op "done" in one txn: True. False: the snapshot was
+        ready already (the op is still to be reported done, by the caller)."""
         e = self.engine
         t = e.etcd.transactions
         attempts = 8
@@ -2281,7 +2284,7 @@ class Coordinator:
                 self.volume = vol
                 self._dirty.clear()            # logs from before a snapshot cannot resync versions
                 log.info("volume %s: snapshot %s at seq %d", self.vid, snap.snapshot_id, old)
-                return
+                return True
             got = await e.etcd.get(e.keys.snapshot(snap.snapshot_id))
             if got is None:
                 raise MediumError("snapshot deleted while being taken")
@@ -2292,8 +2295,7 @@ class Coordinator:
             if not await self._still_claimed(op, claimed):
                 raise MediumError(f"snapshot op {op.op_id} was handed to another server")
         if snap.state == "ready":
-            await self._finish_op(op, None, claimed)        # committed already: nothing to do
-            return
+            return False                                    # committed already: nothing to do
         if snap.state != "creating":
             raise MediumError(f"snapshot {snap.snapshot_id} is {snap.state!r}; not committed")
         # Out of compare retries (the volume record kept changing): nothing was committed,

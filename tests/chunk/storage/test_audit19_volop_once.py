@@ -235,3 +235,26 @@ async def test_a_snapshot_barrier_is_not_run_again_under_the_same_claim(setup, e
     snap = Snapshot.decode((await etcd_client.get(keys.snapshot("s"))).value)
     assert snap.state == "creating"
     assert fences == [coord.epoch]
+
+
+async def test_a_snapshot_found_committed_is_reported_done_when_etcd_comes_back(
+        setup, etcd_client, keys):  # noqa: F811
+    """The snapshot is ready already when the barrier comes to commit it (committed by the
+    meta), so the op is only to be reported done; that write meets etcd out past the short
+    retry. The retry reports it done: reported from inside the commit step, the
+    NotServing was taken for the snapshot's failure and the op remembered as failed."""
+    from chunk.storage.coordinator import NotServing
+    from zstore.records import Snapshot
+    coord, rep, flaky = await _setup(setup, etcd_client, fails=3)
+
+    async def fence(vid, idx, epoch):
+        flaky.armed = True                          # the next transaction: the done write
+    rep.fence = fence
+    op = await _op(etcd_client, keys, kind="snapshot")
+    with pytest.raises((NotServing, EtcdUnavailable)):
+        await coord.run_volop(op)
+    coord.engine.etcd = etcd_client                           # etcd back
+    await coord.run_volop(await _stored(etcd_client, keys))               # the engine's retry
+    got = await _stored(etcd_client, keys)
+    assert (got.state, got.error) == ("done", None), got
+    assert Snapshot.decode((await etcd_client.get(keys.snapshot("s"))).value).state == "ready"
