@@ -2252,6 +2252,19 @@ class Coordinator:
         got = await self.engine.etcd.get(self.engine.keys.volop(self.vid, op.op_id))
         return got is not None and got.value == claimed
 
+    def _seq_unknown(self) -> None:
+        """A snapshot commit whose outcome is unknown (its reply lost): if it landed, the
+        volume's seq is one higher and every write from now on must carry it, or it lands
+        inside the snapshot, ready and reported done. Still inside the barrier: ownership is
+        taken again before the next write (a new epoch, the volume's current ``snap_seq``;
+        the fast path declines meanwhile), and the new epoch's owner record fails a commit
+        that lands late. (Review, session 19: ``self.seq`` stayed at the snapshot's own seq
+        until the next ownership change.)"""
+        if self.engine.lease is not None:
+            self._lease_gen = -1            # ``ensure_owner`` and ``_owns`` see a lease change
+        else:
+            self.epoch = 0                  # no lease gate (tests): no request in flight here
+
     async def _commit_snapshot(self, op: VolumeOp, snap: Snapshot, snap_rev: int, claimed: bytes) -> bool:
         """Commit the snapshot and the op "done" in one txn: True. False: the snapshot was
         ready already (the op is still to be reported done, by the caller)."""
@@ -2271,14 +2284,18 @@ class Coordinator:
             # the volume record is compared unchanged below.
             snap.seq, snap.state, snap.size = old, "ready", vol.size
             op.state, op.error = "done", None
-            ok, _ = await e.etcd.transaction(
-                compare=[t.mod(e.keys.owner(self.vid)) == self.owner_rev,
-                         t.mod(e.keys.volume(self.vid)) == vol_got.mod_revision,
-                         t.mod(e.keys.snapshot(snap.snapshot_id)) == snap_rev,
-                         t.value(e.keys.volop(self.vid, op.op_id)) == claimed],
-                success=[t.put(e.keys.volume(self.vid), vol.encode()),
-                         t.put(e.keys.snapshot(snap.snapshot_id), snap.encode()),
-                         t.put(e.keys.volop(self.vid, op.op_id), op.encode())], failure=[])
+            try:
+                ok, _ = await e.etcd.transaction(
+                    compare=[t.mod(e.keys.owner(self.vid)) == self.owner_rev,
+                             t.mod(e.keys.volume(self.vid)) == vol_got.mod_revision,
+                             t.mod(e.keys.snapshot(snap.snapshot_id)) == snap_rev,
+                             t.value(e.keys.volop(self.vid, op.op_id)) == claimed],
+                    success=[t.put(e.keys.volume(self.vid), vol.encode()),
+                             t.put(e.keys.snapshot(snap.snapshot_id), snap.encode()),
+                             t.put(e.keys.volop(self.vid, op.op_id), op.encode())], failure=[])
+            except BaseException:
+                self._seq_unknown()
+                raise
             if ok:
                 self.seq = old + 1
                 self.volume = vol

@@ -225,6 +225,7 @@ async def test_a_snapshot_barrier_is_not_run_again_under_the_same_claim(setup, e
         fences.append(epoch)
         flaky.armed = True                          # the next transaction: the commit
     rep.fence = fence
+    epoch = coord.epoch             # the barrier's (the lost commit makes ownership be retaken)
     op = await _op(etcd_client, keys, kind="snapshot")
     with pytest.raises((NotServing, EtcdUnavailable)):
         await coord.run_volop(op)
@@ -234,7 +235,7 @@ async def test_a_snapshot_barrier_is_not_run_again_under_the_same_claim(setup, e
     assert got.state == "failed" and "leader changed" in got.error, got
     snap = Snapshot.decode((await etcd_client.get(keys.snapshot("s"))).value)
     assert snap.state == "creating"
-    assert fences == [coord.epoch]
+    assert fences == [epoch]
 
 
 async def test_a_snapshot_found_committed_is_reported_done_when_etcd_comes_back(
@@ -258,3 +259,47 @@ async def test_a_snapshot_found_committed_is_reported_done_when_etcd_comes_back(
     got = await _stored(etcd_client, keys)
     assert (got.state, got.error) == ("done", None), got
     assert Snapshot.decode((await etcd_client.get(keys.snapshot("s"))).value).state == "ready"
+
+
+@pytest.mark.parametrize("with_lease", [True, False])
+async def test_a_snapshot_commit_whose_reply_is_lost_makes_the_next_write_take_the_new_seq(
+        setup, etcd_client, keys, with_lease):  # noqa: F811
+    """Review (session 19): the commit txn lands (snapshot ready at seq 3, the volume at 4, the
+    op done) but its reply is lost. The coordinator kept writing at seq 3, inside the ready
+    snapshot, until its next ownership change. Now ownership is taken again before the next
+    write: a new epoch and the volume's current seq."""
+    from zstore.records import Snapshot, Volume
+
+    from .test_volops import _Lease
+    coord, rep, flaky = await _setup(setup, etcd_client)
+    if with_lease:
+        coord.engine.lease = _Lease()
+        coord._lease_gen = 1                                        # noqa: SLF001
+    await etcd_client.put(keys.snapshot("s"), Snapshot(snapshot_id="s", name="s", volume_id="v",
+                                                      size=coord.volume.size,
+                                                      state="creating").encode())
+    real = etcd_client.transaction
+    lost = []
+
+    async def landed_then_lost(**kw):
+        res = await real(**kw)
+        if not lost:
+            lost.append(True)
+            raise EtcdUnavailable("reply lost")
+        return res
+
+    async def fence(vid, idx, epoch):
+        coord.engine.etcd.transaction = landed_then_lost            # the next txn: the commit
+    rep.fence = fence
+    epoch_before = coord.epoch
+    op = await _op(etcd_client, keys, kind="snapshot")
+    try:
+        await coord.run_volop(op)
+    except Exception:  # noqa: BLE001 - whatever the op's own reporting makes of it
+        pass
+    coord.engine.etcd.transaction = real
+    snap = Snapshot.decode((await etcd_client.get(keys.snapshot("s"))).value)
+    vol = Volume.decode((await etcd_client.get(keys.volume("v"))).value)
+    assert lost and (snap.state, snap.seq, vol.snap_seq) == ("ready", 3, 4)
+    await coord.ensure_owner()                     # what the next write does first
+    assert coord.seq == 4 and coord.epoch > epoch_before
