@@ -2097,12 +2097,32 @@ class Coordinator:
         ran = self._ran_ops.get(op.op_id)
         if ran is not None:
             claimed, outcome = ran
-            op = VolumeOp.decode(claimed)
+            kind = VolumeOp.decode(claimed).kind
             if outcome is _CUT_SHORT:
-                outcome = (f"interrupted: this {op.kind} was cut short on this server after it "
+                outcome = (f"interrupted: this {kind} was cut short on this server after it "
                            f"was claimed (it may have been applied in part); not run again")
-            await self._finish_op(op, outcome, claimed)
-            return
+            key = e.keys.volop(self.vid, op.op_id)
+            try:
+                got = await e.etcd.get(key)
+            except (*_ETCD_UNREACHABLE, ConnectionError, OSError) as err:
+                raise NotServing(f"volume {self.vid}: cannot read {kind} {op.op_id} in etcd: "
+                                 f"{err}") from None
+            if got is not None and got.value == claimed:
+                await self._finish_op(VolumeOp.decode(claimed), outcome, claimed)
+                return
+            # The record moved on since (finished; or moved away and handed back, pending
+            # again): the memory is stale (review, session 19: the outcome write's compare
+            # failed, "handed elsewhere", and an op handed back here stayed pending for good).
+            self._ran_ops.pop(op.op_id, None)
+            cur = (VolumeOp.decode(got.value) if got is not None else None)
+            if (cur is None or cur.executor != e.chunk_id
+                    or cur.state not in ("pending", "running")):
+                return                      # finished, or not ours
+            if cur.kind == "revert":
+                # It ran (or began) here: run again it would roll back the writes made since.
+                await self._finish_op(cur, outcome or None, got.value)
+                return
+            op = cur                        # a snapshot barrier: a new run is a sound point
         await self.ready()
         async with self._gate:
             await self.ensure_owner()

@@ -303,3 +303,40 @@ async def test_a_snapshot_commit_whose_reply_is_lost_makes_the_next_write_take_t
     assert lost and (snap.state, snap.seq, vol.snap_seq) == ("ready", 3, 4)
     await coord.ensure_owner()                     # what the next write does first
     assert coord.seq == 4 and coord.epoch > epoch_before
+
+
+async def test_a_revert_handed_back_after_its_outcome_write_failed_is_reported_once(
+        setup, etcd_client, keys):  # noqa: F811
+    """Review (session 19): the revert ran, its done write failed (NotServing); the meta then
+    moved the op away and handed it back, pending again. The remembered outcome was written
+    over the old claim only: the compare failed ("handed elsewhere"), the memory was dropped,
+    and the op stayed pending here with nobody to run it. Now the outcome is reported over the
+    record as it is, and the revert is not run again."""
+    from chunk.storage.coordinator import NotServing
+    coord, rep, flaky = await _setup(setup, etcd_client, fails=3)
+    _arm_after_reverts(rep, flaky)
+    op = await _op(etcd_client, keys)
+    with pytest.raises((NotServing, EtcdUnavailable)):
+        await coord.run_volop(op)
+    coord.engine.etcd = etcd_client                           # etcd back
+    await _op(etcd_client, keys, executor="other")            # moved away ...
+    back = await _op(etcd_client, keys)                       # ... and handed back, pending
+    await coord.run_volop(back)
+    got = await _stored(etcd_client, keys)
+    assert (got.state, got.error) == ("done", None), got
+    assert rep.reverts == [(0, 5, 1, 3), (1, 5, 1, 3)], rep.reverts
+    assert "op1" not in coord._ran_ops                                    # noqa: SLF001
+
+
+async def test_a_remembered_op_finished_meanwhile_is_left_as_it_is(setup, etcd_client, keys):  # noqa: F811
+    from chunk.storage.coordinator import NotServing
+    coord, rep, flaky = await _setup(setup, etcd_client, fails=3)
+    _arm_after_reverts(rep, flaky)
+    op = await _op(etcd_client, keys)
+    with pytest.raises((NotServing, EtcdUnavailable)):
+        await coord.run_volop(op)
+    coord.engine.etcd = etcd_client
+    done = await _op(etcd_client, keys, state="done")
+    await coord.run_volop(done)
+    assert (await _stored(etcd_client, keys)).state == "done"
+    assert len(rep.reverts) == 2 and "op1" not in coord._ran_ops          # noqa: SLF001
