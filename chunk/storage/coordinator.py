@@ -2120,7 +2120,14 @@ class Coordinator:
                 return                      # finished, or not ours
             if cur.kind == "revert":
                 # It ran (or began) here: run again it would roll back the writes made since.
-                await self._finish_op(cur, outcome or None, got.value)
+                # Remembered again under the record as it is until the outcome is written (a
+                # NotServing here left no memory, and the next try claimed and ran it again).
+                if cur.claim_epoch and cur.claim_epoch != VolumeOp.decode(claimed).claim_epoch:
+                    outcome = (f"interrupted: this revert was claimed again elsewhere (epoch "
+                               f"{cur.claim_epoch}) after it ran here; the volume may have been "
+                               f"written since; not run again (check the volume)")
+                self._ran_ops[op.op_id] = (got.value, outcome)
+                await self._finish_op(cur, outcome, got.value)
                 return
             op = cur                        # a snapshot barrier: a new run is a sound point
         await self.ready()
@@ -2247,7 +2254,11 @@ class Coordinator:
         if cur.executor != e.chunk_id or cur.state not in ("pending", "running"):
             return None
         t = e.etcd.transactions
-        if cur.state == "running" and cur.claim_epoch != self.epoch:
+        if ((cur.state == "running" and cur.claim_epoch != self.epoch)
+                or (cur.kind == "revert" and cur.state == "pending" and cur.claim_epoch)):
+            # A pending revert with a claim was claimed before and moved here by the meta
+            # (its executor not live): it may have been applied, in part or in full, and the
+            # volume written since; run again here it would roll those writes back.
             # Claimed here before, under another ownership (a restart of this server, a
             # lease lapse, a fence): it was interrupted, and the volume may have been
             # written since by whoever owned it in between, this server included. Run again,

@@ -340,3 +340,39 @@ async def test_a_remembered_op_finished_meanwhile_is_left_as_it_is(setup, etcd_c
     await coord.run_volop(done)
     assert (await _stored(etcd_client, keys)).state == "done"
     assert len(rep.reverts) == 2 and "op1" not in coord._ran_ops          # noqa: SLF001
+
+
+async def test_a_handed_back_revert_whose_outcome_write_fails_again_is_not_run_twice(
+        setup, etcd_client, keys):  # noqa: F811
+    """Review of 1bf8f76: handed back, the remembered outcome's write met etcd out again; the
+    memory was already dropped, and the engine's next try claimed the pending record and
+    reverted a second time. Now the memory is kept until the outcome is written."""
+    from chunk.storage.coordinator import NotServing
+    coord, rep, flaky = await _setup(setup, etcd_client, fails=3)
+    _arm_after_reverts(rep, flaky)
+    with pytest.raises((NotServing, EtcdUnavailable)):
+        await coord.run_volop(await _op(etcd_client, keys))
+    await _op(etcd_client, keys, executor="other")            # moved away ...
+    back = await _op(etcd_client, keys)                       # ... and handed back, pending
+    flaky.raised = 0                                          # etcd out again for the report
+    with pytest.raises((NotServing, EtcdUnavailable)):
+        await coord.run_volop(back)
+    coord.engine.etcd = etcd_client                           # etcd back
+    await coord.run_volop(await _stored(etcd_client, keys))   # the engine's next try
+    got = await _stored(etcd_client, keys)
+    assert (got.state, got.error) == ("done", None), got
+    assert rep.reverts == [(0, 5, 1, 3), (1, 5, 1, 3)], rep.reverts
+
+
+async def test_a_pending_revert_that_was_claimed_before_is_failed_as_interrupted(
+        setup, etcd_client, keys):  # noqa: F811
+    """Review (pre-existing): the meta moves a running revert whose executor is not live to
+    another server as pending, keeping its claim epoch. The new server claimed it fresh and
+    reverted again, rolling back writes answered after the first run. A pending revert with a
+    claim is now failed as interrupted, not run."""
+    coord, rep, flaky = await _setup(setup, etcd_client)
+    op = await _op(etcd_client, keys, claim_epoch=7)          # claimed elsewhere, moved here
+    await coord.run_volop(op)
+    got = await _stored(etcd_client, keys)
+    assert got.state == "failed" and "interrupted" in got.error, got
+    assert rep.reverts == []
