@@ -2263,11 +2263,16 @@ class Coordinator:
             # lease lapse, a fence): it was interrupted, and the volume may have been
             # written since by whoever owned it in between, this server included. Run again,
             # it would roll those writes back; it fails instead and the user decides.
+            if cur.state == "pending":
+                why = (f"it was claimed (epoch {cur.claim_epoch}) by a server that stopped "
+                       f"answering and then moved here")
+            else:
+                why = (f"ownership of the volume moved since it was claimed (epoch "
+                       f"{cur.claim_epoch}, now {self.epoch})")
             cur.state = "failed"
-            cur.error = (f"interrupted: ownership of the volume moved since this {cur.kind} was "
-                         f"claimed (epoch {cur.claim_epoch}, now {self.epoch}), so the volume may "
-                         f"have been written since; not resumed (it may have been applied in "
-                         f"part, or in full with its outcome not recorded: check the volume)")
+            cur.error = (f"interrupted: {why}, so the volume may have been written since; not "
+                         f"resumed (this {cur.kind} may have been applied in part, or in full "
+                         f"with its outcome not recorded: check the volume)")
             ok, _ = await e.etcd.transaction(compare=[t.mod(key) == got.mod_revision],
                                              success=[t.put(key, cur.encode())], failure=[])
             if ok:

@@ -375,4 +375,5 @@ async def test_a_pending_revert_that_was_claimed_before_is_failed_as_interrupted
     await coord.run_volop(op)
     got = await _stored(etcd_client, keys)
     assert got.state == "failed" and "interrupted" in got.error, got
+    assert "stopped answering and then moved here" in got.error
     assert rep.reverts == []
